@@ -1,0 +1,57 @@
+"""`FusedBatchNorm2d`: a drop-in `nn.BatchNorm2d` whose forward also adds a residual and applies ReLU."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .batch_norm import fused_batch_norm
+
+
+class FusedBatchNorm2d(nn.BatchNorm2d):
+    """`nn.BatchNorm2d` + optional residual add + optional ReLU in one fused op.
+
+    Parameters, buffers and state_dict are exactly `nn.BatchNorm2d`'s, so its checkpoints load;
+    `relu` is a constructor choice, not state. `forward(x, residual=None)` returns
+    `relu(bn(x) + residual)` (ReLU only when `relu=True`).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        relu: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.relu = relu
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_input_dim(input)
+        # The momentum and batch-statistics choices below are nn.BatchNorm2d's, step for step.
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                momentum = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        return fused_batch_norm(
+            input,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            momentum,
+            self.eps,
+            residual=residual,
+            relu=self.relu,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, relu={self.relu}"

@@ -1,19 +1,30 @@
-"""The PyTorch path of the fused BatchNorm: the same math and the same contract as the Triton one.
+"""The PyTorch path of the fused BatchNorm: the same contract as the Triton one, on ATen's kernels.
 
-It runs wherever Triton does not (CPU tensors without the interpreter, float64 for gradcheck) and
-doubles as a readable statement of what the kernels compute. Statistics are kept in float32 (float64
-for float64 inputs) whatever the activation dtype, as PyTorch's own BatchNorm does.
+It runs wherever Triton does not (CPU tensors without the interpreter, float64 for gradcheck). The
+BatchNorm itself is ATen's `native_batch_norm` and `native_batch_norm_backward`, which are fast on
+CPU; the residual add, ReLU and ReLU mask are a few elementwise ops around them. Low-precision
+activations are computed in float32 and rounded once at the end, like the Triton kernels, so both
+paths give the same numbers.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._layout import channel_view_shape, reduce_dims
+aten = torch.ops.aten
 
 
-def _accumulation_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _in_layout_of(result: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`result` with the dtype and strides of `like` (the custom ops promise both)."""
+    if result.dtype == like.dtype and result.stride() == like.stride():
+        return result
+    converted = torch.empty_like(like)
+    converted.copy_(result)
+    return converted
 
 
 def forward(
@@ -27,28 +38,29 @@ def forward(
     relu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """See `batch_norm_act` in batch_norm.py for the contract."""
-    acc = _accumulation_dtype(x)
-    shape = channel_view_shape(x)
-    xf = x.to(acc)
+    acc = _compute_dtype(x)
+    xc = x.to(acc)
+    channels = x.shape[1]
+    weight = weight.to(acc) if weight is not None else None
+    bias = bias.to(acc) if bias is not None else None
     if running_mean is None:
-        var, mean = torch.var_mean(xf, dim=reduce_dims(x), correction=0)
-        saved_mean, saved_var = mean, var
+        # ATen returns invstd, not the variance; with momentum 1 it writes the batch mean and the
+        # unbiased variance into these scratch "running" buffers, which gives the variance exactly.
+        batch_mean = torch.zeros(channels, dtype=acc, device=x.device)
+        unbiased_var = torch.ones(channels, dtype=acc, device=x.device)
+        y, _, _ = aten.native_batch_norm(xc, weight, bias, batch_mean, unbiased_var, True, 1.0, eps)
+        count = x.numel() // channels
+        saved_mean, saved_var = batch_mean, unbiased_var * ((count - 1) / count)
     else:
-        mean, var = running_mean.to(acc), running_var.to(acc)
-        saved_mean = saved_var = x.new_empty(0, dtype=acc)
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight.to(acc)
-    y = (xf - mean.view(shape)) * scale.view(shape)
-    if bias is not None:
-        y = y + bias.to(acc).view(shape)
+        y, _, _ = aten.native_batch_norm(
+            xc, weight, bias, running_mean.to(acc), running_var.to(acc), False, 0.0, eps
+        )
+        saved_mean, saved_var = x.new_empty(0, dtype=acc), x.new_empty(0, dtype=acc)
     if residual is not None:
         y = y + residual.to(acc)
     if relu:
         y = torch.relu(y)
-    out = torch.empty_like(x)
-    out.copy_(y)
-    return out, saved_mean, saved_var
+    return _in_layout_of(y, x), saved_mean, saved_var
 
 
 def backward(
@@ -63,31 +75,20 @@ def backward(
     residual_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """See `batch_norm_act_backward` in batch_norm.py for the contract."""
-    acc = _accumulation_dtype(x)
-    shape = channel_view_shape(x)
-    dims = reduce_dims(x)
+    acc = _compute_dtype(x)
     gz = grad_out.to(acc)
     if out is not None:  # ReLU: the gradient flows where the output is positive
         gz = gz.masked_fill(out <= 0, 0)
-    invstd = torch.rsqrt(var.to(acc) + eps)
-    x_centered = x.to(acc) - mean.to(acc).view(shape)
-    sum_gz = gz.sum(dims)
-    sum_gz_xc = (gz * x_centered).sum(dims)
-    scale = invstd if weight is None else invstd * weight.to(acc)
+    mean, var = mean.to(acc), var.to(acc)
+    invstd = torch.rsqrt(var + eps)
+    weight = weight.to(acc) if weight is not None else None
     if batch_stats:
-        count = x.numel() // x.shape[1]
-        grad_in = (
-            gz
-            - (sum_gz / count).view(shape)
-            - x_centered * (invstd * invstd * sum_gz_xc / count).view(shape)
-        ) * scale.view(shape)
+        grad_in, grad_weight, grad_bias = aten.native_batch_norm_backward(
+            gz, x.to(acc), weight, None, None, mean, invstd, True, eps, [True, True, True]
+        )
     else:
-        grad_in = gz * scale.view(shape)
-    grad_input = torch.empty_like(x)
-    grad_input.copy_(grad_in)
-    if residual_grad:
-        grad_residual = torch.empty_like(grad_out, dtype=x.dtype)
-        grad_residual.copy_(gz)
-    else:
-        grad_residual = x.new_empty(0)
-    return grad_input, grad_residual, sum_gz_xc * invstd, sum_gz
+        grad_in, grad_weight, grad_bias = aten.native_batch_norm_backward(
+            gz, x.to(acc), weight, mean, var, None, None, False, eps, [True, True, True]
+        )
+    grad_residual = _in_layout_of(gz, grad_out) if residual_grad else x.new_empty(0)
+    return _in_layout_of(grad_in, x), grad_residual, grad_weight, grad_bias

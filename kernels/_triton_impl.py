@@ -338,7 +338,7 @@ def forward(
         saved_mean, saved_var = mean, var
     else:
         mean, var = running_mean, running_var
-        saved_mean = saved_var = torch.empty(0, **f32)
+        saved_mean, saved_var = torch.empty(0, **f32), torch.empty(0, **f32)
 
     if residual is not None:
         residual, sr = _dense_like(residual)

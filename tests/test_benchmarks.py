@@ -1,0 +1,30 @@
+"""The benchmarks run end to end in their small CPU mode and write the ratios they print."""
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_batch_norm_benchmark_small_mode_writes_ratios(tmp_path, capsys):
+    bench = _load("bench_batch_norm_act")
+    out = tmp_path / "bn.csv"
+    assert bench.main(["--small", "--no-compile", "--reps", "2", "--csv", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    # 2 shapes x 2 layouts x 3 passes
+    assert len(rows) == 12
+    for row in rows:
+        ratio = float(row["eager_ms"]) / float(row["fused_ms"])
+        assert float(row["speedup_vs_eager"]) == pytest.approx(ratio, rel=1e-2)
+        assert row["device"] and row["torch"] and row["triton"]
+    assert "vs eager" in capsys.readouterr().out

@@ -1,0 +1,289 @@
+"""The fused BatchNorm + add + ReLU against PyTorch's own F.batch_norm + add + relu.
+
+Each case runs twice: the real Triton kernels (through Triton's interpreter on a CPU machine, or
+compiled on CUDA) and the PyTorch path. The reference is computed in float32 (float64 for float64)
+from the same inputs, so low-precision cases measure the kernels' single final rounding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from resnet_ablate.kernels import FusedBatchNorm2d, fused_batch_norm, use_backend
+
+BACKENDS = ["triton", "torch"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOLERANCES = {  # (atol, rtol) for outputs and gradients of O(1) magnitude
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (6e-2, 3e-2),
+    torch.float64: (1e-10, 1e-10),
+}
+# Awkward shapes: C not a power of two, odd H*W, N=1, 1x1 and 7x7 maps, and sizes that no tile
+# divides (several row splits and column blocks per launch).
+SHAPES = [(2, 3, 7, 7), (1, 6, 5, 3), (4, 7, 1, 1), (5, 3, 17, 19), (3, 70, 5, 7)]
+
+
+def _inputs(shape, dtype, channels_last, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    channels = shape[1]
+    x = torch.randn(shape, generator=g) * 2 + 0.5
+    residual = torch.randn(shape, generator=g)
+    weight = torch.rand(channels, generator=g) + 0.5
+    bias = torch.randn(channels, generator=g)
+    running_mean = torch.randn(channels, generator=g)
+    running_var = torch.rand(channels, generator=g) + 0.5
+    grad = torch.randn(shape, generator=g)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x, residual, grad = (t.to(dtype).to(memory_format=memory_format) for t in (x, residual, grad))
+    return x, residual, weight, bias, running_mean, running_var, grad
+
+
+def _reference(x, residual, weight, bias, running_mean, running_var, grad, training, relu, momentum=0.1):
+    """F.batch_norm + add + relu in float32 (float64 stays float64); returns output and gradients."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    leaves = [t.detach().to(acc).requires_grad_() if t is not None else None
+              for t in (x, residual, weight, bias)]
+    xr, rr, wr, br = leaves
+    out = F.batch_norm(xr, running_mean, running_var, wr, br, training, momentum, 1e-5)
+    if rr is not None:
+        out = out + rr
+    if relu:
+        out = F.relu(out)
+    out.backward(grad.to(acc))
+    return out.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+def _fused(backend, x, residual, weight, bias, running_mean, running_var, grad, training, relu,
+           momentum=0.1):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None
+              for t in (x, residual, weight, bias)]
+    xf, rf, wf, bf = leaves
+    with use_backend(backend):
+        out = fused_batch_norm(xf, running_mean, running_var, wf, bf, training, momentum, 1e-5,
+                               residual=rf, relu=relu)
+        out.backward(grad)
+    return out.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+def _assert_matches(actual, expected, dtype, what):
+    atol, rtol = TOLERANCES[dtype]
+    scale = max(1.0, expected.abs().max().item())  # gradients can be larger than O(1)
+    torch.testing.assert_close(actual.to(expected.dtype), expected, atol=atol * scale, rtol=rtol,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def _check_case(backend, shape, dtype, channels_last, training, relu=True, with_residual=True,
+                affine=True):
+    x, residual, weight, bias, rm, rv, grad = _inputs(shape, dtype, channels_last)
+    if not with_residual:
+        residual = None
+    if not affine:
+        weight = bias = None
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    out, grads = _fused(backend, x, residual, weight, bias, rm, rv, grad, training, relu)
+    ref_out, ref_grads = _reference(x, residual, weight, bias, rm_ref, rv_ref, grad, training, relu)
+
+    assert out.dtype == x.dtype
+    assert out.stride() == x.stride(), "output keeps the input's memory format"
+    _assert_matches(out, ref_out, dtype, "output")
+    for name, g, ref_g in zip(("input", "residual", "weight", "bias"), grads, ref_grads):
+        if ref_g is None:
+            assert g is None
+            continue
+        assert g.dtype == ref_g.dtype or g.dtype == dtype
+        _assert_matches(g, ref_g, dtype, f"grad of {name}")
+    # Running statistics are fp32 in both; they see the same low-precision input.
+    torch.testing.assert_close(rm, rm_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rv, rv_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_bn_add_relu_matches_pytorch(backend, shape, dtype, channels_last, training):
+    _check_case(backend, shape, dtype, channels_last, training)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(
+    "relu,with_residual,affine",
+    [(True, False, True), (False, True, True), (False, False, True), (True, True, False)],
+    ids=["bn_relu", "bn_add", "plain_bn", "no_affine"],
+)
+def test_variants_match_pytorch(backend, training, relu, with_residual, affine):
+    for channels_last in (False, True):
+        _check_case(backend, (3, 6, 5, 7), torch.float32, channels_last, training,
+                    relu=relu, with_residual=with_residual, affine=affine)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dims", [2, 3, 5])
+def test_other_ranks_that_batch_norm_accepts(backend, dims):
+    shape = {2: (9, 5), 3: (4, 5, 11), 5: (2, 5, 3, 4, 3)}[dims]
+    for training in (True, False):
+        _check_case(backend, shape, torch.float32, False, training)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_arbitrary_strides_are_handled(backend):
+    """Transposed spatial dims, a channel slice and a broadcast gradient: never silently wrong."""
+    g = torch.Generator().manual_seed(3)
+    transposed = torch.randn(3, 4, 6, 5, generator=g).transpose(2, 3)
+    sliced = torch.randn(3, 8, 5, 6, generator=g)[:, ::2]
+    residual = torch.randn(3, 4, 5, 6, generator=g).to(memory_format=torch.channels_last)
+    for x in (transposed, sliced):
+        grad = torch.randn(x.shape, generator=g)
+        for grad_variant in (grad, grad[:1].expand_as(grad)):
+            out, grads = _fused(backend, x, residual, None, None, None, None, grad_variant, True, True)
+            ref_out, ref_grads = _reference(x, residual, None, None, None, None, grad_variant, True, True)
+            _assert_matches(out, ref_out, torch.float32, "output")
+            _assert_matches(grads[0], ref_grads[0], torch.float32, "grad of input")
+            _assert_matches(grads[1], ref_grads[1], torch.float32, "grad of residual")
+
+
+def test_large_mean_does_not_cancel():
+    """Welford/Chan merging keeps the variance accurate when |mean| >> std (sum-of-squares fails)."""
+    x = (torch.randn(4, 3, 33, 31, generator=torch.Generator().manual_seed(1)) + 1000.0)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with use_backend("triton"):
+        fused_batch_norm(x, rm, rv, training=True, momentum=1.0, relu=False)
+    torch.testing.assert_close(rv, x.var(dim=(0, 2, 3), unbiased=True), rtol=1e-3, atol=0)
+    torch.testing.assert_close(rm, x.mean(dim=(0, 2, 3)), rtol=1e-6, atol=0)
+
+
+def test_gradcheck_float64_pytorch_path():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 3, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    residual = torch.randn(3, 4, 3, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.rand(4, dtype=torch.float64, generator=g).add(0.5).requires_grad_()
+    bias = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
+    rm = torch.randn(4, dtype=torch.float64, generator=g)
+    rv = torch.rand(4, dtype=torch.float64, generator=g) + 0.5
+    with use_backend("torch"):
+        for training, relu in [(True, True), (True, False), (False, True)]:
+            assert torch.autograd.gradcheck(
+                lambda *a: fused_batch_norm(a[0], rm.clone(), rv.clone(), a[2], a[3], training,
+                                            residual=a[1], relu=relu),
+                (x, residual, weight, bias),
+            )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic_bits(backend):
+    x, residual, weight, bias, _, _, grad = _inputs((6, 10, 13, 11), torch.float32, True, seed=7)
+    runs = [_fused(backend, x, residual, weight, bias, None, None, grad, True, True) for _ in range(2)]
+    (out_a, grads_a), (out_b, grads_b) = runs
+    assert torch.equal(out_a, out_b)
+    for a, b in zip(grads_a, grads_b):
+        assert torch.equal(a, b)
+
+
+def test_pytorch_refusals_are_kept():
+    one_value = torch.randn(1, 3, 1, 1)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        fused_batch_norm(one_value, None, None, training=True)
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(RuntimeError, match="running_mean should contain 3 elements not 4"):
+        fused_batch_norm(x, torch.zeros(4), torch.ones(4))
+    with pytest.raises(RuntimeError, match="running_mean must be defined in evaluation mode"):
+        fused_batch_norm(x, None, None, training=False)
+    with pytest.raises(ValueError, match=r"residual must have the input's shape \[2, 3, 4, 4\]"):
+        fused_batch_norm(x, None, None, training=True, residual=torch.randn(2, 3, 4, 5))
+    with pytest.raises(ValueError, match="unknown kernel backend 'cuda'; valid: auto, triton, torch"):
+        with use_backend("cuda"):
+            pass
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_loads_batchnorm2d_state_and_matches_it(backend, momentum):
+    torch.manual_seed(0)
+    reference = torch.nn.BatchNorm2d(6, momentum=momentum)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5)
+        reference.bias.normal_()
+    fused = FusedBatchNorm2d(6, momentum=momentum, relu=False)
+    fused.load_state_dict(reference.state_dict(), strict=True)
+    assert fused.state_dict().keys() == reference.state_dict().keys()
+
+    with use_backend(backend):
+        for step in range(3):
+            x = torch.randn(4, 6, 5, 5) * (step + 1)
+            torch.testing.assert_close(fused(x), reference(x), atol=2e-5, rtol=2e-5)
+        for name, buffer in reference.state_dict().items():
+            torch.testing.assert_close(fused.state_dict()[name], buffer, atol=1e-5, rtol=1e-5)
+        fused.eval(), reference.eval()
+        x = torch.randn(4, 6, 5, 5)
+        residual = torch.randn_like(x)
+        fused.relu = True
+        torch.testing.assert_close(fused(x, residual), F.relu(reference(x) + residual),
+                                   atol=2e-5, rtol=2e-5)
+
+
+def test_module_without_running_stats_uses_batch_statistics_in_eval():
+    reference = torch.nn.BatchNorm2d(5, track_running_stats=False).eval()
+    fused = FusedBatchNorm2d(5, track_running_stats=False, relu=False).eval()
+    x = torch.randn(3, 5, 4, 4) + 3
+    torch.testing.assert_close(fused(x), reference(x), atol=2e-5, rtol=2e-5)
+
+
+class _Epilogue(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = FusedBatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x), residual=x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph_runs_through_the_op(backend):
+    torch.manual_seed(0)
+    eager = _Epilogue()
+    compiled_module = _Epilogue()
+    compiled_module.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_module, fullgraph=True)
+    x = torch.randn(2, 4, 5, 5)
+    with use_backend(backend):
+        out_eager, out_compiled = eager(x), compiled(x)
+        out_eager.sum().backward()
+        out_compiled.sum().backward()
+    torch.testing.assert_close(out_compiled, out_eager)
+    torch.testing.assert_close(compiled_module.conv.weight.grad, eager.conv.weight.grad)
+    torch.testing.assert_close(compiled_module.bn.running_var, eager.bn.running_var)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(64, 256, 56, 56), (32, 2048, 7, 7), (7, 37, 13, 11)], ids=str)
+def test_compiled_kernels_on_cuda(shape, dtype, channels_last):
+    x, residual, weight, bias, rm, rv, grad = (
+        t.cuda() for t in _inputs(shape, dtype, channels_last)
+    )
+    for training in (True, False):
+        rm_ref, rv_ref = rm.clone(), rv.clone()
+        out, grads = _fused("triton", x, residual, weight, bias, rm, rv, grad, training, True)
+        ref_out, ref_grads = _reference(x, residual, weight, bias, rm_ref, rv_ref, grad, training, True)
+        _assert_matches(out, ref_out, dtype, "output")
+        for g, ref_g in zip(grads, ref_grads):
+            _assert_matches(g, ref_g, dtype, "gradient")
+        torch.testing.assert_close(rm, rm_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(rv, rv_ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_inductor_compile_on_cuda():
+    model = _Epilogue().cuda().to(memory_format=torch.channels_last)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(8, 4, 16, 16, device="cuda").to(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        compiled(x).float().sum().backward()
+    assert model.conv.weight.grad is not None

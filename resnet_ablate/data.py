@@ -1,0 +1,577 @@
+"""Datasets for the ablation studies, as normalised in-memory tensors, plus batched augmentation.
+
+Three datasets, one entry point (`load_dataset`):
+
+- ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 real images, no download),
+  split train/test with a seeded stratified split. The default: real data that trains in seconds.
+- ``cifar10``: the official ``cifar-10-python.tar.gz`` (or its extracted folder) with the recipe of
+  He et al. (CVPR 2016, section 4.2): per-channel normalisation with training-set statistics,
+  4-pixel zero pad + random 32x32 crop + horizontal flip for training, optional 45k/5k validation.
+- ``synthetic``: small, seeded, learnable random data for tests.
+
+Whole datasets live in memory as tensors: every one of them fits (CIFAR-10 is 0.7 GB as float32)
+and a study runs many short trials, so per-batch decoding would cost more than the training.
+`load_dataset` caches per process, so repeated trials in one Ray worker load the data once.
+The cached tensors are shared between callers: treat them as read-only.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import pickle
+import tarfile
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any, BinaryIO, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DATASETS: tuple[str, ...] = ("digits", "cifar10", "synthetic")
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_TRAIN_BATCHES: tuple[str, ...] = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST_BATCH = "test_batch"
+CIFAR10_META = "batches.meta"
+
+# A fifth of the digits is held out: 360 test images, at least 35 of each class.
+DIGITS_TEST_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training-time augmentation of the paper: zero pad, random crop back to size, random flip."""
+
+    pad: int = 4
+    flip: bool = True
+
+    def __post_init__(self) -> None:
+        if self.pad < 0:
+            raise ValueError(f"Augmentation.pad must be >= 0, got {self.pad}")
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """Shape and difficulty of the `synthetic` dataset: a random prototype per class plus noise."""
+
+    num_classes: int = 4
+    channels: int = 1
+    image_size: int = 8
+    train_size: int = 256
+    test_size: int = 128
+    noise: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("num_classes", "channels", "image_size", "train_size", "test_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"SyntheticSpec.{name} must be a positive int, got {value!r}")
+        if self.num_classes < 2:
+            raise ValueError(f"SyntheticSpec.num_classes must be >= 2, got {self.num_classes}")
+        if self.noise < 0:
+            raise ValueError(f"SyntheticSpec.noise must be >= 0, got {self.noise}")
+
+
+# eq=False: tensors do not compare to a single bool, and identity is what the cache hands out.
+@dataclass(frozen=True, eq=False)
+class DataBundle:
+    """A dataset ready to train on: normalised float32 images (N, C, H, W) and int64 labels.
+
+    `test_x`/`test_y` hold the evaluation set: the official test set, or the validation split
+    carved from the training set when `eval_split` is "validation" (the test set is then unused).
+    `mean`/`std` are the per-channel statistics of the raw training pixels used to normalise both.
+    """
+
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    in_channels: int
+    image_size: int
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    eval_split: Literal["test", "validation"] = "test"
+    augmentation: Augmentation | None = None
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        expected = (self.in_channels, self.image_size, self.image_size)
+        splits = (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y))
+        for split, x, y in splits:
+            if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+                raise ValueError(
+                    f"{self.name}: {split}_x has shape {tuple(x.shape)}, "
+                    f"expected (N, {expected[0]}, {expected[1]}, {expected[2]})"
+                )
+            if y.shape != (x.shape[0],):
+                raise ValueError(
+                    f"{self.name}: {split}_y has shape {tuple(y.shape)}, expected ({x.shape[0]},)"
+                )
+
+    @property
+    def train_size(self) -> int:
+        return int(self.train_x.shape[0])
+
+    @property
+    def test_size(self) -> int:
+        return int(self.test_x.shape[0])
+
+    def metadata(self) -> dict[str, Any]:
+        """JSON-ready description for results stores (no tensors)."""
+        return {
+            "name": self.name,
+            "train_size": self.train_size,
+            "test_size": self.test_size,
+            "eval_split": self.eval_split,
+            "num_classes": self.num_classes,
+            "in_channels": self.in_channels,
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "augmentation": None
+            if self.augmentation is None
+            else {"pad": self.augmentation.pad, "flip": self.augmentation.flip},
+            "seed": self.seed,
+            **self.extra,
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class Cifar10Arrays:
+    """CIFAR-10 as stored: uint8 images (N, 3, 32, 32) in RGB order, int64 labels, class names."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    classes: tuple[str, ...]
+    source: Path
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+
+
+def load_dataset(
+    name: str = "digits",
+    *,
+    root: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    validation: bool = False,
+    validation_fraction: float = 0.1,
+    download: bool = False,
+    synthetic: SyntheticSpec | None = None,
+    cache: bool = True,
+) -> DataBundle:
+    """Load a dataset by name; cached per process on all the arguments when `cache` is true.
+
+    `seed` fixes the dataset's own randomness (the digits split, the validation split, the
+    synthetic data), not the training run's: keep it fixed across the trials of a study so that
+    every trial sees the same split. `validation=True` evaluates on a seeded stratified
+    `validation_fraction` of the training set (0.1 gives CIFAR-10's 45k/5k) instead of the test set.
+    `root` and `download` are for cifar10 only; `synthetic` for synthetic only.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    if not 0.0 < validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+    if name != "cifar10" and (root is not None or download):
+        raise ValueError(f"root= and download= apply to cifar10 only, not to {name!r}")
+    if name != "synthetic" and synthetic is not None:
+        raise ValueError(f"synthetic= applies to the synthetic dataset only, not to {name!r}")
+    if name == "synthetic" and synthetic is None:
+        synthetic = SyntheticSpec()
+    # Resolved so that "data" and "./data" share one cache entry, and a later chdir cannot alias.
+    root_key = None if root is None else str(Path(root).expanduser().resolve())
+    loader = _load_cached if cache else _load
+    return loader(name, root_key, seed, validation, validation_fraction, download, synthetic)
+
+
+def clear_dataset_cache() -> None:
+    """Forget the datasets this process has cached (frees their memory once unreferenced)."""
+    _load_cached.cache_clear()
+
+
+def _load(
+    name: str,
+    root: str | None,
+    seed: int,
+    validation: bool,
+    validation_fraction: float,
+    download: bool,
+    synthetic: SyntheticSpec | None,
+) -> DataBundle:
+    if name == "digits":
+        return _load_digits(seed, validation, validation_fraction)
+    if name == "cifar10":
+        return _load_cifar10(root, seed, validation, validation_fraction, download)
+    assert synthetic is not None
+    return _load_synthetic(synthetic, seed, validation, validation_fraction)
+
+
+# A few entries: a worker typically serves one study (one dataset), tests may hold several.
+_load_cached = functools.lru_cache(maxsize=4)(_load)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared preparation: validation split, statistics, normalisation
+
+
+def _stratified_split(
+    labels: np.ndarray, fraction: float, seed: int, *, what: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (kept, held_out) with `fraction` of every class held out, seeded."""
+    from sklearn.model_selection import train_test_split
+
+    indices = np.arange(len(labels))
+    try:
+        kept, held = train_test_split(
+            indices, test_size=fraction, stratify=labels, random_state=seed, shuffle=True
+        )
+    except ValueError as error:
+        raise ValueError(
+            f"cannot split {what} ({len(labels)} images, {len(np.unique(labels))} classes) with "
+            f"a stratified fraction of {fraction}: {error}"
+        ) from error
+    # Sorted so that the kept images keep their original order; shuffling is training's job.
+    return np.sort(kept), np.sort(held)
+
+
+def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and population std of (N, C, H, W) pixels, accumulated in float64.
+
+    Chunked so that CIFAR-10 never needs a float64 copy of the whole training set (1.2 GB).
+    """
+    channels = images.shape[1]
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    sums = np.zeros(channels)
+    for start in range(0, images.shape[0], 4096):
+        sums += images[start : start + 4096].sum(axis=(0, 2, 3), dtype=np.float64)
+    means = sums / count
+    squares = np.zeros(channels)
+    for start in range(0, images.shape[0], 4096):
+        centred = images[start : start + 4096].astype(np.float64) - means[None, :, None, None]
+        squares += (centred * centred).sum(axis=(0, 2, 3))
+    stds = np.sqrt(squares / count)
+    if np.any(stds == 0):
+        raise ValueError(f"a channel of the training images is constant (std {stds.tolist()})")
+    return tuple(float(m) for m in means), tuple(float(s) for s in stds)
+
+
+def _normalise(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32)
+    x.sub_(torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+    x.div_(torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+    return x
+
+
+def _bundle(
+    name: str,
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    *,
+    classes: tuple[str, ...],
+    seed: int,
+    validation: bool,
+    validation_fraction: float,
+    augmentation: Augmentation | None,
+    extra: dict[str, Any] | None = None,
+) -> DataBundle:
+    """Split off validation if asked, normalise with the statistics of what is trained on."""
+    if validation:
+        kept, held = _stratified_split(
+            train_labels, validation_fraction, seed, what=f"the {name} training set"
+        )
+        test_images, test_labels = train_images[held], train_labels[held]
+        train_images, train_labels = train_images[kept], train_labels[kept]
+    # Statistics from the images trained on only, so the evaluation set does not leak into them.
+    mean, std = _channel_stats(train_images)
+    return DataBundle(
+        name=name,
+        train_x=_normalise(train_images, mean, std),
+        train_y=torch.from_numpy(np.asarray(train_labels, dtype=np.int64)),
+        test_x=_normalise(test_images, mean, std),
+        test_y=torch.from_numpy(np.asarray(test_labels, dtype=np.int64)),
+        num_classes=len(classes),
+        in_channels=int(train_images.shape[1]),
+        image_size=int(train_images.shape[2]),
+        classes=classes,
+        mean=mean,
+        std=std,
+        eval_split="validation" if validation else "test",
+        augmentation=augmentation,
+        seed=seed,
+        extra=extra or {},
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# digits
+
+
+def _load_digits(seed: int, validation: bool, validation_fraction: float) -> DataBundle:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # Pixel values are integers 0..16; uint8 keeps them exact and the memory small.
+    images = digits.images.astype(np.uint8)[:, None, :, :]
+    labels = digits.target.astype(np.int64)
+    train_idx, test_idx = _stratified_split(
+        labels, DIGITS_TEST_FRACTION, seed, what="the digits dataset"
+    )
+    return _bundle(
+        "digits",
+        images[train_idx],
+        labels[train_idx],
+        images[test_idx],
+        labels[test_idx],
+        classes=tuple(str(c) for c in range(10)),
+        seed=seed,
+        validation=validation,
+        validation_fraction=validation_fraction,
+        # 8x8 images have no room for 4-pixel shifts; the paper's augmentation is for CIFAR.
+        augmentation=None,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# synthetic
+
+
+def _load_synthetic(
+    spec: SyntheticSpec, seed: int, validation: bool, validation_fraction: float
+) -> DataBundle:
+    generator = torch.Generator().manual_seed(seed)
+    shape = (spec.channels, spec.image_size, spec.image_size)
+    prototypes = torch.randn((spec.num_classes, *shape), generator=generator)
+
+    def sample(count: int) -> tuple[np.ndarray, np.ndarray]:
+        # Balanced classes in a shuffled order, so any prefix of the data holds every class.
+        labels = torch.arange(count) % spec.num_classes
+        labels = labels[torch.randperm(count, generator=generator)]
+        noise = torch.randn((count, *shape), generator=generator)
+        return (prototypes[labels] + spec.noise * noise).numpy(), labels.numpy()
+
+    train_images, train_labels = sample(spec.train_size)
+    test_images, test_labels = sample(spec.test_size)
+    return _bundle(
+        "synthetic",
+        train_images,
+        train_labels,
+        test_images,
+        test_labels,
+        classes=tuple(str(c) for c in range(spec.num_classes)),
+        seed=seed,
+        validation=validation,
+        validation_fraction=validation_fraction,
+        augmentation=None,
+        extra={"synthetic": {k: getattr(spec, k) for k in spec.__dataclass_fields__}},
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR-10
+
+
+def _load_cifar10(
+    root: str | None, seed: int, validation: bool, validation_fraction: float, download: bool
+) -> DataBundle:
+    if root is None:
+        raise ValueError(
+            "cifar10 needs root=: a folder holding cifar-10-batches-py/ or cifar-10-python.tar.gz, "
+            "or the archive itself (add download=True to fetch it into that folder)"
+        )
+    arrays = read_cifar10(root, download=download)
+    return _bundle(
+        "cifar10",
+        arrays.train_images,
+        arrays.train_labels,
+        arrays.test_images,
+        arrays.test_labels,
+        classes=arrays.classes,
+        seed=seed,
+        validation=validation,
+        validation_fraction=validation_fraction,
+        augmentation=Augmentation(pad=4, flip=True),
+        extra={"source": str(arrays.source)},
+    )
+
+
+def read_cifar10(root: str | os.PathLike[str], *, download: bool = False) -> Cifar10Arrays:
+    """Read CIFAR-10 in its official python format, without normalising.
+
+    `root` is the .tar.gz itself, the extracted cifar-10-batches-py folder, or a folder holding
+    either (the extracted folder is preferred: no decompression). The batches are pickles, so read
+    only archives you trust; `download=True` fetches the official one and checks its md5.
+    """
+    root = Path(root).expanduser()
+    source = _find_cifar10(root)
+    if source is None and download:
+        source = download_cifar10(root)
+    if source is None:
+        raise FileNotFoundError(
+            f"CIFAR-10 not found: looked for {root / CIFAR10_FOLDER}/ and {root / CIFAR10_ARCHIVE}"
+            f" (and whether {root} is one of them). Fix: pass root= a folder holding either, or "
+            f"the archive itself, or add download=True to fetch {CIFAR10_URL} into {root}."
+        )
+    if source.is_dir():
+        return _assemble_cifar10(functools.partial(_read_from_folder, source), source)
+    with tarfile.open(source, "r:gz") as archive:
+        return _assemble_cifar10(functools.partial(_read_from_archive, archive, source), source)
+
+
+def _read_from_folder(folder: Path, member: str) -> dict[bytes, Any]:
+    path = folder / member
+    if not path.is_file():
+        raise FileNotFoundError(f"CIFAR-10 folder {folder} lacks the batch file {member}")
+    with path.open("rb") as handle:
+        return _unpickle(handle, str(path))
+
+
+def _read_from_archive(archive: tarfile.TarFile, source: Path, member: str) -> dict[bytes, Any]:
+    name = f"{CIFAR10_FOLDER}/{member}"
+    try:
+        handle = archive.extractfile(name)
+    except KeyError:
+        handle = None
+    if handle is None:
+        raise FileNotFoundError(f"CIFAR-10 archive {source} lacks the member {name}")
+    with handle:
+        return _unpickle(handle, f"{source}:{name}")
+
+
+def _find_cifar10(root: Path) -> Path | None:
+    if root.is_file() and root.name.endswith((".tar.gz", ".tgz")):
+        return root
+    if root.is_dir():
+        if (root / CIFAR10_TRAIN_BATCHES[0]).is_file():
+            return root
+        if (root / CIFAR10_FOLDER).is_dir():
+            return root / CIFAR10_FOLDER
+        if (root / CIFAR10_ARCHIVE).is_file():
+            return root / CIFAR10_ARCHIVE
+    return None
+
+
+def _unpickle(handle: BinaryIO, where: str) -> dict[bytes, Any]:
+    # encoding="bytes": the batches were pickled by Python 2, and their keys stay bytes (b"data").
+    batch = pickle.load(handle, encoding="bytes")
+    if not isinstance(batch, dict):
+        raise ValueError(f"{where}: expected a pickled dict, got {type(batch).__name__}")
+    return batch
+
+
+def _assemble_cifar10(read: Callable[[str], dict[bytes, Any]], source: Path) -> Cifar10Arrays:
+    def images_and_labels(member: str) -> tuple[np.ndarray, np.ndarray]:
+        batch = read(member)
+        if b"data" not in batch or b"labels" not in batch:
+            raise ValueError(
+                f"{source}/{member}: expected keys b'data' and b'labels', got {sorted(batch)}"
+            )
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"{source}/{member}: b'data' has shape {data.shape} for {labels.shape[0]} labels, "
+                f"expected ({labels.shape[0]}, 3072) uint8"
+            )
+        # Each row is three row-major 32x32 planes, R then G then B: a plain reshape is NCHW.
+        return data.reshape(-1, 3, 32, 32), labels
+
+    train = [images_and_labels(member) for member in CIFAR10_TRAIN_BATCHES]
+    test_images, test_labels = images_and_labels(CIFAR10_TEST_BATCH)
+    meta = read(CIFAR10_META)
+    classes = tuple(
+        name.decode() if isinstance(name, bytes) else str(name)
+        for name in meta.get(b"label_names", [str(i) for i in range(10)])
+    )
+    return Cifar10Arrays(
+        train_images=np.concatenate([images for images, _ in train]),
+        train_labels=np.concatenate([labels for _, labels in train]),
+        test_images=test_images,
+        test_labels=test_labels,
+        classes=classes,
+        source=source,
+    )
+
+
+def download_cifar10(root: str | os.PathLike[str]) -> Path:
+    """Fetch the official archive into `root` and check its md5; returns the archive's path."""
+    root = Path(root).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / CIFAR10_ARCHIVE
+    partial = root / (CIFAR10_ARCHIVE + ".part")
+    # Written under another name first, so an interrupted download never looks like an archive.
+    urllib.request.urlretrieve(CIFAR10_URL, partial)
+    digest = hashlib.md5()
+    with partial.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != CIFAR10_MD5:
+        partial.unlink()
+        raise OSError(
+            f"download of {CIFAR10_URL} has md5 {digest.hexdigest()}, expected {CIFAR10_MD5}; "
+            f"deleted it, try again"
+        )
+    os.replace(partial, target)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation on whole batches
+
+
+def crop_and_flip(
+    images: torch.Tensor, pad: int, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor
+) -> torch.Tensor:
+    """Zero-pad `images` (N, C, H, W) by `pad`, then cut image n's H x W window at (top[n], left[n])
+    of the padded image and mirror it left-right where flip[n] is true.
+
+    One gather for the whole batch: no per-image Python loop, so it stays cheap on CPU.
+    """
+    n, c, h, w = images.shape
+    for label, offsets in (("top", top), ("left", left)):
+        if offsets.shape != (n,) or (n and (offsets.min() < 0 or offsets.max() > 2 * pad)):
+            raise ValueError(f"{label} must be {n} offsets in [0, {2 * pad}] for pad {pad}")
+    device = images.device
+    top, left, flip = top.to(device), left.to(device), flip.to(device)
+    padded = F.pad(images, (pad, pad, pad, pad)) if pad else images
+    rows = top[:, None] + torch.arange(h, device=device)[None, :]
+    columns = torch.arange(w, device=device)[None, :].expand(n, w)
+    columns = torch.where(flip[:, None], columns.flip(1), columns) + left[:, None]
+    batch = torch.arange(n, device=device)[:, None, None, None]
+    channel = torch.arange(c, device=device)[None, :, None, None]
+    return padded[batch, channel, rows[:, None, :, None], columns[:, None, None, :]]
+
+
+def random_crop_flip(
+    images: torch.Tensor, augmentation: Augmentation, generator: torch.Generator
+) -> torch.Tensor:
+    """The paper's training augmentation on a batch, drawn from `generator` (a CPU generator).
+
+    The draws happen on the CPU whatever the images' device, so a seed gives the same crops on
+    every device. Padding is zero in normalised space, i.e. the training mean, as for the paper's
+    mean-subtracted inputs.
+    """
+    n = images.shape[0]
+    top = torch.randint(0, 2 * augmentation.pad + 1, (n,), generator=generator)
+    left = torch.randint(0, 2 * augmentation.pad + 1, (n,), generator=generator)
+    if augmentation.flip:
+        flip = torch.randint(0, 2, (n,), generator=generator).bool()
+    else:
+        flip = torch.zeros(n, dtype=torch.bool)
+    return crop_and_flip(images, augmentation.pad, top, left, flip)

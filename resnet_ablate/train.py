@@ -1,0 +1,402 @@
+"""Training one model on one dataset with the recipe of He et al. (CVPR 2016), scaled by epochs.
+
+The paper (section 4.2) trains CIFAR-10 ResNets with SGD, momentum 0.9, weight decay 1e-4,
+batch 128, lr 0.1 divided by 10 at 32k and 48k of 64k iterations (50% and 75%), and for
+ResNet-110 warms up at lr 0.01 until the training error is below 80% (about 400 iterations).
+`TrainRecipe` holds all of it; `train` runs it and returns a `TrainResult` record.
+
+`train` is what a study runner calls inside a worker process: it is seeded and reproducible
+(bitwise on CPU), uses exactly the threads it is given, reports every epoch through `on_epoch`,
+and returns a result marked "diverged" instead of raising when the loss goes non-finite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import DataBundle, random_crop_flip
+
+# The paper's rule ends warm-up when "the training error is below 80%"; a single batch is too
+# noisy to judge that, so the error is averaged over this many recent batches (1,280 images).
+WARMUP_WINDOW = 10
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """How to train: the paper's CIFAR-10 recipe by default, with milestones as fractions of epochs.
+
+    The default 164 epochs are the paper's 64k iterations of batch 128 on 50k images; the decays
+    then fall on epochs 82 and 123, its 32k and 48k iterations. A decay applies from the first
+    epoch that starts at or after its fraction of training.
+    Warm-up (`warmup=True`) trains at `warmup_lr` until the training error over the last
+    `WARMUP_WINDOW` batches falls below `warmup_until_error`, or for `warmup_max_steps` steps,
+    whichever comes first; set one of them to None to use only the other. It never raises the
+    lr above the schedule's.
+    """
+
+    epochs: int = 164
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    gamma: float = 0.1
+    warmup: bool = False
+    warmup_lr: float = 0.01
+    warmup_until_error: float | None = 0.8
+    warmup_max_steps: int | None = None
+    augment: bool = True
+    eval_batch_size: int = 1000
+
+    def __post_init__(self) -> None:
+        def fail(name: str, valid: str) -> None:
+            raise ValueError(f"TrainRecipe.{name} must be {valid}, got {getattr(self, name)!r}")
+
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                fail(name, "an int >= 1")
+        for name in ("lr", "warmup_lr", "gamma"):
+            if not _is_number(getattr(self, name)) or not getattr(self, name) > 0:
+                fail(name, "a number > 0")
+        if not _is_number(self.momentum) or not 0 <= self.momentum < 1:
+            fail("momentum", "a number in [0, 1)")
+        if not _is_number(self.weight_decay) or self.weight_decay < 0:
+            fail("weight_decay", "a number >= 0")
+        if self.nesterov and self.momentum == 0:
+            fail("nesterov", "False when momentum is 0 (Nesterov needs momentum)")
+        # Lists come from YAML/JSON specs; the stored form is a tuple so the recipe stays hashable.
+        object.__setattr__(self, "milestones", tuple(self.milestones))
+        if not all(_is_number(m) and 0 < m < 1 for m in self.milestones) or list(
+            self.milestones
+        ) != sorted(self.milestones):
+            fail("milestones", "increasing fractions of training, each in (0, 1)")
+        if self.warmup_until_error is not None and not (
+            _is_number(self.warmup_until_error) and 0 <= self.warmup_until_error <= 1
+        ):
+            fail("warmup_until_error", "None or a training error in [0, 1]")
+        if self.warmup_max_steps is not None and (
+            isinstance(self.warmup_max_steps, bool)
+            or not isinstance(self.warmup_max_steps, int)
+            or self.warmup_max_steps < 1
+        ):
+            fail("warmup_max_steps", "None or an int >= 1")
+        if self.warmup and self.warmup_until_error is None and self.warmup_max_steps is None:
+            fail("warmup_until_error", "set (or warmup_max_steps set) when warmup is on")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], *, where: str = "recipe") -> TrainRecipe:
+        """Build from a mapping (a study spec's section); `where` names it in errors."""
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                f"valid keys: {', '.join(valid)}"
+            )
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{where}: {error}") from error
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["milestones"] = list(self.milestones)
+        return values
+
+    def lr_at(self, epoch: int) -> float:
+        """The scheduled learning rate of `epoch` (1-based), warm-up aside."""
+        if not 1 <= epoch <= self.epochs:
+            raise ValueError(f"epoch must be in [1, {self.epochs}], got {epoch}")
+        completed = epoch - 1
+        # The tolerance keeps 0.75 * 164 == 123.00000000000001-style float noise from moving a
+        # decay by a whole epoch.
+        decays = sum(1 for m in self.milestones if completed >= m * self.epochs - 1e-9)
+        return self.lr * self.gamma**decays
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One finished epoch. Train loss/error run over the epoch (train mode, augmented batches);
+    test loss/error are on the whole evaluation set in eval mode after the epoch. `lr` is the
+    rate of the epoch's last step; `seconds` covers training and evaluation."""
+
+    epoch: int
+    lr: float
+    train_loss: float
+    train_error: float
+    test_loss: float
+    test_error: float
+    seconds: float
+
+
+TrainStatus = Literal["completed", "diverged"]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run produced. Accuracies are None when no epoch was completed."""
+
+    status: TrainStatus
+    reason: str | None
+    history: tuple[EpochRecord, ...]
+    epochs_completed: int
+    final_test_accuracy: float | None
+    best_test_accuracy: float | None
+    final_train_accuracy: float | None
+    wall_seconds: float
+    images_per_second: float
+    warmup_steps: int
+    seed: int
+    eval_split: str
+    recipe: TrainRecipe
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "completed"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (plain floats, lists and dicts)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values["history"] = [dataclasses.asdict(record) for record in self.history]
+        values["recipe"] = self.recipe.to_dict()
+        return values
+
+
+def train(
+    model: nn.Module | Callable[[], nn.Module],
+    data: DataBundle,
+    recipe: TrainRecipe,
+    *,
+    seed: int,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Train `model` on `data` with `recipe`; returns the record of the run.
+
+    Pass a zero-argument factory instead of a module to make the initial weights part of what
+    `seed` fixes: it is built under the seed. Data order and augmentation draw from their own
+    generators seeded from `seed`, so switching augmentation off leaves the data order unchanged.
+    The process's global RNG state is restored afterwards.
+    `threads` sets torch's intra-op threads for the run and restores the previous count.
+    An exception from `on_epoch` (e.g. optuna.TrialPruned) propagates unchanged.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
+        raise ValueError(f"threads must be None or an int >= 1, got {threads!r}")
+    device = torch.device(device)
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    # fork_rng saves and restores the RNG of the CUDA device trained on, no other.
+    cuda_devices: list[int] = []
+    if device.type == "cuda":
+        cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    try:
+        with torch.random.fork_rng(devices=cuda_devices):
+            torch.manual_seed(seed)
+            if not isinstance(model, nn.Module):
+                model = model()
+                if not isinstance(model, nn.Module):
+                    raise TypeError(
+                        f"the model factory returned {type(model).__name__}, not an nn.Module"
+                    )
+            return _Run(model, data, recipe, seed, device, on_epoch, log).run()
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 1000
+) -> tuple[float, float]:
+    """(mean cross-entropy loss, error rate) of `model` in eval mode; inputs on its device."""
+    model.eval()
+    loss_sum = 0.0
+    wrong = 0
+    for start in range(0, images.shape[0], batch_size):
+        logits = model(images[start : start + batch_size])
+        targets = labels[start : start + batch_size]
+        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+        wrong += int((logits.argmax(dim=1) != targets).sum().item())
+    count = max(images.shape[0], 1)
+    return loss_sum / count, wrong / count
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _derived_seed(seed: int, stream: int) -> int:
+    """An independent seed per random stream, so one stream's draws never shift another's."""
+    entropy = [seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF, stream]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
+
+
+_ORDER_STREAM, _AUGMENT_STREAM = 1, 2
+
+
+class _Run:
+    """One training run's state; a class only to keep `train`'s loop readable."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: DataBundle,
+        recipe: TrainRecipe,
+        seed: int,
+        device: torch.device,
+        on_epoch: Callable[[EpochRecord], None] | None,
+        log: Callable[[str], None] | None,
+    ) -> None:
+        self.model = model.to(device)
+        self.data = data
+        self.recipe = recipe
+        self.seed = seed
+        self.on_epoch = on_epoch
+        self.log = log
+        # Moved once: a whole dataset is small next to a model's activations, and per-batch
+        # host-to-device copies would dominate short trials.
+        self.train_x = data.train_x.to(device)
+        self.train_y = data.train_y.to(device)
+        self.test_x = data.test_x.to(device)
+        self.test_y = data.test_y.to(device)
+        self.augmentation = data.augmentation if recipe.augment else None
+        self.order_generator = torch.Generator().manual_seed(_derived_seed(seed, _ORDER_STREAM))
+        self.augment_generator = torch.Generator().manual_seed(_derived_seed(seed, _AUGMENT_STREAM))
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(),
+            lr=recipe.lr,
+            momentum=recipe.momentum,
+            weight_decay=recipe.weight_decay,
+            nesterov=recipe.nesterov,
+        )
+        self.warming_up = recipe.warmup
+        self.warmup_steps = 0
+        self.recent_errors: deque[float] = deque(maxlen=WARMUP_WINDOW)
+        self.history: list[EpochRecord] = []
+        self.train_images = 0
+        self.train_seconds = 0.0
+
+    def run(self) -> TrainResult:
+        started = time.perf_counter()
+        for epoch in range(1, self.recipe.epochs + 1):
+            record_or_reason = self._epoch(epoch)
+            if isinstance(record_or_reason, str):
+                if self.log:
+                    self.log(f"diverged: {record_or_reason}")
+                return self._result("diverged", record_or_reason, started)
+            self.history.append(record_or_reason)
+            if self.log:
+                r = record_or_reason
+                self.log(
+                    f"epoch {r.epoch}/{self.recipe.epochs} lr {r.lr:g}"
+                    f" train loss {r.train_loss:.4f} error {r.train_error:.4f}"
+                    f" {self.data.eval_split} error {r.test_error:.4f}"
+                    f" ({r.seconds:.1f}s)"
+                )
+            if self.on_epoch:
+                self.on_epoch(record_or_reason)
+        return self._result("completed", None, started)
+
+    def _epoch(self, epoch: int) -> EpochRecord | str:
+        """Train one epoch and evaluate; returns its record, or why training diverged."""
+        started = time.perf_counter()
+        scheduled_lr = self.recipe.lr_at(epoch)
+        self.model.train()
+        count = self.train_x.shape[0]
+        order = torch.randperm(count, generator=self.order_generator).to(self.train_x.device)
+        loss_sum = 0.0
+        wrong = 0
+        lr = scheduled_lr
+        for step, start in enumerate(range(0, count, self.recipe.batch_size), start=1):
+            index = order[start : start + self.recipe.batch_size]
+            images, labels = self.train_x[index], self.train_y[index]
+            if self.augmentation is not None:
+                images = random_crop_flip(images, self.augmentation, self.augment_generator)
+            lr = min(self.recipe.warmup_lr, scheduled_lr) if self.warming_up else scheduled_lr
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            logits = self.model(images)
+            loss = F.cross_entropy(logits, labels)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                return f"non-finite training loss at epoch {epoch}, step {step}"
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            batch_wrong = int((logits.detach().argmax(dim=1) != labels).sum().item())
+            loss_sum += loss_value * labels.shape[0]
+            wrong += batch_wrong
+            if self.warming_up:
+                self._advance_warmup(batch_wrong / labels.shape[0])
+        trained = time.perf_counter()
+        self.train_images += count
+        self.train_seconds += trained - started
+        test_loss, test_error = evaluate(
+            self.model, self.test_x, self.test_y, batch_size=self.recipe.eval_batch_size
+        )
+        return EpochRecord(
+            epoch=epoch,
+            lr=lr,
+            train_loss=loss_sum / count,
+            train_error=wrong / count,
+            test_loss=test_loss,
+            test_error=test_error,
+            seconds=time.perf_counter() - started,
+        )
+
+    def _advance_warmup(self, batch_error: float) -> None:
+        self.warmup_steps += 1
+        self.recent_errors.append(batch_error)
+        threshold = self.recipe.warmup_until_error
+        learned = (
+            threshold is not None
+            and len(self.recent_errors) == WARMUP_WINDOW
+            and sum(self.recent_errors) / WARMUP_WINDOW < threshold
+        )
+        cap = self.recipe.warmup_max_steps
+        capped = cap is not None and self.warmup_steps >= cap
+        if learned or capped:
+            self.warming_up = False
+            if self.log:
+                self.log(
+                    f"warm-up at lr {self.recipe.warmup_lr:g} ended after {self.warmup_steps} steps"
+                )
+
+    def _result(self, status: TrainStatus, reason: str | None, started: float) -> TrainResult:
+        last = self.history[-1] if self.history else None
+        return TrainResult(
+            status=status,
+            reason=reason,
+            history=tuple(self.history),
+            epochs_completed=len(self.history),
+            final_test_accuracy=None if last is None else 1.0 - last.test_error,
+            best_test_accuracy=None
+            if last is None
+            else 1.0 - min(r.test_error for r in self.history),
+            final_train_accuracy=None if last is None else 1.0 - last.train_error,
+            wall_seconds=time.perf_counter() - started,
+            images_per_second=self.train_images / self.train_seconds if self.train_seconds else 0.0,
+            warmup_steps=self.warmup_steps,
+            seed=self.seed,
+            eval_split=self.data.eval_split,
+            recipe=self.recipe,
+        )

@@ -1,0 +1,269 @@
+"""Training: learning, the paper's schedule and warm-up, reproducibility, divergence, threads."""
+
+import dataclasses
+import json
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from resnet_ablate.data import Augmentation, DataBundle, SyntheticSpec, load_dataset
+from resnet_ablate.train import WARMUP_WINDOW, EpochRecord, TrainRecipe, train
+
+
+def tiny_cnn(in_channels: int = 1, num_classes: int = 4) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64, num_classes),
+    )
+
+
+def synthetic() -> DataBundle:
+    return load_dataset("synthetic", synthetic=SyntheticSpec(train_size=256, test_size=128))
+
+
+def quick(**changes) -> TrainRecipe:
+    return TrainRecipe(**{"epochs": 4, "batch_size": 32, **changes})
+
+
+def curves(result):
+    """Everything in the history except wall-clock seconds."""
+    return [dataclasses.replace(record, seconds=0.0) for record in result.history]
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning
+
+
+def test_learns_synthetic_data_far_above_chance():
+    result = train(tiny_cnn, synthetic(), quick(), seed=0, threads=1)
+    assert result.status == "completed" and result.ok and result.reason is None
+    assert result.epochs_completed == 4 and len(result.history) == 4
+    assert result.final_test_accuracy > 0.8  # chance is 0.25
+    assert result.history[-1].train_loss < result.history[0].train_loss
+    assert result.final_test_accuracy == 1 - result.history[-1].test_error
+    assert result.best_test_accuracy == 1 - min(r.test_error for r in result.history)
+    assert result.final_train_accuracy == 1 - result.history[-1].train_error
+    assert result.images_per_second > 0 and result.wall_seconds > 0
+    assert result.eval_split == "test"
+
+
+def test_learns_real_digits():
+    digits = load_dataset("digits")
+    recipe = quick(epochs=3, batch_size=64)
+    result = train(lambda: tiny_cnn(1, 10), digits, recipe, seed=0, threads=1)
+    assert result.final_test_accuracy > 0.7  # chance is 0.1
+
+
+def test_test_error_and_loss_are_the_final_models_on_the_whole_evaluation_set():
+    data = synthetic()
+    models = []
+
+    def build():
+        models.append(tiny_cnn())
+        return models[-1]
+
+    # An evaluation batch that does not divide the 128 test images: 50 + 50 + 28.
+    result = train(build, data, quick(epochs=2, eval_batch_size=50), seed=0, threads=1)
+    model = models[0].eval()
+    with torch.no_grad():
+        logits = model(data.test_x)
+    record = result.history[-1]
+    assert record.test_error == (logits.argmax(1) != data.test_y).sum().item() / 128
+    assert record.test_loss == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, data.test_y).item(), rel=1e-5
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule and warm-up
+
+
+@pytest.mark.parametrize(
+    "epochs, expected",
+    [
+        (4, [0.1, 0.1, 0.01, 0.001]),
+        (8, [0.1] * 4 + [0.01] * 2 + [0.001] * 2),
+        # 75% of 10 epochs is 7.5: the decay starts with the first epoch after it, the ninth.
+        (10, [0.1] * 5 + [0.01] * 3 + [0.001] * 2),
+    ],
+)
+def test_learning_rate_steps_down_tenfold_at_half_and_three_quarters(epochs, expected):
+    result = train(tiny_cnn, synthetic(), quick(epochs=epochs, batch_size=128), seed=0, threads=1)
+    assert [r.lr for r in result.history] == pytest.approx(expected, rel=1e-12)
+
+
+def test_default_schedule_is_the_papers_32k_and_48k_of_64k_iterations():
+    recipe = TrainRecipe()
+    assert (recipe.epochs, recipe.batch_size, recipe.lr, recipe.momentum, recipe.weight_decay) == (
+        164, 128, 0.1, 0.9, 1e-4,
+    )  # fmt: skip
+    assert recipe.lr_at(82) == pytest.approx(0.1)
+    assert recipe.lr_at(83) == pytest.approx(0.01)
+    assert recipe.lr_at(123) == pytest.approx(0.01)
+    assert recipe.lr_at(124) == pytest.approx(0.001)
+    with pytest.raises(ValueError, match=r"epoch must be in \[1, 164\]"):
+        recipe.lr_at(165)
+
+
+def test_warmup_holds_the_warmup_lr_until_it_ends():
+    data = synthetic()  # 256 images, batch 32: 8 steps an epoch
+    never = train(tiny_cnn, data, quick(warmup=True, warmup_until_error=0.0), seed=0, threads=1)
+    assert [r.lr for r in never.history] == pytest.approx([0.01, 0.01, 0.01, 0.001])
+    assert never.warmup_steps == 32
+    three_steps = quick(warmup=True, warmup_until_error=None, warmup_max_steps=3)
+    capped = train(tiny_cnn, data, three_steps, seed=0, threads=1)
+    assert capped.warmup_steps == 3
+    assert [r.lr for r in capped.history] == pytest.approx([0.1, 0.1, 0.01, 0.001])
+    # The paper's rule: back to 0.1 once the recent training error is below 80%, which this
+    # learnable data reaches within the run but not before a full window of batches.
+    paper = train(tiny_cnn, data, quick(warmup=True), seed=0, threads=1)
+    assert WARMUP_WINDOW <= paper.warmup_steps < 32
+    assert paper.history[-1].lr == pytest.approx(0.001)
+
+
+def test_no_warmup_steps_without_warmup():
+    assert train(tiny_cnn, synthetic(), quick(epochs=1), seed=0, threads=1).warmup_steps == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Reproducibility
+
+
+def test_same_seed_gives_bitwise_equal_runs_and_weights():
+    data = synthetic()
+    models = []
+
+    def build():
+        models.append(tiny_cnn())
+        return models[-1]
+
+    first = train(build, data, quick(epochs=3), seed=7, threads=1)
+    second = train(build, data, quick(epochs=3), seed=7, threads=1)
+    assert curves(first) == curves(second)
+    for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()):
+        assert torch.equal(a, b)
+    other = train(build, data, quick(epochs=3), seed=8, threads=1)
+    assert curves(other) != curves(first)
+
+
+def test_augmented_runs_are_reproducible_and_differ_from_unaugmented():
+    base = synthetic()
+    augmented = dataclasses.replace(base, augmentation=Augmentation(pad=1, flip=True))
+    first = train(tiny_cnn, augmented, quick(epochs=2), seed=0, threads=1)
+    second = train(tiny_cnn, augmented, quick(epochs=2), seed=0, threads=1)
+    plain = train(tiny_cnn, augmented, quick(epochs=2, augment=False), seed=0, threads=1)
+    assert curves(first) == curves(second)
+    assert curves(plain) != curves(first)
+    # augment=False is exactly training on the data without augmentation.
+    assert curves(plain) == curves(train(tiny_cnn, base, quick(epochs=2), seed=0, threads=1))
+
+
+def test_global_rng_state_is_left_as_it_was():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train(tiny_cnn, synthetic(), quick(epochs=1), seed=0, threads=1)
+    assert torch.equal(torch.rand(3), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Divergence
+
+
+def test_divergence_returns_a_failed_result_instead_of_raising():
+    seen = []
+    result = train(tiny_cnn, synthetic(), quick(lr=1e6), seed=0, threads=1, on_epoch=seen.append)
+    assert result.status == "diverged" and not result.ok
+    assert re.fullmatch(r"non-finite training loss at epoch 1, step \d+", result.reason)
+    assert result.epochs_completed == 0 and result.history == () and seen == []
+    assert result.final_test_accuracy is None and result.best_test_accuracy is None
+    json.dumps(result.to_dict())
+
+
+# ---------------------------------------------------------------------------------------------
+# Callbacks and threads
+
+
+def test_on_epoch_sees_every_record_in_order_and_log_gets_lines():
+    seen: list[EpochRecord] = []
+    lines: list[str] = []
+    result = train(
+        tiny_cnn, synthetic(), quick(epochs=3), seed=0, threads=1,
+        on_epoch=seen.append, log=lines.append,
+    )
+    assert seen == list(result.history)
+    assert [r.epoch for r in seen] == [1, 2, 3]
+    assert len(lines) == 3 and lines[0].startswith("epoch 1/3 lr 0.1 ")
+
+
+class Stop(Exception):
+    pass
+
+
+def test_threads_are_set_for_the_run_and_restored_even_when_the_callback_raises():
+    before = torch.get_num_threads()
+    wanted = before + 1
+    inside = []
+
+    def note(record):
+        inside.append(torch.get_num_threads())
+
+    train(tiny_cnn, synthetic(), quick(epochs=1), seed=0, threads=wanted, on_epoch=note)
+    assert inside == [wanted]
+    assert torch.get_num_threads() == before
+
+    def prune(record):
+        raise Stop(f"pruned at {record.epoch}")
+
+    with pytest.raises(Stop, match="pruned at 1"):
+        train(tiny_cnn, synthetic(), quick(epochs=3), seed=0, threads=wanted, on_epoch=prune)
+    assert torch.get_num_threads() == before
+
+
+def test_bad_threads_and_seed_are_rejected():
+    with pytest.raises(ValueError, match="threads must be None or an int >= 1, got 0"):
+        train(tiny_cnn, synthetic(), quick(), seed=0, threads=0)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        train(tiny_cnn, synthetic(), quick(), seed="0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipe
+
+
+def test_recipe_from_dict_rejects_unknown_keys_listing_the_valid_ones():
+    with pytest.raises(ValueError) as error:
+        TrainRecipe.from_dict({"epochs": 3, "learning_rate": 0.1}, where="studies/x.yaml: train")
+    message = str(error.value)
+    assert "studies/x.yaml: train" in message and "'learning_rate'" in message
+    assert "valid keys: epochs, batch_size, lr, momentum" in message
+
+
+def test_recipe_from_dict_round_trips_and_takes_lists():
+    recipe = TrainRecipe.from_dict({"epochs": 10, "milestones": [0.3, 0.6], "warmup": True})
+    assert recipe.milestones == (0.3, 0.6)
+    assert TrainRecipe.from_dict(recipe.to_dict()) == recipe
+    json.dumps(recipe.to_dict())
+
+
+@pytest.mark.parametrize(
+    "values, field",
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"lr": -0.1}, "lr"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"milestones": [0.75, 0.5]}, "milestones"),
+        ({"milestones": [1.5]}, "milestones"),
+        ({"warmup": True, "warmup_until_error": None}, "warmup_until_error"),
+        ({"batch_size": 12.5}, "batch_size"),
+    ],
+)
+def test_recipe_rejects_bad_values_naming_the_field(values, field):
+    with pytest.raises(ValueError, match=rf"recipe: TrainRecipe\.{field} must be"):
+        TrainRecipe.from_dict(values)

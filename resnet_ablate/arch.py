@@ -1,0 +1,309 @@
+"""The architecture description: one small, immutable, hashable value that names and builds a ResNet.
+
+Studies sweep `ResNetArch` values, so it is built from plain values (a YAML mapping works as is),
+round-trips through `to_dict()` / `from_dict()`, and has a `digest` (sha1 of a canonical JSON) that
+stays the same across processes and Python versions, unlike `hash()`.
+
+Construction resolves every family default (block, stages, widths, shortcut) so that two spellings
+of the same network (`depth=20` or `stages=(3, 3, 3)`) compare, hash and name the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from .models import ResNet
+
+from .blocks import DOWNSAMPLINGS, SHORTCUTS, Downsampling, Shortcut
+
+Family = Literal["cifar", "imagenet"]
+BlockKind = Literal["basic", "bottleneck"]
+
+FAMILIES: tuple[str, ...] = ("cifar", "imagenet")
+BLOCKS: tuple[str, ...] = ("basic", "bottleneck")
+
+# Conv layers per block: what turns blocks-per-stage into a depth (plus the stem conv and the fc).
+LAYERS_PER_BLOCK: dict[str, int] = {"basic": 2, "bottleneck": 3}
+
+# The paper's Table 1.
+IMAGENET_DEPTHS: dict[int, tuple[str, tuple[int, ...]]] = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+}
+
+_DEFAULT_WIDTHS: dict[str, tuple[int, ...]] = {"cifar": (16, 32, 64), "imagenet": (64, 128, 256, 512)}
+# Section 4.2: option A on CIFAR so that deep and plain nets have the same parameters; B on ImageNet.
+_DEFAULT_SHORTCUT: dict[str, str] = {"cifar": "A", "imagenet": "B"}
+
+
+class ArchError(ValueError):
+    """An architecture description that names no buildable network."""
+
+
+def _check_choice(field_name: str, value: object, valid: tuple[str, ...]) -> str:
+    if value not in valid:
+        raise ArchError(f"ResNetArch.{field_name}={value!r} is not valid; valid: {', '.join(valid)}")
+    return value  # type: ignore[return-value]
+
+
+def _check_positive_int(field_name: str, value: object) -> int:
+    # bool is an int subclass; `fused: yes` landing in `depth` should not pass as 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ArchError(f"ResNetArch.{field_name}={value!r} is not valid; it must be a positive int")
+    return value
+
+
+def _int_tuple(field_name: str, value: object) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) == 0:
+        raise ArchError(
+            f"ResNetArch.{field_name}={value!r} is not valid; it must be a non-empty list of positive ints"
+        )
+    return tuple(_check_positive_int(f"{field_name}[{i}]", v) for i, v in enumerate(value))
+
+
+def _depth_series(block: str, num_stages: int) -> str:
+    per_block = LAYERS_PER_BLOCK[block] * num_stages
+    examples = ", ".join(str(per_block * n + 2) for n in (3, 5, 7, 9, 18))
+    return f"{per_block}n+2 with {block} blocks in {num_stages} stages: {examples}, ..."
+
+
+@dataclass(frozen=True)
+class ResNetArch:
+    """A residual network of the paper's families, described by plain values.
+
+    - `family`: "cifar" (3x3 stem, no max-pool, 16/32/64 filters, depth 6n+2 with basic blocks or
+      9n+2 with bottlenecks) or "imagenet" (7x7 stem + max-pool, Table 1 depths 18/34/50/101/152).
+    - `depth` or `stages` (blocks per stage), or both when they agree.
+    - `block`: "basic" (two 3x3) or "bottleneck" (1x1, 3x3, 1x1, expansion 4). Defaults to the
+      family's: basic on CIFAR, Table 1's on ImageNet.
+    - `shortcut`: "A" zero-padding identity, "B" projection where the shape changes, "C" projection
+      everywhere, "none" the plain twin. Defaults to A on CIFAR and B on ImageNet, as in the paper.
+    - `widths`: filters per stage (bottleneck: inner width at base_width 64; outputs are 4x).
+    - `base_width`: bottleneck inner-width multiplier, torchvision's `width_per_group` (128 gives
+      Wide ResNet-50-2). Basic blocks have no inner width, so it must stay 64 for them.
+    - `downsampling`: where a bottleneck strides, "v1" on the first 1x1 (the paper) or "v1.5" on
+      the 3x3 (torchvision). Basic blocks have one place only, so it is stored as "v1" for them.
+    - `fused`: BN + add + ReLU in one fused op, or plain `nn.BatchNorm2d` and ops (same state_dict).
+
+    `None` fields mean "the family's default" and are resolved at construction.
+    """
+
+    family: Family = "cifar"
+    depth: int | None = None
+    stages: tuple[int, ...] | None = None
+    block: BlockKind | None = None
+    shortcut: Shortcut | None = None
+    widths: tuple[int, ...] | None = None
+    base_width: int = 64
+    downsampling: Downsampling = "v1"
+    fused: bool = True
+
+    def __post_init__(self) -> None:
+        family = _check_choice("family", self.family, FAMILIES)
+        block = None if self.block is None else _check_choice("block", self.block, BLOCKS)
+        shortcut = self.shortcut if self.shortcut is not None else _DEFAULT_SHORTCUT[family]
+        if isinstance(shortcut, str) and shortcut in ("a", "b", "c", "None", "NONE"):
+            shortcut = shortcut.upper() if len(shortcut) == 1 else "none"
+        shortcut = _check_choice("shortcut", shortcut, SHORTCUTS)
+        downsampling = _check_choice("downsampling", self.downsampling, DOWNSAMPLINGS)
+        base_width = _check_positive_int("base_width", self.base_width)
+        if not isinstance(self.fused, bool):
+            raise ArchError(f"ResNetArch.fused={self.fused!r} is not valid; it must be true or false")
+        depth = None if self.depth is None else _check_positive_int("depth", self.depth)
+        stages = None if self.stages is None else _int_tuple("stages", self.stages)
+        widths = None if self.widths is None else _int_tuple("widths", self.widths)
+
+        if family == "imagenet":
+            block, stages, depth = _resolve_imagenet(block, stages, depth)
+        else:
+            if widths is not None:
+                num_stages = len(widths)
+            else:
+                num_stages = len(stages) if stages is not None else len(_DEFAULT_WIDTHS["cifar"])
+            block, stages, depth = _resolve_cifar(block, stages, depth, num_stages)
+
+        if widths is None:
+            base = _DEFAULT_WIDTHS[family][0]
+            widths = tuple(base * 2**i for i in range(len(stages)))
+        if len(widths) != len(stages):
+            raise ArchError(
+                f"ResNetArch.widths={list(widths)} has {len(widths)} entries but there are "
+                f"{len(stages)} stages {list(stages)}; give one width per stage"
+            )
+        if block == "basic":
+            if base_width != 64:
+                raise ArchError(
+                    f"ResNetArch.base_width={base_width} applies to bottleneck blocks only; "
+                    "basic blocks need 64 (change widths instead)"
+                )
+            downsampling = "v1"  # one place to stride: both spellings are the same network
+        if shortcut == "A" or shortcut == "none":
+            expansion = 4 if block == "bottleneck" else 1
+            channels = [widths[0], *(w * expansion for w in widths)]
+            for stage, (c_in, c_out) in enumerate(zip(channels, channels[1:]), start=1):
+                if c_out < c_in:
+                    raise ArchError(
+                        f"ResNetArch.shortcut={shortcut!r} pads channels with zeros, so stage widths "
+                        f"cannot shrink, but stage {stage} goes from {c_in} to {c_out} channels; "
+                        "use non-decreasing widths or shortcut 'B' or 'C'"
+                    )
+
+        for name, value in (
+            ("block", block), ("shortcut", shortcut), ("downsampling", downsampling),
+            ("depth", depth), ("stages", stages), ("widths", widths), ("base_width", base_width),
+        ):
+            object.__setattr__(self, name, value)
+
+    @property
+    def expansion(self) -> int:
+        """Output channels of a block over its stage width: 1 for basic, 4 for bottleneck."""
+        return 4 if self.block == "bottleneck" else 1
+
+    @property
+    def name(self) -> str:
+        """A readable name that leaves out what the family implies, e.g. "resnet56-cifar-A"."""
+        kind = "plain" if self.shortcut == "none" else "resnet"
+        parts = [f"{kind}{self.depth}", self.family]
+        default_block, default_stages = self._implied_block_and_stages()
+        if self.block != default_block:
+            parts.append(str(self.block))
+        if self.stages != default_stages:
+            parts.append("stages" + ".".join(map(str, self.stages or ())))
+        if self.shortcut != "none":
+            parts.append(str(self.shortcut))
+        base = _DEFAULT_WIDTHS[self.family][0]
+        if self.widths != tuple(base * 2**i for i in range(len(self.stages or ()))):
+            parts.append("w" + ".".join(map(str, self.widths or ())))
+        if self.block == "bottleneck":
+            if self.base_width != 64:
+                parts.append(f"bw{self.base_width}")
+            parts.append(self.downsampling)
+        if not self.fused:
+            parts.append("unfused")
+        return "-".join(parts)
+
+    def _implied_block_and_stages(self) -> tuple[str | None, tuple[int, ...] | None]:
+        if self.family == "imagenet":
+            return IMAGENET_DEPTHS.get(self.depth or 0, (None, None))
+        return "basic", self.stages
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values only (lists, str, int, bool): what YAML, JSON and study storage hold."""
+        data = asdict(self)
+        data["stages"] = list(self.stages or ())
+        data["widths"] = list(self.widths or ())
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "") -> ResNetArch:
+        """The inverse of `to_dict`; also accepts a partial mapping (missing fields take defaults).
+
+        `source` (e.g. a file name) is quoted in errors so a bad study spec is easy to find.
+        """
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(valid))
+        where = f" in {source}" if source else ""
+        if unknown:
+            raise ArchError(f"unknown ResNetArch field(s) {unknown}{where}; valid fields: {', '.join(valid)}")
+        try:
+            return cls(**data)
+        except ArchError as error:
+            if source:
+                raise ArchError(f"{error} (in {source})") from None
+            raise
+
+    @property
+    def digest(self) -> str:
+        """sha1 of the canonical JSON of `to_dict()`: stable across runs, processes and machines."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha1(canonical.encode()).hexdigest()
+
+    def replace(self, **changes: Any) -> ResNetArch:
+        """A copy with some fields changed, re-validated (e.g. `arch.replace(shortcut="none")`).
+
+        Changing `depth` drops the stored stages, and changing `stages` the stored depth, so the
+        two do not contradict each other.
+        """
+        data = self.to_dict()
+        if "depth" in changes and "stages" not in changes:
+            data["stages"] = None
+        if "stages" in changes and "depth" not in changes:
+            data["depth"] = None
+        data.update(changes)
+        return type(self).from_dict(data)
+
+    def build(
+        self, *, num_classes: int | None = None, in_channels: int = 3, zero_init_residual: bool = False
+    ) -> ResNet:
+        """The model this describes (see `resnet_ablate.models.ResNet`)."""
+        # Imported here because models imports this module (every model keeps its description).
+        from .models import ResNet
+
+        return ResNet(
+            self, num_classes=num_classes, in_channels=in_channels, zero_init_residual=zero_init_residual
+        )
+
+
+def _resolve_imagenet(
+    block: str | None, stages: tuple[int, ...] | None, depth: int | None
+) -> tuple[str, tuple[int, ...], int]:
+    table = ", ".join(f"{d} ({b})" for d, (b, _) in IMAGENET_DEPTHS.items())
+    if stages is None:
+        if depth is None:
+            raise ArchError(f"ResNetArch needs a depth or stages; ImageNet depths: {table}")
+        if depth not in IMAGENET_DEPTHS:
+            raise ArchError(
+                f"ResNetArch.depth={depth} is not an ImageNet depth of the paper; valid: {table}; "
+                "or give stages=[...] (blocks per stage) for a custom network"
+            )
+        table_block, stages = IMAGENET_DEPTHS[depth]
+        if block is not None and block != table_block:
+            raise ArchError(
+                f"ResNetArch.block={block!r} does not match ImageNet depth {depth}, which uses "
+                f"{table_block} blocks; give stages=[...] for a custom network"
+            )
+        return table_block, stages, depth
+    block = block or "basic"
+    implied = LAYERS_PER_BLOCK[block] * sum(stages) + 2
+    if depth is not None and depth != implied:
+        raise ArchError(
+            f"ResNetArch.depth={depth} contradicts stages={list(stages)} with {block} blocks, "
+            f"which give depth {implied}; give one of them or make them agree"
+        )
+    return block, stages, implied
+
+
+def _resolve_cifar(
+    block: str | None, stages: tuple[int, ...] | None, depth: int | None, num_stages: int
+) -> tuple[str, tuple[int, ...], int]:
+    block = block or "basic"
+    per_block = LAYERS_PER_BLOCK[block]
+    if stages is None:
+        if depth is None:
+            raise ArchError(f"ResNetArch needs a depth or stages; CIFAR depths: {_depth_series(block, num_stages)}")
+        n, remainder = divmod(depth - 2, per_block * num_stages)
+        if remainder or n < 1:
+            raise ArchError(
+                f"ResNetArch.depth={depth} is not a CIFAR depth; valid: {_depth_series(block, num_stages)}"
+            )
+        return block, (n,) * num_stages, depth
+    if len(stages) != num_stages:
+        raise ArchError(
+            f"ResNetArch.stages={list(stages)} has {len(stages)} stages but there are "
+            f"{num_stages} widths; give one width per stage"
+        )
+    implied = per_block * sum(stages) + 2
+    if depth is not None and depth != implied:
+        raise ArchError(
+            f"ResNetArch.depth={depth} contradicts stages={list(stages)} with {block} blocks, "
+            f"which give depth {implied}; give one of them or make them agree"
+        )
+    return block, stages, implied

@@ -1,0 +1,200 @@
+"""The paper's ResNet families as one `ResNet` module built from a `ResNetArch`, and the usual builders.
+
+- CIFAR family (Section 4.2): 3x3 stem conv, no max-pool, stages of 16/32/64 filters at strides
+  1/2/2, global average pool, fc. Depth 6n+2 with basic blocks, 9n+2 with bottlenecks.
+  Works for any input size and channel count (e.g. 8x8 single-channel digits).
+- ImageNet family (Table 1): 7x7 stride-2 stem conv, 3x3 stride-2 max-pool, 4 stages at strides
+  1/2/2/2, global average pool, fc. With shortcut "B" the state_dict keys and shapes are
+  torchvision's (conv1, bn1, layer1.0.conv1, ..., layer2.0.downsample.0/.1, fc), whichever
+  `downsampling`, so torchvision checkpoints load with `strict=True`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from typing import TypedDict, Unpack
+
+from .arch import BlockKind, ResNetArch
+from .blocks import BasicBlock, Bottleneck, Downsampling, Shortcut, batch_norm, conv3x3, he_init_
+
+_DEFAULT_CLASSES = {"cifar": 10, "imagenet": 1000}
+
+
+class ResNet(nn.Module):
+    """A residual (or plain) network described by `arch`; `arch` is kept on the module."""
+
+    def __init__(
+        self,
+        arch: ResNetArch,
+        *,
+        num_classes: int | None = None,
+        in_channels: int = 3,
+        zero_init_residual: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_classes is None:
+            num_classes = _DEFAULT_CLASSES[arch.family]
+        if num_classes < 1 or in_channels < 1:
+            raise ValueError(
+                f"num_classes and in_channels must be >= 1, got num_classes={num_classes}, "
+                f"in_channels={in_channels}"
+            )
+        assert arch.stages is not None and arch.widths is not None  # resolved by ResNetArch
+        self.arch = arch
+        self.fused = arch.fused
+        stem_width = arch.widths[0]
+        if arch.family == "imagenet":
+            self.conv1: nn.Conv2d = nn.Conv2d(in_channels, stem_width, 7, stride=2, padding=3, bias=False)
+            self.maxpool: nn.Module = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        else:
+            self.conv1 = conv3x3(in_channels, stem_width)
+            self.maxpool = nn.Identity()
+        self.bn1 = batch_norm(stem_width, fused=arch.fused, relu=True)
+        self.relu = None if arch.fused else nn.ReLU(inplace=True)
+
+        self.stage_names: tuple[str, ...] = tuple(f"layer{i + 1}" for i in range(len(arch.stages)))
+        channels = stem_width
+        for index, (name, blocks, width) in enumerate(zip(self.stage_names, arch.stages, arch.widths)):
+            stride = 1 if index == 0 else 2
+            layer, channels = self._make_layer(arch, channels, width, blocks, stride, zero_init_residual)
+            self.add_module(name, layer)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(channels, num_classes)
+        he_init_(self.conv1)
+
+    @staticmethod
+    def _make_layer(
+        arch: ResNetArch, in_channels: int, planes: int, blocks: int, stride: int, zero_init_residual: bool
+    ) -> tuple[nn.Sequential, int]:
+        assert arch.shortcut is not None
+        layers: list[nn.Module] = []
+        for i in range(blocks):
+            block_stride = stride if i == 0 else 1
+            block: nn.Module
+            if arch.block == "bottleneck":
+                block = Bottleneck(
+                    in_channels, planes, block_stride, shortcut=arch.shortcut, base_width=arch.base_width,
+                    downsampling=arch.downsampling, fused=arch.fused, zero_init_residual=zero_init_residual,
+                )
+            else:
+                block = BasicBlock(
+                    in_channels, planes, block_stride, shortcut=arch.shortcut, fused=arch.fused,
+                    zero_init_residual=zero_init_residual,
+                )
+            layers.append(block)
+            in_channels = planes * arch.expansion
+        return nn.Sequential(*layers), in_channels
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled features that feed `fc`, shape (N, channels)."""
+        x = self.bn1(self.conv1(x)) if self.fused else self.relu(self.bn1(self.conv1(x)))
+        x = self.maxpool(x)
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+        return torch.flatten(self.avgpool(x), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+class BuildOptions(TypedDict, total=False):
+    """Keyword options every builder takes; the rest of the description comes from the builder."""
+
+    num_classes: int
+    in_channels: int
+    zero_init_residual: bool
+    shortcut: Shortcut
+    widths: Sequence[int]
+    fused: bool
+
+
+class BottleneckOptions(BuildOptions, total=False):
+    base_width: int
+    downsampling: Downsampling
+
+
+def build(arch: ResNetArch, **options: Unpack[BottleneckOptions]) -> ResNet:
+    """The model described by `arch`, with description fields (shortcut, widths, ...) overridden."""
+    model_options = {k: options.pop(k) for k in ("num_classes", "in_channels", "zero_init_residual")
+                     if k in options}  # type: ignore[misc]
+    if options:
+        arch = arch.replace(**options)
+    return arch.build(**model_options)  # type: ignore[arg-type]
+
+
+def cifar_resnet(depth: int, *, block: BlockKind = "basic", **options: Unpack[BottleneckOptions]) -> ResNet:
+    """A CIFAR-family ResNet of any valid depth (6n+2 basic, 9n+2 bottleneck); option A by default."""
+    return build(ResNetArch(family="cifar", depth=depth, block=block), **options)
+
+
+def imagenet_resnet(depth: int, **options: Unpack[BottleneckOptions]) -> ResNet:
+    """An ImageNet-family ResNet of Table 1 (18, 34, 50, 101, 152); option B by default."""
+    return build(ResNetArch(family="imagenet", depth=depth), **options)
+
+
+def resnet8(**options: Unpack[BuildOptions]) -> ResNet:
+    """CIFAR ResNet-8 (n=1): the smallest of the family, for quick tests."""
+    return cifar_resnet(8, **options)
+
+
+def resnet20(**options: Unpack[BuildOptions]) -> ResNet:
+    """CIFAR ResNet-20 (n=3), 0.27M parameters with option A."""
+    return cifar_resnet(20, **options)
+
+
+def resnet32(**options: Unpack[BuildOptions]) -> ResNet:
+    """CIFAR ResNet-32 (n=5), 0.46M parameters with option A."""
+    return cifar_resnet(32, **options)
+
+
+def resnet44(**options: Unpack[BuildOptions]) -> ResNet:
+    """CIFAR ResNet-44 (n=7), 0.66M parameters with option A."""
+    return cifar_resnet(44, **options)
+
+
+def resnet56(**options: Unpack[BuildOptions]) -> ResNet:
+    """CIFAR ResNet-56 (n=9), 0.85M parameters with option A."""
+    return cifar_resnet(56, **options)
+
+
+def resnet110(**options: Unpack[BuildOptions]) -> ResNet:
+    """CIFAR ResNet-110 (n=18), 1.7M parameters with option A."""
+    return cifar_resnet(110, **options)
+
+
+def resnet1202(**options: Unpack[BuildOptions]) -> ResNet:
+    """CIFAR ResNet-1202 (n=200), 19.4M parameters with option A."""
+    return cifar_resnet(1202, **options)
+
+
+def resnet18(**options: Unpack[BuildOptions]) -> ResNet:
+    """ImageNet ResNet-18 (Table 1), 1.8 GFLOPs."""
+    return imagenet_resnet(18, **options)
+
+
+def resnet34(**options: Unpack[BuildOptions]) -> ResNet:
+    """ImageNet ResNet-34 (Table 1), 3.6 GFLOPs."""
+    return imagenet_resnet(34, **options)
+
+
+def resnet50(**options: Unpack[BottleneckOptions]) -> ResNet:
+    """ImageNet ResNet-50 (Table 1), 3.8 GFLOPs with the paper's "v1" downsampling."""
+    return imagenet_resnet(50, **options)
+
+
+def resnet101(**options: Unpack[BottleneckOptions]) -> ResNet:
+    """ImageNet ResNet-101 (Table 1), 7.6 GFLOPs with "v1" downsampling."""
+    return imagenet_resnet(101, **options)
+
+
+def resnet152(**options: Unpack[BottleneckOptions]) -> ResNet:
+    """ImageNet ResNet-152 (Table 1), 11.3 GFLOPs with "v1" downsampling."""
+    return imagenet_resnet(152, **options)
+
+
+def plain_twin(arch: ResNetArch) -> ResNetArch:
+    """The plain network of the paper's comparison: the same layers without any shortcut."""
+    return arch.replace(shortcut="none")

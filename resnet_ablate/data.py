@@ -199,6 +199,33 @@ def load_dataset(
     return loader(name, root_key, seed, validation, validation_fraction, download, synthetic)
 
 
+@dataclass(frozen=True)
+class DatasetShape:
+    """What building and costing a model needs to know of a data set."""
+
+    num_classes: int
+    in_channels: int
+    image_size: int
+    train_size: int
+
+
+def dataset_shape(
+    name: str = "digits",
+    *,
+    validation: bool = False,
+    validation_fraction: float = 0.1,
+    synthetic: SyntheticSpec | None = None,
+    **load_options: Any,
+) -> DatasetShape:
+    """The shape of a data set, without reading CIFAR-10 (its official format fixes the shape)."""
+    if name == "cifar10":
+        train_size = 50_000 - (round(50_000 * validation_fraction) if validation else 0)
+        return DatasetShape(num_classes=10, in_channels=3, image_size=32, train_size=train_size)
+    bundle = load_dataset(name, validation=validation, validation_fraction=validation_fraction,
+                          synthetic=synthetic, **load_options)
+    return DatasetShape(bundle.num_classes, bundle.in_channels, bundle.image_size, bundle.train_size)
+
+
 def clear_dataset_cache() -> None:
     """Forget the datasets this process has cached (frees their memory once unreferenced)."""
     _load_cached.cache_clear()

@@ -1,0 +1,64 @@
+"""A live one-line display of a running study: done / running / failed / remaining, best so far, ETA.
+
+On a terminal the line is redrawn in place; elsewhere (CI logs, pipes) a line is printed whenever
+the counts change, so long runs always show progress without flooding a log.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class StudyProgress:
+    def __init__(self, study: str, *, stream: TextIO | None = None, enabled: bool = True) -> None:
+        self.study = study
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.live = enabled and self.stream.isatty()
+        self.started = time.monotonic()
+        self._last_counts: tuple[int, ...] | None = None
+        self._line = ""
+
+    def update(self, *, done: int, running: int, failed: int, remaining: int,
+               best: str | None, eta_seconds: float | None, epochs: str = "") -> None:
+        if not self.enabled:
+            return
+        elapsed = time.monotonic() - self.started
+        self._line = (
+            f"[{self.study}] done {done} | running {running}{epochs} | failed {failed} | "
+            f"remaining {remaining} | best {best or '-'} | elapsed {format_seconds(elapsed)} "
+            f"| ETA {format_seconds(eta_seconds)}"
+        )
+        counts = (done, running, failed, remaining)
+        if self.live:
+            self.stream.write("\r\033[K" + self._line)
+            self.stream.flush()
+        elif counts != self._last_counts:
+            print(self._line, file=self.stream, flush=True)
+        self._last_counts = counts
+
+    def log(self, message: str) -> None:
+        """A message on its own line, above the live line."""
+        if not self.enabled:
+            return
+        if self.live:
+            self.stream.write("\r\033[K" + message + "\n" + self._line)
+            self.stream.flush()
+        else:
+            print(message, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self.live:
+            self.stream.write("\n")
+            self.stream.flush()

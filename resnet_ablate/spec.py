@@ -1,0 +1,352 @@
+"""Study specs: the YAML files under studies/, loaded and validated before anything runs.
+
+A spec is one question from the paper, asked as a sweep over the architecture description:
+
+    study: quickstart                    # the study's name in storage
+    question: Does depth hurt plain nets but not residual ones?
+    dataset: digits                      # or {name: cifar10, root: data/, validation: true}
+    model: {family: cifar}               # fixed ResNetArch fields
+    space:                               # swept ResNetArch fields: a list of values each
+      depth: [8, 20]                     #   (random/tpe also take {low, high, step} for ints)
+      shortcut: [A, none]
+    sampler: grid                        # grid (the full factorial) | random | tpe
+    objectives: [test_error]             # and e.g. flops for a multi-objective study
+    seeds: [0, 1]                        # repeats (an int n means seeds 0..n-1)
+    train: {epochs: 8}                   # TrainRecipe fields
+    warmup_from_depth: 110               # warm up (train.warmup) only nets this deep or deeper
+    budget: {trials: null, minutes: null, max_gflops: null}
+    resources: {cpus: 1, gpus: 0, workers: 2}
+    storage: null                        # any Optuna storage URL; default runs/<study>.db
+    pruner: none                         # none | median | successive_halving (one objective)
+    max_attempts: 3                      # tries per grid point and seed before giving up
+
+Every problem is reported as one `SpecError` that names the file, the field and what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .arch import ArchError, ResNetArch
+from .train import TrainRecipe
+
+SAMPLERS = ("grid", "random", "tpe")
+PRUNERS = ("none", "median", "successive_halving")
+DATASETS = ("digits", "cifar10", "synthetic")
+# Each objective has one sensible direction, so specs name metrics only.
+OBJECTIVES: dict[str, str] = {
+    "test_error": "minimize",
+    "test_accuracy": "maximize",
+    "train_error": "minimize",
+    "flops": "minimize",
+    "params": "minimize",
+    "wall_seconds": "minimize",
+}
+ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(ResNetArch))
+TOP_LEVEL_KEYS = (
+    "study", "question", "dataset", "model", "space", "sampler", "objectives", "seeds", "train",
+    "budget", "resources", "storage", "pruner", "max_attempts", "warmup_from_depth",
+)
+REQUIRED_KEYS = ("study", "space")
+
+
+class SpecError(ValueError):
+    """A study spec that cannot run; the message names the file, the field and what is valid."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str = "digits"
+    root: str | None = None
+    validation: bool = False
+    download: bool = False
+    split_seed: int = 0
+    synthetic: Mapping[str, Any] | None = None  # SyntheticSpec fields
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `resnet_ablate.data.load_dataset` (plain values: Ray ships them)."""
+        return {
+            "name": self.name, "root": self.root, "validation": self.validation,
+            "download": self.download, "seed": self.split_seed,
+            "synthetic": dict(self.synthetic) if self.synthetic is not None else None,
+        }
+
+
+@dataclass(frozen=True)
+class Budget:
+    trials: int | None = None  # most trials to run (grid: points x seeds otherwise)
+    minutes: float | None = None  # stop launching trials after this much wall time
+    max_gflops: float | None = None  # skip architectures above this forward cost
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus: float = 1  # per trial; its torch threads
+    gpus: float = 0  # per trial; fractions pack several trials on one GPU
+    workers: int = 2  # trials running at once
+
+
+@dataclass(frozen=True)
+class IntRange:
+    low: int
+    high: int
+    step: int = 1
+
+    def values(self) -> list[int]:
+        return list(range(self.low, self.high + 1, self.step))
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    study: str
+    space: Mapping[str, tuple[Any, ...] | IntRange]
+    question: str = ""
+    dataset: DatasetSpec = field(default_factory=DatasetSpec)
+    model: Mapping[str, Any] = field(default_factory=dict)
+    sampler: str = "grid"
+    objectives: tuple[str, ...] = ("test_error",)
+    seeds: tuple[int, ...] = (0,)
+    train: TrainRecipe = field(default_factory=TrainRecipe)
+    budget: Budget = field(default_factory=Budget)
+    resources: Resources = field(default_factory=Resources)
+    storage: str | None = None
+    pruner: str = "none"
+    max_attempts: int = 3
+    warmup_from_depth: int | None = None
+    source: str = "<spec>"
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def directions(self) -> list[str]:
+        return [OBJECTIVES[name] for name in self.objectives]
+
+    def arch(self, params: Mapping[str, Any]) -> ResNetArch:
+        """The architecture of one point of the space."""
+        return ResNetArch.from_dict({**self.model, **params})
+
+    def grid(self) -> Iterator[dict[str, Any]]:
+        """Every point of the space (the full factorial), in a stable order."""
+        names = list(self.space)
+        choices = [_values(self.space[name]) for name in names]
+        for combination in itertools.product(*choices):
+            yield dict(zip(names, combination))
+
+    def recipe_for(self, arch: ResNetArch) -> TrainRecipe:
+        """The training recipe of one architecture: warm-up switched on for the deepest ones."""
+        if self.warmup_from_depth is not None and (arch.depth or 0) >= self.warmup_from_depth:
+            return dataclasses.replace(self.train, warmup=True)
+        return self.train
+
+    def storage_url(self, runs_dir: str | os.PathLike[str] = "runs") -> str:
+        if self.storage:
+            return self.storage
+        return f"sqlite:///{Path(runs_dir) / (self.study + '.db')}"
+
+
+def _values(choice: tuple[Any, ...] | IntRange) -> list[Any]:
+    return choice.values() if isinstance(choice, IntRange) else list(choice)
+
+
+class _Checker:
+    """Builds one section of a spec, raising SpecError with the file and field on the first problem."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, where: str, problem: str) -> SpecError:
+        return SpecError(f"{self.source}: {where}: {problem}")
+
+    def mapping(self, where: str, value: Any, valid_keys: Sequence[str]) -> Mapping[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise self.fail(where, f"expected a mapping, got {type(value).__name__} {value!r}")
+        unknown = [k for k in value if k not in valid_keys]
+        if unknown:
+            raise self.fail(f"{where}.{unknown[0]}" if where else str(unknown[0]),
+                            f"unknown key; valid keys: {', '.join(valid_keys)}")
+        return value
+
+    def typed(self, where: str, value: Any, kind: type | tuple[type, ...], valid: str) -> Any:
+        # bool is an int: `workers: yes` must not pass as 1
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise self.fail(where, f"expected {valid}, got {value!r}")
+        if not isinstance(value, kind):
+            raise self.fail(where, f"expected {valid}, got {type(value).__name__} {value!r}")
+        return value
+
+    def dataclass_section(self, where: str, value: Any, cls: type) -> Any:
+        names = [f.name for f in dataclasses.fields(cls)]
+        section = self.mapping(where, value, names)
+        for f in dataclasses.fields(cls):
+            if f.name in section and section[f.name] is not None:
+                expected = {"int | None": (int,), "float | None": (int, float), "float": (int, float),
+                            "int": (int,), "str | None": (str,), "bool": (bool,), "str": (str,),
+                            "int | float": (int, float)}.get(str(f.type))
+                if expected:
+                    self.typed(f"{where}.{f.name}", section[f.name], expected,
+                               f"{' or '.join(t.__name__ for t in expected)}")
+        return section
+
+
+def load_spec(path: str | os.PathLike[str]) -> StudySpec:
+    """Read and validate a study spec file; raises SpecError naming the file and field."""
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise SpecError(f"{source}: cannot read the spec: {error.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise SpecError(f"{source}: not valid YAML: {error}") from None
+    return parse_spec(raw, source=source)
+
+
+def parse_spec(raw: Any, *, source: str = "<spec>") -> StudySpec:
+    """Validate a spec already parsed into plain values (see the module docstring for the format)."""
+    check = _Checker(source)
+    top = check.mapping("", raw, TOP_LEVEL_KEYS)
+    for key in REQUIRED_KEYS:
+        if key not in top:
+            raise check.fail(key, "required key is missing")
+    study = check.typed("study", top["study"], str, "a study name (str)")
+    if not study or "/" in study or study.strip() != study:
+        raise check.fail("study", f"{study!r} is not a usable name; use letters, digits, - and _")
+
+    dataset = _dataset(check, top.get("dataset", "digits"))
+    model = dict(check.mapping("model", top.get("model"), ARCH_FIELDS))
+    sampler = top.get("sampler", "grid")
+    if sampler not in SAMPLERS:
+        raise check.fail("sampler", f"{sampler!r} is not a sampler; valid: {', '.join(SAMPLERS)}")
+    space = _space(check, top["space"], sampler, model)
+
+    objectives = top.get("objectives", ["test_error"])
+    if isinstance(objectives, str):
+        objectives = [objectives]
+    check.typed("objectives", objectives, list, "a list of metric names")
+    if not objectives:
+        raise check.fail("objectives", f"empty; valid metrics: {', '.join(OBJECTIVES)}")
+    for i, name in enumerate(objectives):
+        if name not in OBJECTIVES:
+            raise check.fail(f"objectives[{i}]", f"{name!r} is not a metric; valid: {', '.join(OBJECTIVES)}")
+    pruner = top.get("pruner", "none") or "none"
+    if pruner not in PRUNERS:
+        raise check.fail("pruner", f"{pruner!r} is not a pruner; valid: {', '.join(PRUNERS)}")
+    if pruner != "none" and len(objectives) > 1:
+        raise check.fail("pruner", "pruning needs a single objective; use pruner: none for "
+                                   f"the {len(objectives)} objectives {objectives}")
+
+    seeds = top.get("seeds", [0])
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        if seeds < 1:
+            raise check.fail("seeds", f"a count of seeds must be >= 1, got {seeds}")
+        seeds = list(range(seeds))
+    check.typed("seeds", seeds, list, "a count (int) or a list of int seeds")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise check.fail("seeds", f"expected distinct int seeds, got {seeds!r}")
+    for i, seed in enumerate(seeds):
+        check.typed(f"seeds[{i}]", seed, int, "an int")
+
+    train_section = check.mapping("train", top.get("train"), [f.name for f in dataclasses.fields(TrainRecipe)])
+    try:
+        recipe = TrainRecipe.from_dict(train_section, where="train")
+    except ValueError as error:
+        raise SpecError(f"{source}: {error}") from None
+
+    budget = Budget(**check.dataclass_section("budget", top.get("budget"), Budget))
+    for name in ("trials", "minutes", "max_gflops"):
+        value = getattr(budget, name)
+        if value is not None and value <= 0:
+            raise check.fail(f"budget.{name}", f"must be > 0 (or null for no limit), got {value}")
+    if sampler != "grid" and budget.trials is None and budget.minutes is None:
+        raise check.fail("budget", f"the {sampler} sampler needs budget.trials or budget.minutes "
+                                   "to know when to stop")
+    resources = Resources(**check.dataclass_section("resources", top.get("resources"), Resources))
+    if resources.cpus <= 0 or resources.gpus < 0 or resources.workers < 1:
+        raise check.fail("resources", f"need cpus > 0, gpus >= 0 and workers >= 1, got {resources}")
+    if resources.gpus > 1 and resources.gpus != int(resources.gpus):
+        raise check.fail("resources.gpus", f"above 1 must be a whole number, got {resources.gpus}")
+
+    storage = top.get("storage")
+    if storage is not None:
+        check.typed("storage", storage, str, "an Optuna storage URL (str) or null")
+    max_attempts = check.typed("max_attempts", top.get("max_attempts", 3), int, "an int >= 1")
+    if max_attempts < 1:
+        raise check.fail("max_attempts", f"must be >= 1, got {max_attempts}")
+    warmup_from_depth = top.get("warmup_from_depth")
+    if warmup_from_depth is not None:
+        check.typed("warmup_from_depth", warmup_from_depth, int, "a depth (int) or null")
+    question = top.get("question", "")
+    check.typed("question", question, str, "a sentence (str)")
+
+    return StudySpec(
+        study=study, question=question, dataset=dataset, model=model, space=space, sampler=sampler,
+        objectives=tuple(objectives), seeds=tuple(seeds), train=recipe, budget=budget,
+        resources=resources, storage=storage, pruner=pruner, max_attempts=max_attempts,
+        warmup_from_depth=warmup_from_depth, source=source, raw=raw,
+    )
+
+
+def _dataset(check: _Checker, value: Any) -> DatasetSpec:
+    if isinstance(value, str):
+        value = {"name": value}
+    section = check.dataclass_section("dataset", value, DatasetSpec)
+    if "name" not in section:
+        raise check.fail("dataset.name", f"required; valid: {', '.join(DATASETS)}")
+    if section["name"] not in DATASETS:
+        raise check.fail("dataset.name", f"{section['name']!r} is not a dataset; valid: {', '.join(DATASETS)}")
+    if section.get("synthetic") is not None:
+        check.mapping("dataset.synthetic", section["synthetic"],
+                      ("num_classes", "channels", "image_size", "train_size", "test_size", "noise"))
+    if section["name"] == "cifar10" and not section.get("root"):
+        raise check.fail("dataset.root", "cifar10 needs the folder that holds (or will hold) "
+                                         "cifar-10-python.tar.gz")
+    return DatasetSpec(**section)
+
+
+def _space(check: _Checker, value: Any, sampler: str, model: Mapping[str, Any]) -> dict[str, Any]:
+    section = check.mapping("space", value, ARCH_FIELDS)
+    if not section:
+        raise check.fail("space", f"empty; sweep at least one of: {', '.join(ARCH_FIELDS)}")
+    space: dict[str, Any] = {}
+    for name, choices in section.items():
+        where = f"space.{name}"
+        if name in model:
+            raise check.fail(where, f"also fixed in model.{name}; sweep it or fix it, not both")
+        if isinstance(choices, Mapping):
+            if sampler == "grid":
+                raise check.fail(where, "the grid sampler needs a list of values, not a range")
+            check.mapping(where, choices, ("low", "high", "step"))
+            if "low" not in choices or "high" not in choices:
+                raise check.fail(where, "a range needs low and high (and optionally step)")
+            for key, bound in choices.items():
+                check.typed(f"{where}.{key}", bound, int, "an int")
+            space[name] = IntRange(choices["low"], choices["high"], choices.get("step", 1))
+            if not space[name].values():
+                raise check.fail(where, f"the range {dict(choices)} holds no value")
+        else:
+            if not isinstance(choices, list):
+                choices = [choices]
+            if not choices:
+                raise check.fail(where, "empty list of values; give at least one")
+            space[name] = tuple(tuple(c) if isinstance(c, list) else c for c in choices)
+
+    # Every combination must be a buildable architecture (checked up to a large space's first 10k).
+    points = list(itertools.islice(
+        itertools.product(*[[(n, v) for v in _values(c)] for n, c in space.items()]), 10_000))
+    for point in points:
+        try:
+            ResNetArch.from_dict({**model, **dict(point)})
+        except (ArchError, TypeError) as error:
+            bad = ", ".join(f"{n}={v!r}" for n, v in point)
+            raise check.fail("space", f"the point {bad} is not a valid architecture: {error}") from None
+    return space

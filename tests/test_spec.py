@@ -1,0 +1,102 @@
+"""Study specs: the shipped ones load, and every kind of mistake gives one error naming file and field."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from resnet_ablate.spec import IntRange, SpecError, load_spec, parse_spec
+
+STUDIES = Path(__file__).resolve().parent.parent / "studies"
+MINIMAL = {"study": "s", "space": {"depth": [8, 20]}}
+
+
+def _error(raw, source="studies/x.yaml") -> str:
+    with pytest.raises(SpecError) as info:
+        parse_spec(raw, source=source)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("path", sorted(STUDIES.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_specs_load_and_build_every_grid_point(path):
+    spec = load_spec(path)
+    points = list(spec.grid()) if spec.sampler == "grid" else []
+    for params in points:
+        assert spec.arch(params).name  # every point is a buildable description
+    assert spec.study == path.stem
+
+
+def test_grid_is_the_full_factorial_in_order():
+    spec = parse_spec({"study": "s", "space": {"depth": [20, 32], "shortcut": ["A", "B", "none"]},
+                       "seeds": 3})
+    assert list(spec.grid()) == [{"depth": d, "shortcut": s} for d in (20, 32) for s in ("A", "B", "none")]
+    assert spec.seeds == (0, 1, 2)
+    assert spec.directions == ["minimize"]
+
+
+def test_defaults_and_storage_url(tmp_path):
+    spec = parse_spec(MINIMAL)
+    assert spec.dataset.name == "digits" and spec.sampler == "grid" and spec.pruner == "none"
+    assert spec.storage_url(tmp_path) == f"sqlite:///{tmp_path}/s.db"
+    assert parse_spec({**MINIMAL, "storage": "postgresql://h/db"}).storage_url() == "postgresql://h/db"
+
+
+def test_warmup_only_for_the_deepest_nets():
+    spec = parse_spec({**MINIMAL, "space": {"depth": [56, 110]}, "warmup_from_depth": 110})
+    assert [spec.recipe_for(spec.arch(p)).warmup for p in spec.grid()] == [False, True]
+
+
+def test_ranges_for_random_and_tpe():
+    spec = parse_spec({"study": "s", "sampler": "tpe", "budget": {"trials": 4},
+                       "space": {"depth": {"low": 20, "high": 56, "step": 6}}})
+    assert spec.space["depth"] == IntRange(20, 56, 6)
+    assert spec.space["depth"].values() == [20, 26, 32, 38, 44, 50, 56]
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ({**MINIMAL, "epochs": 3}, "studies/x.yaml: epochs: unknown key; valid keys: study, question"),
+    ({"space": {"depth": [20]}}, "studies/x.yaml: study: required key is missing"),
+    ({**MINIMAL, "space": {}}, "studies/x.yaml: space: empty; sweep at least one of: family, depth"),
+    ({**MINIMAL, "space": {"depth": []}}, "space.depth: empty list of values"),
+    ({**MINIMAL, "space": {"colour": ["red"]}}, "space.colour: unknown key; valid keys: family, depth"),
+    ({**MINIMAL, "space": {"depth": [20, 21]}},
+     "the point depth=21 is not a valid architecture: ResNetArch.depth=21"),
+    ({**MINIMAL, "sampler": "bayes"}, "sampler: 'bayes' is not a sampler; valid: grid, random, tpe"),
+    ({**MINIMAL, "objectives": ["speed"]}, "objectives[0]: 'speed' is not a metric; valid: test_error"),
+    ({**MINIMAL, "train": {"epoch": 3}}, "train.epoch: unknown key; valid keys: epochs, batch_size"),
+    ({**MINIMAL, "train": {"epochs": 0}}, "train: TrainRecipe.epochs must be an int >= 1, got 0"),
+    ({**MINIMAL, "resources": {"workers": "two"}}, "resources.workers: expected int, got str 'two'"),
+    ({**MINIMAL, "resources": {"workers": True}}, "resources.workers: expected int, got True"),
+    ({**MINIMAL, "dataset": "mnist"}, "dataset.name: 'mnist' is not a dataset; valid: digits, cifar10"),
+    ({**MINIMAL, "dataset": {"name": "cifar10"}}, "dataset.root: cifar10 needs the folder"),
+    ({**MINIMAL, "seeds": [1, 1]}, "seeds: expected distinct int seeds, got [1, 1]"),
+    ({**MINIMAL, "pruner": "median", "objectives": ["test_error", "flops"]},
+     "pruner: pruning needs a single objective"),
+    ({**MINIMAL, "model": {"depth": 20}}, "space.depth: also fixed in model.depth"),
+    ({**MINIMAL, "space": {"depth": {"low": 20, "high": 32}}},
+     "space.depth: the grid sampler needs a list of values, not a range"),
+    ({**MINIMAL, "sampler": "tpe"}, "budget: the tpe sampler needs budget.trials or budget.minutes"),
+    ({**MINIMAL, "budget": {"max_gflops": -1}}, "budget.max_gflops: must be > 0"),
+    ("just text", "studies/x.yaml: : expected a mapping, got str"),
+])
+def test_invalid_specs_name_file_field_and_what_is_valid(raw, expected):
+    assert expected in _error(raw)
+
+
+def test_unreadable_and_malformed_files(tmp_path):
+    with pytest.raises(SpecError, match="missing.yaml: cannot read the spec"):
+        load_spec(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("study: [unclosed\n")
+    with pytest.raises(SpecError, match="bad.yaml: not valid YAML"):
+        load_spec(bad)
+
+
+def test_spec_file_round_trip(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump({"study": "mine", "model": {"depth": 20},
+                                    "space": {"shortcut": ["A", "B"]},
+                                    "train": {"epochs": 2}}))
+    spec = load_spec(path)
+    assert spec.source == str(path) and spec.train.epochs == 2
+    assert [spec.arch(p).shortcut for p in spec.grid()] == ["A", "B"]

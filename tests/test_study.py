@@ -1,0 +1,264 @@
+"""The study runner end to end on synthetic data with 2 Ray workers, and its behaviour under faults."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import ray
+import torch
+import yaml
+
+from resnet_ablate.arch import ResNetArch
+from resnet_ablate.profile import profile
+from resnet_ablate.spec import SpecError, parse_spec
+from resnet_ablate.study import RunOptions, plan_study, run_study
+
+SYNTHETIC = {"num_classes": 4, "channels": 1, "image_size": 8, "train_size": 128,
+             "test_size": 64, "noise": 1.5}
+
+
+def _raw_spec(name, *, epochs=2, seeds=2, **overrides):
+    raw = {
+        "study": name,
+        "dataset": {"name": "synthetic", "synthetic": SYNTHETIC},
+        "model": {"family": "cifar", "depth": 8},
+        "space": {"shortcut": ["A", "none"]},
+        "seeds": seeds,
+        "train": {"epochs": epochs, "batch_size": 32},
+        "resources": {"cpus": 1, "workers": 2},
+        "max_attempts": 2,
+    }
+    raw.update(overrides)
+    return raw
+
+
+def _trials(storage, name):
+    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_small_study_records_everything_with_two_workers(local_ray, tmp_path):
+    spec = parse_spec(_raw_spec("e2e"))
+    summary = run_study(spec, RunOptions(runs_dir=tmp_path, progress=False))
+    assert (summary.completed, summary.failed, summary.launched) == (4, 0, 4)
+
+    trials = _trials(summary.storage, "e2e")
+    assert sorted((t.params["shortcut"], t.user_attrs["seed"]) for t in trials) == [
+        ("A", 0), ("A", 1), ("none", 0), ("none", 1)]
+    for t in trials:
+        attrs = t.user_attrs
+        arch = ResNetArch.from_dict(attrs["arch"])
+        assert arch.shortcut == t.params["shortcut"] and attrs["arch_digest"] == arch.digest
+        model = arch.build(num_classes=4, in_channels=1)
+        reference = profile(model, (1, 8, 8))
+        assert attrs["params"] == sum(p.numel() for p in model.parameters()) == reference.params
+        assert attrs["flops"] == reference.flops
+        assert [e["epoch"] for e in attrs["curves"]] == [1, 2]
+        assert t.values == [pytest.approx(1 - attrs["final_test_accuracy"])]
+        assert attrs["final_test_accuracy"] == pytest.approx(1 - attrs["curves"][-1]["test_error"])
+        assert attrs["best_test_accuracy"] >= attrs["final_test_accuracy"]
+        assert attrs["wall_seconds"] > 0 and attrs["images_per_second"] > 0
+        assert attrs["device"].startswith("cpu") and attrs["versions"]["torch"] == torch.__version__
+        # The kept weights reload into the described architecture.
+        state = torch.load(io.BytesIO(Path(attrs["weights"]).read_bytes()))
+        model.load_state_dict(state)
+    # Two workers: two trials ran at the same time, in two processes.
+    intervals = sorted((t.datetime_start, t.datetime_complete) for t in trials)
+    assert any(b[0] < a[1] for a, b in zip(intervals, intervals[1:]))
+    assert len({t.user_attrs["pid"] for t in trials}) == 2
+
+    again = run_study(spec, RunOptions(runs_dir=tmp_path, progress=False))
+    assert again.launched == 0 and len(_trials(summary.storage, "e2e")) == 4
+
+
+def test_missing_dataset_is_an_error_before_anything_runs(tmp_path):
+    raw = _raw_spec("no-data", seeds=1)
+    raw["dataset"] = {"name": "cifar10", "root": str(tmp_path / "no-such-folder")}
+    with pytest.raises(SpecError, match="no-data.yaml: dataset: CIFAR-10 not found: looked for"):
+        run_study(parse_spec(raw, source="no-data.yaml"), RunOptions(runs_dir=tmp_path))
+    assert not (tmp_path / "no-data.db").exists()
+
+
+def test_failing_trials_are_recorded_and_the_study_goes_on(local_ray, tmp_path):
+    # ImageNet stems shrink 8x8 images to 1x1 maps; a last training batch of one image then has
+    # one value per channel, which BatchNorm refuses in training: an exception inside the trial.
+    raw = _raw_spec("failing", seeds=1, model={"family": "imagenet", "depth": 18},
+                    space={"shortcut": ["A", "B"]})
+    raw["dataset"]["synthetic"] = {**SYNTHETIC, "train_size": 33}
+    summary = run_study(parse_spec(raw), RunOptions(runs_dir=tmp_path, progress=False))
+    trials = _trials(summary.storage, "failing")
+    # Each of the 2 points was tried max_attempts=2 times, each failure recorded with its reason.
+    assert summary.failed == 4 and len(trials) == 4
+    for t in trials:
+        assert t.state == optuna.trial.TrialState.FAIL
+        assert t.user_attrs["failure_kind"] == "error"
+        assert "Expected more than 1 value per channel when training" in t.user_attrs["failure"]
+        assert "Traceback" in t.user_attrs["traceback"]
+
+
+def test_diverging_trial_fails_with_its_reason_and_is_not_retried(local_ray, tmp_path):
+    raw = _raw_spec("diverging", seeds=1, space={"shortcut": ["A"]})
+    raw["train"] = {"epochs": 2, "batch_size": 32, "lr": 1e12}
+    summary = run_study(parse_spec(raw), RunOptions(runs_dir=tmp_path, progress=False))
+    (trial,) = _trials(summary.storage, "diverging")
+    assert trial.state == optuna.trial.TrialState.FAIL
+    assert trial.user_attrs["failure_kind"] == "diverged"
+    assert trial.user_attrs["failure"].startswith("non-finite training loss at epoch 1")
+
+
+def _trial_worker_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes().startswith(b"ray::run_trial"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds Ray workers through /proc")
+def test_killed_worker_is_recorded_and_retried(local_ray, tmp_path):
+    spec = parse_spec(_raw_spec("killed-worker", epochs=6, seeds=1))
+    result = {}
+    driver = threading.Thread(target=lambda: result.update(
+        summary=run_study(spec, RunOptions(runs_dir=tmp_path, progress=False))))
+    driver.start()
+    killed = None
+    deadline = time.monotonic() + 60
+    while killed is None and time.monotonic() < deadline:
+        pids = _trial_worker_pids()
+        if pids:
+            killed = pids[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    driver.join(timeout=300)
+    assert killed is not None, "no trial worker was seen running"
+    trials = _trials(result["summary"].storage, "killed-worker")
+    lost = [t for t in trials if t.user_attrs.get("failure_kind") == "worker_lost"]
+    assert len(lost) == 1 and "worker lost" in lost[0].user_attrs["failure"]
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.params["shortcut"] for t in complete) == ["A", "none"]
+
+
+def _write_spec(tmp_path, raw) -> Path:
+    path = tmp_path / f"{raw['study']}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _cli(spec_path, runs_dir, *extra) -> list[str]:
+    return [sys.executable, "-m", "resnet_ablate.cli", "run", str(spec_path), "--runs-dir",
+            str(runs_dir), *extra]
+
+
+def _wait_for(predicate, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError("timed out")
+
+
+def _states(storage, name):
+    try:
+        return [t.state for t in _trials(storage, name)]
+    except Exception:  # the driver has not created the study yet
+        return []
+
+
+def test_killed_driver_resumes_without_losing_or_repeating_trials(tmp_path):
+    raw = _raw_spec("killed-driver", epochs=4, seeds=3)
+    spec_path = _write_spec(tmp_path, raw)
+    storage = f"sqlite:///{tmp_path / 'killed-driver.db'}"
+    process = subprocess.Popen(_cli(spec_path, tmp_path, "--quiet"), start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _wait_for(lambda: optuna.trial.TrialState.COMPLETE in _states(storage, "killed-driver")
+              and optuna.trial.TrialState.RUNNING in _states(storage, "killed-driver"))
+    os.killpg(process.pid, signal.SIGKILL)  # the driver and the local Ray it started, like kill -9
+    process.wait()
+    before = {t.number: t for t in _trials(storage, "killed-driver")}
+    completed_before = {n for n, t in before.items() if t.state == optuna.trial.TrialState.COMPLETE}
+    running_before = {n for n, t in before.items() if t.state == optuna.trial.TrialState.RUNNING}
+    assert completed_before and running_before
+
+    rerun = subprocess.run(_cli(spec_path, tmp_path, "--quiet"), capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    after = _trials(storage, "killed-driver")
+    complete = [t for t in after if t.state == optuna.trial.TrialState.COMPLETE]
+    keys = [(t.params["shortcut"], t.user_attrs["seed"]) for t in complete]
+    assert sorted(keys) == sorted((s, seed) for s in ("A", "none") for seed in range(3))
+    assert completed_before <= {t.number for t in complete}, "completed trials were kept, not redone"
+    for number in running_before:
+        assert after[number].state == optuna.trial.TrialState.FAIL
+        assert after[number].user_attrs["failure_kind"] == "interrupted"
+    assert "test_error_mean" in rerun.stdout  # the result table
+
+
+def test_ctrl_c_stops_cleanly_with_consistent_storage(tmp_path):
+    raw = _raw_spec("ctrl-c", epochs=30, seeds=1)
+    spec_path = _write_spec(tmp_path, raw)
+    storage = f"sqlite:///{tmp_path / 'ctrl-c.db'}"
+    process = subprocess.Popen(_cli(spec_path, tmp_path, "--quiet"), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: optuna.trial.TrialState.RUNNING in _states(storage, "ctrl-c"))
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    states = _states(storage, "ctrl-c")
+    assert optuna.trial.TrialState.RUNNING not in states
+    interrupted = [t for t in _trials(storage, "ctrl-c") if t.user_attrs.get("failure_kind") == "interrupted"]
+    assert interrupted and all("Ctrl-C" in t.user_attrs["failure"] for t in interrupted)
+
+
+def test_dry_run_lists_trials_with_cost_and_trains_nothing(tmp_path):
+    spec_path = _write_spec(tmp_path, _raw_spec("dry", seeds=2))
+    out = subprocess.run(_cli(spec_path, tmp_path, "--dry-run"), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["shortcut", "seed", "arch", "params", "(M)", "GFLOPs",
+                                "train", "TFLOPs", "status"]
+    assert len([line for line in lines if line.rstrip().endswith("pending")]) == 4
+    assert "4 trials: 4 to run" in lines[-1]
+    assert not (tmp_path / "dry.db").exists()
+
+
+def test_plan_marks_completed_points_done(local_ray, tmp_path):
+    spec = parse_spec(_raw_spec("planned", seeds=1, space={"shortcut": ["A"]}))
+    run_study(spec, RunOptions(runs_dir=tmp_path, progress=False))
+    spec2 = parse_spec({**_raw_spec("planned", seeds=2, space={"shortcut": ["A"]})})
+    statuses = [(p.seed, p.status) for p in plan_study(spec2, RunOptions(runs_dir=tmp_path))]
+    assert statuses == [(0, "done"), (1, "pending")]
+
+
+def test_a_changed_spec_does_not_reuse_a_study(local_ray, tmp_path):
+    from resnet_ablate.study import StudyConflict
+
+    run_study(parse_spec(_raw_spec("changed", seeds=1, space={"shortcut": ["A"]})),
+              RunOptions(runs_dir=tmp_path, progress=False))
+    changed = _raw_spec("changed", seeds=1, space={"shortcut": ["A"]})
+    changed["train"] = {"epochs": 3, "batch_size": 32}
+    with pytest.raises(StudyConflict, match="'changed' .* was created from a different spec .*train"):
+        run_study(parse_spec(changed), RunOptions(runs_dir=tmp_path, progress=False))
+    assert len(_trials(f"sqlite:///{tmp_path / 'changed.db'}", "changed")) == 1

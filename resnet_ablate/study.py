@@ -26,6 +26,7 @@ from typing import Any
 
 import optuna
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress display says what happens
 
@@ -46,6 +47,10 @@ SPEC_SECTIONS_THAT_DEFINE_A_STUDY = ("dataset", "model", "space", "objectives", 
 
 class StudyConflict(RuntimeError):
     """The named study exists in the storage but was created from a different spec."""
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster cannot give trials what the spec asks for."""
 
 
 @dataclass(frozen=True)
@@ -336,7 +341,7 @@ class StudyRunner:
                          log_to_driver=False)
         gpus_needed = self.spec.resources.gpus
         if gpus_needed > 0 and ray.cluster_resources().get("GPU", 0) < min(gpus_needed, 1):
-            raise RuntimeError(
+            raise ClusterError(
                 f"{self.spec.source}: resources.gpus={gpus_needed} but the Ray cluster has no GPU "
                 f"(its resources: {ray.cluster_resources()}); set gpus: 0 to train on CPUs"
             )
@@ -475,7 +480,10 @@ class StudyRunner:
 
     def run(self) -> RunSummary:
         started = time.monotonic()
-        self.check_dataset()  # a missing or bad data set stops here, before storage is touched
+        # A missing data set or a cluster without the GPUs asked for stops the run here, before
+        # storage is touched.
+        self.check_dataset()
+        self._connect_ray()
         recovered = self._recover_interrupted()
         progress = StudyProgress(self.spec.study, enabled=self.options.progress)
         if recovered:
@@ -495,8 +503,9 @@ class StudyRunner:
             queue = queue[: max(0, budget_trials - existing)]
             remaining_to_ask = len(queue)
 
-        self._connect_ray()
-        board = TrialBoard.remote()
+        # On the driver's own node: losing a worker node must not take the mailbox with it.
+        board = TrialBoard.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node_id=ray.get_runtime_context().get_node_id(), soft=True)).remote()
         running: dict[Any, _Running] = {}
         durations: list[float] = []
         counts: Counter = Counter()
@@ -517,7 +526,8 @@ class StudyRunner:
                         counts["over_budget"] += 1
                 if not running:
                     break
-                done, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+                # A short wait keeps pruning decisions and the display close to the workers.
+                done, _ = ray.wait(list(running), num_returns=1, timeout=0.1)
                 self._report_epochs(board, {r.trial.number: r for r in running.values()})
                 for ref in done:
                     item = running.pop(ref)
@@ -575,5 +585,5 @@ def plan_study(spec: StudySpec, options: RunOptions = RunOptions()) -> list[Plan
     return StudyRunner(spec, options).plan()
 
 
-__all__ = ["PlannedTrial", "RunOptions", "RunSummary", "StudyConflict", "StudyRunner",
+__all__ = ["ClusterError", "PlannedTrial", "RunOptions", "RunSummary", "StudyConflict", "StudyRunner",
            "library_versions", "open_study", "plan_study", "run_study"]

@@ -262,3 +262,23 @@ def test_a_changed_spec_does_not_reuse_a_study(local_ray, tmp_path):
     with pytest.raises(StudyConflict, match="'changed' .* was created from a different spec .*train"):
         run_study(parse_spec(changed), RunOptions(runs_dir=tmp_path, progress=False))
     assert len(_trials(f"sqlite:///{tmp_path / 'changed.db'}", "changed")) == 1
+
+
+def test_median_pruner_stops_trials_worse_than_the_median(local_ray, tmp_path):
+    # Full-width nets first (the grid's order), then 1-channel-wide ones that learn far slower:
+    # with two reference trials done, the pruner stops the narrow ones after an epoch.
+    raw = _raw_spec("pruned", epochs=6, seeds=2, space={"widths": [[16, 32, 64], [1, 1, 1]]},
+                    pruner="median")
+    raw["dataset"]["synthetic"] = {**SYNTHETIC, "train_size": 1024}  # epochs long enough to stop
+    summary = run_study(parse_spec(raw), RunOptions(runs_dir=tmp_path, progress=False))
+    trials = _trials(summary.storage, "pruned")
+    by_width = {}
+    for t in trials:
+        by_width.setdefault(t.params["widths"], []).append(t)
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in by_width["[16, 32, 64]"])
+    narrow = by_width["[1, 1, 1]"]
+    assert all(t.state == optuna.trial.TrialState.PRUNED for t in narrow)
+    for t in narrow:
+        assert len(t.user_attrs["curves"]) < 6 and t.user_attrs["pruned"].startswith("pruned after epoch")
+        reported = t.intermediate_values
+        assert reported and set(reported) <= set(range(1, 7))

@@ -1,0 +1,228 @@
+"""Studies on a real two-node Ray cluster with a real PostgreSQL study store, all on this machine.
+
+The fixtures start a PostgreSQL server on loopback (from the server binaries that .ci/run installs)
+and a Ray cluster of a head node and a second worker node (`ray start`), and stop everything they
+started. Each node has one CPU, so two trials at once means one on each node.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+pytestmark = pytest.mark.cluster
+import yaml
+
+from resnet_ablate import results
+
+SYNTHETIC = {"num_classes": 4, "channels": 1, "image_size": 8, "train_size": 256,
+             "test_size": 64, "noise": 1.5}
+RAY = str(Path(sys.executable).parent / "ray")
+# Ray clusters authenticate with a token (~/.ray/auth_token); clients read it in this mode.
+ENV = {**os.environ, "RAY_AUTH_MODE": "token"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _postgres_binary(name: str) -> str | None:
+    found = shutil.which(name) or sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found if isinstance(found, str) else (found[-1] if found else None)
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    initdb, pg_ctl = _postgres_binary("initdb"), _postgres_binary("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found; .ci/run installs them")
+    pytest.importorskip("psycopg", reason="the cluster extra (psycopg) is not installed")
+    # PostgreSQL refuses to run as root: as root, run it as the postgres system user.
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    folder = Path(tempfile.mkdtemp(prefix="resnet-ablate-pg-"))
+    if as_user:
+        shutil.chown(folder, "postgres")
+    data, port = folder / "data", _free_port()
+    subprocess.run([*as_user, initdb, "-D", str(data), "--auth=trust", "-U", "postgres"],
+                   check=True, capture_output=True)
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-l", str(folder / "server.log"), "-w",
+                    "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"],
+                   check=True, capture_output=True)
+    try:
+        import psycopg
+
+        with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres",
+                             autocommit=True) as connection:
+            connection.execute("CREATE DATABASE studies")
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/studies"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"],
+                       capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class _Cluster:
+    def __init__(self, address: str, worker_node: subprocess.Popen) -> None:
+        self.address = address
+        self.worker_node = worker_node
+
+    def node_ids(self) -> dict[str, bool]:
+        out = subprocess.run(
+            [sys.executable, "-c", "import ray, json; ray.init(address=%r, logging_level='ERROR');"
+             "print(json.dumps({n['NodeID']: n['Alive'] for n in ray.nodes()}))" % self.address],
+            capture_output=True, text=True, timeout=120, check=True, env=ENV)
+        import json
+
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def kill_worker_node(self) -> None:
+        os.killpg(self.worker_node.pid, signal.SIGKILL)  # its raylet and its workers, like a lost host
+        self.worker_node.wait()
+
+    def worker_node_trial_pids(self) -> list[int]:
+        """Trial processes of the worker node: they live in its session."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if (entry / "cmdline").read_bytes().startswith(b"ray::run_trial") and \
+                        os.getsid(int(entry.name)) == self.worker_node.pid:
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+        return pids
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the cluster test finds node processes through /proc")
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    common = ["--num-cpus=1", "--disable-usage-stats"]
+    subprocess.run([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false",
+                    *common], check=True, capture_output=True, env=ENV)
+    worker = subprocess.Popen([RAY, "start", f"--address={address}", "--block", *common],
+                              start_new_session=True, env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cluster = _Cluster(address, worker)
+    try:
+        deadline = time.monotonic() + 120
+        while sum(cluster.node_ids().values()) < 2:
+            assert time.monotonic() < deadline, "the second Ray node did not join"
+            time.sleep(1)
+        yield cluster
+    finally:
+        if worker.poll() is None:
+            cluster.kill_worker_node()
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=ENV)
+
+
+def _spec(tmp_path: Path, name: str, seeds: int, epochs: int) -> Path:
+    raw = {
+        "study": name,
+        "dataset": {"name": "synthetic", "synthetic": SYNTHETIC},
+        "model": {"family": "cifar", "depth": 8},
+        "space": {"shortcut": ["A", "none"]},
+        "seeds": seeds,
+        "train": {"epochs": epochs, "batch_size": 32},
+        "resources": {"cpus": 1, "workers": 2},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _driver(spec: Path, cluster: _Cluster, storage: str, runs_dir: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "resnet_ablate.cli", "run", str(spec), "--address", cluster.address,
+         "--storage", storage, "--runs-dir", str(runs_dir), "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def _trials(storage: str, study: str) -> list[optuna.trial.FrozenTrial]:
+    try:
+        return optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+    except KeyError:  # not created yet
+        return []
+
+
+def test_two_drivers_share_the_cluster_and_the_store_while_results_are_read(
+        ray_cluster, postgres_url, tmp_path):
+    drivers = [_driver(_spec(tmp_path, name, seeds=2, epochs=3), ray_cluster, postgres_url, tmp_path)
+               for name in ("shared-a", "shared-b")]
+    reads = []
+    while any(d.poll() is None for d in drivers):
+        for name in ("shared-a", "shared-b"):
+            try:  # the query side reads while both drivers write
+                reads.append(len(results.load(name, storage=postgres_url).trials))
+            except results.ResultsError:
+                pass
+        time.sleep(0.5)
+    for driver in drivers:
+        _, stderr = driver.communicate()
+        assert driver.returncode == 0, stderr
+    assert reads, "results were read while the drivers ran"
+    for name in ("shared-a", "shared-b"):
+        trials = _trials(postgres_url, name)
+        assert len(trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+        assert results.load(name, storage=postgres_url).summary()["n"].tolist() == [2, 2]
+
+
+def test_trials_use_both_nodes_and_survive_losing_one(ray_cluster, postgres_url, tmp_path):
+    head_and_worker = set(ray_cluster.node_ids())
+    study = "node-loss"
+    driver = _driver(_spec(tmp_path, study, seeds=4, epochs=12), ray_cluster, postgres_url, tmp_path)
+    # Let some trials finish on both nodes, then kill the worker node while it runs a trial.
+    deadline = time.monotonic() + 300
+    while True:
+        assert driver.poll() is None and time.monotonic() < deadline, "no trial completed in time"
+        done_on = {t.user_attrs.get("node_id") for t in _trials(postgres_url, study)
+                   if t.state == optuna.trial.TrialState.COMPLETE}
+        if len(done_on) == 2 and ray_cluster.worker_node_trial_pids():
+            break
+        time.sleep(0.2)
+    assert done_on == head_and_worker
+    completed_before = {t.number for t in _trials(postgres_url, study)
+                        if t.state == optuna.trial.TrialState.COMPLETE}
+    ray_cluster.kill_worker_node()
+    _, stderr = driver.communicate(timeout=600)
+    assert driver.returncode == 0, stderr
+
+    trials = _trials(postgres_url, study)
+    lost = [t for t in trials if t.user_attrs.get("failure_kind") == "worker_lost"]
+    assert lost and all("worker lost" in t.user_attrs["failure"] for t in lost)
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    keys = sorted((t.params["shortcut"], t.user_attrs["seed"]) for t in complete)
+    assert keys == sorted((s, seed) for s in ("A", "none") for seed in range(4))
+    assert completed_before <= {t.number for t in complete}
+    # Curves and weights came back to the driver's side, not left on the lost node.
+    assert all(t.user_attrs["curves"] and Path(t.user_attrs["weights"]).exists() for t in complete)
+
+
+def test_gpu_trials_on_a_cluster_without_gpus_fail_before_anything_runs(ray_cluster, postgres_url,
+                                                                         tmp_path):
+    spec = _spec(tmp_path, "wants-gpu", seeds=1, epochs=1)
+    raw = yaml.safe_load(spec.read_text())
+    raw["resources"]["gpus"] = 0.5
+    spec.write_text(yaml.safe_dump(raw))
+    driver = _driver(spec, ray_cluster, postgres_url, tmp_path)
+    _, stderr = driver.communicate(timeout=300)
+    assert driver.returncode == 2
+    assert "resources.gpus=0.5 but the Ray cluster has no GPU" in stderr
+    assert _trials(postgres_url, "wants-gpu") == []

@@ -24,12 +24,13 @@ class Strides3d(NamedTuple):
 def strides_3d(t: torch.Tensor) -> Strides3d | None:
     """Strides of `t` viewed as (N, C, L), or None when its spatial dims cannot merge into one."""
     if t.dim() == 2:
-        return Strides3d(t.stride(0), t.stride(1), 0)
+        return Strides3d(t.stride(0), t.stride(1), t.stride(0))  # L = 1: a row per sample
     spatial = [(size, stride) for size, stride in zip(t.shape[2:], t.stride()[2:]) if size != 1]
     for (_, outer_stride), (inner_size, inner_stride) in zip(spatial, spatial[1:]):
         if outer_stride != inner_stride * inner_size:
             return None
-    inner = spatial[-1][1] if spatial else 0
+    # With L = 1 the position stride is never stepped; the sample stride makes samples contiguous.
+    inner = spatial[-1][1] if spatial else t.stride(0)
     return Strides3d(t.stride(0), t.stride(1), inner)
 
 

@@ -1,9 +1,12 @@
 """Triton kernels for BatchNorm + residual add + ReLU, forward and backward.
 
-Every tensor is addressed as a strided (N, C, L) view (see _layout.py); a program works on a tile of
-BLOCK_R rows of the flattened (N, L) axis by BLOCK_C channels. The tile shape follows the layout:
-tall and narrow for NCHW (L is contiguous), wide for channels_last (C is contiguous), so loads are
-coalesced in both.
+Every tensor is addressed as a strided (N, C, L) view (see _layout.py). A program works on a tile
+of one sample's BLOCK_R consecutive spatial positions by BLOCK_C channels, so a tile's addresses are
+`n * stride_n + l * stride_l + c * stride_c` with `n` a scalar: no per-element division, and the
+compiler sees which axis is contiguous and vectorizes along it. When every tensor of a launch stores
+its samples back to back (channels_last, or N = 1), the launch views them as a single sample of
+N*L positions, which makes tiles long for small maps (7x7) too. Tiles are wide in C when C is the
+contiguous axis (channels_last) and long in L otherwise (NCHW).
 
 Bytes moved (the benchmark's byte model counts exactly these):
 - training forward: x read twice (statistics, then normalize), residual read once, out written once;
@@ -13,9 +16,9 @@ Bytes moved (the benchmark's byte model counts exactly these):
   which the next layer keeps alive anyway, instead of storing a mask of its own.
 
 Per-channel reductions are deterministic split reductions with no atomics: each program reduces a
-fixed slice of rows into its own slot of a [splits, C] buffer, and a second small kernel folds the
-slots in a fixed order. The forward keeps (mean, M2) per slot and merges them with Chan's formula,
-which stays accurate where sum / sum-of-squares would cancel (large means, fp16 inputs).
+fixed range of tiles into its own slot of a [splits, C] buffer, and a second small kernel folds the
+slots in a fixed order. The forward keeps (count, mean, M2) per slot and merges them with Chan's
+formula, which stays accurate where sum / sum-of-squares would cancel (large means, fp16 inputs).
 """
 
 from __future__ import annotations
@@ -30,55 +33,68 @@ from ._layout import Strides3d, spatial_numel, strides_3d
 
 
 @triton.jit
-def _tile_offsets(rows, cols, L, stride_n, stride_c, stride_l):
-    n = rows // L
-    l_idx = rows - n * L
-    row_offsets = n.to(tl.int64) * stride_n + l_idx.to(tl.int64) * stride_l
-    return row_offsets[:, None] + cols.to(tl.int64)[None, :] * stride_c
+def _offsets(n, positions, cols, stride_n, stride_c, stride_l):
+    return (n.to(tl.int64) * stride_n + positions.to(tl.int64)[:, None] * stride_l
+            + cols.to(tl.int64)[None, :] * stride_c)
+
+
+@triton.jit
+def _tile(tile, L, l_blocks, BLOCK_R: tl.constexpr):
+    """Sample index, positions and their mask, and valid count of tile number `tile`."""
+    n = tile // l_blocks
+    start = (tile - n * l_blocks) * BLOCK_R
+    positions = start + tl.arange(0, BLOCK_R)
+    return n, positions, positions < L, tl.minimum(L - start, BLOCK_R)
+
+
+@triton.jit
+def _chan_merge(count, mean, m2, other_count, other_mean, other_m2):
+    """Chan et al.'s merge of two (count, mean, M2) summaries."""
+    new_count = count + other_count
+    delta = other_mean - mean
+    mean += delta * (other_count / new_count)
+    m2 += other_m2 + delta * delta * (count * other_count / new_count)
+    return new_count, mean, m2
 
 
 @triton.jit
 def _batch_stats_partial_kernel(
-    x_ptr, part_mean_ptr, part_m2_ptr,
-    C, L, rows_total, rows_per_split,
+    x_ptr, part_mean_ptr, part_m2_ptr, part_count_ptr,
+    C, L, l_blocks, tiles_total, tiles_per_split,
     sx_n, sx_c, sx_l,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_c = tl.program_id(0)
-    split = tl.program_id(1)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
-    row_start = split * rows_per_split
-    row_end = tl.minimum(row_start + rows_per_split, rows_total)
+    split = tl.program_id(1)
+    first = split * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, tiles_total)
 
     count = 0.0
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for r0 in range(row_start, row_end, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        mask = (rows < row_end)[:, None] & col_mask[None, :]
-        offsets = _tile_offsets(rows, cols, L, sx_n, sx_c, sx_l)
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        # Statistics of this tile, then Chan's merge into the running (count, mean, M2).
-        tile_count = tl.minimum(row_end - r0, BLOCK_R).to(tl.float32)
+    for tile in range(first, last):
+        n, positions, position_mask, valid = _tile(tile, L, l_blocks, BLOCK_R)
+        mask = position_mask[:, None] & col_mask[None, :]
+        x = tl.load(x_ptr + _offsets(n, positions, cols, sx_n, sx_c, sx_l), mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        tile_count = valid.to(tl.float32)
         tile_mean = tl.sum(x, axis=0) / tile_count
         centered = tl.where(mask, x - tile_mean[None, :], 0.0)
-        tile_m2 = tl.sum(centered * centered, axis=0)
-        new_count = count + tile_count
-        delta = tile_mean - mean
-        mean += delta * (tile_count / new_count)
-        m2 += tile_m2 + delta * delta * (count * tile_count / new_count)
-        count = new_count
+        count, mean, m2 = _chan_merge(count, mean, m2, tile_count, tile_mean,
+                                      tl.sum(centered * centered, axis=0))
 
     slot = split * C + cols
     tl.store(part_mean_ptr + slot, mean, mask=col_mask)
     tl.store(part_m2_ptr + slot, m2, mask=col_mask)
+    # Every channel block of a split writes the same count; one slot per split keeps it simple.
+    tl.store(part_count_ptr + split, count)
 
 
 @triton.jit
 def _batch_stats_finalize_kernel(
-    part_mean_ptr, part_m2_ptr, mean_ptr, var_ptr,
-    C, num_splits, rows_total, rows_per_split,
+    part_mean_ptr, part_m2_ptr, part_count_ptr, mean_ptr, var_ptr,
+    C, num_splits,
     BLOCK_C: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -87,21 +103,18 @@ def _batch_stats_finalize_kernel(
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     for split in range(0, num_splits):
-        split_count = tl.minimum(rows_per_split, rows_total - split * rows_per_split).to(tl.float32)
-        split_mean = tl.load(part_mean_ptr + split * C + cols, mask=col_mask, other=0.0)
-        split_m2 = tl.load(part_m2_ptr + split * C + cols, mask=col_mask, other=0.0)
-        new_count = count + split_count
-        delta = split_mean - mean
-        mean += delta * (split_count / new_count)
-        m2 += split_m2 + delta * delta * (count * split_count / new_count)
-        count = new_count
+        count, mean, m2 = _chan_merge(
+            count, mean, m2, tl.load(part_count_ptr + split),
+            tl.load(part_mean_ptr + split * C + cols, mask=col_mask, other=0.0),
+            tl.load(part_m2_ptr + split * C + cols, mask=col_mask, other=0.0),
+        )
     tl.store(mean_ptr + cols, mean, mask=col_mask)
     tl.store(var_ptr + cols, m2 / count, mask=col_mask)
 
 
 @triton.jit
 def _channel_scale(mean_ptr, var_ptr, weight_ptr, cols, col_mask, eps, HAS_WEIGHT: tl.constexpr):
-    """Per-channel mean and weight * invstd, in fp32."""
+    """Per-channel mean, invstd and weight * invstd, in fp32."""
     mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     var = tl.load(var_ptr + cols, mask=col_mask, other=1.0).to(tl.float32)
     invstd = 1.0 / tl.sqrt(var + eps)
@@ -114,39 +127,39 @@ def _channel_scale(mean_ptr, var_ptr, weight_ptr, cols, col_mask, eps, HAS_WEIGH
 @triton.jit
 def _forward_kernel(
     x_ptr, residual_ptr, out_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr,
-    C, L, rows_total, eps,
+    C, L, l_blocks, eps,
     sx_n, sx_c, sx_l, sr_n, sr_c, sr_l, so_n, so_c, so_l,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    n, positions, position_mask, _ = _tile(tl.program_id(0), L, l_blocks, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
-    mask = (rows < rows_total)[:, None] & col_mask[None, :]
-    mean, invstd, scale = _channel_scale(mean_ptr, var_ptr, weight_ptr, cols, col_mask, eps, HAS_WEIGHT)
+    mask = position_mask[:, None] & col_mask[None, :]
+    mean, _, scale = _channel_scale(mean_ptr, var_ptr, weight_ptr, cols, col_mask, eps, HAS_WEIGHT)
 
-    x = tl.load(x_ptr + _tile_offsets(rows, cols, L, sx_n, sx_c, sx_l), mask=mask).to(tl.float32)
+    x = tl.load(x_ptr + _offsets(n, positions, cols, sx_n, sx_c, sx_l), mask=mask).to(tl.float32)
     # (x - mean) * scale rather than x * scale + shift: no cancellation when |mean| >> std.
     y = (x - mean[None, :]) * scale[None, :]
     if HAS_BIAS:
         y += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_RESIDUAL:
-        r_offsets = _tile_offsets(rows, cols, L, sr_n, sr_c, sr_l)
+        r_offsets = _offsets(n, positions, cols, sr_n, sr_c, sr_l)
         y += tl.load(residual_ptr + r_offsets, mask=mask).to(tl.float32)
     if RELU:
         y = tl.maximum(y, 0.0)
-    o_offsets = _tile_offsets(rows, cols, L, so_n, so_c, so_l)
+    o_offsets = _offsets(n, positions, cols, so_n, so_c, so_l)
     tl.store(out_ptr + o_offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _masked_grad(grad_ptr, out_ptr, rows, cols, mask, L,
+def _masked_grad(grad_ptr, out_ptr, n, positions, cols, mask,
                  sg_n, sg_c, sg_l, so_n, so_c, so_l, RELU: tl.constexpr):
     """grad_out where the ReLU let the value through (the output is positive), zero elsewhere."""
-    g = tl.load(grad_ptr + _tile_offsets(rows, cols, L, sg_n, sg_c, sg_l), mask=mask, other=0.0)
+    g = tl.load(grad_ptr + _offsets(n, positions, cols, sg_n, sg_c, sg_l), mask=mask, other=0.0)
     g = g.to(tl.float32)
     if RELU:
-        out = tl.load(out_ptr + _tile_offsets(rows, cols, L, so_n, so_c, so_l), mask=mask, other=0.0)
+        out = tl.load(out_ptr + _offsets(n, positions, cols, so_n, so_c, so_l), mask=mask, other=0.0)
         g = tl.where(out > 0, g, 0.0)
     return g
 
@@ -154,26 +167,25 @@ def _masked_grad(grad_ptr, out_ptr, rows, cols, mask, L,
 @triton.jit
 def _backward_reduce_kernel(
     grad_ptr, out_ptr, x_ptr, mean_ptr, part_sum_g_ptr, part_sum_gx_ptr,
-    C, L, rows_total, rows_per_split,
+    C, L, l_blocks, tiles_total, tiles_per_split,
     sg_n, sg_c, sg_l, so_n, so_c, so_l, sx_n, sx_c, sx_l,
     RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_c = tl.program_id(0)
-    split = tl.program_id(1)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
+    split = tl.program_id(1)
+    first = split * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, tiles_total)
     mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    row_start = split * rows_per_split
-    row_end = tl.minimum(row_start + rows_per_split, rows_total)
 
     sum_g = tl.zeros([BLOCK_C], dtype=tl.float32)
     sum_gx = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for r0 in range(row_start, row_end, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        mask = (rows < row_end)[:, None] & col_mask[None, :]
-        g = _masked_grad(grad_ptr, out_ptr, rows, cols, mask, L,
+    for tile in range(first, last):
+        n, positions, position_mask, _ = _tile(tile, L, l_blocks, BLOCK_R)
+        mask = position_mask[:, None] & col_mask[None, :]
+        g = _masked_grad(grad_ptr, out_ptr, n, positions, cols, mask,
                          sg_n, sg_c, sg_l, so_n, so_c, so_l, RELU)
-        x = tl.load(x_ptr + _tile_offsets(rows, cols, L, sx_n, sx_c, sx_l), mask=mask, other=0.0)
+        x = tl.load(x_ptr + _offsets(n, positions, cols, sx_n, sx_c, sx_l), mask=mask, other=0.0)
         x_centered = tl.where(mask, x.to(tl.float32) - mean[None, :], 0.0)
         sum_g += tl.sum(g, axis=0)
         sum_gx += tl.sum(g * x_centered, axis=0)
@@ -207,47 +219,54 @@ def _backward_finalize_kernel(
 def _backward_elementwise_kernel(
     grad_ptr, out_ptr, x_ptr, mean_ptr, var_ptr, weight_ptr, sum_g_ptr, sum_gx_ptr,
     grad_input_ptr, grad_residual_ptr,
-    C, L, rows_total, eps,
+    C, L, l_blocks, count, eps,
     sg_n, sg_c, sg_l, so_n, so_c, so_l, sx_n, sx_c, sx_l,
     sdi_n, sdi_c, sdi_l, sdr_n, sdr_c, sdr_l,
     HAS_WEIGHT: tl.constexpr, BATCH_STATS: tl.constexpr, RELU: tl.constexpr,
     STORE_GRAD_RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    n, positions, position_mask, _ = _tile(tl.program_id(0), L, l_blocks, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
-    mask = (rows < rows_total)[:, None] & col_mask[None, :]
+    mask = position_mask[:, None] & col_mask[None, :]
     mean, invstd, scale = _channel_scale(mean_ptr, var_ptr, weight_ptr, cols, col_mask, eps, HAS_WEIGHT)
 
-    g = _masked_grad(grad_ptr, out_ptr, rows, cols, mask, L,
+    g = _masked_grad(grad_ptr, out_ptr, n, positions, cols, mask,
                      sg_n, sg_c, sg_l, so_n, so_c, so_l, RELU)
     if BATCH_STATS:
         # d/dx of the batch statistics: subtract the mean gradient and its projection on x_hat.
-        x = tl.load(x_ptr + _tile_offsets(rows, cols, L, sx_n, sx_c, sx_l), mask=mask).to(tl.float32)
-        mean_g = tl.load(sum_g_ptr + cols, mask=col_mask, other=0.0) / rows_total
-        mean_gx = tl.load(sum_gx_ptr + cols, mask=col_mask, other=0.0) / rows_total
+        x = tl.load(x_ptr + _offsets(n, positions, cols, sx_n, sx_c, sx_l), mask=mask).to(tl.float32)
+        mean_g = tl.load(sum_g_ptr + cols, mask=col_mask, other=0.0) / count
+        mean_gx = tl.load(sum_gx_ptr + cols, mask=col_mask, other=0.0) / count
         projection = (x - mean[None, :]) * (invstd * invstd * mean_gx)[None, :]
         grad_input = (g - mean_g[None, :] - projection) * scale[None, :]
     else:
         grad_input = g * scale[None, :]
-    di_offsets = _tile_offsets(rows, cols, L, sdi_n, sdi_c, sdi_l)
+    di_offsets = _offsets(n, positions, cols, sdi_n, sdi_c, sdi_l)
     tl.store(grad_input_ptr + di_offsets, grad_input.to(grad_input_ptr.dtype.element_ty), mask=mask)
     if STORE_GRAD_RESIDUAL:
-        dr_offsets = _tile_offsets(rows, cols, L, sdr_n, sdr_c, sdr_l)
+        dr_offsets = _offsets(n, positions, cols, sdr_n, sdr_c, sdr_l)
         tl.store(grad_residual_ptr + dr_offsets, g.to(grad_residual_ptr.dtype.element_ty), mask=mask)
 
 
 @dataclass(frozen=True)
-class _LaunchConfig:
-    """Tile shape and the split of rows among reduction programs for one tensor shape."""
+class _Launch:
+    """How one call walks its tensors: the (samples, positions) view, tile shape, reduction split."""
 
+    samples: int  # N, or 1 when every tensor stores its samples back to back
+    positions: int  # L, or N*L in that case
+    strides: tuple[Strides3d, ...]  # per tensor, in the view above
     block_r: int
     block_c: int
     num_warps: int
     col_blocks: int
-    row_blocks: int
-    rows_per_split: int
+    l_blocks: int
+    tiles_per_split: int
     num_splits: int
+
+    @property
+    def tiles(self) -> int:
+        return self.samples * self.l_blocks
 
 
 def _target_programs(device: torch.device) -> int:
@@ -257,52 +276,43 @@ def _target_programs(device: torch.device) -> int:
     return 4
 
 
-def _launch_config(
-    rows_total: int, channels: int, channels_last: bool, device: torch.device
-) -> _LaunchConfig:
-    if channels_last:
+def _plan(x: torch.Tensor, strides: list[Strides3d | None]) -> _Launch:
+    """The launch for tensors shaped like `x` with these (N, C, L) strides (None: unused tensor)."""
+    samples, channels, positions = x.shape[0], x.shape[1], spatial_numel(x)
+    used = [s for s in strides if s is not None]
+    if samples == 1 or all(s.n == positions * s.l for s in used):
+        # Samples back to back: one long sample of N*L positions.
+        strides = [None if s is None else Strides3d(0, s.c, s.l) for s in strides]
+        positions, samples = samples * positions, 1
+    channels_contiguous = used[0].c == 1 and positions > 1
+    if channels_contiguous:
         block_c = min(64, triton.next_power_of_2(channels))
-        block_r = max(16, 4096 // block_c)
+        block_r = min(max(16, 4096 // block_c), max(16, triton.next_power_of_2(positions)))
     else:
-        block_c = min(4, triton.next_power_of_2(channels))
-        block_r = 1024
-    block_r = min(block_r, max(16, triton.next_power_of_2(rows_total)))
+        block_r = min(1024, max(16, triton.next_power_of_2(positions)))
+        block_c = min(triton.next_power_of_2(channels), max(1, 4096 // block_r), 64)
     col_blocks = triton.cdiv(channels, block_c)
-    row_blocks = triton.cdiv(rows_total, block_r)
+    l_blocks = triton.cdiv(positions, block_r)
+    tiles = samples * l_blocks
     # The split depends on shapes and device only, so the reduction order is fixed run to run.
-    splits = max(1, min(row_blocks, triton.cdiv(_target_programs(device), col_blocks)))
-    rows_per_split = triton.cdiv(row_blocks, splits) * block_r
-    return _LaunchConfig(
-        block_r=block_r,
-        block_c=block_c,
-        num_warps=8 if block_r * block_c >= 4096 else 4,
-        col_blocks=col_blocks,
-        row_blocks=row_blocks,
-        rows_per_split=rows_per_split,
-        num_splits=triton.cdiv(rows_total, rows_per_split),
+    splits = max(1, min(tiles, triton.cdiv(_target_programs(x.device), col_blocks)))
+    tiles_per_split = triton.cdiv(tiles, splits)
+    return _Launch(
+        samples=samples, positions=positions, strides=tuple(s or Strides3d(0, 0, 0) for s in strides),
+        block_r=block_r, block_c=block_c, num_warps=8 if block_r * block_c >= 4096 else 4,
+        col_blocks=col_blocks, l_blocks=l_blocks, tiles_per_split=tiles_per_split,
+        num_splits=triton.cdiv(tiles, tiles_per_split),
     )
 
 
-def _dense_like(t: torch.Tensor) -> tuple[torch.Tensor, Strides3d]:
-    """`t` with mergeable spatial strides: itself when possible, else a contiguous copy."""
-    strides = strides_3d(t)
-    if strides is None:
-        t = t.contiguous()
-        strides = strides_3d(t)
-    return t, strides
+def _dense_like(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when its spatial dims merge into one stride, else a contiguous copy."""
+    return t if strides_3d(t) is not None else t.contiguous()
 
 
-def _writable_3d(t: torch.Tensor) -> tuple[torch.Tensor, Strides3d]:
-    """A buffer the kernel can write for output `t` (t itself, or a contiguous stand-in)."""
-    strides = strides_3d(t)
-    if strides is not None:
-        return t, strides
-    stand_in = torch.empty(t.shape, dtype=t.dtype, device=t.device)
-    return stand_in, strides_3d(stand_in)
-
-
-def _is_channels_last(strides: Strides3d) -> bool:
-    return strides.c == 1 and strides.l != 1
+def _writable(t: torch.Tensor) -> torch.Tensor:
+    """A buffer the kernel can write for output `t`: t itself, or a contiguous stand-in."""
+    return t if strides_3d(t) is not None else torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
 def forward(
@@ -317,42 +327,40 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """See `batch_norm_act` in batch_norm.py for the contract."""
     channels = x.shape[1]
-    L = spatial_numel(x)
-    rows_total = x.shape[0] * L
-    x, sx = _dense_like(x)
-    cfg = _launch_config(rows_total, channels, _is_channels_last(sx), x.device)
+    x = _dense_like(x)
+    residual = _dense_like(residual) if residual is not None else None
+    out = torch.empty_like(x)
+    out_buffer = _writable(out)
+    plan = _plan(x, [strides_3d(x), strides_3d(residual) if residual is not None else None,
+                     strides_3d(out_buffer)])
+    sx, sr, so = plan.strides
     f32 = dict(dtype=torch.float32, device=x.device)
     if running_mean is None:
         mean = torch.empty(channels, **f32)
         var = torch.empty(channels, **f32)
-        part_mean = torch.empty(cfg.num_splits, channels, **f32)
-        part_m2 = torch.empty(cfg.num_splits, channels, **f32)
-        _batch_stats_partial_kernel[(cfg.col_blocks, cfg.num_splits)](
-            x, part_mean, part_m2, channels, L, rows_total, cfg.rows_per_split, *sx,
-            BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+        part_mean = torch.empty(plan.num_splits, channels, **f32)
+        part_m2 = torch.empty(plan.num_splits, channels, **f32)
+        part_count = torch.empty(plan.num_splits, **f32)
+        _batch_stats_partial_kernel[(plan.col_blocks, plan.num_splits)](
+            x, part_mean, part_m2, part_count, channels, plan.positions, plan.l_blocks,
+            plan.tiles, plan.tiles_per_split, *sx,
+            BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, num_warps=plan.num_warps,
         )
         _batch_stats_finalize_kernel[(triton.cdiv(channels, 128),)](
-            part_mean, part_m2, mean, var, channels, cfg.num_splits, rows_total, cfg.rows_per_split,
-            BLOCK_C=128,
+            part_mean, part_m2, part_count, mean, var, channels, plan.num_splits, BLOCK_C=128,
         )
         saved_mean, saved_var = mean, var
     else:
         mean, var = running_mean, running_var
         saved_mean, saved_var = torch.empty(0, **f32), torch.empty(0, **f32)
 
-    if residual is not None:
-        residual, sr = _dense_like(residual)
-    else:
-        sr = Strides3d(0, 0, 0)
-    out = torch.empty_like(x)
-    out_buffer, so = _writable_3d(out)
-    _forward_kernel[(cfg.row_blocks, cfg.col_blocks)](
+    _forward_kernel[(plan.tiles, plan.col_blocks)](
         x, residual if residual is not None else x, out_buffer, mean, var,
         weight if weight is not None else mean, bias if bias is not None else mean,
-        channels, L, rows_total, eps, *sx, *sr, *so,
+        channels, plan.positions, plan.l_blocks, eps, *sx, *sr, *so,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None, RELU=relu,
-        BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+        BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, num_warps=plan.num_warps,
     )
     if out_buffer is not out:
         out.copy_(out_buffer)
@@ -372,46 +380,47 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """See `batch_norm_act_backward` in batch_norm.py for the contract."""
     channels = x.shape[1]
-    L = spatial_numel(x)
-    rows_total = x.shape[0] * L
-    grad_out, sg = _dense_like(grad_out)
-    x, sx = _dense_like(x)
+    grad_out = _dense_like(grad_out)
+    x = _dense_like(x)
     relu = out is not None
-    if relu:
-        out, so = _dense_like(out)
+    out = _dense_like(out) if relu else None
+    grad_input = torch.empty_like(x)
+    grad_input_buffer = _writable(grad_input)
+    if residual_grad:
+        grad_residual = torch.empty_like(grad_out, dtype=x.dtype)
+        grad_residual_buffer = _writable(grad_residual)
     else:
-        out, so = grad_out, Strides3d(0, 0, 0)
-    cfg = _launch_config(rows_total, channels, _is_channels_last(sx), x.device)
+        grad_residual = grad_residual_buffer = torch.empty(0, dtype=x.dtype, device=x.device)
+    plan = _plan(x, [
+        strides_3d(x), strides_3d(grad_out), strides_3d(out) if relu else None,
+        strides_3d(grad_input_buffer), strides_3d(grad_residual_buffer) if residual_grad else None,
+    ])
+    sx, sg, so, sdi, sdr = plan.strides
+    out_or_grad = out if relu else grad_out  # a valid pointer where RELU is off and it is unread
+
     f32 = dict(dtype=torch.float32, device=x.device)
-    part_sum_g = torch.empty(cfg.num_splits, channels, **f32)
-    part_sum_gx = torch.empty(cfg.num_splits, channels, **f32)
-    _backward_reduce_kernel[(cfg.col_blocks, cfg.num_splits)](
-        grad_out, out, x, mean, part_sum_g, part_sum_gx,
-        channels, L, rows_total, cfg.rows_per_split, *sg, *so, *sx,
-        RELU=relu, BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+    part_sum_g = torch.empty(plan.num_splits, channels, **f32)
+    part_sum_gx = torch.empty(plan.num_splits, channels, **f32)
+    _backward_reduce_kernel[(plan.col_blocks, plan.num_splits)](
+        grad_out, out_or_grad, x, mean, part_sum_g, part_sum_gx,
+        channels, plan.positions, plan.l_blocks, plan.tiles, plan.tiles_per_split, *sg, *so, *sx,
+        RELU=relu, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, num_warps=plan.num_warps,
     )
     grad_weight = torch.empty(channels, **f32)
     grad_bias = torch.empty(channels, **f32)
     sum_gx = torch.empty(channels, **f32)
     _backward_finalize_kernel[(triton.cdiv(channels, 128),)](
         part_sum_g, part_sum_gx, var, grad_weight, grad_bias, sum_gx,
-        channels, cfg.num_splits, eps, BLOCK_C=128,
+        channels, plan.num_splits, eps, BLOCK_C=128,
     )
-
-    grad_input = torch.empty_like(x)
-    grad_input_buffer, sdi = _writable_3d(grad_input)
-    if residual_grad:
-        grad_residual = torch.empty_like(grad_out, dtype=x.dtype)
-        grad_residual_buffer, sdr = _writable_3d(grad_residual)
-    else:
-        grad_residual = grad_residual_buffer = torch.empty(0, dtype=x.dtype, device=x.device)
-        sdr = Strides3d(0, 0, 0)
-    _backward_elementwise_kernel[(cfg.row_blocks, cfg.col_blocks)](
-        grad_out, out, x, mean, var, weight if weight is not None else var, grad_bias, sum_gx,
+    _backward_elementwise_kernel[(plan.tiles, plan.col_blocks)](
+        grad_out, out_or_grad, x, mean, var, weight if weight is not None else var, grad_bias, sum_gx,
         grad_input_buffer, grad_residual_buffer,
-        channels, L, rows_total, eps, *sg, *so, *sx, *sdi, *sdr,
+        channels, plan.positions, plan.l_blocks, x.numel() // channels, eps,
+        *sg, *so, *sx, *sdi, *sdr,
         HAS_WEIGHT=weight is not None, BATCH_STATS=batch_stats, RELU=relu,
-        STORE_GRAD_RESIDUAL=residual_grad, BLOCK_R=cfg.block_r, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+        STORE_GRAD_RESIDUAL=residual_grad, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
+        num_warps=plan.num_warps,
     )
     if grad_input_buffer is not grad_input:
         grad_input.copy_(grad_input_buffer)

@@ -26,6 +26,7 @@ from typing import Any
 
 import optuna
 import ray
+import sqlalchemy
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress display says what happens
@@ -158,10 +159,23 @@ def _spec_fingerprint(spec: StudySpec) -> dict[str, Any]:
     return {section: raw.get(section) for section in SPEC_SECTIONS_THAT_DEFINE_A_STUDY}
 
 
+def connect_storage(url: str, attempts: int = 5) -> optuna.storages.BaseStorage:
+    """Optuna's storage for `url`. Drivers that start together on a new database race to create
+    its tables; the loser sees a duplicate-object error and simply connects again."""
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.get_storage(url)
+        except sqlalchemy.exc.SQLAlchemyError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def open_study(spec: StudySpec, storage: str, *, sampler=None, pruner=None) -> optuna.Study:
     """Create the spec's study in `storage`, or reopen it after checking it was made from this spec."""
     study = optuna.create_study(
-        study_name=spec.study, storage=storage, directions=spec.directions,
+        study_name=spec.study, storage=connect_storage(storage), directions=spec.directions,
         sampler=sampler or _sampler(spec), pruner=pruner or _pruner(spec), load_if_exists=True,
     )
     fingerprint = _spec_fingerprint(spec)
@@ -225,6 +239,9 @@ class StudyRunner:
 
     def _existing_trials(self) -> list[optuna.trial.FrozenTrial]:
         if self._study is None:
+            if self.storage.startswith("sqlite:///") and \
+                    not Path(self.storage.removeprefix("sqlite:///")).exists():
+                return []  # opening it would create the file
             names = [s.study_name for s in optuna.get_all_study_summaries(self.storage)]
             if self.spec.study not in names:
                 return []
@@ -337,8 +354,9 @@ class StudyRunner:
                 ray.init(address=self.options.address, logging_level="ERROR", log_to_driver=False)
             else:
                 cpus = max(1, math.ceil(self.workers * self.spec.resources.cpus))
-                ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR",
-                         log_to_driver=False)
+                # address="local": a Ray of our own, even where another one runs on this machine.
+                ray.init(address="local", num_cpus=cpus, include_dashboard=False,
+                         logging_level="ERROR", log_to_driver=False)
         gpus_needed = self.spec.resources.gpus
         if gpus_needed > 0 and ray.cluster_resources().get("GPU", 0) < min(gpus_needed, 1):
             raise ClusterError(
@@ -387,6 +405,7 @@ class StudyRunner:
         for name, value in {
             "arch": arch.to_dict(), "arch_name": arch.name, "arch_digest": arch.digest,
             "params": prof.params, "flops": prof.flops, "flops_convention": prof.convention,
+            "recipe": self.spec.recipe_for(arch).to_dict(),
         }.items():
             trial.set_user_attr(name, value)
 
@@ -451,7 +470,11 @@ class StudyRunner:
     def _report_epochs(self, board, running_by_number: dict[int, _Running]) -> None:
         """Per-epoch records from the workers: progress, and Optuna's pruning reports."""
         single = len(self.spec.objectives) == 1 and self.spec.objectives[0] in ("test_error", "test_accuracy")
-        for number, records in ray.get(board.drain.remote()).items():
+        try:
+            drained = ray.get(board.drain.remote())
+        except ray.exceptions.RayError:  # progress and pruning pause; trials and storage are unaffected
+            return
+        for number, records in drained.items():
             running = running_by_number.get(number)
             if running is None:
                 continue

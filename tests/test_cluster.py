@@ -76,9 +76,22 @@ def postgres_url():
 
 
 class _Cluster:
-    def __init__(self, address: str, worker_node: subprocess.Popen) -> None:
+    def __init__(self, address: str, head_node: subprocess.Popen,
+                 worker_node: subprocess.Popen | None) -> None:
         self.address = address
+        self.head_node = head_node
         self.worker_node = worker_node
+
+    def wait_for_nodes(self, count: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if sum(self.node_ids().values()) >= count:
+                    return
+            except subprocess.CalledProcessError:  # not reachable yet
+                pass
+            assert time.monotonic() < deadline, f"the Ray cluster did not reach {count} node(s)"
+            time.sleep(1)
 
     def node_ids(self) -> dict[str, bool]:
         out = subprocess.run(
@@ -115,22 +128,23 @@ def ray_cluster():
     port = _free_port()
     address = f"127.0.0.1:{port}"
     common = ["--num-cpus=1", "--disable-usage-stats"]
-    subprocess.run([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false",
-                    *common], check=True, capture_output=True, env=ENV)
-    worker = subprocess.Popen([RAY, "start", f"--address={address}", "--block", *common],
-                              start_new_session=True, env=ENV,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    cluster = _Cluster(address, worker)
+    # Each node in a session of its own, so that teardown stops exactly the nodes started here.
+    head = subprocess.Popen([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false",
+                             "--block", *common], start_new_session=True, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cluster = _Cluster(address, head, None)
     try:
-        deadline = time.monotonic() + 120
-        while sum(cluster.node_ids().values()) < 2:
-            assert time.monotonic() < deadline, "the second Ray node did not join"
-            time.sleep(1)
+        cluster.wait_for_nodes(1)  # the head is up before a node may join
+        cluster.worker_node = subprocess.Popen(
+            [RAY, "start", f"--address={address}", "--block", *common], start_new_session=True,
+            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cluster.wait_for_nodes(2)
         yield cluster
     finally:
-        if worker.poll() is None:
-            cluster.kill_worker_node()
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=ENV)
+        for node in (cluster.worker_node, head):
+            if node is not None and node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
 
 
 def _spec(tmp_path: Path, name: str, seeds: int, epochs: int) -> Path:

@@ -48,7 +48,8 @@ def _trials(storage, name):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
+             log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -123,11 +124,13 @@ def test_diverging_trial_fails_with_its_reason_and_is_not_retried(local_ray, tmp
 
 
 def _trial_worker_pids() -> list[int]:
+    """Trial processes of this test's own Ray (they share the test's session)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if (entry / "cmdline").read_bytes().startswith(b"ray::run_trial"):
+                if (entry / "cmdline").read_bytes().startswith(b"ray::run_trial") and \
+                        os.getsid(int(entry.name)) == os.getsid(0):
                     pids.append(int(entry.name))
             except OSError:
                 continue

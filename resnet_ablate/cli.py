@@ -1,0 +1,270 @@
+"""The `resnet-ablate` command: a thin face over functions users can call from Python too."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str):
+    def register(fn: Callable[[argparse.Namespace], int]):
+        COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+@command("run")
+def _run(args: argparse.Namespace) -> int:
+    from .spec import load_spec
+    from .study import RunOptions, plan_study, run_study
+
+    spec = load_spec(args.spec)
+    options = RunOptions(address=args.address, storage=args.storage, workers=args.workers,
+                         runs_dir=Path(args.runs_dir), keep_weights=not args.no_weights,
+                         progress=not args.quiet)
+    if args.dry_run:
+        return _print_plan(spec, plan_study(spec, options))
+    summary = run_study(spec, options)
+    print(f"study {summary.study}: {summary.completed} completed, {summary.failed} failed, "
+          f"{summary.pruned} pruned this run in {summary.wall_seconds:.1f} s; "
+          f"storage {summary.storage}; all trials by state: {summary.counts_by_state}")
+    if summary.interrupted:
+        return 130
+    from .results import load
+
+    results = load(spec.study, storage=summary.storage)
+    if len(results.trials):
+        print(results.format_table(results.summary()))
+    return 0
+
+
+def _print_plan(spec, planned) -> int:
+    if spec.sampler != "grid":
+        print(f"{spec.source}: the {spec.sampler} sampler chooses trials as it goes; "
+              f"budget: {spec.budget.trials or 'no'} trials, {spec.budget.minutes or 'no'} minutes")
+        return 0
+    swept = list(spec.space)
+    header = [*swept, "seed", "arch", "params (M)", "GFLOPs", "train TFLOPs", "status"]
+    rows = [[*(str(p.params[n]) for n in swept), str(p.seed), p.arch.name,
+             f"{p.params_count / 1e6:.3f}", f"{p.gflops:.4f}", f"{p.train_tflops:.2f}", p.status]
+            for p in planned]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
+    for row in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+    pending = [p for p in planned if p.status == "pending"]
+    print(f"{len(planned)} trials: {len(pending)} to run, costing "
+          f"{sum(p.train_tflops for p in pending):.2f} TFLOPs of training "
+          f"({spec.train.epochs} epochs each)")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Query commands: read a study's storage (finished or running); each is one call into
+# resnet_ablate.results / plots / report. A lookup problem is one line on stderr and exit code 2.
+
+
+def _query(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def guarded(args: argparse.Namespace) -> int:
+        from .results import ResultsError
+
+        try:
+            return fn(args)
+        except ResultsError as error:
+            print(f"resnet-ablate {args.command}: error: {error}", file=sys.stderr)
+            return 2
+
+    return guarded
+
+
+def _load(args: argparse.Namespace):
+    from .results import load
+
+    return load(args.study, storage=args.storage, runs_dir=args.runs_dir).where(args.where)
+
+
+def _emit(frame, args: argparse.Namespace) -> int:
+    from .results import write_frame
+
+    text = write_frame(frame, getattr(args, "format", "table"))
+    output = getattr(args, "output", None)
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(text if text.endswith("\n") else text + "\n")
+        print(f"wrote {output}", file=sys.stderr)
+    else:
+        print(text.rstrip("\n"))
+    return 0
+
+
+def _names(text: str | None) -> list[str] | None:
+    return [name.strip() for name in text.split(",") if name.strip()] if text else None
+
+
+@command("ls")
+@_query
+def _ls(args: argparse.Namespace) -> int:
+    from .results import list_studies
+
+    return _emit(list_studies(args.storage, runs_dir=args.runs_dir), args)
+
+
+SHOW_COLUMNS = ("number", "state", "seed", "params", "flops", "test_error", "train_error",
+                "epochs", "wall_seconds", "images_per_second", "failure")
+
+
+@command("show")
+@_query
+def _show(args: argparse.Namespace) -> int:
+    results = _load(args)
+    if results.trials.empty and not args.where:
+        raise _empty(results)
+    frame = results.sorted_by(_names(args.sort))
+    columns = _names(args.columns)
+    if columns is None:
+        columns = ["number", "state", *results.swept, *SHOW_COLUMNS[2:]] if args.format == "table" \
+            else list(frame.columns)
+    results.check_columns(columns)
+    return _emit(frame[list(dict.fromkeys(columns))], args)
+
+
+def _empty(results):
+    from .results import ResultsError
+
+    return ResultsError(f"study {results.study!r} in {results.storage} has no trials yet")
+
+
+@command("export")
+@_query
+def _export(args: argparse.Namespace) -> int:
+    results = _load(args)
+    if results.trials.empty and not args.where:
+        raise _empty(results)
+    frame = results.curves() if args.what == "curves" else results.sorted_by(_names(args.sort))
+    return _emit(frame, args)
+
+
+@command("summary")
+@_query
+def _summary(args: argparse.Namespace) -> int:
+    return _emit(_load(args).summary(by=_names(args.by), metric=args.metric), args)
+
+
+@command("compare")
+@_query
+def _compare(args: argparse.Namespace) -> int:
+    return _emit(_load(args).compare(args.factor, args.baseline, metric=args.metric), args)
+
+
+@command("pareto")
+@_query
+def _pareto(args: argparse.Namespace) -> int:
+    return _emit(_load(args).pareto(_names(args.objectives)), args)
+
+
+@command("plot")
+@_query
+def _plot(args: argparse.Namespace) -> int:
+    from .plots import save_plot
+
+    path = save_plot(_load(args), args.kind, args.output)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+@command("report")
+@_query
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    path = write_report(_load(args), args.output, responses=not args.no_responses)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _add_query_commands(sub) -> None:
+    def query(name: str, help_text: str, *, study: bool = True, table: bool = True):
+        parser = sub.add_parser(name, help=help_text)
+        if study:
+            parser.add_argument("study", help="the study's name (spec key `study`)")
+        parser.add_argument("--storage", help="an Optuna storage URL "
+                                              "(default: sqlite:///RUNS_DIR/STUDY.db)")
+        parser.add_argument("--runs-dir", default="runs", help="where `run` put the study (default: runs)")
+        if study:
+            parser.add_argument("--where", help="only trials matching a pandas query, "
+                                                "e.g. \"depth == 20 and shortcut == 'A'\"")
+        if table:
+            parser.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                                help="aligned table with units (default), or exact csv / json")
+            parser.add_argument("-o", "--output", help="write to this file instead of stdout")
+        return parser
+
+    query("ls", "studies in a storage (or in every RUNS_DIR/*.db) with trial counts by state",
+          study=False)
+    show = query("show", "the trials of a study as a table")
+    show.add_argument("--sort", help="columns to sort by, comma-separated; --sort=-name for descending")
+    show.add_argument("--columns", help="columns to show, comma-separated (default: the usual ones)")
+    export = query("export", "every column of every trial (or the per-epoch curves), exactly")
+    export.set_defaults(format="csv")
+    export.add_argument("--what", choices=("trials", "curves"), default="trials")
+    export.add_argument("--sort", help="columns to sort by, comma-separated")
+    summary = query("summary", "mean, std and 95%% CI of the test error over seeds per configuration")
+    summary.add_argument("--by", help="columns to group by, comma-separated (default: the swept ones)")
+    summary.add_argument("--metric", default="test_error")
+    compare = query("compare", "paired differences against a baseline level, with CI and p-value")
+    compare.add_argument("--factor", required=True, help="the swept column to compare, e.g. shortcut")
+    compare.add_argument("--baseline", required=True, help="the level to compare against, e.g. A")
+    compare.add_argument("--metric", default="test_error")
+    pareto = query("pareto", "the non-dominated trials")
+    pareto.add_argument("--objectives", default="test_error,flops",
+                        help="comma-separated (default: test_error,flops)")
+    plot = query("plot", "draw one of the paper's figures as a PNG", table=False)
+    plot.add_argument("--kind", required=True, choices=("curves", "depth", "pareto", "responses"))
+    plot.add_argument("-o", "--output", required=True, help="the PNG file to write")
+    report = query("report", "one self-contained HTML page: tables, comparisons, plots", table=False)
+    report.add_argument("-o", "--output", required=True, help="the HTML file to write")
+    report.add_argument("--no-responses", action="store_true",
+                        help="leave out Fig. 7 (it reloads every trained model)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="resnet-ablate", description="Architecture ablations of residual networks.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run (or resume) the study a spec describes")
+    run.add_argument("spec", help="a study spec, e.g. studies/quickstart.yaml")
+    run.add_argument("--address", help="an existing Ray cluster (ray://HOST:10001 or HOST:6379)")
+    run.add_argument("--storage", help="an Optuna storage URL (default: sqlite under --runs-dir)")
+    run.add_argument("--workers", type=int, help="trials at once (default: the spec's)")
+    run.add_argument("--runs-dir", default="runs", help="default storage and trained weights")
+    run.add_argument("--dry-run", action="store_true",
+                     help="list the trials with their FLOPs and cost; train nothing")
+    run.add_argument("--no-weights", action="store_true", help="do not keep trained weights")
+    run.add_argument("--quiet", action="store_true", help="no progress display")
+    _add_query_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .arch import ArchError
+    from .spec import SpecError
+    from .study import ClusterError, StudyConflict
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (SpecError, ArchError, StudyConflict, ClusterError) as error:
+        print(f"resnet-ablate: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

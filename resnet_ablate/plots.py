@@ -1,0 +1,203 @@
+"""The paper's figures drawn from a study's results, as matplotlib Figures (Agg, no display needed).
+
+- `plot_curves`: Fig. 6, training curves by depth, plain vs residual: thin lines training error,
+  bold lines test error, the mean over seeds per configuration.
+- `plot_depth`: error against depth, one line per shortcut option, with 95% CI error bars.
+- `plot_pareto`: test error against GFLOPs for every completed trial, the Pareto front joined.
+- `plot_responses`: Fig. 7, the std of each 3x3 layer's BN output, in layer order and sorted.
+
+Figures are built with `matplotlib.figure.Figure` and saved through the Agg canvas, so importing
+this module never picks or changes pyplot's global backend.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from .results import Results, ResultsError
+
+KINDS = ("curves", "depth", "pareto", "responses")
+
+
+def _figure(panels: int = 1, *, height: float = 4.0) -> tuple[Figure, list[Any]]:
+    figure = Figure(figsize=(5.0 * panels, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, panels, squeeze=False)[0]
+    return figure, list(axes)
+
+
+def _varied(results: Results, column: str) -> bool:
+    return column in results.trials and results.completed()[column].nunique(dropna=True) > 1
+
+
+def _label(column: str | None, value: Any) -> str:
+    if column == "shortcut":
+        return "plain" if value == "none" else f"ResNet ({value})"
+    if column == "depth":
+        return f"{value}-layer"
+    return f"{column}={value}" if column else str(value)
+
+
+def _default_split(results: Results) -> tuple[str | None, str]:
+    """Panels by shortcut (plain vs residual) and colours by depth where the study varies them."""
+    panel = "shortcut" if _varied(results, "shortcut") else None
+    for candidate in ("depth", *results.swept):
+        if candidate != panel and _varied(results, candidate):
+            return panel, candidate
+    return panel, "arch_name"
+
+
+def plot_curves(results: Results, *, panel_by: str | None = None, color_by: str | None = None,
+                metric: str = "error") -> Figure:
+    """Fig. 6: per-epoch training (thin) and test (bold) `metric` ("error" or "loss"), mean over
+    seeds, one panel per `panel_by` value, one colour per `color_by` value."""
+    default_panel, default_color = _default_split(results)
+    panel_by = panel_by or default_panel
+    color_by = color_by or default_color
+    curves = results.curves(list(results.require_completed("plot")["number"]))
+    if curves.empty:
+        raise ResultsError(f"study {results.study!r}: no per-epoch curves recorded")
+    results.check_columns([c for c in (panel_by, color_by) if c])
+    panels = sorted(curves[panel_by].unique(), key=_panel_order) if panel_by else [None]
+    colors = sorted(curves[color_by].unique(), key=_natural)
+    palette = {value: f"C{i % 10}" for i, value in enumerate(colors)}
+    figure, axes = _figure(len(panels))
+    for ax, panel in zip(axes, panels):
+        subset = curves if panel is None else curves[curves[panel_by] == panel]
+        for value in colors:
+            lines = subset[subset[color_by] == value]
+            if lines.empty:
+                continue
+            mean = lines.groupby("epoch")[[f"train_{metric}", f"test_{metric}"]].mean()
+            scale = 100.0 if metric == "error" else 1.0
+            ax.plot(mean.index, scale * mean[f"train_{metric}"], color=palette[value], linewidth=0.9,
+                    linestyle="--", alpha=0.8)
+            ax.plot(mean.index, scale * mean[f"test_{metric}"], color=palette[value], linewidth=2.4,
+                    label=_label(color_by, value))
+        ax.set_title(_label(panel_by, panel) if panel_by else results.study)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("error (%)" if metric == "error" else metric)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(title="bold: test, thin dashed: train", fontsize="small", title_fontsize="small")
+    return figure
+
+
+def plot_depth(results: Results, *, metric: str = "test_error", x: str = "depth",
+               line_by: str | None = None) -> Figure:
+    """`metric` (mean over seeds, 95% CI bars) against `x`, one line per `line_by` value."""
+    if line_by is None:
+        line_by = "shortcut" if _varied(results, "shortcut") else None
+    by = [x, line_by] if line_by and line_by != x else [x]
+    summary = results.summary(by=by, metric=metric)
+    figure, (ax,) = _figure()
+    groups = summary.groupby(line_by, sort=False) if len(by) == 2 else [(None, summary)]
+    for value, group in sorted(groups, key=lambda item: _panel_order(item[0])):
+        group = group.sort_values(x)
+        mean = 100 * group[f"{metric}_mean"].to_numpy(float)
+        half = 100 * (group[f"{metric}_ci95_high"] - group[f"{metric}_mean"]).to_numpy(float)
+        ax.errorbar(group[x].astype(float), mean, yerr=np.nan_to_num(half), marker="o", capsize=4,
+                    label=_label(line_by, value) if line_by else metric)
+    ax.set_xlabel(x)
+    ax.set_ylabel(f"{metric.replace('_', ' ')} (%), mean and 95% CI")
+    ax.set_title(results.study)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return figure
+
+
+def plot_pareto(results: Results, *, metric: str = "test_error", cost: str = "flops") -> Figure:
+    """Every completed trial's `metric` against its `cost`, the Pareto front joined as a staircase."""
+    done = results.require_completed("plot")
+    front = results.pareto([metric, cost]).sort_values(cost)
+    scale = {"flops": 1e-9, "params": 1e-6}.get(cost, 1.0)
+    unit = {"flops": "GFLOPs", "params": "M params"}.get(cost, cost)
+    figure, (ax,) = _figure()
+    label_by = "shortcut" if _varied(results, "shortcut") else "arch_name"
+    for i, (value, group) in enumerate(done.groupby(label_by, sort=True)):
+        ax.scatter(scale * group[cost].astype(float), 100 * group[metric].astype(float),
+                   color=f"C{i % 10}", alpha=0.7, label=_label(label_by, value))
+    ax.step(scale * front[cost].astype(float), 100 * front[metric].astype(float), where="post",
+            color="black", linewidth=1.5, label="Pareto front")
+    ax.scatter(scale * front[cost].astype(float), 100 * front[metric].astype(float),
+               facecolors="none", edgecolors="black", s=90)
+    ax.set_xlabel(unit)
+    ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
+    ax.set_title(results.study)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return figure
+
+
+def plot_responses(results: Results, responses: pd.DataFrame | None = None, *,
+                   max_images: int | None = 1000) -> Figure:
+    """Fig. 7: std of each 3x3 layer's response (BN output, before add and ReLU), mean over
+    seeds per architecture: in layer order (left) and sorted by magnitude (right)."""
+    if responses is None:
+        responses = results.layer_responses(max_images=max_images)
+    figure, (original, ordered) = _figure(2)
+    for i, (name, group) in enumerate(sorted(responses.groupby("arch_name"), key=_arch_order)):
+        mean = group.groupby("layer")["std"].mean()
+        style = {"color": f"C{i % 10}", "linestyle": ":" if name.startswith("plain") else "-",
+                 "marker": ".", "label": name}
+        original.plot(mean.index, mean.to_numpy(), **style)
+        ordered.plot(np.arange(1, len(mean) + 1), np.sort(mean.to_numpy())[::-1], **style)
+    original.set_xlabel("layer index (original)")
+    ordered.set_xlabel("layer index (sorted by magnitude)")
+    for ax in (original, ordered):
+        ax.set_ylabel("std of BN output")
+        ax.grid(alpha=0.3)
+    original.legend(fontsize="small")
+    return figure
+
+
+PLOTTERS: dict[str, Callable[..., Figure]] = {
+    "curves": plot_curves, "depth": plot_depth, "pareto": plot_pareto, "responses": plot_responses,
+}
+
+
+def plot(results: Results, kind: str, **options: Any) -> Figure:
+    if kind not in PLOTTERS:
+        raise ResultsError(f"no plot kind {kind!r}; kinds: {', '.join(KINDS)}")
+    return PLOTTERS[kind](results, **options)
+
+
+def png_bytes(figure: Figure, *, dpi: int = 110) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def save_plot(results: Results, kind: str, path: str | Path, **options: Any) -> Path:
+    """Draw plot `kind` and write it as a PNG file; returns the path."""
+    path = Path(path)
+    data = png_bytes(plot(results, kind, **options))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def _natural(value: Any) -> tuple:
+    return (0, float(value), "") if isinstance(value, (int, float, np.number)) else (1, 0.0, str(value))
+
+
+def _panel_order(value: Any) -> tuple:
+    return (0,) + _natural(value) if value == "none" else (1,) + _natural(value)  # plain first
+
+
+def _arch_order(item: tuple[str, Sequence]) -> tuple:
+    name = item[0]
+    return (not name.startswith("plain"), name)
+
+
+__all__ = ["KINDS", "PLOTTERS", "plot", "plot_curves", "plot_depth", "plot_pareto",
+           "plot_responses", "png_bytes", "save_plot"]

@@ -1,0 +1,125 @@
+"""A study's report: one static, self-contained HTML page (tables, comparisons, plots as base64 PNG).
+
+    from resnet_ablate import results, report
+    report.write_report(results.load("quickstart"), "report.html")
+
+Nothing is fetched when the page is opened: styles are inline and the plots are data: URIs.
+A section that cannot be drawn yet (no kept weights for Fig. 7, a study still running) says why
+instead of failing the whole page.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+import pandas as pd
+
+from . import plots
+from .results import Results, ResultsError, display_frame
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th { background: #f3f3f3; }
+img { max-width: 100%; border: 1px solid #eee; }
+.note { color: #777; font-style: italic; }
+"""
+
+
+def _table(frame: pd.DataFrame) -> str:
+    return display_frame(frame).to_html(index=False, border=0, escape=True)
+
+
+def _plot(results: Results, kind: str, alt: str) -> str:
+    try:
+        data = plots.png_bytes(plots.plot(results, kind))
+    except ResultsError as error:
+        return f'<p class="note">{html.escape(str(error))}</p>'
+    encoded = base64.b64encode(data).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
+
+
+def comparisons(results: Results) -> list[tuple[str, object, pd.DataFrame]]:
+    """(factor, baseline, table) for every swept factor with two or more completed levels; the
+    baseline is the level listed first in the spec (shortcut: "A" where present)."""
+    found = []
+    space = results.spec.get("space") or {}
+    for factor in results.swept:
+        levels = [v for v in space.get(factor, []) if not isinstance(v, (list, dict))]
+        done = results.completed()[factor].dropna().unique() if factor in results.trials else []
+        levels = [v for v in levels if any(str(v) == str(d) for d in done)]
+        if len(levels) < 2:
+            continue
+        baseline = "A" if factor == "shortcut" and "A" in levels else levels[0]
+        try:
+            found.append((factor, baseline, results.compare(factor, baseline)))
+        except ResultsError:
+            continue  # no pairs yet
+    return found
+
+
+def render_report(results: Results, *, responses: bool = True) -> str:
+    """The report page as an HTML string."""
+    title = f"resnet-ablate: {results.study}"
+    counts = ", ".join(f"{n} {state}" for state, n in results.state_counts().items()) or "no trials"
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             f"<style>{_STYLE}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    if results.question:
+        parts.append(f"<p><b>Question:</b> {html.escape(results.question)}</p>")
+    parts.append(f"<p>Storage <code>{html.escape(results.storage)}</code>; trials: "
+                 f"{html.escape(counts)}; swept: {html.escape(', '.join(results.swept) or '-')}.</p>")
+
+    parts.append("<h2>Summary over seeds</h2>")
+    try:
+        parts.append(_table(results.summary()))
+    except ResultsError as error:
+        parts.append(f'<p class="note">{html.escape(str(error))}</p>')
+        parts.append("</body></html>")
+        return "\n".join(parts)
+
+    parts.append("<h2>Paired comparisons</h2>")
+    found = comparisons(results)
+    if not found:
+        parts.append('<p class="note">no factor has two levels with paired completed trials</p>')
+    for factor, baseline, table in found:
+        parts.append(f"<h3>{html.escape(factor)} against {html.escape(str(baseline))}</h3>")
+        parts.append("<p>Difference of test error, level minus baseline, paired by seed; 95% CI "
+                     "and the paired t-test's two-sided p-value (the 'all' row pools every pair).</p>")
+        parts.append(_table(table))
+
+    parts.append("<h2>Pareto front: test error against FLOPs</h2>")
+    parts.append(_table(results.pareto(["test_error", "flops"])))
+    parts.append(_plot(results, "pareto", "test error against GFLOPs"))
+
+    parts.append("<h2>Training curves (Fig. 6)</h2>")
+    parts.append(_plot(results, "curves", "training curves"))
+    if results.completed()["depth"].nunique() > 1:
+        parts.append("<h2>Error against depth</h2>")
+        parts.append(_plot(results, "depth", "test error against depth"))
+    if responses:
+        parts.append("<h2>Layer responses (Fig. 7)</h2>")
+        parts.append("<p>Std of each 3x3 layer's BN output (before the add and ReLU) on the "
+                     "evaluation images, mean over seeds.</p>")
+        parts.append(_plot(results, "responses", "layer responses"))
+
+    parts.append("<h2>Trials</h2>")
+    columns = ["number", "state", *results.swept, "seed", "params", "flops", "test_error",
+               "train_error", "epochs", "wall_seconds", "failure"]
+    parts.append(_table(results.trials[list(dict.fromkeys(columns))]))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(results: Results, path: str | Path, *, responses: bool = True) -> Path:
+    """Write the report page to `path`; returns the path."""
+    path = Path(path)
+    text = render_report(results, responses=responses)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+__all__ = ["comparisons", "render_report", "write_report"]

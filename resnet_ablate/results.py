@@ -1,0 +1,619 @@
+"""Study results: read a study's storage into tables and statistics. Reads only; never trains.
+
+    from resnet_ablate import results
+    r = results.load("quickstart")                # storage defaults to runs/<study>.db
+    r.trials                                      # one row per trial (pandas DataFrame)
+    r.summary(by=["depth", "shortcut"])           # over seeds: count, mean, std, 95% CI
+    r.compare("shortcut", baseline="A")           # paired over seeds: difference, CI, p-value
+    r.pareto(["test_error", "flops"])             # the non-dominated trials
+    r.curves()                                    # per-epoch train/test error, one row per epoch
+    r.layer_responses()                           # Fig. 7: std of each 3x3 layer's BN output
+    r.where("depth == 20").summary()              # any of them on a subset (a pandas query)
+
+SQLite storage is opened read-only (SQLite's `mode=ro`), so reading a study that is still running
+never takes a write lock and cannot create or change the runner's file. Every lookup problem (no
+storage, no study, no such column or value) is one `ResultsError` whose message names what exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+import optuna
+import pandas as pd
+from scipy import stats
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+ARCH_COLUMNS = ("family", "depth", "stages", "block", "shortcut", "widths", "base_width",
+                "downsampling", "fused")
+# Whether more or less is better, for the metrics a Pareto front can be taken over.
+DIRECTIONS: dict[str, str] = {
+    "test_error": "minimize", "best_test_error": "minimize", "train_error": "minimize",
+    "test_accuracy": "maximize", "flops": "minimize", "params": "minimize",
+    "wall_seconds": "minimize", "images_per_second": "maximize",
+}
+TRIAL_COLUMNS = ("number", "state", "arch_name", *ARCH_COLUMNS, "seed", "params", "flops",
+                 "test_accuracy", "test_error", "best_test_error", "train_error", "epochs",
+                 "wall_seconds", "images_per_second", "device", "failure_kind", "failure",
+                 "arch_digest", "weights")
+_INT_COLUMNS = ("number", "depth", "base_width", "seed", "params", "flops", "epochs")
+STATES = ("COMPLETE", "RUNNING", "FAIL", "PRUNED", "WAITING")
+
+
+class ResultsError(LookupError):
+    """A study, storage, column or value that does not exist; the message names what does."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Storage
+
+
+def default_storage(study: str, runs_dir: str | Path = "runs") -> str:
+    """Where `resnet-ablate run` puts a study by default: sqlite:///<runs_dir>/<study>.db."""
+    return f"sqlite:///{Path(runs_dir) / (study + '.db')}"
+
+
+def _open_storage(storage: str) -> optuna.storages.BaseStorage:
+    """The storage behind `storage`, read-only for SQLite; never creates a database."""
+    url = storage
+    if storage.startswith("sqlite:///"):
+        path = Path(storage.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise ResultsError(f"no study storage at {path}; {_databases_beside(path)}")
+        # mode=ro: no write lock, no file creation, no schema upgrade; a busy writer is waited on.
+        url = f"sqlite:///file:{quote(str(path))}?mode=ro&uri=true"
+    try:
+        return optuna.storages.RDBStorage(url, skip_table_creation=True,
+                                          engine_kwargs={"connect_args": {"timeout": 30}}
+                                          if storage.startswith("sqlite") else None)
+    except Exception as error:
+        raise ResultsError(
+            f"cannot open storage {storage!r}: {type(error).__name__}: {error}; expected an Optuna "
+            "RDB URL such as sqlite:///runs/STUDY.db or postgresql://user@host/db") from None
+
+
+def _databases_beside(path: Path) -> str:
+    folder = path.parent
+    found = sorted(p.name for p in folder.glob("*.db")) if folder.is_dir() else []
+    if found:
+        return f"databases in {folder}/: {', '.join(found)}"
+    return f"{folder}/ holds no .db file; run a study first, or pass --storage / --runs-dir"
+
+
+def _summaries(storage: str) -> list[optuna.study.StudySummary]:
+    backend = _open_storage(storage)
+    try:
+        return optuna.get_all_study_summaries(backend)
+    except Exception as error:
+        raise ResultsError(f"cannot read studies from {storage!r}: {type(error).__name__}: "
+                           f"{error}; is it an Optuna storage?") from None
+
+
+def list_studies(storage: str | None = None, runs_dir: str | Path = "runs") -> pd.DataFrame:
+    """Studies with their trial counts by state: in `storage`, or in every runs_dir/*.db."""
+    if storage is not None:
+        storages = [storage]
+    else:
+        storages = [f"sqlite:///{p}" for p in sorted(Path(runs_dir).glob("*.db"))]
+        if not storages:
+            raise ResultsError(f"no study storage in {runs_dir}/ (no .db file); run a study "
+                               "first, or pass --storage URL or --runs-dir")
+    rows = []
+    for url in storages:
+        backend = _open_storage(url)
+        for summary in _summaries(url):
+            study = optuna.load_study(study_name=summary.study_name, storage=backend)
+            counts = pd.Series([t.state.name for t in study.get_trials(deepcopy=False)],
+                               dtype=object).value_counts()
+            rows.append({"study": summary.study_name, "trials": int(counts.sum()),
+                         **{state: int(counts.get(state, 0)) for state in STATES[:4]},
+                         "question": study.user_attrs.get("question", ""), "storage": url})
+    return pd.DataFrame(rows, columns=["study", "trials", *STATES[:4], "question", "storage"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Trials as rows
+
+
+def _scalar(value: Any) -> Any:
+    """Lists (stages, widths) become "16-32-64" so rows group, query and print cleanly."""
+    return "-".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+
+
+def _error(accuracy: float | None) -> float | None:
+    return None if accuracy is None else 1.0 - accuracy
+
+
+def _trial_row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    attrs = trial.user_attrs
+    arch = attrs.get("arch") or {}
+    return {
+        "number": trial.number, "state": trial.state.name, "arch_name": attrs.get("arch_name"),
+        **{name: _scalar(arch.get(name)) for name in ARCH_COLUMNS}, "seed": attrs.get("seed"),
+        "params": attrs.get("params"), "flops": attrs.get("flops"),
+        "test_accuracy": attrs.get("final_test_accuracy"),
+        "test_error": _error(attrs.get("final_test_accuracy")),
+        "best_test_error": _error(attrs.get("best_test_accuracy")),
+        "train_error": _error(attrs.get("final_train_accuracy")),
+        "epochs": attrs.get("epochs_completed"), "wall_seconds": attrs.get("wall_seconds"),
+        "images_per_second": attrs.get("images_per_second"), "device": attrs.get("device"),
+        "failure_kind": attrs.get("failure_kind"),
+        "failure": attrs.get("failure") or attrs.get("pruned"),
+        "arch_digest": attrs.get("arch_digest"), "weights": attrs.get("weights"),
+    }
+
+
+def _trials_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=list(TRIAL_COLUMNS))
+    for column in _INT_COLUMNS:  # nullable ints: a failed trial's gap does not turn 20 into 20.0
+        frame[column] = frame[column].astype("Int64")
+    frame["fused"] = frame["fused"].astype("boolean")
+    for column in ("test_accuracy", "test_error", "best_test_error", "train_error",
+                   "wall_seconds", "images_per_second"):
+        frame[column] = frame[column].astype(float)
+    return frame
+
+
+def _floats(series: pd.Series) -> np.ndarray:
+    return series.to_numpy(dtype=float, na_value=np.nan)
+
+
+def _t_interval(values: np.ndarray) -> tuple[float, float, float, float]:
+    """Mean, sample std and the 95% Student-t confidence interval (nan where n < 2)."""
+    n = len(values)
+    mean = float(np.mean(values)) if n else math.nan
+    if n < 2:
+        return mean, math.nan, math.nan, math.nan
+    std = float(np.std(values, ddof=1))
+    half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
+    return mean, std, mean - half, mean + half
+
+
+# ----------------------------------------------------------------------------------------------
+# The results object
+
+
+@dataclass(eq=False)
+class Results:
+    """One study's trials (`trials`, a DataFrame) and the analyses over them.
+
+    `swept` are the architecture fields the spec sweeps (the columns that tell configurations
+    apart), `spec` the spec sections the study was created from, `attrs` every trial's raw user
+    attributes by trial number (curves, weights, versions, tracebacks).
+    """
+
+    study: str
+    storage: str
+    trials: pd.DataFrame
+    swept: tuple[str, ...]
+    objectives: tuple[str, ...]
+    question: str = ""
+    spec: Mapping[str, Any] = field(default_factory=dict)
+    attrs: Mapping[int, Mapping[str, Any]] = field(default_factory=dict, repr=False)
+
+    # -- selecting
+
+    def completed(self) -> pd.DataFrame:
+        return self.trials[self.trials["state"] == "COMPLETE"]
+
+    def state_counts(self) -> dict[str, int]:
+        return {str(k): int(v) for k, v in self.trials["state"].value_counts().items()}
+
+    def check_columns(self, columns: Sequence[str]) -> None:
+        missing = [c for c in columns if c not in self.trials.columns]
+        if missing:
+            raise ResultsError(f"no column {missing[0]!r} in study {self.study!r}; "
+                               f"columns: {', '.join(self.trials.columns)}")
+
+    def where(self, query: str | None) -> Results:
+        """The same results restricted to the trials that match a pandas query, e.g.
+        "depth == 20 and shortcut == 'A'"."""
+        if not query:
+            return self
+        try:
+            kept = self.trials.query(query)
+        except (pd.errors.UndefinedVariableError, NameError, KeyError) as error:
+            raise ResultsError(f"--where {query!r}: {error}; columns: "
+                               f"{', '.join(self.trials.columns)}") from None
+        except Exception as error:  # a syntax error or a type clash inside the expression
+            raise ResultsError(f"--where {query!r} is not a valid pandas query: "
+                               f"{type(error).__name__}: {error}") from None
+        return dataclasses.replace(self, trials=kept)
+
+    def sorted_by(self, columns: Sequence[str] | None) -> pd.DataFrame:
+        """The trials sorted by columns; a leading "-" sorts that column descending."""
+        if not columns:
+            return self.trials
+        names = [c.lstrip("-") for c in columns]
+        self.check_columns(names)
+        return self.trials.sort_values(names, ascending=[not c.startswith("-") for c in columns],
+                                       na_position="last", kind="stable")
+
+    def require_completed(self, what: str) -> pd.DataFrame:
+        done = self.completed()
+        if done.empty:
+            counts = ", ".join(f"{n} {s}" for s, n in self.state_counts().items()) or "no trials"
+            raise ResultsError(f"study {self.study!r} in {self.storage} has no completed trial "
+                               f"to {what} (it has {counts})")
+        return done
+
+    def _configuration_columns(self, without: Sequence[str] = ()) -> list[str]:
+        return [c for c in (self.swept or ("arch_name",)) if c not in without]
+
+    # -- statistics
+
+    def summary(self, by: Sequence[str] | None = None, metric: str = "test_error") -> pd.DataFrame:
+        """Per configuration over seeds: count, mean, std and 95% CI (Student t) of `metric`,
+        with the configuration's parameters and FLOPs (their mean where `by` mixes several)."""
+        by = list(by or self._configuration_columns())
+        self.check_columns([*by, metric])
+        done = self.require_completed("summarise")
+        rows = []
+        for key, group in done.groupby(by, sort=True, dropna=False):
+            mean, std, low, high = _t_interval(_floats(group[metric]))
+            names = group["arch_name"].unique()
+            rows.append({
+                **dict(zip(by, key if isinstance(key, tuple) else (key,))),
+                "arch_name": names[0] if len(names) == 1 else f"{len(names)} architectures",
+                "n": len(group), f"{metric}_mean": mean, f"{metric}_std": std,
+                f"{metric}_ci95_low": low, f"{metric}_ci95_high": high,
+                "params": _one_or_mean(group["params"]), "flops": _one_or_mean(group["flops"]),
+            })
+        return pd.DataFrame(rows)
+
+    def compare(self, factor: str, baseline: Any, metric: str = "test_error") -> pd.DataFrame:
+        """Paired differences `metric(level) - metric(baseline)` over seeds, for each other level
+        of `factor`: one row per configuration of the other swept factors, plus an "all" row that
+        pools every pair. With a 95% CI of the mean difference and the two-sided p-value of the
+        paired t-test (`scipy.stats.ttest_rel`). Several completed trials of one configuration and
+        seed are averaged first."""
+        self.check_columns([factor, metric])
+        done = self.require_completed("compare")
+        levels = list(pd.unique(self.trials[factor].dropna()))
+        baseline = _match_level(baseline, levels, factor)
+        others = self._configuration_columns(without=[factor])
+        others = [c for c in others if c != "arch_name"]
+        keyed = done.groupby([*others, "seed", factor], dropna=False)[metric].mean().unstack(factor)
+        if baseline not in keyed.columns:
+            raise ResultsError(f"no completed trial with {factor}={baseline!r} yet; completed "
+                               f"levels: {', '.join(map(str, keyed.columns))}")
+        rows = []
+        for level in [lv for lv in levels if lv != baseline and lv in keyed.columns]:
+            pairs = keyed[[baseline, level]].dropna()
+            if pairs.empty:
+                continue
+            groups = pairs.groupby(level=others, dropna=False, sort=True) if others else []
+            for key, group in groups:
+                key = key if isinstance(key, tuple) else (key,)
+                rows.append(_paired_row(factor, level, baseline, metric, dict(zip(others, key)),
+                                        group[baseline], group[level]))
+            rows.append(_paired_row(factor, level, baseline, metric,
+                                    {name: "all" for name in others},
+                                    pairs[baseline], pairs[level]))
+        if not rows:
+            raise ResultsError(f"no configuration has completed trials of both {factor}="
+                               f"{baseline!r} and another level with the same seed yet")
+        return pd.DataFrame(rows)
+
+    def pareto(self, objectives: Sequence[str] = ("test_error", "flops")) -> pd.DataFrame:
+        """The completed trials that no other completed trial dominates (at least as good in every
+        objective, better in one), sorted by the first objective. Directions: see DIRECTIONS."""
+        objectives = list(objectives)
+        if len(objectives) < 2:
+            raise ResultsError(f"a Pareto front needs two or more objectives, got {objectives}")
+        self.check_columns(objectives)
+        unknown = [o for o in objectives if o not in DIRECTIONS]
+        if unknown:
+            raise ResultsError(f"no direction known for {unknown[0]!r}; Pareto objectives: "
+                               f"{', '.join(DIRECTIONS)}")
+        done = self.require_completed("take a Pareto front of")
+        done = done[done[objectives].notna().all(axis=1)]
+        signs = np.array([1.0 if DIRECTIONS[o] == "minimize" else -1.0 for o in objectives])
+        points = np.column_stack([_floats(done[o]) for o in objectives]) * signs
+        no_worse = (points[:, None, :] <= points[None, :, :]).all(axis=2)
+        better = (points[:, None, :] < points[None, :, :]).any(axis=2)
+        dominated = (no_worse & better).any(axis=0)  # [i, j]: trial i dominates trial j
+        front = done[~dominated]
+        columns = ["number", "arch_name", *self._configuration_columns(), "seed",
+                   *objectives, "params", "flops"]
+        columns = list(dict.fromkeys(columns))
+        return front.sort_values([*objectives, "number"], kind="stable")[columns]
+
+    # -- per-epoch curves and trained models
+
+    def curves(self, numbers: Sequence[int] | None = None) -> pd.DataFrame:
+        """Per-epoch records (epoch, lr, train/test loss and error, seconds) of the given trials
+        (default: every trial here that recorded any), one row per trial and epoch."""
+        numbers = list(self.trials["number"]) if numbers is None else list(numbers)
+        self._check_numbers(numbers)
+        info = self.trials.set_index("number")
+        keep = ["arch_name", *self._configuration_columns(), "seed", "state"]
+        keep = list(dict.fromkeys(keep))
+        rows = []
+        for number in numbers:
+            for record in self.attrs.get(int(number), {}).get("curves") or []:
+                rows.append({"number": int(number), **info.loc[number, keep].to_dict(), **record})
+        columns = ["number", *keep, "epoch", "lr", "train_loss", "train_error", "test_loss",
+                   "test_error", "seconds"]
+        return pd.DataFrame(rows, columns=columns)
+
+    def _check_numbers(self, numbers: Sequence[int]) -> None:
+        known = set(int(n) for n in self.trials["number"])
+        unknown = [n for n in numbers if int(n) not in known]
+        if unknown:
+            raise ResultsError(f"no trial {unknown[0]} in study {self.study!r} (here); trials: "
+                               f"{_ranges(sorted(known)) or 'none'}")
+
+    def dataset(self):
+        """The evaluation data the study's trials were trained and tested on (a DataBundle)."""
+        from .data import SyntheticSpec, load_dataset
+        from .spec import DatasetSpec
+
+        section = self.spec.get("dataset", "digits")
+        section = {"name": section} if isinstance(section, str) else dict(section or {})
+        try:
+            kwargs = DatasetSpec(**section).load_kwargs()
+            if kwargs["synthetic"] is not None:
+                kwargs["synthetic"] = SyntheticSpec(**kwargs["synthetic"])
+            return load_dataset(**kwargs)
+        except (OSError, TypeError, ValueError) as error:
+            raise ResultsError(f"cannot load the data set of study {self.study!r} "
+                               f"({section}): {error}") from None
+
+    def model(self, number: int, *, fused: bool | None = None, data=None):
+        """Trial `number`'s trained model from its kept weights, in eval mode. `fused=False`
+        rebuilds it from plain BatchNorm2d + ReLU modules (the same state_dict keys)."""
+        import torch
+
+        from .arch import ResNetArch
+
+        self._check_numbers([number])
+        attrs = self.attrs.get(int(number), {})
+        weights = attrs.get("weights")
+        if not weights or not Path(weights).is_file():
+            raise ResultsError(f"trial {number} of study {self.study!r} has no kept weights "
+                               f"({weights or 'none recorded'})")
+        arch = dict(attrs["arch"])
+        if fused is not None:
+            arch["fused"] = fused
+        data = data or self.dataset()
+        model = ResNetArch.from_dict(arch).build(num_classes=data.num_classes,
+                                                  in_channels=data.in_channels)
+        state = torch.load(io.BytesIO(Path(weights).read_bytes()), map_location="cpu")
+        model.load_state_dict(state)
+        return model.eval()
+
+    def layer_responses(self, numbers: Sequence[int] | None = None, *, max_images: int | None = None,
+                        batch_size: int = 256) -> pd.DataFrame:
+        """The paper's Fig. 7: for each trained model (default: every completed trial with kept
+        weights) and each 3x3 conv layer, the standard deviation of its BatchNorm output, before
+        the residual add and the ReLU, over the evaluation images (all elements: images, channels
+        and positions). Models are rebuilt unfused, since a fused BN's output is after add + ReLU.
+        Rows: number, configuration, seed, layer (1-based, forward order), module, std."""
+        import torch
+
+        if numbers is None:
+            done = self.require_completed("analyse")
+            numbers = [int(n) for n in done["number"]
+                       if _kept(self.attrs.get(int(n), {}).get("weights"))]
+            if not numbers:
+                raise ResultsError(f"no completed trial of study {self.study!r} kept its weights "
+                                   "(run without --no-weights to analyse layer responses)")
+        data = self.dataset()
+        images = data.test_x if max_images is None else data.test_x[:max_images]
+        info = self.trials.set_index("number")
+        keep = list(dict.fromkeys(["arch_name", *self._configuration_columns(), "seed"]))
+        rows = []
+        for number in numbers:
+            model = self.model(number, fused=False, data=data)
+            layers = three_by_three_batch_norms(model)
+            sums = np.zeros((len(layers), 3))  # count, sum, sum of squares (float64)
+
+            def hook(index: int):
+                def record(_module, _inputs, output):
+                    values = output.detach().double()
+                    sums[index] += (values.numel(), values.sum().item(), values.square().sum().item())
+                return record
+
+            handles = [bn.register_forward_hook(hook(i)) for i, (_, bn) in enumerate(layers)]
+            try:
+                with torch.no_grad():
+                    for start in range(0, len(images), batch_size):
+                        model(images[start:start + batch_size])
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for index, ((name, _), (count, total, squares)) in enumerate(zip(layers, sums), start=1):
+                variance = (squares - total * total / count) / (count - 1)
+                rows.append({"number": int(number), **info.loc[number, keep].to_dict(),
+                             "layer": index, "module": name, "std": math.sqrt(max(variance, 0.0))})
+        return pd.DataFrame(rows, columns=["number", *keep, "layer", "module", "std"])
+
+    # -- display
+
+    @staticmethod
+    def format_table(frame: pd.DataFrame) -> str:
+        return format_table(frame)
+
+
+def _one_or_mean(series: pd.Series) -> Any:
+    values = series.dropna().unique()
+    if len(values) == 1:
+        return values[0]
+    return float(np.mean(values.astype(float))) if len(values) else None
+
+
+def _kept(weights: str | None) -> bool:
+    return bool(weights) and Path(weights).is_file()
+
+
+def _ranges(numbers: Sequence[int]) -> str:
+    if not numbers:
+        return ""
+    parts, start, previous = [], numbers[0], numbers[0]
+    for n in [*numbers[1:], None]:
+        if n is not None and n == previous + 1:
+            previous = n
+            continue
+        parts.append(str(start) if start == previous else f"{start}-{previous}")
+        if n is not None:
+            start = previous = n
+    return ", ".join(parts)
+
+
+def _match_level(value: Any, levels: list[Any], factor: str) -> Any:
+    """The level equal to `value`, accepting its text ("20" for depth 20, as typed on a CLI)."""
+    for level in levels:
+        if level == value or str(level) == str(value):
+            return level
+    raise ResultsError(f"no trial has {factor}={value!r}; {factor} values: "
+                       f"{', '.join(map(str, levels)) or 'none'}")
+
+
+def _paired_row(factor: str, level: Any, baseline: Any, metric: str, configuration: dict,
+                base: pd.Series, other: pd.Series) -> dict[str, Any]:
+    base_values, other_values = base.to_numpy(float), other.to_numpy(float)
+    differences = other_values - base_values
+    mean, std, low, high = _t_interval(differences)
+    t_stat = p_value = math.nan
+    if len(differences) >= 2:
+        with warnings.catch_warnings():  # identical differences: t is undefined, reported as nan
+            warnings.simplefilter("ignore", RuntimeWarning)
+            test = stats.ttest_rel(other_values, base_values)
+        t_stat, p_value = float(test.statistic), float(test.pvalue)
+    return {factor: level, "baseline": baseline, **configuration, "n_pairs": len(differences),
+            f"{metric}_baseline": float(np.mean(base_values)),
+            f"{metric}_level": float(np.mean(other_values)),
+            "diff_mean": mean, "diff_std": std, "diff_ci95_low": low, "diff_ci95_high": high,
+            "t": t_stat, "p_value": p_value, "metric": metric}
+
+
+def three_by_three_batch_norms(model) -> list[tuple[str, Any]]:
+    """(name, BN) for every BatchNorm that directly follows a 3x3 conv (convK -> bnK), in forward
+    order: the stem of a CIFAR net, both layers of a basic block, a bottleneck's middle layer."""
+    from torch import nn
+
+    from .kernels import FusedBatchNorm2d
+
+    found = []
+    for prefix, module in model.named_modules():
+        for k in (1, 2, 3):
+            conv, bn = getattr(module, f"conv{k}", None), getattr(module, f"bn{k}", None)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) \
+                    and tuple(conv.kernel_size) == (3, 3):
+                if isinstance(bn, FusedBatchNorm2d):
+                    raise ValueError(f"{prefix}.bn{k} is fused: its output is after the add and "
+                                     "ReLU; rebuild the model with fused=False")
+                found.append((f"{prefix}.bn{k}" if prefix else f"bn{k}", bn))
+    return found
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load(study: str, storage: str | None = None, runs_dir: str | Path = "runs") -> Results:
+    """The trials of a study, finished or still running, as a Results object (read-only)."""
+    storage = storage or default_storage(study, runs_dir)
+    backend = _open_storage(storage)
+    names = [s.study_name for s in _summaries(storage)]
+    if study not in names:
+        raise ResultsError(f"no study {study!r} in {storage}; studies there: "
+                           f"{', '.join(names) or 'none'}")
+    loaded = optuna.load_study(study_name=study, storage=backend)
+    trials = loaded.get_trials(deepcopy=False)
+    spec = loaded.user_attrs.get("spec") or {}
+    return Results(
+        study=study, storage=storage, trials=_trials_frame([_trial_row(t) for t in trials]),
+        swept=tuple((spec.get("space") or {}).keys()),
+        objectives=tuple(loaded.user_attrs.get("objectives", ["test_error"])),
+        question=loaded.user_attrs.get("question", ""), spec=spec,
+        attrs={t.number: dict(t.user_attrs) for t in trials},
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Display: units for people (%, M params, GFLOPs); CSV and JSON keep the exact values
+
+
+def _percent(value: Any) -> str:
+    return "-" if pd.isna(value) else f"{100 * value:.2f}%"
+
+
+def _number(value: Any) -> str:
+    if pd.isna(value):
+        return "-"
+    if isinstance(value, (bool, np.bool_)):
+        return str(value)
+    if isinstance(value, (int, np.integer)):
+        return str(value)
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def display_frame(frame: pd.DataFrame, *, max_text: int = 60) -> pd.DataFrame:
+    """A copy as text with units: errors and accuracies in %, params in M, FLOPs in G."""
+    shown = pd.DataFrame(index=frame.index)
+    for column in frame.columns:
+        values = frame[column]
+        name = column
+        if ("error" in column or "accuracy" in column or column.startswith("diff_")) \
+                and pd.api.types.is_numeric_dtype(values):
+            text = values.map(_percent)
+        elif column == "params":
+            name, text = "params (M)", values.map(lambda v: "-" if pd.isna(v) else f"{v / 1e6:.3f}")
+        elif column == "flops":
+            name, text = "GFLOPs", values.map(lambda v: "-" if pd.isna(v) else f"{v / 1e9:.4f}")
+        elif column == "wall_seconds":
+            name, text = "wall (s)", values.map(lambda v: "-" if pd.isna(v) else f"{v:.1f}")
+        elif column == "images_per_second":
+            name, text = "images/s", values.map(lambda v: "-" if pd.isna(v) else f"{v:.0f}")
+        elif column == "p_value":
+            text = values.map(lambda v: "-" if pd.isna(v) else f"{v:.3g}")
+        else:
+            text = values.map(_number).map(
+                lambda s: s if len(s) <= max_text else s[: max_text - 3] + "...")
+        shown[name] = text.astype(object).to_numpy()
+    return shown
+
+
+def format_table(frame: pd.DataFrame) -> str:
+    """Aligned for a terminal, with units: % error, M params, GFLOPs."""
+    if frame.empty:
+        return "(no rows)"
+    return display_frame(frame).to_string(index=False)
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot write {type(value).__name__} {value!r} as JSON")
+
+
+def write_frame(frame: pd.DataFrame, fmt: str = "table") -> str:
+    """`frame` as text: "table" (aligned, with units), "csv" or "json" (exact values)."""
+    if fmt == "table":
+        return format_table(frame)
+    if fmt == "csv":
+        return frame.to_csv(index=False)
+    if fmt == "json":  # json.dumps writes floats with repr: they read back bit for bit
+        records = frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+        return json.dumps(records, indent=1, default=_json_value)
+    raise ValueError(f"unknown format {fmt!r}; valid: table, csv, json")
+
+
+__all__ = ["ARCH_COLUMNS", "DIRECTIONS", "Results", "ResultsError", "default_storage",
+           "display_frame", "format_table", "list_studies", "load", "three_by_three_batch_norms",
+           "write_frame"]

@@ -1,0 +1,364 @@
+"""Results read from a small study the runner produces here (synthetic data, 2 Ray workers):
+tables, seed statistics checked against scipy.stats, Pareto fronts against brute force, curves,
+Fig. 7 layer responses, plots and the HTML report; and the errors for what does not exist."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+import sqlite3
+
+import matplotlib.image
+import numpy as np
+import optuna
+import pytest
+import torch
+from scipy import stats
+
+from resnet_ablate import plots, report
+from resnet_ablate.results import ResultsError, display_frame, list_studies, load
+
+SYNTHETIC = {"num_classes": 4, "channels": 1, "image_size": 8, "train_size": 128,
+             "test_size": 64, "noise": 1.5}
+STUDY = "results-small"
+DEPTHS, SHORTCUTS, SEEDS = (8, 14), ("A", "none"), (0, 1, 2)
+_BUILT: dict[str, str] = {}
+
+
+def small_study(tmp_path_factory) -> str:
+    """Runs the study once per test session (both results test files share it); its runs dir."""
+    if "runs" not in _BUILT:
+        import ray
+
+        from resnet_ablate.spec import parse_spec
+        from resnet_ablate.study import RunOptions, run_study
+
+        runs = tmp_path_factory.mktemp("results-runs")
+        raw = {"study": STUDY, "question": "Do shortcuts help deeper nets?",
+               "dataset": {"name": "synthetic", "synthetic": SYNTHETIC},
+               "model": {"family": "cifar"},
+               "space": {"depth": list(DEPTHS), "shortcut": list(SHORTCUTS)},
+               "seeds": len(SEEDS), "train": {"epochs": 2, "batch_size": 32},
+               "resources": {"cpus": 1, "workers": 2}}
+        spec, options = parse_spec(raw), RunOptions(runs_dir=runs, progress=False)
+        for attempt in (1, 2):
+            # address="local": a cluster of our own, even if another Ray runs on this machine.
+            ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
+                     log_to_driver=False)
+            try:
+                summary = run_study(spec, options)
+                break
+            except ray.exceptions.RayError:
+                # A Ray process lost on a busy shared machine; the runner resumes what is stored.
+                if attempt == 2:
+                    raise
+            finally:
+                ray.shutdown()
+        stored = optuna.load_study(study_name=STUDY, storage=summary.storage).get_trials()
+        complete = [t for t in stored if t.state == optuna.trial.TrialState.COMPLETE]
+        assert len(complete) == len(DEPTHS) * len(SHORTCUTS) * len(SEEDS)
+        _BUILT["runs"] = str(runs)
+    return _BUILT["runs"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return small_study(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def results(runs):
+    return load(STUDY, runs_dir=runs)
+
+
+@pytest.fixture(scope="module")
+def raw_trials(runs):
+    """The trials as Optuna stores them: the independent reference for every check."""
+    storage = f"sqlite:///{runs}/{STUDY}.db"
+    return optuna.load_study(study_name=STUDY, storage=storage).get_trials(deepcopy=False)
+
+
+def _error_of(trial) -> float:
+    return 1.0 - trial.user_attrs["final_test_accuracy"]
+
+
+def _by_point(raw_trials) -> dict[tuple, float]:
+    return {(t.params["depth"], t.params["shortcut"], t.user_attrs["seed"]): _error_of(t)
+            for t in raw_trials}
+
+
+# -- the trials table
+
+
+def test_trials_frame_has_one_row_per_trial_with_what_the_runner_recorded(results, raw_trials):
+    frame = results.trials.set_index("number")
+    assert len(frame) == len(raw_trials) == 12
+    assert results.swept == ("depth", "shortcut")
+    for t in raw_trials:
+        row = frame.loc[t.number]
+        assert (row["depth"], row["shortcut"], row["seed"]) == (
+            t.params["depth"], t.params["shortcut"], t.user_attrs["seed"])
+        assert row["state"] == "COMPLETE" and row["stages"] == "-".join(
+            map(str, t.user_attrs["arch"]["stages"]))
+        assert row["params"] == t.user_attrs["params"] and row["flops"] == t.user_attrs["flops"]
+        assert row["test_error"] == pytest.approx(t.values[0])
+        assert row["test_accuracy"] == t.user_attrs["final_test_accuracy"]
+        assert row["train_error"] == pytest.approx(1 - t.user_attrs["final_train_accuracy"])
+        assert row["wall_seconds"] == t.user_attrs["wall_seconds"] > 0
+        assert row["images_per_second"] == t.user_attrs["images_per_second"] > 0
+        assert row["weights"] == t.user_attrs["weights"] and row["epochs"] == 2
+    # Whole numbers stay whole (no 8.0 from a nullable column).
+    assert str(frame["depth"].dtype) == "Int64" and str(frame["flops"].dtype) == "Int64"
+
+
+def test_where_filters_with_a_pandas_query(results):
+    chosen = results.where("depth == 14 and shortcut == 'A'")
+    assert sorted(chosen.trials["seed"]) == [0, 1, 2]
+    assert set(chosen.trials["arch_name"]) == {"resnet14-cifar-A"}
+    with pytest.raises(ResultsError, match=r"'nosuch' is not defined; columns: number, state"):
+        results.where("nosuch == 1")
+
+
+def test_sorted_by_and_unknown_columns(results):
+    ordered = results.sorted_by(["-test_error", "number"])
+    assert list(ordered["test_error"]) == sorted(results.trials["test_error"], reverse=True)
+    with pytest.raises(ResultsError, match=r"no column 'speed' in study 'results-small'; columns: .*flops"):
+        results.sorted_by(["speed"])
+
+
+# -- statistics against scipy.stats
+
+
+def test_summary_matches_mean_std_and_t_interval_over_seeds(results, raw_trials):
+    summary = results.summary(by=["depth", "shortcut"]).set_index(["depth", "shortcut"])
+    points = _by_point(raw_trials)
+    assert len(summary) == 4
+    for depth in DEPTHS:
+        for shortcut in SHORTCUTS:
+            values = np.array([points[(depth, shortcut, s)] for s in SEEDS])
+            low, high = stats.t.interval(0.95, len(values) - 1, loc=values.mean(),
+                                         scale=stats.sem(values))
+            row = summary.loc[(depth, shortcut)]
+            assert row["n"] == 3
+            assert row["test_error_mean"] == pytest.approx(values.mean())
+            assert row["test_error_std"] == pytest.approx(values.std(ddof=1))
+            assert (row["test_error_ci95_low"], row["test_error_ci95_high"]) == (
+                pytest.approx(low), pytest.approx(high))
+            reference = next(t for t in raw_trials
+                             if (t.params["depth"], t.params["shortcut"]) == (depth, shortcut))
+            assert row["params"] == reference.user_attrs["params"]
+            assert row["flops"] == reference.user_attrs["flops"]
+
+
+def test_summary_by_one_factor_pools_the_other(results, raw_trials):
+    summary = results.summary(by=["shortcut"]).set_index("shortcut")
+    errors = [_error_of(t) for t in raw_trials if t.params["shortcut"] == "none"]
+    assert summary.loc["none", "n"] == 6
+    assert summary.loc["none", "test_error_mean"] == pytest.approx(np.mean(errors))
+    assert summary.loc["none", "arch_name"] == "2 architectures"
+
+
+def test_compare_is_a_paired_t_test_over_seeds_per_depth_and_overall(results, raw_trials):
+    table = results.compare("shortcut", "A")
+    points = _by_point(raw_trials)
+    assert list(table["depth"]) == [8, 14, "all"]
+    assert set(table["shortcut"]) == {"none"} and set(table["baseline"]) == {"A"}
+    for depth, row in zip((8, 14, "all"), table.to_dict("records")):
+        depths = DEPTHS if depth == "all" else (depth,)
+        base = np.array([points[(d, "A", s)] for d in depths for s in SEEDS])
+        plain = np.array([points[(d, "none", s)] for d in depths for s in SEEDS])
+        reference = stats.ttest_rel(plain, base)
+        diff = plain - base
+        low, high = stats.t.interval(0.95, len(diff) - 1, loc=diff.mean(), scale=stats.sem(diff))
+        assert row["n_pairs"] == len(diff)
+        assert row["diff_mean"] == pytest.approx(diff.mean())
+        assert row["t"] == pytest.approx(reference.statistic)
+        assert row["p_value"] == pytest.approx(reference.pvalue)
+        assert (row["diff_ci95_low"], row["diff_ci95_high"]) == (pytest.approx(low), pytest.approx(high))
+        assert row["test_error_baseline"] == pytest.approx(base.mean())
+
+
+def test_compare_accepts_the_level_as_typed_and_names_the_valid_ones(results):
+    by_depth = results.compare("depth", "8")  # text, as from a command line
+    assert list(by_depth["shortcut"]) == ["A", "none", "all"] and set(by_depth["depth"]) == {14}
+    with pytest.raises(ResultsError, match=r"no trial has shortcut='B'; shortcut values: A, none"):
+        results.compare("shortcut", "B")
+    with pytest.raises(ResultsError, match="no column 'width'"):
+        results.compare("width", "16")
+
+
+def _brute_force_front(rows, objectives, signs):
+    front = []
+    for i, a in enumerate(rows):
+        dominated = False
+        for j, b in enumerate(rows):
+            if i == j:
+                continue
+            no_worse = all(s * b[o] <= s * a[o] for o, s in zip(objectives, signs))
+            better = any(s * b[o] < s * a[o] for o, s in zip(objectives, signs))
+            dominated |= no_worse and better
+        if not dominated:
+            front.append(a["number"])
+    return sorted(front)
+
+
+def test_pareto_front_matches_brute_force(results, raw_trials):
+    rows = [{"number": t.number, "test_error": _error_of(t), "flops": t.user_attrs["flops"],
+             "params": t.user_attrs["params"], "accuracy": t.user_attrs["final_test_accuracy"]}
+            for t in raw_trials]
+    front = results.pareto(["test_error", "flops"])
+    assert sorted(front["number"]) == _brute_force_front(rows, ["test_error", "flops"], [1, 1])
+    assert list(front["test_error"]) == sorted(front["test_error"])
+    # Maximising accuracy is the same front as minimising error.
+    by_accuracy = results.pareto(["test_accuracy", "params"])
+    assert sorted(by_accuracy["number"]) == _brute_force_front(rows, ["accuracy", "params"], [-1, 1])
+    with pytest.raises(ResultsError, match="no direction known for 'seed'"):
+        results.pareto(["test_error", "seed"])
+
+
+def test_curves_are_the_recorded_epochs(results, raw_trials):
+    trial = raw_trials[5]
+    curves = results.curves([trial.number])
+    assert list(curves["epoch"]) == [1, 2]
+    for record, row in zip(trial.user_attrs["curves"], curves.to_dict("records")):
+        assert row["test_error"] == record["test_error"] and row["train_error"] == record["train_error"]
+        assert row["shortcut"] == trial.params["shortcut"] and row["seed"] == trial.user_attrs["seed"]
+    assert len(results.curves()) == 2 * len(raw_trials)
+    with pytest.raises(ResultsError, match=r"no trial 99 .*trials: 0-11"):
+        results.curves([99])
+
+
+# -- Fig. 7: layer responses from the kept weights
+
+
+def test_unfused_rebuild_computes_the_same_function_as_the_trained_fused_model(results):
+    fused, unfused = results.model(0), results.model(0, fused=False)
+    assert fused.fused and not unfused.fused
+    assert fused.state_dict().keys() == unfused.state_dict().keys()
+    images = results.dataset().test_x[:16]
+    with torch.no_grad():
+        torch.testing.assert_close(fused(images), unfused(images), rtol=1e-4, atol=1e-5)
+
+
+def test_layer_responses_are_the_std_of_each_3x3_bn_output_before_add_and_relu(results, raw_trials):
+    deep_plain = next(t for t in raw_trials if t.params == {"depth": 14, "shortcut": "none"})
+    responses = results.layer_responses([0, deep_plain.number])
+    shallow = responses[responses["number"] == 0]
+    assert list(shallow["module"]) == ["bn1", "layer1.0.bn1", "layer1.0.bn2", "layer2.0.bn1",
+                                       "layer2.0.bn2", "layer3.0.bn1", "layer3.0.bn2"]
+    assert list(shallow["layer"]) == list(range(1, 8))
+    assert (responses["number"] == deep_plain.number).sum() == 13  # stem + 2 x 2 x 3 blocks
+
+    # By hand: the stem, then block layer1.0 up to its second BN, before the add and the ReLU.
+    model = results.model(0, fused=False)
+    images = results.dataset().test_x
+    with torch.no_grad():
+        stem = model.bn1(model.conv1(images))
+        block = model.layer1[0]
+        first = block.bn1(block.conv1(torch.relu(stem)))
+        second = block.bn2(block.conv2(torch.relu(first)))
+    expected = [stem.double().std().item(), first.double().std().item(), second.double().std().item()]
+    assert list(shallow["std"][:3]) == pytest.approx(expected, rel=1e-6)
+    # Post-ReLU values would be a different (smaller) number: the hook sees the BN output.
+    assert expected[2] != pytest.approx(torch.relu(second).double().std().item(), rel=1e-3)
+
+
+# -- plots and report
+
+
+@pytest.mark.parametrize("kind", plots.KINDS)
+def test_each_plot_is_a_valid_png(results, tmp_path, kind):
+    path = plots.save_plot(results, kind, tmp_path / f"{kind}.png")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    image = matplotlib.image.imread(io.BytesIO(data), format="png")
+    height, width = image.shape[:2]
+    assert image.shape[2] in (3, 4) and 300 <= height <= 2000 and 400 <= width <= 3000
+    assert image[..., :3].std() > 0.05  # something is drawn, not a blank canvas
+
+
+def test_report_is_one_self_contained_page_with_the_tables_and_plots(results, tmp_path):
+    path = report.write_report(results, tmp_path / "report.html")
+    page = path.read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    summary = display_frame(results.summary())
+    for cell in [*summary["test_error_mean"], *summary["GFLOPs"], *summary["arch_name"]]:
+        assert f"<td>{cell}</td>" in page
+    compare = display_frame(results.compare("shortcut", "A"))
+    for cell in compare["p_value"]:
+        assert f"<td>{cell}</td>" in page
+    assert "<h3>shortcut against A</h3>" in page and "<h3>depth against 8</h3>" in page
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == 4  # pareto, curves, depth, responses
+    for encoded in images:
+        assert base64.b64decode(encoded)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+
+
+# -- reading a study that is running; what does not exist
+
+
+@pytest.fixture
+def live_copy(runs, tmp_path):
+    """A copy of the study with one more trial the runner has asked for and not finished."""
+    shutil.copy(f"{runs}/{STUDY}.db", tmp_path / f"{STUDY}.db")
+    storage = f"sqlite:///{tmp_path / STUDY}.db"
+    optuna.load_study(study_name=STUDY, storage=storage).ask()
+    return tmp_path
+
+
+def test_a_running_study_reads_without_locking_or_changing_the_file(live_copy):
+    database = live_copy / f"{STUDY}.db"
+    before = database.read_bytes()
+    writer = sqlite3.connect(database, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # the runner is in the middle of a write transaction
+    try:
+        live = load(STUDY, runs_dir=live_copy)
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    assert live.state_counts() == {"COMPLETE": 12, "RUNNING": 1}
+    assert live.summary()["n"].sum() == 12  # only completed trials count
+    assert database.read_bytes() == before
+    assert sorted(p.name for p in live_copy.iterdir()) == [f"{STUDY}.db"]  # no journal left behind
+
+
+def test_missing_storage_is_not_created_and_the_error_names_the_databases(runs, tmp_path):
+    with pytest.raises(ResultsError, match=rf"no study storage at .*nope.db; databases in .*: {STUDY}.db"):
+        load("nope", runs_dir=runs)
+    with pytest.raises(ResultsError, match="holds no .db file"):
+        load("nope", runs_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_study_names_the_studies_there(runs):
+    storage = f"sqlite:///{runs}/{STUDY}.db"
+    with pytest.raises(ResultsError, match=rf"no study 'other' in {re.escape(storage)}; studies there: {STUDY}"):
+        load("other", storage=storage)
+
+
+def test_wrong_storage_url_says_what_is_expected():
+    with pytest.raises(ResultsError, match=r"cannot open storage 'nosuchdb://x'.*sqlite:///runs/STUDY.db"):
+        load("x", storage="nosuchdb://x")
+
+
+def test_an_empty_study_loads_and_its_statistics_say_there_is_nothing_yet(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'empty.db'}"
+    optuna.create_study(study_name="empty", storage=storage)
+    empty = load("empty", storage=storage)
+    assert empty.trials.empty and list(empty.trials.columns)[:3] == ["number", "state", "arch_name"]
+    with pytest.raises(ResultsError, match="'empty' .* has no completed trial to summarise .*no trials"):
+        empty.summary()
+    with pytest.raises(ResultsError, match="no completed trial to take a Pareto front"):
+        empty.pareto()
+
+
+def test_list_studies_counts_trials_by_state(runs, live_copy):
+    listed = list_studies(runs_dir=runs).set_index("study")
+    assert listed.loc[STUDY, ["trials", "COMPLETE", "RUNNING", "FAIL"]].tolist() == [12, 12, 0, 0]
+    assert listed.loc[STUDY, "question"] == "Do shortcuts help deeper nets?"
+    live = list_studies(f"sqlite:///{live_copy / STUDY}.db").set_index("study")
+    assert live.loc[STUDY, ["trials", "COMPLETE", "RUNNING"]].tolist() == [13, 12, 1]
+    assert live.loc[STUDY, "PRUNED"] == 0

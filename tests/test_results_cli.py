@@ -1,0 +1,208 @@
+"""The query commands of `resnet-ablate` (ls, show, export, summary, compare, pareto, plot, report)
+on the study test_results.py runs: what each prints matches the Python results, and every lookup
+problem is one line on stderr with exit code 2."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import matplotlib.image
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from scipy import stats
+from test_results import SEEDS, STUDY, small_study
+
+from resnet_ablate.cli import main
+from resnet_ablate.results import display_frame, load
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return small_study(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def results(runs):
+    return load(STUDY, runs_dir=runs)
+
+
+@pytest.fixture
+def cli(runs, capsys):
+    """Runs `resnet-ablate COMMAND STUDY ... --runs-dir RUNS`; returns (exit code, stdout, stderr)."""
+    def run(*argv: str, study: bool = True):
+        code = main([argv[0], *([STUDY] if study else []), *argv[1:], "--runs-dir", runs])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+def _table_rows(text: str) -> tuple[list[str], list[list[str]]]:
+    lines = text.strip().splitlines()
+    header = lines[0].replace("params (M)", "params_M").replace("wall (s)", "wall_s")
+    return header.split(), [line.split() for line in lines[1:]]
+
+
+def test_ls_lists_the_study_with_counts_by_state(cli):
+    code, out, _ = cli("ls", study=False)
+    header, rows = _table_rows(out)
+    assert code == 0 and header[:6] == ["study", "trials", "COMPLETE", "RUNNING", "FAIL", "PRUNED"]
+    assert rows[0][:6] == [STUDY, "12", "12", "0", "0", "0"]
+
+
+def test_show_prints_every_trial_with_units(cli, results):
+    code, out, _ = cli("show")
+    header, rows = _table_rows(out)
+    assert code == 0 and len(rows) == 12
+    assert header[:5] == ["number", "state", "depth", "shortcut", "seed"] and "GFLOPs" in header
+    shown = display_frame(results.trials).set_index("number")
+    for row in rows:
+        expected = shown.loc[row[0]]
+        assert row[header.index("test_error")] == expected["test_error"]  # e.g. "29.69%"
+        assert row[header.index("test_error")].endswith("%")
+        assert row[header.index("GFLOPs")] == expected["GFLOPs"]
+        assert row[header.index("depth")] == expected["depth"]
+
+
+def test_show_where_and_sort(cli, results):
+    code, out, _ = cli("show", "--where", "depth == 14 and shortcut == 'A'", "--sort=-test_error,number",
+                       "--format", "csv")
+    shown = pd.read_csv(io.StringIO(out))
+    expected = results.trials.query("depth == 14 and shortcut == 'A'")
+    assert code == 0 and sorted(shown["number"]) == sorted(expected["number"])
+    assert list(shown["test_error"]) == sorted(expected["test_error"], reverse=True)
+    assert set(shown["shortcut"]) == {"A"} and set(shown["depth"]) == {14}
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_export_is_exact(cli, results, fmt):
+    code, out, _ = cli("export", "--format", fmt)
+    exported = pd.read_csv(io.StringIO(out)) if fmt == "csv" else pd.DataFrame(json.loads(out))
+    assert code == 0 and list(exported.columns) == list(results.trials.columns)
+    exported = exported.set_index("number").sort_index()
+    frame = results.trials.set_index("number").sort_index()
+    for column in ("test_error", "train_error", "wall_seconds", "images_per_second"):
+        assert exported[column].tolist() == frame[column].tolist()  # exact, not rounded
+    assert exported["flops"].tolist() == frame["flops"].tolist()
+    assert exported["shortcut"].tolist() == frame["shortcut"].tolist()
+
+
+def test_export_curves_to_a_file(cli, results, tmp_path):
+    target = tmp_path / "curves.csv"
+    code, out, err = cli("export", "--what", "curves", "-o", str(target))
+    curves = pd.read_csv(target)
+    assert code == 0 and out == "" and str(target) in err
+    assert len(curves) == 24 and curves["test_error"].tolist() == results.curves()["test_error"].tolist()
+
+
+def test_summary_by_depth_and_shortcut(cli, results):
+    code, out, _ = cli("summary", "--by", "depth,shortcut", "--format", "json")
+    printed = pd.DataFrame(json.loads(out))
+    expected = results.summary(by=["depth", "shortcut"])
+    assert code == 0 and printed["n"].tolist() == [3, 3, 3, 3]
+    for column in ("test_error_mean", "test_error_std", "test_error_ci95_low", "test_error_ci95_high"):
+        assert printed[column].tolist() == pytest.approx(expected[column].tolist())
+    code, out, _ = cli("summary", "--by", "depth,shortcut")
+    header, rows = _table_rows(out)
+    assert "test_error_mean" in header and "params_M" in header and "GFLOPs" in header
+    means = [row[header.index("test_error_mean")] for row in rows]
+    assert means == [f"{100 * v:.2f}%" for v in expected["test_error_mean"]]
+
+
+def test_compare_prints_scipy_paired_t_test(cli, runs):
+    code, out, _ = cli("compare", "--factor", "shortcut", "--baseline", "A", "--format", "json")
+    printed = json.loads(out)
+    trials = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{runs}/{STUDY}.db").get_trials()
+    error = {(t.params["depth"], t.params["shortcut"], t.user_attrs["seed"]):
+             1 - t.user_attrs["final_test_accuracy"] for t in trials}
+    assert code == 0 and [row["depth"] for row in printed] == [8, 14, "all"]
+    for row in printed:
+        depths = (8, 14) if row["depth"] == "all" else (row["depth"],)
+        plain = np.array([error[(d, "none", s)] for d in depths for s in SEEDS])
+        base = np.array([error[(d, "A", s)] for d in depths for s in SEEDS])
+        assert row["p_value"] == pytest.approx(stats.ttest_rel(plain, base).pvalue)
+        assert row["diff_mean"] == pytest.approx((plain - base).mean())
+    code, out, _ = cli("compare", "--factor", "shortcut", "--baseline", "A")
+    header, rows = _table_rows(out)
+    assert code == 0 and "p_value" in header and [r[header.index("depth")] for r in rows] == ["8", "14", "all"]
+
+
+def test_pareto_prints_the_non_dominated_trials(cli, results):
+    code, out, _ = cli("pareto", "--format", "csv")
+    printed = pd.read_csv(io.StringIO(out))
+    done = results.completed()
+    front = [n for n, e, f in zip(done["number"], done["test_error"], done["flops"])
+             if not any((e2 <= e and f2 <= f) and (e2 < e or f2 < f)
+                        for e2, f2 in zip(done["test_error"], done["flops"]))]
+    assert code == 0 and sorted(printed["number"]) == sorted(front)
+
+
+@pytest.mark.parametrize("kind", ["curves", "depth", "pareto", "responses"])
+def test_plot_writes_a_png(cli, tmp_path, kind):
+    target = tmp_path / f"{kind}.png"
+    code, _, err = cli("plot", "--kind", kind, "-o", str(target))
+    data = target.read_bytes()
+    assert code == 0 and str(target) in err and data[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width = matplotlib.image.imread(io.BytesIO(data), format="png").shape[:2]
+    assert height >= 300 and width >= 400
+
+
+def test_report_writes_the_html_page(cli, results, tmp_path):
+    target = tmp_path / "out" / "report.html"
+    code, _, _ = cli("report", "-o", str(target), "--no-responses")
+    page = target.read_text()
+    assert code == 0 and "<h2>Summary over seeds</h2>" in page and "<h2>Paired comparisons</h2>" in page
+    assert "Layer responses" not in page and page.count("data:image/png;base64,") == 3
+    for cell in display_frame(results.summary())["test_error_mean"]:
+        assert f"<td>{cell}</td>" in page
+
+
+# -- errors: one line on stderr naming what exists, exit code 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["show", "--where", "speed > 1"], "name 'speed' is not defined; columns: number, state"),
+    (["show", "--sort", "speed"], "no column 'speed' in study 'results-small'; columns:"),
+    (["summary", "--by", "width"], "no column 'width'"),
+    (["compare", "--factor", "shortcut", "--baseline", "C"], "shortcut values: A, none"),
+    (["pareto", "--objectives", "test_error,seed"], "no direction known for 'seed'"),
+])
+def test_bad_columns_and_values_are_one_line_errors(cli, argv, message):
+    code, out, err = cli(*argv)
+    assert code == 2 and out == ""
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_missing_study_or_storage_names_what_exists(runs, capsys, tmp_path):
+    assert main(["show", "other", "--runs-dir", runs]) == 2
+    assert f"no study storage at {runs}/other.db; databases in {runs}/: {STUDY}.db" in capsys.readouterr().err
+    assert main(["show", "other", "--storage", f"sqlite:///{runs}/{STUDY}.db"]) == 2
+    assert f"no study 'other' in sqlite:///{runs}/{STUDY}.db; studies there: {STUDY}" in capsys.readouterr().err
+    assert main(["summary", "x", "--storage", "nosuchdb://host/x"]) == 2
+    assert "cannot open storage 'nosuchdb://host/x'" in capsys.readouterr().err
+    assert main(["ls", "--runs-dir", str(tmp_path)]) == 2
+    assert "no .db file" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_study_is_an_error_for_show_and_summary(tmp_path, capsys):
+    storage = f"sqlite:///{tmp_path / 'empty.db'}"
+    optuna.create_study(study_name="empty", storage=storage)
+    assert main(["show", "empty", "--storage", storage]) == 2
+    assert "study 'empty' in " in capsys.readouterr().err
+    assert main(["summary", "empty", "--storage", storage]) == 2
+    assert "has no completed trial to summarise (it has no trials)" in capsys.readouterr().err
+
+
+def test_the_installed_command_exits_2_without_a_traceback(runs):
+    done = subprocess.run([sys.executable, "-m", "resnet_ablate.cli", "compare", STUDY, "--factor",
+                           "nosuch", "--baseline", "A", "--runs-dir", runs],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("resnet-ablate compare: error: no column 'nosuch'")
+    assert "Traceback" not in done.stderr

@@ -17,7 +17,6 @@ grad_residual (8 passes). All providers are scored against the same model, so GB
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import platform
 import statistics
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from _results import RESULTS, append_rows
 from resnet_ablate.kernels import fused_batch_norm, use_backend
 
 FULL_SHAPES = [(n, c, hw, hw) for n in (64, 256) for c, hw in
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--peak-gbps", type=float, default=None, help="override the peak bandwidth")
-    parser.add_argument("--csv", default="benchmarks/results/batch_norm_act.csv")
+    parser.add_argument("--csv", default=RESULTS / "batch_norm_act.csv")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -180,13 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(line)
             print(f"[{index}/{len(configs)} configurations done]", file=sys.stderr, flush=True)
 
-    out = Path(args.csv)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {len(rows)} rows to {out}")
+    append_rows(args.csv, rows)
     return 0
 
 

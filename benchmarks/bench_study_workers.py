@@ -10,7 +10,6 @@ same start-up; the ratio is wall(1 worker) / wall(N workers).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import ray
 
+from _results import RESULTS, append_rows
 from resnet_ablate.spec import load_spec
 from resnet_ablate.study import RunOptions, run_study
 
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("spec", nargs="?", default="studies/quickstart.yaml")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--csv", default="benchmarks/results/study_workers.csv")
+    parser.add_argument("--csv", default=RESULTS / "study_workers.csv")
     args = parser.parse_args(argv)
 
     spec = load_spec(args.spec)
@@ -47,13 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         row["speedup_vs_first"] = round(base / row["wall_seconds"], 3)
         print(f"{row['workers']} worker(s): {row['wall_seconds']:.1f} s, "
               f"{row['speedup_vs_first']:.2f}x vs {rows[0]['workers']} worker(s)")
-    out = Path(args.csv)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {out}")
+    append_rows(args.csv, rows)
     return 0
 
 

@@ -18,7 +18,6 @@ code generation, which alone takes minutes on a CPU); its figures only say that 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import platform
 import statistics
@@ -30,6 +29,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from _results import RESULTS, append_rows
 
 import resnet_ablate
 from resnet_ablate.kernels import TRITON_INTERPRETED, get_backend
@@ -159,7 +160,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile-backend", help="torch.compile backend (default inductor, --small aot_eager)")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--csv", type=Path, default=Path("runs/bench_train_step.csv"))
+    parser.add_argument("--csv", type=Path, default=RESULTS / "train_step.csv")
     args = parser.parse_args(argv)
     args.iters = args.iters or (3 if args.small else 50)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.small else 10)
@@ -202,14 +203,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
                 ms_median=round(median, 3), ms_mean=round(mean, 3), ms_min=round(fastest, 3),
                 ratio_vs_unfused=round(baseline / median, 4),
             ))
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    is_new = not args.csv.exists()
-    with args.csv.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
-        if is_new:
-            writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
-    print(f"\nwrote {len(rows)} rows to {args.csv}")
+    append_rows(args.csv, [asdict(r) for r in rows])
     return rows
 
 

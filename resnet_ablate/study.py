@@ -501,6 +501,20 @@ class StudyRunner:
         shown = f"{100 * value:.2f}%" if name in ("test_error", "test_accuracy", "train_error") else f"{value:.4g}"
         return f"{name} {shown} ({best.user_attrs.get('arch_name')} seed {best.user_attrs.get('seed')})"
 
+    def _initial_queue(self) -> tuple[list[tuple[dict[str, Any] | None, int]], float]:
+        """Grid points x seeds still to run (grid), and how many trials may still be asked."""
+        settled, _ = self._history()
+        budget_trials = self.spec.budget.trials
+        existing = sum(1 for t in self.study.get_trials(deepcopy=False)
+                       if t.user_attrs.get("failure_kind") != INTERRUPTED)
+        if self.spec.sampler != "grid":
+            return [], (budget_trials - existing) if budget_trials else math.inf
+        queue = [(p, s) for p in self.spec.grid() for s in self.spec.seeds
+                 if _point_key(p, s) not in settled and not self._over_budget(self.spec.arch(p))]
+        if budget_trials is not None:
+            queue = queue[: max(0, budget_trials - existing)]
+        return queue, len(queue)
+
     def run(self) -> RunSummary:
         started = time.monotonic()
         # A missing data set or a cluster without the GPUs asked for stops the run here, before
@@ -511,20 +525,8 @@ class StudyRunner:
         progress = StudyProgress(self.spec.study, enabled=self.options.progress)
         if recovered:
             progress.log(f"marked {recovered} trial(s) of an interrupted run as failed; resuming")
-        settled, attempts = self._history()
-        budget_trials = self.spec.budget.trials
-        existing = sum(1 for t in self.study.get_trials(deepcopy=False)
-                       if t.user_attrs.get("failure_kind") != INTERRUPTED)
-        if self.spec.sampler == "grid":
-            queue = [(p, s) for p in self.spec.grid() for s in self.spec.seeds
-                     if _point_key(p, s) not in settled and not self._over_budget(self.spec.arch(p))]
-            remaining_to_ask = len(queue)
-        else:
-            queue = []
-            remaining_to_ask = (budget_trials - existing) if budget_trials else math.inf
-        if budget_trials is not None and self.spec.sampler == "grid":
-            queue = queue[: max(0, budget_trials - existing)]
-            remaining_to_ask = len(queue)
+        _, attempts = self._history()
+        queue, remaining_to_ask = self._initial_queue()
 
         # On the driver's own node: losing a worker node must not take the mailbox with it.
         board = TrialBoard.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
@@ -532,6 +534,7 @@ class StudyRunner:
         running: dict[Any, _Running] = {}
         durations: list[float] = []
         counts: Counter = Counter()
+        best = self._best()
         launched = 0
         interrupted = False
         deadline = started + 60 * self.spec.budget.minutes if self.spec.budget.minutes else math.inf
@@ -540,13 +543,13 @@ class StudyRunner:
                 while len(running) < self.workers and remaining_to_ask > 0 and time.monotonic() < deadline:
                     params, seed = queue.pop(0) if queue else (None, self.spec.seeds[launched % len(self.spec.seeds)])
                     remaining_to_ask -= 1
-                    launched_trial = self._launch(board, params, seed)
                     launched += 1
-                    if launched_trial is not None:
-                        ref, item = launched_trial
-                        running[ref] = item
-                    else:
+                    launched_trial = self._launch(board, params, seed)
+                    if launched_trial is None:
                         counts["over_budget"] += 1
+                        continue
+                    ref, item = launched_trial
+                    running[ref] = item
                 if not running:
                     break
                 # A short wait keeps pruning decisions and the display close to the workers.
@@ -562,20 +565,22 @@ class StudyRunner:
                         if attempts[item.key] < self.spec.max_attempts:
                             queue.append((item.params, item.seed))
                             remaining_to_ask += 1
-                    if result != "completed":
+                    if result == "completed":
+                        best = self._best()
+                    else:
                         failure = item.trial.user_attrs.get("failure") or item.trial.user_attrs.get("pruned")
                         progress.log(f"trial {item.trial.number} ({item.arch.name}, seed {item.seed}) "
                                      f"{result}: {failure}")
-                left = remaining_to_ask if remaining_to_ask != math.inf else 0
-                eta = None
-                if durations:
-                    mean = sum(durations) / len(durations)
-                    eta = mean * (left + len(running)) / self.workers
-                epochs = (" (epochs " + ", ".join(str(r.epochs_done) for r in running.values()) + ")"
-                          if running else "")
-                progress.update(done=counts["completed"], running=len(running),
-                                failed=sum(v for k, v in counts.items() if k not in ("completed", "pruned")),
-                                remaining=int(left), best=self._best(), eta_seconds=eta, epochs=epochs)
+                left = 0 if remaining_to_ask == math.inf else int(remaining_to_ask)
+                mean_duration = sum(durations) / len(durations) if durations else None
+                progress.update(
+                    done=counts["completed"], running=len(running), failed=_failures(counts),
+                    remaining=left, best=best,
+                    eta_seconds=None if mean_duration is None
+                    else mean_duration * (left + len(running)) / self.workers,
+                    epochs=" (epochs " + ", ".join(str(r.epochs_done) for r in running.values()) + ")"
+                    if running else "",
+                )
         except KeyboardInterrupt:
             interrupted = True
             for ref in running:
@@ -592,10 +597,14 @@ class StudyRunner:
         states = Counter(t.state.name for t in self.study.get_trials(deepcopy=False))
         return RunSummary(
             study=self.spec.study, storage=self.storage, completed=counts["completed"],
-            failed=sum(v for k, v in counts.items() if k not in ("completed", "pruned")),
-            pruned=counts["pruned"], launched=launched, interrupted=interrupted,
-            wall_seconds=time.monotonic() - started, counts_by_state=dict(states),
+            failed=_failures(counts), pruned=counts["pruned"], launched=launched,
+            interrupted=interrupted, wall_seconds=time.monotonic() - started,
+            counts_by_state=dict(states),
         )
+
+
+def _failures(counts: Counter) -> int:
+    return sum(n for outcome, n in counts.items() if outcome not in ("completed", "pruned"))
 
 
 def run_study(spec: StudySpec, options: RunOptions = RunOptions()) -> RunSummary:

@@ -2,6 +2,7 @@
 
 import csv
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def _load(name):
+    if str(BENCHMARKS) not in sys.path:  # as when the script runs: its folder is importable
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -28,3 +31,16 @@ def test_batch_norm_benchmark_small_mode_writes_ratios(tmp_path, capsys):
         assert float(row["speedup_vs_eager"]) == pytest.approx(ratio, rel=1e-2)
         assert row["device"] and row["torch"] and row["triton"]
     assert "vs eager" in capsys.readouterr().out
+
+
+def test_train_step_benchmark_small_mode_writes_ratios(tmp_path):
+    bench = _load("bench_train_step")
+    out = tmp_path / "train_step.csv"
+    rows = bench.main(["--small", "--models", "resnet56", "--providers", "unfused", "fused",
+                       "--iters", "1", "--warmup", "0", "--csv", str(out)])
+    written = list(csv.DictReader(out.open()))
+    assert [r["provider"] for r in written] == ["unfused", "fused"] == [r.provider for r in rows]
+    baseline = float(written[0]["ms_median"])
+    for row in written:
+        assert float(row["ratio_vs_unfused"]) == pytest.approx(baseline / float(row["ms_median"]),
+                                                              rel=1e-2)

@@ -369,8 +369,12 @@ class StudyRunner:
             trial_number=number, arch=arch.to_dict(), seed=seed,
             dataset=self.spec.dataset.load_kwargs(), recipe=self.spec.recipe_for(arch).to_dict(),
             threads=max(1, int(self.spec.resources.cpus)), use_gpu=self.spec.resources.gpus > 0,
-            keep_weights=self.options.keep_weights,
+            keep_weights=self.options.keep_weights, await_pruner=self._prunes(),
         )
+
+    def _prunes(self) -> bool:
+        return (self.spec.pruner != "none" and len(self.spec.objectives) == 1
+                and self.spec.objectives[0] in ("test_error", "test_accuracy"))
 
     def _ask(self, params: dict[str, Any] | None, seed: int) -> optuna.Trial:
         if isinstance(self.sampler, _PlannedSampler):
@@ -485,8 +489,8 @@ class StudyRunner:
                     if self.spec.objectives[0] == "test_accuracy":
                         value = 1.0 - value
                     running.trial.report(value, record["epoch"])
-            if single and self.spec.pruner != "none" and running.trial.should_prune():
-                board.request_stop.remote(number)
+            if self._prunes() and records:
+                board.judge.remote(number, records[-1]["epoch"], running.trial.should_prune())
 
     def _best(self) -> str | None:
         if len(self.spec.objectives) != 1:

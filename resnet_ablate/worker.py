@@ -12,6 +12,7 @@ import io
 import os
 import platform
 import socket
+import time
 import traceback
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -36,19 +37,26 @@ class TrialTask:
     threads: int
     use_gpu: bool
     keep_weights: bool
+    # With a pruner, each epoch waits for the driver's verdict on it, so that whether a trial is
+    # pruned depends on the study's results, not on how fast the driver happened to read them.
+    await_pruner: bool = False
 
 
 class PrunedByDriver(Exception):
     """The driver's pruner stopped this trial after an epoch."""
 
 
+PRUNER_WAIT_SECONDS = 120.0  # past this a trial stops waiting for a verdict and trains on
+
+
 @ray.remote(num_cpus=0)
 class TrialBoard:
-    """Mailbox between running trials and the driver: epoch records in, prune requests out."""
+    """Mailbox between running trials and the driver: epoch records in, verdicts out."""
 
     def __init__(self) -> None:
         self._new: dict[int, list[dict[str, Any]]] = {}
         self._stop: set[int] = set()
+        self._judged: dict[int, int] = {}  # the last epoch of each trial the driver has seen
 
     def report(self, trial_number: int, record: dict[str, Any]) -> bool:
         """Store an epoch record; True when the driver asked this trial to stop."""
@@ -59,8 +67,17 @@ class TrialBoard:
         new, self._new = self._new, {}
         return new
 
-    def request_stop(self, trial_number: int) -> None:
-        self._stop.add(trial_number)
+    def judge(self, trial_number: int, epoch: int, stop: bool) -> None:
+        """The driver's verdict on a trial after it has seen `epoch`."""
+        self._judged[trial_number] = epoch
+        if stop:
+            self._stop.add(trial_number)
+
+    def verdict(self, trial_number: int, epoch: int) -> bool | None:
+        """Whether to stop after `epoch`; None while the driver has not seen that epoch."""
+        if self._judged.get(trial_number, 0) < epoch:
+            return None
+        return trial_number in self._stop
 
 
 def library_versions() -> dict[str, str]:
@@ -89,7 +106,15 @@ def execute(task: TrialTask, board: Any | None = None) -> dict[str, Any]:
 
     def on_epoch(record: EpochRecord) -> None:
         epochs.append(asdict(record))
-        if board is not None and ray.get(board.report.remote(task.trial_number, asdict(record))):
+        if board is None:
+            return
+        stop = ray.get(board.report.remote(task.trial_number, asdict(record)))
+        if task.await_pruner:
+            deadline = time.monotonic() + PRUNER_WAIT_SECONDS
+            while (stop := ray.get(board.verdict.remote(task.trial_number, record.epoch))) is None \
+                    and time.monotonic() < deadline:
+                time.sleep(0.02)
+        if stop:
             raise PrunedByDriver(f"pruned after epoch {record.epoch}")
 
     try:

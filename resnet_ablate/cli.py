@@ -254,12 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from .arch import ArchError
     from .spec import SpecError
-    from .study import ClusterError, StudyConflict
+    from .study import ClusterError, StudyBusy, StudyConflict
 
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (SpecError, ArchError, StudyConflict, ClusterError) as error:
+    except (SpecError, ArchError, StudyConflict, StudyBusy, ClusterError) as error:
         print(f"resnet-ablate: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

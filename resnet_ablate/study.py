@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -52,6 +54,58 @@ class StudyConflict(RuntimeError):
 
 class ClusterError(RuntimeError):
     """The Ray cluster cannot give trials what the spec asks for."""
+
+
+class StudyBusy(RuntimeError):
+    """Another live driver is running this study."""
+
+
+LEASE_SECONDS = 60.0  # a driver that has not renewed its lease for this long is presumed dead
+LEASE_RENEW_SECONDS = 15.0
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+class DriverLease:
+    """One driver per study: a lease in the study's attributes, renewed while the driver runs.
+
+    A second driver is refused while the lease is live. A lease whose driver died is taken over at
+    once on the same host (the process is gone) and after LEASE_SECONDS elsewhere.
+    """
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.study = study
+        self.me = {"host": socket.gethostname(), "pid": os.getpid()}
+        self.renewed = 0.0
+
+    def acquire(self) -> None:
+        held = self.study.user_attrs.get("driver")
+        if held and {k: held.get(k) for k in self.me} != self.me:
+            age = time.time() - held.get("renewed", 0)
+            dead = held.get("host") == self.me["host"] and not _process_alive(held.get("pid", -1))
+            if age < LEASE_SECONDS and not dead:
+                raise StudyBusy(
+                    f"study {self.study.study_name!r} is being run by driver pid {held.get('pid')} on "
+                    f"{held.get('host')} (lease renewed {age:.0f} s ago); wait for it, or stop it and "
+                    "run this command again"
+                )
+        self.renew(force=True)
+
+    def renew(self, force: bool = False) -> None:
+        if force or time.monotonic() - self.renewed > LEASE_RENEW_SECONDS:
+            self.study.set_user_attr("driver", {**self.me, "renewed": time.time()})
+            self.renewed = time.monotonic()
+
+    def release(self) -> None:
+        self.study.set_user_attr("driver", None)
 
 
 @dataclass(frozen=True)
@@ -525,6 +579,8 @@ class StudyRunner:
         # storage is touched.
         self.check_dataset()
         self._connect_ray()
+        lease = DriverLease(self.study)
+        lease.acquire()  # before touching trials: another live driver's are not interrupted
         recovered = self._recover_interrupted()
         progress = StudyProgress(self.spec.study, enabled=self.options.progress)
         if recovered:
@@ -558,6 +614,7 @@ class StudyRunner:
                     break
                 # A short wait keeps pruning decisions and the display close to the workers.
                 done, _ = ray.wait(list(running), num_returns=1, timeout=0.1)
+                lease.renew()
                 self._report_epochs(board, {r.trial.number: r for r in running.values()})
                 for ref in done:
                     item = running.pop(ref)
@@ -597,6 +654,7 @@ class StudyRunner:
         finally:
             progress.close()
             ray.kill(board)
+            lease.release()
 
         states = Counter(t.state.name for t in self.study.get_trials(deepcopy=False))
         return RunSummary(
@@ -621,5 +679,5 @@ def plan_study(spec: StudySpec, options: RunOptions = RunOptions()) -> list[Plan
     return StudyRunner(spec, options).plan()
 
 
-__all__ = ["ClusterError", "PlannedTrial", "RunOptions", "RunSummary", "StudyConflict", "StudyRunner",
+__all__ = ["ClusterError", "DriverLease", "PlannedTrial", "StudyBusy", "RunOptions", "RunSummary", "StudyConflict", "StudyRunner",
            "library_versions", "open_study", "plan_study", "run_study"]

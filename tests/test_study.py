@@ -285,3 +285,24 @@ def test_median_pruner_stops_trials_worse_than_the_median(local_ray, tmp_path):
         assert len(t.user_attrs["curves"]) < 6 and t.user_attrs["pruned"].startswith("pruned after epoch")
         reported = t.intermediate_values
         assert reported and set(reported) <= set(range(1, 7))
+
+
+def test_a_second_driver_on_a_running_study_is_refused(tmp_path):
+    from resnet_ablate.study import StudyBusy
+
+    raw = _raw_spec("busy", epochs=20, seeds=1)
+    spec_path = _write_spec(tmp_path, raw)
+    storage = f"sqlite:///{tmp_path / 'busy.db'}"
+    first = subprocess.Popen(_cli(spec_path, tmp_path, "--quiet"), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: optuna.trial.TrialState.RUNNING in _states(storage, "busy"))
+        second = subprocess.run(_cli(spec_path, tmp_path, "--quiet"), capture_output=True,
+                                text=True, timeout=300)
+        assert second.returncode == 2
+        assert f"is being run by driver pid {first.pid}" in second.stderr
+        assert optuna.trial.TrialState.FAIL not in _states(storage, "busy"), \
+            "the refused driver did not touch the running trials"
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=120)

@@ -38,8 +38,12 @@ def _run(args: argparse.Namespace) -> int:
     from .results import load
 
     results = load(spec.study, storage=summary.storage)
-    if len(results.trials):
-        print(results.format_table(results.summary()))
+    if len(results.completed()):
+        table = results.summary()
+        # Training error beside test error: the degradation problem shows in training error.
+        table.insert(table.columns.get_loc("test_error_mean"), "train_error_mean",
+                     results.summary(metric="train_error")["train_error_mean"].to_numpy())
+        print(results.format_table(table))
     return 0
 
 

@@ -93,6 +93,7 @@ class _ResidualBlock(nn.Module):
     """What both blocks share: the shortcut and the two BN epilogues, fused or unfused."""
 
     expansion: ClassVar[int]
+    last_bn: ClassVar[str]  # the BN that ends the residual branch (zero_init_residual zeroes it)
     downsample: nn.Module | None
 
     def _init_epilogue(self, shortcut: Shortcut, in_channels: int, out_channels: int, stride: int,
@@ -119,9 +120,6 @@ class _ResidualBlock(nn.Module):
         if identity is not None:
             out += identity
         return self.relu(out)
-
-    def _last_bn(self) -> nn.BatchNorm2d:
-        raise NotImplementedError
 
     @classmethod
     def from_modules(
@@ -160,13 +158,14 @@ class _ResidualBlock(nn.Module):
                 "zero_init_residual zeroes the last BN of each block so the block starts as its "
                 "shortcut; the plain network (shortcut 'none') has no shortcut, so it would output zeros"
             )
-        nn.init.zeros_(self._last_bn().weight)
+        nn.init.zeros_(getattr(self, self.last_bn).weight)
 
 
 class BasicBlock(_ResidualBlock):
     """Two 3x3 convs; the first strides. `forward(x)` = relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))."""
 
     expansion: ClassVar[int] = 1
+    last_bn: ClassVar[str] = "bn2"
 
     def __init__(
         self,
@@ -188,9 +187,6 @@ class BasicBlock(_ResidualBlock):
         if zero_init_residual:
             self._zero_init_residual()
 
-    def _last_bn(self) -> nn.BatchNorm2d:
-        return self.bn2
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = self._identity(x)
         out = self._bn_relu(self.bn1, self.conv1(x))
@@ -207,6 +203,7 @@ class Bottleneck(_ResidualBlock):
     """
 
     expansion: ClassVar[int] = 4
+    last_bn: ClassVar[str] = "bn3"
 
     def __init__(
         self,
@@ -245,9 +242,6 @@ class Bottleneck(_ResidualBlock):
         he_init_(self)
         if zero_init_residual:
             self._zero_init_residual()
-
-    def _last_bn(self) -> nn.BatchNorm2d:
-        return self.bn3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = self._identity(x)

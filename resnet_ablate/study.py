@@ -44,6 +44,7 @@ from .worker import TrialBoard, TrialTask, library_versions, run_trial
 RETRYABLE_FAILURES = ("error", "worker_lost")
 FINAL_FAILURES = ("diverged", "over_budget")
 INTERRUPTED = "interrupted"
+RETRY_BACKOFF_SECONDS = 5.0  # before a failed grid point's first retry; doubled for each next one
 SPEC_SECTIONS_THAT_DEFINE_A_STUDY = ("dataset", "model", "space", "objectives", "train",
                                      "warmup_from_depth")
 
@@ -525,13 +526,14 @@ class StudyRunner:
         self._tell(trial, self._objective_values(outcome, running))
         return "completed"
 
-    def _report_epochs(self, board, running_by_number: dict[int, _Running]) -> None:
-        """Per-epoch records from the workers: progress, and Optuna's pruning reports."""
+    def _report_epochs(self, board, running_by_number: dict[int, _Running]) -> bool:
+        """Per-epoch records from the workers: progress, and Optuna's pruning reports. False when
+        the mailbox is unreachable (lost with its node)."""
         single = len(self.spec.objectives) == 1 and self.spec.objectives[0] in ("test_error", "test_accuracy")
         try:
             drained = ray.get(board.drain.remote())
-        except ray.exceptions.RayError:  # progress and pruning pause; trials and storage are unaffected
-            return
+        except ray.exceptions.RayError:
+            return False
         for number, records in drained.items():
             running = running_by_number.get(number)
             if running is None:
@@ -545,6 +547,13 @@ class StudyRunner:
                     running.trial.report(value, record["epoch"])
             if self._prunes() and records:
                 board.judge.remote(number, records[-1]["epoch"], running.trial.should_prune())
+        return True
+
+    @staticmethod
+    def _new_board():
+        """A trial mailbox on the driver's own node, so that losing a worker node keeps it."""
+        return TrialBoard.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node_id=ray.get_runtime_context().get_node_id(), soft=True)).remote()
 
     def _best(self) -> str | None:
         if len(self.spec.objectives) != 1:
@@ -559,15 +568,16 @@ class StudyRunner:
         shown = f"{100 * value:.2f}%" if name in ("test_error", "test_accuracy", "train_error") else f"{value:.4g}"
         return f"{name} {shown} ({best.user_attrs.get('arch_name')} seed {best.user_attrs.get('seed')})"
 
-    def _initial_queue(self) -> tuple[list[tuple[dict[str, Any] | None, int]], float]:
-        """Grid points x seeds still to run (grid), and how many trials may still be asked."""
+    def _initial_queue(self) -> tuple[list[tuple[dict[str, Any], int, float]], float]:
+        """Grid points x seeds still to run (grid) with the time they may start, and how many
+        trials may still be asked."""
         settled, _ = self._history()
         budget_trials = self.spec.budget.trials
         existing = sum(1 for t in self.study.get_trials(deepcopy=False)
                        if t.user_attrs.get("failure_kind") != INTERRUPTED)
         if self.spec.sampler != "grid":
             return [], (budget_trials - existing) if budget_trials else math.inf
-        queue = [(p, s) for p in self.spec.grid() for s in self.spec.seeds
+        queue = [(p, s, 0.0) for p in self.spec.grid() for s in self.spec.seeds
                  if _point_key(p, s) not in settled and not self._over_budget(self.spec.arch(p))]
         if budget_trials is not None:
             queue = queue[: max(0, budget_trials - existing)]
@@ -588,9 +598,7 @@ class StudyRunner:
         _, attempts = self._history()
         queue, remaining_to_ask = self._initial_queue()
 
-        # On the driver's own node: losing a worker node must not take the mailbox with it.
-        board = TrialBoard.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-            node_id=ray.get_runtime_context().get_node_id(), soft=True)).remote()
+        board = self._new_board()
         running: dict[Any, _Running] = {}
         durations: list[float] = []
         counts: Counter = Counter()
@@ -601,7 +609,13 @@ class StudyRunner:
         try:
             while True:
                 while len(running) < self.workers and remaining_to_ask > 0 and time.monotonic() < deadline:
-                    params, seed = queue.pop(0) if queue else (None, self.spec.seeds[launched % len(self.spec.seeds)])
+                    if self.spec.sampler == "grid":
+                        ready = [i for i, entry in enumerate(queue) if entry[2] <= time.monotonic()]
+                        if not ready:
+                            break
+                        params, seed, _ = queue.pop(ready[0])
+                    else:
+                        params, seed = None, self.spec.seeds[launched % len(self.spec.seeds)]
                     remaining_to_ask -= 1
                     launched += 1
                     launched_trial = self._launch(board, params, seed)
@@ -611,11 +625,16 @@ class StudyRunner:
                     ref, item = launched_trial
                     running[ref] = item
                 if not running:
-                    break
+                    if not queue or time.monotonic() >= deadline:
+                        break
+                    time.sleep(0.2)  # retries wait out their back-off
+                    continue
                 # A short wait keeps pruning decisions and the display close to the workers.
                 done, _ = ray.wait(list(running), num_returns=1, timeout=0.1)
                 lease.renew()
-                self._report_epochs(board, {r.trial.number: r for r in running.values()})
+                if not self._report_epochs(board, {r.trial.number: r for r in running.values()}):
+                    # Running trials lose progress and pruning (they train on); new ones get this.
+                    board = self._new_board()
                 for ref in done:
                     item = running.pop(ref)
                     result = self._finish(ref, item)
@@ -624,7 +643,10 @@ class StudyRunner:
                     if result in RETRYABLE_FAILURES and item.key is not None:
                         attempts[item.key] += 1
                         if attempts[item.key] < self.spec.max_attempts:
-                            queue.append((item.params, item.seed))
+                            # Backing off lets a lost node be declared dead before the retry is
+                            # placed, instead of spending every attempt on it.
+                            backoff = RETRY_BACKOFF_SECONDS * 2 ** (attempts[item.key] - 1)
+                            queue.append((item.params, item.seed, time.monotonic() + backoff))
                             remaining_to_ask += 1
                     if result == "completed":
                         best = self._best()

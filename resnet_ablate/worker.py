@@ -108,12 +108,15 @@ def execute(task: TrialTask, board: Any | None = None) -> dict[str, Any]:
         epochs.append(asdict(record))
         if board is None:
             return
-        stop = ray.get(board.report.remote(task.trial_number, asdict(record)))
-        if task.await_pruner:
-            deadline = time.monotonic() + PRUNER_WAIT_SECONDS
-            while (stop := ray.get(board.verdict.remote(task.trial_number, record.epoch))) is None \
-                    and time.monotonic() < deadline:
-                time.sleep(0.02)
+        try:
+            stop = ray.get(board.report.remote(task.trial_number, asdict(record)))
+            if task.await_pruner:
+                deadline = time.monotonic() + PRUNER_WAIT_SECONDS
+                while (stop := ray.get(board.verdict.remote(task.trial_number, record.epoch))) is None \
+                        and time.monotonic() < deadline:
+                    time.sleep(0.02)
+        except ray.exceptions.RayError:
+            return  # the mailbox was lost with its node: no progress or pruning, training goes on
         if stop:
             raise PrunedByDriver(f"pruned after epoch {record.epoch}")
 

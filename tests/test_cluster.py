@@ -223,7 +223,9 @@ def test_trials_use_both_nodes_and_survive_losing_one(ray_cluster, postgres_url,
     assert lost and all("worker lost" in t.user_attrs["failure"] for t in lost)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     keys = sorted((t.params["shortcut"], t.user_attrs["seed"]) for t in complete)
-    assert keys == sorted((s, seed) for s in ("A", "none") for seed in range(4))
+    history = [(t.number, t.state.name, t.params.get("shortcut"), t.user_attrs.get("seed"),
+                t.user_attrs.get("failure")) for t in trials]
+    assert keys == sorted((s, seed) for s in ("A", "none") for seed in range(4)), (history, stderr)
     assert completed_before <= {t.number for t in complete}
     # Curves and weights came back to the driver's side, not left on the lost node.
     assert all(t.user_attrs["curves"] and Path(t.user_attrs["weights"]).exists() for t in complete)

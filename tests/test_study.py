@@ -269,9 +269,10 @@ def test_a_changed_spec_does_not_reuse_a_study(local_ray, tmp_path):
 
 def test_median_pruner_stops_trials_worse_than_the_median(local_ray, tmp_path):
     # Full-width nets first (the grid's order), then 1-channel-wide ones that learn far slower:
-    # with two reference trials done, the pruner stops the narrow ones after an epoch.
+    # with two reference trials done, the pruner stops the narrow ones after an epoch. One worker,
+    # so the reference trials are done before a narrow one starts (narrow trials run faster).
     raw = _raw_spec("pruned", epochs=6, seeds=2, space={"widths": [[16, 32, 64], [1, 1, 1]]},
-                    pruner="median")
+                    pruner="median", resources={"cpus": 1, "workers": 1})
     raw["dataset"]["synthetic"] = {**SYNTHETIC, "train_size": 1024}  # epochs long enough to stop
     summary = run_study(parse_spec(raw), RunOptions(runs_dir=tmp_path, progress=False))
     trials = _trials(summary.storage, "pruned")

@@ -70,7 +70,7 @@ def _batch_stats_partial_kernel(
     first = split * tiles_per_split
     last = tl.minimum(first + tiles_per_split, tiles_total)
 
-    count = 0.0
+    count = tl.zeros([], dtype=tl.float32)  # a typed scalar: loop-carried in compiled code
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     for tile in range(first, last):
@@ -99,7 +99,7 @@ def _batch_stats_finalize_kernel(
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
-    count = 0.0
+    count = tl.zeros([], dtype=tl.float32)  # a typed scalar: loop-carried in compiled code
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     for split in range(0, num_splits):

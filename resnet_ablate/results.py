@@ -33,6 +33,8 @@ import optuna
 import pandas as pd
 from scipy import stats
 
+from .spec import default_storage, sqlite_path
+
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 ARCH_COLUMNS = ("family", "depth", "stages", "block", "shortcut", "widths", "base_width",
@@ -59,16 +61,11 @@ class ResultsError(LookupError):
 # Storage
 
 
-def default_storage(study: str, runs_dir: str | Path = "runs") -> str:
-    """Where `resnet-ablate run` puts a study by default: sqlite:///<runs_dir>/<study>.db."""
-    return f"sqlite:///{Path(runs_dir) / (study + '.db')}"
-
-
 def _open_storage(storage: str) -> optuna.storages.BaseStorage:
     """The storage behind `storage`, read-only for SQLite; never creates a database."""
     url = storage
-    if storage.startswith("sqlite:///"):
-        path = Path(storage.removeprefix("sqlite:///"))
+    path = sqlite_path(storage)
+    if path is not None:
         if not path.is_file():
             raise ResultsError(f"no study storage at {path}; {_databases_beside(path)}")
         # mode=ro: no write lock, no file creation, no schema upgrade; a busy writer is waited on.

@@ -58,6 +58,16 @@ TOP_LEVEL_KEYS = (
 REQUIRED_KEYS = ("study", "space")
 
 
+def default_storage(study: str, runs_dir: str | os.PathLike[str] = "runs") -> str:
+    """Where a study is stored unless its spec or the command line says otherwise."""
+    return f"sqlite:///{Path(runs_dir) / (study + '.db')}"
+
+
+def sqlite_path(storage: str) -> Path | None:
+    """The database file of a `sqlite:///` storage URL; None for other storages."""
+    return Path(storage.removeprefix("sqlite:///")) if storage.startswith("sqlite:///") else None
+
+
 class SpecError(ValueError):
     """A study spec that cannot run; the message names the file, the field and what is valid."""
 
@@ -146,9 +156,7 @@ class StudySpec:
         return self.train
 
     def storage_url(self, runs_dir: str | os.PathLike[str] = "runs") -> str:
-        if self.storage:
-            return self.storage
-        return f"sqlite:///{Path(runs_dir) / (self.study + '.db')}"
+        return self.storage or default_storage(self.study, runs_dir)
 
 
 def _values(choice: tuple[Any, ...] | IntRange) -> list[Any]:

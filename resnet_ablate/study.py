@@ -37,7 +37,7 @@ from .arch import ResNetArch
 from .data import DatasetShape, SyntheticSpec, dataset_shape, load_dataset
 from .profile import ModelProfile, profile
 from .progress import StudyProgress
-from .spec import IntRange, SpecError, StudySpec
+from .spec import IntRange, SpecError, StudySpec, sqlite_path
 from .worker import TrialBoard, TrialTask, library_versions, run_trial
 
 # Why a failed trial failed; only some kinds count as an attempt of its grid point.
@@ -275,8 +275,6 @@ class StudyRunner:
         self.spec = spec
         self.options = options
         self.storage = options.storage or spec.storage_url(options.runs_dir)
-        if self.storage.startswith("sqlite:///"):
-            Path(self.storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.sampler = _sampler(spec)
         self._study: optuna.Study | None = None
         self.workers = options.workers or spec.resources.workers
@@ -289,13 +287,16 @@ class StudyRunner:
     def study(self) -> optuna.Study:
         """The study in storage, created on first use (a dry run only reads)."""
         if self._study is None:
+            database = sqlite_path(self.storage)
+            if database is not None:
+                database.parent.mkdir(parents=True, exist_ok=True)
             self._study = open_study(self.spec, self.storage, sampler=self.sampler)
         return self._study
 
     def _existing_trials(self) -> list[optuna.trial.FrozenTrial]:
         if self._study is None:
-            if self.storage.startswith("sqlite:///") and \
-                    not Path(self.storage.removeprefix("sqlite:///")).exists():
+            database = sqlite_path(self.storage)
+            if database is not None and not database.exists():
                 return []  # opening it would create the file
             names = [s.study_name for s in optuna.get_all_study_summaries(self.storage)]
             if self.spec.study not in names:

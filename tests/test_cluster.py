@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -25,10 +24,10 @@ import pytest
 pytestmark = pytest.mark.cluster
 import yaml
 
+from test_study import SYNTHETIC, _raw_spec, _write_spec
+
 from resnet_ablate import results
 
-SYNTHETIC = {"num_classes": 4, "channels": 1, "image_size": 8, "train_size": 256,
-             "test_size": 64, "noise": 1.5}
 RAY = str(Path(sys.executable).parent / "ray")
 # Ray clusters authenticate with a token (~/.ray/auth_token); clients read it in this mode.
 ENV = {**os.environ, "RAY_AUTH_MODE": "token"}
@@ -148,18 +147,9 @@ def ray_cluster():
 
 
 def _spec(tmp_path: Path, name: str, seeds: int, epochs: int) -> Path:
-    raw = {
-        "study": name,
-        "dataset": {"name": "synthetic", "synthetic": SYNTHETIC},
-        "model": {"family": "cifar", "depth": 8},
-        "space": {"shortcut": ["A", "none"]},
-        "seeds": seeds,
-        "train": {"epochs": epochs, "batch_size": 32},
-        "resources": {"cpus": 1, "workers": 2},
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    raw = _raw_spec(name, epochs=epochs, seeds=seeds, max_attempts=3)
+    raw["dataset"]["synthetic"] = {**SYNTHETIC, "train_size": 256}
+    return _write_spec(tmp_path, raw)
 
 
 def _driver(spec: Path, cluster: _Cluster, storage: str, runs_dir: Path) -> subprocess.Popen:

@@ -15,20 +15,10 @@ import optuna
 import pandas as pd
 import pytest
 from scipy import stats
-from test_results import SEEDS, STUDY, small_study
+from test_results import SEEDS, STUDY, results, runs  # noqa: F401 - shared module fixtures
 
 from resnet_ablate.cli import main
-from resnet_ablate.results import display_frame, load
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return small_study(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def results(runs):
-    return load(STUDY, runs_dir=runs)
+from resnet_ablate.results import display_frame
 
 
 @pytest.fixture

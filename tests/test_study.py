@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import signal
 import subprocess
@@ -289,8 +288,6 @@ def test_median_pruner_stops_trials_worse_than_the_median(local_ray, tmp_path):
 
 
 def test_a_second_driver_on_a_running_study_is_refused(tmp_path):
-    from resnet_ablate.study import StudyBusy
-
     raw = _raw_spec("busy", epochs=500, seeds=1)  # still running when the second driver checks
     spec_path = _write_spec(tmp_path, raw)
     storage = f"sqlite:///{tmp_path / 'busy.db'}"

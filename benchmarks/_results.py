@@ -1,11 +1,18 @@
-"""Where benchmark figures go: one CSV per benchmark under benchmarks/results/, rows appended so
-that runs on several devices (each row names its device and versions) sit side by side."""
+"""What every benchmark shares: where figures go and how a row names its machine.
+
+One CSV per benchmark under benchmarks/results/, rows appended so that runs on several devices
+(each row names its device and versions) sit side by side and are never compared by accident.
+"""
 
 from __future__ import annotations
 
 import csv
+import datetime
+import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -21,3 +28,27 @@ def append_rows(path: str | Path, rows: Sequence[Mapping[str, object]]) -> Path:
         writer.writerows(rows)
     print(f"wrote {len(rows)} rows to {path}")
     return path
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return "none"
+
+
+def timestamp() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

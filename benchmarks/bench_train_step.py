@@ -18,7 +18,6 @@ code generation, which alone takes minutes on a CPU); its figures only say that 
 from __future__ import annotations
 
 import argparse
-import datetime
 import platform
 import statistics
 import sys
@@ -30,10 +29,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from _results import RESULTS, append_rows
+from _results import RESULTS, append_rows, device_name, synchronize, timestamp, triton_version
 
 import resnet_ablate
-from resnet_ablate.kernels import TRITON_INTERPRETED, get_backend
+from resnet_ablate.kernels import get_backend
 from resnet_ablate.models import ResNet, resnet50, resnet56
 
 PROVIDERS = ("unfused", "fused", "compile-unfused", "compile-fused")
@@ -77,32 +76,14 @@ class Row:
     ratio_vs_unfused: float
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def triton_version() -> str:
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return "none"
-
-
 def kernel_implementation(device: torch.device) -> str:
     """Which code the fused op runs here: the backend setting resolved for this device."""
     backend = get_backend()
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" or TRITON_INTERPRETED else "torch"
+        # "auto" runs Triton on CUDA; on a CPU, ATen's ops inline in eager and the custom op's
+        # PyTorch implementation under torch.compile.
+        backend = "triton" if device.type == "cuda" else "aten-inline"
     return f"{backend}-interpreted" if backend == "triton" and device.type != "cuda" else backend
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def log(message: str) -> None:
@@ -194,7 +175,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         for provider, (median, mean, fastest) in medians.items():
             print(f"  {provider:16s} {median:9.2f} ms   x{baseline / median:5.2f} vs unfused")
             rows.append(Row(
-                timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                timestamp=timestamp(),
                 device=name, torch=torch.__version__, triton=triton_version(),
                 resnet_ablate=resnet_ablate.__version__, python=platform.python_version(),
                 kernel_backend=kernel_implementation(device), compile_backend=args.compile_backend, dtype=args.dtype,

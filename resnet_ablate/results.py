@@ -47,7 +47,8 @@ DIRECTIONS: dict[str, str] = {
 }
 TRIAL_COLUMNS = ("number", "state", "arch_name", *ARCH_COLUMNS, "seed", "params", "flops",
                  "test_accuracy", "test_error", "best_test_error", "train_error", "epochs",
-                 "wall_seconds", "images_per_second", "device", "failure_kind", "failure",
+                 "wall_seconds", "images_per_second", "precision", "memory_format", "device",
+                 "failure_kind", "failure",
                  "arch_digest", "weights")
 _INT_COLUMNS = ("number", "depth", "base_width", "seed", "params", "flops", "epochs")
 STATES = ("COMPLETE", "RUNNING", "FAIL", "PRUNED", "WAITING")
@@ -135,6 +136,7 @@ def _error(accuracy: float | None) -> float | None:
 def _trial_row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     attrs = trial.user_attrs
     arch = attrs.get("arch") or {}
+    execution = attrs.get("execution") or {}
     return {
         "number": trial.number, "state": trial.state.name, "arch_name": attrs.get("arch_name"),
         **{name: _scalar(arch.get(name)) for name in ARCH_COLUMNS}, "seed": attrs.get("seed"),
@@ -144,7 +146,9 @@ def _trial_row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
         "best_test_error": _error(attrs.get("best_test_accuracy")),
         "train_error": _error(attrs.get("final_train_accuracy")),
         "epochs": attrs.get("epochs_completed"), "wall_seconds": attrs.get("wall_seconds"),
-        "images_per_second": attrs.get("images_per_second"), "device": attrs.get("device"),
+        "images_per_second": attrs.get("images_per_second"),
+        "precision": execution.get("precision"), "memory_format": execution.get("memory_format"),
+        "device": attrs.get("device"),
         "failure_kind": attrs.get("failure_kind"),
         "failure": attrs.get("failure") or attrs.get("pruned"),
         "arch_digest": attrs.get("arch_digest"), "weights": attrs.get("weights"),

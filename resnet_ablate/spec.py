@@ -281,6 +281,9 @@ def parse_spec(raw: Any, *, source: str = "<spec>") -> StudySpec:
     resources = Resources(**check.dataclass_section("resources", top.get("resources"), Resources))
     if resources.cpus <= 0 or resources.gpus < 0 or resources.workers < 1:
         raise check.fail("resources", f"need cpus > 0, gpus >= 0 and workers >= 1, got {resources}")
+    if recipe.cuda_graphs and resources.gpus == 0:
+        raise check.fail("train.cuda_graphs", "needs a GPU per trial: set resources.gpus > 0, or "
+                                              "cuda_graphs: false to train on CPUs")
     if resources.gpus > 1 and resources.gpus != int(resources.gpus):
         raise check.fail("resources.gpus", f"above 1 must be a whole number, got {resources.gpus}")
 

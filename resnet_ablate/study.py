@@ -509,8 +509,9 @@ class StudyRunner:
             self._fail(trial, "worker_lost", f"worker lost: {type(error).__name__}: {reason}")
             return "worker_lost"
         for name in ("device", "host", "pid", "node_id", "versions", "history", "wall_seconds",
-                     "images_per_second", "epochs_completed", "final_test_accuracy",
-                     "best_test_accuracy", "final_train_accuracy", "warmup_steps", "eval_split"):
+                     "images_per_second", "compile_seconds", "execution", "epochs_completed",
+                     "final_test_accuracy", "best_test_accuracy", "final_train_accuracy",
+                     "warmup_steps", "eval_split"):
             if name in outcome:
                 trial.set_user_attr("curves" if name == "history" else name, outcome[name])
         status = outcome["status"]

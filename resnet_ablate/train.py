@@ -8,10 +8,17 @@ ResNet-110 warms up at lr 0.01 until the training error is below 80% (about 400 
 `train` is what a study runner calls inside a worker process: it is seeded and reproducible
 (bitwise on CPU), uses exactly the threads it is given, reports every epoch through `on_epoch`,
 and returns a result marked "diverged" instead of raising when the loss goes non-finite.
+
+The loop follows GPU practice (see execution.py for the choices): data and augmentation live on
+the device, a step never waits for the host (loss and error accumulate on the device and are read
+every `divergence_check_every` steps and at epoch end), autocast and channels_last by default on
+CUDA, fused SGD, optional `torch.compile` (its compile time recorded apart from training) and
+whole-step CUDA graphs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -25,11 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import DataBundle, random_crop_flip
+from .data import DataBundle, draw_crops, gather_crops
+from .execution import MEMORY_FORMATS, PRECISIONS, Execution, GraphedStep, resolve_execution, side_stream
 
 # The paper's rule ends warm-up when "the training error is below 80%"; a single batch is too
 # noisy to judge that, so the error is averaged over this many recent batches (1,280 images).
 WARMUP_WINDOW = 10
+# CUDA graph capture wants a few eager steps first (on a side stream), so the optimizer's state
+# exists; they are the run's first real steps, not extra ones.
+GRAPH_WARMUP_STEPS = 3
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,13 @@ class TrainRecipe:
     `WARMUP_WINDOW` batches falls below `warmup_until_error`, or for `warmup_max_steps` steps,
     whichever comes first; set one of them to None to use only the other. It never raises the
     lr above the schedule's.
+
+    The last five fields choose how the run executes, not what it learns (execution.py):
+    `precision` (auto | fp32 | bf16 | fp16: autocast; auto is bf16 on GPUs that have it, else
+    fp32), `memory_format` (auto | channels_last | nchw: auto is channels_last on CUDA),
+    `compile` (torch.compile the model; its compile time is recorded apart), `cuda_graphs`
+    (replay each full-batch step from one CUDA graph) and `divergence_check_every` (steps between
+    the host reads of the running loss that stop a diverged run; also read at each epoch's end).
     """
 
     epochs: int = 164
@@ -59,12 +77,17 @@ class TrainRecipe:
     warmup_max_steps: int | None = None
     augment: bool = True
     eval_batch_size: int = 1000
+    precision: str = "auto"
+    memory_format: str = "auto"
+    compile: bool = False
+    cuda_graphs: bool = False
+    divergence_check_every: int = 25
 
     def __post_init__(self) -> None:
         def fail(name: str, valid: str) -> None:
             raise ValueError(f"TrainRecipe.{name} must be {valid}, got {getattr(self, name)!r}")
 
-        for name in ("epochs", "batch_size", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "divergence_check_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 fail(name, "an int >= 1")
@@ -95,6 +118,13 @@ class TrainRecipe:
             fail("warmup_max_steps", "None or an int >= 1")
         if self.warmup and self.warmup_until_error is None and self.warmup_max_steps is None:
             fail("warmup_until_error", "set (or warmup_max_steps set) when warmup is on")
+        if self.precision not in PRECISIONS:
+            fail("precision", f"one of {', '.join(PRECISIONS)}")
+        if self.memory_format not in MEMORY_FORMATS:
+            fail("memory_format", f"one of {', '.join(MEMORY_FORMATS)}")
+        for name in ("compile", "cuda_graphs"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "true or false")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], *, where: str = "recipe") -> TrainRecipe:
@@ -126,6 +156,13 @@ class TrainRecipe:
         decays = sum(1 for m in self.milestones if completed >= m * self.epochs - 1e-9)
         return self.lr * self.gamma**decays
 
+    def execution(self, device: torch.device | str) -> Execution:
+        """This recipe's execution choices resolved for `device` (ValueError if it cannot)."""
+        return resolve_execution(
+            device, precision=self.precision, memory_format=self.memory_format,
+            compile=self.compile, cuda_graphs=self.cuda_graphs,
+        )
+
 
 @dataclass(frozen=True)
 class EpochRecord:
@@ -147,7 +184,12 @@ TrainStatus = Literal["completed", "diverged"]
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What a training run produced. Accuracies are None when no epoch was completed."""
+    """What a training run produced. Accuracies are None when no epoch was completed.
+
+    `images_per_second` counts training alone (no evaluation, no compilation); `compile_seconds`
+    is the time `torch.compile` took before training (0 without it); `execution` is how the run
+    executed (`Execution.to_dict()`: device, precision, memory format, compile, CUDA graphs).
+    """
 
     status: TrainStatus
     reason: str | None
@@ -158,6 +200,8 @@ class TrainResult:
     final_train_accuracy: float | None
     wall_seconds: float
     images_per_second: float
+    compile_seconds: float
+    execution: Mapping[str, Any]
     warmup_steps: int
     seed: int
     eval_split: str
@@ -172,6 +216,7 @@ class TrainResult:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         values["history"] = [dataclasses.asdict(record) for record in self.history]
         values["recipe"] = self.recipe.to_dict()
+        values["execution"] = dict(self.execution)
         return values
 
 
@@ -185,6 +230,7 @@ def train(
     threads: int | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
     log: Callable[[str], None] | None = None,
+    compile_backend: str = "inductor",
 ) -> TrainResult:
     """Train `model` on `data` with `recipe`; returns the record of the run.
 
@@ -194,6 +240,7 @@ def train(
     The process's global RNG state is restored afterwards.
     `threads` sets torch's intra-op threads for the run and restores the previous count.
     An exception from `on_epoch` (e.g. optuna.TrialPruned) propagates unchanged.
+    `compile_backend` is torch.compile's backend when `recipe.compile` is on.
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
@@ -202,6 +249,7 @@ def train(
     ):
         raise ValueError(f"threads must be None or an int >= 1, got {threads!r}")
     device = torch.device(device)
+    execution = recipe.execution(device)
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -209,35 +257,55 @@ def train(
     cuda_devices: list[int] = []
     if device.type == "cuda":
         cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    previous_cudnn_benchmark = torch.backends.cudnn.benchmark
     try:
         with torch.random.fork_rng(devices=cuda_devices):
             torch.manual_seed(seed)
+            # cuDNN picks the fastest convolution per shape once; a trial reuses few shapes.
+            torch.backends.cudnn.benchmark = device.type == "cuda"
             if not isinstance(model, nn.Module):
                 model = model()
                 if not isinstance(model, nn.Module):
                     raise TypeError(
                         f"the model factory returned {type(model).__name__}, not an nn.Module"
                     )
-            return _Run(model, data, recipe, seed, device, on_epoch, log).run()
+            run = _Run(model, data, recipe, execution, seed, on_epoch, log, compile_backend)
+            return run.run()
     finally:
+        torch.backends.cudnn.benchmark = previous_cudnn_benchmark
         torch.set_num_threads(previous_threads)
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 1000
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    batch_size: int = 1000,
+    execution: Execution | None = None,
 ) -> tuple[float, float]:
-    """(mean cross-entropy loss, error rate) of `model` in eval mode; inputs on its device."""
+    """(mean cross-entropy loss, error rate) of `model` in eval mode; inputs on its device.
+
+    Loss and error accumulate on the device and are read once at the end. With `execution`, the
+    forward runs in its precision and memory format.
+    """
     model.eval()
-    loss_sum = 0.0
-    wrong = 0
-    for start in range(0, images.shape[0], batch_size):
-        logits = model(images[start : start + batch_size])
-        targets = labels[start : start + batch_size]
-        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
-        wrong += int((logits.argmax(dim=1) != targets).sum().item())
+    device = images.device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    wrong = torch.zeros((), dtype=torch.int64, device=device)
+    autocast = execution.autocast() if execution is not None else contextlib.nullcontext()
+    with autocast:
+        for start in range(0, images.shape[0], batch_size):
+            batch = images[start : start + batch_size]
+            if execution is not None:
+                batch = execution.images(batch)
+            logits = model(batch)
+            targets = labels[start : start + batch_size]
+            loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum")
+            wrong += (logits.argmax(dim=1) != targets).sum()
     count = max(images.shape[0], 1)
-    return loss_sum / count, wrong / count
+    return loss_sum.item() / count, wrong.item() / count
 
 
 def _is_number(value: Any) -> bool:
@@ -253,6 +321,10 @@ def _derived_seed(seed: int, stream: int) -> int:
 _ORDER_STREAM, _AUGMENT_STREAM = 1, 2
 
 
+class _Diverged(Exception):
+    """The running training loss went non-finite; the message says where."""
+
+
 class _Run:
     """One training run's state; a class only to keep `train`'s loop readable."""
 
@@ -261,107 +333,203 @@ class _Run:
         model: nn.Module,
         data: DataBundle,
         recipe: TrainRecipe,
+        execution: Execution,
         seed: int,
-        device: torch.device,
         on_epoch: Callable[[EpochRecord], None] | None,
         log: Callable[[str], None] | None,
+        compile_backend: str,
     ) -> None:
-        self.model = model.to(device)
+        device = torch.device(execution.device)
+        self.device = device
+        self.execution = execution
+        self.model = model.to(device, memory_format=execution.torch_memory_format)
+        self.step_model: nn.Module = self.model
         self.data = data
         self.recipe = recipe
         self.seed = seed
         self.on_epoch = on_epoch
         self.log = log
+        self.compile_backend = compile_backend
         # Moved once: a whole dataset is small next to a model's activations, and per-batch
         # host-to-device copies would dominate short trials.
-        self.train_x = data.train_x.to(device)
+        self.train_x = execution.images(data.train_x.to(device))
         self.train_y = data.train_y.to(device)
-        self.test_x = data.test_x.to(device)
+        self.test_x = execution.images(data.test_x.to(device))
         self.test_y = data.test_y.to(device)
         self.augmentation = data.augmentation if recipe.augment else None
         self.order_generator = torch.Generator().manual_seed(_derived_seed(seed, _ORDER_STREAM))
         self.augment_generator = torch.Generator().manual_seed(_derived_seed(seed, _AUGMENT_STREAM))
+        # A CUDA graph replays the lr it was captured with from device memory: keep it a tensor.
+        lr: float | torch.Tensor = recipe.lr
+        if execution.cuda_graphs:
+            lr = torch.tensor(recipe.lr, dtype=torch.float32, device=device)
+        self.current_lr = recipe.lr
         self.optimizer = torch.optim.SGD(
             self.model.parameters(),
-            lr=recipe.lr,
+            lr=lr,
             momentum=recipe.momentum,
             weight_decay=recipe.weight_decay,
             nesterov=recipe.nesterov,
+            fused=device.type in ("cuda", "cpu"),  # one kernel for all parameters
         )
+        self.scaler = torch.amp.GradScaler(device.type, enabled=execution.scales_gradients)
+        # Running sums of the epoch, on the device so that a step never waits for the host.
+        self.loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+        self.wrong = torch.zeros((), dtype=torch.int64, device=device)
+        self.batch_wrong = torch.zeros((), dtype=torch.int64, device=device)
+        self.graphed: GraphedStep | None = None
+        self.steps_taken = 0
         self.warming_up = recipe.warmup
         self.warmup_steps = 0
         self.recent_errors: deque[float] = deque(maxlen=WARMUP_WINDOW)
         self.history: list[EpochRecord] = []
         self.train_images = 0
         self.train_seconds = 0.0
+        self.compile_seconds = 0.0
 
     def run(self) -> TrainResult:
         started = time.perf_counter()
+        if self.execution.compile:
+            self.compile_seconds = self._compile()
         for epoch in range(1, self.recipe.epochs + 1):
-            record_or_reason = self._epoch(epoch)
-            if isinstance(record_or_reason, str):
+            try:
+                record = self._epoch(epoch)
+            except _Diverged as diverged:
                 if self.log:
-                    self.log(f"diverged: {record_or_reason}")
-                return self._result("diverged", record_or_reason, started)
-            self.history.append(record_or_reason)
+                    self.log(f"diverged: {diverged}")
+                return self._result("diverged", str(diverged), started)
+            self.history.append(record)
             if self.log:
-                r = record_or_reason
                 self.log(
-                    f"epoch {r.epoch}/{self.recipe.epochs} lr {r.lr:g}"
-                    f" train loss {r.train_loss:.4f} error {r.train_error:.4f}"
-                    f" {self.data.eval_split} error {r.test_error:.4f}"
-                    f" ({r.seconds:.1f}s)"
+                    f"epoch {record.epoch}/{self.recipe.epochs} lr {record.lr:g}"
+                    f" train loss {record.train_loss:.4f} error {record.train_error:.4f}"
+                    f" {self.data.eval_split} error {record.test_error:.4f}"
+                    f" ({record.seconds:.1f}s)"
                 )
             if self.on_epoch:
-                self.on_epoch(record_or_reason)
+                self.on_epoch(record)
         return self._result("completed", None, started)
 
-    def _epoch(self, epoch: int) -> EpochRecord | str:
-        """Train one epoch and evaluate; returns its record, or why training diverged."""
+    def _compile(self) -> float:
+        """Compile the model for every batch shape and mode the run will use, before training, so
+        that training time excludes compilation; returns the seconds it took.
+
+        The trial forwards and backwards change no parameter (no optimizer step), and the
+        BatchNorm buffers they update are put back.
+        """
+        started = time.perf_counter()
+        self.step_model = torch.compile(self.model, backend=self.compile_backend)
+        buffers = [(b, b.clone()) for b in self.model.buffers()]
+        self.model.train()
+        for size in _batch_sizes(self.train_x.shape[0], self.recipe.batch_size):
+            with self.execution.autocast():
+                loss = F.cross_entropy(self.step_model(self.train_x[:size]), self.train_y[:size])
+            loss.backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+            self.model.eval()
+            with self.execution.autocast():
+                for size in _batch_sizes(self.test_x.shape[0], self.recipe.eval_batch_size):
+                    self.step_model(self.test_x[:size])
+        self.loss_sum.item()  # waits for the device
+        return time.perf_counter() - started
+
+    def _epoch(self, epoch: int) -> EpochRecord:
+        """Train one epoch and evaluate; raises _Diverged when the running loss goes non-finite."""
         started = time.perf_counter()
         scheduled_lr = self.recipe.lr_at(epoch)
         self.model.train()
         count = self.train_x.shape[0]
-        order = torch.randperm(count, generator=self.order_generator).to(self.train_x.device)
-        loss_sum = 0.0
-        wrong = 0
+        batch_size = self.recipe.batch_size
+        order = torch.randperm(count, generator=self.order_generator).to(self.device)
+        crops = None
+        if self.augmentation is not None:
+            crops = draw_crops(count, self.augmentation, self.augment_generator).to(self.device)
+        self.loss_sum.zero_()
+        self.wrong.zero_()
         lr = scheduled_lr
-        for step, start in enumerate(range(0, count, self.recipe.batch_size), start=1):
-            index = order[start : start + self.recipe.batch_size]
+        check_every = self.recipe.divergence_check_every
+        for step, start in enumerate(range(0, count, batch_size), start=1):
+            index = order[start : start + batch_size]
             images, labels = self.train_x[index], self.train_y[index]
-            if self.augmentation is not None:
-                images = random_crop_flip(images, self.augmentation, self.augment_generator)
+            if crops is not None:
+                c = crops[start : start + batch_size]
+                images = gather_crops(images, self.augmentation.pad, c.top, c.left, c.flip)
             lr = min(self.recipe.warmup_lr, scheduled_lr) if self.warming_up else scheduled_lr
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            logits = self.model(images)
-            loss = F.cross_entropy(logits, labels)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                return f"non-finite training loss at epoch {epoch}, step {step}"
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            batch_wrong = int((logits.detach().argmax(dim=1) != labels).sum().item())
-            loss_sum += loss_value * labels.shape[0]
-            wrong += batch_wrong
+            self._set_lr(lr)
+            self._step(self.execution.images(images), labels)
             if self.warming_up:
-                self._advance_warmup(batch_wrong / labels.shape[0])
+                self._advance_warmup(self.batch_wrong.item() / labels.shape[0])
+            if step % check_every == 0:
+                self._check_finite(epoch, step)
+        self._check_finite(epoch, step)  # also waits for the device: the epoch's time is real
         trained = time.perf_counter()
         self.train_images += count
         self.train_seconds += trained - started
         test_loss, test_error = evaluate(
-            self.model, self.test_x, self.test_y, batch_size=self.recipe.eval_batch_size
+            self.step_model, self.test_x, self.test_y,
+            batch_size=self.recipe.eval_batch_size, execution=self.execution,
         )
         return EpochRecord(
             epoch=epoch,
             lr=lr,
-            train_loss=loss_sum / count,
-            train_error=wrong / count,
+            train_loss=self.loss_sum.item() / count,
+            train_error=self.wrong.item() / count,
             test_loss=test_loss,
             test_error=test_error,
             seconds=time.perf_counter() - started,
         )
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """One optimizer step, replayed from a CUDA graph when the run uses them and can."""
+        self.steps_taken += 1
+        if not self.execution.cuda_graphs:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._forward_backward_update(images, labels)
+            return
+        if self.graphed is not None and self.graphed.shape() == (images.shape, labels.shape):
+            self.graphed(images, labels)
+            return
+        # Eager: the first steps (capture's warm-up) and any other batch shape (the last one).
+        with side_stream(self.device):
+            self.optimizer.zero_grad(set_to_none=True)
+            self._forward_backward_update(images, labels)
+        if self.graphed is None and self.steps_taken >= GRAPH_WARMUP_STEPS \
+                and images.shape[0] == self.recipe.batch_size:
+            self.graphed = GraphedStep(
+                self._forward_backward_update, self.optimizer, images, labels
+            )
+
+    def _forward_backward_update(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Forward, backward, optimizer step and the running sums: no host sync anywhere."""
+        with self.execution.autocast():
+            logits = self.step_model(images)
+            loss = F.cross_entropy(logits, labels)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.batch_wrong.copy_((logits.detach().argmax(dim=1) != labels).sum())
+        self.wrong.add_(self.batch_wrong)
+        self.loss_sum.add_(loss.detach().float() * labels.shape[0])
+
+    def _set_lr(self, lr: float) -> None:
+        if lr == self.current_lr:
+            return
+        self.current_lr = lr
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+
+    def _check_finite(self, epoch: int, step: int) -> None:
+        if not math.isfinite(self.loss_sum.item()):
+            raise _Diverged(
+                f"non-finite training loss at epoch {epoch}, seen at step {step} "
+                f"(read every {self.recipe.divergence_check_every} steps)"
+            )
 
     def _advance_warmup(self, batch_error: float) -> None:
         self.warmup_steps += 1
@@ -395,8 +563,15 @@ class _Run:
             final_train_accuracy=None if last is None else 1.0 - last.train_error,
             wall_seconds=time.perf_counter() - started,
             images_per_second=self.train_images / self.train_seconds if self.train_seconds else 0.0,
+            compile_seconds=self.compile_seconds,
+            execution=self.execution.to_dict(),
             warmup_steps=self.warmup_steps,
             seed=self.seed,
             eval_split=self.data.eval_split,
             recipe=self.recipe,
         )
+
+
+def _batch_sizes(count: int, batch_size: int) -> list[int]:
+    """The distinct batch sizes of one pass over `count` items: full batches and the remainder."""
+    return sorted({min(batch_size, count), count % batch_size} - {0})

@@ -45,3 +45,20 @@ def test_train_step_benchmark_small_mode_writes_ratios(tmp_path):
     for row in written:
         assert float(row["ratio_vs_unfused"]) == pytest.approx(baseline / float(row["ms_median"]),
                                                               rel=1e-2)
+
+
+def test_trial_benchmark_small_mode_writes_ratios_against_the_plain_loop(tmp_path, capsys):
+    bench = _load("bench_trial")
+    out = tmp_path / "trial.csv"
+    rows = bench.main(["--small", "--repeats", "1", "--variants", "plain", "project",
+                       "project+compile", "--compile-backend", "aot_eager", "--csv", str(out)])
+    written = list(csv.DictReader(out.open()))
+    assert [r["variant"] for r in written] == ["plain", "project", "project+compile"]
+    assert [r["variant"] for r in rows] == [r["variant"] for r in written]
+    plain = float(written[0]["images_per_second"])
+    for row in written:
+        assert float(row["ratio_vs_plain"]) == pytest.approx(
+            float(row["images_per_second"]) / plain, rel=1e-2)
+        assert row["device"].startswith("cpu") and row["precision"] == "fp32"
+    assert float(written[2]["compile_seconds"]) > 0
+    assert "vs plain" in capsys.readouterr().out

@@ -1,7 +1,8 @@
 """The fused BatchNorm + add + ReLU against PyTorch's own F.batch_norm + add + relu.
 
-Each case runs twice: the real Triton kernels (through Triton's interpreter on a CPU machine, or
-compiled on CUDA) and the PyTorch path. The reference is computed in float32 (float64 for float64)
+Each case runs on every backend: the real Triton kernels (through Triton's interpreter on a CPU
+machine, or compiled on CUDA), the custom op's PyTorch path, and "auto" (on a CPU in eager mode,
+ATen's ops called inline without the custom op; on CUDA, the Triton kernels). The reference is computed in float32 (float64 for float64)
 from the same inputs, so low-precision cases measure the kernels' single final rounding.
 """
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 
 from resnet_ablate.kernels import FusedBatchNorm2d, fused_batch_norm, use_backend
 
-BACKENDS = ["triton", "torch"]
+BACKENDS = ["triton", "torch", "auto"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOLERANCES = {  # (atol, rtol) for outputs and gradients of O(1) magnitude
     torch.float32: (2e-5, 2e-5),
@@ -75,6 +76,11 @@ def _assert_matches(actual, expected, dtype, what):
                                msg=lambda m: f"{what}: {m}")
 
 
+def _layout(t):
+    """Strides of the dims that have more than one element (the others never move a pointer)."""
+    return [stride for size, stride in zip(t.shape, t.stride()) if size > 1]
+
+
 def _check_case(backend, shape, dtype, channels_last, training, relu=True, with_residual=True,
                 affine=True):
     x, residual, weight, bias, rm, rv, grad = _inputs(shape, dtype, channels_last)
@@ -87,7 +93,7 @@ def _check_case(backend, shape, dtype, channels_last, training, relu=True, with_
     ref_out, ref_grads = _reference(x, residual, weight, bias, rm_ref, rv_ref, grad, training, relu)
 
     assert out.dtype == x.dtype
-    assert out.stride() == x.stride(), "output keeps the input's memory format"
+    assert _layout(out) == _layout(x), "output keeps the input's memory format"
     _assert_matches(out, ref_out, dtype, "output")
     for name, g, ref_g in zip(("input", "residual", "weight", "bias"), grads, ref_grads):
         if ref_g is None:
@@ -106,7 +112,25 @@ def _check_case(backend, shape, dtype, channels_last, training, relu=True, with_
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_bn_add_relu_matches_pytorch(backend, shape, dtype, channels_last, training):
-    _check_case(backend, shape, dtype, channels_last, training)
+    if backend == "auto" and dtype != torch.float32 and not torch.cuda.is_available():
+        _check_inline_is_the_unfused_arithmetic(shape, dtype, channels_last, training)
+    else:
+        _check_case(backend, shape, dtype, channels_last, training)
+
+
+def _check_inline_is_the_unfused_arithmetic(shape, dtype, channels_last, training):
+    """In fp16/bf16 the inline path rounds where the unfused module rounds (after the BN, after the
+    add), not once like the kernels: its reference is that module's arithmetic, bit for bit."""
+    x, residual, weight, bias, rm, rv, grad = _inputs(shape, dtype, channels_last)
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    out, grads = _fused("auto", x, residual, weight, bias, rm, rv, grad, training, True)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, residual, weight, bias)]
+    xr, rr, wr, br = leaves
+    expected = F.relu(F.batch_norm(xr, rm_ref, rv_ref, wr, br, training, 0.1, 1e-5) + rr)
+    expected.backward(grad)
+    assert torch.equal(out, expected) and torch.equal(rv, rv_ref)
+    for g, leaf in zip(grads, leaves):
+        assert torch.equal(g, leaf.grad)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -231,6 +255,52 @@ def test_module_without_running_stats_uses_batch_statistics_in_eval():
     fused = FusedBatchNorm2d(5, track_running_stats=False, relu=False).eval()
     x = torch.randn(3, 5, 4, 4) + 3
     torch.testing.assert_close(fused(x), reference(x), atol=2e-5, rtol=2e-5)
+
+
+def test_auto_runs_atens_ops_inline_in_eager_on_cpu_exactly_as_the_unfused_module(monkeypatch):
+    """Where the custom op buys nothing, "auto" skips it: the unfused module's bits, native autograd."""
+    import resnet_ablate.kernels.batch_norm as bn_module
+
+    def no_custom_op(*args, **kwargs):
+        raise AssertionError("the custom op ran in eager mode on a CPU")
+
+    monkeypatch.setattr(bn_module, "batch_norm_act", no_custom_op)
+    torch.manual_seed(0)
+    reference = torch.nn.BatchNorm2d(6)
+    fused = FusedBatchNorm2d(6)
+    fused.load_state_dict(reference.state_dict())
+    x = torch.randn(4, 6, 5, 5, requires_grad=True)
+    residual = torch.randn(4, 6, 5, 5, requires_grad=True)
+    x_ref, residual_ref = (t.detach().clone().requires_grad_() for t in (x, residual))
+    with use_backend("auto"):
+        out = fused(x, residual)
+    expected = reference(x_ref)
+    expected += residual_ref
+    expected = torch.relu(expected)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    assert torch.equal(out, expected)
+    for a, b in ((x, x_ref), (residual, residual_ref)):
+        assert torch.equal(a.grad, b.grad)
+    assert torch.equal(fused.weight.grad, reference.weight.grad)
+    assert torch.equal(fused.running_var, reference.running_var)
+
+
+def test_traced_models_keep_the_custom_op_so_fvcore_counts_it():
+    class WithResidual(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = FusedBatchNorm2d(3)
+
+        def forward(self, x):
+            return self.bn(x, x)
+
+    x = torch.randn(2, 3, 4, 4)
+    with use_backend("auto"):
+        graph = torch.jit.trace(WithResidual().eval(), (x,)).inlined_graph
+    kinds = {node.kind() for node in graph.nodes()}
+    assert "resnet_ablate::batch_norm_act" in kinds and "aten::batch_norm" not in kinds
 
 
 class _Epilogue(torch.nn.Module):

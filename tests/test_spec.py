@@ -78,6 +78,12 @@ def test_ranges_for_random_and_tpe():
     ({**MINIMAL, "sampler": "tpe"}, "budget: the tpe sampler needs budget.trials or budget.minutes"),
     ({**MINIMAL, "budget": {"max_gflops": -1}}, "budget.max_gflops: must be > 0"),
     ("just text", "studies/x.yaml: : expected a mapping, got str"),
+    ({**MINIMAL, "train": {"precision": "fp8"}},
+     "train: TrainRecipe.precision must be one of auto, fp32, bf16, fp16, got 'fp8'"),
+    ({**MINIMAL, "train": {"memory_format": "nhwc"}},
+     "TrainRecipe.memory_format must be one of auto, channels_last, nchw"),
+    ({**MINIMAL, "train": {"cuda_graphs": True}},
+     "train.cuda_graphs: needs a GPU per trial: set resources.gpus > 0"),
 ])
 def test_invalid_specs_name_file_field_and_what_is_valid(raw, expected):
     assert expected in _error(raw)

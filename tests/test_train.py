@@ -180,10 +180,116 @@ def test_divergence_returns_a_failed_result_instead_of_raising():
     seen = []
     result = train(tiny_cnn, synthetic(), quick(lr=1e6), seed=0, threads=1, on_epoch=seen.append)
     assert result.status == "diverged" and not result.ok
-    assert re.fullmatch(r"non-finite training loss at epoch 1, step \d+", result.reason)
+    assert re.fullmatch(
+        r"non-finite training loss at epoch 1, seen at step \d+ \(read every 25 steps\)",
+        result.reason,
+    )
     assert result.epochs_completed == 0 and result.history == () and seen == []
     assert result.final_test_accuracy is None and result.best_test_accuracy is None
     json.dumps(result.to_dict())
+
+
+def test_divergence_is_read_every_n_steps_and_at_the_end_of_the_epoch():
+    data = synthetic()  # 8 steps an epoch
+    seen_at = []
+    for every in (1, 3, 100):
+        result = train(tiny_cnn, data, quick(lr=1e6, divergence_check_every=every), seed=0, threads=1)
+        assert result.status == "diverged"
+        seen_at.append(int(re.search(r"seen at step (\d+)", result.reason).group(1)))
+    first, by_three, at_end = seen_at
+    assert first < 8  # this lr blows up within the epoch
+    assert by_three % 3 == 0 and first <= by_three < first + 3
+    assert at_end == 8  # never read inside the epoch: read at its end
+
+
+def test_steps_never_wait_for_the_host(monkeypatch):
+    """Host reads (`Tensor.item`) per epoch do not grow with the number of steps."""
+    reads = []
+    real_item = torch.Tensor.item
+
+    def counting_item(self):
+        reads.append(1)
+        return real_item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    counts = []
+    for train_size in (128, 512):  # 4 and 16 steps an epoch
+        data = load_dataset("synthetic", synthetic=SyntheticSpec(train_size=train_size, test_size=64))
+        reads.clear()
+        train(tiny_cnn, data, quick(epochs=2), seed=0, threads=1)
+        counts.append(len(reads))
+    assert counts[0] == counts[1] <= 2 * 6
+
+
+# ---------------------------------------------------------------------------------------------
+# Execution: precision, memory format, compilation
+
+
+def test_cpu_defaults_are_fp32_nchw_and_are_recorded():
+    result = train(tiny_cnn, synthetic(), quick(epochs=1), seed=0, threads=1)
+    assert result.execution == {"device": "cpu", "precision": "fp32", "memory_format": "nchw",
+                                "compile": False, "cuda_graphs": False}
+    assert result.compile_seconds == 0.0
+    json.dumps(result.to_dict())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_trains_as_well_as_fp32(precision):
+    data = synthetic()
+    full = train(tiny_cnn, data, quick(), seed=0, threads=1)
+    low = train(tiny_cnn, data, quick(precision=precision), seed=0, threads=1)
+    assert low.ok and low.execution["precision"] == precision
+    assert low.final_test_accuracy > 0.8
+    assert abs(low.history[0].train_loss - full.history[0].train_loss) < 0.05
+    assert low.history[-1].train_loss < low.history[0].train_loss
+
+
+def test_channels_last_trains_the_same_network():
+    data = synthetic()
+    nchw = train(tiny_cnn, data, quick(), seed=0, threads=1)
+    cl = train(tiny_cnn, data, quick(memory_format="channels_last"), seed=0, threads=1)
+    assert cl.execution["memory_format"] == "channels_last"
+    for a, b in zip(nchw.history, cl.history):
+        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-4)
+        assert a.test_loss == pytest.approx(b.test_loss, rel=1e-4)
+
+
+def test_compiled_runs_train_the_same_and_record_compile_time_apart():
+    data = synthetic()  # 256 images in batches of 48: 5 full batches and one of 16
+    recipe = quick(epochs=2, batch_size=48, eval_batch_size=100)
+    eager = train(tiny_cnn, data, recipe, seed=0, threads=1)
+    compiled = train(tiny_cnn, data, dataclasses.replace(recipe, compile=True), seed=0, threads=1,
+                     compile_backend="aot_eager")
+    assert compiled.execution["compile"] is True and compiled.compile_seconds > 0
+    for a, b in zip(eager.history, compiled.history):
+        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-4)
+        assert a.test_error == pytest.approx(b.test_error, abs=1 / 128)
+
+
+def test_cuda_only_choices_are_refused_on_a_cpu_with_the_reason():
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device, and this run is on cpu"):
+        train(tiny_cnn, synthetic(), quick(cuda_graphs=True), seed=0, threads=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_cuda_graph_steps_train_like_eager_steps(precision):
+    data = load_dataset("synthetic", synthetic=SyntheticSpec(train_size=300, test_size=128))
+    recipe = quick(precision=precision, batch_size=32)  # 9 full batches and one of 12
+    eager = train(tiny_cnn, data, recipe, seed=0, device="cuda")
+    graphed = train(tiny_cnn, data, dataclasses.replace(recipe, cuda_graphs=True), seed=0,
+                    device="cuda")
+    assert graphed.execution["cuda_graphs"] and graphed.execution["memory_format"] == "channels_last"
+    for a, b in zip(eager.history, graphed.history):
+        assert a.train_loss == pytest.approx(b.train_loss, rel=2e-2)
+    assert graphed.final_test_accuracy > 0.8
+
+
+@pytest.mark.gpu
+def test_cuda_defaults_are_bf16_channels_last():
+    result = train(tiny_cnn, synthetic(), quick(epochs=1), seed=0, device="cuda")
+    assert result.execution["precision"] == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
+    assert result.execution["memory_format"] == "channels_last"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,6 +368,10 @@ def test_recipe_from_dict_round_trips_and_takes_lists():
         ({"milestones": [1.5]}, "milestones"),
         ({"warmup": True, "warmup_until_error": None}, "warmup_until_error"),
         ({"batch_size": 12.5}, "batch_size"),
+        ({"precision": "fp8"}, "precision"),
+        ({"memory_format": "nhwc"}, "memory_format"),
+        ({"compile": "yes"}, "compile"),
+        ({"divergence_check_every": 0}, "divergence_check_every"),
     ],
 )
 def test_recipe_rejects_bad_values_naming_the_field(values, field):

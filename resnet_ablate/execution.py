@@ -1,0 +1,147 @@
+"""How a training run executes on its device: precision, memory format, compilation, CUDA graphs.
+
+A recipe names these choices (`TrainRecipe.precision`, `.memory_format`, `.compile`,
+`.cuda_graphs`), "auto" where the best one depends on the device; `resolve_execution` turns them
+into an `Execution` for one device, refusing what that device cannot do. They change how fast a
+trial trains, not what it trains: bf16 and fp16 autocast round the convolutions' inputs, which
+moves results within seed-to-seed noise, and the rest is exact.
+
+The defaults are the usual best practice: on CUDA, bf16 autocast where the GPU has bf16 (fp32
+elsewhere) and channels_last, the layout cuDNN's fastest convolutions and the Triton kernels'
+vector loads want; on a CPU, fp32 and NCHW, which oneDNN runs fastest for these small networks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+MemoryFormat = Literal["auto", "channels_last", "nchw"]
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+MEMORY_FORMATS: tuple[str, ...] = ("auto", "channels_last", "nchw")
+
+_AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Execution:
+    """The resolved choices of one run on one device (no "auto" left)."""
+
+    device: str
+    precision: str  # fp32 | bf16 | fp16
+    memory_format: str  # channels_last | nchw
+    compile: bool
+    cuda_graphs: bool
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return _AUTOCAST_DTYPES[self.precision]
+
+    @property
+    def torch_memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.memory_format == "channels_last" else torch.contiguous_format
+
+    @property
+    def scales_gradients(self) -> bool:
+        """fp16 needs a gradient scaler: its gradients underflow where bf16's and fp32's do not."""
+        return self.precision == "fp16"
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        """Autocast to the run's precision (nothing for fp32)."""
+        dtype = self.autocast_dtype
+        with torch.autocast(torch.device(self.device).type, dtype=dtype, enabled=dtype is not None):
+            yield
+
+    def images(self, batch: torch.Tensor) -> torch.Tensor:
+        """A batch of images in the run's memory format (no copy when it already is)."""
+        return batch.contiguous(memory_format=self.torch_memory_format) if batch.dim() == 4 else batch
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_execution(
+    device: torch.device | str,
+    *,
+    precision: str = "auto",
+    memory_format: str = "auto",
+    compile: bool = False,
+    cuda_graphs: bool = False,
+) -> Execution:
+    """The choices for `device`, "auto" resolved; a ValueError names a choice it cannot run."""
+    device = torch.device(device)
+    on_cuda = device.type == "cuda"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(
+            f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {memory_format!r}"
+        )
+    bf16_ok = on_cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+    if precision == "auto":
+        precision = "bf16" if bf16_ok else "fp32"
+    elif precision == "bf16" and on_cuda and not bf16_ok:
+        raise ValueError(
+            f"precision bf16 needs a GPU with bfloat16 (compute capability 8.0 or newer); "
+            f"{torch.cuda.get_device_name(device)} has none: use fp16 or fp32"
+        )
+    if memory_format == "auto":
+        memory_format = "channels_last" if on_cuda else "nchw"
+    if cuda_graphs and not on_cuda:
+        raise ValueError(f"cuda_graphs needs a CUDA device, and this run is on {device.type}")
+    if cuda_graphs and precision == "fp16":
+        raise ValueError(
+            "cuda_graphs cannot run with precision fp16: its gradient scaler reads the "
+            "gradients' overflow on the host every step; use bf16 or fp32"
+        )
+    return Execution(str(device), precision, memory_format, bool(compile), bool(cuda_graphs))
+
+
+class GraphedStep:
+    """A whole training step (forward, backward, optimizer step) replayed from one CUDA graph.
+
+    Small CIFAR networks launch hundreds of kernels per step, each doing microseconds of work:
+    replaying them from a graph removes the per-launch CPU cost that otherwise bounds the step.
+    `step(images, labels)` must run the step without zeroing gradients (the captured backward
+    writes them afresh), touch only tensors that outlive the graph, and sync nothing with the
+    host. The caller has run a few eager steps on a side stream first (`side_stream`), as CUDA
+    graph capture requires, so that the optimizer's state exists.
+    """
+
+    def __init__(
+        self,
+        step: Callable[[torch.Tensor, torch.Tensor], None],
+        optimizer: torch.optim.Optimizer,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> None:
+        self.images = images.clone()
+        self.labels = labels.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(self.graph):
+            step(self.images, self.labels)
+
+    def shape(self) -> tuple[torch.Size, torch.Size]:
+        return self.images.shape, self.labels.shape
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images.copy_(images)
+        self.labels.copy_(labels)
+        self.graph.replay()
+
+
+@contextlib.contextmanager
+def side_stream(device: torch.device) -> Iterator[None]:
+    """Run the enclosed eager steps on a side stream, as CUDA graph capture wants its warm-up."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        yield
+    torch.cuda.current_stream(device).wait_stream(stream)

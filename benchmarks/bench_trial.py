@@ -11,8 +11,8 @@ epochs, in one process, measured side by side. Only training is timed (evaluatio
 
 - plain:   the unfused model (nn.BatchNorm2d + ReLU + add), fp32, NCHW, torch.optim.SGD with its
            defaults, `loss.item()` and the error count read every step.
-- project: `resnet_ablate.train.train` on the fused model with the device's defaults (bf16 autocast
-           and channels_last on CUDA, fp32 NCHW on a CPU; fused SGD; no host sync per step).
+- project: `resnet_ablate.train.train` on the fused model with the device's defaults (channels_last;
+           bf16 autocast on CUDA, fp32 on a CPU; fused SGD; no host sync per step).
 - project+compile, project+graphs (CUDA only, or when asked for): `compile: true` (compile time
            reported apart) and `cuda_graphs: true`.
 

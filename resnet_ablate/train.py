@@ -11,7 +11,7 @@ and returns a result marked "diverged" instead of raising when the loss goes non
 
 The loop follows GPU practice (see execution.py for the choices): data and augmentation live on
 the device, a step never waits for the host (loss and error accumulate on the device and are read
-every `divergence_check_every` steps and at epoch end), autocast and channels_last by default on
+every `divergence_check_every` steps and at epoch end), channels_last, bf16 autocast by default on
 CUDA, fused SGD, optional `torch.compile` (its compile time recorded apart from training) and
 whole-step CUDA graphs.
 """
@@ -57,7 +57,7 @@ class TrainRecipe:
 
     The last five fields choose how the run executes, not what it learns (execution.py):
     `precision` (auto | fp32 | bf16 | fp16: autocast; auto is bf16 on GPUs that have it, else
-    fp32), `memory_format` (auto | channels_last | nchw: auto is channels_last on CUDA),
+    fp32), `memory_format` (channels_last | nchw),
     `compile` (torch.compile the model; its compile time is recorded apart), `cuda_graphs`
     (replay each full-batch step from one CUDA graph) and `divergence_check_every` (steps between
     the host reads of the running loss that stop a diverged run; also read at each epoch's end).
@@ -78,7 +78,7 @@ class TrainRecipe:
     augment: bool = True
     eval_batch_size: int = 1000
     precision: str = "auto"
-    memory_format: str = "auto"
+    memory_format: str = "channels_last"
     compile: bool = False
     cuda_graphs: bool = False
     divergence_check_every: int = 25

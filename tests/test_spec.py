@@ -81,7 +81,7 @@ def test_ranges_for_random_and_tpe():
     ({**MINIMAL, "train": {"precision": "fp8"}},
      "train: TrainRecipe.precision must be one of auto, fp32, bf16, fp16, got 'fp8'"),
     ({**MINIMAL, "train": {"memory_format": "nhwc"}},
-     "TrainRecipe.memory_format must be one of auto, channels_last, nchw"),
+     "TrainRecipe.memory_format must be one of channels_last, nchw"),
     ({**MINIMAL, "train": {"cuda_graphs": True}},
      "train.cuda_graphs: needs a GPU per trial: set resources.gpus > 0"),
 ])

@@ -225,9 +225,9 @@ def test_steps_never_wait_for_the_host(monkeypatch):
 # Execution: precision, memory format, compilation
 
 
-def test_cpu_defaults_are_fp32_nchw_and_are_recorded():
+def test_cpu_defaults_are_fp32_channels_last_and_are_recorded():
     result = train(tiny_cnn, synthetic(), quick(epochs=1), seed=0, threads=1)
-    assert result.execution == {"device": "cpu", "precision": "fp32", "memory_format": "nchw",
+    assert result.execution == {"device": "cpu", "precision": "fp32", "memory_format": "channels_last",
                                 "compile": False, "cuda_graphs": False}
     assert result.compile_seconds == 0.0
     json.dumps(result.to_dict())
@@ -246,8 +246,8 @@ def test_low_precision_trains_as_well_as_fp32(precision):
 
 def test_channels_last_trains_the_same_network():
     data = synthetic()
-    nchw = train(tiny_cnn, data, quick(), seed=0, threads=1)
-    cl = train(tiny_cnn, data, quick(memory_format="channels_last"), seed=0, threads=1)
+    nchw = train(tiny_cnn, data, quick(memory_format="nchw"), seed=0, threads=1)
+    cl = train(tiny_cnn, data, quick(), seed=0, threads=1)
     assert cl.execution["memory_format"] == "channels_last"
     for a, b in zip(nchw.history, cl.history):
         assert a.train_loss == pytest.approx(b.train_loss, rel=1e-4)

@@ -12,7 +12,8 @@ A spec is one question from the paper, asked as a sweep over the architecture de
     sampler: grid                        # grid (the full factorial) | random | tpe
     objectives: [test_error]             # and e.g. flops for a multi-objective study
     seeds: [0, 1]                        # repeats (an int n means seeds 0..n-1)
-    train: {epochs: 8}                   # TrainRecipe fields
+    train: {epochs: 8}                   # TrainRecipe fields, the recipe's and how it executes:
+                                         #   precision, memory_format, compile, cuda_graphs
     warmup_from_depth: 110               # warm up (train.warmup) only nets this deep or deeper
     budget: {trials: null, minutes: null, max_gflops: null}
     resources: {cpus: 1, gpus: 0, workers: 2}

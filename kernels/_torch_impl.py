@@ -1,15 +1,18 @@
 """The PyTorch path of the fused BatchNorm: the same contract as the Triton one, on ATen's kernels.
 
-It runs wherever Triton does not (CPU tensors without the interpreter, float64 for gradcheck). The
-BatchNorm itself is ATen's `native_batch_norm` and `native_batch_norm_backward`, which are fast on
-CPU; the residual add, ReLU and ReLU mask are a few elementwise ops around them. Low-precision
-activations are computed in float32 and rounded once at the end, like the Triton kernels, so both
-paths give the same numbers.
+It is the op's reference and runs where the op must stay one node but Triton cannot run (CPU under
+`torch.compile` or tracing, float64 for gradcheck). The forward computes what the Triton kernels
+compute, in the same order: statistics taken around a first value (a constant channel's mean is
+exact), `(x - mean) * scale + bias` (no cancellation when |mean| >> std), the residual added and
+the ReLU applied in float32, one rounding at the end; so both paths give the same numbers within
+float32 rounding. The backward is ATen's `native_batch_norm_backward` around the ReLU mask.
 """
 
 from __future__ import annotations
 
 import torch
+
+from ._layout import channel_view_shape, reduce_dims
 
 aten = torch.ops.aten
 
@@ -40,27 +43,37 @@ def forward(
     """See `batch_norm_act` in batch_norm.py for the contract."""
     acc = _compute_dtype(x)
     xc = x.to(acc)
-    channels = x.shape[1]
-    weight = weight.to(acc) if weight is not None else None
-    bias = bias.to(acc) if bias is not None else None
     if running_mean is None:
-        # ATen returns invstd, not the variance; with momentum 1 it writes the batch mean and the
-        # unbiased variance into these scratch "running" buffers, which gives the variance exactly.
-        batch_mean = torch.zeros(channels, dtype=acc, device=x.device)
-        unbiased_var = torch.ones(channels, dtype=acc, device=x.device)
-        y, _, _ = aten.native_batch_norm(xc, weight, bias, batch_mean, unbiased_var, True, 1.0, eps)
-        count = x.numel() // channels
-        saved_mean, saved_var = batch_mean, unbiased_var * ((count - 1) / count)
+        mean, var = _batch_stats(xc)
+        saved_mean, saved_var = mean, var
     else:
-        y, _, _ = aten.native_batch_norm(
-            xc, weight, bias, running_mean.to(acc), running_var.to(acc), False, 0.0, eps
-        )
+        mean, var = running_mean.to(acc), running_var.to(acc)
         saved_mean, saved_var = x.new_empty(0, dtype=acc), x.new_empty(0, dtype=acc)
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(acc)
+    view = channel_view_shape(x)
+    y = (xc - mean.view(view)) * scale.view(view)
+    if bias is not None:
+        y = y + bias.to(acc).view(view)
     if residual is not None:
         y = y + residual.to(acc)
     if relu:
         y = torch.relu(y)
     return _in_layout_of(y, x), saved_mean, saved_var
+
+
+def _batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance, summed around each channel's first value (when
+    finite), as the Triton kernels do: a constant channel's mean is exact, an inf gives an inf mean
+    and a NaN variance (what a sum over the channel gives), and the variance is a second pass."""
+    dims = reduce_dims(x)
+    view = channel_view_shape(x)
+    first = x[0].reshape(x.shape[1], -1)[:, 0]  # sample 0, first position, per channel
+    shift = torch.where(first.isfinite(), first, 0.0)
+    mean = shift + (x - shift.view(view)).mean(dims)
+    var = (x - mean.view(view)).square().mean(dims)
+    return mean, var
 
 
 def backward(

@@ -49,11 +49,18 @@ def _tile(tile, L, l_blocks, BLOCK_R: tl.constexpr):
 
 @triton.jit
 def _chan_merge(count, mean, m2, other_count, other_mean, other_m2):
-    """Chan et al.'s merge of two (count, mean, M2) summaries."""
+    """Chan et al.'s merge of two (count, mean, M2) summaries, with PyTorch's non-finite results.
+
+    Where a mean is inf or NaN the merged mean is their sum (inf stays inf, inf - inf is NaN, as a
+    sum over the channel gives) and M2 is NaN. The M2 term multiplies the weight in first, so that
+    merging into the empty start (weight 0) stays exact however large the mean.
+    """
     new_count = count + other_count
     delta = other_mean - mean
-    mean += delta * (other_count / new_count)
-    m2 += other_m2 + delta * delta * (count * other_count / new_count)
+    finite = (tl.abs(mean) < float("inf")) & (tl.abs(other_mean) < float("inf"))
+    mean = tl.where(finite, mean + delta * (other_count / new_count), mean + other_mean)
+    m2 = tl.where(finite, m2 + other_m2 + (delta * (count * other_count / new_count)) * delta,
+                  float("nan"))
     return new_count, mean, m2
 
 
@@ -70,6 +77,15 @@ def _batch_stats_partial_kernel(
     first = split * tiles_per_split
     last = tl.minimum(first + tiles_per_split, tiles_total)
 
+    # Sums are taken around the split's first value (when finite): a constant channel's mean
+    # then comes out exact, where sum / count rounds and 1 / sqrt(eps) would amplify the error.
+    first_n = first // l_blocks
+    first_position = (first - first_n * l_blocks) * BLOCK_R
+    first_offsets = first_n.to(tl.int64) * sx_n + first_position.to(tl.int64) * sx_l \
+        + cols.to(tl.int64) * sx_c
+    first_value = tl.load(x_ptr + first_offsets, mask=col_mask, other=0.0).to(tl.float32)
+    shift = tl.where(tl.abs(first_value) < float("inf"), first_value, 0.0)
+
     count = tl.zeros([], dtype=tl.float32)  # a typed scalar: loop-carried in compiled code
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -79,7 +95,8 @@ def _batch_stats_partial_kernel(
         x = tl.load(x_ptr + _offsets(n, positions, cols, sx_n, sx_c, sx_l), mask=mask, other=0.0)
         x = x.to(tl.float32)
         tile_count = valid.to(tl.float32)
-        tile_mean = tl.sum(x, axis=0) / tile_count
+        shifted = tl.where(mask, x - shift[None, :], 0.0)
+        tile_mean = shift + tl.sum(shifted, axis=0) / tile_count
         centered = tl.where(mask, x - tile_mean[None, :], 0.0)
         count, mean, m2 = _chan_merge(count, mean, m2, tile_count, tile_mean,
                                       tl.sum(centered * centered, axis=0))
@@ -147,7 +164,7 @@ def _forward_kernel(
         r_offsets = _offsets(n, positions, cols, sr_n, sr_c, sr_l)
         y += tl.load(residual_ptr + r_offsets, mask=mask).to(tl.float32)
     if RELU:
-        y = tl.maximum(y, 0.0)
+        y = tl.where(y < 0, 0.0, y)  # NaN passes, as in torch.relu (tl.maximum would drop it)
     o_offsets = _offsets(n, positions, cols, so_n, so_c, so_l)
     tl.store(out_ptr + o_offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -155,12 +172,13 @@ def _forward_kernel(
 @triton.jit
 def _masked_grad(grad_ptr, out_ptr, n, positions, cols, mask,
                  sg_n, sg_c, sg_l, so_n, so_c, so_l, RELU: tl.constexpr):
-    """grad_out where the ReLU let the value through (the output is positive), zero elsewhere."""
+    """grad_out except where the ReLU cut the value (output <= 0): PyTorch's threshold_backward,
+    which lets the gradient of a NaN output through."""
     g = tl.load(grad_ptr + _offsets(n, positions, cols, sg_n, sg_c, sg_l), mask=mask, other=0.0)
     g = g.to(tl.float32)
     if RELU:
         out = tl.load(out_ptr + _offsets(n, positions, cols, so_n, so_c, so_l), mask=mask, other=0.0)
-        g = tl.where(out > 0, g, 0.0)
+        g = tl.where(out <= 0, 0.0, g)
     return g
 
 
@@ -327,10 +345,10 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """See `batch_norm_act` in batch_norm.py for the contract."""
     channels = x.shape[1]
+    out = torch.empty_like(x)  # the input's strides, as the fake kernel promises
+    out_buffer = _writable(out)
     x = _dense_like(x)
     residual = _dense_like(residual) if residual is not None else None
-    out = torch.empty_like(x)
-    out_buffer = _writable(out)
     plan = _plan(x, [strides_3d(x), strides_3d(residual) if residual is not None else None,
                      strides_3d(out_buffer)])
     sx, sr, so = plan.strides
@@ -380,10 +398,7 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """See `batch_norm_act_backward` in batch_norm.py for the contract."""
     channels = x.shape[1]
-    grad_out = _dense_like(grad_out)
-    x = _dense_like(x)
-    relu = out is not None
-    out = _dense_like(out) if relu else None
+    # Gradients take the strides the fake kernel promises, whatever copies compute them.
     grad_input = torch.empty_like(x)
     grad_input_buffer = _writable(grad_input)
     if residual_grad:
@@ -391,6 +406,10 @@ def backward(
         grad_residual_buffer = _writable(grad_residual)
     else:
         grad_residual = grad_residual_buffer = torch.empty(0, dtype=x.dtype, device=x.device)
+    grad_out = _dense_like(grad_out)
+    x = _dense_like(x)
+    relu = out is not None
+    out = _dense_like(out) if relu else None
     plan = _plan(x, [
         strides_3d(x), strides_3d(grad_out), strides_3d(out) if relu else None,
         strides_3d(grad_input_buffer), strides_3d(grad_residual_buffer) if residual_grad else None,

@@ -12,7 +12,9 @@ them as single nodes (no graph break) and fvcore's tracer counts one named op:
   and bias.
 
 The running-stat update is plain in-place PyTorch on C-sized vectors, outside the ops: custom ops
-that mutate their inputs cannot carry an autograd formula.
+that mutate their inputs cannot carry an autograd formula. Both implementations keep PyTorch's
+semantics at the edges: NaN and inf propagate, an empty batch gives empty outputs and zero
+parameter gradients (handled here, once), and outputs take the strides the fake kernels promise.
 
 Which implementation runs (the "backend"):
 - `"auto"` (default): CUDA tensors run the compiled Triton kernels. Elsewhere (CPU, float64) the
@@ -129,6 +131,11 @@ def batch_norm_act(
     eps: float,
     relu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if x.numel() == 0:  # an empty batch: F.batch_norm's results, whatever the implementation
+        stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        stats_size = 0 if running_mean is not None else x.shape[1]
+        nan = torch.full((stats_size,), float("nan"), dtype=stats_dtype, device=x.device)
+        return torch.empty_like(x), nan, nan.clone()
     return _implementation(x).forward(x, weight, bias, residual, running_mean, running_var, eps, relu)
 
 
@@ -159,6 +166,11 @@ def batch_norm_act_backward(
 
     `out` is the forward output when ReLU was applied (its sign is the ReLU mask), else None.
     """
+    if x.numel() == 0:  # nothing flowed through: empty input gradients, zero parameter ones
+        stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        zeros = torch.zeros(x.shape[1], dtype=stats_dtype, device=x.device)
+        grad_residual = torch.empty_like(grad_out, dtype=x.dtype) if residual_grad else x.new_empty(0)
+        return torch.empty_like(x), grad_residual, zeros, zeros.clone()
     return _implementation(x).backward(
         grad_out, x, out, weight, mean, var, eps, batch_stats, residual_grad
     )
@@ -183,10 +195,13 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(mean, var)
     ctx.batch_stats = running_mean is None
     if not ctx.batch_stats:
-        mean, var = running_mean, running_var
+        # Copies: a later training forward updates the running statistics in place, which must
+        # neither change this backward nor trip autograd's version check (nn.BatchNorm2d does not).
+        mean, var = running_mean.detach().clone(), running_var.detach().clone()
     ctx.eps = eps
     ctx.relu = relu
     ctx.has_residual = residual is not None
+    ctx.residual_dtype = residual.dtype if residual is not None else None
     ctx.weight_dtype = weight.dtype if weight is not None else None
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.save_for_backward(x, out if relu else None, weight, mean, var)
@@ -202,6 +217,8 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var):
         grad_residual = grad_out  # without ReLU the residual's gradient is grad_out itself
     elif not residual_grad:
         grad_residual = None
+    if grad_residual is not None:
+        grad_residual = grad_residual.to(ctx.residual_dtype)
     grad_weight = grad_weight.to(ctx.weight_dtype) if ctx.weight_dtype is not None else None
     grad_bias = grad_bias.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
     return grad_input, grad_weight, grad_bias, grad_residual, None, None, None, None
@@ -240,6 +257,8 @@ def fused_batch_norm(
         )
     if input.dim() < 2:
         raise ValueError(f"expected an input of shape (N, C, ...), got size {list(input.shape)}")
+    if training and eps <= 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     channels = input.shape[1]
@@ -261,8 +280,8 @@ def fused_batch_norm(
         out, batch_mean, batch_var = batch_norm_act(
             input, weight, bias, residual, None, None, eps, relu
         )
-        if running_mean is not None and running_var is not None:
-            count = input.numel() // channels
+        count = input.numel() // channels
+        if running_mean is not None and running_var is not None and count > 0:
             with torch.no_grad():
                 running_mean.mul_(1 - momentum).add_(batch_mean.to(running_mean.dtype), alpha=momentum)
                 unbiased_var = batch_var * (count / (count - 1))
@@ -273,9 +292,19 @@ def fused_batch_norm(
 
 
 def _check_residual(input: torch.Tensor, residual: torch.Tensor | None) -> None:
-    if residual is not None and residual.shape != input.shape:
+    """The residual is added as `out += residual` adds it: same shape and device, any floating
+    dtype (the sum is rounded to the input's dtype; the residual's gradient has its own dtype)."""
+    if residual is None:
+        return
+    if residual.shape != input.shape:
         raise ValueError(
             f"residual must have the input's shape {list(input.shape)}, got {list(residual.shape)}"
+        )
+    if not residual.is_floating_point():
+        raise TypeError(f"residual must be a floating-point tensor, got {residual.dtype}")
+    if residual.device != input.device:
+        raise RuntimeError(
+            f"residual is on {residual.device} but the input is on {input.device}; move it there"
         )
 
 

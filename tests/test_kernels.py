@@ -380,3 +380,184 @@ def test_kernels_compile_for_hopper_with_vectorized_access():
             assert r["vector_loads"] > 0, r
         if r["kernel"] in ("_forward_kernel", "_backward_elementwise_kernel"):
             assert r["vector_stores"] > 0, r
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch's semantics at the edges: non-finite values, empty batches, refusals, dtypes, layouts
+
+OP_BACKENDS = ["triton", "torch"]  # the custom op's two implementations
+
+
+def _bn_add_relu(x, residual, weight, bias, rm, rv, training, backend=None):
+    """Output and the gradients of x, residual, weight, bias, through the op or (backend None)
+    through PyTorch's own modules in float32 with `out += residual` and ReLU."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, residual, weight, bias)]
+    xl, rl, wl, bl = leaves
+    if backend is None:
+        out = F.batch_norm(xl, rm, rv, wl, bl, training, 0.1, 1e-5)
+        out = F.relu(out + rl)
+    else:
+        with use_backend(backend):
+            out = fused_batch_norm(xl, rm, rv, wl, bl, training, 0.1, 1e-5, residual=rl)
+    out.sum().backward()
+    return out.detach(), [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("where", ["residual", "input"])
+def test_nan_propagates_through_output_gradients_and_running_stats(backend, where):
+    x, residual, weight, bias, rm, rv, _ = _inputs((3, 4, 5, 5), torch.float32, False)
+    (residual if where == "residual" else x)[1, 2, 3, 4] = float("nan")
+    stats, ref_stats = (rm.clone(), rv.clone()), (rm.clone(), rv.clone())
+    out, grads = _bn_add_relu(x, residual, weight, bias, *stats, True, backend)
+    ref_out, ref_grads = _bn_add_relu(x, residual, weight, bias, *ref_stats, True)
+    assert out.isnan().any()  # the NaN is not cut by the ReLU
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5, equal_nan=True)
+    for got, expected in zip(grads, ref_grads):
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5, equal_nan=True)
+    for got, expected in zip(stats, ref_stats):
+        torch.testing.assert_close(got, expected, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_an_inf_input_gives_an_inf_running_mean_and_nan_variance_as_pytorch(backend):
+    x, _, _, _, rm, rv, _ = _inputs((3, 4, 5, 5), torch.float32, True)
+    x[2, 1, 0, 3] = float("inf")
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    with use_backend(backend):
+        out = fused_batch_norm(x, rm, rv, training=True, relu=False)
+    F.batch_norm(x, rm_ref, rv_ref, training=True)
+    assert rm[1] == float("inf") and rv[1].isnan() and out[:, 1].isnan().all()
+    torch.testing.assert_close(rm, rm_ref, equal_nan=True)
+    torch.testing.assert_close(rv, rv_ref, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_an_empty_batch_behaves_as_pytorch(backend, training):
+    x, residual, weight, bias, rm, rv, _ = _inputs((0, 4, 3, 3), torch.float32, False)
+    rm_before, rv_before = rm.clone(), rv.clone()
+    out, grads = _bn_add_relu(x, residual, weight, bias, rm, rv, training, backend)
+    ref_out, ref_grads = _bn_add_relu(x, residual, weight, bias, rm.clone(), rv.clone(), training)
+    assert out.shape == (0, 4, 3, 3)
+    for got, expected in zip(grads, ref_grads):
+        assert got.shape == expected.shape and torch.equal(got, expected)
+    assert torch.equal(grads[2], torch.zeros(4))  # the parameters saw no data
+    assert torch.equal(rm, rm_before) and torch.equal(rv, rv_before)
+
+
+def test_eps_is_refused_in_pytorchs_words():
+    x = torch.randn(2, 3, 4, 4)
+    for backend in BACKENDS:
+        with use_backend(backend):
+            with pytest.raises(ValueError, match="eps must be positive during training, but got 0.0"):
+                fused_batch_norm(x, None, None, training=True, eps=0.0)
+            with pytest.raises(ValueError, match="eps must be non-negative, but got -1.0"):
+                fused_batch_norm(x, torch.zeros(3), torch.ones(3), eps=-1.0)
+            fused_batch_norm(x, torch.zeros(3), torch.ones(3), eps=0.0)  # eval accepts 0, as F does
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_residual_of_another_dtype_is_added_as_out_plus_equals_residual(backend):
+    x, residual, weight, bias, rm, rv, _ = _inputs((3, 4, 5, 5), torch.bfloat16, False)
+    residual = residual.float()  # e.g. an fp32 shortcut into a bf16 block
+    leaves = [t.detach().clone().requires_grad_() for t in (x, residual)]
+    with use_backend(backend):
+        out = fused_batch_norm(leaves[0], None, None, weight, bias, True, residual=leaves[1])
+    out.float().sum().backward()
+    expected = F.relu(F.batch_norm(x.float(), None, None, weight, bias, True) + residual)
+    assert out.dtype == torch.bfloat16 and leaves[1].grad.dtype == torch.float32
+    torch.testing.assert_close(out.float(), expected, atol=6e-2, rtol=3e-2)
+    torch.testing.assert_close(leaves[1].grad, (expected > 0).float())
+    with pytest.raises(TypeError, match="residual must be a floating-point tensor, got torch.int64"):
+        with use_backend(backend):
+            fused_batch_norm(x, None, None, training=True, residual=torch.ones(3, 4, 5, 5).long())
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_a_constant_channel_normalizes_to_exactly_its_bias(backend):
+    x, residual, weight, bias, _, _, _ = _inputs((4, 3, 7, 9), torch.float32, False)
+    x[:, 1] = 0.1  # 252 copies of 0.1: their float32 sum is not 252 * 0.1
+    with use_backend(backend):
+        out = fused_batch_norm(x, None, None, weight, bias, True, residual=residual, relu=False)
+    # x - mean is exactly 0, so 1 / sqrt(eps) has nothing to amplify.
+    torch.testing.assert_close(out[:, 1], residual[:, 1] + bias[1], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_backends_agree_when_the_mean_dwarfs_the_deviation(dtype):
+    g = torch.Generator().manual_seed(5)
+    x = (300 + torch.randn(4, 3, 6, 6, generator=g)).to(dtype)
+    weight, bias = torch.rand(3, generator=g) + 0.5, torch.randn(3, generator=g)
+    expected = F.batch_norm(x.double(), None, None, weight.double(), bias.double(), True)
+    atol, rtol = TOLERANCES[dtype]
+    for backend in OP_BACKENDS:
+        with use_backend(backend):
+            out = fused_batch_norm(x, None, None, weight, bias, True, relu=False)
+        torch.testing.assert_close(out.double(), expected, atol=atol, rtol=rtol,
+                                   msg=lambda m: f"{backend}: {m}")
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_huge_means_keep_a_finite_accurate_variance(backend):
+    g = torch.Generator().manual_seed(2)
+    x = 1e20 + 1e17 * torch.randn(3, 2, 8, 8, generator=g, dtype=torch.float64)
+    rm, rv = torch.zeros(2), torch.ones(2)
+    with use_backend(backend):
+        fused_batch_norm(x.float(), rm, rv, training=True, momentum=1.0, relu=False)
+    torch.testing.assert_close(rm.double(), x.mean(dim=(0, 2, 3)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(rv.double(), x.var(dim=(0, 2, 3)), rtol=1e-3, atol=0)
+
+
+def _layouts():
+    g = torch.Generator().manual_seed(4)
+    return {
+        "contiguous": torch.randn(2, 3, 4, 5, generator=g),
+        "channels_last": torch.randn(2, 3, 4, 5, generator=g).to(memory_format=torch.channels_last),
+        "transposed": torch.randn(2, 3, 5, 4, generator=g).transpose(2, 3),
+        "sliced": torch.randn(2, 6, 4, 5, generator=g)[:, ::2],
+    }
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed", "sliced"])
+def test_opcheck_passes_for_every_layout(backend, layout):
+    x = _layouts()[layout]
+    weight = torch.rand(3) + 0.5
+    bias = torch.randn(3)
+    residual = torch.randn(x.shape)
+    args = (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(),
+            residual.requires_grad_(), None, None, 1e-5, True)
+    with use_backend(backend):
+        torch.library.opcheck(torch.ops.resnet_ablate.batch_norm_act.default, args)
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("layout", ["transposed", "sliced"])
+def test_compile_fullgraph_on_layouts_that_need_copies(backend, layout):
+    module = FusedBatchNorm2d(3)
+    x = _layouts()[layout]
+    with use_backend(backend):
+        expected = module(x, residual=x)
+        compiled = torch.compile(module, fullgraph=True, backend="aot_eager")(x, residual=x)
+    torch.testing.assert_close(compiled, expected)
+    assert compiled.stride() == expected.stride()
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_eval_then_train_forward_then_backward_as_nn_batchnorm2d(backend):
+    """A later training forward updates the running statistics in place: the earlier eval
+    forward's backward still works, and uses the statistics it normalized with."""
+    torch.manual_seed(0)
+    module = FusedBatchNorm2d(3, relu=False)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    with use_backend(backend):
+        module.eval()
+        evaluated = module(x)
+        alone = torch.autograd.grad((evaluated * evaluated).sum(), x, retain_graph=True)[0]
+        module.train()
+        trained = module(x)
+        ((evaluated * evaluated).sum() + trained.sum()).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    # The training part's gradient of a plain sum is ~0 (the batch mean absorbs it).
+    torch.testing.assert_close(x.grad, alone, atol=1e-4, rtol=1e-4)

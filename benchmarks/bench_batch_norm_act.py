@@ -10,8 +10,9 @@ writes every row to a CSV together with the device name and library versions.
 
 Byte model (the minimum traffic of a two-pass BatchNorm in training, per element of the activation;
 statistics vectors are negligible): forward reads x twice and the residual once and writes the output
-(4 passes); backward reads grad_out, the output (ReLU mask) and x twice and writes grad_input and
-grad_residual (8 passes). All providers are scored against the same model, so GB/s compare directly.
+(4 passes); backward reads grad_out, the output (ReLU mask) and x and writes grad_residual in its
+reduction pass, then reads grad_residual and x and writes grad_input (7 passes). All providers are
+scored against the same model, so GB/s compare directly.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from resnet_ablate.kernels import fused_batch_norm, use_backend
 FULL_SHAPES = [(n, c, hw, hw) for n in (64, 256) for c, hw in
                ((256, 56), (512, 28), (1024, 14), (2048, 7))]
 SMALL_SHAPES = [(8, 64, 16, 16), (8, 256, 7, 7)]
-PASSES = {"forward": 4, "backward": 8, "forward+backward": 12}
+PASSES = {"forward": 4, "backward": 7, "forward+backward": 11}
 PEAK_BANDWIDTH_GBPS = {  # vendor figures for HBM bandwidth
     "H200": 4800, "H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100": 3350,
     "A100-SXM4-80GB": 2039, "A100-PCIE-80GB": 1935, "A100": 1555, "L40S": 864, "A10": 600,

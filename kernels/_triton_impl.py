@@ -8,28 +8,37 @@ its samples back to back (channels_last, or N = 1), the launch views them as a s
 N*L positions, which makes tiles long for small maps (7x7) too. Tiles are wide in C when C is the
 contiguous axis (channels_last) and long in L otherwise (NCHW).
 
-Bytes moved (the benchmark's byte model counts exactly these):
-- training forward: x read twice (statistics, then normalize), residual read once, out written once;
+Bytes moved per element, in units of the activation size (the benchmark's byte model):
+- training forward: x read twice (statistics, then normalize), residual read once, out written
+  once: 4 with a residual, 3 without;
 - eval forward: x and residual read once, out written once;
-- backward: grad_out, out (for the ReLU mask) and x read twice (reduction, then elementwise),
-  grad_input and grad_residual written once. The ReLU mask is recomputed from the saved output,
-  which the next layer keeps alive anyway, instead of storing a mask of its own.
+- backward with a residual: the reduce pass reads grad_out, out (the ReLU mask) and x and writes the
+  residual's gradient (grad_out where the ReLU let it through); the elementwise pass reads that
+  gradient back with x and writes grad_input: 7. Without a residual the elementwise pass reads
+  grad_out, out and x again: 7. The ReLU mask is the saved output, which the next layer keeps
+  alive anyway.
 
-Per-channel reductions are deterministic split reductions with no atomics: each program reduces a
-fixed range of tiles into its own slot of a [splits, C] buffer, and a second small kernel folds the
-slots in a fixed order. The forward keeps (count, mean, M2) per slot and merges them with Chan's
-formula, which stays accurate where sum / sum-of-squares would cancel (large means, fp16 inputs).
+Reductions are deterministic, with no atomics, and sized to one wave: the launch runs exactly as
+many programs as the GPU holds at once (from the compiled kernel's registers, see _occupancy.py),
+each walking a fixed range of tiles and accumulating per lane, with one block reduction at the end
+into its own slot of a [splits, C] buffer; a finalize kernel sums the slots in a fixed order, many
+slots at once. Statistics are sums around each channel's first value: exact for a constant
+channel, no cancellation when |mean| >> std (the deviation from one of the channel's own values is
+of the order of its spread), and inf and NaN give what a sum gives.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
 from ._layout import Strides3d, spatial_numel, strides_3d
+from ._occupancy import cuda_limits, programs_per_wave
 
 
 @triton.jit
@@ -40,33 +49,26 @@ def _offsets(n, positions, cols, stride_n, stride_c, stride_l):
 
 @triton.jit
 def _tile(tile, L, l_blocks, BLOCK_R: tl.constexpr):
-    """Sample index, positions and their mask, and valid count of tile number `tile`."""
+    """Sample index, positions and their mask of tile number `tile`."""
     n = tile // l_blocks
     start = (tile - n * l_blocks) * BLOCK_R
     positions = start + tl.arange(0, BLOCK_R)
-    return n, positions, positions < L, tl.minimum(L - start, BLOCK_R)
+    return n, positions, positions < L
 
 
 @triton.jit
-def _chan_merge(count, mean, m2, other_count, other_mean, other_m2):
-    """Chan et al.'s merge of two (count, mean, M2) summaries, with PyTorch's non-finite results.
-
-    Where a mean is inf or NaN the merged mean is their sum (inf stays inf, inf - inf is NaN, as a
-    sum over the channel gives) and M2 is NaN. The M2 term multiplies the weight in first, so that
-    merging into the empty start (weight 0) stays exact however large the mean.
-    """
-    new_count = count + other_count
-    delta = other_mean - mean
-    finite = (tl.abs(mean) < float("inf")) & (tl.abs(other_mean) < float("inf"))
-    mean = tl.where(finite, mean + delta * (other_count / new_count), mean + other_mean)
-    m2 = tl.where(finite, m2 + other_m2 + (delta * (count * other_count / new_count)) * delta,
-                  float("nan"))
-    return new_count, mean, m2
+def _channel_shift(first_ptr, cols, col_mask, sx_c):
+    """Each channel's first value (sample 0, position 0), or 0 where it is not finite: the point
+    the statistics are summed around. `first_ptr` is x itself, named for this per-channel read."""
+    first = tl.load(first_ptr + cols.to(tl.int64) * sx_c, mask=col_mask, other=0.0).to(tl.float32)
+    return tl.where(tl.abs(first) < float("inf"), first, 0.0)
 
 
-@triton.jit
+# Tile counts vary with the batch; left unspecialized, they do not change the compiled binary, so
+# the registers read from one compilation size every launch of that kernel.
+@triton.jit(do_not_specialize=["tiles_total", "tiles_per_split"])
 def _batch_stats_partial_kernel(
-    x_ptr, part_mean_ptr, part_m2_ptr, part_count_ptr,
+    x_ptr, first_ptr, part_sum_ptr, part_sq_ptr,
     C, L, l_blocks, tiles_total, tiles_per_split,
     sx_n, sx_c, sx_l,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -76,57 +78,51 @@ def _batch_stats_partial_kernel(
     split = tl.program_id(1)
     first = split * tiles_per_split
     last = tl.minimum(first + tiles_per_split, tiles_total)
+    shift = _channel_shift(first_ptr, cols, col_mask, sx_c)
 
-    # Sums are taken around the split's first value (when finite): a constant channel's mean
-    # then comes out exact, where sum / count rounds and 1 / sqrt(eps) would amplify the error.
-    first_n = first // l_blocks
-    first_position = (first - first_n * l_blocks) * BLOCK_R
-    first_offsets = first_n.to(tl.int64) * sx_n + first_position.to(tl.int64) * sx_l \
-        + cols.to(tl.int64) * sx_c
-    first_value = tl.load(x_ptr + first_offsets, mask=col_mask, other=0.0).to(tl.float32)
-    shift = tl.where(tl.abs(first_value) < float("inf"), first_value, 0.0)
-
-    count = tl.zeros([], dtype=tl.float32)  # a typed scalar: loop-carried in compiled code
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    # Per-lane sums: one block reduction after the loop, none inside it.
+    sums = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    squares = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     for tile in range(first, last):
-        n, positions, position_mask, valid = _tile(tile, L, l_blocks, BLOCK_R)
+        n, positions, position_mask = _tile(tile, L, l_blocks, BLOCK_R)
         mask = position_mask[:, None] & col_mask[None, :]
         x = tl.load(x_ptr + _offsets(n, positions, cols, sx_n, sx_c, sx_l), mask=mask, other=0.0)
-        x = x.to(tl.float32)
-        tile_count = valid.to(tl.float32)
-        shifted = tl.where(mask, x - shift[None, :], 0.0)
-        tile_mean = shift + tl.sum(shifted, axis=0) / tile_count
-        centered = tl.where(mask, x - tile_mean[None, :], 0.0)
-        count, mean, m2 = _chan_merge(count, mean, m2, tile_count, tile_mean,
-                                      tl.sum(centered * centered, axis=0))
+        deviation = tl.where(mask, x.to(tl.float32) - shift[None, :], 0.0)
+        sums += deviation
+        squares += deviation * deviation
 
     slot = split * C + cols
-    tl.store(part_mean_ptr + slot, mean, mask=col_mask)
-    tl.store(part_m2_ptr + slot, m2, mask=col_mask)
-    # Every channel block of a split writes the same count; one slot per split keeps it simple.
-    tl.store(part_count_ptr + split, count)
+    tl.store(part_sum_ptr + slot, tl.sum(sums, axis=0), mask=col_mask)
+    tl.store(part_sq_ptr + slot, tl.sum(squares, axis=0), mask=col_mask)
+
+
+@triton.jit
+def _sum_slots(part_ptr, cols, col_mask, C, num_splits,
+               BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Sum of the [num_splits, C] slots of channels `cols`, BLOCK_S slots at a time, in a fixed
+    order (deterministic)."""
+    total = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    for start in range(0, num_splits, BLOCK_S):
+        slots = start + tl.arange(0, BLOCK_S)
+        mask = (slots < num_splits)[:, None] & col_mask[None, :]
+        total += tl.load(part_ptr + slots[:, None] * C + cols[None, :], mask=mask, other=0.0)
+    return tl.sum(total, axis=0)
 
 
 @triton.jit
 def _batch_stats_finalize_kernel(
-    part_mean_ptr, part_m2_ptr, part_count_ptr, mean_ptr, var_ptr,
-    C, num_splits,
-    BLOCK_C: tl.constexpr,
+    part_sum_ptr, part_sq_ptr, first_ptr, mean_ptr, var_ptr,
+    C, num_splits, count, sx_c,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
-    count = tl.zeros([], dtype=tl.float32)  # a typed scalar: loop-carried in compiled code
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for split in range(0, num_splits):
-        count, mean, m2 = _chan_merge(
-            count, mean, m2, tl.load(part_count_ptr + split),
-            tl.load(part_mean_ptr + split * C + cols, mask=col_mask, other=0.0),
-            tl.load(part_m2_ptr + split * C + cols, mask=col_mask, other=0.0),
-        )
-    tl.store(mean_ptr + cols, mean, mask=col_mask)
-    tl.store(var_ptr + cols, m2 / count, mask=col_mask)
+    shift = _channel_shift(first_ptr, cols, col_mask, sx_c)
+    mean_deviation = _sum_slots(part_sum_ptr, cols, col_mask, C, num_splits, BLOCK_S, BLOCK_C) / count
+    mean_square = _sum_slots(part_sq_ptr, cols, col_mask, C, num_splits, BLOCK_S, BLOCK_C) / count
+    var = mean_square - mean_deviation * mean_deviation
+    tl.store(mean_ptr + cols, shift + mean_deviation, mask=col_mask)
+    tl.store(var_ptr + cols, tl.where(var < 0, 0.0, var), mask=col_mask)  # rounding; NaN stays
 
 
 @triton.jit
@@ -149,7 +145,7 @@ def _forward_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    n, positions, position_mask, _ = _tile(tl.program_id(0), L, l_blocks, BLOCK_R)
+    n, positions, position_mask = _tile(tl.program_id(0), L, l_blocks, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     mask = position_mask[:, None] & col_mask[None, :]
@@ -182,13 +178,17 @@ def _masked_grad(grad_ptr, out_ptr, n, positions, cols, mask,
     return g
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tiles_total", "tiles_per_split"])
 def _backward_reduce_kernel(
-    grad_ptr, out_ptr, x_ptr, mean_ptr, part_sum_g_ptr, part_sum_gx_ptr,
+    grad_ptr, out_ptr, x_ptr, mean_ptr, part_sum_g_ptr, part_sum_gx_ptr, grad_residual_ptr,
     C, L, l_blocks, tiles_total, tiles_per_split,
-    sg_n, sg_c, sg_l, so_n, so_c, so_l, sx_n, sx_c, sx_l,
-    RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    sg_n, sg_c, sg_l, so_n, so_c, so_l, sx_n, sx_c, sx_l, sdr_n, sdr_c, sdr_l,
+    RELU: tl.constexpr, STORE_GRAD_RESIDUAL: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """Per-channel sums of the masked gradient g and of g * (x - mean); with a residual, also
+    writes g as the residual's gradient, so that the elementwise pass reads it instead of
+    grad_out and out."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     split = tl.program_id(1)
@@ -196,36 +196,36 @@ def _backward_reduce_kernel(
     last = tl.minimum(first + tiles_per_split, tiles_total)
     mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
 
-    sum_g = tl.zeros([BLOCK_C], dtype=tl.float32)
-    sum_gx = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sums_g = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    sums_gx = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     for tile in range(first, last):
-        n, positions, position_mask, _ = _tile(tile, L, l_blocks, BLOCK_R)
+        n, positions, position_mask = _tile(tile, L, l_blocks, BLOCK_R)
         mask = position_mask[:, None] & col_mask[None, :]
         g = _masked_grad(grad_ptr, out_ptr, n, positions, cols, mask,
                          sg_n, sg_c, sg_l, so_n, so_c, so_l, RELU)
         x = tl.load(x_ptr + _offsets(n, positions, cols, sx_n, sx_c, sx_l), mask=mask, other=0.0)
-        x_centered = tl.where(mask, x.to(tl.float32) - mean[None, :], 0.0)
-        sum_g += tl.sum(g, axis=0)
-        sum_gx += tl.sum(g * x_centered, axis=0)
+        sums_g += g
+        sums_gx += g * tl.where(mask, x.to(tl.float32) - mean[None, :], 0.0)
+        if STORE_GRAD_RESIDUAL:
+            dr_offsets = _offsets(n, positions, cols, sdr_n, sdr_c, sdr_l)
+            tl.store(grad_residual_ptr + dr_offsets, g.to(grad_residual_ptr.dtype.element_ty),
+                     mask=mask)
 
     slot = split * C + cols
-    tl.store(part_sum_g_ptr + slot, sum_g, mask=col_mask)
-    tl.store(part_sum_gx_ptr + slot, sum_gx, mask=col_mask)
+    tl.store(part_sum_g_ptr + slot, tl.sum(sums_g, axis=0), mask=col_mask)
+    tl.store(part_sum_gx_ptr + slot, tl.sum(sums_gx, axis=0), mask=col_mask)
 
 
 @triton.jit
 def _backward_finalize_kernel(
     part_sum_g_ptr, part_sum_gx_ptr, var_ptr, grad_weight_ptr, grad_bias_ptr, sum_gx_ptr,
     C, num_splits, eps,
-    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
-    sum_g = tl.zeros([BLOCK_C], dtype=tl.float32)
-    sum_gx = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for split in range(0, num_splits):
-        sum_g += tl.load(part_sum_g_ptr + split * C + cols, mask=col_mask, other=0.0)
-        sum_gx += tl.load(part_sum_gx_ptr + split * C + cols, mask=col_mask, other=0.0)
+    sum_g = _sum_slots(part_sum_g_ptr, cols, col_mask, C, num_splits, BLOCK_S, BLOCK_C)
+    sum_gx = _sum_slots(part_sum_gx_ptr, cols, col_mask, C, num_splits, BLOCK_S, BLOCK_C)
     var = tl.load(var_ptr + cols, mask=col_mask, other=1.0).to(tl.float32)
     invstd = 1.0 / tl.sqrt(var + eps)
     tl.store(grad_weight_ptr + cols, sum_gx * invstd, mask=col_mask)
@@ -236,14 +236,15 @@ def _backward_finalize_kernel(
 @triton.jit
 def _backward_elementwise_kernel(
     grad_ptr, out_ptr, x_ptr, mean_ptr, var_ptr, weight_ptr, sum_g_ptr, sum_gx_ptr,
-    grad_input_ptr, grad_residual_ptr,
+    grad_input_ptr,
     C, L, l_blocks, count, eps,
-    sg_n, sg_c, sg_l, so_n, so_c, so_l, sx_n, sx_c, sx_l,
-    sdi_n, sdi_c, sdi_l, sdr_n, sdr_c, sdr_l,
+    sg_n, sg_c, sg_l, so_n, so_c, so_l, sx_n, sx_c, sx_l, sdi_n, sdi_c, sdi_l,
     HAS_WEIGHT: tl.constexpr, BATCH_STATS: tl.constexpr, RELU: tl.constexpr,
-    STORE_GRAD_RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    n, positions, position_mask, _ = _tile(tl.program_id(0), L, l_blocks, BLOCK_R)
+    """grad_input from the masked gradient: `grad_ptr` is either grad_out (masked here by `out`
+    when RELU) or the residual's gradient the reduce pass wrote, already masked (RELU off)."""
+    n, positions, position_mask = _tile(tl.program_id(0), L, l_blocks, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     mask = position_mask[:, None] & col_mask[None, :]
@@ -262,14 +263,182 @@ def _backward_elementwise_kernel(
         grad_input = g * scale[None, :]
     di_offsets = _offsets(n, positions, cols, sdi_n, sdi_c, sdi_l)
     tl.store(grad_input_ptr + di_offsets, grad_input.to(grad_input_ptr.dtype.element_ty), mask=mask)
-    if STORE_GRAD_RESIDUAL:
-        dr_offsets = _offsets(n, positions, cols, sdr_n, sdr_c, sdr_l)
-        tl.store(grad_residual_ptr + dr_offsets, g.to(grad_residual_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Spans: NCHW maps whose rows are not 16-byte aligned (14x14 and 7x7 in bf16).
+#
+# A row of L=49 bf16 values starts wherever the previous one ended, so row tiles can only use
+# 2-byte accesses. In an NCHW tensor the BLOCK_C*L values of BLOCK_C consecutive channels of one
+# sample are contiguous, though, and start aligned when BLOCK_C*L and C*L are multiples of 8: a
+# span tile reads them as one flat vector (16-byte accesses), with each lane's channel
+# `j // L` (L a compile-time constant: a multiply, not a division). Per-channel values are gathered
+# per lane, from vectors that stay in L1, and per-channel sums are folded from the lanes once per
+# program.
+
+
+@triton.jit
+def _span_lanes(C, L: tl.constexpr, BLOCK_C: tl.constexpr, SPAN: tl.constexpr,
+                EVEN_C: tl.constexpr):
+    """Lane offsets within the span of channel block program_id(0), their channels and mask.
+
+    With EVEN_C (BLOCK_C divides C) the mask is a compile-time bound, uniform over each run of 8
+    lanes, which is what lets the compiler issue 16-byte accesses under it.
+    """
+    lanes = tl.arange(0, SPAN)
+    channels = tl.program_id(0) * BLOCK_C + lanes // L
+    if EVEN_C:
+        return lanes, channels, lanes < BLOCK_C * L
+    return lanes, channels, (lanes < BLOCK_C * L) & (channels < C)
+
+
+@triton.jit
+def _span_base(n, C, L: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Offset of the span of sample `n` and channel block program_id(0), in 64 bits."""
+    n64 = tl.zeros([], dtype=tl.int64) + n  # a loop index may be a plain int
+    return n64 * C * L + tl.program_id(0) * (BLOCK_C * L)
+
+
+@triton.jit
+def _fold_channels(per_lane, L: tl.constexpr, BLOCK_C: tl.constexpr, SPAN: tl.constexpr):
+    """Per-channel sums of per-lane values: channel k of the block owns lanes [k*L, (k+1)*L)."""
+    owner = tl.arange(0, SPAN)[None, :] // L == tl.arange(0, BLOCK_C)[:, None]
+    return tl.sum(tl.where(owner, per_lane[None, :], 0.0), axis=1)
+
+
+@triton.jit(do_not_specialize=["samples", "samples_per_split"])
+def _span_batch_stats_partial_kernel(
+    x_ptr, first_ptr, part_sum_ptr, part_sq_ptr, C, samples, samples_per_split,
+    L: tl.constexpr, BLOCK_C: tl.constexpr, SPAN: tl.constexpr,
+    EVEN_C: tl.constexpr,
+):
+    lanes, channels, lane_mask = _span_lanes(C, L, BLOCK_C, SPAN, EVEN_C)
+    shift = _channel_shift(first_ptr, channels, lane_mask, L)
+    split = tl.program_id(1)
+    first = split * samples_per_split
+    last = tl.minimum(first + samples_per_split, samples)
+    sums = tl.zeros([SPAN], dtype=tl.float32)
+    squares = tl.zeros([SPAN], dtype=tl.float32)
+    for n in range(first, last):
+        x = tl.load(x_ptr + _span_base(n, C, L, BLOCK_C) + lanes, mask=lane_mask, other=0.0)
+        deviation = tl.where(lane_mask, x.to(tl.float32) - shift, 0.0)
+        sums += deviation
+        squares += deviation * deviation
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    slot = split * C + cols
+    tl.store(part_sum_ptr + slot, _fold_channels(sums, L, BLOCK_C, SPAN), mask=cols < C)
+    tl.store(part_sq_ptr + slot, _fold_channels(squares, L, BLOCK_C, SPAN), mask=cols < C)
+
+
+@triton.jit
+def _span_forward_kernel(
+    x_ptr, residual_ptr, out_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr, C, eps,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    RELU: tl.constexpr, L: tl.constexpr, BLOCK_C: tl.constexpr, SPAN: tl.constexpr,
+    EVEN_C: tl.constexpr,
+):
+    lanes, channels, lane_mask = _span_lanes(C, L, BLOCK_C, SPAN, EVEN_C)
+    offsets = _span_base(tl.program_id(1), C, L, BLOCK_C) + lanes
+    mean, _, scale = _channel_scale(mean_ptr, var_ptr, weight_ptr, channels, lane_mask, eps,
+                                    HAS_WEIGHT)
+    y = (tl.load(x_ptr + offsets, mask=lane_mask).to(tl.float32) - mean) * scale
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + channels, mask=lane_mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        y += tl.load(residual_ptr + offsets, mask=lane_mask).to(tl.float32)
+    if RELU:
+        y = tl.where(y < 0, 0.0, y)
+    tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=lane_mask)
+
+
+@triton.jit
+def _span_masked_grad(grad_ptr, out_ptr, offsets, lane_mask, RELU: tl.constexpr):
+    g = tl.load(grad_ptr + offsets, mask=lane_mask, other=0.0).to(tl.float32)
+    if RELU:
+        g = tl.where(tl.load(out_ptr + offsets, mask=lane_mask, other=0.0) <= 0, 0.0, g)
+    return g
+
+
+@triton.jit(do_not_specialize=["samples", "samples_per_split"])
+def _span_backward_reduce_kernel(
+    grad_ptr, out_ptr, x_ptr, mean_ptr, part_sum_g_ptr, part_sum_gx_ptr, grad_residual_ptr,
+    C, samples, samples_per_split,
+    RELU: tl.constexpr, STORE_GRAD_RESIDUAL: tl.constexpr,
+    L: tl.constexpr, BLOCK_C: tl.constexpr, SPAN: tl.constexpr,
+    EVEN_C: tl.constexpr,
+):
+    lanes, channels, lane_mask = _span_lanes(C, L, BLOCK_C, SPAN, EVEN_C)
+    mean = tl.load(mean_ptr + channels, mask=lane_mask, other=0.0).to(tl.float32)
+    split = tl.program_id(1)
+    first = split * samples_per_split
+    last = tl.minimum(first + samples_per_split, samples)
+    sums_g = tl.zeros([SPAN], dtype=tl.float32)
+    sums_gx = tl.zeros([SPAN], dtype=tl.float32)
+    for n in range(first, last):
+        offsets = _span_base(n, C, L, BLOCK_C) + lanes
+        g = _span_masked_grad(grad_ptr, out_ptr, offsets, lane_mask, RELU)
+        x = tl.load(x_ptr + offsets, mask=lane_mask, other=0.0).to(tl.float32)
+        sums_g += g
+        sums_gx += g * tl.where(lane_mask, x - mean, 0.0)
+        if STORE_GRAD_RESIDUAL:
+            tl.store(grad_residual_ptr + offsets, g.to(grad_residual_ptr.dtype.element_ty),
+                     mask=lane_mask)
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    slot = split * C + cols
+    tl.store(part_sum_g_ptr + slot, _fold_channels(sums_g, L, BLOCK_C, SPAN), mask=cols < C)
+    tl.store(part_sum_gx_ptr + slot, _fold_channels(sums_gx, L, BLOCK_C, SPAN), mask=cols < C)
+
+
+@triton.jit
+def _span_backward_elementwise_kernel(
+    grad_ptr, out_ptr, x_ptr, mean_ptr, var_ptr, weight_ptr, sum_g_ptr, sum_gx_ptr,
+    grad_input_ptr, C, count, eps,
+    HAS_WEIGHT: tl.constexpr, BATCH_STATS: tl.constexpr, RELU: tl.constexpr,
+    L: tl.constexpr, BLOCK_C: tl.constexpr, SPAN: tl.constexpr,
+    EVEN_C: tl.constexpr,
+):
+    lanes, channels, lane_mask = _span_lanes(C, L, BLOCK_C, SPAN, EVEN_C)
+    offsets = _span_base(tl.program_id(1), C, L, BLOCK_C) + lanes
+    mean, invstd, scale = _channel_scale(mean_ptr, var_ptr, weight_ptr, channels, lane_mask, eps,
+                                         HAS_WEIGHT)
+    g = _span_masked_grad(grad_ptr, out_ptr, offsets, lane_mask, RELU)
+    if BATCH_STATS:
+        x = tl.load(x_ptr + offsets, mask=lane_mask).to(tl.float32)
+        mean_g = tl.load(sum_g_ptr + channels, mask=lane_mask, other=0.0) / count
+        mean_gx = tl.load(sum_gx_ptr + channels, mask=lane_mask, other=0.0) / count
+        grad_input = (g - mean_g - (x - mean) * (invstd * invstd * mean_gx)) * scale
+    else:
+        grad_input = g * scale
+    tl.store(grad_input_ptr + offsets, grad_input.to(grad_input_ptr.dtype.element_ty),
+             mask=lane_mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launches: what each call runs, as data, so that the ahead-of-time check compiles exactly these.
+
+FINALIZE_BLOCK_C = 64
+FINALIZE_BLOCK_S = 32
+# Under the interpreter programs run one after another: few of them keep tests fast.
+INTERPRETER_PROGRAMS = 4
 
 
 @dataclass(frozen=True)
-class _Launch:
-    """How one call walks its tensors: the (samples, positions) view, tile shape, reduction split."""
+class KernelLaunch:
+    """One kernel launch: the kernel, its grid, runtime arguments and compile-time constants."""
+
+    kernel: Any  # a triton.JITFunction
+    grid: tuple[int, ...]
+    args: tuple[Any, ...]
+    constexprs: dict[str, Any] = field(default_factory=dict)
+    num_warps: int = 4
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps)
+
+
+@dataclass(frozen=True)
+class _Tiling:
+    """How one call walks its tensors: the (samples, positions) view and the tile shape."""
 
     samples: int  # N, or 1 when every tensor stores its samples back to back
     positions: int  # L, or N*L in that case
@@ -279,23 +448,21 @@ class _Launch:
     num_warps: int
     col_blocks: int
     l_blocks: int
-    tiles_per_split: int
-    num_splits: int
 
     @property
     def tiles(self) -> int:
         return self.samples * self.l_blocks
 
+    def split(self, programs: int) -> tuple[int, int]:
+        """(tiles per split, splits) for a reduction of at most `programs` programs in all. The
+        split depends on shapes and device only, so the reduction order is fixed run to run."""
+        splits = max(1, min(self.tiles, programs // self.col_blocks))
+        tiles_per_split = triton.cdiv(self.tiles, splits)
+        return tiles_per_split, triton.cdiv(self.tiles, tiles_per_split)
 
-def _target_programs(device: torch.device) -> int:
-    """Programs per reduction launch: enough to fill a GPU, few under the interpreter (serial)."""
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
 
-
-def _plan(x: torch.Tensor, strides: list[Strides3d | None]) -> _Launch:
-    """The launch for tensors shaped like `x` with these (N, C, L) strides (None: unused tensor)."""
+def _tiling(x: torch.Tensor, strides: Sequence[Strides3d | None]) -> _Tiling:
+    """The tiling for tensors shaped like `x` with these (N, C, L) strides (None: unused tensor)."""
     samples, channels, positions = x.shape[0], x.shape[1], spatial_numel(x)
     used = [s for s in strides if s is not None]
     if samples == 1 or all(s.n == positions * s.l for s in used):
@@ -309,18 +476,87 @@ def _plan(x: torch.Tensor, strides: list[Strides3d | None]) -> _Launch:
     else:
         block_r = min(1024, max(16, triton.next_power_of_2(positions)))
         block_c = min(triton.next_power_of_2(channels), max(1, 4096 // block_r), 64)
-    col_blocks = triton.cdiv(channels, block_c)
-    l_blocks = triton.cdiv(positions, block_r)
-    tiles = samples * l_blocks
-    # The split depends on shapes and device only, so the reduction order is fixed run to run.
-    splits = max(1, min(tiles, triton.cdiv(_target_programs(x.device), col_blocks)))
-    tiles_per_split = triton.cdiv(tiles, splits)
-    return _Launch(
+    return _Tiling(
         samples=samples, positions=positions, strides=tuple(s or Strides3d(0, 0, 0) for s in strides),
         block_r=block_r, block_c=block_c, num_warps=8 if block_r * block_c >= 4096 else 4,
-        col_blocks=col_blocks, l_blocks=l_blocks, tiles_per_split=tiles_per_split,
-        num_splits=triton.cdiv(tiles, tiles_per_split),
+        col_blocks=triton.cdiv(channels, block_c), l_blocks=triton.cdiv(positions, block_r),
     )
+
+
+@dataclass(frozen=True)
+class _SpanTiling:
+    """Span tiles (see the Spans section): BLOCK_C channels of one sample, read as one flat run."""
+
+    samples: int
+    channels: int
+    positions: int  # L, a compile-time constant of the span kernels
+    block_c: int
+    span: int  # lanes: block_c * positions rounded up to a power of two
+    num_warps: int
+    col_blocks: int
+
+    def split(self, programs: int) -> tuple[int, int]:
+        """(samples per split, splits) for a reduction of at most `programs` programs in all."""
+        splits = max(1, min(self.samples, programs // self.col_blocks))
+        per_split = triton.cdiv(self.samples, splits)
+        return per_split, triton.cdiv(self.samples, per_split)
+
+    def constexprs(self) -> dict[str, int | bool]:
+        return dict(L=self.positions, BLOCK_C=self.block_c, SPAN=self.span,
+                    EVEN_C=self.col_blocks * self.block_c == self.channels)
+
+
+SPAN_MAX_LANES = 2048
+
+
+def _span_tiling(x: torch.Tensor, tensors: Sequence[torch.Tensor | None]) -> _SpanTiling | None:
+    """Span tiles for NCHW tensors whose rows of L values are not 16-byte aligned, else None."""
+    positions = spatial_numel(x)
+    if x.dim() < 3 or positions == 1 or positions * x.element_size() % 16 == 0:
+        return None
+    channels = x.shape[1]
+    nchw = (channels * positions, positions, 1)
+    if any(strides_3d(t) is None or tuple(strides_3d(t)) != nchw or t.shape != x.shape
+           for t in tensors if t is not None):
+        return None
+    block_c = 1
+    while block_c * 2 * positions <= SPAN_MAX_LANES and block_c < min(64, channels):
+        block_c *= 2
+    span = triton.next_power_of_2(block_c * positions)
+    if span > 4 * SPAN_MAX_LANES:
+        return None  # rows long enough for row tiles to stay efficient
+    return _SpanTiling(samples=x.shape[0], channels=channels, positions=positions, block_c=block_c,
+                       span=span,
+                       num_warps=8 if span >= 2048 else 4, col_blocks=triton.cdiv(channels, block_c))
+
+
+def _reduction_programs(kernel: Any, args: tuple[Any, ...], constexprs: dict[str, Any],
+                        num_warps: int, device: torch.device) -> int:
+    """Programs in one wave of `kernel` on `device` (a handful under the interpreter).
+
+    On CUDA the kernel is compiled for these arguments (Triton caches it) and its registers and
+    shared memory are read from the loaded binary. The ahead-of-time check passes a function of
+    its own that reads them from a binary compiled for sm_90.
+    """
+    if device.type != "cuda":
+        return INTERPRETER_PROGRAMS
+    registers, shared = _compiled_resources(kernel, args, constexprs, num_warps, device)
+    return programs_per_wave(registers, num_warps, shared, cuda_limits(device))
+
+
+_RESOURCES: dict[Any, tuple[int, int]] = {}  # (registers, shared bytes) per kernel specialization
+
+
+def _compiled_resources(kernel: Any, args: tuple[Any, ...], constexprs: dict[str, Any],
+                        num_warps: int, device: torch.device) -> tuple[int, int]:
+    key = (kernel.fn.__name__, tuple(sorted(constexprs.items())), num_warps, device.index,
+           tuple(a.dtype if isinstance(a, torch.Tensor) else a % 16 == 0 for a in args
+                 if isinstance(a, torch.Tensor) or (isinstance(a, int) and not isinstance(a, bool))))
+    if key not in _RESOURCES:
+        compiled = kernel.warmup(*args, **constexprs, num_warps=num_warps, grid=(1,))
+        compiled._init_handles()  # loads the binary: its register count is known from then on
+        _RESOURCES[key] = (compiled.n_regs, compiled.metadata.shared)
+    return _RESOURCES[key]
 
 
 def _dense_like(t: torch.Tensor) -> torch.Tensor:
@@ -331,6 +567,119 @@ def _dense_like(t: torch.Tensor) -> torch.Tensor:
 def _writable(t: torch.Tensor) -> torch.Tensor:
     """A buffer the kernel can write for output `t`: t itself, or a contiguous stand-in."""
     return t if strides_3d(t) is not None else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+def _finalize(kernel: Any, channels: int, *args: Any) -> KernelLaunch:
+    """A finalize launch: one program per FINALIZE_BLOCK_C channels, summing every slot."""
+    return KernelLaunch(kernel, (triton.cdiv(channels, FINALIZE_BLOCK_C),), args,
+                        dict(BLOCK_S=FINALIZE_BLOCK_S, BLOCK_C=FINALIZE_BLOCK_C))
+
+
+@dataclass(frozen=True)
+class ForwardCall:
+    """The launches of one forward and the tensors they fill."""
+
+    launches: list[KernelLaunch]
+    out: torch.Tensor
+    out_buffer: torch.Tensor
+    saved_mean: torch.Tensor
+    saved_var: torch.Tensor
+
+
+def plan_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    eps: float,
+    relu: bool,
+    *,
+    reduction_programs=_reduction_programs,
+) -> ForwardCall:
+    """Allocate a forward's outputs and describe its launches (without running them)."""
+    channels = x.shape[1]
+    out = torch.empty_like(x)  # the input's strides, as the fake kernel promises
+    out_buffer = _writable(out)
+    x = _dense_like(x)
+    residual = _dense_like(residual) if residual is not None else None
+    span = _span_tiling(x, [x, residual, out_buffer])
+    if span is not None:
+        return _plan_span_forward(span, x, weight, bias, residual, running_mean, running_var, eps,
+                                  relu, out, out_buffer, reduction_programs)
+    tiling = _tiling(x, [strides_3d(x), strides_3d(residual) if residual is not None else None,
+                         strides_3d(out_buffer)])
+    sx, sr, so = tiling.strides
+    f32 = dict(dtype=torch.float32, device=x.device)
+    launches = []
+    if running_mean is None:
+        mean = torch.empty(channels, **f32)
+        var = torch.empty(channels, **f32)
+        blocks = dict(BLOCK_R=tiling.block_r, BLOCK_C=tiling.block_c)
+        # The split does not change the binary (unspecialized), so any split measures it.
+        provisional = (x, x, mean, var, channels, tiling.positions, tiling.l_blocks, tiling.tiles, 1,
+                       *sx)
+        programs = reduction_programs(_batch_stats_partial_kernel, provisional, blocks,
+                                      tiling.num_warps, x.device)
+        tiles_per_split, splits = tiling.split(programs)
+        part_sum = torch.empty(splits, channels, **f32)
+        part_sq = torch.empty(splits, channels, **f32)
+        launches.append(KernelLaunch(
+            _batch_stats_partial_kernel, (tiling.col_blocks, splits),
+            (x, x, part_sum, part_sq, channels, tiling.positions, tiling.l_blocks, tiling.tiles,
+             tiles_per_split, *sx), blocks, tiling.num_warps))
+        launches.append(_finalize(_batch_stats_finalize_kernel, channels, part_sum, part_sq, x,
+                                  mean, var, channels, splits, float(x.numel() // channels), sx.c))
+        saved_mean, saved_var = mean, var
+    else:
+        mean, var = running_mean, running_var
+        saved_mean, saved_var = torch.empty(0, **f32), torch.empty(0, **f32)
+    launches.append(KernelLaunch(
+        _forward_kernel, (tiling.tiles, tiling.col_blocks),
+        (x, residual if residual is not None else x, out_buffer, mean, var,
+         weight if weight is not None else mean, bias if bias is not None else mean,
+         channels, tiling.positions, tiling.l_blocks, eps, *sx, *sr, *so),
+        dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+             HAS_RESIDUAL=residual is not None, RELU=relu,
+             BLOCK_R=tiling.block_r, BLOCK_C=tiling.block_c),
+        tiling.num_warps))
+    return ForwardCall(launches, out, out_buffer, saved_mean, saved_var)
+
+
+def _plan_span_forward(span: _SpanTiling, x, weight, bias, residual, running_mean, running_var,
+                       eps, relu, out, out_buffer, reduction_programs) -> ForwardCall:
+    channels = x.shape[1]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    launches = []
+    if running_mean is None:
+        mean = torch.empty(channels, **f32)
+        var = torch.empty(channels, **f32)
+        provisional = (x, x, mean, var, channels, span.samples, 1)
+        programs = reduction_programs(_span_batch_stats_partial_kernel, provisional,
+                                      span.constexprs(), span.num_warps, x.device)
+        per_split, splits = span.split(programs)
+        part_sum = torch.empty(splits, channels, **f32)
+        part_sq = torch.empty(splits, channels, **f32)
+        launches.append(KernelLaunch(
+            _span_batch_stats_partial_kernel, (span.col_blocks, splits),
+            (x, x, part_sum, part_sq, channels, span.samples, per_split),
+            span.constexprs(), span.num_warps))
+        launches.append(_finalize(_batch_stats_finalize_kernel, channels, part_sum, part_sq, x,
+                                  mean, var, channels, splits, float(x.numel() // channels),
+                                  span.positions))
+        saved_mean, saved_var = mean, var
+    else:
+        mean, var = running_mean, running_var
+        saved_mean, saved_var = torch.empty(0, **f32), torch.empty(0, **f32)
+    launches.append(KernelLaunch(
+        _span_forward_kernel, (span.col_blocks, span.samples),
+        (x, residual if residual is not None else x, out_buffer, mean, var,
+         weight if weight is not None else mean, bias if bias is not None else mean, channels, eps),
+        dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+             HAS_RESIDUAL=residual is not None, RELU=relu, **span.constexprs()),
+        span.num_warps))
+    return ForwardCall(launches, out, out_buffer, saved_mean, saved_var)
 
 
 def forward(
@@ -344,45 +693,141 @@ def forward(
     relu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """See `batch_norm_act` in batch_norm.py for the contract."""
-    channels = x.shape[1]
-    out = torch.empty_like(x)  # the input's strides, as the fake kernel promises
-    out_buffer = _writable(out)
-    x = _dense_like(x)
-    residual = _dense_like(residual) if residual is not None else None
-    plan = _plan(x, [strides_3d(x), strides_3d(residual) if residual is not None else None,
-                     strides_3d(out_buffer)])
-    sx, sr, so = plan.strides
-    f32 = dict(dtype=torch.float32, device=x.device)
-    if running_mean is None:
-        mean = torch.empty(channels, **f32)
-        var = torch.empty(channels, **f32)
-        part_mean = torch.empty(plan.num_splits, channels, **f32)
-        part_m2 = torch.empty(plan.num_splits, channels, **f32)
-        part_count = torch.empty(plan.num_splits, **f32)
-        _batch_stats_partial_kernel[(plan.col_blocks, plan.num_splits)](
-            x, part_mean, part_m2, part_count, channels, plan.positions, plan.l_blocks,
-            plan.tiles, plan.tiles_per_split, *sx,
-            BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, num_warps=plan.num_warps,
-        )
-        _batch_stats_finalize_kernel[(triton.cdiv(channels, 128),)](
-            part_mean, part_m2, part_count, mean, var, channels, plan.num_splits, BLOCK_C=128,
-        )
-        saved_mean, saved_var = mean, var
-    else:
-        mean, var = running_mean, running_var
-        saved_mean, saved_var = torch.empty(0, **f32), torch.empty(0, **f32)
+    call = plan_forward(x, weight, bias, residual, running_mean, running_var, eps, relu)
+    for launch in call.launches:
+        launch()
+    if call.out_buffer is not call.out:
+        call.out.copy_(call.out_buffer)
+    return call.out, call.saved_mean, call.saved_var
 
-    _forward_kernel[(plan.tiles, plan.col_blocks)](
-        x, residual if residual is not None else x, out_buffer, mean, var,
-        weight if weight is not None else mean, bias if bias is not None else mean,
-        channels, plan.positions, plan.l_blocks, eps, *sx, *sr, *so,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None, RELU=relu,
-        BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, num_warps=plan.num_warps,
-    )
-    if out_buffer is not out:
-        out.copy_(out_buffer)
-    return out, saved_mean, saved_var
+
+@dataclass(frozen=True)
+class BackwardCall:
+    """The launches of one backward and the tensors they fill."""
+
+    launches: list[KernelLaunch]
+    grad_input: torch.Tensor
+    grad_input_buffer: torch.Tensor
+    grad_residual: torch.Tensor
+    grad_residual_buffer: torch.Tensor
+    grad_weight: torch.Tensor
+    grad_bias: torch.Tensor
+
+
+def plan_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    out: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
+    batch_stats: bool,
+    residual_grad: bool,
+    *,
+    reduction_programs=_reduction_programs,
+) -> BackwardCall:
+    """Allocate a backward's gradients and describe its launches (without running them)."""
+    channels = x.shape[1]
+    # Gradients take the strides the fake kernel promises, whatever copies compute them.
+    grad_input = torch.empty_like(x)
+    grad_input_buffer = _writable(grad_input)
+    if residual_grad:
+        grad_residual = torch.empty_like(grad_out, dtype=x.dtype)
+        grad_residual_buffer = _writable(grad_residual)
+    else:
+        grad_residual = grad_residual_buffer = torch.empty(0, dtype=x.dtype, device=x.device)
+    grad_out = _dense_like(grad_out)
+    x = _dense_like(x)
+    relu = out is not None
+    out = _dense_like(out) if relu else None
+    span = _span_tiling(x, [x, grad_out, out, grad_input_buffer,
+                            grad_residual_buffer if residual_grad else None])
+    if span is not None:
+        return _plan_span_backward(span, grad_out, x, out, weight, mean, var, eps, batch_stats,
+                                   residual_grad, grad_input, grad_input_buffer, grad_residual,
+                                   grad_residual_buffer, reduction_programs)
+    tiling = _tiling(x, [
+        strides_3d(x), strides_3d(grad_out), strides_3d(out) if relu else None,
+        strides_3d(grad_input_buffer), strides_3d(grad_residual_buffer) if residual_grad else None,
+    ])
+    sx, sg, so, sdi, sdr = tiling.strides
+    out_or_grad = out if relu else grad_out  # a valid pointer where RELU is off and it is unread
+    f32 = dict(dtype=torch.float32, device=x.device)
+
+    blocks = dict(BLOCK_R=tiling.block_r, BLOCK_C=tiling.block_c)
+    reduce_constexprs = dict(RELU=relu, STORE_GRAD_RESIDUAL=residual_grad, **blocks)
+    provisional = (grad_out, out_or_grad, x, mean, var, var, grad_residual_buffer, channels,
+                   tiling.positions, tiling.l_blocks, tiling.tiles, 1, *sg, *so, *sx, *sdr)
+    programs = reduction_programs(_backward_reduce_kernel, provisional, reduce_constexprs,
+                                  tiling.num_warps, x.device)
+    tiles_per_split, splits = tiling.split(programs)
+    part_sum_g = torch.empty(splits, channels, **f32)
+    part_sum_gx = torch.empty(splits, channels, **f32)
+    grad_weight = torch.empty(channels, **f32)
+    grad_bias = torch.empty(channels, **f32)
+    sum_gx = torch.empty(channels, **f32)
+    # With a residual, the elementwise pass reads the masked gradient the reduce pass wrote.
+    masked, s_masked = (grad_residual_buffer, sdr) if residual_grad else (grad_out, sg)
+    launches = [
+        KernelLaunch(
+            _backward_reduce_kernel, (tiling.col_blocks, splits),
+            (grad_out, out_or_grad, x, mean, part_sum_g, part_sum_gx, grad_residual_buffer,
+             channels, tiling.positions, tiling.l_blocks, tiling.tiles, tiles_per_split,
+             *sg, *so, *sx, *sdr),
+            reduce_constexprs, tiling.num_warps),
+        _finalize(_backward_finalize_kernel, channels, part_sum_g, part_sum_gx, var, grad_weight,
+                  grad_bias, sum_gx, channels, splits, eps),
+        KernelLaunch(
+            _backward_elementwise_kernel, (tiling.tiles, tiling.col_blocks),
+            (masked, out_or_grad, x, mean, var, weight if weight is not None else var, grad_bias,
+             sum_gx, grad_input_buffer, channels, tiling.positions, tiling.l_blocks,
+             x.numel() // channels, eps, *s_masked, *so, *sx, *sdi),
+            dict(HAS_WEIGHT=weight is not None, BATCH_STATS=batch_stats,
+                 RELU=relu and not residual_grad, **blocks),
+            tiling.num_warps),
+    ]
+    return BackwardCall(launches, grad_input, grad_input_buffer, grad_residual,
+                        grad_residual_buffer, grad_weight, grad_bias)
+
+
+def _plan_span_backward(span: _SpanTiling, grad_out, x, out, weight, mean, var, eps, batch_stats,
+                        residual_grad, grad_input, grad_input_buffer, grad_residual,
+                        grad_residual_buffer, reduction_programs) -> BackwardCall:
+    channels = x.shape[1]
+    relu = out is not None
+    out_or_grad = out if relu else grad_out
+    f32 = dict(dtype=torch.float32, device=x.device)
+    reduce_constexprs = dict(RELU=relu, STORE_GRAD_RESIDUAL=residual_grad, **span.constexprs())
+    provisional = (grad_out, out_or_grad, x, mean, var, var, grad_residual_buffer, channels,
+                   span.samples, 1)
+    programs = reduction_programs(_span_backward_reduce_kernel, provisional, reduce_constexprs,
+                                  span.num_warps, x.device)
+    per_split, splits = span.split(programs)
+    part_sum_g = torch.empty(splits, channels, **f32)
+    part_sum_gx = torch.empty(splits, channels, **f32)
+    grad_weight = torch.empty(channels, **f32)
+    grad_bias = torch.empty(channels, **f32)
+    sum_gx = torch.empty(channels, **f32)
+    masked = grad_residual_buffer if residual_grad else grad_out
+    launches = [
+        KernelLaunch(
+            _span_backward_reduce_kernel, (span.col_blocks, splits),
+            (grad_out, out_or_grad, x, mean, part_sum_g, part_sum_gx, grad_residual_buffer,
+             channels, span.samples, per_split),
+            reduce_constexprs, span.num_warps),
+        _finalize(_backward_finalize_kernel, channels, part_sum_g, part_sum_gx, var, grad_weight,
+                  grad_bias, sum_gx, channels, splits, eps),
+        KernelLaunch(
+            _span_backward_elementwise_kernel, (span.col_blocks, span.samples),
+            (masked, out_or_grad, x, mean, var, weight if weight is not None else var, grad_bias,
+             sum_gx, grad_input_buffer, channels, x.numel() // channels, eps),
+            dict(HAS_WEIGHT=weight is not None, BATCH_STATS=batch_stats,
+                 RELU=relu and not residual_grad, **span.constexprs()),
+            span.num_warps),
+    ]
+    return BackwardCall(launches, grad_input, grad_input_buffer, grad_residual,
+                        grad_residual_buffer, grad_weight, grad_bias)
 
 
 def backward(
@@ -397,52 +842,11 @@ def backward(
     residual_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """See `batch_norm_act_backward` in batch_norm.py for the contract."""
-    channels = x.shape[1]
-    # Gradients take the strides the fake kernel promises, whatever copies compute them.
-    grad_input = torch.empty_like(x)
-    grad_input_buffer = _writable(grad_input)
-    if residual_grad:
-        grad_residual = torch.empty_like(grad_out, dtype=x.dtype)
-        grad_residual_buffer = _writable(grad_residual)
-    else:
-        grad_residual = grad_residual_buffer = torch.empty(0, dtype=x.dtype, device=x.device)
-    grad_out = _dense_like(grad_out)
-    x = _dense_like(x)
-    relu = out is not None
-    out = _dense_like(out) if relu else None
-    plan = _plan(x, [
-        strides_3d(x), strides_3d(grad_out), strides_3d(out) if relu else None,
-        strides_3d(grad_input_buffer), strides_3d(grad_residual_buffer) if residual_grad else None,
-    ])
-    sx, sg, so, sdi, sdr = plan.strides
-    out_or_grad = out if relu else grad_out  # a valid pointer where RELU is off and it is unread
-
-    f32 = dict(dtype=torch.float32, device=x.device)
-    part_sum_g = torch.empty(plan.num_splits, channels, **f32)
-    part_sum_gx = torch.empty(plan.num_splits, channels, **f32)
-    _backward_reduce_kernel[(plan.col_blocks, plan.num_splits)](
-        grad_out, out_or_grad, x, mean, part_sum_g, part_sum_gx,
-        channels, plan.positions, plan.l_blocks, plan.tiles, plan.tiles_per_split, *sg, *so, *sx,
-        RELU=relu, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, num_warps=plan.num_warps,
-    )
-    grad_weight = torch.empty(channels, **f32)
-    grad_bias = torch.empty(channels, **f32)
-    sum_gx = torch.empty(channels, **f32)
-    _backward_finalize_kernel[(triton.cdiv(channels, 128),)](
-        part_sum_g, part_sum_gx, var, grad_weight, grad_bias, sum_gx,
-        channels, plan.num_splits, eps, BLOCK_C=128,
-    )
-    _backward_elementwise_kernel[(plan.tiles, plan.col_blocks)](
-        grad_out, out_or_grad, x, mean, var, weight if weight is not None else var, grad_bias, sum_gx,
-        grad_input_buffer, grad_residual_buffer,
-        channels, plan.positions, plan.l_blocks, x.numel() // channels, eps,
-        *sg, *so, *sx, *sdi, *sdr,
-        HAS_WEIGHT=weight is not None, BATCH_STATS=batch_stats, RELU=relu,
-        STORE_GRAD_RESIDUAL=residual_grad, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
-        num_warps=plan.num_warps,
-    )
-    if grad_input_buffer is not grad_input:
-        grad_input.copy_(grad_input_buffer)
-    if grad_residual_buffer is not grad_residual:
-        grad_residual.copy_(grad_residual_buffer)
-    return grad_input, grad_residual, grad_weight, grad_bias
+    call = plan_backward(grad_out, x, out, weight, mean, var, eps, batch_stats, residual_grad)
+    for launch in call.launches:
+        launch()
+    if call.grad_input_buffer is not call.grad_input:
+        call.grad_input.copy_(call.grad_input_buffer)
+    if call.grad_residual_buffer is not call.grad_residual:
+        call.grad_residual.copy_(call.grad_residual_buffer)
+    return call.grad_input, call.grad_residual, call.grad_weight, call.grad_bias

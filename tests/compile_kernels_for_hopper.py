@@ -1,73 +1,175 @@
-"""Compile every Triton kernel ahead of time for an sm_90 (H100-class) GPU, with no GPU present.
+"""Compile the real kernel launches of a ResNet-50 training step for sm_90, with no GPU present.
 
 Run as a script (tests/test_kernels.py does, in a process without TRITON_INTERPRET, since the
-interpreter replaces the compiler). It prints one JSON line per kernel and layout with the count of
-vectorized global loads and stores in the PTX: the evidence, short of a GPU, that the compiled path
-type-checks and that loads along the contiguous axis are vectorized in both layouts.
+interpreter replaces the compiler). For each ResNet-50 activation shape (N=256, bf16: the stem's
+64x112x112 and the stages' 256x56x56, 512x28x28, 1024x14x14, 2048x7x7) in NCHW and channels_last,
+`plan_forward` and `plan_backward` describe the launches of a training forward and backward (with
+a residual and ReLU) on meta tensors, and each launch is compiled ahead of time with its arguments
+specialized by Triton's own JIT rules. Reduction grids are sized by the runtime's one-wave rule,
+from the registers of these sm_90 binaries.
 
-The launch arguments are specialized the way Triton's JIT specializes them at run time: strides
-equal to 1 become constants, and pointers and integers divisible by 16 carry that hint.
+It prints one JSON line per launch: the grid, registers, shared memory, local memory (spills), CTAs
+per SM and waves, and for each activation tensor the widths in bytes of its global loads and stores,
+traced in the PTX from the kernel parameter each address derives from. This is the evidence, short
+of a GPU, that activation traffic moves in 16-byte vectors, that nothing spills, and that every
+reduction runs in one wave.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
+import re
+import subprocess
+import tempfile
+from collections import defaultdict
+from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
 
 assert os.environ.get("TRITON_INTERPRET") != "1", "the interpreter cannot compile kernels"
 
 from resnet_ablate.kernels import _triton_impl as kernels  # noqa: E402
+from resnet_ablate.kernels._occupancy import HOPPER as HOPPER_SM  # noqa: E402
+from resnet_ablate.kernels._occupancy import ctas_per_sm  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
-# Per layout: which stride suffix is 1 (the contiguous axis); every other stride and size is a
-# multiple of 16 (ResNet shapes: C = 64..2048; in channels_last launches the sample stride is 0).
-LAYOUTS = {"channels_last": ("_c", 64, 64), "nchw": ("_l", 1024, 4)}
-DIVISIBLE_SIZES = {"C", "L", "l_blocks", "tiles_total", "tiles_per_split", "count"}
+SHAPES = {"stem": (256, 64, 112, 112), "56": (256, 256, 56, 56), "28": (256, 512, 28, 28),
+          "14": (256, 1024, 14, 14), "7": (256, 2048, 7, 7)}
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 ACTIVATIONS = {"x_ptr", "residual_ptr", "out_ptr", "grad_ptr", "grad_input_ptr", "grad_residual_ptr"}
+REDUCTIONS = {"_batch_stats_partial_kernel", "_backward_reduce_kernel"}
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+_BACKEND = make_backend(HOPPER)
 
 
-def compile_kernel(kernel, flags: dict[str, bool], layout: str) -> dict[str, object]:
-    unit_suffix, block_r, block_c = LAYOUTS[layout]
-    constants = {**flags, "BLOCK_R": block_r, "BLOCK_C": block_c}
-    names = list(inspect.signature(kernel.fn).parameters)
-    signature, constexprs, attrs = {}, {}, {}
-    for index, name in enumerate(names):
-        is_stride = name.startswith("s") and name[-2:] in ("_n", "_c", "_l")
-        if name in constants or (is_stride and name.endswith(unit_suffix)):
-            signature[name] = "constexpr"
-            constexprs[(index,)] = constants.get(name, 1)
-        elif name.endswith("_ptr"):
-            signature[name] = "*bf16" if name in ACTIVATIONS else "*fp32"
-            attrs[(index,)] = [["tt.divisibility", 16]]
-        elif name == "eps":
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-            if is_stride or name in DIVISIBLE_SIZES:
-                attrs[(index,)] = [["tt.divisibility", 16]]
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    ptx = triton.compile(source, target=HOPPER, options={"num_warps": 8}).asm["ptx"]
-    return {"kernel": kernel.fn.__name__, "layout": layout,
-            "vector_loads": ptx.count("ld.global.v"), "vector_stores": ptx.count("st.global.v")}
+def compile_launch(kernel, args, constexprs, num_warps):
+    """The sm_90 binary of one launch, specialized as Triton's JIT specializes it at run time."""
+    binder = create_function_from_signature(kernel.signature, kernel.params, _BACKEND)
+    options = {**constexprs, "num_warps": num_warps}
+    bound, specialization, parsed = binder(*args, **options)
+    parsed, signature, constants, attrs = kernel._pack_args(_BACKEND, options, bound,
+                                                            specialization, parsed)
+    return triton.compile(ASTSource(kernel, signature, constants, attrs), target=HOPPER,
+                          options=parsed.__dict__)
 
 
-KERNELS = [
-    (kernels._batch_stats_partial_kernel, {}),
-    (kernels._batch_stats_finalize_kernel, {}),
-    (kernels._forward_kernel, {"HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_RESIDUAL": True,
-                               "RELU": True}),
-    (kernels._backward_reduce_kernel, {"RELU": True}),
-    (kernels._backward_finalize_kernel, {}),
-    (kernels._backward_elementwise_kernel, {"HAS_WEIGHT": True, "BATCH_STATS": True, "RELU": True,
-                                            "STORE_GRAD_RESIDUAL": True}),
-]
+def resources(compiled) -> dict[str, int]:
+    """REG, SHARED, LOCAL and STACK of the binary, as cuobjdump reports them."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        report = subprocess.run([str(CUOBJDUMP), "-res-usage", f.name], capture_output=True,
+                                text=True, check=True).stdout
+    line = next(l for l in report.splitlines() if "REG:" in l)
+    return {key: int(value) for key, value in re.findall(r"(REG|SHARED|LOCAL|STACK):(\d+)", line)}
+
+
+def reduction_programs(kernel, args, constexprs, num_warps, device):
+    """The runtime's one-wave rule, on the registers of the sm_90 binary."""
+    used = resources(compile_launch(kernel, args, constexprs, num_warps))
+    return HOPPER_SM.sms * ctas_per_sm(used["REG"], num_warps, used["SHARED"])
+
+
+_INSTRUCTION = re.compile(r"^(?:@!?%p\d+\s+)?([a-z][\w.]*)\s+(.*);$")
+_REGISTER = re.compile(r"%[a-z]+\d+")
+
+
+def access_widths(ptx: str, param_names: list[str]) -> dict[str, list[int]]:
+    """For each kernel parameter, the byte widths of the global loads and stores whose address
+    derives from it (a flow-insensitive trace of PTX registers back to `ld.param`)."""
+    sources: dict[str, set[str]] = defaultdict(set)
+    accesses: list[tuple[str, int]] = []
+    lines = [line.strip() for line in ptx.splitlines()]
+    for _ in range(4):  # loops carry addresses around: iterate to a fixed point
+        changed = False
+        for line in lines:
+            match = _INSTRUCTION.match(line)
+            if not match:
+                continue
+            op, operands = match.groups()
+            if op.startswith("ld.param"):
+                index = re.search(r"_param_(\d+)", operands)
+                if index:
+                    target = _REGISTER.findall(operands)[0]
+                    name = param_names[int(index.group(1))]
+                    changed |= name not in sources[target]
+                    sources[target].add(name)
+                continue
+            if op.startswith(("ld.global", "st.global")):
+                continue
+            registers = _REGISTER.findall(operands)
+            if not registers:
+                continue
+            if operands.startswith("{"):
+                targets = _REGISTER.findall(operands[: operands.index("}")])
+            else:
+                targets = registers[:1]
+            inputs = set().union(*(sources[r] for r in registers if r not in targets))
+            for target in targets:
+                if not inputs <= sources[target]:
+                    sources[target] |= inputs
+                    changed = True
+        if not changed:
+            break
+    widths: dict[str, list[int]] = defaultdict(list)
+    for line in lines:
+        match = _INSTRUCTION.match(line)
+        if not match or not match.group(1).startswith(("ld.global", "st.global")):
+            continue
+        op, operands = match.groups()
+        address = re.search(r"\[\s*(%[a-z]+\d+)", operands).group(1)
+        vector = int(re.search(r"\.v(\d)", op).group(1)) if ".v" in op else 1
+        bits = int(re.search(r"\.[bfus](\d+)(?:\s|$)", op + " ").group(1))
+        for name in sources[address]:
+            widths[name].append(vector * bits // 8)
+    return dict(widths)
+
+
+def describe(shape_name: str, layout: str, step: str, launch) -> dict[str, object]:
+    kernel = launch.kernel
+    compiled = compile_launch(kernel, launch.args, launch.constexprs, launch.num_warps)
+    used = resources(compiled)
+    ctas = ctas_per_sm(used["REG"], launch.num_warps, used["SHARED"])
+    programs = 1
+    for size in launch.grid:
+        programs *= size
+    names = list(kernel.signature.parameters)
+    runtime_names = [n for n, p in zip(names, kernel.params) if not p.is_constexpr]
+    widths = access_widths(compiled.asm["ptx"], _ptx_param_names(compiled, names, runtime_names))
+    return {
+        "shape": shape_name, "layout": layout, "step": step, "kernel": kernel.fn.__name__,
+        "grid": list(launch.grid), "num_warps": launch.num_warps, "registers": used["REG"],
+        "shared": used["SHARED"], "local": used["LOCAL"], "stack": used["STACK"],
+        "ctas_per_sm": ctas, "waves": programs / (HOPPER_SM.sms * ctas),
+        "activation_bytes": {n: sorted(set(w)) for n, w in widths.items() if n in ACTIVATIONS},
+    }
+
+
+def _ptx_param_names(compiled, names, runtime_names) -> list[str]:
+    """PTX parameters in order: the runtime arguments that were not specialized into constants."""
+    constants = {name for (index,), _ in compiled.src.constants.items()
+                 for name in [names[index]]}
+    return [n for n in runtime_names if n not in constants]
+
+
+def main() -> None:
+    for shape_name, shape in SHAPES.items():
+        for layout, memory_format in LAYOUTS.items():
+            x = torch.empty(shape, dtype=torch.bfloat16, device="meta").to(memory_format=memory_format)
+            channels = torch.empty(shape[1], device="meta")
+            forward = kernels.plan_forward(x, channels, channels, x, None, None, 1e-5, True,
+                                           reduction_programs=reduction_programs)
+            backward = kernels.plan_backward(x, x, x, channels, channels, channels, 1e-5, True, True,
+                                             reduction_programs=reduction_programs)
+            for step, call in (("forward", forward), ("backward", backward)):
+                for launch in call.launches:
+                    print(json.dumps(describe(shape_name, layout, step, launch)), flush=True)
+
 
 if __name__ == "__main__":
-    for kernel, flags in KERNELS:
-        for layout in LAYOUTS:
-            print(json.dumps(compile_kernel(kernel, flags, layout)), flush=True)
+    main()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import datetime
 import platform
+import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -52,3 +53,17 @@ def timestamp() -> str:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def source_commit() -> str:
+    """The measured code's commit, with "+changes" when the tracked files differ from it, or ""
+    outside a git checkout: so that figures can be tied to the code that produced them."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True,
+                                capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               text=True, capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return commit + ("+changes" if dirty else "")

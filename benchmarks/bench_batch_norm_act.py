@@ -147,7 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     header += f" {'vs compile':>10}" if "compile" in providers else ""
     print(header)
 
-    rows = []
     with use_backend(backend):
         for index, (shape, dtype_name, layout) in enumerate(configs, 1):
             dtype = DTYPES[dtype_name]
@@ -159,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                     fn = torch.compile(eager_epilogue, fullgraph=True)
                 timings[name] = measure(fn, inputs, grad, device, reps)
             element_bytes = inputs[0].numel() * inputs[0].element_size()
+            config_rows = []
             for pass_name, passes in PASSES.items():
                 ms = {name: t[pass_name] for name, t in timings.items()}
                 gbps = passes * element_bytes / (ms["fused"] * 1e-3) / 1e9
@@ -171,16 +171,15 @@ def main(argv: list[str] | None = None) -> int:
                     "speedup_vs_eager": round(ms["eager"] / ms["fused"], 4),
                     "speedup_vs_compile": round(ms["compile"] / ms["fused"], 4) if "compile" in ms else "",
                 }
-                rows.append(row)
+                config_rows.append(row)
                 line = (f"{row['shape']:>22} {dtype_name:>5} {layout:>13} {pass_name:>16} "
                         + " ".join(f"{v:>11.4f}" for v in ms.values())
                         + f" {gbps:>10.1f} {row['pct_peak'] or '-':>6} {row['speedup_vs_eager']:>7.2f}x")
                 if "compile" in ms:
                     line += f" {row['speedup_vs_compile']:>9.2f}x"
                 print(line)
+            append_rows(args.csv, config_rows)  # as it goes: a run cut short keeps what it measured
             print(f"[{index}/{len(configs)} configurations done]", file=sys.stderr, flush=True)
-
-    append_rows(args.csv, rows)
     return 0
 
 

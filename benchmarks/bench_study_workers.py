@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import ray
 
-from _results import RESULTS, append_rows
+from _results import RESULTS, append_rows, source_commit
 from resnet_ablate.spec import load_spec
 from resnet_ablate.study import RunOptions, run_study
 
@@ -42,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"study": spec.study, "workers": workers, "trials": summary.completed,
                      "wall_seconds": round(summary.wall_seconds, 2),
                      "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-                     "commit": _commit()})
+                     "commit": source_commit()})
         print(f"   {summary.completed} trials in {summary.wall_seconds:.1f} s", flush=True)
     base = rows[0]["wall_seconds"]
     for row in rows:
@@ -51,19 +50,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['speedup_vs_first']:.2f}x vs {rows[0]['workers']} worker(s)")
     append_rows(args.csv, rows)
     return 0
-
-
-def _commit() -> str:
-    """The measured code's commit (with "+changes" when the tree differs from it), or ""."""
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True,
-                                capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               text=True, capture_output=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-    return commit + ("+changes" if dirty else "")
 
 
 if __name__ == "__main__":

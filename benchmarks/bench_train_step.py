@@ -172,9 +172,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
             medians[provider] = (statistics.median(times), statistics.fmean(times), min(times))
         baseline = medians["unfused"][0]
         print(f"\n{case.model}, batch {case.batch}, {case.image_size}x{case.image_size}, {args.dtype}, {name}")
+        case_rows: list[Row] = []
         for provider, (median, mean, fastest) in medians.items():
             print(f"  {provider:16s} {median:9.2f} ms   x{baseline / median:5.2f} vs unfused")
-            rows.append(Row(
+            case_rows.append(Row(
                 timestamp=timestamp(),
                 device=name, torch=torch.__version__, triton=triton_version(),
                 resnet_ablate=resnet_ablate.__version__, python=platform.python_version(),
@@ -184,7 +185,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
                 ms_median=round(median, 3), ms_mean=round(mean, 3), ms_min=round(fastest, 3),
                 ratio_vs_unfused=round(baseline / median, 4),
             ))
-    append_rows(args.csv, [asdict(r) for r in rows])
+        append_rows(args.csv, [asdict(r) for r in case_rows])  # a run cut short keeps these
+        rows.extend(case_rows)
     return rows
 
 

@@ -13,10 +13,12 @@ epochs, in one process, measured side by side. Only training is timed (evaluatio
            defaults, `loss.item()` and the error count read every step.
 - project: `resnet_ablate.train.train` on the fused model with the device's defaults (channels_last;
            bf16 autocast on CUDA, fp32 on a CPU; fused SGD; no host sync per step).
+- project+nchw: the project's loop with `memory_format: nchw`, what channels_last is worth.
 - project+compile, project+graphs (CUDA only, or when asked for): `compile: true` (compile time
-           reported apart) and `cuda_graphs: true`.
+           reported apart) and `cuda_graphs: true` (CUDA only).
 
-Each row (images/s, ratio to plain, device, versions) is appended to benchmarks/results/trial.csv.
+Each row (images/s, ratio to plain, device, versions, commit) is appended to
+benchmarks/results/trial.csv as each case finishes.
 """
 
 from __future__ import annotations
@@ -32,14 +34,17 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from _results import RESULTS, append_rows, device_name, synchronize, timestamp, triton_version
+from _results import (RESULTS, append_rows, device_name, source_commit, synchronize, timestamp,
+                      triton_version)
 
 import resnet_ablate
 from resnet_ablate.arch import ResNetArch
 from resnet_ablate.data import DataBundle, SyntheticSpec, load_dataset
 from resnet_ablate.train import TrainRecipe, train
 
-VARIANTS = ("plain", "project", "project+compile", "project+graphs")
+VARIANTS = ("plain", "project", "project+nchw", "project+compile", "project+graphs")
+DEFAULT_VARIANTS = {"cpu": ("plain", "project", "project+nchw"),
+                    "cuda": ("plain", "project", "project+compile", "project+graphs")}
 
 
 @dataclass(frozen=True)
@@ -115,7 +120,8 @@ def project_loop(case: Case, data: DataBundle, device: torch.device, seed: int,
     """(images/s of training, compile seconds, execution) of resnet_ablate's own loop."""
     recipe = TrainRecipe(epochs=case.epochs, batch_size=case.batch, lr=0.1, augment=False,
                          milestones=(), compile=variant == "project+compile",
-                         cuda_graphs=variant == "project+graphs")
+                         cuda_graphs=variant == "project+graphs",
+                         memory_format="nchw" if variant == "project+nchw" else "channels_last")
 
     def build() -> torch.nn.Module:
         return case.arch.replace(fused=True).build(
@@ -134,16 +140,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--small", action="store_true", help="one tiny case: checks the script works")
     parser.add_argument("--cases", nargs="+", help="case names to run (default: all for the device)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS,
-                        help="default: plain and project, plus compile and graphs on CUDA")
+                        help="default: plain, project and project+nchw on a CPU; plain, project, "
+                             "project+compile and project+graphs on CUDA")
     parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on a CPU (a trial's)")
     parser.add_argument("--repeats", type=int, default=2,
                         help="runs of each variant, interleaved; the best is kept")
     parser.add_argument("--csv", default=RESULTS / "trial.csv")
     args = parser.parse_args(argv)
+    device_type = torch.device(args.device).type
     if args.variants is None:
-        on_cuda = torch.device(args.device).type == "cuda"
-        args.variants = list(VARIANTS if on_cuda else VARIANTS[:2])
+        args.variants = list(DEFAULT_VARIANTS.get(device_type, DEFAULT_VARIANTS["cpu"]))
+    if "project+graphs" in args.variants and device_type != "cuda":
+        parser.error(f"--variants project+graphs needs --device cuda, not {args.device}")
     if "plain" not in args.variants:
         args.variants = ["plain", *args.variants]  # every ratio is taken against it
     return args
@@ -157,6 +166,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     selected = [c for c in cases(device, args.small) if not args.cases or c.name in args.cases]
     print(f"device: {name}; torch {torch.__version__}", file=sys.stderr, flush=True)
     rows: list[dict] = []
+    commit = source_commit()
     for case in selected:
         data = load(case)
         best: dict[str, tuple[float, float, dict]] = {}
@@ -174,12 +184,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         baseline = best["plain"][0]
         print(f"\n{case.name}, batch {case.batch}, {case.epochs} epochs of "
               f"{data.train_x.shape[0]} images, {name}")
+        case_rows = []
         for variant, (images_per_second, compile_seconds, execution) in best.items():
             ratio = images_per_second / baseline
             extra = f"  (compiled in {compile_seconds:.1f} s)" if compile_seconds else ""
             print(f"  {variant:16s} {images_per_second:10.0f} images/s  x{ratio:5.2f} vs plain"
                   f"  [{execution.get('precision')}, {execution.get('memory_format')}]{extra}")
-            rows.append({
+            case_rows.append({
                 "timestamp": timestamp(), "device": name, "torch": torch.__version__,
                 "triton": triton_version(), "resnet_ablate": resnet_ablate.__version__,
                 "python": platform.python_version(), "case": case.name, "batch": case.batch,
@@ -188,9 +199,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "memory_format": execution.get("memory_format"),
                 "images_per_second": round(images_per_second, 1),
                 "ratio_vs_plain": round(ratio, 3), "compile_seconds": round(compile_seconds, 2),
-                "repeats": args.repeats,
+                "repeats": args.repeats, "commit": commit,
             })
-    append_rows(args.csv, rows)
+        append_rows(args.csv, case_rows)  # as each case ends: a run cut short keeps these
+        rows.extend(case_rows)
     return rows
 
 

@@ -36,11 +36,16 @@ step() {  # step NAME TIMEOUT COMMAND...: run with a time limit, log to $out/NAM
 }
 
 # From another folder, so that the installed package, not the source tree, is imported.
-step tests 150 bash -c "cd /tmp && $python -m pytest -q -x -p no:cacheprovider -m gpu \
+step tests 120 bash -c "cd /tmp && $python -m pytest -q -x -p no:cacheprovider -m gpu \
     --rootdir '$repo' -c '$repo/pyproject.toml' \
     '$repo/tests/test_kernels.py' '$repo/tests/test_train.py' '$repo/tests/test_models.py'"
-step bench_batch_norm_act 90 $python benchmarks/bench_batch_norm_act.py --csv "$out/batch_norm_act.csv"
-step bench_train_step 120 $python benchmarks/bench_train_step.py --dtype bf16 --channels-last \
-    --iters 20 --warmup 5 --csv "$out/train_step.csv"
-step bench_trial 180 $python benchmarks/bench_trial.py --device cuda --repeats 1 --csv "$out/trial.csv"
+# Each benchmark appends its rows as it goes, so a step cut short keeps what it measured.
+step bench_trial 140 $python benchmarks/bench_trial.py --device cuda --repeats 1 \
+    --variants plain project project+graphs --csv "$out/trial.csv"
+step bench_trial_compile 60 $python benchmarks/bench_trial.py --device cuda --repeats 1 \
+    --cases resnet56-cifar --variants plain project+compile --csv "$out/trial.csv"
+step bench_batch_norm_act 80 $python benchmarks/bench_batch_norm_act.py --dtypes bf16,fp32 \
+    --csv "$out/batch_norm_act.csv"
+step bench_train_step 50 $python benchmarks/bench_train_step.py --dtype bf16 --channels-last \
+    --providers unfused fused compile-fused --iters 20 --warmup 5 --csv "$out/train_step.csv"
 exit $status

@@ -589,9 +589,16 @@ def gather_crops(
     rows = top[:, None] + torch.arange(h, device=device)[None, :]
     columns = torch.arange(w, device=device)[None, :].expand(n, w)
     columns = torch.where(flip[:, None], columns.flip(1), columns) + left[:, None]
-    batch = torch.arange(n, device=device)[:, None, None, None]
-    channel = torch.arange(c, device=device)[None, :, None, None]
-    return padded[batch, channel, rows[:, None, :, None], columns[:, None, None, :]]
+    batch = torch.arange(n, device=device)
+    channel = torch.arange(c, device=device)
+    if c > 1 and images.is_contiguous(memory_format=torch.channels_last):
+        # Gathered in NHWC order, so the batch comes out channels_last like its source (no copy).
+        nhwc = padded.permute(0, 2, 3, 1)
+        crops = nhwc[batch[:, None, None, None], rows[:, :, None, None],
+                     columns[:, None, :, None], channel[None, None, None, :]]
+        return crops.permute(0, 3, 1, 2)
+    return padded[batch[:, None, None, None], channel[None, :, None, None],
+                  rows[:, None, :, None], columns[:, None, None, :]]
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ moves results within seed-to-seed noise, and the rest is exact.
 
 The defaults: bf16 autocast on GPUs that have bf16, fp32 elsewhere (a CPU's bf16 convolutions are
 slower than its fp32 ones unless it has AMX); channels_last everywhere, the layout that cuDNN's
-fastest convolutions and the Triton kernels' vector loads want, and that oneDNN also ran 3-5%
-faster than NCHW for the digits networks on the 2-CPU development machine.
+fastest convolutions and the Triton kernels' vector loads want (oneDNN runs the small CPU networks
+about as fast in either: benchmarks/bench_trial.py measures it).
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ class Execution:
 
     @property
     def scales_gradients(self) -> bool:
-        """fp16 needs a gradient scaler: its gradients underflow where bf16's and fp32's do not."""
+        """fp16 needs a gradient scaler: its gradients underflow where bf16's and fp32's do not.
+        With fused SGD the scaler's overflow check stays on the device (no host read)."""
         return self.precision == "fp16"
 
     @contextlib.contextmanager
@@ -96,8 +97,8 @@ def resolve_execution(
         raise ValueError(f"cuda_graphs needs a CUDA device, and this run is on {device.type}")
     if cuda_graphs and precision == "fp16":
         raise ValueError(
-            "cuda_graphs cannot run with precision fp16: its gradient scaler reads the "
-            "gradients' overflow on the host every step; use bf16 or fp32"
+            "cuda_graphs runs precision bf16 or fp32, not fp16: its gradient scaler's per-step "
+            "state is not captured in the graph"
         )
     return Execution(str(device), precision, memory_format, bool(compile), bool(cuda_graphs))
 

@@ -282,6 +282,9 @@ def parse_spec(raw: Any, *, source: str = "<spec>") -> StudySpec:
     resources = Resources(**check.dataclass_section("resources", top.get("resources"), Resources))
     if resources.cpus <= 0 or resources.gpus < 0 or resources.workers < 1:
         raise check.fail("resources", f"need cpus > 0, gpus >= 0 and workers >= 1, got {resources}")
+    if recipe.cuda_graphs and recipe.precision == "fp16":
+        raise check.fail("train.cuda_graphs", "runs precision bf16 or fp32, not fp16 (its gradient "
+                                              "scaler is not captured); set precision: bf16")
     if recipe.cuda_graphs and resources.gpus == 0:
         raise check.fail("train.cuda_graphs", "needs a GPU per trial: set resources.gpus > 0, or "
                                               "cuda_graphs: false to train on CPUs")

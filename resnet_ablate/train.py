@@ -11,8 +11,9 @@ and returns a result marked "diverged" instead of raising when the loss goes non
 
 The loop follows GPU practice (see execution.py for the choices): data and augmentation live on
 the device, a step never waits for the host (loss and error accumulate on the device and are read
-every `divergence_check_every` steps and at epoch end), channels_last, bf16 autocast by default on
-CUDA, fused SGD, optional `torch.compile` (its compile time recorded apart from training) and
+every `divergence_check_every` steps and at epoch end; only warm-up, the paper's rule for ResNet-110,
+reads each of its few hundred steps' error), channels_last, bf16 autocast by default on CUDA,
+fused SGD, optional `torch.compile` (its compile time recorded apart from training) and
 whole-step CUDA graphs.
 """
 
@@ -388,6 +389,13 @@ class _Run:
         self.compile_seconds = 0.0
 
     def run(self) -> TrainResult:
+        if not self.execution.compile:
+            return self._run()
+        # A recompile past the limit fails the trial instead of silently running eager.
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            return self._run()
+
+    def _run(self) -> TrainResult:
         started = time.perf_counter()
         if self.execution.compile:
             self.compile_seconds = self._compile()
@@ -418,7 +426,11 @@ class _Run:
         BatchNorm buffers they update are put back.
         """
         started = time.perf_counter()
-        self.step_model = torch.compile(self.model, backend=self.compile_backend)
+        # Compiled code is cached per Python function across models: a worker's earlier trials
+        # would use up the recompile limit and send this one back to eager without a word.
+        torch._dynamo.reset()
+        # Static shapes: each batch size of the run gets its own graph, none a slower dynamic one.
+        self.step_model = torch.compile(self.model, backend=self.compile_backend, dynamic=False)
         buffers = [(b, b.clone()) for b in self.model.buffers()]
         self.model.train()
         for size in _batch_sizes(self.train_x.shape[0], self.recipe.batch_size):

@@ -346,6 +346,9 @@ def test_batched_crop_equals_per_image_slices_of_the_padded_batch_and_flip_equal
         assert torch.equal(crops[n], expected)
     flips = crop_and_flip(images, 4, top, left, ~no_flip)
     assert torch.equal(flips, torch.flip(crops, dims=[-1]))
+    # A channels_last batch gives the same crops, still channels_last (no copy before the model).
+    nhwc = crop_and_flip(images.contiguous(memory_format=torch.channels_last), 4, top, left, no_flip)
+    assert torch.equal(nhwc, crops) and nhwc.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_crop_offsets_out_of_range_are_rejected():

@@ -84,6 +84,8 @@ def test_ranges_for_random_and_tpe():
      "TrainRecipe.memory_format must be one of channels_last, nchw"),
     ({**MINIMAL, "train": {"cuda_graphs": True}},
      "train.cuda_graphs: needs a GPU per trial: set resources.gpus > 0"),
+    ({**MINIMAL, "train": {"cuda_graphs": True, "precision": "fp16"}, "resources": {"gpus": 1}},
+     "train.cuda_graphs: runs precision bf16 or fp32, not fp16"),
 ])
 def test_invalid_specs_name_file_field_and_what_is_valid(raw, expected):
     assert expected in _error(raw)

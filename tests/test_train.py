@@ -266,6 +266,24 @@ def test_compiled_runs_train_the_same_and_record_compile_time_apart():
         assert a.test_error == pytest.approx(b.test_error, abs=1 / 128)
 
 
+def test_every_compiled_trial_of_a_process_is_compiled():
+    """Workers run trial after trial: the recompile limit must not send later ones to eager."""
+    from torch._dynamo.utils import counters
+
+    data = synthetic()
+    recipe = quick(epochs=1, batch_size=48, eval_batch_size=100, compile=True)  # 4 shapes a trial
+    for width in (8, 12, 16):  # 12 graphs in all: past the limit of 8 without a reset
+
+        def build(width=width):
+            return nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 4))
+
+        before = counters["stats"]["unique_graphs"]
+        result = train(build, data, recipe, seed=0, threads=1, compile_backend="aot_eager")
+        assert result.ok, result.reason
+        assert counters["stats"]["unique_graphs"] - before >= 4  # train, remainder, 2 eval sizes
+
+
 def test_cuda_only_choices_are_refused_on_a_cpu_with_the_reason():
     with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device, and this run is on cpu"):
         train(tiny_cnn, synthetic(), quick(cuda_graphs=True), seed=0, threads=1)
@@ -288,7 +306,8 @@ def test_cuda_graph_steps_train_like_eager_steps(precision):
 @pytest.mark.gpu
 def test_cuda_defaults_are_bf16_channels_last():
     result = train(tiny_cnn, synthetic(), quick(epochs=1), seed=0, device="cuda")
-    assert result.execution["precision"] == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
+    has_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    assert result.execution["precision"] == ("bf16" if has_bf16 else "fp32")
     assert result.execution["memory_format"] == "channels_last"
 
 
@@ -377,3 +396,26 @@ def test_recipe_from_dict_round_trips_and_takes_lists():
 def test_recipe_rejects_bad_values_naming_the_field(values, field):
     with pytest.raises(ValueError, match=rf"recipe: TrainRecipe\.{field} must be"):
         TrainRecipe.from_dict(values)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_fused_resnet_steps_replayed_from_cuda_graphs_train_like_eager_ones(compile):
+    """The fused op (Triton kernels, in-place running statistics) inside a captured step."""
+    from resnet_ablate.arch import ResNetArch
+
+    data = load_dataset("synthetic", synthetic=SyntheticSpec(
+        num_classes=10, channels=3, image_size=8, train_size=300, test_size=100))
+    arch = ResNetArch(family="cifar", depth=8, shortcut="A", fused=True)
+
+    def build():
+        return arch.build(num_classes=10, in_channels=3)
+
+    recipe = quick(batch_size=32, compile=compile)
+    eager = train(build, data, recipe, seed=0, device="cuda")
+    graphed = train(build, data, dataclasses.replace(recipe, cuda_graphs=True), seed=0,
+                    device="cuda")
+    assert graphed.ok and graphed.execution["cuda_graphs"]
+    for a, b in zip(eager.history, graphed.history):
+        assert a.train_loss == pytest.approx(b.train_loss, rel=3e-2)
+        assert a.test_loss == pytest.approx(b.test_loss, rel=5e-2)

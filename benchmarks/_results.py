@@ -19,11 +19,20 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def append_rows(path: str | Path, rows: Sequence[Mapping[str, object]]) -> Path:
+    """Append rows under the file's own header (a new file gets the rows' keys as header)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     is_new = not path.exists() or path.stat().st_size == 0
+    fieldnames = list(rows[0])
+    if not is_new:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f))
+        if set(header) != set(fieldnames):
+            raise ValueError(f"{path} has columns {header}, these rows {fieldnames}: write them "
+                             "to another file (--csv) or move the old one aside")
+        fieldnames = header
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=fieldnames)
         if is_new:
             writer.writeheader()
         writer.writerows(rows)
@@ -62,7 +71,9 @@ def source_commit() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True,
                                 capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        # Figures appended by an earlier benchmark do not make the measured code different.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ":/", ":(exclude,top)benchmarks/results"], cwd=here,
                                text=True, capture_output=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return ""

@@ -105,3 +105,10 @@ def backward(
         )
     grad_residual = _in_layout_of(gz, grad_out) if residual_grad else x.new_empty(0)
     return _in_layout_of(grad_in, x), grad_residual, grad_weight, grad_bias
+
+
+def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
+                         var: torch.Tensor, momentum: float, unbias: float) -> None:
+    """See `update_running_stats_` in batch_norm.py."""
+    running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+    running_var.mul_(1 - momentum).add_((var * unbias).to(running_var.dtype), alpha=momentum)

@@ -265,6 +265,26 @@ def _backward_elementwise_kernel(
     tl.store(grad_input_ptr + di_offsets, grad_input.to(grad_input_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _update_running_stats_kernel(
+    running_mean_ptr, running_var_ptr, mean_ptr, var_ptr, C, momentum, unbias,
+    BLOCK_C: tl.constexpr,
+):
+    """running = (1 - momentum) * running + momentum * batch statistic (variance unbiased)."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = cols < C
+    running_mean = tl.load(running_mean_ptr + cols, mask=mask).to(tl.float32)
+    running_var = tl.load(running_var_ptr + cols, mask=mask).to(tl.float32)
+    mean = tl.load(mean_ptr + cols, mask=mask)
+    var = tl.load(var_ptr + cols, mask=mask) * unbias
+    tl.store(running_mean_ptr + cols,
+             (running_mean * (1 - momentum) + mean * momentum).to(running_mean_ptr.dtype.element_ty),
+             mask=mask)
+    tl.store(running_var_ptr + cols,
+             (running_var * (1 - momentum) + var * momentum).to(running_var_ptr.dtype.element_ty),
+             mask=mask)
+
+
 # ------------------------------------------------------------------------------------------------
 # Spans: NCHW maps whose rows are not 16-byte aligned (14x14 and 7x7 in bf16).
 #
@@ -850,3 +870,12 @@ def backward(
     if call.grad_residual_buffer is not call.grad_residual:
         call.grad_residual.copy_(call.grad_residual_buffer)
     return call.grad_input, call.grad_residual, call.grad_weight, call.grad_bias
+
+
+def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
+                         var: torch.Tensor, momentum: float, unbias: float) -> None:
+    """See `update_running_stats_` in batch_norm.py: one launch for both vectors."""
+    channels = running_mean.numel()
+    KernelLaunch(_update_running_stats_kernel, (triton.cdiv(channels, FINALIZE_BLOCK_C),),
+                 (running_mean, running_var, mean, var, channels, float(momentum), float(unbias)),
+                 dict(BLOCK_C=FINALIZE_BLOCK_C))()

@@ -11,8 +11,9 @@ them as single nodes (no graph break) and fvcore's tracer counts one named op:
 - `resnet_ablate::batch_norm_act_backward(...)` returns the gradients of input, residual, weight
   and bias.
 
-The running-stat update is plain in-place PyTorch on C-sized vectors, outside the ops: custom ops
-that mutate their inputs cannot carry an autograd formula. Both implementations keep PyTorch's
+The running-stat update is a third op, `resnet_ablate::update_running_stats_`, which mutates the
+running statistics in place (one kernel launch on CUDA): an op that mutates its inputs cannot
+carry an autograd formula, so it cannot be part of `batch_norm_act`. Both implementations keep PyTorch's
 semantics at the edges: NaN and inf propagate, an empty batch gives empty outputs and zero
 parameter gradients (handled here, once), and outputs take the strides the fake kernels promise.
 
@@ -189,6 +190,33 @@ def _(grad_out, x, out, weight, mean, var, eps, batch_stats, residual_grad):
     )
 
 
+@torch.library.custom_op(
+    "resnet_ablate::update_running_stats_", mutates_args=("running_mean", "running_var")
+)
+def update_running_stats_(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    momentum: float,
+    unbias: float,
+) -> None:
+    """`running = (1 - momentum) * running + momentum * batch`, the variance times `unbias`
+    (count / (count - 1)), in place: one kernel for both vectors where the Triton kernels run.
+
+    An op of its own because an op that mutates its inputs cannot carry an autograd formula,
+    which `batch_norm_act` needs; the running statistics need none.
+    """
+    _implementation(running_mean).update_running_stats(
+        running_mean, running_var, mean, var, momentum, unbias
+    )
+
+
+@update_running_stats_.register_fake
+def _(running_mean, running_var, mean, var, momentum, unbias):
+    return None
+
+
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, residual, running_mean, running_var, eps, relu = inputs
     out, mean, var = output
@@ -282,10 +310,8 @@ def fused_batch_norm(
         )
         count = input.numel() // channels
         if running_mean is not None and running_var is not None and count > 0:
-            with torch.no_grad():
-                running_mean.mul_(1 - momentum).add_(batch_mean.to(running_mean.dtype), alpha=momentum)
-                unbiased_var = batch_var * (count / (count - 1))
-                running_var.mul_(1 - momentum).add_(unbiased_var.to(running_var.dtype), alpha=momentum)
+            update_running_stats_(running_mean, running_var, batch_mean, batch_var, momentum,
+                                  count / (count - 1))
         return out
     out, _, _ = batch_norm_act(input, weight, bias, residual, running_mean, running_var, eps, relu)
     return out

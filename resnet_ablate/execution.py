@@ -9,7 +9,7 @@ moves results within seed-to-seed noise, and the rest is exact.
 The defaults: bf16 autocast on GPUs that have bf16, fp32 elsewhere (a CPU's bf16 convolutions are
 slower than its fp32 ones unless it has AMX); channels_last everywhere, the layout that cuDNN's
 fastest convolutions and the Triton kernels' vector loads want, and that oneDNN ran the digits
-networks 1-7% faster in than NCHW (benchmarks/bench_trial.py measures it).
+networks 1-7% faster in it than in NCHW (benchmarks/bench_trial.py measures it).
 """
 
 from __future__ import annotations

@@ -569,3 +569,18 @@ def test_eval_then_train_forward_then_backward_as_nn_batchnorm2d(backend):
     assert x.grad is not None and torch.isfinite(x.grad).all()
     # The training part's gradient of a plain sum is ~0 (the batch mean absorbs it).
     torch.testing.assert_close(x.grad, alone, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_running_stats_update_is_one_op_that_passes_opcheck(backend):
+    g = torch.Generator().manual_seed(6)
+    running_mean, running_var = torch.randn(5, generator=g), torch.rand(5, generator=g) + 0.5
+    mean, var = torch.randn(5, generator=g), torch.rand(5, generator=g)
+    expected_mean = 0.9 * running_mean + 0.1 * mean
+    expected_var = 0.9 * running_var + 0.1 * var * 1.25
+    with use_backend(backend):
+        torch.ops.resnet_ablate.update_running_stats_(running_mean, running_var, mean, var, 0.1, 1.25)
+        torch.testing.assert_close(running_mean, expected_mean)
+        torch.testing.assert_close(running_var, expected_var)
+        torch.library.opcheck(torch.ops.resnet_ablate.update_running_stats_.default,
+                              (running_mean, running_var, mean, var, 0.1, 1.25))

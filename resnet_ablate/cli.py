@@ -92,12 +92,34 @@ def _load(args: argparse.Namespace):
     return load(args.study, storage=args.storage, runs_dir=args.runs_dir).where(args.where)
 
 
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _check_output(output: str, force: bool) -> None:
+    """Refuse to write over a file unless forced, and over a SQLite database (a study's store,
+    whatever the path that names it) ever: results are never lost to an export."""
+    from .results import ResultsError
+
+    path = Path(output)
+    if path.is_dir():
+        raise ResultsError(f"-o {output}: is a folder; name a file to write")
+    if not path.exists():
+        return
+    with path.open("rb") as f:
+        if f.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC:
+            raise ResultsError(f"-o {output}: is a SQLite database (a study's store?); "
+                               "refusing to write over it, --force or not")
+    if not force:
+        raise ResultsError(f"-o {output}: exists; pass --force to replace it")
+
+
 def _emit(frame, args: argparse.Namespace) -> int:
     from .results import write_frame
 
     text = write_frame(frame, getattr(args, "format", "table"))
     output = getattr(args, "output", None)
     if output:
+        _check_output(output, args.force)
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(text if text.endswith("\n") else text + "\n")
         print(f"wrote {output}", file=sys.stderr)
@@ -176,6 +198,7 @@ def _pareto(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from .plots import save_plot
 
+    _check_output(args.output, args.force)
     path = save_plot(_load(args), args.kind, args.output)
     print(f"wrote {path}", file=sys.stderr)
     return 0
@@ -186,6 +209,7 @@ def _plot(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .report import write_report
 
+    _check_output(args.output, args.force)
     path = write_report(_load(args), args.output, responses=not args.no_responses)
     print(f"wrote {path}", file=sys.stderr)
     return 0
@@ -200,12 +224,15 @@ def _add_query_commands(sub) -> None:
                                               "(default: sqlite:///RUNS_DIR/STUDY.db)")
         parser.add_argument("--runs-dir", default="runs", help="where `run` put the study (default: runs)")
         if study:
-            parser.add_argument("--where", help="only trials matching a pandas query, "
-                                                "e.g. \"depth == 20 and shortcut == 'A'\"")
+            parser.add_argument("--where", help="only trials matching a filter: columns compared "
+                                                "with values, in [..], and/or/not, e.g. "
+                                                "\"depth == 20 and shortcut == 'A'\"")
         if table:
             parser.add_argument("--format", choices=("table", "csv", "json"), default="table",
                                 help="aligned table with units (default), or exact csv / json")
             parser.add_argument("-o", "--output", help="write to this file instead of stdout")
+        parser.add_argument("--force", action="store_true",
+                            help="let -o replace an existing file (never a study's store)")
         return parser
 
     query("ls", "studies in a storage (or in every RUNS_DIR/*.db) with trial counts by state",
@@ -236,6 +263,16 @@ def _add_query_commands(sub) -> None:
                         help="leave out Fig. 7 (it reloads every trained model)")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count of workers: give an int >= 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="resnet-ablate", description="Architecture ablations of residual networks.")
@@ -245,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("spec", help="a study spec, e.g. studies/quickstart.yaml")
     run.add_argument("--address", help="an existing Ray cluster (ray://HOST:10001 or HOST:6379)")
     run.add_argument("--storage", help="an Optuna storage URL (default: sqlite under --runs-dir)")
-    run.add_argument("--workers", type=int, help="trials at once (default: the spec's)")
+    run.add_argument("--workers", type=_positive_int, help="trials at once (default: the spec's)")
     run.add_argument("--runs-dir", default="runs", help="default storage and trained weights")
     run.add_argument("--dry-run", action="store_true",
                      help="list the trials with their FLOPs and cost; train nothing")

@@ -442,8 +442,9 @@ def read_cifar10(root: str | os.PathLike[str], *, download: bool = False) -> Cif
     """Read CIFAR-10 in its official python format, without normalising.
 
     `root` is the .tar.gz itself, the extracted cifar-10-batches-py folder, or a folder holding
-    either (the extracted folder is preferred: no decompression). The batches are pickles, so read
-    only archives you trust; `download=True` fetches the official one and checks its md5.
+    either (the extracted folder is preferred: no decompression). The batches are pickles, read by
+    an unpickler that admits only the plain data they hold, so a crafted file cannot run code;
+    `download=True` fetches the official one and checks its md5.
     """
     root = Path(root).expanduser()
     source = _find_cifar10(root)
@@ -494,9 +495,32 @@ def _find_cifar10(root: Path) -> Path | None:
     return None
 
 
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles the plain data a CIFAR batch holds (dicts, lists, strings, numbers and numpy
+    arrays) and refuses every other global: a crafted batch file cannot run code."""
+
+    _ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),  # how Python 3 pickles the bytes inside numpy arrays
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(
+                f"refusing {module}.{name}: a CIFAR batch holds only dicts, lists, strings, "
+                "numbers and numpy arrays"
+            )
+        return super().find_class(module, name)
+
+
 def _unpickle(handle: BinaryIO, where: str) -> dict[bytes, Any]:
     # encoding="bytes": the batches were pickled by Python 2, and their keys stay bytes (b"data").
-    batch = pickle.load(handle, encoding="bytes")
+    try:
+        batch = _PlainDataUnpickler(handle, encoding="bytes").load()
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{where}: not a CIFAR batch: {error}") from None
     if not isinstance(batch, dict):
         raise ValueError(f"{where}: expected a pickled dict, got {type(batch).__name__}")
     return batch

@@ -33,6 +33,7 @@ import optuna
 import pandas as pd
 from scipy import stats
 
+from .filters import FilterError, filter_mask
 from .spec import default_storage, sqlite_path
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -218,18 +219,15 @@ class Results:
                                f"columns: {', '.join(self.trials.columns)}")
 
     def where(self, query: str | None) -> Results:
-        """The same results restricted to the trials that match a pandas query, e.g.
-        "depth == 20 and shortcut == 'A'"."""
+        """The same results restricted to the trials a filter selects, e.g.
+        "depth == 20 and shortcut == 'A'" (the language: resnet_ablate/filters.py; never run as
+        code)."""
         if not query:
             return self
         try:
-            kept = self.trials.query(query)
-        except (pd.errors.UndefinedVariableError, NameError, KeyError) as error:
-            raise ResultsError(f"--where {query!r}: {error}; columns: "
-                               f"{', '.join(self.trials.columns)}") from None
-        except Exception as error:  # a syntax error or a type clash inside the expression
-            raise ResultsError(f"--where {query!r} is not a valid pandas query: "
-                               f"{type(error).__name__}: {error}") from None
+            kept = self.trials[filter_mask(self.trials, query)]
+        except FilterError as error:
+            raise ResultsError(f"--where {error}") from None
         return dataclasses.replace(self, trials=kept)
 
     def sorted_by(self, columns: Sequence[str] | None) -> pd.DataFrame:
@@ -391,7 +389,9 @@ class Results:
         data = data or self.dataset()
         model = ResNetArch.from_dict(arch).build(num_classes=data.num_classes,
                                                   in_channels=data.in_channels)
-        state = torch.load(io.BytesIO(Path(weights).read_bytes()), map_location="cpu")
+        # Tensors only: a weights file never runs code, whatever torch's default.
+        state = torch.load(io.BytesIO(Path(weights).read_bytes()), map_location="cpu",
+                           weights_only=True)
         model.load_state_dict(state)
         return model.eval()
 

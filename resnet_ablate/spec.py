@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,10 +215,33 @@ def load_spec(path: str | os.PathLike[str]) -> StudySpec:
     except OSError as error:
         raise SpecError(f"{source}: cannot read the spec: {error.strerror}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as error:
         raise SpecError(f"{source}: not valid YAML: {error}") from None
     return parse_spec(raw, source=source)
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with two YAML 1.2 habits: `1e-3` is a number (YAML 1.1 wants
+    `1.0e-3`), and a key given twice in one mapping is an error rather than the last one winning."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def parse_spec(raw: Any, *, source: str = "<spec>") -> StudySpec:
@@ -228,8 +252,10 @@ def parse_spec(raw: Any, *, source: str = "<spec>") -> StudySpec:
         if key not in top:
             raise check.fail(key, "required key is missing")
     study = check.typed("study", top["study"], str, "a study name (str)")
-    if not study or "/" in study or study.strip() != study:
-        raise check.fail("study", f"{study!r} is not a usable name; use letters, digits, - and _")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", study) or ".." in study:
+        raise check.fail("study", f"{study!r} is not a usable name: it names files in the runs "
+                                  "folder; use letters, digits, '.', '-' and '_', starting with a "
+                                  "letter or digit")
 
     dataset = _dataset(check, top.get("dataset", "digits"))
     model = dict(check.mapping("model", top.get("model"), ARCH_FIELDS))
@@ -247,6 +273,8 @@ def parse_spec(raw: Any, *, source: str = "<spec>") -> StudySpec:
     for i, name in enumerate(objectives):
         if name not in OBJECTIVES:
             raise check.fail(f"objectives[{i}]", f"{name!r} is not a metric; valid: {', '.join(OBJECTIVES)}")
+        if name in objectives[:i]:
+            raise check.fail(f"objectives[{i}]", f"{name!r} is listed twice; name each metric once")
     pruner = top.get("pruner", "none") or "none"
     if pruner not in PRUNERS:
         raise check.fail("pruner", f"{pruner!r} is not a pruner; valid: {', '.join(PRUNERS)}")

@@ -520,7 +520,7 @@ class StudyRunner:
             self._tell(trial, state=optuna.trial.TrialState.PRUNED)
             return "pruned"
         if status == "failed":
-            kind = "diverged" if outcome.get("reason", "").startswith("non-finite") else "error"
+            kind = "diverged" if outcome.get("diverged") else "error"
             self._fail(trial, kind, outcome.get("reason") or "failed", outcome.get("traceback"))
             return kind
         if "weights" in outcome:

@@ -7,7 +7,8 @@ ResNet-110 warms up at lr 0.01 until the training error is below 80% (about 400 
 
 `train` is what a study runner calls inside a worker process: it is seeded and reproducible
 (bitwise on CPU), uses exactly the threads it is given, reports every epoch through `on_epoch`,
-and returns a result marked "diverged" instead of raising when the loss goes non-finite.
+and returns a result marked "diverged" instead of raising when the loss blows up (non-finite, or
+orders of magnitude above the loss of guessing).
 
 The loop follows GPU practice (see execution.py for the choices): data and augmentation live on
 the device, a step never waits for the host (loss and error accumulate on the device and are read
@@ -39,6 +40,9 @@ from .execution import MEMORY_FORMATS, PRECISIONS, Execution, GraphedStep, resol
 # The paper's rule ends warm-up when "the training error is below 80%"; a single batch is too
 # noisy to judge that, so the error is averaged over this many recent batches (1,280 images).
 WARMUP_WINDOW = 10
+# A running training loss this many times the loss of guessing (ln of the class count) is a
+# blow-up, not learning: healthy runs start near 1x and go down.
+DIVERGED_LOSS_FACTOR = 100.0
 # CUDA graph capture wants a few eager steps first (on a side stream), so the optimizer's state
 # exists; they are the run's first real steps, not extra ones.
 GRAPH_WARMUP_STEPS = 3
@@ -323,7 +327,7 @@ _ORDER_STREAM, _AUGMENT_STREAM = 1, 2
 
 
 class _Diverged(Exception):
-    """The running training loss went non-finite; the message says where."""
+    """The training loss blew up (see `_Run._check_diverged`); the message says where."""
 
 
 class _Run:
@@ -449,7 +453,7 @@ class _Run:
         return time.perf_counter() - started
 
     def _epoch(self, epoch: int) -> EpochRecord:
-        """Train one epoch and evaluate; raises _Diverged when the running loss goes non-finite."""
+        """Train one epoch and evaluate; raises _Diverged when the running loss blows up."""
         started = time.perf_counter()
         scheduled_lr = self.recipe.lr_at(epoch)
         self.model.train()
@@ -475,8 +479,8 @@ class _Run:
             if self.warming_up:
                 self._advance_warmup(self.batch_wrong.item() / labels.shape[0])
             if step % check_every == 0:
-                self._check_finite(epoch, step)
-        self._check_finite(epoch, step)  # also waits for the device: the epoch's time is real
+                self._check_diverged(epoch, step)
+        self._check_diverged(epoch, step)  # also waits for the device: the epoch's time is real
         trained = time.perf_counter()
         self.train_images += count
         self.train_seconds += trained - started
@@ -536,12 +540,25 @@ class _Run:
             else:
                 group["lr"] = lr
 
-    def _check_finite(self, epoch: int, step: int) -> None:
-        if not math.isfinite(self.loss_sum.item()):
-            raise _Diverged(
-                f"non-finite training loss at epoch {epoch}, seen at step {step} "
-                f"(read every {self.recipe.divergence_check_every} steps)"
-            )
+    def _check_diverged(self, epoch: int, step: int) -> None:
+        """Stop a run whose training loss blew up: non-finite, or a running mean of the epoch
+        above DIVERGED_LOSS_FACTOR times the loss of guessing (ln of the class count). A
+        learning run starts near that loss and goes down; one that ends orders of magnitude
+        above it (lr 100 gives 1e20) is recorded as diverged, not as a result."""
+        seen = min(step * self.recipe.batch_size, self.train_x.shape[0])
+        mean_loss = self.loss_sum.item() / seen
+        chance = math.log(max(self.data.num_classes, 2))
+        if not math.isfinite(mean_loss):
+            problem = "non-finite training loss"
+        elif mean_loss > DIVERGED_LOSS_FACTOR * chance:
+            problem = (f"training loss {mean_loss:.3g}, over {DIVERGED_LOSS_FACTOR:g}x "
+                       f"the {chance:.3g} of guessing,")
+        else:
+            return
+        raise _Diverged(
+            f"{problem} at epoch {epoch}, seen at step {step} "
+            f"(read every {self.recipe.divergence_check_every} steps)"
+        )
 
     def _advance_warmup(self, batch_error: float) -> None:
         self.warmup_steps += 1

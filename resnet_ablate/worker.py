@@ -143,6 +143,7 @@ def execute(task: TrialTask, board: Any | None = None) -> dict[str, Any]:
 
     outcome.update(result.to_dict())
     outcome["status"] = "completed" if result.ok else "failed"
+    outcome["diverged"] = result.status == "diverged"
     if task.keep_weights and result.ok:
         buffer = io.BytesIO()
         torch.save({k: v.cpu() for k, v in built[-1].state_dict().items()}, buffer)

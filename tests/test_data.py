@@ -287,6 +287,31 @@ def test_cifar10_archive_missing_a_batch_names_the_member(tmp_path, cifar):
         read_cifar10(broken)
 
 
+class _RunsACommand:
+    """What a crafted batch file would smuggle in: unpickling it calls os.system."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (self.command,)
+
+
+def test_a_crafted_cifar_batch_is_refused_without_running_anything(tmp_path, cifar):
+    import shutil
+
+    folder = tmp_path / "cifar-10-batches-py"
+    shutil.copytree(cifar["folder"], folder)
+    marker = tmp_path / "ran"
+    crafted = {b"labels": [0], b"data": _RunsACommand(f"touch {marker}")}
+    (folder / "data_batch_1").write_bytes(pickle.dumps(crafted, protocol=2))
+    with pytest.raises(ValueError, match=r"data_batch_1: not a CIFAR batch: refusing \w+\.system"):
+        read_cifar10(folder)
+    assert not marker.exists()
+
+
 def fake_urlretrieve(source: Path):
     calls = []
 

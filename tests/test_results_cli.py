@@ -8,6 +8,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import matplotlib.image
 import numpy as np
@@ -156,7 +157,8 @@ def test_report_writes_the_html_page(cli, results, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["show", "--where", "speed > 1"], "name 'speed' is not defined; columns: number, state"),
+    (["show", "--where", "speed > 1"], "no column 'speed' ('speed'); a filter has only"),
+    (["show", "--where", "@pd.io.common.os.system('echo PWNED') == 0"], "is not a filter"),
     (["show", "--sort", "speed"], "no column 'speed' in study 'results-small'; columns:"),
     (["summary", "--by", "width"], "no column 'width'"),
     (["compare", "--factor", "shortcut", "--baseline", "C"], "shortcut values: A, none"),
@@ -166,6 +168,25 @@ def test_bad_columns_and_values_are_one_line_errors(cli, argv, message):
     code, out, err = cli(*argv)
     assert code == 2 and out == ""
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_output_never_replaces_a_store_and_other_files_only_with_force(cli, runs, tmp_path):
+    store = Path(runs) / f"{STUDY}.db"
+    before = store.read_bytes()
+    for spelling in (str(store), f"{runs}/./{STUDY}.db"):
+        for force in ([], ["--force"]):
+            code, out, err = cli("export", "--format", "csv", "-o", spelling, *force)
+            assert code == 2 and "is a SQLite database" in err and "refusing" in err
+    assert store.read_bytes() == before
+    existing = tmp_path / "table.csv"
+    existing.write_text("keep me\n")
+    code, _, err = cli("export", "-o", str(existing))
+    assert code == 2 and "exists; pass --force to replace it" in err
+    assert existing.read_text() == "keep me\n"
+    code, _, _ = cli("export", "-o", str(existing), "--force")
+    assert code == 0 and existing.read_text().startswith("number,")
+    code, _, err = cli("plot", "--kind", "depth", "-o", str(store), "--force")
+    assert code == 2 and store.read_bytes() == before
 
 
 def test_missing_study_or_storage_names_what_exists(runs, capsys, tmp_path):

@@ -86,6 +86,11 @@ def test_ranges_for_random_and_tpe():
      "train.cuda_graphs: needs a GPU per trial: set resources.gpus > 0"),
     ({**MINIMAL, "train": {"cuda_graphs": True, "precision": "fp16"}, "resources": {"gpus": 1}},
      "train.cuda_graphs: runs precision bf16 or fp32, not fp16"),
+    ({**MINIMAL, "objectives": ["test_error", "test_error"]},
+     "objectives[1]: 'test_error' is listed twice"),
+    ({**MINIMAL, "study": ".."}, "study: '..' is not a usable name"),
+    ({**MINIMAL, "study": "a/b"}, "study: 'a/b' is not a usable name"),
+    ({**MINIMAL, "study": "x\x00y"}, "is not a usable name"),
 ])
 def test_invalid_specs_name_file_field_and_what_is_valid(raw, expected):
     assert expected in _error(raw)
@@ -108,3 +113,13 @@ def test_spec_file_round_trip(tmp_path):
     spec = load_spec(path)
     assert spec.source == str(path) and spec.train.epochs == 2
     assert [spec.arch(p).shortcut for p in spec.grid()] == ["A", "B"]
+
+
+def test_yaml_numbers_in_exponent_form_and_duplicate_keys(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("study: x\nspace: {depth: [20]}\ntrain: {lr: 1e-3, weight_decay: 5e-4}\n")
+    spec = load_spec(path)
+    assert spec.train.lr == 0.001 and spec.train.weight_decay == 0.0005
+    path.write_text("study: x\nspace: {depth: [20]}\nseeds: 2\nseeds: 3\n")
+    with pytest.raises(SpecError, match=r"duplicate key 'seeds' \(first on line 3\)"):
+        load_spec(path)

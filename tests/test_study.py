@@ -304,3 +304,13 @@ def test_a_second_driver_on_a_running_study_is_refused(tmp_path):
     finally:
         first.send_signal(signal.SIGINT)
         first.communicate(timeout=120)
+
+
+@pytest.mark.parametrize("workers", ["0", "-1", "two"])
+def test_a_count_of_workers_below_one_is_refused_before_anything_runs(workers, capsys):
+    from resnet_ablate.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "studies/quickstart.yaml", "--workers", workers])
+    assert exit_info.value.code == 2
+    assert f"{workers!r} is not a count of workers: give an int >= 1" in capsys.readouterr().err

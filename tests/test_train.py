@@ -189,6 +189,19 @@ def test_divergence_returns_a_failed_result_instead_of_raising():
     json.dumps(result.to_dict())
 
 
+def test_a_finite_blow_up_is_divergence_too_and_healthy_runs_are_not():
+    """A loss of 1e16 is finite but no result: far above the loss of guessing, it is diverged."""
+    def linear():
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 4))
+
+    blown = train(linear, synthetic(), quick(lr=1e6), seed=0, threads=1)
+    assert blown.status == "diverged"
+    assert re.match(r"training loss [\d.e+]+, over 100x the 1\.39 of guessing, at epoch 1",
+                    blown.reason)
+    healthy = train(linear, synthetic(), quick(lr=0.1), seed=0, threads=1)
+    assert healthy.ok and healthy.history[0].train_loss < 1.39
+
+
 def test_divergence_is_read_every_n_steps_and_at_the_end_of_the_epoch():
     data = synthetic()  # 8 steps an epoch
     seen_at = []

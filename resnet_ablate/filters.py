@@ -1,0 +1,120 @@
+"""The filter language of `--where` and `Results.where`: columns compared with values, nothing else.
+
+    depth == 20 and shortcut == 'A'
+    depth >= 56 or not fused
+    shortcut in ['A', 'B'] and test_error < 0.1
+
+A filter is parsed (with Python's own expression parser) and then interpreted over the table's
+columns; it is never evaluated, so no text a user types can call a function, read an attribute or
+reach a module. The grammar:
+
+    filter      := filter "and" filter | filter "or" filter | "not" filter | "(" filter ")"
+                 | comparison | column
+    comparison  := operand (("==" | "!=" | "<" | "<=" | ">" | ">=") operand)+
+                 | column ("in" | "not in") list
+    operand     := column | value
+    value       := number | 'string' | "string" | True | False | None
+    list        := "[" value ("," value)* "]"   (or parentheses)
+
+A bare column is true where it is true (e.g. `fused`). Missing values follow pandas: a comparison
+with one is unknown, `and`/`or`/`not` carry unknowns through (Kleene logic), and rows still unknown
+at the end are left out, so a filter selects exactly what `DataFrame.query` would.
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+from typing import Any
+
+import pandas as pd
+
+_COMPARISONS = {
+    ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
+    ast.Gt: operator.gt, ast.GtE: operator.ge,
+}
+_ALLOWED = "comparisons (== != < <= > >=), in / not in [values], and / or / not, and parentheses"
+
+
+class FilterError(ValueError):
+    """A filter that is not in the language, or names a column the table does not have."""
+
+
+def filter_mask(frame: pd.DataFrame, text: str) -> pd.Series:
+    """The rows of `frame` that `text` selects, as a boolean Series aligned with it."""
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError as error:
+        raise FilterError(f"{text!r} is not a filter ({error.msg}); use {_ALLOWED}") from None
+    return _Interpreter(frame, text).mask(tree.body).fillna(False).astype(bool)
+
+
+class _Interpreter:
+    def __init__(self, frame: pd.DataFrame, text: str) -> None:
+        self.frame = frame
+        self.text = text
+
+    def fail(self, node: ast.AST, what: str) -> FilterError:
+        piece = ast.get_source_segment(self.text.strip(), node) or type(node).__name__
+        return FilterError(f"{self.text!r}: {what} ({piece!r}); a filter has only {_ALLOWED}, "
+                           f"over the columns: {', '.join(map(str, self.frame.columns))}")
+
+    def mask(self, node: ast.AST) -> pd.Series:
+        if isinstance(node, ast.BoolOp):
+            masks = [self.mask(value) for value in node.values]
+            combined = masks[0]
+            for other in masks[1:]:
+                combined = combined & other if isinstance(node.op, ast.And) else combined | other
+            return combined
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            return ~self.mask(node.operand)
+        if isinstance(node, ast.Compare):
+            return self.compare(node)
+        if isinstance(node, ast.Name):
+            return self.column(node).astype("boolean")
+        raise self.fail(node, "not a condition")
+
+    def compare(self, node: ast.Compare) -> pd.Series:
+        result = pd.Series(True, index=self.frame.index, dtype="boolean")
+        left = node.left
+        for op, right in zip(node.ops, node.comparators):
+            if isinstance(op, (ast.In, ast.NotIn)):
+                values = self.values(right)
+                selected = self.column(left).isin(values)
+                result &= ~selected if isinstance(op, ast.NotIn) else selected
+            elif type(op) in _COMPARISONS:
+                a, b = self.operand(left), self.operand(right)
+                if not isinstance(a, pd.Series) and not isinstance(b, pd.Series):
+                    raise self.fail(node, "a comparison needs a column on one side")
+                result &= _COMPARISONS[type(op)](a, b).astype("boolean")
+            else:
+                raise self.fail(node, "not a comparison the language has")
+            left = right
+        return result
+
+    def column(self, node: ast.AST) -> pd.Series:
+        if not isinstance(node, ast.Name):
+            raise self.fail(node, "expected a column name")
+        if node.id not in self.frame.columns:
+            raise self.fail(node, f"no column {node.id!r}")
+        return self.frame[node.id]
+
+    def operand(self, node: ast.AST) -> pd.Series | Any:
+        return self.column(node) if isinstance(node, ast.Name) else self.value(node)
+
+    def value(self, node: ast.AST) -> Any:
+        if isinstance(node, ast.Constant) and (
+            node.value is None or isinstance(node.value, (bool, int, float, str))
+        ):
+            return node.value
+        if (isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd))
+                and isinstance(node.operand, ast.Constant)
+                and isinstance(node.operand.value, (int, float))
+                and not isinstance(node.operand.value, bool)):
+            return -node.operand.value if isinstance(node.op, ast.USub) else node.operand.value
+        raise self.fail(node, "not a value (a number, a quoted string, True, False or None)")
+
+    def values(self, node: ast.AST) -> list[Any]:
+        if not isinstance(node, (ast.List, ast.Tuple, ast.Set)):
+            raise self.fail(node, "`in` takes a list of values, e.g. ['A', 'B']")
+        return [self.value(element) for element in node.elts]

@@ -1,0 +1,61 @@
+"""The --where filter language: what pandas' query selects for the same text, and nothing runs."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from resnet_ablate.filters import FilterError, filter_mask
+
+
+@pytest.fixture
+def frame():
+    return pd.DataFrame({
+        "depth": pd.array([20, 20, 56, 56, 110, None], dtype="Int64"),
+        "shortcut": ["A", "none", "A", "B", "A", "C"],
+        "fused": pd.array([True, False, True, True, None, False], dtype="boolean"),
+        "test_error": [0.08, 0.10, 0.07, np.nan, 0.06, 0.3],
+    })
+
+
+@pytest.mark.parametrize("text", [
+    "depth == 20",
+    "depth == 20 and shortcut == 'A'",
+    "depth >= 56 or shortcut != 'A'",
+    "not (depth == 20)",
+    "shortcut in ['A', 'B']",
+    "shortcut not in ('A',)",
+    "test_error < 0.08",
+    "20 < depth <= 56",
+    "test_error > -1 and depth != 110",
+])
+def test_filters_select_what_pandas_query_selects(frame, text):
+    expected = frame.query(text).index
+    assert list(frame[filter_mask(frame, text)].index) == list(expected)
+
+
+def test_a_bare_boolean_column_selects_where_it_is_true_and_unknowns_are_left_out(frame):
+    assert list(frame[filter_mask(frame, "fused")].index) == [0, 2, 3]
+    assert list(frame[filter_mask(frame, "not fused")].index) == [1, 5]  # row 4 is unknown
+    assert list(frame[filter_mask(frame, "not fused")].index) == list(frame.query("not fused").index)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("@pd.io.common.os.system('echo PWNED') == 0", "not a filter"),
+    ("depth.__class__ == 1", "not a value"),
+    ("__import__('os').system('touch pwned') == 0", "not a value"),
+    ("shortcut == open('x').read()", "not a value"),
+    ("depth + 1 == 21", "not a value"),
+    ("shortcut in [open('x')]", "not a value"),
+    ("lambda: 1", "not a condition"),
+    ("colour == 'red'", "no column 'colour'"),
+    ("shortcut in 'AB'", "`in` takes a list of values"),
+    ("1 == 1", "a comparison needs a column on one side"),
+])
+def test_anything_but_columns_and_values_is_refused_and_nothing_runs(frame, text, problem,
+                                                                     tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FilterError, match=problem) as error:
+        filter_mask(frame, text)
+    assert "over the columns: depth, shortcut, fused, test_error" in str(error.value) or \
+        "is not a filter" in str(error.value)
+    assert not list(tmp_path.iterdir())  # no file was touched

@@ -40,6 +40,7 @@ from _results import (RESULTS, append_rows, device_name, source_commit, synchron
 import resnet_ablate
 from resnet_ablate.arch import ResNetArch
 from resnet_ablate.data import DataBundle, SyntheticSpec, load_dataset
+from resnet_ablate.models import build
 from resnet_ablate.train import TrainRecipe, train
 
 VARIANTS = ("plain", "project", "project+nchw", "project+compile", "project+graphs")
@@ -85,9 +86,8 @@ def load(case: Case) -> DataBundle:
 def plain_loop(case: Case, data: DataBundle, device: torch.device, seed: int) -> float:
     """Images/s of the loop a user would write: unfused, fp32, NCHW, two host reads per step."""
     torch.manual_seed(seed)
-    model = case.arch.replace(fused=False).build(
-        num_classes=data.num_classes, in_channels=data.in_channels
-    ).to(device).train()
+    model = build(case.arch.replace(fused=False), num_classes=data.num_classes,
+                  in_channels=data.in_channels).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)
     count = train_x.shape[0]
@@ -123,12 +123,11 @@ def project_loop(case: Case, data: DataBundle, device: torch.device, seed: int,
                          cuda_graphs=variant == "project+graphs",
                          memory_format="nchw" if variant == "project+nchw" else "channels_last")
 
-    def build() -> torch.nn.Module:
-        return case.arch.replace(fused=True).build(
-            num_classes=data.num_classes, in_channels=data.in_channels
-        )
+    def fused_model() -> torch.nn.Module:
+        return build(case.arch.replace(fused=True), num_classes=data.num_classes,
+                     in_channels=data.in_channels)
 
-    result = train(build, data, recipe, seed=seed, device=device, compile_backend=compile_backend)
+    result = train(fused_model, data, recipe, seed=seed, device=device, compile_backend=compile_backend)
     if not result.ok:
         raise RuntimeError(f"{variant} did not complete: {result.reason}")
     return result.images_per_second, result.compile_seconds, dict(result.execution)

@@ -1,4 +1,6 @@
-"""The architecture description: one small, immutable, hashable value that names and builds a ResNet.
+"""The architecture description: one small, immutable, hashable value that names a ResNet.
+
+It is a plain value with no torch in it: `resnet_ablate.models.build(arch)` builds the network.
 
 Studies sweep `ResNetArch` values, so it is built from plain values (a YAML mapping works as is),
 round-trips through `to_dict()` / `from_dict()`, and has a `digest` (sha1 of a canonical JSON) that
@@ -14,18 +16,21 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any, Literal
-
-if TYPE_CHECKING:
-    from .models import ResNet
-
-from .blocks import DOWNSAMPLINGS, SHORTCUTS, Downsampling, Shortcut
+from typing import Any, Literal
 
 Family = Literal["cifar", "imagenet"]
 BlockKind = Literal["basic", "bottleneck"]
+Shortcut = Literal["A", "B", "C", "none"]
+Downsampling = Literal["v1", "v1.5"]
 
 FAMILIES: tuple[str, ...] = ("cifar", "imagenet")
 BLOCKS: tuple[str, ...] = ("basic", "bottleneck")
+# The shortcut options of the paper (blocks.py says what each builds) and "none", the plain twin.
+SHORTCUTS: tuple[str, ...] = ("A", "B", "C", "none")
+# Where a bottleneck strides: "v1" the first 1x1 (the paper), "v1.5" the 3x3 (torchvision).
+DOWNSAMPLINGS: tuple[str, ...] = ("v1", "v1.5")
+# Output channels of a block over its stage width.
+EXPANSION: dict[str, int] = {"basic": 1, "bottleneck": 4}
 
 # Conv layers per block: what turns blocks-per-stage into a depth (plus the stem conv and the fc).
 LAYERS_PER_BLOCK: dict[str, int] = {"basic": 2, "bottleneck": 3}
@@ -146,7 +151,7 @@ class ResNetArch:
                 )
             downsampling = "v1"  # one place to stride: both spellings are the same network
         if shortcut == "A" or shortcut == "none":
-            expansion = 4 if block == "bottleneck" else 1
+            expansion = EXPANSION[block]
             channels = [widths[0], *(w * expansion for w in widths)]
             for stage, (c_in, c_out) in enumerate(zip(channels, channels[1:]), start=1):
                 if c_out < c_in:
@@ -165,7 +170,7 @@ class ResNetArch:
     @property
     def expansion(self) -> int:
         """Output channels of a block over its stage width: 1 for basic, 4 for bottleneck."""
-        return 4 if self.block == "bottleneck" else 1
+        return EXPANSION[str(self.block)]
 
     @property
     def name(self) -> str:
@@ -239,17 +244,6 @@ class ResNetArch:
             data["depth"] = None
         data.update(changes)
         return type(self).from_dict(data)
-
-    def build(
-        self, *, num_classes: int | None = None, in_channels: int = 3, zero_init_residual: bool = False
-    ) -> ResNet:
-        """The model this describes (see `resnet_ablate.models.ResNet`)."""
-        # Imported here because models imports this module (every model keeps its description).
-        from .models import ResNet
-
-        return ResNet(
-            self, num_classes=num_classes, in_channels=in_channels, zero_init_residual=zero_init_residual
-        )
 
 
 def _resolve_imagenet(

@@ -16,18 +16,14 @@ Shortcut options (Section 3.3 and 4.1 of the paper):
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .arch import DOWNSAMPLINGS, EXPANSION, SHORTCUTS, Downsampling, Shortcut
 from .kernels import FusedBatchNorm2d
-
-Shortcut = Literal["A", "B", "C", "none"]
-Downsampling = Literal["v1", "v1.5"]
-SHORTCUTS: tuple[str, ...] = ("A", "B", "C", "none")
-DOWNSAMPLINGS: tuple[str, ...] = ("v1", "v1.5")
 
 
 class ZeroPadShortcut(nn.Module):
@@ -164,7 +160,7 @@ class _ResidualBlock(nn.Module):
 class BasicBlock(_ResidualBlock):
     """Two 3x3 convs; the first strides. `forward(x)` = relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))."""
 
-    expansion: ClassVar[int] = 1
+    expansion: ClassVar[int] = EXPANSION["basic"]
     last_bn: ClassVar[str] = "bn2"
 
     def __init__(
@@ -202,7 +198,7 @@ class Bottleneck(_ResidualBlock):
     (torchvision; more FLOPs, better accuracy).
     """
 
-    expansion: ClassVar[int] = 4
+    expansion: ClassVar[int] = EXPANSION["bottleneck"]
     last_bn: ClassVar[str] = "bn3"
 
     def __init__(

@@ -17,14 +17,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
-MemoryFormat = Literal["channels_last", "nchw"]
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
-MEMORY_FORMATS: tuple[str, ...] = ("channels_last", "nchw")
+from .recipe import TrainRecipe
 
 _AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -68,23 +65,12 @@ class Execution:
         return asdict(self)
 
 
-def resolve_execution(
-    device: torch.device | str,
-    *,
-    precision: str = "auto",
-    memory_format: str = "channels_last",
-    compile: bool = False,
-    cuda_graphs: bool = False,
-) -> Execution:
-    """The choices for `device`, "auto" resolved; a ValueError names a choice it cannot run."""
+def resolve_execution(recipe: TrainRecipe, device: torch.device | str) -> Execution:
+    """The recipe's choices for `device`, "auto" resolved; a ValueError names one it cannot run."""
+    precision, memory_format = recipe.precision, recipe.memory_format
+    compile, cuda_graphs = recipe.compile, recipe.cuda_graphs
     device = torch.device(device)
     on_cuda = device.type == "cuda"
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if memory_format not in MEMORY_FORMATS:
-        raise ValueError(
-            f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {memory_format!r}"
-        )
     bf16_ok = on_cuda and torch.cuda.is_bf16_supported(including_emulation=False)
     if precision == "auto":
         precision = "bf16" if bf16_ok else "fp32"

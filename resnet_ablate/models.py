@@ -17,8 +17,13 @@ import torch
 from torch import nn
 from typing import TypedDict, Unpack
 
-from .arch import BlockKind, ResNetArch
-from .blocks import BasicBlock, Bottleneck, Downsampling, Shortcut, batch_norm, conv3x3, he_init_
+from .arch import BlockKind, Downsampling, ResNetArch, Shortcut
+from .blocks import BasicBlock, Bottleneck, batch_norm, conv3x3, he_init_
+
+# The block class of each `ResNetArch.block`.
+BLOCK_CLASSES: dict[str, type[BasicBlock] | type[Bottleneck]] = {
+    "basic": BasicBlock, "bottleneck": Bottleneck,
+}
 
 _DEFAULT_CLASSES = {"cifar": 10, "imagenet": 1000}
 
@@ -69,23 +74,15 @@ class ResNet(nn.Module):
     def _make_layer(
         arch: ResNetArch, in_channels: int, planes: int, blocks: int, stride: int, zero_init_residual: bool
     ) -> tuple[nn.Sequential, int]:
-        assert arch.shortcut is not None
+        assert arch.shortcut is not None and arch.block is not None
+        block_class = BLOCK_CLASSES[arch.block]
+        options = dict(shortcut=arch.shortcut, fused=arch.fused, zero_init_residual=zero_init_residual)
+        if block_class is Bottleneck:
+            options.update(base_width=arch.base_width, downsampling=arch.downsampling)
         layers: list[nn.Module] = []
         for i in range(blocks):
-            block_stride = stride if i == 0 else 1
-            block: nn.Module
-            if arch.block == "bottleneck":
-                block = Bottleneck(
-                    in_channels, planes, block_stride, shortcut=arch.shortcut, base_width=arch.base_width,
-                    downsampling=arch.downsampling, fused=arch.fused, zero_init_residual=zero_init_residual,
-                )
-            else:
-                block = BasicBlock(
-                    in_channels, planes, block_stride, shortcut=arch.shortcut, fused=arch.fused,
-                    zero_init_residual=zero_init_residual,
-                )
-            layers.append(block)
-            in_channels = planes * arch.expansion
+            layers.append(block_class(in_channels, planes, stride if i == 0 else 1, **options))
+            in_channels = planes * block_class.expansion
         return nn.Sequential(*layers), in_channels
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,12 +114,13 @@ class BottleneckOptions(BuildOptions, total=False):
 
 
 def build(arch: ResNetArch, **options: Unpack[BottleneckOptions]) -> ResNet:
-    """The model described by `arch`, with description fields (shortcut, widths, ...) overridden."""
+    """The model described by `arch`, with description fields (shortcut, widths, ...) overridden;
+    `num_classes`, `in_channels` and `zero_init_residual` go to `ResNet`."""
     model_options = {k: options.pop(k) for k in ("num_classes", "in_channels", "zero_init_residual")
                      if k in options}  # type: ignore[misc]
     if options:
         arch = arch.replace(**options)
-    return arch.build(**model_options)  # type: ignore[arg-type]
+    return ResNet(arch, **model_options)  # type: ignore[arg-type]
 
 
 def cifar_resnet(depth: int, *, block: BlockKind = "basic", **options: Unpack[BottleneckOptions]) -> ResNet:

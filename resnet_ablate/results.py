@@ -376,6 +376,7 @@ class Results:
         import torch
 
         from .arch import ResNetArch
+        from .models import build
 
         self._check_numbers([number])
         attrs = self.attrs.get(int(number), {})
@@ -387,8 +388,8 @@ class Results:
         if fused is not None:
             arch["fused"] = fused
         data = data or self.dataset()
-        model = ResNetArch.from_dict(arch).build(num_classes=data.num_classes,
-                                                  in_channels=data.in_channels)
+        model = build(ResNetArch.from_dict(arch), num_classes=data.num_classes,
+                      in_channels=data.in_channels)
         # Tensors only: a weights file never runs code, whatever torch's default.
         state = torch.load(io.BytesIO(Path(weights).read_bytes()), map_location="cpu",
                            weights_only=True)

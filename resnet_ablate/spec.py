@@ -38,11 +38,12 @@ from typing import Any
 import yaml
 
 from .arch import ArchError, ResNetArch
-from .train import TrainRecipe
+from .recipe import TrainRecipe
 
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median", "successive_halving")
-DATASETS = ("digits", "cifar10", "synthetic")
+# The data sets a spec can name; resnet_ablate.data loads them.
+DATASETS: tuple[str, ...] = ("digits", "cifar10", "synthetic")
 # Each objective has one sensible direction, so specs name metrics only.
 OBJECTIVES: dict[str, str] = {
     "test_error": "minimize",

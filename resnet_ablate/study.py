@@ -35,6 +35,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress display say
 
 from .arch import ResNetArch
 from .data import DatasetShape, SyntheticSpec, dataset_shape, load_dataset
+from .models import build
 from .profile import ModelProfile, profile
 from .progress import StudyProgress
 from .spec import IntRange, SpecError, StudySpec, sqlite_path
@@ -331,7 +332,7 @@ class StudyRunner:
         """Parameters and FLOPs of an architecture, computed once per architecture."""
         if arch.digest not in self._profiles:
             data = self.shape()
-            model = arch.build(num_classes=data.num_classes, in_channels=data.in_channels)
+            model = build(arch, num_classes=data.num_classes, in_channels=data.in_channels)
             self._profiles[arch.digest] = profile(
                 model, (data.in_channels, data.image_size, data.image_size))
         return self._profiles[arch.digest]

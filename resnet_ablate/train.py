@@ -3,7 +3,8 @@
 The paper (section 4.2) trains CIFAR-10 ResNets with SGD, momentum 0.9, weight decay 1e-4,
 batch 128, lr 0.1 divided by 10 at 32k and 48k of 64k iterations (50% and 75%), and for
 ResNet-110 warms up at lr 0.01 until the training error is below 80% (about 400 iterations).
-`TrainRecipe` holds all of it; `train` runs it and returns a `TrainResult` record.
+`TrainRecipe` (recipe.py, a plain description) holds all of it; `train` runs it and returns a
+`TrainResult` record.
 
 `train` is what a study runner calls inside a worker process: it is seeded and reproducible
 (bitwise on CPU), uses exactly the threads it is given, reports every epoch through `on_epoch`,
@@ -35,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import DataBundle, draw_crops, gather_crops
-from .execution import MEMORY_FORMATS, PRECISIONS, Execution, GraphedStep, resolve_execution, side_stream
+from .execution import Execution, GraphedStep, resolve_execution, side_stream
+from .recipe import TrainRecipe
 
 # The paper's rule ends warm-up when "the training error is below 80%"; a single batch is too
 # noisy to judge that, so the error is averaged over this many recent batches (1,280 images).
@@ -46,127 +48,6 @@ DIVERGED_LOSS_FACTOR = 100.0
 # CUDA graph capture wants a few eager steps first (on a side stream), so the optimizer's state
 # exists; they are the run's first real steps, not extra ones.
 GRAPH_WARMUP_STEPS = 3
-
-
-@dataclass(frozen=True)
-class TrainRecipe:
-    """How to train: the paper's CIFAR-10 recipe by default, with milestones as fractions of epochs.
-
-    The default 164 epochs are the paper's 64k iterations of batch 128 on 50k images; the decays
-    then fall on epochs 82 and 123, its 32k and 48k iterations. A decay applies from the first
-    epoch that starts at or after its fraction of training.
-    Warm-up (`warmup=True`) trains at `warmup_lr` until the training error over the last
-    `WARMUP_WINDOW` batches falls below `warmup_until_error`, or for `warmup_max_steps` steps,
-    whichever comes first; set one of them to None to use only the other. It never raises the
-    lr above the schedule's.
-
-    The last five fields choose how the run executes, not what it learns (execution.py):
-    `precision` (auto | fp32 | bf16 | fp16: autocast; auto is bf16 on GPUs that have it, else
-    fp32), `memory_format` (channels_last | nchw),
-    `compile` (torch.compile the model; its compile time is recorded apart), `cuda_graphs`
-    (replay each full-batch step from one CUDA graph) and `divergence_check_every` (steps between
-    the host reads of the running loss that stop a diverged run; also read at each epoch's end).
-    """
-
-    epochs: int = 164
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    nesterov: bool = False
-    milestones: tuple[float, ...] = (0.5, 0.75)
-    gamma: float = 0.1
-    warmup: bool = False
-    warmup_lr: float = 0.01
-    warmup_until_error: float | None = 0.8
-    warmup_max_steps: int | None = None
-    augment: bool = True
-    eval_batch_size: int = 1000
-    precision: str = "auto"
-    memory_format: str = "channels_last"
-    compile: bool = False
-    cuda_graphs: bool = False
-    divergence_check_every: int = 25
-
-    def __post_init__(self) -> None:
-        def fail(name: str, valid: str) -> None:
-            raise ValueError(f"TrainRecipe.{name} must be {valid}, got {getattr(self, name)!r}")
-
-        for name in ("epochs", "batch_size", "eval_batch_size", "divergence_check_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                fail(name, "an int >= 1")
-        for name in ("lr", "warmup_lr", "gamma"):
-            if not _is_number(getattr(self, name)) or not getattr(self, name) > 0:
-                fail(name, "a number > 0")
-        if not _is_number(self.momentum) or not 0 <= self.momentum < 1:
-            fail("momentum", "a number in [0, 1)")
-        if not _is_number(self.weight_decay) or self.weight_decay < 0:
-            fail("weight_decay", "a number >= 0")
-        if self.nesterov and self.momentum == 0:
-            fail("nesterov", "False when momentum is 0 (Nesterov needs momentum)")
-        # Lists come from YAML/JSON specs; the stored form is a tuple so the recipe stays hashable.
-        object.__setattr__(self, "milestones", tuple(self.milestones))
-        if not all(_is_number(m) and 0 < m < 1 for m in self.milestones) or list(
-            self.milestones
-        ) != sorted(self.milestones):
-            fail("milestones", "increasing fractions of training, each in (0, 1)")
-        if self.warmup_until_error is not None and not (
-            _is_number(self.warmup_until_error) and 0 <= self.warmup_until_error <= 1
-        ):
-            fail("warmup_until_error", "None or a training error in [0, 1]")
-        if self.warmup_max_steps is not None and (
-            isinstance(self.warmup_max_steps, bool)
-            or not isinstance(self.warmup_max_steps, int)
-            or self.warmup_max_steps < 1
-        ):
-            fail("warmup_max_steps", "None or an int >= 1")
-        if self.warmup and self.warmup_until_error is None and self.warmup_max_steps is None:
-            fail("warmup_until_error", "set (or warmup_max_steps set) when warmup is on")
-        if self.precision not in PRECISIONS:
-            fail("precision", f"one of {', '.join(PRECISIONS)}")
-        if self.memory_format not in MEMORY_FORMATS:
-            fail("memory_format", f"one of {', '.join(MEMORY_FORMATS)}")
-        for name in ("compile", "cuda_graphs"):
-            if not isinstance(getattr(self, name), bool):
-                fail(name, "true or false")
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any], *, where: str = "recipe") -> TrainRecipe:
-        """Build from a mapping (a study spec's section); `where` names it in errors."""
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(valid))
-        if unknown:
-            raise ValueError(
-                f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
-                f"valid keys: {', '.join(valid)}"
-            )
-        try:
-            return cls(**values)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{where}: {error}") from error
-
-    def to_dict(self) -> dict[str, Any]:
-        values = dataclasses.asdict(self)
-        values["milestones"] = list(self.milestones)
-        return values
-
-    def lr_at(self, epoch: int) -> float:
-        """The scheduled learning rate of `epoch` (1-based), warm-up aside."""
-        if not 1 <= epoch <= self.epochs:
-            raise ValueError(f"epoch must be in [1, {self.epochs}], got {epoch}")
-        completed = epoch - 1
-        # The tolerance keeps 0.75 * 164 == 123.00000000000001-style float noise from moving a
-        # decay by a whole epoch.
-        decays = sum(1 for m in self.milestones if completed >= m * self.epochs - 1e-9)
-        return self.lr * self.gamma**decays
-
-    def execution(self, device: torch.device | str) -> Execution:
-        """This recipe's execution choices resolved for `device` (ValueError if it cannot)."""
-        return resolve_execution(
-            device, precision=self.precision, memory_format=self.memory_format,
-            compile=self.compile, cuda_graphs=self.cuda_graphs,
-        )
 
 
 @dataclass(frozen=True)
@@ -254,7 +135,7 @@ def train(
     ):
         raise ValueError(f"threads must be None or an int >= 1, got {threads!r}")
     device = torch.device(device)
-    execution = recipe.execution(device)
+    execution = resolve_execution(recipe, device)
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -311,10 +192,6 @@ def evaluate(
             wrong += (logits.argmax(dim=1) != targets).sum()
     count = max(images.shape[0], 1)
     return loss_sum.item() / count, wrong.item() / count
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _derived_seed(seed: int, stream: int) -> int:

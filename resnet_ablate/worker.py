@@ -22,7 +22,9 @@ import torch
 
 from .arch import ResNetArch
 from .data import SyntheticSpec, load_dataset
-from .train import EpochRecord, TrainRecipe, train
+from .models import build
+from .recipe import TrainRecipe
+from .train import EpochRecord, train
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,7 @@ def execute(task: TrialTask, board: Any | None = None) -> dict[str, Any]:
         built: list[torch.nn.Module] = []
 
         def model() -> torch.nn.Module:  # built by train() under the trial's seed
-            built.append(arch.build(num_classes=data.num_classes, in_channels=data.in_channels))
+            built.append(build(arch, num_classes=data.num_classes, in_channels=data.in_channels))
             return built[-1]
 
         result = train(model, data, TrainRecipe.from_dict(task.recipe), seed=task.seed,

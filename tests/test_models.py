@@ -11,7 +11,7 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from resnet_ablate import ArchError, ResNetArch, resnet8, resnet18, resnet20, resnet50, resnet56
 from resnet_ablate.blocks import BasicBlock, Bottleneck, ZeroPadShortcut
 from resnet_ablate.kernels import FusedBatchNorm2d, use_backend
-from resnet_ablate.models import cifar_resnet, imagenet_resnet, plain_twin
+from resnet_ablate.models import build, cifar_resnet, imagenet_resnet, plain_twin
 
 # ---------------------------------------------------------------- the description
 
@@ -131,7 +131,7 @@ def test_imagenet_family_stem_and_stage_shapes():
 
 def test_custom_stages_on_the_imagenet_family():
     arch = ResNetArch(family="imagenet", stages=[1, 1, 1, 1], widths=[8, 16, 32, 64])
-    model = arch.build(num_classes=3)
+    model = build(arch, num_classes=3)
     assert isinstance(model.layer4[0], BasicBlock) and arch.depth == 10
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
 
@@ -147,7 +147,7 @@ def test_builders_pass_description_options_through():
 
 def test_plain_twin_differs_only_by_the_shortcut():
     residual = resnet20()
-    plain = plain_twin(residual.arch).build()
+    plain = build(plain_twin(residual.arch))
     assert plain.arch.name == "plain20-cifar"
     assert {k: v.shape for k, v in plain.state_dict().items()} == {
         k: v.shape for k, v in residual.state_dict().items()

@@ -8,7 +8,7 @@ from torch import nn
 
 from resnet_ablate import ResNetArch, profile, resnet8, resnet20
 from resnet_ablate.kernels import FusedBatchNorm2d
-from resnet_ablate.models import cifar_resnet, imagenet_resnet
+from resnet_ablate.models import build, cifar_resnet, imagenet_resnet
 from resnet_ablate.profile import count_parameters
 
 
@@ -114,8 +114,8 @@ def test_profile_restores_the_training_mode_and_checks_the_shape():
 
 
 def test_option_a_has_fewer_parameters_than_b_and_c_and_the_plain_twin_equals_a():
-    counts = {s: count_parameters(ResNetArch(depth=20, shortcut=s).build()) for s in "ABC"}
-    counts["none"] = count_parameters(ResNetArch(depth=20, shortcut="none").build())
+    counts = {s: count_parameters(build(ResNetArch(depth=20, shortcut=s))) for s in "ABC"}
+    counts["none"] = count_parameters(build(ResNetArch(depth=20, shortcut="none")))
     assert counts["A"] == counts["none"] < counts["B"] < counts["C"]
     # B adds two projections (16->32, 32->64) with their BNs.
     assert counts["B"] - counts["A"] == (16 * 32 + 2 * 32) + (32 * 64 + 2 * 64)

@@ -113,11 +113,11 @@ def test_trials_frame_has_one_row_per_trial_with_what_the_runner_recorded(result
     assert str(frame["depth"].dtype) == "Int64" and str(frame["flops"].dtype) == "Int64"
 
 
-def test_where_filters_with_a_pandas_query(results):
+def test_where_filters_with_the_filter_language(results):
     chosen = results.where("depth == 14 and shortcut == 'A'")
     assert sorted(chosen.trials["seed"]) == [0, 1, 2]
     assert set(chosen.trials["arch_name"]) == {"resnet14-cifar-A"}
-    with pytest.raises(ResultsError, match=r"'nosuch' is not defined; columns: number, state"):
+    with pytest.raises(ResultsError, match=r"no column 'nosuch' .* over the columns: number, state"):
         results.where("nosuch == 1")
 
 

@@ -123,3 +123,27 @@ def test_yaml_numbers_in_exponent_form_and_duplicate_keys(tmp_path):
     path.write_text("study: x\nspace: {depth: [20]}\nseeds: 2\nseeds: 3\n")
     with pytest.raises(SpecError, match=r"duplicate key 'seeds' \(first on line 3\)"):
         load_spec(path)
+
+
+def test_checking_a_spec_imports_neither_torch_nor_triton():
+    """Descriptions (spec, architecture, recipe) are plain values: the model layer imports them,
+    never the reverse, so validating a YAML spec is quick and needs no GPU stack."""
+    import subprocess
+    import sys
+
+    code = ("import sys, resnet_ablate.spec, resnet_ablate.arch, resnet_ablate.recipe; "
+            "from resnet_ablate.spec import load_spec; load_spec('studies/quickstart.yaml'); "
+            "print(sorted(m for m in ('torch', 'triton', 'ray', 'optuna') if m in sys.modules))")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                          check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_public_names_still_load_from_the_package():
+    import resnet_ablate
+
+    assert resnet_ablate.resnet56().arch.depth == 56
+    assert resnet_ablate.ResNetArch(depth=20).name == "resnet20-cifar-A"
+    assert callable(resnet_ablate.fuse) and callable(resnet_ablate.profile)
+    assert resnet_ablate.TrainRecipe().epochs == 164

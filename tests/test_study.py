@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from resnet_ablate.arch import ResNetArch
+from resnet_ablate.models import build
 from resnet_ablate.profile import profile
 from resnet_ablate.spec import SpecError, parse_spec
 from resnet_ablate.study import RunOptions, plan_study, run_study
@@ -65,7 +66,7 @@ def test_small_study_records_everything_with_two_workers(local_ray, tmp_path):
         attrs = t.user_attrs
         arch = ResNetArch.from_dict(attrs["arch"])
         assert arch.shortcut == t.params["shortcut"] and attrs["arch_digest"] == arch.digest
-        model = arch.build(num_classes=4, in_channels=1)
+        model = build(arch, num_classes=4, in_channels=1)
         reference = profile(model, (1, 8, 8))
         assert attrs["params"] == sum(p.numel() for p in model.parameters()) == reference.params
         assert attrs["flops"] == reference.flops

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from resnet_ablate.data import Augmentation, DataBundle, SyntheticSpec, load_dataset
+from resnet_ablate.models import build as build_model
 from resnet_ablate.train import WARMUP_WINDOW, EpochRecord, TrainRecipe, train
 
 
@@ -422,7 +423,7 @@ def test_fused_resnet_steps_replayed_from_cuda_graphs_train_like_eager_ones(comp
     arch = ResNetArch(family="cifar", depth=8, shortcut="A", fused=True)
 
     def build():
-        return arch.build(num_classes=10, in_channels=3)
+        return build_model(arch, num_classes=10, in_channels=3)
 
     recipe = quick(batch_size=32, compile=compile)
     eager = train(build, data, recipe, seed=0, device="cuda")

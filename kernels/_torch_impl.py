@@ -40,7 +40,7 @@ def forward(
     eps: float,
     relu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """See `batch_norm_act` in batch_norm.py for the contract."""
+    """`Implementation.forward` in _contract.py."""
     acc = _compute_dtype(x)
     xc = x.to(acc)
     if running_mean is None:
@@ -87,7 +87,7 @@ def backward(
     batch_stats: bool,
     residual_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """See `batch_norm_act_backward` in batch_norm.py for the contract."""
+    """`Implementation.backward` in _contract.py."""
     acc = _compute_dtype(x)
     gz = grad_out.to(acc)
     if out is not None:  # ReLU: the gradient flows where the output is positive
@@ -109,6 +109,6 @@ def backward(
 
 def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
                          var: torch.Tensor, momentum: float, unbias: float) -> None:
-    """See `update_running_stats_` in batch_norm.py."""
+    """`Implementation.update_running_stats` in _contract.py."""
     running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
     running_var.mul_(1 - momentum).add_((var * unbias).to(running_var.dtype), alpha=momentum)

@@ -1,6 +1,9 @@
 """Triton kernels for BatchNorm + residual add + ReLU, forward and backward.
 
-Every tensor is addressed as a strided (N, C, L) view (see _layout.py). A program works on a tile
+The functions at the end implement the contract in _contract.py. Every tensor is addressed as a
+strided (N, C, L) view (see _layout.py); a kernel argument `s<tensor>_<axis>` is the element stride
+of that view for tensor x, r (residual), o (out), g (grad_out), di (grad_input) or dr
+(grad_residual) along axis n, c or l. A program works on a tile
 of one sample's BLOCK_R consecutive spatial positions by BLOCK_C channels, so a tile's addresses are
 `n * stride_n + l * stride_l + c * stride_c` with `n` a scalar: no per-element division, and the
 compiler sees which axis is contiguous and vectorizes along it. When every tensor of a launch stores
@@ -253,7 +256,10 @@ def _backward_elementwise_kernel(
     g = _masked_grad(grad_ptr, out_ptr, n, positions, cols, mask,
                      sg_n, sg_c, sg_l, so_n, so_c, so_l, RELU)
     if BATCH_STATS:
-        # d/dx of the batch statistics: subtract the mean gradient and its projection on x_hat.
+        # With x_hat = (x - mean) * invstd and g the masked gradient, BatchNorm's backward is
+        #   grad_x = weight * invstd * (g - mean(g) - x_hat * mean(g * x_hat)),
+        # the means over the channel's N*L values; sum_g and sum_gx (= sum(g * (x - mean)))
+        # come from the reduce pass, so x_hat * mean(g * x_hat) = (x - mean) * invstd^2 * sum_gx / count.
         x = tl.load(x_ptr + _offsets(n, positions, cols, sx_n, sx_c, sx_l), mask=mask).to(tl.float32)
         mean_g = tl.load(sum_g_ptr + cols, mask=col_mask, other=0.0) / count
         mean_gx = tl.load(sum_gx_ptr + cols, mask=col_mask, other=0.0) / count
@@ -712,7 +718,7 @@ def forward(
     eps: float,
     relu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """See `batch_norm_act` in batch_norm.py for the contract."""
+    """`Implementation.forward` in _contract.py."""
     call = plan_forward(x, weight, bias, residual, running_mean, running_var, eps, relu)
     for launch in call.launches:
         launch()
@@ -861,7 +867,7 @@ def backward(
     batch_stats: bool,
     residual_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """See `batch_norm_act_backward` in batch_norm.py for the contract."""
+    """`Implementation.backward` in _contract.py."""
     call = plan_backward(grad_out, x, out, weight, mean, var, eps, batch_stats, residual_grad)
     for launch in call.launches:
         launch()
@@ -874,7 +880,7 @@ def backward(
 
 def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
                          var: torch.Tensor, momentum: float, unbias: float) -> None:
-    """See `update_running_stats_` in batch_norm.py: one launch for both vectors."""
+    """`Implementation.update_running_stats` in _contract.py: one launch for both vectors."""
     channels = running_mean.numel()
     KernelLaunch(_update_running_stats_kernel, (triton.cdiv(channels, FINALIZE_BLOCK_C),),
                  (running_mean, running_var, mean, var, channels, float(momentum), float(unbias)),

@@ -40,6 +40,7 @@ from typing import Literal
 import torch
 
 from . import _torch_impl
+from ._contract import Implementation
 
 try:
     from . import _triton_impl
@@ -86,7 +87,7 @@ def _triton_can_run(device: torch.device) -> bool:
     return _triton_impl is not None and (device.type == "cuda" or TRITON_INTERPRETED)
 
 
-def _implementation(x: torch.Tensor):
+def _implementation(x: torch.Tensor) -> Implementation:
     """The module (_triton_impl or _torch_impl) that runs the custom op on this input."""
     if _backend == "torch":
         return _torch_impl
@@ -132,6 +133,7 @@ def batch_norm_act(
     eps: float,
     relu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns `(out, mean, var)`; see `Implementation.forward` in _contract.py."""
     if x.numel() == 0:  # an empty batch: F.batch_norm's results, whatever the implementation
         stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         stats_size = 0 if running_mean is not None else x.shape[1]
@@ -163,10 +165,8 @@ def batch_norm_act_backward(
     batch_stats: bool,
     residual_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of input, residual (empty unless `residual_grad`), weight and bias.
-
-    `out` is the forward output when ReLU was applied (its sign is the ReLU mask), else None.
-    """
+    """Gradients of input, residual (empty unless `residual_grad`), weight and bias; see
+    `Implementation.backward` in _contract.py."""
     if x.numel() == 0:  # nothing flowed through: empty input gradients, zero parameter ones
         stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         zeros = torch.zeros(x.shape[1], dtype=stats_dtype, device=x.device)

@@ -17,6 +17,9 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 MemoryFormat = Literal["channels_last", "nchw"]
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 MEMORY_FORMATS: tuple[str, ...] = ("channels_last", "nchw")
+# Fields that change how fast a trial runs, not what it learns (precision is not among them: it
+# moves the numbers). A study may be resumed with other values of these.
+EXECUTION_ONLY: tuple[str, ...] = ("memory_format", "compile", "cuda_graphs", "divergence_check_every")
 
 
 @dataclass(frozen=True)

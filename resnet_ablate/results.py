@@ -34,6 +34,7 @@ import pandas as pd
 from scipy import stats
 
 from .filters import FilterError, filter_mask
+from .metrics import DIRECTIONS, METRICS
 from .spec import default_storage, sqlite_path
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -41,11 +42,6 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 ARCH_COLUMNS = ("family", "depth", "stages", "block", "shortcut", "widths", "base_width",
                 "downsampling", "fused")
 # Whether more or less is better, for the metrics a Pareto front can be taken over.
-DIRECTIONS: dict[str, str] = {
-    "test_error": "minimize", "best_test_error": "minimize", "train_error": "minimize",
-    "test_accuracy": "maximize", "flops": "minimize", "params": "minimize",
-    "wall_seconds": "minimize", "images_per_second": "maximize",
-}
 TRIAL_COLUMNS = ("number", "state", "arch_name", *ARCH_COLUMNS, "seed", "params", "flops",
                  "test_accuracy", "test_error", "best_test_error", "train_error", "epochs",
                  "wall_seconds", "images_per_second", "precision", "memory_format", "device",
@@ -574,14 +570,9 @@ def display_frame(frame: pd.DataFrame, *, max_text: int = 60) -> pd.DataFrame:
         if ("error" in column or "accuracy" in column or column.startswith("diff_")) \
                 and pd.api.types.is_numeric_dtype(values):
             text = values.map(_percent)
-        elif column == "params":
-            name, text = "params (M)", values.map(lambda v: "-" if pd.isna(v) else f"{v / 1e6:.3f}")
-        elif column == "flops":
-            name, text = "GFLOPs", values.map(lambda v: "-" if pd.isna(v) else f"{v / 1e9:.4f}")
-        elif column == "wall_seconds":
-            name, text = "wall (s)", values.map(lambda v: "-" if pd.isna(v) else f"{v:.1f}")
-        elif column == "images_per_second":
-            name, text = "images/s", values.map(lambda v: "-" if pd.isna(v) else f"{v:.0f}")
+        elif column in METRICS:
+            metric = METRICS[column]
+            name, text = metric.label, values.map(lambda v: "-" if pd.isna(v) else metric.show(v))
         elif column == "p_value":
             text = values.map(lambda v: "-" if pd.isna(v) else f"{v:.3g}")
         else:

@@ -38,21 +38,13 @@ from typing import Any
 import yaml
 
 from .arch import ArchError, ResNetArch
+from .metrics import OBJECTIVES  # each objective has one sensible direction: specs name metrics
 from .recipe import TrainRecipe
 
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median", "successive_halving")
 # The data sets a spec can name; resnet_ablate.data loads them.
 DATASETS: tuple[str, ...] = ("digits", "cifar10", "synthetic")
-# Each objective has one sensible direction, so specs name metrics only.
-OBJECTIVES: dict[str, str] = {
-    "test_error": "minimize",
-    "test_accuracy": "maximize",
-    "train_error": "minimize",
-    "flops": "minimize",
-    "params": "minimize",
-    "wall_seconds": "minimize",
-}
 ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(ResNetArch))
 TOP_LEVEL_KEYS = (
     "study", "question", "dataset", "model", "space", "sampler", "objectives", "seeds", "train",

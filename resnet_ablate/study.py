@@ -15,6 +15,7 @@ planned point through a tiny sampler; random and TPE studies let Optuna's sample
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -38,7 +39,8 @@ from .data import DatasetShape, SyntheticSpec, dataset_shape, load_dataset
 from .models import build
 from .profile import ModelProfile, profile
 from .progress import StudyProgress
-from .spec import IntRange, SpecError, StudySpec, sqlite_path
+from .recipe import EXECUTION_ONLY
+from .spec import IntRange, SpecError, StudySpec, parse_spec, sqlite_path
 from .worker import TrialBoard, TrialTask, library_versions, run_trial
 
 # Why a failed trial failed; only some kinds count as an attempt of its grid point.
@@ -211,8 +213,36 @@ def _pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
 
 
 def _spec_fingerprint(spec: StudySpec) -> dict[str, Any]:
+    """The sections of the spec's YAML that define the study, as written (results read them)."""
     raw = dict(spec.raw or {})
     return {section: raw.get(section) for section in SPEC_SECTIONS_THAT_DEFINE_A_STUDY}
+
+
+def _meaning(fingerprint: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What a fingerprint's sections mean once parsed, so that two spellings of one study compare
+    equal (`dataset: digits` and `dataset: {name: digits}`), and choices of how trials execute
+    (memory format, compilation, CUDA graphs, check interval) do not make another study. None
+    where the stored sections no longer parse (then they must match as written)."""
+    sections = {k: v for k, v in fingerprint.items() if v is not None}
+    train = {k: v for k, v in (sections.get("train") or {}).items() if k not in EXECUTION_ONLY}
+    try:
+        parsed = parse_spec({"study": "fingerprint", **sections, "train": train})
+    except SpecError:
+        return None
+    return {
+        "dataset": dataclasses.asdict(parsed.dataset), "model": dict(parsed.model),
+        "space": {name: dataclasses.asdict(v) if isinstance(v, IntRange) else list(v)
+                  for name, v in parsed.space.items()},
+        "objectives": list(parsed.objectives),
+        "train": {k: v for k, v in parsed.train.to_dict().items() if k not in EXECUTION_ONLY},
+        "warmup_from_depth": parsed.warmup_from_depth,
+    }
+
+
+def _same_study(stored: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> bool:
+    as_written = json.dumps(stored, sort_keys=True) == json.dumps(fingerprint, sort_keys=True)
+    stored_meaning = _meaning(stored)
+    return as_written or (stored_meaning is not None and stored_meaning == _meaning(fingerprint))
 
 
 def connect_storage(url: str, attempts: int = 5) -> optuna.storages.BaseStorage:
@@ -236,13 +266,15 @@ def open_study(spec: StudySpec, storage: str, *, sampler=None, pruner=None) -> o
     )
     fingerprint = _spec_fingerprint(spec)
     stored = study.user_attrs.get("spec")
+    if study.metric_names is None:  # optuna-dashboard and the optuna CLI then name them
+        study.set_metric_names(list(spec.objectives))
     if stored is None:
         study.set_user_attr("spec", fingerprint)
         study.set_user_attr("spec_source", spec.source)
         study.set_user_attr("question", spec.question)
         study.set_user_attr("objectives", list(spec.objectives))
         study.set_user_attr("seeds", list(spec.seeds))
-    elif json.dumps(stored, sort_keys=True) != json.dumps(fingerprint, sort_keys=True):
+    elif not _same_study(stored, fingerprint):
         differ = [s for s in SPEC_SECTIONS_THAT_DEFINE_A_STUDY if stored.get(s) != fingerprint.get(s)]
         raise StudyConflict(
             f"study {spec.study!r} in {storage} was created from a different spec "

@@ -1,4 +1,6 @@
-"""Test session setup: the Triton kernels run through Triton's interpreter when there is no GPU.
+"""Test session setup, and the fixtures several test files share.
+
+The Triton kernels run through Triton's interpreter when there is no GPU.
 
 TRITON_INTERPRET is read when `@triton.jit` decorates, so it is set here, before any test module
 imports resnet_ablate. The default backend ("auto") never runs the interpreter, so model-level tests
@@ -21,3 +23,37 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory) -> str:
+    """The runs folder of the small study the results tests read, run once per session."""
+    import optuna
+    import ray
+
+    from helpers import RESULTS_DEPTHS, RESULTS_SEEDS, RESULTS_SHORTCUTS, RESULTS_STUDY, results_study_spec
+    from resnet_ablate.spec import parse_spec
+    from resnet_ablate.study import RunOptions, run_study
+
+    runs = tmp_path_factory.mktemp("results-runs")
+    # address="local": a cluster of our own, even if another Ray runs on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
+             log_to_driver=False)
+    try:
+        summary = run_study(parse_spec(results_study_spec()),
+                            RunOptions(runs_dir=runs, progress=False))
+    finally:
+        ray.shutdown()
+    stored = optuna.load_study(study_name=RESULTS_STUDY, storage=summary.storage).get_trials()
+    complete = [t for t in stored if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == len(RESULTS_DEPTHS) * len(RESULTS_SHORTCUTS) * len(RESULTS_SEEDS)
+    return str(runs)
+
+
+@pytest.fixture(scope="session")
+def results(runs):
+    """`resnet_ablate.results.load` of that small study."""
+    from helpers import RESULTS_STUDY
+    from resnet_ablate.results import load
+
+    return load(RESULTS_STUDY, runs_dir=runs)

@@ -24,7 +24,9 @@ import pytest
 pytestmark = pytest.mark.cluster
 import yaml
 
-from test_study import SYNTHETIC, _raw_spec, _write_spec
+from helpers import SYNTHETIC
+from helpers import raw_spec as _raw_spec
+from helpers import write_spec as _write_spec
 
 from resnet_ablate import results
 

@@ -17,60 +17,11 @@ import pytest
 import torch
 from scipy import stats
 
+from helpers import RESULTS_DEPTHS, RESULTS_SEEDS, RESULTS_SHORTCUTS, RESULTS_STUDY
 from resnet_ablate import plots, report
 from resnet_ablate.results import ResultsError, display_frame, list_studies, load
 
-SYNTHETIC = {"num_classes": 4, "channels": 1, "image_size": 8, "train_size": 128,
-             "test_size": 64, "noise": 1.5}
-STUDY = "results-small"
-DEPTHS, SHORTCUTS, SEEDS = (8, 14), ("A", "none"), (0, 1, 2)
-_BUILT: dict[str, str] = {}
-
-
-def small_study(tmp_path_factory) -> str:
-    """Runs the study once per test session (both results test files share it); its runs dir."""
-    if "runs" not in _BUILT:
-        import ray
-
-        from resnet_ablate.spec import parse_spec
-        from resnet_ablate.study import RunOptions, run_study
-
-        runs = tmp_path_factory.mktemp("results-runs")
-        raw = {"study": STUDY, "question": "Do shortcuts help deeper nets?",
-               "dataset": {"name": "synthetic", "synthetic": SYNTHETIC},
-               "model": {"family": "cifar"},
-               "space": {"depth": list(DEPTHS), "shortcut": list(SHORTCUTS)},
-               "seeds": len(SEEDS), "train": {"epochs": 2, "batch_size": 32},
-               "resources": {"cpus": 1, "workers": 2}}
-        spec, options = parse_spec(raw), RunOptions(runs_dir=runs, progress=False)
-        for attempt in (1, 2):
-            # address="local": a cluster of our own, even if another Ray runs on this machine.
-            ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
-                     log_to_driver=False)
-            try:
-                summary = run_study(spec, options)
-                break
-            except ray.exceptions.RayError:
-                # A Ray process lost on a busy shared machine; the runner resumes what is stored.
-                if attempt == 2:
-                    raise
-            finally:
-                ray.shutdown()
-        stored = optuna.load_study(study_name=STUDY, storage=summary.storage).get_trials()
-        complete = [t for t in stored if t.state == optuna.trial.TrialState.COMPLETE]
-        assert len(complete) == len(DEPTHS) * len(SHORTCUTS) * len(SEEDS)
-        _BUILT["runs"] = str(runs)
-    return _BUILT["runs"]
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return small_study(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def results(runs):
-    return load(STUDY, runs_dir=runs)
+STUDY, DEPTHS, SHORTCUTS, SEEDS = RESULTS_STUDY, RESULTS_DEPTHS, RESULTS_SHORTCUTS, RESULTS_SEEDS
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ import optuna
 import pandas as pd
 import pytest
 from scipy import stats
-from test_results import SEEDS, STUDY, results, runs  # noqa: F401 - shared module fixtures
+from helpers import RESULTS_SEEDS as SEEDS
+from helpers import RESULTS_STUDY as STUDY
 
 from resnet_ablate.cli import main
 from resnet_ablate.results import display_frame

@@ -15,32 +15,15 @@ import optuna
 import pytest
 import ray
 import torch
-import yaml
 
+from helpers import SYNTHETIC
+from helpers import raw_spec as _raw_spec
+from helpers import write_spec as _write_spec
 from resnet_ablate.arch import ResNetArch
 from resnet_ablate.models import build
 from resnet_ablate.profile import profile
 from resnet_ablate.spec import SpecError, parse_spec
 from resnet_ablate.study import RunOptions, plan_study, run_study
-
-SYNTHETIC = {"num_classes": 4, "channels": 1, "image_size": 8, "train_size": 128,
-             "test_size": 64, "noise": 1.5}
-
-
-def _raw_spec(name, *, epochs=2, seeds=2, **overrides):
-    raw = {
-        "study": name,
-        "dataset": {"name": "synthetic", "synthetic": SYNTHETIC},
-        "model": {"family": "cifar", "depth": 8},
-        "space": {"shortcut": ["A", "none"]},
-        "seeds": seeds,
-        "train": {"epochs": epochs, "batch_size": 32},
-        "resources": {"cpus": 1, "workers": 2},
-        "max_attempts": 2,
-    }
-    raw.update(overrides)
-    return raw
-
 
 def _trials(storage, name):
     return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
@@ -159,12 +142,6 @@ def test_killed_worker_is_recorded_and_retried(local_ray, tmp_path):
     assert len(lost) == 1 and "worker lost" in lost[0].user_attrs["failure"]
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(t.params["shortcut"] for t in complete) == ["A", "none"]
-
-
-def _write_spec(tmp_path, raw) -> Path:
-    path = tmp_path / f"{raw['study']}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
 
 
 def _cli(spec_path, runs_dir, *extra) -> list[str]:
@@ -315,3 +292,19 @@ def test_a_count_of_workers_below_one_is_refused_before_anything_runs(workers, c
         main(["run", "studies/quickstart.yaml", "--workers", workers])
     assert exit_info.value.code == 2
     assert f"{workers!r} is not a count of workers: give an int >= 1" in capsys.readouterr().err
+
+
+def test_a_study_spelled_another_way_or_run_faster_is_the_same_study(tmp_path):
+    from resnet_ablate.study import StudyConflict, open_study
+
+    storage = f"sqlite:///{tmp_path / 'same.db'}"
+    first = _raw_spec("same", dataset="digits", space={"shortcut": ["A"]})
+    study = open_study(parse_spec(first), storage)
+    assert study.metric_names == ["test_error"]  # optuna-dashboard shows the metric's name
+    spelled = {**first, "dataset": {"name": "digits"}, "model": {"depth": 8, "family": "cifar"},
+               "space": {"shortcut": "A"},
+               "train": {**first["train"], "memory_format": "nchw", "divergence_check_every": 5}}
+    open_study(parse_spec(spelled), storage)  # no conflict
+    other = {**first, "train": {**first["train"], "precision": "bf16"}}  # moves the numbers
+    with pytest.raises(StudyConflict, match="train"):
+        open_study(parse_spec(other), storage)

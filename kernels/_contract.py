@@ -1,0 +1,66 @@
+"""The contract both implementations of the fused ops follow (_triton_impl and _torch_impl).
+
+batch_norm.py registers the custom ops and picks an implementation per call; each implementation
+is a module with these three functions. Shapes: x is (N, C, *spatial), viewed as (N, C, L) with L
+the product of the spatial sizes; statistics are per channel, in float32 (float64 for float64).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class Implementation(Protocol):
+    def forward(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        residual: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        eps: float,
+        relu: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`out = (x - mean) * weight / sqrt(var + eps) + bias`, then `+ residual`, then ReLU when
+        `relu`; the sum is taken in float32 and rounded once to x's dtype, and `out` has x's
+        strides (as `torch.empty_like(x)`). Without running statistics (training) mean and var
+        are the batch's (biased variance) and are returned for backward; with them (eval) they
+        normalize and two empty tensors are returned. N is never 0 here (batch_norm.py answers
+        empty batches itself). NaN and inf propagate as through F.batch_norm + add + relu."""
+        ...
+
+    def backward(
+        self,
+        grad_out: torch.Tensor,
+        x: torch.Tensor,
+        out: torch.Tensor | None,
+        weight: torch.Tensor | None,
+        mean: torch.Tensor,
+        var: torch.Tensor,
+        eps: float,
+        batch_stats: bool,
+        residual_grad: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gradients of x, residual, weight and bias. `out` is the forward output when ReLU was
+        applied (the gradient passes where out > 0 or is NaN, as threshold_backward lets it),
+        else None. With `batch_stats` the statistics were the batch's and x's gradient includes
+        their derivative; else they were constants. The residual's gradient (the masked
+        grad_out, in x's dtype with grad_out's strides) is computed only when `residual_grad`,
+        else an empty tensor is returned; grad_input has x's strides."""
+        ...
+
+    def update_running_stats(
+        self,
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        mean: torch.Tensor,
+        var: torch.Tensor,
+        momentum: float,
+        unbias: float,
+    ) -> None:
+        """In place: running = (1 - momentum) * running + momentum * batch statistic, the
+        variance multiplied by `unbias` (count / (count - 1)) first."""
+        ...

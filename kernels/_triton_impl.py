@@ -24,10 +24,11 @@ Bytes moved per element, in units of the activation size (the benchmark's byte m
 Reductions are deterministic, with no atomics, and sized to one wave: the launch runs exactly as
 many programs as the GPU holds at once (from the compiled kernel's registers, see _occupancy.py),
 each walking a fixed range of tiles and accumulating per lane, with one block reduction at the end
-into its own slot of a [splits, C] buffer; a finalize kernel sums the slots in a fixed order, many
-slots at once. Statistics are sums around each channel's first value: exact for a constant
-channel, no cancellation when |mean| >> std (the deviation from one of the channel's own values is
-of the order of its spread), and inf and NaN give what a sum gives.
+into its own slot of a [splits, C] buffer; a finalize kernel merges the slots in a fixed order,
+many slots at once. Statistics are Welford summaries (count, mean, M2) per lane, merged with
+Chan's formulas: exact for a constant channel, accurate whatever the values' offset (no
+sum-of-squares cancellation), and inf and NaN give what a sum over the channel gives (an inf mean,
+a NaN variance), kept apart from the finite values.
 """
 
 from __future__ import annotations
@@ -60,18 +61,67 @@ def _tile(tile, L, l_blocks, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
-def _channel_shift(first_ptr, cols, col_mask, sx_c):
-    """Each channel's first value (sample 0, position 0), or 0 where it is not finite: the point
-    the statistics are summed around. `first_ptr` is x itself, named for this per-channel read."""
-    first = tl.load(first_ptr + cols.to(tl.int64) * sx_c, mask=col_mask, other=0.0).to(tl.float32)
-    return tl.where(tl.abs(first) < float("inf"), first, 0.0)
+def _welford_combine(count_a, mean_a, m2_a, odd_a, count_b, mean_b, m2_b, odd_b):
+    """Chan et al.'s merge of two (count, mean, M2) summaries of finite values, plus the sum of
+    the non-finite values each side saw ("odd": 0 when there were none).
+
+    The M2 term multiplies the weight in before the second delta, so that merging into an empty
+    summary (weight 0) stays exact however large the mean.
+    """
+    count = count_a + count_b
+    weight_b = tl.where(count > 0, count_b / tl.where(count > 0, count, 1.0), 0.0)
+    delta = mean_b - mean_a
+    mean = mean_a + delta * weight_b
+    m2 = m2_a + m2_b + delta * (delta * (count_a * weight_b))
+    return count, mean, m2, odd_a + odd_b
+
+
+@triton.jit
+def _merge(count, mean, m2, odd, axis: tl.constexpr):
+    """Merges many summaries along `axis` at once: n = sum(c); the mean in two passes, a weighted
+    mean first and then the weighted mean of the offsets from it (centred terms sum without losing
+    digits, and equal means merge exactly: a constant channel stays exact); and
+    M2 = sum(M2 + c * (m - mean)^2), where every term is positive, so nothing cancels. Plain sums,
+    so it costs what a tl.sum costs (a pairwise combine through tl.reduce interprets far slower)."""
+    total = tl.sum(count, axis)
+    safe_total = tl.where(total > 0, total, 1.0)
+    rough = tl.sum(count * mean, axis) / safe_total
+    offset = (mean - tl.expand_dims(rough, axis)) * count  # count last: empty summaries add 0
+    merged_mean = rough + tl.sum(offset, axis) / safe_total
+    deviation = mean - tl.expand_dims(merged_mean, axis)
+    # count first: an empty summary (count 0) adds 0 however far its mean is.
+    merged_m2 = tl.sum(m2 + (count * deviation) * deviation, axis)
+    return total, merged_mean, merged_m2, tl.sum(odd, axis)
+
+
+@triton.jit
+def _welford_update(count, mean, m2, odd, x, mask):
+    """One value per lane into per-lane summaries: Welford's update for a finite x, and a
+    non-finite one (inf, NaN) added to `odd`, so the channel's statistics come out as a sum over
+    it gives them (an inf mean, a NaN variance)."""
+    finite = mask & (tl.abs(x) < float("inf"))
+    odd += tl.where(mask & ~finite, x, 0.0)
+    count_new = count + finite.to(tl.float32)
+    delta = x - mean
+    mean = tl.where(finite, mean + delta / tl.where(finite, count_new, 1.0), mean)
+    m2 = tl.where(finite, m2 + delta * (x - mean), m2)
+    return count_new, mean, m2, odd
+
+
+@triton.jit
+def _store_summary(part_count_ptr, part_mean_ptr, part_m2_ptr, part_odd_ptr, slot, mask,
+                   count, mean, m2, odd):
+    tl.store(part_count_ptr + slot, count, mask=mask)
+    tl.store(part_mean_ptr + slot, mean, mask=mask)
+    tl.store(part_m2_ptr + slot, m2, mask=mask)
+    tl.store(part_odd_ptr + slot, odd, mask=mask)
 
 
 # Tile counts vary with the batch; left unspecialized, they do not change the compiled binary, so
 # the registers read from one compilation size every launch of that kernel.
 @triton.jit(do_not_specialize=["tiles_total", "tiles_per_split"])
 def _batch_stats_partial_kernel(
-    x_ptr, first_ptr, part_sum_ptr, part_sq_ptr,
+    x_ptr, part_count_ptr, part_mean_ptr, part_m2_ptr, part_odd_ptr,
     C, L, l_blocks, tiles_total, tiles_per_split,
     sx_n, sx_c, sx_l,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -81,51 +131,50 @@ def _batch_stats_partial_kernel(
     split = tl.program_id(1)
     first = split * tiles_per_split
     last = tl.minimum(first + tiles_per_split, tiles_total)
-    shift = _channel_shift(first_ptr, cols, col_mask, sx_c)
 
-    # Per-lane sums: one block reduction after the loop, none inside it.
-    sums = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    squares = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    # Per-lane Welford summaries: one block reduction after the loop, none inside it.
+    count = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    odd = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     for tile in range(first, last):
         n, positions, position_mask = _tile(tile, L, l_blocks, BLOCK_R)
         mask = position_mask[:, None] & col_mask[None, :]
         x = tl.load(x_ptr + _offsets(n, positions, cols, sx_n, sx_c, sx_l), mask=mask, other=0.0)
-        deviation = tl.where(mask, x.to(tl.float32) - shift[None, :], 0.0)
-        sums += deviation
-        squares += deviation * deviation
+        count, mean, m2, odd = _welford_update(count, mean, m2, odd, x.to(tl.float32), mask)
 
-    slot = split * C + cols
-    tl.store(part_sum_ptr + slot, tl.sum(sums, axis=0), mask=col_mask)
-    tl.store(part_sq_ptr + slot, tl.sum(squares, axis=0), mask=col_mask)
-
-
-@triton.jit
-def _sum_slots(part_ptr, cols, col_mask, C, num_splits,
-               BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Sum of the [num_splits, C] slots of channels `cols`, BLOCK_S slots at a time, in a fixed
-    order (deterministic)."""
-    total = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
-    for start in range(0, num_splits, BLOCK_S):
-        slots = start + tl.arange(0, BLOCK_S)
-        mask = (slots < num_splits)[:, None] & col_mask[None, :]
-        total += tl.load(part_ptr + slots[:, None] * C + cols[None, :], mask=mask, other=0.0)
-    return tl.sum(total, axis=0)
+    count, mean, m2, odd = _merge(count, mean, m2, odd, 0)
+    _store_summary(part_count_ptr, part_mean_ptr, part_m2_ptr, part_odd_ptr, split * C + cols,
+                   col_mask, count, mean, m2, odd)
 
 
 @triton.jit
 def _batch_stats_finalize_kernel(
-    part_sum_ptr, part_sq_ptr, first_ptr, mean_ptr, var_ptr,
-    C, num_splits, count, sx_c,
+    part_count_ptr, part_mean_ptr, part_m2_ptr, part_odd_ptr, mean_ptr, var_ptr,
+    C, num_splits,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """Merges the [num_splits, C] summaries, BLOCK_S slots at a time, in a fixed order."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
-    shift = _channel_shift(first_ptr, cols, col_mask, sx_c)
-    mean_deviation = _sum_slots(part_sum_ptr, cols, col_mask, C, num_splits, BLOCK_S, BLOCK_C) / count
-    mean_square = _sum_slots(part_sq_ptr, cols, col_mask, C, num_splits, BLOCK_S, BLOCK_C) / count
-    var = mean_square - mean_deviation * mean_deviation
-    tl.store(mean_ptr + cols, shift + mean_deviation, mask=col_mask)
-    tl.store(var_ptr + cols, tl.where(var < 0, 0.0, var), mask=col_mask)  # rounding; NaN stays
+    count = tl.zeros([BLOCK_C], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    odd = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for start in range(0, num_splits, BLOCK_S):
+        slots = start + tl.arange(0, BLOCK_S)
+        mask = (slots < num_splits)[:, None] & col_mask[None, :]
+        offsets = slots[:, None] * C + cols[None, :]
+        block = _merge(
+            tl.load(part_count_ptr + offsets, mask=mask, other=0.0),
+            tl.load(part_mean_ptr + offsets, mask=mask, other=0.0),
+            tl.load(part_m2_ptr + offsets, mask=mask, other=0.0),
+            tl.load(part_odd_ptr + offsets, mask=mask, other=0.0), 0,
+        )
+        count, mean, m2, odd = _welford_combine(count, mean, m2, odd, *block)
+    plain = odd == 0  # no inf or NaN in the channel
+    tl.store(mean_ptr + cols, tl.where(plain, mean, odd), mask=col_mask)
+    tl.store(var_ptr + cols, tl.where(plain, m2 / count, float("nan")), mask=col_mask)
 
 
 @triton.jit
@@ -217,6 +266,19 @@ def _backward_reduce_kernel(
     slot = split * C + cols
     tl.store(part_sum_g_ptr + slot, tl.sum(sums_g, axis=0), mask=col_mask)
     tl.store(part_sum_gx_ptr + slot, tl.sum(sums_gx, axis=0), mask=col_mask)
+
+
+@triton.jit
+def _sum_slots(part_ptr, cols, col_mask, C, num_splits,
+               BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Sum of the [num_splits, C] slots of channels `cols`, BLOCK_S slots at a time, in a fixed
+    order (deterministic)."""
+    total = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    for start in range(0, num_splits, BLOCK_S):
+        slots = start + tl.arange(0, BLOCK_S)
+        mask = (slots < num_splits)[:, None] & col_mask[None, :]
+        total += tl.load(part_ptr + slots[:, None] * C + cols[None, :], mask=mask, other=0.0)
+    return tl.sum(total, axis=0)
 
 
 @triton.jit
@@ -334,26 +396,31 @@ def _fold_channels(per_lane, L: tl.constexpr, BLOCK_C: tl.constexpr, SPAN: tl.co
 
 @triton.jit(do_not_specialize=["samples", "samples_per_split"])
 def _span_batch_stats_partial_kernel(
-    x_ptr, first_ptr, part_sum_ptr, part_sq_ptr, C, samples, samples_per_split,
+    x_ptr, part_count_ptr, part_mean_ptr, part_m2_ptr, part_odd_ptr, C, samples, samples_per_split,
     L: tl.constexpr, BLOCK_C: tl.constexpr, SPAN: tl.constexpr,
     EVEN_C: tl.constexpr,
 ):
     lanes, channels, lane_mask = _span_lanes(C, L, BLOCK_C, SPAN, EVEN_C)
-    shift = _channel_shift(first_ptr, channels, lane_mask, L)
     split = tl.program_id(1)
     first = split * samples_per_split
     last = tl.minimum(first + samples_per_split, samples)
-    sums = tl.zeros([SPAN], dtype=tl.float32)
-    squares = tl.zeros([SPAN], dtype=tl.float32)
+    count = tl.zeros([SPAN], dtype=tl.float32)
+    mean = tl.zeros([SPAN], dtype=tl.float32)
+    m2 = tl.zeros([SPAN], dtype=tl.float32)
+    odd = tl.zeros([SPAN], dtype=tl.float32)
     for n in range(first, last):
         x = tl.load(x_ptr + _span_base(n, C, L, BLOCK_C) + lanes, mask=lane_mask, other=0.0)
-        deviation = tl.where(lane_mask, x.to(tl.float32) - shift, 0.0)
-        sums += deviation
-        squares += deviation * deviation
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    slot = split * C + cols
-    tl.store(part_sum_ptr + slot, _fold_channels(sums, L, BLOCK_C, SPAN), mask=cols < C)
-    tl.store(part_sq_ptr + slot, _fold_channels(squares, L, BLOCK_C, SPAN), mask=cols < C)
+        count, mean, m2, odd = _welford_update(count, mean, m2, odd, x.to(tl.float32), lane_mask)
+    # Per channel, merge the summaries of the lanes it owns (the others count as empty): one
+    # channel at a time, so the fold needs registers for SPAN lanes, not BLOCK_C * SPAN.
+    lane_channel = lanes // L
+    for k in range(BLOCK_C):
+        owner = (lane_channel == k) & lane_mask
+        summary = _merge(tl.where(owner, count, 0.0), tl.where(owner, mean, 0.0),
+                         tl.where(owner, m2, 0.0), tl.where(owner, odd, 0.0), 0)
+        column = tl.program_id(0) * BLOCK_C + k
+        _store_summary(part_count_ptr, part_mean_ptr, part_m2_ptr, part_odd_ptr,
+                       split * C + column, column < C, *summary)
 
 
 @triton.jit
@@ -575,8 +642,11 @@ _RESOURCES: dict[Any, tuple[int, int]] = {}  # (registers, shared bytes) per ker
 
 def _compiled_resources(kernel: Any, args: tuple[Any, ...], constexprs: dict[str, Any],
                         num_warps: int, device: torch.device) -> tuple[int, int]:
+    # What Triton specializes a binary on: tensor dtypes and alignment, ints equal to 1 or
+    # divisible by 16 (the unspecialized tile counts ride along harmlessly).
     key = (kernel.fn.__name__, tuple(sorted(constexprs.items())), num_warps, device.index,
-           tuple(a.dtype if isinstance(a, torch.Tensor) else a % 16 == 0 for a in args
+           tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
+                 else (a == 1, a % 16 == 0) for a in args
                  if isinstance(a, torch.Tensor) or (isinstance(a, int) and not isinstance(a, bool))))
     if key not in _RESOURCES:
         compiled = kernel.warmup(*args, **constexprs, num_warps=num_warps, grid=(1,))
@@ -644,19 +714,18 @@ def plan_forward(
         var = torch.empty(channels, **f32)
         blocks = dict(BLOCK_R=tiling.block_r, BLOCK_C=tiling.block_c)
         # The split does not change the binary (unspecialized), so any split measures it.
-        provisional = (x, x, mean, var, channels, tiling.positions, tiling.l_blocks, tiling.tiles, 1,
-                       *sx)
+        provisional = (x, mean, mean, mean, mean, channels, tiling.positions, tiling.l_blocks,
+                       tiling.tiles, 1, *sx)
         programs = reduction_programs(_batch_stats_partial_kernel, provisional, blocks,
                                       tiling.num_warps, x.device)
         tiles_per_split, splits = tiling.split(programs)
-        part_sum = torch.empty(splits, channels, **f32)
-        part_sq = torch.empty(splits, channels, **f32)
+        parts = torch.empty(4, splits, channels, **f32).unbind(0)  # count, mean, M2, odd
         launches.append(KernelLaunch(
             _batch_stats_partial_kernel, (tiling.col_blocks, splits),
-            (x, x, part_sum, part_sq, channels, tiling.positions, tiling.l_blocks, tiling.tiles,
+            (x, *parts, channels, tiling.positions, tiling.l_blocks, tiling.tiles,
              tiles_per_split, *sx), blocks, tiling.num_warps))
-        launches.append(_finalize(_batch_stats_finalize_kernel, channels, part_sum, part_sq, x,
-                                  mean, var, channels, splits, float(x.numel() // channels), sx.c))
+        launches.append(_finalize(_batch_stats_finalize_kernel, channels, *parts, mean, var,
+                                  channels, splits))
         saved_mean, saved_var = mean, var
     else:
         mean, var = running_mean, running_var
@@ -681,19 +750,16 @@ def _plan_span_forward(span: _SpanTiling, x, weight, bias, residual, running_mea
     if running_mean is None:
         mean = torch.empty(channels, **f32)
         var = torch.empty(channels, **f32)
-        provisional = (x, x, mean, var, channels, span.samples, 1)
+        provisional = (x, mean, mean, mean, mean, channels, span.samples, 1)
         programs = reduction_programs(_span_batch_stats_partial_kernel, provisional,
                                       span.constexprs(), span.num_warps, x.device)
         per_split, splits = span.split(programs)
-        part_sum = torch.empty(splits, channels, **f32)
-        part_sq = torch.empty(splits, channels, **f32)
+        parts = torch.empty(4, splits, channels, **f32).unbind(0)  # count, mean, M2, odd
         launches.append(KernelLaunch(
             _span_batch_stats_partial_kernel, (span.col_blocks, splits),
-            (x, x, part_sum, part_sq, channels, span.samples, per_split),
-            span.constexprs(), span.num_warps))
-        launches.append(_finalize(_batch_stats_finalize_kernel, channels, part_sum, part_sq, x,
-                                  mean, var, channels, splits, float(x.numel() // channels),
-                                  span.positions))
+            (x, *parts, channels, span.samples, per_split), span.constexprs(), span.num_warps))
+        launches.append(_finalize(_batch_stats_finalize_kernel, channels, *parts, mean, var,
+                                  channels, splits))
         saved_mean, saved_var = mean, var
     else:
         mean, var = running_mean, running_var

@@ -8,6 +8,7 @@ layer (blocks, models, fuse, profile) imports them, never the reverse.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import types
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,8 @@ __all__ = ["__version__", *_EXPORTS]
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
+        if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule, e.g. models
+            return importlib.import_module(f".{name}", __name__)
         raise AttributeError(f"module 'resnet_ablate' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value  # later lookups skip this function
@@ -54,6 +57,10 @@ class _Package(types.ModuleType):
         if name in _SHADOWED and isinstance(value, types.ModuleType):
             return getattr(value, name)
         return value
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled by reference, as a plain module is (Ray and cloudpickle ship closures over it).
+        return importlib.import_module, (self.__name__,)
 
 
 sys.modules[__name__].__class__ = _Package

@@ -103,12 +103,17 @@ def _check_output(output: str, force: bool) -> None:
     path = Path(output)
     if path.is_dir():
         raise ResultsError(f"-o {output}: is a folder; name a file to write")
-    if not path.exists():
-        return
-    with path.open("rb") as f:
-        if f.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC:
-            raise ResultsError(f"-o {output}: is a SQLite database (a study's store?); "
-                               "refusing to write over it, --force or not")
+    if not path.is_file():
+        return  # nothing there yet, or a device such as /dev/null
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(SQLITE_MAGIC))
+    except OSError as error:
+        raise ResultsError(f"-o {output}: cannot read it to check what it is ({error.strerror})") \
+            from None
+    if head == SQLITE_MAGIC:
+        raise ResultsError(f"-o {output}: is a SQLite database (a study's store?); "
+                           "refusing to write over it, --force or not")
     if not force:
         raise ResultsError(f"-o {output}: exists; pass --force to replace it")
 

@@ -519,8 +519,8 @@ def _unpickle(handle: BinaryIO, where: str) -> dict[bytes, Any]:
     # encoding="bytes": the batches were pickled by Python 2, and their keys stay bytes (b"data").
     try:
         batch = _PlainDataUnpickler(handle, encoding="bytes").load()
-    except pickle.UnpicklingError as error:
-        raise ValueError(f"{where}: not a CIFAR batch: {error}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
+        raise ValueError(f"{where}: not a CIFAR batch: {error or type(error).__name__}") from None
     if not isinstance(batch, dict):
         raise ValueError(f"{where}: expected a pickled dict, got {type(batch).__name__}")
     return batch

@@ -46,7 +46,15 @@ def filter_mask(frame: pd.DataFrame, text: str) -> pd.Series:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as error:
         raise FilterError(f"{text!r} is not a filter ({error.msg}); use {_ALLOWED}") from None
-    return _Interpreter(frame, text).mask(tree.body).fillna(False).astype(bool)
+    except (RecursionError, MemoryError):
+        raise FilterError(f"{text[:80]!r}...: nested too deeply") from None
+    interpreter = _Interpreter(frame, text)
+    try:
+        return interpreter.mask(tree.body).fillna(False).astype(bool)
+    except RecursionError:
+        raise FilterError(f"{text[:80]!r}...: nested too deeply") from None
+    except (TypeError, ValueError) as error:  # e.g. a text column compared with a number
+        raise FilterError(f"{text!r}: the columns and values do not compare ({error})") from None
 
 
 class _Interpreter:
@@ -71,7 +79,10 @@ class _Interpreter:
         if isinstance(node, ast.Compare):
             return self.compare(node)
         if isinstance(node, ast.Name):
-            return self.column(node).astype("boolean")
+            column = self.column(node)
+            if not pd.api.types.is_bool_dtype(column.dtype):
+                raise self.fail(node, f"column {node.id!r} is not true/false; compare it with a value")
+            return column.astype("boolean")
         raise self.fail(node, "not a condition")
 
     def compare(self, node: ast.Compare) -> pd.Series:

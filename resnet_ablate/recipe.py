@@ -18,8 +18,9 @@ MemoryFormat = Literal["channels_last", "nchw"]
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 MEMORY_FORMATS: tuple[str, ...] = ("channels_last", "nchw")
 # Fields that change how fast a trial runs, not what it learns (precision is not among them: it
-# moves the numbers). A study may be resumed with other values of these.
-EXECUTION_ONLY: tuple[str, ...] = ("memory_format", "compile", "cuda_graphs", "divergence_check_every")
+# moves the numbers; nor is divergence_check_every: it can change which runs count as diverged).
+# A study may be resumed with other values of these.
+EXECUTION_ONLY: tuple[str, ...] = ("memory_format", "compile", "cuda_graphs")
 
 
 @dataclass(frozen=True)
@@ -34,12 +35,13 @@ class TrainRecipe:
     whichever comes first; set one of them to None to use only the other. It never raises the
     lr above the schedule's.
 
-    The last five fields choose how the run executes, not what it learns (execution.py):
-    `precision` (auto | fp32 | bf16 | fp16: autocast; auto is bf16 on GPUs that have it, else
-    fp32), `memory_format` (channels_last | nchw),
-    `compile` (torch.compile the model; its compile time is recorded apart), `cuda_graphs`
-    (replay each full-batch step from one CUDA graph) and `divergence_check_every` (steps between
-    the host reads of the running loss that stop a diverged run; also read at each epoch's end).
+    The last five fields choose how the run executes (execution.py): `precision` (auto | fp32 |
+    bf16 | fp16: autocast; auto is bf16 on GPUs that have it, else fp32; it moves the numbers a
+    little), `memory_format` (channels_last | nchw), `compile` (torch.compile the model; its
+    compile time is recorded apart), `cuda_graphs` (replay each full-batch step from one CUDA
+    graph) and `divergence_check_every` (steps between the host reads of the running loss that
+    stop a diverged run; also read at each epoch's end). EXECUTION_ONLY lists those that change
+    nothing but speed.
     """
 
     epochs: int = 164

@@ -219,14 +219,23 @@ class _SpecLoader(yaml.SafeLoader):
     `1.0e-3`), and a key given twice in one mapping is an error rather than the last one winning."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
+        seen: dict[tuple[type, Any], int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` merges; keys written here override merged ones, as in YAML
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            try:
+                typed = (type(key), key)  # so that 1 and true are different keys
+                first = seen.get(typed)
+            except TypeError:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})",
+                    None, None, f"a key must be a plain value, got {key!r}", key_node.start_mark
+                ) from None
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {first + 1})",
                     key_node.start_mark)
-            seen[key] = key_node.start_mark.line
+            seen[typed] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
 
 
@@ -245,10 +254,11 @@ def parse_spec(raw: Any, *, source: str = "<spec>") -> StudySpec:
         if key not in top:
             raise check.fail(key, "required key is missing")
     study = check.typed("study", top["study"], str, "a study name (str)")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", study) or ".." in study:
+    if (not study or study.strip() != study or study.startswith(".")
+            or any(c in study for c in "/\\") or any(ord(c) < 32 or ord(c) == 127 for c in study)):
         raise check.fail("study", f"{study!r} is not a usable name: it names files in the runs "
-                                  "folder; use letters, digits, '.', '-' and '_', starting with a "
-                                  "letter or digit")
+                                  "folder, so it cannot be empty, start with '.', hold '/', '\\' "
+                                  "or control characters, or start or end with spaces")
 
     dataset = _dataset(check, top.get("dataset", "digits"))
     model = dict(check.mapping("model", top.get("model"), ARCH_FIELDS))

@@ -226,11 +226,16 @@ def _meaning(fingerprint: Mapping[str, Any]) -> dict[str, Any] | None:
     sections = {k: v for k, v in fingerprint.items() if v is not None}
     train = {k: v for k, v in (sections.get("train") or {}).items() if k not in EXECUTION_ONLY}
     try:
-        parsed = parse_spec({"study": "fingerprint", **sections, "train": train})
+        # The random sampler takes every kind of space (lists and ranges); which sampler and
+        # budget the spec has does not define the study.
+        parsed = parse_spec({"study": "fingerprint", **sections, "train": train,
+                             "sampler": "random", "budget": {"trials": 1}})
     except SpecError:
         return None
+    arch_defaults = {f.name: f.default for f in dataclasses.fields(ResNetArch)}
     return {
-        "dataset": dataclasses.asdict(parsed.dataset), "model": dict(parsed.model),
+        "dataset": dataclasses.asdict(parsed.dataset),
+        "model": {k: v for k, v in parsed.model.items() if v != arch_defaults.get(k, object())},
         "space": {name: dataclasses.asdict(v) if isinstance(v, IntRange) else list(v)
                   for name, v in parsed.space.items()},
         "objectives": list(parsed.objectives),
@@ -266,8 +271,6 @@ def open_study(spec: StudySpec, storage: str, *, sampler=None, pruner=None) -> o
     )
     fingerprint = _spec_fingerprint(spec)
     stored = study.user_attrs.get("spec")
-    if study.metric_names is None:  # optuna-dashboard and the optuna CLI then name them
-        study.set_metric_names(list(spec.objectives))
     if stored is None:
         study.set_user_attr("spec", fingerprint)
         study.set_user_attr("spec_source", spec.source)
@@ -282,6 +285,8 @@ def open_study(spec: StudySpec, storage: str, *, sampler=None, pruner=None) -> o
             f"{spec.source} has {[fingerprint.get(s) for s in differ]}); its recorded trials are "
             "kept: give this spec another study name, or point it at another storage"
         )
+    if study.metric_names is None:  # optuna-dashboard and the optuna CLI then name them
+        study.set_metric_names(list(spec.objectives))
     return study
 
 

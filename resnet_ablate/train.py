@@ -9,7 +9,7 @@ ResNet-110 warms up at lr 0.01 until the training error is below 80% (about 400 
 `train` is what a study runner calls inside a worker process: it is seeded and reproducible
 (bitwise on CPU), uses exactly the threads it is given, reports every epoch through `on_epoch`,
 and returns a result marked "diverged" instead of raising when the loss blows up (non-finite, or
-orders of magnitude above the loss of guessing).
+staying orders of magnitude above the loss of guessing).
 
 The loop follows GPU practice (see execution.py for the choices): data and augmentation live on
 the device, a step never waits for the host (loss and error accumulate on the device and are read
@@ -42,9 +42,9 @@ from .recipe import TrainRecipe
 # The paper's rule ends warm-up when "the training error is below 80%"; a single batch is too
 # noisy to judge that, so the error is averaged over this many recent batches (1,280 images).
 WARMUP_WINDOW = 10
-# A running training loss this many times the loss of guessing (ln of the class count) is a
-# blow-up, not learning: healthy runs start near 1x and go down.
-DIVERGED_LOSS_FACTOR = 100.0
+# A training loss this many times the loss of guessing (ln of the class count), at two reads in a
+# row, is a blow-up, not learning: healthy runs start near 1x and go down.
+DIVERGED_LOSS_FACTOR = 1000.0
 # CUDA graph capture wants a few eager steps first (on a side stream), so the optimizer's state
 # exists; they are the run's first real steps, not extra ones.
 GRAPH_WARMUP_STEPS = 3
@@ -261,6 +261,8 @@ class _Run:
         self.batch_wrong = torch.zeros((), dtype=torch.int64, device=device)
         self.graphed: GraphedStep | None = None
         self.steps_taken = 0
+        self.read_loss_sum, self.read_images = 0.0, 0
+        self.above_limit_at_last_read = False
         self.warming_up = recipe.warmup
         self.warmup_steps = 0
         self.recent_errors: deque[float] = deque(maxlen=WARMUP_WINDOW)
@@ -342,6 +344,7 @@ class _Run:
             crops = draw_crops(count, self.augmentation, self.augment_generator).to(self.device)
         self.loss_sum.zero_()
         self.wrong.zero_()
+        self.read_loss_sum, self.read_images = 0.0, 0  # what the last divergence read saw
         lr = scheduled_lr
         check_every = self.recipe.divergence_check_every
         for step, start in enumerate(range(0, count, batch_size), start=1):
@@ -418,19 +421,24 @@ class _Run:
                 group["lr"] = lr
 
     def _check_diverged(self, epoch: int, step: int) -> None:
-        """Stop a run whose training loss blew up: non-finite, or a running mean of the epoch
-        above DIVERGED_LOSS_FACTOR times the loss of guessing (ln of the class count). A
-        learning run starts near that loss and goes down; one that ends orders of magnitude
+        """Stop a run whose training loss blew up: non-finite at any read, or a mean over the
+        steps since the last read above DIVERGED_LOSS_FACTOR times the loss of guessing (ln of
+        the class count) at two reads in a row. A learning run starts near that loss and goes
+        down, and a bad start recovers within a read or two; one that stays orders of magnitude
         above it (lr 100 gives 1e20) is recorded as diverged, not as a result."""
+        loss_sum = self.loss_sum.item()
         seen = min(step * self.recipe.batch_size, self.train_x.shape[0])
-        mean_loss = self.loss_sum.item() / seen
+        images = seen - self.read_images
+        interval_loss = (loss_sum - self.read_loss_sum) / max(images, 1)
+        self.read_loss_sum, self.read_images = loss_sum, seen
         chance = math.log(max(self.data.num_classes, 2))
-        if not math.isfinite(mean_loss):
+        if not math.isfinite(loss_sum):
             problem = "non-finite training loss"
-        elif mean_loss > DIVERGED_LOSS_FACTOR * chance:
-            problem = (f"training loss {mean_loss:.3g}, over {DIVERGED_LOSS_FACTOR:g}x "
-                       f"the {chance:.3g} of guessing,")
+        elif interval_loss > DIVERGED_LOSS_FACTOR * chance and self.above_limit_at_last_read:
+            problem = (f"training loss {interval_loss:.3g}, over {DIVERGED_LOSS_FACTOR:g}x "
+                       f"the {chance:.3g} of guessing at two reads in a row,")
         else:
+            self.above_limit_at_last_read = interval_loss > DIVERGED_LOSS_FACTOR * chance
             return
         raise _Diverged(
             f"{problem} at epoch {epoch}, seen at step {step} "

@@ -584,3 +584,21 @@ def test_running_stats_update_is_one_op_that_passes_opcheck(backend):
         torch.testing.assert_close(running_var, expected_var)
         torch.library.opcheck(torch.ops.resnet_ablate.update_running_stats_.default,
                               (running_mean, running_var, mean, var, 0.1, 1.25))
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_an_outlier_first_value_does_not_spoil_the_variance(backend, channels_last):
+    """Statistics merge Welford summaries, so no value's offset cancels digits away (summing
+    around one value would lose them when that value is far from the rest)."""
+    g = torch.Generator().manual_seed(8)
+    x = (0.01 * torch.randn(16, 2, 12, 12, generator=g, dtype=torch.float64))
+    x[0, :, 0, 0] = 10.0  # the first value of each channel, a thousand spreads away
+    x32 = x.float().to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    rm, rv = torch.zeros(2), torch.ones(2)
+    with use_backend(backend):
+        fused_batch_norm(x32, rm, rv, training=True, momentum=1.0, relu=False)
+    exact = x32.double()
+    torch.testing.assert_close(rv.double(), exact.var(dim=(0, 2, 3)), rtol=1e-5, atol=0)
+    # float32 rounding of values as large as 10: about 1e-6 absolute
+    torch.testing.assert_close(rm.double(), exact.mean(dim=(0, 2, 3)), rtol=0, atol=1e-6)

@@ -123,6 +123,9 @@ def test_yaml_numbers_in_exponent_form_and_duplicate_keys(tmp_path):
     path.write_text("study: x\nspace: {depth: [20]}\nseeds: 2\nseeds: 3\n")
     with pytest.raises(SpecError, match=r"duplicate key 'seeds' \(first on line 3\)"):
         load_spec(path)
+    # YAML's merge keys still work: keys written out override the merged ones.
+    path.write_text("study: x\nspace: {<<: {depth: [8, 20], shortcut: [A]}, depth: [20]}\n")
+    assert load_spec(path).space == {"depth": (20,), "shortcut": ("A",)}
 
 
 def test_checking_a_spec_imports_neither_torch_nor_triton():
@@ -147,3 +150,11 @@ def test_public_names_still_load_from_the_package():
     assert resnet_ablate.ResNetArch(depth=20).name == "resnet20-cifar-A"
     assert callable(resnet_ablate.fuse) and callable(resnet_ablate.profile)
     assert resnet_ablate.TrainRecipe().epochs == 164
+    assert resnet_ablate.models.ResNet is resnet_ablate.ResNet  # submodules as attributes too
+    import pickle
+
+    import ray.cloudpickle
+
+    # Ray ships closures over the package: it pickles by reference, as a module does.
+    assert pickle.loads(ray.cloudpickle.dumps(resnet_ablate)) is resnet_ablate
+    assert pickle.loads(ray.cloudpickle.dumps(lambda: resnet_ablate.resnet8()))().arch.depth == 8

@@ -303,8 +303,25 @@ def test_a_study_spelled_another_way_or_run_faster_is_the_same_study(tmp_path):
     assert study.metric_names == ["test_error"]  # optuna-dashboard shows the metric's name
     spelled = {**first, "dataset": {"name": "digits"}, "model": {"depth": 8, "family": "cifar"},
                "space": {"shortcut": "A"},
-               "train": {**first["train"], "memory_format": "nchw", "divergence_check_every": 5}}
+               "train": {**first["train"], "memory_format": "nchw", "compile": True}}
     open_study(parse_spec(spelled), storage)  # no conflict
     other = {**first, "train": {**first["train"], "precision": "bf16"}}  # moves the numbers
     with pytest.raises(StudyConflict, match="train"):
         open_study(parse_spec(other), storage)
+    defaults = {**first, "model": {**first["model"], "fused": True}}  # the default, written out
+    open_study(parse_spec(defaults), storage)
+
+
+def test_a_tpe_study_over_ranges_is_recognised_and_a_conflict_leaves_its_metric_names(tmp_path):
+    from resnet_ablate.study import StudyConflict, open_study
+
+    storage = f"sqlite:///{tmp_path / 'tpe.db'}"
+    raw = _raw_spec("tpe", sampler="tpe", budget={"trials": 4},
+                    model={"family": "cifar"}, space={"depth": {"low": 8, "high": 20, "step": 6}})
+    open_study(parse_spec(raw), storage)
+    faster = {**raw, "train": {**raw["train"], "compile": True}}
+    open_study(parse_spec(faster), storage)  # the same study, compiled
+    conflicting = {**raw, "objectives": ["flops"]}
+    with pytest.raises(StudyConflict):
+        open_study(parse_spec(conflicting), storage)
+    assert optuna.load_study(study_name="tpe", storage=storage).metric_names == ["test_error"]

@@ -35,6 +35,11 @@ def _run(args: argparse.Namespace) -> int:
           f"storage {summary.storage}; all trials by state: {summary.counts_by_state}")
     if summary.interrupted:
         return 130
+    if summary.launched and not summary.completed and not summary.pruned:
+        print(f"resnet-ablate run: error: none of the {summary.launched} trials launched completed; "
+              f"see `resnet-ablate show {summary.study} --columns number,state,failure`",
+              file=sys.stderr)
+        return 1
     from .results import load
 
     results = load(spec.study, storage=summary.storage)
@@ -279,8 +284,11 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="resnet-ablate", description="Architecture ablations of residual networks.")
+    parser.add_argument("--version", action="version", version=f"resnet-ablate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run (or resume) the study a spec describes")

@@ -325,3 +325,13 @@ def test_a_tpe_study_over_ranges_is_recognised_and_a_conflict_leaves_its_metric_
     with pytest.raises(StudyConflict):
         open_study(parse_spec(conflicting), storage)
     assert optuna.load_study(study_name="tpe", storage=storage).metric_names == ["test_error"]
+
+
+def test_run_exits_non_zero_when_no_trial_completes(local_ray, tmp_path, capsys):
+    from resnet_ablate.cli import main
+
+    raw = _raw_spec("all-diverge", epochs=1, seeds=1, space={"shortcut": ["A"]},
+                    train={"epochs": 2, "batch_size": 32, "lr": 1e8, "divergence_check_every": 1})
+    code = main(["run", str(_write_spec(tmp_path, raw)), "--runs-dir", str(tmp_path), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "none of the 1 trials launched completed" in err

@@ -83,7 +83,6 @@ def access_widths(ptx: str, param_names: list[str]) -> dict[str, list[int]]:
     """For each kernel parameter, the byte widths of the global loads and stores whose address
     derives from it (a flow-insensitive trace of PTX registers back to `ld.param`)."""
     sources: dict[str, set[str]] = defaultdict(set)
-    accesses: list[tuple[str, int]] = []
     lines = [line.strip() for line in ptx.splitlines()]
     for _ in range(4):  # loops carry addresses around: iterate to a fixed point
         changed = False

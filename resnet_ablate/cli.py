@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,7 +35,7 @@ def _run(args: argparse.Namespace) -> int:
           f"{summary.pruned} pruned this run in {summary.wall_seconds:.1f} s; "
           f"storage {summary.storage}; all trials by state: {summary.counts_by_state}")
     if summary.interrupted:
-        return 130
+        return _stopped(summary.interrupted == "SIGTERM")
     if summary.launched and not summary.completed and not summary.pruned:
         print(f"resnet-ablate run: error: none of the {summary.launched} trials launched completed; "
               f"see `resnet-ablate show {summary.study} --columns number,state,failure`",
@@ -49,6 +50,7 @@ def _run(args: argparse.Namespace) -> int:
         table.insert(table.columns.get_loc("test_error_mean"), "train_error_mean",
                      results.summary(metric="train_error")["train_error_mean"].to_numpy())
         print(results.format_table(table))
+        _note_few_seeds(table)
     return 0
 
 
@@ -188,7 +190,21 @@ def _export(args: argparse.Namespace) -> int:
 @command("summary")
 @_query
 def _summary(args: argparse.Namespace) -> int:
-    return _emit(_load(args).summary(by=_names(args.by), metric=args.metric), args)
+    table = _load(args).summary(by=_names(args.by), metric=args.metric)
+    code = _emit(table, args)
+    _note_few_seeds(table)
+    return code
+
+
+FEW_SEEDS = 3
+
+
+def _note_few_seeds(table) -> None:
+    """A visible note where a configuration has too few seeds for its interval to mean much."""
+    few = table[table["n"] < FEW_SEEDS] if "n" in table else table.iloc[0:0]
+    if len(few):
+        print(f"note: {len(few)} of {len(table)} rows have fewer than {FEW_SEEDS} seeds; their 95% "
+              "intervals (clipped to the metric's range) say little beyond that", file=sys.stderr)
 
 
 @command("compare")
@@ -316,8 +332,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SpecError, ArchError, StudyConflict, StudyBusy, ClusterError) as error:
         print(f"resnet-ablate: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as stop:  # before or after the study's own loop
+        from .study import StopRequested
+
+        return _stopped(isinstance(stop, StopRequested))
+
+
+def _stopped(by_sigterm: bool) -> int:
+    """The exit code of a stopped command. Further Ctrl-C or SIGTERM are ignored from here on:
+    the process is on its way out, and one arriving now would only interrupt Ray's shutdown."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return 143 if by_sigterm else 130
 
 
 if __name__ == "__main__":

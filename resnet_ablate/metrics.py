@@ -23,6 +23,8 @@ class Metric:
     label: str  # a table's column header, with the unit
     show: Callable[[float], str]  # the value as a table shows it
     objective: bool  # whether a spec may name it in `objectives` (the driver computes it)
+    low: float = 0.0  # the range a value can take: intervals are clipped to it
+    high: float = math.inf
 
     def format(self, value: float | None) -> str:
         return "-" if value is None or (isinstance(value, float) and math.isnan(value)) \
@@ -30,10 +32,10 @@ class Metric:
 
 
 METRICS: dict[str, Metric] = {m.name: m for m in (
-    Metric("test_error", "minimize", "test_error", _percent, True),
-    Metric("test_accuracy", "maximize", "test_accuracy", _percent, True),
-    Metric("train_error", "minimize", "train_error", _percent, True),
-    Metric("best_test_error", "minimize", "best_test_error", _percent, False),
+    Metric("test_error", "minimize", "test_error", _percent, True, high=1.0),
+    Metric("test_accuracy", "maximize", "test_accuracy", _percent, True, high=1.0),
+    Metric("train_error", "minimize", "train_error", _percent, True, high=1.0),
+    Metric("best_test_error", "minimize", "best_test_error", _percent, False, high=1.0),
     Metric("flops", "minimize", "GFLOPs", lambda v: f"{v / 1e9:.4f}", True),
     Metric("params", "minimize", "params (M)", lambda v: f"{v / 1e6:.3f}", True),
     Metric("wall_seconds", "minimize", "wall (s)", lambda v: f"{v:.1f}", True),

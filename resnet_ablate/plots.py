@@ -28,10 +28,10 @@ from .results import Results, ResultsError
 KINDS = ("curves", "depth", "pareto", "responses")
 
 
-def _figure(panels: int = 1, *, height: float = 4.0) -> tuple[Figure, list[Any]]:
+def _figure(panels: int = 1, *, height: float = 4.0, sharey: bool = False) -> tuple[Figure, list[Any]]:
     figure = Figure(figsize=(5.0 * panels, height), layout="constrained")
     FigureCanvasAgg(figure)
-    axes = figure.subplots(1, panels, squeeze=False)[0]
+    axes = figure.subplots(1, panels, squeeze=False, sharey=sharey)[0]
     return figure, list(axes)
 
 
@@ -70,7 +70,11 @@ def plot_curves(results: Results, *, panel_by: str | None = None, color_by: str 
     panels = sorted(curves[panel_by].unique(), key=_panel_order) if panel_by else [None]
     colors = sorted(curves[color_by].unique(), key=_natural)
     palette = {value: f"C{i % 10}" for i, value in enumerate(colors)}
-    figure, axes = _figure(len(panels))
+    # One y-scale for every panel: the panels are there to be compared.
+    figure, axes = _figure(len(panels), sharey=True)
+    seeds = results.require_completed("plot")["seed"].nunique()
+    figure.suptitle(f"{results.study}: mean over {seeds} seed{'s' if seeds != 1 else ''}",
+                    fontsize="medium")
     for ax, panel in zip(axes, panels):
         subset = curves if panel is None else curves[curves[panel_by] == panel]
         for value in colors:
@@ -104,9 +108,10 @@ def plot_depth(results: Results, *, metric: str = "test_error", x: str = "depth"
     for value, group in sorted(groups, key=lambda item: _panel_order(item[0])):
         group = group.sort_values(x)
         mean = 100 * group[f"{metric}_mean"].to_numpy(float)
-        half = 100 * (group[f"{metric}_ci95_high"] - group[f"{metric}_mean"]).to_numpy(float)
-        ax.errorbar(group[x].astype(float), mean, yerr=np.nan_to_num(half), marker="o", capsize=4,
-                    label=_label(line_by, value) if line_by else metric)
+        below = mean - 100 * group[f"{metric}_ci95_low"].to_numpy(float)
+        above = 100 * group[f"{metric}_ci95_high"].to_numpy(float) - mean
+        ax.errorbar(group[x].astype(float), mean, yerr=np.nan_to_num([below, above]), marker="o",
+                    capsize=4, label=_label(line_by, value) if line_by else metric)
     ax.set_xlabel(x)
     ax.set_ylabel(f"{metric.replace('_', ' ')} (%), mean and 95% CI")
     ax.set_title(results.study)

@@ -250,13 +250,18 @@ class Results:
 
     def summary(self, by: Sequence[str] | None = None, metric: str = "test_error") -> pd.DataFrame:
         """Per configuration over seeds: count, mean, std and 95% CI (Student t) of `metric`,
-        with the configuration's parameters and FLOPs (their mean where `by` mixes several)."""
+        with the configuration's parameters and FLOPs (their mean where `by` mixes several).
+        The interval is clipped to the values the metric can take (an error rate to [0, 100]%):
+        with two or three seeds Student's t gives intervals wider than that, which say only that
+        there are too few seeds (`n` says how many)."""
         by = list(by or self._configuration_columns())
         self.check_columns([*by, metric])
         done = self.require_completed("summarise")
         rows = []
         for key, group in done.groupby(by, sort=True, dropna=False):
             mean, std, low, high = _t_interval(_floats(group[metric]))
+            if metric in METRICS:
+                low, high = max(low, METRICS[metric].low), min(high, METRICS[metric].high)
             names = group["arch_name"].unique()
             rows.append({
                 **dict(zip(by, key if isinstance(key, tuple) else (key,))),

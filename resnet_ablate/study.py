@@ -15,14 +15,18 @@ planned point through a tiny sampler; random and TPE studies let Optuna's sample
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import signal
 import socket
+import threading
 import time
+import warnings
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +54,41 @@ INTERRUPTED = "interrupted"
 RETRY_BACKOFF_SECONDS = 5.0  # before a failed grid point's first retry; doubled for each next one
 SPEC_SECTIONS_THAT_DEFINE_A_STUDY = ("dataset", "model", "space", "objectives", "train",
                                      "warmup_from_depth")
+
+
+class StopRequested(KeyboardInterrupt):
+    """SIGTERM, turned into the same clean stop as Ctrl-C while a study runs."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[threading.Event]:
+    """Within: SIGTERM sets the event the driver's loop checks on each turn, which then stops as
+    on Ctrl-C (trials marked, storage consistent). A flag, not an exception raised from the
+    handler: one raised inside a library's clean-up callback would be swallowed there."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: requested.set())
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Within: a second Ctrl-C or SIGTERM waits, so that the clean-up it would cut short (marking
+    every unfinished trial) completes; it is delivered afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = (signal.SIGINT, signal.SIGTERM)
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
 class StudyConflict(RuntimeError):
@@ -142,7 +181,7 @@ class RunSummary:
     failed: int
     pruned: int
     launched: int
-    interrupted: bool
+    interrupted: str  # "" for a run that ended by itself, else "SIGINT" or "SIGTERM"
     wall_seconds: float
     counts_by_state: Mapping[str, int] = field(default_factory=dict)
 
@@ -286,7 +325,9 @@ def open_study(spec: StudySpec, storage: str, *, sampler=None, pruner=None) -> o
             "kept: give this spec another study name, or point it at another storage"
         )
     if study.metric_names is None:  # optuna-dashboard and the optuna CLI then name them
-        study.set_metric_names(list(spec.objectives))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(spec.objectives))
     return study
 
 
@@ -629,6 +670,11 @@ class StudyRunner:
         # storage is touched.
         self.check_dataset()
         self._connect_ray()
+        # After ray.init, which installs a SIGTERM handler of its own that just exits.
+        with stop_on_sigterm() as sigterm:
+            return self._run(started, sigterm)
+
+    def _run(self, started: float, sigterm: threading.Event) -> RunSummary:
         lease = DriverLease(self.study)
         lease.acquire()  # before touching trials: another live driver's are not interrupted
         recovered = self._recover_interrupted()
@@ -644,10 +690,12 @@ class StudyRunner:
         counts: Counter = Counter()
         best = self._best()
         launched = 0
-        interrupted = False
+        interrupted = ""  # or the signal that stopped the run
         deadline = started + 60 * self.spec.budget.minutes if self.spec.budget.minutes else math.inf
         try:
             while True:
+                if sigterm.is_set():
+                    raise StopRequested("SIGTERM")
                 while len(running) < self.workers and remaining_to_ask > 0 and time.monotonic() < deadline:
                     if self.spec.sampler == "grid":
                         ready = [i for i, entry in enumerate(queue) if entry[2] <= time.monotonic()]
@@ -704,15 +752,17 @@ class StudyRunner:
                     epochs=" (epochs " + ", ".join(str(r.epochs_done) for r in running.values()) + ")"
                     if running else "",
                 )
-        except KeyboardInterrupt:
-            interrupted = True
-            for ref in running:
-                ray.cancel(ref, force=True)
-            untold = list(self._untold.values())
-            for trial in untold:
-                self._fail(trial, INTERRUPTED, "interrupted by the user (Ctrl-C)")
-            progress.log(f"interrupted: {len(untold)} unfinished trial(s) marked failed; "
-                         "run the same command to resume")
+        except KeyboardInterrupt as stop:
+            interrupted = "SIGTERM" if isinstance(stop, StopRequested) else "SIGINT"
+            how = "SIGTERM" if interrupted == "SIGTERM" else "the user (Ctrl-C)"
+            with _signals_held():
+                for ref in running:
+                    ray.cancel(ref, force=True)
+                untold = list(self._untold.values())
+                for trial in untold:
+                    self._fail(trial, INTERRUPTED, f"interrupted by {how}")
+                progress.log(f"interrupted by {how}: {len(untold)} unfinished trial(s) marked "
+                             "failed; run the same command to resume")
         finally:
             progress.close()
             ray.kill(board)

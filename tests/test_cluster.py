@@ -193,7 +193,9 @@ def test_two_drivers_share_the_cluster_and_the_store_while_results_are_read(
 def test_trials_use_both_nodes_and_survive_losing_one(ray_cluster, postgres_url, tmp_path):
     head_and_worker = set(ray_cluster.node_ids())
     study = "node-loss"
-    driver = _driver(_spec(tmp_path, study, seeds=4, epochs=12), ray_cluster, postgres_url, tmp_path)
+    # Trials long enough that the one running on the worker node is still running when the kill
+    # lands (with short ones it often finished in between, and nothing was lost to check).
+    driver = _driver(_spec(tmp_path, study, seeds=4, epochs=100), ray_cluster, postgres_url, tmp_path)
     # Let some trials finish on both nodes, then kill the worker node while it runs a trial.
     deadline = time.monotonic() + 300
     while True:

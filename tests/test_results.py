@@ -95,12 +95,22 @@ def test_summary_matches_mean_std_and_t_interval_over_seeds(results, raw_trials)
             assert row["n"] == 3
             assert row["test_error_mean"] == pytest.approx(values.mean())
             assert row["test_error_std"] == pytest.approx(values.std(ddof=1))
+            # Student's t, clipped to the [0, 1] an error rate lives in.
             assert (row["test_error_ci95_low"], row["test_error_ci95_high"]) == (
-                pytest.approx(low), pytest.approx(high))
+                pytest.approx(max(low, 0.0)), pytest.approx(min(high, 1.0)))
             reference = next(t for t in raw_trials
                              if (t.params["depth"], t.params["shortcut"]) == (depth, shortcut))
             assert row["params"] == reference.user_attrs["params"]
             assert row["flops"] == reference.user_attrs["flops"]
+
+
+def test_intervals_stay_in_the_range_of_the_metric_with_two_seeds(results):
+    two_seeds = results.where("seed < 2")
+    summary = two_seeds.summary(by=["depth", "shortcut"])
+    assert (summary["n"] == 2).all()
+    assert (summary["test_error_ci95_low"] >= 0).all() and (summary["test_error_ci95_high"] <= 1).all()
+    widest = summary["test_error_ci95_high"] - summary["test_error_ci95_low"]
+    assert (widest <= 1).all()
 
 
 def test_summary_by_one_factor_pools_the_other(results, raw_trials):

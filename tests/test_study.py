@@ -211,6 +211,27 @@ def test_ctrl_c_stops_cleanly_with_consistent_storage(tmp_path):
     assert interrupted and all("Ctrl-C" in t.user_attrs["failure"] for t in interrupted)
 
 
+@pytest.mark.parametrize("signals", [(signal.SIGTERM,), (signal.SIGINT, signal.SIGINT)],
+                         ids=["sigterm", "double-ctrl-c"])
+def test_sigterm_and_a_double_ctrl_c_stop_as_cleanly_as_one_ctrl_c(tmp_path, signals):
+    raw = _raw_spec("stopped", epochs=30, seeds=1)
+    storage = f"sqlite:///{tmp_path / 'stopped.db'}"
+    process = subprocess.Popen(_cli(_write_spec(tmp_path, raw), tmp_path, "--quiet"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: optuna.trial.TrialState.RUNNING in _states(storage, "stopped"))
+    for sent in signals:
+        process.send_signal(sent)
+        time.sleep(0.05)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == (143 if signals[0] == signal.SIGTERM else 130), stderr
+    assert "Traceback" not in stderr
+    assert optuna.trial.TrialState.RUNNING not in _states(storage, "stopped")
+    interrupted = [t for t in _trials(storage, "stopped")
+                   if t.user_attrs.get("failure_kind") == "interrupted"]
+    how = "SIGTERM" if signals[0] == signal.SIGTERM else "Ctrl-C"
+    assert interrupted and all(how in t.user_attrs["failure"] for t in interrupted)
+
+
 def test_dry_run_lists_trials_with_cost_and_trains_nothing(tmp_path):
     spec_path = _write_spec(tmp_path, _raw_spec("dry", seeds=2))
     out = subprocess.run(_cli(spec_path, tmp_path, "--dry-run"), capture_output=True, text=True,

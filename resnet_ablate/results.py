@@ -79,11 +79,12 @@ def _open_storage(storage: str) -> optuna.storages.BaseStorage:
 
 
 def _databases_beside(path: Path) -> str:
-    folder = path.parent
+    folder = path.parent.resolve()
     found = sorted(p.name for p in folder.glob("*.db")) if folder.is_dir() else []
     if found:
         return f"databases in {folder}/: {', '.join(found)}"
-    return f"{folder}/ holds no .db file; run a study first, or pass --storage / --runs-dir"
+    return (f"{folder}/ holds no .db file; run a study first, or pass --storage / --runs-dir, or "
+            "the path of the study's .db file")
 
 
 def _summaries(storage: str) -> list[optuna.study.StudySummary]:
@@ -527,7 +528,19 @@ def three_by_three_batch_norms(model) -> list[tuple[str, Any]]:
 
 
 def load(study: str, storage: str | None = None, runs_dir: str | Path = "runs") -> Results:
-    """The trials of a study, finished or still running, as a Results object (read-only)."""
+    """The trials of a study, finished or still running, as a Results object (read-only).
+
+    `study` is a study's name (found in `storage`, by default RUNS_DIR/STUDY.db, relative to the
+    working folder unless `runs_dir` is absolute), or the path of a study's .db file, which works
+    from any folder (a store that holds several studies then needs the name and `storage`).
+    """
+    if storage is None and study.endswith(".db") and Path(study).is_file():
+        storage = f"sqlite:///{Path(study).resolve()}"
+        names = [s.study_name for s in _summaries(storage)]
+        if len(names) != 1:
+            raise ResultsError(f"{study} holds {len(names)} studies ({', '.join(names) or 'none'}); "
+                               f"load one by name: load(NAME, storage={storage!r})")
+        study = names[0]
     storage = storage or default_storage(study, runs_dir)
     backend = _open_storage(storage)
     names = [s.study_name for s in _summaries(storage)]

@@ -323,3 +323,11 @@ def test_list_studies_counts_trials_by_state(runs, live_copy):
     live = list_studies(f"sqlite:///{live_copy / STUDY}.db").set_index("study")
     assert live.loc[STUDY, ["trials", "COMPLETE", "RUNNING"]].tolist() == [13, 12, 1]
     assert live.loc[STUDY, "PRUNED"] == 0
+
+
+def test_a_study_loads_from_its_db_file_from_any_folder(runs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not where runs/ is
+    with pytest.raises(ResultsError, match=r"holds no \.db file; .* or the path of the study's"):
+        load(STUDY)
+    by_path = load(f"{runs}/{STUDY}.db")
+    assert by_path.study == STUDY and len(by_path.trials) == len(load(STUDY, runs_dir=runs).trials)

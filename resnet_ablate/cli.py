@@ -22,11 +22,12 @@ def command(name: str):
 @command("run")
 def _run(args: argparse.Namespace) -> int:
     from .spec import load_spec
+    from .storage import runs_folder
     from .study import RunOptions, plan_study, run_study
 
     spec = load_spec(args.spec)
     options = RunOptions(address=args.address, storage=args.storage, workers=args.workers,
-                         runs_dir=Path(args.runs_dir), keep_weights=not args.no_weights,
+                         runs_dir=runs_folder(args.runs_dir), keep_weights=not args.no_weights,
                          progress=not args.quiet)
     if args.dry_run:
         return _print_plan(spec, plan_study(spec, options))
@@ -248,7 +249,8 @@ def _add_query_commands(sub) -> None:
             parser.add_argument("study", help="the study's name (spec key `study`)")
         parser.add_argument("--storage", help="an Optuna storage URL "
                                               "(default: sqlite:///RUNS_DIR/STUDY.db)")
-        parser.add_argument("--runs-dir", default="runs", help="where `run` put the study (default: runs)")
+        parser.add_argument("--runs-dir", help="where `run` put the study (default: "
+                            "$RESNET_ABLATE_RUNS, else ./runs)")
         if study:
             parser.add_argument("--where", help="only trials matching a filter: columns compared "
                                                 "with values, in [..], and/or/not, e.g. "
@@ -312,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="an existing Ray cluster (ray://HOST:10001 or HOST:6379)")
     run.add_argument("--storage", help="an Optuna storage URL (default: sqlite under --runs-dir)")
     run.add_argument("--workers", type=_positive_int, help="trials at once (default: the spec's)")
-    run.add_argument("--runs-dir", default="runs", help="default storage and trained weights")
+    run.add_argument("--runs-dir", help="default storage and trained weights (default: "
+                     "$RESNET_ABLATE_RUNS, else ./runs)")
     run.add_argument("--dry-run", action="store_true",
                      help="list the trials with their FLOPs and cost; train nothing")
     run.add_argument("--no-weights", action="store_true", help="do not keep trained weights")
@@ -324,12 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from .arch import ArchError
     from .spec import SpecError
-    from .study import ClusterError, StudyBusy, StudyConflict
+    from .study import ClusterError, StoreError, StudyBusy, StudyConflict
 
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (SpecError, ArchError, StudyConflict, StudyBusy, ClusterError) as error:
+    except (SpecError, ArchError, StudyConflict, StudyBusy, ClusterError, StoreError) as error:
         print(f"resnet-ablate: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:  # before or after the study's own loop

@@ -8,7 +8,7 @@
     r.pareto(["test_error", "flops"])             # the non-dominated trials
     r.curves()                                    # per-epoch train/test error, one row per epoch
     r.layer_responses()                           # Fig. 7: std of each 3x3 layer's BN output
-    r.where("depth == 20").summary()              # any of them on a subset (a pandas query)
+    r.where("depth == 20").summary()              # any of them on a subset (filters.py)
 
 SQLite storage is opened read-only (SQLite's `mode=ro`), so reading a study that is still running
 never takes a write lock and cannot create or change the runner's file. Every lookup problem (no
@@ -18,7 +18,6 @@ storage, no study, no such column or value) is one `ResultsError` whose message 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import warnings
@@ -34,8 +33,9 @@ import pandas as pd
 from scipy import stats
 
 from .filters import FilterError, filter_mask
-from .metrics import DIRECTIONS, METRICS
-from .spec import default_storage, sqlite_path
+from .record import DIRECTIONS, METRICS, StudyKey, TrialKey, metric_values
+from .storage import (StoreError, default_storage, runs_folder, sqlite_path, store_faults,
+                      weights_folder)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -69,13 +69,12 @@ def _open_storage(storage: str) -> optuna.storages.BaseStorage:
         # mode=ro: no write lock, no file creation, no schema upgrade; a busy writer is waited on.
         url = f"sqlite:///file:{quote(str(path))}?mode=ro&uri=true"
     try:
-        return optuna.storages.RDBStorage(url, skip_table_creation=True,
-                                          engine_kwargs={"connect_args": {"timeout": 30}}
-                                          if storage.startswith("sqlite") else None)
-    except Exception as error:
-        raise ResultsError(
-            f"cannot open storage {storage!r}: {type(error).__name__}: {error}; expected an Optuna "
-            "RDB URL such as sqlite:///runs/STUDY.db or postgresql://user@host/db") from None
+        with store_faults(storage):
+            return optuna.storages.RDBStorage(url, skip_table_creation=True,
+                                              engine_kwargs={"connect_args": {"timeout": 30}}
+                                              if storage.startswith("sqlite") else None)
+    except StoreError as error:
+        raise ResultsError(str(error)) from None
 
 
 def _databases_beside(path: Path) -> str:
@@ -90,18 +89,19 @@ def _databases_beside(path: Path) -> str:
 def _summaries(storage: str) -> list[optuna.study.StudySummary]:
     backend = _open_storage(storage)
     try:
-        return optuna.get_all_study_summaries(backend)
-    except Exception as error:
-        raise ResultsError(f"cannot read studies from {storage!r}: {type(error).__name__}: "
-                           f"{error}; is it an Optuna storage?") from None
+        with store_faults(storage):
+            return optuna.get_all_study_summaries(backend)
+    except StoreError as error:
+        raise ResultsError(str(error)) from None
 
 
-def list_studies(storage: str | None = None, runs_dir: str | Path = "runs") -> pd.DataFrame:
+def list_studies(storage: str | None = None, runs_dir: str | Path | None = None) -> pd.DataFrame:
     """Studies with their trial counts by state: in `storage`, or in every runs_dir/*.db."""
     if storage is not None:
         storages = [storage]
     else:
-        storages = [f"sqlite:///{p}" for p in sorted(Path(runs_dir).glob("*.db"))]
+        runs_dir = runs_folder(runs_dir)
+        storages = [f"sqlite:///{p}" for p in sorted(runs_dir.glob("*.db"))]
         if not storages:
             raise ResultsError(f"no study storage in {runs_dir}/ (no .db file); run a study "
                                "first, or pass --storage URL or --runs-dir")
@@ -114,7 +114,7 @@ def list_studies(storage: str | None = None, runs_dir: str | Path = "runs") -> p
                                dtype=object).value_counts()
             rows.append({"study": summary.study_name, "trials": int(counts.sum()),
                          **{state: int(counts.get(state, 0)) for state in STATES[:4]},
-                         "question": study.user_attrs.get("question", ""), "storage": url})
+                         "question": study.user_attrs.get(StudyKey.QUESTION, ""), "storage": url})
     return pd.DataFrame(rows, columns=["study", "trials", *STATES[:4], "question", "storage"])
 
 
@@ -127,29 +127,25 @@ def _scalar(value: Any) -> Any:
     return "-".join(map(str, value)) if isinstance(value, (list, tuple)) else value
 
 
-def _error(accuracy: float | None) -> float | None:
-    return None if accuracy is None else 1.0 - accuracy
-
-
 def _trial_row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     attrs = trial.user_attrs
-    arch = attrs.get("arch") or {}
-    execution = attrs.get("execution") or {}
+    arch = attrs.get(TrialKey.ARCH) or {}
+    execution = attrs.get(TrialKey.EXECUTION) or {}
+    metrics = metric_values(attrs)
     return {
-        "number": trial.number, "state": trial.state.name, "arch_name": attrs.get("arch_name"),
-        **{name: _scalar(arch.get(name)) for name in ARCH_COLUMNS}, "seed": attrs.get("seed"),
-        "params": attrs.get("params"), "flops": attrs.get("flops"),
-        "test_accuracy": attrs.get("final_test_accuracy"),
-        "test_error": _error(attrs.get("final_test_accuracy")),
-        "best_test_error": _error(attrs.get("best_test_accuracy")),
-        "train_error": _error(attrs.get("final_train_accuracy")),
-        "epochs": attrs.get("epochs_completed"), "wall_seconds": attrs.get("wall_seconds"),
-        "images_per_second": attrs.get("images_per_second"),
+        "number": trial.number, "state": trial.state.name,
+        "arch_name": attrs.get(TrialKey.ARCH_NAME),
+        **{name: _scalar(arch.get(name)) for name in ARCH_COLUMNS},
+        "seed": attrs.get(TrialKey.SEED),
+        **{name: metrics[name] for name in ("params", "flops", "test_accuracy", "test_error",
+                                            "best_test_error", "train_error")},
+        "epochs": attrs.get(TrialKey.EPOCHS_COMPLETED),
+        "wall_seconds": metrics["wall_seconds"], "images_per_second": metrics["images_per_second"],
         "precision": execution.get("precision"), "memory_format": execution.get("memory_format"),
-        "device": attrs.get("device"),
-        "failure_kind": attrs.get("failure_kind"),
-        "failure": attrs.get("failure") or attrs.get("pruned"),
-        "arch_digest": attrs.get("arch_digest"), "weights": attrs.get("weights"),
+        "device": attrs.get(TrialKey.DEVICE),
+        "failure_kind": attrs.get(TrialKey.FAILURE_KIND),
+        "failure": attrs.get(TrialKey.FAILURE) or attrs.get(TrialKey.PRUNED),
+        "arch_digest": attrs.get(TrialKey.ARCH_DIGEST), "weights": attrs.get(TrialKey.WEIGHTS),
     }
 
 
@@ -200,6 +196,7 @@ class Results:
     question: str = ""
     spec: Mapping[str, Any] = field(default_factory=dict)
     attrs: Mapping[int, Mapping[str, Any]] = field(default_factory=dict, repr=False)
+    weights_folder: Path = Path("runs")  # what kept weights' recorded paths are relative to
 
     # -- selecting
 
@@ -214,6 +211,15 @@ class Results:
         if missing:
             raise ResultsError(f"no column {missing[0]!r} in study {self.study!r}; "
                                f"columns: {', '.join(self.trials.columns)}")
+
+    def check_metric(self, metric: str) -> None:
+        """A metric must be a numeric column: statistics over `arch_name` mean nothing."""
+        self.check_columns([metric])
+        if metric not in METRICS and not pd.api.types.is_numeric_dtype(self.trials[metric]):
+            numeric = [c for c in self.trials.columns
+                       if c in METRICS or pd.api.types.is_numeric_dtype(self.trials[c])]
+            raise ResultsError(f"{metric!r} is not a numeric column, so it has no mean; "
+                               f"metrics: {', '.join(numeric)}")
 
     def where(self, query: str | None) -> Results:
         """The same results restricted to the trials a filter selects, e.g.
@@ -244,7 +250,7 @@ class Results:
                                f"to {what} (it has {counts})")
         return done
 
-    def _configuration_columns(self, without: Sequence[str] = ()) -> list[str]:
+    def configuration_columns(self, without: Sequence[str] = ()) -> list[str]:
         return [c for c in (self.swept or ("arch_name",)) if c not in without]
 
     # -- statistics
@@ -255,8 +261,9 @@ class Results:
         The interval is clipped to the values the metric can take (an error rate to [0, 100]%):
         with two or three seeds Student's t gives intervals wider than that, which say only that
         there are too few seeds (`n` says how many)."""
-        by = list(by or self._configuration_columns())
-        self.check_columns([*by, metric])
+        by = list(by or self.configuration_columns())
+        self.check_columns(by)
+        self.check_metric(metric)
         done = self.require_completed("summarise")
         rows = []
         for key, group in done.groupby(by, sort=True, dropna=False):
@@ -279,11 +286,12 @@ class Results:
         pools every pair. With a 95% CI of the mean difference and the two-sided p-value of the
         paired t-test (`scipy.stats.ttest_rel`). Several completed trials of one configuration and
         seed are averaged first."""
-        self.check_columns([factor, metric])
+        self.check_columns([factor])
+        self.check_metric(metric)
         done = self.require_completed("compare")
         levels = list(pd.unique(self.trials[factor].dropna()))
         baseline = _match_level(baseline, levels, factor)
-        others = self._configuration_columns(without=[factor])
+        others = self.configuration_columns(without=[factor])
         others = [c for c in others if c != "arch_name"]
         keyed = done.groupby([*others, "seed", factor], dropna=False)[metric].mean().unstack(factor)
         if baseline not in keyed.columns:
@@ -326,7 +334,7 @@ class Results:
         better = (points[:, None, :] < points[None, :, :]).any(axis=2)
         dominated = (no_worse & better).any(axis=0)  # [i, j]: trial i dominates trial j
         front = done[~dominated]
-        columns = ["number", "arch_name", *self._configuration_columns(), "seed",
+        columns = ["number", "arch_name", *self.configuration_columns(), "seed",
                    *objectives, "params", "flops"]
         columns = list(dict.fromkeys(columns))
         return front.sort_values([*objectives, "number"], kind="stable")[columns]
@@ -337,9 +345,9 @@ class Results:
         """Per-epoch records (epoch, lr, train/test loss and error, seconds) of the given trials
         (default: every trial here that recorded any), one row per trial and epoch."""
         numbers = list(self.trials["number"]) if numbers is None else list(numbers)
-        self._check_numbers(numbers)
+        self.check_numbers(numbers)
         info = self.trials.set_index("number")
-        keep = ["arch_name", *self._configuration_columns(), "seed", "state"]
+        keep = ["arch_name", *self.configuration_columns(), "seed", "state"]
         keep = list(dict.fromkeys(keep))
         rows = []
         for number in numbers:
@@ -349,100 +357,41 @@ class Results:
                    "test_error", "seconds"]
         return pd.DataFrame(rows, columns=columns)
 
-    def _check_numbers(self, numbers: Sequence[int]) -> None:
+    def check_numbers(self, numbers: Sequence[int]) -> None:
         known = set(int(n) for n in self.trials["number"])
         unknown = [n for n in numbers if int(n) not in known]
         if unknown:
             raise ResultsError(f"no trial {unknown[0]} in study {self.study!r} (here); trials: "
                                f"{_ranges(sorted(known)) or 'none'}")
 
+    def weights_path(self, number: int) -> Path | None:
+        """Where trial `number`'s kept weights are (None where none were kept). Recorded
+        relative to the store's folder, so a copied or moved runs folder still finds them."""
+        recorded = self.attrs.get(int(number), {}).get(TrialKey.WEIGHTS)
+        if not recorded or recorded.startswith("not kept"):
+            return None
+        path = Path(recorded)
+        return path if path.is_absolute() else self.weights_folder / path
+
     def dataset(self):
         """The evaluation data the study's trials were trained and tested on (a DataBundle)."""
-        from .data import SyntheticSpec, load_dataset
-        from .spec import DatasetSpec
+        from .analysis import study_dataset
 
-        section = self.spec.get("dataset", "digits")
-        section = {"name": section} if isinstance(section, str) else dict(section or {})
-        try:
-            kwargs = DatasetSpec(**section).load_kwargs()
-            if kwargs["synthetic"] is not None:
-                kwargs["synthetic"] = SyntheticSpec(**kwargs["synthetic"])
-            return load_dataset(**kwargs)
-        except (OSError, TypeError, ValueError) as error:
-            raise ResultsError(f"cannot load the data set of study {self.study!r} "
-                               f"({section}): {error}") from None
+        return study_dataset(self)
 
     def model(self, number: int, *, fused: bool | None = None, data=None):
         """Trial `number`'s trained model from its kept weights, in eval mode. `fused=False`
         rebuilds it from plain BatchNorm2d + ReLU modules (the same state_dict keys)."""
-        import torch
+        from .analysis import trained_model
 
-        from .arch import ResNetArch
-        from .models import build
-
-        self._check_numbers([number])
-        attrs = self.attrs.get(int(number), {})
-        weights = attrs.get("weights")
-        if not weights or not Path(weights).is_file():
-            raise ResultsError(f"trial {number} of study {self.study!r} has no kept weights "
-                               f"({weights or 'none recorded'})")
-        arch = dict(attrs["arch"])
-        if fused is not None:
-            arch["fused"] = fused
-        data = data or self.dataset()
-        model = build(ResNetArch.from_dict(arch), num_classes=data.num_classes,
-                      in_channels=data.in_channels)
-        # Tensors only: a weights file never runs code, whatever torch's default.
-        state = torch.load(io.BytesIO(Path(weights).read_bytes()), map_location="cpu",
-                           weights_only=True)
-        model.load_state_dict(state)
-        return model.eval()
+        return trained_model(self, number, fused=fused, data=data)
 
     def layer_responses(self, numbers: Sequence[int] | None = None, *, max_images: int | None = None,
                         batch_size: int = 256) -> pd.DataFrame:
-        """The paper's Fig. 7: for each trained model (default: every completed trial with kept
-        weights) and each 3x3 conv layer, the standard deviation of its BatchNorm output, before
-        the residual add and the ReLU, over the evaluation images (all elements: images, channels
-        and positions). Models are rebuilt unfused, since a fused BN's output is after add + ReLU.
-        Rows: number, configuration, seed, layer (1-based, forward order), module, std."""
-        import torch
+        """The paper's Fig. 7 (see analysis.layer_responses)."""
+        from .analysis import layer_responses
 
-        if numbers is None:
-            done = self.require_completed("analyse")
-            numbers = [int(n) for n in done["number"]
-                       if _kept(self.attrs.get(int(n), {}).get("weights"))]
-            if not numbers:
-                raise ResultsError(f"no completed trial of study {self.study!r} kept its weights "
-                                   "(run without --no-weights to analyse layer responses)")
-        data = self.dataset()
-        images = data.test_x if max_images is None else data.test_x[:max_images]
-        info = self.trials.set_index("number")
-        keep = list(dict.fromkeys(["arch_name", *self._configuration_columns(), "seed"]))
-        rows = []
-        for number in numbers:
-            model = self.model(number, fused=False, data=data)
-            layers = three_by_three_batch_norms(model)
-            sums = np.zeros((len(layers), 3))  # count, sum, sum of squares (float64)
-
-            def hook(index: int):
-                def record(_module, _inputs, output):
-                    values = output.detach().double()
-                    sums[index] += (values.numel(), values.sum().item(), values.square().sum().item())
-                return record
-
-            handles = [bn.register_forward_hook(hook(i)) for i, (_, bn) in enumerate(layers)]
-            try:
-                with torch.no_grad():
-                    for start in range(0, len(images), batch_size):
-                        model(images[start:start + batch_size])
-            finally:
-                for handle in handles:
-                    handle.remove()
-            for index, ((name, _), (count, total, squares)) in enumerate(zip(layers, sums), start=1):
-                variance = (squares - total * total / count) / (count - 1)
-                rows.append({"number": int(number), **info.loc[number, keep].to_dict(),
-                             "layer": index, "module": name, "std": math.sqrt(max(variance, 0.0))})
-        return pd.DataFrame(rows, columns=["number", *keep, "layer", "module", "std"])
+        return layer_responses(self, numbers, max_images=max_images, batch_size=batch_size)
 
     # -- display
 
@@ -456,10 +405,6 @@ def _one_or_mean(series: pd.Series) -> Any:
     if len(values) == 1:
         return values[0]
     return float(np.mean(values.astype(float))) if len(values) else None
-
-
-def _kept(weights: str | None) -> bool:
-    return bool(weights) and Path(weights).is_file()
 
 
 def _ranges(numbers: Sequence[int]) -> str:
@@ -477,10 +422,15 @@ def _ranges(numbers: Sequence[int]) -> str:
 
 
 def _match_level(value: Any, levels: list[Any], factor: str) -> Any:
-    """The level equal to `value`, accepting its text ("20" for depth 20, as typed on a CLI)."""
+    """The level equal to `value`, accepting its text ("20" for depth 20, as typed on a CLI) in
+    either case where that is unambiguous."""
     for level in levels:
         if level == value or str(level) == str(value):
             return level
+    # Specs accept a shortcut option in either case ("a" is option A): so does a baseline.
+    folded = [level for level in levels if str(level).lower() == str(value).lower()]
+    if len(folded) == 1:
+        return folded[0]
     raise ResultsError(f"no trial has {factor}={value!r}; {factor} values: "
                        f"{', '.join(map(str, levels)) or 'none'}")
 
@@ -503,31 +453,11 @@ def _paired_row(factor: str, level: Any, baseline: Any, metric: str, configurati
             "t": t_stat, "p_value": p_value, "metric": metric}
 
 
-def three_by_three_batch_norms(model) -> list[tuple[str, Any]]:
-    """(name, BN) for every BatchNorm that directly follows a 3x3 conv (convK -> bnK), in forward
-    order: the stem of a CIFAR net, both layers of a basic block, a bottleneck's middle layer."""
-    from torch import nn
-
-    from .kernels import FusedBatchNorm2d
-
-    found = []
-    for prefix, module in model.named_modules():
-        for k in (1, 2, 3):
-            conv, bn = getattr(module, f"conv{k}", None), getattr(module, f"bn{k}", None)
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) \
-                    and tuple(conv.kernel_size) == (3, 3):
-                if isinstance(bn, FusedBatchNorm2d):
-                    raise ValueError(f"{prefix}.bn{k} is fused: its output is after the add and "
-                                     "ReLU; rebuild the model with fused=False")
-                found.append((f"{prefix}.bn{k}" if prefix else f"bn{k}", bn))
-    return found
-
-
 # ----------------------------------------------------------------------------------------------
 # Loading
 
 
-def load(study: str, storage: str | None = None, runs_dir: str | Path = "runs") -> Results:
+def load(study: str, storage: str | None = None, runs_dir: str | Path | None = None) -> Results:
     """The trials of a study, finished or still running, as a Results object (read-only).
 
     `study` is a study's name (found in `storage`, by default RUNS_DIR/STUDY.db, relative to the
@@ -549,13 +479,14 @@ def load(study: str, storage: str | None = None, runs_dir: str | Path = "runs") 
                            f"{', '.join(names) or 'none'}")
     loaded = optuna.load_study(study_name=study, storage=backend)
     trials = loaded.get_trials(deepcopy=False)
-    spec = loaded.user_attrs.get("spec") or {}
+    spec = loaded.user_attrs.get(StudyKey.SPEC) or {}
     return Results(
         study=study, storage=storage, trials=_trials_frame([_trial_row(t) for t in trials]),
         swept=tuple((spec.get("space") or {}).keys()),
-        objectives=tuple(loaded.user_attrs.get("objectives", ["test_error"])),
-        question=loaded.user_attrs.get("question", ""), spec=spec,
+        objectives=tuple(loaded.user_attrs.get(StudyKey.OBJECTIVES, ["test_error"])),
+        question=loaded.user_attrs.get(StudyKey.QUESTION, ""), spec=spec,
         attrs={t.number: dict(t.user_attrs) for t in trials},
+        weights_folder=weights_folder(storage, runs_dir),
     )
 
 
@@ -626,5 +557,4 @@ def write_frame(frame: pd.DataFrame, fmt: str = "table") -> str:
 
 
 __all__ = ["ARCH_COLUMNS", "DIRECTIONS", "Results", "ResultsError", "default_storage",
-           "display_frame", "format_table", "list_studies", "load", "three_by_three_batch_norms",
-           "write_frame"]
+           "display_frame", "format_table", "list_studies", "load", "write_frame"]

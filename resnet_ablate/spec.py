@@ -38,8 +38,9 @@ from typing import Any
 import yaml
 
 from .arch import ArchError, ResNetArch
-from .metrics import OBJECTIVES  # each objective has one sensible direction: specs name metrics
+from .record import OBJECTIVES  # each objective has one sensible direction: specs name metrics
 from .recipe import TrainRecipe
+from .storage import default_storage
 
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median", "successive_halving")
@@ -53,14 +54,10 @@ TOP_LEVEL_KEYS = (
 REQUIRED_KEYS = ("study", "space")
 
 
-def default_storage(study: str, runs_dir: str | os.PathLike[str] = "runs") -> str:
-    """Where a study is stored unless its spec or the command line says otherwise."""
-    return f"sqlite:///{Path(runs_dir) / (study + '.db')}"
-
-
-def sqlite_path(storage: str) -> Path | None:
-    """The database file of a `sqlite:///` storage URL; None for other storages."""
-    return Path(storage.removeprefix("sqlite:///")) if storage.startswith("sqlite:///") else None
+def _shown(value: Any, limit: int = 60) -> str:
+    """A value as an error message quotes it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class SpecError(ValueError):
@@ -150,7 +147,7 @@ class StudySpec:
             return dataclasses.replace(self.train, warmup=True)
         return self.train
 
-    def storage_url(self, runs_dir: str | os.PathLike[str] = "runs") -> str:
+    def storage_url(self, runs_dir: str | os.PathLike[str] | None = None) -> str:
         return self.storage or default_storage(self.study, runs_dir)
 
 
@@ -165,13 +162,13 @@ class _Checker:
         self.source = source
 
     def fail(self, where: str, problem: str) -> SpecError:
-        return SpecError(f"{self.source}: {where}: {problem}")
+        return SpecError(f"{self.source}: {where or 'the spec'}: {problem}")
 
     def mapping(self, where: str, value: Any, valid_keys: Sequence[str]) -> Mapping[str, Any]:
         if value is None:
             return {}
         if not isinstance(value, Mapping):
-            raise self.fail(where, f"expected a mapping, got {type(value).__name__} {value!r}")
+            raise self.fail(where, f"expected a mapping, got {type(value).__name__} {_shown(value)}")
         unknown = [k for k in value if k not in valid_keys]
         if unknown:
             raise self.fail(f"{where}.{unknown[0]}" if where else str(unknown[0]),
@@ -181,9 +178,9 @@ class _Checker:
     def typed(self, where: str, value: Any, kind: type | tuple[type, ...], valid: str) -> Any:
         # bool is an int: `workers: yes` must not pass as 1
         if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-            raise self.fail(where, f"expected {valid}, got {value!r}")
+            raise self.fail(where, f"expected {valid}, got {_shown(value)}")
         if not isinstance(value, kind):
-            raise self.fail(where, f"expected {valid}, got {type(value).__name__} {value!r}")
+            raise self.fail(where, f"expected {valid}, got {type(value).__name__} {_shown(value)}")
         return value
 
     def dataclass_section(self, where: str, value: Any, cls: type) -> Any:
@@ -204,9 +201,15 @@ def load_spec(path: str | os.PathLike[str]) -> StudySpec:
     """Read and validate a study spec file; raises SpecError naming the file and field."""
     source = str(path)
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as error:
         raise SpecError(f"{source}: cannot read the spec: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{source}: not a text file (not UTF-8); a spec is a YAML file such as "
+                        "studies/quickstart.yaml") from None
+    if "\x00" in text:
+        raise SpecError(f"{source}: not a text file (it holds NUL bytes); a spec is a YAML file "
+                        "such as studies/quickstart.yaml")
     try:
         raw = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as error:

@@ -138,12 +138,13 @@ def execute(task: TrialTask, board: Any | None = None) -> dict[str, Any]:
         result = train(model, data, TrainRecipe.from_dict(task.recipe), seed=task.seed,
                        device=device, threads=task.threads, on_epoch=on_epoch)
     except PrunedByDriver as pruned:
-        return {**outcome, "status": "pruned", "reason": str(pruned), "history": epochs}
+        return {**outcome, "status": "pruned", "reason": str(pruned), "curves": epochs}
     except Exception as error:  # recorded by the driver; the study goes on
         return {**outcome, "status": "failed", "reason": f"{type(error).__name__}: {error}",
-                "traceback": traceback.format_exc(), "history": epochs}
+                "traceback": traceback.format_exc(), "curves": epochs}
 
     outcome.update(result.to_dict())
+    outcome["curves"] = outcome.pop("history")  # the trial record's name (record.TrialKey)
     outcome["status"] = "completed" if result.ok else "failed"
     outcome["diverged"] = result.status == "diverged"
     if task.keep_weights and result.ok:

@@ -57,3 +57,42 @@ def results(runs):
     from resnet_ablate.results import load
 
     return load(RESULTS_STUDY, runs_dir=runs)
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A PostgreSQL server of our own on loopback (from the server binaries .ci/run installs),
+    with an empty `studies` database; stopped and removed after the session."""
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from helpers import free_port, postgres_binary
+
+    initdb, pg_ctl = postgres_binary("initdb"), postgres_binary("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found; .ci/run installs them")
+    pytest.importorskip("psycopg", reason="the cluster extra (psycopg) is not installed")
+    # PostgreSQL refuses to run as root: as root, run it as the postgres system user.
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    folder = Path(tempfile.mkdtemp(prefix="resnet-ablate-pg-"))
+    if as_user:
+        shutil.chown(folder, "postgres")
+    data, port = folder / "data", free_port()
+    subprocess.run([*as_user, initdb, "-D", str(data), "--auth=trust", "-U", "postgres"],
+                   check=True, capture_output=True)
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-l", str(folder / "server.log"), "-w",
+                    "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"],
+                   check=True, capture_output=True)
+    try:
+        import psycopg
+
+        with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres",
+                             autocommit=True) as connection:
+            connection.execute("CREATE DATABASE studies")
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/studies"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"],
+                       capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)

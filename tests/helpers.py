@@ -44,3 +44,21 @@ def results_study_spec() -> dict:
             "space": {"depth": list(RESULTS_DEPTHS), "shortcut": list(RESULTS_SHORTCUTS)},
             "seeds": len(RESULTS_SEEDS), "train": {"epochs": 2, "batch_size": 32},
             "resources": {"cpus": 1, "workers": 2}}
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def postgres_binary(name: str) -> str | None:
+    """A PostgreSQL server program (initdb, pg_ctl) on PATH or in Debian's versioned folders."""
+    import glob
+    import shutil
+
+    found = shutil.which(name) or sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found if isinstance(found, str) else (found[-1] if found else None)

@@ -1,20 +1,15 @@
 """Studies on a real two-node Ray cluster with a real PostgreSQL study store, all on this machine.
 
-The fixtures start a PostgreSQL server on loopback (from the server binaries that .ci/run installs)
-and a Ray cluster of a head node and a second worker node (`ray start`), and stop everything they
+The fixtures start a PostgreSQL server on loopback (`postgres_url`, conftest.py) and a Ray cluster of a head node and a second worker node (`ray start`), and stop everything they
 started. Each node has one CPU, so two trials at once means one on each node.
 """
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +19,7 @@ import pytest
 pytestmark = pytest.mark.cluster
 import yaml
 
-from helpers import SYNTHETIC
+from helpers import SYNTHETIC, free_port
 from helpers import raw_spec as _raw_spec
 from helpers import write_spec as _write_spec
 
@@ -33,47 +28,6 @@ from resnet_ablate import results
 RAY = str(Path(sys.executable).parent / "ray")
 # Ray clusters authenticate with a token (~/.ray/auth_token); clients read it in this mode.
 ENV = {**os.environ, "RAY_AUTH_MODE": "token"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _postgres_binary(name: str) -> str | None:
-    found = shutil.which(name) or sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    return found if isinstance(found, str) else (found[-1] if found else None)
-
-
-@pytest.fixture(scope="module")
-def postgres_url():
-    initdb, pg_ctl = _postgres_binary("initdb"), _postgres_binary("pg_ctl")
-    if not (initdb and pg_ctl):
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found; .ci/run installs them")
-    pytest.importorskip("psycopg", reason="the cluster extra (psycopg) is not installed")
-    # PostgreSQL refuses to run as root: as root, run it as the postgres system user.
-    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    folder = Path(tempfile.mkdtemp(prefix="resnet-ablate-pg-"))
-    if as_user:
-        shutil.chown(folder, "postgres")
-    data, port = folder / "data", _free_port()
-    subprocess.run([*as_user, initdb, "-D", str(data), "--auth=trust", "-U", "postgres"],
-                   check=True, capture_output=True)
-    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-l", str(folder / "server.log"), "-w",
-                    "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"],
-                   check=True, capture_output=True)
-    try:
-        import psycopg
-
-        with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres",
-                             autocommit=True) as connection:
-            connection.execute("CREATE DATABASE studies")
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/studies"
-    finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"],
-                       capture_output=True)
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 class _Cluster:
@@ -126,7 +80,7 @@ class _Cluster:
 def ray_cluster():
     if not sys.platform.startswith("linux"):
         pytest.skip("the cluster test finds node processes through /proc")
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     common = ["--num-cpus=1", "--disable-usage-stats"]
     # Each node in a session of its own, so that teardown stops exactly the nodes started here.
@@ -222,7 +176,8 @@ def test_trials_use_both_nodes_and_survive_losing_one(ray_cluster, postgres_url,
     assert keys == sorted((s, seed) for s in ("A", "none") for seed in range(4)), (history, stderr)
     assert completed_before <= {t.number for t in complete}
     # Curves and weights came back to the driver's side, not left on the lost node.
-    assert all(t.user_attrs["curves"] and Path(t.user_attrs["weights"]).exists() for t in complete)
+    # Weights of a PostgreSQL study are recorded relative to the runs folder.
+    assert all(t.user_attrs["curves"] and (tmp_path / t.user_attrs["weights"]).exists() for t in complete)
 
 
 def test_gpu_trials_on_a_cluster_without_gpus_fail_before_anything_runs(ray_cluster, postgres_url,

@@ -301,7 +301,7 @@ def test_missing_study_names_the_studies_there(runs):
 
 
 def test_wrong_storage_url_says_what_is_expected():
-    with pytest.raises(ResultsError, match=r"cannot open storage 'nosuchdb://x'.*sqlite:///runs/STUDY.db"):
+    with pytest.raises(ResultsError, match=r"storage URL 'nosuchdb://x' names a database this installation cannot open.*sqlite:///runs/STUDY.db"):
         load("x", storage="nosuchdb://x")
 
 

@@ -122,6 +122,8 @@ def test_compare_prints_scipy_paired_t_test(cli, runs):
     code, out, _ = cli("compare", "--factor", "shortcut", "--baseline", "A")
     header, rows = _table_rows(out)
     assert code == 0 and "p_value" in header and [r[header.index("depth")] for r in rows] == ["8", "14", "all"]
+    # Specs accept option "a" for "A": so does the baseline, with the same table.
+    assert cli("compare", "--factor", "shortcut", "--baseline", "a")[1] == out
 
 
 def test_pareto_prints_the_non_dominated_trials(cli, results):
@@ -164,6 +166,9 @@ def test_report_writes_the_html_page(cli, results, tmp_path):
     (["summary", "--by", "width"], "no column 'width'"),
     (["compare", "--factor", "shortcut", "--baseline", "C"], "shortcut values: A, none"),
     (["pareto", "--objectives", "test_error,seed"], "no direction known for 'seed'"),
+    (["summary", "--metric", "arch_name"], "'arch_name' is not a numeric column, so it has no mean"),
+    (["compare", "--factor", "depth", "--baseline", "8", "--metric", "shortcut"],
+     "'shortcut' is not a numeric column"),
 ])
 def test_bad_columns_and_values_are_one_line_errors(cli, argv, message):
     code, out, err = cli(*argv)
@@ -196,7 +201,8 @@ def test_missing_study_or_storage_names_what_exists(runs, capsys, tmp_path):
     assert main(["show", "other", "--storage", f"sqlite:///{runs}/{STUDY}.db"]) == 2
     assert f"no study 'other' in sqlite:///{runs}/{STUDY}.db; studies there: {STUDY}" in capsys.readouterr().err
     assert main(["summary", "x", "--storage", "nosuchdb://host/x"]) == 2
-    assert "cannot open storage 'nosuchdb://host/x'" in capsys.readouterr().err
+    assert "storage URL 'nosuchdb://host/x' names a database this installation cannot open" \
+        in capsys.readouterr().err
     assert main(["ls", "--runs-dir", str(tmp_path)]) == 2
     assert "no .db file" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
@@ -218,3 +224,14 @@ def test_the_installed_command_exits_2_without_a_traceback(runs):
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.startswith("resnet-ablate compare: error: no column 'nosuch'")
     assert "Traceback" not in done.stderr
+
+
+def test_the_runs_folder_comes_from_the_environment_for_the_cli_and_python(runs, monkeypatch,
+                                                                          capsys, tmp_path):
+    from resnet_ablate.results import load
+
+    monkeypatch.chdir(tmp_path)  # no runs/ here: only the variable can lead to the study
+    monkeypatch.setenv("RESNET_ABLATE_RUNS", runs)
+    assert main(["show", STUDY, "--columns", "number"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 13
+    assert load(STUDY).storage == f"sqlite:///{Path(runs) / STUDY}.db"

@@ -77,7 +77,7 @@ def test_ranges_for_random_and_tpe():
      "space.depth: the grid sampler needs a list of values, not a range"),
     ({**MINIMAL, "sampler": "tpe"}, "budget: the tpe sampler needs budget.trials or budget.minutes"),
     ({**MINIMAL, "budget": {"max_gflops": -1}}, "budget.max_gflops: must be > 0"),
-    ("just text", "studies/x.yaml: : expected a mapping, got str"),
+    ("just text", "studies/x.yaml: the spec: expected a mapping, got str"),
     ({**MINIMAL, "train": {"precision": "fp8"}},
      "train: TrainRecipe.precision must be one of auto, fp32, bf16, fp16, got 'fp8'"),
     ({**MINIMAL, "train": {"memory_format": "nhwc"}},

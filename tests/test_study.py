@@ -59,8 +59,10 @@ def test_small_study_records_everything_with_two_workers(local_ray, tmp_path):
         assert attrs["best_test_accuracy"] >= attrs["final_test_accuracy"]
         assert attrs["wall_seconds"] > 0 and attrs["images_per_second"] > 0
         assert attrs["device"].startswith("cpu") and attrs["versions"]["torch"] == torch.__version__
-        # The kept weights reload into the described architecture.
-        state = torch.load(io.BytesIO(Path(attrs["weights"]).read_bytes()))
+        # The kept weights reload into the described architecture; they are recorded relative
+        # to the store's folder (here tmp_path), so that the folder can move.
+        assert not Path(attrs["weights"]).is_absolute()
+        state = torch.load(io.BytesIO((tmp_path / attrs["weights"]).read_bytes()))
         model.load_state_dict(state)
     # Two workers: two trials ran at the same time, in two processes.
     intervals = sorted((t.datetime_start, t.datetime_complete) for t in trials)

@@ -1,0 +1,98 @@
+"""Where studies live, and what goes wrong reaching them. Torch- and Ray-free: the spec, the driver
+and every reader share these rules.
+
+A study's store is an Optuna RDB URL: by default `RUNS/STUDY.db` (SQLite), where RUNS is the
+`--runs-dir` / `runs_dir` argument, else the `RESNET_ABLATE_RUNS` environment variable, else
+`runs` under the working folder. The CLI and the Python API resolve it the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import unquote
+
+RUNS_ENVIRONMENT_VARIABLE = "RESNET_ABLATE_RUNS"
+
+PathLike = str | os.PathLike[str]
+
+
+def runs_folder(runs_dir: PathLike | None = None) -> Path:
+    """The runs folder: `runs_dir` if given, else $RESNET_ABLATE_RUNS, else ./runs."""
+    if runs_dir is not None:
+        return Path(runs_dir)
+    return Path(os.environ.get(RUNS_ENVIRONMENT_VARIABLE) or "runs")
+
+
+def default_storage(study: str, runs_dir: PathLike | None = None) -> str:
+    """Where a study is stored unless its spec or the command line says otherwise."""
+    return f"sqlite:///{runs_folder(runs_dir) / (study + '.db')}"
+
+
+def sqlite_path(storage: str) -> Path | None:
+    """The database file of a `sqlite:///` storage URL (also in SQLite's `file:...?mode=ro&uri=true`
+    form); None for other storages."""
+    if not storage.startswith("sqlite:///"):
+        return None
+    path = storage.removeprefix("sqlite:///")
+    if path.startswith("file:"):
+        path = unquote(path.removeprefix("file:").split("?")[0])
+    return Path(path)
+
+
+def weights_folder(storage: str, runs_dir: PathLike | None = None) -> Path:
+    """The folder a study's kept weights are recorded relative to: a SQLite store's own folder
+    (the store and its weights move together), else the runs folder."""
+    database = sqlite_path(storage)
+    return database.parent if database is not None else runs_folder(runs_dir)
+
+
+class StoreError(RuntimeError):
+    """A study's store cannot be opened, read or written; the message says why and what to do."""
+
+
+@contextlib.contextmanager
+def store_faults(url: str) -> Iterator[None]:
+    """Within: a database fault becomes one StoreError naming the store and the likely cure."""
+    import sqlalchemy
+
+    try:
+        yield
+    except sqlalchemy.exc.NoSuchModuleError:
+        raise StoreError(f"storage URL {url!r} names a database this installation cannot open; "
+                         "expected an Optuna RDB URL such as sqlite:///runs/STUDY.db or "
+                         "postgresql+psycopg://USER@HOST/DATABASE") from None
+    except sqlalchemy.exc.ArgumentError:
+        raise StoreError(f"cannot parse the storage URL {url!r}; expected an Optuna RDB URL such "
+                         "as sqlite:///runs/STUDY.db or postgresql://USER@HOST/DATABASE") from None
+    except sqlalchemy.exc.SQLAlchemyError as error:
+        raise StoreError(f"study store {url}: {_reason(error)}") from None
+    except Exception as error:
+        # Optuna wraps database errors in its own ("invalid data in the commit, e.g. exceeding
+        # max length"), which would mislead: the database's own error says what happened.
+        cause = error.__cause__ or error.__context__
+        if type(error).__name__ != "StorageInternalError" or cause is None:
+            raise
+        raise StoreError(f"study store {url}: {_reason(cause)}") from None
+    except ImportError as error:  # the URL names a database driver that is not installed
+        raise StoreError(f"study store {url}: {error}; install the driver its URL names (for "
+                         "PostgreSQL: pip install -e \".[cluster]\")") from None
+
+
+def _reason(error: Exception) -> str:
+    cause = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+    text = cause.lower()
+    if "file is not a database" in text or "malformed" in text or "no such table" in text:
+        return (f"not a readable study store ({cause}); it is not an Optuna database or it is "
+                "damaged: point --storage at the study's .db file, or restore it from a copy")
+    if "readonly" in text or "read-only" in text:
+        return f"cannot write ({cause}); the driver needs write access to the store and its folder"
+    if "unable to open database file" in text:
+        return f"cannot open the file ({cause}); does its folder exist, and may it be written?"
+    if "authentication" in text or "password" in text:
+        return f"refused the credentials ({cause}); check the URL's user and password"
+    if "connect" in text or "could not translate host name" in text or "timeout" in text:
+        return f"cannot connect ({cause}); is the database server up and the URL's host right?"
+    return f"{type(error).__name__}: {cause}"

@@ -1,0 +1,70 @@
+"""Ray wiring: joining or starting the cluster, launching trials on it, and the mailbox through
+which running trials report epochs and hear the pruner's verdicts."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import optuna
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from ..record import PRUNABLE_OBJECTIVES, epoch_objective
+from ..spec import StudySpec
+from ..worker import TrialBoard, TrialTask, run_trial
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster cannot give trials what the spec asks for."""
+
+
+def connect(spec: StudySpec, address: str | None, workers: int) -> None:
+    """Join the cluster at `address`, or start a local Ray of our own sized for `workers`."""
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        else:
+            cpus = max(1, math.ceil(workers * spec.resources.cpus))
+            # address="local": a Ray of our own, even where another one runs on this machine.
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False,
+                     logging_level="ERROR", log_to_driver=False)
+    gpus_needed = spec.resources.gpus
+    if gpus_needed > 0 and ray.cluster_resources().get("GPU", 0) < min(gpus_needed, 1):
+        raise ClusterError(
+            f"{spec.source}: resources.gpus={gpus_needed} but the Ray cluster has no GPU "
+            f"(its resources: {ray.cluster_resources()}); set gpus: 0 to train on CPUs")
+
+
+def launch(spec: StudySpec, task: TrialTask, board: Any) -> ray.ObjectRef:
+    """Start one trial as a Ray task with the spec's resources per trial."""
+    options: dict[str, Any] = {"num_cpus": spec.resources.cpus}
+    if spec.resources.gpus:
+        options["num_gpus"] = spec.resources.gpus
+    return run_trial.options(**options).remote(task, board)
+
+
+def new_board() -> Any:
+    """A trial mailbox on the driver's own node, so that losing a worker node keeps it."""
+    return TrialBoard.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        node_id=ray.get_runtime_context().get_node_id(), soft=True)).remote()
+
+
+def drain_epochs(board: Any) -> dict[int, list[dict[str, Any]]] | None:
+    """Per-epoch records the running trials reported since the last call, by trial number; None
+    when the mailbox is unreachable (lost with its node)."""
+    try:
+        return ray.get(board.drain.remote())
+    except ray.exceptions.RayError:
+        return None
+
+
+def report_to_pruner(spec: StudySpec, board: Any, trial: optuna.Trial,
+                     records: list[dict[str, Any]], prunes: bool) -> None:
+    """Tell Optuna a trial's new epochs (single accuracy-type objective), and the trial the
+    pruner's verdict on its latest one."""
+    if len(spec.objectives) == 1 and spec.objectives[0] in PRUNABLE_OBJECTIVES:
+        for record in records:
+            trial.report(epoch_objective(record, spec.objectives[0]), record["epoch"])
+    if prunes and records:
+        board.judge.remote(trial.number, records[-1]["epoch"], trial.should_prune())

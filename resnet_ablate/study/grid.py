@@ -1,0 +1,117 @@
+"""A grid study's points: which are settled by what the store holds, which still need a run (with
+their retry back-off), and the plan a dry run prints."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+
+from ..arch import ResNetArch
+from ..record import FailureKind, TrialKey
+from ..spec import StudySpec
+from .costs import StudyCosts
+from .space import decode_params, point_key
+
+RETRY_BACKOFF_SECONDS = 5.0  # before a failed grid point's first retry; doubled for each next one
+
+_State = optuna.trial.TrialState
+
+
+@dataclass(frozen=True)
+class PendingPoint:
+    """A grid point and seed waiting for a trial, not before `not_before` (time.monotonic)."""
+
+    params: dict[str, Any]
+    seed: int
+    not_before: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return point_key(self.params, self.seed)
+
+
+@dataclass(frozen=True)
+class PlannedTrial:
+    params: dict[str, Any]
+    seed: int
+    arch: ResNetArch
+    params_count: int
+    gflops: float
+    status: str  # "done", "pending", "given up", "settled", "over budget"
+    train_tflops: float  # forward + backward (3x forward) over every training image and epoch
+
+
+class GridHistory:
+    """What the store's trials say about each grid point (with its seed): completed, settled (no
+    further run: completed, pruned, finally failed or out of attempts), and failed attempts."""
+
+    def __init__(self, spec: StudySpec, trials: Iterable[optuna.trial.FrozenTrial]) -> None:
+        self.spec = spec
+        self.completed: set[str] = set()
+        self.settled: set[str] = set()
+        self.attempts: Counter[str] = Counter()
+        for t in trials:
+            if TrialKey.SEED not in t.user_attrs:
+                continue
+            key = point_key(decode_params(t.params, spec.space), t.user_attrs[TrialKey.SEED])
+            kind = t.user_attrs.get(TrialKey.FAILURE_KIND)
+            if t.state == _State.COMPLETE:
+                self.completed.add(key)
+            if t.state in (_State.COMPLETE, _State.PRUNED):
+                self.settled.add(key)
+            elif t.state == _State.FAIL and kind in FailureKind.FINAL:
+                self.settled.add(key)
+            elif t.state == _State.FAIL and kind in FailureKind.RETRYABLE:
+                self.attempts[key] += 1
+
+    def given_up(self, key: str) -> bool:
+        return self.attempts[key] >= self.spec.max_attempts
+
+    def needs_run(self, key: str) -> bool:
+        return key not in self.settled and not self.given_up(key)
+
+    def retry(self, point: PendingPoint) -> PendingPoint | None:
+        """Count a failed attempt of `point`; the point again, backed off, while attempts remain.
+        Backing off lets a lost node be declared dead before the retry is placed, instead of
+        spending every attempt on it."""
+        self.attempts[point.key] += 1
+        if self.given_up(point.key):
+            return None
+        backoff = RETRY_BACKOFF_SECONDS * 2 ** (self.attempts[point.key] - 1)
+        return PendingPoint(point.params, point.seed, time.monotonic() + backoff)
+
+
+def pending_points(spec: StudySpec, history: GridHistory, costs: StudyCosts) -> list[PendingPoint]:
+    """Every grid point x seed that still needs a run, in the grid's order."""
+    return [PendingPoint(params, seed) for params in spec.grid() for seed in spec.seeds
+            if history.needs_run(point_key(params, seed))
+            and not costs.over_budget(spec.arch(params))]
+
+
+def plan(spec: StudySpec, history: GridHistory, costs: StudyCosts) -> list[PlannedTrial]:
+    """Every grid point x seed with its cost and status (grid studies); for `--dry-run`."""
+    planned = []
+    for params in spec.grid() if spec.sampler == "grid" else []:
+        arch = spec.arch(params)
+        prof = costs.profile(arch)
+        for seed in spec.seeds:
+            key = point_key(params, seed)
+            if key in history.completed:
+                status = "done"
+            elif history.given_up(key):
+                status = "given up"
+            elif key in history.settled:
+                status = "settled"
+            elif costs.over_budget(arch):
+                status = "over budget"
+            else:
+                status = "pending"
+            planned.append(PlannedTrial(
+                params=params, seed=seed, arch=arch, params_count=prof.params,
+                gflops=prof.flops / 1e9, status=status, train_tflops=costs.train_tflops(arch)))
+    return planned

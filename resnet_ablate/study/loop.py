@@ -1,0 +1,235 @@
+"""One run of the driver: fill free workers with trials, collect the trials that ended, show
+progress; until the grid is done, the budget spent, or the run is stopped.
+
+Faults, and what this loop makes of them:
+- an exception in a trial comes back as a failed outcome: recorded with its traceback, and the study
+  goes on (the grid point is tried again, up to `max_attempts`, after a back-off);
+- a killed worker surfaces as a Ray error: recorded as failed ("worker lost") and retried;
+- Ctrl-C or SIGTERM cancel the running tasks and mark their trials failed ("interrupted"), so the
+  store stays consistent and the same command resumes.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+import ray
+
+from ..arch import ResNetArch
+from ..progress import StudyProgress
+from ..record import METRICS, FailureKind, TrialKey
+from ..spec import StudySpec
+from ..worker import TrialTask
+from . import cluster
+from .costs import StudyCosts
+from .grid import GridHistory, PendingPoint
+from .recorder import TrialRecorder
+from .signals import StopRequested, signals_held
+from .space import decode_params, prunes
+
+POLL_SECONDS = 0.1  # a short wait keeps pruning decisions and the display close to the workers
+
+
+@dataclass
+class RunningTrial:
+    trial: optuna.Trial
+    point: PendingPoint | None  # the grid point it runs; None where the sampler chose
+    arch: ResNetArch
+    seed: int
+    started: float = field(default_factory=time.monotonic)
+    epochs_done: int = 0
+
+
+@dataclass
+class LoopResult:
+    counts: Counter[str]  # "completed", "pruned" and each failure kind, this run
+    launched: int
+    interrupted: str  # "" for a run that ended by itself, else "SIGINT" or "SIGTERM"
+
+
+class DriverLoop:
+    def __init__(self, spec: StudySpec, *, study: optuna.Study, recorder: TrialRecorder,
+                 costs: StudyCosts, history: GridHistory, pending: list[PendingPoint],
+                 to_ask: float, workers: int, deadline: float, keep_weights: bool,
+                 progress: StudyProgress, renew_lease: Any, sigterm: threading.Event) -> None:
+        self.spec = spec
+        self.study = study
+        self.recorder = recorder
+        self.costs = costs
+        self.history = history
+        self.pending = pending  # grid points still to run (grid studies)
+        self.to_ask = to_ask  # trials that may still be asked (inf: no bound)
+        self.workers = workers
+        self.deadline = deadline
+        self.keep_weights = keep_weights
+        self.progress = progress
+        self.renew_lease = renew_lease
+        self.sigterm = sigterm
+        self.running: dict[ray.ObjectRef, RunningTrial] = {}
+        self.counts: Counter[str] = Counter()
+        self.durations: list[float] = []
+        self.launched = 0
+        self.board: Any = None
+        self.best: str | None = None
+
+    def run(self) -> LoopResult:
+        self.board = cluster.new_board()
+        self.best = self._best()
+        interrupted = ""
+        try:
+            while True:
+                if self.sigterm.is_set():
+                    raise StopRequested("SIGTERM")
+                self.fill()
+                if not self.running:
+                    if not self.pending or time.monotonic() >= self.deadline:
+                        break
+                    time.sleep(0.2)  # retries wait out their back-off
+                    continue
+                self.collect()
+                self.show_progress()
+        except KeyboardInterrupt as stop:
+            interrupted = "SIGTERM" if isinstance(stop, StopRequested) else "SIGINT"
+            self._stop("SIGTERM" if interrupted == "SIGTERM" else "the user (Ctrl-C)")
+        finally:
+            self.progress.close()
+            ray.kill(self.board)
+        return LoopResult(self.counts, self.launched, interrupted)
+
+    # -- the three steps
+
+    def fill(self) -> None:
+        """Launch trials while a worker is free, trials may be asked and time is left."""
+        while len(self.running) < self.workers and self.to_ask > 0 \
+                and time.monotonic() < self.deadline:
+            if self.spec.sampler == "grid":
+                point = self._next_ready_point()
+                if point is None:
+                    return
+                params, seed = point.params, point.seed
+            else:
+                point, params = None, None
+                seed = self.spec.seeds[self.launched % len(self.spec.seeds)]
+            self.to_ask -= 1
+            self.launched += 1
+            self._launch(point, params, seed)
+
+    def collect(self) -> None:
+        """Wait briefly for an ended trial; pass reported epochs on; record what ended."""
+        done, _ = ray.wait(list(self.running), num_returns=1, timeout=POLL_SECONDS)
+        self.renew_lease()
+        self._report_epochs()
+        for ref in done:
+            running = self.running.pop(ref)
+            self._record_end(ref, running)
+
+    def show_progress(self) -> None:
+        left = 0 if self.to_ask == math.inf else int(self.to_ask)
+        mean = sum(self.durations) / len(self.durations) if self.durations else None
+        epochs = ", ".join(str(r.epochs_done) for r in self.running.values())
+        self.progress.update(
+            done=self.counts["completed"], running=len(self.running), failed=failures(self.counts),
+            remaining=left, best=self.best,
+            eta_seconds=None if mean is None else mean * (left + len(self.running)) / self.workers,
+            epochs=f" (epochs {epochs})" if self.running else "",
+        )
+
+    # -- their parts
+
+    def _next_ready_point(self) -> PendingPoint | None:
+        now = time.monotonic()
+        for index, point in enumerate(self.pending):
+            if point.not_before <= now:
+                return self.pending.pop(index)
+        return None
+
+    def _launch(self, point: PendingPoint | None, params: dict[str, Any] | None, seed: int) -> None:
+        trial = self.recorder.ask(params, seed)
+        arch = self.spec.arch(decode_params(trial.params, self.spec.space))
+        prof = self.costs.profile(arch)
+        self.recorder.record_launch(trial, arch, prof)
+        if self.costs.over_budget(arch):
+            self.recorder.fail(trial, FailureKind.OVER_BUDGET,
+                               f"over budget.max_gflops={self.spec.budget.max_gflops}: "
+                               f"{prof.flops / 1e9:.3f} GFLOPs")
+            self.counts[FailureKind.OVER_BUDGET] += 1
+            return
+        task = TrialTask(
+            trial_number=trial.number, arch=arch.to_dict(), seed=seed,
+            dataset=self.spec.dataset.load_kwargs(), recipe=self.spec.recipe_for(arch).to_dict(),
+            threads=max(1, int(self.spec.resources.cpus)), use_gpu=self.spec.resources.gpus > 0,
+            keep_weights=self.keep_weights, await_pruner=prunes(self.spec),
+        )
+        ref = cluster.launch(self.spec, task, self.board)
+        self.running[ref] = RunningTrial(trial, point, arch, seed)
+
+    def _report_epochs(self) -> None:
+        drained = cluster.drain_epochs(self.board)
+        if drained is None:
+            # Running trials lose progress and pruning (they train on); new ones get a new board.
+            self.board = cluster.new_board()
+            return
+        by_number = {r.trial.number: r for r in self.running.values()}
+        for number, records in drained.items():
+            running = by_number.get(number)
+            if running is None or not records:
+                continue
+            running.epochs_done = records[-1]["epoch"]
+            cluster.report_to_pruner(self.spec, self.board, running.trial, records,
+                                     prunes(self.spec))
+
+    def _record_end(self, ref: ray.ObjectRef, running: RunningTrial) -> None:
+        try:
+            outcome = ray.get(ref)
+        except ray.exceptions.RayError as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            self.recorder.fail(running.trial, FailureKind.WORKER_LOST,
+                               f"worker lost: {type(error).__name__}: {reason}")
+            result = FailureKind.WORKER_LOST
+        else:
+            result = self.recorder.finish(running.trial, outcome)
+        self.counts[result] += 1
+        self.durations.append(time.monotonic() - running.started)
+        if result in FailureKind.RETRYABLE and running.point is not None:
+            retry = self.history.retry(running.point)
+            if retry is not None:
+                self.pending.append(retry)
+                self.to_ask += 1
+        if result == "completed":
+            self.best = self._best()
+        else:
+            attrs = running.trial.user_attrs
+            why = attrs.get(TrialKey.FAILURE) or attrs.get(TrialKey.PRUNED)
+            self.progress.log(f"trial {running.trial.number} ({running.arch.name}, seed "
+                              f"{running.seed}) {result}: {why}")
+
+    def _stop(self, how: str) -> None:
+        """Cancel what runs and mark its trials, holding further signals until that is done."""
+        with signals_held():
+            for ref in self.running:
+                ray.cancel(ref, force=True)
+            marked = self.recorder.mark_unfinished(how)
+            self.progress.log(f"interrupted by {how}: {marked} unfinished trial(s) marked "
+                              "failed; run the same command to resume")
+
+    def _best(self) -> str | None:
+        if len(self.spec.objectives) != 1:
+            front = self.study.best_trials
+            return f"{len(front)} on the Pareto front" if front else None
+        try:
+            best = self.study.best_trial
+        except ValueError:
+            return None
+        name = self.spec.objectives[0]
+        return (f"{name} {METRICS[name].format(best.value)} ({best.user_attrs.get(TrialKey.ARCH_NAME)} "
+                f"seed {best.user_attrs.get(TrialKey.SEED)})")
+
+
+def failures(counts: Counter[str]) -> int:
+    return sum(n for outcome, n in counts.items() if outcome not in ("completed", "pruned"))

@@ -1,0 +1,128 @@
+"""Recording trials: asking Optuna for them, and writing each one's record (record.py) as it is
+launched, as it ends, or when its driver stopped before it ended."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from ..arch import ResNetArch
+from ..profile import ModelProfile
+from ..record import OUTCOME_KEYS, FailureKind, TrialKey, metric_values
+from ..spec import StudySpec
+from .space import distributions, encode_params
+
+_State = optuna.trial.TrialState
+
+
+class TrialRecorder:
+    """The driver's pen: every write of a trial's state or attributes goes through here.
+
+    Kept weights go to `artifacts` (a folder beside the store) and are recorded by their path
+    relative to `store_folder`, so that a runs folder copied or moved elsewhere still finds them.
+    """
+
+    def __init__(self, study: optuna.Study, spec: StudySpec, *, artifacts: Path,
+                 store_folder: Path, max_artifact_mb: float) -> None:
+        self.study = study
+        self.spec = spec
+        self.artifacts = artifacts
+        self.store_folder = store_folder
+        self.max_artifact_mb = max_artifact_mb
+        self._untold: dict[int, optuna.Trial] = {}  # asked by this driver, not yet told
+
+    # -- asking
+
+    def ask(self, params: Mapping[str, Any] | None, seed: int) -> optuna.Trial:
+        """A new trial: of the grid point `params` (handed to Optuna fixed, as an enqueued
+        trial), or, with None, of parameters the study's sampler chooses."""
+        if params is not None:
+            self.study.enqueue_trial(encode_params(params), user_attrs={TrialKey.SEED: seed})
+        trial = self.study.ask(distributions(self.spec))
+        self._untold[trial.number] = trial
+        if params is None:
+            trial.set_user_attr(TrialKey.SEED, seed)
+        return trial
+
+    def record_launch(self, trial: optuna.Trial, arch: ResNetArch, prof: ModelProfile) -> None:
+        for name, value in {
+            TrialKey.ARCH: arch.to_dict(), TrialKey.ARCH_NAME: arch.name,
+            TrialKey.ARCH_DIGEST: arch.digest, TrialKey.PARAMS: prof.params,
+            TrialKey.FLOPS: prof.flops, TrialKey.FLOPS_CONVENTION: prof.convention,
+            TrialKey.RECIPE: self.spec.recipe_for(arch).to_dict(),
+        }.items():
+            trial.set_user_attr(name, value)
+
+    # -- telling
+
+    def _tell(self, trial: optuna.Trial, values: list[float] | None = None,
+              state: _State | None = None) -> None:
+        self.study.tell(trial, values, state=state)
+        self._untold.pop(trial.number, None)
+
+    def fail(self, trial: optuna.Trial, kind: str, reason: str, traceback: str | None = None) -> None:
+        trial.set_user_attr(TrialKey.FAILURE_KIND, kind)
+        trial.set_user_attr(TrialKey.FAILURE, reason)
+        if traceback:
+            trial.set_user_attr(TrialKey.TRACEBACK, traceback)
+        self._tell(trial, state=_State.FAIL)
+
+    def finish(self, trial: optuna.Trial, outcome: Mapping[str, Any]) -> str:
+        """Record a worker's outcome; returns "completed", "pruned" or the failure kind."""
+        for name in OUTCOME_KEYS:
+            if name in outcome:
+                trial.set_user_attr(name, outcome[name])
+        status = outcome["status"]
+        if status == "pruned":
+            trial.set_user_attr(TrialKey.PRUNED, outcome["reason"])
+            self._tell(trial, state=_State.PRUNED)
+            return "pruned"
+        if status == "failed":
+            kind = FailureKind.DIVERGED if outcome.get("diverged") else FailureKind.ERROR
+            self.fail(trial, kind, outcome.get("reason") or "failed", outcome.get("traceback"))
+            return kind
+        if "weights" in outcome:
+            trial.set_user_attr(TrialKey.WEIGHTS, self._keep_weights(trial.number, outcome["weights"]))
+        values = metric_values(trial.user_attrs)
+        self._tell(trial, [float(values[name]) for name in self.spec.objectives])
+        return "completed"
+
+    def _keep_weights(self, number: int, weights: bytes) -> str:
+        """The weights' path relative to the store's folder, or why they were not kept."""
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+        used = sum(p.stat().st_size for p in self.artifacts.glob("*.pt"))
+        if used + len(weights) > self.max_artifact_mb * 2**20:
+            return f"not kept: the artifact store is at its {self.max_artifact_mb:g} MB bound"
+        path = self.artifacts / f"trial-{number:05d}.pt"
+        temporary = path.with_suffix(".tmp")
+        temporary.write_bytes(weights)
+        temporary.replace(path)  # never a half-written file under the final name
+        return Path(os.path.relpath(path.resolve(), self.store_folder.resolve())).as_posix()
+
+    # -- interruptions
+
+    def mark_unfinished(self, how: str) -> int:
+        """Every trial this driver asked and has not told: failed, interrupted by `how`."""
+        untold = list(self._untold.values())
+        for trial in untold:
+            self.fail(trial, FailureKind.INTERRUPTED, f"interrupted by {how}")
+        return len(untold)
+
+    def recover_interrupted(self) -> int:
+        """Trials a killed driver left RUNNING (or enqueued and never asked, WAITING): marked
+        failed, as interrupted, so that the grid's history sees them and no later `ask` picks an
+        orphaned grid point up."""
+        storage = self.study._storage  # a WAITING trial cannot be told: written in the store
+        stale = [t for t in self.study.get_trials(deepcopy=False)
+                 if t.state in (_State.RUNNING, _State.WAITING)]
+        for frozen in stale:
+            storage.set_trial_user_attr(frozen._trial_id, TrialKey.FAILURE_KIND,
+                                        FailureKind.INTERRUPTED)
+            storage.set_trial_user_attr(frozen._trial_id, TrialKey.FAILURE,
+                                        "interrupted: the driver stopped before the trial finished")
+            storage.set_trial_state_values(frozen._trial_id, state=_State.FAIL)
+        return len(stale)

@@ -1,0 +1,149 @@
+"""The study runner: the public face over the driver's parts (opening the store, the grid's
+history, the loop), for `resnet-ablate run` and for Python."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+
+from ..progress import StudyProgress
+from ..record import FailureKind, TrialKey
+from ..spec import StudySpec
+from ..storage import runs_folder, sqlite_path, store_faults, weights_folder
+from . import cluster, grid
+from .costs import StudyCosts
+from .grid import GridHistory, PlannedTrial
+from .loop import DriverLoop, failures
+from .recorder import TrialRecorder
+from .signals import stop_on_sigterm
+from .store import DriverLease, open_study, prepare_store_folder
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    address: str | None = None  # a Ray cluster ("ray://host:10001" or "host:6379"); local if None
+    storage: str | None = None  # overrides the spec's storage
+    workers: int | None = None  # overrides resources.workers
+    runs_dir: Path = field(default_factory=runs_folder)  # see storage.py
+    keep_weights: bool = True
+    max_artifact_mb: float = 2048.0  # the trained-weights store beside the study stops growing here
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    study: str
+    storage: str
+    completed: int
+    failed: int
+    pruned: int
+    launched: int
+    interrupted: str  # "" for a run that ended by itself, else "SIGINT" or "SIGTERM"
+    wall_seconds: float
+    counts_by_state: Mapping[str, int] = field(default_factory=dict)
+
+
+class StudyRunner:
+    """Runs one spec's study to completion (or budget), resuming whatever its store holds."""
+
+    def __init__(self, spec: StudySpec, options: RunOptions = RunOptions()) -> None:
+        self.spec = spec
+        self.options = options
+        self.storage = options.storage or spec.storage_url(options.runs_dir)
+        self.workers = options.workers or spec.resources.workers
+        self.costs = StudyCosts(spec)
+        self._study: optuna.Study | None = None
+
+    @property
+    def study(self) -> optuna.Study:
+        """The study in its store, created on first use (a dry run only reads)."""
+        if self._study is None:
+            prepare_store_folder(self.storage)
+            self._study = open_study(self.spec, self.storage)
+        return self._study
+
+    def _existing_trials(self) -> list[optuna.trial.FrozenTrial]:
+        if self._study is None:
+            database = sqlite_path(self.storage)
+            if database is not None and not database.exists():
+                return []  # opening it would create the file
+            with store_faults(self.storage):
+                names = [s.study_name for s in optuna.get_all_study_summaries(self.storage)]
+            if self.spec.study not in names:
+                return []
+        return self.study.get_trials(deepcopy=False)
+
+    def plan(self) -> list[PlannedTrial]:
+        """Every grid point x seed with its cost and status; nothing is trained or written."""
+        return grid.plan(self.spec, GridHistory(self.spec, self._existing_trials()), self.costs)
+
+    def run(self) -> RunSummary:
+        started = time.monotonic()
+        # A bad store, a missing data set or a cluster without the GPUs asked for stops the run
+        # here, before Ray starts or the store is written.
+        self.costs.check_dataset()
+        self.study  # opened (or created) and checked to be this spec's study
+        cluster.connect(self.spec, self.options.address, self.workers)
+        # After ray.init, which installs a SIGTERM handler of its own that just exits.
+        with stop_on_sigterm() as sigterm, store_faults(self.storage):
+            return self._run(started, sigterm)
+
+    def _run(self, started: float, sigterm: threading.Event) -> RunSummary:
+        lease = DriverLease(self.study, self.storage)
+        lease.acquire()  # before touching trials: another live driver's are not interrupted
+        try:
+            folder = weights_folder(self.storage, self.options.runs_dir)
+            recorder = TrialRecorder(
+                self.study, self.spec, artifacts=folder / f"{self.spec.study}.artifacts",
+                store_folder=folder, max_artifact_mb=self.options.max_artifact_mb)
+            progress = StudyProgress(self.spec.study, enabled=self.options.progress)
+            recovered = recorder.recover_interrupted()
+            if recovered:
+                progress.log(f"marked {recovered} trial(s) of an interrupted run as failed; resuming")
+            trials = self.study.get_trials(deepcopy=False)
+            history = GridHistory(self.spec, trials)
+            budget = self.spec.budget
+            asked = sum(1 for t in trials
+                        if t.user_attrs.get(TrialKey.FAILURE_KIND) != FailureKind.INTERRUPTED)
+            left = budget.trials - asked if budget.trials is not None else math.inf
+            pending = []
+            if self.spec.sampler == "grid":
+                pending = grid.pending_points(self.spec, history, self.costs)
+                if budget.trials is not None:
+                    pending = pending[: max(0, budget.trials - asked)]
+                left = len(pending)
+            loop = DriverLoop(
+                self.spec, study=self.study, recorder=recorder, costs=self.costs, history=history,
+                pending=pending, to_ask=left, workers=self.workers,
+                deadline=started + 60 * budget.minutes if budget.minutes else math.inf,
+                keep_weights=self.options.keep_weights, progress=progress,
+                renew_lease=lease.renew, sigterm=sigterm)
+            result = loop.run()
+        except Exception:
+            lease.check_same_file()  # the reason behind a database error, where the file went away
+            raise
+        finally:
+            lease.release()
+        states = Counter(t.state.name for t in self.study.get_trials(deepcopy=False))
+        return RunSummary(
+            study=self.spec.study, storage=self.storage, completed=result.counts["completed"],
+            failed=failures(result.counts), pruned=result.counts["pruned"],
+            launched=result.launched, interrupted=result.interrupted,
+            wall_seconds=time.monotonic() - started, counts_by_state=dict(states))
+
+
+def run_study(spec: StudySpec, options: RunOptions = RunOptions()) -> RunSummary:
+    """Run (or resume) the study a spec describes; see study/loop.py for fault handling."""
+    return StudyRunner(spec, options).run()
+
+
+def plan_study(spec: StudySpec, options: RunOptions = RunOptions()) -> list[PlannedTrial]:
+    """The trials a grid study would run, with parameters, FLOPs and cost; nothing is trained."""
+    return StudyRunner(spec, options).plan()

@@ -1,0 +1,72 @@
+"""The spec's search space as Optuna sees it: distributions, stored values, samplers, pruners.
+
+Grid studies enumerate their points themselves (grid.py) and hand each one to Optuna with
+`Study.enqueue_trial`, so every parameter of a grid trial is fixed and the sampler is never asked;
+random and TPE studies let Optuna's samplers choose.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import optuna
+
+from ..record import PRUNABLE_OBJECTIVES
+from ..spec import IntRange, StudySpec
+
+
+def encode_value(value: Any) -> Any:
+    """Optuna stores scalars only: a tuple value (stages, widths) is stored as JSON text."""
+    return json.dumps(list(value)) if isinstance(value, (tuple, list)) else value
+
+
+def encode_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: encode_value(value) for name, value in params.items()}
+
+
+def decode_params(params: Mapping[str, Any], space: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's stored parameters as the spec's values, in the space's order."""
+    decoded = {}
+    for name, value in params.items():
+        if isinstance(value, str) and value.startswith("["):
+            value = tuple(json.loads(value))
+        decoded[name] = value
+    return {name: decoded[name] for name in space if name in decoded}
+
+
+def point_key(params: Mapping[str, Any], seed: int) -> str:
+    """One grid point with its seed, as a hashable key (what "the same trial" means)."""
+    return json.dumps([encode_params(params), seed], sort_keys=True)
+
+
+def distributions(spec: StudySpec) -> dict[str, optuna.distributions.BaseDistribution]:
+    dists: dict[str, optuna.distributions.BaseDistribution] = {}
+    for name, choice in spec.space.items():
+        if isinstance(choice, IntRange):
+            dists[name] = optuna.distributions.IntDistribution(choice.low, choice.high, step=choice.step)
+        else:
+            dists[name] = optuna.distributions.CategoricalDistribution([encode_value(c) for c in choice])
+    return dists
+
+
+def sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+    if spec.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=spec.seeds[0])
+    # Grid trials come enqueued with every parameter fixed: their sampler is never asked.
+    return optuna.samplers.RandomSampler(seed=spec.seeds[0])
+
+
+def pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    if spec.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    if spec.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    return optuna.pruners.NopPruner()
+
+
+def prunes(spec: StudySpec) -> bool:
+    """Whether trials report per-epoch values to a pruner: one accuracy-type objective only."""
+    return spec.pruner != "none" and len(spec.objectives) == 1 \
+        and spec.objectives[0] in PRUNABLE_OBJECTIVES

@@ -1,0 +1,197 @@
+"""Fault injection: the study store and the command line under hostile but ordinary use.
+
+Each test does the fault for real (racing driver processes, corrupt, truncated, read-only and
+deleted stores, unreachable servers, files where folders belong) and asserts one clear line, the
+right exit code, and that nothing already recorded is lost or changed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from helpers import RESULTS_STUDY, free_port, raw_spec, write_spec
+from resnet_ablate.cli import main
+from resnet_ablate.spec import parse_spec
+
+# A driver process that takes the study's lease when the go file appears, and holds it a while.
+RACER = r"""
+import os, sys, time
+import optuna
+from resnet_ablate.study import DriverLease, StudyBusy
+
+url, name, go, hold = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+lease = DriverLease(optuna.load_study(study_name=name, storage=url), url)
+print("ready", flush=True)
+while not os.path.exists(go):
+    pass
+try:
+    lease.acquire()
+except StudyBusy:
+    print("busy", flush=True)
+else:
+    print("won", flush=True)
+    time.sleep(hold)
+    lease.release()
+"""
+
+
+def _race(url: str, name: str, folder: Path, racers: int = 6) -> list[str]:
+    """Start `racers` drivers, let them reach for the lease at once; what each got."""
+    from resnet_ablate.study import open_study
+
+    open_study(parse_spec(raw_spec(name)), url)
+    go = folder / f"go-{name}"
+    processes = [subprocess.Popen([sys.executable, "-c", RACER, url, name, str(go), "8"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(racers)]
+    for process in processes:
+        assert process.stdout.readline().strip() == "ready", process.stderr.read()
+    go.touch()
+    outcomes = []
+    for process in processes:
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err
+        outcomes.append(out.strip())
+    return outcomes
+
+
+def test_drivers_racing_for_a_sqlite_study_get_it_once(tmp_path):
+    outcomes = _race(f"sqlite:///{tmp_path / 'race.db'}", "race", tmp_path)
+    assert sorted(outcomes) == ["busy"] * (len(outcomes) - 1) + ["won"], outcomes
+
+
+@pytest.mark.cluster
+def test_drivers_racing_for_a_postgresql_study_get_it_once(postgres_url, tmp_path):
+    outcomes = _race(postgres_url, "race-pg", tmp_path)
+    assert sorted(outcomes) == ["busy"] * (len(outcomes) - 1) + ["won"], outcomes
+
+
+# -- stores that cannot be used: one line, exit 2, the file untouched
+
+
+def _spec_file(folder: Path, name: str = "faults") -> Path:
+    return write_spec(folder, raw_spec(name, seeds=1))
+
+
+def _one_line_error(capsys, argv: list[str]) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_store_is_refused_in_one_line_and_left_as_it_was(damage, runs, tmp_path, capsys):
+    store = tmp_path / "runs" / "faults.db"
+    store.parent.mkdir()
+    if damage == "garbage":
+        store.write_bytes(b"not a database " * 100)
+    else:  # a real study store, cut in half (a copy that stopped early)
+        whole = (Path(runs) / f"{RESULTS_STUDY}.db").read_bytes()
+        store.write_bytes(whole[: len(whole) // 2])
+    before = store.read_bytes()
+    spec = _spec_file(tmp_path)
+    for argv in (["run", str(spec), "--runs-dir", str(store.parent), "--quiet"],
+                 ["run", str(spec), "--runs-dir", str(store.parent), "--dry-run"],
+                 ["show", str(store)], ["summary", "faults", "--runs-dir", str(store.parent)]):
+        err = _one_line_error(capsys, argv)
+        assert "not a readable study store" in err and str(store.name) in err, err
+    assert store.read_bytes() == before
+
+
+def test_a_read_only_store_is_refused_in_one_line(tmp_path, capsys):
+    store = tmp_path / "ro.db"
+    optuna.create_study(study_name="other", storage=f"sqlite:///{store}")
+    before = store.read_bytes()
+    # SQLite's read-only open: what a store on a read-only mount or without write access gives
+    # (file modes cannot show it to a test running as root, which ignores them).
+    url = f"sqlite:///file:{store}?mode=ro&uri=true"
+    err = _one_line_error(capsys, ["run", str(_spec_file(tmp_path)), "--storage", url, "--quiet"])
+    assert "cannot write" in err and "readonly" in err, err
+    assert store.read_bytes() == before
+
+
+@pytest.mark.parametrize("storage, expected", [
+    ("not a url", "cannot parse the storage URL 'not a url'"),
+    ("postgresql+psycopg://nobody@127.0.0.1:{port}/studies", "cannot connect"),
+])
+def test_an_unusable_storage_url_is_refused_in_one_line(storage, expected, tmp_path, capsys):
+    pytest.importorskip("psycopg") if storage.startswith("postgresql") else None
+    url = storage.format(port=free_port())
+    err = _one_line_error(capsys, ["run", str(_spec_file(tmp_path)), "--storage", url, "--quiet"])
+    assert expected in err, err
+
+
+def test_a_runs_folder_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    runs.write_text("my notes\n")
+    err = _one_line_error(capsys, ["run", str(_spec_file(tmp_path)), "--runs-dir", str(runs)])
+    assert f"{runs} is a file, not a folder" in err
+    assert runs.read_text() == "my notes\n"
+
+
+@pytest.mark.parametrize("content, expected", [
+    (bytes(range(256)) * 8, "not a text file (not UTF-8)"),
+    (b"study: x\x00\x00\n", "not a text file (it holds NUL bytes)"),
+    (b"x" * 5000, "the spec: expected a mapping, got str 'xxxx"),
+])
+def test_a_spec_that_is_not_a_spec_is_refused_in_one_short_line(content, expected, tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_bytes(content)
+    err = _one_line_error(capsys, ["run", str(spec)])
+    assert expected in err and len(err) < 300, err
+
+
+# -- a store deleted under a running driver
+
+
+def _running_trials(store: Path, name: str) -> int:
+    try:
+        trials = optuna.load_study(study_name=name, storage=f"sqlite:///{store}").get_trials()
+    except KeyError:  # the driver has not created the study yet
+        return 0
+    return sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
+
+
+def test_a_store_deleted_while_its_study_runs_stops_the_driver_with_the_reason(tmp_path):
+    spec = write_spec(tmp_path, raw_spec("vanish", epochs=40, seeds=3))
+    store = tmp_path / "vanish.db"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "resnet_ablate", "run", str(spec), "--runs-dir", str(tmp_path),
+         "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not _running_trials(store, "vanish"):
+        assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()
+        time.sleep(0.2)
+    os.remove(store)
+    _, err = driver.communicate(timeout=300)
+    assert driver.returncode == 2, err
+    assert "the file was deleted or replaced while this driver ran" in err, err
+    assert "Traceback" not in err, err
+    assert not store.exists(), "no empty store was made in the deleted one's place"
+
+
+# -- a runs folder moved elsewhere keeps its trained weights
+
+
+def test_a_runs_folder_moved_elsewhere_keeps_its_weights(runs, tmp_path):
+    from resnet_ablate.results import load
+
+    moved = tmp_path / "elsewhere" / "runs"
+    shutil.copytree(runs, moved)
+    original, copy = load(RESULTS_STUDY, runs_dir=runs), load(str(moved / f"{RESULTS_STUDY}.db"))
+    numbers = [int(n) for n in copy.completed()["number"]]
+    assert numbers
+    for number in numbers:
+        assert copy.weights_path(number).is_relative_to(moved)
+        a, b = original.model(number).state_dict(), copy.model(number).state_dict()
+        assert all((a[k] == b[k]).all() for k in a)

@@ -34,6 +34,9 @@ EXPANSION: dict[str, int] = {"basic": 1, "bottleneck": 4}
 
 # Conv layers per block: what turns blocks-per-stage into a depth (plus the stem conv and the fc).
 LAYERS_PER_BLOCK: dict[str, int] = {"basic": 2, "bottleneck": 3}
+# The deepest network described: above the paper's deepest (1202 layers) with room to spare. A
+# far deeper one is a typo, and would take minutes to build and profile before anything says so.
+MAX_DEPTH = 2000
 
 # The paper's Table 1.
 IMAGENET_DEPTHS: dict[int, tuple[str, tuple[int, ...]]] = {
@@ -135,6 +138,9 @@ class ResNetArch:
                 num_stages = len(stages) if stages is not None else len(_DEFAULT_WIDTHS["cifar"])
             block, stages, depth = _resolve_cifar(block, stages, depth, num_stages)
 
+        if depth > MAX_DEPTH:
+            raise ArchError(f"ResNetArch.depth={depth} is above the deepest network the toolkit "
+                            f"builds, {MAX_DEPTH} layers (the paper's deepest has 1202)")
         if widths is None:
             base = _DEFAULT_WIDTHS[family][0]
             widths = tuple(base * 2**i for i in range(len(stages)))

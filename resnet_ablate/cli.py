@@ -292,12 +292,15 @@ def _add_query_commands(sub) -> None:
 
 
 def _positive_int(text: str) -> int:
+    from .spec import MAX_WORKERS
+
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a count of workers: give an int >= 1")
+    if not 1 <= value <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count of workers: give an int from "
+                                         f"1 to {MAX_WORKERS}")
     return value
 
 

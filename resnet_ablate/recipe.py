@@ -23,6 +23,10 @@ MEMORY_FORMATS: tuple[str, ...] = ("channels_last", "nchw")
 EXECUTION_ONLY: tuple[str, ...] = ("memory_format", "compile", "cuda_graphs")
 
 
+# A bound far above any recipe's (a billion epochs is a typo that would be planned in silence).
+MAX_EPOCHS = 10_000
+
+
 @dataclass(frozen=True)
 class TrainRecipe:
     """How to train: the paper's CIFAR-10 recipe by default, with milestones as fractions of epochs.
@@ -72,6 +76,9 @@ class TrainRecipe:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 fail(name, "an int >= 1")
+        if self.epochs > MAX_EPOCHS:
+            fail("epochs", f"at most {MAX_EPOCHS} (the paper trains 164 on CIFAR-10, ~120 on "
+                           "ImageNet)")
         for name in ("lr", "warmup_lr", "gamma"):
             if not _is_number(getattr(self, name)) or not getattr(self, name) > 0:
                 fail(name, "a number > 0")

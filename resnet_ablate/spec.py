@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -43,6 +44,10 @@ from .recipe import TrainRecipe
 from .storage import default_storage
 
 SAMPLERS = ("grid", "random", "tpe")
+# Bounds far above any real study, so that a typo (a billion trials, a million workers) is an
+# error here rather than a plan that never ends.
+MAX_TRIALS = 10_000  # grid points x seeds, budget.trials, and values in one range
+MAX_WORKERS = 1024
 PRUNERS = ("none", "median", "successive_halving")
 # The data sets a spec can name; resnet_ablate.data loads them.
 DATASETS: tuple[str, ...] = ("digits", "cifar10", "synthetic")
@@ -102,8 +107,8 @@ class IntRange:
     high: int
     step: int = 1
 
-    def values(self) -> list[int]:
-        return list(range(self.low, self.high + 1, self.step))
+    def values(self) -> range:
+        return range(self.low, self.high + 1, self.step)
 
 
 @dataclass(frozen=True)
@@ -151,8 +156,8 @@ class StudySpec:
         return self.storage or default_storage(self.study, runs_dir)
 
 
-def _values(choice: tuple[Any, ...] | IntRange) -> list[Any]:
-    return choice.values() if isinstance(choice, IntRange) else list(choice)
+def _values(choice: tuple[Any, ...] | IntRange) -> Sequence[Any]:
+    return choice.values() if isinstance(choice, IntRange) else choice
 
 
 class _Checker:
@@ -310,12 +315,22 @@ def parse_spec(raw: Any, *, source: str = "<spec>") -> StudySpec:
         value = getattr(budget, name)
         if value is not None and value <= 0:
             raise check.fail(f"budget.{name}", f"must be > 0 (or null for no limit), got {value}")
+    if budget.trials is not None and budget.trials > MAX_TRIALS:
+        raise check.fail("budget.trials", f"at most {MAX_TRIALS}, got {budget.trials}")
+    points = math.prod(len(_values(c)) for c in space.values())
+    if sampler == "grid" and points * len(seeds) > MAX_TRIALS:
+        raise check.fail("space", f"the grid's {points} points x {len(seeds)} seeds make "
+                                  f"{points * len(seeds)} trials; at most {MAX_TRIALS}: sweep fewer "
+                                  "values, or use sampler: random or tpe with a budget")
     if sampler != "grid" and budget.trials is None and budget.minutes is None:
         raise check.fail("budget", f"the {sampler} sampler needs budget.trials or budget.minutes "
                                    "to know when to stop")
     resources = Resources(**check.dataclass_section("resources", top.get("resources"), Resources))
     if resources.cpus <= 0 or resources.gpus < 0 or resources.workers < 1:
         raise check.fail("resources", f"need cpus > 0, gpus >= 0 and workers >= 1, got {resources}")
+    if resources.workers > MAX_WORKERS:
+        raise check.fail("resources.workers", f"at most {MAX_WORKERS} trials at once, got "
+                                              f"{resources.workers}")
     if recipe.cuda_graphs and recipe.precision == "fp16":
         raise check.fail("train.cuda_graphs", "runs precision bf16 or fp32, not fp16 (its gradient "
                                               "scaler is not captured); set precision: bf16")
@@ -379,9 +394,14 @@ def _space(check: _Checker, value: Any, sampler: str, model: Mapping[str, Any]) 
                 raise check.fail(where, "a range needs low and high (and optionally step)")
             for key, bound in choices.items():
                 check.typed(f"{where}.{key}", bound, int, "an int")
+            if choices.get("step", 1) < 1:
+                raise check.fail(f"{where}.step", f"must be >= 1, got {choices['step']}")
             space[name] = IntRange(choices["low"], choices["high"], choices.get("step", 1))
             if not space[name].values():
                 raise check.fail(where, f"the range {dict(choices)} holds no value")
+            if len(space[name].values()) > MAX_TRIALS:
+                raise check.fail(where, f"the range {dict(choices)} holds "
+                                        f"{len(space[name].values())} values; at most {MAX_TRIALS}")
         else:
             if not isinstance(choices, list):
                 choices = [choices]

@@ -195,3 +195,22 @@ def test_a_runs_folder_moved_elsewhere_keeps_its_weights(runs, tmp_path):
         assert copy.weights_path(number).is_relative_to(moved)
         a, b = original.model(number).state_dict(), copy.model(number).state_dict()
         assert all((a[k] == b[k]).all() for k in a)
+
+
+# -- a dry run refuses what a run would refuse
+
+
+def test_a_dry_run_refuses_a_missing_data_set_as_a_run_does(tmp_path, capsys):
+    raw = {**raw_spec("no-cifar", seeds=1), "dataset": {"name": "cifar10", "root": str(tmp_path / "none")}}
+    for extra in (["--dry-run"], ["--quiet"]):
+        err = _one_line_error(capsys, ["run", str(write_spec(tmp_path, raw)), "--runs-dir",
+                                       str(tmp_path), *extra])
+        assert "CIFAR-10 not found" in err
+    assert not list(tmp_path.glob("*.db")), "nothing was stored"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_a_dry_run_refuses_gpus_on_a_machine_without_one(tmp_path, capsys):
+    raw = {**raw_spec("gpu-less", seeds=1), "resources": {"gpus": 1, "workers": 1}}
+    err = _one_line_error(capsys, ["run", str(write_spec(tmp_path, raw)), "--dry-run"])
+    assert "resources.gpus=1 but this machine has no GPU" in err

@@ -50,7 +50,7 @@ def test_ranges_for_random_and_tpe():
     spec = parse_spec({"study": "s", "sampler": "tpe", "budget": {"trials": 4},
                        "space": {"depth": {"low": 20, "high": 56, "step": 6}}})
     assert spec.space["depth"] == IntRange(20, 56, 6)
-    assert spec.space["depth"].values() == [20, 26, 32, 38, 44, 50, 56]
+    assert list(spec.space["depth"].values()) == [20, 26, 32, 38, 44, 50, 56]
 
 
 @pytest.mark.parametrize("raw,expected", [
@@ -91,6 +91,19 @@ def test_ranges_for_random_and_tpe():
     ({**MINIMAL, "study": ".."}, "study: '..' is not a usable name"),
     ({**MINIMAL, "study": "a/b"}, "study: 'a/b' is not a usable name"),
     ({**MINIMAL, "study": "x\x00y"}, "is not a usable name"),
+    # Bounds: a typo far past any real study is refused, not planned (or built) for minutes.
+    ({**MINIMAL, "space": {"depth": [20, 60002]}},
+     "ResNetArch.depth=60002 is above the deepest network the toolkit builds, 2000 layers"),
+    ({**MINIMAL, "train": {"epochs": 10**9}}, "TrainRecipe.epochs must be at most 10000"),
+    ({**MINIMAL, "space": {"depth": [20, 32]}, "seeds": 6000},
+     "space: the grid's 2 points x 6000 seeds make 12000 trials; at most 10000"),
+    ({**MINIMAL, "sampler": "random", "space": {"depth": {"low": 2, "high": 10**9}},
+      "budget": {"trials": 4}}, "space.depth: the range {'low': 2, 'high': 1000000000} holds "
+                                "999999999 values; at most 10000"),
+    ({**MINIMAL, "sampler": "random", "space": {"depth": {"low": 20, "high": 32, "step": 0}},
+      "budget": {"trials": 4}}, "space.depth.step: must be >= 1, got 0"),
+    ({**MINIMAL, "budget": {"trials": 10**6}}, "budget.trials: at most 10000, got 1000000"),
+    ({**MINIMAL, "resources": {"workers": 10**6}}, "resources.workers: at most 1024 trials at once"),
 ])
 def test_invalid_specs_name_file_field_and_what_is_valid(raw, expected):
     assert expected in _error(raw)

@@ -36,6 +36,16 @@ def connect(spec: StudySpec, address: str | None, workers: int) -> None:
             f"(its resources: {ray.cluster_resources()}); set gpus: 0 to train on CPUs")
 
 
+def check_local_gpus(spec: StudySpec) -> None:
+    """What `connect` would find of a local Ray's GPUs, without starting one (for a dry run)."""
+    import torch
+
+    if spec.resources.gpus > 0 and torch.cuda.device_count() == 0:
+        raise ClusterError(f"{spec.source}: resources.gpus={spec.resources.gpus} but this machine "
+                           "has no GPU; set gpus: 0 to train on CPUs, or pass --address of a "
+                           "Ray cluster that has GPUs")
+
+
 def launch(spec: StudySpec, task: TrialTask, board: Any) -> ray.ObjectRef:
     """Start one trial as a Ray task with the spec's resources per trial."""
     options: dict[str, Any] = {"num_cpus": spec.resources.cpus}

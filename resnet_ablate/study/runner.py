@@ -81,7 +81,11 @@ class StudyRunner:
         return self.study.get_trials(deepcopy=False)
 
     def plan(self) -> list[PlannedTrial]:
-        """Every grid point x seed with its cost and status; nothing is trained or written."""
+        """Every grid point x seed with its cost and status; nothing is trained or written. The
+        data set and (on this machine) the GPUs are checked as a run would check them."""
+        self.costs.check_dataset()
+        if self.options.address is None:
+            cluster.check_local_gpus(self.spec)
         return grid.plan(self.spec, GridHistory(self.spec, self._existing_trials()), self.costs)
 
     def run(self) -> RunSummary:

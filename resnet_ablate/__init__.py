@@ -21,8 +21,9 @@ _EXPORTS: dict[str, str] = {
     "TrainRecipe": "recipe",
     "BasicBlock": "blocks", "Bottleneck": "blocks",
     "FuseReport": "fuse", "FuseWarning": "fuse", "fuse": "fuse",
+    "from_torchvision": "convert", "unfuse": "convert",
     "ModelProfile": "profile", "profile": "profile",
-    "ResNet": "models", "build": "models", "cifar_resnet": "models", "imagenet_resnet": "models",
+    "DownsamplingWarning": "models", "ResNet": "models", "build": "models", "cifar_resnet": "models", "imagenet_resnet": "models",
     **{f"resnet{depth}": "models" for depth in (8, 18, 20, 32, 34, 44, 50, 56, 101, 110, 152, 1202)},
 }
 
@@ -69,9 +70,10 @@ sys.modules[__name__].__class__ = _Package
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from .arch import ArchError, ResNetArch
     from .blocks import BasicBlock, Bottleneck
+    from .convert import from_torchvision, unfuse
     from .fuse import FuseReport, FuseWarning, fuse
     from .models import (
-        ResNet, build, cifar_resnet, imagenet_resnet, resnet8, resnet18, resnet20, resnet32,
+        DownsamplingWarning, ResNet, build, cifar_resnet, imagenet_resnet, resnet8, resnet18, resnet20, resnet32,
         resnet34, resnet44, resnet50, resnet56, resnet101, resnet110, resnet152, resnet1202,
     )
     from .profile import ModelProfile, profile

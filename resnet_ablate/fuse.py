@@ -1,9 +1,13 @@
-"""`fuse(model)`: give an existing torchvision-style ResNet the fused BN + add + ReLU epilogues.
+"""`fuse(model)`: give an existing torchvision- or timm-style ResNet the fused BN + add + ReLU
+epilogues (`unfuse`, in convert.py, goes back).
 
-A block is converted only when it is recognisably torchvision's `BasicBlock` / `Bottleneck`:
-children exactly conv1/bn1/conv2/bn2[/conv3/bn3]/relu[/downsample], plain `nn.BatchNorm2d` and
-`nn.ReLU`, no hooks, and (the check that catches a changed forward) the converted block gives
-the original's output on a probe input. Converted blocks reuse the original convs, shortcut
+A block is converted only when it is recognisably torchvision's or timm's `BasicBlock` /
+`Bottleneck`: children exactly conv1/bn1/conv2/bn2[/conv3/bn3], then torchvision's shared `relu`
+or timm's act1/act2[/act3], and an optional downsample; timm's drop_block, aa, se and drop_path
+only where they are nn.Identity (in use, each changes the block in a way the fused epilogue cannot
+reproduce: such blocks are refused with that reason); plain `nn.BatchNorm2d` and `nn.ReLU`, no
+hooks, and (the check that catches a changed forward) the converted block gives the original's
+output on a probe input. A model with no block at all is reported too. Converted blocks reuse the original convs, shortcut
 module, BN parameters and buffers (same tensors), so weights, outputs and gradients are unchanged
 and optimizers built before fusing keep working. Anything that looks like a block but fails a
 check is left as it is and reported, with the reason, in a warning and in the `FuseReport`.
@@ -56,23 +60,48 @@ def _looks_like_block(module: nn.Module) -> bool:
     return has_parts or class_name.endswith("block") or "bottleneck" in class_name
 
 
+# timm's blocks hold these optional parts, None or nn.Identity where unused; each, where used,
+# changes the block in a way the fused epilogue cannot reproduce exactly.
+_OPTIONAL_PARTS = {
+    "drop_block": "it masks a BN output before its activation",
+    "aa": "it blurs (anti-aliased downsampling) inside the block, where the converted block has no "
+          "place for it",
+    "se": "it rescales the last BN's output before the residual add, so that add cannot be fused",
+    "drop_path": "it drops the residual branch per sample (stochastic depth) before the add",
+}
+
+
+def _layout(children: dict[str, nn.Module]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The conv/BN parts and the activation modules a block should have: torchvision's one shared
+    `relu`, or timm's act1/act2(/act3), one per activation."""
+    bottleneck = "conv3" in children or "bn3" in children
+    parts = _BOTTLENECK_PARTS if bottleneck else _BASIC_PARTS
+    if "relu" in children:
+        return parts, ("relu",)
+    return parts, ("act1", "act2", "act3") if bottleneck else ("act1", "act2")
+
+
 def _unrecognised_because(block: nn.Module) -> str | None:
-    """Why `block` is not a standard torchvision block, or None when it is."""
+    """Why `block` is not a standard torchvision or timm block, or None when it is."""
     children = dict(block.named_children())
-    parts = _BOTTLENECK_PARTS if "conv3" in children or "bn3" in children else _BASIC_PARTS
-    missing = [p for p in (*parts, "relu") if p not in children]
+    parts, activations = _layout(children)
+    missing = [p for p in (*parts, *activations) if p not in children]
     if missing:
         return f"missing submodules {missing}"
-    extra = sorted(set(children) - {*parts, "relu", "downsample"})
+    extra = sorted(set(children) - {*parts, *activations, "downsample", *_OPTIONAL_PARTS})
     if extra:
         return f"unexpected submodules {extra}: its forward may use them"
+    for part, why in _OPTIONAL_PARTS.items():
+        if part in children and type(children[part]) is not nn.Identity:
+            return f"{part} is {type(children[part]).__name__}: {why}"
     for part in parts:
         module = children[part]
         expected = nn.Conv2d if part.startswith("conv") else nn.BatchNorm2d
         if type(module) is not expected:  # subclasses (SyncBatchNorm, custom convs) may differ
             return f"{part} is {type(module).__name__}, expected {expected.__name__}"
-    if type(children["relu"]) is not nn.ReLU:
-        return f"relu is {type(children['relu']).__name__}, expected ReLU"
+    for part in activations:
+        if type(children[part]) is not nn.ReLU:
+            return f"{part} is {type(children[part]).__name__}, expected ReLU"
     if any(m._forward_hooks or m._forward_pre_hooks for m in block.modules()):
         return "it has forward hooks, which the converted block would not call"
     if any(p.is_meta for p in block.parameters()):
@@ -207,6 +236,11 @@ def fuse(model: M, *, strict: bool = False, return_report: bool = False) -> M | 
     report = plan.report
     if strict and report.skipped:
         raise ValueError("fuse(strict=True): blocks not recognised, nothing changed: " + _describe(report.skipped))
+    already = any(isinstance(m, (BasicBlock, Bottleneck)) for m in model.modules())
+    if not report.fused and not report.skipped and not plan.own_models and not already:
+        warnings.warn(f"fuse found no residual block in {type(model).__name__}: nothing changed "
+                      "(it converts torchvision's and timm's BasicBlock / Bottleneck and this "
+                      "package's models)", FuseWarning, stacklevel=2)
     _apply(model, plan)
     if report.skipped:
         warnings.warn(

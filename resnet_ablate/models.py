@@ -5,12 +5,15 @@
   Works for any input size and channel count (e.g. 8x8 single-channel digits).
 - ImageNet family (Table 1): 7x7 stride-2 stem conv, 3x3 stride-2 max-pool, 4 stages at strides
   1/2/2/2, global average pool, fc. With shortcut "B" the state_dict keys and shapes are
-  torchvision's (conv1, bn1, layer1.0.conv1, ..., layer2.0.downsample.0/.1, fc), whichever
-  `downsampling`, so torchvision checkpoints load with `strict=True`.
+  torchvision's (conv1, bn1, layer1.0.conv1, ..., layer2.0.downsample.0/.1, fc), so torchvision
+  checkpoints load with `strict=True`. Their bottlenecks are "v1.5": build with
+  downsampling="v1.5" (or use `from_torchvision`); loading them into the paper's "v1" warns
+  (`DownsamplingWarning`), since the keys match but the network differs.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -28,8 +31,19 @@ BLOCK_CLASSES: dict[str, type[BasicBlock] | type[Bottleneck]] = {
 _DEFAULT_CLASSES = {"cifar": 10, "imagenet": 1000}
 
 
+class DownsamplingWarning(UserWarning):
+    """Weights not saved by this toolkit loaded into a bottleneck net with the paper's "v1"
+    downsampling: torchvision's (and timm's) checkpoints are "v1.5", which matches every key and
+    shape but computes another network."""
+
+
 class ResNet(nn.Module):
     """A residual (or plain) network described by `arch`; `arch` is kept on the module."""
+
+    # A state_dict saved from this class carries version 2 in its metadata; torchvision's and
+    # timm's carry the default 1. That is how loading tells the toolkit's v1 checkpoints from
+    # theirs, whose keys and shapes match a v1 net exactly.
+    _version = 2
 
     def __init__(
         self,
@@ -95,6 +109,21 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        arch = self.arch
+        if (arch.family == "imagenet" and arch.block == "bottleneck" and arch.downsampling == "v1"
+                and local_metadata.get("version", 1) < self._version):
+            warnings.warn(
+                f"loading weights not saved by resnet_ablate into {arch.name}, which strides its "
+                "bottlenecks in the first 1x1 (the paper's v1); torchvision's and timm's weights "
+                "are v1.5 (stride in the 3x3): every key and shape matches, but the network "
+                "computes something else. For their weights build it with "
+                "downsampling='v1.5', or convert with resnet_ablate.from_torchvision(model)",
+                DownsamplingWarning, stacklevel=4)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
 
 class BuildOptions(TypedDict, total=False):

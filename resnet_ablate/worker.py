@@ -149,7 +149,7 @@ def execute(task: TrialTask, board: Any | None = None) -> dict[str, Any]:
     outcome["diverged"] = result.status == "diverged"
     if task.keep_weights and result.ok:
         buffer = io.BytesIO()
-        torch.save({k: v.cpu() for k, v in built[-1].state_dict().items()}, buffer)
+        torch.save(built[-1].to("cpu").state_dict(), buffer)  # with its metadata (versions)
         outcome["weights"] = buffer.getvalue()
     return outcome
 

@@ -30,7 +30,7 @@ def _run(args: argparse.Namespace) -> int:
                          runs_dir=runs_folder(args.runs_dir), keep_weights=not args.no_weights,
                          progress=not args.quiet)
     if args.dry_run:
-        return _print_plan(spec, plan_study(spec, options))
+        return _print_plan(spec, plan_study(spec, options), args.format)
     summary = run_study(spec, options)
     print(f"study {summary.study}: {summary.completed} completed, {summary.failed} failed, "
           f"{summary.pruned} pruned this run in {summary.wall_seconds:.1f} s; "
@@ -42,25 +42,34 @@ def _run(args: argparse.Namespace) -> int:
               f"see `resnet-ablate show {summary.study} --columns number,state,failure`",
               file=sys.stderr)
         return 1
+    from .report import summary_with_training_error
     from .results import load
 
     results = load(spec.study, storage=summary.storage)
     if len(results.completed()):
-        table = results.summary()
-        # Training error beside test error: the degradation problem shows in training error.
-        table.insert(table.columns.get_loc("test_error_mean"), "train_error_mean",
-                     results.summary(metric="train_error")["train_error_mean"].to_numpy())
+        table = summary_with_training_error(results)
         print(results.format_table(table))
         _note_few_seeds(table)
     return 0
 
 
-def _print_plan(spec, planned) -> int:
+def _print_plan(spec, planned, fmt: str = "table") -> int:
     if spec.sampler != "grid":
         print(f"{spec.source}: the {spec.sampler} sampler chooses trials as it goes; "
               f"budget: {spec.budget.trials or 'no'} trials, {spec.budget.minutes or 'no'} minutes")
         return 0
     swept = list(spec.space)
+    if fmt != "table":  # exact values for scripts: one record per trial
+        import pandas as pd
+
+        from .results import write_frame
+
+        frame = pd.DataFrame([{**{n: p.params[n] for n in swept}, "seed": p.seed,
+                               "arch": p.arch.name, "params": p.params_count,
+                               "gflops": p.gflops, "train_tflops": p.train_tflops,
+                               "status": p.status} for p in planned])
+        print(write_frame(frame, fmt))
+        return 0
     header = [*swept, "seed", "arch", "params (M)", "GFLOPs", "train TFLOPs", "status"]
     rows = [[*(str(p.params[n]) for n in swept), str(p.seed), p.arch.name,
              f"{p.params_count / 1e6:.3f}", f"{p.gflops:.4f}", f"{p.train_tflops:.2f}", p.status]
@@ -321,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "$RESNET_ABLATE_RUNS, else ./runs)")
     run.add_argument("--dry-run", action="store_true",
                      help="list the trials with their FLOPs and cost; train nothing")
+    run.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                     help="how --dry-run prints its plan (csv and json: exact values)")
     run.add_argument("--no-weights", action="store_true", help="do not keep trained weights")
     run.add_argument("--quiet", action="store_true", help="no progress display")
     _add_query_commands(sub)

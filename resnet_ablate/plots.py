@@ -3,8 +3,10 @@
 - `plot_curves`: Fig. 6, training curves by depth, plain vs residual: thin lines training error,
   bold lines test error, the mean over seeds per configuration.
 - `plot_depth`: error against depth, one line per shortcut option, with 95% CI error bars.
-- `plot_pareto`: test error against GFLOPs for every completed trial, the Pareto front joined.
-- `plot_responses`: Fig. 7, the std of each 3x3 layer's BN output, in layer order and sorted.
+- `plot_pareto`: test error against FLOPs (G or M, log-scaled where they span a wide range) for
+  every completed trial, the Pareto front joined.
+- `plot_responses`: Fig. 7, the std of each 3x3 layer's BN output, in layer order and sorted, on
+  a log scale.
 
 Figures are built with `matplotlib.figure.Figure` and saved through the Agg canvas, so importing
 this module never picks or changes pyplot's global backend.
@@ -124,23 +126,39 @@ def plot_pareto(results: Results, *, metric: str = "test_error", cost: str = "fl
     """Every completed trial's `metric` against its `cost`, the Pareto front joined as a staircase."""
     done = results.require_completed("plot")
     front = results.pareto([metric, cost]).sort_values(cost)
-    scale = {"flops": 1e-9, "params": 1e-6}.get(cost, 1.0)
-    unit = {"flops": "GFLOPs", "params": "M params"}.get(cost, cost)
+    scale, unit = _cost_unit(cost, done[cost].astype(float).max())
     figure, (ax,) = _figure()
     label_by = "shortcut" if _varied(results, "shortcut") else "arch_name"
     for i, (value, group) in enumerate(done.groupby(label_by, sort=True)):
+        # A marker shape per group as well as a colour: option A and the plain net have the same
+        # FLOPs, so their points share an x and would hide each other in one shape.
         ax.scatter(scale * group[cost].astype(float), 100 * group[metric].astype(float),
-                   color=f"C{i % 10}", alpha=0.7, label=_label(label_by, value))
+                   color=f"C{i % 10}", marker="osD^v<>"[i % 7], alpha=0.6, s=40,
+                   label=_label(label_by, value))
     ax.step(scale * front[cost].astype(float), 100 * front[metric].astype(float), where="post",
             color="black", linewidth=1.5, label="Pareto front")
     ax.scatter(scale * front[cost].astype(float), 100 * front[metric].astype(float),
                facecolors="none", edgecolors="black", s=90)
+    costs = done[cost].astype(float)
+    if costs.min() > 0 and costs.max() / costs.min() > 8:
+        ax.set_xscale("log")  # depths 20 to 1202 span 60x: a linear axis crowds the small nets
+    ax.margins(x=0.08, y=0.1)
     ax.set_xlabel(unit)
     ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
     ax.set_title(results.study)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return figure
+
+
+def _cost_unit(cost: str, largest: float) -> tuple[float, str]:
+    """A scale and unit that put the largest cost in readable numbers: a digits net's 2.5
+    MFLOPs, not 0.0025 GFLOPs."""
+    if cost == "flops":
+        return (1e-9, "GFLOPs") if largest >= 1e8 else (1e-6, "MFLOPs")
+    if cost == "params":
+        return (1e-6, "M params") if largest >= 1e5 else (1e-3, "k params")
+    return 1.0, cost
 
 
 def plot_responses(results: Results, responses: pd.DataFrame | None = None, *,
@@ -159,8 +177,11 @@ def plot_responses(results: Results, responses: pd.DataFrame | None = None, *,
     original.set_xlabel("layer index (original)")
     ordered.set_xlabel("layer index (sorted by magnitude)")
     for ax in (original, ordered):
-        ax.set_ylabel("std of BN output")
-        ax.grid(alpha=0.3)
+        # Logarithmic: a plain deep net's responses can peak 100x above a ResNet's, which a
+        # linear axis would flatten to a line at zero.
+        ax.set_yscale("log")
+        ax.set_ylabel("std of BN output (log scale)")
+        ax.grid(alpha=0.3, which="both")
     original.legend(fontsize="small")
     return figure
 

@@ -21,7 +21,8 @@ from .results import Results, ResultsError, display_frame
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+.wide { overflow-x: auto; max-width: 100%; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.85em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th { background: #f3f3f3; }
 img { max-width: 100%; border: 1px solid #eee; }
@@ -30,7 +31,33 @@ img { max-width: 100%; border: 1px solid #eee; }
 
 
 def _table(frame: pd.DataFrame) -> str:
-    return display_frame(frame).to_html(index=False, border=0, escape=True)
+    """A table that scrolls sideways inside the page rather than widening it."""
+    return f'<div class="wide">{display_frame(frame).to_html(index=False, border=0, escape=True)}</div>'
+
+
+def _setup(results: Results) -> str:
+    """What the trials ran on: data set, training recipe, devices and library versions."""
+    dataset = results.spec.get("dataset") or "digits"
+    recipe = results.spec.get("train") or {}
+    done = results.completed()
+    first = results.attrs.get(int(done["number"].iloc[0]), {}) if len(done) else {}
+    recipe_text = ", ".join(f"{k}: {v}" for k, v in (first.get("recipe") or recipe).items())
+    versions = ", ".join(f"{k} {v}" for k, v in (first.get("versions") or {}).items())
+    devices = ", ".join(sorted(str(d) for d in done["device"].dropna().unique())) or "-"
+    rows = [("Data set", dataset), ("Training recipe", recipe_text or "the defaults"),
+            ("Devices", devices), ("Libraries", versions or "-")]
+    cells = "".join(f"<tr><th>{html.escape(k)}</th><td style='text-align:left'>"
+                    f"{html.escape(str(v))}</td></tr>" for k, v in rows)
+    return f"<table>{cells}</table>"
+
+
+def summary_with_training_error(results: Results) -> pd.DataFrame:
+    """The summary over seeds with the mean training error beside the test error: the paper's
+    degradation problem shows in training error."""
+    table = results.summary()
+    table.insert(table.columns.get_loc("test_error_mean"), "train_error_mean",
+                 results.summary(metric="train_error")["train_error_mean"].to_numpy())
+    return table
 
 
 def _plot(results: Results, kind: str, alt: str) -> str:
@@ -72,9 +99,11 @@ def render_report(results: Results, *, responses: bool = True) -> str:
     parts.append(f"<p>Storage <code>{html.escape(results.storage)}</code>; trials: "
                  f"{html.escape(counts)}; swept: {html.escape(', '.join(results.swept) or '-')}.</p>")
 
+    parts.append(_setup(results))
+
     parts.append("<h2>Summary over seeds</h2>")
     try:
-        parts.append(_table(results.summary()))
+        parts.append(_table(summary_with_training_error(results)))
     except ResultsError as error:
         parts.append(f'<p class="note">{html.escape(str(error))}</p>')
         parts.append("</body></html>")
@@ -122,4 +151,4 @@ def write_report(results: Results, path: str | Path, *, responses: bool = True) 
     return path
 
 
-__all__ = ["comparisons", "render_report", "write_report"]
+__all__ = ["comparisons", "render_report", "summary_with_training_error", "write_report"]

@@ -15,6 +15,7 @@ import socket
 import time
 import traceback
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -92,8 +93,19 @@ def library_versions() -> dict[str, str]:
     }
 
 
+def _cpu_name() -> str:
+    """The CPU's model name ("AMD EPYC 9654"): platform.processor() is empty on Linux."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def _where(device: torch.device) -> dict[str, Any]:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     return {"device": f"{device.type}: {name}", "host": socket.gethostname(), "pid": os.getpid(),
             "node_id": node}

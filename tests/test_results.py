@@ -256,6 +256,13 @@ def test_report_is_one_self_contained_page_with_the_tables_and_plots(results, tm
     for encoded in images:
         assert base64.b64decode(encoded)[:8] == b"\x89PNG\r\n\x1a\n"
     assert "http://" not in page and "https://" not in page and "<script" not in page
+    # What the trials ran on, and the training error beside the test error.
+    attrs = results.attrs[int(results.completed()["number"].iloc[0])]
+    assert "<th>Data set</th>" in page and "synthetic" in page
+    assert f"torch {attrs['versions']['torch']}" in page and f"epochs: {attrs['recipe']['epochs']}" in page
+    for cell in display_frame(results.summary(metric="train_error"))["train_error_mean"]:
+        assert f"<td>{cell}</td>" in page
+    assert page.count('<div class="wide">') == page.count("<table") - 1  # all but the setup table
 
 
 # -- reading a study that is running; what does not exist

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -58,7 +59,11 @@ def test_small_study_records_everything_with_two_workers(local_ray, tmp_path):
         assert attrs["final_test_accuracy"] == pytest.approx(1 - attrs["curves"][-1]["test_error"])
         assert attrs["best_test_accuracy"] >= attrs["final_test_accuracy"]
         assert attrs["wall_seconds"] > 0 and attrs["images_per_second"] > 0
-        assert attrs["device"].startswith("cpu") and attrs["versions"]["torch"] == torch.__version__
+        assert attrs["device"].startswith("cpu: ") and attrs["versions"]["torch"] == torch.__version__
+        # The CPU's model name, as the machine reports it (not "cpu: cpu").
+        model_names = [line.split(":", 1)[1].strip() for line in
+                       Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+        assert attrs["device"] == f"cpu: {model_names[0]}" if model_names else attrs["device"] != "cpu: cpu"
         # The kept weights reload into the described architecture; they are recorded relative
         # to the store's folder (here tmp_path), so that the folder can move.
         assert not Path(attrs["weights"]).is_absolute()
@@ -245,6 +250,15 @@ def test_dry_run_lists_trials_with_cost_and_trains_nothing(tmp_path):
     assert len([line for line in lines if line.rstrip().endswith("pending")]) == 4
     assert "4 trials: 4 to run" in lines[-1]
     assert not (tmp_path / "dry.db").exists()
+    # The same plan, exact and machine-readable, with the profile's own counts.
+    out = subprocess.run(_cli(spec_path, tmp_path, "--dry-run", "--format", "json"),
+                         capture_output=True, text=True, timeout=300)
+    records = json.loads(out.stdout)
+    reference = profile(build(ResNetArch(family="cifar", depth=8, shortcut="A"), num_classes=4,
+                              in_channels=1), (1, 8, 8))
+    assert [(r["shortcut"], r["seed"], r["status"]) for r in records] == [
+        ("A", 0, "pending"), ("A", 1, "pending"), ("none", 0, "pending"), ("none", 1, "pending")]
+    assert records[0]["params"] == reference.params and records[0]["gflops"] == reference.flops / 1e9
 
 
 def test_plan_marks_completed_points_done(local_ray, tmp_path):

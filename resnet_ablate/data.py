@@ -1,12 +1,13 @@
 """Datasets for the ablation studies, as normalised in-memory tensors, plus batched augmentation.
 
-Three datasets, one entry point (`load_dataset`):
+Four datasets, one entry point (`load_dataset`):
 
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 real images, no download),
   split train/test with a seeded stratified split. The default: real data that trains in seconds.
 - ``cifar10``: the official ``cifar-10-python.tar.gz`` (or its extracted folder) with the recipe of
   He et al. (CVPR 2016, section 4.2): per-channel normalisation with training-set statistics,
   4-pixel zero pad + random 32x32 crop + horizontal flip for training, optional 45k/5k validation.
+- ``cifar100``: the same for ``cifar-100-python.tar.gz``, with its 100 fine labels.
 - ``synthetic``: small, seeded, learnable random data for tests.
 
 Whole datasets live in memory as tensors: every one of them fits (CIFAR-10 is 0.7 GB as float32)
@@ -34,13 +35,36 @@ import torch.nn.functional as F
 
 from .spec import DATASETS
 
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
-CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
-CIFAR10_FOLDER = "cifar-10-batches-py"
-CIFAR10_TRAIN_BATCHES: tuple[str, ...] = tuple(f"data_batch_{i}" for i in range(1, 6))
-CIFAR10_TEST_BATCH = "test_batch"
-CIFAR10_META = "batches.meta"
+@dataclass(frozen=True)
+class CifarFormat:
+    """Where one of the CIFAR data sets keeps what, in its official python format."""
+
+    title: str  # as messages name it
+    url: str
+    md5: str
+    archive: str  # the .tar.gz
+    folder: str  # what the archive extracts to
+    train_members: tuple[str, ...]
+    test_member: str
+    meta_member: str
+    label_key: bytes  # the labels a batch holds
+    names_key: bytes  # the class names the meta file holds
+    num_classes: int
+
+
+CIFAR10 = CifarFormat(
+    "CIFAR-10", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    "c58f30108f718f92721af3b95e74349a", "cifar-10-python.tar.gz", "cifar-10-batches-py",
+    tuple(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta", b"labels",
+    b"label_names", 10)
+# CIFAR-100's 100 "fine" classes (its 20 "coarse" superclasses are not used).
+CIFAR100 = CifarFormat(
+    "CIFAR-100", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+    "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python.tar.gz", "cifar-100-python",
+    ("train",), "test", "meta", b"fine_labels", b"fine_label_names", 100)
+CIFAR_FORMATS = {"cifar10": CIFAR10, "cifar100": CIFAR100}
+
+
 
 # A fifth of the digits is held out: 360 test images, at least 35 of each class.
 DIGITS_TEST_FRACTION = 0.2
@@ -149,8 +173,9 @@ class DataBundle:
 
 
 @dataclass(frozen=True, eq=False)
-class Cifar10Arrays:
-    """CIFAR-10 as stored: uint8 images (N, 3, 32, 32) in RGB order, int64 labels, class names."""
+class CifarArrays:
+    """CIFAR-10 or -100 as stored: uint8 images (N, 3, 32, 32) in RGB order, int64 labels, class
+    names."""
 
     train_images: np.ndarray
     train_labels: np.ndarray
@@ -181,14 +206,14 @@ def load_dataset(
     synthetic data), not the training run's: keep it fixed across the trials of a study so that
     every trial sees the same split. `validation=True` evaluates on a seeded stratified
     `validation_fraction` of the training set (0.1 gives CIFAR-10's 45k/5k) instead of the test set.
-    `root` and `download` are for cifar10 only; `synthetic` for synthetic only.
+    `root` and `download` are for cifar10 and cifar100 only; `synthetic` for synthetic only.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
-    if name != "cifar10" and (root is not None or download):
-        raise ValueError(f"root= and download= apply to cifar10 only, not to {name!r}")
+    if name not in CIFAR_FORMATS and (root is not None or download):
+        raise ValueError(f"root= and download= apply to cifar10 and cifar100 only, not to {name!r}")
     if name != "synthetic" and synthetic is not None:
         raise ValueError(f"synthetic= applies to the synthetic dataset only, not to {name!r}")
     if name == "synthetic" and synthetic is None:
@@ -217,10 +242,11 @@ def dataset_shape(
     synthetic: SyntheticSpec | None = None,
     **load_options: Any,
 ) -> DatasetShape:
-    """The shape of a data set, without reading CIFAR-10 (its official format fixes the shape)."""
-    if name == "cifar10":
+    """The shape of a data set, without reading CIFAR (its official format fixes the shape)."""
+    if name in CIFAR_FORMATS:
         train_size = 50_000 - (round(50_000 * validation_fraction) if validation else 0)
-        return DatasetShape(num_classes=10, in_channels=3, image_size=32, train_size=train_size)
+        return DatasetShape(num_classes=CIFAR_FORMATS[name].num_classes, in_channels=3,
+                            image_size=32, train_size=train_size)
     bundle = load_dataset(name, validation=validation, validation_fraction=validation_fraction,
                           synthetic=synthetic, **load_options)
     return DatasetShape(bundle.num_classes, bundle.in_channels, bundle.image_size, bundle.train_size)
@@ -242,8 +268,8 @@ def _load(
 ) -> DataBundle:
     if name == "digits":
         return _load_digits(seed, validation, validation_fraction)
-    if name == "cifar10":
-        return _load_cifar10(root, seed, validation, validation_fraction, download)
+    if name in CIFAR_FORMATS:
+        return _load_cifar(name, root, seed, validation, validation_fraction, download)
     assert synthetic is not None
     return _load_synthetic(synthetic, seed, validation, validation_fraction)
 
@@ -414,17 +440,19 @@ def _load_synthetic(
 # CIFAR-10
 
 
-def _load_cifar10(
-    root: str | None, seed: int, validation: bool, validation_fraction: float, download: bool
+def _load_cifar(
+    name: str, root: str | None, seed: int, validation: bool, validation_fraction: float,
+    download: bool,
 ) -> DataBundle:
+    fmt = CIFAR_FORMATS[name]
     if root is None:
         raise ValueError(
-            "cifar10 needs root=: a folder holding cifar-10-batches-py/ or cifar-10-python.tar.gz, "
+            f"{name} needs root=: a folder holding {fmt.folder}/ or {fmt.archive}, "
             "or the archive itself (add download=True to fetch it into that folder)"
         )
-    arrays = read_cifar10(root, download=download)
+    arrays = read_cifar(fmt, root, download=download)
     return _bundle(
-        "cifar10",
+        name,
         arrays.train_images,
         arrays.train_labels,
         arrays.test_images,
@@ -438,60 +466,73 @@ def _load_cifar10(
     )
 
 
-def read_cifar10(root: str | os.PathLike[str], *, download: bool = False) -> Cifar10Arrays:
-    """Read CIFAR-10 in its official python format, without normalising.
+def read_cifar(fmt: CifarFormat, root: str | os.PathLike[str], *,
+               download: bool = False) -> CifarArrays:
+    """Read CIFAR-10 or CIFAR-100 (`fmt`) in its official python format, without normalising.
 
-    `root` is the .tar.gz itself, the extracted cifar-10-batches-py folder, or a folder holding
-    either (the extracted folder is preferred: no decompression). The batches are pickles, read by
-    an unpickler that admits only the plain data they hold, so a crafted file cannot run code;
-    `download=True` fetches the official one and checks its md5.
+    `root` is the .tar.gz itself, the extracted folder, or a folder holding either (the extracted
+    folder is preferred: no decompression). The batches are pickles, read by an unpickler that
+    admits only the plain data they hold, so a crafted file cannot run code; `download=True`
+    fetches the official archive and checks its md5.
     """
     root = Path(root).expanduser()
-    source = _find_cifar10(root)
+    source = _find_cifar(fmt, root)
     if source is None and download:
-        source = download_cifar10(root)
+        source = download_cifar(fmt, root)
     if source is None:
         raise FileNotFoundError(
-            f"CIFAR-10 not found: looked for {root / CIFAR10_FOLDER}/ and {root / CIFAR10_ARCHIVE}"
+            f"{fmt.title} not found: looked for {root / fmt.folder}/ and {root / fmt.archive}"
             f" (and whether {root} is one of them). Fix: pass root= a folder holding either, or "
-            f"the archive itself, or add download=True to fetch {CIFAR10_URL} into {root}."
+            f"the archive itself, or add download=True to fetch {fmt.url} into {root}."
         )
     if source.is_dir():
-        return _assemble_cifar10(functools.partial(_read_from_folder, source), source)
+        return _assemble_cifar(fmt, functools.partial(_read_from_folder, fmt, source), source)
     with tarfile.open(source, "r:gz") as archive:
-        return _assemble_cifar10(functools.partial(_read_from_archive, archive, source), source)
+        return _assemble_cifar(fmt, functools.partial(_read_from_archive, fmt, archive, source),
+                               source)
 
 
-def _read_from_folder(folder: Path, member: str) -> dict[bytes, Any]:
+def read_cifar10(root: str | os.PathLike[str], *, download: bool = False) -> CifarArrays:
+    """`read_cifar(CIFAR10, ...)`."""
+    return read_cifar(CIFAR10, root, download=download)
+
+
+def read_cifar100(root: str | os.PathLike[str], *, download: bool = False) -> CifarArrays:
+    """`read_cifar(CIFAR100, ...)`: the 100 fine labels."""
+    return read_cifar(CIFAR100, root, download=download)
+
+
+def _read_from_folder(fmt: CifarFormat, folder: Path, member: str) -> dict[bytes, Any]:
     path = folder / member
     if not path.is_file():
-        raise FileNotFoundError(f"CIFAR-10 folder {folder} lacks the batch file {member}")
+        raise FileNotFoundError(f"{fmt.title} folder {folder} lacks the batch file {member}")
     with path.open("rb") as handle:
         return _unpickle(handle, str(path))
 
 
-def _read_from_archive(archive: tarfile.TarFile, source: Path, member: str) -> dict[bytes, Any]:
-    name = f"{CIFAR10_FOLDER}/{member}"
+def _read_from_archive(fmt: CifarFormat, archive: tarfile.TarFile, source: Path,
+                       member: str) -> dict[bytes, Any]:
+    name = f"{fmt.folder}/{member}"
     try:
         handle = archive.extractfile(name)
     except KeyError:
         handle = None
     if handle is None:
-        raise FileNotFoundError(f"CIFAR-10 archive {source} lacks the member {name}")
+        raise FileNotFoundError(f"{fmt.title} archive {source} lacks the member {name}")
     with handle:
         return _unpickle(handle, f"{source}:{name}")
 
 
-def _find_cifar10(root: Path) -> Path | None:
+def _find_cifar(fmt: CifarFormat, root: Path) -> Path | None:
     if root.is_file() and root.name.endswith((".tar.gz", ".tgz")):
         return root
     if root.is_dir():
-        if (root / CIFAR10_TRAIN_BATCHES[0]).is_file():
+        if (root / fmt.train_members[0]).is_file():
             return root
-        if (root / CIFAR10_FOLDER).is_dir():
-            return root / CIFAR10_FOLDER
-        if (root / CIFAR10_ARCHIVE).is_file():
-            return root / CIFAR10_ARCHIVE
+        if (root / fmt.folder).is_dir():
+            return root / fmt.folder
+        if (root / fmt.archive).is_file():
+            return root / fmt.archive
     return None
 
 
@@ -526,15 +567,16 @@ def _unpickle(handle: BinaryIO, where: str) -> dict[bytes, Any]:
     return batch
 
 
-def _assemble_cifar10(read: Callable[[str], dict[bytes, Any]], source: Path) -> Cifar10Arrays:
+def _assemble_cifar(fmt: CifarFormat, read: Callable[[str], dict[bytes, Any]],
+                    source: Path) -> CifarArrays:
     def images_and_labels(member: str) -> tuple[np.ndarray, np.ndarray]:
         batch = read(member)
-        if b"data" not in batch or b"labels" not in batch:
+        if b"data" not in batch or fmt.label_key not in batch:
             raise ValueError(
-                f"{source}/{member}: expected keys b'data' and b'labels', got {sorted(batch)}"
+                f"{source}/{member}: expected keys b'data' and {fmt.label_key!r}, got {sorted(batch)}"
             )
         data = np.asarray(batch[b"data"], dtype=np.uint8)
-        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+        labels = np.asarray(batch[fmt.label_key], dtype=np.int64)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != labels.shape[0]:
             raise ValueError(
                 f"{source}/{member}: b'data' has shape {data.shape} for {labels.shape[0]} labels, "
@@ -543,14 +585,14 @@ def _assemble_cifar10(read: Callable[[str], dict[bytes, Any]], source: Path) -> 
         # Each row is three row-major 32x32 planes, R then G then B: a plain reshape is NCHW.
         return data.reshape(-1, 3, 32, 32), labels
 
-    train = [images_and_labels(member) for member in CIFAR10_TRAIN_BATCHES]
-    test_images, test_labels = images_and_labels(CIFAR10_TEST_BATCH)
-    meta = read(CIFAR10_META)
+    train = [images_and_labels(member) for member in fmt.train_members]
+    test_images, test_labels = images_and_labels(fmt.test_member)
+    meta = read(fmt.meta_member)
     classes = tuple(
         name.decode() if isinstance(name, bytes) else str(name)
-        for name in meta.get(b"label_names", [str(i) for i in range(10)])
+        for name in meta.get(fmt.names_key, [str(i) for i in range(fmt.num_classes)])
     )
-    return Cifar10Arrays(
+    return CifarArrays(
         train_images=np.concatenate([images for images, _ in train]),
         train_labels=np.concatenate([labels for _, labels in train]),
         test_images=test_images,
@@ -560,22 +602,22 @@ def _assemble_cifar10(read: Callable[[str], dict[bytes, Any]], source: Path) -> 
     )
 
 
-def download_cifar10(root: str | os.PathLike[str]) -> Path:
+def download_cifar(fmt: CifarFormat, root: str | os.PathLike[str]) -> Path:
     """Fetch the official archive into `root` and check its md5; returns the archive's path."""
     root = Path(root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
-    target = root / CIFAR10_ARCHIVE
-    partial = root / (CIFAR10_ARCHIVE + ".part")
+    target = root / fmt.archive
+    partial = root / (fmt.archive + ".part")
     # Written under another name first, so an interrupted download never looks like an archive.
-    urllib.request.urlretrieve(CIFAR10_URL, partial)
+    urllib.request.urlretrieve(fmt.url, partial)
     digest = hashlib.md5()
     with partial.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
-    if digest.hexdigest() != CIFAR10_MD5:
+    if digest.hexdigest() != fmt.md5:
         partial.unlink()
         raise OSError(
-            f"download of {CIFAR10_URL} has md5 {digest.hexdigest()}, expected {CIFAR10_MD5}; "
+            f"download of {fmt.url} has md5 {digest.hexdigest()}, expected {fmt.md5}; "
             f"deleted it, try again"
         )
     os.replace(partial, target)

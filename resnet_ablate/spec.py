@@ -50,7 +50,7 @@ MAX_TRIALS = 10_000  # grid points x seeds, budget.trials, and values in one ran
 MAX_WORKERS = 1024
 PRUNERS = ("none", "median", "successive_halving")
 # The data sets a spec can name; resnet_ablate.data loads them.
-DATASETS: tuple[str, ...] = ("digits", "cifar10", "synthetic")
+DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "synthetic")
 ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(ResNetArch))
 TOP_LEVEL_KEYS = (
     "study", "question", "dataset", "model", "space", "sampler", "objectives", "seeds", "train",
@@ -371,9 +371,10 @@ def _dataset(check: _Checker, value: Any) -> DatasetSpec:
     if section.get("synthetic") is not None:
         check.mapping("dataset.synthetic", section["synthetic"],
                       ("num_classes", "channels", "image_size", "train_size", "test_size", "noise"))
-    if section["name"] == "cifar10" and not section.get("root"):
-        raise check.fail("dataset.root", "cifar10 needs the folder that holds (or will hold) "
-                                         "cifar-10-python.tar.gz")
+    if section["name"] in ("cifar10", "cifar100") and not section.get("root"):
+        archive = section["name"].replace("cifar", "cifar-") + "-python.tar.gz"
+        raise check.fail("dataset.root", f"{section['name']} needs the folder that holds (or will "
+                                         f"hold) {archive}")
     return DatasetSpec(**section)
 
 

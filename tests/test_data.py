@@ -1,5 +1,6 @@
 """Datasets and augmentation: digits split and statistics, CIFAR-10's official format, crops."""
 
+import dataclasses
 import hashlib
 import pickle
 import tarfile
@@ -41,12 +42,12 @@ def sorted_rows(images: np.ndarray) -> np.ndarray:
 
 
 def test_unknown_dataset_name_lists_the_valid_names():
-    with pytest.raises(ValueError, match=r"unknown dataset 'mnist'.*digits, cifar10, synthetic"):
+    with pytest.raises(ValueError, match=r"unknown dataset 'mnist'.*digits, cifar10, cifar100, synthetic"):
         load_dataset("mnist")
 
 
 def test_options_for_another_dataset_are_rejected():
-    with pytest.raises(ValueError, match="cifar10 only"):
+    with pytest.raises(ValueError, match="cifar10 and cifar100 only"):
         load_dataset("digits", root="/tmp")
     with pytest.raises(ValueError, match="synthetic dataset only"):
         load_dataset("digits", synthetic=SyntheticSpec())
@@ -332,13 +333,50 @@ def test_download_checks_the_md5_and_keeps_only_a_verified_archive(tmp_path, cif
     assert list((tmp_path / "a").iterdir()) == []
     # With its digest accepted, the download lands under root and loads.
     digest = hashlib.md5(cifar["archive"].read_bytes()).hexdigest()
-    monkeypatch.setattr(data_module, "CIFAR10_MD5", digest)
+    monkeypatch.setitem(data_module.CIFAR_FORMATS, "cifar10",
+                        dataclasses.replace(data_module.CIFAR10, md5=digest))
     bundle = load_dataset("cifar10", root=tmp_path / "b", download=True, cache=False)
     assert bundle.train_size == 50
     assert (tmp_path / "b" / "cifar-10-python.tar.gz").is_file()
     # Once present, nothing is downloaded again.
     load_dataset("cifar10", root=tmp_path / "b", download=True, cache=False)
     assert len(calls) == 2
+
+
+def test_cifar100_reads_its_official_format_with_the_fine_labels(tmp_path):
+    """CIFAR-100 as its archive holds it: one train and one test pickle with fine and coarse
+    labels, a meta file with both name lists; the bundle has the 100 fine classes."""
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    expected = {}
+    for member, count in (("train", 30), ("test", 20)):
+        images = rng.integers(0, 256, size=(count, 3, 32, 32), dtype=np.uint8)
+        fine = [int(c) for c in rng.integers(0, 100, size=count)]
+        batch = {b"filenames": [b"x.png"] * count, b"batch_label": member.encode(),
+                 b"fine_labels": fine, b"coarse_labels": [c // 5 for c in fine],
+                 b"data": np.stack([official_row(image) for image in images])}
+        (folder / member).write_bytes(pickle.dumps(batch, protocol=2))
+        expected[member] = (images, np.array(fine))
+    fine_names = [f"class{i}".encode() for i in range(100)]
+    meta = {b"fine_label_names": fine_names, b"coarse_label_names": [b"super"] * 20}
+    (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
+    archive = tmp_path / "archived" / "cifar-100-python.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-100-python")
+
+    for root in (folder, tmp_path, archive, archive.parent):
+        arrays = data_module.read_cifar100(root)
+        np.testing.assert_array_equal(arrays.train_images, expected["train"][0])
+        np.testing.assert_array_equal(arrays.train_labels, expected["train"][1])
+        np.testing.assert_array_equal(arrays.test_labels, expected["test"][1])
+        assert arrays.classes == tuple(n.decode() for n in fine_names)
+    bundle = load_dataset("cifar100", root=archive, cache=False)
+    assert (bundle.num_classes, bundle.train_size, bundle.test_size) == (100, 30, 20)
+    assert data_module.dataset_shape("cifar100", root=archive).num_classes == 100
+    with pytest.raises(FileNotFoundError, match=r"CIFAR-100 not found: .*cifar-100-python\.tar\.gz"):
+        load_dataset("cifar100", root=tmp_path / "nowhere", cache=False)
 
 
 # ---------------------------------------------------------------------------------------------

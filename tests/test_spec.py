@@ -69,6 +69,8 @@ def test_ranges_for_random_and_tpe():
     ({**MINIMAL, "resources": {"workers": True}}, "resources.workers: expected int, got True"),
     ({**MINIMAL, "dataset": "mnist"}, "dataset.name: 'mnist' is not a dataset; valid: digits, cifar10"),
     ({**MINIMAL, "dataset": {"name": "cifar10"}}, "dataset.root: cifar10 needs the folder"),
+    ({**MINIMAL, "dataset": {"name": "cifar100"}},
+     "dataset.root: cifar100 needs the folder that holds (or will hold) cifar-100-python.tar.gz"),
     ({**MINIMAL, "seeds": [1, 1]}, "seeds: expected distinct int seeds, got [1, 1]"),
     ({**MINIMAL, "pruner": "median", "objectives": ["test_error", "flops"]},
      "pruner: pruning needs a single objective"),

@@ -17,6 +17,7 @@ from torch import nn
 
 from .arch import ResNetArch
 from .data import DataBundle, SyntheticSpec, load_dataset
+from .imagefolder import StreamingData
 from .kernels import FusedBatchNorm2d
 from .models import build
 from .record import TrialKey
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from .results import Results
 
 
-def study_dataset(results: Results) -> DataBundle:
+def study_dataset(results: Results) -> DataBundle | StreamingData:
     """The evaluation data the study's trials were trained and tested on."""
     from .results import ResultsError
 
@@ -43,7 +44,7 @@ def study_dataset(results: Results) -> DataBundle:
 
 
 def trained_model(results: Results, number: int, *, fused: bool | None = None,
-                  data: DataBundle | None = None) -> nn.Module:
+                  data: DataBundle | StreamingData | None = None) -> nn.Module:
     """Trial `number`'s trained model from its kept weights, in eval mode. `fused=False`
     rebuilds it from plain BatchNorm2d + ReLU modules (the same state_dict keys)."""
     from .results import ResultsError
@@ -84,6 +85,9 @@ def layer_responses(results: Results, numbers: Sequence[int] | None = None, *,
             raise ResultsError(f"no completed trial of study {results.study!r} kept its weights "
                                "(run without --no-weights to analyse layer responses)")
     data = study_dataset(results)
+    if not isinstance(data, DataBundle):
+        raise ResultsError(f"layer responses read the evaluation images in memory; study "
+                           f"{results.study!r} streams {data.name} from disk")
     images = data.test_x if max_images is None else data.test_x[:max_images]
     info = results.trials.set_index("number")
     keep = list(dict.fromkeys(["arch_name", *results.configuration_columns(), "seed"]))

@@ -1,6 +1,6 @@
 """Datasets for the ablation studies, as normalised in-memory tensors, plus batched augmentation.
 
-Four datasets, one entry point (`load_dataset`):
+Five datasets, one entry point (`load_dataset`):
 
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 real images, no download),
   split train/test with a seeded stratified split. The default: real data that trains in seconds.
@@ -8,6 +8,8 @@ Four datasets, one entry point (`load_dataset`):
   He et al. (CVPR 2016, section 4.2): per-channel normalisation with training-set statistics,
   4-pixel zero pad + random 32x32 crop + horizontal flip for training, optional 45k/5k validation.
 - ``cifar100``: the same for ``cifar-100-python.tar.gz``, with its 100 fine labels.
+- ``imagefolder``: the ImageNet layout on disk, streamed (imagefolder.py): the one data set that
+  is not held in memory.
 - ``synthetic``: small, seeded, learnable random data for tests.
 
 Whole datasets live in memory as tensors: every one of them fits (CIFAR-10 is 0.7 GB as float32)
@@ -33,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .imagefolder import StreamingData, load_image_folder
 from .spec import DATASETS
 
 @dataclass(frozen=True)
@@ -198,8 +201,11 @@ def load_dataset(
     validation_fraction: float = 0.1,
     download: bool = False,
     synthetic: SyntheticSpec | None = None,
+    image_size: int | None = None,
+    augmentation: str | None = None,
+    loader_workers: int | None = None,
     cache: bool = True,
-) -> DataBundle:
+) -> DataBundle | StreamingData:
     """Load a dataset by name; cached per process on all the arguments when `cache` is true.
 
     `seed` fixes the dataset's own randomness (the digits split, the validation split, the
@@ -207,7 +213,23 @@ def load_dataset(
     every trial sees the same split. `validation=True` evaluates on a seeded stratified
     `validation_fraction` of the training set (0.1 gives CIFAR-10's 45k/5k) instead of the test set.
     `root` and `download` are for cifar10 and cifar100 only; `synthetic` for synthetic only.
+    ``imagefolder`` (streamed from disk: a `StreamingData`, see imagefolder.py) needs `root` and
+    takes `image_size` (default 224), `augmentation` ("scale", the paper's, or
+    "random_resized_crop") and `loader_workers` (default 2); it evaluates on its val/ split.
     """
+    if name == "imagefolder":
+        if root is None:
+            raise ValueError("imagefolder needs root=: the folder holding train/<class>/ and "
+                             "val/<class>/")
+        if validation or download or synthetic is not None:
+            raise ValueError("imagefolder evaluates on its val/ split and reads only its folder: "
+                             "validation=, download= and synthetic= do not apply")
+        options = (str(Path(root).expanduser().resolve()), image_size or 224,
+                   augmentation or "scale", 2 if loader_workers is None else loader_workers, seed)
+        return (_load_folder_cached if cache else _load_folder)(*options)
+    if image_size is not None or augmentation is not None or loader_workers is not None:
+        raise ValueError(f"image_size=, augmentation= and loader_workers= apply to imagefolder "
+                         f"only, not to {name!r}")
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
     if not 0.0 < validation_fraction < 1.0:
@@ -242,7 +264,8 @@ def dataset_shape(
     synthetic: SyntheticSpec | None = None,
     **load_options: Any,
 ) -> DatasetShape:
-    """The shape of a data set, without reading CIFAR (its official format fixes the shape)."""
+    """The shape of a data set, without reading CIFAR (its official format fixes the shape) or
+    decoding an image folder (its index has the counts)."""
     if name in CIFAR_FORMATS:
         train_size = 50_000 - (round(50_000 * validation_fraction) if validation else 0)
         return DatasetShape(num_classes=CIFAR_FORMATS[name].num_classes, in_channels=3,
@@ -255,6 +278,7 @@ def dataset_shape(
 def clear_dataset_cache() -> None:
     """Forget the datasets this process has cached (frees their memory once unreferenced)."""
     _load_cached.cache_clear()
+    _load_folder_cached.cache_clear()
 
 
 def _load(
@@ -276,6 +300,15 @@ def _load(
 
 # A few entries: a worker typically serves one study (one dataset), tests may hold several.
 _load_cached = functools.lru_cache(maxsize=4)(_load)
+
+
+def _load_folder(root: str, image_size: int, augmentation: str, loader_workers: int,
+                 seed: int) -> StreamingData:
+    return load_image_folder(root, image_size=image_size, augmentation=augmentation,  # type: ignore[arg-type]
+                             loader_workers=loader_workers, seed=seed)
+
+
+_load_folder_cached = functools.lru_cache(maxsize=4)(_load_folder)
 
 
 # ----------------------------------------------------------------------------------------------

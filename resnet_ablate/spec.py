@@ -50,7 +50,7 @@ MAX_TRIALS = 10_000  # grid points x seeds, budget.trials, and values in one ran
 MAX_WORKERS = 1024
 PRUNERS = ("none", "median", "successive_halving")
 # The data sets a spec can name; resnet_ablate.data loads them.
-DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "synthetic")
+DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
 ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(ResNetArch))
 TOP_LEVEL_KEYS = (
     "study", "question", "dataset", "model", "space", "sampler", "objectives", "seeds", "train",
@@ -77,14 +77,29 @@ class DatasetSpec:
     download: bool = False
     split_seed: int = 0
     synthetic: Mapping[str, Any] | None = None  # SyntheticSpec fields
+    # imagefolder only: crop size, training augmentation ("scale" or "random_resized_crop"), and
+    # decoding processes per trial (counted in resources.cpus).
+    image_size: int | None = None
+    augmentation: str | None = None
+    loader_workers: int | None = None
 
     def load_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `resnet_ablate.data.load_dataset` (plain values: Ray ships them)."""
-        return {
+        kwargs = {
             "name": self.name, "root": self.root, "validation": self.validation,
             "download": self.download, "seed": self.split_seed,
             "synthetic": dict(self.synthetic) if self.synthetic is not None else None,
         }
+        for name in ("image_size", "augmentation", "loader_workers"):
+            if getattr(self, name) is not None:
+                kwargs[name] = getattr(self, name)
+        return kwargs
+
+    @property
+    def decoding_workers(self) -> int:
+        """CPUs of a trial that decode images rather than train (imagefolder's loader)."""
+        return (2 if self.loader_workers is None else self.loader_workers) \
+            if self.name == "imagefolder" else 0
 
 
 @dataclass(frozen=True)
@@ -304,7 +319,8 @@ def parse_spec(raw: Any, *, source: str = "<spec>") -> StudySpec:
     for i, seed in enumerate(seeds):
         check.typed(f"seeds[{i}]", seed, int, "an int")
 
-    train_section = check.mapping("train", top.get("train"), [f.name for f in dataclasses.fields(TrainRecipe)])
+    train_section = check.mapping("train", top.get("train"),
+                                  [*(f.name for f in dataclasses.fields(TrainRecipe)), "preset"])
     try:
         recipe = TrainRecipe.from_dict(train_section, where="train")
     except ValueError as error:
@@ -328,6 +344,12 @@ def parse_spec(raw: Any, *, source: str = "<spec>") -> StudySpec:
     resources = Resources(**check.dataclass_section("resources", top.get("resources"), Resources))
     if resources.cpus <= 0 or resources.gpus < 0 or resources.workers < 1:
         raise check.fail("resources", f"need cpus > 0, gpus >= 0 and workers >= 1, got {resources}")
+    decoding = dataset.decoding_workers
+    if decoding and resources.cpus < decoding + 1:
+        raise check.fail("resources.cpus", f"{resources.cpus:g} CPUs per trial cannot hold the "
+                                           f"{decoding} image-decoding workers "
+                                           "(dataset.loader_workers) and a training thread; give "
+                                           f"cpus >= {decoding + 1}")
     if resources.workers > MAX_WORKERS:
         raise check.fail("resources.workers", f"at most {MAX_WORKERS} trials at once, got "
                                               f"{resources.workers}")
@@ -371,6 +393,25 @@ def _dataset(check: _Checker, value: Any) -> DatasetSpec:
     if section.get("synthetic") is not None:
         check.mapping("dataset.synthetic", section["synthetic"],
                       ("num_classes", "channels", "image_size", "train_size", "test_size", "noise"))
+    folder_only = [k for k in ("image_size", "augmentation", "loader_workers")
+                   if section.get(k) is not None]
+    if section["name"] != "imagefolder" and folder_only:
+        raise check.fail(f"dataset.{folder_only[0]}", f"applies to imagefolder only, not to "
+                                                      f"{section['name']}")
+    if section["name"] == "imagefolder":
+        if not section.get("root"):
+            raise check.fail("dataset.root", "imagefolder needs the folder that holds "
+                                             "train/<class>/ and val/<class>/")
+        if section.get("validation"):
+            raise check.fail("dataset.validation", "imagefolder evaluates on its val/ split")
+        for key, low in (("image_size", 8), ("loader_workers", 0)):
+            if section.get(key) is not None:
+                check.typed(f"dataset.{key}", section[key], int, "an int")
+                if section[key] < low:
+                    raise check.fail(f"dataset.{key}", f"must be >= {low}, got {section[key]}")
+        if section.get("augmentation") not in (None, "scale", "random_resized_crop"):
+            raise check.fail("dataset.augmentation", f"{section['augmentation']!r} is not an "
+                                                     "augmentation; valid: scale, random_resized_crop")
     if section["name"] in ("cifar10", "cifar100") and not section.get("root"):
         archive = section["name"].replace("cifar", "cifar-") + "-python.tar.gz"
         raise check.fail("dataset.root", f"{section['name']} needs the folder that holds (or will "

@@ -26,7 +26,7 @@ import dataclasses
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import DataBundle, draw_crops, gather_crops
+from .imagefolder import StreamingData
 from .execution import Execution, GraphedStep, resolve_execution, side_stream
 from .recipe import TrainRecipe
 
@@ -63,6 +64,10 @@ class EpochRecord:
     test_loss: float
     test_error: float
     seconds: float
+    # Streamed data sets only: top-5 error (a 1000-class task's second measure) and the images
+    # left out because they could not be decoded (training and evaluation together).
+    test_top5_error: float | None = None
+    skipped_images: int = 0
 
 
 TrainStatus = Literal["completed", "diverged"]
@@ -108,7 +113,7 @@ class TrainResult:
 
 def train(
     model: nn.Module | Callable[[], nn.Module],
-    data: DataBundle,
+    data: DataBundle | StreamingData,
     recipe: TrainRecipe,
     *,
     seed: int,
@@ -194,6 +199,39 @@ def evaluate(
     return loss_sum.item() / count, wrong.item() / count
 
 
+@torch.no_grad()
+def evaluate_streamed(
+    model: nn.Module,
+    data: StreamingData,
+    *,
+    batch_size: int = 256,
+    execution: Execution,
+) -> tuple[float, float, float, int]:
+    """(mean cross-entropy loss, top-1 error, top-5 error, images that could not be decoded) of
+    `model` in eval mode over a streamed data set's evaluation split, single centre crops."""
+    model.eval()
+    device = torch.device(execution.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    wrong = torch.zeros((), dtype=torch.int64, device=device)
+    wrong5 = torch.zeros((), dtype=torch.int64, device=device)
+    count = skipped = 0
+    with execution.autocast():
+        for images, labels, left_out in data.test_loader(batch_size, pin_memory=device.type == "cuda"):
+            skipped += left_out
+            if labels.shape[0] == 0:
+                continue
+            images = execution.images(images.to(device, non_blocking=True))
+            labels = labels.to(device, non_blocking=True)
+            logits = model(images).float()
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+            wrong += (logits.argmax(dim=1) != labels).sum()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            wrong5 += (top != labels[:, None]).all(dim=1).sum()
+            count += labels.shape[0]
+    count = max(count, 1)
+    return loss_sum.item() / count, wrong.item() / count, wrong5.item() / count, skipped
+
+
 def _derived_seed(seed: int, stream: int) -> int:
     """An independent seed per random stream, so one stream's draws never shift another's."""
     entropy = [seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF, stream]
@@ -213,7 +251,7 @@ class _Run:
     def __init__(
         self,
         model: nn.Module,
-        data: DataBundle,
+        data: DataBundle | StreamingData,
         recipe: TrainRecipe,
         execution: Execution,
         seed: int,
@@ -232,13 +270,18 @@ class _Run:
         self.on_epoch = on_epoch
         self.log = log
         self.compile_backend = compile_backend
-        # Moved once: a whole dataset is small next to a model's activations, and per-batch
-        # host-to-device copies would dominate short trials.
-        self.train_x = execution.images(data.train_x.to(device))
-        self.train_y = data.train_y.to(device)
-        self.test_x = execution.images(data.test_x.to(device))
-        self.test_y = data.test_y.to(device)
-        self.augmentation = data.augmentation if recipe.augment else None
+        self.streamed = isinstance(data, StreamingData)
+        if self.streamed and (execution.compile or execution.cuda_graphs):
+            raise ValueError("compile and cuda_graphs need an in-memory data set (their batches "
+                             f"are precompiled or captured); {data.name} is streamed from disk")
+        if not self.streamed:
+            # Moved once: a whole dataset is small next to a model's activations, and per-batch
+            # host-to-device copies would dominate short trials.
+            self.train_x = execution.images(data.train_x.to(device))
+            self.train_y = data.train_y.to(device)
+            self.test_x = execution.images(data.test_x.to(device))
+            self.test_y = data.test_y.to(device)
+        self.augmentation = data.augmentation if recipe.augment and not self.streamed else None
         self.order_generator = torch.Generator().manual_seed(_derived_seed(seed, _ORDER_STREAM))
         self.augment_generator = torch.Generator().manual_seed(_derived_seed(seed, _AUGMENT_STREAM))
         # A CUDA graph replays the lr it was captured with from device memory: keep it a tensor.
@@ -336,38 +379,39 @@ class _Run:
         started = time.perf_counter()
         scheduled_lr = self.recipe.lr_at(epoch)
         self.model.train()
-        count = self.train_x.shape[0]
-        batch_size = self.recipe.batch_size
-        order = torch.randperm(count, generator=self.order_generator).to(self.device)
-        crops = None
-        if self.augmentation is not None:
-            crops = draw_crops(count, self.augmentation, self.augment_generator).to(self.device)
         self.loss_sum.zero_()
         self.wrong.zero_()
         self.read_loss_sum, self.read_images = 0.0, 0  # what the last divergence read saw
+        self.seen, self.skipped = 0, 0
         lr = scheduled_lr
         check_every = self.recipe.divergence_check_every
-        for step, start in enumerate(range(0, count, batch_size), start=1):
-            index = order[start : start + batch_size]
-            images, labels = self.train_x[index], self.train_y[index]
-            if crops is not None:
-                c = crops[start : start + batch_size]
-                images = gather_crops(images, self.augmentation.pad, c.top, c.left, c.flip)
+        batches = self._streamed_batches(epoch) if self.streamed else self._memory_batches()
+        step = 0
+        for step, (images, labels) in enumerate(batches, start=1):
             lr = min(self.recipe.warmup_lr, scheduled_lr) if self.warming_up else scheduled_lr
             self._set_lr(lr)
-            self._step(self.execution.images(images), labels)
+            self._step(images, labels)
+            self.seen += labels.shape[0]
             if self.warming_up:
                 self._advance_warmup(self.batch_wrong.item() / labels.shape[0])
             if step % check_every == 0:
                 self._check_diverged(epoch, step)
         self._check_diverged(epoch, step)  # also waits for the device: the epoch's time is real
         trained = time.perf_counter()
-        self.train_images += count
+        count = max(self.seen, 1)
+        self.train_images += self.seen
         self.train_seconds += trained - started
-        test_loss, test_error = evaluate(
-            self.step_model, self.test_x, self.test_y,
-            batch_size=self.recipe.eval_batch_size, execution=self.execution,
-        )
+        top5 = None
+        if self.streamed:
+            test_loss, test_error, top5, skipped = evaluate_streamed(
+                self.step_model, self.data, batch_size=self.recipe.eval_batch_size,
+                execution=self.execution)
+            self.skipped += skipped
+        else:
+            test_loss, test_error = evaluate(
+                self.step_model, self.test_x, self.test_y,
+                batch_size=self.recipe.eval_batch_size, execution=self.execution,
+            )
         return EpochRecord(
             epoch=epoch,
             lr=lr,
@@ -376,7 +420,38 @@ class _Run:
             test_loss=test_loss,
             test_error=test_error,
             seconds=time.perf_counter() - started,
+            test_top5_error=top5,
+            skipped_images=self.skipped,
         )
+
+    def _memory_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches of an in-memory data set: a seeded order, crops drawn for the
+        whole epoch at once and cut on the device."""
+        count = self.train_x.shape[0]
+        batch_size = self.recipe.batch_size
+        order = torch.randperm(count, generator=self.order_generator).to(self.device)
+        crops = None
+        if self.augmentation is not None:
+            crops = draw_crops(count, self.augmentation, self.augment_generator).to(self.device)
+        for start in range(0, count, batch_size):
+            index = order[start : start + batch_size]
+            images, labels = self.train_x[index], self.train_y[index]
+            if crops is not None:
+                c = crops[start : start + batch_size]
+                images = gather_crops(images, self.augmentation.pad, c.top, c.left, c.flip)
+            yield self.execution.images(images), labels
+
+    def _streamed_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches of a streamed data set, decoded by the loader's workers; the
+        copies to the device overlap the step before them (pinned memory, non-blocking)."""
+        loader = self.data.train_loader(self.recipe.batch_size, epoch, self.order_generator,
+                                        pin_memory=self.device.type == "cuda")
+        for images, labels, skipped in loader:
+            self.skipped += skipped
+            if labels.shape[0] == 0:
+                continue
+            images = images.to(self.device, non_blocking=True)
+            yield self.execution.images(images), labels.to(self.device, non_blocking=True)
 
     def _step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """One optimizer step, replayed from a CUDA graph when the run uses them and can."""
@@ -427,7 +502,7 @@ class _Run:
         down, and a bad start recovers within a read or two; one that stays orders of magnitude
         above it (lr 100 gives 1e20) is recorded as diverged, not as a result."""
         loss_sum = self.loss_sum.item()
-        seen = min(step * self.recipe.batch_size, self.train_x.shape[0])
+        seen = self.seen
         images = seen - self.read_images
         interval_loss = (loss_sum - self.read_loss_sum) / max(images, 1)
         self.read_loss_sum, self.read_images = loss_sum, seen

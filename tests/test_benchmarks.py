@@ -62,3 +62,16 @@ def test_trial_benchmark_small_mode_writes_ratios_against_the_plain_loop(tmp_pat
         assert row["device"].startswith("cpu") and row["precision"] == "fp32"
     assert float(written[2]["compile_seconds"]) > 0
     assert "vs plain" in capsys.readouterr().out
+
+
+def test_loader_benchmark_writes_loader_and_step_rates_and_their_ratio(tmp_path, capsys):
+    bench = _load("bench_loader")
+    out = tmp_path / "loader.csv"
+    assert bench.main(["--image-size", "32", "--batch-size", "8", "--batches", "2",
+                       "--workers", "0", "1", "--csv", str(out)]) == 0
+    written = list(csv.DictReader(out.open()))
+    assert [int(r["loader_workers"]) for r in written] == [0, 1]
+    for row in written:
+        ratio = float(row["loader_images_per_s"]) / float(row["step_images_per_s"])
+        assert float(row["loader_over_step"]) == pytest.approx(ratio, rel=2e-2)
+    assert "loader/step" in capsys.readouterr().out

@@ -393,7 +393,17 @@ def test_recipe_from_dict_rejects_unknown_keys_listing_the_valid_ones():
         TrainRecipe.from_dict({"epochs": 3, "learning_rate": 0.1}, where="studies/x.yaml: train")
     message = str(error.value)
     assert "studies/x.yaml: train" in message and "'learning_rate'" in message
-    assert "valid keys: epochs, batch_size, lr, momentum" in message
+    assert "valid keys: epochs, batch_size, lr, momentum" in message and message.endswith(", preset")
+
+
+def test_the_imagenet_preset_is_the_papers_section_3_4_recipe_with_overrides():
+    recipe = TrainRecipe.from_dict({"preset": "imagenet", "epochs": 120})
+    assert (recipe.batch_size, recipe.lr, recipe.momentum, recipe.weight_decay) == (256, 0.1, 0.9, 1e-4)
+    # Divided by 10 at a third and two thirds of training: epochs 40 and 80 of 120.
+    assert [recipe.lr_at(e) for e in (40, 41, 80, 81)] == pytest.approx([0.1, 0.01, 0.01, 0.001])
+    assert TrainRecipe.from_dict({"preset": "cifar"}) == TrainRecipe()
+    with pytest.raises(ValueError, match="preset 'resnet' is not a recipe; valid: cifar, imagenet"):
+        TrainRecipe.from_dict({"preset": "resnet"})
 
 
 def test_recipe_from_dict_round_trips_and_takes_lists():

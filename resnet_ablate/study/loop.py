@@ -163,7 +163,9 @@ class DriverLoop:
         task = TrialTask(
             trial_number=trial.number, arch=arch.to_dict(), seed=seed,
             dataset=self.spec.dataset.load_kwargs(), recipe=self.spec.recipe_for(arch).to_dict(),
-            threads=max(1, int(self.spec.resources.cpus)), use_gpu=self.spec.resources.gpus > 0,
+            # The trial's CPUs: its image-decoding workers (if any), the rest torch threads.
+            threads=max(1, int(self.spec.resources.cpus) - self.spec.dataset.decoding_workers),
+            use_gpu=self.spec.resources.gpus > 0,
             keep_weights=self.keep_weights, await_pruner=prunes(self.spec),
         )
         ref = cluster.launch(self.spec, task, self.board)

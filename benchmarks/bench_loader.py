@@ -1,0 +1,115 @@
+"""Is the image-folder loader ever the bottleneck? Images/s of the data pipeline alone (decode,
+augment, collate, in loader workers) against images/s of the train step alone (forward, backward,
+SGD on batches already decoded), per number of loader workers, measured side by side in one run.
+
+    python benchmarks/bench_loader.py                         # a generated folder, 0/1/2 workers
+    python benchmarks/bench_loader.py --root data/imagenette2-320 --image-size 224 --device cuda
+
+The generated folder holds JPEGs of the size Imagenette's 320-px variant has. A ratio
+loader/step above 1 means the loader keeps up: training never waits for data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from _results import RESULTS, append_rows, device_name, source_commit, timestamp
+from resnet_ablate import ResNetArch, build
+from resnet_ablate.imagefolder import load_image_folder
+
+
+def generate_folder(root: Path, classes: int, per_class: int, size: tuple[int, int]) -> Path:
+    rng = np.random.default_rng(0)
+    for split, count in (("train", per_class), ("val", max(1, per_class // 10))):
+        for c in range(classes):
+            folder = root / split / f"class{c:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
+    return root
+
+
+def loader_rate(data, batch_size: int, batches: int) -> float:
+    """Images/s of one pass of the training loader (at most `batches` batches)."""
+    loader = data.train_loader(batch_size, 1, torch.Generator().manual_seed(0))
+    started, images = time.perf_counter(), 0
+    for index, (x, _, _) in enumerate(loader):
+        images += x.shape[0]
+        if index + 1 == batches:
+            break
+    return images / (time.perf_counter() - started)
+
+
+def step_rate(model, images: torch.Tensor, labels: torch.Tensor, steps: int, device) -> float:
+    """Images/s of the train step alone, on one batch already on the device."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+
+    step()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * images.shape[0] / (time.perf_counter() - started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", help="an image folder (default: a generated one)")
+    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=12)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--depth", type=int, default=18, help="ImageNet ResNet depth")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--csv", default=RESULTS / "loader.csv")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(args.root) if args.root else generate_folder(
+            Path(scratch), classes=10, per_class=max(8, args.batches * args.batch_size // 10 + 1),
+            size=(426, 320))
+        first = load_image_folder(root, image_size=args.image_size, loader_workers=0)
+        model = build(ResNetArch(family="imagenet", depth=args.depth),
+                      num_classes=first.num_classes).to(device, memory_format=torch.channels_last)
+        x, y, _ = next(iter(first.train_loader(args.batch_size, 1, torch.Generator().manual_seed(0))))
+        x, y = x.to(device).contiguous(memory_format=torch.channels_last), y.to(device)
+        step = step_rate(model, x, y, max(2, args.batches // 3), device)
+        rows = []
+        for workers in args.workers:
+            data = load_image_folder(root, image_size=args.image_size, loader_workers=workers)
+            rate = loader_rate(data, args.batch_size, args.batches)
+            rows.append({
+                "timestamp": timestamp(), "commit": source_commit(), "device": device_name(device),
+                "model": f"resnet{args.depth}", "image_size": args.image_size,
+                "batch_size": args.batch_size, "loader_workers": workers,
+                "loader_images_per_s": round(rate, 1), "step_images_per_s": round(step, 1),
+                "loader_over_step": round(rate / step, 3),
+                "source": args.root or "generated 426x320 JPEGs",
+            })
+            print(f"loader workers {workers}: loader {rate:.0f} images/s, train step {step:.0f} "
+                  f"images/s: loader/step {rate / step:.2f}x", flush=True)
+    append_rows(args.csv, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,256 @@
+"""Image-folder data sets, streamed from disk: the ImageNet layout (`ROOT/train/<class>/*.jpg`,
+`ROOT/val/<class>/*.jpg`), which Imagenette, ImageNet-100 and Tiny-ImageNet (after a one-line
+reshuffle of its val folder) also use.
+
+Images are decoded by Pillow in DataLoader worker processes, with pinned memory and prefetching;
+augmentation follows He et al. (Section 3.4): the shorter side scaled to a random length in
+[256, 480], a random 224 crop, a horizontal flip, and the per-channel mean subtracted (and the
+std divided, as every modern recipe does), or the common RandomResizedCrop variant; evaluation is
+a single centre 224 crop of the image scaled to 256. Other crop sizes scale those lengths with it.
+
+Every random draw of an image comes from a generator seeded by (seed, epoch, index), so which
+worker decodes it, and how many workers there are, never changes the data. A corrupt or
+unreadable image is skipped and counted (in each epoch's record), never a crashed trial. The
+folder is checked before anything runs: a missing folder, split, class folder, an empty class or
+an unknown validation class is one error that names it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+# ImageNet's per-channel training mean and std (RGB, pixel values in [0, 1]).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+AUGMENTATIONS = ("scale", "random_resized_crop")
+Augmentation = Literal["scale", "random_resized_crop"]
+# The paper's lengths for a 224 crop: shorter side in [256, 480] to train, 256 to evaluate.
+_SCALE_LOW, _SCALE_HIGH, _EVAL_RESIZE, _PAPER_CROP = 256, 480, 256, 224
+
+
+@dataclass(frozen=True)
+class FolderIndex:
+    """The images of an image folder: (path, class index) per split, classes in sorted order."""
+
+    root: Path
+    classes: tuple[str, ...]
+    train: tuple[tuple[str, int], ...]
+    test: tuple[tuple[str, int], ...]
+
+
+def scan_image_folder(root: str | os.PathLike[str], *, train: str = "train",
+                      test: str = "val") -> FolderIndex:
+    """Index an image folder, checking its layout; FileNotFoundError or ValueError naming what
+    is missing or empty."""
+    root = Path(root).expanduser()
+    layout = f"expected {root}/{train}/<class>/*.jpg and {root}/{test}/<class>/*.jpg"
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist; {layout} (the ImageNet "
+                                "layout)")
+    splits = {}
+    for split in (train, test):
+        folder = root / split
+        if not folder.is_dir():
+            raise FileNotFoundError(f"image folder {root} has no {split}/ split; {layout}")
+        classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        if not classes:
+            raise ValueError(f"{folder} holds no class folders; {layout}")
+        images = {c: sorted(str(p) for p in (folder / c).iterdir()
+                            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+                  for c in classes}
+        empty = [c for c, found in images.items() if not found]
+        if empty:
+            raise ValueError(f"{folder}: class folder(s) {', '.join(empty[:5])} hold no image "
+                             f"({', '.join(IMAGE_SUFFIXES)})")
+        splits[split] = images
+    classes = tuple(splits[train])
+    unknown = sorted(set(splits[test]) - set(classes))
+    if unknown:
+        raise ValueError(f"{root / test}: class folder(s) {', '.join(unknown[:5])} are not "
+                         f"classes of {root / train}")
+    label = {c: i for i, c in enumerate(classes)}
+
+    def samples(split: str) -> tuple[tuple[str, int], ...]:
+        return tuple((path, label[c]) for c, paths in splits[split].items() for path in paths)
+
+    return FolderIndex(root, classes, samples(train), samples(test))
+
+
+# ----------------------------------------------------------------------------------------------
+# Transforms (Pillow and numpy: torchvision's wheels do not import beside every torch build)
+
+
+def _resize_shorter(image: Image.Image, length: int) -> Image.Image:
+    width, height = image.size
+    scale = length / min(width, height)
+    size = (max(length, round(width * scale)), max(length, round(height * scale)))
+    return image.resize(size, Image.BILINEAR)
+
+
+def _scale_crop(image: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
+    low = round(size * _SCALE_LOW / _PAPER_CROP)
+    high = round(size * _SCALE_HIGH / _PAPER_CROP)
+    image = _resize_shorter(image, int(rng.integers(low, high + 1)))
+    width, height = image.size
+    left, top = int(rng.integers(0, width - size + 1)), int(rng.integers(0, height - size + 1))
+    return image.crop((left, top, left + size, top + size))
+
+
+def _random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
+    """A random 8%-100% of the area at an aspect ratio in [3/4, 4/3], resized to size x size."""
+    width, height = image.size
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(0.08, 1.0)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+            return image.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
+    return _centre_crop(_resize_shorter(image, size), size)
+
+
+def _centre_crop(image: Image.Image, size: int) -> Image.Image:
+    width, height = image.size
+    left, top = (width - size) // 2, (height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB image -> float32 (3, H, W), normalised with ImageNet's channel mean and std."""
+    pixels = np.asarray(image, dtype=np.float32) / 255.0
+    pixels = (pixels - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+
+class ImageFolderSplit(torch.utils.data.Dataset):
+    """One split's images, decoded and transformed on access; (None, label) for a corrupt one."""
+
+    def __init__(self, samples: tuple[tuple[str, int], ...], *, image_size: int, train: bool,
+                 augmentation: Augmentation, seed: int) -> None:
+        self.samples = samples
+        self.image_size = image_size
+        self.train = train
+        self.augmentation = augmentation
+        self.seed = seed
+        self.epoch = 0  # set before each epoch's loader starts (workers copy it then)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int]:
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as opened:
+                image = opened.convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return None, label  # skipped and counted by `collate`
+        size = self.image_size
+        if not self.train:
+            return to_tensor(_centre_crop(_resize_shorter(
+                image, round(size * _EVAL_RESIZE / _PAPER_CROP)), size)), label
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        if self.augmentation == "scale":
+            image = _scale_crop(image, size, rng)
+        else:
+            image = _random_resized_crop(image, size, rng)
+        if rng.random() < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        return to_tensor(image), label
+
+
+def collate(batch: list[tuple[torch.Tensor | None, int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(images, labels, how many of the batch's images were unreadable and left out)."""
+    kept = [(x, y) for x, y in batch if x is not None]
+    if not kept:
+        return torch.empty(0), torch.empty(0, dtype=torch.int64), len(batch)
+    images = torch.stack([x for x, _ in kept])
+    return images, torch.tensor([y for _, y in kept], dtype=torch.int64), len(batch) - len(kept)
+
+
+def _one_thread(_worker: int) -> None:
+    torch.set_num_threads(1)  # a decoding worker is one CPU of the trial's
+
+
+# eq=False: identity is what the data-set cache hands out.
+@dataclass(frozen=True, eq=False)
+class StreamingData:
+    """A data set read from disk batch by batch (see the module docstring); the training loop
+    asks it for one loader per epoch and one for evaluation."""
+
+    name: str
+    index: FolderIndex
+    image_size: int
+    augmentation: Augmentation
+    loader_workers: int
+    seed: int = 0
+    in_channels: int = 3
+    eval_split: str = "test"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.index.classes)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.index.classes
+
+    @property
+    def train_size(self) -> int:
+        return len(self.index.train)
+
+    @property
+    def test_size(self) -> int:
+        return len(self.index.test)
+
+    def _loader(self, split: ImageFolderSplit, batch_size: int, order: list[int] | None,
+                pin_memory: bool) -> torch.utils.data.DataLoader:
+        workers = self.loader_workers
+        return torch.utils.data.DataLoader(
+            split, batch_size=batch_size, sampler=order, collate_fn=collate,
+            num_workers=workers, pin_memory=pin_memory, prefetch_factor=4 if workers else None,
+            worker_init_fn=_one_thread if workers else None)
+
+    def train_loader(self, batch_size: int, epoch: int, generator: torch.Generator, *,
+                     pin_memory: bool = False) -> torch.utils.data.DataLoader:
+        """One epoch of augmented training batches, in an order drawn from `generator`."""
+        split = ImageFolderSplit(self.index.train, image_size=self.image_size, train=True,
+                                 augmentation=self.augmentation, seed=self.seed)
+        split.epoch = epoch
+        order = torch.randperm(len(split), generator=generator).tolist()
+        return self._loader(split, batch_size, order, pin_memory)
+
+    def test_loader(self, batch_size: int, *, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+        """The evaluation images, single centre crops, in a fixed order."""
+        split = ImageFolderSplit(self.index.test, image_size=self.image_size, train=False,
+                                 augmentation=self.augmentation, seed=self.seed)
+        return self._loader(split, batch_size, None, pin_memory)
+
+    def metadata(self) -> dict[str, Any]:
+        return {"name": self.name, "root": str(self.index.root), "train_size": self.train_size,
+                "test_size": self.test_size, "num_classes": self.num_classes,
+                "image_size": self.image_size, "augmentation": self.augmentation,
+                "loader_workers": self.loader_workers}
+
+
+def load_image_folder(root: str | os.PathLike[str], *, image_size: int = 224,
+                      augmentation: Augmentation = "scale", loader_workers: int = 2,
+                      seed: int = 0) -> StreamingData:
+    """An image folder as a streaming data set (checked and indexed now, decoded when trained)."""
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f"augmentation={augmentation!r} is not one of {', '.join(AUGMENTATIONS)}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
+        raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
+    if isinstance(loader_workers, bool) or not isinstance(loader_workers, int) or loader_workers < 0:
+        raise ValueError(f"loader_workers must be an int >= 0, got {loader_workers!r}")
+    return StreamingData("imagefolder", scan_image_folder(root), image_size, augmentation,
+                         loader_workers, seed)

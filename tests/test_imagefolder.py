@@ -1,0 +1,170 @@
+"""Image-folder data sets, streamed from disk: the layout checks, the transforms against values
+computed by hand, seeded augmentation whatever the number of loader workers, corrupt images
+skipped and counted, and a study trained end to end on a generated folder."""
+
+from __future__ import annotations
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from PIL import Image
+
+from helpers import write_spec
+from resnet_ablate.imagefolder import (IMAGENET_MEAN, IMAGENET_STD, load_image_folder,
+                                       scan_image_folder)
+
+CLASSES = ("ant", "bee", "cat", "dog", "eel", "fox")  # six: top-5 error means something
+
+
+def _colour(label: int) -> np.ndarray:
+    return np.array([40 * label + 20, 255 - 35 * label, (90 * label) % 256], dtype=np.float64)
+
+
+def _write_image(path, label: int, rng: np.random.Generator, size=(40, 30)) -> None:
+    noise = rng.normal(0, 12, size=(size[1], size[0], 3))
+    pixels = np.clip(_colour(label) + noise, 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Six classes of noisy solid colours: 5 JPEG and 2 PNG training images each (sizes vary),
+    3 validation images each, and one corrupt file among the training images."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(CLASSES):
+        for split, count in (("train", 7), ("val", 3)):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                suffix = "png" if split == "train" and i >= 5 else "jpg"
+                size = (40 + 6 * i, 30 + 4 * label)
+                _write_image(root / split / name / f"{i}.{suffix}", label, rng, size)
+    (root / "train" / "ant" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    return root
+
+
+def test_scan_indexes_each_split_by_class(folder):
+    index = scan_image_folder(folder)
+    assert index.classes == CLASSES
+    assert len(index.train) == 6 * 7 + 1 and len(index.test) == 6 * 3
+    assert {label for _, label in index.test} == set(range(6))
+    assert all(f"/train/{CLASSES[label]}/" in path for path, label in index.train)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no root", "image folder {root}/nowhere does not exist"),
+    ("no val", "has no val/ split"),
+    ("no classes", "holds no class folders"),
+    ("empty class", "class folder(s) cat hold no image"),
+    ("unknown val class", "class folder(s) gnu are not classes of"),
+])
+def test_a_broken_layout_is_one_error_naming_what_is_wrong(damage, message, tmp_path):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in ("ant", "cat"):
+            (tmp_path / split / name).mkdir(parents=True)
+            _write_image(tmp_path / split / name / "0.jpg", 0, rng)
+    root = tmp_path
+    if damage == "no root":
+        root = tmp_path / "nowhere"
+    elif damage == "no val":
+        for path in (tmp_path / "val").rglob("*.jpg"):
+            path.unlink()
+        for sub in ("ant", "cat"):
+            (tmp_path / "val" / sub).rmdir()
+        (tmp_path / "val").rmdir()
+    elif damage == "no classes":
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "train").mkdir()
+        (tmp_path / "empty" / "val").mkdir()
+        root = tmp_path / "empty"
+    elif damage == "empty class":
+        (tmp_path / "train" / "cat" / "0.jpg").unlink()
+    else:
+        (tmp_path / "val" / "gnu").mkdir()
+        _write_image(tmp_path / "val" / "gnu" / "0.jpg", 0, rng)
+    with pytest.raises((FileNotFoundError, ValueError), match=message.format(root=tmp_path)
+                       .replace("(", r"\(").replace(")", r"\)")):
+        scan_image_folder(root)
+
+
+def test_evaluation_crops_are_normalised_with_imagenets_statistics(tmp_path):
+    """A flat colour stays flat through resizing and cropping: every pixel of the tensor must be
+    (value / 255 - mean) / std, computed here by hand."""
+    for split in ("train", "val"):
+        (tmp_path / split / "flat").mkdir(parents=True)
+        Image.new("RGB", (50, 37), (200, 100, 50)).save(tmp_path / split / "flat" / "0.png")
+    data = load_image_folder(tmp_path, image_size=16, loader_workers=0)
+    images, labels, skipped = next(iter(data.test_loader(4)))
+    assert images.shape == (1, 3, 16, 16) and labels.tolist() == [0] and skipped == 0
+    for channel, value in enumerate((200, 100, 50)):
+        expected = (value / 255 - IMAGENET_MEAN[channel]) / IMAGENET_STD[channel]
+        torch.testing.assert_close(images[0, channel], torch.full((16, 16), expected),
+                                   atol=1e-6, rtol=0)
+
+
+def _epoch(data, epoch: int, seed: int = 0):
+    loader = data.train_loader(8, epoch, torch.Generator().manual_seed(seed))
+    images, labels, skipped = [], [], 0
+    for x, y, s in loader:
+        images.append(x)
+        labels.append(y)
+        skipped += s
+    return torch.cat(images), torch.cat(labels), skipped
+
+
+@pytest.mark.parametrize("augmentation", ["scale", "random_resized_crop"])
+def test_augmentation_is_seeded_per_image_whatever_the_loader_workers(folder, augmentation):
+    serial = load_image_folder(folder, image_size=24, augmentation=augmentation, loader_workers=0)
+    parallel = load_image_folder(folder, image_size=24, augmentation=augmentation, loader_workers=2)
+    images, labels, skipped = _epoch(serial, 1)
+    images2, labels2, skipped2 = _epoch(parallel, 1)
+    assert torch.equal(images, images2) and torch.equal(labels, labels2)
+    # The corrupt file is left out and counted, never a crash.
+    assert skipped == skipped2 == 1 and len(labels) == 6 * 7
+    assert images.shape[1:] == (3, 24, 24)
+    other_epoch, _, _ = _epoch(serial, 2)
+    assert not torch.equal(other_epoch, images), "each epoch draws new crops"
+
+
+def test_a_study_trains_end_to_end_on_an_image_folder(folder, tmp_path):
+    from resnet_ablate.results import load
+    from resnet_ablate.spec import load_spec
+    from resnet_ablate.study import RunOptions, run_study
+
+    raw = {
+        "study": "folder", "model": {"family": "imagenet", "widths": [8, 16, 16, 32],
+                                     "stages": [1, 1, 1, 1], "block": "basic"},
+        "dataset": {"name": "imagefolder", "root": str(folder), "image_size": 32,
+                    "loader_workers": 1},
+        "space": {"shortcut": ["A", "none"]}, "seeds": 1,
+        "train": {"preset": "imagenet", "epochs": 2, "batch_size": 8, "eval_batch_size": 8},
+        "resources": {"cpus": 2, "workers": 1},
+    }
+    spec = load_spec(write_spec(tmp_path, raw))
+    summary = run_study(spec, RunOptions(runs_dir=tmp_path, progress=False))
+    assert summary.completed == 2, summary
+    trials = optuna.load_study(study_name="folder", storage=summary.storage).get_trials()
+    results = load("folder", runs_dir=tmp_path)
+    for trial in trials:
+        curves = trial.user_attrs["curves"]
+        assert [c["epoch"] for c in curves] == [1, 2]
+        assert all(c["skipped_images"] == 1 for c in curves)  # the corrupt training image
+        assert all(c["test_top5_error"] <= c["test_error"] for c in curves)
+        assert trial.user_attrs["recipe"]["batch_size"] == 8 and trial.user_attrs["recipe"]["weight_decay"] == 1e-4
+        # The recorded error is what the kept model makes of the val images, decoded by hand.
+        model = results.model(trial.number)
+        wrong = 0
+        for label, name in enumerate(CLASSES):
+            for path in sorted((folder / "val" / name).iterdir()):
+                image = Image.open(path).convert("RGB")
+                scale = round(32 * 256 / 224) / min(image.size)
+                image = image.resize((max(37, round(image.size[0] * scale)),
+                                      max(37, round(image.size[1] * scale))), Image.BILINEAR)
+                left, top = (image.size[0] - 32) // 2, (image.size[1] - 32) // 2
+                pixels = np.asarray(image.crop((left, top, left + 32, top + 32)), np.float32) / 255
+                pixels = (pixels - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
+                x = torch.from_numpy(pixels.transpose(2, 0, 1).copy())[None]
+                wrong += int(model(x).argmax(1).item() != label)
+        assert curves[-1]["test_error"] == pytest.approx(wrong / (6 * 3))

@@ -31,6 +31,11 @@ def _run(args: argparse.Namespace) -> int:
                          progress=not args.quiet)
     if args.dry_run:
         return _print_plan(spec, plan_study(spec, options), args.format)
+    if args.format != "table":
+        print("resnet-ablate run: error: --format applies to --dry-run; a run prints a table, "
+              f"and `resnet-ablate export {spec.study} --format {args.format}` writes its trials",
+              file=sys.stderr)
+        return 2
     summary = run_study(spec, options)
     print(f"study {summary.study}: {summary.completed} completed, {summary.failed} failed, "
           f"{summary.pruned} pruned this run in {summary.wall_seconds:.1f} s; "

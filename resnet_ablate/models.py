@@ -32,17 +32,18 @@ _DEFAULT_CLASSES = {"cifar": 10, "imagenet": 1000}
 
 
 class DownsamplingWarning(UserWarning):
-    """Weights not saved by this toolkit loaded into a bottleneck net with the paper's "v1"
-    downsampling: torchvision's (and timm's) checkpoints are "v1.5", which matches every key and
-    shape but computes another network."""
+    """Weights of one stride placement loaded into an ImageNet bottleneck net of the other: a
+    "v1.5" checkpoint (torchvision's, timm's, or this toolkit's v1.5) into the paper's "v1", or
+    the toolkit's v1 into v1.5. Every key and shape matches; the network computes another thing."""
 
 
 class ResNet(nn.Module):
     """A residual (or plain) network described by `arch`; `arch` is kept on the module."""
 
-    # A state_dict saved from this class carries version 2 in its metadata; torchvision's and
-    # timm's carry the default 1. That is how loading tells the toolkit's v1 checkpoints from
-    # theirs, whose keys and shapes match a v1 net exactly.
+    # The version a state_dict saved from this class carries in its metadata: 2, or 3 for an
+    # ImageNet bottleneck net with "v1.5" downsampling; torchvision's and timm's carry the
+    # default 1 (and are v1.5). That is how loading tells a checkpoint's stride placement, which
+    # no key or shape shows.
     _version = 2
 
     def __init__(
@@ -63,6 +64,8 @@ class ResNet(nn.Module):
             )
         assert arch.stages is not None and arch.widths is not None  # resolved by ResNetArch
         self.arch = arch
+        if self._strides_matter() and arch.downsampling == "v1.5":
+            self._version = 3
         self.fused = arch.fused
         stem_width = arch.widths[0]
         if arch.family == "imagenet":
@@ -110,18 +113,28 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
 
+    def _strides_matter(self) -> bool:
+        """Whether a checkpoint could come from the other stride placement: ImageNet bottleneck
+        nets, the ones torchvision's and timm's weights fit."""
+        return self.arch.family == "imagenet" and self.arch.block == "bottleneck"
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
-        arch = self.arch
-        if (arch.family == "imagenet" and arch.block == "bottleneck" and arch.downsampling == "v1"
-                and local_metadata.get("version", 1) < self._version):
-            warnings.warn(
-                f"loading weights not saved by resnet_ablate into {arch.name}, which strides its "
-                "bottlenecks in the first 1x1 (the paper's v1); torchvision's and timm's weights "
-                "are v1.5 (stride in the 3x3): every key and shape matches, but the network "
-                "computes something else. For their weights build it with "
-                "downsampling='v1.5', or convert with resnet_ablate.from_torchvision(model)",
-                DownsamplingWarning, stacklevel=4)
+        if self._strides_matter():
+            saved = local_metadata.get("version", 1)
+            saved_v1 = saved == 2  # this toolkit's v1 net; 1 (torchvision, timm) and 3 are v1.5
+            mine = self.arch.downsampling
+            if saved_v1 != (mine == "v1"):
+                source = ("this toolkit's v1 net" if saved_v1 else
+                          "a v1.5 net (torchvision's and timm's weights are v1.5)")
+                right = "v1" if saved_v1 else "v1.5"
+                warnings.warn(
+                    f"loading weights of {source} into {self.arch.name} with downsampling="
+                    f"{mine!r}: every key and shape matches, but the stride sits in another conv, "
+                    f"so the network computes something else. Build it with downsampling="
+                    f"{right!r}" + (", or convert with resnet_ablate.from_torchvision(model)"
+                                    if not saved_v1 else ""),
+                    DownsamplingWarning, stacklevel=4)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

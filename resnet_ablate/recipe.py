@@ -74,6 +74,8 @@ class TrainRecipe:
 
         for name in ("epochs", "batch_size", "eval_batch_size", "divergence_check_every"):
             value = getattr(self, name)
+            if isinstance(value, float):  # YAML reads 1e3 as a float
+                fail(name, "an int >= 1, written as digits (it is a float)")
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 fail(name, "an int >= 1")
         if self.epochs > MAX_EPOCHS:

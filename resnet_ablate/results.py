@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -101,6 +102,9 @@ def list_studies(storage: str | None = None, runs_dir: str | Path | None = None)
         storages = [storage]
     else:
         runs_dir = runs_folder(runs_dir)
+        if runs_dir.exists() and not runs_dir.is_dir():
+            raise ResultsError(f"the runs folder {runs_dir} is a file, not a folder; pass "
+                               "--runs-dir (or set RESNET_ABLATE_RUNS) naming a folder")
         storages = [f"sqlite:///{p}" for p in sorted(runs_dir.glob("*.db"))]
         if not storages:
             raise ResultsError(f"no study storage in {runs_dir}/ (no .db file); run a study "
@@ -291,11 +295,14 @@ class Results:
         done = self.require_completed("compare")
         levels = list(pd.unique(self.trials[factor].dropna()))
         baseline = _match_level(baseline, levels, factor)
+        if len(levels) < 2:
+            raise ResultsError(f"{factor} has only one value ({_plain(baseline)}) in study "
+                               f"{self.study!r}: there is nothing to compare it with")
         others = self.configuration_columns(without=[factor])
         others = [c for c in others if c != "arch_name"]
         keyed = done.groupby([*others, "seed", factor], dropna=False)[metric].mean().unstack(factor)
         if baseline not in keyed.columns:
-            raise ResultsError(f"no completed trial with {factor}={baseline!r} yet; completed "
+            raise ResultsError(f"no completed trial with {factor}={_plain(baseline)} yet; completed "
                                f"levels: {', '.join(map(str, keyed.columns))}")
         rows = []
         for level in [lv for lv in levels if lv != baseline and lv in keyed.columns]:
@@ -312,7 +319,7 @@ class Results:
                                     pairs[baseline], pairs[level]))
         if not rows:
             raise ResultsError(f"no configuration has completed trials of both {factor}="
-                               f"{baseline!r} and another level with the same seed yet")
+                               f"{_plain(baseline)} and another level with the same seed yet")
         return pd.DataFrame(rows)
 
     def pareto(self, objectives: Sequence[str] = ("test_error", "flops")) -> pd.DataFrame:
@@ -361,7 +368,8 @@ class Results:
         known = set(int(n) for n in self.trials["number"])
         unknown = [n for n in numbers if int(n) not in known]
         if unknown:
-            raise ResultsError(f"no trial {unknown[0]} in study {self.study!r} (here); trials: "
+            raise ResultsError(f"no trial {unknown[0]} in these results of study {self.study!r}; "
+                               "trials here: "
                                f"{_ranges(sorted(known)) or 'none'}")
 
     def weights_path(self, number: int) -> Path | None:
@@ -421,6 +429,12 @@ def _ranges(numbers: Sequence[int]) -> str:
     return ", ".join(parts)
 
 
+def _plain(value: Any) -> str:
+    """A value as a message shows it: 8, not np.int64(8); 'A' quoted."""
+    value = value.item() if isinstance(value, np.generic) else value
+    return repr(value) if isinstance(value, str) else str(value)
+
+
 def _match_level(value: Any, levels: list[Any], factor: str) -> Any:
     """The level equal to `value`, accepting its text ("20" for depth 20, as typed on a CLI) in
     either case where that is unambiguous."""
@@ -457,6 +471,18 @@ def _paired_row(factor: str, level: Any, baseline: Any, metric: str, configurati
 # Loading
 
 
+def _store_file(study: str) -> Path | None:
+    """The .db file `study` names where it is a path, not a study's name (a name never holds a
+    separator: specs refuse one); None for a name. `runs/quickstart` finds runs/quickstart.db."""
+    path = Path(study).expanduser()
+    if not ("/" in study or os.sep in study or (path.suffix == ".db" and path.is_file())):
+        return None
+    for candidate in (path, path.with_name(path.name + ".db")):
+        if candidate.is_file():
+            return candidate
+    raise ResultsError(f"no study store file {path}; {_databases_beside(path)}")
+
+
 def load(study: str, storage: str | None = None, runs_dir: str | Path | None = None) -> Results:
     """The trials of a study, finished or still running, as a Results object (read-only).
 
@@ -464,8 +490,9 @@ def load(study: str, storage: str | None = None, runs_dir: str | Path | None = N
     working folder unless `runs_dir` is absolute), or the path of a study's .db file, which works
     from any folder (a store that holds several studies then needs the name and `storage`).
     """
-    if storage is None and study.endswith(".db") and Path(study).is_file():
-        storage = f"sqlite:///{Path(study).resolve()}"
+    path = _store_file(study) if storage is None else None
+    if path is not None:
+        storage = f"sqlite:///{path.resolve()}"
         names = [s.study_name for s in _summaries(storage)]
         if len(names) != 1:
             raise ResultsError(f"{study} holds {len(names)} studies ({', '.join(names) or 'none'}); "

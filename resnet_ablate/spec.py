@@ -335,7 +335,7 @@ def parse_spec(raw: Any, *, source: str = "<spec>") -> StudySpec:
         raise check.fail("budget.trials", f"at most {MAX_TRIALS}, got {budget.trials}")
     points = math.prod(len(_values(c)) for c in space.values())
     if sampler == "grid" and points * len(seeds) > MAX_TRIALS:
-        raise check.fail("space", f"the grid's {points} points x {len(seeds)} seeds make "
+        raise check.fail("space", f"the grid's {points} points x {len(seeds)} seed(s) make "
                                   f"{points * len(seeds)} trials; at most {MAX_TRIALS}: sweep fewer "
                                   "values, or use sampler: random or tpe with a budget")
     if sampler != "grid" and budget.trials is None and budget.minutes is None:

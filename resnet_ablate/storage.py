@@ -69,6 +69,11 @@ def store_faults(url: str) -> Iterator[None]:
                          "as sqlite:///runs/STUDY.db or postgresql://USER@HOST/DATABASE") from None
     except sqlalchemy.exc.SQLAlchemyError as error:
         raise StoreError(f"study store {url}: {_reason(error)}") from None
+    except ImportError as error:  # the URL names a database driver that is not installed
+        missing = error.__cause__ or error
+        raise StoreError(f"study store {url}: its database driver is not installed ({missing}); "
+                         "install it, or use sqlite:/// or postgresql+psycopg:// (pip install -e "
+                         "\".[cluster]\")") from None
     except Exception as error:
         # Optuna wraps database errors in its own ("invalid data in the commit, e.g. exceeding
         # max length"), which would mislead: the database's own error says what happened.
@@ -76,9 +81,6 @@ def store_faults(url: str) -> Iterator[None]:
         if type(error).__name__ != "StorageInternalError" or cause is None:
             raise
         raise StoreError(f"study store {url}: {_reason(cause)}") from None
-    except ImportError as error:  # the URL names a database driver that is not installed
-        raise StoreError(f"study store {url}: {error}; install the driver its URL names (for "
-                         "PostgreSQL: pip install -e \".[cluster]\")") from None
 
 
 def _reason(error: Exception) -> str:

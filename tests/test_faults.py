@@ -123,6 +123,7 @@ def test_a_read_only_store_is_refused_in_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("storage, expected", [
     ("not a url", "cannot parse the storage URL 'not a url'"),
     ("postgresql+psycopg://nobody@127.0.0.1:{port}/studies", "cannot connect"),
+    ("mysql://nobody@127.0.0.1:{port}/studies", "its database driver is not installed"),
 ])
 def test_an_unusable_storage_url_is_refused_in_one_line(storage, expected, tmp_path, capsys):
     pytest.importorskip("psycopg") if storage.startswith("postgresql") else None
@@ -134,9 +135,26 @@ def test_an_unusable_storage_url_is_refused_in_one_line(storage, expected, tmp_p
 def test_a_runs_folder_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
     runs = tmp_path / "runs"
     runs.write_text("my notes\n")
-    err = _one_line_error(capsys, ["run", str(_spec_file(tmp_path)), "--runs-dir", str(runs)])
-    assert f"{runs} is a file, not a folder" in err
+    spec = str(_spec_file(tmp_path))
+    for argv in (["run", spec, "--runs-dir", str(runs)], ["run", spec, "--runs-dir", str(runs),
+                                                          "--dry-run"], ["ls", "--runs-dir", str(runs)]):
+        err = _one_line_error(capsys, argv)
+        assert f"{runs} is a file, not a folder" in err
     assert runs.read_text() == "my notes\n"
+
+
+def test_a_sqlite_database_of_something_else_is_never_written(tmp_path, capsys):
+    import sqlite3
+
+    other = tmp_path / "faults.db"
+    with sqlite3.connect(other) as connection:
+        connection.execute("CREATE TABLE invoices (id INTEGER, amount REAL)")
+    before = other.read_bytes()
+    for extra in (["--quiet"], ["--dry-run"]):
+        err = _one_line_error(capsys, ["run", str(_spec_file(tmp_path)), "--runs-dir",
+                                       str(tmp_path), *extra])
+        assert "is a SQLite database of something else (tables: invoices)" in err
+    assert other.read_bytes() == before
 
 
 @pytest.mark.parametrize("content, expected", [
@@ -214,3 +232,25 @@ def test_a_dry_run_refuses_gpus_on_a_machine_without_one(tmp_path, capsys):
     raw = {**raw_spec("gpu-less", seeds=1), "resources": {"gpus": 1, "workers": 1}}
     err = _one_line_error(capsys, ["run", str(write_spec(tmp_path, raw)), "--dry-run"])
     assert "resources.gpus=1 but this machine has no GPU" in err
+
+
+# -- lookups that name a path, and messages that read as they should
+
+
+def test_a_study_is_found_by_its_store_path_with_or_without_the_suffix(runs, tmp_path, capsys):
+    from resnet_ablate.results import ResultsError, load
+
+    bare = str(Path(runs) / RESULTS_STUDY)
+    assert load(bare).study == load(bare + ".db").study == RESULTS_STUDY
+    with pytest.raises(ResultsError, match=rf"no study store file {tmp_path}/nosuch.db; "):
+        load(str(tmp_path / "nosuch.db"))
+    err = _one_line_error(capsys, ["compare", bare, "--factor", "depth", "--baseline", "8",
+                                   "--where", "depth == 8"])
+    assert "depth has only one value (8)" in err and "np." not in err
+
+
+def test_format_without_dry_run_is_refused_before_anything_runs(tmp_path, capsys):
+    err = _one_line_error(capsys, ["run", str(_spec_file(tmp_path)), "--runs-dir", str(tmp_path),
+                                   "--format", "json"])
+    assert "--format applies to --dry-run" in err
+    assert not list(tmp_path.glob("*.db"))

@@ -193,10 +193,22 @@ def test_torchvision_checkpoints_load_strictly_and_give_the_same_outputs(tv_mode
 def test_paper_v1_bottleneck_warns_when_it_loads_torchvision_weights_which_compute_another_net():
     tv = randomize(TVResNet(TVBottleneck, [3, 4, 6, 3])).eval()
     v1 = resnet50(downsampling="v1")
-    with pytest.warns(DownsamplingWarning, match="build it with downsampling='v1.5'"):
+    with pytest.warns(DownsamplingWarning, match="Build it with downsampling='v1.5'"):
         v1.load_state_dict(tv.state_dict(), strict=True)  # same shapes: only the strides move
     x = torch.randn(1, 3, 64, 64)
     assert not torch.allclose(v1.eval()(x), tv(x), atol=1e-3)
+
+
+def test_the_toolkits_checkpoints_warn_when_loaded_into_the_other_stride_placement():
+    v1, v15 = resnet50(downsampling="v1"), resnet50(downsampling="v1.5")
+    with pytest.warns(DownsamplingWarning, match="weights of a v1.5 net .* Build it with downsampling='v1.5'"):
+        resnet50(downsampling="v1").load_state_dict(v15.state_dict())
+    with pytest.warns(DownsamplingWarning, match="this toolkit's v1 net .* Build it with downsampling='v1'"):
+        resnet50(downsampling="v1.5").load_state_dict(v1.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resnet50(downsampling="v1.5").load_state_dict(v15.state_dict())
+        resnet18().load_state_dict(resnet18().state_dict())
 
 
 def test_the_toolkits_own_v1_checkpoints_load_without_a_warning(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import optuna
 import pytest
+import ray
 import torch
 from PIL import Image
 
@@ -143,7 +144,10 @@ def test_a_study_trains_end_to_end_on_an_image_folder(folder, tmp_path):
         "resources": {"cpus": 2, "workers": 1},
     }
     spec = load_spec(write_spec(tmp_path, raw))
-    summary = run_study(spec, RunOptions(runs_dir=tmp_path, progress=False))
+    try:
+        summary = run_study(spec, RunOptions(runs_dir=tmp_path, progress=False))
+    finally:
+        ray.shutdown()  # the run started a local Ray; the next test file starts its own
     assert summary.completed == 2, summary
     trials = optuna.load_study(study_name="folder", storage=summary.storage).get_trials()
     results = load("folder", runs_dir=tmp_path)

@@ -98,7 +98,7 @@ def test_ranges_for_random_and_tpe():
      "ResNetArch.depth=60002 is above the deepest network the toolkit builds, 2000 layers"),
     ({**MINIMAL, "train": {"epochs": 10**9}}, "TrainRecipe.epochs must be at most 10000"),
     ({**MINIMAL, "space": {"depth": [20, 32]}, "seeds": 6000},
-     "space: the grid's 2 points x 6000 seeds make 12000 trials; at most 10000"),
+     "space: the grid's 2 points x 6000 seed(s) make 12000 trials; at most 10000"),
     ({**MINIMAL, "sampler": "random", "space": {"depth": {"low": 2, "high": 10**9}},
       "budget": {"trials": 4}}, "space.depth: the range {'low': 2, 'high': 1000000000} holds "
                                 "999999999 values; at most 10000"),

@@ -23,7 +23,7 @@ from .grid import GridHistory, PlannedTrial
 from .loop import DriverLoop, failures
 from .recorder import TrialRecorder
 from .signals import stop_on_sigterm
-from .store import DriverLease, open_study, prepare_store_folder
+from .store import DriverLease, check_store_folder, open_study, prepare_store_folder
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,7 @@ class StudyRunner:
     def plan(self) -> list[PlannedTrial]:
         """Every grid point x seed with its cost and status; nothing is trained or written. The
         data set and (on this machine) the GPUs are checked as a run would check them."""
+        check_store_folder(self.storage)
         self.costs.check_dataset()
         if self.options.address is None:
             cluster.check_local_gpus(self.spec)

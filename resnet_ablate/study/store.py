@@ -6,14 +6,18 @@ URL (SQLite file, PostgreSQL); every way of failing to reach one ends in one `St
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import socket
+import sqlite3
 import time
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import optuna
 import sqlalchemy
@@ -270,8 +274,9 @@ class DriverLease:
         self._engine.dispose()
 
 
-def prepare_store_folder(url: str) -> None:
-    """A SQLite store's folder is made on first use; a file where the folder belongs is refused."""
+def check_store_folder(url: str) -> None:
+    """A SQLite store's path must lead through folders, and an existing file there must be empty
+    or a study store: refused with a StoreError otherwise, before anything is written."""
     database = sqlite_path(url)
     if database is None:
         return
@@ -279,6 +284,31 @@ def prepare_store_folder(url: str) -> None:
         if folder.exists() and not folder.is_dir():
             raise StoreError(f"study store {url}: {folder} is a file, not a folder; pass "
                              "--runs-dir (or --storage) naming a folder")
-    database.parent.mkdir(parents=True, exist_ok=True)
     if database.exists() and not database.is_file():
         raise StoreError(f"study store {url}: {database} is not a file")
+    if database.is_file() and database.stat().st_size:
+        tables = _sqlite_tables(database)
+        if tables and "studies" not in tables:
+            raise StoreError(f"study store {url}: {database} is a SQLite database of something "
+                             f"else (tables: {', '.join(sorted(tables)[:5])}); it is left as it "
+                             "is: point --storage or --runs-dir at a new file")
+
+
+def prepare_store_folder(url: str) -> None:
+    """`check_store_folder`, then a SQLite store's folder is made on first use."""
+    check_store_folder(url)
+    database = sqlite_path(url)
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _sqlite_tables(database: Path) -> set[str]:
+    """The tables of a SQLite file, read-only; empty where it is not a readable database (the
+    store's own open then says why)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{quote(str(database))}?mode=ro",
+                                                uri=True)) as connection:
+            return {row[0] for row in connection.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError:
+        return set()

@@ -187,7 +187,7 @@ def test_curves_are_the_recorded_epochs(results, raw_trials):
         assert row["test_error"] == record["test_error"] and row["train_error"] == record["train_error"]
         assert row["shortcut"] == trial.params["shortcut"] and row["seed"] == trial.user_attrs["seed"]
     assert len(results.curves()) == 2 * len(raw_trials)
-    with pytest.raises(ResultsError, match=r"no trial 99 .*trials: 0-11"):
+    with pytest.raises(ResultsError, match=r"no trial 99 .*trials here: 0-11"):
         results.curves([99])
 
 

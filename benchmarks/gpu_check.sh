@@ -48,4 +48,6 @@ step bench_batch_norm_act 80 $python benchmarks/bench_batch_norm_act.py --dtypes
     --csv "$out/batch_norm_act.csv"
 step bench_train_step 50 $python benchmarks/bench_train_step.py --dtype bf16 --channels-last \
     --providers unfused fused compile-fused --iters 20 --warmup 5 --csv "$out/train_step.csv"
+step bench_loader 60 $python benchmarks/bench_loader.py --device cuda --image-size 224 \
+    --batch-size 64 --batches 8 --workers 2 8 14 --depth 50 --csv "$out/loader.csv"
 exit $status

@@ -254,3 +254,55 @@ def test_format_without_dry_run_is_refused_before_anything_runs(tmp_path, capsys
                                    "--format", "json"])
     assert "--format applies to --dry-run" in err
     assert not list(tmp_path.glob("*.db"))
+
+
+@pytest.mark.parametrize("address, expected", [
+    ("127.0.0.1:{port}", "no Ray cluster answers at 127.0.0.1:{port}"),
+    ("just-a-name", "--address 'just-a-name' is not a Ray address"),
+])
+def test_an_address_with_no_cluster_is_one_line_before_anything_is_stored(address, expected,
+                                                                         tmp_path, capsys):
+    port = free_port()
+    started = time.monotonic()
+    err = _one_line_error(capsys, ["run", str(_spec_file(tmp_path)), "--runs-dir", str(tmp_path),
+                                   "--address", address.format(port=port), "--quiet"])
+    assert expected.format(port=port) in err
+    assert time.monotonic() - started < 60, "Ray's own retries would take minutes"
+    assert not list(tmp_path.glob("*.db"))
+
+
+def test_a_local_ray_listens_on_loopback_only():
+    import socket
+
+    import ray
+
+    from resnet_ablate.spec import parse_spec
+    from resnet_ablate.study import cluster
+
+    assert not ray.is_initialized()
+    cluster.connect(parse_spec(raw_spec("loopback")), None, workers=1)
+    try:
+        host, port = ray.get_runtime_context().gcs_address.rsplit(":", 1)
+        assert host == "127.0.0.1" and ray.nodes()[0]["NodeManagerAddress"] == "127.0.0.1"
+        with socket.create_connection(("127.0.0.1", int(port)), timeout=5):
+            pass  # reachable from this machine
+        outward = _outward_address()
+        if outward is None:
+            pytest.skip("this machine has no interface but loopback to try the port from")
+        with pytest.raises(OSError):  # ... and not from the machine's other interfaces
+            socket.create_connection((outward, int(port)), timeout=5).close()
+    finally:
+        ray.shutdown()
+
+
+def _outward_address() -> str | None:
+    """This machine's address on its default route (a UDP connect sends nothing), or None."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: routed like any outside address
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") else address

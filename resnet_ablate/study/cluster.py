@@ -3,7 +3,11 @@ which running trials report epochs and hear the pruner's verdicts."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import socket
+from collections.abc import Iterator
 from typing import Any
 
 import optuna
@@ -19,16 +23,67 @@ class ClusterError(RuntimeError):
     """The Ray cluster cannot give trials what the spec asks for."""
 
 
+_SINGLE_NODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Within: a local Ray takes 127.0.0.1 as its node's address, and then its servers (GCS,
+    raylet, workers) listen on loopback only, not on every interface. Ray decides that from its
+    single-node switch, an environment variable read once at import (so the process's copy is
+    set too) and inherited by the processes it starts. A cluster run must not have it: other
+    nodes have to reach the driver."""
+    from ray._private import ray_constants
+
+    previous = os.environ.get(_SINGLE_NODE), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_SINGLE_NODE] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if previous[0] is None:
+            os.environ.pop(_SINGLE_NODE, None)
+        else:
+            os.environ[_SINGLE_NODE] = previous[0]
+        ray_constants.ENABLE_RAY_CLUSTER = previous[1]
+
+
+def check_address(address: str, timeout: float = 5.0) -> None:
+    """ClusterError unless something listens at a Ray address ("host:port" or "ray://host:port").
+    Checked before joining: Ray itself retries an unreachable address for minutes in silence."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"--address {address!r} is not a Ray address; expected HOST:6379 (the "
+                           "head node's GCS) or ray://HOST:10001 (Ray Client)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as error:
+        raise ClusterError(f"no Ray cluster answers at {address} ({error.strerror or error}); "
+                           "start one with `ray start --head`, or leave --address out to run on "
+                           "a local Ray") from None
+
+
 def connect(spec: StudySpec, address: str | None, workers: int) -> None:
     """Join the cluster at `address`, or start a local Ray of our own sized for `workers`."""
     if not ray.is_initialized():
         if address:
-            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+            check_address(address)
+            try:
+                ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+            except Exception as error:  # noqa: BLE001 - Ray raises many kinds; one line for each
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                hint = ""
+                if any(word in reason.lower() for word in ("auth", "token", "unauthenticated")):
+                    hint = ("; the cluster uses token authentication: set RAY_AUTH_MODE=token "
+                            "with its token in ~/.ray/auth_token")
+                raise ClusterError(f"cannot join the Ray cluster at {address}: {reason}{hint}") \
+                    from None
         else:
             cpus = max(1, math.ceil(workers * spec.resources.cpus))
             # address="local": a Ray of our own, even where another one runs on this machine.
-            ray.init(address="local", num_cpus=cpus, include_dashboard=False,
-                     logging_level="ERROR", log_to_driver=False)
+            with _loopback_only():
+                ray.init(address="local", num_cpus=cpus, include_dashboard=False,
+                         logging_level="ERROR", log_to_driver=False)
     gpus_needed = spec.resources.gpus
     if gpus_needed > 0 and ray.cluster_resources().get("GPU", 0) < min(gpus_needed, 1):
         raise ClusterError(

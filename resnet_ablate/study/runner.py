@@ -94,6 +94,8 @@ class StudyRunner:
         # A bad store, a missing data set or a cluster without the GPUs asked for stops the run
         # here, before Ray starts or the store is written.
         self.costs.check_dataset()
+        if self.options.address:
+            cluster.check_address(self.options.address)
         self.study  # opened (or created) and checked to be this spec's study
         cluster.connect(self.spec, self.options.address, self.workers)
         # After ray.init, which installs a SIGTERM handler of its own that just exits.

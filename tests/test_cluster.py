@@ -191,3 +191,17 @@ def test_gpu_trials_on_a_cluster_without_gpus_fail_before_anything_runs(ray_clus
     assert driver.returncode == 2
     assert "resources.gpus=0.5 but the Ray cluster has no GPU" in stderr
     assert _trials(postgres_url, "wants-gpu") == []
+
+
+def test_a_driver_without_the_clusters_token_is_refused_in_one_line(ray_cluster, postgres_url,
+                                                                    tmp_path):
+    spec = _spec(tmp_path, "no-token", seeds=1, epochs=1)
+    without_token = {k: v for k, v in ENV.items() if k != "RAY_AUTH_MODE"}
+    driver = subprocess.run(
+        [sys.executable, "-m", "resnet_ablate.cli", "run", str(spec), "--address",
+         ray_cluster.address, "--storage", postgres_url, "--runs-dir", str(tmp_path), "--quiet"],
+        capture_output=True, text=True, env=without_token, timeout=300)
+    assert driver.returncode == 2, driver.stderr
+    assert driver.stderr.count("\n") == 1 and "Traceback" not in driver.stderr, driver.stderr
+    assert f"cannot join the Ray cluster at {ray_cluster.address}" in driver.stderr
+    assert "set RAY_AUTH_MODE=token" in driver.stderr

@@ -7,6 +7,8 @@ import contextlib
 import math
 import os
 import socket
+import sys
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -48,6 +50,23 @@ def _loopback_only() -> Iterator[None]:
         ray_constants.ENABLE_RAY_CLUSTER = previous[1]
 
 
+@contextlib.contextmanager
+def _stderr_aside() -> Iterator[None]:
+    """Within: what anything in this process (C++ included) writes to stderr goes to a temporary
+    file, dropped afterwards."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as aside:
+            os.dup2(aside.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
 def check_address(address: str, timeout: float = 5.0) -> None:
     """ClusterError unless something listens at a Ray address ("host:port" or "ray://host:port").
     Checked before joining: Ray itself retries an unreachable address for minutes in silence."""
@@ -69,15 +88,16 @@ def connect(spec: StudySpec, address: str | None, workers: int) -> None:
         if address:
             check_address(address)
             try:
-                ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+                # Ray's core logs each failed attempt to join, a line a second for 20 s: kept
+                # aside, so that a refusal reads as one line.
+                with _stderr_aside():
+                    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
             except Exception as error:  # noqa: BLE001 - Ray raises many kinds; one line for each
                 reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-                hint = ""
-                if any(word in reason.lower() for word in ("auth", "token", "unauthenticated")):
-                    hint = ("; the cluster uses token authentication: set RAY_AUTH_MODE=token "
-                            "with its token in ~/.ray/auth_token")
-                raise ClusterError(f"cannot join the Ray cluster at {address}: {reason}{hint}") \
-                    from None
+                raise ClusterError(
+                    f"cannot join the Ray cluster at {address}: {reason}; if the cluster uses "
+                    "token authentication, set RAY_AUTH_MODE=token with its token in "
+                    "~/.ray/auth_token (or RAY_AUTH_TOKEN)") from None
         else:
             cpus = max(1, math.ceil(workers * spec.resources.cpus))
             # address="local": a Ray of our own, even where another one runs on this machine.

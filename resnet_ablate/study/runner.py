@@ -19,7 +19,7 @@ from ..spec import StudySpec
 from ..storage import runs_folder, sqlite_path, store_faults, weights_folder
 from . import cluster, grid
 from .costs import StudyCosts
-from .grid import GridHistory, PlannedTrial
+from .grid import GridHistory, PendingPoint, PlannedTrial
 from .loop import DriverLoop, failures
 from .recorder import TrialRecorder
 from .signals import stop_on_sigterm
@@ -116,20 +116,12 @@ class StudyRunner:
                 progress.log(f"marked {recovered} trial(s) of an interrupted run as failed; resuming")
             trials = self.study.get_trials(deepcopy=False)
             history = GridHistory(self.spec, trials)
-            budget = self.spec.budget
-            asked = sum(1 for t in trials
-                        if t.user_attrs.get(TrialKey.FAILURE_KIND) != FailureKind.INTERRUPTED)
-            left = budget.trials - asked if budget.trials is not None else math.inf
-            pending = []
-            if self.spec.sampler == "grid":
-                pending = grid.pending_points(self.spec, history, self.costs)
-                if budget.trials is not None:
-                    pending = pending[: max(0, budget.trials - asked)]
-                left = len(pending)
+            pending, left = self._work_left(trials, history)
+            minutes = self.spec.budget.minutes
             loop = DriverLoop(
                 self.spec, study=self.study, recorder=recorder, costs=self.costs, history=history,
                 pending=pending, to_ask=left, workers=self.workers,
-                deadline=started + 60 * budget.minutes if budget.minutes else math.inf,
+                deadline=started + 60 * minutes if minutes else math.inf,
                 keep_weights=self.options.keep_weights, progress=progress,
                 renew_lease=lease.renew, sigterm=sigterm)
             result = loop.run()
@@ -144,6 +136,21 @@ class StudyRunner:
             failed=failures(result.counts), pruned=result.counts["pruned"],
             launched=result.launched, interrupted=result.interrupted,
             wall_seconds=time.monotonic() - started, counts_by_state=dict(states))
+
+
+    def _work_left(self, trials: list[optuna.trial.FrozenTrial],
+                   history: GridHistory) -> tuple[list[PendingPoint], float]:
+        """The grid points still to run (grid studies), and how many trials may still be asked
+        (inf: no bound). Trials an interrupted run left do not count against budget.trials."""
+        budget = self.spec.budget.trials
+        asked = sum(1 for t in trials
+                    if t.user_attrs.get(TrialKey.FAILURE_KIND) != FailureKind.INTERRUPTED)
+        if self.spec.sampler != "grid":
+            return [], budget - asked if budget is not None else math.inf
+        pending = grid.pending_points(self.spec, history, self.costs)
+        if budget is not None:
+            pending = pending[: max(0, budget - asked)]
+        return pending, len(pending)
 
 
 def run_study(spec: StudySpec, options: RunOptions = RunOptions()) -> RunSummary:

@@ -21,6 +21,7 @@ MEMORY_FORMATS: tuple[str, ...] = ("channels_last", "nchw")
 # moves the numbers; nor is divergence_check_every: it can change which runs count as diverged).
 # A study may be resumed with other values of these.
 EXECUTION_ONLY: tuple[str, ...] = ("memory_format", "compile", "cuda_graphs")
+SCHEDULES: tuple[str, ...] = ("step", "plateau")
 
 
 # A bound far above any recipe's (a billion epochs is a typo that would be planned in silence).
@@ -56,6 +57,12 @@ class TrainRecipe:
     nesterov: bool = False
     milestones: tuple[float, ...] = (0.5, 0.75)
     gamma: float = 0.1
+    # "step": multiply the lr by gamma at each milestone. "plateau": multiply it by gamma when the
+    # epoch's training loss has not fallen by plateau_threshold (relative) for plateau_patience
+    # epochs in a row, as the paper does on ImageNet; milestones are then unused.
+    schedule: str = "step"
+    plateau_patience: int = 5
+    plateau_threshold: float = 0.01
     warmup: bool = False
     warmup_lr: float = 0.01
     warmup_until_error: float | None = 0.8
@@ -72,7 +79,8 @@ class TrainRecipe:
         def fail(name: str, valid: str) -> None:
             raise ValueError(f"TrainRecipe.{name} must be {valid}, got {getattr(self, name)!r}")
 
-        for name in ("epochs", "batch_size", "eval_batch_size", "divergence_check_every"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "divergence_check_every",
+                     "plateau_patience"):
             value = getattr(self, name)
             if isinstance(value, float):  # YAML reads 1e3 as a float
                 fail(name, "an int >= 1, written as digits (it is a float)")
@@ -108,6 +116,10 @@ class TrainRecipe:
             fail("warmup_max_steps", "None or an int >= 1")
         if self.warmup and self.warmup_until_error is None and self.warmup_max_steps is None:
             fail("warmup_until_error", "set (or warmup_max_steps set) when warmup is on")
+        if self.schedule not in SCHEDULES:
+            fail("schedule", f"one of {', '.join(SCHEDULES)}")
+        if not _is_number(self.plateau_threshold) or not 0 <= self.plateau_threshold < 1:
+            fail("plateau_threshold", "a relative improvement in [0, 1)")
         if self.precision not in PRECISIONS:
             fail("precision", f"one of {', '.join(PRECISIONS)}")
         if self.memory_format not in MEMORY_FORMATS:
@@ -145,7 +157,10 @@ class TrainRecipe:
         return values
 
     def lr_at(self, epoch: int) -> float:
-        """The scheduled learning rate of `epoch` (1-based), warm-up aside."""
+        """The step schedule's learning rate of `epoch` (1-based), warm-up aside. A plateau
+        schedule's depends on the run's losses (train.py follows it)."""
+        if self.schedule != "step":
+            raise ValueError(f"lr_at follows the step schedule; this recipe's is {self.schedule!r}")
         if not 1 <= epoch <= self.epochs:
             raise ValueError(f"epoch must be in [1, {self.epochs}], got {epoch}")
         completed = epoch - 1
@@ -164,8 +179,13 @@ def _is_number(value: Any) -> bool:
 # - imagenet: Section 3.4 with the decays at set epochs (the paper divides by 10 when the error
 #   plateaus, about every 30 epochs of its 60e4 iterations): SGD, momentum 0.9, weight decay 1e-4,
 #   batch 256, lr 0.1 divided by 10 at epochs 30 and 60 of 90.
+# - imagenet_plateau: the same, divided by 10 when the training loss plateaus (5 epochs without
+#   a 1% fall), over the paper's ~120 epochs (60e4 iterations of 256 images).
 PRESETS: dict[str, TrainRecipe] = {
     "cifar": TrainRecipe(),
     "imagenet": TrainRecipe(epochs=90, batch_size=256, lr=0.1, momentum=0.9, weight_decay=1e-4,
                             milestones=(1 / 3, 2 / 3), eval_batch_size=256),
+    "imagenet_plateau": TrainRecipe(epochs=120, batch_size=256, lr=0.1, momentum=0.9,
+                                    weight_decay=1e-4, schedule="plateau", plateau_patience=5,
+                                    eval_batch_size=256),
 }

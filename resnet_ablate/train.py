@@ -310,6 +310,8 @@ class _Run:
         self.warmup_steps = 0
         self.recent_errors: deque[float] = deque(maxlen=WARMUP_WINDOW)
         self.history: list[EpochRecord] = []
+        # The plateau schedule's state (see _follow_plateau).
+        self.best_train_loss, self.bad_epochs, self.plateau_decays = math.inf, 0, 0
         self.train_images = 0
         self.train_seconds = 0.0
         self.compile_seconds = 0.0
@@ -333,6 +335,7 @@ class _Run:
                     self.log(f"diverged: {diverged}")
                 return self._result("diverged", str(diverged), started)
             self.history.append(record)
+            self._follow_plateau(record.train_loss)
             if self.log:
                 self.log(
                     f"epoch {record.epoch}/{self.recipe.epochs} lr {record.lr:g}"
@@ -377,7 +380,7 @@ class _Run:
     def _epoch(self, epoch: int) -> EpochRecord:
         """Train one epoch and evaluate; raises _Diverged when the running loss blows up."""
         started = time.perf_counter()
-        scheduled_lr = self.recipe.lr_at(epoch)
+        scheduled_lr = self._scheduled_lr(epoch)
         self.model.train()
         self.loss_sum.zero_()
         self.wrong.zero_()
@@ -423,6 +426,26 @@ class _Run:
             test_top5_error=top5,
             skipped_images=self.skipped,
         )
+
+    def _scheduled_lr(self, epoch: int) -> float:
+        if self.recipe.schedule == "plateau":
+            return self.recipe.lr * self.recipe.gamma**self.plateau_decays
+        return self.recipe.lr_at(epoch)
+
+    def _follow_plateau(self, train_loss: float) -> None:
+        """The plateau schedule after an epoch, with the rule of PyTorch's ReduceLROnPlateau
+        (mode min, relative threshold): an epoch whose training loss is not below the best by
+        the threshold is a bad one; after more than `plateau_patience` bad epochs in a row the
+        rate is multiplied by gamma and the count starts over."""
+        if self.recipe.schedule != "plateau":
+            return
+        if train_loss < self.best_train_loss * (1 - self.recipe.plateau_threshold):
+            self.best_train_loss, self.bad_epochs = train_loss, 0
+            return
+        self.bad_epochs += 1
+        if self.bad_epochs > self.recipe.plateau_patience:
+            self.plateau_decays += 1
+            self.bad_epochs = 0
 
     def _memory_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The epoch's batches of an in-memory data set: a seeded order, crops drawn for the

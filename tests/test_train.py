@@ -455,3 +455,27 @@ def test_fused_resnet_steps_replayed_from_cuda_graphs_train_like_eager_ones(comp
     for a, b in zip(eager.history, graphed.history):
         assert a.train_loss == pytest.approx(b.train_loss, rel=3e-2)
         assert a.test_loss == pytest.approx(b.test_loss, rel=5e-2)
+
+
+@pytest.mark.parametrize("lr", [0.05, 1e-7], ids=["learning", "stalled"])
+def test_the_plateau_schedule_decays_as_pytorchs_reduce_lr_on_plateau_would(lr):
+    """The recorded lr of each epoch against PyTorch's own ReduceLROnPlateau fed the same
+    training losses: a run that learns keeps its rate longer than one whose loss stalls."""
+    recipe = TrainRecipe(epochs=9, batch_size=64, lr=lr, schedule="plateau", plateau_patience=1,
+                         plateau_threshold=0.05, gamma=0.5, augment=False)
+    data = load_dataset("synthetic", synthetic=SyntheticSpec(train_size=128, test_size=64))
+    result = train(lambda: tiny_cnn(in_channels=data.in_channels, num_classes=data.num_classes),
+                   data, recipe, seed=0)
+    parameter = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=lr)
+    reference = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=0.5, patience=1, threshold=0.05, threshold_mode="rel")
+    expected = []
+    for record in result.history:
+        expected.append(optimizer.param_groups[0]["lr"])
+        reference.step(record.train_loss)
+    assert [r.lr for r in result.history] == pytest.approx(expected, rel=1e-12)
+    if lr == 1e-7:
+        assert expected[-1] < lr, "a stalled loss decays the rate"
+    with pytest.raises(ValueError, match="lr_at follows the step schedule"):
+        recipe.lr_at(1)

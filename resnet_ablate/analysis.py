@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from .arch import ResNetArch
-from .data import DataBundle, SyntheticSpec, load_dataset
-from .imagefolder import StreamingData
+from .data import DataBundle, Streamed, SyntheticSpec, load_dataset
 from .kernels import FusedBatchNorm2d
 from .models import build
 from .record import TrialKey
@@ -27,7 +26,7 @@ if TYPE_CHECKING:
     from .results import Results
 
 
-def study_dataset(results: Results) -> DataBundle | StreamingData:
+def study_dataset(results: Results) -> DataBundle | Streamed:
     """The evaluation data the study's trials were trained and tested on."""
     from .results import ResultsError
 
@@ -44,7 +43,7 @@ def study_dataset(results: Results) -> DataBundle | StreamingData:
 
 
 def trained_model(results: Results, number: int, *, fused: bool | None = None,
-                  data: DataBundle | StreamingData | None = None) -> nn.Module:
+                  data: DataBundle | Streamed | None = None) -> nn.Module:
     """Trial `number`'s trained model from its kept weights, in eval mode. `fused=False`
     rebuilds it from plain BatchNorm2d + ReLU modules (the same state_dict keys)."""
     from .results import ResultsError

@@ -1,6 +1,6 @@
 """Datasets for the ablation studies, as normalised in-memory tensors, plus batched augmentation.
 
-Five datasets, one entry point (`load_dataset`):
+Six datasets, one entry point (`load_dataset`):
 
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 real images, no download),
   split train/test with a seeded stratified split. The default: real data that trains in seconds.
@@ -8,8 +8,8 @@ Five datasets, one entry point (`load_dataset`):
   He et al. (CVPR 2016, section 4.2): per-channel normalisation with training-set statistics,
   4-pixel zero pad + random 32x32 crop + horizontal flip for training, optional 45k/5k validation.
 - ``cifar100``: the same for ``cifar-100-python.tar.gz``, with its 100 fine labels.
-- ``imagefolder``: the ImageNet layout on disk, streamed (imagefolder.py): the one data set that
-  is not held in memory.
+- ``imagefolder``: the ImageNet layout on disk, streamed (imagefolder.py), and ``webdataset``:
+  tar shards, local or behind URLs, streamed (shards.py): the data sets not held in memory.
 - ``synthetic``: small, seeded, learnable random data for tests.
 
 Whole datasets live in memory as tensors: every one of them fits (CIFAR-10 is 0.7 GB as float32)
@@ -28,7 +28,7 @@ import tarfile
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, BinaryIO, Literal
 
 import numpy as np
@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .imagefolder import StreamingData, load_image_folder
+from .shards import ShardData, load_shards
 from .spec import DATASETS
 
 @dataclass(frozen=True)
@@ -188,6 +189,10 @@ class CifarArrays:
     source: Path
 
 
+# The data sets read batch by batch from disk or the network, not held in memory.
+Streamed = StreamingData | ShardData
+
+
 # ----------------------------------------------------------------------------------------------
 # Entry point
 
@@ -204,8 +209,9 @@ def load_dataset(
     image_size: int | None = None,
     augmentation: str | None = None,
     loader_workers: int | None = None,
+    shards: Mapping[str, Any] | None = None,
     cache: bool = True,
-) -> DataBundle | StreamingData:
+) -> DataBundle | Streamed:
     """Load a dataset by name; cached per process on all the arguments when `cache` is true.
 
     `seed` fixes the dataset's own randomness (the digits split, the validation split, the
@@ -217,6 +223,18 @@ def load_dataset(
     takes `image_size` (default 224), `augmentation` ("scale", the paper's, or
     "random_resized_crop") and `loader_workers` (default 2); it evaluates on its val/ split.
     """
+    if name == "webdataset":
+        if shards is None:
+            raise ValueError("webdataset needs shards=: {train: PATTERN, val: PATTERN, "
+                             "num_classes: N} (see resnet_ablate/shards.py)")
+        if root is not None or validation or download or synthetic is not None:
+            raise ValueError("webdataset reads its shards only: root=, validation=, download= "
+                             "and synthetic= do not apply")
+        options = (tuple(sorted(shards.items())), image_size or 224, augmentation or "scale",
+                   2 if loader_workers is None else loader_workers, seed)
+        return (_load_shards_cached if cache else _load_shards)(*options)
+    if shards is not None:
+        raise ValueError(f"shards= applies to webdataset only, not to {name!r}")
     if name == "imagefolder":
         if root is None:
             raise ValueError("imagefolder needs root=: the folder holding train/<class>/ and "
@@ -229,7 +247,7 @@ def load_dataset(
         return (_load_folder_cached if cache else _load_folder)(*options)
     if image_size is not None or augmentation is not None or loader_workers is not None:
         raise ValueError(f"image_size=, augmentation= and loader_workers= apply to imagefolder "
-                         f"only, not to {name!r}")
+                         f"and webdataset only, not to {name!r}")
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
     if not 0.0 < validation_fraction < 1.0:
@@ -279,6 +297,7 @@ def clear_dataset_cache() -> None:
     """Forget the datasets this process has cached (frees their memory once unreferenced)."""
     _load_cached.cache_clear()
     _load_folder_cached.cache_clear()
+    _load_shards_cached.cache_clear()
 
 
 def _load(
@@ -309,6 +328,15 @@ def _load_folder(root: str, image_size: int, augmentation: str, loader_workers: 
 
 
 _load_folder_cached = functools.lru_cache(maxsize=4)(_load_folder)
+
+
+def _load_shards(shards: tuple[tuple[str, Any], ...], image_size: int, augmentation: str,
+                 loader_workers: int, seed: int) -> ShardData:
+    return load_shards(dict(shards), image_size=image_size, augmentation=augmentation,  # type: ignore[arg-type]
+                       loader_workers=loader_workers, seed=seed)
+
+
+_load_shards_cached = functools.lru_cache(maxsize=4)(_load_shards)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 import torch
@@ -149,23 +149,31 @@ class ImageFolderSplit(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int]:
         path, label = self.samples[index]
-        try:
-            with Image.open(path) as opened:
-                image = opened.convert("RGB")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            return None, label  # skipped and counted by `collate`
-        size = self.image_size
-        if not self.train:
-            return to_tensor(_centre_crop(_resize_shorter(
-                image, round(size * _EVAL_RESIZE / _PAPER_CROP)), size)), label
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        if self.augmentation == "scale":
-            image = _scale_crop(image, size, rng)
-        else:
-            image = _random_resized_crop(image, size, rng)
-        if rng.random() < 0.5:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        return to_tensor(image), label
+        rng = np.random.default_rng([self.seed, self.epoch, index]) if self.train else None
+        return decode(path, image_size=self.image_size, augmentation=self.augmentation,
+                      rng=rng), label
+
+
+def decode(source: str | os.PathLike[str] | BinaryIO, *, image_size: int,
+           augmentation: Augmentation, rng: np.random.Generator | None) -> torch.Tensor | None:
+    """One image file (a path or an open binary file) as a normalised tensor: augmented with
+    `rng`'s draws for training, the centre crop for evaluation (rng None); None where it cannot be
+    decoded (the loader skips and counts it)."""
+    try:
+        with Image.open(source) as opened:
+            image = opened.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    if rng is None:
+        return to_tensor(_centre_crop(_resize_shorter(
+            image, round(image_size * _EVAL_RESIZE / _PAPER_CROP)), image_size))
+    if augmentation == "scale":
+        image = _scale_crop(image, image_size, rng)
+    else:
+        image = _random_resized_crop(image, image_size, rng)
+    if rng.random() < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    return to_tensor(image)
 
 
 def collate(batch: list[tuple[torch.Tensor | None, int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -177,7 +185,7 @@ def collate(batch: list[tuple[torch.Tensor | None, int]]) -> tuple[torch.Tensor,
     return images, torch.tensor([y for _, y in kept], dtype=torch.int64), len(batch) - len(kept)
 
 
-def _one_thread(_worker: int) -> None:
+def one_thread(_worker: int) -> None:
     torch.set_num_threads(1)  # a decoding worker is one CPU of the trial's
 
 
@@ -218,7 +226,10 @@ class StreamingData:
         return torch.utils.data.DataLoader(
             split, batch_size=batch_size, sampler=order, collate_fn=collate,
             num_workers=workers, pin_memory=pin_memory, prefetch_factor=4 if workers else None,
-            worker_init_fn=_one_thread if workers else None)
+            worker_init_fn=one_thread if workers else None,
+            # Training drops each epoch's last partial batch, as ImageNet training does: a batch
+            # of one cannot train BatchNorm, and the next epoch's order reaches those images.
+            drop_last=order is not None)
 
     def train_loader(self, batch_size: int, epoch: int, generator: torch.Generator, *,
                      pin_memory: bool = False) -> torch.utils.data.DataLoader:

@@ -49,8 +49,11 @@ SAMPLERS = ("grid", "random", "tpe")
 MAX_TRIALS = 10_000  # grid points x seeds, budget.trials, and values in one range
 MAX_WORKERS = 1024
 PRUNERS = ("none", "median", "successive_halving")
+# The data sets read batch by batch from disk or the network, rather than held in memory.
+STREAMED: tuple[str, ...] = ("imagefolder", "webdataset")
 # The data sets a spec can name; resnet_ablate.data loads them.
-DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
+DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "imagefolder", "webdataset",
+                             "synthetic")
 ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(ResNetArch))
 TOP_LEVEL_KEYS = (
     "study", "question", "dataset", "model", "space", "sampler", "objectives", "seeds", "train",
@@ -82,6 +85,8 @@ class DatasetSpec:
     image_size: int | None = None
     augmentation: str | None = None
     loader_workers: int | None = None
+    # webdataset only: {train: PATTERN, val: PATTERN, num_classes: N[, train_size, val_size]}.
+    shards: Mapping[str, Any] | None = None
 
     def load_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `resnet_ablate.data.load_dataset` (plain values: Ray ships them)."""
@@ -93,13 +98,15 @@ class DatasetSpec:
         for name in ("image_size", "augmentation", "loader_workers"):
             if getattr(self, name) is not None:
                 kwargs[name] = getattr(self, name)
+        if self.shards is not None:
+            kwargs["shards"] = dict(self.shards)
         return kwargs
 
     @property
     def decoding_workers(self) -> int:
         """CPUs of a trial that decode images rather than train (imagefolder's loader)."""
         return (2 if self.loader_workers is None else self.loader_workers) \
-            if self.name == "imagefolder" else 0
+            if self.name in STREAMED else 0
 
 
 @dataclass(frozen=True)
@@ -393,17 +400,28 @@ def _dataset(check: _Checker, value: Any) -> DatasetSpec:
     if section.get("synthetic") is not None:
         check.mapping("dataset.synthetic", section["synthetic"],
                       ("num_classes", "channels", "image_size", "train_size", "test_size", "noise"))
-    folder_only = [k for k in ("image_size", "augmentation", "loader_workers")
-                   if section.get(k) is not None]
-    if section["name"] != "imagefolder" and folder_only:
-        raise check.fail(f"dataset.{folder_only[0]}", f"applies to imagefolder only, not to "
-                                                      f"{section['name']}")
-    if section["name"] == "imagefolder":
-        if not section.get("root"):
+    streamed_only = [k for k in ("image_size", "augmentation", "loader_workers")
+                     if section.get(k) is not None]
+    if section["name"] not in STREAMED and streamed_only:
+        raise check.fail(f"dataset.{streamed_only[0]}", f"applies to {' and '.join(STREAMED)} "
+                                                        f"only, not to {section['name']}")
+    if section.get("shards") is not None and section["name"] != "webdataset":
+        raise check.fail("dataset.shards", f"applies to webdataset only, not to {section['name']}")
+    if section["name"] == "webdataset":
+        shards = check.mapping("dataset.shards", section.get("shards"),
+                               ("train", "val", "num_classes", "train_size", "val_size"))
+        for key in ("train", "val", "num_classes"):
+            if key not in shards:
+                raise check.fail(f"dataset.shards.{key}", "required: webdataset needs shards: "
+                                 "{train: PATTERN, val: PATTERN, num_classes: N}")
+        if section.get("root"):
+            raise check.fail("dataset.root", "webdataset reads dataset.shards, not a root folder")
+    if section["name"] in STREAMED:
+        if section["name"] == "imagefolder" and not section.get("root"):
             raise check.fail("dataset.root", "imagefolder needs the folder that holds "
                                              "train/<class>/ and val/<class>/")
         if section.get("validation"):
-            raise check.fail("dataset.validation", "imagefolder evaluates on its val/ split")
+            raise check.fail("dataset.validation", f"{section['name']} evaluates on its val split")
         for key, low in (("image_size", 8), ("loader_workers", 0)):
             if section.get(key) is not None:
                 check.typed(f"dataset.{key}", section[key], int, "an int")

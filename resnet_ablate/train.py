@@ -35,8 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import DataBundle, draw_crops, gather_crops
-from .imagefolder import StreamingData
+from .data import DataBundle, Streamed, draw_crops, gather_crops
 from .execution import Execution, GraphedStep, resolve_execution, side_stream
 from .recipe import TrainRecipe
 
@@ -113,7 +112,7 @@ class TrainResult:
 
 def train(
     model: nn.Module | Callable[[], nn.Module],
-    data: DataBundle | StreamingData,
+    data: DataBundle | Streamed,
     recipe: TrainRecipe,
     *,
     seed: int,
@@ -202,7 +201,7 @@ def evaluate(
 @torch.no_grad()
 def evaluate_streamed(
     model: nn.Module,
-    data: StreamingData,
+    data: Streamed,
     *,
     batch_size: int = 256,
     execution: Execution,
@@ -251,7 +250,7 @@ class _Run:
     def __init__(
         self,
         model: nn.Module,
-        data: DataBundle | StreamingData,
+        data: DataBundle | Streamed,
         recipe: TrainRecipe,
         execution: Execution,
         seed: int,
@@ -270,7 +269,7 @@ class _Run:
         self.on_epoch = on_epoch
         self.log = log
         self.compile_backend = compile_backend
-        self.streamed = isinstance(data, StreamingData)
+        self.streamed = not isinstance(data, DataBundle)
         if self.streamed and (execution.compile or execution.cuda_graphs):
             raise ValueError("compile and cuda_graphs need an in-memory data set (their batches "
                              f"are precompiled or captured); {data.name} is streamed from disk")

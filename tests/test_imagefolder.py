@@ -106,7 +106,8 @@ def test_evaluation_crops_are_normalised_with_imagenets_statistics(tmp_path):
 
 
 def _epoch(data, epoch: int, seed: int = 0):
-    loader = data.train_loader(8, epoch, torch.Generator().manual_seed(seed))
+    # One batch of all 43 samples: training loaders drop a last partial batch.
+    loader = data.train_loader(43, epoch, torch.Generator().manual_seed(seed))
     images, labels, skipped = [], [], 0
     for x, y, s in loader:
         images.append(x)
@@ -140,7 +141,8 @@ def test_a_study_trains_end_to_end_on_an_image_folder(folder, tmp_path):
         "dataset": {"name": "imagefolder", "root": str(folder), "image_size": 32,
                     "loader_workers": 1},
         "space": {"shortcut": ["A", "none"]}, "seeds": 1,
-        "train": {"preset": "imagenet", "epochs": 2, "batch_size": 8, "eval_batch_size": 8},
+        # 43 samples in one batch: none dropped, so every epoch meets the corrupt file.
+        "train": {"preset": "imagenet", "epochs": 2, "batch_size": 43, "eval_batch_size": 8},
         "resources": {"cpus": 2, "workers": 1},
     }
     spec = load_spec(write_spec(tmp_path, raw))
@@ -156,7 +158,7 @@ def test_a_study_trains_end_to_end_on_an_image_folder(folder, tmp_path):
         assert [c["epoch"] for c in curves] == [1, 2]
         assert all(c["skipped_images"] == 1 for c in curves)  # the corrupt training image
         assert all(c["test_top5_error"] <= c["test_error"] for c in curves)
-        assert trial.user_attrs["recipe"]["batch_size"] == 8 and trial.user_attrs["recipe"]["weight_decay"] == 1e-4
+        assert trial.user_attrs["recipe"]["batch_size"] == 43 and trial.user_attrs["recipe"]["weight_decay"] == 1e-4
         # The recorded error is what the kept model makes of the val images, decoded by hand.
         model = results.model(trial.number)
         wrong = 0

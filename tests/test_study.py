@@ -113,23 +113,30 @@ def test_diverging_trial_fails_with_its_reason_and_is_not_retried(local_ray, tmp
     assert trial.user_attrs["failure"].startswith("non-finite training loss at epoch 1")
 
 
+def _parent(pid: int) -> int:
+    return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def _trial_worker_pids() -> list[int]:
-    """Trial processes of this test's own Ray (they share the test's session)."""
+    """Trial processes of this test's own Ray: workers whose raylet this process started (their
+    grandparent), so that another test run on the machine is never touched."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 if (entry / "cmdline").read_bytes().startswith(b"ray::run_trial") and \
-                        os.getsid(int(entry.name)) == os.getsid(0):
+                        _parent(_parent(int(entry.name))) == os.getpid():
                     pids.append(int(entry.name))
-            except OSError:
+            except (OSError, ValueError, IndexError):
                 continue
     return pids
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds Ray workers through /proc")
 def test_killed_worker_is_recorded_and_retried(local_ray, tmp_path):
-    spec = parse_spec(_raw_spec("killed-worker", epochs=6, seeds=1))
+    # Trials long enough (seconds) that the kill lands mid-trial: with short ones, a worker seen
+    # running a trial had sometimes already returned it, and nothing was lost to check.
+    spec = parse_spec(_raw_spec("killed-worker", epochs=100, seeds=1))
     result = {}
     driver = threading.Thread(target=lambda: result.update(
         summary=run_study(spec, RunOptions(runs_dir=tmp_path, progress=False))))
@@ -146,7 +153,8 @@ def test_killed_worker_is_recorded_and_retried(local_ray, tmp_path):
     assert killed is not None, "no trial worker was seen running"
     trials = _trials(result["summary"].storage, "killed-worker")
     lost = [t for t in trials if t.user_attrs.get("failure_kind") == "worker_lost"]
-    assert len(lost) == 1 and "worker lost" in lost[0].user_attrs["failure"]
+    states = [(t.number, t.state.name, t.user_attrs.get("failure")) for t in trials]
+    assert len(lost) == 1 and "worker lost" in lost[0].user_attrs["failure"], states
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(t.params["shortcut"] for t in complete) == ["A", "none"]
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .imagefolder import StreamingData, load_image_folder
+from .imagefolder import FolderData, load_image_folder
 from .shards import ShardData, load_shards
 from .spec import DATASETS
 
@@ -190,7 +190,7 @@ class CifarArrays:
 
 
 # The data sets read batch by batch from disk or the network, not held in memory.
-Streamed = StreamingData | ShardData
+Streamed = FolderData | ShardData
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,7 +219,7 @@ def load_dataset(
     every trial sees the same split. `validation=True` evaluates on a seeded stratified
     `validation_fraction` of the training set (0.1 gives CIFAR-10's 45k/5k) instead of the test set.
     `root` and `download` are for cifar10 and cifar100 only; `synthetic` for synthetic only.
-    ``imagefolder`` (streamed from disk: a `StreamingData`, see imagefolder.py) needs `root` and
+    ``imagefolder`` (streamed from disk: a `FolderData`, see imagefolder.py) needs `root` and
     takes `image_size` (default 224), `augmentation` ("scale", the paper's, or
     "random_resized_crop") and `loader_workers` (default 2); it evaluates on its val/ split.
     """
@@ -322,7 +322,7 @@ _load_cached = functools.lru_cache(maxsize=4)(_load)
 
 
 def _load_folder(root: str, image_size: int, augmentation: str, loader_workers: int,
-                 seed: int) -> StreamingData:
+                 seed: int) -> FolderData:
     return load_image_folder(root, image_size=image_size, augmentation=augmentation,  # type: ignore[arg-type]
                              loader_workers=loader_workers, seed=seed)
 

@@ -191,7 +191,7 @@ def one_thread(_worker: int) -> None:
 
 # eq=False: identity is what the data-set cache hands out.
 @dataclass(frozen=True, eq=False)
-class StreamingData:
+class FolderData:
     """A data set read from disk batch by batch (see the module docstring); the training loop
     asks it for one loader per epoch and one for evaluation."""
 
@@ -255,7 +255,7 @@ class StreamingData:
 
 def load_image_folder(root: str | os.PathLike[str], *, image_size: int = 224,
                       augmentation: Augmentation = "scale", loader_workers: int = 2,
-                      seed: int = 0) -> StreamingData:
+                      seed: int = 0) -> FolderData:
     """An image folder as a streaming data set (checked and indexed now, decoded when trained)."""
     if augmentation not in AUGMENTATIONS:
         raise ValueError(f"augmentation={augmentation!r} is not one of {', '.join(AUGMENTATIONS)}")
@@ -263,5 +263,5 @@ def load_image_folder(root: str | os.PathLike[str], *, image_size: int = 224,
         raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
     if isinstance(loader_workers, bool) or not isinstance(loader_workers, int) or loader_workers < 0:
         raise ValueError(f"loader_workers must be an int >= 0, got {loader_workers!r}")
-    return StreamingData("imagefolder", scan_image_folder(root), image_size, augmentation,
+    return FolderData("imagefolder", scan_image_folder(root), image_size, augmentation,
                          loader_workers, seed)

@@ -18,6 +18,7 @@ import random
 import tarfile
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -92,9 +93,7 @@ class ShardData:
 
     def _loader(self, urls: list[str], batch_size: int, epoch: int | None, order_seed: int,
                 pin_memory: bool) -> torch.utils.data.DataLoader:
-        import webdataset
-
-        from functools import partial
+        import webdataset  # imported when a sharded data set is read: the others never need it
 
         workers = min(self.loader_workers, len(urls))  # a worker without a shard would idle
         dataset = webdataset.WebDataset(urls, shardshuffle=False, empty_check=False)

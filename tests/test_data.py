@@ -42,7 +42,7 @@ def sorted_rows(images: np.ndarray) -> np.ndarray:
 
 
 def test_unknown_dataset_name_lists_the_valid_names():
-    with pytest.raises(ValueError, match=r"unknown dataset 'mnist'.*digits, cifar10, cifar100, imagefolder, synthetic"):
+    with pytest.raises(ValueError, match=r"unknown dataset 'mnist'.*digits, cifar10, cifar100, imagefolder, webdataset, synthetic"):
         load_dataset("mnist")
 
 

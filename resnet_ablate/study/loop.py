@@ -15,6 +15,7 @@ import math
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,10 +55,15 @@ class LoopResult:
 
 
 class DriverLoop:
+    """One run of the driver over the work `runner.py` found left: the pending grid points (or
+    the sampler's trials) launched as workers free up, each ended trial recorded, until the work,
+    the trial budget or the time budget is spent, or the run is stopped."""
+
     def __init__(self, spec: StudySpec, *, study: optuna.Study, recorder: TrialRecorder,
                  costs: StudyCosts, history: GridHistory, pending: list[PendingPoint],
                  to_ask: float, workers: int, deadline: float, keep_weights: bool,
-                 progress: StudyProgress, renew_lease: Any, sigterm: threading.Event) -> None:
+                 progress: StudyProgress, renew_lease: Callable[[], None],
+                 sigterm: threading.Event) -> None:
         self.spec = spec
         self.study = study
         self.recorder = recorder

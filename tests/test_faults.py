@@ -263,11 +263,10 @@ def test_format_without_dry_run_is_refused_before_anything_runs(tmp_path, capsys
 def test_an_address_with_no_cluster_is_one_line_before_anything_is_stored(address, expected,
                                                                          tmp_path, capsys):
     port = free_port()
-    started = time.monotonic()
     err = _one_line_error(capsys, ["run", str(_spec_file(tmp_path)), "--runs-dir", str(tmp_path),
                                    "--address", address.format(port=port), "--quiet"])
+    # Checked before joining: Ray's own join would retry for minutes, then say something else.
     assert expected.format(port=port) in err
-    assert time.monotonic() - started < 60, "Ray's own retries would take minutes"
     assert not list(tmp_path.glob("*.db"))
 
 

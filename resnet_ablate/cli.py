@@ -104,6 +104,10 @@ def _query(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
         except ResultsError as error:
             print(f"resnet-ablate {args.command}: error: {error}", file=sys.stderr)
             return 2
+        except OSError as error:  # writing -o: no permission, no space, ...
+            print(f"resnet-ablate {args.command}: error: cannot write {error.filename}: "
+                  f"{error.strerror}", file=sys.stderr)
+            return 2
 
     return guarded
 
@@ -125,6 +129,10 @@ def _check_output(output: str, force: bool) -> None:
     path = Path(output)
     if path.is_dir():
         raise ResultsError(f"-o {output}: is a folder; name a file to write")
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ResultsError(f"-o {output}: {blocking} is a file, not a folder; name a file in a "
+                           "folder")
     if not path.is_file():
         return  # nothing there yet, or a device such as /dev/null
     try:

@@ -193,6 +193,11 @@ def test_output_never_replaces_a_store_and_other_files_only_with_force(cli, runs
     assert code == 0 and existing.read_text().startswith("number,")
     code, _, err = cli("plot", "--kind", "depth", "-o", str(store), "--force")
     assert code == 2 and store.read_bytes() == before
+    # Into a path through a file, or where nothing may be written: one line, exit 2.
+    code, _, err = cli("export", "-o", str(existing / "inside.csv"))
+    assert code == 2 and f"{existing} is a file, not a folder" in err and existing.is_file()
+    code, _, err = cli("report", "-o", "/proc/report.html", "--no-responses")
+    assert code == 2 and err.count("\n") == 1 and "cannot write /proc/report.html" in err
 
 
 def test_missing_study_or_storage_names_what_exists(runs, capsys, tmp_path):

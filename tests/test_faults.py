@@ -305,3 +305,40 @@ def _outward_address() -> str | None:
             return None
         address = probe.getsockname()[0]
     return None if address.startswith("127.") else address
+
+
+CONNECTER = r"""
+import os, sys
+from resnet_ablate.study.store import connect_storage
+
+go = sys.argv[2]
+print("ready", flush=True)
+while not os.path.exists(go):
+    pass
+connect_storage(sys.argv[1])
+print("connected", flush=True)
+"""
+
+
+@pytest.mark.cluster
+def test_drivers_creating_a_new_postgresql_store_at_once_all_connect(postgres_url, tmp_path):
+    """The first drivers on an empty database race to create Optuna's tables and types; each
+    loser must connect, not fail with "already exists"."""
+    import psycopg
+
+    server, _, _ = postgres_url.rpartition("/")
+    host_port = server.split("@", 1)[1]
+    host, port = host_port.split(":")
+    with psycopg.connect(f"host={host} port={port} user=postgres dbname=postgres",
+                         autocommit=True) as connection:
+        connection.execute("CREATE DATABASE fresh_race")
+    url, go = f"{server}/fresh_race", tmp_path / "go"
+    processes = [subprocess.Popen([sys.executable, "-c", CONNECTER, url, str(go)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(4)]
+    for process in processes:
+        assert process.stdout.readline().strip() == "ready", process.stderr.read()
+    go.touch()
+    for process in processes:
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 0 and out.strip() == "connected", err

@@ -182,7 +182,9 @@ def _states(storage, name):
 
 
 def test_killed_driver_resumes_without_losing_or_repeating_trials(tmp_path):
-    raw = _raw_spec("killed-driver", epochs=4, seeds=3)
+    # Trials of a few seconds: the kill must find one running, however slowly a loaded machine
+    # lets this test read the store.
+    raw = _raw_spec("killed-driver", epochs=40, seeds=3)
     spec_path = _write_spec(tmp_path, raw)
     storage = f"sqlite:///{tmp_path / 'killed-driver.db'}"
     process = subprocess.Popen(_cli(spec_path, tmp_path, "--quiet"), start_new_session=True,

@@ -45,13 +45,16 @@ class StudyBusy(RuntimeError):
 
 def connect_storage(url: str, attempts: int = 5) -> optuna.storages.BaseStorage:
     """Optuna's storage for `url`. Drivers that start together on a new database race to create
-    its tables; the loser sees a duplicate-object error and simply connects again."""
+    its tables (and PostgreSQL's enum types); the loser sees a duplicate-object error and simply
+    connects again. Any other fault is reported at once."""
     with store_faults(url):
         for attempt in range(attempts):
             try:
                 return optuna.storages.get_storage(url)
-            except sqlalchemy.exc.IntegrityError:
-                if attempt == attempts - 1:
+            except sqlalchemy.exc.DBAPIError as error:
+                lost_race = isinstance(error, sqlalchemy.exc.IntegrityError) \
+                    or "already exists" in str(error.orig)
+                if not lost_race or attempt == attempts - 1:
                     raise
                 time.sleep(0.5 * (attempt + 1))
     raise AssertionError("unreachable")

@@ -120,6 +120,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("test_accuracy", "maximize", "test_accuracy", _percent, True, high=1.0),
     Metric("train_error", "minimize", "train_error", _percent, True, high=1.0),
     Metric("best_test_error", "minimize", "best_test_error", _percent, False, high=1.0),
+    # Streamed (ImageNet-style) data sets only: the final epoch's top-5 error.
+    Metric("test_top5_error", "minimize", "test_top5_error", _percent, False, high=1.0),
     Metric("flops", "minimize", "GFLOPs", lambda v: f"{v / 1e9:.4f}", True),
     Metric("params", "minimize", "params (M)", lambda v: f"{v / 1e6:.3f}", True),
     Metric("wall_seconds", "minimize", "wall (s)", lambda v: f"{v:.1f}", True),
@@ -143,6 +145,7 @@ def metric_values(attrs: Mapping[str, Any]) -> dict[str, float | None]:
         "test_accuracy": attrs.get(TrialKey.FINAL_TEST_ACCURACY),
         "train_error": _error(attrs.get(TrialKey.FINAL_TRAIN_ACCURACY)),
         "best_test_error": _error(attrs.get(TrialKey.BEST_TEST_ACCURACY)),
+        "test_top5_error": (attrs.get(TrialKey.CURVES) or [{}])[-1].get("test_top5_error"),
         "flops": attrs.get(TrialKey.FLOPS),
         "params": attrs.get(TrialKey.PARAMS),
         "wall_seconds": attrs.get(TrialKey.WALL_SECONDS),

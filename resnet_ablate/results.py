@@ -44,7 +44,8 @@ ARCH_COLUMNS = ("family", "depth", "stages", "block", "shortcut", "widths", "bas
                 "downsampling", "fused")
 # Whether more or less is better, for the metrics a Pareto front can be taken over.
 TRIAL_COLUMNS = ("number", "state", "arch_name", *ARCH_COLUMNS, "seed", "params", "flops",
-                 "test_accuracy", "test_error", "best_test_error", "train_error", "epochs",
+                 "test_accuracy", "test_error", "best_test_error", "test_top5_error",
+                 "train_error", "epochs",
                  "wall_seconds", "images_per_second", "precision", "memory_format", "device",
                  "failure_kind", "failure",
                  "arch_digest", "weights")
@@ -142,7 +143,7 @@ def _trial_row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
         **{name: _scalar(arch.get(name)) for name in ARCH_COLUMNS},
         "seed": attrs.get(TrialKey.SEED),
         **{name: metrics[name] for name in ("params", "flops", "test_accuracy", "test_error",
-                                            "best_test_error", "train_error")},
+                                            "best_test_error", "test_top5_error", "train_error")},
         "epochs": attrs.get(TrialKey.EPOCHS_COMPLETED),
         "wall_seconds": metrics["wall_seconds"], "images_per_second": metrics["images_per_second"],
         "precision": execution.get("precision"), "memory_format": execution.get("memory_format"),
@@ -158,8 +159,8 @@ def _trials_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     for column in _INT_COLUMNS:  # nullable ints: a failed trial's gap does not turn 20 into 20.0
         frame[column] = frame[column].astype("Int64")
     frame["fused"] = frame["fused"].astype("boolean")
-    for column in ("test_accuracy", "test_error", "best_test_error", "train_error",
-                   "wall_seconds", "images_per_second"):
+    for column in ("test_accuracy", "test_error", "best_test_error", "test_top5_error",
+                   "train_error", "wall_seconds", "images_per_second"):
         frame[column] = frame[column].astype(float)
     return frame
 

@@ -174,3 +174,8 @@ def test_a_study_trains_end_to_end_on_an_image_folder(folder, tmp_path):
                 x = torch.from_numpy(pixels.transpose(2, 0, 1).copy())[None]
                 wrong += int(model(x).argmax(1).item() != label)
         assert curves[-1]["test_error"] == pytest.approx(wrong / (6 * 3))
+    # The final top-5 error is a results column, as ImageNet tables report it.
+    table = results.trials.set_index("number")
+    for trial in trials:
+        assert table.loc[trial.number, "test_top5_error"] == trial.user_attrs["curves"][-1]["test_top5_error"]
+    assert len(results.summary(metric="test_top5_error")) == 2

@@ -56,6 +56,7 @@ class StoreError(RuntimeError):
 @contextlib.contextmanager
 def store_faults(url: str) -> Iterator[None]:
     """Within: a database fault becomes one StoreError naming the store and the likely cure."""
+    import optuna
     import sqlalchemy
 
     try:
@@ -69,16 +70,18 @@ def store_faults(url: str) -> Iterator[None]:
                          "as sqlite:///runs/STUDY.db or postgresql://USER@HOST/DATABASE") from None
     except sqlalchemy.exc.SQLAlchemyError as error:
         raise StoreError(f"study store {url}: {_reason(error)}") from None
-    except ImportError as error:  # the URL names a database driver that is not installed
+    except ImportError as error:
+        if "DB access module" not in str(error):  # Optuna's words for a missing database driver
+            raise
         missing = error.__cause__ or error
         raise StoreError(f"study store {url}: its database driver is not installed ({missing}); "
                          "install it, or use sqlite:/// or postgresql+psycopg:// (pip install -e "
                          "\".[cluster]\")") from None
-    except Exception as error:
+    except optuna.exceptions.StorageInternalError as error:
         # Optuna wraps database errors in its own ("invalid data in the commit, e.g. exceeding
         # max length"), which would mislead: the database's own error says what happened.
         cause = error.__cause__ or error.__context__
-        if type(error).__name__ != "StorageInternalError" or cause is None:
+        if cause is None:
             raise
         raise StoreError(f"study store {url}: {_reason(cause)}") from None
 

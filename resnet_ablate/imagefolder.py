@@ -133,7 +133,8 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 class ImageFolderSplit(torch.utils.data.Dataset):
-    """One split's images, decoded and transformed on access; (None, label) for a corrupt one."""
+    """One split's images, decoded and transformed on access (augmented where `train`, else the
+    evaluation's centre crop); (None, label) for a corrupt one."""
 
     def __init__(self, samples: tuple[tuple[str, int], ...], *, image_size: int, train: bool,
                  augmentation: Augmentation, seed: int) -> None:
@@ -232,9 +233,10 @@ class FolderData:
             drop_last=order is not None)
 
     def train_loader(self, batch_size: int, epoch: int, generator: torch.Generator, *,
-                     pin_memory: bool = False) -> torch.utils.data.DataLoader:
-        """One epoch of augmented training batches, in an order drawn from `generator`."""
-        split = ImageFolderSplit(self.index.train, image_size=self.image_size, train=True,
+                     augment: bool = True, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+        """One epoch of training batches (augmented, or centre crops with `augment=False`), in an
+        order drawn from `generator`."""
+        split = ImageFolderSplit(self.index.train, image_size=self.image_size, train=augment,
                                  augmentation=self.augmentation, seed=self.seed)
         split.epoch = epoch
         order = torch.randperm(len(split), generator=generator).tolist()

@@ -92,7 +92,9 @@ class ShardData:
         return tuple(str(i) for i in range(self.num_classes))
 
     def _loader(self, urls: list[str], batch_size: int, epoch: int | None, order_seed: int,
-                pin_memory: bool) -> torch.utils.data.DataLoader:
+                pin_memory: bool, augment: bool = True) -> torch.utils.data.DataLoader:
+        """Training batches where `epoch` is given (shuffled; augmented unless `augment` is
+        false), else the evaluation's, in shard order."""
         import webdataset  # imported when a sharded data set is read: the others never need it
 
         workers = min(self.loader_workers, len(urls))  # a worker without a shard would idle
@@ -100,7 +102,8 @@ class ShardData:
         if epoch is not None:
             dataset = dataset.shuffle(SHUFFLE_BUFFER, rng=random.Random(order_seed))
         dataset = dataset.map(partial(_sample, image_size=self.image_size,
-                                      augmentation=self.augmentation, seed=self.seed, epoch=epoch))
+                                      augmentation=self.augmentation, seed=self.seed,
+                                      epoch=epoch if augment else None))
         return torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, collate_fn=collate, num_workers=workers,
             pin_memory=pin_memory, prefetch_factor=4 if workers else None,
@@ -108,12 +111,13 @@ class ShardData:
             drop_last=epoch is not None)  # as the image folder's (a batch of one cannot train BN)
 
     def train_loader(self, batch_size: int, epoch: int, generator: torch.Generator, *,
-                     pin_memory: bool = False) -> torch.utils.data.DataLoader:
-        """One epoch of augmented training batches: shards in an order drawn from `generator`."""
+                     augment: bool = True, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+        """One epoch of training batches (augmented, or centre crops with `augment=False`):
+        shards in an order drawn from `generator`."""
         order = torch.randperm(len(self.train_urls), generator=generator).tolist()
         seed = int(torch.randint(2**31, (1,), generator=generator))
         return self._loader([self.train_urls[i] for i in order], batch_size, epoch, seed,
-                            pin_memory)
+                            pin_memory, augment)
 
     def test_loader(self, batch_size: int, *, pin_memory: bool = False) -> torch.utils.data.DataLoader:
         """The evaluation samples, single centre crops, in shard order."""

@@ -467,6 +467,7 @@ class _Run:
         """The epoch's batches of a streamed data set, decoded by the loader's workers; the
         copies to the device overlap the step before them (pinned memory, non-blocking)."""
         loader = self.data.train_loader(self.recipe.batch_size, epoch, self.order_generator,
+                                        augment=self.recipe.augment,
                                         pin_memory=self.device.type == "cuda")
         for images, labels, skipped in loader:
             self.skipped += skipped

@@ -179,3 +179,18 @@ def test_a_study_trains_end_to_end_on_an_image_folder(folder, tmp_path):
     for trial in trials:
         assert table.loc[trial.number, "test_top5_error"] == trial.user_attrs["curves"][-1]["test_top5_error"]
     assert len(results.summary(metric="test_top5_error")) == 2
+
+
+def test_training_without_augmentation_reads_the_evaluation_crops(folder):
+    from resnet_ablate.imagefolder import decode
+
+    data = load_image_folder(folder, image_size=24, loader_workers=0)
+    images, labels, skipped = next(iter(data.train_loader(
+        43, 1, torch.Generator().manual_seed(0), augment=False)))
+    # The order the generator draws, each image as the evaluation decodes it (the corrupt one out).
+    order = torch.randperm(len(data.index.train), generator=torch.Generator().manual_seed(0))
+    paths = [data.index.train[int(i)] for i in order]
+    expected = [(decode(path, image_size=24, augmentation="scale", rng=None), label)
+                for path, label in paths if "broken" not in path]
+    assert skipped == 1 and labels.tolist() == [label for _, label in expected]
+    torch.testing.assert_close(images, torch.stack([x for x, _ in expected]))

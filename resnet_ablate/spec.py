@@ -360,6 +360,10 @@ def parse_spec(raw: Any, *, source: str = "<spec>") -> StudySpec:
     if resources.workers > MAX_WORKERS:
         raise check.fail("resources.workers", f"at most {MAX_WORKERS} trials at once, got "
                                               f"{resources.workers}")
+    if dataset.name in STREAMED and (recipe.compile or recipe.cuda_graphs):
+        raise check.fail("train.compile" if recipe.compile else "train.cuda_graphs",
+                         f"needs an in-memory data set (batches precompiled or captured); "
+                         f"{dataset.name} is streamed from disk: set it to false")
     if recipe.cuda_graphs and recipe.precision == "fp16":
         raise check.fail("train.cuda_graphs", "runs precision bf16 or fp32, not fp16 (its gradient "
                                               "scaler is not captured); set precision: bf16")

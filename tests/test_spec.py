@@ -106,6 +106,13 @@ def test_ranges_for_random_and_tpe():
       "budget": {"trials": 4}}, "space.depth.step: must be >= 1, got 0"),
     ({**MINIMAL, "budget": {"trials": 10**6}}, "budget.trials: at most 10000, got 1000000"),
     ({**MINIMAL, "resources": {"workers": 10**6}}, "resources.workers: at most 1024 trials at once"),
+    ({**MINIMAL, "dataset": {"name": "imagefolder", "root": "data/imagenet"},
+      "train": {"compile": True}, "resources": {"cpus": 3}},
+     "train.compile: needs an in-memory data set"),
+    ({**MINIMAL, "dataset": {"name": "imagefolder", "root": "data/imagenet"},
+      "resources": {"cpus": 2}}, "resources.cpus: 2 CPUs per trial cannot hold the 2 image-decoding"),
+    ({**MINIMAL, "dataset": {"name": "webdataset", "shards": {"train": "t.tar", "val": "v.tar"}}},
+     "dataset.shards.num_classes: required"),
 ])
 def test_invalid_specs_name_file_field_and_what_is_valid(raw, expected):
     assert expected in _error(raw)

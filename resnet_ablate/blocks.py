@@ -16,7 +16,7 @@ Shortcut options (Section 3.3 and 4.1 of the paper):
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,8 @@ from torch import nn
 
 from .arch import DOWNSAMPLINGS, EXPANSION, SHORTCUTS, Downsampling, Shortcut
 from .kernels import FusedBatchNorm2d
+
+T = TypeVar("T", bound=nn.BatchNorm2d)
 
 
 class ZeroPadShortcut(nn.Module):
@@ -254,6 +256,19 @@ def fused_twin_of(bn: nn.BatchNorm2d, *, relu: bool) -> FusedBatchNorm2d:
     twin = FusedBatchNorm2d(
         bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, relu=relu, device="meta"
     )
+    return _sharing_state(twin, bn)
+
+
+def plain_twin_of(bn: FusedBatchNorm2d) -> nn.BatchNorm2d:
+    """A `BatchNorm2d` sharing a fused BN's parameters and buffers (same tensors, not copies):
+    `fused_twin_of` the other way (`resnet_ablate.unfuse` uses it)."""
+    twin = nn.BatchNorm2d(bn.num_features, bn.eps, bn.momentum, bn.affine,
+                          bn.track_running_stats, device="meta")
+    return _sharing_state(twin, bn)
+
+
+def _sharing_state(twin: T, bn: nn.BatchNorm2d) -> T:
+    """`twin` (built on the meta device) given `bn`'s parameters, buffers and mode."""
     twin.weight, twin.bias = bn.weight, bn.bias
     twin.running_mean, twin.running_var = bn.running_mean, bn.running_var
     twin.num_batches_tracked = bn.num_batches_tracked

@@ -125,11 +125,12 @@ def _check_output(output: str, force: bool) -> None:
     """Refuse to write over a file unless forced, and over a SQLite database (a study's store,
     whatever the path that names it) ever: results are never lost to an export."""
     from .results import ResultsError
+    from .storage import file_in_the_way
 
     path = Path(output)
     if path.is_dir():
         raise ResultsError(f"-o {output}: is a folder; name a file to write")
-    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    blocking = file_in_the_way(path)
     if blocking is not None:
         raise ResultsError(f"-o {output}: {blocking} is a file, not a folder; name a file in a "
                            "folder")

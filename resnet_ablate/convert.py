@@ -12,28 +12,17 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-import torch
 from torch import nn
 
 from .arch import ResNetArch
-from .blocks import BasicBlock, Bottleneck
+from .blocks import BasicBlock, Bottleneck, plain_twin_of
+from .fuse import beyond_tolerance, evaluating, probe_input
 from .kernels import FusedBatchNorm2d
 from .models import ResNet, build
 
 M = TypeVar("M", bound=nn.Module)
 
 _PROBE = (2, 64)  # batch and side of the probe images that check a conversion
-
-
-def plain_twin_of(bn: FusedBatchNorm2d) -> nn.BatchNorm2d:
-    """A `BatchNorm2d` sharing a fused BN's parameters and buffers (same tensors, not copies)."""
-    twin = nn.BatchNorm2d(bn.num_features, bn.eps, bn.momentum, bn.affine,
-                          bn.track_running_stats, device="meta")
-    twin.weight, twin.bias = bn.weight, bn.bias
-    twin.running_mean, twin.running_var = bn.running_mean, bn.running_var
-    twin.num_batches_tracked = bn.num_batches_tracked
-    twin.train(bn.training)
-    return twin
 
 
 def unfuse(model: M) -> M:
@@ -59,7 +48,8 @@ def unfuse(model: M) -> M:
     if left:
         raise ValueError(f"unfuse: {len(left)} FusedBatchNorm2d module(s) are not inside this "
                          f"package's blocks or ResNet ({', '.join(left[:3])}); replace them with "
-                         "plain_twin_of(module) and a ReLU where their relu flag is set")
+                         "resnet_ablate.blocks.plain_twin_of(module) and a ReLU where their relu "
+                         "flag is set")
     return model
 
 
@@ -91,24 +81,13 @@ def from_torchvision(model: nn.Module, *, fused: bool = True) -> ResNet:
     return converted.train(model.training)
 
 
-def _check_same_outputs(original: nn.Module, converted: nn.Module, in_channels: int) -> None:
-    parameter = next(original.parameters())
-    generator = torch.Generator(device=parameter.device).manual_seed(0)
+def _check_same_outputs(original: nn.Module, converted: ResNet, in_channels: int) -> None:
     batch, side = _PROBE
-    probe = torch.randn(batch, in_channels, side, side, generator=generator,
-                        device=parameter.device, dtype=parameter.dtype)
-    modes = {m: m.training for m in (*original.modules(), *converted.modules())}
-    try:
-        original.eval()
-        converted.eval()
-        with torch.no_grad():
-            expected, actual = original(probe), converted(probe)
-    finally:
-        for module, training in modes.items():
-            module.training = training
-    tolerance = 1e-4 if parameter.dtype in (torch.float32, torch.float64) else 2e-2
-    error = (expected.float() - actual.float()).abs().max().item()
-    if error > tolerance * (expected.abs().max().item() + 1.0):
+    probe = probe_input(next(original.parameters()), in_channels, side, batch)
+    with evaluating(original, converted):
+        expected, actual = original(probe), converted(probe)
+    error = beyond_tolerance(expected, actual)
+    if error is not None:
         raise ValueError(f"from_torchvision: the converted {converted.arch.name} differs from "
                          f"{type(original).__name__} (max difference {error:.3g} on a probe "
                          "input); its blocks are not torchvision's")

@@ -223,6 +223,10 @@ def load_dataset(
     takes `image_size` (default 224), `augmentation` ("scale", the paper's, or
     "random_resized_crop") and `loader_workers` (default 2); it evaluates on its val/ split.
     """
+    # Only the options given: their defaults live with each loader (imagefolder.py, shards.py).
+    streamed = tuple((key, value) for key, value in (
+        ("image_size", image_size), ("augmentation", augmentation),
+        ("loader_workers", loader_workers)) if value is not None)
     if name == "webdataset":
         if shards is None:
             raise ValueError("webdataset needs shards=: {train: PATTERN, val: PATTERN, "
@@ -230,9 +234,8 @@ def load_dataset(
         if root is not None or validation or download or synthetic is not None:
             raise ValueError("webdataset reads its shards only: root=, validation=, download= "
                              "and synthetic= do not apply")
-        options = (tuple(sorted(shards.items())), image_size or 224, augmentation or "scale",
-                   2 if loader_workers is None else loader_workers, seed)
-        return (_load_shards_cached if cache else _load_shards)(*options)
+        load = _load_shards_cached if cache else _load_shards
+        return load(tuple(sorted(shards.items())), seed, streamed)
     if shards is not None:
         raise ValueError(f"shards= applies to webdataset only, not to {name!r}")
     if name == "imagefolder":
@@ -242,10 +245,9 @@ def load_dataset(
         if validation or download or synthetic is not None:
             raise ValueError("imagefolder evaluates on its val/ split and reads only its folder: "
                              "validation=, download= and synthetic= do not apply")
-        options = (str(Path(root).expanduser().resolve()), image_size or 224,
-                   augmentation or "scale", 2 if loader_workers is None else loader_workers, seed)
-        return (_load_folder_cached if cache else _load_folder)(*options)
-    if image_size is not None or augmentation is not None or loader_workers is not None:
+        load = _load_folder_cached if cache else _load_folder
+        return load(str(Path(root).expanduser().resolve()), seed, streamed)
+    if streamed:
         raise ValueError(f"image_size=, augmentation= and loader_workers= apply to imagefolder "
                          f"and webdataset only, not to {name!r}")
     if name not in DATASETS:
@@ -321,19 +323,16 @@ def _load(
 _load_cached = functools.lru_cache(maxsize=4)(_load)
 
 
-def _load_folder(root: str, image_size: int, augmentation: str, loader_workers: int,
-                 seed: int) -> FolderData:
-    return load_image_folder(root, image_size=image_size, augmentation=augmentation,  # type: ignore[arg-type]
-                             loader_workers=loader_workers, seed=seed)
+def _load_folder(root: str, seed: int, options: tuple[tuple[str, Any], ...]) -> FolderData:
+    return load_image_folder(root, seed=seed, **dict(options))
 
 
 _load_folder_cached = functools.lru_cache(maxsize=4)(_load_folder)
 
 
-def _load_shards(shards: tuple[tuple[str, Any], ...], image_size: int, augmentation: str,
-                 loader_workers: int, seed: int) -> ShardData:
-    return load_shards(dict(shards), image_size=image_size, augmentation=augmentation,  # type: ignore[arg-type]
-                       loader_workers=loader_workers, seed=seed)
+def _load_shards(shards: tuple[tuple[str, Any], ...], seed: int,
+                 options: tuple[tuple[str, Any], ...]) -> ShardData:
+    return load_shards(dict(shards), seed=seed, **dict(options))
 
 
 _load_shards_cached = functools.lru_cache(maxsize=4)(_load_shards)

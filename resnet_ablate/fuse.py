@@ -18,7 +18,9 @@ This package's own unfused models (`fused=False`) are converted completely, stem
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, TypeVar, overload
 
@@ -118,35 +120,52 @@ def _converted(block: nn.Module) -> BasicBlock | Bottleneck:
     return new  # type: ignore[return-value]
 
 
+def probe_input(like: torch.Tensor, channels: int, side: int, batch: int = 2) -> torch.Tensor:
+    """A seeded random batch (batch, channels, side, side) on `like`'s device and dtype: the
+    input a conversion is checked on."""
+    generator = torch.Generator(device=like.device).manual_seed(0)
+    return torch.randn(batch, channels, side, side, generator=generator, device=like.device,
+                       dtype=like.dtype)
+
+
+@contextlib.contextmanager
+def evaluating(*modules: nn.Module) -> Iterator[None]:
+    """Within: every module in eval mode and no gradients; each module's mode restored after,
+    so a check changes no state."""
+    modes = {m: m.training for module in modules for m in module.modules()}
+    try:
+        for module in modules:
+            module.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def beyond_tolerance(expected: torch.Tensor, actual: torch.Tensor) -> float | None:
+    """The largest difference of two outputs where it exceeds what their dtype's rounding
+    explains (relative to the outputs' scale), else None."""
+    tolerance = 1e-4 if expected.dtype in (torch.float32, torch.float64) else 2e-2
+    error = (expected.float() - actual.float()).abs().max().item()
+    return error if error > tolerance * (expected.abs().max().item() + 1.0) else None
+
+
 def _forward_mismatch(original: nn.Module, converted: nn.Module) -> str | None:
     """Compare both blocks in eval mode (no state changes) on a random probe input."""
     conv1 = original.get_submodule("conv1")
     assert isinstance(conv1, nn.Conv2d)
-    weight = conv1.weight
-    generator = torch.Generator(device=weight.device).manual_seed(0)
-    probe = torch.randn(
-        2, conv1.in_channels, _PROBE_SIZE, _PROBE_SIZE, generator=generator, device=weight.device,
-        dtype=weight.dtype,
-    )
-    modes = {m: m.training for m in (*original.modules(), *converted.modules())}
-    try:
-        original.eval()
-        converted.eval()
-        with torch.no_grad():
-            try:
-                expected = original(probe.clone())
-            except Exception as error:  # noqa: BLE001 - any failure means "not the standard block"
-                return f"its forward failed on a probe input ({type(error).__name__}: {error})"
-            actual = converted(probe.clone())
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    probe = probe_input(conv1.weight, conv1.in_channels, _PROBE_SIZE)
+    with evaluating(original, converted):
+        try:
+            expected = original(probe.clone())
+        except Exception as error:  # noqa: BLE001 - any failure means "not the standard block"
+            return f"its forward failed on a probe input ({type(error).__name__}: {error})"
+        actual = converted(probe.clone())
     if not isinstance(expected, torch.Tensor) or expected.shape != actual.shape:
         return "its forward returns something other than the standard block's output"
-    tolerance = 1e-4 if weight.dtype in (torch.float32, torch.float64) else 2e-2
-    scale = expected.abs().max().item() + 1.0
-    error = (expected.float() - actual.float()).abs().max().item()
-    if error > tolerance * scale:
+    error = beyond_tolerance(expected, actual)
+    if error is not None:
         return f"its forward differs from the standard block's (max difference {error:.3g} on a probe input)"
     return None
 

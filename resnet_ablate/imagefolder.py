@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .spec import DEFAULT_LOADER_WORKERS
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 # ImageNet's per-channel training mean and std (RGB, pixel values in [0, 1]).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -256,7 +258,8 @@ class FolderData:
 
 
 def load_image_folder(root: str | os.PathLike[str], *, image_size: int = 224,
-                      augmentation: Augmentation = "scale", loader_workers: int = 2,
+                      augmentation: Augmentation = "scale",
+                      loader_workers: int = DEFAULT_LOADER_WORKERS,
                       seed: int = 0) -> FolderData:
     """An image folder as a streaming data set (checked and indexed now, decoded when trained)."""
     if augmentation not in AUGMENTATIONS:

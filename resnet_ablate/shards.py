@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .imagefolder import Augmentation, collate, decode, one_thread
+from .spec import DEFAULT_LOADER_WORKERS
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SHUFFLE_BUFFER = 1000  # samples mixed across the shards a worker reads
@@ -134,7 +135,8 @@ SHARD_KEYS = ("train", "val", "num_classes", "train_size", "val_size")
 
 
 def load_shards(shards: dict[str, Any], *, image_size: int = 224,
-                augmentation: Augmentation = "scale", loader_workers: int = 2,
+                augmentation: Augmentation = "scale",
+                loader_workers: int = DEFAULT_LOADER_WORKERS,
                 seed: int = 0) -> ShardData:
     """A sharded data set from `shards`: {train: PATTERN, val: PATTERN, num_classes: N} and, for
     shards behind URLs, train_size and val_size (local shards are counted). Local shards are

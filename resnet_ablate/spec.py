@@ -51,6 +51,7 @@ MAX_WORKERS = 1024
 PRUNERS = ("none", "median", "successive_halving")
 # The data sets read batch by batch from disk or the network, rather than held in memory.
 STREAMED: tuple[str, ...] = ("imagefolder", "webdataset")
+DEFAULT_LOADER_WORKERS = 2  # image-decoding processes of a streamed data set, per trial
 # The data sets a spec can name; resnet_ablate.data loads them.
 DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "imagefolder", "webdataset",
                              "synthetic")
@@ -105,8 +106,9 @@ class DatasetSpec:
     @property
     def decoding_workers(self) -> int:
         """CPUs of a trial that decode images rather than train (imagefolder's loader)."""
-        return (2 if self.loader_workers is None else self.loader_workers) \
-            if self.name in STREAMED else 0
+        if self.name not in STREAMED:
+            return 0
+        return DEFAULT_LOADER_WORKERS if self.loader_workers is None else self.loader_workers
 
 
 @dataclass(frozen=True)

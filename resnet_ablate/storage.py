@@ -42,6 +42,12 @@ def sqlite_path(storage: str) -> Path | None:
     return Path(path)
 
 
+def file_in_the_way(path: PathLike) -> Path | None:
+    """The first of `path`'s folders that exists as a file (so nothing can be written under it),
+    or None."""
+    return next((p for p in Path(path).parents if p.exists() and not p.is_dir()), None)
+
+
 def weights_folder(storage: str, runs_dir: PathLike | None = None) -> Path:
     """The folder a study's kept weights are recorded relative to: a SQLite store's own folder
     (the store and its weights move together), else the runs folder."""

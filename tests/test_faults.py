@@ -27,7 +27,7 @@ import os, sys, time
 import optuna
 from resnet_ablate.study import DriverLease, StudyBusy
 
-url, name, go, hold = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+url, name, hold, go = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
 lease = DriverLease(optuna.load_study(study_name=name, storage=url), url)
 print("ready", flush=True)
 while not os.path.exists(go):
@@ -43,15 +43,12 @@ else:
 """
 
 
-def _race(url: str, name: str, folder: Path, racers: int = 6) -> list[str]:
-    """Start `racers` drivers, let them reach for the lease at once; what each got."""
-    from resnet_ablate.study import open_study
-
-    open_study(parse_spec(raw_spec(name)), url)
-    go = folder / f"go-{name}"
-    processes = [subprocess.Popen([sys.executable, "-c", RACER, url, name, str(go), "8"],
+def _start_together(script: str, *argv: str, go: Path, count: int) -> list[str]:
+    """Run `count` copies of `script` (which prints "ready", then waits for the file `go`), let
+    them go at once; what each printed after that."""
+    processes = [subprocess.Popen([sys.executable, "-c", script, *argv, str(go)],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for _ in range(racers)]
+                 for _ in range(count)]
     for process in processes:
         assert process.stdout.readline().strip() == "ready", process.stderr.read()
     go.touch()
@@ -61,6 +58,14 @@ def _race(url: str, name: str, folder: Path, racers: int = 6) -> list[str]:
         assert process.returncode == 0, err
         outcomes.append(out.strip())
     return outcomes
+
+
+def _race(url: str, name: str, folder: Path, racers: int = 6) -> list[str]:
+    """Start `racers` drivers, let them reach for the lease at once; what each got."""
+    from resnet_ablate.study import open_study
+
+    open_study(parse_spec(raw_spec(name)), url)
+    return _start_together(RACER, url, name, "8", go=folder / f"go-{name}", count=racers)
 
 
 def test_drivers_racing_for_a_sqlite_study_get_it_once(tmp_path):
@@ -332,13 +337,5 @@ def test_drivers_creating_a_new_postgresql_store_at_once_all_connect(postgres_ur
     with psycopg.connect(f"host={host} port={port} user=postgres dbname=postgres",
                          autocommit=True) as connection:
         connection.execute("CREATE DATABASE fresh_race")
-    url, go = f"{server}/fresh_race", tmp_path / "go"
-    processes = [subprocess.Popen([sys.executable, "-c", CONNECTER, url, str(go)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for _ in range(4)]
-    for process in processes:
-        assert process.stdout.readline().strip() == "ready", process.stderr.read()
-    go.touch()
-    for process in processes:
-        out, err = process.communicate(timeout=120)
-        assert process.returncode == 0 and out.strip() == "connected", err
+    outcomes = _start_together(CONNECTER, f"{server}/fresh_race", go=tmp_path / "go", count=4)
+    assert outcomes == ["connected"] * 4

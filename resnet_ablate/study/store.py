@@ -26,7 +26,7 @@ from ..arch import ResNetArch
 from ..recipe import EXECUTION_ONLY
 from ..record import StudyKey
 from ..spec import IntRange, SpecError, StudySpec, parse_spec
-from ..storage import StoreError, sqlite_path, store_faults
+from ..storage import StoreError, file_in_the_way, sqlite_path, store_faults
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress display says what happens
 
@@ -238,8 +238,8 @@ class DriverLease:
                             self._held, self.renewed = mine, time.monotonic()
                             return
                 except sqlalchemy.exc.IntegrityError:
-                    pass
-                # Another driver wrote the lease between our read and our write: read it again.
+                    continue  # another driver inserted the first lease: read it again
+                # Another driver changed the lease between our read and our update: read again.
 
     def _refuse_unless_dead(self, held: Mapping[str, Any]) -> None:
         age = time.time() - held.get("renewed", 0)
@@ -283,10 +283,10 @@ def check_store_folder(url: str) -> None:
     database = sqlite_path(url)
     if database is None:
         return
-    for folder in [database.parent, *database.parent.parents]:
-        if folder.exists() and not folder.is_dir():
-            raise StoreError(f"study store {url}: {folder} is a file, not a folder; pass "
-                             "--runs-dir (or --storage) naming a folder")
+    folder = file_in_the_way(database)
+    if folder is not None:
+        raise StoreError(f"study store {url}: {folder} is a file, not a folder; pass "
+                         "--runs-dir (or --storage) naming a folder")
     if database.exists() and not database.is_file():
         raise StoreError(f"study store {url}: {database} is not a file")
     if database.is_file() and database.stat().st_size:

@@ -33,7 +33,6 @@ class TrialRecorder:
         self.artifacts = artifacts
         self.store_folder = store_folder
         self.max_artifact_mb = max_artifact_mb
-        self._untold: dict[int, optuna.Trial] = {}  # asked by this driver, not yet told
 
     # -- asking
 
@@ -43,7 +42,6 @@ class TrialRecorder:
         if params is not None:
             self.study.enqueue_trial(encode_params(params), user_attrs={TrialKey.SEED: seed})
         trial = self.study.ask(distributions(self.spec))
-        self._untold[trial.number] = trial
         if params is None:
             trial.set_user_attr(TrialKey.SEED, seed)
         return trial
@@ -62,7 +60,6 @@ class TrialRecorder:
     def _tell(self, trial: optuna.Trial, values: list[float] | None = None,
               state: _State | None = None) -> None:
         self.study.tell(trial, values, state=state)
-        self._untold.pop(trial.number, None)
 
     def fail(self, trial: optuna.Trial, kind: str, reason: str, traceback: str | None = None) -> None:
         trial.set_user_attr(TrialKey.FAILURE_KIND, kind)
@@ -106,23 +103,24 @@ class TrialRecorder:
     # -- interruptions
 
     def mark_unfinished(self, how: str) -> int:
-        """Every trial this driver asked and has not told: failed, interrupted by `how`."""
-        untold = list(self._untold.values())
-        for trial in untold:
-            self.fail(trial, FailureKind.INTERRUPTED, f"interrupted by {how}")
-        return len(untold)
+        """Every trial of the study still RUNNING or WAITING: failed, interrupted by `how`. The
+        driver holds the study's lease, so they are all its own, the one asked in the instant
+        the signal came included."""
+        return self._fail_unfinished(f"interrupted by {how}")
 
     def recover_interrupted(self) -> int:
         """Trials a killed driver left RUNNING (or enqueued and never asked, WAITING): marked
         failed, as interrupted, so that the grid's history sees them and no later `ask` picks an
         orphaned grid point up."""
+        return self._fail_unfinished("interrupted: the driver stopped before the trial finished")
+
+    def _fail_unfinished(self, reason: str) -> int:
         storage = self.study._storage  # a WAITING trial cannot be told: written in the store
         stale = [t for t in self.study.get_trials(deepcopy=False)
                  if t.state in (_State.RUNNING, _State.WAITING)]
         for frozen in stale:
             storage.set_trial_user_attr(frozen._trial_id, TrialKey.FAILURE_KIND,
                                         FailureKind.INTERRUPTED)
-            storage.set_trial_user_attr(frozen._trial_id, TrialKey.FAILURE,
-                                        "interrupted: the driver stopped before the trial finished")
+            storage.set_trial_user_attr(frozen._trial_id, TrialKey.FAILURE, reason)
             storage.set_trial_state_values(frozen._trial_id, state=_State.FAIL)
         return len(stale)

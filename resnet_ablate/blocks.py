@@ -256,7 +256,7 @@ def fused_twin_of(bn: nn.BatchNorm2d, *, relu: bool) -> FusedBatchNorm2d:
     twin = FusedBatchNorm2d(
         bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, relu=relu, device="meta"
     )
-    return _sharing_state(twin, bn)
+    return with_state_of(twin, bn)
 
 
 def plain_twin_of(bn: FusedBatchNorm2d) -> nn.BatchNorm2d:
@@ -264,11 +264,12 @@ def plain_twin_of(bn: FusedBatchNorm2d) -> nn.BatchNorm2d:
     `fused_twin_of` the other way (`resnet_ablate.unfuse` uses it)."""
     twin = nn.BatchNorm2d(bn.num_features, bn.eps, bn.momentum, bn.affine,
                           bn.track_running_stats, device="meta")
-    return _sharing_state(twin, bn)
+    return with_state_of(twin, bn)
 
 
-def _sharing_state(twin: T, bn: nn.BatchNorm2d) -> T:
-    """`twin` (built on the meta device) given `bn`'s parameters, buffers and mode."""
+def with_state_of(twin: T, bn: nn.BatchNorm2d) -> T:
+    """`twin` (built on the meta device) given `bn`'s parameters, buffers and mode: the twins
+    here, and replicas.py's synchronised BatchNorm, share one model's tensors this way."""
     twin.weight, twin.bias = bn.weight, bn.bias
     twin.running_mean, twin.running_var = bn.running_mean, bn.running_var
     twin.num_batches_tracked = bn.num_batches_tracked

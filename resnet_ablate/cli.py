@@ -84,9 +84,11 @@ def _print_plan(spec, planned, fmt: str = "table") -> int:
     for row in rows:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
     pending = [p for p in planned if p.status == "pending"]
+    replicas = spec.resources.replica_count
+    each = f"{spec.train.epochs} epochs each" + (
+        f", each a data-parallel run of {replicas} replicas" if replicas > 1 else "")
     print(f"{len(planned)} trials: {len(pending)} to run, costing "
-          f"{sum(p.train_tflops for p in pending):.2f} TFLOPs of training "
-          f"({spec.train.epochs} epochs each)")
+          f"{sum(p.train_tflops for p in pending):.2f} TFLOPs of training ({each})")
     return 0
 
 

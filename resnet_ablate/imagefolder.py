@@ -223,7 +223,7 @@ class FolderData:
     def test_size(self) -> int:
         return len(self.index.test)
 
-    def _loader(self, split: ImageFolderSplit, batch_size: int, order: list[int] | None,
+    def _loader(self, split: torch.utils.data.Dataset, batch_size: int, order: list[int] | None,
                 pin_memory: bool) -> torch.utils.data.DataLoader:
         workers = self.loader_workers
         return torch.utils.data.DataLoader(
@@ -235,19 +235,29 @@ class FolderData:
             drop_last=order is not None)
 
     def train_loader(self, batch_size: int, epoch: int, generator: torch.Generator, *,
-                     augment: bool = True, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+                     augment: bool = True, pin_memory: bool = False, part: int = 0,
+                     parts: int = 1) -> torch.utils.data.DataLoader:
         """One epoch of training batches (augmented, or centre crops with `augment=False`), in an
-        order drawn from `generator`."""
+        order drawn from `generator`. With `parts` replicas, the `part`-th one's batches of
+        `batch_size`: every `parts`-th image of the order cut to whole global batches, so that
+        every replica takes the same number of steps."""
         split = ImageFolderSplit(self.index.train, image_size=self.image_size, train=augment,
                                  augmentation=self.augmentation, seed=self.seed)
         split.epoch = epoch
         order = torch.randperm(len(split), generator=generator).tolist()
+        if parts > 1:
+            whole = len(order) - len(order) % (batch_size * parts)
+            order = order[:whole][part::parts]
         return self._loader(split, batch_size, order, pin_memory)
 
-    def test_loader(self, batch_size: int, *, pin_memory: bool = False) -> torch.utils.data.DataLoader:
-        """The evaluation images, single centre crops, in a fixed order."""
+    def test_loader(self, batch_size: int, *, pin_memory: bool = False, part: int = 0,
+                    parts: int = 1) -> torch.utils.data.DataLoader:
+        """The evaluation images, single centre crops, in a fixed order (the `part`-th of
+        `parts` shares: every `parts`-th image)."""
         split = ImageFolderSplit(self.index.test, image_size=self.image_size, train=False,
                                  augmentation=self.augmentation, seed=self.seed)
+        if parts > 1:
+            split = torch.utils.data.Subset(split, range(part, len(split), parts))
         return self._loader(split, batch_size, None, pin_memory)
 
     def metadata(self) -> dict[str, Any]:

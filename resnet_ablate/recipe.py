@@ -68,6 +68,9 @@ class TrainRecipe:
     warmup_until_error: float | None = 0.8
     warmup_max_steps: int | None = None
     augment: bool = True
+    # Data-parallel trials only: BatchNorm normalises with the statistics of the global batch
+    # (all replicas) instead of each replica's own, as the paper's multi-GPU training did.
+    sync_bn: bool = False
     eval_batch_size: int = 1000
     precision: str = "auto"
     memory_format: str = "channels_last"
@@ -124,7 +127,7 @@ class TrainRecipe:
             fail("precision", f"one of {', '.join(PRECISIONS)}")
         if self.memory_format not in MEMORY_FORMATS:
             fail("memory_format", f"one of {', '.join(MEMORY_FORMATS)}")
-        for name in ("compile", "cuda_graphs"):
+        for name in ("compile", "cuda_graphs", "sync_bn", "augment"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "true or false")
 

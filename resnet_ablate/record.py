@@ -48,6 +48,8 @@ class TrialKey:
     FINAL_TRAIN_ACCURACY = "final_train_accuracy"
     WARMUP_STEPS = "warmup_steps"
     EVAL_SPLIT = "eval_split"
+    # Data-parallel trials only: replicas, backend, sync_bn, and the epochs it resumed after.
+    DATA_PARALLEL = "data_parallel"
     # How it ended.
     FAILURE_KIND = "failure_kind"  # one of FailureKind
     FAILURE = "failure"  # one line, for people
@@ -62,7 +64,7 @@ OUTCOME_KEYS: tuple[str, ...] = (
     TrialKey.CURVES, TrialKey.WALL_SECONDS, TrialKey.IMAGES_PER_SECOND, TrialKey.COMPILE_SECONDS,
     TrialKey.EXECUTION, TrialKey.EPOCHS_COMPLETED, TrialKey.FINAL_TEST_ACCURACY,
     TrialKey.BEST_TEST_ACCURACY, TrialKey.FINAL_TRAIN_ACCURACY, TrialKey.WARMUP_STEPS,
-    TrialKey.EVAL_SPLIT,
+    TrialKey.EVAL_SPLIT, TrialKey.DATA_PARALLEL,
 )
 
 

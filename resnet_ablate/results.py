@@ -147,11 +147,18 @@ def _trial_row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
         "epochs": attrs.get(TrialKey.EPOCHS_COMPLETED),
         "wall_seconds": metrics["wall_seconds"], "images_per_second": metrics["images_per_second"],
         "precision": execution.get("precision"), "memory_format": execution.get("memory_format"),
-        "device": attrs.get(TrialKey.DEVICE),
+        "device": _device(attrs),
         "failure_kind": attrs.get(TrialKey.FAILURE_KIND),
         "failure": attrs.get(TrialKey.FAILURE) or attrs.get(TrialKey.PRUNED),
         "arch_digest": attrs.get(TrialKey.ARCH_DIGEST), "weights": attrs.get(TrialKey.WEIGHTS),
     }
+
+
+def _device(attrs: dict[str, Any]) -> str | None:
+    """Where a trial trained: "cuda: NVIDIA H100 x8" for one of 8 data-parallel replicas."""
+    device = attrs.get(TrialKey.DEVICE)
+    replicas = (attrs.get(TrialKey.DATA_PARALLEL) or {}).get("replicas", 1)
+    return f"{device} x{replicas}" if device and replicas > 1 else device
 
 
 def _trials_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:

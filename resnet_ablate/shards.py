@@ -14,9 +14,11 @@ trial, naming it.
 from __future__ import annotations
 
 import io
+import itertools
 import random
 import tarfile
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -112,23 +114,50 @@ class ShardData:
             drop_last=epoch is not None)  # as the image folder's (a batch of one cannot train BN)
 
     def train_loader(self, batch_size: int, epoch: int, generator: torch.Generator, *,
-                     augment: bool = True, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+                     augment: bool = True, pin_memory: bool = False, part: int = 0,
+                     parts: int = 1) -> Iterable[tuple[torch.Tensor, torch.Tensor, int]]:
         """One epoch of training batches (augmented, or centre crops with `augment=False`):
-        shards in an order drawn from `generator`."""
+        shards in an order drawn from `generator`.
+
+        With `parts` replicas, the `part`-th one reads every `parts`-th shard of that order, and
+        every replica takes the same number of steps, one epoch's worth of global batches of
+        `batch_size` x `parts`: shards hold different numbers of samples, so a replica whose
+        shards run out reads them again rather than leave the others waiting for it."""
+        if parts > 1 and len(self.train_urls) < parts:
+            raise ValueError(f"{len(self.train_urls)} training shard(s) cannot feed {parts} "
+                             "replicas: each reads its own shards; write at least as many shards "
+                             "as replicas")
         order = torch.randperm(len(self.train_urls), generator=generator).tolist()
         seed = int(torch.randint(2**31, (1,), generator=generator))
-        return self._loader([self.train_urls[i] for i in order], batch_size, epoch, seed,
-                            pin_memory, augment)
+        urls = [self.train_urls[i] for i in order][part::parts]
+        loader = self._loader(urls, batch_size, epoch, seed + part, pin_memory, augment)
+        if parts == 1:
+            return loader
+        return itertools.islice(_repeated(loader), self.train_size // (batch_size * parts))
 
-    def test_loader(self, batch_size: int, *, pin_memory: bool = False) -> torch.utils.data.DataLoader:
-        """The evaluation samples, single centre crops, in shard order."""
-        return self._loader(list(self.test_urls), batch_size, None, 0, pin_memory)
+    def test_loader(self, batch_size: int, *, pin_memory: bool = False, part: int = 0,
+                    parts: int = 1) -> Iterable[tuple[torch.Tensor, torch.Tensor, int]]:
+        """The evaluation samples, single centre crops, in shard order (the `part`-th of `parts`
+        shares: every `parts`-th shard)."""
+        urls = list(self.test_urls)[part::parts]
+        return self._loader(urls, batch_size, None, 0, pin_memory) if urls else []
 
     def metadata(self) -> dict[str, Any]:
         return {"name": self.name, "train_shards": len(self.train_urls),
                 "test_shards": len(self.test_urls), "train_size": self.train_size,
                 "test_size": self.test_size, "num_classes": self.num_classes,
                 "image_size": self.image_size, "augmentation": self.augmentation}
+
+
+def _repeated(loader: torch.utils.data.DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """The loader's batches, over and over (a replica's shards read again when they run out)."""
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            return
 
 
 SHARD_KEYS = ("train", "val", "num_classes", "train_size", "val_size")

@@ -17,9 +17,16 @@ A spec is one question from the paper, asked as a sweep over the architecture de
     warmup_from_depth: 110               # warm up (train.warmup) only nets this deep or deeper
     budget: {trials: null, minutes: null, max_gflops: null}
     resources: {cpus: 1, gpus: 0, workers: 2}
+                                         # gpus: 8 (or {gpus: 4, nodes: 2}) makes each trial a
+                                         #   data-parallel run, a replica per GPU; on CPUs,
+                                         #   {cpus: 2, replicas: 2}
     storage: null                        # any Optuna storage URL; default runs/<study>.db
     pruner: none                         # none | median | successive_halving (one objective)
     max_attempts: 3                      # tries per grid point and seed before giving up
+    max_restarts: 2                      # data-parallel trials: lost replicas replaced, resuming
+                                         #   from the last epoch's checkpoint, this many times
+    checkpoints: null                    # where those checkpoints go: a folder all nodes see, or
+                                         #   a URI (s3://...); default runs/<study>.checkpoints
 
 Every problem is reported as one `SpecError` that names the file, the field and what is valid.
 """
@@ -59,6 +66,7 @@ ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(ResNetArch))
 TOP_LEVEL_KEYS = (
     "study", "question", "dataset", "model", "space", "sampler", "objectives", "seeds", "train",
     "budget", "resources", "storage", "pruner", "max_attempts", "warmup_from_depth",
+    "max_restarts", "checkpoints",
 )
 REQUIRED_KEYS = ("study", "space")
 
@@ -120,9 +128,21 @@ class Budget:
 
 @dataclass(frozen=True)
 class Resources:
-    cpus: float = 1  # per trial; its torch threads
-    gpus: float = 0  # per trial; fractions pack several trials on one GPU
+    """What each trial holds, and how many run at once. A trial of several replicas (two GPUs or
+    more, or `replicas` on CPUs) is one data-parallel run (data_parallel.py)."""
+
+    cpus: float = 1  # per trial process (each replica's): its torch threads and loader workers
+    gpus: float = 0  # per trial, per node with nodes > 1; fractions pack trials on one GPU
     workers: int = 2  # trials running at once
+    nodes: int = 1  # nodes a data-parallel trial spans, `gpus` GPUs on each
+    replicas: int | None = None  # CPU data-parallel processes of a trial (GPUs: one per GPU)
+
+    @property
+    def replica_count(self) -> int:
+        """The processes that train one trial together (1: an ordinary trial)."""
+        if self.gpus >= 1:
+            return int(self.gpus) * self.nodes
+        return self.replicas or 1
 
 
 @dataclass(frozen=True)
@@ -152,6 +172,8 @@ class StudySpec:
     pruner: str = "none"
     max_attempts: int = 3
     warmup_from_depth: int | None = None
+    max_restarts: int = 2
+    checkpoints: str | None = None
     source: str = "<spec>"
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
@@ -374,6 +396,7 @@ def parse_spec(raw: Any, *, source: str = "<spec>") -> StudySpec:
                                               "cuda_graphs: false to train on CPUs")
     if resources.gpus > 1 and resources.gpus != int(resources.gpus):
         raise check.fail("resources.gpus", f"above 1 must be a whole number, got {resources.gpus}")
+    _check_replicas(check, resources, recipe)
 
     storage = top.get("storage")
     if storage is not None:
@@ -381,6 +404,12 @@ def parse_spec(raw: Any, *, source: str = "<spec>") -> StudySpec:
     max_attempts = check.typed("max_attempts", top.get("max_attempts", 3), int, "an int >= 1")
     if max_attempts < 1:
         raise check.fail("max_attempts", f"must be >= 1, got {max_attempts}")
+    max_restarts = check.typed("max_restarts", top.get("max_restarts", 2), int, "an int >= 0")
+    if max_restarts < 0:
+        raise check.fail("max_restarts", f"must be >= 0, got {max_restarts}")
+    checkpoints = top.get("checkpoints")
+    if checkpoints is not None:
+        check.typed("checkpoints", checkpoints, str, "a folder every node sees, a URI, or null")
     warmup_from_depth = top.get("warmup_from_depth")
     if warmup_from_depth is not None:
         check.typed("warmup_from_depth", warmup_from_depth, int, "a depth (int) or null")
@@ -391,8 +420,45 @@ def parse_spec(raw: Any, *, source: str = "<spec>") -> StudySpec:
         study=study, question=question, dataset=dataset, model=model, space=space, sampler=sampler,
         objectives=tuple(objectives), seeds=tuple(seeds), train=recipe, budget=budget,
         resources=resources, storage=storage, pruner=pruner, max_attempts=max_attempts,
-        warmup_from_depth=warmup_from_depth, source=source, raw=raw,
+        warmup_from_depth=warmup_from_depth, max_restarts=max_restarts, checkpoints=checkpoints,
+        source=source, raw=raw,
     )
+
+
+def _check_replicas(check: _Checker, resources: Resources, recipe: TrainRecipe) -> None:
+    """A data-parallel trial's resources and recipe, each problem named."""
+    nodes, replicas = resources.nodes, resources.replicas
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+        raise check.fail("resources.nodes", f"must be an int >= 1, got {_shown(nodes)}")
+    if nodes > 1 and resources.gpus < 1:
+        raise check.fail("resources.nodes", f"{nodes} nodes of how many GPUs? Set resources.gpus "
+                                            "(per node); CPU replicas are counted by "
+                                            "resources.replicas")
+    if replicas is not None:
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+            raise check.fail("resources.replicas", f"must be an int >= 1, got {_shown(replicas)}")
+        if resources.gpus > 0:
+            raise check.fail("resources.replicas", "counts CPU replicas; a GPU trial has one per "
+                                                   f"GPU (gpus x nodes = {resources.replica_count}"
+                                                   "): leave replicas out")
+    count = resources.replica_count
+    if count > MAX_WORKERS:
+        raise check.fail("resources", f"at most {MAX_WORKERS} replicas per trial, got {count}")
+    if count == 1:
+        if recipe.sync_bn:
+            raise check.fail("train.sync_bn", "synchronises BatchNorm across the replicas of a "
+                                              "data-parallel trial, and this one has a single "
+                                              "process: set resources.gpus >= 2 or "
+                                              "resources.replicas >= 2, or sync_bn: false")
+        return
+    if recipe.batch_size % count:
+        raise check.fail("train.batch_size", f"{recipe.batch_size} is the global batch, split "
+                                             f"evenly over the {count} replicas: use a multiple "
+                                             f"of {count}")
+    if recipe.compile or recipe.cuda_graphs:
+        raise check.fail("train.compile" if recipe.compile else "train.cuda_graphs",
+                         f"runs one-process trials; this one has {count} replicas: set it to "
+                         "false")
 
 
 def _dataset(check: _Checker, value: Any) -> DatasetSpec:

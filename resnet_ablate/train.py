@@ -38,6 +38,7 @@ from torch import nn
 from .data import DataBundle, Streamed, draw_crops, gather_crops
 from .execution import Execution, GraphedStep, resolve_execution, side_stream
 from .recipe import TrainRecipe
+from .replicas import Replicas, synchronise_batch_norms
 
 # The paper's rule ends warm-up when "the training error is below 80%"; a single batch is too
 # noisy to judge that, so the error is averaged over this many recent batches (1,280 images).
@@ -121,6 +122,9 @@ def train(
     on_epoch: Callable[[EpochRecord], None] | None = None,
     log: Callable[[str], None] | None = None,
     compile_backend: str = "inductor",
+    replicas: Replicas | None = None,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    resume: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train `model` on `data` with `recipe`; returns the record of the run.
 
@@ -131,6 +135,15 @@ def train(
     `threads` sets torch's intra-op threads for the run and restores the previous count.
     An exception from `on_epoch` (e.g. optuna.TrialPruned) propagates unchanged.
     `compile_backend` is torch.compile's backend when `recipe.compile` is on.
+
+    With `replicas` of a process group (replicas.py), this process is one replica of a
+    data-parallel run: it trains its share of each global batch (`recipe.batch_size`) through
+    DistributedDataParallel, with BatchNorm statistics per replica or, with `recipe.sync_bn`, of
+    the global batch; every number it records (losses, errors, images) is the run's, and
+    `on_epoch` and `on_checkpoint` are called on every replica with the same values.
+    `on_checkpoint(state)` gets the run's whole state after each epoch (after `on_epoch`; its
+    tensors are the run's own, to be saved before it returns); `resume=state` continues a run
+    from such a state, at the epoch after it.
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
@@ -159,14 +172,19 @@ def train(
                     raise TypeError(
                         f"the model factory returned {type(model).__name__}, not an nn.Module"
                     )
-            run = _Run(model, data, recipe, execution, seed, on_epoch, log, compile_backend)
+            replicas = replicas or Replicas()
+            if replicas.parallel and recipe.sync_bn:
+                synchronise_batch_norms(model)
+            run = _Run(model, data, recipe, execution, seed, on_epoch, log, compile_backend,
+                       replicas, on_checkpoint)
+            if resume is not None:
+                run.load_state(resume)
             return run.run()
     finally:
         torch.backends.cudnn.benchmark = previous_cudnn_benchmark
         torch.set_num_threads(previous_threads)
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
     images: torch.Tensor,
@@ -180,6 +198,17 @@ def evaluate(
     Loss and error accumulate on the device and are read once at the end. With `execution`, the
     forward runs in its precision and memory format.
     """
+    loss_sum, wrong, count = _evaluation_sums(model, images, labels, batch_size, execution)
+    count = max(count, 1)
+    return loss_sum.item() / count, wrong.item() / count
+
+
+@torch.no_grad()
+def _evaluation_sums(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+    execution: Execution | None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(summed loss, wrong answers, images) of an in-memory evaluation, sums on the device."""
     model.eval()
     device = images.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -194,11 +223,9 @@ def evaluate(
             targets = labels[start : start + batch_size]
             loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum")
             wrong += (logits.argmax(dim=1) != targets).sum()
-    count = max(images.shape[0], 1)
-    return loss_sum.item() / count, wrong.item() / count
+    return loss_sum, wrong, images.shape[0]
 
 
-@torch.no_grad()
 def evaluate_streamed(
     model: nn.Module,
     data: Streamed,
@@ -208,14 +235,28 @@ def evaluate_streamed(
 ) -> tuple[float, float, float, int]:
     """(mean cross-entropy loss, top-1 error, top-5 error, images that could not be decoded) of
     `model` in eval mode over a streamed data set's evaluation split, single centre crops."""
+    loss_sum, wrong, wrong5, count, skipped = _streamed_evaluation_sums(
+        model, data, batch_size, execution)
+    count = max(count, 1)
+    return loss_sum.item() / count, wrong.item() / count, wrong5.item() / count, skipped
+
+
+@torch.no_grad()
+def _streamed_evaluation_sums(
+    model: nn.Module, data: Streamed, batch_size: int, execution: Execution, part: int = 0,
+    parts: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """(summed loss, top-1 and top-5 wrong answers, images, images not decoded) of the `part`-th
+    of `parts` shares of a streamed evaluation, sums on the device."""
     model.eval()
     device = torch.device(execution.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     wrong = torch.zeros((), dtype=torch.int64, device=device)
     wrong5 = torch.zeros((), dtype=torch.int64, device=device)
     count = skipped = 0
+    loader = data.test_loader(batch_size, pin_memory=device.type == "cuda", part=part, parts=parts)
     with execution.autocast():
-        for images, labels, left_out in data.test_loader(batch_size, pin_memory=device.type == "cuda"):
+        for images, labels, left_out in loader:
             skipped += left_out
             if labels.shape[0] == 0:
                 continue
@@ -227,8 +268,7 @@ def evaluate_streamed(
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             wrong5 += (top != labels[:, None]).all(dim=1).sum()
             count += labels.shape[0]
-    count = max(count, 1)
-    return loss_sum.item() / count, wrong.item() / count, wrong5.item() / count, skipped
+    return loss_sum, wrong, wrong5, count, skipped
 
 
 def _derived_seed(seed: int, stream: int) -> int:
@@ -257,12 +297,22 @@ class _Run:
         on_epoch: Callable[[EpochRecord], None] | None,
         log: Callable[[str], None] | None,
         compile_backend: str,
+        replicas: Replicas,
+        on_checkpoint: Callable[[dict[str, Any]], None] | None,
     ) -> None:
         device = torch.device(execution.device)
         self.device = device
         self.execution = execution
         self.model = model.to(device, memory_format=execution.torch_memory_format)
-        self.step_model: nn.Module = self.model
+        self.replicas = replicas
+        if replicas.parallel and (execution.compile or execution.cuda_graphs):
+            raise ValueError("compile and cuda_graphs run one-process trials; this one has "
+                             f"{replicas.world} replicas")
+        # What trains: DistributedDataParallel with several replicas, compiled with `compile`.
+        self.step_model: nn.Module = replicas.wrap(self.model, device)
+        self.batch_share = replicas.batch_share(recipe.batch_size)
+        self.on_checkpoint = on_checkpoint
+        self.elapsed_before = 0.0  # wall seconds of the epochs a resumed run starts after
         self.data = data
         self.recipe = recipe
         self.seed = seed
@@ -278,8 +328,9 @@ class _Run:
             # host-to-device copies would dominate short trials.
             self.train_x = execution.images(data.train_x.to(device))
             self.train_y = data.train_y.to(device)
-            self.test_x = execution.images(data.test_x.to(device))
-            self.test_y = data.test_y.to(device)
+            share = replicas.positions(data.test_x.shape[0])
+            self.test_x = execution.images(data.test_x[share].to(device))
+            self.test_y = data.test_y[share].to(device)
         self.augmentation = data.augmentation if recipe.augment and not self.streamed else None
         self.order_generator = torch.Generator().manual_seed(_derived_seed(seed, _ORDER_STREAM))
         self.augment_generator = torch.Generator().manual_seed(_derived_seed(seed, _AUGMENT_STREAM))
@@ -323,10 +374,10 @@ class _Run:
             return self._run()
 
     def _run(self) -> TrainResult:
-        started = time.perf_counter()
+        started = time.perf_counter() - self.elapsed_before
         if self.execution.compile:
             self.compile_seconds = self._compile()
-        for epoch in range(1, self.recipe.epochs + 1):
+        for epoch in range(len(self.history) + 1, self.recipe.epochs + 1):
             try:
                 record = self._epoch(epoch)
             except _Diverged as diverged:
@@ -344,7 +395,43 @@ class _Run:
                 )
             if self.on_epoch:
                 self.on_epoch(record)
+            if self.on_checkpoint:
+                self.on_checkpoint(self.state(time.perf_counter() - started))
         return self._result("completed", None, started)
+
+    def state(self, elapsed: float) -> dict[str, Any]:
+        """Everything the run needs to go on after the epoch it has finished (`load_state`)."""
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "order_generator": self.order_generator.get_state(),
+            "augment_generator": self.augment_generator.get_state(),
+            "history": [dataclasses.asdict(record) for record in self.history],
+            "warming_up": self.warming_up, "warmup_steps": self.warmup_steps,
+            "recent_errors": list(self.recent_errors),
+            "plateau": (self.best_train_loss, self.bad_epochs, self.plateau_decays),
+            "above_limit_at_last_read": self.above_limit_at_last_read,
+            "steps_taken": self.steps_taken, "current_lr": self.current_lr,
+            "train_images": self.train_images, "train_seconds": self.train_seconds,
+            "elapsed": elapsed,
+        }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Continue from `state` (see `state`): the run's next epoch is the one after it."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.order_generator.set_state(state["order_generator"])
+        self.augment_generator.set_state(state["augment_generator"])
+        self.history = [EpochRecord(**record) for record in state["history"]]
+        self.warming_up, self.warmup_steps = state["warming_up"], state["warmup_steps"]
+        self.recent_errors.extend(state["recent_errors"])
+        self.best_train_loss, self.bad_epochs, self.plateau_decays = state["plateau"]
+        self.above_limit_at_last_read = state["above_limit_at_last_read"]
+        self.steps_taken = state["steps_taken"]
+        self._set_lr(state["current_lr"])
+        self.train_images, self.train_seconds = state["train_images"], state["train_seconds"]
+        self.elapsed_before = state["elapsed"]
 
     def _compile(self) -> float:
         """Compile the model for every batch shape and mode the run will use, before training, so
@@ -389,42 +476,59 @@ class _Run:
         check_every = self.recipe.divergence_check_every
         batches = self._streamed_batches(epoch) if self.streamed else self._memory_batches()
         step = 0
-        for step, (images, labels) in enumerate(batches, start=1):
+        for step, (images, labels, loss_scale) in enumerate(batches, start=1):
             lr = min(self.recipe.warmup_lr, scheduled_lr) if self.warming_up else scheduled_lr
             self._set_lr(lr)
-            self._step(images, labels)
+            self._step(images, labels, loss_scale)
             self.seen += labels.shape[0]
             if self.warming_up:
-                self._advance_warmup(self.batch_wrong.item() / labels.shape[0])
+                wrong, images_in_batch = self.replicas.sums([self.batch_wrong, labels.shape[0]])
+                self._advance_warmup(wrong / images_in_batch)
             if step % check_every == 0:
                 self._check_diverged(epoch, step)
         self._check_diverged(epoch, step)  # also waits for the device: the epoch's time is real
         trained = time.perf_counter()
-        count = max(self.seen, 1)
-        self.train_images += self.seen
+        loss_sum, wrong, seen = self.replicas.sums([self.loss_sum, self.wrong, self.seen])
+        count = max(seen, 1)
+        self.train_images += int(seen)
         self.train_seconds += trained - started
-        top5 = None
-        if self.streamed:
-            test_loss, test_error, top5, skipped = evaluate_streamed(
-                self.step_model, self.data, batch_size=self.recipe.eval_batch_size,
-                execution=self.execution)
-            self.skipped += skipped
-        else:
-            test_loss, test_error = evaluate(
-                self.step_model, self.test_x, self.test_y,
-                batch_size=self.recipe.eval_batch_size, execution=self.execution,
-            )
+        test_loss, test_error, top5 = self._evaluate()
         return EpochRecord(
             epoch=epoch,
             lr=lr,
-            train_loss=self.loss_sum.item() / count,
-            train_error=self.wrong.item() / count,
+            train_loss=loss_sum / count,
+            train_error=wrong / count,
             test_loss=test_loss,
             test_error=test_error,
             seconds=time.perf_counter() - started,
             test_top5_error=top5,
-            skipped_images=self.skipped,
+            skipped_images=int(self.replicas.sums([self.skipped])[0]),
         )
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What evaluates: the trained model (compiled with `compile`), never the replicas'
+        DistributedDataParallel wrapper, whose collectives every replica would have to join
+        while each evaluates its own share of the images."""
+        return self.model if self.replicas.parallel else self.step_model
+
+    def _evaluate(self) -> tuple[float, float, float | None]:
+        """(loss, top-1 error, top-5 error or None) on the evaluation set, each replica taking
+        its share of the images after the replicas' running statistics are made the same."""
+        self.replicas.average_buffers(self.model)
+        if self.streamed:
+            sums = _streamed_evaluation_sums(self.eval_model, self.data,
+                                             self.recipe.eval_batch_size, self.execution,
+                                             self.replicas.rank, self.replicas.world)
+            loss_sum, wrong, wrong5, count, skipped = self.replicas.sums(sums[:4]) + [sums[4]]
+            self.skipped += skipped
+            count = max(count, 1)
+            return loss_sum / count, wrong / count, wrong5 / count
+        loss_sum, wrong, count = self.replicas.sums(_evaluation_sums(
+            self.eval_model, self.test_x, self.test_y, self.recipe.eval_batch_size,
+            self.execution))
+        count = max(count, 1)
+        return loss_sum / count, wrong / count, None
 
     def _scheduled_lr(self, epoch: int) -> float:
         if self.recipe.schedule == "plateau":
@@ -446,42 +550,57 @@ class _Run:
             self.plateau_decays += 1
             self.bad_epochs = 0
 
-    def _memory_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The epoch's batches of an in-memory data set: a seeded order, crops drawn for the
-        whole epoch at once and cut on the device."""
+    def _memory_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
+        """The epoch's batches of an in-memory data set, each with the factor its mean loss is
+        scaled by before backward: a seeded order, crops drawn for the whole epoch at once and
+        cut on the device. A replica takes every `world`-th image of each global batch (the
+        same order and crops on every replica), and its loss is weighted by its share of the
+        batch, so that averaging the replicas' gradients gives the global batch's."""
         count = self.train_x.shape[0]
-        batch_size = self.recipe.batch_size
+        batch_size, rank, world = self.recipe.batch_size, self.replicas.rank, self.replicas.world
         order = torch.randperm(count, generator=self.order_generator).to(self.device)
         crops = None
         if self.augmentation is not None:
             crops = draw_crops(count, self.augmentation, self.augment_generator).to(self.device)
+        # A last batch too small to give every replica an image is left out.
+        if 0 < count % batch_size < world:
+            count -= count % batch_size
         for start in range(0, count, batch_size):
-            index = order[start : start + batch_size]
+            in_batch = min(batch_size, count - start)
+            share = slice(start + rank, start + in_batch, world)
+            index = order[share]
             images, labels = self.train_x[index], self.train_y[index]
             if crops is not None:
-                c = crops[start : start + batch_size]
+                c = crops[share]
                 images = gather_crops(images, self.augmentation.pad, c.top, c.left, c.flip)
-            yield self.execution.images(images), labels
+            yield self.execution.images(images), labels, world * index.shape[0] / in_batch
 
-    def _streamed_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The epoch's batches of a streamed data set, decoded by the loader's workers; the
-        copies to the device overlap the step before them (pinned memory, non-blocking)."""
-        loader = self.data.train_loader(self.recipe.batch_size, epoch, self.order_generator,
+    def _streamed_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
+        """The epoch's batches of a streamed data set (this replica's share of each), decoded by
+        the loader's workers; the copies to the device overlap the step before them (pinned
+        memory, non-blocking). Full batches split evenly, so the losses are not reweighted."""
+        loader = self.data.train_loader(self.batch_share, epoch, self.order_generator,
                                         augment=self.recipe.augment,
-                                        pin_memory=self.device.type == "cuda")
+                                        pin_memory=self.device.type == "cuda",
+                                        part=self.replicas.rank, parts=self.replicas.world)
         for images, labels, skipped in loader:
             self.skipped += skipped
             if labels.shape[0] == 0:
+                if self.replicas.parallel:  # the others would wait for this step forever
+                    raise ValueError(
+                        f"replica {self.replicas.rank}: none of the {skipped} images of a batch "
+                        "could be decoded, and the replicas of a data-parallel run step together")
                 continue
             images = images.to(self.device, non_blocking=True)
-            yield self.execution.images(images), labels.to(self.device, non_blocking=True)
+            yield self.execution.images(images), labels.to(self.device, non_blocking=True), 1.0
 
-    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """One optimizer step, replayed from a CUDA graph when the run uses them and can."""
+    def _step(self, images: torch.Tensor, labels: torch.Tensor, loss_scale: float) -> None:
+        """One optimizer step, replayed from a CUDA graph when the run uses them and can (a
+        one-process run: its losses are never reweighted)."""
         self.steps_taken += 1
         if not self.execution.cuda_graphs:
             self.optimizer.zero_grad(set_to_none=True)
-            self._forward_backward_update(images, labels)
+            self._forward_backward_update(images, labels, loss_scale)
             return
         if self.graphed is not None and self.graphed.shape() == (images.shape, labels.shape):
             self.graphed(images, labels)
@@ -496,12 +615,14 @@ class _Run:
                 self._forward_backward_update, self.optimizer, images, labels
             )
 
-    def _forward_backward_update(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+    def _forward_backward_update(self, images: torch.Tensor, labels: torch.Tensor,
+                                 loss_scale: float = 1.0) -> None:
         """Forward, backward, optimizer step and the running sums: no host sync anywhere."""
         with self.execution.autocast():
             logits = self.step_model(images)
             loss = F.cross_entropy(logits, labels)
-        self.scaler.scale(loss).backward()
+        weighted = loss if loss_scale == 1.0 else loss * loss_scale
+        self.scaler.scale(weighted).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.batch_wrong.copy_((logits.detach().argmax(dim=1) != labels).sum())
@@ -524,8 +645,7 @@ class _Run:
         the class count) at two reads in a row. A learning run starts near that loss and goes
         down, and a bad start recovers within a read or two; one that stays orders of magnitude
         above it (lr 100 gives 1e20) is recorded as diverged, not as a result."""
-        loss_sum = self.loss_sum.item()
-        seen = self.seen
+        loss_sum, seen = self.replicas.sums([self.loss_sum, self.seen])
         images = seen - self.read_images
         interval_loss = (loss_sum - self.read_loss_sum) / max(images, 1)
         self.read_loss_sum, self.read_images = loss_sum, seen

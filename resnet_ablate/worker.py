@@ -3,7 +3,8 @@
 Workers compute and the driver owns state: a trial never touches the study's storage. It reads its
 data set once per worker process (`load_dataset` caches), streams per-epoch records to the driver's
 `TrialBoard` (which answers whether the driver wants the trial pruned), and returns a plain-dict
-outcome, its exceptions included, so that only a lost worker surfaces as a Ray error.
+outcome, its exceptions included, so that only a lost worker surfaces as a Ray error. A trial of
+several replicas runs as a data-parallel run (data_parallel.py) and returns the same outcome.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .arch import ResNetArch
 from .data import SyntheticSpec, load_dataset
 from .models import build
 from .recipe import TrainRecipe
-from .train import EpochRecord, train
+from .train import EpochRecord, TrainResult, train
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,13 @@ class TrialTask:
     # With a pruner, each epoch waits for the driver's verdict on it, so that whether a trial is
     # pruned depends on the study's results, not on how fast the driver happened to read them.
     await_pruner: bool = False
+    # Data-parallel trials (replicas > 1): the CPUs each replica holds, where their per-epoch
+    # checkpoints go (a folder every node sees, or a URI), and how many times lost replicas are
+    # replaced before the trial counts as lost.
+    replicas: int = 1
+    cpus_per_replica: float = 1
+    checkpoints: str | None = None
+    max_restarts: int = 2
 
 
 class PrunedByDriver(Exception):
@@ -111,62 +119,100 @@ def _where(device: torch.device) -> dict[str, Any]:
             "node_id": node}
 
 
+def report_epoch(task: TrialTask, board: Any | None, record: EpochRecord) -> bool:
+    """Send an epoch's record to the driver's board; True when the driver wants the trial
+    stopped (after waiting for its verdict, with a pruner)."""
+    if board is None:
+        return False
+    try:
+        stop = ray.get(board.report.remote(task.trial_number, asdict(record)))
+        if task.await_pruner:
+            deadline = time.monotonic() + PRUNER_WAIT_SECONDS
+            while (stop := ray.get(board.verdict.remote(task.trial_number, record.epoch))) is None \
+                    and time.monotonic() < deadline:
+                time.sleep(0.02)
+    except ray.exceptions.RayError:
+        return False  # the mailbox was lost with its node: no progress or pruning, training goes on
+    return bool(stop)
+
+
+@dataclass
+class TrialInputs:
+    """What a trial trains: its data set, and a model factory that keeps what it built."""
+
+    data: Any
+    arch: ResNetArch
+    recipe: TrainRecipe
+    built: list[torch.nn.Module]
+
+    @classmethod
+    def of(cls, task: TrialTask) -> TrialInputs:
+        dataset_kwargs = dict(task.dataset)
+        if dataset_kwargs.get("synthetic") is not None:
+            dataset_kwargs["synthetic"] = SyntheticSpec(**dataset_kwargs["synthetic"])
+        return cls(load_dataset(**dataset_kwargs), ResNetArch.from_dict(task.arch),
+                   TrainRecipe.from_dict(task.recipe), [])
+
+    def model(self) -> torch.nn.Module:
+        """The trial's model, built by train() under the trial's seed."""
+        self.built.append(build(self.arch, num_classes=self.data.num_classes,
+                                in_channels=self.data.in_channels))
+        return self.built[-1]
+
+
+def started_outcome(task: TrialTask, device: torch.device) -> dict[str, Any]:
+    """The outcome's fields known before training: where the trial runs, with what."""
+    return {"trial_number": task.trial_number, **_where(device), "versions": library_versions()}
+
+
+def finished_outcome(outcome: dict[str, Any], result: TrainResult) -> dict[str, Any]:
+    """The outcome of a run that trained to its end (completed or diverged)."""
+    outcome = {**outcome, **result.to_dict()}
+    outcome["curves"] = outcome.pop("history")  # the trial record's name (record.TrialKey)
+    outcome["status"] = "completed" if result.ok else "failed"
+    outcome["diverged"] = result.status == "diverged"
+    return outcome
+
+
+def weights_of(model: torch.nn.Module) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(model.to("cpu").state_dict(), buffer)  # with its metadata (versions)
+    return buffer.getvalue()
+
+
 def execute(task: TrialTask, board: Any | None = None) -> dict[str, Any]:
-    """Run one trial and return its outcome; `board` is a TrialBoard handle or None."""
+    """Run one trial in this process and return its outcome; `board` is a TrialBoard handle or
+    None."""
     device = torch.device("cuda" if task.use_gpu else "cpu")
-    outcome: dict[str, Any] = {"trial_number": task.trial_number, **_where(device),
-                               "versions": library_versions()}
+    outcome = started_outcome(task, device)
     epochs: list[dict[str, Any]] = []
 
     def on_epoch(record: EpochRecord) -> None:
         epochs.append(asdict(record))
-        if board is None:
-            return
-        try:
-            stop = ray.get(board.report.remote(task.trial_number, asdict(record)))
-            if task.await_pruner:
-                deadline = time.monotonic() + PRUNER_WAIT_SECONDS
-                while (stop := ray.get(board.verdict.remote(task.trial_number, record.epoch))) is None \
-                        and time.monotonic() < deadline:
-                    time.sleep(0.02)
-        except ray.exceptions.RayError:
-            return  # the mailbox was lost with its node: no progress or pruning, training goes on
-        if stop:
+        if report_epoch(task, board, record):
             raise PrunedByDriver(f"pruned after epoch {record.epoch}")
 
     try:
-        dataset_kwargs = dict(task.dataset)
-        if dataset_kwargs.get("synthetic") is not None:
-            dataset_kwargs["synthetic"] = SyntheticSpec(**dataset_kwargs["synthetic"])
-        data = load_dataset(**dataset_kwargs)
-        arch = ResNetArch.from_dict(task.arch)
-
-        built: list[torch.nn.Module] = []
-
-        def model() -> torch.nn.Module:  # built by train() under the trial's seed
-            built.append(build(arch, num_classes=data.num_classes, in_channels=data.in_channels))
-            return built[-1]
-
-        result = train(model, data, TrainRecipe.from_dict(task.recipe), seed=task.seed,
-                       device=device, threads=task.threads, on_epoch=on_epoch)
+        inputs = TrialInputs.of(task)
+        result = train(inputs.model, inputs.data, inputs.recipe, seed=task.seed, device=device,
+                       threads=task.threads, on_epoch=on_epoch)
     except PrunedByDriver as pruned:
         return {**outcome, "status": "pruned", "reason": str(pruned), "curves": epochs}
     except Exception as error:  # recorded by the driver; the study goes on
         return {**outcome, "status": "failed", "reason": f"{type(error).__name__}: {error}",
                 "traceback": traceback.format_exc(), "curves": epochs}
-
-    outcome.update(result.to_dict())
-    outcome["curves"] = outcome.pop("history")  # the trial record's name (record.TrialKey)
-    outcome["status"] = "completed" if result.ok else "failed"
-    outcome["diverged"] = result.status == "diverged"
+    outcome = finished_outcome(outcome, result)
     if task.keep_weights and result.ok:
-        buffer = io.BytesIO()
-        torch.save(built[-1].to("cpu").state_dict(), buffer)  # with its metadata (versions)
-        outcome["weights"] = buffer.getvalue()
+        outcome["weights"] = weights_of(inputs.built[-1])
     return outcome
 
 
 @ray.remote(max_retries=0)
 def run_trial(task: TrialTask, board: Any | None = None) -> dict[str, Any]:
-    """The Ray task; resources are declared where the driver launches it."""
+    """The Ray task; resources are declared where the driver launches it (none for a
+    data-parallel trial: its replicas hold them)."""
+    if task.replicas > 1:
+        from .data_parallel import execute_data_parallel  # Ray Train loads only where needed
+
+        return execute_data_parallel(task, board)
     return execute(task, board)

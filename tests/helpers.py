@@ -62,3 +62,49 @@ def postgres_binary(name: str) -> str | None:
 
     found = shutil.which(name) or sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
     return found if isinstance(found, str) else (found[-1] if found else None)
+
+
+def run_replicas(function, world: int, *args) -> list:
+    """`function(replicas, *args)` in `world` fresh processes joined in a gloo process group, as
+    the replicas of one data-parallel run; returns each replica's result, by rank. `function`
+    must be importable by name (a module's top level), as the processes are spawned."""
+    import tempfile
+
+    import torch
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(_replica_entry, args=(world, folder, function, args), nprocs=world)
+        return [torch.load(Path(folder) / f"{rank}.pt", weights_only=False)
+                for rank in range(world)]
+
+
+def _replica_entry(rank: int, world: int, folder: str, function, args: tuple) -> None:
+    import torch
+
+    from resnet_ablate.replicas import process_group
+
+    with process_group(rank, world, f"file://{folder}/group") as replicas:
+        result = function(replicas, *args)
+    torch.save(result, Path(folder) / f"{rank}.pt")
+
+
+def own_ray_processes(title: bytes) -> list[int]:
+    """Processes named `title` (b"ray::run_trial", b"ray::RayTrainWorker") of this process's own
+    local Ray: workers whose raylet this process started (their grandparent), so that another
+    test run on the machine is never touched. Linux only (reads /proc)."""
+    def parent(pid: int) -> int:
+        return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+
+    import os
+
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes().startswith(title) and \
+                        parent(parent(int(entry.name))) == os.getpid():
+                    pids.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return pids

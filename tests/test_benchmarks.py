@@ -75,3 +75,17 @@ def test_loader_benchmark_writes_loader_and_step_rates_and_their_ratio(tmp_path,
         ratio = float(row["loader_images_per_s"]) / float(row["step_images_per_s"])
         assert float(row["loader_over_step"]) == pytest.approx(ratio, rel=2e-2)
     assert "loader/step" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_data_parallel_benchmark_times_both_ways_of_running_a_trial(tmp_path, capsys):
+    bench = _load("bench_data_parallel")
+    out = tmp_path / "data_parallel.csv"
+    assert bench.main(["--depth", "8", "--epochs", "1", "--csv", str(out)]) == 0
+    one, many = list(csv.DictReader(out.open()))
+    assert (int(one["replicas"]), int(many["replicas"])) == (1, 2)
+    for row in (one, many):
+        overhead = float(row["call_seconds"]) - float(row["training_seconds"])
+        assert float(row["overhead_seconds"]) == pytest.approx(overhead, abs=0.02)
+        assert 0 <= float(row["final_test_error"]) < 0.9  # trained, not guessing (0.9)
+    assert "2 replicas vs one process" in capsys.readouterr().out

@@ -189,7 +189,7 @@ def test_gpu_trials_on_a_cluster_without_gpus_fail_before_anything_runs(ray_clus
     driver = _driver(spec, ray_cluster, postgres_url, tmp_path)
     _, stderr = driver.communicate(timeout=300)
     assert driver.returncode == 2
-    assert "resources.gpus=0.5 but the Ray cluster has no GPU" in stderr
+    assert "a trial needs 0.5 GPU(s) (resources.gpus=0.5) but the Ray cluster has 0" in stderr
     assert _trials(postgres_url, "wants-gpu") == []
 
 

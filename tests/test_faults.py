@@ -233,10 +233,14 @@ def test_a_dry_run_refuses_a_missing_data_set_as_a_run_does(tmp_path, capsys):
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
-def test_a_dry_run_refuses_gpus_on_a_machine_without_one(tmp_path, capsys):
-    raw = {**raw_spec("gpu-less", seeds=1), "resources": {"gpus": 1, "workers": 1}}
+@pytest.mark.parametrize("resources, needs", [
+    ({"gpus": 1}, "1 GPU(s) (resources.gpus=1)"),
+    ({"gpus": 4, "nodes": 2}, "8 GPU(s) (resources.gpus=4 x nodes=2)"),  # one data-parallel trial
+])
+def test_a_dry_run_refuses_gpus_on_a_machine_without_one(resources, needs, tmp_path, capsys):
+    raw = {**raw_spec("gpu-less", seeds=1), "resources": {**resources, "workers": 1}}
     err = _one_line_error(capsys, ["run", str(write_spec(tmp_path, raw)), "--dry-run"])
-    assert "resources.gpus=1 but this machine has no GPU" in err
+    assert f"a trial needs {needs} but this machine has 0" in err
 
 
 # -- lookups that name a path, and messages that read as they should

@@ -194,3 +194,26 @@ def test_training_without_augmentation_reads_the_evaluation_crops(folder):
                 for path, label in paths if "broken" not in path]
     assert skipped == 1 and labels.tolist() == [label for _, label in expected]
     torch.testing.assert_close(images, torch.stack([x for x, _ in expected]))
+
+
+def _contents(images):
+    return sorted(tuple(round(v, 4) for v in x.flatten()[:16].tolist()) for x in images)
+
+
+def test_replicas_share_each_global_batch_and_the_evaluation(folder):
+    # Two replicas with batches of 4 read what one process reads with batches of 8: the same
+    # images in the same global batches (each image's crop is its own), split between them.
+    data = load_image_folder(folder, image_size=16, loader_workers=0)
+    single = list(data.train_loader(8, 1, torch.Generator().manual_seed(0)))
+    parts = [list(data.train_loader(4, 1, torch.Generator().manual_seed(0), part=p, parts=2))
+             for p in (0, 1)]
+    assert len(parts[0]) == len(parts[1]) == len(single) == 43 // 8
+    for k, (images, labels, skipped) in enumerate(single):
+        shared = [parts[p][k] for p in (0, 1)]
+        assert _contents(torch.cat([s[0] for s in shared])) == _contents(images)
+        assert sorted(torch.cat([s[1] for s in shared]).tolist()) == sorted(labels.tolist())
+        assert sum(s[2] for s in shared) == skipped
+    whole = torch.cat([x for x, _, _ in data.test_loader(5)])
+    halves = [torch.cat([x for x, _, _ in data.test_loader(5, part=p, parts=2)]) for p in (0, 1)]
+    assert len(halves[0]) + len(halves[1]) == len(whole) == 18
+    assert _contents(torch.cat(halves)) == _contents(whole)

@@ -137,3 +137,22 @@ def test_a_study_trains_end_to_end_on_shards(shards, tmp_path):
         pixels = (pixels - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
         wrong += int(model(torch.from_numpy(pixels.transpose(2, 0, 1).copy())[None]).argmax(1).item() != label)
     assert curves[-1]["test_error"] == pytest.approx(wrong / len(val_images))
+
+
+def test_replicas_read_their_own_shards_for_the_same_number_of_steps(shards):
+    root, _ = shards
+    data = load_shards(_spec(root), image_size=24, loader_workers=0)
+    key = lambda x: tuple(round(v, 4) for v in x.flatten()[:16].tolist())  # noqa: E731
+    seen = []
+    for part in (0, 1):
+        batches = list(data.train_loader(2, 1, torch.Generator().manual_seed(0), part=part,
+                                         parts=2))
+        # One epoch's worth of global batches (25 samples // (2 x 2)) on each replica, the
+        # replica with fewer samples reading its shard again rather than stopping early.
+        assert len(batches) == data.train_size // 4
+        seen.append({key(x) for images, _, _ in batches for x in images})
+    assert not seen[0] & seen[1], "a shard is read by one replica only"
+    with pytest.raises(ValueError, match="3 training shard.*cannot feed 4 replicas"):
+        data.train_loader(2, 1, torch.Generator(), part=0, parts=4)
+    halves = [[y for _, y, _ in data.test_loader(4, part=p, parts=2)] for p in (0, 1)]
+    assert sum(len(y) for batch in halves for y in batch) == data.test_size

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import optuna
 import pytest
-import ray
 import torch
 
-from helpers import SYNTHETIC
+from helpers import SYNTHETIC, own_ray_processes
 from helpers import raw_spec as _raw_spec
 from helpers import write_spec as _write_spec
 from resnet_ablate.arch import ResNetArch
@@ -28,14 +27,6 @@ from resnet_ablate.study import RunOptions, plan_study, run_study
 
 def _trials(storage, name):
     return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def test_small_study_records_everything_with_two_workers(local_ray, tmp_path):
@@ -113,25 +104,6 @@ def test_diverging_trial_fails_with_its_reason_and_is_not_retried(local_ray, tmp
     assert trial.user_attrs["failure"].startswith("non-finite training loss at epoch 1")
 
 
-def _parent(pid: int) -> int:
-    return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
-def _trial_worker_pids() -> list[int]:
-    """Trial processes of this test's own Ray: workers whose raylet this process started (their
-    grandparent), so that another test run on the machine is never touched."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "cmdline").read_bytes().startswith(b"ray::run_trial") and \
-                        _parent(_parent(int(entry.name))) == os.getpid():
-                    pids.append(int(entry.name))
-            except (OSError, ValueError, IndexError):
-                continue
-    return pids
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds Ray workers through /proc")
 def test_killed_worker_is_recorded_and_retried(local_ray, tmp_path):
     # Trials long enough (seconds) that the kill lands mid-trial: with short ones, a worker seen
@@ -144,7 +116,7 @@ def test_killed_worker_is_recorded_and_retried(local_ray, tmp_path):
     killed = None
     deadline = time.monotonic() + 60
     while killed is None and time.monotonic() < deadline:
-        pids = _trial_worker_pids()
+        pids = own_ray_processes(b"ray::run_trial")
         if pids:
             killed = pids[0]
             os.kill(killed, signal.SIGKILL)

@@ -479,3 +479,35 @@ def test_the_plateau_schedule_decays_as_pytorchs_reduce_lr_on_plateau_would(lr):
         assert expected[-1] < lr, "a stalled loss decays the rate"
     with pytest.raises(ValueError, match="lr_at follows the step schedule"):
         recipe.lr_at(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+@pytest.mark.parametrize("changes", [{}, {"warmup": True, "warmup_max_steps": 12},
+                                     {"schedule": "plateau", "plateau_patience": 1, "plateau_threshold": 0.9}],
+                         ids=["step", "warm-up", "plateau"])
+def test_a_run_resumed_from_a_checkpoint_is_the_run_never_interrupted(changes):
+    import io
+
+    recipe = quick(epochs=4, milestones=(0.75,), **changes)
+    states = []
+
+    def keep(state):  # saved as a checkpoint is, so that later epochs cannot touch it
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        states.append(buffer.getvalue())
+
+    whole = train(tiny_cnn, synthetic(), recipe, seed=5, threads=1, on_checkpoint=keep)
+    assert len(states) == 4
+    # The lr changes after the checkpoint (and warm-up is under way at it), so that the
+    # schedule's state is put to the test.
+    assert len({r.lr for r in whole.history[1:]}) == 2
+    state = torch.load(io.BytesIO(states[0]), weights_only=False)  # after epoch 1
+    resumed = train(tiny_cnn, synthetic(), recipe, seed=5, threads=1, resume=state)
+    # The same epochs, to the last bit on a CPU: weights, optimizer, data order, augmentation
+    # draws, the schedule's and the warm-up's state all came back.
+    assert curves(resumed) == curves(whole)
+    assert resumed.warmup_steps == whole.warmup_steps
+    assert resumed.images_per_second > 0 and resumed.epochs_completed == 4

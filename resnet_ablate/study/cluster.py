@@ -99,30 +99,47 @@ def connect(spec: StudySpec, address: str | None, workers: int) -> None:
                     "token authentication, set RAY_AUTH_MODE=token with its token in "
                     "~/.ray/auth_token (or RAY_AUTH_TOKEN)") from None
         else:
-            cpus = max(1, math.ceil(workers * spec.resources.cpus))
+            cpus = max(1, math.ceil(workers * spec.resources.cpus * spec.resources.replica_count))
             # address="local": a Ray of our own, even where another one runs on this machine.
             with _loopback_only():
                 ray.init(address="local", num_cpus=cpus, include_dashboard=False,
                          logging_level="ERROR", log_to_driver=False)
-    gpus_needed = spec.resources.gpus
-    if gpus_needed > 0 and ray.cluster_resources().get("GPU", 0) < min(gpus_needed, 1):
+    gpus_needed = _gpus_per_trial(spec)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus_needed > 0 and gpus < gpus_needed:
         raise ClusterError(
-            f"{spec.source}: resources.gpus={gpus_needed} but the Ray cluster has no GPU "
-            f"(its resources: {ray.cluster_resources()}); set gpus: 0 to train on CPUs")
+            f"{spec.source}: a trial needs {gpus_needed:g} GPU(s) ({_asked(spec)}) but the Ray "
+            f"cluster has {gpus:g} (its resources: {ray.cluster_resources()}); ask for fewer, "
+            "or set gpus: 0 to train on CPUs")
+
+
+def _gpus_per_trial(spec: StudySpec) -> float:
+    """The GPUs one trial holds: a fraction or one, or one per replica of a data-parallel one."""
+    replicas = spec.resources.replica_count
+    return float(replicas) if replicas > 1 and spec.resources.gpus else min(spec.resources.gpus, 1)
+
+
+def _asked(spec: StudySpec) -> str:
+    nodes = spec.resources.nodes
+    return f"resources.gpus={spec.resources.gpus:g}" + (f" x nodes={nodes}" if nodes > 1 else "")
 
 
 def check_local_gpus(spec: StudySpec) -> None:
     """What `connect` would find of a local Ray's GPUs, without starting one (for a dry run)."""
     import torch
 
-    if spec.resources.gpus > 0 and torch.cuda.device_count() == 0:
-        raise ClusterError(f"{spec.source}: resources.gpus={spec.resources.gpus} but this machine "
-                           "has no GPU; set gpus: 0 to train on CPUs, or pass --address of a "
-                           "Ray cluster that has GPUs")
+    needed, present = _gpus_per_trial(spec), torch.cuda.device_count()
+    if needed > present:
+        raise ClusterError(f"{spec.source}: a trial needs {needed:g} GPU(s) ({_asked(spec)}) but "
+                           f"this machine has {present}; set gpus: 0 to train on CPUs, or pass "
+                           "--address of a Ray cluster that has them")
 
 
 def launch(spec: StudySpec, task: TrialTask, board: Any) -> ray.ObjectRef:
-    """Start one trial as a Ray task with the spec's resources per trial."""
+    """Start one trial as a Ray task with the spec's resources per trial. A data-parallel
+    trial's task holds none: it waits for its replicas, which hold them (data_parallel.py)."""
+    if task.replicas > 1:
+        return run_trial.options(num_cpus=0).remote(task, board)
     options: dict[str, Any] = {"num_cpus": spec.resources.cpus}
     if spec.resources.gpus:
         options["num_gpus"] = spec.resources.gpus

@@ -62,7 +62,7 @@ class DriverLoop:
     def __init__(self, spec: StudySpec, *, study: optuna.Study, recorder: TrialRecorder,
                  costs: StudyCosts, history: GridHistory, pending: list[PendingPoint],
                  to_ask: float, workers: int, deadline: float, keep_weights: bool,
-                 progress: StudyProgress, renew_lease: Callable[[], None],
+                 checkpoints: str, progress: StudyProgress, renew_lease: Callable[[], None],
                  sigterm: threading.Event) -> None:
         self.spec = spec
         self.study = study
@@ -74,6 +74,7 @@ class DriverLoop:
         self.workers = workers
         self.deadline = deadline
         self.keep_weights = keep_weights
+        self.checkpoints = checkpoints  # where data-parallel trials keep theirs
         self.progress = progress
         self.renew_lease = renew_lease
         self.sigterm = sigterm
@@ -173,6 +174,8 @@ class DriverLoop:
             threads=max(1, int(self.spec.resources.cpus) - self.spec.dataset.decoding_workers),
             use_gpu=self.spec.resources.gpus > 0,
             keep_weights=self.keep_weights, await_pruner=prunes(self.spec),
+            replicas=self.spec.resources.replica_count, cpus_per_replica=self.spec.resources.cpus,
+            checkpoints=self.checkpoints, max_restarts=self.spec.max_restarts,
         )
         ref = cluster.launch(self.spec, task, self.board)
         self.running[ref] = RunningTrial(trial, point, arch, seed)
@@ -186,7 +189,11 @@ class DriverLoop:
         by_number = {r.trial.number: r for r in self.running.values()}
         for number, records in drained.items():
             running = by_number.get(number)
-            if running is None or not records:
+            if running is None:
+                continue
+            # A data-parallel trial that resumed from a checkpoint reports its later epochs again.
+            records = [r for r in records if r["epoch"] > running.epochs_done]
+            if not records:
                 continue
             running.epochs_done = records[-1]["epoch"]
             cluster.report_to_pruner(self.spec, self.board, running.trial, records,

@@ -122,7 +122,10 @@ class StudyRunner:
                 self.spec, study=self.study, recorder=recorder, costs=self.costs, history=history,
                 pending=pending, to_ask=left, workers=self.workers,
                 deadline=started + 60 * minutes if minutes else math.inf,
-                keep_weights=self.options.keep_weights, progress=progress,
+                keep_weights=self.options.keep_weights,
+                checkpoints=self.spec.checkpoints
+                or str((folder / f"{self.spec.study}.checkpoints").resolve()),
+                progress=progress,
                 renew_lease=lease.renew, sigterm=sigterm)
             result = loop.run()
         except Exception:

@@ -1,0 +1,188 @@
+"""One trial as a data-parallel run on Ray Train: its replicas train together, and the study sees
+one trial with the same record as any other.
+
+Ray Train's TorchTrainer starts one process per replica (a GPU each, or CPUs), joins them in a
+process group (NCCL on GPUs, gloo on CPUs) and runs `_replica` in each: train.py's loop with the
+replicas of replicas.py. The leader (rank 0) reports each epoch to the driver's board and saves a
+checkpoint of the whole run after it. When a replica is lost (its process or node dies), Ray
+Train starts the group again, up to `max_restarts` times, and every replica resumes from the last
+checkpoint it registered instead of from scratch. The trial's outcome travels back with the
+leader's last report; its weights, when kept, in the last checkpoint. The checkpoints go once the
+trial has ended.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .replicas import Replicas
+from .train import EpochRecord
+from .worker import (PrunedByDriver, TrialInputs, TrialTask, finished_outcome, report_epoch,
+                     started_outcome, weights_of)
+
+_STATE = "state.pt"  # an epoch's checkpoint: the run's state (train.py) and its restarts
+_OUTCOME = "outcome.json"  # the last checkpoint: the trial's outcome
+_WEIGHTS = "weights.pt"  # and its trained weights, when kept
+
+
+class ReplicasLost(RuntimeError):
+    """The run lost replicas (processes or nodes) more often than it may restart them: raised,
+    so that the driver records the trial as lost and may try it again."""
+
+
+def execute_data_parallel(task: TrialTask, board: Any | None = None) -> dict[str, Any]:
+    """Run one trial as `task.replicas` replicas and return its outcome (worker.execute's)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    name = f"trial-{task.trial_number:05d}"
+    resources: dict[str, float] = {"CPU": task.cpus_per_replica}
+    if task.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        _replica, train_loop_config={"task": task, "board": board},
+        torch_config=TorchConfig(backend="nccl" if task.use_gpu else "gloo"),
+        # PACK: as few nodes as hold the replicas, whose gradients then cross the fewest links.
+        scaling_config=ScalingConfig(num_workers=task.replicas, use_gpu=task.use_gpu,
+                                     resources_per_worker=resources, placement_strategy="PACK"),
+        run_config=RunConfig(storage_path=task.checkpoints, name=name,
+                             failure_config=FailureConfig(max_failures=task.max_restarts),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+    )
+    try:
+        try:
+            result = trainer.fit()
+        except Exception as error:  # noqa: BLE001 - Ray Train's failures, each made one line
+            failed = _failed_in_code(task, error)
+            if failed is not None:
+                return failed
+            raise ReplicasLost(_why_lost(error, task.max_restarts)) from None
+        with result.checkpoint.as_directory() as folder:
+            outcome = json.loads((Path(folder) / _OUTCOME).read_text())
+            if (Path(folder) / _WEIGHTS).exists():
+                outcome["weights"] = (Path(folder) / _WEIGHTS).read_bytes()
+        return outcome
+    finally:
+        _remove(task.checkpoints, name)
+
+
+def _failed_in_code(task: TrialTask, error: Exception) -> dict[str, Any] | None:
+    """The failed outcome of a run whose replicas raised in the trial's code (an error, not a
+    lost process: Ray Train restarted it all the same), else None."""
+    from ray.exceptions import RayError
+
+    failures = getattr(error, "worker_failures", None) or {}
+    raised = sorted((rank, f) for rank, f in failures.items() if not isinstance(f, RayError))
+    if not raised:
+        return None
+    rank, failure = raised[0]
+    return {"trial_number": task.trial_number, "status": "failed",
+            "reason": f"{type(failure).__name__}: {failure} (replica {rank}, after "
+                      f"{task.max_restarts} restart(s) of the data-parallel run)",
+            "traceback": "".join(traceback.format_exception(failure))}
+
+
+def _why_lost(error: Exception, max_restarts: int) -> str:
+    failures = getattr(error, "worker_failures", None) or {}
+    for rank, failure in sorted(failures.items()):
+        first = (str(failure).strip().splitlines() or [type(failure).__name__])[0]
+        return f"replica {rank} lost {max_restarts + 1} time(s): {first}"
+    first = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+    return f"the data-parallel run lost its replicas {max_restarts + 1} time(s): {first}"
+
+
+def _remove(storage: str | None, name: str) -> None:
+    """Delete a finished trial's checkpoints (a local folder, or under a URI)."""
+    if storage is None:
+        return
+    if "://" not in storage:
+        shutil.rmtree(Path(storage) / name, ignore_errors=True)
+        return
+    import pyarrow.fs
+
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(storage)
+    try:
+        filesystem.delete_dir(f"{root.rstrip('/')}/{name}")
+    except OSError:
+        pass  # already gone, or not ours to delete: the outcome is what matters
+
+
+def _replica(config: dict[str, Any]) -> None:
+    """One replica's part of the run (in a Ray Train worker, inside its process group)."""
+    from ray.train import Checkpoint, get_checkpoint, report
+    from ray.train.torch import get_device
+
+    from .train import train
+
+    task: TrialTask = config["task"]
+    board = config["board"]
+    replicas = Replicas.of_process_group()
+    device = get_device() if task.use_gpu else torch.device("cpu")
+    outcome = started_outcome(task, device)
+    resume, resumed_after = None, []
+    checkpoint = get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            saved = torch.load(Path(folder) / _STATE, weights_only=False)
+        resume = saved["train"]
+        resumed_after = [*saved["resumed_after"], len(resume["history"])]
+    epochs: list[dict[str, Any]] = [] if resume is None else list(resume["history"])
+
+    def on_epoch(record: EpochRecord) -> None:
+        from dataclasses import asdict
+
+        epochs.append(asdict(record))
+        stop = report_epoch(task, board, record) if replicas.leader else False
+        if replicas.agree(stop):
+            raise PrunedByDriver(f"pruned after epoch {record.epoch}")
+
+    def on_checkpoint(state: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            if replicas.leader:
+                torch.save({"train": state, "resumed_after": resumed_after},
+                           Path(folder) / _STATE)
+            report({"epoch": len(state["history"])},
+                   checkpoint=Checkpoint.from_directory(folder) if replicas.leader else None)
+
+    inputs = TrialInputs.of(task)
+    outcome["data_parallel"] = {"replicas": replicas.world, "backend": _backend(),
+                                "sync_bn": inputs.recipe.sync_bn,
+                                "resumed_after_epochs": resumed_after}
+    try:
+        result = train(inputs.model, inputs.data, inputs.recipe, seed=task.seed, device=device,
+                       threads=task.threads, on_epoch=on_epoch, replicas=replicas,
+                       on_checkpoint=on_checkpoint, resume=resume)
+    except PrunedByDriver as pruned:
+        outcome.update(status="pruned", reason=str(pruned), curves=epochs)
+        _report_outcome(replicas, outcome, None)
+        return
+    outcome = finished_outcome(outcome, result)
+    weights = weights_of(inputs.built[-1]) if task.keep_weights and result.ok else None
+    _report_outcome(replicas, outcome, weights)
+
+
+def _report_outcome(replicas: Replicas, outcome: dict[str, Any], weights: bytes | None) -> None:
+    """The leader's last checkpoint holds the trial's outcome and its weights; every replica
+    reports, as Ray Train wants."""
+    from ray.train import Checkpoint, report
+
+    with tempfile.TemporaryDirectory() as folder:
+        if replicas.leader:
+            (Path(folder) / _OUTCOME).write_text(json.dumps(outcome))
+            if weights is not None:
+                (Path(folder) / _WEIGHTS).write_bytes(weights)
+        report({"epoch": len(outcome.get("curves", []))},
+               checkpoint=Checkpoint.from_directory(folder) if replicas.leader else None)
+
+
+def _backend() -> str:
+    import torch.distributed as dist
+
+    return str(dist.get_backend())

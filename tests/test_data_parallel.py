@@ -1,0 +1,257 @@
+"""Data-parallel trials: replicas that compute what one process computes, and a study that runs a
+trial as a data-parallel run on Ray Train with the same record, resuming a lost replica from its
+checkpoint. Replicas here are CPU processes joined by gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import replace
+
+import optuna
+import pytest
+import torch
+from torch import nn
+
+from helpers import SYNTHETIC, own_ray_processes, run_replicas
+from resnet_ablate.arch import ResNetArch
+from resnet_ablate.data import SyntheticSpec, load_dataset
+from resnet_ablate.models import build
+from resnet_ablate.recipe import TrainRecipe
+from resnet_ablate.replicas import SyncedBatchNorm2d
+from resnet_ablate.spec import SpecError, parse_spec
+from resnet_ablate.study import RunOptions, run_study
+from resnet_ablate.train import evaluate, train
+
+# -- the replicas of one run, in spawned processes (no Ray)
+
+
+def _synced_batch_norm(replicas, inputs, weights):
+    """This replica's half of the batch through a SyncedBatchNorm2d; output and gradients."""
+    torch.manual_seed(0)
+    bn = SyncedBatchNorm2d(inputs.shape[1], momentum=0.3)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    share = replicas.positions(inputs.shape[0])
+    x = inputs[share].clone().requires_grad_()
+    out = bn(x)
+    (out * weights[share]).sum().backward()
+    return out.detach(), x.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var
+
+
+def test_synced_batch_norm_is_batch_norm_over_the_global_batch():
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(7, 3, 5, 4, generator=generator) * 3 + 2  # 4 + 3 images: uneven halves
+    weights = torch.randn(7, 3, 5, 4, generator=generator)
+    results = run_replicas(_synced_batch_norm, 2, inputs, weights)
+
+    torch.manual_seed(0)
+    reference = nn.BatchNorm2d(3, momentum=0.3)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5)
+        reference.bias.uniform_(-0.5, 0.5)
+    x = inputs.clone().requires_grad_()
+    out = reference(x)
+    (out * weights).sum().backward()
+    for rank, (replica_out, grad, _, _, mean, var) in enumerate(results):
+        share = slice(rank, None, 2)
+        torch.testing.assert_close(replica_out, out.detach()[share], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grad, x.grad[share], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mean, reference.running_mean)
+        torch.testing.assert_close(var, reference.running_var)
+    # Each replica holds its part of the parameters' gradient; DDP sums (averages) them.
+    torch.testing.assert_close(results[0][2] + results[1][2], reference.weight.grad,
+                               atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(results[0][3] + results[1][3], reference.bias.grad,
+                               atol=1e-4, rtol=1e-5)
+
+
+def _synthetic(train_size):
+    return load_dataset("synthetic", synthetic=SyntheticSpec(**{**SYNTHETIC,
+                                                                "train_size": train_size}))
+
+
+def _train_small(replicas, train_size, recipe):
+    data = _synthetic(train_size)
+    built = []
+
+    def model():
+        built.append(build(ResNetArch(family="cifar", depth=8), num_classes=data.num_classes,
+                           in_channels=data.in_channels))
+        return built[-1]
+
+    result = train(model, data, recipe, seed=3, threads=1, replicas=replicas)
+    return result, built[-1].state_dict()
+
+
+@pytest.mark.parametrize("train_size", [32, 37], ids=["one-step", "uneven-last-batch"])
+def test_synchronised_replicas_take_the_steps_of_one_process(train_size):
+    # 37 images in batches of 32: a second step of 5 images, 3 on one replica and 2 on the
+    # other, whose losses are reweighted so that the averaged gradient is the batch's.
+    recipe = TrainRecipe(epochs=1, batch_size=32, sync_bn=True, precision="fp32")
+    single, single_state = _train_small(None, train_size, recipe)
+    replicas = run_replicas(_train_small, 2, train_size, recipe)
+    for result, state in replicas:
+        for name, value in single_state.items():
+            torch.testing.assert_close(state[name].float(), value.float(), atol=1e-5, rtol=1e-5,
+                                       msg=name)
+        (one,), (parallel,) = single.history, result.history
+        assert parallel.train_loss == pytest.approx(one.train_loss, rel=1e-5)
+        assert parallel.train_error == one.train_error
+        # Each replica evaluated half the test images; the record is of all of them.
+        assert parallel.test_loss == pytest.approx(one.test_loss, rel=1e-5)
+        assert parallel.test_error == one.test_error
+        # Every replica records the same run (each its own seconds).
+        assert [replace(r, seconds=0) for r in result.history] == \
+            [replace(r, seconds=0) for r in replicas[0][0].history]
+
+
+def test_replicas_with_their_own_batch_statistics_train_like_one_process():
+    # The paper's multi-GPU BatchNorm: each replica normalises its half of the batch by itself,
+    # which moves the numbers a little, not what is learnt.
+    recipe = TrainRecipe(epochs=4, batch_size=32, precision="fp32")
+    single, _ = _train_small(None, 128, recipe)
+    (result, state), (_, other_state) = run_replicas(_train_small, 2, 128, recipe)
+    for name in state:  # the running statistics were averaged: one model on both replicas
+        torch.testing.assert_close(state[name], other_state[name])
+    assert result.history[0].train_loss == pytest.approx(single.history[0].train_loss, rel=0.05)
+    assert result.history[-1].train_loss < 0.5 * result.history[0].train_loss
+
+
+# -- the spec
+
+
+def _spec(**resources):
+    return {"study": "dp", "space": {"depth": [8]}, "model": {"family": "cifar"},
+            "resources": resources, "train": {"batch_size": 64}}
+
+
+@pytest.mark.parametrize("resources, train, message", [
+    ({"gpus": 0, "nodes": 2}, {}, "resources.nodes"),
+    ({"gpus": 2, "replicas": 2}, {}, "leave replicas out"),
+    ({"replicas": 0}, {}, "resources.replicas"),
+    ({"replicas": 3}, {}, "multiple of 3"),
+    ({"replicas": 2}, {"compile": True}, "one-process trials"),
+    ({"replicas": 1}, {"sync_bn": True}, "train.sync_bn"),
+    ({}, {"sync_bn": True}, "single process"),
+])
+def test_a_data_parallel_spec_names_what_is_wrong(resources, train, message):
+    raw = _spec(**resources)
+    raw["train"].update(train)
+    with pytest.raises(SpecError, match=message):
+        parse_spec(raw)
+
+
+def test_a_data_parallel_spec_counts_its_replicas():
+    assert parse_spec(_spec(gpus=4, nodes=2)).resources.replica_count == 8
+    assert parse_spec(_spec(gpus=8)).resources.replica_count == 8
+    assert parse_spec(_spec(replicas=2)).resources.replica_count == 2
+    assert parse_spec(_spec(gpus=0.5)).resources.replica_count == 1
+
+
+# -- trials on Ray Train
+
+
+def _study_spec(name, epochs):
+    return {"study": name, "dataset": "digits", "model": {"family": "cifar", "depth": 8},
+            "space": {"shortcut": ["A"]}, "seeds": 1,
+            "train": {"epochs": epochs, "batch_size": 64, "lr": 0.05, "precision": "fp32",
+                      "sync_bn": True},
+            "resources": {"cpus": 1, "replicas": 2, "workers": 1}, "max_restarts": 1}
+
+
+def _only_trial(tmp_path, name):
+    (trial,) = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / name}.db"
+                                 ).get_trials(deepcopy=False)
+    return trial
+
+
+def _train_digits(replicas, arch, recipe):
+    data = load_dataset("digits")
+    return train(lambda: build(ResNetArch.from_dict(arch), num_classes=10, in_channels=1), data,
+                 TrainRecipe.from_dict(recipe), seed=0, threads=1, replicas=replicas)
+
+
+def _same_curves(recorded, reference):
+    assert [r["epoch"] for r in recorded] == [r.epoch for r in reference.history]
+    for record, expected in zip(recorded, reference.history):
+        for key in ("train_loss", "train_error", "test_loss", "test_error", "lr"):
+            assert record[key] == pytest.approx(getattr(expected, key), rel=1e-6, abs=1e-9), key
+
+
+@pytest.mark.slow
+def test_a_data_parallel_trial_is_recorded_like_any_trial(local_ray, tmp_path):
+    spec = parse_spec(_study_spec("dp-record", epochs=3))
+    summary = run_study(spec, RunOptions(runs_dir=tmp_path, progress=False))
+    assert (summary.completed, summary.failed) == (1, 0)
+    trial = _only_trial(tmp_path, "dp-record")
+    attrs = trial.user_attrs
+    assert attrs["data_parallel"] == {"replicas": 2, "backend": "gloo", "sync_bn": True,
+                                      "resumed_after_epochs": []}
+    one_process = parse_spec({**_study_spec("one-process", epochs=1),
+                              "resources": {"cpus": 1, "workers": 1},
+                              "train": {"epochs": 1, "batch_size": 64}})
+    run_study(one_process, RunOptions(runs_dir=tmp_path, progress=False))
+    assert set(_only_trial(tmp_path, "one-process").user_attrs) | {"data_parallel"} == set(attrs)
+    assert trial.value == pytest.approx(attrs["curves"][-1]["test_error"])
+    from resnet_ablate.results import load
+
+    (row,) = load("dp-record", runs_dir=tmp_path).trials.itertuples()
+    assert row.device.endswith(" x2") and row.state == "COMPLETE"
+    assert not (tmp_path / "dp-record.checkpoints" / "trial-00000").exists()  # cleaned up
+
+    # The trial is the run its replicas make outside Ray, and close to one process's run.
+    reference, _ = run_replicas(_train_digits, 2, attrs["arch"], attrs["recipe"])
+    _same_curves(attrs["curves"], reference)
+    single = _train_digits(None, attrs["arch"], attrs["recipe"])
+    assert attrs["curves"][0]["train_loss"] == pytest.approx(single.history[0].train_loss,
+                                                             rel=1e-3)
+    # Its kept weights are the model whose error was recorded.
+    model = build(ResNetArch.from_dict(attrs["arch"]), num_classes=10, in_channels=1)
+    model.load_state_dict(torch.load(tmp_path / attrs["weights"]))
+    data = load_dataset("digits")
+    _, error = evaluate(model, data.test_x, data.test_y)
+    assert error == pytest.approx(attrs["curves"][-1]["test_error"], abs=1e-9)
+
+
+def _registered_checkpoints(run_folder):
+    """Checkpoints Ray Train has registered for a run (its manager's snapshot)."""
+    try:
+        snapshot = json.loads((run_folder / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    return len(snapshot.get("checkpoint_results", []))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds replicas through /proc")
+def test_a_killed_replica_resumes_the_trial_from_its_last_checkpoint(local_ray, tmp_path):
+    spec = parse_spec(_study_spec("dp-killed", epochs=6))
+    result = {}
+    driver = threading.Thread(target=lambda: result.update(
+        summary=run_study(spec, RunOptions(runs_dir=tmp_path, progress=False))))
+    driver.start()
+    run_folder = tmp_path / "dp-killed.checkpoints" / "trial-00000"
+    killed = None
+    deadline = time.monotonic() + 120
+    while killed is None and time.monotonic() < deadline and driver.is_alive():
+        pids = own_ray_processes(b"ray::RayTrainWorker")
+        if _registered_checkpoints(run_folder) >= 1 and len(pids) == 2:
+            killed = pids[1]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    driver.join(timeout=300)
+    assert killed is not None, "no replica was seen after a checkpoint"
+    assert (result["summary"].completed, result["summary"].failed) == (1, 0)
+    attrs = _only_trial(tmp_path, "dp-killed").user_attrs
+    (resumed_after,) = attrs["data_parallel"]["resumed_after_epochs"]
+    assert 1 <= resumed_after < 6
+    # Resumed, not restarted: the trial's six epochs are those of a run that was never
+    # interrupted (on CPUs, to the last bit).
+    reference, _ = run_replicas(_train_digits, 2, attrs["arch"], attrs["recipe"])
+    _same_curves(attrs["curves"], reference)

@@ -17,6 +17,7 @@ import json
 import shutil
 import tempfile
 import traceback
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,10 @@ def execute_data_parallel(task: TrialTask, board: Any | None = None) -> dict[str
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    name = f"trial-{task.trial_number:05d}"
+    # Ray Train resumes a run whose name it finds in the storage: a name of this call alone, so
+    # that a folder left by a killed driver or a deleted study is never taken for this trial's.
+    name = f"trial-{task.trial_number:05d}-{uuid.uuid4().hex[:8]}"
+    storage = task.checkpoints or tempfile.mkdtemp(prefix="resnet-ablate-checkpoints-")
     resources: dict[str, float] = {"CPU": task.cpus_per_replica}
     if task.use_gpu:
         resources["GPU"] = 1
@@ -52,7 +56,7 @@ def execute_data_parallel(task: TrialTask, board: Any | None = None) -> dict[str
         # PACK: as few nodes as hold the replicas, whose gradients then cross the fewest links.
         scaling_config=ScalingConfig(num_workers=task.replicas, use_gpu=task.use_gpu,
                                      resources_per_worker=resources, placement_strategy="PACK"),
-        run_config=RunConfig(storage_path=task.checkpoints, name=name,
+        run_config=RunConfig(storage_path=storage, name=name,
                              failure_config=FailureConfig(max_failures=task.max_restarts),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
@@ -70,7 +74,9 @@ def execute_data_parallel(task: TrialTask, board: Any | None = None) -> dict[str
                 outcome["weights"] = (Path(folder) / _WEIGHTS).read_bytes()
         return outcome
     finally:
-        _remove(task.checkpoints, name)
+        _remove(storage, name)
+        if task.checkpoints is None:
+            shutil.rmtree(storage, ignore_errors=True)
 
 
 def _failed_in_code(task: TrialTask, error: Exception) -> dict[str, Any] | None:
@@ -98,10 +104,8 @@ def _why_lost(error: Exception, max_restarts: int) -> str:
     return f"the data-parallel run lost its replicas {max_restarts + 1} time(s): {first}"
 
 
-def _remove(storage: str | None, name: str) -> None:
+def _remove(storage: str, name: str) -> None:
     """Delete a finished trial's checkpoints (a local folder, or under a URI)."""
-    if storage is None:
-        return
     if "://" not in storage:
         shutil.rmtree(Path(storage) / name, ignore_errors=True)
         return
@@ -130,6 +134,8 @@ def _replica(config: dict[str, Any]) -> None:
     checkpoint = get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
+            if (Path(folder) / _OUTCOME).exists():
+                return  # restarted after its last report: the run is over, its outcome kept
             saved = torch.load(Path(folder) / _STATE, weights_only=False)
         resume = saved["train"]
         resumed_after = [*saved["resumed_after"], len(resume["history"])]

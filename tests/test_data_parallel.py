@@ -203,7 +203,7 @@ def test_a_data_parallel_trial_is_recorded_like_any_trial(local_ray, tmp_path):
 
     (row,) = load("dp-record", runs_dir=tmp_path).trials.itertuples()
     assert row.device.endswith(" x2") and row.state == "COMPLETE"
-    assert not (tmp_path / "dp-record.checkpoints" / "trial-00000").exists()  # cleaned up
+    assert not list((tmp_path / "dp-record.checkpoints").glob("trial-00000*"))  # cleaned up
 
     # The trial is the run its replicas make outside Ray, and close to one process's run.
     reference, _ = run_replicas(_train_digits, 2, attrs["arch"], attrs["recipe"])
@@ -219,13 +219,13 @@ def test_a_data_parallel_trial_is_recorded_like_any_trial(local_ray, tmp_path):
     assert error == pytest.approx(attrs["curves"][-1]["test_error"], abs=1e-9)
 
 
-def _registered_checkpoints(run_folder):
-    """Checkpoints Ray Train has registered for a run (its manager's snapshot)."""
+def _registered_checkpoints(storage):
+    """Checkpoints Ray Train has registered for the first trial's run (its manager's snapshot)."""
     try:
-        snapshot = json.loads((run_folder / "checkpoint_manager_snapshot.json").read_text())
+        (snapshot,) = storage.glob("trial-00000-*/checkpoint_manager_snapshot.json")
+        return len(json.loads(snapshot.read_text()).get("checkpoint_results", []))
     except (OSError, ValueError):
         return 0
-    return len(snapshot.get("checkpoint_results", []))
 
 
 @pytest.mark.slow
@@ -236,12 +236,12 @@ def test_a_killed_replica_resumes_the_trial_from_its_last_checkpoint(local_ray, 
     driver = threading.Thread(target=lambda: result.update(
         summary=run_study(spec, RunOptions(runs_dir=tmp_path, progress=False))))
     driver.start()
-    run_folder = tmp_path / "dp-killed.checkpoints" / "trial-00000"
+    storage = tmp_path / "dp-killed.checkpoints"
     killed = None
     deadline = time.monotonic() + 120
     while killed is None and time.monotonic() < deadline and driver.is_alive():
         pids = own_ray_processes(b"ray::RayTrainWorker")
-        if _registered_checkpoints(run_folder) >= 1 and len(pids) == 2:
+        if _registered_checkpoints(storage) >= 1 and len(pids) == 2:
             killed = pids[1]
             os.kill(killed, signal.SIGKILL)
         time.sleep(0.05)
@@ -255,3 +255,27 @@ def test_a_killed_replica_resumes_the_trial_from_its_last_checkpoint(local_ray, 
     # interrupted (on CPUs, to the last bit).
     reference, _ = run_replicas(_train_digits, 2, attrs["arch"], attrs["recipe"])
     _same_curves(attrs["curves"], reference)
+
+
+def test_an_error_in_a_replica_fails_the_trial_and_a_lost_replica_is_a_lost_worker():
+    from ray.exceptions import ActorDiedError
+    from ray.train import ControllerError, WorkerGroupError
+
+    from resnet_ablate.data_parallel import _failed_in_code, _why_lost
+    from resnet_ablate.worker import TrialTask
+
+    task = TrialTask(trial_number=7, arch={}, seed=0, dataset={}, recipe={}, threads=1,
+                     use_gpu=False, keep_weights=False, replicas=2, max_restarts=2)
+    raised = WorkerGroupError("rank 1 raised", {1: ValueError("shapes do not match")})
+    outcome = _failed_in_code(task, raised)
+    assert outcome["status"] == "failed" and outcome["trial_number"] == 7
+    assert outcome["reason"] == ("ValueError: shapes do not match (replica 1, after 2 restart(s) "
+                                 "of the data-parallel run)")
+    # A lost process is no error of the trial's: raised, so the driver retries the trial.
+    died = WorkerGroupError("rank 0 died", {0: ActorDiedError()})
+    assert _failed_in_code(task, died) is None
+    assert _why_lost(died, 2).startswith("replica 0 lost 3 time(s): ")
+    controller = ControllerError(RuntimeError("health check failed"))
+    assert _failed_in_code(task, controller) is None
+    assert _why_lost(controller, 0) == ("the data-parallel run lost its replicas 1 time(s): "
+                                        "health check failed")

@@ -343,3 +343,27 @@ def test_drivers_creating_a_new_postgresql_store_at_once_all_connect(postgres_ur
         connection.execute("CREATE DATABASE fresh_race")
     outcomes = _start_together(CONNECTER, f"{server}/fresh_race", go=tmp_path / "go", count=4)
     assert outcomes == ["connected"] * 4
+
+
+def test_a_stop_signal_is_noted_where_it_lands_and_acted_on_by_the_loop():
+    # A Ctrl-C used to raise wherever it landed; in the middle of an import (the driver's first
+    # FLOPs count imports half of torch) it came out as a TypeError and a crashed driver.
+    import signal
+
+    from resnet_ablate.study.signals import StopRequested, stop_on_signals
+
+    with stop_on_signals() as heard:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # delivered here, raising nothing
+        assert heard.heard == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            heard.raise_if_heard()
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C interrupts at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    with stop_on_signals() as heard:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        with pytest.raises(StopRequested):
+            heard.raise_if_heard()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back

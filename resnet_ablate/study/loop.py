@@ -12,7 +12,6 @@ Faults, and what this loop makes of them:
 from __future__ import annotations
 
 import math
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from . import cluster
 from .costs import StudyCosts
 from .grid import GridHistory, PendingPoint
 from .recorder import TrialRecorder
-from .signals import StopRequested, signals_held
+from .signals import StopRequested, StopSignals, signals_held
 from .space import decode_params, prunes
 
 POLL_SECONDS = 0.1  # a short wait keeps pruning decisions and the display close to the workers
@@ -63,7 +62,7 @@ class DriverLoop:
                  costs: StudyCosts, history: GridHistory, pending: list[PendingPoint],
                  to_ask: float, workers: int, deadline: float, keep_weights: bool,
                  checkpoints: str, progress: StudyProgress, renew_lease: Callable[[], None],
-                 sigterm: threading.Event) -> None:
+                 stop_signals: StopSignals) -> None:
         self.spec = spec
         self.study = study
         self.recorder = recorder
@@ -77,7 +76,7 @@ class DriverLoop:
         self.checkpoints = checkpoints  # where data-parallel trials keep theirs
         self.progress = progress
         self.renew_lease = renew_lease
-        self.sigterm = sigterm
+        self.stop_signals = stop_signals
         self.running: dict[ray.ObjectRef, RunningTrial] = {}
         self.counts: Counter[str] = Counter()
         self.durations: list[float] = []
@@ -91,8 +90,7 @@ class DriverLoop:
         interrupted = ""
         try:
             while True:
-                if self.sigterm.is_set():
-                    raise StopRequested("SIGTERM")
+                self.stop_signals.raise_if_heard()
                 self.fill()
                 if not self.running:
                     if not self.pending or time.monotonic() >= self.deadline:

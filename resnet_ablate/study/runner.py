@@ -4,7 +4,6 @@ history, the loop), for `resnet-ablate run` and for Python."""
 from __future__ import annotations
 
 import math
-import threading
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -22,7 +21,7 @@ from .costs import StudyCosts
 from .grid import GridHistory, PendingPoint, PlannedTrial
 from .loop import DriverLoop, failures
 from .recorder import TrialRecorder
-from .signals import stop_on_sigterm
+from .signals import StopSignals, stop_on_signals
 from .store import DriverLease, check_store_folder, open_study, prepare_store_folder
 
 
@@ -99,10 +98,10 @@ class StudyRunner:
         self.study  # opened (or created) and checked to be this spec's study
         cluster.connect(self.spec, self.options.address, self.workers)
         # After ray.init, which installs a SIGTERM handler of its own that just exits.
-        with stop_on_sigterm() as sigterm, store_faults(self.storage):
-            return self._run(started, sigterm)
+        with stop_on_signals() as stop_signals, store_faults(self.storage):
+            return self._run(started, stop_signals)
 
-    def _run(self, started: float, sigterm: threading.Event) -> RunSummary:
+    def _run(self, started: float, stop_signals: StopSignals) -> RunSummary:
         lease = DriverLease(self.study, self.storage)
         lease.acquire()  # before touching trials: another live driver's are not interrupted
         try:
@@ -126,7 +125,7 @@ class StudyRunner:
                 checkpoints=self.spec.checkpoints
                 or str((folder / f"{self.spec.study}.checkpoints").resolve()),
                 progress=progress,
-                renew_lease=lease.renew, sigterm=sigterm)
+                renew_lease=lease.renew, stop_signals=stop_signals)
             result = loop.run()
         except Exception:
             lease.check_same_file()  # the reason behind a database error, where the file went away

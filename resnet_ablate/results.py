@@ -47,9 +47,10 @@ TRIAL_COLUMNS = ("number", "state", "arch_name", *ARCH_COLUMNS, "seed", "params"
                  "test_accuracy", "test_error", "best_test_error", "test_top5_error",
                  "train_error", "epochs",
                  "wall_seconds", "images_per_second", "precision", "memory_format", "device",
-                 "failure_kind", "failure",
+                 "replicas", "restarts", "failure_kind", "failure",
                  "arch_digest", "weights")
-_INT_COLUMNS = ("number", "depth", "base_width", "seed", "params", "flops", "epochs")
+_INT_COLUMNS = ("number", "depth", "base_width", "seed", "params", "flops", "epochs", "replicas",
+                "restarts")
 STATES = ("COMPLETE", "RUNNING", "FAIL", "PRUNED", "WAITING")
 
 
@@ -136,6 +137,7 @@ def _trial_row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     attrs = trial.user_attrs
     arch = attrs.get(TrialKey.ARCH) or {}
     execution = attrs.get(TrialKey.EXECUTION) or {}
+    parallel = attrs.get(TrialKey.DATA_PARALLEL) or {}
     metrics = metric_values(attrs)
     return {
         "number": trial.number, "state": trial.state.name,
@@ -147,18 +149,14 @@ def _trial_row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
         "epochs": attrs.get(TrialKey.EPOCHS_COMPLETED),
         "wall_seconds": metrics["wall_seconds"], "images_per_second": metrics["images_per_second"],
         "precision": execution.get("precision"), "memory_format": execution.get("memory_format"),
-        "device": _device(attrs),
+        "device": attrs.get(TrialKey.DEVICE),
+        # Data-parallel trials: how many processes trained it, how often it resumed after a loss.
+        "replicas": parallel.get("replicas", 1),
+        "restarts": len(parallel.get("resumed_after_epochs", [])),
         "failure_kind": attrs.get(TrialKey.FAILURE_KIND),
         "failure": attrs.get(TrialKey.FAILURE) or attrs.get(TrialKey.PRUNED),
         "arch_digest": attrs.get(TrialKey.ARCH_DIGEST), "weights": attrs.get(TrialKey.WEIGHTS),
     }
-
-
-def _device(attrs: dict[str, Any]) -> str | None:
-    """Where a trial trained: "cuda: NVIDIA H100 x8" for one of 8 data-parallel replicas."""
-    device = attrs.get(TrialKey.DEVICE)
-    replicas = (attrs.get(TrialKey.DATA_PARALLEL) or {}).get("replicas", 1)
-    return f"{device} x{replicas}" if device and replicas > 1 else device
 
 
 def _trials_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:

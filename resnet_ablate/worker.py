@@ -23,7 +23,7 @@ import ray
 import torch
 
 from .arch import ResNetArch
-from .data import SyntheticSpec, load_dataset
+from .data import DataBundle, Streamed, SyntheticSpec, load_dataset
 from .models import build
 from .recipe import TrainRecipe
 from .train import EpochRecord, TrainResult, train
@@ -140,7 +140,7 @@ def report_epoch(task: TrialTask, board: Any | None, record: EpochRecord) -> boo
 class TrialInputs:
     """What a trial trains: its data set, and a model factory that keeps what it built."""
 
-    data: Any
+    data: DataBundle | Streamed
     arch: ResNetArch
     recipe: TrainRecipe
     built: list[torch.nn.Module]

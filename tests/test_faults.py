@@ -237,10 +237,13 @@ def test_a_dry_run_refuses_a_missing_data_set_as_a_run_does(tmp_path, capsys):
     ({"gpus": 1}, "1 GPU(s) (resources.gpus=1)"),
     ({"gpus": 4, "nodes": 2}, "8 GPU(s) (resources.gpus=4 x nodes=2)"),  # one data-parallel trial
 ])
-def test_a_dry_run_refuses_gpus_on_a_machine_without_one(resources, needs, tmp_path, capsys):
+def test_gpus_are_refused_on_a_machine_without_one(resources, needs, tmp_path, capsys):
     raw = {**raw_spec("gpu-less", seeds=1), "resources": {**resources, "workers": 1}}
-    err = _one_line_error(capsys, ["run", str(write_spec(tmp_path, raw)), "--dry-run"])
-    assert f"a trial needs {needs} but this machine has 0" in err
+    for extra in (["--dry-run"], ["--quiet"]):
+        err = _one_line_error(capsys, ["run", str(write_spec(tmp_path, raw)), "--runs-dir",
+                                       str(tmp_path), *extra])
+        assert f"a trial needs {needs} but this machine has 0" in err
+    assert not list(tmp_path.glob("*.db")), "no study was made"
 
 
 # -- lookups that name a path, and messages that read as they should

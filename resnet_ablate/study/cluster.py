@@ -109,8 +109,7 @@ def connect(spec: StudySpec, address: str | None, workers: int) -> None:
     if gpus_needed > 0 and gpus < gpus_needed:
         raise ClusterError(
             f"{spec.source}: a trial needs {gpus_needed:g} GPU(s) ({_asked(spec)}) but the Ray "
-            f"cluster has {gpus:g} (its resources: {ray.cluster_resources()}); ask for fewer, "
-            "or set gpus: 0 to train on CPUs")
+            f"cluster has {gpus:g}; ask for fewer, or set gpus: 0 to train on CPUs")
 
 
 def _gpus_per_trial(spec: StudySpec) -> float:

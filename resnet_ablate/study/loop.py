@@ -137,7 +137,8 @@ class DriverLoop:
     def show_progress(self) -> None:
         left = 0 if self.to_ask == math.inf else int(self.to_ask)
         mean = sum(self.durations) / len(self.durations) if self.durations else None
-        epochs = ", ".join(str(r.epochs_done) for r in self.running.values())
+        epochs = ", ".join(f"{r.epochs_done}/{self.spec.recipe_for(r.arch).epochs}"
+                           for r in self.running.values())
         self.progress.update(
             done=self.counts["completed"], running=len(self.running), failed=failures(self.counts),
             remaining=left, best=self.best,

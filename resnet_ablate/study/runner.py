@@ -3,6 +3,7 @@ history, the loop), for `resnet-ablate run` and for Python."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import Counter
@@ -95,6 +96,8 @@ class StudyRunner:
         self.costs.check_dataset()
         if self.options.address:
             cluster.check_address(self.options.address)
+        else:
+            cluster.check_local_gpus(self.spec)
         self.study  # opened (or created) and checked to be this spec's study
         cluster.connect(self.spec, self.options.address, self.workers)
         # After ray.init, which installs a SIGTERM handler of its own that just exits.
@@ -127,6 +130,9 @@ class StudyRunner:
                 progress=progress,
                 renew_lease=lease.renew, stop_signals=stop_signals)
             result = loop.run()
+            if not self.spec.checkpoints:  # the default folder, left empty by finished trials
+                with contextlib.suppress(OSError):
+                    (folder / f"{self.spec.study}.checkpoints").rmdir()
         except Exception:
             lease.check_same_file()  # the reason behind a database error, where the file went away
             raise

@@ -36,7 +36,7 @@ step() {  # step NAME TIMEOUT COMMAND...: run with a time limit, log to $out/NAM
 }
 
 # From another folder, so that the installed package, not the source tree, is imported.
-step tests 120 bash -c "cd /tmp && $python -m pytest -q -x -p no:cacheprovider -m gpu \
+step tests 150 bash -c "cd /tmp && $python -m pytest -q -x -p no:cacheprovider -m gpu \
     --rootdir '$repo' -c '$repo/pyproject.toml' \
     '$repo/tests/test_kernels.py' '$repo/tests/test_train.py' '$repo/tests/test_models.py'"
 # Each benchmark appends its rows as it goes, so a step cut short keeps what it measured.

@@ -511,3 +511,25 @@ def test_a_run_resumed_from_a_checkpoint_is_the_run_never_interrupted(changes):
     assert curves(resumed) == curves(whole)
     assert resumed.warmup_steps == whole.warmup_steps
     assert resumed.images_per_second > 0 and resumed.epochs_completed == 4
+
+
+def _train_resnet8_on_cuda(replicas, recipe):
+    from resnet_ablate.arch import ResNetArch
+
+    return train(lambda: build_model(ResNetArch(family="cifar", depth=8), num_classes=4,
+                                     in_channels=1), synthetic(), recipe, seed=0, device="cuda",
+                 replicas=replicas).history
+
+
+@pytest.mark.gpu
+def test_replicas_on_a_gpu_train_like_one_process():
+    # Two replicas on the one GPU a check machine has, joined by gloo: the data-parallel loop's
+    # device paths (bf16 autocast, channels_last, the fused kernels under DDP) on CUDA.
+    from helpers import run_replicas
+
+    recipe = quick(epochs=2)
+    single = _train_resnet8_on_cuda(None, recipe)
+    first, second = run_replicas(_train_resnet8_on_cuda, 2, recipe)
+    assert [r.train_loss for r in first] == [r.train_loss for r in second]
+    assert first[0].train_loss == pytest.approx(single[0].train_loss, rel=0.1)
+    assert first[-1].test_error < 0.5  # chance is 0.75

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import os
 import pickle
 import tarfile
@@ -38,6 +39,8 @@ import torch.nn.functional as F
 from .imagefolder import FolderData, load_image_folder
 from .shards import ShardData, load_shards
 from .spec import DATASETS
+from .splits import stratified_split
+
 
 @dataclass(frozen=True)
 class CifarFormat:
@@ -345,21 +348,15 @@ _load_shards_cached = functools.lru_cache(maxsize=4)(_load_shards)
 def _stratified_split(
     labels: np.ndarray, fraction: float, seed: int, *, what: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (kept, held_out) with `fraction` of every class held out, seeded."""
-    from sklearn.model_selection import train_test_split
-
-    indices = np.arange(len(labels))
+    """Indices (kept, held_out), each sorted, with `fraction` of every class held out, seeded.
+    Sorted so that the kept images keep their original order; shuffling is training's job."""
     try:
-        kept, held = train_test_split(
-            indices, test_size=fraction, stratify=labels, random_state=seed, shuffle=True
-        )
+        return stratified_split(labels, fraction, seed)
     except ValueError as error:
         raise ValueError(
             f"cannot split {what} ({len(labels)} images, {len(np.unique(labels))} classes) with "
             f"a stratified fraction of {fraction}: {error}"
         ) from error
-    # Sorted so that the kept images keep their original order; shuffling is training's job.
-    return np.sort(kept), np.sort(held)
 
 
 def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -436,13 +433,27 @@ def _bundle(
 # digits
 
 
-def _load_digits(seed: int, validation: bool, validation_fraction: float) -> DataBundle:
-    from sklearn.datasets import load_digits
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits: images (1797, 8, 8) of integers 0..16 and their labels,
+    read from the package's data file as its `load_digits` reads it, without importing
+    scikit-learn (a second of CPU in the driver and in each worker)."""
+    package = importlib.util.find_spec("sklearn")  # finds the package; runs none of it
+    folders = package.submodule_search_locations if package is not None else None
+    data_file = Path(next(iter(folders or [""]))) / "datasets" / "data" / "digits.csv.gz"
+    if data_file.is_file():
+        table = np.loadtxt(data_file, delimiter=",")  # a row: 64 pixels, then the label
+        return table[:, :-1].reshape(-1, 8, 8), table[:, -1]
+    from sklearn.datasets import load_digits  # a scikit-learn that keeps its data elsewhere
 
     digits = load_digits()
+    return digits.images, digits.target
+
+
+def _load_digits(seed: int, validation: bool, validation_fraction: float) -> DataBundle:
+    pixels, targets = _digits_arrays()
     # Pixel values are integers 0..16; uint8 keeps them exact and the memory small.
-    images = digits.images.astype(np.uint8)[:, None, :, :]
-    labels = digits.target.astype(np.int64)
+    images = pixels.astype(np.uint8)[:, None, :, :]
+    labels = targets.astype(np.int64)
     train_idx, test_idx = _stratified_split(
         labels, DIGITS_TEST_FRACTION, seed, what="the digits dataset"
     )

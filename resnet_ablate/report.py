@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import plots
 from .results import Results, ResultsError, display_frame
 
 _STYLE = """
@@ -61,6 +60,10 @@ def summary_with_training_error(results: Results) -> pd.DataFrame:
 
 
 def _plot(results: Results, kind: str, alt: str) -> str:
+    # Here, not at the top: `run` prints the summary table above as a study ends, and matplotlib
+    # is a third of a second of that wait.
+    from . import plots
+
     try:
         data = plots.png_bytes(plots.plot(results, kind))
     except ResultsError as error:

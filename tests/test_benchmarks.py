@@ -89,3 +89,19 @@ def test_data_parallel_benchmark_times_both_ways_of_running_a_trial(tmp_path, ca
         assert float(row["overhead_seconds"]) == pytest.approx(overhead, abs=0.02)
         assert 0 <= float(row["final_test_error"]) < 0.9  # trained, not guessing (0.9)
     assert "2 replicas vs one process" in capsys.readouterr().out
+
+
+def test_quickstart_benchmark_times_the_whole_command_and_the_trials_inside_it(tmp_path, capsys):
+    from helpers import raw_spec, write_spec
+
+    bench = _load("bench_quickstart")
+    spec = write_spec(tmp_path, raw_spec("bench_quickstart", epochs=1, seeds=1))
+    out = tmp_path / "quickstart.csv"
+    rows = bench.main([str(spec), "--repeats", "1", "--csv", str(out)])
+    (row,) = list(csv.DictReader(out.open()))
+    assert int(row["trials"]) == 2 == rows[0]["trials"]  # shortcut A and none, one seed
+    command, study, training = (float(row[k]) for k in
+                                ("command_seconds", "study_seconds", "training_seconds_sum"))
+    # The command holds the study, which holds its trials' training (2 trials over 2 workers).
+    assert command > study > training / 2 > 0
+    assert "median" in capsys.readouterr().out

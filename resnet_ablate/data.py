@@ -437,16 +437,23 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's bundled digits: images (1797, 8, 8) of integers 0..16 and their labels,
     read from the package's data file as its `load_digits` reads it, without importing
     scikit-learn (a second of CPU in the driver and in each worker)."""
-    package = importlib.util.find_spec("sklearn")  # finds the package; runs none of it
-    folders = package.submodule_search_locations if package is not None else None
-    data_file = Path(next(iter(folders or [""]))) / "datasets" / "data" / "digits.csv.gz"
-    if data_file.is_file():
+    data_file = _bundled_digits_file()
+    if data_file is not None:
         table = np.loadtxt(data_file, delimiter=",")  # a row: 64 pixels, then the label
         return table[:, :-1].reshape(-1, 8, 8), table[:, -1]
     from sklearn.datasets import load_digits  # a scikit-learn that keeps its data elsewhere
 
     digits = load_digits()
     return digits.images, digits.target
+
+
+def _bundled_digits_file() -> Path | None:
+    package = importlib.util.find_spec("sklearn")  # finds the package; runs none of it
+    for folder in (package.submodule_search_locations or []) if package is not None else []:
+        data_file = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if data_file.is_file():
+            return data_file
+    return None
 
 
 def _load_digits(seed: int, validation: bool, validation_fraction: float) -> DataBundle:

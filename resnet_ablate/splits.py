@@ -15,7 +15,8 @@ import math
 import numpy as np
 
 
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(labels: np.ndarray, fraction: float,
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (kept, held_out), each sorted, with `fraction` of the images held out and every
     class in both parts in proportion. A ValueError says why labels cannot be split so."""
     if not 0 < fraction < 1:

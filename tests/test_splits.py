@@ -8,7 +8,7 @@ import pytest
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from resnet_ablate.data import _digits_arrays
+from resnet_ablate import data
 from resnet_ablate.splits import stratified_split
 
 
@@ -61,8 +61,13 @@ def test_a_split_that_cannot_be_made_says_why_where_scikit_learn_also_refuses(la
         stratified_split(labels, fraction, 0)
 
 
-def test_the_digits_are_read_as_scikit_learn_reads_them():
-    images, labels = _digits_arrays()
+@pytest.mark.parametrize("data_file_found", [True, False])
+def test_the_digits_are_read_as_scikit_learn_reads_them(data_file_found, monkeypatch):
+    if not data_file_found:  # a scikit-learn that keeps them elsewhere: its load_digits reads them
+        monkeypatch.setattr(data, "_bundled_digits_file", lambda: None)
+    else:
+        assert data._bundled_digits_file() is not None
+    images, labels = data._digits_arrays()
     digits = load_digits()
     np.testing.assert_array_equal(images, digits.images)
     np.testing.assert_array_equal(labels, digits.target)

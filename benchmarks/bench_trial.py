@@ -14,6 +14,8 @@ epochs, in one process, measured side by side. Only training is timed (evaluatio
 - project: `resnet_ablate.train.train` on the fused model with the device's defaults (channels_last;
            bf16 autocast on CUDA, fp32 on a CPU; fused SGD; no host sync per step).
 - project+nchw: the project's loop with `memory_format: nchw`, what channels_last is worth.
+- project+bf16: the project's loop with `precision: bf16` (the default on CUDA; on a CPU, what the
+           opt-in is worth there: it rounds the convolutions' inputs, which moves results).
 - project+compile, project+graphs (CUDA only, or when asked for): `compile: true` (compile time
            reported apart) and `cuda_graphs: true` (CUDA only).
 
@@ -43,7 +45,8 @@ from resnet_ablate.data import DataBundle, SyntheticSpec, load_dataset
 from resnet_ablate.models import build
 from resnet_ablate.train import TrainRecipe, train
 
-VARIANTS = ("plain", "project", "project+nchw", "project+compile", "project+graphs")
+VARIANTS = ("plain", "project", "project+nchw", "project+bf16", "project+compile",
+            "project+graphs")
 DEFAULT_VARIANTS = {"cpu": ("plain", "project", "project+nchw"),
                     "cuda": ("plain", "project", "project+compile", "project+graphs")}
 
@@ -121,7 +124,8 @@ def project_loop(case: Case, data: DataBundle, device: torch.device, seed: int,
     recipe = TrainRecipe(epochs=case.epochs, batch_size=case.batch, lr=0.1, augment=False,
                          milestones=(), compile=variant == "project+compile",
                          cuda_graphs=variant == "project+graphs",
-                         memory_format="nchw" if variant == "project+nchw" else "channels_last")
+                         memory_format="nchw" if variant == "project+nchw" else "channels_last",
+                         precision="bf16" if variant == "project+bf16" else "auto")
 
     def fused_model() -> torch.nn.Module:
         return build(case.arch.replace(fused=True), num_classes=data.num_classes,

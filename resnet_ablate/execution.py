@@ -6,10 +6,13 @@ turns them into an `Execution` for one device, refusing what that device cannot 
 trial trains, not what it trains: bf16 and fp16 autocast round the convolutions' inputs, which
 moves results within seed-to-seed noise, and the rest is exact.
 
-The defaults: bf16 autocast on GPUs that have bf16, fp32 elsewhere (a CPU's bf16 convolutions are
-slower than its fp32 ones unless it has AMX); channels_last everywhere, the layout that cuDNN's
-fastest convolutions and the Triton kernels' vector loads want, and that oneDNN ran the digits
-networks 1-7% faster in it than in NCHW (benchmarks/bench_trial.py measures it).
+The defaults: bf16 autocast on GPUs that have bf16, fp32 elsewhere. On a CPU bf16 is an opt-in:
+it ran the digits networks 8-11% faster on this project's AVX512-BF16 development machine
+(benchmarks/bench_trial.py, variant project+bf16), but a default that followed the CPU's
+instructions would give one spec different numbers on different machines. channels_last
+everywhere, the layout that cuDNN's fastest convolutions and the Triton kernels' vector loads
+want, and that oneDNN ran the digits networks 1-7% faster in it than in NCHW
+(benchmarks/bench_trial.py measures it).
 """
 
 from __future__ import annotations

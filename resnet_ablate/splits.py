@@ -30,8 +30,8 @@ def stratified_split(labels: np.ndarray, fraction: float,
                          "stratified split needs at least 2 in every class")
     for part, size in (("kept", kept_count), ("held-out", held_count)):
         if size < len(classes):
-            raise ValueError(f"the {part} part would have {size} images, fewer than the "
-                             f"{len(classes)} classes")
+            raise ValueError(f"the {part} part would get {size} of the {count} images, fewer "
+                             f"than one for each of the {len(classes)} classes")
     by_class = np.split(np.argsort(class_of, kind="stable"), np.cumsum(class_counts)[:-1])
     rng = np.random.RandomState(seed)
     # The draws from `rng` come in scikit-learn's order: each part's per-class counts, then one

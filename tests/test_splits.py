@@ -49,8 +49,10 @@ def test_the_split_holds_out_the_images_scikit_learn_does(name, fraction):
 
 @pytest.mark.parametrize("labels, fraction, message", [
     (np.array([0, 0, 1, 1, 2]), 0.4, r"classes \[2\] have one image"),
-    (np.repeat(np.arange(10), 2), 0.1, "the held-out part would have 2 images, fewer than the 10"),
-    (np.repeat(np.arange(10), 2), 0.95, "the kept part would have 1 images, fewer than the 10"),
+    (np.repeat(np.arange(10), 2), 0.1,
+     "the held-out part would get 2 of the 20 images, fewer than one for each of the 10 classes"),
+    (np.repeat(np.arange(10), 2), 0.95,
+     "the kept part would get 1 of the 20 images, fewer than one for each of the 10 classes"),
     (np.repeat(np.arange(3), 4), 1.0, "between 0 and 1"),
 ])
 def test_a_split_that_cannot_be_made_says_why_where_scikit_learn_also_refuses(labels, fraction,

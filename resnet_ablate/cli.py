@@ -100,11 +100,16 @@ def _print_plan(spec, planned, fmt: str = "table") -> int:
 def _query(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     def guarded(args: argparse.Namespace) -> int:
         from .results import ResultsError
+        from .storage import StudyNameError
 
         try:
             return fn(args)
         except ResultsError as error:
             print(f"resnet-ablate {args.command}: error: {error}", file=sys.stderr)
+            return 2
+        except StudyNameError as error:  # a name that would become a path or URL syntax
+            print(f"resnet-ablate {args.command}: error: {error}; a store can also be named by "
+                  "the path of its .db file", file=sys.stderr)
             return 2
         except OSError as error:  # writing -o: no permission, no space, ...
             print(f"resnet-ablate {args.command}: error: cannot write {error.filename}: "

@@ -2,7 +2,8 @@
 
 A spec is one question from the paper, asked as a sweep over the architecture description:
 
-    study: quickstart                    # the study's name in storage
+    study: quickstart                    # the study's name in storage and its files' names:
+                                         #   letters, digits, . _ - (storage.py)
     question: Does depth hurt plain nets but not residual ones?
     dataset: digits                      # or {name: cifar10, root: data/, validation: true}
     model: {family: cifar}               # fixed ResNetArch fields
@@ -48,7 +49,7 @@ import yaml
 from .arch import ArchError, ResNetArch
 from .record import OBJECTIVES  # each objective has one sensible direction: specs name metrics
 from .recipe import TrainRecipe
-from .storage import default_storage
+from .storage import default_storage, study_name_problem
 
 SAMPLERS = ("grid", "random", "tpe")
 # Bounds far above any real study, so that a typo (a billion trials, a million workers) is an
@@ -176,6 +177,13 @@ class StudySpec:
     checkpoints: str | None = None
     source: str = "<spec>"
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        # parse_spec has said so already, naming the file; this catches a spec built in Python
+        # (or changed with dataclasses.replace) before its name becomes a file.
+        problem = study_name_problem(self.study)
+        if problem is not None:
+            raise SpecError(f"{self.source}: study: {problem}")
 
     @property
     def directions(self) -> list[str]:
@@ -308,11 +316,9 @@ def parse_spec(raw: Any, *, source: str = "<spec>") -> StudySpec:
         if key not in top:
             raise check.fail(key, "required key is missing")
     study = check.typed("study", top["study"], str, "a study name (str)")
-    if (not study or study.strip() != study or study.startswith(".")
-            or any(c in study for c in "/\\") or any(ord(c) < 32 or ord(c) == 127 for c in study)):
-        raise check.fail("study", f"{study!r} is not a usable name: it names files in the runs "
-                                  "folder, so it cannot be empty, start with '.', hold '/', '\\' "
-                                  "or control characters, or start or end with spaces")
+    problem = study_name_problem(study)
+    if problem is not None:
+        raise check.fail("study", problem)
 
     dataset = _dataset(check, top.get("dataset", "digits"))
     model = dict(check.mapping("model", top.get("model"), ARCH_FIELDS))

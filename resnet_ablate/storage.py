@@ -4,12 +4,17 @@ and every reader share these rules.
 A study's store is an Optuna RDB URL: by default `RUNS/STUDY.db` (SQLite), where RUNS is the
 `--runs-dir` / `runs_dir` argument, else the `RESNET_ABLATE_RUNS` environment variable, else
 `runs` under the working folder. The CLI and the Python API resolve it the same way.
+
+A study's name becomes file names there (`STUDY.db`, `STUDY.artifacts/`, `STUDY.checkpoints/`)
+and part of a URL, so it is held to one plain alphabet (`STUDY_NAME_ALPHABET`): no character that a
+path or a URL reads as syntax (`/`, `%`, `?`, `#`, spaces, `..`) can reach either.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote
@@ -17,6 +22,48 @@ from urllib.parse import unquote
 RUNS_ENVIRONMENT_VARIABLE = "RESNET_ABLATE_RUNS"
 
 PathLike = str | os.PathLike[str]
+
+# Letters, digits and `._-`, starting with a letter or digit: a file name on every platform, and
+# text that neither a path (`/`, `..`, a leading `.`) nor a URL (`%`, `?`, `#`) reads as syntax.
+STUDY_NAME_MAX_LENGTH = 100
+STUDY_NAME_PATTERN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{STUDY_NAME_MAX_LENGTH - 1}}}")
+STUDY_NAME_ALPHABET = (f"1 to {STUDY_NAME_MAX_LENGTH} ASCII letters, digits, '.', '_' and '-', "
+                       "starting with a letter or digit, without '..'")
+
+
+class StudyNameError(ValueError):
+    """A study name outside STUDY_NAME_ALPHABET; the message names the value and the alphabet."""
+
+
+def study_name_problem(name: object) -> str | None:
+    """Why `name` cannot name a study (a clause quoting it), or None for a usable name."""
+    if isinstance(name, str) and STUDY_NAME_PATTERN.fullmatch(name) and ".." not in name:
+        return None
+    shown = repr(name)
+    if len(shown) > 60:
+        shown = f"{shown[:60]}... ({len(name) if isinstance(name, str) else len(shown)} characters)"
+    return (f"{shown} is not a usable name: a study's name names its files in the runs folder, "
+            f"so it is {STUDY_NAME_ALPHABET}")
+
+
+def check_study_name(name: str) -> str:
+    """`name` if it is a usable study name; else StudyNameError naming it and the alphabet."""
+    problem = study_name_problem(name)
+    if problem is not None:
+        raise StudyNameError(f"study {problem}")
+    return name
+
+
+def study_file(study: str, suffix: str, folder: PathLike) -> Path:
+    """`folder/STUDY<suffix>`, the path of one of a study's files (its store, its artifacts, its
+    checkpoints). The name is checked against the alphabet; and, should that check ever loosen,
+    the path is still refused unless it is a direct child of `folder` once `..` is resolved
+    (symbolic links are not followed: a store linked from elsewhere is the user's choice)."""
+    check_study_name(study)
+    path = Path(folder) / f"{study}{suffix}"
+    if Path(os.path.abspath(path)).parent != Path(os.path.abspath(folder)):
+        raise StudyNameError(f"study {study!r}: its file {path} would lie outside {folder}/")
+    return path
 
 
 def runs_folder(runs_dir: PathLike | None = None) -> Path:
@@ -27,8 +74,9 @@ def runs_folder(runs_dir: PathLike | None = None) -> Path:
 
 
 def default_storage(study: str, runs_dir: PathLike | None = None) -> str:
-    """Where a study is stored unless its spec or the command line says otherwise."""
-    return f"sqlite:///{runs_folder(runs_dir) / (study + '.db')}"
+    """Where a study is stored unless its spec or the command line says otherwise:
+    RUNS/STUDY.db; StudyNameError for a name outside the alphabet."""
+    return f"sqlite:///{study_file(study, '.db', runs_folder(runs_dir))}"
 
 
 def sqlite_path(storage: str) -> Path | None:

@@ -180,3 +180,25 @@ def test_public_names_still_load_from_the_package():
     # Ray ships closures over the package: it pickles by reference, as a module does.
     assert pickle.loads(ray.cloudpickle.dumps(resnet_ablate)) is resnet_ablate
     assert pickle.loads(ray.cloudpickle.dumps(lambda: resnet_ablate.resnet8()))().arch.depth == 8
+
+
+@pytest.mark.parametrize("name", ["%2F..%2F..%2Fescaped_by_name", "a#b", "a?b", "..", ".hidden",
+                                  "x" * 300, "résumé", "", "my study", "a..b"])
+def test_study_names_outside_the_alphabet_are_refused_naming_the_value_and_the_alphabet(name):
+    from resnet_ablate.storage import STUDY_NAME_ALPHABET
+
+    message = _error({**MINIMAL, "study": name})
+    assert f"studies/x.yaml: study: {repr(name)[:60]}" in message
+    assert STUDY_NAME_ALPHABET in message
+
+
+@pytest.mark.parametrize("name", ["s", "quickstart", "cifar10_depth", "Run-2.v3", "x" * 100])
+def test_ordinary_study_names_are_accepted(name):
+    assert parse_spec({**MINIMAL, "study": name}).study == name
+
+
+def test_a_spec_built_in_python_checks_its_name_too():
+    import dataclasses
+
+    with pytest.raises(SpecError, match=r"study: '\.\./x' is not a usable name"):
+        dataclasses.replace(parse_spec(MINIMAL), study="../x")

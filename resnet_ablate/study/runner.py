@@ -16,7 +16,7 @@ import optuna
 from ..progress import StudyProgress
 from ..record import FailureKind, TrialKey
 from ..spec import StudySpec
-from ..storage import runs_folder, sqlite_path, store_faults, weights_folder
+from ..storage import runs_folder, sqlite_path, store_faults, study_file, weights_folder
 from . import cluster, grid
 from .costs import StudyCosts
 from .grid import GridHistory, PendingPoint, PlannedTrial
@@ -110,7 +110,7 @@ class StudyRunner:
         try:
             folder = weights_folder(self.storage, self.options.runs_dir)
             recorder = TrialRecorder(
-                self.study, self.spec, artifacts=folder / f"{self.spec.study}.artifacts",
+                self.study, self.spec, artifacts=study_file(self.spec.study, ".artifacts", folder),
                 store_folder=folder, max_artifact_mb=self.options.max_artifact_mb)
             progress = StudyProgress(self.spec.study, enabled=self.options.progress)
             recovered = recorder.recover_interrupted()
@@ -126,13 +126,13 @@ class StudyRunner:
                 deadline=started + 60 * minutes if minutes else math.inf,
                 keep_weights=self.options.keep_weights,
                 checkpoints=self.spec.checkpoints
-                or str((folder / f"{self.spec.study}.checkpoints").resolve()),
+                or str(study_file(self.spec.study, ".checkpoints", folder).resolve()),
                 progress=progress,
                 renew_lease=lease.renew, stop_signals=stop_signals)
             result = loop.run()
             if not self.spec.checkpoints:  # the default folder, left empty by finished trials
                 with contextlib.suppress(OSError):
-                    (folder / f"{self.spec.study}.checkpoints").rmdir()
+                    study_file(self.spec.study, ".checkpoints", folder).rmdir()
         except Exception:
             lease.check_same_file()  # the reason behind a database error, where the file went away
             raise

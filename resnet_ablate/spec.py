@@ -515,6 +515,38 @@ def _dataset(check: _Checker, value: Any) -> DatasetSpec:
     return DatasetSpec(**section)
 
 
+def _level_key(value: Any) -> Any:
+    """A level as duplicates compare: strings case-folded (the architecture reads `a` as `A`),
+    numbers by value (8 and 8.0), lists element by element; a bool stays apart from 1 and 0."""
+    if isinstance(value, str):
+        return ("str", value.casefold())
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, (tuple, list)):
+        return ("list", tuple(_level_key(v) for v in value))
+    return ("value", value)
+
+
+def _check_distinct_levels(check: _Checker, where: str, levels: tuple[Any, ...]) -> None:
+    """Refuse a level listed twice: it would train the same configuration twice, and the summary
+    would then count one configuration's seeds twice (n doubled, a falsely narrow interval)."""
+    first: dict[Any, Any] = {}
+    for level in levels:
+        key = _level_key(level)
+        try:
+            seen = key in first
+        except TypeError:
+            continue  # an unhashable level: the architecture check below refuses it
+        if not seen:
+            first[key] = level
+        else:
+            earlier = first[key]
+            same = "" if repr(earlier) == repr(level) else f" (the same level as {_shown(earlier)})"
+            raise check.fail(where, f"{_shown(level)} is listed twice{same}; list each level once "
+                                    "(strings compare ignoring case, and 8 equals 8.0): a repeated "
+                                    "level trains the same configuration twice")
+
+
 def _space(check: _Checker, value: Any, sampler: str, model: Mapping[str, Any]) -> dict[str, Any]:
     section = check.mapping("space", value, ARCH_FIELDS)
     if not section:
@@ -546,6 +578,7 @@ def _space(check: _Checker, value: Any, sampler: str, model: Mapping[str, Any]) 
             if not choices:
                 raise check.fail(where, "empty list of values; give at least one")
             space[name] = tuple(tuple(c) if isinstance(c, list) else c for c in choices)
+            _check_distinct_levels(check, where, space[name])
 
     # Every combination must be a buildable architecture (checked up to a large space's first 10k).
     points = list(itertools.islice(

@@ -202,3 +202,26 @@ def test_a_spec_built_in_python_checks_its_name_too():
 
     with pytest.raises(SpecError, match=r"study: '\.\./x' is not a usable name"):
         dataclasses.replace(parse_spec(MINIMAL), study="../x")
+
+
+@pytest.mark.parametrize("space,expected", [
+    ({"depth": [8, 8]}, "studies/x.yaml: space.depth: 8 is listed twice; list each level once"),
+    ({"depth": [8, 20, 8.0]}, "space.depth: 8.0 is listed twice (the same level as 8)"),
+    ({"shortcut": ["A", "a"]}, "space.shortcut: 'a' is listed twice (the same level as 'A')"),
+    ({"shortcut": ["none", "B", "None"]}, "space.shortcut: 'None' is listed twice"),
+    ({"stages": [[1, 2, 3], [2, 2, 2], [1, 2, 3]]}, "space.stages: (1, 2, 3) is listed twice"),
+    ({"depth": [8], "fused": [True, False, True]}, "space.fused: True is listed twice"),
+])
+def test_a_level_listed_twice_is_refused_naming_the_field_and_the_level(space, expected):
+    message = _error({**MINIMAL, "space": space})
+    assert expected in message
+    assert "trains the same configuration twice" in message
+
+
+def test_distinct_levels_that_only_look_alike_are_kept():
+    spec = parse_spec({**MINIMAL, "space": {"shortcut": ["A", "B", "C", "none"],
+                                            "stages": [[1, 2, 3], [3, 2, 1]]}})
+    assert spec.space["shortcut"] == ("A", "B", "C", "none")
+    assert len(list(spec.grid())) == 8
+    # true and 1 are different values (and 1 is no value of fused): the architecture says so
+    assert "ResNetArch.fused=1 is not valid" in _error({**MINIMAL, "space": {"depth": [8], "fused": [True, 1]}})

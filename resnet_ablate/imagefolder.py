@@ -8,8 +8,9 @@ augmentation follows He et al. (Section 3.4): the shorter side scaled to a rando
 std divided, as every modern recipe does), or the common RandomResizedCrop variant; evaluation is
 a single centre 224 crop of the image scaled to 256. Other crop sizes scale those lengths with it.
 
-Every random draw of an image comes from a generator seeded by (seed, epoch, index), so which
-worker decodes it, and how many workers there are, never changes the data. A corrupt or
+Every random draw of an image comes from a generator seeded by (data set seed, the trial's
+augmentation seed, epoch, index), so trials of different seeds see different crops, and which
+worker decodes an image, and how many workers there are, never changes them. A corrupt or
 unreadable image is skipped and counted (in each epoch's record), never a crashed trial. The
 folder is checked before anything runs: a missing folder, split, class folder, an empty class or
 an unknown validation class is one error that names it.
@@ -139,12 +140,13 @@ class ImageFolderSplit(torch.utils.data.Dataset):
     evaluation's centre crop); (None, label) for a corrupt one."""
 
     def __init__(self, samples: tuple[tuple[str, int], ...], *, image_size: int, train: bool,
-                 augmentation: Augmentation, seed: int) -> None:
+                 augmentation: Augmentation, seed: int, augment_seed: int = 0) -> None:
         self.samples = samples
         self.image_size = image_size
         self.train = train
         self.augmentation = augmentation
         self.seed = seed
+        self.augment_seed = augment_seed  # the trial's: crops differ between trials' seeds
         self.epoch = 0  # set before each epoch's loader starts (workers copy it then)
 
     def __len__(self) -> int:
@@ -152,7 +154,9 @@ class ImageFolderSplit(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int]:
         path, label = self.samples[index]
-        rng = np.random.default_rng([self.seed, self.epoch, index]) if self.train else None
+        rng = None
+        if self.train:
+            rng = np.random.default_rng([self.seed, self.augment_seed, self.epoch, index])
         return decode(path, image_size=self.image_size, augmentation=self.augmentation,
                       rng=rng), label
 
@@ -236,13 +240,15 @@ class FolderData:
 
     def train_loader(self, batch_size: int, epoch: int, generator: torch.Generator, *,
                      augment: bool = True, pin_memory: bool = False, part: int = 0,
-                     parts: int = 1) -> torch.utils.data.DataLoader:
+                     parts: int = 1, augment_seed: int = 0) -> torch.utils.data.DataLoader:
         """One epoch of training batches (augmented, or centre crops with `augment=False`), in an
-        order drawn from `generator`. With `parts` replicas, the `part`-th one's batches of
+        order drawn from `generator`, each image's crop drawn from (the data set's seed,
+        `augment_seed` (the trial's), `epoch`, its index). With `parts` replicas, the `part`-th one's batches of
         `batch_size`: every `parts`-th image of the order cut to whole global batches, so that
         every replica takes the same number of steps."""
         split = ImageFolderSplit(self.index.train, image_size=self.image_size, train=augment,
-                                 augmentation=self.augmentation, seed=self.seed)
+                                 augmentation=self.augmentation, seed=self.seed,
+                                 augment_seed=augment_seed)
         split.epoch = epoch
         order = torch.randperm(len(split), generator=generator).tolist()
         if parts > 1:

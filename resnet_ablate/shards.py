@@ -1,28 +1,41 @@
-"""Sharded data sets: tar shards in the webdataset layout, read by the `webdataset` library from
-local paths or URLs (http, s3 through a `pipe:` URL, ...), so that no cluster node needs a shared
-filesystem.
+"""Sharded data sets: tar shards in the webdataset layout, read from local paths or http(s) URLs,
+so that no cluster node needs a shared filesystem.
 
 Each sample is a group of tar members sharing a key: the image (`.jpg`, `.jpeg`, `.png` or
 `.webp`) and its class index as text (`.cls`), the layout ImageNet shards conventionally have.
-Decoding and augmentation are the image folder's (imagefolder.py), with each image's draws seeded
-by (seed, epoch, key). Shards are split among the loader's workers and read in an order drawn per
-epoch, so the sample order depends on the number of workers; an image's crops never do. A sample
-whose image cannot be decoded is skipped and counted; a shard that cannot be read fails the
-trial, naming it.
+A member's key is its name without the extension, and without an image extension left before it
+(`split_key`), so ImageNet's `n01440764_10026.JPEG.jpg` and `.JPEG.cls` or `n01440764_10026.cls`
+are one sample; counting and decoding use that one rule. Decoding and augmentation are the image
+folder's (imagefolder.py), with each image's draws seeded by (data set seed, trial's augmentation
+seed, epoch, key). Shards are split among the loader's workers and read in an order drawn per
+epoch, so the sample order depends on the number of workers; an image's crops never do. A
+sample whose image cannot be decoded (or that has no label) is skipped and counted; a shard that
+cannot be read fails the trial, naming it.
+
+Shards are opened here, never through a shell: a spec is data, and webdataset's own opener runs
+`pipe:` URLs in a shell and other schemes (http through curl, gs through gsutil) as commands.
+`pipe:` URLs run only where the user opted in (`resnet-ablate run --allow-pipe-urls`, which sets
+ALLOW_PIPE_URLS_ENV for the trials' processes).
 """
 
 from __future__ import annotations
 
+import http.client
 import io
 import itertools
+import os
 import random
 import tarfile
+import urllib.error
+import urllib.request
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 import torch
@@ -32,6 +45,15 @@ from .spec import DEFAULT_LOADER_WORKERS
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SHUFFLE_BUFFER = 1000  # samples mixed across the shards a worker reads
+# Set to 1 (by `resnet-ablate run --allow-pipe-urls`) to let `pipe:` shard URLs run their command.
+ALLOW_PIPE_URLS_ENV = "RESNET_ABLATE_ALLOW_PIPE_URLS"
+HTTP_TIMEOUT_SECONDS = 60.0
+_LOCAL_SCHEMES = ("", "file")
+_HTTP_SCHEMES = ("http", "https")
+
+
+class ShardError(RuntimeError):
+    """A shard that cannot be read (missing, unreachable, not a tar file, cut short)."""
 
 
 def expand(pattern: str) -> list[str]:
@@ -41,32 +63,123 @@ def expand(pattern: str) -> list[str]:
     return list(braceexpand.braceexpand(pattern))
 
 
+# ----------------------------------------------------------------------------------------------
+# Opening shards: local files and http(s) here, a `pipe:` command only where opted in
+
+
+def pipe_urls_allowed() -> bool:
+    """Whether this process may run `pipe:` URLs' commands (see ALLOW_PIPE_URLS_ENV)."""
+    return os.environ.get(ALLOW_PIPE_URLS_ENV) == "1"
+
+
+def _scheme(url: str) -> str:
+    return urlparse(url).scheme.lower()
+
+
 def _is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:")
+    return _scheme(url) in _LOCAL_SCHEMES
+
+
+def _local_path(url: str) -> Path:
+    return Path(url2pathname(urlparse(url).path)) if _scheme(url) == "file" else Path(url)
+
+
+def check_url(url: str, where: str) -> None:
+    """ValueError unless this toolkit may open `url` (`where` names the spec field): a local
+    path, file://, http(s)://, or `pipe:` with the opt-in; never a scheme that runs a command
+    unasked."""
+    scheme = _scheme(url)
+    if scheme in _LOCAL_SCHEMES or scheme in _HTTP_SCHEMES:
+        return
+    if scheme == "pipe" and pipe_urls_allowed():
+        return
+    valid = "valid: a local path, file://, http:// or https://"
+    if scheme == "pipe":
+        raise ValueError(f"{where}: {url!r} is a pipe: URL, which runs a shell command; {valid}, "
+                         "or pipe: with `resnet-ablate run --allow-pipe-urls` "
+                         f"({ALLOW_PIPE_URLS_ENV}=1) for a spec you trust")
+    raise ValueError(f"{where}: {url!r} has the scheme {scheme}:, which this toolkit does not "
+                     f"open; {valid} (other stores through a pipe: URL, e.g. `pipe:gsutil cat "
+                     "gs://...`, with `resnet-ablate run --allow-pipe-urls`)")
+
+
+def open_shard(url: str) -> IO[bytes]:
+    """A binary stream of the shard at `url`, opened without a shell (a `pipe:` URL only with the
+    opt-in, checked again here: the trial's process may not be the one that loaded the spec)."""
+    check_url(url, "shard")
+    scheme = _scheme(url)
+    if scheme in _LOCAL_SCHEMES:
+        return open(_local_path(url), "rb")
+    if scheme in _HTTP_SCHEMES:
+        return urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_SECONDS)  # noqa: S310 - http(s) only
+    from webdataset.gopen import gopen_pipe
+
+    return gopen_pipe(url, "rb")
+
+
+def split_key(name: str) -> tuple[str | None, str | None]:
+    """(key, extension) of a tar member's name: the extension is what follows the last dot, and
+    the key the rest, less an image extension left before it (ImageNet's `x.JPEG.jpg` and
+    `x.JPEG.cls` or `x.cls` are all sample `x`); (None, None) for a name without an extension.
+    Counting and decoding both use this rule, so they agree on what a sample is."""
+    folder, slash, base = name.rpartition("/")
+    stem, dot, extension = base.rpartition(".")
+    if not dot or not stem:
+        return None, None
+    inner_stem, inner_dot, inner = stem.rpartition(".")
+    if inner_dot and inner_stem and inner.lower() in IMAGE_EXTENSIONS:
+        stem = inner_stem
+    return folder + slash + stem, extension.lower()
+
+
+def _members(sources: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The files of each shard in `sources` ({"url": ...}), as webdataset's grouping stage takes
+    them, and an empty end-of-shard marker after each, so no sample spans two shards."""
+    from webdataset.tariterators import tar_file_iterator
+
+    for source in sources:
+        url = source["url"]
+        try:
+            with open_shard(url) as stream:
+                for member in tar_file_iterator(stream):
+                    yield {**member, "__url__": url}
+        except (OSError, tarfile.TarError, urllib.error.URLError, http.client.HTTPException,
+                http.client.InvalidURL, EOFError) as error:
+            raise ShardError(f"shard {url} cannot be read: {type(error).__name__}: "
+                             f"{error}") from error
+        yield {}
 
 
 def count_samples(urls: list[str]) -> int:
-    """Samples in local shards, from their member names (nothing is decoded)."""
+    """Samples in local shards, from their member names (nothing is decoded): the keys with an
+    image."""
     keys = set()
     for url in urls:
-        with tarfile.open(url) as archive:
-            for name in archive.getnames():
-                stem, _, extension = name.rpartition(".")
-                if extension.lower() in IMAGE_EXTENSIONS:
-                    keys.add((url, stem))
+        try:
+            with tarfile.open(_local_path(url)) as archive:
+                names = archive.getnames()
+        except (OSError, tarfile.TarError) as error:
+            raise ShardError(f"shard {url} cannot be read: {type(error).__name__}: "
+                             f"{error}") from error
+        for name in names:
+            key, extension = split_key(name)
+            if extension in IMAGE_EXTENSIONS:
+                keys.add((url, key))
     return len(keys)
 
 
-def _sample(record: dict[str, Any], *, image_size: int, augmentation: Augmentation, seed: int,
-            epoch: int | None) -> tuple[torch.Tensor | None, int]:
+def _sample(record: dict[str, Any], *, image_size: int, augmentation: Augmentation,
+            seed: tuple[int, int], epoch: int | None) -> tuple[torch.Tensor | None, int]:
+    """(image, label) of a grouped record; (None, label) for one the loader skips: no image, an
+    image that cannot be decoded, or no label."""
     key = record["__key__"]
     label = int(record["cls"].decode().strip()) if "cls" in record else -1
     image = next((record[e] for e in IMAGE_EXTENSIONS if e in record), None)
-    if image is None:
+    if image is None or label < 0:
         return None, label
     rng = None
     if epoch is not None:  # training: draws seeded by the sample, not by the worker reading it
-        rng = np.random.default_rng([seed, epoch, zlib.crc32(key.encode())])
+        rng = np.random.default_rng([*seed, epoch, zlib.crc32(key.encode())])
     return decode(io.BytesIO(image), image_size=image_size, augmentation=augmentation,
                   rng=rng), label
 
@@ -95,18 +208,16 @@ class ShardData:
         return tuple(str(i) for i in range(self.num_classes))
 
     def _loader(self, urls: list[str], batch_size: int, epoch: int | None, order_seed: int,
-                pin_memory: bool, augment: bool = True) -> torch.utils.data.DataLoader:
+                pin_memory: bool, augment: bool = True,
+                augment_seed: int = 0) -> torch.utils.data.DataLoader:
         """Training batches where `epoch` is given (shuffled; augmented unless `augment` is
         false), else the evaluation's, in shard order."""
-        import webdataset  # imported when a sharded data set is read: the others never need it
-
         workers = min(self.loader_workers, len(urls))  # a worker without a shard would idle
-        dataset = webdataset.WebDataset(urls, shardshuffle=False, empty_check=False)
-        if epoch is not None:
-            dataset = dataset.shuffle(SHUFFLE_BUFFER, rng=random.Random(order_seed))
-        dataset = dataset.map(partial(_sample, image_size=self.image_size,
-                                      augmentation=self.augmentation, seed=self.seed,
-                                      epoch=epoch if augment else None))
+        stages = [] if epoch is None else [_shuffle_stage(order_seed)]
+        dataset = _pipeline(urls, *stages, partial(
+            _map_stage, partial(_sample, image_size=self.image_size,
+                                augmentation=self.augmentation, seed=(self.seed, augment_seed),
+                                epoch=epoch if augment else None)))
         return torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, collate_fn=collate, num_workers=workers,
             pin_memory=pin_memory, prefetch_factor=4 if workers else None,
@@ -115,9 +226,11 @@ class ShardData:
 
     def train_loader(self, batch_size: int, epoch: int, generator: torch.Generator, *,
                      augment: bool = True, pin_memory: bool = False, part: int = 0,
-                     parts: int = 1) -> Iterable[tuple[torch.Tensor, torch.Tensor, int]]:
+                     parts: int = 1,
+                     augment_seed: int = 0) -> Iterable[tuple[torch.Tensor, torch.Tensor, int]]:
         """One epoch of training batches (augmented, or centre crops with `augment=False`):
-        shards in an order drawn from `generator`.
+        shards in an order drawn from `generator`, each image's crop drawn from (the data set's
+        seed, `augment_seed` (the trial's), `epoch`, its key).
 
         With `parts` replicas, the `part`-th one reads every `parts`-th shard of that order, and
         every replica takes the same number of steps, one epoch's worth of global batches of
@@ -130,7 +243,8 @@ class ShardData:
         order = torch.randperm(len(self.train_urls), generator=generator).tolist()
         seed = int(torch.randint(2**31, (1,), generator=generator))
         urls = [self.train_urls[i] for i in order][part::parts]
-        loader = self._loader(urls, batch_size, epoch, seed + part, pin_memory, augment)
+        loader = self._loader(urls, batch_size, epoch, seed + part, pin_memory, augment,
+                              augment_seed)
         if parts == 1:
             return loader
         return itertools.islice(_repeated(loader), self.train_size // (batch_size * parts))
@@ -147,6 +261,28 @@ class ShardData:
                 "test_shards": len(self.test_urls), "train_size": self.train_size,
                 "test_size": self.test_size, "num_classes": self.num_classes,
                 "image_size": self.image_size, "augmentation": self.augmentation}
+
+
+def _pipeline(urls: list[str], *stages: Any) -> torch.utils.data.IterableDataset:
+    """The samples of `urls`, read by the toolkit's own opener (never a shell), each loader worker
+    reading every n-th shard. No node splitting: each replica of a data-parallel run is already
+    handed its own shards (`train_loader`'s part and parts), and webdataset's default splitter
+    refuses to run under a process group of several."""
+    import webdataset  # imported when a sharded data set is read: the others never need it
+    from webdataset.tariterators import group_by_keys
+
+    return webdataset.DataPipeline(webdataset.SimpleShardList(urls), webdataset.split_by_worker,
+                                   _members, partial(group_by_keys, keys=split_key), *stages)
+
+
+def _shuffle_stage(seed: int) -> Any:
+    import webdataset
+
+    return webdataset.shuffle(SHUFFLE_BUFFER, rng=random.Random(seed))
+
+
+def _map_stage(function: Any, samples: Iterable[dict[str, Any]]) -> Iterator[Any]:
+    return map(function, samples)
 
 
 def _repeated(loader: torch.utils.data.DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
@@ -168,8 +304,9 @@ def load_shards(shards: dict[str, Any], *, image_size: int = 224,
                 loader_workers: int = DEFAULT_LOADER_WORKERS,
                 seed: int = 0) -> ShardData:
     """A sharded data set from `shards`: {train: PATTERN, val: PATTERN, num_classes: N} and, for
-    shards behind URLs, train_size and val_size (local shards are counted). Local shards are
-    checked to exist now; a URL is read when trained."""
+    shards behind URLs, train_size and val_size (local shards are counted). Every URL is checked
+    now (`check_url`: no `pipe:` without the opt-in), and local shards to exist; a URL is read
+    when trained."""
     unknown = sorted(set(shards) - set(SHARD_KEYS))
     missing = [k for k in ("train", "val", "num_classes") if k not in shards]
     if unknown or missing:
@@ -178,10 +315,13 @@ def load_shards(shards: dict[str, Any], *, image_size: int = 224,
                          f"{'missing ' + ', '.join(missing) if missing else ''}; "
                          f"valid keys: {', '.join(SHARD_KEYS)}")
     urls = {split: expand(str(shards[split])) for split in ("train", "val")}
+    for split in urls:
+        for url in urls[split]:
+            check_url(url, f"shards.{split}")
     sizes = {}
     for split, size_key in (("train", "train_size"), ("val", "val_size")):
         local = [u for u in urls[split] if _is_local(u)]
-        absent = [u for u in local if not Path(u).is_file()]
+        absent = [u for u in local if not _local_path(u).is_file()]
         if absent:
             raise FileNotFoundError(f"shards.{split}: {len(absent)} of {len(urls[split])} shards "
                                     f"not found, first {absent[0]}")

@@ -199,7 +199,7 @@ def evaluate(
     forward runs in its precision and memory format.
     """
     loss_sum, wrong, count = _evaluation_sums(model, images, labels, batch_size, execution)
-    count = max(count, 1)
+    _require_images(count, "evaluation", 0)
     return loss_sum.item() / count, wrong.item() / count
 
 
@@ -237,7 +237,7 @@ def evaluate_streamed(
     `model` in eval mode over a streamed data set's evaluation split, single centre crops."""
     loss_sum, wrong, wrong5, count, skipped = _streamed_evaluation_sums(
         model, data, batch_size, execution)
-    count = max(count, 1)
+    _require_images(count, f"the {data.eval_split} split's evaluation", skipped)
     return loss_sum.item() / count, wrong.item() / count, wrong5.item() / count, skipped
 
 
@@ -278,6 +278,19 @@ def _derived_seed(seed: int, stream: int) -> int:
 
 
 _ORDER_STREAM, _AUGMENT_STREAM = 1, 2
+
+
+class NoImages(ValueError):
+    """Training or evaluation saw no image at all (an empty split, or every image skipped as
+    undecodable): a score would be a number from nothing, so the trial fails. Deterministic: the
+    same data fails the same way."""
+
+
+def _require_images(count: float, what: str, skipped: float) -> None:
+    """NoImages, naming `what` and the images skipped, where `count` images is none."""
+    if count < 1:
+        raise NoImages(f"{what} had no image to score: {int(skipped)} image(s) skipped as "
+                       "undecodable or unlabelled, none read; check the data set's files")
 
 
 class _Diverged(Exception):
@@ -488,16 +501,17 @@ class _Run:
                 self._check_diverged(epoch, step)
         self._check_diverged(epoch, step)  # also waits for the device: the epoch's time is real
         trained = time.perf_counter()
-        loss_sum, wrong, seen = self.replicas.sums([self.loss_sum, self.wrong, self.seen])
-        count = max(seen, 1)
+        loss_sum, wrong, seen, skipped = self.replicas.sums(
+            [self.loss_sum, self.wrong, self.seen, self.skipped])
+        _require_images(seen, f"epoch {epoch}'s training", skipped)
         self.train_images += int(seen)
         self.train_seconds += trained - started
         test_loss, test_error, top5 = self._evaluate()
         return EpochRecord(
             epoch=epoch,
             lr=lr,
-            train_loss=loss_sum / count,
-            train_error=wrong / count,
+            train_loss=loss_sum / seen,
+            train_error=wrong / seen,
             test_loss=test_loss,
             test_error=test_error,
             seconds=time.perf_counter() - started,
@@ -520,14 +534,14 @@ class _Run:
             sums = _streamed_evaluation_sums(self.eval_model, self.data,
                                              self.recipe.eval_batch_size, self.execution,
                                              self.replicas.rank, self.replicas.world)
-            loss_sum, wrong, wrong5, count, skipped = self.replicas.sums(sums[:4]) + [sums[4]]
-            self.skipped += skipped
-            count = max(count, 1)
+            loss_sum, wrong, wrong5, count, skipped = self.replicas.sums(sums)
+            self.skipped += sums[4]
+            _require_images(count, f"the {self.data.eval_split} split's evaluation", skipped)
             return loss_sum / count, wrong / count, wrong5 / count
         loss_sum, wrong, count = self.replicas.sums(_evaluation_sums(
             self.eval_model, self.test_x, self.test_y, self.recipe.eval_batch_size,
             self.execution))
-        count = max(count, 1)
+        _require_images(count, f"the {self.data.eval_split} split's evaluation", 0)
         return loss_sum / count, wrong / count, None
 
     def _scheduled_lr(self, epoch: int) -> float:
@@ -582,7 +596,8 @@ class _Run:
         loader = self.data.train_loader(self.batch_share, epoch, self.order_generator,
                                         augment=self.recipe.augment,
                                         pin_memory=self.device.type == "cuda",
-                                        part=self.replicas.rank, parts=self.replicas.world)
+                                        part=self.replicas.rank, parts=self.replicas.world,
+                                        augment_seed=_derived_seed(self.seed, _AUGMENT_STREAM))
         for images, labels, skipped in loader:
             self.skipped += skipped
             if labels.shape[0] == 0:

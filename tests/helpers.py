@@ -108,3 +108,44 @@ def own_ray_processes(title: bytes) -> list[int]:
             except (OSError, ValueError, IndexError):
                 continue
     return pids
+
+
+def jpeg_bytes(label: int, rng, size=(40, 34)) -> bytes:
+    """A small JPEG whose colour tells its class `label` apart, with seeded noise."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    colour = np.array([40 * label + 20, 255 - 35 * label, (90 * label) % 256], dtype=np.float64)
+    pixels = np.clip(colour + rng.normal(0, 12, size=(size[1], size[0], 3)), 0, 255)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def write_shard(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A tar shard holding `members` (name, bytes) in that order."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+def labelled_images(prefix: str, classes: int, per_class: int, seed: int = 0,
+                    image: str = "jpg") -> list[tuple[str, bytes]]:
+    """Shard members of `classes` x `per_class` samples: `<key>.<image>` and `<key>.cls`."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    members = []
+    for label in range(classes):
+        for i in range(per_class):
+            members += [(f"{prefix}{label}-{i}.{image}", jpeg_bytes(label, rng)),
+                        (f"{prefix}{label}-{i}.cls", str(label).encode())]
+    return members

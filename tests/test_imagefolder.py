@@ -130,6 +130,21 @@ def test_augmentation_is_seeded_per_image_whatever_the_loader_workers(folder, au
     assert not torch.equal(other_epoch, images), "each epoch draws new crops"
 
 
+def test_crops_follow_the_trials_seed_whatever_the_loader_workers(folder):
+    serial = load_image_folder(folder, image_size=24, loader_workers=0)
+    parallel = load_image_folder(folder, image_size=24, loader_workers=2)
+
+    def crops(data, augment_seed):
+        loader = data.train_loader(43, 1, torch.Generator().manual_seed(0),
+                                   augment_seed=augment_seed)
+        return torch.cat([x for x, _, _ in loader])
+
+    assert torch.equal(crops(serial, 7), crops(parallel, 7))
+    other = crops(serial, 8)  # the same order (the same generator), another trial's seed
+    assert all(not torch.equal(a, b) for a, b in zip(crops(serial, 7), other)), \
+        "another trial seed draws other crops of every image"
+
+
 def test_a_study_trains_end_to_end_on_an_image_folder(folder, tmp_path):
     from resnet_ablate.results import load
     from resnet_ablate.spec import load_spec

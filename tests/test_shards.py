@@ -1,5 +1,6 @@
 """Sharded data sets (webdataset tar shards): counting and checks, per-image seeded augmentation,
-corrupt samples skipped and counted, and a study trained end to end on generated shards."""
+corrupt samples skipped and counted, shard URLs opened without a shell, dotted keys, no score
+from no images, and a study trained end to end on generated shards."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import ray
 import torch
 from PIL import Image
 
-from helpers import write_spec
+from helpers import labelled_images, write_shard, write_spec
 from resnet_ablate.imagefolder import IMAGENET_MEAN, IMAGENET_STD
-from resnet_ablate.shards import load_shards
+from resnet_ablate.recipe import TrainRecipe
+from resnet_ablate.shards import ALLOW_PIPE_URLS_ENV, ShardError, load_shards, open_shard
+from resnet_ablate.train import NoImages, evaluate, train
 
 CLASSES = 6
 
@@ -156,3 +159,186 @@ def test_replicas_read_their_own_shards_for_the_same_number_of_steps(shards):
         data.train_loader(2, 1, torch.Generator(), part=0, parts=4)
     halves = [[y for _, y, _ in data.test_loader(4, part=p, parts=2)] for p in (0, 1)]
     assert sum(len(y) for batch in halves for y in batch) == data.test_size
+
+
+def _seeded_epoch(data, epoch, augment_seed):
+    """The epoch's crops keyed by image content at its centre crop... by label and order-free:
+    each image's crop, sorted, so that the order (which depends on the workers) drops out."""
+    crops = []
+    for x, _, _ in data.train_loader(1, epoch, torch.Generator().manual_seed(0),
+                                     augment_seed=augment_seed):
+        crops += [tuple(round(v, 4) for v in image.flatten().tolist()) for image in x]
+    return sorted(crops)
+
+
+def test_crops_follow_the_trials_seed_whatever_the_loader_workers(shards):
+    root, _ = shards
+    serial = load_shards(_spec(root), image_size=24, loader_workers=0)
+    parallel = load_shards(_spec(root), image_size=24, loader_workers=2)
+    assert _seeded_epoch(serial, 1, 7) == _seeded_epoch(parallel, 1, 7)
+    assert not set(_seeded_epoch(serial, 1, 7)) & set(_seeded_epoch(serial, 1, 8)), \
+        "another trial seed draws other crops of every image"
+
+
+# -- shard URLs: opened by the toolkit, never through a shell
+
+
+def test_a_pipe_url_is_refused_before_anything_runs(shards, tmp_path):
+    root, _ = shards
+    canary = tmp_path / "CANARY"
+    pipe = f"pipe:touch {canary}; cat {root / 'val-000.tar'}"
+    with pytest.raises(ValueError, match=r"shards.train: 'pipe:touch .*' is a pipe: URL, which "
+                                         r"runs a shell command; valid: a local path"):
+        load_shards({**_spec(root), "train": pipe, "train_size": 18})
+    for other in ("gs://bucket/train.tar", "sftp://host/train.tar", "scp://host/train.tar"):
+        with pytest.raises(ValueError, match=f"shards.val: '{other}' has the scheme"):
+            load_shards({**_spec(root), "val": other, "val_size": 18})
+    # And where the trial opens a shard (its process may not be the one that read the spec).
+    with pytest.raises(ValueError, match="is a pipe: URL"):
+        open_shard(pipe)
+    data = load_shards(_spec(root), image_size=24, loader_workers=0)
+    with pytest.raises(ValueError, match="is a pipe: URL"):
+        list(data._loader([pipe], 4, None, 0, False))
+    assert not canary.exists()
+
+
+def test_a_pipe_url_runs_with_the_opt_in(shards, tmp_path, monkeypatch):
+    root, _ = shards
+    monkeypatch.setenv(ALLOW_PIPE_URLS_ENV, "1")
+    canary = tmp_path / "CANARY"
+    data = load_shards({**_spec(root), "val": f"pipe:touch {canary}; cat {root / 'val-000.tar'}",
+                        "val_size": 18}, image_size=24, loader_workers=0)
+    assert sum(len(y) for _, y, _ in data.test_loader(4)) == 18
+    assert canary.exists()
+
+
+@pytest.fixture
+def http_shards(shards):
+    """The shards folder served over http on loopback, for the test's duration."""
+    import functools
+    import http.server
+    import threading
+
+    root, _ = shards
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_shards_are_read_without_running_a_command(http_shards, tmp_path, monkeypatch):
+    import subprocess
+
+    root, base = http_shards
+
+    def no_command(*args, **kwargs):
+        raise AssertionError(f"a command ran: {args}")
+
+    monkeypatch.setattr(subprocess, "Popen", no_command)
+    data = load_shards({**_spec(root), "val": f"{base}/val-000.tar", "val_size": 18},
+                       image_size=24, loader_workers=0)
+    assert sum(len(y) for _, y, _ in data.test_loader(4)) == 18
+    canary = tmp_path / "CANARY"
+    for quoted in (f"{base}/val-000.tar'; touch {canary}; echo '",
+                   f"{base}/val-000.tar'$(touch${{IFS}}{canary})'"):
+        data = load_shards({**_spec(root), "val": quoted, "val_size": 18}, image_size=24,
+                           loader_workers=0)
+        with pytest.raises(ShardError, match=r"shard http://127.0.0.1:\d+/val-000.tar'.* "
+                                             r"cannot be read: (HTTPError|InvalidURL)"):
+            list(data.test_loader(4))
+    assert not canary.exists()
+
+
+# -- dotted keys (ImageNet's file names keep their .JPEG)
+
+
+@pytest.mark.parametrize("label_name", ["{stem}.JPEG.cls", "{stem}.cls"])
+def test_dotted_keys_are_counted_and_decoded_alike(label_name, tmp_path):
+    members = []
+    for name, data in labelled_images("n0144_", CLASSES, 2):
+        stem, _, extension = name.rpartition(".")
+        members.append((f"{stem}.JPEG.jpg" if extension == "jpg" else
+                        label_name.format(stem=stem), data))
+    write_shard(tmp_path / "train-000.tar", members)
+    data = load_shards({"train": str(tmp_path / "train-000.tar"),
+                        "val": str(tmp_path / "train-000.tar"), "num_classes": CLASSES},
+                       image_size=24, loader_workers=0)
+    batches = list(data.test_loader(5))
+    assert data.test_size == sum(len(y) for _, y, _ in batches) == CLASSES * 2
+    assert sum(s for _, _, s in batches) == 0
+    assert sorted(torch.cat([y for _, y, _ in batches]).tolist()) == \
+        sorted(list(range(CLASSES)) * 2)
+
+
+# -- no score from no images
+
+
+def _damaged(kind: str, folder) -> str:
+    """A shard with no decodable image: empty, every image corrupt, or cut short inside its
+    first image's header (its label read, the image not)."""
+    path = folder / f"{kind}.tar"
+    if kind == "empty":
+        write_shard(path, [])
+    elif kind == "undecodable":
+        write_shard(path, [member for i in range(4) for member in
+                           ((f"bad{i}.jpg", b"\xff\xd8\xff not a jpeg"), (f"bad{i}.cls", b"1"))])
+    else:
+        write_shard(path, [("cut.cls", b"1"), ("cut.jpg", labelled_images("x", 1, 1)[0][1])])
+        whole = path.read_bytes()
+        path.write_bytes(whole[:1024 + 100])  # the label's header and block, then part of a header
+    return str(path)
+
+
+def _tiny_model():
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(4, CLASSES))
+
+
+@pytest.mark.parametrize("kind", ["empty", "undecodable", "truncated"])
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_training_or_evaluating_on_no_image_fails_naming_the_split(shards, tmp_path, kind, split):
+    root, _ = shards
+    spec = {**_spec(root), split: _damaged(kind, tmp_path)}
+    data = load_shards(spec, image_size=24, loader_workers=0)
+    recipe = TrainRecipe(epochs=1, batch_size=2, eval_batch_size=4, precision="fp32")
+    # Training drops a last partial batch unread: the truncated shard's one sample is not seen.
+    skipped = {"empty": 0, "undecodable": 4, "truncated": 1 if split == "val" else 0}[kind]
+    what = "epoch 1's training" if split == "train" else "the test split's evaluation"
+    with pytest.raises(NoImages, match=f"{what} had no image to score: {skipped} image"):
+        train(_tiny_model, data, recipe, seed=0, threads=1)
+
+
+def test_evaluating_no_images_in_memory_fails():
+    with pytest.raises(NoImages, match="evaluation had no image to score"):
+        evaluate(_tiny_model(), torch.empty(0, 3, 8, 8), torch.empty(0, dtype=torch.int64))
+
+
+def test_a_shard_cut_inside_an_image_fails_naming_it(tmp_path):
+    path = write_shard(tmp_path / "cut.tar", labelled_images("x", 2, 1))
+    path.write_bytes(path.read_bytes()[:700])  # inside the first image's data
+    data = load_shards({"train": str(path), "val": str(path), "num_classes": CLASSES,
+                        "train_size": 2, "val_size": 2}, image_size=24, loader_workers=0)
+    with pytest.raises(ShardError, match=f"shard {path} cannot be read: ReadError"):
+        list(data.test_loader(2))
+
+
+def test_each_trials_seed_reaches_its_streamed_crops(shards, monkeypatch):
+    from resnet_ablate.shards import ShardData
+
+    root, _ = shards
+    data = load_shards(_spec(root), image_size=24, loader_workers=0)
+    seeds = []
+    original = ShardData.train_loader
+
+    def recording(self, *args, **kwargs):
+        seeds.append(kwargs["augment_seed"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ShardData, "train_loader", recording)
+    recipe = TrainRecipe(epochs=1, batch_size=4, eval_batch_size=8, precision="fp32")
+    for seed in (0, 1, 0):
+        train(_tiny_model, data, recipe, seed=seed, threads=1)
+    assert seeds[0] == seeds[2] != seeds[1]

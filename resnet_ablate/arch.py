@@ -180,7 +180,13 @@ class ResNetArch:
 
     @property
     def name(self) -> str:
-        """A readable name that leaves out what the family implies, e.g. "resnet56-cifar-A"."""
+        """A readable name that leaves out what the family implies, e.g. "resnet56-cifar-A".
+
+        Results, plots and comparisons group trials by it, so two descriptions that build
+        different networks must never share it: every resolved field that is not what the family
+        and depth imply is spelled out (block, stages, shortcut, widths, and for bottlenecks the
+        inner width and stride placement), and so is `unfused`, a different build of one network.
+        """
         kind = "plain" if self.shortcut == "none" else "resnet"
         parts = [f"{kind}{self.depth}", self.family]
         default_block, default_stages = self._implied_block_and_stages()
@@ -202,9 +208,14 @@ class ResNetArch:
         return "-".join(parts)
 
     def _implied_block_and_stages(self) -> tuple[str | None, tuple[int, ...] | None]:
+        """The block and stages the family builds for this depth alone: Table 1's on ImageNet; on
+        CIFAR basic blocks, and three equal stages when the depth allows them (with this block)."""
         if self.family == "imagenet":
             return IMAGENET_DEPTHS.get(self.depth or 0, (None, None))
-        return "basic", self.stages
+        block = str(self.block)
+        num_stages = len(_DEFAULT_WIDTHS["cifar"])
+        n, remainder = divmod((self.depth or 0) - 2, LAYERS_PER_BLOCK[block] * num_stages)
+        return "basic", (n,) * num_stages if n >= 1 and not remainder else None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values only (lists, str, int, bool): what YAML, JSON and study storage hold."""

@@ -224,4 +224,5 @@ def test_distinct_levels_that_only_look_alike_are_kept():
     assert spec.space["shortcut"] == ("A", "B", "C", "none")
     assert len(list(spec.grid())) == 8
     # true and 1 are different values (and 1 is no value of fused): the architecture says so
-    assert "ResNetArch.fused=1 is not valid" in _error({**MINIMAL, "space": {"depth": [8], "fused": [True, 1]}})
+    message = _error({**MINIMAL, "space": {"depth": [8], "fused": [True, 1]}})
+    assert "ResNetArch.fused=1 is not valid" in message

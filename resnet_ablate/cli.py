@@ -25,6 +25,12 @@ def _run(args: argparse.Namespace) -> int:
     from .storage import runs_folder
     from .study import RunOptions, plan_study, run_study
 
+    if args.allow_pipe_urls:  # before Ray starts: its local workers inherit the environment
+        import os
+
+        from .shards import ALLOW_PIPE_URLS_ENV
+
+        os.environ[ALLOW_PIPE_URLS_ENV] = "1"
     spec = load_spec(args.spec)
     options = RunOptions(address=args.address, storage=args.storage, workers=args.workers,
                          runs_dir=runs_folder(args.runs_dir), keep_weights=not args.no_weights,
@@ -355,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how --dry-run prints its plan (csv and json: exact values)")
     run.add_argument("--no-weights", action="store_true", help="do not keep trained weights")
     run.add_argument("--quiet", action="store_true", help="no progress display")
+    run.add_argument("--allow-pipe-urls", action="store_true",
+                     help="let the spec's `pipe:` shard URLs run their shell command (only for "
+                     "a spec you trust; refused without this flag)")
     _add_query_commands(sub)
     return parser
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from helpers import RESULTS_STUDY, free_port, raw_spec, write_spec
+from helpers import (RESULTS_STUDY, free_port, labelled_images, raw_spec, write_shard,
+                     write_spec)
 from resnet_ablate.cli import main
 from resnet_ablate.spec import parse_spec
 
@@ -230,6 +231,64 @@ def test_a_dry_run_refuses_a_missing_data_set_as_a_run_does(tmp_path, capsys):
                                        str(tmp_path), *extra])
         assert "CIFAR-10 not found" in err
     assert not list(tmp_path.glob("*.db")), "nothing was stored"
+
+
+def _shard_spec(name: str, folder: Path, **shards) -> dict:
+    """A study on shards in `folder` (two classes, a training and a validation shard) whose
+    `shards` entries replace the generated ones."""
+    write_shard(folder / "train.tar", labelled_images("t", 2, 4))
+    write_shard(folder / "val.tar", labelled_images("v", 2, 2, seed=1))
+    dataset = {"name": "webdataset", "image_size": 16, "loader_workers": 0,
+               "shards": {"train": str(folder / "train.tar"), "val": str(folder / "val.tar"),
+                          "num_classes": 2, **shards}}
+    return {**raw_spec(name, seeds=1), "dataset": dataset,
+            "model": {"family": "imagenet", "widths": [4, 8, 8, 8], "stages": [1, 1, 1, 1],
+                      "block": "basic"},
+            "space": {"shortcut": ["A"]}, "train": {"epochs": 1, "batch_size": 4},
+            "max_attempts": 1}
+
+
+def test_a_pipe_shard_url_is_refused_before_anything_runs_unless_allowed(tmp_path, capsys,
+                                                                          monkeypatch):
+    from resnet_ablate.shards import ALLOW_PIPE_URLS_ENV
+
+    monkeypatch.setenv(ALLOW_PIPE_URLS_ENV, "0")  # and put back as it was after the test
+    canary = tmp_path / "CANARY"
+    raw = _shard_spec("piped", tmp_path, val=f"pipe:touch {canary}; cat {tmp_path / 'val.tar'}",
+                      val_size=4)
+    spec = str(write_spec(tmp_path, raw))
+    for extra in (["--dry-run"], ["--quiet"]):
+        err = _one_line_error(capsys, ["run", spec, "--runs-dir", str(tmp_path), *extra])
+        assert "is a pipe: URL, which runs a shell command" in err and "--allow-pipe-urls" in err
+    assert not canary.exists() and not list(tmp_path.glob("*.db"))
+    assert main(["run", spec, "--runs-dir", str(tmp_path), "--dry-run", "--allow-pipe-urls"]) == 0
+    assert os.environ[ALLOW_PIPE_URLS_ENV] == "1"
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_trial_on_no_decodable_image_fails_with_the_reason(split, tmp_path):
+    import ray
+
+    from resnet_ablate.record import FailureKind, TrialKey
+    from resnet_ablate.spec import load_spec
+    from resnet_ablate.study import RunOptions, run_study
+
+    write_shard(tmp_path / "bad.tar", [member for i in range(4) for member in
+                                       ((f"b{i}.jpg", b"not a jpeg"), (f"b{i}.cls", b"0"))])
+    raw = _shard_spec(f"no-images-{split}", tmp_path, **{split: str(tmp_path / "bad.tar")})
+    try:
+        summary = run_study(load_spec(write_spec(tmp_path, raw)),
+                            RunOptions(runs_dir=tmp_path, progress=False))
+    finally:
+        ray.shutdown()
+    assert (summary.completed, summary.failed) == (0, 1), summary
+    (trial,) = optuna.load_study(study_name=raw["study"], storage=summary.storage).get_trials()
+    assert trial.state == optuna.trial.TrialState.FAIL
+    what = "epoch 1's training" if split == "train" else "the test split's evaluation"
+    assert trial.user_attrs[TrialKey.FAILURE] == (
+        f"NoImages: {what} had no image to score: 4 image(s) skipped as undecodable or "
+        "unlabelled, none read; check the data set's files")
+    assert trial.user_attrs[TrialKey.FAILURE_KIND] == FailureKind.ERROR
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")

@@ -91,7 +91,8 @@ def connect(spec: StudySpec, address: str | None, workers: int) -> None:
                 # Ray's core logs each failed attempt to join, a line a second for 20 s: kept
                 # aside, so that a refusal reads as one line.
                 with _stderr_aside():
-                    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+                    ray.init(address=address, logging_level="ERROR", log_to_driver=False,
+                             runtime_env=_worker_environment())
             except Exception as error:  # noqa: BLE001 - Ray raises many kinds; one line for each
                 reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
                 raise ClusterError(
@@ -110,6 +111,15 @@ def connect(spec: StudySpec, address: str | None, workers: int) -> None:
         raise ClusterError(
             f"{spec.source}: a trial needs {gpus_needed:g} GPU(s) ({_asked(spec)}) but the Ray "
             f"cluster has {gpus:g}; ask for fewer, or set gpus: 0 to train on CPUs")
+
+
+def _worker_environment() -> dict[str, Any] | None:
+    """The runtime environment of this job's workers on a cluster we join: the driver's opt-in to
+    `pipe:` shard URLs (shards.py), which the cluster's workers would not inherit otherwise (a
+    local Ray's workers inherit the driver's environment)."""
+    from ..shards import ALLOW_PIPE_URLS_ENV, pipe_urls_allowed
+
+    return {"env_vars": {ALLOW_PIPE_URLS_ENV: "1"}} if pipe_urls_allowed() else None
 
 
 def _gpus_per_trial(spec: StudySpec) -> float:

@@ -162,8 +162,8 @@ def test_replicas_read_their_own_shards_for_the_same_number_of_steps(shards):
 
 
 def _seeded_epoch(data, epoch, augment_seed):
-    """The epoch's crops keyed by image content at its centre crop... by label and order-free:
-    each image's crop, sorted, so that the order (which depends on the workers) drops out."""
+    """The epoch's crops, sorted, so that the sample order (which depends on the loader workers)
+    drops out."""
     crops = []
     for x, _, _ in data.train_loader(1, epoch, torch.Generator().manual_seed(0),
                                      augment_seed=augment_seed):

@@ -60,7 +60,7 @@ def _run(args: argparse.Namespace) -> int:
     if len(results.completed()):
         table = summary_with_training_error(results)
         print(results.format_table(table))
-        _note_few_seeds(table)
+        _footnotes(table)
     return 0
 
 
@@ -229,25 +229,26 @@ def _export(args: argparse.Namespace) -> int:
 def _summary(args: argparse.Namespace) -> int:
     table = _load(args).summary(by=_names(args.by), metric=args.metric)
     code = _emit(table, args)
-    _note_few_seeds(table)
+    _footnotes(table)
     return code
 
 
-FEW_SEEDS = 3
+def _footnotes(table) -> None:
+    """How the table's intervals were made and what each row's note says, on stderr so that a
+    table on stdout stays a table (CSV and JSON carry them as columns)."""
+    from .results import footnotes
 
-
-def _note_few_seeds(table) -> None:
-    """A visible note where a configuration has too few seeds for its interval to mean much."""
-    few = table[table["n"] < FEW_SEEDS] if "n" in table else table.iloc[0:0]
-    if len(few):
-        print(f"note: {len(few)} of {len(table)} rows have fewer than {FEW_SEEDS} seeds; their 95% "
-              "intervals (clipped to the metric's range) say little beyond that", file=sys.stderr)
+    for line in footnotes(table):
+        print(line, file=sys.stderr)
 
 
 @command("compare")
 @_query
 def _compare(args: argparse.Namespace) -> int:
-    return _emit(_load(args).compare(args.factor, args.baseline, metric=args.metric), args)
+    table = _load(args).compare(args.factor, args.baseline, metric=args.metric)
+    code = _emit(table, args)
+    _footnotes(table)
+    return code
 
 
 @command("pareto")

@@ -21,7 +21,6 @@ import dataclasses
 import json
 import math
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +30,10 @@ from urllib.parse import quote
 import numpy as np
 import optuna
 import pandas as pd
-from scipy import stats
 
+from . import stats
 from .filters import FilterError, filter_mask
-from .record import DIRECTIONS, METRICS, StudyKey, TrialKey, metric_values
+from .record import DIRECTIONS, METRICS, StudyKey, TrialKey, metric_values, unpack_outcomes
 from .storage import (StoreError, default_storage, runs_folder, sqlite_path, store_faults,
                       weights_folder)
 
@@ -45,12 +44,12 @@ ARCH_COLUMNS = ("family", "depth", "stages", "block", "shortcut", "widths", "bas
 # Whether more or less is better, for the metrics a Pareto front can be taken over.
 TRIAL_COLUMNS = ("number", "state", "arch_name", *ARCH_COLUMNS, "seed", "params", "flops",
                  "test_accuracy", "test_error", "best_test_error", "test_top5_error",
-                 "train_error", "epochs",
+                 "train_error", "test_images", "epochs",
                  "wall_seconds", "images_per_second", "precision", "memory_format", "device",
                  "replicas", "restarts", "failure_kind", "failure",
                  "arch_digest", "weights")
-_INT_COLUMNS = ("number", "depth", "base_width", "seed", "params", "flops", "epochs", "replicas",
-                "restarts")
+_INT_COLUMNS = ("number", "depth", "base_width", "seed", "params", "flops", "test_images",
+                "epochs", "replicas", "restarts")
 STATES = ("COMPLETE", "RUNNING", "FAIL", "PRUNED", "WAITING")
 
 
@@ -146,6 +145,7 @@ def _trial_row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
         "seed": attrs.get(TrialKey.SEED),
         **{name: metrics[name] for name in ("params", "flops", "test_accuracy", "test_error",
                                             "best_test_error", "test_top5_error", "train_error")},
+        "test_images": attrs.get(TrialKey.TEST_IMAGES),
         "epochs": attrs.get(TrialKey.EPOCHS_COMPLETED),
         "wall_seconds": metrics["wall_seconds"], "images_per_second": metrics["images_per_second"],
         "precision": execution.get("precision"), "memory_format": execution.get("memory_format"),
@@ -172,17 +172,6 @@ def _trials_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 def _floats(series: pd.Series) -> np.ndarray:
     return series.to_numpy(dtype=float, na_value=np.nan)
-
-
-def _t_interval(values: np.ndarray) -> tuple[float, float, float, float]:
-    """Mean, sample std and the 95% Student-t confidence interval (nan where n < 2)."""
-    n = len(values)
-    mean = float(np.mean(values)) if n else math.nan
-    if n < 2:
-        return mean, math.nan, math.nan, math.nan
-    std = float(np.std(values, ddof=1))
-    half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
-    return mean, std, mean - half, mean + half
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,36 +255,70 @@ class Results:
     # -- statistics
 
     def summary(self, by: Sequence[str] | None = None, metric: str = "test_error") -> pd.DataFrame:
-        """Per configuration over seeds: count, mean, std and 95% CI (Student t) of `metric`,
-        with the configuration's parameters and FLOPs (their mean where `by` mixes several).
-        The interval is clipped to the values the metric can take (an error rate to [0, 100]%):
-        with two or three seeds Student's t gives intervals wider than that, which say only that
-        there are too few seeds (`n` says how many)."""
+        """Per configuration over seeds: n, mean, seed-to-seed std and the 95% interval of
+        `metric`, with the method that made the interval and a note where it needs one (few
+        seeds, no interval, what it is conditional on), and the configuration's parameters and
+        FLOPs (their mean where `by` mixes several).
+
+        Test error and accuracy get intervals for the error rate itself, the test set's own
+        sampling included (resnet_ablate/stats.py: crossed seeds x test images from the per-image
+        record, or a conservative binomial bound where only the test set's size was recorded);
+        other metrics Student's t over seeds. Intervals are clipped to the metric's range.
+        `frame.attrs["methods"]` lists the methods used."""
         by = list(by or self.configuration_columns())
         self.check_columns(by)
         self.check_metric(metric)
         done = self.require_completed("summarise")
         rows = []
         for key, group in done.groupby(by, sort=True, dropna=False):
-            mean, std, low, high = _t_interval(_floats(group[metric]))
-            if metric in METRICS:
-                low, high = max(low, METRICS[metric].low), min(high, METRICS[metric].high)
+            estimate = self._estimate(group, metric)
             names = group["arch_name"].unique()
             rows.append({
                 **dict(zip(by, key if isinstance(key, tuple) else (key,))),
                 "arch_name": names[0] if len(names) == 1 else f"{len(names)} architectures",
-                "n": len(group), f"{metric}_mean": mean, f"{metric}_std": std,
-                f"{metric}_ci95_low": low, f"{metric}_ci95_high": high,
+                "n": len(group), f"{metric}_mean": estimate.mean, f"{metric}_std": estimate.std,
+                f"{metric}_ci95_low": estimate.low, f"{metric}_ci95_high": estimate.high,
+                "method": estimate.method, "note": _note(estimate),
                 "params": _one_or_mean(group["params"]), "flops": _one_or_mean(group["flops"]),
             })
-        return pd.DataFrame(rows)
+        return _with_methods(pd.DataFrame(rows))
+
+    def _outcomes(self, numbers: Sequence[int]) -> tuple[list[np.ndarray] | None, int | None]:
+        """The per-image records of these trials' final evaluations and the test set's size:
+        (None, N) where any lacks its per-image record, (None, None) where any lacks the size or
+        the sizes differ (then they were not scored on one test set)."""
+        attrs = [self.attrs.get(int(n), {}) for n in numbers]
+        sizes = {a.get(TrialKey.TEST_IMAGES) for a in attrs}
+        if len(sizes) != 1 or None in sizes:
+            return None, None
+        images = int(sizes.pop())
+        if any(not a.get(TrialKey.TEST_OUTCOMES) for a in attrs):
+            return None, images
+        return [unpack_outcomes(a[TrialKey.TEST_OUTCOMES], images) for a in attrs], images
+
+    def _estimate(self, group: pd.DataFrame, metric: str) -> stats.Estimate:
+        """The estimate of `metric` over one configuration's seeds (see `summary`)."""
+        values = _floats(group[metric])
+        if metric in ERROR_RATES:
+            outcomes, images = self._outcomes(group["number"].tolist())
+            errors = values if metric == "test_error" else 1 - values
+            estimate = stats.error_rate(outcomes, errors, images)
+            return estimate if metric == "test_error" else _complement(estimate)
+        bounds = (METRICS[metric].low, METRICS[metric].high) if metric in METRICS \
+            else (-math.inf, math.inf)
+        return stats.seed_mean(values, bounds)
 
     def compare(self, factor: str, baseline: Any, metric: str = "test_error") -> pd.DataFrame:
-        """Paired differences `metric(level) - metric(baseline)` over seeds, for each other level
-        of `factor`: one row per configuration of the other swept factors, plus an "all" row that
-        pools every pair. With a 95% CI of the mean difference and the two-sided p-value of the
-        paired t-test (`scipy.stats.ttest_rel`). Several completed trials of one configuration and
-        seed are averaged first."""
+        """Paired differences `metric(level) - metric(baseline)`, seeds paired by seed number, for
+        each other level of `factor`: one row per configuration of the other swept factors, with
+        the mean difference, its 95% interval and the two-sided p-value of "no difference", the
+        method that made them and a note. Test error and accuracy are compared image by image on
+        the shared test set where the per-image record was kept (resnet_ablate/stats.py), other
+        metrics by Student's t over the paired seeds. Where the other factors take several
+        configurations, an "all" row gives the stratified estimate: the mean of the
+        configurations' differences, each configuration's pairs kept apart (never a pool of
+        unlike pairs). Several completed trials of one configuration and seed are averaged first
+        (and lose their per-image record)."""
         self.check_columns([factor])
         self.check_metric(metric)
         done = self.require_completed("compare")
@@ -306,7 +329,9 @@ class Results:
                                f"{self.study!r}: there is nothing to compare it with")
         others = self.configuration_columns(without=[factor])
         others = [c for c in others if c != "arch_name"]
-        keyed = done.groupby([*others, "seed", factor], dropna=False)[metric].mean().unstack(factor)
+        keys = [*others, "seed", factor]
+        keyed = done.groupby(keys, dropna=False)[metric].mean().unstack(factor)
+        numbers = done.groupby(keys, dropna=False)["number"].agg(list).unstack(factor)
         if baseline not in keyed.columns:
             raise ResultsError(f"no completed trial with {factor}={_plain(baseline)} yet; completed "
                                f"levels: {', '.join(map(str, keyed.columns))}")
@@ -315,18 +340,46 @@ class Results:
             pairs = keyed[[baseline, level]].dropna()
             if pairs.empty:
                 continue
-            groups = pairs.groupby(level=others, dropna=False, sort=True) if others else []
+            trials = numbers.loc[pairs.index, [baseline, level]]
+            groups = pairs.groupby(level=others, dropna=False, sort=True) if others \
+                else [((), pairs)]
+            estimates = []
             for key, group in groups:
                 key = key if isinstance(key, tuple) else (key,)
+                estimate = self._difference(group[baseline], group[level],
+                                            trials.loc[group.index], baseline, level, metric)
+                estimates.append(estimate)
                 rows.append(_paired_row(factor, level, baseline, metric, dict(zip(others, key)),
-                                        group[baseline], group[level]))
-            rows.append(_paired_row(factor, level, baseline, metric,
-                                    {name: "all" for name in others},
-                                    pairs[baseline], pairs[level]))
+                                        group[baseline], group[level], estimate))
+            if len(estimates) > 1:
+                bounds = _difference_bounds(metric)
+                rows.append(_paired_row(factor, level, baseline, metric,
+                                        {name: "all" for name in others}, pairs[baseline],
+                                        pairs[level], stats.stratified(estimates, bounds)))
         if not rows:
             raise ResultsError(f"no configuration has completed trials of both {factor}="
                                f"{_plain(baseline)} and another level with the same seed yet")
-        return pd.DataFrame(rows)
+        return _with_methods(pd.DataFrame(rows))
+
+    def _difference(self, base: pd.Series, other: pd.Series, trials: pd.DataFrame, baseline: Any,
+                    level: Any, metric: str) -> stats.Estimate:
+        """The estimate of `metric(level) - metric(baseline)` over one configuration's paired
+        seeds (see `compare`)."""
+        base_values, other_values = base.to_numpy(float), other.to_numpy(float)
+        if metric not in ERROR_RATES:
+            return stats.seed_mean(other_values - base_values, _difference_bounds(metric))
+        single = all(len(cell) == 1 for cell in trials.to_numpy().ravel())
+        outcomes, images = (None, None)
+        if single:
+            numbers = [*trials[baseline].str[0], *trials[level].str[0]]
+            outcomes, images = self._outcomes(numbers)
+        sign = 1.0 if metric == "test_error" else -1.0  # accuracy: the same test, sign flipped
+        to_error = (lambda v: v) if metric == "test_error" else (lambda v: 1 - v)
+        n = len(base_values)
+        estimate = stats.paired_difference(
+            None if outcomes is None else outcomes[:n], None if outcomes is None else outcomes[n:],
+            to_error(base_values), to_error(other_values), images)
+        return estimate if sign > 0 else _negated(estimate)
 
     def pareto(self, objectives: Sequence[str] = ("test_error", "flops")) -> pd.DataFrame:
         """The completed trials that no other completed trial dominates (at least as good in every
@@ -456,21 +509,53 @@ def _match_level(value: Any, levels: list[Any], factor: str) -> Any:
 
 
 def _paired_row(factor: str, level: Any, baseline: Any, metric: str, configuration: dict,
-                base: pd.Series, other: pd.Series) -> dict[str, Any]:
-    base_values, other_values = base.to_numpy(float), other.to_numpy(float)
-    differences = other_values - base_values
-    mean, std, low, high = _t_interval(differences)
-    t_stat = p_value = math.nan
-    if len(differences) >= 2:
-        with warnings.catch_warnings():  # identical differences: t is undefined, reported as nan
-            warnings.simplefilter("ignore", RuntimeWarning)
-            test = stats.ttest_rel(other_values, base_values)
-        t_stat, p_value = float(test.statistic), float(test.pvalue)
-    return {factor: level, "baseline": baseline, **configuration, "n_pairs": len(differences),
-            f"{metric}_baseline": float(np.mean(base_values)),
-            f"{metric}_level": float(np.mean(other_values)),
-            "diff_mean": mean, "diff_std": std, "diff_ci95_low": low, "diff_ci95_high": high,
-            "t": t_stat, "p_value": p_value, "metric": metric}
+                base: pd.Series, other: pd.Series, estimate: stats.Estimate) -> dict[str, Any]:
+    return {factor: level, "baseline": baseline, **configuration, "n_pairs": len(base),
+            f"{metric}_baseline": float(np.mean(base.to_numpy(float))),
+            f"{metric}_level": float(np.mean(other.to_numpy(float))),
+            "diff_mean": estimate.mean, "diff_std": estimate.std,
+            "diff_ci95_low": estimate.low, "diff_ci95_high": estimate.high,
+            "p_value": estimate.p_value, "method": estimate.method, "note": _note(estimate),
+            "metric": metric}
+
+
+# The metrics whose intervals take the test set's own sampling into account.
+ERROR_RATES = ("test_error", "test_accuracy")
+
+
+def _note(estimate: stats.Estimate) -> str:
+    """What a reader must know beside a number: too few seeds, no interval, a condition."""
+    parts = []
+    if 0 < estimate.n < stats.FEW_SEEDS:
+        parts.append(f"few seeds (n={estimate.n})")
+    if estimate.note:
+        parts.append(estimate.note)
+    return "; ".join(parts)
+
+
+def _with_methods(frame: pd.DataFrame) -> pd.DataFrame:
+    frame.attrs["methods"] = sorted(set(frame["method"]) - {""}) if "method" in frame else []
+    return frame
+
+
+def _complement(estimate: stats.Estimate) -> stats.Estimate:
+    """The estimate of 1 - x from that of x (accuracy from error)."""
+    return dataclasses.replace(estimate, mean=1 - estimate.mean, low=1 - estimate.high,
+                               high=1 - estimate.low, variance_draws=None)
+
+
+def _negated(estimate: stats.Estimate) -> stats.Estimate:
+    """The estimate of -x from that of x (an accuracy difference from an error difference)."""
+    return dataclasses.replace(estimate, mean=-estimate.mean, low=-estimate.high,
+                               high=-estimate.low)
+
+
+def _difference_bounds(metric: str) -> tuple[float, float]:
+    """The range a difference of `metric` can take: [-1, 1] for a rate."""
+    if metric in METRICS:
+        span = METRICS[metric].high - METRICS[metric].low
+        return -span, span
+    return -math.inf, math.inf
 
 
 # ----------------------------------------------------------------------------------------------
@@ -564,11 +649,33 @@ def display_frame(frame: pd.DataFrame, *, max_text: int = 60) -> pd.DataFrame:
     return shown
 
 
+# Columns a terminal table leaves to `footnotes`: sentences do not fit a column.
+FOOTNOTE_COLUMNS = ("method", "note")
+
+
 def format_table(frame: pd.DataFrame) -> str:
-    """Aligned for a terminal, with units: % error, M params, GFLOPs."""
+    """Aligned for a terminal, with units: % error, M params, GFLOPs; the method and notes of
+    statistics are `footnotes`, not columns."""
     if frame.empty:
         return "(no rows)"
-    return display_frame(frame).to_string(index=False)
+    shown = frame.drop(columns=[c for c in FOOTNOTE_COLUMNS if c in frame.columns])
+    return display_frame(shown).to_string(index=False)
+
+
+def footnotes(frame: pd.DataFrame) -> list[str]:
+    """The lines that go with a table of statistics: how its intervals were made (each method
+    once) and each row's note, the row named by its leading columns."""
+    lines = [f"method: {m}" for m in frame.attrs.get("methods", [])]
+    if "note" not in frame.columns:
+        return lines
+    columns = list(frame.columns)
+    # The row's own columns come first: summary's `by`, compare's factor, baseline and others.
+    first_value = next(i for i, c in enumerate(columns) if c in ("arch_name", "n", "n_pairs"))
+    keys = columns[: max(first_value, 1)]
+    for _, row in frame[frame["note"] != ""].iterrows():
+        name = ", ".join(f"{k}={_number(row[k])}" for k in keys)
+        lines.append(f"note: {name}: {row['note']}")
+    return lines
 
 
 def _json_value(value: Any) -> Any:
@@ -590,4 +697,4 @@ def write_frame(frame: pd.DataFrame, fmt: str = "table") -> str:
 
 
 __all__ = ["ARCH_COLUMNS", "DIRECTIONS", "Results", "ResultsError", "default_storage",
-           "display_frame", "format_table", "list_studies", "load", "write_frame"]
+           "display_frame", "footnotes", "format_table", "list_studies", "load", "write_frame"]

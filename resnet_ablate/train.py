@@ -38,6 +38,7 @@ from torch import nn
 from .data import DataBundle, Streamed, draw_crops, gather_crops
 from .execution import Execution, GraphedStep, resolve_execution, side_stream
 from .recipe import TrainRecipe
+from .record import pack_outcomes
 from .replicas import Replicas, synchronise_batch_norms
 
 # The paper's rule ends warm-up when "the training error is below 80%"; a single batch is too
@@ -97,6 +98,12 @@ class TrainResult:
     seed: int
     eval_split: str
     recipe: TrainRecipe
+    # The final evaluation's test-set size and errors, and which images it got wrong (packed by
+    # record.pack_outcomes, in the evaluation's order; in-memory data sets in one process only):
+    # what honest intervals and per-image paired comparisons need (resnet_ablate/stats.py).
+    test_images: int | None = None
+    test_wrong: int | None = None
+    test_outcomes: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -206,9 +213,10 @@ def evaluate(
 @torch.no_grad()
 def _evaluation_sums(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-    execution: Execution | None,
+    execution: Execution | None, per_image: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(summed loss, wrong answers, images) of an in-memory evaluation, sums on the device."""
+    """(summed loss, wrong answers, images) of an in-memory evaluation, sums on the device;
+    each batch's per-image wrong answers appended to `per_image` where it is given."""
     model.eval()
     device = images.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -222,7 +230,10 @@ def _evaluation_sums(
             logits = model(batch)
             targets = labels[start : start + batch_size]
             loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum")
-            wrong += (logits.argmax(dim=1) != targets).sum()
+            missed = logits.argmax(dim=1) != targets
+            wrong += missed.sum()
+            if per_image is not None:
+                per_image.append(missed)
     return loss_sum, wrong, images.shape[0]
 
 
@@ -378,6 +389,9 @@ class _Run:
         self.train_images = 0
         self.train_seconds = 0.0
         self.compile_seconds = 0.0
+        # The last evaluation's test-set record (TrainResult.test_images, test_wrong,
+        # test_outcomes).
+        self.test_record: dict[str, Any] = {}
 
     def run(self) -> TrainResult:
         if not self.execution.compile:
@@ -426,7 +440,7 @@ class _Run:
             "above_limit_at_last_read": self.above_limit_at_last_read,
             "steps_taken": self.steps_taken, "current_lr": self.current_lr,
             "train_images": self.train_images, "train_seconds": self.train_seconds,
-            "elapsed": elapsed,
+            "test_record": self.test_record, "elapsed": elapsed,
         }
 
     def load_state(self, state: Mapping[str, Any]) -> None:
@@ -442,6 +456,7 @@ class _Run:
         self.best_train_loss, self.bad_epochs, self.plateau_decays = state["plateau"]
         self.above_limit_at_last_read = state["above_limit_at_last_read"]
         self.steps_taken = state["steps_taken"]
+        self.test_record = dict(state.get("test_record") or {})
         self._set_lr(state["current_lr"])
         self.train_images, self.train_seconds = state["train_images"], state["train_seconds"]
         self.elapsed_before = state["elapsed"]
@@ -537,11 +552,18 @@ class _Run:
             loss_sum, wrong, wrong5, count, skipped = self.replicas.sums(sums)
             self.skipped += sums[4]
             _require_images(count, f"the {self.data.eval_split} split's evaluation", skipped)
+            self.test_record = {"test_images": int(count), "test_wrong": int(wrong)}
             return loss_sum / count, wrong / count, wrong5 / count
+        # Per image only where one process sees every image in one order: the replicas' shares
+        # would have to be gathered back into the data set's order.
+        per_image: list[torch.Tensor] | None = None if self.replicas.parallel else []
         loss_sum, wrong, count = self.replicas.sums(_evaluation_sums(
             self.eval_model, self.test_x, self.test_y, self.recipe.eval_batch_size,
-            self.execution))
+            self.execution, per_image))
         _require_images(count, f"the {self.data.eval_split} split's evaluation", 0)
+        self.test_record = {"test_images": int(count), "test_wrong": int(wrong)}
+        if per_image:
+            self.test_record["test_outcomes"] = pack_outcomes(torch.cat(per_image).cpu().numpy())
         return loss_sum / count, wrong / count, None
 
     def _scheduled_lr(self, epoch: int) -> float:
@@ -716,6 +738,7 @@ class _Run:
             seed=self.seed,
             eval_split=self.data.eval_split,
             recipe=self.recipe,
+            **self.test_record,
         )
 
 

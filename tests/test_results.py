@@ -19,7 +19,9 @@ from scipy import stats
 
 from helpers import RESULTS_DEPTHS, RESULTS_SEEDS, RESULTS_SHORTCUTS, RESULTS_STUDY
 from resnet_ablate import plots, report
+from resnet_ablate.record import unpack_outcomes
 from resnet_ablate.results import ResultsError, display_frame, list_studies, load
+from resnet_ablate.stats import CROSSED, SEEDS_ONLY, error_rate, paired_difference
 
 STUDY, DEPTHS, SHORTCUTS, SEEDS = RESULTS_STUDY, RESULTS_DEPTHS, RESULTS_SHORTCUTS, RESULTS_SEEDS
 
@@ -82,26 +84,58 @@ def test_sorted_by_and_unknown_columns(results):
 # -- statistics against scipy.stats
 
 
-def test_summary_matches_mean_std_and_t_interval_over_seeds(results, raw_trials):
+def _outcomes_of(trial) -> np.ndarray:
+    return unpack_outcomes(trial.user_attrs["test_outcomes"], trial.user_attrs["test_images"])
+
+
+def test_each_trial_records_its_test_set_and_which_images_it_got_wrong(raw_trials):
+    for t in raw_trials:
+        outcomes = _outcomes_of(t)
+        assert len(outcomes) == t.user_attrs["test_images"] > 0
+        assert outcomes.sum() == t.user_attrs["test_wrong"]
+        assert outcomes.mean() == pytest.approx(_error_of(t))
+
+
+def test_summary_intervals_include_the_test_sets_sampling(results, raw_trials):
     summary = results.summary(by=["depth", "shortcut"]).set_index(["depth", "shortcut"])
     points = _by_point(raw_trials)
-    assert len(summary) == 4
+    assert len(summary) == 4 and summary.attrs["methods"] == [CROSSED]
     for depth in DEPTHS:
         for shortcut in SHORTCUTS:
             values = np.array([points[(depth, shortcut, s)] for s in SEEDS])
+            trials = [t for t in raw_trials
+                      if (t.params["depth"], t.params["shortcut"]) == (depth, shortcut)]
+            row = summary.loc[(depth, shortcut)]
+            assert row["n"] == 3 and row["method"] == CROSSED
+            assert row["test_error_mean"] == pytest.approx(values.mean())
+            assert row["test_error_std"] == pytest.approx(values.std(ddof=1))
+            expected = error_rate([_outcomes_of(t) for t in trials],
+                                  [_error_of(t) for t in trials], trials[0].user_attrs["test_images"])
+            assert (row["test_error_ci95_low"], row["test_error_ci95_high"]) == (
+                pytest.approx(expected.low), pytest.approx(expected.high))
+            # Never narrower than the test set's binomial sampling of the mean error alone.
+            images = trials[0].user_attrs["test_images"]
+            p = min(max(values.mean(), 1 / images), 1 - 1 / images)
+            binomial = 1.96 * np.sqrt(p * (1 - p) / (images * len(values)))
+            assert row["test_error_ci95_high"] - row["test_error_ci95_low"] >= binomial
+            assert row["params"] == trials[0].user_attrs["params"]
+            assert row["flops"] == trials[0].user_attrs["flops"]
+
+
+def test_summary_of_a_metric_without_test_sampling_is_students_t(results, raw_trials):
+    summary = results.summary(by=["depth", "shortcut"], metric="train_error")
+    summary = summary.set_index(["depth", "shortcut"])
+    for depth in DEPTHS:
+        for shortcut in SHORTCUTS:
+            values = np.array([1 - t.user_attrs["final_train_accuracy"] for t in raw_trials
+                               if (t.params["depth"], t.params["shortcut"]) == (depth, shortcut)])
             low, high = stats.t.interval(0.95, len(values) - 1, loc=values.mean(),
                                          scale=stats.sem(values))
             row = summary.loc[(depth, shortcut)]
-            assert row["n"] == 3
-            assert row["test_error_mean"] == pytest.approx(values.mean())
-            assert row["test_error_std"] == pytest.approx(values.std(ddof=1))
+            assert row["method"] == SEEDS_ONLY and row["note"] == ""
             # Student's t, clipped to the [0, 1] an error rate lives in.
-            assert (row["test_error_ci95_low"], row["test_error_ci95_high"]) == (
+            assert (row["train_error_ci95_low"], row["train_error_ci95_high"]) == (
                 pytest.approx(max(low, 0.0)), pytest.approx(min(high, 1.0)))
-            reference = next(t for t in raw_trials
-                             if (t.params["depth"], t.params["shortcut"]) == (depth, shortcut))
-            assert row["params"] == reference.user_attrs["params"]
-            assert row["flops"] == reference.user_attrs["flops"]
 
 
 def test_intervals_stay_in_the_range_of_the_metric_with_two_seeds(results):
@@ -121,24 +155,45 @@ def test_summary_by_one_factor_pools_the_other(results, raw_trials):
     assert summary.loc["none", "arch_name"] == "2 architectures"
 
 
-def test_compare_is_a_paired_t_test_over_seeds_per_depth_and_overall(results, raw_trials):
+def test_compare_pairs_seeds_and_images_per_depth_and_stratifies_overall(results, raw_trials):
     table = results.compare("shortcut", "A")
     points = _by_point(raw_trials)
+    by_point = {(t.params["depth"], t.params["shortcut"], t.user_attrs["seed"]): t
+                for t in raw_trials}
     assert list(table["depth"]) == [8, 14, "all"]
     assert set(table["shortcut"]) == {"none"} and set(table["baseline"]) == {"A"}
-    for depth, row in zip((8, 14, "all"), table.to_dict("records")):
-        depths = DEPTHS if depth == "all" else (depth,)
-        base = np.array([points[(d, "A", s)] for d in depths for s in SEEDS])
-        plain = np.array([points[(d, "none", s)] for d in depths for s in SEEDS])
-        reference = stats.ttest_rel(plain, base)
+    rows = table.to_dict("records")
+    for depth, row in zip(DEPTHS, rows):
+        base = np.array([points[(depth, "A", s)] for s in SEEDS])
+        plain = np.array([points[(depth, "none", s)] for s in SEEDS])
+        expected = paired_difference(
+            [_outcomes_of(by_point[(depth, "A", s)]) for s in SEEDS],
+            [_outcomes_of(by_point[(depth, "none", s)]) for s in SEEDS],
+            base, plain, by_point[(depth, "A", SEEDS[0])].user_attrs["test_images"])
+        assert row["n_pairs"] == len(SEEDS) and row["method"] == CROSSED
+        assert row["diff_mean"] == pytest.approx((plain - base).mean())
+        assert row["p_value"] == pytest.approx(expected.p_value)
+        assert (row["diff_ci95_low"], row["diff_ci95_high"]) == (
+            pytest.approx(expected.low), pytest.approx(expected.high))
+        assert row["test_error_baseline"] == pytest.approx(base.mean())
+    overall = rows[-1]
+    assert overall["method"].startswith("stratified over configurations")
+    assert overall["diff_mean"] == pytest.approx(np.mean([r["diff_mean"] for r in rows[:-1]]))
+    assert -1 <= overall["diff_ci95_low"] <= overall["diff_mean"] <= overall["diff_ci95_high"] <= 1
+
+
+def test_compare_of_a_metric_without_test_sampling_is_the_paired_t_test(results, raw_trials):
+    table = results.compare("shortcut", "A", metric="train_error")
+    train_error = {(t.params["depth"], t.params["shortcut"], t.user_attrs["seed"]):
+                   1 - t.user_attrs["final_train_accuracy"] for t in raw_trials}
+    for depth, row in zip(DEPTHS, table.to_dict("records")):
+        base = np.array([train_error[(depth, "A", s)] for s in SEEDS])
+        plain = np.array([train_error[(depth, "none", s)] for s in SEEDS])
         diff = plain - base
         low, high = stats.t.interval(0.95, len(diff) - 1, loc=diff.mean(), scale=stats.sem(diff))
-        assert row["n_pairs"] == len(diff)
-        assert row["diff_mean"] == pytest.approx(diff.mean())
-        assert row["t"] == pytest.approx(reference.statistic)
-        assert row["p_value"] == pytest.approx(reference.pvalue)
+        assert row["method"] == SEEDS_ONLY
+        assert row["p_value"] == pytest.approx(stats.ttest_rel(plain, base).pvalue)
         assert (row["diff_ci95_low"], row["diff_ci95_high"]) == (pytest.approx(low), pytest.approx(high))
-        assert row["test_error_baseline"] == pytest.approx(base.mean())
 
 
 def test_compare_accepts_the_level_as_typed_and_names_the_valid_ones(results):

@@ -106,22 +106,33 @@ def test_summary_by_depth_and_shortcut(cli, results):
     assert means == [f"{100 * v:.2f}%" for v in expected["test_error_mean"]]
 
 
-def test_compare_prints_scipy_paired_t_test(cli, runs):
+def test_compare_prints_the_paired_comparison_with_its_method(cli, runs, results):
     code, out, _ = cli("compare", "--factor", "shortcut", "--baseline", "A", "--format", "json")
     printed = json.loads(out)
     trials = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{runs}/{STUDY}.db").get_trials()
     error = {(t.params["depth"], t.params["shortcut"], t.user_attrs["seed"]):
              1 - t.user_attrs["final_test_accuracy"] for t in trials}
+    expected = results.compare("shortcut", "A")
     assert code == 0 and [row["depth"] for row in printed] == [8, 14, "all"]
-    for row in printed:
-        depths = (8, 14) if row["depth"] == "all" else (row["depth"],)
-        plain = np.array([error[(d, "none", s)] for d in depths for s in SEEDS])
-        base = np.array([error[(d, "A", s)] for d in depths for s in SEEDS])
-        assert row["p_value"] == pytest.approx(stats.ttest_rel(plain, base).pvalue)
+    assert [row["p_value"] for row in printed] == pytest.approx(expected["p_value"].tolist())
+    assert [row["method"] for row in printed] == expected["method"].tolist()
+    for row in printed[:2]:
+        plain = np.array([error[(row["depth"], "none", s)] for s in SEEDS])
+        base = np.array([error[(row["depth"], "A", s)] for s in SEEDS])
         assert row["diff_mean"] == pytest.approx((plain - base).mean())
-    code, out, _ = cli("compare", "--factor", "shortcut", "--baseline", "A")
+    # The training error has no test-set sampling: scipy's paired t-test.
+    code, out, _ = cli("compare", "--factor", "shortcut", "--baseline", "A", "--metric",
+                       "train_error", "--format", "json")
+    train = {(t.params["depth"], t.params["shortcut"], t.user_attrs["seed"]):
+             1 - t.user_attrs["final_train_accuracy"] for t in trials}
+    for row in json.loads(out)[:2]:
+        plain = np.array([train[(row["depth"], "none", s)] for s in SEEDS])
+        base = np.array([train[(row["depth"], "A", s)] for s in SEEDS])
+        assert row["p_value"] == pytest.approx(stats.ttest_rel(plain, base).pvalue)
+    code, out, err = cli("compare", "--factor", "shortcut", "--baseline", "A")
     header, rows = _table_rows(out)
     assert code == 0 and "p_value" in header and [r[header.index("depth")] for r in rows] == ["8", "14", "all"]
+    assert "method" in err and "crossed random effects" in err
     # Specs accept option "a" for "A": so does the baseline, with the same table.
     assert cli("compare", "--factor", "shortcut", "--baseline", "a")[1] == out
 

@@ -1,0 +1,265 @@
+"""Intervals and tests for ablation answers at the seed counts people run (2-10). Torch-free.
+
+A trial's test error is the mean of a seeds x test-images table of 0/1 outcomes: every seed of a
+configuration is scored on the same test images. Two things vary when the study is run again:
+the seeds (training noise) and, for the error rate the data set stands for, the test images
+themselves. An interval over seeds alone is an interval for *this test set's* mean; it is too
+narrow for the error rate, more so as seeds are added, and zero-width when two seeds happen to
+miss the same number of images. The methods here take both into account.
+
+**The model (two-way crossed random effects).** The outcome of seed i on test image j is
+``w_ij = mu + a_i + b_j + e_ij``: a seed effect (variance s2_seed), an image effect (s2_image)
+and their interaction (s2_resid), seeds and test images drawn independently from their
+populations. The quantity estimated is ``mu``, the error rate over both. The variance of the
+table's grand mean is ``s2_seed/n + s2_image/N + s2_resid/(n N)``, estimated without bias from
+the table's ANOVA mean squares (see `_crossed`). The seed term rests on n - 1 degrees of
+freedom, one at n = 2: the interval comes from a generalized pivotal quantity (Weerahandi) that
+draws the seed variance from what its mean square allows, so that where seeds dominate it is as
+wide as Student's t with n - 1 df, and where the test images dominate it is close to the normal
+interval. The price of one degree of freedom: at n = 2-3, when seeds in truth vary little, the
+interval is conservative (coverage up to ~99% in the simulations).
+Paired comparisons apply the same analysis to the table of differences ``w(level) - w(baseline)``
+(seeds paired by seed number, images by position): the images' shared difficulty cancels, which
+is what makes a per-image paired test more powerful than one over seed means.
+
+**Without a per-image record** (stores written before it was kept), the test-image term is bounded
+by the binomial variance of N images, ``p(1 - p)/N`` (an upper bound for it under the model;
+for a difference the two configurations' terms are added, which assumes images are not harder
+for one configuration exactly where they are easier for the other): conservative, and said so.
+
+Both variances have a floor: the binomial variance of the n N outcomes at the Agresti-Coull rate
+``(errors + 2)/(n N + 4)`` (for a difference, at the rate of discordant outcomes), so that no
+table, not even one without a single error, gives a zero-width interval. Intervals are clipped to
+the metric's range. With one seed there is no estimate of seed-to-seed variation and no interval.
+
+The tests (tests/test_stats.py) hold these methods to simulated studies drawn from the model with
+known truth: coverage of the 95% interval and type I error of the paired test at n = 2, 3, 5, 10.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import optimize
+from scipy import stats as scipy_stats
+
+LEVEL = 0.95
+FEW_SEEDS = 3  # below this, an interval says mostly that there are too few seeds
+
+CROSSED = "seeds x test images (crossed random effects, generalized pivot)"
+BINOMIAL_BOUND = "seeds + binomial bound on the test set (conservative: no per-image record)"
+SEEDS_ONLY = "Student t over seeds"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A mean with its 95% interval and p-value against zero, and how they were made.
+
+    `std` is the seed-to-seed standard deviation of the per-seed values; `se` the estimated
+    standard error of `mean` under `method`. `note` says why an interval is missing or what it is
+    conditional on ("" when there is nothing to say). `variance_draws` is the pivot behind the
+    interval (see `_Pivot`); it lets strata combine."""
+
+    mean: float
+    std: float
+    se: float
+    low: float
+    high: float
+    p_value: float
+    n: int
+    method: str
+    note: str = ""
+    variance_draws: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# The pivot: a generalized pivotal quantity for the mean
+
+
+# Chi-square draws per seed term: a stratified (Latin hypercube) sample, fixed so that the same
+# table always gives the same interval.
+PIVOT_DRAWS = 1024
+_PIVOT_SEED = 20161207
+
+
+def _pivot_variances(seed_scale: float, seed_df: int, resid: float, fixed: float,
+                     stream: int = 0) -> np.ndarray:
+    """Draws of the variance of the mean given what the table shows.
+
+    The seed part's estimate has only n - 1 degrees of freedom: its true value is drawn as
+    ``seed_scale * df / X - resid`` with ``X ~ chi2(df)`` (Weerahandi's generalized pivotal
+    quantity; truncated at zero), the test-image part (`fixed`, N - 1 degrees of freedom with N
+    in the hundreds or more) taken as known. At n = 2 this is what keeps the interval honest:
+    one degree of freedom cannot rule out a seed variance several times the one observed."""
+    rng = np.random.default_rng([_PIVOT_SEED, stream])
+    cells = (rng.permutation(PIVOT_DRAWS) + rng.random(PIVOT_DRAWS)) / PIVOT_DRAWS
+    chi2 = scipy_stats.chi2.ppf(cells, seed_df)
+    return np.maximum(seed_scale * seed_df / chi2 - resid, 0.0) + fixed
+
+
+def _from_pivot(mean: float, variances: np.ndarray, n: int, std: float, method: str,
+                bounds: tuple[float, float], note: str = "") -> Estimate:
+    """Interval and p-value from the pivot ``mean - Z sqrt(V)``, Z standard normal and V the
+    variance draws: its distribution function is a mixture of normals, evaluated exactly in Z,
+    so that small p-values are accurate rather than a count of draws."""
+    sd = np.sqrt(variances)
+
+    def below(value: float) -> float:  # P(pivot <= value)
+        return float(np.mean(scipy_stats.norm.cdf((value - mean) / sd)))
+
+    reach = 50 * float(sd.max())
+    alpha = 1 - LEVEL
+    low = optimize.brentq(lambda v: below(v) - alpha / 2, mean - reach, mean, xtol=1e-7)
+    high = optimize.brentq(lambda v: below(v) - (1 - alpha / 2), mean, mean + reach, xtol=1e-7)
+    zero = float(np.mean(scipy_stats.norm.sf(abs(mean) / sd)))
+    return Estimate(mean, std, float(math.sqrt(np.median(variances))),
+                    max(low, bounds[0]), min(high, bounds[1]), min(2 * zero, 1.0), n, method,
+                    note, variances)
+
+
+# ----------------------------------------------------------------------------------------------
+# The crossed seeds x images analysis
+
+
+def _crossed(table: np.ndarray, stream: int) -> tuple[float, np.ndarray]:
+    """(grand mean, pivot variance draws) of an n x N table under the crossed random-effects
+    model (module docstring); n >= 2, N >= 2.
+
+    The variance of the grand mean is written as two parts, each from one mean square:
+    ``s2_seed/n = (MS_seed - MS_resid)/(n N)`` and ``s2_image/N + s2_resid/(n N) =
+    MS_image/(n N)``; the first is uncertain (n - 1 df, see `_pivot_variances`), the second
+    precise. A floor keeps a table without a single error (or disagreement) from a zero width."""
+    n, images = table.shape
+    grand = float(table.mean())
+    seed_means, image_means = table.mean(axis=1), table.mean(axis=0)
+    ss_seed = images * float(((seed_means - grand) ** 2).sum())
+    ss_image = n * float(((image_means - grand) ** 2).sum())
+    ss_resid = max(float(((table - grand) ** 2).sum()) - ss_seed - ss_image, 0.0)
+    cells = n * images
+    ms_seed, ms_image = ss_seed / (n - 1), ss_image / (images - 1)
+    ms_resid = ss_resid / ((n - 1) * (images - 1))
+    variances = _pivot_variances(ms_seed / cells, n - 1, ms_resid / cells, ms_image / cells,
+                                 stream)
+    return grand, np.maximum(variances, _floor(float(np.abs(table).sum()), cells))
+
+
+def _floor(count: float, cells: int) -> float:
+    """The least variance a mean of `cells` 0/1 outcomes with `count` ones can honestly claim:
+    binomial at the Agresti-Coull rate (count + 2)/(cells + 4)."""
+    rate = (count + 2) / (cells + 4)
+    return rate * (1 - rate) / cells
+
+
+def _binomial_bound(rate: float, images: int) -> float:
+    """p(1 - p)/N: the test-image part's upper bound when no per-image record was kept."""
+    return _floor(rate * images, images)
+
+
+def _no_interval(mean: float, n: int, method: str, reason: str) -> Estimate:
+    return Estimate(mean, math.nan, math.nan, math.nan, math.nan, math.nan, n, method, reason)
+
+
+def _seed_std(values: np.ndarray) -> float:
+    return float(np.std(values, ddof=1)) if len(values) >= 2 else math.nan
+
+
+ONE_SEED = "one seed: seed-to-seed variation unknown, no interval"
+SIZE_UNKNOWN = "conditional on this test set: its size was not recorded"
+
+
+def error_rate(outcomes: Sequence[np.ndarray] | None, rates: Sequence[float],
+               images: int | None) -> Estimate:
+    """The error rate of one configuration from its seeds: `rates` (each seed's error on the
+    test set), `outcomes` (each seed's 0/1 vector over the same test images, or None where not
+    recorded) and `images` (the test set's size, or None where not recorded). See the module
+    docstring for the methods; the interval is clipped to [0, 1]."""
+    rates = np.asarray(rates, dtype=float)
+    n = len(rates)
+    if n == 0:
+        return _no_interval(math.nan, 0, "", "no completed seed")
+    mean, std = float(rates.mean()), _seed_std(rates)
+    if n < 2:
+        return _no_interval(mean, n, CROSSED if outcomes is not None else BINOMIAL_BOUND,
+                            ONE_SEED)
+    if outcomes is not None and images and images >= 2:
+        grand, variances = _crossed(np.vstack(outcomes), stream=0)
+        return _from_pivot(grand, variances, n, std, CROSSED, (0.0, 1.0))
+    if images:
+        variances = _pivot_variances(std**2 / n, n - 1, 0.0, _binomial_bound(mean, images))
+        return _from_pivot(mean, variances, n, std, BINOMIAL_BOUND, (0.0, 1.0))
+    return seed_mean(rates, (0.0, 1.0), note=SIZE_UNKNOWN)
+
+
+def seed_mean(values: Sequence[float], bounds: tuple[float, float] = (-math.inf, math.inf),
+              note: str = "") -> Estimate:
+    """Mean over seeds with the Student t interval and the one-sample t-test's p-value (a metric
+    without test-set sampling: FLOPs, time, training error), clipped to `bounds`. Values that
+    do not vary give a zero-width interval: for FLOPs and parameters that is the truth."""
+    values = np.asarray(values, dtype=float)
+    n = len(values)
+    if n == 0:
+        return _no_interval(math.nan, 0, SEEDS_ONLY, "no completed seed")
+    mean = float(values.mean())
+    if n < 2:
+        return _no_interval(mean, n, SEEDS_ONLY, ONE_SEED)
+    std = _seed_std(values)
+    se = std / math.sqrt(n)
+    half = float(scipy_stats.t.ppf(0.5 + LEVEL / 2, n - 1)) * se
+    p_value = float(2 * scipy_stats.t.sf(abs(mean) / se, n - 1)) if se > 0 else math.nan
+    return Estimate(mean, std, se, max(mean - half, bounds[0]), min(mean + half, bounds[1]),
+                    p_value, n, SEEDS_ONLY, note)
+
+
+def paired_difference(base: Sequence[np.ndarray] | None, level: Sequence[np.ndarray] | None,
+                      base_rates: Sequence[float], level_rates: Sequence[float],
+                      images: int | None) -> Estimate:
+    """Error rate of `level` minus `baseline`, seeds paired by position. With per-image
+    outcomes for both: the crossed analysis of the table of per-image differences; else the
+    per-seed differences with the binomial bound on the test set. Clipped to [-1, 1]."""
+    base_rates = np.asarray(base_rates, dtype=float)
+    level_rates = np.asarray(level_rates, dtype=float)
+    differences = level_rates - base_rates
+    n = len(differences)
+    if n == 0:
+        return _no_interval(math.nan, 0, "", "no seed with both")
+    mean, std = float(differences.mean()), _seed_std(differences)
+    paired_images = base is not None and level is not None and images and images >= 2
+    if n < 2:
+        return _no_interval(mean, n, CROSSED if paired_images else BINOMIAL_BOUND, ONE_SEED)
+    if paired_images:
+        grand, variances = _crossed(np.vstack(level) - np.vstack(base), stream=1)
+        return _from_pivot(grand, variances, n, std, CROSSED, (-1.0, 1.0))
+    if images:
+        test_part = sum(_binomial_bound(float(r.mean()), images) for r in (base_rates, level_rates))
+        variances = _pivot_variances(std**2 / n, n - 1, 0.0, test_part, stream=1)
+        return _from_pivot(mean, variances, n, std, BINOMIAL_BOUND, (-1.0, 1.0))
+    return seed_mean(differences, (-1.0, 1.0), note=SIZE_UNKNOWN)
+
+
+def stratified(parts: Sequence[Estimate], bounds: tuple[float, float] = (-1.0, 1.0)) -> Estimate:
+    """The unweighted mean of per-configuration estimates (strata), the variance of their mean
+    drawn from theirs: a stratified estimate and test, never a pool of unlike pairs. Strata
+    without an interval are left out and counted in the note."""
+    usable = [p for p in parts if p.variance_draws is not None]
+    left_out = len(parts) - len(usable)
+    n = sum(p.n for p in parts)
+    method = "stratified over configurations"
+    if not usable:
+        return _no_interval(math.nan, n, method, "no configuration has an interval")
+    k = len(usable)
+    mean = float(np.mean([p.mean for p in usable]))
+    # Each stratum's draws in its own random order, so that strata combine as independent.
+    rng = np.random.default_rng([_PIVOT_SEED, 2])
+    variances = sum(rng.permutation(p.variance_draws) for p in usable) / k**2
+    note = f"mean of {k} configuration{'s' if k > 1 else ''}' differences"
+    if left_out:
+        note += f"; {left_out} without an interval left out"
+    inner = "; ".join(sorted({p.method for p in usable}))
+    return _from_pivot(mean, variances, n, math.nan, f"{method} ({inner})", bounds, note)
+
+
+__all__ = ["BINOMIAL_BOUND", "CROSSED", "Estimate", "FEW_SEEDS", "LEVEL", "SEEDS_ONLY",
+           "error_rate", "paired_difference", "seed_mean", "stratified"]

@@ -101,7 +101,7 @@ def _pivot_variances(seed_scale: float, seed_df: int, resid: float, fixed: float
 
 
 def _from_pivot(mean: float, variances: np.ndarray, n: int, std: float, method: str,
-                bounds: tuple[float, float], note: str = "") -> Estimate:
+                bounds: tuple[float, float], note: str = "", level: float = LEVEL) -> Estimate:
     """Interval and p-value from the pivot ``mean - Z sqrt(V)``, Z standard normal and V the
     variance draws: its distribution function is a mixture of normals, evaluated exactly in Z,
     so that small p-values are accurate rather than a count of draws."""
@@ -111,7 +111,7 @@ def _from_pivot(mean: float, variances: np.ndarray, n: int, std: float, method: 
         return float(np.mean(scipy_stats.norm.cdf((value - mean) / sd)))
 
     reach = 50 * float(sd.max())
-    alpha = 1 - LEVEL
+    alpha = 1 - level
     low = optimize.brentq(lambda v: below(v) - alpha / 2, mean - reach, mean, xtol=1e-7)
     high = optimize.brentq(lambda v: below(v) - (1 - alpha / 2), mean, mean + reach, xtol=1e-7)
     zero = float(np.mean(scipy_stats.norm.sf(abs(mean) / sd)))
@@ -171,11 +171,11 @@ SIZE_UNKNOWN = "conditional on this test set: its size was not recorded"
 
 
 def error_rate(outcomes: Sequence[np.ndarray] | None, rates: Sequence[float],
-               images: int | None) -> Estimate:
+               images: int | None, level: float = LEVEL) -> Estimate:
     """The error rate of one configuration from its seeds: `rates` (each seed's error on the
     test set), `outcomes` (each seed's 0/1 vector over the same test images, or None where not
     recorded) and `images` (the test set's size, or None where not recorded). See the module
-    docstring for the methods; the interval is clipped to [0, 1]."""
+    docstring for the methods; the interval (at `level`) is clipped to [0, 1]."""
     rates = np.asarray(rates, dtype=float)
     n = len(rates)
     if n == 0:
@@ -186,15 +186,15 @@ def error_rate(outcomes: Sequence[np.ndarray] | None, rates: Sequence[float],
                             ONE_SEED)
     if outcomes is not None and images and images >= 2:
         grand, variances = _crossed(np.vstack(outcomes), stream=0)
-        return _from_pivot(grand, variances, n, std, CROSSED, (0.0, 1.0))
+        return _from_pivot(grand, variances, n, std, CROSSED, (0.0, 1.0), level=level)
     if images:
         variances = _pivot_variances(std**2 / n, n - 1, 0.0, _binomial_bound(mean, images))
-        return _from_pivot(mean, variances, n, std, BINOMIAL_BOUND, (0.0, 1.0))
-    return seed_mean(rates, (0.0, 1.0), note=SIZE_UNKNOWN)
+        return _from_pivot(mean, variances, n, std, BINOMIAL_BOUND, (0.0, 1.0), level=level)
+    return seed_mean(rates, (0.0, 1.0), note=SIZE_UNKNOWN, level=level)
 
 
 def seed_mean(values: Sequence[float], bounds: tuple[float, float] = (-math.inf, math.inf),
-              note: str = "") -> Estimate:
+              note: str = "", level: float = LEVEL) -> Estimate:
     """Mean over seeds with the Student t interval and the one-sample t-test's p-value (a metric
     without test-set sampling: FLOPs, time, training error), clipped to `bounds`. Values that
     do not vary give a zero-width interval: for FLOPs and parameters that is the truth."""
@@ -207,36 +207,37 @@ def seed_mean(values: Sequence[float], bounds: tuple[float, float] = (-math.inf,
         return _no_interval(mean, n, SEEDS_ONLY, ONE_SEED)
     std = _seed_std(values)
     se = std / math.sqrt(n)
-    half = float(scipy_stats.t.ppf(0.5 + LEVEL / 2, n - 1)) * se
+    half = float(scipy_stats.t.ppf(0.5 + level / 2, n - 1)) * se
     p_value = float(2 * scipy_stats.t.sf(abs(mean) / se, n - 1)) if se > 0 else math.nan
     return Estimate(mean, std, se, max(mean - half, bounds[0]), min(mean + half, bounds[1]),
                     p_value, n, SEEDS_ONLY, note)
 
 
-def paired_difference(base: Sequence[np.ndarray] | None, level: Sequence[np.ndarray] | None,
-                      base_rates: Sequence[float], level_rates: Sequence[float],
-                      images: int | None) -> Estimate:
-    """Error rate of `level` minus `baseline`, seeds paired by position. With per-image
-    outcomes for both: the crossed analysis of the table of per-image differences; else the
-    per-seed differences with the binomial bound on the test set. Clipped to [-1, 1]."""
+def paired_difference(base: Sequence[np.ndarray] | None, other: Sequence[np.ndarray] | None,
+                      base_rates: Sequence[float], other_rates: Sequence[float],
+                      images: int | None, level: float = LEVEL) -> Estimate:
+    """Error rate of `other` minus `base`, seeds paired by position. With per-image outcomes
+    for both: the crossed analysis of the table of per-image differences; else the per-seed
+    differences with the binomial bound on the test set. The interval (at `level`) is clipped
+    to [-1, 1]."""
     base_rates = np.asarray(base_rates, dtype=float)
-    level_rates = np.asarray(level_rates, dtype=float)
-    differences = level_rates - base_rates
+    other_rates = np.asarray(other_rates, dtype=float)
+    differences = other_rates - base_rates
     n = len(differences)
     if n == 0:
         return _no_interval(math.nan, 0, "", "no seed with both")
     mean, std = float(differences.mean()), _seed_std(differences)
-    paired_images = base is not None and level is not None and images and images >= 2
+    paired_images = base is not None and other is not None and images and images >= 2
     if n < 2:
         return _no_interval(mean, n, CROSSED if paired_images else BINOMIAL_BOUND, ONE_SEED)
     if paired_images:
-        grand, variances = _crossed(np.vstack(level) - np.vstack(base), stream=1)
-        return _from_pivot(grand, variances, n, std, CROSSED, (-1.0, 1.0))
+        grand, variances = _crossed(np.vstack(other) - np.vstack(base), stream=1)
+        return _from_pivot(grand, variances, n, std, CROSSED, (-1.0, 1.0), level=level)
     if images:
-        test_part = sum(_binomial_bound(float(r.mean()), images) for r in (base_rates, level_rates))
+        test_part = sum(_binomial_bound(float(r.mean()), images) for r in (base_rates, other_rates))
         variances = _pivot_variances(std**2 / n, n - 1, 0.0, test_part, stream=1)
-        return _from_pivot(mean, variances, n, std, BINOMIAL_BOUND, (-1.0, 1.0))
-    return seed_mean(differences, (-1.0, 1.0), note=SIZE_UNKNOWN)
+        return _from_pivot(mean, variances, n, std, BINOMIAL_BOUND, (-1.0, 1.0), level=level)
+    return seed_mean(differences, (-1.0, 1.0), note=SIZE_UNKNOWN, level=level)
 
 
 def stratified(parts: Sequence[Estimate], bounds: tuple[float, float] = (-1.0, 1.0)) -> Estimate:

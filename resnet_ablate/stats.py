@@ -262,5 +262,50 @@ def stratified(parts: Sequence[Estimate], bounds: tuple[float, float] = (-1.0, 1
     return _from_pivot(mean, variances, n, math.nan, f"{method} ({inner})", bounds, note)
 
 
+def contrast(tables_by_cell: Sequence[Sequence[np.ndarray] | None] | None,
+             weights: Sequence[float], rates_by_cell: Sequence[Sequence[float]],
+             images: int | None) -> Estimate:
+    """A contrast of error rates, ``sum_c weights[c] * rate(c)``, seeds paired by position across
+    the cells: `paired_difference` for any number of weighted cells (weights (-1, 1) are a
+    difference; (1, -1, -1, 1) the difference of differences of a two-factor interaction).
+
+    `rates_by_cell[c][i]` is seed i's error rate in cell c; `tables_by_cell[c]` that cell's
+    per-seed 0/1 vectors over the shared test images (None for the whole, or for any cell, where
+    not recorded); `images` the test set's size (None where not recorded). Methods, as for a
+    difference: the crossed seeds x images analysis of the per-image contrast table
+    ``sum_c w_c W_c``; without a per-image record, the per-seed contrasts with the test set
+    bounded by ``sum_c w_c^2 p_c(1 - p_c)/N``; without the size, Student t over seeds. Clipped to
+    the range a contrast of rates can take (``[sum of negative weights, sum of positive]``)."""
+    weights = np.asarray(weights, dtype=float)
+    rates = [np.asarray(r, dtype=float) for r in rates_by_cell]
+    if len(rates) != len(weights) or len({len(r) for r in rates}) > 1:
+        raise ValueError(f"contrast: {len(weights)} weights and {len(rates)} cells of seeds "
+                         f"({[len(r) for r in rates]}): give one weight per cell, the cells' "
+                         "seeds paired by position")
+    bounds = (float(weights[weights < 0].sum()), float(weights[weights > 0].sum()))
+    values = sum(w * r for w, r in zip(weights, rates))
+    n = len(rates[0]) if rates else 0
+    if n == 0:
+        return _no_interval(math.nan, 0, "", "no seed with every cell")
+    mean, std = float(values.mean()), _seed_std(values)
+    per_image = tables_by_cell is not None and all(t is not None for t in tables_by_cell) \
+        and images and images >= 2
+    if n < 2:
+        return _no_interval(mean, n, CROSSED if per_image else BINOMIAL_BOUND, ONE_SEED)
+    if per_image:
+        table = sum(w * np.vstack(t) for w, t in zip(weights, tables_by_cell))
+        grand, variances = _crossed(table, stream=3)
+        # The floor at the rate of the table's nonzero entries: with weights beyond +-1 the
+        # absolute sum `_crossed` counts can exceed the number of entries.
+        variances = np.maximum(variances, _floor(float(np.count_nonzero(table)), table.size))
+        return _from_pivot(grand, variances, n, std, CROSSED, bounds)
+    if images:
+        test_part = sum(w**2 * _binomial_bound(float(r.mean()), images)
+                        for w, r in zip(weights, rates))
+        variances = _pivot_variances(std**2 / n, n - 1, 0.0, test_part, stream=3)
+        return _from_pivot(mean, variances, n, std, BINOMIAL_BOUND, bounds)
+    return seed_mean(values, bounds, note=SIZE_UNKNOWN)
+
+
 __all__ = ["BINOMIAL_BOUND", "CROSSED", "Estimate", "FEW_SEEDS", "LEVEL", "SEEDS_ONLY",
-           "error_rate", "paired_difference", "seed_mean", "stratified"]
+           "contrast", "error_rate", "paired_difference", "seed_mean", "stratified"]

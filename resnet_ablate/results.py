@@ -5,6 +5,7 @@
     r.trials                                      # one row per trial (pandas DataFrame)
     r.summary(by=["depth", "shortcut"])           # over seeds: count, mean, std, 95% CI
     r.compare("shortcut", baseline="A")           # paired over seeds: difference, CI, p-value
+    r.effects()                                   # main effects and interactions of every factor
     r.pareto(["test_error", "flops"])             # the non-dominated trials
     r.curves()                                    # per-epoch train/test error, one row per epoch
     r.layer_responses()                           # Fig. 7: std of each 3x3 layer's BN output
@@ -353,9 +354,11 @@ class Results:
                                         group[baseline], group[level], estimate))
             if len(estimates) > 1:
                 bounds = _difference_bounds(metric)
+                overall = stats.stratified(estimates, bounds) if metric in ERROR_RATES \
+                    else seed_stratified(pairs[level] - pairs[baseline], others, bounds)
                 rows.append(_paired_row(factor, level, baseline, metric,
                                         {name: "all" for name in others}, pairs[baseline],
-                                        pairs[level], stats.stratified(estimates, bounds)))
+                                        pairs[level], overall))
         if not rows:
             raise ResultsError(f"no configuration has completed trials of both {factor}="
                                f"{_plain(baseline)} and another level with the same seed yet")
@@ -380,6 +383,20 @@ class Results:
             None if outcomes is None else outcomes[:n], None if outcomes is None else outcomes[n:],
             to_error(base_values), to_error(other_values), images)
         return estimate if sign > 0 else _negated(estimate)
+
+    def effects(self, metric: str = "test_error") -> pd.DataFrame:
+        """Main effects and two-factor interactions of every swept factor, each with its 95%
+        interval and p-value (resnet_ablate/effects.py)."""
+        from .effects import effects
+
+        return effects(self, metric)
+
+    def importance(self, metric: str = "test_error") -> pd.DataFrame:
+        """Each swept factor's share of `metric`'s variance over the trials by Optuna's fANOVA
+        (resnet_ablate/effects.py): a description, with no interval."""
+        from .effects import importance
+
+        return importance(self, metric)
 
     def pareto(self, objectives: Sequence[str] = ("test_error", "flops")) -> pd.DataFrame:
         """The completed trials that no other completed trial dominates (at least as good in every
@@ -536,6 +553,24 @@ def _note(estimate: stats.Estimate) -> str:
 def _with_methods(frame: pd.DataFrame) -> pd.DataFrame:
     frame.attrs["methods"] = sorted(set(frame["method"]) - {""}) if "method" in frame else []
     return frame
+
+
+def seed_stratified(differences: pd.Series, others: Sequence[str],
+                    bounds: tuple[float, float]) -> stats.Estimate:
+    """A metric without test-set sampling (training error, FLOPs, time) over several
+    configurations of the other factors: `differences` (paired differences or contrasts, indexed
+    by the `others` columns and "seed") averaged per seed over the configurations, and Student's
+    t over the seeds that every configuration has, each seed one paired unit. (The per-
+    configuration t estimates carry no variance draws, so `stats.stratified` cannot combine
+    them.)"""
+    by_configuration = differences.unstack(list(others))  # rows: seeds; columns: configurations
+    complete = by_configuration.dropna()
+    estimate = stats.seed_mean(complete.mean(axis=1).to_numpy(float), bounds)
+    configurations = by_configuration.shape[1]
+    note = (f"mean of {configurations} configurations' differences over the {len(complete)} "
+            f"seed{'s' if len(complete) != 1 else ''} all of them have")
+    return dataclasses.replace(estimate, note="; ".join(filter(None, [note, estimate.note])),
+                               method=f"stratified over configurations ({estimate.method})")
 
 
 def _complement(estimate: stats.Estimate) -> stats.Estimate:
@@ -697,4 +732,5 @@ def write_frame(frame: pd.DataFrame, fmt: str = "table") -> str:
 
 
 __all__ = ["ARCH_COLUMNS", "DIRECTIONS", "Results", "ResultsError", "default_storage",
-           "display_frame", "footnotes", "format_table", "list_studies", "load", "write_frame"]
+           "display_frame", "footnotes", "format_table", "list_studies", "load", "seed_stratified",
+           "write_frame"]

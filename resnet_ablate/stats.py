@@ -264,7 +264,7 @@ def stratified(parts: Sequence[Estimate], bounds: tuple[float, float] = (-1.0, 1
 
 def contrast(tables_by_cell: Sequence[Sequence[np.ndarray] | None] | None,
              weights: Sequence[float], rates_by_cell: Sequence[Sequence[float]],
-             images: int | None) -> Estimate:
+             images: int | None, level: float = LEVEL) -> Estimate:
     """A contrast of error rates, ``sum_c weights[c] * rate(c)``, seeds paired by position across
     the cells: `paired_difference` for any number of weighted cells (weights (-1, 1) are a
     difference; (1, -1, -1, 1) the difference of differences of a two-factor interaction).
@@ -274,8 +274,9 @@ def contrast(tables_by_cell: Sequence[Sequence[np.ndarray] | None] | None,
     not recorded); `images` the test set's size (None where not recorded). Methods, as for a
     difference: the crossed seeds x images analysis of the per-image contrast table
     ``sum_c w_c W_c``; without a per-image record, the per-seed contrasts with the test set
-    bounded by ``sum_c w_c^2 p_c(1 - p_c)/N``; without the size, Student t over seeds. Clipped to
-    the range a contrast of rates can take (``[sum of negative weights, sum of positive]``)."""
+    bounded by ``sum_c w_c^2 p_c(1 - p_c)/N``; without the size, Student t over seeds. The
+    interval (at `level`) is clipped to the range a contrast of rates can take (``[sum of
+    negative weights, sum of positive]``)."""
     weights = np.asarray(weights, dtype=float)
     rates = [np.asarray(r, dtype=float) for r in rates_by_cell]
     if len(rates) != len(weights) or len({len(r) for r in rates}) > 1:
@@ -298,13 +299,13 @@ def contrast(tables_by_cell: Sequence[Sequence[np.ndarray] | None] | None,
         # The floor at the rate of the table's nonzero entries: with weights beyond +-1 the
         # absolute sum `_crossed` counts can exceed the number of entries.
         variances = np.maximum(variances, _floor(float(np.count_nonzero(table)), table.size))
-        return _from_pivot(grand, variances, n, std, CROSSED, bounds)
+        return _from_pivot(grand, variances, n, std, CROSSED, bounds, level=level)
     if images:
         test_part = sum(w**2 * _binomial_bound(float(r.mean()), images)
                         for w, r in zip(weights, rates))
         variances = _pivot_variances(std**2 / n, n - 1, 0.0, test_part, stream=3)
-        return _from_pivot(mean, variances, n, std, BINOMIAL_BOUND, bounds)
-    return seed_mean(values, bounds, note=SIZE_UNKNOWN)
+        return _from_pivot(mean, variances, n, std, BINOMIAL_BOUND, bounds, level=level)
+    return seed_mean(values, bounds, note=SIZE_UNKNOWN, level=level)
 
 
 __all__ = ["BINOMIAL_BOUND", "CROSSED", "Estimate", "FEW_SEEDS", "LEVEL", "SEEDS_ONLY",

@@ -251,6 +251,16 @@ def _compare(args: argparse.Namespace) -> int:
     return code
 
 
+@command("effects")
+@_query
+def _effects(args: argparse.Namespace) -> int:
+    results = _load(args)
+    table = results.importance(args.metric) if args.importance else results.effects(args.metric)
+    code = _emit(table, args)
+    _footnotes(table)
+    return code
+
+
 @command("pareto")
 @_query
 def _pareto(args: argparse.Namespace) -> int:
@@ -316,6 +326,12 @@ def _add_query_commands(sub) -> None:
     compare.add_argument("--factor", required=True, help="the swept column to compare, e.g. shortcut")
     compare.add_argument("--baseline", required=True, help="the level to compare against, e.g. A")
     compare.add_argument("--metric", default="test_error")
+    effects = query("effects", "main effects and two-factor interactions of every swept factor, "
+                               "with CI and p-value")
+    effects.add_argument("--metric", default="test_error")
+    effects.add_argument("--importance", action="store_true",
+                         help="instead: each factor's share of the metric's variance over the "
+                         "trials (Optuna's fANOVA; no interval)")
     pareto = query("pareto", "the non-dominated trials")
     pareto.add_argument("--objectives", default="test_error,flops",
                         help="comma-separated (default: test_error,flops)")

@@ -1,0 +1,247 @@
+"""The effect of every factor of a multi-factor study (depth x shortcut x width ...), each with its
+95% interval and p-value, and Optuna's fANOVA importance as a second view. Reads only.
+
+    from resnet_ablate import results
+    r = results.load("cifar10_shortcuts")
+    r.effects()                     # main effects and two-factor interactions, one row each
+    r.importance()                  # each factor's share of the metric's variance over trials
+
+**Main effects**: each level of a factor against its baseline (the level the spec lists first;
+shortcut: "A" where present), averaged over the configurations of the other factors: the
+stratified "all" row of `Results.compare` (its only row where there is one configuration).
+
+**Two-factor interactions**: for factors F and G, level l of F against its baseline b, level g of
+G against its baseline g0, the difference of differences
+``[y(l, g) - y(b, g)] - [y(l, g0) - y(b, g0)]``: how much the effect of F changes when G moves
+from its baseline (zero when the two effects add). Seeds are paired by seed number across the
+four cells, per configuration of the remaining factors, and the configurations stratified (the
+mean of their contrasts). Test error and accuracy use the per-image record: the seeds x images
+table of the contrast analysed as crossed random effects (`stats.contrast`), as `compare` does
+for a difference; other metrics Student's t over the per-seed contrasts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from itertools import combinations
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from . import stats
+from .results import (ERROR_RATES, ResultsError, _difference_bounds, _negated, _note, _plain,
+                      _with_methods, seed_stratified)
+
+if TYPE_CHECKING:
+    from .results import Results
+
+EFFECT_COLUMNS = ("effect", "factor(s)", "level", "baseline", "n_pairs", "diff_mean",
+                  "diff_ci95_low", "diff_ci95_high", "p_value", "method", "note", "metric")
+# The four cells of an interaction contrast, as (level of F?, level of G?) and their weights.
+_CELLS = ((True, True, 1.0), (False, True, -1.0), (True, False, -1.0), (False, False, 1.0))
+
+
+def factor_levels(results: Results) -> dict[str, list[Any]]:
+    """Each swept factor with two or more completed levels: those levels as the trials hold them,
+    in the order the spec lists them, the baseline first (the first listed; shortcut: "A" where
+    present). Factors the spec gives as a range rather than a list of levels are left out."""
+    space = results.spec.get("space") or {}
+    done = results.completed()
+    found = {}
+    for factor in results.swept:
+        listed = space.get(factor)
+        if not isinstance(listed, list) or factor not in done:
+            continue
+        held = list(pd.unique(done[factor].dropna()))
+        levels = []
+        for value in listed:
+            text = "-".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+            levels += [h for h in held if str(h) == text and h not in levels]
+        if len(levels) < 2:
+            continue
+        if factor == "shortcut" and "A" in levels:
+            levels.remove("A")
+            levels.insert(0, "A")
+        found[factor] = levels
+    return found
+
+
+def effects(results: Results, metric: str = "test_error") -> pd.DataFrame:
+    """Main effects and two-factor interactions of `metric` (module docstring): one row per
+    effect with `n_pairs`, the estimate, its 95% interval, the two-sided p-value of no effect,
+    the method and a note; `frame.attrs["methods"]` lists the methods."""
+    results.check_metric(metric)
+    results.require_completed("estimate effects from")
+    levels = factor_levels(results)
+    if len(levels) < 2:
+        raise ResultsError(_too_few_factors(results, levels))
+    rows = []
+    for factor, (baseline, *others) in levels.items():
+        rows += _main_effects(results, factor, baseline, others, metric)
+    for (f, f_levels), (g, g_levels) in combinations(levels.items(), 2):
+        for level_f in f_levels[1:]:
+            for level_g in g_levels[1:]:
+                rows.append(_interaction(results, (f, f_levels[0], level_f),
+                                         (g, g_levels[0], level_g), metric))
+    return _with_methods(pd.DataFrame(rows, columns=list(EFFECT_COLUMNS)))
+
+
+def _too_few_factors(results: Results, levels: Mapping[str, list[Any]]) -> str:
+    swept = ", ".join(results.swept) or "nothing"
+    if not levels:
+        return (f"study {results.study!r} sweeps {swept}, and no factor has two completed levels "
+                "yet: effects need two or more factors with two or more completed levels")
+    (factor, (baseline, *_)), = levels.items()
+    return (f"study {results.study!r} has one factor with two or more completed levels "
+            f"({factor}: {', '.join(map(str, levels[factor]))}; swept: {swept}); effects need two "
+            f"or more; for one factor, `resnet-ablate compare {results.study} --factor {factor} "
+            f"--baseline {baseline}` gives its paired differences")
+
+
+def _row(effect: str, factors: str, level: Any, baseline: Any, n_pairs: int,
+         estimate: stats.Estimate, metric: str) -> dict[str, Any]:
+    return {"effect": effect, "factor(s)": factors, "level": level, "baseline": baseline,
+            "n_pairs": n_pairs, "diff_mean": estimate.mean, "diff_ci95_low": estimate.low,
+            "diff_ci95_high": estimate.high, "p_value": estimate.p_value,
+            "method": estimate.method, "note": _note(estimate), "metric": metric}
+
+
+# ----------------------------------------------------------------------------------------------
+# Main effects: Results.compare's stratified rows
+
+
+def _main_effects(results: Results, factor: str, baseline: Any, levels: Sequence[Any],
+                  metric: str) -> list[dict[str, Any]]:
+    try:
+        table = results.compare(factor, baseline, metric=metric)
+    except ResultsError:
+        return []  # no seed has both levels yet
+    others = [c for c in results.configuration_columns(without=[factor]) if c != "arch_name"]
+    rows = []
+    for level in levels:
+        mine = table[table[factor].astype(str) == str(level)]
+        if len(mine) > 1:  # several configurations: the stratified "all" row
+            mine = mine[(mine[others].astype(str) == "all").all(axis=1)]
+        if len(mine) != 1:
+            continue
+        row = mine.iloc[0]
+        rows.append({"effect": "main", "factor(s)": factor, "level": level, "baseline": baseline,
+                     **{c: row[c] for c in EFFECT_COLUMNS[4:]}})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Two-factor interactions: the difference of differences
+
+
+def _interaction(results: Results, f: tuple[str, Any, Any], g: tuple[str, Any, Any],
+                 metric: str) -> dict[str, Any]:
+    """The interaction row of level f[2] (baseline f[1]) of factor f[0] with level g[2]
+    (baseline g[1]) of factor g[0], stratified over the configurations of the other factors."""
+    (f_name, f_base, f_level), (g_name, g_base, g_level) = f, g
+    done = results.completed()
+    done = done[done[metric].notna()]
+    others = [c for c in results.configuration_columns(without=[f_name, g_name])
+              if c != "arch_name"]
+    keys = [*others, "seed", f_name, g_name]
+    cells = [(f_level if in_f else f_base, g_level if in_g else g_base) for in_f, in_g, _ in _CELLS]
+    weights = [w for *_, w in _CELLS]
+    grouped = done.groupby(keys, dropna=False)
+    values = grouped[metric].mean().unstack([f_name, g_name])
+    numbers = grouped["number"].agg(list).unstack([f_name, g_name])
+    present = [c for c in cells if c in values.columns]
+    quads = values[present].dropna() if len(present) == 4 else values.iloc[:0]
+    estimates = []
+    strata = quads.groupby(level=others, dropna=False, sort=True) if others else [((), quads)]
+    for key, stratum in strata:
+        estimates.append(_contrast(results, stratum, numbers.loc[stratum.index, cells], cells,
+                                   weights, metric))
+    bounds = tuple(2 * b for b in _difference_bounds(metric))
+    if not estimates:
+        estimate = stats.Estimate(np.nan, np.nan, np.nan, np.nan, np.nan, np.nan, 0, "",
+                                  "no seed has all four cells completed yet")
+    elif len(estimates) == 1:
+        estimate = estimates[0]
+    elif metric in ERROR_RATES:
+        estimate = stats.stratified(estimates, bounds)
+    else:
+        contrasts = pd.Series(quads[cells].to_numpy(float) @ np.array(weights), index=quads.index)
+        estimate = seed_stratified(contrasts, others, bounds)
+    return _row("interaction", f"{f_name} x {g_name}", f"{_text(f_level)} x {_text(g_level)}",
+                f"{_text(f_base)} x {_text(g_base)}", len(quads), estimate, metric)
+
+
+def _text(value: Any) -> str:
+    return _plain(value).strip("'")
+
+
+def _contrast(results: Results, stratum: pd.DataFrame, trials: pd.DataFrame,
+              cells: list[tuple[Any, Any]], weights: list[float], metric: str) -> stats.Estimate:
+    """One configuration's interaction contrast over its paired seeds (rows: seeds)."""
+    columns = [stratum[c].to_numpy(float) for c in cells]
+    if metric not in ERROR_RATES:
+        return stats.seed_mean(sum(w * v for w, v in zip(weights, columns)),
+                               tuple(2 * b for b in _difference_bounds(metric)))
+    errors = columns if metric == "test_error" else [1 - v for v in columns]
+    tables, images = None, None
+    if all(len(cell) == 1 for cell in trials.to_numpy().ravel()):
+        outcomes, images = results._outcomes([trials[c].iloc[i][0] for c in cells
+                                              for i in range(len(trials))])
+        n = len(trials)
+        tables = None if outcomes is None else [outcomes[k * n:(k + 1) * n]
+                                                for k in range(len(cells))]
+    estimate = stats.contrast(tables, weights, errors, images)
+    # Accuracy is 1 - error and the weights sum to zero: the same contrast, sign flipped.
+    return estimate if metric == "test_error" else _negated(estimate)
+
+
+# ----------------------------------------------------------------------------------------------
+# A second view: Optuna's fANOVA importance
+
+
+IMPORTANCE_METHOD = ("fANOVA (Optuna's FanovaImportanceEvaluator, seed 0): each factor's share of "
+                     "the variance of the per-trial {metric} that a random forest over the factors "
+                     "explains; the seed is not a factor, so seed-to-seed variation is left as "
+                     "noise; a description of these trials, with no interval or test")
+
+
+def importance(results: Results, metric: str = "test_error") -> pd.DataFrame:
+    """Each factor's importance for `metric` by Optuna's fANOVA evaluator over the completed
+    trials (factors with two or more completed levels), shares summing to 1, largest first."""
+    import optuna
+    from optuna.importance import FanovaImportanceEvaluator, get_param_importances
+
+    results.check_metric(metric)
+    done = results.require_completed("weigh factors from")
+    levels = factor_levels(results)
+    if not levels:
+        raise ResultsError(_too_few_factors(results, levels))
+    done = done[done[metric].notna()]
+    choices = {f: [_choice(v) for v in lv] for f, lv in levels.items()}
+    distributions = {f: optuna.distributions.CategoricalDistribution(c) for f, c in choices.items()}
+    trials = []
+    for _, row in done.iterrows():
+        params = {f: _choice(row[f]) for f in levels}
+        if all(params[f] in choices[f] for f in levels):
+            trials.append(optuna.trial.create_trial(params=params, distributions=distributions,
+                                                    value=float(row[metric])))
+    if len(trials) < 2:
+        raise ResultsError(f"study {results.study!r} has {len(trials)} completed trial with "
+                           f"{metric}: importance needs two or more")
+    study = optuna.create_study()  # in memory: the trials as the evaluator reads them
+    study.add_trials(trials)
+    shares = get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0),
+                                   normalize=True)
+    frame = pd.DataFrame([{"factor": f, "importance": float(v), "levels": len(levels[f]),
+                           "trials": len(trials), "metric": metric} for f, v in shares.items()])
+    frame.attrs["methods"] = [IMPORTANCE_METHOD.format(metric=metric)]
+    return frame
+
+
+def _choice(value: Any) -> Any:
+    """A level as an Optuna categorical choice: a plain Python scalar."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+__all__ = ["EFFECT_COLUMNS", "effects", "factor_levels", "importance"]

@@ -12,7 +12,10 @@ A spec is one question from the paper, asked as a sweep over the architecture de
       shortcut: [A, none]
     sampler: grid                        # grid (the full factorial) | random | tpe
     objectives: [test_error]             # and e.g. flops for a multi-objective study
-    seeds: [0, 1]                        # repeats (an int n means seeds 0..n-1)
+    seeds: [0, 1]                        # repeats (an int n means seeds 0..n-1), or adaptive:
+                                         #   {min: 2, max: 10, until: {width: 0.02}} or
+                                         #   {min: 2, max: 10, until: {decided: shortcut,
+                                         #   margin: 0.005}} (AdaptiveSeeds)
     train: {epochs: 8}                   # TrainRecipe fields, the recipe's and how it executes:
                                          #   precision, memory_format, compile, cuda_graphs
     warmup_from_depth: 110               # warm up (train.warmup) only nets this deep or deeper
@@ -147,6 +150,37 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class AdaptiveSeeds:
+    """Seeds spent only where the answer is still open (grid studies): every configuration gets
+    seeds 0..min-1; then, each time all of a configuration's seeds have ended, it gets one more
+    seed (up to max) while its question is open (adaptive.py decides):
+
+    - `width`: its test error's interval (the summary's method) is wider than this (a rate:
+      0.02 is 2 points);
+    - `decided` (a swept factor) with `margin`: its comparison with the configuration that has
+      the factor's baseline level (the first listed) and the same other factors is neither a
+      difference (the interval excludes zero) nor an equivalence (the interval lies within
+      +-margin). Both configurations of an open comparison get a seed.
+
+    The intervals behind a decision are at 1 - 0.05/(max - min + 1): a Bonferroni share per
+    look, so that deciding after any number of seeds keeps the error rate at most 5%."""
+
+    min: int
+    max: int
+    width: float | None = None
+    decided: str | None = None
+    margin: float = 0.0
+
+    @property
+    def looks(self) -> int:
+        return self.max - self.min + 1
+
+    @property
+    def level(self) -> float:
+        return 1 - 0.05 / self.looks
+
+
+@dataclass(frozen=True)
 class IntRange:
     low: int
     high: int
@@ -165,7 +199,8 @@ class StudySpec:
     model: Mapping[str, Any] = field(default_factory=dict)
     sampler: str = "grid"
     objectives: tuple[str, ...] = ("test_error",)
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = (0,)  # with adaptive seeds: every seed a configuration may get
+    adaptive_seeds: AdaptiveSeeds | None = None
     train: TrainRecipe = field(default_factory=TrainRecipe)
     budget: Budget = field(default_factory=Budget)
     resources: Resources = field(default_factory=Resources)
@@ -345,16 +380,7 @@ def parse_spec(raw: Any, *, source: str = "<spec>") -> StudySpec:
         raise check.fail("pruner", "pruning needs a single objective; use pruner: none for "
                                    f"the {len(objectives)} objectives {objectives}")
 
-    seeds = top.get("seeds", [0])
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        if seeds < 1:
-            raise check.fail("seeds", f"a count of seeds must be >= 1, got {seeds}")
-        seeds = list(range(seeds))
-    check.typed("seeds", seeds, list, "a count (int) or a list of int seeds")
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise check.fail("seeds", f"expected distinct int seeds, got {seeds!r}")
-    for i, seed in enumerate(seeds):
-        check.typed(f"seeds[{i}]", seed, int, "an int")
+    seeds, adaptive = _seeds(check, top.get("seeds", [0]), space)
 
     train_section = check.mapping("train", top.get("train"),
                                   [*(f.name for f in dataclasses.fields(TrainRecipe)), "preset"])
@@ -375,6 +401,9 @@ def parse_spec(raw: Any, *, source: str = "<spec>") -> StudySpec:
         raise check.fail("space", f"the grid's {points} points x {len(seeds)} seed(s) make "
                                   f"{points * len(seeds)} trials; at most {MAX_TRIALS}: sweep fewer "
                                   "values, or use sampler: random or tpe with a budget")
+    if adaptive is not None and (sampler != "grid" or budget.trials is not None):
+        raise check.fail("seeds", "adaptive seeds need sampler: grid and no budget.trials (they "
+                                  "decide how many trials run; budget.minutes still applies)")
     if sampler != "grid" and budget.trials is None and budget.minutes is None:
         raise check.fail("budget", f"the {sampler} sampler needs budget.trials or budget.minutes "
                                    "to know when to stop")
@@ -424,11 +453,79 @@ def parse_spec(raw: Any, *, source: str = "<spec>") -> StudySpec:
 
     return StudySpec(
         study=study, question=question, dataset=dataset, model=model, space=space, sampler=sampler,
-        objectives=tuple(objectives), seeds=tuple(seeds), train=recipe, budget=budget,
+        objectives=tuple(objectives), seeds=tuple(seeds), adaptive_seeds=adaptive, train=recipe,
+        budget=budget,
         resources=resources, storage=storage, pruner=pruner, max_attempts=max_attempts,
         warmup_from_depth=warmup_from_depth, max_restarts=max_restarts, checkpoints=checkpoints,
         source=source, raw=raw,
     )
+
+
+MAX_ADAPTIVE_SEEDS = 100
+ADAPTIVE_KEYS = ("min", "max", "until")
+UNTIL_KEYS = ("width", "decided", "margin")
+
+
+def _seeds(check: _Checker, value: Any, space: Mapping[str, Any]
+           ) -> tuple[list[int], AdaptiveSeeds | None]:
+    """`seeds`: a count, a list of distinct ints, or the adaptive mapping (AdaptiveSeeds)."""
+    if isinstance(value, dict):
+        return _adaptive_seeds(check, value, space)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise check.fail("seeds", f"a count of seeds must be >= 1, got {value}")
+        value = list(range(value))
+    check.typed("seeds", value, list, "a count (int), a list of int seeds, or {min, max, until}")
+    if not value or len(set(value)) != len(value):
+        raise check.fail("seeds", f"expected distinct int seeds, got {value!r}")
+    for i, seed in enumerate(value):
+        check.typed(f"seeds[{i}]", seed, int, "an int")
+    return value, None
+
+
+def _adaptive_seeds(check: _Checker, value: dict, space: Mapping[str, Any]
+                    ) -> tuple[list[int], AdaptiveSeeds]:
+    section = check.mapping("seeds", value, list(ADAPTIVE_KEYS))
+    bounds = {}
+    for name in ("min", "max"):
+        if name not in section:
+            raise check.fail("seeds", f"adaptive seeds need min, max and until; {name} is missing")
+        number = check.typed(f"seeds.{name}", section[name], int, "an int")
+        if not 2 <= number <= MAX_ADAPTIVE_SEEDS:
+            raise check.fail(f"seeds.{name}", f"must be an int from 2 (the fewest seeds an "
+                                              f"interval needs) to {MAX_ADAPTIVE_SEEDS}, got "
+                                              f"{number!r}")
+        bounds[name] = number
+    if bounds["max"] < bounds["min"]:
+        raise check.fail("seeds.max", f"must be >= seeds.min ({bounds['min']}), got "
+                                      f"{bounds['max']}")
+    until = check.mapping("seeds.until", section.get("until"), list(UNTIL_KEYS))
+    if ("width" in until) == ("decided" in until):
+        raise check.fail("seeds.until", "give one rule: {width: W} (stop where the test error's "
+                                        "interval is at most W wide) or {decided: FACTOR, "
+                                        "margin: M} (stop where its comparison is decided)")
+    width = decided = None
+    margin = 0.0
+    if "width" in until:
+        width = check.typed("seeds.until.width", until["width"], (int, float), "a number")
+        if not 0 < width <= 1:
+            raise check.fail("seeds.until.width", f"an interval width of an error rate, in "
+                                                  f"(0, 1] (0.02 is 2 points), got {width!r}")
+    else:
+        decided = until["decided"]
+        swept = [name for name, levels in space.items() if len(_values(levels)) >= 2]
+        if decided not in swept:
+            raise check.fail("seeds.until.decided", f"{decided!r} is not a swept factor with two "
+                                                    f"levels or more; swept: "
+                                                    f"{', '.join(swept) or 'none'}")
+        margin = check.typed("seeds.until.margin", until.get("margin", 0.0), (int, float),
+                             "a number")
+        if not 0 <= margin < 1:
+            raise check.fail("seeds.until.margin", f"a difference of error rates in [0, 1) "
+                                                   f"(0.005 is half a point), got {margin!r}")
+    rule = AdaptiveSeeds(bounds["min"], bounds["max"], None if width is None else float(width),
+                         decided, float(margin))
+    return list(range(rule.max)), rule
 
 
 def _check_replicas(check: _Checker, resources: Resources, recipe: TrainRecipe) -> None:

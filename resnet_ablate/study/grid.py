@@ -1,5 +1,5 @@
 """A grid study's points: which are settled by what the store holds, which still need a run (with
-their retry back-off), and the plan a dry run prints."""
+their retry back-off), which get another seed (adaptive seeds), and the plan a dry run prints."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from typing import Any
 
 import optuna
 
+from ..adaptive import Configuration, Decision, SeedResult, decide
 from ..arch import ResNetArch
-from ..record import FailureKind, TrialKey
+from ..record import FailureKind, TrialKey, metric_values, unpack_outcomes
 from ..spec import StudySpec
 from .costs import StudyCosts
 from .space import decode_params, point_key
@@ -54,11 +55,13 @@ class GridHistory:
         self.spec = spec
         self.completed: set[str] = set()
         self.settled: set[str] = set()
+        self.tried: set[str] = set()  # any trial at all, however it ended
         self.attempts: Counter[str] = Counter()
         for t in trials:
             if TrialKey.SEED not in t.user_attrs:
                 continue
             key = point_key(decode_params(t.params, spec.space), t.user_attrs[TrialKey.SEED])
+            self.tried.add(key)
             kind = t.user_attrs.get(TrialKey.FAILURE_KIND)
             if t.state == _State.COMPLETE:
                 self.completed.add(key)
@@ -86,11 +89,68 @@ class GridHistory:
         return PendingPoint(point.params, point.seed, time.monotonic() + backoff)
 
 
+def _first_seeds(spec: StudySpec, history: GridHistory, params: dict[str, Any]) -> list[int]:
+    """The seeds a grid point starts with: all of them, or with adaptive seeds the first `min`
+    and any that an earlier run added (the store holds a trial of it)."""
+    rule = spec.adaptive_seeds
+    if rule is None:
+        return list(spec.seeds)
+    return [seed for seed in spec.seeds
+            if seed < rule.min or point_key(params, seed) in history.tried]
+
+
 def pending_points(spec: StudySpec, history: GridHistory, costs: StudyCosts) -> list[PendingPoint]:
     """Every grid point x seed that still needs a run, in the grid's order."""
-    return [PendingPoint(params, seed) for params in spec.grid() for seed in spec.seeds
+    return [PendingPoint(params, seed) for params in spec.grid()
+            for seed in _first_seeds(spec, history, params)
             if history.needs_run(point_key(params, seed))
             and not costs.over_budget(spec.arch(params))]
+
+
+def configuration(params: dict[str, Any]) -> Configuration:
+    return tuple(params.items())
+
+
+def seed_decisions(spec: StudySpec, trials: Iterable[optuna.trial.FrozenTrial]
+                   ) -> dict[Configuration, Decision]:
+    """The adaptive-seed rule's decision for every grid point with a completed trial."""
+    assert spec.adaptive_seeds is not None
+    seeds: dict[Configuration, list[SeedResult]] = {}
+    for t in trials:
+        if t.state != _State.COMPLETE or TrialKey.SEED not in t.user_attrs:
+            continue
+        attrs = t.user_attrs
+        error = metric_values(attrs)["test_error"]
+        if error is None:
+            continue
+        images, packed = attrs.get(TrialKey.TEST_IMAGES), attrs.get(TrialKey.TEST_OUTCOMES)
+        seeds.setdefault(configuration(decode_params(t.params, spec.space)), []).append(
+            SeedResult(attrs[TrialKey.SEED], error, images,
+                       unpack_outcomes(packed, images) if packed and images else None))
+    levels = {name: list(spec.space[name]) for name in spec.space}
+    return decide(spec.adaptive_seeds, levels, seeds)
+
+
+def more_seeds(spec: StudySpec, trials: Iterable[optuna.trial.FrozenTrial],
+               costs: StudyCosts) -> list[PendingPoint]:
+    """With adaptive seeds, once every started seed has ended: the next seed of each grid point
+    whose question is still open (adaptive.py), while it has seeds left."""
+    if spec.adaptive_seeds is None:
+        return []
+    trials = list(trials)
+    decisions = seed_decisions(spec, trials)
+    # From the store as it is now: `history` knows only what the run started with.
+    tried = {point_key(decode_params(t.params, spec.space), t.user_attrs[TrialKey.SEED])
+             for t in trials if TrialKey.SEED in t.user_attrs}
+    added = []
+    for params in spec.grid():
+        decision = decisions.get(configuration(params))
+        if decision is None or not decision.open or costs.over_budget(spec.arch(params)):
+            continue
+        untried = [seed for seed in spec.seeds if point_key(params, seed) not in tried]
+        if untried:
+            added.append(PendingPoint(params, untried[0]))
+    return added
 
 
 def plan(spec: StudySpec, history: GridHistory, costs: StudyCosts) -> list[PlannedTrial]:
@@ -109,6 +169,8 @@ def plan(spec: StudySpec, history: GridHistory, costs: StudyCosts) -> list[Plann
                 status = "settled"
             elif costs.over_budget(arch):
                 status = "over budget"
+            elif seed not in _first_seeds(spec, history, params):
+                status = "if open"  # adaptive seeds: run only while the question stays open
             else:
                 status = "pending"
             planned.append(PlannedTrial(

@@ -28,7 +28,7 @@ from ..spec import StudySpec
 from ..worker import TrialTask
 from . import cluster
 from .costs import StudyCosts
-from .grid import GridHistory, PendingPoint
+from .grid import GridHistory, PendingPoint, more_seeds
 from .recorder import TrialRecorder
 from .signals import StopRequested, StopSignals, signals_held
 from .space import decode_params, prunes
@@ -93,6 +93,8 @@ class DriverLoop:
                 self.stop_signals.raise_if_heard()
                 self.fill()
                 if not self.running:
+                    if not self.pending:
+                        self._add_open_seeds()
                     if not self.pending or time.monotonic() >= self.deadline:
                         break
                     time.sleep(0.2)  # retries wait out their back-off
@@ -147,6 +149,16 @@ class DriverLoop:
         )
 
     # -- their parts
+
+    def _add_open_seeds(self) -> None:
+        """Adaptive seeds: every started trial has ended, so the grid points whose question is
+        still open get their next seed (grid.more_seeds)."""
+        added = more_seeds(self.spec, self.study.get_trials(deepcopy=False), self.costs)
+        if added:
+            self.pending.extend(added)
+            self.to_ask += len(added)  # adaptive seeds have no budget.trials (spec.py)
+            self.progress.log(f"adaptive seeds: {len(added)} configuration(s) still open, "
+                              "each gets one more seed")
 
     def _next_ready_point(self) -> PendingPoint | None:
         now = time.monotonic()

@@ -1,0 +1,131 @@
+"""Adaptive seeds: which configurations of a study still have an open question, and so get
+another seed (the rule: spec.AdaptiveSeeds). Torch-free: the study driver asks it when a
+configuration's seeds have all ended, and results ask it why each configuration stopped.
+
+A configuration is a mapping of the swept factors to their levels; its seeds are what the store
+recorded of each completed trial: the test error and, where kept, the test set's size and
+per-image outcomes (the same inputs as the summary's and compare's statistics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import stats
+from .spec import AdaptiveSeeds
+
+Configuration = tuple[tuple[str, Any], ...]  # ((factor, level), ...) in the space's order
+
+
+@dataclass(frozen=True)
+class SeedResult:
+    """One completed seed of a configuration."""
+
+    seed: int
+    error: float
+    images: int | None = None
+    outcomes: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether a configuration's question is still open, and in words why or why not."""
+
+    open: bool
+    reason: str
+    seeds: int
+
+
+def _error_estimate(results: Sequence[SeedResult], level: float) -> stats.Estimate:
+    images = {r.images for r in results}
+    size = images.pop() if len(images) == 1 else None
+    outcomes = [r.outcomes for r in results]
+    have_outcomes = size is not None and all(o is not None for o in outcomes)
+    return stats.error_rate(outcomes if have_outcomes else None, [r.error for r in results],
+                            size, level=level)
+
+
+def _difference(base: Sequence[SeedResult], other: Sequence[SeedResult],
+                level: float) -> stats.Estimate:
+    """other - base over the seeds both completed, paired by seed."""
+    by_seed = {r.seed: r for r in base}
+    pairs = [(by_seed[r.seed], r) for r in other if r.seed in by_seed]
+    base_side, other_side = [b for b, _ in pairs], [o for _, o in pairs]
+    sizes = {r.images for r in base_side + other_side}
+    size = sizes.pop() if len(sizes) == 1 else None
+    have_outcomes = size is not None and all(r.outcomes is not None for r in base_side + other_side)
+    return stats.paired_difference(
+        [r.outcomes for r in base_side] if have_outcomes else None,
+        [r.outcomes for r in other_side] if have_outcomes else None,
+        [r.error for r in base_side], [r.error for r in other_side], size, level=level)
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.2f}"
+
+
+def _width_decision(rule: AdaptiveSeeds, results: Sequence[SeedResult]) -> Decision:
+    estimate = _error_estimate(results, rule.level)
+    width = estimate.high - estimate.low
+    n = len(results)
+    if not width <= rule.width:  # nan (no interval yet) is open too
+        return Decision(True, f"interval {_percent(width)} points wide > {_percent(rule.width)}",
+                        n)
+    return Decision(False, f"interval {_percent(width)} points wide <= {_percent(rule.width)}", n)
+
+
+def _comparison_decision(rule: AdaptiveSeeds, base: Sequence[SeedResult],
+                         other: Sequence[SeedResult]) -> tuple[bool, str]:
+    estimate = _difference(base, other, rule.level)
+    shown = f"[{_percent(estimate.low)}, {_percent(estimate.high)}] points"
+    if estimate.low > 0 or estimate.high < 0:
+        return False, f"decided: differs, {shown}"
+    if -rule.margin <= estimate.low and estimate.high <= rule.margin:
+        return False, f"decided: within +-{_percent(rule.margin)}, {shown}"
+    return True, f"open: {shown} straddles 0 and exceeds +-{_percent(rule.margin)}"
+
+
+def decide(rule: AdaptiveSeeds, space_levels: Mapping[str, Sequence[Any]],
+           seeds: Mapping[Configuration, Sequence[SeedResult]]) -> dict[Configuration, Decision]:
+    """Every configuration's decision under `rule`. `space_levels` are the swept factors'
+    levels in the spec's order (a `decided` factor's baseline is its first); `seeds` each
+    configuration's completed seeds. A configuration at `rule.max` seeds is closed whatever its
+    question, and says so; one below `rule.min` is open."""
+    decisions: dict[Configuration, Decision] = {}
+    if rule.decided is not None:
+        baseline = space_levels[rule.decided][0]
+        comparisons: dict[Configuration, list[tuple[bool, str]]] = {c: [] for c in seeds}
+        for configuration, results in seeds.items():
+            levels = dict(configuration)
+            if levels[rule.decided] == baseline:
+                continue
+            partner = tuple((k, baseline if k == rule.decided else v) for k, v in configuration)
+            if partner not in seeds:
+                continue
+            verdict = _comparison_decision(rule, seeds[partner], results)
+            comparisons[configuration].append(verdict)
+            comparisons[partner].append((verdict[0], f"vs {rule.decided}="
+                                         f"{levels[rule.decided]}: {verdict[1]}"))
+    for configuration, results in seeds.items():
+        n = len(results)
+        if n < rule.min:
+            decision = Decision(True, f"{n} of the first {rule.min} seeds", n)
+        elif rule.width is not None:
+            decision = _width_decision(rule, results)
+        else:
+            verdicts = comparisons[configuration]
+            is_open = any(v for v, _ in verdicts)
+            reason = "; ".join(r for _, r in verdicts) or "nothing to compare with"
+            decision = Decision(is_open, reason, n)
+        if decision.open and n >= rule.max:
+            decision = Decision(False, f"max seeds ({rule.max}) reached, still {decision.reason}",
+                                n)
+        decisions[configuration] = decision
+    return decisions
+
+
+__all__ = ["Configuration", "Decision", "SeedResult", "decide"]

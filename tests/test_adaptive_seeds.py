@@ -1,0 +1,124 @@
+"""Adaptive seeds: the spec's rule, the decision on hand-made configurations, and a study whose
+driver adds seeds only to the configurations whose question is open (and resumes so)."""
+
+from __future__ import annotations
+
+import numpy as np
+import optuna
+import pytest
+
+from helpers import raw_spec
+from resnet_ablate.adaptive import SeedResult, decide
+from resnet_ablate.spec import AdaptiveSeeds, SpecError, parse_spec
+from resnet_ablate.study import RunOptions, plan_study, run_study
+from resnet_ablate.study.grid import configuration, seed_decisions
+
+IMAGES = 400
+
+
+def _adaptive(until, **seeds):
+    return {"min": 2, "max": 5, "until": until, **seeds}
+
+
+def test_spec_takes_the_adaptive_rule_and_every_seed_it_may_use():
+    spec = parse_spec(raw_spec("adaptive", seeds=_adaptive({"decided": "shortcut",
+                                                              "margin": 0.01})))
+    assert spec.adaptive_seeds == AdaptiveSeeds(2, 5, None, "shortcut", 0.01)
+    assert spec.seeds == (0, 1, 2, 3, 4)
+    assert spec.adaptive_seeds.level == pytest.approx(1 - 0.05 / 4)
+    width = parse_spec(raw_spec("adaptive", seeds=_adaptive({"width": 0.02})))
+    assert width.adaptive_seeds.width == 0.02
+
+
+@pytest.mark.parametrize(("seeds", "overrides", "message"), [
+    (_adaptive({"width": 0.02}, min=1), {}, r"seeds\.min: must be an int from 2"),
+    (_adaptive({"width": 0.02}, max=1), {}, r"seeds\.max: must be an int from 2"),
+    ({"min": 3, "max": 2, "until": {"width": 0.02}}, {}, r"seeds\.max: must be >= seeds\.min"),
+    (_adaptive({"width": 0.02, "decided": "shortcut"}), {}, "give one rule"),
+    (_adaptive({}), {}, "give one rule"),
+    (_adaptive({"width": 0}), {}, r"seeds\.until\.width: an interval width"),
+    (_adaptive({"width": float("nan")}), {}, r"seeds\.until\.width: an interval width"),
+    (_adaptive({"decided": "depth"}), {}, r"'depth' is not a swept factor.*swept: shortcut"),
+    (_adaptive({"decided": "shortcut", "margin": -1}), {}, r"margin: a difference"),
+    ({"min": 2, "until": {"width": 0.1}}, {}, "max is missing"),
+    (_adaptive({"width": 0.02}, often=3), {}, r"seeds\.often: unknown key"),
+    (_adaptive({"width": 0.02}), {"budget": {"trials": 4}}, "adaptive seeds need sampler: grid"),
+])
+def test_spec_refuses_a_rule_that_cannot_run(seeds, overrides, message):
+    with pytest.raises(SpecError, match=message):
+        parse_spec(raw_spec("adaptive", seeds=seeds, **overrides))
+
+
+def _seeds(rng, error: float, n: int, difficulty: np.ndarray) -> list[SeedResult]:
+    results = []
+    for seed in range(n):
+        wrong = (rng.random(IMAGES) < np.clip(error + difficulty, 0, 1)).astype(float)
+        results.append(SeedResult(seed, wrong.mean(), IMAGES, wrong))
+    return results
+
+
+def test_a_clear_difference_is_decided_and_a_tie_stays_open():
+    rng = np.random.default_rng(0)
+    difficulty = rng.normal(0, 0.05, IMAGES)
+    rule = AdaptiveSeeds(2, 5, decided="shortcut", margin=0.005)
+    levels = {"depth": [8, 20], "shortcut": ["A", "none"]}
+    seeds = {
+        (("depth", 8), ("shortcut", "A")): _seeds(rng, 0.10, 2, difficulty),
+        (("depth", 8), ("shortcut", "none")): _seeds(rng, 0.40, 2, difficulty),  # far worse
+        (("depth", 20), ("shortcut", "A")): _seeds(rng, 0.10, 2, difficulty),
+        (("depth", 20), ("shortcut", "none")): _seeds(rng, 0.10, 2, difficulty),  # the same
+    }
+    decisions = decide(rule, levels, seeds)
+    assert not decisions[(("depth", 8), ("shortcut", "none"))].open
+    assert "decided: differs" in decisions[(("depth", 8), ("shortcut", "none"))].reason
+    assert not decisions[(("depth", 8), ("shortcut", "A"))].open  # its only comparison decided
+    assert decisions[(("depth", 20), ("shortcut", "none"))].open
+    assert decisions[(("depth", 20), ("shortcut", "A"))].open
+    # At max seeds a configuration is closed whatever its question, and says so.
+    full = {k: v if k[0] == ("depth", 8) else v + _seeds(rng, 0.10, 3, difficulty)
+            for k, v in seeds.items()}
+    closed = decide(rule, levels, full)[(("depth", 20), ("shortcut", "none"))]
+    assert not closed.open and closed.reason.startswith("max seeds (5) reached")
+
+
+def test_the_width_rule_stops_once_the_interval_is_narrow_enough():
+    rng = np.random.default_rng(1)
+    difficulty = rng.normal(0, 0.05, IMAGES)
+    levels = {"shortcut": ["A", "none"]}
+    seeds = {(("shortcut", "A"),): _seeds(rng, 0.1, 3, difficulty)}
+    wide = decide(AdaptiveSeeds(2, 5, width=0.005), levels, seeds)[(("shortcut", "A"),)]
+    narrow = decide(AdaptiveSeeds(2, 5, width=0.5), levels, seeds)[(("shortcut", "A"),)]
+    assert wide.open and "> 0.50" in wide.reason
+    assert not narrow.open and "<= 50.00" in narrow.reason
+
+
+def test_the_driver_adds_seeds_only_where_the_question_is_open(local_ray, tmp_path):
+    # Depth 8 with and without shortcuts on an easy synthetic task: whatever the nets learn, the
+    # driver must stop each configuration exactly where the rule says.
+    rule = {"min": 2, "max": 4, "until": {"decided": "shortcut", "margin": 0.0}}
+    spec = parse_spec(raw_spec("adaptive-run", epochs=1, seeds=rule, model={"family": "cifar"},
+                               space={"shortcut": ["A", "none"], "depth": [8, 14]}))
+    plan = plan_study(spec, RunOptions(runs_dir=tmp_path))
+    assert {p.status for p in plan if p.seed >= 2} == {"if open"}
+    run_study(spec, RunOptions(runs_dir=tmp_path, progress=False))
+    storage = spec.storage_url(tmp_path)
+    trials = optuna.load_study(study_name=spec.study, storage=storage).get_trials()
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    final = seed_decisions(spec, trials)
+    counts = {c: d.seeds for c, d in final.items()}
+    assert all(2 <= n <= 4 for n in counts.values())
+    assert not any(d.open for d in final.values())  # nothing left open below max
+    # Every seed beyond the first two was added because the question was open one seed before.
+    for params in spec.grid():
+        point = configuration(params)
+        for n in range(2, counts[point]):
+            earlier = [t for t in trials if t.user_attrs["seed"] < n]
+            assert seed_decisions(spec, earlier)[point].open, (point, n)
+    # Seeds are consecutive from 0 for every configuration.
+    for params in spec.grid():
+        seeds = sorted(t.user_attrs["seed"] for t in trials
+                       if configuration({k: t.params[k] for k in params}) == configuration(params))
+        assert seeds == list(range(counts[configuration(params)]))
+    # A second run finds nothing open and trains nothing.
+    again = run_study(spec, RunOptions(runs_dir=tmp_path, progress=False))
+    assert again.launched == 0

@@ -112,10 +112,15 @@ def plot_depth(results: Results, *, metric: str = "test_error", x: str = "depth"
         mean = 100 * group[f"{metric}_mean"].to_numpy(float)
         below = mean - 100 * group[f"{metric}_ci95_low"].to_numpy(float)
         above = 100 * group[f"{metric}_ci95_high"].to_numpy(float) - mean
+        seeds = sorted(set(group["n"]))
+        n = f"n={seeds[0]}" if len(seeds) == 1 else f"n={seeds[0]}-{seeds[-1]}"
         ax.errorbar(group[x].astype(float), mean, yerr=np.nan_to_num([below, above]), marker="o",
-                    capsize=4, label=_label(line_by, value) if line_by else metric)
+                    capsize=4, label=f"{_label(line_by, value) if line_by else metric} ({n} seeds)")
     ax.set_xlabel(x)
     ax.set_ylabel(f"{metric.replace('_', ' ')} (%), mean and 95% CI")
+    methods = summary.attrs.get("methods") or []
+    if methods:  # how the bars were made, in the figure itself
+        figure.text(0.01, 0.01, "95% CI: " + "; ".join(methods), fontsize="x-small", alpha=0.7)
     ax.set_title(results.study)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")

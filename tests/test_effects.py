@@ -1,0 +1,303 @@
+"""Effects of every factor (resnet_ablate/effects.py, `Results.effects`, `resnet-ablate effects`)
+on studies written straight into a store, without training, with known additive truth: main
+effects are compare's stratified rows and the means of the cell differences, an interaction is the
+difference of differences; the interaction test keeps its type I error and finds a large one."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from scipy import stats as scipy_stats
+
+from resnet_ablate import report, stats
+from resnet_ablate.cli import main
+from resnet_ablate.record import StudyKey, TrialKey, pack_outcomes
+from resnet_ablate.results import ResultsError, load
+
+IMAGES = 400
+SEEDS = (0, 1, 2)
+DEPTHS, SHORTCUTS = (8, 14), ("A", "none")
+# The truth, added to each image's difficulty: depth 14 helps a little, no shortcut hurts, and
+# the two together hurt more than their sum (the interaction).
+DEPTH_14, NO_SHORTCUT, BOTH = -0.03, 0.05, 0.10
+
+
+def _shift(depth: int, shortcut: str) -> float:
+    return (DEPTH_14 if depth == 14 else 0) + (NO_SHORTCUT if shortcut == "none" else 0) + \
+        (BOTH if (depth, shortcut) == (14, "none") else 0)
+
+
+def write_study(path, name: str, space: dict, cells: dict, *, outcomes: bool = True) -> str:
+    """A study store at `path` whose completed trials are `cells`: {(params tuple, seed): 0/1
+    vector of test errors}, each recorded as the driver records a trial (record.py's keys)."""
+    storage = f"sqlite:///{path}"
+    study = optuna.create_study(study_name=name, storage=storage)
+    study.set_user_attr(StudyKey.SPEC, {"study": name, "space": space})
+    study.set_user_attr(StudyKey.OBJECTIVES, ["test_error"])
+    distributions = {f: optuna.distributions.CategoricalDistribution(levels)
+                     for f, levels in space.items()}
+    for (point, seed), wrong in cells.items():
+        params = dict(zip(space, point))
+        error = float(np.mean(wrong))
+        attrs = {TrialKey.SEED: seed, TrialKey.ARCH: {"family": "cifar", **params},
+                 TrialKey.ARCH_NAME: "-".join(map(str, point)),
+                 TrialKey.FINAL_TEST_ACCURACY: 1 - error,
+                 # Training error: the test error plus a seeded amount, for the Student t path.
+                 TrialKey.FINAL_TRAIN_ACCURACY: 1 - error / 2 - 0.01 * ((seed * 7 + len(str(point))) % 5),
+                 TrialKey.TEST_IMAGES: len(wrong), TrialKey.TEST_WRONG: int(np.sum(wrong)),
+                 TrialKey.PARAMS: 1000, TrialKey.FLOPS: 10**6}
+        if outcomes:
+            attrs[TrialKey.TEST_OUTCOMES] = pack_outcomes(wrong)
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions,
+                                                  value=error, user_attrs=attrs))
+    return storage
+
+
+def _draw_cells(rng, points, shift, seeds=SEEDS, images=IMAGES) -> dict:
+    difficulty = rng.uniform(0.15, 0.3, images)
+    return {(point, seed): (rng.random(images) < difficulty + shift(*point)
+                            + rng.normal(0, 0.01)).astype(float)
+            for seed in seeds for point in points}
+
+
+POINTS = [(d, s) for d in DEPTHS for s in SHORTCUTS]
+SPACE = {"depth": list(DEPTHS), "shortcut": list(SHORTCUTS)}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """(results, cells) of the depth x shortcut study."""
+    cells = _draw_cells(np.random.default_rng(0), POINTS, _shift)
+    path = tmp_path_factory.mktemp("effects") / "effects-small.db"
+    write_study(path, "effects-small", SPACE, cells)
+    return load(str(path)), cells
+
+
+def _error(cells, point, seed) -> float:
+    return float(np.mean(cells[(point, seed)]))
+
+
+def _row(table, effect, factors):
+    rows = table[(table["effect"] == effect) & (table["factor(s)"] == factors)]
+    assert len(rows) == 1, rows
+    return rows.iloc[0]
+
+
+def test_main_effects_are_the_means_of_the_cell_differences_and_compares_stratified_rows(study):
+    results, cells = study
+    table = results.effects()
+    assert list(table.columns) == ["effect", "factor(s)", "level", "baseline", "n_pairs",
+                                   "diff_mean", "diff_ci95_low", "diff_ci95_high", "p_value",
+                                   "method", "note", "metric"]
+    depth = _row(table, "main", "depth")
+    expected = np.mean([_error(cells, (14, s), seed) - _error(cells, (8, s), seed)
+                        for s in SHORTCUTS for seed in SEEDS])
+    assert (depth["level"], depth["baseline"], depth["n_pairs"]) == (14, 8, 6)
+    assert depth["diff_mean"] == pytest.approx(expected)
+    shortcut = _row(table, "main", "shortcut")
+    expected = np.mean([_error(cells, (d, "none"), seed) - _error(cells, (d, "A"), seed)
+                        for d in DEPTHS for seed in SEEDS])
+    assert (shortcut["level"], shortcut["baseline"]) == ("none", "A")
+    assert shortcut["diff_mean"] == pytest.approx(expected)
+    overall = results.compare("shortcut", "A").iloc[-1]
+    for column in ("diff_mean", "diff_ci95_low", "diff_ci95_high", "p_value", "method", "note"):
+        assert shortcut[column] == overall[column]
+
+
+def test_interaction_is_the_difference_of_differences_on_the_per_image_table(study):
+    results, cells = study
+    row = _row(results.effects(), "interaction", "depth x shortcut")
+    assert (row["level"], row["baseline"], row["n_pairs"]) == ("14 x none", "8 x A", 3)
+    per_seed = [_error(cells, (14, "none"), s) - _error(cells, (8, "none"), s)
+                - _error(cells, (14, "A"), s) + _error(cells, (8, "A"), s) for s in SEEDS]
+    assert row["diff_mean"] == pytest.approx(np.mean(per_seed))
+    order = [(14, "none"), (8, "none"), (14, "A"), (8, "A")]
+    expected = stats.contrast([[cells[(p, s)] for s in SEEDS] for p in order], [1, -1, -1, 1],
+                              [[_error(cells, p, s) for s in SEEDS] for p in order], IMAGES)
+    assert row["method"] == stats.CROSSED
+    assert (row["diff_ci95_low"], row["diff_ci95_high"], row["p_value"]) == (
+        pytest.approx(expected.low), pytest.approx(expected.high), pytest.approx(expected.p_value))
+    assert -2 <= row["diff_ci95_low"] < row["diff_mean"] < row["diff_ci95_high"] <= 2
+    assert row["diff_ci95_low"] <= BOTH <= row["diff_ci95_high"] and row["p_value"] < 0.05
+
+
+def test_every_interval_holds_its_estimate_and_stays_in_range(study):
+    results, _ = study
+    for metric, (low, high) in {"test_error": (-2, 2), "test_accuracy": (-2, 2),
+                                "train_error": (-2, 2)}.items():
+        table = results.effects(metric)
+        assert set(table["metric"]) == {metric} and table.attrs["methods"]
+        assert (table["diff_ci95_low"] <= table["diff_mean"]).all()
+        assert (table["diff_mean"] <= table["diff_ci95_high"]).all()
+        assert (table["diff_ci95_low"] >= low).all() and (table["diff_ci95_high"] <= high).all()
+        assert ((table["p_value"] >= 0) & (table["p_value"] <= 1)).all()
+
+
+def test_accuracy_effects_are_the_error_effects_with_the_sign_flipped(study):
+    results, _ = study
+    error, accuracy = results.effects("test_error"), results.effects("test_accuracy")
+    assert np.allclose(accuracy["diff_mean"], -error["diff_mean"])
+    assert np.allclose(accuracy["diff_ci95_low"], -error["diff_ci95_high"])
+    assert np.allclose(accuracy["p_value"], error["p_value"])
+
+
+def test_a_metric_without_test_sampling_is_students_t_over_the_per_seed_contrasts(study):
+    results, _ = study
+    train = results.trials.set_index(["depth", "shortcut", "seed"])["train_error"]
+    contrasts = np.array([train[(14, "none", s)] - train[(8, "none", s)] - train[(14, "A", s)]
+                          + train[(8, "A", s)] for s in SEEDS])
+    table = results.effects("train_error")
+    row = _row(table, "interaction", "depth x shortcut")
+    assert row["method"] == stats.SEEDS_ONLY
+    assert row["diff_mean"] == pytest.approx(contrasts.mean())
+    assert row["p_value"] == pytest.approx(scipy_stats.ttest_1samp(contrasts, 0).pvalue)
+    # The main effect over two configurations: Student t over each seed's mean difference.
+    depth = _row(table, "main", "depth")
+    per_seed = [np.mean([train[(14, sc, s)] - train[(8, sc, s)] for sc in SHORTCUTS]) for s in SEEDS]
+    assert depth["method"] == f"stratified over configurations ({stats.SEEDS_ONLY})"
+    assert depth["p_value"] == pytest.approx(scipy_stats.ttest_1samp(per_seed, 0).pvalue)
+
+
+def test_with_a_third_factor_each_pair_interacts_stratified_over_the_third(tmp_path):
+    widths = (16, 32)
+    points = [(d, s, w) for d in DEPTHS for s in SHORTCUTS for w in widths]
+    cells = _draw_cells(np.random.default_rng(1), points,
+                        lambda d, s, w: _shift(d, s) + (0.02 if w == 32 else 0))
+    path = tmp_path / "three.db"
+    write_study(path, "three", {**SPACE, "base_width": list(widths)}, cells)
+    table = load(str(path)).effects()
+    assert list(table["effect"]) == ["main"] * 3 + ["interaction"] * 3
+    assert list(table["factor(s)"]) == ["depth", "shortcut", "base_width", "depth x shortcut",
+                                        "depth x base_width", "shortcut x base_width"]
+    row = _row(table, "interaction", "depth x shortcut")
+    per_width = [np.mean([np.mean(cells[((14, "none", w), s)]) - np.mean(cells[((8, "none", w), s)])
+                          - np.mean(cells[((14, "A", w), s)]) + np.mean(cells[((8, "A", w), s)])
+                          for s in SEEDS]) for w in widths]
+    assert row["diff_mean"] == pytest.approx(np.mean(per_width)) and row["n_pairs"] == 6
+    assert row["method"].startswith("stratified over configurations")
+    assert row["diff_ci95_low"] < row["diff_mean"] < row["diff_ci95_high"]
+
+
+def test_without_a_per_image_record_the_interaction_uses_the_binomial_bound(tmp_path):
+    cells = _draw_cells(np.random.default_rng(2), POINTS, _shift)
+    path = tmp_path / "old.db"
+    write_study(path, "old", SPACE, cells, outcomes=False)
+    row = _row(load(str(path)).effects(), "interaction", "depth x shortcut")
+    assert row["method"] == stats.BINOMIAL_BOUND
+    assert row["diff_ci95_low"] < row["diff_mean"] < row["diff_ci95_high"]
+
+
+def test_a_contrast_of_two_cells_is_the_paired_difference():
+    rng = np.random.default_rng(3)
+    base, other = ((rng.random((3, 200)) < p).astype(float) for p in (0.2, 0.3))
+    rates = [base.mean(axis=1), other.mean(axis=1)]
+    pair = stats.paired_difference(list(base), list(other), *rates, 200)
+    two = stats.contrast([list(base), list(other)], [-1, 1], rates, 200)
+    assert two.mean == pytest.approx(pair.mean) and two.method == pair.method
+    assert (two.low, two.high) == (pytest.approx(pair.low, abs=2e-3), pytest.approx(pair.high, abs=2e-3))
+    with pytest.raises(ValueError, match="one weight per cell"):
+        stats.contrast(None, [1, -1, -1, 1], rates, 200)
+
+
+# -- the interaction test held to simulated studies with known truth
+
+
+def _simulated_contrast(rng, interaction: float, seeds: int, images: int,
+                        seed_sd: float) -> stats.Estimate:
+    """One simulated 2 x 2 study: each image has its difficulty and is a little harder or easier
+    for each configuration (so images do not cancel exactly), each seed moves each cell's error;
+    the true effects add, except `interaction` in the (level, level) cell."""
+    difficulty = rng.uniform(0.2, 0.4, images)
+    shifts = [0.15 + interaction, 0.05, 0.10, 0.0]  # (l, g), (b, g), (l, g0), (b, g0)
+    tables = []
+    for shift in shifts:
+        per_image = difficulty + shift + rng.normal(0, 0.04, images)
+        per_seed = rng.normal(0, seed_sd, (seeds, 1))
+        tables.append((rng.random((seeds, images)) < per_image + per_seed).astype(float))
+    return stats.contrast([list(t) for t in tables], [1, -1, -1, 1],
+                          [t.mean(axis=1) for t in tables], images)
+
+
+@pytest.mark.parametrize("seeds", [2, 3, 5, 10])
+def test_interaction_test_keeps_its_type_one_error_at_2_to_10_seeds(seeds):
+    rng = np.random.default_rng(seeds)
+    null = [_simulated_contrast(rng, 0.0, seeds, 100, seed_sd=0.04) for _ in range(200)]
+    assert np.mean([e.p_value < 0.05 for e in null]) <= 0.06
+    assert np.mean([e.low <= 0 <= e.high for e in null]) >= 0.94
+    assert all(-2 <= e.low <= e.mean <= e.high <= 2 for e in null)
+
+
+@pytest.mark.parametrize("seeds", [3, 5])
+def test_interaction_test_finds_a_large_interaction(seeds):
+    rng = np.random.default_rng(10 + seeds)
+    large = [_simulated_contrast(rng, 0.3, seeds, 400, seed_sd=0.04) for _ in range(50)]
+    assert np.mean([e.p_value < 0.05 for e in large]) >= 0.8
+    assert np.mean([e.low <= 0.3 <= e.high for e in large]) >= 0.9
+
+
+# -- importance, errors, the command line and the report
+
+
+def test_importance_shares_sum_to_one_and_rank_the_larger_effect_first(study):
+    results, _ = study
+    table = results.importance()
+    assert list(table["factor"]) == ["shortcut", "depth"]
+    assert table["importance"].sum() == pytest.approx(1.0)
+    assert "fANOVA" in table.attrs["methods"][0]
+
+
+def test_an_unknown_metric_or_a_single_factor_is_a_clear_error(study, tmp_path):
+    results, cells = study
+    with pytest.raises(ResultsError, match=r"no column 'nosuch' in study 'effects-small'"):
+        results.effects("nosuch")
+    with pytest.raises(ResultsError, match=r"'arch_name' is not a numeric column"):
+        results.effects("arch_name")
+    with pytest.raises(ResultsError, match=r"one factor with two or more completed levels "
+                                           r"\(shortcut: A, none; swept: depth, shortcut\).*"
+                                           r"compare effects-small --factor shortcut"):
+        results.where("depth == 8").effects()
+    one = {((s,), seed): cells[((8, s), seed)] for s in SHORTCUTS for seed in SEEDS}
+    write_study(tmp_path / "one.db", "one", {"shortcut": list(SHORTCUTS)}, one)
+    with pytest.raises(ResultsError, match="effects need two or more"):
+        load(str(tmp_path / "one.db")).effects()
+
+
+def test_cli_effects_prints_the_table_and_its_methods_on_stderr(study, capsys):
+    results, _ = study
+    code = main(["effects", results.storage.removeprefix("sqlite:///")])
+    out, err = capsys.readouterr()
+    assert code == 0
+    header, *rows = out.strip().splitlines()
+    assert header.split()[:5] == ["effect", "factor(s)", "level", "baseline", "n_pairs"]
+    assert len(rows) == 3 and rows[2].split()[:2] == ["interaction", "depth"]
+    assert f"method: {stats.CROSSED}" in err.splitlines()
+    code = main(["effects", results.storage.removeprefix("sqlite:///"), "--format", "json"])
+    exported = pd.DataFrame(json.loads(capsys.readouterr().out))
+    assert code == 0 and exported["diff_mean"].tolist() == pytest.approx(
+        results.effects()["diff_mean"].tolist())
+    code = main(["effects", results.storage.removeprefix("sqlite:///"), "--importance",
+                 "--format", "csv"])
+    shares = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert code == 0 and set(shares["factor"]) == {"depth", "shortcut"}
+
+
+def test_cli_effects_of_an_unknown_metric_is_one_line_and_exit_2(study, capsys):
+    results, _ = study
+    code = main(["effects", results.storage.removeprefix("sqlite:///"), "--metric", "nosuch"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("resnet-ablate effects: error: no column 'nosuch'") and err.count("\n") == 1
+
+
+def test_report_has_a_section_with_the_effects_and_the_importance(study):
+    results, _ = study
+    page = report.render_report(results, responses=False)
+    assert "<h2>Effects of each factor</h2>" in page
+    section = page.split("<h2>Effects of each factor</h2>")[1].split("<h2>")[0]
+    assert "depth x shortcut" in section and "14 x none" in section
+    assert "fANOVA" in section and f"method: {stats.CROSSED}" in section

@@ -56,12 +56,13 @@ SEEDS_ONLY = "Student t over seeds"
 
 @dataclass(frozen=True)
 class Estimate:
-    """A mean with its 95% interval and p-value against zero, and how they were made.
+    """A mean with its interval (95% unless another level was asked for) and two-sided p-value
+    against zero, and how they were made.
 
-    `std` is the seed-to-seed standard deviation of the per-seed values; `se` the estimated
-    standard error of `mean` under `method`. `note` says why an interval is missing or what it is
-    conditional on ("" when there is nothing to say). `variance_draws` is the pivot behind the
-    interval (see `_Pivot`); it lets strata combine."""
+    `std` is the seed-to-seed standard deviation of the per-seed values; `se` the standard error
+    of `mean` under `method` (for a pivot, the median of its draws). `note` says why an interval
+    is missing or what it is conditional on ("" when there is nothing to say). `variance_draws`
+    is the pivot behind the interval (`_pivot_variances`); it lets strata combine."""
 
     mean: float
     std: float

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .results import Results, ResultsError, display_frame
+from .results import FOOTNOTE_COLUMNS, Results, ResultsError, display_frame, footnotes
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }
@@ -30,7 +30,9 @@ img { max-width: 100%; border: 1px solid #eee; }
 
 
 def _table(frame: pd.DataFrame) -> str:
-    """A table that scrolls sideways inside the page rather than widening it."""
+    """A table that scrolls sideways inside the page rather than widening it; methods and notes
+    go under it (`_footnotes`)."""
+    frame = frame.drop(columns=[c for c in FOOTNOTE_COLUMNS if c in frame.columns])
     return f'<div class="wide">{display_frame(frame).to_html(index=False, border=0, escape=True)}</div>'
 
 
@@ -72,23 +74,51 @@ def _plot(results: Results, kind: str, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
 
 
+def _footnotes(table: pd.DataFrame) -> str:
+    """How a table's intervals were made and each row's note, under the table."""
+    lines = footnotes(table)
+    if not lines:
+        return ""
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+    return f'<ul class="note">{items}</ul>'
+
+
 def comparisons(results: Results) -> list[tuple[str, object, pd.DataFrame]]:
     """(factor, baseline, table) for every swept factor with two or more completed levels; the
     baseline is the level listed first in the spec (shortcut: "A" where present)."""
+    from .effects import factor_levels
+
     found = []
-    space = results.spec.get("space") or {}
-    for factor in results.swept:
-        levels = [v for v in space.get(factor, []) if not isinstance(v, (list, dict))]
-        done = results.completed()[factor].dropna().unique() if factor in results.trials else []
-        levels = [v for v in levels if any(str(v) == str(d) for d in done)]
-        if len(levels) < 2:
-            continue
-        baseline = "A" if factor == "shortcut" and "A" in levels else levels[0]
+    for factor, levels in factor_levels(results).items():
         try:
-            found.append((factor, baseline, results.compare(factor, baseline)))
+            found.append((factor, levels[0], results.compare(factor, levels[0])))
         except ResultsError:
             continue  # no pairs yet
     return found
+
+
+def _effects(results: Results) -> str:
+    """Main effects and two-factor interactions of every factor, and fANOVA's importance."""
+    from .effects import effects, importance
+
+    parts = ["<h2>Effects of each factor</h2>"]
+    try:
+        table = effects(results)
+    except ResultsError as error:
+        return "\n".join([*parts, f'<p class="note">{html.escape(str(error))}</p>'])
+    parts.append("<p>Main effects: each level against the factor's baseline, averaged over the "
+                 "configurations of the other factors (the comparisons' stratified rows). "
+                 "Interactions: how much one factor's effect changes when the other leaves its "
+                 "baseline, the difference of differences [y(l, g) - y(b, g)] - [y(l, g0) - "
+                 "y(b, g0)], paired by seed and by test image, stratified over the remaining "
+                 "factors; zero when the two effects add. Test error; 95% intervals and the "
+                 "two-sided p-value of no effect.</p>")
+    parts += [_table(table), _footnotes(table)]
+    shares = importance(results)
+    parts.append("<p>A second view: each factor's share of the test error's variance over the "
+                 "trials (Optuna's fANOVA).</p>")
+    parts += [_table(shares), _footnotes(shares)]
+    return "\n".join(parts)
 
 
 def render_report(results: Results, *, responses: bool = True) -> str:
@@ -106,7 +136,9 @@ def render_report(results: Results, *, responses: bool = True) -> str:
 
     parts.append("<h2>Summary over seeds</h2>")
     try:
-        parts.append(_table(summary_with_training_error(results)))
+        summary = summary_with_training_error(results)
+        parts.append(_table(summary))
+        parts.append(_footnotes(summary))
     except ResultsError as error:
         parts.append(f'<p class="note">{html.escape(str(error))}</p>')
         parts.append("</body></html>")
@@ -118,9 +150,14 @@ def render_report(results: Results, *, responses: bool = True) -> str:
         parts.append('<p class="note">no factor has two levels with paired completed trials</p>')
     for factor, baseline, table in found:
         parts.append(f"<h3>{html.escape(factor)} against {html.escape(str(baseline))}</h3>")
-        parts.append("<p>Difference of test error, level minus baseline, paired by seed; 95% CI "
-                     "and the paired t-test's two-sided p-value (the 'all' row pools every pair).</p>")
+        parts.append("<p>Difference of test error, level minus baseline, paired by seed and by "
+                     "test image; its 95% interval and the two-sided p-value of no difference "
+                     "(the 'all' row is stratified: the mean of the configurations' "
+                     "differences).</p>")
         parts.append(_table(table))
+        parts.append(_footnotes(table))
+
+    parts.append(_effects(results))
 
     parts.append("<h2>Pareto front: test error against FLOPs</h2>")
     parts.append(_table(results.pareto(["test_error", "flops"])))

@@ -85,6 +85,9 @@ class StudyKey:
     QUESTION = "question"
     OBJECTIVES = "objectives"
     SEEDS = "seeds"
+    # The adaptive-seed rule as the spec writes it (spec.AdaptiveSeeds), set by every run so
+    # that readers judge by the rule the trials were run under.
+    SEED_RULE = "seed_rule"
     DRIVER = "driver"  # the live driver's lease: host, pid, renewed
 
 

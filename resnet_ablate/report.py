@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -158,6 +159,13 @@ def render_report(results: Results, *, responses: bool = True) -> str:
         parts.append(_footnotes(table))
 
     parts.append(_effects(results))
+    decisions = results.seed_decisions()
+    if len(decisions):
+        rule = results.seed_rule
+        parts.append("<h2>Adaptive seeds: why each configuration stopped</h2>")
+        parts.append(f"<p>The rule <code>seeds: {html.escape(json.dumps(rule))}</code>: seeds "
+                     "were added to a configuration only while its question stayed open.</p>")
+        parts.append(_table(decisions))
 
     parts.append("<h2>Pareto front: test error against FLOPs</h2>")
     parts.append(_table(results.pareto(["test_error", "flops"])))

@@ -33,8 +33,10 @@ import optuna
 import pandas as pd
 
 from . import stats
+from .adaptive import SeedResult, decide
 from .filters import FilterError, filter_mask
 from .record import DIRECTIONS, METRICS, StudyKey, TrialKey, metric_values, unpack_outcomes
+from .spec import adaptive_rule
 from .storage import (StoreError, default_storage, runs_folder, sqlite_path, store_faults,
                       weights_folder)
 
@@ -197,6 +199,7 @@ class Results:
     spec: Mapping[str, Any] = field(default_factory=dict)
     attrs: Mapping[int, Mapping[str, Any]] = field(default_factory=dict, repr=False)
     weights_folder: Path = Path("runs")  # what kept weights' recorded paths are relative to
+    seed_rule: Mapping[str, Any] | None = None  # adaptive seeds: the rule as the spec wrote it
 
     # -- selecting
 
@@ -390,6 +393,29 @@ class Results:
         from .effects import effects
 
         return effects(self, metric)
+
+    def seed_decisions(self) -> pd.DataFrame:
+        """Adaptive-seed studies (spec.AdaptiveSeeds): per configuration, the seeds it completed
+        and why it stopped or is still open, as the rule decides on the trials here; empty for
+        a study with fixed seeds."""
+        rule = adaptive_rule(self.seed_rule, self.spec.get("space") or {})
+        columns = [*self.configuration_columns(), "seeds", "open", "reason"]
+        if rule is None:
+            return pd.DataFrame(columns=columns)
+        done = self.require_completed("decide seeds for")
+        swept = self.configuration_columns()
+        configurations: dict[tuple, list[SeedResult]] = {}
+        for row in done.itertuples(index=False):
+            outcomes, images = self._outcomes([row.number])
+            configurations.setdefault(tuple((c, getattr(row, c)) for c in swept), []).append(
+                SeedResult(int(row.seed), float(row.test_error), images,
+                           None if outcomes is None else outcomes[0]))
+        levels = {name: [_scalar(v) for v in values] if isinstance(values, list) else []
+                  for name, values in (self.spec.get("space") or {}).items()}
+        decisions = decide(rule, levels, configurations)
+        rows = [{**dict(c), "seeds": d.seeds, "open": d.open, "reason": d.reason}
+                for c, d in decisions.items()]
+        return pd.DataFrame(rows, columns=columns).sort_values(swept, kind="stable")
 
     def importance(self, metric: str = "test_error") -> pd.DataFrame:
         """Each swept factor's share of `metric`'s variance over the trials by Optuna's fANOVA
@@ -640,6 +666,7 @@ def load(study: str, storage: str | None = None, runs_dir: str | Path | None = N
         question=loaded.user_attrs.get(StudyKey.QUESTION, ""), spec=spec,
         attrs={t.number: dict(t.user_attrs) for t in trials},
         weights_folder=weights_folder(storage, runs_dir),
+        seed_rule=loaded.user_attrs.get(StudyKey.SEED_RULE),
     )
 
 

@@ -461,6 +461,16 @@ def parse_spec(raw: Any, *, source: str = "<spec>") -> StudySpec:
     )
 
 
+def adaptive_rule(seeds: Any, space: Mapping[str, Any], *, source: str = "<spec>"
+                  ) -> AdaptiveSeeds | None:
+    """The adaptive-seed rule of a spec's `seeds` as written (None for fixed seeds): what a
+    reader of a stored study needs without parsing the rest of its spec again."""
+    if not isinstance(seeds, dict):
+        return None
+    levels = {name: tuple(values) if isinstance(values, list) else () for name, values in space.items()}
+    return _adaptive_seeds(_Checker(source), seeds, levels)[1]
+
+
 MAX_ADAPTIVE_SEEDS = 100
 ADAPTIVE_KEYS = ("min", "max", "until")
 UNTIL_KEYS = ("width", "decided", "margin")

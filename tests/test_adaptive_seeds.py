@@ -122,3 +122,15 @@ def test_the_driver_adds_seeds_only_where_the_question_is_open(local_ray, tmp_pa
     # A second run finds nothing open and trains nothing.
     again = run_study(spec, RunOptions(runs_dir=tmp_path, progress=False))
     assert again.launched == 0
+    # Results and the report say why each configuration stopped, as the driver decided.
+    from resnet_ablate import report, results
+
+    loaded = results.load(spec.study, runs_dir=tmp_path)
+    table = loaded.seed_decisions()
+    assert len(table) == 4 and not table["open"].any()
+    for row in table.to_dict("records"):
+        point = configuration({"shortcut": row["shortcut"], "depth": row["depth"]})
+        assert row["seeds"] == counts[point] and row["reason"] == final[point].reason
+    page = report.render_report(loaded, responses=False)
+    assert "Adaptive seeds: why each configuration stopped" in page
+    assert all(reason.split(",")[0] in page for reason in table["reason"])

@@ -105,3 +105,16 @@ def test_quickstart_benchmark_times_the_whole_command_and_the_trials_inside_it(t
     # The command holds the study, which holds its trials' training (2 trials over 2 workers).
     assert command > study > training / 2 > 0
     assert "median" in capsys.readouterr().out
+
+
+def test_adaptive_seeds_benchmark_small_mode_writes_each_design(tmp_path):
+    bench = _load("bench_adaptive_seeds")
+    out = tmp_path / "adaptive.csv"
+    rows = bench.main(["--small", "--csv", str(out)])
+    written = list(csv.DictReader(out.open()))
+    assert len(written) == len(rows) == 4
+    for row in written:
+        shares = float(row["differs"]) + float(row["equivalent"]) + float(row["open"])
+        assert shares == pytest.approx(1.0)
+        seeds = float(row["seeds_per_configuration"])
+        assert (seeds == 3) if row["design"] == "fixed 3" else (2 <= seeds <= 10)

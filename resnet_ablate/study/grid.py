@@ -14,7 +14,7 @@ import optuna
 from ..adaptive import Configuration, Decision, SeedResult, decide
 from ..arch import ResNetArch
 from ..record import FailureKind, TrialKey, metric_values, unpack_outcomes
-from ..spec import StudySpec
+from ..spec import IntRange, StudySpec
 from .costs import StudyCosts
 from .space import decode_params, point_key
 
@@ -127,7 +127,8 @@ def seed_decisions(spec: StudySpec, trials: Iterable[optuna.trial.FrozenTrial]
         seeds.setdefault(configuration(decode_params(t.params, spec.space)), []).append(
             SeedResult(attrs[TrialKey.SEED], error, images,
                        unpack_outcomes(packed, images) if packed and images else None))
-    levels = {name: list(spec.space[name]) for name in spec.space}
+    levels = {name: list(values.values() if isinstance(values, IntRange) else values)
+              for name, values in spec.space.items()}
     return decide(spec.adaptive_seeds, levels, seeds)
 
 

@@ -264,7 +264,10 @@ def _effects(args: argparse.Namespace) -> int:
 @command("pareto")
 @_query
 def _pareto(args: argparse.Namespace) -> int:
-    return _emit(_load(args).pareto(_names(args.objectives)), args)
+    table = _load(args).pareto(_names(args.objectives), over=args.over)
+    code = _emit(table, args)
+    _footnotes(table)
+    return code
 
 
 @command("plot")
@@ -332,9 +335,12 @@ def _add_query_commands(sub) -> None:
     effects.add_argument("--importance", action="store_true",
                          help="instead: each factor's share of the metric's variance over the "
                          "trials (Optuna's fANOVA; no interval)")
-    pareto = query("pareto", "the non-dominated trials")
+    pareto = query("pareto", "the non-dominated configurations (means over seeds) or trials")
     pareto.add_argument("--objectives", default="test_error,flops",
                         help="comma-separated (default: test_error,flops)")
+    pareto.add_argument("--over", choices=("configurations", "trials"), default="configurations",
+                        help="configurations: their means over seeds, with intervals (default); "
+                        "trials: single trials")
     plot = query("plot", "draw one of the paper's figures as a PNG", table=False)
     plot.add_argument("--kind", required=True, choices=("curves", "depth", "pareto", "responses"))
     plot.add_argument("-o", "--output", required=True, help="the PNG file to write")

@@ -128,28 +128,45 @@ def plot_depth(results: Results, *, metric: str = "test_error", x: str = "depth"
 
 
 def plot_pareto(results: Results, *, metric: str = "test_error", cost: str = "flops") -> Figure:
-    """Every completed trial's `metric` against its `cost`, the Pareto front joined as a staircase."""
+    """Every completed trial's `metric` against its `cost` (faint), each configuration's mean
+    over seeds with its 95% interval, and the Pareto front over those means as a staircase."""
     done = results.require_completed("plot")
+    by = results.configuration_columns()
+    means = results.summary(by=by, metric=metric)
     front = results.pareto([metric, cost]).sort_values(cost)
     scale, unit = _cost_unit(cost, done[cost].astype(float).max())
     figure, (ax,) = _figure()
     label_by = "shortcut" if _varied(results, "shortcut") else "arch_name"
-    for i, (value, group) in enumerate(done.groupby(label_by, sort=True)):
+    trials = done.groupby(label_by, sort=True)
+    configurations = dict(list(means.groupby(label_by, sort=True))) if label_by in means \
+        else {}
+    for i, (value, group) in enumerate(trials):
         # A marker shape per group as well as a colour: option A and the plain net have the same
         # FLOPs, so their points share an x and would hide each other in one shape.
+        style = {"color": f"C{i % 10}", "marker": "osD^v<>"[i % 7]}
         ax.scatter(scale * group[cost].astype(float), 100 * group[metric].astype(float),
-                   color=f"C{i % 10}", marker="osD^v<>"[i % 7], alpha=0.6, s=40,
-                   label=_label(label_by, value))
+                   alpha=0.25, s=20, **style)
+        mean = configurations.get(value)
+        if mean is None:
+            continue
+        y = 100 * mean[f"{metric}_mean"].to_numpy(float)
+        bars = np.nan_to_num([y - 100 * mean[f"{metric}_ci95_low"].to_numpy(float),
+                              100 * mean[f"{metric}_ci95_high"].to_numpy(float) - y])
+        seeds = sorted(set(mean["n"]))
+        n = f"n={seeds[0]}" if len(seeds) == 1 else f"n={seeds[0]}-{seeds[-1]}"
+        ax.errorbar(scale * mean[cost].astype(float), y, yerr=bars, linestyle="none",
+                    capsize=4, markersize=7, label=f"{_label(label_by, value)} ({n} seeds)",
+                    **style)
     ax.step(scale * front[cost].astype(float), 100 * front[metric].astype(float), where="post",
-            color="black", linewidth=1.5, label="Pareto front")
+            color="black", linewidth=1.5, label="Pareto front (configuration means)")
     ax.scatter(scale * front[cost].astype(float), 100 * front[metric].astype(float),
-               facecolors="none", edgecolors="black", s=90)
+               facecolors="none", edgecolors="black", s=110)
     costs = done[cost].astype(float)
     if costs.min() > 0 and costs.max() / costs.min() > 8:
         ax.set_xscale("log")  # depths 20 to 1202 span 60x: a linear axis crowds the small nets
     ax.margins(x=0.08, y=0.1)
     ax.set_xlabel(unit)
-    ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
+    ax.set_ylabel(f"{metric.replace('_', ' ')} (%): trials faint, means with 95% CI")
     ax.set_title(results.study)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")

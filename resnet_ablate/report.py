@@ -168,7 +168,11 @@ def render_report(results: Results, *, responses: bool = True) -> str:
         parts.append(_table(decisions))
 
     parts.append("<h2>Pareto front: test error against FLOPs</h2>")
-    parts.append(_table(results.pareto(["test_error", "flops"])))
+    front = results.pareto(["test_error", "flops"])
+    parts.append("<p>Over configurations: each one's mean over its seeds, with 95% intervals; "
+                 "a point on the front is not shown better than one off it unless their "
+                 "intervals say so.</p>")
+    parts += [_table(front), _footnotes(front)]
     parts.append(_plot(results, "pareto", "test error against GFLOPs"))
 
     parts.append("<h2>Training curves (Fig. 6)</h2>")

@@ -224,14 +224,36 @@ def test_pareto_front_matches_brute_force(results, raw_trials):
     rows = [{"number": t.number, "test_error": _error_of(t), "flops": t.user_attrs["flops"],
              "params": t.user_attrs["params"], "accuracy": t.user_attrs["final_test_accuracy"]}
             for t in raw_trials]
-    front = results.pareto(["test_error", "flops"])
+    front = results.pareto(["test_error", "flops"], over="trials")
     assert sorted(front["number"]) == _brute_force_front(rows, ["test_error", "flops"], [1, 1])
     assert list(front["test_error"]) == sorted(front["test_error"])
     # Maximising accuracy is the same front as minimising error.
-    by_accuracy = results.pareto(["test_accuracy", "params"])
+    by_accuracy = results.pareto(["test_accuracy", "params"], over="trials")
     assert sorted(by_accuracy["number"]) == _brute_force_front(rows, ["accuracy", "params"], [-1, 1])
     with pytest.raises(ResultsError, match="no direction known for 'seed'"):
         results.pareto(["test_error", "seed"])
+
+
+def test_pareto_front_over_configurations_is_over_their_means_with_intervals(results, raw_trials):
+    rows = []
+    for depth in DEPTHS:
+        for shortcut in SHORTCUTS:
+            trials = [t for t in raw_trials
+                      if (t.params["depth"], t.params["shortcut"]) == (depth, shortcut)]
+            rows.append({"number": (depth, shortcut),
+                         "test_error": np.mean([_error_of(t) for t in trials]),
+                         "flops": trials[0].user_attrs["flops"]})
+    front = results.pareto(["test_error", "flops"])
+    assert sorted(zip(front["depth"], front["shortcut"])) == \
+        _brute_force_front(rows, ["test_error", "flops"], [1, 1])
+    summary = results.summary().set_index(["depth", "shortcut"])
+    for row in front.to_dict("records"):
+        expected = summary.loc[(row["depth"], row["shortcut"])]
+        assert row["n"] == 3 and row["test_error"] == pytest.approx(expected["test_error_mean"])
+        assert row["test_error_ci95_low"] == pytest.approx(expected["test_error_ci95_low"])
+        assert row["flops_ci95_low"] == row["flops"] == row["flops_ci95_high"]  # one value
+    with pytest.raises(ResultsError, match="over='seeds'"):
+        results.pareto(over="seeds")
 
 
 def test_curves_are_the_recorded_epochs(results, raw_trials):

@@ -138,7 +138,7 @@ def test_compare_prints_the_paired_comparison_with_its_method(cli, runs, results
 
 
 def test_pareto_prints_the_non_dominated_trials(cli, results):
-    code, out, _ = cli("pareto", "--format", "csv")
+    code, out, _ = cli("pareto", "--over", "trials", "--format", "csv")
     printed = pd.read_csv(io.StringIO(out))
     done = results.completed()
     front = [n for n, e, f in zip(done["number"], done["test_error"], done["flops"])

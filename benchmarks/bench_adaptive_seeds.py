@@ -10,8 +10,8 @@ sd 1.5), each seed a training effect (logistic sd 0.05: seeds about 0.35 points 
 a baseline error of 8% on 2,000 test images. Each design decides with the toolkit's own code
 (`resnet_ablate.adaptive.decide`, margin 1 point):
 
-- adaptive: seeds {min: 2, max: 10, until: {decided, margin: 0.01}}: seeds added one at a time
-  while the comparison is open, intervals at the rule's per-look level;
+- adaptive: seeds {min: 2, max: 10, until: {decided, margin: 0.01}}: seeds added up to the next
+  look (2, 3, 4, 6, 9, 10) while the comparison is open, intervals at the rule's per-look level;
 - fixed N: N seeds for both configurations, one decision at the end at the 95% level.
 
 Per design and true difference: mean seeds per configuration, and how often the answer was
@@ -77,9 +77,9 @@ def _adaptive(rng, rule: AdaptiveSeeds, offsets, difficulty) -> tuple[str, int]:
         decision = decide(rule, LEVELS, {BASE: base, OTHER: other})[OTHER]
         if not decision.open:
             return _answer(rule, base, other), len(base)
-        seed = len(base)
-        base.append(_seed(rng, seed, offsets[0], difficulty))
-        other.append(_seed(rng, seed, offsets[1], difficulty))
+        for seed in range(len(base), rule.next_look(len(base))):
+            base.append(_seed(rng, seed, offsets[0], difficulty))
+            other.append(_seed(rng, seed, offsets[1], difficulty))
 
 
 def _fixed(rng, seeds: int, offsets, difficulty) -> tuple[str, int]:

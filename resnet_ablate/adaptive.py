@@ -80,12 +80,14 @@ def _width_decision(rule: AdaptiveSeeds, results: Sequence[SeedResult]) -> Decis
 
 def _comparison_decision(rule: AdaptiveSeeds, base: Sequence[SeedResult],
                          other: Sequence[SeedResult]) -> tuple[bool, str]:
-    estimate = _difference(base, other, rule.level)
-    shown = f"[{_percent(estimate.low)}, {_percent(estimate.high)}] points"
-    if estimate.low > 0 or estimate.high < 0:
+    differs = _difference(base, other, rule.level)
+    shown = f"[{_percent(differs.low)}, {_percent(differs.high)}] points"
+    if differs.low > 0 or differs.high < 0:
         return False, f"decided: differs, {shown}"
-    if -rule.margin <= estimate.low and estimate.high <= rule.margin:
-        return False, f"decided: within +-{_percent(rule.margin)}, {shown}"
+    within = _difference(base, other, rule.equivalence_level)
+    if -rule.margin <= within.low and within.high <= rule.margin:
+        return False, (f"decided: within +-{_percent(rule.margin)}, "
+                       f"[{_percent(within.low)}, {_percent(within.high)}] points")
     return True, f"open: {shown} straddles 0 and exceeds +-{_percent(rule.margin)}"
 
 

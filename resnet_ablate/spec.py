@@ -162,8 +162,13 @@ class AdaptiveSeeds:
       difference (the interval excludes zero) nor an equivalence (the interval lies within
       +-margin). Both configurations of an open comparison get a seed.
 
-    The intervals behind a decision are at 1 - 0.05/(max - min + 1): a Bonferroni share per
-    look, so that deciding after any number of seeds keeps the error rate at most 5%."""
+    A configuration is looked at when it has min seeds, then at about 1.5 times as many each
+    time (`looks`: 2, 3, 5, 8, 10 for min 2, max 10), the seeds up to the next look added at
+    once: fewer looks than one seed at a time, so each decision spends less of the error rate,
+    and the added seeds train in parallel. A "differs" decision uses intervals at
+    1 - 0.05/looks, a Bonferroni share per look, so that stopping at any look keeps the chance
+    of a wrong "differs" at most 5%; "within the margin" is two one-sided tests at the same
+    share (the interval at 1 - 2 x 0.05/looks)."""
 
     min: int
     max: int
@@ -172,12 +177,26 @@ class AdaptiveSeeds:
     margin: float = 0.0
 
     @property
-    def looks(self) -> int:
-        return self.max - self.min + 1
+    def looks(self) -> tuple[int, ...]:
+        """The seed counts at which a configuration's question is looked at."""
+        counts = [self.min]
+        while counts[-1] < self.max:
+            counts.append(min(self.max, max(counts[-1] + 1, round(counts[-1] * 1.5))))
+        return tuple(counts)
+
+    def next_look(self, seeds: int) -> int:
+        """How many seeds a configuration with `seeds` of them gets at its next look."""
+        return next((n for n in self.looks if n > seeds), self.max)
 
     @property
     def level(self) -> float:
-        return 1 - 0.05 / self.looks
+        """The two-sided level of a "differs" decision's interval."""
+        return 1 - 0.05 / len(self.looks)
+
+    @property
+    def equivalence_level(self) -> float:
+        """The level of the interval whose lying within +-margin is a "within" decision."""
+        return 1 - 2 * 0.05 / len(self.looks)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,11 @@ def test_spec_takes_the_adaptive_rule_and_every_seed_it_may_use():
                                                               "margin": 0.01})))
     assert spec.adaptive_seeds == AdaptiveSeeds(2, 5, None, "shortcut", 0.01)
     assert spec.seeds == (0, 1, 2, 3, 4)
+    assert spec.adaptive_seeds.looks == (2, 3, 4, 5)
     assert spec.adaptive_seeds.level == pytest.approx(1 - 0.05 / 4)
+    assert spec.adaptive_seeds.equivalence_level == pytest.approx(1 - 0.1 / 4)
+    assert AdaptiveSeeds(2, 10, width=0.1).looks == (2, 3, 4, 6, 9, 10)
+    assert AdaptiveSeeds(3, 3, width=0.1).looks == (3,)
     width = parse_spec(raw_spec("adaptive", seeds=_adaptive({"width": 0.02})))
     assert width.adaptive_seeds.width == 0.02
 
@@ -108,10 +112,13 @@ def test_the_driver_adds_seeds_only_where_the_question_is_open(local_ray, tmp_pa
     counts = {c: d.seeds for c, d in final.items()}
     assert all(2 <= n <= 4 for n in counts.values())
     assert not any(d.open for d in final.values())  # nothing left open below max
-    # Every seed beyond the first two was added because the question was open one seed before.
+    # Every seed beyond the first two was added because the question was open at the look
+    # before, and each configuration stopped at a look.
+    looks = spec.adaptive_seeds.looks
     for params in spec.grid():
         point = configuration(params)
-        for n in range(2, counts[point]):
+        assert counts[point] in looks
+        for n in (n for n in looks if n < counts[point]):
             earlier = [t for t in trials if t.user_attrs["seed"] < n]
             assert seed_decisions(spec, earlier)[point].open, (point, n)
     # Seeds are consecutive from 0 for every configuration.

@@ -134,8 +134,9 @@ def seed_decisions(spec: StudySpec, trials: Iterable[optuna.trial.FrozenTrial]
 
 def more_seeds(spec: StudySpec, trials: Iterable[optuna.trial.FrozenTrial],
                costs: StudyCosts) -> list[PendingPoint]:
-    """With adaptive seeds, once every started seed has ended: the next seed of each grid point
-    whose question is still open (adaptive.py), while it has seeds left."""
+    """With adaptive seeds, once every started seed has ended: the seeds up to the next look
+    (spec.AdaptiveSeeds.looks) of each grid point whose question is still open (adaptive.py),
+    while it has seeds left."""
     if spec.adaptive_seeds is None:
         return []
     trials = list(trials)
@@ -149,8 +150,8 @@ def more_seeds(spec: StudySpec, trials: Iterable[optuna.trial.FrozenTrial],
         if decision is None or not decision.open or costs.over_budget(spec.arch(params)):
             continue
         untried = [seed for seed in spec.seeds if point_key(params, seed) not in tried]
-        if untried:
-            added.append(PendingPoint(params, untried[0]))
+        wanted = spec.adaptive_seeds.next_look(decision.seeds) - decision.seeds
+        added += [PendingPoint(params, seed) for seed in untried[:max(wanted, 1)]]
     return added
 
 

@@ -31,7 +31,7 @@ from .costs import StudyCosts
 from .grid import GridHistory, PendingPoint, more_seeds
 from .recorder import TrialRecorder
 from .signals import StopRequested, StopSignals, signals_held
-from .space import decode_params, prunes
+from .space import decode_params, point_key, prunes
 
 POLL_SECONDS = 0.1  # a short wait keeps pruning decisions and the display close to the workers
 
@@ -157,8 +157,9 @@ class DriverLoop:
         if added:
             self.pending.extend(added)
             self.to_ask += len(added)  # adaptive seeds have no budget.trials (spec.py)
-            self.progress.log(f"adaptive seeds: {len(added)} configuration(s) still open, "
-                              "each gets one more seed")
+            points = len({point_key(p.params, 0) for p in added})
+            self.progress.log(f"adaptive seeds: {points} configuration(s) still open, "
+                              f"{len(added)} more trial(s)")
 
     def _next_ready_point(self) -> PendingPoint | None:
         now = time.monotonic()

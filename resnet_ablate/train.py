@@ -8,8 +8,9 @@ ResNet-110 warms up at lr 0.01 until the training error is below 80% (about 400 
 
 `train` is what a study runner calls inside a worker process: it is seeded and reproducible
 (bitwise on CPU), uses exactly the threads it is given, reports every epoch through `on_epoch`,
-and returns a result marked "diverged" instead of raising when the loss blows up (non-finite, or
-staying orders of magnitude above the loss of guessing).
+and returns a result marked "diverged" instead of raising when the loss blows up: non-finite,
+staying orders of magnitude above the loss of guessing, or settling back at it after a blow-up
+(`_Run._check_diverged` and `_Run._check_learned_after_blowup` give the rule).
 
 The loop follows GPU practice (see execution.py for the choices): data and augmentation live on
 the device, a step never waits for the host (loss and error accumulate on the device and are read
@@ -47,6 +48,13 @@ WARMUP_WINDOW = 10
 # A training loss this many times the loss of guessing (ln of the class count), at two reads in a
 # row, is a blow-up, not learning: healthy runs start near 1x and go down.
 DIVERGED_LOSS_FACTOR = 1000.0
+# A blow-up that settles: a read above BLOWUP_LOSS_FACTOR x the loss of guessing, then a last
+# epoch whose training loss and training error are still at or above SETTLED_AT_CHANCE x those of
+# guessing (ln C and 1 - 1/C), is a run that never learned (lr 10: loss 21.6 falling to 4.0 at
+# 90% test error), diverged rather than a result. A bad start that recovers has learned: its
+# error is well below guessing even where its loss is still high (over-confident logits).
+BLOWUP_LOSS_FACTOR = 5.0
+SETTLED_AT_CHANCE = 0.95
 # CUDA graph capture wants a few eager steps first (on a side stream), so the optimizer's state
 # exists; they are the run's first real steps, not extra ones.
 GRAPH_WARMUP_STEPS = 3
@@ -380,6 +388,7 @@ class _Run:
         self.steps_taken = 0
         self.read_loss_sum, self.read_images = 0.0, 0
         self.above_limit_at_last_read = False
+        self.peak_read = (0.0, 0)  # the highest training loss a read saw, and its epoch
         self.warming_up = recipe.warmup
         self.warmup_steps = 0
         self.recent_errors: deque[float] = deque(maxlen=WARMUP_WINDOW)
@@ -424,6 +433,11 @@ class _Run:
                 self.on_epoch(record)
             if self.on_checkpoint:
                 self.on_checkpoint(self.state(time.perf_counter() - started))
+        never_learned = self._check_learned_after_blowup()
+        if never_learned is not None:
+            if self.log:
+                self.log(f"diverged: {never_learned}")
+            return self._result("diverged", never_learned, started)
         return self._result("completed", None, started)
 
     def state(self, elapsed: float) -> dict[str, Any]:
@@ -438,6 +452,7 @@ class _Run:
             "recent_errors": list(self.recent_errors),
             "plateau": (self.best_train_loss, self.bad_epochs, self.plateau_decays),
             "above_limit_at_last_read": self.above_limit_at_last_read,
+            "peak_read": list(self.peak_read),
             "steps_taken": self.steps_taken, "current_lr": self.current_lr,
             "train_images": self.train_images, "train_seconds": self.train_seconds,
             "test_record": self.test_record, "elapsed": elapsed,
@@ -455,6 +470,8 @@ class _Run:
         self.recent_errors.extend(state["recent_errors"])
         self.best_train_loss, self.bad_epochs, self.plateau_decays = state["plateau"]
         self.above_limit_at_last_read = state["above_limit_at_last_read"]
+        peak_loss, peak_epoch = state.get("peak_read", (0.0, 0))
+        self.peak_read = (float(peak_loss), int(peak_epoch))
         self.steps_taken = state["steps_taken"]
         self.test_record = dict(state.get("test_record") or {})
         self._set_lr(state["current_lr"])
@@ -681,12 +698,15 @@ class _Run:
         steps since the last read above DIVERGED_LOSS_FACTOR times the loss of guessing (ln of
         the class count) at two reads in a row. A learning run starts near that loss and goes
         down, and a bad start recovers within a read or two; one that stays orders of magnitude
-        above it (lr 100 gives 1e20) is recorded as diverged, not as a result."""
+        above it (lr 100 gives 1e20) is recorded as diverged, not as a result. Each read's loss
+        also feeds the run's peak, which `_check_learned_after_blowup` judges at the end."""
         loss_sum, seen = self.replicas.sums([self.loss_sum, self.seen])
         images = seen - self.read_images
         interval_loss = (loss_sum - self.read_loss_sum) / max(images, 1)
         self.read_loss_sum, self.read_images = loss_sum, seen
-        chance = math.log(max(self.data.num_classes, 2))
+        if images > 0 and interval_loss > self.peak_read[0]:
+            self.peak_read = (float(interval_loss), epoch)
+        chance = self.chance_loss
         if not math.isfinite(loss_sum):
             problem = "non-finite training loss"
         elif interval_loss > DIVERGED_LOSS_FACTOR * chance and self.above_limit_at_last_read:
@@ -699,6 +719,33 @@ class _Run:
             f"{problem} at epoch {epoch}, seen at step {step} "
             f"(read every {self.recipe.divergence_check_every} steps)"
         )
+
+    @property
+    def chance_loss(self) -> float:
+        """The training loss of guessing: ln of the class count."""
+        return math.log(max(self.data.num_classes, 2))
+
+    def _check_learned_after_blowup(self) -> str | None:
+        """Why a finished run is diverged although no read stopped it, or None: its loss went
+        above BLOWUP_LOSS_FACTOR x the loss of guessing at some read, and its last epoch's
+        training loss and training error are both still at or above SETTLED_AT_CHANCE x those
+        of guessing (ln C, 1 - 1/C for C classes), so it never learned. A healthy run starts
+        near the loss of guessing and ends well below it; a bad start that recovers ends with an
+        error well below guessing."""
+        if not self.history:
+            return None
+        chance = self.chance_loss
+        chance_error = 1 - 1 / max(self.data.num_classes, 2)
+        peak, peak_epoch = self.peak_read
+        final = self.history[-1]
+        if (peak <= BLOWUP_LOSS_FACTOR * chance
+                or final.train_loss < SETTLED_AT_CHANCE * chance
+                or final.train_error < SETTLED_AT_CHANCE * chance_error):
+            return None
+        return (f"training loss rose to {peak:.3g} at epoch {peak_epoch}, over "
+                f"{BLOWUP_LOSS_FACTOR:g}x the {chance:.3g} of guessing, and ended at "
+                f"{final.train_loss:.3g} (training error {final.train_error:.3g}) at epoch "
+                f"{final.epoch}, not below {SETTLED_AT_CHANCE:g}x guessing: it never learned")
 
     def _advance_warmup(self, batch_error: float) -> None:
         self.warmup_steps += 1

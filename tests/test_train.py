@@ -214,6 +214,24 @@ def test_a_finite_blow_up_is_divergence_too_and_healthy_runs_are_not():
         assert bad_start.ok, bad_start.reason
 
 
+def test_a_blow_up_that_settles_at_the_loss_of_guessing_is_diverged_with_its_losses():
+    """lr 30 on digits: the loss jumps far above ln 10, then falls back to about guessing with 90%
+    test error. No read is 1000x guessing twice, but the run never learned: diverged, not a
+    result. At lr 3 it learns: completed."""
+    digits = load_dataset("digits")
+    recipe = quick(epochs=3, batch_size=64)
+    blown = train(lambda: tiny_cnn(1, 10), digits, dataclasses.replace(recipe, lr=30.0), seed=0,
+                  threads=1)
+    assert blown.status == "diverged" and not blown.ok
+    assert re.fullmatch(r"training loss rose to [\d.e+]+ at epoch \d, over 5x the 2\.3 of "
+                        r"guessing, and ended at [\d.]+ \(training error [\d.]+\) at epoch 3, "
+                        r"not below 0\.95x guessing: it never learned", blown.reason), blown.reason
+    assert blown.epochs_completed == 3  # its curves are kept for a look
+    learning = train(lambda: tiny_cnn(1, 10), digits, dataclasses.replace(recipe, lr=3.0), seed=0,
+                     threads=1)
+    assert learning.ok, learning.reason
+
+
 def test_divergence_is_read_every_n_steps_and_at_the_end_of_the_epoch():
     data = synthetic()  # 8 steps an epoch
     seen_at = []

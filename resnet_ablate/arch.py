@@ -37,6 +37,9 @@ LAYERS_PER_BLOCK: dict[str, int] = {"basic": 2, "bottleneck": 3}
 # The deepest network described: above the paper's deepest (1202 layers) with room to spare. A
 # far deeper one is a typo, and would take minutes to build and profile before anything says so.
 MAX_DEPTH = 2000
+# The most weights a described network may hold: 200x the paper's largest ImageNet net (60
+# million), far below what a typo such as widths [640000] asks for (trillions, terabytes to build).
+MAX_PARAMETERS = 10_000_000_000
 
 # The paper's Table 1.
 IMAGENET_DEPTHS: dict[int, tuple[str, tuple[int, ...]]] = {
@@ -172,6 +175,35 @@ class ResNetArch:
             ("depth", depth), ("stages", stages), ("widths", widths), ("base_width", base_width),
         ):
             object.__setattr__(self, name, value)
+        weights = self.conv_weights
+        if weights > MAX_PARAMETERS:
+            raise ArchError(
+                f"ResNetArch with widths={list(widths)}, stages={list(stages)} and {block} blocks "
+                f"holds about {weights:.3g} convolution weights, above the {MAX_PARAMETERS:.0e} "
+                "the toolkit builds (the paper's largest net has 6e+07): check the widths"
+            )
+
+    @property
+    def conv_weights(self) -> int:
+        """The convolution weights of the network (3 input channels; its parameters less
+        BatchNorm's and the classifier's), counted from the description alone: what bounds a
+        network before anything allocates it."""
+        widths, stages = self.widths or (), self.stages or ()
+        stem = widths[0]
+        total = 3 * stem * (49 if self.family == "imagenet" else 9)
+        channels = stem
+        for width, blocks in zip(widths, stages):
+            out = width * self.expansion
+            inner = width * self.base_width // 64
+            for i in range(blocks):
+                if self.block == "bottleneck":
+                    total += channels * inner + inner * inner * 9 + inner * out
+                else:
+                    total += channels * out * 9 + out * out * 9
+                if self.shortcut == "C" or (self.shortcut == "B" and (i == 0 and channels != out)):
+                    total += channels * out
+                channels = out
+        return total
 
     @property
     def expansion(self) -> int:

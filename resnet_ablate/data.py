@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import math
 import os
 import pickle
 import tarfile
@@ -103,12 +104,14 @@ class SyntheticSpec:
     def __post_init__(self) -> None:
         for name in ("num_classes", "channels", "image_size", "train_size", "test_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SyntheticSpec.{name} must be a positive int, got {value!r}")
         if self.num_classes < 2:
             raise ValueError(f"SyntheticSpec.num_classes must be >= 2, got {self.num_classes}")
-        if self.noise < 0:
-            raise ValueError(f"SyntheticSpec.noise must be >= 0, got {self.noise}")
+        if isinstance(self.noise, bool) or not isinstance(self.noise, (int, float)) or not (
+                math.isfinite(self.noise) and self.noise >= 0):
+            raise ValueError(f"SyntheticSpec.noise must be a finite number >= 0, got "
+                             f"{self.noise!r}")
 
 
 # eq=False: tensors do not compare to a single bool, and identity is what the cache hands out.

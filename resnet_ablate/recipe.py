@@ -26,6 +26,8 @@ SCHEDULES: tuple[str, ...] = ("step", "plateau")
 
 # A bound far above any recipe's (a billion epochs is a typo that would be planned in silence).
 MAX_EPOCHS = 10_000
+# Images a step: far above any published batch (64k on ImageNet); 1e9 would run full-batch.
+MAX_BATCH_SIZE = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,9 @@ class TrainRecipe:
                 fail(name, "an int >= 1, written as digits (it is a float)")
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 fail(name, "an int >= 1")
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(self, name) > MAX_BATCH_SIZE:
+                fail(name, f"at most {MAX_BATCH_SIZE:,} images a step")
         if self.epochs > MAX_EPOCHS:
             fail("epochs", f"at most {MAX_EPOCHS} (the paper trains 164 on CIFAR-10, ~120 on "
                            "ImageNet)")

@@ -59,6 +59,10 @@ SAMPLERS = ("grid", "random", "tpe")
 # error here rather than a plan that never ends.
 MAX_TRIALS = 10_000  # grid points x seeds, budget.trials, and values in one range
 MAX_WORKERS = 1024
+MAX_CPUS = 1024  # per trial process, and GPUs per trial (per node): above any one machine
+# Synthetic data sets are made in memory: at most this many images, and this many bytes of them.
+MAX_SYNTHETIC_IMAGES = 10_000_000
+MAX_SYNTHETIC_BYTES = 16 * 2**30
 PRUNERS = ("none", "median", "successive_halving")
 # The data sets read batch by batch from disk or the network, rather than held in memory.
 STREAMED: tuple[str, ...] = ("imagefolder", "webdataset")
@@ -294,6 +298,9 @@ class _Checker:
             raise self.fail(where, f"expected {valid}, got {_shown(value)}")
         if not isinstance(value, kind):
             raise self.fail(where, f"expected {valid}, got {type(value).__name__} {_shown(value)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            # `.nan` compares false with every bound and would pass them all; `.inf` is no limit
+            raise self.fail(where, f"expected a finite number, got {value}")
         return value
 
     def dataclass_section(self, where: str, value: Any, cls: type) -> Any:
@@ -326,13 +333,41 @@ def load_spec(path: str | os.PathLike[str]) -> StudySpec:
     try:
         raw = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as error:
-        raise SpecError(f"{source}: not valid YAML: {error}") from None
+        raise SpecError(f"{source}: not valid YAML: {_yaml_problem(error)}") from None
+    except RecursionError:
+        raise SpecError(f"{source}: not a spec: nested too deeply for YAML to read (a spec is "
+                        f"at most {MAX_SPEC_DEPTH} levels deep)") from None
     return parse_spec(raw, source=source)
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error as one line: what is wrong and where (PyYAML's own message spans several,
+    quoting the text)."""
+    if not isinstance(error, yaml.MarkedYAMLError):
+        return _shown(str(error), 200)
+    what = "; ".join(part for part in (error.context, error.problem) if part)
+    mark = error.problem_mark or error.context_mark
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{what or 'cannot be read'}{where}"
+
+
+# Bounds on a spec's shape, far above any real one (studies/ nest 4 deep in a few hundred
+# values): a document nested thousands deep, or aliases that expand to millions of values (476
+# bytes of `&a [*b, *b, ...]` levels make 1.5 GB), is refused before anything reads it.
+MAX_SPEC_DEPTH = 64
+MAX_SPEC_VALUES = 100_000
+
+
 class _SpecLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with two YAML 1.2 habits: `1e-3` is a number (YAML 1.1 wants
-    `1.0e-3`), and a key given twice in one mapping is an error rather than the last one winning."""
+    """PyYAML's safe loader reading YAML 1.2 (core schema), not 1.1: `1e-3` is a number, `010` is
+    10, while `1:30`, `0b100`, `yes`, `on` and `2020-01-01` are strings (1.1 reads 90, 4, true,
+    true and a date); a key given twice in one mapping is an error rather than the last one
+    winning; and a document is bounded in depth and in its values counted with aliases expanded
+    (MAX_SPEC_DEPTH, MAX_SPEC_VALUES). Merge keys (`<<: *base`) still merge."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_expanded_size(node)
+        return super().construct_document(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[tuple[type, Any], int] = {}
@@ -354,12 +389,88 @@ class _SpecLoader(yaml.SafeLoader):
             seen[typed] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
 
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        text = self.construct_scalar(node)
+        for prefix, base in (("0o", 8), ("0x", 16)):
+            if text.startswith(prefix):
+                return int(text[2:], base)
+        try:
+            return int(text, 10)  # `010` is 10: YAML 1.2 has no leading-zero octal
+        except ValueError:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{text!r} is not a YAML 1.2 integer", node.start_mark) from None
 
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        text = self.construct_scalar(node)
+        special = {".inf": math.inf, "+.inf": math.inf, "-.inf": -math.inf, ".nan": math.nan}
+        if text.lower() in special:
+            return special[text.lower()]
+        try:
+            return float(text)
+        except ValueError:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{text!r} is not a YAML 1.2 number", node.start_mark) from None
+
+
+def _check_expanded_size(root: yaml.Node) -> None:
+    """Refuse a document deeper than MAX_SPEC_DEPTH or holding more than MAX_SPEC_VALUES nodes
+    with its aliases expanded: counted once per distinct node (an alias is the node it names),
+    so the count costs the document's size, never its expansion."""
+    sizes: dict[int, int] = {}
+    # Depth-first without recursion: (node, depth, children counted yet).
+    stack: list[tuple[yaml.Node, int, bool]] = [(root, 1, False)]
+    while stack:
+        node, depth, counted = stack.pop()
+        if depth > MAX_SPEC_DEPTH:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"nested deeper than {MAX_SPEC_DEPTH} levels; a spec is a few levels "
+                            "of mappings and lists", node.start_mark)
+        children = _children(node)
+        if counted:
+            size = 1 + sum(sizes[id(child)] for child in children)
+            if size > MAX_SPEC_VALUES:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"expands to more than {MAX_SPEC_VALUES} values (its aliases "
+                                "repeat what their anchors hold); a spec is a few hundred",
+                    node.start_mark)
+            sizes[id(node)] = size
+        elif id(node) not in sizes:
+            stack.append((node, depth, True))
+            if any(child is node for child in children):
+                raise yaml.constructor.ConstructorError(
+                    None, None, "holds itself through an alias", node.start_mark)
+            stack.extend((child, depth + 1, False) for child in children
+                         if id(child) not in sizes)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+# YAML 1.2's core schema in place of PyYAML's 1.1 resolvers for booleans, numbers, timestamps and
+# `=`: whatever else looks like one (yes, on, 1:30, 0b100, 1_000, 2020-01-01) is a string.
+_YAML_11_ONLY = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
+                 "tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:value")
+_SpecLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in _YAML_11_ONLY]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+    list("-+0123456789"))
 _SpecLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+.0123456789"))
+_SpecLoader.add_constructor("tag:yaml.org,2002:int", _SpecLoader.construct_yaml_int)
+_SpecLoader.add_constructor("tag:yaml.org,2002:float", _SpecLoader.construct_yaml_float)
 
 
 def parse_spec(raw: Any, *, source: str = "<spec>") -> StudySpec:
@@ -429,6 +540,10 @@ def parse_spec(raw: Any, *, source: str = "<spec>") -> StudySpec:
     resources = Resources(**check.dataclass_section("resources", top.get("resources"), Resources))
     if resources.cpus <= 0 or resources.gpus < 0 or resources.workers < 1:
         raise check.fail("resources", f"need cpus > 0, gpus >= 0 and workers >= 1, got {resources}")
+    for name in ("cpus", "gpus"):
+        if getattr(resources, name) > MAX_CPUS:
+            raise check.fail(f"resources.{name}", f"at most {MAX_CPUS} per trial, got "
+                                                  f"{getattr(resources, name):g}")
     decoding = dataset.decoding_workers
     if decoding and resources.cpus < decoding + 1:
         raise check.fail("resources.cpus", f"{resources.cpus:g} CPUs per trial cannot hold the "
@@ -455,6 +570,9 @@ def parse_spec(raw: Any, *, source: str = "<spec>") -> StudySpec:
     storage = top.get("storage")
     if storage is not None:
         check.typed("storage", storage, str, "an Optuna storage URL (str) or null")
+        if not storage.strip():
+            raise check.fail("storage", "empty; give an Optuna storage URL, or null for "
+                                        "runs/<study>.db")
     max_attempts = check.typed("max_attempts", top.get("max_attempts", 3), int, "an int >= 1")
     if max_attempts < 1:
         raise check.fail("max_attempts", f"must be >= 1, got {max_attempts}")
@@ -464,6 +582,9 @@ def parse_spec(raw: Any, *, source: str = "<spec>") -> StudySpec:
     checkpoints = top.get("checkpoints")
     if checkpoints is not None:
         check.typed("checkpoints", checkpoints, str, "a folder every node sees, a URI, or null")
+        if not checkpoints.strip():
+            raise check.fail("checkpoints", "empty; give a folder every node sees, a URI, or null "
+                                            "for runs/<study>.checkpoints")
     warmup_from_depth = top.get("warmup_from_depth")
     if warmup_from_depth is not None:
         check.typed("warmup_from_depth", warmup_from_depth, int, "a depth (int) or null")
@@ -602,8 +723,7 @@ def _dataset(check: _Checker, value: Any) -> DatasetSpec:
     if section["name"] not in DATASETS:
         raise check.fail("dataset.name", f"{section['name']!r} is not a dataset; valid: {', '.join(DATASETS)}")
     if section.get("synthetic") is not None:
-        check.mapping("dataset.synthetic", section["synthetic"],
-                      ("num_classes", "channels", "image_size", "train_size", "test_size", "noise"))
+        _synthetic(check, section["synthetic"])
     streamed_only = [k for k in ("image_size", "augmentation", "loader_workers")
                      if section.get(k) is not None]
     if section["name"] not in STREAMED and streamed_only:
@@ -618,6 +738,20 @@ def _dataset(check: _Checker, value: Any) -> DatasetSpec:
             if key not in shards:
                 raise check.fail(f"dataset.shards.{key}", "required: webdataset needs shards: "
                                  "{train: PATTERN, val: PATTERN, num_classes: N}")
+        for key in ("train", "val"):
+            check.typed(f"dataset.shards.{key}", shards[key], str,
+                        "one pattern (str), e.g. \"train-{000..099}.tar\"; brace ranges name "
+                        "several shards")
+            if not shards[key].strip():
+                raise check.fail(f"dataset.shards.{key}", "empty; name the shards, e.g. "
+                                                          "\"train-{000..099}.tar\"")
+        for key, low in (("num_classes", 2), ("train_size", 1), ("val_size", 1)):
+            if shards.get(key) is not None:
+                number = check.typed(f"dataset.shards.{key}", shards[key], int, "an int")
+                if not low <= number <= MAX_SYNTHETIC_IMAGES * 100:
+                    raise check.fail(f"dataset.shards.{key}", f"must be an int from {low} to "
+                                                              f"{MAX_SYNTHETIC_IMAGES * 100:.0e}, "
+                                                              f"got {number}")
         if section.get("root"):
             raise check.fail("dataset.root", "webdataset reads dataset.shards, not a root folder")
     if section["name"] in STREAMED:
@@ -639,6 +773,35 @@ def _dataset(check: _Checker, value: Any) -> DatasetSpec:
         raise check.fail("dataset.root", f"{section['name']} needs the folder that holds (or will "
                                          f"hold) {archive}")
     return DatasetSpec(**section)
+
+
+SYNTHETIC_INTS = {"num_classes": (2, 100_000), "channels": (1, 64), "image_size": (1, 1024),
+                  "train_size": (1, MAX_SYNTHETIC_IMAGES), "test_size": (1, MAX_SYNTHETIC_IMAGES)}
+
+
+def _synthetic(check: _Checker, value: Any) -> None:
+    """`dataset.synthetic`: each field in its range, and the images few enough to hold in memory
+    (a trial makes them all as float32 before it trains)."""
+    section = check.mapping("dataset.synthetic", value, (*SYNTHETIC_INTS, "noise"))
+    for name, (low, high) in SYNTHETIC_INTS.items():
+        if name in section:
+            number = check.typed(f"dataset.synthetic.{name}", section[name], int, "an int")
+            if not low <= number <= high:
+                raise check.fail(f"dataset.synthetic.{name}", f"must be an int from {low} to "
+                                                              f"{high:,}, got {number}")
+    if "noise" in section:
+        noise = check.typed("dataset.synthetic.noise", section["noise"], (int, float), "a number")
+        if noise < 0:
+            raise check.fail("dataset.synthetic.noise", f"must be >= 0, got {noise}")
+    sizes = {name: section.get(name, default) for name, default in
+             (("channels", 1), ("image_size", 8), ("train_size", 256), ("test_size", 128))}
+    images = sizes["train_size"] + sizes["test_size"]
+    size = images * sizes["channels"] * sizes["image_size"] ** 2 * 4
+    if size > MAX_SYNTHETIC_BYTES:
+        raise check.fail("dataset.synthetic", f"{images:,} images of {sizes['channels']}x"
+                                              f"{sizes['image_size']}x{sizes['image_size']} "
+                                              f"float32 hold {size / 2**30:.1f} GiB; at most "
+                                              f"{MAX_SYNTHETIC_BYTES / 2**30:.0f} GiB")
 
 
 def _level_key(value: Any) -> Any:

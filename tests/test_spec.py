@@ -118,6 +118,112 @@ def test_invalid_specs_name_file_field_and_what_is_valid(raw, expected):
     assert expected in _error(raw)
 
 
+WEBDATASET = {"name": "webdataset", "shards": {"train": "t.tar", "val": "v.tar", "num_classes": 10}}
+
+
+@pytest.mark.parametrize("raw, expected", [
+    # An architecture too large to allocate is refused before anything builds it.
+    ({**MINIMAL, "model": {"widths": [640000, 640000, 640000]}, "space": {"depth": [20]}},
+     "holds about 6.64e+13 convolution weights, above the 1e+10 the toolkit builds"),
+    # Non-finite and absurd numbers: NaN passes every comparison, so it is refused by name.
+    ({**MINIMAL, "resources": {"cpus": float("inf")}}, "resources.cpus: expected a finite number, got inf"),
+    ({**MINIMAL, "resources": {"cpus": float("nan")}}, "resources.cpus: expected a finite number, got nan"),
+    ({**MINIMAL, "resources": {"gpus": float("nan")}}, "resources.gpus: expected a finite number, got nan"),
+    ({**MINIMAL, "resources": {"cpus": 1e300}}, "resources.cpus: at most 1024 per trial, got 1e+300"),
+    ({**MINIMAL, "resources": {"gpus": 1e300}}, "resources.gpus: at most 1024 per trial, got 1e+300"),
+    ({**MINIMAL, "budget": {"max_gflops": float("nan")}},
+     "budget.max_gflops: expected a finite number, got nan"),
+    ({**MINIMAL, "train": {"batch_size": 10**9}},
+     "TrainRecipe.batch_size must be at most 1,000,000 images a step, got 1000000000"),
+    ({**MINIMAL, "storage": ""}, "storage: empty; give an Optuna storage URL"),
+    ({**MINIMAL, "checkpoints": " "}, "checkpoints: empty"),
+    # Synthetic data is made in memory: bounded in images and bytes, each field in its range.
+    ({**MINIMAL, "dataset": {"name": "synthetic", "synthetic": {"train_size": 10**9}}},
+     "dataset.synthetic.train_size: must be an int from 1 to 10,000,000, got 1000000000"),
+    ({**MINIMAL, "dataset": {"name": "synthetic", "synthetic": {"train_size": 1e9}}},
+     "dataset.synthetic.train_size: expected an int, got float 1000000000.0"),
+    ({**MINIMAL, "dataset": {"name": "synthetic", "synthetic": {"train_size": -5}}},
+     "dataset.synthetic.train_size: must be an int from 1 to 10,000,000, got -5"),
+    ({**MINIMAL, "dataset": {"name": "synthetic", "synthetic": {"num_classes": 1}}},
+     "dataset.synthetic.num_classes: must be an int from 2 to 100,000, got 1"),
+    ({**MINIMAL, "dataset": {"name": "synthetic", "synthetic": {"noise": float("nan")}}},
+     "dataset.synthetic.noise: expected a finite number, got nan"),
+    ({**MINIMAL, "dataset": {"name": "synthetic",
+                             "synthetic": {"train_size": 10**7, "image_size": 64, "channels": 3}}},
+     "dataset.synthetic: 10,000,128 images of 3x64x64 float32 hold 457.8 GiB; at most 16 GiB"),
+    # Shards: one pattern each (a YAML list is not one), sizes counted from 1.
+    ({**MINIMAL, "dataset": {**WEBDATASET, "shards": {**WEBDATASET["shards"], "train": ["a.tar"]}}},
+     "dataset.shards.train: expected one pattern (str)"),
+    ({**MINIMAL, "dataset": {**WEBDATASET, "shards": {**WEBDATASET["shards"], "train_size": -5}}},
+     "dataset.shards.train_size: must be an int from 1 to"),
+    ({**MINIMAL, "dataset": {**WEBDATASET, "shards": {**WEBDATASET["shards"], "num_classes": 1}}},
+     "dataset.shards.num_classes: must be an int from 2 to"),
+])
+def test_unbounded_and_non_finite_values_are_refused_in_one_line(raw, expected):
+    message = _error(raw)
+    assert expected in message and len(message.splitlines()) == 1, message
+
+
+@pytest.mark.parametrize("text, field, expected", [
+    ("010", "epochs", 10),  # YAML 1.1 reads 8 (octal)
+    ("0o10", "epochs", 8),
+    ("1e1", "epochs", None),  # a float: refused for an int field
+])
+def test_yaml_numbers_are_read_as_yaml_1_2_reads_them(text, field, expected, tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text(f"study: x\nspace: {{depth: [20]}}\ntrain: {{{field}: {text}}}\n")
+    if expected is None:
+        with pytest.raises(SpecError, match=f"TrainRecipe.{field} must be an int"):
+            load_spec(path)
+    else:
+        assert getattr(load_spec(path).train, field) == expected
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("train: {epochs: 1:30}", "TrainRecipe.epochs must be an int >= 1, got '1:30'"),  # 1.1: 90
+    ("train: {epochs: 0b100}", "TrainRecipe.epochs must be an int >= 1, got '0b100'"),  # 1.1: 4
+    ("train: {compile: yes}", "TrainRecipe.compile must be true or false, got 'yes'"),
+    ("max_attempts: 1_000", "max_attempts: expected an int >= 1, got str '1_000'"),
+    ("question: 2020-01-01", None),  # a string, not a date
+])
+def test_yaml_1_1_spellings_are_strings_and_then_a_type_error_naming_the_field(line, expected,
+                                                                              tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text(f"study: x\nspace: {{depth: [20]}}\n{line}\n")
+    if expected is None:
+        assert load_spec(path).question == "2020-01-01"
+        return
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert expected in str(info.value), str(info.value)
+
+
+def _alias_bomb(levels: int) -> str:
+    lines = ["  a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"  a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "study: bomb\nspace: {depth: [8]}\nmodel:\n" + "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("text, expected", [
+    (_alias_bomb(9), "expands to more than 100000 values"),  # 10**9 values, 600 bytes
+    ("study: x\nspace: " + "[" * 100_000 + "]" * 100_000 + "\n", "nested too deeply"),
+    ("study: x\nspace: " + "[" * 200 + "]" * 200 + "\n", "nested deeper than 64 levels"),
+    ("study: x\nspace: &a [*a]\n", "holds itself through an alias"),
+    ("study: [unclosed\n", "not valid YAML: while parsing a flow sequence"),
+])
+def test_hostile_yaml_is_one_line_quickly(text, expected, tmp_path):
+    import time
+
+    path = tmp_path / "x.yaml"
+    path.write_text(text)
+    started = time.perf_counter()
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    message = str(info.value)
+    assert expected in message and len(message.splitlines()) == 1, message
+    assert time.perf_counter() - started < 10
+
+
 def test_unreadable_and_malformed_files(tmp_path):
     with pytest.raises(SpecError, match="missing.yaml: cannot read the spec"):
         load_spec(tmp_path / "missing.yaml")

@@ -118,8 +118,10 @@ def _query(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
                   "the path of its .db file", file=sys.stderr)
             return 2
         except OSError as error:  # writing -o: no permission, no space, ...
-            print(f"resnet-ablate {args.command}: error: cannot write {error.filename}: "
-                  f"{error.strerror}", file=sys.stderr)
+            # A failed write (no space: /dev/full) names no file; the path is -o's.
+            path = error.filename or getattr(args, "output", None)
+            print(f"resnet-ablate {args.command}: error: cannot write {path}: "
+                  f"{error.strerror or error}", file=sys.stderr)
             return 2
 
     return guarded
@@ -297,8 +299,8 @@ def _add_query_commands(sub) -> None:
         parser = sub.add_parser(name, help=help_text)
         if study:
             parser.add_argument("study", help="the study's name (spec key `study`)")
-        parser.add_argument("--storage", help="an Optuna storage URL "
-                                              "(default: sqlite:///RUNS_DIR/STUDY.db)")
+        parser.add_argument("--storage", type=_storage_url, help="an Optuna storage URL "
+                            "(default: sqlite:///RUNS_DIR/STUDY.db)")
         parser.add_argument("--runs-dir", help="where `run` put the study (default: "
                             "$RESNET_ABLATE_RUNS, else ./runs)")
         if study:
@@ -350,6 +352,14 @@ def _add_query_commands(sub) -> None:
                         help="leave out Fig. 7 (it reloads every trained model)")
 
 
+def _storage_url(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: give an Optuna storage URL such as "
+                                         "sqlite:///runs/mine.db, or leave --storage out for "
+                                         "RUNS_DIR/STUDY.db")
+    return text
+
+
 def _positive_int(text: str) -> int:
     from .spec import MAX_WORKERS
 
@@ -374,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run (or resume) the study a spec describes")
     run.add_argument("spec", help="a study spec, e.g. studies/quickstart.yaml")
     run.add_argument("--address", help="an existing Ray cluster (ray://HOST:10001 or HOST:6379)")
-    run.add_argument("--storage", help="an Optuna storage URL (default: sqlite under --runs-dir)")
+    run.add_argument("--storage", type=_storage_url,
+                     help="an Optuna storage URL (default: sqlite under --runs-dir)")
     run.add_argument("--workers", type=_positive_int, help="trials at once (default: the spec's)")
     run.add_argument("--runs-dir", help="default storage and trained weights (default: "
                      "$RESNET_ABLATE_RUNS, else ./runs)")

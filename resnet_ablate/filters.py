@@ -53,6 +53,8 @@ def filter_mask(frame: pd.DataFrame, text: str) -> pd.Series:
         return interpreter.mask(tree.body).fillna(False).astype(bool)
     except RecursionError:
         raise FilterError(f"{text[:80]!r}...: nested too deeply") from None
+    except FilterError:
+        raise  # the interpreter's own message (a ValueError too) says what is wrong, as it is
     except (TypeError, ValueError) as error:  # e.g. a text column compared with a number
         raise FilterError(f"{text!r}: the columns and values do not compare ({error})") from None
 

@@ -320,6 +320,22 @@ def test_a_study_is_found_by_its_store_path_with_or_without_the_suffix(runs, tmp
     assert "depth has only one value (8)" in err and "np." not in err
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full on this system")
+def test_an_output_with_no_space_names_the_path_and_the_reason(runs, capsys):
+    err = _one_line_error(capsys, ["export", str(Path(runs) / RESULTS_STUDY), "--format", "csv",
+                                   "-o", "/dev/full"])
+    assert "cannot write /dev/full: No space left on device" in err, err
+
+
+@pytest.mark.parametrize("command", [["run", "studies/quickstart.yaml"], ["ls"]])
+def test_an_empty_storage_url_is_refused(command, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([*command, "--storage", "", "--runs-dir", str(tmp_path)])
+    assert stop.value.code == 2
+    assert "argument --storage: is empty: give an Optuna storage URL" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_format_without_dry_run_is_refused_before_anything_runs(tmp_path, capsys):
     err = _one_line_error(capsys, ["run", str(_spec_file(tmp_path)), "--runs-dir", str(tmp_path),
                                    "--format", "json"])

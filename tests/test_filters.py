@@ -63,3 +63,10 @@ def test_anything_but_columns_and_values_is_refused_and_nothing_runs(frame, text
         "over the columns: depth, shortcut, fused, test_error", "is not a filter",
         "do not compare", "nested too deeply"))
     assert not list(tmp_path.iterdir())  # no file was touched
+
+
+@pytest.mark.parametrize("text", ["colour == 'red'", "1 == 1", "lambda: 1", "shortcut in 'AB'"])
+def test_the_languages_own_errors_are_not_reworded_as_values_that_do_not_compare(frame, text):
+    with pytest.raises(FilterError) as error:
+        filter_mask(frame, text)
+    assert "do not compare" not in str(error.value), str(error.value)

@@ -21,6 +21,7 @@ The cached tensors are shared between callers: treat them as read-only.
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
 import importlib.util
 import math
@@ -28,6 +29,7 @@ import os
 import pickle
 import tarfile
 import urllib.request
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable, Mapping
@@ -568,9 +570,14 @@ def read_cifar(fmt: CifarFormat, root: str | os.PathLike[str], *,
         )
     if source.is_dir():
         return _assemble_cifar(fmt, functools.partial(_read_from_folder, fmt, source), source)
-    with tarfile.open(source, "r:gz") as archive:
-        return _assemble_cifar(fmt, functools.partial(_read_from_archive, fmt, archive, source),
-                               source)
+    try:
+        with tarfile.open(source, "r:gz") as archive:
+            return _assemble_cifar(fmt, functools.partial(_read_from_archive, fmt, archive,
+                                                          source), source)
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise ValueError(f"{source}: not a readable {fmt.title} archive, damaged or cut short "
+                         f"({error or type(error).__name__}); fetch {fmt.archive} again "
+                         "(download: true checks its md5)") from None
 
 
 def read_cifar10(root: str | os.PathLike[str], *, download: bool = False) -> CifarArrays:
@@ -648,6 +655,27 @@ def _unpickle(handle: BinaryIO, where: str) -> dict[bytes, Any]:
     return batch
 
 
+def _shown_value(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _cifar_array(value: Any, dtype: type, where: str, valid: str) -> np.ndarray:
+    """A batch's value as a numpy array of `dtype`, or one ValueError naming `where` and what
+    was valid: a number out of the type's range (10**30, a pixel of 300) or no array at all."""
+    try:
+        array = np.asarray(value)
+        if array.dtype == object or not (np.issubdtype(array.dtype, np.integer)
+                                         or array.dtype == np.bool_):
+            raise TypeError(f"a {array.dtype} array")
+        info = np.iinfo(dtype)
+        if array.size and (array.min() < info.min or array.max() > info.max):
+            raise OverflowError(f"values up to {array.max()}")
+        return array.astype(dtype)
+    except (TypeError, ValueError, OverflowError) as error:
+        raise ValueError(f"{where}: not {valid} ({error}): {_shown_value(value)}") from None
+
+
 def _assemble_cifar(fmt: CifarFormat, read: Callable[[str], dict[bytes, Any]],
                     source: Path) -> CifarArrays:
     def images_and_labels(member: str) -> tuple[np.ndarray, np.ndarray]:
@@ -656,8 +684,18 @@ def _assemble_cifar(fmt: CifarFormat, read: Callable[[str], dict[bytes, Any]],
             raise ValueError(
                 f"{source}/{member}: expected keys b'data' and {fmt.label_key!r}, got {sorted(batch)}"
             )
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
-        labels = np.asarray(batch[fmt.label_key], dtype=np.int64)
+        data = _cifar_array(batch[b"data"], np.uint8, f"{source}/{member}: b'data'",
+                            "3072 pixel values in 0..255 per image")
+        labels = _cifar_array(batch[fmt.label_key], np.int64,
+                              f"{source}/{member}: {fmt.label_key!r}",
+                              f"class indices in 0..{fmt.num_classes - 1}")
+        if labels.ndim != 1 or (labels.size and not (
+                0 <= labels.min() and labels.max() < fmt.num_classes)):
+            bad = labels.ravel()[(labels.ravel() < 0) | (labels.ravel() >= fmt.num_classes)]
+            shown = f"{int(bad[0])}" if bad.size else f"an array of shape {labels.shape}"
+            raise ValueError(f"{source}/{member}: {fmt.label_key!r} holds {shown}; expected "
+                             f"a list of class indices in 0..{fmt.num_classes - 1} "
+                             f"({fmt.title} has {fmt.num_classes} classes)")
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != labels.shape[0]:
             raise ValueError(
                 f"{source}/{member}: b'data' has shape {data.shape} for {labels.shape[0]} labels, "
@@ -669,10 +707,14 @@ def _assemble_cifar(fmt: CifarFormat, read: Callable[[str], dict[bytes, Any]],
     train = [images_and_labels(member) for member in fmt.train_members]
     test_images, test_labels = images_and_labels(fmt.test_member)
     meta = read(fmt.meta_member)
-    classes = tuple(
-        name.decode() if isinstance(name, bytes) else str(name)
-        for name in meta.get(fmt.names_key, [str(i) for i in range(fmt.num_classes)])
-    )
+    names = meta.get(fmt.names_key, [str(i) for i in range(fmt.num_classes)])
+    if not isinstance(names, (list, tuple)) or len(names) != fmt.num_classes or not all(
+            isinstance(name, (bytes, str)) for name in names):
+        raise ValueError(f"{source}/{fmt.meta_member}: {fmt.names_key!r} holds "
+                         f"{_shown_value(names)}; expected a list of {fmt.num_classes} class "
+                         "names")
+    classes = tuple(name.decode(errors="replace") if isinstance(name, bytes) else name
+                    for name in names)
     return CifarArrays(
         train_images=np.concatenate([images for images, _ in train]),
         train_labels=np.concatenate([labels for _, labels in train]),

@@ -76,6 +76,9 @@ def scan_image_folder(root: str | os.PathLike[str], *, train: str = "train",
                              f"({', '.join(IMAGE_SUFFIXES)})")
         splits[split] = images
     classes = tuple(splits[train])
+    if len(classes) < 2:
+        raise ValueError(f"{root / train} holds one class folder ({classes[0]}); a classifier "
+                         "needs two classes or more")
     unknown = sorted(set(splits[test]) - set(classes))
     if unknown:
         raise ValueError(f"{root / test}: class folder(s) {', '.join(unknown[:5])} are not "

@@ -158,9 +158,12 @@ def count_samples(urls: list[str]) -> int:
         try:
             with tarfile.open(_local_path(url)) as archive:
                 names = archive.getnames()
-        except (OSError, tarfile.TarError) as error:
-            raise ShardError(f"shard {url} cannot be read: {type(error).__name__}: "
-                             f"{error}") from error
+        except (OSError, tarfile.TarError, EOFError) as error:
+            # tarfile's message lists each compression it tried, a line each: its first says it
+            first = (str(error).splitlines() or [""])[0].rstrip(":")
+            what = "not a tar file, or cut short" if isinstance(error, tarfile.TarError) else \
+                type(error).__name__
+            raise ShardError(f"shard {url} cannot be read: {what} ({first})") from error
         for name in names:
             key, extension = split_key(name)
             if extension in IMAGE_EXTENSIONS:

@@ -3,6 +3,7 @@
 import dataclasses
 import hashlib
 import pickle
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -341,6 +342,29 @@ def test_download_checks_the_md5_and_keeps_only_a_verified_archive(tmp_path, cif
     # Once present, nothing is downloaded again.
     load_dataset("cifar10", root=tmp_path / "b", download=True, cache=False)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("member, key, value, expected", [
+    ("data_batch_1", b"labels", [1000] * PER_BATCH,
+     r"data_batch_1: b'labels' holds 1000; expected a list of class indices in 0\.\.9 "
+     r"\(CIFAR-10 has 10 classes\)"),
+    ("data_batch_1", b"labels", [10**30] * PER_BATCH,
+     r"data_batch_1: b'labels': not class indices in 0\.\.9 \(a object array\)"),
+    ("test_batch", b"data", [[300] * 3072] * PER_BATCH,
+     r"test_batch: b'data': not 3072 pixel values in 0\.\.255 per image \(values up to 300\)"),
+    ("batches.meta", b"label_names", 10,
+     r"batches.meta: b'label_names' holds 10; expected a list of 10 class names"),
+])
+def test_malformed_cifar_values_are_one_error_naming_the_member(member, key, value, expected,
+                                                                tmp_path, cifar):
+    folder = tmp_path / "cifar-10-batches-py"
+    shutil.copytree(cifar["folder"], folder)
+    batch = pickle.loads((folder / member).read_bytes(), encoding="bytes")
+    batch[key] = value
+    (folder / member).write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(ValueError, match=expected) as error:
+        read_cifar10(folder)
+    assert len(str(error.value).splitlines()) == 1
 
 
 def test_cifar100_reads_its_official_format_with_the_fine_labels(tmp_path):

@@ -233,6 +233,37 @@ def test_a_dry_run_refuses_a_missing_data_set_as_a_run_does(tmp_path, capsys):
     assert not list(tmp_path.glob("*.db")), "nothing was stored"
 
 
+@pytest.mark.parametrize("damage", ["garbage", "cut short"])
+def test_a_dry_run_on_a_damaged_cifar_archive_is_one_line(damage, tmp_path, capsys):
+    import io
+    import tarfile
+
+    archive = tmp_path / "cifar" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    if damage == "garbage":
+        archive.write_bytes(os.urandom(5000))
+    else:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+            data = os.urandom(200_000)
+            info = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        archive.write_bytes(buffer.getvalue()[:100_000])
+    raw = {**raw_spec("bad-cifar", seeds=1), "dataset": {"name": "cifar10", "root": str(archive)}}
+    err = _one_line_error(capsys, ["run", str(write_spec(tmp_path, raw)), "--runs-dir",
+                                   str(tmp_path), "--dry-run"])
+    assert f"{archive}: not a readable CIFAR-10 archive, damaged or cut short" in err, err
+
+
+def test_a_dry_run_on_a_shard_that_is_not_a_tar_is_one_line(tmp_path, capsys):
+    raw = _shard_spec("bad-shard", tmp_path)
+    (tmp_path / "train.tar").write_bytes(os.urandom(3000))
+    err = _one_line_error(capsys, ["run", str(write_spec(tmp_path, raw)), "--runs-dir",
+                                   str(tmp_path), "--dry-run"])
+    assert f"shard {tmp_path / 'train.tar'} cannot be read: not a tar file, or cut short" in err
+
+
 def _shard_spec(name: str, folder: Path, **shards) -> dict:
     """A study on shards in `folder` (two classes, a training and a validation shard) whose
     `shards` entries replace the generated ones."""

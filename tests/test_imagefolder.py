@@ -59,6 +59,7 @@ def test_scan_indexes_each_split_by_class(folder):
     ("no classes", "holds no class folders"),
     ("empty class", "class folder(s) cat hold no image"),
     ("unknown val class", "class folder(s) gnu are not classes of"),
+    ("one class", "{root}/train holds one class folder (ant); a classifier needs two classes"),
 ])
 def test_a_broken_layout_is_one_error_naming_what_is_wrong(damage, message, tmp_path):
     rng = np.random.default_rng(0)
@@ -82,6 +83,10 @@ def test_a_broken_layout_is_one_error_naming_what_is_wrong(damage, message, tmp_
         root = tmp_path / "empty"
     elif damage == "empty class":
         (tmp_path / "train" / "cat" / "0.jpg").unlink()
+    elif damage == "one class":
+        for split in ("train", "val"):
+            (tmp_path / split / "cat" / "0.jpg").unlink()
+            (tmp_path / split / "cat").rmdir()
     else:
         (tmp_path / "val" / "gnu").mkdir()
         _write_image(tmp_path / "val" / "gnu" / "0.jpg", 0, rng)

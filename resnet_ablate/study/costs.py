@@ -3,13 +3,19 @@ runs), and each architecture's parameters and FLOPs, computed once per architect
 
 from __future__ import annotations
 
+import tarfile
 from typing import Any
 
 from ..arch import ResNetArch
 from ..data import DatasetShape, SyntheticSpec, dataset_shape, load_dataset
 from ..models import build
 from ..profile import ModelProfile, profile
+from ..shards import ShardError
 from ..spec import SpecError, StudySpec
+
+# What reading a data set raises for a missing or damaged one: OSError, ValueError, a tar or
+# gzip stream cut short, a shard that cannot be read.
+DATA_ERRORS = (OSError, ValueError, EOFError, tarfile.TarError, ShardError)
 
 
 class StudyCosts:
@@ -28,14 +34,14 @@ class StudyCosts:
         """Read (or download) the data set once here, so that a bad one stops the run early."""
         try:
             load_dataset(**self._load_kwargs())
-        except (OSError, ValueError) as error:
+        except DATA_ERRORS as error:
             raise SpecError(f"{self.spec.source}: dataset: {error}") from None
 
     def shape(self) -> DatasetShape:
         if self._shape is None:
             try:
                 self._shape = dataset_shape(**self._load_kwargs())
-            except (OSError, ValueError) as error:
+            except DATA_ERRORS as error:
                 raise SpecError(f"{self.spec.source}: dataset: {error}") from None
         return self._shape
 

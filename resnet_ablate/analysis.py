@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -62,10 +63,26 @@ def trained_model(results: Results, number: int, *, fused: bool | None = None,
     data = data or study_dataset(results)
     model = build(ResNetArch.from_dict(arch), num_classes=data.num_classes,
                   in_channels=data.in_channels)
-    # Tensors only: a weights file never runs code, whatever torch's default.
-    state = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+    _load_weights(model, path, f"trial {number} of study {results.study!r}")
     return model.eval()
+
+
+def _load_weights(model: nn.Module, path: Path, whose: str) -> None:
+    """Load the weights file `path` into `model`, or one ResultsError naming the file: a file
+    damaged, cut short, of another network, or holding anything but tensors."""
+    from .results import ResultsError
+
+    try:
+        # Tensors only: a weights file never runs code, whatever torch's default.
+        state = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise TypeError(f"it holds a {type(state).__name__}, not a state_dict")
+        model.load_state_dict(state)
+    except Exception as error:  # noqa: BLE001 - torch raises many kinds for a damaged file
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ResultsError(f"the weights of {whose}, {path}, cannot be loaded (damaged, cut "
+                           f"short or of another network): {type(error).__name__}: "
+                           f"{first[:200]}") from None
 
 
 def layer_responses(results: Results, numbers: Sequence[int] | None = None, *,

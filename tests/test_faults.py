@@ -351,6 +351,46 @@ def test_a_study_is_found_by_its_store_path_with_or_without_the_suffix(runs, tmp
     assert "depth has only one value (8)" in err and "np." not in err
 
 
+class _RunsACommand:
+    """What a crafted weights or checkpoint file would smuggle in: unpickling it runs a command."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "cut short", "empty", "pickled object", "a list"])
+def test_a_damaged_weights_file_is_one_results_error_naming_it(damage, runs, tmp_path):
+    import torch
+
+    from resnet_ablate.analysis import trained_model
+    from resnet_ablate.results import ResultsError, load
+
+    shutil.copytree(runs, tmp_path / "runs")
+    results = load(RESULTS_STUDY, runs_dir=str(tmp_path / "runs"))
+    number = int(results.completed()["number"].iloc[0])
+    weights = results.weights_path(number)
+    canary = tmp_path / "CANARY"
+    good = weights.read_bytes()
+    if damage == "garbage":
+        weights.write_bytes(os.urandom(3000))
+    elif damage == "cut short":
+        weights.write_bytes(good[:len(good) // 2])
+    elif damage == "empty":
+        weights.write_bytes(b"")
+    elif damage == "pickled object":
+        torch.save({"conv1.weight": _RunsACommand(f"touch {canary}")}, weights)
+    else:
+        torch.save([1, 2], weights)
+    with pytest.raises(ResultsError) as error:
+        trained_model(results, number)
+    message = str(error.value)
+    assert f"{weights}, cannot be loaded (damaged, cut short or of another network)" in message
+    assert len(message.splitlines()) == 1 and not canary.exists(), message
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full on this system")
 def test_an_output_with_no_space_names_the_path_and_the_reason(runs, capsys):
     err = _one_line_error(capsys, ["export", str(Path(runs) / RESULTS_STUDY), "--format", "csv",

@@ -6,14 +6,18 @@ process group (NCCL on GPUs, gloo on CPUs) and runs `_replica` in each: train.py
 replicas of replicas.py. The leader (rank 0) reports each epoch to the driver's board and saves a
 checkpoint of the whole run after it. When a replica is lost (its process or node dies), Ray
 Train starts the group again, up to `max_restarts` times, and every replica resumes from the last
-checkpoint it registered instead of from scratch. The trial's outcome travels back with the
-leader's last report; its weights, when kept, in the last checkpoint. The checkpoints go once the
-trial has ended.
+checkpoint it registered instead of from scratch. Each start of the replicas is marked beside the
+checkpoints, so a restart from scratch (a replica lost before the first checkpoint registered)
+counts in the record's restarts as one after epoch 0. Checkpoints hold tensors and plain values
+only and load with `weights_only=True`: one holding any other object is refused, never run. The
+trial's outcome travels back with the leader's last report; its weights, when kept, in the last
+checkpoint. The checkpoints go once the trial has ended.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import tempfile
 import traceback
@@ -33,6 +37,10 @@ _OUTCOME = "outcome.json"  # the last checkpoint: the trial's outcome
 _WEIGHTS = "weights.pt"  # and its trained weights, when kept
 
 
+class CheckpointRefused(ValueError):
+    """A checkpoint holding more than tensors and plain values: loading it could run code."""
+
+
 class ReplicasLost(RuntimeError):
     """The run lost replicas (processes or nodes) more often than it may restart them: raised,
     so that the driver records the trial as lost and may try it again."""
@@ -47,11 +55,13 @@ def execute_data_parallel(task: TrialTask, board: Any | None = None) -> dict[str
     # that a folder left by a killed driver or a deleted study is never taken for this trial's.
     name = f"trial-{task.trial_number:05d}-{uuid.uuid4().hex[:8]}"
     storage = task.checkpoints or tempfile.mkdtemp(prefix="resnet-ablate-checkpoints-")
+    starts = (f"{storage.rstrip('/')}/{name}.starts" if "://" in storage
+              else str(Path(storage).expanduser().resolve() / f"{name}.starts"))
     resources: dict[str, float] = {"CPU": task.cpus_per_replica}
     if task.use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(
-        _replica, train_loop_config={"task": task, "board": board},
+        _replica, train_loop_config={"task": task, "board": board, "starts": starts},
         torch_config=TorchConfig(backend="nccl" if task.use_gpu else "gloo"),
         # PACK: as few nodes as hold the replicas, whose gradients then cross the fewest links.
         scaling_config=ScalingConfig(num_workers=task.replicas, use_gpu=task.use_gpu,
@@ -105,17 +115,49 @@ def _why_lost(error: Exception, max_restarts: int) -> str:
 
 
 def _remove(storage: str, name: str) -> None:
-    """Delete a finished trial's checkpoints (a local folder, or under a URI)."""
+    """Delete a finished trial's checkpoints and marks of its starts (a local folder, or under a
+    URI)."""
     if "://" not in storage:
-        shutil.rmtree(Path(storage) / name, ignore_errors=True)
+        for folder in (name, f"{name}.starts"):
+            shutil.rmtree(Path(storage) / folder, ignore_errors=True)
         return
     import pyarrow.fs
 
     filesystem, root = pyarrow.fs.FileSystem.from_uri(storage)
+    for folder in (name, f"{name}.starts"):
+        try:
+            filesystem.delete_dir(f"{root.rstrip('/')}/{folder}")
+        except OSError:
+            pass  # already gone, or not ours to delete: the outcome is what matters
+
+
+def note_start(starts: str) -> int:
+    """Mark one start of a run's replicas in the folder `starts` (a local path or a URI); how
+    many starts were marked before this one (0 for the run's first)."""
+    import pyarrow.fs
+
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(starts)
+    filesystem.create_dir(root, recursive=True)
+    before = len(filesystem.get_file_info(pyarrow.fs.FileSelector(root)))
+    with filesystem.open_output_stream(f"{root}/{uuid.uuid4().hex}"):
+        pass
+    return before
+
+
+def load_state(folder: Path) -> dict[str, Any]:
+    """An epoch's checkpoint (`_STATE` in `folder`): tensors and plain values only, loaded with
+    `weights_only=True`; CheckpointRefused, naming the file, for one holding anything else."""
+    path = folder / _STATE
     try:
-        filesystem.delete_dir(f"{root.rstrip('/')}/{name}")
-    except OSError:
-        pass  # already gone, or not ours to delete: the outcome is what matters
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CheckpointRefused(f"checkpoint {path} holds more than tensors and plain values; "
+                                f"refusing to load it, as loading could run code ({first[:160]})"
+                                ) from None
+    if not isinstance(saved, dict) or not {"train", "resumed_after"} <= set(saved):
+        raise CheckpointRefused(f"checkpoint {path} is not a data-parallel run's state")
+    return saved
 
 
 def _replica(config: dict[str, Any]) -> None:
@@ -130,13 +172,15 @@ def _replica(config: dict[str, Any]) -> None:
     replicas = Replicas.of_process_group()
     device = get_device() if task.use_gpu else torch.device("cpu")
     outcome = started_outcome(task, device)
-    resume, resumed_after = None, []
+    # Starts before this one: restarts, each recorded by the epoch it resumed after.
+    earlier_starts = note_start(config["starts"]) if replicas.leader else 0
+    resume, resumed_after = None, [0] * earlier_starts
     checkpoint = get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             if (Path(folder) / _OUTCOME).exists():
                 return  # restarted after its last report: the run is over, its outcome kept
-            saved = torch.load(Path(folder) / _STATE, weights_only=False)
+            saved = load_state(Path(folder))
         resume = saved["train"]
         resumed_after = [*saved["resumed_after"], len(resume["history"])]
     epochs: list[dict[str, Any]] = [] if resume is None else list(resume["history"])

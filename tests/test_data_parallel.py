@@ -305,3 +305,63 @@ def test_an_error_in_a_replica_fails_the_trial_and_a_lost_replica_is_a_lost_work
     assert _failed_in_code(task, controller) is None
     assert _why_lost(controller, 0) == ("the data-parallel run lost its replicas 1 time(s): "
                                         "health check failed")
+
+
+# -- checkpoints: where they go, what they may hold, and each start of the replicas counted
+
+
+class _RunsACommand:
+    """What a crafted checkpoint would smuggle in: unpickling it runs a command."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def test_a_checkpoint_carrying_a_pickled_object_is_refused_and_runs_nothing(tmp_path):
+    from resnet_ablate.data_parallel import CheckpointRefused, load_state
+
+    canary = tmp_path / "CANARY"
+    torch.save({"train": {"model": _RunsACommand(f"touch {canary}")}, "resumed_after": []},
+               tmp_path / "state.pt")
+    with pytest.raises(CheckpointRefused, match=f"checkpoint {tmp_path / 'state.pt'} holds more "
+                                                "than tensors and plain values; refusing"):
+        load_state(tmp_path)
+    assert not canary.exists()
+    # What the toolkit writes loads: tensors, numbers, lists, strings, None.
+    states = []
+    train(lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 4)),
+          load_dataset("synthetic", synthetic=SyntheticSpec()), TrainRecipe(epochs=1, batch_size=64),
+          seed=0, threads=1, on_checkpoint=states.append)
+    torch.save({"train": states[0], "resumed_after": [0]}, tmp_path / "state.pt")
+    assert load_state(tmp_path)["resumed_after"] == [0]
+
+
+def test_every_start_of_a_runs_replicas_is_counted(tmp_path):
+    """A restart from scratch (no checkpoint registered yet) counts as a restart too."""
+    from resnet_ablate.data_parallel import note_start
+
+    starts = str(tmp_path / "trial-00000-abc.starts")
+    assert [note_start(starts) for _ in range(3)] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("where", ["file", "under a file"])
+def test_a_checkpoints_path_that_is_a_file_is_one_line_before_anything_runs(where, tmp_path,
+                                                                            capsys):
+    from resnet_ablate.cli import main
+
+    blocking = tmp_path / "taken"
+    blocking.write_text("not a folder")
+    checkpoints = blocking if where == "file" else blocking / "checkpoints"
+    spec = tmp_path / "dp.yaml"
+    spec.write_text(json.dumps({**_study_spec("dp-file", epochs=1),
+                                "checkpoints": str(checkpoints)}))
+    for extra in (["--dry-run"], ["--quiet"]):
+        assert main(["run", str(spec), "--runs-dir", str(tmp_path), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert (f"checkpoints: checkpoints {checkpoints} cannot be a folder: {blocking} is a file"
+                in err), err
+    assert not list(tmp_path.glob("*.db"))

@@ -15,8 +15,9 @@ import optuna
 
 from ..progress import StudyProgress
 from ..record import FailureKind, TrialKey
-from ..spec import StudySpec
-from ..storage import runs_folder, sqlite_path, store_faults, study_file, weights_folder
+from ..spec import SpecError, StudySpec
+from ..storage import (file_in_the_way, runs_folder, sqlite_path, store_faults, study_file,
+                       weights_folder)
 from . import cluster, grid
 from .costs import StudyCosts
 from .grid import GridHistory, PendingPoint, PlannedTrial
@@ -80,10 +81,31 @@ class StudyRunner:
                 return []
         return self.study.get_trials(deepcopy=False)
 
+    @property
+    def checkpoints(self) -> str:
+        """Where data-parallel trials keep their checkpoints: the spec's folder or URI, else
+        <study>.checkpoints beside the store."""
+        folder = weights_folder(self.storage, self.options.runs_dir)
+        return self.spec.checkpoints or str(
+            study_file(self.spec.study, ".checkpoints", folder).resolve())
+
+    def check_checkpoints(self) -> None:
+        """Refuse a checkpoint folder that cannot be one (a file, or under a file) before anything
+        runs: every replica would fail to write there and each attempt be lost."""
+        if self.spec.resources.replica_count < 2 or "://" in self.checkpoints:
+            return
+        path = Path(self.checkpoints).expanduser()
+        blocking = path if path.exists() and not path.is_dir() else file_in_the_way(path)
+        if blocking is not None:
+            named = "checkpoints" if self.spec.checkpoints else "the default checkpoints folder"
+            raise SpecError(f"{self.spec.source}: checkpoints: {named} {path} cannot be a folder: "
+                            f"{blocking} is a file; name a folder every node sees (or a URI)")
+
     def plan(self) -> list[PlannedTrial]:
         """Every grid point x seed with its cost and status; nothing is trained or written. The
         data set and (on this machine) the GPUs are checked as a run would check them."""
         check_store_folder(self.storage)
+        self.check_checkpoints()
         self.costs.check_dataset()
         if self.options.address is None:
             cluster.check_local_gpus(self.spec)
@@ -93,6 +115,7 @@ class StudyRunner:
         started = time.monotonic()
         # A bad store, a missing data set or a cluster without the GPUs asked for stops the run
         # here, before Ray starts or the store is written.
+        self.check_checkpoints()
         self.costs.check_dataset()
         if self.options.address:
             cluster.check_address(self.options.address)
@@ -125,8 +148,7 @@ class StudyRunner:
                 pending=pending, to_ask=left, workers=self.workers,
                 deadline=started + 60 * minutes if minutes else math.inf,
                 keep_weights=self.options.keep_weights,
-                checkpoints=self.spec.checkpoints
-                or str(study_file(self.spec.study, ".checkpoints", folder).resolve()),
+                checkpoints=self.checkpoints,
                 progress=progress,
                 renew_lease=lease.renew, stop_signals=stop_signals)
             result = loop.run()

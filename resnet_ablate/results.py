@@ -34,6 +34,7 @@ import pandas as pd
 
 from . import stats
 from .adaptive import SeedResult, decide
+from .arch import ResNetArch
 from .filters import FilterError, filter_mask
 from .record import DIRECTIONS, METRICS, StudyKey, TrialKey, metric_values, unpack_outcomes
 from .spec import adaptive_rule
@@ -143,7 +144,7 @@ def _trial_row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     metrics = metric_values(attrs)
     return {
         "number": trial.number, "state": trial.state.name,
-        "arch_name": attrs.get(TrialKey.ARCH_NAME),
+        "arch_name": _arch_name(attrs),
         **{name: _scalar(arch.get(name)) for name in ARCH_COLUMNS},
         "seed": attrs.get(TrialKey.SEED),
         **{name: metrics[name] for name in ("params", "flops", "test_accuracy", "test_error",
@@ -160,6 +161,16 @@ def _trial_row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
         "failure": attrs.get(TrialKey.FAILURE) or attrs.get(TrialKey.PRUNED),
         "arch_digest": attrs.get(TrialKey.ARCH_DIGEST), "weights": attrs.get(TrialKey.WEIGHTS),
     }
+
+
+def _arch_name(attrs: Mapping[str, Any]) -> str | None:
+    """The architecture's name as the toolkit names it now, from the stored description: stores
+    written before custom CIFAR stages were named would otherwise group two networks under one
+    name. The stored name where the description no longer builds."""
+    try:
+        return ResNetArch.from_dict(attrs[TrialKey.ARCH]).name
+    except (KeyError, TypeError, ValueError):
+        return attrs.get(TrialKey.ARCH_NAME)
 
 
 def _trials_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:

@@ -50,6 +50,9 @@ def test_trials_frame_has_one_row_per_trial_with_what_the_runner_recorded(result
     assert len(frame) == len(raw_trials) == 12
     assert results.swept == ("depth", "shortcut")
     for t in raw_trials:
+        # The seed is an Optuna parameter too (optuna-dashboard shows it), as well as the
+        # attribute the toolkit reads.
+        assert t.params["seed"] == t.user_attrs["seed"]
         row = frame.loc[t.number]
         assert (row["depth"], row["shortcut"], row["seed"]) == (
             t.params["depth"], t.params["shortcut"], t.user_attrs["seed"])
@@ -281,7 +284,8 @@ def test_unfused_rebuild_computes_the_same_function_as_the_trained_fused_model(r
 
 
 def test_layer_responses_are_the_std_of_each_3x3_bn_output_before_add_and_relu(results, raw_trials):
-    deep_plain = next(t for t in raw_trials if t.params == {"depth": 14, "shortcut": "none"})
+    deep_plain = next(t for t in raw_trials
+                      if (t.params["depth"], t.params["shortcut"]) == (14, "none"))
     responses = results.layer_responses([0, deep_plain.number])
     shallow = responses[responses["number"] == 0]
     assert list(shallow["module"]) == ["bn1", "layer1.0.bn1", "layer1.0.bn2", "layer2.0.bn1",
@@ -415,3 +419,22 @@ def test_a_study_loads_from_its_db_file_from_any_folder(runs, tmp_path, monkeypa
         load(STUDY)
     by_path = load(f"{runs}/{STUDY}.db")
     assert by_path.study == STUDY and len(by_path.trials) == len(load(STUDY, runs_dir=runs).trials)
+
+
+def test_stores_written_under_old_names_group_by_the_architecture_they_describe(tmp_path):
+    # Before custom CIFAR stages were named, depth 14 and stages (1, 2, 3) both stored the name
+    # "resnet14-cifar-A": results name each trial from its stored description.
+    from resnet_ablate.arch import ResNetArch
+
+    storage = f"sqlite:///{tmp_path}/old.db"
+    study = optuna.create_study(study_name="old", storage=storage)
+    for seed, stages in enumerate([None, (1, 2, 3)]):
+        arch = ResNetArch.from_dict({"family": "cifar", "depth": 14,
+                                     **({"stages": stages} if stages else {})})
+        study.add_trial(optuna.trial.create_trial(
+            value=0.1, params={}, distributions={},
+            user_attrs={"seed": seed, "arch": arch.to_dict(), "arch_name": "resnet14-cifar-A",
+                        "final_test_accuracy": 0.9}))
+    names = load("old", storage=storage).trials["arch_name"].tolist()
+    assert names[0] == "resnet14-cifar-A" and names[1] != names[0]
+    assert "1.2.3" in names[1]

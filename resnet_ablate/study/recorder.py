@@ -14,7 +14,7 @@ from ..arch import ResNetArch
 from ..profile import ModelProfile
 from ..record import OUTCOME_KEYS, FailureKind, TrialKey, metric_values
 from ..spec import StudySpec
-from .space import distributions, encode_params
+from .space import SEED_PARAM, distributions, encode_params, grid_distributions
 
 _State = optuna.trial.TrialState
 
@@ -40,10 +40,11 @@ class TrialRecorder:
         """A new trial: of the grid point `params` (handed to Optuna fixed, as an enqueued
         trial), or, with None, of parameters the study's sampler chooses."""
         if params is not None:
-            self.study.enqueue_trial(encode_params(params), user_attrs={TrialKey.SEED: seed})
+            self.study.enqueue_trial({**encode_params(params), SEED_PARAM: seed},
+                                     user_attrs={TrialKey.SEED: seed})
+            return self.study.ask(grid_distributions(self.spec))
         trial = self.study.ask(distributions(self.spec))
-        if params is None:
-            trial.set_user_attr(TrialKey.SEED, seed)
+        trial.set_user_attr(TrialKey.SEED, seed)
         return trial
 
     def record_launch(self, trial: optuna.Trial, arch: ResNetArch, prof: ModelProfile) -> None:

@@ -51,6 +51,18 @@ def distributions(spec: StudySpec) -> dict[str, optuna.distributions.BaseDistrib
     return dists
 
 
+# A grid trial's seed is also one of its Optuna parameters (beside the user attribute the toolkit
+# reads), so that optuna-dashboard shows two seeds of one point as two seeds, not as duplicates.
+# Sampler studies leave it out: their sampler would choose it.
+SEED_PARAM = "seed"
+
+
+def grid_distributions(spec: StudySpec) -> dict[str, optuna.distributions.BaseDistribution]:
+    """A grid trial's distributions: the space's and the seed's."""
+    return {**distributions(spec),
+            SEED_PARAM: optuna.distributions.CategoricalDistribution(list(spec.seeds))}
+
+
 def sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
     if spec.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=spec.seeds[0])

@@ -118,12 +118,12 @@ def plot_depth(results: Results, *, metric: str = "test_error", x: str = "depth"
                     capsize=4, label=f"{_label(line_by, value) if line_by else metric} ({n} seeds)")
     ax.set_xlabel(x)
     ax.set_ylabel(f"{metric.replace('_', ' ')} (%), mean and 95% CI")
-    methods = summary.attrs.get("methods") or []
-    if methods:  # how the bars were made, in the figure itself
-        figure.text(0.01, 0.01, "95% CI: " + "; ".join(methods), fontsize="x-small", alpha=0.7)
     ax.set_title(results.study)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    methods = summary.attrs.get("methods") or []
+    # How the bars were made, in the figure itself (the legend's title keeps it off the axes).
+    ax.legend(fontsize="small", title_fontsize="x-small",
+              title="95% CI: " + "; ".join(methods) if methods else None)
     return figure
 
 

@@ -15,6 +15,7 @@ from ..profile import ModelProfile
 from ..record import OUTCOME_KEYS, FailureKind, TrialKey, metric_values
 from ..spec import StudySpec
 from .space import SEED_PARAM, distributions, encode_params, grid_distributions
+from .store import retry_while_locked
 
 _State = optuna.trial.TrialState
 
@@ -106,8 +107,9 @@ class TrialRecorder:
     def mark_unfinished(self, how: str) -> int:
         """Every trial of the study still RUNNING or WAITING: failed, interrupted by `how`. The
         driver holds the study's lease, so they are all its own, the one asked in the instant
-        the signal came included."""
-        return self._fail_unfinished(f"interrupted by {how}")
+        the signal came included. A locked SQLite store is retried (`retry_while_locked`): a stop
+        must not leave them RUNNING."""
+        return retry_while_locked(lambda: self._fail_unfinished(f"interrupted by {how}"))
 
     def recover_interrupted(self) -> int:
         """Trials a killed driver left RUNNING (or enqueued and never asked, WAITING): marked

@@ -14,9 +14,9 @@ import socket
 import sqlite3
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import optuna
@@ -139,6 +139,37 @@ def open_study(spec: StudySpec, storage: str | optuna.storages.BaseStorage, *,
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 study.set_metric_names(list(spec.objectives))
     return study
+
+
+# ----------------------------------------------------------------------------------------------
+# A write that must not be given up: the stop's
+
+LOCKED_RETRY_SECONDS = 30.0  # how long a stop's writes retry a SQLite store that another holds
+_T = TypeVar("_T")
+
+
+def _locked(error: BaseException | None) -> bool:
+    while error is not None:
+        if "database is locked" in str(getattr(error, "orig", None) or error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def retry_while_locked(write: Callable[[], _T], bound: float = LOCKED_RETRY_SECONDS) -> _T:
+    """`write()`, tried again while a SQLite store answers "database is locked" (another
+    process holds its write lock: a reader's long transaction, a second driver taking the
+    lease), for up to `bound` seconds; other faults at once. For the writes a stop must make
+    (marking unfinished trials, releasing the lease): given up, they would leave trials RUNNING
+    and the lease to a process about to exit."""
+    deadline = time.monotonic() + bound
+    while True:
+        try:
+            return write()
+        except (sqlalchemy.exc.OperationalError, optuna.exceptions.StorageInternalError) as error:
+            if not _locked(error) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.25)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,11 +301,18 @@ class DriverLease:
             self._held, self.renewed = mine, time.monotonic()
 
     def release(self) -> None:
-        """Give the lease up, unless another driver has taken it over."""
+        """Give the lease up, unless another driver has taken it over; a locked SQLite store is
+        retried (`retry_while_locked`). Should it fail all the same, the lease names this
+        process, which is about to exit, and the next driver on this host takes it over at once."""
         if self._held is None or self._file_identity() != self._file:
             return
-        with store_faults(self.url), self._engine.begin() as connection:
-            self._swap(connection, self._held, None)
+
+        def give_up() -> None:
+            with self._engine.begin() as connection:
+                self._swap(connection, self._held, None)
+
+        with store_faults(self.url):
+            retry_while_locked(give_up)
         self._held = None
         self._engine.dispose()
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import socket
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -82,29 +84,84 @@ def check_address(address: str, timeout: float = 5.0) -> None:
                            "a local Ray") from None
 
 
-def connect(spec: StudySpec, address: str | None, workers: int) -> None:
-    """Join the cluster at `address`, or start a local Ray of our own sized for `workers`."""
+def connect(spec: StudySpec, address: str | None, workers: int) -> bool:
+    """Join the cluster at `address`, or start a local Ray of our own sized for `workers`;
+    whether this call started a Ray (then `disconnect` stops it). The process's SIGTERM handler
+    is left as it was (ray.init installs one that just exits)."""
+    started = False
     if not ray.is_initialized():
-        if address:
-            check_address(address)
-            try:
-                # Ray's core logs each failed attempt to join, a line a second for 20 s: kept
-                # aside, so that a refusal reads as one line.
-                with _stderr_aside():
-                    ray.init(address=address, logging_level="ERROR", log_to_driver=False,
-                             runtime_env=_worker_environment())
-            except Exception as error:  # noqa: BLE001 - Ray raises many kinds; one line for each
-                reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-                raise ClusterError(
-                    f"cannot join the Ray cluster at {address}: {reason}; if the cluster uses "
-                    "token authentication, set RAY_AUTH_MODE=token with its token in "
-                    "~/.ray/auth_token (or RAY_AUTH_TOKEN)") from None
-        else:
-            cpus = max(1, math.ceil(workers * spec.resources.cpus * spec.resources.replica_count))
-            # address="local": a Ray of our own, even where another one runs on this machine.
-            with _loopback_only():
-                ray.init(address="local", num_cpus=cpus, include_dashboard=False,
-                         logging_level="ERROR", log_to_driver=False)
+        sigterm = signal.getsignal(signal.SIGTERM)
+        try:
+            if address:
+                _join(address)
+            else:
+                _start_local(spec, workers)
+                started = True
+        finally:
+            if threading.current_thread() is threading.main_thread() and sigterm is not None:
+                signal.signal(signal.SIGTERM, sigterm)
+    try:
+        _check_gpus(spec)
+    except ClusterError:
+        if started:
+            disconnect()
+        raise
+    return started
+
+
+def disconnect() -> None:
+    """Stop the local Ray this process started: its GCS, raylet, agents and workers exit now
+    (within about two seconds) rather than when the interpreter exits. A driver killed with
+    SIGKILL runs nothing: then Ray's own fate-sharing stops the GCS and raylet at once, and its
+    dashboard and runtime-env agents exit about 60 s later, when their last report to the gone
+    GCS times out."""
+    ray.shutdown()
+
+
+def _join(address: str) -> None:
+    check_address(address)
+    try:
+        # Ray's core logs each failed attempt to join, a line a second for 20 s: kept
+        # aside, so that a refusal reads as one line.
+        with _stderr_aside():
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False,
+                     runtime_env=_worker_environment())
+    except Exception as error:  # noqa: BLE001 - Ray raises many kinds; one line for each
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ClusterError(
+            f"cannot join the Ray cluster at {address}: {reason}; if the cluster uses "
+            "token authentication, set RAY_AUTH_MODE=token with its token in "
+            "~/.ray/auth_token (or RAY_AUTH_TOKEN)") from None
+
+
+def _start_local(spec: StudySpec, workers: int) -> None:
+    cpus = max(1, math.ceil(workers * spec.resources.cpus * spec.resources.replica_count))
+    # address="local": a Ray of our own, even where another one runs on this machine.
+    with _loopback_only(), _no_dashboard_process():
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False,
+                 logging_level="ERROR", log_to_driver=False)
+
+
+@contextlib.contextmanager
+def _no_dashboard_process() -> Iterator[None]:
+    """Within: a local Ray starts no dashboard process. With include_dashboard=False Ray still
+    starts one (about 90 MB) that serves only its usage statistics, and waits for it to come up;
+    nothing of ours uses it. Ray offers no switch for that, so the head node's step that starts
+    it is skipped (where this Ray version has it)."""
+    from ray._private import node
+
+    start = getattr(node.Node, "start_api_server", None)
+    if start is None:
+        yield
+        return
+    node.Node.start_api_server = lambda self, **kwargs: None
+    try:
+        yield
+    finally:
+        node.Node.start_api_server = start
+
+
+def _check_gpus(spec: StudySpec) -> None:
     gpus_needed = _gpus_per_trial(spec)
     gpus = ray.cluster_resources().get("GPU", 0)
     if gpus_needed > 0 and gpus < gpus_needed:
@@ -161,11 +218,15 @@ def new_board() -> Any:
         node_id=ray.get_runtime_context().get_node_id(), soft=True)).remote()
 
 
-def drain_epochs(board: Any) -> dict[int, list[dict[str, Any]]] | None:
+def drain_epochs(board: Any, waiting: Any = contextlib.nullcontext) -> \
+        dict[int, list[dict[str, Any]]] | None:
     """Per-epoch records the running trials reported since the last call, by trial number; None
-    when the mailbox is unreachable (lost with its node)."""
+    when the mailbox is unreachable (lost with its node). The wait for them runs within
+    `waiting()` (the driver's: a stop signal may cut it short)."""
     try:
-        return ray.get(board.drain.remote())
+        reply = board.drain.remote()
+        with waiting():
+            return ray.get(reply)
     except ray.exceptions.RayError:
         return None
 

@@ -47,7 +47,12 @@ def _run(args: argparse.Namespace) -> int:
           f"{summary.pruned} pruned this run in {summary.wall_seconds:.1f} s; "
           f"storage {summary.storage}; all trials by state: {summary.counts_by_state}")
     if summary.interrupted:
-        return _stopped(summary.interrupted == "SIGTERM")
+        from .study.loop import stop_description
+
+        return _stopped(summary.interrupted == "SIGTERM",
+                        f"resnet-ablate run: interrupted by {stop_description(summary.interrupted)}: "
+                        f"{summary.marked_interrupted} unfinished trial(s) marked failed; run the "
+                        "same command to resume")
     if summary.launched and not summary.completed and not summary.pruned:
         print(f"resnet-ablate run: error: none of the {summary.launched} trials launched completed; "
               f"see `resnet-ablate show {summary.study} --columns number,state,failure`",
@@ -407,23 +412,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .spec import SpecError
     from .study import ClusterError, StoreError, StudyBusy, StudyConflict
 
+    from .study.signals import StopRequested, raise_on_stop
+
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        # Ctrl-C and SIGTERM raise once where they land, outside the study's own run (which
+        # notes them and stops at a safe point); a second one cannot cut the first one's
+        # handling short.
+        with raise_on_stop():
+            return COMMANDS[args.command](args)
     except (SpecError, ArchError, StudyConflict, StudyBusy, ClusterError, StoreError) as error:
         print(f"resnet-ablate: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as stop:  # before or after the study's own loop
-        from .study import StopRequested
+    except KeyboardInterrupt as stop:  # before or after the study's own loop: nothing running
+        by_sigterm = isinstance(stop, StopRequested)
+        return _stopped(by_sigterm, f"resnet-ablate: interrupted by "
+                                    f"{'SIGTERM' if by_sigterm else 'Ctrl-C'}")
 
-        return _stopped(isinstance(stop, StopRequested))
 
-
-def _stopped(by_sigterm: bool) -> int:
-    """The exit code of a stopped command. Further Ctrl-C or SIGTERM are ignored from here on:
-    the process is on its way out, and one arriving now would only interrupt Ray's shutdown."""
+def _stopped(by_sigterm: bool, message: str) -> int:
+    """The exit code of a stopped command, after its one line on stderr. Further Ctrl-C or
+    SIGTERM are ignored from here on: the process is on its way out, and one arriving now would
+    only interrupt Ray's shutdown."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print(message, file=sys.stderr, flush=True)
     return 143 if by_sigterm else 130
 
 

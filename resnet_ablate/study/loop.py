@@ -6,7 +6,9 @@ Faults, and what this loop makes of them:
   goes on (the grid point is tried again, up to `max_attempts`, after a back-off);
 - a killed worker surfaces as a Ray error: recorded as failed ("worker lost") and retried;
 - Ctrl-C or SIGTERM cancel the running tasks and mark their trials failed ("interrupted"), so the
-  store stays consistent and the same command resumes.
+  store stays consistent and the same command resumes; the signal is acted on at the loop's next
+  turn or, where the loop waits for Ray, at once, and further signals wait until the marking is
+  done (signals.py).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class LoopResult:
     counts: Counter[str]  # "completed", "pruned" and each failure kind, this run
     launched: int
     interrupted: str  # "" for a run that ended by itself, else "SIGINT" or "SIGTERM"
+    marked: int = 0  # unfinished trials marked failed ("interrupted") by the stop
 
 
 class DriverLoop:
@@ -87,7 +90,7 @@ class DriverLoop:
     def run(self) -> LoopResult:
         self.board = cluster.new_board()
         self.best = self._best()
-        interrupted = ""
+        interrupted, marked = "", 0
         try:
             while True:
                 self.stop_signals.raise_if_heard()
@@ -103,11 +106,11 @@ class DriverLoop:
                 self.show_progress()
         except KeyboardInterrupt as stop:
             interrupted = "SIGTERM" if isinstance(stop, StopRequested) else "SIGINT"
-            self._stop("SIGTERM" if interrupted == "SIGTERM" else "the user (Ctrl-C)")
+            marked = self._stop(stop_description(interrupted))
         finally:
             self.progress.close()
             ray.kill(self.board)
-        return LoopResult(self.counts, self.launched, interrupted)
+        return LoopResult(self.counts, self.launched, interrupted, marked)
 
     # -- the three steps
 
@@ -129,10 +132,14 @@ class DriverLoop:
 
     def collect(self) -> None:
         """Wait briefly for an ended trial; pass reported epochs on; record what ended."""
-        done, _ = ray.wait(list(self.running), num_returns=1, timeout=POLL_SECONDS)
+        with self.stop_signals.interruptible():
+            done, _ = ray.wait(list(self.running), num_returns=1, timeout=POLL_SECONDS)
         self.renew_lease()
         self._report_epochs()
         for ref in done:
+            # Heard meanwhile: the stop marks what is left (a worker that a Ctrl-C to the process
+            # group ended is interrupted, not failed).
+            self.stop_signals.raise_if_heard()
             running = self.running.pop(ref)
             self._record_end(ref, running)
 
@@ -193,7 +200,7 @@ class DriverLoop:
         self.running[ref] = RunningTrial(trial, point, arch, seed)
 
     def _report_epochs(self) -> None:
-        drained = cluster.drain_epochs(self.board)
+        drained = cluster.drain_epochs(self.board, self.stop_signals.interruptible)
         if drained is None:
             # Running trials lose progress and pruning (they train on); new ones get a new board.
             self.board = cluster.new_board()
@@ -236,14 +243,13 @@ class DriverLoop:
             self.progress.log(f"trial {running.trial.number} ({running.arch.name}, seed "
                               f"{running.seed}) {result}: {why}")
 
-    def _stop(self, how: str) -> None:
-        """Cancel what runs and mark its trials, holding further signals until that is done."""
+    def _stop(self, how: str) -> int:
+        """Cancel what runs and mark its trials, holding further signals until that is done; how
+        many were marked (the command says so, on one line)."""
         with signals_held():
             for ref in self.running:
                 ray.cancel(ref, force=True)
-            marked = self.recorder.mark_unfinished(how)
-            self.progress.log(f"interrupted by {how}: {marked} unfinished trial(s) marked "
-                              "failed; run the same command to resume")
+            return self.recorder.mark_unfinished(how)
 
     def _best(self) -> str | None:
         if len(self.spec.objectives) != 1:
@@ -256,6 +262,11 @@ class DriverLoop:
         name = self.spec.objectives[0]
         return (f"{name} {METRICS[name].format(best.value)} ({best.user_attrs.get(TrialKey.ARCH_NAME)} "
                 f"seed {best.user_attrs.get(TrialKey.SEED)})")
+
+
+def stop_description(signal_name: str) -> str:
+    """How a stop signal is named in the trials it interrupted and in the command's message."""
+    return "SIGTERM" if signal_name == "SIGTERM" else "the user (Ctrl-C)"
 
 
 def failures(counts: Counter[str]) -> int:

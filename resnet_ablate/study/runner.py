@@ -23,7 +23,7 @@ from .costs import StudyCosts
 from .grid import GridHistory, PendingPoint, PlannedTrial
 from .loop import DriverLoop, failures
 from .recorder import TrialRecorder
-from .signals import StopSignals, stop_on_signals
+from .signals import StopSignals, signals_held, stop_on_signals
 from .store import DriverLease, check_store_folder, open_study, prepare_store_folder
 
 
@@ -49,6 +49,7 @@ class RunSummary:
     interrupted: str  # "" for a run that ended by itself, else "SIGINT" or "SIGTERM"
     wall_seconds: float
     counts_by_state: Mapping[str, int] = field(default_factory=dict)
+    marked_interrupted: int = 0  # unfinished trials the stop marked failed ("interrupted")
 
 
 class StudyRunner:
@@ -122,10 +123,20 @@ class StudyRunner:
         else:
             cluster.check_local_gpus(self.spec)
         self.study  # opened (or created) and checked to be this spec's study
-        cluster.connect(self.spec, self.options.address, self.workers)
-        # After ray.init, which installs a SIGTERM handler of its own that just exits.
-        with stop_on_signals() as stop_signals, store_faults(self.storage):
-            return self._run(started, stop_signals)
+        # From here a stop signal is noted and acted on where it is safe (signals.py). Ray starts
+        # with signals held (one started halfway would be left to outlive this process), and a
+        # local Ray of our own is stopped before returning, so that none of its processes
+        # outlives the command.
+        with stop_on_signals() as stop_signals:
+            with signals_held():
+                own_ray = cluster.connect(self.spec, self.options.address, self.workers)
+            try:
+                with store_faults(self.storage):
+                    return self._run(started, stop_signals)
+            finally:
+                if own_ray:
+                    with signals_held():
+                        cluster.disconnect()
 
     def _run(self, started: float, stop_signals: StopSignals) -> RunSummary:
         lease = DriverLease(self.study, self.storage)
@@ -159,13 +170,17 @@ class StudyRunner:
             lease.check_same_file()  # the reason behind a database error, where the file went away
             raise
         finally:
-            lease.release()
+            with signals_held():
+                lease.release()
         states = Counter(t.state.name for t in self.study.get_trials(deepcopy=False))
         return RunSummary(
             study=self.spec.study, storage=self.storage, completed=result.counts["completed"],
             failed=failures(result.counts), pruned=result.counts["pruned"],
-            launched=result.launched, interrupted=result.interrupted,
-            wall_seconds=time.monotonic() - started, counts_by_state=dict(states))
+            launched=result.launched,
+            # A signal heard after the loop's last turn still stops the command (no table).
+            interrupted=result.interrupted or stop_signals.heard or "",
+            wall_seconds=time.monotonic() - started, counts_by_state=dict(states),
+            marked_interrupted=result.marked)
 
 
     def _work_left(self, trials: list[optuna.trial.FrozenTrial],

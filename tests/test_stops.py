@@ -1,0 +1,230 @@
+"""Stops under every rhythm of signals: `resnet-ablate run` stopped by Ctrl-C once, twice or five
+times fast (to the process or its whole process group, as a terminal sends it), by SIGTERM, and
+during start-up, exits 130 (143) with one line on stderr, leaves no trial RUNNING, no lease held,
+and none of its Ray processes running a few seconds later; a locked store during the stop is
+waited out, and a lease left by a dead driver is taken over at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from helpers import raw_spec, write_spec
+
+RAY_GONE_SECONDS = 5.0
+INT, TERM = signal.SIGINT, signal.SIGTERM
+
+
+def _children() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    return children
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below `pid` now: a driver's local Ray (GCS, raylet, agents, workers)."""
+    children, found, todo = _children(), set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _command(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _study(storage: str, name: str) -> optuna.Study | None:
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except Exception:  # noqa: BLE001 - not created yet
+        return None
+
+
+class Driver:
+    """`resnet-ablate run` in a session of its own, its Ray processes watched while it runs."""
+
+    def __init__(self, tmp_path: Path, name: str, epochs: int = 30) -> None:
+        self.name, self.storage = name, f"sqlite:///{tmp_path / f'{name}.db'}"
+        self.database = tmp_path / f"{name}.db"
+        spec = write_spec(tmp_path, raw_spec(name, epochs=epochs, seeds=1))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "resnet_ablate.cli", "run", str(spec), "--runs-dir",
+             str(tmp_path), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)
+        self.seen: set[int] = set()
+
+    def wait_for(self, ready, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.process.poll() is None:
+            self.seen |= _descendants(self.process.pid)
+            if ready():
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"timed out, or the driver ended: {self.process.poll()}")
+
+    def states(self) -> list[str]:
+        study = _study(self.storage, self.name)
+        return [t.state.name for t in study.get_trials(deepcopy=False)] if study else []
+
+    def send(self, rhythm: tuple[int, ...], to_group: bool) -> None:
+        self.seen |= _descendants(self.process.pid)
+        for sent in rhythm:
+            (os.killpg if to_group else os.kill)(self.process.pid, sent)
+            time.sleep(0.02)  # fast: all of them before the driver has stopped
+
+    def finish(self) -> tuple[int, str]:
+        _, stderr = self.process.communicate(timeout=300)
+        return self.process.returncode, stderr
+
+    def ray_left(self) -> list[str]:
+        """The driver's Ray processes still running RAY_GONE_SECONDS after it exited."""
+        deadline = time.monotonic() + RAY_GONE_SECONDS
+        while any(_running(p) for p in self.seen) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return [_command(p)[:80] for p in self.seen if _running(p)]
+
+    def lease(self):
+        study = _study(self.storage, self.name)
+        return study.user_attrs.get("driver") if study else None
+
+
+def _assert_clean_stop(driver: Driver, code: int, stderr: str, expected: int) -> None:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == expected, stderr
+    assert "Traceback" not in stderr, stderr
+    assert lines and "interrupted by" in lines[-1], stderr
+    assert "RUNNING" not in driver.states()
+    assert driver.lease() is None, "the lease was released"
+    assert not driver.ray_left(), "the driver's Ray processes are gone"
+
+
+RHYTHMS = {
+    "ctrl-c-once": ((INT,), False, 130),
+    "ctrl-c-twice-fast-to-the-group": ((INT, INT), True, 130),
+    "ctrl-c-five-times-fast-to-the-group": ((INT,) * 5, True, 130),
+    "ctrl-c-five-times-fast": ((INT,) * 5, False, 130),
+    "sigterm": ((TERM,), False, 143),
+    "sigterm-then-ctrl-c-to-the-group": ((TERM, INT, INT), True, 143),
+}
+
+
+@pytest.mark.parametrize("rhythm", list(RHYTHMS), ids=list(RHYTHMS))
+def test_a_stop_under_any_rhythm_of_signals_leaves_no_trial_running_no_lease_and_no_ray(
+        rhythm, tmp_path):
+    signals, to_group, expected = RHYTHMS[rhythm]
+    driver = Driver(tmp_path, "stopped")
+    driver.wait_for(lambda: "RUNNING" in driver.states())
+    driver.send(signals, to_group)
+    code, stderr = driver.finish()
+    _assert_clean_stop(driver, code, stderr, expected)
+    interrupted = [t for t in _study(driver.storage, "stopped").get_trials()
+                   if t.user_attrs.get("failure_kind") == "interrupted"]
+    how = "SIGTERM" if signals[0] == TERM else "Ctrl-C"
+    assert interrupted and all(how in t.user_attrs["failure"] for t in interrupted)
+    assert f"{len(interrupted)} unfinished trial(s) marked failed" in stderr
+    dashboards = [p for p in driver.seen if "dashboard/dashboard.py" in _command(p)]
+    assert not dashboards, "a local Ray starts no dashboard process"
+
+
+def test_ctrl_c_during_start_up_stops_with_one_line_and_nothing_left(tmp_path):
+    # The store is opened before Ray starts: the signals land while Ray starts (held) or just
+    # after, before any trial was asked.
+    driver = Driver(tmp_path, "starting")
+    driver.wait_for(lambda: driver.database.exists())
+    driver.send((INT,) * 5, to_group=True)
+    code, stderr = driver.finish()
+    _assert_clean_stop(driver, code, stderr, 130)
+
+
+def _hold_write_lock(database: Path, seconds: float) -> threading.Thread:
+    """Another process's long write transaction on a SQLite store, from a thread."""
+    locked = threading.Event()
+
+    def hold() -> None:
+        connection = sqlite3.connect(database, isolation_level=None)
+        connection.execute("BEGIN EXCLUSIVE")
+        locked.set()
+        time.sleep(seconds)
+        connection.execute("ROLLBACK")
+        connection.close()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    locked.wait()
+    return thread
+
+
+def test_a_store_locked_during_the_stop_is_waited_out_not_left_with_trials_running(tmp_path):
+    # Optuna's SQLite connections give up after 5 s of "database is locked"; the stop's writes
+    # (marking the unfinished trials, releasing the lease) retry within a bound instead.
+    from resnet_ablate.spec import parse_spec
+    from resnet_ablate.study import DriverLease, open_study
+    from resnet_ablate.study.recorder import TrialRecorder
+
+    spec = parse_spec(raw_spec("locked", seeds=1))
+    database = tmp_path / "locked.db"
+    storage = f"sqlite:///{database}"
+    study = open_study(spec, storage)
+    lease = DriverLease(study, storage)
+    lease.acquire()
+    recorder = TrialRecorder(study, spec, artifacts=tmp_path / "artifacts", store_folder=tmp_path,
+                             max_artifact_mb=1.0)
+    recorder.ask({"shortcut": "A"}, 0)
+    holder = _hold_write_lock(database, 6.5)
+    try:
+        assert recorder.mark_unfinished("the user (Ctrl-C)") == 1
+        lease.release()
+    finally:
+        holder.join()
+    stored = optuna.load_study(study_name="locked", storage=storage)
+    assert [t.state.name for t in stored.get_trials()] == ["FAIL"]
+    assert stored.user_attrs.get("driver") is None
+
+
+def test_a_lease_left_by_a_dead_driver_on_this_host_is_taken_over_at_once(tmp_path):
+    import socket
+
+    from resnet_ablate.spec import parse_spec
+    from resnet_ablate.study import DriverLease, open_study
+
+    spec = parse_spec(raw_spec("orphaned", seeds=1))
+    storage = f"sqlite:///{tmp_path / 'orphaned.db'}"
+    study = open_study(spec, storage)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    study.set_user_attr("driver", {"host": socket.gethostname(), "pid": dead.pid,
+                                   "renewed": time.time()})
+    started = time.monotonic()
+    lease = DriverLease(study, storage)
+    lease.acquire()
+    assert time.monotonic() - started < 5
+    held = optuna.load_study(study_name="orphaned", storage=storage).user_attrs["driver"]
+    assert held["pid"] == os.getpid()
+    lease.release()

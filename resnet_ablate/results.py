@@ -475,7 +475,10 @@ class Results:
         front = means[_non_dominated(means, objectives)]
         columns = [*by, "arch_name", "n"]
         for objective in objectives:
-            columns += [objective, f"{objective}_ci95_low", f"{objective}_ci95_high"]
+            # A configuration's FLOPs and parameters are one number: no interval to show.
+            fixed = objective in ("flops", "params")
+            columns += [objective] if fixed else \
+                [objective, f"{objective}_ci95_low", f"{objective}_ci95_high"]
         columns += ["params", "flops", "method", "note"]
         front = front.sort_values(objectives, kind="stable")[list(dict.fromkeys(columns))]
         return _with_methods(front.reset_index(drop=True))

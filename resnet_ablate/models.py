@@ -233,8 +233,3 @@ def resnet101(**options: Unpack[BottleneckOptions]) -> ResNet:
 def resnet152(**options: Unpack[BottleneckOptions]) -> ResNet:
     """ImageNet ResNet-152 (Table 1), 11.3 GFLOPs with "v1" downsampling."""
     return imagenet_resnet(152, **options)
-
-
-def plain_twin(arch: ResNetArch) -> ResNetArch:
-    """The plain network of the paper's comparison: the same layers without any shortcut."""
-    return arch.replace(shortcut="none")

@@ -11,7 +11,7 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from resnet_ablate import ArchError, ResNetArch, resnet8, resnet18, resnet20, resnet50, resnet56
 from resnet_ablate.blocks import BasicBlock, Bottleneck, ZeroPadShortcut
 from resnet_ablate.kernels import FusedBatchNorm2d, use_backend
-from resnet_ablate.models import build, cifar_resnet, imagenet_resnet, plain_twin
+from resnet_ablate.models import build, cifar_resnet, imagenet_resnet
 
 # ---------------------------------------------------------------- the description
 
@@ -147,7 +147,7 @@ def test_builders_pass_description_options_through():
 
 def test_plain_twin_differs_only_by_the_shortcut():
     residual = resnet20()
-    plain = build(plain_twin(residual.arch))
+    plain = build(residual.arch.replace(shortcut="none"))  # the paper's plain twin
     assert plain.arch.name == "plain20-cifar"
     assert {k: v.shape for k, v in plain.state_dict().items()} == {
         k: v.shape for k, v in residual.state_dict().items()

@@ -145,6 +145,11 @@ class Resources:
     nodes: int = 1  # nodes a data-parallel trial spans, `gpus` GPUs on each
     replicas: int | None = None  # CPU data-parallel processes of a trial (GPUs: one per GPU)
 
+    def __post_init__(self) -> None:
+        # Here, so that Resources built in Python are held to what a spec's parser checks.
+        if not (self.cpus > 0 and self.gpus >= 0 and self.workers >= 1):
+            raise ValueError(f"need cpus > 0, gpus >= 0 and workers >= 1, got {self}")
+
     @property
     def replica_count(self) -> int:
         """The processes that train one trial together (1: an ordinary trial)."""
@@ -537,9 +542,11 @@ def parse_spec(raw: Any, *, source: str = "<spec>") -> StudySpec:
     if sampler != "grid" and budget.trials is None and budget.minutes is None:
         raise check.fail("budget", f"the {sampler} sampler needs budget.trials or budget.minutes "
                                    "to know when to stop")
-    resources = Resources(**check.dataclass_section("resources", top.get("resources"), Resources))
-    if resources.cpus <= 0 or resources.gpus < 0 or resources.workers < 1:
-        raise check.fail("resources", f"need cpus > 0, gpus >= 0 and workers >= 1, got {resources}")
+    resource_values = check.dataclass_section("resources", top.get("resources"), Resources)
+    try:
+        resources = Resources(**resource_values)
+    except ValueError as error:
+        raise check.fail("resources", str(error)) from None
     for name in ("cpus", "gpus"):
         if getattr(resources, name) > MAX_CPUS:
             raise check.fail(f"resources.{name}", f"at most {MAX_CPUS} per trial, got "

@@ -332,3 +332,12 @@ def test_distinct_levels_that_only_look_alike_are_kept():
     # true and 1 are different values (and 1 is no value of fused): the architecture says so
     message = _error({**MINIMAL, "space": {"depth": [8], "fused": [True, 1]}})
     assert "ResNetArch.fused=1 is not valid" in message
+
+
+def test_resources_built_in_python_are_held_to_the_parsers_bounds():
+    from resnet_ablate.spec import Resources
+
+    with pytest.raises(ValueError, match=r"need cpus > 0, gpus >= 0 and workers >= 1"):
+        Resources(cpus=-1)
+    assert "resources: need cpus > 0, gpus >= 0 and workers >= 1" in \
+        _error({**MINIMAL, "resources": {"cpus": -1}})

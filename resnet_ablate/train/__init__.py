@@ -1,0 +1,21 @@
+"""Training: `train` runs a recipe on a model and a data set and returns a `TrainResult`.
+
+loop.py holds `train` and the epoch loop; its parts live apart, each with its checkpoint state:
+feed.py (a data set placed for the run), step.py (optimizer, scaler, compile, CUDA graphs),
+schedule.py (learning rate, plateau, warm-up), divergence.py (the divergence watch) and
+evaluate.py (evaluation); result.py holds the records a run reports.
+"""
+
+from ..recipe import TrainRecipe
+from .divergence import BLOWUP_LOSS_FACTOR, DIVERGED_LOSS_FACTOR, SETTLED_AT_CHANCE
+from .evaluate import evaluate
+from .loop import train
+from .result import EpochRecord, NoImages, TrainResult, TrainStatus
+from .schedule import WARMUP_WINDOW
+from .step import GRAPH_WARMUP_STEPS
+
+__all__ = [
+    "BLOWUP_LOSS_FACTOR", "DIVERGED_LOSS_FACTOR", "GRAPH_WARMUP_STEPS", "SETTLED_AT_CHANCE",
+    "WARMUP_WINDOW", "EpochRecord", "NoImages", "TrainRecipe", "TrainResult", "TrainStatus",
+    "evaluate", "train",
+]

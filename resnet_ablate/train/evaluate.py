@@ -1,0 +1,104 @@
+"""Evaluation: a model's loss and errors over a data set's evaluation batches, summed on the
+device and read once; `Evaluation` is the run's part that scores it after every epoch."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..execution import Execution
+from ..record import pack_outcomes
+from ..replicas import Replicas
+from .feed import Feed
+from .result import require_images
+
+
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    batch_size: int = 1000,
+    execution: Execution | None = None,
+) -> tuple[float, float]:
+    """(mean cross-entropy loss, error rate) of `model` in eval mode; inputs on its device.
+
+    Loss and error accumulate on the device and are read once at the end. With `execution`, the
+    forward runs in its precision and memory format.
+    """
+    prepare = execution.images if execution is not None else (lambda batch: batch)
+    batches = ((prepare(images[start : start + batch_size]), labels[start : start + batch_size])
+               for start in range(0, images.shape[0], batch_size))
+    loss_sum, wrong, _, count = evaluation_sums(model, batches, images.device, execution)
+    require_images(count, "evaluation", 0)
+    return loss_sum.item() / count, wrong.item() / count
+
+
+@torch.no_grad()
+def evaluation_sums(
+    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+    execution: Execution | None, top5: bool = False, per_image: list[torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(summed loss, wrong answers, top-5 wrong answers (with `top5`), images) of `model` in eval
+    mode over `batches`, sums on the device; each batch's per-image wrong answers appended to
+    `per_image` where it is given."""
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    wrong = torch.zeros((), dtype=torch.int64, device=device)
+    wrong5 = torch.zeros((), dtype=torch.int64, device=device)
+    count = 0
+    autocast = execution.autocast() if execution is not None else contextlib.nullcontext()
+    with autocast:
+        for images, labels in batches:
+            logits = model(images).float()
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+            missed = logits.argmax(dim=1) != labels
+            wrong += missed.sum()
+            if top5:
+                top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+                wrong5 += (top != labels[:, None]).all(dim=1).sum()
+            if per_image is not None:
+                per_image.append(missed)
+            count += labels.shape[0]
+    return loss_sum, wrong, wrong5, count
+
+
+class Evaluation:
+    """The run's evaluation after each epoch, each replica taking its share of the images; keeps
+    the last one's test-set record (TrainResult.test_images, test_wrong, test_outcomes)."""
+
+    def __init__(self, feed: Feed, batch_size: int, execution: Execution, replicas: Replicas,
+                 eval_split: str) -> None:
+        self.feed = feed
+        self.batch_size = batch_size
+        self.execution = execution
+        self.replicas = replicas
+        self.eval_split = eval_split
+        self.test_record: dict[str, Any] = {}
+
+    def __call__(self, model: nn.Module) -> tuple[float, float, float | None]:
+        """(loss, top-1 error, top-5 error or None) of `model` on the evaluation set."""
+        feed = self.feed
+        per_image: list[torch.Tensor] | None = [] if feed.ordered_evaluation else None
+        skipped_before = feed.skipped
+        sums = evaluation_sums(model, feed.eval_batches(self.batch_size),
+                               torch.device(self.execution.device), self.execution,
+                               feed.measures_top5, per_image)
+        loss_sum, wrong, wrong5, count, skipped = self.replicas.sums(
+            [*sums, feed.skipped - skipped_before])
+        require_images(count, f"the {self.eval_split} split's evaluation", skipped)
+        self.test_record = {"test_images": int(count), "test_wrong": int(wrong)}
+        if per_image:
+            self.test_record["test_outcomes"] = pack_outcomes(torch.cat(per_image).cpu().numpy())
+        return loss_sum / count, wrong / count, wrong5 / count if feed.measures_top5 else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"test_record": dict(self.test_record)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.test_record = dict(state["test_record"])

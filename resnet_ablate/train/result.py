@@ -1,0 +1,89 @@
+"""What a training run reports: one record per finished epoch and the record of the whole run."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ..recipe import TrainRecipe
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One finished epoch. Train loss/error run over the epoch (train mode, augmented batches);
+    test loss/error are on the whole evaluation set in eval mode after the epoch. `lr` is the
+    rate of the epoch's last step; `seconds` covers training and evaluation."""
+
+    epoch: int
+    lr: float
+    train_loss: float
+    train_error: float
+    test_loss: float
+    test_error: float
+    seconds: float
+    # Streamed data sets only: top-5 error (a 1000-class task's second measure) and the images
+    # left out because they could not be decoded (training and evaluation together).
+    test_top5_error: float | None = None
+    skipped_images: int = 0
+
+
+TrainStatus = Literal["completed", "diverged"]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run produced. Accuracies are None when no epoch was completed.
+
+    `images_per_second` counts training alone (no evaluation, no compilation); `compile_seconds`
+    is the time `torch.compile` took before training (0 without it); `execution` is how the run
+    executed (`Execution.to_dict()`: device, precision, memory format, compile, CUDA graphs).
+    """
+
+    status: TrainStatus
+    reason: str | None
+    history: tuple[EpochRecord, ...]
+    epochs_completed: int
+    final_test_accuracy: float | None
+    best_test_accuracy: float | None
+    final_train_accuracy: float | None
+    wall_seconds: float
+    images_per_second: float
+    compile_seconds: float
+    execution: Mapping[str, Any]
+    warmup_steps: int
+    seed: int
+    eval_split: str
+    recipe: TrainRecipe
+    # The final evaluation's test-set size and errors, and which images it got wrong (packed by
+    # record.pack_outcomes, in the evaluation's order; in-memory data sets in one process only):
+    # what honest intervals and per-image paired comparisons need (resnet_ablate/stats.py).
+    test_images: int | None = None
+    test_wrong: int | None = None
+    test_outcomes: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "completed"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (plain floats, lists and dicts)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values["history"] = [dataclasses.asdict(record) for record in self.history]
+        values["recipe"] = self.recipe.to_dict()
+        values["execution"] = dict(self.execution)
+        return values
+
+
+class NoImages(ValueError):
+    """Training or evaluation saw no image at all (an empty split, or every image skipped as
+    undecodable): a score would be a number from nothing, so the trial fails. Deterministic: the
+    same data fails the same way."""
+
+
+def require_images(count: float, what: str, skipped: float) -> None:
+    """NoImages, naming `what` and the images skipped, where `count` images is none."""
+    if count < 1:
+        raise NoImages(f"{what} had no image to score: {int(skipped)} image(s) skipped as "
+                       "undecodable or unlabelled, none read; check the data set's files")

@@ -1,9 +1,9 @@
 """Training: `train` runs a recipe on a model and a data set and returns a `TrainResult`.
 
 loop.py holds `train` and the epoch loop; its parts live apart, each with its checkpoint state:
-feed.py (a data set placed for the run), step.py (optimizer, scaler, compile, CUDA graphs),
-schedule.py (learning rate, plateau, warm-up), divergence.py (the divergence watch) and
-evaluate.py (evaluation); result.py holds the records a run reports.
+step.py (optimizer, scaler, compile, CUDA graphs), schedule.py (learning rate, plateau, warm-up),
+divergence.py (the divergence watch), evaluate.py (evaluation) and the data set placed for the
+run (resnet_ablate/data/feed.py); result.py holds the records a run reports.
 """
 
 from ..recipe import TrainRecipe

@@ -14,7 +14,7 @@ from torch import nn
 from ..execution import Execution
 from ..record import pack_outcomes
 from ..replicas import Replicas
-from .feed import Feed
+from ..data.feed import Feed
 from .result import require_images
 
 

@@ -13,7 +13,7 @@ and returns a result marked "diverged" instead of raising when the loss blows up
 gives the rule).
 
 The loop is only the loop; its parts each live apart and each carry their own checkpoint state:
-the data set placed on the device (feed.py), the step (step.py: optimizer, scaler, compile, CUDA
+the data set placed on the device (data/feed.py), the step (step.py: optimizer, scaler, compile, CUDA
 graphs, device-side sums), the learning rate (schedule.py: schedule, plateau, warm-up), the
 divergence watch (divergence.py) and the evaluation (evaluate.py). It follows GPU practice (see
 execution.py for the choices): data and augmentation live on the device, a step never waits for
@@ -40,7 +40,7 @@ from ..recipe import TrainRecipe
 from ..replicas import Replicas, synchronise_batch_norms
 from .divergence import Diverged, DivergenceWatch
 from .evaluate import Evaluation
-from .feed import Placement, feed_for
+from ..data.feed import Placement, feed_for
 from .result import EpochRecord, TrainResult, TrainStatus, require_images
 from .schedule import Schedule
 from .step import Step

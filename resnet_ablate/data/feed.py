@@ -15,7 +15,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ..data import DataBundle, Streamed, draw_crops, gather_crops
+from . import DataBundle, Streamed
+from .augment import draw_crops, gather_crops
 
 # A training batch: images and labels on the device, and the factor its mean loss is scaled by
 # before backward (a replica's share of a global batch that did not split evenly).

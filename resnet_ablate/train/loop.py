@@ -25,9 +25,10 @@ hundred steps' error), channels_last, bf16 autocast by default on CUDA, fused SG
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +84,27 @@ def train(
     _check_seed_and_threads(seed, threads)
     device = torch.device(device)
     execution = resolve_execution(recipe, device)
+    with _seeded_on(device, seed, threads):
+        if not isinstance(model, nn.Module):
+            model = model()
+            if not isinstance(model, nn.Module):
+                raise TypeError(
+                    f"the model factory returned {type(model).__name__}, not an nn.Module"
+                )
+        replicas = replicas or Replicas()
+        if replicas.parallel and recipe.sync_bn:
+            synchronise_batch_norms(model)
+        run = _Run(model, data, recipe, execution, seed, replicas,
+                   _Hooks(on_epoch, on_checkpoint, log, compile_backend))
+        if resume is not None:
+            run.load_state_dict(resume)
+        return run.run()
+
+
+@contextlib.contextmanager
+def _seeded_on(device: torch.device, seed: int, threads: int | None) -> Iterator[None]:
+    """Torch seeded with `seed`, `threads` intra-op threads and cuDNN's benchmark mode set for a
+    run on `device`; the RNG state, thread count and mode are put back afterwards."""
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -96,24 +118,10 @@ def train(
             torch.manual_seed(seed)
             # cuDNN picks the fastest convolution per shape once; a trial reuses few shapes.
             torch.backends.cudnn.benchmark = device.type == "cuda"
-            if not isinstance(model, nn.Module):
-                model = model()
-                if not isinstance(model, nn.Module):
-                    raise TypeError(
-                        f"the model factory returned {type(model).__name__}, not an nn.Module"
-                    )
-            replicas = replicas or Replicas()
-            if replicas.parallel and recipe.sync_bn:
-                synchronise_batch_norms(model)
-            run = _Run(model, data, recipe, execution, seed, replicas,
-                       _Hooks(on_epoch, on_checkpoint, log, compile_backend))
-            if resume is not None:
-                run.load_state_dict(resume)
-            return run.run()
+            yield
     finally:
         torch.backends.cudnn.benchmark = previous_cudnn_benchmark
         torch.set_num_threads(previous_threads)
-
 
 
 def _check_seed_and_threads(seed: Any, threads: Any) -> None:

@@ -99,11 +99,13 @@ def test_evaluation_crops_are_normalised_with_imagenets_statistics(tmp_path):
     """A flat colour stays flat through resizing and cropping: every pixel of the tensor must be
     (value / 255 - mean) / std, computed here by hand."""
     for split in ("train", "val"):
-        (tmp_path / split / "flat").mkdir(parents=True)
-        Image.new("RGB", (50, 37), (200, 100, 50)).save(tmp_path / split / "flat" / "0.png")
+        # Two classes (a classifier needs them), the flat colour in the first.
+        for name, colour in (("a_flat", (200, 100, 50)), ("b_other", (0, 0, 0))):
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (50, 37), colour).save(tmp_path / split / name / "0.png")
     data = load_image_folder(tmp_path, image_size=16, loader_workers=0)
     images, labels, skipped = next(iter(data.test_loader(4)))
-    assert images.shape == (1, 3, 16, 16) and labels.tolist() == [0] and skipped == 0
+    assert images.shape == (2, 3, 16, 16) and labels.tolist() == [0, 1] and skipped == 0
     for channel, value in enumerate((200, 100, 50)):
         expected = (value / 255 - IMAGENET_MEAN[channel]) / IMAGENET_STD[channel]
         torch.testing.assert_close(images[0, channel], torch.full((16, 16), expected),

@@ -24,17 +24,23 @@ import torch
 from _results import RESULTS, append_rows, source_commit, timestamp
 from resnet_ablate import ResNetArch
 from resnet_ablate.recipe import TrainRecipe
-from resnet_ablate.worker import TrialTask, run_trial
+from resnet_ablate.data_parallel import run_data_parallel_trial
+from resnet_ablate.record import Status, TrialTask
+from resnet_ablate.worker import run_trial
 
 
 def timed_trial(task: TrialTask) -> tuple[float, dict]:
+    """Seconds the trial took from launch to its outcome, and the outcome's stored record."""
     started = time.perf_counter()
-    options = {"num_cpus": 0} if task.replicas > 1 else {"num_cpus": task.threads,
-                                                          "num_gpus": int(task.use_gpu)}
-    outcome = ray.get(run_trial.options(**options).remote(task, None))
-    if outcome["status"] != "completed":
-        raise RuntimeError(f"the trial {outcome['status']}: {outcome.get('reason')}")
-    return time.perf_counter() - started, outcome
+    if task.replicas > 1:
+        ref = run_data_parallel_trial.remote(task, None)
+    else:
+        options = {"num_cpus": task.threads, "num_gpus": int(task.use_gpu)}
+        ref = run_trial.options(**options).remote(task, None)
+    outcome = ray.get(ref)
+    if outcome.status != Status.COMPLETED:
+        raise RuntimeError(f"the trial {outcome.status}: {outcome.reason}")
+    return time.perf_counter() - started, outcome.attributes()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,12 +25,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 
+from .record import Status, TrialOutcome, TrialTask
 from .replicas import Replicas
-from .train import EpochRecord
-from .worker import (PrunedByDriver, TrialInputs, TrialTask, finished_outcome, report_epoch,
-                     started_outcome, weights_of)
+from .trial import run_trial_body
 
 _STATE = "state.pt"  # an epoch's checkpoint: the run's state (train.py) and its restarts
 _OUTCOME = "outcome.json"  # the last checkpoint: the trial's outcome
@@ -46,8 +46,16 @@ class ReplicasLost(RuntimeError):
     so that the driver records the trial as lost and may try it again."""
 
 
-def execute_data_parallel(task: TrialTask, board: Any | None = None) -> dict[str, Any]:
-    """Run one trial as `task.replicas` replicas and return its outcome (worker.execute's)."""
+@ray.remote(max_retries=0, num_cpus=0)
+def run_data_parallel_trial(task: TrialTask, board: Any | None = None) -> TrialOutcome:
+    """The Ray task of a data-parallel trial: it holds no resources and waits for its replicas,
+    which hold them."""
+    return execute_data_parallel(task, board)
+
+
+def execute_data_parallel(task: TrialTask, board: Any | None = None) -> TrialOutcome:
+    """Run one trial as `task.replicas` replicas and return its outcome (as worker.execute
+    does for one process)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -79,17 +87,16 @@ def execute_data_parallel(task: TrialTask, board: Any | None = None) -> dict[str
                 return failed
             raise ReplicasLost(_why_lost(error, task.max_restarts)) from None
         with result.checkpoint.as_directory() as folder:
-            outcome = json.loads((Path(folder) / _OUTCOME).read_text())
-            if (Path(folder) / _WEIGHTS).exists():
-                outcome["weights"] = (Path(folder) / _WEIGHTS).read_bytes()
-        return outcome
+            weights = Path(folder) / _WEIGHTS
+            return TrialOutcome.from_json(json.loads((Path(folder) / _OUTCOME).read_text()),
+                                          weights.read_bytes() if weights.exists() else None)
     finally:
         _remove(storage, name)
         if task.checkpoints is None:
             shutil.rmtree(storage, ignore_errors=True)
 
 
-def _failed_in_code(task: TrialTask, error: Exception) -> dict[str, Any] | None:
+def _failed_in_code(task: TrialTask, error: Exception) -> TrialOutcome | None:
     """The failed outcome of a run whose replicas raised in the trial's code (an error, not a
     lost process: Ray Train restarted it all the same), else None."""
     from ray.exceptions import RayError
@@ -99,10 +106,10 @@ def _failed_in_code(task: TrialTask, error: Exception) -> dict[str, Any] | None:
     if not raised:
         return None
     rank, failure = raised[0]
-    return {"trial_number": task.trial_number, "status": "failed",
-            "reason": f"{type(failure).__name__}: {failure} (replica {rank}, after "
-                      f"{task.max_restarts} restart(s) of the data-parallel run)",
-            "traceback": "".join(traceback.format_exception(failure))}
+    return TrialOutcome(task.trial_number, Status.FAILED,
+                        reason=f"{type(failure).__name__}: {failure} (replica {rank}, after "
+                               f"{task.max_restarts} restart(s) of the data-parallel run)",
+                        traceback="".join(traceback.format_exception(failure)))
 
 
 def _why_lost(error: Exception, max_restarts: int) -> str:
@@ -165,13 +172,9 @@ def _replica(config: dict[str, Any]) -> None:
     from ray.train import Checkpoint, get_checkpoint, report
     from ray.train.torch import get_device
 
-    from .train import train
-
     task: TrialTask = config["task"]
-    board = config["board"]
     replicas = Replicas.of_process_group()
     device = get_device() if task.use_gpu else torch.device("cpu")
-    outcome = started_outcome(task, device)
     # Starts before this one: restarts, each recorded by the epoch it resumed after.
     earlier_starts = note_start(config["starts"]) if replicas.leader else 0
     resume, resumed_after = None, [0] * earlier_starts
@@ -183,15 +186,6 @@ def _replica(config: dict[str, Any]) -> None:
             saved = load_state(Path(folder))
         resume = saved["train"]
         resumed_after = [*saved["resumed_after"], len(resume["history"])]
-    epochs: list[dict[str, Any]] = [] if resume is None else list(resume["history"])
-
-    def on_epoch(record: EpochRecord) -> None:
-        from dataclasses import asdict
-
-        epochs.append(asdict(record))
-        stop = report_epoch(task, board, record) if replicas.leader else False
-        if replicas.agree(stop):
-            raise PrunedByDriver(f"pruned after epoch {record.epoch}")
 
     def on_checkpoint(state: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as folder:
@@ -201,38 +195,20 @@ def _replica(config: dict[str, Any]) -> None:
             report({"epoch": len(state["history"])},
                    checkpoint=Checkpoint.from_directory(folder) if replicas.leader else None)
 
-    inputs = TrialInputs.of(task)
-    outcome["data_parallel"] = {"replicas": replicas.world, "backend": _backend(),
-                                "sync_bn": inputs.recipe.sync_bn,
-                                "resumed_after_epochs": resumed_after}
-    try:
-        result = train(inputs.model, inputs.data, inputs.recipe, seed=task.seed, device=device,
-                       threads=task.threads, on_epoch=on_epoch, replicas=replicas,
-                       on_checkpoint=on_checkpoint, resume=resume)
-    except PrunedByDriver as pruned:
-        outcome.update(status="pruned", reason=str(pruned), curves=epochs)
-        _report_outcome(replicas, outcome, None)
-        return
-    outcome = finished_outcome(outcome, result)
-    weights = weights_of(inputs.built[-1]) if task.keep_weights and result.ok else None
-    _report_outcome(replicas, outcome, weights)
+    outcome = run_trial_body(task, config["board"], device, replicas=replicas, resume=resume,
+                             on_checkpoint=on_checkpoint, resumed_after=tuple(resumed_after))
+    _report_outcome(replicas, outcome)
 
 
-def _report_outcome(replicas: Replicas, outcome: dict[str, Any], weights: bytes | None) -> None:
+def _report_outcome(replicas: Replicas, outcome: TrialOutcome) -> None:
     """The leader's last checkpoint holds the trial's outcome and its weights; every replica
     reports, as Ray Train wants."""
     from ray.train import Checkpoint, report
 
     with tempfile.TemporaryDirectory() as folder:
         if replicas.leader:
-            (Path(folder) / _OUTCOME).write_text(json.dumps(outcome))
-            if weights is not None:
-                (Path(folder) / _WEIGHTS).write_bytes(weights)
-        report({"epoch": len(outcome.get("curves", []))},
+            (Path(folder) / _OUTCOME).write_text(json.dumps(outcome.to_json()))
+            if outcome.weights is not None:
+                (Path(folder) / _WEIGHTS).write_bytes(outcome.weights)
+        report({"epoch": len(outcome.curves)},
                checkpoint=Checkpoint.from_directory(folder) if replicas.leader else None)
-
-
-def _backend() -> str:
-    import torch.distributed as dist
-
-    return str(dist.get_backend())

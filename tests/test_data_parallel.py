@@ -288,15 +288,16 @@ def test_an_error_in_a_replica_fails_the_trial_and_a_lost_replica_is_a_lost_work
     from ray.train import ControllerError, WorkerGroupError
 
     from resnet_ablate.data_parallel import _failed_in_code, _why_lost
-    from resnet_ablate.worker import TrialTask
+    from resnet_ablate.record import FailureKind, Status, TrialTask
 
     task = TrialTask(trial_number=7, arch={}, seed=0, dataset={}, recipe={}, threads=1,
                      use_gpu=False, keep_weights=False, replicas=2, max_restarts=2)
     raised = WorkerGroupError("rank 1 raised", {1: ValueError("shapes do not match")})
     outcome = _failed_in_code(task, raised)
-    assert outcome["status"] == "failed" and outcome["trial_number"] == 7
-    assert outcome["reason"] == ("ValueError: shapes do not match (replica 1, after 2 restart(s) "
-                                 "of the data-parallel run)")
+    assert outcome.status == Status.FAILED and outcome.trial_number == 7
+    assert outcome.failure_kind == FailureKind.ERROR
+    assert outcome.reason == ("ValueError: shapes do not match (replica 1, after 2 restart(s) "
+                              "of the data-parallel run)")
     # A lost process is no error of the trial's: raised, so the driver retries the trial.
     died = WorkerGroupError("rank 0 died", {0: ActorDiedError()})
     assert _failed_in_code(task, died) is None

@@ -14,14 +14,41 @@ concern each:
     signals.py   SIGTERM as a clean stop, and clean-up that a second signal cannot cut short
 """
 
-from ..worker import library_versions
-from .cluster import ClusterError
-from .grid import PlannedTrial
-from .runner import RunOptions, RunSummary, StudyRunner, plan_study, run_study
-from .signals import StopRequested
-from ..storage import StoreError
-from .store import DriverLease, StudyBusy, StudyConflict, open_study
+from __future__ import annotations
 
-__all__ = ["ClusterError", "DriverLease", "PlannedTrial", "RunOptions", "RunSummary",
-           "StopRequested", "StoreError", "StudyBusy", "StudyConflict", "StudyRunner",
-           "library_versions", "open_study", "plan_study", "run_study"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Public name -> the module that defines it. They load on first use, so that importing one part
+# (`resnet_ablate.study.store`, say) loads neither Ray nor torch with the others.
+_EXPORTS: dict[str, str] = {
+    "ClusterError": ".cluster", "PlannedTrial": ".grid",
+    "RunOptions": ".runner", "RunSummary": ".runner", "StudyRunner": ".runner",
+    "plan_study": ".runner", "run_study": ".runner", "StopRequested": ".signals",
+    "StoreError": "..storage", "DriverLease": ".store", "StudyBusy": ".store",
+    "StudyConflict": ".store", "open_study": ".store",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # what type checkers and IDEs see
+    from ..storage import StoreError
+    from .cluster import ClusterError
+    from .grid import PlannedTrial
+    from .runner import RunOptions, RunSummary, StudyRunner, plan_study, run_study
+    from .signals import StopRequested
+    from .store import DriverLease, StudyBusy, StudyConflict, open_study

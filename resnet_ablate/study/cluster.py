@@ -18,9 +18,9 @@ import optuna
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ..record import PRUNABLE_OBJECTIVES, epoch_objective
+from ..board import TrialBoard
+from ..record import PRUNABLE_OBJECTIVES, TrialTask, epoch_objective
 from ..spec import StudySpec
-from ..worker import TrialBoard, TrialTask, run_trial
 
 
 class ClusterError(RuntimeError):
@@ -203,9 +203,14 @@ def check_local_gpus(spec: StudySpec) -> None:
 
 def launch(spec: StudySpec, task: TrialTask, board: Any) -> ray.ObjectRef:
     """Start one trial as a Ray task with the spec's resources per trial. A data-parallel
-    trial's task holds none: it waits for its replicas, which hold them (data_parallel.py)."""
+    trial's task holds none: it waits for its replicas, which hold them (data_parallel.py).
+    The trial's code (torch, Ray Train) loads here, at the first launch, not with the driver."""
     if task.replicas > 1:
-        return run_trial.options(num_cpus=0).remote(task, board)
+        from ..data_parallel import run_data_parallel_trial
+
+        return run_data_parallel_trial.remote(task, board)
+    from ..worker import run_trial
+
     options: dict[str, Any] = {"num_cpus": spec.resources.cpus}
     if spec.resources.gpus:
         options["num_gpus"] = spec.resources.gpus

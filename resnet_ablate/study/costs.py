@@ -1,17 +1,21 @@
 """What a study's data set and architectures cost: the data set's shape (checked before anything
-runs), and each architecture's parameters and FLOPs, computed once per architecture."""
+runs), and each architecture's parameters and FLOPs, computed once per architecture.
+
+FLOPs are counted by tracing the built model (profile.py, fvcore), so the model layer loads here at
+the first architecture profiled, not when the driver is imported."""
 
 from __future__ import annotations
 
 import tarfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..arch import ResNetArch
 from ..data import DatasetShape, SyntheticSpec, dataset_shape, load_dataset
-from ..models import build
-from ..profile import ModelProfile, profile
 from ..shards import ShardError
 from ..spec import SpecError, StudySpec
+
+if TYPE_CHECKING:
+    from ..profile import ModelProfile
 
 # What reading a data set raises for a missing or damaged one: OSError, ValueError, a tar or
 # gzip stream cut short, a shard that cannot be read.
@@ -48,6 +52,9 @@ class StudyCosts:
     def profile(self, arch: ResNetArch) -> ModelProfile:
         """Parameters and FLOPs of an architecture, computed once per architecture."""
         if arch.digest not in self._profiles:
+            from ..models import build
+            from ..profile import profile
+
             data = self.shape()
             model = build(arch, num_classes=data.num_classes, in_channels=data.in_channels)
             self._profiles[arch.digest] = profile(

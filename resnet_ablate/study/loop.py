@@ -25,9 +25,8 @@ import ray
 
 from ..arch import ResNetArch
 from ..progress import StudyProgress
-from ..record import METRICS, FailureKind, TrialKey
+from ..record import METRICS, FailureKind, Status, TrialKey, TrialTask
 from ..spec import StudySpec
-from ..worker import TrialTask
 from . import cluster
 from .costs import StudyCosts
 from .grid import GridHistory, PendingPoint, more_seeds
@@ -50,7 +49,7 @@ class RunningTrial:
 
 @dataclass
 class LoopResult:
-    counts: Counter[str]  # "completed", "pruned" and each failure kind, this run
+    counts: Counter[str]  # Status.COMPLETED, Status.PRUNED and each failure kind, this run
     launched: int
     interrupted: str  # "" for a run that ended by itself, else "SIGINT" or "SIGTERM"
     marked: int = 0  # unfinished trials marked failed ("interrupted") by the stop
@@ -149,8 +148,8 @@ class DriverLoop:
         epochs = ", ".join(f"{r.epochs_done}/{self.spec.recipe_for(r.arch).epochs}"
                            for r in self.running.values())
         self.progress.update(
-            done=self.counts["completed"], running=len(self.running), failed=failures(self.counts),
-            remaining=left, best=self.best,
+            done=self.counts[Status.COMPLETED], running=len(self.running),
+            failed=failures(self.counts), remaining=left, best=self.best,
             eta_seconds=None if mean is None else mean * (left + len(self.running)) / self.workers,
             epochs=f" (epochs {epochs})" if self.running else "",
         )
@@ -235,7 +234,7 @@ class DriverLoop:
             if retry is not None:
                 self.pending.append(retry)
                 self.to_ask += 1
-        if result == "completed":
+        if result == Status.COMPLETED:
             self.best = self._best()
         else:
             attrs = running.trial.user_attrs
@@ -270,4 +269,4 @@ def stop_description(signal_name: str) -> str:
 
 
 def failures(counts: Counter[str]) -> int:
-    return sum(n for outcome, n in counts.items() if outcome not in ("completed", "pruned"))
+    return sum(n for outcome, n in counts.items() if outcome not in Status.NOT_FAILURES)

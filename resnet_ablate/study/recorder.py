@@ -6,16 +6,18 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
 from ..arch import ResNetArch
-from ..profile import ModelProfile
-from ..record import OUTCOME_KEYS, FailureKind, TrialKey, metric_values
+from ..record import FailureKind, Status, TrialKey, TrialOutcome, metric_values
 from ..spec import StudySpec
 from .space import SEED_PARAM, distributions, encode_params, grid_distributions
 from .store import retry_while_locked
+
+if TYPE_CHECKING:
+    from ..profile import ModelProfile
 
 _State = optuna.trial.TrialState
 
@@ -70,25 +72,24 @@ class TrialRecorder:
             trial.set_user_attr(TrialKey.TRACEBACK, traceback)
         self._tell(trial, state=_State.FAIL)
 
-    def finish(self, trial: optuna.Trial, outcome: Mapping[str, Any]) -> str:
-        """Record a worker's outcome; returns "completed", "pruned" or the failure kind."""
-        for name in OUTCOME_KEYS:
-            if name in outcome:
-                trial.set_user_attr(name, outcome[name])
-        status = outcome["status"]
-        if status == "pruned":
-            trial.set_user_attr(TrialKey.PRUNED, outcome["reason"])
+    def finish(self, trial: optuna.Trial, outcome: TrialOutcome) -> str:
+        """Record a worker's outcome through its one mapping to stored keys; returns
+        Status.COMPLETED, Status.PRUNED or the failure kind."""
+        for name, value in outcome.attributes().items():
+            trial.set_user_attr(name, value)
+        if outcome.status == Status.PRUNED:
+            trial.set_user_attr(TrialKey.PRUNED, outcome.reason)
             self._tell(trial, state=_State.PRUNED)
-            return "pruned"
-        if status == "failed":
-            kind = FailureKind.DIVERGED if outcome.get("diverged") else FailureKind.ERROR
-            self.fail(trial, kind, outcome.get("reason") or "failed", outcome.get("traceback"))
+            return Status.PRUNED
+        kind = outcome.failure_kind
+        if kind is not None:
+            self.fail(trial, kind, outcome.reason or outcome.status, outcome.traceback)
             return kind
-        if "weights" in outcome:
-            trial.set_user_attr(TrialKey.WEIGHTS, self._keep_weights(trial.number, outcome["weights"]))
+        if outcome.weights is not None:
+            trial.set_user_attr(TrialKey.WEIGHTS, self._keep_weights(trial.number, outcome.weights))
         values = metric_values(trial.user_attrs)
         self._tell(trial, [float(values[name]) for name in self.spec.objectives])
-        return "completed"
+        return Status.COMPLETED
 
     def _keep_weights(self, number: int, weights: bytes) -> str:
         """The weights' path relative to the store's folder, or why they were not kept."""

@@ -1,0 +1,71 @@
+"""The mailbox between running trials and the driver: each finished epoch's record goes in, the
+pruner's verdict on it comes out. Ray only, no torch: the driver creates the board (study/
+cluster.py) and every trial, in one process or as replicas, reports to it (`report_epoch`)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+import ray
+
+from .record import TrialTask
+
+if TYPE_CHECKING:
+    from .train import EpochRecord
+
+
+class PrunedByDriver(Exception):
+    """The driver's pruner stopped this trial after an epoch."""
+
+
+PRUNER_WAIT_SECONDS = 120.0  # past this a trial stops waiting for a verdict and trains on
+
+
+@ray.remote(num_cpus=0)
+class TrialBoard:
+    """Mailbox between running trials and the driver: epoch records in, verdicts out."""
+
+    def __init__(self) -> None:
+        self._new: dict[int, list[dict[str, Any]]] = {}
+        self._stop: set[int] = set()
+        self._judged: dict[int, int] = {}  # the last epoch of each trial the driver has seen
+
+    def report(self, trial_number: int, record: dict[str, Any]) -> bool:
+        """Store an epoch record; True when the driver asked this trial to stop."""
+        self._new.setdefault(trial_number, []).append(record)
+        return trial_number in self._stop
+
+    def drain(self) -> dict[int, list[dict[str, Any]]]:
+        new, self._new = self._new, {}
+        return new
+
+    def judge(self, trial_number: int, epoch: int, stop: bool) -> None:
+        """The driver's verdict on a trial after it has seen `epoch`."""
+        self._judged[trial_number] = epoch
+        if stop:
+            self._stop.add(trial_number)
+
+    def verdict(self, trial_number: int, epoch: int) -> bool | None:
+        """Whether to stop after `epoch`; None while the driver has not seen that epoch."""
+        if self._judged.get(trial_number, 0) < epoch:
+            return None
+        return trial_number in self._stop
+
+
+def report_epoch(task: TrialTask, board: Any | None, record: EpochRecord) -> bool:
+    """Send an epoch's record to the driver's board; True when the driver wants the trial
+    stopped (after waiting for its verdict, with a pruner)."""
+    if board is None:
+        return False
+    try:
+        stop = ray.get(board.report.remote(task.trial_number, asdict(record)))
+        if task.await_pruner:
+            deadline = time.monotonic() + PRUNER_WAIT_SECONDS
+            while (stop := ray.get(board.verdict.remote(task.trial_number, record.epoch))) is None \
+                    and time.monotonic() < deadline:
+                time.sleep(0.02)
+    except ray.exceptions.RayError:
+        return False  # the mailbox was lost with its node: no progress or pruning, training goes on
+    return bool(stop)

@@ -1,0 +1,159 @@
+"""One trial's body, whichever engine runs it: build the architecture, train it, and turn the
+training loop's result into the trial's typed outcome (record.TrialOutcome).
+
+A plain Ray task (worker.py) runs it in one process; a Ray Train run (data_parallel.py) runs it in
+each replica. Neither engine is imported here: the driver picks which remote function to launch
+(study/cluster.py). A trial never touches the study's storage: it reads its data set once per
+process (`load_dataset` caches), streams per-epoch records to the driver's board (board.py), and
+returns its outcome, its exceptions included.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import platform
+import socket
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from .arch import ResNetArch
+from .board import PrunedByDriver, report_epoch
+from .data import DataBundle, Streamed, SyntheticSpec, load_dataset
+from .models import build
+from .recipe import TrainRecipe
+from .record import (DataParallelRecord, FinalEvaluation, Placement, Status, Timings,
+                     TrialOutcome, TrialTask)
+from .replicas import Replicas
+from .train import EpochRecord, TrainResult, train
+
+
+def library_versions() -> dict[str, str]:
+    import optuna
+    import triton
+
+    return {
+        "python": platform.python_version(), "torch": torch.__version__,
+        "triton": triton.__version__, "ray": ray.__version__, "optuna": optuna.__version__,
+    }
+
+
+def _cpu_name() -> str:
+    """The CPU's model name ("AMD EPYC 9654"): platform.processor() is empty on Linux."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def placement(device: torch.device) -> Placement:
+    """Where this process trains: its device, host, process and Ray node."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    return Placement(f"{device.type}: {name}", socket.gethostname(), os.getpid(), node)
+
+
+@dataclass
+class TrialInputs:
+    """What a trial trains: its data set, and a model factory that keeps what it built."""
+
+    data: DataBundle | Streamed
+    arch: ResNetArch
+    recipe: TrainRecipe
+    built: list[torch.nn.Module]
+
+    @classmethod
+    def of(cls, task: TrialTask) -> TrialInputs:
+        dataset_kwargs = dict(task.dataset)
+        if dataset_kwargs.get("synthetic") is not None:
+            dataset_kwargs["synthetic"] = SyntheticSpec(**dataset_kwargs["synthetic"])
+        return cls(load_dataset(**dataset_kwargs), ResNetArch.from_dict(task.arch),
+                   TrainRecipe.from_dict(task.recipe), [])
+
+    def model(self) -> torch.nn.Module:
+        """The trial's model, built by train() under the trial's seed."""
+        self.built.append(build(self.arch, num_classes=self.data.num_classes,
+                                in_channels=self.data.in_channels))
+        return self.built[-1]
+
+
+def outcome_of(result: TrainResult, *, trial_number: int, where: Placement,
+               weights: bytes | None = None,
+               data_parallel: DataParallelRecord | None = None) -> TrialOutcome:
+    """The trial's outcome of a training run that ended by itself (completed or diverged): the
+    one conversion from the training loop's result to the trial's record."""
+    return TrialOutcome(
+        trial_number=trial_number,
+        status=Status.COMPLETED if result.ok else Status.DIVERGED,
+        reason=result.reason, placement=where, versions=library_versions(),
+        curves=tuple(asdict(record) for record in result.history),
+        epochs_completed=result.epochs_completed,
+        timings=Timings(result.wall_seconds, result.images_per_second, result.compile_seconds),
+        execution=dict(result.execution), warmup_steps=result.warmup_steps,
+        eval_split=result.eval_split,
+        test=FinalEvaluation(result.test_images, result.test_wrong, result.test_outcomes),
+        data_parallel=data_parallel, weights=weights,
+    )
+
+
+def weights_of(model: torch.nn.Module) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(model.to("cpu").state_dict(), buffer)  # with its metadata (versions)
+    return buffer.getvalue()
+
+
+def run_trial_body(task: TrialTask, board: Any | None, device: torch.device, *,
+                   replicas: Replicas | None = None, resume: Mapping[str, Any] | None = None,
+                   on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+                   resumed_after: tuple[int, ...] = ()) -> TrialOutcome:
+    """Train one trial in this process and return its outcome. With `replicas` (one replica of
+    a data-parallel run) the leader reports epochs, the replicas agree on pruning, and an
+    exception propagates, so that Ray Train restarts the run; alone, an exception is the failed
+    outcome (the driver records it and the study goes on)."""
+    where = placement(device)
+    epochs: list[dict[str, Any]] = [] if resume is None else list(resume["history"])
+    leader = replicas is None or replicas.leader
+
+    def on_epoch(record: EpochRecord) -> None:
+        epochs.append(asdict(record))
+        stop = report_epoch(task, board, record) if leader else False
+        if replicas.agree(stop) if replicas is not None else stop:
+            raise PrunedByDriver(f"pruned after epoch {record.epoch}")
+
+    def stopped(status: str, reason: str, trace: str | None = None) -> TrialOutcome:
+        return TrialOutcome(task.trial_number, status, reason, trace, where, library_versions(),
+                            tuple(epochs), data_parallel=data_parallel)
+
+    data_parallel = None
+    try:
+        inputs = TrialInputs.of(task)
+        if replicas is not None:
+            data_parallel = DataParallelRecord(replicas.world, _backend(), inputs.recipe.sync_bn,
+                                               resumed_after)
+        result = train(inputs.model, inputs.data, inputs.recipe, seed=task.seed, device=device,
+                       threads=task.threads, on_epoch=on_epoch, replicas=replicas,
+                       on_checkpoint=on_checkpoint, resume=resume)
+    except PrunedByDriver as pruned:
+        return stopped(Status.PRUNED, str(pruned))
+    except Exception as error:
+        if replicas is not None:
+            raise
+        return stopped(Status.FAILED, f"{type(error).__name__}: {error}", traceback.format_exc())
+    weights = weights_of(inputs.built[-1]) if task.keep_weights and result.ok else None
+    return outcome_of(result, trial_number=task.trial_number, where=where, weights=weights,
+                      data_parallel=data_parallel)
+
+
+def _backend() -> str:
+    import torch.distributed as dist
+
+    return str(dist.get_backend())

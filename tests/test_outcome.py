@@ -1,0 +1,93 @@
+"""A trial's round trip: the task a worker is sent and the typed outcome it sends back, stored
+through the outcome's one mapping to the trial's keys (record.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+
+import pytest
+
+from resnet_ablate.arch import ResNetArch
+from resnet_ablate.recipe import TrainRecipe
+from resnet_ablate.record import (DataParallelRecord, FailureKind, FinalEvaluation, Placement,
+                                  Status, Timings, TrialKey, TrialOutcome, TrialTask, complement,
+                                  metric_values)
+
+CURVES = ({"epoch": 1, "lr": 0.1, "train_loss": 1.2, "train_error": 0.4, "test_loss": 1.1,
+           "test_error": 0.3, "seconds": 2.0},
+          {"epoch": 2, "lr": 0.1, "train_loss": 0.9, "train_error": 0.3, "test_loss": 1.0,
+           "test_error": 0.35, "seconds": 2.0})
+
+
+def _completed(**changes):
+    outcome = TrialOutcome(
+        trial_number=3, status=Status.COMPLETED, placement=Placement("cpu: x", "host", 42, "n1"),
+        versions={"torch": "2"}, curves=CURVES, epochs_completed=2,
+        timings=Timings(4.0, 128.0, 0.0), execution={"precision": "fp32"}, warmup_steps=0,
+        eval_split="test", test=FinalEvaluation(100, 35, "abc"),
+        data_parallel=DataParallelRecord(2, "gloo", True, (0, 1)), weights=b"w")
+    return dataclasses.replace(outcome, **changes)
+
+
+def test_an_outcome_maps_to_the_stored_keys_that_stores_have_always_had():
+    attrs = _completed().attributes()
+    assert set(attrs) == {
+        "device", "host", "pid", "node_id", "versions", "curves", "wall_seconds",
+        "images_per_second", "compile_seconds", "execution", "epochs_completed",
+        "final_test_accuracy", "best_test_accuracy", "final_train_accuracy", "warmup_steps",
+        "eval_split", "data_parallel", "test_images", "test_wrong", "test_outcomes"}
+    assert attrs[TrialKey.FINAL_TEST_ACCURACY] == complement(0.35)
+    assert attrs[TrialKey.BEST_TEST_ACCURACY] == complement(0.3)
+    assert attrs[TrialKey.FINAL_TRAIN_ACCURACY] == complement(0.3)
+    assert attrs[TrialKey.DATA_PARALLEL] == {"replicas": 2, "backend": "gloo", "sync_bn": True,
+                                             "resumed_after_epochs": [0, 1]}
+    json.dumps(attrs)  # every stored value is plain JSON
+
+
+def test_the_stored_objective_is_the_measured_error_itself():
+    values = metric_values(_completed().attributes())
+    assert values["test_error"] == 0.35 and values["best_test_error"] == 0.3
+    assert values["train_error"] == 0.3
+    # A record without curves falls back on its stored accuracy.
+    assert metric_values({TrialKey.FINAL_TEST_ACCURACY: 0.75})["test_error"] == 0.25
+
+
+def test_a_pruned_or_failed_outcome_stores_what_was_known_and_says_its_failure_kind():
+    pruned = TrialOutcome(1, Status.PRUNED, "pruned after epoch 1", curves=CURVES[:1])
+    assert pruned.failure_kind is None
+    assert set(pruned.attributes()) == {TrialKey.CURVES}
+    # A run that trained to its end stores every key, None where it measured nothing.
+    unmeasured = _completed(test=FinalEvaluation(100, 35, None)).attributes()
+    assert TrialKey.TEST_OUTCOMES in unmeasured and unmeasured[TrialKey.TEST_OUTCOMES] is None
+    assert TrialOutcome(1, Status.FAILED, "ValueError: x").failure_kind == FailureKind.ERROR
+    assert _completed(status=Status.DIVERGED).failure_kind == FailureKind.DIVERGED
+    with pytest.raises(ValueError, match="status is one of completed, pruned"):
+        TrialOutcome(1, "finished")
+
+
+def test_an_outcome_crosses_processes_and_json_unchanged():
+    outcome = _completed()
+    assert pickle.loads(pickle.dumps(outcome)) == outcome
+    text = json.dumps(outcome.to_json())
+    assert TrialOutcome.from_json(json.loads(text), weights=b"w") == outcome
+
+
+def test_a_trial_run_in_this_process_returns_a_completed_outcome_with_its_weights():
+    from resnet_ablate.worker import execute
+
+    task = TrialTask(
+        trial_number=5, arch=ResNetArch(family="cifar", depth=8).to_dict(), seed=0,
+        dataset={"name": "synthetic", "synthetic": {"train_size": 64, "test_size": 32}},
+        recipe=TrainRecipe(epochs=1, batch_size=32).to_dict(), threads=1, use_gpu=False,
+        keep_weights=True)
+    outcome = execute(task)
+    assert outcome.status == Status.COMPLETED and outcome.trial_number == 5
+    assert outcome.epochs_completed == 1 and len(outcome.curves) == 1
+    assert outcome.weights and outcome.placement.device.startswith("cpu")
+    assert outcome.test.images == 32
+    broken = execute(dataclasses.replace(task, arch={"family": "cifar", "depth": 7}))
+    assert broken.status == Status.FAILED and broken.traceback
+    assert broken.failure_kind == FailureKind.ERROR
+

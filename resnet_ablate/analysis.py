@@ -22,6 +22,7 @@ from .kernels import FusedBatchNorm2d
 from .models import build
 from .record import TrialKey
 from .spec import DatasetSpec
+from .storage import ResultsError
 
 if TYPE_CHECKING:
     from .results import Results
@@ -29,8 +30,6 @@ if TYPE_CHECKING:
 
 def study_dataset(results: Results) -> DataBundle | Streamed:
     """The evaluation data the study's trials were trained and tested on."""
-    from .results import ResultsError
-
     section = results.spec.get("dataset", "digits")
     section = {"name": section} if isinstance(section, str) else dict(section or {})
     try:
@@ -47,8 +46,6 @@ def trained_model(results: Results, number: int, *, fused: bool | None = None,
                   data: DataBundle | Streamed | None = None) -> nn.Module:
     """Trial `number`'s trained model from its kept weights, in eval mode. `fused=False`
     rebuilds it from plain BatchNorm2d + ReLU modules (the same state_dict keys)."""
-    from .results import ResultsError
-
     results.check_numbers([number])
     attrs = results.attrs.get(int(number), {})
     path = results.weights_path(number)
@@ -70,8 +67,6 @@ def trained_model(results: Results, number: int, *, fused: bool | None = None,
 def _load_weights(model: nn.Module, path: Path, whose: str) -> None:
     """Load the weights file `path` into `model`, or one ResultsError naming the file: a file
     damaged, cut short, of another network, or holding anything but tensors."""
-    from .results import ResultsError
-
     try:
         # Tensors only: a weights file never runs code, whatever torch's default.
         state = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
@@ -92,8 +87,6 @@ def layer_responses(results: Results, numbers: Sequence[int] | None = None, *,
     the residual add and the ReLU, over the evaluation images (all elements: images, channels
     and positions). Models are rebuilt unfused, since a fused BN's output is after add + ReLU.
     Rows: number, configuration, seed, layer (1-based, forward order), module, std."""
-    from .results import ResultsError
-
     if numbers is None:
         done = results.require_completed("analyse")
         numbers = [int(n) for n in done["number"] if _kept(results, int(n))]

@@ -38,14 +38,13 @@ from .arch import ResNetArch
 from .filters import FilterError, filter_mask
 from .record import DIRECTIONS, METRICS, StudyKey, TrialKey, metric_values, unpack_outcomes
 from .spec import adaptive_rule
-from .storage import (StoreError, default_storage, runs_folder, sqlite_path, store_faults,
-                      weights_folder)
+from .storage import (ResultsError, StoreError, default_storage, runs_folder, sqlite_path,
+                      store_faults, weights_folder)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 ARCH_COLUMNS = ("family", "depth", "stages", "block", "shortcut", "widths", "base_width",
                 "downsampling", "fused")
-# Whether more or less is better, for the metrics a Pareto front can be taken over.
 TRIAL_COLUMNS = ("number", "state", "arch_name", *ARCH_COLUMNS, "seed", "params", "flops",
                  "test_accuracy", "test_error", "best_test_error", "test_top5_error",
                  "train_error", "test_images", "epochs",
@@ -55,10 +54,6 @@ TRIAL_COLUMNS = ("number", "state", "arch_name", *ARCH_COLUMNS, "seed", "params"
 _INT_COLUMNS = ("number", "depth", "base_width", "seed", "params", "flops", "test_images",
                 "epochs", "replicas", "restarts")
 STATES = ("COMPLETE", "RUNNING", "FAIL", "PRUNED", "WAITING")
-
-
-class ResultsError(LookupError):
-    """A study, storage, column or value that does not exist; the message names what does."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,6 +21,10 @@ from urllib.parse import unquote
 
 RUNS_ENVIRONMENT_VARIABLE = "RESNET_ABLATE_RUNS"
 
+
+class ResultsError(LookupError):
+    """A study, storage, column or value that does not exist; the message names what does."""
+
 PathLike = str | os.PathLike[str]
 
 # Letters, digits and `._-`, starting with a letter or digit: a file name on every platform, and

@@ -1,0 +1,238 @@
+"""The code's shape, read from its syntax trees (no imports, seconds): no import cycle among the
+toolkit's modules at module level, and no class, function or module past the size where it
+usually hides two things (STYLE.md). Today's offenders are listed by name below, each to be split;
+the list only shrinks: a new offender fails here, a split one may leave the list."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Where each package's sources live (kernels/ installs as resnet_ablate.kernels: pyproject.toml).
+PACKAGES = {"resnet_ablate": ROOT / "resnet_ablate", "resnet_ablate.kernels": ROOT / "kernels"}
+
+MAX_CLASS_LINES = 250
+MAX_FUNCTION_LINES = 60
+MAX_MODULE_LINES = 400
+
+# The Triton kernels in one file: the known exception until it is split per op.
+TRITON = "resnet_ablate.kernels._triton_impl"
+
+# Today's offenders, by module (and qualified name): each one to be split as the redesign goes on
+# (issue 23), never added to.
+LONG_MODULES = {
+    TRITON,
+    "resnet_ablate.cli",  # the parser, every command and its output in one file
+    "resnet_ablate.data",  # five concerns: being split into a data/ package
+    "resnet_ablate.results",  # loading, tables, summaries, comparisons, fronts
+    "resnet_ablate.spec",  # the catalogue, the sections and the parser together
+    "resnet_ablate.train",  # being split into a train/ package
+}
+LONG_CLASSES = {
+    "resnet_ablate.results:Results",  # every reading of a study in one class
+    "resnet_ablate.train:_Run",  # seven concerns; the train/ package splits it
+}
+LONG_FUNCTIONS = {
+    "resnet_ablate.arch:ResNetArch.__post_init__",  # every field's check in one method
+    "resnet_ablate.data:load_dataset",  # every data set's options checked in one place
+    f"{TRITON}:plan_backward",
+    "resnet_ablate.report:render_report",  # every section of the report in one function
+    "resnet_ablate.spec:parse_spec",  # every section parsed in one function
+    "resnet_ablate.train:train",
+    "resnet_ablate.train:_Run.__init__",
+    "resnet_ablate.train.loop:train",  # train.py's `train`, moved into the train/ package
+}
+
+# Cycles closed only by imports inside functions (loaded on first use), to be removed: effects.py
+# takes private helpers of results.py, which calls effects for Results.effects().
+KNOWN_LATE_CYCLES = [["resnet_ablate.effects", "resnet_ablate.results"]]
+
+
+def _modules() -> dict[str, Path]:
+    """Every module of the toolkit by its dotted name (a package by its own name)."""
+    found = {}
+    for package, folder in PACKAGES.items():
+        for path in sorted(folder.rglob("*.py")):
+            parts = path.relative_to(folder).with_suffix("").parts
+            if "kernels" in parts and package == "resnet_ablate":
+                continue  # not this package's: kernels/ is its own source folder
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            found[".".join((package, *parts))] = path
+    return found
+
+
+MODULES = _modules()
+TREES = {name: ast.parse(path.read_text(), filename=str(path)) for name, path in MODULES.items()}
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
+        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _module_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    """Imports run when the module loads: at its top level, in try/if blocks, but not inside
+    functions or classes, nor under `if TYPE_CHECKING:`."""
+    found: list[ast.Import | ast.ImportFrom] = []
+    pending: list[ast.stmt] = list(tree.body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.append(node)
+        elif isinstance(node, ast.If) and not _is_type_checking(node):
+            pending += node.body + node.orelse
+        elif isinstance(node, ast.Try):
+            pending += node.body + node.orelse + node.finalbody
+            pending += [stmt for handler in node.handlers for stmt in handler.body]
+    return found
+
+
+def _all_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    """Every import the module may run, those inside functions included (not type checkers')."""
+    found: list[ast.Import | ast.ImportFrom] = []
+    pending: list[ast.AST] = [tree]
+    while pending:
+        node = pending.pop()
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                found.append(child)
+            elif not (isinstance(child, ast.If) and _is_type_checking(child)):
+                pending.append(child)
+    return found
+
+
+def _imported(module: str, node: ast.Import | ast.ImportFrom) -> set[str]:
+    """The toolkit's modules that an import statement loads."""
+    if isinstance(node, ast.Import):
+        names = {alias.name for alias in node.names}
+    else:
+        base = node.module or ""
+        if node.level:
+            package = module if MODULES[module].name == "__init__.py" else module.rpartition(".")[0]
+            for _ in range(node.level - 1):
+                package = package.rpartition(".")[0]
+            base = f"{package}.{base}" if base else package
+        names = {base} | {f"{base}.{alias.name}" for alias in node.names}
+    # A package is loaded before its modules: importing from it is no edge back to it.
+    return {name for name in names if name in MODULES and not module.startswith(f"{name}.")}
+
+
+def import_graph(*, late: bool = False) -> dict[str, set[str]]:
+    """Which toolkit modules each one imports when it loads (`late`: or at any time)."""
+    imports = _all_imports if late else _module_level_imports
+    return {module: set().union(*(_imported(module, node) for node in imports(tree))) - {module}
+            for module, tree in TREES.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for other in sorted(graph[node]):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in on_stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def _lines(node: ast.AST) -> int:
+    return node.end_lineno - node.lineno + 1
+
+
+def _definitions(tree: ast.Module) -> list[tuple[str, ast.AST]]:
+    """Every class and function with its qualified name (Class.method, outer.inner)."""
+    found: list[tuple[str, ast.AST]] = []
+
+    def walk(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                name = f"{prefix}{child.name}"
+                found.append((name, child))
+                walk(child, f"{name}.")
+            else:
+                walk(child, prefix)
+
+    walk(tree, "")
+    return found
+
+
+def _offenders(kind: type | tuple[type, ...], limit: int) -> set[str]:
+    return {f"{module}:{name}" for module, tree in TREES.items()
+            for name, node in _definitions(tree) if isinstance(node, kind) and _lines(node) > limit}
+
+
+def test_the_toolkit_is_found():
+    assert {"resnet_ablate.record", "resnet_ablate.study.loop", TRITON} <= set(MODULES)
+
+
+def test_no_import_cycle_among_the_toolkits_modules_at_module_level():
+    assert cycles(import_graph()) == []
+
+
+def test_no_import_cycle_even_through_imports_inside_functions_but_the_listed_ones():
+    assert [c for c in cycles(import_graph(late=True)) if c not in KNOWN_LATE_CYCLES] == []
+
+
+def test_opening_a_study_store_loads_neither_torch_nor_ray_nor_the_trial_code():
+    import subprocess
+    import sys
+
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, resnet_ablate.study.store; print(sorted(m for m in "
+         "('torch', 'ray', 'resnet_ablate.worker', 'resnet_ablate.trial') if m in sys.modules))"],
+        capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_description_layer_imports_neither_the_model_layer_nor_the_driver():
+    graph = import_graph()
+    for module in ("arch", "recipe", "spec", "record"):
+        imported = graph[f"resnet_ablate.{module}"]
+        assert imported <= {f"resnet_ablate.{m}" for m in ("arch", "recipe", "spec", "record",
+                                                           "storage")}, module
+
+
+def test_no_module_over_400_lines_but_the_listed_ones():
+    long = {name for name, path in MODULES.items()
+            if len(path.read_text().splitlines()) > MAX_MODULE_LINES}
+    assert long - LONG_MODULES == set()
+
+
+def test_no_class_over_250_lines_but_the_listed_ones():
+    assert _offenders(ast.ClassDef, MAX_CLASS_LINES) - LONG_CLASSES == set()
+
+
+def test_no_function_over_60_lines_but_the_listed_ones():
+    functions = (ast.FunctionDef, ast.AsyncFunctionDef)
+    assert _offenders(functions, MAX_FUNCTION_LINES) - LONG_FUNCTIONS == set()

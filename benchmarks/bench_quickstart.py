@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from _results import RESULTS, append_rows, source_commit
 from resnet_ablate.results import load

@@ -107,7 +107,6 @@ def stop_on_signals() -> Iterator[StopSignals]:
     raised wherever the signal lands: one raised inside a library's clean-up callback is
     swallowed there, one raised in the middle of an import comes out as another error, and one
     raised inside a write leaves the store's connection holding its lock."""
-    global _outer
     heard = StopSignals()
     if threading.current_thread() is not threading.main_thread():
         yield heard

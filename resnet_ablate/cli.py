@@ -235,6 +235,11 @@ def _export(args: argparse.Namespace) -> int:
 @_query
 def _summary(args: argparse.Namespace) -> int:
     table = _load(args).summary(by=_names(args.by), metric=args.metric)
+    return _emit_statistics(table, args)
+
+
+def _emit_statistics(table, args: argparse.Namespace) -> int:
+    """A table of statistics as `_emit` writes it, its methods and notes under it."""
     code = _emit(table, args)
     _footnotes(table)
     return code
@@ -253,9 +258,7 @@ def _footnotes(table) -> None:
 @_query
 def _compare(args: argparse.Namespace) -> int:
     table = _load(args).compare(args.factor, args.baseline, metric=args.metric)
-    code = _emit(table, args)
-    _footnotes(table)
-    return code
+    return _emit_statistics(table, args)
 
 
 @command("effects")
@@ -263,18 +266,14 @@ def _compare(args: argparse.Namespace) -> int:
 def _effects(args: argparse.Namespace) -> int:
     results = _load(args)
     table = results.importance(args.metric) if args.importance else results.effects(args.metric)
-    code = _emit(table, args)
-    _footnotes(table)
-    return code
+    return _emit_statistics(table, args)
 
 
 @command("pareto")
 @_query
 def _pareto(args: argparse.Namespace) -> int:
     table = _load(args).pareto(_names(args.objectives), over=args.over)
-    code = _emit(table, args)
-    _footnotes(table)
-    return code
+    return _emit_statistics(table, args)
 
 
 @command("plot")

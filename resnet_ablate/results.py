@@ -377,21 +377,19 @@ class Results:
                     level: Any, metric: str) -> stats.Estimate:
         """The estimate of `metric(level) - metric(baseline)` over one configuration's paired
         seeds (see `compare`)."""
+        if metric == "test_accuracy":  # the test on the errors, its sign flipped
+            return _negated(self._difference(1 - base, 1 - other, trials, baseline, level,
+                                             "test_error"))
         base_values, other_values = base.to_numpy(float), other.to_numpy(float)
-        if metric not in ERROR_RATES:
+        if metric != "test_error":
             return stats.seed_mean(other_values - base_values, _difference_bounds(metric))
-        single = all(len(cell) == 1 for cell in trials.to_numpy().ravel())
-        outcomes, images = (None, None)
-        if single:
-            numbers = [*trials[baseline].str[0], *trials[level].str[0]]
-            outcomes, images = self._outcomes(numbers)
-        sign = 1.0 if metric == "test_error" else -1.0  # accuracy: the same test, sign flipped
-        to_error = (lambda v: v) if metric == "test_error" else (lambda v: 1 - v)
+        outcomes, images = None, None
+        if all(len(cell) == 1 for cell in trials.to_numpy().ravel()):
+            outcomes, images = self._outcomes([*trials[baseline].str[0], *trials[level].str[0]])
         n = len(base_values)
-        estimate = stats.paired_difference(
+        return stats.paired_difference(
             None if outcomes is None else outcomes[:n], None if outcomes is None else outcomes[n:],
-            to_error(base_values), to_error(other_values), images)
-        return estimate if sign > 0 else _negated(estimate)
+            base_values, other_values, images)
 
     def effects(self, metric: str = "test_error") -> pd.DataFrame:
         """Main effects and two-factor interactions of every swept factor, each with its 95%

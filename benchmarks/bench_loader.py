@@ -23,7 +23,7 @@ from PIL import Image
 
 from _results import RESULTS, append_rows, device_name, source_commit, timestamp
 from resnet_ablate import ResNetArch, build
-from resnet_ablate.imagefolder import load_image_folder
+from resnet_ablate.data.folders import load_image_folder
 
 
 def generate_folder(root: Path, classes: int, per_class: int, size: tuple[int, int]) -> Path:

@@ -12,12 +12,13 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from resnet_ablate import data as data_module
+from resnet_ablate.data import cifar as cifar_module
 from resnet_ablate.data import (
     Augmentation,
     SyntheticSpec,
     clear_dataset_cache,
     crop_and_flip,
+    dataset_shape,
     load_dataset,
     random_crop_flip,
     read_cifar10,
@@ -326,7 +327,7 @@ def fake_urlretrieve(source: Path):
 
 def test_download_checks_the_md5_and_keeps_only_a_verified_archive(tmp_path, cifar, monkeypatch):
     retrieve, calls = fake_urlretrieve(cifar["archive"])
-    monkeypatch.setattr(data_module.urllib.request, "urlretrieve", retrieve)
+    monkeypatch.setattr(cifar_module.urllib.request, "urlretrieve", retrieve)
     # The tiny archive is not the official one: its md5 differs, so nothing is kept.
     with pytest.raises(OSError, match="c58f30108f718f92721af3b95e74349a"):
         load_dataset("cifar10", root=tmp_path / "a", download=True, cache=False)
@@ -334,8 +335,8 @@ def test_download_checks_the_md5_and_keeps_only_a_verified_archive(tmp_path, cif
     assert list((tmp_path / "a").iterdir()) == []
     # With its digest accepted, the download lands under root and loads.
     digest = hashlib.md5(cifar["archive"].read_bytes()).hexdigest()
-    monkeypatch.setitem(data_module.CIFAR_FORMATS, "cifar10",
-                        dataclasses.replace(data_module.CIFAR10, md5=digest))
+    monkeypatch.setitem(cifar_module.CIFAR_FORMATS, "cifar10",
+                        dataclasses.replace(cifar_module.CIFAR10, md5=digest))
     bundle = load_dataset("cifar10", root=tmp_path / "b", download=True, cache=False)
     assert bundle.train_size == 50
     assert (tmp_path / "b" / "cifar-10-python.tar.gz").is_file()
@@ -391,14 +392,14 @@ def test_cifar100_reads_its_official_format_with_the_fine_labels(tmp_path):
         tar.add(folder, arcname="cifar-100-python")
 
     for root in (folder, tmp_path, archive, archive.parent):
-        arrays = data_module.read_cifar100(root)
+        arrays = cifar_module.read_cifar100(root)
         np.testing.assert_array_equal(arrays.train_images, expected["train"][0])
         np.testing.assert_array_equal(arrays.train_labels, expected["train"][1])
         np.testing.assert_array_equal(arrays.test_labels, expected["test"][1])
         assert arrays.classes == tuple(n.decode() for n in fine_names)
     bundle = load_dataset("cifar100", root=archive, cache=False)
     assert (bundle.num_classes, bundle.train_size, bundle.test_size) == (100, 30, 20)
-    assert data_module.dataset_shape("cifar100", root=archive).num_classes == 100
+    assert dataset_shape("cifar100", root=archive).num_classes == 100
     with pytest.raises(FileNotFoundError, match=r"CIFAR-100 not found: .*cifar-100-python\.tar\.gz"):
         load_dataset("cifar100", root=tmp_path / "nowhere", cache=False)
 

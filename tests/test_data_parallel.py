@@ -124,7 +124,7 @@ def test_replicas_with_their_own_batch_statistics_train_like_one_process():
 
 
 def _train_on_shards(replicas, root):
-    from resnet_ablate.shards import load_shards
+    from resnet_ablate.data.shards import load_shards
 
     data = load_shards({"train": str(root / "train-{0..1}.tar"), "val": str(root / "val-{0..1}.tar"),
                         "num_classes": 3}, image_size=16, loader_workers=0)

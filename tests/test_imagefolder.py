@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from helpers import write_spec
-from resnet_ablate.imagefolder import (IMAGENET_MEAN, IMAGENET_STD, load_image_folder,
-                                       scan_image_folder)
+from resnet_ablate.data.decode import IMAGENET_MEAN, IMAGENET_STD, decode
+from resnet_ablate.data.folders import load_image_folder, scan_image_folder
 
 CLASSES = ("ant", "bee", "cat", "dog", "eel", "fox")  # six: top-5 error means something
 
@@ -204,8 +204,6 @@ def test_a_study_trains_end_to_end_on_an_image_folder(folder, tmp_path):
 
 
 def test_training_without_augmentation_reads_the_evaluation_crops(folder):
-    from resnet_ablate.imagefolder import decode
-
     data = load_image_folder(folder, image_size=24, loader_workers=0)
     images, labels, skipped = next(iter(data.train_loader(
         43, 1, torch.Generator().manual_seed(0), augment=False)))

@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 from helpers import labelled_images, write_shard, write_spec
-from resnet_ablate.imagefolder import IMAGENET_MEAN, IMAGENET_STD
+from resnet_ablate.data.decode import IMAGENET_MEAN, IMAGENET_STD
 from resnet_ablate.recipe import TrainRecipe
-from resnet_ablate.shards import ALLOW_PIPE_URLS_ENV, ShardError, load_shards, open_shard
+from resnet_ablate.data.shards import ALLOW_PIPE_URLS_ENV, ShardError, load_shards, open_shard
 from resnet_ablate.train import NoImages, evaluate, train
 
 CLASSES = 6
@@ -326,7 +326,7 @@ def test_a_shard_cut_inside_an_image_fails_naming_it(tmp_path):
 
 
 def test_each_trials_seed_reaches_its_streamed_crops(shards, monkeypatch):
-    from resnet_ablate.shards import ShardData
+    from resnet_ablate.data.shards import ShardData
 
     root, _ = shards
     data = load_shards(_spec(root), image_size=24, loader_workers=0)

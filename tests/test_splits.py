@@ -8,7 +8,7 @@ import pytest
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from resnet_ablate import data
+from resnet_ablate.data import digits as data
 from resnet_ablate.splits import stratified_split
 
 

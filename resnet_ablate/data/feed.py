@@ -15,8 +15,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from . import DataBundle, Streamed
 from .augment import draw_crops, gather_crops
+from .bundle import DataBundle
+from .load import Streamed
 
 # A training batch: images and labels on the device, and the factor its mean loss is scaled by
 # before backward (a replica's share of a global batch that did not split evenly).

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..arch import ResNetArch
 from ..data import DatasetShape, SyntheticSpec, dataset_shape, load_dataset
-from ..shards import ShardError
+from ..data.shards import ShardError
 from ..spec import SpecError, StudySpec
 
 if TYPE_CHECKING:

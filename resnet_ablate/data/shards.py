@@ -6,7 +6,7 @@ Each sample is a group of tar members sharing a key: the image (`.jpg`, `.jpeg`,
 A member's key is its name without the extension, and without an image extension left before it
 (`split_key`), so ImageNet's `n01440764_10026.JPEG.jpg` and `.JPEG.cls` or `n01440764_10026.cls`
 are one sample; counting and decoding use that one rule. Decoding and augmentation are the image
-folder's (imagefolder.py), with each image's draws seeded by (data set seed, trial's augmentation
+folder's (decode.py), with each image's draws seeded by (data set seed, trial's augmentation
 seed, epoch, key). Shards are split among the loader's workers and read in an order drawn per
 epoch, so the sample order depends on the number of workers; an image's crops never do. A
 sample whose image cannot be decoded (or that has no label) is skipped and counted; a shard that
@@ -40,8 +40,8 @@ from urllib.request import url2pathname
 import numpy as np
 import torch
 
-from .imagefolder import Augmentation, collate, decode, one_thread
-from .spec import DEFAULT_LOADER_WORKERS
+from ..spec import DEFAULT_LOADER_WORKERS
+from .decode import CropAugmentation, collate, decode, one_thread
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SHUFFLE_BUFFER = 1000  # samples mixed across the shards a worker reads
@@ -171,7 +171,7 @@ def count_samples(urls: list[str]) -> int:
     return len(keys)
 
 
-def _sample(record: dict[str, Any], *, image_size: int, augmentation: Augmentation,
+def _sample(record: dict[str, Any], *, image_size: int, augmentation: CropAugmentation,
             seed: tuple[int, int], epoch: int | None) -> tuple[torch.Tensor | None, int]:
     """(image, label) of a grouped record; (None, label) for one the loader skips: no image, an
     image that cannot be decoded, or no label."""
@@ -199,7 +199,7 @@ class ShardData:
     train_size: int
     test_size: int
     image_size: int
-    augmentation: Augmentation
+    augmentation: CropAugmentation
     loader_workers: int
     seed: int = 0
     name: str = "webdataset"
@@ -303,7 +303,7 @@ SHARD_KEYS = ("train", "val", "num_classes", "train_size", "val_size")
 
 
 def load_shards(shards: dict[str, Any], *, image_size: int = 224,
-                augmentation: Augmentation = "scale",
+                augmentation: CropAugmentation = "scale",
                 loader_workers: int = DEFAULT_LOADER_WORKERS,
                 seed: int = 0) -> ShardData:
     """A sharded data set from `shards`: {train: PATTERN, val: PATTERN, num_classes: N} and, for

@@ -30,8 +30,9 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .results import (ERROR_RATES, ResultsError, _difference_bounds, _negated, _note, _plain,
-                      _with_methods, seed_stratified)
+from .contrasts import (ERROR_RATES, difference_bounds, negated, note, plain, seed_stratified,
+                        with_methods)
+from .storage import ResultsError
 
 if TYPE_CHECKING:
     from .results import Results
@@ -84,7 +85,7 @@ def effects(results: Results, metric: str = "test_error") -> pd.DataFrame:
             for level_g in g_levels[1:]:
                 rows.append(_interaction(results, (f, f_levels[0], level_f),
                                          (g, g_levels[0], level_g), metric))
-    return _with_methods(pd.DataFrame(rows, columns=list(EFFECT_COLUMNS)))
+    return with_methods(pd.DataFrame(rows, columns=list(EFFECT_COLUMNS)))
 
 
 def _too_few_factors(results: Results, levels: Mapping[str, list[Any]]) -> str:
@@ -104,7 +105,7 @@ def _row(effect: str, factors: str, level: Any, baseline: Any, n_pairs: int,
     return {"effect": effect, "factor(s)": factors, "level": level, "baseline": baseline,
             "n_pairs": n_pairs, "diff_mean": estimate.mean, "diff_ci95_low": estimate.low,
             "diff_ci95_high": estimate.high, "p_value": estimate.p_value,
-            "method": estimate.method, "note": _note(estimate), "metric": metric}
+            "method": estimate.method, "note": note(estimate), "metric": metric}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,7 +158,7 @@ def _interaction(results: Results, f: tuple[str, Any, Any], g: tuple[str, Any, A
     for key, stratum in strata:
         estimates.append(_contrast(results, stratum, numbers.loc[stratum.index, cells], cells,
                                    weights, metric))
-    bounds = tuple(2 * b for b in _difference_bounds(metric))
+    bounds = tuple(2 * b for b in difference_bounds(metric))
     if not estimates:
         estimate = stats.Estimate(np.nan, np.nan, np.nan, np.nan, np.nan, np.nan, 0, "",
                                   "no seed has all four cells completed yet")
@@ -173,7 +174,7 @@ def _interaction(results: Results, f: tuple[str, Any, Any], g: tuple[str, Any, A
 
 
 def _text(value: Any) -> str:
-    return _plain(value).strip("'")
+    return plain(value).strip("'")
 
 
 def _contrast(results: Results, stratum: pd.DataFrame, trials: pd.DataFrame,
@@ -182,7 +183,7 @@ def _contrast(results: Results, stratum: pd.DataFrame, trials: pd.DataFrame,
     columns = [stratum[c].to_numpy(float) for c in cells]
     if metric not in ERROR_RATES:
         return stats.seed_mean(sum(w * v for w, v in zip(weights, columns)),
-                               tuple(2 * b for b in _difference_bounds(metric)))
+                               tuple(2 * b for b in difference_bounds(metric)))
     errors = columns if metric == "test_error" else [1 - v for v in columns]
     tables, images = None, None
     if all(len(cell) == 1 for cell in trials.to_numpy().ravel()):
@@ -193,7 +194,7 @@ def _contrast(results: Results, stratum: pd.DataFrame, trials: pd.DataFrame,
                                                 for k in range(len(cells))]
     estimate = stats.contrast(tables, weights, errors, images)
     # Accuracy is 1 - error and the weights sum to zero: the same contrast, sign flipped.
-    return estimate if metric == "test_error" else _negated(estimate)
+    return estimate if metric == "test_error" else negated(estimate)
 
 
 # ----------------------------------------------------------------------------------------------

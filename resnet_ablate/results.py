@@ -35,6 +35,10 @@ import pandas as pd
 from . import stats
 from .adaptive import SeedResult, decide
 from .arch import ResNetArch
+from .contrasts import (ERROR_RATES, complement, difference_bounds, negated, note, plain,
+                        seed_stratified, with_methods)
+from .effects import effects as effect_table
+from .effects import importance as fanova_importance
 from .filters import FilterError, filter_mask
 from .record import DIRECTIONS, METRICS, StudyKey, TrialKey, metric_values, unpack_outcomes
 from .spec import adaptive_rule
@@ -288,10 +292,10 @@ class Results:
                 "arch_name": names[0] if len(names) == 1 else f"{len(names)} architectures",
                 "n": len(group), f"{metric}_mean": estimate.mean, f"{metric}_std": estimate.std,
                 f"{metric}_ci95_low": estimate.low, f"{metric}_ci95_high": estimate.high,
-                "method": estimate.method, "note": _note(estimate),
+                "method": estimate.method, "note": note(estimate),
                 "params": _one_or_mean(group["params"]), "flops": _one_or_mean(group["flops"]),
             })
-        return _with_methods(pd.DataFrame(rows))
+        return with_methods(pd.DataFrame(rows))
 
     def _outcomes(self, numbers: Sequence[int]) -> tuple[list[np.ndarray] | None, int | None]:
         """The per-image records of these trials' final evaluations and the test set's size:
@@ -313,7 +317,7 @@ class Results:
             outcomes, images = self._outcomes(group["number"].tolist())
             errors = values if metric == "test_error" else 1 - values
             estimate = stats.error_rate(outcomes, errors, images)
-            return estimate if metric == "test_error" else _complement(estimate)
+            return estimate if metric == "test_error" else complement(estimate)
         bounds = (METRICS[metric].low, METRICS[metric].high) if metric in METRICS \
             else (-math.inf, math.inf)
         return stats.seed_mean(values, bounds)
@@ -335,7 +339,7 @@ class Results:
         levels = list(pd.unique(self.trials[factor].dropna()))
         baseline = _match_level(baseline, levels, factor)
         if len(levels) < 2:
-            raise ResultsError(f"{factor} has only one value ({_plain(baseline)}) in study "
+            raise ResultsError(f"{factor} has only one value ({plain(baseline)}) in study "
                                f"{self.study!r}: there is nothing to compare it with")
         others = self.configuration_columns(without=[factor])
         others = [c for c in others if c != "arch_name"]
@@ -343,7 +347,7 @@ class Results:
         keyed = done.groupby(keys, dropna=False)[metric].mean().unstack(factor)
         numbers = done.groupby(keys, dropna=False)["number"].agg(list).unstack(factor)
         if baseline not in keyed.columns:
-            raise ResultsError(f"no completed trial with {factor}={_plain(baseline)} yet; completed "
+            raise ResultsError(f"no completed trial with {factor}={plain(baseline)} yet; completed "
                                f"levels: {', '.join(map(str, keyed.columns))}")
         rows = []
         for level in [lv for lv in levels if lv != baseline and lv in keyed.columns]:
@@ -362,7 +366,7 @@ class Results:
                 rows.append(_paired_row(factor, level, baseline, metric, dict(zip(others, key)),
                                         group[baseline], group[level], estimate))
             if len(estimates) > 1:
-                bounds = _difference_bounds(metric)
+                bounds = difference_bounds(metric)
                 overall = stats.stratified(estimates, bounds) if metric in ERROR_RATES \
                     else seed_stratified(pairs[level] - pairs[baseline], others, bounds)
                 rows.append(_paired_row(factor, level, baseline, metric,
@@ -370,19 +374,19 @@ class Results:
                                         pairs[level], overall))
         if not rows:
             raise ResultsError(f"no configuration has completed trials of both {factor}="
-                               f"{_plain(baseline)} and another level with the same seed yet")
-        return _with_methods(pd.DataFrame(rows))
+                               f"{plain(baseline)} and another level with the same seed yet")
+        return with_methods(pd.DataFrame(rows))
 
     def _difference(self, base: pd.Series, other: pd.Series, trials: pd.DataFrame, baseline: Any,
                     level: Any, metric: str) -> stats.Estimate:
         """The estimate of `metric(level) - metric(baseline)` over one configuration's paired
         seeds (see `compare`)."""
         if metric == "test_accuracy":  # the test on the errors, its sign flipped
-            return _negated(self._difference(1 - base, 1 - other, trials, baseline, level,
+            return negated(self._difference(1 - base, 1 - other, trials, baseline, level,
                                              "test_error"))
         base_values, other_values = base.to_numpy(float), other.to_numpy(float)
         if metric != "test_error":
-            return stats.seed_mean(other_values - base_values, _difference_bounds(metric))
+            return stats.seed_mean(other_values - base_values, difference_bounds(metric))
         outcomes, images = None, None
         if all(len(cell) == 1 for cell in trials.to_numpy().ravel()):
             outcomes, images = self._outcomes([*trials[baseline].str[0], *trials[level].str[0]])
@@ -394,9 +398,7 @@ class Results:
     def effects(self, metric: str = "test_error") -> pd.DataFrame:
         """Main effects and two-factor interactions of every swept factor, each with its 95%
         interval and p-value (resnet_ablate/effects.py)."""
-        from .effects import effects
-
-        return effects(self, metric)
+        return effect_table(self, metric)
 
     def seed_decisions(self) -> pd.DataFrame:
         """Adaptive-seed studies (spec.AdaptiveSeeds): per configuration, the seeds it completed
@@ -424,9 +426,7 @@ class Results:
     def importance(self, metric: str = "test_error") -> pd.DataFrame:
         """Each swept factor's share of `metric`'s variance over the trials by Optuna's fANOVA
         (resnet_ablate/effects.py): a description, with no interval."""
-        from .effects import importance
-
-        return importance(self, metric)
+        return fanova_importance(self, metric)
 
     def pareto(self, objectives: Sequence[str] = ("test_error", "flops"),
                over: str = "configurations") -> pd.DataFrame:
@@ -474,7 +474,7 @@ class Results:
                 [objective, f"{objective}_ci95_low", f"{objective}_ci95_high"]
         columns += ["params", "flops", "method", "note"]
         front = front.sort_values(objectives, kind="stable")[list(dict.fromkeys(columns))]
-        return _with_methods(front.reset_index(drop=True))
+        return with_methods(front.reset_index(drop=True))
 
     # -- per-epoch curves and trained models
 
@@ -568,12 +568,6 @@ def _ranges(numbers: Sequence[int]) -> str:
     return ", ".join(parts)
 
 
-def _plain(value: Any) -> str:
-    """A value as a message shows it: 8, not np.int64(8); 'A' quoted."""
-    value = value.item() if isinstance(value, np.generic) else value
-    return repr(value) if isinstance(value, str) else str(value)
-
-
 def _match_level(value: Any, levels: list[Any], factor: str) -> Any:
     """The level equal to `value`, accepting its text ("20" for depth 20, as typed on a CLI) in
     either case where that is unambiguous."""
@@ -595,65 +589,8 @@ def _paired_row(factor: str, level: Any, baseline: Any, metric: str, configurati
             f"{metric}_level": float(np.mean(other.to_numpy(float))),
             "diff_mean": estimate.mean, "diff_std": estimate.std,
             "diff_ci95_low": estimate.low, "diff_ci95_high": estimate.high,
-            "p_value": estimate.p_value, "method": estimate.method, "note": _note(estimate),
+            "p_value": estimate.p_value, "method": estimate.method, "note": note(estimate),
             "metric": metric}
-
-
-# The metrics whose intervals take the test set's own sampling into account.
-ERROR_RATES = ("test_error", "test_accuracy")
-
-
-def _note(estimate: stats.Estimate) -> str:
-    """What a reader must know beside a number: too few seeds, no interval, a condition."""
-    parts = []
-    if 0 < estimate.n < stats.FEW_SEEDS:
-        parts.append(f"few seeds (n={estimate.n})")
-    if estimate.note:
-        parts.append(estimate.note)
-    return "; ".join(parts)
-
-
-def _with_methods(frame: pd.DataFrame) -> pd.DataFrame:
-    frame.attrs["methods"] = sorted(set(frame["method"]) - {""}) if "method" in frame else []
-    return frame
-
-
-def seed_stratified(differences: pd.Series, others: Sequence[str],
-                    bounds: tuple[float, float]) -> stats.Estimate:
-    """A metric without test-set sampling (training error, FLOPs, time) over several
-    configurations of the other factors: `differences` (paired differences or contrasts, indexed
-    by the `others` columns and "seed") averaged per seed over the configurations, and Student's
-    t over the seeds that every configuration has, each seed one paired unit. (The per-
-    configuration t estimates carry no variance draws, so `stats.stratified` cannot combine
-    them.)"""
-    by_configuration = differences.unstack(list(others))  # rows: seeds; columns: configurations
-    complete = by_configuration.dropna()
-    estimate = stats.seed_mean(complete.mean(axis=1).to_numpy(float), bounds)
-    configurations = by_configuration.shape[1]
-    note = (f"mean of {configurations} configurations' differences over the {len(complete)} "
-            f"seed{'s' if len(complete) != 1 else ''} all of them have")
-    return dataclasses.replace(estimate, note="; ".join(filter(None, [note, estimate.note])),
-                               method=f"stratified over configurations ({estimate.method})")
-
-
-def _complement(estimate: stats.Estimate) -> stats.Estimate:
-    """The estimate of 1 - x from that of x (accuracy from error)."""
-    return dataclasses.replace(estimate, mean=1 - estimate.mean, low=1 - estimate.high,
-                               high=1 - estimate.low, variance_draws=None)
-
-
-def _negated(estimate: stats.Estimate) -> stats.Estimate:
-    """The estimate of -x from that of x (an accuracy difference from an error difference)."""
-    return dataclasses.replace(estimate, mean=-estimate.mean, low=-estimate.high,
-                               high=-estimate.low)
-
-
-def _difference_bounds(metric: str) -> tuple[float, float]:
-    """The range a difference of `metric` can take: [-1, 1] for a rate."""
-    if metric in METRICS:
-        span = METRICS[metric].high - METRICS[metric].low
-        return -span, span
-    return -math.inf, math.inf
 
 
 # ----------------------------------------------------------------------------------------------
@@ -796,5 +733,4 @@ def write_frame(frame: pd.DataFrame, fmt: str = "table") -> str:
 
 
 __all__ = ["ARCH_COLUMNS", "DIRECTIONS", "Results", "ResultsError", "default_storage",
-           "display_frame", "footnotes", "format_table", "list_studies", "load", "seed_stratified",
-           "write_frame"]
+           "display_frame", "footnotes", "format_table", "list_studies", "load", "write_frame"]

@@ -93,6 +93,9 @@ class FailureKind:
     DIVERGED = "diverged"  # the loss blew up (train.py says how that is judged)
     OVER_BUDGET = "over_budget"  # its FLOPs exceed the spec's budget.max_gflops
     INTERRUPTED = "interrupted"  # the driver stopped (Ctrl-C, SIGTERM, killed) before it ended
+    # Its data set's folder or a shard is missing or unreachable, found when the trial started:
+    # the same input fails again, so it is not retried, nor settled (a rerun after the fix runs it).
+    DATA_UNAVAILABLE = "data_unavailable"
 
     RETRYABLE = (ERROR, WORKER_LOST)  # count as an attempt of the grid point
     FINAL = (DIVERGED, OVER_BUDGET)  # settle the grid point
@@ -233,8 +236,9 @@ class Status:
     PRUNED = "pruned"  # the driver's pruner stopped it after an epoch
     DIVERGED = FailureKind.DIVERGED  # its loss blew up (train.py says how that is judged)
     FAILED = "failed"  # an exception in the trial's code
+    UNAVAILABLE = FailureKind.DATA_UNAVAILABLE  # its data could not be read when it started
 
-    ALL = (COMPLETED, PRUNED, DIVERGED, FAILED)
+    ALL = (COMPLETED, PRUNED, DIVERGED, FAILED, UNAVAILABLE)
     # What a run's tally counts besides these: the failure kinds (FailureKind) of the trials
     # that did not end as a result or pruned.
     NOT_FAILURES = (COMPLETED, PRUNED)
@@ -314,8 +318,8 @@ class TrialOutcome:
     def failure_kind(self) -> str | None:
         """The FailureKind of a trial that failed or diverged; None for a completed or pruned
         one."""
-        return {Status.DIVERGED: FailureKind.DIVERGED,
-                Status.FAILED: FailureKind.ERROR}.get(self.status)
+        return {Status.DIVERGED: FailureKind.DIVERGED, Status.FAILED: FailureKind.ERROR,
+                Status.UNAVAILABLE: FailureKind.DATA_UNAVAILABLE}.get(self.status)
 
     def attributes(self) -> dict[str, Any]:
         """The trial's stored attributes this outcome gives (weights aside: the driver stores

@@ -25,7 +25,7 @@ import torch
 
 from .arch import ResNetArch
 from .board import PrunedByDriver, report_epoch
-from .data import DataBundle, Streamed, SyntheticSpec, load_dataset
+from .data import DataBundle, DataUnavailable, Streamed, SyntheticSpec, load_dataset
 from .models import build
 from .recipe import TrainRecipe
 from .record import (DataParallelRecord, FinalEvaluation, Placement, Status, Timings,
@@ -136,6 +136,7 @@ def run_trial_body(task: TrialTask, board: Any | None, device: torch.device, *,
     data_parallel = None
     try:
         inputs = TrialInputs.of(task)
+        inputs.data.check_available()  # a missing shard named now, not at the epoch reading it
         if replicas is not None:
             data_parallel = DataParallelRecord(replicas.world, _backend(), inputs.recipe.sync_bn,
                                                resumed_after)
@@ -144,6 +145,10 @@ def run_trial_body(task: TrialTask, board: Any | None, device: torch.device, *,
                        on_checkpoint=on_checkpoint, resume=resume)
     except PrunedByDriver as pruned:
         return stopped(Status.PRUNED, str(pruned))
+    except DataUnavailable as missing:
+        # Before training, and the same on every replica: an outcome, not an exception that Ray
+        # Train would restart the run for. Not retried: the same input fails again.
+        return stopped(Status.UNAVAILABLE, str(missing))
     except Exception as error:
         if replicas is not None:
             raise

@@ -342,3 +342,59 @@ def test_each_trials_seed_reaches_its_streamed_crops(shards, monkeypatch):
     for seed in (0, 1, 0):
         train(_tiny_model, data, recipe, seed=seed, threads=1)
     assert seeds[0] == seeds[2] != seeds[1]
+
+
+# -- a missing or unreachable shard: named when the trial starts, not retried
+
+
+def test_a_missing_or_unreachable_shard_is_named_by_the_check_a_trial_starts_with(http_shards):
+    from helpers import free_port
+    from resnet_ablate.data import DataUnavailable
+
+    root, base = http_shards
+    present = load_shards({**_spec(root), "val": f"{base}/val-000.tar", "val_size": 18},
+                          image_size=24, loader_workers=0)
+    present.check_available()  # every shard answers: nothing raised
+    missing = load_shards({**_spec(root), "val": f"{base}/val-{{000..002}}.tar", "val_size": 18},
+                          image_size=24, loader_workers=0)
+    with pytest.raises(DataUnavailable, match=rf"^shards.val: shard {base}/val-001.tar cannot be "
+                                              r"read: HTTP 404 .* \(and 1 more of its 3\)$"):
+        missing.check_available()
+    nobody = f"http://127.0.0.1:{free_port()}/train-000.tar"
+    unreachable = load_shards({**_spec(root), "train": nobody, "train_size": 8}, image_size=24,
+                              loader_workers=0)
+    with pytest.raises(DataUnavailable, match=rf"^shards.train: shard {nobody} cannot be read: "
+                                              r"unreachable \(URLError: .*refused"):
+        unreachable.check_available()
+
+
+def test_a_trial_whose_shard_is_missing_fails_before_training_and_is_not_retried(http_shards,
+                                                                                 tmp_path):
+    from resnet_ablate.record import FailureKind
+    from resnet_ablate.spec import load_spec
+    from resnet_ablate.study import RunOptions, run_study
+
+    root, base = http_shards
+    raw = {
+        "study": "missing-shard", "model": {"family": "imagenet", "widths": [4, 8, 8, 8],
+                                            "stages": [1, 1, 1, 1], "block": "basic"},
+        "dataset": {"name": "webdataset", "image_size": 32, "loader_workers": 0,
+                    "shards": {**_spec(root), "val": f"{base}/val-{{000..001}}.tar",
+                               "val_size": 18}},
+        "space": {"shortcut": ["A"]}, "seeds": 1, "max_attempts": 3,
+        "train": {"preset": "imagenet", "epochs": 1, "batch_size": 8},
+        "resources": {"cpus": 1, "workers": 1},
+    }
+    try:
+        summary = run_study(load_spec(write_spec(tmp_path, raw)),
+                            RunOptions(runs_dir=tmp_path, progress=False))
+    finally:
+        ray.shutdown()
+    trials = optuna.load_study(study_name="missing-shard", storage=summary.storage).get_trials()
+    assert len(trials) == 1, "a deterministic failure is not tried again"
+    (trial,) = trials
+    assert trial.state == optuna.trial.TrialState.FAIL
+    assert trial.user_attrs["failure_kind"] == FailureKind.DATA_UNAVAILABLE
+    assert trial.user_attrs["failure"].startswith(f"shards.val: shard {base}/val-001.tar cannot "
+                                                  "be read: HTTP 404")
+    assert trial.user_attrs.get("curves", []) == [], "it failed before its first epoch"

@@ -16,6 +16,7 @@ from .bundle import DataBundle
 from .cifar import (CIFAR10, CIFAR100, CIFAR_FORMATS, CifarArrays, CifarFormat, download_cifar,
                     read_cifar, read_cifar10, read_cifar100)
 from .digits import DIGITS_TEST_FRACTION
+from .errors import DataUnavailable
 from .folders import FolderData, load_image_folder
 from .load import DatasetShape, Streamed, clear_dataset_cache, dataset_shape, load_dataset
 from .shards import ShardData, ShardError, load_shards
@@ -23,7 +24,7 @@ from .synthetic import SyntheticSpec
 
 __all__ = [
     "Augmentation", "CIFAR10", "CIFAR100", "CIFAR_FORMATS", "CifarArrays", "CifarFormat",
-    "CropDraws", "DIGITS_TEST_FRACTION", "DataBundle", "DatasetShape", "FolderData", "ShardData",
+    "CropDraws", "DIGITS_TEST_FRACTION", "DataBundle", "DataUnavailable", "DatasetShape", "FolderData", "ShardData",
     "ShardError", "Streamed", "SyntheticSpec", "clear_dataset_cache", "crop_and_flip",
     "dataset_shape", "download_cifar", "draw_crops", "gather_crops", "load_dataset",
     "load_image_folder", "load_shards", "random_crop_flip", "read_cifar", "read_cifar10",

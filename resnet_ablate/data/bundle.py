@@ -65,6 +65,9 @@ class DataBundle:
     def test_size(self) -> int:
         return int(self.test_x.shape[0])
 
+    def check_available(self) -> None:
+        """Nothing to check: the data set is in memory (the same call as a streamed one's)."""
+
     def metadata(self) -> dict[str, Any]:
         """JSON-ready description for results stores (no tensors)."""
         return {

@@ -25,6 +25,7 @@ import torch
 
 from ..spec import DEFAULT_LOADER_WORKERS
 from .decode import AUGMENTATIONS, CropAugmentation, collate, decode, one_thread
+from .errors import DataUnavailable
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
@@ -46,13 +47,13 @@ def scan_image_folder(root: str | os.PathLike[str], *, train: str = "train",
     root = Path(root).expanduser()
     layout = f"expected {root}/{train}/<class>/*.jpg and {root}/{test}/<class>/*.jpg"
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist; {layout} (the ImageNet "
+        raise DataUnavailable(f"image folder {root} does not exist; {layout} (the ImageNet "
                                 "layout)")
     splits = {}
     for split in (train, test):
         folder = root / split
         if not folder.is_dir():
-            raise FileNotFoundError(f"image folder {root} has no {split}/ split; {layout}")
+            raise DataUnavailable(f"image folder {root} has no {split}/ split; {layout}")
         classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
         if not classes:
             raise ValueError(f"{folder} holds no class folders; {layout}")
@@ -176,6 +177,13 @@ class FolderData:
         if parts > 1:
             split = torch.utils.data.Subset(split, range(part, len(split), parts))
         return self._loader(split, batch_size, None, pin_memory)
+
+    def check_available(self) -> None:
+        """DataUnavailable where the folder or one of its splits is gone (a trial checks when
+        it starts; its images were indexed when the data set was loaded)."""
+        for folder in (self.index.root / "train", self.index.root / "val"):
+            if not folder.is_dir():
+                raise DataUnavailable(f"image folder {self.index.root}: {folder} is gone")
 
     def metadata(self) -> dict[str, Any]:
         return {"name": self.name, "root": str(self.index.root), "train_size": self.train_size,

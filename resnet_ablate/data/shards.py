@@ -30,6 +30,7 @@ import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -42,12 +43,15 @@ import torch
 
 from ..spec import DEFAULT_LOADER_WORKERS
 from .decode import CropAugmentation, collate, decode, one_thread
+from .errors import DataUnavailable
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SHUFFLE_BUFFER = 1000  # samples mixed across the shards a worker reads
 # Set to 1 (by `resnet-ablate run --allow-pipe-urls`) to let `pipe:` shard URLs run their command.
 ALLOW_PIPE_URLS_ENV = "RESNET_ABLATE_ALLOW_PIPE_URLS"
 HTTP_TIMEOUT_SECONDS = 60.0
+PROBE_TIMEOUT_SECONDS = 15.0  # per shard URL, when a trial starts
+PROBE_THREADS = 16  # ImageNet's train shards are ~1,000 URLs: asked side by side
 _LOCAL_SCHEMES = ("", "file")
 _HTTP_SCHEMES = ("http", "https")
 
@@ -115,6 +119,30 @@ def open_shard(url: str) -> IO[bytes]:
     from webdataset.gopen import gopen_pipe
 
     return gopen_pipe(url, "rb")
+
+
+def probe_shard(url: str) -> str | None:
+    """Why the shard at `url` cannot be read, in a few words, or None where it can: a local file
+    must exist, an http(s) URL answer a HEAD request (or, where HEAD is refused, a one-byte GET)
+    with success. A `pipe:` URL is not probed: its command runs only to read it."""
+    scheme = _scheme(url)
+    if scheme in _LOCAL_SCHEMES:
+        return None if _local_path(url).is_file() else "no such file"
+    if scheme not in _HTTP_SCHEMES:
+        return None
+    for request in (urllib.request.Request(url, method="HEAD"),
+                    urllib.request.Request(url, headers={"Range": "bytes=0-0"})):
+        try:
+            with urllib.request.urlopen(request, timeout=PROBE_TIMEOUT_SECONDS):  # noqa: S310
+                return None
+        except urllib.error.HTTPError as error:
+            if request.get_method() == "HEAD" and error.code in (405, 501):
+                continue  # a server that does not answer HEAD: ask for one byte instead
+            return f"HTTP {error.code} {error.reason}"
+        except (OSError, http.client.HTTPException, ValueError) as error:
+            reason = getattr(error, "reason", None) or error
+            return f"unreachable ({type(error).__name__}: {reason})"
+    return None
 
 
 def split_key(name: str) -> tuple[str | None, str | None]:
@@ -259,6 +287,20 @@ class ShardData:
         urls = list(self.test_urls)[part::parts]
         return self._loader(urls, batch_size, None, 0, pin_memory) if urls else []
 
+    def check_available(self) -> None:
+        """DataUnavailable naming the first shard (of the training ones, then the evaluation's)
+        that is missing or does not answer, and how many more: checked when a trial starts, so
+        that a missing shard fails it before training rather than at the epoch that reads it."""
+        for split, urls in (("train", self.train_urls), ("val", self.test_urls)):
+            with ThreadPoolExecutor(min(PROBE_THREADS, len(urls))) as pool:
+                problems = [(url, why) for url, why in zip(urls, pool.map(probe_shard, urls))
+                            if why is not None]
+            if problems:
+                url, why = problems[0]
+                more = f" (and {len(problems) - 1} more of its {len(urls)})" if len(problems) > 1 \
+                    else ""
+                raise DataUnavailable(f"shards.{split}: shard {url} cannot be read: {why}{more}")
+
     def metadata(self) -> dict[str, Any]:
         return {"name": self.name, "train_shards": len(self.train_urls),
                 "test_shards": len(self.test_urls), "train_size": self.train_size,
@@ -326,7 +368,7 @@ def load_shards(shards: dict[str, Any], *, image_size: int = 224,
         local = [u for u in urls[split] if _is_local(u)]
         absent = [u for u in local if not _local_path(u).is_file()]
         if absent:
-            raise FileNotFoundError(f"shards.{split}: {len(absent)} of {len(urls[split])} shards "
+            raise DataUnavailable(f"shards.{split}: {len(absent)} of {len(urls[split])} shards "
                                     f"not found, first {absent[0]}")
         if size_key in shards:
             sizes[split] = int(shards[size_key])

@@ -1,11 +1,16 @@
 """Study specs: the shipped ones load, and every kind of mistake gives one error naming file and field."""
 
+import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from resnet_ablate.spec import IntRange, SpecError, load_spec, parse_spec
+import resnet_ablate.spec as spec_package
+from resnet_ablate.spec import Budget, IntRange, SpecError, load_spec, parse_spec
+from resnet_ablate.spec.checker import accepted_types
 
 STUDIES = Path(__file__).resolve().parent.parent / "studies"
 MINIMAL = {"study": "s", "space": {"depth": [8, 20]}}
@@ -337,3 +342,50 @@ def test_resources_built_in_python_are_held_to_the_parsers_bounds():
         Resources(cpus=-1)
     assert "resources: need cpus > 0, gpus >= 0 and workers >= 1" in \
         _error({**MINIMAL, "resources": {"cpus": -1}})
+
+
+SECTIONS = {"dataset": "DatasetSpec", "budget": "Budget", "resources": "Resources"}
+
+
+@pytest.mark.parametrize("section,field", [
+    (section, f.name) for section, cls in SECTIONS.items()
+    for f in dataclasses.fields(getattr(spec_package, cls))])
+def test_every_field_of_a_section_is_checked_against_its_type(section, field):
+    # No field of these sections is a list: a list is the wrong type for each one.
+    message = _error({**MINIMAL, section: {field: [1]}})
+    assert message.startswith(f"studies/x.yaml: {section}.{field}: expected ")
+    assert message.endswith("got list [1]")
+
+
+@pytest.mark.parametrize("hint,accepted", [
+    (float, (int, float)),  # YAML's 1 is a float field's 1.0
+    (int, (int,)),
+    (int | None, (int,)),
+    (str | None, (str,)),
+    (bool, (bool,)),
+    (Mapping[str, Any] | None, (Mapping,)),
+])
+def test_a_field_type_says_which_yaml_values_it_takes(hint, accepted):
+    assert accepted_types(hint) == accepted
+
+
+def test_a_field_type_without_a_yaml_check_is_an_error_not_a_pass():
+    with pytest.raises(TypeError, match="no YAML check"):
+        accepted_types(list[int])
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ({"resources": {"cpus": None}}, "resources.cpus: expected int or float, got NoneType None"),
+    ({"dataset": {"name": "digits", "validation": None}},
+     "dataset.validation: expected bool, got NoneType None"),
+    ({"resources": {"workers": 2.0}}, "resources.workers: expected int, got float 2.0"),
+    ({"budget": {"trials": True}}, "budget.trials: expected int, got True"),
+])
+def test_null_and_near_miss_values_are_refused_where_the_field_does_not_take_them(raw, expected):
+    assert expected in _error({**MINIMAL, **raw})
+
+
+def test_null_is_the_default_where_the_field_takes_none():
+    spec = parse_spec({**MINIMAL, "budget": {"trials": None, "minutes": None},
+                       "resources": {"replicas": None}})
+    assert spec.budget == Budget() and spec.resources.replicas is None

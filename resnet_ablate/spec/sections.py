@@ -1,0 +1,223 @@
+"""The sections of a study spec as plain, frozen values (no torch): the data set, the budget,
+each trial's resources, the adaptive-seed rule, a range of levels, and the StudySpec that holds
+them. The parser (parse.py) builds them from YAML; a StudySpec and its Resources built in Python
+refuse what the parser would refuse of them."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..arch import ResNetArch
+from ..recipe import TrainRecipe
+from ..record import OBJECTIVES  # each objective has one sensible direction: specs name metrics
+from ..storage import default_storage, study_name_problem
+from .catalogue import DEFAULT_LOADER_WORKERS, STREAMED_DATASETS
+from .checker import SpecError
+
+# The fields a spec's `model` fixes and its `space` sweeps.
+ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(ResNetArch))
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """The data set a study trains on: a name from the catalogue (catalogue.DATASETS) and its
+    options, as resnet_ablate.data.load_dataset takes them (dataset.py checks them)."""
+
+    name: str = "digits"
+    root: str | None = None
+    validation: bool = False
+    download: bool = False
+    split_seed: int = 0
+    synthetic: Mapping[str, Any] | None = None  # SyntheticSpec fields
+    # imagefolder only: crop size, training augmentation ("scale" or "random_resized_crop"), and
+    # decoding processes per trial (counted in resources.cpus).
+    image_size: int | None = None
+    augmentation: str | None = None
+    loader_workers: int | None = None
+    # webdataset only: {train: PATTERN, val: PATTERN, num_classes: N[, train_size, val_size]}.
+    shards: Mapping[str, Any] | None = None
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `resnet_ablate.data.load_dataset` (plain values: Ray ships them)."""
+        kwargs = {
+            "name": self.name, "root": self.root, "validation": self.validation,
+            "download": self.download, "seed": self.split_seed,
+            "synthetic": dict(self.synthetic) if self.synthetic is not None else None,
+        }
+        for name in ("image_size", "augmentation", "loader_workers"):
+            if getattr(self, name) is not None:
+                kwargs[name] = getattr(self, name)
+        if self.shards is not None:
+            kwargs["shards"] = dict(self.shards)
+        return kwargs
+
+    @property
+    def decoding_workers(self) -> int:
+        """CPUs of a trial that decode images rather than train (imagefolder's loader)."""
+        if self.name not in STREAMED_DATASETS:
+            return 0
+        return DEFAULT_LOADER_WORKERS if self.loader_workers is None else self.loader_workers
+
+
+@dataclass(frozen=True)
+class Budget:
+    """When a study stops launching trials, and which architectures it skips."""
+
+    trials: int | None = None  # most trials to run (grid: points x seeds otherwise)
+    minutes: float | None = None  # stop launching trials after this much wall time
+    max_gflops: float | None = None  # skip architectures above this forward cost
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What each trial holds, and how many run at once. A trial of several replicas (two GPUs or
+    more, or `replicas` on CPUs) is one data-parallel run (data_parallel.py)."""
+
+    cpus: float = 1  # per trial process (each replica's): its torch threads and loader workers
+    gpus: float = 0  # per trial, per node with nodes > 1; fractions pack trials on one GPU
+    workers: int = 2  # trials running at once
+    nodes: int = 1  # nodes a data-parallel trial spans, `gpus` GPUs on each
+    replicas: int | None = None  # CPU data-parallel processes of a trial (GPUs: one per GPU)
+
+    def __post_init__(self) -> None:
+        # Here, so that Resources built in Python are held to what a spec's parser checks.
+        if not (self.cpus > 0 and self.gpus >= 0 and self.workers >= 1):
+            raise ValueError(f"need cpus > 0, gpus >= 0 and workers >= 1, got {self}")
+
+    @property
+    def replica_count(self) -> int:
+        """The processes that train one trial together (1: an ordinary trial)."""
+        if self.gpus >= 1:
+            return int(self.gpus) * self.nodes
+        return self.replicas or 1
+
+
+@dataclass(frozen=True)
+class AdaptiveSeeds:
+    """Seeds spent only where the answer is still open (grid studies): every configuration gets
+    seeds 0..min-1; then, each time all of a configuration's seeds have ended, it gets one more
+    seed (up to max) while its question is open (adaptive.py decides):
+
+    - `width`: its test error's interval (the summary's method) is wider than this (a rate:
+      0.02 is 2 points);
+    - `decided` (a swept factor) with `margin`: its comparison with the configuration that has
+      the factor's baseline level (the first listed) and the same other factors is neither a
+      difference (the interval excludes zero) nor an equivalence (the interval lies within
+      +-margin). Both configurations of an open comparison get a seed.
+
+    A configuration is looked at when it has min seeds, then at about 1.5 times as many each
+    time (`looks`: 2, 3, 5, 8, 10 for min 2, max 10), the seeds up to the next look added at
+    once: fewer looks than one seed at a time, so each decision spends less of the error rate,
+    and the added seeds train in parallel. A "differs" decision uses intervals at
+    1 - 0.05/looks, a Bonferroni share per look, so that stopping at any look keeps the chance
+    of a wrong "differs" at most 5%; "within the margin" is two one-sided tests at the same
+    share (the interval at 1 - 2 x 0.05/looks)."""
+
+    min: int
+    max: int
+    width: float | None = None
+    decided: str | None = None
+    margin: float = 0.0
+
+    @property
+    def looks(self) -> tuple[int, ...]:
+        """The seed counts at which a configuration's question is looked at."""
+        counts = [self.min]
+        while counts[-1] < self.max:
+            counts.append(min(self.max, max(counts[-1] + 1, round(counts[-1] * 1.5))))
+        return tuple(counts)
+
+    def next_look(self, seeds: int) -> int:
+        """How many seeds a configuration with `seeds` of them gets at its next look."""
+        return next((n for n in self.looks if n > seeds), self.max)
+
+    @property
+    def level(self) -> float:
+        """The two-sided level of a "differs" decision's interval."""
+        return 1 - 0.05 / len(self.looks)
+
+    @property
+    def equivalence_level(self) -> float:
+        """The level of the interval whose lying within +-margin is a "within" decision."""
+        return 1 - 2 * 0.05 / len(self.looks)
+
+
+@dataclass(frozen=True)
+class IntRange:
+    """The levels low, low + step, ... up to high (inclusive) of a factor the random and tpe
+    samplers sweep."""
+
+    low: int
+    high: int
+    step: int = 1
+
+    def values(self) -> range:
+        return range(self.low, self.high + 1, self.step)
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """One study: the question, the data set, the architecture space and how it is swept, the
+    recipe, the budget and the resources; `raw` is the spec as written (stored with the study)."""
+
+    study: str
+    space: Mapping[str, tuple[Any, ...] | IntRange]
+    question: str = ""
+    dataset: DatasetSpec = field(default_factory=DatasetSpec)
+    model: Mapping[str, Any] = field(default_factory=dict)
+    sampler: str = "grid"
+    objectives: tuple[str, ...] = ("test_error",)
+    seeds: tuple[int, ...] = (0,)  # with adaptive seeds: every seed a configuration may get
+    adaptive_seeds: AdaptiveSeeds | None = None
+    train: TrainRecipe = field(default_factory=TrainRecipe)
+    budget: Budget = field(default_factory=Budget)
+    resources: Resources = field(default_factory=Resources)
+    storage: str | None = None
+    pruner: str = "none"
+    max_attempts: int = 3
+    warmup_from_depth: int | None = None
+    max_restarts: int = 2
+    checkpoints: str | None = None
+    source: str = "<spec>"
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        # parse_spec has said so already, naming the file; this catches a spec built in Python
+        # (or changed with dataclasses.replace) before its name becomes a file.
+        problem = study_name_problem(self.study)
+        if problem is not None:
+            raise SpecError(f"{self.source}: study: {problem}")
+
+    @property
+    def directions(self) -> list[str]:
+        return [OBJECTIVES[name] for name in self.objectives]
+
+    def arch(self, params: Mapping[str, Any]) -> ResNetArch:
+        """The architecture of one point of the space."""
+        return ResNetArch.from_dict({**self.model, **params})
+
+    def grid(self) -> Iterator[dict[str, Any]]:
+        """Every point of the space (the full factorial), in a stable order."""
+        names = list(self.space)
+        choices = [values_of(self.space[name]) for name in names]
+        for combination in itertools.product(*choices):
+            yield dict(zip(names, combination))
+
+    def recipe_for(self, arch: ResNetArch) -> TrainRecipe:
+        """The training recipe of one architecture: warm-up switched on for the deepest ones."""
+        if self.warmup_from_depth is not None and (arch.depth or 0) >= self.warmup_from_depth:
+            return dataclasses.replace(self.train, warmup=True)
+        return self.train
+
+    def storage_url(self, runs_dir: str | os.PathLike[str] | None = None) -> str:
+        return self.storage or default_storage(self.study, runs_dir)
+
+
+def values_of(choice: tuple[Any, ...] | IntRange) -> Sequence[Any]:
+    """The levels of one swept factor: its list, or its range's values."""
+    return choice.values() if isinstance(choice, IntRange) else choice

@@ -1,0 +1,89 @@
+"""The `seeds` section of a spec: a count, a list of distinct seeds, or the adaptive rule
+(AdaptiveSeeds: seeds spent where the answer is still open); and that rule read back from a
+stored study's spec (adaptive_rule)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .catalogue import MAX_ADAPTIVE_SEEDS
+from .checker import Checker
+from .sections import AdaptiveSeeds, values_of
+
+
+def adaptive_rule(seeds: Any, space: Mapping[str, Any], *, source: str = "<spec>"
+                  ) -> AdaptiveSeeds | None:
+    """The adaptive-seed rule of a spec's `seeds` as written (None for fixed seeds): what a
+    reader of a stored study needs without parsing the rest of its spec again."""
+    if not isinstance(seeds, dict):
+        return None
+    levels = {name: tuple(values) if isinstance(values, list) else ()
+              for name, values in space.items()}
+    return _adaptive_seeds(Checker(source), seeds, levels)[1]
+
+
+ADAPTIVE_KEYS = ("min", "max", "until")
+UNTIL_KEYS = ("width", "decided", "margin")
+
+
+def seeds_section(check: Checker, value: Any, space: Mapping[str, Any]
+           ) -> tuple[list[int], AdaptiveSeeds | None]:
+    """`seeds`: a count, a list of distinct ints, or the adaptive mapping (AdaptiveSeeds)."""
+    if isinstance(value, dict):
+        return _adaptive_seeds(check, value, space)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise check.fail("seeds", f"a count of seeds must be >= 1, got {value}")
+        value = list(range(value))
+    check.typed("seeds", value, list, "a count (int), a list of int seeds, or {min, max, until}")
+    if not value or len(set(value)) != len(value):
+        raise check.fail("seeds", f"expected distinct int seeds, got {value!r}")
+    for i, seed in enumerate(value):
+        check.typed(f"seeds[{i}]", seed, int, "an int")
+    return value, None
+
+
+def _adaptive_seeds(check: Checker, value: dict, space: Mapping[str, Any]
+                    ) -> tuple[list[int], AdaptiveSeeds]:
+    section = check.mapping("seeds", value, list(ADAPTIVE_KEYS))
+    bounds = {}
+    for name in ("min", "max"):
+        if name not in section:
+            raise check.fail("seeds", f"adaptive seeds need min, max and until; {name} is missing")
+        number = check.typed(f"seeds.{name}", section[name], int, "an int")
+        if not 2 <= number <= MAX_ADAPTIVE_SEEDS:
+            raise check.fail(f"seeds.{name}", f"must be an int from 2 (the fewest seeds an "
+                                              f"interval needs) to {MAX_ADAPTIVE_SEEDS}, got "
+                                              f"{number!r}")
+        bounds[name] = number
+    if bounds["max"] < bounds["min"]:
+        raise check.fail("seeds.max", f"must be >= seeds.min ({bounds['min']}), got "
+                                      f"{bounds['max']}")
+    until = check.mapping("seeds.until", section.get("until"), list(UNTIL_KEYS))
+    if ("width" in until) == ("decided" in until):
+        raise check.fail("seeds.until", "give one rule: {width: W} (stop where the test error's "
+                                        "interval is at most W wide) or {decided: FACTOR, "
+                                        "margin: M} (stop where its comparison is decided)")
+    width = decided = None
+    margin = 0.0
+    if "width" in until:
+        width = check.typed("seeds.until.width", until["width"], (int, float), "a number")
+        if not 0 < width <= 1:
+            raise check.fail("seeds.until.width", f"an interval width of an error rate, in "
+                                                  f"(0, 1] (0.02 is 2 points), got {width!r}")
+    else:
+        decided = until["decided"]
+        swept = [name for name, levels in space.items() if len(values_of(levels)) >= 2]
+        if decided not in swept:
+            raise check.fail("seeds.until.decided", f"{decided!r} is not a swept factor with two "
+                                                    f"levels or more; swept: "
+                                                    f"{', '.join(swept) or 'none'}")
+        margin = check.typed("seeds.until.margin", until.get("margin", 0.0), (int, float),
+                             "a number")
+        if not 0 <= margin < 1:
+            raise check.fail("seeds.until.margin", f"a difference of error rates in [0, 1) "
+                                                   f"(0.005 is half a point), got {margin!r}")
+    rule = AdaptiveSeeds(bounds["min"], bounds["max"], None if width is None else float(width),
+                         decided, float(margin))
+    return list(range(rule.max)), rule

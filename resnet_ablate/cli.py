@@ -28,7 +28,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.allow_pipe_urls:  # before Ray starts: its local workers inherit the environment
         import os
 
-        from .data.shards import ALLOW_PIPE_URLS_ENV
+        from .data.shard_urls import ALLOW_PIPE_URLS_ENV
 
         os.environ[ALLOW_PIPE_URLS_ENV] = "1"
     spec = load_spec(args.spec)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -22,6 +22,9 @@ MEMORY_FORMATS: tuple[str, ...] = ("channels_last", "nchw")
 # A study may be resumed with other values of these.
 EXECUTION_ONLY: tuple[str, ...] = ("memory_format", "compile", "cuda_graphs")
 SCHEDULES: tuple[str, ...] = ("step", "plateau")
+# The paper's ImageNet protocol (Sec. 3.4): how inputs are centred, and the test-time views.
+MEANS: tuple[str, ...] = ("channel", "pixel")
+TEST_VIEWS: tuple[str, ...] = ("ten_crop", "multi_scale")
 
 
 # A bound far above any recipe's (a billion epochs is a typo that would be planned in silence).
@@ -70,6 +73,15 @@ class TrainRecipe:
     warmup_until_error: float | None = 0.8
     warmup_max_steps: int | None = None
     augment: bool = True
+    # The paper's ImageNet protocol (Sec. 3.4), for streamed image data sets: AlexNet's PCA
+    # lighting on training crops (`lighting`: the std of its alphas, the paper's 0.1; 0 is none);
+    # `mean: pixel` subtracts the training images' per-pixel mean (the paper's) where "channel"
+    # normalises with ImageNet's channel mean and std; `test_views` are scored after the last
+    # epoch beside the centre crop: "ten_crop" (10-crop testing, Tables 2-3) and "multi_scale"
+    # (fully convolutional, scores averaged over shorter sides {224, 256, 384, 480, 640}, Table 4).
+    lighting: float = 0.0
+    mean: str = "channel"
+    test_views: tuple[str, ...] = ()
     # Data-parallel trials only: BatchNorm normalises with the statistics of the global batch
     # (all replicas) instead of each replica's own, as the paper's multi-GPU training did.
     sync_bn: bool = False
@@ -128,6 +140,7 @@ class TrainRecipe:
             fail("schedule", f"one of {', '.join(SCHEDULES)}")
         if not _is_number(self.plateau_threshold) or not 0 <= self.plateau_threshold < 1:
             fail("plateau_threshold", "a relative improvement in [0, 1)")
+        self._check_protocol(fail)
         if self.precision not in PRECISIONS:
             fail("precision", f"one of {', '.join(PRECISIONS)}")
         if self.memory_format not in MEMORY_FORMATS:
@@ -135,6 +148,18 @@ class TrainRecipe:
         for name in ("compile", "cuda_graphs", "sync_bn", "augment"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "true or false")
+
+    def _check_protocol(self, fail: Callable[[str, str], None]) -> None:
+        """The paper's ImageNet protocol fields: lighting, mean, test_views."""
+        if not _is_number(self.lighting) or not 0 <= self.lighting <= 1:
+            fail("lighting", "a number in [0, 1] (the std of AlexNet's PCA lighting; 0.1 is the "
+                             "paper's, 0 none)")
+        if self.mean not in MEANS:
+            fail("mean", f"one of {', '.join(MEANS)}")
+        object.__setattr__(self, "test_views", tuple(self.test_views))
+        if not set(self.test_views) <= set(TEST_VIEWS) or len(set(self.test_views)) != len(
+                self.test_views):
+            fail("test_views", f"a list of distinct views out of {', '.join(TEST_VIEWS)}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], *, where: str = "recipe") -> TrainRecipe:
@@ -162,6 +187,7 @@ class TrainRecipe:
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         values["milestones"] = list(self.milestones)
+        values["test_views"] = list(self.test_views)
         return values
 
     def lr_at(self, epoch: int) -> float:
@@ -189,6 +215,8 @@ def _is_number(value: Any) -> bool:
 #   batch 256, lr 0.1 divided by 10 at epochs 30 and 60 of 90.
 # - imagenet_plateau: the same, divided by 10 when the training loss plateaus (5 epochs without
 #   a 1% fall), over the paper's ~120 epochs (60e4 iterations of 256 images).
+# - imagenet_paper: imagenet_plateau with the rest of Sec. 3.4: PCA lighting (0.1), the
+#   per-pixel mean subtracted, and 10-crop and multi-scale testing beside the centre crop.
 PRESETS: dict[str, TrainRecipe] = {
     "cifar": TrainRecipe(),
     "imagenet": TrainRecipe(epochs=90, batch_size=256, lr=0.1, momentum=0.9, weight_decay=1e-4,
@@ -196,4 +224,8 @@ PRESETS: dict[str, TrainRecipe] = {
     "imagenet_plateau": TrainRecipe(epochs=120, batch_size=256, lr=0.1, momentum=0.9,
                                     weight_decay=1e-4, schedule="plateau", plateau_patience=5,
                                     eval_batch_size=256),
+    "imagenet_paper": TrainRecipe(epochs=120, batch_size=256, lr=0.1, momentum=0.9,
+                                  weight_decay=1e-4, schedule="plateau", plateau_patience=5,
+                                  eval_batch_size=256, lighting=0.1, mean="pixel",
+                                  test_views=("ten_crop", "multi_scale")),
 }

@@ -126,6 +126,9 @@ class Metric:
             else self.show(value)
 
 
+# 10-crop and multi-scale testing (recipe.test_views), in the curves' last record.
+VIEW_METRICS = ("test_error_10crop", "test_top5_error_10crop", "test_error_multiscale",
+                "test_top5_error_multiscale")
 METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("test_error", "minimize", "test_error", _percent, True, high=1.0),
     Metric("test_accuracy", "maximize", "test_accuracy", _percent, True, high=1.0),
@@ -133,6 +136,7 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("best_test_error", "minimize", "best_test_error", _percent, False, high=1.0),
     # Streamed (ImageNet-style) data sets only: the final epoch's top-5 error.
     Metric("test_top5_error", "minimize", "test_top5_error", _percent, False, high=1.0),
+    *(Metric(name, "minimize", name, _percent, False, high=1.0) for name in VIEW_METRICS),
     Metric("flops", "minimize", "GFLOPs", lambda v: f"{v / 1e9:.4f}", True),
     Metric("params", "minimize", "params (M)", lambda v: f"{v / 1e6:.3f}", True),
     Metric("wall_seconds", "minimize", "wall (s)", lambda v: f"{v:.1f}", True),
@@ -167,6 +171,7 @@ def metric_values(attrs: Mapping[str, Any]) -> dict[str, float | None]:
         "best_test_error": min(test_errors) if test_errors
         else complement(attrs.get(TrialKey.BEST_TEST_ACCURACY)),
         "test_top5_error": last.get("test_top5_error"),
+        **{name: last.get(name) for name in VIEW_METRICS},
         "flops": attrs.get(TrialKey.FLOPS),
         "params": attrs.get(TrialKey.PARAMS),
         "wall_seconds": attrs.get(TrialKey.WALL_SECONDS),

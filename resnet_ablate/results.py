@@ -40,7 +40,8 @@ from .contrasts import (ERROR_RATES, complement, difference_bounds, negated, not
 from .effects import effects as effect_table
 from .effects import importance as fanova_importance
 from .filters import FilterError, filter_mask
-from .record import DIRECTIONS, METRICS, StudyKey, TrialKey, metric_values, unpack_outcomes
+from .record import (DIRECTIONS, METRICS, VIEW_METRICS, StudyKey, TrialKey, metric_values,
+                     unpack_outcomes)
 from .spec import adaptive_rule
 from .storage import (ResultsError, StoreError, default_storage, runs_folder, sqlite_path,
                       store_faults, weights_folder)
@@ -51,7 +52,7 @@ ARCH_COLUMNS = ("family", "depth", "stages", "block", "shortcut", "widths", "bas
                 "downsampling", "fused")
 TRIAL_COLUMNS = ("number", "state", "arch_name", *ARCH_COLUMNS, "seed", "params", "flops",
                  "test_accuracy", "test_error", "best_test_error", "test_top5_error",
-                 "train_error", "test_images", "epochs",
+                 *VIEW_METRICS, "train_error", "test_images", "epochs",
                  "wall_seconds", "images_per_second", "precision", "memory_format", "device",
                  "replicas", "restarts", "failure_kind", "failure",
                  "arch_digest", "weights")
@@ -147,7 +148,8 @@ def _trial_row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
         **{name: _scalar(arch.get(name)) for name in ARCH_COLUMNS},
         "seed": attrs.get(TrialKey.SEED),
         **{name: metrics[name] for name in ("params", "flops", "test_accuracy", "test_error",
-                                            "best_test_error", "test_top5_error", "train_error")},
+                                            "best_test_error", "test_top5_error", "train_error",
+                                            *VIEW_METRICS)},
         "test_images": attrs.get(TrialKey.TEST_IMAGES),
         "epochs": attrs.get(TrialKey.EPOCHS_COMPLETED),
         "wall_seconds": metrics["wall_seconds"], "images_per_second": metrics["images_per_second"],
@@ -178,7 +180,7 @@ def _trials_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
         frame[column] = frame[column].astype("Int64")
     frame["fused"] = frame["fused"].astype("boolean")
     for column in ("test_accuracy", "test_error", "best_test_error", "test_top5_error",
-                   "train_error", "wall_seconds", "images_per_second"):
+                   *VIEW_METRICS, "train_error", "wall_seconds", "images_per_second"):
         frame[column] = frame[column].astype(float)
     return frame
 

@@ -281,7 +281,7 @@ def _shard_spec(name: str, folder: Path, **shards) -> dict:
 
 def test_a_pipe_shard_url_is_refused_before_anything_runs_unless_allowed(tmp_path, capsys,
                                                                           monkeypatch):
-    from resnet_ablate.data.shards import ALLOW_PIPE_URLS_ENV
+    from resnet_ablate.data.shard_urls import ALLOW_PIPE_URLS_ENV
 
     monkeypatch.setenv(ALLOW_PIPE_URLS_ENV, "0")  # and put back as it was after the test
     canary = tmp_path / "CANARY"

@@ -17,7 +17,8 @@ from PIL import Image
 from helpers import labelled_images, write_shard, write_spec
 from resnet_ablate.data.decode import IMAGENET_MEAN, IMAGENET_STD
 from resnet_ablate.recipe import TrainRecipe
-from resnet_ablate.data.shards import ALLOW_PIPE_URLS_ENV, ShardError, load_shards, open_shard
+from resnet_ablate.data.shard_urls import ALLOW_PIPE_URLS_ENV, open_shard
+from resnet_ablate.data.shards import ShardError, load_shards
 from resnet_ablate.train import NoImages, evaluate, train
 
 CLASSES = 6
@@ -398,3 +399,32 @@ def test_a_trial_whose_shard_is_missing_fails_before_training_and_is_not_retried
     assert trial.user_attrs["failure"].startswith(f"shards.val: shard {base}/val-001.tar cannot "
                                                   "be read: HTTP 404")
     assert trial.user_attrs.get("curves", []) == [], "it failed before its first epoch"
+
+
+# -- the paper's protocol on shards: statistics from the first training images, test-time views
+
+
+def test_shards_pixel_statistics_and_views_are_the_image_folders_on_the_same_images(shards):
+    from resnet_ablate.data.decode import PixelStatistics, centre_pixels, decode_views
+
+    root, val_images = shards
+    data = load_shards(_spec(root), image_size=24, loader_workers=0)
+    crops = []  # every decodable training image, in shard order (fewer than the sample)
+    for shard in range(3):
+        with tarfile.open(root / f"train-{shard:03d}.tar") as archive:
+            for member in archive.getmembers():
+                if member.name.endswith(".jpg"):
+                    crop = centre_pixels(io.BytesIO(archive.extractfile(member).read()), 24)
+                    crops += [] if crop is None else [crop]
+    assert len(crops) == 6 * 4
+    expected = PixelStatistics.of(np.stack(crops))
+    np.testing.assert_allclose(data.pixel_statistics.mean_image, expected.mean_image)
+    np.testing.assert_allclose(data.pixel_statistics.eigenvalues, expected.eigenvalues)
+    views, labels, skipped = next(iter(data.test_loader(4, view="ten_crop")))
+    assert skipped == 0 and views[0].shape == (4, 10, 3, 24, 24)
+    assert labels.tolist() == [label for label, _ in val_images[:4]]
+    for i, (_, image) in enumerate(val_images[:4]):
+        torch.testing.assert_close(views[0][i], decode_views(io.BytesIO(image), image_size=24,
+                                                             view="ten_crop")[0])
+    views, labels, _ = next(iter(data.test_loader(4, view="multi_scale")))
+    assert len(labels) == 1 and len(views) == 5, "one image a batch, one view per scale"

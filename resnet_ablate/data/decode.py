@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import BinaryIO, Literal
 
 import numpy as np
 import torch
 from PIL import Image
+
+from ..recipe import TEST_VIEWS
 
 # ImageNet's per-channel training mean and std (RGB, pixel values in [0, 1]).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -64,33 +67,157 @@ def _centre_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB image -> float32 (3, H, W), normalised with ImageNet's channel mean and std."""
+@dataclass(frozen=True, eq=False)
+class PixelStatistics:
+    """A data set's training pixels (values in [0, 1]) as the paper's preprocessing needs them:
+    the per-pixel mean of the centre crops (`mean_image`, (S, S, 3)), and the eigen-decomposition
+    of the RGB covariance over all their pixels (`eigenvalues` ascending, `eigenvectors` as
+    columns: numpy's eigh) for AlexNet's PCA lighting."""
+
+    mean_image: np.ndarray
+    eigenvalues: np.ndarray
+    eigenvectors: np.ndarray
+
+    @classmethod
+    def of(cls, crops: np.ndarray) -> PixelStatistics:
+        """From centre crops (N, S, S, 3) in [0, 1]: their mean image, and the eigh of the
+        population covariance of their N*S*S RGB pixels (accumulated in float64)."""
+        pixels = crops.reshape(-1, 3).astype(np.float64)
+        centred = pixels - pixels.mean(axis=0)
+        covariance = centred.T @ centred / pixels.shape[0]
+        eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+        return cls(crops.mean(axis=0, dtype=np.float64).astype(np.float32),
+                   np.clip(eigenvalues, 0, None), eigenvectors)
+
+    def lighting_shift(self, std: float, rng: np.random.Generator) -> np.ndarray:
+        """AlexNet's colour augmentation (Krizhevsky et al. 2012, Sec. 4.1): the RGB shift
+        sum_i alpha_i sqrt(lambda_i) p_i, alpha_i ~ N(0, std), added to every pixel. With pixels
+        in [0, 1] the component's scale is its standard deviation sqrt(lambda_i), as
+        fb.resnet.torch's reimplementation of this paper's recipe has it."""
+        alpha = rng.normal(0.0, std, size=3)
+        return (self.eigenvectors @ (alpha * np.sqrt(self.eigenvalues))).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a decoded crop becomes the model's input: AlexNet's PCA lighting on training crops
+    (`lighting`: alpha's std, 0.1 in AlexNet and the paper; 0 for none), and the per-pixel mean
+    subtracted (`pixel_mean`, the paper's; `statistics` then needed) instead of ImageNet's
+    channel mean and std."""
+
+    lighting: float = 0.0
+    pixel_mean: bool = False
+    statistics: PixelStatistics | None = None
+
+    def __post_init__(self) -> None:
+        if (self.lighting or self.pixel_mean) and self.statistics is None:
+            raise ValueError("lighting and pixel_mean need the data set's PixelStatistics")
+
+
+PLAIN = Preprocess()
+
+
+def to_tensor(image: Image.Image, preprocess: Preprocess = PLAIN,
+              rng: np.random.Generator | None = None) -> torch.Tensor:
+    """RGB image -> float32 (3, H, W): lit (training, with `rng`) and normalised as `preprocess`
+    says; by default with ImageNet's channel mean and std. A per-pixel mean is subtracted where
+    the image has the crop's size, else its channel average (a fully-convolutional view)."""
     pixels = np.asarray(image, dtype=np.float32) / 255.0
-    pixels = (pixels - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+    stats = preprocess.statistics
+    if preprocess.lighting and rng is not None:
+        pixels = pixels + stats.lighting_shift(preprocess.lighting, rng)
+    if preprocess.pixel_mean:
+        mean = stats.mean_image
+        pixels = pixels - (mean if mean.shape == pixels.shape else mean.mean(axis=(0, 1)))
+    else:
+        pixels = (pixels - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD,
+                                                                               np.float32)
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
 
+def _open(source: str | os.PathLike[str] | BinaryIO) -> Image.Image | None:
+    try:
+        with Image.open(source) as opened:
+            return opened.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
 def decode(source: str | os.PathLike[str] | BinaryIO, *, image_size: int,
-           augmentation: CropAugmentation, rng: np.random.Generator | None) -> torch.Tensor | None:
+           augmentation: CropAugmentation, rng: np.random.Generator | None,
+           preprocess: Preprocess = PLAIN) -> torch.Tensor | None:
     """One image file (a path or an open binary file) as a normalised tensor: augmented with
     `rng`'s draws for training, the centre crop for evaluation (rng None); None where it cannot be
     decoded (the loader skips and counts it)."""
-    try:
-        with Image.open(source) as opened:
-            image = opened.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    image = _open(source)
+    if image is None:
         return None
     if rng is None:
-        return to_tensor(_centre_crop(_resize_shorter(
-            image, round(image_size * _EVAL_RESIZE / _PAPER_CROP)), image_size))
+        return to_tensor(centre_view(image, image_size), preprocess)
     if augmentation == "scale":
         image = _scale_crop(image, image_size, rng)
     else:
         image = _random_resized_crop(image, image_size, rng)
     if rng.random() < 0.5:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    return to_tensor(image)
+    return to_tensor(image, preprocess, rng)
+
+
+def centre_view(image: Image.Image, image_size: int) -> Image.Image:
+    """The evaluation's single crop: the centre `image_size` square of the image scaled to
+    256/224 of it."""
+    return _centre_crop(_resize_shorter(image, round(image_size * _EVAL_RESIZE / _PAPER_CROP)),
+                        image_size)
+
+
+def centre_pixels(source: str | os.PathLike[str] | BinaryIO, image_size: int) -> np.ndarray | None:
+    """The evaluation's centre crop as pixels (S, S, 3) in [0, 1], for PixelStatistics."""
+    image = _open(source)
+    return None if image is None else np.asarray(centre_view(image, image_size),
+                                                 dtype=np.float32) / 255.0
+
+
+# Test-time views (He et al., Sec. 3.4): "ten_crop", the 4 corner and centre crops of the image
+# scaled to 256/224 of the crop and their mirror images; "multi_scale", the whole image with its
+# shorter side at each scale (fully-convolutional: the model's global pooling takes any size).
+VIEWS = TEST_VIEWS
+# The paper's scales for a 224 crop, {224, 256, 384, 480, 640}; other crop sizes scale them.
+PAPER_SCALES = (224, 256, 384, 480, 640)
+
+
+def decode_views(source: str | os.PathLike[str] | BinaryIO, *, image_size: int, view: str,
+                 preprocess: Preprocess = PLAIN) -> list[torch.Tensor] | None:
+    """The test-time views of one image, as a list of (V, 3, h, w) tensors whose scores are
+    averaged: one (10, 3, S, S) for "ten_crop"; one (1, 3, h, w) per scale for "multi_scale".
+    None where the image cannot be decoded."""
+    image = _open(source)
+    if image is None:
+        return None
+    if view == "ten_crop":
+        scaled = _resize_shorter(image, round(image_size * _EVAL_RESIZE / _PAPER_CROP))
+        width, height = scaled.size
+        s = image_size
+        corners = [(0, 0), (width - s, 0), (0, height - s), (width - s, height - s),
+                   ((width - s) // 2, (height - s) // 2)]
+        crops = [scaled.crop((x, y, x + s, y + s)) for x, y in corners]
+        crops += [crop.transpose(Image.FLIP_LEFT_RIGHT) for crop in crops]
+        return [torch.stack([to_tensor(crop, preprocess) for crop in crops])]
+    if view == "multi_scale":
+        return [to_tensor(_resize_shorter(image, round(image_size * scale / _PAPER_CROP)),
+                          preprocess)[None] for scale in PAPER_SCALES]
+    raise ValueError(f"view {view!r} is not one of {', '.join(VIEWS)}")
+
+
+def collate_views(batch: list[tuple[list[torch.Tensor] | None, int]]) -> tuple[
+        list[torch.Tensor], torch.Tensor, int]:
+    """(views, labels, unreadable images left out) of a batch of decode_views' results: each
+    view stacked over the batch's images to (B, V, 3, h, w); images of one batch must share their
+    views' sizes (ten crops always do; a multi-scale batch is one image)."""
+    kept = [(x, y) for x, y in batch if x is not None]
+    if not kept:
+        return [], torch.empty(0, dtype=torch.int64), len(batch)
+    views = [torch.stack([x[i] for x, _ in kept]) for i in range(len(kept[0][0]))]
+    return views, torch.tensor([y for _, y in kept], dtype=torch.int64), len(batch) - len(kept)
 
 
 def collate(batch: list[tuple[torch.Tensor | None, int]]) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -17,6 +17,7 @@ import torch
 
 from .augment import draw_crops, gather_crops
 from .bundle import DataBundle
+from .decode import PLAIN, Preprocess
 from .load import Streamed
 
 # A training batch: images and labels on the device, and the factor its mean loss is scaled by
@@ -44,6 +45,16 @@ class Placement:
     augment: bool
     part: int = 0
     parts: int = 1
+    # The paper's preprocessing and test protocol (recipe.py), for streamed image data sets:
+    # AlexNet's PCA lighting on training crops (alpha's std), the per-pixel mean subtracted, and
+    # the test-time views (decode.VIEWS) scored after the last epoch beside the centre crop.
+    lighting: float = 0.0
+    pixel_mean: bool = False
+    test_views: tuple[str, ...] = ()
+
+    @property
+    def paper_preprocessing(self) -> bool:
+        return bool(self.lighting or self.pixel_mean or self.test_views)
 
 
 class Feed(Protocol):
@@ -61,6 +72,11 @@ class Feed(Protocol):
 
     def train_batches(self, epoch: int, batch_size: int) -> Iterator[Batch]: ...
     def eval_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    # The test-time views the run scores after its last epoch (decode.VIEWS), and their batches:
+    # (views, labels), each view (B * V, C, h, w) with V views of each of the B images.
+    test_views: tuple[str, ...]
+    def view_batches(self, view: str, batch_size: int) -> Iterator[
+        tuple[list[torch.Tensor], torch.Tensor]]: ...
     def example_batches(self, batch_size: int, eval_batch_size: int) -> tuple[
         list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]: ...
     def state_dict(self) -> dict[str, Any]: ...
@@ -89,8 +105,13 @@ class MemoryFeed(_Generators):
 
     fixed_shapes = True
     measures_top5 = False
+    test_views: tuple[str, ...] = ()
 
     def __init__(self, data: DataBundle, placement: Placement) -> None:
+        if placement.paper_preprocessing:
+            raise ValueError("lighting, mean: pixel and test_views apply to streamed image data "
+                             f"sets (imagefolder, webdataset), not to {data.name}, whose images "
+                             "are normalised and augmented in memory")
         super().__init__(placement.seed)
         device, prepare = placement.device, placement.prepare
         self.placement = placement
@@ -129,6 +150,10 @@ class MemoryFeed(_Generators):
                 images = gather_crops(images, self.augmentation.pad, c.top, c.left, c.flip)
             yield self.placement.prepare(images), labels, world * index.shape[0] / in_batch
 
+    def view_batches(self, view: str, batch_size: int) -> Iterator[
+            tuple[list[torch.Tensor], torch.Tensor]]:
+        raise ValueError(f"test-time views need a streamed image data set, not {view!r} here")
+
     def eval_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, self.test_x.shape[0], batch_size):
             yield (self.placement.prepare(self.test_x[start : start + batch_size]),
@@ -159,6 +184,12 @@ class StreamFeed(_Generators):
         self.placement = placement
         self.pin_memory = placement.device.type == "cuda"
         self.skipped = 0
+        self.test_views = placement.test_views
+        self.preprocess = PLAIN
+        if placement.lighting or placement.pixel_mean:  # the statistics cost a pass over a sample
+            self.preprocess = Preprocess(placement.lighting, placement.pixel_mean,
+                                         data.pixel_statistics)
+        # Lighting is drawn for training crops only (decode passes no draws to evaluation).
 
     def train_batches(self, epoch: int, batch_size: int) -> Iterator[Batch]:
         """This replica's share of each of the epoch's batches of `batch_size`. Full batches
@@ -167,7 +198,8 @@ class StreamFeed(_Generators):
         loader = self.data.train_loader(batch_size // p.parts, epoch, self.order_generator,
                                         augment=p.augment, pin_memory=self.pin_memory,
                                         part=p.part, parts=p.parts,
-                                        augment_seed=derived_seed(p.seed, _AUGMENT_STREAM))
+                                        augment_seed=derived_seed(p.seed, _AUGMENT_STREAM),
+                                        preprocess=self.preprocess)
         for images, labels, skipped in loader:
             self.skipped += skipped
             if labels.shape[0] == 0:
@@ -183,13 +215,27 @@ class StreamFeed(_Generators):
         """This replica's share of the evaluation split, single centre crops."""
         p = self.placement
         loader = self.data.test_loader(batch_size, pin_memory=self.pin_memory, part=p.part,
-                                       parts=p.parts)
+                                       parts=p.parts, preprocess=self.preprocess)
         for images, labels, left_out in loader:
             self.skipped += left_out
             if labels.shape[0] == 0:
                 continue
             images = p.prepare(images.to(p.device, non_blocking=True))
             yield images, labels.to(p.device, non_blocking=True)
+
+    def view_batches(self, view: str, batch_size: int) -> Iterator[
+            tuple[list[torch.Tensor], torch.Tensor]]:
+        """This replica's share of the evaluation split as `view`'s views (decode_views), each
+        flattened to (B * V, C, h, w) and prepared for the model."""
+        p = self.placement
+        loader = self.data.test_loader(batch_size, pin_memory=self.pin_memory, part=p.part,
+                                       parts=p.parts, preprocess=self.preprocess, view=view)
+        for views, labels, left_out in loader:
+            self.skipped += left_out
+            if labels.shape[0] == 0:
+                continue
+            yield ([p.prepare(v.flatten(0, 1).to(p.device, non_blocking=True)) for v in views],
+                   labels.to(p.device, non_blocking=True))
 
     def example_batches(self, batch_size: int, eval_batch_size: int) -> tuple[
             list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:

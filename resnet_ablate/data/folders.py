@@ -15,6 +15,7 @@ an unknown validation class is one error that names it.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +25,12 @@ import numpy as np
 import torch
 
 from ..spec import DEFAULT_LOADER_WORKERS
-from .decode import AUGMENTATIONS, CropAugmentation, collate, decode, one_thread
+from .decode import (AUGMENTATIONS, PLAIN, CropAugmentation, PixelStatistics, Preprocess,
+                     centre_pixels, collate, collate_views, decode, decode_views, one_thread)
 from .errors import DataUnavailable
 
+# Training images whose centre crops give the per-pixel mean and the RGB covariance.
+STATISTICS_SAMPLE = 256
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
 
@@ -86,8 +90,11 @@ class ImageFolderSplit(torch.utils.data.Dataset):
     evaluation's centre crop); (None, label) for a corrupt one."""
 
     def __init__(self, samples: tuple[tuple[str, int], ...], *, image_size: int, train: bool,
-                 augmentation: CropAugmentation, seed: int, augment_seed: int = 0) -> None:
+                 augmentation: CropAugmentation, seed: int, augment_seed: int = 0,
+                 preprocess: Preprocess = PLAIN, view: str | None = None) -> None:
         self.samples = samples
+        self.preprocess = preprocess
+        self.view = view  # a test-time view (decode.VIEWS) instead of the single centre crop
         self.image_size = image_size
         self.train = train
         self.augmentation = augmentation
@@ -98,13 +105,16 @@ class ImageFolderSplit(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int]:
+    def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
+        if self.view is not None:
+            return decode_views(path, image_size=self.image_size, view=self.view,
+                                preprocess=self.preprocess), label
         rng = None
         if self.train:
             rng = np.random.default_rng([self.seed, self.augment_seed, self.epoch, index])
         return decode(path, image_size=self.image_size, augmentation=self.augmentation,
-                      rng=rng), label
+                      rng=rng, preprocess=self.preprocess), label
 
 
 
@@ -139,11 +149,23 @@ class FolderData:
     def test_size(self) -> int:
         return len(self.index.test)
 
+    @functools.cached_property
+    def pixel_statistics(self) -> PixelStatistics:
+        """The training images' PixelStatistics, from the centre crops of a seeded sample of
+        up to STATISTICS_SAMPLE of them (all of them where there are fewer)."""
+        paths = [path for path, _ in self.index.train]
+        rng = np.random.default_rng(self.seed)
+        if len(paths) > STATISTICS_SAMPLE:
+            paths = [paths[i] for i in sorted(rng.choice(len(paths), STATISTICS_SAMPLE, False))]
+        crops = [c for c in (centre_pixels(p, self.image_size) for p in paths) if c is not None]
+        return PixelStatistics.of(np.stack(crops))
+
     def _loader(self, split: torch.utils.data.Dataset, batch_size: int, order: list[int] | None,
-                pin_memory: bool) -> torch.utils.data.DataLoader:
+                pin_memory: bool, views: bool = False) -> torch.utils.data.DataLoader:
         workers = self.loader_workers
         return torch.utils.data.DataLoader(
-            split, batch_size=batch_size, sampler=order, collate_fn=collate,
+            split, batch_size=batch_size, sampler=order,
+            collate_fn=collate_views if views else collate,
             num_workers=workers, pin_memory=pin_memory, prefetch_factor=4 if workers else None,
             worker_init_fn=one_thread if workers else None,
             # Training drops each epoch's last partial batch, as ImageNet training does: a batch
@@ -152,7 +174,8 @@ class FolderData:
 
     def train_loader(self, batch_size: int, epoch: int, generator: torch.Generator, *,
                      augment: bool = True, pin_memory: bool = False, part: int = 0,
-                     parts: int = 1, augment_seed: int = 0) -> torch.utils.data.DataLoader:
+                     parts: int = 1, augment_seed: int = 0,
+                     preprocess: Preprocess = PLAIN) -> torch.utils.data.DataLoader:
         """One epoch of training batches (augmented, or centre crops with `augment=False`), in an
         order drawn from `generator`, each image's crop drawn from (the data set's seed,
         `augment_seed` (the trial's), `epoch`, its index). With `parts` replicas, the `part`-th one's batches of
@@ -160,7 +183,7 @@ class FolderData:
         every replica takes the same number of steps."""
         split = ImageFolderSplit(self.index.train, image_size=self.image_size, train=augment,
                                  augmentation=self.augmentation, seed=self.seed,
-                                 augment_seed=augment_seed)
+                                 augment_seed=augment_seed, preprocess=preprocess)
         split.epoch = epoch
         order = torch.randperm(len(split), generator=generator).tolist()
         if parts > 1:
@@ -169,14 +192,18 @@ class FolderData:
         return self._loader(split, batch_size, order, pin_memory)
 
     def test_loader(self, batch_size: int, *, pin_memory: bool = False, part: int = 0,
-                    parts: int = 1) -> torch.utils.data.DataLoader:
-        """The evaluation images, single centre crops, in a fixed order (the `part`-th of
-        `parts` shares: every `parts`-th image)."""
+                    parts: int = 1, preprocess: Preprocess = PLAIN,
+                    view: str | None = None) -> torch.utils.data.DataLoader:
+        """The evaluation images, single centre crops (or `view`'s batches of views, see
+        decode.decode_views; one image a batch for "multi_scale"), in a fixed order (the
+        `part`-th of `parts` shares: every `parts`-th image)."""
         split = ImageFolderSplit(self.index.test, image_size=self.image_size, train=False,
-                                 augmentation=self.augmentation, seed=self.seed)
+                                 augmentation=self.augmentation, seed=self.seed,
+                                 preprocess=preprocess, view=view)
         if parts > 1:
             split = torch.utils.data.Subset(split, range(part, len(split), parts))
-        return self._loader(split, batch_size, None, pin_memory)
+        batch_size = 1 if view == "multi_scale" else batch_size
+        return self._loader(split, batch_size, None, pin_memory, views=view is not None)
 
     def check_available(self) -> None:
         """DataUnavailable where the folder or one of its splits is gone (a trial checks when

@@ -12,48 +12,39 @@ epoch, so the sample order depends on the number of workers; an image's crops ne
 sample whose image cannot be decoded (or that has no label) is skipped and counted; a shard that
 cannot be read fails the trial, naming it.
 
-Shards are opened here, never through a shell: a spec is data, and webdataset's own opener runs
-`pipe:` URLs in a shell and other schemes (http through curl, gs through gsutil) as commands.
-`pipe:` URLs run only where the user opted in (`resnet-ablate run --allow-pipe-urls`, which sets
-ALLOW_PIPE_URLS_ENV for the trials' processes).
+Shards are opened by shard_urls.py, never through a shell (`pipe:` URLs only where the user
+opted in).
 """
 
 from __future__ import annotations
 
+import functools
 import http.client
 import io
 import itertools
-import os
 import random
 import tarfile
 import urllib.error
-import urllib.request
 import zlib
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
-from typing import IO, Any
-from urllib.parse import urlparse
-from urllib.request import url2pathname
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..spec import DEFAULT_LOADER_WORKERS
-from .decode import CropAugmentation, collate, decode, one_thread
+from .decode import (PLAIN, CropAugmentation, PixelStatistics, Preprocess, centre_pixels, collate,
+                     collate_views, decode, decode_views, one_thread)
 from .errors import DataUnavailable
+from .shard_urls import check_url, is_local, local_path, open_shard, probe_shard
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+STATISTICS_SAMPLE = 256  # training images whose centre crops give the per-pixel mean and PCA
 SHUFFLE_BUFFER = 1000  # samples mixed across the shards a worker reads
-# Set to 1 (by `resnet-ablate run --allow-pipe-urls`) to let `pipe:` shard URLs run their command.
-ALLOW_PIPE_URLS_ENV = "RESNET_ABLATE_ALLOW_PIPE_URLS"
-HTTP_TIMEOUT_SECONDS = 60.0
-PROBE_TIMEOUT_SECONDS = 15.0  # per shard URL, when a trial starts
 PROBE_THREADS = 16  # ImageNet's train shards are ~1,000 URLs: asked side by side
-_LOCAL_SCHEMES = ("", "file")
-_HTTP_SCHEMES = ("http", "https")
 
 
 class ShardError(RuntimeError):
@@ -65,84 +56,6 @@ def expand(pattern: str) -> list[str]:
     import braceexpand
 
     return list(braceexpand.braceexpand(pattern))
-
-
-# ----------------------------------------------------------------------------------------------
-# Opening shards: local files and http(s) here, a `pipe:` command only where opted in
-
-
-def pipe_urls_allowed() -> bool:
-    """Whether this process may run `pipe:` URLs' commands (see ALLOW_PIPE_URLS_ENV)."""
-    return os.environ.get(ALLOW_PIPE_URLS_ENV) == "1"
-
-
-def _scheme(url: str) -> str:
-    return urlparse(url).scheme.lower()
-
-
-def _is_local(url: str) -> bool:
-    return _scheme(url) in _LOCAL_SCHEMES
-
-
-def _local_path(url: str) -> Path:
-    return Path(url2pathname(urlparse(url).path)) if _scheme(url) == "file" else Path(url)
-
-
-def check_url(url: str, where: str) -> None:
-    """ValueError unless this toolkit may open `url` (`where` names the spec field): a local
-    path, file://, http(s)://, or `pipe:` with the opt-in; never a scheme that runs a command
-    unasked."""
-    scheme = _scheme(url)
-    if scheme in _LOCAL_SCHEMES or scheme in _HTTP_SCHEMES:
-        return
-    if scheme == "pipe" and pipe_urls_allowed():
-        return
-    valid = "valid: a local path, file://, http:// or https://"
-    if scheme == "pipe":
-        raise ValueError(f"{where}: {url!r} is a pipe: URL, which runs a shell command; {valid}, "
-                         "or pipe: with `resnet-ablate run --allow-pipe-urls` "
-                         f"({ALLOW_PIPE_URLS_ENV}=1) for a spec you trust")
-    raise ValueError(f"{where}: {url!r} has the scheme {scheme}:, which this toolkit does not "
-                     f"open; {valid} (other stores through a pipe: URL, e.g. `pipe:gsutil cat "
-                     "gs://...`, with `resnet-ablate run --allow-pipe-urls`)")
-
-
-def open_shard(url: str) -> IO[bytes]:
-    """A binary stream of the shard at `url`, opened without a shell (a `pipe:` URL only with the
-    opt-in, checked again here: the trial's process may not be the one that loaded the spec)."""
-    check_url(url, "shard")
-    scheme = _scheme(url)
-    if scheme in _LOCAL_SCHEMES:
-        return open(_local_path(url), "rb")
-    if scheme in _HTTP_SCHEMES:
-        return urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_SECONDS)  # noqa: S310 - http(s) only
-    from webdataset.gopen import gopen_pipe
-
-    return gopen_pipe(url, "rb")
-
-
-def probe_shard(url: str) -> str | None:
-    """Why the shard at `url` cannot be read, in a few words, or None where it can: a local file
-    must exist, an http(s) URL answer a HEAD request (or, where HEAD is refused, a one-byte GET)
-    with success. A `pipe:` URL is not probed: its command runs only to read it."""
-    scheme = _scheme(url)
-    if scheme in _LOCAL_SCHEMES:
-        return None if _local_path(url).is_file() else "no such file"
-    if scheme not in _HTTP_SCHEMES:
-        return None
-    for request in (urllib.request.Request(url, method="HEAD"),
-                    urllib.request.Request(url, headers={"Range": "bytes=0-0"})):
-        try:
-            with urllib.request.urlopen(request, timeout=PROBE_TIMEOUT_SECONDS):  # noqa: S310
-                return None
-        except urllib.error.HTTPError as error:
-            if request.get_method() == "HEAD" and error.code in (405, 501):
-                continue  # a server that does not answer HEAD: ask for one byte instead
-            return f"HTTP {error.code} {error.reason}"
-        except (OSError, http.client.HTTPException, ValueError) as error:
-            reason = getattr(error, "reason", None) or error
-            return f"unreachable ({type(error).__name__}: {reason})"
-    return None
 
 
 def split_key(name: str) -> tuple[str | None, str | None]:
@@ -184,7 +97,7 @@ def count_samples(urls: list[str]) -> int:
     keys = set()
     for url in urls:
         try:
-            with tarfile.open(_local_path(url)) as archive:
+            with tarfile.open(local_path(url)) as archive:
                 names = archive.getnames()
         except (OSError, tarfile.TarError, EOFError) as error:
             # tarfile's message lists each compression it tried, a line each: its first says it
@@ -200,7 +113,8 @@ def count_samples(urls: list[str]) -> int:
 
 
 def _sample(record: dict[str, Any], *, image_size: int, augmentation: CropAugmentation,
-            seed: tuple[int, int], epoch: int | None) -> tuple[torch.Tensor | None, int]:
+            seed: tuple[int, int], epoch: int | None, preprocess: Preprocess = PLAIN,
+            view: str | None = None) -> tuple[Any, int]:
     """(image, label) of a grouped record; (None, label) for one the loader skips: no image, an
     image that cannot be decoded, or no label."""
     key = record["__key__"]
@@ -208,11 +122,14 @@ def _sample(record: dict[str, Any], *, image_size: int, augmentation: CropAugmen
     image = next((record[e] for e in IMAGE_EXTENSIONS if e in record), None)
     if image is None or label < 0:
         return None, label
+    if view is not None:
+        return decode_views(io.BytesIO(image), image_size=image_size, view=view,
+                            preprocess=preprocess), label
     rng = None
     if epoch is not None:  # training: draws seeded by the sample, not by the worker reading it
         rng = np.random.default_rng([*seed, epoch, zlib.crc32(key.encode())])
     return decode(io.BytesIO(image), image_size=image_size, augmentation=augmentation,
-                  rng=rng), label
+                  rng=rng, preprocess=preprocess), label
 
 
 # eq=False: identity is what the data-set cache hands out.
@@ -238,9 +155,26 @@ class ShardData:
     def classes(self) -> tuple[str, ...]:
         return tuple(str(i) for i in range(self.num_classes))
 
+    @functools.cached_property
+    def pixel_statistics(self) -> PixelStatistics:
+        """The training images' PixelStatistics, from the centre crops of the first
+        STATISTICS_SAMPLE images of the training shards, in their listed order."""
+        crops: list[np.ndarray] = []
+        for url in self.train_urls:
+            with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as archive:
+                for member in archive:
+                    if len(crops) == STATISTICS_SAMPLE:
+                        return PixelStatistics.of(np.stack(crops))
+                    if member.isfile() and split_key(member.name)[1] in IMAGE_EXTENSIONS:
+                        crop = centre_pixels(io.BytesIO(archive.extractfile(member).read()),
+                                             self.image_size)
+                        crops += [] if crop is None else [crop]
+        return PixelStatistics.of(np.stack(crops))
+
     def _loader(self, urls: list[str], batch_size: int, epoch: int | None, order_seed: int,
-                pin_memory: bool, augment: bool = True,
-                augment_seed: int = 0) -> torch.utils.data.DataLoader:
+                pin_memory: bool, augment: bool = True, augment_seed: int = 0,
+                preprocess: Preprocess = PLAIN,
+                view: str | None = None) -> torch.utils.data.DataLoader:
         """Training batches where `epoch` is given (shuffled; augmented unless `augment` is
         false), else the evaluation's, in shard order."""
         workers = min(self.loader_workers, len(urls))  # a worker without a shard would idle
@@ -248,17 +182,19 @@ class ShardData:
         dataset = _pipeline(urls, *stages, partial(
             _map_stage, partial(_sample, image_size=self.image_size,
                                 augmentation=self.augmentation, seed=(self.seed, augment_seed),
-                                epoch=epoch if augment else None)))
+                                epoch=epoch if augment else None, preprocess=preprocess,
+                                view=view)))
         return torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, collate_fn=collate, num_workers=workers,
+            dataset, batch_size=1 if view == "multi_scale" else batch_size,
+            collate_fn=collate if view is None else collate_views, num_workers=workers,
             pin_memory=pin_memory, prefetch_factor=4 if workers else None,
             worker_init_fn=one_thread if workers else None,
             drop_last=epoch is not None)  # as the image folder's (a batch of one cannot train BN)
 
     def train_loader(self, batch_size: int, epoch: int, generator: torch.Generator, *,
                      augment: bool = True, pin_memory: bool = False, part: int = 0,
-                     parts: int = 1,
-                     augment_seed: int = 0) -> Iterable[tuple[torch.Tensor, torch.Tensor, int]]:
+                     parts: int = 1, augment_seed: int = 0,
+                     preprocess: Preprocess = PLAIN) -> Iterable[tuple[torch.Tensor, torch.Tensor, int]]:
         """One epoch of training batches (augmented, or centre crops with `augment=False`):
         shards in an order drawn from `generator`, each image's crop drawn from (the data set's
         seed, `augment_seed` (the trial's), `epoch`, its key).
@@ -275,17 +211,19 @@ class ShardData:
         seed = int(torch.randint(2**31, (1,), generator=generator))
         urls = [self.train_urls[i] for i in order][part::parts]
         loader = self._loader(urls, batch_size, epoch, seed + part, pin_memory, augment,
-                              augment_seed)
+                              augment_seed, preprocess)
         if parts == 1:
             return loader
         return itertools.islice(_repeated(loader), self.train_size // (batch_size * parts))
 
     def test_loader(self, batch_size: int, *, pin_memory: bool = False, part: int = 0,
-                    parts: int = 1) -> Iterable[tuple[torch.Tensor, torch.Tensor, int]]:
-        """The evaluation samples, single centre crops, in shard order (the `part`-th of `parts`
-        shares: every `parts`-th shard)."""
+                    parts: int = 1, preprocess: Preprocess = PLAIN,
+                    view: str | None = None) -> Iterable[tuple[Any, torch.Tensor, int]]:
+        """The evaluation samples, single centre crops (or `view`'s, as the image folder's),
+        in shard order (the `part`-th of `parts` shares: every `parts`-th shard)."""
         urls = list(self.test_urls)[part::parts]
-        return self._loader(urls, batch_size, None, 0, pin_memory) if urls else []
+        return self._loader(urls, batch_size, None, 0, pin_memory, preprocess=preprocess,
+                            view=view) if urls else []
 
     def check_available(self) -> None:
         """DataUnavailable naming the first shard (of the training ones, then the evaluation's)
@@ -365,8 +303,8 @@ def load_shards(shards: dict[str, Any], *, image_size: int = 224,
             check_url(url, f"shards.{split}")
     sizes = {}
     for split, size_key in (("train", "train_size"), ("val", "val_size")):
-        local = [u for u in urls[split] if _is_local(u)]
-        absent = [u for u in local if not _local_path(u).is_file()]
+        local = [u for u in urls[split] if is_local(u)]
+        absent = [u for u in local if not local_path(u).is_file()]
         if absent:
             raise DataUnavailable(f"shards.{split}: {len(absent)} of {len(urls[split])} shards "
                                     f"not found, first {absent[0]}")

@@ -172,9 +172,9 @@ def _check_gpus(spec: StudySpec) -> None:
 
 def _worker_environment() -> dict[str, Any] | None:
     """The runtime environment of this job's workers on a cluster we join: the driver's opt-in to
-    `pipe:` shard URLs (data/shards.py), which the cluster's workers would not inherit otherwise (a
+    `pipe:` shard URLs (data/shard_urls.py), which the cluster's workers would not inherit otherwise (a
     local Ray's workers inherit the driver's environment)."""
-    from ..data.shards import ALLOW_PIPE_URLS_ENV, pipe_urls_allowed
+    from ..data.shard_urls import ALLOW_PIPE_URLS_ENV, pipe_urls_allowed
 
     return {"env_vars": {ALLOW_PIPE_URLS_ENV: "1"}} if pipe_urls_allowed() else None
 

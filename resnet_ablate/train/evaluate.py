@@ -68,6 +68,37 @@ def evaluation_sums(
     return loss_sum, wrong, wrong5, count
 
 
+# The EpochRecord fields each test-time view's errors go to: test_error_<suffix>, and top-5.
+VIEW_SUFFIXES = {"ten_crop": "10crop", "multi_scale": "multiscale"}
+
+
+@torch.no_grad()
+def view_sums(
+    model: nn.Module, batches: Iterable[tuple[list[torch.Tensor], torch.Tensor]],
+    device: torch.device, execution: Execution | None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(wrong answers, top-5 wrong answers, images) of `model` in eval mode over batches of
+    views (Feed.view_batches): an image's answer is the mean of its views' softmax scores, as
+    the paper averages its 10 crops and its scales."""
+    model.eval()
+    wrong = torch.zeros((), dtype=torch.int64, device=device)
+    wrong5 = torch.zeros((), dtype=torch.int64, device=device)
+    count = 0
+    autocast = execution.autocast() if execution is not None else contextlib.nullcontext()
+    with autocast:
+        for views, labels in batches:
+            images = labels.shape[0]
+            scores = torch.zeros((), device=device)
+            for view in views:  # (images * V, C, h, w): V views of each image
+                logits = model(view).float()
+                scores = scores + F.softmax(logits, dim=1).view(images, -1, logits.shape[1]).sum(1)
+            wrong += (scores.argmax(dim=1) != labels).sum()
+            top = scores.topk(min(5, scores.shape[1]), dim=1).indices
+            wrong5 += (top != labels[:, None]).all(dim=1).sum()
+            count += images
+    return wrong, wrong5, count
+
+
 class Evaluation:
     """The run's evaluation after each epoch, each replica taking its share of the images; keeps
     the last one's test-set record (TrainResult.test_images, test_wrong, test_outcomes)."""
@@ -96,6 +127,22 @@ class Evaluation:
         if per_image:
             self.test_record["test_outcomes"] = pack_outcomes(torch.cat(per_image).cpu().numpy())
         return loss_sum / count, wrong / count, wrong5 / count if feed.measures_top5 else None
+
+    def views(self, model: nn.Module) -> dict[str, float]:
+        """The errors of each of the feed's test-time views (EpochRecord's test_error_10crop,
+        test_top5_error_10crop, ...), each replica taking its share of the images."""
+        found = {}
+        for view in self.feed.test_views:
+            skipped_before = self.feed.skipped
+            sums = view_sums(model, self.feed.view_batches(view, self.batch_size),
+                             torch.device(self.execution.device), self.execution)
+            wrong, wrong5, count, skipped = self.replicas.sums(
+                [*sums, self.feed.skipped - skipped_before])
+            require_images(count, f"the {self.eval_split} split's {view} evaluation", skipped)
+            suffix = VIEW_SUFFIXES[view]
+            found[f"test_error_{suffix}"] = wrong / count
+            found[f"test_top5_error_{suffix}"] = wrong5 / count
+        return found
 
     def state_dict(self) -> dict[str, Any]:
         return {"test_record": dict(self.test_record)}

@@ -155,7 +155,8 @@ class _Run:
         replicas.batch_share(recipe.batch_size)  # refuses a batch the replicas cannot split
         self.step = Step(self.model, recipe, execution, replicas)
         self.feed = feed_for(data, Placement(device, execution.images, seed, recipe.augment,
-                                             replicas.rank, replicas.world))
+                                             replicas.rank, replicas.world, recipe.lighting,
+                                             recipe.mean == "pixel", recipe.test_views))
         if not self.feed.fixed_shapes and (execution.compile or execution.cuda_graphs):
             self.feed.example_batches(recipe.batch_size, recipe.eval_batch_size)  # says why not
         self.schedule = Schedule(recipe, hooks.log)
@@ -254,11 +255,14 @@ class _Run:
         self.train_seconds += trained - started
         self.replicas.average_buffers(self.model)  # every replica evaluates the same model
         test_loss, test_error, top5 = self.evaluation(self.step.eval_model)
+        # The paper's test-time views cost up to 10x an evaluation: scored after the last epoch.
+        views = self.evaluation.views(self.step.eval_model) if epoch == self.recipe.epochs \
+            else {}
         return EpochRecord(
             epoch=epoch, lr=lr, train_loss=loss_sum / seen, train_error=wrong / seen,
             test_loss=test_loss, test_error=test_error,
             seconds=time.perf_counter() - started, test_top5_error=top5,
-            skipped_images=int(sums([self.feed.skipped])[0]),
+            skipped_images=int(sums([self.feed.skipped])[0]), **views,
         )
 
     def _log(self, line: str) -> None:

@@ -27,6 +27,12 @@ class EpochRecord:
     # left out because they could not be decoded (training and evaluation together).
     test_top5_error: float | None = None
     skipped_images: int = 0
+    # The last epoch only, where the recipe asks for test-time views (recipe.test_views): the
+    # errors of 10-crop testing and of multi-scale fully-convolutional testing.
+    test_error_10crop: float | None = None
+    test_top5_error_10crop: float | None = None
+    test_error_multiscale: float | None = None
+    test_top5_error_multiscale: float | None = None
 
 
 TrainStatus = Literal["completed", "diverged"]

@@ -7,9 +7,20 @@ the product of the spatial sizes; statistics are per channel, in float32 (float6
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
+
+
+class RunningUpdate(NamedTuple):
+    """A training forward's update of the running statistics, done in place with the batch's:
+    `running = (1 - momentum) * running + momentum * batch`, the variance times `unbias`
+    (count / (count - 1)) first."""
+
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    momentum: float
+    unbias: float
 
 
 class Implementation(Protocol):
@@ -23,13 +34,17 @@ class Implementation(Protocol):
         running_var: torch.Tensor | None,
         eps: float,
         relu: bool,
+        update: RunningUpdate | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`out = (x - mean) * weight / sqrt(var + eps) + bias`, then `+ residual`, then ReLU when
         `relu`; the sum is taken in float32 and rounded once to x's dtype, and `out` has x's
         strides (as `torch.empty_like(x)`). Without running statistics (training) mean and var
         are the batch's (biased variance) and are returned for backward; with them (eval) they
         normalize and two empty tensors are returned. N is never 0 here (batch_norm.py answers
-        empty batches itself). NaN and inf propagate as through F.batch_norm + add + relu."""
+        empty batches itself). NaN and inf propagate as through F.batch_norm + add + relu.
+        With `update` (training only) the running statistics are updated from the batch's, as
+        `update_running_stats` would; the eager path passes it, the custom op cannot (an op with
+        an autograd formula may not mutate its inputs)."""
         ...
 
     def backward(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ._contract import RunningUpdate
 from ._layout import channel_view_shape, reduce_dims
 
 aten = torch.ops.aten
@@ -39,6 +40,7 @@ def forward(
     running_var: torch.Tensor | None,
     eps: float,
     relu: bool,
+    update: RunningUpdate | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`Implementation.forward` in _contract.py."""
     acc = _compute_dtype(x)
@@ -46,16 +48,23 @@ def forward(
     if running_mean is None:
         mean, var = _batch_stats(xc)
         saved_mean, saved_var = mean, var
+        if update is not None:
+            update_running_stats(*update[:2], mean, var, *update[2:])
     else:
         mean, var = running_mean.to(acc), running_var.to(acc)
         saved_mean, saved_var = x.new_empty(0, dtype=acc), x.new_empty(0, dtype=acc)
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight.to(acc)
+    shift = bias.to(acc) if bias is not None else None
+    if eps == 0:  # an infinite scale where var is 0: the Triton kernels' _infinite_scale_terms
+        shift = torch.zeros_like(mean) if shift is None else shift
+        infinite = scale.isinf()
+        mean, shift = mean.masked_fill(infinite, 0), torch.where(infinite, shift - mean * scale, shift)
     view = channel_view_shape(x)
     y = (xc - mean.view(view)) * scale.view(view)
-    if bias is not None:
-        y = y + bias.to(acc).view(view)
+    if shift is not None:
+        y = y + shift.view(view)
     if residual is not None:
         y = y + residual.to(acc)
     if relu:
@@ -112,3 +121,46 @@ def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, 
     """`Implementation.update_running_stats` in _contract.py."""
     running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
     running_var.mul_(1 - momentum).add_((var * unbias).to(running_var.dtype), alpha=momentum)
+
+
+def differentiable_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    out: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
+    batch_stats: bool,
+    residual_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`backward` written in differentiable torch ops, for double backward (`create_graph=True`),
+    whichever implementation ran the forward.
+
+    With batch statistics, mean and variance are taken again from x here, so that the second
+    derivative sees how they depend on x (the saved ones are constants to autograd); the ReLU
+    mask is a constant, as in threshold_backward's own derivative.
+    """
+    acc = _compute_dtype(x)
+    gz = grad_out.to(acc)
+    if out is not None:
+        gz = gz.masked_fill(out <= 0, 0)
+    xc = x.to(acc)
+    dims = reduce_dims(x)
+    view = channel_view_shape(x)
+    if batch_stats:
+        mean = xc.mean(dims)
+        var = xc.var(dims, unbiased=False)
+    invstd = torch.rsqrt(var.to(acc) + eps)
+    x_hat = (xc - mean.to(acc).view(view)) * invstd.view(view)
+    grad_bias = gz.sum(dims)
+    grad_weight = (gz * x_hat).sum(dims)
+    scale = invstd if weight is None else invstd * weight.to(acc)
+    if batch_stats:
+        count = x.numel() // x.shape[1]
+        gz_centred = gz - (grad_bias / count).view(view) - x_hat * (grad_weight / count).view(view)
+        grad_in = gz_centred * scale.view(view)
+    else:
+        grad_in = gz * scale.view(view)
+    grad_residual = gz.to(x.dtype) if residual_grad else x.new_empty(0)
+    return grad_in.to(x.dtype), grad_residual, grad_weight, grad_bias

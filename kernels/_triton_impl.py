@@ -34,13 +34,14 @@ a NaN variance), kept apart from the finite values.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from ._contract import RunningUpdate
 from ._layout import Strides3d, spatial_numel, strides_3d
 from ._occupancy import cuda_limits, programs_per_wave
 
@@ -151,10 +152,11 @@ def _batch_stats_partial_kernel(
 @triton.jit
 def _batch_stats_finalize_kernel(
     part_count_ptr, part_mean_ptr, part_m2_ptr, part_odd_ptr, mean_ptr, var_ptr,
-    C, num_splits,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    running_mean_ptr, running_var_ptr, C, num_splits, momentum, unbias,
+    UPDATE_RUNNING: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Merges the [num_splits, C] summaries, BLOCK_S slots at a time, in a fixed order."""
+    """Merges the [num_splits, C] summaries, BLOCK_S slots at a time, in a fixed order; with
+    UPDATE_RUNNING also updates the running statistics, saving the update its own launch."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     count = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -173,8 +175,27 @@ def _batch_stats_finalize_kernel(
         )
         count, mean, m2, odd = _welford_combine(count, mean, m2, odd, *block)
     plain = odd == 0  # no inf or NaN in the channel
-    tl.store(mean_ptr + cols, tl.where(plain, mean, odd), mask=col_mask)
-    tl.store(var_ptr + cols, tl.where(plain, m2 / count, float("nan")), mask=col_mask)
+    mean = tl.where(plain, mean, odd)
+    var = tl.where(plain, m2 / count, float("nan"))
+    tl.store(mean_ptr + cols, mean, mask=col_mask)
+    tl.store(var_ptr + cols, var, mask=col_mask)
+    if UPDATE_RUNNING:
+        _update_running(running_mean_ptr, running_var_ptr, mean, var, cols, col_mask, momentum,
+                        unbias)
+
+
+@triton.jit
+def _update_running(running_mean_ptr, running_var_ptr, mean, var, cols, mask, momentum, unbias):
+    """running = (1 - momentum) * running + momentum * batch statistic (variance unbiased)."""
+    running_mean = tl.load(running_mean_ptr + cols, mask=mask).to(tl.float32)
+    running_var = tl.load(running_var_ptr + cols, mask=mask).to(tl.float32)
+    tl.store(running_mean_ptr + cols,
+             (running_mean * (1 - momentum) + mean * momentum).to(running_mean_ptr.dtype.element_ty),
+             mask=mask)
+    tl.store(running_var_ptr + cols,
+             (running_var * (1 - momentum) + var * unbias * momentum)
+             .to(running_var_ptr.dtype.element_ty),
+             mask=mask)
 
 
 @triton.jit
@@ -190,24 +211,39 @@ def _channel_scale(mean_ptr, var_ptr, weight_ptr, cols, col_mask, eps, HAS_WEIGH
 
 
 @triton.jit
+def _infinite_scale_terms(mean, scale, shift):
+    """Where var + eps is 0 (eval with eps=0) the scale is infinite, and ATen's eval computes
+    x * scale + (bias - mean * scale): NaN, or inf where the two terms do not cancel. A centre of
+    0 with that shift gives the same; elsewhere mean and shift are returned as they were. Compiled
+    in only when eps is 0, so that the usual binaries carry none of it."""
+    infinite = tl.abs(scale) == float("inf")
+    return tl.where(infinite, 0.0, mean), tl.where(infinite, shift - mean * scale, shift)
+
+
+@triton.jit
 def _forward_kernel(
     x_ptr, residual_ptr, out_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr,
     C, L, l_blocks, eps,
     sx_n, sx_c, sx_l, sr_n, sr_c, sr_l, so_n, so_c, so_l,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    RELU: tl.constexpr, EPS_ZERO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     n, positions, position_mask = _tile(tl.program_id(0), L, l_blocks, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     mask = position_mask[:, None] & col_mask[None, :]
     mean, _, scale = _channel_scale(mean_ptr, var_ptr, weight_ptr, cols, col_mask, eps, HAS_WEIGHT)
+    shift = tl.zeros_like(mean)
+    if HAS_BIAS:
+        shift = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    if EPS_ZERO:
+        mean, shift = _infinite_scale_terms(mean, scale, shift)
 
     x = tl.load(x_ptr + _offsets(n, positions, cols, sx_n, sx_c, sx_l), mask=mask).to(tl.float32)
     # (x - mean) * scale rather than x * scale + shift: no cancellation when |mean| >> std.
     y = (x - mean[None, :]) * scale[None, :]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS or EPS_ZERO:
+        y += shift[None, :]
     if HAS_RESIDUAL:
         r_offsets = _offsets(n, positions, cols, sr_n, sr_c, sr_l)
         y += tl.load(residual_ptr + r_offsets, mask=mask).to(tl.float32)
@@ -338,19 +374,11 @@ def _update_running_stats_kernel(
     running_mean_ptr, running_var_ptr, mean_ptr, var_ptr, C, momentum, unbias,
     BLOCK_C: tl.constexpr,
 ):
-    """running = (1 - momentum) * running + momentum * batch statistic (variance unbiased)."""
+    """The running-stat update alone, where it cannot join the finalize (the custom op's path)."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = cols < C
-    running_mean = tl.load(running_mean_ptr + cols, mask=mask).to(tl.float32)
-    running_var = tl.load(running_var_ptr + cols, mask=mask).to(tl.float32)
-    mean = tl.load(mean_ptr + cols, mask=mask)
-    var = tl.load(var_ptr + cols, mask=mask) * unbias
-    tl.store(running_mean_ptr + cols,
-             (running_mean * (1 - momentum) + mean * momentum).to(running_mean_ptr.dtype.element_ty),
-             mask=mask)
-    tl.store(running_var_ptr + cols,
-             (running_var * (1 - momentum) + var * momentum).to(running_var_ptr.dtype.element_ty),
-             mask=mask)
+    _update_running(running_mean_ptr, running_var_ptr, tl.load(mean_ptr + cols, mask=mask),
+                    tl.load(var_ptr + cols, mask=mask), cols, mask, momentum, unbias)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -427,16 +455,21 @@ def _span_batch_stats_partial_kernel(
 def _span_forward_kernel(
     x_ptr, residual_ptr, out_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr, C, eps,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    RELU: tl.constexpr, L: tl.constexpr, BLOCK_C: tl.constexpr, SPAN: tl.constexpr,
-    EVEN_C: tl.constexpr,
+    RELU: tl.constexpr, EPS_ZERO: tl.constexpr, L: tl.constexpr, BLOCK_C: tl.constexpr,
+    SPAN: tl.constexpr, EVEN_C: tl.constexpr,
 ):
     lanes, channels, lane_mask = _span_lanes(C, L, BLOCK_C, SPAN, EVEN_C)
     offsets = _span_base(tl.program_id(1), C, L, BLOCK_C) + lanes
     mean, _, scale = _channel_scale(mean_ptr, var_ptr, weight_ptr, channels, lane_mask, eps,
                                     HAS_WEIGHT)
-    y = (tl.load(x_ptr + offsets, mask=lane_mask).to(tl.float32) - mean) * scale
+    shift = tl.zeros_like(mean)
     if HAS_BIAS:
-        y += tl.load(bias_ptr + channels, mask=lane_mask, other=0.0).to(tl.float32)
+        shift = tl.load(bias_ptr + channels, mask=lane_mask, other=0.0).to(tl.float32)
+    if EPS_ZERO:
+        mean, shift = _infinite_scale_terms(mean, scale, shift)
+    y = (tl.load(x_ptr + offsets, mask=lane_mask).to(tl.float32) - mean) * scale
+    if HAS_BIAS or EPS_ZERO:
+        y += shift
     if HAS_RESIDUAL:
         y += tl.load(residual_ptr + offsets, mask=lane_mask).to(tl.float32)
     if RELU:
@@ -515,14 +548,14 @@ FINALIZE_BLOCK_S = 32
 INTERPRETER_PROGRAMS = 4
 
 
-@dataclass(frozen=True)
-class KernelLaunch:
-    """One kernel launch: the kernel, its grid, runtime arguments and compile-time constants."""
+class KernelLaunch(NamedTuple):
+    """One kernel launch: the kernel, its grid, runtime arguments and compile-time constants.
+    (A named tuple: a layer builds seven of these a step, and a tuple is the cheapest to build.)"""
 
     kernel: Any  # a triton.JITFunction
     grid: tuple[int, ...]
     args: tuple[Any, ...]
-    constexprs: dict[str, Any] = field(default_factory=dict)
+    constexprs: dict[str, Any] = {}  # never mutated
     num_warps: int = 4
 
     def __call__(self) -> None:
@@ -665,10 +698,75 @@ def _writable(t: torch.Tensor) -> torch.Tensor:
     return t if strides_3d(t) is not None else torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
-def _finalize(kernel: Any, channels: int, *args: Any) -> KernelLaunch:
+def _finalize(kernel: Any, channels: int, *args: Any, **constexprs: Any) -> KernelLaunch:
     """A finalize launch: one program per FINALIZE_BLOCK_C channels, summing every slot."""
-    return KernelLaunch(kernel, (triton.cdiv(channels, FINALIZE_BLOCK_C),), args,
-                        dict(BLOCK_S=FINALIZE_BLOCK_S, BLOCK_C=FINALIZE_BLOCK_C))
+    return KernelLaunch(kernel, (-(-channels // FINALIZE_BLOCK_C),), args,
+                        dict(constexprs, BLOCK_S=FINALIZE_BLOCK_S, BLOCK_C=FINALIZE_BLOCK_C))
+
+
+# ------------------------------------------------------------------------------------------------
+# Geometry: what a call decides from its tensors' shapes, strides, dtypes and device alone (which
+# inputs need a dense copy, which outputs a stand-in buffer, the tiling, the reduction's split),
+# worked out on a signature's first call and then looked up. Deciding it took most of a layer's
+# host time, every call, for the same answer; and a split fixed per signature also fixes the
+# reduction order, whatever the alignment of later calls' pointers.
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    copies: tuple[bool, ...]  # per input: copy it to a contiguous layout first
+    stand_ins: tuple[bool, ...]  # per output: compute it into a contiguous buffer, then copy
+    span: _SpanTiling | None  # span tiles, or else
+    tiling: _Tiling | None  # row tiles
+    per_split: int  # tiles (span: samples) per reduction program, and programs along the split
+    splits: int
+
+
+_GEOMETRIES: dict[tuple, _Geometry] = {}
+
+
+def _signature(t: torch.Tensor | None) -> tuple | None:
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
+def _geometry(key: tuple, inputs: Sequence[torch.Tensor | None],
+              outputs: Sequence[torch.Tensor | None],
+              reduction: Any | None) -> _Geometry:
+    """The cached geometry of a call; `key` ends with the function that sizes reductions.
+    `inputs[0]` is x, None stands for a tensor the call does not use; `reduction(tiling or span,
+    dense inputs, output buffers)` gives the reduction's (kernel, provisional args, constexprs),
+    to size its split from (None: no reduction)."""
+    found = _GEOMETRIES.get(key)
+    if found is not None:
+        return found
+    dense = [None if t is None else _dense_like(t) for t in inputs]
+    buffers = [None if t is None else _writable(t) for t in outputs]
+    x = dense[0]
+    span = _span_tiling(x, [*dense, *buffers])
+    tiling = None if span is not None else _tiling(
+        x, [None if t is None else strides_3d(t) for t in (*dense, *buffers)])
+    per_split = splits = 0
+    if reduction is not None:
+        shape = span if span is not None else tiling
+        kernel, provisional, constexprs = reduction(shape, dense, buffers)
+        programs = key[-1](kernel, provisional, constexprs, shape.num_warps, x.device)
+        per_split, splits = shape.split(programs)
+    found = _Geometry(
+        copies=tuple(d is not None and d is not t for d, t in zip(dense, inputs)),
+        stand_ins=tuple(b is not None and b is not t for b, t in zip(buffers, outputs)),
+        span=span, tiling=tiling, per_split=per_split, splits=splits)
+    _GEOMETRIES[key] = found
+    return found
+
+
+def _dense_inputs(geometry: _Geometry, *inputs: torch.Tensor | None) -> list[torch.Tensor | None]:
+    return [t.contiguous() if copy else t for t, copy in zip(inputs, geometry.copies)]
+
+
+def _buffer(geometry: _Geometry, index: int, t: torch.Tensor) -> torch.Tensor:
+    if not geometry.stand_ins[index]:
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
 @dataclass(frozen=True)
@@ -682,6 +780,20 @@ class ForwardCall:
     saved_var: torch.Tensor
 
 
+def _forward_reduction(shape, dense, buffers):
+    x = dense[0]
+    channels = x.shape[1]
+    mean = torch.empty(channels, dtype=torch.float32, device=x.device)
+    if isinstance(shape, _SpanTiling):
+        provisional = (x, mean, mean, mean, mean, channels, shape.samples, 1)
+        return _span_batch_stats_partial_kernel, provisional, shape.constexprs()
+    # The split does not change the binary (unspecialized), so any split measures it.
+    provisional = (x, mean, mean, mean, mean, channels, shape.positions, shape.l_blocks,
+                   shape.tiles, 1, *shape.strides[0])
+    return (_batch_stats_partial_kernel, provisional,
+            dict(BLOCK_R=shape.block_r, BLOCK_C=shape.block_c))
+
+
 def plan_forward(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -691,106 +803,65 @@ def plan_forward(
     running_var: torch.Tensor | None,
     eps: float,
     relu: bool,
+    update: RunningUpdate | None = None,
     *,
     reduction_programs=_reduction_programs,
 ) -> ForwardCall:
     """Allocate a forward's outputs and describe its launches (without running them)."""
-    channels = x.shape[1]
+    batch_stats = running_mean is None
     out = torch.empty_like(x)  # the input's strides, as the fake kernel promises
-    out_buffer = _writable(out)
-    x = _dense_like(x)
-    residual = _dense_like(residual) if residual is not None else None
-    span = _span_tiling(x, [x, residual, out_buffer])
-    if span is not None:
-        return _plan_span_forward(span, x, weight, bias, residual, running_mean, running_var, eps,
-                                  relu, out, out_buffer, reduction_programs)
-    tiling = _tiling(x, [strides_3d(x), strides_3d(residual) if residual is not None else None,
-                         strides_3d(out_buffer)])
-    sx, sr, so = tiling.strides
-    f32 = dict(dtype=torch.float32, device=x.device)
-    launches = []
-    if running_mean is None:
-        mean = torch.empty(channels, **f32)
-        var = torch.empty(channels, **f32)
-        blocks = dict(BLOCK_R=tiling.block_r, BLOCK_C=tiling.block_c)
-        # The split does not change the binary (unspecialized), so any split measures it.
-        provisional = (x, mean, mean, mean, mean, channels, tiling.positions, tiling.l_blocks,
-                       tiling.tiles, 1, *sx)
-        programs = reduction_programs(_batch_stats_partial_kernel, provisional, blocks,
-                                      tiling.num_warps, x.device)
-        tiles_per_split, splits = tiling.split(programs)
-        parts = torch.empty(4, splits, channels, **f32).unbind(0)  # count, mean, M2, odd
-        launches.append(KernelLaunch(
-            _batch_stats_partial_kernel, (tiling.col_blocks, splits),
-            (x, *parts, channels, tiling.positions, tiling.l_blocks, tiling.tiles,
-             tiles_per_split, *sx), blocks, tiling.num_warps))
-        launches.append(_finalize(_batch_stats_finalize_kernel, channels, *parts, mean, var,
-                                  channels, splits))
-        saved_mean, saved_var = mean, var
-    else:
-        mean, var = running_mean, running_var
-        saved_mean, saved_var = torch.empty(0, **f32), torch.empty(0, **f32)
-    launches.append(KernelLaunch(
-        _forward_kernel, (tiling.tiles, tiling.col_blocks),
-        (x, residual if residual is not None else x, out_buffer, mean, var,
-         weight if weight is not None else mean, bias if bias is not None else mean,
-         channels, tiling.positions, tiling.l_blocks, eps, *sx, *sr, *so),
-        dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-             HAS_RESIDUAL=residual is not None, RELU=relu,
-             BLOCK_R=tiling.block_r, BLOCK_C=tiling.block_c),
-        tiling.num_warps))
-    return ForwardCall(launches, out, out_buffer, saved_mean, saved_var)
-
-
-def _plan_span_forward(span: _SpanTiling, x, weight, bias, residual, running_mean, running_var,
-                       eps, relu, out, out_buffer, reduction_programs) -> ForwardCall:
+    geometry = _geometry((_signature(x), _signature(residual), batch_stats, reduction_programs),
+                         (x, residual), (out,), _forward_reduction if batch_stats else None)
+    out_buffer = _buffer(geometry, 0, out)
+    x, residual = _dense_inputs(geometry, x, residual)
     channels = x.shape[1]
     f32 = dict(dtype=torch.float32, device=x.device)
     launches = []
-    if running_mean is None:
-        mean = torch.empty(channels, **f32)
-        var = torch.empty(channels, **f32)
-        provisional = (x, mean, mean, mean, mean, channels, span.samples, 1)
-        programs = reduction_programs(_span_batch_stats_partial_kernel, provisional,
-                                      span.constexprs(), span.num_warps, x.device)
-        per_split, splits = span.split(programs)
-        parts = torch.empty(4, splits, channels, **f32).unbind(0)  # count, mean, M2, odd
-        launches.append(KernelLaunch(
-            _span_batch_stats_partial_kernel, (span.col_blocks, splits),
-            (x, *parts, channels, span.samples, per_split), span.constexprs(), span.num_warps))
-        launches.append(_finalize(_batch_stats_finalize_kernel, channels, *parts, mean, var,
-                                  channels, splits))
-        saved_mean, saved_var = mean, var
+    if batch_stats:
+        mean = saved_mean = torch.empty(channels, **f32)
+        var = saved_var = torch.empty(channels, **f32)
+        parts = torch.empty(4, geometry.splits, channels, **f32).unbind(0)  # count, mean, M2, odd
+        running = update if update is not None else (mean, var, 0.0, 0.0)
+        launches += [_stats_launch(geometry, x, parts),
+                     _finalize(_batch_stats_finalize_kernel, channels, *parts, mean, var,
+                               *running[:2], channels, geometry.splits, *running[2:],
+                               UPDATE_RUNNING=update is not None)]
     else:
         mean, var = running_mean, running_var
-        saved_mean, saved_var = torch.empty(0, **f32), torch.empty(0, **f32)
-    launches.append(KernelLaunch(
-        _span_forward_kernel, (span.col_blocks, span.samples),
-        (x, residual if residual is not None else x, out_buffer, mean, var,
-         weight if weight is not None else mean, bias if bias is not None else mean, channels, eps),
-        dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-             HAS_RESIDUAL=residual is not None, RELU=relu, **span.constexprs()),
-        span.num_warps))
+        saved_mean = saved_var = torch.empty(0, **f32)
+    constexprs = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                      HAS_RESIDUAL=residual is not None, RELU=relu, EPS_ZERO=eps == 0)
+    vectors = (mean, var, weight if weight is not None else mean,
+               bias if bias is not None else mean)
+    residual = residual if residual is not None else x
+    span, tiling = geometry.span, geometry.tiling
+    if span is not None:
+        launches.append(KernelLaunch(
+            _span_forward_kernel, (span.col_blocks, span.samples),
+            (x, residual, out_buffer, *vectors, channels, eps),
+            dict(constexprs, **span.constexprs()), span.num_warps))
+    else:
+        launches.append(KernelLaunch(
+            _forward_kernel, (tiling.tiles, tiling.col_blocks),
+            (x, residual, out_buffer, *vectors, channels, tiling.positions, tiling.l_blocks, eps,
+             *(s for strides in tiling.strides for s in strides)),
+            dict(constexprs, BLOCK_R=tiling.block_r, BLOCK_C=tiling.block_c), tiling.num_warps))
     return ForwardCall(launches, out, out_buffer, saved_mean, saved_var)
 
 
-def forward(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor | None,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    eps: float,
-    relu: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`Implementation.forward` in _contract.py."""
-    call = plan_forward(x, weight, bias, residual, running_mean, running_var, eps, relu)
-    for launch in call.launches:
-        launch()
-    if call.out_buffer is not call.out:
-        call.out.copy_(call.out_buffer)
-    return call.out, call.saved_mean, call.saved_var
+def _stats_launch(geometry: _Geometry, x: torch.Tensor, parts) -> KernelLaunch:
+    channels = x.shape[1]
+    span, tiling = geometry.span, geometry.tiling
+    if span is not None:
+        return KernelLaunch(
+            _span_batch_stats_partial_kernel, (span.col_blocks, geometry.splits),
+            (x, *parts, channels, span.samples, geometry.per_split), span.constexprs(),
+            span.num_warps)
+    return KernelLaunch(
+        _batch_stats_partial_kernel, (tiling.col_blocks, geometry.splits),
+        (x, *parts, channels, tiling.positions, tiling.l_blocks, tiling.tiles, geometry.per_split,
+         *tiling.strides[0]),
+        dict(BLOCK_R=tiling.block_r, BLOCK_C=tiling.block_c), tiling.num_warps)
 
 
 @dataclass(frozen=True)
@@ -804,6 +875,24 @@ class BackwardCall:
     grad_residual_buffer: torch.Tensor
     grad_weight: torch.Tensor
     grad_bias: torch.Tensor
+
+
+def _backward_reduction(shape, dense, buffers):
+    x, grad_out, out = dense
+    channels = x.shape[1]
+    relu, residual_grad = out is not None, buffers[1] is not None
+    vector = torch.empty(channels, dtype=torch.float32, device=x.device)
+    grad_residual = buffers[1] if residual_grad else x.new_empty(0)
+    constexprs = dict(RELU=relu, STORE_GRAD_RESIDUAL=residual_grad)
+    common = (grad_out, out if relu else grad_out, x, vector, vector, vector, grad_residual,
+              channels)
+    if isinstance(shape, _SpanTiling):
+        return (_span_backward_reduce_kernel, (*common, shape.samples, 1),
+                dict(constexprs, **shape.constexprs()))
+    sx, sg, so, _, sdr = shape.strides
+    return (_backward_reduce_kernel,
+            (*common, shape.positions, shape.l_blocks, shape.tiles, 1, *sg, *so, *sx, *sdr),
+            dict(constexprs, BLOCK_R=shape.block_r, BLOCK_C=shape.block_c))
 
 
 def plan_backward(
@@ -820,106 +909,83 @@ def plan_backward(
     reduction_programs=_reduction_programs,
 ) -> BackwardCall:
     """Allocate a backward's gradients and describe its launches (without running them)."""
-    channels = x.shape[1]
     # Gradients take the strides the fake kernel promises, whatever copies compute them.
     grad_input = torch.empty_like(x)
-    grad_input_buffer = _writable(grad_input)
+    grad_residual = torch.empty_like(grad_out, dtype=x.dtype) if residual_grad else None
+    geometry = _geometry(
+        (_signature(x), _signature(grad_out), _signature(out), residual_grad, reduction_programs),
+        (x, grad_out, out), (grad_input, grad_residual), _backward_reduction)
+    x, grad_out, out = _dense_inputs(geometry, x, grad_out, out)
+    grad_input_buffer = _buffer(geometry, 0, grad_input)
     if residual_grad:
-        grad_residual = torch.empty_like(grad_out, dtype=x.dtype)
-        grad_residual_buffer = _writable(grad_residual)
+        grad_residual_buffer = _buffer(geometry, 1, grad_residual)
     else:
         grad_residual = grad_residual_buffer = torch.empty(0, dtype=x.dtype, device=x.device)
-    grad_out = _dense_like(grad_out)
-    x = _dense_like(x)
-    relu = out is not None
-    out = _dense_like(out) if relu else None
-    span = _span_tiling(x, [x, grad_out, out, grad_input_buffer,
-                            grad_residual_buffer if residual_grad else None])
-    if span is not None:
-        return _plan_span_backward(span, grad_out, x, out, weight, mean, var, eps, batch_stats,
-                                   residual_grad, grad_input, grad_input_buffer, grad_residual,
-                                   grad_residual_buffer, reduction_programs)
-    tiling = _tiling(x, [
-        strides_3d(x), strides_3d(grad_out), strides_3d(out) if relu else None,
-        strides_3d(grad_input_buffer), strides_3d(grad_residual_buffer) if residual_grad else None,
-    ])
-    sx, sg, so, sdi, sdr = tiling.strides
-    out_or_grad = out if relu else grad_out  # a valid pointer where RELU is off and it is unread
-    f32 = dict(dtype=torch.float32, device=x.device)
-
-    blocks = dict(BLOCK_R=tiling.block_r, BLOCK_C=tiling.block_c)
-    reduce_constexprs = dict(RELU=relu, STORE_GRAD_RESIDUAL=residual_grad, **blocks)
-    provisional = (grad_out, out_or_grad, x, mean, var, var, grad_residual_buffer, channels,
-                   tiling.positions, tiling.l_blocks, tiling.tiles, 1, *sg, *so, *sx, *sdr)
-    programs = reduction_programs(_backward_reduce_kernel, provisional, reduce_constexprs,
-                                  tiling.num_warps, x.device)
-    tiles_per_split, splits = tiling.split(programs)
-    part_sum_g = torch.empty(splits, channels, **f32)
-    part_sum_gx = torch.empty(splits, channels, **f32)
-    grad_weight = torch.empty(channels, **f32)
-    grad_bias = torch.empty(channels, **f32)
-    sum_gx = torch.empty(channels, **f32)
-    # With a residual, the elementwise pass reads the masked gradient the reduce pass wrote.
-    masked, s_masked = (grad_residual_buffer, sdr) if residual_grad else (grad_out, sg)
-    launches = [
-        KernelLaunch(
-            _backward_reduce_kernel, (tiling.col_blocks, splits),
-            (grad_out, out_or_grad, x, mean, part_sum_g, part_sum_gx, grad_residual_buffer,
-             channels, tiling.positions, tiling.l_blocks, tiling.tiles, tiles_per_split,
-             *sg, *so, *sx, *sdr),
-            reduce_constexprs, tiling.num_warps),
-        _finalize(_backward_finalize_kernel, channels, part_sum_g, part_sum_gx, var, grad_weight,
-                  grad_bias, sum_gx, channels, splits, eps),
-        KernelLaunch(
-            _backward_elementwise_kernel, (tiling.tiles, tiling.col_blocks),
-            (masked, out_or_grad, x, mean, var, weight if weight is not None else var, grad_bias,
-             sum_gx, grad_input_buffer, channels, tiling.positions, tiling.l_blocks,
-             x.numel() // channels, eps, *s_masked, *so, *sx, *sdi),
-            dict(HAS_WEIGHT=weight is not None, BATCH_STATS=batch_stats,
-                 RELU=relu and not residual_grad, **blocks),
-            tiling.num_warps),
-    ]
-    return BackwardCall(launches, grad_input, grad_input_buffer, grad_residual,
-                        grad_residual_buffer, grad_weight, grad_bias)
-
-
-def _plan_span_backward(span: _SpanTiling, grad_out, x, out, weight, mean, var, eps, batch_stats,
-                        residual_grad, grad_input, grad_input_buffer, grad_residual,
-                        grad_residual_buffer, reduction_programs) -> BackwardCall:
     channels = x.shape[1]
-    relu = out is not None
-    out_or_grad = out if relu else grad_out
     f32 = dict(dtype=torch.float32, device=x.device)
-    reduce_constexprs = dict(RELU=relu, STORE_GRAD_RESIDUAL=residual_grad, **span.constexprs())
-    provisional = (grad_out, out_or_grad, x, mean, var, var, grad_residual_buffer, channels,
-                   span.samples, 1)
-    programs = reduction_programs(_span_backward_reduce_kernel, provisional, reduce_constexprs,
-                                  span.num_warps, x.device)
-    per_split, splits = span.split(programs)
-    part_sum_g = torch.empty(splits, channels, **f32)
-    part_sum_gx = torch.empty(splits, channels, **f32)
-    grad_weight = torch.empty(channels, **f32)
-    grad_bias = torch.empty(channels, **f32)
-    sum_gx = torch.empty(channels, **f32)
+    part_sums = torch.empty(2, geometry.splits, channels, **f32).unbind(0)  # of g, of g * (x - mean)
+    # Separate tensors: the op's outputs must not share storage.
+    grad_weight, grad_bias, sum_gx = (torch.empty(channels, **f32) for _ in range(3))
+    relu = out is not None
+    out_or_grad = out if relu else grad_out  # a valid pointer where RELU is off and it is unread
+    # With a residual, the elementwise pass reads the masked gradient the reduce pass wrote.
     masked = grad_residual_buffer if residual_grad else grad_out
-    launches = [
-        KernelLaunch(
-            _span_backward_reduce_kernel, (span.col_blocks, splits),
-            (grad_out, out_or_grad, x, mean, part_sum_g, part_sum_gx, grad_residual_buffer,
-             channels, span.samples, per_split),
-            reduce_constexprs, span.num_warps),
-        _finalize(_backward_finalize_kernel, channels, part_sum_g, part_sum_gx, var, grad_weight,
-                  grad_bias, sum_gx, channels, splits, eps),
-        KernelLaunch(
-            _span_backward_elementwise_kernel, (span.col_blocks, span.samples),
-            (masked, out_or_grad, x, mean, var, weight if weight is not None else var, grad_bias,
-             sum_gx, grad_input_buffer, channels, x.numel() // channels, eps),
-            dict(HAS_WEIGHT=weight is not None, BATCH_STATS=batch_stats,
-                 RELU=relu and not residual_grad, **span.constexprs()),
-            span.num_warps),
-    ]
+    reduce_args = (grad_out, out_or_grad, x, mean, *part_sums, grad_residual_buffer, channels)
+    elementwise_args = (masked, out_or_grad, x, mean, var, weight if weight is not None else var,
+                        grad_bias, sum_gx, grad_input_buffer, channels, x.numel() // channels, eps)
+    reduce_constexprs = dict(RELU=relu, STORE_GRAD_RESIDUAL=residual_grad)
+    elementwise_constexprs = dict(HAS_WEIGHT=weight is not None, BATCH_STATS=batch_stats,
+                                  RELU=relu and not residual_grad)
+    finalize = _finalize(_backward_finalize_kernel, channels, *part_sums, var, grad_weight,
+                         grad_bias, sum_gx, channels, geometry.splits, eps)
+    span, tiling = geometry.span, geometry.tiling
+    if span is not None:
+        launches = [
+            KernelLaunch(_span_backward_reduce_kernel, (span.col_blocks, geometry.splits),
+                         (*reduce_args, span.samples, geometry.per_split),
+                         dict(reduce_constexprs, **span.constexprs()), span.num_warps),
+            finalize,
+            KernelLaunch(_span_backward_elementwise_kernel, (span.col_blocks, span.samples),
+                         elementwise_args, dict(elementwise_constexprs, **span.constexprs()),
+                         span.num_warps),
+        ]
+    else:
+        sx, sg, so, sdi, sdr = tiling.strides
+        blocks = dict(BLOCK_R=tiling.block_r, BLOCK_C=tiling.block_c)
+        walk = (tiling.positions, tiling.l_blocks)
+        launches = [
+            KernelLaunch(_backward_reduce_kernel, (tiling.col_blocks, geometry.splits),
+                         (*reduce_args, *walk, tiling.tiles, geometry.per_split,
+                          *sg, *so, *sx, *sdr),
+                         dict(reduce_constexprs, **blocks), tiling.num_warps),
+            finalize,
+            KernelLaunch(_backward_elementwise_kernel, (tiling.tiles, tiling.col_blocks),
+                         (*elementwise_args[:10], *walk, *elementwise_args[10:],
+                          *(sdr if residual_grad else sg), *so, *sx, *sdi),
+                         dict(elementwise_constexprs, **blocks), tiling.num_warps),
+        ]
     return BackwardCall(launches, grad_input, grad_input_buffer, grad_residual,
                         grad_residual_buffer, grad_weight, grad_bias)
+
+
+def forward(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    eps: float,
+    relu: bool,
+    update: RunningUpdate | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`Implementation.forward` in _contract.py: the update joins the finalize launch."""
+    call = plan_forward(x, weight, bias, residual, running_mean, running_var, eps, relu, update)
+    for launch in call.launches:
+        launch()
+    if call.out_buffer is not call.out:
+        call.out.copy_(call.out_buffer)
+    return call.out, call.saved_mean, call.saved_var
 
 
 def backward(
@@ -948,6 +1014,6 @@ def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, 
                          var: torch.Tensor, momentum: float, unbias: float) -> None:
     """`Implementation.update_running_stats` in _contract.py: one launch for both vectors."""
     channels = running_mean.numel()
-    KernelLaunch(_update_running_stats_kernel, (triton.cdiv(channels, FINALIZE_BLOCK_C),),
+    KernelLaunch(_update_running_stats_kernel, (-(-channels // FINALIZE_BLOCK_C),),
                  (running_mean, running_var, mean, var, channels, float(momentum), float(unbias)),
                  dict(BLOCK_C=FINALIZE_BLOCK_C))()

@@ -16,6 +16,12 @@ running statistics in place (one kernel launch on CUDA): an op that mutates its 
 carry an autograd formula, so it cannot be part of `batch_norm_act`. Both implementations keep PyTorch's
 semantics at the edges: NaN and inf propagate, an empty batch gives empty outputs and zero
 parameter gradients (handled here, once), and outputs take the strides the fake kernels promise.
+Arguments are checked once, up front, in F.batch_norm's words (_checks.py).
+
+In eager mode the ops' dispatch is skipped: `_EagerBatchNormAct` calls the same implementation
+with the same autograd context, and the running-stat update joins the forward (on the Triton
+path, its finalize launch). The custom ops are what tracing and compilation see. Gradients
+taken with `create_graph=True` come from differentiable torch ops, so double backward works.
 
 Which implementation runs (the "backend"):
 - `"auto"` (default): CUDA tensors run the compiled Triton kernels. Elsewhere (CPU, float64) the
@@ -40,7 +46,8 @@ from typing import Literal
 import torch
 
 from . import _torch_impl
-from ._contract import Implementation
+from ._checks import check_arguments, checked_residual
+from ._contract import Implementation, RunningUpdate
 
 try:
     from . import _triton_impl
@@ -134,12 +141,18 @@ def batch_norm_act(
     relu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns `(out, mean, var)`; see `Implementation.forward` in _contract.py."""
+    return _forward(x, weight, bias, residual, running_mean, running_var, eps, relu)
+
+
+def _forward(x, weight, bias, residual, running_mean, running_var, eps, relu, update=None):
+    """The op's body, which the eager path calls too (with the running-stat `update` folded in)."""
     if x.numel() == 0:  # an empty batch: F.batch_norm's results, whatever the implementation
         stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         stats_size = 0 if running_mean is not None else x.shape[1]
         nan = torch.full((stats_size,), float("nan"), dtype=stats_dtype, device=x.device)
         return torch.empty_like(x), nan, nan.clone()
-    return _implementation(x).forward(x, weight, bias, residual, running_mean, running_var, eps, relu)
+    return _implementation(x).forward(x, weight, bias, residual, running_mean, running_var, eps, relu,
+                                      update)
 
 
 @batch_norm_act.register_fake
@@ -167,6 +180,11 @@ def batch_norm_act_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of input, residual (empty unless `residual_grad`), weight and bias; see
     `Implementation.backward` in _contract.py."""
+    return _backward_impl(grad_out, x, out, weight, mean, var, eps, batch_stats, residual_grad)
+
+
+def _backward_impl(grad_out, x, out, weight, mean, var, eps, batch_stats, residual_grad):
+    """The backward op's body, which the eager path calls too."""
     if x.numel() == 0:  # nothing flowed through: empty input gradients, zero parameter ones
         stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         zeros = torch.zeros(x.shape[1], dtype=stats_dtype, device=x.device)
@@ -235,10 +253,16 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(x, out if relu else None, weight, mean, var)
 
 
-def _backward(ctx, grad_out, _grad_mean, _grad_var):
+def _gradients(ctx, grad_out: torch.Tensor, backward_op) -> tuple:
+    """The op's input gradients, from `backward_op` (the backward custom op, or in eager mode the
+    implementation's backward itself). With `create_graph=True` (grad mode on in a backward) the
+    gradients are built from differentiable torch ops instead, so that they can be differentiated
+    again, as nn.BatchNorm2d's can."""
     x, out, weight, mean, var = ctx.saved_tensors
     residual_grad = ctx.has_residual and ctx.relu and ctx.needs_input_grad[3]
-    grad_input, grad_residual, grad_weight, grad_bias = batch_norm_act_backward(
+    if torch.is_grad_enabled():
+        backward_op = _torch_impl.differentiable_backward
+    grad_input, grad_residual, grad_weight, grad_bias = backward_op(
         grad_out, x, out, weight, mean, var, ctx.eps, ctx.batch_stats, residual_grad
     )
     if ctx.has_residual and not ctx.relu:
@@ -252,12 +276,42 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var):
     return grad_input, grad_weight, grad_bias, grad_residual, None, None, None, None
 
 
+def _backward(ctx, grad_out, _grad_mean, _grad_var):
+    return _gradients(ctx, grad_out, batch_norm_act_backward)
+
+
 batch_norm_act.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_channel_vector(name: str, t: torch.Tensor | None, channels: int) -> None:
-    if t is not None and t.numel() != channels:
-        raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
+class _EagerBatchNormAct(torch.autograd.Function):
+    """`batch_norm_act` with its autograd, minus the custom-op dispatch around it.
+
+    In eager mode nothing needs the op to be one graph node, and its dispatch (schema binding,
+    redispatch below autograd, the generated Function) is most of a layer's host time once the
+    launch plans are cached; this Function calls the implementation directly, with the same
+    context and gradients. Tracing and compilation keep the custom op (see `_is_eager`).
+    """
+
+    @staticmethod
+    def forward(ctx, *inputs_and_update):
+        # forward(ctx, ...) rather than a separate setup_context: apply() then binds no signature.
+        output = _forward(*inputs_and_update)
+        _setup_context(ctx, inputs_and_update[:8], output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_var):
+        return (*_gradients(ctx, grad_out, _backward_impl), None)
+
+
+def _is_eager(x: torch.Tensor) -> bool:
+    """A plain tensor with no tracer, compiler or dispatch mode looking on."""
+    return (
+        type(x) is torch.Tensor
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and torch._C._len_torch_dispatch_stack() == 0
+    )
 
 
 def fused_batch_norm(
@@ -277,61 +331,30 @@ def fused_batch_norm(
 
     Same positional signature, semantics and errors as `torch.nn.functional.batch_norm`: in
     training the batch statistics normalize and, when running statistics are given, update them in
-    place (momentum, unbiased variance); in eval the running statistics normalize.
+    place (momentum, unbiased variance); in eval the running statistics normalize. The residual
+    has the input's shape or broadcasts to it, as in `out += residual`.
     """
     if _runs_inline(input):
         return _batch_norm_add_relu_inline(
             input, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu
         )
-    if input.dim() < 2:
-        raise ValueError(f"expected an input of shape (N, C, ...), got size {list(input.shape)}")
-    if training and eps <= 0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if eps < 0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-    channels = input.shape[1]
-    if training and input.numel() // channels == 1:
-        raise ValueError(
-            "Expected more than 1 value per channel when training, "
-            f"got input size {input.size()}"
-        )
-    if not training and (running_mean is None or running_var is None):
-        raise RuntimeError(
-            f"running_{'mean' if running_mean is None else 'var'} must be defined in evaluation mode"
-        )
-    for name, t in (("running_mean", running_mean), ("running_var", running_var),
-                    ("weight", weight), ("bias", bias)):
-        _check_channel_vector(name, t, channels)
-    _check_residual(input, residual)
-
-    if training:
-        out, batch_mean, batch_var = batch_norm_act(
-            input, weight, bias, residual, None, None, eps, relu
-        )
-        count = input.numel() // channels
-        if running_mean is not None and running_var is not None and count > 0:
-            update_running_stats_(running_mean, running_var, batch_mean, batch_var, momentum,
-                                  count / (count - 1))
-        return out
-    out, _, _ = batch_norm_act(input, weight, bias, residual, running_mean, running_var, eps, relu)
+    check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    residual = checked_residual(input, residual)
+    if not training:
+        op = _EagerBatchNormAct.apply if _is_eager(input) else batch_norm_act
+        return op(input, weight, bias, residual, running_mean, running_var, eps, relu)[0]
+    count = input.numel() // input.shape[1]
+    update = None
+    if running_mean is not None and count > 0:
+        update = RunningUpdate(running_mean, running_var, momentum, count / (count - 1))
+    if _is_eager(input):  # the update rides along with the forward
+        return _EagerBatchNormAct.apply(input, weight, bias, residual, None, None, eps, relu,
+                                        update)[0]
+    out, batch_mean, batch_var = batch_norm_act(input, weight, bias, residual, None, None, eps, relu)
+    if update is not None:
+        update_running_stats_(update.running_mean, update.running_var, batch_mean, batch_var,
+                              update.momentum, update.unbias)
     return out
-
-
-def _check_residual(input: torch.Tensor, residual: torch.Tensor | None) -> None:
-    """The residual is added as `out += residual` adds it: same shape and device, any floating
-    dtype (the sum is rounded to the input's dtype; the residual's gradient has its own dtype)."""
-    if residual is None:
-        return
-    if residual.shape != input.shape:
-        raise ValueError(
-            f"residual must have the input's shape {list(input.shape)}, got {list(residual.shape)}"
-        )
-    if not residual.is_floating_point():
-        raise TypeError(f"residual must be a floating-point tensor, got {residual.dtype}")
-    if residual.device != input.device:
-        raise RuntimeError(
-            f"residual is on {residual.device} but the input is on {input.device}; move it there"
-        )
 
 
 def _batch_norm_add_relu_inline(
@@ -351,7 +374,7 @@ def _batch_norm_add_relu_inline(
     F.batch_norm does its own checks (with PyTorch's wording) and the running-stat update; its
     output is a fresh tensor that its backward does not read, so writing into it is safe.
     """
-    _check_residual(input, residual)
+    checked_residual(input, residual)  # broadcasting is out.add_'s own
     out = torch.nn.functional.batch_norm(
         input, running_mean, running_var, weight, bias, training, momentum, eps
     )

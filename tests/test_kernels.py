@@ -602,3 +602,221 @@ def test_an_outlier_first_value_does_not_spoil_the_variance(backend, channels_la
     torch.testing.assert_close(rv.double(), exact.var(dim=(0, 2, 3)), rtol=1e-5, atol=0)
     # float32 rounding of values as large as 10: about 1e-6 absolute
     torch.testing.assert_close(rm.double(), exact.mean(dim=(0, 2, 3)), rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# More of nn.BatchNorm2d's semantics: bias=False, eps=0, half-given running statistics,
+# momentum=None, broadcast residuals, double backward, and PyTorch's own module test inputs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_affine_weight_without_bias_as_nn_batchnorm2d(backend):
+    torch.manual_seed(0)
+    reference = torch.nn.BatchNorm2d(4, bias=False)
+    fused = FusedBatchNorm2d(4, bias=False, relu=False)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5)
+    fused.load_state_dict(reference.state_dict(), strict=True)
+    assert fused.bias is None and fused.state_dict().keys() == reference.state_dict().keys()
+    x = torch.randn(3, 4, 5, 5)
+    with use_backend(backend):
+        for mode in ("train", "eval"):
+            getattr(fused, mode)(), getattr(reference, mode)()
+            inputs = [x.clone().requires_grad_() for _ in range(2)]
+            outs = [fused(inputs[0]), reference(inputs[1])]
+            torch.testing.assert_close(outs[0], outs[1], atol=2e-5, rtol=2e-5)
+            for out in outs:
+                out.square().sum().backward()
+            torch.testing.assert_close(inputs[0].grad, inputs[1].grad, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(fused.weight.grad, reference.weight.grad, atol=1e-4,
+                                       rtol=1e-4)
+    torch.testing.assert_close(fused.running_var, reference.running_var)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 3, 4, 4), (2, 3, 7, 7)], ids=["rows", "spans"])
+def test_eval_with_zero_eps_and_zero_variance_gives_what_pytorch_gives(backend, shape):
+    """1 / sqrt(0 + 0) is inf: ATen's eval output is x * inf + (bias - mean * inf), NaN where
+    the terms cancel or x is 0 and inf elsewhere, not (x - mean) * inf."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(9))
+    x[0, :, 0, 0] = 0.0
+    running_mean, running_var = torch.tensor([0.0, 1.0, -0.5]), torch.tensor([0.0, 0.0, 1.0])
+    for weight, bias in ((torch.tensor([1.0, 2.0, 1.0]), torch.tensor([0.5, 0.0, 1.0])),
+                         (None, None)):
+        expected = F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.1, 0.0)
+        assert expected[:, 0].isnan().all() and expected[:, 1].isinf().any()
+        with use_backend(backend):
+            out = fused_batch_norm(x, running_mean, running_var, weight, bias, False, 0.1, 0.0,
+                                   relu=False)
+        torch.testing.assert_close(out, expected, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("given", ["mean", "var"])
+def test_one_running_statistic_without_the_other_is_refused_as_pytorch(backend, training, given):
+    """In training F.batch_norm wants both or neither; in eval it names the missing one."""
+    x = torch.randn(2, 3, 4, 4)
+    stats = (torch.zeros(3), None) if given == "mean" else (None, torch.ones(3))
+    with pytest.raises((ValueError, RuntimeError)) as expected:
+        F.batch_norm(x, *stats, training=training)
+    with use_backend(backend), pytest.raises((ValueError, RuntimeError)) as refused:
+        fused_batch_norm(x, *stats, training=training)
+    assert type(refused.value) is type(expected.value)
+    assert str(refused.value) == str(expected.value)
+    if training:
+        assert "must either both be None or neither be None" in str(refused.value)
+    else:
+        missing = "running_var" if given == "mean" else "running_mean"
+        assert str(refused.value) == f"{missing} must be defined in evaluation mode"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_functional_momentum_none_is_refused_before_any_work(backend):
+    """F.batch_norm refuses momentum=None (only the module means a cumulative average by it)."""
+    x = torch.randn(2, 3, 4, 4)
+    running_mean, running_var = torch.zeros(3), torch.ones(3)
+    with pytest.raises(TypeError, match="momentum"):
+        F.batch_norm(x, running_mean, running_var, training=True, momentum=None)
+    with use_backend(backend), pytest.raises(TypeError, match="momentum") as refused:
+        fused_batch_norm(x, running_mean, running_var, None, None, True, None)
+    if backend != "auto":  # (auto on a CPU is F.batch_norm itself, in its words)
+        assert "cumulative moving average pass 1 / (number of batches seen)" in str(refused.value)
+    assert torch.equal(running_mean, torch.zeros(3)) and torch.equal(running_var, torch.ones(3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("residual_shape", [(1, 4, 1, 1), (4, 1, 1), (1, 4, 5, 6), (3, 1, 5, 1)],
+                         ids=str)
+def test_a_broadcastable_residual_is_added_as_out_plus_equals_residual(backend, residual_shape):
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(3, 4, 5, 6, generator=g)
+    residual = torch.randn(residual_shape, generator=g)
+    weight, bias = torch.rand(4, generator=g) + 0.5, torch.randn(4, generator=g)
+    grad = torch.randn(3, 4, 5, 6, generator=g)
+    results = []
+    for which in ("fused", "reference"):
+        xl, rl = x.clone().requires_grad_(), residual.clone().requires_grad_()
+        if which == "fused":
+            with use_backend(backend):
+                out = fused_batch_norm(xl, None, None, weight, bias, True, residual=rl)
+        else:
+            out = F.batch_norm(xl, None, None, weight, bias, True)
+            out += rl
+            out = F.relu(out)
+        out.backward(grad)
+        results.append((out, xl.grad, rl.grad))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert results[0][2].shape == residual_shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_residual_that_does_not_broadcast_to_the_input_is_refused(backend):
+    x = torch.randn(3, 4, 5, 6)
+    with use_backend(backend), pytest.raises(ValueError, match=r"or broadcast to it .*\[2, 3, 4, 5, 6\]"):
+        fused_batch_norm(x, None, None, training=True, residual=torch.randn(2, 3, 4, 5, 6))
+
+
+def _double_backward_inputs(dtype):
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 4, 3, 2, dtype=dtype, generator=g).requires_grad_()
+    residual = torch.randn(3, 4, 3, 2, dtype=dtype, generator=g).requires_grad_()
+    weight = (torch.rand(4, dtype=dtype, generator=g) + 0.5).requires_grad_()
+    bias = torch.randn(4, dtype=dtype, generator=g).requires_grad_()
+    stats = torch.randn(4, dtype=dtype, generator=g), torch.rand(4, dtype=dtype, generator=g) + 0.5
+    return (x, residual, weight, bias), stats
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradgradcheck_float64_pytorch_path(training):
+    inputs, (rm, rv) = _double_backward_inputs(torch.float64)
+    with use_backend("torch"):
+        assert torch.autograd.gradgradcheck(
+            lambda x, r, w, b: fused_batch_norm(x, rm.clone(), rv.clone(), w, b, training,
+                                                residual=r),
+            inputs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_second_derivatives_match_nn_batchnorm2d(backend, training):
+    """d/d(x, weight) of |grad|^2 through the op equals the same through F.batch_norm + add +
+    relu: the gradient is itself differentiable, as nn.BatchNorm2d's is. On the Triton kernels
+    (which refuse float64, computing in float32) this stands in for gradgradcheck."""
+    inputs, (rm, rv) = _double_backward_inputs(torch.float32)
+    v = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(12))
+    second = []
+    for which in ("fused", "reference"):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        x, r, w, b = leaves
+        if which == "fused":
+            with use_backend(backend):
+                out = fused_batch_norm(x, rm.clone(), rv.clone(), w, b, training, residual=r)
+        else:
+            out = F.relu(F.batch_norm(x, rm.clone(), rv.clone(), w, b, training) + r)
+        grads = torch.autograd.grad(out, leaves, v, create_graph=True)
+        norm = sum((grad * grad).sum() for grad in grads)
+        second.append(torch.autograd.grad(norm, (x, w)))
+    for got, expected in zip(*second):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+_MODULE_INPUTS = '''
+import sys, types, unittest
+import torch
+try:
+    import expecttest  # noqa: F401
+except ImportError:  # common_utils takes only its TestCase base class, unused by these inputs
+    sys.modules["expecttest"] = types.SimpleNamespace(TestCase=unittest.TestCase)
+from torch.testing._internal.common_modules import module_db
+
+info = next(i for i in module_db if i.module_cls is torch.nn.BatchNorm2d)
+cases = [dict(training=training, desc=case.desc, args=case.constructor_input.args,
+              kwargs=case.constructor_input.kwargs, forward_kwargs=case.forward_input.kwargs,
+              inputs=[t.detach() for t in case.forward_input.args])
+         for training in (True, False)
+         for case in info.module_inputs_func(info, device="cpu", dtype=torch.float32,
+                                             requires_grad=False, training=training)]
+torch.save(cases, sys.argv[1])
+'''
+
+
+@pytest.fixture(scope="module")
+def batchnorm2d_module_inputs(tmp_path_factory):
+    """nn.BatchNorm2d's own module test inputs (torch.testing._internal.common_modules), read in
+    a subprocess: importing PyTorch's test harness freezes torch.backends flags process-wide."""
+    import subprocess
+    import sys
+
+    path = tmp_path_factory.mktemp("module-db") / "batchnorm2d.pt"
+    done = subprocess.run([sys.executable, "-c", _MODULE_INPUTS, str(path)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(path)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pytorchs_own_batchnorm2d_module_inputs(backend, batchnorm2d_module_inputs):
+    assert len(batchnorm2d_module_inputs) >= 14  # training and eval, bias=False among them
+    assert any(case["kwargs"].get("bias") is False for case in batchnorm2d_module_inputs)
+    for case in batchnorm2d_module_inputs:
+        torch.manual_seed(0)
+        reference = torch.nn.BatchNorm2d(*case["args"], **case["kwargs"])
+        fused = FusedBatchNorm2d(*case["args"], relu=False, **case["kwargs"])
+        fused.load_state_dict(reference.state_dict())
+        fused.train(case["training"]), reference.train(case["training"])
+        results = []
+        for module in (fused, reference):
+            inputs = [t.clone().requires_grad_() for t in case["inputs"]]
+            with use_backend(backend):
+                for _ in range(2):  # twice: momentum=None averages over the batches seen
+                    out = module(*inputs, **case["forward_kwargs"])
+                out.square().sum().backward()
+            results.append([out, *(t.grad for t in inputs),
+                            *(p.grad for p in module.parameters()),
+                            *module.state_dict().values()])
+        assert len(results[0]) == len(results[1])
+        for got, expected in zip(*results):
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4, equal_nan=True,
+                                       msg=lambda m: f"{case['desc'] or 'default'}: {m}")

@@ -1,0 +1,78 @@
+"""The refusals of `F.batch_norm`, in its words, made before any work, plus the residual's rules.
+
+batch_norm.py calls `check_arguments` once per call, ahead of both the custom op and the eager
+path, so every backend refuses the same inputs with the same error (type and message), and no
+kernel ever sees an argument it would have to reject half-way through.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_arguments(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> None:
+    """Raise what `F.batch_norm` raises for these arguments (its wording where it has one)."""
+    if input.dim() < 2:
+        raise ValueError(f"expected an input of shape (N, C, ...), got size {list(input.shape)}")
+    if training and (running_mean is None) != (running_var is None):
+        raise ValueError(
+            "running_mean and running_var must either both be None or neither be None"
+        )
+    if not isinstance(momentum, (float, int)) or isinstance(momentum, bool):
+        # F.batch_norm refuses None too; the module spells the cumulative average out itself.
+        raise TypeError(
+            f"momentum must be a float, got {type(momentum).__name__}; for a cumulative moving "
+            "average pass 1 / (number of batches seen), as nn.BatchNorm2d(momentum=None) does"
+        )
+    if training and eps <= 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    channels = input.shape[1]
+    if training and input.numel() // max(channels, 1) == 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, "
+            f"got input size {input.size()}"
+        )
+    if not training and (running_mean is None or running_var is None):
+        missing = "running_mean" if running_mean is None else "running_var"
+        raise RuntimeError(f"{missing} must be defined in evaluation mode")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        if t is not None and t.numel() != channels:
+            raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
+
+
+def checked_residual(input: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor | None:
+    """The residual as `out += residual` adds it: any floating dtype on the input's device, of the
+    input's shape or one that broadcasts to it (returned expanded: a view whose zero strides the
+    kernels read as they are, and whose gradient autograd sums back to the residual's shape)."""
+    if residual is None:
+        return None
+    if not residual.is_floating_point():
+        raise TypeError(f"residual must be a floating-point tensor, got {residual.dtype}")
+    if residual.device != input.device:
+        raise ValueError(
+            f"residual is on {residual.device} but the input is on {input.device}; move it there"
+        )
+    if residual.shape == input.shape:
+        return residual
+    try:
+        broadcast = torch.broadcast_shapes(residual.shape, input.shape)
+    except RuntimeError:
+        broadcast = None
+    if broadcast != input.shape:
+        raise ValueError(
+            f"residual must have the input's shape {list(input.shape)} or broadcast to it "
+            f"(as in out += residual), got {list(residual.shape)}"
+        )
+    return residual.expand_as(input)

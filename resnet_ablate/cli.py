@@ -298,6 +298,35 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("convert-imagenet")
+def _convert_imagenet(args: argparse.Namespace) -> int:
+    from .data.imagenet_layout import convert_imagenet
+
+    try:
+        done = convert_imagenet(args.root, args.out, val_labels=args.val_labels, to=args.to,
+                                shard_size=args.shard_size)
+    except (OSError, ValueError) as error:
+        print(f"resnet-ablate: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {done.train_images} training and {done.val_images} validation images of "
+          f"{done.classes} classes as {done.to} under {done.out}; a spec reads them with:")
+    print("\n".join(done.spec_lines()))
+    return 0
+
+
+def _add_convert_command(sub) -> None:
+    convert = sub.add_parser("convert-imagenet", help="ILSVRC's layout (train/<wnid>/, a flat "
+                             "val/ and its label file) as class folders or tar shards")
+    convert.add_argument("root", help="the folder holding train/<wnid>/ and val/")
+    convert.add_argument("out", help="a new (or empty) folder to write into")
+    convert.add_argument("--val-labels", help="val/'s label file, relative to ROOT unless "
+                         "absolute: 'filename label' lines, or the devkit's "
+                         "ILSVRC2012_validation_ground_truth.txt (with meta.mat beside it)")
+    convert.add_argument("--to", choices=("folders", "shards"), default="folders",
+                         help="class folders of hard links (default), or webdataset tar shards")
+    convert.add_argument("--shard-size", type=int, default=1000, help="images a shard")
+
+
 def _add_query_commands(sub) -> None:
     def query(name: str, help_text: str, *, study: bool = True, table: bool = True):
         parser = sub.add_parser(name, help=help_text)
@@ -403,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="let the spec's `pipe:` shard URLs run their shell command (only for "
                      "a spec you trust; refused without this flag)")
     _add_query_commands(sub)
+    _add_convert_command(sub)
     return parser
 
 

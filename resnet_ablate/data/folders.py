@@ -28,6 +28,7 @@ from ..spec import DEFAULT_LOADER_WORKERS
 from .decode import (AUGMENTATIONS, PLAIN, CropAugmentation, PixelStatistics, Preprocess,
                      centre_pixels, collate, collate_views, decode, decode_views, one_thread)
 from .errors import DataUnavailable
+from .val_labels import read_val_labels
 
 # Training images whose centre crops give the per-pixel mean and the RGB covariance.
 STATISTICS_SAMPLE = 256
@@ -44,45 +45,67 @@ class FolderIndex:
     test: tuple[tuple[str, int], ...]
 
 
-def scan_image_folder(root: str | os.PathLike[str], *, train: str = "train",
-                      test: str = "val") -> FolderIndex:
-    """Index an image folder, checking its layout; FileNotFoundError or ValueError naming what
-    is missing or empty."""
+def scan_image_folder(root: str | os.PathLike[str], *, train: str = "train", test: str = "val",
+                      val_labels: str | os.PathLike[str] | None = None) -> FolderIndex:
+    """Index an image folder, checking its layout; DataUnavailable or ValueError naming what is
+    missing or empty. With `val_labels` (a label file; relative to `root` unless absolute), the
+    `test` split is ILSVRC's flat folder of images, labelled by that file (val_labels.py)."""
     root = Path(root).expanduser()
     layout = f"expected {root}/{train}/<class>/*.jpg and {root}/{test}/<class>/*.jpg"
+    if val_labels is not None:
+        layout = f"expected {root}/{train}/<class>/*.jpg and {root}/{test}/*.jpg"
     if not root.is_dir():
         raise DataUnavailable(f"image folder {root} does not exist; {layout} (the ImageNet "
-                                "layout)")
-    splits = {}
+                              "layout)")
     for split in (train, test):
-        folder = root / split
-        if not folder.is_dir():
+        if not (root / split).is_dir():
             raise DataUnavailable(f"image folder {root} has no {split}/ split; {layout}")
-        classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
-        if not classes:
-            raise ValueError(f"{folder} holds no class folders; {layout}")
-        images = {c: sorted(str(p) for p in (folder / c).iterdir()
-                            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-                  for c in classes}
-        empty = [c for c, found in images.items() if not found]
-        if empty:
-            raise ValueError(f"{folder}: class folder(s) {', '.join(empty[:5])} hold no image "
-                             f"({', '.join(IMAGE_SUFFIXES)})")
-        splits[split] = images
-    classes = tuple(splits[train])
+    images = _class_folders(root / train, layout)
+    classes = tuple(images)
     if len(classes) < 2:
         raise ValueError(f"{root / train} holds one class folder ({classes[0]}); a classifier "
                          "needs two classes or more")
-    unknown = sorted(set(splits[test]) - set(classes))
-    if unknown:
-        raise ValueError(f"{root / test}: class folder(s) {', '.join(unknown[:5])} are not "
-                         f"classes of {root / train}")
     label = {c: i for i, c in enumerate(classes)}
+    train_samples = tuple((path, label[c]) for c, paths in images.items() for path in paths)
+    if val_labels is not None:
+        flat = flat_images(root / test)
+        if not flat:
+            raise ValueError(f"{root / test} holds no image ({', '.join(IMAGE_SUFFIXES)}); "
+                             f"{layout}")
+        labels = read_val_labels(root / Path(val_labels).expanduser(), flat, classes)
+        return FolderIndex(root, classes, train_samples,
+                           tuple((str(path), y) for path, y in zip(flat, labels)))
+    test_images = _class_folders(root / test, layout)
+    unknown = sorted(set(test_images) - set(classes))
+    if unknown:
+        hint = (" (a flat val/ folder of images? give its label file as val_labels)"
+                if flat_images(root / test) else "")
+        raise ValueError(f"{root / test}: class folder(s) {', '.join(unknown[:5])} are not "
+                         f"classes of {root / train}{hint}")
+    return FolderIndex(root, classes, train_samples, tuple(
+        (path, label[c]) for c, paths in test_images.items() for path in paths))
 
-    def samples(split: str) -> tuple[tuple[str, int], ...]:
-        return tuple((path, label[c]) for c, paths in splits[split].items() for path in paths)
 
-    return FolderIndex(root, classes, samples(train), samples(test))
+def _class_folders(folder: Path, layout: str) -> dict[str, list[str]]:
+    """Each class folder's images, sorted; ValueError where there is no class folder or one
+    holds no image."""
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if not classes:
+        hint = (" (a flat folder of images: give its label file as val_labels)"
+                if flat_images(folder) else "")
+        raise ValueError(f"{folder} holds no class folders{hint}; {layout}")
+    images = {c: sorted(str(p) for p in (folder / c).iterdir()
+                        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES) for c in classes}
+    empty = [c for c, found in images.items() if not found]
+    if empty:
+        raise ValueError(f"{folder}: class folder(s) {', '.join(empty[:5])} hold no image "
+                         f"({', '.join(IMAGE_SUFFIXES)})")
+    return images
+
+
+def flat_images(folder: Path) -> list[Path]:
+    """The images directly in `folder`, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 class ImageFolderSplit(torch.utils.data.Dataset):
@@ -221,14 +244,15 @@ class FolderData:
 
 def load_image_folder(root: str | os.PathLike[str], *, image_size: int = 224,
                       augmentation: CropAugmentation = "scale",
-                      loader_workers: int = DEFAULT_LOADER_WORKERS,
-                      seed: int = 0) -> FolderData:
-    """An image folder as a streaming data set (checked and indexed now, decoded when trained)."""
+                      loader_workers: int = DEFAULT_LOADER_WORKERS, seed: int = 0,
+                      val_labels: str | os.PathLike[str] | None = None) -> FolderData:
+    """An image folder as a streaming data set (checked and indexed now, decoded when trained);
+    `val_labels` for ILSVRC's flat val/ folder (see scan_image_folder)."""
     if augmentation not in AUGMENTATIONS:
         raise ValueError(f"augmentation={augmentation!r} is not one of {', '.join(AUGMENTATIONS)}")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
         raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
     if isinstance(loader_workers, bool) or not isinstance(loader_workers, int) or loader_workers < 0:
         raise ValueError(f"loader_workers must be an int >= 0, got {loader_workers!r}")
-    return FolderData("imagefolder", scan_image_folder(root), image_size, augmentation,
-                         loader_workers, seed)
+    return FolderData("imagefolder", scan_image_folder(root, val_labels=val_labels), image_size,
+                      augmentation, loader_workers, seed)

@@ -38,6 +38,7 @@ def load_dataset(
     augmentation: str | None = None,
     loader_workers: int | None = None,
     shards: Mapping[str, Any] | None = None,
+    val_labels: str | os.PathLike[str] | None = None,
     cache: bool = True,
 ) -> DataBundle | Streamed:
     """Load a dataset by name; cached per process on all the arguments when `cache` is true.
@@ -49,12 +50,17 @@ def load_dataset(
     `root` and `download` are for cifar10 and cifar100 only; `synthetic` for synthetic only.
     ``imagefolder`` (streamed from disk: a `FolderData`, see folders.py) needs `root` and
     takes `image_size` (default 224), `augmentation` ("scale", the paper's, or
-    "random_resized_crop") and `loader_workers` (default 2); it evaluates on its val/ split.
+    "random_resized_crop") and `loader_workers` (default 2); it evaluates on its val/ split,
+    class folders or, with `val_labels` (a label file), ILSVRC's flat folder of images.
     """
     # Only the options given: their defaults live with each loader (folders.py, shards.py).
     streamed = tuple((key, value) for key, value in (
         ("image_size", image_size), ("augmentation", augmentation),
         ("loader_workers", loader_workers)) if value is not None)
+    if val_labels is not None and name != "imagefolder":
+        raise ValueError(f"val_labels= applies to imagefolder only, not to {name!r}")
+    if val_labels is not None:
+        streamed += (("val_labels", str(val_labels)),)
     if name in STREAMED_NAMES:
         return _load_streamed(name, root=root, seed=seed, shards=shards, streamed=streamed,
                               in_memory_options=validation or download or synthetic is not None,

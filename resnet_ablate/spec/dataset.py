@@ -34,6 +34,8 @@ def dataset_section(check: Checker, value: Any) -> DatasetSpec:
                          f"applies to {' and '.join(STREAMED_DATASETS)} only, not to {name}")
     if section.get("shards") is not None and name != "webdataset":
         raise check.fail("dataset.shards", f"applies to webdataset only, not to {name}")
+    if section.get("val_labels") is not None and name != "imagefolder":
+        raise check.fail("dataset.val_labels", f"applies to imagefolder only, not to {name}")
     if name == "webdataset":
         _shards(check, section)
     if name in STREAMED_DATASETS:

@@ -41,6 +41,8 @@ class DatasetSpec:
     loader_workers: int | None = None
     # webdataset only: {train: PATTERN, val: PATTERN, num_classes: N[, train_size, val_size]}.
     shards: Mapping[str, Any] | None = None
+    # imagefolder only: the label file of ILSVRC's flat val/ folder (relative to root).
+    val_labels: str | None = None
 
     def load_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `resnet_ablate.data.load_dataset` (plain values: Ray ships them)."""
@@ -49,7 +51,7 @@ class DatasetSpec:
             "download": self.download, "seed": self.split_seed,
             "synthetic": dict(self.synthetic) if self.synthetic is not None else None,
         }
-        for name in ("image_size", "augmentation", "loader_workers"):
+        for name in ("image_size", "augmentation", "loader_workers", "val_labels"):
             if getattr(self, name) is not None:
                 kwargs[name] = getattr(self, name)
         if self.shards is not None:

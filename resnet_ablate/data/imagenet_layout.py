@@ -1,0 +1,96 @@
+"""ILSVRC's layout (`train/<wnid>/*.JPEG` and a flat `val/` with a label file, or class folders)
+converted to class folders or tar shards: `resnet-ablate convert-imagenet`."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import shutil
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .folders import scan_image_folder
+
+SHARD_SIZE = 1000  # images a shard (about 110 MB of ImageNet's JPEGs)
+# What a shard's image member may be called (shards.IMAGE_EXTENSIONS), by the file's suffix.
+_SHARD_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+
+
+@dataclass(frozen=True)
+class Converted:
+    """What `convert_imagenet` wrote: the images of each split, the classes, and where."""
+
+    out: Path
+    to: str
+    train_images: int
+    val_images: int
+    classes: int
+    train_pattern: str | None = None  # shards: the brace patterns a spec's `shards` takes
+    val_pattern: str | None = None
+
+    def spec_lines(self) -> list[str]:
+        """The `dataset` section of a spec that reads the converted data set."""
+        if self.to == "folders":
+            return ["dataset:", "  name: imagefolder", f"  root: {self.out}"]
+        return ["dataset:", "  name: webdataset", "  shards:",
+                f"    train: \"{self.train_pattern}\"", f"    val: \"{self.val_pattern}\"",
+                f"    num_classes: {self.classes}"]
+
+
+def convert_imagenet(root: str | os.PathLike[str], out: str | os.PathLike[str], *,
+                     val_labels: str | os.PathLike[str] | None = None, to: str = "folders",
+                     shard_size: int = SHARD_SIZE, seed: int = 0) -> Converted:
+    """ILSVRC's layout under `root` (a flat val/ with `val_labels`, or val/<class>/) as class
+    folders (`to="folders"`: hard links where the file system allows, else copies) or as tar
+    shards of `shard_size` samples (`to="shards"`: `KEY.jpg` + `KEY.cls`, the class index; the
+    training samples in a seeded random order, so each shard mixes the classes)."""
+    if to not in ("folders", "shards"):
+        raise ValueError(f"to={to!r}: valid: folders, shards")
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be an int >= 1, got {shard_size!r}")
+    out = Path(out).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty: convert into a new folder")
+    index = scan_image_folder(root, val_labels=val_labels)
+    splits = {"train": list(index.train), "val": list(index.test)}
+    random.Random(seed).shuffle(splits["train"])
+    out.mkdir(parents=True, exist_ok=True)
+    patterns = {}
+    for split, samples in splits.items():
+        if to == "folders":
+            _link_into_classes(samples, out / split, index.classes)
+        else:
+            patterns[split] = _write_shards(samples, out, split, shard_size)
+    return Converted(out, to, len(index.train), len(index.test), len(index.classes),
+                     patterns.get("train"), patterns.get("val"))
+
+
+def _link_into_classes(samples: list[tuple[str, int]], folder: Path,
+                       classes: tuple[str, ...]) -> None:
+    for path, label in samples:
+        target = folder / classes[label] / Path(path).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:  # another file system, or no hard links there
+            shutil.copy2(path, target)
+
+
+def _write_shards(samples: list[tuple[str, int]], out: Path, split: str, size: int) -> str:
+    count = max(1, -(-len(samples) // size))
+    digits = max(6, len(str(count - 1)))
+    for shard in range(count):
+        with tarfile.open(out / f"{split}-{shard:0{digits}d}.tar", "w") as archive:
+            for path, label in samples[shard * size:(shard + 1) * size]:
+                stem, suffix = Path(path).stem, Path(path).suffix.lower()
+                if suffix not in _SHARD_SUFFIXES:
+                    raise ValueError(f"{path}: a shard holds {', '.join(_SHARD_SUFFIXES)} images, "
+                                     f"not {suffix}; convert to folders instead")
+                archive.add(path, arcname=f"{stem}.{_SHARD_SUFFIXES[suffix]}")
+                info = tarfile.TarInfo(f"{stem}.cls")
+                data = str(label).encode()
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    return str(out / f"{split}-{{{0:0{digits}d}..{count - 1:0{digits}d}}}.tar")

@@ -1,0 +1,91 @@
+"""The label file of ILSVRC's flat `val/` folder (images whose classes are not in folder names),
+as an image folder's `val_labels` reads it (folders.scan_image_folder).
+
+A label file is either
+- "filename label" lines (whitespace or a comma between them; a header line such as Kaggle's
+  `ImageId,PredictionString` is skipped), the label a class folder's name (a wnid; of Kaggle's
+  `LOC_val_solution.csv` the first word of the prediction string) or a class index in 0..N-1 of
+  the sorted class folders; or
+- one label a line for the images in sorted file-name order, as the devkit's
+  `ILSVRC2012_validation_ground_truth.txt` holds them: wnids, or the devkit's 1-based
+  ILSVRC2012_IDs, which the devkit's `meta.mat` (beside the label file) maps to wnids.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .errors import DataUnavailable
+
+_SEPARATOR = re.compile(r"[,\s]+")
+
+
+def read_val_labels(label_file: str | os.PathLike[str], images: list[Path],
+                    classes: tuple[str, ...]) -> list[int]:
+    """The class index (in `classes`' order) of each of `images`, from `label_file` (see the
+    module docstring); one ValueError naming the file, the line and what is valid otherwise."""
+    path = Path(label_file).expanduser()
+    if not path.is_file():
+        raise DataUnavailable(f"val_labels: {path} does not exist (expected a label file: "
+                              "'filename label' lines, or ILSVRC2012_validation_ground_truth.txt)")
+    rows = [(number, _SEPARATOR.split(line.strip()))
+            for number, line in enumerate(path.read_text().splitlines(), start=1)
+            if line.strip() and not line.lstrip().startswith("#")]
+    index = {name: i for i, name in enumerate(classes)}
+    if rows and all(len(words) == 1 for _, words in rows):
+        return _labels_in_order(path, rows, images, classes, index)
+    by_stem: dict[str, int] = {}
+    for position, (number, words) in enumerate(rows):
+        label = _class_of(words[1], index, len(classes)) if len(words) > 1 else None
+        if label is None:
+            if position == 0:
+                continue  # a header line
+            raise ValueError(f"{path}:{number}: {' '.join(words[:2])!r} is not 'filename label' "
+                             f"with a label among {len(classes)} class folders' names (e.g. "
+                             f"{classes[0]}) or an index in 0..{len(classes) - 1}")
+        by_stem[Path(words[0]).stem] = label
+    unlabelled = [p.name for p in images if p.stem not in by_stem]
+    if unlabelled:
+        raise ValueError(f"{path}: no label for {len(unlabelled)} of the {len(images)} images "
+                         f"in val/, first {unlabelled[0]}")
+    return [by_stem[p.stem] for p in images]
+
+
+def _class_of(word: str, index: dict[str, int], count: int) -> int | None:
+    if word in index:
+        return index[word]
+    if word.isdigit() and int(word) < count:
+        return int(word)
+    return None
+
+
+def _labels_in_order(path: Path, rows: list[tuple[int, list[str]]], images: list[Path],
+                     classes: tuple[str, ...], index: dict[str, int]) -> list[int]:
+    """One label a line, for the images in sorted name order (the devkit's ground truth)."""
+    if len(rows) != len(images):
+        raise ValueError(f"{path}: {len(rows)} labels for the {len(images)} images in val/ "
+                         "(one label a line labels the images in sorted file-name order)")
+    words = [row[0] for _, row in rows]
+    if all(word.isdigit() for word in words):
+        wnids = _devkit_wnids(path.parent / "meta.mat", path)
+        words = [wnids.get(int(word), word) for word in words]
+    unknown = [(number, word) for (number, _), word in zip(rows, words) if word not in index]
+    if unknown:
+        number, word = unknown[0]
+        raise ValueError(f"{path}:{number}: {word!r} is not a class of train/ ({len(classes)} "
+                         f"class folders, e.g. {classes[0]})")
+    return [index[word] for word in words]
+
+
+def _devkit_wnids(meta: Path, label_file: Path) -> dict[int, str]:
+    """ILSVRC2012_ID -> wnid from the devkit's meta.mat."""
+    if not meta.is_file():
+        raise ValueError(f"{label_file}: its labels are ILSVRC2012_IDs, which the devkit's "
+                         f"meta.mat maps to class folders; put meta.mat at {meta}, or write "
+                         "'filename wnid' lines instead")
+    from scipy.io import loadmat
+
+    synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
+    return {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets}

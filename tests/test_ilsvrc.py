@@ -1,0 +1,132 @@
+"""ILSVRC's own layout on a generated tree: a flat val/ folder labelled by the devkit's ground
+truth (with meta.mat) or by 'filename label' lines, a study trained on it end to end, and
+`resnet-ablate convert-imagenet` to class folders and to shards."""
+
+import numpy as np
+import optuna
+import pytest
+import ray
+import scipy.io
+import torch
+from PIL import Image
+
+from helpers import write_spec
+from resnet_ablate.cli import main
+from resnet_ablate.data.folders import scan_image_folder
+from resnet_ablate.data.shards import load_shards
+
+WNIDS = ("n01440764", "n01443537", "n01484850")
+# The devkit numbers its synsets in its own order, not the wnids' sorted order.
+ILSVRC_IDS = {1: "n01484850", 2: "n01440764", 3: "n01443537"}
+
+
+def _jpeg(path, label: int, rng, size=(40, 34)) -> None:
+    colour = np.array([80 * label + 20, 220 - 70 * label, (110 * label) % 256], np.float64)
+    pixels = np.clip(colour + rng.normal(0, 10, (size[1], size[0], 3)), 0, 255)
+    Image.fromarray(pixels.astype(np.uint8)).save(path, format="JPEG")
+
+
+@pytest.fixture(scope="module")
+def ilsvrc(tmp_path_factory):
+    """train/<wnid>/<wnid>_<i>.JPEG (6 a class), a flat val/ of 9 images in a shuffled class order,
+    the devkit's ground truth and meta.mat under devkit/, and a 'filename wnid' file."""
+    root = tmp_path_factory.mktemp("ilsvrc")
+    rng = np.random.default_rng(0)
+    for label, wnid in enumerate(WNIDS):
+        (root / "train" / wnid).mkdir(parents=True)
+        for i in range(6):
+            _jpeg(root / "train" / wnid / f"{wnid}_{i}.JPEG", label, rng, (40 + 4 * i, 34))
+    (root / "val").mkdir()
+    truth = [WNIDS[i % 3] for i in rng.permutation(9)]
+    for k, wnid in enumerate(truth, start=1):
+        _jpeg(root / "val" / f"ILSVRC2012_val_{k:08d}.JPEG", WNIDS.index(wnid), rng)
+    devkit = root / "devkit"
+    devkit.mkdir()
+    by_wnid = {wnid: number for number, wnid in ILSVRC_IDS.items()}
+    (devkit / "ILSVRC2012_validation_ground_truth.txt").write_text(
+        "".join(f"{by_wnid[wnid]}\n" for wnid in truth))
+    synsets = np.array([(number, wnid, 0) for number, wnid in ILSVRC_IDS.items()],
+                       dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("num_children", "O")])
+    scipy.io.savemat(devkit / "meta.mat", {"synsets": synsets})
+    (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "".join(
+        f"ILSVRC2012_val_{k:08d},{wnid} 1 2 30 40\n" for k, wnid in enumerate(truth, start=1)))
+    return root, [WNIDS.index(wnid) for wnid in truth]
+
+
+def test_a_flat_val_folder_is_labelled_by_the_devkits_ground_truth_or_by_filename_lines(ilsvrc):
+    root, truth = ilsvrc
+    with pytest.raises(ValueError, match="holds no class folders .a flat folder of images: give "
+                                         "its label file as val_labels"):
+        scan_image_folder(root)
+    devkit = scan_image_folder(root, val_labels="devkit/ILSVRC2012_validation_ground_truth.txt")
+    kaggle = scan_image_folder(root, val_labels=root / "LOC_val_solution.csv")
+    assert devkit.classes == WNIDS and len(devkit.train) == 18
+    assert [label for _, label in devkit.test] == truth == [label for _, label in kaggle.test]
+    assert [p.rsplit("/", 1)[1] for p, _ in devkit.test] == [
+        f"ILSVRC2012_val_{k:08d}.JPEG" for k in range(1, 10)]
+
+
+def test_a_label_file_that_does_not_fit_is_one_error_naming_the_line(ilsvrc, tmp_path):
+    root, truth = ilsvrc
+    ids = tmp_path / "ground_truth.txt"  # the devkit's numbers, no meta.mat beside them
+    ids.write_text("1\n" * 9)
+    with pytest.raises(ValueError, match="its labels are ILSVRC2012_IDs, which the devkit's "
+                                         "meta.mat maps"):
+        scan_image_folder(root, val_labels=ids)
+    short = tmp_path / "short.txt"
+    short.write_text("ILSVRC2012_val_00000001 n01440764\nILSVRC2012_val_00000002 2\n")
+    with pytest.raises(ValueError, match="no label for 7 of the 9 images in val/, first "
+                                         "ILSVRC2012_val_00000003.JPEG"):
+        scan_image_folder(root, val_labels=short)
+    wrong = tmp_path / "wrong.txt"
+    wrong.write_text("ILSVRC2012_val_00000001 n01440764\nILSVRC2012_val_00000002 n99999999\n")
+    with pytest.raises(ValueError, match=r"wrong.txt:2: 'ILSVRC2012_val_00000002 n99999999' is "
+                                         r"not 'filename label'"):
+        scan_image_folder(root, val_labels=wrong)
+    with pytest.raises(FileNotFoundError, match="val_labels: .*nowhere.txt does not exist"):
+        scan_image_folder(root, val_labels="nowhere.txt")
+
+
+def test_a_study_trains_on_the_ilsvrc_layout_and_it_converts_to_folders_and_shards(
+        ilsvrc, tmp_path, capsys):
+    from resnet_ablate.spec import load_spec
+    from resnet_ablate.study import RunOptions, run_study
+
+    root, truth = ilsvrc
+    raw = {
+        "study": "ilsvrc", "model": {"family": "imagenet", "widths": [4, 8, 8, 8],
+                                     "stages": [1, 1, 1, 1], "block": "basic"},
+        "dataset": {"name": "imagefolder", "root": str(root), "image_size": 32,
+                    "loader_workers": 0,
+                    "val_labels": "devkit/ILSVRC2012_validation_ground_truth.txt"},
+        "space": {"shortcut": ["A"]}, "seeds": 1,
+        "train": {"preset": "imagenet", "epochs": 1, "batch_size": 6, "eval_batch_size": 4},
+        "resources": {"cpus": 1, "workers": 1},
+    }
+    try:
+        summary = run_study(load_spec(write_spec(tmp_path, raw)),
+                            RunOptions(runs_dir=tmp_path, progress=False))
+    finally:
+        ray.shutdown()
+    assert summary.completed == 1, summary
+    (trial,) = optuna.load_study(study_name="ilsvrc", storage=summary.storage).get_trials()
+    assert trial.user_attrs["test_images"] == 9
+
+    folders, shards = tmp_path / "folders", tmp_path / "shards"
+    labels = "devkit/ILSVRC2012_validation_ground_truth.txt"
+    assert main(["convert-imagenet", str(root), str(folders), "--val-labels", labels]) == 0
+    converted = scan_image_folder(folders)
+    assert converted.classes == WNIDS and len(converted.train) == 18
+    by_name = {p.rsplit("/", 1)[1]: label for p, label in converted.test}
+    assert [by_name[f"ILSVRC2012_val_{k:08d}.JPEG"] for k in range(1, 10)] == truth
+    assert main(["convert-imagenet", str(root), str(shards), "--val-labels", labels, "--to",
+                 "shards", "--shard-size", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert f'train: "{shards}/train-{{000000..000004}}.tar"' in printed
+    data = load_shards({"train": f"{shards}/train-{{000000..000004}}.tar",
+                        "val": f"{shards}/val-{{000000..000002}}.tar", "num_classes": 3},
+                       image_size=32, loader_workers=0)
+    assert (data.train_size, data.test_size) == (18, 9)
+    read = torch.cat([y for _, y, _ in data.test_loader(9)])
+    assert read.tolist() == truth, "val shards keep the images' order and labels"
+    assert main(["convert-imagenet", str(root), str(shards)]) == 2, "not into a non-empty folder"

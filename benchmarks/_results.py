@@ -2,6 +2,8 @@
 
 One CSV per benchmark under benchmarks/results/, rows appended so that runs on several devices
 (each row names its device and versions) sit side by side and are never compared by accident.
+One layout for every row: `run_context()` first (when, which machine, which commit and versions),
+then the benchmark's own columns, with the peak memory (`peak_memory_mb`) beside the times.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import csv
 import datetime
 import platform
+import resource
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,25 +22,56 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def append_rows(path: str | Path, rows: Sequence[Mapping[str, object]]) -> Path:
-    """Append rows under the file's own header (a new file gets the rows' keys as header)."""
+    """Append rows under the file's own header (a new file gets the rows' keys as header).
+
+    Rows with columns the file lacks widen it: the file is rewritten once with the new columns
+    at the end, blank in its older rows, so figures from before a benchmark grew a column stay
+    in the same file. A column the rows lack is left blank in them."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     is_new = not path.exists() or path.stat().st_size == 0
-    fieldnames = list(rows[0])
+    fieldnames = list(dict.fromkeys(key for row in rows for key in row))
     if not is_new:
         with path.open(newline="") as f:
+            old_rows = list(csv.DictReader(f))
+            f.seek(0)
             header = next(csv.reader(f))
-        if set(header) != set(fieldnames):
-            raise ValueError(f"{path} has columns {header}, these rows {fieldnames}: write them "
-                             "to another file (--csv) or move the old one aside")
-        fieldnames = header
+        added = [name for name in fieldnames if name not in header]
+        fieldnames = header + added
+        if added:  # rewrite once under the wider header
+            with path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fieldnames, restval="")
+                writer.writeheader()
+                writer.writerows(old_rows)
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fieldnames)
+        writer = csv.DictWriter(f, fieldnames=fieldnames, restval="")
         if is_new:
             writer.writeheader()
         writer.writerows(rows)
     print(f"wrote {len(rows)} rows to {path}")
     return path
+
+
+def run_context(device: torch.device) -> dict[str, str]:
+    """The columns every benchmark row starts with: when, on which machine, with which code."""
+    import resnet_ablate
+
+    return {"timestamp": timestamp(), "device": device_name(device), "commit": source_commit(),
+            "torch": torch.__version__, "triton": triton_version(),
+            "resnet_ablate": resnet_ablate.__version__, "python": platform.python_version()}
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory since `reset_peak_memory`: the GPU's allocated tensors on CUDA; on a CPU the
+    process's peak resident size over its whole life (the operating system keeps no other)."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
 def device_name(device: torch.device) -> str:

@@ -1,25 +1,33 @@
 """Fused BatchNorm + add + ReLU vs eager PyTorch vs torch.compile, measured side by side.
 
-    python benchmarks/bench_batch_norm_act.py               # GPU: ResNet-50 epilogue shapes
-    python benchmarks/bench_batch_norm_act.py --small       # CPU: a few small shapes, to show it runs
+    python benchmarks/bench_batch_norm_act.py                      # GPU: ResNet-50 epilogue shapes
+    python benchmarks/bench_batch_norm_act.py --shape-set resnet   # every ResNet-50 and -56 shape
+    python benchmarks/bench_batch_norm_act.py --small              # CPU: a few small shapes
 
 For every shape, dtype and layout it times forward, backward and forward+backward of the three
 providers in the same process, prints ms, effective bandwidth from the byte model below, its share of
 the device's peak bandwidth, and the fused provider's speed-up over eager and over torch.compile, and
-writes every row to a CSV together with the device name and library versions.
+writes every row to a CSV together with the device name, library versions and peak memory.
+torch.compile compiles once per shape (static shapes), outside the timed region: each provider
+runs once before it is timed.
 
 Byte model (the minimum traffic of a two-pass BatchNorm in training, per element of the activation;
 statistics vectors are negligible): forward reads x twice and the residual once and writes the output
-(4 passes); backward reads grad_out, the output (ReLU mask) and x and writes grad_residual in its
-reduction pass, then reads grad_residual and x and writes grad_input (7 passes). All providers are
-scored against the same model, so GB/s compare directly.
+(4 passes; 3 without a residual); backward reads grad_out, the output (ReLU mask) and x and writes
+grad_residual in its reduction pass, then reads grad_residual and x and writes grad_input (7 passes;
+without a residual the second pass reads grad_out, the output and x again and writes grad_input: 7
+too). All providers are scored against the same model, so GB/s compare directly.
+
+Shape sets: "epilogue", the four ResNet-50 stage outputs (with a residual) at batch 64 and 256;
+"resnet", every BatchNorm + ReLU shape of ResNet-50 (batch 64, 224 px: the stem, and each stage's
+inner layers without a residual and its output with one) and of ResNet-56 (batch 128, 32 px: each
+stage with and without a residual); "small", two tiny shapes for a CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import platform
 import statistics
 import sys
 import time
@@ -28,13 +36,24 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from _results import RESULTS, append_rows
+from _results import RESULTS, append_rows, peak_memory_mb, reset_peak_memory, run_context
 from resnet_ablate.kernels import fused_batch_norm, use_backend
 
-FULL_SHAPES = [(n, c, hw, hw) for n in (64, 256) for c, hw in
-               ((256, 56), (512, 28), (1024, 14), (2048, 7))]
-SMALL_SHAPES = [(8, 64, 16, 16), (8, 256, 7, 7)]
-PASSES = {"forward": 4, "backward": 7, "forward+backward": 11}
+# (N, C, H, W), with a residual added before the ReLU or not.
+Shape = tuple[tuple[int, int, int, int], bool]
+SHAPE_SETS: dict[str, list[Shape]] = {
+    "epilogue": [((n, c, hw, hw), True) for n in (64, 256)
+                 for c, hw in ((256, 56), (512, 28), (1024, 14), (2048, 7))],
+    "resnet": [((64, 64, 112, 112), False),  # ResNet-50's stem
+               *(((64, width, hw, hw), residual) for width, hw in
+                 ((64, 56), (128, 28), (256, 14), (512, 7))
+                 for residual, width in ((False, width), (True, 4 * width))),
+               *(((128, c, hw, hw), residual) for c, hw in ((16, 32), (32, 16), (64, 8))
+                 for residual in (False, True))],  # ResNet-56
+    "small": [((8, 64, 16, 16), True), ((8, 256, 7, 7), True), ((8, 64, 16, 16), False)],
+}
+PASSES = {True: {"forward": 4, "backward": 7, "forward+backward": 11},
+          False: {"forward": 3, "backward": 7, "forward+backward": 10}}
 PEAK_BANDWIDTH_GBPS = {  # vendor figures for HBM bandwidth
     "H200": 4800, "H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100": 3350,
     "A100-SXM4-80GB": 2039, "A100-PCIE-80GB": 1935, "A100": 1555, "L40S": 864, "A10": 600,
@@ -43,7 +62,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def eager_epilogue(x, running_mean, running_var, weight, bias, residual):
-    return F.relu(F.batch_norm(x, running_mean, running_var, weight, bias, True, 0.1, 1e-5) + residual)
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, True, 0.1, 1e-5)
+    return F.relu(y if residual is None else y + residual)
 
 
 def fused_epilogue(x, running_mean, running_var, weight, bias, residual):
@@ -77,7 +97,7 @@ def time_ms(fn, device: torch.device, reps: int) -> float:
 
 def measure(provider_fn, inputs, grad, device, reps) -> dict[str, float]:
     x, rm, rv, w, b, r = inputs
-    differentiable = (x, w, b, r)
+    differentiable = tuple(t for t in (x, w, b, r) if t is not None)
 
     def forward():
         return provider_fn(x, rm, rv, w, b, r)
@@ -97,89 +117,104 @@ def measure(provider_fn, inputs, grad, device, reps) -> dict[str, float]:
     }
 
 
-def make_inputs(shape, dtype, channels_last, device):
+def make_inputs(shape, with_residual, dtype, channels_last, device):
     channels = shape[1]
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(shape, device=device, dtype=dtype).to(memory_format=memory_format)
-    residual = torch.randn_like(x)
+    residual = torch.randn_like(x).requires_grad_() if with_residual else None
     grad = torch.randn_like(x)
     weight = torch.rand(channels, device=device) + 0.5
     bias = torch.randn(channels, device=device)
     running_mean = torch.zeros(channels, device=device)
     running_var = torch.ones(channels, device=device)
-    for t in (x, residual, weight, bias):
+    for t in (x, weight, bias):
         t.requires_grad_()
     return (x, running_mean, running_var, weight, bias, residual), grad
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="small shapes (default without CUDA)")
+    parser.add_argument("--shape-set", choices=SHAPE_SETS,
+                        help="default: epilogue on CUDA, small on a CPU or with --small")
     parser.add_argument("--dtypes", default=None, help="comma list of bf16,fp16,fp32")
     parser.add_argument("--layouts", default="channels_last,nchw")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend (aot_eager on a CPU skips C++ code generation)")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--peak-gbps", type=float, default=None, help="override the peak bandwidth")
     parser.add_argument("--csv", default=RESULTS / "batch_norm_act.csv")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def config_rows(shape: Shape, dtype_name: str, layout: str, timings: dict[str, dict[str, float]],
+                element_bytes: int, peak: float | None, memory_mb: float,
+                context: dict[str, str]) -> list[dict]:
+    """One row per pass: each provider's ms, the fused provider's GB/s and its speed-ups."""
+    (dims, residual), rows = shape, []
+    for pass_name, passes in PASSES[residual].items():
+        ms = {name: t[pass_name] for name, t in timings.items()}
+        gbps = passes * element_bytes / (ms["fused"] * 1e-3) / 1e9
+        rows.append({
+            **context, "shape": "x".join(map(str, dims)), "residual": residual,
+            "dtype": dtype_name, "layout": layout, "pass": pass_name,
+            # Six significant digits: a microsecond kernel keeps its ratio in the file.
+            **{f"{n}_ms": float(f"{v:.6g}") for n, v in ms.items()},
+            "fused_gbps": round(gbps, 1),
+            "pct_peak": round(100 * gbps / peak, 1) if peak else "",
+            "speedup_vs_eager": float(f"{ms['eager'] / ms['fused']:.4g}"),
+            "speedup_vs_compile": float(f"{ms['compile'] / ms['fused']:.4g}") if "compile" in ms else "",
+            "peak_memory_mb": memory_mb,
+        })
+        line = (f"{rows[-1]['shape']:>18} {'+res' if residual else '':>4} {dtype_name:>5} "
+                f"{layout:>13} {pass_name:>16} " + " ".join(f"{v:>11.4f}" for v in ms.values())
+                + f" {gbps:>10.1f} {rows[-1]['pct_peak'] or '-':>6} "
+                f"{rows[-1]['speedup_vs_eager']:>7.2f}x")
+        if "compile" in ms:
+            line += f" {rows[-1]['speedup_vs_compile']:>9.2f}x"
+        print(line)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     small = args.small or device.type != "cuda"
-    shapes = SMALL_SHAPES if small else FULL_SHAPES
+    shapes = SHAPE_SETS[args.shape_set or ("small" if small else "epilogue")]
     dtype_names = (args.dtypes or ("fp32" if small else "bf16,fp16,fp32")).split(",")
-    layouts = args.layouts.split(",")
     reps = args.reps or (5 if small else 20)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    context = run_context(device)
     peak = peak_bandwidth_gbps(device, args.peak_gbps)
     # On a CPU the fused provider is the PyTorch path: the Triton interpreter is not worth timing.
     backend = "triton" if device.type == "cuda" else "torch"
-
     providers = {"fused": fused_epilogue, "eager": eager_epilogue}
     if not args.no_compile:
-        # One compiled function per configuration: recompiles are part of setup, not of timings.
-        providers["compile"] = None
-
-    configs = list(itertools.product(shapes, dtype_names, layouts))
-    print(f"device: {device_name} | torch {torch.__version__} | triton {triton.__version__} | "
+        providers["compile"] = None  # compiled for each configuration: see below
+    configs = list(itertools.product(shapes, dtype_names, args.layouts.split(",")))
+    print(f"device: {context['device']} | torch {torch.__version__} | triton {triton.__version__} | "
           f"peak {peak or 'unknown'} GB/s | fused backend: {backend}")
-    header = f"{'shape':>22} {'dtype':>5} {'layout':>13} {'pass':>16} " + " ".join(
-        f"{p + ' ms':>11}" for p in providers) + f" {'fused GB/s':>10} {'% peak':>6} {'vs eager':>8}"
-    header += f" {'vs compile':>10}" if "compile" in providers else ""
-    print(header)
-
+    print(f"{'shape':>18} {'':>4} {'dtype':>5} {'layout':>13} {'pass':>16} "
+          + " ".join(f"{p + ' ms':>11}" for p in providers)
+          + f" {'fused GB/s':>10} {'% peak':>6} {'vs eager':>8}"
+          + (f" {'vs compile':>10}" if "compile" in providers else ""))
     with use_backend(backend):
         for index, (shape, dtype_name, layout) in enumerate(configs, 1):
-            dtype = DTYPES[dtype_name]
-            inputs, grad = make_inputs(shape, dtype, layout == "channels_last", device)
+            inputs, grad = make_inputs(*shape, DTYPES[dtype_name], layout == "channels_last", device)
+            reset_peak_memory(device)
             timings = {}
             for name, fn in providers.items():
                 if name == "compile":
+                    # A fresh cache per shape: the recompile limit is never reached, and the
+                    # first (untimed) call of measure() compiles.
                     torch._dynamo.reset()
-                    fn = torch.compile(eager_epilogue, fullgraph=True)
+                    fn = torch.compile(eager_epilogue, fullgraph=True, dynamic=False,
+                                       backend=args.compile_backend)
                 timings[name] = measure(fn, inputs, grad, device, reps)
             element_bytes = inputs[0].numel() * inputs[0].element_size()
-            config_rows = []
-            for pass_name, passes in PASSES.items():
-                ms = {name: t[pass_name] for name, t in timings.items()}
-                gbps = passes * element_bytes / (ms["fused"] * 1e-3) / 1e9
-                row = {
-                    "device": device_name, "torch": torch.__version__, "triton": triton.__version__,
-                    "shape": "x".join(map(str, shape)), "dtype": dtype_name, "layout": layout,
-                    # Six significant digits: a microsecond kernel keeps its ratio in the file.
-                    "pass": pass_name, **{f"{n}_ms": float(f"{v:.6g}") for n, v in ms.items()},
-                    "fused_gbps": round(gbps, 1),
-                    "pct_peak": round(100 * gbps / peak, 1) if peak else "",
-                    "speedup_vs_eager": float(f"{ms['eager'] / ms['fused']:.4g}"),
-                    "speedup_vs_compile": float(f"{ms['compile'] / ms['fused']:.4g}") if "compile" in ms else "",
-                }
-                config_rows.append(row)
-                line = (f"{row['shape']:>22} {dtype_name:>5} {layout:>13} {pass_name:>16} "
-                        + " ".join(f"{v:>11.4f}" for v in ms.values())
-                        + f" {gbps:>10.1f} {row['pct_peak'] or '-':>6} {row['speedup_vs_eager']:>7.2f}x")
-                if "compile" in ms:
-                    line += f" {row['speedup_vs_compile']:>9.2f}x"
-                print(line)
-            append_rows(args.csv, config_rows)  # as it goes: a run cut short keeps what it measured
+            # As it goes: a run cut short keeps what it measured.
+            append_rows(args.csv, config_rows(shape, dtype_name, layout, timings, element_bytes,
+                                              peak, peak_memory_mb(device), context))
             print(f"[{index}/{len(configs)} configurations done]", file=sys.stderr, flush=True)
     return 0
 

@@ -5,22 +5,28 @@
                                                      #      and ResNet-50 at 224 (batch 256)
     python benchmarks/bench_trial.py --small         # seconds: checks that the script works
 
-Both loops train the same architecture from the same initial weights on the same in-memory data
+Every loop trains the same architecture from the same initial weights on the same in-memory data
 (already on the device, no augmentation) with the same batch, optimizer settings and number of
-epochs, in one process, measured side by side. Only training is timed (evaluation excluded).
+epochs, in one process, measured side by side. Only training is timed (evaluation excluded). Each
+variant but project+compile first trains a few untimed batches, so that Triton's JIT compilation
+and cuDNN's first calls fall outside the timed run (project+compile reports compilation apart).
 
-- plain:   the unfused model (nn.BatchNorm2d + ReLU + add), fp32, NCHW, torch.optim.SGD with its
-           defaults, `loss.item()` and the error count read every step.
-- project: `resnet_ablate.train.train` on the fused model with the device's defaults (channels_last;
-           bf16 autocast on CUDA, fp32 on a CPU; fused SGD; no host sync per step).
-- project+nchw: the project's loop with `memory_format: nchw`, what channels_last is worth.
-- project+bf16: the project's loop with `precision: bf16` (the default on CUDA; on a CPU, what the
-           opt-in is worth there: it rounds the convolutions' inputs, which moves results).
-- project+compile, project+graphs (CUDA only, or when asked for): `compile: true` (compile time
-           reported apart) and `cuda_graphs: true` (CUDA only).
+Variants, each adding one thing to the one before it, so that each ratio isolates one effect:
+- plain:   the loop a user would write: the unfused model (nn.BatchNorm2d + ReLU + add), fp32,
+           NCHW, torch.optim.SGD with its defaults, `loss.item()` and the error count read every step.
+- tuned:   the loop a good engineer writes by hand: the unfused model with the device's precision
+           (bf16 autocast on CUDA, fp32 on a CPU), channels_last, fused SGD, running sums kept on
+           the device (no host sync per step). tuned / plain: what hand-tuning gives.
+- tuned+kernels: the same hand-tuned loop on the fused model. tuned+kernels / tuned: what the
+           fused BatchNorm + add + ReLU kernels add.
+- project: `resnet_ablate.train.train` on the fused model with the device's defaults.
+           project / tuned+kernels: what the trial loop costs or adds over a hand-written loop.
+- project+graphs (CUDA only), project+compile: `cuda_graphs: true` and `compile: true`, each
+           against project.
+- project+nchw, project+bf16: `memory_format: nchw` and `precision: bf16` (opt-ins on a CPU).
 
-Each row (images/s, ratio to plain, device, versions, commit) is appended to
-benchmarks/results/trial.csv as each case finishes.
+Each row (images/s, peak memory, ratio to plain and to tuned, device, versions, commit) is appended
+to benchmarks/results/trial.csv as each case finishes.
 """
 
 from __future__ import annotations
@@ -28,7 +34,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -36,19 +41,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from _results import (RESULTS, append_rows, device_name, source_commit, synchronize, timestamp,
-                      triton_version)
+from _results import (RESULTS, append_rows, device_name, peak_memory_mb, reset_peak_memory,
+                      run_context, synchronize)
 
-import resnet_ablate
 from resnet_ablate.arch import ResNetArch
 from resnet_ablate.data import DataBundle, SyntheticSpec, load_dataset
 from resnet_ablate.models import build
 from resnet_ablate.train import TrainRecipe, train
 
-VARIANTS = ("plain", "project", "project+nchw", "project+bf16", "project+compile",
-            "project+graphs")
-DEFAULT_VARIANTS = {"cpu": ("plain", "project", "project+nchw"),
-                    "cuda": ("plain", "project", "project+compile", "project+graphs")}
+VARIANTS = ("plain", "tuned", "tuned+kernels", "project", "project+nchw", "project+bf16",
+            "project+compile", "project+graphs")
+DEFAULT_VARIANTS = {"cpu": ("plain", "tuned", "tuned+kernels", "project", "project+nchw"),
+                    "cuda": ("plain", "tuned", "tuned+kernels", "project", "project+compile",
+                             "project+graphs")}
+HAND_WRITTEN = ("plain", "tuned", "tuned+kernels")
+WARMUP_BATCHES = 4  # untimed batches before each eager variant: JIT compilation and first calls
 
 
 @dataclass(frozen=True)
@@ -59,13 +66,17 @@ class Case:
     epochs: int
     data: str  # "digits" or "synthetic"
     synthetic: SyntheticSpec | None = None
+    lr: float = 0.1
 
 
 def cases(device: torch.device, small: bool) -> list[Case]:
     cifar = lambda depth: ResNetArch(family="cifar", depth=depth, shortcut="A")  # noqa: E731
     if small:
         tiny = SyntheticSpec(num_classes=10, channels=3, image_size=8, train_size=64, test_size=16)
-        return [Case("resnet20-8px", cifar(20), 16, 1, "synthetic", tiny)]
+        # A low rate: 4 steps at 0.1 can leave the deeper net worse than guessing (stopped as
+        # diverged); the small cases check that the script works, not how fast it learns.
+        return [Case(f"resnet{d}-8px", cifar(d), 16, 1, "synthetic", tiny, lr=0.01)
+                for d in (20, 56)]
     if device.type != "cuda":
         return [Case(f"resnet{d}-digits", cifar(d), 32, 3, "digits") for d in (20, 56)]
     cifar_sized = SyntheticSpec(num_classes=10, channels=3, image_size=32, train_size=12_800,
@@ -74,7 +85,7 @@ def cases(device: torch.device, small: bool) -> list[Case]:
                                    train_size=2_560, test_size=256)
     resnet50 = ResNetArch(family="imagenet", depth=50, shortcut="B")
     return [
-        *(Case(f"resnet{d}-cifar", cifar(d), 128, 3, "synthetic", cifar_sized) for d in (20, 56, 110)),
+        *(Case(f"resnet{d}-cifar", cifar(d), 128, 2, "synthetic", cifar_sized) for d in (20, 56, 110)),
         Case("resnet50-224", resnet50, 256, 2, "synthetic", imagenet_sized),
     ]
 
@@ -86,42 +97,65 @@ def load(case: Case) -> DataBundle:
     return dataclasses.replace(data, augmentation=None)
 
 
-def plain_loop(case: Case, data: DataBundle, device: torch.device, seed: int) -> float:
-    """Images/s of the loop a user would write: unfused, fp32, NCHW, two host reads per step."""
+def subset(data: DataBundle, images: int) -> DataBundle:
+    """The first `images` training images (the same batch shapes): what a warm-up trains on."""
+    return dataclasses.replace(data, train_x=data.train_x[:images], train_y=data.train_y[:images])
+
+
+def hand_loop(case: Case, data: DataBundle, device: torch.device, seed: int,
+              variant: str) -> tuple[float, float, dict]:
+    """(images/s, 0 compile seconds, execution) of a hand-written loop: plain, tuned or
+    tuned+kernels (see the module's description)."""
+    tuned = variant != "plain"
     torch.manual_seed(seed)
-    model = build(case.arch.replace(fused=False), num_classes=data.num_classes,
-                  in_channels=data.in_channels).to(device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
+    model = build(case.arch.replace(fused=variant == "tuned+kernels"),
+                  num_classes=data.num_classes, in_channels=data.in_channels)
+    memory_format = torch.channels_last if tuned else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=case.lr, momentum=0.9, weight_decay=1e-4,
+                                fused=tuned or None)
+    bf16 = tuned and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    train_x = data.train_x.to(device).contiguous(memory_format=memory_format)
+    train_y = data.train_y.to(device)
     count = train_x.shape[0]
     generator = torch.Generator().manual_seed(seed)
+    loss_sum = torch.zeros((), device=device)
+    wrong = torch.zeros((), dtype=torch.int64, device=device)
     seconds = 0.0
     for _ in range(case.epochs):
         order = torch.randperm(count, generator=generator).to(device)
         synchronize(device)
         started = time.perf_counter()
-        loss_sum, wrong = 0.0, 0
         for start in range(0, count, case.batch):
             index = order[start : start + case.batch]
             images, labels = train_x[index], train_y[index]
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels)
-            optimizer.zero_grad()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(images)
+                loss = F.cross_entropy(logits, labels)
+            optimizer.zero_grad(set_to_none=tuned)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.item() * labels.shape[0]
-            if not math.isfinite(loss_sum):
+            if tuned:  # device-side sums, read once an epoch
+                loss_sum += loss.detach().float() * labels.shape[0]
+                wrong += (logits.detach().argmax(dim=1) != labels).sum()
+                continue
+            running = loss.item() * labels.shape[0]
+            if not math.isfinite(running):
                 raise RuntimeError("the plain loop diverged")
             wrong += (logits.argmax(dim=1) != labels).sum().item()
+        if tuned and not math.isfinite(loss_sum.item()):  # the epoch's one host read
+            raise RuntimeError(f"the {variant} loop diverged")
         synchronize(device)
         seconds += time.perf_counter() - started
-    return count * case.epochs / seconds
+    execution = {"precision": "bf16" if bf16 else "fp32",
+                 "memory_format": "channels_last" if tuned else "nchw"}
+    return count * case.epochs / seconds, 0.0, execution
 
 
 def project_loop(case: Case, data: DataBundle, device: torch.device, seed: int,
                  variant: str, compile_backend: str) -> tuple[float, float, dict]:
     """(images/s of training, compile seconds, execution) of resnet_ablate's own loop."""
-    recipe = TrainRecipe(epochs=case.epochs, batch_size=case.batch, lr=0.1, augment=False,
+    recipe = TrainRecipe(epochs=case.epochs, batch_size=case.batch, lr=case.lr, augment=False,
                          milestones=(), compile=variant == "project+compile",
                          cuda_graphs=variant == "project+graphs",
                          memory_format="nchw" if variant == "project+nchw" else "channels_last",
@@ -131,6 +165,10 @@ def project_loop(case: Case, data: DataBundle, device: torch.device, seed: int,
         return build(case.arch.replace(fused=True), num_classes=data.num_classes,
                      in_channels=data.in_channels)
 
+    if not recipe.compile:  # Triton's JIT and cuDNN's first calls, outside the timed run
+        warmup = dataclasses.replace(recipe, epochs=1)
+        train(fused_model, subset(data, WARMUP_BATCHES * case.batch), warmup, seed=seed,
+              device=device)
     result = train(fused_model, data, recipe, seed=seed, device=device, compile_backend=compile_backend)
     if not result.ok:
         raise RuntimeError(f"{variant} did not complete: {result.reason}")
@@ -141,11 +179,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--small", action="store_true", help="one tiny case: checks the script works")
-    parser.add_argument("--cases", nargs="+", help="case names to run (default: all for the device)")
+    parser.add_argument("--cases", nargs="+",
+                        help="case names to run, in this order (default: all for the device)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS,
-                        help="default: plain, project and project+nchw on a CPU; plain, project, "
-                             "project+compile and project+graphs on CUDA")
+                        help="default: plain, tuned, tuned+kernels, project, and project+nchw on a "
+                             "CPU, project+compile and project+graphs on CUDA")
     parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--compile-cases", nargs="+",
+                        help="the cases project+compile runs on (default: every case)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on a CPU (a trial's)")
     parser.add_argument("--repeats", type=int, default=2,
                         help="runs of each variant, interleaved; the best is kept")
@@ -161,51 +202,85 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+@dataclass(frozen=True)
+class Measured:
+    images_per_second: float
+    compile_seconds: float
+    execution: dict
+    peak_memory_mb: float
+
+
+def run_variant(case: Case, data: DataBundle, device: torch.device, seed: int, variant: str,
+                compile_backend: str) -> Measured:
+    """One timed run of `variant`, after its untimed warm-up."""
+    if variant in HAND_WRITTEN:
+        hand_loop(case, subset(data, WARMUP_BATCHES * case.batch), device, seed, variant)
+        reset_peak_memory(device)
+        measured = hand_loop(case, data, device, seed, variant)
+    else:
+        reset_peak_memory(device)
+        measured = project_loop(case, data, device, seed, variant, compile_backend)
+    return Measured(*measured, peak_memory_mb=peak_memory_mb(device))
+
+
+def case_rows(case: Case, data: DataBundle, best: dict[str, Measured], repeats: int,
+              device: torch.device) -> list[dict]:
+    """The case's rows, each variant's rate with its ratios to plain and to tuned, printed too."""
+    plain = best["plain"].images_per_second
+    tuned = best["tuned"].images_per_second if "tuned" in best else None
+    print(f"\n{case.name}, batch {case.batch}, {case.epochs} epochs of "
+          f"{data.train_x.shape[0]} images, {device_name(device)}")
+    rows = []
+    for variant, m in best.items():
+        extra = f"  (compiled in {m.compile_seconds:.1f} s)" if m.compile_seconds else ""
+        vs_tuned = f"  x{m.images_per_second / tuned:5.2f} vs tuned" if tuned else ""
+        print(f"  {variant:16s} {m.images_per_second:10.0f} images/s  "
+              f"x{m.images_per_second / plain:5.2f} vs plain{vs_tuned}"
+              f"  [{m.execution.get('precision')}, {m.execution.get('memory_format')}]"
+              f"  {m.peak_memory_mb:.0f} MB{extra}")
+        rows.append({
+            **run_context(device), "case": case.name, "batch": case.batch,
+            "epochs": case.epochs, "train_images": data.train_x.shape[0], "variant": variant,
+            "precision": m.execution.get("precision"),
+            "memory_format": m.execution.get("memory_format"),
+            "images_per_second": round(m.images_per_second, 1),
+            "ratio_vs_plain": round(m.images_per_second / plain, 3),
+            "ratio_vs_tuned": round(m.images_per_second / tuned, 3) if tuned else "",
+            "compile_seconds": round(m.compile_seconds, 2), "repeats": repeats,
+            "peak_memory_mb": m.peak_memory_mb,
+        })
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    name = device_name(device)
-    selected = [c for c in cases(device, args.small) if not args.cases or c.name in args.cases]
-    print(f"device: {name}; torch {torch.__version__}", file=sys.stderr, flush=True)
+    available = {c.name: c for c in cases(device, args.small)}
+    unknown = [name for name in args.cases or () if name not in available]
+    if unknown:
+        raise SystemExit(f"bench_trial: --cases {' '.join(unknown)}: not a case here; the cases "
+                         f"for {device.type}{' --small' if args.small else ''} are "
+                         f"{', '.join(available)}")
+    # In the order given: a step cut short by its time limit keeps the cases run first.
+    selected = [available[name] for name in args.cases] if args.cases else list(available.values())
+    print(f"device: {device_name(device)}; torch {torch.__version__}", file=sys.stderr, flush=True)
     rows: list[dict] = []
-    commit = source_commit()
     for case in selected:
         data = load(case)
-        best: dict[str, tuple[float, float, dict]] = {}
+        variants = [v for v in args.variants if v != "project+compile" or
+                    args.compile_cases is None or case.name in args.compile_cases]
+        best: dict[str, Measured] = {}
         for repeat in range(args.repeats):
-            for variant in args.variants:  # interleaved, so drift in the machine hits all alike
+            for variant in variants:  # interleaved, so drift in the machine hits all alike
                 print(f"[{case.name}] {variant} run {repeat + 1}/{args.repeats}",
                       file=sys.stderr, flush=True)
-                if variant == "plain":
-                    measured = (plain_loop(case, data, device, seed=repeat), 0.0, {
-                        "precision": "fp32", "memory_format": "nchw"})
-                else:
-                    measured = project_loop(case, data, device, repeat, variant, args.compile_backend)
-                if variant not in best or measured[0] > best[variant][0]:
+                measured = run_variant(case, data, device, repeat, variant, args.compile_backend)
+                if variant not in best or measured.images_per_second > best[variant].images_per_second:
                     best[variant] = measured
-        baseline = best["plain"][0]
-        print(f"\n{case.name}, batch {case.batch}, {case.epochs} epochs of "
-              f"{data.train_x.shape[0]} images, {name}")
-        case_rows = []
-        for variant, (images_per_second, compile_seconds, execution) in best.items():
-            ratio = images_per_second / baseline
-            extra = f"  (compiled in {compile_seconds:.1f} s)" if compile_seconds else ""
-            print(f"  {variant:16s} {images_per_second:10.0f} images/s  x{ratio:5.2f} vs plain"
-                  f"  [{execution.get('precision')}, {execution.get('memory_format')}]{extra}")
-            case_rows.append({
-                "timestamp": timestamp(), "device": name, "torch": torch.__version__,
-                "triton": triton_version(), "resnet_ablate": resnet_ablate.__version__,
-                "python": platform.python_version(), "case": case.name, "batch": case.batch,
-                "epochs": case.epochs, "train_images": data.train_x.shape[0], "variant": variant,
-                "precision": execution.get("precision"),
-                "memory_format": execution.get("memory_format"),
-                "images_per_second": round(images_per_second, 1),
-                "ratio_vs_plain": round(ratio, 3), "compile_seconds": round(compile_seconds, 2),
-                "repeats": args.repeats, "commit": commit,
-            })
-        append_rows(args.csv, case_rows)  # as each case ends: a run cut short keeps these
-        rows.extend(case_rows)
+        written = case_rows(case, data, best, args.repeats, device)
+        append_rows(args.csv, written)  # as each case ends: a run cut short keeps these
+        rows.extend(written)
     return rows
 
 

@@ -1,53 +1,170 @@
 #!/usr/bin/env bash
-# The GPU check: the GPU tests, then the epilogue, train-step and trial benchmarks, each writing
-# its CSV under $OUT (or benchmarks/results/ when OUT is unset). Sized to finish in about 8
-# minutes on one H100-class GPU; every step prints its progress.
+# The GPU check: one command that answers every speed question in one lease of one H100/H200,
+# within 8 minutes including the install, and its rehearsal on a CPU.
 #
-#   bash benchmarks/gpu_check.sh
+#   bash benchmarks/gpu_check.sh              # on the GPU machine (its own python3, torch, Triton)
+#   bash benchmarks/gpu_check.sh --rehearse   # the same steps on a CPU, tiny sizes (CI runs it)
 #
-# On a machine that lacks some of the toolkit's pure-Python dependencies (fvcore and its needs),
-# put their wheels in .whl/ first (benchmarks/gpu_wheels.sh does, on a machine with pip access).
+# Steps, each under a time limit, each appending its rows to a CSV in $OUT as it goes (a step cut
+# short keeps what it measured): the GPU tests; the trial loop against a plain and a hand-tuned
+# loop, with the kernels, CUDA graphs and torch.compile (bench_trial.py); the fused kernels alone
+# on every ResNet-50 and ResNet-56 shape in bf16 channels_last (bench_batch_norm_act.py); 1, 2, 4
+# and 8 trials packed on the device (bench_packing.py); the loader against the step
+# (bench_loader.py); the host cost per layer (bench_host.py, optional: run when present). Every
+# benchmark warms up (Triton's JIT, torch.compile, cuDNN) outside its timed region. Then
+# benchmarks/gpu_summary.py writes $OUT/summary.md: every ratio against its goal and Table 6
+# projected. Exits 1 when a step failed or wrote no rows. $OUT defaults to a new temporary folder.
+# --pack-into FOLDER keeps FOLDER/gpu_check.tar.gz (all of $OUT) current after every step and
+# copies summary.md there: two files, for a machine that hands back only a few (the device tool's
+# limit is 8; $OUT holds more).
+#
+# The toolkit is copied afresh into a new folder each run and put first on PYTHONPATH: no build
+# backend (setuptools) is involved, the machine's torch and Triton are used as they are, and no
+# code from an earlier run can linger. Wheels in .whl/, for a package the machine lacks, go there too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="${OUT:-benchmarks/results}"
-mkdir -p "$out"
 repo=$PWD
-export PYTHONUNBUFFERED=1
-python=python3
 
-# The toolkit (and any carried wheels) go into a private folder, never over the machine's torch.
-site=/tmp/resnet-ablate-site
-$python -m pip install -q --no-deps --no-build-isolation --no-index --no-cache-dir \
-    --target "$site" . $(compgen -G ".whl/*.whl") || exit 1
+rehearse=0 pack=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --rehearse) rehearse=1; shift ;;
+        --pack-into) [ $# -ge 2 ] || { echo "gpu_check: --pack-into needs a folder" >&2; exit 2; }
+                     pack=$2; shift 2 ;;
+        *) echo "usage: bash benchmarks/gpu_check.sh [--rehearse] [--pack-into FOLDER]" \
+                "(got: $1)" >&2; exit 2 ;;
+    esac
+done
+out="${OUT:-$(mktemp -d -t gpu-check.XXXXXX)}"
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+if [ -n "$pack" ] && [ "$(mkdir -p "$pack" && cd "$pack" && pwd)" = "$out" ]; then
+    echo "gpu_check: --pack-into $pack is \$OUT itself; name another folder" >&2; exit 2
+fi
+if [ "$rehearse" = 1 ]; then
+    python="${PYTHON:-$( [ -x .venv/bin/python ] && echo "$repo/.venv/bin/python" || echo python3)}"
+    budget=540  # seconds for all steps: the rehearsal stays under 10 minutes on two cores
+else
+    python="${PYTHON:-python3}"
+    budget=450  # 7.5 minutes of steps, leaving the install and the summary inside 8
+fi
+export PYTHONUNBUFFERED=1
+echo "gpu_check: writing to $out$([ "$rehearse" = 1 ] && echo ' (rehearsal on a CPU)')"
+
+# A fresh copy of the toolkit, laid out as it installs (kernels/ becomes resnet_ablate.kernels).
+site=$(mktemp -d -t resnet-ablate-site.XXXXXX)
+trap 'rm -rf "$site"' EXIT
+cp -r resnet_ablate "$site/resnet_ablate" && rm -rf "$site/resnet_ablate/kernels" \
+    && cp -r kernels "$site/resnet_ablate/kernels" || exit 1
+find "$site" -name __pycache__ -prune -exec rm -rf {} +
+wheels=$(compgen -G ".whl/*.whl")
+if [ -n "$wheels" ]; then
+    $python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" \
+        $wheels || exit 1
+fi
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-$python -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)" | tee -a "$out/gpu.txt"
+{
+    if [ "$rehearse" = 0 ]; then
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    fi
+    # From another folder: the source tree's own resnet_ablate/ would shadow the copy.
+    cd /tmp && $python -c "import torch, triton, resnet_ablate, platform
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'
+print(gpu, '| cpu', platform.machine(), '|', __import__('os').cpu_count(), 'cores')
+print('torch', torch.__version__, '| triton', triton.__version__, '| python', platform.python_version())
+print('resnet_ablate from', resnet_ablate.__file__)"
+    cd "$repo"
+} >"$out/machine.txt" 2>&1 || { cat "$out/machine.txt"; exit 1; }
+cat "$out/machine.txt"
+grep -q "^resnet_ablate from $site/" "$out/machine.txt" || {
+    echo "gpu_check: resnet_ablate was not imported from the fresh copy in $site" >&2; exit 1; }
 
-status=0
-step() {  # step NAME TIMEOUT COMMAND...: run with a time limit, log to $out/NAME.log, keep going
-    local name=$1 limit=$2; shift 2
+rows_in() {  # data rows of a CSV, test cases of a JUnit XML file, 0 when absent
+    case "$1" in
+        *.xml) [ -f "$1" ] && grep -o "<testcase " "$1" | wc -l || echo 0 ;;
+        *) [ -f "$1" ] && echo $(( $(wc -l <"$1") - 1 )) || echo 0 ;;
+    esac
+}
+echo "step,exit_code,seconds,rows,file" >"$out/steps.csv"
+started_all=$SECONDS
+step() {  # step NAME LIMIT FILE COMMAND...: time-limited, logged to $out/NAME.log, then recorded
+    local name=$1 limit=$2 file=$3; shift 3
+    local left=$((budget - (SECONDS - started_all)))
+    [ "$limit" -le "$left" ] || limit=$left
+    if [ "$limit" -lt 10 ]; then
+        echo "== $name: no time left in the ${budget}s budget"
+        echo "$name,no time,0,0,$(basename "$file")" >>"$out/steps.csv"
+        return
+    fi
     echo "== $name (limit ${limit}s)"
-    local started=$SECONDS
-    timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
-    local rc=${PIPESTATUS[0]}
-    echo "== $name: exit $rc after $((SECONDS - started)) s"
-    [ "$rc" -eq 0 ] || status=1
+    local before started=$SECONDS
+    before=$(rows_in "$file")
+    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    local rc=$?
+    tail -n 25 "$out/$name.log"
+    local rows=$(( $(rows_in "$file") - before ))
+    echo "== $name: exit $rc after $((SECONDS - started)) s, $rows rows in $(basename "$file")"
+    echo "$name,$rc,$((SECONDS - started)),$rows,$(basename "$file")" >>"$out/steps.csv"
+    pack_results
+}
+pack_results() {  # with --pack-into: everything so far, in one file that a cut run leaves behind
+    [ -z "$pack" ] || { mkdir -p "$pack" && tar czf "$pack/gpu_check.tar.gz" -C "$out" .; }
 }
 
-# From another folder, so that the installed package, not the source tree, is imported.
-step tests 150 bash -c "cd /tmp && $python -m pytest -q -x -p no:cacheprovider -m gpu \
-    --rootdir '$repo' -c '$repo/pyproject.toml' \
-    '$repo/tests/test_kernels.py' '$repo/tests/test_train.py' '$repo/tests/test_models.py'"
-# Each benchmark appends its rows as it goes, so a step cut short keeps what it measured.
-step bench_trial 140 $python benchmarks/bench_trial.py --device cuda --repeats 1 \
-    --variants plain project project+graphs --csv "$out/trial.csv"
-step bench_trial_compile 60 $python benchmarks/bench_trial.py --device cuda --repeats 1 \
-    --cases resnet56-cifar --variants plain project+compile --csv "$out/trial.csv"
-step bench_batch_norm_act 80 $python benchmarks/bench_batch_norm_act.py --dtypes bf16,fp32 \
-    --csv "$out/batch_norm_act.csv"
-step bench_train_step 50 $python benchmarks/bench_train_step.py --dtype bf16 --channels-last \
-    --providers unfused fused compile-fused --iters 20 --warmup 5 --csv "$out/train_step.csv"
-step bench_loader 60 $python benchmarks/bench_loader.py --device cuda --image-size 224 \
-    --batch-size 64 --batches 8 --workers 2 8 14 --depth 50 --csv "$out/loader.csv"
+cd "$repo/benchmarks"  # the benchmarks import their shared _results.py from here
+if [ "$rehearse" = 1 ]; then
+    device=cpu
+    trial_args=(--small --cases resnet20-8px resnet56-8px)
+    compile_args=(--small --cases resnet20-8px --compile-backend aot_eager)
+    kernel_args=(--small --layouts channels_last --compile-backend aot_eager --reps 2)
+    packing_args=(--small --depth 20 --trials 1 2)
+    loader_args=(--image-size 32 --batch-size 8 --batches 2 --workers 0 1 --depth 18)
+    host_args=(--models resnet56 --layouts channels_last --iterations 20 --blocks 2)
+    limits=(120 120 120 120 90 90 120)
+else
+    device=cuda
+    trial_args=(--cases resnet20-cifar resnet56-cifar resnet110-cifar)
+    compile_args=(--cases resnet56-cifar)
+    kernel_args=(--shape-set resnet --dtypes bf16 --layouts channels_last --reps 5)
+    packing_args=(--depth 56 --epochs 1 --trials 1 2 4 8)
+    loader_args=(--image-size 224 --batch-size 64 --batches 8 --workers 2 8 14 --depth 50)
+    host_args=(--device cuda --layouts channels_last --iterations 100 --blocks 3)
+    # Seconds, summing to the budget; the slowest and least certain step (compile) goes last.
+    limits=(60 90 80 75 35 25 85)
+fi
+eager_variants=(plain tuned tuned+kernels project)
+[ "$device" = cuda ] && eager_variants+=(project+graphs)
+
+# From another folder, so that the fresh copy, not the source tree, is imported.
+step tests "${limits[0]}" "$out/tests.xml" bash -c "cd /tmp && '$python' -m pytest -q -x \
+    -p no:cacheprovider -m gpu --junitxml='$out/tests.xml' --rootdir '$repo' \
+    -c '$repo/pyproject.toml' '$repo/tests/test_kernels.py' '$repo/tests/test_train.py' \
+    '$repo/tests/test_models.py'"
+step trial "${limits[1]}" "$out/trial.csv" $python bench_trial.py --device $device --repeats 1 \
+    "${trial_args[@]}" --variants "${eager_variants[@]}" --csv "$out/trial.csv"
+step kernels "${limits[2]}" "$out/batch_norm_act.csv" $python bench_batch_norm_act.py \
+    "${kernel_args[@]}" --csv "$out/batch_norm_act.csv"
+step packing "${limits[3]}" "$out/packing.csv" $python bench_packing.py --device $device \
+    "${packing_args[@]}" --csv "$out/packing.csv"
+step loader "${limits[4]}" "$out/loader.csv" $python bench_loader.py --device $device \
+    "${loader_args[@]}" --csv "$out/loader.csv"
+# Optional: the host cost per layer of the kernels' Python path, when its benchmark exists.
+if [ -f bench_host.py ]; then
+    step host "${limits[5]}" "$out/host.csv" $python bench_host.py "${host_args[@]}" \
+        --csv "$out/host.csv"
+else
+    echo "host,skipped,0,0,host.csv" >>"$out/steps.csv"
+fi
+# torch.compile against the eager project loop, side by side in one run (its compile time,
+# reported apart, falls outside the timed region).
+step trial_compile "${limits[6]}" "$out/trial.csv" $python bench_trial.py --device $device \
+    --repeats 1 "${compile_args[@]}" --variants plain project project+compile \
+    --csv "$out/trial.csv"
+
+echo "== all steps: $((SECONDS - started_all)) s"
+$python gpu_summary.py "$out" --check
+status=$?
+pack_results
+[ -z "$pack" ] || cp "$out/summary.md" "$pack/"
 exit $status

@@ -100,6 +100,10 @@ def _print_plan(spec, planned, fmt: str = "table") -> int:
         f", each a data-parallel run of {replicas} replicas" if replicas > 1 else "")
     print(f"{len(planned)} trials: {len(pending)} to run, costing "
           f"{sum(p.train_tflops for p in pending):.2f} TFLOPs of training ({each})")
+    from .study.costs import StudyCosts
+
+    for line in StudyCosts(spec).packing_advice():
+        print(line)
     return 0
 
 

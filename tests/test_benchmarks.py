@@ -1,4 +1,5 @@
-"""The benchmarks run end to end in their small CPU mode and write the ratios they print."""
+"""The benchmarks run end to end in their small CPU mode and write the ratios they print; the GPU
+check's summary reads those rows into the right ratios, verdicts and Table 6 projection."""
 
 import csv
 import importlib.util
@@ -6,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -25,12 +28,14 @@ def test_batch_norm_benchmark_small_mode_writes_ratios(tmp_path, capsys):
     out = tmp_path / "bn.csv"
     assert bench.main(["--small", "--no-compile", "--reps", "2", "--csv", str(out)]) == 0
     rows = list(csv.DictReader(out.open()))
-    # 2 shapes x 2 layouts x 3 passes
-    assert len(rows) == 12
+    # 3 shapes (one without a residual) x 2 layouts x 3 passes
+    assert len(rows) == 18
+    assert {row["residual"] for row in rows} == {"True", "False"}
     for row in rows:
         ratio = float(row["eager_ms"]) / float(row["fused_ms"])
         assert float(row["speedup_vs_eager"]) == pytest.approx(ratio, rel=1e-2)
-        assert row["device"] and row["torch"] and row["triton"]
+        assert row["device"] and row["torch"] and row["triton"] and row["commit"] is not None
+        assert float(row["peak_memory_mb"]) > 0
     assert "vs eager" in capsys.readouterr().out
 
 
@@ -50,17 +55,22 @@ def test_train_step_benchmark_small_mode_writes_ratios(tmp_path):
 def test_trial_benchmark_small_mode_writes_ratios_against_the_plain_loop(tmp_path, capsys):
     bench = _load("bench_trial")
     out = tmp_path / "trial.csv"
-    rows = bench.main(["--small", "--repeats", "1", "--variants", "plain", "project",
-                       "project+compile", "--compile-backend", "aot_eager", "--csv", str(out)])
+    rows = bench.main(["--small", "--cases", "resnet20-8px", "--repeats", "1", "--variants",
+                       "plain", "tuned", "tuned+kernels", "project", "project+compile",
+                       "--compile-backend", "aot_eager", "--csv", str(out)])
     written = list(csv.DictReader(out.open()))
-    assert [r["variant"] for r in written] == ["plain", "project", "project+compile"]
-    assert [r["variant"] for r in rows] == [r["variant"] for r in written]
-    plain = float(written[0]["images_per_second"])
+    variants = ["plain", "tuned", "tuned+kernels", "project", "project+compile"]
+    assert [r["variant"] for r in written] == variants == [r["variant"] for r in rows]
+    plain, tuned = (float(written[i]["images_per_second"]) for i in (0, 1))
     for row in written:
-        assert float(row["ratio_vs_plain"]) == pytest.approx(
-            float(row["images_per_second"]) / plain, rel=1e-2)
+        rate = float(row["images_per_second"])
+        assert float(row["ratio_vs_plain"]) == pytest.approx(rate / plain, rel=1e-2)
+        assert float(row["ratio_vs_tuned"]) == pytest.approx(rate / tuned, rel=1e-2)
         assert row["device"].startswith("cpu") and row["precision"] == "fp32"
-    assert float(written[2]["compile_seconds"]) > 0
+        assert float(row["peak_memory_mb"]) > 0
+    # Only the plain loop is NCHW; the hand-tuned loops are channels_last like the project's.
+    assert [r["memory_format"] for r in written] == ["nchw"] + ["channels_last"] * 4
+    assert float(written[4]["compile_seconds"]) > 0
     assert "vs plain" in capsys.readouterr().out
 
 
@@ -118,3 +128,209 @@ def test_adaptive_seeds_benchmark_small_mode_writes_each_design(tmp_path):
         assert shares == pytest.approx(1.0)
         seeds = float(row["seeds_per_configuration"])
         assert (seeds == 3) if row["design"] == "fixed 3" else (2 <= seeds <= 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU check's summary (benchmarks/gpu_summary.py) and the rows it reads.
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_appended_rows_with_new_columns_widen_the_file_and_keep_its_older_rows(tmp_path):
+    results = _load("_results")
+    path = tmp_path / "figures.csv"
+    results.append_rows(path, [{"case": "a", "ms": 1.5}])
+    results.append_rows(path, [{"case": "b", "ms": 2.5, "peak_memory_mb": 10.0}])
+    results.append_rows(path, [{"case": "c", "ms": 3.5}])  # a column it lacks stays blank
+    assert list(csv.DictReader(path.open())) == [
+        {"case": "a", "ms": "1.5", "peak_memory_mb": ""},
+        {"case": "b", "ms": "2.5", "peak_memory_mb": "10.0"},
+        {"case": "c", "ms": "3.5", "peak_memory_mb": ""},
+    ]
+
+
+def test_ratio_verdicts_compare_the_measured_value_with_the_goal_in_its_direction():
+    summary = _load("gpu_summary")
+    assert summary.Ratio("r", 1.2, ">= 1.1", "").verdict == "met"
+    assert summary.Ratio("r", 1.0, ">= 1.1", "").verdict == "missed"
+    assert summary.Ratio("r", 25.0, "<= 30", "").verdict == "met"
+    assert summary.Ratio("r", 31.0, "<= 30", "").verdict == "missed"
+    assert summary.Ratio("r", None, "<= 30", "").verdict == "not measured"
+    assert summary.Ratio("r", 2.0, "", "").verdict == "-"
+
+
+def _count_multiply_adds(model: nn.Module, image: torch.Tensor) -> int:
+    """Multiply-adds of every convolution and linear layer, counted from the layers' outputs."""
+    total = 0
+
+    def count(module, inputs, output):
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            per_output = module.in_channels // module.groups * module.kernel_size[0] \
+                * module.kernel_size[1]
+            total += output.numel() * per_output
+        else:
+            total += output.numel() * module.in_features
+
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            module.register_forward_hook(count)
+    with torch.no_grad():
+        model.eval()(image)
+    return total
+
+
+@pytest.mark.parametrize("depth", [20, 56])
+def test_the_closed_form_multiply_adds_match_the_built_cifar_resnet(depth):
+    from resnet_ablate import ResNetArch, build
+
+    summary = _load("gpu_summary")
+    model = build(ResNetArch(family="cifar", depth=depth, shortcut="A"), num_classes=10)
+    assert summary.cifar_resnet_macs(depth) == _count_multiply_adds(model, torch.zeros(1, 3, 32, 32))
+
+
+def test_table6_is_the_papers_about_1_4e17_flops():
+    summary = _load("gpu_summary")
+    # 5 depths x 5 seeds x 164 epochs x 50,000 images, 2 FLOPs per multiply-add, x3 for backward
+    assert summary.table6_flops() == pytest.approx(1.44e17, rel=0.01)
+
+
+def test_seconds_per_image_fits_a_line_in_depth_through_the_measured_depths():
+    summary = _load("gpu_summary")
+    # 1 ms + 0.1 ms per layer: the line holds at every depth, measured or not
+    rates = {d: 1 / (1e-3 + 1e-4 * d) for d in (20, 56, 110)}
+    for depth in (20, 32, 44, 110):
+        assert summary.seconds_per_image(rates, depth) == pytest.approx(1e-3 + 1e-4 * depth)
+    assert summary.seconds_per_image({20: 100.0}, 40) == pytest.approx(2 / 100)
+    assert summary.seconds_per_image({}, 20) is None
+
+
+def test_table6_minutes_add_every_depths_images_and_divide_by_the_packing_gain():
+    summary = _load("gpu_summary")
+    rates = {20: 10_000.0, 56: 10_000.0, 110: 10_000.0}  # one rate: the line is flat
+    images = 5 * 164 * 50_000 * 5  # seeds x epochs x images x depths
+    assert summary.table6_minutes(rates) == pytest.approx(images / 10_000 / 60)
+    assert summary.table6_minutes(rates, packing_gain=2.0) == pytest.approx(images / 20_000 / 60)
+
+
+def _trial_rows(rates: dict[tuple[str, str], float]) -> list[dict]:
+    return [{"case": case, "variant": variant, "images_per_second": str(rate)}
+            for (case, variant), rate in rates.items()]
+
+
+def test_trial_ratios_are_geometric_means_over_the_cases_where_both_ran():
+    summary = _load("gpu_summary")
+    rows = _trial_rows({("resnet20-cifar", "plain"): 100, ("resnet20-cifar", "project"): 400,
+                        ("resnet56-cifar", "plain"): 100, ("resnet56-cifar", "project"): 100,
+                        ("resnet110-cifar", "project"): 50})
+    assert summary.trial_ratio(rows, "project", "plain") == pytest.approx(2.0)  # sqrt(4 x 1)
+    assert summary.trial_ratio(rows, "project+graphs", "project") is None
+
+
+def test_rates_by_depth_take_the_fastest_variant_on_the_depths_every_variant_ran():
+    summary = _load("gpu_summary")
+    rows = _trial_rows({("resnet20-cifar", "project"): 300, ("resnet20-cifar", "project+graphs"): 500,
+                        ("resnet56-cifar", "project"): 200, ("resnet50-224", "project"): 9,
+                        ("resnet20-cifar", "plain"): 1})
+    assert summary.rates_by_depth(rows, ("project", "project+graphs")) == {20: 500.0}
+    assert summary.rates_by_depth(rows, ("project",)) == {20: 300.0, 56: 200.0}
+
+
+def test_broken_steps_are_failed_empty_or_missing_ones_but_not_a_skipped_optional_step():
+    summary = _load("gpu_summary")
+
+    def step(name, code="0", rows="3"):
+        return {"step": name, "exit_code": code, "seconds": "1", "rows": rows}
+
+    ran = [step(name) for name in summary.REQUIRED_STEPS]
+    assert summary.broken_steps(ran + [step("host", "skipped", "0")]) == []
+    assert summary.broken_steps(ran + [step("host", "2", "0")]) == ["host"]
+    assert summary.broken_steps([*ran[:1], step("trial", "124")]) == [
+        *summary.REQUIRED_STEPS[2:], "trial"]
+    empty_loader = [step(n, rows="0") if n == "loader" else step(n) for n in summary.REQUIRED_STEPS]
+    assert summary.broken_steps(empty_loader) == ["loader"]
+    assert summary.broken_steps(ran + [step("host", "no time", "0")]) == ["host"]
+
+
+def test_summary_reads_a_runs_csvs_into_ratios_verdicts_and_the_packing_to_set(tmp_path):
+    summary = _load("gpu_summary")
+    (tmp_path / "machine.txt").write_text("NVIDIA H200, 143771 MiB, 580.159.03\ntorch 2.11.0\n")
+    cases = {"resnet20-cifar": 1.0, "resnet56-cifar": 2.8, "resnet110-cifar": 5.4}
+    _write_csv(tmp_path / "trial.csv", [
+        {"case": case, "variant": variant, "images_per_second": rate / cost}
+        for case, cost in cases.items()
+        for variant, rate in (("plain", 5_000), ("tuned", 20_000), ("tuned+kernels", 24_000),
+                              ("project", 24_000), ("project+graphs", 48_000))])
+    _write_csv(tmp_path / "packing.csv", [
+        {"trials_per_device": n, "aggregate_images_per_s": rate, "speedup_vs_one_trial": rate / 100}
+        for n, rate in ((1, 100), (2, 180), (4, 250), (8, 240))])
+    _write_csv(tmp_path / "steps.csv", [
+        {"step": name, "exit_code": "0", "seconds": "10", "rows": "4", "file": ""}
+        for name in summary.REQUIRED_STEPS])
+    figures = {r.name: r for r in summary.ratios(tmp_path)}
+    assert figures["tuned / plain"].value == pytest.approx(4.0)
+    assert figures["tuned+kernels / tuned"].value == pytest.approx(1.2)
+    assert figures["tuned+kernels / tuned"].verdict == "met"
+    assert figures["project+graphs / project"].value == pytest.approx(2.0)
+    assert figures["packing: best aggregate / one trial"].value == pytest.approx(2.5)
+    # project+graphs at 48,000 / cost images/s, packed 2.5x; the plain loop at 5,000 / cost
+    per_image = {d: summary.seconds_per_image({20: 48_000, 56: 48_000 / 2.8, 110: 48_000 / 5.4}, d)
+                 for d in summary.TABLE6_DEPTHS}
+    expected = sum(per_image.values()) * 5 * 164 * 50_000 / 2.5 / 60
+    assert figures["Table 6, project (minutes)"].value == pytest.approx(expected)
+    assert figures["Table 6, plain loop (minutes)"].value == pytest.approx(expected * 2.5 * 48 / 5)
+    text = summary.summary_markdown(tmp_path)
+    assert text.startswith("# GPU check: NVIDIA H200")
+    assert "| tuned+kernels / tuned | 1.2 | >= 1.1 | met |" in text
+    assert "PackingMeasurement('NVIDIA H200', 4, 2.50)" in text
+    assert "Every step wrote its rows." in text
+
+
+def test_the_dry_run_recommends_the_fastest_packing_measured_for_small_gpu_trials():
+    from resnet_ablate.study.costs import PackingMeasurement, fastest_packing, packing_advice
+
+    assert fastest_packing({1: 100.0, 2: 180.0, 4: 250.0, 8: 240.0}) == 4
+    assert fastest_packing({1: 100.0, 2: 100.0}) == 1  # no gain: the fewest
+    with pytest.raises(ValueError, match="no packing measured"):
+        fastest_packing({})
+    h200 = PackingMeasurement("NVIDIA H200", 4, 2.5)
+    (line,) = packing_advice(1.0, 1, 32, [h200])
+    assert "4 trials per GPU" in line and "resources.gpus: 0.25" in line
+    assert "this spec has 1" in line
+    assert "as this spec has" in packing_advice(0.25, 1, 32, [h200])[0]
+    assert "no packing is measured yet" in packing_advice(1.0, 1, 32, [])[0]
+    # CPU trials, data-parallel trials and large images get no packing advice
+    assert packing_advice(0.0, 1, 32, [h200]) == []
+    assert packing_advice(2.0, 2, 32, [h200]) == []
+    assert packing_advice(1.0, 1, 224, [h200]) == []
+
+
+def test_a_packing_row_counts_every_trials_images_over_the_span_they_trained_together():
+    bench = _load("bench_packing")
+    config = bench.TrialConfig(device="cpu", depth=20, image_size=8, train_images=64, batch=16,
+                               epochs=1, cuda_graphs=False, threads=1, lr=0.01)
+    timings = [bench.TrialTiming(10.0, 12.0, 64, 40.0, 100.0),
+               bench.TrialTiming(10.5, 14.0, 64, 20.0, 120.0)]
+    row = bench.packing_row(config, 2, timings, one_trial_rate=16.0)
+    assert row["aggregate_images_per_s"] == pytest.approx(128 / 4)  # 10.0 to 14.0
+    assert row["speedup_vs_one_trial"] == pytest.approx(2.0)
+    assert row["per_trial_images_per_s"] == pytest.approx(30.0)
+    assert (row["gpus_per_trial"], row["peak_memory_mb"]) == (0.5, 120.0)
+
+
+def test_host_figures_pair_each_layers_fused_and_eager_rows():
+    summary = _load("gpu_summary")
+    layer = {"model": "resnet56", "layout": "channels_last", "dtype": "bf16", "residual": "True"}
+    rows = [{**layer, "shape": "128x16x32x32", "provider": "fused", "host_us_fwd_bwd": "30"},
+            {**layer, "shape": "128x16x32x32", "provider": "eager", "host_us_fwd_bwd": "60"},
+            {**layer, "shape": "128x64x8x8", "provider": "eager", "host_us_fwd_bwd": "50"},
+            {**layer, "shape": "128x64x8x8", "provider": "fused", "host_us_fwd_bwd": "100"},
+            {**layer, "shape": "128x64x8x8", "provider": "python_function_floor",
+             "host_us_fwd_bwd": "1"}]
+    fused, fused_over_eager = summary.host_figures(rows)
+    assert fused == [30.0, 100.0] and fused_over_eager == [0.5, 2.0]

@@ -1,5 +1,6 @@
 """What a study's data set and architectures cost: the data set's shape (checked before anything
-runs), and each architecture's parameters and FLOPs, computed once per architecture.
+runs), and each architecture's parameters and FLOPs, computed once per architecture; and how many
+small trials to pack on one GPU, from the packing measured on GPUs.
 
 FLOPs are counted by tracing the built model (profile.py, fvcore), so the model layer loads here at
 the first architecture profiled, not when the driver is imported."""
@@ -7,6 +8,8 @@ the first architecture profiled, not when the driver is imported."""
 from __future__ import annotations
 
 import tarfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..arch import ResNetArch
@@ -20,6 +23,53 @@ if TYPE_CHECKING:
 # What reading a data set raises for a missing or damaged one: OSError, ValueError, a tar or
 # gzip stream cut short, a shard that cannot be read.
 DATA_ERRORS = (OSError, ValueError, EOFError, tarfile.TarError, ShardError)
+
+# Images up to this side make trials small enough that one leaves a large GPU mostly idle.
+SMALL_IMAGE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class PackingMeasurement:
+    """The trials per GPU that trained the most images per second together on one GPU model
+    (benchmarks/bench_packing.py, run by benchmarks/gpu_check.sh), and that aggregate's gain
+    over one trial alone."""
+
+    device: str
+    trials_per_gpu: int
+    speedup: float
+
+
+# One entry per GPU model measured; the GPU check's summary.md gives the entry to add. None yet.
+MEASURED_PACKINGS: tuple[PackingMeasurement, ...] = ()
+
+
+def fastest_packing(aggregate_by_trials: Mapping[int, float]) -> int:
+    """The trials per GPU with the highest aggregate images/s (the fewest among equals)."""
+    if not aggregate_by_trials:
+        raise ValueError("no packing measured: need the aggregate images/s of at least one "
+                         "number of trials per GPU")
+    return max(sorted(aggregate_by_trials), key=lambda trials: aggregate_by_trials[trials])
+
+
+def packing_advice(gpus: float, replicas: int, image_size: int,
+                   measured: Sequence[PackingMeasurement] = MEASURED_PACKINGS) -> list[str]:
+    """What a dry run recommends for a study whose trials each hold `gpus` GPUs: for small
+    one-process trials on GPUs, the fastest packing measured on each GPU model (nothing for CPU
+    trials, data-parallel ones or large images)."""
+    if gpus <= 0 or replicas > 1 or image_size > SMALL_IMAGE_SIZE:
+        return []
+    if not measured:
+        return [f"packing: trials of {image_size}-px images leave a GPU mostly idle; no packing "
+                "is measured yet (bash benchmarks/gpu_check.sh on a GPU measures 1, 2, 4 and 8 "
+                "trials per GPU)"]
+    lines = []
+    for m in measured:
+        share = 1 / m.trials_per_gpu
+        held = "as this spec has" if abs(gpus - share) < 1e-9 else f"this spec has {gpus:g}"
+        lines.append(f"packing: on {m.device}, {m.trials_per_gpu} trials per GPU trained "
+                     f"{m.speedup:.2f}x the images/s of one: recommended resources.gpus: "
+                     f"{share:g} and workers: {m.trials_per_gpu} per GPU ({held})")
+    return lines
 
 
 class StudyCosts:
@@ -64,6 +114,11 @@ class StudyCosts:
     def over_budget(self, arch: ResNetArch) -> bool:
         ceiling = self.spec.budget.max_gflops
         return ceiling is not None and self.profile(arch).flops / 1e9 > ceiling
+
+    def packing_advice(self) -> list[str]:
+        """The dry run's packing recommendation for this study (see `packing_advice`)."""
+        resources = self.spec.resources
+        return packing_advice(resources.gpus, resources.replica_count, self.shape().image_size)
 
     def train_tflops(self, arch: ResNetArch) -> float:
         """Forward + backward (3x forward) over every training image and epoch."""

@@ -1,0 +1,324 @@
+"""The GPU check's one-page summary: every ratio it measured against its goal, and the paper's
+Table 6 projected from the measured rates, read from the CSVs that benchmarks/gpu_check.sh wrote.
+
+    python benchmarks/gpu_summary.py OUT_FOLDER            # writes OUT_FOLDER/summary.md
+    python benchmarks/gpu_summary.py OUT_FOLDER --check    # also exits 1 when a step broke
+    python benchmarks/gpu_summary.py OUT_FOLDER --readme README.md   # fills "GPU figures"
+
+The ratios, each isolating one effect (bench_trial.py's variants add one thing at a time):
+hand-tuning (tuned / plain), the fused kernels in a trial (tuned+kernels / tuned), the trial loop
+over a hand-written one (project / tuned+kernels), CUDA graphs and torch.compile (each against
+project); the kernels alone (bench_batch_norm_act.py: forward+backward against eager and
+torch.compile, bandwidth as a share of the device's peak); the loader against the step; trials
+packed on one device (bench_packing.py).
+
+Table 6 projection: ResNet-20/32/44/56/110 x 5 seeds x 164 epochs of CIFAR-10's 50,000 training
+images (evaluation left out). Each depth's time per image is the affine fit in depth of the
+measured cases (time per image grows with the number of layers), the project's rate is its
+fastest study-ready variant (project or project+graphs; compile's per-trial compile time is left
+out of it), sped up by the best packing's aggregate gain (measured on one depth), and the plain
+loop runs one trial at a time. FLOPs are 2 per multiply-add of the convolutions and the
+classifier, backward twice forward: about 1.4e17 for the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from resnet_ablate.study.costs import fastest_packing
+
+TABLE6_DEPTHS = (20, 32, 44, 56, 110)
+TABLE6_SEEDS, TABLE6_EPOCHS, CIFAR10_TRAIN_IMAGES = 5, 164, 50_000
+TABLE6_GOAL_MINUTES = 30
+BF16_PEAK_TFLOPS = {"H100": 989, "H200": 989}  # dense bf16, the vendor's datasheet
+# Steps that must write rows; the host-cost step is optional (its benchmark may be absent).
+REQUIRED_STEPS = ("tests", "trial", "kernels", "packing", "loader", "trial_compile")
+# README's "GPU figures" section lies between these two lines; --readme fills it.
+README_START, README_END = "<!-- gpu-figures:start -->", "<!-- gpu-figures:end -->"
+
+
+@dataclass(frozen=True)
+class Ratio:
+    name: str
+    value: float | None
+    goal: str  # ">= 1.2", "<= 30", or "" for a figure shown without a goal
+    meaning: str
+
+    @property
+    def verdict(self) -> str:
+        if self.value is None:
+            return "not measured"
+        if not self.goal:
+            return "-"
+        sign, bound = self.goal.split()
+        met = self.value >= float(bound) if sign == ">=" else self.value <= float(bound)
+        return "met" if met else "missed"
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def cifar_resnet_macs(depth: int) -> int:
+    """Multiply-adds of a CIFAR ResNet's convolutions and classifier for one 32x32 image (the
+    paper's option A shortcuts add none): 3 stages of n = (depth-2)/6 blocks of two 3x3 convs at
+    16, 32 and 64 channels on 32x32, 16x16 and 8x8, each later stage's first conv taking half
+    the channels at its stride."""
+    n = (depth - 2) // 6
+    macs = 3 * 16 * 9 * 32 * 32  # the first conv
+    for stage, (channels, side) in enumerate(((16, 32), (32, 16), (64, 8))):
+        per_conv = channels * channels * 9 * side * side
+        macs += 2 * n * per_conv - (per_conv // 2 if stage else 0)
+    return macs + 64 * 10
+
+
+def table6_flops() -> float:
+    images = TABLE6_SEEDS * TABLE6_EPOCHS * CIFAR10_TRAIN_IMAGES
+    return sum(2 * 3 * cifar_resnet_macs(d) * images for d in TABLE6_DEPTHS)
+
+
+def seconds_per_image(rates: Mapping[int, float], depth: int) -> float | None:
+    """Seconds per image at `depth`: measured, or the least-squares line through the measured
+    depths (a single measured depth scales in proportion to the depth)."""
+    if depth in rates:
+        return 1 / rates[depth]
+    if not rates:
+        return None
+    points = [(d, 1 / r) for d, r in rates.items()]
+    if len(points) == 1:
+        (d0, t0), = points
+        return t0 * depth / d0
+    mean_d = statistics.fmean(d for d, _ in points)
+    mean_t = statistics.fmean(t for _, t in points)
+    slope = sum((d - mean_d) * (t - mean_t) for d, t in points) / sum(
+        (d - mean_d) ** 2 for d, _ in points)
+    return max(mean_t + slope * (depth - mean_d), min(t for _, t in points))
+
+
+def rates_by_depth(trial_rows: Sequence[Mapping[str, str]], variants: Sequence[str]
+                   ) -> dict[int, float]:
+    """Images/s per CIFAR depth, the fastest of `variants` measured on every depth."""
+    by_variant: dict[str, dict[int, float]] = {}
+    for row in trial_rows:
+        if row["variant"] in variants and row["case"].startswith("resnet"):
+            depth = int(row["case"].removeprefix("resnet").split("-")[0])
+            if row["case"].endswith("-224"):
+                continue  # an ImageNet case, not a CIFAR depth
+            rate = float(row["images_per_second"])
+            by_variant.setdefault(row["variant"], {})[depth] = max(
+                rate, by_variant.get(row["variant"], {}).get(depth, 0.0))
+    depths = set.intersection(*(set(r) for r in by_variant.values())) if by_variant else set()
+    return {d: max(r[d] for r in by_variant.values() if d in r) for d in depths}
+
+
+def table6_minutes(rates: Mapping[int, float], packing_gain: float = 1.0) -> float | None:
+    images = TABLE6_SEEDS * TABLE6_EPOCHS * CIFAR10_TRAIN_IMAGES
+    per_image = [seconds_per_image(rates, d) for d in TABLE6_DEPTHS]
+    if any(t is None for t in per_image):
+        return None
+    return sum(t * images for t in per_image) / packing_gain / 60
+
+
+def trial_ratio(rows: Sequence[Mapping[str, str]], numerator: str, denominator: str
+                ) -> float | None:
+    """Geometric mean over cases of numerator / denominator images/s, where both ran."""
+    cases: dict[str, dict[str, float]] = {}
+    for row in rows:
+        cases.setdefault(row["case"], {})[row["variant"]] = float(row["images_per_second"])
+    ratios = [v[numerator] / v[denominator] for v in cases.values()
+              if numerator in v and denominator in v]
+    return statistics.geometric_mean(ratios) if ratios else None
+
+
+def best_packing(rows: Sequence[Mapping[str, str]]) -> tuple[int, float] | None:
+    """(trials per device, speed-up over one trial) of the fastest packing measured: the
+    packing that `resnet-ablate run --dry-run` recommends once entered in MEASURED_PACKINGS."""
+    if not rows:
+        return None
+    by_trials = {int(r["trials_per_device"]): r for r in rows}
+    trials = fastest_packing({n: float(r["aggregate_images_per_s"]) for n, r in by_trials.items()})
+    return trials, float(by_trials[trials]["speedup_vs_one_trial"])
+
+
+def kernel_figures(rows: Sequence[Mapping[str, str]]) -> dict[str, float | None]:
+    """Forward+backward speed-ups (geometric means over shapes, and the worst shape against
+    torch.compile) and the forward pass's median share of the peak bandwidth."""
+    both = [r for r in rows if r["pass"] == "forward+backward"]
+
+    def values(column: str, passes=both) -> list[float]:
+        return [float(r[column]) for r in passes if r.get(column)]
+
+    def geomean(column: str) -> float | None:
+        return statistics.geometric_mean(values(column)) if values(column) else None
+
+    shares = values("pct_peak", [r for r in rows if r["pass"] == "forward"])
+    return {"vs_eager": geomean("speedup_vs_eager"), "vs_compile": geomean("speedup_vs_compile"),
+            "min_vs_compile": min(values("speedup_vs_compile"), default=None),
+            "forward_pct_peak": statistics.median(shares) if shares else None}
+
+
+def host_figures(rows: Sequence[Mapping[str, str]]) -> tuple[list[float], list[float]]:
+    """bench_host.py's microseconds per fused layer, and fused over eager for each layer (the
+    rows of one model, shape, layout and residual paired)."""
+    by_layer: dict[tuple, dict[str, float]] = {}
+    for row in rows:
+        if row.get("host_us_fwd_bwd"):
+            layer = tuple(row.get(k) for k in ("model", "shape", "layout", "dtype", "residual"))
+            by_layer.setdefault(layer, {})[row.get("provider", "")] = float(row["host_us_fwd_bwd"])
+    fused = [p["fused"] for p in by_layer.values() if "fused" in p]
+    return fused, [p["fused"] / p["eager"] for p in by_layer.values() if {"fused", "eager"} <= set(p)]
+
+
+def ratios(out: Path) -> list[Ratio]:
+    """Every ratio of the run against its goal: the project's targets on one H100/H200 (README's
+    for the kernels and the trial), and 30 minutes for Table 6."""
+    trial, packing = read_rows(out / "trial.csv"), read_rows(out / "packing.csv")
+    kernels = kernel_figures(read_rows(out / "batch_norm_act.csv"))
+    loader = [float(r["loader_over_step"]) for r in read_rows(out / "loader.csv")]
+    host = read_rows(out / "host.csv")
+    fused_host, fused_over_eager = host_figures(host)
+    packed = best_packing(packing)
+    project = rates_by_depth(trial, ("project", "project+graphs"))
+    return [
+        Ratio("tuned / plain", trial_ratio(trial, "tuned", "plain"), "",
+              "what a hand-tuned loop gives (bf16, channels_last, fused SGD, no syncs)"),
+        Ratio("tuned+kernels / tuned", trial_ratio(trial, "tuned+kernels", "tuned"), ">= 1.1",
+              "what the fused kernels add to a trial"),
+        Ratio("project / tuned+kernels", trial_ratio(trial, "project", "tuned+kernels"),
+              ">= 0.95", "what the trial loop costs over a hand-written one"),
+        Ratio("project / plain", trial_ratio(trial, "project", "plain"), ">= 3",
+              "the trial loop against the loop a user would write"),
+        Ratio("project / tuned", trial_ratio(trial, "project", "tuned"), ">= 1.1",
+              "the trial loop against what a good engineer writes"),
+        Ratio("project+graphs / project", trial_ratio(trial, "project+graphs", "project"),
+              ">= 1.2", "what CUDA graphs add"),
+        Ratio("project+compile / project", trial_ratio(trial, "project+compile", "project"),
+              ">= 1.0", "what torch.compile adds (its compile time apart)"),
+        Ratio("kernels fwd+bwd / eager", kernels["vs_eager"], ">= 1.5",
+              "the fused op alone, geometric mean over shapes"),
+        Ratio("kernels fwd+bwd / compile", kernels["vs_compile"], ">= 1.15",
+              "the fused op against torch.compile of the same epilogue"),
+        Ratio("kernels fwd+bwd / compile, worst shape", kernels["min_vs_compile"], ">= 1.0", ""),
+        Ratio("kernels forward, % of peak bandwidth (median)", kernels["forward_pct_peak"],
+              ">= 85", "from the byte model in bench_batch_norm_act.py"),
+        Ratio("loader / step (best workers)", max(loader) if loader else None, ">= 1.0",
+              "the loader keeps up with the step"),
+        Ratio("host us per layer, fused fwd+bwd (median)",
+              statistics.median(fused_host) if fused_host else None, "",
+              "what the CPU spends to issue one fused layer (bench_host.py)"),
+        Ratio("host: fused / eager per layer (median)",
+              statistics.median(fused_over_eager) if fused_over_eager else None, "<= 1.0",
+              "the fused layer's host path against eager PyTorch's"),
+        Ratio("packing: best aggregate / one trial", packed[1] if packed else None, ">= 1.5",
+              f"at {packed[0]} trials per device" if packed else "trials sharing the device"),
+        Ratio("Table 6, project (minutes)",
+              table6_minutes(project, packed[1] if packed else 1.0),
+              f"<= {TABLE6_GOAL_MINUTES}", "projected, best packing"),
+        Ratio("Table 6, plain loop (minutes)",
+              table6_minutes(rates_by_depth(trial, ("plain",))), "",
+              "projected, one trial at a time"),
+    ]
+
+
+def fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
+
+
+def step_table(steps: Sequence[Mapping[str, str]]) -> list[str]:
+    lines = ["| step | exit | seconds | rows written |", "| --- | --- | --- | --- |"]
+    lines += [f"| {s['step']} | {s['exit_code']} | {s['seconds']} | {s['rows']} |" for s in steps]
+    total = sum(float(s["seconds"]) for s in steps)
+    return lines + [f"| total | | {total:.0f} | |"]
+
+
+def broken_steps(steps: Sequence[Mapping[str, str]]) -> list[str]:
+    """Steps that failed, wrote no rows, or never ran (required ones); the optional host step
+    counts only when it ran."""
+    seen = {s["step"]: s for s in steps}
+    broken = [name for name in REQUIRED_STEPS if name not in seen]
+    for step in steps:
+        skipped = step["exit_code"] == "skipped" and step["step"] not in REQUIRED_STEPS
+        if not skipped and (step["exit_code"] != "0" or int(step["rows"] or 0) == 0):
+            broken.append(step["step"])
+    return broken
+
+
+def summary_markdown(out: Path) -> str:
+    machine = (out / "machine.txt").read_text().strip() if (out / "machine.txt").exists() else "?"
+    steps = read_rows(out / "steps.csv")
+    figures = ratios(out)
+    project_minutes = next(r.value for r in figures if r.name == "Table 6, project (minutes)")
+    lines = [f"# GPU check: {machine.splitlines()[0] if machine else '?'}", "",
+             *(f"    {line}" for line in machine.splitlines()), ""]
+    if "no GPU" in machine:
+        lines += ["Rehearsal on a CPU, on tiny sizes: these figures show that every step runs and "
+                  "that this summary reads its rows, not how fast anything is on a GPU.", ""]
+    lines += [
+             "| ratio | measured | goal | verdict | what it says |",
+             "| --- | --- | --- | --- | --- |",
+             *(f"| {r.name} | {fmt(r.value)} | {r.goal or '-'} | {r.verdict} | {r.meaning} |"
+               for r in figures), ""]
+    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in machine), None)
+    if project_minutes and peak:
+        achieved = table6_flops() / (project_minutes * 60) / 1e12
+        lines.append(f"Table 6 ({table6_flops():.2g} FLOPs) in {project_minutes:.1f} min is "
+                     f"{achieved:.0f} TFLOP/s, {100 * achieved / peak:.1f}% of the bf16 peak.")
+        lines.append("")
+    packed = best_packing(read_rows(out / "packing.csv"))
+    if packed and "no GPU" not in machine:
+        device = machine.splitlines()[0].split(",")[0].strip()
+        lines += ["For `--dry-run` to recommend this packing, add to MEASURED_PACKINGS in "
+                  "resnet_ablate/study/costs.py:", "",
+                  f"    PackingMeasurement({device!r}, {packed[0]}, {packed[1]:.2f})", ""]
+    broken = broken_steps(steps)
+    lines += ["## Steps", "", *step_table(steps), "",
+              f"Broken steps: {', '.join(broken)}." if broken else "Every step wrote its rows.",
+              "", "Method: see benchmarks/gpu_summary.py; raw rows in the CSVs beside this file."]
+    return "\n".join(lines) + "\n"
+
+
+def fill_readme(readme: Path, summary: str) -> None:
+    """Put a GPU run's summary between README's "GPU figures" markers (a rehearsal's never)."""
+    if "Rehearsal on a CPU" in summary:
+        raise ValueError("this summary is a CPU rehearsal's: README's GPU figures take a GPU run's")
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme}: no {README_START} ... {README_END} lines to fill")
+    head, rest = text.split(README_START, 1)
+    body = summary.replace("# GPU check: ", "Measured on ", 1)
+    readme.write_text(f"{head}{README_START}\n{body}{README_END}{rest.split(README_END, 1)[1]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path, help="the folder gpu_check.sh wrote its CSVs to")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 when a step failed or wrote no rows")
+    parser.add_argument("--readme", type=Path, help="also fill this README's GPU figures section")
+    args = parser.parse_args(argv)
+    text = summary_markdown(args.out)
+    (args.out / "summary.md").write_text(text)
+    print(text)
+    if args.readme:
+        try:
+            fill_readme(args.readme, text)
+        except ValueError as error:
+            parser.error(str(error))
+    broken = broken_steps(read_rows(args.out / "steps.csv"))
+    if args.check and broken:
+        print(f"gpu_summary: broken steps: {', '.join(broken)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -269,11 +269,15 @@ def _gradients(ctx, grad_out: torch.Tensor, backward_op) -> tuple:
         grad_residual = grad_out  # without ReLU the residual's gradient is grad_out itself
     elif not residual_grad:
         grad_residual = None
-    if grad_residual is not None:
-        grad_residual = grad_residual.to(ctx.residual_dtype)
-    grad_weight = grad_weight.to(ctx.weight_dtype) if ctx.weight_dtype is not None else None
-    grad_bias = grad_bias.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
-    return grad_input, grad_weight, grad_bias, grad_residual, None, None, None, None
+    return (grad_input, _as(grad_weight, ctx.weight_dtype), _as(grad_bias, ctx.bias_dtype),
+            _as(grad_residual, ctx.residual_dtype), None, None, None, None)
+
+
+def _as(gradient: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    """The gradient in its input's dtype (None where the input was None)."""
+    if gradient is None or dtype is None:
+        return None
+    return gradient if gradient.dtype == dtype else gradient.to(dtype)
 
 
 def _backward(ctx, grad_out, _grad_mean, _grad_var):

@@ -1,0 +1,231 @@
+"""Host cost of one fused BatchNorm + add + ReLU layer (forward + backward) beside eager PyTorch's.
+
+    python benchmarks/bench_host.py                  # any machine: Triton launches counted, not run
+    python benchmarks/bench_host.py --device cuda    # on a GPU: real launches, host-bound sizes
+
+A layer's host cost is what the CPU spends to issue it: argument checks, autograd, choosing and
+describing launches, allocating outputs, and the launch calls. On a GPU it is paid every step
+whatever the batch, and on the small CIFAR networks it can exceed the kernels' own time. For each
+ResNet-56 (CIFAR, N=128) and ResNet-50 (ImageNet, N=256) activation shape, with a residual (a
+block's last BN) and without (BN + ReLU), the benchmark times forward + backward (autograd's
+engine included, gradients taken with autograd.grad) of:
+
+- `fused` (default `--device cpu`): `fused_batch_norm` on the Triton backend, on CPU tensors of
+  the layer's C, H, W and layout with N=2 (N changes only the grid sizes, not the host path),
+  with every Triton launch counted instead of run. Included: everything of the fused layer's
+  host path but the launches themselves (Triton's launcher: argument binding, specialization
+  key, the driver call); `launches` says how many there are, so that a GPU's per-launch cost can
+  be added to it.
+- `eager`: `relu(F.batch_norm(...) + residual)` (no residual: `relu(F.batch_norm(...))`) on CPU
+  tensors of shape (2, 8, 1, 1): ATen's real dispatch and autograd (which do not depend on the
+  shape), plus CPU compute of 16 values per op, small but not nothing (so this figure is, if
+  anything, high).
+- `python_function_floor`: a Python autograd.Function with the fused op's inputs that only
+  allocates its outputs and gradients, on the fused provider's tensors: what any layer written
+  in Python as one autograd node pays before doing anything.
+- On `--device cuda`, all run for real on (2, C, 4, 4) tensors, with one synchronize per block of
+  iterations: such small kernels hide behind the host's work, so the wall time per layer is the
+  host cost including every launch (Triton's launcher and CUDA's included).
+
+Each figure is the median over blocks of the mean microseconds per layer (CPU time on a CPU, wall
+time on CUDA); rows go to
+benchmarks/results/host.csv with the machine named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from _results import RESULTS, append_rows, device_name, source_commit, timestamp, triton_version
+
+# (model, N, C, H, W, residual): every BN of the network has one of these shapes and kinds.
+CIFAR = [("resnet56", 128, c, hw, hw, residual) for c, hw in ((16, 32), (32, 16), (64, 8))
+         for residual in (True, False)]
+IMAGENET = [("resnet50", 256, 64, 112, 112, False)] + [
+    ("resnet50", 256, c, hw, hw, residual)
+    for c, hw in ((256, 56), (512, 28), (1024, 14), (2048, 7)) for residual in (True, False)
+]
+# ATen's dispatch does not depend on C, its CPU compute does (bf16 channels_last batch norm on a
+# CPU takes hundreds of microseconds at C=2048): the eager CPU figure uses a few channels.
+EAGER_CPU_CHANNELS = 8
+LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
+
+
+def _layer_inputs(shape, dtype, device, memory_format, residual: bool):
+    x = torch.randn(shape, dtype=dtype, device=device).to(memory_format=memory_format)
+    channels = shape[1]
+    params = [torch.ones(channels, device=device, requires_grad=True),
+              torch.zeros(channels, device=device, requires_grad=True)]
+    stats = [torch.zeros(channels, device=device), torch.ones(channels, device=device)]
+    r = torch.randn_like(x).requires_grad_() if residual else None
+    grad = torch.randn_like(x)
+    return x.requires_grad_(), r, params, stats, grad
+
+
+def _step(provider: str, x, r, params, stats, grad) -> Callable[[], None]:
+    """One layer's forward + backward; gradients taken with autograd.grad (no accumulation)."""
+    from resnet_ablate.kernels import fused_batch_norm
+
+    leaves = [t for t in (x, r, *params) if t is not None]
+    weight, bias = params
+    running_mean, running_var = stats
+
+    def fused() -> None:
+        out = fused_batch_norm(x, running_mean, running_var, weight, bias, True, 0.1, 1e-5,
+                               residual=r)
+        torch.autograd.grad(out, leaves, grad)
+
+    def eager() -> None:
+        out = F.batch_norm(x, running_mean, running_var, weight, bias, True, 0.1, 1e-5)
+        if r is not None:
+            out = out + r
+        torch.autograd.grad(F.relu(out), leaves, grad)
+
+    def floor() -> None:
+        out = _NoOpLayer.apply(x, weight, bias, r)[0]
+        torch.autograd.grad(out, leaves, grad)
+
+    return {"fused": fused, "eager": eager, "python_function_floor": floor}[provider]
+
+
+def _microseconds(steps: dict[str, Callable[[], None]], device: torch.device, iterations: int,
+                  blocks: int) -> dict[str, float]:
+    """Median over blocks of the mean time per step, the providers' blocks interleaved so that
+    a machine's changing load weighs on each alike. On a CPU the time is the process's CPU time
+    (one thread does all the work), which other processes' load does not inflate; on CUDA it is
+    wall time, since autograd's device thread and the GPU's queue take part."""
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
+    for step in steps.values():
+        for _ in range(max(3, iterations // 10)):
+            step()
+    _synchronize(device)
+    per_block: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(blocks):
+        for name, step in steps.items():
+            start = clock()
+            for _ in range(iterations):
+                step()
+            _synchronize(device)
+            per_block[name].append((clock() - start) / iterations * 1e6)
+    return {name: statistics.median(times) for name, times in per_block.items()}
+
+
+class _NoOpLayer(torch.autograd.Function):
+    """A Python autograd.Function that allocates the fused op's outputs and gradients and does
+    nothing else: the floor under any layer written as one (as the fused op's eager path is)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual):
+        ctx.save_for_backward(x, weight)
+        ctx.has_residual = residual is not None
+        return torch.empty_like(x), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_var):
+        x, weight = ctx.saved_tensors
+        return (torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight),
+                torch.empty_like(grad_out) if ctx.has_residual else None)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _LaunchCounter:
+    """Replaces the Triton launch of every planned kernel by a count (CPU runs only)."""
+
+    def __init__(self) -> None:
+        from resnet_ablate.kernels import _triton_impl
+
+        self.count = 0
+        self._launch_class = _triton_impl.KernelLaunch
+
+        def counted(launch) -> None:
+            self.count += 1
+
+        self._launch_class.__call__ = counted
+
+
+def _measure(case, layout: str, dtype, device: torch.device, iterations: int, blocks: int,
+             counter: _LaunchCounter | None) -> list[dict[str, object]]:
+    model, n, c, h, w, residual = case
+    on_cpu = device.type == "cpu"
+    shapes = {"fused": (2, c, h, w) if on_cpu else (2, c, 4, 4),
+              "eager": (2, EAGER_CPU_CHANNELS, 1, 1) if on_cpu else (2, c, 4, 4)}
+    shapes["python_function_floor"] = shapes["fused"]
+    steps, launches = {}, ""
+    for provider, shape in shapes.items():
+        inputs = _layer_inputs(shape, dtype, device, LAYOUTS[layout], residual)
+        steps[provider] = _step(provider, *inputs)
+        if provider == "fused" and counter is not None:
+            counter.count = 0
+            steps[provider]()
+            launches = counter.count
+    figures = _microseconds(steps, device, iterations, blocks)
+    return [{
+        "timestamp": timestamp(), "machine": device_name(device), "commit": source_commit(),
+        "torch": torch.__version__, "triton": triton_version(), "model": model,
+        "shape": f"{n}x{c}x{h}x{w}", "measured_shape": "x".join(map(str, shapes[provider])),
+        "layout": layout, "dtype": str(dtype).removeprefix("torch."), "residual": residual,
+        "provider": provider, "host_us_fwd_bwd": round(us, 2),
+        "triton_launches_not_timed": launches if provider == "fused" else "",
+        "fused_over_eager": round(figures["fused"] / figures["eager"], 3),
+    } for provider, us in figures.items()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--models", default="resnet56,resnet50")
+    parser.add_argument("--layouts", default="channels_last,nchw")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--blocks", type=int, default=5)
+    parser.add_argument("--csv", default=RESULTS / "host.csv")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        # The Triton backend takes CPU tensors only where the interpreter is on; the launches
+        # never run here (they are counted), so the interpreter is never entered.
+        os.environ["TRITON_INTERPRET"] = "1"
+    torch.set_num_threads(1)  # host cost is one thread's; tiny CPU ops must not fan out
+    from resnet_ablate.kernels import set_backend
+
+    set_backend("triton")
+    counter = _LaunchCounter() if device.type == "cpu" else None
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    cases = [case for case in CIFAR + IMAGENET if case[0] in args.models.split(",")]
+    rows = []
+    print(f"{'model':9} {'shape':16} {'layout':14} {'res':5} {'launches':>8} "
+          f"{'fused us':>9} {'eager us':>9} {'floor us':>9} {'fused/eager':>11}")
+    for case in cases:
+        for layout in args.layouts.split(","):
+            case_rows = _measure(case, layout, dtype, device, args.iterations, args.blocks,
+                                 counter)
+            rows += case_rows
+            by = {row["provider"]: row for row in case_rows}
+            print(f"{case[0]:9} {by['fused']['shape']:16} {layout:14} {str(case[5]):5} "
+                  f"{by['fused']['triton_launches_not_timed']!s:>8} "
+                  f"{by['fused']['host_us_fwd_bwd']:9.1f} "
+                  f"{by['eager']['host_us_fwd_bwd']:9.1f} "
+                  f"{by['python_function_floor']['host_us_fwd_bwd']:9.1f} "
+                  f"{by['eager']['fused_over_eager']:11.2f}")
+    append_rows(args.csv, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import multiprocessing
+import queue
 import sys
 import time
 from dataclasses import dataclass
@@ -88,25 +89,30 @@ def _train_one(config: TrialConfig, barrier, results) -> None:
 
 
 def run_packing(config: TrialConfig, trials: int) -> list[TrialTiming]:
-    """`trials` processes training at once; their timings, or an error naming what failed."""
+    """`trials` processes training at once; their timings, or an error naming what failed (as
+    soon as one trial fails: the others, waiting for it at the barrier, are stopped)."""
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked into children
     barrier, results = context.Barrier(trials), context.Queue()
     processes = [context.Process(target=_train_one, args=(config, barrier, results))
                  for _ in range(trials)]
     for process in processes:
         process.start()
-    timings = []
+    timings: list[TrialTiming] = []
+    deadline = time.monotonic() + BARRIER_TIMEOUT_S + 600
     try:
-        for _ in range(trials):
-            timings.append(results.get(timeout=BARRIER_TIMEOUT_S + 600))
+        while len(timings) < trials:
+            try:
+                timings.append(results.get(timeout=1))
+            except queue.Empty:
+                failed = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+                if failed or time.monotonic() > deadline:
+                    raise RuntimeError(f"{len(failed)} of {trials} packed trials failed (exit "
+                                       f"codes {failed}), {len(timings)} finished") from None
     finally:
         for process in processes:
-            process.join(timeout=60)
-            if process.is_alive():
+            if len(timings) < trials:
                 process.kill()
-    failed = [p.exitcode for p in processes if p.exitcode != 0]
-    if failed:
-        raise RuntimeError(f"{len(failed)} of {trials} packed trials failed (exit codes {failed})")
+            process.join(timeout=60)
     return timings
 
 

@@ -74,7 +74,7 @@ class TrialKey:
 class StudyKey:
     """A study's user attributes."""
 
-    SPEC = "spec"  # the spec sections that define the study, as written (see study/store.py)
+    SPEC = "spec"  # the spec sections that define the study, as written (see study/opening.py)
     SPEC_SOURCE = "spec_source"
     QUESTION = "question"
     OBJECTIVES = "objectives"

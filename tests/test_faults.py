@@ -467,7 +467,7 @@ def _outward_address() -> str | None:
 
 CONNECTER = r"""
 import os, sys
-from resnet_ablate.study.store import connect_storage
+from resnet_ablate.study.opening import connect_storage
 
 go = sys.argv[2]
 print("ready", flush=True)

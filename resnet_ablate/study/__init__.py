@@ -7,7 +7,10 @@ concern each:
     loop.py      one run: fill free workers, collect ended trials, show progress; stopping cleanly
     grid.py      a grid's points: settled, pending, retried; the dry run's plan
     recorder.py  every write of a trial's record (ask, launch, finish, fail, interrupted)
-    store.py     opening the study in its store, which spec it is, the driver's lease, store faults
+    opening.py   opening the study in its store: which spec it is, the store's folder checked
+    lease.py     one driver per study: the lease taken, renewed and given up
+    optuna_tables.py  the one place below Optuna's public API (the lease's atomic swap, failing
+                 a WAITING trial, recognising an Optuna SQLite file)
     space.py     the search space as Optuna sees it: distributions, samplers, pruners
     cluster.py   Ray: connecting, launching trials, the mailbox for epochs and pruning verdicts
     costs.py     the data set's shape and each architecture's parameters and FLOPs
@@ -20,13 +23,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 # Public name -> the module that defines it. They load on first use, so that importing one part
-# (`resnet_ablate.study.store`, say) loads neither Ray nor torch with the others.
+# (`resnet_ablate.study.opening`, say) loads neither Ray nor torch with the others.
 _EXPORTS: dict[str, str] = {
     "ClusterError": ".cluster", "PlannedTrial": ".grid",
     "RunOptions": ".runner", "RunSummary": ".runner", "StudyRunner": ".runner",
     "plan_study": ".runner", "run_study": ".runner", "StopRequested": ".signals",
-    "StoreError": "..storage", "DriverLease": ".store", "StudyBusy": ".store",
-    "StudyConflict": ".store", "open_study": ".store",
+    "StoreError": "..storage", "DriverLease": ".lease", "StudyBusy": ".lease",
+    "StudyConflict": ".opening", "open_study": ".opening",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -51,4 +54,5 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .grid import PlannedTrial
     from .runner import RunOptions, RunSummary, StudyRunner, plan_study, run_study
     from .signals import StopRequested
-    from .store import DriverLease, StudyBusy, StudyConflict, open_study
+    from .lease import DriverLease, StudyBusy
+    from .opening import StudyConflict, open_study

@@ -162,7 +162,7 @@ class DriverLoop:
         added = more_seeds(self.spec, self.study.get_trials(deepcopy=False), self.costs)
         if added:
             self.pending.extend(added)
-            self.to_ask += len(added)  # adaptive seeds have no budget.trials (spec.py)
+            self.to_ask += len(added)  # adaptive seeds have no budget.trials (spec/parse.py)
             points = len({point_key(p.params, 0) for p in added})
             self.progress.log(f"adaptive seeds: {points} configuration(s) still open, "
                               f"{len(added)} more trial(s)")

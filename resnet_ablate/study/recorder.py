@@ -14,7 +14,8 @@ from ..arch import ResNetArch
 from ..record import FailureKind, Status, TrialKey, TrialOutcome, metric_values
 from ..spec import StudySpec
 from .space import SEED_PARAM, distributions, encode_params, grid_distributions
-from .store import retry_while_locked
+from .opening import retry_while_locked
+from .optuna_tables import fail_in_store
 
 if TYPE_CHECKING:
     from ..profile import ModelProfile
@@ -119,12 +120,9 @@ class TrialRecorder:
         return self._fail_unfinished("interrupted: the driver stopped before the trial finished")
 
     def _fail_unfinished(self, reason: str) -> int:
-        storage = self.study._storage  # a WAITING trial cannot be told: written in the store
         stale = [t for t in self.study.get_trials(deepcopy=False)
                  if t.state in (_State.RUNNING, _State.WAITING)]
-        for frozen in stale:
-            storage.set_trial_user_attr(frozen._trial_id, TrialKey.FAILURE_KIND,
-                                        FailureKind.INTERRUPTED)
-            storage.set_trial_user_attr(frozen._trial_id, TrialKey.FAILURE, reason)
-            storage.set_trial_state_values(frozen._trial_id, state=_State.FAIL)
+        for frozen in stale:  # a WAITING trial cannot be told: failed in the store
+            fail_in_store(self.study, frozen, {TrialKey.FAILURE_KIND: FailureKind.INTERRUPTED,
+                                               TrialKey.FAILURE: reason})
         return len(stale)

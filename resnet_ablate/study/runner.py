@@ -14,7 +14,7 @@ from pathlib import Path
 import optuna
 
 from ..progress import StudyProgress
-from ..record import FailureKind, TrialKey
+from ..record import FailureKind, Status, TrialKey
 from ..spec import SpecError, StudySpec
 from ..storage import (file_in_the_way, runs_folder, sqlite_path, store_faults, study_file,
                        weights_folder)
@@ -24,7 +24,8 @@ from .grid import GridHistory, PendingPoint, PlannedTrial
 from .loop import DriverLoop, failures
 from .recorder import TrialRecorder
 from .signals import StopSignals, signals_held, stop_on_signals
-from .store import DriverLease, check_store_folder, open_study, prepare_store_folder
+from .lease import DriverLease
+from .opening import check_store_folder, open_study, prepare_store_folder
 
 
 @dataclass(frozen=True)
@@ -174,8 +175,8 @@ class StudyRunner:
                 lease.release()
         states = Counter(t.state.name for t in self.study.get_trials(deepcopy=False))
         return RunSummary(
-            study=self.spec.study, storage=self.storage, completed=result.counts["completed"],
-            failed=failures(result.counts), pruned=result.counts["pruned"],
+            study=self.spec.study, storage=self.storage, completed=result.counts[Status.COMPLETED],
+            failed=failures(result.counts), pruned=result.counts[Status.PRUNED],
             launched=result.launched,
             # A signal heard after the loop's last turn still stops the command (no table).
             interrupted=result.interrupted or stop_signals.heard or "",

@@ -1,23 +1,20 @@
-"""The study in its store: opening it (and recognising it), the driver's lease, store faults.
+"""Opening a spec's study in its store: created, or reopened after checking that it was made from
+this spec (its fingerprint); the store's folder checked before anything is written; and the
+retry that the writes of a stop need while another process holds a SQLite store's lock.
 
-The driver is the only writer of a study's store; workers only compute. A store is any Optuna RDB
-URL (SQLite file, PostgreSQL); every way of failing to reach one ends in one `StoreError` line.
+The driver is the only writer of a study's store (its lease: lease.py); workers only compute. A
+store is any Optuna RDB URL (SQLite file, PostgreSQL); every way of failing to reach one ends in
+one `StoreError` line (storage.py). Where Optuna's public API does not reach: optuna_tables.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
-import socket
-import sqlite3
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import quote
 
 import optuna
 import sqlalchemy
@@ -27,6 +24,7 @@ from ..recipe import EXECUTION_ONLY
 from ..record import StudyKey
 from ..spec import IntRange, SpecError, StudySpec, parse_spec
 from ..storage import StoreError, file_in_the_way, sqlite_path, store_faults
+from .optuna_tables import STUDIES_TABLE, sqlite_tables
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress display says what happens
 
@@ -37,10 +35,6 @@ SECTIONS_THAT_DEFINE_A_STUDY = ("dataset", "model", "space", "objectives", "trai
 
 class StudyConflict(RuntimeError):
     """The named study exists in the storage but was created from a different spec."""
-
-
-class StudyBusy(RuntimeError):
-    """Another live driver is running this study."""
 
 
 def connect_storage(url: str, attempts: int = 5) -> optuna.storages.BaseStorage:
@@ -172,151 +166,6 @@ def retry_while_locked(write: Callable[[], _T], bound: float = LOCKED_RETRY_SECO
             time.sleep(0.25)
 
 
-# ----------------------------------------------------------------------------------------------
-# One driver per study
-
-LEASE_SECONDS = 60.0  # a driver that has not renewed its lease for this long is presumed dead
-LEASE_RENEW_SECONDS = 15.0
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
-
-
-class DriverLease:
-    """One driver per study: a lease in the study's attributes, renewed while the driver runs.
-
-    A second driver is refused while the lease is live. A lease whose driver died is taken over at
-    once on the same host (the process is gone) and after LEASE_SECONDS elsewhere. Taking and
-    renewing it are atomic in the store, for SQLite and PostgreSQL alike: an insert that the
-    (study, key) uniqueness of Optuna's attribute table lets only one driver make, or an update
-    conditional on the value the driver read, so two drivers that read the same free lease cannot
-    both take it.
-    """
-
-    def __init__(self, study: optuna.Study, url: str) -> None:
-        self.study = study
-        self.url = url
-        self.me = {"host": socket.gethostname(), "pid": os.getpid()}
-        self.renewed = 0.0
-        self._held: str | None = None  # the stored text of our lease, while we hold it
-        self._file = self._file_identity()  # a SQLite store's file, to notice it vanish
-        self._engine = sqlalchemy.create_engine(
-            url, connect_args={"timeout": 30} if url.startswith("sqlite") else {},
-            poolclass=sqlalchemy.pool.NullPool)
-        self._table = sqlalchemy.table("study_user_attributes", sqlalchemy.column("study_id"),
-                                       sqlalchemy.column("key"), sqlalchemy.column("value_json"))
-        studies = sqlalchemy.table("studies", sqlalchemy.column("study_id"),
-                                   sqlalchemy.column("study_name"))
-        with store_faults(url), self._engine.connect() as connection:
-            self._study_id = connection.execute(sqlalchemy.select(studies.c.study_id).where(
-                studies.c.study_name == study.study_name)).scalar_one()
-
-    def _file_identity(self) -> tuple[int, int] | None:
-        database = sqlite_path(self.url)
-        try:
-            status = database.stat() if database is not None else None
-        except FileNotFoundError:
-            return (-1, -1)
-        return None if status is None else (status.st_dev, status.st_ino)
-
-    def check_same_file(self) -> None:
-        """StoreError if a SQLite store's file is not the one this driver opened (SQLite itself
-        then reports only "attempt to write a readonly database")."""
-        if self._file is not None and self._file_identity() != self._file:
-            raise StoreError(
-                f"study store {self.url}: the file was deleted or replaced while this driver ran; "
-                "this run's trials were written to the old file and are lost with it. Restore "
-                "the store from a copy or start again; never move a store while its study runs")
-
-    def _row(self):
-        return (self._table.c.study_id == self._study_id) & (self._table.c.key == StudyKey.DRIVER)
-
-    def _read(self, connection) -> str | None:
-        return connection.execute(sqlalchemy.select(self._table.c.value_json)
-                                  .where(self._row())).scalar_one_or_none()
-
-    def _swap(self, connection, expected: str | None, new: str | None) -> bool:
-        """Write `new` where the stored lease is still `expected`; whether it was. Where there is
-        no lease row yet, a racing driver's insert makes ours raise IntegrityError."""
-        value = "null" if new is None else new
-        if expected is None and self._read(connection) is None:
-            connection.execute(sqlalchemy.insert(self._table).values(
-                study_id=self._study_id, key=StudyKey.DRIVER, value_json=value))
-            return True
-        changed = connection.execute(sqlalchemy.update(self._table).where(
-            self._row() & (self._table.c.value_json == (expected or "null"))).values(value_json=value))
-        return changed.rowcount == 1
-
-    def _mine(self) -> str:
-        return json.dumps({**self.me, "renewed": time.time()})
-
-    def acquire(self) -> None:
-        with store_faults(self.url):
-            while True:
-                try:
-                    with self._engine.begin() as connection:
-                        stored = self._read(connection)
-                        held = json.loads(stored) if stored else None
-                        if held and {k: held.get(k) for k in self.me} != self.me:
-                            self._refuse_unless_dead(held)
-                        mine = self._mine()
-                        if self._swap(connection, stored, mine):
-                            self._held, self.renewed = mine, time.monotonic()
-                            return
-                except sqlalchemy.exc.IntegrityError:
-                    continue  # another driver inserted the first lease: read it again
-                # Another driver changed the lease between our read and our update: read again.
-
-    def _refuse_unless_dead(self, held: Mapping[str, Any]) -> None:
-        age = time.time() - held.get("renewed", 0)
-        dead = held.get("host") == self.me["host"] and not _process_alive(held.get("pid", -1))
-        if age < LEASE_SECONDS and not dead:
-            raise StudyBusy(
-                f"study {self.study.study_name!r} is being run by driver pid {held.get('pid')} on "
-                f"{held.get('host')} (lease renewed {age:.0f} s ago); wait for it, or stop it and "
-                "run this command again")
-
-    def renew(self, force: bool = False) -> None:
-        """Extend the lease; StudyBusy if another driver has taken it over meanwhile, StoreError
-        if a SQLite store's file was deleted or replaced (what this run records would be lost
-        with the old file)."""
-        self.check_same_file()
-        if not force and time.monotonic() - self.renewed <= LEASE_RENEW_SECONDS:
-            return
-        with store_faults(self.url), self._engine.begin() as connection:
-            mine = self._mine()
-            if not self._swap(connection, self._held, mine):
-                stored = self._read(connection)
-                held = json.loads(stored) if stored else {}
-                self._held = None
-                raise StudyBusy(f"study {self.study.study_name!r} was taken over by driver pid "
-                                f"{held.get('pid')} on {held.get('host')} while this one ran")
-            self._held, self.renewed = mine, time.monotonic()
-
-    def release(self) -> None:
-        """Give the lease up, unless another driver has taken it over; a locked SQLite store is
-        retried (`retry_while_locked`). Should it fail all the same, the lease names this
-        process, which is about to exit, and the next driver on this host takes it over at once."""
-        if self._held is None or self._file_identity() != self._file:
-            return
-
-        def give_up() -> None:
-            with self._engine.begin() as connection:
-                self._swap(connection, self._held, None)
-
-        with store_faults(self.url):
-            retry_while_locked(give_up)
-        self._held = None
-        self._engine.dispose()
-
-
 def check_store_folder(url: str) -> None:
     """A SQLite store's path must lead through folders, and an existing file there must be empty
     or a study store: refused with a StoreError otherwise, before anything is written."""
@@ -330,8 +179,8 @@ def check_store_folder(url: str) -> None:
     if database.exists() and not database.is_file():
         raise StoreError(f"study store {url}: {database} is not a file")
     if database.is_file() and database.stat().st_size:
-        tables = _sqlite_tables(database)
-        if tables and "studies" not in tables:
+        tables = sqlite_tables(database)
+        if tables and STUDIES_TABLE not in tables:
             raise StoreError(f"study store {url}: {database} is a SQLite database of something "
                              f"else (tables: {', '.join(sorted(tables)[:5])}); it is left as it "
                              "is: point --storage or --runs-dir at a new file")
@@ -343,15 +192,3 @@ def prepare_store_folder(url: str) -> None:
     database = sqlite_path(url)
     if database is not None:
         database.parent.mkdir(parents=True, exist_ok=True)
-
-
-def _sqlite_tables(database: Path) -> set[str]:
-    """The tables of a SQLite file, read-only; empty where it is not a readable database (the
-    store's own open then says why)."""
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{quote(str(database))}?mode=ro",
-                                                uri=True)) as connection:
-            return {row[0] for row in connection.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table'")}
-    except sqlite3.DatabaseError:
-        return set()

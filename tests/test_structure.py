@@ -195,7 +195,7 @@ def test_opening_a_study_store_loads_neither_torch_nor_ray_nor_the_trial_code():
     import sys
 
     loaded = subprocess.run(
-        [sys.executable, "-c", "import sys, resnet_ablate.study.store; print(sorted(m for m in "
+        [sys.executable, "-c", "import sys, resnet_ablate.study.lease; print(sorted(m for m in "
          "('torch', 'ray', 'resnet_ablate.worker', 'resnet_ablate.trial') if m in sys.modules))"],
         capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "[]"

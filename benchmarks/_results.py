@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import os
 import platform
 import resource
 import subprocess
@@ -98,9 +99,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# Names the measured code's commit where the checkout travelled without its git folder (a copy
+# of the working tree on a lent GPU machine): benchmarks/gpu_check.sh sets it from git here.
+COMMIT_ENV = "RESNET_ABLATE_COMMIT"
+
+
 def source_commit() -> str:
-    """The measured code's commit, with "+changes" when the tracked files differ from it, or ""
-    outside a git checkout: so that figures can be tied to the code that produced them."""
+    """The measured code's commit, with "+changes" when the tracked files differ from it, or
+    $RESNET_ABLATE_COMMIT (else "") outside a git checkout: so that figures can be tied to the
+    code that produced them."""
     here = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True,
@@ -110,5 +117,5 @@ def source_commit() -> str:
                                 ":/", ":(exclude,top)benchmarks/results"], cwd=here,
                                text=True, capture_output=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return ""
+        return os.environ.get(COMMIT_ENV, "")
     return commit + ("+changes" if dirty else "")

@@ -49,6 +49,9 @@ else
     budget=450  # 7.5 minutes of steps, leaving the install and the summary inside 8
 fi
 export PYTHONUNBUFFERED=1
+# The rows' commit: from git where the checkout has it, else as the caller set it (a copy of the
+# working tree travels without .git): RESNET_ABLATE_COMMIT=abc1234 bash benchmarks/gpu_check.sh
+commit=$(git rev-parse --short HEAD 2>/dev/null) && export RESNET_ABLATE_COMMIT=$commit
 echo "gpu_check: writing to $out$([ "$rehearse" = 1 ] && echo ' (rehearsal on a CPU)')"
 
 # A fresh copy of the toolkit, laid out as it installs (kernels/ becomes resnet_ablate.kernels).
@@ -125,7 +128,7 @@ if [ "$rehearse" = 1 ]; then
 else
     device=cuda
     trial_args=(--cases resnet20-cifar resnet56-cifar resnet110-cifar)
-    compile_args=(--cases resnet56-cifar)
+    compile_args=(--cases resnet20-cifar)  # the smallest net: the shortest compile
     kernel_args=(--shape-set resnet --dtypes bf16 --layouts channels_last --reps 5)
     packing_args=(--depth 56 --epochs 1 --trials 1 2 4 8)
     loader_args=(--image-size 224 --batch-size 64 --batches 8 --workers 2 8 14 --depth 50)

@@ -252,6 +252,28 @@ def broken_steps(steps: Sequence[Mapping[str, str]]) -> list[str]:
     return broken
 
 
+def epoch_table(trial_rows: Sequence[Mapping[str, str]]) -> list[str]:
+    """Seconds per CIFAR-10 epoch (50,000 images) at each Table 6 depth, measured (m) or from the
+    line through the measured depths: what the projection adds up."""
+    loops = {"project (fastest of project, project+graphs)": ("project", "project+graphs"),
+             "plain loop": ("plain",)}
+    rates = {name: rates_by_depth(trial_rows, variants) for name, variants in loops.items()}
+    if not any(rates.values()):
+        return []
+    lines = ["| seconds per epoch | " + " | ".join(f"ResNet-{d}" for d in TABLE6_DEPTHS) + " |",
+             "| --- |" + " --- |" * len(TABLE6_DEPTHS)]
+    for name, by_depth in rates.items():
+        cells = []
+        for depth in TABLE6_DEPTHS:
+            per_image = seconds_per_image(by_depth, depth)
+            cells.append("-" if per_image is None else
+                         f"{per_image * CIFAR10_TRAIN_IMAGES:.3g}{' (m)' if depth in by_depth else ''}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + ["", "Table 6 adds these up over 5 seeds x 164 epochs; the project's total is "
+                    "divided by the best packing's gain (measured on one depth, applied to all); "
+                    "the plain loop runs one trial at a time. Evaluation is left out.", ""]
+
+
 def summary_markdown(out: Path) -> str:
     machine = (out / "machine.txt").read_text().strip() if (out / "machine.txt").exists() else "?"
     steps = read_rows(out / "steps.csv")
@@ -267,6 +289,7 @@ def summary_markdown(out: Path) -> str:
              "| --- | --- | --- | --- | --- |",
              *(f"| {r.name} | {fmt(r.value)} | {r.goal or '-'} | {r.verdict} | {r.meaning} |"
                for r in figures), ""]
+    lines += epoch_table(read_rows(out / "trial.csv"))
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in machine), None)
     if project_minutes and peak:
         achieved = table6_flops() / (project_minutes * 60) / 1e12

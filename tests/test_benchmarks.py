@@ -288,6 +288,9 @@ def test_summary_reads_a_runs_csvs_into_ratios_verdicts_and_the_packing_to_set(t
     assert text.startswith("# GPU check: NVIDIA H200")
     assert "| tuned+kernels / tuned | 1.2 | >= 1.1 | met |" in text
     assert "PackingMeasurement('NVIDIA H200', 4, 2.50)" in text
+    # 50,000 images per epoch: ResNet-20's project+graphs at 48,000 images/s, its plain at 5,000
+    assert "| project (fastest of project, project+graphs) | 1.04 (m) |" in text
+    assert "| plain loop | 10 (m) |" in text
     assert "Every step wrote its rows." in text
 
 

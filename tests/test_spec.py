@@ -352,7 +352,8 @@ SECTIONS = {"dataset": "DatasetSpec", "budget": "Budget", "resources": "Resource
     for f in dataclasses.fields(getattr(spec_package, cls))])
 def test_every_field_of_a_section_is_checked_against_its_type(section, field):
     # No field of these sections is a list: a list is the wrong type for each one.
-    message = _error({**MINIMAL, section: {field: [1]}})
+    named = {"name": "digits"} if section == "dataset" else {}  # a data set's name is required
+    message = _error({**MINIMAL, section: {**named, field: [1]}})
     assert message.startswith(f"studies/x.yaml: {section}.{field}: expected ")
     assert message.endswith("got list [1]")
 
@@ -389,3 +390,32 @@ def test_null_is_the_default_where_the_field_takes_none():
     spec = parse_spec({**MINIMAL, "budget": {"trials": None, "minutes": None},
                        "resources": {"replicas": None}})
     assert spec.budget == Budget() and spec.resources.replicas is None
+
+
+@pytest.mark.parametrize("fields,expected", [
+    ({"name": "nope"}, "dataset.name: 'nope' is not a dataset; valid: digits, cifar10"),
+    ({"name": "cifar10"}, "dataset.root: cifar10 needs the folder that holds (or will hold) "
+                          "cifar-10-python.tar.gz"),
+    ({"name": "digits", "image_size": 64}, "dataset.image_size: applies to imagefolder and "
+                                           "webdataset only, not to digits"),
+    ({"name": "imagefolder", "root": "x", "loader_workers": -1},
+     "dataset.loader_workers: must be >= 0, got -1"),
+    ({"name": "digits", "validation": None}, "dataset.validation: expected bool, got NoneType"),
+])
+def test_a_data_set_description_built_in_python_is_held_to_the_parsers_checks(fields, expected):
+    from resnet_ablate.spec import DatasetSpec
+
+    with pytest.raises(SpecError) as info:
+        DatasetSpec(**fields)
+    assert str(info.value).startswith(expected)
+    # The parser gives the same refusal, naming the file.
+    assert _error({**MINIMAL, "dataset": fields}).startswith(f"studies/x.yaml: {expected}")
+
+
+def test_a_valid_data_set_description_built_in_python_loads_as_written():
+    from resnet_ablate.spec import DatasetSpec
+
+    described = DatasetSpec(name="cifar10", root="data", validation=True)
+    assert described == parse_spec({**MINIMAL, "dataset": {"name": "cifar10", "root": "data",
+                                                           "validation": True}}).dataset
+    assert described.load_kwargs()["root"] == "data"

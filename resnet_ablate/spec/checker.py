@@ -17,6 +17,15 @@ class SpecError(ValueError):
     """A study spec that cannot run; the message names the file, the field and what is valid."""
 
 
+class SpecFieldError(SpecError):
+    """A section built in Python (no file behind it) that cannot run: the message names the field
+    and what is valid; the parser names its file (Checker.named)."""
+
+    def __init__(self, where: str, problem: str) -> None:
+        super().__init__(f"{where}: {problem}")
+        self.where, self.problem = where, problem
+
+
 def shown(value: Any, limit: int = 60) -> str:
     """A value as an error message quotes it: its repr, cut short."""
     text = repr(value)
@@ -49,11 +58,17 @@ class Checker:
     """Builds one section of a spec, raising SpecError with the file and field on the first
     problem."""
 
-    def __init__(self, source: str) -> None:
-        self.source = source
+    def __init__(self, source: str | None) -> None:
+        self.source = source  # None: a section built in Python, its problems SpecFieldErrors
 
     def fail(self, where: str, problem: str) -> SpecError:
+        if self.source is None:
+            return SpecFieldError(where or "the spec", problem)
         return SpecError(f"{self.source}: {where or 'the spec'}: {problem}")
+
+    def named(self, error: SpecFieldError) -> SpecError:
+        """A section's own refusal (from its __post_init__) as this file's SpecError."""
+        return self.fail(error.where, error.problem)
 
     def mapping(self, where: str, value: Any, valid_keys: Sequence[str]) -> Mapping[str, Any]:
         if value is None:

@@ -1,29 +1,88 @@
-"""The `dataset` section of a spec: a name from the catalogue and the options that name takes
-(a root folder, a validation split, synthetic sizes, crop size and decoding workers of a streamed
-data set, a webdataset's shards), each checked once here, before anything loads."""
+"""The data-set description (DatasetSpec) and the `dataset` section of a spec: a name from the
+catalogue and the options that name takes (a root folder, a validation split, synthetic sizes,
+crop size and decoding workers of a streamed data set, a webdataset's shards), each checked once
+here, by the description itself, before anything loads. Torch-free."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from .catalogue import (DATASETS, MAX_SYNTHETIC_BYTES, MAX_SYNTHETIC_IMAGES,
-                        REQUIRED_SHARD_KEYS, SHARD_KEYS, STREAMED_AUGMENTATIONS,
-                        STREAMED_DATASETS, SYNTHETIC_INTS)
-from .checker import Checker
-from .sections import DatasetSpec
+from .catalogue import (DATASETS, DEFAULT_LOADER_WORKERS, MAX_SYNTHETIC_BYTES,
+                        MAX_SYNTHETIC_IMAGES, REQUIRED_SHARD_KEYS, SHARD_KEYS,
+                        STREAMED_AUGMENTATIONS, STREAMED_DATASETS, SYNTHETIC_INTS)
+from .checker import Checker, SpecFieldError
 
 STREAMED_ONLY = ("image_size", "augmentation", "loader_workers")
 
 
+@dataclass(frozen=True)
+class DatasetSpec:
+    """The data set a study trains on: a name from the catalogue (catalogue.DATASETS) and its
+    options, as resnet_ablate.data.load_dataset takes them. It validates itself, built from a
+    spec or in Python: every field of its type, every option one its data set takes, in range
+    (SpecFieldError naming the field)."""
+
+    name: str = "digits"
+    root: str | None = None
+    validation: bool = False
+    download: bool = False
+    split_seed: int = 0
+    synthetic: Mapping[str, Any] | None = None  # SyntheticSpec fields
+    # imagefolder only: crop size, training augmentation ("scale" or "random_resized_crop"), and
+    # decoding processes per trial (counted in resources.cpus).
+    image_size: int | None = None
+    augmentation: str | None = None
+    loader_workers: int | None = None
+    # webdataset only: {train: PATTERN, val: PATTERN, num_classes: N[, train_size, val_size]}.
+    shards: Mapping[str, Any] | None = None
+    # imagefolder only: the label file of ILSVRC's flat val/ folder (relative to root).
+    val_labels: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(Checker(None), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `resnet_ablate.data.load_dataset` (plain values: Ray ships them)."""
+        kwargs = {
+            "name": self.name, "root": self.root, "validation": self.validation,
+            "download": self.download, "seed": self.split_seed,
+            "synthetic": dict(self.synthetic) if self.synthetic is not None else None,
+        }
+        for name in ("image_size", "augmentation", "loader_workers", "val_labels"):
+            if getattr(self, name) is not None:
+                kwargs[name] = getattr(self, name)
+        if self.shards is not None:
+            kwargs["shards"] = dict(self.shards)
+        return kwargs
+
+    @property
+    def decoding_workers(self) -> int:
+        """CPUs of a trial that decode images rather than train (imagefolder's loader)."""
+        if self.name not in STREAMED_DATASETS:
+            return 0
+        return DEFAULT_LOADER_WORKERS if self.loader_workers is None else self.loader_workers
+
+
 def dataset_section(check: Checker, value: Any) -> DatasetSpec:
-    """`dataset`: a name (str) or a mapping of DatasetSpec fields."""
+    """`dataset`: a name (str) or a mapping of DatasetSpec fields, the name required."""
     if isinstance(value, str):
         value = {"name": value}
-    section = check.dataclass_section("dataset", value, DatasetSpec)
-    name = section.get("name")
-    if name is None:
+    section = check.mapping("dataset", value, [f.name for f in dataclasses.fields(DatasetSpec)])
+    if section.get("name") is None:
         raise check.fail("dataset.name", f"required; valid: {', '.join(DATASETS)}")
+    try:
+        return DatasetSpec(**section)
+    except SpecFieldError as error:
+        raise check.named(error) from None
+
+
+def _check(check: Checker, section: Mapping[str, Any]) -> None:
+    """Every field of a data-set description: its type, and an option its data set takes."""
+    check.dataclass_section("dataset", section, DatasetSpec)
+    name = section["name"]
     if name not in DATASETS:
         raise check.fail("dataset.name", f"{name!r} is not a dataset; valid: {', '.join(DATASETS)}")
     if section.get("synthetic") is not None:
@@ -44,7 +103,6 @@ def dataset_section(check: Checker, value: Any) -> DatasetSpec:
         archive = name.replace("cifar", "cifar-") + "-python.tar.gz"
         raise check.fail("dataset.root", f"{name} needs the folder that holds (or will hold) "
                                          f"{archive}")
-    return DatasetSpec(**section)
 
 
 def _shards(check: Checker, section: Mapping[str, Any]) -> None:

@@ -16,54 +16,11 @@ from ..arch import ResNetArch
 from ..recipe import TrainRecipe
 from ..record import OBJECTIVES  # each objective has one sensible direction: specs name metrics
 from ..storage import default_storage, study_name_problem
-from .catalogue import DEFAULT_LOADER_WORKERS, STREAMED_DATASETS
 from .checker import SpecError
+from .dataset import DatasetSpec
 
 # The fields a spec's `model` fixes and its `space` sweeps.
 ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(ResNetArch))
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """The data set a study trains on: a name from the catalogue (catalogue.DATASETS) and its
-    options, as resnet_ablate.data.load_dataset takes them (dataset.py checks them)."""
-
-    name: str = "digits"
-    root: str | None = None
-    validation: bool = False
-    download: bool = False
-    split_seed: int = 0
-    synthetic: Mapping[str, Any] | None = None  # SyntheticSpec fields
-    # imagefolder only: crop size, training augmentation ("scale" or "random_resized_crop"), and
-    # decoding processes per trial (counted in resources.cpus).
-    image_size: int | None = None
-    augmentation: str | None = None
-    loader_workers: int | None = None
-    # webdataset only: {train: PATTERN, val: PATTERN, num_classes: N[, train_size, val_size]}.
-    shards: Mapping[str, Any] | None = None
-    # imagefolder only: the label file of ILSVRC's flat val/ folder (relative to root).
-    val_labels: str | None = None
-
-    def load_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of `resnet_ablate.data.load_dataset` (plain values: Ray ships them)."""
-        kwargs = {
-            "name": self.name, "root": self.root, "validation": self.validation,
-            "download": self.download, "seed": self.split_seed,
-            "synthetic": dict(self.synthetic) if self.synthetic is not None else None,
-        }
-        for name in ("image_size", "augmentation", "loader_workers", "val_labels"):
-            if getattr(self, name) is not None:
-                kwargs[name] = getattr(self, name)
-        if self.shards is not None:
-            kwargs["shards"] = dict(self.shards)
-        return kwargs
-
-    @property
-    def decoding_workers(self) -> int:
-        """CPUs of a trial that decode images rather than train (imagefolder's loader)."""
-        if self.name not in STREAMED_DATASETS:
-            return 0
-        return DEFAULT_LOADER_WORKERS if self.loader_workers is None else self.loader_workers
 
 
 @dataclass(frozen=True)

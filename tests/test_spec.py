@@ -419,3 +419,20 @@ def test_a_valid_data_set_description_built_in_python_loads_as_written():
     assert described == parse_spec({**MINIMAL, "dataset": {"name": "cifar10", "root": "data",
                                                            "validation": True}}).dataset
     assert described.load_kwargs()["root"] == "data"
+
+
+@pytest.mark.parametrize("section,fields,expected", [
+    ("Budget", {"trials": -1}, "budget.trials: must be > 0 (or null for no limit), got -1"),
+    ("Budget", {"minutes": 0}, "budget.minutes: must be > 0"),
+    ("Budget", {"trials": 10**6}, "budget.trials: at most 10000, got 1000000"),
+    ("Resources", {"gpus": 2, "replicas": 2}, "resources.replicas: counts CPU replicas"),
+    ("Resources", {"gpus": 1.5}, "resources.gpus: above 1 must be a whole number, got 1.5"),
+    ("Resources", {"nodes": 0}, "resources.nodes: must be an int >= 1, got 0"),
+    ("Resources", {"workers": "2"}, "resources.workers: expected int, got str '2'"),
+])
+def test_budget_and_resources_built_in_python_are_held_to_the_parsers_checks(section, fields,
+                                                                               expected):
+    with pytest.raises(SpecError) as info:
+        getattr(spec_package, section)(**fields)
+    assert str(info.value).startswith(expected)
+    assert _error({**MINIMAL, section.lower(): fields}).startswith(f"studies/x.yaml: {expected}")

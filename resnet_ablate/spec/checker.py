@@ -105,3 +105,13 @@ class Checker:
             self.typed(f"{where}.{name}", item, expected,
                        " or ".join("a mapping" if t is Mapping else t.__name__ for t in expected))
         return section
+
+
+def checked_fields(where: str, section: Any) -> Checker:
+    """For a section's __post_init__: every field of the dataclass `section` checked against its
+    type; the Checker returned refuses what else is wrong with SpecFieldErrors naming fields
+    under `where`."""
+    check = Checker(None)
+    check.dataclass_section(where, {f.name: getattr(section, f.name)
+                                    for f in dataclasses.fields(section)}, type(section))
+    return check

@@ -13,7 +13,7 @@ from typing import Any
 from .catalogue import (DATASETS, DEFAULT_LOADER_WORKERS, MAX_SYNTHETIC_BYTES,
                         MAX_SYNTHETIC_IMAGES, REQUIRED_SHARD_KEYS, SHARD_KEYS,
                         STREAMED_AUGMENTATIONS, STREAMED_DATASETS, SYNTHETIC_INTS)
-from .checker import Checker, SpecFieldError
+from .checker import Checker, SpecFieldError, checked_fields
 
 STREAMED_ONLY = ("image_size", "augmentation", "loader_workers")
 
@@ -42,7 +42,7 @@ class DatasetSpec:
     val_labels: str | None = None
 
     def __post_init__(self) -> None:
-        _check(Checker(None), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        _check(checked_fields("dataset", self), dataclasses.asdict(self))
 
     def load_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `resnet_ablate.data.load_dataset` (plain values: Ray ships them)."""
@@ -80,8 +80,7 @@ def dataset_section(check: Checker, value: Any) -> DatasetSpec:
 
 
 def _check(check: Checker, section: Mapping[str, Any]) -> None:
-    """Every field of a data-set description: its type, and an option its data set takes."""
-    check.dataclass_section("dataset", section, DatasetSpec)
+    """Every option of a data-set description (its type checked) one its data set takes."""
     name = section["name"]
     if name not in DATASETS:
         raise check.fail("dataset.name", f"{name!r} is not a dataset; valid: {', '.join(DATASETS)}")

@@ -13,9 +13,8 @@ from typing import Any
 from ..recipe import TrainRecipe
 from ..record import OBJECTIVES
 from ..storage import study_name_problem
-from .catalogue import (MAX_CPUS, MAX_TRIALS, MAX_WORKERS, PRUNERS, SAMPLERS,
-                        STREAMED_DATASETS)
-from .checker import Checker, SpecError, shown
+from .catalogue import MAX_TRIALS, PRUNERS, SAMPLERS, STREAMED_DATASETS
+from .checker import Checker, SpecError, SpecFieldError
 from .dataset import dataset_section
 from .seeds import seeds_section
 from .sections import ARCH_FIELDS, Budget, DatasetSpec, Resources, StudySpec, values_of
@@ -119,14 +118,10 @@ def _recipe(check: Checker, value: Any) -> TrainRecipe:
 
 
 def _budget(check: Checker, value: Any) -> Budget:
-    budget = Budget(**check.dataclass_section("budget", value, Budget))
-    for name in ("trials", "minutes", "max_gflops"):
-        limit = getattr(budget, name)
-        if limit is not None and limit <= 0:
-            raise check.fail(f"budget.{name}", f"must be > 0 (or null for no limit), got {limit}")
-    if budget.trials is not None and budget.trials > MAX_TRIALS:
-        raise check.fail("budget.trials", f"at most {MAX_TRIALS}, got {budget.trials}")
-    return budget
+    try:
+        return Budget(**check.mapping("budget", value, _fields(Budget)))
+    except SpecFieldError as error:  # Budget's own checks (__post_init__)
+        raise check.named(error) from None
 
 
 def _check_plan(check: Checker, sampler: str, space: Mapping[str, Any], seeds: list[int],
@@ -146,26 +141,16 @@ def _check_plan(check: Checker, sampler: str, space: Mapping[str, Any], seeds: l
 
 
 def _resources(check: Checker, value: Any, dataset: DatasetSpec) -> Resources:
-    section = check.dataclass_section("resources", value, Resources)
     try:
-        resources = Resources(**section)
-    except ValueError as error:  # Resources' own bounds (__post_init__)
-        raise check.fail("resources", str(error)) from None
-    for name in ("cpus", "gpus"):
-        if getattr(resources, name) > MAX_CPUS:
-            raise check.fail(f"resources.{name}", f"at most {MAX_CPUS} per trial, got "
-                                                  f"{getattr(resources, name):g}")
+        resources = Resources(**check.mapping("resources", value, _fields(Resources)))
+    except SpecFieldError as error:  # Resources' own checks (__post_init__)
+        raise check.named(error) from None
     decoding = dataset.decoding_workers
     if decoding and resources.cpus < decoding + 1:
         raise check.fail("resources.cpus", f"{resources.cpus:g} CPUs per trial cannot hold the "
                                            f"{decoding} image-decoding workers "
                                            "(dataset.loader_workers) and a training thread; give "
                                            f"cpus >= {decoding + 1}")
-    if resources.workers > MAX_WORKERS:
-        raise check.fail("resources.workers", f"at most {MAX_WORKERS} trials at once, got "
-                                              f"{resources.workers}")
-    if resources.gpus > 1 and resources.gpus != int(resources.gpus):
-        raise check.fail("resources.gpus", f"above 1 must be a whole number, got {resources.gpus}")
     return resources
 
 
@@ -185,24 +170,8 @@ def _check_recipe_fits(check: Checker, recipe: TrainRecipe, dataset: DatasetSpec
 
 
 def _check_replicas(check: Checker, resources: Resources, recipe: TrainRecipe) -> None:
-    """A data-parallel trial's resources and recipe, each problem named."""
-    nodes, replicas = resources.nodes, resources.replicas
-    if nodes < 1:  # an int already (the section's types are checked)
-        raise check.fail("resources.nodes", f"must be an int >= 1, got {shown(nodes)}")
-    if nodes > 1 and resources.gpus < 1:
-        raise check.fail("resources.nodes", f"{nodes} nodes of how many GPUs? Set resources.gpus "
-                                            "(per node); CPU replicas are counted by "
-                                            "resources.replicas")
-    if replicas is not None:
-        if replicas < 1:
-            raise check.fail("resources.replicas", f"must be an int >= 1, got {shown(replicas)}")
-        if resources.gpus > 0:
-            raise check.fail("resources.replicas", "counts CPU replicas; a GPU trial has one per "
-                                                   f"GPU (gpus x nodes = {resources.replica_count}"
-                                                   "): leave replicas out")
+    """A data-parallel trial's recipe (its resources check themselves), each problem named."""
     count = resources.replica_count
-    if count > MAX_WORKERS:
-        raise check.fail("resources", f"at most {MAX_WORKERS} replicas per trial, got {count}")
     if count == 1:
         if recipe.sync_bn:
             raise check.fail("train.sync_bn", "synchronises BatchNorm across the replicas of a "
@@ -218,6 +187,10 @@ def _check_replicas(check: Checker, resources: Resources, recipe: TrainRecipe) -
         raise check.fail("train.compile" if recipe.compile else "train.cuda_graphs",
                          f"runs one-process trials; this one has {count} replicas: set it to "
                          "false")
+
+
+def _fields(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
 
 
 def _text(check: Checker, top: Mapping[str, Any], key: str, valid: str, *, empty: str

@@ -16,7 +16,8 @@ from ..arch import ResNetArch
 from ..recipe import TrainRecipe
 from ..record import OBJECTIVES  # each objective has one sensible direction: specs name metrics
 from ..storage import default_storage, study_name_problem
-from .checker import SpecError
+from .catalogue import MAX_CPUS, MAX_TRIALS, MAX_WORKERS
+from .checker import Checker, SpecError, checked_fields
 from .dataset import DatasetSpec
 
 # The fields a spec's `model` fixes and its `space` sweeps.
@@ -30,6 +31,16 @@ class Budget:
     trials: int | None = None  # most trials to run (grid: points x seeds otherwise)
     minutes: float | None = None  # stop launching trials after this much wall time
     max_gflops: float | None = None  # skip architectures above this forward cost
+
+    def __post_init__(self) -> None:
+        check = checked_fields("budget", self)
+        for name in ("trials", "minutes", "max_gflops"):
+            limit = getattr(self, name)
+            if limit is not None and limit <= 0:
+                raise check.fail(f"budget.{name}", f"must be > 0 (or null for no limit), got "
+                                                   f"{limit}")
+        if self.trials is not None and self.trials > MAX_TRIALS:
+            raise check.fail("budget.trials", f"at most {MAX_TRIALS}, got {self.trials}")
 
 
 @dataclass(frozen=True)
@@ -45,8 +56,39 @@ class Resources:
 
     def __post_init__(self) -> None:
         # Here, so that Resources built in Python are held to what a spec's parser checks.
+        check = checked_fields("resources", self)
         if not (self.cpus > 0 and self.gpus >= 0 and self.workers >= 1):
-            raise ValueError(f"need cpus > 0, gpus >= 0 and workers >= 1, got {self}")
+            raise check.fail("resources", f"need cpus > 0, gpus >= 0 and workers >= 1, got "
+                                          f"{self}")
+        for name in ("cpus", "gpus"):
+            if getattr(self, name) > MAX_CPUS:
+                raise check.fail(f"resources.{name}", f"at most {MAX_CPUS} per trial, got "
+                                                      f"{getattr(self, name):g}")
+        if self.workers > MAX_WORKERS:
+            raise check.fail("resources.workers", f"at most {MAX_WORKERS} trials at once, got "
+                                                  f"{self.workers}")
+        if self.gpus > 1 and self.gpus != int(self.gpus):
+            raise check.fail("resources.gpus", f"above 1 must be a whole number, got {self.gpus}")
+        self._check_replicas(check)
+
+    def _check_replicas(self, check: Checker) -> None:
+        if self.nodes < 1:
+            raise check.fail("resources.nodes", f"must be an int >= 1, got {self.nodes}")
+        if self.nodes > 1 and self.gpus < 1:
+            raise check.fail("resources.nodes", f"{self.nodes} nodes of how many GPUs? Set "
+                                                "resources.gpus (per node); CPU replicas are "
+                                                "counted by resources.replicas")
+        if self.replicas is not None:
+            if self.replicas < 1:
+                raise check.fail("resources.replicas", f"must be an int >= 1, got "
+                                                       f"{self.replicas}")
+            if self.gpus > 0:
+                raise check.fail("resources.replicas", "counts CPU replicas; a GPU trial has one "
+                                                       f"per GPU (gpus x nodes = "
+                                                       f"{self.replica_count}): leave replicas out")
+        if self.replica_count > MAX_WORKERS:
+            raise check.fail("resources", f"at most {MAX_WORKERS} replicas per trial, got "
+                                          f"{self.replica_count}")
 
     @property
     def replica_count(self) -> int:

@@ -1,8 +1,8 @@
 """The code's shape, read from its syntax trees (no imports, seconds): no import cycle among the
-toolkit's modules, imports inside functions included, and no class, function or module past the
-size where it usually hides two things (STYLE.md). Today's offenders are listed by name below,
-each to be split; the list only shrinks: a new offender fails here, a split one may leave the
-list."""
+toolkit's modules, imports inside functions included; no dict with bare string keys sent to or
+returned from Ray; and no class, function or module past the size where it usually hides two
+things (STYLE.md). Today's offenders are listed by name below, each to be split; the list only
+shrinks: a new offender fails here, a split one may leave the list."""
 
 from __future__ import annotations
 
@@ -203,6 +203,59 @@ def test_opening_a_study_store_loads_neither_torch_nor_ray_nor_the_trial_code():
 
 def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def _string_keyed(node: ast.AST) -> bool:
+    """A dict written with bare string keys: `{"epoch": 3}` or `dict(epoch=3)`."""
+    if isinstance(node, ast.Dict):
+        return any(isinstance(k, ast.Constant) and isinstance(k.value, str) for k in node.keys)
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+        and node.func.id == "dict" and bool(node.keywords)
+
+
+def _is_ray_remote(decorator: ast.AST) -> bool:
+    target = decorator.func if isinstance(decorator, ast.Call) else decorator
+    return isinstance(target, ast.Attribute) and target.attr == "remote"
+
+
+def ray_boundary_dicts(tree: ast.Module) -> list[int]:
+    """The lines where a dict with bare string keys crosses a Ray process boundary: passed to a
+    `.remote(...)` call, or returned by a Ray remote function or actor method."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and node.func.attr == "remote":
+            found += [node.lineno for arg in (*node.args, *(k.value for k in node.keywords))
+                      if _string_keyed(arg)]
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and \
+                any(_is_ray_remote(d) for d in node.decorator_list):
+            found += [r.lineno for r in ast.walk(node) if isinstance(r, ast.Return)
+                      and r.value is not None and _string_keyed(r.value)]
+    return sorted(found)
+
+
+def test_no_dict_with_bare_string_keys_crosses_a_ray_process_boundary():
+    # Trials, outcomes and epochs cross as typed records (record.py), each with one mapping to
+    # stored keys, never as dicts whose keys are spelled again on the other side.
+    assert {module: lines for module, tree in TREES.items()
+            if (lines := ray_boundary_dicts(tree))} == {}
+
+
+def test_the_boundary_finder_finds_string_keyed_dicts_sent_or_returned():
+    tree = ast.parse("""
+@ray.remote
+def task(x):
+    return {"error": x}
+
+@ray.remote(num_cpus=0)
+class Board:
+    def drain(self):
+        return dict(epoch=1)
+
+board.report.remote(1, {"epoch": 2})
+board.report.remote(1, {2: "epoch"}, record)
+""")
+    assert ray_boundary_dicts(tree) == [4, 9, 11]
 
 
 DESCRIPTIONS = tuple(f"resnet_ablate.{m}" for m in ("arch", "recipe", "spec", "record"))

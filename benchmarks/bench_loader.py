@@ -1,6 +1,9 @@
-"""Is the image-folder loader ever the bottleneck? Images/s of the data pipeline alone (decode,
-augment, collate, in loader workers) against images/s of the train step alone (forward, backward,
-SGD on batches already decoded), per number of loader workers, measured side by side in one run.
+"""Is the image-folder loader ever the bottleneck? First, training crops per second on one CPU
+core and the cores that feed a GPU at `--gpu-images-per-s` (bench_decode.py: the old two-step
+crop against the box-first uint8 one the loaders make now); then images/s of the data pipeline
+alone (decode, augment, collate, in loader workers) against images/s of the train step alone
+(forward, backward, SGD on batches already decoded), per number of loader workers, measured side
+by side in one run.
 
     python benchmarks/bench_loader.py                         # a generated folder, 0/1/2 workers
     python benchmarks/bench_loader.py --root data/imagenette2-320 --image-size 224 --device cuda
@@ -21,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import bench_decode
 from _results import RESULTS, append_rows, device_name, source_commit, timestamp
 from resnet_ablate import ResNetArch, build
+from resnet_ablate.data.decode import normalise
 from resnet_ablate.data.folders import load_image_folder
 
 
@@ -80,8 +85,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth", type=int, default=18, help="ImageNet ResNet depth")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--csv", default=RESULTS / "loader.csv")
+    parser.add_argument("--decode-seconds", type=float, default=2.0,
+                        help="per way of cropping, for the crops/s per core (0: skip it)")
+    parser.add_argument("--gpu-images-per-s", type=float, default=3000.0,
+                        help="a GPU's training rate to feed (3,000: ResNet-50 in bf16 on an H100)")
+    parser.add_argument("--decode-csv", default=RESULTS / "loader_decode.csv")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.decode_seconds > 0:
+        threads = torch.get_num_threads()
+        bench_decode.measure(image_size=args.image_size, images=24, seconds=args.decode_seconds,
+                             gpu_images_per_s=args.gpu_images_per_s, csv=args.decode_csv)
+        torch.set_num_threads(threads)
 
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(args.root) if args.root else generate_folder(
@@ -91,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         model = build(ResNetArch(family="imagenet", depth=args.depth),
                       num_classes=first.num_classes).to(device, memory_format=torch.channels_last)
         x, y, _ = next(iter(first.train_loader(args.batch_size, 1, torch.Generator().manual_seed(0))))
-        x, y = x.to(device).contiguous(memory_format=torch.channels_last), y.to(device)
+        # Loaders hand uint8 crops on; the device normalises them, as a trial's feed does.
+        x = normalise(x.to(device)).contiguous(memory_format=torch.channels_last)
+        y = y.to(device)
         step = step_rate(model, x, y, max(2, args.batches // 3), device)
         rows = []
         for workers in args.workers:

@@ -3,6 +3,7 @@ check's summary reads those rows into the right ratios, verdicts and Table 6 pro
 
 import csv
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
@@ -76,9 +77,16 @@ def test_trial_benchmark_small_mode_writes_ratios_against_the_plain_loop(tmp_pat
 
 def test_loader_benchmark_writes_loader_and_step_rates_and_their_ratio(tmp_path, capsys):
     bench = _load("bench_loader")
-    out = tmp_path / "loader.csv"
+    out, decode = tmp_path / "loader.csv", tmp_path / "loader_decode.csv"
     assert bench.main(["--image-size", "32", "--batch-size", "8", "--batches", "2",
-                       "--workers", "0", "1", "--csv", str(out)]) == 0
+                       "--workers", "0", "1", "--csv", str(out), "--decode-seconds", "0.1",
+                       "--gpu-images-per-s", "1000", "--decode-csv", str(decode)]) == 0
+    cases = list(csv.DictReader(decode.open()))
+    assert [r["case"] for r in cases] == ["two-step float", "box-first float", "box-first uint8"]
+    for row in cases:  # the cores a GPU at 1,000 images/s needs, from the rate per core
+        assert int(row["cores_per_gpu"]) == math.ceil(1000 / float(row["crops_per_s_per_core"]))
+        assert float(row["ms_per_crop"]) == pytest.approx(1000 / float(row["crops_per_s_per_core"]),
+                                                          rel=1e-2)
     written = list(csv.DictReader(out.open()))
     assert [int(r["loader_workers"]) for r in written] == [0, 1]
     for row in written:

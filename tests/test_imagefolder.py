@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from helpers import write_spec
-from resnet_ablate.data.decode import IMAGENET_MEAN, IMAGENET_STD, decode
+from resnet_ablate.data.decode import IMAGENET_MEAN, IMAGENET_STD, decode, normalise
 from resnet_ablate.data.folders import load_image_folder, scan_image_folder
 
 CLASSES = ("ant", "bee", "cat", "dog", "eel", "fox")  # six: top-5 error means something
@@ -104,7 +104,9 @@ def test_evaluation_crops_are_normalised_with_imagenets_statistics(tmp_path):
             (tmp_path / split / name).mkdir(parents=True)
             Image.new("RGB", (50, 37), colour).save(tmp_path / split / name / "0.png")
     data = load_image_folder(tmp_path, image_size=16, loader_workers=0)
-    images, labels, skipped = next(iter(data.test_loader(4)))
+    crops, labels, skipped = next(iter(data.test_loader(4)))
+    assert crops.dtype == torch.uint8, "loaders hand uint8 crops on; the device normalises them"
+    images = normalise(crops)
     assert images.shape == (2, 3, 16, 16) and labels.tolist() == [0, 1] and skipped == 0
     for channel, value in enumerate((200, 100, 50)):
         expected = (value / 255 - IMAGENET_MEAN[channel]) / IMAGENET_STD[channel]
@@ -117,7 +119,7 @@ def _epoch(data, epoch: int, seed: int = 0):
     loader = data.train_loader(43, epoch, torch.Generator().manual_seed(seed))
     images, labels, skipped = [], [], 0
     for x, y, s in loader:
-        images.append(x)
+        images.append(normalise(x))
         labels.append(y)
         skipped += s
     return torch.cat(images), torch.cat(labels), skipped
@@ -213,7 +215,7 @@ def test_training_without_augmentation_reads_the_evaluation_crops(folder):
     expected = [(decode(path, image_size=24, augmentation="scale", rng=None), label)
                 for path, label in paths if "broken" not in path]
     assert skipped == 1 and labels.tolist() == [label for _, label in expected]
-    torch.testing.assert_close(images, torch.stack([x for x, _ in expected]))
+    torch.testing.assert_close(normalise(images), torch.stack([x for x, _ in expected]))
 
 
 def _contents(images):

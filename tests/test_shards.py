@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from helpers import labelled_images, write_shard, write_spec
-from resnet_ablate.data.decode import IMAGENET_MEAN, IMAGENET_STD
+from resnet_ablate.data.decode import IMAGENET_MEAN, IMAGENET_STD, normalise
 from resnet_ablate.recipe import TrainRecipe
 from resnet_ablate.data.shard_urls import ALLOW_PIPE_URLS_ENV, open_shard
 from resnet_ablate.data.shards import ShardError, load_shards
@@ -87,7 +87,7 @@ def _epoch(data, epoch):
     for x, y, s in data.train_loader(1, epoch, torch.Generator().manual_seed(0)):
         skipped += s
         if len(y):
-            images.append(x)
+            images.append(normalise(x))
             labels.append(y)
     return torch.cat(images), torch.cat(labels), skipped
 

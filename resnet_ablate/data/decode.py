@@ -20,6 +20,8 @@ import torch
 from PIL import Image
 
 from ..recipe import TEST_VIEWS
+from .crops import (EVAL_RESIZE, PAPER_CROP, centre_crop, random_resized_box, resize_shorter,
+                    scale_box)
 
 # ImageNet's per-channel training mean and std (RGB, pixel values in [0, 1]).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -27,46 +29,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 AUGMENTATIONS = ("scale", "random_resized_crop")
 # How a streamed data set crops its training images (not the in-memory `augment.Augmentation`).
 CropAugmentation = Literal["scale", "random_resized_crop"]
-# The paper's lengths for a 224 crop: shorter side in [256, 480] to train, 256 to evaluate.
-_SCALE_LOW, _SCALE_HIGH, _EVAL_RESIZE, _PAPER_CROP = 256, 480, 256, 224
-
-
-def _resize_shorter(image: Image.Image, length: int) -> Image.Image:
-    width, height = image.size
-    scale = length / min(width, height)
-    size = (max(length, round(width * scale)), max(length, round(height * scale)))
-    return image.resize(size, Image.BILINEAR)
-
-
-def _scale_crop(image: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
-    low = round(size * _SCALE_LOW / _PAPER_CROP)
-    high = round(size * _SCALE_HIGH / _PAPER_CROP)
-    image = _resize_shorter(image, int(rng.integers(low, high + 1)))
-    width, height = image.size
-    left, top = int(rng.integers(0, width - size + 1)), int(rng.integers(0, height - size + 1))
-    return image.crop((left, top, left + size, top + size))
-
-
-def _random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
-    """A random 8%-100% of the area at an aspect ratio in [3/4, 4/3], resized to size x size."""
-    width, height = image.size
-    area = width * height
-    for _ in range(10):
-        target = area * rng.uniform(0.08, 1.0)
-        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
-        if 0 < w <= width and 0 < h <= height:
-            left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
-            return image.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
-    return _centre_crop(_resize_shorter(image, size), size)
-
-
-def _centre_crop(image: Image.Image, size: int) -> Image.Image:
-    width, height = image.size
-    left, top = (width - size) // 2, (height - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
 @dataclass(frozen=True, eq=False)
 class PixelStatistics:
     """A data set's training pixels (values in [0, 1]) as the paper's preprocessing needs them:
@@ -143,31 +105,76 @@ def _open(source: str | os.PathLike[str] | BinaryIO) -> Image.Image | None:
         return None
 
 
+def train_crop(source: str | os.PathLike[str] | BinaryIO, *, image_size: int,
+               augmentation: CropAugmentation, rng: np.random.Generator) -> Image.Image | None:
+    """One training crop, flipped or not, drawn from `rng`: its box drawn from the image's size
+    (read from the header), the image decoded at the lowest resolution the crop needs (a JPEG at
+    1/2, 1/4 or 1/8 scale, Pillow's draft), and only the box resampled. None where the image
+    cannot be decoded."""
+    try:
+        with Image.open(source) as opened:
+            width, height = opened.size
+            draw = scale_box if augmentation == "scale" else random_resized_box
+            box = draw(width, height, image_size, rng)
+            per_output_pixel = min(box[2] - box[0], box[3] - box[1]) / image_size
+            opened.draft("RGB", (math.ceil(width / per_output_pixel),
+                                 math.ceil(height / per_output_pixel)))
+            image = opened.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    rx, ry = image.size[0] / width, image.size[1] / height  # the draft's reduction, if any
+    image = image.resize((image_size, image_size), Image.BILINEAR,
+                         box=(box[0] * rx, box[1] * ry, box[2] * rx, box[3] * ry))
+    if rng.random() < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    return image
+
+
 def decode(source: str | os.PathLike[str] | BinaryIO, *, image_size: int,
            augmentation: CropAugmentation, rng: np.random.Generator | None,
            preprocess: Preprocess = PLAIN) -> torch.Tensor | None:
-    """One image file (a path or an open binary file) as a normalised tensor: augmented with
-    `rng`'s draws for training, the centre crop for evaluation (rng None); None where it cannot be
-    decoded (the loader skips and counts it)."""
-    image = _open(source)
-    if image is None:
-        return None
+    """One image file (a path or an open binary file) as a normalised float tensor: augmented
+    with `rng`'s draws for training, the centre crop for evaluation (rng None); None where it
+    cannot be decoded (the loader skips and counts it)."""
     if rng is None:
-        return to_tensor(centre_view(image, image_size), preprocess)
-    if augmentation == "scale":
-        image = _scale_crop(image, image_size, rng)
+        image = _open(source)
+        return None if image is None else to_tensor(centre_view(image, image_size), preprocess)
+    image = train_crop(source, image_size=image_size, augmentation=augmentation, rng=rng)
+    return None if image is None else to_tensor(image, preprocess, rng)
+
+
+def decode_sample(source: str | os.PathLike[str] | BinaryIO, *, image_size: int,
+                  augmentation: CropAugmentation, rng: np.random.Generator | None,
+                  preprocess: Preprocess = PLAIN) -> torch.Tensor | None:
+    """What a loader hands on: `decode`'s crop as uint8 (3, S, S), normalised on the device
+    (`normalise`: a quarter of the bytes to copy, no float work in the workers), or, where
+    `preprocess` lights or subtracts the per-pixel mean, `decode`'s float tensor."""
+    if preprocess.lighting or preprocess.pixel_mean:
+        return decode(source, image_size=image_size, augmentation=augmentation, rng=rng,
+                      preprocess=preprocess)
+    if rng is None:
+        image = _open(source)
+        image = None if image is None else centre_view(image, image_size)
     else:
-        image = _random_resized_crop(image, image_size, rng)
-    if rng.random() < 0.5:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    return to_tensor(image, preprocess, rng)
+        image = train_crop(source, image_size=image_size, augmentation=augmentation, rng=rng)
+    return None if image is None else torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """A batch of uint8 crops (N, 3, H, W), on whatever device, as `to_tensor` normalises them
+    (ImageNet's channel mean and std, in float32); a float batch as it is."""
+    if images.dtype != torch.uint8:
+        return images
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
 
 
 def centre_view(image: Image.Image, image_size: int) -> Image.Image:
     """The evaluation's single crop: the centre `image_size` square of the image scaled to
     256/224 of it."""
-    return _centre_crop(_resize_shorter(image, round(image_size * _EVAL_RESIZE / _PAPER_CROP)),
-                        image_size)
+    return centre_crop(resize_shorter(image, round(image_size * EVAL_RESIZE / PAPER_CROP)),
+                       image_size)
 
 
 def centre_pixels(source: str | os.PathLike[str] | BinaryIO, image_size: int) -> np.ndarray | None:
@@ -194,7 +201,7 @@ def decode_views(source: str | os.PathLike[str] | BinaryIO, *, image_size: int, 
     if image is None:
         return None
     if view == "ten_crop":
-        scaled = _resize_shorter(image, round(image_size * _EVAL_RESIZE / _PAPER_CROP))
+        scaled = resize_shorter(image, round(image_size * EVAL_RESIZE / PAPER_CROP))
         width, height = scaled.size
         s = image_size
         corners = [(0, 0), (width - s, 0), (0, height - s), (width - s, height - s),
@@ -203,7 +210,7 @@ def decode_views(source: str | os.PathLike[str] | BinaryIO, *, image_size: int, 
         crops += [crop.transpose(Image.FLIP_LEFT_RIGHT) for crop in crops]
         return [torch.stack([to_tensor(crop, preprocess) for crop in crops])]
     if view == "multi_scale":
-        return [to_tensor(_resize_shorter(image, round(image_size * scale / _PAPER_CROP)),
+        return [to_tensor(resize_shorter(image, round(image_size * scale / PAPER_CROP)),
                           preprocess)[None] for scale in PAPER_SCALES]
     raise ValueError(f"view {view!r} is not one of {', '.join(VIEWS)}")
 

@@ -17,7 +17,7 @@ import torch
 
 from .augment import draw_crops, gather_crops
 from .bundle import DataBundle
-from .decode import PLAIN, Preprocess
+from .decode import PLAIN, Preprocess, normalise
 from .load import Streamed
 
 # A training batch: images and labels on the device, and the factor its mean loss is scaled by
@@ -208,7 +208,7 @@ class StreamFeed(_Generators):
                         f"replica {p.part}: none of the {skipped} images of a batch could be "
                         "decoded, and the replicas of a data-parallel run step together")
                 continue
-            images = images.to(p.device, non_blocking=True)
+            images = normalise(images.to(p.device, non_blocking=True))  # uint8 crops mostly
             yield p.prepare(images), labels.to(p.device, non_blocking=True), 1.0
 
     def eval_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -220,7 +220,7 @@ class StreamFeed(_Generators):
             self.skipped += left_out
             if labels.shape[0] == 0:
                 continue
-            images = p.prepare(images.to(p.device, non_blocking=True))
+            images = p.prepare(normalise(images.to(p.device, non_blocking=True)))
             yield images, labels.to(p.device, non_blocking=True)
 
     def view_batches(self, view: str, batch_size: int) -> Iterator[

@@ -26,7 +26,7 @@ import torch
 
 from ..spec import DEFAULT_LOADER_WORKERS
 from .decode import (AUGMENTATIONS, PLAIN, CropAugmentation, PixelStatistics, Preprocess,
-                     centre_pixels, collate, collate_views, decode, decode_views, one_thread)
+                     centre_pixels, collate, collate_views, decode_sample, decode_views, one_thread)
 from .errors import DataUnavailable
 from .val_labels import read_val_labels
 
@@ -136,7 +136,7 @@ class ImageFolderSplit(torch.utils.data.Dataset):
         rng = None
         if self.train:
             rng = np.random.default_rng([self.seed, self.augment_seed, self.epoch, index])
-        return decode(path, image_size=self.image_size, augmentation=self.augmentation,
+        return decode_sample(path, image_size=self.image_size, augmentation=self.augmentation,
                       rng=rng, preprocess=self.preprocess), label
 
 

@@ -37,7 +37,7 @@ import torch
 
 from ..spec import DEFAULT_LOADER_WORKERS
 from .decode import (PLAIN, CropAugmentation, PixelStatistics, Preprocess, centre_pixels, collate,
-                     collate_views, decode, decode_views, one_thread)
+                     collate_views, decode_sample, decode_views, one_thread)
 from .errors import DataUnavailable
 from .shard_urls import check_url, is_local, local_path, open_shard, probe_shard
 
@@ -128,7 +128,7 @@ def _sample(record: dict[str, Any], *, image_size: int, augmentation: CropAugmen
     rng = None
     if epoch is not None:  # training: draws seeded by the sample, not by the worker reading it
         rng = np.random.default_rng([*seed, epoch, zlib.crc32(key.encode())])
-    return decode(io.BytesIO(image), image_size=image_size, augmentation=augmentation,
+    return decode_sample(io.BytesIO(image), image_size=image_size, augmentation=augmentation,
                   rng=rng, preprocess=preprocess), label
 
 

@@ -20,8 +20,8 @@ _EXPORTS: dict[str, str] = {
     "ArchError": "arch", "ResNetArch": "arch",
     "TrainRecipe": "recipe",
     "BasicBlock": "blocks", "Bottleneck": "blocks",
-    "FuseReport": "fuse", "FuseWarning": "fuse", "fuse": "fuse",
-    "from_torchvision": "convert", "unfuse": "convert",
+    "FuseReport": "fusion", "FuseWarning": "fusion", "fuse": "fusion",
+    "from_torchvision": "convert", "unfuse": "fusion",
     "ModelProfile": "profile", "profile": "profile",
     "DownsamplingWarning": "models", "ResNet": "models", "build": "models", "cifar_resnet": "models", "imagenet_resnet": "models",
     **{f"resnet{depth}": "models" for depth in (8, 18, 20, 32, 34, 44, 50, 56, 101, 110, 152, 1202)},
@@ -70,8 +70,8 @@ sys.modules[__name__].__class__ = _Package
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from .arch import ArchError, ResNetArch
     from .blocks import BasicBlock, Bottleneck
-    from .convert import from_torchvision, unfuse
-    from .fuse import FuseReport, FuseWarning, fuse
+    from .convert import from_torchvision
+    from .fusion import FuseReport, FuseWarning, fuse, unfuse
     from .models import (
         DownsamplingWarning, ResNet, build, cifar_resnet, imagenet_resnet, resnet8, resnet18, resnet20, resnet32,
         resnet34, resnet44, resnet50, resnet56, resnet101, resnet110, resnet152, resnet1202,

@@ -3,54 +3,18 @@
 - `from_torchvision(model)`: a torchvision ResNet (or one that follows its layout) as this
   package's `ResNet`, with torchvision's "v1.5" downsampling and its weights, checked to compute
   the same outputs.
-- `unfuse(model)`: the fused epilogues back to plain `BatchNorm2d` + `ReLU` (same tensors), for
-  exporters (ONNX, `torch.export` artifacts that load without this package) and other libraries.
-  The inverse of `fuse`.
+(`fuse` and `unfuse`, in fusion/, convert other libraries' models in place instead.)
 """
 
 from __future__ import annotations
 
-from typing import TypeVar
-
 from torch import nn
 
 from .arch import ResNetArch
-from .blocks import BasicBlock, Bottleneck, plain_twin_of
-from .fuse import beyond_tolerance, evaluating, probe_input
-from .kernels import FusedBatchNorm2d
+from .fusion.probe import beyond_tolerance, evaluating, probe_input
 from .models import ResNet, build
 
-M = TypeVar("M", bound=nn.Module)
-
 _PROBE = (2, 64)  # batch and side of the probe images that check a conversion
-
-
-def unfuse(model: M) -> M:
-    """Turn every fused epilogue of `model` back into plain `BatchNorm2d` + `ReLU` modules, in
-    place (the same parameter and buffer tensors), and return the model. Outputs, gradients and
-    state_dict keys are unchanged; what remains is plain PyTorch, which every exporter and
-    library understands."""
-    for module in model.modules():
-        if isinstance(module, (BasicBlock, Bottleneck)) and module.fused:
-            for name in ("bn1", "bn2", "bn3"):
-                bn = getattr(module, name, None)
-                if isinstance(bn, FusedBatchNorm2d):
-                    setattr(module, name, plain_twin_of(bn))
-            module.fused = False
-            module.relu = nn.ReLU(inplace=True)
-        elif isinstance(module, ResNet) and module.fused:
-            assert isinstance(module.bn1, FusedBatchNorm2d)
-            module.bn1 = plain_twin_of(module.bn1)
-            module.relu = nn.ReLU(inplace=True)
-            module.fused = False
-            module.arch = module.arch.replace(fused=False)
-    left = [name for name, m in model.named_modules() if isinstance(m, FusedBatchNorm2d)]
-    if left:
-        raise ValueError(f"unfuse: {len(left)} FusedBatchNorm2d module(s) are not inside this "
-                         f"package's blocks or ResNet ({', '.join(left[:3])}); replace them with "
-                         "resnet_ablate.blocks.plain_twin_of(module) and a ReLU where their relu "
-                         "flag is set")
-    return model
 
 
 def from_torchvision(model: nn.Module, *, fused: bool = True) -> ResNet:

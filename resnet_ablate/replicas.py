@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .blocks import with_state_of
-from .convert import unfuse
+from .fusion import unfuse
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
-"""Faithful copies of torchvision's and timm's ResNet modules, for the tests of fuse, the
-conversions and checkpoint loading. Neither library is a dependency, and their wheels do not import
-beside a CPU build of torch, so the modules the tests need are rewritten here: the structure,
-submodule names, forward and stride placement of torchvision/models/resnet.py and
-timm/models/resnet.py (with timm's SE module and DropPath), trimmed of what the tests do not use.
+"""Hand-written copies of torchvision's and timm's ResNet modules, for the tests of fuse, the
+conversions and checkpoint loading that vary the blocks by hand (an SE block, a changed forward)
+or must run where the libraries' own code is absent (real_libraries.py loads that code for
+test_real_models.py): the structure, submodule names, forward and stride placement of
+torchvision/models/resnet.py and timm/models/resnet.py (with timm's SE module and DropPath),
+trimmed of what the tests do not use; and the training-step comparison the fuse tests share.
 """
 
 from __future__ import annotations
@@ -287,3 +288,30 @@ class TimmResNet(nn.Module):
 def small_timm_resnet(block=TimmBottleneck, layers=(1, 1, 1, 1), **options):
     torch.manual_seed(0)
     return randomize(TimmResNet(block, list(layers), **options))
+
+
+# ---------------------------------------------------------------- checks
+
+
+def assert_same_training_step(reference: nn.Module, fused: nn.Module, x: torch.Tensor, *, tol: float = 1e-5) -> None:
+    """Both models in training mode take one forward and backward on `x` (same random state, for
+    dropout): outputs, input and parameter gradients, and buffers (running statistics) after it
+    must match; then the eval-mode outputs."""
+    reference.train(), fused.train()
+    outputs = []
+    for model in (reference, fused):
+        torch.manual_seed(1)
+        inputs = x.clone().requires_grad_()
+        out = model(inputs)
+        out.square().sum().backward()
+        outputs.append((out, inputs.grad))
+    torch.testing.assert_close(outputs[1], outputs[0], atol=tol, rtol=tol)
+    fused_parameters = dict(fused.named_parameters())
+    assert fused_parameters.keys() == dict(reference.named_parameters()).keys()
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(fused_parameters[name].grad, p.grad, atol=tol, rtol=tol, msg=name)
+    fused_buffers = dict(fused.named_buffers())
+    for name, b in reference.named_buffers():
+        torch.testing.assert_close(fused_buffers[name], b, atol=tol, rtol=tol, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.eval()(x), reference.eval()(x), atol=tol, rtol=tol)

@@ -1,18 +1,23 @@
-"""`fuse()` on torchvision- and timm-style ResNets, and torchvision checkpoints loading into our
-models. Their modules are copied in reference_models.py (neither library is a dependency)."""
+"""`fuse()`: residual blocks (on the copies of torchvision's and timm's blocks in
+reference_models.py, which the tests vary by hand; test_real_models.py runs the libraries' own
+code), BatchNorm -> [add] -> ReLU anywhere in a user's own network, what it refuses and says, and
+torchvision checkpoints loading into this package's models."""
 
 import copy
+import pickle
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from resnet_ablate import DownsamplingWarning, FuseWarning, fuse, resnet8, resnet18, resnet50
+import torch.nn.functional as F
+
+from resnet_ablate import DownsamplingWarning, FuseWarning, fuse, resnet8, resnet18, resnet50, unfuse
 from resnet_ablate.blocks import BasicBlock as OurBasicBlock
 from resnet_ablate.blocks import Bottleneck as OurBottleneck
 from resnet_ablate.kernels import FusedBatchNorm2d, use_backend
-from reference_models import (TimmBasicBlock, TimmBottleneck, TimmSEModule, TVBasicBlock,
+from reference_models import (TimmBasicBlock, assert_same_training_step, TimmBottleneck, TimmSEModule, TVBasicBlock,
                               TVBottleneck, TVResNet, randomize, small_timm_resnet, small_tv_resnet)
 
 # ---------------------------------------------------------------- fuse()
@@ -75,23 +80,30 @@ class PreActivationBlock(TVBasicBlock):
         return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + identity
 
 
-def test_unrecognised_blocks_are_left_alone_and_reported():
+def test_unrecognised_blocks_keep_their_residual_add_and_say_why():
     model = small_tv_resnet()
     model.layer2[0] = randomize(SqueezeExciteBlock(64, 128, 2, copy.deepcopy(model.layer2[0].downsample)))
     model.layer3[0] = randomize(PreActivationBlock(128, 256, 2, copy.deepcopy(model.layer3[0].downsample)))
     model.layer4[0].bn1 = nn.SyncBatchNorm(512)
+    reference = copy.deepcopy(model).eval()
     left_alone = {name: model.get_submodule(name) for name in ("layer2.0", "layer3.0", "layer4.0")}
-    with pytest.warns(FuseWarning, match="3 block") as caught:
+    with pytest.warns(FuseWarning, match="4 site") as caught:
         _, report = fuse(model, return_report=True)
     assert report.fused == ("layer1.0",)
     reasons = {s.name: s.reason for s in report.skipped}
     assert "se is Sequential: it rescales the last BN's output" in reasons["layer2.0"]
     assert "forward differs" in reasons["layer3.0"]
     assert "bn1 is SyncBatchNorm" in reasons["layer4.0"]
+    assert "it is SyncBatchNorm, not nn.BatchNorm2d" in reasons["layer4.0.bn1"]
     assert "layer3.0" in str(caught[0].message)
-    for name, module in left_alone.items():
+    for name, module in left_alone.items():  # the same objects
         assert model.get_submodule(name) is module
-        assert not any(isinstance(m, FusedBatchNorm2d) for m in module.modules())
+    assert type(model.layer2[0].bn2) is nn.BatchNorm2d and type(model.layer4[0].bn1) is nn.SyncBatchNorm
+    # the graph path fuses what is exact inside them: BN -> ReLU pairs, and layer4.0's add
+    assert {(s.batch_norm, s.pattern) for s in report.sites} >= {
+        ("layer2.0.bn1", "BN->ReLU"), ("layer3.0.bn1", "BN->ReLU"), ("layer4.0.bn2", "BN->add->ReLU")}
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model.eval()(x), reference(x))
 
 
 def test_fuse_strict_refuses_before_changing_anything():
@@ -151,20 +163,160 @@ def test_fuse_converts_timm_blocks_with_the_same_outputs_and_gradients(block, va
 ], ids=["seresnet", "drop_path"])
 def test_fuse_refuses_timm_blocks_it_cannot_fuse_exactly_and_says_why(options, reason):
     model = small_timm_resnet(TimmBottleneck, **options)
-    with pytest.warns(FuseWarning, match="4 block"):
+    with pytest.warns(FuseWarning, match="4 site"):
         _, report = fuse(model, return_report=True)
     assert not report.fused and all(reason in s.reason for s in report.skipped)
+    assert all(type(block.bn3) is nn.BatchNorm2d for block in (model.layer1[0], model.layer4[0]))
     with pytest.raises(ValueError, match=reason):
         fuse(model, strict=True)
 
 
-def test_fuse_says_so_when_a_model_has_no_residual_block():
-    vgg_like = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten())
-    with pytest.warns(FuseWarning, match="fuse found no residual block in Sequential"):
-        fuse(vgg_like)
+def test_fuse_says_so_when_a_model_has_nothing_to_fuse():
+    no_batch_norm = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten())
+    with pytest.warns(FuseWarning, match=r"fuse found no BatchNorm2d -> \[add\] -> ReLU in Sequential"):
+        fuse(no_batch_norm)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fuse(resnet8())  # already fused: nothing to do, and nothing to warn about
+
+
+# ---------------------------------------------------------------- any network: the graph path
+
+
+class OwnNetwork(nn.Module):
+    """A user's network with every way of writing the patterns: a Sequential stack, a functional
+    ReLU, a method ReLU, `+=` into the BN output, `torch.add` with the BN second, a nested block."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.inner = nn.ModuleDict({"conv": nn.Conv2d(8, 8, 1), "bn": nn.BatchNorm2d(8)})
+        self.bn_last = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.bn(self.conv(x))
+        y += x
+        y = F.relu(y)
+        z = torch.add(y, self.inner["bn"](self.inner["conv"](y))).relu()
+        z = self.bn_last(z).relu_()
+        return self.head(z.mean((2, 3)))
+
+
+def test_fuse_finds_the_patterns_in_a_users_own_network_and_keeps_a_training_step_exact():
+    torch.manual_seed(0)
+    model = randomize(OwnNetwork())
+    reference = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FuseWarning)
+        fused, report = fuse(model, return_report=True)
+    assert fused is model and isinstance(model, OwnNetwork)  # in place, the same object
+    assert {(s.batch_norm, s.pattern) for s in report.sites} == {
+        ("stem.1", "BN->ReLU"), ("bn", "BN->add->ReLU"), ("inner.bn", "BN->add->ReLU"), ("bn_last", "BN->ReLU")}
+    assert set(report.rewritten) == {"", "stem"}
+    assert all(isinstance(model.get_submodule(s.batch_norm), FusedBatchNorm2d) for s in report.sites)
+    assert model.bn.weight is reference.bn.weight or model.bn.weight.data_ptr() != 0
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    assert_same_training_step(reference, model, torch.randn(2, 3, 8, 8))
+
+    assert unfuse(model) is model and type(model) is OwnNetwork and type(model.stem) is nn.Sequential
+    assert not any(isinstance(m, FusedBatchNorm2d) for m in model.modules())
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(model.eval()(x), reference.eval()(x))
+
+
+def test_fuse_keeps_the_same_tensors_so_an_existing_optimizer_still_trains_the_model():
+    torch.manual_seed(0)
+    model = randomize(OwnNetwork())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    bn_weight = model.bn.weight
+    fuse(model)
+    assert model.bn.weight is bn_weight
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    before = bn_weight.detach().clone()
+    optimizer.step()
+    assert not torch.equal(model.bn.weight, before)
+
+
+class BranchesOnTraining(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if self.training:
+            x = x * 2
+        return F.relu(self.bn(x))
+
+
+class UsesTheBatchNormOutputTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn, self.conv = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return F.relu(y) + y
+
+
+class BroadcastsTheBatchNormOutput(nn.Module):
+    """bn(pooled) + x is larger than the BN output: the fused op adds a residual onto the BN's
+    output as `out += residual` does, so this one cannot be fused."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn, self.conv = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x).mean((2, 3), keepdim=True)) + x)
+
+
+class CannotBeTraced(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.inner = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent: torch.fx cannot trace this forward
+            x = -x
+        return F.relu(self.bn(self.inner(x)))
+
+
+@pytest.mark.parametrize("network, name, reason", [
+    (BranchesOnTraining, "bn", "traces to different graphs in training and eval mode"),
+    (UsesTheBatchNormOutputTwice, "bn", "its output is used 2 times, not only by a ReLU or an add"),
+    (BroadcastsTheBatchNormOutput, "bn", "the rewritten forward failed on the probe input"),
+    (CannotBeTraced, "", "its forward cannot be traced"),
+], ids=["training-branch", "output-reused", "broadcast-bn-output", "untraceable"])
+def test_fuse_refuses_by_name_what_it_cannot_fuse_exactly_and_changes_nothing_there(network, name, reason):
+    torch.manual_seed(0)
+    model = randomize(network())
+    reference = copy.deepcopy(model)
+    with pytest.warns(FuseWarning, match="unfused"):
+        _, report = fuse(model, return_report=True, example_input=torch.randn(2, 4, 6, 6))
+    assert any(s.name == name and reason in s.reason for s in report.skipped), report.skipped
+    assert type(model.bn) is nn.BatchNorm2d and type(model) is network
+    with pytest.raises(ValueError, match=reason):
+        fuse(copy.deepcopy(reference), strict=True, example_input=torch.randn(2, 4, 6, 6))
+    if network is CannotBeTraced:  # its children are searched on their own
+        assert [s.batch_norm for s in report.sites] == ["inner.1"]
+    x = torch.randn(2, 4, 6, 6)
+    torch.testing.assert_close(model.eval()(x), reference.eval()(x))
+
+
+def test_a_rewritten_model_deep_copies_but_refuses_whole_module_pickling_with_the_way_out():
+    model = fuse(randomize(OwnNetwork()))
+    duplicate = copy.deepcopy(model)
+    assert type(duplicate) is type(model) and duplicate.bn is not model.bn
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(duplicate.eval()(x), model.eval()(x))
+    with pytest.raises(TypeError, match=r"save its state_dict\(\), or call resnet_ablate.unfuse"):
+        pickle.dumps(model)
+    pickle.dumps(unfuse(model))
 
 
 # ---------------------------------------------------------------- torchvision checkpoints

@@ -1,5 +1,5 @@
-"""`fuse(model)`: give an existing torchvision- or timm-style ResNet the fused BN + add + ReLU
-epilogues (`unfuse`, in convert.py, goes back).
+"""The module-level path of `fuse`: recognise torchvision's and timm's residual blocks by their
+parts and convert each to this package's fused block (same tensors).
 
 A block is converted only when it is recognisably torchvision's or timm's `BasicBlock` /
 `Bottleneck`: children exactly conv1/bn1/conv2/bn2[/conv3/bn3], then torchvision's shared `relu`
@@ -7,60 +7,26 @@ or timm's act1/act2[/act3], and an optional downsample; timm's drop_block, aa, s
 only where they are nn.Identity (in use, each changes the block in a way the fused epilogue cannot
 reproduce: such blocks are refused with that reason); plain `nn.BatchNorm2d` and `nn.ReLU`, no
 hooks, and (the check that catches a changed forward) the converted block gives the original's
-output on a probe input. A model with no block at all is reported too. Converted blocks reuse the original convs, shortcut
-module, BN parameters and buffers (same tensors), so weights, outputs and gradients are unchanged
-and optimizers built before fusing keep working. Anything that looks like a block but fails a
-check is left as it is and reported, with the reason, in a warning and in the `FuseReport`.
-
-The model's own stem BN is left alone: its ReLU is called by the model's forward, not a block's.
-This package's own unfused models (`fused=False`) are converted completely, stem included.
+output on a probe input. This path needs no tracing, so it works where a forward cannot be traced;
+it also keeps the stride placement that this package's blocks record.
 """
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Literal, TypeVar, overload
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .blocks import BasicBlock, Bottleneck, fuse_block_, fused_twin_of
-from .kernels import FusedBatchNorm2d
-from .models import ResNet
-
-M = TypeVar("M", bound=nn.Module)
+from ..blocks import BasicBlock, Bottleneck, fuse_block_, fused_twin_of
+from ..kernels import FusedBatchNorm2d
+from ..models import ResNet
+from .probe import beyond_tolerance, evaluating, probe_input
+from .records import FusedSite, SkippedBlock, qualified
 
 _BASIC_PARTS = ("conv1", "bn1", "conv2", "bn2")
 _BOTTLENECK_PARTS = (*_BASIC_PARTS, "conv3", "bn3")
 _PROBE_SIZE = 8
-
-
-class FuseWarning(UserWarning):
-    """Some blocks of a model were left unfused; the message says which and why."""
-
-
-@dataclass(frozen=True)
-class SkippedBlock:
-    name: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class FuseReport:
-    """Module names of the blocks `fuse` converted, and of those it left alone with the reason."""
-
-    fused: tuple[str, ...]
-    skipped: tuple[SkippedBlock, ...]
-
-
-def _looks_like_block(module: nn.Module) -> bool:
-    class_name = type(module).__name__.lower()
-    has_parts = all(isinstance(getattr(module, part, None), nn.Module) for part in ("conv1", "bn1", "conv2"))
-    return has_parts or class_name.endswith("block") or "bottleneck" in class_name
-
 
 # timm's blocks hold these optional parts, None or nn.Identity where unused; each, where used,
 # changes the block in a way the fused epilogue cannot reproduce exactly.
@@ -71,6 +37,12 @@ _OPTIONAL_PARTS = {
     "se": "it rescales the last BN's output before the residual add, so that add cannot be fused",
     "drop_path": "it drops the residual branch per sample (stochastic depth) before the add",
 }
+
+
+def _looks_like_block(module: nn.Module) -> bool:
+    """Holds torchvision's or timm's block parts; other blocks (DenseNet's, RegNet's) are left
+    to the graph path."""
+    return all(isinstance(getattr(module, part, None), nn.Module) for part in ("conv1", "bn1", "conv2"))
 
 
 def _layout(children: dict[str, nn.Module]) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -120,37 +92,6 @@ def _converted(block: nn.Module) -> BasicBlock | Bottleneck:
     return new  # type: ignore[return-value]
 
 
-def probe_input(like: torch.Tensor, channels: int, side: int, batch: int = 2) -> torch.Tensor:
-    """A seeded random batch (batch, channels, side, side) on `like`'s device and dtype: the
-    input a conversion is checked on."""
-    generator = torch.Generator(device=like.device).manual_seed(0)
-    return torch.randn(batch, channels, side, side, generator=generator, device=like.device,
-                       dtype=like.dtype)
-
-
-@contextlib.contextmanager
-def evaluating(*modules: nn.Module) -> Iterator[None]:
-    """Within: every module in eval mode and no gradients; each module's mode restored after,
-    so a check changes no state."""
-    modes = {m: m.training for module in modules for m in module.modules()}
-    try:
-        for module in modules:
-            module.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for module, training in modes.items():
-            module.training = training
-
-
-def beyond_tolerance(expected: torch.Tensor, actual: torch.Tensor) -> float | None:
-    """The largest difference of two outputs where it exceeds what their dtype's rounding
-    explains (relative to the outputs' scale), else None."""
-    tolerance = 1e-4 if expected.dtype in (torch.float32, torch.float64) else 2e-2
-    error = (expected.float() - actual.float()).abs().max().item()
-    return error if error > tolerance * (expected.abs().max().item() + 1.0) else None
-
-
 def _forward_mismatch(original: nn.Module, converted: nn.Module) -> str | None:
     """Compare both blocks in eval mode (no state changes) on a random probe input."""
     conv1 = original.get_submodule("conv1")
@@ -170,9 +111,14 @@ def _forward_mismatch(original: nn.Module, converted: nn.Module) -> str | None:
     return None
 
 
+def _block_sites(name: str, block: BasicBlock | Bottleneck) -> list[FusedSite]:
+    """The BatchNorms a fused block fuses: each with its ReLU, the last also with the add."""
+    bns = [bn for bn in ("bn1", "bn2", "bn3") if isinstance(getattr(block, bn, None), nn.BatchNorm2d)]
+    return [FusedSite(qualified(name, bn), "BN->add->ReLU" if bn == bns[-1] and block.has_shortcut
+                      else "BN->ReLU") for bn in bns]
+
+
 def _fuse_own_resnet_stem(model: ResNet) -> None:
-    if model.fused:
-        return
     model.bn1 = fused_twin_of(model.bn1, relu=True)
     model.relu = None
     model.fused = True
@@ -185,32 +131,46 @@ def _parent_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 @dataclass
-class _Plan:
-    report: FuseReport
-    replacements: list[tuple[str, nn.Module]]
-    own_blocks: list[BasicBlock | Bottleneck]
-    own_models: list[ResNet]
+class BlockPlan:
+    """What the module-level path would change; planning changes nothing, so strict mode can
+    refuse before any change."""
+
+    fused: list[str] = field(default_factory=list)
+    sites: list[FusedSite] = field(default_factory=list)
+    skipped: list[SkippedBlock] = field(default_factory=list)
+    replacements: list[tuple[str, nn.Module]] = field(default_factory=list)
+    own_blocks: list[BasicBlock | Bottleneck] = field(default_factory=list)
+    own_models: list[ResNet] = field(default_factory=list)
+
+    def apply(self, model: nn.Module) -> None:
+        for own_model in self.own_models:
+            _fuse_own_resnet_stem(own_model)
+        for block in self.own_blocks:
+            fuse_block_(block)
+        for name, converted in self.replacements:
+            parent, attr = _parent_and_attr(model, name)
+            setattr(parent, attr, converted)
 
 
-def _plan(model: nn.Module) -> _Plan:
-    """What fusing would change; changes nothing, so strict mode can refuse before any change."""
-    fused: list[str] = []
-    skipped: list[SkippedBlock] = []
-    plan = _Plan(FuseReport((), ()), [], [], [])
+def plan_blocks(model: nn.Module) -> BlockPlan:
+    """The residual blocks of `model` (torchvision's, timm's, this package's unfused ones) and
+    this package's unfused ResNet stems, each checked; nothing is changed."""
+    plan = BlockPlan()
     inside_block: list[str] = []
-
     for name, module in model.named_modules():
         if any(name.startswith(prefix + ".") for prefix in inside_block):
             continue  # a block's own parts go with the block
         if isinstance(module, ResNet):
             if not module.fused:
                 plan.own_models.append(module)
+                plan.sites.append(FusedSite(qualified(name, "bn1"), "BN->ReLU"))
             continue
         if isinstance(module, (BasicBlock, Bottleneck)):
             inside_block.append(name)
             if not module.fused:
                 plan.own_blocks.append(module)
-                fused.append(name)
+                plan.fused.append(name)
+                plan.sites.extend(_block_sites(name, module))
             continue
         if module is model or isinstance(module, FusedBatchNorm2d) or not _looks_like_block(module):
             continue
@@ -220,55 +180,9 @@ def _plan(model: nn.Module) -> _Plan:
             converted = _converted(module)
             reason = _forward_mismatch(module, converted)
         if reason is not None:
-            skipped.append(SkippedBlock(name, reason))
+            plan.skipped.append(SkippedBlock(name, reason))
             continue
         plan.replacements.append((name, converted))
-        fused.append(name)
-    plan.report = FuseReport(tuple(fused), tuple(skipped))
+        plan.fused.append(name)
+        plan.sites.extend(_block_sites(name, converted))
     return plan
-
-
-def _apply(model: nn.Module, plan: _Plan) -> None:
-    for own_model in plan.own_models:
-        _fuse_own_resnet_stem(own_model)
-    for block in plan.own_blocks:
-        fuse_block_(block)
-    for name, converted in plan.replacements:
-        parent, attr = _parent_and_attr(model, name)
-        setattr(parent, attr, converted)
-
-
-@overload
-def fuse(model: M, *, strict: bool = ..., return_report: Literal[False] = ...) -> M: ...
-@overload
-def fuse(model: M, *, strict: bool = ..., return_report: Literal[True]) -> tuple[M, FuseReport]: ...
-
-
-def fuse(model: M, *, strict: bool = False, return_report: bool = False) -> M | tuple[M, FuseReport]:
-    """Convert the residual blocks of `model` in place to fused epilogues; return the model.
-
-    Blocks that are not recognised are left unchanged and listed in a `FuseWarning` (with
-    `strict=True`, a ValueError raised before anything is changed). With `return_report=True`
-    returns `(model, FuseReport)`.
-    """
-    plan = _plan(model)
-    report = plan.report
-    if strict and report.skipped:
-        raise ValueError("fuse(strict=True): blocks not recognised, nothing changed: " + _describe(report.skipped))
-    already = any(isinstance(m, (BasicBlock, Bottleneck)) for m in model.modules())
-    if not report.fused and not report.skipped and not plan.own_models and not already:
-        warnings.warn(f"fuse found no residual block in {type(model).__name__}: nothing changed "
-                      "(it converts torchvision's and timm's BasicBlock / Bottleneck and this "
-                      "package's models)", FuseWarning, stacklevel=2)
-    _apply(model, plan)
-    if report.skipped:
-        warnings.warn(
-            f"fuse left {len(report.skipped)} block(s) unfused: {_describe(report.skipped)}",
-            FuseWarning,
-            stacklevel=2,
-        )
-    return (model, report) if return_report else model
-
-
-def _describe(skipped: list[SkippedBlock] | tuple[SkippedBlock, ...]) -> str:
-    return "; ".join(f"{s.name or '<model>'}: {s.reason}" for s in skipped)

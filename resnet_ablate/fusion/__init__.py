@@ -1,0 +1,72 @@
+"""`fuse(model)`: BatchNorm2d -> [add] -> ReLU computed by one fused op, in any network;
+`unfuse(model)` goes back to plain PyTorch modules.
+
+Two paths, both proved on a probe input before anything is kept:
+- residual_blocks.py: torchvision's and timm's `BasicBlock` / `Bottleneck` (recognised by their
+  parts) become this package's fused blocks; needs no tracing, keeps the stride placement.
+- graph.py: every other site that a traced forward (torch.fx) holds, in any module: the forward
+  of the module making the calls is rewritten to call the BatchNorm's fused twin.
+Anything that cannot be fused exactly is left as it is and named, with the reason, in a
+`FuseWarning` and the `FuseReport`. Parameters and buffers are the same tensors throughout, so
+state_dict keys, outputs, gradients and optimizers built before fusing stay valid.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Literal, TypeVar, overload
+
+import torch
+from torch import nn
+
+from ..blocks import BasicBlock, Bottleneck
+from .graph import fuse_graphs
+from .records import FusedSite, FuseReport, FuseWarning, SkippedBlock, describe
+from .residual_blocks import plan_blocks
+from .unfuse import unfuse
+
+__all__ = ["FuseReport", "FuseWarning", "FusedSite", "SkippedBlock", "fuse", "unfuse"]
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def _fuse(model: nn.Module, example_input: torch.Tensor | None) -> FuseReport:
+    plan = plan_blocks(model)
+    plan.apply(model)
+    graphs = fuse_graphs(model, example_input)
+    return FuseReport(tuple(plan.fused), (*plan.skipped, *graphs.skipped),
+                      (*plan.sites, *graphs.sites), tuple(graphs.rewritten))
+
+
+@overload
+def fuse(model: M, *, strict: bool = ..., return_report: Literal[False] = ...,
+         example_input: torch.Tensor | None = ...) -> M: ...
+@overload
+def fuse(model: M, *, strict: bool = ..., return_report: Literal[True],
+         example_input: torch.Tensor | None = ...) -> tuple[M, FuseReport]: ...
+
+
+def fuse(model: M, *, strict: bool = False, return_report: bool = False,
+         example_input: torch.Tensor | None = None) -> M | tuple[M, FuseReport]:
+    """Fuse every BatchNorm2d -> [add] -> ReLU of `model` in place; return the model.
+
+    Sites that cannot be fused exactly are left unchanged and listed in a `FuseWarning` (with
+    `strict=True`, a ValueError raised before anything is changed). `example_input` is the batch
+    rewritten forwards are checked on (default: 2 random 64x64 images with the first conv's
+    channels). With `return_report=True` returns `(model, FuseReport)`.
+    """
+    if strict:
+        trial = _fuse(copy.deepcopy(model), example_input)  # a copy: refuse before any change
+        if trial.skipped:
+            raise ValueError("fuse(strict=True): sites not fused, nothing changed: " + describe(trial.skipped))
+    report = _fuse(model, example_input)
+    already = any(isinstance(m, (BasicBlock, Bottleneck)) or hasattr(m, "fused_batch_norms")
+                  for m in model.modules())
+    if not report.sites and not report.skipped and not already:
+        warnings.warn(f"fuse found no BatchNorm2d -> [add] -> ReLU in {type(model).__name__}: "
+                      "nothing changed", FuseWarning, stacklevel=2)
+    if report.skipped:
+        warnings.warn(f"fuse left {len(report.skipped)} site(s) unfused: {describe(report.skipped)}",
+                      FuseWarning, stacklevel=2)
+    return (model, report) if return_report else model

@@ -1,0 +1,265 @@
+"""The graph-level path of `fuse`: BatchNorm2d -> [add] -> ReLU wherever a traced forward has it
+(VGG's and RegNet's conv-BN-ReLU stacks, DenseNet's BN-ReLU-conv layers, a residual add of any
+block, a user's own network).
+
+Each site belongs to the innermost module whose forward makes all its calls (its "owner"). That
+module's forward is traced again with only the submodules the sites need inlined, the site's calls
+become one call of the BatchNorm's fused twin (same tensors), and the module gets the rewritten
+forward: its class becomes a subclass made for it (`Fused<Name>`), so the object, its submodules,
+state_dict keys and any optimizer stay as they were, and `unfuse` sets the class back. An owner is
+rewritten only when its forward traces to the same graph in training and eval mode (no branch on
+`self.training` is baked in), and, checked on the inputs it receives when the whole model runs a
+probe batch, the rewritten forward returns what the original does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..blocks import fused_twin_of
+from .patterns import _OPAQUE, Site, find_sites, owner_of, rewrite, trace
+from .probe import beyond_tolerance, evaluating, probe_input
+from .records import FusedSite, SkippedBlock, qualified
+
+_PROBE_SIDE = 32
+
+
+class FusedForward:
+    """Mixed into the class made for each rewritten module: how to go back, and a refusal to be
+    pickled as a whole (its forward is generated code; its state_dict saves as before)."""
+
+    unfused_class: type[nn.Module]
+    fused_batch_norms: tuple[str, ...]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        fused_class = type(self)
+        self.__class__ = self.unfused_class  # type: ignore[assignment]
+        try:
+            duplicate = copy.deepcopy(self, memo)
+        finally:
+            self.__class__ = fused_class
+        duplicate.__class__ = fused_class
+        return duplicate
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(f"{type(self).__name__} has a forward rewritten by resnet_ablate.fuse and "
+                        "cannot be pickled as a whole module: save its state_dict(), or call "
+                        "resnet_ablate.unfuse(model) first")
+
+
+def _forward_of(graph: fx.Graph) -> Callable[..., Any]:
+    code = graph.python_code(root_module="self")
+    namespace = dict(code.globals)
+    exec(compile(code.src, "<forward rewritten by resnet_ablate.fuse>", "exec"), namespace)  # noqa: S102
+    return namespace["forward"]
+
+
+def _give_forward(module: nn.Module, forward: Callable[..., Any], batch_norms: tuple[str, ...]) -> None:
+    base = type(module)
+    original = getattr(base, "unfused_class", base)
+    fused_class = type(f"Fused{original.__name__}", (FusedForward, original), {
+        "forward": forward, "unfused_class": original, "__module__": __name__,
+        "fused_batch_norms": (*getattr(module, "fused_batch_norms", ()), *batch_norms)})
+    module.__class__ = fused_class
+
+
+def _prefixes(path: str) -> set[str]:
+    parts = path.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts))}
+
+
+def _relative(path: str, owner: str) -> str:
+    return path[len(owner) + 1:] if owner else path
+
+
+@dataclass
+class GraphResult:
+    sites: list[FusedSite] = field(default_factory=list)
+    skipped: list[SkippedBlock] = field(default_factory=list)
+    rewritten: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def _in_mode(module: nn.Module, training: bool) -> Iterator[None]:
+    modes = {m: m.training for m in module.modules()}
+    module.train(training)
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+@dataclass(frozen=True)
+class _Found:
+    batch_norm: str  # absolute module names
+    called: tuple[str, ...]
+
+
+def _scan(module: nn.Module, name: str, found: dict[str, list[_Found]], result: GraphResult) -> None:
+    """Trace `module` (or, where its forward cannot be traced, each child on its own) and record
+    each site under its owner (absolute names throughout)."""
+    if isinstance(module, _OPAQUE):
+        return
+    try:
+        with _in_mode(module, True):  # where stochastic parts (DropPath) show their work
+            graph = trace(module)
+    except Exception as error:  # noqa: BLE001 - any tracing failure: look one level down
+        if any(type(child) is nn.BatchNorm2d for child in module.children()):
+            result.skipped.append(SkippedBlock(name, f"its forward cannot be traced "
+                                               f"({type(error).__name__}: {error}), so the "
+                                               "BatchNorms it calls itself are left as they are"))
+        for child_name, child in module.named_children():
+            _scan(child, qualified(name, child_name), found, result)
+        return
+    sites, refused = find_sites(graph, module)
+    result.skipped.extend(SkippedBlock(qualified(name, bn), why) for bn, why in refused)
+    for site in sites:
+        called = tuple(qualified(name, str(n.target)) for n in site.nodes if n.op == "call_module")
+        owner = qualified(name, owner_of(site))
+        found.setdefault(owner, []).append(_Found(qualified(name, str(site.bn.target)), called))
+
+
+def _inside(name: str, owner: str) -> bool:
+    return name != owner and (not owner or name.startswith(owner + "."))
+
+
+def _merged_owners(found: dict[str, list[_Found]]) -> dict[str, set[str]]:
+    """Owner -> the submodules (relative names) its rewritten forward must inline. An owner whose
+    sites reach into another owner takes that one's sites over: one forward rewritten, not two."""
+    def needs(owner: str, of: str) -> set[str]:
+        return set().union(*(_prefixes(_relative(c, owner)) for f in found[of] for c in f.called))
+
+    merged: dict[str, set[str]] = {}
+    absorbed: set[str] = set()
+    for owner in sorted(found, key=lambda o: (o.count(".") if o else -1, o)):
+        if owner in absorbed:
+            continue
+        through = needs(owner, owner)
+        grew = True
+        while grew:
+            grew = False
+            for other in found:
+                if other not in absorbed and _inside(other, owner) and _relative(other, owner) in through:
+                    absorbed.add(other)
+                    through |= needs(owner, other)
+                    grew = True
+        merged[owner] = through
+    return merged
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    return [v for v in torch.utils._pytree.tree_leaves(value) if isinstance(v, torch.Tensor)]
+
+
+def _mismatch(expected: Any, actual: Any) -> str | None:
+    pairs = list(zip(_tensors(expected), _tensors(actual)))
+    if len(pairs) != len(_tensors(expected)) or any(e.shape != a.shape for e, a in pairs):
+        return "the rewritten forward returns outputs of other shapes on the probe input"
+    errors = [error for e, a in pairs if (error := beyond_tolerance(e, a)) is not None]
+    return f"the rewritten forward differs on the probe input (max difference {max(errors):.3g})" if errors else None
+
+
+def _inputs_on_probe(model: nn.Module, owners: list[str], example: torch.Tensor | None) -> tuple[dict[str, Any], str | None]:
+    """What each owner receives when the model runs a probe batch (eval mode, no state change)."""
+    if example is None:
+        conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        if conv is None:
+            return {}, "no example_input was given and the model has no Conv2d to size a probe input by"
+        example = probe_input(conv.weight, conv.in_channels, _PROBE_SIDE)
+    seen: dict[str, Any] = {}  # owner -> (args, kwargs, output), from its first call
+    clone = functools.partial(torch.utils._pytree.tree_map,
+                              lambda v: v.clone() if isinstance(v, torch.Tensor) else v)
+
+    def recorder(owner: str) -> Callable[..., None]:
+        def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            seen.setdefault(owner, (clone(args), clone(kwargs), clone(output)))
+        return hook
+
+    handles = [model.get_submodule(o).register_forward_hook(recorder(o), with_kwargs=True) for o in owners]
+    try:
+        with evaluating(model):
+            model(example)
+    except Exception as error:  # noqa: BLE001 - reported as the reason nothing was rewritten
+        return {}, f"the model's forward failed on a probe input of shape {tuple(example.shape)} " \
+                   f"({type(error).__name__}: {error}); pass example_input"
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen, None
+
+
+def _rewrite_owner(model: nn.Module, owner: str, through: set[str], expected_bns: set[str],
+                   inputs: Any) -> tuple[list[FusedSite], list[SkippedBlock], str | None]:
+    """Rewrite one owner's forward, proved on its probe inputs: the sites fused and those its
+    own trace does not show, or why none was."""
+    module = model.get_submodule(owner)
+    try:
+        graphs = []
+        for training in (True, False):
+            with _in_mode(module, training):
+                graphs.append(trace(module, through))
+    except Exception as error:  # noqa: BLE001 - traced once already; a failure here refuses
+        return [], [], f"its forward cannot be traced on its own ({type(error).__name__}: {error})"
+    if graphs[0].python_code("self").src != graphs[1].python_code("self").src:
+        return [], [], ("its forward traces to different graphs in training and eval mode (it branches "
+                    "on self.training), so no one rewritten forward is exact in both")
+    if inputs is None:
+        return [], [], "the probe input never reached it, so a rewrite could not be checked"
+    graph = graphs[0]
+    sites = [s for s in find_sites(graph, module)[0] if qualified(owner, str(s.bn.target)) in expected_bns]
+    unseen = expected_bns - {qualified(owner, str(s.bn.target)) for s in sites}
+    missed = [SkippedBlock(bn, f"in the forward of {owner or '<model>'} it is not followed by a ReLU "
+                           "once the submodules between them are called rather than inlined (one "
+                           "may branch on self.training, as DropPath does)") for bn in sorted(unseen)]
+    if not sites:
+        return [], missed, None
+    originals = {str(s.bn.target): module.get_submodule(str(s.bn.target)) for s in sites}
+    found = [FusedSite(qualified(owner, str(s.bn.target)), s.pattern) for s in sites]
+    args, kwargs, expected = inputs
+    rewrite(graph, sites)
+    forward = _forward_of(graph)
+    for target, bn in originals.items():
+        module.set_submodule(target, fused_twin_of(bn, relu=True))
+    try:
+        with evaluating(module):
+            actual = forward(module, *args, **kwargs)
+        reason = _mismatch(expected, actual)
+    except Exception as error:  # noqa: BLE001 - e.g. a residual that broadcasts
+        reason = f"the rewritten forward failed on the probe input ({type(error).__name__}: {error})"
+    if reason is not None:
+        for target, bn in originals.items():
+            module.set_submodule(target, bn)
+        return [], [], reason
+    _give_forward(module, forward, tuple(originals))
+    return found, missed, None
+
+
+def fuse_graphs(model: nn.Module, example_input: torch.Tensor | None = None) -> GraphResult:
+    """Fuse every site the traced forwards of `model` hold, in place; what was done and left."""
+    result = GraphResult()
+    found: dict[str, list[_Found]] = {}
+    _scan(model, "", found, result)
+    owners = _merged_owners(found)
+    inputs, failure = _inputs_on_probe(model, list(owners), example_input) if owners else ({}, None)
+    for owner, through in owners.items():
+        expected = {f.batch_norm for o, fs in found.items() if o == owner or (
+            _inside(o, owner) and _relative(o, owner) in through) for f in fs}
+        sites, missed, reason = _rewrite_owner(model, owner, through, expected, inputs.get(owner)) \
+            if failure is None else ([], [], failure)
+        if reason is not None:
+            result.skipped.extend(SkippedBlock(bn, f"{owner or '<model>'}: {reason}") for bn in sorted(expected))
+            continue
+        result.skipped.extend(missed)
+        if sites:
+            result.sites.extend(sites)
+            result.rewritten.append(owner)
+    return result

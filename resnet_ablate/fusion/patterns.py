@@ -1,0 +1,192 @@
+"""Finding BatchNorm2d -> [add] -> ReLU in a traced forward (torch.fx), wherever the modules sit.
+
+A site is a call of an `nn.BatchNorm2d` module whose output feeds only a ReLU (module, function
+or method), or only an addition whose sum feeds only a ReLU; then one `FusedBatchNorm2d` call
+(`bn(x)` or `bn(x, residual)`, ReLU on) computes what the three did. Anything that would make the
+rewrite inexact is a refusal with the reason: a BatchNorm subclass or one with hooks (the fused
+op reproduces `nn.BatchNorm2d` only), a BatchNorm called twice, an output also used elsewhere.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..blocks import BasicBlock, Bottleneck
+from ..kernels import FusedBatchNorm2d
+from ..models import ResNet
+from .records import Pattern
+
+# Traced as single calls, never into: the fused BN (its forward is the op itself) and this
+# package's blocks and models, which the module-level path fuses.
+_OPAQUE = (FusedBatchNorm2d, BasicBlock, Bottleneck, ResNet)
+_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+
+
+class SiteTracer(fx.Tracer):
+    """torch.fx's tracer, with this package's modules opaque; given `through`, every submodule
+    not named in it is opaque too (called, not inlined), so that a rewritten forward inlines
+    no more of its submodules than its sites need."""
+
+    def __init__(self, through: Collection[str] | None = None) -> None:
+        super().__init__()
+        self.through = through
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, _OPAQUE):
+            return True
+        if self.through is not None and module_qualified_name:
+            return module_qualified_name not in self.through
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(module: nn.Module, through: Collection[str] | None = None) -> fx.Graph:
+    """The graph of `module`'s forward, without calls of plain `nn.Identity` modules (timm keeps
+    unused parts, drop_block or aa, as Identity between a BN and its ReLU); raises whatever
+    tracing raises where it cannot."""
+    graph = SiteTracer(through).trace(module)
+    for node in list(graph.nodes):
+        if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
+            identity = module.get_submodule(str(node.target))
+            if type(identity) is nn.Identity and not (identity._forward_hooks or identity._forward_pre_hooks):
+                node.replace_all_uses_with(node.args[0])  # type: ignore[arg-type]
+                graph.erase_node(node)
+    return graph
+
+
+@dataclass
+class Site:
+    bn: fx.Node
+    relu: fx.Node
+    add: fx.Node | None = None
+
+    @property
+    def pattern(self) -> Pattern:
+        return "BN->ReLU" if self.add is None else "BN->add->ReLU"
+
+    @property
+    def nodes(self) -> tuple[fx.Node, ...]:
+        return (self.bn, self.relu) if self.add is None else (self.bn, self.add, self.relu)
+
+
+def _is_relu(node: fx.Node, of: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if not node.args or node.args[0] is not of or len(node.args) > 1 + (node.op == "call_function"):
+        return False
+    if node.op == "call_module":
+        return type(modules[str(node.target)]) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS and set(node.kwargs) <= {"inplace"}
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _added_to(node: fx.Node, of: fx.Node) -> fx.Node | None:
+    """The other operand where `node` adds a tensor to `of` (no alpha), else None."""
+    is_add = ((node.op == "call_function" and node.target in _ADD_FUNCTIONS)
+              or (node.op == "call_method" and node.target in ("add", "add_")))
+    if not is_add or node.kwargs or len(node.args) != 2:
+        return None
+    first, second = node.args
+    other = second if first is of else first if second is of else None
+    if not isinstance(other, fx.Node) or other is of:
+        return None
+    if node.target in (operator.iadd, "add_") and first is not of:
+        return None  # adds into the shortcut's tensor in place, which later readers may see
+    return other
+
+
+def _match(bn: fx.Node, modules: dict[str, nn.Module]) -> tuple[Site | None, str | None]:
+    """The site `bn` starts, or None with the reason where it nearly is one (else None, None)."""
+    users = list(bn.users)
+    if len(users) == 1 and _is_relu(users[0], bn, modules):
+        return Site(bn, users[0]), None
+    if len(users) == 1 and (residual := _added_to(users[0], bn)) is not None:
+        add = users[0]
+        after = list(add.users)
+        if len(after) == 1 and _is_relu(after[0], add, modules):
+            return Site(bn, after[0], add), None
+        if any(_is_relu(u, add, modules) for u in after):
+            return None, f"the sum of its residual add is used {len(after)} times, not only by the ReLU"
+        return None, None
+    if len(users) > 1 and any(_is_relu(u, bn, modules) or _added_to(u, bn) is not None for u in users):
+        return None, f"its output is used {len(users)} times, not only by a ReLU or an add"
+    return None, None
+
+
+def _unfusable(bn: nn.Module, calls: int) -> str | None:
+    if type(bn) is not nn.BatchNorm2d:
+        return (f"it is {type(bn).__name__}, not nn.BatchNorm2d (the fused op reproduces "
+                "nn.BatchNorm2d's forward only)")
+    if bn._forward_hooks or bn._forward_pre_hooks:
+        return "it has forward hooks, which the fused call would skip"
+    if calls > 1:
+        return f"the forward calls it {calls} times"
+    if any(p.is_meta for p in bn.parameters()):
+        return "its parameters are on the meta device, so the rewrite cannot be checked"
+    return None
+
+
+def find_sites(graph: fx.Graph, root: nn.Module) -> tuple[list[Site], list[tuple[str, str]]]:
+    """The sites in `graph` (traced from `root`), and (BN module name, reason) for each BatchNorm
+    followed by a ReLU that cannot be fused exactly."""
+    modules = dict(root.named_modules())
+    calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
+    sites: list[Site] = []
+    refused: list[tuple[str, str]] = []
+    claimed: set[fx.Node] = set()  # an add of two BN outputs is fused with one of them
+    for node in graph.nodes:
+        module = modules.get(str(node.target)) if node.op == "call_module" else None
+        if not isinstance(module, _BatchNorm) or isinstance(module, FusedBatchNorm2d):
+            continue  # any BatchNorm is looked at, so that one it cannot fuse is named
+        site, reason = _match(node, modules)
+        if site is not None and site.relu in claimed:
+            continue
+        if site is not None:
+            reason = _unfusable(module, calls[str(node.target)])
+        if reason is not None:
+            refused.append((str(node.target), reason))
+        elif site is not None:
+            claimed.add(site.relu)
+            sites.append(site)
+    return sites, refused
+
+
+def caller_of(node: fx.Node) -> tuple[str, ...]:
+    """The module path (outermost first) of the forward that makes this call."""
+    stack = tuple(node.meta.get("nn_module_stack", {}))
+    return stack[:-1] if node.op == "call_module" else stack
+
+
+def owner_of(site: Site) -> str:
+    """The innermost module whose forward makes every call of the site: its forward is the one
+    to rewrite."""
+    callers = [caller_of(node) for node in site.nodes]
+    common: list[str] = []
+    for names in zip(*callers):
+        if len(set(names)) > 1:
+            break
+        common.append(names[0])
+    return common[-1] if common else ""
+
+
+def rewrite(graph: fx.Graph, sites: list[Site]) -> None:
+    """Each site's calls replaced by one call of its BatchNorm module with the residual (the
+    module itself is swapped for its fused twin by the caller)."""
+    for site in sites:
+        args = (site.bn.args[0],)
+        if site.add is not None:  # read now: an earlier site's ReLU it added is replaced by then
+            first, second = site.add.args
+            args = (site.bn.args[0], second if first is site.bn else first)
+        with graph.inserting_before(site.relu):
+            fused = graph.call_module(str(site.bn.target), args)
+        site.relu.replace_all_uses_with(fused)
+        for node in reversed(site.nodes):
+            graph.erase_node(node)
+    graph.lint()

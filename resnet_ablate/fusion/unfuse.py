@@ -1,0 +1,54 @@
+"""`unfuse(model)`: every fused epilogue back to plain `BatchNorm2d` + `ReLU` (same tensors), for
+exporters (ONNX, `torch.export` artifacts that load without this package) and other libraries."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from torch import nn
+
+from ..blocks import BasicBlock, Bottleneck, plain_twin_of
+from ..kernels import FusedBatchNorm2d
+from ..models import ResNet
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def _unfuse_rewritten(module: nn.Module) -> None:
+    """A module whose forward `fuse` rewrote: its class and plain BatchNorms back."""
+    for target in module.fused_batch_norms:  # type: ignore[attr-defined]
+        bn = module.get_submodule(target)
+        assert isinstance(bn, FusedBatchNorm2d)
+        module.set_submodule(target, plain_twin_of(bn))
+    module.__class__ = module.unfused_class  # type: ignore[attr-defined]
+
+
+def unfuse(model: M) -> M:
+    """Turn every fused epilogue of `model` back into plain `BatchNorm2d` + `ReLU` modules, in
+    place (the same parameter and buffer tensors), and return the model. Outputs, gradients and
+    state_dict keys are unchanged; what remains is plain PyTorch, which every exporter and
+    library understands. The inverse of `fuse`: modules whose forward it rewrote get their own
+    class and forward back."""
+    for module in list(model.modules()):
+        if hasattr(type(module), "unfused_class"):
+            _unfuse_rewritten(module)
+        elif isinstance(module, (BasicBlock, Bottleneck)) and module.fused:
+            for name in ("bn1", "bn2", "bn3"):
+                bn = getattr(module, name, None)
+                if isinstance(bn, FusedBatchNorm2d):
+                    setattr(module, name, plain_twin_of(bn))
+            module.fused = False
+            module.relu = nn.ReLU(inplace=True)
+        elif isinstance(module, ResNet) and module.fused:
+            assert isinstance(module.bn1, FusedBatchNorm2d)
+            module.bn1 = plain_twin_of(module.bn1)
+            module.relu = nn.ReLU(inplace=True)
+            module.fused = False
+            module.arch = module.arch.replace(fused=False)
+    left = [name for name, m in model.named_modules() if isinstance(m, FusedBatchNorm2d)]
+    if left:
+        raise ValueError(f"unfuse: {len(left)} FusedBatchNorm2d module(s) were not made by fuse nor "
+                         f"are inside this package's blocks or ResNet ({', '.join(left[:3])}); "
+                         "replace them with resnet_ablate.blocks.plain_twin_of(module) and a ReLU "
+                         "where their relu flag is set")
+    return model

@@ -1,0 +1,145 @@
+"""`fuse` on torchvision's and timm's own model code (read from their wheels; see
+reference_models.real_libraries for how torchvision's model files load without its C extension),
+small configurations of the real classes at 32x32, batch 2: every BatchNorm -> [add] -> ReLU site
+fused, the count checked against the architecture's own rule, and one training step giving the
+same outputs, gradients and running statistics as the untouched model; `unfuse` restores the
+library's own classes."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from real_libraries import LibrariesAbsent, real_libraries
+from reference_models import assert_same_training_step
+from resnet_ablate import FuseWarning, fuse, unfuse
+from resnet_ablate.kernels import FusedBatchNorm2d
+
+
+@pytest.fixture(scope="module")
+def libs():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small convs: one thread is quicker than two on a shared machine
+    try:
+        with real_libraries() as libraries:
+            yield libraries
+    except LibrariesAbsent as absent:
+        pytest.skip(f"torchvision's and timm's code is not here: {absent}")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _batch_norms(model: nn.Module, *, not_under: tuple[str, ...] = ()) -> int:
+    return sum(type(m) is nn.BatchNorm2d and not any(part in name.split(".") for part in not_under)
+               for name, m in model.named_modules())
+
+
+# Each: the real model, small, and the number of sites by the architecture's own rule.
+def _vgg(libs):
+    vgg = libs.torchvision["vgg"]
+    model = vgg.VGG(vgg.make_layers([16, "M", 32, "M", 512], batch_norm=True), num_classes=10)
+    # its 120M-parameter head holds no BN; a small one (dropout kept) keeps the test quick
+    model.classifier = nn.Sequential(nn.Dropout(), nn.Linear(512 * 7 * 7, 10))
+    # every conv is followed by BN -> ReLU
+    return model, _batch_norms(model)
+
+
+def _densenet(libs):
+    model = libs.torchvision["densenet"].DenseNet(growth_rate=8, block_config=(2, 2, 2, 2),
+                                                   num_init_features=16, bn_size=2, num_classes=10)
+    # every BN feeds a ReLU: norm1/norm2 of each layer, each transition's, norm0, and norm5 whose
+    # ReLU is a function call in DenseNet.forward
+    return model, _batch_norms(model)
+
+
+def _regnet(libs, se_ratio):
+    regnet = libs.torchvision["regnet"]
+    params = regnet.BlockParams.from_init_params(depth=4, w_0=16, w_a=8.0, w_m=2.0, group_width=8,
+                                                 se_ratio=se_ratio)
+    model = regnet.RegNet(params, num_classes=10)
+    # stem, a, b: BN -> ReLU; c: BN -> add -> ReLU, the add taken by c so the shortcut's BN (proj) stays
+    return model, _batch_norms(model, not_under=("proj",))
+
+
+def _resnet(libs, block, **options):
+    resnet = libs.torchvision["resnet"]
+    model = resnet.ResNet(getattr(resnet, block), [1, 2, 1, 1], num_classes=10, **options)
+    return model, _batch_norms(model, not_under=("downsample",))
+
+
+def _timm(libs, name, **options):
+    timm_resnet = libs.timm.models.resnet
+    model = timm_resnet.ResNet(timm_resnet.Bottleneck if "bottleneck" in name else timm_resnet.BasicBlock,
+                               [1, 1, 1, 1], num_classes=10, **options)
+    if "se" in options.get("block_args", {}).get("attn_layer", ""):
+        # the SE rescale sits between bn3 and the add: bn1, bn2 -> ReLU fuse; the add is fused with
+        # the shortcut's BN where the block has one (4 of 4 first blocks here); bn3 stays
+        return model, 1 + 2 * 4 + 4
+    return model, _batch_norms(model, not_under=("downsample",))
+
+
+MODELS = {
+    "torchvision vgg-bn": _vgg,
+    "torchvision densenet": _densenet,
+    "torchvision regnet-x": lambda libs: _regnet(libs, None),
+    "torchvision regnet-y (SE)": lambda libs: _regnet(libs, 0.25),
+    "torchvision resnet": lambda libs: _resnet(libs, "BasicBlock"),
+    "torchvision resnext": lambda libs: _resnet(libs, "Bottleneck", groups=8, width_per_group=4),
+    "torchvision wide resnet": lambda libs: _resnet(libs, "Bottleneck", width_per_group=128),
+    "timm resnet": lambda libs: _timm(libs, "basic"),
+    "timm resnet-d": lambda libs: _timm(libs, "bottleneck", stem_type="deep", avg_down=True),
+    "timm seresnet": lambda libs: _timm(libs, "bottleneck", block_args={"attn_layer": "se"}),
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fuse_on_the_libraries_own_models_keeps_one_training_step_exact(libs, name):
+    torch.manual_seed(0)
+    model, expected_sites = MODELS[name](libs)
+    reference = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FuseWarning)  # seresnet's refusals are checked below
+        fused, report = fuse(model, return_report=True)
+    assert fused is model and report.count() == expected_sites
+    assert sum(isinstance(m, FusedBatchNorm2d) for m in model.modules()) == expected_sites
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    assert_same_training_step(reference, model, torch.randn(2, 3, 32, 32))
+
+    unfuse(model)
+    assert not any(isinstance(m, FusedBatchNorm2d) for m in model.modules())
+    libraries_own = {type(m) for m in reference.modules()}
+    assert all(type(m) in libraries_own or type(m).__module__.startswith("resnet_ablate.blocks")
+               for m in model.modules())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model.eval()(x), reference.eval()(x))
+
+
+def test_seresnet_refuses_its_se_add_by_name_and_fuses_the_rest(libs):
+    model, _ = _timm(libs, "bottleneck", block_args={"attn_layer": "se"})
+    with pytest.warns(FuseWarning, match=r"layer1\.0: se is SEModule: it rescales the last BN's output"):
+        _, report = fuse(model, return_report=True)
+    assert [s.name for s in report.skipped] == ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]
+    assert type(model.layer1[0].bn3) is nn.BatchNorm2d
+    assert {s.batch_norm for s in report.sites} >= {"bn1", "layer1.0.bn1", "layer1.0.bn2", "layer1.0.downsample.1"}
+
+
+def test_timm_drop_path_blocks_fuse_exactly_around_the_dropped_branch(libs):
+    torch.manual_seed(0)
+    timm_resnet = libs.timm.models.resnet
+    model = timm_resnet.ResNet(timm_resnet.Bottleneck, [1, 1, 1, 1], num_classes=10, drop_path_rate=0.2)
+    reference = copy.deepcopy(model)
+    with pytest.warns(FuseWarning, match="drop_path is DropPath: it drops the residual branch"):
+        _, report = fuse(model, return_report=True)
+    # drop_path grows from 0 in the first block (an Identity there: the whole block converts) to
+    # 0.2; in the others bn3 -> drop_path -> add stays, and the add is fused with the shortcut's
+    # BN instead, the dropped branch as its residual
+    assert report.fused == ("layer1.0",)
+    assert [s.name for s in report.skipped] == ["layer2.0", "layer3.0", "layer4.0"]
+    assert report.count("BN->ReLU") == 1 + 2 * 4 and report.count("BN->add->ReLU") == 4
+    assert {s.batch_norm for s in report.sites} >= {"layer2.0.downsample.1", "layer4.0.downsample.1"}
+    assert type(model.layer2[0].bn3) is nn.BatchNorm2d
+    assert_same_training_step(reference, model, torch.randn(2, 3, 32, 32))

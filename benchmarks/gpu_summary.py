@@ -184,6 +184,8 @@ def ratios(out: Path) -> list[Ratio]:
     trial, packing = read_rows(out / "trial.csv"), read_rows(out / "packing.csv")
     kernels = kernel_figures(read_rows(out / "batch_norm_act.csv"))
     loader = [float(r["loader_over_step"]) for r in read_rows(out / "loader.csv")]
+    decode = read_rows(out / "loader_decode.csv")  # bench_loader.py's crops per core, if any
+    cores = min((int(r["cores_per_gpu"]) for r in decode if r.get("cores_per_gpu")), default=None)
     host = read_rows(out / "host.csv")
     fused_host, fused_over_eager = host_figures(host)
     packed = best_packing(packing)
@@ -212,6 +214,8 @@ def ratios(out: Path) -> list[Ratio]:
               ">= 85", "from the byte model in bench_batch_norm_act.py"),
         Ratio("loader / step (best workers)", max(loader) if loader else None, ">= 1.0",
               "the loader keeps up with the step"),
+        Ratio("loader: CPU cores to feed one GPU (best crop)", cores, "",
+              "decoding and cropping at the GPU's training rate (bench_loader.py)"),
         Ratio("host us per layer, fused fwd+bwd (median)",
               statistics.median(fused_host) if fused_host else None, "",
               "what the CPU spends to issue one fused layer (bench_host.py)"),

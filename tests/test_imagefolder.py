@@ -239,3 +239,37 @@ def test_replicas_share_each_global_batch_and_the_evaluation(folder):
     halves = [torch.cat([x for x, _, _ in data.test_loader(5, part=p, parts=2)]) for p in (0, 1)]
     assert len(halves[0]) + len(halves[1]) == len(whole) == 18
     assert _contents(torch.cat(halves)) == _contents(whole)
+
+
+def _train_folder(replicas, root):
+    from resnet_ablate.arch import ResNetArch
+    from resnet_ablate.models import build
+    from resnet_ablate.recipe import TrainRecipe
+    from resnet_ablate.train import train
+
+    data = load_image_folder(root, image_size=16, loader_workers=0)
+    built = []
+
+    def model():
+        built.append(build(ResNetArch(family="imagenet", widths=(4, 8, 8, 8), stages=(1, 1, 1, 1),
+                                      block="basic"), num_classes=data.num_classes))
+        return built[-1]
+
+    recipe = TrainRecipe(epochs=1, batch_size=8, sync_bn=True, precision="fp32", lr=0.01)
+    result = train(model, data, recipe, seed=5, threads=1, replicas=replicas)
+    return result.history[0], built[-1].state_dict()
+
+
+def test_replicas_that_lose_an_image_weigh_their_losses_as_one_process(folder):
+    # One global batch holds the corrupt image: the replica that reads it has 3 images where
+    # the other has 4, and its loss weighs 3/7 of the batch, as one process's mean over 7.
+    from helpers import run_replicas
+
+    (single, single_state) = _train_folder(None, folder)
+    assert single.skipped_images == 1, "the corrupt image is in one of the epoch's batches"
+    for record, state in run_replicas(_train_folder, 2, folder):
+        assert record.skipped_images == 1
+        assert record.train_loss == pytest.approx(single.train_loss, rel=1e-5)
+        for name, value in single_state.items():
+            torch.testing.assert_close(state[name].float(), value.float(), atol=1e-5, rtol=1e-4,
+                                       msg=name)

@@ -51,6 +51,9 @@ class Placement:
     lighting: float = 0.0
     pixel_mean: bool = False
     test_views: tuple[str, ...] = ()
+    # Each number summed over the replicas (Replicas.sums): how a streamed feed weighs a batch
+    # that lost images it could not decode. None in a single process.
+    sum_over_replicas: Callable[[list[float]], list[float]] | None = None
 
     @property
     def paper_preprocessing(self) -> bool:
@@ -192,8 +195,10 @@ class StreamFeed(_Generators):
         # Lighting is drawn for training crops only (decode passes no draws to evaluation).
 
     def train_batches(self, epoch: int, batch_size: int) -> Iterator[Batch]:
-        """This replica's share of each of the epoch's batches of `batch_size`. Full batches
-        split evenly, so the losses are not reweighted."""
+        """This replica's share of each of the epoch's batches of `batch_size`. Its loss is
+        weighted by its share of the images the replicas kept (`parts` x kept here / kept by all),
+        so that where an image could not be decoded the averaged gradient is still the mean over
+        the global batch's images, as in one process; full batches weigh 1."""
         p = self.placement
         loader = self.data.train_loader(batch_size // p.parts, epoch, self.order_generator,
                                         augment=p.augment, pin_memory=self.pin_memory,
@@ -208,8 +213,12 @@ class StreamFeed(_Generators):
                         f"replica {p.part}: none of the {skipped} images of a batch could be "
                         "decoded, and the replicas of a data-parallel run step together")
                 continue
+            weight = 1.0
+            if p.parts > 1 and p.sum_over_replicas is not None:
+                kept, = p.sum_over_replicas([labels.shape[0]])
+                weight = p.parts * labels.shape[0] / kept
             images = normalise(images.to(p.device, non_blocking=True))  # uint8 crops mostly
-            yield p.prepare(images), labels.to(p.device, non_blocking=True), 1.0
+            yield p.prepare(images), labels.to(p.device, non_blocking=True), weight
 
     def eval_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This replica's share of the evaluation split, single centre crops."""

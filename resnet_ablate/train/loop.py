@@ -156,7 +156,8 @@ class _Run:
         self.step = Step(self.model, recipe, execution, replicas)
         self.feed = feed_for(data, Placement(device, execution.images, seed, recipe.augment,
                                              replicas.rank, replicas.world, recipe.lighting,
-                                             recipe.mean == "pixel", recipe.test_views))
+                                             recipe.mean == "pixel", recipe.test_views,
+                                             replicas.sums))
         if not self.feed.fixed_shapes and (execution.compile or execution.cuda_graphs):
             self.feed.example_batches(recipe.batch_size, recipe.eval_batch_size)  # says why not
         self.schedule = Schedule(recipe, hooks.log)

@@ -1,22 +1,29 @@
-"""Compile the real kernel launches of a ResNet-50 training step for sm_90, with no GPU present.
+"""Compile the real kernel launches of ResNet-50 and ResNet-56 training steps for sm_90, with no GPU.
 
-Run as a script (tests/test_kernels.py does, in a process without TRITON_INTERPRET, since the
-interpreter replaces the compiler). For each ResNet-50 activation shape (N=256, bf16: the stem's
-64x112x112 and the stages' 256x56x56, 512x28x28, 1024x14x14, 2048x7x7) in NCHW and channels_last,
-`plan_forward` and `plan_backward` describe the launches of a training forward and backward (with
-a residual and ReLU) on meta tensors, and each launch is compiled ahead of time with its arguments
-specialized by Triton's own JIT rules. Reduction grids are sized by the runtime's one-wave rule,
-from the registers of these sm_90 binaries.
+Run as a script, `python compile_kernels_for_hopper.py [shard shards]` for every `shards`-th case
+(tests/test_kernels.py runs shards side by side, in processes without TRITON_INTERPRET, since the
+interpreter replaces the compiler). For every fused epilogue of the two networks (bf16, NCHW and
+channels_last), `plan_forward` and `plan_backward` describe the launches of a training forward
+and backward on meta tensors, and each launch is compiled ahead of time with its arguments
+specialized by Triton's own JIT rules. The epilogues: ResNet-50 (ImageNet, N=256) ends each
+bottleneck with BN + residual + ReLU at 256x56x56, 512x28x28, 1024x14x14 and 2048x7x7, and its
+stem and inner convolutions with BN + ReLU at 64x112x112, 64x56x56, 128x56x56, 128x28x28,
+256x28x28, 256x14x14, 512x14x14 and 512x7x7; ResNet-56 (CIFAR, N=128) has both kinds at 16x32x32,
+32x16x16 and 64x8x8. Reduction grids are sized by the runtime's one-wave rule, from the registers of
+these sm_90 binaries.
 
 It prints one JSON line per launch: the grid, registers, shared memory, local memory (spills), CTAs
-per SM and waves, and for each activation tensor the widths in bytes of its global loads and stores,
-traced in the PTX from the kernel parameter each address derives from. This is the evidence, short
-of a GPU, that activation traffic moves in 16-byte vectors, that nothing spills, and that every
-reduction runs in one wave.
+per SM and waves; for each activation tensor the widths in bytes of its global loads and stores,
+traced in the PTX from the kernel parameter each address derives from; and the SASS instructions
+per activation element of the kernel's main loop (of its whole body where it has no loop), from
+the binary's disassembly. This is the evidence, short of a GPU, that activation traffic moves in
+16-byte vectors, that nothing spills, that every reduction runs in one wave, and how much work
+each element costs.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -38,8 +45,17 @@ from resnet_ablate.kernels._occupancy import HOPPER as HOPPER_SM  # noqa: E402
 from resnet_ablate.kernels._occupancy import ctas_per_sm  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
-SHAPES = {"stem": (256, 64, 112, 112), "56": (256, 256, 56, 56), "28": (256, 512, 28, 28),
-          "14": (256, 1024, 14, 14), "7": (256, 2048, 7, 7)}
+# (name, shape, residual): every distinct fused epilogue of the two networks' training steps.
+CASES = [
+    *((f"resnet50 {c}x{hw}x{hw} +residual", (256, c, hw, hw), True)
+      for c, hw in ((256, 56), (512, 28), (1024, 14), (2048, 7))),
+    *((f"resnet50 {c}x{hw}x{hw}", (256, c, hw, hw), False)
+      for c, hw in ((64, 112), (64, 56), (128, 56), (128, 28), (256, 28), (256, 14), (512, 14),
+                    (512, 7))),
+    *((f"resnet56 {c}x{hw}x{hw}{suffix}", (128, c, hw, hw), residual)
+      for c, hw in ((16, 32), (32, 16), (64, 8))
+      for residual, suffix in ((True, " +residual"), (False, ""))),
+]
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 ACTIVATIONS = {"x_ptr", "residual_ptr", "out_ptr", "grad_ptr", "grad_input_ptr", "grad_residual_ptr"}
 REDUCTIONS = {"_batch_stats_partial_kernel", "_backward_reduce_kernel"}
@@ -58,13 +74,23 @@ def compile_launch(kernel, args, constexprs, num_warps):
                           options=parsed.__dict__)
 
 
+def _cuobjdump(compiled, option: str) -> str:
+    return _cuobjdump_binary(compiled.asm["cubin"], option)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuobjdump_binary(cubin: bytes, option: str) -> str:
+    """cuobjdump's report, once per distinct binary: most launches share one with another."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([str(CUOBJDUMP), option, f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
 def resources(compiled) -> dict[str, int]:
     """REG, SHARED, LOCAL and STACK of the binary, as cuobjdump reports them."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        report = subprocess.run([str(CUOBJDUMP), "-res-usage", f.name], capture_output=True,
-                                text=True, check=True).stdout
+    report = _cuobjdump(compiled, "-res-usage")
     line = next(l for l in report.splitlines() if "REG:" in l)
     return {key: int(value) for key, value in re.findall(r"(REG|SHARED|LOCAL|STACK):(\d+)", line)}
 
@@ -73,6 +99,37 @@ def reduction_programs(kernel, args, constexprs, num_warps, device):
     """The runtime's one-wave rule, on the registers of the sm_90 binary."""
     used = resources(compile_launch(kernel, args, constexprs, num_warps))
     return HOPPER_SM.sms * ctas_per_sm(used["REG"], num_warps, used["SHARED"])
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
+
+
+def main_loop_instructions(sass: str) -> tuple[int, bool]:
+    """(instructions, looped): the SASS instructions of the kernel's main loop, the largest span
+    from a backward branch's target to that branch that holds a global load, or of its whole
+    body (up to its last EXIT) where no loop loads from global memory."""
+    code = [(int(address, 16), text.strip()) for address, text in _SASS_LINE.findall(sass)]
+    loops = []
+    for address, text in code:
+        target = re.search(r"\bBRA\s+(?:`?\(?)0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < address:
+            start = int(target.group(1), 16)
+            body = [t for a, t in code if start <= a <= address]
+            if any(t.split()[0].lstrip("@!P0123456789 ").startswith("LDG")
+                   or " LDG" in t for t in body):
+                loops.append(len(body))
+    if loops:
+        return max(loops), True
+    last_exit = max(a for a, t in code if t.endswith("EXIT"))
+    return sum(1 for a, t in code if a <= last_exit and t != "NOP"), False
+
+
+def elements_per_thread(launch) -> int:
+    """Activation elements one thread handles per tile (per loop iteration)."""
+    constexprs = launch.constexprs
+    lanes = constexprs["SPAN"] if "SPAN" in constexprs else \
+        constexprs["BLOCK_R"] * constexprs["BLOCK_C"]
+    return max(1, lanes // (32 * launch.num_warps))
 
 
 _INSTRUCTION = re.compile(r"^(?:@!?%p\d+\s+)?([a-z][\w.]*)\s+(.*);$")
@@ -140,12 +197,19 @@ def describe(shape_name: str, layout: str, step: str, launch) -> dict[str, objec
     names = list(kernel.signature.parameters)
     runtime_names = [n for n, p in zip(names, kernel.params) if not p.is_constexpr]
     widths = access_widths(compiled.asm["ptx"], _ptx_param_names(compiled, names, runtime_names))
+    activations = {n: sorted(set(w)) for n, w in widths.items() if n in ACTIVATIONS}
+    per_element = None
+    if activations:
+        instructions, looped = main_loop_instructions(_cuobjdump(compiled, "-sass"))
+        per_element = {"instructions": instructions, "looped": looped,
+                       "elements_per_thread": elements_per_thread(launch),
+                       "per_element": instructions / elements_per_thread(launch)}
     return {
         "shape": shape_name, "layout": layout, "step": step, "kernel": kernel.fn.__name__,
         "grid": list(launch.grid), "num_warps": launch.num_warps, "registers": used["REG"],
         "shared": used["SHARED"], "local": used["LOCAL"], "stack": used["STACK"],
         "ctas_per_sm": ctas, "waves": programs / (HOPPER_SM.sms * ctas),
-        "activation_bytes": {n: sorted(set(w)) for n, w in widths.items() if n in ACTIVATIONS},
+        "activation_bytes": activations, "sass": per_element,
     }
 
 
@@ -156,19 +220,22 @@ def _ptx_param_names(compiled, names, runtime_names) -> list[str]:
     return [n for n in runtime_names if n not in constants]
 
 
-def main() -> None:
-    for shape_name, shape in SHAPES.items():
+def main(shard: int = 0, shards: int = 1) -> None:
+    """Describe the launches of every `shards`-th case from `shard` on (shards compile apart)."""
+    for case, shape, residual in CASES[shard::shards]:
         for layout, memory_format in LAYOUTS.items():
             x = torch.empty(shape, dtype=torch.bfloat16, device="meta").to(memory_format=memory_format)
             channels = torch.empty(shape[1], device="meta")
-            forward = kernels.plan_forward(x, channels, channels, x, None, None, 1e-5, True,
-                                           reduction_programs=reduction_programs)
-            backward = kernels.plan_backward(x, x, x, channels, channels, channels, 1e-5, True, True,
-                                             reduction_programs=reduction_programs)
+            forward = kernels.plan_forward(x, channels, channels, x if residual else None, None,
+                                           None, 1e-5, True, reduction_programs=reduction_programs)
+            backward = kernels.plan_backward(x, x, x, channels, channels, channels, 1e-5, True,
+                                             residual, reduction_programs=reduction_programs)
             for step, call in (("forward", forward), ("backward", backward)):
                 for launch in call.launches:
-                    print(json.dumps(describe(shape_name, layout, step, launch)), flush=True)
+                    print(json.dumps(describe(case, layout, step, launch)), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(*(int(a) for a in sys.argv[1:3]))  # [shard shards]

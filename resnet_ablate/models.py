@@ -40,11 +40,13 @@ class DownsamplingWarning(UserWarning):
 class ResNet(nn.Module):
     """A residual (or plain) network described by `arch`; `arch` is kept on the module."""
 
-    # The version a state_dict saved from this class carries in its metadata: 2, or 3 for an
-    # ImageNet bottleneck net with "v1.5" downsampling; torchvision's and timm's carry the
-    # default 1 (and are v1.5). That is how loading tells a checkpoint's stride placement, which
-    # no key or shape shows.
+    # A checkpoint's stride placement, which no other key or shape shows: a v1 ImageNet
+    # bottleneck net's state_dict holds the tensor V1_KEY, which survives dict(), a stripped
+    # `module.` prefix and safetensors (all of which drop metadata); v1.5 nets, like torchvision's
+    # and timm's, hold none, so their state_dicts stay interchangeable. The metadata version (2,
+    # or 3 for v1.5) is how checkpoints saved before V1_KEY tell theirs.
     _version = 2
+    V1_KEY = "downsampling_v1"
 
     def __init__(
         self,
@@ -118,11 +120,17 @@ class ResNet(nn.Module):
         nets, the ones torchvision's and timm's weights fit."""
         return self.arch.family == "imagenet" and self.arch.block == "bottleneck"
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._strides_matter() and self.arch.downsampling == "v1":
+            destination[prefix + self.V1_KEY] = torch.ones((), dtype=torch.uint8)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
         if self._strides_matter():
-            saved = local_metadata.get("version", 1)
-            saved_v1 = saved == 2  # this toolkit's v1 net; 1 (torchvision, timm) and 3 are v1.5
+            # this toolkit's v1 net: V1_KEY, or (saved before it) metadata version 2; torchvision's
+            # and timm's (version 1) and this toolkit's v1.5 (3) are v1.5
+            saved_v1 = prefix + self.V1_KEY in state_dict or local_metadata.get("version", 1) == 2
             mine = self.arch.downsampling
             if saved_v1 != (mine == "v1"):
                 source = ("this toolkit's v1 net" if saved_v1 else
@@ -137,6 +145,8 @@ class ResNet(nn.Module):
                     DownsamplingWarning, stacklevel=4)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if self._strides_matter() and prefix + self.V1_KEY in unexpected_keys:
+            unexpected_keys.remove(prefix + self.V1_KEY)  # read above, not a parameter
 
 
 class BuildOptions(TypedDict, total=False):

@@ -103,3 +103,11 @@ def test_an_unfused_model_exports_to_onnx_and_onnx_runtime_computes_the_same(dyn
     session = onnxruntime.InferenceSession(tmp_path / "model.onnx")
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     torch.testing.assert_close(torch.from_numpy(out), model(x).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_from_torchvision_refuses_a_dilated_block_by_name():
+    tv = small_tv_resnet(TVBottleneck, layers=(1, 1, 1, 2))
+    tv.layer4[1].conv2.dilation, tv.layer4[1].conv2.padding = (2, 2), (2, 2)
+    with pytest.raises(ValueError, match=r"layer4\.1\.conv2 has dilation \(2, 2\) \(a dilated net\).*"
+                                         r"It converts torchvision's resnet18"):
+        from_torchvision(tv)

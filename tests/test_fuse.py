@@ -371,3 +371,26 @@ def test_the_toolkits_own_v1_checkpoints_load_without_a_warning(tmp_path):
         warnings.simplefilter("error")
         resnet50(downsampling="v1").load_state_dict(state)
         resnet50(downsampling="v1.5").load_state_dict(randomize(TVResNet(TVBottleneck, [3, 4, 6, 3])).state_dict())
+
+
+def _strip_module_prefix(state):
+    return {key.removeprefix("module."): value for key, value in state.items()}
+
+
+@pytest.mark.parametrize("manipulation", [
+    dict,
+    lambda state: _strip_module_prefix({f"module.{k}": v for k, v in state.items()}),  # DataParallel's
+    lambda state: {k: v.detach().clone().contiguous() for k, v in state.items()},  # what safetensors keeps
+], ids=["dict()", "module. prefix stripped", "tensors only (safetensors)"])
+def test_the_stride_placement_survives_the_usual_manipulations_of_a_state_dict(manipulation):
+    v1_state = manipulation(resnet50(downsampling="v1").state_dict())
+    assert not hasattr(v1_state, "_metadata")  # the metadata is gone; the placement is not
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resnet50(downsampling="v1").load_state_dict(v1_state, strict=True)  # no false warning
+    with pytest.warns(DownsamplingWarning, match="this toolkit's v1 net .* Build it with downsampling='v1'"):
+        resnet50(downsampling="v1.5").load_state_dict(v1_state)  # never silently another network
+    v15_state = manipulation(resnet50(downsampling="v1.5").state_dict())
+    with pytest.warns(DownsamplingWarning, match="a v1.5 net"):
+        resnet50(downsampling="v1").load_state_dict(v15_state)
+    assert set(v15_state) == set(TVResNet(TVBottleneck, [3, 4, 6, 3]).state_dict())  # torchvision's keys

@@ -16,7 +16,7 @@ from torch import nn
 
 from real_libraries import LibrariesAbsent, real_libraries
 from reference_models import assert_same_training_step
-from resnet_ablate import FuseWarning, fuse, unfuse
+from resnet_ablate import FuseWarning, from_torchvision, fuse, unfuse
 from resnet_ablate.kernels import FusedBatchNorm2d
 
 
@@ -143,3 +143,45 @@ def test_timm_drop_path_blocks_fuse_exactly_around_the_dropped_branch(libs):
     assert {s.batch_norm for s in report.sites} >= {"layer2.0.downsample.1", "layer4.0.downsample.1"}
     assert type(model.layer2[0].bn3) is nn.BatchNorm2d
     assert_same_training_step(reference, model, torch.randn(2, 3, 32, 32))
+
+
+# ---------------------------------------------------------------- from_torchvision on the real code
+
+
+def test_from_torchvision_converts_the_libraries_plain_resnets_exactly(libs):
+    resnet, timm_resnet = libs.torchvision["resnet"], libs.timm.models.resnet
+    for model in (resnet.ResNet(resnet.Bottleneck, [1, 1, 1, 1], num_classes=10, width_per_group=128),
+                  timm_resnet.ResNet(timm_resnet.BasicBlock, [1, 1, 1, 1], num_classes=10)):
+        model.eval()
+        ours = from_torchvision(model)
+        x = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(ours(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def _refused(libs, kind):
+    resnet, timm_resnet = libs.torchvision["resnet"], libs.timm.models.resnet
+    timm_bottleneck = lambda **options: timm_resnet.ResNet(timm_resnet.Bottleneck, [1, 1, 1, 1],  # noqa: E731
+                                                           num_classes=10, **options)
+    return {
+        "resnext": lambda: resnet.ResNet(resnet.Bottleneck, [1, 1, 1, 1], groups=8, width_per_group=4),
+        "dilated": lambda: resnet.ResNet(resnet.Bottleneck, [1, 1, 1, 1],
+                                         replace_stride_with_dilation=[False, False, True]),
+        "resnet-d": lambda: timm_bottleneck(stem_type="deep", avg_down=True),
+        "seresnet": lambda: timm_bottleneck(block_args={"attn_layer": "se"}),
+        "drop_path": lambda: timm_bottleneck(drop_path_rate=0.2),
+        "drop_block": lambda: timm_bottleneck(drop_block_rate=0.2),
+    }[kind]()
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("resnext", r"layer1\.0\.conv2 has groups=8 \(a ResNeXt\)"),
+    ("dilated", r"layer4\.0's convs have strides \[1\], where this package's ResNet has 2 \(a dilated net"),
+    ("resnet-d", r"its stem conv1 is Sequential, not one 7x7 stride-2 conv"),
+    ("seresnet", r"layer1\.0: se is SEModule"),
+    ("drop_path", r"layer2\.0: drop_path is DropPath"),
+    ("drop_block", r"drop_block is DropBlock2d"),
+])
+def test_from_torchvision_refuses_what_it_cannot_convert_exactly_and_names_what_it_can(libs, kind, reason):
+    with pytest.raises(ValueError, match=reason) as refused:
+        from_torchvision(_refused(libs, kind))
+    assert "It converts torchvision's resnet18/34/50/101/152" in str(refused.value)

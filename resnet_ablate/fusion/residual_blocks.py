@@ -55,7 +55,7 @@ def _layout(children: dict[str, nn.Module]) -> tuple[tuple[str, ...], tuple[str,
     return parts, ("act1", "act2", "act3") if bottleneck else ("act1", "act2")
 
 
-def _unrecognised_because(block: nn.Module) -> str | None:
+def unrecognised_because(block: nn.Module) -> str | None:
     """Why `block` is not a standard torchvision or timm block, or None when it is."""
     children = dict(block.named_children())
     parts, activations = _layout(children)
@@ -175,7 +175,7 @@ def plan_blocks(model: nn.Module) -> BlockPlan:
         if module is model or isinstance(module, FusedBatchNorm2d) or not _looks_like_block(module):
             continue
         inside_block.append(name)
-        reason = _unrecognised_because(module)
+        reason = unrecognised_because(module)
         if reason is None:
             converted = _converted(module)
             reason = _forward_mismatch(module, converted)

@@ -848,3 +848,56 @@ def test_pytorchs_own_batchnorm2d_module_inputs(backend, batchnorm2d_module_inpu
         for got, expected in zip(*results):
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4, equal_nan=True,
                                        msg=lambda m: f"{case['desc'] or 'default'}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The eager path (no custom-op dispatch, the running-stat update in the finalize launch) against
+# the custom op that tracing and compilation see
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_the_eager_path_gives_the_custom_ops_bits(backend, channels_last):
+    x, residual, weight, bias, rm, rv, grad = _inputs((3, 5, 7, 6), torch.float32, channels_last)
+    results = []
+    for path in ("eager", "op"):
+        running = rm.clone(), rv.clone()
+        leaves = [t.detach().clone().requires_grad_() for t in (x, residual, weight, bias)]
+        xl, rl, wl, bl = leaves
+        with use_backend(backend):
+            if path == "eager":
+                out = fused_batch_norm(xl, *running, wl, bl, True, 0.1, 1e-5, residual=rl)
+            else:
+                out, mean, var = torch.ops.resnet_ablate.batch_norm_act(xl, wl, bl, rl, None, None,
+                                                                        1e-5, True)
+                count = x.numel() // x.shape[1]
+                torch.ops.resnet_ablate.update_running_stats_(*running, mean, var, 0.1,
+                                                              count / (count - 1))
+            out.backward(grad)
+        results.append([out, *running, *(leaf.grad for leaf in leaves)])
+    for eager, op in zip(*results):
+        assert torch.equal(eager, op)
+
+
+def test_a_training_layer_launches_three_kernels_forward_and_three_backward(monkeypatch):
+    """Statistics, finalize (with the running-stat update), normalize; reduce, finalize,
+    elementwise: the update has no launch of its own on the eager path."""
+    from resnet_ablate.kernels import _triton_impl
+
+    launched = []
+    real_call = _triton_impl.KernelLaunch.__call__
+    monkeypatch.setattr(_triton_impl.KernelLaunch, "__call__",
+                        lambda launch: (launched.append(launch.kernel.fn.__name__),
+                                        real_call(launch)))
+    x, residual, weight, bias, rm, rv, grad = _inputs((2, 4, 5, 5), torch.float32, True)
+    x.requires_grad_()
+    rm_before = rm.clone()
+    with use_backend("triton"):
+        out = fused_batch_norm(x, rm, rv, weight, bias, True, residual=residual)
+        forward = list(launched)
+        out.backward(grad)
+    assert forward == ["_batch_stats_partial_kernel", "_batch_stats_finalize_kernel",
+                       "_forward_kernel"]
+    assert launched[3:] == ["_backward_reduce_kernel", "_backward_finalize_kernel",
+                            "_backward_elementwise_kernel"]
+    torch.testing.assert_close(rm, 0.9 * rm_before + 0.1 * x.detach().mean((0, 2, 3)))

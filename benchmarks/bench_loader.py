@@ -89,13 +89,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="per way of cropping, for the crops/s per core (0: skip it)")
     parser.add_argument("--gpu-images-per-s", type=float, default=3000.0,
                         help="a GPU's training rate to feed (3,000: ResNet-50 in bf16 on an H100)")
-    parser.add_argument("--decode-csv", default=RESULTS / "loader_decode.csv")
+    parser.add_argument("--decode-csv", help="default: loader_decode.csv beside --csv")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.decode_seconds > 0:
         threads = torch.get_num_threads()
         bench_decode.measure(image_size=args.image_size, images=24, seconds=args.decode_seconds,
-                             gpu_images_per_s=args.gpu_images_per_s, csv=args.decode_csv)
+                             gpu_images_per_s=args.gpu_images_per_s,
+                             csv=args.decode_csv or Path(args.csv).with_name("loader_decode.csv"))
         torch.set_num_threads(threads)
 
     with tempfile.TemporaryDirectory() as scratch:

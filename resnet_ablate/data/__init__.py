@@ -4,8 +4,11 @@
 - ``digits`` (digits.py): scikit-learn's bundled 8x8 handwritten digits, no download; the default.
 - ``cifar10`` / ``cifar100`` (cifar.py): the official python archives, with the paper's recipe.
 - ``synthetic`` (synthetic.py): small, seeded, learnable random data for tests.
-- ``imagefolder`` (folders.py): the ImageNet layout on disk, and ``webdataset`` (shards.py): tar
-  shards, local or behind URLs; both streamed and decoded per image (decode.py).
+- ``imagefolder`` (folders.py): the ImageNet layout on disk (ILSVRC's flat val/ with its label
+  file: val_labels.py; converted by imagenet_layout.py), and ``webdataset`` (shards.py): tar
+  shards, local or behind URLs (shard_urls.py opens them); both streamed, each image cropped where
+  crops.py says and decoded by decode.py (the paper's test-time views and preprocessing too).
+  A missing folder or shard is `DataUnavailable` (errors.py).
 
 In-memory data sets are `DataBundle`s (bundle.py) of normalised tensors, augmented on the device
 in whole batches (augment.py); feed.py places either kind on a run's device.

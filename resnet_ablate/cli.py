@@ -39,8 +39,8 @@ def _run(args: argparse.Namespace) -> int:
         return _print_plan(spec, plan_study(spec, options), args.format)
     if args.format != "table":
         print("resnet-ablate run: error: --format applies to --dry-run; a run prints a table, "
-              f"and `resnet-ablate export {spec.study} --format {args.format}` writes its trials",
-              file=sys.stderr)
+              f"and `resnet-ablate export {spec.study}{_store_options(args)} --format {args.format}` "
+              "writes its trials", file=sys.stderr)
         return 2
     summary = run_study(spec, options)
     print(f"study {summary.study}: {summary.completed} completed, {summary.failed} failed, "
@@ -55,7 +55,8 @@ def _run(args: argparse.Namespace) -> int:
                         "same command to resume")
     if summary.launched and not summary.completed and not summary.pruned:
         print(f"resnet-ablate run: error: none of the {summary.launched} trials launched completed; "
-              f"see `resnet-ablate show {summary.study} --columns number,state,failure`",
+              f"see `resnet-ablate show {summary.study}{_store_options(args)} --columns "
+              "number,state,failure`",
               file=sys.stderr)
         return 1
     from .report import summary_with_training_error
@@ -67,6 +68,23 @@ def _run(args: argparse.Namespace) -> int:
         print(results.format_table(table))
         _footnotes(table)
     return 0
+
+
+def _metric_help() -> str:
+    from .record import METRICS
+
+    return (f"the numeric column the statistics are over (default test_error): one of "
+            f"{', '.join(METRICS)}, or any numeric column `resnet-ablate show STUDY` lists")
+
+
+def _store_options(args: argparse.Namespace) -> str:
+    """The --storage / --runs-dir a run was given, for the commands its messages suggest: without
+    them those commands would look in the default runs folder."""
+    import shlex
+
+    if args.storage:
+        return f" --storage {shlex.quote(args.storage)}"
+    return f" --runs-dir {shlex.quote(str(args.runs_dir))}" if args.runs_dir else ""
 
 
 def _print_plan(spec, planned, fmt: str = "table") -> int:
@@ -139,7 +157,12 @@ def _query(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
 def _load(args: argparse.Namespace):
     from .results import load
 
-    return load(args.study, storage=args.storage, runs_dir=args.runs_dir).where(args.where)
+    results = load(args.study, storage=args.storage, runs_dir=args.runs_dir)
+    selected = results.where(args.where)
+    if args.where and selected.trials.empty and not results.trials.empty:
+        print(f"resnet-ablate: --where {args.where!r} matched none of the study's "
+              f"{len(results.trials)} trials", file=sys.stderr)
+    return selected
 
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -363,14 +386,14 @@ def _add_query_commands(sub) -> None:
     export.add_argument("--sort", help="columns to sort by, comma-separated")
     summary = query("summary", "mean, std and 95%% CI of the test error over seeds per configuration")
     summary.add_argument("--by", help="columns to group by, comma-separated (default: the swept ones)")
-    summary.add_argument("--metric", default="test_error")
+    summary.add_argument("--metric", default="test_error", help=_metric_help())
     compare = query("compare", "paired differences against a baseline level, with CI and p-value")
     compare.add_argument("--factor", required=True, help="the swept column to compare, e.g. shortcut")
     compare.add_argument("--baseline", required=True, help="the level to compare against, e.g. A")
-    compare.add_argument("--metric", default="test_error")
+    compare.add_argument("--metric", default="test_error", help=_metric_help())
     effects = query("effects", "main effects and two-factor interactions of every swept factor, "
                                "with CI and p-value")
-    effects.add_argument("--metric", default="test_error")
+    effects.add_argument("--metric", default="test_error", help=_metric_help())
     effects.add_argument("--importance", action="store_true",
                          help="instead: each factor's share of the metric's variance over the "
                          "trials (Optuna's fANOVA; no interval)")

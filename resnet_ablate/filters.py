@@ -59,6 +59,16 @@ def filter_mask(frame: pd.DataFrame, text: str) -> pd.Series:
         raise FilterError(f"{text!r}: the columns and values do not compare ({error})") from None
 
 
+def _folded(operand: Any) -> Any:
+    """Text as levels are told apart (a spec refuses `[A, a]` as one level listed twice): without
+    case, so that `shortcut == 'a'` selects the trials of level A."""
+    if isinstance(operand, str):
+        return operand.casefold()
+    if isinstance(operand, pd.Series) and (operand.dtype == object or pd.api.types.is_string_dtype(operand)):
+        return operand.map(lambda v: v.casefold() if isinstance(v, str) else v)
+    return operand
+
+
 class _Interpreter:
     def __init__(self, frame: pd.DataFrame, text: str) -> None:
         self.frame = frame
@@ -93,12 +103,17 @@ class _Interpreter:
         for op, right in zip(node.ops, node.comparators):
             if isinstance(op, (ast.In, ast.NotIn)):
                 values = self.values(right)
-                selected = self.column(left).isin(values)
+                column = self.column(left)
+                if any(isinstance(v, str) for v in values):
+                    column, values = _folded(column), [_folded(v) for v in values]
+                selected = column.isin(values)
                 result &= ~selected if isinstance(op, ast.NotIn) else selected
             elif type(op) in _COMPARISONS:
                 a, b = self.operand(left), self.operand(right)
                 if not isinstance(a, pd.Series) and not isinstance(b, pd.Series):
                     raise self.fail(node, "a comparison needs a column on one side")
+                if isinstance(op, (ast.Eq, ast.NotEq)) and (isinstance(a, str) or isinstance(b, str)):
+                    a, b = _folded(a), _folded(b)
                 result &= _COMPARISONS[type(op)](a, b).astype("boolean")
             else:
                 raise self.fail(node, "not a comparison the language has")

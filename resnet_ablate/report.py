@@ -20,10 +20,12 @@ import pandas as pd
 from .results import FOOTNOTE_COLUMNS, Results, ResultsError, display_frame, footnotes
 
 _STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 1em auto; padding: 0 1em; max-width: 90em; color: #222; }
+p, ul, h1, h2, h3 { max-width: 70em; }
 .wide { overflow-x: auto; max-width: 100%; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.85em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.8em; }
+th, td { border: 1px solid #ccc; padding: 0.2em 0.45em; text-align: right; }
+.wide td { white-space: nowrap; }  /* a number is never cut across lines */
 th { background: #f3f3f3; }
 img { max-width: 100%; border: 1px solid #eee; }
 .note { color: #777; font-style: italic; }
@@ -140,9 +142,8 @@ def render_report(results: Results, *, responses: bool = True) -> str:
         summary = summary_with_training_error(results)
         parts.append(_table(summary))
         parts.append(_footnotes(summary))
-    except ResultsError as error:
-        parts.append(f'<p class="note">{html.escape(str(error))}</p>')
-        parts.append("</body></html>")
+    except ResultsError as error:  # no completed trial: what there is, and why trials failed
+        parts += [f'<p class="note">{html.escape(str(error))}</p>', _trials(results), "</body></html>"]
         return "\n".join(parts)
 
     parts.append("<h2>Paired comparisons</h2>")
@@ -186,12 +187,15 @@ def render_report(results: Results, *, responses: bool = True) -> str:
                      "evaluation images, mean over seeds.</p>")
         parts.append(_plot(results, "responses", "layer responses"))
 
-    parts.append("<h2>Trials</h2>")
+    parts += [_trials(results), "</body></html>"]
+    return "\n".join(parts)
+
+
+def _trials(results: Results) -> str:
+    """Every trial with its state, and the reason for each failed or pruned one."""
     columns = ["number", "state", *results.swept, "seed", "params", "flops", "test_error",
                "train_error", "epochs", "wall_seconds", "failure"]
-    parts.append(_table(results.trials[list(dict.fromkeys(columns))]))
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return "<h2>Trials</h2>\n" + _table(results.trials[list(dict.fromkeys(columns))])
 
 
 def write_report(results: Results, path: str | Path, *, responses: bool = True) -> Path:

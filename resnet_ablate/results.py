@@ -43,8 +43,8 @@ from .filters import FilterError, filter_mask
 from .record import (DIRECTIONS, METRICS, VIEW_METRICS, StudyKey, TrialKey, metric_values,
                      unpack_outcomes)
 from .spec import adaptive_rule
-from .storage import (ResultsError, StoreError, default_storage, runs_folder, sqlite_path,
-                      store_faults, weights_folder)
+from .storage import (RUNS_ENVIRONMENT_VARIABLE, ResultsError, StoreError, default_storage, runs_folder,
+                      sqlite_path, store_faults, weights_folder)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -83,13 +83,17 @@ def _open_storage(storage: str) -> optuna.storages.BaseStorage:
         raise ResultsError(str(error)) from None
 
 
+_RUNS_FOLDER_HINT = (f" (the runs folder is --runs-dir / runs_dir, else ${RUNS_ENVIRONMENT_VARIABLE}, "
+                     "else ./runs)")
+
+
 def _databases_beside(path: Path) -> str:
     folder = path.parent.resolve()
     found = sorted(p.name for p in folder.glob("*.db")) if folder.is_dir() else []
     if found:
-        return f"databases in {folder}/: {', '.join(found)}"
-    return (f"{folder}/ holds no .db file; run a study first, or pass --storage / --runs-dir, or "
-            "the path of the study's .db file")
+        return f"databases in {folder}/: {', '.join(found)}" + _RUNS_FOLDER_HINT
+    return (f"{folder}/ holds no .db file; run a study first, or pass --storage / --runs-dir (or "
+            f"set ${RUNS_ENVIRONMENT_VARIABLE}), or the path of the study's .db file")
 
 
 def _summaries(storage: str) -> list[optuna.study.StudySummary]:
@@ -601,9 +605,10 @@ def _paired_row(factor: str, level: Any, baseline: Any, metric: str, configurati
 
 def _store_file(study: str) -> Path | None:
     """The .db file `study` names where it is a path, not a study's name (a name never holds a
-    separator: specs refuse one); None for a name. `runs/quickstart` finds runs/quickstart.db."""
+    separator; one ending in .db is read as a file's, existing or not); None for a name.
+    `runs/quickstart` finds runs/quickstart.db."""
     path = Path(study).expanduser()
-    if not ("/" in study or os.sep in study or (path.suffix == ".db" and path.is_file())):
+    if not ("/" in study or os.sep in study or path.suffix == ".db"):
         return None
     for candidate in (path, path.with_name(path.name + ".db")):
         if candidate.is_file():
@@ -611,27 +616,39 @@ def _store_file(study: str) -> Path | None:
     raise ResultsError(f"no study store file {path}; {_databases_beside(path)}")
 
 
-def load(study: str, storage: str | None = None, runs_dir: str | Path | None = None) -> Results:
+def _only_study(study: str, storage: str) -> str:
+    """The one study a store holds, which a path or URL given for the study names."""
+    names = [s.study_name for s in _summaries(storage)]
+    if len(names) != 1:
+        raise ResultsError(f"{study} holds {len(names)} studies ({', '.join(names) or 'none'}); "
+                           f"load one by name: load(NAME, storage={storage!r})")
+    return names[0]
+
+
+def load(study: str | os.PathLike[str], storage: str | None = None,
+         runs_dir: str | Path | None = None) -> Results:
     """The trials of a study, finished or still running, as a Results object (read-only).
 
-    `study` is a study's name (found in `storage`, by default RUNS_DIR/STUDY.db, relative to the
-    working folder unless `runs_dir` is absolute), or the path of a study's .db file, which works
-    from any folder (a store that holds several studies then needs the name and `storage`).
+    `study` is a study's name (found in `storage`, by default RUNS_DIR/STUDY.db, where RUNS_DIR is
+    `runs_dir`, else $RESNET_ABLATE_RUNS, else ./runs), the path of a study's .db file (a str or
+    Path; works from any folder), or a storage URL; a store that holds several studies then needs
+    the name and `storage`.
     """
+    study = os.fspath(study)
+    if storage is None and "://" in study:  # a URL given where the name goes
+        storage = study
+        study = _only_study(study, storage)
     path = _store_file(study) if storage is None else None
     if path is not None:
         storage = f"sqlite:///{path.resolve()}"
-        names = [s.study_name for s in _summaries(storage)]
-        if len(names) != 1:
-            raise ResultsError(f"{study} holds {len(names)} studies ({', '.join(names) or 'none'}); "
-                               f"load one by name: load(NAME, storage={storage!r})")
-        study = names[0]
+        study = _only_study(study, storage)
+    in_runs_folder = storage is None
     storage = storage or default_storage(study, runs_dir)
     backend = _open_storage(storage)
     names = [s.study_name for s in _summaries(storage)]
     if study not in names:
         raise ResultsError(f"no study {study!r} in {storage}; studies there: "
-                           f"{', '.join(names) or 'none'}")
+                           f"{', '.join(names) or 'none'}" + (_RUNS_FOLDER_HINT if in_runs_folder else ""))
     loaded = optuna.load_study(study_name=study, storage=backend)
     trials = loaded.get_trials(deepcopy=False)
     spec = loaded.user_attrs.get(StudyKey.SPEC) or {}

@@ -38,7 +38,10 @@ def library_versions() -> dict[str, str]:
     import optuna
     import triton
 
+    from . import __version__
+
     return {
+        "resnet-ablate": __version__,
         "python": platform.python_version(), "torch": torch.__version__,
         "triton": triton.__version__, "ray": ray.__version__, "optuna": optuna.__version__,
     }

@@ -1,0 +1,140 @@
+"""How a study is named when its results are read: a name, a path (str or Path), a storage URL;
+what a miss says; and the command line's hints and notes around it."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+
+import optuna
+import pytest
+
+from resnet_ablate import results
+from resnet_ablate.cli import _store_options, build_parser, main
+from resnet_ablate.storage import ResultsError
+
+
+@pytest.fixture
+def own_runs(tmp_path, monkeypatch):
+    """A runs folder holding study `s1` (two trials) in s1.db, away from the working folder."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "my runs"
+    folder.mkdir()
+    study = optuna.create_study(study_name="s1", storage=f"sqlite:///{folder / 's1.db'}")
+    for value in (0.5, 0.25):
+        study.add_trial(optuna.trial.create_trial(value=value))
+    return folder
+
+
+def test_a_study_is_found_by_name_by_str_or_path_and_by_storage_url(own_runs):
+    runs = own_runs
+    assert results.load("s1", runs_dir=runs).study == "s1"
+    assert results.load(runs / "s1.db").study == "s1"  # a Path, as os.fspath takes it
+    assert results.load(str(runs / "s1")).study == "s1"
+    assert results.load(f"sqlite:///{runs / 's1.db'}").study == "s1"  # a URL where the name goes
+    assert len(results.load(runs / "s1.db").trials) == 2
+
+
+def test_a_missing_store_is_named_as_given_and_the_runs_folder_rule_is_said(own_runs):
+    runs = own_runs
+    with pytest.raises(ResultsError, match=r"no study store file nosuch\.db;") as missing:
+        results.load("nosuch.db")
+    assert "nosuch.db.db" not in str(missing.value)
+    with pytest.raises(ResultsError, match=r"no study storage at .*nosuch\.db; databases in .*: s1\.db "
+                                           r"\(the runs folder is --runs-dir / runs_dir, else "
+                                           r"\$RESNET_ABLATE_RUNS, else \./runs\)"):
+        results.load("nosuch", runs_dir=runs)
+    with pytest.raises(ResultsError, match=r"RESNET_ABLATE_RUNS"):
+        results.load("s1")  # ./runs does not exist here
+    with pytest.raises(ResultsError, match=r"no study storage at .*none\.db"):
+        results.load(f"sqlite:///{runs / 'none.db'}")
+
+
+def test_the_commands_a_run_suggests_keep_its_runs_folder_and_work(own_runs, capsys):
+    runs = own_runs
+    options = _store_options(argparse.Namespace(storage=None, runs_dir=str(runs)))
+    assert options == f" --runs-dir {shlex.quote(str(runs))}"
+    assert main(["show", "s1", *shlex.split(options), "--columns", "number,state"]) == 0
+    assert _store_options(argparse.Namespace(storage="sqlite:///x.db", runs_dir=None)) == " --storage sqlite:///x.db"
+    assert _store_options(argparse.Namespace(storage=None, runs_dir=None)) == ""
+
+
+def test_a_filter_that_empties_the_result_says_so(own_runs, capsys):
+    runs = own_runs
+    assert main(["show", "s1", "--runs-dir", str(runs), "--where", "number == 7"]) == 0
+    assert "--where 'number == 7' matched none of the study's 2 trials" in capsys.readouterr().err
+    assert main(["show", "s1", "--runs-dir", str(runs), "--where", "number == 1"]) == 0
+    assert "matched none" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["summary", "compare", "effects"])
+def test_metric_has_help_naming_the_metrics(command):
+    action = next(a for a in build_parser()._subparsers._group_actions[0].choices[command]._actions
+                  if "--metric" in a.option_strings)
+    assert "test_error" in action.help and "images_per_second" in action.help and "show STUDY" in action.help
+
+
+# ---------------------------------------------------------------- the report page
+
+
+def test_a_report_without_a_completed_trial_shows_the_trials_and_why_they_failed(tmp_path):
+    from resnet_ablate import report
+    from resnet_ablate.record import TrialKey
+
+    storage = f"sqlite:///{tmp_path / 'failing.db'}"
+    study = optuna.create_study(study_name="failing", storage=storage)
+    for reason in ("CUDA out of memory at batch 512", "diverged: loss is nan at epoch 3"):
+        study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL,
+                                                  user_attrs={TrialKey.FAILURE: reason}))
+    page = report.render_report(results.load("failing", storage=storage), responses=False)
+    assert "<h2>Trials</h2>" in page
+    assert "CUDA out of memory at batch 512" in page and "diverged: loss is nan at epoch 3" in page
+
+
+def test_the_toolkits_own_version_is_recorded_with_each_trial():
+    import resnet_ablate
+    from resnet_ablate.trial import library_versions
+
+    assert library_versions()["resnet-ablate"] == resnet_ablate.__version__
+
+
+MEASURE_TABLES = """<script>document.body.insertAdjacentHTML("beforeend", "<pre id=widths>" +
+[...document.querySelectorAll("table")].map(t => t.scrollWidth + "/" + t.parentElement.clientWidth).join(" ")
++ "</pre>")</script></body></html>"""
+
+
+def test_the_reports_tables_fit_a_1280_pixel_window_in_a_real_browser(runs, tmp_path):
+    """Chromium, headless, lays the page out at 1280 px; every table must be no wider than what
+    holds it (else it scrolls and cuts columns)."""
+    import re
+    import shutil
+    import subprocess
+
+    from resnet_ablate import report
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium on this machine to lay the page out")
+    from helpers import RESULTS_STUDY
+
+    page = report.render_report(results.load(RESULTS_STUDY, runs_dir=runs), responses=False)  # conftest's study
+    (tmp_path / "page.html").write_text(page.replace("</body></html>", MEASURE_TABLES))
+    dom = subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,900",
+                          "--dump-dom", (tmp_path / "page.html").as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    widths = [tuple(map(int, pair.split("/"))) for pair in re.search(r"<pre id=\"widths\">([^<]*)", dom)[1].split()]
+    assert len(widths) >= 5 and all(0 < table <= holder for table, holder in widths), widths
+
+
+def test_where_tells_text_levels_apart_without_case_as_specs_do():
+    import pandas as pd
+
+    from resnet_ablate.filters import filter_mask
+
+    trials = pd.DataFrame({"shortcut": ["A", "B", None, "none"], "depth": [20, 56, 20, 8]})
+    assert filter_mask(trials, "shortcut == 'a'").tolist() == [True, False, False, False]
+    assert filter_mask(trials, "'a' == shortcut").tolist() == [True, False, False, False]
+    assert filter_mask(trials, "shortcut in ['b', 'NONE']").tolist() == [False, True, False, True]
+    assert filter_mask(trials, "shortcut != 'a' and depth == 20").tolist() == [False, False, True, False]
+    assert filter_mask(trials, "depth in [20]").tolist() == [True, False, True, False]  # numbers as before

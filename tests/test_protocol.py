@@ -182,3 +182,8 @@ def test_the_protocol_options_are_checked_and_refused_on_in_memory_data():
     model = build(ResNetArch(family="cifar", depth=8), num_classes=10, in_channels=1)
     with pytest.raises(ValueError, match="apply to streamed image data sets"):
         train(model, load_dataset("digits"), TrainRecipe(epochs=1, lighting=0.1), seed=0)
+    from resnet_ablate.spec import SpecError, parse_spec
+
+    with pytest.raises(SpecError, match="train.test_views: applies to imagefolder and webdataset "
+                                        r"\(the paper's ImageNet protocol\), not to digits"):
+        parse_spec({"study": "s", "space": {"depth": [8]}, "train": {"test_views": ["ten_crop"]}})

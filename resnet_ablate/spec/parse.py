@@ -156,11 +156,19 @@ def _resources(check: Checker, value: Any, dataset: DatasetSpec) -> Resources:
 
 def _check_recipe_fits(check: Checker, recipe: TrainRecipe, dataset: DatasetSpec,
                        resources: Resources) -> None:
-    """Compile and CUDA graphs need what they capture: an in-memory data set, a GPU, no scaler."""
+    """Compile and CUDA graphs need what they capture: an in-memory data set, a GPU, no scaler;
+    the paper's ImageNet protocol needs a streamed one."""
     if dataset.name in STREAMED_DATASETS and (recipe.compile or recipe.cuda_graphs):
         raise check.fail("train.compile" if recipe.compile else "train.cuda_graphs",
                          f"needs an in-memory data set (batches precompiled or captured); "
                          f"{dataset.name} is streamed from disk: set it to false")
+    protocol = [name for name, on in (("lighting", recipe.lighting), ("mean", recipe.mean == "pixel"),
+                                      ("test_views", recipe.test_views)) if on]
+    if protocol and dataset.name not in STREAMED_DATASETS:
+        raise check.fail(f"train.{protocol[0]}", f"applies to {' and '.join(STREAMED_DATASETS)} "
+                                                 f"(the paper's ImageNet protocol), not to "
+                                                 f"{dataset.name}, normalised and augmented in "
+                                                 "memory")
     if recipe.cuda_graphs and recipe.precision == "fp16":
         raise check.fail("train.cuda_graphs", "runs precision bf16 or fp32, not fp16 (its gradient "
                                               "scaler is not captured); set precision: bf16")

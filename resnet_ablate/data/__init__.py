@@ -14,7 +14,8 @@ In-memory data sets are `DataBundle`s (bundle.py) of normalised tensors, augment
 in whole batches (augment.py); feed.py places either kind on a run's device.
 """
 
-from .augment import Augmentation, CropDraws, crop_and_flip, draw_crops, gather_crops, random_crop_flip
+from .augment import (Augmentation, CropDraws, crop_and_flip, draw_crops, gather_crops,
+                      random_crop_flip)
 from .bundle import DataBundle
 from .cifar import (CIFAR10, CIFAR100, CIFAR_FORMATS, CifarArrays, CifarFormat, download_cifar,
                     read_cifar, read_cifar10, read_cifar100)
@@ -27,9 +28,9 @@ from .synthetic import SyntheticSpec
 
 __all__ = [
     "Augmentation", "CIFAR10", "CIFAR100", "CIFAR_FORMATS", "CifarArrays", "CifarFormat",
-    "CropDraws", "DIGITS_TEST_FRACTION", "DataBundle", "DataUnavailable", "DatasetShape", "FolderData", "ShardData",
-    "ShardError", "Streamed", "SyntheticSpec", "clear_dataset_cache", "crop_and_flip",
-    "dataset_shape", "download_cifar", "draw_crops", "gather_crops", "load_dataset",
-    "load_image_folder", "load_shards", "random_crop_flip", "read_cifar", "read_cifar10",
-    "read_cifar100",
+    "CropDraws", "DIGITS_TEST_FRACTION", "DataBundle", "DataUnavailable", "DatasetShape",
+    "FolderData", "ShardData", "ShardError", "Streamed", "SyntheticSpec", "clear_dataset_cache",
+    "crop_and_flip", "dataset_shape", "download_cifar", "draw_crops", "gather_crops",
+    "load_dataset", "load_image_folder", "load_shards", "random_crop_flip", "read_cifar",
+    "read_cifar10", "read_cifar100",
 ]

@@ -162,7 +162,8 @@ def _check_recipe_fits(check: Checker, recipe: TrainRecipe, dataset: DatasetSpec
         raise check.fail("train.compile" if recipe.compile else "train.cuda_graphs",
                          f"needs an in-memory data set (batches precompiled or captured); "
                          f"{dataset.name} is streamed from disk: set it to false")
-    protocol = [name for name, on in (("lighting", recipe.lighting), ("mean", recipe.mean == "pixel"),
+    protocol = [name for name, on in (("lighting", recipe.lighting),
+                                      ("mean", recipe.mean == "pixel"),
                                       ("test_views", recipe.test_views)) if on]
     if protocol and dataset.name not in STREAMED_DATASETS:
         raise check.fail(f"train.{protocol[0]}", f"applies to {' and '.join(STREAMED_DATASETS)} "

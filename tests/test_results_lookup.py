@@ -16,7 +16,7 @@ from resnet_ablate.storage import ResultsError
 
 
 @pytest.fixture
-def own_runs(tmp_path, monkeypatch):
+def study_s1(tmp_path, monkeypatch):
     """A runs folder holding study `s1` (two trials) in s1.db, away from the working folder."""
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "my runs"
@@ -27,8 +27,8 @@ def own_runs(tmp_path, monkeypatch):
     return folder
 
 
-def test_a_study_is_found_by_name_by_str_or_path_and_by_storage_url(own_runs):
-    runs = own_runs
+def test_a_study_is_found_by_name_by_str_or_path_and_by_storage_url(study_s1):
+    runs = study_s1
     assert results.load("s1", runs_dir=runs).study == "s1"
     assert results.load(runs / "s1.db").study == "s1"  # a Path, as os.fspath takes it
     assert results.load(str(runs / "s1")).study == "s1"
@@ -36,8 +36,8 @@ def test_a_study_is_found_by_name_by_str_or_path_and_by_storage_url(own_runs):
     assert len(results.load(runs / "s1.db").trials) == 2
 
 
-def test_a_missing_store_is_named_as_given_and_the_runs_folder_rule_is_said(own_runs):
-    runs = own_runs
+def test_a_missing_store_is_named_as_given_and_the_runs_folder_rule_is_said(study_s1):
+    runs = study_s1
     with pytest.raises(ResultsError, match=r"no study store file nosuch\.db;") as missing:
         results.load("nosuch.db")
     assert "nosuch.db.db" not in str(missing.value)
@@ -51,8 +51,8 @@ def test_a_missing_store_is_named_as_given_and_the_runs_folder_rule_is_said(own_
         results.load(f"sqlite:///{runs / 'none.db'}")
 
 
-def test_the_commands_a_run_suggests_keep_its_runs_folder_and_work(own_runs, capsys):
-    runs = own_runs
+def test_the_commands_a_run_suggests_keep_its_runs_folder_and_work(study_s1, capsys):
+    runs = study_s1
     options = _store_options(argparse.Namespace(storage=None, runs_dir=str(runs)))
     assert options == f" --runs-dir {shlex.quote(str(runs))}"
     assert main(["show", "s1", *shlex.split(options), "--columns", "number,state"]) == 0
@@ -60,8 +60,8 @@ def test_the_commands_a_run_suggests_keep_its_runs_folder_and_work(own_runs, cap
     assert _store_options(argparse.Namespace(storage=None, runs_dir=None)) == ""
 
 
-def test_a_filter_that_empties_the_result_says_so(own_runs, capsys):
-    runs = own_runs
+def test_a_filter_that_empties_the_result_says_so(study_s1, capsys):
+    runs = study_s1
     assert main(["show", "s1", "--runs-dir", str(runs), "--where", "number == 7"]) == 0
     assert "--where 'number == 7' matched none of the study's 2 trials" in capsys.readouterr().err
     assert main(["show", "s1", "--runs-dir", str(runs), "--where", "number == 1"]) == 0

@@ -55,6 +55,24 @@ def test_options_for_another_dataset_are_rejected():
         load_dataset("digits", synthetic=SyntheticSpec())
 
 
+def test_the_loader_takes_the_catalogues_streamed_names_and_shard_keys():
+    # The spec's catalogue is the one list: the loader streams exactly its names and checks
+    # a shards section against exactly its keys.
+    from resnet_ablate.data.shards import load_shards
+    from resnet_ablate.spec.catalogue import REQUIRED_SHARD_KEYS, SHARD_KEYS, STREAMED_DATASETS
+
+    for name in STREAMED_DATASETS:
+        with pytest.raises(ValueError, match=f"{name} needs"):
+            load_dataset(name)
+    with pytest.raises(ValueError, match="apply to imagefolder and webdataset only"):
+        load_dataset("digits", image_size=32)
+    with pytest.raises(ValueError) as refused:
+        load_shards({"bogus": 1})
+    message = str(refused.value)
+    assert message.endswith(f"valid keys: {', '.join(SHARD_KEYS)}")
+    assert f"missing {', '.join(REQUIRED_SHARD_KEYS)}" in message
+
+
 def test_cache_hands_out_one_bundle_per_argument_set():
     first = load_dataset("synthetic", seed=3)
     assert load_dataset("synthetic", seed=3) is first

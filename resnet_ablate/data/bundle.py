@@ -68,25 +68,6 @@ class DataBundle:
     def check_available(self) -> None:
         """Nothing to check: the data set is in memory (the same call as a streamed one's)."""
 
-    def metadata(self) -> dict[str, Any]:
-        """JSON-ready description for results stores (no tensors)."""
-        return {
-            "name": self.name,
-            "train_size": self.train_size,
-            "test_size": self.test_size,
-            "eval_split": self.eval_split,
-            "num_classes": self.num_classes,
-            "in_channels": self.in_channels,
-            "image_size": self.image_size,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "augmentation": None
-            if self.augmentation is None
-            else {"pad": self.augmentation.pad, "flip": self.augmentation.flip},
-            "seed": self.seed,
-            **self.extra,
-        }
-
 
 def stratified_indices(
     labels: np.ndarray, fraction: float, seed: int, *, what: str

@@ -235,12 +235,6 @@ class FolderData:
             if not folder.is_dir():
                 raise DataUnavailable(f"image folder {self.index.root}: {folder} is gone")
 
-    def metadata(self) -> dict[str, Any]:
-        return {"name": self.name, "root": str(self.index.root), "train_size": self.train_size,
-                "test_size": self.test_size, "num_classes": self.num_classes,
-                "image_size": self.image_size, "augmentation": self.augmentation,
-                "loader_workers": self.loader_workers}
-
 
 def load_image_folder(root: str | os.PathLike[str], *, image_size: int = 224,
                       augmentation: CropAugmentation = "scale",

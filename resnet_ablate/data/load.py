@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..spec import DATASETS
+from ..spec.catalogue import DATASETS, STREAMED_DATASETS
 from .bundle import DataBundle
 from .cifar import CIFAR_FORMATS, load_cifar
 from .digits import load_digits
@@ -22,7 +22,6 @@ from .synthetic import SyntheticSpec, load_synthetic
 
 # The data sets read batch by batch from disk or the network, not held in memory.
 Streamed = FolderData | ShardData
-STREAMED_NAMES = ("imagefolder", "webdataset")
 
 
 def load_dataset(
@@ -61,7 +60,7 @@ def load_dataset(
         raise ValueError(f"val_labels= applies to imagefolder only, not to {name!r}")
     if val_labels is not None:
         streamed += (("val_labels", str(val_labels)),)
-    if name in STREAMED_NAMES:
+    if name in STREAMED_DATASETS:
         return _load_streamed(name, root=root, seed=seed, shards=shards, streamed=streamed,
                               in_memory_options=validation or download or synthetic is not None,
                               cache=cache)

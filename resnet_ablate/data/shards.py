@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..spec import DEFAULT_LOADER_WORKERS
+from ..spec.catalogue import DEFAULT_LOADER_WORKERS, REQUIRED_SHARD_KEYS, SHARD_KEYS
 from .decode import (PLAIN, CropAugmentation, PixelStatistics, Preprocess, centre_pixels, collate,
                      collate_views, decode_sample, decode_views, one_thread)
 from .errors import DataUnavailable
@@ -239,12 +239,6 @@ class ShardData:
                     else ""
                 raise DataUnavailable(f"shards.{split}: shard {url} cannot be read: {why}{more}")
 
-    def metadata(self) -> dict[str, Any]:
-        return {"name": self.name, "train_shards": len(self.train_urls),
-                "test_shards": len(self.test_urls), "train_size": self.train_size,
-                "test_size": self.test_size, "num_classes": self.num_classes,
-                "image_size": self.image_size, "augmentation": self.augmentation}
-
 
 def _pipeline(urls: list[str], *stages: Any) -> torch.utils.data.IterableDataset:
     """The samples of `urls`, read by the toolkit's own opener (never a shell), each loader worker
@@ -279,9 +273,6 @@ def _repeated(loader: torch.utils.data.DataLoader) -> Iterator[tuple[torch.Tenso
             return
 
 
-SHARD_KEYS = ("train", "val", "num_classes", "train_size", "val_size")
-
-
 def load_shards(shards: dict[str, Any], *, image_size: int = 224,
                 augmentation: CropAugmentation = "scale",
                 loader_workers: int = DEFAULT_LOADER_WORKERS,
@@ -291,7 +282,7 @@ def load_shards(shards: dict[str, Any], *, image_size: int = 224,
     now (`check_url`: no `pipe:` without the opt-in), and local shards to exist; a URL is read
     when trained."""
     unknown = sorted(set(shards) - set(SHARD_KEYS))
-    missing = [k for k in ("train", "val", "num_classes") if k not in shards]
+    missing = [k for k in REQUIRED_SHARD_KEYS if k not in shards]
     if unknown or missing:
         raise ValueError(f"shards: {'unknown key(s) ' + ', '.join(unknown) if unknown else ''}"
                          f"{'; ' if unknown and missing else ''}"

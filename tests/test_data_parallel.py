@@ -44,11 +44,15 @@ def _synced_batch_norm(replicas, inputs, weights):
     return out.detach(), x.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var
 
 
-def test_synced_batch_norm_is_batch_norm_over_the_global_batch():
+def _batch_norm_inputs():
     generator = torch.Generator().manual_seed(1)
     inputs = torch.randn(7, 3, 5, 4, generator=generator) * 3 + 2  # 4 + 3 images: uneven halves
-    weights = torch.randn(7, 3, 5, 4, generator=generator)
-    results = run_replicas(_synced_batch_norm, 2, inputs, weights)
+    return inputs, torch.randn(7, 3, 5, 4, generator=generator)
+
+
+def test_synced_batch_norm_is_batch_norm_over_the_global_batch(replica_runs):
+    inputs, weights = _batch_norm_inputs()
+    results = replica_runs["synced-bn"]
 
     torch.manual_seed(0)
     reference = nn.BatchNorm2d(3, momentum=0.3)
@@ -89,13 +93,16 @@ def _train_small(replicas, train_size, recipe):
     return result, built[-1].state_dict()
 
 
+SYNCED = TrainRecipe(epochs=1, batch_size=32, sync_bn=True, precision="fp32")
+OWN_STATISTICS = TrainRecipe(epochs=4, batch_size=32, precision="fp32")
+
+
 @pytest.mark.parametrize("train_size", [32, 37], ids=["one-step", "uneven-last-batch"])
-def test_synchronised_replicas_take_the_steps_of_one_process(train_size):
+def test_synchronised_replicas_take_the_steps_of_one_process(train_size, replica_runs):
     # 37 images in batches of 32: a second step of 5 images, 3 on one replica and 2 on the
     # other, whose losses are reweighted so that the averaged gradient is the batch's.
-    recipe = TrainRecipe(epochs=1, batch_size=32, sync_bn=True, precision="fp32")
-    single, single_state = _train_small(None, train_size, recipe)
-    replicas = run_replicas(_train_small, 2, train_size, recipe)
+    single, single_state = _train_small(None, train_size, SYNCED)
+    replicas = replica_runs[f"synced-{train_size}"]
     for result, state in replicas:
         for name, value in single_state.items():
             torch.testing.assert_close(state[name].float(), value.float(), atol=1e-5, rtol=1e-5,
@@ -111,12 +118,11 @@ def test_synchronised_replicas_take_the_steps_of_one_process(train_size):
             [replace(r, seconds=0) for r in replicas[0][0].history]
 
 
-def test_replicas_with_their_own_batch_statistics_train_like_one_process():
+def test_replicas_with_their_own_batch_statistics_train_like_one_process(replica_runs):
     # The paper's multi-GPU BatchNorm: each replica normalises its half of the batch by itself,
     # which moves the numbers a little, not what is learnt.
-    recipe = TrainRecipe(epochs=4, batch_size=32, precision="fp32")
-    single, _ = _train_small(None, 128, recipe)
-    (result, state), (_, other_state) = run_replicas(_train_small, 2, 128, recipe)
+    single, _ = _train_small(None, 128, OWN_STATISTICS)
+    (result, state), (_, other_state) = replica_runs["own-statistics"]
     for name in state:  # the running statistics were averaged: one model on both replicas
         torch.testing.assert_close(state[name], other_state[name])
     assert result.history[0].train_loss == pytest.approx(single.history[0].train_loss, rel=0.05)
@@ -134,13 +140,35 @@ def _train_on_shards(replicas, root):
     return train(model, data, recipe, seed=0, threads=1, replicas=replicas).history
 
 
-def test_replicas_train_and_evaluate_on_their_own_shards(tmp_path):
-    # A process group of two: webdataset's default node splitter refuses to read under it.
+def _write_shards(root):
     for split, count in (("train", 4), ("val", 2)):
         for shard in range(2):
-            write_shard(tmp_path / f"{split}-{shard}.tar",
+            write_shard(root / f"{split}-{shard}.tar",
                         labelled_images(f"{split}{shard}-", 3, count, seed=shard))
-    first, second = run_replicas(_train_on_shards, 2, tmp_path)
+
+
+def _one_after_another(replicas, calls):
+    """Each (function, args) of `calls` run by this replica, in turn, in one process group."""
+    return [function(replicas, *args) for function, args in calls]
+
+
+@pytest.fixture(scope="module")
+def replica_runs(tmp_path_factory) -> dict[str, list]:
+    """Each replica's result, by rank, of the replica runs the tests above check: all of them in
+    one pair of spawned processes (a spawn costs two imports of torch), one run after another."""
+    shards = tmp_path_factory.mktemp("replica-shards")
+    _write_shards(shards)
+    calls = {"synced-bn": (_synced_batch_norm, _batch_norm_inputs()),
+             "synced-32": (_train_small, (32, SYNCED)), "synced-37": (_train_small, (37, SYNCED)),
+             "own-statistics": (_train_small, (128, OWN_STATISTICS)),
+             "shards": (_train_on_shards, (shards,))}
+    by_rank = run_replicas(_one_after_another, 2, list(calls.values()))
+    return {name: [results[i] for results in by_rank] for i, name in enumerate(calls)}
+
+
+def test_replicas_train_and_evaluate_on_their_own_shards(replica_runs):
+    # A process group of two: webdataset's default node splitter refuses to read under it.
+    first, second = replica_runs["shards"]
     assert [replace(r, seconds=0) for r in first] == [replace(r, seconds=0) for r in second]
     assert len(first) == 2 and all(r.skipped_images == 0 for r in first)
     assert all(0 <= r.test_error <= 1 and r.train_loss > 0 for r in first)

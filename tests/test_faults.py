@@ -296,30 +296,38 @@ def test_a_pipe_shard_url_is_refused_before_anything_runs_unless_allowed(tmp_pat
     assert os.environ[ALLOW_PIPE_URLS_ENV] == "1"
 
 
-@pytest.mark.parametrize("split", ["train", "val"])
-def test_a_trial_on_no_decodable_image_fails_with_the_reason(split, tmp_path):
-    import ray
+class TestNoDecodableImage:
+    """Both splits' trials on one local Ray (the class's), stopped before the tests after them,
+    which start Rays of their own."""
 
-    from resnet_ablate.record import FailureKind, TrialKey
-    from resnet_ablate.spec import load_spec
-    from resnet_ablate.study import RunOptions, run_study
+    @pytest.fixture(scope="class", autouse=True)
+    def ray_of_the_class(self):
+        import ray
 
-    write_shard(tmp_path / "bad.tar", [member for i in range(4) for member in
-                                       ((f"b{i}.jpg", b"not a jpeg"), (f"b{i}.cls", b"0"))])
-    raw = _shard_spec(f"no-images-{split}", tmp_path, **{split: str(tmp_path / "bad.tar")})
-    try:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
+                 log_to_driver=False)
+        yield
+        ray.shutdown()
+
+    @pytest.mark.parametrize("split", ["train", "val"])
+    def test_a_trial_on_no_decodable_image_fails_with_the_reason(self, split, tmp_path):
+        from resnet_ablate.record import FailureKind, TrialKey
+        from resnet_ablate.spec import load_spec
+        from resnet_ablate.study import RunOptions, run_study
+
+        write_shard(tmp_path / "bad.tar", [member for i in range(4) for member in
+                                           ((f"b{i}.jpg", b"not a jpeg"), (f"b{i}.cls", b"0"))])
+        raw = _shard_spec(f"no-images-{split}", tmp_path, **{split: str(tmp_path / "bad.tar")})
         summary = run_study(load_spec(write_spec(tmp_path, raw)),
                             RunOptions(runs_dir=tmp_path, progress=False))
-    finally:
-        ray.shutdown()
-    assert (summary.completed, summary.failed) == (0, 1), summary
-    (trial,) = optuna.load_study(study_name=raw["study"], storage=summary.storage).get_trials()
-    assert trial.state == optuna.trial.TrialState.FAIL
-    what = "epoch 1's training" if split == "train" else "the test split's evaluation"
-    assert trial.user_attrs[TrialKey.FAILURE] == (
-        f"NoImages: {what} had no image to score: 4 image(s) skipped as undecodable or "
-        "unlabelled, none read; check the data set's files")
-    assert trial.user_attrs[TrialKey.FAILURE_KIND] == FailureKind.ERROR
+        assert (summary.completed, summary.failed) == (0, 1), summary
+        (trial,) = optuna.load_study(study_name=raw["study"], storage=summary.storage).get_trials()
+        assert trial.state == optuna.trial.TrialState.FAIL
+        what = "epoch 1's training" if split == "train" else "the test split's evaluation"
+        assert trial.user_attrs[TrialKey.FAILURE] == (
+            f"NoImages: {what} had no image to score: 4 image(s) skipped as undecodable or "
+            "unlabelled, none read; check the data set's files")
+        assert trial.user_attrs[TrialKey.FAILURE_KIND] == FailureKind.ERROR
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")

@@ -120,7 +120,7 @@ def _print_plan(spec, planned, fmt: str = "table") -> int:
           f"{sum(p.train_tflops for p in pending):.2f} TFLOPs of training ({each})")
     from .study.costs import StudyCosts
 
-    for line in StudyCosts(spec).packing_advice():
+    for line in StudyCosts(spec).dry_run_notes(len(pending)):
         print(line)
     return 0
 

@@ -42,6 +42,11 @@ class PackingMeasurement:
 # One entry per GPU model measured; the GPU check's summary.md gives the entry to add. None yet.
 MEASURED_PACKINGS: tuple[PackingMeasurement, ...] = ()
 
+# What Ray Train costs a data-parallel trial before its first step, whatever its size: a worker
+# group, a process group and a checkpoint folder set up per trial (seconds, lowest and highest
+# measured on a 2-CPU machine, where the 2-replica studies of tests/test_data_parallel.py run).
+RAY_TRAIN_START_UP_SECONDS = (45, 60)
+
 
 def fastest_packing(aggregate_by_trials: Mapping[int, float]) -> int:
     """The trials per GPU with the highest aggregate images/s (the fewest among equals)."""
@@ -70,6 +75,18 @@ def packing_advice(gpus: float, replicas: int, image_size: int,
                      f"{m.speedup:.2f}x the images/s of one: recommended resources.gpus: "
                      f"{share:g} and workers: {m.trials_per_gpu} per GPU ({held})")
     return lines
+
+
+def start_up_cost(replicas: int, trials: int,
+                  seconds: tuple[float, float] = RAY_TRAIN_START_UP_SECONDS) -> list[str]:
+    """What a dry run says of the fixed start-up that Ray Train adds to each of `trials`
+    data-parallel trials (nothing for one-process trials, which start as plain Ray tasks)."""
+    if replicas <= 1 or trials <= 0:
+        return []
+    low, high = seconds
+    return [f"start-up: Ray Train adds {low:g}-{high:g} s to each data-parallel trial before it "
+            f"trains (measured on 2 CPUs): {trials} trials to run spend {trials * low / 60:.1f}-"
+            f"{trials * high / 60:.1f} trial-minutes starting, beside the training above"]
 
 
 class StudyCosts:
@@ -119,6 +136,12 @@ class StudyCosts:
         """The dry run's packing recommendation for this study (see `packing_advice`)."""
         resources = self.spec.resources
         return packing_advice(resources.gpus, resources.replica_count, self.shape().image_size)
+
+    def dry_run_notes(self, trials_to_run: int) -> list[str]:
+        """What a dry run prints under its plan: the packing advice and the start-up that
+        `trials_to_run` data-parallel trials pay (see `packing_advice`, `start_up_cost`)."""
+        return [*self.packing_advice(),
+                *start_up_cost(self.spec.resources.replica_count, trials_to_run)]
 
     def train_tflops(self, arch: ResNetArch) -> float:
         """Forward + backward (3x forward) over every training image and epoch."""

@@ -531,6 +531,42 @@ def test_a_run_resumed_from_a_checkpoint_is_the_run_never_interrupted(changes):
     assert resumed.images_per_second > 0 and resumed.epochs_completed == 4
 
 
+def test_a_resumed_runs_wall_time_counts_the_redone_epoch_and_the_restart():
+    import io
+    import time
+
+    class Interrupted(Exception):
+        pass
+
+    recipe = quick(epochs=3)
+    states, ends = [], []
+
+    def keep(state):
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        states.append(buffer.getvalue())
+
+    def interrupt_in_epoch_2(record):
+        ends.append(time.perf_counter())
+        if record.epoch == 2:  # epoch 2 done but not checkpointed: it is trained again
+            raise Interrupted
+
+    before = time.perf_counter()
+    with pytest.raises(Interrupted):
+        train(tiny_cnn, synthetic(), recipe, seed=5, threads=1, on_epoch=interrupt_in_epoch_2,
+              on_checkpoint=keep)
+    time.sleep(0.5)  # the restart: a new process, or Ray Train's new worker group
+    state = torch.load(io.BytesIO(states[0]), weights_only=True)  # after epoch 1
+    resumed = train(tiny_cnn, synthetic(), recipe, seed=5, threads=1, resume=state,
+                    on_epoch=lambda record: ends.append(time.perf_counter()))
+    after = time.perf_counter()
+    # The run began before its first epoch ended and ended after its last one did: its wall
+    # time holds epoch 1, the lost epoch 2, the restart, and epochs 2 and 3 trained again.
+    slack = 0.01  # the Unix clock the run counts across processes by, against this one
+    assert ends[-1] - ends[0] - slack <= resumed.wall_seconds <= after - before + slack
+    assert [r.epoch for r in resumed.history] == [1, 2, 3]
+
+
 def _train_resnet8_on_cuda(replicas, recipe):
     from resnet_ablate.arch import ResNetArch
 

@@ -169,6 +169,10 @@ class _Run:
         self.train_images, self.train_seconds = 0, 0.0
         self.compile_seconds = 0.0
         self.elapsed_before = 0.0  # wall seconds of the epochs a resumed run starts after
+        # When the run first started (the Unix clock: a resumed run is another process, maybe on
+        # another node): a resumed run's wall time counts from it, so it includes the epochs
+        # redone after the checkpoint and the restart. None until the run starts.
+        self.first_started: float | None = None
 
     def parts(self) -> dict[str, Any]:
         """The parts whose `state_dict()`s make the checkpoint, by name."""
@@ -182,7 +186,8 @@ class _Run:
             # The history under its own key: data_parallel.py counts a checkpoint's epochs by it.
             "history": [dataclasses.asdict(record) for record in self.history],
             "throughput": {"train_images": self.train_images,
-                           "train_seconds": self.train_seconds, "elapsed": elapsed},
+                           "train_seconds": self.train_seconds, "elapsed": elapsed,
+                           "started_at": self.first_started},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -193,6 +198,7 @@ class _Run:
         throughput = state["throughput"]
         self.train_images, self.train_seconds = throughput["train_images"], throughput["train_seconds"]
         self.elapsed_before = throughput["elapsed"]
+        self.first_started = throughput.get("started_at")  # absent from older checkpoints
 
     def run(self) -> TrainResult:
         if not self.execution.compile:
@@ -202,7 +208,11 @@ class _Run:
             return self._run()
 
     def _run(self) -> TrainResult:
-        started = time.perf_counter() - self.elapsed_before
+        now = time.time()
+        if self.first_started is None:
+            self.first_started = now - self.elapsed_before
+        # Never less than the checkpointed epochs' own time, were the clocks of two nodes apart.
+        started = time.perf_counter() - max(self.elapsed_before, now - self.first_started)
         if self.execution.compile:
             self.compile_seconds = self.step.compile(
                 self.hooks.compile_backend,

@@ -55,6 +55,22 @@ class LoopResult:
     marked: int = 0  # unfinished trials marked failed ("interrupted") by the stop
 
 
+def trial_task(spec: StudySpec, number: int, arch: ResNetArch, seed: int, *,
+               keep_weights: bool, checkpoints: str | None) -> TrialTask:
+    """What the worker of trial `number` is sent: `arch` trained with `seed` as `spec` says."""
+    return TrialTask(
+        trial_number=number, arch=arch.to_dict(), seed=seed,
+        dataset=spec.dataset.load_kwargs(), recipe=spec.recipe_for(arch).to_dict(),
+        # Torch threads from the trial's CPUs alone: thread counts change the sums' order, and so
+        # the results' bits, which the number of image-decoding processes must not.
+        threads=max(1, int(spec.resources.cpus)),
+        use_gpu=spec.resources.gpus > 0,
+        keep_weights=keep_weights, await_pruner=prunes(spec),
+        replicas=spec.resources.replica_count, cpus_per_replica=spec.resources.cpus,
+        checkpoints=checkpoints, max_restarts=spec.max_restarts,
+    )
+
+
 class DriverLoop:
     """One run of the driver over the work `runner.py` found left: the pending grid points (or
     the sampler's trials) launched as workers free up, each ended trial recorded, until the work,
@@ -185,16 +201,8 @@ class DriverLoop:
                                f"{prof.flops / 1e9:.3f} GFLOPs")
             self.counts[FailureKind.OVER_BUDGET] += 1
             return
-        task = TrialTask(
-            trial_number=trial.number, arch=arch.to_dict(), seed=seed,
-            dataset=self.spec.dataset.load_kwargs(), recipe=self.spec.recipe_for(arch).to_dict(),
-            # The trial's CPUs: its image-decoding workers (if any), the rest torch threads.
-            threads=max(1, int(self.spec.resources.cpus) - self.spec.dataset.decoding_workers),
-            use_gpu=self.spec.resources.gpus > 0,
-            keep_weights=self.keep_weights, await_pruner=prunes(self.spec),
-            replicas=self.spec.resources.replica_count, cpus_per_replica=self.spec.resources.cpus,
-            checkpoints=self.checkpoints, max_restarts=self.spec.max_restarts,
-        )
+        task = trial_task(self.spec, trial.number, arch, seed, keep_weights=self.keep_weights,
+                          checkpoints=self.checkpoints)
         ref = cluster.launch(self.spec, task, self.board)
         self.running[ref] = RunningTrial(trial, point, arch, seed)
 

@@ -24,20 +24,21 @@ Instructions per element: an H100 issues ~33e12 thread instructions a second (13
 schedulers x 32 lanes x 1.98 GHz) while its memory moves 3.35e12 bytes, so a kernel holds the byte
 model only while it spends at most ~20 SASS instructions per bf16 value it moves per element.
 tests/compile_kernels_for_hopper.py counts them in the sm_90 binary of every ResNet-50 and ResNet-56
-launch: all but the statistics pass fit (the backward reduce takes 12-18 for its 3-4 values, the
-elementwise passes 13-53 for 2-4), but the statistics pass, which moves one value, takes 23-28 in
-its loop (a division per element, four Welford states per lane): that, not bytes, caps the
-training forward. A training forward has three launches (statistics, the finalize with the
+launch: all fit (the backward reduce takes 12-18 for its 3-4 values, the elementwise passes 13-53
+for 2-4, the statistics pass 7-12.3 for its one: sums around a per-lane shift, no division, the
+next tile loaded before the current one is summed, 16 warps where its tiles are full). A training
+forward has three launches (statistics, the finalize with the
 running-stat update, normalize), a backward three (reduce, finalize, elementwise).
 
 Reductions are deterministic, with no atomics, and sized to one wave: the launch runs exactly as
 many programs as the GPU holds at once (from the compiled kernel's registers, see _occupancy.py),
 each walking a fixed range of tiles and accumulating per lane, with one block reduction at the end
 into its own slot of a [splits, C] buffer; a finalize kernel merges the slots in a fixed order,
-many slots at once. Statistics are Welford summaries (count, mean, M2) per lane, merged with
-Chan's formulas: exact for a constant channel, accurate whatever the values' offset (no
-sum-of-squares cancellation), and inf and NaN give what a sum over the channel gives (an inf mean,
-a NaN variance), kept apart from the finite values.
+many slots at once. Statistics are Welford summaries (count, mean, M2), made per lane from sums
+around the lane's first value (see _lane_summary) and merged with Chan's formulas: exact for a
+constant channel, accurate whatever the values' offset (no sum-of-squares cancellation over a
+channel), and inf and NaN give what a sum over the channel gives (an inf mean, a NaN variance),
+kept apart from the finite values.
 """
 
 from __future__ import annotations
@@ -105,17 +106,38 @@ def _merge(count, mean, m2, odd, axis: tl.constexpr):
 
 
 @triton.jit
-def _welford_update(count, mean, m2, odd, x, mask):
-    """One value per lane into per-lane summaries: Welford's update for a finite x, and a
-    non-finite one (inf, NaN) added to `odd`, so the channel's statistics come out as a sum over
-    it gives them (an inf mean, a NaN variance)."""
-    finite = mask & (tl.abs(x) < float("inf"))
-    odd += tl.where(mask & ~finite, x, 0.0)
-    count_new = count + finite.to(tl.float32)
-    delta = x - mean
-    mean = tl.where(finite, mean + delta / tl.where(finite, count_new, 1.0), mean)
-    m2 = tl.where(finite, m2 + delta * (x - mean), m2)
-    return count_new, mean, m2, odd
+def _shifted_update(shift, sums, squares, x, mask):
+    """One value per lane into per-lane sums of d = x - shift and of d^2: an add, a subtract and
+    a multiply-add, no division. Lanes outside the tile add 0; an inf or NaN x passes into the
+    sums, which is how _lane_summary tells it apart."""
+    d = tl.where(mask, x - shift, 0.0)
+    return sums + d, squares + d * d
+
+
+@triton.jit
+def _lane_summary(count, shift, sums, squares):
+    """Per-lane Welford summaries (count, mean, M2, odd) from sums around the lane's own first
+    value `shift`: M2 = sum(d^2) - sum(d)^2 / count loses only digits in proportion to
+    count * (mean - shift)^2 / M2, and a lane holds a few dozen values, so one outlier as its
+    shift costs a few ulps of that lane's M2, not the channel's (summing a whole channel around
+    one value would lose them all). Non-finite sums mean the lane saw an inf or NaN: "odd" carries
+    their sum, the finalize gives the channel a sum's statistics (inf mean, NaN variance)."""
+    finite = tl.abs(sums) < float("inf")
+    safe = tl.where(count > 0, count, 1.0)
+    offset = sums / safe
+    mean = tl.where(finite, shift + offset, 0.0)
+    m2 = tl.where(finite, tl.maximum(squares - sums * offset, 0.0), 0.0)
+    return tl.where(finite, count, 0.0), mean, m2, tl.where(finite, 0.0, sums)
+
+
+@triton.jit
+def _first_shift(x, mask, axis: tl.constexpr):
+    """Each lane's shift: its first value, or where that is missing or not finite, the mean of
+    the finite values of the same channel in the tile (a value of the channel's scale)."""
+    usable = mask & (tl.abs(x) < float("inf"))
+    found = tl.sum(usable.to(tl.float32), axis)
+    typical = tl.sum(tl.where(usable, x, 0.0), axis) / tl.where(found > 0, found, 1.0)
+    return tl.where(usable, x, tl.expand_dims(typical, axis))
 
 
 @triton.jit
@@ -142,17 +164,28 @@ def _batch_stats_partial_kernel(
     first = split * tiles_per_split
     last = tl.minimum(first + tiles_per_split, tiles_total)
 
-    # Per-lane Welford summaries: one block reduction after the loop, none inside it.
-    count = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    odd = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    # Per-lane sums around a per-lane shift, no division in the loop, and one block reduction
+    # after it. The next tile's load is issued before the current tile's arithmetic, so that a
+    # load is always in flight while the lanes add.
+    n, positions, position_mask = _tile(first, L, l_blocks, BLOCK_R)
+    mask = (position_mask & (positions * 0 + first < last))[:, None] & col_mask[None, :]
+    x = tl.load(x_ptr + _offsets(n, positions, cols, sx_n, sx_c, sx_l), mask=mask, other=0.0)
+    shift = _first_shift(x.to(tl.float32), mask, 0)
+    sums = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    squares = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     for tile in range(first, last):
-        n, positions, position_mask = _tile(tile, L, l_blocks, BLOCK_R)
-        mask = position_mask[:, None] & col_mask[None, :]
-        x = tl.load(x_ptr + _offsets(n, positions, cols, sx_n, sx_c, sx_l), mask=mask, other=0.0)
-        count, mean, m2, odd = _welford_update(count, mean, m2, odd, x.to(tl.float32), mask)
-
+        n, positions, position_mask = _tile(tile + 1, L, l_blocks, BLOCK_R)
+        next_mask = (position_mask & (positions * 0 + tile + 1 < last))[:, None] & col_mask[None, :]
+        x_next = tl.load(x_ptr + _offsets(n, positions, cols, sx_n, sx_c, sx_l), mask=next_mask)
+        sums, squares = _shifted_update(shift, sums, squares, x.to(tl.float32), mask)
+        x, mask = x_next, next_mask
+    # A lane's count, worked out rather than counted: every tile of the range, less the tail
+    # tiles (the last of each sample) where the lane lies past L.
+    tail_length = L - (l_blocks - 1) * BLOCK_R
+    tails = last // l_blocks - first // l_blocks
+    lane_tiles = (last - first) - tl.where(tl.arange(0, BLOCK_R) >= tail_length, tails, 0)
+    count = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32) + lane_tiles.to(tl.float32)[:, None]
+    count, mean, m2, odd = _lane_summary(count, shift, sums, squares)
     count, mean, m2, odd = _merge(count, mean, m2, odd, 0)
     _store_summary(part_count_ptr, part_mean_ptr, part_m2_ptr, part_odd_ptr, split * C + cols,
                    col_mask, count, mean, m2, odd)
@@ -441,13 +474,21 @@ def _span_batch_stats_partial_kernel(
     split = tl.program_id(1)
     first = split * samples_per_split
     last = tl.minimum(first + samples_per_split, samples)
-    count = tl.zeros([SPAN], dtype=tl.float32)
-    mean = tl.zeros([SPAN], dtype=tl.float32)
-    m2 = tl.zeros([SPAN], dtype=tl.float32)
-    odd = tl.zeros([SPAN], dtype=tl.float32)
+    # Every lane sees every sample of the range: one count for all, and sums around each lane's
+    # first value, the next sample's load issued before this one's arithmetic.
+    x = tl.load(x_ptr + _span_base(first, C, L, BLOCK_C) + lanes,
+                mask=lane_mask & (lanes * 0 + first < last), other=0.0)
+    shift = x.to(tl.float32)
+    shift = tl.where(tl.abs(shift) < float("inf"), shift, 0.0)
+    sums = tl.zeros([SPAN], dtype=tl.float32)
+    squares = tl.zeros([SPAN], dtype=tl.float32)
     for n in range(first, last):
-        x = tl.load(x_ptr + _span_base(n, C, L, BLOCK_C) + lanes, mask=lane_mask, other=0.0)
-        count, mean, m2, odd = _welford_update(count, mean, m2, odd, x.to(tl.float32), lane_mask)
+        x_next = tl.load(x_ptr + _span_base(n + 1, C, L, BLOCK_C) + lanes,
+                         mask=lane_mask & (lanes * 0 + n + 1 < last), other=0.0)
+        sums, squares = _shifted_update(shift, sums, squares, x.to(tl.float32), lane_mask)
+        x = x_next
+    count = tl.zeros([SPAN], dtype=tl.float32) + tl.maximum(last - first, 0).to(tl.float32)
+    count, mean, m2, odd = _lane_summary(count, shift, sums, squares)
     # Per channel, merge the summaries of the lanes it owns (the others count as empty): one
     # channel at a time, so the fold needs registers for SPAN lanes, not BLOCK_C * SPAN.
     lane_channel = lanes // L
@@ -587,6 +628,12 @@ class _Tiling:
     @property
     def tiles(self) -> int:
         return self.samples * self.l_blocks
+
+    @property
+    def stats_warps(self) -> int:
+        """Warps of the statistics pass: 16 on full tiles, 8 values a thread, so its per-value
+        state (shift, two sums) leaves registers for more warps per SM than the other passes."""
+        return 16 if self.block_r * self.block_c >= 4096 else self.num_warps
 
     def split(self, programs: int) -> tuple[int, int]:
         """(tiles per split, splits) for a reduction of at most `programs` programs in all. The
@@ -743,8 +790,8 @@ def _geometry(key: tuple, inputs: Sequence[torch.Tensor | None],
               reduction: Any | None) -> _Geometry:
     """The cached geometry of a call; `key` ends with the function that sizes reductions.
     `inputs[0]` is x, None stands for a tensor the call does not use; `reduction(tiling or span,
-    dense inputs, output buffers)` gives the reduction's (kernel, provisional args, constexprs),
-    to size its split from (None: no reduction)."""
+    dense inputs, output buffers)` gives the reduction's (kernel, provisional args, constexprs,
+    num_warps), to size its split from (None: no reduction)."""
     found = _GEOMETRIES.get(key)
     if found is not None:
         return found
@@ -757,8 +804,8 @@ def _geometry(key: tuple, inputs: Sequence[torch.Tensor | None],
     per_split = splits = 0
     if reduction is not None:
         shape = span if span is not None else tiling
-        kernel, provisional, constexprs = reduction(shape, dense, buffers)
-        programs = key[-1](kernel, provisional, constexprs, shape.num_warps, x.device)
+        kernel, provisional, constexprs, num_warps = reduction(shape, dense, buffers)
+        programs = key[-1](kernel, provisional, constexprs, num_warps, x.device)
         per_split, splits = shape.split(programs)
     found = _Geometry(
         copies=tuple(d is not None and d is not t for d, t in zip(dense, inputs)),
@@ -795,12 +842,12 @@ def _forward_reduction(shape, dense, buffers):
     mean = torch.empty(channels, dtype=torch.float32, device=x.device)
     if isinstance(shape, _SpanTiling):
         provisional = (x, mean, mean, mean, mean, channels, shape.samples, 1)
-        return _span_batch_stats_partial_kernel, provisional, shape.constexprs()
+        return _span_batch_stats_partial_kernel, provisional, shape.constexprs(), shape.num_warps
     # The split does not change the binary (unspecialized), so any split measures it.
     provisional = (x, mean, mean, mean, mean, channels, shape.positions, shape.l_blocks,
                    shape.tiles, 1, *shape.strides[0])
     return (_batch_stats_partial_kernel, provisional,
-            dict(BLOCK_R=shape.block_r, BLOCK_C=shape.block_c))
+            dict(BLOCK_R=shape.block_r, BLOCK_C=shape.block_c), shape.stats_warps)
 
 
 def plan_forward(
@@ -870,7 +917,7 @@ def _stats_launch(geometry: _Geometry, x: torch.Tensor, parts) -> KernelLaunch:
         _batch_stats_partial_kernel, (tiling.col_blocks, geometry.splits),
         (x, *parts, channels, tiling.positions, tiling.l_blocks, tiling.tiles, geometry.per_split,
          *tiling.strides[0]),
-        dict(BLOCK_R=tiling.block_r, BLOCK_C=tiling.block_c), tiling.num_warps)
+        dict(BLOCK_R=tiling.block_r, BLOCK_C=tiling.block_c), tiling.stats_warps)
 
 
 @dataclass(frozen=True)
@@ -897,11 +944,11 @@ def _backward_reduction(shape, dense, buffers):
               channels)
     if isinstance(shape, _SpanTiling):
         return (_span_backward_reduce_kernel, (*common, shape.samples, 1),
-                dict(constexprs, **shape.constexprs()))
+                dict(constexprs, **shape.constexprs()), shape.num_warps)
     sx, sg, so, _, sdr = shape.strides
     return (_backward_reduce_kernel,
             (*common, shape.positions, shape.l_blocks, shape.tiles, 1, *sg, *so, *sx, *sdr),
-            dict(constexprs, BLOCK_R=shape.block_r, BLOCK_C=shape.block_c))
+            dict(constexprs, BLOCK_R=shape.block_r, BLOCK_C=shape.block_c), shape.num_warps)
 
 
 def plan_backward(

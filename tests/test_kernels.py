@@ -362,10 +362,10 @@ def test_inductor_compile_on_cuda():
 
 # SASS instructions per element in a kernel's main loop (whole body where it has none) that keep it
 # at the byte model: ~20 per bf16 value it moves per element (kernels/_triton_impl.py). The
-# statistics passes, which move one value, take 23-28 today: for them the figure is a guard against
-# regressions at today's worst, not the goal of ~20.
+# statistics passes, which move one value, sum around a per-lane shift with no division and reach
+# 7-12.3: they are held to that.
 INSTRUCTIONS_PER_VALUE_MOVED = 20
-STATISTICS_PASS_GUARD = {"_batch_stats_partial_kernel": 30, "_span_batch_stats_partial_kernel": 26}
+STATISTICS_PASS_BUDGET = {"_batch_stats_partial_kernel": 13, "_span_batch_stats_partial_kernel": 13}
 ACTIVATION_KERNELS = {
     "_batch_stats_partial_kernel", "_span_batch_stats_partial_kernel", "_forward_kernel",
     "_span_forward_kernel", "_backward_reduce_kernel", "_span_backward_reduce_kernel",
@@ -411,7 +411,7 @@ def test_resnet_launches_compile_for_hopper_with_16_byte_accesses_no_spills_one_
         if launch["sass"] is not None:
             per_element = launch["sass"]["per_element"]
             values_moved = len(launch["activation_bytes"])  # each tensor once per element
-            budget = STATISTICS_PASS_GUARD.get(launch["kernel"],
+            budget = STATISTICS_PASS_BUDGET.get(launch["kernel"],
                                                INSTRUCTIONS_PER_VALUE_MOVED * values_moved)
             assert per_element <= budget, f"{where}: {per_element:.1f} instructions per element"
     activation_kernels = {l["kernel"] for l in launches if l["activation_bytes"]}

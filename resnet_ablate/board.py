@@ -5,15 +5,11 @@ cluster.py) and every trial, in one process or as replicas, reports to it (`repo
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 
-from .record import TrialTask
-
-if TYPE_CHECKING:
-    from .train import EpochRecord
+from .record import EpochRecord, TrialTask
 
 
 class PrunedByDriver(Exception):
@@ -28,16 +24,16 @@ class TrialBoard:
     """Mailbox between running trials and the driver: epoch records in, verdicts out."""
 
     def __init__(self) -> None:
-        self._new: dict[int, list[dict[str, Any]]] = {}
+        self._new: dict[int, list[EpochRecord]] = {}
         self._stop: set[int] = set()
         self._judged: dict[int, int] = {}  # the last epoch of each trial the driver has seen
 
-    def report(self, trial_number: int, record: dict[str, Any]) -> bool:
+    def report(self, trial_number: int, record: EpochRecord) -> bool:
         """Store an epoch record; True when the driver asked this trial to stop."""
         self._new.setdefault(trial_number, []).append(record)
         return trial_number in self._stop
 
-    def drain(self) -> dict[int, list[dict[str, Any]]]:
+    def drain(self) -> dict[int, list[EpochRecord]]:
         new, self._new = self._new, {}
         return new
 
@@ -60,7 +56,7 @@ def report_epoch(task: TrialTask, board: Any | None, record: EpochRecord) -> boo
     if board is None:
         return False
     try:
-        stop = ray.get(board.report.remote(task.trial_number, asdict(record)))
+        stop = ray.get(board.report.remote(task.trial_number, record))
         if task.await_pruner:
             deadline = time.monotonic() + PRUNER_WAIT_SECONDS
             while (stop := ray.get(board.verdict.remote(task.trial_number, record.epoch))) is None \

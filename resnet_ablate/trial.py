@@ -28,10 +28,10 @@ from .board import PrunedByDriver, report_epoch
 from .data import DataBundle, DataUnavailable, Streamed, SyntheticSpec, load_dataset
 from .models import build
 from .recipe import TrainRecipe
-from .record import (DataParallelRecord, FinalEvaluation, Placement, Status, Timings,
-                     TrialOutcome, TrialTask)
+from .record import (DataParallelRecord, EpochRecord, FinalEvaluation, Placement, Status,
+                     Timings, TrialOutcome, TrialTask)
 from .replicas import Replicas
-from .train import EpochRecord, TrainResult, train
+from .train import TrainResult, train
 
 
 def library_versions() -> dict[str, str]:

@@ -74,6 +74,35 @@ def test_an_outcome_crosses_processes_and_json_unchanged():
     assert TrialOutcome.from_json(json.loads(text), weights=b"w") == outcome
 
 
+def test_an_epoch_crosses_the_mailbox_as_its_record_and_the_driver_reads_it_without_torch(
+        local_ray):
+    import subprocess
+    import sys
+
+    from resnet_ablate.board import TrialBoard, report_epoch
+    from resnet_ablate.record import EpochRecord, epoch_objective
+    from resnet_ablate.study.cluster import drain_epochs
+
+    record = EpochRecord(**CURVES[1])
+    # Its fields are the curves' stored keys: stores written before still read the same.
+    assert set(CURVES[1]) <= set(dataclasses.asdict(record))
+    task = TrialTask(trial_number=7, arch={}, seed=0, dataset={}, recipe={}, threads=1,
+                     use_gpu=False, keep_weights=False)
+    board = TrialBoard.remote()
+    assert report_epoch(task, board, record) is False  # no verdict asked: trains on
+    drained = drain_epochs(board)
+    assert drained == {7: [record]} and type(drained[7][0]) is EpochRecord
+    assert drain_epochs(board) == {}
+    assert epoch_objective(record, "test_error") == 0.35
+    assert epoch_objective(record, "test_accuracy") == complement(0.35)
+    # The driver's side of the boundary: the record unpickled with no torch loaded.
+    read = subprocess.run(
+        [sys.executable, "-c", "import pickle, sys; r = pickle.loads(sys.stdin.buffer.read()); "
+         "print(r.epoch, r.test_error, 'torch' in sys.modules)"],
+        input=pickle.dumps(record), capture_output=True, check=True).stdout.split()
+    assert read == [b"2", b"0.35", b"False"]
+
+
 def test_a_trial_run_in_this_process_returns_a_completed_outcome_with_its_weights():
     from resnet_ablate.worker import execute
 

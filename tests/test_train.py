@@ -10,7 +10,8 @@ from torch import nn
 
 from resnet_ablate.data import Augmentation, DataBundle, SyntheticSpec, load_dataset
 from resnet_ablate.models import build as build_model
-from resnet_ablate.train import WARMUP_WINDOW, EpochRecord, TrainRecipe, train
+from resnet_ablate.record import EpochRecord
+from resnet_ablate.train import WARMUP_WINDOW, TrainRecipe, train
 
 
 def tiny_cnn(in_channels: int = 1, num_classes: int = 4) -> nn.Module:

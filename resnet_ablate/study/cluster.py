@@ -19,7 +19,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..board import TrialBoard
-from ..record import PRUNABLE_OBJECTIVES, TrialTask, epoch_objective
+from ..record import PRUNABLE_OBJECTIVES, EpochRecord, TrialTask, epoch_objective
 from ..spec import StudySpec
 
 
@@ -224,7 +224,7 @@ def new_board() -> Any:
 
 
 def drain_epochs(board: Any, waiting: Any = contextlib.nullcontext) -> \
-        dict[int, list[dict[str, Any]]] | None:
+        dict[int, list[EpochRecord]] | None:
     """Per-epoch records the running trials reported since the last call, by trial number; None
     when the mailbox is unreachable (lost with its node). The wait for them runs within
     `waiting()` (the driver's: a stop signal may cut it short)."""
@@ -237,11 +237,11 @@ def drain_epochs(board: Any, waiting: Any = contextlib.nullcontext) -> \
 
 
 def report_to_pruner(spec: StudySpec, board: Any, trial: optuna.Trial,
-                     records: list[dict[str, Any]], prunes: bool) -> None:
+                     records: list[EpochRecord], prunes: bool) -> None:
     """Tell Optuna a trial's new epochs (single accuracy-type objective), and the trial the
     pruner's verdict on its latest one."""
     if len(spec.objectives) == 1 and spec.objectives[0] in PRUNABLE_OBJECTIVES:
         for record in records:
-            trial.report(epoch_objective(record, spec.objectives[0]), record["epoch"])
+            trial.report(epoch_objective(record, spec.objectives[0]), record.epoch)
     if prunes and records:
-        board.judge.remote(trial.number, records[-1]["epoch"], trial.should_prune())
+        board.judge.remote(trial.number, records[-1].epoch, trial.should_prune())

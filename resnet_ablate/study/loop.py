@@ -218,10 +218,10 @@ class DriverLoop:
             if running is None:
                 continue
             # A data-parallel trial that resumed from a checkpoint reports its later epochs again.
-            records = [r for r in records if r["epoch"] > running.epochs_done]
+            records = [r for r in records if r.epoch > running.epochs_done]
             if not records:
                 continue
-            running.epochs_done = records[-1]["epoch"]
+            running.epochs_done = records[-1].epoch
             cluster.report_to_pruner(self.spec, self.board, running.trial, records,
                                      prunes(self.spec))
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from .result import EpochRecord
+from ..record import EpochRecord
 
 # A training loss this many times the loss of guessing (ln of the class count), at two reads in a
 # row, is a blow-up, not learning: healthy runs start near 1x and go down.

@@ -42,7 +42,8 @@ from ..replicas import Replicas, synchronise_batch_norms
 from .divergence import Diverged, DivergenceWatch
 from .evaluate import Evaluation
 from ..data.feed import Placement, feed_for
-from .result import EpochRecord, TrainResult, TrainStatus, require_images
+from ..record import EpochRecord
+from .result import TrainResult, TrainStatus, require_images
 from .schedule import Schedule
 from .step import Step
 

@@ -1,4 +1,5 @@
-"""What a training run reports: one record per finished epoch and the record of the whole run."""
+"""What a training run reports: the record of the whole run (each finished epoch's record,
+`EpochRecord`, is resnet_ablate.record's: it crosses to the driver, which loads no torch)."""
 
 from __future__ import annotations
 
@@ -8,32 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..recipe import TrainRecipe
-
-
-@dataclass(frozen=True)
-class EpochRecord:
-    """One finished epoch. Train loss/error run over the epoch (train mode, augmented batches);
-    test loss/error are on the whole evaluation set in eval mode after the epoch. `lr` is the
-    rate of the epoch's last step; `seconds` covers training and evaluation."""
-
-    epoch: int
-    lr: float
-    train_loss: float
-    train_error: float
-    test_loss: float
-    test_error: float
-    seconds: float
-    # Streamed data sets only: top-5 error (a 1000-class task's second measure) and the images
-    # left out because they could not be decoded (training and evaluation together).
-    test_top5_error: float | None = None
-    skipped_images: int = 0
-    # The last epoch only, where the recipe asks for test-time views (recipe.test_views): the
-    # errors of 10-crop testing and of multi-scale fully-convolutional testing.
-    test_error_10crop: float | None = None
-    test_top5_error_10crop: float | None = None
-    test_error_multiscale: float | None = None
-    test_top5_error_multiscale: float | None = None
-
+from ..record import EpochRecord
 
 TrainStatus = Literal["completed", "diverged"]
 

@@ -24,7 +24,7 @@ Instructions per element: an H100 issues ~33e12 thread instructions a second (13
 schedulers x 32 lanes x 1.98 GHz) while its memory moves 3.35e12 bytes, so a kernel holds the byte
 model only while it spends at most ~20 SASS instructions per bf16 value it moves per element.
 tests/compile_kernels_for_hopper.py counts them in the sm_90 binary of every ResNet-50 and ResNet-56
-launch: all fit (the backward reduce takes 12-18 for its 3-4 values, the elementwise passes 13-53
+launch: all fit (the backward reduce takes 11-18 for its 3-4 values, the elementwise passes 13-35
 for 2-4, the statistics pass 7-12.3 for its one: sums around a per-lane shift, no division, the
 next tile loaded before the current one is summed, 16 warps where its tiles are full). A training
 forward has three launches (statistics, the finalize with the
@@ -430,9 +430,10 @@ def _update_running_stats_kernel(
 # 2-byte accesses. In an NCHW tensor the BLOCK_C*L values of BLOCK_C consecutive channels of one
 # sample are contiguous, though, and start aligned when BLOCK_C*L and C*L are multiples of 8: a
 # span tile reads them as one flat vector (16-byte accesses), with each lane's channel
-# `j // L` (L a compile-time constant: a multiply, not a division). Per-channel values are gathered
-# per lane, from vectors that stay in L1, and per-channel sums are folded from the lanes once per
-# program.
+# `j // L` (L a compile-time constant: a multiply, not a division). Per-channel values are
+# computed once per program for its BLOCK_C channels and spread to the lanes (tl.gather), and
+# per-channel sums come from the lanes in one segmented scan per program, read at each channel's
+# last lane.
 
 
 @triton.jit
@@ -458,10 +459,33 @@ def _span_base(n, C, L: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _fold_channels(per_lane, L: tl.constexpr, BLOCK_C: tl.constexpr, SPAN: tl.constexpr):
-    """Per-channel sums of per-lane values: channel k of the block owns lanes [k*L, (k+1)*L)."""
-    owner = tl.arange(0, SPAN)[None, :] // L == tl.arange(0, BLOCK_C)[:, None]
-    return tl.sum(tl.where(owner, per_lane[None, :], 0.0), axis=1)
+def _merge_segments(key_a, count_a, mean_a, m2_a, odd_a, key_b, count_b, mean_b, m2_b, odd_b):
+    """tl.associative_scan's combine for per-channel summaries: lanes of one channel (equal keys)
+    merge with Chan's formulas, a lane of the next channel starts afresh."""
+    count, mean, m2, odd = _welford_combine(count_a, mean_a, m2_a, odd_a,
+                                            count_b, mean_b, m2_b, odd_b)
+    same = key_a == key_b
+    return (key_b, tl.where(same, count, count_b), tl.where(same, mean, mean_b),
+            tl.where(same, m2, m2_b), tl.where(same, odd, odd_b))
+
+
+@triton.jit
+def _add_segments(key_a, g_a, gx_a, key_b, g_b, gx_b):
+    """tl.associative_scan's combine for per-channel sums of two values."""
+    same = key_a == key_b
+    return key_b, tl.where(same, g_a + g_b, g_b), tl.where(same, gx_a + gx_b, gx_b)
+
+
+@triton.jit
+def _last_lanes(lanes, lane_mask, L: tl.constexpr):
+    """The last lane of each channel: after a segmented scan it holds the channel's total."""
+    return lane_mask & (lanes % L == L - 1)
+
+
+@triton.jit
+def _per_lane(values, L: tl.constexpr, BLOCK_C: tl.constexpr, SPAN: tl.constexpr):
+    """Per-channel values of the block, [BLOCK_C], spread to the lanes each channel owns."""
+    return tl.gather(values, tl.minimum(tl.arange(0, SPAN) // L, BLOCK_C - 1), 0)
 
 
 @triton.jit(do_not_specialize=["samples", "samples_per_split"])
@@ -489,16 +513,11 @@ def _span_batch_stats_partial_kernel(
         x = x_next
     count = tl.zeros([SPAN], dtype=tl.float32) + tl.maximum(last - first, 0).to(tl.float32)
     count, mean, m2, odd = _lane_summary(count, shift, sums, squares)
-    # Per channel, merge the summaries of the lanes it owns (the others count as empty): one
-    # channel at a time, so the fold needs registers for SPAN lanes, not BLOCK_C * SPAN.
-    lane_channel = lanes // L
-    for k in range(BLOCK_C):
-        owner = (lane_channel == k) & lane_mask
-        summary = _merge(tl.where(owner, count, 0.0), tl.where(owner, mean, 0.0),
-                         tl.where(owner, m2, 0.0), tl.where(owner, odd, 0.0), 0)
-        column = tl.program_id(0) * BLOCK_C + k
-        _store_summary(part_count_ptr, part_mean_ptr, part_m2_ptr, part_odd_ptr,
-                       split * C + column, column < C, *summary)
+    # One segmented scan merges each channel's lanes; its last lane stores the channel's summary.
+    _, count, mean, m2, odd = tl.associative_scan((lanes // L, count, mean, m2, odd), 0,
+                                                  _merge_segments)
+    _store_summary(part_count_ptr, part_mean_ptr, part_m2_ptr, part_odd_ptr, split * C + channels,
+                   _last_lanes(lanes, lane_mask, L), count, mean, m2, odd)
 
 
 @triton.jit
@@ -510,16 +529,20 @@ def _span_forward_kernel(
 ):
     lanes, channels, lane_mask = _span_lanes(C, L, BLOCK_C, SPAN, EVEN_C)
     offsets = _span_base(tl.program_id(1), C, L, BLOCK_C) + lanes
-    mean, _, scale = _channel_scale(mean_ptr, var_ptr, weight_ptr, channels, lane_mask, eps,
-                                    HAS_WEIGHT)
+    # Mean, scale and shift once per channel of the block (a square root and a division for
+    # BLOCK_C channels, not for every lane), then spread to the lanes.
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    mean, _, scale = _channel_scale(mean_ptr, var_ptr, weight_ptr, cols, col_mask, eps, HAS_WEIGHT)
     shift = tl.zeros_like(mean)
     if HAS_BIAS:
-        shift = tl.load(bias_ptr + channels, mask=lane_mask, other=0.0).to(tl.float32)
+        shift = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     if EPS_ZERO:
         mean, shift = _infinite_scale_terms(mean, scale, shift)
-    y = (tl.load(x_ptr + offsets, mask=lane_mask).to(tl.float32) - mean) * scale
+    x = tl.load(x_ptr + offsets, mask=lane_mask).to(tl.float32)
+    y = (x - _per_lane(mean, L, BLOCK_C, SPAN)) * _per_lane(scale, L, BLOCK_C, SPAN)
     if HAS_BIAS or EPS_ZERO:
-        y += shift
+        y += _per_lane(shift, L, BLOCK_C, SPAN)
     if HAS_RESIDUAL:
         y += tl.load(residual_ptr + offsets, mask=lane_mask).to(tl.float32)
     if RELU:
@@ -559,10 +582,10 @@ def _span_backward_reduce_kernel(
         if STORE_GRAD_RESIDUAL:
             tl.store(grad_residual_ptr + offsets, g.to(grad_residual_ptr.dtype.element_ty),
                      mask=lane_mask)
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    slot = split * C + cols
-    tl.store(part_sum_g_ptr + slot, _fold_channels(sums_g, L, BLOCK_C, SPAN), mask=cols < C)
-    tl.store(part_sum_gx_ptr + slot, _fold_channels(sums_gx, L, BLOCK_C, SPAN), mask=cols < C)
+    _, sums_g, sums_gx = tl.associative_scan((lanes // L, sums_g, sums_gx), 0, _add_segments)
+    last_lanes = _last_lanes(lanes, lane_mask, L)
+    tl.store(part_sum_g_ptr + split * C + channels, sums_g, mask=last_lanes)
+    tl.store(part_sum_gx_ptr + split * C + channels, sums_gx, mask=last_lanes)
 
 
 @triton.jit
@@ -575,16 +598,22 @@ def _span_backward_elementwise_kernel(
 ):
     lanes, channels, lane_mask = _span_lanes(C, L, BLOCK_C, SPAN, EVEN_C)
     offsets = _span_base(tl.program_id(1), C, L, BLOCK_C) + lanes
-    mean, invstd, scale = _channel_scale(mean_ptr, var_ptr, weight_ptr, channels, lane_mask, eps,
+    # The per-channel coefficients once per channel of the block, then spread to the lanes.
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    mean, invstd, scale = _channel_scale(mean_ptr, var_ptr, weight_ptr, cols, col_mask, eps,
                                          HAS_WEIGHT)
     g = _span_masked_grad(grad_ptr, out_ptr, offsets, lane_mask, RELU)
     if BATCH_STATS:
         x = tl.load(x_ptr + offsets, mask=lane_mask).to(tl.float32)
-        mean_g = tl.load(sum_g_ptr + channels, mask=lane_mask, other=0.0) / count
-        mean_gx = tl.load(sum_gx_ptr + channels, mask=lane_mask, other=0.0) / count
-        grad_input = (g - mean_g - (x - mean) * (invstd * invstd * mean_gx)) * scale
+        mean_g = tl.load(sum_g_ptr + cols, mask=col_mask, other=0.0) / count
+        mean_gx = tl.load(sum_gx_ptr + cols, mask=col_mask, other=0.0) / count
+        projection = _per_lane(invstd * invstd * mean_gx, L, BLOCK_C, SPAN)
+        centred = x - _per_lane(mean, L, BLOCK_C, SPAN)
+        grad_input = g - _per_lane(mean_g, L, BLOCK_C, SPAN) - centred * projection
+        grad_input *= _per_lane(scale, L, BLOCK_C, SPAN)
     else:
-        grad_input = g * scale
+        grad_input = g * _per_lane(scale, L, BLOCK_C, SPAN)
     tl.store(grad_input_ptr + offsets, grad_input.to(grad_input_ptr.dtype.element_ty),
              mask=lane_mask)
 

@@ -118,12 +118,11 @@ class ResNetArch:
     fused: bool = True
 
     def __post_init__(self) -> None:
+        # Each field checked on its own first, then the layout they make together, in this order
+        # (the first error raised is the one a user sees).
         family = _check_choice("family", self.family, FAMILIES)
         block = None if self.block is None else _check_choice("block", self.block, BLOCKS)
-        shortcut = self.shortcut if self.shortcut is not None else _DEFAULT_SHORTCUT[family]
-        if isinstance(shortcut, str) and shortcut in ("a", "b", "c", "None", "NONE"):
-            shortcut = shortcut.upper() if len(shortcut) == 1 else "none"
-        shortcut = _check_choice("shortcut", shortcut, SHORTCUTS)
+        shortcut = _check_shortcut(self.shortcut, family)
         downsampling = _check_choice("downsampling", self.downsampling, DOWNSAMPLINGS)
         base_width = _check_positive_int("base_width", self.base_width)
         if not isinstance(self.fused, bool):
@@ -132,56 +131,19 @@ class ResNetArch:
         stages = None if self.stages is None else _int_tuple("stages", self.stages)
         widths = None if self.widths is None else _int_tuple("widths", self.widths)
 
-        if family == "imagenet":
-            block, stages, depth = _resolve_imagenet(block, stages, depth)
-        else:
-            if widths is not None:
-                num_stages = len(widths)
-            else:
-                num_stages = len(stages) if stages is not None else len(_DEFAULT_WIDTHS["cifar"])
-            block, stages, depth = _resolve_cifar(block, stages, depth, num_stages)
-
-        if depth > MAX_DEPTH:
-            raise ArchError(f"ResNetArch.depth={depth} is above the deepest network the toolkit "
-                            f"builds, {MAX_DEPTH} layers (the paper's deepest has 1202)")
-        if widths is None:
-            base = _DEFAULT_WIDTHS[family][0]
-            widths = tuple(base * 2**i for i in range(len(stages)))
-        if len(widths) != len(stages):
-            raise ArchError(
-                f"ResNetArch.widths={list(widths)} has {len(widths)} entries but there are "
-                f"{len(stages)} stages {list(stages)}; give one width per stage"
-            )
+        block, stages, depth = _resolve_layout(family, block, stages, depth, widths)
+        widths = _check_widths(family, depth, stages, widths)
         if block == "basic":
-            if base_width != 64:
-                raise ArchError(
-                    f"ResNetArch.base_width={base_width} applies to bottleneck blocks only; "
-                    "basic blocks need 64 (change widths instead)"
-                )
+            _check_basic_base_width(base_width)
             downsampling = "v1"  # one place to stride: both spellings are the same network
-        if shortcut == "A" or shortcut == "none":
-            expansion = EXPANSION[block]
-            channels = [widths[0], *(w * expansion for w in widths)]
-            for stage, (c_in, c_out) in enumerate(zip(channels, channels[1:]), start=1):
-                if c_out < c_in:
-                    raise ArchError(
-                        f"ResNetArch.shortcut={shortcut!r} pads channels with zeros, so stage widths "
-                        f"cannot shrink, but stage {stage} goes from {c_in} to {c_out} channels; "
-                        "use non-decreasing widths or shortcut 'B' or 'C'"
-                    )
+        _check_padded_widths(shortcut, block, widths)
 
         for name, value in (
             ("block", block), ("shortcut", shortcut), ("downsampling", downsampling),
             ("depth", depth), ("stages", stages), ("widths", widths), ("base_width", base_width),
         ):
             object.__setattr__(self, name, value)
-        weights = self.conv_weights
-        if weights > MAX_PARAMETERS:
-            raise ArchError(
-                f"ResNetArch with widths={list(widths)}, stages={list(stages)} and {block} blocks "
-                f"holds about {weights:.3g} convolution weights, above the {MAX_PARAMETERS:.0e} "
-                "the toolkit builds (the paper's largest net has 6e+07): check the widths"
-            )
+        _check_size(self)
 
     @property
     def conv_weights(self) -> int:
@@ -350,3 +312,79 @@ def _resolve_cifar(
             f"which give depth {implied}; give one of them or make them agree"
         )
     return block, stages, implied
+
+
+def _check_shortcut(shortcut: object, family: str) -> str:
+    """The shortcut option, the family's default when none is given; lower-case letters and
+    "None" are accepted as spellings of the options."""
+    shortcut = shortcut if shortcut is not None else _DEFAULT_SHORTCUT[family]
+    if isinstance(shortcut, str) and shortcut in ("a", "b", "c", "None", "NONE"):
+        shortcut = shortcut.upper() if len(shortcut) == 1 else "none"
+    return _check_choice("shortcut", shortcut, SHORTCUTS)
+
+
+def _resolve_layout(family: str, block: str | None, stages: tuple[int, ...] | None,
+                    depth: int | None, widths: tuple[int, ...] | None,
+                    ) -> tuple[str, tuple[int, ...], int]:
+    """(block, stages, depth) completed from whichever of them were given."""
+    if family == "imagenet":
+        return _resolve_imagenet(block, stages, depth)
+    if widths is not None:
+        num_stages = len(widths)
+    else:
+        num_stages = len(stages) if stages is not None else len(_DEFAULT_WIDTHS["cifar"])
+    return _resolve_cifar(block, stages, depth, num_stages)
+
+
+def _check_widths(family: str, depth: int, stages: tuple[int, ...],
+                  widths: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The depth within the toolkit's limit, and one width per stage (doubling from the family's
+    first width when none are given)."""
+    if depth > MAX_DEPTH:
+        raise ArchError(f"ResNetArch.depth={depth} is above the deepest network the toolkit "
+                        f"builds, {MAX_DEPTH} layers (the paper's deepest has 1202)")
+    if widths is None:
+        base = _DEFAULT_WIDTHS[family][0]
+        widths = tuple(base * 2**i for i in range(len(stages)))
+    if len(widths) != len(stages):
+        raise ArchError(
+            f"ResNetArch.widths={list(widths)} has {len(widths)} entries but there are "
+            f"{len(stages)} stages {list(stages)}; give one width per stage"
+        )
+    return widths
+
+
+def _check_basic_base_width(base_width: int) -> None:
+    if base_width != 64:
+        raise ArchError(
+            f"ResNetArch.base_width={base_width} applies to bottleneck blocks only; "
+            "basic blocks need 64 (change widths instead)"
+        )
+
+
+def _check_padded_widths(shortcut: str, block: str, widths: tuple[int, ...]) -> None:
+    """Shortcuts that pad with zeros (A, and none's projection-free stages) need channels that
+    never shrink from one stage to the next."""
+    if shortcut not in ("A", "none"):
+        return
+    expansion = EXPANSION[block]
+    channels = [widths[0], *(w * expansion for w in widths)]
+    for stage, (c_in, c_out) in enumerate(zip(channels, channels[1:]), start=1):
+        if c_out < c_in:
+            raise ArchError(
+                f"ResNetArch.shortcut={shortcut!r} pads channels with zeros, so stage widths "
+                f"cannot shrink, but stage {stage} goes from {c_in} to {c_out} channels; "
+                "use non-decreasing widths or shortcut 'B' or 'C'"
+            )
+
+
+def _check_size(arch: ResNetArch) -> None:
+    """The network's convolution weights within what the toolkit builds."""
+    weights = arch.conv_weights
+    if weights > MAX_PARAMETERS:
+        raise ArchError(
+            f"ResNetArch with widths={list(arch.widths)}, stages={list(arch.stages)} and "
+            f"{arch.block} blocks holds about {weights:.3g} convolution weights, above the "
+            f"{MAX_PARAMETERS:.0e} the toolkit builds (the paper's largest net has 6e+07): "
+            "check the widths"
+        )

@@ -125,7 +125,24 @@ def _effects(results: Results) -> str:
 
 
 def render_report(results: Results, *, responses: bool = True) -> str:
-    """The report page as an HTML string."""
+    """The report page as an HTML string: one section after another, each from its own function."""
+    parts = [*_header(results), _setup(results), "<h2>Summary over seeds</h2>"]
+    try:
+        parts += _summary(results)
+    except ResultsError as error:  # no completed trial: what there is, and why trials failed
+        parts += [f'<p class="note">{html.escape(str(error))}</p>', _trials(results), "</body></html>"]
+        return "\n".join(parts)
+    parts += _comparisons(results)
+    parts.append(_effects(results))
+    parts += _seed_decisions(results)
+    parts += _pareto(results)
+    parts += _figures(results, responses=responses)
+    parts += [_trials(results), "</body></html>"]
+    return "\n".join(parts)
+
+
+def _header(results: Results) -> list[str]:
+    """The page's head, title, question and one line on the store and its trials."""
     title = f"resnet-ablate: {results.study}"
     counts = ", ".join(f"{n} {state}" for state, n in results.state_counts().items()) or "no trials"
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
@@ -134,19 +151,18 @@ def render_report(results: Results, *, responses: bool = True) -> str:
         parts.append(f"<p><b>Question:</b> {html.escape(results.question)}</p>")
     parts.append(f"<p>Storage <code>{html.escape(results.storage)}</code>; trials: "
                  f"{html.escape(counts)}; swept: {html.escape(', '.join(results.swept) or '-')}.</p>")
+    return parts
 
-    parts.append(_setup(results))
 
-    parts.append("<h2>Summary over seeds</h2>")
-    try:
-        summary = summary_with_training_error(results)
-        parts.append(_table(summary))
-        parts.append(_footnotes(summary))
-    except ResultsError as error:  # no completed trial: what there is, and why trials failed
-        parts += [f'<p class="note">{html.escape(str(error))}</p>', _trials(results), "</body></html>"]
-        return "\n".join(parts)
+def _summary(results: Results) -> list[str]:
+    """The summary table over seeds; raises ResultsError while no trial has completed."""
+    summary = summary_with_training_error(results)
+    return [_table(summary), _footnotes(summary)]
 
-    parts.append("<h2>Paired comparisons</h2>")
+
+def _comparisons(results: Results) -> list[str]:
+    """Every swept factor's levels against its baseline, paired by seed and test image."""
+    parts = ["<h2>Paired comparisons</h2>"]
     found = comparisons(results)
     if not found:
         parts.append('<p class="note">no factor has two levels with paired completed trials</p>')
@@ -158,26 +174,35 @@ def render_report(results: Results, *, responses: bool = True) -> str:
                      "differences).</p>")
         parts.append(_table(table))
         parts.append(_footnotes(table))
+    return parts
 
-    parts.append(_effects(results))
+
+def _seed_decisions(results: Results) -> list[str]:
+    """Why each configuration stopped adding seeds; nothing for a study with fixed seeds."""
     decisions = results.seed_decisions()
-    if len(decisions):
-        rule = results.seed_rule
-        parts.append("<h2>Adaptive seeds: why each configuration stopped</h2>")
-        parts.append(f"<p>The rule <code>seeds: {html.escape(json.dumps(rule))}</code>: seeds "
-                     "were added to a configuration only while its question stayed open.</p>")
-        parts.append(_table(decisions))
+    if not len(decisions):
+        return []
+    rule = results.seed_rule
+    return ["<h2>Adaptive seeds: why each configuration stopped</h2>",
+            f"<p>The rule <code>seeds: {html.escape(json.dumps(rule))}</code>: seeds "
+            "were added to a configuration only while its question stayed open.</p>",
+            _table(decisions)]
 
-    parts.append("<h2>Pareto front: test error against FLOPs</h2>")
+
+def _pareto(results: Results) -> list[str]:
+    """The configurations' front of test error against FLOPs, as a table and a plot."""
     front = results.pareto(["test_error", "flops"])
-    parts.append("<p>Over configurations: each one's mean over its seeds, with 95% intervals; "
-                 "a point on the front is not shown better than one off it unless their "
-                 "intervals say so.</p>")
-    parts += [_table(front), _footnotes(front)]
-    parts.append(_plot(results, "pareto", "test error against GFLOPs"))
+    return ["<h2>Pareto front: test error against FLOPs</h2>",
+            "<p>Over configurations: each one's mean over its seeds, with 95% intervals; "
+            "a point on the front is not shown better than one off it unless their "
+            "intervals say so.</p>",
+            _table(front), _footnotes(front),
+            _plot(results, "pareto", "test error against GFLOPs")]
 
-    parts.append("<h2>Training curves (Fig. 6)</h2>")
-    parts.append(_plot(results, "curves", "training curves"))
+
+def _figures(results: Results, *, responses: bool) -> list[str]:
+    """Training curves, error against depth (when depth varies) and layer responses."""
+    parts = ["<h2>Training curves (Fig. 6)</h2>", _plot(results, "curves", "training curves")]
     if results.completed()["depth"].nunique() > 1:
         parts.append("<h2>Error against depth</h2>")
         parts.append(_plot(results, "depth", "test error against depth"))
@@ -186,9 +211,7 @@ def render_report(results: Results, *, responses: bool = True) -> str:
         parts.append("<p>Std of each 3x3 layer's BN output (before the add and ReLU) on the "
                      "evaluation images, mean over seeds.</p>")
         parts.append(_plot(results, "responses", "layer responses"))
-
-    parts += [_trials(results), "</body></html>"]
-    return "\n".join(parts)
+    return parts
 
 
 def _trials(results: Results) -> str:

@@ -32,9 +32,7 @@ LONG_CLASSES = {
     "resnet_ablate.results:Results",  # every reading of a study in one class
 }
 LONG_FUNCTIONS = {
-    "resnet_ablate.arch:ResNetArch.__post_init__",  # every field's check in one method
     f"{TRITON}:plan_backward",
-    "resnet_ablate.report:render_report",  # every section of the report in one function
 }
 
 

@@ -25,7 +25,6 @@ TRITON = "resnet_ablate.kernels._triton_impl"
 # (issue 23), never added to.
 LONG_MODULES = {
     TRITON,
-    "resnet_ablate.cli",  # the parser, every command and its output in one file
     "resnet_ablate.results",  # loading, tables, summaries, comparisons, fronts
 }
 LONG_CLASSES = {

@@ -1,0 +1,37 @@
+"""`resnet-ablate convert-imagenet`: ILSVRC's layout as class folders or tar shards."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .registry import command
+
+
+@command("convert-imagenet")
+def _convert_imagenet(args: argparse.Namespace) -> int:
+    from ..data.imagenet_layout import convert_imagenet
+
+    try:
+        done = convert_imagenet(args.root, args.out, val_labels=args.val_labels, to=args.to,
+                                shard_size=args.shard_size)
+    except (OSError, ValueError) as error:
+        print(f"resnet-ablate: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {done.train_images} training and {done.val_images} validation images of "
+          f"{done.classes} classes as {done.to} under {done.out}; a spec reads them with:")
+    print("\n".join(done.spec_lines()))
+    return 0
+
+
+def add_convert_command(sub) -> None:
+    convert = sub.add_parser("convert-imagenet", help="ILSVRC's layout (train/<wnid>/, a flat "
+                             "val/ and its label file) as class folders or tar shards")
+    convert.add_argument("root", help="the folder holding train/<wnid>/ and val/")
+    convert.add_argument("out", help="a new (or empty) folder to write into")
+    convert.add_argument("--val-labels", help="val/'s label file, relative to ROOT unless "
+                         "absolute: 'filename label' lines, or the devkit's "
+                         "ILSVRC2012_validation_ground_truth.txt (with meta.mat beside it)")
+    convert.add_argument("--to", choices=("folders", "shards"), default="folders",
+                         help="class folders of hard links (default), or webdataset tar shards")
+    convert.add_argument("--shard-size", type=int, default=1000, help="images a shard")

@@ -1,0 +1,69 @@
+"""Where a command's table goes: stdout, or a file `-o` names (never over a study's store), with
+the table's methods and notes on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def check_output(output: str, force: bool) -> None:
+    """Refuse to write over a file unless forced, and over a SQLite database (a study's store,
+    whatever the path that names it) ever: results are never lost to an export."""
+    from ..results import ResultsError
+    from ..storage import file_in_the_way
+
+    path = Path(output)
+    if path.is_dir():
+        raise ResultsError(f"-o {output}: is a folder; name a file to write")
+    blocking = file_in_the_way(path)
+    if blocking is not None:
+        raise ResultsError(f"-o {output}: {blocking} is a file, not a folder; name a file in a "
+                           "folder")
+    if not path.is_file():
+        return  # nothing there yet, or a device such as /dev/null
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(SQLITE_MAGIC))
+    except OSError as error:
+        raise ResultsError(f"-o {output}: cannot read it to check what it is ({error.strerror})") \
+            from None
+    if head == SQLITE_MAGIC:
+        raise ResultsError(f"-o {output}: is a SQLite database (a study's store?); "
+                           "refusing to write over it, --force or not")
+    if not force:
+        raise ResultsError(f"-o {output}: exists; pass --force to replace it")
+
+
+def emit(frame, args: argparse.Namespace) -> int:
+    from ..results import write_frame
+
+    text = write_frame(frame, getattr(args, "format", "table"))
+    output = getattr(args, "output", None)
+    if output:
+        check_output(output, args.force)
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(text if text.endswith("\n") else text + "\n")
+        print(f"wrote {output}", file=sys.stderr)
+    else:
+        print(text.rstrip("\n"))
+    return 0
+
+
+def emit_statistics(table, args: argparse.Namespace) -> int:
+    """A table of statistics as `emit` writes it, its methods and notes under it."""
+    code = emit(table, args)
+    print_footnotes(table)
+    return code
+
+
+def print_footnotes(table) -> None:
+    """How the table's intervals were made and what each row's note says, on stderr so that a
+    table on stdout stays a table (CSV and JSON carry them as columns)."""
+    from ..results import footnotes
+
+    for line in footnotes(table):
+        print(line, file=sys.stderr)

@@ -1,0 +1,203 @@
+"""The query commands: read a study's storage (finished or running); each is one call into
+resnet_ablate.results / plots / report. A lookup problem is one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from .arguments import metric_help, storage_url
+from .output import check_output, emit, emit_statistics
+from .registry import command
+
+
+def _query(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def guarded(args: argparse.Namespace) -> int:
+        from ..results import ResultsError
+        from ..storage import StudyNameError
+
+        try:
+            return fn(args)
+        except ResultsError as error:
+            print(f"resnet-ablate {args.command}: error: {error}", file=sys.stderr)
+            return 2
+        except StudyNameError as error:  # a name that would become a path or URL syntax
+            print(f"resnet-ablate {args.command}: error: {error}; a store can also be named by "
+                  "the path of its .db file", file=sys.stderr)
+            return 2
+        except OSError as error:  # writing -o: no permission, no space, ...
+            # A failed write (no space: /dev/full) names no file; the path is -o's.
+            path = error.filename or getattr(args, "output", None)
+            print(f"resnet-ablate {args.command}: error: cannot write {path}: "
+                  f"{error.strerror or error}", file=sys.stderr)
+            return 2
+
+    return guarded
+
+
+def _load(args: argparse.Namespace):
+    from ..results import load
+
+    results = load(args.study, storage=args.storage, runs_dir=args.runs_dir)
+    selected = results.where(args.where)
+    if args.where and selected.trials.empty and not results.trials.empty:
+        print(f"resnet-ablate: --where {args.where!r} matched none of the study's "
+              f"{len(results.trials)} trials", file=sys.stderr)
+    return selected
+
+
+def _names(text: str | None) -> list[str] | None:
+    return [name.strip() for name in text.split(",") if name.strip()] if text else None
+
+
+@command("ls")
+@_query
+def _ls(args: argparse.Namespace) -> int:
+    from ..results import list_studies
+
+    return emit(list_studies(args.storage, runs_dir=args.runs_dir), args)
+
+
+SHOW_COLUMNS = ("number", "state", "seed", "params", "flops", "test_error", "train_error",
+                "epochs", "wall_seconds", "images_per_second", "failure")
+
+
+@command("show")
+@_query
+def _show(args: argparse.Namespace) -> int:
+    results = _load(args)
+    if results.trials.empty and not args.where:
+        raise _empty(results)
+    frame = results.sorted_by(_names(args.sort))
+    columns = _names(args.columns)
+    if columns is None:
+        columns = ["number", "state", *results.swept, *SHOW_COLUMNS[2:]] if args.format == "table" \
+            else list(frame.columns)
+    results.check_columns(columns)
+    return emit(frame[list(dict.fromkeys(columns))], args)
+
+
+def _empty(results):
+    from ..results import ResultsError
+
+    return ResultsError(f"study {results.study!r} in {results.storage} has no trials yet")
+
+
+@command("export")
+@_query
+def _export(args: argparse.Namespace) -> int:
+    results = _load(args)
+    if results.trials.empty and not args.where:
+        raise _empty(results)
+    frame = results.curves() if args.what == "curves" else results.sorted_by(_names(args.sort))
+    return emit(frame, args)
+
+
+@command("summary")
+@_query
+def _summary(args: argparse.Namespace) -> int:
+    table = _load(args).summary(by=_names(args.by), metric=args.metric)
+    return emit_statistics(table, args)
+
+
+@command("compare")
+@_query
+def _compare(args: argparse.Namespace) -> int:
+    table = _load(args).compare(args.factor, args.baseline, metric=args.metric)
+    return emit_statistics(table, args)
+
+
+@command("effects")
+@_query
+def _effects(args: argparse.Namespace) -> int:
+    results = _load(args)
+    table = results.importance(args.metric) if args.importance else results.effects(args.metric)
+    return emit_statistics(table, args)
+
+
+@command("pareto")
+@_query
+def _pareto(args: argparse.Namespace) -> int:
+    table = _load(args).pareto(_names(args.objectives), over=args.over)
+    return emit_statistics(table, args)
+
+
+@command("plot")
+@_query
+def _plot(args: argparse.Namespace) -> int:
+    from ..plots import save_plot
+
+    check_output(args.output, args.force)
+    path = save_plot(_load(args), args.kind, args.output)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+@command("report")
+@_query
+def _report(args: argparse.Namespace) -> int:
+    from ..report import write_report
+
+    check_output(args.output, args.force)
+    path = write_report(_load(args), args.output, responses=not args.no_responses)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def add_query_commands(sub) -> None:
+    def query(name: str, help_text: str, *, study: bool = True, table: bool = True):
+        parser = sub.add_parser(name, help=help_text)
+        if study:
+            parser.add_argument("study", help="the study's name (spec key `study`)")
+        parser.add_argument("--storage", type=storage_url, help="an Optuna storage URL "
+                            "(default: sqlite:///RUNS_DIR/STUDY.db)")
+        parser.add_argument("--runs-dir", help="where `run` put the study (default: "
+                            "$RESNET_ABLATE_RUNS, else ./runs)")
+        if study:
+            parser.add_argument("--where", help="only trials matching a filter: columns compared "
+                                                "with values, in [..], and/or/not, e.g. "
+                                                "\"depth == 20 and shortcut == 'A'\"")
+        if table:
+            parser.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                                help="aligned table with units (default), or exact csv / json")
+            parser.add_argument("-o", "--output", help="write to this file instead of stdout")
+        parser.add_argument("--force", action="store_true",
+                            help="let -o replace an existing file (never a study's store)")
+        return parser
+
+    query("ls", "studies in a storage (or in every RUNS_DIR/*.db) with trial counts by state",
+          study=False)
+    show = query("show", "the trials of a study as a table")
+    show.add_argument("--sort", help="columns to sort by, comma-separated; --sort=-name for descending")
+    show.add_argument("--columns", help="columns to show, comma-separated (default: the usual ones)")
+    export = query("export", "every column of every trial (or the per-epoch curves), exactly")
+    export.set_defaults(format="csv")
+    export.add_argument("--what", choices=("trials", "curves"), default="trials")
+    export.add_argument("--sort", help="columns to sort by, comma-separated")
+    summary = query("summary", "mean, std and 95%% CI of the test error over seeds per configuration")
+    summary.add_argument("--by", help="columns to group by, comma-separated (default: the swept ones)")
+    summary.add_argument("--metric", default="test_error", help=metric_help())
+    compare = query("compare", "paired differences against a baseline level, with CI and p-value")
+    compare.add_argument("--factor", required=True, help="the swept column to compare, e.g. shortcut")
+    compare.add_argument("--baseline", required=True, help="the level to compare against, e.g. A")
+    compare.add_argument("--metric", default="test_error", help=metric_help())
+    effects = query("effects", "main effects and two-factor interactions of every swept factor, "
+                               "with CI and p-value")
+    effects.add_argument("--metric", default="test_error", help=metric_help())
+    effects.add_argument("--importance", action="store_true",
+                         help="instead: each factor's share of the metric's variance over the "
+                         "trials (Optuna's fANOVA; no interval)")
+    pareto = query("pareto", "the non-dominated configurations (means over seeds) or trials")
+    pareto.add_argument("--objectives", default="test_error,flops",
+                        help="comma-separated (default: test_error,flops)")
+    pareto.add_argument("--over", choices=("configurations", "trials"), default="configurations",
+                        help="configurations: their means over seeds, with intervals (default); "
+                        "trials: single trials")
+    plot = query("plot", "draw one of the paper's figures as a PNG", table=False)
+    plot.add_argument("--kind", required=True, choices=("curves", "depth", "pareto", "responses"))
+    plot.add_argument("-o", "--output", required=True, help="the PNG file to write")
+    report = query("report", "one self-contained HTML page: tables, comparisons, plots", table=False)
+    report.add_argument("-o", "--output", required=True, help="the HTML file to write")
+    report.add_argument("--no-responses", action="store_true",
+                        help="leave out Fig. 7 (it reloads every trained model)")

@@ -1,0 +1,119 @@
+"""`resnet-ablate run`: run (or resume) a study, or print its plan with `--dry-run`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .arguments import positive_int, storage_url, store_options
+from .output import print_footnotes
+from .registry import command, stopped
+
+
+@command("run")
+def _run(args: argparse.Namespace) -> int:
+    from ..spec import load_spec
+    from ..storage import runs_folder
+    from ..study import RunOptions, plan_study, run_study
+
+    if args.allow_pipe_urls:  # before Ray starts: its local workers inherit the environment
+        import os
+
+        from ..data.shard_urls import ALLOW_PIPE_URLS_ENV
+
+        os.environ[ALLOW_PIPE_URLS_ENV] = "1"
+    spec = load_spec(args.spec)
+    options = RunOptions(address=args.address, storage=args.storage, workers=args.workers,
+                         runs_dir=runs_folder(args.runs_dir), keep_weights=not args.no_weights,
+                         progress=not args.quiet)
+    if args.dry_run:
+        return _print_plan(spec, plan_study(spec, options), args.format)
+    if args.format != "table":
+        print("resnet-ablate run: error: --format applies to --dry-run; a run prints a table, "
+              f"and `resnet-ablate export {spec.study}{store_options(args)} --format {args.format}` "
+              "writes its trials", file=sys.stderr)
+        return 2
+    summary = run_study(spec, options)
+    print(f"study {summary.study}: {summary.completed} completed, {summary.failed} failed, "
+          f"{summary.pruned} pruned this run in {summary.wall_seconds:.1f} s; "
+          f"storage {summary.storage}; all trials by state: {summary.counts_by_state}")
+    if summary.interrupted:
+        from ..study.loop import stop_description
+
+        return stopped(summary.interrupted == "SIGTERM",
+                        f"resnet-ablate run: interrupted by {stop_description(summary.interrupted)}: "
+                        f"{summary.marked_interrupted} unfinished trial(s) marked failed; run the "
+                        "same command to resume")
+    if summary.launched and not summary.completed and not summary.pruned:
+        print(f"resnet-ablate run: error: none of the {summary.launched} trials launched completed; "
+              f"see `resnet-ablate show {summary.study}{store_options(args)} --columns "
+              "number,state,failure`",
+              file=sys.stderr)
+        return 1
+    from ..report import summary_with_training_error
+    from ..results import load
+
+    results = load(spec.study, storage=summary.storage)
+    if len(results.completed()):
+        table = summary_with_training_error(results)
+        print(results.format_table(table))
+        print_footnotes(table)
+    return 0
+
+
+def _print_plan(spec, planned, fmt: str = "table") -> int:
+    if spec.sampler != "grid":
+        print(f"{spec.source}: the {spec.sampler} sampler chooses trials as it goes; "
+              f"budget: {spec.budget.trials or 'no'} trials, {spec.budget.minutes or 'no'} minutes")
+        return 0
+    swept = list(spec.space)
+    if fmt != "table":  # exact values for scripts: one record per trial
+        import pandas as pd
+
+        from ..results import write_frame
+
+        frame = pd.DataFrame([{**{n: p.params[n] for n in swept}, "seed": p.seed,
+                               "arch": p.arch.name, "params": p.params_count,
+                               "gflops": p.gflops, "train_tflops": p.train_tflops,
+                               "status": p.status} for p in planned])
+        print(write_frame(frame, fmt))
+        return 0
+    header = [*swept, "seed", "arch", "params (M)", "GFLOPs", "train TFLOPs", "status"]
+    rows = [[*(str(p.params[n]) for n in swept), str(p.seed), p.arch.name,
+             f"{p.params_count / 1e6:.3f}", f"{p.gflops:.4f}", f"{p.train_tflops:.2f}", p.status]
+            for p in planned]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
+    for row in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+    pending = [p for p in planned if p.status == "pending"]
+    replicas = spec.resources.replica_count
+    each = f"{spec.train.epochs} epochs each" + (
+        f", each a data-parallel run of {replicas} replicas" if replicas > 1 else "")
+    print(f"{len(planned)} trials: {len(pending)} to run, costing "
+          f"{sum(p.train_tflops for p in pending):.2f} TFLOPs of training ({each})")
+    from ..study.costs import StudyCosts
+
+    for line in StudyCosts(spec).dry_run_notes(len(pending)):
+        print(line)
+    return 0
+
+
+def add_run_command(sub) -> None:
+    run = sub.add_parser("run", help="run (or resume) the study a spec describes")
+    run.add_argument("spec", help="a study spec, e.g. studies/quickstart.yaml")
+    run.add_argument("--address", help="an existing Ray cluster (ray://HOST:10001 or HOST:6379)")
+    run.add_argument("--storage", type=storage_url,
+                     help="an Optuna storage URL (default: sqlite under --runs-dir)")
+    run.add_argument("--workers", type=positive_int, help="trials at once (default: the spec's)")
+    run.add_argument("--runs-dir", help="default storage and trained weights (default: "
+                     "$RESNET_ABLATE_RUNS, else ./runs)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="list the trials with their FLOPs and cost; train nothing")
+    run.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                     help="how --dry-run prints its plan (csv and json: exact values)")
+    run.add_argument("--no-weights", action="store_true", help="do not keep trained weights")
+    run.add_argument("--quiet", action="store_true", help="no progress display")
+    run.add_argument("--allow-pipe-urls", action="store_true",
+                     help="let the spec's `pipe:` shard URLs run their shell command (only for "
+                     "a spec you trust; refused without this flag)")

@@ -35,11 +35,12 @@ import pandas as pd
 from . import stats
 from .adaptive import SeedResult, decide
 from .arch import ResNetArch
-from .contrasts import (ERROR_RATES, complement, difference_bounds, negated, note, plain,
-                        seed_stratified, with_methods)
+from .contrasts import ERROR_RATES, complement, note, with_methods
 from .effects import effects as effect_table
 from .effects import importance as fanova_importance
 from .filters import FilterError, filter_mask
+from .paired import compare as paired_compare
+from .pareto import pareto as pareto_front
 from .record import (DIRECTIONS, METRICS, VIEW_METRICS, StudyKey, TrialKey, metric_values,
                      unpack_outcomes)
 from .spec import adaptive_rule
@@ -329,77 +330,10 @@ class Results:
         return stats.seed_mean(values, bounds)
 
     def compare(self, factor: str, baseline: Any, metric: str = "test_error") -> pd.DataFrame:
-        """Paired differences `metric(level) - metric(baseline)`, seeds paired by seed number, for
-        each other level of `factor`: one row per configuration of the other swept factors, with
-        the mean difference, its 95% interval and the two-sided p-value of "no difference", the
-        method that made them and a note. Test error and accuracy are compared image by image on
-        the shared test set where the per-image record was kept (resnet_ablate/stats.py), other
-        metrics by Student's t over the paired seeds. Where the other factors take several
-        configurations, an "all" row gives the stratified estimate: the mean of the
-        configurations' differences, each configuration's pairs kept apart (never a pool of
-        unlike pairs). Several completed trials of one configuration and seed are averaged first
-        (and lose their per-image record)."""
-        self.check_columns([factor])
-        self.check_metric(metric)
-        done = self.require_completed("compare")
-        levels = list(pd.unique(self.trials[factor].dropna()))
-        baseline = _match_level(baseline, levels, factor)
-        if len(levels) < 2:
-            raise ResultsError(f"{factor} has only one value ({plain(baseline)}) in study "
-                               f"{self.study!r}: there is nothing to compare it with")
-        others = self.configuration_columns(without=[factor])
-        others = [c for c in others if c != "arch_name"]
-        keys = [*others, "seed", factor]
-        keyed = done.groupby(keys, dropna=False)[metric].mean().unstack(factor)
-        numbers = done.groupby(keys, dropna=False)["number"].agg(list).unstack(factor)
-        if baseline not in keyed.columns:
-            raise ResultsError(f"no completed trial with {factor}={plain(baseline)} yet; completed "
-                               f"levels: {', '.join(map(str, keyed.columns))}")
-        rows = []
-        for level in [lv for lv in levels if lv != baseline and lv in keyed.columns]:
-            pairs = keyed[[baseline, level]].dropna()
-            if pairs.empty:
-                continue
-            trials = numbers.loc[pairs.index, [baseline, level]]
-            groups = pairs.groupby(level=others, dropna=False, sort=True) if others \
-                else [((), pairs)]
-            estimates = []
-            for key, group in groups:
-                key = key if isinstance(key, tuple) else (key,)
-                estimate = self._difference(group[baseline], group[level],
-                                            trials.loc[group.index], baseline, level, metric)
-                estimates.append(estimate)
-                rows.append(_paired_row(factor, level, baseline, metric, dict(zip(others, key)),
-                                        group[baseline], group[level], estimate))
-            if len(estimates) > 1:
-                bounds = difference_bounds(metric)
-                overall = stats.stratified(estimates, bounds) if metric in ERROR_RATES \
-                    else seed_stratified(pairs[level] - pairs[baseline], others, bounds)
-                rows.append(_paired_row(factor, level, baseline, metric,
-                                        {name: "all" for name in others}, pairs[baseline],
-                                        pairs[level], overall))
-        if not rows:
-            raise ResultsError(f"no configuration has completed trials of both {factor}="
-                               f"{plain(baseline)} and another level with the same seed yet")
-        return with_methods(pd.DataFrame(rows))
-
-    def _difference(self, base: pd.Series, other: pd.Series, trials: pd.DataFrame, baseline: Any,
-                    level: Any, metric: str) -> stats.Estimate:
-        """The estimate of `metric(level) - metric(baseline)` over one configuration's paired
-        seeds (see `compare`)."""
-        if metric == "test_accuracy":  # the test on the errors, its sign flipped
-            return negated(self._difference(1 - base, 1 - other, trials, baseline, level,
-                                             "test_error"))
-        base_values, other_values = base.to_numpy(float), other.to_numpy(float)
-        if metric != "test_error":
-            return stats.seed_mean(other_values - base_values, difference_bounds(metric))
-        outcomes, images = None, None
-        if all(len(cell) == 1 for cell in trials.to_numpy().ravel()):
-            outcomes, images = self._outcomes([*trials[baseline].str[0], *trials[level].str[0]])
-        n = len(base_values)
-        return stats.paired_difference(
-            None if outcomes is None else outcomes[:n], None if outcomes is None else outcomes[n:],
-            base_values, other_values, images)
+        """Paired differences `metric(level) - metric(baseline)` for each other level of
+        `factor`, per configuration of the other swept factors and stratified over them
+        (resnet_ablate/paired.py)."""
+        return paired_compare(self, factor, baseline, metric)
 
     def effects(self, metric: str = "test_error") -> pd.DataFrame:
         """Main effects and two-factor interactions of every swept factor, each with its 95%
@@ -436,51 +370,9 @@ class Results:
 
     def pareto(self, objectives: Sequence[str] = ("test_error", "flops"),
                over: str = "configurations") -> pd.DataFrame:
-        """The non-dominated points (at least as good in every objective, better in one), sorted
-        by the first objective. Directions: see DIRECTIONS.
-
-        `over="configurations"` (the default) takes the front over each configuration's mean
-        over its seeds, with `n` and each objective's 95% interval beside it (the summary's
-        method): one lucky seed does not put a configuration on the front. `over="trials"`
-        takes it over single completed trials."""
-        objectives = list(objectives)
-        if len(objectives) < 2:
-            raise ResultsError(f"a Pareto front needs two or more objectives, got {objectives}")
-        if over not in ("configurations", "trials"):
-            raise ResultsError(f"over={over!r}: a Pareto front is over 'configurations' (their "
-                               "means over seeds) or 'trials'")
-        self.check_columns(objectives)
-        unknown = [o for o in objectives if o not in DIRECTIONS]
-        if unknown:
-            raise ResultsError(f"no direction known for {unknown[0]!r}; Pareto objectives: "
-                               f"{', '.join(DIRECTIONS)}")
-        done = self.require_completed("take a Pareto front of")
-        done = done[done[objectives].notna().all(axis=1)]
-        if over == "trials":
-            columns = ["number", "arch_name", *self.configuration_columns(), "seed",
-                       *objectives, "params", "flops"]
-            front = done[_non_dominated(done, objectives)]
-            return front.sort_values([*objectives, "number"], kind="stable")[
-                list(dict.fromkeys(columns))]
-        by = self.configuration_columns()
-        means = self.summary(by=by, metric=objectives[0])
-        for objective in objectives[1:]:
-            extra = self.summary(by=by, metric=objective)
-            means = means.merge(extra[[*by, *(c for c in extra.columns
-                                               if c.startswith(f"{objective}_"))]], on=by)
-        # An objective that is also a configuration column (params, flops): its mean is the one.
-        means = means.drop(columns=[o for o in objectives if o in means.columns])
-        means = means.rename(columns={f"{o}_mean": o for o in objectives})
-        front = means[_non_dominated(means, objectives)]
-        columns = [*by, "arch_name", "n"]
-        for objective in objectives:
-            # A configuration's FLOPs and parameters are one number: no interval to show.
-            fixed = objective in ("flops", "params")
-            columns += [objective] if fixed else \
-                [objective, f"{objective}_ci95_low", f"{objective}_ci95_high"]
-        columns += ["params", "flops", "method", "note"]
-        front = front.sort_values(objectives, kind="stable")[list(dict.fromkeys(columns))]
-        return with_methods(front.reset_index(drop=True))
+        """The non-dominated configurations (means over seeds, with intervals) or trials,
+        sorted by the first objective (resnet_ablate/pareto.py). Directions: see DIRECTIONS."""
+        return pareto_front(self, objectives, over)
 
     # -- per-epoch curves and trained models
 
@@ -544,15 +436,6 @@ class Results:
         return format_table(frame)
 
 
-def _non_dominated(frame: pd.DataFrame, objectives: Sequence[str]) -> np.ndarray:
-    """Which rows no other row dominates (at least as good in every objective, better in one)."""
-    signs = np.array([1.0 if DIRECTIONS[o] == "minimize" else -1.0 for o in objectives])
-    points = np.column_stack([_floats(frame[o]) for o in objectives]) * signs
-    no_worse = (points[:, None, :] <= points[None, :, :]).all(axis=2)
-    better = (points[:, None, :] < points[None, :, :]).any(axis=2)
-    return ~(no_worse & better).any(axis=0)  # [i, j]: row i dominates row j
-
-
 def _one_or_mean(series: pd.Series) -> Any:
     values = series.dropna().unique()
     if len(values) == 1:
@@ -572,31 +455,6 @@ def _ranges(numbers: Sequence[int]) -> str:
         if n is not None:
             start = previous = n
     return ", ".join(parts)
-
-
-def _match_level(value: Any, levels: list[Any], factor: str) -> Any:
-    """The level equal to `value`, accepting its text ("20" for depth 20, as typed on a CLI) in
-    either case where that is unambiguous."""
-    for level in levels:
-        if level == value or str(level) == str(value):
-            return level
-    # Specs accept a shortcut option in either case ("a" is option A): so does a baseline.
-    folded = [level for level in levels if str(level).lower() == str(value).lower()]
-    if len(folded) == 1:
-        return folded[0]
-    raise ResultsError(f"no trial has {factor}={value!r}; {factor} values: "
-                       f"{', '.join(map(str, levels)) or 'none'}")
-
-
-def _paired_row(factor: str, level: Any, baseline: Any, metric: str, configuration: dict,
-                base: pd.Series, other: pd.Series, estimate: stats.Estimate) -> dict[str, Any]:
-    return {factor: level, "baseline": baseline, **configuration, "n_pairs": len(base),
-            f"{metric}_baseline": float(np.mean(base.to_numpy(float))),
-            f"{metric}_level": float(np.mean(other.to_numpy(float))),
-            "diff_mean": estimate.mean, "diff_std": estimate.std,
-            "diff_ci95_low": estimate.low, "diff_ci95_high": estimate.high,
-            "p_value": estimate.p_value, "method": estimate.method, "note": note(estimate),
-            "metric": metric}
 
 
 # ----------------------------------------------------------------------------------------------

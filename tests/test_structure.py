@@ -25,11 +25,9 @@ TRITON = "resnet_ablate.kernels._triton_impl"
 # (issue 23), never added to.
 LONG_MODULES = {
     TRITON,
-    "resnet_ablate.results",  # loading, tables, summaries, comparisons, fronts
+    "resnet_ablate.results",  # loading, tables, summaries, display (comparisons, fronts moved out)
 }
-LONG_CLASSES = {
-    "resnet_ablate.results:Results",  # every reading of a study in one class
-}
+LONG_CLASSES: set[str] = set()
 LONG_FUNCTIONS = {
     f"{TRITON}:plan_backward",
 }

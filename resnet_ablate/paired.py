@@ -1,0 +1,118 @@
+"""Paired comparisons of a study's levels: `Results.compare`, a factor's levels against a baseline
+level, seeds paired by seed number (and test images by image where the record was kept)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from . import stats
+from .contrasts import (ERROR_RATES, difference_bounds, negated, note, plain, seed_stratified,
+                        with_methods)
+from .storage import ResultsError
+
+if TYPE_CHECKING:
+    from .results import Results
+
+
+def compare(results: Results, factor: str, baseline: Any,
+            metric: str = "test_error") -> pd.DataFrame:
+    """Paired differences `metric(level) - metric(baseline)`, seeds paired by seed number, for
+    each other level of `factor`: one row per configuration of the other swept factors, with
+    the mean difference, its 95% interval and the two-sided p-value of "no difference", the
+    method that made them and a note. Test error and accuracy are compared image by image on
+    the shared test set where the per-image record was kept (resnet_ablate/stats.py), other
+    metrics by Student's t over the paired seeds. Where the other factors take several
+    configurations, an "all" row gives the stratified estimate: the mean of the
+    configurations' differences, each configuration's pairs kept apart (never a pool of
+    unlike pairs). Several completed trials of one configuration and seed are averaged first
+    (and lose their per-image record)."""
+    results.check_columns([factor])
+    results.check_metric(metric)
+    done = results.require_completed("compare")
+    levels = list(pd.unique(results.trials[factor].dropna()))
+    baseline = _match_level(baseline, levels, factor)
+    if len(levels) < 2:
+        raise ResultsError(f"{factor} has only one value ({plain(baseline)}) in study "
+                           f"{results.study!r}: there is nothing to compare it with")
+    others = results.configuration_columns(without=[factor])
+    others = [c for c in others if c != "arch_name"]
+    keys = [*others, "seed", factor]
+    keyed = done.groupby(keys, dropna=False)[metric].mean().unstack(factor)
+    numbers = done.groupby(keys, dropna=False)["number"].agg(list).unstack(factor)
+    if baseline not in keyed.columns:
+        raise ResultsError(f"no completed trial with {factor}={plain(baseline)} yet; completed "
+                           f"levels: {', '.join(map(str, keyed.columns))}")
+    rows = []
+    for level in [lv for lv in levels if lv != baseline and lv in keyed.columns]:
+        pairs = keyed[[baseline, level]].dropna()
+        if pairs.empty:
+            continue
+        trials = numbers.loc[pairs.index, [baseline, level]]
+        groups = pairs.groupby(level=others, dropna=False, sort=True) if others \
+            else [((), pairs)]
+        estimates = []
+        for key, group in groups:
+            key = key if isinstance(key, tuple) else (key,)
+            estimate = _difference(results, group[baseline], group[level],
+                                        trials.loc[group.index], baseline, level, metric)
+            estimates.append(estimate)
+            rows.append(_paired_row(factor, level, baseline, metric, dict(zip(others, key)),
+                                    group[baseline], group[level], estimate))
+        if len(estimates) > 1:
+            bounds = difference_bounds(metric)
+            overall = stats.stratified(estimates, bounds) if metric in ERROR_RATES \
+                else seed_stratified(pairs[level] - pairs[baseline], others, bounds)
+            rows.append(_paired_row(factor, level, baseline, metric,
+                                    {name: "all" for name in others}, pairs[baseline],
+                                    pairs[level], overall))
+    if not rows:
+        raise ResultsError(f"no configuration has completed trials of both {factor}="
+                           f"{plain(baseline)} and another level with the same seed yet")
+    return with_methods(pd.DataFrame(rows))
+
+
+def _difference(results: Results, base: pd.Series, other: pd.Series, trials: pd.DataFrame,
+                baseline: Any, level: Any, metric: str) -> stats.Estimate:
+    """The estimate of `metric(level) - metric(baseline)` over one configuration's paired
+    seeds (see `compare`)."""
+    if metric == "test_accuracy":  # the test on the errors, its sign flipped
+        return negated(_difference(results, 1 - base, 1 - other, trials, baseline, level,
+                                         "test_error"))
+    base_values, other_values = base.to_numpy(float), other.to_numpy(float)
+    if metric != "test_error":
+        return stats.seed_mean(other_values - base_values, difference_bounds(metric))
+    outcomes, images = None, None
+    if all(len(cell) == 1 for cell in trials.to_numpy().ravel()):
+        outcomes, images = results._outcomes([*trials[baseline].str[0], *trials[level].str[0]])
+    n = len(base_values)
+    return stats.paired_difference(
+        None if outcomes is None else outcomes[:n], None if outcomes is None else outcomes[n:],
+        base_values, other_values, images)
+
+
+def _match_level(value: Any, levels: list[Any], factor: str) -> Any:
+    """The level equal to `value`, accepting its text ("20" for depth 20, as typed on a CLI) in
+    either case where that is unambiguous."""
+    for level in levels:
+        if level == value or str(level) == str(value):
+            return level
+    # Specs accept a shortcut option in either case ("a" is option A): so does a baseline.
+    folded = [level for level in levels if str(level).lower() == str(value).lower()]
+    if len(folded) == 1:
+        return folded[0]
+    raise ResultsError(f"no trial has {factor}={value!r}; {factor} values: "
+                       f"{', '.join(map(str, levels)) or 'none'}")
+
+
+def _paired_row(factor: str, level: Any, baseline: Any, metric: str, configuration: dict,
+                base: pd.Series, other: pd.Series, estimate: stats.Estimate) -> dict[str, Any]:
+    return {factor: level, "baseline": baseline, **configuration, "n_pairs": len(base),
+            f"{metric}_baseline": float(np.mean(base.to_numpy(float))),
+            f"{metric}_level": float(np.mean(other.to_numpy(float))),
+            "diff_mean": estimate.mean, "diff_std": estimate.std,
+            "diff_ci95_low": estimate.low, "diff_ci95_high": estimate.high,
+            "p_value": estimate.p_value, "method": estimate.method, "note": note(estimate),
+            "metric": metric}

@@ -1,0 +1,76 @@
+"""Pareto fronts of a study: `Results.pareto`, the non-dominated configurations (their means over
+seeds, with intervals) or single trials."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from .contrasts import with_methods
+from .record import DIRECTIONS
+from .storage import ResultsError
+
+if TYPE_CHECKING:
+    from .results import Results
+
+
+def pareto(results: Results, objectives: Sequence[str] = ("test_error", "flops"),
+           over: str = "configurations") -> pd.DataFrame:
+    """The non-dominated points (at least as good in every objective, better in one), sorted
+    by the first objective. Directions: see DIRECTIONS.
+
+    `over="configurations"` (the default) takes the front over each configuration's mean
+    over its seeds, with `n` and each objective's 95% interval beside it (the summary's
+    method): one lucky seed does not put a configuration on the front. `over="trials"`
+    takes it over single completed trials."""
+    objectives = list(objectives)
+    if len(objectives) < 2:
+        raise ResultsError(f"a Pareto front needs two or more objectives, got {objectives}")
+    if over not in ("configurations", "trials"):
+        raise ResultsError(f"over={over!r}: a Pareto front is over 'configurations' (their "
+                           "means over seeds) or 'trials'")
+    results.check_columns(objectives)
+    unknown = [o for o in objectives if o not in DIRECTIONS]
+    if unknown:
+        raise ResultsError(f"no direction known for {unknown[0]!r}; Pareto objectives: "
+                           f"{', '.join(DIRECTIONS)}")
+    done = results.require_completed("take a Pareto front of")
+    done = done[done[objectives].notna().all(axis=1)]
+    if over == "trials":
+        columns = ["number", "arch_name", *results.configuration_columns(), "seed",
+                   *objectives, "params", "flops"]
+        front = done[_non_dominated(done, objectives)]
+        return front.sort_values([*objectives, "number"], kind="stable")[
+            list(dict.fromkeys(columns))]
+    by = results.configuration_columns()
+    means = results.summary(by=by, metric=objectives[0])
+    for objective in objectives[1:]:
+        extra = results.summary(by=by, metric=objective)
+        means = means.merge(extra[[*by, *(c for c in extra.columns
+                                           if c.startswith(f"{objective}_"))]], on=by)
+    # An objective that is also a configuration column (params, flops): its mean is the one.
+    means = means.drop(columns=[o for o in objectives if o in means.columns])
+    means = means.rename(columns={f"{o}_mean": o for o in objectives})
+    front = means[_non_dominated(means, objectives)]
+    columns = [*by, "arch_name", "n"]
+    for objective in objectives:
+        # A configuration's FLOPs and parameters are one number: no interval to show.
+        fixed = objective in ("flops", "params")
+        columns += [objective] if fixed else \
+            [objective, f"{objective}_ci95_low", f"{objective}_ci95_high"]
+    columns += ["params", "flops", "method", "note"]
+    front = front.sort_values(objectives, kind="stable")[list(dict.fromkeys(columns))]
+    return with_methods(front.reset_index(drop=True))
+
+
+def _non_dominated(frame: pd.DataFrame, objectives: Sequence[str]) -> np.ndarray:
+    """Which rows no other row dominates (at least as good in every objective, better in one)."""
+    signs = np.array([1.0 if DIRECTIONS[o] == "minimize" else -1.0 for o in objectives])
+    points = np.column_stack([frame[o].to_numpy(dtype=float, na_value=np.nan)
+                               for o in objectives]) * signs
+    no_worse = (points[:, None, :] <= points[None, :, :]).all(axis=2)
+    better = (points[:, None, :] < points[None, :, :]).any(axis=2)
+    return ~(no_worse & better).any(axis=0)  # [i, j]: row i dominates row j

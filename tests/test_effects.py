@@ -226,9 +226,10 @@ def _simulated_contrast(rng, interaction: float, seeds: int, images: int,
 @pytest.mark.parametrize("seeds", [2, 3, 5, 10])
 def test_interaction_test_keeps_its_type_one_error_at_2_to_10_seeds(seeds):
     rng = np.random.default_rng(seeds)
-    null = [_simulated_contrast(rng, 0.0, seeds, 100, seed_sd=0.04) for _ in range(200)]
-    assert np.mean([e.p_value < 0.05 for e in null]) <= 0.06
-    assert np.mean([e.low <= 0 <= e.high for e in null]) >= 0.94
+    null = [_simulated_contrast(rng, 0.0, seeds, 100, seed_sd=0.04) for _ in range(1000)]
+    # 5% nominal; the simulation's own error is 0.7 points.
+    assert np.mean([e.p_value < 0.05 for e in null]) <= 0.07
+    assert np.mean([e.low <= 0 <= e.high for e in null]) >= 0.93
     assert all(-2 <= e.low <= e.mean <= e.high <= 2 for e in null)
 
 

@@ -15,7 +15,7 @@ from resnet_ablate import stats
 
 SEED_COUNTS = (2, 3, 5, 10)
 TEST_IMAGES = 400
-REPLICATIONS = 300
+REPLICATIONS = 1000  # simulation error of a coverage ~0.7 points, against the 2 allowed
 
 
 def _true_error(offset: float, seed_sd: float, image_sd: float) -> float:
@@ -62,9 +62,9 @@ def test_error_rate_intervals_cover_the_true_error_at_2_to_10_seeds(regime):
             estimate = stats.error_rate(list(table), table.mean(axis=1), TEST_IMAGES)
             covered += estimate.low <= truth <= estimate.high
         coverage = covered / REPLICATIONS
-        # 95% nominal; conservative at n = 2-3 when seeds vary little (the price of estimating
-        # the seed variance from one or two degrees of freedom), never far below.
-        assert 0.93 <= coverage <= 0.995, (regime, n, coverage)
+        # 95% nominal, held within 93-97% at every seed count: neither overstated nor, as an
+        # uncalibrated pivot is at 2-3 seeds (up to 99%), so wide that it hides real effects.
+        assert 0.93 <= coverage <= 0.97, (regime, n, coverage)
 
 
 @pytest.mark.parametrize("regime", list(REGIMES))
@@ -83,8 +83,10 @@ def test_paired_test_keeps_its_type_one_error_at_2_to_10_seeds(regime):
                                                level.mean(axis=1), TEST_IMAGES)
             count += estimate.p_value < 0.05
         rejected[n] = count / REPLICATIONS
-    assert max(rejected.values()) <= 0.07, rejected  # at most 5% (+ simulation noise)
-    assert np.mean(list(rejected.values())) <= 0.06, rejected
+    # 5% +- 1 point over the seed counts (simulation error 0.35 points), each count within 3-7%
+    # (its own simulation error 0.7 points): neither overstated nor needlessly conservative.
+    assert 0.04 <= np.mean(list(rejected.values())) <= 0.06, rejected
+    assert all(0.03 <= rate <= 0.07 for rate in rejected.values()), rejected
 
 
 def test_binomial_bound_without_per_image_record_is_conservative():
@@ -144,7 +146,9 @@ def test_crossed_analysis_matches_hand_computed_mean_squares_when_seeds_do_not_v
     estimate = stats.error_rate([row] * n, [0.1] * n, images)
     variance = 0.1 * 0.9 * images / (images - 1) / images
     assert estimate.se == pytest.approx(math.sqrt(variance), rel=1e-6)
-    half = scipy_stats.norm.ppf(0.975) * math.sqrt(variance)
+    # The normal interval, at the level the calibration gives a table whose seeds have no share.
+    level = stats.PIVOT_CALIBRATION[n - 1][0]
+    half = scipy_stats.norm.ppf(0.5 + level / 2) * math.sqrt(variance)
     assert (estimate.low, estimate.high) == (pytest.approx(0.1 - half, rel=1e-3),
                                              pytest.approx(0.1 + half, rel=1e-3))
 

@@ -58,7 +58,9 @@ class StopSignals:
             self._waiting = False
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        if self.heard is None:
+        # SIGTERM outranks Ctrl-C until the stop begins: when both are pending, Python runs the
+        # handlers in signal-number order (SIGINT first), not in the order they arrived.
+        if self.heard is None or (signum == signal.SIGTERM and not self.stopping):
             self.heard = _NAMES[signum]
         if self._waiting and not self.stopping:
             self.stopping = True

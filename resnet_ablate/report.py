@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .results import FOOTNOTE_COLUMNS, Results, ResultsError, display_frame, footnotes
+from .display import FOOTNOTE_COLUMNS, display_frame, footnotes
+from .results import Results, ResultsError
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1em auto; padding: 0 1em; max-width: 90em; color: #222; }

@@ -1,0 +1,100 @@
+"""How a table of results is shown: as text with units for a terminal or the report (errors in %,
+params in M, FLOPs in G), with the statistics' methods and notes as footnotes, or as exact CSV or
+JSON."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .record import METRICS
+
+
+def _percent(value: Any) -> str:
+    return "-" if pd.isna(value) else f"{100 * value:.2f}%"
+
+
+def _number(value: Any) -> str:
+    if pd.isna(value):
+        return "-"
+    if isinstance(value, (bool, np.bool_)):
+        return str(value)
+    if isinstance(value, (int, np.integer)):
+        return str(value)
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def display_frame(frame: pd.DataFrame, *, max_text: int = 60) -> pd.DataFrame:
+    """A copy as text with units: errors and accuracies in %, params in M, FLOPs in G."""
+    shown = pd.DataFrame(index=frame.index)
+    for column in frame.columns:
+        values = frame[column]
+        name = column
+        if ("error" in column or "accuracy" in column or column.startswith("diff_")) \
+                and pd.api.types.is_numeric_dtype(values):
+            text = values.map(_percent)
+        elif column in METRICS:
+            metric = METRICS[column]
+            name, text = metric.label, values.map(lambda v: "-" if pd.isna(v) else metric.show(v))
+        elif column == "p_value":
+            text = values.map(lambda v: "-" if pd.isna(v) else f"{v:.3g}")
+        else:
+            text = values.map(_number).map(
+                lambda s: s if len(s) <= max_text else s[: max_text - 3] + "...")
+        shown[name] = text.astype(object).to_numpy()
+    return shown
+
+
+# Columns a terminal table leaves to `footnotes`: sentences do not fit a column.
+FOOTNOTE_COLUMNS = ("method", "note")
+
+
+def format_table(frame: pd.DataFrame) -> str:
+    """Aligned for a terminal, with units: % error, M params, GFLOPs; the method and notes of
+    statistics are `footnotes`, not columns."""
+    if frame.empty:
+        return "(no rows)"
+    shown = frame.drop(columns=[c for c in FOOTNOTE_COLUMNS if c in frame.columns])
+    return display_frame(shown).to_string(index=False)
+
+
+def footnotes(frame: pd.DataFrame) -> list[str]:
+    """The lines that go with a table of statistics: how its intervals were made (each method
+    once) and each row's note, the row named by its leading columns."""
+    lines = [f"method: {m}" for m in frame.attrs.get("methods", [])]
+    if "note" not in frame.columns:
+        return lines
+    columns = list(frame.columns)
+    # The row's own columns come first: summary's `by`, compare's factor, baseline and others.
+    first_value = next(i for i, c in enumerate(columns) if c in ("arch_name", "n", "n_pairs"))
+    keys = columns[: max(first_value, 1)]
+    for _, row in frame[frame["note"] != ""].iterrows():
+        name = ", ".join(f"{k}={_number(row[k])}" for k in keys)
+        lines.append(f"note: {name}: {row['note']}")
+    return lines
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot write {type(value).__name__} {value!r} as JSON")
+
+
+def write_frame(frame: pd.DataFrame, fmt: str = "table") -> str:
+    """`frame` as text: "table" (aligned, with units), "csv" or "json" (exact values)."""
+    if fmt == "table":
+        return format_table(frame)
+    if fmt == "csv":
+        return frame.to_csv(index=False)
+    if fmt == "json":  # json.dumps writes floats with repr: they read back bit for bit
+        records = frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+        return json.dumps(records, indent=1, default=_json_value)
+    raise ValueError(f"unknown format {fmt!r}; valid: table, csv, json")
+
+
+__all__ = ["FOOTNOTE_COLUMNS", "display_frame", "footnotes", "format_table", "write_frame"]

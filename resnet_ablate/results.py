@@ -25,7 +25,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import numpy as np
 import optuna
@@ -33,161 +32,20 @@ import pandas as pd
 
 from . import stats
 from .adaptive import SeedResult, decide
-from .arch import ResNetArch
 from .contrasts import ERROR_RATES, complement, note, with_methods
+from .display import FOOTNOTE_COLUMNS, display_frame, footnotes, format_table, write_frame
 from .effects import effects as effect_table
 from .effects import importance as fanova_importance
-from .display import FOOTNOTE_COLUMNS, display_frame, footnotes, format_table, write_frame
 from .filters import FilterError, filter_mask
 from .paired import compare as paired_compare
 from .pareto import pareto as pareto_front
-from .record import (DIRECTIONS, METRICS, VIEW_METRICS, StudyKey, TrialKey, metric_values,
-                     unpack_outcomes)
+from .record import DIRECTIONS, METRICS, StudyKey, TrialKey, unpack_outcomes
 from .spec import adaptive_rule
-from .storage import (RUNS_ENVIRONMENT_VARIABLE, ResultsError, StoreError, default_storage, runs_folder,
-                      sqlite_path, store_faults, weights_folder)
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-ARCH_COLUMNS = ("family", "depth", "stages", "block", "shortcut", "widths", "base_width",
-                "downsampling", "fused")
-TRIAL_COLUMNS = ("number", "state", "arch_name", *ARCH_COLUMNS, "seed", "params", "flops",
-                 "test_accuracy", "test_error", "best_test_error", "test_top5_error",
-                 *VIEW_METRICS, "train_error", "test_images", "epochs",
-                 "wall_seconds", "images_per_second", "precision", "memory_format", "device",
-                 "replicas", "restarts", "failure_kind", "failure",
-                 "arch_digest", "weights")
-_INT_COLUMNS = ("number", "depth", "base_width", "seed", "params", "flops", "test_images",
-                "epochs", "replicas", "restarts")
-STATES = ("COMPLETE", "RUNNING", "FAIL", "PRUNED", "WAITING")
-
-
-# ----------------------------------------------------------------------------------------------
-# Storage
-
-
-def _open_storage(storage: str) -> optuna.storages.BaseStorage:
-    """The storage behind `storage`, read-only for SQLite; never creates a database."""
-    url = storage
-    path = sqlite_path(storage)
-    if path is not None:
-        if not path.is_file():
-            raise ResultsError(f"no study storage at {path}; {_databases_beside(path)}")
-        # mode=ro: no write lock, no file creation, no schema upgrade; a busy writer is waited on.
-        url = f"sqlite:///file:{quote(str(path))}?mode=ro&uri=true"
-    try:
-        with store_faults(storage):
-            return optuna.storages.RDBStorage(url, skip_table_creation=True,
-                                              engine_kwargs={"connect_args": {"timeout": 30}}
-                                              if storage.startswith("sqlite") else None)
-    except StoreError as error:
-        raise ResultsError(str(error)) from None
-
-
-_RUNS_FOLDER_HINT = (f" (the runs folder is --runs-dir / runs_dir, else ${RUNS_ENVIRONMENT_VARIABLE}, "
-                     "else ./runs)")
-
-
-def _databases_beside(path: Path) -> str:
-    folder = path.parent.resolve()
-    found = sorted(p.name for p in folder.glob("*.db")) if folder.is_dir() else []
-    if found:
-        return f"databases in {folder}/: {', '.join(found)}" + _RUNS_FOLDER_HINT
-    return (f"{folder}/ holds no .db file; run a study first, or pass --storage / --runs-dir (or "
-            f"set ${RUNS_ENVIRONMENT_VARIABLE}), or the path of the study's .db file")
-
-
-def _summaries(storage: str) -> list[optuna.study.StudySummary]:
-    backend = _open_storage(storage)
-    try:
-        with store_faults(storage):
-            return optuna.get_all_study_summaries(backend)
-    except StoreError as error:
-        raise ResultsError(str(error)) from None
-
-
-def list_studies(storage: str | None = None, runs_dir: str | Path | None = None) -> pd.DataFrame:
-    """Studies with their trial counts by state: in `storage`, or in every runs_dir/*.db."""
-    if storage is not None:
-        storages = [storage]
-    else:
-        runs_dir = runs_folder(runs_dir)
-        if runs_dir.exists() and not runs_dir.is_dir():
-            raise ResultsError(f"the runs folder {runs_dir} is a file, not a folder; pass "
-                               "--runs-dir (or set RESNET_ABLATE_RUNS) naming a folder")
-        storages = [f"sqlite:///{p}" for p in sorted(runs_dir.glob("*.db"))]
-        if not storages:
-            raise ResultsError(f"no study storage in {runs_dir}/ (no .db file); run a study "
-                               "first, or pass --storage URL or --runs-dir")
-    rows = []
-    for url in storages:
-        backend = _open_storage(url)
-        for summary in _summaries(url):
-            study = optuna.load_study(study_name=summary.study_name, storage=backend)
-            counts = pd.Series([t.state.name for t in study.get_trials(deepcopy=False)],
-                               dtype=object).value_counts()
-            rows.append({"study": summary.study_name, "trials": int(counts.sum()),
-                         **{state: int(counts.get(state, 0)) for state in STATES[:4]},
-                         "question": study.user_attrs.get(StudyKey.QUESTION, ""), "storage": url})
-    return pd.DataFrame(rows, columns=["study", "trials", *STATES[:4], "question", "storage"])
-
-
-# ----------------------------------------------------------------------------------------------
-# Trials as rows
-
-
-def _scalar(value: Any) -> Any:
-    """Lists (stages, widths) become "16-32-64" so rows group, query and print cleanly."""
-    return "-".join(map(str, value)) if isinstance(value, (list, tuple)) else value
-
-
-def _trial_row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
-    attrs = trial.user_attrs
-    arch = attrs.get(TrialKey.ARCH) or {}
-    execution = attrs.get(TrialKey.EXECUTION) or {}
-    parallel = attrs.get(TrialKey.DATA_PARALLEL) or {}
-    metrics = metric_values(attrs)
-    return {
-        "number": trial.number, "state": trial.state.name,
-        "arch_name": _arch_name(attrs),
-        **{name: _scalar(arch.get(name)) for name in ARCH_COLUMNS},
-        "seed": attrs.get(TrialKey.SEED),
-        **{name: metrics[name] for name in ("params", "flops", "test_accuracy", "test_error",
-                                            "best_test_error", "test_top5_error", "train_error",
-                                            *VIEW_METRICS)},
-        "test_images": attrs.get(TrialKey.TEST_IMAGES),
-        "epochs": attrs.get(TrialKey.EPOCHS_COMPLETED),
-        "wall_seconds": metrics["wall_seconds"], "images_per_second": metrics["images_per_second"],
-        "precision": execution.get("precision"), "memory_format": execution.get("memory_format"),
-        "device": attrs.get(TrialKey.DEVICE),
-        # Data-parallel trials: how many processes trained it, how often it resumed after a loss.
-        "replicas": parallel.get("replicas", 1),
-        "restarts": len(parallel.get("resumed_after_epochs", [])),
-        "failure_kind": attrs.get(TrialKey.FAILURE_KIND),
-        "failure": attrs.get(TrialKey.FAILURE) or attrs.get(TrialKey.PRUNED),
-        "arch_digest": attrs.get(TrialKey.ARCH_DIGEST), "weights": attrs.get(TrialKey.WEIGHTS),
-    }
-
-
-def _arch_name(attrs: Mapping[str, Any]) -> str | None:
-    """The architecture's name as the toolkit names it now, from the stored description: stores
-    written before custom CIFAR stages were named would otherwise group two networks under one
-    name. The stored name where the description no longer builds."""
-    try:
-        return ResNetArch.from_dict(attrs[TrialKey.ARCH]).name
-    except (KeyError, TypeError, ValueError):
-        return attrs.get(TrialKey.ARCH_NAME)
-
-
-def _trials_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    frame = pd.DataFrame(rows, columns=list(TRIAL_COLUMNS))
-    for column in _INT_COLUMNS:  # nullable ints: a failed trial's gap does not turn 20 into 20.0
-        frame[column] = frame[column].astype("Int64")
-    frame["fused"] = frame["fused"].astype("boolean")
-    for column in ("test_accuracy", "test_error", "best_test_error", "test_top5_error",
-                   *VIEW_METRICS, "train_error", "wall_seconds", "images_per_second"):
-        frame[column] = frame[column].astype(float)
-    return frame
+from .storage import ResultsError, default_storage, weights_folder
+# ARCH_COLUMNS, STATES, TRIAL_COLUMNS and list_studies keep their public path here.
+from .store_reading import (ARCH_COLUMNS, RUNS_FOLDER_HINT, STATES, TRIAL_COLUMNS, list_studies,
+                            only_study, open_storage, scalar_value, store_file, study_summaries,
+                            trial_row, trials_frame)
 
 
 def _floats(series: pd.Series) -> np.ndarray:
@@ -356,7 +214,7 @@ class Results:
             configurations.setdefault(tuple((c, getattr(row, c)) for c in swept), []).append(
                 SeedResult(int(row.seed), float(row.test_error), images,
                            None if outcomes is None else outcomes[0]))
-        levels = {name: [_scalar(v) for v in values] if isinstance(values, list) else []
+        levels = {name: [scalar_value(v) for v in values] if isinstance(values, list) else []
                   for name, values in (self.spec.get("space") or {}).items()}
         decisions = decide(rule, levels, configurations)
         rows = [{**dict(c), "seeds": d.seeds, "open": d.open, "reason": d.reason}
@@ -461,28 +319,6 @@ def _ranges(numbers: Sequence[int]) -> str:
 # Loading
 
 
-def _store_file(study: str) -> Path | None:
-    """The .db file `study` names where it is a path, not a study's name (a name never holds a
-    separator; one ending in .db is read as a file's, existing or not); None for a name.
-    `runs/quickstart` finds runs/quickstart.db."""
-    path = Path(study).expanduser()
-    if not ("/" in study or os.sep in study or path.suffix == ".db"):
-        return None
-    for candidate in (path, path.with_name(path.name + ".db")):
-        if candidate.is_file():
-            return candidate
-    raise ResultsError(f"no study store file {path}; {_databases_beside(path)}")
-
-
-def _only_study(study: str, storage: str) -> str:
-    """The one study a store holds, which a path or URL given for the study names."""
-    names = [s.study_name for s in _summaries(storage)]
-    if len(names) != 1:
-        raise ResultsError(f"{study} holds {len(names)} studies ({', '.join(names) or 'none'}); "
-                           f"load one by name: load(NAME, storage={storage!r})")
-    return names[0]
-
-
 def load(study: str | os.PathLike[str], storage: str | None = None,
          runs_dir: str | Path | None = None) -> Results:
     """The trials of a study, finished or still running, as a Results object (read-only).
@@ -495,23 +331,23 @@ def load(study: str | os.PathLike[str], storage: str | None = None,
     study = os.fspath(study)
     if storage is None and "://" in study:  # a URL given where the name goes
         storage = study
-        study = _only_study(study, storage)
-    path = _store_file(study) if storage is None else None
+        study = only_study(study, storage)
+    path = store_file(study) if storage is None else None
     if path is not None:
         storage = f"sqlite:///{path.resolve()}"
-        study = _only_study(study, storage)
+        study = only_study(study, storage)
     in_runs_folder = storage is None
     storage = storage or default_storage(study, runs_dir)
-    backend = _open_storage(storage)
-    names = [s.study_name for s in _summaries(storage)]
+    backend = open_storage(storage)
+    names = [s.study_name for s in study_summaries(storage)]
     if study not in names:
         raise ResultsError(f"no study {study!r} in {storage}; studies there: "
-                           f"{', '.join(names) or 'none'}" + (_RUNS_FOLDER_HINT if in_runs_folder else ""))
+                           f"{', '.join(names) or 'none'}" + (RUNS_FOLDER_HINT if in_runs_folder else ""))
     loaded = optuna.load_study(study_name=study, storage=backend)
     trials = loaded.get_trials(deepcopy=False)
     spec = loaded.user_attrs.get(StudyKey.SPEC) or {}
     return Results(
-        study=study, storage=storage, trials=_trials_frame([_trial_row(t) for t in trials]),
+        study=study, storage=storage, trials=trials_frame([trial_row(t) for t in trials]),
         swept=tuple((spec.get("space") or {}).keys()),
         objectives=tuple(loaded.user_attrs.get(StudyKey.OBJECTIVES, ["test_error"])),
         question=loaded.user_attrs.get(StudyKey.QUESTION, ""), spec=spec,

@@ -25,7 +25,6 @@ TRITON = "resnet_ablate.kernels._triton_impl"
 # (issue 23), never added to.
 LONG_MODULES = {
     TRITON,
-    "resnet_ablate.results",  # loading, tables and summaries (comparisons, fronts, display moved out)
 }
 LONG_CLASSES: set[str] = set()
 LONG_FUNCTIONS = {

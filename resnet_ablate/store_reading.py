@@ -1,0 +1,183 @@
+"""Reading a study's store: opened read-only (SQLite's `mode=ro`), the studies it holds with their
+counts by state, and each trial as one row of plain values (results.py builds its `Results`
+from them)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import optuna
+import pandas as pd
+
+from .arch import ResNetArch
+from .record import VIEW_METRICS, StudyKey, TrialKey, metric_values
+from .storage import (RUNS_ENVIRONMENT_VARIABLE, ResultsError, StoreError, runs_folder, sqlite_path,
+                      store_faults)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+ARCH_COLUMNS = ("family", "depth", "stages", "block", "shortcut", "widths", "base_width",
+                "downsampling", "fused")
+TRIAL_COLUMNS = ("number", "state", "arch_name", *ARCH_COLUMNS, "seed", "params", "flops",
+                 "test_accuracy", "test_error", "best_test_error", "test_top5_error",
+                 *VIEW_METRICS, "train_error", "test_images", "epochs",
+                 "wall_seconds", "images_per_second", "precision", "memory_format", "device",
+                 "replicas", "restarts", "failure_kind", "failure",
+                 "arch_digest", "weights")
+_INT_COLUMNS = ("number", "depth", "base_width", "seed", "params", "flops", "test_images",
+                "epochs", "replicas", "restarts")
+STATES = ("COMPLETE", "RUNNING", "FAIL", "PRUNED", "WAITING")
+
+
+# ----------------------------------------------------------------------------------------------
+# Storage
+
+
+def open_storage(storage: str) -> optuna.storages.BaseStorage:
+    """The storage behind `storage`, read-only for SQLite; never creates a database."""
+    url = storage
+    path = sqlite_path(storage)
+    if path is not None:
+        if not path.is_file():
+            raise ResultsError(f"no study storage at {path}; {_databases_beside(path)}")
+        # mode=ro: no write lock, no file creation, no schema upgrade; a busy writer is waited on.
+        url = f"sqlite:///file:{quote(str(path))}?mode=ro&uri=true"
+    try:
+        with store_faults(storage):
+            return optuna.storages.RDBStorage(url, skip_table_creation=True,
+                                              engine_kwargs={"connect_args": {"timeout": 30}}
+                                              if storage.startswith("sqlite") else None)
+    except StoreError as error:
+        raise ResultsError(str(error)) from None
+
+
+RUNS_FOLDER_HINT = (f" (the runs folder is --runs-dir / runs_dir, else ${RUNS_ENVIRONMENT_VARIABLE}, "
+                     "else ./runs)")
+
+
+def _databases_beside(path: Path) -> str:
+    folder = path.parent.resolve()
+    found = sorted(p.name for p in folder.glob("*.db")) if folder.is_dir() else []
+    if found:
+        return f"databases in {folder}/: {', '.join(found)}" + RUNS_FOLDER_HINT
+    return (f"{folder}/ holds no .db file; run a study first, or pass --storage / --runs-dir (or "
+            f"set ${RUNS_ENVIRONMENT_VARIABLE}), or the path of the study's .db file")
+
+
+def study_summaries(storage: str) -> list[optuna.study.StudySummary]:
+    backend = open_storage(storage)
+    try:
+        with store_faults(storage):
+            return optuna.get_all_study_summaries(backend)
+    except StoreError as error:
+        raise ResultsError(str(error)) from None
+
+
+def list_studies(storage: str | None = None, runs_dir: str | Path | None = None) -> pd.DataFrame:
+    """Studies with their trial counts by state: in `storage`, or in every runs_dir/*.db."""
+    if storage is not None:
+        storages = [storage]
+    else:
+        runs_dir = runs_folder(runs_dir)
+        if runs_dir.exists() and not runs_dir.is_dir():
+            raise ResultsError(f"the runs folder {runs_dir} is a file, not a folder; pass "
+                               "--runs-dir (or set RESNET_ABLATE_RUNS) naming a folder")
+        storages = [f"sqlite:///{p}" for p in sorted(runs_dir.glob("*.db"))]
+        if not storages:
+            raise ResultsError(f"no study storage in {runs_dir}/ (no .db file); run a study "
+                               "first, or pass --storage URL or --runs-dir")
+    rows = []
+    for url in storages:
+        backend = open_storage(url)
+        for summary in study_summaries(url):
+            study = optuna.load_study(study_name=summary.study_name, storage=backend)
+            counts = pd.Series([t.state.name for t in study.get_trials(deepcopy=False)],
+                               dtype=object).value_counts()
+            rows.append({"study": summary.study_name, "trials": int(counts.sum()),
+                         **{state: int(counts.get(state, 0)) for state in STATES[:4]},
+                         "question": study.user_attrs.get(StudyKey.QUESTION, ""), "storage": url})
+    return pd.DataFrame(rows, columns=["study", "trials", *STATES[:4], "question", "storage"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Trials as rows
+
+
+def scalar_value(value: Any) -> Any:
+    """Lists (stages, widths) become "16-32-64" so rows group, query and print cleanly."""
+    return "-".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+
+
+def trial_row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    attrs = trial.user_attrs
+    arch = attrs.get(TrialKey.ARCH) or {}
+    execution = attrs.get(TrialKey.EXECUTION) or {}
+    parallel = attrs.get(TrialKey.DATA_PARALLEL) or {}
+    metrics = metric_values(attrs)
+    return {
+        "number": trial.number, "state": trial.state.name,
+        "arch_name": _arch_name(attrs),
+        **{name: scalar_value(arch.get(name)) for name in ARCH_COLUMNS},
+        "seed": attrs.get(TrialKey.SEED),
+        **{name: metrics[name] for name in ("params", "flops", "test_accuracy", "test_error",
+                                            "best_test_error", "test_top5_error", "train_error",
+                                            *VIEW_METRICS)},
+        "test_images": attrs.get(TrialKey.TEST_IMAGES),
+        "epochs": attrs.get(TrialKey.EPOCHS_COMPLETED),
+        "wall_seconds": metrics["wall_seconds"], "images_per_second": metrics["images_per_second"],
+        "precision": execution.get("precision"), "memory_format": execution.get("memory_format"),
+        "device": attrs.get(TrialKey.DEVICE),
+        # Data-parallel trials: how many processes trained it, how often it resumed after a loss.
+        "replicas": parallel.get("replicas", 1),
+        "restarts": len(parallel.get("resumed_after_epochs", [])),
+        "failure_kind": attrs.get(TrialKey.FAILURE_KIND),
+        "failure": attrs.get(TrialKey.FAILURE) or attrs.get(TrialKey.PRUNED),
+        "arch_digest": attrs.get(TrialKey.ARCH_DIGEST), "weights": attrs.get(TrialKey.WEIGHTS),
+    }
+
+
+def _arch_name(attrs: Mapping[str, Any]) -> str | None:
+    """The architecture's name as the toolkit names it now, from the stored description: stores
+    written before custom CIFAR stages were named would otherwise group two networks under one
+    name. The stored name where the description no longer builds."""
+    try:
+        return ResNetArch.from_dict(attrs[TrialKey.ARCH]).name
+    except (KeyError, TypeError, ValueError):
+        return attrs.get(TrialKey.ARCH_NAME)
+
+
+def trials_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=list(TRIAL_COLUMNS))
+    for column in _INT_COLUMNS:  # nullable ints: a failed trial's gap does not turn 20 into 20.0
+        frame[column] = frame[column].astype("Int64")
+    frame["fused"] = frame["fused"].astype("boolean")
+    for column in ("test_accuracy", "test_error", "best_test_error", "test_top5_error",
+                   *VIEW_METRICS, "train_error", "wall_seconds", "images_per_second"):
+        frame[column] = frame[column].astype(float)
+    return frame
+
+
+def store_file(study: str) -> Path | None:
+    """The .db file `study` names where it is a path, not a study's name (a name never holds a
+    separator; one ending in .db is read as a file's, existing or not); None for a name.
+    `runs/quickstart` finds runs/quickstart.db."""
+    path = Path(study).expanduser()
+    if not ("/" in study or os.sep in study or path.suffix == ".db"):
+        return None
+    for candidate in (path, path.with_name(path.name + ".db")):
+        if candidate.is_file():
+            return candidate
+    raise ResultsError(f"no study store file {path}; {_databases_beside(path)}")
+
+
+def only_study(study: str, storage: str) -> str:
+    """The one study a store holds, which a path or URL given for the study names."""
+    names = [s.study_name for s in study_summaries(storage)]
+    if len(names) != 1:
+        raise ResultsError(f"{study} holds {len(names)} studies ({', '.join(names) or 'none'}); "
+                           f"load one by name: load(NAME, storage={storage!r})")
+    return names[0]

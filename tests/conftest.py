@@ -107,3 +107,17 @@ def local_ray():
              log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _stop_signal_handlers_restored():
+    """Each test starts with the process's Ctrl-C and SIGTERM handlers as the previous one found
+    them: a command run in-process ends by ignoring both (cli/registry.py `stopped`: the process
+    is on its way out), which would otherwise leak into every later test of the session."""
+    import signal
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for stop, handler in saved.items():
+        signal.signal(stop, handler)
+

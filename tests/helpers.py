@@ -37,6 +37,24 @@ def write_spec(folder: Path, raw: dict) -> Path:
     return path
 
 
+def run_spec_alone(folder: Path, raw: dict):
+    """Run the study `raw` describes on a local Ray of its own, shut down afterwards, with its
+    store under `folder`: (the run's summary, the study's trials)."""
+    import optuna
+    import ray
+
+    from resnet_ablate.spec import load_spec
+    from resnet_ablate.study import RunOptions, run_study
+
+    try:
+        summary = run_study(load_spec(write_spec(folder, raw)),
+                            RunOptions(runs_dir=folder, progress=False))
+    finally:
+        ray.shutdown()
+    study = optuna.load_study(study_name=raw["study"], storage=summary.storage)
+    return summary, study.get_trials()
+
+
 def results_study_spec() -> dict:
     return {"study": RESULTS_STUDY, "question": "Do shortcuts help deeper nets?",
             "dataset": {"name": "synthetic", "synthetic": SYNTHETIC},

@@ -3,14 +3,12 @@ truth (with meta.mat) or by 'filename label' lines, a study trained on it end to
 `resnet-ablate convert-imagenet` to class folders and to shards."""
 
 import numpy as np
-import optuna
 import pytest
-import ray
 import scipy.io
 import torch
 from PIL import Image
 
-from helpers import write_spec
+from helpers import run_spec_alone
 from resnet_ablate.cli import main
 from resnet_ablate.data.folders import scan_image_folder
 from resnet_ablate.data.shards import load_shards
@@ -89,8 +87,6 @@ def test_a_label_file_that_does_not_fit_is_one_error_naming_the_line(ilsvrc, tmp
 
 def test_a_study_trains_on_the_ilsvrc_layout_and_it_converts_to_folders_and_shards(
         ilsvrc, tmp_path, capsys):
-    from resnet_ablate.spec import load_spec
-    from resnet_ablate.study import RunOptions, run_study
 
     root, truth = ilsvrc
     raw = {
@@ -103,13 +99,8 @@ def test_a_study_trains_on_the_ilsvrc_layout_and_it_converts_to_folders_and_shar
         "train": {"preset": "imagenet", "epochs": 1, "batch_size": 6, "eval_batch_size": 4},
         "resources": {"cpus": 1, "workers": 1},
     }
-    try:
-        summary = run_study(load_spec(write_spec(tmp_path, raw)),
-                            RunOptions(runs_dir=tmp_path, progress=False))
-    finally:
-        ray.shutdown()
+    summary, (trial,) = run_spec_alone(tmp_path, raw)
     assert summary.completed == 1, summary
-    (trial,) = optuna.load_study(study_name="ilsvrc", storage=summary.storage).get_trials()
     assert trial.user_attrs["test_images"] == 9
 
     folders, shards = tmp_path / "folders", tmp_path / "shards"

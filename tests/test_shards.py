@@ -10,11 +10,10 @@ import tarfile
 import numpy as np
 import optuna
 import pytest
-import ray
 import torch
 from PIL import Image
 
-from helpers import labelled_images, write_shard, write_spec
+from helpers import labelled_images, run_spec_alone, write_shard
 from resnet_ablate.data.decode import IMAGENET_MEAN, IMAGENET_STD, normalise
 from resnet_ablate.recipe import TrainRecipe
 from resnet_ablate.data.shard_urls import ALLOW_PIPE_URLS_ENV, open_shard
@@ -107,8 +106,6 @@ def test_each_images_crops_are_seeded_and_a_corrupt_one_is_skipped_and_counted(s
 
 def test_a_study_trains_end_to_end_on_shards(shards, tmp_path):
     from resnet_ablate.results import load
-    from resnet_ablate.spec import load_spec
-    from resnet_ablate.study import RunOptions, run_study
 
     root, val_images = shards
     raw = {
@@ -120,13 +117,8 @@ def test_a_study_trains_end_to_end_on_shards(shards, tmp_path):
         "train": {"preset": "imagenet", "epochs": 2, "batch_size": 25, "eval_batch_size": 8},
         "resources": {"cpus": 2, "workers": 1},
     }
-    try:
-        summary = run_study(load_spec(write_spec(tmp_path, raw)),
-                            RunOptions(runs_dir=tmp_path, progress=False))
-    finally:
-        ray.shutdown()
+    summary, (trial,) = run_spec_alone(tmp_path, raw)
     assert summary.completed == 1, summary
-    (trial,) = optuna.load_study(study_name="sharded", storage=summary.storage).get_trials()
     curves = trial.user_attrs["curves"]
     assert [c["skipped_images"] for c in curves] == [1, 1]
     model = load("sharded", runs_dir=tmp_path).model(trial.number)
@@ -372,8 +364,6 @@ def test_a_missing_or_unreachable_shard_is_named_by_the_check_a_trial_starts_wit
 def test_a_trial_whose_shard_is_missing_fails_before_training_and_is_not_retried(http_shards,
                                                                                  tmp_path):
     from resnet_ablate.record import FailureKind
-    from resnet_ablate.spec import load_spec
-    from resnet_ablate.study import RunOptions, run_study
 
     root, base = http_shards
     raw = {
@@ -386,12 +376,7 @@ def test_a_trial_whose_shard_is_missing_fails_before_training_and_is_not_retried
         "train": {"preset": "imagenet", "epochs": 1, "batch_size": 8},
         "resources": {"cpus": 1, "workers": 1},
     }
-    try:
-        summary = run_study(load_spec(write_spec(tmp_path, raw)),
-                            RunOptions(runs_dir=tmp_path, progress=False))
-    finally:
-        ray.shutdown()
-    trials = optuna.load_study(study_name="missing-shard", storage=summary.storage).get_trials()
+    _, trials = run_spec_alone(tmp_path, raw)
     assert len(trials) == 1, "a deterministic failure is not tried again"
     (trial,) = trials
     assert trial.state == optuna.trial.TrialState.FAIL

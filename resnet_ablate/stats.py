@@ -19,7 +19,7 @@ interval comes from a generalized pivotal quantity (Weerahandi) that draws the s
 what its mean square allows: where seeds dominate it is Student's t with n - 1 df, exact, and
 where the test images dominate it is the normal interval. In between, with so few degrees of
 freedom, a pivot of this kind over-covers (up to 98.8% at n = 2). **Calibration**: the pivot is
-taken at a level that depends on the seed share the table shows and on n (`_calibrated_alpha`),
+taken at a level that depends on the seed share the table shows and on n (`_alpha_widening`),
 chosen so that under the model the coverage of the 95% interval stays at 95.5% +- 1 point at
 every true seed share (minimax over the share, half a point to the safe side;
 `benchmarks/calibrate_pivot.py` made the constants and plots the coverage before and after). At
@@ -151,13 +151,13 @@ PIVOT_CALIBRATION: dict[int, tuple[float, ...]] = {
 }
 
 
-def _calibrated_alpha(alpha: float, seed_df: int, share: float | None) -> float:
-    """The pivot's alpha that gives a `1 - alpha` interval its nominal coverage (see above): at
-    95% the calibrated level's; at other levels alpha changed in the same proportion."""
+def _alpha_widening(seed_df: int, share: float | None) -> float:
+    """How much the calibration (see above) widens a pivot's alpha: at 95% to the calibrated
+    level's, at other levels in the same proportion (1 where there is nothing to calibrate)."""
     if share is None or seed_df not in PIVOT_CALIBRATION:
-        return alpha
+        return 1.0
     level = float(np.interp(share, CALIBRATION_KNOTS, PIVOT_CALIBRATION[seed_df]))
-    return alpha * (1 - level) / (1 - LEVEL)
+    return (1 - level) / (1 - LEVEL)
 
 
 def _from_pivot(mean: float, pivot: Pivot, n: int, std: float, method: str,
@@ -165,21 +165,21 @@ def _from_pivot(mean: float, pivot: Pivot, n: int, std: float, method: str,
     """Interval and p-value from the pivot ``mean - Z sqrt(V)``, Z standard normal and V the
     variance draws: its distribution function is a mixture of normals, evaluated exactly in Z,
     so that small p-values are accurate rather than a count of draws. Calibrated where the pivot
-    carries a seed share (`_calibrated_alpha`)."""
+    carries a seed share (`_alpha_widening`)."""
     sd = np.sqrt(pivot.variances)
 
     def below(value: float) -> float:  # P(pivot <= value)
         return float(np.mean(ndtr((value - mean) / sd)))
 
     reach = 50 * float(sd.max())
-    alpha = _calibrated_alpha(1 - level, pivot.seed_df, pivot.seed_share)
+    widening = _alpha_widening(pivot.seed_df, pivot.seed_share)
+    alpha = (1 - level) * widening
     low = optimize.brentq(lambda v: below(v) - alpha / 2, mean - reach, mean, xtol=1e-7)
     high = optimize.brentq(lambda v: below(v) - (1 - alpha / 2), mean, mean + reach, xtol=1e-7)
     # Rescaled so that p < 0.05 exactly where the calibrated 95% interval excludes zero.
-    rescale = (1 - LEVEL) / _calibrated_alpha(1 - LEVEL, pivot.seed_df, pivot.seed_share)
     zero = 2 * float(np.mean(ndtr(-abs(mean) / sd)))
     return Estimate(mean, std, float(math.sqrt(np.median(pivot.variances))),
-                    max(low, bounds[0]), min(high, bounds[1]), min(zero * rescale, 1.0), n,
+                    max(low, bounds[0]), min(high, bounds[1]), min(zero / widening, 1.0), n,
                     method, note, pivot.variances)
 
 

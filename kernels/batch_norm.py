@@ -318,6 +318,14 @@ def _is_eager(x: torch.Tensor) -> bool:
     )
 
 
+def _exporting_to_onnx(x: torch.Tensor) -> bool:
+    """Whether an ONNX exporter (either one) is tracing this call. ONNX has no fused op, but it
+    has BatchNormalization, Add and Relu: the ATen ops of the inline path export as those, so a
+    fused model exports as it stands, without `unfuse`. (Checked only off the eager path: the
+    exporters trace, and eager calls must not pay for the check.)"""
+    return not _is_eager(x) and torch.onnx.is_in_onnx_export()
+
+
 def fused_batch_norm(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,
@@ -338,7 +346,7 @@ def fused_batch_norm(
     place (momentum, unbiased variance); in eval the running statistics normalize. The residual
     has the input's shape or broadcasts to it, as in `out += residual`.
     """
-    if _runs_inline(input):
+    if _runs_inline(input) or _exporting_to_onnx(input):
         return _batch_norm_add_relu_inline(
             input, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu
         )

@@ -105,6 +105,25 @@ def test_an_unfused_model_exports_to_onnx_and_onnx_runtime_computes_the_same(dyn
     torch.testing.assert_close(torch.from_numpy(out), model(x).detach(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo exporter", "TorchScript exporter"])
+def test_a_fused_model_exports_to_onnx_as_it_stands_and_onnx_runtime_computes_the_same(dynamo,
+                                                                                      tmp_path):
+    onnx, onnxruntime = pytest.importorskip("onnx"), pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model = _fused_models()["ours"].eval()
+    assert any(isinstance(m, FusedBatchNorm2d) for m in model.modules())
+    x = torch.randn(2, 3, 32, 32)
+    torch.onnx.export(model, (x,), tmp_path / "model.onnx", dynamo=dynamo)
+    # ONNX's own operators only (the exporters may fold BN into the convs): no custom domain.
+    graph = onnx.load(tmp_path / "model.onnx").graph
+    assert {node.domain for node in graph.node} <= {"", "ai.onnx"}
+    session = onnxruntime.InferenceSession(tmp_path / "model.onnx")
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), model(x).detach(), atol=1e-5, rtol=1e-5)
+    # The model is still fused after the export: the exporters' tracing changed nothing.
+    assert any(isinstance(m, FusedBatchNorm2d) for m in model.modules())
+
+
 def test_from_torchvision_refuses_a_dilated_block_by_name():
     tv = small_tv_resnet(TVBottleneck, layers=(1, 1, 1, 2))
     tv.layer4[1].conv2.dilation, tv.layer4[1].conv2.padding = (2, 2), (2, 2)

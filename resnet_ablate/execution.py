@@ -1,8 +1,8 @@
 """How a training run executes on its device: precision, memory format, compilation, CUDA graphs.
 
 A recipe names these choices (`TrainRecipe.precision`, `.memory_format`, `.compile`,
-`.cuda_graphs`), precision "auto" where the best one depends on the device; `resolve_execution`
-turns them into an `Execution` for one device, refusing what that device cannot do. They change how fast a
+`.cuda_graphs`), "auto" where the best one depends on the device and the run; `resolve_execution`
+turns them into an `Execution` for one run on one device, refusing what that device cannot do. They change how fast a
 trial trains, not what it trains: bf16 and fp16 autocast round the convolutions' inputs, which
 moves results within seed-to-seed noise, and the rest is exact.
 
@@ -12,7 +12,10 @@ it ran the digits networks 8-11% faster on this project's AVX512-BF16 developmen
 instructions would give one spec different numbers on different machines. channels_last
 everywhere, the layout that cuDNN's fastest convolutions and the Triton kernels' vector loads
 want, and that oneDNN ran the digits networks 1-7% faster in it than in NCHW
-(benchmarks/bench_trial.py measures it).
+(benchmarks/bench_trial.py measures it). CUDA graphs wherever a graph can capture the step: a
+fused layer issues its launches from Python (tens of microseconds of host time where eager
+PyTorch's BN + add + ReLU takes about as many, benchmarks/bench_host.py), which a replayed graph
+pays once at capture, and the small CIFAR networks' steps are otherwise bound by such host time.
 """
 
 from __future__ import annotations
@@ -68,8 +71,10 @@ class Execution:
         return asdict(self)
 
 
-def resolve_execution(recipe: TrainRecipe, device: torch.device | str) -> Execution:
-    """The recipe's choices for `device`, "auto" resolved; a ValueError names one it cannot run."""
+def resolve_execution(recipe: TrainRecipe, device: torch.device | str, *, in_memory: bool = True,
+                      processes: int = 1) -> Execution:
+    """The recipe's choices for one run on `device` (its data set `in_memory` or streamed, its
+    replicas' `processes`), "auto" resolved; a ValueError names one it cannot run."""
     precision, memory_format = recipe.precision, recipe.memory_format
     compile, cuda_graphs = recipe.compile, recipe.cuda_graphs
     device = torch.device(device)
@@ -82,6 +87,13 @@ def resolve_execution(recipe: TrainRecipe, device: torch.device | str) -> Execut
             f"precision bf16 needs a GPU with bfloat16 (compute capability 8.0 or newer); "
             f"{torch.cuda.get_device_name(device)} has none: use fp16 or fp32"
         )
+    if cuda_graphs == "auto":
+        # What a graph captures must be the same every step: batches of one shape from memory
+        # (a streamed set's loader is outside), one process (replicas reweight their losses), no
+        # gradient scaler (fp16's per-step state), and not a compiled model (whose own graphs
+        # and guards are torch.compile's business).
+        cuda_graphs = (on_cuda and in_memory and processes == 1 and precision != "fp16"
+                       and not compile)
     if cuda_graphs and not on_cuda:
         raise ValueError(f"cuda_graphs needs a CUDA device, and this run is on {device.type}")
     if cuda_graphs and precision == "fp16":

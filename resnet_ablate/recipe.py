@@ -48,10 +48,11 @@ class TrainRecipe:
     The last five fields choose how the run executes (execution.py): `precision` (auto | fp32 |
     bf16 | fp16: autocast; auto is bf16 on GPUs that have it, else fp32; it moves the numbers a
     little), `memory_format` (channels_last | nchw), `compile` (torch.compile the model; its
-    compile time is recorded apart), `cuda_graphs` (replay each full-batch step from one CUDA
-    graph) and `divergence_check_every` (steps between the host reads of the running loss that
-    stop a diverged run; also read at each epoch's end). EXECUTION_ONLY lists those that change
-    nothing but speed.
+    compile time is recorded apart), `cuda_graphs` (true | false | auto: replay each full-batch
+    step from one CUDA graph; auto wherever a graph can capture the step) and
+    `divergence_check_every` (steps between the host reads of the running loss that stop a
+    diverged run; also read at each epoch's end). EXECUTION_ONLY lists those that change nothing
+    but speed.
     """
 
     epochs: int = 164
@@ -89,7 +90,7 @@ class TrainRecipe:
     precision: str = "auto"
     memory_format: str = "channels_last"
     compile: bool = False
-    cuda_graphs: bool = False
+    cuda_graphs: bool | str = "auto"
     divergence_check_every: int = 25
 
     def __post_init__(self) -> None:
@@ -145,9 +146,11 @@ class TrainRecipe:
             fail("precision", f"one of {', '.join(PRECISIONS)}")
         if self.memory_format not in MEMORY_FORMATS:
             fail("memory_format", f"one of {', '.join(MEMORY_FORMATS)}")
-        for name in ("compile", "cuda_graphs", "sync_bn", "augment"):
+        for name in ("compile", "sync_bn", "augment"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "true or false")
+        if not (isinstance(self.cuda_graphs, bool) or self.cuda_graphs == "auto"):
+            fail("cuda_graphs", "auto, true or false")
 
     def _check_protocol(self, fail: Callable[[str, str], None]) -> None:
         """The paper's ImageNet protocol fields: lighting, mean, test_views."""

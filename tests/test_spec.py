@@ -93,6 +93,8 @@ def test_ranges_for_random_and_tpe():
      "train.cuda_graphs: needs a GPU per trial: set resources.gpus > 0"),
     ({**MINIMAL, "train": {"cuda_graphs": True, "precision": "fp16"}, "resources": {"gpus": 1}},
      "train.cuda_graphs: runs precision bf16 or fp32, not fp16"),
+    ({**MINIMAL, "train": {"cuda_graphs": "always"}},
+     "TrainRecipe.cuda_graphs must be auto, true or false, got 'always'"),
     ({**MINIMAL, "objectives": ["test_error", "test_error"]},
      "objectives[1]: 'test_error' is listed twice"),
     ({**MINIMAL, "study": ".."}, "study: '..' is not a usable name"),

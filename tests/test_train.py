@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from resnet_ablate.data import Augmentation, DataBundle, SyntheticSpec, load_dataset
+from resnet_ablate.execution import resolve_execution
 from resnet_ablate.models import build as build_model
 from resnet_ablate.record import EpochRecord
 from resnet_ablate.train import WARMUP_WINDOW, TrainRecipe, train
@@ -334,14 +335,34 @@ def test_cuda_only_choices_are_refused_on_a_cpu_with_the_reason():
         train(tiny_cnn, synthetic(), quick(cuda_graphs=True), seed=0, threads=1)
 
 
+def test_cuda_graphs_auto_is_on_exactly_where_a_graph_can_capture_the_step(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    recipe = TrainRecipe()
+    assert recipe.cuda_graphs == "auto"
+    assert resolve_execution(recipe, "cuda").cuda_graphs is True
+    # Each condition alone turns it off: streamed data, replicas, fp16's scaler, compile, a CPU.
+    assert resolve_execution(recipe, "cuda", in_memory=False).cuda_graphs is False
+    assert resolve_execution(recipe, "cuda", processes=2).cuda_graphs is False
+    assert resolve_execution(quick(precision="fp16"), "cuda").cuda_graphs is False
+    assert resolve_execution(quick(compile=True), "cuda").cuda_graphs is False
+    assert resolve_execution(recipe, "cpu").cuda_graphs is False
+    # A CPU trial under the default trains (no graphs) and records what ran.
+    result = train(tiny_cnn, synthetic(), quick(), seed=0, threads=1)
+    assert result.ok and result.execution["cuda_graphs"] is False
+    for wrong in ("always", 1, None):
+        with pytest.raises(ValueError, match="TrainRecipe.cuda_graphs must be auto, true or false"):
+            TrainRecipe(cuda_graphs=wrong)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_cuda_graph_steps_train_like_eager_steps(precision):
     data = load_dataset("synthetic", synthetic=SyntheticSpec(train_size=300, test_size=128))
     recipe = quick(precision=precision, batch_size=32)  # 9 full batches and one of 12
-    eager = train(tiny_cnn, data, recipe, seed=0, device="cuda")
-    graphed = train(tiny_cnn, data, dataclasses.replace(recipe, cuda_graphs=True), seed=0,
-                    device="cuda")
+    eager = train(tiny_cnn, data, dataclasses.replace(recipe, cuda_graphs=False), seed=0,
+                  device="cuda")
+    graphed = train(tiny_cnn, data, recipe, seed=0, device="cuda")  # cuda_graphs: auto
+    assert not eager.execution["cuda_graphs"]
     assert graphed.execution["cuda_graphs"] and graphed.execution["memory_format"] == "channels_last"
     for a, b in zip(eager.history, graphed.history):
         assert a.train_loss == pytest.approx(b.train_loss, rel=2e-2)
@@ -466,7 +487,7 @@ def test_fused_resnet_steps_replayed_from_cuda_graphs_train_like_eager_ones(comp
     def build():
         return build_model(arch, num_classes=10, in_channels=3)
 
-    recipe = quick(batch_size=32, compile=compile)
+    recipe = quick(batch_size=32, compile=compile, cuda_graphs=False)
     eager = train(build, data, recipe, seed=0, device="cuda")
     graphed = train(build, data, dataclasses.replace(recipe, cuda_graphs=True), seed=0,
                     device="cuda")

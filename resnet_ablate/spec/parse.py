@@ -158,7 +158,7 @@ def _check_recipe_fits(check: Checker, recipe: TrainRecipe, dataset: DatasetSpec
                        resources: Resources) -> None:
     """Compile and CUDA graphs need what they capture: an in-memory data set, a GPU, no scaler;
     the paper's ImageNet protocol needs a streamed one."""
-    if dataset.name in STREAMED_DATASETS and (recipe.compile or recipe.cuda_graphs):
+    if dataset.name in STREAMED_DATASETS and (recipe.compile or recipe.cuda_graphs is True):
         raise check.fail("train.compile" if recipe.compile else "train.cuda_graphs",
                          f"needs an in-memory data set (batches precompiled or captured); "
                          f"{dataset.name} is streamed from disk: set it to false")
@@ -170,10 +170,10 @@ def _check_recipe_fits(check: Checker, recipe: TrainRecipe, dataset: DatasetSpec
                                                  f"(the paper's ImageNet protocol), not to "
                                                  f"{dataset.name}, normalised and augmented in "
                                                  "memory")
-    if recipe.cuda_graphs and recipe.precision == "fp16":
+    if recipe.cuda_graphs is True and recipe.precision == "fp16":
         raise check.fail("train.cuda_graphs", "runs precision bf16 or fp32, not fp16 (its gradient "
                                               "scaler is not captured); set precision: bf16")
-    if recipe.cuda_graphs and resources.gpus == 0:
+    if recipe.cuda_graphs is True and resources.gpus == 0:
         raise check.fail("train.cuda_graphs", "needs a GPU per trial: set resources.gpus > 0, or "
                                               "cuda_graphs: false to train on CPUs")
 
@@ -192,7 +192,7 @@ def _check_replicas(check: Checker, resources: Resources, recipe: TrainRecipe) -
         raise check.fail("train.batch_size", f"{recipe.batch_size} is the global batch, split "
                                              f"evenly over the {count} replicas: use a multiple "
                                              f"of {count}")
-    if recipe.compile or recipe.cuda_graphs:
+    if recipe.compile or recipe.cuda_graphs is True:
         raise check.fail("train.compile" if recipe.compile else "train.cuda_graphs",
                          f"runs one-process trials; this one has {count} replicas: set it to "
                          "false")

@@ -84,7 +84,9 @@ def train(
     """
     _check_seed_and_threads(seed, threads)
     device = torch.device(device)
-    execution = resolve_execution(recipe, device)
+    replicas = replicas or Replicas()
+    execution = resolve_execution(recipe, device, in_memory=not isinstance(data, Streamed),
+                                  processes=replicas.world)
     with _seeded_on(device, seed, threads):
         if not isinstance(model, nn.Module):
             model = model()
@@ -92,7 +94,6 @@ def train(
                 raise TypeError(
                     f"the model factory returned {type(model).__name__}, not an nn.Module"
                 )
-        replicas = replicas or Replicas()
         if replicas.parallel and recipe.sync_bn:
             synchronise_batch_norms(model)
         run = _Run(model, data, recipe, execution, seed, replicas,

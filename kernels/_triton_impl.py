@@ -95,10 +95,12 @@ def _merge(count, mean, m2, odd, axis: tl.constexpr):
     M2 = sum(M2 + c * (m - mean)^2), where every term is positive, so nothing cancels. Plain sums,
     so it costs what a tl.sum costs (a pairwise combine through tl.reduce interprets far slower)."""
     total = tl.sum(count, axis)
-    safe_total = tl.where(total > 0, total, 1.0)
-    rough = tl.sum(count * mean, axis) / safe_total
-    offset = (mean - tl.expand_dims(rough, axis)) * count  # count last: empty summaries add 0
-    merged_mean = rough + tl.sum(offset, axis) / safe_total
+    share = count / tl.expand_dims(tl.where(total > 0, total, 1.0), axis)
+    # Each summary's share times its mean, not count times mean: the terms of a convex combination
+    # never overflow, so means near the float range (3e38) merge to a finite mean.
+    rough = tl.sum(share * mean, axis)
+    offset = (mean - tl.expand_dims(rough, axis)) * share  # share last: empty summaries add 0
+    merged_mean = rough + tl.sum(offset, axis)
     deviation = mean - tl.expand_dims(merged_mean, axis)
     # count first: an empty summary (count 0) adds 0 however far its mean is.
     merged_m2 = tl.sum(m2 + (count * deviation) * deviation, axis)

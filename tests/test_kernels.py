@@ -182,6 +182,25 @@ def test_large_mean_does_not_cancel():
     torch.testing.assert_close(rm, x.mean(dim=(0, 2, 3)), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("values", [(3e38,) * 4, (3.3e38, 3.2e38, 3.1e38, 3.0e38),
+                                    (3e38, -3e38, 3e38, -3e38)],
+                         ids=["constant", "one sign", "both signs"])
+def test_values_near_the_float_range_give_finite_means(backend, values):
+    """Where the sum of a channel's values overflows float32 but its mean does not, the mean is
+    the float64 one (as ATen's CPU kernel, which sums in double), not inf or NaN; the variance
+    is float64's, rounded (inf where it exceeds the range), and the output is exact: 0."""
+    x = torch.tensor(values).view(4, 1, 1, 1).repeat(1, 3, 5, 7)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with use_backend(backend):
+        out = fused_batch_norm(x, rm, rv, training=True, momentum=1.0, relu=False)
+    exact = x.double()
+    scale = 3e38 * 1e-6  # float32's rounding at the data's magnitude
+    torch.testing.assert_close(rm.double(), exact.mean(dim=(0, 2, 3)), rtol=0, atol=scale)
+    torch.testing.assert_close(rv, exact.var(dim=(0, 2, 3)).float(), rtol=1e-5, atol=0)
+    assert torch.equal(out, torch.zeros_like(x))
+
+
 def test_gradcheck_float64_pytorch_path():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 3, 2, dtype=torch.float64, generator=g, requires_grad=True)

@@ -12,6 +12,7 @@ from urllib.parse import quote
 
 import optuna
 import pandas as pd
+import sqlalchemy
 
 from .arch import ResNetArch
 from .record import VIEW_METRICS, StudyKey, TrialKey, metric_values
@@ -38,7 +39,12 @@ STATES = ("COMPLETE", "RUNNING", "FAIL", "PRUNED", "WAITING")
 
 
 def open_storage(storage: str) -> optuna.storages.BaseStorage:
-    """The storage behind `storage`, read-only for SQLite; never creates a database."""
+    """The storage behind `storage`, read-only for SQLite; never creates a database.
+
+    It keeps no connection open between reads (no pool): a process that reads results again and
+    again (a notebook, a dashboard polling a running study) would otherwise hold a pool of
+    connections per read until garbage collection, and PostgreSQL refuses clients past its
+    max_connections (100 by default), the running study's own drivers included."""
     url = storage
     path = sqlite_path(storage)
     if path is not None:
@@ -48,9 +54,11 @@ def open_storage(storage: str) -> optuna.storages.BaseStorage:
         url = f"sqlite:///file:{quote(str(path))}?mode=ro&uri=true"
     try:
         with store_faults(storage):
+            engine_kwargs: dict[str, Any] = {"poolclass": sqlalchemy.pool.NullPool}
+            if storage.startswith("sqlite"):
+                engine_kwargs["connect_args"] = {"timeout": 30}
             return optuna.storages.RDBStorage(url, skip_table_creation=True,
-                                              engine_kwargs={"connect_args": {"timeout": 30}}
-                                              if storage.startswith("sqlite") else None)
+                                              engine_kwargs=engine_kwargs)
     except StoreError as error:
         raise ResultsError(str(error)) from None
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 
 pytestmark = pytest.mark.cluster
 import yaml
@@ -116,8 +117,10 @@ def _driver(spec: Path, cluster: _Cluster, storage: str, runs_dir: Path) -> subp
 
 
 def _trials(storage: str, study: str) -> list[optuna.trial.FrozenTrial]:
+    # No pool: the tests poll, and a pool left per poll exhausts the server's connections.
+    reader = optuna.storages.RDBStorage(storage, engine_kwargs={"poolclass": sqlalchemy.pool.NullPool})
     try:
-        return optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+        return optuna.load_study(study_name=study, storage=reader).get_trials(deepcopy=False)
     except KeyError:  # not created yet
         return []
 

@@ -502,6 +502,42 @@ def test_drivers_creating_a_new_postgresql_store_at_once_all_connect(postgres_ur
     assert outcomes == ["connected"] * 4
 
 
+@pytest.mark.cluster
+def test_reading_results_again_and_again_holds_no_postgresql_connection(postgres_url):
+    """A notebook or a dashboard polls a running study's results: every read must give its
+    connections back, or PostgreSQL refuses the study's own drivers ("too many clients") once
+    max_connections (100) is reached."""
+    import gc
+
+    import psycopg
+
+    from resnet_ablate import results
+
+    server, _, database = postgres_url.rpartition("/")
+    host, port = server.split("@", 1)[1].split(":")
+    writer = optuna.storages.RDBStorage(postgres_url)
+    study = optuna.create_study(study_name="polled", storage=writer)
+    study.add_trial(optuna.trial.create_trial(value=0.5, params={}, distributions={}))
+    writer.engine.dispose()  # the writer's own pool, not what is measured
+
+    def connections() -> int:
+        with psycopg.connect(f"host={host} port={port} user=postgres dbname=postgres") as admin:
+            (count,), = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
+                                      (database,)).fetchall()
+        return count
+
+    before = connections()
+    gc.disable()  # connections must be given back when a read ends, not when garbage is swept
+    try:
+        for _ in range(15):
+            assert len(results.load("polled", storage=postgres_url).trials) == 1
+            results.list_studies(storage=postgres_url)
+        held = connections() - before
+    finally:
+        gc.enable()
+    assert held == 0, f"{held} connections left open by 15 reads"
+
+
 def test_a_stop_signal_is_noted_where_it_lands_and_acted_on_by_the_loop():
     # A Ctrl-C used to raise wherever it landed; in the middle of an import (the driver's first
     # FLOPs count imports half of torch) it came out as a TypeError and a crashed driver.

@@ -526,16 +526,19 @@ def test_reading_results_again_and_again_holds_no_postgresql_connection(postgres
                                       (database,)).fetchall()
         return count
 
-    before = connections()
-    gc.disable()  # connections must be given back when a read ends, not when garbage is swept
+    # Connections must be given back when a read ends, not when garbage is swept (and what
+    # earlier tests left to the collector must not close during the count).
+    gc.collect()
+    gc.disable()
     try:
+        before = connections()
         for _ in range(15):
             assert len(results.load("polled", storage=postgres_url).trials) == 1
             results.list_studies(storage=postgres_url)
         held = connections() - before
     finally:
         gc.enable()
-    assert held == 0, f"{held} connections left open by 15 reads"
+    assert held <= 0, f"{held} connections left open by 15 reads"
 
 
 def test_a_stop_signal_is_noted_where_it_lands_and_acted_on_by_the_loop():

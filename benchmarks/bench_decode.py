@@ -9,6 +9,10 @@ in one run, and the cores a GPU training at a given rate needs from the fastest:
 - box-first uint8: the same crop handed on as uint8, normalised on the device (what the
   streamed loaders do now).
 
+Where simplejpeg (libjpeg-turbo without Pillow's image objects) is installed, two more rows time
+the JPEG decode alone at half scale, the scale most crops decode at, through Pillow and through
+simplejpeg: whether another CPU decoder would shorten a crop enough to be worth a dependency.
+
     python benchmarks/bench_decode.py                          # 1 core, 3,000 images/s a GPU
     python benchmarks/bench_decode.py --gpu-images-per-s 3000 --image-size 224
 
@@ -18,6 +22,7 @@ bench_loader.py runs it first, then times the loader (its worker processes) agai
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import math
 import os
@@ -63,6 +68,30 @@ def two_step(data: bytes, size: int, rng: np.random.Generator) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
 
+def pillow_half_decode(data: bytes, size: int, rng: np.random.Generator) -> Image.Image:
+    """Only the JPEG decode, at half scale (Pillow's draft), as box-first does for most crops."""
+    image = Image.open(io.BytesIO(data))
+    image.draft("RGB", (image.size[0] // 2, image.size[1] // 2))
+    return image.convert("RGB")
+
+
+def simplejpeg_half_decode(data: bytes, size: int, rng: np.random.Generator) -> np.ndarray:
+    """The same decode through simplejpeg (its DCT scaling picks the same 1/2 scale)."""
+    import simplejpeg
+
+    height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+    return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=height // 2,
+                                  min_width=width // 2)
+
+
+def _decoders() -> tuple[tuple[str, object], ...]:
+    """The decode-only rows, where simplejpeg is installed to compare Pillow with."""
+    if importlib.util.find_spec("simplejpeg") is None:
+        return ()
+    return (("decode only: pillow, 1/2 scale", pillow_half_decode),
+            ("decode only: simplejpeg, 1/2 scale", simplejpeg_half_decode))
+
+
 def crops_per_second(make, images: list[bytes], size: int, seconds: float) -> float:
     """Crops/s of `make` on this one core, cycling over `images` for about `seconds`."""
     done, started = 0, time.perf_counter()
@@ -90,17 +119,20 @@ def measure(*, image_size: int, images: int, seconds: float, gpu_images_per_s: f
                "load_average_1min": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
     rows, rates = [], {}
     for name, make in (("two-step float", two_step), ("box-first float", box_first_float),
-                       ("box-first uint8", box_first_uint8)):
+                       ("box-first uint8", box_first_uint8), *_decoders()):
         rates[name] = crops_per_second(make, jpegs, image_size, seconds)
-        cores = math.ceil(gpu_images_per_s / rates[name])
+        decode_only = name.startswith("decode only")  # a part of a crop: no cores per GPU
+        cores = "" if decode_only else math.ceil(gpu_images_per_s / rates[name])
         rows.append({**context, "case": name, "image_size": image_size,
                      "crops_per_s_per_core": round(rates[name], 1),
                      "ms_per_crop": round(1000 / rates[name], 3),
                      "gpu_images_per_s": gpu_images_per_s, "cores_per_gpu": cores,
                      "source": f"{images} generated JPEGs, "
                                f"{', '.join(f'{w}x{h}' for w, h in SIZES)}"})
-        print(f"{name:16s} {rates[name]:7.0f} crops/s per core ({1000 / rates[name]:.2f} ms): "
-              f"{cores} cores feed a GPU at {gpu_images_per_s:.0f} images/s", flush=True)
+        what = "decodes" if decode_only else "crops"
+        feeds = "" if decode_only else f": {cores} cores feed a GPU at {gpu_images_per_s:.0f} images/s"
+        print(f"{name:34s} {rates[name]:7.0f} {what}/s per core ({1000 / rates[name]:.2f} ms)"
+              f"{feeds}", flush=True)
     print(f"box-first uint8 / two-step: {rates['box-first uint8'] / rates['two-step float']:.2f}x "
           f"(load average {context['load_average_1min']} on {context['cpus']} CPUs)")
     append_rows(csv, rows)

@@ -81,7 +81,8 @@ def test_loader_benchmark_writes_loader_and_step_rates_and_their_ratio(tmp_path,
     assert bench.main(["--image-size", "32", "--batch-size", "8", "--batches", "2",
                        "--workers", "0", "1", "--csv", str(out), "--decode-seconds", "0.1",
                        "--gpu-images-per-s", "1000", "--decode-csv", str(decode)]) == 0
-    cases = list(csv.DictReader(decode.open()))
+    # (Where simplejpeg is installed, decode-only rows follow: parts of a crop, no cores per GPU.)
+    cases = [r for r in csv.DictReader(decode.open()) if not r["case"].startswith("decode only")]
     assert [r["case"] for r in cases] == ["two-step float", "box-first float", "box-first uint8"]
     for row in cases:  # the cores a GPU at 1,000 images/s needs, from the rate per core
         assert int(row["cores_per_gpu"]) == math.ceil(1000 / float(row["crops_per_s_per_core"]))

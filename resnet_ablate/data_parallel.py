@@ -57,7 +57,7 @@ def execute_data_parallel(task: TrialTask, board: Any | None = None) -> TrialOut
     """Run one trial as `task.replicas` replicas and return its outcome (as worker.execute
     does for one process)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     # Ray Train resumes a run whose name it finds in the storage: a name of this call alone, so
     # that a folder left by a killed driver or a deleted study is never taken for this trial's.
@@ -68,7 +68,7 @@ def execute_data_parallel(task: TrialTask, board: Any | None = None) -> TrialOut
     resources: dict[str, float] = {"CPU": task.cpus_per_replica}
     if task.use_gpu:
         resources["GPU"] = 1
-    trainer = TorchTrainer(
+    trainer = _trainer_class()(
         _replica, train_loop_config={"task": task, "board": board, "starts": starts},
         torch_config=TorchConfig(backend="nccl" if task.use_gpu else "gloo"),
         # PACK: as few nodes as hold the replicas, whose gradients then cross the fewest links.
@@ -94,6 +94,28 @@ def execute_data_parallel(task: TrialTask, board: Any | None = None) -> TrialOut
         _remove(storage, name)
         if task.checkpoints is None:
             shutil.rmtree(storage, ignore_errors=True)
+
+
+def _trainer_class() -> type:
+    """Ray Train's TorchTrainer; on a Ray without a dashboard (the local Ray a driver starts, see
+    study/cluster.py), without the placement-group cleaner Ray Train adds to every run.
+
+    The cleaner watches the run's controller through Ray's State API, which the dashboard serves:
+    with no dashboard it can watch nothing, and stopping it at the end of the run waits out its
+    timeout, 12 s a trial. Without one, a Ray that dies with its driver has nothing to clean.
+    (Where Ray names its default callbacks otherwise, the override changes nothing.)"""
+    from ray.experimental import internal_kv
+    from ray.train.torch import TorchTrainer
+
+    if internal_kv._internal_kv_get("dashboard", namespace="dashboard") is not None:
+        return TorchTrainer
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):  # noqa: ANN202 - Ray's own method
+            return [callback for callback in super()._create_default_callbacks()
+                    if type(callback).__name__ != "PlacementGroupCleanerCallback"]
+
+    return Trainer
 
 
 def _failed_in_code(task: TrialTask, error: Exception) -> TrialOutcome | None:

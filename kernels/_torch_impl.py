@@ -76,18 +76,17 @@ def _batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance, summed around each channel's first value (when
     finite), as the Triton kernels do: a constant channel's mean is exact, an inf gives an inf mean
     and a NaN variance (what a sum over the channel gives), and the variance is a second pass.
-    Values near the float range (3e38) give the finite mean ATen gives: the offsets are taken
-    between halves and divided by the count before they are summed, so neither an offset nor
-    the sum overflows (halving is exact but on subnormals, where it moves the mean by at most
-    one subnormal step)."""
+    Below float64, the sums are float64's, as ATen's CPU kernel's are: values near the float
+    range (3e38) neither overflow an offset nor the sum, and tiny ones lose nothing to
+    underflow; the statistics are then rounded to the input's compute dtype."""
     dims = reduce_dims(x)
     view = channel_view_shape(x)
-    first = x[0].reshape(x.shape[1], -1)[:, 0]  # sample 0, first position, per channel
+    wide = x if x.dtype == torch.float64 else x.double()
+    first = wide[0].reshape(x.shape[1], -1)[:, 0]  # sample 0, first position, per channel
     shift = torch.where(first.isfinite(), first, 0.0)
-    half_offsets = (x * 0.5 - (shift * 0.5).view(view)).div(x.numel() // x.shape[1]).sum(dims)
-    mean = (shift * 0.5 + half_offsets) * 2
-    var = (x - mean.view(view)).square().mean(dims)
-    return mean, var
+    mean = shift + (wide - shift.view(view)).mean(dims)
+    var = (wide - mean.view(view)).square().mean(dims)
+    return mean.to(x.dtype), var.to(x.dtype)
 
 
 def backward(

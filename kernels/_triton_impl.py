@@ -36,9 +36,14 @@ each walking a fixed range of tiles and accumulating per lane, with one block re
 into its own slot of a [splits, C] buffer; a finalize kernel merges the slots in a fixed order,
 many slots at once. Statistics are Welford summaries (count, mean, M2), made per lane from sums
 around the lane's first value (see _lane_summary) and merged with Chan's formulas: exact for a
-constant channel, accurate whatever the values' offset (no sum-of-squares cancellation over a
-channel), and inf and NaN give what a sum over the channel gives (an inf mean, a NaN variance),
-kept apart from the finite values.
+constant channel, no sum-of-squares cancellation over a channel, and inf and NaN give what a sum
+over the channel gives (an inf mean, a NaN variance), kept apart from the finite values. Their
+limits, float32's (ATen's CPU kernel sums in float64 instead, and the PyTorch path does too):
+- the summaries' means are float32 at the values' offset, so the variance is good to about
+  ulp(|mean|) / std relative (1e4 + randn: a few 1e-4; 1e3 + randn: a few 1e-5);
+- a channel whose values lie so far apart that their offsets or a lane's sums of them pass the
+  float range (3.4e38: values of both signs near it) gets an inf or NaN mean; means near the
+  range themselves merge to finite ones (a constant 3e38 channel, or one of 3.0-3.3e38).
 """
 
 from __future__ import annotations
@@ -88,6 +93,12 @@ def _welford_combine(count_a, mean_a, m2_a, odd_a, count_b, mean_b, m2_b, odd_b)
 
 
 @triton.jit
+def _finite_or(value, fallback):
+    """`value` where it is finite, else `fallback`."""
+    return tl.where(tl.abs(value) < float("inf"), value, fallback)
+
+
+@triton.jit
 def _merge(count, mean, m2, odd, axis: tl.constexpr):
     """Merges many summaries along `axis` at once: n = sum(c); the mean in two passes, a weighted
     mean first and then the weighted mean of the offsets from it (centred terms sum without losing
@@ -95,12 +106,16 @@ def _merge(count, mean, m2, odd, axis: tl.constexpr):
     M2 = sum(M2 + c * (m - mean)^2), where every term is positive, so nothing cancels. Plain sums,
     so it costs what a tl.sum costs (a pairwise combine through tl.reduce interprets far slower)."""
     total = tl.sum(count, axis)
-    share = count / tl.expand_dims(tl.where(total > 0, total, 1.0), axis)
-    # Each summary's share times its mean, not count times mean: the terms of a convex combination
-    # never overflow, so means near the float range (3e38) merge to a finite mean.
-    rough = tl.sum(share * mean, axis)
-    offset = (mean - tl.expand_dims(rough, axis)) * share  # share last: empty summaries add 0
-    merged_mean = rough + tl.sum(offset, axis)
+    safe_total = tl.where(total > 0, total, 1.0)
+    share = count / tl.expand_dims(safe_total, axis)
+    # Counts times means, summed, then divided: exact for tiny means (shares times tiny means
+    # would underflow). Where that overflows (means near the float range, 3e38), shares times
+    # means instead: the terms of a convex combination never overflow.
+    rough = _finite_or(tl.sum(count * mean, axis) / safe_total, tl.sum(share * mean, axis))
+    deviation_from_rough = mean - tl.expand_dims(rough, axis)
+    # count (share) last: empty summaries add 0
+    merged_mean = rough + _finite_or(tl.sum(deviation_from_rough * count, axis) / safe_total,
+                                     tl.sum(deviation_from_rough * share, axis))
     deviation = mean - tl.expand_dims(merged_mean, axis)
     # count first: an empty summary (count 0) adds 0 however far its mean is.
     merged_m2 = tl.sum(m2 + (count * deviation) * deviation, axis)

@@ -55,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
 
     cpus = os.cpu_count() or 2
     threads = max(1, cpus // args.replicas) if not args.gpus else 2
-    recipe = TrainRecipe(epochs=args.epochs, batch_size=args.batch_size, lr=0.05)
+    # Eager steps both ways: replicas never replay CUDA graphs, so the one-process trial does not
+    # either (under the default, auto, it would on a GPU), and the two differ in one thing only.
+    recipe = TrainRecipe(epochs=args.epochs, batch_size=args.batch_size, lr=0.05,
+                         cuda_graphs=False)
     base = TrialTask(trial_number=0, arch=ResNetArch(family="cifar", depth=args.depth).to_dict(),
                      seed=0, dataset={"name": "digits"}, recipe=recipe.to_dict(),
                      threads=threads * (1 if args.gpus else args.replicas), use_gpu=args.gpus,

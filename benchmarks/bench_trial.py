@@ -19,10 +19,11 @@ Variants, each adding one thing to the one before it, so that each ratio isolate
            the device (no host sync per step). tuned / plain: what hand-tuning gives.
 - tuned+kernels: the same hand-tuned loop on the fused model. tuned+kernels / tuned: what the
            fused BatchNorm + add + ReLU kernels add.
-- project: `resnet_ablate.train.train` on the fused model with the device's defaults.
+- project: `resnet_ablate.train.train` on the fused model with the device's defaults but eager
+           steps (`cuda_graphs: false`; the default, auto, replays CUDA graphs on a GPU).
            project / tuned+kernels: what the trial loop costs or adds over a hand-written loop.
-- project+graphs (CUDA only), project+compile: `cuda_graphs: true` and `compile: true`, each
-           against project.
+- project+graphs (CUDA only), project+compile: `cuda_graphs: true` (what auto gives a GPU
+           trial) and `compile: true`, each against project.
 - project+nchw, project+bf16: `memory_format: nchw` and `precision: bf16` (opt-ins on a CPU).
 
 Each row (images/s, peak memory, ratio to plain and to tuned, device, versions, commit) is appended

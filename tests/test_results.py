@@ -65,6 +65,11 @@ def test_trials_frame_has_one_row_per_trial_with_what_the_runner_recorded(result
         assert row["wall_seconds"] == t.user_attrs["wall_seconds"] > 0
         assert row["images_per_second"] == t.user_attrs["images_per_second"] > 0
         assert row["weights"] == t.user_attrs["weights"] and row["epochs"] == 2
+        execution = t.user_attrs["execution"]  # resolved on this CPU: no compile, no graphs
+        assert (row["precision"], row["compile"], row["cuda_graphs"]) == (
+            execution["precision"], False, False) == ("fp32", execution["compile"],
+                                                      execution["cuda_graphs"])
+        assert row["compile_seconds"] == t.user_attrs["compile_seconds"]
     # Whole numbers stay whole (no 8.0 from a nullable column).
     assert str(frame["depth"].dtype) == "Int64" and str(frame["flops"].dtype) == "Int64"
 

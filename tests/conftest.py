@@ -35,10 +35,10 @@ def runs(tmp_path_factory) -> str:
     from resnet_ablate.spec import parse_spec
     from resnet_ablate.study import RunOptions, run_study
 
+    from resnet_ablate.study.cluster import start_local_ray
+
     runs = tmp_path_factory.mktemp("results-runs")
-    # address="local": a cluster of our own, even if another Ray runs on this machine.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False)
+    start_local_ray(cpus=2)  # the Ray a driver starts: of its own, loopback, no dashboard
     try:
         summary = run_study(parse_spec(results_study_spec()),
                             RunOptions(runs_dir=runs, progress=False))
@@ -100,11 +100,13 @@ def postgres_url():
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """A local Ray of 2 CPUs for one test module's studies (a module's tests share it)."""
+    """A local Ray of 2 CPUs for one test module's studies (a module's tests share it), the one
+    a driver starts itself (of its own, listening on loopback only, no dashboard)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False)
+    from resnet_ablate.study.cluster import start_local_ray
+
+    start_local_ray(cpus=2)
     yield
     ray.shutdown()
 

@@ -326,17 +326,16 @@ def test_without_a_dashboard_the_trainer_drops_the_placement_group_cleaner(local
                                 run_config=RunConfig(storage_path=str(tmp_path), name="probe"))
         return [type(callback).__name__ for callback in trainer._create_default_callbacks()]
 
-    registered = internal_kv._internal_kv_get("dashboard", namespace="dashboard")
-    assert registered is not None  # this Ray (the tests') runs Ray's minimal dashboard
-    assert _trainer_class() is TorchTrainer
+    # This Ray is the one a driver starts (local_ray): no dashboard registered.
+    assert internal_kv._internal_kv_get("dashboard", namespace="dashboard") is None
+    without = callbacks(_trainer_class())
     assert "PlacementGroupCleanerCallback" in callbacks(TorchTrainer)  # what is dropped, by name
-    internal_kv._internal_kv_del("dashboard", namespace="dashboard")
-    try:
-        without = callbacks(_trainer_class())
-    finally:
-        internal_kv._internal_kv_put("dashboard", registered, namespace="dashboard")
-    assert "PlacementGroupCleanerCallback" not in without
     assert set(without) == set(callbacks(TorchTrainer)) - {"PlacementGroupCleanerCallback"}
+    internal_kv._internal_kv_put("dashboard", b"127.0.0.1:8265", namespace="dashboard")
+    try:  # where a dashboard is registered, Ray Train's defaults
+        assert _trainer_class() is TorchTrainer
+    finally:
+        internal_kv._internal_kv_del("dashboard", namespace="dashboard")
 
 
 def test_an_error_in_a_replica_fails_the_trial_and_a_lost_replica_is_a_lost_worker():

@@ -135,8 +135,12 @@ def _join(address: str) -> None:
 
 
 def _start_local(spec: StudySpec, workers: int) -> None:
-    cpus = max(1, math.ceil(workers * spec.resources.cpus * spec.resources.replica_count))
-    # address="local": a Ray of our own, even where another one runs on this machine.
+    start_local_ray(max(1, math.ceil(workers * spec.resources.cpus * spec.resources.replica_count)))
+
+
+def start_local_ray(cpus: int) -> None:
+    """The Ray a driver starts when given no cluster: of its own (address="local", even where
+    another one runs on this machine), `cpus` CPUs, listening on loopback only, no dashboard."""
     with _loopback_only(), _no_dashboard_process():
         ray.init(address="local", num_cpus=cpus, include_dashboard=False,
                  logging_level="ERROR", log_to_driver=False)

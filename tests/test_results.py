@@ -45,6 +45,16 @@ def _by_point(raw_trials) -> dict[tuple, float]:
 # -- the trials table
 
 
+def test_a_stored_value_past_64_bits_is_shown_as_stored_not_a_traceback():
+    # Stores written before seeds were range-checked can hold one; the other columns stay whole.
+    from resnet_ablate.store_reading import trials_frame
+
+    frame = trials_frame([{"number": 0, "seed": 10**20, "depth": 20},
+                          {"number": 1, "seed": 1, "depth": None}])
+    assert frame["seed"].tolist() == [10**20, 1]
+    assert str(frame["depth"].dtype) == "Int64" and frame["depth"].tolist()[0] == 20
+
+
 def test_trials_frame_has_one_row_per_trial_with_what_the_runner_recorded(results, raw_trials):
     frame = results.trials.set_index("number")
     assert len(frame) == len(raw_trials) == 12

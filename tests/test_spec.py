@@ -77,6 +77,8 @@ def test_ranges_for_random_and_tpe():
     ({**MINIMAL, "dataset": {"name": "cifar100"}},
      "dataset.root: cifar100 needs the folder that holds (or will hold) cifar-100-python.tar.gz"),
     ({**MINIMAL, "seeds": [1, 1]}, "seeds: expected distinct int seeds, got [1, 1]"),
+    ({**MINIMAL, "seeds": [-1]}, "seeds[0]: must be an int from 0 to 4294967295 (2**32 - 1), got -1"),
+    ({**MINIMAL, "seeds": [0, 2**64]}, "seeds[1]: must be an int from 0 to 4294967295"),
     ({**MINIMAL, "pruner": "median", "objectives": ["test_error", "flops"]},
      "pruner: pruning needs a single objective"),
     ({**MINIMAL, "model": {"depth": 20}}, "space.depth: also fixed in model.depth"),

@@ -342,10 +342,14 @@ def test_distinct_levels_that_only_look_alike_are_kept():
 def test_resources_built_in_python_are_held_to_the_parsers_bounds():
     from resnet_ablate.spec import Resources
 
-    with pytest.raises(ValueError, match=r"need cpus > 0, gpus >= 0 and workers >= 1"):
+    with pytest.raises(ValueError, match=r"resources.cpus: must be > 0 \(CPUs per trial\), got -1"):
         Resources(cpus=-1)
-    assert "resources: need cpus > 0, gpus >= 0 and workers >= 1" in \
-        _error({**MINIMAL, "resources": {"cpus": -1}})
+    assert "resources.cpus: must be > 0 (CPUs per trial), got 0" in \
+        _error({**MINIMAL, "resources": {"cpus": 0}})
+    assert "resources.gpus: must be >= 0 (GPUs per trial), got -1" in \
+        _error({**MINIMAL, "resources": {"gpus": -1}})
+    assert "resources.workers: must be >= 1 (trials at once), got 0" in \
+        _error({**MINIMAL, "resources": {"workers": 0}})
 
 
 SECTIONS = {"dataset": "DatasetSpec", "budget": "Budget", "resources": "Resources"}

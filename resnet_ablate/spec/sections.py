@@ -57,9 +57,12 @@ class Resources:
     def __post_init__(self) -> None:
         # Here, so that Resources built in Python are held to what a spec's parser checks.
         check = checked_fields("resources", self)
-        if not (self.cpus > 0 and self.gpus >= 0 and self.workers >= 1):
-            raise check.fail("resources", f"need cpus > 0, gpus >= 0 and workers >= 1, got "
-                                          f"{self}")
+        for name, within, bound in (("cpus", self.cpus > 0, "> 0 (CPUs per trial)"),
+                                    ("gpus", self.gpus >= 0, ">= 0 (GPUs per trial)"),
+                                    ("workers", self.workers >= 1, ">= 1 (trials at once)")):
+            if not within:
+                raise check.fail(f"resources.{name}", f"must be {bound}, got "
+                                                      f"{getattr(self, name):g}")
         for name in ("cpus", "gpus"):
             if getattr(self, name) > MAX_CPUS:
                 raise check.fail(f"resources.{name}", f"at most {MAX_CPUS} per trial, got "

@@ -87,7 +87,10 @@ def study_summaries(storage: str) -> list[optuna.study.StudySummary]:
 
 
 def list_studies(storage: str | None = None, runs_dir: str | Path | None = None) -> pd.DataFrame:
-    """Studies with their trial counts by state: in `storage`, or in every runs_dir/*.db."""
+    """Studies with their trial counts by state: in `storage`, or in every runs_dir/*.db.
+
+    In a runs folder, a store that cannot be read (a damaged file) does not hide the others: it
+    is left out of the rows, and `frame.attrs["unreadable"]` holds one message for each."""
     if storage is not None:
         storages = [storage]
     else:
@@ -99,17 +102,25 @@ def list_studies(storage: str | None = None, runs_dir: str | Path | None = None)
         if not storages:
             raise ResultsError(f"no study storage in {runs_dir}/ (no .db file); run a study "
                                "first, or pass --storage URL or --runs-dir")
-    rows = []
+    rows, unreadable = [], []
     for url in storages:
-        backend = open_storage(url)
-        for summary in study_summaries(url):
+        try:
+            backend, summaries = open_storage(url), study_summaries(url)
+        except ResultsError as error:
+            if storage is not None:
+                raise
+            unreadable.append(str(error))
+            continue
+        for summary in summaries:
             study = optuna.load_study(study_name=summary.study_name, storage=backend)
             counts = pd.Series([t.state.name for t in study.get_trials(deepcopy=False)],
                                dtype=object).value_counts()
             rows.append({"study": summary.study_name, "trials": int(counts.sum()),
                          **{state: int(counts.get(state, 0)) for state in STATES[:4]},
                          "question": study.user_attrs.get(StudyKey.QUESTION, ""), "storage": url})
-    return pd.DataFrame(rows, columns=["study", "trials", *STATES[:4], "question", "storage"])
+    frame = pd.DataFrame(rows, columns=["study", "trials", *STATES[:4], "question", "storage"])
+    frame.attrs["unreadable"] = unreadable
+    return frame
 
 
 # ----------------------------------------------------------------------------------------------

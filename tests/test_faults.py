@@ -111,6 +111,13 @@ def test_a_damaged_store_is_refused_in_one_line_and_left_as_it_was(damage, runs,
                  ["show", str(store)], ["summary", "faults", "--runs-dir", str(store.parent)]):
         err = _one_line_error(capsys, argv)
         assert "not a readable study store" in err and str(store.name) in err, err
+    # ls lists the readable stores beside it, then names the damaged one (and exits 2).
+    shutil.copy(Path(runs) / f"{RESULTS_STUDY}.db", store.parent)
+    code = main(["ls", "--runs-dir", str(store.parent)])
+    out, err = capsys.readouterr()
+    assert code == 2 and RESULTS_STUDY in out and "faults" not in out
+    assert len(err.strip().splitlines()) == 1 and "not a readable study store" in err, err
+    assert store.name in err
     assert store.read_bytes() == before
 
 

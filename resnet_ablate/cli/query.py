@@ -54,9 +54,16 @@ def _names(text: str | None) -> list[str] | None:
 @command("ls")
 @_query
 def _ls(args: argparse.Namespace) -> int:
-    from ..results import list_studies
+    from ..results import ResultsError, list_studies
 
-    return emit(list_studies(args.storage, runs_dir=args.runs_dir), args)
+    studies = list_studies(args.storage, runs_dir=args.runs_dir)
+    unreadable = studies.attrs.get("unreadable", [])
+    if studies.empty and unreadable:
+        raise ResultsError(unreadable[0])
+    emit(studies, args)
+    for message in unreadable:  # listed what could be read; then each store that could not
+        print(f"resnet-ablate {args.command}: error: {message}", file=sys.stderr)
+    return 2 if unreadable else 0
 
 
 SHOW_COLUMNS = ("number", "state", "seed", "params", "flops", "test_error", "train_error",

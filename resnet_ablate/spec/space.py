@@ -5,6 +5,7 @@ a buildable architecture."""
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -89,6 +90,12 @@ def space_section(check: Checker, value: Any, sampler: str, model: Mapping[str, 
         try:
             ResNetArch.from_dict({**model, **dict(point)})
         except (ArchError, TypeError) as error:
+            # A field the model section fixes (and the space does not sweep) is that section's.
+            swept = {name for name, _ in point}
+            fixed = [name for name in re.findall(r"\b(\w+)=", str(error))
+                     if name in model and name not in swept]
+            if fixed:
+                raise check.fail(f"model.{fixed[0]}", str(error)) from None
             bad = ", ".join(f"{n}={v!r}" for n, v in point)
             raise check.fail("space", f"the point {bad} is not a valid architecture: "
                                       f"{error}") from None

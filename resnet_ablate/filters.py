@@ -112,6 +112,8 @@ class _Interpreter:
                 a, b = self.operand(left), self.operand(right)
                 if not isinstance(a, pd.Series) and not isinstance(b, pd.Series):
                     raise self.fail(node, "a comparison needs a column on one side")
+                if not isinstance(op, (ast.Eq, ast.NotEq)):
+                    self._check_ordered(node, left, a, right, b)
                 if isinstance(op, (ast.Eq, ast.NotEq)) and (isinstance(a, str) or isinstance(b, str)):
                     a, b = _folded(a), _folded(b)
                 result &= _COMPARISONS[type(op)](a, b).astype("boolean")
@@ -119,6 +121,22 @@ class _Interpreter:
                 raise self.fail(node, "not a comparison the language has")
             left = right
         return result
+
+    def _check_ordered(self, node: ast.Compare, left: ast.AST, a: Any, right: ast.AST,
+                       b: Any) -> None:
+        """<, <=, >, >= between a column of numbers and text (or text and a number): said in
+        the filter's own words, not numpy's."""
+        for side, value, other in ((left, a, b), (right, b, a)):
+            if isinstance(value, pd.Series) and isinstance(other, (str, bool, int, float)):
+                numeric = pd.api.types.is_numeric_dtype(value.dtype) and \
+                    not pd.api.types.is_bool_dtype(value.dtype)
+                if numeric and isinstance(other, str):
+                    raise FilterError(f"{self.text!r}: {side.id} holds numbers and {other!r} is "
+                                      "text; compare it with a number (no quotes)")
+                if not numeric and not isinstance(other, str) and value.notna().any() and \
+                        isinstance(value.dropna().iloc[0], str):
+                    raise FilterError(f"{self.text!r}: {side.id} holds text and {other!r} is a "
+                                      f"number; compare it with text in quotes, or with == / in")
 
     def column(self, node: ast.AST) -> pd.Series:
         if not isinstance(node, ast.Name):

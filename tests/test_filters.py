@@ -48,7 +48,9 @@ def test_a_bare_boolean_column_selects_where_it_is_true_and_unknowns_are_left_ou
     ("shortcut in [open('x')]", "not a value"),
     ("lambda: 1", "not a condition"),
     ("test_error", "column 'test_error' is not true/false"),
-    ("shortcut < 5", "do not compare"),
+    ("shortcut < 5", "shortcut holds text and 5 is a number"),
+    ("depth > 'x'", "depth holds numbers and 'x' is text"),
+    ("'20' <= depth", "depth holds numbers and '20' is text"),
     ("not " * 3000 + "fused", "nested too deeply"),
     ("colour == 'red'", "no column 'colour'"),
     ("shortcut in 'AB'", "`in` takes a list of values"),
@@ -61,7 +63,7 @@ def test_anything_but_columns_and_values_is_refused_and_nothing_runs(frame, text
         filter_mask(frame, text)
     assert any(part in str(error.value) for part in (
         "over the columns: depth, shortcut, fused, test_error", "is not a filter",
-        "do not compare", "nested too deeply"))
+        "is text", "is a number", "nested too deeply"))
     assert not list(tmp_path.iterdir())  # no file was touched
 
 

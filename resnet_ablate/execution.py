@@ -1,8 +1,9 @@
 """How a training run executes on its device: precision, memory format, compilation, CUDA graphs.
 
 A recipe names these choices (`TrainRecipe.precision`, `.memory_format`, `.compile`,
-`.cuda_graphs`), "auto" where the best one depends on the device and the run; `resolve_execution`
-turns them into an `Execution` for one run on one device, refusing what that device cannot do. They change how fast a
+`.cuda_graphs`), "auto" where the best one depends on the device and the run;
+`resolve_execution` turns them into an `Execution` for one run on one device, refusing what that
+device cannot do. They change how fast a
 trial trains, not what it trains: bf16 and fp16 autocast round the convolutions' inputs, which
 moves results within seed-to-seed noise, and the rest is exact.
 

@@ -173,9 +173,10 @@ def test_killed_driver_resumes_without_losing_or_repeating_trials(local_ray, tmp
     assert completed_before and running_before
 
     # The killed driver was a process of its own; the run resuming it may be this one.
-    code = main(["run", str(spec_path), "--runs-dir", str(tmp_path), "--quiet"])
+    code = main(["run", str(spec_path), "--runs-dir", str(tmp_path)])
     rerun = capsys.readouterr()
     assert code == 0, rerun.err
+    assert f"resuming: {len(completed_before)} completed trial(s) of this study kept" in rerun.err
     after = _trials(storage, "killed-driver")
     complete = [t for t in after if t.state == optuna.trial.TrialState.COMPLETE]
     keys = [(t.params["shortcut"], t.user_attrs["seed"]) for t in complete]

@@ -152,6 +152,10 @@ class StudyRunner:
             if recovered:
                 progress.log(f"marked {recovered} trial(s) of an interrupted run as failed; resuming")
             trials = self.study.get_trials(deepcopy=False)
+            kept = sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+            if kept:
+                progress.log(f"resuming: {kept} completed trial(s) of this study kept, not run "
+                             "again")
             history = GridHistory(self.spec, trials)
             pending, left = self._work_left(trials, history)
             minutes = self.spec.budget.minutes

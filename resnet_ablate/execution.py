@@ -3,9 +3,9 @@
 A recipe names these choices (`TrainRecipe.precision`, `.memory_format`, `.compile`,
 `.cuda_graphs`), "auto" where the best one depends on the device and the run;
 `resolve_execution` turns them into an `Execution` for one run on one device, refusing what that
-device cannot do. They change how fast a
-trial trains, not what it trains: bf16 and fp16 autocast round the convolutions' inputs, which
-moves results within seed-to-seed noise, and the rest is exact.
+device cannot do. They change how fast a trial trains, not what it trains: bf16 and fp16 autocast
+round the convolutions' inputs, which moves results within seed-to-seed noise, and the rest is
+exact.
 
 The defaults: bf16 autocast on GPUs that have bf16, fp32 elsewhere. On a CPU bf16 is an opt-in:
 it ran the digits networks 8-11% faster on this project's AVX512-BF16 development machine

@@ -111,7 +111,7 @@ def _trainer_class() -> type:
         return TorchTrainer
 
     class Trainer(TorchTrainer):
-        def _create_default_callbacks(self):  # noqa: ANN202 - Ray's own method
+        def _create_default_callbacks(self):  # Ray Train's own method, overridden
             return [callback for callback in super()._create_default_callbacks()
                     if type(callback).__name__ != "PlacementGroupCleanerCallback"]
 

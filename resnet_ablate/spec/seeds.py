@@ -24,8 +24,8 @@ def adaptive_rule(seeds: Any, space: Mapping[str, Any], *, source: str = "<spec>
 
 
 ADAPTIVE_KEYS = ("min", "max", "until")
-MAX_SEED = 2**32 - 1
 UNTIL_KEYS = ("width", "decided", "margin")
+MAX_SEED = 2**32 - 1  # numpy's and Optuna's generators take seeds from 0 to this
 
 
 def seeds_section(check: Checker, value: Any, space: Mapping[str, Any]
@@ -43,7 +43,6 @@ def seeds_section(check: Checker, value: Any, space: Mapping[str, Any]
     for i, seed in enumerate(value):
         check.typed(f"seeds[{i}]", seed, int, "an int")
         if not 0 <= seed <= MAX_SEED:
-            # Seeds go to numpy's and Optuna's generators, which take 0 to 2**32 - 1.
             raise check.fail(f"seeds[{i}]", f"must be an int from 0 to {MAX_SEED} (2**32 - 1), "
                                             f"got {seed}")
     return value, None

@@ -43,6 +43,8 @@ def test_spec_takes_the_adaptive_rule_and_every_seed_it_may_use():
     (_adaptive({"width": 0}), {}, r"seeds\.until\.width: an interval width"),
     (_adaptive({"width": float("nan")}), {}, r"seeds\.until\.width: (an interval|expected a finite)"),
     (_adaptive({"decided": "depth"}), {}, r"'depth' is not a swept factor.*swept: shortcut"),
+    (_adaptive({"decided": "shortcut"}), {"space": {"shortcut": ["A"]}},
+     r"'shortcut' is not .*space lists it with one level, 'A'.*swept: none"),
     (_adaptive({"decided": "shortcut", "margin": -1}), {}, r"margin: a difference"),
     ({"min": 2, "until": {"width": 0.1}}, {}, "max is missing"),
     (_adaptive({"width": 0.02}, often=3), {}, r"seeds\.often: unknown key"),

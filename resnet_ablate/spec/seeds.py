@@ -80,8 +80,10 @@ def _adaptive_seeds(check: Checker, value: dict, space: Mapping[str, Any]
         decided = until["decided"]
         swept = [name for name, levels in space.items() if len(values_of(levels)) >= 2]
         if decided not in swept:
+            listed = (f"; space lists it with one level, {values_of(space[decided])[0]!r}: a "
+                      "choice is decided between two levels or more" if decided in space else "")
             raise check.fail("seeds.until.decided", f"{decided!r} is not a swept factor with two "
-                                                    f"levels or more; swept: "
+                                                    f"levels or more{listed}; swept: "
                                                     f"{', '.join(swept) or 'none'}")
         margin = check.typed("seeds.until.margin", until.get("margin", 0.0), (int, float),
                              "a number")

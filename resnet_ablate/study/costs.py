@@ -42,10 +42,12 @@ class PackingMeasurement:
 # One entry per GPU model measured; the GPU check's summary.md gives the entry to add. None yet.
 MEASURED_PACKINGS: tuple[PackingMeasurement, ...] = ()
 
-# What Ray Train costs a data-parallel trial before its first step, whatever its size: a worker
-# group, a process group and a checkpoint folder set up per trial (seconds, lowest and highest
-# measured on a 2-CPU machine, where the 2-replica studies of tests/test_data_parallel.py run).
-RAY_TRAIN_START_UP_SECONDS = (45, 60)
+# What Ray Train costs a data-parallel trial beside its training, whatever its size: a worker
+# group, a process group and a checkpoint folder set up and taken down per trial (seconds: a
+# 2-replica, 1-epoch digits study took 26 s where the same study in one process took 13-15, on
+# an idle 2-CPU machine; a loaded one takes longer). It was 45-60 s on a loaded machine while
+# Ray Train's placement-group cleaner still held each trial 12 s at its end (data_parallel.py).
+RAY_TRAIN_START_UP_SECONDS = (11, 13)
 
 
 def fastest_packing(aggregate_by_trials: Mapping[int, float]) -> int:
@@ -84,8 +86,8 @@ def start_up_cost(replicas: int, trials: int,
     if replicas <= 1 or trials <= 0:
         return []
     low, high = seconds
-    return [f"start-up: Ray Train adds {low:g}-{high:g} s to each data-parallel trial before it "
-            f"trains (measured on 2 CPUs): {trials} trials to run spend {trials * low / 60:.1f}-"
+    return [f"start-up: Ray Train adds {low:g}-{high:g} s to each data-parallel trial, starting "
+            f"and stopping its replicas (measured on 2 idle CPUs): {trials} trials to run spend {trials * low / 60:.1f}-"
             f"{trials * high / 60:.1f} trial-minutes starting, beside the training above"]
 
 

@@ -4,6 +4,7 @@ from them)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -176,10 +177,9 @@ def _arch_name(attrs: Mapping[str, Any]) -> str | None:
 def trials_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=list(TRIAL_COLUMNS))
     for column in _INT_COLUMNS:  # nullable ints: a failed trial's gap does not turn 20 into 20.0
-        try:
+        # A value past 64 bits (a seed stored before seeds were range-checked) stays as stored.
+        with contextlib.suppress(OverflowError, TypeError, ValueError):
             frame[column] = frame[column].astype("Int64")
-        except (OverflowError, TypeError, ValueError):  # e.g. a seed past 64 bits: as stored
-            pass
     frame["fused"] = frame["fused"].astype("boolean")
     for column in ("test_accuracy", "test_error", "best_test_error", "test_top5_error",
                    *VIEW_METRICS, "train_error", "wall_seconds", "images_per_second"):

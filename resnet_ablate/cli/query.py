@@ -73,9 +73,7 @@ SHOW_COLUMNS = ("number", "state", "seed", "params", "flops", "test_error", "tra
 @command("show")
 @_query
 def _show(args: argparse.Namespace) -> int:
-    results = _load(args)
-    if results.trials.empty and not args.where:
-        raise _empty(results)
+    results = _load_with_trials(args)
     frame = results.sorted_by(_names(args.sort))
     columns = _names(args.columns)
     if columns is None:
@@ -85,18 +83,21 @@ def _show(args: argparse.Namespace) -> int:
     return emit(frame[list(dict.fromkeys(columns))], args)
 
 
-def _empty(results):
+def _load_with_trials(args: argparse.Namespace):
+    """The study `_load` gives, refused in one line where it has no trial at all (with --where,
+    an empty selection is its own answer)."""
     from ..results import ResultsError
 
-    return ResultsError(f"study {results.study!r} in {results.storage} has no trials yet")
+    results = _load(args)
+    if results.trials.empty and not args.where:
+        raise ResultsError(f"study {results.study!r} in {results.storage} has no trials yet")
+    return results
 
 
 @command("export")
 @_query
 def _export(args: argparse.Namespace) -> int:
-    results = _load(args)
-    if results.trials.empty and not args.where:
-        raise _empty(results)
+    results = _load_with_trials(args)
     frame = results.curves() if args.what == "curves" else results.sorted_by(_names(args.sort))
     return emit(frame, args)
 

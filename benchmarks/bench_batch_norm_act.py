@@ -13,10 +13,12 @@ runs once before it is timed.
 
 Byte model (the minimum traffic of a two-pass BatchNorm in training, per element of the activation;
 statistics vectors are negligible): forward reads x twice and the residual once and writes the output
-(4 passes; 3 without a residual); backward reads grad_out, the output (ReLU mask) and x and writes
-grad_residual in its reduction pass, then reads grad_residual and x and writes grad_input (7 passes;
-without a residual the second pass reads grad_out, the output and x again and writes grad_input: 7
-too). All providers are scored against the same model, so GB/s compare directly.
+and the ReLU mask packed one bit per element (4 passes and a mask pass; 3 without a residual);
+backward reads grad_out, the mask and x and writes grad_residual in its reduction pass, then reads
+grad_residual and x and writes grad_input (6 passes and a mask pass; without a residual the second
+pass reads grad_out, the mask and x again and writes grad_input: 5 and two mask passes). A mask pass
+moves an eighth of a byte per element: 1/16 of a bf16 pass. All providers are scored against the
+same model, so GB/s compare directly.
 
 Shape sets: "epilogue", the four ResNet-50 stage outputs (with a residual) at batch 64 and 256;
 "resnet", every BatchNorm + ReLU shape of ResNet-50 (batch 64, 224 px: the stem, and each stage's
@@ -52,8 +54,9 @@ SHAPE_SETS: dict[str, list[Shape]] = {
                  for residual in (False, True))],  # ResNet-56
     "small": [((8, 64, 16, 16), True), ((8, 256, 7, 7), True), ((8, 64, 16, 16), False)],
 }
-PASSES = {True: {"forward": 4, "backward": 7, "forward+backward": 11},
-          False: {"forward": 3, "backward": 7, "forward+backward": 10}}
+# (activation passes, packed-mask passes) per pass of the byte model, with a residual or not.
+PASSES = {True: {"forward": (4, 1), "backward": (6, 1), "forward+backward": (10, 2)},
+          False: {"forward": (3, 1), "backward": (5, 2), "forward+backward": (8, 3)}}
 PEAK_BANDWIDTH_GBPS = {  # vendor figures for HBM bandwidth
     "H200": 4800, "H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100": 3350,
     "A100-SXM4-80GB": 2039, "A100-PCIE-80GB": 1935, "A100": 1555, "L40S": 864, "A10": 600,
@@ -151,11 +154,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def config_rows(shape: Shape, dtype_name: str, layout: str, timings: dict[str, dict[str, float]],
                 element_bytes: int, peak: float | None, memory_mb: float,
                 context: dict[str, str]) -> list[dict]:
-    """One row per pass: each provider's ms, the fused provider's GB/s and its speed-ups."""
+    """One row per pass: each provider's ms, the fused provider's GB/s and its speed-ups.
+    `element_bytes` is the activation's size in bytes (all its elements)."""
     (dims, residual), rows = shape, []
-    for pass_name, passes in PASSES[residual].items():
+    elements = 1
+    for size in dims:
+        elements *= size
+    for pass_name, (passes, mask_passes) in PASSES[residual].items():
         ms = {name: t[pass_name] for name, t in timings.items()}
-        gbps = passes * element_bytes / (ms["fused"] * 1e-3) / 1e9
+        moved = passes * element_bytes + mask_passes * elements / 8
+        gbps = moved / (ms["fused"] * 1e-3) / 1e9
         rows.append({
             **context, "shape": "x".join(map(str, dims)), "residual": residual,
             "dtype": dtype_name, "layout": layout, "pass": pass_name,

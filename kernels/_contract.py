@@ -34,8 +34,9 @@ class Implementation(Protocol):
         running_var: torch.Tensor | None,
         eps: float,
         relu: bool,
+        pack_relu_mask: bool = False,
         update: RunningUpdate | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """`out = (x - mean) * weight / sqrt(var + eps) + bias`, then `+ residual`, then ReLU when
         `relu`; the sum is taken in float32 and rounded once to x's dtype, and `out` has x's
         strides (as `torch.empty_like(x)`). Without running statistics (training) mean and var
@@ -44,14 +45,25 @@ class Implementation(Protocol):
         empty batches itself). NaN and inf propagate as through F.batch_norm + add + relu.
         With `update` (training only) the running statistics are updated from the batch's, as
         `update_running_stats` would; the eager path passes it, the custom op cannot (an op with
-        an autograd formula may not mutate its inputs)."""
+        an autograd formula may not mutate its inputs).
+
+        The fourth result is the packed ReLU mask, for backward in place of `out`: with
+        `pack_relu_mask` and `relu`, `relu_mask_bytes(x, residual)` bytes (uint8), bit j of byte k
+        set where the output at x's storage offset 8k + j is positive or NaN (see
+        `_torch_impl.unpack_relu_mask`); an empty uint8 tensor where that is 0 or not asked for."""
+        ...
+
+    def relu_mask_bytes(self, x: torch.Tensor, residual: torch.Tensor | None) -> int:
+        """Size of the packed ReLU mask `forward` writes for these tensors when asked for one:
+        x.numel() / 8, or 0 where it writes none (then backward reads the output). From shapes,
+        strides and dtypes alone, so that the fake kernel gives the same answer."""
         ...
 
     def backward(
         self,
         grad_out: torch.Tensor,
         x: torch.Tensor,
-        out: torch.Tensor | None,
+        relu_mask: torch.Tensor | None,
         weight: torch.Tensor | None,
         mean: torch.Tensor,
         var: torch.Tensor,
@@ -59,9 +71,9 @@ class Implementation(Protocol):
         batch_stats: bool,
         residual_grad: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Gradients of x, residual, weight and bias. `out` is the forward output when ReLU was
-        applied (the gradient passes where out > 0 or is NaN, as threshold_backward lets it),
-        else None. With `batch_stats` the statistics were the batch's and x's gradient includes
+        """Gradients of x, residual, weight and bias. `relu_mask` is None without ReLU; with it,
+        the forward's packed ReLU mask (uint8) where it wrote one, else its output (the gradient
+        passes where out > 0 or is NaN, as threshold_backward lets it). With `batch_stats` the statistics were the batch's and x's gradient includes
         their derivative; else they were constants. The residual's gradient (the masked
         grad_out, in x's dtype with grad_out's strides) is computed only when `residual_grad`,
         else an empty tensor is returned; grad_input has x's strides."""

@@ -40,9 +40,11 @@ def forward(
     running_var: torch.Tensor | None,
     eps: float,
     relu: bool,
+    pack_relu_mask: bool = False,
     update: RunningUpdate | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`Implementation.forward` in _contract.py."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`Implementation.forward` in _contract.py; it keeps no packed mask (the backward reads
+    the output), which costs nothing on a CPU."""
     acc = _compute_dtype(x)
     xc = x.to(acc)
     if running_mean is None:
@@ -69,7 +71,28 @@ def forward(
         y = y + residual.to(acc)
     if relu:
         y = torch.relu(y)
-    return _in_layout_of(y, x), saved_mean, saved_var
+    return _in_layout_of(y, x), saved_mean, saved_var, x.new_empty(0, dtype=torch.uint8)
+
+
+def relu_mask_bytes(x: torch.Tensor, residual: torch.Tensor | None) -> int:
+    """`Implementation.relu_mask_bytes` in _contract.py: this path writes no packed mask."""
+    return 0
+
+
+def unpack_relu_mask(packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The packed ReLU mask of a forward of x as a bool tensor shaped like x: bit j of byte k
+    is the element at x's storage offset 8k + j (x dense, so offsets run 0 to numel - 1)."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = packed.unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1).bool().flatten()
+    return bits.as_strided(x.shape, x.stride())
+
+
+def _gradient_passes(relu_mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Where threshold_backward lets the gradient through: a packed mask's set bits, or where
+    the output is positive or NaN."""
+    if relu_mask.dtype == torch.uint8:
+        return unpack_relu_mask(relu_mask, x)
+    return ~(relu_mask <= 0)
 
 
 def _batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +115,7 @@ def _batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def backward(
     grad_out: torch.Tensor,
     x: torch.Tensor,
-    out: torch.Tensor | None,
+    relu_mask: torch.Tensor | None,
     weight: torch.Tensor | None,
     mean: torch.Tensor,
     var: torch.Tensor,
@@ -103,8 +126,8 @@ def backward(
     """`Implementation.backward` in _contract.py."""
     acc = _compute_dtype(x)
     gz = grad_out.to(acc)
-    if out is not None:  # ReLU: the gradient flows where the output is positive
-        gz = gz.masked_fill(out <= 0, 0)
+    if relu_mask is not None:  # ReLU: the gradient flows where the output is positive
+        gz = gz.masked_fill(~_gradient_passes(relu_mask, x), 0)
     mean, var = mean.to(acc), var.to(acc)
     invstd = torch.rsqrt(var + eps)
     weight = weight.to(acc) if weight is not None else None
@@ -130,7 +153,7 @@ def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, 
 def differentiable_backward(
     grad_out: torch.Tensor,
     x: torch.Tensor,
-    out: torch.Tensor | None,
+    relu_mask: torch.Tensor | None,
     weight: torch.Tensor | None,
     mean: torch.Tensor,
     var: torch.Tensor,
@@ -147,8 +170,8 @@ def differentiable_backward(
     """
     acc = _compute_dtype(x)
     gz = grad_out.to(acc)
-    if out is not None:
-        gz = gz.masked_fill(out <= 0, 0)
+    if relu_mask is not None:
+        gz = gz.masked_fill(~_gradient_passes(relu_mask, x), 0)
     xc = x.to(acc)
     dims = reduce_dims(x)
     view = channel_view_shape(x)

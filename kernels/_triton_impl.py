@@ -11,23 +11,28 @@ its samples back to back (channels_last, or N = 1), the launch views them as a s
 N*L positions, which makes tiles long for small maps (7x7) too. Tiles are wide in C when C is the
 contiguous axis (channels_last) and long in L otherwise (NCHW).
 
-Bytes moved per element, in units of the activation size (the benchmark's byte model):
+Bytes moved per element, in units of the activation size (the benchmark's byte model), where m is
+the packed ReLU mask's eighth of a byte (1/16 of a bf16 value):
 - training forward: x read twice (statistics, then normalize), residual read once, out written
-  once: 4 with a residual, 3 without;
-- eval forward: x and residual read once, out written once;
-- backward with a residual: the reduce pass reads grad_out, out (the ReLU mask) and x and writes the
+  once, the mask written: 4 + m with a residual, 3 + m without;
+- eval forward: x and residual read once, out written once (and the mask where a gradient will be
+  taken);
+- backward with a residual: the reduce pass reads grad_out, the mask and x and writes the
   residual's gradient (grad_out where the ReLU let it through); the elementwise pass reads that
-  gradient back with x and writes grad_input: 7. Without a residual the elementwise pass reads
-  grad_out, out and x again: 7. The ReLU mask is the saved output, which the next layer keeps
-  alive anyway.
+  gradient back with x and writes grad_input: 6 + m. Without a residual the elementwise pass
+  reads grad_out, the mask and x again: 5 + 2m.
+So a training step with a residual moves 10 + 2m where eager PyTorch moves 16 (1.58x), and 11 if
+the backward read the output for the ReLU instead (1.45x): the mask pays for its 1/16 write many
+times over. The forward writes it where its tiles own whole bytes of it (_mask_packing: every
+ResNet shape in NCHW and channels_last); elsewhere the backward reads the output.
 Instructions per element: an H100 issues ~33e12 thread instructions a second (132 SMs x 4 warp
 schedulers x 32 lanes x 1.98 GHz) while its memory moves 3.35e12 bytes, so a kernel holds the byte
 model only while it spends at most ~20 SASS instructions per bf16 value it moves per element.
 tests/compile_kernels_for_hopper.py counts them in the sm_90 binary of every ResNet-50 and ResNet-56
-launch: all fit (the backward reduce takes 11-18 for its 3-4 values, the elementwise passes 13-35
-for 2-4, the statistics pass 7-12.3 for its one: sums around a per-lane shift, no division, the
-next tile loaded before the current one is summed, 16 warps where its tiles are full). A training
-forward has three launches (statistics, the finalize with the
+launch: all fit (the backward reduce takes 12-17.3 for its 2-3 values, the elementwise passes
+19-35 for 3, the forward 20-34 for 2-3, the statistics pass 7.6-12.2 for its one: sums around a
+per-lane shift, no division, the next tile loaded before the current one is summed, 16 warps where
+its tiles are full). A training forward has three launches (statistics, the finalize with the
 running-stat update, normalize), a backward three (reduce, finalize, elementwise).
 
 Reductions are deterministic, with no atomics, and sized to one wave: the launch runs exactly as
@@ -48,6 +53,7 @@ limits, float32's (ATen's CPU kernel sums in float64 instead, and the PyTorch pa
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -74,6 +80,79 @@ def _tile(tile, L, l_blocks, BLOCK_R: tl.constexpr):
     start = (tile - n * l_blocks) * BLOCK_R
     positions = start + tl.arange(0, BLOCK_R)
     return n, positions, positions < L
+
+
+# The packed ReLU mask. Bit j of byte k records whether the output at element offset 8k + j of x
+# (x's own memory order) lets a gradient through: positive or NaN, as threshold_backward decides.
+# A training forward writes it where its tiles own whole bytes of it (see _mask_packing): 1/16 of
+# a bf16 activation's bytes, which the backward reads where it would read the whole output.
+# The backward finds each element's bit by its offset in x, so any tiling reads it.
+MASK_NONE = 0  # no mask: the backward reads the output
+MASK_ALONG_POSITIONS = 1  # a byte holds 8 consecutive positions of one channel (NCHW rows)
+MASK_ALONG_CHANNELS = 2  # a byte holds 8 consecutive channels of one position (channels_last)
+MASK_ALONG_SPAN = 3  # a byte holds 8 consecutive lanes of a span tile (see Spans)
+
+
+@triton.jit
+def _relu_passes(stored):
+    """1 where threshold_backward lets the gradient through the stored output (> 0 or NaN)."""
+    return tl.where(stored <= 0, 0, 1)
+
+
+@triton.jit
+def _passed_by_mask(g, mask_ptr, x_offsets, mask):
+    """`g` where the element's bit in the packed ReLU mask is set, else 0."""
+    byte = tl.load(mask_ptr + (x_offsets >> 3), mask=mask, other=0).to(tl.int32)
+    return tl.where(((byte >> (x_offsets & 7).to(tl.int32)) & 1) == 0, 0.0, g)
+
+
+@triton.jit
+def _row_mask_bits(mask_ptr, tile, col_start, L, l_blocks, C, sx_n, sx_c, sx_l,
+                   PACKING: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The bits of the packed ReLU mask of row tile `tile` and the BLOCK_C channels from
+    `col_start`, [BLOCK_R, BLOCK_C] int32 0/1, from one load per byte (where the tile holds
+    whole bytes: _mask_packing of the reading call's tiling)."""
+    n = tile // l_blocks
+    start = (tile - n * l_blocks) * BLOCK_R
+    cols = col_start + tl.arange(0, BLOCK_C)
+    if PACKING == 1:  # MASK_ALONG_POSITIONS
+        firsts = start + 8 * tl.arange(0, BLOCK_R // 8)
+        where = (firsts < L)[:, None] & (cols < C)[None, :]
+        offsets = _offsets(n, firsts, cols, sx_n, sx_c, sx_l)
+        packed = tl.load(mask_ptr + (offsets >> 3), mask=where, other=0).to(tl.int32)
+        bits = (packed[:, None, :] >> tl.arange(0, 8)[None, :, None]) & 1
+    else:  # MASK_ALONG_CHANNELS
+        positions = start + tl.arange(0, BLOCK_R)
+        firsts = col_start + 8 * tl.arange(0, BLOCK_C // 8)
+        where = (positions < L)[:, None] & (firsts < C)[None, :]
+        offsets = _offsets(n, positions, firsts, sx_n, sx_c, sx_l)
+        packed = tl.load(mask_ptr + (offsets >> 3), mask=where, other=0).to(tl.int32)
+        bits = (packed[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+    return tl.reshape(bits, [BLOCK_R, BLOCK_C])
+
+
+@triton.jit
+def _store_row_mask(mask_ptr, passes, tile, col_start, L, l_blocks, C, sx_n, sx_c, sx_l,
+                    PACKING: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Packs a row tile's [BLOCK_R, BLOCK_C] ReLU decisions into bytes of 8 along the axis x is
+    contiguous in, and stores them at x's offset / 8 (every byte is this tile's alone)."""
+    n = tile // l_blocks
+    start = (tile - n * l_blocks) * BLOCK_R
+    cols = col_start + tl.arange(0, BLOCK_C)
+    if PACKING == 1:  # MASK_ALONG_POSITIONS
+        weighted = passes << (tl.arange(0, BLOCK_R) % 8)[:, None]
+        packed = tl.sum(tl.reshape(weighted, [BLOCK_R // 8, 8, BLOCK_C]), 1)
+        firsts = start + 8 * tl.arange(0, BLOCK_R // 8)
+        where = (firsts < L)[:, None] & (cols < C)[None, :]
+        offsets = _offsets(n, firsts, cols, sx_n, sx_c, sx_l)
+    else:  # MASK_ALONG_CHANNELS
+        weighted = passes << (tl.arange(0, BLOCK_C) % 8)[None, :]
+        packed = tl.sum(tl.reshape(weighted, [BLOCK_R, BLOCK_C // 8, 8]), 2)
+        positions = start + tl.arange(0, BLOCK_R)
+        firsts = col_start + 8 * tl.arange(0, BLOCK_C // 8)
+        where = (positions < L)[:, None] & (firsts < C)[None, :]
+        offsets = _offsets(n, positions, firsts, sx_n, sx_c, sx_l)
+    tl.store(mask_ptr + (offsets >> 3), packed.to(tl.uint8), mask=where)
 
 
 @triton.jit
@@ -281,11 +360,12 @@ def _infinite_scale_terms(mean, scale, shift):
 
 @triton.jit
 def _forward_kernel(
-    x_ptr, residual_ptr, out_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr,
+    x_ptr, residual_ptr, out_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr, relu_mask_ptr,
     C, L, l_blocks, eps,
     sx_n, sx_c, sx_l, sr_n, sr_c, sr_l, so_n, so_c, so_l,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    RELU: tl.constexpr, EPS_ZERO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    RELU: tl.constexpr, EPS_ZERO: tl.constexpr, MASK_PACKING: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     n, positions, position_mask = _tile(tl.program_id(0), L, l_blocks, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -308,20 +388,37 @@ def _forward_kernel(
         y += tl.load(residual_ptr + r_offsets, mask=mask).to(tl.float32)
     if RELU:
         y = tl.where(y < 0, 0.0, y)  # NaN passes, as in torch.relu (tl.maximum would drop it)
+    stored = y.to(out_ptr.dtype.element_ty)
     o_offsets = _offsets(n, positions, cols, so_n, so_c, so_l)
-    tl.store(out_ptr + o_offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + o_offsets, stored, mask=mask)
+    if MASK_PACKING != 0:
+        _store_row_mask(relu_mask_ptr, _relu_passes(stored), tl.program_id(0),
+                        tl.program_id(1) * BLOCK_C, L, l_blocks, C, sx_n, sx_c, sx_l,
+                        MASK_PACKING, BLOCK_R, BLOCK_C)
 
 
 @triton.jit
-def _masked_grad(grad_ptr, out_ptr, n, positions, cols, mask,
-                 sg_n, sg_c, sg_l, so_n, so_c, so_l, RELU: tl.constexpr):
+def _masked_grad(grad_ptr, out_ptr, x_offsets, tile, col_start, n, positions, cols, mask,
+                 C, L, l_blocks, sg_n, sg_c, sg_l, so_n, so_c, so_l, sx_n, sx_c, sx_l,
+                 RELU: tl.constexpr, PACKED: tl.constexpr, MASK_PACKING: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """grad_out except where the ReLU cut the value (output <= 0): PyTorch's threshold_backward,
-    which lets the gradient of a NaN output through."""
+    which lets the gradient of a NaN output through. With PACKED, `out_ptr` is the packed ReLU
+    mask: read a byte per 8 elements where this call's tiles hold whole bytes (MASK_PACKING),
+    else each element's byte at its offset in x."""
     g = tl.load(grad_ptr + _offsets(n, positions, cols, sg_n, sg_c, sg_l), mask=mask, other=0.0)
     g = g.to(tl.float32)
     if RELU:
-        out = tl.load(out_ptr + _offsets(n, positions, cols, so_n, so_c, so_l), mask=mask, other=0.0)
-        g = tl.where(out <= 0, 0.0, g)
+        if PACKED and MASK_PACKING != 0:
+            bits = _row_mask_bits(out_ptr, tile, col_start, L, l_blocks, C, sx_n, sx_c, sx_l,
+                                  MASK_PACKING, BLOCK_R, BLOCK_C)
+            g = tl.where(bits == 0, 0.0, g)
+        elif PACKED:
+            g = _passed_by_mask(g, out_ptr, x_offsets, mask)
+        else:
+            out = tl.load(out_ptr + _offsets(n, positions, cols, so_n, so_c, so_l), mask=mask,
+                          other=0.0)
+            g = tl.where(out <= 0, 0.0, g)
     return g
 
 
@@ -330,12 +427,12 @@ def _backward_reduce_kernel(
     grad_ptr, out_ptr, x_ptr, mean_ptr, part_sum_g_ptr, part_sum_gx_ptr, grad_residual_ptr,
     C, L, l_blocks, tiles_total, tiles_per_split,
     sg_n, sg_c, sg_l, so_n, so_c, so_l, sx_n, sx_c, sx_l, sdr_n, sdr_c, sdr_l,
-    RELU: tl.constexpr, STORE_GRAD_RESIDUAL: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    RELU: tl.constexpr, PACKED: tl.constexpr, MASK_PACKING: tl.constexpr,
+    STORE_GRAD_RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Per-channel sums of the masked gradient g and of g * (x - mean); with a residual, also
     writes g as the residual's gradient, so that the elementwise pass reads it instead of
-    grad_out and out."""
+    grad_out and the ReLU mask (`out_ptr`: the output, or with PACKED the packed mask)."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     split = tl.program_id(1)
@@ -348,9 +445,11 @@ def _backward_reduce_kernel(
     for tile in range(first, last):
         n, positions, position_mask = _tile(tile, L, l_blocks, BLOCK_R)
         mask = position_mask[:, None] & col_mask[None, :]
-        g = _masked_grad(grad_ptr, out_ptr, n, positions, cols, mask,
-                         sg_n, sg_c, sg_l, so_n, so_c, so_l, RELU)
-        x = tl.load(x_ptr + _offsets(n, positions, cols, sx_n, sx_c, sx_l), mask=mask, other=0.0)
+        x_offsets = _offsets(n, positions, cols, sx_n, sx_c, sx_l)
+        g = _masked_grad(grad_ptr, out_ptr, x_offsets, tile, tl.program_id(0) * BLOCK_C, n,
+                         positions, cols, mask, C, L, l_blocks, sg_n, sg_c, sg_l, so_n, so_c,
+                         so_l, sx_n, sx_c, sx_l, RELU, PACKED, MASK_PACKING, BLOCK_R, BLOCK_C)
+        x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0)
         sums_g += g
         sums_gx += g * tl.where(mask, x.to(tl.float32) - mean[None, :], 0.0)
         if STORE_GRAD_RESIDUAL:
@@ -400,24 +499,28 @@ def _backward_elementwise_kernel(
     C, L, l_blocks, count, eps,
     sg_n, sg_c, sg_l, so_n, so_c, so_l, sx_n, sx_c, sx_l, sdi_n, sdi_c, sdi_l,
     HAS_WEIGHT: tl.constexpr, BATCH_STATS: tl.constexpr, RELU: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    PACKED: tl.constexpr, MASK_PACKING: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    """grad_input from the masked gradient: `grad_ptr` is either grad_out (masked here by `out`
-    when RELU) or the residual's gradient the reduce pass wrote, already masked (RELU off)."""
+    """grad_input from the masked gradient: `grad_ptr` is either grad_out (masked here by the
+    ReLU mask `out_ptr` when RELU) or the residual's gradient the reduce pass wrote, already
+    masked (RELU off)."""
     n, positions, position_mask = _tile(tl.program_id(0), L, l_blocks, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     mask = position_mask[:, None] & col_mask[None, :]
     mean, invstd, scale = _channel_scale(mean_ptr, var_ptr, weight_ptr, cols, col_mask, eps, HAS_WEIGHT)
 
-    g = _masked_grad(grad_ptr, out_ptr, n, positions, cols, mask,
-                     sg_n, sg_c, sg_l, so_n, so_c, so_l, RELU)
+    x_offsets = _offsets(n, positions, cols, sx_n, sx_c, sx_l)
+    g = _masked_grad(grad_ptr, out_ptr, x_offsets, tl.program_id(0), tl.program_id(1) * BLOCK_C,
+                     n, positions, cols, mask, C, L, l_blocks, sg_n, sg_c, sg_l, so_n, so_c, so_l,
+                     sx_n, sx_c, sx_l, RELU, PACKED, MASK_PACKING, BLOCK_R, BLOCK_C)
     if BATCH_STATS:
         # With x_hat = (x - mean) * invstd and g the masked gradient, BatchNorm's backward is
         #   grad_x = weight * invstd * (g - mean(g) - x_hat * mean(g * x_hat)),
         # the means over the channel's N*L values; sum_g and sum_gx (= sum(g * (x - mean)))
         # come from the reduce pass, so x_hat * mean(g * x_hat) = (x - mean) * invstd^2 * sum_gx / count.
-        x = tl.load(x_ptr + _offsets(n, positions, cols, sx_n, sx_c, sx_l), mask=mask).to(tl.float32)
+        x = tl.load(x_ptr + x_offsets, mask=mask).to(tl.float32)
         mean_g = tl.load(sum_g_ptr + cols, mask=col_mask, other=0.0) / count
         mean_gx = tl.load(sum_gx_ptr + cols, mask=col_mask, other=0.0) / count
         projection = (x - mean[None, :]) * (invstd * invstd * mean_gx)[None, :]
@@ -539,10 +642,10 @@ def _span_batch_stats_partial_kernel(
 
 @triton.jit
 def _span_forward_kernel(
-    x_ptr, residual_ptr, out_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr, C, eps,
+    x_ptr, residual_ptr, out_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr, relu_mask_ptr, C, eps,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    RELU: tl.constexpr, EPS_ZERO: tl.constexpr, L: tl.constexpr, BLOCK_C: tl.constexpr,
-    SPAN: tl.constexpr, EVEN_C: tl.constexpr,
+    RELU: tl.constexpr, EPS_ZERO: tl.constexpr, MASK_PACKING: tl.constexpr, L: tl.constexpr,
+    BLOCK_C: tl.constexpr, SPAN: tl.constexpr, EVEN_C: tl.constexpr,
 ):
     lanes, channels, lane_mask = _span_lanes(C, L, BLOCK_C, SPAN, EVEN_C)
     offsets = _span_base(tl.program_id(1), C, L, BLOCK_C) + lanes
@@ -564,14 +667,39 @@ def _span_forward_kernel(
         y += tl.load(residual_ptr + offsets, mask=lane_mask).to(tl.float32)
     if RELU:
         y = tl.where(y < 0, 0.0, y)
-    tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=lane_mask)
+    stored = y.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offsets, stored, mask=lane_mask)
+    if MASK_PACKING != 0:  # MASK_ALONG_SPAN: bytes of 8 lanes, all of one channel block
+        weighted = _relu_passes(stored) << (lanes % 8)
+        packed = tl.sum(tl.reshape(weighted, [SPAN // 8, 8]), 1)
+        firsts = 8 * tl.arange(0, SPAN // 8)
+        where = firsts < BLOCK_C * L
+        if not EVEN_C:
+            where = where & (tl.program_id(0) * BLOCK_C + firsts // L < C)
+        tl.store(relu_mask_ptr + ((_span_base(tl.program_id(1), C, L, BLOCK_C) + firsts) >> 3),
+                 packed.to(tl.uint8), mask=where)
 
 
 @triton.jit
-def _span_masked_grad(grad_ptr, out_ptr, offsets, lane_mask, RELU: tl.constexpr):
+def _span_masked_grad(grad_ptr, out_ptr, base, lanes, lane_mask, C, RELU: tl.constexpr,
+                      PACKED: tl.constexpr, MASK_PACKING: tl.constexpr, L: tl.constexpr,
+                      BLOCK_C: tl.constexpr, SPAN: tl.constexpr, EVEN_C: tl.constexpr):
+    """_masked_grad for span tiles, whose tensors all share x's offsets (`base` + `lanes`)."""
+    offsets = base + lanes
     g = tl.load(grad_ptr + offsets, mask=lane_mask, other=0.0).to(tl.float32)
     if RELU:
-        g = tl.where(tl.load(out_ptr + offsets, mask=lane_mask, other=0.0) <= 0, 0.0, g)
+        if PACKED and MASK_PACKING != 0:  # a byte per 8 lanes
+            firsts = 8 * tl.arange(0, SPAN // 8)
+            where = firsts < BLOCK_C * L
+            if not EVEN_C:
+                where = where & (tl.program_id(0) * BLOCK_C + firsts // L < C)
+            packed = tl.load(out_ptr + ((base + firsts) >> 3), mask=where, other=0).to(tl.int32)
+            bits = tl.reshape((packed[:, None] >> tl.arange(0, 8)[None, :]) & 1, [SPAN])
+            g = tl.where(bits == 0, 0.0, g)
+        elif PACKED:
+            g = _passed_by_mask(g, out_ptr, offsets, lane_mask)
+        else:
+            g = tl.where(tl.load(out_ptr + offsets, mask=lane_mask, other=0.0) <= 0, 0.0, g)
     return g
 
 
@@ -579,8 +707,8 @@ def _span_masked_grad(grad_ptr, out_ptr, offsets, lane_mask, RELU: tl.constexpr)
 def _span_backward_reduce_kernel(
     grad_ptr, out_ptr, x_ptr, mean_ptr, part_sum_g_ptr, part_sum_gx_ptr, grad_residual_ptr,
     C, samples, samples_per_split,
-    RELU: tl.constexpr, STORE_GRAD_RESIDUAL: tl.constexpr,
-    L: tl.constexpr, BLOCK_C: tl.constexpr, SPAN: tl.constexpr,
+    RELU: tl.constexpr, PACKED: tl.constexpr, MASK_PACKING: tl.constexpr,
+    STORE_GRAD_RESIDUAL: tl.constexpr, L: tl.constexpr, BLOCK_C: tl.constexpr, SPAN: tl.constexpr,
     EVEN_C: tl.constexpr,
 ):
     lanes, channels, lane_mask = _span_lanes(C, L, BLOCK_C, SPAN, EVEN_C)
@@ -591,8 +719,10 @@ def _span_backward_reduce_kernel(
     sums_g = tl.zeros([SPAN], dtype=tl.float32)
     sums_gx = tl.zeros([SPAN], dtype=tl.float32)
     for n in range(first, last):
-        offsets = _span_base(n, C, L, BLOCK_C) + lanes
-        g = _span_masked_grad(grad_ptr, out_ptr, offsets, lane_mask, RELU)
+        base = _span_base(n, C, L, BLOCK_C)
+        offsets = base + lanes
+        g = _span_masked_grad(grad_ptr, out_ptr, base, lanes, lane_mask, C, RELU, PACKED,
+                              MASK_PACKING, L, BLOCK_C, SPAN, EVEN_C)
         x = tl.load(x_ptr + offsets, mask=lane_mask, other=0.0).to(tl.float32)
         sums_g += g
         sums_gx += g * tl.where(lane_mask, x - mean, 0.0)
@@ -610,17 +740,20 @@ def _span_backward_elementwise_kernel(
     grad_ptr, out_ptr, x_ptr, mean_ptr, var_ptr, weight_ptr, sum_g_ptr, sum_gx_ptr,
     grad_input_ptr, C, count, eps,
     HAS_WEIGHT: tl.constexpr, BATCH_STATS: tl.constexpr, RELU: tl.constexpr,
-    L: tl.constexpr, BLOCK_C: tl.constexpr, SPAN: tl.constexpr,
+    PACKED: tl.constexpr, MASK_PACKING: tl.constexpr, L: tl.constexpr, BLOCK_C: tl.constexpr,
+    SPAN: tl.constexpr,
     EVEN_C: tl.constexpr,
 ):
     lanes, channels, lane_mask = _span_lanes(C, L, BLOCK_C, SPAN, EVEN_C)
-    offsets = _span_base(tl.program_id(1), C, L, BLOCK_C) + lanes
+    base = _span_base(tl.program_id(1), C, L, BLOCK_C)
+    offsets = base + lanes
     # The per-channel coefficients once per channel of the block, then spread to the lanes.
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     mean, invstd, scale = _channel_scale(mean_ptr, var_ptr, weight_ptr, cols, col_mask, eps,
                                          HAS_WEIGHT)
-    g = _span_masked_grad(grad_ptr, out_ptr, offsets, lane_mask, RELU)
+    g = _span_masked_grad(grad_ptr, out_ptr, base, lanes, lane_mask, C, RELU, PACKED,
+                          MASK_PACKING, L, BLOCK_C, SPAN, EVEN_C)
     if BATCH_STATS:
         x = tl.load(x_ptr + offsets, mask=lane_mask).to(tl.float32)
         mean_g = tl.load(sum_g_ptr + cols, mask=col_mask, other=0.0) / count
@@ -822,6 +955,7 @@ class _Geometry:
     tiling: _Tiling | None  # row tiles
     per_split: int  # tiles (span: samples) per reduction program, and programs along the split
     splits: int
+    mask_packing: int  # how a forward writes the packed ReLU mask (MASK_NONE: it cannot)
 
 
 _GEOMETRIES: dict[tuple, _Geometry] = {}
@@ -829,6 +963,53 @@ _GEOMETRIES: dict[tuple, _Geometry] = {}
 
 def _signature(t: torch.Tensor | None) -> tuple | None:
     return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
+def _tilings(inputs: Sequence[torch.Tensor | None], outputs: Sequence[torch.Tensor | None]):
+    """(dense inputs, output buffers, span tiling or None, row tiling or None) of a call."""
+    dense = [None if t is None else _dense_like(t) for t in inputs]
+    buffers = [None if t is None else _writable(t) for t in outputs]
+    x = dense[0]
+    span = _span_tiling(x, [*dense, *buffers])
+    tiling = None if span is not None else _tiling(
+        x, [None if t is None else strides_3d(t) for t in (*dense, *buffers)])
+    return dense, buffers, span, tiling
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """Whether t's elements fill offsets 0 to numel - 1 of its storage, each once."""
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    return t.is_contiguous() or (t.dim() in formats
+                                 and t.is_contiguous(memory_format=formats[t.dim()]))
+
+
+def _mask_packing(x: torch.Tensor, span: _SpanTiling | None, tiling: _Tiling | None) -> int:
+    """How a forward's tiles write x's packed ReLU mask: along the axis x is contiguous in,
+    where every byte (8 consecutive offsets) lies in one tile; else MASK_NONE, and the backward
+    reads the output. x must be dense (a mask of x's offsets has no holes) and not copied (the
+    backward finds the bits by the saved x's own offsets)."""
+    if x.numel() % 8 or not _is_dense(x):
+        return MASK_NONE
+    if span is not None:
+        whole = span.block_c * span.positions % 8 == 0 and span.channels * span.positions % 8 == 0
+        return MASK_ALONG_SPAN if whole else MASK_NONE
+    s = tiling.strides[0]
+    if (s.c == 1 and x.shape[1] % 8 == 0 and tiling.block_c % 8 == 0
+            and s.n % 8 == 0 and s.l % 8 == 0):
+        return MASK_ALONG_CHANNELS
+    if (s.l == 1 and tiling.positions % 8 == 0 and tiling.block_r % 8 == 0
+            and s.n % 8 == 0 and s.c % 8 == 0):
+        return MASK_ALONG_POSITIONS
+    return MASK_NONE
+
+
+def relu_mask_bytes(x: torch.Tensor, residual: torch.Tensor | None) -> int:
+    """`Implementation.relu_mask_bytes` in _contract.py: x.numel() / 8 where a forward's tiles
+    can write x's packed ReLU mask, else 0 (the fake kernel's answer, from shapes and strides)."""
+    if x.numel() == 0:
+        return 0
+    _, _, span, tiling = _tilings((x, residual), (torch.empty_like(x),))
+    return x.numel() // 8 if _mask_packing(x, span, tiling) != MASK_NONE else 0
 
 
 def _geometry(key: tuple, inputs: Sequence[torch.Tensor | None],
@@ -841,12 +1022,8 @@ def _geometry(key: tuple, inputs: Sequence[torch.Tensor | None],
     found = _GEOMETRIES.get(key)
     if found is not None:
         return found
-    dense = [None if t is None else _dense_like(t) for t in inputs]
-    buffers = [None if t is None else _writable(t) for t in outputs]
+    dense, buffers, span, tiling = _tilings(inputs, outputs)
     x = dense[0]
-    span = _span_tiling(x, [*dense, *buffers])
-    tiling = None if span is not None else _tiling(
-        x, [None if t is None else strides_3d(t) for t in (*dense, *buffers)])
     per_split = splits = 0
     if reduction is not None:
         shape = span if span is not None else tiling
@@ -856,7 +1033,8 @@ def _geometry(key: tuple, inputs: Sequence[torch.Tensor | None],
     found = _Geometry(
         copies=tuple(d is not None and d is not t for d, t in zip(dense, inputs)),
         stand_ins=tuple(b is not None and b is not t for b, t in zip(buffers, outputs)),
-        span=span, tiling=tiling, per_split=per_split, splits=splits)
+        span=span, tiling=tiling, per_split=per_split, splits=splits,
+        mask_packing=MASK_NONE if x is not inputs[0] else _mask_packing(x, span, tiling))
     _GEOMETRIES[key] = found
     return found
 
@@ -880,6 +1058,7 @@ class ForwardCall:
     out_buffer: torch.Tensor
     saved_mean: torch.Tensor
     saved_var: torch.Tensor
+    relu_mask: torch.Tensor  # packed (uint8, x.numel() / 8 bytes), or empty where none is written
 
 
 def _forward_reduction(shape, dense, buffers):
@@ -905,6 +1084,7 @@ def plan_forward(
     running_var: torch.Tensor | None,
     eps: float,
     relu: bool,
+    pack_relu_mask: bool = False,
     update: RunningUpdate | None = None,
     *,
     reduction_programs=_reduction_programs,
@@ -931,10 +1111,13 @@ def plan_forward(
     else:
         mean, var = running_mean, running_var
         saved_mean = saved_var = torch.empty(0, **f32)
+    packing = geometry.mask_packing if relu and pack_relu_mask else MASK_NONE
+    relu_mask = torch.empty(x.numel() // 8 if packing else 0, dtype=torch.uint8, device=x.device)
     constexprs = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                      HAS_RESIDUAL=residual is not None, RELU=relu, EPS_ZERO=eps == 0)
+                      HAS_RESIDUAL=residual is not None, RELU=relu, EPS_ZERO=eps == 0,
+                      MASK_PACKING=packing)
     vectors = (mean, var, weight if weight is not None else mean,
-               bias if bias is not None else mean)
+               bias if bias is not None else mean, relu_mask)
     residual = residual if residual is not None else x
     span, tiling = geometry.span, geometry.tiling
     if span is not None:
@@ -948,7 +1131,7 @@ def plan_forward(
             (x, residual, out_buffer, *vectors, channels, tiling.positions, tiling.l_blocks, eps,
              *(s for strides in tiling.strides for s in strides)),
             dict(constexprs, BLOCK_R=tiling.block_r, BLOCK_C=tiling.block_c), tiling.num_warps))
-    return ForwardCall(launches, out, out_buffer, saved_mean, saved_var)
+    return ForwardCall(launches, out, out_buffer, saved_mean, saved_var, relu_mask)
 
 
 def _stats_launch(geometry: _Geometry, x: torch.Tensor, parts) -> KernelLaunch:
@@ -979,14 +1162,17 @@ class BackwardCall:
     grad_bias: torch.Tensor
 
 
-def _backward_reduction(shape, dense, buffers):
-    x, grad_out, out = dense
+def _backward_reduction(shape, dense, buffers, *, relu_mask: torch.Tensor | None):
+    x, grad_out, _ = dense
     channels = x.shape[1]
-    relu, residual_grad = out is not None, buffers[1] is not None
+    relu, residual_grad = relu_mask is not None, buffers[1] is not None
     vector = torch.empty(channels, dtype=torch.float32, device=x.device)
     grad_residual = buffers[1] if residual_grad else x.new_empty(0)
-    constexprs = dict(RELU=relu, STORE_GRAD_RESIDUAL=residual_grad)
-    common = (grad_out, out if relu else grad_out, x, vector, vector, vector, grad_residual,
+    span, tiling = (shape, None) if isinstance(shape, _SpanTiling) else (None, shape)
+    packing = _mask_packing(x, span, tiling) if _is_packed(relu_mask) else MASK_NONE
+    constexprs = dict(RELU=relu, PACKED=_is_packed(relu_mask), MASK_PACKING=packing,
+                      STORE_GRAD_RESIDUAL=residual_grad)
+    common = (grad_out, relu_mask if relu else grad_out, x, vector, vector, vector, grad_residual,
               channels)
     if isinstance(shape, _SpanTiling):
         return (_span_backward_reduce_kernel, (*common, shape.samples, 1),
@@ -997,10 +1183,15 @@ def _backward_reduction(shape, dense, buffers):
             dict(constexprs, BLOCK_R=shape.block_r, BLOCK_C=shape.block_c), shape.num_warps)
 
 
+def _is_packed(relu_mask: torch.Tensor | None) -> bool:
+    """Whether a backward's ReLU mask is the packed one (else the forward's output, or None)."""
+    return relu_mask is not None and relu_mask.dtype == torch.uint8
+
+
 def plan_backward(
     grad_out: torch.Tensor,
     x: torch.Tensor,
-    out: torch.Tensor | None,
+    relu_mask: torch.Tensor | None,
     weight: torch.Tensor | None,
     mean: torch.Tensor,
     var: torch.Tensor,
@@ -1014,9 +1205,13 @@ def plan_backward(
     # Gradients take the strides the fake kernel promises, whatever copies compute them.
     grad_input = torch.empty_like(x)
     grad_residual = torch.empty_like(grad_out, dtype=x.dtype) if residual_grad else None
+    packed = _is_packed(relu_mask)
+    out = None if packed else relu_mask  # the output, a tensor of x's shape, where it is the mask
     geometry = _geometry(
-        (_signature(x), _signature(grad_out), _signature(out), residual_grad, reduction_programs),
-        (x, grad_out, out), (grad_input, grad_residual), _backward_reduction)
+        (_signature(x), _signature(grad_out), _signature(relu_mask), residual_grad,
+         reduction_programs),
+        (x, grad_out, out), (grad_input, grad_residual),
+        functools.partial(_backward_reduction, relu_mask=relu_mask))
     x, grad_out, out = _dense_inputs(geometry, x, grad_out, out)
     grad_input_buffer = _buffer(geometry, 0, grad_input)
     if residual_grad:
@@ -1028,16 +1223,22 @@ def plan_backward(
     part_sums = torch.empty(2, geometry.splits, channels, **f32).unbind(0)  # of g, of g * (x - mean)
     # Separate tensors: the op's outputs must not share storage.
     grad_weight, grad_bias, sum_gx = (torch.empty(channels, **f32) for _ in range(3))
-    relu = out is not None
-    out_or_grad = out if relu else grad_out  # a valid pointer where RELU is off and it is unread
+    relu = relu_mask is not None
+    # The ReLU mask's pointer: the packed mask, the output, or where RELU is off (and it is
+    # unread) any valid pointer.
+    mask_or_grad = relu_mask if packed else out if relu else grad_out
     # With a residual, the elementwise pass reads the masked gradient the reduce pass wrote.
     masked = grad_residual_buffer if residual_grad else grad_out
-    reduce_args = (grad_out, out_or_grad, x, mean, *part_sums, grad_residual_buffer, channels)
-    elementwise_args = (masked, out_or_grad, x, mean, var, weight if weight is not None else var,
+    reduce_args = (grad_out, mask_or_grad, x, mean, *part_sums, grad_residual_buffer, channels)
+    elementwise_args = (masked, mask_or_grad, x, mean, var, weight if weight is not None else var,
                         grad_bias, sum_gx, grad_input_buffer, channels, x.numel() // channels, eps)
-    reduce_constexprs = dict(RELU=relu, STORE_GRAD_RESIDUAL=residual_grad)
+    # Where this call's tiles hold whole bytes of the packed mask, they read a byte per 8 values.
+    packing = geometry.mask_packing if packed else MASK_NONE
+    reduce_constexprs = dict(RELU=relu, PACKED=packed, MASK_PACKING=packing,
+                             STORE_GRAD_RESIDUAL=residual_grad)
     elementwise_constexprs = dict(HAS_WEIGHT=weight is not None, BATCH_STATS=batch_stats,
-                                  RELU=relu and not residual_grad)
+                                  RELU=relu and not residual_grad, PACKED=packed,
+                                  MASK_PACKING=packing)
     finalize = _finalize(_backward_finalize_kernel, channels, *part_sums, var, grad_weight,
                          grad_bias, sum_gx, channels, geometry.splits, eps)
     span, tiling = geometry.span, geometry.tiling
@@ -1079,21 +1280,23 @@ def forward(
     running_var: torch.Tensor | None,
     eps: float,
     relu: bool,
+    pack_relu_mask: bool = False,
     update: RunningUpdate | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`Implementation.forward` in _contract.py: the update joins the finalize launch."""
-    call = plan_forward(x, weight, bias, residual, running_mean, running_var, eps, relu, update)
+    call = plan_forward(x, weight, bias, residual, running_mean, running_var, eps, relu,
+                        pack_relu_mask, update)
     for launch in call.launches:
         launch()
     if call.out_buffer is not call.out:
         call.out.copy_(call.out_buffer)
-    return call.out, call.saved_mean, call.saved_var
+    return call.out, call.saved_mean, call.saved_var, call.relu_mask
 
 
 def backward(
     grad_out: torch.Tensor,
     x: torch.Tensor,
-    out: torch.Tensor | None,
+    relu_mask: torch.Tensor | None,
     weight: torch.Tensor | None,
     mean: torch.Tensor,
     var: torch.Tensor,
@@ -1102,7 +1305,8 @@ def backward(
     residual_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`Implementation.backward` in _contract.py."""
-    call = plan_backward(grad_out, x, out, weight, mean, var, eps, batch_stats, residual_grad)
+    call = plan_backward(grad_out, x, relu_mask, weight, mean, var, eps, batch_stats,
+                         residual_grad)
     for launch in call.launches:
         launch()
     if call.grad_input_buffer is not call.grad_input:

@@ -4,10 +4,13 @@
 `residual` and applies ReLU. Underneath are two functional custom ops, so that `torch.compile` sees
 them as single nodes (no graph break) and fvcore's tracer counts one named op:
 
-- `resnet_ablate::batch_norm_act(x, weight, bias, residual, running_mean, running_var, eps, relu)`
-  returns `(out, mean, var)`. With running statistics it normalizes with them (eval) and returns
-  empty `mean`/`var`; without, it normalizes with the batch statistics and returns them (biased
-  variance, fp32) for backward and for the running-stat update.
+- `resnet_ablate::batch_norm_act(x, weight, bias, residual, running_mean, running_var, eps, relu,
+  pack_relu_mask)` returns `(out, mean, var, relu_mask)`. With running statistics it normalizes
+  with them (eval) and returns empty `mean`/`var`; without, it normalizes with the batch
+  statistics and returns them (biased variance, fp32) for backward and for the running-stat
+  update. `relu_mask` is the ReLU's decisions packed one bit per element, which backward reads
+  instead of the output (1/16 of a bf16 output's bytes), where the Triton kernels can write it
+  and a gradient will be taken; else it is empty and backward reads the output.
 - `resnet_ablate::batch_norm_act_backward(...)` returns the gradients of input, residual, weight
   and bias.
 
@@ -139,30 +142,36 @@ def batch_norm_act(
     running_var: torch.Tensor | None,
     eps: float,
     relu: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns `(out, mean, var)`; see `Implementation.forward` in _contract.py."""
-    return _forward(x, weight, bias, residual, running_mean, running_var, eps, relu)
+    pack_relu_mask: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns `(out, mean, var, relu_mask)`; see `Implementation.forward` in _contract.py."""
+    return _forward(x, weight, bias, residual, running_mean, running_var, eps, relu,
+                    pack_relu_mask)
 
 
-def _forward(x, weight, bias, residual, running_mean, running_var, eps, relu, update=None):
+def _forward(x, weight, bias, residual, running_mean, running_var, eps, relu, pack_relu_mask,
+             update=None):
     """The op's body, which the eager path calls too (with the running-stat `update` folded in)."""
     if x.numel() == 0:  # an empty batch: F.batch_norm's results, whatever the implementation
         stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         stats_size = 0 if running_mean is not None else x.shape[1]
         nan = torch.full((stats_size,), float("nan"), dtype=stats_dtype, device=x.device)
-        return torch.empty_like(x), nan, nan.clone()
+        return torch.empty_like(x), nan, nan.clone(), x.new_empty(0, dtype=torch.uint8)
     return _implementation(x).forward(x, weight, bias, residual, running_mean, running_var, eps, relu,
-                                      update)
+                                      pack_relu_mask, update)
 
 
 @batch_norm_act.register_fake
-def _(x, weight, bias, residual, running_mean, running_var, eps, relu):
+def _(x, weight, bias, residual, running_mean, running_var, eps, relu, pack_relu_mask):
     stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     stats_size = 0 if running_mean is not None else x.shape[1]
+    mask_bytes = (_implementation(x).relu_mask_bytes(x, residual)
+                  if relu and pack_relu_mask and x.numel() else 0)
     return (
         torch.empty_like(x),
         x.new_empty(stats_size, dtype=stats_dtype),
         x.new_empty(stats_size, dtype=stats_dtype),
+        x.new_empty(mask_bytes, dtype=torch.uint8),
     )
 
 
@@ -170,7 +179,7 @@ def _(x, weight, bias, residual, running_mean, running_var, eps, relu):
 def batch_norm_act_backward(
     grad_out: torch.Tensor,
     x: torch.Tensor,
-    out: torch.Tensor | None,
+    relu_mask: torch.Tensor | None,
     weight: torch.Tensor | None,
     mean: torch.Tensor,
     var: torch.Tensor,
@@ -180,10 +189,11 @@ def batch_norm_act_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of input, residual (empty unless `residual_grad`), weight and bias; see
     `Implementation.backward` in _contract.py."""
-    return _backward_impl(grad_out, x, out, weight, mean, var, eps, batch_stats, residual_grad)
+    return _backward_impl(grad_out, x, relu_mask, weight, mean, var, eps, batch_stats,
+                          residual_grad)
 
 
-def _backward_impl(grad_out, x, out, weight, mean, var, eps, batch_stats, residual_grad):
+def _backward_impl(grad_out, x, relu_mask, weight, mean, var, eps, batch_stats, residual_grad):
     """The backward op's body, which the eager path calls too."""
     if x.numel() == 0:  # nothing flowed through: empty input gradients, zero parameter ones
         stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -191,12 +201,12 @@ def _backward_impl(grad_out, x, out, weight, mean, var, eps, batch_stats, residu
         grad_residual = torch.empty_like(grad_out, dtype=x.dtype) if residual_grad else x.new_empty(0)
         return torch.empty_like(x), grad_residual, zeros, zeros.clone()
     return _implementation(x).backward(
-        grad_out, x, out, weight, mean, var, eps, batch_stats, residual_grad
+        grad_out, x, relu_mask, weight, mean, var, eps, batch_stats, residual_grad
     )
 
 
 @batch_norm_act_backward.register_fake
-def _(grad_out, x, out, weight, mean, var, eps, batch_stats, residual_grad):
+def _(grad_out, x, relu_mask, weight, mean, var, eps, batch_stats, residual_grad):
     stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     channels = x.shape[1]
     grad_residual = torch.empty_like(grad_out, dtype=x.dtype) if residual_grad else x.new_empty(0)
@@ -236,9 +246,9 @@ def _(running_mean, running_var, mean, var, momentum, unbias):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, residual, running_mean, running_var, eps, relu = inputs
-    out, mean, var = output
-    ctx.mark_non_differentiable(mean, var)
+    x, weight, bias, residual, running_mean, running_var, eps, relu, _ = inputs
+    out, mean, var, packed_mask = output
+    ctx.mark_non_differentiable(mean, var, packed_mask)
     ctx.batch_stats = running_mean is None
     if not ctx.batch_stats:
         # Copies: a later training forward updates the running statistics in place, which must
@@ -250,7 +260,8 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.residual_dtype = residual.dtype if residual is not None else None
     ctx.weight_dtype = weight.dtype if weight is not None else None
     ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.save_for_backward(x, out if relu else None, weight, mean, var)
+    relu_mask = (packed_mask if packed_mask.numel() else out) if relu else None
+    ctx.save_for_backward(x, relu_mask, weight, mean, var)
 
 
 def _gradients(ctx, grad_out: torch.Tensor, backward_op) -> tuple:
@@ -258,19 +269,19 @@ def _gradients(ctx, grad_out: torch.Tensor, backward_op) -> tuple:
     implementation's backward itself). With `create_graph=True` (grad mode on in a backward) the
     gradients are built from differentiable torch ops instead, so that they can be differentiated
     again, as nn.BatchNorm2d's can."""
-    x, out, weight, mean, var = ctx.saved_tensors
+    x, relu_mask, weight, mean, var = ctx.saved_tensors
     residual_grad = ctx.has_residual and ctx.relu and ctx.needs_input_grad[3]
     if torch.is_grad_enabled():
         backward_op = _torch_impl.differentiable_backward
     grad_input, grad_residual, grad_weight, grad_bias = backward_op(
-        grad_out, x, out, weight, mean, var, ctx.eps, ctx.batch_stats, residual_grad
+        grad_out, x, relu_mask, weight, mean, var, ctx.eps, ctx.batch_stats, residual_grad
     )
     if ctx.has_residual and not ctx.relu:
         grad_residual = grad_out  # without ReLU the residual's gradient is grad_out itself
     elif not residual_grad:
         grad_residual = None
     return (grad_input, _as(grad_weight, ctx.weight_dtype), _as(grad_bias, ctx.bias_dtype),
-            _as(grad_residual, ctx.residual_dtype), None, None, None, None)
+            _as(grad_residual, ctx.residual_dtype), None, None, None, None, None)
 
 
 def _as(gradient: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
@@ -280,7 +291,7 @@ def _as(gradient: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tenso
     return gradient if gradient.dtype == dtype else gradient.to(dtype)
 
 
-def _backward(ctx, grad_out, _grad_mean, _grad_var):
+def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_mask):
     return _gradients(ctx, grad_out, batch_norm_act_backward)
 
 
@@ -300,11 +311,11 @@ class _EagerBatchNormAct(torch.autograd.Function):
     def forward(ctx, *inputs_and_update):
         # forward(ctx, ...) rather than a separate setup_context: apply() then binds no signature.
         output = _forward(*inputs_and_update)
-        _setup_context(ctx, inputs_and_update[:8], output)
+        _setup_context(ctx, inputs_and_update[:9], output)
         return output
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_mean, _grad_var):
+    def backward(ctx, grad_out, _grad_mean, _grad_var, _grad_mask):
         return (*_gradients(ctx, grad_out, _backward_impl), None)
 
 
@@ -324,6 +335,14 @@ def _exporting_to_onnx(x: torch.Tensor) -> bool:
     fused model exports as it stands, without `unfuse`. (Checked only off the eager path: the
     exporters trace, and eager calls must not pay for the check.)"""
     return not _is_eager(x) and torch.onnx.is_in_onnx_export()
+
+
+def _gradient_will_be_taken(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will record this call: only then is a packed ReLU mask worth writing.
+    (Never under the JIT tracer, whose check reruns the model with gradients off and would see
+    another graph; its traces count FLOPs, they do not train.)"""
+    return (torch.is_grad_enabled() and not torch.jit.is_tracing()
+            and any(t is not None and t.requires_grad for t in tensors))
 
 
 def fused_batch_norm(
@@ -352,17 +371,20 @@ def fused_batch_norm(
         )
     check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps)
     residual = checked_residual(input, residual)
+    pack_relu_mask = relu and _gradient_will_be_taken(input, weight, bias, residual)
     if not training:
         op = _EagerBatchNormAct.apply if _is_eager(input) else batch_norm_act
-        return op(input, weight, bias, residual, running_mean, running_var, eps, relu)[0]
+        return op(input, weight, bias, residual, running_mean, running_var, eps, relu,
+                  pack_relu_mask)[0]
     count = input.numel() // input.shape[1]
     update = None
     if running_mean is not None and count > 0:
         update = RunningUpdate(running_mean, running_var, momentum, count / (count - 1))
     if _is_eager(input):  # the update rides along with the forward
         return _EagerBatchNormAct.apply(input, weight, bias, residual, None, None, eps, relu,
-                                        update)[0]
-    out, batch_mean, batch_var = batch_norm_act(input, weight, bias, residual, None, None, eps, relu)
+                                        pack_relu_mask, update)[0]
+    out, batch_mean, batch_var, _ = batch_norm_act(input, weight, bias, residual, None, None, eps,
+                                                   relu, pack_relu_mask)
     if update is not None:
         update_running_stats_(update.running_mean, update.running_var, batch_mean, batch_var,
                               update.momentum, update.unbias)

@@ -13,8 +13,9 @@ stem and inner convolutions with BN + ReLU at 64x112x112, 64x56x56, 128x56x56, 1
 these sm_90 binaries.
 
 It prints one JSON line per launch: the grid, registers, shared memory, local memory (spills), CTAs
-per SM and waves; for each activation tensor the widths in bytes of its global loads and stores,
-traced in the PTX from the kernel parameter each address derives from; and the SASS instructions
+per SM and waves; for each activation tensor, and apart from them for the packed ReLU mask (the
+forward writes it, the backward reads it where it would read the output), the widths in bytes of
+its global loads and stores, traced in the PTX from the kernel parameter each address derives from; and the SASS instructions
 per activation element of the kernel's main loop (of its whole body where it has no loop), from
 the binary's disassembly. This is the evidence, short of a GPU, that activation traffic moves in
 16-byte vectors, that nothing spills, that every reduction runs in one wave, and how much work
@@ -58,6 +59,8 @@ CASES = [
 ]
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 ACTIVATIONS = {"x_ptr", "residual_ptr", "out_ptr", "grad_ptr", "grad_input_ptr", "grad_residual_ptr"}
+# The packed ReLU mask: written by the forward, read by the backward through `out_ptr` (PACKED).
+MASKS = {"relu_mask_ptr"}
 REDUCTIONS = {"_batch_stats_partial_kernel", "_backward_reduce_kernel"}
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 _BACKEND = make_backend(HOPPER)
@@ -197,7 +200,10 @@ def describe(shape_name: str, layout: str, step: str, launch) -> dict[str, objec
     names = list(kernel.signature.parameters)
     runtime_names = [n for n, p in zip(names, kernel.params) if not p.is_constexpr]
     widths = access_widths(compiled.asm["ptx"], _ptx_param_names(compiled, names, runtime_names))
-    activations = {n: sorted(set(w)) for n, w in widths.items() if n in ACTIVATIONS}
+    masks = MASKS | ({"out_ptr"} if launch.constexprs.get("PACKED") else set())
+    activations = {n: sorted(set(w)) for n, w in widths.items()
+                   if n in ACTIVATIONS and n not in masks}
+    mask_bytes = {n: sorted(set(w)) for n, w in widths.items() if n in masks}
     per_element = None
     if activations:
         instructions, looped = main_loop_instructions(_cuobjdump(compiled, "-sass"))
@@ -209,7 +215,8 @@ def describe(shape_name: str, layout: str, step: str, launch) -> dict[str, objec
         "grid": list(launch.grid), "num_warps": launch.num_warps, "registers": used["REG"],
         "shared": used["SHARED"], "local": used["LOCAL"], "stack": used["STACK"],
         "ctas_per_sm": ctas, "waves": programs / (HOPPER_SM.sms * ctas),
-        "activation_bytes": activations, "sass": per_element,
+        "activation_bytes": activations, "mask_bytes": mask_bytes,
+        "mask_packing": launch.constexprs.get("MASK_PACKING"), "sass": per_element,
     }
 
 
@@ -227,9 +234,12 @@ def main(shard: int = 0, shards: int = 1) -> None:
             x = torch.empty(shape, dtype=torch.bfloat16, device="meta").to(memory_format=memory_format)
             channels = torch.empty(shape[1], device="meta")
             forward = kernels.plan_forward(x, channels, channels, x if residual else None, None,
-                                           None, 1e-5, True, reduction_programs=reduction_programs)
-            backward = kernels.plan_backward(x, x, x, channels, channels, channels, 1e-5, True,
-                                             residual, reduction_programs=reduction_programs)
+                                           None, 1e-5, True, True,
+                                           reduction_programs=reduction_programs)
+            # The backward reads the packed ReLU mask where the forward wrote one.
+            relu_mask = forward.relu_mask if forward.relu_mask.numel() else x
+            backward = kernels.plan_backward(x, x, relu_mask, channels, channels, channels, 1e-5,
+                                             True, residual, reduction_programs=reduction_programs)
             for step, call in (("forward", forward), ("backward", backward)):
                 for launch in call.launches:
                     print(json.dumps(describe(case, layout, step, launch)), flush=True)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resnet_ablate.kernels import FusedBatchNorm2d, fused_batch_norm, use_backend
+from resnet_ablate.kernels import FusedBatchNorm2d, _torch_impl, fused_batch_norm, use_backend
 
 BACKENDS = ["triton", "torch", "auto"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -422,8 +422,9 @@ def test_resnet_launches_compile_for_hopper_with_16_byte_accesses_no_spills_one_
     """The compiled path, checked without a GPU: every launch of a ResNet-50 and a ResNet-56
     training step (each epilogue, with a residual and BN + ReLU without, NCHW and channels_last,
     bf16) compiles for sm_90 with its real launch configuration; every activation load and store
-    is a 16-byte vector, nothing spills to local memory, every reduction grid fits in one wave at
-    the occupancy its binary allows, and each kernel stays within its instruction budget."""
+    is a 16-byte vector, the ReLU travels as the packed mask (a byte per 8 values), nothing
+    spills to local memory, every reduction grid fits in one wave at the occupancy its binary
+    allows, and each kernel stays within its instruction budget."""
     import json
     import os
     import subprocess
@@ -450,6 +451,13 @@ def test_resnet_launches_compile_for_hopper_with_16_byte_accesses_no_spills_one_
         assert launch["local"] == 0 and launch["stack"] == 0, f"{where} spills: {launch}"
         for tensor, widths in launch["activation_bytes"].items():
             assert widths == [16], f"{where}: {tensor} moves in {widths}-byte accesses"
+        # The packed ReLU mask, a byte per 8 values, on every launch that meets the ReLU: written
+        # by the forward, read by the backward in place of the output.
+        if launch["kernel"].endswith(("forward_kernel", "reduce_kernel")) or (
+                "elementwise" in launch["kernel"] and "+residual" not in launch["shape"]):
+            mask_pointer = "relu_mask_ptr" if "forward" in launch["kernel"] else "out_ptr"
+            assert launch["mask_bytes"] == {mask_pointer: [1]}, f"{where}: {launch['mask_bytes']}"
+            assert launch["mask_packing"] != 0, f"{where} reads its mask a byte per value"
         if "reduce" in launch["kernel"] or "partial" in launch["kernel"]:
             assert launch["waves"] <= 1.0, f"{where} runs {launch['waves']:.2f} waves"
             assert launch["sass"]["looped"], f"{where}: no main loop found in its SASS"
@@ -608,7 +616,7 @@ def test_opcheck_passes_for_every_layout(backend, layout):
     bias = torch.randn(3)
     residual = torch.randn(x.shape)
     args = (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(),
-            residual.requires_grad_(), None, None, 1e-5, True)
+            residual.requires_grad_(), None, None, 1e-5, True, True)
     with use_backend(backend):
         torch.library.opcheck(torch.ops.resnet_ablate.batch_norm_act.default, args)
 
@@ -913,8 +921,8 @@ def test_the_eager_path_gives_the_custom_ops_bits(backend, channels_last):
             if path == "eager":
                 out = fused_batch_norm(xl, *running, wl, bl, True, 0.1, 1e-5, residual=rl)
             else:
-                out, mean, var = torch.ops.resnet_ablate.batch_norm_act(xl, wl, bl, rl, None, None,
-                                                                        1e-5, True)
+                out, mean, var, _ = torch.ops.resnet_ablate.batch_norm_act(
+                    xl, wl, bl, rl, None, None, 1e-5, True, True)
                 count = x.numel() // x.shape[1]
                 torch.ops.resnet_ablate.update_running_stats_(*running, mean, var, 0.1,
                                                               count / (count - 1))
@@ -922,6 +930,90 @@ def test_the_eager_path_gives_the_custom_ops_bits(backend, channels_last):
         results.append([out, *running, *(leaf.grad for leaf in leaves)])
     for eager, op in zip(*results):
         assert torch.equal(eager, op)
+
+
+# The packed ReLU mask: the Triton forward writes the ReLU's decisions one bit per element and
+# the backward reads them in place of the output (kernels/_triton_impl.py). Each way a forward
+# packs it, and a backward whose tiles differ from the forward's (it reads each element's byte).
+PACKED_MASK_CASES = {  # name: (shape, x channels_last, grad_out channels_last)
+    "along positions (NCHW rows)": ((2, 3, 8, 8), False, False),
+    "along channels (channels_last)": ((2, 16, 3, 5), True, True),
+    "along spans (7x7)": ((2, 8, 7, 7), False, False),
+    "along spans, a partial channel block": ((2, 24, 7, 7), False, False),
+    "read per element (span forward, row backward)": ((2, 8, 7, 7), False, True),
+}
+
+
+@pytest.mark.parametrize("case", PACKED_MASK_CASES)
+def test_the_packed_relu_mask_gives_pytorchs_gradients(case):
+    shape, channels_last, grad_channels_last = PACKED_MASK_CASES[case]
+    x, residual, weight, bias, _, _, grad = _inputs(shape, torch.float32, channels_last)
+    residual[1, 2, 1, 3] = float("nan")  # a NaN output lets its gradient through
+    grad = grad.contiguous(memory_format=torch.channels_last if grad_channels_last
+                           else torch.contiguous_format)
+    results = {}
+    for pack in (True, False):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, residual, weight, bias)]
+        with use_backend("triton"):
+            out, _, _, mask = torch.ops.resnet_ablate.batch_norm_act(
+                leaves[0], leaves[2], leaves[3], leaves[1], None, None, 1e-5, True, pack)
+            out.backward(grad)
+        results[pack] = out.detach(), mask, [leaf.grad for leaf in leaves]
+    (out, mask, grads), (_, no_mask, unpacked_grads) = results[True], results[False]
+    assert mask.dtype == torch.uint8 and mask.numel() == x.numel() // 8 and no_mask.numel() == 0
+    passes = ~(out <= 0)
+    assert torch.equal(_torch_impl.unpack_relu_mask(mask, x), passes)
+    assert passes.any() and not passes.all() and out.isnan().any()
+    # The bits decide exactly as the output did: the same gradients, to the bit.
+    for got, expected in zip(grads, unpacked_grads):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    ref_leaves = [t.detach().clone().requires_grad_() for t in (x, residual, weight, bias)]
+    ref = F.relu(F.batch_norm(ref_leaves[0], None, None, ref_leaves[2], ref_leaves[3], True)
+                 + ref_leaves[1])
+    ref.backward(grad)
+    for got, leaf in zip(grads, ref_leaves):
+        torch.testing.assert_close(got, leaf.grad, atol=2e-5, rtol=2e-5, equal_nan=True)
+
+
+def test_no_mask_is_written_where_no_gradient_will_be_taken(monkeypatch):
+    """Inference (no grad, or nothing requiring it) writes the output only."""
+    from resnet_ablate.kernels import _triton_impl
+
+    packings = []
+    real_call = _triton_impl.KernelLaunch.__call__
+    monkeypatch.setattr(_triton_impl.KernelLaunch, "__call__",
+                        lambda launch: (packings.append(launch.constexprs.get("MASK_PACKING")),
+                                        real_call(launch)))
+    x, residual, weight, bias, rm, rv, _ = _inputs((2, 16, 4, 4), torch.float32, True)
+    with use_backend("triton"):
+        fused_batch_norm(x, rm, rv, weight, bias, True, residual=residual)
+        with torch.no_grad():
+            fused_batch_norm(x.requires_grad_(), rm, rv, weight, bias, True, residual=residual)
+        fused_batch_norm(x, rm, rv, weight, bias, True, residual=residual)
+    assert packings[2::3] == [_triton_impl.MASK_NONE] * 2 + [_triton_impl.MASK_ALONG_CHANNELS]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed", "sliced",
+                                    "odd channels"])
+def test_the_fake_kernel_sizes_the_mask_as_the_kernels_write_it(layout):
+    """What torch.compile plans for (the fake kernel) is what the kernels return: a packed mask
+    where the forward's tiles own whole bytes of it, none elsewhere."""
+    from resnet_ablate.kernels import _triton_impl
+
+    g = torch.Generator().manual_seed(3)
+    x = {"contiguous": torch.randn(2, 8, 4, 8, generator=g),
+         "channels_last": torch.randn(2, 16, 3, 3, generator=g).contiguous(
+             memory_format=torch.channels_last),
+         "transposed": torch.randn(2, 8, 8, 4, generator=g).transpose(2, 3),
+         "sliced": torch.randn(2, 16, 8, 8, generator=g)[:, ::2],
+         "odd channels": torch.randn(2, 12, 3, 3, generator=g).contiguous(
+             memory_format=torch.channels_last)}[layout]
+    residual = torch.randn(x.shape, generator=g)
+    with use_backend("triton"):
+        mask = torch.ops.resnet_ablate.batch_norm_act(x, None, None, residual, None, None, 1e-5,
+                                                      True, True)[3]
+    assert mask.numel() == _triton_impl.relu_mask_bytes(x, residual)
+    assert (mask.numel() > 0) == (layout in ("contiguous", "channels_last"))
 
 
 def test_a_training_layer_launches_three_kernels_forward_and_three_backward(monkeypatch):

@@ -3,15 +3,8 @@
 Depends on torch and triton only; knows nothing of the rest of the toolkit.
 """
 
-from .batch_norm import (
-    BACKENDS,
-    TRITON_INTERPRETED,
-    Backend,
-    fused_batch_norm,
-    get_backend,
-    set_backend,
-    use_backend,
-)
+from .backends import BACKENDS, TRITON_INTERPRETED, Backend, get_backend, set_backend, use_backend
+from .batch_norm import fused_batch_norm
 from .modules import FusedBatchNorm2d
 
 __all__ = [

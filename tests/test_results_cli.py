@@ -85,7 +85,7 @@ def test_export_is_exact(cli, results, fmt):
 
 
 def test_export_curves_to_a_file(cli, results, tmp_path):
-    target = tmp_path / "curves.csv"
+    target = tmp_path / "figures" / "run 1" / "curves.csv"  # folders that do not exist yet
     code, out, err = cli("export", "--what", "curves", "-o", str(target))
     curves = pd.read_csv(target)
     assert code == 0 and out == "" and str(target) in err

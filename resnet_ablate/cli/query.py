@@ -169,7 +169,9 @@ def add_query_commands(sub) -> None:
         if table:
             parser.add_argument("--format", choices=("table", "csv", "json"), default="table",
                                 help="aligned table with units (default), or exact csv / json")
-            parser.add_argument("-o", "--output", help="write to this file instead of stdout")
+            parser.add_argument("-o", "--output",
+                                help="write to this file instead of stdout (missing folders "
+                                     "are created)")
         parser.add_argument("--force", action="store_true",
                             help="let -o replace an existing file (never a study's store)")
         return parser

@@ -3,7 +3,8 @@ core and the cores that feed a GPU at `--gpu-images-per-s` (bench_decode.py: the
 crop against the box-first uint8 one the loaders make now); then images/s of the data pipeline
 alone (decode, augment, collate, in loader workers) against images/s of the train step alone
 (forward, backward, SGD on batches already decoded), per number of loader workers, measured side
-by side in one run.
+by side in one run; on a GPU with torchvision's nvJPEG, the same with `decode: gpu` (workers
+read files and draw boxes, the GPU decodes and crops: the `decode` column).
 
     python benchmarks/bench_loader.py                         # a generated folder, 0/1/2 workers
     python benchmarks/bench_loader.py --root data/imagenette2-320 --image-size 224 --device cuda
@@ -15,6 +16,7 @@ loader/step above 1 means the loader keeps up: training never waits for data.
 from __future__ import annotations
 
 import argparse
+import itertools
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +30,7 @@ import bench_decode
 from _results import RESULTS, append_rows, device_name, source_commit, timestamp
 from resnet_ablate import ResNetArch, build
 from resnet_ablate.data.decode import normalise
+from resnet_ablate.data.device_decode import DeviceCrops, nvjpeg_decoder
 from resnet_ablate.data.folders import load_image_folder
 
 
@@ -43,14 +46,21 @@ def generate_folder(root: Path, classes: int, per_class: int, size: tuple[int, i
     return root
 
 
-def loader_rate(data, batch_size: int, batches: int) -> float:
-    """Images/s of one pass of the training loader (at most `batches` batches)."""
-    loader = data.train_loader(batch_size, 1, torch.Generator().manual_seed(0))
+def loader_rate(data, batch_size: int, batches: int, device_crops=None) -> float:
+    """Images/s of one pass of the training loader (at most `batches` batches); with
+    `device_crops` (decode: gpu), its workers read files and draw boxes, and the device decodes
+    and crops each batch, the time until the device is done included."""
+    loader = data.train_loader(batch_size, 1, torch.Generator().manual_seed(0),
+                               encoded=device_crops is not None)
     started, images = time.perf_counter(), 0
     for index, (x, _, _) in enumerate(loader):
+        if device_crops is not None:
+            x = device_crops(x)[0]
         images += x.shape[0]
         if index + 1 == batches:
             break
+    if device_crops is not None and device_crops.device.type == "cuda":
+        torch.cuda.synchronize(device_crops.device)
     return images / (time.perf_counter() - started)
 
 
@@ -112,19 +122,23 @@ def main(argv: list[str] | None = None) -> int:
         y = y.to(device)
         step = step_rate(model, x, y, max(2, args.batches // 3), device)
         rows = []
-        for workers in args.workers:
+        # decode: gpu where the device has a GPU JPEG decoder (torchvision's nvJPEG), beside cpu.
+        decodes = {"cpu": None}
+        if nvjpeg_decoder(device) is not None:
+            decodes["gpu"] = DeviceCrops(device, args.image_size)
+        for (decode, device_crops), workers in itertools.product(decodes.items(), args.workers):
             data = load_image_folder(root, image_size=args.image_size, loader_workers=workers)
-            rate = loader_rate(data, args.batch_size, args.batches)
+            rate = loader_rate(data, args.batch_size, args.batches, device_crops)
             rows.append({
                 "timestamp": timestamp(), "commit": source_commit(), "device": device_name(device),
                 "model": f"resnet{args.depth}", "image_size": args.image_size,
                 "batch_size": args.batch_size, "loader_workers": workers,
                 "loader_images_per_s": round(rate, 1), "step_images_per_s": round(step, 1),
                 "loader_over_step": round(rate / step, 3),
-                "source": args.root or "generated 426x320 JPEGs",
+                "source": args.root or "generated 426x320 JPEGs", "decode": decode,
             })
-            print(f"loader workers {workers}: loader {rate:.0f} images/s, train step {step:.0f} "
-                  f"images/s: loader/step {rate / step:.2f}x", flush=True)
+            print(f"decode {decode}, loader workers {workers}: loader {rate:.0f} images/s, train "
+                  f"step {step:.0f} images/s: loader/step {rate / step:.2f}x", flush=True)
     append_rows(args.csv, rows)
     return 0
 

@@ -183,7 +183,9 @@ def ratios(out: Path) -> list[Ratio]:
     for the kernels and the trial), and 30 minutes for Table 6."""
     trial, packing = read_rows(out / "trial.csv"), read_rows(out / "packing.csv")
     kernels = kernel_figures(read_rows(out / "batch_norm_act.csv"))
-    loader = [float(r["loader_over_step"]) for r in read_rows(out / "loader.csv")]
+    loader_rows = read_rows(out / "loader.csv")
+    loader = [float(r["loader_over_step"]) for r in loader_rows if r.get("decode", "cpu") != "gpu"]
+    gpu_loader = [float(r["loader_over_step"]) for r in loader_rows if r.get("decode") == "gpu"]
     decode = read_rows(out / "loader_decode.csv")  # bench_loader.py's crops per core, if any
     cores = min((int(r["cores_per_gpu"]) for r in decode if r.get("cores_per_gpu")), default=None)
     host = read_rows(out / "host.csv")
@@ -216,6 +218,8 @@ def ratios(out: Path) -> list[Ratio]:
               "the loader keeps up with the step"),
         Ratio("loader: CPU cores to feed one GPU (best crop)", cores, "",
               "decoding and cropping at the GPU's training rate (bench_loader.py)"),
+        Ratio("loader / step, decode: gpu (best workers)", max(gpu_loader) if gpu_loader else None,
+              ">= 1.0", "nvJPEG decoding and cropping on the GPU (train.decode: gpu)"),
         Ratio("host us per layer, fused fwd+bwd (median)",
               statistics.median(fused_host) if fused_host else None, "",
               "what the CPU spends to issue one fused layer (bench_host.py)"),

@@ -42,6 +42,9 @@ class Execution:
     memory_format: str  # channels_last | nchw
     compile: bool
     cuda_graphs: bool
+    # Where training crops are decoded: "cpu" or "gpu" for a streamed data set (recipe.decode),
+    # "none" for an in-memory one.
+    decode: str = "none"
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -73,9 +76,10 @@ class Execution:
 
 
 def resolve_execution(recipe: TrainRecipe, device: torch.device | str, *, in_memory: bool = True,
-                      processes: int = 1) -> Execution:
+                      processes: int = 1, gpu_decoder: bool = False) -> Execution:
     """The recipe's choices for one run on `device` (its data set `in_memory` or streamed, its
-    replicas' `processes`), "auto" resolved; a ValueError names one it cannot run."""
+    replicas' `processes`, whether a GPU JPEG decoder is installed for it: `gpu_decoder`),
+    "auto" resolved; a ValueError names one it cannot run."""
     precision, memory_format = recipe.precision, recipe.memory_format
     compile, cuda_graphs = recipe.compile, recipe.cuda_graphs
     device = torch.device(device)
@@ -102,7 +106,25 @@ def resolve_execution(recipe: TrainRecipe, device: torch.device | str, *, in_mem
             "cuda_graphs runs precision bf16 or fp32, not fp16: its gradient scaler's per-step "
             "state is not captured in the graph"
         )
-    return Execution(str(device), precision, memory_format, bool(compile), bool(cuda_graphs))
+    return Execution(str(device), precision, memory_format, bool(compile), bool(cuda_graphs),
+                     _decode(recipe.decode, device, in_memory, gpu_decoder))
+
+
+def _decode(choice: str, device: torch.device, in_memory: bool, gpu_decoder: bool) -> str:
+    """Where the run's training crops are decoded ("none": its data set is in memory)."""
+    if in_memory:
+        if choice == "gpu":
+            raise ValueError("decode: gpu applies to streamed image data sets (imagefolder, "
+                             "webdataset); this one is in memory: set decode to cpu")
+        return "none"
+    if choice == "gpu" and not gpu_decoder:
+        raise ValueError(f"decode: gpu needs a CUDA device with torchvision's nvJPEG decoder "
+                         f"installed; this run is on {device.type}"
+                         + (" without it" if device.type == "cuda" else "")
+                         + ": set decode to cpu or auto")
+    if choice == "auto":
+        return "gpu" if gpu_decoder else "cpu"
+    return choice
 
 
 class GraphedStep:

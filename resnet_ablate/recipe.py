@@ -25,6 +25,8 @@ SCHEDULES: tuple[str, ...] = ("step", "plateau")
 # The paper's ImageNet protocol (Sec. 3.4): how inputs are centred, and the test-time views.
 MEANS: tuple[str, ...] = ("channel", "pixel")
 TEST_VIEWS: tuple[str, ...] = ("ten_crop", "multi_scale")
+# Where a streamed data set's training crops are decoded (data/device_decode.py).
+DECODES: tuple[str, ...] = ("cpu", "gpu", "auto")
 
 
 # A bound far above any recipe's (a billion epochs is a typo that would be planned in silence).
@@ -83,6 +85,12 @@ class TrainRecipe:
     lighting: float = 0.0
     mean: str = "channel"
     test_views: tuple[str, ...] = ()
+    # Streamed image data sets: where training crops are decoded. "cpu": by the loader's workers
+    # (Pillow). "gpu": the workers read each file and draw its crop, the GPU decodes the batch
+    # (nvJPEG through torchvision, which must be installed) and resamples the crops: the same
+    # boxes and flips, pixels within resampling differences. "auto": gpu where a trial runs on a
+    # GPU with that decoder installed, else cpu. Evaluation always decodes on the CPU.
+    decode: str = "cpu"
     # Data-parallel trials only: BatchNorm normalises with the statistics of the global batch
     # (all replicas) instead of each replica's own, as the paper's multi-GPU training did.
     sync_bn: bool = False
@@ -153,7 +161,7 @@ class TrainRecipe:
             fail("cuda_graphs", "auto, true or false")
 
     def _check_protocol(self, fail: Callable[[str, str], None]) -> None:
-        """The paper's ImageNet protocol fields: lighting, mean, test_views."""
+        """The paper's ImageNet protocol fields: lighting, mean, test_views; and decode."""
         if not _is_number(self.lighting) or not 0 <= self.lighting <= 1:
             fail("lighting", "a number in [0, 1] (the std of AlexNet's PCA lighting; 0.1 is the "
                              "paper's, 0 none)")
@@ -163,6 +171,11 @@ class TrainRecipe:
         if not set(self.test_views) <= set(TEST_VIEWS) or len(set(self.test_views)) != len(
                 self.test_views):
             fail("test_views", f"a list of distinct views out of {', '.join(TEST_VIEWS)}")
+        if self.decode not in DECODES:
+            fail("decode", f"one of {', '.join(DECODES)}")
+        if self.decode == "gpu" and (self.lighting or self.mean == "pixel"):
+            fail("decode", "cpu or auto with lighting or mean: pixel (the GPU path normalises "
+                           "with the channel mean and std)")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], *, where: str = "recipe") -> TrainRecipe:

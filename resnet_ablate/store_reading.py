@@ -28,7 +28,7 @@ TRIAL_COLUMNS = ("number", "state", "arch_name", *ARCH_COLUMNS, "seed", "params"
                  "test_accuracy", "test_error", "best_test_error", "test_top5_error",
                  *VIEW_METRICS, "train_error", "test_images", "epochs",
                  "wall_seconds", "images_per_second", "precision", "memory_format", "compile",
-                 "cuda_graphs", "compile_seconds", "device",
+                 "cuda_graphs", "decode", "compile_seconds", "device",
                  "replicas", "restarts", "failure_kind", "failure",
                  "arch_digest", "weights")
 _INT_COLUMNS = ("number", "depth", "base_width", "seed", "params", "flops", "test_images",
@@ -152,7 +152,7 @@ def trial_row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
         "wall_seconds": metrics["wall_seconds"], "images_per_second": metrics["images_per_second"],
         # How it executed (auto choices resolved): one spec can run differently on two machines.
         **{name: execution.get(name) for name in ("precision", "memory_format", "compile",
-                                                  "cuda_graphs")},
+                                                  "cuda_graphs", "decode")},
         "compile_seconds": attrs.get(TrialKey.COMPILE_SECONDS),
         "device": attrs.get(TrialKey.DEVICE),
         # Data-parallel trials: how many processes trained it, how often it resumed after a loss.

@@ -166,7 +166,8 @@ def test_a_study_trains_end_to_end_on_an_image_folder(folder, tmp_path):
                     "loader_workers": 1},
         "space": {"shortcut": ["A", "none"]}, "seeds": 1,
         # 43 samples in one batch: none dropped, so every epoch meets the corrupt file.
-        "train": {"preset": "imagenet", "epochs": 2, "batch_size": 43, "eval_batch_size": 8},
+        "train": {"preset": "imagenet", "epochs": 2, "batch_size": 43, "eval_batch_size": 8,
+                  "decode": "auto"},  # a CPU trial: decoded on the CPU, and recorded so
         "resources": {"cpus": 2, "workers": 1},
     }
     spec = load_spec(write_spec(tmp_path, raw))
@@ -200,6 +201,7 @@ def test_a_study_trains_end_to_end_on_an_image_folder(folder, tmp_path):
         assert curves[-1]["test_error"] == pytest.approx(wrong / (6 * 3))
     # The final top-5 error is a results column, as ImageNet tables report it.
     table = results.trials.set_index("number")
+    assert table["decode"].tolist() == ["cpu", "cpu"]
     for trial in trials:
         assert table.loc[trial.number, "test_top5_error"] == trial.user_attrs["curves"][-1]["test_top5_error"]
     assert len(results.summary(metric="test_top5_error")) == 2

@@ -125,6 +125,12 @@ def test_ranges_for_random_and_tpe():
      "train.compile: needs an in-memory data set"),
     ({**MINIMAL, "dataset": {"name": "imagefolder", "root": "data/imagenet"},
       "resources": {"cpus": 2}}, "resources.cpus: 2 CPUs per trial cannot hold the 2 image-decoding"),
+    ({**MINIMAL, "train": {"decode": "gpu"}, "resources": {"gpus": 1}},
+     "train.decode: gpu applies to imagefolder and webdataset (images decoded as they stream), "
+     "not to digits"),
+    ({**MINIMAL, "dataset": {"name": "imagefolder", "root": "data/imagenet"},
+      "train": {"decode": "gpu"}, "resources": {"cpus": 3}},
+     "train.decode: gpu needs a GPU per trial: set resources.gpus > 0"),
     ({**MINIMAL, "dataset": {"name": "webdataset", "shards": {"train": "t.tar", "val": "v.tar"}}},
      "dataset.shards.num_classes: required"),
 ])

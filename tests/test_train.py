@@ -274,7 +274,7 @@ def test_steps_never_wait_for_the_host(monkeypatch):
 def test_cpu_defaults_are_fp32_channels_last_and_are_recorded():
     result = train(tiny_cnn, synthetic(), quick(epochs=1), seed=0, threads=1)
     assert result.execution == {"device": "cpu", "precision": "fp32", "memory_format": "channels_last",
-                                "compile": False, "cuda_graphs": False}
+                                "compile": False, "cuda_graphs": False, "decode": "none"}
     assert result.compile_seconds == 0.0
     json.dumps(result.to_dict())
 

@@ -18,6 +18,7 @@ import torch
 from .augment import draw_crops, gather_crops
 from .bundle import DataBundle
 from .decode import PLAIN, Preprocess, normalise
+from .device_decode import DeviceCrops
 from .load import Streamed
 
 # A training batch: images and labels on the device, and the factor its mean loss is scaled by
@@ -54,6 +55,8 @@ class Placement:
     # Each number summed over the replicas (Replicas.sums): how a streamed feed weighs a batch
     # that lost images it could not decode. None in a single process.
     sum_over_replicas: Callable[[list[float]], list[float]] | None = None
+    # A streamed data set's training crops decoded on the device (device_decode.py).
+    decode_on_device: bool = False
 
     @property
     def paper_preprocessing(self) -> bool:
@@ -193,6 +196,9 @@ class StreamFeed(_Generators):
             self.preprocess = Preprocess(placement.lighting, placement.pixel_mean,
                                          data.pixel_statistics)
         # Lighting is drawn for training crops only (decode passes no draws to evaluation).
+        self.device_crops = None
+        if placement.decode_on_device:
+            self.device_crops = DeviceCrops(placement.device, data.image_size)
 
     def train_batches(self, epoch: int, batch_size: int) -> Iterator[Batch]:
         """This replica's share of each of the epoch's batches of `batch_size`. Its loss is
@@ -204,8 +210,12 @@ class StreamFeed(_Generators):
                                         augment=p.augment, pin_memory=self.pin_memory,
                                         part=p.part, parts=p.parts,
                                         augment_seed=derived_seed(p.seed, _AUGMENT_STREAM),
-                                        preprocess=self.preprocess)
+                                        preprocess=self.preprocess,
+                                        encoded=self.device_crops is not None)
         for images, labels, skipped in loader:
+            if self.device_crops is not None:  # files and boxes: decoded and cropped here
+                images, kept, undecodable = self.device_crops(images)
+                labels, skipped = labels[kept], skipped + undecodable
             self.skipped += skipped
             if labels.shape[0] == 0:
                 if p.parts > 1:  # the others would wait for this step forever

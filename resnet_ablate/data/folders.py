@@ -27,6 +27,7 @@ import torch
 from ..spec import DEFAULT_LOADER_WORKERS
 from .decode import (AUGMENTATIONS, PLAIN, CropAugmentation, PixelStatistics, Preprocess,
                      centre_pixels, collate, collate_views, decode_sample, decode_views, one_thread)
+from .device_decode import collate_encoded, encoded_crop
 from .errors import DataUnavailable
 from .val_labels import read_val_labels
 
@@ -114,8 +115,10 @@ class ImageFolderSplit(torch.utils.data.Dataset):
 
     def __init__(self, samples: tuple[tuple[str, int], ...], *, image_size: int, train: bool,
                  augmentation: CropAugmentation, seed: int, augment_seed: int = 0,
-                 preprocess: Preprocess = PLAIN, view: str | None = None) -> None:
+                 preprocess: Preprocess = PLAIN, view: str | None = None,
+                 encoded: bool = False) -> None:
         self.samples = samples
+        self.encoded = encoded  # hand on the file and its crop's box, for the GPU to decode
         self.preprocess = preprocess
         self.view = view  # a test-time view (decode.VIEWS) instead of the single centre crop
         self.image_size = image_size
@@ -136,6 +139,9 @@ class ImageFolderSplit(torch.utils.data.Dataset):
         rng = None
         if self.train:
             rng = np.random.default_rng([self.seed, self.augment_seed, self.epoch, index])
+        if self.encoded:
+            return encoded_crop(path, image_size=self.image_size,
+                                augmentation=self.augmentation, rng=rng), label
         return decode_sample(path, image_size=self.image_size, augmentation=self.augmentation,
                       rng=rng, preprocess=self.preprocess), label
 
@@ -184,11 +190,12 @@ class FolderData:
         return PixelStatistics.of(np.stack(crops))
 
     def _loader(self, split: torch.utils.data.Dataset, batch_size: int, order: list[int] | None,
-                pin_memory: bool, views: bool = False) -> torch.utils.data.DataLoader:
+                pin_memory: bool, views: bool = False,
+                encoded: bool = False) -> torch.utils.data.DataLoader:
         workers = self.loader_workers
         return torch.utils.data.DataLoader(
             split, batch_size=batch_size, sampler=order,
-            collate_fn=collate_views if views else collate,
+            collate_fn=collate_views if views else collate_encoded if encoded else collate,
             num_workers=workers, pin_memory=pin_memory, prefetch_factor=4 if workers else None,
             worker_init_fn=one_thread if workers else None,
             # Training drops each epoch's last partial batch, as ImageNet training does: a batch
@@ -197,22 +204,24 @@ class FolderData:
 
     def train_loader(self, batch_size: int, epoch: int, generator: torch.Generator, *,
                      augment: bool = True, pin_memory: bool = False, part: int = 0,
-                     parts: int = 1, augment_seed: int = 0,
-                     preprocess: Preprocess = PLAIN) -> torch.utils.data.DataLoader:
+                     parts: int = 1, augment_seed: int = 0, preprocess: Preprocess = PLAIN,
+                     encoded: bool = False) -> torch.utils.data.DataLoader:
         """One epoch of training batches (augmented, or centre crops with `augment=False`), in an
         order drawn from `generator`, each image's crop drawn from (the data set's seed,
         `augment_seed` (the trial's), `epoch`, its index). With `parts` replicas, the `part`-th one's batches of
         `batch_size`: every `parts`-th image of the order cut to whole global batches, so that
-        every replica takes the same number of steps."""
+        every replica takes the same number of steps. With `encoded`, batches of
+        device_decode.EncodedCrop (the files and their crops' boxes) for the GPU to decode."""
         split = ImageFolderSplit(self.index.train, image_size=self.image_size, train=augment,
                                  augmentation=self.augmentation, seed=self.seed,
-                                 augment_seed=augment_seed, preprocess=preprocess)
+                                 augment_seed=augment_seed, preprocess=preprocess,
+                                 encoded=encoded)
         split.epoch = epoch
         order = torch.randperm(len(split), generator=generator).tolist()
         if parts > 1:
             whole = len(order) - len(order) % (batch_size * parts)
             order = order[:whole][part::parts]
-        return self._loader(split, batch_size, order, pin_memory)
+        return self._loader(split, batch_size, order, pin_memory, encoded=encoded)
 
     def test_loader(self, batch_size: int, *, pin_memory: bool = False, part: int = 0,
                     parts: int = 1, preprocess: Preprocess = PLAIN,

@@ -38,6 +38,7 @@ import torch
 from ..spec.catalogue import DEFAULT_LOADER_WORKERS, REQUIRED_SHARD_KEYS, SHARD_KEYS
 from .decode import (PLAIN, CropAugmentation, PixelStatistics, Preprocess, centre_pixels, collate,
                      collate_views, decode_sample, decode_views, one_thread)
+from .device_decode import collate_encoded, encoded_crop
 from .errors import DataUnavailable
 from .shard_urls import check_url, is_local, local_path, open_shard, probe_shard
 
@@ -114,7 +115,7 @@ def count_samples(urls: list[str]) -> int:
 
 def _sample(record: dict[str, Any], *, image_size: int, augmentation: CropAugmentation,
             seed: tuple[int, int], epoch: int | None, preprocess: Preprocess = PLAIN,
-            view: str | None = None) -> tuple[Any, int]:
+            view: str | None = None, encoded: bool = False) -> tuple[Any, int]:
     """(image, label) of a grouped record; (None, label) for one the loader skips: no image, an
     image that cannot be decoded, or no label."""
     key = record["__key__"]
@@ -128,6 +129,9 @@ def _sample(record: dict[str, Any], *, image_size: int, augmentation: CropAugmen
     rng = None
     if epoch is not None:  # training: draws seeded by the sample, not by the worker reading it
         rng = np.random.default_rng([*seed, epoch, zlib.crc32(key.encode())])
+    if encoded:  # the bytes and the crop's box, for the GPU to decode
+        return encoded_crop(io.BytesIO(image), image_size=image_size, augmentation=augmentation,
+                            rng=rng), label
     return decode_sample(io.BytesIO(image), image_size=image_size, augmentation=augmentation,
                   rng=rng, preprocess=preprocess), label
 
@@ -173,31 +177,33 @@ class ShardData:
 
     def _loader(self, urls: list[str], batch_size: int, epoch: int | None, order_seed: int,
                 pin_memory: bool, augment: bool = True, augment_seed: int = 0,
-                preprocess: Preprocess = PLAIN,
-                view: str | None = None) -> torch.utils.data.DataLoader:
+                preprocess: Preprocess = PLAIN, view: str | None = None,
+                encoded: bool = False) -> torch.utils.data.DataLoader:
         """Training batches where `epoch` is given (shuffled; augmented unless `augment` is
-        false), else the evaluation's, in shard order."""
+        false), else the evaluation's, in shard order; `encoded` as in train_loader."""
         workers = min(self.loader_workers, len(urls))  # a worker without a shard would idle
         stages = [] if epoch is None else [_shuffle_stage(order_seed)]
         dataset = _pipeline(urls, *stages, partial(
             _map_stage, partial(_sample, image_size=self.image_size,
                                 augmentation=self.augmentation, seed=(self.seed, augment_seed),
                                 epoch=epoch if augment else None, preprocess=preprocess,
-                                view=view)))
+                                view=view, encoded=encoded)))
+        collate_fn = collate_views if view is not None else collate_encoded if encoded else collate
         return torch.utils.data.DataLoader(
             dataset, batch_size=1 if view == "multi_scale" else batch_size,
-            collate_fn=collate if view is None else collate_views, num_workers=workers,
+            collate_fn=collate_fn, num_workers=workers,
             pin_memory=pin_memory, prefetch_factor=4 if workers else None,
             worker_init_fn=one_thread if workers else None,
             drop_last=epoch is not None)  # as the image folder's (a batch of one cannot train BN)
 
     def train_loader(self, batch_size: int, epoch: int, generator: torch.Generator, *,
                      augment: bool = True, pin_memory: bool = False, part: int = 0,
-                     parts: int = 1, augment_seed: int = 0,
-                     preprocess: Preprocess = PLAIN) -> Iterable[tuple[torch.Tensor, torch.Tensor, int]]:
+                     parts: int = 1, augment_seed: int = 0, preprocess: Preprocess = PLAIN,
+                     encoded: bool = False) -> Iterable[tuple[Any, torch.Tensor, int]]:
         """One epoch of training batches (augmented, or centre crops with `augment=False`):
         shards in an order drawn from `generator`, each image's crop drawn from (the data set's
-        seed, `augment_seed` (the trial's), `epoch`, its key).
+        seed, `augment_seed` (the trial's), `epoch`, its key); with `encoded`, batches of
+        device_decode.EncodedCrop for the GPU to decode.
 
         With `parts` replicas, the `part`-th one reads every `parts`-th shard of that order, and
         every replica takes the same number of steps, one epoch's worth of global batches of
@@ -211,7 +217,7 @@ class ShardData:
         seed = int(torch.randint(2**31, (1,), generator=generator))
         urls = [self.train_urls[i] for i in order][part::parts]
         loader = self._loader(urls, batch_size, epoch, seed + part, pin_memory, augment,
-                              augment_seed, preprocess)
+                              augment_seed, preprocess, encoded=encoded)
         if parts == 1:
             return loader
         return itertools.islice(_repeated(loader), self.train_size // (batch_size * parts))

@@ -17,7 +17,8 @@ A spec is one question from the paper, asked as a sweep over the architecture de
                                          #   {min: 2, max: 10, until: {decided: shortcut,
                                          #   margin: 0.005}} (AdaptiveSeeds)
     train: {epochs: 8}                   # TrainRecipe fields, the recipe's and how it executes:
-                                         #   precision, memory_format, compile, cuda_graphs
+                                         #   precision, memory_format, compile, cuda_graphs,
+                                         #   decode (streamed data: cpu | gpu | auto)
     warmup_from_depth: 110               # warm up (train.warmup) only nets this deep or deeper
     budget: {trials: null, minutes: null, max_gflops: null}
     resources: {cpus: 1, gpus: 0, workers: 2}

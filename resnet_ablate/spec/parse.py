@@ -170,6 +170,13 @@ def _check_recipe_fits(check: Checker, recipe: TrainRecipe, dataset: DatasetSpec
                                                  f"(the paper's ImageNet protocol), not to "
                                                  f"{dataset.name}, normalised and augmented in "
                                                  "memory")
+    if recipe.decode == "gpu" and dataset.name not in STREAMED_DATASETS:
+        raise check.fail("train.decode", f"gpu applies to {' and '.join(STREAMED_DATASETS)} "
+                                         f"(images decoded as they stream), not to {dataset.name}, "
+                                         "held in memory: set it to cpu")
+    if recipe.decode == "gpu" and resources.gpus == 0:
+        raise check.fail("train.decode", "gpu needs a GPU per trial: set resources.gpus > 0, or "
+                                         "decode: cpu (or auto)")
     if recipe.cuda_graphs is True and recipe.precision == "fp16":
         raise check.fail("train.cuda_graphs", "runs precision bf16 or fp32, not fp16 (its gradient "
                                               "scaler is not captured); set precision: bf16")

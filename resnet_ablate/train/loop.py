@@ -41,6 +41,7 @@ from ..recipe import TrainRecipe
 from ..replicas import Replicas, synchronise_batch_norms
 from .divergence import Diverged, DivergenceWatch
 from .evaluate import Evaluation
+from ..data.device_decode import nvjpeg_decoder
 from ..data.feed import Placement, feed_for
 from ..record import EpochRecord
 from .result import TrainResult, TrainStatus, require_images
@@ -85,8 +86,10 @@ def train(
     _check_seed_and_threads(seed, threads)
     device = torch.device(device)
     replicas = replicas or Replicas()
-    execution = resolve_execution(recipe, device, in_memory=not isinstance(data, Streamed),
-                                  processes=replicas.world)
+    streamed = isinstance(data, Streamed)
+    execution = resolve_execution(
+        recipe, device, in_memory=not streamed, processes=replicas.world,
+        gpu_decoder=streamed and recipe.decode != "cpu" and nvjpeg_decoder(device) is not None)
     with _seeded_on(device, seed, threads):
         if not isinstance(model, nn.Module):
             model = model()
@@ -159,7 +162,7 @@ class _Run:
         self.feed = feed_for(data, Placement(device, execution.images, seed, recipe.augment,
                                              replicas.rank, replicas.world, recipe.lighting,
                                              recipe.mean == "pixel", recipe.test_views,
-                                             replicas.sums))
+                                             replicas.sums, execution.decode == "gpu"))
         if not self.feed.fixed_shapes and (execution.compile or execution.cuda_graphs):
             self.feed.example_batches(recipe.batch_size, recipe.eval_batch_size)  # says why not
         self.schedule = Schedule(recipe, hooks.log)

@@ -1,0 +1,166 @@
+"""Training crops decoded on the GPU (`decode: gpu`): the loader's workers only read each file and
+draw its crop; the GPU decodes the batch's JPEGs (nvJPEG, through torchvision where it is
+installed) and resamples each crop there.
+
+A CPU core crops ~600 full-size ImageNet JPEGs a second (box first, at the lowest resolution the
+crop needs: decode.py), so a GPU training ResNet-50 at ~3,000 images/s needs about 5 cores of
+decoding; here a worker does a file read and a header parse per image, and the decoding moves to
+the GPU, which has spare cycles while the step is memory-bound.
+
+The crop is the CPU path's: the same box and flip, drawn from the same generator in the same order
+(`encoded_crop` draws exactly what `decode.train_crop` draws), so a run's augmentation does not
+depend on where it decodes. The pixels differ by the resampling: the box is cut at whole source
+pixels (its edges move by less than one source pixel) and resized with antialiased bilinear
+interpolation where Pillow filters the exact box. Evaluation stays on the CPU path, so that test
+errors never depend on the decoder.
+
+Images the GPU decoder refuses (a PNG among JPEGs, CMYK JPEGs) are decoded by Pillow instead; an
+image neither can decode is skipped and counted, as on the CPU path.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .crops import EVAL_RESIZE, PAPER_CROP, Box, centre_box, random_resized_box, scale_box
+from .decode import CropAugmentation
+
+# Decodes a batch of encoded images (1-D uint8 tensors) to uint8 (3, H, W) RGB tensors on the
+# decoder's device; raises where any of them cannot be decoded.
+BatchDecoder = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class EncodedCrop:
+    """What a worker hands on for one image: the file's bytes and where its crop lies."""
+
+    data: bytes  # the encoded file (bytes pickle between processes as one buffer)
+    box: Box  # in the original image's pixels
+    flip: bool
+
+
+def encoded_crop(source: str | os.PathLike[str] | BinaryIO, *, image_size: int,
+                 augmentation: CropAugmentation,
+                 rng: np.random.Generator | None) -> EncodedCrop | None:
+    """The file's bytes and its training crop drawn from `rng`, as `decode.train_crop` draws them
+    (the box from the image's size in its header, then the flip); the centre view's box, not
+    flipped, where `rng` is None (training without augmentation). None where the header cannot
+    be read (the loader skips and counts it)."""
+    try:
+        if hasattr(source, "read"):
+            data = source.read()
+        else:
+            with open(source, "rb") as file:
+                data = file.read()
+        with Image.open(io.BytesIO(data)) as opened:
+            width, height = opened.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    if rng is None:
+        length = round(image_size * EVAL_RESIZE / PAPER_CROP)
+        box, flip = centre_box(width, height, image_size, length), False
+    else:
+        draw = scale_box if augmentation == "scale" else random_resized_box
+        box = draw(width, height, image_size, rng)
+        flip = bool(rng.random() < 0.5)
+    return EncodedCrop(data, box, flip)
+
+
+def collate_encoded(batch: list[tuple[EncodedCrop | None, int]]) -> tuple[
+        list[EncodedCrop], torch.Tensor, int]:
+    """A batch of encoded crops with their labels, leaving out (and counting) unreadable ones."""
+    kept = [(crop, label) for crop, label in batch if crop is not None]
+    return ([crop for crop, _ in kept], torch.tensor([label for _, label in kept],
+                                                     dtype=torch.long),
+            len(batch) - len(kept))
+
+
+def nvjpeg_decoder(device: torch.device) -> BatchDecoder | None:
+    """torchvision's batched nvJPEG decoder on `device`, or None where torchvision is not
+    installed or cannot decode there (no CUDA, or a wheel that does not import beside this
+    torch)."""
+    if device.type != "cuda":
+        return None
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except Exception:  # not installed, or built for another torch: the CPU path stays
+        return None
+    return lambda datas: decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+
+
+def pillow_decode(data: torch.Tensor) -> torch.Tensor | None:
+    """One encoded image as uint8 (3, H, W) RGB on the CPU, by Pillow; None where it cannot."""
+    try:
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as opened:
+            pixels = np.asarray(opened.convert("RGB"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+
+
+def resample(image: torch.Tensor, box: Box, size: int, flip: bool) -> torch.Tensor:
+    """The `size` x `size` crop of uint8 (3, H, W) `image` at `box`, flipped if asked: the box cut
+    at whole pixels and resized with antialiased bilinear interpolation, on the image's device."""
+    height, width = image.shape[1:]
+    left, top = max(0, math.floor(box[0])), max(0, math.floor(box[1]))
+    right, bottom = min(width, max(left + 1, math.ceil(box[2]))), min(height, max(top + 1,
+                                                                                 math.ceil(box[3])))
+    region = image[None, :, top:bottom, left:right].float()
+    crop = F.interpolate(region, size=(size, size), mode="bilinear", antialias=True,
+                         align_corners=False)[0]
+    if flip:
+        crop = crop.flip(-1)
+    return crop.round_().clamp_(0, 255).to(torch.uint8)
+
+
+class DeviceCrops:
+    """Turns a loader's batches of encoded crops into uint8 (N, 3, S, S) crops on `device`."""
+
+    def __init__(self, device: torch.device, image_size: int,
+                 decoder: BatchDecoder | None = None) -> None:
+        self.device, self.image_size = device, image_size
+        self.decoder = decoder if decoder is not None else nvjpeg_decoder(device)
+        if self.decoder is None:
+            raise ValueError(f"decode: gpu needs torchvision's nvJPEG decoder on a CUDA device; "
+                             f"{device} has none: set decode to cpu (or auto)")
+
+    def __call__(self, crops: Sequence[EncodedCrop]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(crops, kept, skipped): the batch's crops on the device, the positions of the images
+        that decoded (their labels' index), and how many could not be decoded."""
+        images = self._decode([torch.frombuffer(bytearray(crop.data), dtype=torch.uint8)
+                               for crop in crops])
+        kept = [i for i, image in enumerate(images) if image is not None]
+        out = torch.empty((len(kept), 3, self.image_size, self.image_size), dtype=torch.uint8,
+                          device=self.device)
+        for row, index in enumerate(kept):
+            out[row] = resample(images[index], crops[index].box, self.image_size,
+                                crops[index].flip)
+        return out, torch.tensor(kept, dtype=torch.long), len(crops) - len(kept)
+
+    def _decode(self, datas: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """All at once where the decoder takes the whole batch; else one by one, and what it
+        refuses by Pillow (moved to the device), None where that fails too."""
+        if not datas:
+            return []
+        try:
+            return list(self.decoder(datas))
+        except (RuntimeError, ValueError):
+            pass
+        images: list[torch.Tensor | None] = []
+        for data in datas:
+            try:
+                images.append(self.decoder([data])[0])
+            except (RuntimeError, ValueError):
+                image = pillow_decode(data)
+                images.append(None if image is None else image.to(self.device))
+        return images

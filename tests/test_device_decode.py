@@ -1,0 +1,194 @@
+"""Training crops decoded on the device (resnet_ablate/data/device_decode.py), checked on a CPU:
+the GPU's batch decoder is stood in for by Pillow, so that everything around it (the crops'
+boxes and flips, the fallbacks, the feed) runs as it does on a GPU. The nvJPEG call itself runs
+only in the GPU check."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from resnet_ablate.data import device_decode
+from resnet_ablate.data.decode import normalise, train_crop
+from resnet_ablate.data.device_decode import DeviceCrops, EncodedCrop, encoded_crop, pillow_decode
+from resnet_ablate.data.feed import Placement, StreamFeed
+from resnet_ablate.data.folders import load_image_folder
+from resnet_ablate.execution import resolve_execution
+from resnet_ablate.recipe import TrainRecipe
+
+
+def jpeg_only_decoder(datas: list[torch.Tensor]) -> list[torch.Tensor]:
+    """nvJPEG's contract: every image of the batch a JPEG it decodes, else the batch raises."""
+    images = []
+    for data in datas:
+        if bytes(data[:3].tolist()) != b"\xff\xd8\xff":
+            raise RuntimeError("not a JPEG")
+        image = pillow_decode(data)
+        if image is None:
+            raise RuntimeError("corrupt JPEG")
+        images.append(image)
+    return images
+
+
+def _smooth_image(width: int, height: int, seed: int) -> Image.Image:
+    """Smooth colour gradients with a few bumps: resampling filters that differ in detail give
+    nearly the same pixels on it, and a flip changes them a lot."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    channels = [128 + 100 * np.sin(rng.uniform(2, 6) * x + rng.uniform(1, 4) * y + phase)
+                for phase in rng.uniform(0, 6, size=3)]
+    return Image.fromarray(np.stack(channels, axis=-1).clip(0, 255).astype(np.uint8))
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("augmentation", ["scale", "random_resized_crop"])
+def test_the_device_crop_is_the_cpu_crop_same_box_same_flip(augmentation):
+    """Each image's crop comes from the same draws as the CPU path's (the generator is left in
+    the same state), and the pixels differ only by resampling: under a level on a smooth image,
+    where the crop flipped the other way differs by tens."""
+    crops = DeviceCrops(torch.device("cpu"), 64, decoder=jpeg_only_decoder)
+    flips = set()
+    for seed in range(12):
+        data = _jpeg(_smooth_image(500, 375, seed))
+        cpu_rng, device_rng = np.random.default_rng(seed), np.random.default_rng(seed)
+        cpu = np.asarray(train_crop(io.BytesIO(data), image_size=64, augmentation=augmentation,
+                                    rng=cpu_rng), dtype=np.float32)
+        encoded = encoded_crop(io.BytesIO(data), image_size=64, augmentation=augmentation,
+                               rng=device_rng)
+        assert cpu_rng.bit_generator.state == device_rng.bit_generator.state
+        out, kept, skipped = crops([encoded])
+        assert out.shape == (1, 3, 64, 64) and out.dtype == torch.uint8
+        assert kept.tolist() == [0] and skipped == 0
+        device = out[0].permute(1, 2, 0).numpy().astype(np.float32)
+        difference = np.abs(device - cpu).mean()
+        flipped_difference = np.abs(device[:, ::-1] - cpu).mean()
+        assert difference < 1.5 and flipped_difference > 10 * difference, (seed, difference,
+                                                                           flipped_difference)
+        flips.add(encoded.flip)
+    assert flips == {True, False}
+
+
+def test_without_augmentation_the_crop_is_the_evaluations_centre_crop():
+    data = _jpeg(_smooth_image(300, 200, 3))
+    encoded = encoded_crop(io.BytesIO(data), image_size=48, augmentation="scale", rng=None)
+    assert not encoded.flip
+    out, _, _ = DeviceCrops(torch.device("cpu"), 48, decoder=jpeg_only_decoder)([encoded])
+    # The evaluation's recipe: the shorter side to 48 * 256 / 224 = 55, the centre 48 crop.
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    image = image.resize((round(300 * 55 / 200), 55), Image.BILINEAR)
+    left, top = (image.size[0] - 48) // 2, (55 - 48) // 2
+    expected = np.asarray(image.crop((left, top, left + 48, top + 48)), dtype=np.float32)
+    assert np.abs(out[0].permute(1, 2, 0).numpy() - expected).mean() < 3.0
+
+
+def test_what_the_gpu_decoder_refuses_pillow_decodes_and_the_undecodable_are_skipped():
+    """A PNG among the JPEGs (ImageNet's training set has one) and a CMYK JPEG go to Pillow; a
+    truncated JPEG whose header reads but whose pixels do not is left out and counted."""
+    image = _smooth_image(120, 90, 0)
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    truncated = _jpeg(image)[: len(_jpeg(image)) // 2]
+    batch = [EncodedCrop(_jpeg(image), (0.0, 0.0, 120.0, 90.0), False),
+             EncodedCrop(png.getvalue(), (10.0, 5.0, 100.0, 85.0), True),
+             EncodedCrop(truncated, (0.0, 0.0, 90.0, 90.0), False),
+             EncodedCrop(_jpeg(image.convert("CMYK")), (0.0, 0.0, 120.0, 90.0), False)]
+    assert encoded_crop(io.BytesIO(truncated), image_size=32, augmentation="scale",
+                        rng=None) is not None  # its header reads: only decoding finds it out
+    out, kept, skipped = DeviceCrops(torch.device("cpu"), 32, decoder=jpeg_only_decoder)(batch)
+    assert out.shape == (3, 3, 32, 32) and kept.tolist() == [0, 1, 3] and skipped == 1
+    # The CMYK image decodes to the same picture as the RGB one, within JPEG's rounding.
+    assert (out[2].float() - out[0].float()).abs().mean() < 6.0
+
+
+def test_an_unreadable_file_is_left_out_by_the_worker():
+    assert encoded_crop(io.BytesIO(b"\xff\xd8\xff not a jpeg"), image_size=32,
+                        augmentation="scale", rng=np.random.default_rng(0)) is None
+
+
+def test_a_feed_decoding_on_the_device_trains_on_the_cpu_feeds_crops(tmp_path, monkeypatch):
+    """Two feeds of one image folder, one decoding in its workers and one on its device: the
+    same images in the same order with the same labels, each crop within resampling of the
+    other's, and the corrupt file counted by both."""
+    rng = np.random.default_rng(0)
+    for label in range(3):
+        for split, count in (("train", 6), ("val", 2)):
+            folder = tmp_path / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                _smooth_image(80 + 8 * i, 60 + 5 * label, int(rng.integers(1000))).save(
+                    folder / f"{i}.jpg", quality=95)
+    (tmp_path / "train" / "class0" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    monkeypatch.setattr(device_decode, "nvjpeg_decoder", lambda device: jpeg_only_decoder)
+    data = load_image_folder(tmp_path, image_size=32, loader_workers=0)
+    batches = {}
+    for on_device in (False, True):
+        placement = Placement(torch.device("cpu"), lambda x: x, seed=5, augment=True,
+                              decode_on_device=on_device)
+        feed = StreamFeed(data, placement)
+        batches[on_device] = list(feed.train_batches(1, 19))
+        assert feed.skipped == 1
+    (cpu_images, cpu_labels, cpu_weight), = batches[False]
+    (device_images, device_labels, device_weight), = batches[True]
+    assert torch.equal(cpu_labels, device_labels) and cpu_weight == device_weight == 1.0
+    assert device_images.shape == cpu_images.shape == (18, 3, 32, 32)
+    # Normalised pixels (std units): within a few levels of 255 of each other per image.
+    per_image = (device_images - cpu_images).abs().mean(dim=(1, 2, 3))
+    assert per_image.max() < 8 / 255 / 0.225, per_image
+
+
+def test_decode_gpu_is_refused_where_it_cannot_run_and_auto_falls_back():
+    streamed = dict(in_memory=False)
+    with pytest.raises(ValueError, match="decode: gpu needs a CUDA device with torchvision's "
+                                         "nvJPEG decoder installed; this run is on cpu"):
+        resolve_execution(TrainRecipe(decode="gpu"), "cpu", **streamed)
+    with pytest.raises(ValueError, match="decode: gpu applies to streamed image data sets"):
+        resolve_execution(TrainRecipe(decode="gpu"), "cpu")
+    assert resolve_execution(TrainRecipe(decode="auto"), "cpu", **streamed).decode == "cpu"
+    assert resolve_execution(TrainRecipe(), "cpu", **streamed).decode == "cpu"
+    assert resolve_execution(TrainRecipe(decode="auto"), "cpu").decode == "none"  # in memory
+    assert device_decode.nvjpeg_decoder(torch.device("cpu")) is None
+    with pytest.raises(ValueError, match="decode: gpu needs torchvision's nvJPEG decoder"):
+        DeviceCrops(torch.device("cpu"), 32)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"decode": "nvjpeg"}, "TrainRecipe.decode must be one of cpu, gpu, auto, got 'nvjpeg'"),
+    ({"decode": "gpu", "lighting": 0.1}, "TrainRecipe.decode must be cpu or auto with lighting"),
+    ({"decode": "gpu", "mean": "pixel"}, "TrainRecipe.decode must be cpu or auto with lighting"),
+])
+def test_a_bad_decode_is_one_clear_error(fields, message):
+    with pytest.raises(ValueError, match=message):
+        TrainRecipe(**fields)
+
+
+@pytest.mark.gpu
+def test_nvjpeg_crops_are_pillows_crops_on_the_gpu():
+    """The GPU check: torchvision's nvJPEG decodes the batch on the device (where it is
+    installed), and the crops match the CPU path's within resampling and JPEG decoders'
+    rounding."""
+    device = torch.device("cuda")
+    decoder = device_decode.nvjpeg_decoder(device)
+    if decoder is None:
+        pytest.skip("torchvision's nvJPEG decoder is not installed beside this torch")
+    crops = DeviceCrops(device, 64)
+    encoded, expected = [], []
+    for seed in range(8):
+        data = _jpeg(_smooth_image(500, 375, seed))
+        expected.append(np.asarray(train_crop(io.BytesIO(data), image_size=64, augmentation="scale",
+                                              rng=np.random.default_rng(seed)), dtype=np.float32))
+        encoded.append(encoded_crop(io.BytesIO(data), image_size=64, augmentation="scale",
+                                    rng=np.random.default_rng(seed)))
+    out, kept, skipped = crops(encoded)
+    assert out.device.type == "cuda" and kept.tolist() == list(range(8)) and skipped == 0
+    for crop, cpu in zip(out.cpu(), expected):
+        assert np.abs(crop.permute(1, 2, 0).numpy() - cpu).mean() < 2.0
+    assert normalise(out).dtype == torch.float32

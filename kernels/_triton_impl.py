@@ -39,7 +39,11 @@ Reductions are deterministic, with no atomics, and sized to one wave: the launch
 many programs as the GPU holds at once (from the compiled kernel's registers, see _occupancy.py),
 each walking a fixed range of tiles and accumulating per lane, with one block reduction at the end
 into its own slot of a [splits, C] buffer; a finalize kernel merges the slots in a fixed order,
-many slots at once. Statistics are Welford summaries (count, mean, M2), made per lane from sums
+many slots at once. So a shape's results are the same bits run after run on one GPU model and
+Triton version; on another GPU (another SM count or occupancy) the split, and so the last bits,
+may differ. That is deliberate: a split of fixed size would leave part of a wave idle or add a
+tail wave on every GPU but one, and a training run's bits were never portable across GPU models
+anyway (cuDNN picks convolution algorithms per GPU). Statistics are Welford summaries (count, mean, M2), made per lane from sums
 around the lane's first value (see _lane_summary) and merged with Chan's formulas: exact for a
 constant channel, no sum-of-squares cancellation over a channel, and inf and NaN give what a sum
 over the channel gives (an inf mean, a NaN variance), kept apart from the finite values. Their

@@ -25,7 +25,7 @@ import torch
 from torch import fx, nn
 
 from ..blocks import fused_twin_of
-from .patterns import _OPAQUE, Site, find_sites, owner_of, rewrite, trace
+from .patterns import _OPAQUE, find_sites, owner_of, rewrite, trace
 from .probe import beyond_tolerance, evaluating, probe_input
 from .records import FusedSite, SkippedBlock, qualified
 

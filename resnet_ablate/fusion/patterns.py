@@ -107,7 +107,7 @@ def _match(bn: fx.Node, modules: dict[str, nn.Module]) -> tuple[Site | None, str
     users = list(bn.users)
     if len(users) == 1 and _is_relu(users[0], bn, modules):
         return Site(bn, users[0]), None
-    if len(users) == 1 and (residual := _added_to(users[0], bn)) is not None:
+    if len(users) == 1 and _added_to(users[0], bn) is not None:
         add = users[0]
         after = list(add.users)
         if len(after) == 1 and _is_relu(after[0], add, modules):

@@ -173,9 +173,6 @@ class TrainRecipe:
             fail("test_views", f"a list of distinct views out of {', '.join(TEST_VIEWS)}")
         if self.decode not in DECODES:
             fail("decode", f"one of {', '.join(DECODES)}")
-        if self.decode == "gpu" and (self.lighting or self.mean == "pixel"):
-            fail("decode", "cpu or auto with lighting or mean: pixel (the GPU path normalises "
-                           "with the channel mean and std)")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], *, where: str = "recipe") -> TrainRecipe:

@@ -11,8 +11,10 @@ The crop is the CPU path's: the same box and flip, drawn from the same generator
 (`encoded_crop` draws exactly what `decode.train_crop` draws), so a run's augmentation does not
 depend on where it decodes. The pixels differ by the resampling: the box is cut at whole source
 pixels (its edges move by less than one source pixel) and resized with antialiased bilinear
-interpolation where Pillow filters the exact box. Evaluation stays on the CPU path, so that test
-errors never depend on the decoder.
+interpolation where Pillow filters the exact box. The paper's preprocessing applies as on the CPU
+path: PCA lighting drawn by the worker after the crop (the same draw), the per-pixel mean
+subtracted on the device. Evaluation stays on the CPU path, so that test errors never depend on
+the decoder.
 
 Images the GPU decoder refuses (a PNG among JPEGs, CMYK JPEGs) are decoded by Pillow instead; an
 image neither can decode is skipped and counted, as on the CPU path.
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .crops import EVAL_RESIZE, PAPER_CROP, Box, centre_box, random_resized_box, scale_box
-from .decode import CropAugmentation
+from .decode import IMAGENET_MEAN, IMAGENET_STD, PLAIN, CropAugmentation, Preprocess
 
 # Decodes a batch of encoded images (1-D uint8 tensors) to uint8 (3, H, W) RGB tensors on the
 # decoder's device; raises where any of them cannot be decoded.
@@ -47,15 +49,16 @@ class EncodedCrop:
     data: bytes  # the encoded file (bytes pickle between processes as one buffer)
     box: Box  # in the original image's pixels
     flip: bool
+    lighting: tuple[float, float, float] | None = None  # the RGB shift of PCA lighting, if drawn
 
 
 def encoded_crop(source: str | os.PathLike[str] | BinaryIO, *, image_size: int,
-                 augmentation: CropAugmentation,
-                 rng: np.random.Generator | None) -> EncodedCrop | None:
-    """The file's bytes and its training crop drawn from `rng`, as `decode.train_crop` draws them
-    (the box from the image's size in its header, then the flip); the centre view's box, not
-    flipped, where `rng` is None (training without augmentation). None where the header cannot
-    be read (the loader skips and counts it)."""
+                 augmentation: CropAugmentation, rng: np.random.Generator | None,
+                 preprocess: Preprocess = PLAIN) -> EncodedCrop | None:
+    """The file's bytes and its training crop drawn from `rng`, as `decode.decode` draws them
+    (the box from the image's size in its header, then the flip, then `preprocess`'s lighting);
+    the centre view's box, not flipped, where `rng` is None (training without augmentation).
+    None where the header cannot be read (the loader skips and counts it)."""
     try:
         if hasattr(source, "read"):
             data = source.read()
@@ -73,7 +76,11 @@ def encoded_crop(source: str | os.PathLike[str] | BinaryIO, *, image_size: int,
         draw = scale_box if augmentation == "scale" else random_resized_box
         box = draw(width, height, image_size, rng)
         flip = bool(rng.random() < 0.5)
-    return EncodedCrop(data, box, flip)
+    lighting = None
+    if preprocess.lighting and rng is not None:
+        lighting = tuple(float(v) for v in preprocess.statistics.lighting_shift(
+            preprocess.lighting, rng))
+    return EncodedCrop(data, box, flip, lighting)
 
 
 def collate_encoded(batch: list[tuple[EncodedCrop | None, int]]) -> tuple[
@@ -124,11 +131,13 @@ def resample(image: torch.Tensor, box: Box, size: int, flip: bool) -> torch.Tens
 
 
 class DeviceCrops:
-    """Turns a loader's batches of encoded crops into uint8 (N, 3, S, S) crops on `device`."""
+    """Turns a loader's batches of encoded crops into crops on `device`: uint8 (N, 3, S, S), or
+    where `preprocess` lights or subtracts the per-pixel mean, float32 as decode.to_tensor makes
+    them (lit, then centred)."""
 
     def __init__(self, device: torch.device, image_size: int,
-                 decoder: BatchDecoder | None = None) -> None:
-        self.device, self.image_size = device, image_size
+                 decoder: BatchDecoder | None = None, preprocess: Preprocess = PLAIN) -> None:
+        self.device, self.image_size, self.preprocess = device, image_size, preprocess
         self.decoder = decoder if decoder is not None else nvjpeg_decoder(device)
         if self.decoder is None:
             raise ValueError(f"decode: gpu needs torchvision's nvJPEG decoder on a CUDA device; "
@@ -145,7 +154,24 @@ class DeviceCrops:
         for row, index in enumerate(kept):
             out[row] = resample(images[index], crops[index].box, self.image_size,
                                 crops[index].flip)
+        if self.preprocess.lighting or self.preprocess.pixel_mean:
+            out = self._preprocessed(out, [crops[i].lighting for i in kept])
         return out, torch.tensor(kept, dtype=torch.long), len(crops) - len(kept)
+
+    def _preprocessed(self, crops: torch.Tensor,
+                      shifts: list[tuple[float, float, float] | None]) -> torch.Tensor:
+        """decode.to_tensor's arithmetic on the device: pixels in [0, 1], plus each crop's
+        lighting shift, minus the per-pixel mean (or normalised with the channel mean and std)."""
+        pixels = crops.float() / 255.0
+        if any(shift is not None for shift in shifts):
+            rgb = torch.tensor([shift or (0.0, 0.0, 0.0) for shift in shifts], dtype=torch.float32)
+            pixels += rgb.to(self.device).view(-1, 3, 1, 1)
+        if self.preprocess.pixel_mean:
+            mean = torch.from_numpy(self.preprocess.statistics.mean_image)  # (S, S, 3)
+            return pixels - mean.permute(2, 0, 1).to(self.device)
+        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=self.device)
+        std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=self.device)
+        return (pixels - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
     def _decode(self, datas: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """All at once where the decoder takes the whole batch; else one by one, and what it

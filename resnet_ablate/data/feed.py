@@ -198,7 +198,8 @@ class StreamFeed(_Generators):
         # Lighting is drawn for training crops only (decode passes no draws to evaluation).
         self.device_crops = None
         if placement.decode_on_device:
-            self.device_crops = DeviceCrops(placement.device, data.image_size)
+            self.device_crops = DeviceCrops(placement.device, data.image_size,
+                                            preprocess=self.preprocess)
 
     def train_batches(self, epoch: int, batch_size: int) -> Iterator[Batch]:
         """This replica's share of each of the epoch's batches of `batch_size`. Its loss is

@@ -141,7 +141,8 @@ class ImageFolderSplit(torch.utils.data.Dataset):
             rng = np.random.default_rng([self.seed, self.augment_seed, self.epoch, index])
         if self.encoded:
             return encoded_crop(path, image_size=self.image_size,
-                                augmentation=self.augmentation, rng=rng), label
+                                augmentation=self.augmentation, rng=rng,
+                                preprocess=self.preprocess), label
         return decode_sample(path, image_size=self.image_size, augmentation=self.augmentation,
                       rng=rng, preprocess=self.preprocess), label
 

@@ -131,7 +131,7 @@ def _sample(record: dict[str, Any], *, image_size: int, augmentation: CropAugmen
         rng = np.random.default_rng([*seed, epoch, zlib.crc32(key.encode())])
     if encoded:  # the bytes and the crop's box, for the GPU to decode
         return encoded_crop(io.BytesIO(image), image_size=image_size, augmentation=augmentation,
-                            rng=rng), label
+                            rng=rng, preprocess=preprocess), label
     return decode_sample(io.BytesIO(image), image_size=image_size, augmentation=augmentation,
                   rng=rng, preprocess=preprocess), label
 

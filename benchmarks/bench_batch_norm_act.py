@@ -17,8 +17,10 @@ and the ReLU mask packed one bit per element (4 passes and a mask pass; 3 withou
 backward reads grad_out, the mask and x and writes grad_residual in its reduction pass, then reads
 grad_residual and x and writes grad_input (6 passes and a mask pass; without a residual the second
 pass reads grad_out, the mask and x again and writes grad_input: 5 and two mask passes). A mask pass
-moves an eighth of a byte per element: 1/16 of a bf16 pass. All providers are scored against the
-same model, so GB/s compare directly.
+moves an eighth of a byte per element: 1/16 of a bf16 pass. Where the fused op keeps no mask (the
+PyTorch path; fp32 NCHW 14x14), its backward reads the output instead: 4 + 7 passes with a
+residual, 3 + 7 without. All providers of a row are scored against the fused op's model, so GB/s
+compare directly.
 
 Shape sets: "epilogue", the four ResNet-50 stage outputs (with a residual) at batch 64 and 256;
 "resnet", every BatchNorm + ReLU shape of ResNet-50 (batch 64, 224 px: the stem, and each stage's
@@ -40,6 +42,7 @@ import triton
 
 from _results import RESULTS, append_rows, peak_memory_mb, reset_peak_memory, run_context
 from resnet_ablate.kernels import fused_batch_norm, use_backend
+from resnet_ablate.kernels._triton_impl import relu_mask_bytes
 
 # (N, C, H, W), with a residual added before the ReLU or not.
 Shape = tuple[tuple[int, int, int, int], bool]
@@ -54,9 +57,12 @@ SHAPE_SETS: dict[str, list[Shape]] = {
                  for residual in (False, True))],  # ResNet-56
     "small": [((8, 64, 16, 16), True), ((8, 256, 7, 7), True), ((8, 64, 16, 16), False)],
 }
-# (activation passes, packed-mask passes) per pass of the byte model, with a residual or not.
+# (activation passes, packed-mask passes) per pass of the byte model, with a residual or not;
+# where the fused op keeps no packed mask, its backward reads the output.
 PASSES = {True: {"forward": (4, 1), "backward": (6, 1), "forward+backward": (10, 2)},
           False: {"forward": (3, 1), "backward": (5, 2), "forward+backward": (8, 3)}}
+PASSES_READING_OUTPUT = {True: {"forward": (4, 0), "backward": (7, 0), "forward+backward": (11, 0)},
+                         False: {"forward": (3, 0), "backward": (7, 0), "forward+backward": (10, 0)}}
 PEAK_BANDWIDTH_GBPS = {  # vendor figures for HBM bandwidth
     "H200": 4800, "H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100": 3350,
     "A100-SXM4-80GB": 2039, "A100-PCIE-80GB": 1935, "A100": 1555, "L40S": 864, "A10": 600,
@@ -153,14 +159,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def config_rows(shape: Shape, dtype_name: str, layout: str, timings: dict[str, dict[str, float]],
                 element_bytes: int, peak: float | None, memory_mb: float,
-                context: dict[str, str]) -> list[dict]:
+                context: dict[str, str], packed_mask: bool = True) -> list[dict]:
     """One row per pass: each provider's ms, the fused provider's GB/s and its speed-ups.
-    `element_bytes` is the activation's size in bytes (all its elements)."""
+    `element_bytes` is the activation's size in bytes (all its elements); `packed_mask`, whether
+    the fused op keeps the packed ReLU mask for these tensors."""
     (dims, residual), rows = shape, []
     elements = 1
     for size in dims:
         elements *= size
-    for pass_name, (passes, mask_passes) in PASSES[residual].items():
+    model = PASSES if packed_mask else PASSES_READING_OUTPUT
+    for pass_name, (passes, mask_passes) in model[residual].items():
         ms = {name: t[pass_name] for name, t in timings.items()}
         moved = passes * element_bytes + mask_passes * elements / 8
         gbps = moved / (ms["fused"] * 1e-3) / 1e9
@@ -220,9 +228,11 @@ def main(argv: list[str] | None = None) -> int:
                                        backend=args.compile_backend)
                 timings[name] = measure(fn, inputs, grad, device, reps)
             element_bytes = inputs[0].numel() * inputs[0].element_size()
+            packed_mask = backend == "triton" and relu_mask_bytes(inputs[0], inputs[5]) > 0
             # As it goes: a run cut short keeps what it measured.
             append_rows(args.csv, config_rows(shape, dtype_name, layout, timings, element_bytes,
-                                              peak, peak_memory_mb(device), context))
+                                              peak, peak_memory_mb(device), context,
+                                              packed_mask))
             print(f"[{index}/{len(configs)} configurations done]", file=sys.stderr, flush=True)
     return 0
 

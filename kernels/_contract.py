@@ -49,8 +49,9 @@ class Implementation(Protocol):
 
         The fourth result is the packed ReLU mask, for backward in place of `out`: with
         `pack_relu_mask` and `relu`, `relu_mask_bytes(x, residual)` bytes (uint8), bit j of byte k
-        set where the output at x's storage offset 8k + j is positive or NaN (see
-        `_torch_impl.unpack_relu_mask`); an empty uint8 tensor where that is 0 or not asked for."""
+        set where the output at element 8k + j of x, counted in memory from x's first element, is
+        positive or NaN (see `_torch_impl.unpack_relu_mask`); an empty uint8 tensor where that is
+        0 or not asked for."""
         ...
 
     def relu_mask_bytes(self, x: torch.Tensor, residual: torch.Tensor | None) -> int:

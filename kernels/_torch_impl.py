@@ -81,7 +81,8 @@ def relu_mask_bytes(x: torch.Tensor, residual: torch.Tensor | None) -> int:
 
 def unpack_relu_mask(packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The packed ReLU mask of a forward of x as a bool tensor shaped like x: bit j of byte k
-    is the element at x's storage offset 8k + j (x dense, so offsets run 0 to numel - 1)."""
+    is the element 8k + j of x in memory order, counted from x's first element (x dense, so
+    offsets run 0 to numel - 1)."""
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     bits = packed.unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1).bool().flatten()
     return bits.as_strided(x.shape, x.stride())

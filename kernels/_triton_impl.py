@@ -24,7 +24,9 @@ the packed ReLU mask's eighth of a byte (1/16 of a bf16 value):
 So a training step with a residual moves 10 + 2m where eager PyTorch moves 16 (1.58x), and 11 if
 the backward read the output for the ReLU instead (1.45x): the mask pays for its 1/16 write many
 times over. The forward writes it where its tiles own whole bytes of it (_mask_packing: every
-ResNet shape in NCHW and channels_last); elsewhere the backward reads the output.
+ResNet-50 and ResNet-56 shape in bf16 and fp16, NCHW and channels_last; in fp32 all but NCHW
+14x14, whose rows of 196 are 16-byte aligned, so row tiles, but not whole bytes of the mask);
+elsewhere the backward reads the output.
 Instructions per element: an H100 issues ~33e12 thread instructions a second (132 SMs x 4 warp
 schedulers x 32 lanes x 1.98 GHz) while its memory moves 3.35e12 bytes, so a kernel holds the byte
 model only while it spends at most ~20 SASS instructions per bf16 value it moves per element.
@@ -91,10 +93,11 @@ def _tile(tile, L, l_blocks, BLOCK_R: tl.constexpr):
 
 
 # The packed ReLU mask. Bit j of byte k records whether the output at element offset 8k + j of x
-# (x's own memory order) lets a gradient through: positive or NaN, as threshold_backward decides.
-# A training forward writes it where its tiles own whole bytes of it (see _mask_packing): 1/16 of
-# a bf16 activation's bytes, which the backward reads where it would read the whole output.
-# The backward finds each element's bit by its offset in x, so any tiling reads it.
+# (x's own memory order, counted from its first element) lets a gradient through: positive or
+# NaN, as threshold_backward decides. A forward writes it where its tiles own whole bytes of it
+# (see _mask_packing): 1/16 of a bf16 activation's bytes, which the backward reads where it would
+# read the whole output. The backward finds each element's bit by its offset in x, so any tiling
+# reads it.
 MASK_NONE = 0  # no mask: the backward reads the output
 MASK_ALONG_POSITIONS = 1  # a byte holds 8 consecutive positions of one channel (NCHW rows)
 MASK_ALONG_CHANNELS = 2  # a byte holds 8 consecutive channels of one position (channels_last)
@@ -1118,7 +1121,8 @@ def plan_forward(
                                UPDATE_RUNNING=update is not None)]
     else:
         mean, var = running_mean, running_var
-        saved_mean = saved_var = torch.empty(0, **f32)
+        # Two tensors: a custom op's outputs may not alias one another.
+        saved_mean, saved_var = torch.empty(0, **f32), torch.empty(0, **f32)
     packing = geometry.mask_packing if relu and pack_relu_mask else MASK_NONE
     relu_mask = torch.empty(x.numel() // 8 if packing else 0, dtype=torch.uint8, device=x.device)
     constexprs = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,

@@ -610,13 +610,15 @@ def _layouts():
 
 @pytest.mark.parametrize("backend", OP_BACKENDS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed", "sliced"])
-def test_opcheck_passes_for_every_layout(backend, layout):
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_opcheck_passes_for_every_layout(backend, layout, training):
     x = _layouts()[layout]
     weight = torch.rand(3) + 0.5
     bias = torch.randn(3)
     residual = torch.randn(x.shape)
+    running = (None, None) if training else (torch.randn(3), torch.rand(3) + 0.5)
     args = (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(),
-            residual.requires_grad_(), None, None, 1e-5, True, True)
+            residual.requires_grad_(), *running, 1e-5, True, True)
     with use_backend(backend):
         torch.library.opcheck(torch.ops.resnet_ablate.batch_norm_act.default, args)
 
@@ -994,7 +996,7 @@ def test_no_mask_is_written_where_no_gradient_will_be_taken(monkeypatch):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed", "sliced",
-                                    "odd channels"])
+                                    "odd channels", "14x14 bf16", "14x14 fp32"])
 def test_the_fake_kernel_sizes_the_mask_as_the_kernels_write_it(layout):
     """What torch.compile plans for (the fake kernel) is what the kernels return: a packed mask
     where the forward's tiles own whole bytes of it, none elsewhere."""
@@ -1007,13 +1009,17 @@ def test_the_fake_kernel_sizes_the_mask_as_the_kernels_write_it(layout):
          "transposed": torch.randn(2, 8, 8, 4, generator=g).transpose(2, 3),
          "sliced": torch.randn(2, 16, 8, 8, generator=g)[:, ::2],
          "odd channels": torch.randn(2, 12, 3, 3, generator=g).contiguous(
-             memory_format=torch.channels_last)}[layout]
-    residual = torch.randn(x.shape, generator=g)
+             memory_format=torch.channels_last),
+         # ResNet-50's stage 3 in NCHW: bf16 rows (392 bytes) take span tiles, which own whole
+         # bytes of the mask; fp32 rows (784 bytes) take row tiles of 196, which do not.
+         "14x14 bf16": torch.randn(2, 8, 14, 14, generator=g).bfloat16(),
+         "14x14 fp32": torch.randn(2, 8, 14, 14, generator=g)}[layout]
+    residual = torch.randn(x.shape, generator=g).to(x.dtype)
     with use_backend("triton"):
         mask = torch.ops.resnet_ablate.batch_norm_act(x, None, None, residual, None, None, 1e-5,
                                                       True, True)[3]
     assert mask.numel() == _triton_impl.relu_mask_bytes(x, residual)
-    assert (mask.numel() > 0) == (layout in ("contiguous", "channels_last"))
+    assert (mask.numel() > 0) == (layout in ("contiguous", "channels_last", "14x14 bf16"))
 
 
 def test_a_training_layer_launches_three_kernels_forward_and_three_backward(monkeypatch):

@@ -1,7 +1,7 @@
 """The contract both implementations of the fused ops follow (_triton_impl and _torch_impl).
 
-batch_norm.py registers the custom ops and picks an implementation per call; each implementation
-is a module with these three functions. Shapes: x is (N, C, *spatial), viewed as (N, C, L) with L
+batch_norm.py registers the custom ops and backends.py picks an implementation per call; each
+implementation is a module with these four functions. Shapes: x is (N, C, *spatial), viewed as (N, C, L) with L
 the product of the spatial sizes; statistics are per channel, in float32 (float64 for float64).
 """
 

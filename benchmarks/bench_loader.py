@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             decodes["gpu"] = DeviceCrops(device, args.image_size)
         for (decode, device_crops), workers in itertools.product(decodes.items(), args.workers):
             data = load_image_folder(root, image_size=args.image_size, loader_workers=workers)
+            if device_crops is not None:  # nvJPEG's and CUDA's start-up outside the timed pass
+                loader_rate(data, args.batch_size, 1, device_crops)
             rate = loader_rate(data, args.batch_size, args.batches, device_crops)
             rows.append({
                 "timestamp": timestamp(), "commit": source_commit(), "device": device_name(device),

@@ -18,7 +18,8 @@ MemoryFormat = Literal["channels_last", "nchw"]
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 MEMORY_FORMATS: tuple[str, ...] = ("channels_last", "nchw")
 # Fields that change how fast a trial runs, not what it learns (precision is not among them: it
-# moves the numbers; nor is divergence_check_every: it can change which runs count as diverged).
+# moves the numbers; nor is decode: the GPU's JPEG decoder rounds differently; nor is
+# divergence_check_every: it can change which runs count as diverged).
 # A study may be resumed with other values of these.
 EXECUTION_ONLY: tuple[str, ...] = ("memory_format", "compile", "cuda_graphs")
 SCHEDULES: tuple[str, ...] = ("step", "plateau")

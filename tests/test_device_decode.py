@@ -6,6 +6,7 @@ only in the GPU check."""
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from PIL import Image
 
 from resnet_ablate.data import device_decode
 from resnet_ablate.data.decode import PixelStatistics, Preprocess, decode, normalise, train_crop
-from resnet_ablate.data.device_decode import DeviceCrops, EncodedCrop, encoded_crop, pillow_decode
+from resnet_ablate.data.device_decode import (DeviceCrops, EncodedCrop, encoded_crop, pillow_decode,
+                                              resample)
 from resnet_ablate.data.feed import Placement, StreamFeed
 from resnet_ablate.data.folders import load_image_folder
 from resnet_ablate.execution import resolve_execution
@@ -50,31 +52,53 @@ def _jpeg(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def _textured_image(width: int, height: int, seed: int) -> Image.Image:
+    """Random colours every 4 pixels, smoothly interpolated: detail at every scale a crop
+    samples, so any difference in where or how it is resampled shows."""
+    rng = np.random.default_rng(seed)
+    cells = rng.integers(0, 256, size=(height // 4 + 1, width // 4 + 1, 3), dtype=np.uint8)
+    return Image.fromarray(cells).resize((width, height), Image.BILINEAR)
+
+
 @pytest.mark.parametrize("augmentation", ["scale", "random_resized_crop"])
-def test_the_device_crop_is_the_cpu_crop_same_box_same_flip(augmentation):
+@pytest.mark.parametrize("width, height, size", [(500, 375, 224), (120, 90, 96), (64, 64, 56)],
+                         ids=["imagenet-like", "enlarged", "tiny"])
+def test_the_device_crop_is_the_cpu_crop_same_box_same_flip(augmentation, width, height, size):
     """Each image's crop comes from the same draws as the CPU path's (the generator is left in
-    the same state), and the pixels differ only by resampling: under a level on a smooth image,
-    where the crop flipped the other way differs by tens."""
-    crops = DeviceCrops(torch.device("cpu"), 64, decoder=jpeg_only_decoder)
+    the same state) and is resampled as Pillow resamples it: within rounding of the CPU crop
+    (under a third of a level of 255 on average), where the crop flipped the other way differs
+    by tens of levels."""
+    crops = DeviceCrops(torch.device("cpu"), size, decoder=jpeg_only_decoder)
     flips = set()
-    for seed in range(12):
-        data = _jpeg(_smooth_image(500, 375, seed))
+    for seed in range(10):
+        data = _jpeg(_textured_image(width, height, seed))
         cpu_rng, device_rng = np.random.default_rng(seed), np.random.default_rng(seed)
-        cpu = np.asarray(train_crop(io.BytesIO(data), image_size=64, augmentation=augmentation,
+        cpu = np.asarray(train_crop(io.BytesIO(data), image_size=size, augmentation=augmentation,
                                     rng=cpu_rng), dtype=np.float32)
-        encoded = encoded_crop(io.BytesIO(data), image_size=64, augmentation=augmentation,
+        encoded = encoded_crop(io.BytesIO(data), image_size=size, augmentation=augmentation,
                                rng=device_rng)
         assert cpu_rng.bit_generator.state == device_rng.bit_generator.state
         out, kept, skipped = crops([encoded])
-        assert out.shape == (1, 3, 64, 64) and out.dtype == torch.uint8
+        assert out.shape == (1, 3, size, size) and out.dtype == torch.uint8
         assert kept.tolist() == [0] and skipped == 0
         device = out[0].permute(1, 2, 0).numpy().astype(np.float32)
         difference = np.abs(device - cpu).mean()
         flipped_difference = np.abs(device[:, ::-1] - cpu).mean()
-        assert difference < 1.5 and flipped_difference > 10 * difference, (seed, difference,
-                                                                           flipped_difference)
+        assert difference < 0.35 and flipped_difference > 10, (seed, difference,
+                                                                flipped_difference)
         flips.add(encoded.flip)
     assert flips == {True, False}
+
+
+def test_resample_is_pillows_box_resize():
+    """A fractional box, shrunk and enlarged: Pillow's own resize of that box, within one level
+    (its fixed-point weights against these float ones)."""
+    image = _textured_image(90, 70, 1)
+    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+    for box, size in (((3.3, 5.7, 80.2, 61.9), 32), ((10.5, 2.25, 30.75, 22.5), 48)):
+        expected = np.asarray(image.resize((size, size), Image.BILINEAR, box=box), np.int16)
+        got = resample(pixels, box, size, flip=False).permute(1, 2, 0).numpy().astype(np.int16)
+        assert np.abs(got - expected).max() <= 1
 
 
 def test_without_augmentation_the_crop_is_the_evaluations_centre_crop():
@@ -107,6 +131,27 @@ def test_what_the_gpu_decoder_refuses_pillow_decodes_and_the_undecodable_are_ski
     assert out.shape == (3, 3, 32, 32) and kept.tolist() == [0, 1, 3] and skipped == 1
     # The CMYK image decodes to the same picture as the RGB one, within JPEG's rounding.
     assert (out[2].float() - out[0].float()).abs().mean() < 6.0
+
+
+def test_a_decoder_that_refuses_everything_is_caught_early_and_said_when_it_happens():
+    """An image extension that imports but does not decode: nvjpeg_decoder's probe finds it
+    (so auto keeps the CPU path), and a DeviceCrops given one anyway counts every image Pillow
+    decodes instead and warns once, rather than train slowly while saying gpu."""
+    def refuses(datas):
+        raise RuntimeError("Not compiled with GPU support")
+
+    assert not device_decode._decodes_a_probe(refuses)
+    assert device_decode._decodes_a_probe(jpeg_only_decoder)
+    crops = DeviceCrops(torch.device("cpu"), 16, decoder=refuses)
+    batch = [encoded_crop(io.BytesIO(_jpeg(_smooth_image(40, 30, i))), image_size=16,
+                          augmentation="scale", rng=np.random.default_rng(i)) for i in range(4)]
+    with pytest.warns(RuntimeWarning, match="the GPU decoder refused all 4 images of a batch"):
+        out, kept, skipped = crops(batch)
+    assert out.shape == (4, 3, 16, 16) and skipped == 0 and crops.by_pillow == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once is enough
+        crops(batch)
+    assert crops.by_pillow == 8
 
 
 def test_an_unreadable_file_is_left_out_by_the_worker():

@@ -9,9 +9,10 @@ the GPU, which has spare cycles while the step is memory-bound.
 
 The crop is the CPU path's: the same box and flip, drawn from the same generator in the same order
 (`encoded_crop` draws exactly what `decode.train_crop` draws), so a run's augmentation does not
-depend on where it decodes. The pixels differ by the resampling: the box is cut at whole source
-pixels (its edges move by less than one source pixel) and resized with antialiased bilinear
-interpolation where Pillow filters the exact box. The paper's preprocessing applies as on the CPU
+depend on where it decodes. The resampling is Pillow's (its bilinear filter over the exact box,
+rounded to 8 bits after each pass), so a crop is the CPU path's within a level or so of 255:
+decoders round differently, and where a crop is at most half the box's size the CPU path decodes
+at reduced scale (JPEG's DCT scaling), which the GPU does not. The paper's preprocessing applies as on the CPU
 path: PCA lighting drawn by the worker after the crop (the same draw), the per-pixel mean
 subtracted on the device. Evaluation stays on the CPU path, so that test errors never depend on
 the decoder.
@@ -23,15 +24,14 @@ image neither can decode is skipped and counted, as on the CPU path.
 from __future__ import annotations
 
 import io
-import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from .crops import EVAL_RESIZE, PAPER_CROP, Box, centre_box, random_resized_box, scale_box
@@ -92,17 +92,37 @@ def collate_encoded(batch: list[tuple[EncodedCrop | None, int]]) -> tuple[
             len(batch) - len(kept))
 
 
+_PROBED: dict[torch.device, bool] = {}  # whether nvJPEG decoded the probe, per device
+
+
 def nvjpeg_decoder(device: torch.device) -> BatchDecoder | None:
-    """torchvision's batched nvJPEG decoder on `device`, or None where torchvision is not
-    installed or cannot decode there (no CUDA, or a wheel that does not import beside this
-    torch)."""
+    """torchvision's batched nvJPEG decoder on `device`, or None where it cannot decode there:
+    no CUDA, torchvision not installed or built for another torch, or (checked once per device
+    by decoding a small JPEG) an image extension that imported but does not decode."""
     if device.type != "cuda":
         return None
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
     except Exception:  # not installed, or built for another torch: the CPU path stays
         return None
-    return lambda datas: decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+
+    def decoder(datas: list[torch.Tensor]) -> list[torch.Tensor]:
+        return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+
+    if device not in _PROBED:
+        _PROBED[device] = _decodes_a_probe(decoder)
+    return decoder if _PROBED[device] else None
+
+
+def _decodes_a_probe(decoder: BatchDecoder) -> bool:
+    """Whether `decoder` decodes a 16x16 JPEG to the right size."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 90)).save(buffer, format="JPEG")
+    try:
+        image, = decoder([torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)])
+    except Exception:  # whatever the extension raises: it does not decode here
+        return False
+    return tuple(image.shape) == (3, 16, 16)
 
 
 def pillow_decode(data: torch.Tensor) -> torch.Tensor | None:
@@ -116,18 +136,36 @@ def pillow_decode(data: torch.Tensor) -> torch.Tensor | None:
 
 
 def resample(image: torch.Tensor, box: Box, size: int, flip: bool) -> torch.Tensor:
-    """The `size` x `size` crop of uint8 (3, H, W) `image` at `box`, flipped if asked: the box cut
-    at whole pixels and resized with antialiased bilinear interpolation, on the image's device."""
+    """The `size` x `size` crop of uint8 (3, H, W) `image` at `box`, flipped if asked, on the
+    image's device: Pillow's bilinear resampling of the box (decode.train_crop's), as two
+    matrix products, rounded to 8 bits after each pass as Pillow rounds them."""
     height, width = image.shape[1:]
-    left, top = max(0, math.floor(box[0])), max(0, math.floor(box[1]))
-    right, bottom = min(width, max(left + 1, math.ceil(box[2]))), min(height, max(top + 1,
-                                                                                 math.ceil(box[3])))
-    region = image[None, :, top:bottom, left:right].float()
-    crop = F.interpolate(region, size=(size, size), mode="bilinear", antialias=True,
-                         align_corners=False)[0]
+    across = _bilinear_weights(box[0], box[2], width, size, image.device)  # (size, W)
+    down = _bilinear_weights(box[1], box[3], height, size, image.device)  # (size, H)
+    rows = (image.float() @ across.T).round_().clamp_(0, 255)  # (3, H, size)
+    crop = (down @ rows).round_().clamp_(0, 255)  # (3, size, size)
     if flip:
         crop = crop.flip(-1)
-    return crop.round_().clamp_(0, 255).to(torch.uint8)
+    return crop.to(torch.uint8)
+
+
+def _bilinear_weights(start: float, end: float, in_size: int, out_size: int,
+                      device: torch.device) -> torch.Tensor:
+    """Pillow's bilinear filter from [start, end) of `in_size` pixels to `out_size`, as an
+    (out_size, in_size) matrix whose rows sum to 1: output pixel i centred at
+    start + (i + 0.5) * scale, a triangle of half-width max(scale, 1) (so it averages when
+    shrinking), over the input pixels Pillow's window admits."""
+    scale = (end - start) / out_size
+    width = max(scale, 1.0)
+    centres = start + (torch.arange(out_size, dtype=torch.float64) + 0.5) * scale
+    pixels = torch.arange(in_size, dtype=torch.float64)
+    first = torch.floor(centres - width + 0.5).clamp(min=0)
+    last = torch.floor(centres + width + 0.5).clamp(max=in_size)
+    weights = (1 - ((pixels[None, :] + 0.5 - centres[:, None]) / width).abs()).clamp(min=0)
+    weights *= (pixels[None, :] >= first[:, None]) & (pixels[None, :] < last[:, None])
+    totals = weights.sum(dim=1, keepdim=True)
+    weights /= torch.where(totals > 0, totals, 1.0)
+    return weights.to(device=device, dtype=torch.float32)
 
 
 class DeviceCrops:
@@ -139,6 +177,8 @@ class DeviceCrops:
                  decoder: BatchDecoder | None = None, preprocess: Preprocess = PLAIN) -> None:
         self.device, self.image_size, self.preprocess = device, image_size, preprocess
         self.decoder = decoder if decoder is not None else nvjpeg_decoder(device)
+        self.by_pillow = 0  # images the decoder refused, decoded by Pillow instead
+        self._warned = False
         if self.decoder is None:
             raise ValueError(f"decode: gpu needs torchvision's nvJPEG decoder on a CUDA device; "
                              f"{device} has none: set decode to cpu (or auto)")
@@ -175,7 +215,9 @@ class DeviceCrops:
 
     def _decode(self, datas: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """All at once where the decoder takes the whole batch; else one by one, and what it
-        refuses by Pillow (moved to the device), None where that fails too."""
+        refuses by Pillow (moved to the device), None where that fails too. Images Pillow had
+        to decode are counted (`by_pillow`); a batch of several that the decoder refused
+        entirely is warned about once, as a run decoding on the CPU while it says gpu."""
         if not datas:
             return []
         try:
@@ -183,10 +225,19 @@ class DeviceCrops:
         except (RuntimeError, ValueError):
             pass
         images: list[torch.Tensor | None] = []
+        refused = 0
         for data in datas:
             try:
                 images.append(self.decoder([data])[0])
             except (RuntimeError, ValueError):
+                refused += 1
                 image = pillow_decode(data)
                 images.append(None if image is None else image.to(self.device))
+        self.by_pillow += refused
+        if refused == len(datas) > 1 and not self._warned:
+            self._warned = True
+            warnings.warn(f"decode: gpu: the GPU decoder refused all {refused} images of a "
+                          "batch; Pillow decoded them in the training process. If that goes on, "
+                          "set decode to cpu (its loader workers decode in parallel)",
+                          RuntimeWarning, stacklevel=2)
         return images

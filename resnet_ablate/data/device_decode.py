@@ -12,10 +12,10 @@ The crop is the CPU path's: the same box and flip, drawn from the same generator
 depend on where it decodes. The resampling is Pillow's (its bilinear filter over the exact box,
 rounded to 8 bits after each pass), so a crop is the CPU path's within a level or so of 255:
 decoders round differently, and where a crop is at most half the box's size the CPU path decodes
-at reduced scale (JPEG's DCT scaling), which the GPU does not. The paper's preprocessing applies as on the CPU
-path: PCA lighting drawn by the worker after the crop (the same draw), the per-pixel mean
-subtracted on the device. Evaluation stays on the CPU path, so that test errors never depend on
-the decoder.
+at reduced scale (JPEG's DCT scaling), which the GPU does not. The paper's preprocessing applies
+as on the CPU path: PCA lighting drawn by the worker after the crop (the same draw), the
+per-pixel mean subtracted on the device. Evaluation stays on the CPU path, so that test errors
+never depend on the decoder.
 
 Images the GPU decoder refuses (a PNG among JPEGs, CMYK JPEGs) are decoded by Pillow instead; an
 image neither can decode is skipped and counted, as on the CPU path.

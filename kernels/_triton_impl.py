@@ -1019,7 +1019,8 @@ def relu_mask_bytes(x: torch.Tensor, residual: torch.Tensor | None) -> int:
     can write x's packed ReLU mask, else 0 (the fake kernel's answer, from shapes and strides)."""
     if x.numel() == 0:
         return 0
-    _, _, span, tiling = _tilings((x, residual), (torch.empty_like(x),))
+    # x stands for the output, which has its strides where a mask can be written at all.
+    _, _, span, tiling = _tilings((x, residual), (x,))
     return x.numel() // 8 if _mask_packing(x, span, tiling) != MASK_NONE else 0
 
 

@@ -71,6 +71,21 @@ def centre_box(width: int, height: int, size: int, length: int) -> Box:
                         (scaled_height - size) // 2, size)
 
 
+def training_draws(width: int, height: int, size: int, augmentation: str,
+                   rng: np.random.Generator) -> tuple[Box, bool]:
+    """A training crop's box (augmentation "scale": the paper's, else RandomResizedCrop's) and
+    whether it is flipped, drawn from `rng` in that order: every decoder draws them here, so a
+    seed gives the same crops whichever decodes."""
+    draw = scale_box if augmentation == "scale" else random_resized_box
+    box = draw(width, height, size, rng)
+    return box, bool(rng.random() < 0.5)
+
+
+def eval_length(size: int) -> int:
+    """The shorter side an image is scaled to for its evaluation crops of `size` (256 for 224)."""
+    return round(size * EVAL_RESIZE / PAPER_CROP)
+
+
 def centre_crop(image: Image.Image, size: int) -> Image.Image:
     width, height = image.size
     left, top = (width - size) // 2, (height - size) // 2

@@ -20,8 +20,7 @@ import torch
 from PIL import Image
 
 from ..recipe import TEST_VIEWS
-from .crops import (EVAL_RESIZE, PAPER_CROP, centre_crop, random_resized_box, resize_shorter,
-                    scale_box)
+from .crops import PAPER_CROP, centre_crop, eval_length, resize_shorter, training_draws
 
 # ImageNet's per-channel training mean and std (RGB, pixel values in [0, 1]).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -114,8 +113,7 @@ def train_crop(source: str | os.PathLike[str] | BinaryIO, *, image_size: int,
     try:
         with Image.open(source) as opened:
             width, height = opened.size
-            draw = scale_box if augmentation == "scale" else random_resized_box
-            box = draw(width, height, image_size, rng)
+            box, flip = training_draws(width, height, image_size, augmentation, rng)
             per_output_pixel = min(box[2] - box[0], box[3] - box[1]) / image_size
             opened.draft("RGB", (math.ceil(width / per_output_pixel),
                                  math.ceil(height / per_output_pixel)))
@@ -125,7 +123,7 @@ def train_crop(source: str | os.PathLike[str] | BinaryIO, *, image_size: int,
     rx, ry = image.size[0] / width, image.size[1] / height  # the draft's reduction, if any
     image = image.resize((image_size, image_size), Image.BILINEAR,
                          box=(box[0] * rx, box[1] * ry, box[2] * rx, box[3] * ry))
-    if rng.random() < 0.5:
+    if flip:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
     return image
 
@@ -165,16 +163,21 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
     (ImageNet's channel mean and std, in float32); a float batch as it is."""
     if images.dtype != torch.uint8:
         return images
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - mean) / std
+    return channel_normalised(images.float() / 255.0)
+
+
+def channel_normalised(pixels: torch.Tensor) -> torch.Tensor:
+    """A float batch of pixels in [0, 1] (N, 3, H, W) normalised with ImageNet's channel mean
+    and std, on its own device."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels - mean) / std
 
 
 def centre_view(image: Image.Image, image_size: int) -> Image.Image:
     """The evaluation's single crop: the centre `image_size` square of the image scaled to
     256/224 of it."""
-    return centre_crop(resize_shorter(image, round(image_size * EVAL_RESIZE / PAPER_CROP)),
-                       image_size)
+    return centre_crop(resize_shorter(image, eval_length(image_size)), image_size)
 
 
 def centre_pixels(source: str | os.PathLike[str] | BinaryIO, image_size: int) -> np.ndarray | None:
@@ -201,7 +204,7 @@ def decode_views(source: str | os.PathLike[str] | BinaryIO, *, image_size: int, 
     if image is None:
         return None
     if view == "ten_crop":
-        scaled = resize_shorter(image, round(image_size * EVAL_RESIZE / PAPER_CROP))
+        scaled = resize_shorter(image, eval_length(image_size))
         width, height = scaled.size
         s = image_size
         corners = [(0, 0), (width - s, 0), (0, height - s), (width - s, height - s),

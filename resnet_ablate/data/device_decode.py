@@ -8,8 +8,8 @@ decoding; here a worker does a file read and a header parse per image, and the d
 the GPU, which has spare cycles while the step is memory-bound.
 
 The crop is the CPU path's: the same box and flip, drawn from the same generator in the same order
-(`encoded_crop` draws exactly what `decode.train_crop` draws), so a run's augmentation does not
-depend on where it decodes. The resampling is Pillow's (its bilinear filter over the exact box,
+(both paths draw them with `crops.training_draws`), so a run's augmentation does not depend on
+where it decodes. The resampling is Pillow's (its bilinear filter over the exact box,
 rounded to 8 bits after each pass), so a crop is the CPU path's within a level or so of 255:
 decoders round differently, and where a crop is at most half the box's size the CPU path decodes
 at reduced scale (JPEG's DCT scaling), which the GPU does not. The paper's preprocessing applies
@@ -23,6 +23,7 @@ image neither can decode is skipped and counted, as on the CPU path.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
@@ -34,8 +35,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .crops import EVAL_RESIZE, PAPER_CROP, Box, centre_box, random_resized_box, scale_box
-from .decode import IMAGENET_MEAN, IMAGENET_STD, PLAIN, CropAugmentation, Preprocess
+from .crops import Box, centre_box, eval_length, training_draws
+from .decode import PLAIN, CropAugmentation, Preprocess, channel_normalised
 
 # Decodes a batch of encoded images (1-D uint8 tensors) to uint8 (3, H, W) RGB tensors on the
 # decoder's device; raises where any of them cannot be decoded.
@@ -70,12 +71,9 @@ def encoded_crop(source: str | os.PathLike[str] | BinaryIO, *, image_size: int,
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
     if rng is None:
-        length = round(image_size * EVAL_RESIZE / PAPER_CROP)
-        box, flip = centre_box(width, height, image_size, length), False
+        box, flip = centre_box(width, height, image_size, eval_length(image_size)), False
     else:
-        draw = scale_box if augmentation == "scale" else random_resized_box
-        box = draw(width, height, image_size, rng)
-        flip = bool(rng.random() < 0.5)
+        box, flip = training_draws(width, height, image_size, augmentation, rng)
     lighting = None
     if preprocess.lighting and rng is not None:
         lighting = tuple(float(v) for v in preprocess.statistics.lighting_shift(
@@ -209,9 +207,7 @@ class DeviceCrops:
         if self.preprocess.pixel_mean:
             mean = torch.from_numpy(self.preprocess.statistics.mean_image)  # (S, S, 3)
             return pixels - mean.permute(2, 0, 1).to(self.device)
-        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=self.device)
-        std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=self.device)
-        return (pixels - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+        return channel_normalised(pixels)
 
     def _decode(self, datas: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """All at once where the decoder takes the whole batch; else one by one, and what it
@@ -220,10 +216,8 @@ class DeviceCrops:
         entirely is warned about once, as a run decoding on the CPU while it says gpu."""
         if not datas:
             return []
-        try:
+        with contextlib.suppress(RuntimeError, ValueError):
             return list(self.decoder(datas))
-        except (RuntimeError, ValueError):
-            pass
         images: list[torch.Tensor | None] = []
         refused = 0
         for data in datas:

@@ -1,7 +1,9 @@
-"""What every comparison of a study's trials shares (results.py's tables and effects.py's
-contrasts): which metrics are error rates, the range a difference can take, an estimate turned
-into that of its complement or negation, the note printed beside a number, and the seed-stratified
-estimate for metrics without test-set sampling. Torch-free; reads no store.
+"""What every comparison of a study's trials shares (results.py's tables, paired.py's differences
+and effects.py's interactions): which metrics are error rates, the range a difference can take,
+an estimate turned into that of its complement or negation, the note printed beside a number,
+and the one estimate all of them make: a contrast of cells over seeds paired by seed number, in
+one configuration of the other factors or averaged over several. Torch-free; reads a store only
+through the `Results` it is handed.
 """
 
 from __future__ import annotations
@@ -9,13 +11,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from . import stats
 from .record import METRICS
+
+if TYPE_CHECKING:
+    from .results import Results
 
 # The metrics whose intervals take the test set's own sampling into account.
 ERROR_RATES = ("test_error", "test_accuracy")
@@ -36,20 +41,52 @@ def with_methods(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def seed_stratified(differences: pd.Series, others: Sequence[str],
+def paired_contrast(results: Results, values: pd.DataFrame, trials: pd.DataFrame,
+                    weights: Sequence[float], metric: str,
                     bounds: tuple[float, float]) -> stats.Estimate:
-    """A metric without test-set sampling (training error, FLOPs, time) over several
-    configurations of the other factors: `differences` (paired differences or contrasts, indexed
-    by the `others` columns and "seed") averaged per seed over the configurations, and Student's
-    t over the seeds that every configuration has, each seed one paired unit. (The per-
-    configuration t estimates carry no variance draws, so `stats.stratified` cannot combine
-    them.)"""
-    by_configuration = differences.unstack(list(others))  # rows: seeds; columns: configurations
-    complete = by_configuration.dropna()
-    estimate = stats.seed_mean(complete.mean(axis=1).to_numpy(float), bounds)
-    configurations = by_configuration.shape[1]
-    note = (f"mean of {configurations} configurations' differences over the {len(complete)} "
-            f"seed{'s' if len(complete) != 1 else ''} all of them have")
+    """The contrast ``sum_c weights[c] * metric(c)`` over seeds paired by row: `values` has one
+    row per seed and one column per cell, `trials` the same shape, each entry the list of trial
+    numbers averaged into that value. Test error and accuracy: `stats.contrast`, image by image
+    where every cell is one trial with its per-image record (a cell that averages several
+    trials has lost it). Other metrics: Student's t over the per-seed contrasts, clipped to
+    `bounds`."""
+    weights = np.asarray(weights, dtype=float)
+    if metric not in ERROR_RATES:
+        return stats.seed_mean(values.to_numpy(float) @ weights, bounds)
+    columns = [values[c].to_numpy(float) for c in values.columns]
+    errors = columns if metric == "test_error" else [1 - v for v in columns]
+    numbers = [number for c in trials.columns for cell in trials[c] for number in cell]
+    outcomes, images = results._outcomes(numbers)
+    tables = None
+    if outcomes is not None and len(outcomes) == values.size:  # one trial a cell
+        n = len(values)
+        tables = [outcomes[k * n:(k + 1) * n] for k in range(len(columns))]
+    estimate = stats.contrast(tables, weights, errors, images)
+    # Accuracy is 1 - error and a contrast's weights sum to zero: the same contrast, negated.
+    return estimate if metric == "test_error" else negated(estimate)
+
+
+def stratified_contrast(results: Results, values: pd.DataFrame, trials: pd.DataFrame,
+                        others: Sequence[str], weights: Sequence[float], metric: str,
+                        bounds: tuple[float, float]) -> stats.Estimate:
+    """The mean over the configurations of the `others` factors of each one's contrast (see
+    `paired_contrast`; `values` and `trials` indexed by the `others` and "seed"): one contrast
+    over every configuration's cells, weighted 1/k, on the seeds that all k configurations
+    have. Each seed is one paired unit and, for error rates, each test image one too: the
+    configurations share the test set (and perhaps what a seed number fixes), so their
+    differences are averaged seed by seed and image by image, never combined as independent."""
+    cells = values.columns.nlevels
+    wide = values.unstack(list(others)).dropna(axis=1, how="all")
+    complete = wide.dropna()
+    weight_of = dict(zip(values.columns, weights))
+    configurations = len({key[cells:] for key in wide.columns})
+    spread = [weight_of[key[:cells] if cells > 1 else key[0]] / configurations
+              for key in wide.columns]
+    held = trials.unstack(list(others))[wide.columns].loc[complete.index]
+    estimate = paired_contrast(results, complete, held, spread, metric, bounds)
+    seeds = len(complete)
+    note = (f"mean over {configurations} configurations, on the {seeds} "
+            f"seed{'s' if seeds != 1 else ''} all of them have")
     return dataclasses.replace(estimate, note="; ".join(filter(None, [note, estimate.note])),
                                method=f"stratified over configurations ({estimate.method})")
 
@@ -57,7 +94,7 @@ def seed_stratified(differences: pd.Series, others: Sequence[str],
 def complement(estimate: stats.Estimate) -> stats.Estimate:
     """The estimate of 1 - x from that of x (accuracy from error)."""
     return dataclasses.replace(estimate, mean=1 - estimate.mean, low=1 - estimate.high,
-                               high=1 - estimate.low, variance_draws=None)
+                               high=1 - estimate.low)
 
 
 def negated(estimate: stats.Estimate) -> stats.Estimate:
@@ -81,5 +118,5 @@ def plain(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-__all__ = ["ERROR_RATES", "complement", "difference_bounds", "negated", "note", "plain",
-           "seed_stratified", "with_methods"]
+__all__ = ["ERROR_RATES", "complement", "difference_bounds", "negated", "note", "paired_contrast",
+           "plain", "stratified_contrast", "with_methods"]

@@ -14,10 +14,11 @@ stratified "all" row of `Results.compare` (its only row where there is one confi
 G against its baseline g0, the difference of differences
 ``[y(l, g) - y(b, g)] - [y(l, g0) - y(b, g0)]``: how much the effect of F changes when G moves
 from its baseline (zero when the two effects add). Seeds are paired by seed number across the
-four cells, per configuration of the remaining factors, and the configurations stratified (the
-mean of their contrasts). Test error and accuracy use the per-image record: the seeds x images
-table of the contrast analysed as crossed random effects (`stats.contrast`), as `compare` does
-for a difference; other metrics Student's t over the per-seed contrasts.
+four cells; over several configurations of the remaining factors, the mean of their contrasts,
+averaged seed by seed over the seeds all of them have (`contrasts.stratified_contrast`). Test
+error and accuracy use the per-image record: the seeds x images table of the contrast analysed
+as crossed random effects (`stats.contrast`), as `compare` does for a difference; other metrics
+Student's t over the per-seed contrasts.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .contrasts import (ERROR_RATES, difference_bounds, negated, note, plain, seed_stratified,
+from .contrasts import (difference_bounds, note, paired_contrast, plain, stratified_contrast,
                         with_methods)
 from .storage import ResultsError
 
@@ -153,48 +154,23 @@ def _interaction(results: Results, f: tuple[str, Any, Any], g: tuple[str, Any, A
     numbers = grouped["number"].agg(list).unstack([f_name, g_name])
     present = [c for c in cells if c in values.columns]
     quads = values[present].dropna() if len(present) == 4 else values.iloc[:0]
-    estimates = []
-    strata = quads.groupby(level=others, dropna=False, sort=True) if others else [((), quads)]
-    for key, stratum in strata:
-        estimates.append(_contrast(results, stratum, numbers.loc[stratum.index, cells], cells,
-                                   weights, metric))
+    trials = numbers.loc[quads.index, cells] if len(quads) else None
     bounds = tuple(2 * b for b in difference_bounds(metric))
-    if not estimates:
+    configurations = quads.groupby(level=others, dropna=False).ngroups if others else 1
+    if quads.empty:
         estimate = stats.Estimate(np.nan, np.nan, np.nan, np.nan, np.nan, np.nan, 0, "",
                                   "no seed has all four cells completed yet")
-    elif len(estimates) == 1:
-        estimate = estimates[0]
-    elif metric in ERROR_RATES:
-        estimate = stats.stratified(estimates, bounds)
+    elif configurations == 1:
+        estimate = paired_contrast(results, quads[cells], trials, weights, metric, bounds)
     else:
-        contrasts = pd.Series(quads[cells].to_numpy(float) @ np.array(weights), index=quads.index)
-        estimate = seed_stratified(contrasts, others, bounds)
+        estimate = stratified_contrast(results, quads[cells], trials, others, weights, metric,
+                                       bounds)
     return _row("interaction", f"{f_name} x {g_name}", f"{_text(f_level)} x {_text(g_level)}",
                 f"{_text(f_base)} x {_text(g_base)}", len(quads), estimate, metric)
 
 
 def _text(value: Any) -> str:
     return plain(value).strip("'")
-
-
-def _contrast(results: Results, stratum: pd.DataFrame, trials: pd.DataFrame,
-              cells: list[tuple[Any, Any]], weights: list[float], metric: str) -> stats.Estimate:
-    """One configuration's interaction contrast over its paired seeds (rows: seeds)."""
-    columns = [stratum[c].to_numpy(float) for c in cells]
-    if metric not in ERROR_RATES:
-        return stats.seed_mean(sum(w * v for w, v in zip(weights, columns)),
-                               tuple(2 * b for b in difference_bounds(metric)))
-    errors = columns if metric == "test_error" else [1 - v for v in columns]
-    tables, images = None, None
-    if all(len(cell) == 1 for cell in trials.to_numpy().ravel()):
-        outcomes, images = results._outcomes([trials[c].iloc[i][0] for c in cells
-                                              for i in range(len(trials))])
-        n = len(trials)
-        tables = None if outcomes is None else [outcomes[k * n:(k + 1) * n]
-                                                for k in range(len(cells))]
-    estimate = stats.contrast(tables, weights, errors, images)
-    # Accuracy is 1 - error and the weights sum to zero: the same contrast, sign flipped.
-    return estimate if metric == "test_error" else negated(estimate)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .contrasts import (ERROR_RATES, difference_bounds, negated, note, plain, seed_stratified,
+from .contrasts import (difference_bounds, note, paired_contrast, plain, stratified_contrast,
                         with_methods)
 from .storage import ResultsError
 
@@ -45,6 +45,7 @@ def compare(results: Results, factor: str, baseline: Any,
     if baseline not in keyed.columns:
         raise ResultsError(f"no completed trial with {factor}={plain(baseline)} yet; completed "
                            f"levels: {', '.join(map(str, keyed.columns))}")
+    bounds = difference_bounds(metric)
     rows = []
     for level in [lv for lv in levels if lv != baseline and lv in keyed.columns]:
         pairs = keyed[[baseline, level]].dropna()
@@ -53,18 +54,15 @@ def compare(results: Results, factor: str, baseline: Any,
         trials = numbers.loc[pairs.index, [baseline, level]]
         groups = pairs.groupby(level=others, dropna=False, sort=True) if others \
             else [((), pairs)]
-        estimates = []
         for key, group in groups:
             key = key if isinstance(key, tuple) else (key,)
-            estimate = _difference(results, group[baseline], group[level],
-                                        trials.loc[group.index], baseline, level, metric)
-            estimates.append(estimate)
+            estimate = paired_contrast(results, group, trials.loc[group.index], (-1.0, 1.0),
+                                       metric, bounds)
             rows.append(_paired_row(factor, level, baseline, metric, dict(zip(others, key)),
                                     group[baseline], group[level], estimate))
-        if len(estimates) > 1:
-            bounds = difference_bounds(metric)
-            overall = stats.stratified(estimates, bounds) if metric in ERROR_RATES \
-                else seed_stratified(pairs[level] - pairs[baseline], others, bounds)
+        if len(groups) > 1:
+            overall = stratified_contrast(results, pairs, trials, others, (-1.0, 1.0), metric,
+                                          bounds)
             rows.append(_paired_row(factor, level, baseline, metric,
                                     {name: "all" for name in others}, pairs[baseline],
                                     pairs[level], overall))
@@ -72,25 +70,6 @@ def compare(results: Results, factor: str, baseline: Any,
         raise ResultsError(f"no configuration has completed trials of both {factor}="
                            f"{plain(baseline)} and another level with the same seed yet")
     return with_methods(pd.DataFrame(rows))
-
-
-def _difference(results: Results, base: pd.Series, other: pd.Series, trials: pd.DataFrame,
-                baseline: Any, level: Any, metric: str) -> stats.Estimate:
-    """The estimate of `metric(level) - metric(baseline)` over one configuration's paired
-    seeds (see `compare`)."""
-    if metric == "test_accuracy":  # the test on the errors, its sign flipped
-        return negated(_difference(results, 1 - base, 1 - other, trials, baseline, level,
-                                         "test_error"))
-    base_values, other_values = base.to_numpy(float), other.to_numpy(float)
-    if metric != "test_error":
-        return stats.seed_mean(other_values - base_values, difference_bounds(metric))
-    outcomes, images = None, None
-    if all(len(cell) == 1 for cell in trials.to_numpy().ravel()):
-        outcomes, images = results._outcomes([*trials[baseline].str[0], *trials[level].str[0]])
-    n = len(base_values)
-    return stats.paired_difference(
-        None if outcomes is None else outcomes[:n], None if outcomes is None else outcomes[n:],
-        base_values, other_values, images)
 
 
 def _match_level(value: Any, levels: list[Any], factor: str) -> Any:

@@ -172,7 +172,8 @@ def _comparisons(results: Results) -> list[str]:
         parts.append("<p>Difference of test error, level minus baseline, paired by seed and by "
                      "test image; its 95% interval and the two-sided p-value of no difference "
                      "(the 'all' row is stratified: the mean of the configurations' "
-                     "differences).</p>")
+                     "differences, seed by seed and image by image over the seeds all of them "
+                     "have).</p>")
         parts.append(_table(table))
         parts.append(_footnotes(table))
     return parts

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import optuna
 import pytest
+from scipy.special import expit
 
 from helpers import raw_spec
 from resnet_ablate.adaptive import SeedResult, decide
@@ -85,6 +86,53 @@ def test_a_clear_difference_is_decided_and_a_tie_stays_open():
             for k, v in seeds.items()}
     closed = decide(rule, levels, full)[(("depth", 20), ("shortcut", "none"))]
     assert not closed.open and closed.reason.startswith("max seeds (5) reached")
+
+
+def _offset_for(error: float) -> float:
+    """The logit offset whose error over seeds and images (logistic sd 0.05 and 1.5) is `error`,
+    by Gauss-Hermite quadrature and bisection."""
+    x, w = np.polynomial.hermite_e.hermegauss(80)
+    low, high = -10.0, 10.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        rate = float((w * expit(middle + np.hypot(0.05, 1.5) * x)).sum() / w.sum())
+        low, high = (middle, high) if rate < error else (low, middle)
+    return (low + high) / 2
+
+
+def _sequential_answer(rng, rule: AdaptiveSeeds, difference: float) -> str:
+    """One simulated comparison run as the driver runs it: seeds added up to the next look while
+    it is open. Logistic model: each test image a difficulty both configurations share, each
+    seed a training effect; the level's error `difference` above the baseline's 8%."""
+    images, levels = 1000, {"shortcut": ["A", "none"]}
+    base_key, other_key = (("shortcut", "A"),), (("shortcut", "none"),)
+    difficulty = rng.normal(0, 1.5, images)
+    offsets = {base_key: _offset_for(0.08), other_key: _offset_for(0.08 + difference)}
+    seeds = {base_key: [], other_key: []}
+    while True:
+        for key, mine in seeds.items():
+            for seed in range(len(mine), rule.next_look(len(mine)) if mine else rule.min):
+                wrong = (rng.random(images) < expit(offsets[key] + rng.normal(0, 0.05)
+                                                    + difficulty)).astype(float)
+                mine.append(SeedResult(seed, float(wrong.mean()), images, wrong))
+        decision = decide(rule, levels, seeds)[other_key]
+        if not decision.open:
+            return decision.reason
+
+
+@pytest.mark.parametrize("truth", ["none", "at the margin"])
+def test_sequential_decisions_keep_their_error_rates(truth):
+    # The rule looks up to six times (2, 3, 4, 6, 9, 10 seeds); each "differs" uses a Bonferroni
+    # share of 5%, each "within" two one-sided tests at the same share, so neither wrong answer
+    # may come more often than 5% however many looks a comparison takes.
+    rule = AdaptiveSeeds(2, 10, decided="shortcut", margin=0.01)
+    rng = np.random.default_rng(7)
+    replications = 300
+    wrong = "decided: differs" if truth == "none" else "decided: within"
+    difference = 0.0 if truth == "none" else 0.01  # at the margin "within" is wrong
+    answers = [_sequential_answer(rng, rule, difference) for _ in range(replications)]
+    # 5% nominal; the simulation's own error is 1.3 points.
+    assert np.mean([a.startswith(wrong) for a in answers]) <= 0.075, truth
 
 
 def test_the_width_rule_stops_once_the_interval_is_narrow_enough():

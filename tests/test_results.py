@@ -21,7 +21,7 @@ from helpers import RESULTS_DEPTHS, RESULTS_SEEDS, RESULTS_SHORTCUTS, RESULTS_ST
 from resnet_ablate import plots, report
 from resnet_ablate.record import unpack_outcomes
 from resnet_ablate.results import ResultsError, display_frame, list_studies, load
-from resnet_ablate.stats import CROSSED, SEEDS_ONLY, error_rate, paired_difference
+from resnet_ablate.stats import CROSSED, SEEDS_ONLY, contrast, error_rate, paired_difference
 
 STUDY, DEPTHS, SHORTCUTS, SEEDS = RESULTS_STUDY, RESULTS_DEPTHS, RESULTS_SHORTCUTS, RESULTS_SEEDS
 
@@ -195,9 +195,22 @@ def test_compare_pairs_seeds_and_images_per_depth_and_stratifies_overall(results
             pytest.approx(expected.low), pytest.approx(expected.high))
         assert row["test_error_baseline"] == pytest.approx(base.mean())
     overall = rows[-1]
-    assert overall["method"].startswith("stratified over configurations")
+    assert overall["method"] == f"stratified over configurations ({CROSSED})"
     assert overall["diff_mean"] == pytest.approx(np.mean([r["diff_mean"] for r in rows[:-1]]))
-    assert -1 <= overall["diff_ci95_low"] <= overall["diff_mean"] <= overall["diff_ci95_high"] <= 1
+    # One contrast over both depths' cells, weighted 1/2, seed by seed and image by image: the
+    # depths share the test set, so their differences are not combined as independent.
+    cells = [(depth, shortcut) for depth in DEPTHS for shortcut in ("A", "none")]
+    expected = contrast([[_outcomes_of(by_point[(*cell, s)]) for s in SEEDS] for cell in cells],
+                        [-0.5, 0.5] * len(DEPTHS), [[points[(*cell, s)] for s in SEEDS]
+                                                    for cell in cells],
+                        by_point[(DEPTHS[0], "A", SEEDS[0])].user_attrs["test_images"])
+    assert (overall["diff_ci95_low"], overall["diff_ci95_high"], overall["p_value"]) == (
+        pytest.approx(expected.low), pytest.approx(expected.high), pytest.approx(expected.p_value))
+    assert overall["note"] == (f"mean over {len(DEPTHS)} configurations, on the {len(SEEDS)} "
+                               "seeds all of them have")
+    # Two seeds: the "all" row says so as every row does (its n is the seeds, not the pairs).
+    few = results.where("seed < 2").compare("shortcut", "A").iloc[-1]
+    assert few["note"].startswith("few seeds (n=2); mean over 2 configurations")
 
 
 def test_compare_of_a_metric_without_test_sampling_is_the_paired_t_test(results, raw_trials):

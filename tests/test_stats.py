@@ -62,9 +62,12 @@ def test_error_rate_intervals_cover_the_true_error_at_2_to_10_seeds(regime):
             estimate = stats.error_rate(list(table), table.mean(axis=1), TEST_IMAGES)
             covered += estimate.low <= truth <= estimate.high
         coverage = covered / REPLICATIONS
-        # 95% nominal, held within 93-97% at every seed count: neither overstated nor, as an
-        # uncalibrated pivot is at 2-3 seeds (up to 99%), so wide that it hides real effects.
-        assert 0.93 <= coverage <= 0.97, (regime, n, coverage)
+        # 95% nominal, held within 93-97% from 3 seeds on: neither overstated nor, as an
+        # uncalibrated pivot is at 3 seeds (up to 99%), so wide that it hides real effects. At
+        # 2 seeds the pivot is not narrowed (stats.PIVOT_CALIBRATION): at least 94%, at most
+        # the 98.8% it reaches under the model.
+        low, high = (0.94, 0.988) if n == 2 else (0.93, 0.97)
+        assert low <= coverage <= high, (regime, n, coverage)
 
 
 @pytest.mark.parametrize("regime", list(REGIMES))
@@ -83,10 +86,55 @@ def test_paired_test_keeps_its_type_one_error_at_2_to_10_seeds(regime):
                                                level.mean(axis=1), TEST_IMAGES)
             count += estimate.p_value < 0.05
         rejected[n] = count / REPLICATIONS
-    # 5% +- 1 point over the seed counts (simulation error 0.35 points), each count within 3-7%
-    # (its own simulation error 0.7 points): neither overstated nor needlessly conservative.
-    assert 0.04 <= np.mean(list(rejected.values())) <= 0.06, rejected
-    assert all(0.03 <= rate <= 0.07 for rate in rejected.values()), rejected
+    # At most 6% over the seed counts (simulation error 0.35 points), each count at most 7% (its
+    # own simulation error 0.7 points); and not needlessly conservative: at least 3% over the
+    # seed counts and 2% at each, two seeds (an interval that is not narrowed) included.
+    assert 0.03 <= np.mean(list(rejected.values())) <= 0.06, rejected
+    assert all(0.02 <= rate <= 0.07 for rate in rejected.values()), rejected
+
+
+def test_two_seeds_that_dominate_the_variance_are_covered_as_students_t_covers_them():
+    # Seeds that vary as much as a large test set samples: the crossed interval is then the t
+    # interval over the seed means, exact under normality. A calibration that narrowed it at two
+    # seeds covered 92%; it must cover as the t interval does, within simulation error.
+    seed_sd, image_sd, images = 0.8, 0.3, 2000
+    offset = _offset_for(0.08, seed_sd, image_sd)
+    truth = _true_error(offset, seed_sd, image_sd)
+    rng = np.random.default_rng(5)
+    crossed = over_seeds = 0
+    for _ in range(REPLICATIONS):
+        table = _tables(rng, 2, offset, seed_sd, image_sd, rng.normal(0, image_sd, images))
+        estimate = stats.error_rate(list(table), table.mean(axis=1), images)
+        crossed += estimate.low <= truth <= estimate.high
+        seed_means = table.mean(axis=1)
+        half = scipy_stats.t.ppf(0.975, 1) * scipy_stats.sem(seed_means)
+        over_seeds += abs(seed_means.mean() - truth) <= half
+    # Both cover 94% here (the t interval is exact only for normal seed means); the calibrated
+    # pivot it replaced, 91.3%.
+    assert crossed >= over_seeds - 0.01 * REPLICATIONS and crossed >= 0.93 * REPLICATIONS, \
+        (crossed, over_seeds)
+
+
+def test_tied_seeds_that_differ_on_a_few_images_keep_the_type_one_error():
+    # Every seed of each configuration identical (seeds that do not matter), the configurations
+    # apart on about 20 images, each of which goes either way with probability 1/2 (no true
+    # difference): the seeds show no share, and a calibration that narrowed such tables at two
+    # seeds rejected 8.5% of them.
+    images, replications = 1000, 2000
+    rng = np.random.default_rng(6)
+    for n in (2, 3):
+        rejected = 0
+        for _ in range(replications):
+            base = (rng.random(images) < 0.08).astype(float)
+            other = base.copy()
+            apart = rng.random(images) < 0.02
+            up = apart & (rng.random(images) < 0.5)
+            other[up], base[apart & ~up] = 1 - base[up], 1 - base[apart & ~up]
+            tables = np.tile(base, (n, 1)), np.tile(other, (n, 1))
+            rejected += stats.paired_difference(*map(list, tables), *(t.mean(axis=1) for t in tables),
+                                                images).p_value < 0.05
+        # 5% nominal; the simulation's own error is 0.5 points.
+        assert rejected / replications <= 0.065, (n, rejected / replications)
 
 
 def test_binomial_bound_without_per_image_record_is_conservative():
@@ -161,16 +209,83 @@ def test_seed_mean_is_students_t_and_clipped():
     assert estimate.p_value == pytest.approx(scipy_stats.ttest_1samp(values, 0).pvalue)
 
 
-def test_stratified_is_the_mean_of_the_strata_and_wider_than_none_alone():
+def _mean_over_configurations(bases, others, images) -> stats.Estimate:
+    """The "all" row of a comparison over k configurations (contrasts.stratified_contrast): one
+    contrast of their 2k cells, weighted -1/k and 1/k."""
+    k = len(bases)
+    tables = [table for pair in zip(bases, others) for table in pair]
+    return stats.contrast([list(t) for t in tables], [-1 / k, 1 / k] * k,
+                          [t.mean(axis=1) for t in tables], images)
+
+
+@pytest.mark.parametrize("seeds", [3, 10])
+def test_the_mean_over_configurations_keeps_its_type_one_error_when_they_share_the_test_set(seeds):
+    # Four configurations scored on one test set, the compared level no better, but each image a
+    # little easier or harder with that level in every configuration alike (a per-image effect
+    # they share). Combining the configurations' differences as independent rejected 7.9% of
+    # such studies at 5 seeds and 19.7% at 10.
+    seed_sd, image_sd, level_sd, configurations = 0.05, 1.5, 1.0, 4
+    offset = _offset_for(0.08, seed_sd, math.hypot(image_sd, level_sd))
+    rng = np.random.default_rng(seeds)
+    rejected, replications = 0, 600
+    for _ in range(replications):
+        difficulty = rng.normal(0, image_sd, TEST_IMAGES)
+        with_base, with_level = (difficulty + rng.normal(0, level_sd, TEST_IMAGES)
+                                 for _ in range(2))
+        bases = [_tables(rng, seeds, offset, seed_sd, 0, with_base) for _ in range(configurations)]
+        others = [_tables(rng, seeds, offset, seed_sd, 0, with_level)
+                  for _ in range(configurations)]
+        estimate = _mean_over_configurations(bases, others, TEST_IMAGES)
+        rejected += estimate.p_value < 0.05
+        assert estimate.n == seeds
+    # 5% nominal; the simulation's own error is 0.9 points.
+    assert 0.02 <= rejected / replications <= 0.075, rejected / replications
+
+
+def test_the_mean_over_configurations_is_the_mean_of_their_differences():
     rng = np.random.default_rng(4)
-    parts = []
-    for shift in (0.0, 0.05):
-        base = [(rng.random(300) < 0.2).astype(float) for _ in range(3)]
-        level = [(rng.random(300) < 0.2 + shift).astype(float) for _ in range(3)]
-        parts.append(stats.paired_difference(base, level, [b.mean() for b in base],
-                                             [v.mean() for v in level], 300))
-    combined = stats.stratified(parts)
+    bases = [(rng.random((3, 300)) < 0.2).astype(float) for _ in range(2)]
+    others = [(rng.random((3, 300)) < 0.2 + shift).astype(float) for shift in (0.0, 0.05)]
+    combined = _mean_over_configurations(bases, others, 300)
+    parts = [stats.paired_difference(list(b), list(o), b.mean(axis=1), o.mean(axis=1), 300)
+             for b, o in zip(bases, others)]
     assert combined.mean == pytest.approx(np.mean([p.mean for p in parts]))
-    assert combined.method.startswith("stratified over configurations")
-    assert combined.se < max(p.se for p in parts)  # averaging two strata narrows
+    assert combined.n == 3 and combined.method == stats.CROSSED
+    assert combined.se < max(p.se for p in parts)  # averaging two configurations narrows
     assert -1 <= combined.low < combined.mean < combined.high <= 1
+
+
+def test_an_unknown_test_set_size_never_gives_tied_seeds_a_zero_width_interval():
+    for estimate in (stats.error_rate(None, [0.1, 0.1], None),
+                     stats.paired_difference(None, None, [0.1, 0.1], [0.08, 0.08], None)):
+        assert math.isnan(estimate.low) and math.isnan(estimate.high)
+        assert estimate.note == stats.TIED_SIZE_UNKNOWN
+    spread = stats.error_rate(None, [0.1, 0.12], None)
+    assert spread.low < 0.11 < spread.high and spread.note == stats.SIZE_UNKNOWN
+
+
+_ROW = np.r_[np.ones(9), np.zeros(91)]  # 9 of 100 wrong
+
+
+@pytest.mark.parametrize("call, complaint", [
+    (lambda: stats.error_rate([_ROW, _ROW], [np.nan, 0.09], 100), r"seed 0 has nan"),
+    (lambda: stats.error_rate(None, [1.5, 0.09], 100), r"number in \[0, 1\]; seed 0 has 1.5"),
+    (lambda: stats.error_rate([_ROW, _ROW], [0.5, 0.09], 100),
+     r"seed 0's error rate 0.5 is not that of its outcomes \(9 of 100 wrong"),
+    (lambda: stats.error_rate([_ROW, _ROW[:50]], [0.09, 0.09], 100),
+     r"seed 1's outcomes cover 50 images and the test set has 100"),
+    (lambda: stats.error_rate([_ROW, _ROW], [0.09, 0.09], 200),
+     r"seed 0's outcomes cover 100 images and the test set has 200"),
+    (lambda: stats.error_rate([_ROW] * 3, [0.09, 0.09], 100), r"3 seeds' outcomes for 2 error rates"),
+    (lambda: stats.error_rate([np.r_[np.nan, _ROW[1:]], _ROW], [0.09, 0.09], 100),
+     r"an outcome is 0 \(right\) or 1 \(wrong\); seed 0 has nan"),
+    (lambda: stats.paired_difference([_ROW] * 3, [_ROW] * 2, [0.09] * 3, [0.09] * 2, 100),
+     r"paired_difference: 2 weights and 2 cells of seeds \(\[3, 2\]\)"),
+    (lambda: stats.contrast(None, [1, -1], [[0.1, np.inf], [0.1, 0.1]], 100),
+     r"contrast, cell 0: an error rate is a number in \[0, 1\]; seed 1 has inf"),
+    (lambda: stats.error_rate(None, [0.1, 0.1], 0), r"size is a whole number of images >= 1"),
+    (lambda: stats.seed_mean([1.0, np.nan]), r"one finite value per seed"),
+])
+def test_inputs_that_cannot_describe_seeds_on_one_test_set_raise_one_clear_error(call, complaint):
+    with pytest.raises(ValueError, match=complaint):
+        call()

@@ -115,7 +115,7 @@ class AdaptiveSeeds:
       +-margin). Both configurations of an open comparison get a seed.
 
     A configuration is looked at when it has min seeds, then at about 1.5 times as many each
-    time (`looks`: 2, 3, 5, 8, 10 for min 2, max 10), the seeds up to the next look added at
+    time (`looks`: 2, 3, 4, 6, 9, 10 for min 2, max 10), the seeds up to the next look added at
     once: fewer looks than one seed at a time, so each decision spends less of the error rate,
     and the added seeds train in parallel. A "differs" decision uses intervals at
     1 - 0.05/looks, a Bonferroni share per look, so that stopping at any look keeps the chance

@@ -107,6 +107,10 @@ def plot_depth(results: Results, *, metric: str = "test_error", x: str = "depth"
     summary = results.summary(by=by, metric=metric)
     figure, (ax,) = _figure()
     groups = summary.groupby(line_by, sort=False) if len(by) == 2 else [(None, summary)]
+    # Colours in the values' natural order, as the Pareto figure gives them (shortcut A blue and
+    # plain orange in both), whatever order the legend lists them in.
+    palette = {value: f"C{i % 10}"
+               for i, value in enumerate(sorted((v for v, _ in groups), key=_natural))}
     for value, group in sorted(groups, key=lambda item: _panel_order(item[0])):
         group = group.sort_values(x)
         mean = 100 * group[f"{metric}_mean"].to_numpy(float)
@@ -115,7 +119,7 @@ def plot_depth(results: Results, *, metric: str = "test_error", x: str = "depth"
         seeds = sorted(set(group["n"]))
         n = f"n={seeds[0]}" if len(seeds) == 1 else f"n={seeds[0]}-{seeds[-1]}"
         ax.errorbar(group[x].astype(float), mean, yerr=np.nan_to_num([below, above]), marker="o",
-                    capsize=4, label=f"{_label(line_by, value) if line_by else metric} ({n} seeds)")
+                    capsize=4, color=palette[value], label=f"{_label(line_by, value) if line_by else metric} ({n} seeds)")
     ax.set_xlabel(x)
     ax.set_ylabel(f"{metric.replace('_', ' ')} (%), mean and 95% CI")
     ax.set_title(results.study)

@@ -66,29 +66,43 @@ def paired_contrast(results: Results, values: pd.DataFrame, trials: pd.DataFrame
     return estimate if metric == "test_error" else negated(estimate)
 
 
+def on_common_seeds(values: pd.DataFrame, others: Sequence[str]) -> pd.DataFrame:
+    """The rows of `values` (one per configuration of the `others` factors and seed, indexed by
+    them and "seed") whose seed every configuration has: what a stratified contrast is over."""
+    configurations = len(set(values.index.droplevel("seed")))
+    seeds = values.index.get_level_values("seed")
+    counts = seeds.value_counts()
+    return values[seeds.isin(counts.index[counts == configurations])]
+
+
 def stratified_contrast(results: Results, values: pd.DataFrame, trials: pd.DataFrame,
                         others: Sequence[str], weights: Sequence[float], metric: str,
                         bounds: tuple[float, float]) -> stats.Estimate:
     """The mean over the configurations of the `others` factors of each one's contrast (see
-    `paired_contrast`; `values` and `trials` indexed by the `others` and "seed"): one contrast
-    over every configuration's cells, weighted 1/k, on the seeds that all k configurations
-    have. Each seed is one paired unit and, for error rates, each test image one too: the
-    configurations share the test set (and perhaps what a seed number fixes), so their
-    differences are averaged seed by seed and image by image, never combined as independent."""
+    `paired_contrast`; `values` and `trials` indexed by the `others` and "seed"), on the seeds
+    that all k configurations have (`on_common_seeds`: the caller's side columns should be
+    over the same rows): one contrast over every configuration's cells, weighted 1/k. Each seed
+    is one paired unit and, for error rates, each test image one too: the configurations share
+    the test set (and perhaps what a seed number fixes), so their differences are averaged seed
+    by seed and image by image, never combined as independent."""
+    configurations = len(set(values.index.droplevel("seed")))
+    method = "stratified over configurations"
+    used = on_common_seeds(values, others)
+    if used.empty:
+        return stats.Estimate(math.nan, math.nan, math.nan, math.nan, math.nan, math.nan, 0,
+                              method, f"no seed that all {configurations} configurations have")
     cells = values.columns.nlevels
-    wide = values.unstack(list(others)).dropna(axis=1, how="all")
-    complete = wide.dropna()
+    wide = used.unstack(list(others)).dropna(axis=1, how="all")
     weight_of = dict(zip(values.columns, weights))
-    configurations = len({key[cells:] for key in wide.columns})
     spread = [weight_of[key[:cells] if cells > 1 else key[0]] / configurations
               for key in wide.columns]
-    held = trials.unstack(list(others))[wide.columns].loc[complete.index]
-    estimate = paired_contrast(results, complete, held, spread, metric, bounds)
-    seeds = len(complete)
+    held = trials.loc[used.index].unstack(list(others))[wide.columns].loc[wide.index]
+    estimate = paired_contrast(results, wide, held, spread, metric, bounds)
+    seeds = len(wide)
     note = (f"mean over {configurations} configurations, on the {seeds} "
             f"seed{'s' if seeds != 1 else ''} all of them have")
     return dataclasses.replace(estimate, note="; ".join(filter(None, [note, estimate.note])),
-                               method=f"stratified over configurations ({estimate.method})")
+                               method=f"{method} ({estimate.method})")
 
 
 def complement(estimate: stats.Estimate) -> stats.Estimate:
@@ -118,5 +132,5 @@ def plain(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-__all__ = ["ERROR_RATES", "complement", "difference_bounds", "negated", "note", "paired_contrast",
-           "plain", "stratified_contrast", "with_methods"]
+__all__ = ["ERROR_RATES", "complement", "difference_bounds", "negated", "note", "on_common_seeds",
+           "paired_contrast", "plain", "stratified_contrast", "with_methods"]

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .contrasts import (difference_bounds, note, paired_contrast, plain, stratified_contrast,
-                        with_methods)
+from .contrasts import (difference_bounds, note, on_common_seeds, paired_contrast, plain,
+                        stratified_contrast, with_methods)
 from .storage import ResultsError
 
 if TYPE_CHECKING:
@@ -26,9 +26,10 @@ def compare(results: Results, factor: str, baseline: Any,
     the shared test set where the per-image record was kept (resnet_ablate/stats.py), other
     metrics by Student's t over the paired seeds. Where the other factors take several
     configurations, an "all" row gives the stratified estimate: the mean of the
-    configurations' differences, each configuration's pairs kept apart (never a pool of
-    unlike pairs). Several completed trials of one configuration and seed are averaged first
-    (and lose their per-image record)."""
+    configurations' differences, never a pool of unlike pairs, averaged seed by seed (and image
+    by image) over the seeds all of them have (`contrasts.stratified_contrast`); its n_pairs and
+    means are over those seeds too. Several completed trials of one configuration and seed are
+    averaged first (and lose their per-image record)."""
     results.check_columns([factor])
     results.check_metric(metric)
     done = results.require_completed("compare")
@@ -63,9 +64,10 @@ def compare(results: Results, factor: str, baseline: Any,
         if len(groups) > 1:
             overall = stratified_contrast(results, pairs, trials, others, (-1.0, 1.0), metric,
                                           bounds)
+            used = on_common_seeds(pairs, others)
             rows.append(_paired_row(factor, level, baseline, metric,
-                                    {name: "all" for name in others}, pairs[baseline],
-                                    pairs[level], overall))
+                                    {name: "all" for name in others}, used[baseline],
+                                    used[level], overall))
     if not rows:
         raise ResultsError(f"no configuration has completed trials of both {factor}="
                            f"{plain(baseline)} and another level with the same seed yet")

@@ -1,22 +1,22 @@
 """What the statistics (stats.py) take, checked: one error rate per seed, each seed's 0/1
-outcomes over one test set, and that test set's size. Inputs that cannot describe seeds scored
-on one test set raise one ValueError that names the seed and what is wrong, rather than an
-interval computed from them or an error from deep inside numpy. Torch-free.
+outcomes over one test set, that test set's size, and the level asked for. Inputs that cannot
+describe seeds scored on one test set raise one ValueError that names the seed and what is
+wrong, rather than an interval computed from them or an error from deep inside numpy. Torch-free.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 
 def rates_per_seed(values: Sequence[float], what: str) -> np.ndarray:
     """`values` as one error rate per seed, each a number in [0, 1]."""
-    rates = np.asarray(values, dtype=float)
-    if rates.ndim != 1:
-        raise ValueError(f"{what}: give one error rate per seed, a flat sequence; got an array "
-                         f"of shape {rates.shape}")
+    rates = _numbers(values, what, "one error rate per seed")
     bad = np.flatnonzero(~((rates >= 0) & (rates <= 1)))  # NaN fails both comparisons
     if len(bad):
         raise ValueError(f"{what}: an error rate is a number in [0, 1]; seed {bad[0]} has "
@@ -24,19 +24,43 @@ def rates_per_seed(values: Sequence[float], what: str) -> np.ndarray:
     return rates
 
 
+def finite_values(values: Sequence[float], what: str) -> np.ndarray:
+    """`values` as one finite number per seed (a metric without test-set sampling)."""
+    found = _numbers(values, what, "one value per seed")
+    bad = np.flatnonzero(~np.isfinite(found))
+    if len(bad):
+        raise ValueError(f"{what}: give one finite value per seed; seed {bad[0]} has "
+                         f"{float(found[bad[0]])}")
+    return found
+
+
+def _numbers(values: Any, what: str, expected: str) -> np.ndarray:
+    try:
+        found = np.asarray(values, dtype=float)
+    except (TypeError, ValueError):
+        found = None
+    if found is None or found.ndim != 1:
+        shown = repr(values)
+        raise ValueError(f"{what}: give {expected}, a flat sequence of numbers; got "
+                         f"{shown if len(shown) <= 80 else shown[:77] + '...'}")
+    return found
+
+
 def outcome_table(outcomes: Sequence[np.ndarray], rates: np.ndarray, images: int,
-           what: str) -> np.ndarray:
+                  what: str) -> np.ndarray:
     """The seeds x images table of 0/1 outcomes, checked against the rates and the test set's
     size given with it: every seed scored on the same `images` test images, each seed's rate the
     mean of its outcomes (within half an image, for rates stored in single precision)."""
-    vectors = [np.asarray(o, dtype=float).ravel() for o in outcomes]
-    if len(vectors) != len(rates):
-        raise ValueError(f"{what}: {len(vectors)} seeds' outcomes for {len(rates)} error rates: "
+    if len(outcomes) != len(rates):
+        raise ValueError(f"{what}: {len(outcomes)} seeds' outcomes for {len(rates)} error rates: "
                          "give one outcome vector per seed, in the rates' order")
-    for seed, vector in enumerate(vectors):
-        if len(vector) != images:
-            raise ValueError(f"{what}: seed {seed}'s outcomes cover {len(vector)} images and the "
-                             f"test set has {images}: every seed is scored on the same test images")
+    vectors = []
+    for seed, given in enumerate(outcomes):
+        vector = None if given is None else _numbers(np.ravel(given), what, "0/1 outcomes")
+        if vector is None or len(vector) != images:
+            covered = "none" if vector is None else f"{len(vector)} images"
+            raise ValueError(f"{what}: seed {seed}'s outcomes cover {covered} and the test set "
+                             f"has {images}: every seed is scored on the same test images")
         if not np.isin(vector, (0.0, 1.0)).all():
             odd = float(vector[~np.isin(vector, (0.0, 1.0))][0])
             raise ValueError(f"{what}: an outcome is 0 (right) or 1 (wrong); seed {seed} has "
@@ -46,17 +70,44 @@ def outcome_table(outcomes: Sequence[np.ndarray], rates: np.ndarray, images: int
                              f"its outcomes ({int(vector.sum())} of {images} wrong, "
                              f"{vector.mean():.6g}): rates and outcomes must come from the same "
                              "evaluation")
+        vectors.append(vector)
     return np.vstack(vectors) if vectors else np.empty((0, images))
 
 
-def test_set_size(images: int | None, vectors: Sequence[np.ndarray]) -> int | None:
-    """The test set's size: as given, or where only outcome `vectors` were, their length."""
-    if images is None and len(vectors):
-        return int(np.size(vectors[0]))
-    if images is not None and (images != int(images) or images < 1):
+def test_set_size(images: int | None, vectors: Sequence[np.ndarray | None]) -> int | None:
+    """The test set's size: as given, or where only outcome `vectors` were, their length (None
+    where neither is known)."""
+    size: Any = images
+    if images is None:
+        first = next((v for v in vectors if v is not None), None)
+        if first is None:
+            return None
+        size = np.size(first)
+    whole = isinstance(size, numbers.Real) and not isinstance(size, (bool, np.bool_)) \
+        and math.isfinite(size) and float(size).is_integer() and size >= 1
+    if not whole:
         raise ValueError(f"the test set's size is a whole number of images >= 1, or None where "
-                         f"not recorded; got {images!r}")
-    return None if images is None else int(images)
+                         f"not recorded; got {size!r}"
+                         + (" (the length of the outcome vectors)" if images is None else ""))
+    return int(size)
 
 
-__all__ = ["outcome_table", "rates_per_seed", "test_set_size"]
+def checked_level(level: float) -> float:
+    """The level of an interval: a probability strictly between 0 and 1."""
+    if isinstance(level, (bool, np.bool_)) or not isinstance(level, numbers.Real) \
+            or not 0 < level < 1:
+        raise ValueError(f"an interval's level is a number between 0 and 1 (0.95 for 95%); got "
+                         f"{level!r}")
+    return float(level)
+
+
+def checked_bounds(bounds: tuple[float, float]) -> tuple[float, float]:
+    """The range a metric can take, low <= high (either may be infinite)."""
+    low, high = (float(b) for b in bounds)
+    if not low <= high:
+        raise ValueError(f"a metric's range is (low, high) with low <= high; got {bounds!r}")
+    return low, high
+
+
+__all__ = ["checked_bounds", "checked_level", "finite_values", "outcome_table",
+           "rates_per_seed", "test_set_size"]

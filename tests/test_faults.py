@@ -548,7 +548,18 @@ def test_reading_results_again_and_again_holds_no_postgresql_connection(postgres
     assert held <= 0, f"{held} connections left open by 15 reads"
 
 
-def test_a_stop_signal_is_noted_where_it_lands_and_acted_on_by_the_loop():
+@pytest.fixture
+def python_sigint_handler():
+    """Python's own SIGINT handler while a test runs, the inherited one put back after: a test
+    worker process (pytest-xdist) may have set SIGINT aside, or a test before (Ray) its own."""
+    import signal
+
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, inherited)
+
+
+def test_a_stop_signal_is_noted_where_it_lands_and_acted_on_by_the_loop(python_sigint_handler):
     # A Ctrl-C used to raise wherever it landed; in the middle of an import (the driver's first
     # FLOPs count imports half of torch) it came out as a TypeError and a crashed driver.
     import signal

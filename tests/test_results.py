@@ -213,6 +213,29 @@ def test_compare_pairs_seeds_and_images_per_depth_and_stratifies_overall(results
     assert few["note"].startswith("few seeds (n=2); mean over 2 configurations")
 
 
+def test_the_all_row_is_over_the_seeds_every_configuration_has(results, raw_trials):
+    # Depth 8 without its last seed: the "all" row is over seeds 0 and 1 only, and its side
+    # columns (pairs, means) are over the same rows as its estimate.
+    table = results.where(f"depth == {DEPTHS[1]} or seed < 2").compare("shortcut", "A")
+    points = _by_point(raw_trials)
+    rows = {row["depth"]: row for row in table.to_dict("records")}
+    assert (rows[DEPTHS[0]]["n_pairs"], rows[DEPTHS[1]]["n_pairs"]) == (2, 3)
+    overall, common = rows["all"], (0, 1)
+    base = [points[(d, "A", s)] for d in DEPTHS for s in common]
+    level = [points[(d, "none", s)] for d in DEPTHS for s in common]
+    assert overall["n_pairs"] == len(DEPTHS) * len(common)
+    assert overall["test_error_baseline"] == pytest.approx(np.mean(base))
+    assert overall["test_error_level"] == pytest.approx(np.mean(level))
+    assert overall["diff_mean"] == pytest.approx(np.mean(level) - np.mean(base))
+    assert "on the 2 seeds all of them have" in overall["note"]
+    # No seed in common: no estimate, and a note that says why.
+    apart = results.where(f"(depth == {DEPTHS[0]} and seed == 0) or (depth == {DEPTHS[1]} "
+                          "and seed > 0)").compare("shortcut", "A").iloc[-1]
+    assert np.isnan(apart["diff_mean"]) and apart["n_pairs"] == 0
+    assert apart["note"] == "no seed that all 2 configurations have"
+    assert apart["method"] == "stratified over configurations"
+
+
 def test_compare_of_a_metric_without_test_sampling_is_the_paired_t_test(results, raw_trials):
     table = results.compare("shortcut", "A", metric="train_error")
     train_error = {(t.params["depth"], t.params["shortcut"], t.user_attrs["seed"]):

@@ -94,9 +94,9 @@ def test_paired_test_keeps_its_type_one_error_at_2_to_10_seeds(regime):
 
 
 def test_two_seeds_that_dominate_the_variance_are_covered_as_students_t_covers_them():
-    # Seeds that vary as much as a large test set samples: the crossed interval is then the t
+    # Seeds that vary far more than a large test set samples: the crossed interval is then the t
     # interval over the seed means, exact under normality. A calibration that narrowed it at two
-    # seeds covered 92%; it must cover as the t interval does, within simulation error.
+    # seeds covered 91-92%; it must cover as the t interval does, within simulation error.
     seed_sd, image_sd, images = 0.8, 0.3, 2000
     offset = _offset_for(0.08, seed_sd, image_sd)
     truth = _true_error(offset, seed_sd, image_sd)
@@ -109,10 +109,10 @@ def test_two_seeds_that_dominate_the_variance_are_covered_as_students_t_covers_t
         seed_means = table.mean(axis=1)
         half = scipy_stats.t.ppf(0.975, 1) * scipy_stats.sem(seed_means)
         over_seeds += abs(seed_means.mean() - truth) <= half
-    # Both cover 94% here (the t interval is exact only for normal seed means); the calibrated
-    # pivot it replaced, 91.3%.
-    assert crossed >= over_seeds - 0.01 * REPLICATIONS and crossed >= 0.93 * REPLICATIONS, \
-        (crossed, over_seeds)
+    # Both cover about 93% here, not 95%: seed effects on the logit scale make the seed means
+    # skewed, and the t interval is exact only for normal ones. The calibrated pivot this
+    # replaced covered 2.7 points less than the t interval on the same tables.
+    assert crossed >= over_seeds - 0.01 * REPLICATIONS, (crossed, over_seeds)
 
 
 def test_tied_seeds_that_differ_on_a_few_images_keep_the_type_one_error():
@@ -284,8 +284,34 @@ _ROW = np.r_[np.ones(9), np.zeros(91)]  # 9 of 100 wrong
     (lambda: stats.contrast(None, [1, -1], [[0.1, np.inf], [0.1, 0.1]], 100),
      r"contrast, cell 0: an error rate is a number in \[0, 1\]; seed 1 has inf"),
     (lambda: stats.error_rate(None, [0.1, 0.1], 0), r"size is a whole number of images >= 1"),
-    (lambda: stats.seed_mean([1.0, np.nan]), r"one finite value per seed"),
+    (lambda: stats.error_rate(None, [0.1, 0.1], math.inf), r"or None where not recorded; got inf"),
+    (lambda: stats.error_rate(None, [0.1, 0.1], True), r"or None where not recorded; got True"),
+    (lambda: stats.error_rate(None, [0.1, 0.1], np.array([100])), r"whole number of images"),
+    (lambda: stats.error_rate([np.array([]), np.array([])], [0.1, 0.1], None),
+     r"got 0 \(the length of the outcome vectors\)"),
+    (lambda: stats.error_rate([_ROW, None], [0.09, 0.09], 100),
+     r"seed 1's outcomes cover none and the test set has 100"),
+    (lambda: stats.error_rate(None, [[0.1, 0.2], [0.1]], 100), r"one error rate per seed, a flat"),
+    (lambda: stats.error_rate([_ROW, _ROW], [0.09, 0.09], 100, level=1.2),
+     r"level is a number between 0 and 1"),
+    (lambda: stats.contrast([[_ROW, _ROW]], [1, -1], [[0.09, 0.09], [0.09, 0.09]], 100),
+     r"outcome tables for 1 cells and 2 weights"),
+    (lambda: stats.contrast(None, [1, np.nan], [[0.09, 0.09], [0.09, 0.09]], 100),
+     r"contrast's weights: give one finite value per seed; seed 1 has nan"),
+    (lambda: stats.seed_mean([1.0, np.nan]), r"one finite value per seed; seed 1 has nan"),
+    (lambda: stats.seed_mean(["a", "b"]), r"one value per seed, a flat sequence of numbers"),
+    (lambda: stats.seed_mean([1.0, 2.0], (1.0, 0.0)), r"low <= high"),
 ])
 def test_inputs_that_cannot_describe_seeds_on_one_test_set_raise_one_clear_error(call, complaint):
     with pytest.raises(ValueError, match=complaint):
         call()
+
+
+def test_intervals_at_any_level_nest_inside_the_95_percent_one():
+    # A 50% interval: the calibration's widening of alpha (up to 2.2x) must not push it past 1.
+    rng = np.random.default_rng(8)
+    for _ in range(50):
+        table = (rng.random((3, 200)) < rng.uniform(0.05, 0.3)).astype(float)
+        wide, narrow = (stats.error_rate(list(table), table.mean(axis=1), 200, level=level)
+                        for level in (0.95, 0.5))
+        assert wide.low <= narrow.low <= narrow.high <= wide.high

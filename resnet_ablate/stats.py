@@ -7,28 +7,29 @@ themselves. An interval over seeds alone is an interval for *this test set's* me
 narrow for the error rate, more so as seeds are added, and zero-width when two seeds happen to
 miss the same number of images. The methods here take both into account.
 
-**The model (two-way crossed random effects).** The outcome of seed i on test image j is
-``w_ij = mu + a_i + b_j + e_ij``: a seed effect (variance s2_seed), an image effect (s2_image)
-and their interaction (s2_resid), seeds and test images drawn independently from their
-populations. The quantity estimated is ``mu``, the error rate over both. The variance of the
-table's grand mean is ``s2_seed/n + s2_image/N + s2_resid/(n N)``, estimated without bias from
-the table's ANOVA mean squares (see `_crossed`): ``(MS_seed + MS_image - MS_resid)/(n N)``. Its
-first part, the seeds' share ``s2_seed/n + s2_resid/(n N) = E[MS_seed]/(n N)``, rests on n - 1
-degrees of freedom, one at n = 2; the rest, the test images' ``s2_image/N``, on hundreds. The
-interval comes from a generalized pivotal quantity (Weerahandi) that draws the seeds' part from
-what its mean square allows: where seeds dominate it is Student's t with n - 1 df (exact for
-normal seed means), and where the test images dominate it is the normal interval. In between,
-with so few degrees of freedom, a pivot of this kind over-covers (up to 98.8% at n = 2).
-**Calibration** (from n = 3 on): the pivot is taken at a level that depends on the seed share
-the table shows and on n (`_alpha_widening`), chosen so that under the model the coverage of
-the 95% interval stays at 95.5% +- 1 point at every true seed share (minimax over the share,
-half a point to the safe side; `benchmarks/calibrate_pivot.py` made the constants and plots the
-coverage before and after). At n = 2 the pivot is taken as it is: conservative (see
-`PIVOT_CALIBRATION`). At other levels alpha is changed in the same proportion; the p-value is
-rescaled so that p < 0.05 exactly when the 95% interval excludes zero. The coverage is over
-studies: a table whose seeds happen to nearly tie shows a small seed share and covers less
-(about 76-87% at n = 2 in the tests' regimes), one that shows a large share more, as Student's t
-does conditional on a small sample variance.
+**The model (two-way crossed random effects).** The outcome of seed i on test image j is ``w_ij =
+mu + a_i + b_j + e_ij``: a seed effect (variance s2_seed), an image effect (s2_image) and their
+interaction (s2_resid), seeds and test images drawn independently from their populations. The
+quantity estimated is ``mu``, the error rate over both. The variance of the table's grand mean is
+``s2_seed/n + s2_image/N + s2_resid/(n N)``, estimated without bias from the table's ANOVA mean
+squares (see `_crossed`): ``(MS_seed + MS_image - MS_resid)/(n N)``. Its first part, the seeds'
+share ``s2_seed/n + s2_resid/(n N) = E[MS_seed]/(n N)``, rests on n - 1 degrees of freedom, one at
+n = 2; the rest, the test images' ``s2_image/N``, on as many as the images that carry it allow
+(Satterthwaite's moment match, `seed_tables.image_df`: up to N - 1 where many do, about twice their
+count where a few do, as in a paired table that differs on a handful of images). The interval comes
+from a generalized pivotal quantity (Weerahandi) that draws each part from what its mean square
+allows: where seeds dominate it is Student's t with n - 1 df (exact for normal seed means), and
+where the test images dominate it is the normal interval. In between, with so few degrees of
+freedom, a pivot of this kind over-covers (up to 98.8% at n = 2). **Calibration** (from n = 3 on):
+the pivot is taken at a level that depends on the seed share the table shows and on n
+(`_alpha_widening`), chosen so that under the model the coverage of the 95% interval stays at 95.5%
++- 1 point at every true seed share (minimax over the share, half a point to the safe side;
+`benchmarks/calibrate_pivot.py` made the constants and plots the coverage before and after). At n =
+2 the pivot is taken as it is: conservative (see `PIVOT_CALIBRATION`). At other levels alpha is
+changed in the same proportion; the p-value is rescaled so that p < 0.05 exactly when the 95%
+interval excludes zero. The coverage is over studies: a table whose seeds happen to nearly tie
+shows a small seed share and covers less (about 76-87% at n = 2 in the tests' regimes), one that
+shows a large share more, as Student's t does conditional on a small sample variance.
 
 Paired comparisons apply the same analysis to the table of differences ``w(level) - w(baseline)``
 (seeds paired by seed number, images by position): the images' shared difficulty cancels, which
@@ -49,11 +50,9 @@ error or disagreement, gives a zero-width interval; on ordinary tables it does n
 that did would make the interval conservative). Intervals are clipped to the metric's range.
 With one seed there is no estimate of seed-to-seed variation and no interval.
 
-Inputs that cannot describe seeds scored on one test set (a rate outside [0, 1] or NaN, outcomes
-that are not 0/1, whose count or length disagrees with the rates and the size, or whose mean is
-not the seed's rate) raise one ValueError that says which seed and what is wrong. Without the
-test set's size an interval is over seeds only and conditional on this test set; seeds that tie
-then get none (a zero-width interval would claim certainty).
+Inputs that cannot describe seeds scored on one test set raise one ValueError (seed_tables.py).
+Without the test set's size an interval is over seeds only and conditional on this test set;
+seeds that tie then get none (a zero-width interval would claim certainty).
 
 The tests (tests/test_stats.py) hold these methods to simulated studies drawn from the model with
 known truth (in its Bernoulli form, a logistic model of seeds and images): in two regimes (seeds
@@ -78,7 +77,7 @@ from scipy import optimize
 from scipy import stats as scipy_stats
 from scipy.special import ndtr  # the normal distribution function, without scipy.stats' overhead
 
-from .seed_tables import (checked_bounds, checked_level, finite_values, outcome_table,
+from .seed_tables import (checked_bounds, checked_level, finite_values, image_df, outcome_table,
                           rates_per_seed, test_set_size)
 
 LEVEL = 0.95
@@ -128,15 +127,23 @@ def _chi2_draws(seed_df: int, stream: int) -> np.ndarray:
     return draws
 
 
-def _pivot_variances(seed_scale: float, seed_df: int, fixed: float, stream: int = 0) -> np.ndarray:
+def _pivot_variances(seed_scale: float, seed_df: int, fixed: float, stream: int = 0,
+                     fixed_df: int | None = None) -> np.ndarray:
     """Draws of the variance of the mean given what the table shows.
 
     The seeds' part has an estimate `seed_scale` with only n - 1 degrees of freedom: its true
     value is drawn as ``seed_scale * df / X`` with ``X ~ chi2(df)`` (Weerahandi's generalized
-    pivotal quantity), the test-image part (`fixed`, N - 1 degrees of freedom with N in the
-    hundreds or more) taken as known. At n = 2 this is what keeps the interval honest: one
-    degree of freedom cannot rule out a seed variance several times the one observed."""
-    return seed_scale * seed_df / _chi2_draws(seed_df, stream) + fixed
+    pivotal quantity). At n = 2 this is what keeps the interval honest: one degree of freedom
+    cannot rule out a seed variance several times the one observed. The test images' part
+    (`fixed`) is drawn the same way with its own `fixed_df` (`seed_tables.image_df`),
+    independently; None takes it as known (the binomial bound, an upper bound already)."""
+    variances = seed_scale * seed_df / _chi2_draws(seed_df, stream) + fixed
+    if fixed_df is not None:
+        variances += fixed * (fixed_df / _chi2_draws(fixed_df, stream + _IMAGE_STREAMS) - 1)
+    return variances
+
+
+_IMAGE_STREAMS = 16  # the images' draws use streams of their own: independent of the seeds'
 
 
 @dataclass(frozen=True)
@@ -215,8 +222,9 @@ def _crossed(table: np.ndarray, stream: int) -> tuple[float, Pivot]:
 
     The variance of the grand mean is written as two parts, each from mean squares: the seeds'
     ``MS_seed/(n N)``, uncertain (n - 1 df, see `_pivot_variances`), and the test images'
-    ``(MS_image - MS_resid)/(n N)``, precise. A floor keeps a table without a single error (or
-    disagreement) from a zero width."""
+    ``(MS_image - MS_resid)/(n N)``, precise where many images carry it and less so where few do
+    (`seed_tables.image_df`). A floor keeps a table without a single error (or disagreement)
+    from a zero width."""
     n, images = table.shape
     grand = float(table.mean())
     seed_means, image_means = table.mean(axis=1), table.mean(axis=0)
@@ -232,7 +240,7 @@ def _crossed(table: np.ndarray, stream: int) -> tuple[float, Pivot]:
     # and no higher: a floor that binds on ordinary tables truncates the pivot and makes it
     # conservative.
     test_images = max(test_images, _floor(0.0, images) - seeds)
-    variances = _pivot_variances(seeds, n - 1, test_images, stream)
+    variances = _pivot_variances(seeds, n - 1, test_images, stream, image_df(image_means))
     return grand, Pivot(variances, n - 1, seeds / (seeds + test_images))
 
 
@@ -260,10 +268,6 @@ ONE_SEED = "one seed: seed-to-seed variation unknown, no interval"
 SIZE_UNKNOWN = "conditional on this test set: its size was not recorded"
 TIED_SIZE_UNKNOWN = ("seeds tie and the test set's size was not recorded: no interval (a spread "
                      "over seeds alone would claim certainty)")
-
-
-# ----------------------------------------------------------------------------------------------
-# The estimates
 
 
 def error_rate(outcomes: Sequence[np.ndarray] | None, rates: Sequence[float],

@@ -188,17 +188,35 @@ def test_one_seed_gives_no_interval_and_says_why():
 def test_crossed_analysis_matches_hand_computed_mean_squares_when_seeds_do_not_vary():
     # Deterministic images (every seed misses the same 40 of 400): no seed or residual variance,
     # so the variance of the mean is the image part alone, p(1 - p)/N with the ANOVA's N - 1:
-    # MS_image / (n N) = n * sum((c_j - p)^2) / (N - 1) / (n N).
-    images, n = 400, 3
+    # MS_image / (n N) = n * sum((c_j - p)^2) / (N - 1) / (n N). Its degrees of freedom by
+    # Satterthwaite's moment match, 2 N / (k - 1) with k the kurtosis of 0/1 values at p = 0.1,
+    # (1 - 3 p q) / (p q); with no seed part, the pivot is then Student's t with that many.
+    images, n, p = 400, 3, 0.1
     row = np.r_[np.ones(40), np.zeros(images - 40)]
-    estimate = stats.error_rate([row] * n, [0.1] * n, images)
-    variance = 0.1 * 0.9 * images / (images - 1) / images
-    assert estimate.se == pytest.approx(math.sqrt(variance), rel=1e-6)
-    # The normal interval, at the level the calibration gives a table whose seeds have no share.
+    estimate = stats.error_rate([row] * n, [p] * n, images)
+    variance = p * (1 - p) * images / (images - 1) / images
+    kurtosis = (1 - 3 * p * (1 - p)) / (p * (1 - p))
+    df = round(2 * images / (kurtosis - 1))
+    assert estimate.se == pytest.approx(
+        math.sqrt(variance * df / scipy_stats.chi2.median(df)), rel=1e-3)
+    # The t interval, at the level the calibration gives a table whose seeds have no share.
     level = stats.PIVOT_CALIBRATION[n - 1][0]
-    half = scipy_stats.norm.ppf(0.5 + level / 2) * math.sqrt(variance)
-    assert (estimate.low, estimate.high) == (pytest.approx(0.1 - half, rel=1e-3),
-                                             pytest.approx(0.1 + half, rel=1e-3))
+    half = scipy_stats.t.ppf(0.5 + level / 2, df) * math.sqrt(variance)
+    assert (estimate.low, estimate.high) == (pytest.approx(p - half, rel=1e-3),
+                                             pytest.approx(p + half, rel=1e-3))
+
+
+def test_a_few_discordant_images_rest_on_few_degrees_of_freedom():
+    # Two tied seeds, 4 of 1,000 images right where the baseline was wrong: as a sign test on
+    # those 4 (exact p = 0.125), not a normal approximation over 999 images (p = 0.046, which
+    # rejected 12% of such null tables).
+    images = 1000
+    base = np.r_[np.ones(80), np.zeros(images - 80)]
+    level = base.copy()
+    level[:4] = 0
+    estimate = stats.paired_difference([base] * 2, [level] * 2, [0.08] * 2, [0.076] * 2, images)
+    assert estimate.p_value > 0.05
+    assert estimate.p_value == pytest.approx(scipy_stats.t.sf(2.0, 8) * 2, rel=0.05)
 
 
 def test_seed_mean_is_students_t_and_clipped():

@@ -77,11 +77,12 @@ def on_common_seeds(values: pd.DataFrame, others: Sequence[str]) -> pd.DataFrame
 
 def stratified_contrast(results: Results, values: pd.DataFrame, trials: pd.DataFrame,
                         others: Sequence[str], weights: Sequence[float], metric: str,
-                        bounds: tuple[float, float]) -> stats.Estimate:
+                        bounds: tuple[float, float]) -> tuple[stats.Estimate, pd.DataFrame]:
     """The mean over the configurations of the `others` factors of each one's contrast (see
     `paired_contrast`; `values` and `trials` indexed by the `others` and "seed"), on the seeds
-    that all k configurations have (`on_common_seeds`: the caller's side columns should be
-    over the same rows): one contrast over every configuration's cells, weighted 1/k. Each seed
+    that all k configurations have (`on_common_seeds`), and those rows of `values` (a caller's
+    side columns are over them too): one contrast over every configuration's cells, weighted
+    1/k. Each seed
     is one paired unit and, for error rates, each test image one too: the configurations share
     the test set (and perhaps what a seed number fixes), so their differences are averaged seed
     by seed and image by image, never combined as independent."""
@@ -89,8 +90,9 @@ def stratified_contrast(results: Results, values: pd.DataFrame, trials: pd.DataF
     method = "stratified over configurations"
     used = on_common_seeds(values, others)
     if used.empty:
+        none = f"no seed that all {configurations} configurations have"
         return stats.Estimate(math.nan, math.nan, math.nan, math.nan, math.nan, math.nan, 0,
-                              method, f"no seed that all {configurations} configurations have")
+                              method, none), used
     cells = values.columns.nlevels
     wide = used.unstack(list(others)).dropna(axis=1, how="all")
     weight_of = dict(zip(values.columns, weights))
@@ -102,7 +104,7 @@ def stratified_contrast(results: Results, values: pd.DataFrame, trials: pd.DataF
     note = (f"mean over {configurations} configurations, on the {seeds} "
             f"seed{'s' if seeds != 1 else ''} all of them have")
     return dataclasses.replace(estimate, note="; ".join(filter(None, [note, estimate.note])),
-                               method=f"{method} ({estimate.method})")
+                               method=f"{method} ({estimate.method})"), used
 
 
 def complement(estimate: stats.Estimate) -> stats.Estimate:

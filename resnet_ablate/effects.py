@@ -31,8 +31,8 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .contrasts import (difference_bounds, note, on_common_seeds, paired_contrast, plain,
-                        stratified_contrast, with_methods)
+from .contrasts import (difference_bounds, note, paired_contrast, plain, stratified_contrast,
+                        with_methods)
 from .storage import ResultsError
 
 if TYPE_CHECKING:
@@ -163,9 +163,8 @@ def _interaction(results: Results, f: tuple[str, Any, Any], g: tuple[str, Any, A
     elif configurations == 1:
         estimate = paired_contrast(results, quads[cells], trials, weights, metric, bounds)
     else:
-        estimate = stratified_contrast(results, quads[cells], trials, others, weights, metric,
-                                       bounds)
-        quads = on_common_seeds(quads, others)  # the pairs it is over
+        estimate, quads = stratified_contrast(results, quads[cells], trials, others, weights,
+                                              metric, bounds)
     return _row("interaction", f"{f_name} x {g_name}", f"{_text(f_level)} x {_text(g_level)}",
                 f"{_text(f_base)} x {_text(g_base)}", len(quads), estimate, metric)
 

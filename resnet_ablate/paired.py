@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .contrasts import (difference_bounds, note, on_common_seeds, paired_contrast, plain,
-                        stratified_contrast, with_methods)
+from .contrasts import (difference_bounds, note, paired_contrast, plain, stratified_contrast,
+                        with_methods)
 from .storage import ResultsError
 
 if TYPE_CHECKING:
@@ -62,9 +62,8 @@ def compare(results: Results, factor: str, baseline: Any,
             rows.append(_paired_row(factor, level, baseline, metric, dict(zip(others, key)),
                                     group[baseline], group[level], estimate))
         if len(groups) > 1:
-            overall = stratified_contrast(results, pairs, trials, others, (-1.0, 1.0), metric,
-                                          bounds)
-            used = on_common_seeds(pairs, others)
+            overall, used = stratified_contrast(results, pairs, trials, others, (-1.0, 1.0),
+                                                metric, bounds)
             rows.append(_paired_row(factor, level, baseline, metric,
                                     {name: "all" for name in others}, used[baseline],
                                     used[level], overall))

@@ -10,6 +10,19 @@ from __future__ import annotations
 import torch
 
 
+def _eval_takes_zero_eps() -> bool:
+    """Whether this PyTorch's F.batch_norm takes eps=0 in eval, as it does from 2.12 on (before,
+    it refuses eps <= 0 in every mode, in other words). Asked of F.batch_norm itself, once."""
+    try:
+        torch.nn.functional.batch_norm(torch.zeros(1, 1), torch.zeros(1), torch.ones(1), eps=0.0)
+    except ValueError:
+        return False
+    return True
+
+
+_EVAL_TAKES_ZERO_EPS = _eval_takes_zero_eps()
+
+
 def check_arguments(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,
@@ -33,6 +46,8 @@ def check_arguments(
             f"momentum must be a float, got {type(momentum).__name__}; for a cumulative moving "
             "average pass 1 / (number of batches seen), as nn.BatchNorm2d(momentum=None) does"
         )
+    if not _EVAL_TAKES_ZERO_EPS and eps <= 0:
+        raise ValueError(f"batch_norm eps must be positive, but got {eps}")
     if training and eps <= 0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
 from .batch_norm import fused_batch_norm
+
+# nn.BatchNorm2d takes `bias` from PyTorch 2.12 on; before, the module drops its bias itself.
+_BATCH_NORM_TAKES_BIAS = "bias" in inspect.signature(nn.BatchNorm2d.__init__).parameters
 
 
 class FusedBatchNorm2d(nn.BatchNorm2d):
@@ -29,9 +34,21 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
         *,
         bias: bool = True,
     ) -> None:
+        bias_flag = {"bias": bias} if _BATCH_NORM_TAKES_BIAS else {}
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         bias=bias)
+                         **bias_flag)
+        if not bias:
+            self.bias = None  # still a registered parameter, as PyTorch 2.12's bias=False leaves it
         self.relu = relu
+
+    def reset_parameters(self) -> None:
+        """nn.BatchNorm2d's, for a module without a bias too (before PyTorch 2.12 its
+        reset_parameters assumes that an affine module has one)."""
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input_dim(input)

@@ -3,17 +3,27 @@
 #
 #   bash benchmarks/rehearse_gpu_machine.sh [VENV]
 #
-# The GPU check runs on the machine's python3 as it is: an older PyTorch and Triton than this
-# project develops on, and none of Ray, Optuna or fvcore (benchmarks/gpu_machine.txt). A check
-# that passes on the development versions can fail there on the first line of every step, and a
-# lease is too short to find out. This builds a virtual environment with exactly those versions
-# and packages in VENV (default .cache/gpu-machine-venv; later runs reuse it), then runs
-# `gpu_check.sh --rehearse` in it; $OUT is passed through. Exits as the rehearsal does.
+# The GPU check runs on the machine's python3 as it is: Python 3.12, an older PyTorch and Triton
+# than this project develops on, and none of Ray, Optuna or fvcore (benchmarks/gpu_machine.txt).
+# A check that passes on the development versions can fail there on the first line of every step,
+# and a lease is too short to find out. This builds a virtual environment with exactly those
+# versions and packages in VENV (default .cache/gpu-machine-venv; later runs reuse it), on Python
+# 3.12 where this machine has one (else on python3, saying so), then runs `gpu_check.sh
+# --rehearse` in it; $OUT is passed through. Exits as the rehearsal does.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${1:-.cache/gpu-machine-venv}"
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-# Pinned torch first, from the requirements file: an unpinned one would pull the newest build.
+
+python_3_12() {  # a Python 3.12 that runs: on the PATH, or one that pyenv keeps off it
+    local candidate
+    for candidate in python3.12 $(compgen -G "$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12"); do
+        "$candidate" -c "" 2>/dev/null && { echo "$candidate"; return; }
+    done
+    echo "rehearse_gpu_machine: no Python 3.12 here; building on python3 instead" >&2
+    echo python3
+}
+[ -x "$venv/bin/python" ] || "$(python_3_12)" -m venv "$venv"
+# The file pins torch and Triton: an unpinned torch would pull the newest build.
 "$venv/bin/python" -m pip install --quiet -r benchmarks/gpu_machine.txt
-"$venv/bin/python" -c "import torch, triton; print('gpu-machine rehearsal: torch', torch.__version__, '| triton', triton.__version__)"
+"$venv/bin/python" -c "import sys, torch, triton; print('gpu-machine rehearsal: python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__)"
 PYTHON="$venv/bin/python" exec bash benchmarks/gpu_check.sh --rehearse

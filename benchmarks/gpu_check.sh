@@ -10,7 +10,8 @@
 # loop, with the kernels, CUDA graphs and torch.compile (bench_trial.py); the fused kernels alone
 # on every ResNet-50 and ResNet-56 shape in bf16 channels_last (bench_batch_norm_act.py); 1, 2, 4
 # and 8 trials packed on the device (bench_packing.py); the loader against the step
-# (bench_loader.py); the host cost per layer (bench_host.py, optional: run when present). Every
+# (bench_loader.py); the host cost per layer (bench_host.py, optional: run when present); and in
+# the rehearsal only, the kernels compiled for sm_90 by the machine's Triton, with no GPU. Every
 # benchmark warms up (Triton's JIT, torch.compile, cuDNN) outside its timed region. Then
 # benchmarks/gpu_summary.py writes $OUT/summary.md: every ratio against its goal and Table 6
 # projected. Exits 1 when a step failed or wrote no rows. $OUT defaults to a new temporary folder.
@@ -86,6 +87,7 @@ grep -q "^resnet_ablate from $site/" "$out/machine.txt" || {
 rows_in() {  # data rows of a CSV, test cases of a JUnit XML file, 0 when absent
     case "$1" in
         *.xml) [ -f "$1" ] && grep -o "<testcase " "$1" | wc -l || echo 0 ;;
+        *.jsonl) [ -f "$1" ] && wc -l <"$1" || echo 0 ;;
         *) [ -f "$1" ] && echo $(( $(wc -l <"$1") - 1 )) || echo 0 ;;
     esac
 }
@@ -169,6 +171,14 @@ fi
 step trial_compile "${limits[6]}" "$out/trial.csv" $python bench_trial.py --device $device \
     --repeats 1 "${compile_args[@]}" --variants plain project project+compile \
     --csv "$out/trial.csv"
+
+# Rehearsal only (on a GPU every step compiles the kernels for real): this Triton compiles them
+# for sm_90 with no GPU, one launch a line, for an eighth of the ResNet epilogues that
+# tests/compile_kernels_for_hopper.py knows (row and span kernels, with a residual and without).
+if [ "$rehearse" = 1 ]; then
+    step compile_sm90 60 "$out/sm90_launches.jsonl" bash -c "cd /tmp && env -u TRITON_INTERPRET \
+        '$python' '$repo/tests/compile_kernels_for_hopper.py' 0 8 >>'$out/sm90_launches.jsonl'"
+fi
 
 echo "== all steps: $((SECONDS - started_all)) s"
 $python gpu_summary.py "$out" --check

@@ -2,6 +2,7 @@
 # The GPU check's rehearsal with the GPU machine's own PyTorch and Triton (CI runs it).
 #
 #   bash benchmarks/rehearse_gpu_machine.sh [VENV]
+#   bash benchmarks/rehearse_gpu_machine.sh --setup-only [VENV]   # build VENV, rehearse nothing
 #
 # The GPU check runs on the machine's python3 as it is: Python 3.12, an older PyTorch and Triton
 # than this project develops on, and none of Ray, Optuna or fvcore (benchmarks/gpu_machine.txt).
@@ -9,9 +10,12 @@
 # and a lease is too short to find out. This builds a virtual environment with exactly those
 # versions and packages in VENV (default .cache/gpu-machine-venv; later runs reuse it), on Python
 # 3.12 where this machine has one (else on python3, saying so), then runs `gpu_check.sh
-# --rehearse` in it; $OUT is passed through. Exits as the rehearsal does.
+# --rehearse` in it; $OUT is passed through. Exits as the rehearsal does. (CI builds the
+# environment with --setup-only while its tests run: mostly a download, while they mostly wait.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+setup_only=false
+if [ "${1:-}" = --setup-only ]; then setup_only=true; shift; fi
 venv="${1:-.cache/gpu-machine-venv}"
 
 python_3_12() {  # a Python 3.12 that runs: on the PATH, or one that pyenv keeps off it
@@ -26,4 +30,4 @@ python_3_12() {  # a Python 3.12 that runs: on the PATH, or one that pyenv keeps
 # The file pins torch and Triton: an unpinned torch would pull the newest build.
 "$venv/bin/python" -m pip install --quiet -r benchmarks/gpu_machine.txt
 "$venv/bin/python" -c "import sys, torch, triton; print('gpu-machine rehearsal: python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__)"
-PYTHON="$venv/bin/python" exec bash benchmarks/gpu_check.sh --rehearse
+$setup_only || PYTHON="$venv/bin/python" exec bash benchmarks/gpu_check.sh --rehearse

@@ -12,7 +12,7 @@ import torch
 
 def _eval_takes_zero_eps() -> bool:
     """Whether this PyTorch's F.batch_norm takes eps=0 in eval, as it does from 2.12 on (before,
-    it refuses eps <= 0 in every mode, in other words). Asked of F.batch_norm itself, once."""
+    it refuses eps <= 0 in every mode, worded otherwise). Asked of F.batch_norm itself, once."""
     try:
         torch.nn.functional.batch_norm(torch.zeros(1, 1), torch.zeros(1), torch.ones(1), eps=0.0)
     except ValueError:

@@ -719,7 +719,7 @@ def test_affine_weight_without_bias_as_nn_batchnorm2d(backend):
         reference = torch.nn.BatchNorm2d(4)
         reference.bias = None
     fused = FusedBatchNorm2d(4, bias=False, relu=False)
-    fused.reset_parameters()  # keeps the weight, leaves the missing bias alone
+    fused.reset_parameters()  # on every PyTorch, with no bias to reset
     with torch.no_grad():
         reference.weight.uniform_(0.5, 1.5)
     fused.load_state_dict(reference.state_dict(), strict=True)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import warnings
 from collections.abc import Iterator
 from typing import Literal
 
@@ -32,6 +34,27 @@ except ImportError:  # no Triton wheel for this platform: the PyTorch path still
 Backend = Literal["auto", "triton", "torch"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
 TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def interpreter_fails_with_numpy(triton_version: str, numpy_version: str) -> bool:
+    """Whether Triton's interpreter fails on some shapes with this numpy: Triton 3.6's turns a
+    one-element array into a loop bound with int(), which numpy 2.4 made an error; from 3.7 on it
+    squeezes the array first."""
+    def release(version: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    return release(triton_version) < (3, 7) and release(numpy_version) >= (2, 4)
+
+
+if TRITON_INTERPRETED and _triton_impl is not None:
+    import numpy
+    import triton
+
+    if interpreter_fails_with_numpy(triton.__version__, numpy.__version__):
+        warnings.warn(
+            f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) fails on some shapes "
+            f"with numpy {numpy.__version__} (\"only 0-dimensional arrays can be converted to Python "
+            "scalars\"): install triton>=3.7 or numpy<2.4 to run the kernels through it",
+            RuntimeWarning, stacklevel=2)
 
 
 def _validated_backend(name: str) -> Backend:

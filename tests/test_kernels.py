@@ -537,6 +537,18 @@ def test_an_empty_batch_behaves_as_pytorch(backend, training):
     assert torch.equal(rm, rm_before) and torch.equal(rv, rv_before)
 
 
+@pytest.mark.parametrize("triton_version, numpy_version, fails", [
+    ("3.6.0", "2.5.2", True), ("3.6.0", "2.4.0", True), ("3.6.0", "2.3.5", False),
+    ("3.7.0", "2.5.2", False), ("3.9.0", "2.4.6", False), ("3.6.0+git1a2b", "2.4.0rc1", True)])
+def test_the_interpreter_warning_names_triton_36_with_numpy_24_on(triton_version, numpy_version,
+                                                                  fails):
+    """The pairs seen here: Triton 3.6's interpreter failed 141 kernel tests with numpy 2.5.2 and
+    none with 2.3.5; 3.9's passes with 2.4.6 (3.7's source squeezes the array it converts)."""
+    from resnet_ablate.kernels.backends import interpreter_fails_with_numpy
+
+    assert interpreter_fails_with_numpy(triton_version, numpy_version) is fails
+
+
 def _outcome(call):
     """What a call gives: its output, or the type and words of what it raised."""
     try:

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 
 from .batch_norm import fused_batch_norm
-
-# nn.BatchNorm2d takes `bias` from PyTorch 2.12 on; before, the module drops its bias itself.
-_BATCH_NORM_TAKES_BIAS = "bias" in inspect.signature(nn.BatchNorm2d.__init__).parameters
 
 
 class FusedBatchNorm2d(nn.BatchNorm2d):
@@ -34,11 +29,11 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
         *,
         bias: bool = True,
     ) -> None:
-        bias_flag = {"bias": bias} if _BATCH_NORM_TAKES_BIAS else {}
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         **bias_flag)
+        # nn.BatchNorm2d takes `bias` only from PyTorch 2.12 on: the bias is dropped here, on
+        # every version, as its bias=False leaves it (a registered parameter that is None).
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         if not bias:
-            self.bias = None  # still a registered parameter, as PyTorch 2.12's bias=False leaves it
+            self.bias = None
         self.relu = relu
 
     def reset_parameters(self) -> None:

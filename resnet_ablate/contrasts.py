@@ -82,17 +82,16 @@ def stratified_contrast(results: Results, values: pd.DataFrame, trials: pd.DataF
     `paired_contrast`; `values` and `trials` indexed by the `others` and "seed"), on the seeds
     that all k configurations have (`on_common_seeds`), and those rows of `values` (a caller's
     side columns are over them too): one contrast over every configuration's cells, weighted
-    1/k. Each seed
-    is one paired unit and, for error rates, each test image one too: the configurations share
-    the test set (and perhaps what a seed number fixes), so their differences are averaged seed
-    by seed and image by image, never combined as independent."""
+    1/k. Each seed is one paired unit and, for error rates, each test image one too: the
+    configurations share the test set (and perhaps what a seed number fixes), so their
+    differences are averaged seed by seed and image by image, never combined as independent."""
     configurations = len(set(values.index.droplevel("seed")))
     method = "stratified over configurations"
     used = on_common_seeds(values, others)
     if used.empty:
-        none = f"no seed that all {configurations} configurations have"
+        why = f"no seed that all {configurations} configurations have"
         return stats.Estimate(math.nan, math.nan, math.nan, math.nan, math.nan, math.nan, 0,
-                              method, none), used
+                              method, why), used
     cells = values.columns.nlevels
     wide = used.unstack(list(others)).dropna(axis=1, how="all")
     weight_of = dict(zip(values.columns, weights))

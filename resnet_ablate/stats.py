@@ -127,6 +127,9 @@ def _chi2_draws(seed_df: int, stream: int) -> np.ndarray:
     return draws
 
 
+_IMAGE_STREAMS = 16  # the images' draws use streams of their own: independent of the seeds'
+
+
 def _pivot_variances(seed_scale: float, seed_df: int, fixed: float, stream: int = 0,
                      fixed_df: int | None = None) -> np.ndarray:
     """Draws of the variance of the mean given what the table shows.
@@ -141,9 +144,6 @@ def _pivot_variances(seed_scale: float, seed_df: int, fixed: float, stream: int 
     if fixed_df is not None:
         variances += fixed * (fixed_df / _chi2_draws(fixed_df, stream + _IMAGE_STREAMS) - 1)
     return variances
-
-
-_IMAGE_STREAMS = 16  # the images' draws use streams of their own: independent of the seeds'
 
 
 @dataclass(frozen=True)

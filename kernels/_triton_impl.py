@@ -248,19 +248,22 @@ def _first_shift(x, mask, axis: tl.constexpr):
 
 
 @triton.jit
-def _store_summary(part_count_ptr, part_mean_ptr, part_m2_ptr, part_odd_ptr, slot, mask,
-                   count, mean, m2, odd):
-    tl.store(part_count_ptr + slot, count, mask=mask)
-    tl.store(part_mean_ptr + slot, mean, mask=mask)
-    tl.store(part_m2_ptr + slot, m2, mask=mask)
-    tl.store(part_odd_ptr + slot, odd, mask=mask)
+def _store_summary(part_ptr, slot, C, mask, count, mean, m2, odd):
+    """A reduction program's summary into its slot of the four [splits, C] planes of `part_ptr`
+    (count, mean, M2, odd: one buffer, so that a call allocates it once). The splits are the
+    launch's second grid dimension."""
+    plane = tl.num_programs(1) * C
+    tl.store(part_ptr + slot, count, mask=mask)
+    tl.store(part_ptr + plane + slot, mean, mask=mask)
+    tl.store(part_ptr + 2 * plane + slot, m2, mask=mask)
+    tl.store(part_ptr + 3 * plane + slot, odd, mask=mask)
 
 
 # Tile counts vary with the batch; left unspecialized, they do not change the compiled binary, so
 # the registers read from one compilation size every launch of that kernel.
 @triton.jit(do_not_specialize=["tiles_total", "tiles_per_split"])
 def _batch_stats_partial_kernel(
-    x_ptr, part_count_ptr, part_mean_ptr, part_m2_ptr, part_odd_ptr,
+    x_ptr, part_ptr,
     C, L, l_blocks, tiles_total, tiles_per_split,
     sx_n, sx_c, sx_l,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -294,18 +297,19 @@ def _batch_stats_partial_kernel(
     count = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32) + lane_tiles.to(tl.float32)[:, None]
     count, mean, m2, odd = _lane_summary(count, shift, sums, squares)
     count, mean, m2, odd = _merge(count, mean, m2, odd, 0)
-    _store_summary(part_count_ptr, part_mean_ptr, part_m2_ptr, part_odd_ptr, split * C + cols,
-                   col_mask, count, mean, m2, odd)
+    _store_summary(part_ptr, split * C + cols, C, col_mask, count, mean, m2, odd)
 
 
 @triton.jit
 def _batch_stats_finalize_kernel(
-    part_count_ptr, part_mean_ptr, part_m2_ptr, part_odd_ptr, mean_ptr, var_ptr,
+    part_ptr, mean_ptr, var_ptr,
     running_mean_ptr, running_var_ptr, C, num_splits, momentum, unbias,
     UPDATE_RUNNING: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Merges the [num_splits, C] summaries, BLOCK_S slots at a time, in a fixed order; with
-    UPDATE_RUNNING also updates the running statistics, saving the update its own launch."""
+    """Merges the [num_splits, C] summaries (the four planes of `part_ptr`: count, mean, M2,
+    odd), BLOCK_S slots at a time, in a fixed order; with UPDATE_RUNNING also updates the running
+    statistics, saving the update its own launch."""
+    plane = num_splits * C
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     count = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -317,10 +321,10 @@ def _batch_stats_finalize_kernel(
         mask = (slots < num_splits)[:, None] & col_mask[None, :]
         offsets = slots[:, None] * C + cols[None, :]
         block = _merge(
-            tl.load(part_count_ptr + offsets, mask=mask, other=0.0),
-            tl.load(part_mean_ptr + offsets, mask=mask, other=0.0),
-            tl.load(part_m2_ptr + offsets, mask=mask, other=0.0),
-            tl.load(part_odd_ptr + offsets, mask=mask, other=0.0), 0,
+            tl.load(part_ptr + offsets, mask=mask, other=0.0),
+            tl.load(part_ptr + plane + offsets, mask=mask, other=0.0),
+            tl.load(part_ptr + 2 * plane + offsets, mask=mask, other=0.0),
+            tl.load(part_ptr + 3 * plane + offsets, mask=mask, other=0.0), 0,
         )
         count, mean, m2, odd = _welford_combine(count, mean, m2, odd, *block)
     plain = odd == 0  # no inf or NaN in the channel
@@ -435,13 +439,14 @@ def _masked_grad(grad_ptr, out_ptr, x_offsets, tile, col_start, n, positions, co
 
 @triton.jit(do_not_specialize=["tiles_total", "tiles_per_split"])
 def _backward_reduce_kernel(
-    grad_ptr, out_ptr, x_ptr, mean_ptr, part_sum_g_ptr, part_sum_gx_ptr, grad_residual_ptr,
+    grad_ptr, out_ptr, x_ptr, mean_ptr, sums_ptr, grad_residual_ptr,
     C, L, l_blocks, tiles_total, tiles_per_split,
     sg_n, sg_c, sg_l, so_n, so_c, so_l, sx_n, sx_c, sx_l, sdr_n, sdr_c, sdr_l,
     RELU: tl.constexpr, PACKED: tl.constexpr, MASK_PACKING: tl.constexpr,
     STORE_GRAD_RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Per-channel sums of the masked gradient g and of g * (x - mean); with a residual, also
+    """Per-channel sums of the masked gradient g and of g * (x - mean), into this split's slots
+    of `sums_ptr` (see `_store_sums`); with a residual, also
     writes g as the residual's gradient, so that the elementwise pass reads it instead of
     grad_out and the ReLU mask (`out_ptr`: the output, or with PACKED the packed mask)."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -468,9 +473,19 @@ def _backward_reduce_kernel(
             tl.store(grad_residual_ptr + dr_offsets, g.to(grad_residual_ptr.dtype.element_ty),
                      mask=mask)
 
-    slot = split * C + cols
-    tl.store(part_sum_g_ptr + slot, tl.sum(sums_g, axis=0), mask=col_mask)
-    tl.store(part_sum_gx_ptr + slot, tl.sum(sums_gx, axis=0), mask=col_mask)
+    _store_sums(sums_ptr, split * C + cols, C, col_mask, tl.sum(sums_g, axis=0),
+                tl.sum(sums_gx, axis=0))
+
+
+@triton.jit
+def _store_sums(sums_ptr, slot, C, mask, sum_g, sum_gx):
+    """A backward reduction program's sums into its slots. `sums_ptr` holds, one allocation a
+    call: the channels' total of g * (x - mean) (C, which the finalize writes and the elementwise
+    pass reads), then the [splits, C] slots of g, then those of g * (x - mean); the splits are
+    the launch's second grid dimension."""
+    plane = tl.num_programs(1) * C
+    tl.store(sums_ptr + C + slot, sum_g, mask=mask)
+    tl.store(sums_ptr + C + plane + slot, sum_gx, mask=mask)
 
 
 @triton.jit
@@ -488,19 +503,22 @@ def _sum_slots(part_ptr, cols, col_mask, C, num_splits,
 
 @triton.jit
 def _backward_finalize_kernel(
-    part_sum_g_ptr, part_sum_gx_ptr, var_ptr, grad_weight_ptr, grad_bias_ptr, sum_gx_ptr,
+    sums_ptr, var_ptr, grad_weight_ptr, grad_bias_ptr,
     C, num_splits, eps,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """Sums the reduce pass's slots (`_store_sums`): grad_bias is the sum of g, grad_weight that
+    of g * (x - mean) times invstd, which sum also goes to the head of `sums_ptr`."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
-    sum_g = _sum_slots(part_sum_g_ptr, cols, col_mask, C, num_splits, BLOCK_S, BLOCK_C)
-    sum_gx = _sum_slots(part_sum_gx_ptr, cols, col_mask, C, num_splits, BLOCK_S, BLOCK_C)
+    sum_g = _sum_slots(sums_ptr + C, cols, col_mask, C, num_splits, BLOCK_S, BLOCK_C)
+    sum_gx = _sum_slots(sums_ptr + C + num_splits * C, cols, col_mask, C, num_splits, BLOCK_S,
+                        BLOCK_C)
     var = tl.load(var_ptr + cols, mask=col_mask, other=1.0).to(tl.float32)
     invstd = 1.0 / tl.sqrt(var + eps)
     tl.store(grad_weight_ptr + cols, sum_gx * invstd, mask=col_mask)
     tl.store(grad_bias_ptr + cols, sum_g, mask=col_mask)
-    tl.store(sum_gx_ptr + cols, sum_gx, mask=col_mask)
+    tl.store(sums_ptr + cols, sum_gx, mask=col_mask)
 
 
 @triton.jit
@@ -621,7 +639,7 @@ def _per_lane(values, L: tl.constexpr, BLOCK_C: tl.constexpr, SPAN: tl.constexpr
 
 @triton.jit(do_not_specialize=["samples", "samples_per_split"])
 def _span_batch_stats_partial_kernel(
-    x_ptr, part_count_ptr, part_mean_ptr, part_m2_ptr, part_odd_ptr, C, samples, samples_per_split,
+    x_ptr, part_ptr, C, samples, samples_per_split,
     L: tl.constexpr, BLOCK_C: tl.constexpr, SPAN: tl.constexpr,
     EVEN_C: tl.constexpr,
 ):
@@ -647,8 +665,8 @@ def _span_batch_stats_partial_kernel(
     # One segmented scan merges each channel's lanes; its last lane stores the channel's summary.
     _, count, mean, m2, odd = tl.associative_scan((lanes // L, count, mean, m2, odd), 0,
                                                   _merge_segments)
-    _store_summary(part_count_ptr, part_mean_ptr, part_m2_ptr, part_odd_ptr, split * C + channels,
-                   _last_lanes(lanes, lane_mask, L), count, mean, m2, odd)
+    _store_summary(part_ptr, split * C + channels, C, _last_lanes(lanes, lane_mask, L), count,
+                   mean, m2, odd)
 
 
 @triton.jit
@@ -716,7 +734,7 @@ def _span_masked_grad(grad_ptr, out_ptr, base, lanes, lane_mask, C, RELU: tl.con
 
 @triton.jit(do_not_specialize=["samples", "samples_per_split"])
 def _span_backward_reduce_kernel(
-    grad_ptr, out_ptr, x_ptr, mean_ptr, part_sum_g_ptr, part_sum_gx_ptr, grad_residual_ptr,
+    grad_ptr, out_ptr, x_ptr, mean_ptr, sums_ptr, grad_residual_ptr,
     C, samples, samples_per_split,
     RELU: tl.constexpr, PACKED: tl.constexpr, MASK_PACKING: tl.constexpr,
     STORE_GRAD_RESIDUAL: tl.constexpr, L: tl.constexpr, BLOCK_C: tl.constexpr, SPAN: tl.constexpr,
@@ -741,9 +759,8 @@ def _span_backward_reduce_kernel(
             tl.store(grad_residual_ptr + offsets, g.to(grad_residual_ptr.dtype.element_ty),
                      mask=lane_mask)
     _, sums_g, sums_gx = tl.associative_scan((lanes // L, sums_g, sums_gx), 0, _add_segments)
-    last_lanes = _last_lanes(lanes, lane_mask, L)
-    tl.store(part_sum_g_ptr + split * C + channels, sums_g, mask=last_lanes)
-    tl.store(part_sum_gx_ptr + split * C + channels, sums_gx, mask=last_lanes)
+    _store_sums(sums_ptr, split * C + channels, C, _last_lanes(lanes, lane_mask, L), sums_g,
+                sums_gx)
 
 
 @triton.jit
@@ -944,10 +961,29 @@ def _writable(t: torch.Tensor) -> torch.Tensor:
     return t if strides_3d(t) is not None else torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
-def _finalize(kernel: Any, channels: int, *args: Any, **constexprs: Any) -> KernelLaunch:
+class _LaunchTemplate(NamedTuple):
+    """A launch as a signature fixes it, less what each call brings: its tensors, which lead the
+    arguments, and its float scalars (eps; momentum and unbias), which sit between `head` and
+    `tail`. Built on a signature's first call, so that later calls only fill it in."""
+
+    kernel: Any  # a triton.JITFunction
+    grid: tuple[int, ...]
+    head: tuple[Any, ...]
+    tail: tuple[Any, ...]
+    constexprs: dict[str, Any]  # never mutated
+    num_warps: int
+
+    def bind(self, tensors: tuple[Any, ...], *scalars: float) -> KernelLaunch:
+        return KernelLaunch(self.kernel, self.grid, (*tensors, *self.head, *scalars, *self.tail),
+                            self.constexprs, self.num_warps)
+
+
+def _finalize_template(kernel: Any, channels: int, splits: int,
+                       **constexprs: Any) -> _LaunchTemplate:
     """A finalize launch: one program per FINALIZE_BLOCK_C channels, summing every slot."""
-    return KernelLaunch(kernel, (-(-channels // FINALIZE_BLOCK_C),), args,
-                        dict(constexprs, BLOCK_S=FINALIZE_BLOCK_S, BLOCK_C=FINALIZE_BLOCK_C))
+    return _LaunchTemplate(kernel, (-(-channels // FINALIZE_BLOCK_C),), (channels, splits), (),
+                           dict(constexprs, BLOCK_S=FINALIZE_BLOCK_S, BLOCK_C=FINALIZE_BLOCK_C),
+                           4)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -967,6 +1003,11 @@ class _Geometry:
     per_split: int  # tiles (span: samples) per reduction program, and programs along the split
     splits: int
     mask_packing: int  # how a forward writes the packed ReLU mask (MASK_NONE: it cannot)
+
+    @property
+    def reshaped(self) -> bool:
+        """Whether any tensor goes through a contiguous copy or stand-in buffer."""
+        return any(self.copies) or any(self.stand_ins)
 
 
 _GEOMETRIES: dict[tuple, _Geometry] = {}
@@ -1061,8 +1102,14 @@ def _buffer(geometry: _Geometry, index: int, t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
-@dataclass(frozen=True)
-class ForwardCall:
+# ------------------------------------------------------------------------------------------------
+# Plans: a call's launches as its signature (the geometry's, plus which optional tensors and
+# flags it has) fixes them, worked out on the signature's first call. A later call allocates its
+# outputs, one scratch buffer per reduction, and fills its tensors and scalars into the
+# templates: the host path of a layer stays a few allocations and tuple builds.
+
+
+class ForwardCall(NamedTuple):
     """The launches of one forward and the tensors they fill."""
 
     launches: list[KernelLaunch]
@@ -1073,18 +1120,67 @@ class ForwardCall:
     relu_mask: torch.Tensor  # packed (uint8, x.numel() / 8 bytes), or empty where none is written
 
 
+class _ForwardPlan(NamedTuple):
+    geometry: _Geometry
+    statistics: _LaunchTemplate | None  # the statistics pass and its finalize (training only)
+    finalize: _LaunchTemplate | None
+    normalize: _LaunchTemplate
+    parts: int  # fp32 values of the statistics pass's slots: four planes of [splits, C]
+    mask_bytes: int  # of the packed ReLU mask (0: none is written)
+
+
+_FORWARD_PLANS: dict[tuple, _ForwardPlan] = {}
+
+
 def _forward_reduction(shape, dense, buffers):
     x = dense[0]
     channels = x.shape[1]
-    mean = torch.empty(channels, dtype=torch.float32, device=x.device)
+    parts = torch.empty(channels, dtype=torch.float32, device=x.device)
     if isinstance(shape, _SpanTiling):
-        provisional = (x, mean, mean, mean, mean, channels, shape.samples, 1)
+        provisional = (x, parts, channels, shape.samples, 1)
         return _span_batch_stats_partial_kernel, provisional, shape.constexprs(), shape.num_warps
     # The split does not change the binary (unspecialized), so any split measures it.
-    provisional = (x, mean, mean, mean, mean, channels, shape.positions, shape.l_blocks,
-                   shape.tiles, 1, *shape.strides[0])
+    provisional = (x, parts, channels, shape.positions, shape.l_blocks, shape.tiles, 1,
+                   *shape.strides[0])
     return (_batch_stats_partial_kernel, provisional,
             dict(BLOCK_R=shape.block_r, BLOCK_C=shape.block_c), shape.stats_warps)
+
+
+def _forward_plan(x, residual, out, batch_stats: bool, constexprs: dict[str, Any], update: bool,
+                  reduction_programs) -> _ForwardPlan:
+    """`constexprs` are the normalize pass's flags, MASK_PACKING true where a mask is wanted."""
+    geometry = _geometry((_signature(x), _signature(residual), batch_stats, reduction_programs),
+                         (x, residual), (out,), _forward_reduction if batch_stats else None)
+    channels = x.shape[1]
+    span, tiling = geometry.span, geometry.tiling
+    statistics = finalize = None
+    if batch_stats and span is not None:
+        statistics = _LaunchTemplate(
+            _span_batch_stats_partial_kernel, (span.col_blocks, geometry.splits),
+            (channels, span.samples, geometry.per_split), (), span.constexprs(), span.num_warps)
+    elif batch_stats:
+        statistics = _LaunchTemplate(
+            _batch_stats_partial_kernel, (tiling.col_blocks, geometry.splits),
+            (channels, tiling.positions, tiling.l_blocks, tiling.tiles, geometry.per_split,
+             *tiling.strides[0]), (), dict(BLOCK_R=tiling.block_r, BLOCK_C=tiling.block_c),
+            tiling.stats_warps)
+    if batch_stats:
+        finalize = _finalize_template(_batch_stats_finalize_kernel, channels, geometry.splits,
+                                      UPDATE_RUNNING=update)
+    packing = geometry.mask_packing if constexprs["MASK_PACKING"] else MASK_NONE
+    constexprs = dict(constexprs, MASK_PACKING=packing)
+    if span is not None:
+        normalize = _LaunchTemplate(_span_forward_kernel, (span.col_blocks, span.samples),
+                                    (channels,), (), dict(constexprs, **span.constexprs()),
+                                    span.num_warps)
+    else:
+        normalize = _LaunchTemplate(
+            _forward_kernel, (tiling.tiles, tiling.col_blocks),
+            (channels, tiling.positions, tiling.l_blocks),
+            tuple(s for strides in tiling.strides for s in strides),
+            dict(constexprs, BLOCK_R=tiling.block_r, BLOCK_C=tiling.block_c), tiling.num_warps)
+    return _ForwardPlan(geometry, statistics, finalize, normalize, 4 * geometry.splits * channels,
+                        x.numel() // 8 if packing else 0)
 
 
 def plan_forward(
@@ -1103,67 +1199,45 @@ def plan_forward(
 ) -> ForwardCall:
     """Allocate a forward's outputs and describe its launches (without running them)."""
     batch_stats = running_mean is None
+    key = (x.shape, x.stride(), x.dtype, x.device, _signature(residual), batch_stats,
+           weight is not None, bias is not None, relu, pack_relu_mask, eps == 0,
+           update is not None, reduction_programs)
     out = torch.empty_like(x)  # the input's strides, as the fake kernel promises
-    geometry = _geometry((_signature(x), _signature(residual), batch_stats, reduction_programs),
-                         (x, residual), (out,), _forward_reduction if batch_stats else None)
-    out_buffer = _buffer(geometry, 0, out)
-    x, residual = _dense_inputs(geometry, x, residual)
+    plan = _FORWARD_PLANS.get(key)
+    if plan is None:
+        constexprs = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                          HAS_RESIDUAL=residual is not None, RELU=relu, EPS_ZERO=eps == 0,
+                          MASK_PACKING=relu and pack_relu_mask)
+        plan = _FORWARD_PLANS[key] = _forward_plan(x, residual, out, batch_stats, constexprs,
+                                                   update is not None, reduction_programs)
+    out_buffer = out
+    if plan.geometry.reshaped:
+        out_buffer = _buffer(plan.geometry, 0, out)
+        x, residual = _dense_inputs(plan.geometry, x, residual)
     channels = x.shape[1]
-    f32 = dict(dtype=torch.float32, device=x.device)
     launches = []
     if batch_stats:
-        mean = saved_mean = torch.empty(channels, **f32)
-        var = saved_var = torch.empty(channels, **f32)
-        parts = torch.empty(4, geometry.splits, channels, **f32).unbind(0)  # count, mean, M2, odd
-        running = update if update is not None else (mean, var, 0.0, 0.0)
-        launches += [_stats_launch(geometry, x, parts),
-                     _finalize(_batch_stats_finalize_kernel, channels, *parts, mean, var,
-                               *running[:2], channels, geometry.splits, *running[2:],
-                               UPDATE_RUNNING=update is not None)]
+        mean = saved_mean = torch.empty(channels, dtype=torch.float32, device=x.device)
+        var = saved_var = torch.empty(channels, dtype=torch.float32, device=x.device)
+        parts = torch.empty(plan.parts, dtype=torch.float32, device=x.device)
+        running = (mean, var, 0.0, 0.0) if update is None else (
+            update.running_mean, update.running_var, float(update.momentum), float(update.unbias))
+        launches += [plan.statistics.bind((x, parts)),
+                     plan.finalize.bind((parts, mean, var, *running[:2]), *running[2:])]
     else:
         mean, var = running_mean, running_var
         # Two tensors: a custom op's outputs may not alias one another.
-        saved_mean, saved_var = torch.empty(0, **f32), torch.empty(0, **f32)
-    packing = geometry.mask_packing if relu and pack_relu_mask else MASK_NONE
-    relu_mask = torch.empty(x.numel() // 8 if packing else 0, dtype=torch.uint8, device=x.device)
-    constexprs = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                      HAS_RESIDUAL=residual is not None, RELU=relu, EPS_ZERO=eps == 0,
-                      MASK_PACKING=packing)
-    vectors = (mean, var, weight if weight is not None else mean,
-               bias if bias is not None else mean, relu_mask)
-    residual = residual if residual is not None else x
-    span, tiling = geometry.span, geometry.tiling
-    if span is not None:
-        launches.append(KernelLaunch(
-            _span_forward_kernel, (span.col_blocks, span.samples),
-            (x, residual, out_buffer, *vectors, channels, eps),
-            dict(constexprs, **span.constexprs()), span.num_warps))
-    else:
-        launches.append(KernelLaunch(
-            _forward_kernel, (tiling.tiles, tiling.col_blocks),
-            (x, residual, out_buffer, *vectors, channels, tiling.positions, tiling.l_blocks, eps,
-             *(s for strides in tiling.strides for s in strides)),
-            dict(constexprs, BLOCK_R=tiling.block_r, BLOCK_C=tiling.block_c), tiling.num_warps))
+        saved_mean = torch.empty(0, dtype=torch.float32, device=x.device)
+        saved_var = torch.empty(0, dtype=torch.float32, device=x.device)
+    relu_mask = torch.empty(plan.mask_bytes, dtype=torch.uint8, device=x.device)
+    launches.append(plan.normalize.bind(
+        (x, residual if residual is not None else x, out_buffer, mean, var,
+         weight if weight is not None else mean, bias if bias is not None else mean, relu_mask),
+        eps))
     return ForwardCall(launches, out, out_buffer, saved_mean, saved_var, relu_mask)
 
 
-def _stats_launch(geometry: _Geometry, x: torch.Tensor, parts) -> KernelLaunch:
-    channels = x.shape[1]
-    span, tiling = geometry.span, geometry.tiling
-    if span is not None:
-        return KernelLaunch(
-            _span_batch_stats_partial_kernel, (span.col_blocks, geometry.splits),
-            (x, *parts, channels, span.samples, geometry.per_split), span.constexprs(),
-            span.num_warps)
-    return KernelLaunch(
-        _batch_stats_partial_kernel, (tiling.col_blocks, geometry.splits),
-        (x, *parts, channels, tiling.positions, tiling.l_blocks, tiling.tiles, geometry.per_split,
-         *tiling.strides[0]),
-        dict(BLOCK_R=tiling.block_r, BLOCK_C=tiling.block_c), tiling.stats_warps)
-
-
-@dataclass(frozen=True)
-class BackwardCall:
+class BackwardCall(NamedTuple):
     """The launches of one backward and the tensors they fill."""
 
     launches: list[KernelLaunch]
@@ -1173,6 +1247,17 @@ class BackwardCall:
     grad_residual_buffer: torch.Tensor
     grad_weight: torch.Tensor
     grad_bias: torch.Tensor
+
+
+class _BackwardPlan(NamedTuple):
+    geometry: _Geometry
+    reduce: _LaunchTemplate
+    finalize: _LaunchTemplate
+    elementwise: _LaunchTemplate
+    sums: int  # fp32 values of the reduce pass's buffer: C, then two planes of [splits, C]
+
+
+_BACKWARD_PLANS: dict[tuple, _BackwardPlan] = {}
 
 
 def _backward_reduction(shape, dense, buffers, *, relu_mask: torch.Tensor | None):
@@ -1185,8 +1270,7 @@ def _backward_reduction(shape, dense, buffers, *, relu_mask: torch.Tensor | None
     packing = _mask_packing(x, span, tiling) if _is_packed(relu_mask) else MASK_NONE
     constexprs = dict(RELU=relu, PACKED=_is_packed(relu_mask), MASK_PACKING=packing,
                       STORE_GRAD_RESIDUAL=residual_grad)
-    common = (grad_out, relu_mask if relu else grad_out, x, vector, vector, vector, grad_residual,
-              channels)
+    common = (grad_out, relu_mask if relu else grad_out, x, vector, vector, grad_residual, channels)
     if isinstance(shape, _SpanTiling):
         return (_span_backward_reduce_kernel, (*common, shape.samples, 1),
                 dict(constexprs, **shape.constexprs()), shape.num_warps)
@@ -1199,6 +1283,49 @@ def _backward_reduction(shape, dense, buffers, *, relu_mask: torch.Tensor | None
 def _is_packed(relu_mask: torch.Tensor | None) -> bool:
     """Whether a backward's ReLU mask is the packed one (else the forward's output, or None)."""
     return relu_mask is not None and relu_mask.dtype == torch.uint8
+
+
+def _backward_plan(key: tuple, x, grad_out, relu_mask, grad_input, grad_residual,
+                   has_weight: bool, batch_stats: bool) -> _BackwardPlan:
+    relu, packed = relu_mask is not None, _is_packed(relu_mask)
+    residual_grad = grad_residual is not None
+    out = None if packed else relu_mask  # the output, a tensor of x's shape, where it is the mask
+    geometry = _geometry(key[:4] + key[-1:], (x, grad_out, out), (grad_input, grad_residual),
+                         functools.partial(_backward_reduction, relu_mask=relu_mask))
+    channels = x.shape[1]
+    # Where this call's tiles hold whole bytes of the packed mask, they read a byte per 8 values.
+    packing = geometry.mask_packing if packed else MASK_NONE
+    reduce_constexprs = dict(RELU=relu, PACKED=packed, MASK_PACKING=packing,
+                             STORE_GRAD_RESIDUAL=residual_grad)
+    elementwise_constexprs = dict(HAS_WEIGHT=has_weight, BATCH_STATS=batch_stats,
+                                  RELU=relu and not residual_grad, PACKED=packed,
+                                  MASK_PACKING=packing)
+    count = x.numel() // channels
+    span, tiling = geometry.span, geometry.tiling
+    if span is not None:
+        reduce = _LaunchTemplate(
+            _span_backward_reduce_kernel, (span.col_blocks, geometry.splits),
+            (channels, span.samples, geometry.per_split), (),
+            dict(reduce_constexprs, **span.constexprs()), span.num_warps)
+        elementwise = _LaunchTemplate(
+            _span_backward_elementwise_kernel, (span.col_blocks, span.samples), (channels, count),
+            (), dict(elementwise_constexprs, **span.constexprs()), span.num_warps)
+    else:
+        sx, sg, so, sdi, sdr = tiling.strides
+        blocks = dict(BLOCK_R=tiling.block_r, BLOCK_C=tiling.block_c)
+        walk = (tiling.positions, tiling.l_blocks)
+        reduce = _LaunchTemplate(
+            _backward_reduce_kernel, (tiling.col_blocks, geometry.splits),
+            (channels, *walk, tiling.tiles, geometry.per_split, *sg, *so, *sx, *sdr), (),
+            dict(reduce_constexprs, **blocks), tiling.num_warps)
+        # With a residual, the elementwise pass reads the masked gradient the reduce pass wrote.
+        elementwise = _LaunchTemplate(
+            _backward_elementwise_kernel, (tiling.tiles, tiling.col_blocks),
+            (channels, *walk, count), (*(sdr if residual_grad else sg), *so, *sx, *sdi),
+            dict(elementwise_constexprs, **blocks), tiling.num_warps)
+    finalize = _finalize_template(_backward_finalize_kernel, channels, geometry.splits)
+    return _BackwardPlan(geometry, reduce, finalize, elementwise,
+                         channels * (1 + 2 * geometry.splits))
 
 
 def plan_backward(
@@ -1218,68 +1345,39 @@ def plan_backward(
     # Gradients take the strides the fake kernel promises, whatever copies compute them.
     grad_input = torch.empty_like(x)
     grad_residual = torch.empty_like(grad_out, dtype=x.dtype) if residual_grad else None
-    packed = _is_packed(relu_mask)
-    out = None if packed else relu_mask  # the output, a tensor of x's shape, where it is the mask
-    geometry = _geometry(
-        (_signature(x), _signature(grad_out), _signature(relu_mask), residual_grad,
-         reduction_programs),
-        (x, grad_out, out), (grad_input, grad_residual),
-        functools.partial(_backward_reduction, relu_mask=relu_mask))
-    x, grad_out, out = _dense_inputs(geometry, x, grad_out, out)
-    grad_input_buffer = _buffer(geometry, 0, grad_input)
-    if residual_grad:
-        grad_residual_buffer = _buffer(geometry, 1, grad_residual)
-    else:
+    key = (_signature(x), _signature(grad_out), _signature(relu_mask), residual_grad,
+           weight is not None, batch_stats, reduction_programs)
+    plan = _BACKWARD_PLANS.get(key)
+    if plan is None:
+        plan = _BACKWARD_PLANS[key] = _backward_plan(key, x, grad_out, relu_mask, grad_input,
+                                                     grad_residual, weight is not None,
+                                                     batch_stats)
+    packed = relu_mask is not None and relu_mask.dtype == torch.uint8  # _is_packed, inline
+    out = None if packed else relu_mask
+    grad_input_buffer, grad_residual_buffer = grad_input, grad_residual
+    if plan.geometry.reshaped:
+        x, grad_out, out = _dense_inputs(plan.geometry, x, grad_out, out)
+        grad_input_buffer = _buffer(plan.geometry, 0, grad_input)
+        if residual_grad:
+            grad_residual_buffer = _buffer(plan.geometry, 1, grad_residual)
+    if not residual_grad:
         grad_residual = grad_residual_buffer = torch.empty(0, dtype=x.dtype, device=x.device)
     channels = x.shape[1]
-    f32 = dict(dtype=torch.float32, device=x.device)
-    part_sums = torch.empty(2, geometry.splits, channels, **f32).unbind(0)  # of g, of g * (x - mean)
+    sums = torch.empty(plan.sums, dtype=torch.float32, device=x.device)
     # Separate tensors: the op's outputs must not share storage.
-    grad_weight, grad_bias, sum_gx = (torch.empty(channels, **f32) for _ in range(3))
-    relu = relu_mask is not None
+    grad_weight = torch.empty(channels, dtype=torch.float32, device=x.device)
+    grad_bias = torch.empty(channels, dtype=torch.float32, device=x.device)
     # The ReLU mask's pointer: the packed mask, the output, or where RELU is off (and it is
     # unread) any valid pointer.
-    mask_or_grad = relu_mask if packed else out if relu else grad_out
-    # With a residual, the elementwise pass reads the masked gradient the reduce pass wrote.
+    mask_or_grad = relu_mask if packed else out if relu_mask is not None else grad_out
     masked = grad_residual_buffer if residual_grad else grad_out
-    reduce_args = (grad_out, mask_or_grad, x, mean, *part_sums, grad_residual_buffer, channels)
-    elementwise_args = (masked, mask_or_grad, x, mean, var, weight if weight is not None else var,
-                        grad_bias, sum_gx, grad_input_buffer, channels, x.numel() // channels, eps)
-    # Where this call's tiles hold whole bytes of the packed mask, they read a byte per 8 values.
-    packing = geometry.mask_packing if packed else MASK_NONE
-    reduce_constexprs = dict(RELU=relu, PACKED=packed, MASK_PACKING=packing,
-                             STORE_GRAD_RESIDUAL=residual_grad)
-    elementwise_constexprs = dict(HAS_WEIGHT=weight is not None, BATCH_STATS=batch_stats,
-                                  RELU=relu and not residual_grad, PACKED=packed,
-                                  MASK_PACKING=packing)
-    finalize = _finalize(_backward_finalize_kernel, channels, *part_sums, var, grad_weight,
-                         grad_bias, sum_gx, channels, geometry.splits, eps)
-    span, tiling = geometry.span, geometry.tiling
-    if span is not None:
-        launches = [
-            KernelLaunch(_span_backward_reduce_kernel, (span.col_blocks, geometry.splits),
-                         (*reduce_args, span.samples, geometry.per_split),
-                         dict(reduce_constexprs, **span.constexprs()), span.num_warps),
-            finalize,
-            KernelLaunch(_span_backward_elementwise_kernel, (span.col_blocks, span.samples),
-                         elementwise_args, dict(elementwise_constexprs, **span.constexprs()),
-                         span.num_warps),
-        ]
-    else:
-        sx, sg, so, sdi, sdr = tiling.strides
-        blocks = dict(BLOCK_R=tiling.block_r, BLOCK_C=tiling.block_c)
-        walk = (tiling.positions, tiling.l_blocks)
-        launches = [
-            KernelLaunch(_backward_reduce_kernel, (tiling.col_blocks, geometry.splits),
-                         (*reduce_args, *walk, tiling.tiles, geometry.per_split,
-                          *sg, *so, *sx, *sdr),
-                         dict(reduce_constexprs, **blocks), tiling.num_warps),
-            finalize,
-            KernelLaunch(_backward_elementwise_kernel, (tiling.tiles, tiling.col_blocks),
-                         (*elementwise_args[:10], *walk, *elementwise_args[10:],
-                          *(sdr if residual_grad else sg), *so, *sx, *sdi),
-                         dict(elementwise_constexprs, **blocks), tiling.num_warps),
-        ]
+    launches = [
+        plan.reduce.bind((grad_out, mask_or_grad, x, mean, sums, grad_residual_buffer)),
+        plan.finalize.bind((sums, var, grad_weight, grad_bias), eps),
+        plan.elementwise.bind((masked, mask_or_grad, x, mean, var,
+                               weight if weight is not None else var, grad_bias, sums,
+                               grad_input_buffer), eps),
+    ]
     return BackwardCall(launches, grad_input, grad_input_buffer, grad_residual,
                         grad_residual_buffer, grad_weight, grad_bias)
 

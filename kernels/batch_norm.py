@@ -170,9 +170,13 @@ def _(running_mean, running_var, mean, var, momentum, unbias):
 
 
 def _setup_context(ctx, inputs, output) -> None:
+    ctx.mark_non_differentiable(*output[1:])  # the statistics and the packed mask
+    _save_for_backward(ctx, inputs, output)
+
+
+def _save_for_backward(ctx, inputs, output) -> None:
     x, weight, bias, residual, running_mean, running_var, eps, relu, _ = inputs
     out, mean, var, packed_mask = output
-    ctx.mark_non_differentiable(mean, var, packed_mask)
     ctx.batch_stats = running_mean is None
     if not ctx.batch_stats:
         # Copies: a later training forward updates the running statistics in place, which must
@@ -228,45 +232,65 @@ class _EagerBatchNormAct(torch.autograd.Function):
     In eager mode nothing needs the op to be one graph node, and its dispatch (schema binding,
     redispatch below autograd, the generated Function) is most of a layer's host time once the
     launch plans are cached; this Function calls the implementation directly, with the same
-    context and gradients. Tracing and compilation keep the custom op (see `_is_eager`).
+    context and gradients, and returns the output alone (the statistics and the mask only go
+    to the backward, so autograd tracks one output instead of four). Tracing and compilation
+    keep the custom op (see `_is_eager`).
     """
 
     @staticmethod
     def forward(ctx, *inputs_and_update):
         # forward(ctx, ...) rather than a separate setup_context: apply() then binds no signature.
         output = _forward(*inputs_and_update)
-        _setup_context(ctx, inputs_and_update[:9], output)
-        return output
+        _save_for_backward(ctx, inputs_and_update[:9], output)
+        return output[0]
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_mean, _grad_var, _grad_mask):
+    def backward(ctx, grad_out):
         return (*_gradients(ctx, grad_out, _backward_impl), None)
 
 
+def _without_python_wrapper(function: type[torch.autograd.Function]):
+    """`function.apply` minus `Function.apply`'s Python wrapper, which binds default arguments
+    (the eager Function has none) and unwraps dead functorch wrappers (there are none outside
+    functorch transforms, which `_is_eager` rules out) before calling the C++ apply that builds
+    the graph node: that apply itself, bound to `function` (`function.apply` where a PyTorch has
+    no such method). A few microseconds a layer, on the host path eager PyTorch's own ops set."""
+    c_apply = vars(torch._C._FunctionBase).get("apply")
+    return function.apply if c_apply is None else c_apply.__get__(None, function)
+
+
+_eager_apply = _without_python_wrapper(_EagerBatchNormAct)
+
+
 def _is_eager(x: torch.Tensor) -> bool:
-    """A plain tensor with no tracer, compiler or dispatch mode looking on."""
+    """A plain tensor with no tracer, compiler, dispatch mode or functorch transform looking on."""
     return (
         type(x) is torch.Tensor
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
         and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._are_functorch_transforms_active()
     )
 
 
-def _exporting_to_onnx(x: torch.Tensor) -> bool:
+def _exporting_to_onnx(eager: bool) -> bool:
     """Whether an ONNX exporter (either one) is tracing this call. ONNX has no fused op, but it
     has BatchNormalization, Add and Relu: the ATen ops of the inline path export as those, so a
     fused model exports as it stands, without `unfuse`. (Checked only off the eager path: the
     exporters trace, and eager calls must not pay for the check.)"""
-    return not _is_eager(x) and torch.onnx.is_in_onnx_export()
+    return not eager and torch.onnx.is_in_onnx_export()
 
 
 def _gradient_will_be_taken(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd will record this call: only then is a packed ReLU mask worth writing.
     (Never under the JIT tracer, whose check reruns the model with gradients off and would see
     another graph; its traces count FLOPs, they do not train.)"""
-    return (torch.is_grad_enabled() and not torch.jit.is_tracing()
-            and any(t is not None and t.requires_grad for t in tensors))
+    if not torch.is_grad_enabled() or torch.jit.is_tracing():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def fused_batch_norm(
@@ -289,7 +313,8 @@ def fused_batch_norm(
     place (momentum, unbiased variance); in eval the running statistics normalize. The residual
     has the input's shape or broadcasts to it, as in `out += residual`.
     """
-    if _runs_inline(input) or _exporting_to_onnx(input):
+    eager = _is_eager(input)
+    if _runs_inline(input) or _exporting_to_onnx(eager):
         return _batch_norm_add_relu_inline(
             input, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu
         )
@@ -297,16 +322,18 @@ def fused_batch_norm(
     residual = checked_residual(input, residual)
     pack_relu_mask = relu and _gradient_will_be_taken(input, weight, bias, residual)
     if not training:
-        op = _EagerBatchNormAct.apply if _is_eager(input) else batch_norm_act
-        return op(input, weight, bias, residual, running_mean, running_var, eps, relu,
-                  pack_relu_mask)[0]
+        if eager:
+            return _eager_apply(input, weight, bias, residual, running_mean, running_var, eps,
+                                relu, pack_relu_mask, None)
+        return batch_norm_act(input, weight, bias, residual, running_mean, running_var, eps, relu,
+                              pack_relu_mask)[0]
     count = input.numel() // input.shape[1]
     update = None
     if running_mean is not None and count > 0:
         update = RunningUpdate(running_mean, running_var, momentum, count / (count - 1))
-    if _is_eager(input):  # the update rides along with the forward
-        return _EagerBatchNormAct.apply(input, weight, bias, residual, None, None, eps, relu,
-                                        pack_relu_mask, update)[0]
+    if eager:  # the update rides along with the forward
+        return _eager_apply(input, weight, bias, residual, None, None, eps, relu, pack_relu_mask,
+                            update)
     out, batch_mean, batch_var, _ = batch_norm_act(input, weight, bias, residual, None, None, eps,
                                                    relu, pack_relu_mask)
     if update is not None:

@@ -9,6 +9,7 @@ from the same inputs, so low-precision cases measure the kernels' single final r
 from __future__ import annotations
 
 import inspect
+import itertools
 
 import pytest
 import torch
@@ -147,6 +148,16 @@ def test_variants_match_pytorch(backend, training, relu, with_residual, affine):
     for channels_last in (False, True):
         _check_case(backend, (3, 6, 5, 7), torch.float32, channels_last, training,
                     relu=relu, with_residual=with_residual, affine=affine)
+
+
+def test_one_signature_with_its_flags_changed_call_after_call_matches_pytorch():
+    """Launch plans are cached per signature and flags: the same shape and layout with training,
+    ReLU, residual and affine parameters changed from one call to the next (every combination,
+    in turn, in one process) matches PyTorch on every call."""
+    for channels_last in (False, True):
+        for training, relu, with_residual, affine in itertools.product((True, False), repeat=4):
+            _check_case("triton", (3, 6, 5, 7), torch.float32, channels_last, training,
+                        relu=relu, with_residual=with_residual, affine=affine)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -1084,3 +1095,24 @@ def test_a_training_layer_launches_three_kernels_forward_and_three_backward(monk
     assert launched[3:] == ["_backward_reduce_kernel", "_backward_finalize_kernel",
                             "_backward_elementwise_kernel"]
     torch.testing.assert_close(rm, 0.9 * rm_before + 0.1 * x.detach().mean((0, 2, 3)))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_under_vmap_the_op_leaves_the_eager_path_and_matches_pytorch():
+    """Under a functorch transform a call takes the custom op, not the eager path (whose C++
+    apply would skip functorch's own checks and trip an internal assert): vmap over an eval
+    forward gives what F.batch_norm + add + ReLU give under vmap."""
+    g = torch.Generator().manual_seed(5)
+    x, residual = torch.randn(3, 2, 4, 5, 5, generator=g), torch.randn(3, 2, 4, 5, 5, generator=g)
+    weight, bias = torch.rand(4, generator=g) + 0.5, torch.randn(4, generator=g)
+    running_mean, running_var = torch.randn(4, generator=g), torch.rand(4, generator=g) + 0.5
+
+    def fused(xi, ri):
+        return fused_batch_norm(xi, running_mean, running_var, weight, bias, False, residual=ri)
+
+    def unfused(xi, ri):
+        return F.relu(F.batch_norm(xi, running_mean, running_var, weight, bias, False) + ri)
+
+    with use_backend("torch"):
+        out = torch.func.vmap(fused)(x, residual)
+    torch.testing.assert_close(out, torch.func.vmap(unfused)(x, residual))

@@ -27,9 +27,7 @@ LONG_MODULES = {
     TRITON,
 }
 LONG_CLASSES: set[str] = set()
-LONG_FUNCTIONS = {
-    f"{TRITON}:plan_backward",
-}
+LONG_FUNCTIONS: set[str] = set()
 
 
 def _modules() -> dict[str, Path]:

@@ -151,10 +151,10 @@ class _LaunchCounter:
     """Replaces the Triton launch of every planned kernel by a count (CPU runs only)."""
 
     def __init__(self) -> None:
-        from resnet_ablate.kernels import _triton_impl
+        from resnet_ablate.kernels import _triton_geometry
 
         self.count = 0
-        self._launch_class = _triton_impl.KernelLaunch
+        self._launch_class = _triton_geometry.KernelLaunch
 
         def counted(launch) -> None:
             self.count += 1

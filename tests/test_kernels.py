@@ -199,7 +199,7 @@ NEAR_THE_FLOAT_RANGE = {
     "constant": (3e38,) * 4,
     "one sign": (3.3e38, 3.2e38, 3.1e38, 3.0e38),
     # Offsets beyond the float range: the PyTorch path sums in float64; the Triton kernels'
-    # float32 offsets overflow there (see _triton_impl's statistics), so only the first two.
+    # float32 offsets overflow there (see _triton_tiles' statistics), so only the first two.
     "both signs": (3e38, -3e38, 3e38, -3e38),
     "one against three": (-3e38, 3e38, 3e38, 3e38),
 }
@@ -419,7 +419,7 @@ def test_inductor_compile_on_cuda():
 
 
 # SASS instructions per element in a kernel's main loop (whole body where it has none) that keep it
-# at the byte model: ~20 per bf16 value it moves per element (kernels/_triton_impl.py). The
+# at the byte model: ~20 per bf16 value it moves per element (kernels/_triton_rows.py). The
 # statistics passes, which move one value, sum around a per-lane shift with no division and reach
 # 7-12.3: they are held to that.
 INSTRUCTIONS_PER_VALUE_MOVED = 20
@@ -986,7 +986,7 @@ def test_the_eager_path_gives_the_custom_ops_bits(backend, channels_last):
 
 
 # The packed ReLU mask: the Triton forward writes the ReLU's decisions one bit per element and
-# the backward reads them in place of the output (kernels/_triton_impl.py). Each way a forward
+# the backward reads them in place of the output (kernels/_triton_tiles.py). Each way a forward
 # packs it, and a backward whose tiles differ from the forward's (it reads each element's byte).
 PACKED_MASK_CASES = {  # name: (shape, x channels_last, grad_out channels_last)
     "along positions (NCHW rows)": ((2, 3, 8, 8), False, False),
@@ -1030,11 +1030,11 @@ def test_the_packed_relu_mask_gives_pytorchs_gradients(case):
 
 def test_no_mask_is_written_where_no_gradient_will_be_taken(monkeypatch):
     """Inference (no grad, or nothing requiring it) writes the output only."""
-    from resnet_ablate.kernels import _triton_impl
+    from resnet_ablate.kernels import _triton_geometry, _triton_tiles
 
     packings = []
-    real_call = _triton_impl.KernelLaunch.__call__
-    monkeypatch.setattr(_triton_impl.KernelLaunch, "__call__",
+    real_call = _triton_geometry.KernelLaunch.__call__
+    monkeypatch.setattr(_triton_geometry.KernelLaunch, "__call__",
                         lambda launch: (packings.append(launch.constexprs.get("MASK_PACKING")),
                                         real_call(launch)))
     x, residual, weight, bias, rm, rv, _ = _inputs((2, 16, 4, 4), torch.float32, True)
@@ -1043,7 +1043,7 @@ def test_no_mask_is_written_where_no_gradient_will_be_taken(monkeypatch):
         with torch.no_grad():
             fused_batch_norm(x.requires_grad_(), rm, rv, weight, bias, True, residual=residual)
         fused_batch_norm(x, rm, rv, weight, bias, True, residual=residual)
-    assert packings[2::3] == [_triton_impl.MASK_NONE] * 2 + [_triton_impl.MASK_ALONG_CHANNELS]
+    assert packings[2::3] == [_triton_tiles.MASK_NONE] * 2 + [_triton_tiles.MASK_ALONG_CHANNELS]
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed", "sliced",
@@ -1076,11 +1076,11 @@ def test_the_fake_kernel_sizes_the_mask_as_the_kernels_write_it(layout):
 def test_a_training_layer_launches_three_kernels_forward_and_three_backward(monkeypatch):
     """Statistics, finalize (with the running-stat update), normalize; reduce, finalize,
     elementwise: the update has no launch of its own on the eager path."""
-    from resnet_ablate.kernels import _triton_impl
+    from resnet_ablate.kernels import _triton_geometry
 
     launched = []
-    real_call = _triton_impl.KernelLaunch.__call__
-    monkeypatch.setattr(_triton_impl.KernelLaunch, "__call__",
+    real_call = _triton_geometry.KernelLaunch.__call__
+    monkeypatch.setattr(_triton_geometry.KernelLaunch, "__call__",
                         lambda launch: (launched.append(launch.kernel.fn.__name__),
                                         real_call(launch)))
     x, residual, weight, bias, rm, rv, grad = _inputs((2, 4, 5, 5), torch.float32, True)

@@ -1,0 +1,286 @@
+"""The row kernels: BatchNorm statistics, normalize + residual add + ReLU, and the backward,
+on tiles of rows.
+
+Every tensor is addressed as a strided (N, C, L) view (see _layout.py); a kernel argument
+`s<tensor>_<axis>` is the element stride of that view for tensor x, r (residual), o (out), g
+(grad_out), di (grad_input) or dr (grad_residual) along axis n, c or l. A program works on a tile
+of one sample's BLOCK_R consecutive spatial positions by BLOCK_C channels, so a tile's addresses
+are `n * stride_n + l * stride_l + c * stride_c` with `n` a scalar: no per-element division, and
+the compiler sees which axis is contiguous and vectorizes along it. When every tensor of a launch
+stores its samples back to back (channels_last, or N = 1), the launch views them as a single
+sample of N*L positions, which makes tiles long for small maps (7x7) too. Tiles are wide in C when
+C is the contiguous axis (channels_last) and long in L otherwise (NCHW).
+
+Instructions per element: an H100 issues ~33e12 thread instructions a second (132 SMs x 4 warp
+schedulers x 32 lanes x 1.98 GHz) while its memory moves 3.35e12 bytes, so a kernel holds the byte
+model only while it spends at most ~20 SASS instructions per bf16 value it moves per element.
+tests/compile_kernels_for_hopper.py counts them in the sm_90 binary of every ResNet-50 and
+ResNet-56 launch: all fit (the backward reduce takes 12-17.3 for its 2-3 values, the elementwise
+passes 19-35 for 3, the forward 20-34 for 2-3, the statistics pass 7.6-12.2 for its one: sums
+around a per-lane shift, no division, the next tile loaded before the current one is summed, 16
+warps where its tiles are full).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._triton_tiles import (
+    _channel_scale, _first_shift, _infinite_scale_terms, _lane_summary, _merge, _offsets,
+    _passed_by_mask, _relu_passes, _row_mask_bits, _shifted_update, _store_row_mask,
+    _store_summary, _store_sums, _sum_slots, _tile, _update_running, _welford_combine,
+)
+
+
+# Tile counts vary with the batch; left unspecialized, they do not change the compiled binary, so
+# the registers read from one compilation size every launch of that kernel.
+@triton.jit(do_not_specialize=["tiles_total", "tiles_per_split"])
+def _batch_stats_partial_kernel(
+    x_ptr, part_ptr,
+    C, L, l_blocks, tiles_total, tiles_per_split,
+    sx_n, sx_c, sx_l,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    split = tl.program_id(1)
+    first = split * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, tiles_total)
+
+    # Per-lane sums around a per-lane shift, no division in the loop, and one block reduction
+    # after it. The next tile's load is issued before the current tile's arithmetic, so that a
+    # load is always in flight while the lanes add.
+    n, positions, position_mask = _tile(first, L, l_blocks, BLOCK_R)
+    mask = (position_mask & (positions * 0 + first < last))[:, None] & col_mask[None, :]
+    x = tl.load(x_ptr + _offsets(n, positions, cols, sx_n, sx_c, sx_l), mask=mask, other=0.0)
+    shift = _first_shift(x.to(tl.float32), mask, 0)
+    sums = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    squares = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for tile in range(first, last):
+        n, positions, position_mask = _tile(tile + 1, L, l_blocks, BLOCK_R)
+        next_mask = (position_mask & (positions * 0 + tile + 1 < last))[:, None] & col_mask[None, :]
+        x_next = tl.load(x_ptr + _offsets(n, positions, cols, sx_n, sx_c, sx_l), mask=next_mask)
+        sums, squares = _shifted_update(shift, sums, squares, x.to(tl.float32), mask)
+        x, mask = x_next, next_mask
+    # A lane's count, worked out rather than counted: every tile of the range, less the tail
+    # tiles (the last of each sample) where the lane lies past L.
+    tail_length = L - (l_blocks - 1) * BLOCK_R
+    tails = last // l_blocks - first // l_blocks
+    lane_tiles = (last - first) - tl.where(tl.arange(0, BLOCK_R) >= tail_length, tails, 0)
+    count = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32) + lane_tiles.to(tl.float32)[:, None]
+    count, mean, m2, odd = _lane_summary(count, shift, sums, squares)
+    count, mean, m2, odd = _merge(count, mean, m2, odd, 0)
+    _store_summary(part_ptr, split * C + cols, C, col_mask, count, mean, m2, odd)
+
+
+@triton.jit
+def _batch_stats_finalize_kernel(
+    part_ptr, mean_ptr, var_ptr,
+    running_mean_ptr, running_var_ptr, C, num_splits, momentum, unbias,
+    UPDATE_RUNNING: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Merges the [num_splits, C] summaries (the four planes of `part_ptr`: count, mean, M2,
+    odd), BLOCK_S slots at a time, in a fixed order; with UPDATE_RUNNING also updates the running
+    statistics, saving the update its own launch."""
+    plane = num_splits * C
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    count = tl.zeros([BLOCK_C], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    odd = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for start in range(0, num_splits, BLOCK_S):
+        slots = start + tl.arange(0, BLOCK_S)
+        mask = (slots < num_splits)[:, None] & col_mask[None, :]
+        offsets = slots[:, None] * C + cols[None, :]
+        block = _merge(
+            tl.load(part_ptr + offsets, mask=mask, other=0.0),
+            tl.load(part_ptr + plane + offsets, mask=mask, other=0.0),
+            tl.load(part_ptr + 2 * plane + offsets, mask=mask, other=0.0),
+            tl.load(part_ptr + 3 * plane + offsets, mask=mask, other=0.0), 0,
+        )
+        count, mean, m2, odd = _welford_combine(count, mean, m2, odd, *block)
+    plain = odd == 0  # no inf or NaN in the channel
+    mean = tl.where(plain, mean, odd)
+    var = tl.where(plain, m2 / count, float("nan"))
+    tl.store(mean_ptr + cols, mean, mask=col_mask)
+    tl.store(var_ptr + cols, var, mask=col_mask)
+    if UPDATE_RUNNING:
+        _update_running(running_mean_ptr, running_var_ptr, mean, var, cols, col_mask, momentum,
+                        unbias)
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, residual_ptr, out_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr, relu_mask_ptr,
+    C, L, l_blocks, eps,
+    sx_n, sx_c, sx_l, sr_n, sr_c, sr_l, so_n, so_c, so_l,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    RELU: tl.constexpr, EPS_ZERO: tl.constexpr, MASK_PACKING: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    n, positions, position_mask = _tile(tl.program_id(0), L, l_blocks, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    mask = position_mask[:, None] & col_mask[None, :]
+    mean, _, scale = _channel_scale(mean_ptr, var_ptr, weight_ptr, cols, col_mask, eps, HAS_WEIGHT)
+    shift = tl.zeros_like(mean)
+    if HAS_BIAS:
+        shift = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    if EPS_ZERO:
+        mean, shift = _infinite_scale_terms(mean, scale, shift)
+
+    x = tl.load(x_ptr + _offsets(n, positions, cols, sx_n, sx_c, sx_l), mask=mask).to(tl.float32)
+    # (x - mean) * scale rather than x * scale + shift: no cancellation when |mean| >> std.
+    y = (x - mean[None, :]) * scale[None, :]
+    if HAS_BIAS or EPS_ZERO:
+        y += shift[None, :]
+    if HAS_RESIDUAL:
+        r_offsets = _offsets(n, positions, cols, sr_n, sr_c, sr_l)
+        y += tl.load(residual_ptr + r_offsets, mask=mask).to(tl.float32)
+    if RELU:
+        y = tl.where(y < 0, 0.0, y)  # NaN passes, as in torch.relu (tl.maximum would drop it)
+    stored = y.to(out_ptr.dtype.element_ty)
+    o_offsets = _offsets(n, positions, cols, so_n, so_c, so_l)
+    tl.store(out_ptr + o_offsets, stored, mask=mask)
+    if MASK_PACKING != 0:
+        _store_row_mask(relu_mask_ptr, _relu_passes(stored), tl.program_id(0),
+                        tl.program_id(1) * BLOCK_C, L, l_blocks, C, sx_n, sx_c, sx_l,
+                        MASK_PACKING, BLOCK_R, BLOCK_C)
+
+
+@triton.jit
+def _masked_grad(grad_ptr, out_ptr, x_offsets, tile, col_start, n, positions, cols, mask,
+                 C, L, l_blocks, sg_n, sg_c, sg_l, so_n, so_c, so_l, sx_n, sx_c, sx_l,
+                 RELU: tl.constexpr, PACKED: tl.constexpr, MASK_PACKING: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """grad_out except where the ReLU cut the value (output <= 0): PyTorch's threshold_backward,
+    which lets the gradient of a NaN output through. With PACKED, `out_ptr` is the packed ReLU
+    mask: read a byte per 8 elements where this call's tiles hold whole bytes (MASK_PACKING),
+    else each element's byte at its offset in x."""
+    g = tl.load(grad_ptr + _offsets(n, positions, cols, sg_n, sg_c, sg_l), mask=mask, other=0.0)
+    g = g.to(tl.float32)
+    if RELU:
+        if PACKED and MASK_PACKING != 0:
+            bits = _row_mask_bits(out_ptr, tile, col_start, L, l_blocks, C, sx_n, sx_c, sx_l,
+                                  MASK_PACKING, BLOCK_R, BLOCK_C)
+            g = tl.where(bits == 0, 0.0, g)
+        elif PACKED:
+            g = _passed_by_mask(g, out_ptr, x_offsets, mask)
+        else:
+            out = tl.load(out_ptr + _offsets(n, positions, cols, so_n, so_c, so_l), mask=mask,
+                          other=0.0)
+            g = tl.where(out <= 0, 0.0, g)
+    return g
+
+
+@triton.jit(do_not_specialize=["tiles_total", "tiles_per_split"])
+def _backward_reduce_kernel(
+    grad_ptr, out_ptr, x_ptr, mean_ptr, sums_ptr, grad_residual_ptr,
+    C, L, l_blocks, tiles_total, tiles_per_split,
+    sg_n, sg_c, sg_l, so_n, so_c, so_l, sx_n, sx_c, sx_l, sdr_n, sdr_c, sdr_l,
+    RELU: tl.constexpr, PACKED: tl.constexpr, MASK_PACKING: tl.constexpr,
+    STORE_GRAD_RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Per-channel sums of the masked gradient g and of g * (x - mean), into this split's slots
+    of `sums_ptr` (see `_store_sums`); with a residual, also
+    writes g as the residual's gradient, so that the elementwise pass reads it instead of
+    grad_out and the ReLU mask (`out_ptr`: the output, or with PACKED the packed mask)."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    split = tl.program_id(1)
+    first = split * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, tiles_total)
+    mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+
+    sums_g = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    sums_gx = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for tile in range(first, last):
+        n, positions, position_mask = _tile(tile, L, l_blocks, BLOCK_R)
+        mask = position_mask[:, None] & col_mask[None, :]
+        x_offsets = _offsets(n, positions, cols, sx_n, sx_c, sx_l)
+        g = _masked_grad(grad_ptr, out_ptr, x_offsets, tile, tl.program_id(0) * BLOCK_C, n,
+                         positions, cols, mask, C, L, l_blocks, sg_n, sg_c, sg_l, so_n, so_c,
+                         so_l, sx_n, sx_c, sx_l, RELU, PACKED, MASK_PACKING, BLOCK_R, BLOCK_C)
+        x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0)
+        sums_g += g
+        sums_gx += g * tl.where(mask, x.to(tl.float32) - mean[None, :], 0.0)
+        if STORE_GRAD_RESIDUAL:
+            dr_offsets = _offsets(n, positions, cols, sdr_n, sdr_c, sdr_l)
+            tl.store(grad_residual_ptr + dr_offsets, g.to(grad_residual_ptr.dtype.element_ty),
+                     mask=mask)
+
+    _store_sums(sums_ptr, split * C + cols, C, col_mask, tl.sum(sums_g, axis=0),
+                tl.sum(sums_gx, axis=0))
+
+
+@triton.jit
+def _backward_finalize_kernel(
+    sums_ptr, var_ptr, grad_weight_ptr, grad_bias_ptr,
+    C, num_splits, eps,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Sums the reduce pass's slots (`_store_sums`): grad_bias is the sum of g, grad_weight that
+    of g * (x - mean) times invstd, which sum also goes to the head of `sums_ptr`."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    sum_g = _sum_slots(sums_ptr + C, cols, col_mask, C, num_splits, BLOCK_S, BLOCK_C)
+    sum_gx = _sum_slots(sums_ptr + C + num_splits * C, cols, col_mask, C, num_splits, BLOCK_S,
+                        BLOCK_C)
+    var = tl.load(var_ptr + cols, mask=col_mask, other=1.0).to(tl.float32)
+    invstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(grad_weight_ptr + cols, sum_gx * invstd, mask=col_mask)
+    tl.store(grad_bias_ptr + cols, sum_g, mask=col_mask)
+    tl.store(sums_ptr + cols, sum_gx, mask=col_mask)
+
+
+@triton.jit
+def _backward_elementwise_kernel(
+    grad_ptr, out_ptr, x_ptr, mean_ptr, var_ptr, weight_ptr, sum_g_ptr, sum_gx_ptr,
+    grad_input_ptr,
+    C, L, l_blocks, count, eps,
+    sg_n, sg_c, sg_l, so_n, so_c, so_l, sx_n, sx_c, sx_l, sdi_n, sdi_c, sdi_l,
+    HAS_WEIGHT: tl.constexpr, BATCH_STATS: tl.constexpr, RELU: tl.constexpr,
+    PACKED: tl.constexpr, MASK_PACKING: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """grad_input from the masked gradient: `grad_ptr` is either grad_out (masked here by the
+    ReLU mask `out_ptr` when RELU) or the residual's gradient the reduce pass wrote, already
+    masked (RELU off)."""
+    n, positions, position_mask = _tile(tl.program_id(0), L, l_blocks, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    mask = position_mask[:, None] & col_mask[None, :]
+    mean, invstd, scale = _channel_scale(mean_ptr, var_ptr, weight_ptr, cols, col_mask, eps, HAS_WEIGHT)
+
+    x_offsets = _offsets(n, positions, cols, sx_n, sx_c, sx_l)
+    g = _masked_grad(grad_ptr, out_ptr, x_offsets, tl.program_id(0), tl.program_id(1) * BLOCK_C,
+                     n, positions, cols, mask, C, L, l_blocks, sg_n, sg_c, sg_l, so_n, so_c, so_l,
+                     sx_n, sx_c, sx_l, RELU, PACKED, MASK_PACKING, BLOCK_R, BLOCK_C)
+    if BATCH_STATS:
+        # With x_hat = (x - mean) * invstd and g the masked gradient, BatchNorm's backward is
+        #   grad_x = weight * invstd * (g - mean(g) - x_hat * mean(g * x_hat)),
+        # the means over the channel's N*L values; sum_g and sum_gx (= sum(g * (x - mean)))
+        # come from the reduce pass, so x_hat * mean(g * x_hat) = (x - mean) * invstd^2 * sum_gx / count.
+        x = tl.load(x_ptr + x_offsets, mask=mask).to(tl.float32)
+        mean_g = tl.load(sum_g_ptr + cols, mask=col_mask, other=0.0) / count
+        mean_gx = tl.load(sum_gx_ptr + cols, mask=col_mask, other=0.0) / count
+        projection = (x - mean[None, :]) * (invstd * invstd * mean_gx)[None, :]
+        grad_input = (g - mean_g[None, :] - projection) * scale[None, :]
+    else:
+        grad_input = g * scale[None, :]
+    di_offsets = _offsets(n, positions, cols, sdi_n, sdi_c, sdi_l)
+    tl.store(grad_input_ptr + di_offsets, grad_input.to(grad_input_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _update_running_stats_kernel(
+    running_mean_ptr, running_var_ptr, mean_ptr, var_ptr, C, momentum, unbias,
+    BLOCK_C: tl.constexpr,
+):
+    """The running-stat update alone, where it cannot join the finalize (the custom op's path)."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = cols < C
+    _update_running(running_mean_ptr, running_var_ptr, tl.load(mean_ptr + cols, mask=mask),
+                    tl.load(var_ptr + cols, mask=mask), cols, mask, momentum, unbias)

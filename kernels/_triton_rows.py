@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ._triton_tiles import (
-    _channel_scale, _first_shift, _infinite_scale_terms, _lane_summary, _merge, _offsets,
+    _channel_scale, _first_shift, _lane_summary, _merge, _normalize_terms, _offsets,
     _passed_by_mask, _relu_passes, _row_mask_bits, _shifted_update, _store_row_mask,
     _store_summary, _store_sums, _sum_slots, _tile, _update_running, _welford_combine,
 )
@@ -124,12 +124,8 @@ def _forward_kernel(
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     mask = position_mask[:, None] & col_mask[None, :]
-    mean, _, scale = _channel_scale(mean_ptr, var_ptr, weight_ptr, cols, col_mask, eps, HAS_WEIGHT)
-    shift = tl.zeros_like(mean)
-    if HAS_BIAS:
-        shift = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    if EPS_ZERO:
-        mean, shift = _infinite_scale_terms(mean, scale, shift)
+    mean, scale, shift = _normalize_terms(mean_ptr, var_ptr, weight_ptr, bias_ptr, cols, col_mask,
+                                          eps, HAS_WEIGHT, HAS_BIAS, EPS_ZERO)
 
     x = tl.load(x_ptr + _offsets(n, positions, cols, sx_n, sx_c, sx_l), mask=mask).to(tl.float32)
     # (x - mean) * scale rather than x * scale + shift: no cancellation when |mean| >> std.

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._triton_tiles import (
-    _channel_scale, _infinite_scale_terms, _lane_summary, _passed_by_mask, _relu_passes,
+    _channel_scale, _lane_summary, _normalize_terms, _passed_by_mask, _relu_passes,
     _shifted_update, _store_summary, _store_sums, _welford_combine,
 )
 
@@ -117,12 +117,8 @@ def _span_forward_kernel(
     # BLOCK_C channels, not for every lane), then spread to the lanes.
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
-    mean, _, scale = _channel_scale(mean_ptr, var_ptr, weight_ptr, cols, col_mask, eps, HAS_WEIGHT)
-    shift = tl.zeros_like(mean)
-    if HAS_BIAS:
-        shift = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    if EPS_ZERO:
-        mean, shift = _infinite_scale_terms(mean, scale, shift)
+    mean, scale, shift = _normalize_terms(mean_ptr, var_ptr, weight_ptr, bias_ptr, cols, col_mask,
+                                          eps, HAS_WEIGHT, HAS_BIAS, EPS_ZERO)
     x = tl.load(x_ptr + offsets, mask=lane_mask).to(tl.float32)
     y = (x - _per_lane(mean, L, BLOCK_C, SPAN)) * _per_lane(scale, L, BLOCK_C, SPAN)
     if HAS_BIAS or EPS_ZERO:

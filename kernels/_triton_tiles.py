@@ -238,6 +238,20 @@ def _infinite_scale_terms(mean, scale, shift):
 
 
 @triton.jit
+def _normalize_terms(mean_ptr, var_ptr, weight_ptr, bias_ptr, cols, col_mask, eps,
+                     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, EPS_ZERO: tl.constexpr):
+    """Per channel of `cols`, the forward's (mean, scale, shift): out = (x - mean) * scale +
+    shift, once per channel rather than per element."""
+    mean, _, scale = _channel_scale(mean_ptr, var_ptr, weight_ptr, cols, col_mask, eps, HAS_WEIGHT)
+    shift = tl.zeros_like(mean)
+    if HAS_BIAS:
+        shift = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    if EPS_ZERO:
+        mean, shift = _infinite_scale_terms(mean, scale, shift)
+    return mean, scale, shift
+
+
+@triton.jit
 def _store_sums(sums_ptr, slot, C, mask, sum_g, sum_gx):
     """A backward reduction program's sums into its slots. `sums_ptr` holds, one allocation a
     call: the channels' total of g * (x - mean) (C, which the finalize writes and the elementwise

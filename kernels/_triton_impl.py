@@ -39,8 +39,8 @@ import torch
 
 from ._contract import RunningUpdate
 from ._triton_geometry import (
-    FINALIZE_BLOCK_C, KernelLaunch, Geometry, LaunchTemplate, SpanTiling, output_buffer,
-    dense_inputs, finalize_template, call_geometry, relu_mask_packing, programs_in_one_wave,
+    FINALIZE_BLOCK_C, Geometry, KernelLaunch, LaunchTemplate, SpanTiling, call_geometry,
+    dense_inputs, finalize_template, output_buffer, programs_in_one_wave, relu_mask_packing,
     tensor_signature, tilings,
 )
 from ._triton_rows import (

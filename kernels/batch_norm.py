@@ -232,21 +232,23 @@ class _EagerBatchNormAct(torch.autograd.Function):
     In eager mode nothing needs the op to be one graph node, and its dispatch (schema binding,
     redispatch below autograd, the generated Function) is most of a layer's host time once the
     launch plans are cached; this Function calls the implementation directly, with the same
-    context and gradients, and returns the output alone (the statistics and the mask only go
-    to the backward, so autograd tracks one output instead of four). Tracing and compilation
-    keep the custom op (see `_is_eager`).
+    context and gradients. Autograd sees only what it differentiates: the output alone (the
+    statistics and the mask only go to the backward), and as inputs the four tensors with
+    gradients, the rest in one tuple (running statistics, eps, flags, the running-stat update).
+    Tracing and compilation keep the custom op (see `_is_eager`).
     """
 
     @staticmethod
-    def forward(ctx, *inputs_and_update):
+    def forward(ctx, x, weight, bias, residual, rest):
         # forward(ctx, ...) rather than a separate setup_context: apply() then binds no signature.
-        output = _forward(*inputs_and_update)
-        _save_for_backward(ctx, inputs_and_update[:9], output)
+        inputs = (x, weight, bias, residual, *rest[:5])
+        output = _forward(*inputs, rest[5])
+        _save_for_backward(ctx, inputs, output)
         return output[0]
 
     @staticmethod
     def backward(ctx, grad_out):
-        return (*_gradients(ctx, grad_out, _backward_impl), None)
+        return (*_gradients(ctx, grad_out, _backward_impl)[:4], None)
 
 
 def _without_python_wrapper(function: type[torch.autograd.Function]):
@@ -254,7 +256,8 @@ def _without_python_wrapper(function: type[torch.autograd.Function]):
     (the eager Function has none) and unwraps dead functorch wrappers (there are none outside
     functorch transforms, which `_is_eager` rules out) before calling the C++ apply that builds
     the graph node: that apply itself, bound to `function` (`function.apply` where a PyTorch has
-    no such method). A few microseconds a layer, on the host path eager PyTorch's own ops set."""
+    no such method). That saves a few microseconds a layer, where eager PyTorch's own ops
+    set the budget."""
     c_apply = vars(torch._C._FunctionBase).get("apply")
     return function.apply if c_apply is None else c_apply.__get__(None, function)
 
@@ -323,8 +326,8 @@ def fused_batch_norm(
     pack_relu_mask = relu and _gradient_will_be_taken(input, weight, bias, residual)
     if not training:
         if eager:
-            return _eager_apply(input, weight, bias, residual, running_mean, running_var, eps,
-                                relu, pack_relu_mask, None)
+            return _eager_apply(input, weight, bias, residual,
+                                (running_mean, running_var, eps, relu, pack_relu_mask, None))
         return batch_norm_act(input, weight, bias, residual, running_mean, running_var, eps, relu,
                               pack_relu_mask)[0]
     count = input.numel() // input.shape[1]
@@ -332,8 +335,8 @@ def fused_batch_norm(
     if running_mean is not None and count > 0:
         update = RunningUpdate(running_mean, running_var, momentum, count / (count - 1))
     if eager:  # the update rides along with the forward
-        return _eager_apply(input, weight, bias, residual, None, None, eps, relu, pack_relu_mask,
-                            update)
+        return _eager_apply(input, weight, bias, residual,
+                            (None, None, eps, relu, pack_relu_mask, update))
     out, batch_mean, batch_var, _ = batch_norm_act(input, weight, bias, residual, None, None, eps,
                                                    relu, pack_relu_mask)
     if update is not None:

@@ -28,16 +28,15 @@ engine included, gradients taken with autograd.grad) of:
   iterations: such small kernels hide behind the host's work, so the wall time per layer is the
   host cost including every launch (Triton's launcher and CUDA's included).
 
-Each figure is the median over blocks of the mean microseconds per layer (CPU time on a CPU, wall
-time on CUDA); rows go to
-benchmarks/results/host.csv with the machine named.
+Each figure is the fastest block's mean microseconds per layer (CPU time on a CPU, wall time on
+CUDA): interference only ever adds time, so the least disturbed block estimates the cost itself;
+rows go to benchmarks/results/host.csv with the machine named.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -99,10 +98,13 @@ def _step(provider: str, x, r, params, stats, grad) -> Callable[[], None]:
 
 def _microseconds(steps: dict[str, Callable[[], None]], device: torch.device, iterations: int,
                   blocks: int) -> dict[str, float]:
-    """Median over blocks of the mean time per step, the providers' blocks interleaved so that
-    a machine's changing load weighs on each alike. On a CPU the time is the process's CPU time
-    (one thread does all the work), which other processes' load does not inflate; on CUDA it is
-    wall time, since autograd's device thread and the GPU's queue take part."""
+    """The fastest block's mean time per step, the providers' blocks interleaved so that a
+    machine's changing load has the same chances to spare each. Interference (other processes,
+    a virtual machine's neighbours, which slow even a process's own CPU time by half or more
+    here) only ever adds time, so the least disturbed block is the best estimate of the cost
+    itself, as timeit's documentation advises. On a CPU the time is the process's CPU time (one
+    thread does all the work); on CUDA it is wall time, since autograd's device thread and the
+    GPU's queue take part."""
     clock = time.process_time if device.type == "cpu" else time.perf_counter
     for step in steps.values():
         for _ in range(max(3, iterations // 10)):
@@ -116,7 +118,7 @@ def _microseconds(steps: dict[str, Callable[[], None]], device: torch.device, it
                 step()
             _synchronize(device)
             per_block[name].append((clock() - start) / iterations * 1e6)
-    return {name: statistics.median(times) for name, times in per_block.items()}
+    return {name: min(times) for name, times in per_block.items()}
 
 
 class _NoOpLayer(torch.autograd.Function):

@@ -73,6 +73,7 @@ def _layer_inputs(shape, dtype, device, memory_format, residual: bool):
 def _step(provider: str, x, r, params, stats, grad) -> Callable[[], None]:
     """One layer's forward + backward; gradients taken with autograd.grad (no accumulation)."""
     from resnet_ablate.kernels import fused_batch_norm
+    from resnet_ablate.kernels.batch_norm import _without_python_wrapper
 
     leaves = [t for t in (x, r, *params) if t is not None]
     weight, bias = params
@@ -89,8 +90,11 @@ def _step(provider: str, x, r, params, stats, grad) -> Callable[[], None]:
             out = out + r
         torch.autograd.grad(F.relu(out), leaves, grad)
 
+    # Applied as the fused op's eager path applies its own Function.
+    no_op_layer = _without_python_wrapper(_NoOpLayer)
+
     def floor() -> None:
-        out = _no_op_layer(x, weight, bias, r)
+        out = no_op_layer(x, weight, bias, r)
         torch.autograd.grad(out, leaves, grad)
 
     return {"fused": fused, "eager": eager, "python_function_floor": floor}[provider]
@@ -137,11 +141,6 @@ class _NoOpLayer(torch.autograd.Function):
         x, weight, _, _ = ctx.saved_tensors
         return (torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight),
                 torch.empty_like(grad_out) if ctx.has_residual else None)
-
-
-# Applied as batch_norm.py applies its eager Function: the C++ apply without Function.apply's
-# Python wrapper.
-_no_op_layer = torch._C._FunctionBase.__dict__["apply"].__get__(None, _NoOpLayer)
 
 
 def _synchronize(device: torch.device) -> None:

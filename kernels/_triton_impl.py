@@ -56,10 +56,9 @@ from ._triton_tiles import MASK_NONE
 
 
 # ------------------------------------------------------------------------------------------------
-# Plans: a call's launches as its signature (the geometry's, plus which optional tensors and
-# flags it has) fixes them, worked out on the signature's first call. A later call allocates its
-# outputs, one scratch buffer per reduction, and fills its tensors and scalars into the
-# templates: the host path of a layer stays a few allocations and tuple builds.
+# Plans: a call's launches as its signature (the geometry's, plus its optional tensors and flags)
+# fixes them, worked out on the signature's first call. Later calls allocate their outputs and one
+# scratch buffer per reduction and fill them and their scalars into the templates.
 
 
 class ForwardCall(NamedTuple):
@@ -239,12 +238,12 @@ def _is_packed(relu_mask: torch.Tensor | None) -> bool:
     return relu_mask is not None and relu_mask.dtype == torch.uint8
 
 
-def _backward_plan(key: tuple, x, grad_out, relu_mask, grad_input, grad_residual,
+def _backward_plan(geometry_key: tuple, x, grad_out, relu_mask, grad_input, grad_residual,
                    has_weight: bool, batch_stats: bool) -> _BackwardPlan:
     relu, packed = relu_mask is not None, _is_packed(relu_mask)
     residual_grad = grad_residual is not None
     out = None if packed else relu_mask  # the output, a tensor of x's shape, where it is the mask
-    geometry = call_geometry(key[:4] + key[-1:], (x, grad_out, out), (grad_input, grad_residual),
+    geometry = call_geometry(geometry_key, (x, grad_out, out), (grad_input, grad_residual),
                              functools.partial(_backward_reduction, relu_mask=relu_mask))
     channels = x.shape[1]
     # Where this call's tiles hold whole bytes of the packed mask, they read a byte per 8 values.
@@ -299,14 +298,15 @@ def plan_backward(
     # Gradients take the strides the fake kernel promises, whatever copies compute them.
     grad_input = torch.empty_like(x)
     grad_residual = torch.empty_like(grad_out, dtype=x.dtype) if residual_grad else None
-    key = (tensor_signature(x), tensor_signature(grad_out), tensor_signature(relu_mask),
-           residual_grad, weight is not None, batch_stats, reduction_programs)
+    geometry_key = (tensor_signature(x), tensor_signature(grad_out), tensor_signature(relu_mask),
+                    residual_grad, reduction_programs)
+    key = (geometry_key, weight is not None, batch_stats)
     plan = _BACKWARD_PLANS.get(key)
     if plan is None:
-        plan = _BACKWARD_PLANS[key] = _backward_plan(key, x, grad_out, relu_mask, grad_input,
-                                                     grad_residual, weight is not None,
-                                                     batch_stats)
-    packed = relu_mask is not None and relu_mask.dtype == torch.uint8  # _is_packed, inline
+        plan = _BACKWARD_PLANS[key] = _backward_plan(geometry_key, x, grad_out, relu_mask,
+                                                     grad_input, grad_residual,
+                                                     weight is not None, batch_stats)
+    packed = _is_packed(relu_mask)
     out = None if packed else relu_mask
     grad_input_buffer, grad_residual_buffer = grad_input, grad_residual
     if plan.geometry.reshaped:

@@ -1,8 +1,11 @@
 """The contract both implementations of the fused ops follow (_triton_impl and _torch_impl).
 
 batch_norm.py registers the custom ops and backends.py picks an implementation per call; each
-implementation is a module with these four functions. Shapes: x is (N, C, *spatial), viewed as (N, C, L) with L
-the product of the spatial sizes; statistics are per channel, in float32 (float64 for float64).
+implementation is a module with these four functions. Shapes: x is (N, C, *spatial), viewed as
+(N, C, L) with L the product of the spatial sizes; statistics are per channel, in float32 (float64
+for float64), and travel as one `stats` tensor: the C means, then the C variances (an
+implementation may keep scratch after them). One tensor rather than two: on the eager path each
+allocation is a noticeable share of a layer's host time.
 """
 
 from __future__ import annotations
@@ -36,22 +39,22 @@ class Implementation(Protocol):
         relu: bool,
         pack_relu_mask: bool = False,
         update: RunningUpdate | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`out = (x - mean) * weight / sqrt(var + eps) + bias`, then `+ residual`, then ReLU when
-        `relu`; the sum is taken in float32 and rounded once to x's dtype, and `out` has x's
-        strides (as `torch.empty_like(x)`). Without running statistics (training) mean and var
-        are the batch's (biased variance) and are returned for backward; with them (eval) they
-        normalize and two empty tensors are returned. N is never 0 here (batch_norm.py answers
-        empty batches itself). NaN and inf propagate as through F.batch_norm + add + relu.
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """`(out, stats, relu_mask)`. `out = (x - mean) * weight / sqrt(var + eps) + bias`, then
+        `+ residual`, then ReLU when `relu`; the sum is taken in float32 and rounded once to x's
+        dtype, and `out` has x's strides (as `torch.empty_like(x)`). Without running statistics
+        (training) mean and var are the batch's (biased variance) and `stats` holds them for
+        backward (at least 2C values: the means, then the variances); with them (eval) they
+        normalize and `stats` is None. N is never 0 here (batch_norm.py answers empty batches
+        itself). NaN and inf propagate as through F.batch_norm + add + relu.
         With `update` (training only) the running statistics are updated from the batch's, as
         `update_running_stats` would; the eager path passes it, the custom op cannot (an op with
         an autograd formula may not mutate its inputs).
 
-        The fourth result is the packed ReLU mask, for backward in place of `out`: with
-        `pack_relu_mask` and `relu`, `relu_mask_bytes(x, residual)` bytes (uint8), bit j of byte k
-        set where the output at element 8k + j of x, counted in memory from x's first element, is
-        positive or NaN (see `_torch_impl.unpack_relu_mask`); an empty uint8 tensor where that is
-        0 or not asked for."""
+        `relu_mask` is the packed ReLU mask, for backward in place of `out`: with `pack_relu_mask`
+        and `relu`, `relu_mask_bytes(x, residual)` bytes (uint8), bit j of byte k set where the
+        output at element 8k + j of x, counted in memory from x's first element, is positive or
+        NaN (see `_torch_impl.unpack_relu_mask`); None where that is 0 or not asked for."""
         ...
 
     def relu_mask_bytes(self, x: torch.Tensor, residual: torch.Tensor | None) -> int:
@@ -66,29 +69,29 @@ class Implementation(Protocol):
         x: torch.Tensor,
         relu_mask: torch.Tensor | None,
         weight: torch.Tensor | None,
-        mean: torch.Tensor,
-        var: torch.Tensor,
+        stats: torch.Tensor,
         eps: float,
         batch_stats: bool,
         residual_grad: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Gradients of x, residual, weight and bias. `relu_mask` is None without ReLU; with it,
         the forward's packed ReLU mask (uint8) where it wrote one, else its output (the gradient
-        passes where out > 0 or is NaN, as threshold_backward lets it). With `batch_stats` the statistics were the batch's and x's gradient includes
-        their derivative; else they were constants. The residual's gradient (the masked
-        grad_out, in x's dtype with grad_out's strides) is computed only when `residual_grad`,
-        else an empty tensor is returned; grad_input has x's strides."""
+        passes where out > 0 or is NaN, as threshold_backward lets it). `stats` holds the C means
+        then the C variances that normalized x. With `batch_stats` they were the batch's and x's
+        gradient includes their derivative; else they were constants. The residual's gradient
+        (the masked grad_out, in x's dtype with grad_out's strides) is computed only when
+        `residual_grad`, else None is returned; grad_input has x's strides."""
         ...
 
     def update_running_stats(
         self,
         running_mean: torch.Tensor,
         running_var: torch.Tensor,
-        mean: torch.Tensor,
-        var: torch.Tensor,
+        stats: torch.Tensor,
         momentum: float,
         unbias: float,
     ) -> None:
-        """In place: running = (1 - momentum) * running + momentum * batch statistic, the
-        variance multiplied by `unbias` (count / (count - 1)) first."""
+        """In place: running = (1 - momentum) * running + momentum * batch statistic (`stats`:
+        the means, then the variances), the variance multiplied by `unbias` (count / (count - 1))
+        first."""
         ...

@@ -42,19 +42,19 @@ def forward(
     relu: bool,
     pack_relu_mask: bool = False,
     update: RunningUpdate | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None, None]:
     """`Implementation.forward` in _contract.py; it keeps no packed mask (the backward reads
     the output), which costs nothing on a CPU."""
     acc = _compute_dtype(x)
     xc = x.to(acc)
+    stats = None
     if running_mean is None:
         mean, var = _batch_stats(xc)
-        saved_mean, saved_var = mean, var
+        stats = torch.cat((mean, var))
         if update is not None:
-            update_running_stats(*update[:2], mean, var, *update[2:])
+            update_running_stats(*update[:2], stats, *update[2:])
     else:
         mean, var = running_mean.to(acc), running_var.to(acc)
-        saved_mean, saved_var = x.new_empty(0, dtype=acc), x.new_empty(0, dtype=acc)
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight.to(acc)
@@ -71,7 +71,7 @@ def forward(
         y = y + residual.to(acc)
     if relu:
         y = torch.relu(y)
-    return _in_layout_of(y, x), saved_mean, saved_var, x.new_empty(0, dtype=torch.uint8)
+    return _in_layout_of(y, x), stats, None
 
 
 def relu_mask_bytes(x: torch.Tensor, residual: torch.Tensor | None) -> int:
@@ -118,18 +118,17 @@ def backward(
     x: torch.Tensor,
     relu_mask: torch.Tensor | None,
     weight: torch.Tensor | None,
-    mean: torch.Tensor,
-    var: torch.Tensor,
+    stats: torch.Tensor,
     eps: float,
     batch_stats: bool,
     residual_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """`Implementation.backward` in _contract.py."""
     acc = _compute_dtype(x)
     gz = grad_out.to(acc)
     if relu_mask is not None:  # ReLU: the gradient flows where the output is positive
         gz = gz.masked_fill(~_gradient_passes(relu_mask, x), 0)
-    mean, var = mean.to(acc), var.to(acc)
+    mean, var = _mean_and_var(stats, x.shape[1], acc)
     invstd = torch.rsqrt(var + eps)
     weight = weight.to(acc) if weight is not None else None
     if batch_stats:
@@ -140,13 +139,21 @@ def backward(
         grad_in, grad_weight, grad_bias = aten.native_batch_norm_backward(
             gz, x.to(acc), weight, mean, var, None, None, False, eps, [True, True, True]
         )
-    grad_residual = _in_layout_of(gz, grad_out) if residual_grad else x.new_empty(0)
+    grad_residual = _in_layout_of(gz, grad_out) if residual_grad else None
     return _in_layout_of(grad_in, x), grad_residual, grad_weight, grad_bias
 
 
-def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
-                         var: torch.Tensor, momentum: float, unbias: float) -> None:
+def _mean_and_var(stats: torch.Tensor, channels: int,
+                  dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The means and the variances a `stats` tensor holds (see _contract.py), in `dtype`."""
+    mean, var = stats[:channels], stats[channels:2 * channels]
+    return (mean, var) if dtype is None else (mean.to(dtype), var.to(dtype))
+
+
+def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor,
+                         stats: torch.Tensor, momentum: float, unbias: float) -> None:
     """`Implementation.update_running_stats` in _contract.py."""
+    mean, var = _mean_and_var(stats, running_mean.numel())
     running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
     running_var.mul_(1 - momentum).add_((var * unbias).to(running_var.dtype), alpha=momentum)
 
@@ -156,12 +163,11 @@ def differentiable_backward(
     x: torch.Tensor,
     relu_mask: torch.Tensor | None,
     weight: torch.Tensor | None,
-    mean: torch.Tensor,
-    var: torch.Tensor,
+    stats: torch.Tensor,
     eps: float,
     batch_stats: bool,
     residual_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """`backward` written in differentiable torch ops, for double backward (`create_graph=True`),
     whichever implementation ran the forward.
 
@@ -179,6 +185,8 @@ def differentiable_backward(
     if batch_stats:
         mean = xc.mean(dims)
         var = xc.var(dims, unbiased=False)
+    else:
+        mean, var = _mean_and_var(stats, x.shape[1])
     invstd = torch.rsqrt(var.to(acc) + eps)
     x_hat = (xc - mean.to(acc).view(view)) * invstd.view(view)
     grad_bias = gz.sum(dims)
@@ -190,5 +198,5 @@ def differentiable_backward(
         grad_in = gz_centred * scale.view(view)
     else:
         grad_in = gz * scale.view(view)
-    grad_residual = gz.to(x.dtype) if residual_grad else x.new_empty(0)
+    grad_residual = gz.to(x.dtype) if residual_grad else None
     return grad_in.to(x.dtype), grad_residual, grad_weight, grad_bias

@@ -34,17 +34,14 @@ INTERPRETER_PROGRAMS = 4
 
 
 class KernelLaunch(NamedTuple):
-    """One kernel launch: the kernel, its grid, runtime arguments and compile-time constants.
-    (A named tuple: a layer builds seven of these a step, and a tuple is the cheapest to build.)"""
+    """One kernel launch as data: the kernel, its grid, runtime arguments and compile-time
+    constants; what `plan_forward` and `plan_backward` describe, for the ahead-of-time check."""
 
     kernel: Any  # a triton.JITFunction
     grid: tuple[int, ...]
     args: tuple[Any, ...]
     constexprs: dict[str, Any] = {}  # never mutated
     num_warps: int = 4
-
-    def __call__(self) -> None:
-        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps)
 
 
 @dataclass(frozen=True)
@@ -192,7 +189,7 @@ def _writable(t: torch.Tensor) -> torch.Tensor:
 class LaunchTemplate(NamedTuple):
     """A launch as a signature fixes it, less what each call brings: its tensors, which lead the
     arguments, and its float scalars (eps; momentum and unbias), which sit between `head` and
-    `tail`. Built on a signature's first call, so that later calls only fill it in."""
+    `tail`. Built on a signature's first call, so that later calls only fill it in and launch."""
 
     kernel: Any  # a triton.JITFunction
     grid: tuple[int, ...]
@@ -201,7 +198,13 @@ class LaunchTemplate(NamedTuple):
     constexprs: dict[str, Any]  # never mutated
     num_warps: int
 
+    def __call__(self, tensors: tuple[Any, ...], *scalars: float) -> None:
+        """Launch it with this call's tensors and scalars."""
+        self.kernel[self.grid](*tensors, *self.head, *scalars, *self.tail, **self.constexprs,
+                               num_warps=self.num_warps)
+
     def bind(self, tensors: tuple[Any, ...], *scalars: float) -> KernelLaunch:
+        """The launch that `self(tensors, *scalars)` would make, as data."""
         return KernelLaunch(self.kernel, self.grid, (*tensors, *self.head, *scalars, *self.tail),
                             self.constexprs, self.num_warps)
 

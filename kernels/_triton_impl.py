@@ -33,6 +33,7 @@ launch of a few microseconds (none at all under CUDA graphs).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -58,18 +59,20 @@ from ._triton_tiles import MASK_NONE
 # ------------------------------------------------------------------------------------------------
 # Plans: a call's launches as its signature (the geometry's, plus its optional tensors and flags)
 # fixes them, worked out on the signature's first call. Later calls allocate their outputs and one
-# scratch buffer per reduction and fill them and their scalars into the templates.
+# buffer per reduction, and launch the templates with them and their scalars. Each call passes a
+# `launch(template, tensors, *scalars)`: LaunchTemplate.__call__ runs it, `plan_forward` and
+# `plan_backward` record it instead.
+
+Launch = Callable[..., None]
 
 
 class ForwardCall(NamedTuple):
-    """The launches of one forward and the tensors they fill."""
+    """The launches of one forward (described, not run) and the tensors they would fill."""
 
     launches: list[KernelLaunch]
     out: torch.Tensor
-    out_buffer: torch.Tensor
-    saved_mean: torch.Tensor
-    saved_var: torch.Tensor
-    relu_mask: torch.Tensor  # packed (uint8, x.numel() / 8 bytes), or empty where none is written
+    stats: torch.Tensor | None
+    relu_mask: torch.Tensor | None
 
 
 class _ForwardPlan(NamedTuple):
@@ -77,7 +80,7 @@ class _ForwardPlan(NamedTuple):
     statistics: LaunchTemplate | None  # the statistics pass and its finalize (training only)
     finalize: LaunchTemplate | None
     normalize: LaunchTemplate
-    parts: int  # fp32 values of the statistics pass's slots: four planes of [splits, C]
+    stats_size: int  # fp32 values: mean and var (2C), then four planes of [splits, C] slots
     mask_bytes: int  # of the packed ReLU mask (0: none is written)
 
 
@@ -87,12 +90,12 @@ _FORWARD_PLANS: dict[tuple, _ForwardPlan] = {}
 def _forward_reduction(shape, dense, buffers):
     x = dense[0]
     channels = x.shape[1]
-    parts = torch.empty(channels, dtype=torch.float32, device=x.device)
+    stats = torch.empty(3 * channels, dtype=torch.float32, device=x.device)
     if isinstance(shape, SpanTiling):
-        provisional = (x, parts, channels, shape.samples, 1)
+        provisional = (x, stats, channels, shape.samples, 1)
         return _span_batch_stats_partial_kernel, provisional, shape.constexprs(), shape.num_warps
     # The split does not change the binary (unspecialized), so any split measures it.
-    provisional = (x, parts, channels, shape.positions, shape.l_blocks, shape.tiles, 1,
+    provisional = (x, stats, channels, shape.positions, shape.l_blocks, shape.tiles, 1,
                    *shape.strides[0])
     return (_batch_stats_partial_kernel, provisional,
             dict(BLOCK_R=shape.block_r, BLOCK_C=shape.block_c), shape.stats_warps)
@@ -121,7 +124,7 @@ def _forward_plan(x, residual, out, batch_stats: bool, constexprs: dict[str, Any
         finalize = finalize_template(_batch_stats_finalize_kernel, channels, geometry.splits,
                                      UPDATE_RUNNING=update)
     packing = geometry.mask_packing if constexprs["MASK_PACKING"] else MASK_NONE
-    constexprs = dict(constexprs, MASK_PACKING=packing)
+    constexprs = dict(constexprs, MASK_PACKING=packing, BATCH_STATS=batch_stats)
     if span is not None:
         normalize = LaunchTemplate(_span_forward_kernel, (span.col_blocks, span.samples),
                                    (channels,), (), dict(constexprs, **span.constexprs()),
@@ -132,28 +135,19 @@ def _forward_plan(x, residual, out, batch_stats: bool, constexprs: dict[str, Any
             (channels, tiling.positions, tiling.l_blocks),
             tuple(s for strides in tiling.strides for s in strides),
             dict(constexprs, BLOCK_R=tiling.block_r, BLOCK_C=tiling.block_c), tiling.num_warps)
-    return _ForwardPlan(geometry, statistics, finalize, normalize, 4 * geometry.splits * channels,
-                        x.numel() // 8 if packing else 0)
+    return _ForwardPlan(geometry, statistics, finalize, normalize,
+                        (2 + 4 * geometry.splits) * channels, x.numel() // 8 if packing else 0)
 
 
-def plan_forward(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor | None,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    eps: float,
-    relu: bool,
-    pack_relu_mask: bool = False,
-    update: RunningUpdate | None = None,
-    *,
-    reduction_programs=programs_in_one_wave,
-) -> ForwardCall:
-    """Allocate a forward's outputs and describe its launches (without running them)."""
+def _issue_forward(x, weight, bias, residual, running_mean, running_var, eps: float, relu: bool,
+                   pack_relu_mask: bool, update: RunningUpdate | None, reduction_programs,
+                   launch: Launch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """A forward's outputs, allocated, and its launches, issued through `launch`."""
     batch_stats = running_mean is None
-    key = (x.shape, x.stride(), x.dtype, x.device, tensor_signature(residual), batch_stats,
-           weight is not None, bias is not None, relu, pack_relu_mask, eps == 0,
+    # The residual is on x's device (_checks.py).
+    key = (x.shape, x.stride(), x.dtype, x.device,
+           None if residual is None else (residual.shape, residual.stride(), residual.dtype),
+           batch_stats, weight is not None, bias is not None, relu, pack_relu_mask, eps == 0,
            update is not None, reduction_programs)
     out = torch.empty_like(x)  # the input's strides, as the fake kernel promises
     plan = _FORWARD_PLANS.get(key)
@@ -167,37 +161,45 @@ def plan_forward(
     if plan.geometry.reshaped:
         out_buffer = output_buffer(plan.geometry, 0, out)
         x, residual = dense_inputs(plan.geometry, x, residual)
-    channels = x.shape[1]
-    launches = []
-    if batch_stats:
-        mean = saved_mean = torch.empty(channels, dtype=torch.float32, device=x.device)
-        var = saved_var = torch.empty(channels, dtype=torch.float32, device=x.device)
-        parts = torch.empty(plan.parts, dtype=torch.float32, device=x.device)
-        running = (mean, var, 0.0, 0.0) if update is None else (
-            update.running_mean, update.running_var, float(update.momentum), float(update.unbias))
-        launches += [plan.statistics.bind((x, parts)),
-                     plan.finalize.bind((parts, mean, var, *running[:2]), *running[2:])]
-    else:
-        mean, var = running_mean, running_var
-        # Two tensors: a custom op's outputs may not alias one another.
-        saved_mean = torch.empty(0, dtype=torch.float32, device=x.device)
-        saved_var = torch.empty(0, dtype=torch.float32, device=x.device)
-    relu_mask = torch.empty(plan.mask_bytes, dtype=torch.uint8, device=x.device)
-    launches.append(plan.normalize.bind(
-        (x, residual if residual is not None else x, out_buffer, mean, var,
-         weight if weight is not None else mean, bias if bias is not None else mean, relu_mask),
-        eps))
-    return ForwardCall(launches, out, out_buffer, saved_mean, saved_var, relu_mask)
+    stats = relu_mask = None
+    mean, var = running_mean, running_var  # eval: the running statistics normalize
+    if batch_stats:  # the normalize pass finds the variances after the means (BATCH_STATS)
+        stats = mean = var = torch.empty(plan.stats_size, dtype=torch.float32, device=x.device)
+        launch(plan.statistics, (x, stats))
+        if update is None:  # the running statistics' pointers are then unread
+            launch(plan.finalize, (stats, stats, stats), 0.0, 0.0)
+        else:
+            launch(plan.finalize, (stats, update.running_mean, update.running_var),
+                   float(update.momentum), float(update.unbias))
+    if plan.mask_bytes:
+        relu_mask = torch.empty(plan.mask_bytes, dtype=torch.uint8, device=x.device)
+    # Where a tensor is absent, any valid pointer stands in: the kernel does not read it.
+    launch(plan.normalize, (x, residual if residual is not None else x, out_buffer, mean, var,
+                            weight if weight is not None else mean,
+                            bias if bias is not None else mean,
+                            relu_mask if relu_mask is not None else mean), eps)
+    if out_buffer is not out:
+        out.copy_(out_buffer)
+    return out, stats, relu_mask
+
+
+def plan_forward(x, weight, bias, residual, running_mean, running_var, eps: float, relu: bool,
+                 pack_relu_mask: bool = False, update: RunningUpdate | None = None, *,
+                 reduction_programs=programs_in_one_wave) -> ForwardCall:
+    """Everything `forward` does but the launches, which it returns as data."""
+    launches: list[KernelLaunch] = []
+    outputs = _issue_forward(x, weight, bias, residual, running_mean, running_var, eps, relu,
+                             pack_relu_mask, update, reduction_programs,
+                             lambda template, *args: launches.append(template.bind(*args)))
+    return ForwardCall(launches, *outputs)
 
 
 class BackwardCall(NamedTuple):
-    """The launches of one backward and the tensors they fill."""
+    """The launches of one backward (described, not run) and the tensors they would fill."""
 
     launches: list[KernelLaunch]
     grad_input: torch.Tensor
-    grad_input_buffer: torch.Tensor
-    grad_residual: torch.Tensor
-    grad_residual_buffer: torch.Tensor
+    grad_residual: torch.Tensor | None
     grad_weight: torch.Tensor
     grad_bias: torch.Tensor
 
@@ -217,8 +219,8 @@ def _backward_reduction(shape, dense, buffers, *, relu_mask: torch.Tensor | None
     x, grad_out, _ = dense
     channels = x.shape[1]
     relu, residual_grad = relu_mask is not None, buffers[1] is not None
-    vector = torch.empty(channels, dtype=torch.float32, device=x.device)
-    grad_residual = buffers[1] if residual_grad else x.new_empty(0)
+    vector = torch.empty(2 * channels, dtype=torch.float32, device=x.device)
+    grad_residual = buffers[1] if residual_grad else grad_out
     span, tiling = (shape, None) if isinstance(shape, SpanTiling) else (None, shape)
     packing = relu_mask_packing(x, span, tiling) if _is_packed(relu_mask) else MASK_NONE
     constexprs = dict(RELU=relu, PACKED=_is_packed(relu_mask), MASK_PACKING=packing,
@@ -281,28 +283,21 @@ def _backward_plan(geometry_key: tuple, x, grad_out, relu_mask, grad_input, grad
                          channels * (1 + 2 * geometry.splits))
 
 
-def plan_backward(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    relu_mask: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    mean: torch.Tensor,
-    var: torch.Tensor,
-    eps: float,
-    batch_stats: bool,
-    residual_grad: bool,
-    *,
-    reduction_programs=programs_in_one_wave,
-) -> BackwardCall:
-    """Allocate a backward's gradients and describe its launches (without running them)."""
+def _issue_backward(grad_out, x, relu_mask, weight, stats, eps: float, batch_stats: bool,
+                    residual_grad: bool, reduction_programs, launch: Launch
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """A backward's gradients, allocated, and its launches, issued through `launch`."""
     # Gradients take the strides the fake kernel promises, whatever copies compute them.
     grad_input = torch.empty_like(x)
     grad_residual = torch.empty_like(grad_out, dtype=x.dtype) if residual_grad else None
-    geometry_key = (tensor_signature(x), tensor_signature(grad_out), tensor_signature(relu_mask),
-                    residual_grad, reduction_programs)
-    key = (geometry_key, weight is not None, batch_stats)
+    # All on x's device; the mask is packed (its shape follows from x's) or the output.
+    key = (x.shape, x.stride(), x.dtype, x.device, grad_out.shape, grad_out.stride(),
+           grad_out.dtype, None if relu_mask is None else (relu_mask.dtype, relu_mask.stride()),
+           residual_grad, weight is not None, batch_stats, reduction_programs)
     plan = _BACKWARD_PLANS.get(key)
     if plan is None:
+        geometry_key = (tensor_signature(x), tensor_signature(grad_out),
+                        tensor_signature(relu_mask), residual_grad, reduction_programs)
         plan = _BACKWARD_PLANS[key] = _backward_plan(geometry_key, x, grad_out, relu_mask,
                                                      grad_input, grad_residual,
                                                      weight is not None, batch_stats)
@@ -314,26 +309,36 @@ def plan_backward(
         grad_input_buffer = output_buffer(plan.geometry, 0, grad_input)
         if residual_grad:
             grad_residual_buffer = output_buffer(plan.geometry, 1, grad_residual)
-    if not residual_grad:
-        grad_residual = grad_residual_buffer = torch.empty(0, dtype=x.dtype, device=x.device)
     channels = x.shape[1]
     sums = torch.empty(plan.sums, dtype=torch.float32, device=x.device)
-    # Separate tensors: the op's outputs must not share storage.
+    # Separate tensors: autograd takes them as two gradients.
     grad_weight = torch.empty(channels, dtype=torch.float32, device=x.device)
     grad_bias = torch.empty(channels, dtype=torch.float32, device=x.device)
     # The ReLU mask's pointer: the packed mask, the output, or where RELU is off (and it is
-    # unread) any valid pointer.
+    # unread) any valid pointer; likewise the residual's gradient where none is stored.
     mask_or_grad = relu_mask if packed else out if relu_mask is not None else grad_out
     masked = grad_residual_buffer if residual_grad else grad_out
-    launches = [
-        plan.reduce.bind((grad_out, mask_or_grad, x, mean, sums, grad_residual_buffer)),
-        plan.finalize.bind((sums, var, grad_weight, grad_bias), eps),
-        plan.elementwise.bind((masked, mask_or_grad, x, mean, var,
-                               weight if weight is not None else var, grad_bias, sums,
-                               grad_input_buffer), eps),
-    ]
-    return BackwardCall(launches, grad_input, grad_input_buffer, grad_residual,
-                        grad_residual_buffer, grad_weight, grad_bias)
+    launch(plan.reduce, (grad_out, mask_or_grad, x, stats, sums, masked))
+    launch(plan.finalize, (sums, stats, grad_weight, grad_bias), eps)
+    launch(plan.elementwise, (masked, mask_or_grad, x, stats,
+                              weight if weight is not None else stats, grad_bias, sums,
+                              grad_input_buffer), eps)
+    if grad_input_buffer is not grad_input:
+        grad_input.copy_(grad_input_buffer)
+    if grad_residual_buffer is not grad_residual:
+        grad_residual.copy_(grad_residual_buffer)
+    return grad_input, grad_residual, grad_weight, grad_bias
+
+
+def plan_backward(grad_out, x, relu_mask, weight, stats, eps: float, batch_stats: bool,
+                  residual_grad: bool, *, reduction_programs=programs_in_one_wave
+                  ) -> BackwardCall:
+    """Everything `backward` does but the launches, which it returns as data."""
+    launches: list[KernelLaunch] = []
+    gradients = _issue_backward(grad_out, x, relu_mask, weight, stats, eps, batch_stats,
+                                residual_grad, reduction_programs,
+                                lambda template, *args: launches.append(template.bind(*args)))
+    return BackwardCall(launches, *gradients)
 
 
 def forward(
@@ -347,15 +352,10 @@ def forward(
     relu: bool,
     pack_relu_mask: bool = False,
     update: RunningUpdate | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """`Implementation.forward` in _contract.py: the update joins the finalize launch."""
-    call = plan_forward(x, weight, bias, residual, running_mean, running_var, eps, relu,
-                        pack_relu_mask, update)
-    for launch in call.launches:
-        launch()
-    if call.out_buffer is not call.out:
-        call.out.copy_(call.out_buffer)
-    return call.out, call.saved_mean, call.saved_var, call.relu_mask
+    return _issue_forward(x, weight, bias, residual, running_mean, running_var, eps, relu,
+                          pack_relu_mask, update, programs_in_one_wave, LaunchTemplate.__call__)
 
 
 def backward(
@@ -363,22 +363,14 @@ def backward(
     x: torch.Tensor,
     relu_mask: torch.Tensor | None,
     weight: torch.Tensor | None,
-    mean: torch.Tensor,
-    var: torch.Tensor,
+    stats: torch.Tensor,
     eps: float,
     batch_stats: bool,
     residual_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """`Implementation.backward` in _contract.py."""
-    call = plan_backward(grad_out, x, relu_mask, weight, mean, var, eps, batch_stats,
-                         residual_grad)
-    for launch in call.launches:
-        launch()
-    if call.grad_input_buffer is not call.grad_input:
-        call.grad_input.copy_(call.grad_input_buffer)
-    if call.grad_residual_buffer is not call.grad_residual:
-        call.grad_residual.copy_(call.grad_residual_buffer)
-    return call.grad_input, call.grad_residual, call.grad_weight, call.grad_bias
+    return _issue_backward(grad_out, x, relu_mask, weight, stats, eps, batch_stats, residual_grad,
+                           programs_in_one_wave, LaunchTemplate.__call__)
 
 
 def relu_mask_bytes(x: torch.Tensor, residual: torch.Tensor | None) -> int:
@@ -391,10 +383,10 @@ def relu_mask_bytes(x: torch.Tensor, residual: torch.Tensor | None) -> int:
     return x.numel() // 8 if relu_mask_packing(x, span, tiling) != MASK_NONE else 0
 
 
-def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
-                         var: torch.Tensor, momentum: float, unbias: float) -> None:
+def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor,
+                         stats: torch.Tensor, momentum: float, unbias: float) -> None:
     """`Implementation.update_running_stats` in _contract.py: one launch for both vectors."""
     channels = running_mean.numel()
-    KernelLaunch(_update_running_stats_kernel, (-(-channels // FINALIZE_BLOCK_C),),
-                 (running_mean, running_var, mean, var, channels, float(momentum), float(unbias)),
-                 dict(BLOCK_C=FINALIZE_BLOCK_C))()
+    LaunchTemplate(_update_running_stats_kernel, (-(-channels // FINALIZE_BLOCK_C),),
+                   (channels,), (), dict(BLOCK_C=FINALIZE_BLOCK_C), 4
+                   )((running_mean, running_var, stats), float(momentum), float(unbias))

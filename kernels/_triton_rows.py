@@ -37,7 +37,7 @@ from ._triton_tiles import (
 # the registers read from one compilation size every launch of that kernel.
 @triton.jit(do_not_specialize=["tiles_total", "tiles_per_split"])
 def _batch_stats_partial_kernel(
-    x_ptr, part_ptr,
+    x_ptr, stats_ptr,
     C, L, l_blocks, tiles_total, tiles_per_split,
     sx_n, sx_c, sx_l,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -71,18 +71,19 @@ def _batch_stats_partial_kernel(
     count = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32) + lane_tiles.to(tl.float32)[:, None]
     count, mean, m2, odd = _lane_summary(count, shift, sums, squares)
     count, mean, m2, odd = _merge(count, mean, m2, odd, 0)
-    _store_summary(part_ptr, split * C + cols, C, col_mask, count, mean, m2, odd)
+    _store_summary(stats_ptr + 2 * C, split * C + cols, C, col_mask, count, mean, m2, odd)
 
 
 @triton.jit
 def _batch_stats_finalize_kernel(
-    part_ptr, mean_ptr, var_ptr,
-    running_mean_ptr, running_var_ptr, C, num_splits, momentum, unbias,
+    stats_ptr, running_mean_ptr, running_var_ptr, C, num_splits, momentum, unbias,
     UPDATE_RUNNING: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Merges the [num_splits, C] summaries (the four planes of `part_ptr`: count, mean, M2,
-    odd), BLOCK_S slots at a time, in a fixed order; with UPDATE_RUNNING also updates the running
-    statistics, saving the update its own launch."""
+    """Merges the [num_splits, C] summaries (the four planes after the head of `stats_ptr`:
+    count, mean, M2, odd), BLOCK_S slots at a time, in a fixed order, into the head: the C means,
+    then the C biased variances. With UPDATE_RUNNING also updates the running statistics, saving
+    the update its own launch."""
+    part_ptr = stats_ptr + 2 * C
     plane = num_splits * C
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
@@ -104,8 +105,8 @@ def _batch_stats_finalize_kernel(
     plain = odd == 0  # no inf or NaN in the channel
     mean = tl.where(plain, mean, odd)
     var = tl.where(plain, m2 / count, float("nan"))
-    tl.store(mean_ptr + cols, mean, mask=col_mask)
-    tl.store(var_ptr + cols, var, mask=col_mask)
+    tl.store(stats_ptr + cols, mean, mask=col_mask)
+    tl.store(stats_ptr + C + cols, var, mask=col_mask)
     if UPDATE_RUNNING:
         _update_running(running_mean_ptr, running_var_ptr, mean, var, cols, col_mask, momentum,
                         unbias)
@@ -118,14 +119,14 @@ def _forward_kernel(
     sx_n, sx_c, sx_l, sr_n, sr_c, sr_l, so_n, so_c, so_l,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     RELU: tl.constexpr, EPS_ZERO: tl.constexpr, MASK_PACKING: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BATCH_STATS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     n, positions, position_mask = _tile(tl.program_id(0), L, l_blocks, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     mask = position_mask[:, None] & col_mask[None, :]
     mean, scale, shift = _normalize_terms(mean_ptr, var_ptr, weight_ptr, bias_ptr, cols, col_mask,
-                                          eps, HAS_WEIGHT, HAS_BIAS, EPS_ZERO)
+                                          C, eps, HAS_WEIGHT, HAS_BIAS, EPS_ZERO, BATCH_STATS)
 
     x = tl.load(x_ptr + _offsets(n, positions, cols, sx_n, sx_c, sx_l), mask=mask).to(tl.float32)
     # (x - mean) * scale rather than x * scale + shift: no cancellation when |mean| >> std.
@@ -173,7 +174,7 @@ def _masked_grad(grad_ptr, out_ptr, x_offsets, tile, col_start, n, positions, co
 
 @triton.jit(do_not_specialize=["tiles_total", "tiles_per_split"])
 def _backward_reduce_kernel(
-    grad_ptr, out_ptr, x_ptr, mean_ptr, sums_ptr, grad_residual_ptr,
+    grad_ptr, out_ptr, x_ptr, stats_ptr, sums_ptr, grad_residual_ptr,
     C, L, l_blocks, tiles_total, tiles_per_split,
     sg_n, sg_c, sg_l, so_n, so_c, so_l, sx_n, sx_c, sx_l, sdr_n, sdr_c, sdr_l,
     RELU: tl.constexpr, PACKED: tl.constexpr, MASK_PACKING: tl.constexpr,
@@ -182,13 +183,14 @@ def _backward_reduce_kernel(
     """Per-channel sums of the masked gradient g and of g * (x - mean), into this split's slots
     of `sums_ptr` (see `_store_sums`); with a residual, also
     writes g as the residual's gradient, so that the elementwise pass reads it instead of
-    grad_out and the ReLU mask (`out_ptr`: the output, or with PACKED the packed mask)."""
+    grad_out and the ReLU mask (`out_ptr`: the output, or with PACKED the packed mask).
+    `stats_ptr` holds the C means, then the C variances."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     split = tl.program_id(1)
     first = split * tiles_per_split
     last = tl.minimum(first + tiles_per_split, tiles_total)
-    mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    mean = tl.load(stats_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
 
     sums_g = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     sums_gx = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
@@ -213,7 +215,7 @@ def _backward_reduce_kernel(
 
 @triton.jit
 def _backward_finalize_kernel(
-    sums_ptr, var_ptr, grad_weight_ptr, grad_bias_ptr,
+    sums_ptr, stats_ptr, grad_weight_ptr, grad_bias_ptr,
     C, num_splits, eps,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -224,7 +226,7 @@ def _backward_finalize_kernel(
     sum_g = _sum_slots(sums_ptr + C, cols, col_mask, C, num_splits, BLOCK_S, BLOCK_C)
     sum_gx = _sum_slots(sums_ptr + C + num_splits * C, cols, col_mask, C, num_splits, BLOCK_S,
                         BLOCK_C)
-    var = tl.load(var_ptr + cols, mask=col_mask, other=1.0).to(tl.float32)
+    var = tl.load(stats_ptr + C + cols, mask=col_mask, other=1.0).to(tl.float32)
     invstd = 1.0 / tl.sqrt(var + eps)
     tl.store(grad_weight_ptr + cols, sum_gx * invstd, mask=col_mask)
     tl.store(grad_bias_ptr + cols, sum_g, mask=col_mask)
@@ -233,8 +235,7 @@ def _backward_finalize_kernel(
 
 @triton.jit
 def _backward_elementwise_kernel(
-    grad_ptr, out_ptr, x_ptr, mean_ptr, var_ptr, weight_ptr, sum_g_ptr, sum_gx_ptr,
-    grad_input_ptr,
+    grad_ptr, out_ptr, x_ptr, stats_ptr, weight_ptr, sum_g_ptr, sum_gx_ptr, grad_input_ptr,
     C, L, l_blocks, count, eps,
     sg_n, sg_c, sg_l, so_n, so_c, so_l, sx_n, sx_c, sx_l, sdi_n, sdi_c, sdi_l,
     HAS_WEIGHT: tl.constexpr, BATCH_STATS: tl.constexpr, RELU: tl.constexpr,
@@ -248,7 +249,8 @@ def _backward_elementwise_kernel(
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     mask = position_mask[:, None] & col_mask[None, :]
-    mean, invstd, scale = _channel_scale(mean_ptr, var_ptr, weight_ptr, cols, col_mask, eps, HAS_WEIGHT)
+    mean, invstd, scale = _channel_scale(stats_ptr, stats_ptr + C, weight_ptr, cols, col_mask,
+                                         eps, HAS_WEIGHT)
 
     x_offsets = _offsets(n, positions, cols, sx_n, sx_c, sx_l)
     g = _masked_grad(grad_ptr, out_ptr, x_offsets, tl.program_id(0), tl.program_id(1) * BLOCK_C,
@@ -272,11 +274,12 @@ def _backward_elementwise_kernel(
 
 @triton.jit
 def _update_running_stats_kernel(
-    running_mean_ptr, running_var_ptr, mean_ptr, var_ptr, C, momentum, unbias,
+    running_mean_ptr, running_var_ptr, stats_ptr, C, momentum, unbias,
     BLOCK_C: tl.constexpr,
 ):
-    """The running-stat update alone, where it cannot join the finalize (the custom op's path)."""
+    """The running-stat update alone, where it cannot join the finalize (the custom op's path):
+    from the batch's statistics, the C means then the C variances of `stats_ptr`."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = cols < C
-    _update_running(running_mean_ptr, running_var_ptr, tl.load(mean_ptr + cols, mask=mask),
-                    tl.load(var_ptr + cols, mask=mask), cols, mask, momentum, unbias)
+    _update_running(running_mean_ptr, running_var_ptr, tl.load(stats_ptr + cols, mask=mask),
+                    tl.load(stats_ptr + C + cols, mask=mask), cols, mask, momentum, unbias)

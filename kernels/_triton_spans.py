@@ -74,7 +74,7 @@ def _per_lane(values, L: tl.constexpr, BLOCK_C: tl.constexpr, SPAN: tl.constexpr
 
 @triton.jit(do_not_specialize=["samples", "samples_per_split"])
 def _span_batch_stats_partial_kernel(
-    x_ptr, part_ptr, C, samples, samples_per_split,
+    x_ptr, stats_ptr, C, samples, samples_per_split,
     L: tl.constexpr, BLOCK_C: tl.constexpr, SPAN: tl.constexpr,
     EVEN_C: tl.constexpr,
 ):
@@ -100,16 +100,17 @@ def _span_batch_stats_partial_kernel(
     # One segmented scan merges each channel's lanes; its last lane stores the channel's summary.
     _, count, mean, m2, odd = tl.associative_scan((lanes // L, count, mean, m2, odd), 0,
                                                   _merge_segments)
-    _store_summary(part_ptr, split * C + channels, C, _last_lanes(lanes, lane_mask, L), count,
-                   mean, m2, odd)
+    _store_summary(stats_ptr + 2 * C, split * C + channels, C, _last_lanes(lanes, lane_mask, L),
+                   count, mean, m2, odd)
 
 
 @triton.jit
 def _span_forward_kernel(
     x_ptr, residual_ptr, out_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr, relu_mask_ptr, C, eps,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    RELU: tl.constexpr, EPS_ZERO: tl.constexpr, MASK_PACKING: tl.constexpr, L: tl.constexpr,
-    BLOCK_C: tl.constexpr, SPAN: tl.constexpr, EVEN_C: tl.constexpr,
+    RELU: tl.constexpr, EPS_ZERO: tl.constexpr, MASK_PACKING: tl.constexpr,
+    BATCH_STATS: tl.constexpr, L: tl.constexpr, BLOCK_C: tl.constexpr, SPAN: tl.constexpr,
+    EVEN_C: tl.constexpr,
 ):
     lanes, channels, lane_mask = _span_lanes(C, L, BLOCK_C, SPAN, EVEN_C)
     offsets = _span_base(tl.program_id(1), C, L, BLOCK_C) + lanes
@@ -118,7 +119,7 @@ def _span_forward_kernel(
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     mean, scale, shift = _normalize_terms(mean_ptr, var_ptr, weight_ptr, bias_ptr, cols, col_mask,
-                                          eps, HAS_WEIGHT, HAS_BIAS, EPS_ZERO)
+                                          C, eps, HAS_WEIGHT, HAS_BIAS, EPS_ZERO, BATCH_STATS)
     x = tl.load(x_ptr + offsets, mask=lane_mask).to(tl.float32)
     y = (x - _per_lane(mean, L, BLOCK_C, SPAN)) * _per_lane(scale, L, BLOCK_C, SPAN)
     if HAS_BIAS or EPS_ZERO:
@@ -165,14 +166,14 @@ def _span_masked_grad(grad_ptr, out_ptr, base, lanes, lane_mask, C, RELU: tl.con
 
 @triton.jit(do_not_specialize=["samples", "samples_per_split"])
 def _span_backward_reduce_kernel(
-    grad_ptr, out_ptr, x_ptr, mean_ptr, sums_ptr, grad_residual_ptr,
+    grad_ptr, out_ptr, x_ptr, stats_ptr, sums_ptr, grad_residual_ptr,
     C, samples, samples_per_split,
     RELU: tl.constexpr, PACKED: tl.constexpr, MASK_PACKING: tl.constexpr,
     STORE_GRAD_RESIDUAL: tl.constexpr, L: tl.constexpr, BLOCK_C: tl.constexpr, SPAN: tl.constexpr,
     EVEN_C: tl.constexpr,
 ):
     lanes, channels, lane_mask = _span_lanes(C, L, BLOCK_C, SPAN, EVEN_C)
-    mean = tl.load(mean_ptr + channels, mask=lane_mask, other=0.0).to(tl.float32)
+    mean = tl.load(stats_ptr + channels, mask=lane_mask, other=0.0).to(tl.float32)
     split = tl.program_id(1)
     first = split * samples_per_split
     last = tl.minimum(first + samples_per_split, samples)
@@ -196,8 +197,8 @@ def _span_backward_reduce_kernel(
 
 @triton.jit
 def _span_backward_elementwise_kernel(
-    grad_ptr, out_ptr, x_ptr, mean_ptr, var_ptr, weight_ptr, sum_g_ptr, sum_gx_ptr,
-    grad_input_ptr, C, count, eps,
+    grad_ptr, out_ptr, x_ptr, stats_ptr, weight_ptr, sum_g_ptr, sum_gx_ptr, grad_input_ptr,
+    C, count, eps,
     HAS_WEIGHT: tl.constexpr, BATCH_STATS: tl.constexpr, RELU: tl.constexpr,
     PACKED: tl.constexpr, MASK_PACKING: tl.constexpr, L: tl.constexpr, BLOCK_C: tl.constexpr,
     SPAN: tl.constexpr,
@@ -209,8 +210,8 @@ def _span_backward_elementwise_kernel(
     # The per-channel coefficients once per channel of the block, then spread to the lanes.
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
-    mean, invstd, scale = _channel_scale(mean_ptr, var_ptr, weight_ptr, cols, col_mask, eps,
-                                         HAS_WEIGHT)
+    mean, invstd, scale = _channel_scale(stats_ptr, stats_ptr + C, weight_ptr, cols, col_mask,
+                                         eps, HAS_WEIGHT)
     g = _span_masked_grad(grad_ptr, out_ptr, base, lanes, lane_mask, C, RELU, PACKED,
                           MASK_PACKING, L, BLOCK_C, SPAN, EVEN_C)
     if BATCH_STATS:

@@ -192,8 +192,8 @@ def _first_shift(x, mask, axis: tl.constexpr):
 @triton.jit
 def _store_summary(part_ptr, slot, C, mask, count, mean, m2, odd):
     """A reduction program's summary into its slot of the four [splits, C] planes of `part_ptr`
-    (count, mean, M2, odd: one buffer, so that a call allocates it once). The splits are the
-    launch's second grid dimension."""
+    (count, mean, M2, odd: they follow the statistics in one buffer, so that a call allocates it
+    once). The splits are the launch's second grid dimension."""
     plane = tl.num_programs(1) * C
     tl.store(part_ptr + slot, count, mask=mask)
     tl.store(part_ptr + plane + slot, mean, mask=mask)
@@ -238,10 +238,15 @@ def _infinite_scale_terms(mean, scale, shift):
 
 
 @triton.jit
-def _normalize_terms(mean_ptr, var_ptr, weight_ptr, bias_ptr, cols, col_mask, eps,
-                     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, EPS_ZERO: tl.constexpr):
+def _normalize_terms(mean_ptr, var_ptr, weight_ptr, bias_ptr, cols, col_mask, C, eps,
+                     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, EPS_ZERO: tl.constexpr,
+                     BATCH_STATS: tl.constexpr):
     """Per channel of `cols`, the forward's (mean, scale, shift): out = (x - mean) * scale +
-    shift, once per channel rather than per element."""
+    shift, once per channel rather than per element. With BATCH_STATS, `mean_ptr` is the batch's
+    statistics buffer, the C variances after the C means (`var_ptr` unread); else the running
+    statistics are two tensors."""
+    if BATCH_STATS:
+        var_ptr = mean_ptr + C
     mean, _, scale = _channel_scale(mean_ptr, var_ptr, weight_ptr, cols, col_mask, eps, HAS_WEIGHT)
     shift = tl.zeros_like(mean)
     if HAS_BIAS:

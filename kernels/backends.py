@@ -88,8 +88,8 @@ def use_backend(name: Backend) -> Iterator[None]:
         set_backend(previous)
 
 
-def _triton_can_run(device: torch.device) -> bool:
-    return _triton_impl is not None and (device.type == "cuda" or TRITON_INTERPRETED)
+def _triton_can_run(x: torch.Tensor) -> bool:
+    return _triton_impl is not None and (x.is_cuda or TRITON_INTERPRETED)
 
 
 def implementation(x: torch.Tensor) -> Implementation:
@@ -97,7 +97,7 @@ def implementation(x: torch.Tensor) -> Implementation:
     if _backend == "torch":
         return _torch_impl
     if _backend == "triton":
-        if not _triton_can_run(x.device):
+        if not _triton_can_run(x):
             raise RuntimeError(
                 f"kernel backend 'triton' cannot run on {x.device.type} tensors: it needs CUDA, "
                 "or TRITON_INTERPRET=1 set before resnet_ablate.kernels is imported"
@@ -106,6 +106,6 @@ def implementation(x: torch.Tensor) -> Implementation:
             raise RuntimeError("kernel backend 'triton' supports float32, float16 and bfloat16")
         return _triton_impl
     # "auto" never picks the interpreter: it is a test vehicle, thousands of times slower.
-    if x.device.type == "cuda" and x.dtype != torch.float64 and _triton_impl is not None:
+    if x.is_cuda and x.dtype != torch.float64 and _triton_impl is not None:
         return _triton_impl
     return _torch_impl

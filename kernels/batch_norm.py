@@ -5,12 +5,13 @@
 them as single nodes (no graph break) and fvcore's tracer counts one named op:
 
 - `resnet_ablate::batch_norm_act(x, weight, bias, residual, running_mean, running_var, eps, relu,
-  pack_relu_mask)` returns `(out, mean, var, relu_mask)`. With running statistics it normalizes
-  with them (eval) and returns empty `mean`/`var`; without, it normalizes with the batch
-  statistics and returns them (biased variance, fp32) for backward and for the running-stat
-  update. `relu_mask` is the ReLU's decisions packed one bit per element, which backward reads
-  instead of the output (1/16 of a bf16 output's bytes), where the Triton kernels can write it
-  and a gradient will be taken; else it is empty and backward reads the output.
+  pack_relu_mask)` returns `(out, stats, relu_mask)`. With running statistics it normalizes
+  with them (eval) and returns an empty `stats`; without, it normalizes with the batch
+  statistics and returns them for backward and for the running-stat update: `stats` is the C
+  means, then the C biased variances (fp32). `relu_mask` is the ReLU's decisions packed one bit
+  per element, which backward reads instead of the output (1/16 of a bf16 output's bytes), where
+  the Triton kernels can write it and a gradient will be taken; else it is empty and backward
+  reads the output.
 - `resnet_ablate::batch_norm_act_backward(...)` returns the gradients of input, residual, weight
   and bias.
 
@@ -67,34 +68,39 @@ def batch_norm_act(
     eps: float,
     relu: bool,
     pack_relu_mask: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns `(out, mean, var, relu_mask)`; see `Implementation.forward` in _contract.py."""
-    return _forward(x, weight, bias, residual, running_mean, running_var, eps, relu,
-                    pack_relu_mask)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns `(out, stats, relu_mask)`; see `Implementation.forward` in _contract.py."""
+    out, stats, relu_mask = _forward(_implementation(x), x, weight, bias, residual, running_mean,
+                                     running_var, eps, relu, pack_relu_mask)
+    # An op returns tensors, of the sizes its fake kernel gives (an implementation's stats may
+    # carry scratch after the 2C statistics).
+    stats = x.new_empty(0, dtype=_stats_dtype(x)) if stats is None else stats[:2 * x.shape[1]]
+    return out, stats, x.new_empty(0, dtype=torch.uint8) if relu_mask is None else relu_mask
 
 
-def _forward(x, weight, bias, residual, running_mean, running_var, eps, relu, pack_relu_mask,
-             update=None):
+def _stats_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _forward(implementation, x, weight, bias, residual, running_mean, running_var, eps, relu,
+             pack_relu_mask, update=None):
     """The op's body, which the eager path calls too (with the running-stat `update` folded in)."""
     if x.numel() == 0:  # an empty batch: F.batch_norm's results, whatever the implementation
-        stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        stats_size = 0 if running_mean is not None else x.shape[1]
-        nan = torch.full((stats_size,), float("nan"), dtype=stats_dtype, device=x.device)
-        return torch.empty_like(x), nan, nan.clone(), x.new_empty(0, dtype=torch.uint8)
-    return _implementation(x).forward(x, weight, bias, residual, running_mean, running_var, eps, relu,
-                                      pack_relu_mask, update)
+        stats = None if running_mean is not None else torch.full(
+            (2 * x.shape[1],), float("nan"), dtype=_stats_dtype(x), device=x.device)
+        return torch.empty_like(x), stats, None
+    return implementation.forward(x, weight, bias, residual, running_mean, running_var, eps, relu,
+                                  pack_relu_mask, update)
 
 
 @batch_norm_act.register_fake
 def _(x, weight, bias, residual, running_mean, running_var, eps, relu, pack_relu_mask):
-    stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    stats_size = 0 if running_mean is not None else x.shape[1]
+    stats_size = 0 if running_mean is not None else 2 * x.shape[1]
     mask_bytes = (_implementation(x).relu_mask_bytes(x, residual)
                   if relu and pack_relu_mask and x.numel() else 0)
     return (
         torch.empty_like(x),
-        x.new_empty(stats_size, dtype=stats_dtype),
-        x.new_empty(stats_size, dtype=stats_dtype),
+        x.new_empty(stats_size, dtype=_stats_dtype(x)),
         x.new_empty(mask_bytes, dtype=torch.uint8),
     )
 
@@ -105,40 +111,40 @@ def batch_norm_act_backward(
     x: torch.Tensor,
     relu_mask: torch.Tensor | None,
     weight: torch.Tensor | None,
-    mean: torch.Tensor,
-    var: torch.Tensor,
+    stats: torch.Tensor,
     eps: float,
     batch_stats: bool,
     residual_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of input, residual (empty unless `residual_grad`), weight and bias; see
     `Implementation.backward` in _contract.py."""
-    return _backward_impl(grad_out, x, relu_mask, weight, mean, var, eps, batch_stats,
-                          residual_grad)
+    grad_input, grad_residual, grad_weight, grad_bias = _backward_impl(
+        _implementation(x), grad_out, x, relu_mask, weight, stats, eps, batch_stats, residual_grad)
+    if grad_residual is None:
+        grad_residual = x.new_empty(0)
+    return grad_input, grad_residual, grad_weight, grad_bias
 
 
-def _backward_impl(grad_out, x, relu_mask, weight, mean, var, eps, batch_stats, residual_grad):
+def _backward_impl(implementation, grad_out, x, relu_mask, weight, stats, eps, batch_stats,
+                   residual_grad):
     """The backward op's body, which the eager path calls too."""
     if x.numel() == 0:  # nothing flowed through: empty input gradients, zero parameter ones
-        stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        zeros = torch.zeros(x.shape[1], dtype=stats_dtype, device=x.device)
-        grad_residual = torch.empty_like(grad_out, dtype=x.dtype) if residual_grad else x.new_empty(0)
+        zeros = torch.zeros(x.shape[1], dtype=_stats_dtype(x), device=x.device)
+        grad_residual = torch.empty_like(grad_out, dtype=x.dtype) if residual_grad else None
         return torch.empty_like(x), grad_residual, zeros, zeros.clone()
-    return _implementation(x).backward(
-        grad_out, x, relu_mask, weight, mean, var, eps, batch_stats, residual_grad
-    )
+    return implementation.backward(grad_out, x, relu_mask, weight, stats, eps, batch_stats,
+                                   residual_grad)
 
 
 @batch_norm_act_backward.register_fake
-def _(grad_out, x, relu_mask, weight, mean, var, eps, batch_stats, residual_grad):
-    stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+def _(grad_out, x, relu_mask, weight, stats, eps, batch_stats, residual_grad):
     channels = x.shape[1]
     grad_residual = torch.empty_like(grad_out, dtype=x.dtype) if residual_grad else x.new_empty(0)
     return (
         torch.empty_like(x),
         grad_residual,
-        x.new_empty(channels, dtype=stats_dtype),
-        x.new_empty(channels, dtype=stats_dtype),
+        x.new_empty(channels, dtype=_stats_dtype(x)),
+        x.new_empty(channels, dtype=_stats_dtype(x)),
     )
 
 
@@ -148,68 +154,70 @@ def _(grad_out, x, relu_mask, weight, mean, var, eps, batch_stats, residual_grad
 def update_running_stats_(
     running_mean: torch.Tensor,
     running_var: torch.Tensor,
-    mean: torch.Tensor,
-    var: torch.Tensor,
+    stats: torch.Tensor,
     momentum: float,
     unbias: float,
 ) -> None:
     """`running = (1 - momentum) * running + momentum * batch`, the variance times `unbias`
-    (count / (count - 1)), in place: one kernel for both vectors where the Triton kernels run.
+    (count / (count - 1)), in place, from the batch's `stats` (the means, then the variances,
+    as `batch_norm_act` returns them): one kernel for both vectors where the Triton kernels run.
 
     An op of its own because an op that mutates its inputs cannot carry an autograd formula,
     which `batch_norm_act` needs; the running statistics need none.
     """
-    _implementation(running_mean).update_running_stats(
-        running_mean, running_var, mean, var, momentum, unbias
-    )
+    _implementation(running_mean).update_running_stats(running_mean, running_var, stats, momentum,
+                                                       unbias)
 
 
 @update_running_stats_.register_fake
-def _(running_mean, running_var, mean, var, momentum, unbias):
+def _(running_mean, running_var, stats, momentum, unbias):
     return None
 
 
 def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(*output[1:])  # the statistics and the packed mask
-    _save_for_backward(ctx, inputs, output)
+    out, stats, relu_mask = output
+    _save_for_backward(ctx, inputs, out, stats, relu_mask if relu_mask.numel() else None, None)
 
 
-def _save_for_backward(ctx, inputs, output) -> None:
-    x, weight, bias, residual, running_mean, running_var, eps, relu, _ = inputs
-    out, mean, var, packed_mask = output
-    ctx.batch_stats = running_mean is None
-    if not ctx.batch_stats:
-        # Copies: a later training forward updates the running statistics in place, which must
+def _save_for_backward(ctx, inputs, out, stats, relu_mask, implementation) -> None:
+    """Saves what the backward reads. `implementation` is the eager path's, whose backward it
+    calls directly; None for the custom op's, whose backward is the backward op."""
+    x, weight, bias, residual, running_mean, running_var, eps, relu = inputs[:8]
+    batch_stats = running_mean is None
+    if not batch_stats and any(ctx.needs_input_grad):
+        # A copy: a later training forward updates the running statistics in place, which must
         # neither change this backward nor trip autograd's version check (nn.BatchNorm2d does not).
-        mean, var = running_mean.detach().clone(), running_var.detach().clone()
-    ctx.eps = eps
-    ctx.relu = relu
-    ctx.has_residual = residual is not None
-    ctx.residual_dtype = residual.dtype if residual is not None else None
-    ctx.weight_dtype = weight.dtype if weight is not None else None
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-    relu_mask = (packed_mask if packed_mask.numel() else out) if relu else None
-    ctx.save_for_backward(x, relu_mask, weight, mean, var)
+        stats = torch.cat((running_mean.detach(), running_var.detach()))
+    ctx.save_for_backward(x, (out if relu_mask is None else relu_mask) if relu else None, weight,
+                          stats)
+    ctx.meta = (eps, relu, batch_stats, None if residual is None else residual.dtype,
+                None if weight is None else weight.dtype, None if bias is None else bias.dtype,
+                implementation)
 
 
-def _gradients(ctx, grad_out: torch.Tensor, backward_op) -> tuple:
-    """The op's input gradients, from `backward_op` (the backward custom op, or in eager mode the
-    implementation's backward itself). With `create_graph=True` (grad mode on in a backward) the
-    gradients are built from differentiable torch ops instead, so that they can be differentiated
-    again, as nn.BatchNorm2d's can."""
-    x, relu_mask, weight, mean, var = ctx.saved_tensors
-    residual_grad = ctx.has_residual and ctx.relu and ctx.needs_input_grad[3]
+def _gradients(ctx, grad_out: torch.Tensor) -> tuple:
+    """The gradients of x, weight, bias and residual: from the backward op, or in eager mode the
+    implementation's backward itself. With `create_graph=True` (grad mode on in a backward) they
+    are built from differentiable torch ops instead, so that they can be differentiated again, as
+    nn.BatchNorm2d's can."""
+    x, relu_mask, weight, stats = ctx.saved_tensors
+    eps, relu, batch_stats, residual_dtype, weight_dtype, bias_dtype, implementation = ctx.meta
+    residual_grad = residual_dtype is not None and relu and ctx.needs_input_grad[3]
+    arguments = (grad_out, x, relu_mask, weight, stats, eps, batch_stats, residual_grad)
     if torch.is_grad_enabled():
-        backward_op = _torch_impl.differentiable_backward
-    grad_input, grad_residual, grad_weight, grad_bias = backward_op(
-        grad_out, x, relu_mask, weight, mean, var, ctx.eps, ctx.batch_stats, residual_grad
-    )
-    if ctx.has_residual and not ctx.relu:
+        gradients = _torch_impl.differentiable_backward(*arguments)
+    elif implementation is None:
+        gradients = batch_norm_act_backward(*arguments)
+    else:
+        gradients = _backward_impl(implementation, *arguments)
+    grad_input, grad_residual, grad_weight, grad_bias = gradients
+    if residual_dtype is not None and not relu:
         grad_residual = grad_out  # without ReLU the residual's gradient is grad_out itself
     elif not residual_grad:
         grad_residual = None
-    return (grad_input, _as(grad_weight, ctx.weight_dtype), _as(grad_bias, ctx.bias_dtype),
-            _as(grad_residual, ctx.residual_dtype), None, None, None, None, None)
+    return (grad_input, _as(grad_weight, weight_dtype), _as(grad_bias, bias_dtype),
+            _as(grad_residual, residual_dtype))
 
 
 def _as(gradient: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
@@ -219,8 +227,8 @@ def _as(gradient: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tenso
     return gradient if gradient.dtype == dtype else gradient.to(dtype)
 
 
-def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_mask):
-    return _gradients(ctx, grad_out, batch_norm_act_backward)
+def _backward(ctx, grad_out, _grad_stats, _grad_mask):
+    return (*_gradients(ctx, grad_out), None, None, None, None, None)
 
 
 batch_norm_act.register_autograd(_backward, setup_context=_setup_context)
@@ -241,14 +249,17 @@ class _EagerBatchNormAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, rest):
         # forward(ctx, ...) rather than a separate setup_context: apply() then binds no signature.
-        inputs = (x, weight, bias, residual, *rest[:5])
-        output = _forward(*inputs, rest[5])
-        _save_for_backward(ctx, inputs, output)
-        return output[0]
+        running_mean, running_var, eps, relu, pack_relu_mask, update = rest
+        implementation = _implementation(x)
+        out, stats, relu_mask = _forward(implementation, x, weight, bias, residual, running_mean,
+                                         running_var, eps, relu, pack_relu_mask, update)
+        _save_for_backward(ctx, (x, weight, bias, residual, *rest), out, stats, relu_mask,
+                           implementation)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        return (*_gradients(ctx, grad_out, _backward_impl)[:4], None)
+        return (*_gradients(ctx, grad_out), None)
 
 
 def _without_python_wrapper(function: type[torch.autograd.Function]):
@@ -337,11 +348,11 @@ def fused_batch_norm(
     if eager:  # the update rides along with the forward
         return _eager_apply(input, weight, bias, residual,
                             (None, None, eps, relu, pack_relu_mask, update))
-    out, batch_mean, batch_var, _ = batch_norm_act(input, weight, bias, residual, None, None, eps,
-                                                   relu, pack_relu_mask)
+    out, stats, _ = batch_norm_act(input, weight, bias, residual, None, None, eps, relu,
+                                   pack_relu_mask)
     if update is not None:
-        update_running_stats_(update.running_mean, update.running_var, batch_mean, batch_var,
-                              update.momentum, update.unbias)
+        update_running_stats_(update.running_mean, update.running_var, stats, update.momentum,
+                              update.unbias)
     return out
 
 

@@ -237,9 +237,9 @@ def main(shard: int = 0, shards: int = 1) -> None:
                                            None, 1e-5, True, True,
                                            reduction_programs=reduction_programs)
             # The backward reads the packed ReLU mask where the forward wrote one.
-            relu_mask = forward.relu_mask if forward.relu_mask.numel() else x
-            backward = kernels.plan_backward(x, x, relu_mask, channels, channels, channels, 1e-5,
-                                             True, residual, reduction_programs=reduction_programs)
+            relu_mask = forward.relu_mask if forward.relu_mask is not None else x
+            backward = kernels.plan_backward(x, x, relu_mask, channels, forward.stats, 1e-5, True,
+                                             residual, reduction_programs=reduction_programs)
             for step, call in (("forward", forward), ("backward", backward)):
                 for launch in call.launches:
                     print(json.dumps(describe(case, layout, step, launch)), flush=True)

@@ -703,11 +703,12 @@ def test_running_stats_update_is_one_op_that_passes_opcheck(backend):
     expected_mean = 0.9 * running_mean + 0.1 * mean
     expected_var = 0.9 * running_var + 0.1 * var * 1.25
     with use_backend(backend):
-        torch.ops.resnet_ablate.update_running_stats_(running_mean, running_var, mean, var, 0.1, 1.25)
+        stats = torch.cat((mean, var))  # the means, then the variances, as the forward op's
+        torch.ops.resnet_ablate.update_running_stats_(running_mean, running_var, stats, 0.1, 1.25)
         torch.testing.assert_close(running_mean, expected_mean)
         torch.testing.assert_close(running_var, expected_var)
         torch.library.opcheck(torch.ops.resnet_ablate.update_running_stats_.default,
-                              (running_mean, running_var, mean, var, 0.1, 1.25))
+                              (running_mean, running_var, stats, 0.1, 1.25))
 
 
 @pytest.mark.parametrize("backend", OP_BACKENDS)
@@ -974,10 +975,10 @@ def test_the_eager_path_gives_the_custom_ops_bits(backend, channels_last):
             if path == "eager":
                 out = fused_batch_norm(xl, *running, wl, bl, True, 0.1, 1e-5, residual=rl)
             else:
-                out, mean, var, _ = torch.ops.resnet_ablate.batch_norm_act(
+                out, stats, _ = torch.ops.resnet_ablate.batch_norm_act(
                     xl, wl, bl, rl, None, None, 1e-5, True, True)
                 count = x.numel() // x.shape[1]
-                torch.ops.resnet_ablate.update_running_stats_(*running, mean, var, 0.1,
+                torch.ops.resnet_ablate.update_running_stats_(*running, stats, 0.1,
                                                               count / (count - 1))
             out.backward(grad)
         results.append([out, *running, *(leaf.grad for leaf in leaves)])
@@ -1008,7 +1009,7 @@ def test_the_packed_relu_mask_gives_pytorchs_gradients(case):
     for pack in (True, False):
         leaves = [t.detach().clone().requires_grad_() for t in (x, residual, weight, bias)]
         with use_backend("triton"):
-            out, _, _, mask = torch.ops.resnet_ablate.batch_norm_act(
+            out, _, mask = torch.ops.resnet_ablate.batch_norm_act(
                 leaves[0], leaves[2], leaves[3], leaves[1], None, None, 1e-5, True, pack)
             out.backward(grad)
         results[pack] = out.detach(), mask, [leaf.grad for leaf in leaves]
@@ -1033,10 +1034,10 @@ def test_no_mask_is_written_where_no_gradient_will_be_taken(monkeypatch):
     from resnet_ablate.kernels import _triton_geometry, _triton_tiles
 
     packings = []
-    real_call = _triton_geometry.KernelLaunch.__call__
-    monkeypatch.setattr(_triton_geometry.KernelLaunch, "__call__",
-                        lambda launch: (packings.append(launch.constexprs.get("MASK_PACKING")),
-                                        real_call(launch)))
+    real_call = _triton_geometry.LaunchTemplate.__call__
+    monkeypatch.setattr(_triton_geometry.LaunchTemplate, "__call__",
+                        lambda launch, *args: (packings.append(launch.constexprs.get("MASK_PACKING")),
+                                               real_call(launch, *args)))
     x, residual, weight, bias, rm, rv, _ = _inputs((2, 16, 4, 4), torch.float32, True)
     with use_backend("triton"):
         fused_batch_norm(x, rm, rv, weight, bias, True, residual=residual)
@@ -1068,7 +1069,7 @@ def test_the_fake_kernel_sizes_the_mask_as_the_kernels_write_it(layout):
     residual = torch.randn(x.shape, generator=g).to(x.dtype)
     with use_backend("triton"):
         mask = torch.ops.resnet_ablate.batch_norm_act(x, None, None, residual, None, None, 1e-5,
-                                                      True, True)[3]
+                                                      True, True)[2]
     assert mask.numel() == _triton_impl.relu_mask_bytes(x, residual)
     assert (mask.numel() > 0) == (layout in ("contiguous", "channels_last", "14x14 bf16"))
 
@@ -1079,10 +1080,10 @@ def test_a_training_layer_launches_three_kernels_forward_and_three_backward(monk
     from resnet_ablate.kernels import _triton_geometry
 
     launched = []
-    real_call = _triton_geometry.KernelLaunch.__call__
-    monkeypatch.setattr(_triton_geometry.KernelLaunch, "__call__",
-                        lambda launch: (launched.append(launch.kernel.fn.__name__),
-                                        real_call(launch)))
+    real_call = _triton_geometry.LaunchTemplate.__call__
+    monkeypatch.setattr(_triton_geometry.LaunchTemplate, "__call__",
+                        lambda launch, *args: (launched.append(launch.kernel.fn.__name__),
+                                               real_call(launch, *args)))
     x, residual, weight, bias, rm, rv, grad = _inputs((2, 4, 5, 5), torch.float32, True)
     x.requires_grad_()
     rm_before = rm.clone()

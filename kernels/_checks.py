@@ -33,25 +33,25 @@ def check_arguments(
     momentum: float,
     eps: float,
 ) -> None:
-    """Raise what `F.batch_norm` raises for these arguments (its wording where it has one)."""
+    """Raise what `F.batch_norm` raises for these arguments (its wording where it has one).
+
+    Written for the call that passes, which pays for every line of it on every layer: each
+    condition is one cheap test, and building a message waits until a test fails."""
     if input.dim() < 2:
         raise ValueError(f"expected an input of shape (N, C, ...), got size {list(input.shape)}")
     if training and (running_mean is None) != (running_var is None):
         raise ValueError(
             "running_mean and running_var must either both be None or neither be None"
         )
-    if not isinstance(momentum, (float, int)) or isinstance(momentum, bool):
+    if type(momentum) is not float and (isinstance(momentum, bool)
+                                        or not isinstance(momentum, int)):
         # F.batch_norm refuses None too; the module spells the cumulative average out itself.
         raise TypeError(
             f"momentum must be a float, got {type(momentum).__name__}; for a cumulative moving "
             "average pass 1 / (number of batches seen), as nn.BatchNorm2d(momentum=None) does"
         )
-    if not _EVAL_TAKES_ZERO_EPS and eps <= 0:
-        raise ValueError(f"batch_norm eps must be positive, but got {eps}")
-    if training and eps <= 0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if eps < 0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if eps <= 0:
+        _check_eps(eps, training)
     channels = input.shape[1]
     if training and input.numel() // max(channels, 1) == 1:
         raise ValueError(
@@ -61,10 +61,24 @@ def check_arguments(
     if not training and (running_mean is None or running_var is None):
         missing = "running_mean" if running_mean is None else "running_var"
         raise RuntimeError(f"{missing} must be defined in evaluation mode")
-    for name, t in (("running_mean", running_mean), ("running_var", running_var),
-                    ("weight", weight), ("bias", bias)):
-        if t is not None and t.numel() != channels:
-            raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
+    if ((running_mean is not None and running_mean.numel() != channels)
+            or (running_var is not None and running_var.numel() != channels)
+            or (weight is not None and weight.numel() != channels)
+            or (bias is not None and bias.numel() != channels)):
+        for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                        ("weight", weight), ("bias", bias)):
+            if t is not None and t.numel() != channels:
+                raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
+
+
+def _check_eps(eps: float, training: bool) -> None:
+    """F.batch_norm's refusals of an eps <= 0."""
+    if not _EVAL_TAKES_ZERO_EPS:
+        raise ValueError(f"batch_norm eps must be positive, but got {eps}")
+    if training:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
 def checked_residual(input: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor | None:

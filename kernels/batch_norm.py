@@ -295,16 +295,17 @@ def _exporting_to_onnx(eager: bool) -> bool:
     return not eager and torch.onnx.is_in_onnx_export()
 
 
-def _gradient_will_be_taken(*tensors: torch.Tensor | None) -> bool:
+def _gradient_will_be_taken(x: torch.Tensor, weight: torch.Tensor | None,
+                            bias: torch.Tensor | None, residual: torch.Tensor | None) -> bool:
     """Whether autograd will record this call: only then is a packed ReLU mask worth writing.
     (Never under the JIT tracer, whose check reruns the model with gradients off and would see
     another graph; its traces count FLOPs, they do not train.)"""
-    if not torch.is_grad_enabled() or torch.jit.is_tracing():
-        return False
-    for t in tensors:
-        if t is not None and t.requires_grad:
-            return True
-    return False
+    return torch.is_grad_enabled() and (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+        or (residual is not None and residual.requires_grad)
+    ) and not torch.jit.is_tracing()
 
 
 def fused_batch_norm(

@@ -1,6 +1,7 @@
 """Host cost of one fused BatchNorm + add + ReLU layer (forward + backward) beside eager PyTorch's.
 
     python benchmarks/bench_host.py                  # any machine: Triton launches counted, not run
+    python benchmarks/bench_host.py --launches stand-in   # any machine: Triton's launch path timed
     python benchmarks/bench_host.py --device cuda    # on a GPU: real launches, host-bound sizes
 
 A layer's host cost is what the CPU spends to issue it: argument checks, autograd, choosing and
@@ -15,7 +16,12 @@ engine included, gradients taken with autograd.grad) of:
   with every Triton launch counted instead of run. Included: everything of the fused layer's
   host path but the launches themselves (Triton's launcher: argument binding, specialization
   key, the driver call); `launches` says how many there are, so that a GPU's per-launch cost can
-  be added to it.
+  be added to it. With `--launches stand-in` the launches are timed too, through Triton's own
+  launch path for an H100 with a stand-in for the driver's launcher (benchmarks/triton_stand_in.py:
+  all of Triton's host work but the launcher's C code), as the kernels make them: each template's
+  later launches call the compiled kernel's launcher directly (kernels/_triton_launch.py).
+- `fused_jit_launches` (with `--launches stand-in` and on CUDA): the same, every launch through
+  Triton's JITFunction.run, as before templates launched directly.
 - `eager`: `relu(F.batch_norm(...) + residual)` (no residual: `relu(F.batch_norm(...))`) on CPU
   tensors of shape (2, 8, 1, 1): ATen's real dispatch and autograd (which do not depend on the
   shape), plus CPU compute of 16 values per op, small but not nothing (so this figure is, if
@@ -72,7 +78,7 @@ def _layer_inputs(shape, dtype, device, memory_format, residual: bool):
 
 def _step(provider: str, x, r, params, stats, grad) -> Callable[[], None]:
     """One layer's forward + backward; gradients taken with autograd.grad (no accumulation)."""
-    from resnet_ablate.kernels import fused_batch_norm
+    from resnet_ablate.kernels import _triton_launch, fused_batch_norm
     from resnet_ablate.kernels.batch_norm import _without_python_wrapper
 
     leaves = [t for t in (x, r, *params) if t is not None]
@@ -83,6 +89,11 @@ def _step(provider: str, x, r, params, stats, grad) -> Callable[[], None]:
         out = fused_batch_norm(x, running_mean, running_var, weight, bias, True, 0.1, 1e-5,
                                residual=r)
         torch.autograd.grad(out, leaves, grad)
+
+    def fused_jit_launches() -> None:
+        _triton_launch.DIRECT_LAUNCHES = False
+        fused()
+        _triton_launch.DIRECT_LAUNCHES = True
 
     def eager() -> None:
         out = F.batch_norm(x, running_mean, running_var, weight, bias, True, 0.1, 1e-5)
@@ -97,7 +108,8 @@ def _step(provider: str, x, r, params, stats, grad) -> Callable[[], None]:
         out = no_op_layer(x, weight, bias, r)
         torch.autograd.grad(out, leaves, grad)
 
-    return {"fused": fused, "eager": eager, "python_function_floor": floor}[provider]
+    return {"fused": fused, "fused_jit_launches": fused_jit_launches, "eager": eager,
+            "python_function_floor": floor}[provider]
 
 
 def _microseconds(steps: dict[str, Callable[[], None]], device: torch.device, iterations: int,
@@ -152,31 +164,52 @@ class _LaunchCounter:
     """Replaces the Triton launch of every planned kernel by a count (CPU runs only)."""
 
     def __init__(self) -> None:
-        from resnet_ablate.kernels import _triton_geometry
+        from resnet_ablate.kernels import _triton_launch
 
         self.count = 0
 
         def counted(template, tensors, *scalars) -> None:
             self.count += 1
 
-        _triton_geometry.LaunchTemplate.__call__ = counted
+        _triton_launch.LaunchTemplate.__call__ = counted
+
+    def launches(self, step: Callable[[], None]) -> int:
+        self.count = 0
+        step()
+        return self.count
+
+
+class _StandInCounter:
+    """Counts the launches the stand-in launcher receives (`--launches stand-in`)."""
+
+    def __init__(self, stand_in) -> None:
+        self.stand_in = stand_in
+
+    def launches(self, step: Callable[[], None]) -> int:
+        self.stand_in.launches = []
+        step()
+        count, self.stand_in.launches = len(self.stand_in.launches), None
+        return count
 
 
 def _measure(case, layout: str, dtype, device: torch.device, iterations: int, blocks: int,
-             counter: _LaunchCounter | None) -> list[dict[str, object]]:
+             counter: _LaunchCounter | _StandInCounter | None) -> list[dict[str, object]]:
+    """`counter`: a _LaunchCounter where the launches are counted and not run, a _StandInCounter
+    where they are timed through the stand-in, None on CUDA."""
     model, n, c, h, w, residual = case
     on_cpu = device.type == "cpu"
-    shapes = {"fused": (2, c, h, w) if on_cpu else (2, c, 4, 4),
-              "eager": (2, EAGER_CPU_CHANNELS, 1, 1) if on_cpu else (2, c, 4, 4)}
+    timed = not isinstance(counter, _LaunchCounter)
+    shapes = {"fused": (2, c, h, w) if on_cpu else (2, c, 4, 4)}
+    if timed:  # also every launch through Triton's JITFunction.run, as before templates
+        shapes["fused_jit_launches"] = shapes["fused"]
+    shapes["eager"] = (2, EAGER_CPU_CHANNELS, 1, 1) if on_cpu else (2, c, 4, 4)
     shapes["python_function_floor"] = shapes["fused"]
     steps, launches = {}, ""
     for provider, shape in shapes.items():
         inputs = _layer_inputs(shape, dtype, device, LAYOUTS[layout], residual)
         steps[provider] = _step(provider, *inputs)
         if provider == "fused" and counter is not None:
-            counter.count = 0
-            steps[provider]()
-            launches = counter.count
+            launches = counter.launches(steps[provider])
     figures = _microseconds(steps, device, iterations, blocks)
     return [{
         "timestamp": timestamp(), "machine": device_name(device), "commit": source_commit(),
@@ -184,7 +217,8 @@ def _measure(case, layout: str, dtype, device: torch.device, iterations: int, bl
         "shape": f"{n}x{c}x{h}x{w}", "measured_shape": "x".join(map(str, shapes[provider])),
         "layout": layout, "dtype": str(dtype).removeprefix("torch."), "residual": residual,
         "provider": provider, "host_us_fwd_bwd": round(us, 2),
-        "triton_launches_not_timed": launches if provider == "fused" else "",
+        "launches": launches if provider == "fused" else "",
+        "launches_timed": timed,
         "fused_over_eager": round(figures["fused"] / figures["eager"], 3),
     } for provider, us in figures.items()]
 
@@ -192,6 +226,9 @@ def _measure(case, layout: str, dtype, device: torch.device, iterations: int, bl
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--launches", choices=["counted", "stand-in"], default="counted",
+                        help="on a CPU: count the Triton launches (default), or time them "
+                             "through Triton's launch path with a stand-in launcher")
     parser.add_argument("--models", default="resnet56,resnet50")
     parser.add_argument("--layouts", default="channels_last,nchw")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
@@ -204,20 +241,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cpu":
+    stand_in = device.type == "cpu" and args.launches == "stand-in"
+    if device.type == "cpu" and not stand_in:
         # The Triton backend takes CPU tensors only where the interpreter is on; the launches
         # never run here (they are counted), so the interpreter is never entered.
         os.environ["TRITON_INTERPRET"] = "1"
     torch.set_num_threads(1)  # host cost is one thread's; tiny CPU ops must not fan out
+    counter = None
+    if stand_in:  # Triton's compiled path: the interpreter would replace it
+        os.environ.pop("TRITON_INTERPRET", None)
+        import triton_stand_in
+
+        counter = _StandInCounter(triton_stand_in.install())
     from resnet_ablate.kernels import set_backend
 
     set_backend("triton")
-    counter = _LaunchCounter() if device.type == "cpu" else None
+    if device.type == "cpu" and not stand_in:
+        counter = _LaunchCounter()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     cases = [case for case in CIFAR + IMAGENET if case[0] in args.models.split(",")]
     rows = []
     print(f"{'model':9} {'shape':16} {'layout':14} {'res':5} {'launches':>8} "
-          f"{'fused us':>9} {'eager us':>9} {'floor us':>9} {'fused/eager':>11}")
+          f"{'fused us':>9} {'jit us':>9} {'eager us':>9} {'floor us':>9} {'fused/eager':>11}")
     for case in cases:
         for layout in args.layouts.split(","):
             case_rows = _measure(case, layout, dtype, device, args.iterations, args.blocks,
@@ -225,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
             rows += case_rows
             by = {row["provider"]: row for row in case_rows}
             print(f"{case[0]:9} {by['fused']['shape']:16} {layout:14} {str(case[5]):5} "
-                  f"{by['fused']['triton_launches_not_timed']!s:>8} "
+                  f"{by['fused']['launches']!s:>8} "
                   f"{by['fused']['host_us_fwd_bwd']:9.1f} "
+                  f"{by.get('fused_jit_launches', {}).get('host_us_fwd_bwd', float('nan')):9.1f} "
                   f"{by['eager']['host_us_fwd_bwd']:9.1f} "
                   f"{by['python_function_floor']['host_us_fwd_bwd']:9.1f} "
                   f"{by['eager']['fused_over_eager']:11.2f}")

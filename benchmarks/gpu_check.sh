@@ -125,7 +125,8 @@ if [ "$rehearse" = 1 ]; then
     kernel_args=(--small --layouts channels_last --compile-backend aot_eager --reps 2)
     packing_args=(--small --depth 20 --trials 1 2)
     loader_args=(--image-size 32 --batch-size 8 --batches 2 --workers 0 1 --depth 18)
-    host_args=(--models resnet56 --layouts channels_last --iterations 20 --blocks 2)
+    host_args=(--models resnet56 --layouts channels_last --launches stand-in --iterations 20
+               --blocks 2)
     limits=(120 120 120 120 90 90 120)
 else
     device=cuda

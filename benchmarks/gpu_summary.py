@@ -166,16 +166,23 @@ def kernel_figures(rows: Sequence[Mapping[str, str]]) -> dict[str, float | None]
             "forward_pct_peak": statistics.median(shares) if shares else None}
 
 
-def host_figures(rows: Sequence[Mapping[str, str]]) -> tuple[list[float], list[float]]:
-    """bench_host.py's microseconds per fused layer, and fused over eager for each layer (the
-    rows of one model, shape, layout and residual paired)."""
+def host_figures(rows: Sequence[Mapping[str, str]]
+                 ) -> tuple[list[float], list[float], list[float]]:
+    """bench_host.py's microseconds per fused layer, fused over eager for each layer, and each
+    layer's time with every launch through Triton's JITFunction.run over its time with the
+    templates' direct launches (the rows of one model, shape, layout and residual paired)."""
     by_layer: dict[tuple, dict[str, float]] = {}
     for row in rows:
         if row.get("host_us_fwd_bwd"):
             layer = tuple(row.get(k) for k in ("model", "shape", "layout", "dtype", "residual"))
             by_layer.setdefault(layer, {})[row.get("provider", "")] = float(row["host_us_fwd_bwd"])
+
+    def over(numerator: str, denominator: str) -> list[float]:
+        return [p[numerator] / p[denominator] for p in by_layer.values()
+                if {numerator, denominator} <= set(p)]
+
     fused = [p["fused"] for p in by_layer.values() if "fused" in p]
-    return fused, [p["fused"] / p["eager"] for p in by_layer.values() if {"fused", "eager"} <= set(p)]
+    return fused, over("fused", "eager"), over("fused_jit_launches", "fused")
 
 
 def ratios(out: Path) -> list[Ratio]:
@@ -189,7 +196,7 @@ def ratios(out: Path) -> list[Ratio]:
     decode = read_rows(out / "loader_decode.csv")  # bench_loader.py's crops per core, if any
     cores = min((int(r["cores_per_gpu"]) for r in decode if r.get("cores_per_gpu")), default=None)
     host = read_rows(out / "host.csv")
-    fused_host, fused_over_eager = host_figures(host)
+    fused_host, fused_over_eager, jit_over_direct = host_figures(host)
     packed = best_packing(packing)
     project = rates_by_depth(trial, ("project", "project+graphs"))
     return [
@@ -226,6 +233,9 @@ def ratios(out: Path) -> list[Ratio]:
         Ratio("host: fused / eager per layer (median)",
               statistics.median(fused_over_eager) if fused_over_eager else None, "<= 1.0",
               "the fused layer's host path against eager PyTorch's"),
+        Ratio("host: launches through Triton's JIT / direct (median)",
+              statistics.median(jit_over_direct) if jit_over_direct else None, "",
+              "what the templates' direct launches save per layer"),
         Ratio("packing: best aggregate / one trial", packed[1] if packed else None, ">= 1.5",
               f"at {packed[0]} trials per device" if packed else "trials sharing the device"),
         Ratio("Table 6, project (minutes)",

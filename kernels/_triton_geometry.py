@@ -1,6 +1,5 @@
-"""Launch geometry: each launch as data (so that the ahead-of-time check compiles exactly
-what a call runs), how a call tiles its tensors, how many programs a reduction runs, and
-what a call's shapes, strides, dtypes and device decide, worked out once per signature.
+"""Launch geometry: how a call tiles its tensors, how many programs a reduction runs, and what
+a call's shapes, strides, dtypes and device decide, worked out once per signature.
 
 Reductions are deterministic, with no atomics, and sized to one wave: the launch runs exactly as
 many programs as the GPU holds at once (from the compiled kernel's registers, see _occupancy.py),
@@ -17,13 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import triton
 
 from ._layout import Strides3d, spatial_numel, strides_3d
 from ._occupancy import cuda_limits, programs_per_wave
+from ._triton_launch import LaunchTemplate
 from ._triton_tiles import MASK_ALONG_CHANNELS, MASK_ALONG_POSITIONS, MASK_ALONG_SPAN, MASK_NONE
 
 
@@ -31,17 +31,6 @@ FINALIZE_BLOCK_C = 64
 FINALIZE_BLOCK_S = 32
 # Under the interpreter programs run one after another: few of them keep tests fast.
 INTERPRETER_PROGRAMS = 4
-
-
-class KernelLaunch(NamedTuple):
-    """One kernel launch as data: the kernel, its grid, runtime arguments and compile-time
-    constants; what `plan_forward` and `plan_backward` describe, for the ahead-of-time check."""
-
-    kernel: Any  # a triton.JITFunction
-    grid: tuple[int, ...]
-    args: tuple[Any, ...]
-    constexprs: dict[str, Any] = {}  # never mutated
-    num_warps: int = 4
 
 
 @dataclass(frozen=True)
@@ -184,29 +173,6 @@ def _dense_like(t: torch.Tensor) -> torch.Tensor:
 def _writable(t: torch.Tensor) -> torch.Tensor:
     """A buffer the kernel can write for output `t`: t itself, or a contiguous stand-in."""
     return t if strides_3d(t) is not None else torch.empty(t.shape, dtype=t.dtype, device=t.device)
-
-
-class LaunchTemplate(NamedTuple):
-    """A launch as a signature fixes it, less what each call brings: its tensors, which lead the
-    arguments, and its float scalars (eps; momentum and unbias), which sit between `head` and
-    `tail`. Built on a signature's first call, so that later calls only fill it in and launch."""
-
-    kernel: Any  # a triton.JITFunction
-    grid: tuple[int, ...]
-    head: tuple[Any, ...]
-    tail: tuple[Any, ...]
-    constexprs: dict[str, Any]  # never mutated
-    num_warps: int
-
-    def __call__(self, tensors: tuple[Any, ...], *scalars: float) -> None:
-        """Launch it with this call's tensors and scalars."""
-        self.kernel[self.grid](*tensors, *self.head, *scalars, *self.tail, **self.constexprs,
-                               num_warps=self.num_warps)
-
-    def bind(self, tensors: tuple[Any, ...], *scalars: float) -> KernelLaunch:
-        """The launch that `self(tensors, *scalars)` would make, as data."""
-        return KernelLaunch(self.kernel, self.grid, (*tensors, *self.head, *scalars, *self.tail),
-                            self.constexprs, self.num_warps)
 
 
 def finalize_template(kernel: Any, channels: int, splits: int,

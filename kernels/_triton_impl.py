@@ -2,7 +2,8 @@
 plans and the functions of the contract in _contract.py. Bottom up:
 - _triton_tiles: device helpers (tile addressing, the packed ReLU mask, Welford summaries);
 - _triton_rows and _triton_spans: the kernels, on row tiles and on span tiles;
-- _triton_geometry: launches as data, tilings, reduction sizes, per-signature geometry;
+- _triton_launch: launches as data, launch templates, launches that skip Triton's binding;
+- _triton_geometry: tilings, reduction sizes, per-signature geometry;
 - this module: per-signature launch plans; forward, backward and the running-stat update.
 
 Bytes moved per element, in units of the activation size (the benchmark's byte model), where m is
@@ -40,10 +41,10 @@ import torch
 
 from ._contract import RunningUpdate
 from ._triton_geometry import (
-    FINALIZE_BLOCK_C, Geometry, KernelLaunch, LaunchTemplate, SpanTiling, call_geometry,
-    dense_inputs, finalize_template, output_buffer, programs_in_one_wave, relu_mask_packing,
-    tensor_signature, tilings,
+    FINALIZE_BLOCK_C, Geometry, SpanTiling, call_geometry, dense_inputs, finalize_template,
+    output_buffer, programs_in_one_wave, relu_mask_packing, tensor_signature, tilings,
 )
+from ._triton_launch import KernelLaunch, LaunchTemplate, aligned, through_jit_only
 from ._triton_rows import (
     _backward_elementwise_kernel, _backward_finalize_kernel, _backward_reduce_kernel,
     _batch_stats_finalize_kernel, _batch_stats_partial_kernel, _forward_kernel,
@@ -143,12 +144,18 @@ def _issue_forward(x, weight, bias, residual, running_mean, running_var, eps: fl
                    pack_relu_mask: bool, update: RunningUpdate | None, reduction_programs,
                    launch: Launch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """A forward's outputs, allocated, and its launches, issued through `launch`."""
+    eps = float(eps)  # an int would be specialized on; a template's launches share one binary
     batch_stats = running_mean is None
-    # The residual is on x's device (_checks.py).
+    running = () if update is None else update[:2]
+    all_aligned = aligned(x, residual, weight, bias, running_mean, running_var, *running)
+    # Every tensor's dtype and whether all are aligned: a template's launches share one binary
+    # (_triton_launch.py). All are on x's device (_checks.py).
     key = (x.shape, x.stride(), x.dtype, x.device,
            None if residual is None else (residual.shape, residual.stride(), residual.dtype),
-           batch_stats, weight is not None, bias is not None, relu, pack_relu_mask, eps == 0,
-           update is not None, reduction_programs)
+           None if weight is None else weight.dtype, None if bias is None else bias.dtype,
+           None if batch_stats else (running_mean.dtype, running_var.dtype),
+           None if update is None else (running[0].dtype, running[1].dtype),
+           relu, pack_relu_mask, eps == 0, all_aligned, reduction_programs)
     out = torch.empty_like(x)  # the input's strides, as the fake kernel promises
     plan = _FORWARD_PLANS.get(key)
     if plan is None:
@@ -157,6 +164,8 @@ def _issue_forward(x, weight, bias, residual, running_mean, running_var, eps: fl
                           MASK_PACKING=relu and pack_relu_mask)
         plan = _FORWARD_PLANS[key] = _forward_plan(x, residual, out, batch_stats, constexprs,
                                                    update is not None, reduction_programs)
+        if not all_aligned:
+            through_jit_only(plan)
     out_buffer = out
     if plan.geometry.reshaped:
         out_buffer = output_buffer(plan.geometry, 0, out)
@@ -287,13 +296,16 @@ def _issue_backward(grad_out, x, relu_mask, weight, stats, eps: float, batch_sta
                     residual_grad: bool, reduction_programs, launch: Launch
                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """A backward's gradients, allocated, and its launches, issued through `launch`."""
+    eps = float(eps)
     # Gradients take the strides the fake kernel promises, whatever copies compute them.
     grad_input = torch.empty_like(x)
     grad_residual = torch.empty_like(grad_out, dtype=x.dtype) if residual_grad else None
-    # All on x's device; the mask is packed (its shape follows from x's) or the output.
+    all_aligned = aligned(x, grad_out, relu_mask, weight, stats)
+    # As the forward's key; the mask is packed (its shape follows from x's) or the output.
     key = (x.shape, x.stride(), x.dtype, x.device, grad_out.shape, grad_out.stride(),
            grad_out.dtype, None if relu_mask is None else (relu_mask.dtype, relu_mask.stride()),
-           residual_grad, weight is not None, batch_stats, reduction_programs)
+           residual_grad, None if weight is None else weight.dtype, stats.dtype, batch_stats,
+           all_aligned, reduction_programs)
     plan = _BACKWARD_PLANS.get(key)
     if plan is None:
         geometry_key = (tensor_signature(x), tensor_signature(grad_out),
@@ -301,6 +313,8 @@ def _issue_backward(grad_out, x, relu_mask, weight, stats, eps: float, batch_sta
         plan = _BACKWARD_PLANS[key] = _backward_plan(geometry_key, x, grad_out, relu_mask,
                                                      grad_input, grad_residual,
                                                      weight is not None, batch_stats)
+        if not all_aligned:
+            through_jit_only(plan)
     packed = _is_packed(relu_mask)
     out = None if packed else relu_mask
     grad_input_buffer, grad_residual_buffer = grad_input, grad_residual
@@ -341,33 +355,20 @@ def plan_backward(grad_out, x, relu_mask, weight, stats, eps: float, batch_stats
     return BackwardCall(launches, *gradients)
 
 
-def forward(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor | None,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    eps: float,
-    relu: bool,
-    pack_relu_mask: bool = False,
-    update: RunningUpdate | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+            residual: torch.Tensor | None, running_mean: torch.Tensor | None,
+            running_var: torch.Tensor | None, eps: float, relu: bool,
+            pack_relu_mask: bool = False, update: RunningUpdate | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """`Implementation.forward` in _contract.py: the update joins the finalize launch."""
     return _issue_forward(x, weight, bias, residual, running_mean, running_var, eps, relu,
                           pack_relu_mask, update, programs_in_one_wave, LaunchTemplate.__call__)
 
 
-def backward(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    relu_mask: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    stats: torch.Tensor,
-    eps: float,
-    batch_stats: bool,
-    residual_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+def backward(grad_out: torch.Tensor, x: torch.Tensor, relu_mask: torch.Tensor | None,
+             weight: torch.Tensor | None, stats: torch.Tensor, eps: float, batch_stats: bool,
+             residual_grad: bool,
+             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """`Implementation.backward` in _contract.py."""
     return _issue_backward(grad_out, x, relu_mask, weight, stats, eps, batch_stats, residual_grad,
                            programs_in_one_wave, LaunchTemplate.__call__)

@@ -343,6 +343,9 @@ def test_host_figures_pair_each_layers_fused_and_eager_rows():
             {**layer, "shape": "128x64x8x8", "provider": "eager", "host_us_fwd_bwd": "50"},
             {**layer, "shape": "128x64x8x8", "provider": "fused", "host_us_fwd_bwd": "100"},
             {**layer, "shape": "128x64x8x8", "provider": "python_function_floor",
-             "host_us_fwd_bwd": "1"}]
-    fused, fused_over_eager = summary.host_figures(rows)
+             "host_us_fwd_bwd": "1"},
+            {**layer, "shape": "128x64x8x8", "provider": "fused_jit_launches",
+             "host_us_fwd_bwd": "250"}]
+    fused, fused_over_eager, jit_over_direct = summary.host_figures(rows)
     assert fused == [30.0, 100.0] and fused_over_eager == [0.5, 2.0]
+    assert jit_over_direct == [2.5]  # only the layer that has both

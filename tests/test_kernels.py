@@ -1031,11 +1031,11 @@ def test_the_packed_relu_mask_gives_pytorchs_gradients(case):
 
 def test_no_mask_is_written_where_no_gradient_will_be_taken(monkeypatch):
     """Inference (no grad, or nothing requiring it) writes the output only."""
-    from resnet_ablate.kernels import _triton_geometry, _triton_tiles
+    from resnet_ablate.kernels import _triton_launch, _triton_tiles
 
     packings = []
-    real_call = _triton_geometry.LaunchTemplate.__call__
-    monkeypatch.setattr(_triton_geometry.LaunchTemplate, "__call__",
+    real_call = _triton_launch.LaunchTemplate.__call__
+    monkeypatch.setattr(_triton_launch.LaunchTemplate, "__call__",
                         lambda launch, *args: (packings.append(launch.constexprs.get("MASK_PACKING")),
                                                real_call(launch, *args)))
     x, residual, weight, bias, rm, rv, _ = _inputs((2, 16, 4, 4), torch.float32, True)
@@ -1074,14 +1074,54 @@ def test_the_fake_kernel_sizes_the_mask_as_the_kernels_write_it(layout):
     assert (mask.numel() > 0) == (layout in ("contiguous", "channels_last", "14x14 bf16"))
 
 
+def test_template_launches_hand_tritons_launcher_what_tritons_own_launch_path_hands_it():
+    """Launches that skip JITFunction.run (kernels/_triton_launch.py) pass the launcher exactly
+    what JITFunction.run passes (grid, stream, binary, metadata, every argument), seen through
+    Triton's real launch path for an H100 with the driver stood in for; they take that path after
+    a template's first launch only, and never where a tensor is not 16-byte aligned or a launch
+    hook is installed; another weight dtype gets a binary of its own first."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("launch_through_stand_in.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+
+    def through_jit(name):
+        return [launch["jit"] for launch in report[name]]
+
+    def passed(name):
+        return [{k: v for k, v in launch.items() if k != "jit"} for launch in report[name]]
+
+    assert through_jit("first") == [True] * 6 and through_jit("jit_only") == [True] * 6
+    assert through_jit("again") == [False] * 6
+    assert passed("again") == passed("jit_only") == passed("first")
+    # The caller's own tensors are among what they pass, where Triton's path passes them.
+    assert {arg[3] for launch in report["again"] for arg in launch["args"]
+            if isinstance(arg, list)} >= {"x", "residual", "weight", "bias", "grad"}
+    assert through_jit("misaligned_first") == through_jit("misaligned_again") == [True] * 6
+    assert through_jit("weight_dtype_first") == [True] * 6
+    assert through_jit("weight_dtype_again") == [False] * 6
+    assert "torch.bfloat16" in {arg[0] for launch in report["weight_dtype_again"]
+                                for arg in launch["args"] if isinstance(arg, list) and arg[3] == "weight"}
+    assert through_jit("hooked") == [True] * 6 and report["hook_calls"] == 6
+    assert through_jit("after_hook") == [False] * 6
+
+
 def test_a_training_layer_launches_three_kernels_forward_and_three_backward(monkeypatch):
     """Statistics, finalize (with the running-stat update), normalize; reduce, finalize,
     elementwise: the update has no launch of its own on the eager path."""
-    from resnet_ablate.kernels import _triton_geometry
+    from resnet_ablate.kernels import _triton_launch
 
     launched = []
-    real_call = _triton_geometry.LaunchTemplate.__call__
-    monkeypatch.setattr(_triton_geometry.LaunchTemplate, "__call__",
+    real_call = _triton_launch.LaunchTemplate.__call__
+    monkeypatch.setattr(_triton_launch.LaunchTemplate, "__call__",
                         lambda launch, *args: (launched.append(launch.kernel.fn.__name__),
                                                real_call(launch, *args)))
     x, residual, weight, bias, rm, rv, grad = _inputs((2, 4, 5, 5), torch.float32, True)

@@ -1,0 +1,136 @@
+"""How a planned launch reaches the GPU: launches as data, launch templates, and template launches
+that skip Triton's per-call binding.
+
+`kernel[grid](*args)` (Triton's JITFunction.run) works out on every call what a template fixes
+once: it binds and specializes each argument, builds a cache key, finds the binary and builds
+launch metadata, then calls the binary's launcher. With the launcher itself stood in for
+(benchmarks/bench_host.py --launches stand-in), that took ~20 µs of host time per launch on a
+2-core cloud CPU, six launches a fused layer: more than all the rest of the layer's host path. A
+template's launches differ only in their tensors' addresses and in its float scalars, so a
+template keeps the compiled kernel that its first launch returned, and its later launches call
+that kernel's launcher themselves, with the arguments JITFunction.run would pass it, for as long
+as JITFunction.run would pick that same binary and do nothing else besides:
+- the tensors have the dtypes and the alignment (16 bytes or not) that the binary was compiled
+  for: all that Triton specializes a pointer on. Callers keep each template to one set of both
+  (the plans' keys in _triton_impl.py hold every tensor's dtype and whether all are aligned), and
+  only the templates of plans whose tensors are all aligned launch directly. The template
+  fixes the integer arguments, whose values Triton specializes on too, and the compile-time
+  constants; the scalars are floats, which Triton does not specialize on;
+- the current device is the one the binary was loaded on;
+- no launch hook is installed (profilers such as Proton get JITFunction.run's metadata);
+- RESNET_ABLATE_DIRECT_LAUNCH is not "0" (every launch through JITFunction.run, a fallback).
+Otherwise the launch goes through JITFunction.run, as every launch did before.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from triton import knobs
+from triton.runtime.driver import driver
+from triton.runtime.jit import JITFunction
+
+DIRECT_LAUNCHES = os.environ.get("RESNET_ABLATE_DIRECT_LAUNCH", "1") != "0"
+
+
+class KernelLaunch(NamedTuple):
+    """One kernel launch as data: the kernel, its grid, runtime arguments and compile-time
+    constants; what `plan_forward` and `plan_backward` describe, for the ahead-of-time check."""
+
+    kernel: Any  # a triton.JITFunction
+    grid: tuple[int, ...]
+    args: tuple[Any, ...]
+    constexprs: dict[str, Any] = {}  # never mutated
+    num_warps: int = 4
+
+
+class _Compiled(NamedTuple):
+    """What a template's later launches reuse from its first: the binary JITFunction.run
+    returned, the device it was loaded on, and the launch arguments that never change."""
+
+    kernel: Any  # a triton CompiledKernel
+    device: int
+    grid: tuple[int, int, int]
+    constants: tuple[Any, ...]  # the compile-time constants' values, in parameter order
+
+
+@dataclass(eq=False, slots=True)
+class LaunchTemplate:
+    """A launch as a signature fixes it, less what each call brings: its tensors, which lead the
+    arguments, and its float scalars (eps; momentum and unbias), which sit between `head` and
+    `tail`. Built on a signature's first call, so that later calls only fill it in and launch.
+    Every call of one template brings tensors of the same dtypes and alignment (see above)."""
+
+    kernel: Any  # a triton.JITFunction
+    grid: tuple[int, ...]
+    head: tuple[Any, ...]
+    tail: tuple[Any, ...]
+    constexprs: dict[str, Any]  # never mutated
+    num_warps: int
+    # Whether its launches may skip JITFunction.run: only where every call's tensors are aligned.
+    direct: bool = True
+    compiled: _Compiled | None = field(default=None, repr=False)
+
+    def __call__(self, tensors: tuple[Any, ...], *scalars: float) -> None:
+        """Launch it with this call's tensors and scalars."""
+        compiled = self.compiled
+        if (compiled is not None and DIRECT_LAUNCHES and _hooks_idle()
+                and driver.active.get_current_device() == compiled.device):
+            kernel = compiled.kernel
+            kernel.run(*compiled.grid, driver.active.get_current_stream(compiled.device),
+                       kernel.function, kernel.packed_metadata, None, None, None, *tensors,
+                       *self.head, *scalars, *self.tail, *compiled.constants)
+            return
+        kernel = self.kernel[self.grid](*tensors, *self.head, *scalars, *self.tail,
+                                        **self.constexprs, num_warps=self.num_warps)
+        if compiled is None and self.direct and isinstance(self.kernel, JITFunction):
+            self.compiled = self._compiled(kernel)
+
+    def bind(self, tensors: tuple[Any, ...], *scalars: float) -> KernelLaunch:
+        """The launch that `self(tensors, *scalars)` would make, as data."""
+        return KernelLaunch(self.kernel, self.grid, (*tensors, *self.head, *scalars, *self.tail),
+                            self.constexprs, self.num_warps)
+
+    def _compiled(self, kernel: Any) -> _Compiled | None:
+        """What later launches reuse. JITFunction.run passes the launcher every argument in
+        parameter order, the constants' values included, which the kernels here declare after
+        their runtime arguments (None where a kernel does not, or a constant has no value)."""
+        params = self.kernel.params
+        first_constant = next((i for i, p in enumerate(params) if p.is_constexpr), len(params))
+        constants = []
+        for p in params[first_constant:]:
+            value = self.constexprs.get(p.name, p.default)
+            if not p.is_constexpr or value is inspect.Parameter.empty:
+                return None
+            constants.append(value)
+        grid = (*self.grid, 1, 1)[:3]
+        return _Compiled(kernel, driver.active.get_current_device(), grid, tuple(constants))
+
+
+def through_jit_only(templates: Any) -> None:
+    """Have these templates launch through JITFunction.run only: their calls' tensors need not
+    all be aligned, so that one call's binary may not suit the next."""
+    for template in templates:
+        if isinstance(template, LaunchTemplate):
+            template.direct = False
+
+
+def aligned(*tensors: Any) -> bool:
+    """Whether every tensor given (None: none) starts on a 16-byte boundary, which Triton
+    specializes pointers on."""
+    for t in tensors:
+        if t is not None and t.data_ptr() % 16:
+            return False
+    return True
+
+
+def _hooks_idle() -> bool:
+    """No launch hook installed: JITFunction.run would then build metadata that nobody reads."""
+    runtime = knobs.runtime
+    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return False
+    return True

@@ -135,7 +135,7 @@ else
     kernel_args=(--shape-set resnet --dtypes bf16 --layouts channels_last --reps 5)
     packing_args=(--depth 56 --epochs 1 --trials 1 2 4 8)
     loader_args=(--image-size 224 --batch-size 64 --batches 8 --workers 2 8 14 --depth 50)
-    host_args=(--device cuda --layouts channels_last --iterations 100 --blocks 3)
+    host_args=(--device cuda --layouts channels_last --iterations 50 --blocks 3)
     # Seconds, summing to the budget; the slowest and least certain step (compile) goes last.
     limits=(60 90 80 75 45 15 85)
 fi

@@ -86,7 +86,8 @@ class LaunchTemplate:
             return
         kernel = self.kernel[self.grid](*tensors, *self.head, *scalars, *self.tail,
                                         **self.constexprs, num_warps=self.num_warps)
-        if compiled is None and self.direct and isinstance(self.kernel, JITFunction):
+        if (compiled is None and self.direct and kernel is not None
+                and isinstance(self.kernel, JITFunction)):
             self.compiled = self._compiled(kernel)
 
     def bind(self, tensors: tuple[Any, ...], *scalars: float) -> KernelLaunch:

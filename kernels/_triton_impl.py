@@ -91,7 +91,7 @@ _FORWARD_PLANS: dict[tuple, _ForwardPlan] = {}
 def _forward_reduction(shape, dense, buffers):
     x = dense[0]
     channels = x.shape[1]
-    stats = torch.empty(3 * channels, dtype=torch.float32, device=x.device)
+    stats = torch.empty(6 * channels, dtype=torch.float32, device=x.device)  # one split's
     if isinstance(shape, SpanTiling):
         provisional = (x, stats, channels, shape.samples, 1)
         return _span_batch_stats_partial_kernel, provisional, shape.constexprs(), shape.num_warps
@@ -228,7 +228,7 @@ def _backward_reduction(shape, dense, buffers, *, relu_mask: torch.Tensor | None
     x, grad_out, _ = dense
     channels = x.shape[1]
     relu, residual_grad = relu_mask is not None, buffers[1] is not None
-    vector = torch.empty(2 * channels, dtype=torch.float32, device=x.device)
+    vector = torch.empty(3 * channels, dtype=torch.float32, device=x.device)  # one split's
     grad_residual = buffers[1] if residual_grad else grad_out
     span, tiling = (shape, None) if isinstance(shape, SpanTiling) else (None, shape)
     packing = relu_mask_packing(x, span, tiling) if _is_packed(relu_mask) else MASK_NONE

@@ -92,8 +92,10 @@ def _step(provider: str, x, r, params, stats, grad) -> Callable[[], None]:
 
     def fused_jit_launches() -> None:
         _triton_launch.DIRECT_LAUNCHES = False
-        fused()
-        _triton_launch.DIRECT_LAUNCHES = True
+        try:
+            fused()
+        finally:
+            _triton_launch.DIRECT_LAUNCHES = True
 
     def eager() -> None:
         out = F.batch_norm(x, running_mean, running_var, weight, bias, True, 0.1, 1e-5)

@@ -44,7 +44,7 @@ def check_arguments(
             "running_mean and running_var must either both be None or neither be None"
         )
     if type(momentum) is not float and (isinstance(momentum, bool)
-                                        or not isinstance(momentum, int)):
+                                        or not isinstance(momentum, (float, int))):
         # F.batch_norm refuses None too; the module spells the cumulative average out itself.
         raise TypeError(
             f"momentum must be a float, got {type(momentum).__name__}; for a cumulative moving "

@@ -162,10 +162,11 @@ def _issue_forward(x, weight, bias, residual, running_mean, running_var, eps: fl
         constexprs = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                           HAS_RESIDUAL=residual is not None, RELU=relu, EPS_ZERO=eps == 0,
                           MASK_PACKING=relu and pack_relu_mask)
-        plan = _FORWARD_PLANS[key] = _forward_plan(x, residual, out, batch_stats, constexprs,
-                                                   update is not None, reduction_programs)
-        if not all_aligned:
+        plan = _forward_plan(x, residual, out, batch_stats, constexprs, update is not None,
+                             reduction_programs)
+        if not all_aligned:  # before any other thread can find the plan
             through_jit_only(plan)
+        _FORWARD_PLANS[key] = plan
     out_buffer = out
     if plan.geometry.reshaped:
         out_buffer = output_buffer(plan.geometry, 0, out)
@@ -310,11 +311,11 @@ def _issue_backward(grad_out, x, relu_mask, weight, stats, eps: float, batch_sta
     if plan is None:
         geometry_key = (tensor_signature(x), tensor_signature(grad_out),
                         tensor_signature(relu_mask), residual_grad, reduction_programs)
-        plan = _BACKWARD_PLANS[key] = _backward_plan(geometry_key, x, grad_out, relu_mask,
-                                                     grad_input, grad_residual,
-                                                     weight is not None, batch_stats)
-        if not all_aligned:
+        plan = _backward_plan(geometry_key, x, grad_out, relu_mask, grad_input, grad_residual,
+                              weight is not None, batch_stats)
+        if not all_aligned:  # before any other thread can find the plan
             through_jit_only(plan)
+        _BACKWARD_PLANS[key] = plan
     packed = _is_packed(relu_mask)
     out = None if packed else relu_mask
     grad_input_buffer, grad_residual_buffer = grad_input, grad_residual

@@ -17,9 +17,13 @@ as JITFunction.run would pick that same binary and do nothing else besides:
   fixes the integer arguments, whose values Triton specializes on too, and the compile-time
   constants; the scalars are floats, which Triton does not specialize on;
 - the current device is the one the binary was loaded on;
-- no launch hook is installed (profilers such as Proton get JITFunction.run's metadata);
+- no launch hook is installed (profilers such as Proton get JITFunction.run's metadata), nor a
+  pre-run hook on the kernel;
 - RESNET_ABLATE_DIRECT_LAUNCH is not "0" (every launch through JITFunction.run, a fallback).
-Otherwise the launch goes through JITFunction.run, as every launch did before.
+Otherwise the launch goes through JITFunction.run, as every launch did before. (What a binary's
+compilation options are, Triton's debug and instrumentation knobs among them, is read at its
+first launch: changing them later in a process needs RESNET_ABLATE_DIRECT_LAUNCH=0.) Fresh
+tensors count as aligned: PyTorch's allocators align them to 64 bytes (CPU) and 512 (CUDA).
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ class LaunchTemplate:
         """Launch it with this call's tensors and scalars."""
         compiled = self.compiled
         if (compiled is not None and DIRECT_LAUNCHES and _hooks_idle()
+                and not self.kernel.pre_run_hooks
                 and driver.active.get_current_device() == compiled.device):
             kernel = compiled.kernel
             kernel.run(*compiled.grid, driver.active.get_current_stream(compiled.device),

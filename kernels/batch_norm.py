@@ -177,15 +177,18 @@ def _(running_mean, running_var, stats, momentum, unbias):
 def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(*output[1:])  # the statistics and the packed mask
     out, stats, relu_mask = output
-    _save_for_backward(ctx, inputs, out, stats, relu_mask if relu_mask.numel() else None, None)
+    # (Autograd sets an op's context up only where it records the call: a backward may follow.)
+    _save_for_backward(ctx, inputs, out, stats, relu_mask if relu_mask.numel() else None, None,
+                       True)
 
 
-def _save_for_backward(ctx, inputs, out, stats, relu_mask, implementation) -> None:
+def _save_for_backward(ctx, inputs, out, stats, relu_mask, implementation, gradient) -> None:
     """Saves what the backward reads. `implementation` is the eager path's, whose backward it
-    calls directly; None for the custom op's, whose backward is the backward op."""
+    calls directly; None for the custom op's, whose backward is the backward op. `gradient`:
+    whether autograd records the call (else nothing will read what is saved)."""
     x, weight, bias, residual, running_mean, running_var, eps, relu = inputs[:8]
     batch_stats = running_mean is None
-    if not batch_stats and any(ctx.needs_input_grad):
+    if not batch_stats and gradient:
         # A copy: a later training forward updates the running statistics in place, which must
         # neither change this backward nor trip autograd's version check (nn.BatchNorm2d does not).
         stats = torch.cat((running_mean.detach(), running_var.detach()))
@@ -242,19 +245,20 @@ class _EagerBatchNormAct(torch.autograd.Function):
     launch plans are cached; this Function calls the implementation directly, with the same
     context and gradients. Autograd sees only what it differentiates: the output alone (the
     statistics and the mask only go to the backward), and as inputs the four tensors with
-    gradients, the rest in one tuple (running statistics, eps, flags, the running-stat update).
+    gradients, the rest in one tuple (running statistics, eps, flags, the running-stat update,
+    whether autograd records the call).
     Tracing and compilation keep the custom op (see `_is_eager`).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, rest):
         # forward(ctx, ...) rather than a separate setup_context: apply() then binds no signature.
-        running_mean, running_var, eps, relu, pack_relu_mask, update = rest
+        running_mean, running_var, eps, relu, pack_relu_mask, update, gradient = rest
         implementation = _implementation(x)
         out, stats, relu_mask = _forward(implementation, x, weight, bias, residual, running_mean,
                                          running_var, eps, relu, pack_relu_mask, update)
         _save_for_backward(ctx, (x, weight, bias, residual, *rest), out, stats, relu_mask,
-                           implementation)
+                           implementation, gradient)
         return out
 
     @staticmethod
@@ -335,11 +339,13 @@ def fused_batch_norm(
         )
     check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps)
     residual = checked_residual(input, residual)
-    pack_relu_mask = relu and _gradient_will_be_taken(input, weight, bias, residual)
+    gradient = _gradient_will_be_taken(input, weight, bias, residual)
+    pack_relu_mask = relu and gradient
     if not training:
         if eager:
             return _eager_apply(input, weight, bias, residual,
-                                (running_mean, running_var, eps, relu, pack_relu_mask, None))
+                                (running_mean, running_var, eps, relu, pack_relu_mask, None,
+                                 gradient))
         return batch_norm_act(input, weight, bias, residual, running_mean, running_var, eps, relu,
                               pack_relu_mask)[0]
     count = input.numel() // input.shape[1]
@@ -348,7 +354,7 @@ def fused_batch_norm(
         update = RunningUpdate(running_mean, running_var, momentum, count / (count - 1))
     if eager:  # the update rides along with the forward
         return _eager_apply(input, weight, bias, residual,
-                            (None, None, eps, relu, pack_relu_mask, update))
+                            (None, None, eps, relu, pack_relu_mask, update, gradient))
     out, stats, _ = batch_norm_act(input, weight, bias, residual, None, None, eps, relu,
                                    pack_relu_mask)
     if update is not None:

@@ -79,6 +79,12 @@ def main() -> None:
     knobs.runtime.launch_enter_hook.remove(hooked.append)
     report["hook_calls"] = len(hooked)
     report["after_hook"] = launches_of(*inputs)
+    from resnet_ablate.kernels import _triton_rows
+
+    pre_run = _triton_rows._forward_kernel.pre_run_hooks
+    pre_run.append(lambda *args, **kwargs: None)
+    report["pre_run_hooked"] = launches_of(*inputs)  # the normalize launch (third) has one
+    pre_run.clear()
     print(json.dumps(report))
 
 

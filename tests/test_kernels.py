@@ -820,6 +820,38 @@ def test_functional_momentum_none_is_refused_before_any_work(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_numpy_float_momentum_is_taken_as_f_batch_norm_takes_it(backend):
+    """A float subclass (numpy's float64, as a schedule computed in numpy gives) is a float."""
+    import numpy
+
+    x = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    expected = torch.zeros(3), torch.ones(3)
+    F.batch_norm(x, *expected, training=True, momentum=numpy.float64(0.25))
+    running = torch.zeros(3), torch.ones(3)
+    with use_backend(backend):
+        fused_batch_norm(x, *running, None, None, True, numpy.float64(0.25), relu=False)
+    for got, want in zip(running, expected):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_eval_under_no_grad_copies_no_running_statistics(backend, monkeypatch):
+    """The eval backward reads a copy of the running statistics; where no backward can follow
+    (no_grad, though the parameters require gradients) none is made."""
+    module = FusedBatchNorm2d(3).eval()
+    x = torch.randn(2, 3, 4, 4)
+    copies = []
+    real_cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: (copies.append(1), real_cat(*a, **k))[1])
+    with use_backend(backend):
+        with torch.no_grad():
+            module(x)
+        assert copies == []
+        module(x.requires_grad_()).sum().backward()
+    assert copies and x.grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("residual_shape", [(1, 4, 1, 1), (4, 1, 1), (1, 4, 5, 6), (3, 1, 5, 1)],
                          ids=str)
 def test_a_broadcastable_residual_is_added_as_out_plus_equals_residual(backend, residual_shape):
@@ -1078,8 +1110,9 @@ def test_template_launches_hand_tritons_launcher_what_tritons_own_launch_path_ha
     """Launches that skip JITFunction.run (kernels/_triton_launch.py) pass the launcher exactly
     what JITFunction.run passes (grid, stream, binary, metadata, every argument), seen through
     Triton's real launch path for an H100 with the driver stood in for; they take that path after
-    a template's first launch only, and never where a tensor is not 16-byte aligned or a launch
-    hook is installed; another weight dtype gets a binary of its own first."""
+    a template's first launch only, and never where a tensor is not 16-byte aligned, a launch
+    hook is installed or the kernel has a pre-run hook; another weight dtype gets a binary of its
+    own first."""
     import json
     import os
     import subprocess
@@ -1112,6 +1145,7 @@ def test_template_launches_hand_tritons_launcher_what_tritons_own_launch_path_ha
                                 for arg in launch["args"] if isinstance(arg, list) and arg[3] == "weight"}
     assert through_jit("hooked") == [True] * 6 and report["hook_calls"] == 6
     assert through_jit("after_hook") == [False] * 6
+    assert through_jit("pre_run_hooked") == [False, False, True, False, False, False]
 
 
 def test_a_training_layer_launches_three_kernels_forward_and_three_backward(monkeypatch):

@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     stand_in = device.type == "cpu" and args.launches == "stand-in"
-    if device.type == "cpu" and not stand_in:
+    counted = device.type == "cpu" and not stand_in
+    if counted:
         # The Triton backend takes CPU tensors only where the interpreter is on; the launches
         # never run here (they are counted), so the interpreter is never entered.
         os.environ["TRITON_INTERPRET"] = "1"
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     from resnet_ablate.kernels import set_backend
 
     set_backend("triton")
-    if device.type == "cpu" and not stand_in:
+    if counted:
         counter = _LaunchCounter()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     cases = [case for case in CIFAR + IMAGENET if case[0] in args.models.split(",")]

@@ -48,7 +48,7 @@ class StandInDriver:
 
         @staticmethod
         def unload_module(module) -> None:
-            pass
+            """Nothing was loaded: `load_binary` only made up its handles."""
 
         @staticmethod
         def get_device_properties(device) -> dict[str, int]:

@@ -199,8 +199,7 @@ def plan_forward(x, weight, bias, residual, running_mean, running_var, eps: floa
     """Everything `forward` does but the launches, which it returns as data."""
     launches: list[KernelLaunch] = []
     outputs = _issue_forward(x, weight, bias, residual, running_mean, running_var, eps, relu,
-                             pack_relu_mask, update, reduction_programs,
-                             lambda template, *args: launches.append(template.bind(*args)))
+                             pack_relu_mask, update, reduction_programs, _recorder(launches))
     return ForwardCall(launches, *outputs)
 
 
@@ -351,9 +350,13 @@ def plan_backward(grad_out, x, relu_mask, weight, stats, eps: float, batch_stats
     """Everything `backward` does but the launches, which it returns as data."""
     launches: list[KernelLaunch] = []
     gradients = _issue_backward(grad_out, x, relu_mask, weight, stats, eps, batch_stats,
-                                residual_grad, reduction_programs,
-                                lambda template, *args: launches.append(template.bind(*args)))
+                                residual_grad, reduction_programs, _recorder(launches))
     return BackwardCall(launches, *gradients)
+
+
+def _recorder(launches: list[KernelLaunch]) -> Launch:
+    """A `launch` that appends each launch, as data, to `launches` instead of running it."""
+    return lambda template, *args: launches.append(template.bind(*args))
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,

@@ -245,7 +245,7 @@ class _EagerBatchNormAct(torch.autograd.Function):
     launch plans are cached; this Function calls the implementation directly, with the same
     context and gradients. Autograd sees only what it differentiates: the output alone (the
     statistics and the mask only go to the backward), and as inputs the four tensors with
-    gradients, the rest in one tuple (running statistics, eps, flags, the running-stat update,
+    gradients, the rest in one tuple (running statistics, eps, relu, the running-stat update,
     whether autograd records the call).
     Tracing and compilation keep the custom op (see `_is_eager`).
     """
@@ -253,10 +253,11 @@ class _EagerBatchNormAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, rest):
         # forward(ctx, ...) rather than a separate setup_context: apply() then binds no signature.
-        running_mean, running_var, eps, relu, pack_relu_mask, update, gradient = rest
+        running_mean, running_var, eps, relu, update, gradient = rest
         implementation = _implementation(x)
+        # The packed ReLU mask is worth writing only where a backward will read it.
         out, stats, relu_mask = _forward(implementation, x, weight, bias, residual, running_mean,
-                                         running_var, eps, relu, pack_relu_mask, update)
+                                         running_var, eps, relu, relu and gradient, update)
         _save_for_backward(ctx, (x, weight, bias, residual, *rest), out, stats, relu_mask,
                            implementation, gradient)
         return out
@@ -344,8 +345,7 @@ def fused_batch_norm(
     if not training:
         if eager:
             return _eager_apply(input, weight, bias, residual,
-                                (running_mean, running_var, eps, relu, pack_relu_mask, None,
-                                 gradient))
+                                (running_mean, running_var, eps, relu, None, gradient))
         return batch_norm_act(input, weight, bias, residual, running_mean, running_var, eps, relu,
                               pack_relu_mask)[0]
     count = input.numel() // input.shape[1]
@@ -354,7 +354,7 @@ def fused_batch_norm(
         update = RunningUpdate(running_mean, running_var, momentum, count / (count - 1))
     if eager:  # the update rides along with the forward
         return _eager_apply(input, weight, bias, residual,
-                            (None, None, eps, relu, pack_relu_mask, update, gradient))
+                            (None, None, eps, relu, update, gradient))
     out, stats, _ = batch_norm_act(input, weight, bias, residual, None, None, eps, relu,
                                    pack_relu_mask)
     if update is not None:

@@ -17,6 +17,7 @@ checkpoint. The checkpoints go once the trial has ended.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 import tempfile
@@ -35,6 +36,16 @@ from .trial import run_trial_body
 _STATE = "state.pt"  # an epoch's checkpoint: the run's state (train.py) and its restarts
 _OUTCOME = "outcome.json"  # the last checkpoint: the trial's outcome
 _WEIGHTS = "weights.pt"  # and its trained weights, when kept
+
+
+# Ray Train's controller takes at most one report from each replica per poll of them, every 2 s
+# by default, and a replica's `ray.train.report` waits until its previous report was taken (a
+# queue of one): a run whose epochs were shorter than that was held to one epoch per poll, and
+# every trial's end waited out polls. A poll is a small call to each replica (one that does not
+# answer in time is awaited at the next poll, not taken for lost), so they can come often. Ray
+# Train hands this variable from the trial's process on to its controller.
+POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+POLL_INTERVAL_S = 0.25
 
 
 class CheckpointRefused(ValueError):
@@ -65,6 +76,7 @@ def execute_data_parallel(task: TrialTask, board: Any | None = None) -> TrialOut
     storage = task.checkpoints or tempfile.mkdtemp(prefix="resnet-ablate-checkpoints-")
     starts = (f"{storage.rstrip('/')}/{name}.starts" if "://" in storage
               else str(Path(storage).expanduser().resolve() / f"{name}.starts"))
+    os.environ.setdefault(POLL_INTERVAL_ENV, str(POLL_INTERVAL_S))  # a user's own setting stands
     resources: dict[str, float] = {"CPU": task.cpus_per_replica}
     if task.use_gpu:
         resources["GPU"] = 1

@@ -363,6 +363,41 @@ def test_an_error_in_a_replica_fails_the_trial_and_a_lost_replica_is_a_lost_work
                                         "health check failed")
 
 
+@pytest.mark.parametrize("users_setting", [None, "1.5"])
+def test_ray_trains_controller_polls_the_replicas_often_unless_the_user_says(
+        monkeypatch, tmp_path, users_setting):
+    """Ray Train's controller takes one report per poll, and a replica's report waits for the
+    previous one to be taken: at its default poll (2 s) epochs shorter than that were held back.
+    What the controller is handed is what Ray Train's own propagation gives at `fit`."""
+    import resnet_ablate.data_parallel as data_parallel
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    from resnet_ablate.record import TrialTask
+
+    # Set first either way, so that the process's environment is restored after the test.
+    monkeypatch.setenv(data_parallel.POLL_INTERVAL_ENV, users_setting or "unset")
+    if users_setting is None:
+        monkeypatch.delenv(data_parallel.POLL_INTERVAL_ENV)
+    handed = {}
+
+    class Trainer:  # stands in for TorchTrainer: what its controller would be handed, then stop
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def fit(self):
+            handed.update(get_env_vars_to_propagate())
+            raise RuntimeError("stop here")
+
+    monkeypatch.setattr(data_parallel, "_trainer_class", lambda: Trainer)
+    task = TrialTask(trial_number=0, arch={}, seed=0, dataset={}, recipe={}, threads=1,
+                     use_gpu=False, keep_weights=False, replicas=2,
+                     checkpoints=str(tmp_path))
+    with pytest.raises(data_parallel.ReplicasLost, match="stop here"):
+        data_parallel.execute_data_parallel(task)
+    expected = users_setting or str(data_parallel.POLL_INTERVAL_S)
+    assert handed[data_parallel.POLL_INTERVAL_ENV] == expected
+
+
 # -- checkpoints: where they go, what they may hold, and each start of the replicas counted
 
 

@@ -308,7 +308,8 @@ class TestNoDecodableImage:
     which start Rays of their own."""
 
     @pytest.fixture(scope="class", autouse=True)
-    def ray_of_the_class(self):
+    @classmethod
+    def ray_of_the_class(cls):
         import ray
 
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",

@@ -98,6 +98,22 @@ def plot_curves(results: Results, *, panel_by: str | None = None, color_by: str 
     return figure
 
 
+def _mark_without_interval(ax: Any, x: Any, y: np.ndarray, below: np.ndarray, marker: str,
+                           color: str) -> None:
+    """Draw the means that have no interval (one seed: NaN bounds, so no bar) as open markers: a
+    filled marker without a bar would read as an interval of zero width, a certainty."""
+    missing = np.isnan(np.asarray(below, dtype=float))
+    if not missing.any():
+        return
+    ax.scatter(np.asarray(x, dtype=float)[missing], np.asarray(y)[missing], marker=marker,
+               s=60, facecolors="white", edgecolors=color, linewidths=1.5, zorder=3)
+    if not any(c.get_label() == ONE_SEED_LABEL for c in ax.collections):
+        ax.scatter([], [], marker="o", facecolors="white", edgecolors="gray", label=ONE_SEED_LABEL)
+
+
+ONE_SEED_LABEL = "open marker: one seed, no interval"
+
+
 def plot_depth(results: Results, *, metric: str = "test_error", x: str = "depth",
                line_by: str | None = None) -> Figure:
     """`metric` (mean over seeds, 95% CI bars) against `x`, one line per `line_by` value."""
@@ -118,8 +134,9 @@ def plot_depth(results: Results, *, metric: str = "test_error", x: str = "depth"
         above = 100 * group[f"{metric}_ci95_high"].to_numpy(float) - mean
         seeds = sorted(set(group["n"]))
         n = f"n={seeds[0]}" if len(seeds) == 1 else f"n={seeds[0]}-{seeds[-1]}"
-        ax.errorbar(group[x].astype(float), mean, yerr=np.nan_to_num([below, above]), marker="o",
+        ax.errorbar(group[x].astype(float), mean, yerr=[below, above], marker="o",
                     capsize=4, color=palette[value], label=f"{_label(line_by, value) if line_by else metric} ({n} seeds)")
+        _mark_without_interval(ax, group[x].astype(float), mean, below, "o", palette[value])
     ax.set_xlabel(x)
     ax.set_ylabel(f"{metric.replace('_', ' ')} (%), mean and 95% CI")
     ax.set_title(results.study)
@@ -154,13 +171,15 @@ def plot_pareto(results: Results, *, metric: str = "test_error", cost: str = "fl
         if mean is None:
             continue
         y = 100 * mean[f"{metric}_mean"].to_numpy(float)
-        bars = np.nan_to_num([y - 100 * mean[f"{metric}_ci95_low"].to_numpy(float),
-                              100 * mean[f"{metric}_ci95_high"].to_numpy(float) - y])
+        bars = [y - 100 * mean[f"{metric}_ci95_low"].to_numpy(float),
+                100 * mean[f"{metric}_ci95_high"].to_numpy(float) - y]
         seeds = sorted(set(mean["n"]))
         n = f"n={seeds[0]}" if len(seeds) == 1 else f"n={seeds[0]}-{seeds[-1]}"
         ax.errorbar(scale * mean[cost].astype(float), y, yerr=bars, linestyle="none",
                     capsize=4, markersize=7, label=f"{_label(label_by, value)} ({n} seeds)",
                     **style)
+        _mark_without_interval(ax, scale * mean[cost].astype(float), y, bars[0],
+                               style["marker"], style["color"])
     ax.step(scale * front[cost].astype(float), 100 * front[metric].astype(float), where="post",
             color="black", linewidth=1.5, label="Pareto front (configuration means)")
     ax.scatter(scale * front[cost].astype(float), 100 * front[metric].astype(float),

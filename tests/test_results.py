@@ -10,6 +10,7 @@ import re
 import shutil
 import sqlite3
 
+import matplotlib.collections
 import matplotlib.image
 import numpy as np
 import optuna
@@ -370,6 +371,37 @@ def test_each_plot_is_a_valid_png(results, tmp_path, kind):
     height, width = image.shape[:2]
     assert image.shape[2] in (3, 4) and 300 <= height <= 2000 and 400 <= width <= 3000
     assert image[..., :3].std() > 0.05  # something is drawn, not a blank canvas
+
+
+def test_a_mean_without_an_interval_is_drawn_open_and_without_a_bar(results):
+    """One seed gives no interval (NaN bounds): drawn as a filled marker with a bar of zero
+    length, it would read as a certainty. The deeper nets keep one seed here, the shallow ones all."""
+    one_seed = results.where(f"seed == {SEEDS[0]} or depth == {DEPTHS[0]}")
+    summary = one_seed.summary(by=["depth", "shortcut"])
+    alone = summary[summary["n"] == 1]
+    assert len(alone) == len(SHORTCUTS) and alone["test_error_ci95_low"].isna().all()
+    expected = sorted(zip(alone["depth"].astype(float), 100 * alone["test_error_mean"]))
+    for figure, x in ((plots.plot_depth(one_seed), "depth"),
+                      (plots.plot_pareto(one_seed), "flops")):
+        (ax,) = figure.axes
+        opened = sorted(tuple(point) for c in ax.collections
+                        if isinstance(c, matplotlib.collections.PathCollection)
+                        and c.get_label() != plots.ONE_SEED_LABEL and len(c.get_offsets())
+                        and len(c.get_facecolor()) and (c.get_facecolor()[:, :3] == 1).all()
+                        for point in c.get_offsets())
+        if x == "depth":
+            assert [p[0] for p in opened] == [p[0] for p in expected]
+        # (In the Pareto figure at the configurations' FLOPs, in the figure's unit.)
+        assert sorted(p[1] for p in opened) == pytest.approx(sorted(p[1] for p in expected))
+        assert plots.ONE_SEED_LABEL in [t.get_text() for t in ax.get_legend().get_texts()]
+        # Bars: one segment per mean; those of the one-seed means are not drawn (NaN), the
+        # others have their interval's length.
+        bars = [seg for container in ax.containers for seg in container[2][0].get_segments()]
+        lengths = np.array([abs(seg[-1][1] - seg[0][1]) if len(seg) == 2 else np.nan
+                            for seg in bars])
+        assert len(bars) == len(summary)
+        assert np.isnan(lengths).sum() == len(alone)
+        assert (lengths[~np.isnan(lengths)] > 0).all()
 
 
 def test_report_is_one_self_contained_page_with_the_tables_and_plots(results, tmp_path):

@@ -49,11 +49,17 @@ def _error_estimate(results: Sequence[SeedResult], level: float) -> stats.Estima
                             size, level=level)
 
 
+def _first_seeds(rule: AdaptiveSeeds, results: Sequence[SeedResult]) -> list[SeedResult]:
+    """The seeds a question is looked at with: the first `rule.looked_at` by seed number."""
+    return sorted(results, key=lambda r: r.seed)[:rule.looked_at(len(results))]
+
+
 def _difference(base: Sequence[SeedResult], other: Sequence[SeedResult],
-                level: float) -> stats.Estimate:
-    """other - base over the seeds both completed, paired by seed."""
+                level: float, rule: AdaptiveSeeds) -> stats.Estimate:
+    """other - base over the seeds both completed, paired by seed, at the pairs' last look."""
     by_seed = {r.seed: r for r in base}
     pairs = [(by_seed[r.seed], r) for r in other if r.seed in by_seed]
+    pairs = sorted(pairs, key=lambda pair: pair[1].seed)[:rule.looked_at(len(pairs))]
     base_side, other_side = [b for b, _ in pairs], [o for _, o in pairs]
     sizes = {r.images for r in base_side + other_side}
     size = sizes.pop() if len(sizes) == 1 else None
@@ -69,7 +75,7 @@ def _percent(value: float) -> str:
 
 
 def _width_decision(rule: AdaptiveSeeds, results: Sequence[SeedResult]) -> Decision:
-    estimate = _error_estimate(results, rule.level)
+    estimate = _error_estimate(_first_seeds(rule, results), rule.level)
     width = estimate.high - estimate.low
     n = len(results)
     if not width <= rule.width:  # nan (no interval yet) is open too
@@ -80,11 +86,11 @@ def _width_decision(rule: AdaptiveSeeds, results: Sequence[SeedResult]) -> Decis
 
 def _comparison_decision(rule: AdaptiveSeeds, base: Sequence[SeedResult],
                          other: Sequence[SeedResult]) -> tuple[bool, str]:
-    differs = _difference(base, other, rule.level)
+    differs = _difference(base, other, rule.level, rule)
     shown = f"[{_percent(differs.low)}, {_percent(differs.high)}] points"
     if differs.low > 0 or differs.high < 0:
         return False, f"decided: differs, {shown}"
-    within = _difference(base, other, rule.equivalence_level)
+    within = _difference(base, other, rule.equivalence_level, rule)
     if -rule.margin <= within.low and within.high <= rule.margin:
         return False, (f"decided: within +-{_percent(rule.margin)}, "
                        f"[{_percent(within.low)}, {_percent(within.high)}] points")

@@ -88,6 +88,30 @@ def test_a_clear_difference_is_decided_and_a_tie_stays_open():
     assert not closed.open and closed.reason.startswith("max seeds (5) reached")
 
 
+def test_seeds_between_looks_wait_for_the_next_look():
+    """A failed trial leaves a configuration between looks (5 seeds where the looks are 2, 3,
+    4, 6, 9, 10): its question is looked at with the first seeds of the last look it reached,
+    so that a failure never adds a look beyond those the per-look level was shared among."""
+    rule = AdaptiveSeeds(2, 10, decided="shortcut", margin=0.005)
+    assert [rule.looked_at(n) for n in range(12)] == [0, 0, 2, 3, 4, 4, 6, 6, 6, 9, 10, 10]
+    rng = np.random.default_rng(3)
+    difficulty = rng.normal(0, 0.05, IMAGES)
+    levels = {"shortcut": ["A", "none"]}
+    base, other = (("shortcut", "A"),), (("shortcut", "none"),)
+    seeds = {base: _seeds(rng, 0.10, 6, difficulty), other: _seeds(rng, 0.11, 4, difficulty)}
+    at_four = decide(rule, levels, {base: seeds[base][:4], other: seeds[other]})[other]
+    # Seed 4 (the fifth) far worse: looked at with it, the interval would move; it waits.
+    fifth = _seeds(np.random.default_rng(4), 0.60, 5, difficulty)[4]
+    with_fifth = {base: seeds[base][:5], other: [*seeds[other], fifth]}
+    at_five = decide(rule, levels, with_fifth)[other]
+    assert at_four.open and (at_five.open, at_five.reason) == (at_four.open, at_four.reason)
+    assert at_five.seeds == 5  # the driver adds up to the next look from what completed
+    # At six seeds the question is looked at again, with every seed.
+    sixth = _seeds(np.random.default_rng(5), 0.60, 6, difficulty)[5]
+    at_six = decide(rule, levels, {base: seeds[base], other: [*with_fifth[other], sixth]})[other]
+    assert at_six.reason != at_four.reason
+
+
 def _offset_for(error: float) -> float:
     """The logit offset whose error over seeds and images (logistic sd 0.05 and 1.5) is `error`,
     by Gauss-Hermite quadrature and bisection."""

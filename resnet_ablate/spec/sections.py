@@ -120,7 +120,8 @@ class AdaptiveSeeds:
     and the added seeds train in parallel. A "differs" decision uses intervals at
     1 - 0.05/looks, a Bonferroni share per look, so that stopping at any look keeps the chance
     of a wrong "differs" at most 5%; "within the margin" is two one-sided tests at the same
-    share (the interval at 1 - 2 x 0.05/looks)."""
+    share (the interval at 1 - 2 x 0.05/looks). Seeds between looks (failed trials leave a
+    configuration there) wait for the next look (`looked_at`)."""
 
     min: int
     max: int
@@ -139,6 +140,12 @@ class AdaptiveSeeds:
     def next_look(self, seeds: int) -> int:
         """How many seeds a configuration with `seeds` of them gets at its next look."""
         return next((n for n in self.looks if n > seeds), self.max)
+
+    def looked_at(self, seeds: int) -> int:
+        """How many of `seeds` completed seeds a question is looked at with: the last look count
+        they reach (0 below the first). Seeds beyond it wait for the next look, so that seeds
+        lost to failed trials, which leave a configuration between looks, never add a look."""
+        return max((n for n in self.looks if n <= seeds), default=0)
 
     @property
     def level(self) -> float:

@@ -98,6 +98,9 @@ def plot_curves(results: Results, *, panel_by: str | None = None, color_by: str 
     return figure
 
 
+ONE_SEED_LABEL = "open marker: one seed, no interval"
+
+
 def _mark_without_interval(ax: Any, x: Any, y: np.ndarray, below: np.ndarray, marker: str,
                            color: str) -> None:
     """Draw the means that have no interval (one seed: NaN bounds, so no bar) as open markers: a
@@ -109,9 +112,6 @@ def _mark_without_interval(ax: Any, x: Any, y: np.ndarray, below: np.ndarray, ma
                s=60, facecolors="white", edgecolors=color, linewidths=1.5, zorder=3)
     if not any(c.get_label() == ONE_SEED_LABEL for c in ax.collections):
         ax.scatter([], [], marker="o", facecolors="white", edgecolors="gray", label=ONE_SEED_LABEL)
-
-
-ONE_SEED_LABEL = "open marker: one seed, no interval"
 
 
 def plot_depth(results: Results, *, metric: str = "test_error", x: str = "depth",

@@ -124,28 +124,35 @@ def _offset_for(error: float) -> float:
     return (low + high) / 2
 
 
-def _sequential_answer(rng, rule: AdaptiveSeeds, difference: float) -> str:
+def _sequential_answer(rng, rule: AdaptiveSeeds, difference: float, failing: float = 0.0) -> str:
     """One simulated comparison run as the driver runs it: seeds added up to the next look while
-    it is open. Logistic model: each test image a difficulty both configurations share, each
-    seed a training effect; the level's error `difference` above the baseline's 8%."""
+    it is open, each trial failing with probability `failing` (its seed is lost; seed numbers
+    run to rule.max). Logistic model: each test image a difficulty both configurations share,
+    each seed a training effect; the level's error `difference` above the baseline's 8%."""
     images, levels = 1000, {"shortcut": ["A", "none"]}
     base_key, other_key = (("shortcut", "A"),), (("shortcut", "none"),)
     difficulty = rng.normal(0, 1.5, images)
     offsets = {base_key: _offset_for(0.08), other_key: _offset_for(0.08 + difference)}
     seeds = {base_key: [], other_key: []}
+    tried = {base_key: 0, other_key: 0}
     while True:
         for key, mine in seeds.items():
-            for seed in range(len(mine), rule.next_look(len(mine)) if mine else rule.min):
+            wanted = rule.next_look(len(mine)) if mine else rule.min
+            for seed in range(tried[key], min(tried[key] + wanted - len(mine), rule.max)):
                 wrong = (rng.random(images) < expit(offsets[key] + rng.normal(0, 0.05)
                                                     + difficulty)).astype(float)
-                mine.append(SeedResult(seed, float(wrong.mean()), images, wrong))
+                if rng.random() >= failing:
+                    mine.append(SeedResult(seed, float(wrong.mean()), images, wrong))
+                tried[key] = seed + 1
         decision = decide(rule, levels, seeds)[other_key]
-        if not decision.open:
+        if not decision.open or all(n == rule.max for n in tried.values()):
             return decision.reason
 
 
-@pytest.mark.parametrize("truth", ["none", "at the margin"])
-def test_sequential_decisions_keep_their_error_rates(truth):
+@pytest.mark.parametrize("truth, failing", [("none", 0.0), ("at the margin", 0.0),
+                                            ("none", 0.25)],
+                         ids=["none", "at the margin", "none, a quarter of the trials failing"])
+def test_sequential_decisions_keep_their_error_rates(truth, failing):
     # The rule looks up to six times (2, 3, 4, 6, 9, 10 seeds); each "differs" uses a Bonferroni
     # share of 5%, each "within" two one-sided tests at the same share, so neither wrong answer
     # may come more often than 5% however many looks a comparison takes.
@@ -154,7 +161,8 @@ def test_sequential_decisions_keep_their_error_rates(truth):
     replications = 300
     wrong = "decided: differs" if truth == "none" else "decided: within"
     difference = 0.0 if truth == "none" else 0.01  # at the margin "within" is wrong
-    answers = [_sequential_answer(rng, rule, difference) for _ in range(replications)]
+    # Failed trials leave configurations between looks, which must add no look.
+    answers = [_sequential_answer(rng, rule, difference, failing) for _ in range(replications)]
     # 5% nominal; the simulation's own error is 1.3 points.
     assert np.mean([a.startswith(wrong) for a in answers]) <= 0.075, truth
 

@@ -10,13 +10,13 @@ script computes it exactly enough (quadrature over the seeds' chi-square, the pi
 mixture-of-normals quantiles) for
 
     python benchmarks/calibrate_pivot.py            # coverage, uncalibrated and as calibrated
-    python benchmarks/calibrate_pivot.py --fit      # refit stats.PIVOT_CALIBRATION (minutes per df)
+    python benchmarks/calibrate_pivot.py --fit      # refit pivot.PIVOT_CALIBRATION (minutes per df)
 
 and writes the curves to benchmarks/results/pivot_calibration.csv and .png. The calibration is
 the pivot's level as a piecewise-linear function of the share the table shows, at fixed knots,
 fitted (Nelder-Mead) to minimise the largest |coverage - 95.5%| over a grid of true shares
 without a residual, from three seeds on (two seeds keep the pivot as it is: the comment on
-stats.PIVOT_CALIBRATION says why); the figure shows as a band how the coverage moves with the
+pivot.PIVOT_CALIBRATION says why); the figure shows as a band how the coverage moves with the
 residual's share.
 """
 
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks._results import RESULTS, append_rows, run_context  # noqa: E402
-from resnet_ablate import stats  # noqa: E402
+from resnet_ablate import pivot  # noqa: E402
 
 DRAWS = 128  # chi-square cells of the pivot (stats uses 1024; 128 is within 0.1 point here)
 QUADRATURE = 48  # cells of the seeds' observed mean square
@@ -60,17 +60,17 @@ def coverage(share: float, seed_df: int, levels: tuple[float, ...] | None,
     """Coverage of the 95% interval when the seeds' true share of the variance is `share` and
     the residual's true share of the seeds' part `residual_share` (what stats takes the seeds'
     mean square no lower than, in proportion): `levels` the calibration at
-    stats.CALIBRATION_KNOTS (None: uncalibrated)."""
+    pivot.CALIBRATION_KNOTS (None: uncalibrated)."""
     chi2 = scipy_stats.chi2.ppf((np.arange(DRAWS) + 0.5) / DRAWS, seed_df)
     seeds = share / (1 - share)  # the test-image part is 1
     observed = seeds * scipy_stats.chi2.ppf((np.arange(QUADRATURE) + 0.5) / QUADRATURE,
                                             seed_df) / seed_df
     observed = np.maximum(observed, residual_share * seeds
-                          * stats._least_plausible_ratio(seed_df))
+                          * pivot.least_plausible_ratio(seed_df))
     covered = []
     for estimate in observed:
         shown = estimate / (estimate + 1)
-        level = 0.95 if levels is None else float(np.interp(shown, stats.CALIBRATION_KNOTS,
+        level = 0.95 if levels is None else float(np.interp(shown, pivot.CALIBRATION_KNOTS,
                                                             levels))
         half = _half_width(estimate, seed_df, 1 - level, chi2)
         covered.append(2 * scipy_stats.norm.cdf(half / np.sqrt(seeds + 1)) - 1)
@@ -130,8 +130,8 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for seed_df in args.df:
-        levels = stats.PIVOT_CALIBRATION.get(seed_df)
-        if args.fit and seed_df > 1:  # two seeds stay uncalibrated: see stats.PIVOT_CALIBRATION
+        levels = pivot.PIVOT_CALIBRATION.get(seed_df)
+        if args.fit and seed_df > 1:  # two seeds stay uncalibrated: see pivot.PIVOT_CALIBRATION
             levels = fit(seed_df)
             print(f"    {seed_df}: {levels},", flush=True)
         for share in SHARES:

@@ -21,18 +21,19 @@ from a generalized pivotal quantity (Weerahandi) that draws each part from what 
 allows: where seeds dominate it is Student's t with n - 1 df (exact for normal seed means), and
 where the test images dominate it is the normal interval. The seeds' mean square is taken no
 lower than the seed x image residual allows (``E[MS_seed] >= E[MS_resid]``; see
-`LEAST_PLAUSIBLE_QUANTILE`): two seeds whose error counts tie while they disagree image by image
-are not seeds without variance. Between the two extremes, with so few degrees of freedom, a
-pivot of this kind over-covers (up to 98.8% at n = 2). **Calibration** (from n = 3 on):
-the pivot is taken at a level that depends on the seed share the table shows and on n
-(`_alpha_widening`), chosen so that under the model the coverage of the 95% interval stays at 95.5%
-+- 1 point at every true seed share (minimax over the share, half a point to the safe side;
-`benchmarks/calibrate_pivot.py` made the constants and plots the coverage before and after). At n =
-2 the pivot is taken as it is: conservative (see `PIVOT_CALIBRATION`). At other levels alpha is
-changed in the same proportion; the p-value is rescaled so that p < 0.05 exactly when the 95%
-interval excludes zero. The coverage is over studies: a table whose seeds happen to nearly tie
-shows a small seed share and covers less (about 76-87% at n = 2 in the tests' regimes), one that
-shows a large share more, as Student's t does conditional on a small sample variance.
+`pivot.LEAST_PLAUSIBLE_QUANTILE`): two seeds whose error counts tie while they disagree image
+by image are not seeds without variance. Between the two extremes, with so few degrees of
+freedom, a pivot of this kind over-covers (up to 98.8% at n = 2). **Calibration** (from n = 3
+on): the pivot is taken at a level that depends on the seed share the table shows and on n
+(`pivot.alpha_widening`), chosen so that under the model the coverage of the 95% interval stays
+at 95.5% +- 1 point at every true seed share (minimax over the share, half a point to the safe
+side; `benchmarks/calibrate_pivot.py` made the constants and plots the coverage before and
+after). At n = 2 the pivot is taken as it is: conservative (see `pivot.PIVOT_CALIBRATION`). At
+other levels alpha is changed in the same proportion; the p-value is rescaled so that p < 0.05
+exactly when the 95% interval excludes zero. The coverage is over studies: a table whose seeds
+happen to nearly tie shows a small seed share and covers less (about 76-87% at n = 2 in the
+tests' regimes), one that shows a large share more, as Student's t does conditional on a small
+sample variance.
 
 Paired comparisons apply the same analysis to the table of differences ``w(level) - w(baseline)``
 (seeds paired by seed number, images by position): the images' shared difficulty cancels, which
@@ -71,7 +72,6 @@ to 10 (the test holds it to the t interval's coverage).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -81,6 +81,7 @@ from scipy import optimize
 from scipy import stats as scipy_stats
 from scipy.special import ndtr  # the normal distribution function, without scipy.stats' overhead
 
+from .pivot import Pivot, alpha_widening, least_plausible_ratio, variance_draws
 from .seed_tables import (checked_bounds, checked_level, finite_values, image_df, outcome_table,
                           rates_per_seed, test_set_size)
 
@@ -113,84 +114,7 @@ class Estimate:
 
 
 # ----------------------------------------------------------------------------------------------
-# The pivot: a generalized pivotal quantity for the mean
-
-
-# Chi-square draws per seed term: a stratified (Latin hypercube) sample, fixed so that the same
-# table always gives the same interval.
-PIVOT_DRAWS = 1024
-_PIVOT_SEED = 20161207
-
-
-@functools.lru_cache(maxsize=64)
-def _chi2_draws(seed_df: int, stream: int) -> np.ndarray:
-    rng = np.random.default_rng([_PIVOT_SEED, stream])
-    cells = (rng.permutation(PIVOT_DRAWS) + rng.random(PIVOT_DRAWS)) / PIVOT_DRAWS
-    draws = scipy_stats.chi2.ppf(cells, seed_df)
-    draws.flags.writeable = False  # shared by every call: the cache hands out one array
-    return draws
-
-
-_IMAGE_STREAMS = 16  # the images' draws use streams of their own: independent of the seeds'
-
-
-def _pivot_variances(seed_scale: float, seed_df: int, fixed: float, stream: int = 0,
-                     fixed_df: int | None = None) -> np.ndarray:
-    """Draws of the variance of the mean given what the table shows.
-
-    The seeds' part has an estimate `seed_scale` with only n - 1 degrees of freedom: its true
-    value is drawn as ``seed_scale * df / X`` with ``X ~ chi2(df)`` (Weerahandi's generalized
-    pivotal quantity). At n = 2 this is what keeps the interval honest: one degree of freedom
-    cannot rule out a seed variance several times the one observed. The test images' part
-    (`fixed`) is drawn the same way with its own `fixed_df` (`seed_tables.image_df`),
-    independently; None takes it as known (the binomial bound, an upper bound already)."""
-    variances = seed_scale * seed_df / _chi2_draws(seed_df, stream) + fixed
-    if fixed_df is not None:
-        variances += fixed * (fixed_df / _chi2_draws(fixed_df, stream + _IMAGE_STREAMS) - 1)
-    return variances
-
-
-@dataclass(frozen=True)
-class Pivot:
-    """What an interval is drawn from: the variance draws, and for the calibration the seeds'
-    degrees of freedom and their estimated share of the variance (None: not calibrated, as for
-    the conservative binomial bound and for combined strata)."""
-
-    variances: np.ndarray
-    seed_df: int = 0
-    seed_share: float | None = None
-
-
-# The pivot's calibration (module docstring): at df seed degrees of freedom the 95% pivot is
-# taken at the level interpolated at the table's seed share between these knots, the levels
-# from benchmarks/calibrate_pivot.py --fit (minimax over the true share of |coverage - 95.5%|
-# under the model; that script prints the coverage before and after). At one degree of freedom
-# (two seeds) there is none: the pivot is taken as it is, over-covering (up to 98.8%) rather
-# than narrowed. There the share a table shows says little of the true one (two seeds that
-# differ by chance tie often), and the narrowing the fit found fell below 95% in the model's
-# Bernoulli form where it matters most: coverage 92% where seeds dominate, and a paired test
-# that rejected 8.2% of seeds that tie and differ on a few images (tests/test_stats.py holds
-# both). Beyond 9 degrees of freedom the pivot is within a point of 95.5% as it is.
-CALIBRATION_KNOTS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-PIVOT_CALIBRATION: dict[int, tuple[float, ...]] = {
-    2: (0.9526, 0.8883, 0.9517, 0.9534, 0.9584, 0.9472),
-    3: (0.9536, 0.9232, 0.9352, 0.9457, 0.9533, 0.9519),
-    4: (0.9544, 0.9370, 0.9323, 0.9511, 0.9497, 0.9541),
-    5: (0.9548, 0.9423, 0.9394, 0.9472, 0.9512, 0.9539),
-    6: (0.9589, 0.9432, 0.9323, 0.9594, 0.9421, 0.9568),
-    7: (0.9539, 0.9498, 0.9399, 0.9539, 0.9482, 0.9554),
-    8: (0.9633, 0.9349, 0.9614, 0.9223, 0.9681, 0.9457),
-    9: (0.9585, 0.9402, 0.9630, 0.9285, 0.9630, 0.9486),
-}
-
-
-def _alpha_widening(seed_df: int, share: float | None) -> float:
-    """How much the calibration (see above) widens a pivot's alpha: at 95% to the calibrated
-    level's, at other levels in the same proportion (1 where there is nothing to calibrate)."""
-    if share is None or seed_df not in PIVOT_CALIBRATION:
-        return 1.0
-    level = float(np.interp(share, CALIBRATION_KNOTS, PIVOT_CALIBRATION[seed_df]))
-    return (1 - level) / (1 - LEVEL)
+# Intervals from the pivot (pivot.py)
 
 
 def _from_pivot(mean: float, pivot: Pivot, n: int, std: float, method: str,
@@ -198,14 +122,14 @@ def _from_pivot(mean: float, pivot: Pivot, n: int, std: float, method: str,
     """Interval and p-value from the pivot ``mean - Z sqrt(V)``, Z standard normal and V the
     variance draws: its distribution function is a mixture of normals, evaluated exactly in Z,
     so that small p-values are accurate rather than a count of draws. Calibrated where the pivot
-    carries a seed share (`_alpha_widening`)."""
+    carries a seed share (`pivot.alpha_widening`)."""
     sd = np.sqrt(pivot.variances)
 
     def below(value: float) -> float:  # P(pivot <= value)
         return float(np.mean(ndtr((value - mean) / sd)))
 
     reach = 50 * float(sd.max())
-    widening = _alpha_widening(pivot.seed_df, pivot.seed_share)
+    widening = alpha_widening(pivot.seed_df, pivot.seed_share)
     alpha = min((1 - level) * widening, 0.99)  # below a 1% interval, widening has no room
     low = optimize.brentq(lambda v: below(v) - alpha / 2, mean - reach, mean, xtol=1e-7)
     high = optimize.brentq(lambda v: below(v) - (1 - alpha / 2), mean, mean + reach, xtol=1e-7)
@@ -225,10 +149,10 @@ def _crossed(table: np.ndarray, stream: int) -> tuple[float, Pivot]:
     docstring); n >= 2, N >= 2.
 
     The variance of the grand mean is written as two parts, each from mean squares: the seeds'
-    ``MS_seed/(n N)``, uncertain (n - 1 df, see `_pivot_variances`), and the test images'
+    ``MS_seed/(n N)``, uncertain (n - 1 df, see `pivot.variance_draws`), and the test images'
     ``(MS_image - MS_resid)/(n N)``, precise where many images carry it and less so where few do
     (`seed_tables.image_df`). The seeds' mean square is taken no lower than the residual's
-    (`_least_plausible_ratio`). A floor keeps a table without a single error (or disagreement)
+    (`pivot.least_plausible_ratio`). A floor keeps a table without a single error (or disagreement)
     from a zero width."""
     n, images = table.shape
     grand = float(table.mean())
@@ -240,34 +164,14 @@ def _crossed(table: np.ndarray, stream: int) -> tuple[float, Pivot]:
     ms_seed, ms_image = ss_seed / (n - 1), ss_image / (images - 1)
     ms_resid = ss_resid / ((n - 1) * (images - 1))
     seeds, test_images = ms_seed / cells, max(ms_image - ms_resid, 0.0) / cells
-    seeds = max(seeds, ms_resid / cells * _least_plausible_ratio(n - 1))
+    seeds = max(seeds, ms_resid / cells * least_plausible_ratio(n - 1))
     # The floor: what Agresti-Coull allows N images without a single error (seeds may all agree,
     # so the images, not the n N outcomes, are the sample). On the estimate, not on each draw,
     # and no higher: a floor that binds on ordinary tables truncates the pivot and makes it
     # conservative.
     test_images = max(test_images, _floor(0.0, images) - seeds)
-    variances = _pivot_variances(seeds, n - 1, test_images, stream, image_df(image_means))
+    variances = variance_draws(seeds, n - 1, test_images, stream, image_df(image_means))
     return grand, Pivot(variances, n - 1, seeds / (seeds + test_images))
-
-
-# E[MS_seed] = N s2_seed + s2_resid is at least E[MS_resid], and the residual, on (n - 1)(N - 1)
-# degrees of freedom, is known almost exactly: the seeds' mean square below MS_resid times the
-# chi2(n - 1)/(n - 1) quantile at this level is less than even seeds without an effect of their
-# own would show 95% of the time. In 0/1 tables it happens far more often than that: two
-# seeds whose error counts tie (or differences that tie) have MS_seed = 0 while they disagree
-# image by image, and the pivot read such a tie as seeds without variance (p = 0.0004 where
-# McNemar on one seed gives 0.64; p < 0.001 for 1.5% of null studies of two seeds, 15 times
-# too often). Taken no lower, the tie reads as what the residual alone allows; in normal theory
-# the floor touches the 5% of tables with the smallest seed mean square where seeds have no
-# effect of their own and fewer where they have one, so the calibration stands.
-LEAST_PLAUSIBLE_QUANTILE = 0.05
-
-
-@functools.lru_cache(maxsize=64)
-def _least_plausible_ratio(seed_df: int) -> float:
-    """The least MS_seed/MS_resid taken as observed (above): chi2(df) at its
-    LEAST_PLAUSIBLE_QUANTILE, over df."""
-    return float(scipy_stats.chi2.ppf(LEAST_PLAUSIBLE_QUANTILE, seed_df)) / seed_df
 
 
 def _floor(count: float, cells: int) -> float:
@@ -317,7 +221,7 @@ def error_rate(outcomes: Sequence[np.ndarray] | None, rates: Sequence[float],
         grand, pivot = _crossed(table, stream=0)
         return _from_pivot(grand, pivot, n, std, CROSSED, (0.0, 1.0), level=level)
     if images:
-        bounded = Pivot(_pivot_variances(std**2 / n, n - 1, _binomial_bound(mean, images)))
+        bounded = Pivot(variance_draws(std**2 / n, n - 1, _binomial_bound(mean, images)))
         return _from_pivot(mean, bounded, n, std, BINOMIAL_BOUND, (0.0, 1.0), level=level)
     return _over_seeds_only(rates, (0.0, 1.0), level)
 
@@ -417,7 +321,7 @@ def _contrast(what: str, tables_by_cell: Sequence[Sequence[np.ndarray] | None] |
     if images:
         test_part = sum(w**2 * _binomial_bound(float(r.mean()), images)
                         for w, r in zip(weights, rates))
-        bounded = Pivot(_pivot_variances(std**2 / n, n - 1, test_part, stream=3))
+        bounded = Pivot(variance_draws(std**2 / n, n - 1, test_part, stream=3))
         return _from_pivot(mean, bounded, n, std, BINOMIAL_BOUND, bounds, level=level)
     return _over_seeds_only(values, bounds, level)
 

@@ -11,7 +11,7 @@ import pytest
 from scipy import stats as scipy_stats
 from scipy.special import expit
 
-from resnet_ablate import stats
+from resnet_ablate import pivot, stats
 
 SEED_COUNTS = (2, 3, 5, 10)
 TEST_IMAGES = 400
@@ -64,7 +64,7 @@ def test_error_rate_intervals_cover_the_true_error_at_2_to_10_seeds(regime):
         coverage = covered / REPLICATIONS
         # 95% nominal, held within 93-97% from 3 seeds on: neither overstated nor, as an
         # uncalibrated pivot is at 3 seeds (up to 99%), so wide that it hides real effects. At
-        # 2 seeds the pivot is not narrowed (stats.PIVOT_CALIBRATION): at least 94%, at most
+        # 2 seeds the pivot is not narrowed (pivot.PIVOT_CALIBRATION): at least 94%, at most
         # the 98.8% it reaches under the model.
         low, high = (0.94, 0.988) if n == 2 else (0.93, 0.97)
         assert low <= coverage <= high, (regime, n, coverage)
@@ -241,7 +241,7 @@ def test_crossed_analysis_matches_hand_computed_mean_squares_when_seeds_do_not_v
     assert estimate.se == pytest.approx(
         math.sqrt(variance * df / scipy_stats.chi2.median(df)), rel=1e-3)
     # The t interval, at the level the calibration gives a table whose seeds have no share.
-    level = stats.PIVOT_CALIBRATION[n - 1][0]
+    level = pivot.PIVOT_CALIBRATION[n - 1][0]
     half = scipy_stats.t.ppf(0.5 + level / 2, df) * math.sqrt(variance)
     assert (estimate.low, estimate.high) == (pytest.approx(p - half, rel=1e-3),
                                              pytest.approx(p + half, rel=1e-3))

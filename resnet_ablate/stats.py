@@ -151,9 +151,9 @@ def _crossed(table: np.ndarray, stream: int) -> tuple[float, Pivot]:
     The variance of the grand mean is written as two parts, each from mean squares: the seeds'
     ``MS_seed/(n N)``, uncertain (n - 1 df, see `pivot.variance_draws`), and the test images'
     ``(MS_image - MS_resid)/(n N)``, precise where many images carry it and less so where few do
-    (`seed_tables.image_df`). The seeds' mean square is taken no lower than the residual's
-    (`pivot.least_plausible_ratio`). A floor keeps a table without a single error (or disagreement)
-    from a zero width."""
+    (`seed_tables.image_df`). The seeds' mean square is taken no lower than the residual allows
+    (`pivot.least_plausible_ratio`). A floor keeps a table without a single error (or
+    disagreement) from a zero width."""
     n, images = table.shape
     grand = float(table.mean())
     seed_means, image_means = table.mean(axis=1), table.mean(axis=0)

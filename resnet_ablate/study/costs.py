@@ -43,11 +43,13 @@ class PackingMeasurement:
 MEASURED_PACKINGS: tuple[PackingMeasurement, ...] = ()
 
 # What Ray Train costs a data-parallel trial beside its training, whatever its size: a worker
-# group, a process group and a checkpoint folder set up and taken down per trial (seconds: a
-# 2-replica, 1-epoch digits study took 26 s where the same study in one process took 13-15, on
-# an idle 2-CPU machine; a loaded one takes longer). It was 45-60 s on a loaded machine while
-# Ray Train's placement-group cleaner still held each trial 12 s at its end (data_parallel.py).
-RAY_TRAIN_START_UP_SECONDS = (11, 13)
+# group, a process group and a checkpoint folder set up and taken down per trial (seconds:
+# 2-replica, 1-epoch ResNet-20 digits studies of 2 and 6 trials, one trial at a time, took
+# 62-68 s and 162 s where the same studies in one process took 27 s and 32 s: 18-22 s a trial,
+# on the idle 2-CPU development machine on 2026-12-03; a loaded one takes longer). It was
+# 45-60 s on a loaded machine while Ray Train's placement-group cleaner still held each trial
+# 12 s at its end (data_parallel.py).
+RAY_TRAIN_START_UP_SECONDS = (18, 22)
 
 
 def fastest_packing(aggregate_by_trials: Mapping[int, float]) -> int:

@@ -53,7 +53,7 @@ def variance_draws(seed_scale: float, seed_df: int, fixed: float, stream: int = 
 class Pivot:
     """What an interval is drawn from: the variance draws, and for the calibration the seeds'
     degrees of freedom and their estimated share of the variance (None: not calibrated, as for
-    the conservative binomial bound and for combined strata)."""
+    the conservative binomial bound)."""
 
     variances: np.ndarray
     seed_df: int = 0

@@ -141,7 +141,7 @@ def test_two_seeds_whose_error_counts_tie_by_chance_are_not_read_as_certain():
     # Two seeds per configuration that disagree on different images but whose counts happen to
     # tie (60 and 60 wrong, then 55 and 55): the seeds' mean square is 0, yet every seed pair
     # differs on 75 images. McNemar on either seed alone gives p = 0.64; the pivot that read the
-    # tie as seeds without variance gave p = 0.0004 and an interval of [-2.1, -0.4] points.
+    # tie as seeds without variance gave p = 0.0004 and an interval of [-1.9, -0.6] points.
     images = 400
 
     def net(first: int, own: int) -> np.ndarray:  # 20 images every net misses, `own` of its own

@@ -4,10 +4,10 @@ The variance of a configuration's mean error is a seeds' part, estimated with n 
 freedom, plus a test-image part known almost exactly (stats' module docstring). A generalized
 pivot for such a sum over-covers at few degrees of freedom (up to ~99% for a 95% interval at
 n = 2) wherever both parts count. Coverage under the model depends only on the degrees of freedom
-and the seeds' true share of the variance, and a little on the seed x image residual's share of
-the seeds' part (stats takes the seeds' mean square no lower than the residual allows); this
-script computes it exactly enough (quadrature over the seeds' chi-square, the pivot's own
-mixture-of-normals quantiles) for
+and the seeds' true share of the variance, and on the seed x image residual's share of the
+seeds' part (stats takes the seeds' mean square no lower than the residual allows, and at two
+seeds no draw of it); this script computes it exactly enough (quadrature over the seeds'
+chi-square, the pivot's own mixture-of-normals quantiles) for
 
     python benchmarks/calibrate_pivot.py            # coverage, uncalibrated and as calibrated
     python benchmarks/calibrate_pivot.py --fit      # refit pivot.PIVOT_CALIBRATION (minutes per df)
@@ -48,9 +48,11 @@ RESIDUAL_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEGREES_OF_FREEDOM = tuple(range(1, 10))
 
 
-def _half_width(seed_estimate: float, seed_df: int, alpha: float, chi2: np.ndarray) -> float:
-    """The pivot's half-width with the test-image part 1 and the seeds' estimate given."""
-    sd = np.sqrt(seed_estimate * seed_df / chi2 + 1.0)
+def _half_width(seed_estimate: float, seed_df: int, alpha: float, chi2: np.ndarray,
+                draw_floor: float = 0.0) -> float:
+    """The pivot's half-width with the test-image part 1, the seeds' estimate given and their
+    draws floored at `draw_floor` (pivot.seed_draw_floor)."""
+    sd = np.sqrt(np.maximum(seed_estimate * seed_df / chi2, draw_floor) + 1.0)
     return optimize.brentq(lambda h: np.mean(2 * scipy_stats.norm.sf(h / sd)) - alpha,
                            0.0, 60 * float(sd.max()), xtol=1e-5)
 
@@ -65,14 +67,15 @@ def coverage(share: float, seed_df: int, levels: tuple[float, ...] | None,
     seeds = share / (1 - share)  # the test-image part is 1
     observed = seeds * scipy_stats.chi2.ppf((np.arange(QUADRATURE) + 0.5) / QUADRATURE,
                                             seed_df) / seed_df
-    observed = np.maximum(observed, residual_share * seeds
-                          * pivot.least_plausible_ratio(seed_df))
+    residual = residual_share * seeds
+    observed = np.maximum(observed, residual * pivot.least_plausible_ratio(seed_df))
     covered = []
     for estimate in observed:
         shown = estimate / (estimate + 1)
         level = 0.95 if levels is None else float(np.interp(shown, pivot.CALIBRATION_KNOTS,
                                                             levels))
-        half = _half_width(estimate, seed_df, 1 - level, chi2)
+        half = _half_width(estimate, seed_df, 1 - level, chi2,
+                           pivot.seed_draw_floor(residual, seed_df))
         covered.append(2 * scipy_stats.norm.cdf(half / np.sqrt(seeds + 1)) - 1)
     return float(np.mean(covered))
 

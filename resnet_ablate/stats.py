@@ -21,18 +21,20 @@ from a generalized pivotal quantity (Weerahandi) that draws each part from what 
 allows: where seeds dominate it is Student's t with n - 1 df (exact for normal seed means), and
 where the test images dominate it is the normal interval. The seeds' mean square is taken no
 lower than the seed x image residual allows (``E[MS_seed] >= E[MS_resid]``; see
-`pivot.LEAST_PLAUSIBLE_QUANTILE`): two seeds whose error counts tie while they disagree image
-by image are not seeds without variance. Between the two extremes, with so few degrees of
-freedom, a pivot of this kind over-covers (up to 98.8% at n = 2). **Calibration** (from n = 3
-on): the pivot is taken at a level that depends on the seed share the table shows and on n
-(`pivot.alpha_widening`), chosen so that under the model the coverage of the 95% interval stays
-at 95.5% +- 1 point at every true seed share (minimax over the share, half a point to the safe
-side; `benchmarks/calibrate_pivot.py` made the constants and plots the coverage before and
-after). At n = 2 the pivot is taken as it is: conservative (see `pivot.PIVOT_CALIBRATION`). At
-other levels alpha is changed in the same proportion; the p-value is rescaled so that p < 0.05
-exactly when the 95% interval excludes zero. The coverage is over studies: a table whose seeds
-happen to nearly tie shows a small seed share and covers less (about 76-87% at n = 2 in the
-tests' regimes), one that shows a large share more, as Student's t does conditional on a small
+`pivot.LEAST_PLAUSIBLE_QUANTILE`), and at n = 2, where seeds tie often, no draw of the seeds'
+part falls below the residual's (`pivot.seed_draw_floor`): two seeds whose error counts tie
+while they disagree image by image are not seeds without variance. Between the two extremes,
+with so few degrees of freedom, a pivot of this kind over-covers (up to 98.8% at n = 2, 99.6% where
+the residual makes up the seeds' part). **Calibration** (from n = 3 on): the pivot is taken at a
+level that depends on the seed share the table shows and on n (`pivot.alpha_widening`), chosen so
+that under the model the coverage of the 95% interval stays at 95.5% +- 1 point at every true seed
+share (minimax over the share, half a point to the safe side; `benchmarks/calibrate_pivot.py` made
+the constants and plots the coverage before and after). At n = 2 the pivot is taken as it is:
+conservative (see `pivot.PIVOT_CALIBRATION`). At other levels alpha is changed in the same
+proportion; the p-value is rescaled so that p < 0.05 exactly when the 95% interval excludes zero.
+The coverage is over studies: a table whose seeds happen to nearly tie shows a small seed share and
+covers less (in the tests' regimes, the tenth of tables with the smallest share 72-96% at n = 2 and
+68-78% at n = 3), one that shows a large share more, as Student's t does conditional on a small
 sample variance.
 
 Paired comparisons apply the same analysis to the table of differences ``w(level) - w(baseline)``
@@ -61,9 +63,10 @@ seeds that tie then get none (a zero-width interval would claim certainty).
 The tests (tests/test_stats.py) hold these methods to simulated studies drawn from the model with
 known truth (in its Bernoulli form, a logistic model of seeds and images): in two regimes (seeds
 that vary little next to the test set's sampling, and as much), coverage of the 95% interval
-within 93-97% at n = 3, 5, 10 and 94-98.8% at n = 2; the paired test's type I error at most 6%
+within 93-97% at n = 3, 5, 10 and 94-99.7% at n = 2; the paired test's type I error at most 6%
 over those seed counts (7% at each), also for seeds that tie and differ on a few images, and
-at two seeds whose counts tie often p < 0.01 and p < 0.001 no more often than 1.5% and 0.3%; the
+at two seeds whose counts tie often p < 0.05, 0.01 and 0.001 no more often than 6%, 1.5% and
+0.3%, and among the ties p < 0.05 at most 10%; the
 mean over configurations that share a test set and a per-image effect at most 7.5% at 3 and 10
 seeds. Where seeds dominate far more (logit seed effects of sd 0.8), the seed means are skewed
 and the interval covers as Student's t over them does: about 93% at n = 2 and 89-91% at n = 3
@@ -81,7 +84,8 @@ from scipy import optimize
 from scipy import stats as scipy_stats
 from scipy.special import ndtr  # the normal distribution function, without scipy.stats' overhead
 
-from .pivot import Pivot, alpha_widening, least_plausible_ratio, variance_draws
+from .pivot import (Pivot, alpha_widening, least_plausible_ratio, seed_draw_floor,
+                    variance_draws)
 from .seed_tables import (checked_bounds, checked_level, finite_values, image_df, outcome_table,
                           rates_per_seed, test_set_size)
 
@@ -152,7 +156,8 @@ def _crossed(table: np.ndarray, stream: int) -> tuple[float, Pivot]:
     ``MS_seed/(n N)``, uncertain (n - 1 df, see `pivot.variance_draws`), and the test images'
     ``(MS_image - MS_resid)/(n N)``, precise where many images carry it and less so where few do
     (`seed_tables.image_df`). The seeds' mean square is taken no lower than the residual allows
-    (`pivot.least_plausible_ratio`). A floor keeps a table without a single error (or
+    (`pivot.least_plausible_ratio`), and at two seeds no draw of the seeds' part below the
+    residual's (`pivot.seed_draw_floor`). A floor keeps a table without a single error (or
     disagreement) from a zero width."""
     n, images = table.shape
     grand = float(table.mean())
@@ -164,13 +169,15 @@ def _crossed(table: np.ndarray, stream: int) -> tuple[float, Pivot]:
     ms_seed, ms_image = ss_seed / (n - 1), ss_image / (images - 1)
     ms_resid = ss_resid / ((n - 1) * (images - 1))
     seeds, test_images = ms_seed / cells, max(ms_image - ms_resid, 0.0) / cells
-    seeds = max(seeds, ms_resid / cells * least_plausible_ratio(n - 1))
+    residual = ms_resid / cells
+    seeds = max(seeds, residual * least_plausible_ratio(n - 1))
     # The floor: what Agresti-Coull allows N images without a single error (seeds may all agree,
     # so the images, not the n N outcomes, are the sample). On the estimate, not on each draw,
     # and no higher: a floor that binds on ordinary tables truncates the pivot and makes it
     # conservative.
     test_images = max(test_images, _floor(0.0, images) - seeds)
-    variances = variance_draws(seeds, n - 1, test_images, stream, image_df(image_means))
+    variances = variance_draws(seeds, n - 1, test_images, stream, image_df(image_means),
+                               seed_draw_floor(residual, n - 1))
     return grand, Pivot(variances, n - 1, seeds / (seeds + test_images))
 
 

@@ -64,9 +64,9 @@ def test_error_rate_intervals_cover_the_true_error_at_2_to_10_seeds(regime):
         coverage = covered / REPLICATIONS
         # 95% nominal, held within 93-97% from 3 seeds on: neither overstated nor, as an
         # uncalibrated pivot is at 3 seeds (up to 99%), so wide that it hides real effects. At
-        # 2 seeds the pivot is not narrowed (pivot.PIVOT_CALIBRATION): at least 94%, at most
-        # the 98.8% it reaches under the model.
-        low, high = (0.94, 0.988) if n == 2 else (0.93, 0.97)
+        # 2 seeds the pivot is not narrowed (pivot.PIVOT_CALIBRATION) and its draws never fall
+        # below the residual (pivot.seed_draw_floor): at least 94%, at most 99.7%.
+        low, high = (0.94, 0.997) if n == 2 else (0.93, 0.97)
         assert low <= coverage <= high, (regime, n, coverage)
 
 
@@ -87,10 +87,14 @@ def test_paired_test_keeps_its_type_one_error_at_2_to_10_seeds(regime):
             count += estimate.p_value < 0.05
         rejected[n] = count / REPLICATIONS
     # At most 6% over the seed counts (simulation error 0.35 points), each count at most 7% (its
-    # own simulation error 0.7 points); and not needlessly conservative: at least 3% over the
-    # seed counts and 2% at each, two seeds (an interval that is not narrowed) included.
-    assert 0.03 <= np.mean(list(rejected.values())) <= 0.06, rejected
-    assert all(0.02 <= rate <= 0.07 for rate in rejected.values()), rejected
+    # own simulation error 0.7 points); and from 3 seeds on not needlessly conservative: at
+    # least 3% over those seed counts and 2% at each. Two seeds are held from above only: their
+    # draws never fall below the residual (pivot.seed_draw_floor), which where seeds vary little
+    # makes the test conservative (about 0.5% here) rather than call ties different.
+    assert np.mean(list(rejected.values())) <= 0.06, rejected
+    assert all(rate <= 0.07 for rate in rejected.values()), rejected
+    from_three = [rate for n, rate in rejected.items() if n >= 3]
+    assert np.mean(from_three) >= 0.03 and min(from_three) >= 0.02, rejected
 
 
 def test_two_seeds_that_dominate_the_variance_are_covered_as_students_t_covers_them():
@@ -154,28 +158,35 @@ def test_two_seeds_whose_error_counts_tie_by_chance_are_not_read_as_certain():
     estimate = stats.paired_difference(base, other, [b.mean() for b in base],
                                        [o.mean() for o in other], images)
     assert estimate.mean == pytest.approx(-5 / images)
-    assert estimate.low < 0 < estimate.high and estimate.p_value > 0.05
+    # As McNemar pooled over both seed pairs, 70 improved and 80 worse (p = 0.46), would have it.
+    pooled = scipy_stats.binomtest(70, 150).pvalue
+    assert estimate.low < 0 < estimate.high and estimate.p_value == pytest.approx(pooled, abs=0.1)
     assert scipy_stats.binomtest(35, 75).pvalue > 0.6  # the reference the comment quotes
 
 
-def test_two_seeds_keep_the_tail_of_the_paired_test_where_their_counts_tie_often():
+def test_two_seeds_keep_the_paired_test_where_their_counts_tie_often():
     # Null studies where the seeds vary little next to the test set (the regime in which two
-    # seeds' error counts tie often): the share of p-values below 0.01 and 0.001 must stay near
-    # 1% and 0.1%. The pivot that read a tie as seeds without variance gave 1.9% and 1.5% here.
+    # seeds' error counts tie often, 3.5% of these): p-values below 0.05, 0.01 and 0.001 no more
+    # often than nominal, also among the ties. The pivot that read a tie as seeds without
+    # variance gave 1.9% below 0.01 and 1.5% below 0.001 here; flooring only the seeds'
+    # estimate still called 40% of the ties different at 0.05.
     error, seed_sd, image_sd = REGIMES["images dominate"]
     offset = _offset_for(error, seed_sd, image_sd)
     rng = np.random.default_rng(7)
-    p_values = []
+    p_values, tied = [], []
     for _ in range(3000):
         difficulty = rng.normal(0, image_sd, TEST_IMAGES)
         base, level = (_tables(rng, 2, offset, seed_sd, image_sd, difficulty) for _ in range(2))
         p_values.append(stats.paired_difference(list(base), list(level), base.mean(axis=1),
                                                 level.mean(axis=1), TEST_IMAGES).p_value)
-    p_values = np.array(p_values)
-    # Bounds a little above the nominal rates: 1% and 0.1% of 3,000 replications are 30 and 3
-    # events (simulation error 0.18 and 0.06 points).
-    tails = np.mean(p_values < 0.01), np.mean(p_values < 0.001)
-    assert tails[0] <= 0.015 and tails[1] <= 0.003, tails
+        tied.append(np.ptp((level - base).sum(axis=1)) == 0)
+    p_values, tied = np.array(p_values), np.array(tied)
+    # Bounds a little above the nominal rates: 5%, 1% and 0.1% of 3,000 replications are 150,
+    # 30 and 3 events (simulation error 0.4, 0.18 and 0.06 points); the ties are about 100.
+    rates = [float(np.mean(p_values < level)) for level in (0.05, 0.01, 0.001)]
+    assert rates[0] <= 0.06 and rates[1] <= 0.015 and rates[2] <= 0.003, rates
+    assert tied.sum() >= 50 and np.mean(p_values[tied] < 0.05) <= 0.1, \
+        (tied.sum(), np.mean(p_values[tied] < 0.05))
 
 
 def test_binomial_bound_without_per_image_record_is_conservative():

@@ -62,16 +62,17 @@ class Pivot:
     seed_share: float | None = None
 
 
-# The pivot's calibration (stats' module docstring): at df seed degrees of freedom the 95% pivot
-# is taken at the level interpolated at the table's seed share between these knots, the levels
-# from benchmarks/calibrate_pivot.py --fit (minimax over the true share of |coverage - 95.5%|
-# under the model; that script prints the coverage before and after). At one degree of freedom
-# (two seeds) there is none: the pivot is taken as it is, over-covering (up to 98.8%) rather
-# than narrowed. There the share a table shows says little of the true one (two seeds that
-# differ by chance tie often), and the narrowing the fit found fell below 95% in the model's
-# Bernoulli form where it matters most: coverage 92% where seeds dominate, and a paired test
-# that rejected 8.2% of seeds that tie and differ on a few images (tests/test_stats.py holds
-# both). Beyond 9 degrees of freedom the pivot is within a point of 95.5% as it is.
+# The pivot's calibration (stats' module docstring): at df seed degrees of freedom the 95% pivot is
+# taken at the level interpolated at the table's seed share between these knots, the levels from
+# benchmarks/calibrate_pivot.py --fit (minimax over the true share of |coverage - 95.5%| under the
+# model; that script prints the coverage before and after). At one degree of freedom (two seeds)
+# there is none: the pivot is taken as it is, over-covering (up to 98.8%; 99.6% where the residual
+# makes up the seeds' part, `seed_draw_floor`) rather than narrowed. There the share a table shows
+# says little of the true one (two seeds that differ by chance tie often), and the narrowing the
+# fit found fell below 95% in the model's Bernoulli form where it matters most: coverage 92% where
+# seeds dominate, and a paired test that rejected 8.2% of seeds that tie and differ on a few images
+# (tests/test_stats.py holds both). Beyond 9 degrees of freedom the pivot is within a point of
+# 95.5% as it is.
 CALIBRATED_LEVEL = 0.95
 CALIBRATION_KNOTS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 PIVOT_CALIBRATION: dict[int, tuple[float, ...]] = {
@@ -97,15 +98,16 @@ def alpha_widening(seed_df: int, share: float | None) -> float:
 
 # The least seeds' mean square taken as observed (stats._crossed). E[MS_seed] = N s2_seed +
 # s2_resid is at least E[MS_resid], and the residual, on (n - 1)(N - 1) degrees of freedom, is
-# known almost exactly: a seeds' mean square below MS_resid times the chi2(n - 1)/(n - 1)
-# quantile at this level is less than even seeds without an effect of their own would show 95%
-# of the time. In 0/1 tables it happens far more often than that: two seeds whose error counts
-# tie (or whose differences tie) have MS_seed = 0 while they disagree image by image, and the
-# pivot read such a tie as seeds without variance (p = 0.0004 where McNemar on one seed gives
-# 0.64; p < 0.001 for 1.5% of null studies of two seeds, 15 times too often). Taken no lower,
-# the tie reads as what the residual alone allows. In normal theory the floor touches the 5% of
-# tables with the smallest seeds' mean square where seeds have no effect of their own, and fewer
-# where they have one: the calibration stands (within a point; calibrate_pivot.py's band).
+# known almost exactly: a seeds' mean square below MS_resid times the chi2(n - 1)/(n - 1) quantile
+# at this level is less than even seeds without an effect of their own would show 95% of the time.
+# In 0/1 tables it happens far more often than that: two seeds whose error counts tie (or whose
+# differences tie) have MS_seed = 0 while they disagree image by image, and the pivot read such a
+# tie as seeds without variance (p = 0.0004 where McNemar on one seed gives 0.64; p < 0.001 for
+# 1.5% of null studies of two seeds, 15 times too often). Taken no lower, the tie reads as what the
+# residual alone allows (at two seeds, together with `seed_draw_floor`: alone this floor still let
+# ties through at 0.05). In normal theory the floor touches the 5% of tables with the smallest
+# seeds' mean square where seeds have no effect of their own, and fewer where they have one: the
+# calibration stands (within a point; calibrate_pivot.py's band).
 LEAST_PLAUSIBLE_QUANTILE = 0.05
 
 

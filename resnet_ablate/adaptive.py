@@ -58,9 +58,8 @@ def _difference(base: Sequence[SeedResult], other: Sequence[SeedResult],
                 level: float, rule: AdaptiveSeeds) -> stats.Estimate:
     """other - base over the seeds both completed, paired by seed, at the pairs' last look."""
     by_seed = {r.seed: r for r in base}
-    pairs = [(by_seed[r.seed], r) for r in other if r.seed in by_seed]
-    pairs = sorted(pairs, key=lambda pair: pair[1].seed)[:rule.looked_at(len(pairs))]
-    base_side, other_side = [b for b, _ in pairs], [o for _, o in pairs]
+    other_side = _first_seeds(rule, [r for r in other if r.seed in by_seed])
+    base_side = [by_seed[r.seed] for r in other_side]
     sizes = {r.images for r in base_side + other_side}
     size = sizes.pop() if len(sizes) == 1 else None
     have_outcomes = size is not None and all(r.outcomes is not None for r in base_side + other_side)

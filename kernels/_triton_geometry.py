@@ -1,11 +1,12 @@
 """Launch geometry: how a call tiles its tensors, how many programs a reduction runs, and what
 a call's shapes, strides, dtypes and device decide, worked out once per signature.
 
-Reductions are deterministic, with no atomics, and sized to one wave: the launch runs exactly as
-many programs as the GPU holds at once (from the compiled kernel's registers, see _occupancy.py),
-each walking a fixed range of tiles and accumulating per lane, with one block reduction at the end
-into its own slot of a [splits, C] buffer; a finalize kernel merges the slots in a fixed order,
-many slots at once. So a shape's results are the same bits run after run on one GPU model and
+Reductions are deterministic, with no atomics on their results, and sized to one wave: the launch
+runs exactly as many programs as the GPU holds at once (from the compiled kernel's registers, see
+_occupancy.py), each walking a fixed range of tiles and accumulating per lane, with one block
+reduction at the end into its own slot of a [splits, C] buffer; the last program of each channel
+block to finish merges the block's slots in a fixed order, many slots at once
+(_triton_finalize.py). So a shape's results are the same bits run after run on one GPU model and
 Triton version; on another GPU (another SM count or occupancy) the split, and so the last bits, may
 differ. That is deliberate: a split of fixed size would leave part of a wave idle or add a tail
 wave on every GPU but one, and a training run's bits were never portable across GPU models anyway
@@ -23,12 +24,13 @@ import triton
 
 from ._layout import Strides3d, spatial_numel, strides_3d
 from ._occupancy import cuda_limits, programs_per_wave
-from ._triton_launch import LaunchTemplate
 from ._triton_tiles import MASK_ALONG_CHANNELS, MASK_ALONG_POSITIONS, MASK_ALONG_SPAN, MASK_NONE
 
 
-FINALIZE_BLOCK_C = 64
-FINALIZE_BLOCK_S = 32
+UPDATE_BLOCK_C = 64  # channels per program of a running-stat update launched on its own
+# The last program of a channel block merges its slots a [BLOCK_S, BLOCK_C] block at a time:
+# 1024 values, a few registers a thread at any of the reductions' warp counts.
+FINALIZE_VALUES = 1024
 # Under the interpreter programs run one after another: few of them keep tests fast.
 INTERPRETER_PROGRAMS = 4
 
@@ -175,11 +177,9 @@ def _writable(t: torch.Tensor) -> torch.Tensor:
     return t if strides_3d(t) is not None else torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
-def finalize_template(kernel: Any, channels: int, splits: int,
-                      **constexprs: Any) -> LaunchTemplate:
-    """A finalize launch: one program per FINALIZE_BLOCK_C channels, summing every slot."""
-    return LaunchTemplate(kernel, (-(-channels // FINALIZE_BLOCK_C),), (channels, splits), (),
-                          dict(constexprs, BLOCK_S=FINALIZE_BLOCK_S, BLOCK_C=FINALIZE_BLOCK_C), 4)
+def finalize_slots(block_c: int) -> int:
+    """BLOCK_S of a reduction whose programs cover `block_c` channels: slots merged at a time."""
+    return max(1, FINALIZE_VALUES // block_c)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Triton implementation of BatchNorm + residual add + ReLU, forward and backward: the launch
 plans and the functions of the contract in _contract.py. Bottom up:
 - _triton_tiles: device helpers (tile addressing, the packed ReLU mask, Welford summaries);
+- _triton_finalize: the reductions' last step, run by the last program to finish;
 - _triton_rows and _triton_spans: the kernels, on row tiles and on span tiles;
 - _triton_launch: launches as data, launch templates, launches that skip Triton's binding;
 - _triton_geometry: tilings, reduction sizes, per-signature geometry;
@@ -23,12 +24,13 @@ ResNet-50 and ResNet-56 shape in bf16 and fp16, NCHW and channels_last; in fp32 
 14x14, whose rows of 196 are 16-byte aligned, so row tiles, but not whole bytes of the mask);
 elsewhere the backward reads the output.
 
-A training forward has three launches (statistics, the finalize with the running-stat update,
-normalize), a backward three (reduce, finalize, elementwise). The backward finalize stays a launch
-of its own: folded into the elementwise pass, each of its programs would merge the [splits, C]
-slots of its channels itself, 66 splits x 64 channels x 2 sums x 4 bytes = 34 KB at ResNet-50's
-256x56x56 in channels_last, more than the 24 KB of activations the program moves, to save one
-launch of a few microseconds (none at all under CUDA graphs).
+A training forward has two launches: statistics (whose last programs merge the slots and update
+the running statistics, _triton_finalize.py) and normalize; a backward two: reduce (whose last
+programs sum the slots into the weight's and bias's gradients) and elementwise. Merging in the
+reduction's last programs rather than in the consumer's: folded into the elementwise pass, each
+of its programs would merge the [splits, C] slots of its channels itself, 66 splits x 64
+channels x 2 sums x 4 bytes = 34 KB at ResNet-50's 256x56x56 in channels_last, more than the 24 KB
+of activations the program moves.
 """
 
 from __future__ import annotations
@@ -41,18 +43,17 @@ import torch
 
 from ._contract import RunningUpdate
 from ._triton_geometry import (
-    FINALIZE_BLOCK_C, Geometry, SpanTiling, call_geometry, dense_inputs, finalize_template,
+    UPDATE_BLOCK_C, Geometry, SpanTiling, call_geometry, dense_inputs, finalize_slots,
     output_buffer, programs_in_one_wave, relu_mask_packing, tensor_signature, tilings,
 )
 from ._triton_launch import KernelLaunch, LaunchTemplate, aligned, through_jit_only
 from ._triton_rows import (
-    _backward_elementwise_kernel, _backward_finalize_kernel, _backward_reduce_kernel,
-    _batch_stats_finalize_kernel, _batch_stats_partial_kernel, _forward_kernel,
+    _backward_elementwise_kernel, _backward_reduce_kernel, _batch_stats_kernel, _forward_kernel,
     _update_running_stats_kernel,
 )
 from ._triton_spans import (
-    _span_backward_elementwise_kernel, _span_backward_reduce_kernel,
-    _span_batch_stats_partial_kernel, _span_forward_kernel,
+    _span_backward_elementwise_kernel, _span_backward_reduce_kernel, _span_batch_stats_kernel,
+    _span_forward_kernel,
 )
 from ._triton_tiles import MASK_NONE
 
@@ -67,6 +68,21 @@ from ._triton_tiles import MASK_NONE
 Launch = Callable[..., None]
 
 
+def reduction_counters(counters: dict[int, torch.Tensor], device: torch.device,
+                       col_blocks: int) -> torch.Tensor:
+    """The counters a plan's reduction launches count their finished programs in (one per
+    channel block, _triton_finalize.py), for the current stream: each launch leaves them at zero
+    for the next on its stream, while launches on two streams may run at once. Kept with the
+    plan for as long as it lives, so that a CUDA graph that captured a launch keeps its
+    counters."""
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+    found = counters.get(stream)
+    if found is None:
+        found = counters.setdefault(
+            stream, torch.zeros(col_blocks, dtype=torch.int32, device=device))
+    return found
+
+
 class ForwardCall(NamedTuple):
     """The launches of one forward (described, not run) and the tensors they would fill."""
 
@@ -78,9 +94,9 @@ class ForwardCall(NamedTuple):
 
 class _ForwardPlan(NamedTuple):
     geometry: Geometry
-    statistics: LaunchTemplate | None  # the statistics pass and its finalize (training only)
-    finalize: LaunchTemplate | None
+    statistics: LaunchTemplate | None  # the statistics pass (training only)
     normalize: LaunchTemplate
+    counters: dict[int, torch.Tensor]  # the statistics pass's, per stream
     stats_size: int  # fp32 values: mean and var (2C), then four planes of [splits, C] slots
     mask_bytes: int  # of the packed ReLU mask (0: none is written)
 
@@ -89,17 +105,24 @@ _FORWARD_PLANS: dict[tuple, _ForwardPlan] = {}
 
 
 def _forward_reduction(shape, dense, buffers):
+    """The statistics pass as a training step with running statistics launches it. Without
+    them its binary has less code after its loop and, on sm_90, the same registers on every
+    ResNet-50 and ResNet-56 shape: one geometry serves both."""
     x = dense[0]
     channels = x.shape[1]
     stats = torch.empty(6 * channels, dtype=torch.float32, device=x.device)  # one split's
+    counters = torch.zeros(shape.col_blocks, dtype=torch.int32, device=x.device)
+    tensors = (x, stats, counters, stats, stats)
+    finalize = dict(UPDATE_RUNNING=True, BLOCK_S=finalize_slots(shape.block_c))
     if isinstance(shape, SpanTiling):
-        provisional = (x, stats, channels, shape.samples, 1)
-        return _span_batch_stats_partial_kernel, provisional, shape.constexprs(), shape.num_warps
+        provisional = (*tensors, channels, shape.samples, 1, 0.1, 1.0)
+        return (_span_batch_stats_kernel, provisional, dict(shape.constexprs(), **finalize),
+                shape.num_warps)
     # The split does not change the binary (unspecialized), so any split measures it.
-    provisional = (x, stats, channels, shape.positions, shape.l_blocks, shape.tiles, 1,
-                   *shape.strides[0])
-    return (_batch_stats_partial_kernel, provisional,
-            dict(BLOCK_R=shape.block_r, BLOCK_C=shape.block_c), shape.stats_warps)
+    provisional = (*tensors, channels, shape.positions, shape.l_blocks, shape.tiles, 1,
+                   *shape.strides[0], 0.1, 1.0)
+    return (_batch_stats_kernel, provisional,
+            dict(finalize, BLOCK_R=shape.block_r, BLOCK_C=shape.block_c), shape.stats_warps)
 
 
 def _forward_plan(x, residual, out, batch_stats: bool, constexprs: dict[str, Any], update: bool,
@@ -110,20 +133,20 @@ def _forward_plan(x, residual, out, batch_stats: bool, constexprs: dict[str, Any
                              _forward_reduction if batch_stats else None)
     channels = x.shape[1]
     span, tiling = geometry.span, geometry.tiling
-    statistics = finalize = None
+    statistics = None
     if batch_stats and span is not None:
         statistics = LaunchTemplate(
-            _span_batch_stats_partial_kernel, (span.col_blocks, geometry.splits),
-            (channels, span.samples, geometry.per_split), (), span.constexprs(), span.num_warps)
+            _span_batch_stats_kernel, (span.col_blocks, geometry.splits),
+            (channels, span.samples, geometry.per_split), (),
+            dict(span.constexprs(), UPDATE_RUNNING=update, BLOCK_S=finalize_slots(span.block_c)),
+            span.num_warps)
     elif batch_stats:
         statistics = LaunchTemplate(
-            _batch_stats_partial_kernel, (tiling.col_blocks, geometry.splits),
+            _batch_stats_kernel, (tiling.col_blocks, geometry.splits),
             (channels, tiling.positions, tiling.l_blocks, tiling.tiles, geometry.per_split,
-             *tiling.strides[0]), (), dict(BLOCK_R=tiling.block_r, BLOCK_C=tiling.block_c),
-            tiling.stats_warps)
-    if batch_stats:
-        finalize = finalize_template(_batch_stats_finalize_kernel, channels, geometry.splits,
-                                     UPDATE_RUNNING=update)
+             *tiling.strides[0]), (),
+            dict(UPDATE_RUNNING=update, BLOCK_R=tiling.block_r, BLOCK_C=tiling.block_c,
+                 BLOCK_S=finalize_slots(tiling.block_c)), tiling.stats_warps)
     packing = geometry.mask_packing if constexprs["MASK_PACKING"] else MASK_NONE
     constexprs = dict(constexprs, MASK_PACKING=packing, BATCH_STATS=batch_stats)
     if span is not None:
@@ -136,8 +159,8 @@ def _forward_plan(x, residual, out, batch_stats: bool, constexprs: dict[str, Any
             (channels, tiling.positions, tiling.l_blocks),
             tuple(s for strides in tiling.strides for s in strides),
             dict(constexprs, BLOCK_R=tiling.block_r, BLOCK_C=tiling.block_c), tiling.num_warps)
-    return _ForwardPlan(geometry, statistics, finalize, normalize,
-                        (2 + 4 * geometry.splits) * channels, x.numel() // 8 if packing else 0)
+    return _ForwardPlan(geometry, statistics, normalize, {}, (2 + 4 * geometry.splits) * channels,
+                        x.numel() // 8 if packing else 0)
 
 
 def _issue_forward(x, weight, bias, residual, running_mean, running_var, eps: float, relu: bool,
@@ -175,11 +198,11 @@ def _issue_forward(x, weight, bias, residual, running_mean, running_var, eps: fl
     mean, var = running_mean, running_var  # eval: the running statistics normalize
     if batch_stats:  # the normalize pass finds the variances after the means (BATCH_STATS)
         stats = mean = var = torch.empty(plan.stats_size, dtype=torch.float32, device=x.device)
-        launch(plan.statistics, (x, stats))
+        counters = reduction_counters(plan.counters, x.device, plan.statistics.grid[0])
         if update is None:  # the running statistics' pointers are then unread
-            launch(plan.finalize, (stats, stats, stats), 0.0, 0.0)
+            launch(plan.statistics, (x, stats, counters, stats, stats), 0.0, 0.0)
         else:
-            launch(plan.finalize, (stats, update.running_mean, update.running_var),
+            launch(plan.statistics, (x, stats, counters, update.running_mean, update.running_var),
                    float(update.momentum), float(update.unbias))
     if plan.mask_bytes:
         relu_mask = torch.empty(plan.mask_bytes, dtype=torch.uint8, device=x.device)
@@ -216,8 +239,8 @@ class BackwardCall(NamedTuple):
 class _BackwardPlan(NamedTuple):
     geometry: Geometry
     reduce: LaunchTemplate
-    finalize: LaunchTemplate
     elementwise: LaunchTemplate
+    counters: dict[int, torch.Tensor]  # the reduce pass's, per stream
     sums: int  # fp32 values of the reduce pass's buffer: C, then two planes of [splits, C]
 
 
@@ -229,18 +252,20 @@ def _backward_reduction(shape, dense, buffers, *, relu_mask: torch.Tensor | None
     channels = x.shape[1]
     relu, residual_grad = relu_mask is not None, buffers[1] is not None
     vector = torch.empty(3 * channels, dtype=torch.float32, device=x.device)  # one split's
+    counters = torch.zeros(shape.col_blocks, dtype=torch.int32, device=x.device)
     grad_residual = buffers[1] if residual_grad else grad_out
     span, tiling = (shape, None) if isinstance(shape, SpanTiling) else (None, shape)
     packing = relu_mask_packing(x, span, tiling) if _is_packed(relu_mask) else MASK_NONE
     constexprs = dict(RELU=relu, PACKED=_is_packed(relu_mask), MASK_PACKING=packing,
-                      STORE_GRAD_RESIDUAL=residual_grad)
-    common = (grad_out, relu_mask if relu else grad_out, x, vector, vector, grad_residual, channels)
+                      STORE_GRAD_RESIDUAL=residual_grad, BLOCK_S=finalize_slots(shape.block_c))
+    common = (grad_out, relu_mask if relu else grad_out, x, vector, vector, grad_residual,
+              counters, vector, vector, channels)
     if isinstance(shape, SpanTiling):
-        return (_span_backward_reduce_kernel, (*common, shape.samples, 1),
+        return (_span_backward_reduce_kernel, (*common, shape.samples, 1, 1e-5),
                 dict(constexprs, **shape.constexprs()), shape.num_warps)
     sx, sg, so, _, sdr = shape.strides
     return (_backward_reduce_kernel,
-            (*common, shape.positions, shape.l_blocks, shape.tiles, 1, *sg, *so, *sx, *sdr),
+            (*common, shape.positions, shape.l_blocks, shape.tiles, 1, *sg, *so, *sx, *sdr, 1e-5),
             dict(constexprs, BLOCK_R=shape.block_r, BLOCK_C=shape.block_c), shape.num_warps)
 
 
@@ -259,13 +284,14 @@ def _backward_plan(geometry_key: tuple, x, grad_out, relu_mask, grad_input, grad
     channels = x.shape[1]
     # Where this call's tiles hold whole bytes of the packed mask, they read a byte per 8 values.
     packing = geometry.mask_packing if packed else MASK_NONE
+    span, tiling = geometry.span, geometry.tiling
     reduce_constexprs = dict(RELU=relu, PACKED=packed, MASK_PACKING=packing,
-                             STORE_GRAD_RESIDUAL=residual_grad)
+                             STORE_GRAD_RESIDUAL=residual_grad,
+                             BLOCK_S=finalize_slots((span or tiling).block_c))
     elementwise_constexprs = dict(HAS_WEIGHT=has_weight, BATCH_STATS=batch_stats,
                                   RELU=relu and not residual_grad, PACKED=packed,
                                   MASK_PACKING=packing)
     count = x.numel() // channels
-    span, tiling = geometry.span, geometry.tiling
     if span is not None:
         reduce = LaunchTemplate(
             _span_backward_reduce_kernel, (span.col_blocks, geometry.splits),
@@ -287,9 +313,7 @@ def _backward_plan(geometry_key: tuple, x, grad_out, relu_mask, grad_input, grad
             _backward_elementwise_kernel, (tiling.tiles, tiling.col_blocks),
             (channels, *walk, count), (*(sdr if residual_grad else sg), *so, *sx, *sdi),
             dict(elementwise_constexprs, **blocks), tiling.num_warps)
-    finalize = finalize_template(_backward_finalize_kernel, channels, geometry.splits)
-    return _BackwardPlan(geometry, reduce, finalize, elementwise,
-                         channels * (1 + 2 * geometry.splits))
+    return _BackwardPlan(geometry, reduce, elementwise, {}, channels * (1 + 2 * geometry.splits))
 
 
 def _issue_backward(grad_out, x, relu_mask, weight, stats, eps: float, batch_stats: bool,
@@ -332,8 +356,9 @@ def _issue_backward(grad_out, x, relu_mask, weight, stats, eps: float, batch_sta
     # unread) any valid pointer; likewise the residual's gradient where none is stored.
     mask_or_grad = relu_mask if packed else out if relu_mask is not None else grad_out
     masked = grad_residual_buffer if residual_grad else grad_out
-    launch(plan.reduce, (grad_out, mask_or_grad, x, stats, sums, masked))
-    launch(plan.finalize, (sums, stats, grad_weight, grad_bias), eps)
+    counters = reduction_counters(plan.counters, x.device, plan.reduce.grid[0])
+    launch(plan.reduce, (grad_out, mask_or_grad, x, stats, sums, masked, counters, grad_weight,
+                         grad_bias), eps)
     launch(plan.elementwise, (masked, mask_or_grad, x, stats,
                               weight if weight is not None else stats, grad_bias, sums,
                               grad_input_buffer), eps)
@@ -364,7 +389,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
             running_var: torch.Tensor | None, eps: float, relu: bool,
             pack_relu_mask: bool = False, update: RunningUpdate | None = None,
             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """`Implementation.forward` in _contract.py: the update joins the finalize launch."""
+    """`Implementation.forward` in _contract.py: the update joins the statistics launch."""
     return _issue_forward(x, weight, bias, residual, running_mean, running_var, eps, relu,
                           pack_relu_mask, update, programs_in_one_wave, LaunchTemplate.__call__)
 
@@ -392,6 +417,6 @@ def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor,
                          stats: torch.Tensor, momentum: float, unbias: float) -> None:
     """`Implementation.update_running_stats` in _contract.py: one launch for both vectors."""
     channels = running_mean.numel()
-    LaunchTemplate(_update_running_stats_kernel, (-(-channels // FINALIZE_BLOCK_C),),
-                   (channels,), (), dict(BLOCK_C=FINALIZE_BLOCK_C), 4
+    LaunchTemplate(_update_running_stats_kernel, (-(-channels // UPDATE_BLOCK_C),),
+                   (channels,), (), dict(BLOCK_C=UPDATE_BLOCK_C), 4
                    )((running_mean, running_var, stats), float(momentum), float(unbias))

@@ -5,7 +5,7 @@ that skip Triton's per-call binding.
 once: it binds and specializes each argument, builds a cache key, finds the binary and builds
 launch metadata, then calls the binary's launcher. With the launcher itself stood in for
 (benchmarks/bench_host.py --launches stand-in), that took ~20 µs of host time per launch on a
-2-core cloud CPU, six launches a fused layer: more than all the rest of the layer's host path. A
+2-core cloud CPU, six launches a fused layer then (four now): more than all the rest of the layer's host path. A
 template's launches differ only in their tensors' addresses and in its float scalars, so a
 template keeps the compiled kernel that its first launch returned, and its later launches call
 that kernel's launcher themselves, with the arguments JITFunction.run would pass it, for as long

@@ -26,22 +26,26 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._triton_finalize import _finalize_statistics, _finalize_sums, _last_to_finish
 from ._triton_tiles import (
     _channel_scale, _first_shift, _lane_summary, _merge, _normalize_terms, _offsets,
     _passed_by_mask, _relu_passes, _row_mask_bits, _shifted_update, _store_row_mask,
-    _store_summary, _store_sums, _sum_slots, _tile, _update_running, _welford_combine,
+    _store_summary, _store_sums, _tile, _update_running,
 )
 
 
 # Tile counts vary with the batch; left unspecialized, they do not change the compiled binary, so
 # the registers read from one compilation size every launch of that kernel.
 @triton.jit(do_not_specialize=["tiles_total", "tiles_per_split"])
-def _batch_stats_partial_kernel(
-    x_ptr, stats_ptr,
+def _batch_stats_kernel(
+    x_ptr, stats_ptr, counters_ptr, running_mean_ptr, running_var_ptr,
     C, L, l_blocks, tiles_total, tiles_per_split,
-    sx_n, sx_c, sx_l,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    sx_n, sx_c, sx_l, momentum, unbias,
+    UPDATE_RUNNING: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
+    """The batch statistics: each program summarizes its range of tiles into its slot, and the
+    last of a channel block to finish merges the block's slots (_triton_finalize.py)."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     split = tl.program_id(1)
@@ -72,44 +76,9 @@ def _batch_stats_partial_kernel(
     count, mean, m2, odd = _lane_summary(count, shift, sums, squares)
     count, mean, m2, odd = _merge(count, mean, m2, odd, 0)
     _store_summary(stats_ptr + 2 * C, split * C + cols, C, col_mask, count, mean, m2, odd)
-
-
-@triton.jit
-def _batch_stats_finalize_kernel(
-    stats_ptr, running_mean_ptr, running_var_ptr, C, num_splits, momentum, unbias,
-    UPDATE_RUNNING: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """Merges the [num_splits, C] summaries (the four planes after the head of `stats_ptr`:
-    count, mean, M2, odd), BLOCK_S slots at a time, in a fixed order, into the head: the C means,
-    then the C biased variances. With UPDATE_RUNNING also updates the running statistics, saving
-    the update its own launch."""
-    part_ptr = stats_ptr + 2 * C
-    plane = num_splits * C
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < C
-    count = tl.zeros([BLOCK_C], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    odd = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for start in range(0, num_splits, BLOCK_S):
-        slots = start + tl.arange(0, BLOCK_S)
-        mask = (slots < num_splits)[:, None] & col_mask[None, :]
-        offsets = slots[:, None] * C + cols[None, :]
-        block = _merge(
-            tl.load(part_ptr + offsets, mask=mask, other=0.0),
-            tl.load(part_ptr + plane + offsets, mask=mask, other=0.0),
-            tl.load(part_ptr + 2 * plane + offsets, mask=mask, other=0.0),
-            tl.load(part_ptr + 3 * plane + offsets, mask=mask, other=0.0), 0,
-        )
-        count, mean, m2, odd = _welford_combine(count, mean, m2, odd, *block)
-    plain = odd == 0  # no inf or NaN in the channel
-    mean = tl.where(plain, mean, odd)
-    var = tl.where(plain, m2 / count, float("nan"))
-    tl.store(stats_ptr + cols, mean, mask=col_mask)
-    tl.store(stats_ptr + C + cols, var, mask=col_mask)
-    if UPDATE_RUNNING:
-        _update_running(running_mean_ptr, running_var_ptr, mean, var, cols, col_mask, momentum,
-                        unbias)
+    if _last_to_finish(counters_ptr):
+        _finalize_statistics(stats_ptr, running_mean_ptr, running_var_ptr, cols, col_mask, C,
+                             momentum, unbias, UPDATE_RUNNING, BLOCK_S, BLOCK_C)
 
 
 @triton.jit
@@ -174,17 +143,20 @@ def _masked_grad(grad_ptr, out_ptr, x_offsets, tile, col_start, n, positions, co
 
 @triton.jit(do_not_specialize=["tiles_total", "tiles_per_split"])
 def _backward_reduce_kernel(
-    grad_ptr, out_ptr, x_ptr, stats_ptr, sums_ptr, grad_residual_ptr,
+    grad_ptr, out_ptr, x_ptr, stats_ptr, sums_ptr, grad_residual_ptr, counters_ptr,
+    grad_weight_ptr, grad_bias_ptr,
     C, L, l_blocks, tiles_total, tiles_per_split,
-    sg_n, sg_c, sg_l, so_n, so_c, so_l, sx_n, sx_c, sx_l, sdr_n, sdr_c, sdr_l,
+    sg_n, sg_c, sg_l, so_n, so_c, so_l, sx_n, sx_c, sx_l, sdr_n, sdr_c, sdr_l, eps,
     RELU: tl.constexpr, PACKED: tl.constexpr, MASK_PACKING: tl.constexpr,
     STORE_GRAD_RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     """Per-channel sums of the masked gradient g and of g * (x - mean), into this split's slots
-    of `sums_ptr` (see `_store_sums`); with a residual, also
-    writes g as the residual's gradient, so that the elementwise pass reads it instead of
-    grad_out and the ReLU mask (`out_ptr`: the output, or with PACKED the packed mask).
-    `stats_ptr` holds the C means, then the C variances."""
+    of `sums_ptr` (see `_store_sums`), which the last program of a channel block to finish sums
+    into the weight's and bias's gradients (_triton_finalize.py); with a residual, also writes g
+    as the residual's gradient, so that the elementwise pass reads it instead of grad_out and the
+    ReLU mask (`out_ptr`: the output, or with PACKED the packed mask). `stats_ptr` holds the C
+    means, then the C variances."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     split = tl.program_id(1)
@@ -211,26 +183,9 @@ def _backward_reduce_kernel(
 
     _store_sums(sums_ptr, split * C + cols, C, col_mask, tl.sum(sums_g, axis=0),
                 tl.sum(sums_gx, axis=0))
-
-
-@triton.jit
-def _backward_finalize_kernel(
-    sums_ptr, stats_ptr, grad_weight_ptr, grad_bias_ptr,
-    C, num_splits, eps,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """Sums the reduce pass's slots (`_store_sums`): grad_bias is the sum of g, grad_weight that
-    of g * (x - mean) times invstd, which sum also goes to the head of `sums_ptr`."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < C
-    sum_g = _sum_slots(sums_ptr + C, cols, col_mask, C, num_splits, BLOCK_S, BLOCK_C)
-    sum_gx = _sum_slots(sums_ptr + C + num_splits * C, cols, col_mask, C, num_splits, BLOCK_S,
-                        BLOCK_C)
-    var = tl.load(stats_ptr + C + cols, mask=col_mask, other=1.0).to(tl.float32)
-    invstd = 1.0 / tl.sqrt(var + eps)
-    tl.store(grad_weight_ptr + cols, sum_gx * invstd, mask=col_mask)
-    tl.store(grad_bias_ptr + cols, sum_g, mask=col_mask)
-    tl.store(sums_ptr + cols, sum_gx, mask=col_mask)
+    if _last_to_finish(counters_ptr):
+        _finalize_sums(sums_ptr, stats_ptr, grad_weight_ptr, grad_bias_ptr, cols, col_mask, C,
+                       eps, BLOCK_S, BLOCK_C)
 
 
 @triton.jit
@@ -277,7 +232,8 @@ def _update_running_stats_kernel(
     running_mean_ptr, running_var_ptr, stats_ptr, C, momentum, unbias,
     BLOCK_C: tl.constexpr,
 ):
-    """The running-stat update alone, where it cannot join the finalize (the custom op's path):
+    """The running-stat update alone, where it cannot join the statistics pass (the custom op's
+    path):
     from the batch's statistics, the C means then the C variances of `stats_ptr`."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = cols < C

@@ -14,6 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._triton_finalize import _finalize_statistics, _finalize_sums, _last_to_finish
 from ._triton_tiles import (
     _channel_scale, _lane_summary, _normalize_terms, _passed_by_mask, _relu_passes,
     _shifted_update, _store_summary, _store_sums, _welford_combine,
@@ -73,11 +74,13 @@ def _per_lane(values, L: tl.constexpr, BLOCK_C: tl.constexpr, SPAN: tl.constexpr
 
 
 @triton.jit(do_not_specialize=["samples", "samples_per_split"])
-def _span_batch_stats_partial_kernel(
-    x_ptr, stats_ptr, C, samples, samples_per_split,
-    L: tl.constexpr, BLOCK_C: tl.constexpr, SPAN: tl.constexpr,
-    EVEN_C: tl.constexpr,
+def _span_batch_stats_kernel(
+    x_ptr, stats_ptr, counters_ptr, running_mean_ptr, running_var_ptr,
+    C, samples, samples_per_split, momentum, unbias,
+    UPDATE_RUNNING: tl.constexpr, L: tl.constexpr, BLOCK_C: tl.constexpr, SPAN: tl.constexpr,
+    EVEN_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    """_batch_stats_kernel on span tiles: a slot per program, merged by the last to finish."""
     lanes, channels, lane_mask = _span_lanes(C, L, BLOCK_C, SPAN, EVEN_C)
     split = tl.program_id(1)
     first = split * samples_per_split
@@ -102,6 +105,10 @@ def _span_batch_stats_partial_kernel(
                                                   _merge_segments)
     _store_summary(stats_ptr + 2 * C, split * C + channels, C, _last_lanes(lanes, lane_mask, L),
                    count, mean, m2, odd)
+    if _last_to_finish(counters_ptr):
+        cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        _finalize_statistics(stats_ptr, running_mean_ptr, running_var_ptr, cols, cols < C, C,
+                             momentum, unbias, UPDATE_RUNNING, BLOCK_S, BLOCK_C)
 
 
 @triton.jit
@@ -166,12 +173,14 @@ def _span_masked_grad(grad_ptr, out_ptr, base, lanes, lane_mask, C, RELU: tl.con
 
 @triton.jit(do_not_specialize=["samples", "samples_per_split"])
 def _span_backward_reduce_kernel(
-    grad_ptr, out_ptr, x_ptr, stats_ptr, sums_ptr, grad_residual_ptr,
-    C, samples, samples_per_split,
+    grad_ptr, out_ptr, x_ptr, stats_ptr, sums_ptr, grad_residual_ptr, counters_ptr,
+    grad_weight_ptr, grad_bias_ptr,
+    C, samples, samples_per_split, eps,
     RELU: tl.constexpr, PACKED: tl.constexpr, MASK_PACKING: tl.constexpr,
     STORE_GRAD_RESIDUAL: tl.constexpr, L: tl.constexpr, BLOCK_C: tl.constexpr, SPAN: tl.constexpr,
-    EVEN_C: tl.constexpr,
+    EVEN_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    """_backward_reduce_kernel on span tiles."""
     lanes, channels, lane_mask = _span_lanes(C, L, BLOCK_C, SPAN, EVEN_C)
     mean = tl.load(stats_ptr + channels, mask=lane_mask, other=0.0).to(tl.float32)
     split = tl.program_id(1)
@@ -193,6 +202,10 @@ def _span_backward_reduce_kernel(
     _, sums_g, sums_gx = tl.associative_scan((lanes // L, sums_g, sums_gx), 0, _add_segments)
     _store_sums(sums_ptr, split * C + channels, C, _last_lanes(lanes, lane_mask, L), sums_g,
                 sums_gx)
+    if _last_to_finish(counters_ptr):
+        cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        _finalize_sums(sums_ptr, stats_ptr, grad_weight_ptr, grad_bias_ptr, cols, cols < C, C,
+                       eps, BLOCK_S, BLOCK_C)
 
 
 @triton.jit

@@ -170,7 +170,7 @@ def _lane_summary(count, shift, sums, squares):
     count * (mean - shift)^2 / M2, and a lane holds a few dozen values, so one outlier as its
     shift costs a few ulps of that lane's M2, not the channel's (summing a whole channel around
     one value would lose them all). Non-finite sums mean the lane saw an inf or NaN: "odd" carries
-    their sum, the finalize gives the channel a sum's statistics (inf mean, NaN variance)."""
+    their sum, the merge gives the channel a sum's statistics (inf mean, NaN variance)."""
     finite = tl.abs(sums) < float("inf")
     safe = tl.where(count > 0, count, 1.0)
     offset = sums / safe
@@ -259,22 +259,9 @@ def _normalize_terms(mean_ptr, var_ptr, weight_ptr, bias_ptr, cols, col_mask, C,
 @triton.jit
 def _store_sums(sums_ptr, slot, C, mask, sum_g, sum_gx):
     """A backward reduction program's sums into its slots. `sums_ptr` holds, one allocation a
-    call: the channels' total of g * (x - mean) (C, which the finalize writes and the elementwise
+    call: the channels' total of g * (x - mean) (C, which the merge writes and the elementwise
     pass reads), then the [splits, C] slots of g, then those of g * (x - mean); the splits are
     the launch's second grid dimension."""
     plane = tl.num_programs(1) * C
     tl.store(sums_ptr + C + slot, sum_g, mask=mask)
     tl.store(sums_ptr + C + plane + slot, sum_gx, mask=mask)
-
-
-@triton.jit
-def _sum_slots(part_ptr, cols, col_mask, C, num_splits,
-               BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Sum of the [num_splits, C] slots of channels `cols`, BLOCK_S slots at a time, in a fixed
-    order (deterministic)."""
-    total = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
-    for start in range(0, num_splits, BLOCK_S):
-        slots = start + tl.arange(0, BLOCK_S)
-        mask = (slots < num_splits)[:, None] & col_mask[None, :]
-        total += tl.load(part_ptr + slots[:, None] * C + cols[None, :], mask=mask, other=0.0)
-    return tl.sum(total, axis=0)

@@ -24,7 +24,7 @@ Arguments are checked once, up front, in F.batch_norm's words (_checks.py).
 
 In eager mode the ops' dispatch is skipped: `_EagerBatchNormAct` calls the same implementation
 with the same autograd context, and the running-stat update joins the forward (on the Triton
-path, its finalize launch). The custom ops are what tracing and compilation see. Gradients
+path, its statistics launch). The custom ops are what tracing and compilation see. Gradients
 taken with `create_graph=True` come from differentiable torch ops, so double backward works.
 
 Which implementation runs (the "backend") is backends.py's choice.

@@ -42,6 +42,7 @@ from triton.runtime.jit import create_function_from_signature
 assert os.environ.get("TRITON_INTERPRET") != "1", "the interpreter cannot compile kernels"
 
 from resnet_ablate.kernels import _triton_impl as kernels  # noqa: E402
+from resnet_ablate.kernels._contract import RunningUpdate  # noqa: E402
 from resnet_ablate.kernels._occupancy import HOPPER as HOPPER_SM  # noqa: E402
 from resnet_ablate.kernels._occupancy import ctas_per_sm  # noqa: E402
 
@@ -61,7 +62,6 @@ LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last
 ACTIVATIONS = {"x_ptr", "residual_ptr", "out_ptr", "grad_ptr", "grad_input_ptr", "grad_residual_ptr"}
 # The packed ReLU mask: written by the forward, read by the backward through `out_ptr` (PACKED).
 MASKS = {"relu_mask_ptr"}
-REDUCTIONS = {"_batch_stats_partial_kernel", "_backward_reduce_kernel"}
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 _BACKEND = make_backend(HOPPER)
 
@@ -110,11 +110,16 @@ _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
 def main_loop_instructions(sass: str) -> tuple[int, bool]:
     """(instructions, looped): the SASS instructions of the kernel's main loop, the largest span
     from a backward branch's target to that branch that holds a global load, or of its whole
-    body (up to its last EXIT) where no loop loads from global memory."""
+    body (up to its last EXIT) where no loop loads from global memory. A reduction's loops after
+    its first atomic are its last program's merge of the slots (_triton_finalize.py), not the
+    main loop."""
     code = [(int(address, 16), text.strip()) for address, text in _SASS_LINE.findall(sass)]
+    merge = min((a for a, t in code if re.search(r"\bATOMG?\b", t)), default=None)
     loops = []
     for address, text in code:
         target = re.search(r"\bBRA\s+(?:`?\(?)0x([0-9a-f]+)", text)
+        if merge is not None and address > merge:
+            break
         if target and int(target.group(1), 16) < address:
             start = int(target.group(1), 16)
             body = [t for a, t in code if start <= a <= address]
@@ -233,8 +238,11 @@ def main(shard: int = 0, shards: int = 1) -> None:
         for layout, memory_format in LAYOUTS.items():
             x = torch.empty(shape, dtype=torch.bfloat16, device="meta").to(memory_format=memory_format)
             channels = torch.empty(shape[1], device="meta")
+            # A training step's forward: batch statistics, running statistics updated.
+            update = RunningUpdate(torch.empty_like(channels), torch.empty_like(channels), 0.1,
+                                   1.0)
             forward = kernels.plan_forward(x, channels, channels, x if residual else None, None,
-                                           None, 1e-5, True, True,
+                                           None, 1e-5, True, True, update,
                                            reduction_programs=reduction_programs)
             # The backward reads the packed ReLU mask where the forward wrote one.
             relu_mask = forward.relu_mask if forward.relu_mask is not None else x

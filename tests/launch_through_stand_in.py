@@ -2,7 +2,7 @@
 H100 with the driver stood in for (benchmarks/triton_stand_in.py); run as a script, in a process
 without TRITON_INTERPRET, by tests/test_kernels.py, which checks the JSON it prints.
 
-Each scenario runs one training layer's forward + backward (6 launches) and reports, per launch,
+Each scenario runs one training layer's forward + backward (4 launches) and reports, per launch,
 whether Triton's JITFunction.run made it and what it passed: the grid, stream, binary, metadata
 and every argument (a tensor as its dtype, shape, strides and whether it is one of the caller's
 tensors, by address; anything else as its value).
@@ -83,7 +83,7 @@ def main() -> None:
 
     pre_run = _triton_rows._forward_kernel.pre_run_hooks
     pre_run.append(lambda *args, **kwargs: None)
-    report["pre_run_hooked"] = launches_of(*inputs)  # the normalize launch (third) has one
+    report["pre_run_hooked"] = launches_of(*inputs)  # the normalize launch (second) has one
     pre_run.clear()
     print(json.dumps(report))
 

@@ -409,6 +409,35 @@ def test_compiled_kernels_on_cuda(shape, dtype, channels_last):
 
 
 @pytest.mark.gpu
+def test_one_layer_on_two_streams_at_once_gives_one_streams_bits():
+    """A reduction's last program per channel block merges the slots, found by a counter that is
+    one stream's (kernels/_triton_finalize.py): the same layer run on two streams at once, again
+    and again, gives the bits it gives on one stream every time (with a shared counter, a merge
+    would read another launch's slots or none)."""
+    x, residual, weight, bias, _, _, grad = (
+        t.cuda() for t in _inputs((64, 256, 28, 28), torch.bfloat16, True))
+    leaves = [t.requires_grad_() for t in (x, weight, bias)]
+
+    def layer():
+        out = fused_batch_norm(x, None, None, weight, bias, True, residual=residual)
+        return (out, *torch.autograd.grad(out, leaves, grad))
+
+    with use_backend("triton"):
+        expected = layer()
+        streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+        results = []
+        for _ in range(20):
+            for stream in streams:
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    results.append(layer())
+        torch.cuda.synchronize()
+    for got in results:
+        for value, reference in zip(got, expected):
+            assert torch.equal(value, reference)
+
+
+@pytest.mark.gpu
 def test_inductor_compile_on_cuda():
     model = _Epilogue().cuda().to(memory_format=torch.channels_last)
     compiled = torch.compile(model, fullgraph=True)
@@ -423,9 +452,9 @@ def test_inductor_compile_on_cuda():
 # statistics passes, which move one value, sum around a per-lane shift with no division and reach
 # 7-12.3: they are held to that.
 INSTRUCTIONS_PER_VALUE_MOVED = 20
-STATISTICS_PASS_BUDGET = {"_batch_stats_partial_kernel": 13, "_span_batch_stats_partial_kernel": 13}
+STATISTICS_PASS_BUDGET = {"_batch_stats_kernel": 13, "_span_batch_stats_kernel": 13}
 ACTIVATION_KERNELS = {
-    "_batch_stats_partial_kernel", "_span_batch_stats_partial_kernel", "_forward_kernel",
+    "_batch_stats_kernel", "_span_batch_stats_kernel", "_forward_kernel",
     "_span_forward_kernel", "_backward_reduce_kernel", "_span_backward_reduce_kernel",
     "_backward_elementwise_kernel", "_span_backward_elementwise_kernel",
 }
@@ -455,8 +484,8 @@ def test_resnet_launches_compile_for_hopper_with_16_byte_accesses_no_spills_one_
         stdout, stderr = process.communicate(timeout=900)
         assert process.returncode == 0, stderr[-3000:]
         launches += [json.loads(line) for line in stdout.splitlines()]
-    # 18 epilogues x 2 layouts x (3 forward + 3 backward launches)
-    assert len(launches) == 18 * 2 * 6
+    # 18 epilogues x 2 layouts x (2 forward + 2 backward launches)
+    assert len(launches) == 18 * 2 * 4
     assert {l["shape"] for l in launches} >= {"resnet50 64x112x112", "resnet56 16x32x32",
                                               "resnet50 2048x7x7 +residual"}
     for launch in launches:
@@ -471,7 +500,7 @@ def test_resnet_launches_compile_for_hopper_with_16_byte_accesses_no_spills_one_
             mask_pointer = "relu_mask_ptr" if "forward" in launch["kernel"] else "out_ptr"
             assert launch["mask_bytes"] == {mask_pointer: [1]}, f"{where}: {launch['mask_bytes']}"
             assert launch["mask_packing"] != 0, f"{where} reads its mask a byte per value"
-        if "reduce" in launch["kernel"] or "partial" in launch["kernel"]:
+        if "reduce" in launch["kernel"] or "stats" in launch["kernel"]:
             assert launch["waves"] <= 1.0, f"{where} runs {launch['waves']:.2f} waves"
             assert launch["sass"]["looped"], f"{where}: no main loop found in its SASS"
         if launch["sass"] is not None:
@@ -990,7 +1019,7 @@ def test_pytorchs_own_batchnorm2d_module_inputs(backend, batchnorm2d_module_inpu
 
 
 # ---------------------------------------------------------------------------------------------
-# The eager path (no custom-op dispatch, the running-stat update in the finalize launch) against
+# The eager path (no custom-op dispatch, the running-stat update in the statistics launch) against
 # the custom op that tracing and compilation see
 
 
@@ -1076,7 +1105,8 @@ def test_no_mask_is_written_where_no_gradient_will_be_taken(monkeypatch):
         with torch.no_grad():
             fused_batch_norm(x.requires_grad_(), rm, rv, weight, bias, True, residual=residual)
         fused_batch_norm(x, rm, rv, weight, bias, True, residual=residual)
-    assert packings[2::3] == [_triton_tiles.MASK_NONE] * 2 + [_triton_tiles.MASK_ALONG_CHANNELS]
+    # A training forward's second launch normalizes, and writes the mask or not.
+    assert packings[1::2] == [_triton_tiles.MASK_NONE] * 2 + [_triton_tiles.MASK_ALONG_CHANNELS]
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed", "sliced",
@@ -1132,44 +1162,56 @@ def test_template_launches_hand_tritons_launcher_what_tritons_own_launch_path_ha
     def passed(name):
         return [{k: v for k, v in launch.items() if k != "jit"} for launch in report[name]]
 
-    assert through_jit("first") == [True] * 6 and through_jit("jit_only") == [True] * 6
-    assert through_jit("again") == [False] * 6
+    assert through_jit("first") == [True] * 4 and through_jit("jit_only") == [True] * 4
+    assert through_jit("again") == [False] * 4
     assert passed("again") == passed("jit_only") == passed("first")
     # The caller's own tensors are among what they pass, where Triton's path passes them.
     assert {arg[3] for launch in report["again"] for arg in launch["args"]
             if isinstance(arg, list)} >= {"x", "residual", "weight", "bias", "grad"}
-    assert through_jit("misaligned_first") == through_jit("misaligned_again") == [True] * 6
-    assert through_jit("weight_dtype_first") == [True] * 6
-    assert through_jit("weight_dtype_again") == [False] * 6
+    assert through_jit("misaligned_first") == through_jit("misaligned_again") == [True] * 4
+    assert through_jit("weight_dtype_first") == [True] * 4
+    assert through_jit("weight_dtype_again") == [False] * 4
     assert "torch.bfloat16" in {arg[0] for launch in report["weight_dtype_again"]
                                 for arg in launch["args"] if isinstance(arg, list) and arg[3] == "weight"}
-    assert through_jit("hooked") == [True] * 6 and report["hook_calls"] == 6
-    assert through_jit("after_hook") == [False] * 6
-    assert through_jit("pre_run_hooked") == [False, False, True, False, False, False]
+    assert through_jit("hooked") == [True] * 4 and report["hook_calls"] == 4
+    assert through_jit("after_hook") == [False] * 4
+    assert through_jit("pre_run_hooked") == [False, True, False, False]
 
 
-def test_a_training_layer_launches_three_kernels_forward_and_three_backward(monkeypatch):
-    """Statistics, finalize (with the running-stat update), normalize; reduce, finalize,
-    elementwise: the update has no launch of its own on the eager path."""
-    from resnet_ablate.kernels import _triton_launch
+def test_a_training_layer_launches_two_kernels_forward_and_two_backward(monkeypatch):
+    """Statistics (its last programs merge the slots and update the running statistics) and
+    normalize; reduce (its last programs sum the slots into the parameters' gradients) and
+    elementwise: no merge and no running-stat update has a launch of its own on the eager path,
+    and every channel block's counter is back at zero after each reduction, ready for the next."""
+    from resnet_ablate.kernels import _triton_impl, _triton_launch
 
     launched = []
     real_call = _triton_launch.LaunchTemplate.__call__
     monkeypatch.setattr(_triton_launch.LaunchTemplate, "__call__",
                         lambda launch, *args: (launched.append(launch.kernel.fn.__name__),
                                                real_call(launch, *args)))
-    x, residual, weight, bias, rm, rv, grad = _inputs((2, 4, 5, 5), torch.float32, True)
-    x.requires_grad_()
-    rm_before = rm.clone()
+    # 70 channels: two channel blocks of row tiles, each merged by its own last program
+    x, residual, weight, bias, rm, rv, grad = _inputs((3, 70, 8, 8), torch.float32, False)
+    for leaf in (x, weight, bias):
+        leaf.requires_grad_()
+    rm_before, rv_before = rm.clone(), rv.clone()
     with use_backend("triton"):
         out = fused_batch_norm(x, rm, rv, weight, bias, True, residual=residual)
         forward = list(launched)
         out.backward(grad)
-    assert forward == ["_batch_stats_partial_kernel", "_batch_stats_finalize_kernel",
-                       "_forward_kernel"]
-    assert launched[3:] == ["_backward_reduce_kernel", "_backward_finalize_kernel",
-                            "_backward_elementwise_kernel"]
+    assert forward == ["_batch_stats_kernel", "_forward_kernel"]
+    assert launched[2:] == ["_backward_reduce_kernel", "_backward_elementwise_kernel"]
     torch.testing.assert_close(rm, 0.9 * rm_before + 0.1 * x.detach().mean((0, 2, 3)))
+    torch.testing.assert_close(rv, 0.9 * rv_before + 0.1 * x.detach().var((0, 2, 3)))
+    ref_x, ref_w, ref_b = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
+    F.relu(F.batch_norm(ref_x, None, None, ref_w, ref_b, True) + residual).backward(grad)
+    torch.testing.assert_close(x.grad, ref_x.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(weight.grad, ref_w.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(bias.grad, ref_b.grad, atol=1e-4, rtol=1e-4)
+    counters = [c for plans in (_triton_impl._FORWARD_PLANS, _triton_impl._BACKWARD_PLANS)
+                for plan in plans.values() for c in plan.counters.values()]
+    assert counters and all(int(c.abs().sum()) == 0 for c in counters)
+    assert any(c.numel() == 2 for c in counters)
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")

@@ -1,0 +1,104 @@
+"""The reductions' last step, run by the last program of each channel block to finish.
+
+A reduction launch (the forward's statistics pass, the backward's reduce pass) runs a grid of
+(channel blocks, splits) programs; each leaves its partial result in its own slot of a
+[splits, C] buffer. The program of a channel block that finishes last then merges that block's
+slots, in a fixed order, into the channels' results: no launch of its own for the merge (a
+launch costs the host a few microseconds and the GPU a drain and a ramp-up, on layers whose passes
+take only a few microseconds each), and no atomics on the results, so they are the same bits run
+after run.
+
+Which program is last is counted per channel block, in `counters_ptr` (int32, one per block,
+zero between launches): a program's slot stores, a barrier (every thread of the program has
+issued its stores), then one acquire-release atomic add at GPU scope. On sm_90 that compiles to
+BAR.SYNC, MEMBAR.GPU, ATOMG, CCTL.IVALL (L1 invalidated), BAR.SYNC: the slots other programs
+released are visible to the last one, which reads them past L1 besides (`.cg`). The last program
+sets its counter back to zero for the next launch, which on one stream starts only after this one
+ends; a counter is therefore one stream's (see `reduction_counters` in _triton_impl.py).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._triton_tiles import _merge, _update_running, _welford_combine
+
+
+@triton.jit
+def _last_to_finish(counters_ptr):
+    """Whether this program is the last of its channel block (program_id(0)) to finish; the
+    last one also resets the block's counter."""
+    tl.debug_barrier()  # the program's slot stores are issued before its release
+    ticket = tl.atomic_add(counters_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
+    last = ticket == tl.num_programs(1) - 1
+    if last:
+        tl.store(counters_ptr + tl.program_id(0), 0)
+    return last
+
+
+@triton.jit
+def _finalize_statistics(stats_ptr, running_mean_ptr, running_var_ptr, cols, col_mask, C,
+                         momentum, unbias, UPDATE_RUNNING: tl.constexpr, BLOCK_S: tl.constexpr,
+                         BLOCK_C: tl.constexpr):
+    """Merges the [splits, C] summaries of channels `cols` (the four planes after the head of
+    `stats_ptr`: count, mean, M2, odd), BLOCK_S slots at a time, in a fixed order, into the
+    head: the C means, then the C biased variances. With UPDATE_RUNNING also updates the running
+    statistics, which saves that update a launch."""
+    num_splits = tl.num_programs(1)
+    part_ptr = stats_ptr + 2 * C
+    plane = num_splits * C
+    count = tl.zeros([BLOCK_C], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    odd = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for start in range(0, num_splits, BLOCK_S):
+        slots = start + tl.arange(0, BLOCK_S)
+        mask = (slots < num_splits)[:, None] & col_mask[None, :]
+        offsets = slots[:, None] * C + cols[None, :]
+        block = _merge(
+            tl.load(part_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg"),
+            tl.load(part_ptr + plane + offsets, mask=mask, other=0.0, cache_modifier=".cg"),
+            tl.load(part_ptr + 2 * plane + offsets, mask=mask, other=0.0, cache_modifier=".cg"),
+            tl.load(part_ptr + 3 * plane + offsets, mask=mask, other=0.0, cache_modifier=".cg"),
+            0,
+        )
+        count, mean, m2, odd = _welford_combine(count, mean, m2, odd, *block)
+    plain = odd == 0  # no inf or NaN in the channel
+    mean = tl.where(plain, mean, odd)
+    var = tl.where(plain, m2 / count, float("nan"))
+    tl.store(stats_ptr + cols, mean, mask=col_mask)
+    tl.store(stats_ptr + C + cols, var, mask=col_mask)
+    if UPDATE_RUNNING:
+        _update_running(running_mean_ptr, running_var_ptr, mean, var, cols, col_mask, momentum,
+                        unbias)
+
+
+@triton.jit
+def _sum_slots(part_ptr, cols, col_mask, C, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Sum of the [splits, C] slots of channels `cols`, BLOCK_S slots at a time, in a fixed order
+    (deterministic)."""
+    num_splits = tl.num_programs(1)
+    total = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    for start in range(0, num_splits, BLOCK_S):
+        slots = start + tl.arange(0, BLOCK_S)
+        mask = (slots < num_splits)[:, None] & col_mask[None, :]
+        total += tl.load(part_ptr + slots[:, None] * C + cols[None, :], mask=mask, other=0.0,
+                         cache_modifier=".cg")
+    return tl.sum(total, axis=0)
+
+
+@triton.jit
+def _finalize_sums(sums_ptr, stats_ptr, grad_weight_ptr, grad_bias_ptr, cols, col_mask, C, eps,
+                   BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Sums the backward reduce pass's slots of channels `cols` (`_store_sums`): grad_bias is
+    the sum of g, grad_weight that of g * (x - mean) times invstd, which sum also goes to the
+    head of `sums_ptr` for the elementwise pass."""
+    splits = tl.num_programs(1)
+    sum_g = _sum_slots(sums_ptr + C, cols, col_mask, C, BLOCK_S, BLOCK_C)
+    sum_gx = _sum_slots(sums_ptr + C + splits * C, cols, col_mask, C, BLOCK_S, BLOCK_C)
+    var = tl.load(stats_ptr + C + cols, mask=col_mask, other=1.0).to(tl.float32)
+    invstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(grad_weight_ptr + cols, sum_gx * invstd, mask=col_mask)
+    tl.store(grad_bias_ptr + cols, sum_g, mask=col_mask)
+    tl.store(sums_ptr + cols, sum_gx, mask=col_mask)

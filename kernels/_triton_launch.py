@@ -5,11 +5,11 @@ that skip Triton's per-call binding.
 once: it binds and specializes each argument, builds a cache key, finds the binary and builds
 launch metadata, then calls the binary's launcher. With the launcher itself stood in for
 (benchmarks/bench_host.py --launches stand-in), that took ~20 µs of host time per launch on a
-2-core cloud CPU, six launches a fused layer then (four now): more than all the rest of the layer's host path. A
-template's launches differ only in their tensors' addresses and in its float scalars, so a
-template keeps the compiled kernel that its first launch returned, and its later launches call
-that kernel's launcher themselves, with the arguments JITFunction.run would pass it, for as long
-as JITFunction.run would pick that same binary and do nothing else besides:
+2-core cloud CPU, six launches a fused layer then (four now): more than all the rest of the
+layer's host path. A template's launches differ only in their tensors' addresses and in its
+float scalars, so a template keeps the compiled kernel that its first launch returned, and its
+later launches call that kernel's launcher themselves, with the arguments JITFunction.run would
+pass it, for as long as JITFunction.run would pick that same binary and do nothing else besides:
 - the tensors have the dtypes and the alignment (16 bytes or not) that the binary was compiled
   for: all that Triton specializes a pointer on. Callers keep each template to one set of both
   (the plans' keys in _triton_impl.py hold every tensor's dtype and whether all are aligned), and

@@ -15,7 +15,7 @@ Instructions per element: an H100 issues ~33e12 thread instructions a second (13
 schedulers x 32 lanes x 1.98 GHz) while its memory moves 3.35e12 bytes, so a kernel holds the byte
 model only while it spends at most ~20 SASS instructions per bf16 value it moves per element.
 tests/compile_kernels_for_hopper.py counts them in the sm_90 binary of every ResNet-50 and
-ResNet-56 launch: all fit (the backward reduce takes 12-17.3 for its 2-3 values, the elementwise
+ResNet-56 launch: all fit (the backward reduce takes 12-17.4 for its 2-3 values, the elementwise
 passes 19-35 for 3, the forward 20-34 for 2-3, the statistics pass 7.6-12.2 for its one: sums
 around a per-lane shift, no division, the next tile loaded before the current one is summed, 16
 warps where its tiles are full).

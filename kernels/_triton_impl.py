@@ -26,7 +26,9 @@ elsewhere the backward reads the output.
 
 A training forward has two launches: statistics (whose last programs merge the slots and update
 the running statistics, _triton_finalize.py) and normalize; a backward two: reduce (whose last
-programs sum the slots into the weight's and bias's gradients) and elementwise. Merging in the
+programs sum the slots into the weight's and bias's gradients) and elementwise. (Through the
+custom op, which traced and compiled code calls, the running-stat update is a third forward
+launch of its own: an op that mutates its inputs carries no autograd.) Merging in the
 reduction's last programs rather than in the consumer's: folded into the elementwise pass, each
 of its programs would merge the [splits, C] slots of its channels itself, 66 splits x 64
 channels x 2 sums x 4 bytes = 34 KB at ResNet-50's 256x56x56 in channels_last, more than the 24 KB
@@ -73,9 +75,18 @@ def reduction_counters(counters: dict[int, torch.Tensor], device: torch.device,
     """The counters a plan's reduction launches count their finished programs in (one per
     channel block, _triton_finalize.py), for the current stream: each launch leaves them at zero
     for the next on its stream, while launches on two streams may run at once. Kept with the
-    plan for as long as it lives, so that a CUDA graph that captured a launch keeps its
-    counters."""
-    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+    plan for as long as it lives.
+
+    Except while a CUDA graph is being captured: its stream is shared by every capture, and
+    counters allocated then would be zeroed only when that graph replays. A captured launch gets
+    counters of its own, zeroed in the graph before it on every replay, and kept by the graph's
+    memory pool, as any tensor of the step is."""
+    if device.type != "cuda":
+        stream = 0
+    elif torch.cuda.is_current_stream_capturing():
+        return torch.zeros(col_blocks, dtype=torch.int32, device=device)
+    else:
+        stream = torch._C._cuda_getCurrentRawStream(device.index)
     found = counters.get(stream)
     if found is None:
         found = counters.setdefault(

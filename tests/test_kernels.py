@@ -438,6 +438,38 @@ def test_one_layer_on_two_streams_at_once_gives_one_streams_bits():
 
 
 @pytest.mark.gpu
+def test_two_captured_graphs_of_one_layer_replay_in_any_order_as_it_runs():
+    """Every capture shares one stream, so a captured reduction takes counters of its own,
+    zeroed in its graph (kernels/_triton_impl.py, reduction_counters): the second of two graphs
+    of the same layer, replayed first, gives the bits the layer gives uncaptured."""
+    x, residual, weight, bias, _, _, grad = (
+        t.cuda() for t in _inputs((64, 256, 28, 28), torch.bfloat16, True))
+    leaves = [t.requires_grad_() for t in (x, weight, bias)]
+
+    def layer():
+        out = fused_batch_norm(x, None, None, weight, bias, True, residual=residual)
+        return (out, *torch.autograd.grad(out, leaves, grad))
+
+    with use_backend("triton"):
+        expected = layer()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the default stream, as capture asks
+            layer()
+        torch.cuda.current_stream().wait_stream(side)
+        graphs, outputs = [torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()], []
+        for graph in graphs:
+            with torch.cuda.graph(graph):
+                outputs.append(layer())
+        graphs[1].replay()
+        graphs[0].replay()
+        torch.cuda.synchronize()
+    for got in outputs:
+        for value, reference in zip(got, expected):
+            assert torch.equal(value, reference)
+
+
+@pytest.mark.gpu
 def test_inductor_compile_on_cuda():
     model = _Epilogue().cuda().to(memory_format=torch.channels_last)
     compiled = torch.compile(model, fullgraph=True)

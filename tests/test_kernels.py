@@ -408,12 +408,9 @@ def test_compiled_kernels_on_cuda(shape, dtype, channels_last):
         torch.testing.assert_close(rv, rv_ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.gpu
-def test_one_layer_on_two_streams_at_once_gives_one_streams_bits():
-    """A reduction's last program per channel block merges the slots, found by a counter that is
-    one stream's (kernels/_triton_finalize.py): the same layer run on two streams at once, again
-    and again, gives the bits it gives on one stream every time (with a shared counter, a merge
-    would read another launch's slots or none)."""
+def _cuda_training_layer():
+    """A ResNet-50 stage-2 training layer on CUDA: a function of no arguments that returns its
+    output and the gradients of its input, weight and bias."""
     x, residual, weight, bias, _, _, grad = (
         t.cuda() for t in _inputs((64, 256, 28, 28), torch.bfloat16, True))
     leaves = [t.requires_grad_() for t in (x, weight, bias)]
@@ -422,6 +419,16 @@ def test_one_layer_on_two_streams_at_once_gives_one_streams_bits():
         out = fused_batch_norm(x, None, None, weight, bias, True, residual=residual)
         return (out, *torch.autograd.grad(out, leaves, grad))
 
+    return layer
+
+
+@pytest.mark.gpu
+def test_one_layer_on_two_streams_at_once_gives_one_streams_bits():
+    """A reduction's last program per channel block merges the slots, found by a counter that is
+    one stream's (kernels/_triton_finalize.py): the same layer run on two streams at once, again
+    and again, gives the bits it gives on one stream every time (with a shared counter, a merge
+    would read another launch's slots or none)."""
+    layer = _cuda_training_layer()
     with use_backend("triton"):
         expected = layer()
         streams = [torch.cuda.Stream(), torch.cuda.Stream()]
@@ -442,14 +449,7 @@ def test_two_captured_graphs_of_one_layer_replay_in_any_order_as_it_runs():
     """Every capture shares one stream, so a captured reduction takes counters of its own,
     zeroed in its graph (kernels/_triton_impl.py, reduction_counters): the second of two graphs
     of the same layer, replayed first, gives the bits the layer gives uncaptured."""
-    x, residual, weight, bias, _, _, grad = (
-        t.cuda() for t in _inputs((64, 256, 28, 28), torch.bfloat16, True))
-    leaves = [t.requires_grad_() for t in (x, weight, bias)]
-
-    def layer():
-        out = fused_batch_norm(x, None, None, weight, bias, True, residual=residual)
-        return (out, *torch.autograd.grad(out, leaves, grad))
-
+    layer = _cuda_training_layer()
     with use_backend("triton"):
         expected = layer()
         side = torch.cuda.Stream()

@@ -14,8 +14,11 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from resnet_ablate.kernels import FusedBatchNorm2d, _torch_impl, fused_batch_norm, use_backend
+from resnet_ablate.kernels._triton_finalize import _last_to_finish
 
 BACKENDS = ["triton", "torch", "auto"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -1208,6 +1211,26 @@ def test_template_launches_hand_tritons_launcher_what_tritons_own_launch_path_ha
     assert through_jit("hooked") == [True] * 4 and report["hook_calls"] == 4
     assert through_jit("after_hook") == [False] * 4
     assert through_jit("pre_run_hooked") == [False, True, False, False]
+
+
+@triton.jit
+def _count_merges(counters_ptr, merges_ptr):
+    """Counts, per channel block, the programs that _last_to_finish elects to merge."""
+    if _last_to_finish(counters_ptr):
+        tl.atomic_add(merges_ptr + tl.program_id(0), 1)
+
+
+def test_exactly_one_program_per_channel_block_merges_and_the_counter_resets():
+    """_last_to_finish (kernels/_triton_finalize.py) elects one program per channel block each
+    launch, the last of its splits to finish, and leaves the block's counter at zero for the
+    next launch: two launches of 3 blocks x 5 splits merge twice per block."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    counters = torch.zeros(3, dtype=torch.int32, device=device)
+    merges = torch.zeros(3, dtype=torch.int32, device=device)
+    for _ in range(2):
+        _count_merges[(3, 5)](counters, merges)
+    assert merges.tolist() == [2, 2, 2]
+    assert counters.tolist() == [0, 0, 0]
 
 
 def test_a_training_layer_launches_two_kernels_forward_and_two_backward(monkeypatch):

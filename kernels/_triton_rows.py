@@ -233,8 +233,7 @@ def _update_running_stats_kernel(
     BLOCK_C: tl.constexpr,
 ):
     """The running-stat update alone, where it cannot join the statistics pass (the custom op's
-    path):
-    from the batch's statistics, the C means then the C variances of `stats_ptr`."""
+    path): from the batch's statistics, the C means then the C variances of `stats_ptr`."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = cols < C
     _update_running(running_mean_ptr, running_var_ptr, tl.load(stats_ptr + cols, mask=mask),

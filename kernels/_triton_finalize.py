@@ -14,15 +14,45 @@ issued its stores), then one acquire-release atomic add at GPU scope. On sm_90 t
 BAR.SYNC, MEMBAR.GPU, ATOMG, CCTL.IVALL (L1 invalidated), BAR.SYNC: the slots other programs
 released are visible to the last one, which reads them past L1 besides (`.cg`). The last program
 sets its counter back to zero for the next launch, which on one stream starts only after this one
-ends; a counter is therefore one stream's (see `reduction_counters` in _triton_impl.py).
+ends; a counter is therefore one stream's (`reduction_counters`).
+
+Merging in the reduction's last programs rather than in the consumer pass: folded into the
+elementwise pass, each of its programs would merge the [splits, C] slots of its channels itself,
+66 splits x 64 channels x 2 sums x 4 bytes = 34 KB at ResNet-50's 256x56x56 in channels_last,
+more than the 24 KB of activations the program moves.
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
 from ._triton_tiles import _merge, _update_running, _welford_combine
+
+
+def reduction_counters(counters: dict[int, torch.Tensor], device: torch.device,
+                       col_blocks: int) -> torch.Tensor:
+    """The counters a plan's reduction launches count their finished programs in (one per
+    channel block, see above), for the current stream: each launch leaves them at zero
+    for the next on its stream, while launches on two streams may run at once. Kept with the
+    plan for as long as it lives.
+
+    Except while a CUDA graph is being captured: its stream is shared by every capture, and
+    counters allocated then would be zeroed only when that graph replays. A captured launch gets
+    counters of its own, zeroed in the graph before it on every replay, and kept by the graph's
+    memory pool, as any tensor of the step is."""
+    if device.type != "cuda":
+        stream = 0
+    elif torch.cuda.is_current_stream_capturing():
+        return torch.zeros(col_blocks, dtype=torch.int32, device=device)
+    else:
+        stream = torch._C._cuda_getCurrentRawStream(device.index)
+    found = counters.get(stream)
+    if found is None:
+        found = counters.setdefault(
+            stream, torch.zeros(col_blocks, dtype=torch.int32, device=device))
+    return found
 
 
 @triton.jit

@@ -247,6 +247,17 @@ def relu_mask_packing(x: torch.Tensor, span: SpanTiling | None, tiling: RowTilin
     return MASK_NONE
 
 
+def relu_mask_bytes(x: torch.Tensor, residual: torch.Tensor | None) -> int:
+    """The Triton implementation's `relu_mask_bytes` (_contract.py): x.numel() / 8 where a
+    forward's tiles can write x's packed ReLU mask, else 0 (the fake kernel's answer, from shapes
+    and strides)."""
+    if x.numel() == 0:
+        return 0
+    # x stands for the output, which has its strides where a mask can be written at all.
+    _, _, span, tiling = tilings((x, residual), (x,))
+    return x.numel() // 8 if relu_mask_packing(x, span, tiling) != MASK_NONE else 0
+
+
 def call_geometry(key: tuple, inputs: Sequence[torch.Tensor | None],
                   outputs: Sequence[torch.Tensor | None], reduction: Any | None) -> Geometry:
     """The cached geometry of a call; `key` ends with the function that sizes reductions.

@@ -24,15 +24,9 @@ ResNet-50 and ResNet-56 shape in bf16 and fp16, NCHW and channels_last; in fp32 
 14x14, whose rows of 196 are 16-byte aligned, so row tiles, but not whole bytes of the mask);
 elsewhere the backward reads the output.
 
-A training forward has two launches: statistics (whose last programs merge the slots and update
-the running statistics, _triton_finalize.py) and normalize; a backward two: reduce (whose last
-programs sum the slots into the weight's and bias's gradients) and elementwise. (Through the
-custom op, which traced and compiled code calls, the running-stat update is a third forward
-launch of its own: an op that mutates its inputs carries no autograd.) Merging in the
-reduction's last programs rather than in the consumer's: folded into the elementwise pass, each
-of its programs would merge the [splits, C] slots of its channels itself, 66 splits x 64
-channels x 2 sums x 4 bytes = 34 KB at ResNet-50's 256x56x56 in channels_last, more than the 24 KB
-of activations the program moves.
+A training forward makes two launches, statistics (with the merge and the running-stat update,
+_triton_finalize.py) and normalize, a backward two, reduce (with the merge) and elementwise; the
+custom op (traced and compiled code) launches the running-stat update on its own.
 """
 
 from __future__ import annotations
@@ -46,8 +40,10 @@ import torch
 from ._contract import RunningUpdate
 from ._triton_geometry import (
     UPDATE_BLOCK_C, Geometry, SpanTiling, call_geometry, dense_inputs, finalize_slots,
-    output_buffer, programs_in_one_wave, relu_mask_packing, tensor_signature, tilings,
+    output_buffer, programs_in_one_wave, relu_mask_packing, tensor_signature,
 )
+from ._triton_geometry import relu_mask_bytes  # noqa: F401  (Implementation.relu_mask_bytes)
+from ._triton_finalize import reduction_counters
 from ._triton_launch import KernelLaunch, LaunchTemplate, aligned, through_jit_only
 from ._triton_rows import (
     _backward_elementwise_kernel, _backward_reduce_kernel, _batch_stats_kernel, _forward_kernel,
@@ -68,30 +64,6 @@ from ._triton_tiles import MASK_NONE
 # `plan_backward` record it instead.
 
 Launch = Callable[..., None]
-
-
-def reduction_counters(counters: dict[int, torch.Tensor], device: torch.device,
-                       col_blocks: int) -> torch.Tensor:
-    """The counters a plan's reduction launches count their finished programs in (one per
-    channel block, _triton_finalize.py), for the current stream: each launch leaves them at zero
-    for the next on its stream, while launches on two streams may run at once. Kept with the
-    plan for as long as it lives.
-
-    Except while a CUDA graph is being captured: its stream is shared by every capture, and
-    counters allocated then would be zeroed only when that graph replays. A captured launch gets
-    counters of its own, zeroed in the graph before it on every replay, and kept by the graph's
-    memory pool, as any tensor of the step is."""
-    if device.type != "cuda":
-        stream = 0
-    elif torch.cuda.is_current_stream_capturing():
-        return torch.zeros(col_blocks, dtype=torch.int32, device=device)
-    else:
-        stream = torch._C._cuda_getCurrentRawStream(device.index)
-    found = counters.get(stream)
-    if found is None:
-        found = counters.setdefault(
-            stream, torch.zeros(col_blocks, dtype=torch.int32, device=device))
-    return found
 
 
 class ForwardCall(NamedTuple):
@@ -116,9 +88,8 @@ _FORWARD_PLANS: dict[tuple, _ForwardPlan] = {}
 
 
 def _forward_reduction(shape, dense, buffers):
-    """The statistics pass as a training step with running statistics launches it. Without
-    them its binary has less code after its loop and, on sm_90, the same registers on every
-    ResNet-50 and ResNet-56 shape: one geometry serves both."""
+    """The statistics pass as a training step with running statistics launches it (without them,
+    the same registers on every ResNet sm_90 launch: one geometry serves both)."""
     x = dense[0]
     channels = x.shape[1]
     stats = torch.empty(6 * channels, dtype=torch.float32, device=x.device)  # one split's
@@ -412,16 +383,6 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, relu_mask: torch.Tensor | 
     """`Implementation.backward` in _contract.py."""
     return _issue_backward(grad_out, x, relu_mask, weight, stats, eps, batch_stats, residual_grad,
                            programs_in_one_wave, LaunchTemplate.__call__)
-
-
-def relu_mask_bytes(x: torch.Tensor, residual: torch.Tensor | None) -> int:
-    """`Implementation.relu_mask_bytes` in _contract.py: x.numel() / 8 where a forward's tiles
-    can write x's packed ReLU mask, else 0 (the fake kernel's answer, from shapes and strides)."""
-    if x.numel() == 0:
-        return 0
-    # x stands for the output, which has its strides where a mask can be written at all.
-    _, _, span, tiling = tilings((x, residual), (x,))
-    return x.numel() // 8 if relu_mask_packing(x, span, tiling) != MASK_NONE else 0
 
 
 def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor,

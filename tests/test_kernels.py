@@ -425,6 +425,13 @@ def _cuda_training_layer():
     return layer
 
 
+def _assert_same_bits(runs, expected):
+    """Every run's output and gradients equal `expected`'s bit for bit."""
+    for got in runs:
+        for value, reference in zip(got, expected):
+            assert torch.equal(value, reference)
+
+
 @pytest.mark.gpu
 def test_one_layer_on_two_streams_at_once_gives_one_streams_bits():
     """A reduction's last program per channel block merges the slots, found by a counter that is
@@ -442,15 +449,13 @@ def test_one_layer_on_two_streams_at_once_gives_one_streams_bits():
                 with torch.cuda.stream(stream):
                     results.append(layer())
         torch.cuda.synchronize()
-    for got in results:
-        for value, reference in zip(got, expected):
-            assert torch.equal(value, reference)
+    _assert_same_bits(results, expected)
 
 
 @pytest.mark.gpu
 def test_two_captured_graphs_of_one_layer_replay_in_any_order_as_it_runs():
     """Every capture shares one stream, so a captured reduction takes counters of its own,
-    zeroed in its graph (kernels/_triton_impl.py, reduction_counters): the second of two graphs
+    zeroed in its graph (reduction_counters in kernels/_triton_finalize.py): the second of two graphs
     of the same layer, replayed first, gives the bits the layer gives uncaptured."""
     layer = _cuda_training_layer()
     with use_backend("triton"):
@@ -467,9 +472,7 @@ def test_two_captured_graphs_of_one_layer_replay_in_any_order_as_it_runs():
         graphs[1].replay()
         graphs[0].replay()
         torch.cuda.synchronize()
-    for got in outputs:
-        for value, reference in zip(got, expected):
-            assert torch.equal(value, reference)
+    _assert_same_bits(outputs, expected)
 
 
 @pytest.mark.gpu

@@ -170,7 +170,7 @@ class _LaunchCounter:
 
         self.count = 0
 
-        def counted(template, tensors, *scalars) -> None:
+        def counted(template, stream, tensors, *scalars) -> None:
             self.count += 1
 
         _triton_launch.LaunchTemplate.__call__ = counted

@@ -14,7 +14,11 @@ issued its stores), then one acquire-release atomic add at GPU scope. On sm_90 t
 BAR.SYNC, MEMBAR.GPU, ATOMG, CCTL.IVALL (L1 invalidated), BAR.SYNC: the slots other programs
 released are visible to the last one, which reads them past L1 besides (`.cg`). The last program
 sets its counter back to zero for the next launch, which on one stream starts only after this one
-ends; a counter is therefore one stream's (`reduction_counters`).
+ends; a counter is therefore one stream's (`reduction_counters`). A launch that does not finish
+would leave its counters off for the next, and no later merge would be elected; but on CUDA a
+kernel that faults or is killed leaves the process's context unusable, so no later launch runs
+to read them. (Under the interpreter, only an exception out of a program, an interrupt for
+one, abandons a launch half-way; the plans' counters are then off for the rest of the process.)
 
 Merging in the reduction's last programs rather than in the consumer pass: folded into the
 elementwise pass, each of its programs would merge the [splits, C] slots of its channels itself,
@@ -24,34 +28,42 @@ more than the 24 KB of activations the program moves.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import triton
 import triton.language as tl
 
 from ._triton_tiles import _merge, _update_running, _welford_combine
 
+if TYPE_CHECKING:  # a type only: the launches sit above this module
+    from ._triton_launch import LaunchStream
+
 
 def reduction_counters(counters: dict[int, torch.Tensor], device: torch.device,
-                       col_blocks: int) -> torch.Tensor:
+                       col_blocks: int, stream: LaunchStream | None) -> torch.Tensor:
     """The counters a plan's reduction launches count their finished programs in (one per
-    channel block, see above), for the current stream: each launch leaves them at zero
-    for the next on its stream, while launches on two streams may run at once. Kept with the
-    plan for as long as it lives.
+    channel block, see above), for the stream they launch on (`stream`, or where they go through
+    JITFunction.run, the current device's current stream, as Triton reads it): each launch leaves
+    them at zero for the next on its stream, while launches on two streams may run at once. Kept
+    with the plan for as long as it lives.
 
     Except while a CUDA graph is being captured: its stream is shared by every capture, and
     counters allocated then would be zeroed only when that graph replays. A captured launch gets
     counters of its own, zeroed in the graph before it on every replay, and kept by the graph's
     memory pool, as any tensor of the step is."""
     if device.type != "cuda":
-        stream = 0
+        handle = 0
     elif torch.cuda.is_current_stream_capturing():
         return torch.zeros(col_blocks, dtype=torch.int32, device=device)
+    elif stream is not None:
+        handle = stream.handle
     else:
-        stream = torch._C._cuda_getCurrentRawStream(device.index)
-    found = counters.get(stream)
+        handle = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
+    found = counters.get(handle)
     if found is None:
         found = counters.setdefault(
-            stream, torch.zeros(col_blocks, dtype=torch.int32, device=device))
+            handle, torch.zeros(col_blocks, dtype=torch.int32, device=device))
     return found
 
 

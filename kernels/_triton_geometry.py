@@ -247,6 +247,11 @@ def relu_mask_packing(x: torch.Tensor, span: SpanTiling | None, tiling: RowTilin
     return MASK_NONE
 
 
+def is_packed_mask(relu_mask: torch.Tensor | None) -> bool:
+    """Whether a backward's ReLU mask is the packed one (else the forward's output, or None)."""
+    return relu_mask is not None and relu_mask.dtype == torch.uint8
+
+
 def relu_mask_bytes(x: torch.Tensor, residual: torch.Tensor | None) -> int:
     """The Triton implementation's `relu_mask_bytes` (_contract.py): x.numel() / 8 where a
     forward's tiles can write x's packed ReLU mask, else 0 (the fake kernel's answer, from shapes

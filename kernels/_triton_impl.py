@@ -5,6 +5,7 @@ plans and the functions of the contract in _contract.py. Bottom up:
 - _triton_rows and _triton_spans: the kernels, on row tiles and on span tiles;
 - _triton_launch: launches as data, launch templates, launches that skip Triton's binding;
 - _triton_geometry: tilings, reduction sizes, per-signature geometry;
+- _triton_sizing: the reductions as a training step launches them, which size their splits;
 - this module: per-signature launch plans; forward, backward and the running-stat update.
 
 Bytes moved per element, in units of the activation size (the benchmark's byte model), where m is
@@ -39,16 +40,19 @@ import torch
 
 from ._contract import RunningUpdate
 from ._triton_geometry import (
-    UPDATE_BLOCK_C, Geometry, SpanTiling, call_geometry, dense_inputs, finalize_slots,
-    output_buffer, programs_in_one_wave, relu_mask_packing, tensor_signature,
+    UPDATE_BLOCK_C, Geometry, call_geometry, dense_inputs, finalize_slots, is_packed_mask,
+    output_buffer, programs_in_one_wave, tensor_signature,
 )
 from ._triton_geometry import relu_mask_bytes  # noqa: F401  (Implementation.relu_mask_bytes)
 from ._triton_finalize import reduction_counters
-from ._triton_launch import KernelLaunch, LaunchTemplate, aligned, through_jit_only
+from ._triton_launch import (
+    KernelLaunch, LaunchTemplate, aligned, launch_stream, through_jit_only,
+)
 from ._triton_rows import (
     _backward_elementwise_kernel, _backward_reduce_kernel, _batch_stats_kernel, _forward_kernel,
     _update_running_stats_kernel,
 )
+from ._triton_sizing import backward_reduction, statistics_reduction
 from ._triton_spans import (
     _span_backward_elementwise_kernel, _span_backward_reduce_kernel, _span_batch_stats_kernel,
     _span_forward_kernel,
@@ -60,8 +64,8 @@ from ._triton_tiles import MASK_NONE
 # Plans: a call's launches as its signature (the geometry's, plus its optional tensors and flags)
 # fixes them, worked out on the signature's first call. Later calls allocate their outputs and one
 # buffer per reduction, and launch the templates with them and their scalars. Each call passes a
-# `launch(template, tensors, *scalars)`: LaunchTemplate.__call__ runs it, `plan_forward` and
-# `plan_backward` record it instead.
+# `launch(template, stream, tensors, *scalars)`: LaunchTemplate.__call__ runs it, `plan_forward`
+# and `plan_backward` record it instead.
 
 Launch = Callable[..., None]
 
@@ -82,29 +86,11 @@ class _ForwardPlan(NamedTuple):
     counters: dict[int, torch.Tensor]  # the statistics pass's, per stream
     stats_size: int  # fp32 values: mean and var (2C), then four planes of [splits, C] slots
     mask_bytes: int  # of the packed ReLU mask (0: none is written)
+    floats: torch.Tensor  # empty, fp32 on the call's device: `new_empty` allocates like it
+    bytes: torch.Tensor  # likewise uint8
 
 
 _FORWARD_PLANS: dict[tuple, _ForwardPlan] = {}
-
-
-def _forward_reduction(shape, dense, buffers):
-    """The statistics pass as a training step with running statistics launches it (without them,
-    the same registers on every ResNet sm_90 launch: one geometry serves both)."""
-    x = dense[0]
-    channels = x.shape[1]
-    stats = torch.empty(6 * channels, dtype=torch.float32, device=x.device)  # one split's
-    counters = torch.zeros(shape.col_blocks, dtype=torch.int32, device=x.device)
-    tensors = (x, stats, counters, stats, stats)
-    finalize = dict(UPDATE_RUNNING=True, BLOCK_S=finalize_slots(shape.block_c))
-    if isinstance(shape, SpanTiling):
-        provisional = (*tensors, channels, shape.samples, 1, 0.1, 1.0)
-        return (_span_batch_stats_kernel, provisional, dict(shape.constexprs(), **finalize),
-                shape.num_warps)
-    # The split does not change the binary (unspecialized), so any split measures it.
-    provisional = (*tensors, channels, shape.positions, shape.l_blocks, shape.tiles, 1,
-                   *shape.strides[0], 0.1, 1.0)
-    return (_batch_stats_kernel, provisional,
-            dict(finalize, BLOCK_R=shape.block_r, BLOCK_C=shape.block_c), shape.stats_warps)
 
 
 def _forward_plan(x, residual, out, batch_stats: bool, constexprs: dict[str, Any], update: bool,
@@ -112,7 +98,7 @@ def _forward_plan(x, residual, out, batch_stats: bool, constexprs: dict[str, Any
     """`constexprs` are the normalize pass's flags, MASK_PACKING true where a mask is wanted."""
     key = (tensor_signature(x), tensor_signature(residual), batch_stats, reduction_programs)
     geometry = call_geometry(key, (x, residual), (out,),
-                             _forward_reduction if batch_stats else None)
+                             statistics_reduction if batch_stats else None)
     channels = x.shape[1]
     span, tiling = geometry.span, geometry.tiling
     statistics = None
@@ -142,7 +128,14 @@ def _forward_plan(x, residual, out, batch_stats: bool, constexprs: dict[str, Any
             tuple(s for strides in tiling.strides for s in strides),
             dict(constexprs, BLOCK_R=tiling.block_r, BLOCK_C=tiling.block_c), tiling.num_warps)
     return _ForwardPlan(geometry, statistics, normalize, {}, (2 + 4 * geometry.splits) * channels,
-                        x.numel() // 8 if packing else 0)
+                        x.numel() // 8 if packing else 0, *_prototypes(x.device))
+
+
+def _prototypes(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty fp32 and uint8 tensors on `device`, whose `new_empty` allocates a call's buffers: it
+    parses fewer arguments than `torch.empty(size, dtype=..., device=...)`, every call."""
+    return (torch.empty(0, dtype=torch.float32, device=device),
+            torch.empty(0, dtype=torch.uint8, device=device))
 
 
 def _issue_forward(x, weight, bias, residual, running_mean, running_var, eps: float, relu: bool,
@@ -177,22 +170,25 @@ def _issue_forward(x, weight, bias, residual, running_mean, running_var, eps: fl
         out_buffer = output_buffer(plan.geometry, 0, out)
         x, residual = dense_inputs(plan.geometry, x, residual)
     stats = relu_mask = None
+    stream = launch_stream(plan.normalize)
     mean, var = running_mean, running_var  # eval: the running statistics normalize
     if batch_stats:  # the normalize pass finds the variances after the means (BATCH_STATS)
-        stats = mean = var = torch.empty(plan.stats_size, dtype=torch.float32, device=x.device)
-        counters = reduction_counters(plan.counters, x.device, plan.statistics.grid[0])
+        stats = mean = var = plan.floats.new_empty(plan.stats_size)
+        counters = reduction_counters(plan.counters, plan.floats.device,
+                                      plan.statistics.grid[0], stream)
         if update is None:  # the running statistics' pointers are then unread
-            launch(plan.statistics, (x, stats, counters, stats, stats), 0.0, 0.0)
+            launch(plan.statistics, stream, (x, stats, counters, stats, stats), 0.0, 0.0)
         else:
-            launch(plan.statistics, (x, stats, counters, update.running_mean, update.running_var),
+            launch(plan.statistics, stream,
+                   (x, stats, counters, update.running_mean, update.running_var),
                    float(update.momentum), float(update.unbias))
     if plan.mask_bytes:
-        relu_mask = torch.empty(plan.mask_bytes, dtype=torch.uint8, device=x.device)
+        relu_mask = plan.bytes.new_empty(plan.mask_bytes)
     # Where a tensor is absent, any valid pointer stands in: the kernel does not read it.
-    launch(plan.normalize, (x, residual if residual is not None else x, out_buffer, mean, var,
-                            weight if weight is not None else mean,
-                            bias if bias is not None else mean,
-                            relu_mask if relu_mask is not None else mean), eps)
+    launch(plan.normalize, stream,
+           (x, residual if residual is not None else x, out_buffer, mean, var,
+            weight if weight is not None else mean, bias if bias is not None else mean,
+            relu_mask if relu_mask is not None else mean), eps)
     if out_buffer is not out:
         out.copy_(out_buffer)
     return out, stats, relu_mask
@@ -224,45 +220,19 @@ class _BackwardPlan(NamedTuple):
     elementwise: LaunchTemplate
     counters: dict[int, torch.Tensor]  # the reduce pass's, per stream
     sums: int  # fp32 values of the reduce pass's buffer: C, then two planes of [splits, C]
+    floats: torch.Tensor  # as _ForwardPlan's
 
 
 _BACKWARD_PLANS: dict[tuple, _BackwardPlan] = {}
 
 
-def _backward_reduction(shape, dense, buffers, *, relu_mask: torch.Tensor | None):
-    x, grad_out, _ = dense
-    channels = x.shape[1]
-    relu, residual_grad = relu_mask is not None, buffers[1] is not None
-    vector = torch.empty(3 * channels, dtype=torch.float32, device=x.device)  # one split's
-    counters = torch.zeros(shape.col_blocks, dtype=torch.int32, device=x.device)
-    grad_residual = buffers[1] if residual_grad else grad_out
-    span, tiling = (shape, None) if isinstance(shape, SpanTiling) else (None, shape)
-    packing = relu_mask_packing(x, span, tiling) if _is_packed(relu_mask) else MASK_NONE
-    constexprs = dict(RELU=relu, PACKED=_is_packed(relu_mask), MASK_PACKING=packing,
-                      STORE_GRAD_RESIDUAL=residual_grad, BLOCK_S=finalize_slots(shape.block_c))
-    common = (grad_out, relu_mask if relu else grad_out, x, vector, vector, grad_residual,
-              counters, vector, vector, channels)
-    if isinstance(shape, SpanTiling):
-        return (_span_backward_reduce_kernel, (*common, shape.samples, 1, 1e-5),
-                dict(constexprs, **shape.constexprs()), shape.num_warps)
-    sx, sg, so, _, sdr = shape.strides
-    return (_backward_reduce_kernel,
-            (*common, shape.positions, shape.l_blocks, shape.tiles, 1, *sg, *so, *sx, *sdr, 1e-5),
-            dict(constexprs, BLOCK_R=shape.block_r, BLOCK_C=shape.block_c), shape.num_warps)
-
-
-def _is_packed(relu_mask: torch.Tensor | None) -> bool:
-    """Whether a backward's ReLU mask is the packed one (else the forward's output, or None)."""
-    return relu_mask is not None and relu_mask.dtype == torch.uint8
-
-
 def _backward_plan(geometry_key: tuple, x, grad_out, relu_mask, grad_input, grad_residual,
                    has_weight: bool, batch_stats: bool) -> _BackwardPlan:
-    relu, packed = relu_mask is not None, _is_packed(relu_mask)
+    relu, packed = relu_mask is not None, is_packed_mask(relu_mask)
     residual_grad = grad_residual is not None
     out = None if packed else relu_mask  # the output, a tensor of x's shape, where it is the mask
     geometry = call_geometry(geometry_key, (x, grad_out, out), (grad_input, grad_residual),
-                             functools.partial(_backward_reduction, relu_mask=relu_mask))
+                             functools.partial(backward_reduction, relu_mask=relu_mask))
     channels = x.shape[1]
     # Where this call's tiles hold whole bytes of the packed mask, they read a byte per 8 values.
     packing = geometry.mask_packing if packed else MASK_NONE
@@ -295,7 +265,8 @@ def _backward_plan(geometry_key: tuple, x, grad_out, relu_mask, grad_input, grad
             _backward_elementwise_kernel, (tiling.tiles, tiling.col_blocks),
             (channels, *walk, count), (*(sdr if residual_grad else sg), *so, *sx, *sdi),
             dict(elementwise_constexprs, **blocks), tiling.num_warps)
-    return _BackwardPlan(geometry, reduce, elementwise, {}, channels * (1 + 2 * geometry.splits))
+    return _BackwardPlan(geometry, reduce, elementwise, {}, channels * (1 + 2 * geometry.splits),
+                         _prototypes(x.device)[0])
 
 
 def _issue_backward(grad_out, x, relu_mask, weight, stats, eps: float, batch_stats: bool,
@@ -321,7 +292,7 @@ def _issue_backward(grad_out, x, relu_mask, weight, stats, eps: float, batch_sta
         if not all_aligned:  # before any other thread can find the plan
             through_jit_only(plan)
         _BACKWARD_PLANS[key] = plan
-    packed = _is_packed(relu_mask)
+    packed = is_packed_mask(relu_mask)
     out = None if packed else relu_mask
     grad_input_buffer, grad_residual_buffer = grad_input, grad_residual
     if plan.geometry.reshaped:
@@ -330,20 +301,21 @@ def _issue_backward(grad_out, x, relu_mask, weight, stats, eps: float, batch_sta
         if residual_grad:
             grad_residual_buffer = output_buffer(plan.geometry, 1, grad_residual)
     channels = x.shape[1]
-    sums = torch.empty(plan.sums, dtype=torch.float32, device=x.device)
+    floats = plan.floats
+    sums = floats.new_empty(plan.sums)
     # Separate tensors: autograd takes them as two gradients.
-    grad_weight = torch.empty(channels, dtype=torch.float32, device=x.device)
-    grad_bias = torch.empty(channels, dtype=torch.float32, device=x.device)
+    grad_weight, grad_bias = floats.new_empty(channels), floats.new_empty(channels)
     # The ReLU mask's pointer: the packed mask, the output, or where RELU is off (and it is
     # unread) any valid pointer; likewise the residual's gradient where none is stored.
     mask_or_grad = relu_mask if packed else out if relu_mask is not None else grad_out
     masked = grad_residual_buffer if residual_grad else grad_out
-    counters = reduction_counters(plan.counters, x.device, plan.reduce.grid[0])
-    launch(plan.reduce, (grad_out, mask_or_grad, x, stats, sums, masked, counters, grad_weight,
-                         grad_bias), eps)
-    launch(plan.elementwise, (masked, mask_or_grad, x, stats,
-                              weight if weight is not None else stats, grad_bias, sums,
-                              grad_input_buffer), eps)
+    stream = launch_stream(plan.elementwise)
+    counters = reduction_counters(plan.counters, floats.device, plan.reduce.grid[0], stream)
+    launch(plan.reduce, stream, (grad_out, mask_or_grad, x, stats, sums, masked, counters,
+                                 grad_weight, grad_bias), eps)
+    launch(plan.elementwise, stream, (masked, mask_or_grad, x, stats,
+                                      weight if weight is not None else stats, grad_bias, sums,
+                                      grad_input_buffer), eps)
     if grad_input_buffer is not grad_input:
         grad_input.copy_(grad_input_buffer)
     if grad_residual_buffer is not grad_residual:
@@ -391,4 +363,4 @@ def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor,
     channels = running_mean.numel()
     LaunchTemplate(_update_running_stats_kernel, (-(-channels // UPDATE_BLOCK_C),),
                    (channels,), (), dict(BLOCK_C=UPDATE_BLOCK_C), 4
-                   )((running_mean, running_var, stats), float(momentum), float(unbias))
+                   )(None, (running_mean, running_var, stats), float(momentum), float(unbias))

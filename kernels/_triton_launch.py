@@ -20,6 +20,8 @@ pass it, for as long as JITFunction.run would pick that same binary and do nothi
 - no launch hook is installed (profilers such as Proton get JITFunction.run's metadata), nor a
   pre-run hook on the kernel;
 - RESNET_ABLATE_DIRECT_LAUNCH is not "0" (every launch through JITFunction.run, a fallback).
+What a call's launches share (the current device and stream, whether hooks are installed) is read
+once per call, for all of them (`launch_stream`): JITFunction.run reads it at every launch.
 Otherwise the launch goes through JITFunction.run, as every launch did before. (What a binary's
 compilation options are, Triton's debug and instrumentation knobs among them, is read at its
 first launch: changing them later in a process needs RESNET_ABLATE_DIRECT_LAUNCH=0.) Fresh
@@ -51,6 +53,26 @@ class KernelLaunch(NamedTuple):
     num_warps: int = 4
 
 
+class LaunchStream(NamedTuple):
+    """Where a call's direct launches go: the current device, as Triton reads it, and that
+    device's current stream (a CUDA stream's handle)."""
+
+    device: int
+    handle: int
+
+
+def launch_stream(last: LaunchTemplate) -> LaunchStream | None:
+    """What a call's launches may launch directly on, read once for all of them; None where they
+    go through JITFunction.run: before `last`, the call's last template, has its binary (so on a
+    signature's first call, and always under the interpreter, whose launches never return one),
+    with direct launches off, or with a launch hook installed."""
+    if last.compiled is None or not DIRECT_LAUNCHES or not _hooks_idle():
+        return None
+    active = driver.active
+    device = active.get_current_device()
+    return LaunchStream(device, active.get_current_stream(device))
+
+
 class _Compiled(NamedTuple):
     """What a template's later launches reuse from its first: the binary JITFunction.run
     returned, the device it was loaded on, and the launch arguments that never change."""
@@ -78,16 +100,17 @@ class LaunchTemplate:
     direct: bool = True
     compiled: _Compiled | None = field(default=None, repr=False)
 
-    def __call__(self, tensors: tuple[Any, ...], *scalars: float) -> None:
-        """Launch it with this call's tensors and scalars."""
+    def __call__(self, stream: LaunchStream | None, tensors: tuple[Any, ...],
+                 *scalars: float) -> None:
+        """Launch it with this call's tensors and scalars, directly on `stream` where it allows
+        (`launch_stream`), else through JITFunction.run."""
         compiled = self.compiled
-        if (compiled is not None and DIRECT_LAUNCHES and _hooks_idle()
-                and not self.kernel.pre_run_hooks
-                and driver.active.get_current_device() == compiled.device):
+        if (compiled is not None and stream is not None and stream.device == compiled.device
+                and not self.kernel.pre_run_hooks):
             kernel = compiled.kernel
-            kernel.run(*compiled.grid, driver.active.get_current_stream(compiled.device),
-                       kernel.function, kernel.packed_metadata, None, None, None, *tensors,
-                       *self.head, *scalars, *self.tail, *compiled.constants)
+            kernel.run(*compiled.grid, stream.handle, kernel.function, kernel.packed_metadata,
+                       None, None, None, *tensors, *self.head, *scalars, *self.tail,
+                       *compiled.constants)
             return
         kernel = self.kernel[self.grid](*tensors, *self.head, *scalars, *self.tail,
                                         **self.constexprs, num_warps=self.num_warps)
@@ -95,8 +118,9 @@ class LaunchTemplate:
                 and isinstance(self.kernel, JITFunction)):
             self.compiled = self._compiled(kernel)
 
-    def bind(self, tensors: tuple[Any, ...], *scalars: float) -> KernelLaunch:
-        """The launch that `self(tensors, *scalars)` would make, as data."""
+    def bind(self, stream: LaunchStream | None, tensors: tuple[Any, ...],
+             *scalars: float) -> KernelLaunch:
+        """The launch that `self(stream, tensors, *scalars)` would make, as data."""
         return KernelLaunch(self.kernel, self.grid, (*tensors, *self.head, *scalars, *self.tail),
                             self.constexprs, self.num_warps)
 

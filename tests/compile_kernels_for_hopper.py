@@ -12,7 +12,8 @@ stem and inner convolutions with BN + ReLU at 64x112x112, 64x56x56, 128x56x56, 1
 32x16x16 and 64x8x8. Reduction grids are sized by the runtime's one-wave rule, from the registers of
 these sm_90 binaries.
 
-It prints one JSON line per launch: the grid, registers, shared memory, local memory (spills), CTAs
+The statistics pass is compiled twice, with the running-stat update (eager mode) and without
+(compiled code, which updates them in a launch of its own). It prints one JSON line per launch: the grid, registers, shared memory, local memory (spills), CTAs
 per SM and waves; for each activation tensor, and apart from them for the packed ReLU mask (the
 forward writes it, the backward reads it where it would read the output), the widths in bytes of
 its global loads and stores, traced in the PTX from the kernel parameter each address derives from; and the SASS instructions
@@ -248,8 +249,17 @@ def main(shard: int = 0, shards: int = 1) -> None:
             relu_mask = forward.relu_mask if forward.relu_mask is not None else x
             backward = kernels.plan_backward(x, x, relu_mask, channels, forward.stats, 1e-5, True,
                                              residual, reduction_programs=reduction_programs)
-            for step, call in (("forward", forward), ("backward", backward)):
-                for launch in call.launches:
+            # Compiled code's forward (the custom op) updates the running statistics in a launch
+            # of its own: its statistics pass is the variant without the update, sized as the
+            # variant with it is (one geometry serves both).
+            compiled_forward = kernels.plan_forward(x, channels, channels,
+                                                    x if residual else None, None, None, 1e-5,
+                                                    True, True, None,
+                                                    reduction_programs=reduction_programs)
+            for step, launches in (("forward", forward.launches),
+                                   ("forward without update", compiled_forward.launches[:1]),
+                                   ("backward", backward.launches)):
+                for launch in launches:
                     print(json.dumps(describe(case, layout, step, launch)), flush=True)
 
 

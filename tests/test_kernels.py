@@ -501,7 +501,9 @@ ACTIVATION_KERNELS = {
 def test_resnet_launches_compile_for_hopper_with_16_byte_accesses_no_spills_one_wave():
     """The compiled path, checked without a GPU: every launch of a ResNet-50 and a ResNet-56
     training step (each epilogue, with a residual and BN + ReLU without, NCHW and channels_last,
-    bf16) compiles for sm_90 with its real launch configuration; every activation load and store
+    bf16; the statistics pass with the running-stat update, as eager mode launches it, and
+    without, as compiled code does) compiles for sm_90 with its real launch configuration; every
+    activation load and store
     is a 16-byte vector, the ReLU travels as the packed mask (a byte per 8 values), nothing
     spills to local memory, every reduction grid fits in one wave at the occupancy its binary
     allows, and each kernel stays within its instruction budget."""
@@ -522,8 +524,13 @@ def test_resnet_launches_compile_for_hopper_with_16_byte_accesses_no_spills_one_
         stdout, stderr = process.communicate(timeout=900)
         assert process.returncode == 0, stderr[-3000:]
         launches += [json.loads(line) for line in stdout.splitlines()]
-    # 18 epilogues x 2 layouts x (2 forward + 2 backward launches)
-    assert len(launches) == 18 * 2 * 4
+    # 18 epilogues x 2 layouts x (2 forward + 2 backward launches + the statistics pass without
+    # the running-stat update, which compiled code launches)
+    assert len(launches) == 18 * 2 * 5
+    without_update = [l for l in launches if l["step"] == "forward without update"]
+    assert len(without_update) == 18 * 2
+    assert {l["kernel"] for l in without_update} == {"_batch_stats_kernel",
+                                                     "_span_batch_stats_kernel"}
     assert {l["shape"] for l in launches} >= {"resnet50 64x112x112", "resnet56 16x32x32",
                                               "resnet50 2048x7x7 +residual"}
     for launch in launches:

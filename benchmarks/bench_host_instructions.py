@@ -8,12 +8,19 @@ shared machine that figure drifts by tens of percent from case to case, more tha
 is meant to judge. This benchmark counts the instructions instead, with valgrind's callgrind: the
 same total run after run for the same code and inputs, whatever else the machine is doing. Each
 provider of bench_host.py (`fused` with Triton's launches through its real launch path and the
-stand-in launcher, `eager`, `python_function_floor`) runs in a process of its own under callgrind
-twice, warmed up and then for `--steps` and `--steps + --extra` forward + backward steps; the
-difference over `--extra` steps is one step's instructions, free of start-up and warm-up.
-Instructions are not time (a cycle issues several, fewer where Python's dispatch branches), so
-the ratio is a repeatable proxy for bench_host.py's, not a substitute. Rows go to
-benchmarks/results/host_instructions.csv.
+stand-in launcher, `eager`, `python_function_floor`) runs in a process of its own under callgrind,
+`--repeats` times: warmed up, then `--steps` forward + backward steps, counted alone (callgrind
+zeroes its counts as the child calls os.getppid just before them and dumps them as it calls
+os.getpgrp just after), so start-up and warm-up, whose counts vary from run to run by more than a
+step's, stay out. Python's hash seed is fixed (PYTHONHASHSEED=0), so that dictionaries and sets
+probe alike in every run. The figure is the main thread's count, which does all of a layer's work
+here (autograd runs a CPU backward on the calling thread): on the development machine it came out
+the same to the instruction in two runs side by side, where all threads together varied by up to
+a sixth of a step from run to run, as other threads wake and wait for as long as the run takes.
+What other threads did in the counted steps is recorded beside it (`other_threads_most`), and
+the figure is the fewest of `--repeats` runs, with their spread. Instructions are not time (a cycle issues several, fewer where
+Python's dispatch branches), so the ratio is a repeatable proxy for bench_host.py's, not a
+substitute. Rows go to benchmarks/results/host_instructions.csv.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 PROVIDERS = ("fused", "eager", "python_function_floor")
 WARM_UP_STEPS = 30
@@ -48,25 +56,43 @@ def _child(provider: str, steps: int, shape: tuple[int, ...], layout: str, resid
     inputs = bench_host._layer_inputs(shape, torch.bfloat16, torch.device("cpu"),
                                       bench_host.LAYOUTS[layout], residual)
     step = bench_host._step(provider, *inputs)
-    for _ in range(WARM_UP_STEPS + steps):
+    for _ in range(WARM_UP_STEPS):
         step()
+    os.getppid()  # callgrind zeroes its counts here (--zero-before)
+    for _ in range(steps):
+        step()
+    os.getpgrp()  # and dumps them here (--dump-before)
 
 
-def _instructions(provider: str, steps: int, args: argparse.Namespace) -> int:
-    """Instructions callgrind counts over a child's whole run."""
+def _instructions(provider: str, args: argparse.Namespace) -> tuple[float, float]:
+    """Instructions per step that callgrind counts over a child's counted steps: (the main
+    thread's, every other thread's)."""
     with tempfile.TemporaryDirectory() as folder:
         command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={folder}/out",
-                   sys.executable, __file__, "--child", provider, str(steps),
-                   "--shape", args.shape, "--layout", args.layout]
+                   "--separate-threads=yes", "--zero-before=os_getppid",
+                   "--dump-before=os_getpgrp", sys.executable, __file__, "--child", provider,
+                   str(args.steps), "--shape", args.shape, "--layout", args.layout]
         if args.residual:
             command.append("--residual")
-        done = subprocess.run(command, capture_output=True, text=True)
+        if args.import_from:
+            command += ["--import-from", args.import_from]
+        done = subprocess.run(command, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONHASHSEED": "0"})
         if done.returncode != 0:
             raise RuntimeError(f"{provider} under callgrind failed:\n{done.stderr[-2000:]}")
-        found = re.search(r"Collected : (\d+)", done.stderr)
-        if found is None:
-            raise RuntimeError(f"callgrind printed no total for {provider}")
-        return int(found.group(1))
+        # One file per thread and dump: out.<dump>-<thread>. The counted steps' dump is the last
+        # before the one at exit (out.1 unless some library called os.getpgrp too).
+        dumps = [int(path.name.split(".")[1].split("-")[0])
+                 for path in Path(folder).glob("out.*-*")]
+        if not dumps:
+            raise RuntimeError(f"callgrind dumped no count of {provider}'s steps (no os_getpgrp "
+                               "symbol in this Python?)")
+        counts = {}
+        for path in Path(folder).glob(f"out.{max(dumps)}-*"):
+            found = re.search(r"^summary: (\d+)", path.read_text(), re.M)
+            counts[int(path.name.rsplit("-", 1)[1])] = int(found.group(1)) if found else 0
+        main_thread = counts.pop(1, 0)
+        return main_thread / args.steps, sum(counts.values()) / args.steps
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -75,8 +101,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the fused layer's N x C x H x W (a ResNet-56 stage-2 layer)")
     parser.add_argument("--layout", choices=["channels_last", "nchw"], default="channels_last")
     parser.add_argument("--residual", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--extra", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=300, help="counted steps per run")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per provider")
+    parser.add_argument("--providers", default=",".join(PROVIDERS),
+                        help=f"comma-separated, of {', '.join(PROVIDERS)} (eager: the ratios' base)")
+    parser.add_argument("--import-from", default=None, metavar="DIR",
+                        help="import resnet_ablate from DIR (a copy of another version's package, "
+                             "to count two versions side by side)")
     parser.add_argument("--child", nargs=2, metavar=("PROVIDER", "STEPS"), help=argparse.SUPPRESS)
     parser.add_argument("--csv", default=None)
     return parser.parse_args(argv)
@@ -85,6 +116,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     shape = tuple(int(size) for size in args.shape.split("x"))
+    if args.import_from:
+        sys.path.insert(0, args.import_from)
     if args.child:
         _child(args.child[0], int(args.child[1]), shape, args.layout, args.residual)
         return 0
@@ -92,22 +125,30 @@ def main(argv: list[str] | None = None) -> int:
 
     from _results import RESULTS, append_rows, run_context
 
-    runs = [(provider, steps) for provider in PROVIDERS
-            for steps in (args.steps, args.steps + args.extra)]
+    providers = args.providers.split(",")
+    runs = [provider for provider in providers for _ in range(args.repeats)]
     print(f"{len(runs)} runs under callgrind, {os.cpu_count()} at a time (a minute or two each)")
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        totals = dict(zip(runs, pool.map(lambda run: _instructions(*run, args), runs)))
-    per_step = {provider: (totals[provider, args.steps + args.extra]
-                           - totals[provider, args.steps]) / args.extra
-                for provider in PROVIDERS}
+        counts = list(pool.map(lambda provider: _instructions(provider, args), runs))
+    by_provider = {provider: sorted(c[0] for p, c in zip(runs, counts) if p == provider)
+                   for provider in providers}
+    others = {provider: max(c[1] for p, c in zip(runs, counts) if p == provider)
+              for provider in providers}
+    per_step = {provider: c[0] for provider, c in by_provider.items()}
+    eager = per_step.get("eager")
     rows = []
     for provider, instructions in per_step.items():
+        spread = by_provider[provider][-1] - by_provider[provider][0]
+        ratio = round(instructions / eager, 3) if eager else None
         rows.append({**run_context(torch.device("cpu")), "shape": args.shape,
                      "layout": args.layout, "residual": args.residual, "provider": provider,
                      "instructions_fwd_bwd": round(instructions),
-                     "over_eager": round(instructions / per_step["eager"], 3)})
-        print(f"{provider:22} {instructions / 1e3:8.1f}k instructions per forward + backward, "
-              f"{instructions / per_step['eager']:.2f}x eager")
+                     "spread_across_runs": round(spread), "runs": args.repeats,
+                     "other_threads_most": round(others[provider]),
+                     "over_eager": ratio, "package": args.import_from or "installed"})
+        print(f"{provider:22} {instructions / 1e3:8.1f}k instructions per forward + backward "
+              f"(runs within {spread / 1e3:.1f}k; other threads at most "
+              f"{others[provider] / 1e3:.1f}k)" + (f", {ratio:.2f}x eager" if ratio else ""))
     append_rows(args.csv or RESULTS / "host_instructions.csv", rows)
     return 0
 

@@ -14,9 +14,10 @@ zeroes its counts as the child calls os.getppid just before them and dumps them 
 os.getpgrp just after), so start-up and warm-up, whose counts vary from run to run by more than a
 step's, stay out. Python's hash seed is fixed (PYTHONHASHSEED=0), so that dictionaries and sets
 probe alike in every run. The figure is the main thread's count, which does all of a layer's work
-here (autograd runs a CPU backward on the calling thread): on the development machine it came out
-the same to the instruction in two runs side by side, where all threads together varied by up to
-a sixth of a step from run to run, as other threads wake and wait for as long as the run takes.
+here (autograd runs a CPU backward on the calling thread): on the development machine two runs
+side by side came out within a few instructions a step of each other (another clone in another
+virtual environment within 0.4%), where all threads together varied by up to a sixth of a step
+from run to run, as other threads wake and wait for as long as the run takes.
 What other threads did in the counted steps is recorded beside it (`other_threads_most`), and
 the figure is the fewest of `--repeats` runs, with their spread. Instructions are not time (a cycle issues several, fewer where
 Python's dispatch branches), so the ratio is a repeatable proxy for bench_host.py's, not a
@@ -38,7 +39,8 @@ PROVIDERS = ("fused", "eager", "python_function_floor")
 WARM_UP_STEPS = 30
 
 
-def _child(provider: str, steps: int, shape: tuple[int, ...], layout: str, residual: bool) -> None:
+def _child(provider: str, steps: int, shape: tuple[int, ...], layout: str, residual: bool,
+           import_from: str | None) -> None:
     """Run one provider's layer `steps` times after warm-up (what callgrind counts)."""
     os.environ.pop("TRITON_INTERPRET", None)  # Triton's compiled launch path, stood in for
     import torch
@@ -48,8 +50,16 @@ def _child(provider: str, steps: int, shape: tuple[int, ...], layout: str, resid
 
     torch.set_num_threads(1)
     triton_stand_in.install()
+    import resnet_ablate
+    from resnet_ablate import kernels
     from resnet_ablate.kernels import set_backend
 
+    if import_from:  # both halves of the package from there, not the installed ones
+        for module in (resnet_ablate, kernels):
+            if not Path(module.__file__).resolve().is_relative_to(Path(import_from).resolve()):
+                raise SystemExit(f"{module.__name__} came from {module.__file__}, not from "
+                                 f"{import_from}: copy the other version's kernels/ folder in as "
+                                 "resnet_ablate/kernels there")
     set_backend("triton")
     if provider == "eager":
         shape = (2, bench_host.EAGER_CPU_CHANNELS, 1, 1)
@@ -80,19 +90,29 @@ def _instructions(provider: str, args: argparse.Namespace) -> tuple[float, float
                               env={**os.environ, "PYTHONHASHSEED": "0"})
         if done.returncode != 0:
             raise RuntimeError(f"{provider} under callgrind failed:\n{done.stderr[-2000:]}")
-        # One file per thread and dump: out.<dump>-<thread>. The counted steps' dump is the last
-        # before the one at exit (out.1 unless some library called os.getpgrp too).
-        dumps = [int(path.name.split(".")[1].split("-")[0])
-                 for path in Path(folder).glob("out.*-*")]
-        if not dumps:
-            raise RuntimeError(f"callgrind dumped no count of {provider}'s steps (no os_getpgrp "
-                               "symbol in this Python?)")
-        counts = {}
-        for path in Path(folder).glob(f"out.{max(dumps)}-*"):
-            found = re.search(r"^summary: (\d+)", path.read_text(), re.M)
-            counts[int(path.name.rsplit("-", 1)[1])] = int(found.group(1)) if found else 0
+        # One file per thread and dump: out.<dump>-<thread>, and out-<thread> at exit. Exactly
+        # one dump, the counted steps' (else something else called os.getpgrp too).
+        dumps = {path.name.split(".")[1].split("-")[0] for path in Path(folder).glob("out.*-*")}
+        if dumps != {"1"}:
+            raise RuntimeError(f"callgrind dumped {len(dumps)} counts of {provider}'s run, not "
+                               "the counted steps' alone (no os_getpgrp symbol in this Python, "
+                               "or another caller of os.getpgrp)")
+        counts = {int(path.name.rsplit("-", 1)[1]): _summary(path)
+                  for path in Path(folder).glob("out.1-*")}
         main_thread = counts.pop(1, 0)
+        # Without the zeroing (no os_getppid symbol) the dump would hold start-up and warm-up
+        # too, all of the run but its exit; the steps alone are a fifth of it at 300 steps.
+        collected = re.search(r"Collected : (\d+)", done.stderr)
+        if collected is None or main_thread > 0.9 * int(collected.group(1)):
+            raise RuntimeError(f"callgrind's count of {provider}'s steps holds nearly all of its "
+                               "run: was it zeroed at os_getppid?")
         return main_thread / args.steps, sum(counts.values()) / args.steps
+
+
+def _summary(path: Path) -> int:
+    """The events a callgrind dump counted."""
+    found = re.search(r"^summary: (\d+)", path.read_text(), re.M)
+    return int(found.group(1)) if found else 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -106,8 +126,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--providers", default=",".join(PROVIDERS),
                         help=f"comma-separated, of {', '.join(PROVIDERS)} (eager: the ratios' base)")
     parser.add_argument("--import-from", default=None, metavar="DIR",
-                        help="import resnet_ablate from DIR (a copy of another version's package, "
-                             "to count two versions side by side)")
+                        help="import resnet_ablate from DIR, to count two versions side by side: "
+                             "a copy of another version's resnet_ablate/ with its top-level "
+                             "kernels/ copied in as resnet_ablate/kernels (checked)")
     parser.add_argument("--child", nargs=2, metavar=("PROVIDER", "STEPS"), help=argparse.SUPPRESS)
     parser.add_argument("--csv", default=None)
     return parser.parse_args(argv)
@@ -119,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.import_from:
         sys.path.insert(0, args.import_from)
     if args.child:
-        _child(args.child[0], int(args.child[1]), shape, args.layout, args.residual)
+        _child(args.child[0], int(args.child[1]), shape, args.layout, args.residual,
+               args.import_from)
         return 0
     import torch
 
@@ -147,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                      "other_threads_most": round(others[provider]),
                      "over_eager": ratio, "package": args.import_from or "installed"})
         print(f"{provider:22} {instructions / 1e3:8.1f}k instructions per forward + backward "
-              f"(runs within {spread / 1e3:.1f}k; other threads at most "
+              f"(runs within {spread:.0f} of each other; other threads at most "
               f"{others[provider] / 1e3:.1f}k)" + (f", {ratio:.2f}x eager" if ratio else ""))
     append_rows(args.csv or RESULTS / "host_instructions.csv", rows)
     return 0

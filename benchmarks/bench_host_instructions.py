@@ -4,22 +4,22 @@ not move, beside eager PyTorch's.
     python benchmarks/bench_host_instructions.py     # needs valgrind; any machine, no GPU
 
 bench_host.py times a layer's host path in CPU microseconds, the fastest of several blocks; on a
-shared machine that figure drifts by tens of percent from case to case, more than the changes it
-is meant to judge. This benchmark counts the instructions instead, with valgrind's callgrind: the
-same total run after run for the same code and inputs, whatever else the machine is doing. Each
-provider of bench_host.py (`fused` with Triton's launches through its real launch path and the
-stand-in launcher, `eager`, `python_function_floor`) runs in a process of its own under callgrind,
+shared machine that figure drifts by tens of percent from case to case, more than the changes it is
+meant to judge. This benchmark counts the instructions instead, with valgrind's callgrind: the same
+total run after run for the same code and inputs, whatever else the machine is doing. Each provider
+of bench_host.py (`fused` with Triton's launches through its real launch path and the stand-in
+launcher, `eager`, `python_function_floor`) runs in a process of its own under callgrind,
 `--repeats` times: warmed up, then `--steps` forward + backward steps, counted alone (callgrind
 zeroes its counts as the child calls os.getppid just before them and dumps them as it calls
 os.getpgrp just after), so start-up and warm-up, whose counts vary from run to run by more than a
 step's, stay out. Python's hash seed is fixed (PYTHONHASHSEED=0), so that dictionaries and sets
 probe alike in every run. The figure is the main thread's count, which does all of a layer's work
-here (autograd runs a CPU backward on the calling thread): on the development machine two runs
-side by side came out within a few instructions a step of each other (another clone in another
-virtual environment within 0.4%), where all threads together varied by up to a sixth of a step
-from run to run, as other threads wake and wait for as long as the run takes.
-What other threads did in the counted steps is recorded beside it (`other_threads_most`), and
-the figure is the fewest of `--repeats` runs, with their spread. Instructions are not time (a cycle issues several, fewer where
+here (autograd runs a CPU backward on the calling thread): on the development machine two runs side
+by side came out within a few instructions a step of each other (another clone in another virtual
+environment within 0.4%), where all threads together varied by up to a sixth of a step from run to
+run, as other threads wake and wait for as long as the run takes. What other threads did in the
+counted steps is recorded beside it (`other_threads_most`), and the figure is the fewest of
+`--repeats` runs, with their spread. Instructions are not time (a cycle issues several, fewer where
 Python's dispatch branches), so the ratio is a repeatable proxy for bench_host.py's, not a
 substitute. Rows go to benchmarks/results/host_instructions.csv.
 """
@@ -124,7 +124,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=300, help="counted steps per run")
     parser.add_argument("--repeats", type=int, default=3, help="runs per provider")
     parser.add_argument("--providers", default=",".join(PROVIDERS),
-                        help=f"comma-separated, of {', '.join(PROVIDERS)} (eager: the ratios' base)")
+                        help=f"comma-separated, of {', '.join(PROVIDERS)} "
+                             "(eager: the ratios' base)")
     parser.add_argument("--import-from", default=None, metavar="DIR",
                         help="import resnet_ablate from DIR, to count two versions side by side: "
                              "a copy of another version's resnet_ablate/ with its top-level "

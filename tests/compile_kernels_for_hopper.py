@@ -13,14 +13,15 @@ stem and inner convolutions with BN + ReLU at 64x112x112, 64x56x56, 128x56x56, 1
 these sm_90 binaries.
 
 The statistics pass is compiled twice, with the running-stat update (eager mode) and without
-(compiled code, which updates them in a launch of its own). It prints one JSON line per launch: the grid, registers, shared memory, local memory (spills), CTAs
-per SM and waves; for each activation tensor, and apart from them for the packed ReLU mask (the
-forward writes it, the backward reads it where it would read the output), the widths in bytes of
-its global loads and stores, traced in the PTX from the kernel parameter each address derives from; and the SASS instructions
-per activation element of the kernel's main loop (of its whole body where it has no loop), from
-the binary's disassembly. This is the evidence, short of a GPU, that activation traffic moves in
-16-byte vectors, that nothing spills, that every reduction runs in one wave, and how much work
-each element costs.
+(compiled code, which updates them in a launch of its own). It prints one JSON line per launch: the
+grid, registers, shared memory, local memory (spills), CTAs per SM and waves; for each activation
+tensor, and apart from them for the packed ReLU mask (the forward writes it, the backward reads it
+where it would read the output), the widths in bytes of its global loads and stores, traced in the
+PTX from the kernel parameter each address derives from; and the SASS instructions per activation
+element of the kernel's main loop (of its whole body where it has no loop), from the binary's
+disassembly. This is the evidence, short of a GPU, that activation traffic moves in 16-byte
+vectors, that nothing spills, that every reduction runs in one wave, and how much work each element
+costs.
 """
 
 from __future__ import annotations

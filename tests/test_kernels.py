@@ -503,10 +503,9 @@ def test_resnet_launches_compile_for_hopper_with_16_byte_accesses_no_spills_one_
     training step (each epilogue, with a residual and BN + ReLU without, NCHW and channels_last,
     bf16; the statistics pass with the running-stat update, as eager mode launches it, and
     without, as compiled code does) compiles for sm_90 with its real launch configuration; every
-    activation load and store
-    is a 16-byte vector, the ReLU travels as the packed mask (a byte per 8 values), nothing
-    spills to local memory, every reduction grid fits in one wave at the occupancy its binary
-    allows, and each kernel stays within its instruction budget."""
+    activation load and store is a 16-byte vector, the ReLU travels as the packed mask (a byte
+    per 8 values), nothing spills to local memory, every reduction grid fits in one wave at the
+    occupancy its binary allows, and each kernel stays within its instruction budget."""
     import json
     import os
     import subprocess

@@ -128,14 +128,14 @@ def _forward_plan(x, residual, out, batch_stats: bool, constexprs: dict[str, Any
             tuple(s for strides in tiling.strides for s in strides),
             dict(constexprs, BLOCK_R=tiling.block_r, BLOCK_C=tiling.block_c), tiling.num_warps)
     return _ForwardPlan(geometry, statistics, normalize, {}, (2 + 4 * geometry.splits) * channels,
-                        x.numel() // 8 if packing else 0, *_prototypes(x.device))
+                        x.numel() // 8 if packing else 0, _prototype(x, torch.float32),
+                        _prototype(x, torch.uint8))
 
 
-def _prototypes(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Empty fp32 and uint8 tensors on `device`, whose `new_empty` allocates a call's buffers: it
+def _prototype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor of `dtype` on x's device, whose `new_empty` allocates a call's buffers: it
     parses fewer arguments than `torch.empty(size, dtype=..., device=...)`, every call."""
-    return (torch.empty(0, dtype=torch.float32, device=device),
-            torch.empty(0, dtype=torch.uint8, device=device))
+    return torch.empty(0, dtype=dtype, device=x.device)
 
 
 def _issue_forward(x, weight, bias, residual, running_mean, running_var, eps: float, relu: bool,
@@ -266,7 +266,7 @@ def _backward_plan(geometry_key: tuple, x, grad_out, relu_mask, grad_input, grad
             (channels, *walk, count), (*(sdr if residual_grad else sg), *so, *sx, *sdi),
             dict(elementwise_constexprs, **blocks), tiling.num_warps)
     return _BackwardPlan(geometry, reduce, elementwise, {}, channels * (1 + 2 * geometry.splits),
-                         _prototypes(x.device)[0])
+                         _prototype(x, torch.float32))
 
 
 def _issue_backward(grad_out, x, relu_mask, weight, stats, eps: float, batch_stats: bool,

@@ -455,8 +455,8 @@ def test_one_layer_on_two_streams_at_once_gives_one_streams_bits():
 @pytest.mark.gpu
 def test_two_captured_graphs_of_one_layer_replay_in_any_order_as_it_runs():
     """Every capture shares one stream, so a captured reduction takes counters of its own,
-    zeroed in its graph (reduction_counters in kernels/_triton_finalize.py): the second of two graphs
-    of the same layer, replayed first, gives the bits the layer gives uncaptured."""
+    zeroed in its graph (reduction_counters in kernels/_triton_finalize.py): the second of two
+    graphs of the same layer, replayed first, gives the bits the layer gives uncaptured."""
     layer = _cuda_training_layer()
     with use_backend("triton"):
         expected = layer()

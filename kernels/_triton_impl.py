@@ -147,12 +147,15 @@ def _issue_forward(x, weight, bias, residual, running_mean, running_var, eps: fl
     running = () if update is None else update[:2]
     all_aligned = aligned(x, residual, weight, bias, running_mean, running_var, *running)
     # Every tensor's dtype and whether all are aligned: a template's launches share one binary
-    # (_triton_launch.py). All are on x's device (_checks.py).
+    # (_triton_launch.py). All are on x's device (_checks.py), and a residual has x's shape. One
+    # flat tuple: a layer looks its plan up every call, and nested tuples hash and compare slower.
     key = (x.shape, x.stride(), x.dtype, x.device,
-           None if residual is None else (residual.shape, residual.stride(), residual.dtype),
+           None if residual is None else residual.stride(),
+           None if residual is None else residual.dtype,
            None if weight is None else weight.dtype, None if bias is None else bias.dtype,
-           None if batch_stats else (running_mean.dtype, running_var.dtype),
-           None if update is None else (running[0].dtype, running[1].dtype),
+           None if batch_stats else running_mean.dtype, None if batch_stats else running_var.dtype,
+           None if update is None else running[0].dtype,
+           None if update is None else running[1].dtype,
            relu, pack_relu_mask, eps == 0, all_aligned, reduction_programs)
     out = torch.empty_like(x)  # the input's strides, as the fake kernel promises
     plan = _FORWARD_PLANS.get(key)
@@ -280,9 +283,10 @@ def _issue_backward(grad_out, x, relu_mask, weight, stats, eps: float, batch_sta
     all_aligned = aligned(x, grad_out, relu_mask, weight, stats)
     # As the forward's key; the mask is packed (its shape follows from x's) or the output.
     key = (x.shape, x.stride(), x.dtype, x.device, grad_out.shape, grad_out.stride(),
-           grad_out.dtype, None if relu_mask is None else (relu_mask.dtype, relu_mask.stride()),
-           residual_grad, None if weight is None else weight.dtype, stats.dtype, batch_stats,
-           all_aligned, reduction_programs)
+           grad_out.dtype, None if relu_mask is None else relu_mask.dtype,
+           None if relu_mask is None else relu_mask.stride(), residual_grad,
+           None if weight is None else weight.dtype, stats.dtype, batch_stats, all_aligned,
+           reduction_programs)
     plan = _BACKWARD_PLANS.get(key)
     if plan is None:
         geometry_key = (tensor_signature(x), tensor_signature(grad_out),

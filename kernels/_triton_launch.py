@@ -74,12 +74,13 @@ def launch_stream(last: LaunchTemplate) -> LaunchStream | None:
 
 
 class _Compiled(NamedTuple):
-    """What a template's later launches reuse from its first: the binary JITFunction.run
-    returned, the device it was loaded on, and the launch arguments that never change."""
+    """What a template's later launches reuse from its first: the binary's launcher, the device
+    it was loaded on, and the launch arguments that never change."""
 
-    kernel: Any  # a triton CompiledKernel
+    launcher: Any  # the CompiledKernel's `run`, a property that Triton would look up each time
     device: int
     grid: tuple[int, int, int]
+    binary: tuple[Any, Any]  # the kernel's function handle and packed metadata
     constants: tuple[Any, ...]  # the compile-time constants' values, in parameter order
 
 
@@ -107,10 +108,9 @@ class LaunchTemplate:
         compiled = self.compiled
         if (compiled is not None and stream is not None and stream.device == compiled.device
                 and not self.kernel.pre_run_hooks):
-            kernel = compiled.kernel
-            kernel.run(*compiled.grid, stream.handle, kernel.function, kernel.packed_metadata,
-                       None, None, None, *tensors, *self.head, *scalars, *self.tail,
-                       *compiled.constants)
+            # No launch metadata and no hooks: _hooks_idle held when `stream` was read.
+            compiled.launcher(*compiled.grid, stream.handle, *compiled.binary, None, None, None,
+                              *tensors, *self.head, *scalars, *self.tail, *compiled.constants)
             return
         kernel = self.kernel[self.grid](*tensors, *self.head, *scalars, *self.tail,
                                         **self.constexprs, num_warps=self.num_warps)
@@ -137,7 +137,8 @@ class LaunchTemplate:
                 return None
             constants.append(value)
         grid = (*self.grid, 1, 1)[:3]
-        return _Compiled(kernel, driver.active.get_current_device(), grid, tuple(constants))
+        return _Compiled(kernel.run, driver.active.get_current_device(), grid,
+                         (kernel.function, kernel.packed_metadata), tuple(constants))
 
 
 def through_jit_only(templates: Any) -> None:

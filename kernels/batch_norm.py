@@ -41,19 +41,19 @@ from .backends import get_backend
 from .backends import implementation as _implementation
 
 
-def _runs_inline(x: torch.Tensor) -> bool:
+def _runs_inline(x: torch.Tensor, eager: bool) -> bool:
     """Whether `fused_batch_norm` skips the custom op and calls ATen's ops directly.
 
     Only in eager mode under "auto" where the op would run its PyTorch implementation: there the
     op's wrapper (custom-op dispatch, an autograd Function, checks) costs more than it saves on the
     small tensors of CIFAR and digits networks. Under tracing and compilation the op stays, so that
     `torch.compile` sees one node and fvcore counts a fused model as it counts an unfused one.
+    (`eager`, from `_is_eager`, already rules both out.)
     """
     return (
         get_backend() == "auto"
         and _implementation(x) is _torch_impl
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
+        and (eager or not (torch.compiler.is_compiling() or torch.jit.is_tracing()))
     )
 
 
@@ -185,10 +185,12 @@ def _setup_context(ctx, inputs, output) -> None:
 def _save_for_backward(ctx, inputs, out, stats, relu_mask, implementation, gradient) -> None:
     """Saves what the backward reads. `implementation` is the eager path's, whose backward it
     calls directly; None for the custom op's, whose backward is the backward op. `gradient`:
-    whether autograd records the call (else nothing will read what is saved)."""
+    whether autograd records the call: else nothing will read what is saved, and nothing is."""
+    if not gradient:
+        return
     x, weight, bias, residual, running_mean, running_var, eps, relu = inputs[:8]
     batch_stats = running_mean is None
-    if not batch_stats and gradient:
+    if not batch_stats:
         # A copy: a later training forward updates the running statistics in place, which must
         # neither change this backward nor trip autograd's version check (nn.BatchNorm2d does not).
         stats = torch.cat((running_mean.detach(), running_var.detach()))
@@ -246,15 +248,14 @@ class _EagerBatchNormAct(torch.autograd.Function):
     context and gradients. Autograd sees only what it differentiates: the output alone (the
     statistics and the mask only go to the backward), and as inputs the four tensors with
     gradients, the rest in one tuple (running statistics, eps, relu, the running-stat update,
-    whether autograd records the call).
+    whether autograd records the call, and the implementation, chosen once by the caller).
     Tracing and compilation keep the custom op (see `_is_eager`).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, rest):
         # forward(ctx, ...) rather than a separate setup_context: apply() then binds no signature.
-        running_mean, running_var, eps, relu, update, gradient = rest
-        implementation = _implementation(x)
+        running_mean, running_var, eps, relu, update, gradient, implementation = rest
         # The packed ReLU mask is worth writing only where a backward will read it.
         out, stats, relu_mask = _forward(implementation, x, weight, bias, residual, running_mean,
                                          running_var, eps, relu, relu and gradient, update)
@@ -301,16 +302,17 @@ def _exporting_to_onnx(eager: bool) -> bool:
 
 
 def _gradient_will_be_taken(x: torch.Tensor, weight: torch.Tensor | None,
-                            bias: torch.Tensor | None, residual: torch.Tensor | None) -> bool:
+                            bias: torch.Tensor | None, residual: torch.Tensor | None,
+                            eager: bool) -> bool:
     """Whether autograd will record this call: only then is a packed ReLU mask worth writing.
     (Never under the JIT tracer, whose check reruns the model with gradients off and would see
-    another graph; its traces count FLOPs, they do not train.)"""
+    another graph; its traces count FLOPs, they do not train. `eager` rules the tracer out.)"""
     return torch.is_grad_enabled() and (
         x.requires_grad
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
         or (residual is not None and residual.requires_grad)
-    ) and not torch.jit.is_tracing()
+    ) and (eager or not torch.jit.is_tracing())
 
 
 def fused_batch_norm(
@@ -334,18 +336,19 @@ def fused_batch_norm(
     has the input's shape or broadcasts to it, as in `out += residual`.
     """
     eager = _is_eager(input)
-    if _runs_inline(input) or _exporting_to_onnx(eager):
+    if _runs_inline(input, eager) or _exporting_to_onnx(eager):
         return _batch_norm_add_relu_inline(
             input, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu
         )
     check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps)
     residual = checked_residual(input, residual)
-    gradient = _gradient_will_be_taken(input, weight, bias, residual)
+    gradient = _gradient_will_be_taken(input, weight, bias, residual, eager)
     pack_relu_mask = relu and gradient
     if not training:
         if eager:
             return _eager_apply(input, weight, bias, residual,
-                                (running_mean, running_var, eps, relu, None, gradient))
+                                (running_mean, running_var, eps, relu, None, gradient,
+                                 _implementation(input)))
         return batch_norm_act(input, weight, bias, residual, running_mean, running_var, eps, relu,
                               pack_relu_mask)[0]
     count = input.numel() // input.shape[1]
@@ -354,7 +357,7 @@ def fused_batch_norm(
         update = RunningUpdate(running_mean, running_var, momentum, count / (count - 1))
     if eager:  # the update rides along with the forward
         return _eager_apply(input, weight, bias, residual,
-                            (None, None, eps, relu, update, gradient))
+                            (None, None, eps, relu, update, gradient, _implementation(input)))
     out, stats, _ = batch_norm_act(input, weight, bias, residual, None, None, eps, relu,
                                    pack_relu_mask)
     if update is not None:

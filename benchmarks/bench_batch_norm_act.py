@@ -3,13 +3,17 @@
     python benchmarks/bench_batch_norm_act.py                      # GPU: ResNet-50 epilogue shapes
     python benchmarks/bench_batch_norm_act.py --shape-set resnet   # every ResNet-50 and -56 shape
     python benchmarks/bench_batch_norm_act.py --small              # CPU: a few small shapes
+    python benchmarks/bench_batch_norm_act.py --tuned              # GPU: autotuned kernels too
 
 For every shape, dtype and layout it times forward, backward and forward+backward of the three
 providers in the same process, prints ms, effective bandwidth from the byte model below, its share of
 the device's peak bandwidth, and the fused provider's speed-up over eager and over torch.compile, and
 writes every row to a CSV together with the device name, library versions and peak memory.
 torch.compile compiles once per shape (static shapes), outside the timed region: each provider
-runs once before it is timed.
+runs once before it is timed. With --tuned (CUDA only), a fourth provider, `fused_tuned`, is the
+fused op with autotuning on (kernels/_triton_tuning.py: the elementwise passes' warps timed on the
+device, which compiles each candidate once per shape and pass, so the run takes longer); its
+untimed first call tunes.
 
 Byte model (the minimum traffic of a two-pass BatchNorm in training, per element of the activation;
 statistics vectors are negligible): forward reads x twice and the residual once and writes the output
@@ -41,7 +45,7 @@ import torch.nn.functional as F
 import triton
 
 from _results import RESULTS, append_rows, peak_memory_mb, reset_peak_memory, run_context
-from resnet_ablate.kernels import fused_batch_norm, use_backend
+from resnet_ablate.kernels import _triton_tuning, fused_batch_norm, use_backend
 from resnet_ablate.kernels._triton_impl import relu_mask_bytes
 
 # (N, C, H, W), with a residual added before the ReLU or not.
@@ -149,6 +153,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtypes", default=None, help="comma list of bf16,fp16,fp32")
     parser.add_argument("--layouts", default="channels_last,nchw")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    parser.add_argument("--tuned", action="store_true",
+                        help="also the fused op with autotuning on (CUDA only)")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend (aot_eager on a CPU skips C++ code generation)")
     parser.add_argument("--reps", type=int, default=None)
@@ -181,6 +187,9 @@ def config_rows(shape: Shape, dtype_name: str, layout: str, timings: dict[str, d
             "pct_peak": round(100 * gbps / peak, 1) if peak else "",
             "speedup_vs_eager": float(f"{ms['eager'] / ms['fused']:.4g}"),
             "speedup_vs_compile": float(f"{ms['compile'] / ms['fused']:.4g}") if "compile" in ms else "",
+            # What autotuning adds: the untuned fused op's time over the tuned one's.
+            "tuned_speedup": (float(f"{ms['fused'] / ms['fused_tuned']:.4g}")
+                              if "fused_tuned" in ms else ""),
             "peak_memory_mb": memory_mb,
         })
         line = (f"{rows[-1]['shape']:>18} {'+res' if residual else '':>4} {dtype_name:>5} "
@@ -207,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     providers = {"fused": fused_epilogue, "eager": eager_epilogue}
     if not args.no_compile:
         providers["compile"] = None  # compiled for each configuration: see below
+    if args.tuned and backend == "triton":
+        providers["fused_tuned"] = fused_epilogue  # after `fused`, which keeps untuned plans
+    elif args.tuned:
+        print("--tuned: no autotuning off a GPU (the fused provider is the PyTorch path here)")
     configs = list(itertools.product(shapes, dtype_names, args.layouts.split(",")))
     print(f"device: {context['device']} | torch {torch.__version__} | triton {triton.__version__} | "
           f"peak {peak or 'unknown'} GB/s | fused backend: {backend}")
@@ -226,7 +239,11 @@ def main(argv: list[str] | None = None) -> int:
                     torch._dynamo.reset()
                     fn = torch.compile(eager_epilogue, fullgraph=True, dynamic=False,
                                        backend=args.compile_backend)
-                timings[name] = measure(fn, inputs, grad, device, reps)
+                _triton_tuning.ENABLED = name == "fused_tuned"
+                try:
+                    timings[name] = measure(fn, inputs, grad, device, reps)
+                finally:
+                    _triton_tuning.ENABLED = False
             element_bytes = inputs[0].numel() * inputs[0].element_size()
             packed_mask = backend == "triton" and relu_mask_bytes(inputs[0], inputs[5]) > 0
             # As it goes: a run cut short keeps what it measured.

@@ -6,6 +6,7 @@ plans and the functions of the contract in _contract.py. Bottom up:
 - _triton_launch: launches as data, launch templates, launches that skip Triton's binding;
 - _triton_geometry: tilings, reduction sizes, per-signature geometry;
 - _triton_sizing: the reductions as a training step launches them, which size their splits;
+- _triton_tuning: the elementwise passes' warps, timed on a GPU (opt-in);
 - this module: per-signature launch plans; forward, backward and the running-stat update.
 
 Bytes moved per element, in units of the activation size (the benchmark's byte model), where m is
@@ -38,6 +39,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from . import _triton_tuning
 from ._contract import RunningUpdate
 from ._triton_geometry import (
     UPDATE_BLOCK_C, Geometry, call_geometry, dense_inputs, finalize_slots, is_packed_mask,
@@ -120,13 +122,14 @@ def _forward_plan(x, residual, out, batch_stats: bool, constexprs: dict[str, Any
     if span is not None:
         normalize = LaunchTemplate(_span_forward_kernel, (span.col_blocks, span.samples),
                                    (channels,), (), dict(constexprs, **span.constexprs()),
-                                   span.num_warps)
+                                   span.num_warps, tunable=True)
     else:
         normalize = LaunchTemplate(
             _forward_kernel, (tiling.tiles, tiling.col_blocks),
             (channels, tiling.positions, tiling.l_blocks),
             tuple(s for strides in tiling.strides for s in strides),
-            dict(constexprs, BLOCK_R=tiling.block_r, BLOCK_C=tiling.block_c), tiling.num_warps)
+            dict(constexprs, BLOCK_R=tiling.block_r, BLOCK_C=tiling.block_c), tiling.num_warps,
+            tunable=True)
     return _ForwardPlan(geometry, statistics, normalize, {}, (2 + 4 * geometry.splits) * channels,
                         x.numel() // 8 if packing else 0, _prototype(x, torch.float32),
                         _prototype(x, torch.uint8))
@@ -254,7 +257,7 @@ def _backward_plan(geometry_key: tuple, x, grad_out, relu_mask, grad_input, grad
             dict(reduce_constexprs, **span.constexprs()), span.num_warps)
         elementwise = LaunchTemplate(
             _span_backward_elementwise_kernel, (span.col_blocks, span.samples), (channels, count),
-            (), dict(elementwise_constexprs, **span.constexprs()), span.num_warps)
+            (), dict(elementwise_constexprs, **span.constexprs()), span.num_warps, tunable=True)
     else:
         sx, sg, so, sdi, sdr = tiling.strides
         blocks = dict(BLOCK_R=tiling.block_r, BLOCK_C=tiling.block_c)
@@ -267,7 +270,7 @@ def _backward_plan(geometry_key: tuple, x, grad_out, relu_mask, grad_input, grad
         elementwise = LaunchTemplate(
             _backward_elementwise_kernel, (tiling.tiles, tiling.col_blocks),
             (channels, *walk, count), (*(sdr if residual_grad else sg), *so, *sx, *sdi),
-            dict(elementwise_constexprs, **blocks), tiling.num_warps)
+            dict(elementwise_constexprs, **blocks), tiling.num_warps, tunable=True)
     return _BackwardPlan(geometry, reduce, elementwise, {}, channels * (1 + 2 * geometry.splits),
                          _prototype(x, torch.float32))
 
@@ -349,7 +352,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """`Implementation.forward` in _contract.py: the update joins the statistics launch."""
     return _issue_forward(x, weight, bias, residual, running_mean, running_var, eps, relu,
-                          pack_relu_mask, update, programs_in_one_wave, LaunchTemplate.__call__)
+                          pack_relu_mask, update, programs_in_one_wave, _launch())
 
 
 def backward(grad_out: torch.Tensor, x: torch.Tensor, relu_mask: torch.Tensor | None,
@@ -358,7 +361,12 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, relu_mask: torch.Tensor | 
              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """`Implementation.backward` in _contract.py."""
     return _issue_backward(grad_out, x, relu_mask, weight, stats, eps, batch_stats, residual_grad,
-                           programs_in_one_wave, LaunchTemplate.__call__)
+                           programs_in_one_wave, _launch())
+
+
+def _launch() -> Launch:
+    """How `forward` and `backward` launch: with autotuning on, through the tuner."""
+    return _triton_tuning.launch if _triton_tuning.ENABLED else LaunchTemplate.__call__
 
 
 def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor,

@@ -99,6 +99,9 @@ class LaunchTemplate:
     num_warps: int
     # Whether its launches may skip JITFunction.run: only where every call's tensors are aligned.
     direct: bool = True
+    # Whether its warps may be tuned (an elementwise pass, _triton_tuning.py), and were.
+    tunable: bool = False
+    tuned: bool = False
     compiled: _Compiled | None = field(default=None, repr=False)
 
     def __call__(self, stream: LaunchStream | None, tensors: tuple[Any, ...],

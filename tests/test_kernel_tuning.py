@@ -117,7 +117,7 @@ def test_nothing_is_tuned_off_a_gpu_or_by_default(monkeypatch):
     assert [t.tunable for t in templates["normalize"] + templates["elementwise"]] == [True, True]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(64, 256, 14, 14), (64, 512, 7, 7)])
 def test_tuned_on_cuda_keeps_the_bits(shape, monkeypatch):
     """On a GPU, timed by CUDA events: the tuned kernels give the untuned kernels' bits."""

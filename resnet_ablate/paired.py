@@ -31,6 +31,10 @@ def compare(results: Results, factor: str, baseline: Any,
     means are over those seeds too. Several completed trials of one configuration and seed are
     averaged first (and lose their per-image record)."""
     results.check_columns([factor])
+    factors = results.configuration_columns()
+    if factor not in factors:  # seeds, metrics and names are not levels a study sets
+        raise ResultsError(f"{factor!r} is not a factor study {results.study!r} sweeps, so it has "
+                           f"no levels to compare; factors: {', '.join(factors)}")
     results.check_metric(metric)
     done = results.require_completed("compare")
     levels = list(pd.unique(results.trials[factor].dropna()))

@@ -4,7 +4,9 @@ import dataclasses
 import hashlib
 import pickle
 import shutil
+import socket
 import tarfile
+import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -361,6 +363,29 @@ def test_download_checks_the_md5_and_keeps_only_a_verified_archive(tmp_path, cif
     # Once present, nothing is downloaded again.
     load_dataset("cifar10", root=tmp_path / "b", download=True, cache=False)
     assert len(calls) == 2
+
+
+def test_a_download_that_cannot_reach_the_address_says_what_to_do_and_leaves_nothing(
+        tmp_path, monkeypatch):
+    """Offline (as a --dry-run of a CIFAR spec with `download: true` finds itself): one error
+    naming the address, the folder and the fix; no empty folder, no partial file."""
+    def unreachable(url, filename):
+        Path(filename).write_bytes(b"partial")
+        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+
+    monkeypatch.setattr(cifar_module.urllib.request, "urlretrieve", unreachable)
+    root = tmp_path / "data"
+    with pytest.raises(OSError) as raised:
+        load_dataset("cifar10", root=root, download=True, cache=False)
+    assert str(raised.value) == (
+        f"could not download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz into "
+        f"{root}/ ([Errno -2] Name or service not known); offline, put cifar-10-python.tar.gz "
+        f"(or the folder it unpacks to) in {root}/ yourself")
+    assert not root.exists()
+    (tmp_path / "kept").mkdir()  # a folder that was there stays, emptied of the partial file
+    with pytest.raises(OSError, match="could not download"):
+        load_dataset("cifar10", root=tmp_path / "kept", download=True, cache=False)
+    assert list((tmp_path / "kept").iterdir()) == []
 
 
 @pytest.mark.parametrize("member, key, value, expected", [

@@ -258,6 +258,12 @@ def test_compare_accepts_the_level_as_typed_and_names_the_valid_ones(results):
         results.compare("shortcut", "B")
     with pytest.raises(ResultsError, match="no column 'width'"):
         results.compare("width", "16")
+    # Columns that are not swept factors: one error naming the factors, not pandas' own.
+    for column, level in (("seed", 0), ("arch_name", "plain8"), ("flops", 1), ("number", 0)):
+        with pytest.raises(ResultsError, match=rf"'{column}' is not a factor study .* sweeps, so "
+                                               r"it has no levels to compare; factors: depth, "
+                                               r"shortcut"):
+            results.compare(column, level)
 
 
 def _brute_force_front(rows, objectives, signs):

@@ -180,6 +180,10 @@ def test_report_writes_the_html_page(cli, results, tmp_path):
     (["summary", "--metric", "arch_name"], "'arch_name' is not a numeric column, so it has no mean"),
     (["compare", "--factor", "depth", "--baseline", "8", "--metric", "shortcut"],
      "'shortcut' is not a numeric column"),
+    (["compare", "--factor", "seed", "--baseline", "0"],
+     "'seed' is not a factor study 'results-small' sweeps, so it has no levels to compare; "
+     "factors: depth, shortcut"),
+    (["compare", "--factor", "arch_name", "--baseline", "plain8"], "'arch_name' is not a factor"),
 ])
 def test_bad_columns_and_values_are_one_line_errors(cli, argv, message):
     code, out, err = cli(*argv)
@@ -240,6 +244,17 @@ def test_the_installed_command_exits_2_without_a_traceback(runs):
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.startswith("resnet-ablate compare: error: no column 'nosuch'")
     assert "Traceback" not in done.stderr
+
+
+def test_a_reader_that_closes_the_pipe_early_ends_the_command_quietly(runs):
+    """`resnet-ablate export STUDY | head -1`: the reader goes away before the table is written;
+    the command exits 0 without a word, as other command-line tools do."""
+    command = subprocess.Popen([sys.executable, "-m", "resnet_ablate.cli", "export", STUDY,
+                                "--format", "csv", "--runs-dir", runs],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    command.stdout.close()  # before it writes a byte
+    assert command.wait(timeout=120) == 0
+    assert command.stderr.read() == b""
 
 
 def test_the_runs_folder_comes_from_the_environment_for_the_cli_and_python(runs, monkeypatch,

@@ -59,10 +59,13 @@ def test_the_commands_a_run_suggests_keep_its_runs_folder_and_work(study_s1, cap
     assert _store_options(argparse.Namespace(storage=None, runs_dir=None)) == ""
 
 
-def test_a_filter_that_empties_the_result_says_so(study_s1, capsys):
+def test_a_filter_that_empties_the_result_says_so_once(study_s1, capsys):
     runs = study_s1
-    assert main(["show", "s1", "--runs-dir", str(runs), "--where", "number == 7"]) == 0
-    assert "--where 'number == 7' matched none of the study's 2 trials" in capsys.readouterr().err
+    for command in ("show", "summary", "export"):
+        assert main([command, "s1", "--runs-dir", str(runs), "--where", "number == 7"]) == 2
+        captured = capsys.readouterr()
+        assert captured.err == (f"resnet-ablate {command}: error: --where 'number == 7' matched "
+                                "none of the study's 2 trials\n") and captured.out == ""
     assert main(["show", "s1", "--runs-dir", str(runs), "--where", "number == 1"]) == 0
     assert "matched none" not in capsys.readouterr().err
 

@@ -26,6 +26,8 @@ def _query(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
             print(f"resnet-ablate {args.command}: error: {error}; a store can also be named by "
                   "the path of its .db file", file=sys.stderr)
             return 2
+        except BrokenPipeError:  # stdout's reader left: not a failed write (cli/entry.py)
+            raise
         except OSError as error:  # writing -o: no permission, no space, ...
             # A failed write (no space: /dev/full) names no file; the path is -o's.
             path = error.filename or getattr(args, "output", None)
@@ -37,13 +39,14 @@ def _query(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
 
 
 def _load(args: argparse.Namespace):
-    from ..results import load
+    from ..results import ResultsError, load
 
     results = load(args.study, storage=args.storage, runs_dir=args.runs_dir)
     selected = results.where(args.where)
     if args.where and selected.trials.empty and not results.trials.empty:
-        print(f"resnet-ablate: --where {args.where!r} matched none of the study's "
-              f"{len(results.trials)} trials", file=sys.stderr)
+        # The one error: every command would only go on to find nothing to work on.
+        raise ResultsError(f"--where {args.where!r} matched none of the study's "
+                           f"{len(results.trials)} trials")
     return selected
 
 

@@ -276,11 +276,21 @@ def _assemble_cifar(fmt: CifarFormat, read: Callable[[str], dict[bytes, Any]],
 def download_cifar(fmt: CifarFormat, root: str | os.PathLike[str]) -> Path:
     """Fetch the official archive into `root` and check its md5; returns the archive's path."""
     root = Path(root).expanduser()
+    created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     target = root / fmt.archive
     partial = root / (fmt.archive + ".part")
-    # Written under another name first, so an interrupted download never looks like an archive.
-    urllib.request.urlretrieve(fmt.url, partial)
+    try:
+        # Written under another name first, so an interrupted download never looks like an
+        # archive.
+        urllib.request.urlretrieve(fmt.url, partial)
+    except (OSError, ValueError) as error:  # urllib's URLError is an OSError
+        partial.unlink(missing_ok=True)
+        if created:  # leave no empty folder behind
+            root.rmdir()
+        reason = getattr(error, "reason", None) or error
+        raise OSError(f"could not download {fmt.url} into {root}/ ({reason}); offline, put "
+                      f"{fmt.archive} (or the folder it unpacks to) in {root}/ yourself") from None
     digest = hashlib.md5()
     with partial.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):

@@ -2,7 +2,7 @@
 one trial with the same record as any other.
 
 Ray Train's TorchTrainer starts one process per replica (a GPU each, or CPUs), joins them in a
-process group (NCCL on GPUs, gloo on CPUs) and runs `_replica` in each: train.py's loop with the
+process group (NCCL on GPUs, gloo on CPUs) and runs `_replica` in each: train/'s loop with the
 replicas of replicas.py. The leader (rank 0) reports each epoch to the driver's board and saves a
 checkpoint of the whole run after it. When a replica is lost (its process or node dies), Ray
 Train starts the group again, up to `max_restarts` times, and every replica resumes from the last
@@ -33,7 +33,7 @@ from .record import Status, TrialOutcome, TrialTask
 from .replicas import Replicas
 from .trial import run_trial_body
 
-_STATE = "state.pt"  # an epoch's checkpoint: the run's state (train.py) and its restarts
+_STATE = "state.pt"  # an epoch's checkpoint: the run's state (train/) and its restarts
 _OUTCOME = "outcome.json"  # the last checkpoint: the trial's outcome
 _WEIGHTS = "weights.pt"  # and its trained weights, when kept
 

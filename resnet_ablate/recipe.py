@@ -2,7 +2,7 @@
 
 The paper's CIFAR-10 recipe (He et al., CVPR 2016, section 4.2) by default, plus the choices of
 how a trial executes on its device (precision, memory format, compilation, CUDA graphs), which
-execution.py resolves for a device. Specs build it from YAML; train.py runs it.
+execution.py resolves for a device. Specs build it from YAML; train/ runs it.
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ class TrainRecipe:
 
     def lr_at(self, epoch: int) -> float:
         """The step schedule's learning rate of `epoch` (1-based), warm-up aside. A plateau
-        schedule's depends on the run's losses (train.py follows it)."""
+        schedule's depends on the run's losses (train/schedule.py follows it)."""
         if self.schedule != "step":
             raise ValueError(f"lr_at follows the step schedule; this recipe's is {self.schedule!r}")
         if not 1 <= epoch <= self.epochs:

@@ -16,7 +16,8 @@ import pandas as pd
 import sqlalchemy
 
 from .arch import ResNetArch
-from .record import VIEW_METRICS, StudyKey, TrialKey, metric_values
+from .record import (INTERRUPTED_STATE, VIEW_METRICS, StudyKey, TrialKey, metric_values,
+                     shown_state)
 from .storage import (RUNS_ENVIRONMENT_VARIABLE, ResultsError, StoreError, runs_folder, sqlite_path,
                       store_faults)
 
@@ -33,7 +34,9 @@ TRIAL_COLUMNS = ("number", "state", "arch_name", *ARCH_COLUMNS, "seed", "params"
                  "arch_digest", "weights")
 _INT_COLUMNS = ("number", "depth", "base_width", "seed", "params", "flops", "test_images",
                 "epochs", "replicas", "restarts")
-STATES = ("COMPLETE", "RUNNING", "FAIL", "PRUNED", "WAITING")
+STATES = ("COMPLETE", "RUNNING", "FAIL", "PRUNED", "WAITING", INTERRUPTED_STATE)
+# The states `list_studies` counts (a WAITING trial is one a driver has asked and not yet started).
+LISTED_STATES = ("COMPLETE", "RUNNING", "FAIL", "PRUNED", INTERRUPTED_STATE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,12 +117,12 @@ def list_studies(storage: str | None = None, runs_dir: str | Path | None = None)
             continue
         for summary in summaries:
             study = optuna.load_study(study_name=summary.study_name, storage=backend)
-            counts = pd.Series([t.state.name for t in study.get_trials(deepcopy=False)],
+            counts = pd.Series([shown_state(t) for t in study.get_trials(deepcopy=False)],
                                dtype=object).value_counts()
             rows.append({"study": summary.study_name, "trials": int(counts.sum()),
-                         **{state: int(counts.get(state, 0)) for state in STATES[:4]},
+                         **{state: int(counts.get(state, 0)) for state in LISTED_STATES},
                          "question": study.user_attrs.get(StudyKey.QUESTION, ""), "storage": url})
-    frame = pd.DataFrame(rows, columns=["study", "trials", *STATES[:4], "question", "storage"])
+    frame = pd.DataFrame(rows, columns=["study", "trials", *LISTED_STATES, "question", "storage"])
     frame.attrs["unreadable"] = unreadable
     return frame
 
@@ -140,7 +143,7 @@ def trial_row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     parallel = attrs.get(TrialKey.DATA_PARALLEL) or {}
     metrics = metric_values(attrs)
     return {
-        "number": trial.number, "state": trial.state.name,
+        "number": trial.number, "state": shown_state(trial),
         "arch_name": _arch_name(attrs),
         **{name: scalar_value(arch.get(name)) for name in ARCH_COLUMNS},
         "seed": attrs.get(TrialKey.SEED),

@@ -20,6 +20,8 @@ import pytest
 
 from helpers import raw_spec, write_spec
 
+from resnet_ablate.results import list_studies, load
+
 RAY_GONE_SECONDS = 5.0
 INT, TERM = signal.SIGINT, signal.SIGTERM
 
@@ -149,7 +151,12 @@ def test_a_stop_under_any_rhythm_of_signals_leaves_no_trial_running_no_lease_and
                    if t.user_attrs.get("failure_kind") == "interrupted"]
     how = "SIGTERM" if signals[0] == TERM else "Ctrl-C"
     assert interrupted and all(how in t.user_attrs["failure"] for t in interrupted)
-    assert f"{len(interrupted)} unfinished trial(s) marked failed" in stderr
+    assert f"{len(interrupted)} unfinished trial(s) marked interrupted" in stderr
+    # Listed as interrupted, not as failures (Optuna stores them as FAIL).
+    listed = list_studies(driver.storage).set_index("study").loc["stopped"]
+    assert (listed["INTERRUPTED"], listed["FAIL"]) == (len(interrupted), 0)
+    shown = load("stopped", storage=driver.storage).trials
+    assert (shown["state"] == "INTERRUPTED").sum() == len(interrupted)
     dashboards = [p for p in driver.seen if "dashboard/dashboard.py" in _command(p)]
     assert not dashboards, "a local Ray starts no dashboard process"
 

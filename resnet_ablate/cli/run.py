@@ -42,8 +42,8 @@ def _run(args: argparse.Namespace) -> int:
 
         return stopped(summary.interrupted == "SIGTERM",
                         f"resnet-ablate run: interrupted by {stop_description(summary.interrupted)}: "
-                        f"{summary.marked_interrupted} unfinished trial(s) marked failed; run the "
-                        "same command to resume")
+                        f"{summary.marked_interrupted} unfinished trial(s) marked interrupted; "
+                        "run the same command to resume (they run again)")
     if summary.launched and not summary.completed and not summary.pruned:
         print(f"resnet-ablate run: error: none of the {summary.launched} trials launched completed; "
               f"see `resnet-ablate show {summary.study}{store_options(args)} --columns "

@@ -4,6 +4,8 @@ parameters and objective values; everything else a trial records is one of these
 
 from __future__ import annotations
 
+from typing import Any
+
 class TrialKey:
     """A trial's user attributes."""
 
@@ -68,7 +70,7 @@ class FailureKind:
 
     ERROR = "error"  # an exception in the trial
     WORKER_LOST = "worker_lost"  # the worker process or its node died
-    DIVERGED = "diverged"  # the loss blew up (train.py says how that is judged)
+    DIVERGED = "diverged"  # the loss blew up (train/divergence.py: how it is judged)
     OVER_BUDGET = "over_budget"  # its FLOPs exceed the spec's budget.max_gflops
     INTERRUPTED = "interrupted"  # the driver stopped (Ctrl-C, SIGTERM, killed) before it ended
     # Its data set's folder or a shard is missing or unreachable, found when the trial started:
@@ -77,3 +79,17 @@ class FailureKind:
 
     RETRYABLE = (ERROR, WORKER_LOST)  # count as an attempt of the grid point
     FINAL = (DIVERGED, OVER_BUDGET)  # settle the grid point
+
+
+# The state shown for a trial a stop left unfinished: stored as Optuna's FAIL (Optuna has no
+# state of its own for it), run again when the study resumes, and not a failure of the trial.
+INTERRUPTED_STATE = "INTERRUPTED"
+
+
+def shown_state(trial: Any) -> str:
+    """A trial's state as listings show it (an Optuna FrozenTrial): Optuna's, but INTERRUPTED
+    for a trial a stop left unfinished."""
+    if (trial.state.name == "FAIL"
+            and trial.user_attrs.get(TrialKey.FAILURE_KIND) == FailureKind.INTERRUPTED):
+        return INTERRUPTED_STATE
+    return trial.state.name

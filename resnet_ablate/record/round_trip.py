@@ -79,7 +79,7 @@ class Status:
 
     COMPLETED = "completed"  # trained to its last epoch: its metrics are a result
     PRUNED = "pruned"  # the driver's pruner stopped it after an epoch
-    DIVERGED = FailureKind.DIVERGED  # its loss blew up (train.py says how that is judged)
+    DIVERGED = FailureKind.DIVERGED  # its loss blew up (train/divergence.py: how it is judged)
     FAILED = "failed"  # an exception in the trial's code
     UNAVAILABLE = FailureKind.DATA_UNAVAILABLE  # its data could not be read when it started
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import optuna
 
 from ..progress import StudyProgress
-from ..record import FailureKind, Status, TrialKey
+from ..record import FailureKind, Status, TrialKey, shown_state
 from ..spec import SpecError, StudySpec
 from ..storage import (file_in_the_way, runs_folder, sqlite_path, store_faults, study_file,
                        weights_folder)
@@ -50,7 +50,7 @@ class RunSummary:
     interrupted: str  # "" for a run that ended by itself, else "SIGINT" or "SIGTERM"
     wall_seconds: float
     counts_by_state: Mapping[str, int] = field(default_factory=dict)
-    marked_interrupted: int = 0  # unfinished trials the stop marked failed ("interrupted")
+    marked_interrupted: int = 0  # unfinished trials the stop marked interrupted
 
 
 class StudyRunner:
@@ -177,7 +177,7 @@ class StudyRunner:
         finally:
             with signals_held():
                 lease.release()
-        states = Counter(t.state.name for t in self.study.get_trials(deepcopy=False))
+        states = Counter(shown_state(t) for t in self.study.get_trials(deepcopy=False))
         return RunSummary(
             study=self.spec.study, storage=self.storage, completed=result.counts[Status.COMPLETED],
             failed=failures(result.counts), pruned=result.counts[Status.PRUNED],

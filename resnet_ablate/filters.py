@@ -76,7 +76,8 @@ class _Interpreter:
 
     def fail(self, node: ast.AST, what: str) -> FilterError:
         piece = ast.get_source_segment(self.text.strip(), node) or type(node).__name__
-        return FilterError(f"{self.text!r}: {what} ({piece!r}); a filter has only {_ALLOWED}, "
+        where = "" if repr(piece) in what else f" ({piece!r})"
+        return FilterError(f"{self.text!r}: {what}{where}; a filter has only {_ALLOWED}, "
                            f"over the columns: {', '.join(map(str, self.frame.columns))}")
 
     def mask(self, node: ast.AST) -> pd.Series:
@@ -142,7 +143,8 @@ class _Interpreter:
         if not isinstance(node, ast.Name):
             raise self.fail(node, "expected a column name")
         if node.id not in self.frame.columns:
-            raise self.fail(node, f"no column {node.id!r}")
+            raise self.fail(node, f"no column {node.id!r} (text is written in quotes: "
+                                  f"shortcut == 'A')")
         return self.frame[node.id]
 
     def operand(self, node: ast.AST) -> pd.Series | Any:

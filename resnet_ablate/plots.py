@@ -228,6 +228,8 @@ def plot_responses(results: Results, responses: pd.DataFrame | None = None, *,
         ax.set_ylabel("std of BN output (log scale)")
         ax.grid(alpha=0.3, which="both")
     original.legend(fontsize="small")
+    figure.suptitle(f"{results.study}: each 3x3 layer's response (std of its BN output), mean "
+                    "over seeds (the paper's Fig. 7)")
     return figure
 
 

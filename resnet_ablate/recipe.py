@@ -196,7 +196,12 @@ class TrainRecipe:
         try:
             return cls(**values)
         except (TypeError, ValueError) as error:
-            raise ValueError(f"{where}: {error}") from error
+            # In the section's words ("train.epochs must be ..."), not the class's.
+            field = f"{cls.__name__}."
+            message = str(error)
+            if message.startswith(field):
+                raise ValueError(f"{where}.{message[len(field):]}") from error
+            raise ValueError(f"{where}: {message}") from error
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)

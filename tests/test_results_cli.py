@@ -171,7 +171,9 @@ def test_report_writes_the_html_page(cli, results, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["show", "--where", "speed > 1"], "no column 'speed' ('speed'); a filter has only"),
+    (["show", "--where", "speed > 1"], "no column 'speed' (text is written in quotes: "
+                                       "shortcut == 'A'); a filter has only"),
+    (["show", "--where", "shortcut == A"], "no column 'A' (text is written in quotes"),
     (["show", "--where", "@pd.io.common.os.system('echo PWNED') == 0"], "is not a filter"),
     (["show", "--sort", "speed"], "no column 'speed' in study 'results-small'; columns:"),
     (["summary", "--by", "width"], "no column 'width'"),

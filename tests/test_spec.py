@@ -61,6 +61,9 @@ def test_ranges_for_random_and_tpe():
 @pytest.mark.parametrize("raw,expected", [
     ({**MINIMAL, "epochs": 3}, "studies/x.yaml: epochs: unknown key; valid keys: study, question"),
     ({"space": {"depth": [20]}}, "studies/x.yaml: study: required key is missing"),
+    (None, "studies/x.yaml: the spec: empty; it needs at least study (a name) and space (the "
+           "fields to sweep)"),
+    ({}, "studies/x.yaml: the spec: empty; it needs at least study"),
     ({**MINIMAL, "space": {}}, "studies/x.yaml: space: empty; sweep at least one of: family, depth"),
     ({**MINIMAL, "space": {"depth": []}}, "space.depth: empty list of values"),
     ({**MINIMAL, "space": {"colour": ["red"]}}, "space.colour: unknown key; valid keys: family, depth"),
@@ -69,7 +72,7 @@ def test_ranges_for_random_and_tpe():
     ({**MINIMAL, "sampler": "bayes"}, "sampler: 'bayes' is not a sampler; valid: grid, random, tpe"),
     ({**MINIMAL, "objectives": ["speed"]}, "objectives[0]: 'speed' is not a metric; valid: test_error"),
     ({**MINIMAL, "train": {"epoch": 3}}, "train.epoch: unknown key; valid keys: epochs, batch_size"),
-    ({**MINIMAL, "train": {"epochs": 0}}, "train: TrainRecipe.epochs must be an int >= 1, got 0"),
+    ({**MINIMAL, "train": {"epochs": 0}}, "train.epochs must be an int >= 1, got 0"),
     ({**MINIMAL, "resources": {"workers": "two"}}, "resources.workers: expected int, got str 'two'"),
     ({**MINIMAL, "resources": {"workers": True}}, "resources.workers: expected int, got True"),
     ({**MINIMAL, "dataset": "mnist"}, "dataset.name: 'mnist' is not a dataset; valid: digits, cifar10"),
@@ -93,15 +96,15 @@ def test_ranges_for_random_and_tpe():
     ({**MINIMAL, "budget": {"max_gflops": -1}}, "budget.max_gflops: must be > 0"),
     ("just text", "studies/x.yaml: the spec: expected a mapping, got str"),
     ({**MINIMAL, "train": {"precision": "fp8"}},
-     "train: TrainRecipe.precision must be one of auto, fp32, bf16, fp16, got 'fp8'"),
+     "train.precision must be one of auto, fp32, bf16, fp16, got 'fp8'"),
     ({**MINIMAL, "train": {"memory_format": "nhwc"}},
-     "TrainRecipe.memory_format must be one of channels_last, nchw"),
+     "train.memory_format must be one of channels_last, nchw"),
     ({**MINIMAL, "train": {"cuda_graphs": True}},
      "train.cuda_graphs: needs a GPU per trial: set resources.gpus > 0"),
     ({**MINIMAL, "train": {"cuda_graphs": True, "precision": "fp16"}, "resources": {"gpus": 1}},
      "train.cuda_graphs: runs precision bf16 or fp32, not fp16"),
     ({**MINIMAL, "train": {"cuda_graphs": "always"}},
-     "TrainRecipe.cuda_graphs must be auto, true or false, got 'always'"),
+     "train.cuda_graphs must be auto, true or false, got 'always'"),
     ({**MINIMAL, "objectives": ["test_error", "test_error"]},
      "objectives[1]: 'test_error' is listed twice"),
     ({**MINIMAL, "study": ".."}, "study: '..' is not a usable name"),
@@ -110,7 +113,7 @@ def test_ranges_for_random_and_tpe():
     # Bounds: a typo far past any real study is refused, not planned (or built) for minutes.
     ({**MINIMAL, "space": {"depth": [20, 60002]}},
      "ResNetArch.depth=60002 is above the deepest network the toolkit builds, 2000 layers"),
-    ({**MINIMAL, "train": {"epochs": 10**9}}, "TrainRecipe.epochs must be at most 10000"),
+    ({**MINIMAL, "train": {"epochs": 10**9}}, "train.epochs must be at most 10000"),
     ({**MINIMAL, "space": {"depth": [20, 32]}, "seeds": 6000},
      "space: the grid's 2 points x 6000 seed(s) make 12000 trials; at most 10000"),
     ({**MINIMAL, "sampler": "random", "space": {"depth": {"low": 2, "high": 10**9}},
@@ -154,7 +157,7 @@ WEBDATASET = {"name": "webdataset", "shards": {"train": "t.tar", "val": "v.tar",
     ({**MINIMAL, "budget": {"max_gflops": float("nan")}},
      "budget.max_gflops: expected a finite number, got nan"),
     ({**MINIMAL, "train": {"batch_size": 10**9}},
-     "TrainRecipe.batch_size must be at most 1,000,000 images a step, got 1000000000"),
+     "train.batch_size must be at most 1,000,000 images a step, got 1000000000"),
     ({**MINIMAL, "storage": ""}, "storage: empty; give an Optuna storage URL"),
     ({**MINIMAL, "checkpoints": " "}, "checkpoints: empty"),
     # Synthetic data is made in memory: bounded in images and bytes, each field in its range.
@@ -193,16 +196,16 @@ def test_yaml_numbers_are_read_as_yaml_1_2_reads_them(text, field, expected, tmp
     path = tmp_path / "x.yaml"
     path.write_text(f"study: x\nspace: {{depth: [20]}}\ntrain: {{{field}: {text}}}\n")
     if expected is None:
-        with pytest.raises(SpecError, match=f"TrainRecipe.{field} must be an int"):
+        with pytest.raises(SpecError, match=f"train.{field} must be an int"):
             load_spec(path)
     else:
         assert getattr(load_spec(path).train, field) == expected
 
 
 @pytest.mark.parametrize("line, expected", [
-    ("train: {epochs: 1:30}", "TrainRecipe.epochs must be an int >= 1, got '1:30'"),  # 1.1: 90
-    ("train: {epochs: 0b100}", "TrainRecipe.epochs must be an int >= 1, got '0b100'"),  # 1.1: 4
-    ("train: {compile: yes}", "TrainRecipe.compile must be true or false, got 'yes'"),
+    ("train: {epochs: 1:30}", "train.epochs must be an int >= 1, got '1:30'"),  # 1.1: 90
+    ("train: {epochs: 0b100}", "train.epochs must be an int >= 1, got '0b100'"),  # 1.1: 4
+    ("train: {compile: yes}", "train.compile must be true or false, got 'yes'"),
     ("max_attempts: 1_000", "max_attempts: expected an int >= 1, got str '1_000'"),
     ("question: 2020-01-01", None),  # a string, not a date
 ])

@@ -300,6 +300,12 @@ def test_a_study_spelled_another_way_or_run_faster_is_the_same_study(tmp_path):
         open_study(parse_spec(other), storage)
     defaults = {**first, "model": {**first["model"], "fused": True}}  # the default, written out
     open_study(parse_spec(defaults), storage)
+    # The same level spelled in lower case: refused (the store keys trials by spelling), saying so.
+    lower = {**first, "space": {"shortcut": ["a"]}}
+    with pytest.raises(StudyConflict, match=r"spells its levels \{'shortcut': \['A'\]\}, and .* "
+                                            r"spells them \{'shortcut': \['a'\]\}: the same levels, "
+                                            r"but the store keys its trials by their spelling"):
+        open_study(parse_spec(lower), storage)
 
 
 def test_a_tpe_study_over_ranges_is_recognised_and_a_conflict_leaves_its_metric_names(tmp_path):

@@ -37,6 +37,9 @@ def load_spec(path: str | os.PathLike[str]) -> StudySpec:
 def parse_spec(raw: Any, *, source: str = "<spec>") -> StudySpec:
     """Validate a spec already parsed into plain values (see resnet_ablate.spec for the format)."""
     check = Checker(source)
+    if raw is None or raw == {}:  # an empty file, or one of comments only
+        raise check.fail("", "empty; it needs at least study (a name) and space (the fields "
+                             "to sweep), as studies/quickstart.yaml has")
     top = check.mapping("", raw, TOP_LEVEL_KEYS)
     for key in REQUIRED_KEYS:
         if key not in top:

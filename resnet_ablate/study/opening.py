@@ -96,6 +96,11 @@ def same_study(stored: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
     return as_written or (stored_meaning is not None and stored_meaning == meaning(current))
 
 
+def _casefolded(section: Any) -> str:
+    """A spec section as JSON, case-folded: what two spellings of the same levels share."""
+    return json.dumps(section, sort_keys=True).casefold()
+
+
 def open_study(spec: StudySpec, storage: str | optuna.storages.BaseStorage, *,
                sampler: optuna.samplers.BaseSampler | None = None,
                pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
@@ -120,6 +125,13 @@ def open_study(spec: StudySpec, storage: str | optuna.storages.BaseStorage, *,
             study.set_user_attr(StudyKey.SEEDS, list(spec.seeds))
         elif not same_study(stored, current):
             differ = [s for s in SECTIONS_THAT_DEFINE_A_STUDY if stored.get(s) != current.get(s)]
+            if differ == ["space"] and _casefolded(stored["space"]) == _casefolded(current["space"]):
+                # The same levels (the architecture reads `a` as `A`), but the store keys its
+                # trials by the levels as written: another spelling would run them all again.
+                raise StudyConflict(
+                    f"study {spec.study!r} in {url} spells its levels {stored['space']}, and "
+                    f"{spec.source} spells them {current['space']}: the same levels, but the "
+                    "store keys its trials by their spelling; write them as the study was created")
             raise StudyConflict(
                 f"study {spec.study!r} in {url} was created from a different spec "
                 f"({', '.join(differ)} differ: stored {[stored.get(s) for s in differ]}, "

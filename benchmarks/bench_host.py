@@ -76,19 +76,26 @@ def _layer_inputs(shape, dtype, device, memory_format, residual: bool):
     return x.requires_grad_(), r, params, stats, grad
 
 
-def _step(provider: str, x, r, params, stats, grad) -> Callable[[], None]:
-    """One layer's forward + backward; gradients taken with autograd.grad (no accumulation)."""
+def _step(provider: str, x, r, params, stats, grad, forward_only: bool = False
+          ) -> Callable[[], None]:
+    """One layer's forward + backward; gradients taken with autograd.grad (no accumulation).
+    With `forward_only`, the forward alone (its graph recorded, then dropped unused)."""
     from resnet_ablate.kernels import _triton_launch, fused_batch_norm
     from resnet_ablate.kernels.batch_norm import _without_python_wrapper
 
     leaves = [t for t in (x, r, *params) if t is not None]
+    if forward_only:
+        grad = None  # read below as "no backward"
     weight, bias = params
     running_mean, running_var = stats
 
+    def backward(out: torch.Tensor) -> None:
+        if grad is not None:
+            torch.autograd.grad(out, leaves, grad)
+
     def fused() -> None:
-        out = fused_batch_norm(x, running_mean, running_var, weight, bias, True, 0.1, 1e-5,
-                               residual=r)
-        torch.autograd.grad(out, leaves, grad)
+        backward(fused_batch_norm(x, running_mean, running_var, weight, bias, True, 0.1, 1e-5,
+                                  residual=r))
 
     def fused_jit_launches() -> None:
         _triton_launch.DIRECT_LAUNCHES = False
@@ -101,14 +108,13 @@ def _step(provider: str, x, r, params, stats, grad) -> Callable[[], None]:
         out = F.batch_norm(x, running_mean, running_var, weight, bias, True, 0.1, 1e-5)
         if r is not None:
             out = out + r
-        torch.autograd.grad(F.relu(out), leaves, grad)
+        backward(F.relu(out))
 
     # Applied as the fused op's eager path applies its own Function.
     no_op_layer = _without_python_wrapper(_NoOpLayer)
 
     def floor() -> None:
-        out = no_op_layer(x, weight, bias, r)
-        torch.autograd.grad(out, leaves, grad)
+        backward(no_op_layer(x, weight, bias, r))
 
     return {"fused": fused, "fused_jit_launches": fused_jit_launches, "eager": eager,
             "python_function_floor": floor}[provider]

@@ -2,6 +2,7 @@
 not move, beside eager PyTorch's.
 
     python benchmarks/bench_host_instructions.py     # needs valgrind; any machine, no GPU
+    python benchmarks/bench_host_instructions.py --forward-only   # the forward's share
 
 bench_host.py times a layer's host path in CPU microseconds, the fastest of several blocks; on a
 shared machine that figure drifts by tens of percent from case to case, more than the changes it is
@@ -40,7 +41,7 @@ WARM_UP_STEPS = 30
 
 
 def _child(provider: str, steps: int, shape: tuple[int, ...], layout: str, residual: bool,
-           import_from: str | None) -> None:
+           import_from: str | None, forward_only: bool) -> None:
     """Run one provider's layer `steps` times after warm-up (what callgrind counts)."""
     os.environ.pop("TRITON_INTERPRET", None)  # Triton's compiled launch path, stood in for
     import torch
@@ -65,7 +66,7 @@ def _child(provider: str, steps: int, shape: tuple[int, ...], layout: str, resid
         shape = (2, bench_host.EAGER_CPU_CHANNELS, 1, 1)
     inputs = bench_host._layer_inputs(shape, torch.bfloat16, torch.device("cpu"),
                                       bench_host.LAYOUTS[layout], residual)
-    step = bench_host._step(provider, *inputs)
+    step = bench_host._step(provider, *inputs, forward_only=forward_only)
     for _ in range(WARM_UP_STEPS):
         step()
     os.getppid()  # callgrind zeroes its counts here (--zero-before)
@@ -86,6 +87,8 @@ def _instructions(provider: str, args: argparse.Namespace) -> tuple[float, float
             command.append("--residual")
         if args.import_from:
             command += ["--import-from", args.import_from]
+        if args.forward_only:
+            command.append("--forward-only")
         done = subprocess.run(command, capture_output=True, text=True,
                               env={**os.environ, "PYTHONHASHSEED": "0"})
         if done.returncode != 0:
@@ -130,6 +133,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="import resnet_ablate from DIR, to count two versions side by side: "
                              "a copy of another version's resnet_ablate/ with its top-level "
                              "kernels/ copied in as resnet_ablate/kernels (checked)")
+    parser.add_argument("--forward-only", action="store_true",
+                        help="count forwards alone (each graph recorded, then dropped): with a "
+                             "run without it, how a step splits between forward and backward")
     parser.add_argument("--child", nargs=2, metavar=("PROVIDER", "STEPS"), help=argparse.SUPPRESS)
     parser.add_argument("--csv", default=None)
     return parser.parse_args(argv)
@@ -142,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, args.import_from)
     if args.child:
         _child(args.child[0], int(args.child[1]), shape, args.layout, args.residual,
-               args.import_from)
+               args.import_from, args.forward_only)
         return 0
     import torch
 
@@ -165,11 +171,14 @@ def main(argv: list[str] | None = None) -> int:
         ratio = round(instructions / eager, 3) if eager else None
         rows.append({**run_context(torch.device("cpu")), "shape": args.shape,
                      "layout": args.layout, "residual": args.residual, "provider": provider,
-                     "instructions_fwd_bwd": round(instructions),
+                     # Forwards alone in a column of their own: a step's split, not a step.
+                     ("instructions_forward" if args.forward_only else "instructions_fwd_bwd"):
+                         round(instructions),
                      "spread_across_runs": round(spread), "runs": args.repeats,
                      "other_threads_most": round(others[provider]),
                      "over_eager": ratio, "package": args.import_from or "installed"})
-        print(f"{provider:22} {instructions / 1e3:8.1f}k instructions per forward + backward "
+        counted = "forward" if args.forward_only else "forward + backward"
+        print(f"{provider:22} {instructions / 1e3:8.1f}k instructions per {counted} "
               f"(runs within {spread:.0f} of each other; other threads at most "
               f"{others[provider] / 1e3:.1f}k)" + (f", {ratio:.2f}x eager" if ratio else ""))
     append_rows(args.csv or RESULTS / "host_instructions.csv", rows)

@@ -4,13 +4,12 @@ The plans (_triton_impl.py) pick every launch's tiles and warps from the shapes 
 elementwise passes, normalize (forward) and elementwise (backward), how many warps a program runs
 with is a free choice: each element's arithmetic is the same whatever the warps (neither pass has a
 floating-point reduction; the mask's bits are summed as integers, exactly), so the choice moves
-time, never bits. With autotuning on, a template of
-either pass, on its first launch on a GPU, is also launched with each of `WARPS` and timed with
-CUDA events on the call's own tensors (both passes only read their inputs and write their outputs,
-so repeating them leaves the same results), and keeps the fastest: each candidate compiles once
-(Triton's cache keeps the binaries), so the first step of a network pays for that. The reductions
-are not tuned: their warps and split sizes decide the order of their sums, so their bits
-(_triton_sizing.py).
+time, never bits. With autotuning on, a template of either pass, on its first launch on a GPU, is
+also launched with each of `WARPS` and timed with CUDA events on the call's own tensors (both
+passes only read their inputs and write their outputs, so repeating them leaves the same
+results), and keeps the fastest: each candidate compiles once (Triton's cache keeps the
+binaries), so the first step of a network pays for that. The reductions are not tuned: their
+warps and split sizes decide the order of their sums, so their bits (_triton_sizing.py).
 
 Off unless RESNET_ABLATE_AUTOTUNE=1 is set before the kernels are imported, or `ENABLED` is set
 here: benchmarks/bench_batch_norm_act.py measures the tuned kernels beside the untuned ones

@@ -18,8 +18,7 @@ from .round_trip import (PRUNABLE_OBJECTIVES, DataParallelRecord, EpochRecord, F
                          Placement, Status, Timings, TrialOutcome, TrialTask, epoch_objective)
 
 __all__ = ["DIRECTIONS", "INTERRUPTED_STATE", "METRICS", "OBJECTIVES", "PRUNABLE_OBJECTIVES",
-           "VIEW_METRICS",
-           "DataParallelRecord", "Direction", "EpochRecord", "FailureKind", "FinalEvaluation",
-           "Metric", "Placement", "Status", "StudyKey", "Timings", "TrialKey", "TrialOutcome",
-           "TrialTask", "complement", "epoch_objective", "metric_values", "pack_outcomes",
-           "shown_state", "unpack_outcomes"]
+           "VIEW_METRICS", "DataParallelRecord", "Direction", "EpochRecord", "FailureKind",
+           "FinalEvaluation", "Metric", "Placement", "Status", "StudyKey", "Timings", "TrialKey",
+           "TrialOutcome", "TrialTask", "complement", "epoch_objective", "metric_values",
+           "pack_outcomes", "shown_state", "unpack_outcomes"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+
 class TrialKey:
     """A trial's user attributes."""
 

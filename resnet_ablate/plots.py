@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -71,7 +72,10 @@ def plot_curves(results: Results, *, panel_by: str | None = None, color_by: str 
     results.check_columns([c for c in (panel_by, color_by) if c])
     panels = sorted(curves[panel_by].unique(), key=_panel_order) if panel_by else [None]
     colors = sorted(curves[color_by].unique(), key=_natural)
-    palette = {value: f"C{i % 10}" for i, value in enumerate(colors)}
+    # Shades of one sequential map, in the colour factor's order (shallow to deep): the depth and
+    # Pareto figures' blue and orange mean ResNet and plain, and must not mean a depth here.
+    shades = colormaps["viridis"](np.linspace(0.0, 0.75, len(colors)))
+    palette = {value: shades[i] for i, value in enumerate(colors)}
     # One y-scale for every panel: the panels are there to be compared.
     figure, axes = _figure(len(panels), sharey=True)
     seeds = results.require_completed("plot")["seed"].nunique()

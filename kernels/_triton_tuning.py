@@ -57,13 +57,22 @@ def launch(template: LaunchTemplate, stream: LaunchStream | None, tensors: tuple
 
 def tune(template: LaunchTemplate, tensors: tuple[Any, ...], scalars: tuple[float, ...],
          timer: Timer) -> dict[int, float]:
-    """Time `template` with each of WARPS on these tensors and keep the fastest (the first of
-    equals); its timings by warps. Its next launch compiles or finds the chosen binary."""
+    """Time `template` with each of WARPS (and its own warps) on these tensors and keep the
+    fastest (the first of equals); its timings by warps. A candidate the device cannot run
+    (Triton's OutOfResources, a failed compile) is skipped, as Triton's own autotuner skips it;
+    the template's own warps ran before, so one always remains. Its next launch compiles or finds
+    the chosen binary: the reset of `compiled` keeps direct launches off the last candidate's."""
+    template.tuned = True  # first: neither a failure here nor another thread tunes it again
+    own = template.num_warps
     timings = {}
-    for warps in WARPS:
+    for warps in sorted({*WARPS, own}):
         template.num_warps, template.compiled = warps, None
-
-        template(None, tensors, *scalars)  # compiles the candidate, outside the timing
+        try:
+            template(None, tensors, *scalars)  # compiles the candidate, outside the timing
+        except Exception:
+            if warps == own:
+                raise
+            continue
         stream = launch_stream(template)  # then timed as a plan launches it: directly
 
         def run() -> None:
@@ -71,7 +80,6 @@ def tune(template: LaunchTemplate, tensors: tuple[Any, ...], scalars: tuple[floa
 
         timings[warps] = timer(run)
     template.num_warps, template.compiled = min(timings, key=timings.get), None
-    template.tuned = True
     return timings
 
 

@@ -143,8 +143,8 @@ class _Interpreter:
         if not isinstance(node, ast.Name):
             raise self.fail(node, "expected a column name")
         if node.id not in self.frame.columns:
-            raise self.fail(node, f"no column {node.id!r} (text is written in quotes: "
-                                  f"shortcut == 'A')")
+            raise self.fail(node, f"no column {node.id!r} (a value of text is written in "
+                                  f"quotes: '{node.id}')")
         return self.frame[node.id]
 
     def operand(self, node: ast.AST) -> pd.Series | Any:

@@ -17,6 +17,7 @@ from sklearn.datasets import load_digits
 from resnet_ablate.data import cifar as cifar_module
 from resnet_ablate.data import (
     Augmentation,
+    DataUnavailable,
     SyntheticSpec,
     clear_dataset_cache,
     crop_and_flip,
@@ -375,12 +376,12 @@ def test_a_download_that_cannot_reach_the_address_says_what_to_do_and_leaves_not
 
     monkeypatch.setattr(cifar_module.urllib.request, "urlretrieve", unreachable)
     root = tmp_path / "data"
-    with pytest.raises(OSError) as raised:
+    with pytest.raises(DataUnavailable) as raised:  # not retried: it fails again
         load_dataset("cifar10", root=root, download=True, cache=False)
     assert str(raised.value) == (
         f"could not download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz into "
-        f"{root}/ ([Errno -2] Name or service not known); offline, put cifar-10-python.tar.gz "
-        f"(or the folder it unpacks to) in {root}/ yourself")
+        f"{root}/ ([Errno -2] Name or service not known); where this machine cannot reach it, "
+        f"put cifar-10-python.tar.gz (or the folder it unpacks to) in {root}/ yourself")
     assert not root.exists()
     (tmp_path / "kept").mkdir()  # a folder that was there stays, emptied of the partial file
     with pytest.raises(OSError, match="could not download"):

@@ -1,7 +1,9 @@
 """Autotuning of the elementwise passes' warps (kernels/_triton_tuning.py): the tuner keeps the
 candidate its timer finds fastest, only elementwise passes are tuned, each once, and results are
-those of the untuned kernels, against F.batch_norm + add + relu. On a CPU the real kernels run
-through Triton's interpreter and a stand-in timer decides; on CUDA the tuner's own timer does."""
+those of the untuned kernels, against F.batch_norm + add + relu, and a candidate the device
+cannot run is skipped. On a CPU the real kernels run through Triton's interpreter and a stand-in
+timer decides; on CUDA the tuner's own timer does. That later launches use the chosen binary is
+checked through the stand-in launcher (test_kernels.py, launch_through_stand_in.py)."""
 
 from __future__ import annotations
 
@@ -63,7 +65,8 @@ def test_tuner_keeps_the_fastest_and_each_template_is_tuned_once(shape, monkeypa
     layer = _layer(shape, "cpu")
     _fresh_plans(monkeypatch)
     untuned = _fused_step(*layer)
-    reduction_warps = {name: [t.num_warps for t in _templates()[name]]
+    untuned_templates = _templates()
+    reduction_warps = {name: [t.num_warps for t in untuned_templates[name]]
                        for name in ("statistics", "reduce")}
 
     _fresh_plans(monkeypatch)
@@ -90,7 +93,9 @@ def test_tuner_keeps_the_fastest_and_each_template_is_tuned_once(shape, monkeypa
     templates = _templates()
     assert [t.num_warps for t in templates["normalize"] + templates["elementwise"]] == [8, 8]
     assert all(t.tuned for t in templates["normalize"] + templates["elementwise"])
-    assert sorted(timed) == sorted(2 * list(_triton_tuning.WARPS))  # each candidate, each pass
+    own = [t.num_warps for t in untuned_templates["normalize"] + untuned_templates["elementwise"]]
+    expected = sorted(w for warps in own for w in {*_triton_tuning.WARPS, warps})
+    assert sorted(timed) == expected  # each candidate of each pass, its own warps among them
     for name, warps in reduction_warps.items():
         assert [t.num_warps for t in templates[name]] == warps
         assert not any(t.tunable or t.tuned for t in templates[name])
@@ -102,6 +107,41 @@ def test_tuner_keeps_the_fastest_and_each_template_is_tuned_once(shape, monkeypa
     for got, untuned_value, tuned_again, expected in zip(tuned, untuned, again, reference):
         torch.testing.assert_close(got, untuned_value, rtol=0, atol=0)
         torch.testing.assert_close(tuned_again, untuned_value, rtol=0, atol=0)
+        torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5)
+
+
+def test_a_candidate_the_device_cannot_run_is_skipped(monkeypatch):
+    """As Triton's own autotuner skips a configuration that fails (OutOfResources, a failed
+    compile): 16 warps fail here, and the fastest of the others is kept, once."""
+    from triton.runtime.errors import OutOfResources
+
+    from resnet_ablate.kernels._triton_launch import LaunchTemplate
+
+    _fresh_plans(monkeypatch)
+    real_call = LaunchTemplate.__call__
+    failed = []
+
+    def call(template, stream, tensors, *scalars):
+        if template.num_warps == 16:
+            failed.append(template.kernel)
+            raise OutOfResources(16 * 32 * 2048, 65536, "threads")
+        return real_call(template, stream, tensors, *scalars)
+
+    def timer(run):
+        run()
+        return 1.0  # all equal: the first of equals, the fewest warps, is kept
+
+    monkeypatch.setattr(LaunchTemplate, "__call__", call)
+    monkeypatch.setattr(_triton_tuning, "ENABLED", True)
+    monkeypatch.setattr(_triton_tuning, "_can_time", lambda x: True)
+    monkeypatch.setattr(_triton_tuning, "cuda_milliseconds", timer)
+    layer = _layer(SHAPES[0], "cpu")
+    tuned = _fused_step(*layer)
+    templates = _templates()
+    assert len(failed) == 2  # one candidate of each pass
+    assert [t.num_warps for t in templates["normalize"] + templates["elementwise"]] == [2, 2]
+    assert all(t.tuned for t in templates["normalize"] + templates["elementwise"])
+    for got, expected in zip(tuned, _reference_step(*layer)):
         torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5)
 
 

@@ -1220,6 +1220,18 @@ def test_template_launches_hand_tritons_launcher_what_tritons_own_launch_path_ha
     assert through_jit("hooked") == [True] * 4 and report["hook_calls"] == 4
     assert through_jit("after_hook") == [False] * 4
     assert through_jit("pre_run_hooked") == [False, True, False, False]
+    # Autotuning: after the step that tunes, the tuned passes (normalize, second, and the
+    # backward's elementwise, fourth) launch with the chosen 8 warps (the binaries' packed
+    # metadata leads with num_warps), directly once their new binary is in place, not with the
+    # last candidate timed; the reductions keep theirs.
+    untuned = [launch["metadata"] for launch in report["again"]]
+    tuning, after, later = report["tuned_steps"]
+    assert [launch["jit"] for launch in after] == [True] * 4  # launch_stream: a template reset
+    assert [launch["jit"] for launch in later] == [False] * 4
+    for step in (after, later):
+        metadata = [launch["metadata"] for launch in step]
+        assert metadata[1].startswith("(8,") and metadata[3].startswith("(8,")
+        assert (metadata[0], metadata[2]) == (untuned[0], untuned[2])
 
 
 @triton.jit

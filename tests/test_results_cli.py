@@ -171,9 +171,10 @@ def test_report_writes_the_html_page(cli, results, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["show", "--where", "speed > 1"], "no column 'speed' (text is written in quotes: "
-                                       "shortcut == 'A'); a filter has only"),
-    (["show", "--where", "shortcut == A"], "no column 'A' (text is written in quotes"),
+    (["show", "--where", "speed > 1"], "no column 'speed' (a value of text is written in "
+                                       "quotes: 'speed'); a filter has only"),
+    (["show", "--where", "shortcut == A"], "no column 'A' (a value of text is written in quotes: "
+                                           "'A')"),
     (["show", "--where", "@pd.io.common.os.system('echo PWNED') == 0"], "is not a filter"),
     (["show", "--sort", "speed"], "no column 'speed' in study 'results-small'; columns:"),
     (["summary", "--by", "width"], "no column 'width'"),
@@ -257,6 +258,12 @@ def test_a_reader_that_closes_the_pipe_early_ends_the_command_quietly(runs):
     command.stdout.close()  # before it writes a byte
     assert command.wait(timeout=120) == 0
     assert command.stderr.read() == b""
+    # A closed stderr is no answer: a failing command still fails.
+    failing = subprocess.Popen([sys.executable, "-m", "resnet_ablate.cli", "show", "nosuch",
+                                "--runs-dir", runs], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    failing.stderr.close()
+    assert failing.wait(timeout=120) != 0
+    failing.stdout.close()
 
 
 def test_the_runs_folder_comes_from_the_environment_for_the_cli_and_python(runs, monkeypatch,

@@ -61,7 +61,13 @@ def test_the_commands_a_run_suggests_keep_its_runs_folder_and_work(study_s1, cap
 
 def test_a_filter_that_empties_the_result_says_so_once(study_s1, capsys):
     runs = study_s1
-    for command in ("show", "summary", "export"):
+    # A listing's empty table is an answer (a script exporting the failed trials finds none),
+    # noted in one line; a statistic of nothing is one error.
+    for command in ("show", "export"):
+        assert main([command, "s1", "--runs-dir", str(runs), "--where", "number == 7"]) == 0
+        assert capsys.readouterr().err == (f"resnet-ablate {command}: --where 'number == 7' "
+                                           "matched none of the study's 2 trials\n")
+    for command in ("summary", "pareto"):
         assert main([command, "s1", "--runs-dir", str(runs), "--where", "number == 7"]) == 2
         captured = capsys.readouterr()
         assert captured.err == (f"resnet-ablate {command}: error: --where 'number == 7' matched "

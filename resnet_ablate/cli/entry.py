@@ -4,7 +4,6 @@ turns the errors a user can fix into one line on stderr and an exit code."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
@@ -41,14 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # notes them and stops at a safe point); a second one cannot cut the first one's
         # handling short.
         with raise_on_stop():
-            code = COMMANDS[args.command](args)
-            sys.stdout.flush()  # a reader gone early shows here, not at exit
-            return code
-    except BrokenPipeError:
-        # The reader closed the pipe (`| head`): it has what it asked for. Stdout goes to
-        # /dev/null, so that Python's own flush at exit finds nothing to complain of.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+            return COMMANDS[args.command](args)
     except (SpecError, ArchError, StudyConflict, StudyBusy, ClusterError, StoreError) as error:
         print(f"resnet-ablate: error: {error}", file=sys.stderr)
         return 2

@@ -4,6 +4,8 @@ resnet_ablate.results / plots / report. A lookup problem is one line on stderr a
 from __future__ import annotations
 
 import argparse
+import os
+import select
 import sys
 from collections.abc import Callable
 
@@ -17,8 +19,18 @@ def _query(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
         from ..results import ResultsError
         from ..storage import StudyNameError
 
+        code = 0
         try:
-            return fn(args)
+            code = fn(args)
+            sys.stdout.flush()  # a reader gone early shows here, not at exit
+            return code
+        except BrokenPipeError:
+            if not _reader_gone(sys.stdout):
+                raise  # another stream's (stderr's): a failure, not an answer
+            # `| head`: the reader has what it asked for, and the command's code stands. Stdout
+            # goes to /dev/null, so that Python's own flush at exit finds nothing to complain of.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return code
         except ResultsError as error:
             print(f"resnet-ablate {args.command}: error: {error}", file=sys.stderr)
             return 2
@@ -26,8 +38,6 @@ def _query(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
             print(f"resnet-ablate {args.command}: error: {error}; a store can also be named by "
                   "the path of its .db file", file=sys.stderr)
             return 2
-        except BrokenPipeError:  # stdout's reader left: not a failed write (cli/entry.py)
-            raise
         except OSError as error:  # writing -o: no permission, no space, ...
             # A failed write (no space: /dev/full) names no file; the path is -o's.
             path = error.filename or getattr(args, "output", None)
@@ -38,15 +48,29 @@ def _query(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
     return guarded
 
 
-def _load(args: argparse.Namespace):
+def _reader_gone(stream) -> bool:
+    """Whether `stream` is a pipe whose reader has closed it (poll reports an error on it)."""
+    try:
+        poller = select.poll()
+        poller.register(stream.fileno(), select.POLLOUT)
+    except (AttributeError, OSError, ValueError):  # no file descriptor, or no poll here
+        return False
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
+def _load(args: argparse.Namespace, *, listing: bool = False):
+    """The study, restricted by --where. A selection that matches nothing is one error, except
+    for a `listing` (show, export), whose empty table is an answer: it is noted on stderr."""
     from ..results import ResultsError, load
 
     results = load(args.study, storage=args.storage, runs_dir=args.runs_dir)
     selected = results.where(args.where)
     if args.where and selected.trials.empty and not results.trials.empty:
-        # The one error: every command would only go on to find nothing to work on.
-        raise ResultsError(f"--where {args.where!r} matched none of the study's "
-                           f"{len(results.trials)} trials")
+        matched = (f"--where {args.where!r} matched none of the study's {len(results.trials)} "
+                   "trials")
+        if not listing:  # the command would only go on to find nothing to work on
+            raise ResultsError(matched)
+        print(f"resnet-ablate {args.command}: {matched}", file=sys.stderr)
     return selected
 
 
@@ -87,11 +111,11 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _load_with_trials(args: argparse.Namespace):
-    """The study `_load` gives, refused in one line where it has no trial at all (with --where,
-    an empty selection is its own answer)."""
+    """The study a listing (show, export) shows, refused in one line where it has no trial at
+    all (with --where, an empty selection is its own answer)."""
     from ..results import ResultsError
 
-    results = _load(args)
+    results = _load(args, listing=True)
     if results.trials.empty and not args.where:
         raise ResultsError(f"study {results.study!r} in {results.storage} has no trials yet")
     return results

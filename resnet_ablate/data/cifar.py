@@ -9,6 +9,7 @@ so a crafted file cannot run code; a download checks the archive's md5.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import hashlib
@@ -26,6 +27,7 @@ import numpy as np
 
 from .augment import Augmentation
 from .bundle import DataBundle, make_bundle
+from .errors import DataUnavailable
 
 
 @dataclass(frozen=True)
@@ -286,11 +288,14 @@ def download_cifar(fmt: CifarFormat, root: str | os.PathLike[str]) -> Path:
         urllib.request.urlretrieve(fmt.url, partial)
     except (OSError, ValueError) as error:  # urllib's URLError is an OSError
         partial.unlink(missing_ok=True)
-        if created:  # leave no empty folder behind
-            root.rmdir()
+        if created:  # leave no empty folder behind (another download may be filling it)
+            with contextlib.suppress(OSError):
+                root.rmdir()
         reason = getattr(error, "reason", None) or error
-        raise OSError(f"could not download {fmt.url} into {root}/ ({reason}); offline, put "
-                      f"{fmt.archive} (or the folder it unpacks to) in {root}/ yourself") from None
+        # Unavailable: the same download fails again, so a trial meeting it is not retried.
+        raise DataUnavailable(f"could not download {fmt.url} into {root}/ ({reason}); where this "
+                              f"machine cannot reach it, put {fmt.archive} (or the folder it "
+                              f"unpacks to) in {root}/ yourself") from None
     digest = hashlib.md5()
     with partial.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):

@@ -5,7 +5,7 @@ Faults, and what this loop makes of them:
 - an exception in a trial comes back as a failed outcome: recorded with its traceback, and the study
   goes on (the grid point is tried again, up to `max_attempts`, after a back-off);
 - a killed worker surfaces as a Ray error: recorded as failed ("worker lost") and retried;
-- Ctrl-C or SIGTERM cancel the running tasks and mark their trials failed ("interrupted"), so the
+- Ctrl-C or SIGTERM cancel the running tasks and mark their trials interrupted (FAIL), so the
   store stays consistent and the same command resumes; the signal is acted on at the loop's next
   turn or, where the loop waits for Ray, at once, and further signals wait until the marking is
   done (signals.py).
@@ -52,7 +52,7 @@ class LoopResult:
     counts: Counter[str]  # Status.COMPLETED, Status.PRUNED and each failure kind, this run
     launched: int
     interrupted: str  # "" for a run that ended by itself, else "SIGINT" or "SIGTERM"
-    marked: int = 0  # unfinished trials marked failed ("interrupted") by the stop
+    marked: int = 0  # unfinished trials the stop marked interrupted (stored as FAIL)
 
 
 def trial_task(spec: StudySpec, number: int, arch: ResNetArch, seed: int, *,

@@ -125,7 +125,8 @@ def open_study(spec: StudySpec, storage: str | optuna.storages.BaseStorage, *,
             study.set_user_attr(StudyKey.SEEDS, list(spec.seeds))
         elif not same_study(stored, current):
             differ = [s for s in SECTIONS_THAT_DEFINE_A_STUDY if stored.get(s) != current.get(s)]
-            if differ == ["space"] and _casefolded(stored["space"]) == _casefolded(current["space"]):
+            respelled = _casefolded(stored["space"]) == _casefolded(current["space"])
+            if differ == ["space"] and respelled:
                 # The same levels (the architecture reads `a` as `A`), but the store keys its
                 # trials by the levels as written: another spelling would run them all again.
                 raise StudyConflict(

@@ -150,7 +150,8 @@ class StudyRunner:
             progress = StudyProgress(self.spec.study, enabled=self.options.progress)
             recovered = recorder.recover_interrupted()
             if recovered:
-                progress.log(f"marked {recovered} trial(s) of an interrupted run as failed; resuming")
+                progress.log(f"marked {recovered} trial(s) of an interrupted run interrupted; "
+                             "resuming (they run again)")
             trials = self.study.get_trials(deepcopy=False)
             kept = sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
             if kept:

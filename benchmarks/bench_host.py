@@ -84,13 +84,11 @@ def _step(provider: str, x, r, params, stats, grad, forward_only: bool = False
     from resnet_ablate.kernels.batch_norm import _without_python_wrapper
 
     leaves = [t for t in (x, r, *params) if t is not None]
-    if forward_only:
-        grad = None  # read below as "no backward"
     weight, bias = params
     running_mean, running_var = stats
 
     def backward(out: torch.Tensor) -> None:
-        if grad is not None:
+        if not forward_only:
             torch.autograd.grad(out, leaves, grad)
 
     def fused() -> None:

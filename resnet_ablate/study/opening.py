@@ -125,14 +125,15 @@ def open_study(spec: StudySpec, storage: str | optuna.storages.BaseStorage, *,
             study.set_user_attr(StudyKey.SEEDS, list(spec.seeds))
         elif not same_study(stored, current):
             differ = [s for s in SECTIONS_THAT_DEFINE_A_STUDY if stored.get(s) != current.get(s)]
-            respelled = _casefolded(stored["space"]) == _casefolded(current["space"])
-            if differ == ["space"] and respelled:
+            if differ == ["space"] and (_casefolded(stored.get("space"))
+                                        == _casefolded(current.get("space"))):
                 # The same levels (the architecture reads `a` as `A`), but the store keys its
                 # trials by the levels as written: another spelling would run them all again.
                 raise StudyConflict(
-                    f"study {spec.study!r} in {url} spells its levels {stored['space']}, and "
-                    f"{spec.source} spells them {current['space']}: the same levels, but the "
-                    "store keys its trials by their spelling; write them as the study was created")
+                    f"study {spec.study!r} in {url} spells its levels {stored.get('space')}, "
+                    f"and {spec.source} spells them {current.get('space')}: the same levels, "
+                    "but the store keys its trials by their spelling; write them as the study "
+                    "was created")
             raise StudyConflict(
                 f"study {spec.study!r} in {url} was created from a different spec "
                 f"({', '.join(differ)} differ: stored {[stored.get(s) for s in differ]}, "

@@ -236,6 +236,11 @@ def test_empty_study_is_an_error_for_show_and_summary(tmp_path, capsys):
     optuna.create_study(study_name="empty", storage=storage)
     assert main(["show", "empty", "--storage", storage]) == 2
     assert "study 'empty' in " in capsys.readouterr().err
+    # A filter does not turn "no trials yet" into an empty table that looks like an answer.
+    for command in ("show", "export"):
+        assert main([command, "empty", "--storage", storage, "--where", "seed == 1"]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.endswith("has no trials yet\n")
     assert main(["summary", "empty", "--storage", storage]) == 2
     assert "has no completed trial to summarise (it has no trials)" in capsys.readouterr().err
 

@@ -60,10 +60,13 @@ def _reader_gone(stream) -> bool:
 
 def _load(args: argparse.Namespace, *, listing: bool = False):
     """The study, restricted by --where. A selection that matches nothing is one error, except
-    for a `listing` (show, export), whose empty table is an answer: it is noted on stderr."""
+    for a `listing` (show, export), whose empty table is an answer: it is noted on stderr. A
+    listing of a study with no trial at all is refused, with or without --where."""
     from ..results import ResultsError, load
 
     results = load(args.study, storage=args.storage, runs_dir=args.runs_dir)
+    if listing and results.trials.empty:
+        raise ResultsError(f"study {results.study!r} in {results.storage} has no trials yet")
     selected = results.where(args.where)
     if args.where and selected.trials.empty and not results.trials.empty:
         matched = (f"--where {args.where!r} matched none of the study's {len(results.trials)} "
@@ -100,7 +103,7 @@ SHOW_COLUMNS = ("number", "state", "seed", "params", "flops", "test_error", "tra
 @command("show")
 @_query
 def _show(args: argparse.Namespace) -> int:
-    results = _load_with_trials(args)
+    results = _load(args, listing=True)
     frame = results.sorted_by(_names(args.sort))
     columns = _names(args.columns)
     if columns is None:
@@ -110,21 +113,10 @@ def _show(args: argparse.Namespace) -> int:
     return emit(frame[list(dict.fromkeys(columns))], args)
 
 
-def _load_with_trials(args: argparse.Namespace):
-    """The study a listing (show, export) shows, refused in one line where it has no trial at
-    all (with --where, an empty selection is its own answer)."""
-    from ..results import ResultsError
-
-    results = _load(args, listing=True)
-    if results.trials.empty and not args.where:
-        raise ResultsError(f"study {results.study!r} in {results.storage} has no trials yet")
-    return results
-
-
 @command("export")
 @_query
 def _export(args: argparse.Namespace) -> int:
-    results = _load_with_trials(args)
+    results = _load(args, listing=True)
     frame = results.curves() if args.what == "curves" else results.sorted_by(_names(args.sort))
     return emit(frame, args)
 

@@ -164,6 +164,11 @@ def _mismatch(expected: Any, actual: Any) -> str | None:
     pairs = list(zip(_tensors(expected), _tensors(actual)))
     if len(pairs) != len(_tensors(expected)) or any(e.shape != a.shape for e, a in pairs):
         return "the rewritten forward returns outputs of other shapes on the probe input"
+    # The fused op keeps the BN output's dtype (out += residual), where `bn(x) + r` promotes.
+    promoted = [(e.dtype, a.dtype) for e, a in pairs if e.dtype != a.dtype]
+    if promoted:
+        return (f"the rewritten forward returns {promoted[0][1]} where the model returns "
+                f"{promoted[0][0]} on the probe input (a residual add that promotes the dtype)")
     errors = [error for e, a in pairs if (error := beyond_tolerance(e, a)) is not None]
     return f"the rewritten forward differs on the probe input (max difference {max(errors):.3g})" if errors else None
 

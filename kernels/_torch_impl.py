@@ -131,16 +131,29 @@ def backward(
     mean, var = _mean_and_var(stats, x.shape[1], acc)
     invstd = torch.rsqrt(var + eps)
     weight = weight.to(acc) if weight is not None else None
+    # One layout for both: ATen's CPU backward misreads a gradient whose layout differs from the
+    # input's (an NCHW gradient for a channels_last input of width 1 gave wrong gradients).
+    layout = _shared_layout(x)
+    gz, wide = gz.contiguous(memory_format=layout), x.to(acc).contiguous(memory_format=layout)
     if batch_stats:
         grad_in, grad_weight, grad_bias = aten.native_batch_norm_backward(
-            gz, x.to(acc), weight, None, None, mean, invstd, True, eps, [True, True, True]
+            gz, wide, weight, None, None, mean, invstd, True, eps, [True, True, True]
         )
     else:
         grad_in, grad_weight, grad_bias = aten.native_batch_norm_backward(
-            gz, x.to(acc), weight, mean, var, None, None, False, eps, [True, True, True]
+            gz, wide, weight, mean, var, None, None, False, eps, [True, True, True]
         )
     grad_residual = _in_layout_of(gz, grad_out) if residual_grad else None
     return _in_layout_of(grad_in, x), grad_residual, grad_weight, grad_bias
+
+
+def _shared_layout(x: torch.Tensor) -> torch.memory_format:
+    """The layout that the backward gives its input and gradient: channels_last where x is
+    (4-d), else the contiguous one."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+            and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _mean_and_var(stats: torch.Tensor, channels: int,

@@ -17,13 +17,20 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .record import METRICS
+from .record import METRICS, VIEW_METRICS
 
 if TYPE_CHECKING:
     from .results import Results
 
-# The metrics whose intervals take the test set's own sampling into account.
+# The metrics with a per-image record of their final evaluation (accuracy is error's complement).
 ERROR_RATES = ("test_error", "test_accuracy")
+# Every rate over the test set's images: their intervals take the test set's own sampling into
+# account, from the per-image record where there is one (ERROR_RATES), else bounded by the test
+# set's size, as an error rate without its record is.
+TEST_SET_RATES = (*ERROR_RATES, "best_test_error", "test_top5_error", *VIEW_METRICS)
+# What a reader must know of a rate picked on the test set itself.
+SELECTED_ON_TEST = {"best_test_error": "the lowest test error over epochs: picked on the test "
+                                       "set, so optimistic"}
 
 
 def note(estimate: stats.Estimate) -> str:
@@ -51,19 +58,31 @@ def paired_contrast(results: Results, values: pd.DataFrame, trials: pd.DataFrame
     trials has lost it). Other metrics: Student's t over the per-seed contrasts, clipped to
     `bounds`."""
     weights = np.asarray(weights, dtype=float)
-    if metric not in ERROR_RATES:
+    if metric not in TEST_SET_RATES:
         return stats.seed_mean(values.to_numpy(float) @ weights, bounds)
     columns = [values[c].to_numpy(float) for c in values.columns]
-    errors = columns if metric == "test_error" else [1 - v for v in columns]
+    errors = [1 - v for v in columns] if metric == "test_accuracy" else columns
     numbers = [number for c in trials.columns for cell in trials[c] for number in cell]
     outcomes, images = results._outcomes(numbers)
     tables = None
-    if outcomes is not None and len(outcomes) == values.size:  # one trial a cell
-        n = len(values)
+    if metric in ERROR_RATES and outcomes is not None and len(outcomes) == values.size:
+        n = len(values)  # one trial a cell, each with its per-image record
         tables = [outcomes[k * n:(k + 1) * n] for k in range(len(columns))]
     estimate = stats.contrast(tables, weights, errors, images)
     # Accuracy is 1 - error and a contrast's weights sum to zero: the same contrast, negated.
-    return estimate if metric == "test_error" else negated(estimate)
+    return negated(estimate) if metric == "test_accuracy" else selected_note(estimate, metric)
+
+
+def selected_note(estimate: stats.Estimate, metric: str) -> stats.Estimate:
+    """The estimate, noted where `metric` was picked on the test set (SELECTED_ON_TEST)."""
+    return with_note(estimate, SELECTED_ON_TEST.get(metric, ""))
+
+
+def with_note(estimate: stats.Estimate, text: str) -> stats.Estimate:
+    """The estimate with `text` added to its note (unchanged where `text` is empty)."""
+    if not text:
+        return estimate
+    return dataclasses.replace(estimate, note="; ".join(filter(None, [estimate.note, text])))
 
 
 def on_common_seeds(values: pd.DataFrame, others: Sequence[str]) -> pd.DataFrame:
@@ -133,5 +152,6 @@ def plain(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-__all__ = ["ERROR_RATES", "complement", "difference_bounds", "negated", "note", "on_common_seeds",
-           "paired_contrast", "plain", "stratified_contrast", "with_methods"]
+__all__ = ["ERROR_RATES", "SELECTED_ON_TEST", "TEST_SET_RATES", "complement", "difference_bounds", "negated", "note", "on_common_seeds",
+           "paired_contrast", "plain", "selected_note", "stratified_contrast", "with_methods",
+           "with_note"]

@@ -74,7 +74,7 @@ def effects(results: Results, metric: str = "test_error") -> pd.DataFrame:
     effect with `n_pairs`, the estimate, its 95% interval, the two-sided p-value of no effect,
     the method and a note; `frame.attrs["methods"]` lists the methods."""
     results.check_metric(metric)
-    results.require_completed("estimate effects from")
+    results.completed_with(metric, "estimate effects from")
     levels = factor_levels(results)
     if len(levels) < 2:
         raise ResultsError(_too_few_factors(results, levels))

@@ -10,7 +10,7 @@ import pandas as pd
 
 from . import stats
 from .contrasts import (difference_bounds, note, paired_contrast, plain, stratified_contrast,
-                        with_methods)
+                        with_methods, with_note)
 from .storage import ResultsError
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ def compare(results: Results, factor: str, baseline: Any,
         raise ResultsError(f"{factor!r} is not a factor study {results.study!r} sweeps, so it has "
                            f"no levels to compare; factors: {', '.join(factors)}")
     results.check_metric(metric)
-    done = results.require_completed("compare")
+    done, left_out = results.completed_with(metric, "compare")
     levels = list(pd.unique(results.trials[factor].dropna()))
     baseline = _match_level(baseline, levels, factor)
     if len(levels) < 2:
@@ -61,8 +61,8 @@ def compare(results: Results, factor: str, baseline: Any,
             else [((), pairs)]
         for key, group in groups:
             key = key if isinstance(key, tuple) else (key,)
-            estimate = paired_contrast(results, group, trials.loc[group.index], (-1.0, 1.0),
-                                       metric, bounds)
+            estimate = with_note(paired_contrast(results, group, trials.loc[group.index],
+                                                 (-1.0, 1.0), metric, bounds), left_out)
             rows.append(_paired_row(factor, level, baseline, metric, dict(zip(others, key)),
                                     group[baseline], group[level], estimate))
         if len(groups) > 1:
@@ -70,7 +70,7 @@ def compare(results: Results, factor: str, baseline: Any,
                                                 metric, bounds)
             rows.append(_paired_row(factor, level, baseline, metric,
                                     {name: "all" for name in others}, used[baseline],
-                                    used[level], overall))
+                                    used[level], with_note(overall, left_out)))
     if not rows:
         raise ResultsError(f"no configuration has completed trials of both {factor}="
                            f"{plain(baseline)} and another level with the same seed yet")

@@ -32,7 +32,8 @@ import pandas as pd
 
 from . import stats
 from .adaptive import SeedResult, decide
-from .contrasts import ERROR_RATES, complement, note, with_methods
+from .contrasts import (ERROR_RATES, TEST_SET_RATES, complement, note, selected_note,
+                        with_methods, with_note)
 from .display import FOOTNOTE_COLUMNS, display_frame, footnotes, format_table, write_frame
 from .effects import effects as effect_table
 from .effects import importance as fanova_importance
@@ -128,6 +129,19 @@ class Results:
                                f"to {what} (it has {counts})")
         return done
 
+    def completed_with(self, metric: str, what: str) -> tuple[pd.DataFrame, str]:
+        """The completed trials that recorded `metric`, and a note naming how many did not and
+        were left out ("" where none): a statistic over seeds needs a value from each. None
+        recording it (top-5 error of a 10-class study, say) is one error."""
+        done = self.require_completed(what)
+        recorded = done[done[metric].notna()]
+        if recorded.empty:
+            raise ResultsError(f"no completed trial of study {self.study!r} recorded {metric}, "
+                               f"so there is nothing to {what}")
+        lacking = len(done) - len(recorded)
+        return recorded, (f"{lacking} completed trial{'s' if lacking != 1 else ''} without "
+                          f"{metric} left out" if lacking else "")
+
     def configuration_columns(self, without: Sequence[str] = ()) -> list[str]:
         return [c for c in (self.swept or ("arch_name",)) if c not in without]
 
@@ -141,16 +155,19 @@ class Results:
 
         Test error and accuracy get intervals for the error rate itself, the test set's own
         sampling included (resnet_ablate/stats.py: crossed seeds x test images from the per-image
-        record, or a conservative binomial bound where only the test set's size was recorded);
-        other metrics Student's t over seeds. Intervals are clipped to the metric's range.
-        `frame.attrs["methods"]` lists the methods used."""
+        record, or a conservative binomial bound where only the test set's size was recorded, as
+        for every other rate over the test set: contrasts.TEST_SET_RATES); other metrics
+        Student's t over seeds. Intervals are clipped to the metric's range. Trials that did not
+        record `metric` are left out, with a note. `frame.attrs["methods"]` lists the methods
+        used."""
         by = list(by or self.configuration_columns())
         self.check_columns(by)
         self.check_metric(metric)
-        done = self.require_completed("summarise")
+        done, left_out = self.completed_with(metric, "summarise")
         rows = []
         for key, group in done.groupby(by, sort=True, dropna=False):
             estimate = self._estimate(group, metric)
+            estimate = with_note(estimate, left_out)
             names = group["arch_name"].unique()
             rows.append({
                 **dict(zip(by, key if isinstance(key, tuple) else (key,))),
@@ -178,11 +195,14 @@ class Results:
     def _estimate(self, group: pd.DataFrame, metric: str) -> stats.Estimate:
         """The estimate of `metric` over one configuration's seeds (see `summary`)."""
         values = _floats(group[metric])
-        if metric in ERROR_RATES:
+        if metric in TEST_SET_RATES:
             outcomes, images = self._outcomes(group["number"].tolist())
-            errors = values if metric == "test_error" else 1 - values
+            if metric not in ERROR_RATES:  # no per-image record: bounded by the size alone
+                outcomes = None
+            errors = 1 - values if metric == "test_accuracy" else values
             estimate = stats.error_rate(outcomes, errors, images)
-            return estimate if metric == "test_error" else complement(estimate)
+            return complement(estimate) if metric == "test_accuracy" \
+                else selected_note(estimate, metric)
         bounds = (METRICS[metric].low, METRICS[metric].high) if metric in METRICS \
             else (-math.inf, math.inf)
         return stats.seed_mean(values, bounds)

@@ -188,6 +188,22 @@ def test_arbitrary_strides_are_handled(backend):
             _assert_matches(grads[1], ref_grads[1], torch.float32, "grad of residual")
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_a_channels_last_input_of_width_one_with_a_plain_gradient(backend, relu):
+    """Strides (28, 1, 4, 1) and an NCHW gradient: ATen's CPU backward misreads a gradient in
+    another layout than its input (it gave input gradients off by more than their size), so the
+    reference takes a contiguous copy of the input. ("auto" on a CPU is F.batch_norm itself,
+    exactly what the unfused module computes, this misreading included.)"""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 7, 4, 1, generator=g).permute(0, 2, 1, 3)
+    grad = torch.randn(x.shape, generator=g)
+    out, grads = _fused(backend, x, None, None, None, None, None, grad, True, relu)
+    ref_out, ref_grads = _reference(x.contiguous(), None, None, None, None, None, grad, True, relu)
+    _assert_matches(out, ref_out, torch.float32, "output")
+    _assert_matches(grads[0], ref_grads[0], torch.float32, "grad of input")
+
+
 def test_large_mean_does_not_cancel():
     """Welford/Chan merging keeps the variance accurate when |mean| >> std (sum-of-squares fails)."""
     x = (torch.randn(4, 3, 33, 31, generator=torch.Generator().manual_seed(1)) + 1000.0)

@@ -5,6 +5,7 @@ Fig. 7 layer responses, plots and the HTML report; and the errors for what does 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import re
 import shutil
@@ -22,7 +23,8 @@ from helpers import RESULTS_DEPTHS, RESULTS_SEEDS, RESULTS_SHORTCUTS, RESULTS_ST
 from resnet_ablate import plots, report
 from resnet_ablate.record import unpack_outcomes
 from resnet_ablate.results import ResultsError, display_frame, list_studies, load
-from resnet_ablate.stats import CROSSED, SEEDS_ONLY, contrast, error_rate, paired_difference
+from resnet_ablate.stats import (BINOMIAL_BOUND, CROSSED, SEEDS_ONLY, contrast, error_rate,
+                                 paired_difference)
 
 STUDY, DEPTHS, SHORTCUTS, SEEDS = RESULTS_STUDY, RESULTS_DEPTHS, RESULTS_SHORTCUTS, RESULTS_SEEDS
 
@@ -155,6 +157,50 @@ def test_summary_of_a_metric_without_test_sampling_is_students_t(results, raw_tr
             # Student's t, clipped to the [0, 1] an error rate lives in.
             assert (row["train_error_ci95_low"], row["train_error_ci95_high"]) == (
                 pytest.approx(max(low, 0.0)), pytest.approx(min(high, 1.0)))
+
+
+def test_every_rate_over_the_test_set_takes_its_sampling_and_best_error_says_it_is_picked_there(
+        results, raw_trials):
+    # The lowest test error over epochs has no per-image record: the binomial bound on the test
+    # set's size, as test_error without its record, never Student's t over seeds alone (whose
+    # interval tied seeds would shrink to a point).
+    summary = results.summary(by=["depth", "shortcut"], metric="best_test_error")
+    summary = summary.set_index(["depth", "shortcut"])
+    for depth in DEPTHS:
+        for shortcut in SHORTCUTS:
+            trials = [t for t in raw_trials
+                      if (t.params["depth"], t.params["shortcut"]) == (depth, shortcut)]
+            best = [min(c["test_error"] for c in t.user_attrs["curves"]) for t in trials]
+            expected = error_rate(None, best, trials[0].user_attrs["test_images"])
+            row = summary.loc[(depth, shortcut)]
+            assert row["method"] == BINOMIAL_BOUND == expected.method
+            assert (row["best_test_error_ci95_low"], row["best_test_error_ci95_high"]) == (
+                pytest.approx(expected.low), pytest.approx(expected.high))
+            assert "picked on the test set, so optimistic" in row["note"]
+    table = results.compare("shortcut", SHORTCUTS[0], metric="best_test_error")
+    assert set(table["method"]) <= {BINOMIAL_BOUND, f"stratified over configurations "
+                                                    f"({BINOMIAL_BOUND})"}
+
+
+def test_a_metric_no_trial_recorded_is_one_error_and_a_trial_without_it_is_left_out_with_a_note(
+        results):
+    trials = results.trials.copy()
+    trials["test_top5_error"] = np.nan
+    unrecorded = dataclasses.replace(results, trials=trials)
+    for call in (lambda r: r.summary(metric="test_top5_error"),
+                 lambda r: r.compare("shortcut", SHORTCUTS[0], metric="test_top5_error"),
+                 lambda r: r.pareto(["test_top5_error", "flops"])):
+        with pytest.raises(ResultsError, match="no completed trial of study .* recorded "
+                                               "test_top5_error, so there is nothing to"):
+            call(unrecorded)
+    trials = results.trials.copy()
+    trials.loc[trials.index[0], "train_error"] = np.nan
+    partial = dataclasses.replace(results, trials=trials)
+    summary = partial.summary(metric="train_error")
+    assert summary["n"].sum() == len(results.completed()) - 1
+    assert summary["note"].str.contains("1 completed trial without train_error left out").all()
+    compared = partial.compare("shortcut", SHORTCUTS[0], metric="train_error")
+    assert compared["note"].str.contains("1 completed trial without train_error left out").all()
 
 
 def test_intervals_stay_in_the_range_of_the_metric_with_two_seeds(results):

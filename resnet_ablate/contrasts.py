@@ -18,6 +18,7 @@ import pandas as pd
 
 from . import stats
 from .record import METRICS, VIEW_METRICS
+from .storage import ResultsError
 
 if TYPE_CHECKING:
     from .results import Results
@@ -83,6 +84,20 @@ def with_note(estimate: stats.Estimate, text: str) -> stats.Estimate:
     if not text:
         return estimate
     return dataclasses.replace(estimate, note="; ".join(filter(None, [estimate.note, text])))
+
+
+def recorded(results: Results, metric: str, what: str) -> tuple[pd.DataFrame, str]:
+    """The completed trials that recorded `metric`, and a note naming how many did not and were
+    left out ("" where none): a statistic over seeds needs a value from each. None recording it
+    (top-5 error of a 10-class study, say) is one error."""
+    done = results.require_completed(what)
+    kept = done[done[metric].notna()]
+    if kept.empty:
+        raise ResultsError(f"no completed trial of study {results.study!r} recorded {metric}, "
+                           f"so there is nothing to {what}")
+    lacking = len(done) - len(kept)
+    return kept, (f"{lacking} completed trial{'s' if lacking != 1 else ''} without {metric} "
+                  "left out" if lacking else "")
 
 
 def on_common_seeds(values: pd.DataFrame, others: Sequence[str]) -> pd.DataFrame:
@@ -152,6 +167,6 @@ def plain(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-__all__ = ["ERROR_RATES", "SELECTED_ON_TEST", "TEST_SET_RATES", "complement", "difference_bounds", "negated", "note", "on_common_seeds",
-           "paired_contrast", "plain", "selected_note", "stratified_contrast", "with_methods",
-           "with_note"]
+__all__ = ["ERROR_RATES", "SELECTED_ON_TEST", "TEST_SET_RATES", "complement", "difference_bounds",
+           "negated", "note", "on_common_seeds", "paired_contrast", "plain", "recorded", "selected_note",
+           "stratified_contrast", "with_methods", "with_note"]

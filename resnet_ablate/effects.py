@@ -31,8 +31,8 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .contrasts import (difference_bounds, note, paired_contrast, plain, stratified_contrast,
-                        with_methods)
+from .contrasts import (difference_bounds, note, paired_contrast, plain, recorded,
+                        stratified_contrast, with_methods)
 from .storage import ResultsError
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ def effects(results: Results, metric: str = "test_error") -> pd.DataFrame:
     effect with `n_pairs`, the estimate, its 95% interval, the two-sided p-value of no effect,
     the method and a note; `frame.attrs["methods"]` lists the methods."""
     results.check_metric(metric)
-    results.completed_with(metric, "estimate effects from")
+    recorded(results, metric, "estimate effects from")
     levels = factor_levels(results)
     if len(levels) < 2:
         raise ResultsError(_too_few_factors(results, levels))

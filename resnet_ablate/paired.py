@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .contrasts import (difference_bounds, note, paired_contrast, plain, stratified_contrast,
-                        with_methods, with_note)
+from .contrasts import (difference_bounds, note, paired_contrast, plain, recorded,
+                        stratified_contrast, with_methods, with_note)
 from .storage import ResultsError
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ def compare(results: Results, factor: str, baseline: Any,
         raise ResultsError(f"{factor!r} is not a factor study {results.study!r} sweeps, so it has "
                            f"no levels to compare; factors: {', '.join(factors)}")
     results.check_metric(metric)
-    done, left_out = results.completed_with(metric, "compare")
+    done, left_out = recorded(results, metric, "compare")
     levels = list(pd.unique(results.trials[factor].dropna()))
     baseline = _match_level(baseline, levels, factor)
     if len(levels) < 2:

@@ -32,7 +32,7 @@ import pandas as pd
 
 from . import stats
 from .adaptive import SeedResult, decide
-from .contrasts import (ERROR_RATES, TEST_SET_RATES, complement, note, selected_note,
+from .contrasts import (ERROR_RATES, TEST_SET_RATES, complement, note, recorded, selected_note,
                         with_methods, with_note)
 from .display import FOOTNOTE_COLUMNS, display_frame, footnotes, format_table, write_frame
 from .effects import effects as effect_table
@@ -129,19 +129,6 @@ class Results:
                                f"to {what} (it has {counts})")
         return done
 
-    def completed_with(self, metric: str, what: str) -> tuple[pd.DataFrame, str]:
-        """The completed trials that recorded `metric`, and a note naming how many did not and
-        were left out ("" where none): a statistic over seeds needs a value from each. None
-        recording it (top-5 error of a 10-class study, say) is one error."""
-        done = self.require_completed(what)
-        recorded = done[done[metric].notna()]
-        if recorded.empty:
-            raise ResultsError(f"no completed trial of study {self.study!r} recorded {metric}, "
-                               f"so there is nothing to {what}")
-        lacking = len(done) - len(recorded)
-        return recorded, (f"{lacking} completed trial{'s' if lacking != 1 else ''} without "
-                          f"{metric} left out" if lacking else "")
-
     def configuration_columns(self, without: Sequence[str] = ()) -> list[str]:
         return [c for c in (self.swept or ("arch_name",)) if c not in without]
 
@@ -163,7 +150,7 @@ class Results:
         by = list(by or self.configuration_columns())
         self.check_columns(by)
         self.check_metric(metric)
-        done, left_out = self.completed_with(metric, "summarise")
+        done, left_out = recorded(self, metric, "summarise")
         rows = []
         for key, group in done.groupby(by, sort=True, dropna=False):
             estimate = self._estimate(group, metric)

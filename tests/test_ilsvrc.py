@@ -2,6 +2,8 @@
 truth (with meta.mat) or by 'filename label' lines, a study trained on it end to end, and
 `resnet-ablate convert-imagenet` to class folders and to shards."""
 
+import shutil
+
 import numpy as np
 import pytest
 import scipy.io
@@ -83,6 +85,29 @@ def test_a_label_file_that_does_not_fit_is_one_error_naming_the_line(ilsvrc, tmp
         scan_image_folder(root, val_labels=wrong)
     with pytest.raises(FileNotFoundError, match="val_labels: .*nowhere.txt does not exist"):
         scan_image_folder(root, val_labels="nowhere.txt")
+
+
+def test_the_devkits_ground_truth_refuses_a_val_folder_missing_an_image_or_holding_a_stray(
+        ilsvrc, tmp_path):
+    # Its lines label images by number: one image fewer or more would shift every later label.
+    root, _ = ilsvrc
+    labels = root / "devkit" / "ILSVRC2012_validation_ground_truth.txt"
+    missing = tmp_path / "missing"
+    shutil.copytree(root, missing)
+    (missing / "val" / "ILSVRC2012_val_00000005.JPEG").unlink()
+    shutil.copy(missing / "val" / "ILSVRC2012_val_00000009.JPEG",
+                missing / "val" / "ILSVRC2012_val_00000041.JPEG")  # as many images as lines
+    with pytest.raises(ValueError, match="line 5 labels image number 5, but the image at that "
+                                         "place in val/ .sorted by name. is "
+                                         "ILSVRC2012_val_00000006.JPEG"):
+        scan_image_folder(missing, val_labels=labels)
+    (missing / "val" / "ILSVRC2012_val_00000041.JPEG").unlink()
+    for k in range(5, 9):  # 1..8 of the 9 that the file labels: the last one is missing
+        (missing / "val" / f"ILSVRC2012_val_{k + 1:08d}.JPEG").rename(
+            missing / "val" / f"ILSVRC2012_val_{k:08d}.JPEG")
+    with pytest.raises(ValueError, match="its 9 lines label images 1 to 9, but val/ holds only "
+                                         "1 to 8"):
+        scan_image_folder(missing, val_labels=labels)
 
 
 def test_a_study_trains_on_the_ilsvrc_layout_and_it_converts_to_folders_and_shards(

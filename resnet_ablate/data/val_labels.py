@@ -8,7 +8,9 @@ A label file is either
   the sorted class folders; or
 - one label a line for the images in sorted file-name order, as the devkit's
   `ILSVRC2012_validation_ground_truth.txt` holds them: wnids, or the devkit's 1-based
-  ILSVRC2012_IDs, which the devkit's `meta.mat` (beside the label file) maps to wnids.
+  ILSVRC2012_IDs, which the devkit's `meta.mat` (beside the label file) maps to wnids. Where
+  the images' names carry their numbers, as ILSVRC's do, val/ must hold exactly images 1 to N of
+  the N lines: a missing or stray image would shift every later label.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ def _class_of(word: str, index: dict[str, int], count: int) -> int | None:
 def _labels_in_order(path: Path, rows: list[tuple[int, list[str]]], images: list[Path],
                      classes: tuple[str, ...], index: dict[str, int]) -> list[int]:
     """One label a line, for the images in sorted name order (the devkit's ground truth)."""
+    _check_numbering(path, len(rows), images)
     if len(rows) != len(images):
         raise ValueError(f"{path}: {len(rows)} labels for the {len(images)} images in val/ "
                          "(one label a line labels the images in sorted file-name order)")
@@ -77,6 +80,27 @@ def _labels_in_order(path: Path, rows: list[tuple[int, list[str]]], images: list
         raise ValueError(f"{path}:{number}: {word!r} is not a class of train/ ({len(classes)} "
                          f"class folders, e.g. {classes[0]})")
     return [index[word] for word in words]
+
+
+_NUMBERED = re.compile(r"_(\d+)$")  # ILSVRC2012_val_00000042: line 42 labels it
+
+
+def _check_numbering(path: Path, lines: int, images: list[Path]) -> None:
+    """Where the images' names carry their numbers (ILSVRC's do), that line k labels image k: a
+    missing or a stray image would otherwise shift every later label onto the wrong image."""
+    numbers = [_NUMBERED.search(p.stem) for p in images]
+    if not images or None in numbers:
+        return
+    for position, (image, number) in enumerate(zip(images, numbers), start=1):
+        if int(number.group(1)) != position:
+            raise ValueError(
+                f"{path}: line {position} labels image number {position}, but the image at that "
+                f"place in val/ (sorted by name) is {image.name}: val/ must hold exactly the "
+                f"images its {lines} lines label, numbered 1 to {lines} (is one missing, or "
+                "one extra?)")
+    if len(images) < lines:
+        raise ValueError(f"{path}: its {lines} lines label images 1 to {lines}, but val/ holds "
+                         f"only 1 to {len(images)} (an incomplete extraction?)")
 
 
 def _devkit_wnids(meta: Path, label_file: Path) -> dict[int, str]:

@@ -31,7 +31,7 @@ from .recipe import TrainRecipe
 from .record import (DataParallelRecord, EpochRecord, FinalEvaluation, Placement, Status,
                      Timings, TrialOutcome, TrialTask)
 from .replicas import Replicas
-from .train import TrainResult, train
+from .train import NoImages, TrainResult, train
 
 
 def library_versions() -> dict[str, str]:
@@ -152,6 +152,10 @@ def run_trial_body(task: TrialTask, board: Any | None, device: torch.device, *,
         # Before training, and the same on every replica: an outcome, not an exception that Ray
         # Train would restart the run for. Not retried: the same input fails again.
         return stopped(Status.UNAVAILABLE, str(missing))
+    except NoImages as nothing:
+        # A split with no decodable image: as deterministic (its count is every replica's
+        # total), so as unavailable, and not retried either: a retry would train again first.
+        return stopped(Status.UNAVAILABLE, f"NoImages: {nothing}")
     except Exception as error:
         if replicas is not None:
             raise

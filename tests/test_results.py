@@ -203,6 +203,19 @@ def test_a_metric_no_trial_recorded_is_one_error_and_a_trial_without_it_is_left_
     assert compared["note"].str.contains("1 completed trial without train_error left out").all()
 
 
+def test_a_width_rule_studys_summary_says_its_intervals_are_not_adjusted_for_the_stopping(
+        results):
+    assert not results.summary()["note"].str.contains("width rule").any()
+    adaptive = dataclasses.replace(results, seed_rule={"min": 2, "max": 10,
+                                                       "until": {"width": 0.02}})
+    assert adaptive.summary()["note"].str.contains(
+        "seeds stopped once the interval was narrow .the width rule.: not adjusted for that, so "
+        "it covers less than 95%").all()
+    decided = dataclasses.replace(results, seed_rule={
+        "min": 2, "max": 10, "until": {"decided": "shortcut", "margin": 0.01}})
+    assert not decided.summary()["note"].str.contains("width rule").any()
+
+
 def test_intervals_stay_in_the_range_of_the_metric_with_two_seeds(results):
     two_seeds = results.where("seed < 2")
     summary = two_seeds.summary(by=["depth", "shortcut"])

@@ -74,8 +74,9 @@ class FailureKind:
     DIVERGED = "diverged"  # the loss blew up (train/divergence.py: how it is judged)
     OVER_BUDGET = "over_budget"  # its FLOPs exceed the spec's budget.max_gflops
     INTERRUPTED = "interrupted"  # the driver stopped (Ctrl-C, SIGTERM, killed) before it ended
-    # Its data set's folder or a shard is missing or unreachable, found when the trial started:
-    # the same input fails again, so it is not retried, nor settled (a rerun after the fix runs it).
+    # Its data set's folder or a shard is missing or unreachable, found when the trial started,
+    # or a split had no decodable image (found by the epoch reading it): the same input fails
+    # again, so it is not retried, nor settled (a rerun after the fix runs it).
     DATA_UNAVAILABLE = "data_unavailable"
 
     RETRYABLE = (ERROR, WORKER_LOST)  # count as an attempt of the grid point

@@ -107,8 +107,9 @@ class AdaptiveSeeds:
     seeds 0..min-1; then, each time all of a configuration's seeds have ended, it gets one more
     seed (up to max) while its question is open (adaptive.py decides):
 
-    - `width`: its test error's interval (the summary's method) is wider than this (a rate:
-      0.02 is 2 points);
+    - `width`: its test error's interval (the summary's method, at the rule's level below) is
+      wider than this (a rate: 0.02 is 2 points). Stopping on a narrow interval favours seeds
+      that happened to agree, so the summary notes that its 95% interval then covers less;
     - `decided` (a swept factor) with `margin`: its comparison with the configuration that has
       the factor's baseline level (the first listed) and the same other factors is neither a
       difference (the interval excludes zero) nor an equivalence (the interval lies within

@@ -41,7 +41,7 @@ def display_frame(frame: pd.DataFrame, *, max_text: int = 60) -> pd.DataFrame:
         elif column in METRICS:
             metric = METRICS[column]
             name, text = metric.label, values.map(lambda v: "-" if pd.isna(v) else metric.show(v))
-        elif column == "p_value":
+        elif column in ("p_value", "p_holm"):
             text = values.map(lambda v: "-" if pd.isna(v) else f"{v:.3g}")
         else:
             text = values.map(_number).map(

@@ -93,7 +93,15 @@ def test_main_effects_are_the_means_of_the_cell_differences_and_compares_stratif
     table = results.effects()
     assert list(table.columns) == ["effect", "factor(s)", "level", "baseline", "n_pairs",
                                    "diff_mean", "diff_ci95_low", "diff_ci95_high", "p_value",
-                                   "method", "note", "metric"]
+                                   "p_holm", "method", "note", "metric"]
+    # Holm over the whole table, by hand: the k-th smallest p times (m - k + 1), running maximum.
+    p = table["p_value"].to_numpy(float)
+    order = np.argsort(p, kind="stable")
+    by_hand = np.maximum.accumulate(np.minimum(1, (len(p) - np.arange(len(p))) * p[order]))
+    assert np.allclose(table["p_holm"].to_numpy(float)[order], by_hand)
+    compared = results.compare("depth", 8)
+    assert np.allclose(compared["p_holm"], stats.holm(compared["p_value"]))
+    assert (compared["p_holm"] >= compared["p_value"]).all()
     depth = _row(table, "main", "depth")
     expected = np.mean([_error(cells, (14, s), seed) - _error(cells, (8, s), seed)
                         for s in SHORTCUTS for seed in SEEDS])

@@ -74,8 +74,12 @@ def compare(results: Results, factor: str, baseline: Any,
     if not rows:
         raise ResultsError(f"no configuration has completed trials of both {factor}="
                            f"{plain(baseline)} and another level with the same seed yet")
-    table = pd.DataFrame(rows)
-    # Holm's adjustment over every row shown: many rows, each at 5%, find something by chance.
+    return _with_holm(pd.DataFrame(rows))
+
+
+def _with_holm(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with Holm's adjustment over all its rows beside each p-value: many rows, each
+    at 5%, find something by chance."""
     table.insert(table.columns.get_loc("p_value") + 1, "p_holm",
                  stats.holm(table["p_value"].to_numpy(float)))
     return with_methods(table)

@@ -27,13 +27,13 @@ ARCH_COLUMNS = ("family", "depth", "stages", "block", "shortcut", "widths", "bas
                 "downsampling", "fused")
 TRIAL_COLUMNS = ("number", "state", "arch_name", *ARCH_COLUMNS, "seed", "params", "flops",
                  "test_accuracy", "test_error", "best_test_error", "test_top5_error",
-                 *VIEW_METRICS, "train_error", "test_images", "epochs",
+                 *VIEW_METRICS, "train_error", "test_images", "skipped_images", "epochs",
                  "wall_seconds", "images_per_second", "precision", "memory_format", "compile",
                  "cuda_graphs", "decode", "compile_seconds", "device",
                  "replicas", "restarts", "failure_kind", "failure",
                  "arch_digest", "weights")
 _INT_COLUMNS = ("number", "depth", "base_width", "seed", "params", "flops", "test_images",
-                "epochs", "replicas", "restarts")
+                "skipped_images", "epochs", "replicas", "restarts")
 STATES = ("COMPLETE", "RUNNING", "FAIL", "PRUNED", "WAITING", INTERRUPTED_STATE)
 # The states `list_studies` counts (a WAITING trial is one a driver has asked and not yet started).
 LISTED_STATES = ("COMPLETE", "RUNNING", "FAIL", "PRUNED", INTERRUPTED_STATE)
@@ -151,6 +151,8 @@ def trial_row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
                                             "best_test_error", "test_top5_error", "train_error",
                                             *VIEW_METRICS)},
         "test_images": attrs.get(TrialKey.TEST_IMAGES),
+        # Undecodable images its last epoch left out (training and evaluation; streamed data).
+        "skipped_images": ((attrs.get(TrialKey.CURVES) or [{}])[-1]).get("skipped_images"),
         "epochs": attrs.get(TrialKey.EPOCHS_COMPLETED),
         "wall_seconds": metrics["wall_seconds"], "images_per_second": metrics["images_per_second"],
         # How it executed (auto choices resolved): one spec can run differently on two machines.

@@ -154,7 +154,7 @@ def test_crops_follow_the_trials_seed_whatever_the_loader_workers(folder):
         "another trial seed draws other crops of every image"
 
 
-def test_a_study_trains_end_to_end_on_an_image_folder(folder, tmp_path):
+def test_a_study_trains_end_to_end_on_an_image_folder(folder, tmp_path, capsys):
     from resnet_ablate.results import load
     from resnet_ablate.spec import load_spec
     from resnet_ablate.study import RunOptions, run_study
@@ -205,6 +205,13 @@ def test_a_study_trains_end_to_end_on_an_image_folder(folder, tmp_path):
     for trial in trials:
         assert table.loc[trial.number, "test_top5_error"] == trial.user_attrs["curves"][-1]["test_top5_error"]
     assert len(results.summary(metric="test_top5_error")) == 2
+    # The corrupt image its scores left out is a column, and `show` adds it where any trial has one.
+    assert table["skipped_images"].tolist() == [1, 1]
+    from resnet_ablate.cli import main
+
+    assert main(["show", "folder", "--runs-dir", str(tmp_path)]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert "skipped_images" in header.split()
 
 
 def test_training_without_augmentation_reads_the_evaluation_crops(folder):

@@ -109,6 +109,10 @@ def _show(args: argparse.Namespace) -> int:
     if columns is None:
         columns = ["number", "state", *results.swept, *SHOW_COLUMNS[2:]] if args.format == "table" \
             else list(frame.columns)
+        if args.format == "table" and frame["skipped_images"].fillna(0).gt(0).any():
+            # Images its scores leave out, where any were: else a score hides that it lacks them
+            columns.insert(columns.index("epochs") if "epochs" in columns else len(columns),
+                           "skipped_images")
     results.check_columns(columns)
     return emit(frame[list(dict.fromkeys(columns))], args)
 

@@ -55,6 +55,15 @@ WIDTH_STOPPED = ("seeds stopped once the interval was narrow (the width rule): n
                  "for that, so it covers less than 95%")
 
 
+def _per_seed(group: pd.DataFrame, metric: str, keys: list[str]) -> tuple[np.ndarray, bool]:
+    """`metric`'s values, one per configuration and seed (the `keys`), and whether any seed was
+    completed more than once: its trials are then averaged into one value, as `compare` does,
+    for a seed counted twice is not two seeds' evidence."""
+    if not group.duplicated(keys).any():
+        return _floats(group[metric]), False
+    return _floats(group.groupby(keys, dropna=False, sort=True)[metric].mean()), True
+
+
 def _floats(series: pd.Series) -> np.ndarray:
     return series.to_numpy(dtype=float, na_value=np.nan)
 
@@ -167,7 +176,7 @@ class Results:
             rows.append({
                 **dict(zip(by, key if isinstance(key, tuple) else (key,))),
                 "arch_name": names[0] if len(names) == 1 else f"{len(names)} architectures",
-                "n": len(group), f"{metric}_mean": estimate.mean, f"{metric}_std": estimate.std,
+                "n": estimate.n, f"{metric}_mean": estimate.mean, f"{metric}_std": estimate.std,
                 f"{metric}_ci95_low": estimate.low, f"{metric}_ci95_high": estimate.high,
                 "method": estimate.method, "note": note(estimate),
                 "params": _one_or_mean(group["params"]), "flops": _one_or_mean(group["flops"]),
@@ -189,10 +198,10 @@ class Results:
 
     def _estimate(self, group: pd.DataFrame, metric: str) -> stats.Estimate:
         """The estimate of `metric` over one configuration's seeds (see `summary`)."""
-        values = _floats(group[metric])
+        values, repeated = _per_seed(group, metric, [*self.configuration_columns(), "seed"])
         if metric in TEST_SET_RATES:
             outcomes, images = self._outcomes(group["number"].tolist())
-            if metric not in ERROR_RATES:  # no per-image record: bounded by the size alone
+            if metric not in ERROR_RATES or repeated:  # the test set's size alone bounds it
                 outcomes = None
             errors = 1 - values if metric == "test_accuracy" else values
             estimate = stats.error_rate(outcomes, errors, images)

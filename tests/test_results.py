@@ -15,6 +15,7 @@ import matplotlib.collections
 import matplotlib.image
 import numpy as np
 import optuna
+import pandas as pd
 import pytest
 import torch
 from scipy import stats
@@ -214,6 +215,22 @@ def test_a_width_rule_studys_summary_says_its_intervals_are_not_adjusted_for_the
     decided = dataclasses.replace(results, seed_rule={
         "min": 2, "max": 10, "until": {"decided": "shortcut", "margin": 0.01}})
     assert not decided.summary()["note"].str.contains("width rule").any()
+
+
+def test_a_seed_completed_twice_counts_once_in_the_summary_as_in_compare(results):
+    trials = results.trials
+    first = trials.iloc[0]
+    twice = dataclasses.replace(results, trials=pd.concat(
+        [trials, trials.iloc[[0]].assign(test_error=first["test_error"] + 0.1)],
+        ignore_index=True))
+    point = {"depth": first["depth"], "shortcut": first["shortcut"]}
+    before = results.summary(by=["depth", "shortcut"]).set_index(["depth", "shortcut"])
+    after = twice.summary(by=["depth", "shortcut"]).set_index(["depth", "shortcut"])
+    row, was = after.loc[tuple(point.values())], before.loc[tuple(point.values())]
+    assert row["n"] == was["n"] == len(SEEDS)
+    # The seed's two trials averaged into one value: the mean moves by 0.1 / 2 / seeds.
+    assert row["test_error_mean"] == pytest.approx(was["test_error_mean"] + 0.05 / len(SEEDS))
+    assert row["method"] == BINOMIAL_BOUND  # an average of two trials has no per-image record
 
 
 def test_intervals_stay_in_the_range_of_the_metric_with_two_seeds(results):

@@ -56,8 +56,9 @@ def paired_contrast(results: Results, values: pd.DataFrame, trials: pd.DataFrame
     row per seed and one column per cell, `trials` the same shape, each entry the list of trial
     numbers averaged into that value. Test error and accuracy: `stats.contrast`, image by image
     where every cell is one trial with its per-image record (a cell that averages several
-    trials has lost it). Other metrics: Student's t over the per-seed contrasts, clipped to
-    `bounds`."""
+    trials has lost it); the other rates over the test set (TEST_SET_RATES) the same, bounded
+    by the test set's size alone. Other metrics: Student's t over the per-seed contrasts,
+    clipped to `bounds`."""
     weights = np.asarray(weights, dtype=float)
     if metric not in TEST_SET_RATES:
         return stats.seed_mean(values.to_numpy(float) @ weights, bounds)
@@ -168,5 +169,5 @@ def plain(value: Any) -> str:
 
 
 __all__ = ["ERROR_RATES", "SELECTED_ON_TEST", "TEST_SET_RATES", "complement", "difference_bounds",
-           "negated", "note", "on_common_seeds", "paired_contrast", "plain", "recorded", "selected_note",
-           "stratified_contrast", "with_methods", "with_note"]
+           "negated", "note", "on_common_seeds", "paired_contrast", "plain", "recorded",
+           "selected_note", "stratified_contrast", "with_methods", "with_note"]

@@ -332,3 +332,8 @@ def test_run_exits_non_zero_when_no_trial_completes(local_ray, tmp_path, capsys)
     code = main(["run", str(_write_spec(tmp_path, raw)), "--runs-dir", str(tmp_path), "--quiet"])
     err = capsys.readouterr().err
     assert code == 1 and "none of the 1 trials launched completed" in err
+    # The reason comes with it, as the store recorded it (divergence, here).
+    (trial,) = optuna.load_study(study_name="all-diverge",
+                                 storage=f"sqlite:///{tmp_path}/all-diverge.db").get_trials()
+    failure = trial.user_attrs["failure"].splitlines()[0]
+    assert f"; the last failure (trial 0): {failure}; see `resnet-ablate show" in err

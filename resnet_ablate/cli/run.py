@@ -44,21 +44,30 @@ def _run(args: argparse.Namespace) -> int:
                         f"resnet-ablate run: interrupted by {stop_description(summary.interrupted)}: "
                         f"{summary.marked_interrupted} unfinished trial(s) marked interrupted; "
                         "run the same command to resume (they run again)")
-    if summary.launched and not summary.completed and not summary.pruned:
-        print(f"resnet-ablate run: error: none of the {summary.launched} trials launched completed; "
-              f"see `resnet-ablate show {summary.study}{store_options(args)} --columns "
-              "number,state,failure`",
-              file=sys.stderr)
-        return 1
     from ..report import summary_with_training_error
     from ..results import load
 
     results = load(spec.study, storage=summary.storage)
+    if summary.launched and not summary.completed and not summary.pruned:
+        print(f"resnet-ablate run: error: none of the {summary.launched} trials launched completed"
+              f"{_last_failure(results)}; see `resnet-ablate show {summary.study}"
+              f"{store_options(args)} --columns number,state,failure`", file=sys.stderr)
+        return 1
     if len(results.completed()):
         table = summary_with_training_error(results)
         print(results.format_table(table))
         print_footnotes(table)
     return 0
+
+
+def _last_failure(results) -> str:
+    """The newest failed trial's reason, as a clause ("" where none was recorded): what a user
+    whose every trial failed needs first."""
+    failed = results.trials[results.trials["state"] == "FAIL"].dropna(subset=["failure"])
+    if failed.empty:
+        return ""
+    row = failed.sort_values("number").iloc[-1]
+    return f"; the last failure (trial {row['number']}): {str(row['failure']).splitlines()[0]}"
 
 
 def _print_plan(spec, planned, fmt: str = "table") -> int:

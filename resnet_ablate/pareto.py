@@ -63,7 +63,33 @@ def pareto(results: Results, objectives: Sequence[str] = ("test_error", "flops")
             [objective, f"{objective}_ci95_low", f"{objective}_ci95_high"]
     columns += ["params", "flops", "method", "note"]
     front = front.sort_values(objectives, kind="stable")[list(dict.fromkeys(columns))]
-    return with_methods(front.reset_index(drop=True))
+    front = front.reset_index(drop=True)
+    if f"{objectives[0]}_ci95_low" in front:
+        front["note"] = [_joined(note, flag) for note, flag in
+                         zip(front["note"], _overlapping(front, objectives, by))]
+    return with_methods(front)
+
+
+def _overlapping(front: pd.DataFrame, objectives: Sequence[str], by: Sequence[str]) -> list[str]:
+    """Per front member, where its first objective's interval overlaps that of a member at least
+    as good in every other objective: its place on the front may be the seeds' chance, which a
+    front over means cannot tell (a paired `compare` of the two tests it). Descriptive: two
+    overlapping 95% intervals are not a test."""
+    low, high = (front[f"{objectives[0]}_ci95_{end}"].to_numpy(float) for end in ("low", "high"))
+    signs = np.array([1.0 if DIRECTIONS[o] == "minimize" else -1.0 for o in objectives[1:]])
+    others = front[list(objectives[1:])].to_numpy(float) * signs
+    flags = []
+    for i in range(len(front)):
+        rivals = [j for j in range(len(front)) if j != i and (others[j] <= others[i]).all()
+                  and (others[j] < others[i]).any() and low[i] <= high[j] and low[j] <= high[i]]
+        names = [", ".join(f"{c}={front.at[j, c]}" for c in by) for j in rivals]
+        flags.append(f"its interval overlaps that of {'; '.join(names)}, better in "
+                     f"{', '.join(objectives[1:])}: compare them" if rivals else "")
+    return flags
+
+
+def _joined(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
 
 
 def _non_dominated(frame: pd.DataFrame, objectives: Sequence[str]) -> np.ndarray:

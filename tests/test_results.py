@@ -389,6 +389,14 @@ def test_pareto_front_over_configurations_is_over_their_means_with_intervals(res
         assert row["n"] == 3 and row["test_error"] == pytest.approx(expected["test_error_mean"])
         assert row["test_error_ci95_low"] == pytest.approx(expected["test_error_ci95_low"])
         assert row["flops"] == expected["flops"] and "flops_ci95_low" not in front  # one value
+    # A member whose error interval overlaps that of a cheaper member says so, by hand.
+    for row in front.to_dict("records"):
+        rivals = [r for r in front.to_dict("records") if r["flops"] < row["flops"]
+                  and r["test_error_ci95_low"] <= row["test_error_ci95_high"]
+                  and row["test_error_ci95_low"] <= r["test_error_ci95_high"]]
+        assert ("its interval overlaps that of" in row["note"]) == bool(rivals)
+        for rival in rivals:
+            assert f"depth={rival['depth']}, shortcut={rival['shortcut']}" in row["note"]
     with pytest.raises(ResultsError, match="over='seeds'"):
         results.pareto(over="seeds")
 

@@ -21,8 +21,8 @@ carry an autograd formula, so it cannot be part of `batch_norm_act`. Both implem
 semantics at the edges: NaN and inf propagate, an empty batch gives empty outputs and zero
 parameter gradients (handled here, once), and outputs take the strides the fake kernels promise.
 One exception: an infinite scale with eps > 0 (an infinite weight, or one that overflows times
-1/sqrt(var + eps)) gives +-inf where ATen's `x * scale + (bias - mean * scale)` gives NaN for the
-elements at the mean's side; the kernels take ATen's form only where eps == 0 makes such a scale
+1/sqrt(var + eps)) gives +-inf where ATen's `x * scale + (bias - mean * scale)` gives NaN for
+some elements (inf - inf); the kernels take ATen's form only where eps == 0 makes such a scale
 a zero variance's, and keep the common path free of the test elsewhere.
 Arguments are checked once, up front, in F.batch_norm's words (_checks.py).
 

@@ -52,7 +52,9 @@ def scan_image_folder(root: str | os.PathLike[str], *, train: str = "train", tes
     missing or empty. With `val_labels` (a label file; relative to `root` unless absolute), the
     `test` split is ILSVRC's flat folder of images, labelled by that file (val_labels.py)."""
     root = Path(root).expanduser()
-    layout = f"expected {root}/{train}/<class>/*.jpg and {root}/{test}/<class>/*.jpg"
+    # Any of IMAGE_SUFFIXES, in any case (ILSVRC's are .JPEG); a flat val/ with a label file.
+    layout = (f"expected {root}/{train}/<class>/*.jpg and {root}/{test}/<class>/*.jpg, or a "
+              f"flat {root}/{test}/ of images with a label file as val_labels")
     if val_labels is not None:
         layout = f"expected {root}/{train}/<class>/*.jpg and {root}/{test}/*.jpg"
     if not root.is_dir():

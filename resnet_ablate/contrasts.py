@@ -36,12 +36,21 @@ SELECTED_ON_TEST = {"best_test_error": "the lowest test error over epochs: picke
 
 def note(estimate: stats.Estimate) -> str:
     """What a reader must know beside a number: too few seeds, no interval, a condition."""
-    parts = []
-    if 0 < estimate.n < stats.FEW_SEEDS:
-        parts.append(f"few seeds (n={estimate.n})")
-    if estimate.note:
-        parts.append(estimate.note)
-    return "; ".join(parts)
+    few = f"few seeds (n={estimate.n})" if 0 < estimate.n < stats.FEW_SEEDS else ""
+    return joined(few, estimate.note)
+
+
+def joined(*notes: str) -> str:
+    """Notes as one, in order, the empty ones left out."""
+    return "; ".join(n for n in notes if n)
+
+
+def with_holm(table: pd.DataFrame) -> pd.DataFrame:
+    """The table (`with_methods`) with Holm's adjustment over all its rows beside each p-value
+    (`p_holm`): many rows, each at 5%, find something by chance."""
+    table.insert(table.columns.get_loc("p_value") + 1, "p_holm",
+                 stats.holm(table["p_value"].to_numpy(float)))
+    return with_methods(table)
 
 
 def with_methods(frame: pd.DataFrame) -> pd.DataFrame:
@@ -84,7 +93,7 @@ def with_note(estimate: stats.Estimate, text: str) -> stats.Estimate:
     """The estimate with `text` added to its note (unchanged where `text` is empty)."""
     if not text:
         return estimate
-    return dataclasses.replace(estimate, note="; ".join(filter(None, [estimate.note, text])))
+    return dataclasses.replace(estimate, note=joined(estimate.note, text))
 
 
 def recorded(results: Results, metric: str, what: str) -> tuple[pd.DataFrame, str]:
@@ -137,7 +146,7 @@ def stratified_contrast(results: Results, values: pd.DataFrame, trials: pd.DataF
     seeds = len(wide)
     note = (f"mean over {configurations} configurations, on the {seeds} "
             f"seed{'s' if seeds != 1 else ''} all of them have")
-    return dataclasses.replace(estimate, note="; ".join(filter(None, [note, estimate.note])),
+    return dataclasses.replace(estimate, note=joined(note, estimate.note),
                                method=f"{method} ({estimate.method})"), used
 
 
@@ -169,5 +178,5 @@ def plain(value: Any) -> str:
 
 
 __all__ = ["ERROR_RATES", "SELECTED_ON_TEST", "TEST_SET_RATES", "complement", "difference_bounds",
-           "negated", "note", "on_common_seeds", "paired_contrast", "plain", "recorded",
-           "selected_note", "stratified_contrast", "with_methods", "with_note"]
+           "joined", "negated", "note", "on_common_seeds", "paired_contrast", "plain", "recorded",
+           "selected_note", "stratified_contrast", "with_holm", "with_methods", "with_note"]

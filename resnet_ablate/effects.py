@@ -32,15 +32,14 @@ import pandas as pd
 
 from . import stats
 from .contrasts import (difference_bounds, note, paired_contrast, plain, recorded,
-                        stratified_contrast, with_methods)
+                        stratified_contrast, with_holm)
 from .storage import ResultsError
 
 if TYPE_CHECKING:
     from .results import Results
 
 EFFECT_COLUMNS = ("effect", "factor(s)", "level", "baseline", "n_pairs", "diff_mean",
-                  "diff_ci95_low", "diff_ci95_high", "p_value", "p_holm", "method", "note",
-                  "metric")
+                  "diff_ci95_low", "diff_ci95_high", "p_value", "method", "note", "metric")
 # The four cells of an interaction contrast, as (level of F?, level of G?) and their weights.
 _CELLS = ((True, True, 1.0), (False, True, -1.0), (True, False, -1.0), (False, False, 1.0))
 
@@ -87,9 +86,7 @@ def effects(results: Results, metric: str = "test_error") -> pd.DataFrame:
             for level_g in g_levels[1:]:
                 rows.append(_interaction(results, (f, f_levels[0], level_f),
                                          (g, g_levels[0], level_g), metric))
-    table = pd.DataFrame(rows, columns=list(EFFECT_COLUMNS))
-    table["p_holm"] = stats.holm(table["p_value"].to_numpy(float))  # over the whole table
-    return with_methods(table)
+    return with_holm(pd.DataFrame(rows, columns=list(EFFECT_COLUMNS)))
 
 
 def _too_few_factors(results: Results, levels: Mapping[str, list[Any]]) -> str:

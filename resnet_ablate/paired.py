@@ -10,7 +10,7 @@ import pandas as pd
 
 from . import stats
 from .contrasts import (difference_bounds, note, paired_contrast, plain, recorded,
-                        stratified_contrast, with_methods, with_note)
+                        stratified_contrast, with_holm, with_note)
 from .storage import ResultsError
 
 if TYPE_CHECKING:
@@ -74,15 +74,7 @@ def compare(results: Results, factor: str, baseline: Any,
     if not rows:
         raise ResultsError(f"no configuration has completed trials of both {factor}="
                            f"{plain(baseline)} and another level with the same seed yet")
-    return _with_holm(pd.DataFrame(rows))
-
-
-def _with_holm(table: pd.DataFrame) -> pd.DataFrame:
-    """The table with Holm's adjustment over all its rows beside each p-value: many rows, each
-    at 5%, find something by chance."""
-    table.insert(table.columns.get_loc("p_value") + 1, "p_holm",
-                 stats.holm(table["p_value"].to_numpy(float)))
-    return with_methods(table)
+    return with_holm(pd.DataFrame(rows))
 
 
 def _match_level(value: Any, levels: list[Any], factor: str) -> Any:

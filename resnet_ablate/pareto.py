@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .contrasts import with_methods
+from .contrasts import joined, with_methods
 from .record import DIRECTIONS
 from .storage import ResultsError
 
@@ -65,7 +65,7 @@ def pareto(results: Results, objectives: Sequence[str] = ("test_error", "flops")
     front = front.sort_values(objectives, kind="stable")[list(dict.fromkeys(columns))]
     front = front.reset_index(drop=True)
     if f"{objectives[0]}_ci95_low" in front:
-        front["note"] = [_joined(note, flag) for note, flag in
+        front["note"] = [joined(note, flag) for note, flag in
                          zip(front["note"], _overlapping(front, objectives, by))]
     return with_methods(front)
 
@@ -86,10 +86,6 @@ def _overlapping(front: pd.DataFrame, objectives: Sequence[str], by: Sequence[st
         flags.append(f"its interval overlaps that of {'; '.join(names)}, better in "
                      f"{', '.join(objectives[1:])}: compare them" if rivals else "")
     return flags
-
-
-def _joined(*notes: str) -> str:
-    return "; ".join(n for n in notes if n)
 
 
 def _non_dominated(frame: pd.DataFrame, objectives: Sequence[str]) -> np.ndarray:

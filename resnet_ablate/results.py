@@ -32,8 +32,8 @@ import pandas as pd
 
 from . import stats
 from .adaptive import SeedResult, decide
-from .contrasts import (ERROR_RATES, TEST_SET_RATES, complement, note, recorded, selected_note,
-                        with_methods, with_note)
+from .contrasts import (ERROR_RATES, TEST_SET_RATES, complement, joined, note, recorded,
+                        selected_note, with_methods, with_note)
 from .display import FOOTNOTE_COLUMNS, display_frame, footnotes, format_table, write_frame
 from .effects import effects as effect_table
 from .effects import importance as fanova_importance
@@ -170,8 +170,7 @@ class Results:
         stopped = WIDTH_STOPPED if rule is not None and rule.width is not None else ""
         rows = []
         for key, group in done.groupby(by, sort=True, dropna=False):
-            estimate = with_note(self._estimate(group, metric), "; ".join(
-                filter(None, [left_out, stopped])))
+            estimate = with_note(self._estimate(group, metric), joined(left_out, stopped))
             names = group["arch_name"].unique()
             rows.append({
                 **dict(zip(by, key if isinstance(key, tuple) else (key,))),

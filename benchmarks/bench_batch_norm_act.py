@@ -6,9 +6,11 @@
     python benchmarks/bench_batch_norm_act.py --tuned              # GPU: autotuned kernels too
 
 For every shape, dtype and layout it times forward, backward and forward+backward of the three
-providers in the same process, prints ms, effective bandwidth from the byte model below, its share of
-the device's peak bandwidth, and the fused provider's speed-up over eager and over torch.compile, and
-writes every row to a CSV together with the device name, library versions and peak memory.
+providers in the same process (on CUDA from graph replays with a cold L2: the kernels' time, not
+the host's, which bench_host.py measures; _gpu_timing.py), prints ms, effective bandwidth from the
+byte model below, its share of the device's peak bandwidth, and the fused provider's speed-up over
+eager and over torch.compile, and writes every row to a CSV together with the device name,
+library versions and peak memory.
 torch.compile compiles once per shape (static shapes), outside the timed region: each provider
 runs once before it is timed. With --tuned (CUDA only), a fourth provider, `fused_tuned`, is the
 fused op with autotuning on (kernels/_triton_tuning.py: the elementwise passes' warps timed on the
@@ -44,6 +46,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from _gpu_timing import graph_times
 from _results import RESULTS, append_rows, peak_memory_mb, reset_peak_memory, run_context
 from resnet_ablate.kernels import _triton_tuning, fused_batch_norm, use_backend
 from resnet_ablate.kernels._triton_impl import relu_mask_bytes
@@ -108,7 +111,7 @@ def time_ms(fn, device: torch.device, reps: int) -> float:
     return statistics.median(samples)
 
 
-def measure(provider_fn, inputs, grad, device, reps) -> dict[str, float]:
+def measure(provider_fn, inputs, grad, device, reps, timing: str) -> dict[str, float]:
     x, rm, rv, w, b, r = inputs
     differentiable = tuple(t for t in (x, w, b, r) if t is not None)
 
@@ -116,6 +119,13 @@ def measure(provider_fn, inputs, grad, device, reps) -> dict[str, float]:
         return provider_fn(x, rm, rv, w, b, r)
 
     out = forward()
+    if timing == "graph":
+        # The kernels' own time: backward as forward+backward less forward (a backward alone
+        # would run on the stream of a forward outside the capture).
+        forward_ms = graph_times(forward).cold_ms
+        both_ms = graph_times(lambda: torch.autograd.grad(forward(), differentiable, grad)).cold_ms
+        return {"forward": forward_ms, "backward": max(both_ms - forward_ms, 0.0),
+                "forward+backward": both_ms}
 
     def backward():
         torch.autograd.grad(out, differentiable, grad, retain_graph=True)
@@ -157,6 +167,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also the fused op with autotuning on (CUDA only)")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend (aot_eager on a CPU skips C++ code generation)")
+    parser.add_argument("--timing", choices=("graph", "launch"), default=None,
+                        help="graph (CUDA's default): the kernels' own time, from CUDA graph "
+                             "replays with a cold L2 (_gpu_timing.py); launch: call by call, "
+                             "host cost included where it exceeds the kernels' (a CPU's only)")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--peak-gbps", type=float, default=None, help="override the peak bandwidth")
     parser.add_argument("--csv", default=RESULTS / "batch_norm_act.csv")
@@ -165,7 +179,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def config_rows(shape: Shape, dtype_name: str, layout: str, timings: dict[str, dict[str, float]],
                 element_bytes: int, peak: float | None, memory_mb: float,
-                context: dict[str, str], packed_mask: bool = True) -> list[dict]:
+                context: dict[str, str], packed_mask: bool = True,
+                timing: str = "launch") -> list[dict]:
     """One row per pass: each provider's ms, the fused provider's GB/s and its speed-ups.
     `element_bytes` is the activation's size in bytes (all its elements); `packed_mask`, whether
     the fused op keeps the packed ReLU mask for these tensors."""
@@ -180,7 +195,7 @@ def config_rows(shape: Shape, dtype_name: str, layout: str, timings: dict[str, d
         gbps = moved / (ms["fused"] * 1e-3) / 1e9
         rows.append({
             **context, "shape": "x".join(map(str, dims)), "residual": residual,
-            "dtype": dtype_name, "layout": layout, "pass": pass_name,
+            "dtype": dtype_name, "layout": layout, "pass": pass_name, "timing": timing,
             # Six significant digits: a microsecond kernel keeps its ratio in the file.
             **{f"{n}_ms": float(f"{v:.6g}") for n, v in ms.items()},
             "fused_gbps": round(gbps, 1),
@@ -209,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     shapes = SHAPE_SETS[args.shape_set or ("small" if small else "epilogue")]
     dtype_names = (args.dtypes or ("fp32" if small else "bf16,fp16,fp32")).split(",")
     reps = args.reps or (5 if small else 20)
+    timing = args.timing or ("graph" if device.type == "cuda" else "launch")
+    if timing == "graph" and device.type != "cuda":
+        print("--timing graph needs CUDA", file=sys.stderr)
+        return 2
     context = run_context(device)
     peak = peak_bandwidth_gbps(device, args.peak_gbps)
     # On a CPU the fused provider is the PyTorch path: the Triton interpreter is not worth timing.
@@ -222,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         print("--tuned: no autotuning off a GPU (the fused provider is the PyTorch path here)")
     configs = list(itertools.product(shapes, dtype_names, args.layouts.split(",")))
     print(f"device: {context['device']} | torch {torch.__version__} | triton {triton.__version__} | "
-          f"peak {peak or 'unknown'} GB/s | fused backend: {backend}")
+          f"peak {peak or 'unknown'} GB/s | fused backend: {backend} | timing: {timing}")
     print(f"{'shape':>18} {'':>4} {'dtype':>5} {'layout':>13} {'pass':>16} "
           + " ".join(f"{p + ' ms':>11}" for p in providers)
           + f" {'fused GB/s':>10} {'% peak':>6} {'vs eager':>8}"
@@ -241,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                                        backend=args.compile_backend)
                 _triton_tuning.ENABLED = name == "fused_tuned"
                 try:
-                    timings[name] = measure(fn, inputs, grad, device, reps)
+                    timings[name] = measure(fn, inputs, grad, device, reps, timing)
                 finally:
                     _triton_tuning.ENABLED = False
             element_bytes = inputs[0].numel() * inputs[0].element_size()
@@ -249,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             # As it goes: a run cut short keeps what it measured.
             append_rows(args.csv, config_rows(shape, dtype_name, layout, timings, element_bytes,
                                               peak, peak_memory_mb(device), context,
-                                              packed_mask))
+                                              packed_mask, timing))
             print(f"[{index}/{len(configs)} configurations done]", file=sys.stderr, flush=True)
     return 0
 

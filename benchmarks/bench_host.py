@@ -267,14 +267,12 @@ def main(argv: list[str] | None = None) -> int:
         counter = _LaunchCounter()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     cases = [case for case in CIFAR + IMAGENET if case[0] in args.models.split(",")]
-    rows = []
     print(f"{'model':9} {'shape':16} {'layout':14} {'res':5} {'launches':>8} "
           f"{'fused us':>9} {'jit us':>9} {'eager us':>9} {'floor us':>9} {'fused/eager':>11}")
     for case in cases:
         for layout in args.layouts.split(","):
             case_rows = _measure(case, layout, dtype, device, args.iterations, args.blocks,
                                  counter)
-            rows += case_rows
             by = {row["provider"]: row for row in case_rows}
             print(f"{case[0]:9} {by['fused']['shape']:16} {layout:14} {str(case[5]):5} "
                   f"{by['fused']['launches']!s:>8} "
@@ -283,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{by['eager']['host_us_fwd_bwd']:9.1f} "
                   f"{by['python_function_floor']['host_us_fwd_bwd']:9.1f} "
                   f"{by['eager']['fused_over_eager']:11.2f}")
-    append_rows(args.csv, rows)
+            append_rows(args.csv, case_rows)  # as it goes: a run cut short keeps its cases
     return 0
 
 

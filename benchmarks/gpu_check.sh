@@ -4,12 +4,14 @@
 #
 #   bash benchmarks/gpu_check.sh              # on the GPU machine (its own python3, torch, Triton)
 #   bash benchmarks/gpu_check.sh --rehearse   # the same steps on a CPU, tiny sizes (CI runs it)
+#   bash benchmarks/gpu_check.sh --steps tests,kernels   # some steps only (a rerun of broken ones)
 #
 # Steps, each under a time limit, each appending its rows to a CSV in $OUT as it goes (a step cut
 # short keeps what it measured): the GPU tests; the trial loop against a plain and a hand-tuned
 # loop, with the kernels, CUDA graphs and torch.compile (bench_trial.py); the fused kernels alone
-# on every ResNet-50 and ResNet-56 shape in bf16 channels_last (bench_batch_norm_act.py); 1, 2, 4
-# and 8 trials packed on the device (bench_packing.py); the loader against the step
+# on every ResNet-50 and ResNet-56 shape in bf16 channels_last (bench_batch_norm_act.py), and each
+# of their kernels alone against a copy, with the split and warps varied (bench_kernel_passes.py);
+# 1, 2, 4 and 8 trials packed on the device (bench_packing.py); the loader against the step
 # (bench_loader.py); the host cost per layer (bench_host.py, optional: run when present); and in
 # the rehearsal only, the kernels compiled for sm_90 by the machine's Triton, with no GPU. Every
 # benchmark warms up (Triton's JIT, torch.compile, cuDNN) outside its timed region. Then
@@ -26,13 +28,16 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
 
-rehearse=0 pack=""
+rehearse=0 pack="" only=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --rehearse) rehearse=1; shift ;;
         --pack-into) [ $# -ge 2 ] || { echo "gpu_check: --pack-into needs a folder" >&2; exit 2; }
                      pack=$2; shift 2 ;;
+        --steps) [ $# -ge 2 ] || { echo "gpu_check: --steps needs a comma list" >&2; exit 2; }
+                 only=",$2,"; shift 2 ;;
         *) echo "usage: bash benchmarks/gpu_check.sh [--rehearse] [--pack-into FOLDER]" \
+                "[--steps NAME,...]" \
                 "(got: $1)" >&2; exit 2 ;;
     esac
 done
@@ -47,7 +52,7 @@ if [ "$rehearse" = 1 ]; then
     budget=540  # seconds for all steps: the rehearsal stays under 10 minutes on two cores
 else
     python="${PYTHON:-python3}"
-    budget=450  # 7.5 minutes of steps, leaving the install and the summary inside 8
+    budget=470  # steps' seconds: with the copy, the summary and the machine check, 8 minutes
 fi
 export PYTHONUNBUFFERED=1
 # The rows' commit: from git where the checkout has it, else as the caller set it (a copy of the
@@ -95,6 +100,10 @@ echo "step,exit_code,seconds,rows,file" >"$out/steps.csv"
 started_all=$SECONDS
 step() {  # step NAME LIMIT FILE COMMAND...: time-limited, logged to $out/NAME.log, then recorded
     local name=$1 limit=$2 file=$3; shift 3
+    if [ -n "$only" ] && [[ "$only" != *",$name,"* ]]; then
+        echo "$name,not selected,0,0,$(basename "$file")" >>"$out/steps.csv"
+        return
+    fi
     local left=$((budget - (SECONDS - started_all)))
     [ "$limit" -le "$left" ] || limit=$left
     if [ "$limit" -lt 10 ]; then
@@ -123,21 +132,24 @@ if [ "$rehearse" = 1 ]; then
     trial_args=(--small --cases resnet20-8px resnet56-8px)
     compile_args=(--small --cases resnet20-8px --compile-backend aot_eager)
     kernel_args=(--small --layouts channels_last --compile-backend aot_eager --reps 2)
+    passes_args=(--small)
     packing_args=(--small --depth 20 --trials 1 2)
     loader_args=(--image-size 32 --batch-size 8 --batches 2 --workers 0 1 --depth 18)
     host_args=(--models resnet56 --layouts channels_last --launches stand-in --iterations 20
                --blocks 2)
-    limits=(120 120 120 120 90 90 120)
+    limits=(120 120 120 60 120 90 90 120)
 else
     device=cuda
     trial_args=(--cases resnet20-cifar resnet56-cifar resnet110-cifar)
     compile_args=(--cases resnet20-cifar)  # the smallest net: the shortest compile
     kernel_args=(--shape-set resnet --dtypes bf16 --layouts channels_last --reps 5)
+    passes_args=()
     packing_args=(--depth 56 --epochs 1 --trials 1 2 4 8)
     loader_args=(--image-size 224 --batch-size 64 --batches 8 --workers 2 8 14 --depth 50)
     host_args=(--device cuda --layouts channels_last --iterations 50 --blocks 3)
-    # Seconds, summing to the budget; the slowest and least certain step (compile) goes last.
-    limits=(60 90 80 75 45 15 85)
+    # Seconds per step (an H200 took 18, 90+, 64, -, 71, 28, 15+ and 40: + cut short); their sum
+    # is over the budget, which steps that end early leave to the last (compile, least certain).
+    limits=(60 125 70 45 75 30 40 40)
 fi
 # The loader benchmark's decode figures (crops/s per core), where its version measures them.
 if grep -q -- "--decode-csv" bench_loader.py; then
@@ -156,20 +168,22 @@ step trial "${limits[1]}" "$out/trial.csv" $python bench_trial.py --device $devi
     "${trial_args[@]}" --variants "${eager_variants[@]}" --csv "$out/trial.csv"
 step kernels "${limits[2]}" "$out/batch_norm_act.csv" $python bench_batch_norm_act.py \
     "${kernel_args[@]}" --csv "$out/batch_norm_act.csv"
-step packing "${limits[3]}" "$out/packing.csv" $python bench_packing.py --device $device \
+step kernel_passes "${limits[3]}" "$out/kernel_passes.csv" $python bench_kernel_passes.py \
+    "${passes_args[@]}" --csv "$out/kernel_passes.csv"
+step packing "${limits[4]}" "$out/packing.csv" $python bench_packing.py --device $device \
     "${packing_args[@]}" --csv "$out/packing.csv"
-step loader "${limits[4]}" "$out/loader.csv" $python bench_loader.py --device $device \
+step loader "${limits[5]}" "$out/loader.csv" $python bench_loader.py --device $device \
     "${loader_args[@]}" --csv "$out/loader.csv"
 # Optional: the host cost per layer of the kernels' Python path, when its benchmark exists.
 if [ -f bench_host.py ]; then
-    step host "${limits[5]}" "$out/host.csv" $python bench_host.py "${host_args[@]}" \
+    step host "${limits[6]}" "$out/host.csv" $python bench_host.py "${host_args[@]}" \
         --csv "$out/host.csv"
 else
     echo "host,skipped,0,0,host.csv" >>"$out/steps.csv"
 fi
 # torch.compile against the eager project loop, side by side in one run (its compile time,
 # reported apart, falls outside the timed region).
-step trial_compile "${limits[6]}" "$out/trial.csv" $python bench_trial.py --device $device \
+step trial_compile "${limits[7]}" "$out/trial.csv" $python bench_trial.py --device $device \
     --repeats 1 "${compile_args[@]}" --variants plain project project+compile \
     --csv "$out/trial.csv"
 

@@ -9,7 +9,9 @@ The ratios, each isolating one effect (bench_trial.py's variants add one thing a
 hand-tuning (tuned / plain), the fused kernels in a trial (tuned+kernels / tuned), the trial loop
 over a hand-written one (project / tuned+kernels), CUDA graphs and torch.compile (each against
 project); the kernels alone (bench_batch_norm_act.py: forward+backward against eager and
-torch.compile, bandwidth as a share of the device's peak); the loader against the step; trials
+torch.compile, bandwidth as a share of the device's peak; bench_kernel_passes.py: each kernel
+against a copy measured in the same run, and the split and warps that would serve it best); the
+loader against the step; trials
 packed on one device (bench_packing.py).
 
 Table 6 projection: ResNet-20/32/44/56/110 x 5 seeds x 164 epochs of CIFAR-10's 50,000 training
@@ -38,7 +40,8 @@ TABLE6_SEEDS, TABLE6_EPOCHS, CIFAR10_TRAIN_IMAGES = 5, 164, 50_000
 TABLE6_GOAL_MINUTES = 30
 BF16_PEAK_TFLOPS = {"H100": 989, "H200": 989}  # dense bf16, the vendor's datasheet
 # Steps that must write rows; the host-cost step is optional (its benchmark may be absent).
-REQUIRED_STEPS = ("tests", "trial", "kernels", "packing", "loader", "trial_compile")
+REQUIRED_STEPS = ("tests", "trial", "kernels", "kernel_passes", "packing", "loader",
+                  "trial_compile")
 # README's "GPU figures" section lies between these two lines; --readme fills it.
 README_START, README_END = "<!-- gpu-figures:start -->", "<!-- gpu-figures:end -->"
 
@@ -260,14 +263,45 @@ def step_table(steps: Sequence[Mapping[str, str]]) -> list[str]:
 
 def broken_steps(steps: Sequence[Mapping[str, str]]) -> list[str]:
     """Steps that failed, wrote no rows, or never ran (required ones); the optional host step
-    counts only when it ran."""
+    counts only when it ran, and a step left out by `gpu_check.sh --steps` not at all."""
     seen = {s["step"]: s for s in steps}
     broken = [name for name in REQUIRED_STEPS if name not in seen]
     for step in steps:
-        skipped = step["exit_code"] == "skipped" and step["step"] not in REQUIRED_STEPS
+        skipped = (step["exit_code"] == "skipped" and step["step"] not in REQUIRED_STEPS
+                   or step["exit_code"] == "not selected")
         if not skipped and (step["exit_code"] != "0" or int(step["rows"] or 0) == 0):
             broken.append(step["step"])
     return broken
+
+
+def pass_table(rows: Sequence[Mapping[str, str]]) -> list[str]:
+    """bench_kernel_passes.py's kernels, each as planned: the median share, over shapes, of the
+    copy bandwidth measured in the same run and of the vendor's peak; and on the swept shapes
+    the best variant's gain over the planned launch (median over shapes)."""
+    planned = [r for r in rows if r.get("default") == "True"]
+    if not planned:
+        return []
+    lines = ["| kernel | % of copy (median) | % of peak (median) | best variant on swept shapes "
+             "| its gain (median) |", "| --- | --- | --- | --- | --- |"]
+    for kernel in dict.fromkeys(r["pass"] for r in planned):
+        own = [r for r in planned if r["pass"] == kernel]
+        gains: dict[str, list[float]] = {}
+        for shape in {r["shape"] for r in rows if r["pass"] == kernel and r["default"] != "True"}:
+            variants = [r for r in rows if r["pass"] == kernel and r["shape"] == shape]
+            base = next((float(r["cold_us"]) for r in variants if r["default"] == "True"), None)
+            for r in variants:
+                if base and float(r["cold_us"]) > 0:
+                    name = (f"{r['waves']} wave{'s' * (r['waves'] != '1')}" if r.get("waves")
+                            else f"{r['num_warps']} warps")
+                    gains.setdefault(name, []).append(base / float(r["cold_us"]))
+        best = max(gains, key=lambda n: statistics.median(gains[n]), default=None)
+        copy = statistics.median(float(r["pct_copy"]) for r in own)
+        peak = [float(r["pct_peak"]) for r in own if r.get("pct_peak")]
+        lines.append(f"| {kernel} | {copy:.0f} | {fmt(statistics.median(peak)) if peak else '-'} "
+                     f"| {best or '-'} | {fmt(statistics.median(gains[best])) if best else '-'} |")
+    copy_gbps = statistics.median(float(r["copy_gbps"]) for r in planned)
+    return ["Each kernel alone (bench_kernel_passes.py; CUDA graph replays, cold L2; a copy of "
+            f"the activation reached {copy_gbps:,.0f} GB/s, median over shapes):", "", *lines, ""]
 
 
 def epoch_table(trial_rows: Sequence[Mapping[str, str]]) -> list[str]:
@@ -307,6 +341,7 @@ def summary_markdown(out: Path) -> str:
              "| --- | --- | --- | --- | --- |",
              *(f"| {r.name} | {fmt(r.value)} | {r.goal or '-'} | {r.verdict} | {r.meaning} |"
                for r in figures), ""]
+    lines += pass_table(read_rows(out / "kernel_passes.csv"))
     lines += epoch_table(read_rows(out / "trial.csv"))
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in machine), None)
     if project_minutes and peak:

@@ -264,6 +264,28 @@ def test_broken_steps_are_failed_empty_or_missing_ones_but_not_a_skipped_optiona
     empty_loader = [step(n, rows="0") if n == "loader" else step(n) for n in summary.REQUIRED_STEPS]
     assert summary.broken_steps(empty_loader) == ["loader"]
     assert summary.broken_steps(ran + [step("host", "no time", "0")]) == ["host"]
+    # gpu_check.sh --steps: the steps left out are neither run nor broken
+    rerun = [ran[0], *(step(n, "not selected", "0") for n in summary.REQUIRED_STEPS[1:])]
+    assert summary.broken_steps(rerun) == []
+
+
+def test_the_pass_table_gives_each_kernels_median_share_and_its_best_variants_gain():
+    summary = _load("gpu_summary")
+
+    def row(shape, kernel, us, pct, default=True, waves="", warps="8"):
+        return {"shape": shape, "pass": kernel, "cold_us": str(us), "pct_copy": str(pct),
+                "pct_peak": str(pct / 2), "copy_gbps": "4000", "default": str(default),
+                "waves": waves, "num_warps": warps}
+
+    rows = [row("a", "statistics", 10, 40, waves="1"), row("b", "statistics", 20, 60, waves="1"),
+            row("c", "statistics", 30, 90, waves="1"),
+            row("a", "statistics", 5, 80, default=False, waves="2"),  # 2x on the swept shape
+            row("a", "normalize", 8, 70), row("a", "normalize", 10, 56, default=False, warps="4")]
+    lines = summary.pass_table(rows)
+    assert "| statistics | 60 | 30 | 2 waves | 2 |" in lines
+    assert "| normalize | 70 | 35 | 8 warps | 1 |" in lines  # the planned launch was the best
+    assert "4,000 GB/s" in lines[0]
+    assert summary.pass_table([]) == []
 
 
 def test_summary_reads_a_runs_csvs_into_ratios_verdicts_and_the_packing_to_set(tmp_path):

@@ -1,0 +1,177 @@
+"""Each kernel of the fused op alone, on the GPU's clock: where a layer's time goes, and what the
+reductions' split and the elementwise passes' warps change.
+
+    python benchmarks/bench_kernel_passes.py            # CUDA: every ResNet-50 and -56 shape
+    python benchmarks/bench_kernel_passes.py --small    # a CPU: two tiny shapes, interpreted
+
+A training layer (bf16, channels_last) launches four kernels: statistics and normalize forward,
+reduce and elementwise backward. `plan_forward` and `plan_backward` describe them as data; each
+is launched on its own, timed from CUDA graph replays with a cold L2 (_gpu_timing.py), and scored
+by the bytes it must move: every activation-sized tensor it takes is read or written once (the
+packed ReLU mask at its eighth of a byte an element). Beside them, in the same run, a copy of the
+activation (read once, written once) gives the bandwidth this device reaches in practice: each
+kernel's GB/s is reported as a share of it and of the vendor's peak.
+
+Variants, on a few shapes (`SWEPT`): the reductions at 1, 2 and 4 waves of programs (their
+default is one wave, `_triton_geometry.py`: more programs give more loads in flight but more
+partial sums and a second wave's tail), and the elementwise passes at 4, 8 and 16 warps (what
+RESNET_ABLATE_AUTOTUNE would choose among). On a CPU (the GPU check's rehearsal) the kernels run
+in Triton's interpreter on two tiny shapes, timed by the clock: the rows prove the script, not
+the kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:  # before the kernels are imported: Triton reads it when its decorators run
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from _results import RESULTS, append_rows, run_context  # noqa: E402
+from bench_batch_norm_act import PEAK_BANDWIDTH_GBPS, SHAPE_SETS, Shape  # noqa: E402
+from resnet_ablate.kernels._triton_impl import plan_backward, plan_forward  # noqa: E402
+from resnet_ablate.kernels._triton_geometry import programs_in_one_wave  # noqa: E402
+
+PASS_NAMES = {"_batch_stats_kernel": "statistics", "_forward_kernel": "normalize",
+              "_backward_reduce_kernel": "backward reduce",
+              "_backward_elementwise_kernel": "backward elementwise"}
+REDUCTIONS = ("statistics", "backward reduce")
+WAVES = (1, 2, 4)
+WARPS = (4, 8, 16)
+SWEPT = ["64x64x112x112", "64x256x56x56+res", "64x1024x14x14+res", "128x16x32x32+res"]
+
+
+def shape_name(shape: Shape) -> str:
+    dims, residual = shape
+    return "x".join(map(str, dims)) + ("+res" if residual else "")
+
+
+def layer_launches(shape: Shape, dtype: torch.dtype, device: torch.device, waves: int):
+    """A training layer's launches (kernel, pass name, launch) and its input, the statistics and
+    reductions sized to `waves` waves of programs."""
+    dims, residual = shape
+    x = torch.randn(dims, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+    r = torch.randn_like(x) if residual else None
+    grad = torch.randn_like(x)
+    weight, bias = torch.rand(dims[1], device=device) + 0.5, torch.randn(dims[1], device=device)
+
+    def programs(*args, **kwargs) -> int:
+        return waves * programs_in_one_wave(*args, **kwargs)
+
+    forward = plan_forward(x, weight, bias, r, None, None, 1e-5, True, pack_relu_mask=True,
+                           reduction_programs=programs)
+    mask = forward.relu_mask if forward.relu_mask is not None else forward.out
+    backward = plan_backward(grad, x, mask, weight, forward.stats, 1e-5, True, residual,
+                             reduction_programs=programs)
+    launches = [*forward.launches, *backward.launches]
+    return [(PASS_NAMES.get(launch.kernel.fn.__name__, launch.kernel.fn.__name__), launch)
+            for launch in launches], x
+
+
+def run_launch(launch) -> Callable[[], None]:
+    def run() -> None:
+        launch.kernel[launch.grid](*launch.args, **launch.constexprs, num_warps=launch.num_warps)
+    return run
+
+
+def bytes_moved(launch, x: torch.Tensor) -> int:
+    """Each activation-sized tensor the launch takes, once (the packed mask's size is its own)."""
+    seen, total = set(), 0
+    for arg in launch.args:
+        if isinstance(arg, torch.Tensor) and arg.data_ptr() not in seen:
+            seen.add(arg.data_ptr())
+            size = arg.numel() * arg.element_size()
+            if size >= x.numel() * x.element_size() // 64:  # leaves out the per-channel vectors
+                total += size
+    return total
+
+
+def milliseconds(fn: Callable[[], None]) -> tuple[float, float]:
+    """(cold, warm) ms of one call: graph replays on CUDA, the clock on a CPU (both the same)."""
+    if CUDA:
+        from _gpu_timing import graph_times
+
+        return tuple(graph_times(fn))
+    fn()
+    start = time.perf_counter()
+    fn()
+    ms = (time.perf_counter() - start) * 1e3
+    return ms, ms
+
+
+def measure_shape(shape: Shape, dtype, device, sweep: bool, context: dict, peak) -> list[dict]:
+    rows = []
+    copy_gbps = None
+    for waves in WAVES if sweep else (1,):
+        launches, x = layer_launches(shape, dtype, device, waves)
+        if copy_gbps is None:
+            target = torch.empty_like(x)
+            cold, _ = milliseconds(lambda: target.copy_(x))
+            copy_gbps = 2 * x.numel() * x.element_size() / (cold * 1e-3) / 1e9
+        for pass_name, launch in launches:
+            reduction = pass_name in REDUCTIONS
+            if waves > 1 and not reduction:
+                continue  # the elementwise passes do not depend on the reductions' split
+            warps = (launch.num_warps,) if reduction or not sweep else sorted(
+                {launch.num_warps, *WARPS})
+            for num_warps in warps:
+                variant = launch._replace(num_warps=num_warps)
+                cold, warm = milliseconds(run_launch(variant))
+                moved = bytes_moved(variant, x)
+                gbps = moved / (cold * 1e-3) / 1e9 if cold > 0 else float("nan")
+                rows.append({
+                    **context, "shape": shape_name(shape), "dtype": str(dtype).split(".")[-1],
+                    "pass": pass_name, "grid": "x".join(map(str, launch.grid)),
+                    "waves": waves if reduction else "", "num_warps": num_warps,
+                    "default": waves == 1 and num_warps == launch.num_warps,
+                    "cold_us": round(cold * 1e3, 2), "warm_us": round(warm * 1e3, 2),
+                    "mb_moved": round(moved / 2**20, 2), "gbps": round(gbps, 1),
+                    "copy_gbps": round(copy_gbps, 1),
+                    "pct_copy": round(100 * gbps / copy_gbps, 1),
+                    "pct_peak": round(100 * gbps / peak, 1) if peak else "",
+                })
+                row = rows[-1]
+                print(f"{row['shape']:>18} {pass_name:>21} {row['grid']:>9} "
+                      f"{row['waves'] or '':>5} {num_warps:>5} {row['cold_us']:>9.1f} "
+                      f"{row['warm_us']:>9.1f} {row['gbps']:>8.1f} {row['pct_copy']:>7.1f}"
+                      + ("" if row["default"] else "  (variant)"))
+    return rows
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="two tiny shapes (a CPU's default)")
+    parser.add_argument("--no-sweep", action="store_true", help="each kernel as planned only")
+    parser.add_argument("--csv", default=RESULTS / "kernel_passes.csv")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cuda" if CUDA else "cpu")
+    small = args.small or not CUDA
+    shapes = SHAPE_SETS["small"][:2] if small else SHAPE_SETS["resnet"]
+    swept = {shape_name(s) for s in shapes} if small else set(SWEPT)
+    dtype = torch.float32 if small else torch.bfloat16
+    context = run_context(device)
+    peak = next((gbps for key, gbps in PEAK_BANDWIDTH_GBPS.items()
+                 if CUDA and key in torch.cuda.get_device_name()), None)
+    print(f"device: {context['device']} | peak {peak or 'unknown'} GB/s | {dtype} channels_last")
+    print(f"{'shape':>18} {'pass':>21} {'grid':>9} {'waves':>5} {'warps':>5} {'cold us':>9} "
+          f"{'warm us':>9} {'GB/s':>8} {'% copy':>7}")
+    for index, shape in enumerate(shapes, 1):
+        sweep = not args.no_sweep and shape_name(shape) in swept
+        append_rows(args.csv, measure_shape(shape, dtype, device, sweep, context, peak))
+        print(f"[{index}/{len(shapes)} shapes done]", file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -118,14 +118,15 @@ def measure(provider_fn, inputs, grad, device, reps, timing: str) -> dict[str, f
     def forward():
         return provider_fn(x, rm, rv, w, b, r)
 
-    out = forward()
     if timing == "graph":
-        # The kernels' own time: backward as forward+backward less forward (a backward alone
-        # would run on the stream of a forward outside the capture).
+        # The kernels' own time: backward as forward+backward less forward. No autograd graph
+        # from outside the capture may be alive: its nodes (the leaves' AccumulateGrad among
+        # them) belong to another stream, which a captured backward would have to wait on.
         forward_ms = graph_times(forward).cold_ms
         both_ms = graph_times(lambda: torch.autograd.grad(forward(), differentiable, grad)).cold_ms
         return {"forward": forward_ms, "backward": max(both_ms - forward_ms, 0.0),
                 "forward+backward": both_ms}
+    out = forward()
 
     def backward():
         torch.autograd.grad(out, differentiable, grad, retain_graph=True)
@@ -138,6 +139,24 @@ def measure(provider_fn, inputs, grad, device, reps, timing: str) -> dict[str, f
         "backward": time_ms(backward, device, reps),
         "forward+backward": time_ms(forward_backward, device, reps),
     }
+
+
+def measure_providers(providers, inputs, grad, device, reps, timing: str,
+                      compile_backend: str) -> dict[str, dict[str, float]]:
+    timings = {}
+    for name, fn in providers.items():
+        if name == "compile":
+            # A fresh cache per shape: the recompile limit is never reached, and the first
+            # (untimed) call of measure() compiles.
+            torch._dynamo.reset()
+            fn = torch.compile(eager_epilogue, fullgraph=True, dynamic=False,
+                               backend=compile_backend)
+        _triton_tuning.ENABLED = name == "fused_tuned"
+        try:
+            timings[name] = measure(fn, inputs, grad, device, reps, timing)
+        finally:
+            _triton_tuning.ENABLED = False
+    return timings
 
 
 def make_inputs(shape, with_residual, dtype, channels_last, device):
@@ -250,25 +269,25 @@ def main(argv: list[str] | None = None) -> int:
         for index, (shape, dtype_name, layout) in enumerate(configs, 1):
             inputs, grad = make_inputs(*shape, DTYPES[dtype_name], layout == "channels_last", device)
             reset_peak_memory(device)
-            timings = {}
-            for name, fn in providers.items():
-                if name == "compile":
-                    # A fresh cache per shape: the recompile limit is never reached, and the
-                    # first (untimed) call of measure() compiles.
-                    torch._dynamo.reset()
-                    fn = torch.compile(eager_epilogue, fullgraph=True, dynamic=False,
-                                       backend=args.compile_backend)
-                _triton_tuning.ENABLED = name == "fused_tuned"
-                try:
-                    timings[name] = measure(fn, inputs, grad, device, reps, timing)
-                finally:
-                    _triton_tuning.ENABLED = False
+            row_timing = timing
+            try:
+                timings = measure_providers(providers, inputs, grad, device, reps, timing,
+                                            args.compile_backend)
+            except RuntimeError as error:  # a provider that a CUDA graph cannot capture
+                if timing != "graph":
+                    raise
+                print(f"graph capture failed ({str(error).splitlines()[0]}): this shape is "
+                      "timed launch by launch", file=sys.stderr)
+                torch.cuda.synchronize()
+                row_timing = "launch (graph capture failed)"
+                timings = measure_providers(providers, inputs, grad, device, reps, "launch",
+                                            args.compile_backend)
             element_bytes = inputs[0].numel() * inputs[0].element_size()
             packed_mask = backend == "triton" and relu_mask_bytes(inputs[0], inputs[5]) > 0
             # As it goes: a run cut short keeps what it measured.
             append_rows(args.csv, config_rows(shape, dtype_name, layout, timings, element_bytes,
                                               peak, peak_memory_mb(device), context,
-                                              packed_mask, timing))
+                                              packed_mask, row_timing))
             print(f"[{index}/{len(configs)} configurations done]", file=sys.stderr, flush=True)
     return 0
 

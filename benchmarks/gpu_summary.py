@@ -142,9 +142,17 @@ def trial_ratio(rows: Sequence[Mapping[str, str]], numerator: str, denominator: 
     return statistics.geometric_mean(ratios) if ratios else None
 
 
+def packing_rows(rows: Sequence[Mapping[str, str]]) -> tuple[list[Mapping[str, str]], bool]:
+    """The packing rows of trials with CUDA graphs where any were measured (as the Table 6
+    projection runs each trial, gpu_check.sh's packing step), else those without; and which."""
+    graphs = [r for r in rows if r.get("cuda_graphs") == "True"]
+    return (graphs, True) if graphs else ([r for r in rows if r not in graphs], False)
+
+
 def best_packing(rows: Sequence[Mapping[str, str]]) -> tuple[int, float] | None:
-    """(trials per device, speed-up over one trial) of the fastest packing measured: the
-    packing that `resnet-ablate run --dry-run` recommends once entered in MEASURED_PACKINGS."""
+    """(trials per device, speed-up over one trial) of the fastest packing measured among
+    `rows` (of one kind: `packing_rows`): the packing that `resnet-ablate run --dry-run`
+    recommends once entered in MEASURED_PACKINGS."""
     if not rows:
         return None
     by_trials = {int(r["trials_per_device"]): r for r in rows}
@@ -200,7 +208,7 @@ def ratios(out: Path) -> list[Ratio]:
     cores = min((int(r["cores_per_gpu"]) for r in decode if r.get("cores_per_gpu")), default=None)
     host = read_rows(out / "host.csv")
     fused_host, fused_over_eager, jit_over_direct = host_figures(host)
-    packed = best_packing(packing)
+    packed = best_packing(packing_rows(packing)[0])
     project = rates_by_depth(trial, ("project", "project+graphs"))
     return [
         Ratio("tuned / plain", trial_ratio(trial, "tuned", "plain"), "",
@@ -349,12 +357,14 @@ def summary_markdown(out: Path) -> str:
         lines.append(f"Table 6 ({table6_flops():.2g} FLOPs) in {project_minutes:.1f} min is "
                      f"{achieved:.0f} TFLOP/s, {100 * achieved / peak:.1f}% of the bf16 peak.")
         lines.append("")
-    packed = best_packing(read_rows(out / "packing.csv"))
+    packing, graphs = packing_rows(read_rows(out / "packing.csv"))
+    packed = best_packing(packing)
     if packed and "no GPU" not in machine:
         device = machine.splitlines()[0].split(",")[0].strip()
         lines += ["For `--dry-run` to recommend this packing, add to MEASURED_PACKINGS in "
                   "resnet_ablate/study/costs.py:", "",
-                  f"    PackingMeasurement({device!r}, {packed[0]}, {packed[1]:.2f})", ""]
+                  f"    PackingMeasurement({device!r}, {packed[0]}, {packed[1]:.2f}, "
+                  f"cuda_graphs={graphs})", ""]
     broken = broken_steps(steps)
     lines += ["## Steps", "", *step_table(steps), "",
               f"Broken steps: {', '.join(broken)}." if broken else "Every step wrote its rows.",

@@ -75,6 +75,16 @@ class Execution:
         return asdict(self)
 
 
+def cuda_graphs_by_default(on_cuda: bool, in_memory: bool, processes: int, precision: str,
+                           compile: bool) -> bool:
+    """What `cuda_graphs: auto` resolves to. What a graph captures must be the same every step:
+    batches of one shape from memory (a streamed set's loader is outside), one process (replicas
+    reweight their losses), no gradient scaler (fp16's per-step state), and not a compiled model
+    (whose own graphs and guards are torch.compile's business). `precision` may be "auto", which
+    is never fp16."""
+    return on_cuda and in_memory and processes == 1 and precision != "fp16" and not compile
+
+
 def resolve_execution(recipe: TrainRecipe, device: torch.device | str, *, in_memory: bool = True,
                       processes: int = 1, gpu_decoder: bool = False) -> Execution:
     """The recipe's choices for one run on `device` (its data set `in_memory` or streamed, its
@@ -93,12 +103,7 @@ def resolve_execution(recipe: TrainRecipe, device: torch.device | str, *, in_mem
             f"{torch.cuda.get_device_name(device)} has none: use fp16 or fp32"
         )
     if cuda_graphs == "auto":
-        # What a graph captures must be the same every step: batches of one shape from memory
-        # (a streamed set's loader is outside), one process (replicas reweight their losses), no
-        # gradient scaler (fp16's per-step state), and not a compiled model (whose own graphs
-        # and guards are torch.compile's business).
-        cuda_graphs = (on_cuda and in_memory and processes == 1 and precision != "fp16"
-                       and not compile)
+        cuda_graphs = cuda_graphs_by_default(on_cuda, in_memory, processes, precision, compile)
     if cuda_graphs and not on_cuda:
         raise ValueError(f"cuda_graphs needs a CUDA device, and this run is on {device.type}")
     if cuda_graphs and precision == "fp16":

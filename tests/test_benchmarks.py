@@ -318,7 +318,7 @@ def test_summary_reads_a_runs_csvs_into_ratios_verdicts_and_the_packing_to_set(t
     text = summary.summary_markdown(tmp_path)
     assert text.startswith("# GPU check: NVIDIA H200")
     assert "| tuned+kernels / tuned | 1.2 | >= 1.1 | met |" in text
-    assert "PackingMeasurement('NVIDIA H200', 4, 2.50)" in text
+    assert "PackingMeasurement('NVIDIA H200', 4, 2.50, cuda_graphs=False)" in text
     # 50,000 images per epoch: ResNet-20's project+graphs at 48,000 images/s, its plain at 5,000
     assert "| project (fastest of project, project+graphs) | 1.04 (m) |" in text
     assert "| plain loop | 10 (m) |" in text
@@ -332,16 +332,35 @@ def test_the_dry_run_recommends_the_fastest_packing_measured_for_small_gpu_trial
     assert fastest_packing({1: 100.0, 2: 100.0}) == 1  # no gain: the fewest
     with pytest.raises(ValueError, match="no packing measured"):
         fastest_packing({})
-    h200 = PackingMeasurement("NVIDIA H200", 4, 2.5)
-    (line,) = packing_advice(1.0, 1, 32, [h200])
-    assert "4 trials per GPU" in line and "resources.gpus: 0.25" in line
+    h200 = PackingMeasurement("NVIDIA H200", 4, 2.5, cuda_graphs=False)
+    h200_graphs = PackingMeasurement("NVIDIA H200", 2, 1.2, cuda_graphs=True)
+    (line,) = packing_advice(1.0, 1, 32, False, [h200, h200_graphs])
+    assert "4 trials per GPU (without CUDA graphs" in line and "resources.gpus: 0.25" in line
     assert "this spec has 1" in line
-    assert "as this spec has" in packing_advice(0.25, 1, 32, [h200])[0]
-    assert "no packing is measured yet" in packing_advice(1.0, 1, 32, [])[0]
+    (line,) = packing_advice(1.0, 1, 32, True, [h200, h200_graphs])  # the trials' own kind
+    assert "2 trials per GPU (with CUDA graphs" in line and "resources.gpus: 0.5" in line
+    assert "as this spec has" in packing_advice(0.25, 1, 32, False, [h200])[0]
+    assert "no packing of trials with CUDA graphs is measured yet" in packing_advice(
+        1.0, 1, 32, True, [h200])[0]
     # CPU trials, data-parallel trials and large images get no packing advice
-    assert packing_advice(0.0, 1, 32, [h200]) == []
-    assert packing_advice(2.0, 2, 32, [h200]) == []
-    assert packing_advice(1.0, 1, 224, [h200]) == []
+    assert packing_advice(0.0, 1, 32, False, [h200]) == []
+    assert packing_advice(2.0, 2, 32, False, [h200]) == []
+    assert packing_advice(1.0, 1, 224, False, [h200]) == []
+
+
+def test_a_spec_expects_cuda_graphs_where_its_gpu_trials_would_resolve_them():
+    from resnet_ablate.spec import parse_spec
+    from resnet_ablate.study.costs import trials_use_cuda_graphs
+
+    def spec(gpus=0.5, **train):
+        return parse_spec({"study": "s", "space": {"depth": [20]}, "resources": {"gpus": gpus},
+                           "train": {"epochs": 1, **train}})
+
+    assert trials_use_cuda_graphs(spec())  # auto: a digits trial on a GPU captures its steps
+    assert not trials_use_cuda_graphs(spec(cuda_graphs=False))
+    assert not trials_use_cuda_graphs(spec(compile=True))  # torch.compile's own business
+    assert not trials_use_cuda_graphs(spec(precision="fp16"))  # a gradient scaler's state
+    assert not trials_use_cuda_graphs(spec(gpus=0))  # CPU trials
 
 
 def test_a_packing_row_counts_every_trials_images_over_the_span_they_trained_together():

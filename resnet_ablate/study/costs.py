@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 from ..arch import ResNetArch
 from ..data import DatasetShape, SyntheticSpec, dataset_shape, load_dataset
 from ..data.shards import ShardError
+from ..execution import cuda_graphs_by_default
 from ..spec import SpecError, StudySpec
+from ..spec.catalogue import STREAMED_DATASETS
 
 if TYPE_CHECKING:
     from ..profile import ModelProfile
@@ -37,10 +39,18 @@ class PackingMeasurement:
     device: str
     trials_per_gpu: int
     speedup: float
+    cuda_graphs: bool  # whether each trial replayed its steps from a CUDA graph
 
 
-# One entry per GPU model measured; the GPU check's summary.md gives the entry to add. None yet.
-MEASURED_PACKINGS: tuple[PackingMeasurement, ...] = ()
+# One entry per GPU model and CUDA graphs on or off; the GPU check's summary.md gives the entry
+# to add. ResNet-56 trials of 10,240 CIFAR-sized images, 1, 2, 4 and 8 at once
+# (benchmarks/bench_packing.py, benchmarks/results/packing.csv): without graphs a trial is bound
+# by its host, and trials sharing the GPU fill each other's gaps (4 trials gave 3.56x, 8 3.61x);
+# with graphs one trial keeps the GPU busy, and 8 gave 1.10x.
+MEASURED_PACKINGS: tuple[PackingMeasurement, ...] = (
+    PackingMeasurement("NVIDIA H200", 8, 3.61, cuda_graphs=False),
+    PackingMeasurement("NVIDIA H200", 8, 1.10, cuda_graphs=True),
+)
 
 # What Ray Train costs a data-parallel trial beside its training, whatever its size: a worker
 # group, a process group and a checkpoint folder set up and taken down per trial (seconds:
@@ -60,25 +70,39 @@ def fastest_packing(aggregate_by_trials: Mapping[int, float]) -> int:
     return max(sorted(aggregate_by_trials), key=lambda trials: aggregate_by_trials[trials])
 
 
-def packing_advice(gpus: float, replicas: int, image_size: int,
+def packing_advice(gpus: float, replicas: int, image_size: int, cuda_graphs: bool,
                    measured: Sequence[PackingMeasurement] = MEASURED_PACKINGS) -> list[str]:
-    """What a dry run recommends for a study whose trials each hold `gpus` GPUs: for small
-    one-process trials on GPUs, the fastest packing measured on each GPU model (nothing for CPU
-    trials, data-parallel ones or large images)."""
+    """What a dry run recommends for a study whose trials each hold `gpus` GPUs, with CUDA graphs
+    or without: for small one-process trials on GPUs, the fastest packing measured on each GPU
+    model for trials like these (nothing for CPU trials, data-parallel ones or large images)."""
     if gpus <= 0 or replicas > 1 or image_size > SMALL_IMAGE_SIZE:
         return []
+    graphs = "with CUDA graphs" if cuda_graphs else "without CUDA graphs"
+    measured = [m for m in measured if m.cuda_graphs == cuda_graphs]
     if not measured:
         return [f"packing: trials of {image_size}-px images leave a GPU mostly idle; no packing "
-                "is measured yet (bash benchmarks/gpu_check.sh on a GPU measures 1, 2, 4 and 8 "
-                "trials per GPU)"]
+                f"of trials {graphs} is measured yet (bash benchmarks/gpu_check.sh on a GPU "
+                "measures 1, 2, 4 and 8 trials per GPU)"]
     lines = []
     for m in measured:
         share = 1 / m.trials_per_gpu
         held = "as this spec has" if abs(gpus - share) < 1e-9 else f"this spec has {gpus:g}"
-        lines.append(f"packing: on {m.device}, {m.trials_per_gpu} trials per GPU trained "
+        lines.append(f"packing: on {m.device}, {m.trials_per_gpu} trials per GPU ({graphs}, "
+                     f"as this spec's trials run) trained "
                      f"{m.speedup:.2f}x the images/s of one: recommended resources.gpus: "
                      f"{share:g} and workers: {m.trials_per_gpu} per GPU ({held})")
     return lines
+
+
+def trials_use_cuda_graphs(spec: StudySpec) -> bool:
+    """Whether the study's trials will replay their steps from CUDA graphs, as a GPU trial
+    resolves its recipe (`resolve_execution`)."""
+    recipe = spec.train
+    if isinstance(recipe.cuda_graphs, bool):
+        return recipe.cuda_graphs
+    return cuda_graphs_by_default(spec.resources.gpus > 0, spec.dataset.name not in
+                                  STREAMED_DATASETS, spec.resources.replica_count,
+                                  recipe.precision, bool(recipe.compile))
 
 
 def start_up_cost(replicas: int, trials: int,
@@ -139,7 +163,8 @@ class StudyCosts:
     def packing_advice(self) -> list[str]:
         """The dry run's packing recommendation for this study (see `packing_advice`)."""
         resources = self.spec.resources
-        return packing_advice(resources.gpus, resources.replica_count, self.shape().image_size)
+        return packing_advice(resources.gpus, resources.replica_count, self.shape().image_size,
+                              trials_use_cuda_graphs(self.spec))
 
     def dry_run_notes(self, trials_to_run: int) -> list[str]:
         """What a dry run prints under its plan: the packing advice and the start-up that

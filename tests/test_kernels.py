@@ -275,6 +275,48 @@ def test_tiny_values_keep_their_means_to_float_rounding(backend, magnitude):
     torch.testing.assert_close(rm.double(), exact, rtol=0, atol=step)
 
 
+@pytest.mark.parametrize("values", ["normal", "near the float range"])
+def test_reductions_merge_more_slots_than_they_take_at_once(monkeypatch, values):
+    """On a GPU a reduction leaves a slot per program (132 or more on an H100) and its last
+    program merges them BLOCK_S at a time; the interpreter runs 4 programs, fewer than one block.
+    Here 12 programs and 2 slots a block: the merges' loops over slot blocks, forward (its
+    overflow fallback too) and backward, against float64."""
+    from resnet_ablate.kernels import _triton_geometry, _triton_impl
+
+    monkeypatch.setattr(_triton_geometry, "INTERPRETER_PROGRAMS", 12)
+    monkeypatch.setattr(_triton_geometry, "FINALIZE_VALUES", 16)  # 8 channels: 2 slots a block
+    for plans in ("_FORWARD_PLANS", "_BACKWARD_PLANS"):
+        monkeypatch.setattr(_triton_impl, plans, {})
+    monkeypatch.setattr(_triton_geometry, "_GEOMETRIES", {})
+    g = torch.Generator().manual_seed(3)
+    if values == "normal":
+        x = torch.randn(48, 8, 4, 4, generator=g) * 3 + 2
+    else:  # the count-weighted sums overflow float32; the means do not
+        x = torch.tensor([3.3e38, 3.2e38, 3.1e38, 3.0e38]).repeat(12).view(48, 1, 1, 1)
+        x = x * (1 - 0.01 * torch.rand(48, 8, 4, 4, generator=g))
+    grad = torch.randn(x.shape, generator=g)
+    x.requires_grad_()
+    rm, rv = torch.zeros(8), torch.ones(8)
+    with use_backend("triton"):
+        out = fused_batch_norm(x, rm, rv, training=True, momentum=1.0, relu=False)
+        grad_x, = torch.autograd.grad(out, x, grad)
+    plans = list(_triton_impl._FORWARD_PLANS.values())
+    assert plans and all(p.statistics.grid == (1, 12) for p in plans), "12 slots to merge"
+    exact = x.detach().double()
+    if values == "normal":
+        reference = exact.clone().requires_grad_()
+        expected = F.batch_norm(reference, None, None, training=True)
+        expected_grad, = torch.autograd.grad(expected, reference, grad.double())
+        torch.testing.assert_close(rm.double(), exact.mean(dim=(0, 2, 3)), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(rv.double(), exact.var(dim=(0, 2, 3)), rtol=1e-5, atol=0)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(grad_x.double(), expected_grad, rtol=1e-4, atol=1e-4)
+    else:
+        torch.testing.assert_close(rm.double(), exact.mean(dim=(0, 2, 3)), rtol=0, atol=3e38 * 1e-6)
+        # (the variance exceeds the float range: inf, as float64's rounded)
+        torch.testing.assert_close(rv, exact.var(dim=(0, 2, 3)).float(), rtol=1e-5, atol=0)
+
+
 def test_gradcheck_float64_pytorch_path():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 3, 2, dtype=torch.float64, generator=g, requires_grad=True)
@@ -538,7 +580,8 @@ def test_resnet_launches_compile_for_hopper_with_16_byte_accesses_no_spills_one_
     without, as compiled code does) compiles for sm_90 with its real launch configuration; every
     activation load and store is a 16-byte vector, the ReLU travels as the packed mask (a byte
     per 8 values), nothing spills to local memory, every reduction grid fits in one wave at the
-    occupancy its binary allows, and each kernel stays within its instruction budget."""
+    occupancy its binary allows, its merge's loops hold no barrier, and each kernel stays within
+    its instruction budget."""
     import json
     import os
     import subprocess
@@ -580,6 +623,9 @@ def test_resnet_launches_compile_for_hopper_with_16_byte_accesses_no_spills_one_
         if "reduce" in launch["kernel"] or "stats" in launch["kernel"]:
             assert launch["waves"] <= 1.0, f"{where} runs {launch['waves']:.2f} waves"
             assert launch["sass"]["looped"], f"{where}: no main loop found in its SASS"
+            # The merge's loops over blocks of slots only load and add; its block reductions
+            # come after them, once (merge_loop_barriers says what a barrier there cost).
+            assert launch["merge_loop_barriers"] == 0, f"{where}: barriers in its merge's loops"
         if launch["sass"] is not None:
             per_element = launch["sass"]["per_element"]
             values_moved = len(launch["activation_bytes"])  # each tensor once per element

@@ -101,6 +101,31 @@ def test_resample_is_pillows_box_resize():
         assert np.abs(got - expected).max() <= 1
 
 
+def test_a_batch_of_images_of_many_sizes_resamples_as_each_alone_as_pillow_does(monkeypatch):
+    """The batch is resampled at once, zero-padded to its largest image (in groups where that
+    would be large): each crop is still Pillow's resize of its own box, within one level, and
+    flipped where asked, however the batch is grouped."""
+    from resnet_ablate.data import device_decode
+
+    sizes = [(90, 70), (40, 120), (64, 64), (150, 33)]
+    images = [_textured_image(w, h, seed) for seed, (w, h) in enumerate(sizes)]
+    boxes = [(3.3, 5.7, 80.2, 61.9), (1.0, 10.25, 39.0, 100.5), (0.0, 0.0, 64.0, 64.0),
+             (20.5, 2.0, 140.0, 31.5)]
+    flips = [False, True, False, True]
+    pixels = [torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1) for im in images]
+    expected = [np.asarray(im.resize((24, 24), Image.BILINEAR, box=box), np.int16)
+                for im, box in zip(images, boxes)]
+    expected = [e[:, ::-1] if flip else e for e, flip in zip(expected, flips)]
+    batched = device_decode.resample_batch(pixels, boxes, 24, flips)
+    monkeypatch.setattr(device_decode, "RESAMPLE_BYTES", 3 * 90 * 120 * 4)  # groups of 1 or 2
+    grouped = device_decode.resample_batch(pixels, boxes, 24, flips)
+    for got in (batched, grouped):
+        assert got.shape == (4, 3, 24, 24) and got.dtype == torch.uint8
+        for crop, want in zip(got, expected):
+            difference = crop.permute(1, 2, 0).numpy().astype(np.int16) - want
+            assert np.abs(difference).max() <= 1
+
+
 def test_without_augmentation_the_crop_is_the_evaluations_centre_crop():
     data = _jpeg(_smooth_image(300, 200, 3))
     encoded = encoded_crop(io.BytesIO(data), image_size=48, augmentation="scale", rng=None)

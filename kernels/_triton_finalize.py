@@ -94,42 +94,20 @@ def _finalize_statistics(stats_ptr, running_mean_ptr, running_var_ptr, cols, col
     reduction per sum follows it. Merging block by block instead (_merge's reductions and a
     Welford combine per BLOCK_S slots) cost ~9.5 us per 16 slots of 64 channels on an H200,
     the barriers of 7 reductions each time: more than the statistics pass spent reading its
-    activation on ResNet-56's shapes. The slots are read three times (from L2: splits x C x 16
-    bytes), since each sum needs the one before it."""
+    activation on ResNet-56's shapes. The slots are read in five passes (from L2: splits x C x 16
+    bytes), each sum but the first two needing the one before it."""
     num_splits = tl.num_programs(1)
     counts_ptr = stats_ptr + 2 * C
     plane = num_splits * C
-    means_ptr = counts_ptr + plane
-    total = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
-    odd = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
-    for start in range(0, num_splits, BLOCK_S):
-        offsets, mask = _slots(start, num_splits, cols, col_mask, C, BLOCK_S)
-        total += _load_slots(counts_ptr, offsets, mask)
-        odd += _load_slots(counts_ptr + 3 * plane, offsets, mask)
-    total = tl.sum(total, 0)
-    odd = tl.sum(odd, 0)
-    safe_total = tl.where(total > 0, total, 1.0)
-    zero = tl.zeros([BLOCK_C], dtype=tl.float32)
-    # Counts times means, summed, then divided: exact for tiny means (shares times tiny means
-    # would underflow). Where that overflows (means near the float range, 3e38), shares times
-    # means instead: the terms of a convex combination never overflow.
-    rough = _offset_sum(counts_ptr, means_ptr, zero, 1.0 + zero, cols, col_mask, C, num_splits,
-                        BLOCK_S, BLOCK_C) / safe_total
-    if tl.max(tl.where(tl.abs(rough) < float("inf"), 0, 1), 0) > 0:  # rare: a second pass
-        rough = _finite_or(rough, _offset_sum(counts_ptr, means_ptr, zero, 1.0 / safe_total,
-                                              cols, col_mask, C, num_splits, BLOCK_S, BLOCK_C))
-    correction = _offset_sum(counts_ptr, means_ptr, rough, 1.0 + zero, cols, col_mask, C,
-                             num_splits, BLOCK_S, BLOCK_C) / safe_total
-    if tl.max(tl.where(tl.abs(correction) < float("inf"), 0, 1), 0) > 0:
-        correction = _finite_or(correction, _offset_sum(
-            counts_ptr, means_ptr, rough, 1.0 / safe_total, cols, col_mask, C, num_splits,
-            BLOCK_S, BLOCK_C))
-    mean = rough + correction
+    total = _sum_slots(counts_ptr, cols, col_mask, C, BLOCK_S, BLOCK_C)
+    odd = _sum_slots(counts_ptr + 3 * plane, cols, col_mask, C, BLOCK_S, BLOCK_C)
+    mean = _weighted_mean(counts_ptr, counts_ptr + plane, total, cols, col_mask, C, num_splits,
+                          BLOCK_S, BLOCK_C)
     m2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
     for start in range(0, num_splits, BLOCK_S):
         offsets, mask = _slots(start, num_splits, cols, col_mask, C, BLOCK_S)
         count = _load_slots(counts_ptr, offsets, mask)
-        deviation = _load_slots(means_ptr, offsets, mask) - mean[None, :]
+        deviation = _load_slots(counts_ptr + plane, offsets, mask) - mean[None, :]
         # count first: an empty summary (count 0) adds 0 however far its mean is.
         m2 += _load_slots(counts_ptr + 2 * plane, offsets, mask) + (count * deviation) * deviation
     m2 = tl.sum(m2, 0)
@@ -141,6 +119,31 @@ def _finalize_statistics(stats_ptr, running_mean_ptr, running_var_ptr, cols, col
     if UPDATE_RUNNING:
         _update_running(running_mean_ptr, running_var_ptr, mean, var, cols, col_mask, momentum,
                         unbias)
+
+
+@triton.jit
+def _weighted_mean(counts_ptr, means_ptr, total, cols, col_mask, C, num_splits,
+                   BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The count-weighted mean of the slots' means, in two passes: a rough one, then the weighted
+    mean of the offsets from it added (centred terms sum without losing digits, and equal means
+    merge exactly: a constant channel stays exact)."""
+    safe_total = tl.where(total > 0, total, 1.0)
+    zero = tl.zeros([BLOCK_C], dtype=tl.float32)
+    # Counts times means, summed, then divided: exact for tiny means (shares times tiny means
+    # would underflow). Where that overflows (means near the float range, 3e38), shares times
+    # means instead, in a second pass taken only then: a convex combination never overflows.
+    rough = _offset_sum(counts_ptr, means_ptr, zero, 1.0 + zero, cols, col_mask, C, num_splits,
+                        BLOCK_S, BLOCK_C) / safe_total
+    if tl.max(tl.where(tl.abs(rough) < float("inf"), 0, 1), 0) > 0:
+        rough = _finite_or(rough, _offset_sum(counts_ptr, means_ptr, zero, 1.0 / safe_total,
+                                              cols, col_mask, C, num_splits, BLOCK_S, BLOCK_C))
+    correction = _offset_sum(counts_ptr, means_ptr, rough, 1.0 + zero, cols, col_mask, C,
+                             num_splits, BLOCK_S, BLOCK_C) / safe_total
+    if tl.max(tl.where(tl.abs(correction) < float("inf"), 0, 1), 0) > 0:
+        correction = _finite_or(correction, _offset_sum(
+            counts_ptr, means_ptr, rough, 1.0 / safe_total, cols, col_mask, C, num_splits,
+            BLOCK_S, BLOCK_C))
+    return rough + correction
 
 
 @triton.jit

@@ -11,7 +11,7 @@
 # loop, with the kernels, CUDA graphs and torch.compile (bench_trial.py); the fused kernels alone
 # on every ResNet-50 and ResNet-56 shape in bf16 channels_last (bench_batch_norm_act.py), and each
 # of their kernels alone against a copy, with the split and warps varied (bench_kernel_passes.py);
-# 1, 2, 4 and 8 trials packed on the device (bench_packing.py); the loader against the step
+# 1, 2, 4 and 8 trials packed on the device (and through MPS, where the driver has it) (bench_packing.py); the loader against the step
 # (bench_loader.py); the host cost per layer (bench_host.py, optional: run when present); and in
 # the rehearsal only, the kernels compiled for sm_90 by the machine's Triton, with no GPU. Every
 # benchmark warms up (Triton's JIT, torch.compile, cuDNN) outside its timed region. Then
@@ -176,6 +176,14 @@ step packing "${limits[4]}" "$out/packing.csv" $python bench_packing.py --device
     "${packing_args[@]}" --csv "$out/packing.csv"
 step loader "${limits[5]}" "$out/loader.csv" $python bench_loader.py --device $device \
     "${loader_args[@]}" --csv "$out/loader.csv"
+# Optional, on a GPU whose driver has CUDA's Multi-Process Service: the same packing through it
+# (processes otherwise time-slice the GPU, which held 8 graph-replayed trials to 1.10x one).
+if [ "$device" = cuda ] && command -v nvidia-cuda-mps-control >/dev/null; then
+    step packing_mps "${limits[4]}" "$out/packing.csv" $python bench_packing.py --device cuda \
+        "${packing_args[@]}" --mps --csv "$out/packing.csv"
+else
+    echo "packing_mps,skipped,0,0,packing.csv" >>"$out/steps.csv"
+fi
 # Optional: the host cost per layer of the kernels' Python path, when its benchmark exists.
 if [ -f bench_host.py ]; then
     step host "${limits[6]}" "$out/host.csv" $python bench_host.py "${host_args[@]}" \

@@ -4,6 +4,7 @@ check's summary reads those rows into the right ratios, verdicts and Table 6 pro
 import csv
 import importlib.util
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -339,6 +340,10 @@ def test_the_dry_run_recommends_the_fastest_packing_measured_for_small_gpu_trial
     assert "this spec has 1" in line
     (line,) = packing_advice(1.0, 1, 32, True, [h200, h200_graphs])  # the trials' own kind
     assert "2 trials per GPU (with CUDA graphs" in line and "resources.gpus: 0.5" in line
+    through_mps = PackingMeasurement("NVIDIA H200", 4, 3.0, cuda_graphs=True, mps=True)
+    lines = packing_advice(1.0, 1, 32, True, [h200_graphs, through_mps])
+    assert len(lines) == 2 and "MPS" not in lines[0]
+    assert "through CUDA's MPS (nvidia-cuda-mps-control -d" in lines[1] and "3.00x" in lines[1]
     assert "as this spec has" in packing_advice(0.25, 1, 32, False, [h200])[0]
     assert "no packing of trials with CUDA graphs is measured yet" in packing_advice(
         1.0, 1, 32, True, [h200])[0]
@@ -346,6 +351,52 @@ def test_the_dry_run_recommends_the_fastest_packing_measured_for_small_gpu_trial
     assert packing_advice(0.0, 1, 32, False, [h200]) == []
     assert packing_advice(2.0, 2, 32, False, [h200]) == []
     assert packing_advice(1.0, 1, 224, False, [h200]) == []
+
+
+def test_packing_through_mps_starts_the_daemon_for_the_trials_and_stops_it(tmp_path, monkeypatch):
+    bench = _load("bench_packing")
+    log = tmp_path / "calls"
+    control = tmp_path / "bin" / "nvidia-cuda-mps-control"
+    control.parent.mkdir()
+    # A stand-in for the driver's control program: logs its arguments, stdin and pipe folder.
+    control.write_text(f'#!/bin/sh\necho "args=$* pipe=$CUDA_MPS_PIPE_DIRECTORY" >> {log}\n'
+                       f'[ "$1" = -d ] || cat >> {log}\n')
+    control.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{control.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
+    with bench.mps_daemon():
+        pipe = os.environ["CUDA_MPS_PIPE_DIRECTORY"]  # what the spawned trials inherit
+        assert os.path.isdir(pipe)
+        assert log.read_text() == f"args=-d pipe={pipe}\n"
+    assert log.read_text() == f"args=-d pipe={pipe}\nargs= pipe={pipe}\nquit\n"
+    assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ and not os.path.exists(pipe)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no control program: one clear error
+    with pytest.raises(SystemExit, match="nvidia-cuda-mps-control is not on the PATH"):
+        with bench.mps_daemon():
+            pass
+
+
+def test_the_summary_keeps_packing_through_mps_apart_and_projects_with_the_better(tmp_path):
+    summary = _load("gpu_summary")
+    (tmp_path / "machine.txt").write_text("NVIDIA H200, 143771 MiB, 580.159.03\n")
+    _write_csv(tmp_path / "trial.csv", [
+        {"case": f"resnet{d}-cifar", "variant": "project+graphs", "images_per_second": 10_000}
+        for d in (20, 56, 110)])
+    _write_csv(tmp_path / "packing.csv", [
+        {"trials_per_device": n, "aggregate_images_per_s": rate, "speedup_vs_one_trial": gain,
+         "cuda_graphs": "True", "mps": mps}
+        for mps, points in (("False", ((1, 100, 1.0), (8, 110, 1.1))),
+                            ("True", ((1, 100, 1.0), (4, 300, 3.0), (8, 250, 2.5))))
+        for n, rate, gain in points])
+    figures = {r.name: r for r in summary.ratios(tmp_path)}
+    assert figures["packing: best aggregate / one trial"].value == pytest.approx(1.1)
+    assert figures["packing through MPS: best aggregate / one trial"].value == pytest.approx(3.0)
+    table6 = figures["Table 6, project (minutes)"]
+    assert table6.value == pytest.approx(summary.table6_minutes({20: 1e4, 56: 1e4, 110: 1e4}) / 3)
+    assert "through MPS" in table6.meaning
+    text = summary.summary_markdown(tmp_path)
+    assert "PackingMeasurement('NVIDIA H200', 8, 1.10, cuda_graphs=True)" in text
+    assert "PackingMeasurement('NVIDIA H200', 4, 3.00, cuda_graphs=True, mps=True)" in text
 
 
 def test_a_spec_expects_cuda_graphs_where_its_gpu_trials_would_resolve_them():

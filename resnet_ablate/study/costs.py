@@ -40,6 +40,7 @@ class PackingMeasurement:
     trials_per_gpu: int
     speedup: float
     cuda_graphs: bool  # whether each trial replayed its steps from a CUDA graph
+    mps: bool = False  # whether the trials shared the GPU through CUDA's Multi-Process Service
 
 
 # One entry per GPU model and CUDA graphs on or off; the GPU check's summary.md gives the entry
@@ -87,8 +88,9 @@ def packing_advice(gpus: float, replicas: int, image_size: int, cuda_graphs: boo
     for m in measured:
         share = 1 / m.trials_per_gpu
         held = "as this spec has" if abs(gpus - share) < 1e-9 else f"this spec has {gpus:g}"
+        through = ", through CUDA's MPS (nvidia-cuda-mps-control -d on the node)" if m.mps else ""
         lines.append(f"packing: on {m.device}, {m.trials_per_gpu} trials per GPU ({graphs}, "
-                     f"as this spec's trials run) trained "
+                     f"as this spec's trials run{through}) trained "
                      f"{m.speedup:.2f}x the images/s of one: recommended resources.gpus: "
                      f"{share:g} and workers: {m.trials_per_gpu} per GPU ({held})")
     return lines

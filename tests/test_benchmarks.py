@@ -240,6 +240,9 @@ def test_trial_ratios_are_geometric_means_over_the_cases_where_both_ran():
                         ("resnet110-cifar", "project"): 50})
     assert summary.trial_ratio(rows, "project", "plain") == pytest.approx(2.0)  # sqrt(4 x 1)
     assert summary.trial_ratio(rows, "project+graphs", "project") is None
+    # as a study runs it: project+graphs where measured (resnet56 here), else project
+    rows += _trial_rows({("resnet56-cifar", "project+graphs"): 900})
+    assert summary.trial_ratio(rows, summary.AS_RUN, "plain") == pytest.approx(6.0)  # sqrt(4 x 9)
 
 
 def test_rates_by_depth_take_the_fastest_variant_on_the_depths_every_variant_ran():

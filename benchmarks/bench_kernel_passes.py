@@ -14,8 +14,9 @@ kernel's GB/s is reported as a share of it and of the vendor's peak.
 
 Variants, on a few shapes (`SWEPT`): the reductions at 1, 2 and 4 waves of programs (their
 default is one wave, `_triton_geometry.py`: more programs give more loads in flight but more
-partial sums and a second wave's tail), and the elementwise passes at 4, 8 and 16 warps (what
-RESNET_ABLATE_AUTOTUNE would choose among). On a CPU (the GPU check's rehearsal) each launch
+partial sums and a second wave's tail), the statistics pass at 8 warps rather than its planned 16
+(fewer registers a program, so more programs and loads in flight on each SM), and the elementwise
+passes at 4, 8 and 16 warps (what RESNET_ABLATE_AUTOTUNE would choose among). On a CPU (the GPU check's rehearsal) each launch
 goes through Triton's own launch path for an H100, compiled for sm_90 by the installed Triton,
 to a stand-in for the CUDA driver that records it and runs nothing (triton_stand_in.py), on one
 tiny shape, timed by the clock: the rows prove the script and that its Triton compiles every
@@ -43,7 +44,7 @@ if not CUDA:  # the stand-in driver (see above), the interpreter off before the 
 from _results import RESULTS, append_rows, run_context  # noqa: E402
 from bench_batch_norm_act import PEAK_BANDWIDTH_GBPS, SHAPE_SETS, Shape  # noqa: E402
 from resnet_ablate.kernels._triton_impl import plan_backward, plan_forward  # noqa: E402
-from resnet_ablate.kernels._triton_geometry import programs_in_one_wave  # noqa: E402
+from resnet_ablate.kernels._triton_geometry import RowTiling, programs_in_one_wave  # noqa: E402
 
 PASS_NAMES = {"_batch_stats_kernel": "statistics", "_forward_kernel": "normalize",
               "_backward_reduce_kernel": "backward reduce",
@@ -51,6 +52,7 @@ PASS_NAMES = {"_batch_stats_kernel": "statistics", "_forward_kernel": "normalize
 REDUCTIONS = ("statistics", "backward reduce")
 WAVES = (1, 2, 4)
 WARPS = (4, 8, 16)
+STATISTICS_WARPS = 8  # against the planned 16: half the registers a program, more programs an SM
 SWEPT = ["64x64x112x112", "64x256x56x56+res", "64x1024x14x14+res", "128x16x32x32+res"]
 
 
@@ -59,9 +61,11 @@ def shape_name(shape: Shape) -> str:
     return "x".join(map(str, dims)) + ("+res" if residual else "")
 
 
-def layer_launches(shape: Shape, dtype: torch.dtype, device: torch.device, waves: int):
+def layer_launches(shape: Shape, dtype: torch.dtype, device: torch.device, waves: int,
+                   statistics_warps: int | None = None):
     """A training layer's launches (kernel, pass name, launch) and its input, the statistics and
-    reductions sized to `waves` waves of programs."""
+    reductions sized to `waves` waves of programs, the statistics pass at `statistics_warps`
+    warps where given (its wave then sized for them) instead of its planned 16 on full tiles."""
     dims, residual = shape
     x = torch.randn(dims, device=device, dtype=dtype).to(memory_format=torch.channels_last)
     r = torch.randn_like(x) if residual else None
@@ -71,8 +75,14 @@ def layer_launches(shape: Shape, dtype: torch.dtype, device: torch.device, waves
     def programs(*args, **kwargs) -> int:
         return waves * programs_in_one_wave(*args, **kwargs)
 
-    forward = plan_forward(x, weight, bias, r, None, None, 1e-5, True, pack_relu_mask=True,
-                           reduction_programs=programs)
+    planned = RowTiling.stats_warps
+    if statistics_warps is not None:  # a fresh `programs` keeps these plans apart from others
+        RowTiling.stats_warps = property(lambda tiling: statistics_warps)
+    try:
+        forward = plan_forward(x, weight, bias, r, None, None, 1e-5, True, pack_relu_mask=True,
+                               reduction_programs=programs)
+    finally:
+        RowTiling.stats_warps = planned
     mask = forward.relu_mask if forward.relu_mask is not None else forward.out
     backward = plan_backward(grad, x, mask, weight, forward.stats, 1e-5, True, residual,
                              reduction_programs=programs)
@@ -113,42 +123,49 @@ def milliseconds(fn: Callable[[], None]) -> tuple[float, float]:
 
 
 def measure_shape(shape: Shape, dtype, device, sweep: bool, context: dict, peak) -> list[dict]:
+    """Every launch of the layer as planned; where `sweep`, also the reductions at more waves,
+    the statistics pass at fewer warps and the elementwise passes at each of WARPS."""
     rows = []
     copy_gbps = None
-    for waves in WAVES if sweep else (1,):
-        launches, x = layer_launches(shape, dtype, device, waves)
+    plans = [(1, None)] + ([(w, None) for w in WAVES if w > 1] + [(1, STATISTICS_WARPS)]
+                           if sweep else [])
+    for waves, statistics_warps in plans:
+        launches, x = layer_launches(shape, dtype, device, waves, statistics_warps)
         if copy_gbps is None:
             target = torch.empty_like(x)
             cold, _ = milliseconds(lambda: target.copy_(x))
             copy_gbps = 2 * x.numel() * x.element_size() / (cold * 1e-3) / 1e9
+        planned = waves == 1 and statistics_warps is None
         for pass_name, launch in launches:
             reduction = pass_name in REDUCTIONS
-            if waves > 1 and not reduction:
-                continue  # the elementwise passes do not depend on the reductions' split
-            warps = (launch.num_warps,) if reduction or not sweep else sorted(
-                {launch.num_warps, *WARPS})
+            if not planned and pass_name != "statistics" and (statistics_warps or not reduction):
+                continue  # what this plan changes: the reductions' waves, the statistics' warps
+            warps = sorted({launch.num_warps, *WARPS}) if sweep and not reduction else (
+                launch.num_warps,)
             for num_warps in warps:
                 variant = launch._replace(num_warps=num_warps)
-                cold, warm = milliseconds(run_launch(variant))
-                moved = bytes_moved(variant, x)
-                gbps = moved / (cold * 1e-3) / 1e9 if cold > 0 else float("nan")
-                rows.append({
-                    **context, "shape": shape_name(shape), "dtype": str(dtype).split(".")[-1],
-                    "pass": pass_name, "grid": "x".join(map(str, launch.grid)),
-                    "waves": waves if reduction else "", "num_warps": num_warps,
-                    "default": waves == 1 and num_warps == launch.num_warps,
-                    "cold_us": round(cold * 1e3, 2), "warm_us": round(warm * 1e3, 2),
-                    "mb_moved": round(moved / 2**20, 2), "gbps": round(gbps, 1),
-                    "copy_gbps": round(copy_gbps, 1),
-                    "pct_copy": round(100 * gbps / copy_gbps, 1),
-                    "pct_peak": round(100 * gbps / peak, 1) if peak else "",
-                })
-                row = rows[-1]
+                row = {**context, "shape": shape_name(shape), "dtype": str(dtype).split(".")[-1],
+                       "pass": pass_name, "grid": "x".join(map(str, launch.grid)),
+                       "waves": waves if reduction else "", "num_warps": num_warps,
+                       "default": planned and num_warps == launch.num_warps,
+                       **timed(variant, x, copy_gbps, peak)}
+                rows.append(row)
                 print(f"{row['shape']:>18} {pass_name:>21} {row['grid']:>9} "
                       f"{row['waves'] or '':>5} {num_warps:>5} {row['cold_us']:>9.1f} "
                       f"{row['warm_us']:>9.1f} {row['gbps']:>8.1f} {row['pct_copy']:>7.1f}"
                       + ("" if row["default"] else "  (variant)"))
     return rows
+
+
+def timed(launch, x: torch.Tensor, copy_gbps: float, peak: float | None) -> dict:
+    """A launch's columns: its times, the bytes it moves, and its GB/s against the copy's."""
+    cold, warm = milliseconds(run_launch(launch))
+    moved = bytes_moved(launch, x)
+    gbps = moved / (cold * 1e-3) / 1e9 if cold > 0 else float("nan")
+    return {"cold_us": round(cold * 1e3, 2), "warm_us": round(warm * 1e3, 2),
+            "mb_moved": round(moved / 2**20, 2), "gbps": round(gbps, 1),
+            "copy_gbps": round(copy_gbps, 1), "pct_copy": round(100 * gbps / copy_gbps, 1),
+            "pct_peak": round(100 * gbps / peak, 1) if peak else ""}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

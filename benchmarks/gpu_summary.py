@@ -322,8 +322,9 @@ def pass_table(rows: Sequence[Mapping[str, str]]) -> list[str]:
             base = next((float(r["cold_us"]) for r in variants if r["default"] == "True"), None)
             for r in variants:
                 if base and float(r["cold_us"]) > 0:
-                    name = (f"{r['waves']} wave{'s' * (r['waves'] != '1')}" if r.get("waves")
-                            else f"{r['num_warps']} warps")
+                    name = f"{r['num_warps']} warps"
+                    if r.get("waves"):  # a reduction: its waves, and its warps
+                        name = f"{r['waves']} wave{'s' * (r['waves'] != '1')}, {name}"
                     gains.setdefault(name, []).append(base / float(r["cold_us"]))
         best = max(gains, key=lambda n: statistics.median(gains[n]), default=None)
         copy = statistics.median(float(r["pct_copy"]) for r in own)

@@ -286,7 +286,7 @@ def test_the_pass_table_gives_each_kernels_median_share_and_its_best_variants_ga
             row("a", "statistics", 5, 80, default=False, waves="2"),  # 2x on the swept shape
             row("a", "normalize", 8, 70), row("a", "normalize", 10, 56, default=False, warps="4")]
     lines = summary.pass_table(rows)
-    assert "| statistics | 60 | 30 | 2 waves | 2 |" in lines
+    assert "| statistics | 60 | 30 | 2 waves, 8 warps | 2 |" in lines
     assert "| normalize | 70 | 35 | 8 warps | 1 |" in lines  # the planned launch was the best
     assert "4,000 GB/s" in lines[0]
     assert summary.pass_table([]) == []

@@ -159,7 +159,7 @@ def packing_rows(rows: Sequence[Mapping[str, str]], mps: bool = False
     Those that shared the GPU through MPS (`mps`) or those that did not."""
     rows = [r for r in rows if (r.get("mps") == "True") == mps]
     graphs = [r for r in rows if r.get("cuda_graphs") == "True"]
-    return (graphs, True) if graphs else ([r for r in rows if r not in graphs], False)
+    return (graphs, True) if graphs else (rows, False)
 
 
 def best_packing(rows: Sequence[Mapping[str, str]]) -> tuple[int, float] | None:
@@ -317,7 +317,8 @@ def pass_table(rows: Sequence[Mapping[str, str]]) -> list[str]:
     for kernel in dict.fromkeys(r["pass"] for r in planned):
         own = [r for r in planned if r["pass"] == kernel]
         gains: dict[str, list[float]] = {}
-        for shape in {r["shape"] for r in rows if r["pass"] == kernel and r["default"] != "True"}:
+        swept = {r["shape"] for r in rows if r["pass"] == kernel and r["default"] != "True"}
+        for shape in swept:
             variants = [r for r in rows if r["pass"] == kernel and r["shape"] == shape]
             base = next((float(r["cold_us"]) for r in variants if r["default"] == "True"), None)
             for r in variants:

@@ -194,8 +194,9 @@ def _bilinear_weights(starts: Sequence[float], ends: Sequence[float], in_sizes: 
     image's own size 0): output pixel i centred at start + (i + 0.5) * scale, a triangle of
     half-width max(scale, 1) (so it averages when shrinking), over the input pixels Pillow's
     window admits."""
-    def column(values, dtype=torch.float64) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)[:, None, None]
+    def column(values) -> torch.Tensor:  # (N, 1, 1), one value an image
+        values = torch.tensor(values, dtype=torch.float64)
+        return values.to(device, non_blocking=True)[:, None, None]
 
     start, end = column(starts), column(ends)
     in_size = column(in_sizes)

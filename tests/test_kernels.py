@@ -495,7 +495,11 @@ def _cuda_training_layer():
 
     def layer():
         out = fused_batch_norm(x, None, None, weight, bias, True, residual=residual)
-        return (out, *torch.autograd.grad(out, leaves, grad))
+        # Detached: an output that kept its autograd graph would keep the leaves' AccumulateGrad
+        # nodes, and the stream each was made on, alive into the next call; torch 2.11's engine
+        # then joins that stream to the caller's, which a CUDA graph capture cannot (it failed
+        # on the H200: "operation would make the legacy stream depend on a capturing stream").
+        return (out.detach(), *torch.autograd.grad(out, leaves, grad))
 
     return layer
 

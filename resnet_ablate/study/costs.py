@@ -43,14 +43,16 @@ class PackingMeasurement:
     mps: bool = False  # whether the trials shared the GPU through CUDA's Multi-Process Service
 
 
-# One entry per GPU model and CUDA graphs on or off; the GPU check's summary.md gives the entry
-# to add. ResNet-56 trials of 10,240 CIFAR-sized images, 1, 2, 4 and 8 at once
+# One entry per GPU model, CUDA graphs on or off, and MPS or not; the GPU check's summary.md gives
+# the entry to add. ResNet-56 trials of 10,240 CIFAR-sized images, 1, 2, 4 and 8 at once
 # (benchmarks/bench_packing.py, benchmarks/results/packing.csv): without graphs a trial is bound
 # by its host, and trials sharing the GPU fill each other's gaps (4 trials gave 3.56x, 8 3.61x);
-# with graphs one trial keeps the GPU busy, and 8 gave 1.10x.
+# with graphs one trial keeps the GPU busy launching, and separate processes time-slice it (4 gave
+# 1.34x, 8 1.10x in an earlier run); through CUDA's MPS their kernels run side by side (8: 2.48x).
 MEASURED_PACKINGS: tuple[PackingMeasurement, ...] = (
     PackingMeasurement("NVIDIA H200", 8, 3.61, cuda_graphs=False),
-    PackingMeasurement("NVIDIA H200", 8, 1.10, cuda_graphs=True),
+    PackingMeasurement("NVIDIA H200", 4, 1.34, cuda_graphs=True),
+    PackingMeasurement("NVIDIA H200", 8, 2.48, cuda_graphs=True, mps=True),
 )
 
 # What Ray Train costs a data-parallel trial beside its training, whatever its size: a worker

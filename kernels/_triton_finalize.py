@@ -79,6 +79,14 @@ def _last_to_finish(counters_ptr):
     return last
 
 
+# Powers of two scale without rounding: the merge sums count-weighted means (and offsets) scaled
+# down by TINY beside the unscaled sums, and takes the scaled sum, scaled back up, in a channel
+# whose unscaled sum overflowed (means near the float range, 3e38). Summed in the same loop and
+# reduction, where a fallback pass over the slots would follow a check of every channel.
+TINY = tl.constexpr(2.0 ** -100)
+HUGE = tl.constexpr(2.0 ** 100)
+
+
 @triton.jit
 def _finalize_statistics(stats_ptr, running_mean_ptr, running_var_ptr, cols, col_mask, C,
                          momentum, unbias, UPDATE_RUNNING: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -89,26 +97,53 @@ def _finalize_statistics(stats_ptr, running_mean_ptr, running_var_ptr, cols, col
     update a launch.
 
     _merge's arithmetic (a weighted mean, the weighted mean of the offsets from it, then
-    M2 = sum(M2 + c * (m - mean)^2)), with the slots summed the way _sum_slots sums them: each
-    lane of a [BLOCK_S, BLOCK_C] block accumulates its own slots across the loop, and one block
-    reduction per sum follows it. Merging block by block instead (_merge's reductions and a
-    Welford combine per BLOCK_S slots) cost ~9.5 us per 16 slots of 64 channels on an H200,
-    the barriers of 7 reductions each time: more than the statistics pass spent reading its
-    activation on ResNet-56's shapes. The slots are read in five passes (from L2: splits x C x 16
-    bytes), each sum but the first two needing the one before it."""
+    M2 = sum(M2 + c * (m - mean)^2)) in three passes over the slots, each needing the one before
+    it. In each, every lane of a [BLOCK_S, BLOCK_C] block accumulates its own slots across the
+    loop, and one block reduction of all the pass's sums follows it. The merge runs in one
+    program while the others have finished, so its time is latency: the slots' loads from L2
+    (splits x C x 16 bytes), a round trip per pass where a loop's iterations fit the compiler's
+    unrolling, and each reduction's barriers. Merged block by block (7 reductions per 16 slots),
+    it cost ~9.5 us per 16 slots of 64 channels on an H200; in five passes, a reduction per sum
+    and two checks for overflow, ~12 us of the 17 us statistics pass of ResNet-56's 128x16x32x32.
+    """
     num_splits = tl.num_programs(1)
     counts_ptr = stats_ptr + 2 * C
     plane = num_splits * C
-    total = _sum_slots(counts_ptr, cols, col_mask, C, BLOCK_S, BLOCK_C)
-    odd = _sum_slots(counts_ptr + 3 * plane, cols, col_mask, C, BLOCK_S, BLOCK_C)
-    mean = _weighted_mean(counts_ptr, counts_ptr + plane, total, cols, col_mask, C, num_splits,
-                          BLOCK_S, BLOCK_C)
+    # Pass 1: counts and odd values summed, and means weighted by counts (exact for tiny means,
+    # where shares times means would underflow), also scaled down.
+    total = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    odd, weighted, weighted_tiny = total, total, total
+    for start in range(0, num_splits, BLOCK_S):
+        offsets, mask = _slots(start, num_splits, cols, col_mask, C, BLOCK_S)
+        count = _load_slots(counts_ptr, offsets, mask)
+        mean = _load_slots(counts_ptr + plane, offsets, mask)
+        total += count
+        odd += _load_slots(counts_ptr + 3 * plane, offsets, mask)
+        weighted += count * mean
+        weighted_tiny += count * (mean * TINY)
+    total, odd, weighted, weighted_tiny = tl.reduce((total, odd, weighted, weighted_tiny), 0,
+                                                    _add4)
+    safe_total = tl.where(total > 0, total, 1.0)
+    rough = _finite_or(weighted / safe_total, weighted_tiny / safe_total * HUGE)
+    # Pass 2: the weighted mean of the offsets from it added (centred terms sum without losing
+    # digits, and equal means merge exactly: a constant channel stays exact).
+    offset_sum = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    offset_sum_tiny = offset_sum
+    rough_tiny = rough * TINY
+    for start in range(0, num_splits, BLOCK_S):
+        offsets, mask = _slots(start, num_splits, cols, col_mask, C, BLOCK_S)
+        count = _load_slots(counts_ptr, offsets, mask)
+        mean = _load_slots(counts_ptr + plane, offsets, mask)
+        offset_sum += tl.where(mask, mean - rough[None, :], 0.0) * count
+        offset_sum_tiny += tl.where(mask, mean * TINY - rough_tiny[None, :], 0.0) * count
+    offset_sum, offset_sum_tiny = tl.reduce((offset_sum, offset_sum_tiny), 0, _add2)
+    mean = rough + _finite_or(offset_sum / safe_total, offset_sum_tiny / safe_total * HUGE)
+    # Pass 3: M2, count first: an empty summary (count 0) adds 0 however far its mean is.
     m2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
     for start in range(0, num_splits, BLOCK_S):
         offsets, mask = _slots(start, num_splits, cols, col_mask, C, BLOCK_S)
         count = _load_slots(counts_ptr, offsets, mask)
         deviation = _load_slots(counts_ptr + plane, offsets, mask) - mean[None, :]
-        # count first: an empty summary (count 0) adds 0 however far its mean is.
         m2 += _load_slots(counts_ptr + 2 * plane, offsets, mask) + (count * deviation) * deviation
     m2 = tl.sum(m2, 0)
     plain = odd == 0  # no inf or NaN in the channel
@@ -122,28 +157,13 @@ def _finalize_statistics(stats_ptr, running_mean_ptr, running_var_ptr, cols, col
 
 
 @triton.jit
-def _weighted_mean(counts_ptr, means_ptr, total, cols, col_mask, C, num_splits,
-                   BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The count-weighted mean of the slots' means, in two passes: a rough one, then the weighted
-    mean of the offsets from it added (centred terms sum without losing digits, and equal means
-    merge exactly: a constant channel stays exact)."""
-    safe_total = tl.where(total > 0, total, 1.0)
-    zero = tl.zeros([BLOCK_C], dtype=tl.float32)
-    # Counts times means, summed, then divided: exact for tiny means (shares times tiny means
-    # would underflow). Where that overflows (means near the float range, 3e38), shares times
-    # means instead, in a second pass taken only then: a convex combination never overflows.
-    rough = _offset_sum(counts_ptr, means_ptr, zero, 1.0 + zero, cols, col_mask, C, num_splits,
-                        BLOCK_S, BLOCK_C) / safe_total
-    if tl.max(tl.where(tl.abs(rough) < float("inf"), 0, 1), 0) > 0:
-        rough = _finite_or(rough, _offset_sum(counts_ptr, means_ptr, zero, 1.0 / safe_total,
-                                              cols, col_mask, C, num_splits, BLOCK_S, BLOCK_C))
-    correction = _offset_sum(counts_ptr, means_ptr, rough, 1.0 + zero, cols, col_mask, C,
-                             num_splits, BLOCK_S, BLOCK_C) / safe_total
-    if tl.max(tl.where(tl.abs(correction) < float("inf"), 0, 1), 0) > 0:
-        correction = _finite_or(correction, _offset_sum(
-            counts_ptr, means_ptr, rough, 1.0 / safe_total, cols, col_mask, C, num_splits,
-            BLOCK_S, BLOCK_C))
-    return rough + correction
+def _add2(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def _add4(a0, a1, a2, a3, b0, b1, b2, b3):
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3
 
 
 @triton.jit
@@ -161,40 +181,19 @@ def _load_slots(ptr, offsets, mask):
 
 
 @triton.jit
-def _offset_sum(counts_ptr, means_ptr, centre, scale, cols, col_mask, C, num_splits,
-                BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per channel, the sum over slots of (mean - centre) * (count * scale), in a fixed order:
-    with centre 0 and scale 1 the count-weighted sum of the means. Missing slots add 0."""
-    total = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
-    for start in range(0, num_splits, BLOCK_S):
-        offsets, mask = _slots(start, num_splits, cols, col_mask, C, BLOCK_S)
-        count = _load_slots(counts_ptr, offsets, mask)
-        offset = tl.where(mask, _load_slots(means_ptr, offsets, mask) - centre[None, :], 0.0)
-        total += offset * (count * scale[None, :])
-    return tl.sum(total, 0)
-
-
-@triton.jit
-def _sum_slots(part_ptr, cols, col_mask, C, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Sum of the [splits, C] slots of channels `cols`, BLOCK_S slots at a time, in a fixed order
-    (deterministic)."""
-    num_splits = tl.num_programs(1)
-    total = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
-    for start in range(0, num_splits, BLOCK_S):
-        offsets, mask = _slots(start, num_splits, cols, col_mask, C, BLOCK_S)
-        total += _load_slots(part_ptr, offsets, mask)
-    return tl.sum(total, axis=0)
-
-
-@triton.jit
 def _finalize_sums(sums_ptr, stats_ptr, grad_weight_ptr, grad_bias_ptr, cols, col_mask, C, eps,
                    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """Sums the backward reduce pass's slots of channels `cols` (`_store_sums`): grad_bias is
     the sum of g, grad_weight that of g * (x - mean) times invstd, which sum also goes to the
     head of `sums_ptr` for the elementwise pass."""
     splits = tl.num_programs(1)
-    sum_g = _sum_slots(sums_ptr + C, cols, col_mask, C, BLOCK_S, BLOCK_C)
-    sum_gx = _sum_slots(sums_ptr + C + splits * C, cols, col_mask, C, BLOCK_S, BLOCK_C)
+    sum_g = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    sum_gx = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    for start in range(0, splits, BLOCK_S):  # in a fixed order: deterministic
+        offsets, mask = _slots(start, splits, cols, col_mask, C, BLOCK_S)
+        sum_g += _load_slots(sums_ptr + C, offsets, mask)
+        sum_gx += _load_slots(sums_ptr + C + splits * C, offsets, mask)
+    sum_g, sum_gx = tl.reduce((sum_g, sum_gx), 0, _add2)
     var = tl.load(stats_ptr + C + cols, mask=col_mask, other=1.0).to(tl.float32)
     invstd = 1.0 / tl.sqrt(var + eps)
     tl.store(grad_weight_ptr + cols, sum_gx * invstd, mask=col_mask)

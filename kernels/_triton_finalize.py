@@ -109,6 +109,32 @@ def _finalize_statistics(stats_ptr, running_mean_ptr, running_var_ptr, cols, col
     num_splits = tl.num_programs(1)
     counts_ptr = stats_ptr + 2 * C
     plane = num_splits * C
+    total, odd, mean = _merged_mean(counts_ptr, plane, cols, col_mask, C, num_splits, BLOCK_S,
+                                    BLOCK_C)
+    # Pass 3: M2, count first: an empty summary (count 0) adds 0 however far its mean is.
+    m2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    for start in range(0, num_splits, BLOCK_S):
+        offsets, mask = _slots(start, num_splits, cols, col_mask, C, BLOCK_S)
+        count = _load_slots(counts_ptr, offsets, mask)
+        deviation = _load_slots(counts_ptr + plane, offsets, mask) - mean[None, :]
+        m2 += _load_slots(counts_ptr + 2 * plane, offsets, mask) + (count * deviation) * deviation
+    m2 = tl.sum(m2, 0)
+    plain = odd == 0  # no inf or NaN in the channel
+    mean = tl.where(plain, mean, odd)
+    var = tl.where(plain, m2 / total, float("nan"))
+    tl.store(stats_ptr + cols, mean, mask=col_mask)
+    tl.store(stats_ptr + C + cols, var, mask=col_mask)
+    if UPDATE_RUNNING:
+        _update_running(running_mean_ptr, running_var_ptr, mean, var, cols, col_mask, momentum,
+                        unbias)
+
+
+@triton.jit
+def _merged_mean(counts_ptr, plane, cols, col_mask, C, num_splits, BLOCK_S: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+    """The merge's first two passes: per channel the total count, the sum of the odd values and
+    the count-weighted mean of the slots' means (a rough one, then the weighted mean of the
+    offsets from it added)."""
     # Pass 1: counts and odd values summed, and means weighted by counts (exact for tiny means,
     # where shares times means would underflow), also scaled down.
     total = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
@@ -138,22 +164,7 @@ def _finalize_statistics(stats_ptr, running_mean_ptr, running_var_ptr, cols, col
         offset_sum_tiny += tl.where(mask, mean * TINY - rough_tiny[None, :], 0.0) * count
     offset_sum, offset_sum_tiny = tl.reduce((offset_sum, offset_sum_tiny), 0, _add2)
     mean = rough + _finite_or(offset_sum / safe_total, offset_sum_tiny / safe_total * HUGE)
-    # Pass 3: M2, count first: an empty summary (count 0) adds 0 however far its mean is.
-    m2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
-    for start in range(0, num_splits, BLOCK_S):
-        offsets, mask = _slots(start, num_splits, cols, col_mask, C, BLOCK_S)
-        count = _load_slots(counts_ptr, offsets, mask)
-        deviation = _load_slots(counts_ptr + plane, offsets, mask) - mean[None, :]
-        m2 += _load_slots(counts_ptr + 2 * plane, offsets, mask) + (count * deviation) * deviation
-    m2 = tl.sum(m2, 0)
-    plain = odd == 0  # no inf or NaN in the channel
-    mean = tl.where(plain, mean, odd)
-    var = tl.where(plain, m2 / total, float("nan"))
-    tl.store(stats_ptr + cols, mean, mask=col_mask)
-    tl.store(stats_ptr + C + cols, var, mask=col_mask)
-    if UPDATE_RUNNING:
-        _update_running(running_mean_ptr, running_var_ptr, mean, var, cols, col_mask, momentum,
-                        unbias)
+    return total, odd, mean
 
 
 @triton.jit

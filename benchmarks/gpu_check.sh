@@ -6,11 +6,15 @@
 #   bash benchmarks/gpu_check.sh --rehearse   # the same steps on a CPU, tiny sizes (CI runs it)
 #   bash benchmarks/gpu_check.sh --steps tests,kernels   # some steps only (a rerun of broken ones)
 #
+# On a GPU, the compile step (torch.compile's trial, measured twice on an H200: 0.63x and 0.70x)
+# runs only when --steps names it: the check's 9 minutes go to what is still open.
+#
 # Steps, each under a time limit, each appending its rows to a CSV in $OUT as it goes (a step cut
 # short keeps what it measured): the GPU tests; the trial loop against a plain and a hand-tuned
 # loop, with the kernels, CUDA graphs and torch.compile (bench_trial.py); the fused kernels alone
 # on every ResNet-50 and ResNet-56 shape in bf16 channels_last (bench_batch_norm_act.py), and each
 # of their kernels alone against a copy, with the split and warps varied (bench_kernel_passes.py);
+# 5 seeds of ResNet-20/56/110 trained as one stacked model against one (bench_seed_stack.py);
 # 1, 2, 4 and 8 trials packed on the device (and through MPS, where the driver has it) (bench_packing.py); the loader against the step
 # (bench_loader.py); the host cost per layer (bench_host.py, optional: run when present); and in
 # the rehearsal only, the kernels compiled for sm_90 by the machine's Triton, with no GPU. Every
@@ -52,7 +56,7 @@ if [ "$rehearse" = 1 ]; then
     budget=540  # seconds for all steps: the rehearsal stays under 10 minutes on two cores
 else
     python="${PYTHON:-python3}"
-    budget=520  # steps' seconds: with the copy, the summary and the machine check, 9 minutes
+    budget=540  # steps' seconds: with the copy, the summary and the machine check, 9.5 minutes
 fi
 export PYTHONUNBUFFERED=1
 # The rows' commit: from git where the checkout has it, else as the caller set it (a copy of the
@@ -100,7 +104,8 @@ echo "step,exit_code,seconds,rows,file" >"$out/steps.csv"
 started_all=$SECONDS
 step() {  # step NAME LIMIT FILE COMMAND...: time-limited, logged to $out/NAME.log, then recorded
     local name=$1 limit=$2 file=$3; shift 3
-    if [ -n "$only" ] && [[ "$only" != *",$name,"* ]]; then
+    if { [ -n "$only" ] && [[ "$only" != *",$name,"* ]]; } \
+            || { [ -z "$only" ] && [[ "$opt_in" == *",$name,"* ]]; }; then
         echo "$name,not selected,0,0,$(basename "$file")" >>"$out/steps.csv"
         return
     fi
@@ -133,32 +138,38 @@ if [ "$rehearse" = 1 ]; then
     compile_args=(--small --cases resnet20-8px --compile-backend aot_eager)
     kernel_args=(--small --layouts channels_last --compile-backend aot_eager --reps 2)
     passes_args=(--small)
+    stack_args=(--small)
     packing_args=(--small --depth 20 --trials 1 2)
     loader_args=(--image-size 32 --batch-size 8 --batches 2 --workers 0 1 --depth 18)
     host_args=(--models resnet56 --layouts channels_last --launches stand-in --iterations 20
                --blocks 2)
-    limits=(120 120 120 60 120 90 90 120)
+    limits=(120 120 120 60 120 90 90 120 60)
 else
     device=cuda
     trial_args=(--cases resnet20-cifar resnet56-cifar resnet110-cifar)
     compile_args=(--cases resnet20-cifar)  # the smallest net: the shortest compile
     kernel_args=(--shape-set resnet --dtypes bf16 --layouts channels_last --reps 5)
     passes_args=()
+    stack_args=(--depths 20 56 110 --seeds 1 5)
     # With CUDA graphs, as the Table 6 projection runs each trial (its fastest variant); 2 trials
     # at once were never the fastest packing (H200: 1.26x with MPS off, 1.60x on)
     packing_args=(--depth 56 --epochs 1 --trials 1 4 8 --cuda-graphs)
     loader_args=(--image-size 224 --batch-size 64 --batches 8 --workers 2 8 14 --depth 50)
     host_args=(--device cuda --layouts channels_last --iterations 50 --blocks 3)
-    # Seconds per step, in the order below the tests (an H200 took 99, 125, 69, 26, 60+ for
-    # 1, 2 and 4 trials, 31, 25 and 54 in the second lease); their sum is over the budget,
-    # which steps that end early leave to the last (compile, measured twice already).
-    limits=(110 135 75 30 75 35 30 50)
+    # Seconds per step: tests, trial, kernels, kernel_passes, packing (and packing_mps), loader,
+    # host, trial_compile, seed_stack (an H200 took 99, 125, 69, 26, 60+ for 1, 2 and 4 trials,
+    # 31, 25 and 54 in the second lease; seed_stack not yet run); their sum is over the budget,
+    # which steps that end early leave to the last.
+    limits=(110 135 75 30 75 35 30 50 45)
 fi
 # The loader benchmark's decode figures (crops/s per core), where its version measures them.
 if grep -q -- "--decode-csv" bench_loader.py; then
     loader_args+=(--decode-csv "$out/loader_decode.csv")
     [ "$rehearse" = 1 ] && loader_args+=(--decode-seconds 0.2)
 fi
+# Steps a GPU run takes only when --steps names them (the rehearsal takes every step).
+opt_in=""
+[ "$device" = cuda ] && opt_in=",trial_compile,"
 eager_variants=(plain tuned tuned+kernels project)
 [ "$device" = cuda ] && eager_variants+=(project+graphs)
 
@@ -174,6 +185,8 @@ step kernels "${limits[2]}" "$out/batch_norm_act.csv" $python bench_batch_norm_a
     "${kernel_args[@]}" --csv "$out/batch_norm_act.csv"
 step kernel_passes "${limits[3]}" "$out/kernel_passes.csv" $python bench_kernel_passes.py \
     "${passes_args[@]}" --csv "$out/kernel_passes.csv"
+step seed_stack "${limits[8]}" "$out/seed_stack.csv" $python bench_seed_stack.py \
+    --device $device "${stack_args[@]}" --csv "$out/seed_stack.csv"
 step packing "${limits[4]}" "$out/packing.csv" $python bench_packing.py --device $device \
     "${packing_args[@]}" --csv "$out/packing.csv"
 step loader "${limits[5]}" "$out/loader.csv" $python bench_loader.py --device $device \

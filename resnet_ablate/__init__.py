@@ -23,6 +23,7 @@ _EXPORTS: dict[str, str] = {
     "FuseReport": "fusion", "FuseWarning": "fusion", "fuse": "fusion",
     "from_torchvision": "convert", "unfuse": "fusion",
     "ModelProfile": "profile", "profile": "profile",
+    "seed_state_dict": "seed_stack", "stack_models": "seed_stack",
     "DownsamplingWarning": "models", "ResNet": "models", "build": "models", "cifar_resnet": "models", "imagenet_resnet": "models",
     **{f"resnet{depth}": "models" for depth in (8, 18, 20, 32, 34, 44, 50, 56, 101, 110, 152, 1202)},
 }
@@ -78,3 +79,4 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     )
     from .profile import ModelProfile, profile
     from .recipe import TrainRecipe
+    from .seed_stack import seed_state_dict, stack_models

@@ -5,6 +5,7 @@ import csv
 import importlib.util
 import math
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -444,3 +445,32 @@ def test_host_figures_pair_each_layers_fused_and_eager_rows():
     fused, fused_over_eager, jit_over_direct = summary.host_figures(rows)
     assert fused == [30.0, 100.0] and fused_over_eager == [0.5, 2.0]
     assert jit_over_direct == [2.5]  # only the layer that has both
+
+
+def test_the_summary_projects_table6_with_each_depths_seeds_stacked(tmp_path):
+    """The stacking gain measured at each depth multiplies the trial's own rate there; depths
+    measured by the trial but not stacked are left to the line through the stacked ones."""
+    summary = _load("gpu_summary")
+    (tmp_path / "machine.txt").write_text("NVIDIA H200, 143771 MiB, 580.159.03\n")
+    rates = {20: 48_000.0, 56: 18_000.0, 110: 9_000.0}
+    _write_csv(tmp_path / "trial.csv", [
+        {"case": f"resnet{d}-cifar", "variant": "project+graphs", "images_per_second": rate}
+        for d, rate in rates.items()])
+    gains = {20: 4.0, 56: 3.0, 110: 2.0}
+    _write_csv(tmp_path / "seed_stack.csv", [
+        {"depth": d, "seeds": seeds, "ratio_vs_one_seed": gains[d] if seeds == 5 else 1.0}
+        for d in (20, 56, 110) for seeds in (1, 5)])
+    figures = {r.name: r for r in summary.ratios(tmp_path)}
+    assert figures["seeds stacked: 5 as one / one seed (median over depths)"].value == 3.0
+    stacked = figures["Table 6, project, 5 seeds stacked (minutes)"].value
+    # By hand: 5 seeds x 164 epochs x 50,000 images at each depth's stacked rate; ResNet-32 and
+    # -44 on the least-squares line of seconds per image through 20, 56 and 110.
+    per_image = {d: 1 / (rates[d] * gains[d]) for d in rates}
+    xs, ys = list(per_image), list(per_image.values())
+    slope = statistics.linear_regression(xs, ys).slope
+    intercept = statistics.linear_regression(xs, ys).intercept
+    for depth in (32, 44):
+        per_image[depth] = max(intercept + slope * depth, min(ys))
+    expected = sum(per_image.values()) * 5 * 164 * 50_000 / 60
+    assert stacked == pytest.approx(expected)
+    assert figures["Table 6, project (minutes)"].value > stacked  # no packing measured: gain 1

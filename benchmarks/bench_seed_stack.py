@@ -1,0 +1,145 @@
+"""Seeds stacked into one model: images/s of K seeds trained at once against one seed alone.
+
+    python benchmarks/bench_seed_stack.py --device cuda       # ResNet-20/56/110, 1 and 5 seeds
+    python benchmarks/bench_seed_stack.py --small             # tiny: checks the script works
+
+A CIFAR trial on a large GPU is bound by launch latency (each of its hundreds of kernels does
+microseconds of work), even replayed from a CUDA graph; separate trials sharing the GPU as
+processes time-slice it, and through MPS gained 2.48x at 8 trials on an H200. `stack_models`
+(resnet_ablate/seed_stack.py) trains the K seeds of one configuration in the same launches
+instead: grouped convolutions, BatchNorm over K*C channels, one batched classifier.
+
+Each case trains with the project's training step (`resnet_ablate.train.step.Step`: fused
+kernels, the device's precision, channels_last, fused SGD, a whole step replayed from a CUDA graph
+on a GPU) on in-memory synthetic CIFAR-sized data on the device, each seed drawing its own random
+batch every step; one seed is the architecture's own model. Each first trains untimed steps (the
+graph's capture, Triton's JIT, cuDNN's first calls). The stacked model's loss is here the mean
+over its seeds, the same launches as the sum that trains each seed as it would alone.
+
+Each row (depth, seeds, images/s of all seeds together, the ratio to one seed, peak memory) is
+appended to benchmarks/results/seed_stack.csv as each case finishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from _results import (RESULTS, append_rows, device_name, peak_memory_mb, reset_peak_memory,
+                      run_context, synchronize)
+
+from resnet_ablate.execution import Execution
+from resnet_ablate.models import cifar_resnet
+from resnet_ablate.recipe import TrainRecipe
+from resnet_ablate.replicas import Replicas
+from resnet_ablate.seed_stack import stack_models
+from resnet_ablate.train.step import GRAPH_WARMUP_STEPS, Step
+
+IMAGES_ON_DEVICE = 4096  # synthetic images each step draws its batches from
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--depths", type=int, nargs="+", help="CIFAR ResNet depths (6n+2)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 5],
+                        help="seeds trained at once, one case each (1: the model alone)")
+    parser.add_argument("--batch", type=int, help="images per seed per step")
+    parser.add_argument("--steps", type=int, help="timed steps per case")
+    parser.add_argument("--small", action="store_true", help="tiny sizes: checks the script")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--csv", default=str(RESULTS / "seed_stack.csv"))
+    args = parser.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    if args.small:
+        defaults = dict(depths=[8], batch=8, steps=3, image_size=8)
+    else:
+        defaults = dict(depths=[20, 56, 110] if cuda else [20], batch=128 if cuda else 32,
+                        steps=50 if cuda else 3, image_size=32)
+    for name in ("depths", "batch", "steps"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
+    args.image_size = defaults["image_size"]
+    if any(s < 1 for s in args.seeds) or args.batch < 1 or args.steps < 1:
+        parser.error("--seeds, --batch and --steps take positive counts")
+    return args
+
+
+def execution_for(device: torch.device) -> Execution:
+    """What a study's trial resolves on this device: bf16 and CUDA graphs on a GPU."""
+    cuda = device.type == "cuda"
+    return Execution(str(device), "bf16" if cuda else "fp32", "channels_last", compile=False,
+                     cuda_graphs=cuda)
+
+
+def measure(depth: int, seeds: int, args: argparse.Namespace, device: torch.device) -> dict:
+    """Images/s of `seeds` seeds of ResNet-`depth` trained at once (all seeds' images)."""
+    models = []
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        models.append(cifar_resnet(depth, num_classes=10))
+    model = models[0] if seeds == 1 else stack_models(models)
+    execution = execution_for(device)
+    model = model.to(device, memory_format=execution.torch_memory_format)
+    step = Step(model, TrainRecipe(batch_size=args.batch), execution, Replicas())
+    generator = torch.Generator(device).manual_seed(0)
+    size = args.image_size
+    images = torch.randn(IMAGES_ON_DEVICE, 3, size, size, device=device, generator=generator)
+    labels = torch.randint(0, 10, (IMAGES_ON_DEVICE,), device=device, generator=generator)
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        """Each seed's own batch, stacked along the channels (one seed: the batch itself)."""
+        index = torch.randint(0, IMAGES_ON_DEVICE, (seeds, args.batch), device=device,
+                              generator=generator)
+        chosen = images[index].transpose(0, 1).flatten(1, 2)  # (batch, seeds * 3, H, W)
+        targets = labels[index].T  # (batch, seeds)
+        if seeds == 1:
+            targets = targets[:, 0]
+        return chosen.contiguous(memory_format=execution.torch_memory_format), targets
+
+    step.start_epoch()
+    for _ in range(GRAPH_WARMUP_STEPS + 2):  # eager warm-up, the graph's capture, one replay
+        step(*batch(), 1.0)
+    synchronize(device)
+    reset_peak_memory(device)
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        step(*batch(), 1.0)
+    step.loss_sum.item()  # waits for the device
+    seconds = time.perf_counter() - started
+    return {"depth": depth, "seeds": seeds, "image_size": size, "batch": args.batch,
+            "steps": args.steps, "cuda_graphs": execution.cuda_graphs,
+            "precision": execution.precision,
+            "images_per_second": round(seeds * args.batch * args.steps / seconds, 1),
+            "peak_memory_mb": peak_memory_mb(device)}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    print(f"device: {device_name(device)}; seeds {args.seeds} of ResNet-{args.depths}, batch "
+          f"{args.batch} per seed, {args.steps} timed steps", flush=True)
+    rows: list[dict] = []
+    for depth in args.depths:
+        measured = []
+        for seeds in args.seeds:
+            print(f"[resnet{depth}, {seeds} seed(s)]", flush=True)
+            measured.append(measure(depth, seeds, args, device))
+        one = next((m["images_per_second"] for m in measured if m["seeds"] == 1), None)
+        written = []
+        for m in measured:
+            ratio = round(m["images_per_second"] / one, 3) if one else ""
+            print(f"  resnet{depth}: {m['seeds']} seed(s) at once: {m['images_per_second']:.0f} "
+                  f"images/s together" + (f", x{ratio:.2f} vs one seed" if one else ""),
+                  flush=True)
+            written.append({**run_context(device), **m, "ratio_vs_one_seed": ratio})
+        append_rows(args.csv, written)  # as each depth ends: a run cut short keeps these
+        rows.extend(written)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -12,9 +12,10 @@ packed ReLU mask at its eighth of a byte an element). Beside them, in the same r
 activation (read once, written once) gives the bandwidth this device reaches in practice: each
 kernel's GB/s is reported as a share of it and of the vendor's peak.
 
-Variants, on a few shapes (`SWEPT`): the reductions at 1, 2 and 4 waves of programs (their
-default is one wave, `_triton_geometry.py`: more programs give more loads in flight but more
-partial sums and a second wave's tail), the statistics pass at 8 warps rather than its planned 16
+Variants, on a few shapes (`SWEPT`): the reductions at a quarter, half, 2 and 4 waves of programs
+(their default is one wave, `_triton_geometry.py`: more programs give more loads in flight but
+more partial sums for the last program to merge and a second wave's tail; fewer, a shorter merge,
+which on an H200 took most of a small layer's statistics pass), the statistics pass at 8 warps rather than its planned 16
 (fewer registers a program, so more programs and loads in flight on each SM), and the elementwise
 passes at 4, 8 and 16 warps (what RESNET_ABLATE_AUTOTUNE would choose among). On a CPU (the GPU check's rehearsal) each launch
 goes through Triton's own launch path for an H100, compiled for sm_90 by the installed Triton,
@@ -50,10 +51,11 @@ PASS_NAMES = {"_batch_stats_kernel": "statistics", "_forward_kernel": "normalize
               "_backward_reduce_kernel": "backward reduce",
               "_backward_elementwise_kernel": "backward elementwise"}
 REDUCTIONS = ("statistics", "backward reduce")
-WAVES = (1, 2, 4)
+WAVES = (0.25, 0.5, 2, 4)  # besides the planned one
 WARPS = (4, 8, 16)
 STATISTICS_WARPS = 8  # against the planned 16: half the registers a program, more programs an SM
-SWEPT = ["64x64x112x112", "64x256x56x56+res", "64x1024x14x14+res", "128x16x32x32+res"]
+SWEPT = ["64x64x112x112", "64x256x56x56+res", "64x1024x14x14+res", "64x512x7x7",
+         "128x16x32x32+res", "128x64x8x8+res"]
 
 
 def shape_name(shape: Shape) -> str:
@@ -61,7 +63,7 @@ def shape_name(shape: Shape) -> str:
     return "x".join(map(str, dims)) + ("+res" if residual else "")
 
 
-def layer_launches(shape: Shape, dtype: torch.dtype, device: torch.device, waves: int,
+def layer_launches(shape: Shape, dtype: torch.dtype, device: torch.device, waves: float,
                    statistics_warps: int | None = None):
     """A training layer's launches (kernel, pass name, launch) and its input, the statistics and
     reductions sized to `waves` waves of programs, the statistics pass at `statistics_warps`
@@ -73,7 +75,7 @@ def layer_launches(shape: Shape, dtype: torch.dtype, device: torch.device, waves
     weight, bias = torch.rand(dims[1], device=device) + 0.5, torch.randn(dims[1], device=device)
 
     def programs(*args, **kwargs) -> int:
-        return waves * programs_in_one_wave(*args, **kwargs)
+        return max(1, round(waves * programs_in_one_wave(*args, **kwargs)))
 
     planned = RowTiling.stats_warps
     if statistics_warps is not None:  # a fresh `programs` keeps these plans apart from others
@@ -127,7 +129,7 @@ def measure_shape(shape: Shape, dtype, device, sweep: bool, context: dict, peak)
     the statistics pass at fewer warps and the elementwise passes at each of WARPS."""
     rows = []
     copy_gbps = None
-    plans = [(1, None)] + ([(w, None) for w in WAVES if w > 1] + [(1, STATISTICS_WARPS)]
+    plans = [(1, None)] + ([(w, None) for w in WAVES] + [(1, STATISTICS_WARPS)]
                            if sweep else [])
     for waves, statistics_warps in plans:
         launches, x = layer_launches(shape, dtype, device, waves, statistics_warps)

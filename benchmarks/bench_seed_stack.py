@@ -13,8 +13,8 @@ Each case trains with the project's training step (`resnet_ablate.train.step.Ste
 kernels, the device's precision, channels_last, fused SGD, a whole step replayed from a CUDA graph
 on a GPU) on in-memory synthetic CIFAR-sized data on the device, each seed drawing its own random
 batch every step; one seed is the architecture's own model. Each first trains untimed steps (the
-graph's capture, Triton's JIT, cuDNN's first calls). The stacked model's loss is here the mean
-over its seeds, the same launches as the sum that trains each seed as it would alone.
+graph's capture, Triton's JIT, cuDNN's first calls). Given each seed's labels, (batch, K), the
+step trains on the sum of the seeds' losses: each seed as it would train alone.
 
 Each row (depth, seeds, images/s of all seeds together, the ratio to one seed, peak memory) is
 appended to benchmarks/results/seed_stack.csv as each case finishes.

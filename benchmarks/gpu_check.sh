@@ -178,7 +178,8 @@ eager_variants=(plain tuned tuned+kernels project)
 step tests "${limits[0]}" "$out/tests.xml" bash -c "cd /tmp && '$python' -m pytest -q \
     -p no:cacheprovider -m gpu --junitxml='$out/tests.xml' --rootdir '$repo' \
     -c '$repo/pyproject.toml' '$repo/tests/test_kernels.py' '$repo/tests/test_train.py' \
-    '$repo/tests/test_models.py' '$repo/tests/test_device_decode.py'"
+    '$repo/tests/test_models.py' '$repo/tests/test_device_decode.py' \
+    '$repo/tests/test_seed_stack.py'"
 step trial "${limits[1]}" "$out/trial.csv" $python bench_trial.py --device $device --repeats 1 \
     "${trial_args[@]}" --variants "${eager_variants[@]}" --csv "$out/trial.csv"
 step kernels "${limits[2]}" "$out/batch_norm_act.csv" $python bench_batch_norm_act.py \

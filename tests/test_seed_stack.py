@@ -3,6 +3,7 @@ run one by one: outputs, BatchNorm statistics, gradients and an SGD step, in flo
 layers' Triton kernels, under the interpreter, in float32)."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -107,3 +108,56 @@ def test_models_of_different_architectures_or_unknown_layers_are_refused():
         seed_state_dict(stacked, 2)
     with pytest.raises(ValueError, match="not a model made by stack_models"):
         seed_state_dict(resnet8(), 0)
+
+
+
+def _project_steps_agree(device: str, cuda_graphs: bool, steps: int, tolerance: dict) -> None:
+    """The project's training step (train/step.py) on the stacked model, given each seed's labels
+    (N, K), against its step on each model alone: float32, channels_last, SGD with momentum and
+    weight decay; with `cuda_graphs`, the stacked step captured and replayed."""
+    from resnet_ablate.execution import Execution
+    from resnet_ablate.recipe import TrainRecipe
+    from resnet_ablate.replicas import Replicas
+    from resnet_ablate.train.step import Step
+
+    models = [m.to(device, memory_format=torch.channels_last)
+              for m in _models(dtype=torch.float32)]
+    stacked = stack_models(models)
+    images, labels = _batches(dtype=torch.float32)
+    images = [x.to(device).contiguous(memory_format=torch.channels_last) for x in images]
+    labels = labels.to(device)
+    recipe = TrainRecipe(batch_size=6, lr=0.1, momentum=0.9, weight_decay=1e-4)
+    eager = Execution(device, "fp32", "channels_last", compile=False, cuda_graphs=False)
+    step = Step(stacked, recipe, dataclasses.replace(eager, cuda_graphs=cuda_graphs), Replicas())
+    alone = [Step(m, recipe, eager, Replicas()) for m in models]
+    stacked_input = torch.cat(images, dim=1).contiguous(memory_format=torch.channels_last)
+    for _ in range(steps):
+        step.start_epoch()
+        step(stacked_input, labels, 1.0)
+        for seed, own in enumerate(alone):
+            own.start_epoch()
+            own(images[seed], labels[:, seed], 1.0)
+    assert (step.graphed is not None) == cuda_graphs
+    for seed, model in enumerate(models):
+        own = seed_state_dict(stacked, seed)
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(own[key], value, **tolerance, msg=key)
+    # The step's running sums: every seed's loss (summed over seeds) and every wrong answer.
+    torch.testing.assert_close(step.loss_sum, sum(s.loss_sum for s in alone), **tolerance)
+    assert step.wrong.item() == sum(s.wrong.item() for s in alone)
+
+
+def test_the_project_step_trains_stacked_seeds_as_each_alone():
+    _project_steps_agree("cpu", cuda_graphs=False, steps=3, tolerance=dict(rtol=1e-4, atol=1e-5))
+
+
+@pytest.mark.gpu
+def test_stacked_seeds_train_as_each_seed_alone_on_cuda_from_a_cuda_graph():
+    """On a GPU, as a trial runs them: fused kernels, grouped convolutions by cuDNN, and the
+    step captured in a CUDA graph and replayed (GRAPH_WARMUP_STEPS eager steps, the capture,
+    replays), against each seed's own eager steps; cuDNN's algorithms and the kernels' splits
+    differ with the width, hence float32's tolerance compounded over the steps."""
+    from resnet_ablate.train.step import GRAPH_WARMUP_STEPS
+
+    _project_steps_agree("cuda", cuda_graphs=True, steps=GRAPH_WARMUP_STEPS + 3,
+                         tolerance=dict(rtol=2e-3, atol=2e-4))

@@ -106,6 +106,8 @@ class Step:
         with self.execution.autocast():
             logits = self.step_model(images)
             loss = F.cross_entropy(logits, labels)
+        if labels.dim() == 2:  # K seeds stacked into one model (seed_stack.py): their losses'
+            loss = loss * labels.shape[1]  # sum, which trains each seed as it trains alone
         weighted = loss if loss_scale == 1.0 else loss * loss_scale
         self.scaler.scale(weighted).backward()
         self.scaler.step(self.optimizer)

@@ -16,8 +16,15 @@ batch every step; one seed is the architecture's own model. Each first trains un
 graph's capture, Triton's JIT, cuDNN's first calls). Given each seed's labels, (batch, K), the
 step trains on the sum of the seeds' losses: each seed as it would train alone.
 
-Each row (depth, seeds, images/s of all seeds together, the ratio to one seed, peak memory) is
-appended to benchmarks/results/seed_stack.csv as each case finishes.
+With `--convolutions grouped dense`, each stacked case runs twice: with grouped convolutions
+(`stack_models`' own) and with each turned into a dense one whose weight is block-diagonal (the
+seeds' blocks on the diagonal, zeros elsewhere, their gradients masked to zero so that they stay
+zero under SGD): K times the FLOPs of the grouped one, in the dense kernels cuDNN tunes best. A
+measurement, not a mode of the toolkit: a dense convolution would carry a diverged seed's NaN
+into the others (NaN times 0).
+
+Each row (depth, seeds, convolutions, images/s of all seeds together, the ratio to one seed, peak
+memory) is appended to benchmarks/results/seed_stack.csv as each case finishes.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import argparse
 import time
 
 import torch
+from torch import nn
 
 from _results import (RESULTS, append_rows, device_name, peak_memory_mb, reset_peak_memory,
                       run_context, synchronize)
@@ -46,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--depths", type=int, nargs="+", help="CIFAR ResNet depths (6n+2)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 5],
                         help="seeds trained at once, one case each (1: the model alone)")
+    parser.add_argument("--convolutions", nargs="+", default=["grouped"],
+                        choices=["grouped", "dense"],
+                        help="how stacked seeds convolve (see above); one case each")
     parser.add_argument("--batch", type=int, help="images per seed per step")
     parser.add_argument("--steps", type=int, help="timed steps per case")
     parser.add_argument("--small", action="store_true", help="tiny sizes: checks the script")
@@ -74,13 +85,43 @@ def execution_for(device: torch.device) -> Execution:
                      cuda_graphs=cuda)
 
 
-def measure(depth: int, seeds: int, args: argparse.Namespace, device: torch.device) -> dict:
+def block_diagonal_(model: nn.Module) -> nn.Module:
+    """Each grouped convolution of a stacked model made dense, its weight block-diagonal: the
+    groups' blocks on the diagonal, zeros elsewhere, whose gradients a hook masks to zero."""
+    for name, conv in list(model.named_modules()):
+        if not isinstance(conv, nn.Conv2d) or conv.groups == 1:
+            continue
+        groups, out_per, in_per = conv.groups, conv.out_channels // conv.groups, \
+            conv.in_channels // conv.groups
+        dense = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                          conv.padding, conv.dilation, 1, conv.bias is not None,
+                          conv.padding_mode).to(conv.weight.device, conv.weight.dtype)
+        mask = torch.zeros_like(dense.weight)
+        for g in range(groups):
+            mask[g * out_per:(g + 1) * out_per, g * in_per:(g + 1) * in_per] = 1
+        with torch.no_grad():
+            dense.weight.zero_()
+            for g in range(groups):
+                rows = slice(g * out_per, (g + 1) * out_per)
+                dense.weight[rows, g * in_per:(g + 1) * in_per] = conv.weight[rows]
+            if conv.bias is not None:
+                dense.bias.copy_(conv.bias)
+        dense.weight.register_hook(lambda grad, mask=mask: grad * mask)
+        parent, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent), attribute, dense)
+    return model
+
+
+def measure(depth: int, seeds: int, convolutions: str, args: argparse.Namespace,
+            device: torch.device) -> dict:
     """Images/s of `seeds` seeds of ResNet-`depth` trained at once (all seeds' images)."""
     models = []
     for seed in range(seeds):
         torch.manual_seed(seed)
         models.append(cifar_resnet(depth, num_classes=10))
     model = models[0] if seeds == 1 else stack_models(models)
+    if seeds > 1 and convolutions == "dense":
+        block_diagonal_(model)
     execution = execution_for(device)
     model = model.to(device, memory_format=execution.torch_memory_format)
     step = Step(model, TrainRecipe(batch_size=args.batch), execution, Replicas())
@@ -109,7 +150,8 @@ def measure(depth: int, seeds: int, args: argparse.Namespace, device: torch.devi
         step(*batch(), 1.0)
     step.loss_sum.item()  # waits for the device
     seconds = time.perf_counter() - started
-    return {"depth": depth, "seeds": seeds, "image_size": size, "batch": args.batch,
+    return {"depth": depth, "seeds": seeds, "convolutions": convolutions if seeds > 1 else "",
+            "image_size": size, "batch": args.batch,
             "steps": args.steps, "cuda_graphs": execution.cuda_graphs,
             "precision": execution.precision,
             "images_per_second": round(seeds * args.batch * args.steps / seconds, 1),
@@ -120,20 +162,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as a trial sets it
     print(f"device: {device_name(device)}; seeds {args.seeds} of ResNet-{args.depths}, batch "
           f"{args.batch} per seed, {args.steps} timed steps", flush=True)
     rows: list[dict] = []
     for depth in args.depths:
         measured = []
         for seeds in args.seeds:
-            print(f"[resnet{depth}, {seeds} seed(s)]", flush=True)
-            measured.append(measure(depth, seeds, args, device))
+            for convolutions in args.convolutions if seeds > 1 else ["grouped"]:
+                print(f"[resnet{depth}, {seeds} seed(s), {convolutions}]", flush=True)
+                measured.append(measure(depth, seeds, convolutions, args, device))
         one = next((m["images_per_second"] for m in measured if m["seeds"] == 1), None)
         written = []
         for m in measured:
             ratio = round(m["images_per_second"] / one, 3) if one else ""
-            print(f"  resnet{depth}: {m['seeds']} seed(s) at once: {m['images_per_second']:.0f} "
-                  f"images/s together" + (f", x{ratio:.2f} vs one seed" if one else ""),
+            how = f" ({m['convolutions']} convolutions)" if m["convolutions"] else ""
+            print(f"  resnet{depth}: {m['seeds']} seed(s) at once{how}: "
+                  f"{m['images_per_second']:.0f} images/s together"
+                  + (f", x{ratio:.2f} vs one seed" if one else ""),
                   flush=True)
             written.append({**run_context(device), **m, "ratio_vs_one_seed": ratio})
         append_rows(args.csv, written)  # as each depth ends: a run cut short keeps these

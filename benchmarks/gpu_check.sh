@@ -14,7 +14,8 @@
 # loop, with the kernels, CUDA graphs and torch.compile (bench_trial.py); the fused kernels alone
 # on every ResNet-50 and ResNet-56 shape in bf16 channels_last (bench_batch_norm_act.py), and each
 # of their kernels alone against a copy, with the split and warps varied (bench_kernel_passes.py);
-# 5 seeds of ResNet-20/56/110 trained as one stacked model against one (bench_seed_stack.py);
+# 5 seeds of ResNet-20/56/110 trained as one stacked model (grouped convolutions, and dense
+# block-diagonal ones) against one (bench_seed_stack.py);
 # 1, 2, 4 and 8 trials packed on the device (and through MPS, where the driver has it) (bench_packing.py); the loader against the step
 # (bench_loader.py); the host cost per layer (bench_host.py, optional: run when present); and in
 # the rehearsal only, the kernels compiled for sm_90 by the machine's Triton, with no GPU. Every
@@ -138,7 +139,7 @@ if [ "$rehearse" = 1 ]; then
     compile_args=(--small --cases resnet20-8px --compile-backend aot_eager)
     kernel_args=(--small --layouts channels_last --compile-backend aot_eager --reps 2)
     passes_args=(--small)
-    stack_args=(--small)
+    stack_args=(--small --convolutions grouped dense)
     packing_args=(--small --depth 20 --trials 1 2)
     loader_args=(--image-size 32 --batch-size 8 --batches 2 --workers 0 1 --depth 18)
     host_args=(--models resnet56 --layouts channels_last --launches stand-in --iterations 20
@@ -150,7 +151,7 @@ else
     compile_args=(--cases resnet20-cifar)  # the smallest net: the shortest compile
     kernel_args=(--shape-set resnet --dtypes bf16 --layouts channels_last --reps 5)
     passes_args=()
-    stack_args=(--depths 20 56 110 --seeds 1 5)
+    stack_args=(--depths 20 56 110 --seeds 1 5 --convolutions grouped dense)
     # With CUDA graphs, as the Table 6 projection runs each trial (its fastest variant); 2 trials
     # at once were never the fastest packing (H200: 1.26x with MPS off, 1.60x on)
     packing_args=(--depth 56 --epochs 1 --trials 1 4 8 --cuda-graphs)
@@ -160,7 +161,7 @@ else
     # host, trial_compile, seed_stack (an H200 took 99, 125, 69, 26, 60+ for 1, 2 and 4 trials,
     # 31, 25 and 54 in the second lease; seed_stack not yet run); their sum is over the budget,
     # which steps that end early leave to the last.
-    limits=(110 135 75 40 75 35 30 50 45)
+    limits=(110 135 75 40 75 35 30 50 60)
 fi
 # The loader benchmark's decode figures (crops/s per core), where its version measures them.
 if grep -q -- "--decode-csv" bench_loader.py; then

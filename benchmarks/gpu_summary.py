@@ -134,9 +134,13 @@ def table6_minutes(rates: Mapping[int, float], packing_gain: float = 1.0) -> flo
 def stacking_gains(rows: Sequence[Mapping[str, str]], seeds: int = TABLE6_SEEDS
                    ) -> dict[int, float]:
     """Per CIFAR depth, `seeds` seeds trained as one stacked model against one seed alone
-    (bench_seed_stack.py's ratio, both measured in one run)."""
-    return {int(r["depth"]): float(r["ratio_vs_one_seed"]) for r in rows
-            if int(r["seeds"]) == seeds and r.get("ratio_vs_one_seed")}
+    (bench_seed_stack.py's ratio, both measured in one run), with the faster convolutions."""
+    gains: dict[int, float] = {}
+    for r in rows:  # the faster convolutions where both were measured
+        if int(r["seeds"]) == seeds and r.get("ratio_vs_one_seed"):
+            depth = int(r["depth"])
+            gains[depth] = max(gains.get(depth, 0.0), float(r["ratio_vs_one_seed"]))
+    return gains
 
 
 # The project's loop as a study runs it: `cuda_graphs: auto` replays CUDA graphs on a GPU where a
@@ -287,7 +291,8 @@ def ratios(out: Path) -> list[Ratio]:
               + (" (through MPS)" if best_packed and best_packed is through_mps else "")),
         Ratio(f"seeds stacked: {TABLE6_SEEDS} as one / one seed (median over depths)",
               statistics.median(stacking.values()) if stacking else None, ">= 1.5",
-              "one configuration's seeds in the same launches (bench_seed_stack.py)"),
+              "one configuration's seeds in the same launches (bench_seed_stack.py; the faster "
+              "of grouped and dense block-diagonal convolutions at each depth)"),
         Ratio(f"Table 6, project, {TABLE6_SEEDS} seeds stacked (minutes)",
               table6_minutes(stacked) if stacked else None, f"<= {TABLE6_GOAL_MINUTES}",
               "projected: each depth's seeds as one model, one depth at a time (the trial's "

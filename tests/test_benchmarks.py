@@ -474,3 +474,33 @@ def test_the_summary_projects_table6_with_each_depths_seeds_stacked(tmp_path):
     expected = sum(per_image.values()) * 5 * 164 * 50_000 / 60
     assert stacked == pytest.approx(expected)
     assert figures["Table 6, project (minutes)"].value > stacked  # no packing measured: gain 1
+
+
+def test_the_dense_block_diagonal_variant_computes_the_stacked_model_and_keeps_its_zeros():
+    """bench_seed_stack.py --convolutions dense: the same outputs as the grouped stacked model,
+    and after SGD steps with momentum and weight decay its off-diagonal blocks are still zero."""
+    bench = _load("bench_seed_stack")
+    from resnet_ablate.models import cifar_resnet
+    from resnet_ablate.seed_stack import stack_models
+
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(cifar_resnet(8, num_classes=4).double())
+    grouped = stack_models(models)
+    dense = bench.block_diagonal_(stack_models(models))
+    x = torch.randn(5, 9, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 4, (5, 3))
+    for model in (grouped, dense):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        for _ in range(2):
+            optimizer.zero_grad()
+            (3 * nn.functional.cross_entropy(model(x), y)).backward()
+            optimizer.step()
+    torch.testing.assert_close(dense(x), grouped(x), rtol=1e-9, atol=1e-12)
+    weight = dense.layer2[0].conv1.weight  # 3 seeds x (32 out, 16 in)
+    assert weight.shape[:2] == (96, 48)
+    off_diagonal = torch.ones_like(weight, dtype=torch.bool)
+    for seed in range(3):
+        off_diagonal[seed * 32:(seed + 1) * 32, seed * 16:(seed + 1) * 16] = False
+    assert weight[off_diagonal].abs().max() == 0 and weight[~off_diagonal].abs().max() > 0

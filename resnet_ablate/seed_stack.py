@@ -16,24 +16,39 @@ batch per seed (each seed keeps its own data order and augmentation), and return
 (N, classes, K): `F.cross_entropy(logits, labels)` with labels (N, K) is then the mean over the
 seeds of each seed's mean loss, so the sum that trains each seed as alone is K times it.
 
-Stacked: nn.Conv2d, nn.BatchNorm2d (FusedBatchNorm2d included: its residual and ReLU are per
-channel), nn.Linear and the option-A shortcut (`ZeroPadShortcut`, whose zero channels go after
-each seed's own). Modules without parameters or buffers (ReLU, pooling, containers, blocks'
-forward code) are kept as they are and must treat channels alike, as all of the toolkit's do;
-anything else with parameters is refused by name. `seed_state_dict` gives seed k's own
-state_dict back, loadable into the architecture it came from.
+Stacked: nn.Conv2d, nn.BatchNorm2d (FusedBatchNorm2d and SyncBatchNorm included: their
+residual and ReLU are per channel), nn.Linear and the option-A shortcut (`ZeroPadShortcut`, whose
+zero channels go after each seed's own). Kept as they are: the element-wise and pooling layers of
+CHANNELWISE, and containers (modules with children: blocks, stages, the network), whose forward
+code must treat channels alike, as all of the toolkit's does (a torch.cat along the channels
+would mix the seeds). Anything else is refused by name: a subclass with a forward of its own, or
+a layer that mixes channels (GroupNorm, LocalResponseNorm, softmax over channels). So are seeds
+that differ in any setting or state the stacked model could hold only once (strides, eps,
+frozen parameters, dtype, device, BatchNorm's step count) and tied parameters or shared modules.
+What stays shared: randomness drawn per sample (stochastic depth's masks) and fp16's gradient
+scaler (one seed's overflow skips every seed's step: stack in bf16 or fp32). `seed_state_dict`
+gives seed k's own state_dict back, loadable into the architecture it came from.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .blocks import ZeroPadShortcut
+from .kernels import FusedBatchNorm2d
+
+# Layers without parameters that act on each channel alone, kept as they are when stacked.
+CHANNELWISE: tuple[type[nn.Module], ...] = (
+    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
+    nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d, nn.Dropout, nn.Dropout2d, nn.Flatten,
+)
+BATCH_NORMS = (nn.BatchNorm2d, FusedBatchNorm2d, nn.SyncBatchNorm)
 
 
 class SeedLinear(nn.Module):
@@ -43,14 +58,15 @@ class SeedLinear(nn.Module):
         super().__init__()
         self.seeds = len(linears)
         self.in_features, self.out_features = linears[0].in_features, linears[0].out_features
-        self.weight = nn.Parameter(torch.stack([l.weight.detach() for l in linears]))
-        has_bias = linears[0].bias is not None
-        self.bias = (nn.Parameter(torch.stack([l.bias.detach() for l in linears]))
-                     if has_bias else None)
+        self.weight = _joined(linears, "weight", torch.stack)
+        self.bias = _joined(linears, "bias", torch.stack)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (K, N, in) @ (K, in, out): one batched product for all seeds.
-        per_seed = x.unflatten(1, (self.seeds, self.in_features)).transpose(0, 1)
+        """(N, K*in) features, or (N, in, K) from a SeedLinear before it: (N, out, K)."""
+        if x.dim() == 3:
+            per_seed = x.permute(2, 0, 1)
+        else:  # (K, N, in) @ (K, in, out): one batched product for all seeds
+            per_seed = x.unflatten(1, (self.seeds, self.in_features)).transpose(0, 1)
         out = torch.bmm(per_seed, self.weight.transpose(1, 2))
         if self.bias is not None:
             out = out + self.bias[:, None, :]
@@ -77,20 +93,29 @@ class SeedZeroPadShortcut(nn.Module):
         return F.pad(per_seed, (0, 0, 0, 0, 0, extra)).flatten(1, 2)
 
 
-def stack_models(models: Sequence[nn.Module]) -> nn.Module:
+def stack_models(models: Iterable[nn.Module]) -> nn.Module:
     """One module computing all of `models` (one architecture, K seeds) in each of its launches;
-    see the module's docstring for its inputs, outputs and what it stacks. The models are left
-    as they are: the stacked one holds copies of their weights and buffers."""
-    if len(models) < 1:
+    see the module's docstring for its inputs, outputs, what it stacks and what it refuses. The
+    models are left as they are: the stacked one holds copies of their weights and buffers."""
+    if isinstance(models, nn.Module):
+        raise TypeError("stack_models takes a list of models, one per seed, not one module")
+    models = list(models)
+    if not models:
         raise ValueError("stack_models needs at least one model")
-    structures = [_structure(m) for m in models]
-    for index, structure in enumerate(structures[1:], start=1):
-        if structure != structures[0]:
-            raise ValueError(f"stack_models stacks seeds of one architecture; model {index} "
-                             "differs from model 0 in its modules or their shapes")
+    _check_unshared(models[0])
+    reference = _structure(models[0])
+    for index, model in enumerate(models[1:], start=1):
+        structure = _structure(model)
+        differs = next((_difference(mine, first) for mine, first in zip(structure, reference)
+                        if mine != first), None)
+        if differs is None and len(structure) != len(reference):
+            differs = f"its number of modules ({len(structure)} against {len(reference)})"
+        if differs:
+            raise ValueError(f"stack_models stacks seeds of one architecture with one setting; "
+                             f"model {index} differs from model 0 in {differs}")
     stacked = copy.deepcopy(models[0])  # its own attributes and forward code; leaves replaced
     for name, module in list(stacked.named_modules()):
-        replacement = _stacked_leaf([m.get_submodule(name) for m in models])
+        replacement = _stacked_leaf(name, [m.get_submodule(name) for m in models])
         if replacement is None:
             continue
         if not name:
@@ -102,10 +127,42 @@ def stack_models(models: Sequence[nn.Module]) -> nn.Module:
     return stacked
 
 
-def _structure(model: nn.Module) -> list[tuple[str, str, tuple]]:
-    return [(name, type(module).__name__, tuple(
-        (n, tuple(t.shape)) for n, t in _own_tensors(module)))
+def _check_unshared(model: nn.Module) -> None:
+    """Refuse tied parameters and modules used under two names: stacking copies each place."""
+    for kind, named in (("module", model.named_modules(remove_duplicate=False)),
+                        ("parameter", model.named_parameters(remove_duplicate=False))):
+        seen: dict[int, str] = {}
+        for name, item in named:
+            if id(item) in seen:
+                raise ValueError(f"stack_models cannot stack a shared {kind}: {seen[id(item)]} "
+                                 f"is also {name}")
+            seen[id(item)] = name
+
+
+def _structure(model: nn.Module) -> list[tuple]:
+    """Per module: its name, type, settings (extra_repr: strides, eps, momentum, ...), and for
+    each of its own tensors the shape, dtype, device and whether it trains; plus the values of
+    its scalar buffers (BatchNorm's step count)."""
+    return [(name, type(module).__name__, module.extra_repr(), tuple(
+        (n, tuple(t.shape), t.dtype, t.device, t.requires_grad,
+         t.item() if t.dim() == 0 else None) for n, t in _own_tensors(module)))
         for name, module in model.named_modules()]
+
+
+def _difference(mine: tuple, first: tuple) -> str:
+    """What differs between two modules' `_structure` entries, in words."""
+    name = mine[0] or "the model"
+    if mine[:2] != first[:2]:
+        return f"{name} (a {mine[1]} where model 0 has {first[0] or 'the model'}, a {first[1]})"
+    if mine[2] != first[2]:
+        return f"{name}'s settings ({mine[2]} against {first[2]})"
+    for tensor, other in zip(mine[3], first[3]):
+        if tensor != other:
+            fields = ("shape", "dtype", "device", "requires_grad", "value")
+            changed = ", ".join(f"{field} {a} against {b}" for field, a, b
+                                in zip(fields, tensor[1:], other[1:]) if a != b)
+            return f"{name}.{tensor[0]} ({changed})"
+    return f"{name}'s tensors ({[t[0] for t in mine[3]]} against {[t[0] for t in first[3]]})"
 
 
 def _own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -113,24 +170,37 @@ def _own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
                                 *module.named_buffers(recurse=False)] if t is not None]
 
 
-def _stacked_leaf(modules: Sequence[nn.Module]) -> nn.Module | None:
-    """The stacked module standing for `modules` (one per seed), or None where the first is kept
-    as it is (no parameters or buffers of its own: its children are stacked in turn)."""
-    first = modules[0]
-    if isinstance(first, nn.Conv2d):
+def _stacked_leaf(name: str, modules: Sequence[nn.Module]) -> nn.Module | None:
+    """The stacked module standing for `modules` (one per seed, at `name`), or None where the
+    first is kept as it is (a channel-wise layer, or a container whose children are stacked)."""
+    first, kind = modules[0], type(modules[0])
+    if kind is nn.Conv2d:
         return _stacked_conv(modules)  # type: ignore[arg-type]
-    if isinstance(first, nn.modules.batchnorm._BatchNorm):
+    if kind in BATCH_NORMS:
         return _stacked_batch_norm(modules)  # type: ignore[arg-type]
-    if isinstance(first, nn.Linear):
+    if kind is nn.Linear:
         return SeedLinear(modules)  # type: ignore[arg-type]
-    if isinstance(first, ZeroPadShortcut):
+    if kind is ZeroPadShortcut:
         return SeedZeroPadShortcut(copy.deepcopy(first), len(modules))
-    own = [n for n, _ in _own_tensors(first)]
-    if own:
-        raise ValueError(f"stack_models cannot stack a {type(first).__name__} (it holds "
-                         f"{', '.join(own)}): it stacks Conv2d, BatchNorm2d (fused too), Linear "
-                         "and ZeroPadShortcut, and keeps modules without parameters or buffers")
-    return None
+    if kind in CHANNELWISE or (next(first.children(), None) is not None
+                               and not _own_tensors(first)):
+        return None
+    raise ValueError(
+        f"stack_models cannot stack {name or 'the model'}, a {kind.__name__}: it stacks "
+        "Conv2d, BatchNorm2d (fused and sync too), Linear and ZeroPadShortcut (not subclasses "
+        "with a forward of their own), keeps the channel-wise layers of seed_stack.CHANNELWISE "
+        "and containers without tensors of their own, and refuses layers that could mix the "
+        "seeds' channels")
+
+
+def _joined(modules: Sequence[nn.Module], name: str, join=torch.cat) -> nn.Parameter | None:
+    """The seeds' parameter `name` joined (concatenated, or stacked with torch.stack), trainable
+    as theirs are; None where they have none."""
+    first = getattr(modules[0], name)
+    if first is None:
+        return None
+    joined = join([getattr(m, name).detach() for m in modules])
+    return nn.Parameter(joined, requires_grad=first.requires_grad)
 
 
 def _stacked_conv(convs: Sequence[nn.Conv2d]) -> nn.Conv2d:
@@ -139,44 +209,46 @@ def _stacked_conv(convs: Sequence[nn.Conv2d]) -> nn.Conv2d:
                         first.stride, first.padding, first.dilation, first.groups * seeds,
                         first.bias is not None, first.padding_mode,
                         device=first.weight.device, dtype=first.weight.dtype)
-    with torch.no_grad():
-        stacked.weight.copy_(torch.cat([c.weight for c in convs]))
-        if stacked.bias is not None:
-            stacked.bias.copy_(torch.cat([c.bias for c in convs]))
+    stacked.weight = _joined(convs, "weight")
+    stacked.bias = _joined(convs, "bias")
     return stacked
 
 
 def _stacked_batch_norm(norms: Sequence[nn.modules.batchnorm._BatchNorm]) -> nn.Module:
     stacked = copy.deepcopy(norms[0])
     stacked.num_features = norms[0].num_features * len(norms)
-    for name, tensor in [*norms[0].named_parameters(recurse=False),
-                         *norms[0].named_buffers(recurse=False)]:
-        if tensor is None or tensor.dim() == 0:  # num_batches_tracked: every seed's is the same
+    for name, tensor in _own_tensors(norms[0]):
+        if tensor.dim() == 0:  # num_batches_tracked: every seed's is the same (checked)
             continue
-        joined = torch.cat([getattr(n, name).detach() for n in norms])
         if isinstance(tensor, nn.Parameter):
-            setattr(stacked, name, nn.Parameter(joined, requires_grad=tensor.requires_grad))
+            setattr(stacked, name, _joined(norms, name))
         else:
-            setattr(stacked, name, joined.clone())
+            setattr(stacked, name, torch.cat([getattr(n, name) for n in norms]).clone())
     return stacked
 
 
 def seed_state_dict(stacked: nn.Module, seed: int) -> dict[str, torch.Tensor]:
     """Seed `seed`'s own state_dict, out of a model made by `stack_models`: its keys and shapes
-    are those of the models that were stacked."""
+    are those of the models that were stacked, its tensors copies of the seed's own (saved
+    alone, and writing to them leaves the stacked model as it is)."""
     seeds = getattr(stacked, "stacked_seeds", None)
     if seeds is None:
         raise ValueError("not a model made by stack_models (it has no stacked_seeds)")
-    if not 0 <= seed < seeds:
-        raise ValueError(f"seed must be in 0..{seeds - 1} for {seeds} stacked seeds, got {seed}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < seeds:
+        raise ValueError(f"seed must be an int in 0..{seeds - 1} for {seeds} stacked seeds, "
+                         f"got {seed!r}")
+    classifier = {f"{prefix}.{name}" if prefix else name
+                  for prefix, module in stacked.named_modules() if isinstance(module, SeedLinear)
+                  for name, _ in _own_tensors(module)}
+    tensors = {f"{prefix}.{name}" if prefix else name
+               for prefix, module in stacked.named_modules()
+               for name, _ in _own_tensors(module)}
     state: dict[str, torch.Tensor] = {}
-    for prefix, module in stacked.named_modules():
-        for name, tensor in _own_tensors(module):
-            key = f"{prefix}.{name}" if prefix else name
-            if isinstance(module, SeedLinear):
-                state[key] = tensor[seed]
-            elif tensor.dim() == 0:  # num_batches_tracked: every seed's is the same
-                state[key] = tensor
-            else:
-                state[key] = tensor.chunk(seeds)[seed]
+    for key, tensor in stacked.state_dict().items():
+        if key in classifier:
+            state[key] = tensor[seed].clone()
+        elif key in tensors and tensor.dim() > 0:
+            state[key] = tensor.chunk(seeds)[seed].clone()
+        else:  # a scalar buffer every seed shares, or a key the model adds (ResNet's V1_KEY)
+            state[key] = tensor.clone()
     return state

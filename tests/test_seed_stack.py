@@ -4,13 +4,14 @@ layers' Triton kernels, under the interpreter, in float32)."""
 
 import copy
 import dataclasses
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resnet_ablate import resnet8
+from resnet_ablate import resnet8, resnet50
 from resnet_ablate.kernels import use_backend
 from resnet_ablate.models import cifar_resnet
 from resnet_ablate.seed_stack import seed_state_dict, stack_models
@@ -97,18 +98,76 @@ def test_a_bottleneck_net_with_grouped_convolutions_stacks_too():
         torch.testing.assert_close(logits[..., seed], model(images[seed]))
 
 
-def test_models_of_different_architectures_or_unknown_layers_are_refused():
-    with pytest.raises(ValueError, match="model 1 differs from model 0"):
+def test_what_stacking_would_get_wrong_is_refused_by_name():
+    with pytest.raises(ValueError, match="model 1 differs from model 0 in fc"):
         stack_models([resnet8(), resnet8(num_classes=3)])
-    odd = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LayerNorm([4, 6, 6]))
-    with pytest.raises(ValueError, match="cannot stack a LayerNorm"):
+    strided = _models(seeds=2)
+    strided[1].conv1.stride = (2, 2)  # a setting the stacked model could hold only once
+    with pytest.raises(ValueError, match="model 1 differs from model 0 in conv1"):
+        stack_models(strided)
+    frozen = _models(seeds=2)
+    frozen[1].conv1.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="differs from model 0 in conv1"):
+        stack_models(frozen)
+    odd = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4, affine=False))  # mixes channels
+    with pytest.raises(ValueError, match="cannot stack 1, a GroupNorm"):
         stack_models([odd, copy.deepcopy(odd)])
+
+    class Standardised(nn.Conv2d):  # a forward of its own, which a plain Conv2d would drop
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    own_forward = nn.Sequential(Standardised(3, 4, 3))
+    with pytest.raises(ValueError, match="cannot stack 0, a Standardised"):
+        stack_models([own_forward, copy.deepcopy(own_forward)])
+    tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    tied[1].weight = tied[0].weight
+    with pytest.raises(ValueError, match="shared parameter: 0.weight is also 1.weight"):
+        stack_models([tied, copy.deepcopy(tied)])
+    with pytest.raises(TypeError, match="a list of models"):
+        stack_models(nn.Sequential(resnet8(), resnet8()))
+    with pytest.raises(ValueError, match="at least one model"):
+        stack_models([])
     stacked = stack_models(_models(seeds=2))
-    with pytest.raises(ValueError, match=r"seed must be in 0..1"):
-        seed_state_dict(stacked, 2)
+    for bad in (2, -1, True):
+        with pytest.raises(ValueError, match=r"seed must be an int in 0..1"):
+            seed_state_dict(stacked, bad)
     with pytest.raises(ValueError, match="not a model made by stack_models"):
         seed_state_dict(resnet8(), 0)
 
+
+def test_a_seeds_state_is_its_own_copy_with_every_key_the_model_saves():
+    """seed_state_dict copies (saved alone; writing to it leaves the stacked model as it is),
+    with the keys a model adds besides its tensors: a v1 ResNet-50's downsampling marker, which
+    a state without it would load with a warning to rebuild as v1.5."""
+    models = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        models.append(resnet50(widths=(8, 8, 8, 8), num_classes=3).double())
+    stacked = stack_models(models)
+    own = seed_state_dict(stacked, 1)
+    assert own.keys() == models[1].state_dict().keys()
+    fresh = resnet50(widths=(8, 8, 8, 8), num_classes=3).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DownsamplingWarning
+        fresh.load_state_dict(own, strict=True)
+    x = torch.randn(2, 6, 32, 32, dtype=torch.float64)
+    stacked.eval(), fresh.eval()
+    torch.testing.assert_close(stacked(x)[..., 1], fresh(x[:, 3:]))
+    before = stacked.conv1.weight.detach().clone()
+    own["conv1.weight"].zero_()
+    assert torch.equal(stacked.conv1.weight, before) and not own["conv1.weight"].requires_grad
+    assert own["conv1.weight"].untyped_storage().nbytes() == own["conv1.weight"].nbytes
+
+
+def test_a_head_of_two_linear_layers_stacks():
+    heads = [nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+             for _ in range(3)]
+    stacked = stack_models(heads)
+    x = [torch.randn(4, 3, 2, 2, dtype=torch.float64) for _ in range(3)]
+    out = stacked(torch.cat(x, dim=1))
+    for seed, head in enumerate(heads):
+        torch.testing.assert_close(out[..., seed], head(x[seed]))
 
 
 def _project_steps_agree(device: str, cuda_graphs: bool, steps: int, tolerance: dict) -> None:

@@ -106,8 +106,10 @@ class Step:
         with self.execution.autocast():
             logits = self.step_model(images)
             loss = F.cross_entropy(logits, labels)
-        if labels.dim() == 2:  # K seeds stacked into one model (seed_stack.py): their losses'
-            loss = loss * labels.shape[1]  # sum, which trains each seed as it trains alone
+        if labels.dim() == 2 and not labels.is_floating_point():
+            # Class indices (N, K): K seeds stacked into one model (seed_stack.py), trained on
+            # the sum of their losses, as each would train alone.
+            loss = loss * labels.shape[1]
         weighted = loss if loss_scale == 1.0 else loss * loss_scale
         self.scaler.scale(weighted).backward()
         self.scaler.step(self.optimizer)

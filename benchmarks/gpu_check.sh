@@ -8,18 +8,19 @@
 #   bash benchmarks/gpu_check.sh --steps tests,kernels   # some steps only (a rerun of broken ones)
 #
 # On a GPU, the compile step (torch.compile's trial, measured twice on an H200: 0.63x and 0.70x)
-# runs only when --steps names it: the check's 9 minutes go to what is still open.
+# runs only when --steps names it: the check's minutes go to what is still open.
 #
 # Steps, each under a time limit, each appending its rows to a CSV in $OUT as it goes (a step cut
 # short keeps what it measured): the GPU tests; the trial loop against a plain and a hand-tuned
-# loop, with the kernels, CUDA graphs and torch.compile (bench_trial.py); the fused kernels alone
-# on every ResNet-50 and ResNet-56 shape in bf16 channels_last (bench_batch_norm_act.py), and each
-# of their kernels alone against a copy, with the split and warps varied (bench_kernel_passes.py);
-# 5 seeds of ResNet-20/56/110 trained as one stacked model (grouped convolutions, and dense
-# block-diagonal ones) against one (bench_seed_stack.py);
-# 1, 2, 4 and 8 trials packed on the device (and through MPS, where the driver has it) (bench_packing.py); the loader against the step
-# (bench_loader.py); the host cost per layer (bench_host.py, optional: run when present); and in
-# the rehearsal only, the kernels compiled for sm_90 by the machine's Triton, with no GPU. Every
+# loop, with the kernels and CUDA graphs (bench_trial.py; torch.compile in the compile step); the
+# fused kernels alone on every ResNet-50 and ResNet-56 shape in bf16 channels_last
+# (bench_batch_norm_act.py), and each of their kernels alone against a copy, with the split and
+# warps varied (bench_kernel_passes.py); 5 seeds of ResNet-20/56/110 trained as one stacked model
+# (grouped convolutions, and dense block-diagonal ones) against one (bench_seed_stack.py); 1, 4
+# and 8 trials packed on the device, and through MPS where the driver has it (bench_packing.py);
+# the loader against the step (bench_loader.py); the host cost per layer (bench_host.py,
+# optional: run when present); and in the rehearsal only, the kernels compiled for sm_90 by the
+# machine's Triton, with no GPU. Every
 # benchmark warms up (Triton's JIT, torch.compile, cuDNN) outside its timed region. Then
 # benchmarks/gpu_summary.py writes $OUT/summary.md: every ratio against its goal and Table 6
 # projected. Exits 1 when a step failed or wrote no rows. $OUT defaults to a new temporary folder.

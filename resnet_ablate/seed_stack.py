@@ -42,7 +42,7 @@ from torch import nn
 from .blocks import ZeroPadShortcut
 from .kernels import FusedBatchNorm2d
 
-# Layers without parameters that act on each channel alone, kept as they are when stacked.
+# Layers without parameters that keep each seed's channels apart, kept as they are when stacked.
 CHANNELWISE: tuple[type[nn.Module], ...] = (
     nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
     nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,

@@ -378,7 +378,9 @@ def epoch_table(trial_rows: Sequence[Mapping[str, str]]) -> list[str]:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines + ["", "Table 6 adds these up over 5 seeds x 164 epochs; the project's total is "
                     "divided by the best packing's gain (measured on one depth, applied to all); "
-                    "the plain loop runs one trial at a time. Evaluation is left out.", ""]
+                    "with seeds stacked, each depth's rate is the trial's times the stacking gain "
+                    "measured there, one depth at a time, no packing on top; the plain loop runs "
+                    "one trial at a time. Evaluation is left out.", ""]
 
 
 def summary_markdown(out: Path) -> str:

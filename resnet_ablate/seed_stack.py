@@ -87,10 +87,15 @@ class SeedZeroPadShortcut(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         stride, extra = self.shortcut.stride, self.shortcut.out_channels - self.shortcut.in_channels
+        # The layout the one-seed shortcut keeps (its 4-D pad does): padded in 5-D, the seeds'
+        # channels would come back NCHW, and the fused residual add would copy them.
+        layout = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
+                  and not x.is_contiguous() else torch.contiguous_format)
         if stride != 1:
             x = x[:, :, ::stride, ::stride]
         per_seed = x.unflatten(1, (self.seeds, self.shortcut.in_channels))
-        return F.pad(per_seed, (0, 0, 0, 0, 0, extra)).flatten(1, 2)
+        padded = F.pad(per_seed, (0, 0, 0, 0, 0, extra)).flatten(1, 2)
+        return padded.contiguous(memory_format=layout)
 
 
 def stack_models(models: Iterable[nn.Module]) -> nn.Module:

@@ -220,3 +220,18 @@ def test_stacked_seeds_train_as_each_seed_alone_on_cuda_from_a_cuda_graph():
 
     _project_steps_agree("cuda", cuda_graphs=True, steps=GRAPH_WARMUP_STEPS + 3,
                          tolerance=dict(rtol=2e-3, atol=2e-4))
+
+
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format],
+                         ids=["channels_last", "nchw"])
+def test_the_stacked_option_a_shortcut_pads_each_seed_and_keeps_the_layout(layout):
+    """Each seed's channels subsampled and padded as ZeroPadShortcut pads one seed's, in the
+    layout it came in (the fused residual add would otherwise copy them to match)."""
+    from resnet_ablate.blocks import ZeroPadShortcut
+    from resnet_ablate.seed_stack import SeedZeroPadShortcut
+
+    alone = ZeroPadShortcut(16, 32, stride=2)
+    inputs = [torch.randn(2, 16, 8, 8).contiguous(memory_format=layout) for _ in range(3)]
+    out = SeedZeroPadShortcut(alone, 3)(torch.cat(inputs, dim=1).contiguous(memory_format=layout))
+    assert out.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(out, torch.cat([alone(x) for x in inputs], dim=1), rtol=0, atol=0)

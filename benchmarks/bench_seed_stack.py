@@ -14,7 +14,7 @@ kernels, the device's precision, channels_last, fused SGD, a whole step replayed
 on a GPU) on in-memory synthetic CIFAR-sized data on the device, each seed drawing its own random
 batch every step; one seed is the architecture's own model. Each first trains untimed steps (the
 graph's capture, Triton's JIT, cuDNN's first calls). Given each seed's labels, (batch, K), the
-step trains on the sum of the seeds' losses: each seed as it would train alone.
+step (`seeds=K`) trains on the sum of the seeds' losses: each seed as it would train alone.
 
 With `--convolutions grouped dense`, each stacked case runs twice: with grouped convolutions
 (`stack_models`' own) and with each turned into a dense one whose weight is block-diagonal (the
@@ -124,7 +124,8 @@ def measure(depth: int, seeds: int, convolutions: str, args: argparse.Namespace,
         block_diagonal_(model)
     execution = execution_for(device)
     model = model.to(device, memory_format=execution.torch_memory_format)
-    step = Step(model, TrainRecipe(batch_size=args.batch), execution, Replicas())
+    step = Step(model, TrainRecipe(batch_size=args.batch), execution, Replicas(),
+                seeds=None if seeds == 1 else seeds)
     generator = torch.Generator(device).manual_seed(0)
     size = args.image_size
     images = torch.randn(IMAGES_ON_DEVICE, 3, size, size, device=device, generator=generator)
@@ -148,7 +149,7 @@ def measure(depth: int, seeds: int, convolutions: str, args: argparse.Namespace,
     started = time.perf_counter()
     for _ in range(args.steps):
         step(*batch(), 1.0)
-    step.loss_sum.item()  # waits for the device
+    step.loss_sum.sum().item()  # waits for the device
     seconds = time.perf_counter() - started
     return {"depth": depth, "seeds": seeds, "convolutions": convolutions if seeds > 1 else "",
             "image_size": size, "batch": args.batch,

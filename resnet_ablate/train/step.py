@@ -22,10 +22,14 @@ GRAPH_WARMUP_STEPS = 3
 
 class Step:
     """One optimizer step at a time on `model`, replayed from a CUDA graph where the run uses
-    them and can (a one-process run: its losses are never reweighted)."""
+    them and can (a one-process run: its losses are never reweighted).
+
+    With `seeds`, `model` is that many seeds stacked into one (seed_stack.py): its labels are
+    (N, seeds), it trains on the sum of the seeds' losses (each seed as it trains alone), and the
+    running sums (`loss_sum`, `wrong`, `batch_wrong`) hold one value per seed."""
 
     def __init__(self, model: nn.Module, recipe: TrainRecipe, execution: Execution,
-                 replicas: Replicas) -> None:
+                 replicas: Replicas, seeds: int | None = None) -> None:
         device = torch.device(execution.device)
         if replicas.parallel and (execution.compile or execution.cuda_graphs):
             raise ValueError("compile and cuda_graphs run one-process trials; this one has "
@@ -52,9 +56,11 @@ class Step:
         )
         self.scaler = torch.amp.GradScaler(device.type, enabled=execution.scales_gradients)
         # Running sums of the epoch, on the device so that a step never waits for the host.
-        self.loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-        self.wrong = torch.zeros((), dtype=torch.int64, device=device)
-        self.batch_wrong = torch.zeros((), dtype=torch.int64, device=device)
+        self.seeds = seeds
+        shape = () if seeds is None else (seeds,)
+        self.loss_sum = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.wrong = torch.zeros(shape, dtype=torch.int64, device=device)
+        self.batch_wrong = torch.zeros(shape, dtype=torch.int64, device=device)
         self.graphed: GraphedStep | None = None
         self.steps_taken = 0
 
@@ -105,18 +111,18 @@ class Step:
         """Forward, backward, optimizer step and the running sums: no host sync anywhere."""
         with self.execution.autocast():
             logits = self.step_model(images)
-            loss = F.cross_entropy(logits, labels)
-        if labels.dim() == 2 and not labels.is_floating_point():
-            # Class indices (N, K): K seeds stacked into one model (seed_stack.py), trained on
-            # the sum of their losses, as each would train alone.
-            loss = loss * labels.shape[1]
+            if self.seeds is None:
+                loss = per_seed = F.cross_entropy(logits, labels)
+            else:  # each seed's mean loss, summed: each seed trains as it would alone
+                per_seed = F.cross_entropy(logits, labels, reduction="none").mean(dim=0)
+                loss = per_seed.sum()
         weighted = loss if loss_scale == 1.0 else loss * loss_scale
         self.scaler.scale(weighted).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.batch_wrong.copy_((logits.detach().argmax(dim=1) != labels).sum())
+        self.batch_wrong.copy_((logits.detach().argmax(dim=1) != labels).sum(dim=0))
         self.wrong.add_(self.batch_wrong)
-        self.loss_sum.add_(loss.detach().float() * labels.shape[0])
+        self.loss_sum.add_(per_seed.detach().float() * labels.shape[0])
 
     def compile(self, backend: str, train_batches: list[tuple[torch.Tensor, torch.Tensor]],
                 eval_batches: list[torch.Tensor]) -> float:

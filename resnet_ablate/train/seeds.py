@@ -1,0 +1,190 @@
+"""Several seeds of one configuration trained at once, stacked into one model: `train_seeds`.
+
+Each seed gets what `train(model, data, recipe, seed=s)` would give it: initial weights built
+under its seed, its own data order and augmentation (a feed seeded from it), the recipe's
+schedule, and its own evaluation and record. They train as one stacked model (seed_stack.py:
+every launch computes all of them, which is what a GPU that one small trial leaves idle needs),
+on the sum of their losses, so each seed's weights follow its own gradients exactly; the results
+differ from separate runs only by floating-point rounding (grouped convolutions, wider
+reductions).
+
+What needs the seeds to share one learning rate limits what it runs: an in-memory data set in
+one process, a recipe without warm-up (which ends on each seed's own training error) and without
+the plateau schedule (which decays on each seed's own loss), no `compile`. A seed whose loss
+diverges is recorded as diverged at that point; its channels keep their NaN to themselves and
+the other seeds train on. No checkpoints or resumption (train each seed alone for those).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..data import DataBundle
+from ..data.feed import Placement, feed_for
+from ..execution import resolve_execution
+from ..recipe import TrainRecipe
+from ..record import EpochRecord
+from ..replicas import Replicas
+from ..seed_stack import seed_state_dict, stack_models
+from .divergence import Diverged, DivergenceWatch
+from .evaluate import Evaluation
+from .loop import _seeded_on
+from .result import TrainResult
+from .schedule import Schedule
+from .step import Step
+
+
+def train_seeds(model: Callable[[], nn.Module], data: DataBundle, recipe: TrainRecipe, *,
+                seeds: Sequence[int], device: str | torch.device = "cpu",
+                threads: int | None = None,
+                log: Callable[[str], None] | None = None) -> list[TrainResult]:
+    """Train `model` (a factory: each seed's initial weights are built under that seed) on
+    `data` with `recipe` for every seed of `seeds` at once; one `TrainResult` per seed, in order.
+    See the module's docstring for what it runs and what it refuses."""
+    seeds = list(seeds)
+    _check(model, data, recipe, seeds)
+    device = torch.device(device)
+    execution = resolve_execution(recipe, device, in_memory=True)
+    if execution.compile:
+        raise ValueError("train_seeds does not compile its stacked model: set compile: false")
+    models = []
+    for seed in seeds:
+        with _seeded_on(device, seed, threads):
+            models.append(model().to(device, memory_format=execution.torch_memory_format))
+    with _seeded_on(device, seeds[0], threads):
+        stacked = stack_models(models)
+        run = _StackedRun(stacked, models, data, recipe, execution, seeds, log)
+        return run.run()
+
+
+def _check(model, data, recipe: TrainRecipe, seeds: list[int]) -> None:
+    if not callable(model) or isinstance(model, nn.Module):
+        raise TypeError("train_seeds takes a model factory (a function of no arguments), so "
+                        "that each seed's initial weights are built under that seed")
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds) \
+            or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct ints, at least one; got {seeds!r}")
+    if not isinstance(data, DataBundle):
+        raise ValueError("train_seeds trains on an in-memory data set (a DataBundle); train "
+                         "each seed of a streamed one alone")
+    if recipe.warmup or recipe.schedule == "plateau":
+        raise ValueError("train_seeds gives every seed one learning rate, so it runs no "
+                         "warm-up and no plateau schedule (each decides on its own seed's "
+                         "error or loss): train each seed alone for those")
+
+
+class _StackedRun:
+    """The epoch loop of train_seeds: loop.py's, with a feed, a divergence watch, an
+    evaluation and a history per seed."""
+
+    def __init__(self, stacked: nn.Module, models: list[nn.Module], data: DataBundle,
+                 recipe: TrainRecipe, execution, seeds: list[int],
+                 log: Callable[[str], None] | None) -> None:
+        device = torch.device(execution.device)
+        self.models, self.recipe, self.execution, self.seeds, self.log = (
+            models, recipe, execution, seeds, log)
+        replicas = Replicas()
+        self.step = Step(stacked, recipe, execution, replicas, seeds=len(seeds))
+        # Each seed's feed, placed as train(seed=...) places it.
+        self.feeds = [feed_for(data, Placement(device, execution.images, seed, recipe.augment,
+                                               replicas.rank, replicas.world, recipe.lighting,
+                                               recipe.mean == "pixel", recipe.test_views,
+                                               replicas.sums))
+                      for seed in seeds]
+        self.schedule = Schedule(recipe, log)
+        self.watches = [DivergenceWatch(data.num_classes, recipe.divergence_check_every)
+                        for _ in seeds]
+        self.evaluations = [Evaluation(feed, recipe.eval_batch_size, execution, replicas,
+                                       data.eval_split) for feed in self.feeds]
+        self.eval_split = data.eval_split
+        self.histories: list[list[EpochRecord]] = [[] for _ in seeds]
+        self.diverged: list[str | None] = [None for _ in seeds]
+        self.train_images, self.train_seconds = 0, 0.0
+
+    def run(self) -> list[TrainResult]:
+        started = time.perf_counter()
+        for epoch in range(1, self.recipe.epochs + 1):
+            self._epoch(epoch)
+            if all(reason is not None for reason in self.diverged):
+                break
+        for index, history in enumerate(self.histories):
+            if self.diverged[index] is None:
+                self.diverged[index] = self.watches[index].never_learned(history)
+        return [self._result(index, started) for index in range(len(self.seeds))]
+
+    def _epoch(self, epoch: int) -> None:
+        started = time.perf_counter()
+        epoch_lr = self.schedule.epoch_lr(epoch)
+        self.step.start_epoch()
+        for watch in self.watches:
+            watch.start_epoch()
+        seen = step = 0
+        batches = zip(*(feed.train_batches(epoch, self.recipe.batch_size)
+                        for feed in self.feeds))
+        for step, per_seed in enumerate(batches, start=1):
+            images = torch.cat([images for images, _, _ in per_seed], dim=1)
+            labels = torch.stack([labels for _, labels, _ in per_seed], dim=1)
+            self.step.set_lr(self.schedule.step_lr(epoch_lr))
+            self.step(images.contiguous(memory_format=self.execution.torch_memory_format),
+                      labels, 1.0)
+            seen += labels.shape[0]
+            if step % self.watches[0].check_every == 0:
+                self._watch(epoch, step, seen)
+        self._watch(epoch, step, seen)  # also waits for the device: the epoch's time is real
+        trained = time.perf_counter()
+        self.train_images += seen * len(self.seeds)
+        self.train_seconds += trained - started
+        losses, wrong = self.step.loss_sum.tolist(), self.step.wrong.tolist()
+        for index, model in enumerate(self.models):
+            if self.diverged[index] is not None:
+                continue
+            model.load_state_dict(seed_state_dict(self.step.model, index))
+            evaluation = self.evaluations[index]
+            test_loss, test_error, top5 = evaluation(model)
+            views = evaluation.views(model) if epoch == self.recipe.epochs else {}
+            record = EpochRecord(
+                epoch=epoch, lr=self.step.current_lr, train_loss=losses[index] / seen,
+                train_error=wrong[index] / seen, test_loss=test_loss, test_error=test_error,
+                seconds=time.perf_counter() - started, test_top5_error=top5, **views)
+            self.histories[index].append(record)
+            if self.log:
+                self.log(f"seed {self.seeds[index]} epoch {epoch}/{self.recipe.epochs} "
+                         f"train loss {record.train_loss:.4f} {self.eval_split} error "
+                         f"{record.test_error:.4f}")
+
+    def _watch(self, epoch: int, step: int, seen: int) -> None:
+        """Each seed's divergence watch on its own running loss; a seed that diverges is
+        recorded so and left out from then on."""
+        losses = self.step.loss_sum.tolist()
+        for index, watch in enumerate(self.watches):
+            if self.diverged[index] is not None:
+                continue
+            try:
+                watch.read(losses[index], seen, epoch, step)
+            except Diverged as diverged:
+                self.diverged[index] = str(diverged)
+                if self.log:
+                    self.log(f"seed {self.seeds[index]} diverged: {diverged}")
+
+    def _result(self, index: int, started: float) -> TrainResult:
+        history, reason = tuple(self.histories[index]), self.diverged[index]
+        last = history[-1] if history else None
+        return TrainResult(
+            status="completed" if reason is None else "diverged", reason=reason,
+            history=history, epochs_completed=len(history),
+            final_test_accuracy=None if last is None else 1.0 - last.test_error,
+            best_test_accuracy=None if last is None else
+            1.0 - min(r.test_error for r in history),
+            final_train_accuracy=None if last is None else 1.0 - last.train_error,
+            wall_seconds=time.perf_counter() - started,
+            # Each seed's share of the stacked run's images over its training time.
+            images_per_second=(self.train_images / len(self.seeds) / self.train_seconds
+                               if self.train_seconds else 0.0),
+            compile_seconds=0.0,
+            execution={**self.execution.to_dict(), "stacked_seeds": len(self.seeds)},
+            warmup_steps=0, seed=self.seeds[index], eval_split=self.eval_split,
+            recipe=self.recipe, **self.evaluations[index].test_record)

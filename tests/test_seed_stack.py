@@ -347,3 +347,25 @@ def test_train_seeds_records_a_diverged_seed_and_trains_the_others_on():
         alone = train(model, data, recipe, seed=seed)
         assert results[seed].history[0].train_loss == pytest.approx(
             alone.history[0].train_loss, rel=1e-4)
+
+
+@pytest.mark.gpu
+def test_train_seeds_on_cuda_replays_the_stacked_step_and_matches_each_seed_alone():
+    """On a GPU with the trial's defaults (channels_last, fused kernels, CUDA graphs; fp32 so
+    that the comparison is to rounding): each seed's first epoch as train() gives it."""
+    from resnet_ablate.data import SyntheticSpec, load_dataset
+    from resnet_ablate.train import train
+    from resnet_ablate.train.seeds import train_seeds
+
+    data = load_dataset("synthetic", synthetic=SyntheticSpec(train_size=640, test_size=256))
+    recipe = _digits_recipe(epochs=1, precision="fp32")
+
+    def model():
+        return resnet8(num_classes=data.num_classes)
+
+    results = train_seeds(model, data, recipe, seeds=[0, 1, 2], device="cuda")
+    assert all(r.ok and r.execution["cuda_graphs"] for r in results)
+    for seed, result in zip([0, 1, 2], results):
+        alone = train(model, data, recipe, seed=seed, device="cuda")
+        assert result.history[0].train_loss == pytest.approx(alone.history[0].train_loss,
+                                                             rel=1e-3)

@@ -210,10 +210,12 @@ def _joined(modules: Sequence[nn.Module], name: str, join=torch.cat) -> nn.Param
 
 def _stacked_conv(convs: Sequence[nn.Conv2d]) -> nn.Conv2d:
     first, seeds = convs[0], len(convs)
+    # On the meta device: no initialisation drawn (from the caller's random stream) and thrown
+    # away, since the seeds' own weights replace it.
     stacked = nn.Conv2d(first.in_channels * seeds, first.out_channels * seeds, first.kernel_size,
                         first.stride, first.padding, first.dilation, first.groups * seeds,
-                        first.bias is not None, first.padding_mode,
-                        device=first.weight.device, dtype=first.weight.dtype)
+                        first.bias is not None, first.padding_mode, device="meta",
+                        dtype=first.weight.dtype)
     stacked.weight = _joined(convs, "weight")
     stacked.bias = _joined(convs, "bias")
     return stacked

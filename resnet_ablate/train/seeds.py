@@ -8,17 +8,22 @@ on the sum of their losses, so each seed's weights follow its own gradients exac
 differ from separate runs only by floating-point rounding (grouped convolutions, wider
 reductions).
 
-What needs the seeds to share one learning rate limits what it runs: an in-memory data set in
-one process, a recipe without warm-up (which ends on each seed's own training error) and without
-the plateau schedule (which decays on each seed's own loss), no `compile`. A seed whose loss
-diverges is recorded as diverged at that point; its channels keep their NaN to themselves and
-the other seeds train on. No checkpoints or resumption (train each seed alone for those).
+What the seeds share limits what it runs: an in-memory data set in one process, a recipe
+without warm-up (which ends on each seed's own training error) and without the plateau schedule
+(which decays on each seed's own loss), since they share one learning rate; not fp16, whose
+gradient scaler they would share (one seed's overflow would skip every seed's step); no
+`compile`. A seed whose loss diverges is recorded as diverged at that point; its channels keep
+their NaN to themselves and the other seeds train on. Randomness inside the model (dropout)
+draws from one generator for all seeds: the same distribution as alone, not the same draws. No
+checkpoints or resumption (train each seed alone for those). Each seed's `images_per_second` is
+its own images over the shared training time (the stacked run's rate divided by the seeds), and
+its `wall_seconds` and epochs' `seconds` are the stacked run's.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -32,29 +37,39 @@ from ..replicas import Replicas
 from ..seed_stack import seed_state_dict, stack_models
 from .divergence import Diverged, DivergenceWatch
 from .evaluate import Evaluation
-from .loop import _seeded_on
-from .result import TrainResult
+from .loop import _check_seed_and_threads, _seeded_on
+from .result import TrainResult, require_images
 from .schedule import Schedule
 from .step import Step
 
 
 def train_seeds(model: Callable[[], nn.Module], data: DataBundle, recipe: TrainRecipe, *,
-                seeds: Sequence[int], device: str | torch.device = "cpu",
+                seeds: Iterable[int], device: str | torch.device = "cpu",
                 threads: int | None = None,
                 log: Callable[[str], None] | None = None) -> list[TrainResult]:
     """Train `model` (a factory: each seed's initial weights are built under that seed) on
     `data` with `recipe` for every seed of `seeds` at once; one `TrainResult` per seed, in order.
     See the module's docstring for what it runs and what it refuses."""
+    if isinstance(seeds, (int, str)) or not isinstance(seeds, Iterable):
+        raise TypeError(f"seeds must be a list of ints, one per seed to train; got {seeds!r}")
     seeds = list(seeds)
     _check(model, data, recipe, seeds)
+    for seed in seeds:
+        _check_seed_and_threads(seed, threads)
     device = torch.device(device)
     execution = resolve_execution(recipe, device, in_memory=True)
-    if execution.compile:
-        raise ValueError("train_seeds does not compile its stacked model: set compile: false")
+    if execution.compile or execution.precision == "fp16":
+        raise ValueError("train_seeds runs neither compile nor fp16 (its gradient scaler would "
+                         "be every seed's: one seed's overflow would skip all their steps): "
+                         "use compile: false and bf16 or fp32")
     models = []
     for seed in seeds:
         with _seeded_on(device, seed, threads):
-            models.append(model().to(device, memory_format=execution.torch_memory_format))
+            built = model()
+            if not isinstance(built, nn.Module):
+                raise TypeError(f"the model factory returned {type(built).__name__}, "
+                                "not an nn.Module")
+            models.append(built.to(device, memory_format=execution.torch_memory_format))
     with _seeded_on(device, seeds[0], threads):
         stacked = stack_models(models)
         run = _StackedRun(stacked, models, data, recipe, execution, seeds, log)
@@ -69,7 +84,7 @@ def _check(model, data, recipe: TrainRecipe, seeds: list[int]) -> None:
             or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct ints, at least one; got {seeds!r}")
     if not isinstance(data, DataBundle):
-        raise ValueError("train_seeds trains on an in-memory data set (a DataBundle); train "
+        raise TypeError("train_seeds trains on an in-memory data set (a DataBundle); train "
                          "each seed of a streamed one alone")
     if recipe.warmup or recipe.schedule == "plateau":
         raise ValueError("train_seeds gives every seed one learning rate, so it runs no "
@@ -114,6 +129,8 @@ class _StackedRun:
         for index, history in enumerate(self.histories):
             if self.diverged[index] is None:
                 self.diverged[index] = self.watches[index].never_learned(history)
+                if self.diverged[index] is not None and self.log:
+                    self.log(f"seed {self.seeds[index]} diverged: {self.diverged[index]}")
         return [self._result(index, started) for index in range(len(self.seeds))]
 
     def _epoch(self, epoch: int) -> None:
@@ -136,6 +153,7 @@ class _StackedRun:
                 self._watch(epoch, step, seen)
         self._watch(epoch, step, seen)  # also waits for the device: the epoch's time is real
         trained = time.perf_counter()
+        require_images(seen, f"epoch {epoch}'s training", 0)
         self.train_images += seen * len(self.seeds)
         self.train_seconds += trained - started
         losses, wrong = self.step.loss_sum.tolist(), self.step.wrong.tolist()
@@ -152,9 +170,10 @@ class _StackedRun:
                 seconds=time.perf_counter() - started, test_top5_error=top5, **views)
             self.histories[index].append(record)
             if self.log:
-                self.log(f"seed {self.seeds[index]} epoch {epoch}/{self.recipe.epochs} "
-                         f"train loss {record.train_loss:.4f} {self.eval_split} error "
-                         f"{record.test_error:.4f}")
+                self.log(f"seed {self.seeds[index]} epoch {epoch}/{self.recipe.epochs} lr "
+                         f"{record.lr:g} train loss {record.train_loss:.4f} error "
+                         f"{record.train_error:.4f} {self.eval_split} error "
+                         f"{record.test_error:.4f} ({record.seconds:.1f}s)")
 
     def _watch(self, epoch: int, step: int, seen: int) -> None:
         """Each seed's divergence watch on its own running loss; a seed that diverges is

@@ -244,17 +244,15 @@ def seed_state_dict(stacked: nn.Module, seed: int) -> dict[str, torch.Tensor]:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < seeds:
         raise ValueError(f"seed must be an int in 0..{seeds - 1} for {seeds} stacked seeds, "
                          f"got {seed!r}")
-    classifier = {f"{prefix}.{name}" if prefix else name
-                  for prefix, module in stacked.named_modules() if isinstance(module, SeedLinear)
-                  for name, _ in _own_tensors(module)}
-    tensors = {f"{prefix}.{name}" if prefix else name
-               for prefix, module in stacked.named_modules()
-               for name, _ in _own_tensors(module)}
+    # Each tensor's key, and whether the classifier stacked it on a new first dimension.
+    in_classifier = {f"{prefix}.{name}" if prefix else name: isinstance(module, SeedLinear)
+                     for prefix, module in stacked.named_modules()
+                     for name, _ in _own_tensors(module)}
     state: dict[str, torch.Tensor] = {}
     for key, tensor in stacked.state_dict().items():
-        if key in classifier:
+        if in_classifier.get(key):
             state[key] = tensor[seed].clone()
-        elif key in tensors and tensor.dim() > 0:
+        elif key in in_classifier and tensor.dim() > 0:
             state[key] = tensor.chunk(seeds)[seed].clone()
         else:  # a scalar buffer every seed shares, or a key the model adds (ResNet's V1_KEY)
             state[key] = tensor.clone()

@@ -44,7 +44,7 @@ from .evaluate import Evaluation
 from ..data.device_decode import nvjpeg_decoder
 from ..data.feed import Placement, feed_for
 from ..record import EpochRecord
-from .result import TrainResult, TrainStatus, require_images
+from .result import TrainResult, TrainStatus, require_images, result_of
 from .schedule import Schedule
 from .step import Step
 
@@ -288,17 +288,8 @@ class _Run:
     def _result(self, status: TrainStatus, reason: str | None, started: float) -> TrainResult:
         if reason is not None:
             self._log(f"diverged: {reason}")
-        last = self.history[-1] if self.history else None
-        return TrainResult(
-            status=status,
-            reason=reason,
-            history=tuple(self.history),
-            epochs_completed=len(self.history),
-            final_test_accuracy=None if last is None else 1.0 - last.test_error,
-            best_test_accuracy=None
-            if last is None
-            else 1.0 - min(r.test_error for r in self.history),
-            final_train_accuracy=None if last is None else 1.0 - last.train_error,
+        return result_of(
+            status, reason, self.history,
             wall_seconds=time.perf_counter() - started,
             images_per_second=self.train_images / self.train_seconds if self.train_seconds else 0.0,
             compile_seconds=self.compile_seconds,

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -56,6 +56,19 @@ class TrainResult:
         values["recipe"] = self.recipe.to_dict()
         values["execution"] = dict(self.execution)
         return values
+
+
+def result_of(status: TrainStatus, reason: str | None, history: Sequence[EpochRecord],
+              **fields: Any) -> TrainResult:
+    """A run's `TrainResult`: the fields a history gives (epochs completed, final and best
+    accuracies) worked out from it, the others as given."""
+    last = history[-1] if history else None
+    return TrainResult(
+        status=status, reason=reason, history=tuple(history), epochs_completed=len(history),
+        final_test_accuracy=None if last is None else 1.0 - last.test_error,
+        best_test_accuracy=None if last is None else 1.0 - min(r.test_error for r in history),
+        final_train_accuracy=None if last is None else 1.0 - last.train_error,
+        **fields)
 
 
 class NoImages(ValueError):

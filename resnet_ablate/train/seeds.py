@@ -38,7 +38,7 @@ from ..seed_stack import seed_state_dict, stack_models
 from .divergence import Diverged, DivergenceWatch
 from .evaluate import Evaluation
 from .loop import _check_seed_and_threads, _seeded_on
-from .result import TrainResult, require_images
+from .result import TrainResult, require_images, result_of
 from .schedule import Schedule
 from .step import Step
 
@@ -190,15 +190,9 @@ class _StackedRun:
                     self.log(f"seed {self.seeds[index]} diverged: {diverged}")
 
     def _result(self, index: int, started: float) -> TrainResult:
-        history, reason = tuple(self.histories[index]), self.diverged[index]
-        last = history[-1] if history else None
-        return TrainResult(
-            status="completed" if reason is None else "diverged", reason=reason,
-            history=history, epochs_completed=len(history),
-            final_test_accuracy=None if last is None else 1.0 - last.test_error,
-            best_test_accuracy=None if last is None else
-            1.0 - min(r.test_error for r in history),
-            final_train_accuracy=None if last is None else 1.0 - last.train_error,
+        reason = self.diverged[index]
+        return result_of(
+            "completed" if reason is None else "diverged", reason, self.histories[index],
             wall_seconds=time.perf_counter() - started,
             # Each seed's share of the stacked run's images over its training time.
             images_per_second=(self.train_images / len(self.seeds) / self.train_seconds

@@ -170,10 +170,12 @@ def test_a_head_of_two_linear_layers_stacks():
         torch.testing.assert_close(out[..., seed], head(x[seed]))
 
 
-def _project_steps_agree(device: str, cuda_graphs: bool, steps: int, tolerance: dict) -> None:
+def _project_steps_agree(device: str, cuda_graphs: bool, steps: int, tolerance: dict,
+                         rates: list[float] | None = None) -> None:
     """The project's training step (train/step.py) on the stacked model, given each seed's labels
     (N, K), against its step on each model alone: float32, channels_last, SGD with momentum and
-    weight decay; with `cuda_graphs`, the stacked step captured and replayed."""
+    weight decay; with `cuda_graphs`, the stacked step captured and replayed. With `rates`, a
+    rate per seed (SeedSGD), set before the last two steps (after the capture, on CUDA)."""
     from resnet_ablate.execution import Execution
     from resnet_ablate.recipe import TrainRecipe
     from resnet_ablate.replicas import Replicas
@@ -188,10 +190,14 @@ def _project_steps_agree(device: str, cuda_graphs: bool, steps: int, tolerance: 
     recipe = TrainRecipe(batch_size=6, lr=0.1, momentum=0.9, weight_decay=1e-4)
     eager = Execution(device, "fp32", "channels_last", compile=False, cuda_graphs=False)
     step = Step(stacked, recipe, dataclasses.replace(eager, cuda_graphs=cuda_graphs), Replicas(),
-                seeds=SEEDS)
+                seeds=SEEDS, rate_per_seed=rates is not None)
     alone = [Step(m, recipe, eager, Replicas()) for m in models]
     stacked_input = torch.cat(images, dim=1).contiguous(memory_format=torch.channels_last)
-    for _ in range(steps):
+    for index in range(steps):
+        if rates is not None and index == steps - 2:
+            step.set_lr(rates)
+            for own, rate in zip(alone, rates):
+                own.set_lr(rate)
         step.start_epoch()
         step(stacked_input, labels, 1.0)
         for seed, own in enumerate(alone):
@@ -208,8 +214,10 @@ def _project_steps_agree(device: str, cuda_graphs: bool, steps: int, tolerance: 
     assert step.wrong.tolist() == [s.wrong.item() for s in alone]
 
 
-def test_the_project_step_trains_stacked_seeds_as_each_alone():
-    _project_steps_agree("cpu", cuda_graphs=False, steps=3, tolerance=dict(rtol=1e-4, atol=1e-5))
+@pytest.mark.parametrize("rates", [None, [0.1, 0.01, 0.05]], ids=["one-rate", "rate-per-seed"])
+def test_the_project_step_trains_stacked_seeds_as_each_alone(rates):
+    _project_steps_agree("cpu", cuda_graphs=False, steps=4, tolerance=dict(rtol=1e-4, atol=1e-5),
+                         rates=rates)
 
 
 @pytest.mark.gpu
@@ -222,6 +230,16 @@ def test_stacked_seeds_train_as_each_seed_alone_on_cuda_from_a_cuda_graph():
 
     _project_steps_agree("cuda", cuda_graphs=True, steps=GRAPH_WARMUP_STEPS + 3,
                          tolerance=dict(rtol=2e-3, atol=2e-4))
+
+
+@pytest.mark.gpu
+def test_stacked_seeds_at_rates_of_their_own_replay_the_rates_set_after_the_capture():
+    """SeedSGD in a captured step: the rates set after the capture (as warm-up's end sets them)
+    are the ones the replays step with, each seed's as its own step at its rate."""
+    from resnet_ablate.train.step import GRAPH_WARMUP_STEPS
+
+    _project_steps_agree("cuda", cuda_graphs=True, steps=GRAPH_WARMUP_STEPS + 3,
+                         tolerance=dict(rtol=2e-3, atol=2e-4), rates=[0.1, 0.01, 0.05])
 
 
 @pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format],
@@ -309,15 +327,11 @@ def test_train_seeds_gives_each_seed_what_train_gives_it():
             assert mine.test_error == pytest.approx(theirs.test_error, abs=3 / alone.test_images)
 
 
-def test_train_seeds_refuses_what_one_learning_rate_cannot_give():
+def test_train_seeds_refuses_what_its_seeds_cannot_share():
     from resnet_ablate.data import load_dataset
     from resnet_ablate.train.seeds import train_seeds
 
     data = load_dataset("digits")
-    with pytest.raises(ValueError, match="no warm-up and no plateau"):
-        train_seeds(resnet8, data, _digits_recipe(warmup=True), seeds=[0, 1])
-    with pytest.raises(ValueError, match="no warm-up and no plateau"):
-        train_seeds(resnet8, data, _digits_recipe(schedule="plateau"), seeds=[0, 1])
     with pytest.raises(TypeError, match="a model factory"):
         train_seeds(resnet8(), data, _digits_recipe(), seeds=[0, 1])
     with pytest.raises(ValueError, match="distinct ints"):
@@ -353,6 +367,112 @@ def test_train_seeds_records_a_diverged_seed_and_trains_the_others_on():
         alone = train(model, data, recipe, seed=seed)
         assert results[seed].history[0].train_loss == pytest.approx(
             alone.history[0].train_loss, rel=1e-4)
+
+
+@pytest.mark.parametrize("nesterov", [False, True], ids=["momentum", "nesterov"])
+def test_seed_sgd_steps_each_seed_as_sgd_steps_it_alone_at_its_own_rate(nesterov):
+    """SeedSGD on 3 stacked seeds against torch.optim.SGD on each seed's model at that seed's
+    rate, in float64: two steps at one rate, then each seed at its own (set between steps, as
+    warm-up's end sets them) for two more; and a SeedSGD loaded from the first's state_dict
+    steps as the first does."""
+    from resnet_ablate.train.seed_sgd import SeedSGD
+
+    models = _models()
+    stacked = stack_models(models)
+    settings = dict(momentum=0.9, weight_decay=5e-4, nesterov=nesterov)
+    optimizer = SeedSGD(stacked.parameters(), seeds=SEEDS, lr=0.1, **settings)
+    alone = [torch.optim.SGD(m.parameters(), lr=0.1, **settings) for m in models]
+    rates = [0.1, 0.01, 0.05]
+    for step in range(4):
+        if step == 2:
+            optimizer.set_lrs(rates)
+            for own, rate in zip(alone, rates):
+                own.param_groups[0]["lr"] = rate
+        images, labels = _batches()
+        optimizer.zero_grad()
+        (SEEDS * F.cross_entropy(stacked(torch.cat(images, dim=1)), labels)).backward()
+        optimizer.step()
+        for seed, (model, own) in enumerate(zip(models, alone)):
+            own.zero_grad()
+            F.cross_entropy(model(images[seed]), labels[:, seed]).backward()
+            own.step()
+    for seed, model in enumerate(models):
+        mine = seed_state_dict(stacked, seed)
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(mine[key], value, rtol=1e-9, atol=1e-12, msg=key)
+    assert optimizer.lrs == rates
+    copy_of_stacked = copy.deepcopy(stacked)
+    loaded = SeedSGD(copy_of_stacked.parameters(), seeds=SEEDS, lr=0.5, **settings)
+    loaded.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # as saved and read back
+    for model, opt in ((stacked, optimizer), (copy_of_stacked, loaded)):
+        images, labels = _batches()
+        opt.zero_grad()
+        (SEEDS * F.cross_entropy(model(torch.cat(images, dim=1)), labels)).backward()
+        opt.step()
+    for a, b in zip(stacked.parameters(), copy_of_stacked.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_seed_sgd_refuses_parameters_without_a_block_per_seed():
+    from resnet_ablate.train.seed_sgd import SeedSGD
+
+    with pytest.raises(ValueError, match="3 seeds' blocks"):
+        SeedSGD([nn.Parameter(torch.zeros(4, 2))], seeds=3, lr=0.1)
+    with pytest.raises(ValueError, match="one rate per seed"):
+        SeedSGD([nn.Parameter(torch.zeros(6))], seeds=3, lr=0.1).set_lrs([0.1, 0.2])
+
+
+def test_train_seeds_ends_each_seeds_warm_up_on_its_own_error():
+    """The paper's warm-up (a low rate until the training error of the last 10 batches falls
+    below a threshold) ends for each seed at the step it ends alone, which differs between
+    seeds; each seed's later epochs then match its run alone."""
+    from resnet_ablate.data import load_dataset
+    from resnet_ablate.train import train
+    from resnet_ablate.train.seeds import train_seeds
+
+    data = load_dataset("digits")
+    recipe = _digits_recipe(warmup=True, warmup_lr=0.01, warmup_until_error=0.6)
+
+    def model():
+        return resnet8(in_channels=1, num_classes=10)
+
+    results = train_seeds(model, data, recipe, seeds=[0, 1, 2])
+    steps = [r.warmup_steps for r in results]
+    assert len(set(steps)) > 1  # the seeds' warm-ups end apart
+    for seed, result in zip([0, 1, 2], results):
+        alone = train(model, data, recipe, seed=seed)
+        assert result.warmup_steps == alone.warmup_steps
+        assert [h.lr for h in result.history] == [h.lr for h in alone.history]
+        for mine, theirs in zip(result.history, alone.history):
+            assert mine.train_loss == pytest.approx(theirs.train_loss, rel=1e-3)
+
+
+def test_train_seeds_decays_each_seeds_plateau_on_its_own_loss():
+    """The plateau schedule on each seed's own training loss: seed 1 is built unable to learn
+    (its stem's weights zero, so every ReLU after it stays shut and its loss stays at the
+    class prior's), and its rate decays after two flat epochs, where the seeds that learn keep
+    theirs; each as it would alone."""
+    from resnet_ablate.data import load_dataset
+    from resnet_ablate.train import train
+    from resnet_ablate.train.seeds import train_seeds
+
+    def model():
+        net = resnet8(in_channels=1, num_classes=10)
+        if torch.initial_seed() == 1:
+            with torch.no_grad():
+                net.conv1.weight.zero_()
+        return net
+
+    data = load_dataset("digits")
+    recipe = _digits_recipe(epochs=4, schedule="plateau", plateau_patience=1)
+    results = train_seeds(model, data, recipe, seeds=[0, 1, 2])
+    assert [h.lr for h in results[1].history] == pytest.approx([0.05, 0.05, 0.05, 0.005])
+    for seed, result in zip([0, 1, 2], results):
+        alone = train(model, data, recipe, seed=seed)
+        assert result.status == alone.status
+        assert [h.lr for h in result.history] == [h.lr for h in alone.history]
+        if seed != 1:
+            assert all(h.lr == 0.05 for h in result.history)
 
 
 @pytest.mark.gpu

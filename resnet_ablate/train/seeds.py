@@ -8,9 +8,10 @@ on the sum of their losses, so each seed's weights follow its own gradients exac
 differ from separate runs only by floating-point rounding (grouped convolutions, wider
 reductions).
 
-What the seeds share limits what it runs: an in-memory data set in one process, a recipe
-without warm-up (which ends on each seed's own training error) and without the plateau schedule
-(which decays on each seed's own loss), since they share one learning rate; not fp16, whose
+Each seed keeps its own schedule: warm-up ends on the seed's own training error and the plateau
+schedule decays on its own loss, so where a recipe has either, the seeds step with a rate each
+(SeedSGD, seed_sgd.py); else they share PyTorch's fused SGD, as train() steps one seed.
+What the seeds share limits what it runs: an in-memory data set in one process; not fp16, whose
 gradient scaler they would share (one seed's overflow would skip every seed's step); no
 `compile`. A seed whose loss diverges is recorded as diverged at that point; its channels keep
 their NaN to themselves and the other seeds train on. Randomness inside the model (dropout)
@@ -86,10 +87,6 @@ def _check(model, data, recipe: TrainRecipe, seeds: list[int]) -> None:
     if not isinstance(data, DataBundle):
         raise TypeError("train_seeds trains on an in-memory data set (a DataBundle); train "
                          "each seed of a streamed one alone")
-    if recipe.warmup or recipe.schedule == "plateau":
-        raise ValueError("train_seeds gives every seed one learning rate, so it runs no "
-                         "warm-up and no plateau schedule (each decides on its own seed's "
-                         "error or loss): train each seed alone for those")
 
 
 class _StackedRun:
@@ -103,14 +100,17 @@ class _StackedRun:
         self.models, self.recipe, self.execution, self.seeds, self.log = (
             models, recipe, execution, seeds, log)
         replicas = Replicas()
-        self.step = Step(stacked, recipe, execution, replicas, seeds=len(seeds))
+        # Warm-up and the plateau schedule set each seed's rate apart.
+        self.rate_per_seed = bool(recipe.warmup) or recipe.schedule == "plateau"
+        self.step = Step(stacked, recipe, execution, replicas, seeds=len(seeds),
+                         rate_per_seed=self.rate_per_seed)
         # Each seed's feed, placed as train(seed=...) places it.
         self.feeds = [feed_for(data, Placement(device, execution.images, seed, recipe.augment,
                                                replicas.rank, replicas.world, recipe.lighting,
                                                recipe.mean == "pixel", recipe.test_views,
                                                replicas.sums))
                       for seed in seeds]
-        self.schedule = Schedule(recipe, log)
+        self.schedules = [Schedule(recipe, _prefixed(log, seed)) for seed in seeds]
         self.watches = [DivergenceWatch(data.num_classes, recipe.divergence_check_every)
                         for _ in seeds]
         self.evaluations = [Evaluation(feed, recipe.eval_batch_size, execution, replicas,
@@ -135,7 +135,7 @@ class _StackedRun:
 
     def _epoch(self, epoch: int) -> None:
         started = time.perf_counter()
-        epoch_lr = self.schedule.epoch_lr(epoch)
+        epoch_lrs = [schedule.epoch_lr(epoch) for schedule in self.schedules]
         self.step.start_epoch()
         for watch in self.watches:
             watch.start_epoch()
@@ -145,10 +145,12 @@ class _StackedRun:
         for step, per_seed in enumerate(batches, start=1):
             images = torch.cat([images for images, _, _ in per_seed], dim=1)
             labels = torch.stack([labels for _, labels, _ in per_seed], dim=1)
-            self.step.set_lr(self.schedule.step_lr(epoch_lr))
+            lrs = [s.step_lr(lr) for s, lr in zip(self.schedules, epoch_lrs)]
+            self.step.set_lr(lrs if self.rate_per_seed else lrs[0])
             self.step(images.contiguous(memory_format=self.execution.torch_memory_format),
                       labels, 1.0)
             seen += labels.shape[0]
+            self._after_step(labels.shape[0])
             if step % self.watches[0].check_every == 0:
                 self._watch(epoch, step, seen)
         self._watch(epoch, step, seen)  # also waits for the device: the epoch's time is real
@@ -157,15 +159,17 @@ class _StackedRun:
         self.train_images += seen * len(self.seeds)
         self.train_seconds += trained - started
         losses, wrong = self.step.loss_sum.tolist(), self.step.wrong.tolist()
+        lrs = self.step.current_lr
         for index, model in enumerate(self.models):
             if self.diverged[index] is not None:
                 continue
+            self.schedules[index].end_epoch(losses[index] / seen)
             model.load_state_dict(seed_state_dict(self.step.model, index))
             evaluation = self.evaluations[index]
             test_loss, test_error, top5 = evaluation(model)
             views = evaluation.views(model) if epoch == self.recipe.epochs else {}
             record = EpochRecord(
-                epoch=epoch, lr=self.step.current_lr, train_loss=losses[index] / seen,
+                epoch=epoch, lr=lrs[index] if isinstance(lrs, list) else lrs, train_loss=losses[index] / seen,
                 train_error=wrong[index] / seen, test_loss=test_loss, test_error=test_error,
                 seconds=time.perf_counter() - started, test_top5_error=top5, **views)
             self.histories[index].append(record)
@@ -174,6 +178,17 @@ class _StackedRun:
                          f"{record.lr:g} train loss {record.train_loss:.4f} error "
                          f"{record.train_error:.4f} {self.eval_split} error "
                          f"{record.test_error:.4f} ({record.seconds:.1f}s)")
+
+    def _after_step(self, images: int) -> None:
+        """Warm-up's count for each seed still warming up, on its own batch error (the step's
+        one wait for the device, as train()'s while it warms up)."""
+        warming = [index for index, schedule in enumerate(self.schedules)
+                   if schedule.warming_up and self.diverged[index] is None]
+        if not warming:
+            return
+        wrong = self.step.batch_wrong.tolist()
+        for index in warming:
+            self.schedules[index].after_step(wrong[index] / images)
 
     def _watch(self, epoch: int, step: int, seen: int) -> None:
         """Each seed's divergence watch on its own running loss; a seed that diverges is
@@ -199,5 +214,13 @@ class _StackedRun:
                                if self.train_seconds else 0.0),
             compile_seconds=0.0,
             execution={**self.execution.to_dict(), "stacked_seeds": len(self.seeds)},
-            warmup_steps=0, seed=self.seeds[index], eval_split=self.eval_split,
+            warmup_steps=self.schedules[index].warmup_steps, seed=self.seeds[index],
+            eval_split=self.eval_split,
             recipe=self.recipe, **self.evaluations[index].test_record)
+
+
+def _prefixed(log: Callable[[str], None] | None, seed: int) -> Callable[[str], None] | None:
+    """`log` with each line naming the seed it is about (a schedule's warm-up ending)."""
+    if log is None:
+        return None
+    return lambda line: log(f"seed {seed} {line}")

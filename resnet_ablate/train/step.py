@@ -14,6 +14,7 @@ from torch import nn
 from ..execution import Execution, GraphedStep, side_stream
 from ..recipe import TrainRecipe
 from ..replicas import Replicas
+from .seed_sgd import SeedSGD
 
 # CUDA graph capture wants a few eager steps first (on a side stream), so the optimizer's state
 # exists; they are the run's first real steps, not extra ones.
@@ -26,10 +27,13 @@ class Step:
 
     With `seeds`, `model` is that many seeds stacked into one (seed_stack.py): its labels are
     (N, seeds), it trains on the sum of the seeds' losses (each seed as it trains alone), and the
-    running sums (`loss_sum`, `wrong`, `batch_wrong`) hold one value per seed."""
+    running sums (`loss_sum`, `wrong`, `batch_wrong`) hold one value per seed. With
+    `rate_per_seed` too, each seed has a learning rate of its own (SeedSGD): `set_lr` then takes
+    one rate per seed."""
 
     def __init__(self, model: nn.Module, recipe: TrainRecipe, execution: Execution,
-                 replicas: Replicas, seeds: int | None = None) -> None:
+                 replicas: Replicas, seeds: int | None = None,
+                 rate_per_seed: bool = False) -> None:
         device = torch.device(execution.device)
         if replicas.parallel and (execution.compile or execution.cuda_graphs):
             raise ValueError("compile and cuda_graphs run one-process trials; this one has "
@@ -45,15 +49,25 @@ class Step:
         lr: float | torch.Tensor = recipe.lr
         if execution.cuda_graphs:
             lr = torch.tensor(recipe.lr, dtype=torch.float32, device=device)
-        self.current_lr = recipe.lr
-        self.optimizer = torch.optim.SGD(
-            model.parameters(),
-            lr=lr,
-            momentum=recipe.momentum,
-            weight_decay=recipe.weight_decay,
-            nesterov=recipe.nesterov,
-            fused=device.type in ("cuda", "cpu"),  # one kernel for all parameters
-        )
+        self.current_lr: float | list[float] = recipe.lr
+        self.optimizer: torch.optim.Optimizer
+        if rate_per_seed:
+            if seeds is None:
+                raise ValueError("rate_per_seed needs stacked seeds (seeds=K)")
+            self.current_lr = [recipe.lr] * seeds
+            # Its rates are tensors on the device already, refilled in place: graphs replay them.
+            self.optimizer = SeedSGD(model.parameters(), seeds=seeds, lr=recipe.lr,
+                                     momentum=recipe.momentum, weight_decay=recipe.weight_decay,
+                                     nesterov=recipe.nesterov)
+        else:
+            self.optimizer = torch.optim.SGD(
+                model.parameters(),
+                lr=lr,
+                momentum=recipe.momentum,
+                weight_decay=recipe.weight_decay,
+                nesterov=recipe.nesterov,
+                fused=device.type in ("cuda", "cpu"),  # one kernel for all parameters
+            )
         self.scaler = torch.amp.GradScaler(device.type, enabled=execution.scales_gradients)
         # Running sums of the epoch, on the device so that a step never waits for the host.
         self.seeds = seeds
@@ -76,10 +90,14 @@ class Step:
         self.loss_sum.zero_()
         self.wrong.zero_()
 
-    def set_lr(self, lr: float) -> None:
+    def set_lr(self, lr: float | list[float]) -> None:
+        """The rate of the next steps: one, or with `rate_per_seed` a list of one per seed."""
         if lr == self.current_lr:
             return
-        self.current_lr = lr
+        self.current_lr = list(lr) if isinstance(lr, list) else lr
+        if isinstance(self.optimizer, SeedSGD):
+            self.optimizer.set_lrs(lr)  # type: ignore[arg-type]
+            return
         for group in self.optimizer.param_groups:
             if isinstance(group["lr"], torch.Tensor):
                 group["lr"].fill_(lr)

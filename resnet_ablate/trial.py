@@ -10,6 +10,7 @@ returns its outcome, its exceptions included.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import platform
@@ -163,6 +164,47 @@ def run_trial_body(task: TrialTask, board: Any | None, device: torch.device, *,
     weights = weights_of(inputs.built[-1]) if task.keep_weights and result.ok else None
     return outcome_of(result, trial_number=task.trial_number, where=where, weights=weights,
                       data_parallel=data_parallel)
+
+
+def run_stacked_body(task: TrialTask, board: Any | None, device: torch.device
+                     ) -> list[TrialOutcome]:
+    """Train the seeds of `task.stack` at once, stacked into one model (train_seeds), in this
+    process; one outcome per seed, in the stack's order, each with its own trial number, curves,
+    status (a seed that diverges is recorded so while the others train on) and weights. Each
+    epoch of each seed is reported under its own trial number (no pruner: the spec checks). An
+    exception fails every seed of the stack with it, data sets that cannot be read as
+    unavailable."""
+    from .train.seeds import train_seeds
+
+    where = placement(device)
+    numbers = [number for number, _ in task.stack]
+    seeds = [seed for _, seed in task.stack]
+    epochs: list[list[dict[str, Any]]] = [[] for _ in task.stack]
+
+    def on_epoch(index: int, record: EpochRecord) -> None:
+        epochs[index].append(asdict(record))
+        report_epoch(dataclasses.replace(task, trial_number=numbers[index]), board, record)
+
+    def stopped(status: str, reason: str, trace: str | None = None) -> list[TrialOutcome]:
+        return [TrialOutcome(number, status, reason, trace, where, library_versions(),
+                             tuple(epochs[index]))
+                for index, number in enumerate(numbers)]
+
+    try:
+        inputs = TrialInputs.of(task)
+        inputs.data.check_available()
+        results = train_seeds(inputs.model, inputs.data, inputs.recipe, seeds=seeds,
+                              device=device, threads=task.threads, on_epoch=on_epoch)
+    except DataUnavailable as missing:  # not retried, as a trial alone's (run_trial_body)
+        return stopped(Status.UNAVAILABLE, str(missing))
+    except NoImages as nothing:
+        return stopped(Status.UNAVAILABLE, f"NoImages: {nothing}")
+    except Exception as error:
+        return stopped(Status.FAILED, f"{type(error).__name__}: {error}", traceback.format_exc())
+    # The factory built each seed's model in order; train_seeds leaves each its final weights.
+    return [outcome_of(result, trial_number=number, where=where,
+                       weights=weights_of(model) if task.keep_weights and result.ok else None)
+            for number, result, model in zip(numbers, results, inputs.built)]
 
 
 def _backend() -> str:

@@ -12,7 +12,7 @@ import ray
 import torch
 
 from .record import TrialOutcome, TrialTask
-from .trial import run_trial_body
+from .trial import run_stacked_body, run_trial_body
 
 
 def execute(task: TrialTask, board: Any | None = None) -> TrialOutcome:
@@ -26,3 +26,10 @@ def run_trial(task: TrialTask, board: Any | None = None) -> TrialOutcome:
     """The Ray task of a single-process trial; resources are declared where the driver launches
     it."""
     return execute(task, board)
+
+
+@ray.remote(max_retries=0)
+def run_stacked_trials(task: TrialTask, board: Any | None = None) -> list[TrialOutcome]:
+    """The Ray task of a stack of seeds (`task.stack`) trained as one model: one outcome per
+    seed, each a trial of its own."""
+    return run_stacked_body(task, board, torch.device("cuda" if task.use_gpu else "cpu"))

@@ -102,8 +102,10 @@ def _print_plan(spec, planned, fmt: str = "table") -> int:
     print(f"{len(planned)} trials: {len(pending)} to run, costing "
           f"{sum(p.train_tflops for p in pending):.2f} TFLOPs of training ({each})")
     from ..study.costs import StudyCosts
+    from ..study.space import point_key
 
-    for line in StudyCosts(spec).dry_run_notes(len(pending)):
+    configurations = [point_key(p.params, 0) for p in pending]
+    for line in StudyCosts(spec).dry_run_notes(configurations):
         print(line)
     return 0
 

@@ -72,6 +72,10 @@ class TrialTask:
     cpus_per_replica: float = 1
     checkpoints: str | None = None
     max_restarts: int = 2
+    # Seeds of one grid point trained at once as one stacked model (train_seeds), each recorded
+    # as a trial of its own: (trial number, seed) each, the first being `trial_number` and
+    # `seed`. Empty: the task is the one trial.
+    stack: tuple[tuple[int, int], ...] = ()
 
 
 class Status:

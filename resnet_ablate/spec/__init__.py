@@ -24,7 +24,9 @@ A spec is one question from the paper, asked as a sweep over the architecture de
     resources: {cpus: 1, gpus: 0, workers: 2}
                                          # gpus: 8 (or {gpus: 4, nodes: 2}) makes each trial a
                                          #   data-parallel run, a replica per GPU; on CPUs,
-                                         #   {cpus: 2, replicas: 2}
+                                         #   {cpus: 2, replicas: 2}; stack_seeds: K trains up
+                                         #   to K seeds of a grid point as one stacked model
+                                         #   in one task, each seed still its own trial
     storage: null                        # any Optuna storage URL; default runs/<study>.db
     pruner: none                         # none | median | successive_halving (one objective)
     max_attempts: 3                      # tries per grid point and seed before giving up

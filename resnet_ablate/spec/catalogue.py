@@ -22,6 +22,9 @@ PRUNERS = ("none", "median", "successive_halving")
 
 MAX_TRIALS = 10_000  # grid points x seeds, budget.trials, and values in one range
 MAX_WORKERS = 1024  # trials at once, and replicas of one trial
+# Seeds stacked into one model: past the adaptive rule's most seeds a stack's memory grows
+# with no configuration to fill it.
+MAX_STACKED_SEEDS = 32
 MAX_CPUS = 1024  # per trial process, and GPUs per trial (per node): above any one machine
 MAX_ADAPTIVE_SEEDS = 100
 # Synthetic data sets are made in memory: at most this many images, and this many bytes of them.

@@ -16,7 +16,7 @@ from ..arch import ResNetArch
 from ..recipe import TrainRecipe
 from ..record import OBJECTIVES  # each objective has one sensible direction: specs name metrics
 from ..storage import default_storage, study_name_problem
-from .catalogue import MAX_CPUS, MAX_TRIALS, MAX_WORKERS
+from .catalogue import MAX_CPUS, MAX_STACKED_SEEDS, MAX_TRIALS, MAX_WORKERS
 from .checker import Checker, SpecError, checked_fields
 from .dataset import DatasetSpec
 
@@ -53,6 +53,9 @@ class Resources:
     workers: int = 2  # trials running at once
     nodes: int = 1  # nodes a data-parallel trial spans, `gpus` GPUs on each
     replicas: int | None = None  # CPU data-parallel processes of a trial (GPUs: one per GPU)
+    # Seeds of one grid point trained at once as one stacked model (seed_stack.py), in one task
+    # holding the resources above; each seed is still a trial of its own. 1: each seed alone.
+    stack_seeds: int = 1
 
     def __post_init__(self) -> None:
         # Here, so that Resources built in Python are held to what a spec's parser checks.
@@ -70,6 +73,10 @@ class Resources:
         if self.workers > MAX_WORKERS:
             raise check.fail("resources.workers", f"at most {MAX_WORKERS} trials at once, got "
                                                   f"{self.workers}")
+        if not 1 <= self.stack_seeds <= MAX_STACKED_SEEDS:
+            raise check.fail("resources.stack_seeds", f"must be an int from 1 (each seed alone) "
+                                                      f"to {MAX_STACKED_SEEDS}, got "
+                                                      f"{self.stack_seeds}")
         if self.gpus > 1 and self.gpus != int(self.gpus):
             raise check.fail("resources.gpus", f"above 1 must be a whole number, got {self.gpus}")
         self._check_replicas(check)

@@ -206,19 +206,21 @@ def check_local_gpus(spec: StudySpec) -> None:
 
 
 def launch(spec: StudySpec, task: TrialTask, board: Any) -> ray.ObjectRef:
-    """Start one trial as a Ray task with the spec's resources per trial. A data-parallel
+    """Start one trial (or a stack of seeds: `task.stack`, whose task returns an outcome per
+    seed) as a Ray task with the spec's resources per trial. A data-parallel
     trial's task holds none: it waits for its replicas, which hold them (data_parallel.py).
     The trial's code (torch, Ray Train) loads here, at the first launch, not with the driver."""
     if task.replicas > 1:
         from ..data_parallel import run_data_parallel_trial
 
         return run_data_parallel_trial.remote(task, board)
-    from ..worker import run_trial
+    from ..worker import run_stacked_trials, run_trial
 
     options: dict[str, Any] = {"num_cpus": spec.resources.cpus}
     if spec.resources.gpus:
         options["num_gpus"] = spec.resources.gpus
-    return run_trial.options(**options).remote(task, board)
+    remote = run_stacked_trials if task.stack else run_trial
+    return remote.options(**options).remote(task, board)
 
 
 def new_board() -> Any:

@@ -8,6 +8,7 @@ the first architecture profiled, not when the driver is imported."""
 from __future__ import annotations
 
 import tarfile
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -121,6 +122,18 @@ def start_up_cost(replicas: int, trials: int,
             f"{trials * high / 60:.1f} trial-minutes starting, beside the training above"]
 
 
+def stacked_tasks(stack_seeds: int, configurations: Sequence[str]) -> list[str]:
+    """What a dry run says of resources.stack_seeds: how many tasks the trials to run make, each
+    grid point's seeds taken up to `stack_seeds` at a time (nothing where seeds run alone)."""
+    if stack_seeds <= 1 or not configurations:
+        return []
+    seeds = Counter(configurations)
+    tasks = sum(-(-count // stack_seeds) for count in seeds.values())
+    return [f"stacked: up to {stack_seeds} seeds of a configuration train as one model in one "
+            f"task (resources.stack_seeds), each seed still a trial of its own: "
+            f"{len(configurations)} trials to run in {tasks} tasks"]
+
+
 class StudyCosts:
     def __init__(self, spec: StudySpec) -> None:
         self.spec = spec
@@ -170,11 +183,14 @@ class StudyCosts:
         return packing_advice(resources.gpus, resources.replica_count, self.shape().image_size,
                               trials_use_cuda_graphs(self.spec))
 
-    def dry_run_notes(self, trials_to_run: int) -> list[str]:
-        """What a dry run prints under its plan: the packing advice and the start-up that
-        `trials_to_run` data-parallel trials pay (see `packing_advice`, `start_up_cost`)."""
+    def dry_run_notes(self, configurations: Sequence[str]) -> list[str]:
+        """What a dry run prints under its plan, given the configuration of each trial to run (a
+        key per grid point, its seed left out): the packing advice, the tasks that stacking
+        seeds makes of them, and the start-up their data-parallel trials pay (see
+        `packing_advice`, `stacked_tasks`, `start_up_cost`)."""
         return [*self.packing_advice(),
-                *start_up_cost(self.spec.resources.replica_count, trials_to_run)]
+                *stacked_tasks(self.spec.resources.stack_seeds, configurations),
+                *start_up_cost(self.spec.resources.replica_count, len(configurations))]
 
     def train_tflops(self, arch: ResNetArch) -> float:
         """Forward + backward (3x forward) over every training image and epoch."""

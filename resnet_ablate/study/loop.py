@@ -13,6 +13,7 @@ Faults, and what this loop makes of them:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import Counter
@@ -95,7 +96,8 @@ class DriverLoop:
         self.progress = progress
         self.renew_lease = renew_lease
         self.stop_signals = stop_signals
-        self.running: dict[ray.ObjectRef, RunningTrial] = {}
+        # Each task's trials: one, or a stack of one grid point's seeds (resources.stack_seeds).
+        self.running: dict[ray.ObjectRef, list[RunningTrial]] = {}
         self.counts: Counter[str] = Counter()
         self.durations: list[float] = []
         self.launched = 0
@@ -130,20 +132,22 @@ class DriverLoop:
     # -- the three steps
 
     def fill(self) -> None:
-        """Launch trials while a worker is free, trials may be asked and time is left."""
+        """Launch trials (or stacks of a grid point's seeds) while a worker is free, trials may
+        be asked and time is left."""
         while len(self.running) < self.workers and self.to_ask > 0 \
                 and time.monotonic() < self.deadline:
             if self.spec.sampler == "grid":
-                point = self._next_ready_point()
-                if point is None:
+                points = self._next_ready_points()
+                if not points:
                     return
-                params, seed = point.params, point.seed
-            else:
-                point, params = None, None
-                seed = self.spec.seeds[self.launched % len(self.spec.seeds)]
+                self.to_ask -= len(points)
+                self.launched += len(points)
+                self._launch(points)
+                continue
+            seed = self.spec.seeds[self.launched % len(self.spec.seeds)]
             self.to_ask -= 1
             self.launched += 1
-            self._launch(point, params, seed)
+            self._launch([None], seed)
 
     def collect(self) -> None:
         """Wait briefly for an ended trial; pass reported epochs on; record what ended."""
@@ -155,18 +159,18 @@ class DriverLoop:
             # Heard meanwhile: the stop marks what is left (a worker that a Ctrl-C to the process
             # group ended is interrupted, not failed).
             self.stop_signals.raise_if_heard()
-            running = self.running.pop(ref)
-            self._record_end(ref, running)
+            self._record_end(ref, self.running.pop(ref))
 
     def show_progress(self) -> None:
         left = 0 if self.to_ask == math.inf else int(self.to_ask)
         mean = sum(self.durations) / len(self.durations) if self.durations else None
+        running = [r for trials in self.running.values() for r in trials]
         epochs = ", ".join(f"{r.epochs_done}/{self.spec.recipe_for(r.arch).epochs}"
-                           for r in self.running.values())
+                           for r in running)
         self.progress.update(
-            done=self.counts[Status.COMPLETED], running=len(self.running),
+            done=self.counts[Status.COMPLETED], running=len(running),
             failed=failures(self.counts), remaining=left, best=self.best,
-            eta_seconds=None if mean is None else mean * (left + len(self.running)) / self.workers,
+            eta_seconds=None if mean is None else mean * (left + len(running)) / self.workers,
             epochs=f" (epochs {epochs})" if self.running else "",
         )
 
@@ -183,28 +187,47 @@ class DriverLoop:
             self.progress.log(f"adaptive seeds: {points} configuration(s) still open, "
                               f"{len(added)} more trial(s)")
 
-    def _next_ready_point(self) -> PendingPoint | None:
+    def _next_ready_points(self) -> list[PendingPoint]:
+        """The next ready grid point, with (resources.stack_seeds) up to that many ready seeds
+        of the same configuration in all, taken off `pending`."""
         now = time.monotonic()
-        for index, point in enumerate(self.pending):
-            if point.not_before <= now:
-                return self.pending.pop(index)
-        return None
+        first = next((p for p in self.pending if p.not_before <= now), None)
+        if first is None:
+            return []
+        configuration = point_key(first.params, 0)
+        points = [p for p in self.pending if p.not_before <= now
+                  and point_key(p.params, 0) == configuration][:self.spec.resources.stack_seeds]
+        self.pending[:] = [p for p in self.pending if all(p is not q for q in points)]
+        return points
 
-    def _launch(self, point: PendingPoint | None, params: dict[str, Any] | None, seed: int) -> None:
-        trial = self.recorder.ask(params, seed)
-        arch = self.spec.arch(decode_params(trial.params, self.spec.space))
+    def _launch(self, points: list[PendingPoint | None], seed: int | None = None) -> None:
+        """One task for the trials of `points` (grid points of one configuration, their seeds
+        stacked where there are several), or with [None] one trial of the sampler's choice
+        trained with `seed`."""
+        running = []
+        for point in points:
+            trial = self.recorder.ask(None if point is None else point.params,
+                                      seed if point is None else point.seed)
+            arch = self.spec.arch(decode_params(trial.params, self.spec.space))
+            running.append(RunningTrial(trial, point, arch, seed if point is None else point.seed))
+        arch = running[0].arch  # one configuration: one architecture
         prof = self.costs.profile(arch)
-        self.recorder.record_launch(trial, arch, prof)
+        for r in running:
+            self.recorder.record_launch(r.trial, arch, prof)
         if self.costs.over_budget(arch):
-            self.recorder.fail(trial, FailureKind.OVER_BUDGET,
-                               f"over budget.max_gflops={self.spec.budget.max_gflops}: "
-                               f"{prof.flops / 1e9:.3f} GFLOPs")
-            self.counts[FailureKind.OVER_BUDGET] += 1
+            for r in running:
+                self.recorder.fail(r.trial, FailureKind.OVER_BUDGET,
+                                   f"over budget.max_gflops={self.spec.budget.max_gflops}: "
+                                   f"{prof.flops / 1e9:.3f} GFLOPs")
+                self.counts[FailureKind.OVER_BUDGET] += 1
             return
-        task = trial_task(self.spec, trial.number, arch, seed, keep_weights=self.keep_weights,
-                          checkpoints=self.checkpoints)
-        ref = cluster.launch(self.spec, task, self.board)
-        self.running[ref] = RunningTrial(trial, point, arch, seed)
+        first = running[0]
+        task = trial_task(self.spec, first.trial.number, arch, first.seed,
+                          keep_weights=self.keep_weights, checkpoints=self.checkpoints)
+        if len(running) > 1:
+            task = dataclasses.replace(task, stack=tuple((r.trial.number, r.seed)
+                                                         for r in running))
+        self.running[cluster.launch(self.spec, task, self.board)] = running
 
     def _report_epochs(self) -> None:
         drained = cluster.drain_epochs(self.board, self.stop_signals.interruptible)
@@ -212,7 +235,7 @@ class DriverLoop:
             # Running trials lose progress and pruning (they train on); new ones get a new board.
             self.board = cluster.new_board()
             return
-        by_number = {r.trial.number: r for r in self.running.values()}
+        by_number = {r.trial.number: r for trials in self.running.values() for r in trials}
         for number, records in drained.items():
             running = by_number.get(number)
             if running is None:
@@ -225,18 +248,27 @@ class DriverLoop:
             cluster.report_to_pruner(self.spec, self.board, running.trial, records,
                                      prunes(self.spec))
 
-    def _record_end(self, ref: ray.ObjectRef, running: RunningTrial) -> None:
+    def _record_end(self, ref: ray.ObjectRef, trials: list[RunningTrial]) -> None:
+        """Record the outcome of each of a task's trials (a stack's: one outcome each)."""
         try:
-            outcome = ray.get(ref)
+            outcomes = ray.get(ref)
         except ray.exceptions.RayError as error:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            self.recorder.fail(running.trial, FailureKind.WORKER_LOST,
-                               f"worker lost: {type(error).__name__}: {reason}")
-            result = FailureKind.WORKER_LOST
-        else:
-            result = self.recorder.finish(running.trial, outcome)
+            for running in trials:
+                self.recorder.fail(running.trial, FailureKind.WORKER_LOST,
+                                   f"worker lost: {type(error).__name__}: {reason}")
+                self._ended(running, FailureKind.WORKER_LOST, len(trials))
+            return
+        if not isinstance(outcomes, list):
+            outcomes = [outcomes]
+        for running, outcome in zip(trials, outcomes, strict=True):
+            self._ended(running, self.recorder.finish(running.trial, outcome), len(trials))
+
+    def _ended(self, running: RunningTrial, result: str, stacked: int) -> None:
+        """What follows a trial's end: the tally, a retry of a grid point, the best, a line."""
         self.counts[result] += 1
-        self.durations.append(time.monotonic() - running.started)
+        # A stack's seeds share its time: each trial's share, so that the ETA counts trials.
+        self.durations.append((time.monotonic() - running.started) / stacked)
         if result in FailureKind.RETRYABLE and running.point is not None:
             retry = self.history.retry(running.point)
             if retry is not None:

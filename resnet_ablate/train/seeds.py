@@ -47,10 +47,12 @@ from .step import Step
 def train_seeds(model: Callable[[], nn.Module], data: DataBundle, recipe: TrainRecipe, *,
                 seeds: Iterable[int], device: str | torch.device = "cpu",
                 threads: int | None = None,
-                log: Callable[[str], None] | None = None) -> list[TrainResult]:
+                log: Callable[[str], None] | None = None,
+                on_epoch: Callable[[int, EpochRecord], None] | None = None) -> list[TrainResult]:
     """Train `model` (a factory: each seed's initial weights are built under that seed) on
     `data` with `recipe` for every seed of `seeds` at once; one `TrainResult` per seed, in order.
-    See the module's docstring for what it runs and what it refuses."""
+    `on_epoch(index, record)` is called with each seed's record of each epoch (`index` into
+    `seeds`). See the module's docstring for what it runs and what it refuses."""
     if isinstance(seeds, (int, str)) or not isinstance(seeds, Iterable):
         raise TypeError(f"seeds must be a list of ints, one per seed to train; got {seeds!r}")
     seeds = list(seeds)
@@ -73,7 +75,7 @@ def train_seeds(model: Callable[[], nn.Module], data: DataBundle, recipe: TrainR
             models.append(built.to(device, memory_format=execution.torch_memory_format))
     with _seeded_on(device, seeds[0], threads):
         stacked = stack_models(models)
-        run = _StackedRun(stacked, models, data, recipe, execution, seeds, log)
+        run = _StackedRun(stacked, models, data, recipe, execution, seeds, log, on_epoch)
         return run.run()
 
 
@@ -95,10 +97,12 @@ class _StackedRun:
 
     def __init__(self, stacked: nn.Module, models: list[nn.Module], data: DataBundle,
                  recipe: TrainRecipe, execution, seeds: list[int],
-                 log: Callable[[str], None] | None) -> None:
+                 log: Callable[[str], None] | None,
+                 on_epoch: Callable[[int, EpochRecord], None] | None) -> None:
         device = torch.device(execution.device)
         self.models, self.recipe, self.execution, self.seeds, self.log = (
             models, recipe, execution, seeds, log)
+        self.on_epoch = on_epoch
         replicas = Replicas()
         # Warm-up and the plateau schedule set each seed's rate apart.
         self.rate_per_seed = bool(recipe.warmup) or recipe.schedule == "plateau"
@@ -173,6 +177,8 @@ class _StackedRun:
                 train_error=wrong[index] / seen, test_loss=test_loss, test_error=test_error,
                 seconds=time.perf_counter() - started, test_top5_error=top5, **views)
             self.histories[index].append(record)
+            if self.on_epoch:
+                self.on_epoch(index, record)
             if self.log:
                 self.log(f"seed {self.seeds[index]} epoch {epoch}/{self.recipe.epochs} lr "
                          f"{record.lr:g} train loss {record.train_loss:.4f} error "

@@ -1,0 +1,111 @@
+"""Studies whose grid points train their seeds at once, stacked into one model
+(resources.stack_seeds): each seed recorded as the trial it would be alone, the spec's refusals,
+and the dry run's count of tasks."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import torch
+
+from helpers import raw_spec
+from resnet_ablate.spec import SpecError, parse_spec
+from resnet_ablate.study import RunOptions, run_study
+
+
+def _trials_by_point(summary, name):
+    trials = optuna.load_study(study_name=name, storage=summary.storage).get_trials()
+    return {(t.params["shortcut"], t.user_attrs["seed"]): t for t in trials}
+
+
+def test_a_study_stacks_each_points_seeds_and_records_each_as_it_would_run_alone(local_ray,
+                                                                                tmp_path):
+    """3 seeds of 2 grid points with stack_seeds: 3 run as 2 tasks (each point's seeds in one
+    process), recorded as 6 trials; each trial's record (curves, final accuracy, weights kept
+    apart) is what the same study with each seed alone records for it: the first epoch to
+    rounding, the last within the drift training amplifies rounding into."""
+    resources = {"cpus": 1, "workers": 2}
+    stacked = run_study(parse_spec(raw_spec("stacked", seeds=3, resources={
+        **resources, "stack_seeds": 3})), RunOptions(runs_dir=tmp_path, progress=False))
+    alone = run_study(parse_spec(raw_spec("alone", seeds=3, resources=resources)),
+                      RunOptions(runs_dir=tmp_path, progress=False))
+    assert (stacked.completed, stacked.failed, stacked.launched) == (6, 0, 6)
+    mine, theirs = _trials_by_point(stacked, "stacked"), _trials_by_point(alone, "alone")
+    assert sorted(mine) == sorted(theirs) and len(mine) == 6
+    for shortcut in ("A", "none"):
+        seeds = [mine[(shortcut, seed)] for seed in range(3)]
+        assert len({t.user_attrs["pid"] for t in seeds}) == 1  # one task trained them
+        assert all(t.user_attrs["execution"]["stacked_seeds"] == 3 for t in seeds)
+    for key, trial in mine.items():
+        reference = theirs[key]
+        assert "stacked_seeds" not in reference.user_attrs["execution"]
+        first, then = trial.user_attrs["curves"][0], reference.user_attrs["curves"][0]
+        assert first["train_loss"] == pytest.approx(then["train_loss"], rel=1e-4), key
+        last, later = trial.user_attrs["curves"][-1], reference.user_attrs["curves"][-1]
+        assert last["train_loss"] == pytest.approx(later["train_loss"], rel=3e-2), key
+        assert trial.values[0] == pytest.approx(reference.values[0], abs=3 / 64), key
+        assert trial.user_attrs["weights"] != reference.user_attrs["weights"]
+    # Each seed's weights are its own: kept apart, and different between seeds.
+    files = {mine[("A", seed)].user_attrs["weights"] for seed in range(3)}
+    assert len(files) == 3
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(sampler="random", budget={"trials": 4}), "stacks the seeds of a grid point"),
+    (dict(pruner="median"), "a pruner stops trials one by one"),
+    (dict(train={"epochs": 1, "precision": "fp16"}), "without fp16's gradient scaler"),
+    (dict(train={"epochs": 1, "compile": True}), "without compile"),
+    (dict(dataset={"name": "imagefolder", "root": "x"}), "imagefolder is streamed"),
+], ids=["sampler", "pruner", "fp16", "compile", "streamed"])
+def test_stacking_what_a_stack_cannot_train_is_refused_by_the_spec(change, words):
+    # 3 CPUs: room for a streamed set's 2 decoding workers, which the spec checks first.
+    raw = raw_spec("refused", resources={"cpus": 3, "workers": 1, "stack_seeds": 2}, **change)
+    with pytest.raises(SpecError, match=f"resources.stack_seeds: .*{words}.*or stack_seeds: 1"):
+        parse_spec(raw)
+
+
+@pytest.mark.parametrize("count", [0, 33])
+def test_a_stack_of_no_seeds_or_too_many_is_refused(count):
+    raw = raw_spec("refused", resources={"cpus": 1, "workers": 1, "stack_seeds": count})
+    with pytest.raises(SpecError, match="resources.stack_seeds: must be an int from 1"):
+        parse_spec(raw)
+
+
+def test_the_dry_run_counts_the_tasks_that_stacking_makes(tmp_path, capsys):
+    """5 seeds of 2 points, at most 2 a stack: 3 tasks per point (2 + 2 + 1)."""
+    from resnet_ablate.cli import main
+
+    from helpers import write_spec
+
+    path = write_spec(tmp_path, raw_spec("plan", seeds=5, resources={
+        "cpus": 1, "workers": 1, "stack_seeds": 2}))
+    assert main(["run", str(path), "--dry-run", "--runs-dir", str(tmp_path)]) == 0
+    assert "10 trials to run in 6 tasks" in capsys.readouterr().out
+
+
+def test_a_stack_in_this_process_gives_each_seed_its_outcome_and_fails_them_together():
+    """The stacked task's body: an outcome per seed under its own trial number, with weights of
+    its own; an architecture that cannot be built fails every seed of the stack, each with the
+    traceback."""
+    import dataclasses
+
+    from resnet_ablate.arch import ResNetArch
+    from resnet_ablate.recipe import TrainRecipe
+    from resnet_ablate.record import FailureKind, Status, TrialTask
+    from resnet_ablate.trial import run_stacked_body
+
+    task = TrialTask(
+        trial_number=4, arch=ResNetArch(family="cifar", depth=8).to_dict(), seed=0,
+        dataset={"name": "synthetic", "synthetic": {"train_size": 64, "test_size": 32}},
+        recipe=TrainRecipe(epochs=1, batch_size=32).to_dict(), threads=1, use_gpu=False,
+        keep_weights=True, stack=((4, 0), (9, 1)))
+    outcomes = run_stacked_body(task, None, torch.device("cpu"))
+    assert [o.trial_number for o in outcomes] == [4, 9]
+    assert all(o.status == Status.COMPLETED and o.weights for o in outcomes)
+    assert outcomes[0].weights != outcomes[1].weights
+    assert [o.execution["stacked_seeds"] for o in outcomes] == [2, 2]
+    broken = run_stacked_body(dataclasses.replace(task, arch={"family": "cifar", "depth": 7}),
+                              None, torch.device("cpu"))
+    assert [o.trial_number for o in broken] == [4, 9]
+    assert all(o.status == Status.FAILED and o.failure_kind == FailureKind.ERROR
+               and o.traceback for o in broken)

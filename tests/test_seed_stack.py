@@ -495,3 +495,41 @@ def test_train_seeds_on_cuda_replays_the_stacked_step_and_matches_each_seed_alon
         alone = train(model, data, recipe, seed=seed, device="cuda")
         assert result.history[0].train_loss == pytest.approx(alone.history[0].train_loss,
                                                              rel=1e-3)
+
+
+def test_stacked_evaluation_scores_each_seed_as_its_own_evaluation():
+    """One pass of the stacked model over the test set (evaluate_stacked) against each seed's
+    own Evaluation of its own model, in float64 after a few steps of training (so that the
+    seeds' running statistics differ): the same loss, wrong answers and per-image record."""
+    from resnet_ablate.data import load_dataset
+    from resnet_ablate.data.feed import Placement, feed_for
+    from resnet_ablate.execution import Execution
+    from resnet_ablate.replicas import Replicas
+    from resnet_ablate.train.evaluate import Evaluation, evaluate_stacked
+
+    data = load_dataset("digits")
+    models = []
+    for seed in range(SEEDS):
+        torch.manual_seed(seed)
+        models.append(resnet8(in_channels=1, num_classes=10).double())
+    stacked = stack_models(models)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):  # train mode: each seed's running statistics move its own way
+        stacked(torch.randn(16, SEEDS, 8, 8, dtype=torch.float64, generator=generator))
+    for seed, model in enumerate(models):
+        model.load_state_dict(seed_state_dict(stacked, seed))
+    execution = Execution("cpu", "fp32", "nchw", compile=False, cuda_graphs=False)
+
+    def evaluation(seed):
+        feed = feed_for(data, Placement(torch.device("cpu"), lambda x: x.double(), seed, False))
+        return Evaluation(feed, 200, execution, Replicas(), "test")
+
+    evaluations = [evaluation(seed) for seed in range(SEEDS)]
+    scores = evaluate_stacked(stacked, evaluations)
+    for seed, model in enumerate(models):
+        own = evaluation(seed)
+        loss, error, top5 = own(model)
+        assert scores[seed][0] == pytest.approx(loss, rel=1e-6)  # logits scored in float32
+        assert scores[seed][1:] == (error, top5)
+        assert evaluations[seed].test_record == own.test_record
+    assert len({record[1] for record in scores}) > 1  # the seeds' errors differ

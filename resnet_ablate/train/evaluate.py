@@ -4,7 +4,7 @@ device and read once; `Evaluation` is the run's part that scores it after every 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -43,29 +43,45 @@ def evaluate(
 def evaluation_sums(
     model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
     execution: Execution | None, top5: bool = False, per_image: list[torch.Tensor] | None = None,
+    seeds: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """(summed loss, wrong answers, top-5 wrong answers (with `top5`), images) of `model` in eval
     mode over `batches`, sums on the device; each batch's per-image wrong answers appended to
-    `per_image` where it is given."""
+    `per_image` where it is given. With `seeds`, `model` is that many seeds stacked into one
+    (seed_stack.py), each scored on the same batches: each sum holds a value per seed, and
+    the per-image wrong answers are (images, seeds)."""
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    wrong = torch.zeros((), dtype=torch.int64, device=device)
-    wrong5 = torch.zeros((), dtype=torch.int64, device=device)
+    shape = () if seeds is None else (seeds,)
+    loss_sum = torch.zeros(shape, dtype=torch.float64, device=device)
+    wrong = torch.zeros(shape, dtype=torch.int64, device=device)
+    wrong5 = torch.zeros(shape, dtype=torch.int64, device=device)
     count = 0
     autocast = execution.autocast() if execution is not None else contextlib.nullcontext()
     with autocast:
         for images, labels in batches:
+            targets = labels
+            if seeds is not None:  # every seed's channels take the batch; logits (N, C, K)
+                images = _for_each_seed(images, seeds, execution)
+                targets = labels[:, None].expand(-1, seeds)
             logits = model(images).float()
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum")
-            missed = logits.argmax(dim=1) != labels
-            wrong += missed.sum()
+            loss_sum += F.cross_entropy(logits, targets, reduction="none").sum(0)
+            missed = logits.argmax(dim=1) != targets
+            wrong += missed.sum(0)
             if top5:
                 top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-                wrong5 += (top != labels[:, None]).all(dim=1).sum()
+                wrong5 += (top != targets.unsqueeze(1)).all(dim=1).sum(0)
             if per_image is not None:
                 per_image.append(missed)
             count += labels.shape[0]
     return loss_sum, wrong, wrong5, count
+
+
+def _for_each_seed(images: torch.Tensor, seeds: int, execution: Execution | None) -> torch.Tensor:
+    """A batch given to each of `seeds` stacked seeds: its channels repeated, in the run's
+    memory format."""
+    repeated = images.repeat(1, seeds, 1, 1)
+    return repeated if execution is None else repeated.contiguous(
+        memory_format=execution.torch_memory_format)
 
 
 # The EpochRecord fields each test-time view's errors go to: test_error_<suffix>, and top-5.
@@ -123,10 +139,16 @@ class Evaluation:
         loss_sum, wrong, wrong5, count, skipped = self.replicas.sums(
             [*sums, feed.skipped - skipped_before])
         require_images(count, f"the {self.eval_split} split's evaluation", skipped)
+        outcomes = torch.cat(per_image).cpu().numpy() if per_image else None
+        return self._scores(loss_sum, wrong, wrong5, count, outcomes)
+
+    def _scores(self, loss_sum: float, wrong: float, wrong5: float, count: float,
+                outcomes: Any) -> tuple[float, float, float | None]:
+        """(loss, top-1 error, top-5 error or None) from the sums, the test record kept."""
         self.test_record = {"test_images": int(count), "test_wrong": int(wrong)}
-        if per_image:
-            self.test_record["test_outcomes"] = pack_outcomes(torch.cat(per_image).cpu().numpy())
-        return loss_sum / count, wrong / count, wrong5 / count if feed.measures_top5 else None
+        if outcomes is not None:
+            self.test_record["test_outcomes"] = pack_outcomes(outcomes)
+        return loss_sum / count, wrong / count, wrong5 / count if self.feed.measures_top5 else None
 
     def views(self, model: nn.Module) -> dict[str, float]:
         """The errors of each of the feed's test-time views (EpochRecord's test_error_10crop,
@@ -149,3 +171,25 @@ class Evaluation:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.test_record = dict(state["test_record"])
+
+
+def evaluate_stacked(model: nn.Module, evaluations: Sequence[Evaluation]
+                     ) -> list[tuple[float, float, float | None]]:
+    """Each seed's (loss, top-1 error, top-5 error or None) of `model`, its seeds stacked
+    (seed_stack.py), `evaluations[k]` being seed k's and keeping its test record as its own call
+    would: in one pass of the stacked model over the first's evaluation batches, which every
+    seed's feed gives alike (an in-memory data set's test images, in order). One process (no
+    replicas), as train_seeds trains."""
+    first = evaluations[0]
+    feed = first.feed
+    per_image: list[torch.Tensor] | None = [] if feed.ordered_evaluation else None
+    sums = evaluation_sums(model, feed.eval_batches(first.batch_size),
+                           torch.device(first.execution.device), first.execution,
+                           feed.measures_top5, per_image, seeds=len(evaluations))
+    loss_sum, wrong, wrong5 = (s.tolist() for s in sums[:3])
+    count = sums[3]
+    require_images(count, f"the {first.eval_split} split's evaluation", 0)
+    outcomes = torch.cat(per_image).cpu().numpy() if per_image else None
+    return [evaluation._scores(loss_sum[k], wrong[k], wrong5[k], count,
+                               None if outcomes is None else outcomes[:, k])
+            for k, evaluation in enumerate(evaluations)]

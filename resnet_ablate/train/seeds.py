@@ -4,9 +4,11 @@ Each seed gets what `train(model, data, recipe, seed=s)` would give it: initial 
 under its seed, its own data order and augmentation (a feed seeded from it), the recipe's
 schedule, and its own evaluation and record. They train as one stacked model (seed_stack.py:
 every launch computes all of them, which is what a GPU that one small trial leaves idle needs),
-on the sum of their losses, so each seed's weights follow its own gradients exactly; the results
-differ from separate runs only by floating-point rounding (grouped convolutions, wider
-reductions).
+on the sum of their losses, so each seed's weights follow its own gradients exactly, and are
+scored after each epoch in one pass of the stacked model over the test images, which every seed
+is given (evaluate.py's evaluate_stacked); the results differ from separate runs only by
+floating-point rounding (grouped convolutions, wider reductions). At the end each seed's model
+(built by the factory) holds its own final weights.
 
 Each seed keeps its own schedule: warm-up ends on the seed's own training error and the plateau
 schedule decays on its own loss, so where a recipe has either, the seeds step with a rate each
@@ -37,7 +39,7 @@ from ..record import EpochRecord
 from ..replicas import Replicas
 from ..seed_stack import seed_state_dict, stack_models
 from .divergence import Diverged, DivergenceWatch
-from .evaluate import Evaluation
+from .evaluate import Evaluation, evaluate_stacked
 from .loop import _check_seed_and_threads, _seeded_on
 from .result import TrainResult, require_images, result_of
 from .schedule import Schedule
@@ -131,7 +133,8 @@ class _StackedRun:
             if all(reason is not None for reason in self.diverged):
                 break
         for index, history in enumerate(self.histories):
-            if self.diverged[index] is None:
+            if self.diverged[index] is None:  # its model gets its weights (kept by studies)
+                self.models[index].load_state_dict(seed_state_dict(self.step.model, index))
                 self.diverged[index] = self.watches[index].never_learned(history)
                 if self.diverged[index] is not None and self.log:
                     self.log(f"seed {self.seeds[index]} diverged: {self.diverged[index]}")
@@ -164,17 +167,22 @@ class _StackedRun:
         self.train_seconds += trained - started
         losses, wrong = self.step.loss_sum.tolist(), self.step.wrong.tolist()
         lrs = self.step.current_lr
+        # Every seed scored in one pass of the stacked model (its diverged seeds' NaN logits
+        # stay in their own channels, and their scores are not read).
+        scores = evaluate_stacked(self.step.model, self.evaluations)
         for index, model in enumerate(self.models):
             if self.diverged[index] is not None:
                 continue
             self.schedules[index].end_epoch(losses[index] / seen)
-            model.load_state_dict(seed_state_dict(self.step.model, index))
-            evaluation = self.evaluations[index]
-            test_loss, test_error, top5 = evaluation(model)
-            views = evaluation.views(model) if epoch == self.recipe.epochs else {}
+            test_loss, test_error, top5 = scores[index]
+            views = {}
+            if epoch == self.recipe.epochs and self.evaluations[index].feed.test_views:
+                model.load_state_dict(seed_state_dict(self.step.model, index))
+                views = self.evaluations[index].views(model)
             record = EpochRecord(
-                epoch=epoch, lr=lrs[index] if isinstance(lrs, list) else lrs, train_loss=losses[index] / seen,
-                train_error=wrong[index] / seen, test_loss=test_loss, test_error=test_error,
+                epoch=epoch, lr=lrs[index] if isinstance(lrs, list) else lrs,
+                train_loss=losses[index] / seen, train_error=wrong[index] / seen,
+                test_loss=test_loss, test_error=test_error,
                 seconds=time.perf_counter() - started, test_top5_error=top5, **views)
             self.histories[index].append(record)
             if self.on_epoch:

@@ -131,16 +131,14 @@ def table6_minutes(rates: Mapping[int, float], packing_gain: float = 1.0) -> flo
     return sum(t * images for t in per_image) / packing_gain / 60
 
 
-def stacking_gains(rows: Sequence[Mapping[str, str]], seeds: int = TABLE6_SEEDS
-                   ) -> dict[int, float]:
+def stacking_gains(rows: Sequence[Mapping[str, str]], seeds: int = TABLE6_SEEDS,
+                   convolutions: str = "grouped") -> dict[int, float]:
     """Per CIFAR depth, `seeds` seeds trained as one stacked model against one seed alone
-    (bench_seed_stack.py's ratio, both measured in one run), with the faster convolutions."""
-    gains: dict[int, float] = {}
-    for r in rows:  # the faster convolutions where both were measured
-        if int(r["seeds"]) == seeds and r.get("ratio_vs_one_seed"):
-            depth = int(r["depth"])
-            gains[depth] = max(gains.get(depth, 0.0), float(r["ratio_vs_one_seed"]))
-    return gains
+    (bench_seed_stack.py's ratio, both measured in one run), with `convolutions`: grouped ones
+    are what resources.stack_seeds runs; dense block-diagonal ones are a measurement only."""
+    return {int(r["depth"]): float(r["ratio_vs_one_seed"]) for r in rows
+            if int(r["seeds"]) == seeds and r.get("ratio_vs_one_seed")
+            and r.get("convolutions", "grouped") == convolutions}
 
 
 # The project's loop as a study runs it: `cuda_graphs: auto` replays CUDA graphs on a GPU where a
@@ -237,7 +235,10 @@ def ratios(out: Path) -> list[Ratio]:
     through_mps = best_packing(packing_rows(packing, mps=True)[0])
     best_packed = max((p for p in (packed, through_mps) if p), key=lambda p: p[1], default=None)
     project = rates_by_depth(trial, ("project", "project+graphs"))
-    stacking = stacking_gains(read_rows(out / "seed_stack.csv"))
+    stack_rows = read_rows(out / "seed_stack.csv")
+    stacking = stacking_gains(stack_rows)
+    dense = stacking_gains(stack_rows, convolutions="dense")
+    dense_over_grouped = [dense[d] / stacking[d] for d in dense if d in stacking]
     stacked = {d: rate * stacking[d] for d, rate in project.items() if d in stacking}
     return [
         Ratio("tuned / plain", trial_ratio(trial, "tuned", "plain"), "",
@@ -291,8 +292,12 @@ def ratios(out: Path) -> list[Ratio]:
               + (" (through MPS)" if best_packed and best_packed is through_mps else "")),
         Ratio(f"seeds stacked: {TABLE6_SEEDS} as one / one seed (median over depths)",
               statistics.median(stacking.values()) if stacking else None, ">= 1.5",
-              "one configuration's seeds in the same launches (bench_seed_stack.py; the faster "
-              "of grouped and dense block-diagonal convolutions at each depth)"),
+              "one configuration's seeds in the same launches, grouped convolutions as "
+              "resources.stack_seeds runs them (bench_seed_stack.py)"),
+        Ratio("seeds stacked: dense block-diagonal / grouped convolutions (median)",
+              statistics.median(dense_over_grouped) if dense_over_grouped else None, "",
+              "a measurement only (a dense convolution would carry a diverged seed's NaN into "
+              "the others): what cuDNN's dense kernels would give instead"),
         Ratio(f"Table 6, project, {TABLE6_SEEDS} seeds stacked (minutes)",
               table6_minutes(stacked) if stacked else None, f"<= {TABLE6_GOAL_MINUTES}",
               "projected: each depth's seeds as one model, one depth at a time (the trial's "
@@ -417,6 +422,12 @@ def summary_markdown(out: Path) -> str:
     if entries:
         lines += ["For `--dry-run` to recommend these packings, add to MEASURED_PACKINGS in "
                   "resnet_ablate/study/costs.py:", "", *entries, ""]
+    stacking = stacking_gains(read_rows(out / "seed_stack.csv"))
+    if stacking and "no GPU" not in machine:
+        lines += ["For `--dry-run` to advise on resources.stack_seeds, add to MEASURED_STACKINGS "
+                  "in resnet_ablate/study/costs.py:", "",
+                  f"    StackingMeasurement({device!r}, {TABLE6_SEEDS}, "
+                  f"{statistics.median(stacking.values()):.2f})", ""]
     broken = broken_steps(steps)
     lines += ["## Steps", "", *step_table(steps), "",
               f"Broken steps: {', '.join(broken)}." if broken else "Every step wrote its rows.",

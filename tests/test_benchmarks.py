@@ -457,11 +457,18 @@ def test_the_summary_projects_table6_with_each_depths_seeds_stacked(tmp_path):
         {"case": f"resnet{d}-cifar", "variant": "project+graphs", "images_per_second": rate}
         for d, rate in rates.items()])
     gains = {20: 4.0, 56: 3.0, 110: 2.0}
+    # Dense block-diagonal convolutions measured faster: a measurement only, reported apart and
+    # left out of the projection (resources.stack_seeds runs grouped ones).
     _write_csv(tmp_path / "seed_stack.csv", [
-        {"depth": d, "seeds": seeds, "ratio_vs_one_seed": gains[d] if seeds == 5 else 1.0}
-        for d in (20, 56, 110) for seeds in (1, 5)])
+        {"depth": d, "seeds": 1, "convolutions": "", "ratio_vs_one_seed": 1.0}
+        for d in (20, 56, 110)] + [
+        {"depth": d, "seeds": 5, "convolutions": convolutions,
+         "ratio_vs_one_seed": gains[d] * (1.5 if convolutions == "dense" else 1.0)}
+        for d in (20, 56, 110) for convolutions in ("grouped", "dense")])
     figures = {r.name: r for r in summary.ratios(tmp_path)}
     assert figures["seeds stacked: 5 as one / one seed (median over depths)"].value == 3.0
+    assert figures["seeds stacked: dense block-diagonal / grouped convolutions (median)"
+                   ].value == pytest.approx(1.5)
     stacked = figures["Table 6, project, 5 seeds stacked (minutes)"].value
     # By hand: 5 seeds x 164 epochs x 50,000 images at each depth's stacked rate; ResNet-32 and
     # -44 on the least-squares line of seconds per image through 20, 56 and 110.
@@ -474,6 +481,25 @@ def test_the_summary_projects_table6_with_each_depths_seeds_stacked(tmp_path):
     expected = sum(per_image.values()) * 5 * 164 * 50_000 / 60
     assert stacked == pytest.approx(expected)
     assert figures["Table 6, project (minutes)"].value > stacked  # no packing measured: gain 1
+    # The entry that makes --dry-run advise stacking on this GPU: the median grouped gain.
+    (tmp_path / "steps.csv").write_text("step,seconds,status,rows\n")
+    assert "StackingMeasurement('NVIDIA H200', 5, 3.00)" in summary.summary_markdown(tmp_path)
+
+
+def test_the_dry_run_advises_stacking_from_the_gain_measured_on_a_gpu():
+    from resnet_ablate.study.costs import StackingMeasurement, stacking_advice
+
+    h200 = StackingMeasurement("NVIDIA H200", 5, 2.4)
+    lines = stacking_advice(0.5, 1, 32, 5, 1, [h200])
+    assert len(lines) == 1 and "2.40x" in lines[0]
+    assert "recommended resources.stack_seeds: 5 (this spec stacks 1" in lines[0]
+    assert "recommended resources.stack_seeds: 3" in stacking_advice(0.5, 1, 32, 3, 1, [h200])[0]
+    slower = stacking_advice(0.5, 1, 32, 5, 1, [StackingMeasurement("NVIDIA H200", 5, 0.8)])
+    assert "not recommended" in slower[0]
+    assert "not measured on a GPU yet" in stacking_advice(1, 1, 32, 5, 5, [])[0]
+    # CPU trials, data-parallel ones, large images and single seeds get no advice.
+    for args in ((0, 1, 32, 5, 1), (2, 2, 32, 5, 1), (1, 1, 224, 5, 1), (1, 1, 32, 1, 1)):
+        assert stacking_advice(*args, [h200]) == []
 
 
 def test_the_dense_block_diagonal_variant_computes_the_stacked_model_and_keeps_its_zeros():

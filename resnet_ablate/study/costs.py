@@ -56,6 +56,21 @@ MEASURED_PACKINGS: tuple[PackingMeasurement, ...] = (
     PackingMeasurement("NVIDIA H200", 8, 2.48, cuda_graphs=True, mps=True),
 )
 
+@dataclass(frozen=True)
+class StackingMeasurement:
+    """Seeds of one configuration trained as one stacked model (resources.stack_seeds) on one GPU
+    model: how many, and the images/s of all of them together over one seed's alone
+    (benchmarks/bench_seed_stack.py, run by benchmarks/gpu_check.sh; median over ResNet-20, 56
+    and 110, each step replayed from a CUDA graph)."""
+
+    device: str
+    seeds: int
+    speedup: float
+
+
+# One entry per GPU model; the GPU check's summary.md gives the entry to add. None measured yet.
+MEASURED_STACKINGS: tuple[StackingMeasurement, ...] = ()
+
 # What Ray Train costs a data-parallel trial beside its training, whatever its size: a worker
 # group, a process group and a checkpoint folder set up and taken down per trial (seconds:
 # 2-replica, 1-epoch ResNet-20 digits studies of 2 and 6 trials, one trial at a time, took
@@ -96,6 +111,27 @@ def packing_advice(gpus: float, replicas: int, image_size: int, cuda_graphs: boo
                      f"as this spec's trials run{through}) trained "
                      f"{m.speedup:.2f}x the images/s of one: recommended resources.gpus: "
                      f"{share:g} and workers: {m.trials_per_gpu} per GPU ({held})")
+    return lines
+
+
+def stacking_advice(gpus: float, replicas: int, image_size: int, seeds: int, stack_seeds: int,
+                    measured: Sequence[StackingMeasurement] = MEASURED_STACKINGS) -> list[str]:
+    """What a dry run says of stacking for a grid study of `seeds` seeds per point whose trials
+    each hold `gpus` GPUs: for small one-process GPU trials, the gain measured on each GPU model
+    (nothing for CPU trials, data-parallel ones, large images or a single seed)."""
+    if gpus <= 0 or replicas > 1 or image_size > SMALL_IMAGE_SIZE or seeds < 2:
+        return []
+    if not measured:
+        return [f"stacking: seeds of a configuration trained as one model (resources.stack_seeds) "
+                f"are not measured on a GPU yet (bash benchmarks/gpu_check.sh measures 5 seeds "
+                f"as one against one); this spec stacks {stack_seeds}"]
+    lines = []
+    for m in measured:
+        verdict = (f"recommended resources.stack_seeds: {min(m.seeds, seeds)}" if m.speedup > 1
+                   else "not recommended")
+        lines.append(f"stacking: on {m.device}, {m.seeds} seeds of a configuration as one model "
+                     f"trained {m.speedup:.2f}x the images/s of one seed: {verdict} (this spec "
+                     f"stacks {stack_seeds}; compare the packing above)")
     return lines
 
 
@@ -188,8 +224,12 @@ class StudyCosts:
         key per grid point, its seed left out): the packing advice, the tasks that stacking
         seeds makes of them, and the start-up their data-parallel trials pay (see
         `packing_advice`, `stacked_tasks`, `start_up_cost`)."""
-        return [*self.packing_advice(),
-                *stacked_tasks(self.spec.resources.stack_seeds, configurations),
+        resources = self.spec.resources
+        stacking = [] if self.spec.sampler != "grid" else stacking_advice(
+            resources.gpus, resources.replica_count, self.shape().image_size,
+            len(self.spec.seeds), resources.stack_seeds)
+        return [*self.packing_advice(), *stacking,
+                *stacked_tasks(resources.stack_seeds, configurations),
                 *start_up_cost(self.spec.resources.replica_count, len(configurations))]
 
     def train_tflops(self, arch: ResNetArch) -> float:

@@ -109,3 +109,14 @@ def test_a_stack_in_this_process_gives_each_seed_its_outcome_and_fails_them_toge
     assert [o.trial_number for o in broken] == [4, 9]
     assert all(o.status == Status.FAILED and o.failure_kind == FailureKind.ERROR
                and o.traceback for o in broken)
+
+
+def test_a_stack_takes_no_more_seeds_than_the_trial_budget_leaves(local_ray, tmp_path):
+    """budget.trials 2 of 3 seeds x 2 points, stack_seeds 3: one stack of 2 seeds, no more."""
+    raw = raw_spec("budget-stack", seeds=3, epochs=1, budget={"trials": 2},
+                   resources={"cpus": 1, "workers": 2, "stack_seeds": 3})
+    summary = run_study(parse_spec(raw), RunOptions(runs_dir=tmp_path, progress=False))
+    assert (summary.completed, summary.launched) == (2, 2)
+    trials = list(_trials_by_point(summary, "budget-stack").values())
+    assert len(trials) == 2 and len({t.params["shortcut"] for t in trials}) == 1
+    assert all(t.user_attrs["execution"]["stacked_seeds"] == 2 for t in trials)

@@ -189,14 +189,16 @@ class DriverLoop:
 
     def _next_ready_points(self) -> list[PendingPoint]:
         """The next ready grid point, with (resources.stack_seeds) up to that many ready seeds
-        of the same configuration in all, taken off `pending`."""
+        of the same configuration in all, and no more than the trials that may still be asked,
+        taken off `pending`."""
         now = time.monotonic()
         first = next((p for p in self.pending if p.not_before <= now), None)
         if first is None:
             return []
         configuration = point_key(first.params, 0)
+        most = int(min(self.spec.resources.stack_seeds, self.to_ask))
         points = [p for p in self.pending if p.not_before <= now
-                  and point_key(p.params, 0) == configuration][:self.spec.resources.stack_seeds]
+                  and point_key(p.params, 0) == configuration][:most]
         self.pending[:] = [p for p in self.pending if all(p is not q for q in points)]
         return points
 

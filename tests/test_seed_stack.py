@@ -495,6 +495,9 @@ def test_train_seeds_on_cuda_replays_the_stacked_step_and_matches_each_seed_alon
         alone = train(model, data, recipe, seed=seed, device="cuda")
         assert result.history[0].train_loss == pytest.approx(alone.history[0].train_loss,
                                                              rel=1e-3)
+        # Scored in one pass of the stacked model (evaluate_stacked), as its own evaluation.
+        assert result.history[0].test_error == pytest.approx(alone.history[0].test_error,
+                                                             abs=3 / alone.test_images)
 
 
 def test_stacked_evaluation_scores_each_seed_as_its_own_evaluation():

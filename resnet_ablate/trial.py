@@ -32,7 +32,7 @@ from .recipe import TrainRecipe
 from .record import (DataParallelRecord, EpochRecord, FinalEvaluation, Placement, Status,
                      Timings, TrialOutcome, TrialTask)
 from .replicas import Replicas
-from .train import NoImages, TrainResult, train
+from .train import NoImages, TrainResult, train, train_seeds
 
 
 def library_versions() -> dict[str, str]:
@@ -174,8 +174,6 @@ def run_stacked_body(task: TrialTask, board: Any | None, device: torch.device
     epoch of each seed is reported under its own trial number (no pruner: the spec checks). An
     exception fails every seed of the stack with it, data sets that cannot be read as
     unavailable."""
-    from .train.seeds import train_seeds
-
     where = placement(device)
     numbers = [number for number, _ in task.stack]
     seeds = [seed for _, seed in task.stack]

@@ -9,7 +9,8 @@ specialized by Triton's own JIT rules. The epilogues: ResNet-50 (ImageNet, N=256
 bottleneck with BN + residual + ReLU at 256x56x56, 512x28x28, 1024x14x14 and 2048x7x7, and its
 stem and inner convolutions with BN + ReLU at 64x112x112, 64x56x56, 128x56x56, 128x28x28,
 256x28x28, 256x14x14, 512x14x14 and 512x7x7; ResNet-56 (CIFAR, N=128) has both kinds at 16x32x32,
-32x16x16 and 64x8x8. Reduction grids are sized by the runtime's one-wave rule, from the registers of
+32x16x16 and 64x8x8, and 5 of its seeds stacked into one model at 80x32x32, 160x16x16 and 320x8x8.
+Reduction grids are sized by the runtime's one-wave rule, from the registers of
 these sm_90 binaries.
 
 The statistics pass is compiled twice, with the running-stat update (eager mode) and without
@@ -57,6 +58,11 @@ CASES = [
       for c, hw in ((64, 112), (64, 56), (128, 56), (128, 28), (256, 28), (256, 14), (512, 14),
                     (512, 7))),
     *((f"resnet56 {c}x{hw}x{hw}{suffix}", (128, c, hw, hw), residual)
+      for c, hw in ((16, 32), (32, 16), (64, 8))
+      for residual, suffix in ((True, " +residual"), (False, ""))),
+    # 5 seeds of ResNet-56 stacked into one model (seed_stack.py, resources.stack_seeds): the
+    # same epilogues over 5x the channels, 80 of them not a power of two.
+    *((f"5 stacked resnet56 {5 * c}x{hw}x{hw}{suffix}", (128, 5 * c, hw, hw), residual)
       for c, hw in ((16, 32), (32, 16), (64, 8))
       for residual, suffix in ((True, " +residual"), (False, ""))),
 ]

@@ -582,7 +582,7 @@ ACTIVATION_KERNELS = {
 
 def test_resnet_launches_compile_for_hopper_with_16_byte_accesses_no_spills_one_wave():
     """The compiled path, checked without a GPU: every launch of a ResNet-50 and a ResNet-56
-    training step (each epilogue, with a residual and BN + ReLU without, NCHW and channels_last,
+    training step, and of 5 ResNet-56 seeds stacked into one model (each epilogue, with a residual and BN + ReLU without, NCHW and channels_last,
     bf16; the statistics pass with the running-stat update, as eager mode launches it, and
     without, as compiled code does) compiles for sm_90 with its real launch configuration; every
     activation load and store is a 16-byte vector, the ReLU travels as the packed mask (a byte
@@ -606,15 +606,17 @@ def test_resnet_launches_compile_for_hopper_with_16_byte_accesses_no_spills_one_
         stdout, stderr = process.communicate(timeout=900)
         assert process.returncode == 0, stderr[-3000:]
         launches += [json.loads(line) for line in stdout.splitlines()]
-    # 18 epilogues x 2 layouts x (2 forward + 2 backward launches + the statistics pass without
-    # the running-stat update, which compiled code launches)
-    assert len(launches) == 18 * 2 * 5
+    # 24 epilogues (5 seeds of ResNet-56 stacked among them) x 2 layouts x (2 forward + 2
+    # backward launches + the statistics pass without the running-stat update, which compiled
+    # code launches)
+    assert len(launches) == 24 * 2 * 5
     without_update = [l for l in launches if l["step"] == "forward without update"]
-    assert len(without_update) == 18 * 2
+    assert len(without_update) == 24 * 2
     assert {l["kernel"] for l in without_update} == {"_batch_stats_kernel",
                                                      "_span_batch_stats_kernel"}
     assert {l["shape"] for l in launches} >= {"resnet50 64x112x112", "resnet56 16x32x32",
-                                              "resnet50 2048x7x7 +residual"}
+                                              "resnet50 2048x7x7 +residual",
+                                              "5 stacked resnet56 80x32x32 +residual"}
     for launch in launches:
         where = f"{launch['kernel']} at {launch['shape']} {launch['layout']}"
         assert launch["local"] == 0 and launch["stack"] == 0, f"{where} spills: {launch}"

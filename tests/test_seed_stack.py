@@ -363,10 +363,40 @@ def test_train_seeds_records_a_diverged_seed_and_trains_the_others_on():
     results = train_seeds(model, data, recipe, seeds=[0, 1, 2])
     assert [r.status for r in results] == ["completed", "diverged", "completed"]
     assert "loss" in results[1].reason and results[1].epochs_completed == 0
+    # No epoch completed: no test record, as train() gives none.
+    assert (results[1].test_images, results[1].test_wrong, results[1].test_outcomes) == (
+        None, None, None)
     for seed in (0, 2):
         alone = train(model, data, recipe, seed=seed)
         assert results[seed].history[0].train_loss == pytest.approx(
             alone.history[0].train_loss, rel=1e-4)
+
+
+def test_a_seed_that_diverges_later_keeps_its_last_epochs_test_record():
+    """At lr 20 seeds diverge in their second or third epoch; in float64 (stacked and alone agree
+    to rounding until then) each seed's status, epochs and final test record (wrong answers and
+    per-image outcomes) are those train() gives it alone: a diverged seed's record is its last
+    completed epoch's, not the diverging epoch's scores."""
+    from resnet_ablate.data import load_dataset
+    from resnet_ablate.train import train
+    from resnet_ablate.train.seeds import train_seeds
+
+    data = load_dataset("digits")
+    data = dataclasses.replace(data, train_x=data.train_x.double(), test_x=data.test_x.double())
+    recipe = _digits_recipe(epochs=3, lr=20.0, augment=False, precision="fp32",
+                            memory_format="nchw")
+
+    def model():
+        return resnet8(in_channels=1, num_classes=10, fused=False).double()
+
+    seeds = [1, 2, 5]
+    results = train_seeds(model, data, recipe, seeds=seeds, threads=1)
+    assert any(r.status == "diverged" and r.epochs_completed > 0 for r in results)
+    for seed, result in zip(seeds, results):
+        alone = train(model, data, recipe, seed=seed, threads=1)
+        assert (result.status, result.epochs_completed) == (alone.status, alone.epochs_completed)
+        assert (result.test_images, result.test_wrong, result.test_outcomes) == (
+            alone.test_images, alone.test_wrong, alone.test_outcomes)
 
 
 @pytest.mark.parametrize("nesterov", [False, True], ids=["momentum", "nesterov"])
@@ -420,6 +450,12 @@ def test_seed_sgd_refuses_parameters_without_a_block_per_seed():
         SeedSGD([nn.Parameter(torch.zeros(4, 2))], seeds=3, lr=0.1)
     with pytest.raises(ValueError, match="one rate per seed"):
         SeedSGD([nn.Parameter(torch.zeros(6))], seeds=3, lr=0.1).set_lrs([0.1, 0.2])
+    for bad in (dict(lr=-1.0), dict(lr=0.1, momentum=-0.5), dict(lr=0.1, weight_decay=-1.0),
+                dict(lr=float("nan"))):
+        with pytest.raises(ValueError, match="must be a finite number >= 0"):
+            SeedSGD([nn.Parameter(torch.zeros(6))], seeds=3, **bad)
+    with pytest.raises(ValueError, match="finite rates >= 0"):
+        SeedSGD([nn.Parameter(torch.zeros(6))], seeds=3, lr=0.1).set_lrs([0.1, -0.1, 0.1])
 
 
 def test_train_seeds_ends_each_seeds_warm_up_on_its_own_error():
@@ -536,3 +572,28 @@ def test_stacked_evaluation_scores_each_seed_as_its_own_evaluation():
         assert scores[seed][1:] == (error, top5)
         assert evaluations[seed].test_record == own.test_record
     assert len({record[1] for record in scores}) > 1  # the seeds' errors differ
+
+
+def test_the_seeds_feeds_share_one_copy_of_the_data_set():
+    """train_seeds places the data once (placed_once): each seed's feed, which would otherwise
+    copy it into the run's memory format, finds its tensors there and holds the same storage."""
+    from resnet_ablate.data import SyntheticSpec, load_dataset
+    from resnet_ablate.data.feed import Placement, feed_for
+    from resnet_ablate.execution import Execution
+    from resnet_ablate.train.seeds import placed_once
+
+    data = load_dataset("synthetic", synthetic=SyntheticSpec(channels=3, train_size=64,
+                                                             test_size=32))
+    execution = Execution("cpu", "fp32", "channels_last", compile=False, cuda_graphs=False)
+    device = torch.device("cpu")
+
+    def feeds(bundle):
+        return [feed_for(bundle, Placement(device, execution.images, seed, True))
+                for seed in range(3)]
+
+    apart = feeds(data)  # NCHW RGB images: each feed's channels_last copy is its own
+    assert len({f.train_x.data_ptr() for f in apart}) == 3
+    shared = feeds(placed_once(data, device, execution.images))
+    for name in ("train_x", "train_y", "test_x", "test_y"):
+        assert len({getattr(f, name).data_ptr() for f in shared}) == 1, name
+    torch.testing.assert_close(shared[0].train_x, apart[0].train_x, rtol=0, atol=0)

@@ -120,3 +120,18 @@ def test_a_stack_takes_no_more_seeds_than_the_trial_budget_leaves(local_ray, tmp
     trials = list(_trials_by_point(summary, "budget-stack").values())
     assert len(trials) == 2 and len({t.params["shortcut"] for t in trials}) == 1
     assert all(t.user_attrs["execution"]["stacked_seeds"] == 2 for t in trials)
+
+
+def test_the_dry_run_counts_only_the_trials_the_budget_leaves(tmp_path, capsys):
+    """budget.trials 4 of 2 points x 3 seeds, stacks of 2: the run takes the grid's first 4
+    (point A's 3 seeds, then point none's seed 0) in 3 tasks; the other 2 are past the budget."""
+    from resnet_ablate.cli import main
+
+    from helpers import write_spec
+
+    path = write_spec(tmp_path, raw_spec("plan-budget", seeds=3, budget={"trials": 4},
+                                         resources={"cpus": 1, "workers": 1, "stack_seeds": 2}))
+    assert main(["run", str(path), "--dry-run", "--runs-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "6 trials: 4 to run" in out and "4 trials to run in 3 tasks" in out
+    assert out.count("past budget.trials") == 2

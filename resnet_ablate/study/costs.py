@@ -131,7 +131,7 @@ def stacking_advice(gpus: float, replicas: int, image_size: int, seeds: int, sta
                    else "not recommended")
         lines.append(f"stacking: on {m.device}, {m.seeds} seeds of a configuration as one model "
                      f"trained {m.speedup:.2f}x the images/s of one seed: {verdict} (this spec "
-                     f"stacks {stack_seeds}; compare the packing above)")
+                     f"stacks {stack_seeds}; a stack packs on a GPU as one trial above)")
     return lines
 
 
@@ -167,7 +167,7 @@ def stacked_tasks(stack_seeds: int, configurations: Sequence[str]) -> list[str]:
     tasks = sum(-(-count // stack_seeds) for count in seeds.values())
     return [f"stacked: up to {stack_seeds} seeds of a configuration train as one model in one "
             f"task (resources.stack_seeds), each seed still a trial of its own: "
-            f"{len(configurations)} trials to run in {tasks} tasks"]
+            f"{len(configurations)} trials to run in {tasks} task{'' if tasks == 1 else 's'}"]
 
 
 class StudyCosts:

@@ -3,6 +3,7 @@ their retry back-off), which get another seed (adaptive seeds), and the plan a d
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -43,7 +44,9 @@ class PlannedTrial:
     arch: ResNetArch
     params_count: int
     gflops: float
-    status: str  # "done", "pending", "given up", "settled", "over budget"
+    # "done", "pending", "given up", "settled", "over budget" (max_gflops), "if open" (adaptive
+    # seeds), "past budget.trials" (a pending one the trial budget leaves out)
+    status: str
     train_tflops: float  # forward + backward (3x forward) over every training image and epoch
 
 
@@ -155,9 +158,13 @@ def more_seeds(spec: StudySpec, trials: Iterable[optuna.trial.FrozenTrial],
     return added
 
 
-def plan(spec: StudySpec, history: GridHistory, costs: StudyCosts) -> list[PlannedTrial]:
-    """Every grid point x seed with its cost and status (grid studies); for `--dry-run`."""
+def plan(spec: StudySpec, history: GridHistory, costs: StudyCosts,
+         trials_left: float = math.inf) -> list[PlannedTrial]:
+    """Every grid point x seed with its cost and status (grid studies); for `--dry-run`. Of the
+    pending ones, those past the first `trials_left` (budget.trials less the trials asked, in
+    the order a run takes them) are marked so."""
     planned = []
+    pending = 0
     for params in spec.grid() if spec.sampler == "grid" else []:
         arch = spec.arch(params)
         prof = costs.profile(arch)
@@ -173,8 +180,11 @@ def plan(spec: StudySpec, history: GridHistory, costs: StudyCosts) -> list[Plann
                 status = "over budget"
             elif seed not in _first_seeds(spec, history, params):
                 status = "if open"  # adaptive seeds: run only while the question stays open
+            elif pending >= trials_left:
+                status = "past budget.trials"
             else:
                 status = "pending"
+                pending += 1
             planned.append(PlannedTrial(
                 params=params, seed=seed, arch=arch, params_count=prof.params,
                 gflops=prof.flops / 1e9, status=status, train_tflops=costs.train_tflops(arch)))

@@ -111,7 +111,9 @@ class StudyRunner:
         self.costs.check_dataset()
         if self.options.address is None:
             cluster.check_local_gpus(self.spec)
-        return grid.plan(self.spec, GridHistory(self.spec, self._existing_trials()), self.costs)
+        trials = self._existing_trials()
+        return grid.plan(self.spec, GridHistory(self.spec, trials), self.costs,
+                         self._trials_left(trials))
 
     def run(self) -> RunSummary:
         started = time.monotonic()
@@ -193,15 +195,22 @@ class StudyRunner:
                    history: GridHistory) -> tuple[list[PendingPoint], float]:
         """The grid points still to run (grid studies), and how many trials may still be asked
         (inf: no bound). Trials an interrupted run left do not count against budget.trials."""
-        budget = self.spec.budget.trials
-        asked = sum(1 for t in trials
-                    if t.user_attrs.get(TrialKey.FAILURE_KIND) != FailureKind.INTERRUPTED)
+        left = self._trials_left(trials)
         if self.spec.sampler != "grid":
-            return [], budget - asked if budget is not None else math.inf
+            return [], left
         pending = grid.pending_points(self.spec, history, self.costs)
-        if budget is not None:
-            pending = pending[: max(0, budget - asked)]
+        if left != math.inf:
+            pending = pending[: max(0, int(left))]
         return pending, len(pending)
+
+    def _trials_left(self, trials: list[optuna.trial.FrozenTrial]) -> float:
+        """How many trials budget.trials still allows (inf: no bound). Trials an interrupted run
+        left do not count against it."""
+        budget = self.spec.budget.trials
+        if budget is None:
+            return math.inf
+        return budget - sum(1 for t in trials if t.user_attrs.get(TrialKey.FAILURE_KIND)
+                            != FailureKind.INTERRUPTED)
 
 
 def run_study(spec: StudySpec, options: RunOptions = RunOptions()) -> RunSummary:

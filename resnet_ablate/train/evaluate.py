@@ -4,7 +4,7 @@ device and read once; `Evaluation` is the run's part that scores it after every 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -173,12 +173,13 @@ class Evaluation:
         self.test_record = dict(state["test_record"])
 
 
-def evaluate_stacked(model: nn.Module, evaluations: Sequence[Evaluation]
-                     ) -> list[tuple[float, float, float | None]]:
+def evaluate_stacked(model: nn.Module, evaluations: Sequence[Evaluation],
+                     skip: Collection[int] = ()) -> list[tuple[float, float, float | None] | None]:
     """Each seed's (loss, top-1 error, top-5 error or None) of `model`, its seeds stacked
     (seed_stack.py), `evaluations[k]` being seed k's and keeping its test record as its own call
     would: in one pass of the stacked model over the first's evaluation batches, which every
-    seed's feed gives alike (an in-memory data set's test images, in order). One process (no
+    seed's feed gives alike (an in-memory data set's test images, in order). The seeds in `skip`
+    (diverged ones) get None, and their evaluations keep the record they had. One process (no
     replicas), as train_seeds trains."""
     first = evaluations[0]
     feed = first.feed
@@ -190,6 +191,7 @@ def evaluate_stacked(model: nn.Module, evaluations: Sequence[Evaluation]
     count = sums[3]
     require_images(count, f"the {first.eval_split} split's evaluation", 0)
     outcomes = torch.cat(per_image).cpu().numpy() if per_image else None
-    return [evaluation._scores(loss_sum[k], wrong[k], wrong5[k], count,
+    return [None if k in skip else
+            evaluation._scores(loss_sum[k], wrong[k], wrong5[k], count,
                                None if outcomes is None else outcomes[:, k])
             for k, evaluation in enumerate(evaluations)]

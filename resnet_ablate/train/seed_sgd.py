@@ -16,6 +16,7 @@ a step captured in a CUDA graph replays whatever rates were set last.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -30,6 +31,9 @@ class SeedSGD(torch.optim.Optimizer):
                  nesterov: bool = False) -> None:
         if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
             raise ValueError(f"seeds must be a positive int, got {seeds!r}")
+        for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+            if not 0 <= value < math.inf:  # torch.optim.SGD's bounds (NaN fails too)
+                raise ValueError(f"SeedSGD's {name} must be a finite number >= 0, got {value!r}")
         if nesterov and momentum <= 0:
             raise ValueError("Nesterov momentum needs a momentum above 0")
         defaults = dict(lr=[float(lr)] * seeds, momentum=momentum, weight_decay=weight_decay,
@@ -55,6 +59,8 @@ class SeedSGD(torch.optim.Optimizer):
         lrs = [float(lr) for lr in lrs]
         if len(lrs) != self.seeds:
             raise ValueError(f"set_lrs takes one rate per seed ({self.seeds}), got {len(lrs)}")
+        if not all(0 <= lr < math.inf for lr in lrs):
+            raise ValueError(f"set_lrs takes finite rates >= 0, got {lrs}")
         if lrs == self.lrs:
             return
         for group in self.param_groups:

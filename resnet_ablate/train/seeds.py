@@ -25,6 +25,7 @@ its `wall_seconds` and epochs' `seconds` are the stacked run's.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable
 
@@ -110,7 +111,8 @@ class _StackedRun:
         self.rate_per_seed = bool(recipe.warmup) or recipe.schedule == "plateau"
         self.step = Step(stacked, recipe, execution, replicas, seeds=len(seeds),
                          rate_per_seed=self.rate_per_seed)
-        # Each seed's feed, placed as train(seed=...) places it.
+        # Each seed's feed, placed as train(seed=...) places it, all on one copy of the data.
+        data = placed_once(data, device, execution.images)
         self.feeds = [feed_for(data, Placement(device, execution.images, seed, recipe.augment,
                                                replicas.rank, replicas.world, recipe.lighting,
                                                recipe.mean == "pixel", recipe.test_views,
@@ -160,21 +162,30 @@ class _StackedRun:
             self._after_step(labels.shape[0])
             if step % self.watches[0].check_every == 0:
                 self._watch(epoch, step, seen)
+                if all(reason is not None for reason in self.diverged):
+                    return  # as train() stops at the check that finds its seed diverged
         self._watch(epoch, step, seen)  # also waits for the device: the epoch's time is real
+        if all(reason is not None for reason in self.diverged):
+            return
         trained = time.perf_counter()
         require_images(seen, f"epoch {epoch}'s training", 0)
         self.train_images += seen * len(self.seeds)
         self.train_seconds += trained - started
+        self._record_epoch(epoch, started, seen)
+
+    def _record_epoch(self, epoch: int, started: float, seen: int) -> None:
+        """Each seed's record of the epoch, from the step's sums and one evaluation of all."""
         losses, wrong = self.step.loss_sum.tolist(), self.step.wrong.tolist()
         lrs = self.step.current_lr
-        # Every seed scored in one pass of the stacked model (its diverged seeds' NaN logits
-        # stay in their own channels, and their scores are not read).
-        scores = evaluate_stacked(self.step.model, self.evaluations)
+        # Every seed scored in one pass of the stacked model; a diverged seed keeps the test
+        # record of its last completed epoch, as train() leaves it.
+        diverged = {index for index, reason in enumerate(self.diverged) if reason is not None}
+        scores = evaluate_stacked(self.step.model, self.evaluations, skip=diverged)
         for index, model in enumerate(self.models):
             if self.diverged[index] is not None:
                 continue
             self.schedules[index].end_epoch(losses[index] / seen)
-            test_loss, test_error, top5 = scores[index]
+            test_loss, test_error, top5 = scores[index]  # type: ignore[misc]
             views = {}
             if epoch == self.recipe.epochs and self.evaluations[index].feed.test_views:
                 model.load_state_dict(seed_state_dict(self.step.model, index))
@@ -231,6 +242,16 @@ class _StackedRun:
             warmup_steps=self.schedules[index].warmup_steps, seed=self.seeds[index],
             eval_split=self.eval_split,
             recipe=self.recipe, **self.evaluations[index].test_record)
+
+
+def placed_once(data: DataBundle, device: torch.device,
+                prepare: Callable[[torch.Tensor], torch.Tensor]) -> DataBundle:
+    """`data` with its tensors on `device` and its images prepared (the run's memory format):
+    each seed's feed, placing it the same way, then finds them there and copies nothing, so
+    that K seeds hold one copy of the data set on the device, not K."""
+    return dataclasses.replace(
+        data, train_x=prepare(data.train_x.to(device)), train_y=data.train_y.to(device),
+        test_x=prepare(data.test_x.to(device)), test_y=data.test_y.to(device))
 
 
 def _prefixed(log: Callable[[str], None] | None, seed: int) -> Callable[[str], None] | None:

@@ -142,7 +142,8 @@ if [ "$rehearse" = 1 ]; then
     compile_args=(--small --cases resnet20-8px --compile-backend aot_eager)
     kernel_args=(--small --layouts channels_last --compile-backend aot_eager --reps 2)
     passes_args=(--small)
-    stack_args=(--small --depths 20 56 --convolutions grouped dense)  # the trial step's depths
+    # The trial step's depths, and 110 for its stacked seeds' rate per seed (SeedSGD)
+    stack_args=(--small --depths 20 56 110 --convolutions grouped dense)
     packing_args=(--small --depth 20 --trials 1 2)
     loader_args=(--image-size 32 --batch-size 8 --batches 2 --workers 0 1 --depth 18)
     host_args=(--models resnet56 --layouts channels_last --launches stand-in --iterations 20

@@ -15,6 +15,11 @@ Each row (trials per device, the matching `resources.gpus`, aggregate and per-tr
 speed-up over one trial, the largest trial's peak memory) is appended to
 benchmarks/results/packing.csv as each packing finishes.
 
+With `--stack-seeds K` each packed process trains K seeds of its trial stacked into one model
+(`train_seeds`, as a study with `resources.stack_seeds: K` runs a grid point's seeds), and the
+speed-ups are over one such stack: what packing adds on top of stacking (Table 6 has 5 depths,
+each a stack of 5 seeds).
+
 With `--mps` the trials share the GPU through CUDA's Multi-Process Service, started for the run
 and stopped after it (`nvidia-cuda-mps-control -d`, then `quit`; the node's operator would run it
 for a study's Ray workers). Without it, processes time-slice the GPU: on an H200, 8 ResNet-56
@@ -56,6 +61,7 @@ class TrialConfig:
     cuda_graphs: bool
     threads: int
     lr: float
+    stack_seeds: int = 1  # seeds trained as one stacked model in each process (train_seeds)
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,7 @@ def _train_one(config: TrialConfig, barrier, results) -> None:
     from resnet_ablate.arch import ResNetArch
     from resnet_ablate.data import SyntheticSpec, load_dataset
     from resnet_ablate.models import build
-    from resnet_ablate.train import TrainRecipe, train
+    from resnet_ablate.train import TrainRecipe, train, train_seeds
 
     device = torch.device(config.device)
     spec = SyntheticSpec(num_classes=10, channels=3, image_size=config.image_size,
@@ -86,18 +92,27 @@ def _train_one(config: TrialConfig, barrier, results) -> None:
     def model() -> torch.nn.Module:
         return build(arch, num_classes=data.num_classes, in_channels=data.in_channels)
 
+    def run(data, recipe) -> list:
+        if config.stack_seeds == 1:
+            return [train(model, data, recipe, seed=0, device=device)]
+        return train_seeds(model, data, recipe, seeds=range(config.stack_seeds), device=device)
+
     warmup = dataclasses.replace(data, train_x=data.train_x[: 4 * config.batch],
                                  train_y=data.train_y[: 4 * config.batch])
-    train(model, warmup, dataclasses.replace(recipe, epochs=1), seed=0, device=device)
+    run(warmup, dataclasses.replace(recipe, epochs=1))
     reset_peak_memory(device)
     barrier.wait(timeout=BARRIER_TIMEOUT_S)
     started = time.time()
-    result = train(model, data, recipe, seed=0, device=device)
+    trained = run(data, recipe)
     finished = time.time()
-    if not result.ok:
-        raise RuntimeError(f"a packed trial did not complete: {result.reason}")
-    results.put(TrialTiming(started, finished, config.train_images * config.epochs,
-                            result.images_per_second, peak_memory_mb(device)))
+    if not all(result.ok for result in trained):
+        raise RuntimeError("a packed trial did not complete: "
+                           f"{next(r.reason for r in trained if not r.ok)}")
+    # A stack's seeds each report their share of its images/s.
+    results.put(TrialTiming(started, finished,
+                            config.stack_seeds * config.train_images * config.epochs,
+                            sum(result.images_per_second for result in trained),
+                            peak_memory_mb(device)))
 
 
 def run_packing(config: TrialConfig, trials: int) -> list[TrialTiming]:
@@ -135,7 +150,8 @@ def packing_row(config: TrialConfig, trials: int, timings: list[TrialTiming],
     return {
         "model": f"resnet{config.depth}", "image_size": config.image_size, "batch": config.batch,
         "train_images": config.train_images, "epochs": config.epochs,
-        "cuda_graphs": config.cuda_graphs, "trials_per_device": trials,
+        "cuda_graphs": config.cuda_graphs, "stack_seeds": config.stack_seeds,
+        "trials_per_device": trials,
         "gpus_per_trial": round(1 / trials, 4), "wall_seconds": round(span, 3),
         "aggregate_images_per_s": round(aggregate, 1),
         "per_trial_images_per_s": round(sum(t.images_per_second for t in timings) / trials, 1),
@@ -183,12 +199,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--cuda-graphs", action="store_true", help="each trial with cuda_graphs")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per trial")
+    parser.add_argument("--stack-seeds", type=int, default=1,
+                        help="seeds each packed process trains stacked into one model")
     parser.add_argument("--mps", action="store_true",
                         help="share the GPU through CUDA's MPS daemon, started for the run")
     parser.add_argument("--csv", default=RESULTS / "packing.csv")
     args = parser.parse_args(argv)
     if any(n < 1 for n in args.trials):
         parser.error(f"--trials takes counts of 1 or more, not {args.trials}")
+    if args.stack_seeds < 1:
+        parser.error(f"--stack-seeds takes a count of 1 or more, not {args.stack_seeds}")
     args.trials = sorted({1, *args.trials})  # the speed-ups are taken against one trial
     return args
 
@@ -199,10 +219,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          image_size=8 if args.small else 32,
                          train_images=64 if args.small else 10_240, batch=16 if args.small else 128,
                          epochs=1 if args.small else args.epochs, cuda_graphs=args.cuda_graphs,
-                         threads=args.threads, lr=0.01 if args.small else 0.1)
+                         threads=args.threads, lr=0.01 if args.small else 0.1,
+                         stack_seeds=args.stack_seeds)
     context = run_context(torch.device(args.device))
+    stacked = f", {config.stack_seeds} seeds stacked" if config.stack_seeds > 1 else ""
     print(f"device: {context['device']}; resnet{config.depth}, {config.train_images} images x "
-          f"{config.epochs} epochs per trial", file=sys.stderr, flush=True)
+          f"{config.epochs} epochs per trial{stacked}", file=sys.stderr, flush=True)
     with mps_daemon() if args.mps else contextlib.nullcontext():
         return measure_packings(config, args.trials, {**context, "mps": args.mps}, args.csv)
 

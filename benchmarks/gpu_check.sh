@@ -8,7 +8,8 @@
 #   bash benchmarks/gpu_check.sh --steps tests,kernels   # some steps only (a rerun of broken ones)
 #
 # On a GPU, the compile step (torch.compile's trial, measured twice on an H200: 0.63x and 0.70x)
-# runs only when --steps names it: the check's minutes go to what is still open.
+# and single trials packed through MPS (2.08x at 4, 2.48x at 8 on an H200) run only when --steps
+# names them: the check's minutes go to what is still open.
 #
 # Steps, each under a time limit, each appending its rows to a CSV in $OUT as it goes (a step cut
 # short keeps what it measured): the GPU tests; the trial loop against a plain and a hand-tuned
@@ -17,7 +18,8 @@
 # (bench_batch_norm_act.py), and each of their kernels alone against a copy, with the split and
 # warps varied (bench_kernel_passes.py); 5 seeds of ResNet-20/56/110 trained as one stacked model
 # (grouped convolutions, and dense block-diagonal ones) against one (bench_seed_stack.py); 1, 4
-# and 8 trials packed on the device, and through MPS where the driver has it (bench_packing.py);
+# and 8 trials packed on the device, and 1, 2 and 4 such stacks of 5 seeds, through MPS where the
+# driver has it (bench_packing.py);
 # the loader against the step (bench_loader.py); the host cost per layer (bench_host.py,
 # optional: run when present); and in the rehearsal only, the kernels compiled for sm_90 by the
 # machine's Triton, with no GPU. Every
@@ -145,10 +147,11 @@ if [ "$rehearse" = 1 ]; then
     # The trial step's depths, and 110 for its stacked seeds' rate per seed (SeedSGD)
     stack_args=(--small --depths 20 56 110 --convolutions grouped dense)
     packing_args=(--small --depth 20 --trials 1 2)
+    stacks_args=(--small --depth 20 --trials 1 2 --stack-seeds 2)
     loader_args=(--image-size 32 --batch-size 8 --batches 2 --workers 0 1 --depth 18)
     host_args=(--models resnet56 --layouts channels_last --launches stand-in --iterations 20
                --blocks 2)
-    limits=(120 120 120 60 120 90 90 120 60)
+    limits=(120 120 120 60 120 90 90 120 60 60)
 else
     device=cuda
     trial_args=(--cases resnet20-cifar resnet56-cifar resnet110-cifar)
@@ -159,13 +162,15 @@ else
     # With CUDA graphs, as the Table 6 projection runs each trial (its fastest variant); 2 trials
     # at once were never the fastest packing (H200: 1.26x with MPS off, 1.60x on)
     packing_args=(--depth 56 --epochs 1 --trials 1 4 8 --cuda-graphs)
+    # Table 6 as a study with stack_seeds 5 runs it: a stack of 5 seeds per depth, 5 stacks.
+    stacks_args=(--depth 56 --epochs 1 --trials 1 2 4 --cuda-graphs --stack-seeds 5)
     loader_args=(--image-size 224 --batch-size 64 --batches 8 --workers 2 8 14 --depth 50)
     host_args=(--device cuda --layouts channels_last --iterations 50 --blocks 3)
     # Seconds per step: tests, trial, kernels, kernel_passes, packing (and packing_mps), loader,
-    # host, trial_compile, seed_stack (an H200 took 99 for 28 tests, now 31, 125, 69, 26, 60+
-    # for 1, 2 and 4 trials, 31, 25 and 54 in the second lease; seed_stack not yet run); their
-    # sum is over the budget, which steps that end early leave to the last.
-    limits=(130 135 75 40 75 35 30 50 60)
+    # host, trial_compile, seed_stack, packing_stacks (an H200 took 99 for 28 tests, now 35,
+    # 125, 69, 26, 60+ for 1, 2 and 4 trials, 31, 25 and 54 in the second lease; the last two
+    # not yet run); their sum is over the budget, which steps that end early leave to the last.
+    limits=(130 135 75 40 75 35 30 50 60 60)
 fi
 # The loader benchmark's decode figures (crops/s per core), where its version measures them.
 if grep -q -- "--decode-csv" bench_loader.py; then
@@ -174,7 +179,7 @@ if grep -q -- "--decode-csv" bench_loader.py; then
 fi
 # Steps a GPU run takes only when --steps names them (the rehearsal takes every step).
 opt_in=""
-[ "$device" = cuda ] && opt_in=",trial_compile,"
+[ "$device" = cuda ] && opt_in=",trial_compile,packing_mps,"
 eager_variants=(plain tuned tuned+kernels project)
 [ "$device" = cuda ] && eager_variants+=(project+graphs)
 
@@ -197,9 +202,14 @@ step packing "${limits[4]}" "$out/packing.csv" $python bench_packing.py --device
     "${packing_args[@]}" --csv "$out/packing.csv"
 step loader "${limits[5]}" "$out/loader.csv" $python bench_loader.py --device $device \
     "${loader_args[@]}" --csv "$out/loader.csv"
-# Optional, on a GPU whose driver has CUDA's Multi-Process Service: the same packing through it
-# (processes otherwise time-slice the GPU, which held 8 graph-replayed trials to 1.10x one).
-if [ "$device" = cuda ] && command -v nvidia-cuda-mps-control >/dev/null; then
+# On a GPU whose driver has CUDA's Multi-Process Service, packings go through it (processes
+# otherwise time-slice the GPU, which held 8 graph-replayed trials to 1.10x one): stacks of seeds
+# packed side by side, and (opt-in, measured before) single trials.
+mps=()
+[ "$device" = cuda ] && command -v nvidia-cuda-mps-control >/dev/null && mps=(--mps)
+step packing_stacks "${limits[9]}" "$out/packing.csv" $python bench_packing.py --device $device \
+    "${stacks_args[@]}" ${mps[@]+"${mps[@]}"} --csv "$out/packing.csv"
+if [ ${#mps[@]} -gt 0 ]; then
     step packing_mps "${limits[4]}" "$out/packing.csv" $python bench_packing.py --device cuda \
         "${packing_args[@]}" --mps --csv "$out/packing.csv"
 else

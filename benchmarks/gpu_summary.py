@@ -41,7 +41,7 @@ TABLE6_GOAL_MINUTES = 30
 BF16_PEAK_TFLOPS = {"H100": 989, "H200": 989}  # dense bf16, the vendor's datasheet
 # Steps that must write rows; the host-cost step is optional (its benchmark may be absent).
 REQUIRED_STEPS = ("tests", "trial", "kernels", "kernel_passes", "seed_stack", "packing",
-                  "loader", "trial_compile")
+                  "loader", "packing_stacks", "trial_compile")
 # README's "GPU figures" section lies between these two lines; --readme fills it.
 README_START, README_END = "<!-- gpu-figures:start -->", "<!-- gpu-figures:end -->"
 
@@ -162,12 +162,15 @@ def trial_ratio(rows: Sequence[Mapping[str, str]], numerator: str | Sequence[str
     return statistics.geometric_mean(ratios) if ratios else None
 
 
-def packing_rows(rows: Sequence[Mapping[str, str]], mps: bool = False
+def packing_rows(rows: Sequence[Mapping[str, str]], mps: bool = False, stacked: bool = False
                  ) -> tuple[list[Mapping[str, str]], bool]:
     """The packing rows of trials with CUDA graphs where any were measured (as the Table 6
     projection runs each trial, gpu_check.sh's packing step), else those without; and which.
-    Those that shared the GPU through MPS (`mps`) or those that did not."""
-    rows = [r for r in rows if (r.get("mps") == "True") == mps]
+    Those that shared the GPU through MPS (`mps`) or those that did not; those whose processes
+    each trained a stack of seeds (`stacked`: bench_packing.py --stack-seeds, its speed-ups over
+    one stack) or one seed (rows from before the column count as one)."""
+    rows = [r for r in rows if (r.get("mps") == "True") == mps
+            and (int(r.get("stack_seeds") or 1) > 1) == stacked]
     graphs = [r for r in rows if r.get("cuda_graphs") == "True"]
     return (graphs, True) if graphs else (rows, False)
 
@@ -240,6 +243,11 @@ def ratios(out: Path) -> list[Ratio]:
     dense = stacking_gains(stack_rows, convolutions="dense")
     dense_over_grouped = [dense[d] / stacking[d] for d in dense if d in stacking]
     stacked = {d: rate * stacking[d] for d, rate in project.items() if d in stacking}
+    # Stacks packed on the GPU (through MPS where measured so): what the depths' stacks gain
+    # running side by side, as a study's 5 stacks of Table 6 would.
+    stacks_packed = max((p for p in (best_packing(packing_rows(packing, mps, stacked=True)[0])
+                                     for mps in (True, False)) if p),
+                        key=lambda p: p[1], default=None)
     return [
         Ratio("tuned / plain", trial_ratio(trial, "tuned", "plain"), "",
               "what a hand-tuned loop gives (bf16, channels_last, fused SGD, no syncs)"),
@@ -298,10 +306,16 @@ def ratios(out: Path) -> list[Ratio]:
               statistics.median(dense_over_grouped) if dense_over_grouped else None, "",
               "a measurement only (a dense convolution would carry a diverged seed's NaN into "
               "the others): what cuDNN's dense kernels would give instead"),
+        Ratio("stacks packed: best aggregate / one stack",
+              stacks_packed[1] if stacks_packed else None, "",
+              f"at {stacks_packed[0]} stacks per device (bench_packing.py --stack-seeds)"
+              if stacks_packed else "stacks of seeds sharing the device"),
         Ratio(f"Table 6, project, {TABLE6_SEEDS} seeds stacked (minutes)",
-              table6_minutes(stacked) if stacked else None, f"<= {TABLE6_GOAL_MINUTES}",
-              "projected: each depth's seeds as one model, one depth at a time (the trial's "
-              "rate times the stacking gain measured at that depth)"),
+              table6_minutes(stacked, stacks_packed[1] if stacks_packed else 1.0)
+              if stacked else None, f"<= {TABLE6_GOAL_MINUTES}",
+              "projected: each depth's seeds as one model (the trial's rate times the stacking "
+              "gain measured at that depth), the depths' stacks packed as measured"
+              + ("" if stacks_packed else " (not measured: one depth at a time)")),
         Ratio("Table 6, plain loop (minutes)",
               table6_minutes(rates_by_depth(trial, ("plain",))), "",
               "projected, one trial at a time"),
@@ -384,8 +398,9 @@ def epoch_table(trial_rows: Sequence[Mapping[str, str]]) -> list[str]:
     return lines + ["", "Table 6 adds these up over 5 seeds x 164 epochs; the project's total is "
                     "divided by the best packing's gain (measured on one depth, applied to all); "
                     "with seeds stacked, each depth's rate is the trial's times the stacking gain "
-                    "measured there, one depth at a time, no packing on top; the plain loop runs "
-                    "one trial at a time. Evaluation is left out.", ""]
+                    "measured there, divided by the gain of stacks packed side by side where it "
+                    "was measured (else one depth at a time); the plain loop runs one trial at a "
+                    "time. Evaluation is left out.", ""]
 
 
 def summary_markdown(out: Path) -> str:

@@ -21,7 +21,7 @@ residual and ReLU are per channel), nn.Linear and the option-A shortcut (`ZeroPa
 zero channels go after each seed's own). Kept as they are: the element-wise and pooling layers of
 CHANNELWISE, and containers (modules with children: blocks, stages, the network), whose forward
 code must treat channels alike, as all of the toolkit's does (a torch.cat along the channels
-would mix the seeds). Anything else is refused by name: a subclass with a forward of its own, or
+would mix the seeds: `check_stacked`, on an example batch, catches that). Anything else is refused by name: a subclass with a forward of its own, or
 a layer that mixes channels (GroupNorm, LocalResponseNorm, softmax over channels). So are seeds
 that differ in any setting or state the stacked model could hold only once (strides, eps,
 frozen parameters, dtype, device, BatchNorm's step count) and tied parameters or shared modules.
@@ -98,10 +98,14 @@ class SeedZeroPadShortcut(nn.Module):
         return padded.contiguous(memory_format=layout)
 
 
-def stack_models(models: Iterable[nn.Module]) -> nn.Module:
+def stack_models(models: Iterable[nn.Module], example: torch.Tensor | None = None) -> nn.Module:
     """One module computing all of `models` (one architecture, K seeds) in each of its launches;
     see the module's docstring for its inputs, outputs, what it stacks and what it refuses. The
-    models are left as they are: the stacked one holds copies of their weights and buffers."""
+    models are left as they are: the stacked one holds copies of their weights and buffers.
+
+    With `example` (a batch of one seed's inputs, (N, C, ...)), the stacked model is checked on
+    it against each model (`check_stacked`): the safety net for forward code that stacking
+    cannot see, such as a container's torch.cat along the channels."""
     if isinstance(models, nn.Module):
         raise TypeError("stack_models takes a list of models, one per seed, not one module")
     models = list(models)
@@ -129,7 +133,45 @@ def stack_models(models: Iterable[nn.Module]) -> nn.Module:
         parent, _, attribute = name.rpartition(".")
         setattr(stacked.get_submodule(parent), attribute, replacement)
     stacked.stacked_seeds = len(models)
+    if example is not None:
+        check_stacked(stacked, models, example)
     return stacked
+
+
+@torch.no_grad()
+def check_stacked(stacked: nn.Module, models: Sequence[nn.Module], example: torch.Tensor) -> None:
+    """Raise a ValueError where `stacked` (from stack_models) does not compute each of `models`
+    on `example` (one seed's batch, given to every seed), to float rounding: what a forward that
+    mixes the seeds' channels gives (a torch.cat or slice along them in a container, a layer
+    that pools over channels). In eval mode, so that no running statistic moves; each module's
+    mode is put back. A seed whose outputs are NaN must be NaN alone too."""
+    modules = [stacked, *models]
+    modes = [[m.training for m in module.modules()] for module in modules]
+    try:
+        for module in modules:
+            module.eval()
+        logits = stacked(example.repeat(1, len(models), *[1] * (example.dim() - 2)))
+        for seed, model in enumerate(models):
+            alone = model(example)
+            # A classifier's logits carry the seeds last (SeedLinear); a convolutional output
+            # carries them along the channels.
+            mine = (logits[..., seed] if logits.dim() == alone.dim() + 1
+                    else logits.chunk(len(models), dim=1)[seed])
+            scale = alone.abs().nan_to_num(0, 0, 0).max().item() or 1.0
+            close = torch.isclose(mine, alone, rtol=1e-3, atol=1e-3 * scale, equal_nan=True)
+            if mine.shape != alone.shape or not bool(close.all()):
+                worst = (mine - alone).abs().nan_to_num(float("inf")).max().item()
+                raise ValueError(
+                    f"stack_models: the stacked model does not compute seed {seed}'s model on "
+                    f"the example batch (outputs {tuple(mine.shape)} against "
+                    f"{tuple(alone.shape)}, largest difference {worst:.3g}): its forward mixes "
+                    "the seeds' channels somewhere stacking cannot see (a torch.cat, a slice "
+                    "or a reduction along the channels in a container's forward); train each "
+                    "seed alone")
+    finally:
+        for module, flags in zip(modules, modes):
+            for m, flag in zip(module.modules(), flags):
+                m.training = flag
 
 
 def _check_unshared(model: nn.Module) -> None:

@@ -597,3 +597,45 @@ def test_the_seeds_feeds_share_one_copy_of_the_data_set():
     for name in ("train_x", "train_y", "test_x", "test_y"):
         assert len({getattr(f, name).data_ptr() for f in shared}) == 1, name
     torch.testing.assert_close(shared[0].train_x, apart[0].train_x, rtol=0, atol=0)
+
+
+class _ChannelRoll(nn.Module):
+    """A net whose container forward rolls its channels (a torch.cat of two slices): alone it is
+    an ordinary model; stacked, it would hand one seed's channel to the next."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flat = nn.Flatten()
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        x = torch.cat([x[:, 1:], x[:, :1]], dim=1)
+        return self.fc(self.flat(self.pool(x)))
+
+
+def test_an_example_batch_catches_a_forward_that_mixes_the_seeds():
+    """stack_models cannot see a container's forward code: given an example batch it checks the
+    stacked model on it against each seed's (in eval mode, every module's mode put back), which
+    passes for the toolkit's nets (a NaN seed included) and refuses a net whose forward rolls
+    its channels; train_seeds checks every run so, before training."""
+    from resnet_ablate.data import load_dataset
+    from resnet_ablate.train.seeds import train_seeds
+
+    example = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    models = _models()
+    with torch.no_grad():
+        models[1].conv1.weight[0, 0, 0, 0] = float("nan")
+    stacked = stack_models(models, example=example)
+    assert stacked.training and all(m.training for m in models)
+    torch.manual_seed(0)
+    rolled = [_ChannelRoll() for _ in range(SEEDS)]
+    stack_models(rolled)  # unseen without an example
+    with pytest.raises(ValueError, match="mixes the seeds' channels"):
+        stack_models(rolled, example=torch.randn(4, 1, 8, 8))
+    assert all(m.training for m in rolled)
+    with pytest.raises(ValueError, match="mixes the seeds' channels"):
+        train_seeds(_ChannelRoll, load_dataset("digits"), _digits_recipe(), seeds=[0, 1])

@@ -47,6 +47,10 @@ from .schedule import Schedule
 from .step import Step
 
 
+# Training images the stacked model is checked on against each seed's model before training.
+EXAMPLE_IMAGES = 4
+
+
 def train_seeds(model: Callable[[], nn.Module], data: DataBundle, recipe: TrainRecipe, *,
                 seeds: Iterable[int], device: str | torch.device = "cpu",
                 threads: int | None = None,
@@ -77,7 +81,10 @@ def train_seeds(model: Callable[[], nn.Module], data: DataBundle, recipe: TrainR
                                 "not an nn.Module")
             models.append(built.to(device, memory_format=execution.torch_memory_format))
     with _seeded_on(device, seeds[0], threads):
-        stacked = stack_models(models)
+        # Checked on a few training images: a forward that mixes the seeds is refused, not
+        # trained.
+        example = execution.images(data.train_x[:EXAMPLE_IMAGES].to(device))
+        stacked = stack_models(models, example=example)
         run = _StackedRun(stacked, models, data, recipe, execution, seeds, log, on_epoch)
         return run.run()
 

@@ -1,5 +1,7 @@
 """One run of the driver: fill free workers with trials, collect the trials that ended, show
-progress; until the grid is done, the budget spent, or the run is stopped.
+progress; until the grid is done, the budget spent, or the run is stopped. A worker's task is one
+trial, or with resources.stack_seeds a stack of one grid point's ready seeds trained as one model
+(trial.py's run_stacked_body), each seed asked, reported and recorded as a trial of its own.
 
 Faults, and what this loop makes of them:
 - an exception in a trial comes back as a failed outcome: recorded with its traceback, and the study

@@ -56,6 +56,7 @@ MEASURED_PACKINGS: tuple[PackingMeasurement, ...] = (
     PackingMeasurement("NVIDIA H200", 8, 2.48, cuda_graphs=True, mps=True),
 )
 
+
 @dataclass(frozen=True)
 class StackingMeasurement:
     """Seeds of one configuration trained as one stacked model (resources.stack_seeds) on one GPU
@@ -230,7 +231,7 @@ class StudyCosts:
             len(self.spec.seeds), resources.stack_seeds)
         return [*self.packing_advice(), *stacking,
                 *stacked_tasks(resources.stack_seeds, configurations),
-                *start_up_cost(self.spec.resources.replica_count, len(configurations))]
+                *start_up_cost(resources.replica_count, len(configurations))]
 
     def train_tflops(self, arch: ResNetArch) -> float:
         """Forward + backward (3x forward) over every training image and epoch."""

@@ -29,11 +29,11 @@ TRIAL_COLUMNS = ("number", "state", "arch_name", *ARCH_COLUMNS, "seed", "params"
                  "test_accuracy", "test_error", "best_test_error", "test_top5_error",
                  *VIEW_METRICS, "train_error", "test_images", "skipped_images", "epochs",
                  "wall_seconds", "images_per_second", "precision", "memory_format", "compile",
-                 "cuda_graphs", "decode", "compile_seconds", "device",
+                 "cuda_graphs", "decode", "stacked_seeds", "compile_seconds", "device",
                  "replicas", "restarts", "failure_kind", "failure",
                  "arch_digest", "weights")
 _INT_COLUMNS = ("number", "depth", "base_width", "seed", "params", "flops", "test_images",
-                "skipped_images", "epochs", "replicas", "restarts")
+                "skipped_images", "epochs", "stacked_seeds", "replicas", "restarts")
 STATES = ("COMPLETE", "RUNNING", "FAIL", "PRUNED", "WAITING", INTERRUPTED_STATE)
 # The states `list_studies` counts (a WAITING trial is one a driver has asked and not yet started).
 LISTED_STATES = ("COMPLETE", "RUNNING", "FAIL", "PRUNED", INTERRUPTED_STATE)
@@ -158,6 +158,8 @@ def trial_row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
         # How it executed (auto choices resolved): one spec can run differently on two machines.
         **{name: execution.get(name) for name in ("precision", "memory_format", "compile",
                                                   "cuda_graphs", "decode")},
+        # The seeds it trained beside, stacked into one model (resources.stack_seeds); 1: alone.
+        "stacked_seeds": execution.get("stacked_seeds", 1) if execution else None,
         "compile_seconds": attrs.get(TrialKey.COMPILE_SECONDS),
         "device": attrs.get(TrialKey.DEVICE),
         # Data-parallel trials: how many processes trained it, how often it resumed after a loss.

@@ -48,6 +48,11 @@ def test_a_study_stacks_each_points_seeds_and_records_each_as_it_would_run_alone
     # Each seed's weights are its own: kept apart, and different between seeds.
     files = {mine[("A", seed)].user_attrs["weights"] for seed in range(3)}
     assert len(files) == 3
+    # The results say which trials were stacked, and with how many seeds.
+    from resnet_ablate.results import load
+
+    assert load("stacked", runs_dir=tmp_path).trials["stacked_seeds"].tolist() == [3] * 6
+    assert load("alone", runs_dir=tmp_path).trials["stacked_seeds"].tolist() == [1] * 6
 
 
 @pytest.mark.parametrize("change, words", [

@@ -170,18 +170,20 @@ def run_stacked_body(task: TrialTask, board: Any | None, device: torch.device
                      ) -> list[TrialOutcome]:
     """Train the seeds of `task.stack` at once, stacked into one model (train_seeds), in this
     process; one outcome per seed, in the stack's order, each with its own trial number, curves,
-    status (a seed that diverges is recorded so while the others train on) and weights. Each
-    epoch of each seed is reported under its own trial number (no pruner: the spec checks). An
-    exception fails every seed of the stack with it, data sets that cannot be read as
-    unavailable."""
+    status (a seed that diverges, or that the driver's pruner stops, is recorded so while the
+    others train on) and weights. Each epoch of each seed is reported under its own trial
+    number. An exception fails every seed of the stack with it, data sets that cannot be read
+    as unavailable."""
     where = placement(device)
     numbers = [number for number, _ in task.stack]
     seeds = [seed for _, seed in task.stack]
     epochs: list[list[dict[str, Any]]] = [[] for _ in task.stack]
 
-    def on_epoch(index: int, record: EpochRecord) -> None:
+    def on_epoch(index: int, record: EpochRecord) -> bool:
+        """Report the epoch; True where the driver's pruner stops this seed there."""
         epochs[index].append(asdict(record))
-        report_epoch(dataclasses.replace(task, trial_number=numbers[index]), board, record)
+        return report_epoch(dataclasses.replace(task, trial_number=numbers[index]), board,
+                            record)
 
     def stopped(status: str, reason: str, trace: str | None = None) -> list[TrialOutcome]:
         return [TrialOutcome(number, status, reason, trace, where, library_versions(),
@@ -200,9 +202,12 @@ def run_stacked_body(task: TrialTask, board: Any | None, device: torch.device
     except Exception as error:
         return stopped(Status.FAILED, f"{type(error).__name__}: {error}", traceback.format_exc())
     # The factory built each seed's model in order; train_seeds leaves each its final weights.
-    return [outcome_of(result, trial_number=number, where=where,
+    return [TrialOutcome(number, Status.PRUNED, f"pruned after epoch {result.epochs_completed}",
+                         None, where, library_versions(), tuple(epochs[index]))
+            if result.status == "stopped" else
+            outcome_of(result, trial_number=number, where=where,
                        weights=weights_of(model) if task.keep_weights and result.ok else None)
-            for number, result, model in zip(numbers, results, inputs.built)]
+            for index, (number, result, model) in enumerate(zip(numbers, results, inputs.built))]
 
 
 def _backend() -> str:

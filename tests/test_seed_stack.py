@@ -399,6 +399,34 @@ def test_a_seed_that_diverges_later_keeps_its_last_epochs_test_record():
             alone.test_images, alone.test_wrong, alone.test_outcomes)
 
 
+def test_a_seed_its_caller_stops_ends_there_while_the_others_train_on():
+    """on_epoch returning True stops that seed after the epoch (status "stopped", its record
+    that epoch's), as a pruner stops a trial; the others train on as alone; when every seed is
+    stopped the run ends."""
+    from resnet_ablate.data import load_dataset
+    from resnet_ablate.train import train
+    from resnet_ablate.train.seeds import train_seeds
+
+    data = load_dataset("digits")
+    recipe = _digits_recipe(epochs=3)
+
+    def model():
+        return resnet8(in_channels=1, num_classes=10)
+
+    results = train_seeds(model, data, recipe, seeds=[0, 1],
+                          on_epoch=lambda index, record: index == 1 and record.epoch == 1)
+    assert [(r.status, r.epochs_completed) for r in results] == [("completed", 3), ("stopped", 1)]
+    assert results[1].reason == "stopped after epoch 1"
+    assert results[1].test_wrong == round(results[1].history[0].test_error * results[1].test_images)
+    alone = train(model, data, recipe, seed=0)
+    assert results[0].history[0].train_loss == pytest.approx(alone.history[0].train_loss,
+                                                             rel=1e-4)
+    epochs_run = []
+    stopped = train_seeds(model, data, recipe, seeds=[0, 1],
+                          on_epoch=lambda index, record: epochs_run.append(record.epoch) or True)
+    assert [r.status for r in stopped] == ["stopped", "stopped"] and epochs_run == [1, 1]
+
+
 @pytest.mark.parametrize("nesterov", [False, True], ids=["momentum", "nesterov"])
 def test_seed_sgd_steps_each_seed_as_sgd_steps_it_alone_at_its_own_rate(nesterov):
     """SeedSGD on 3 stacked seeds against torch.optim.SGD on each seed's model at that seed's

@@ -57,11 +57,10 @@ def test_a_study_stacks_each_points_seeds_and_records_each_as_it_would_run_alone
 
 @pytest.mark.parametrize("change, words", [
     (dict(sampler="random", budget={"trials": 4}), "stacks the seeds of a grid point"),
-    (dict(pruner="median"), "a pruner stops trials one by one"),
     (dict(train={"epochs": 1, "precision": "fp16"}), "without fp16's gradient scaler"),
     (dict(train={"epochs": 1, "compile": True}), "without compile"),
     (dict(dataset={"name": "imagefolder", "root": "x"}), "imagefolder is streamed"),
-], ids=["sampler", "pruner", "fp16", "compile", "streamed"])
+], ids=["sampler", "fp16", "compile", "streamed"])
 def test_stacking_what_a_stack_cannot_train_is_refused_by_the_spec(change, words):
     # 3 CPUs: room for a streamed set's 2 decoding workers, which the spec checks first.
     raw = raw_spec("refused", resources={"cpus": 3, "workers": 1, "stack_seeds": 2}, **change)
@@ -140,3 +139,27 @@ def test_the_dry_run_counts_only_the_trials_the_budget_leaves(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "6 trials: 4 to run" in out and "4 trials to run in 3 tasks" in out
     assert out.count("past budget.trials") == 2
+
+
+def test_a_pruner_stops_a_stacks_seeds_as_it_stops_trials(local_ray, tmp_path):
+    """The median pruner with stacks of 2 seeds, one worker: the full-width nets' stack first
+    (the grid's order), then the 1-channel-wide nets' stack, which learns far slower: each of its
+    seeds is pruned after an epoch as a trial alone would be (test_study.py's median pruner
+    test), and the stack stops once both are."""
+    raw = raw_spec("pruned-stack", epochs=6, seeds=2,
+                   space={"widths": [[16, 32, 64], [1, 1, 1]]}, pruner="median",
+                   resources={"cpus": 1, "workers": 1, "stack_seeds": 2})
+    raw["dataset"]["synthetic"] = {**raw["dataset"]["synthetic"], "train_size": 1024}
+    summary = run_study(parse_spec(raw), RunOptions(runs_dir=tmp_path, progress=False))
+    trials = optuna.load_study(study_name="pruned-stack", storage=summary.storage).get_trials()
+    by_width: dict[str, list] = {}
+    for t in trials:
+        by_width.setdefault(t.params["widths"], []).append(t)
+    wide, narrow = by_width["[16, 32, 64]"], by_width["[1, 1, 1]"]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in wide)
+    assert all(t.state == optuna.trial.TrialState.PRUNED for t in narrow)
+    for t in narrow:
+        assert t.user_attrs["pruned"].startswith("pruned after epoch")
+        assert 0 < len(t.user_attrs["curves"]) < 6
+        assert set(t.intermediate_values) <= set(range(1, 7))
+    assert len({t.user_attrs["pid"] for t in narrow}) == 1  # one stack trained them

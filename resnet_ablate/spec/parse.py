@@ -62,7 +62,7 @@ def parse_spec(raw: Any, *, source: str = "<spec>") -> StudySpec:
     resources = _resources(check, top.get("resources"), dataset)
     _check_recipe_fits(check, recipe, dataset, resources)
     _check_replicas(check, resources, recipe)
-    _check_stacking(check, resources, sampler, pruner, recipe, dataset)
+    _check_stacking(check, resources, sampler, recipe, dataset)
     return StudySpec(
         study=study, question=check.typed("question", top.get("question", ""), str,
                                           "a sentence (str)"),
@@ -237,20 +237,17 @@ def _optional_int(check: Checker, top: Mapping[str, Any], key: str, valid: str) 
     return None if value is None else check.typed(key, value, int, valid)
 
 
-def _check_stacking(check: Checker, resources: Resources, sampler: str, pruner: str,
+def _check_stacking(check: Checker, resources: Resources, sampler: str,
                     recipe: TrainRecipe, dataset: DatasetSpec) -> None:
     """Seeds stacked into one model (resources.stack_seeds) train as train_seeds can train them:
-    a grid point's seeds, all to their last epoch, in one process, from memory, without a
-    shared gradient scaler or compilation."""
+    a grid point's seeds, in one process, from memory, without a shared gradient scaler or
+    compilation."""
     if resources.stack_seeds == 1:
         return
     problem = None
     if sampler != "grid":
         problem = (f"stacks the seeds of a grid point, and the {sampler} sampler gives each "
                    "trial parameters of its own: use sampler: grid")
-    elif pruner != "none":
-        problem = ("trains a stack's seeds together to the last epoch, and a pruner stops "
-                   "trials one by one: use pruner: none")
     elif resources.replica_count > 1:
         problem = (f"trains a stack in one process, and these trials have "
                    f"{resources.replica_count} replicas")

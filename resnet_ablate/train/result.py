@@ -11,7 +11,8 @@ from typing import Any, Literal
 from ..recipe import TrainRecipe
 from ..record import EpochRecord
 
-TrainStatus = Literal["completed", "diverged"]
+# "stopped": its caller stopped it after an epoch (train_seeds' on_epoch, as a pruner does).
+TrainStatus = Literal["completed", "diverged", "stopped"]
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,12 @@ schedule decays on its own loss, so where a recipe has either, the seeds step wi
 What the seeds share limits what it runs: an in-memory data set in one process; not fp16, whose
 gradient scaler they would share (one seed's overflow would skip every seed's step); no
 `compile`. A seed whose loss diverges is recorded as diverged at that point; its channels keep
-their NaN to themselves and the other seeds train on. Randomness inside the model (dropout)
-draws from one generator for all seeds: the same distribution as alone, not the same draws. No
-checkpoints or resumption (train each seed alone for those). Each seed's `images_per_second` is
-its own images over the shared training time (the stacked run's rate divided by the seeds), and
-its `wall_seconds` and epochs' `seconds` are the stacked run's.
+their NaN to themselves and the other seeds train on; so do they past a seed its caller stops
+(a pruner). Randomness inside the model (dropout) draws from one generator for all seeds: the
+same distribution as alone, not the same draws. No checkpoints or resumption (train each seed
+alone for those). Each seed's `images_per_second` is its own images over the shared training
+time (the stacked run's rate divided by the seeds), and its `wall_seconds` and epochs'
+`seconds` are the stacked run's.
 """
 
 from __future__ import annotations
@@ -55,11 +56,14 @@ def train_seeds(model: Callable[[], nn.Module], data: DataBundle, recipe: TrainR
                 seeds: Iterable[int], device: str | torch.device = "cpu",
                 threads: int | None = None,
                 log: Callable[[str], None] | None = None,
-                on_epoch: Callable[[int, EpochRecord], None] | None = None) -> list[TrainResult]:
+                on_epoch: Callable[[int, EpochRecord], bool | None] | None = None
+                ) -> list[TrainResult]:
     """Train `model` (a factory: each seed's initial weights are built under that seed) on
     `data` with `recipe` for every seed of `seeds` at once; one `TrainResult` per seed, in order.
     `on_epoch(index, record)` is called with each seed's record of each epoch (`index` into
-    `seeds`). See the module's docstring for what it runs and what it refuses."""
+    `seeds`); where it returns True, that seed is stopped there (status "stopped", as a pruner
+    stops a trial) while the others train on. See the module's docstring for what it runs and
+    what it refuses."""
     if isinstance(seeds, (int, str)) or not isinstance(seeds, Iterable):
         raise TypeError(f"seeds must be a list of ints, one per seed to train; got {seeds!r}")
     seeds = list(seeds)
@@ -108,7 +112,7 @@ class _StackedRun:
     def __init__(self, stacked: nn.Module, models: list[nn.Module], data: DataBundle,
                  recipe: TrainRecipe, execution, seeds: list[int],
                  log: Callable[[str], None] | None,
-                 on_epoch: Callable[[int, EpochRecord], None] | None) -> None:
+                 on_epoch: Callable[[int, EpochRecord], bool | None] | None) -> None:
         device = torch.device(execution.device)
         self.models, self.recipe, self.execution, self.seeds, self.log = (
             models, recipe, execution, seeds, log)
@@ -133,16 +137,17 @@ class _StackedRun:
         self.eval_split = data.eval_split
         self.histories: list[list[EpochRecord]] = [[] for _ in seeds]
         self.diverged: list[str | None] = [None for _ in seeds]
+        self.stopped: list[str | None] = [None for _ in seeds]  # by on_epoch
         self.train_images, self.train_seconds = 0, 0.0
 
     def run(self) -> list[TrainResult]:
         started = time.perf_counter()
         for epoch in range(1, self.recipe.epochs + 1):
             self._epoch(epoch)
-            if all(reason is not None for reason in self.diverged):
+            if not self._training():
                 break
         for index, history in enumerate(self.histories):
-            if self.diverged[index] is None:  # its model gets its weights (kept by studies)
+            if self._trains(index):  # its model gets its weights (kept by studies)
                 self.models[index].load_state_dict(seed_state_dict(self.step.model, index))
                 self.diverged[index] = self.watches[index].never_learned(history)
                 if self.diverged[index] is not None and self.log:
@@ -169,10 +174,10 @@ class _StackedRun:
             self._after_step(labels.shape[0])
             if step % self.watches[0].check_every == 0:
                 self._watch(epoch, step, seen)
-                if all(reason is not None for reason in self.diverged):
+                if not self._training():
                     return  # as train() stops at the check that finds its seed diverged
         self._watch(epoch, step, seen)  # also waits for the device: the epoch's time is real
-        if all(reason is not None for reason in self.diverged):
+        if not self._training():
             return
         trained = time.perf_counter()
         require_images(seen, f"epoch {epoch}'s training", 0)
@@ -184,12 +189,12 @@ class _StackedRun:
         """Each seed's record of the epoch, from the step's sums and one evaluation of all."""
         losses, wrong = self.step.loss_sum.tolist(), self.step.wrong.tolist()
         lrs = self.step.current_lr
-        # Every seed scored in one pass of the stacked model; a diverged seed keeps the test
-        # record of its last completed epoch, as train() leaves it.
-        diverged = {index for index, reason in enumerate(self.diverged) if reason is not None}
-        scores = evaluate_stacked(self.step.model, self.evaluations, skip=diverged)
+        # Every seed scored in one pass of the stacked model; a diverged or stopped seed keeps
+        # the test record of its last completed epoch, as train() leaves it.
+        out = {index for index in range(len(self.seeds)) if not self._trains(index)}
+        scores = evaluate_stacked(self.step.model, self.evaluations, skip=out)
         for index, model in enumerate(self.models):
-            if self.diverged[index] is not None:
+            if index in out:
                 continue
             self.schedules[index].end_epoch(losses[index] / seen)
             test_loss, test_error, top5 = scores[index]  # type: ignore[misc]
@@ -203,8 +208,8 @@ class _StackedRun:
                 test_loss=test_loss, test_error=test_error,
                 seconds=time.perf_counter() - started, test_top5_error=top5, **views)
             self.histories[index].append(record)
-            if self.on_epoch:
-                self.on_epoch(index, record)
+            if self.on_epoch and self.on_epoch(index, record):
+                self.stopped[index] = f"stopped after epoch {epoch}"
             if self.log:
                 self.log(f"seed {self.seeds[index]} epoch {epoch}/{self.recipe.epochs} lr "
                          f"{record.lr:g} train loss {record.train_loss:.4f} error "
@@ -215,7 +220,7 @@ class _StackedRun:
         """Warm-up's count for each seed still warming up, on its own batch error (the step's
         one wait for the device, as train()'s while it warms up)."""
         warming = [index for index, schedule in enumerate(self.schedules)
-                   if schedule.warming_up and self.diverged[index] is None]
+                   if schedule.warming_up and self._trains(index)]
         if not warming:
             return
         wrong = self.step.batch_wrong.tolist()
@@ -227,7 +232,7 @@ class _StackedRun:
         recorded so and left out from then on."""
         losses = self.step.loss_sum.tolist()
         for index, watch in enumerate(self.watches):
-            if self.diverged[index] is not None:
+            if not self._trains(index):
                 continue
             try:
                 watch.read(losses[index], seen, epoch, step)
@@ -236,10 +241,19 @@ class _StackedRun:
                 if self.log:
                     self.log(f"seed {self.seeds[index]} diverged: {diverged}")
 
+    def _trains(self, index: int) -> bool:
+        """Whether seed `index` still trains: neither diverged nor stopped."""
+        return self.diverged[index] is None and self.stopped[index] is None
+
+    def _training(self) -> bool:
+        """Whether any seed still trains (else the run ends, as a run alone would)."""
+        return any(self._trains(index) for index in range(len(self.seeds)))
+
     def _result(self, index: int, started: float) -> TrainResult:
-        reason = self.diverged[index]
+        stopped, diverged = self.stopped[index], self.diverged[index]
+        status = "stopped" if stopped else "diverged" if diverged else "completed"
         return result_of(
-            "completed" if reason is None else "diverged", reason, self.histories[index],
+            status, stopped or diverged, self.histories[index],
             wall_seconds=time.perf_counter() - started,
             # Each seed's share of the stacked run's images over its training time.
             images_per_second=(self.train_images / len(self.seeds) / self.train_seconds

@@ -185,10 +185,13 @@ def run_stacked_body(task: TrialTask, board: Any | None, device: torch.device
         return report_epoch(dataclasses.replace(task, trial_number=numbers[index]), board,
                             record)
 
+    def ended(index: int, status: str, reason: str, trace: str | None = None) -> TrialOutcome:
+        """Seed `index`'s outcome where its run did not train to the end: its epochs so far."""
+        return TrialOutcome(numbers[index], status, reason, trace, where, library_versions(),
+                            tuple(epochs[index]))
+
     def stopped(status: str, reason: str, trace: str | None = None) -> list[TrialOutcome]:
-        return [TrialOutcome(number, status, reason, trace, where, library_versions(),
-                             tuple(epochs[index]))
-                for index, number in enumerate(numbers)]
+        return [ended(index, status, reason, trace) for index in range(len(numbers))]
 
     try:
         inputs = TrialInputs.of(task)
@@ -202,8 +205,7 @@ def run_stacked_body(task: TrialTask, board: Any | None, device: torch.device
     except Exception as error:
         return stopped(Status.FAILED, f"{type(error).__name__}: {error}", traceback.format_exc())
     # The factory built each seed's model in order; train_seeds leaves each its final weights.
-    return [TrialOutcome(number, Status.PRUNED, f"pruned after epoch {result.epochs_completed}",
-                         None, where, library_versions(), tuple(epochs[index]))
+    return [ended(index, Status.PRUNED, f"pruned after epoch {result.epochs_completed}")
             if result.status == "stopped" else
             outcome_of(result, trial_number=number, where=where,
                        weights=weights_of(model) if task.keep_weights and result.ok else None)

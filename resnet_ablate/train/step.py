@@ -45,10 +45,6 @@ class Step:
         self.replicas = replicas
         # What trains: DistributedDataParallel with several replicas, compiled with `compile`.
         self.step_model: nn.Module = replicas.wrap(model, device)
-        # A CUDA graph replays the lr it was captured with from device memory: keep it a tensor.
-        lr: float | torch.Tensor = recipe.lr
-        if execution.cuda_graphs:
-            lr = torch.tensor(recipe.lr, dtype=torch.float32, device=device)
         self.current_lr: float | list[float] = recipe.lr
         self.optimizer: torch.optim.Optimizer
         if rate_per_seed:
@@ -60,6 +56,10 @@ class Step:
                                      momentum=recipe.momentum, weight_decay=recipe.weight_decay,
                                      nesterov=recipe.nesterov)
         else:
+            # A CUDA graph replays the lr it was captured with from device memory: a tensor.
+            lr: float | torch.Tensor = recipe.lr
+            if execution.cuda_graphs:
+                lr = torch.tensor(recipe.lr, dtype=torch.float32, device=device)
             self.optimizer = torch.optim.SGD(
                 model.parameters(),
                 lr=lr,

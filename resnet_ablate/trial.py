@@ -172,12 +172,15 @@ def run_stacked_body(task: TrialTask, board: Any | None, device: torch.device
     process; one outcome per seed, in the stack's order, each with its own trial number, curves,
     status (a seed that diverges, or that the driver's pruner stops, is recorded so while the
     others train on) and weights. Each epoch of each seed is reported under its own trial
-    number. An exception fails every seed of the stack with it, data sets that cannot be read
-    as unavailable."""
+    number. An exception fails every seed of the stack still training with it (data sets that
+    cannot be read as unavailable); a seed that had diverged or been pruned keeps that outcome,
+    so it is not retried."""
     where = placement(device)
     numbers = [number for number, _ in task.stack]
     seeds = [seed for _, seed in task.stack]
     epochs: list[list[dict[str, Any]]] = [[] for _ in task.stack]
+    ended: dict[int, TrainResult] = {}  # each seed's result, as its run ends (train_seeds)
+    built: list[torch.nn.Module] = []
 
     def on_epoch(index: int, record: EpochRecord) -> bool:
         """Report the epoch; True where the driver's pruner stops this seed there."""
@@ -185,31 +188,39 @@ def run_stacked_body(task: TrialTask, board: Any | None, device: torch.device
         return report_epoch(dataclasses.replace(task, trial_number=numbers[index]), board,
                             record)
 
-    def ended(index: int, status: str, reason: str, trace: str | None = None) -> TrialOutcome:
-        """Seed `index`'s outcome where its run did not train to the end: its epochs so far."""
-        return TrialOutcome(numbers[index], status, reason, trace, where, library_versions(),
-                            tuple(epochs[index]))
+    def outcome(index: int, status: str, reason: str, trace: str | None) -> TrialOutcome:
+        """Seed `index`'s outcome: its result where its run ended, else `status`."""
+        result = ended.get(index)
+        if result is None:
+            return TrialOutcome(numbers[index], status, reason, trace, where, library_versions(),
+                                tuple(epochs[index]))
+        if result.status == "stopped":
+            return TrialOutcome(numbers[index], Status.PRUNED,
+                                f"pruned after epoch {result.epochs_completed}", None, where,
+                                library_versions(), tuple(epochs[index]))
+        # The factory built each seed's model in order; train_seeds leaves each its final weights.
+        keep = task.keep_weights and result.ok
+        return outcome_of(result, trial_number=numbers[index], where=where,
+                          weights=weights_of(built[index]) if keep else None)
 
-    def stopped(status: str, reason: str, trace: str | None = None) -> list[TrialOutcome]:
-        return [ended(index, status, reason, trace) for index in range(len(numbers))]
+    def outcomes(status: str = Status.FAILED, reason: str = "",
+                 trace: str | None = None) -> list[TrialOutcome]:
+        return [outcome(index, status, reason, trace) for index in range(len(numbers))]
 
     try:
         inputs = TrialInputs.of(task)
+        built = inputs.built
         inputs.data.check_available()
-        results = train_seeds(inputs.model, inputs.data, inputs.recipe, seeds=seeds,
-                              device=device, threads=task.threads, on_epoch=on_epoch)
+        train_seeds(inputs.model, inputs.data, inputs.recipe, seeds=seeds, device=device,
+                    threads=task.threads, on_epoch=on_epoch, on_end=ended.__setitem__)
     except DataUnavailable as missing:  # not retried, as a trial alone's (run_trial_body)
-        return stopped(Status.UNAVAILABLE, str(missing))
+        return outcomes(Status.UNAVAILABLE, str(missing))
     except NoImages as nothing:
-        return stopped(Status.UNAVAILABLE, f"NoImages: {nothing}")
+        return outcomes(Status.UNAVAILABLE, f"NoImages: {nothing}")
     except Exception as error:
-        return stopped(Status.FAILED, f"{type(error).__name__}: {error}", traceback.format_exc())
-    # The factory built each seed's model in order; train_seeds leaves each its final weights.
-    return [ended(index, Status.PRUNED, f"pruned after epoch {result.epochs_completed}")
-            if result.status == "stopped" else
-            outcome_of(result, trial_number=number, where=where,
-                       weights=weights_of(model) if task.keep_weights and result.ok else None)
-            for index, (number, result, model) in enumerate(zip(numbers, results, inputs.built))]
+        return outcomes(Status.FAILED, f"{type(error).__name__}: {error}",
+                        traceback.format_exc())
+    return outcomes()
 
 
 def _backend() -> str:

@@ -344,6 +344,16 @@ def test_train_seeds_refuses_what_its_seeds_cannot_share():
         train_seeds(lambda: None, data, _digits_recipe(), seeds=[0, 1])
 
 
+def _nan_for_seed_1():
+    """ResNet-8 for digits; built under seed 1 (the factory runs under each seed), with a NaN
+    weight, so that seed diverges in its first steps."""
+    net = resnet8(in_channels=1, num_classes=10)
+    if torch.initial_seed() == 1:
+        with torch.no_grad():
+            net.conv1.weight[0, 0, 0, 0] = float("nan")
+    return net
+
+
 def test_train_seeds_records_a_diverged_seed_and_trains_the_others_on():
     """Seed 1's model is built with a NaN weight (the factory runs under each seed): it is
     recorded as diverged, while seeds 0 and 2 complete as they would alone."""
@@ -351,25 +361,42 @@ def test_train_seeds_records_a_diverged_seed_and_trains_the_others_on():
     from resnet_ablate.train import train
     from resnet_ablate.train.seeds import train_seeds
 
-    def model():
-        net = resnet8(in_channels=1, num_classes=10)
-        if torch.initial_seed() == 1:
-            with torch.no_grad():
-                net.conv1.weight[0, 0, 0, 0] = float("nan")
-        return net
-
     data = load_dataset("digits")
     recipe = _digits_recipe(epochs=1)
-    results = train_seeds(model, data, recipe, seeds=[0, 1, 2])
+    results = train_seeds(_nan_for_seed_1, data, recipe, seeds=[0, 1, 2])
     assert [r.status for r in results] == ["completed", "diverged", "completed"]
     assert "loss" in results[1].reason and results[1].epochs_completed == 0
     # No epoch completed: no test record, as train() gives none.
     assert (results[1].test_images, results[1].test_wrong, results[1].test_outcomes) == (
         None, None, None)
     for seed in (0, 2):
-        alone = train(model, data, recipe, seed=seed)
+        alone = train(_nan_for_seed_1, data, recipe, seed=seed)
         assert results[seed].history[0].train_loss == pytest.approx(
             alone.history[0].train_loss, rel=1e-4)
+
+
+def test_on_end_tells_a_seeds_end_as_it_happens_so_a_later_error_loses_nothing():
+    """Seed 1 (a NaN weight) diverges in the first epoch; on_end hands its diverged result over
+    then, before an error raised at the end of that epoch (by on_epoch) ends the run; without
+    the error every seed's result is handed over once, the one train_seeds returns."""
+    from resnet_ablate.data import load_dataset
+    from resnet_ablate.train.seeds import train_seeds
+
+    def fail(index, record):
+        raise RuntimeError("the store went away")
+
+    data, recipe = load_dataset("digits"), _digits_recipe(epochs=2)
+    ended = {}
+    with pytest.raises(RuntimeError, match="store went away"):
+        train_seeds(_nan_for_seed_1, data, recipe, seeds=[0, 1], on_epoch=fail,
+                    on_end=ended.__setitem__)
+    assert list(ended) == [1] and ended[1].status == "diverged"
+    assert ended[1].epochs_completed == 0 and "loss" in ended[1].reason
+    handed = []
+    results = train_seeds(_nan_for_seed_1, data, recipe, seeds=[0, 1],
+                          on_end=lambda index, result: handed.append((index, result)))
+    assert [index for index, _ in handed] == [1, 0]
+    assert dict(handed) == dict(enumerate(results))
 
 
 def test_a_seed_that_diverges_later_keeps_its_last_epochs_test_record():
@@ -500,7 +527,7 @@ def test_train_seeds_ends_each_seeds_warm_up_on_its_own_error():
     def model():
         return resnet8(in_channels=1, num_classes=10)
 
-    results = train_seeds(model, data, recipe, seeds=[0, 1, 2])
+    results = train_seeds(_nan_for_seed_1, data, recipe, seeds=[0, 1, 2])
     steps = [r.warmup_steps for r in results]
     assert len(set(steps)) > 1  # the seeds' warm-ups end apart
     for seed, result in zip([0, 1, 2], results):
@@ -529,7 +556,7 @@ def test_train_seeds_decays_each_seeds_plateau_on_its_own_loss():
 
     data = load_dataset("digits")
     recipe = _digits_recipe(epochs=4, schedule="plateau", plateau_patience=1)
-    results = train_seeds(model, data, recipe, seeds=[0, 1, 2])
+    results = train_seeds(_nan_for_seed_1, data, recipe, seeds=[0, 1, 2])
     assert [h.lr for h in results[1].history] == pytest.approx([0.05, 0.05, 0.05, 0.005])
     for seed, result in zip([0, 1, 2], results):
         alone = train(model, data, recipe, seed=seed)

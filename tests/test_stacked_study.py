@@ -115,6 +115,33 @@ def test_a_stack_in_this_process_gives_each_seed_its_outcome_and_fails_them_toge
                and o.traceback for o in broken)
 
 
+def test_a_stack_that_fails_after_a_seed_was_pruned_keeps_that_seed_pruned(monkeypatch):
+    """The pruner stops trial 9 after its first epoch; then reporting trial 4's second epoch
+    raises: trial 4 fails (to be retried) with the error, trial 9 stays pruned (not retried)."""
+    from resnet_ablate import trial
+    from resnet_ablate.arch import ResNetArch
+    from resnet_ablate.recipe import TrainRecipe
+    from resnet_ablate.record import Status, TrialTask
+
+    def report(task, board, record):
+        if task.trial_number == 4 and record.epoch == 2:
+            raise ConnectionError("the driver went away")
+        return task.trial_number == 9
+
+    monkeypatch.setattr(trial, "report_epoch", report)
+    task = TrialTask(
+        trial_number=4, arch=ResNetArch(family="cifar", depth=8).to_dict(), seed=0,
+        dataset={"name": "synthetic", "synthetic": {"train_size": 64, "test_size": 32}},
+        recipe=TrainRecipe(epochs=3, batch_size=32).to_dict(), threads=1, use_gpu=False,
+        keep_weights=True, stack=((4, 0), (9, 1)))
+    failed, pruned = trial.run_stacked_body(task, None, torch.device("cpu"))
+    assert (failed.trial_number, failed.status) == (4, Status.FAILED)
+    assert "ConnectionError: the driver went away" in failed.reason and failed.traceback
+    assert len(failed.curves) == 2  # the epochs it reported, the second one included
+    assert (pruned.trial_number, pruned.status) == (9, Status.PRUNED)
+    assert pruned.reason == "pruned after epoch 1" and len(pruned.curves) == 1
+
+
 def test_a_stack_takes_no_more_seeds_than_the_trial_budget_leaves(local_ray, tmp_path):
     """budget.trials 2 of 3 seeds x 2 points, stack_seeds 3: one stack of 2 seeds, no more."""
     raw = raw_spec("budget-stack", seeds=3, epochs=1, budget={"trials": 2},

@@ -20,8 +20,8 @@ their NaN to themselves and the other seeds train on; so do they past a seed its
 (a pruner). Randomness inside the model (dropout) draws from one generator for all seeds: the
 same distribution as alone, not the same draws. No checkpoints or resumption (train each seed
 alone for those). Each seed's `images_per_second` is its own images over the shared training
-time (the stacked run's rate divided by the seeds), and its `wall_seconds` and epochs'
-`seconds` are the stacked run's.
+time (the stacked run's rate divided by the seeds), its epochs' `seconds` are the stacked
+run's, and its `wall_seconds` the stacked run's until the seed's own run ended.
 """
 
 from __future__ import annotations
@@ -56,14 +56,17 @@ def train_seeds(model: Callable[[], nn.Module], data: DataBundle, recipe: TrainR
                 seeds: Iterable[int], device: str | torch.device = "cpu",
                 threads: int | None = None,
                 log: Callable[[str], None] | None = None,
-                on_epoch: Callable[[int, EpochRecord], bool | None] | None = None
+                on_epoch: Callable[[int, EpochRecord], bool | None] | None = None,
+                on_end: Callable[[int, TrainResult], None] | None = None
                 ) -> list[TrainResult]:
     """Train `model` (a factory: each seed's initial weights are built under that seed) on
     `data` with `recipe` for every seed of `seeds` at once; one `TrainResult` per seed, in order.
     `on_epoch(index, record)` is called with each seed's record of each epoch (`index` into
     `seeds`); where it returns True, that seed is stopped there (status "stopped", as a pruner
-    stops a trial) while the others train on. See the module's docstring for what it runs and
-    what it refuses."""
+    stops a trial) while the others train on. `on_end(index, result)` is called as each seed's
+    run ends: a seed that diverges or is stopped there and then, the others at the end; so a
+    caller whose run raises later still knows how the seeds that had ended did. See the module's
+    docstring for what it runs and what it refuses."""
     if isinstance(seeds, (int, str)) or not isinstance(seeds, Iterable):
         raise TypeError(f"seeds must be a list of ints, one per seed to train; got {seeds!r}")
     seeds = list(seeds)
@@ -89,7 +92,7 @@ def train_seeds(model: Callable[[], nn.Module], data: DataBundle, recipe: TrainR
         # trained.
         example = execution.images(data.train_x[:EXAMPLE_IMAGES].to(device))
         stacked = stack_models(models, example=example)
-        run = _StackedRun(stacked, models, data, recipe, execution, seeds, log, on_epoch)
+        run = _StackedRun(stacked, models, data, recipe, execution, seeds, log, on_epoch, on_end)
         return run.run()
 
 
@@ -112,11 +115,12 @@ class _StackedRun:
     def __init__(self, stacked: nn.Module, models: list[nn.Module], data: DataBundle,
                  recipe: TrainRecipe, execution, seeds: list[int],
                  log: Callable[[str], None] | None,
-                 on_epoch: Callable[[int, EpochRecord], bool | None] | None) -> None:
+                 on_epoch: Callable[[int, EpochRecord], bool | None] | None,
+                 on_end: Callable[[int, TrainResult], None] | None) -> None:
         device = torch.device(execution.device)
         self.models, self.recipe, self.execution, self.seeds, self.log = (
             models, recipe, execution, seeds, log)
-        self.on_epoch = on_epoch
+        self.on_epoch, self.on_end = on_epoch, on_end
         replicas = Replicas()
         # Warm-up and the plateau schedule set each seed's rate apart.
         self.rate_per_seed = bool(recipe.warmup) or recipe.schedule == "plateau"
@@ -138,10 +142,12 @@ class _StackedRun:
         self.histories: list[list[EpochRecord]] = [[] for _ in seeds]
         self.diverged: list[str | None] = [None for _ in seeds]
         self.stopped: list[str | None] = [None for _ in seeds]  # by on_epoch
+        self.results: dict[int, TrainResult] = {}  # each seed's, as its run ends
         self.train_images, self.train_seconds = 0, 0.0
+        self.started = 0.0  # as run() starts
 
     def run(self) -> list[TrainResult]:
-        started = time.perf_counter()
+        self.started = time.perf_counter()
         for epoch in range(1, self.recipe.epochs + 1):
             self._epoch(epoch)
             if not self._training():
@@ -152,7 +158,8 @@ class _StackedRun:
                 self.diverged[index] = self.watches[index].never_learned(history)
                 if self.diverged[index] is not None and self.log:
                     self.log(f"seed {self.seeds[index]} diverged: {self.diverged[index]}")
-        return [self._result(index, started) for index in range(len(self.seeds))]
+                self._end(index)
+        return [self.results[index] for index in range(len(self.seeds))]
 
     def _epoch(self, epoch: int) -> None:
         started = time.perf_counter()
@@ -210,6 +217,7 @@ class _StackedRun:
             self.histories[index].append(record)
             if self.on_epoch and self.on_epoch(index, record):
                 self.stopped[index] = f"stopped after epoch {epoch}"
+                self._end(index)
             if self.log:
                 self.log(f"seed {self.seeds[index]} epoch {epoch}/{self.recipe.epochs} lr "
                          f"{record.lr:g} train loss {record.train_loss:.4f} error "
@@ -240,6 +248,7 @@ class _StackedRun:
                 self.diverged[index] = str(diverged)
                 if self.log:
                     self.log(f"seed {self.seeds[index]} diverged: {diverged}")
+                self._end(index)
 
     def _trains(self, index: int) -> bool:
         """Whether seed `index` still trains: neither diverged nor stopped."""
@@ -249,12 +258,14 @@ class _StackedRun:
         """Whether any seed still trains (else the run ends, as a run alone would)."""
         return any(self._trains(index) for index in range(len(self.seeds)))
 
-    def _result(self, index: int, started: float) -> TrainResult:
+    def _end(self, index: int) -> None:
+        """Seed `index`'s run has ended: its result, as of now (its time so far, its record that
+        of its last completed epoch), kept and handed to on_end."""
         stopped, diverged = self.stopped[index], self.diverged[index]
         status = "stopped" if stopped else "diverged" if diverged else "completed"
-        return result_of(
+        self.results[index] = result = result_of(
             status, stopped or diverged, self.histories[index],
-            wall_seconds=time.perf_counter() - started,
+            wall_seconds=time.perf_counter() - self.started,
             # Each seed's share of the stacked run's images over its training time.
             images_per_second=(self.train_images / len(self.seeds) / self.train_seconds
                                if self.train_seconds else 0.0),
@@ -263,6 +274,8 @@ class _StackedRun:
             warmup_steps=self.schedules[index].warmup_steps, seed=self.seeds[index],
             eval_split=self.eval_split,
             recipe=self.recipe, **self.evaluations[index].test_record)
+        if self.on_end:
+            self.on_end(index, result)
 
 
 def placed_once(data: DataBundle, device: torch.device,

@@ -527,7 +527,7 @@ def test_train_seeds_ends_each_seeds_warm_up_on_its_own_error():
     def model():
         return resnet8(in_channels=1, num_classes=10)
 
-    results = train_seeds(_nan_for_seed_1, data, recipe, seeds=[0, 1, 2])
+    results = train_seeds(model, data, recipe, seeds=[0, 1, 2])
     steps = [r.warmup_steps for r in results]
     assert len(set(steps)) > 1  # the seeds' warm-ups end apart
     for seed, result in zip([0, 1, 2], results):
@@ -556,7 +556,7 @@ def test_train_seeds_decays_each_seeds_plateau_on_its_own_loss():
 
     data = load_dataset("digits")
     recipe = _digits_recipe(epochs=4, schedule="plateau", plateau_patience=1)
-    results = train_seeds(_nan_for_seed_1, data, recipe, seeds=[0, 1, 2])
+    results = train_seeds(model, data, recipe, seeds=[0, 1, 2])
     assert [h.lr for h in results[1].history] == pytest.approx([0.05, 0.05, 0.05, 0.005])
     for seed, result in zip([0, 1, 2], results):
         alone = train(model, data, recipe, seed=seed)

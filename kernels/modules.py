@@ -45,7 +45,10 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
             if self.bias is not None:
                 nn.init.zeros_(self.bias)
 
-    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None, *,
+                relu: bool | None = None) -> torch.Tensor:
+        """BatchNorm, then `+ residual` where given, then ReLU where `relu` (default: the
+        module's own `relu`)."""
         self._check_input_dim(input)
         # The momentum and batch-statistics choices below are nn.BatchNorm2d's, step for step.
         momentum = 0.0 if self.momentum is None else self.momentum
@@ -65,7 +68,7 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
             momentum,
             self.eps,
             residual=residual,
-            relu=self.relu,
+            relu=self.relu if relu is None else relu,
         )
 
     def extra_repr(self) -> str:

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Literal, TypeVar, overload
+from typing import Any, Literal, TypeVar, overload
 
-import torch
 from torch import nn
 
 from ..blocks import BasicBlock, Bottleneck
@@ -31,30 +30,32 @@ __all__ = ["FuseReport", "FuseWarning", "FusedSite", "SkippedBlock", "fuse", "un
 M = TypeVar("M", bound=nn.Module)
 
 
-def _fuse(model: nn.Module, example_input: torch.Tensor | None) -> FuseReport:
+def _fuse(model: nn.Module, example_input: Any) -> FuseReport:
     plan = plan_blocks(model)
     plan.apply(model)
     graphs = fuse_graphs(model, example_input)
-    return FuseReport(tuple(plan.fused), (*plan.skipped, *graphs.skipped),
-                      (*plan.sites, *graphs.sites), tuple(graphs.rewritten))
+    skipped = dict.fromkeys((*plan.skipped, *graphs.skipped))  # one BN met at two calls: once
+    return FuseReport(tuple(plan.fused), tuple(skipped), (*plan.sites, *graphs.sites),
+                      tuple(graphs.rewritten))
 
 
 @overload
 def fuse(model: M, *, strict: bool = ..., return_report: Literal[False] = ...,
-         example_input: torch.Tensor | None = ...) -> M: ...
+         example_input: Any = ...) -> M: ...
 @overload
 def fuse(model: M, *, strict: bool = ..., return_report: Literal[True],
-         example_input: torch.Tensor | None = ...) -> tuple[M, FuseReport]: ...
+         example_input: Any = ...) -> tuple[M, FuseReport]: ...
 
 
 def fuse(model: M, *, strict: bool = False, return_report: bool = False,
-         example_input: torch.Tensor | None = None) -> M | tuple[M, FuseReport]:
+         example_input: Any = None) -> M | tuple[M, FuseReport]:
     """Fuse every BatchNorm2d -> [add] -> ReLU of `model` in place; return the model.
 
     Sites that cannot be fused exactly are left unchanged and listed in a `FuseWarning` (with
     `strict=True`, a ValueError raised before anything is changed). `example_input` is the batch
-    rewritten forwards are checked on (default: 2 random 64x64 images with the first conv's
-    channels). With `return_report=True` returns `(model, FuseReport)`.
+    rewritten forwards are checked on, or a tuple of the model's positional arguments (default: 2
+    random 32x32 images with the first conv's channels). With `return_report=True` returns
+    `(model, FuseReport)`.
     """
     if strict:
         trial = _fuse(copy.deepcopy(model), example_input)  # a copy: refuse before any change

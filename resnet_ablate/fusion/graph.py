@@ -25,7 +25,8 @@ import torch
 from torch import fx, nn
 
 from ..blocks import fused_twin_of
-from .patterns import _OPAQUE, find_sites, owner_of, rewrite, trace
+from .forward_facts import guarded
+from .patterns import _OPAQUE, find_sites, owner_of, rewrite, traced
 from .probe import beyond_tolerance, evaluating, probe_input
 from .records import FusedSite, SkippedBlock, qualified
 
@@ -104,21 +105,26 @@ class _Found:
     called: tuple[str, ...]
 
 
-def _scan(module: nn.Module, name: str, found: dict[str, list[_Found]], result: GraphResult) -> None:
+def _scan(module: nn.Module, name: str, found: dict[str, list[_Found]], result: GraphResult,
+          untraced: str | None = None) -> None:
     """Trace `module` (or, where its forward cannot be traced, each child on its own) and record
-    each site under its owner (absolute names throughout)."""
+    each site under its owner (absolute names throughout). `untraced`: why the forward calling
+    this module's children could not be traced, where this module has no forward of its own
+    (a ModuleList or ModuleDict, whose children that forward called)."""
     if isinstance(module, _OPAQUE):
+        return
+    if type(module).forward is nn.Module.forward:  # a container: its caller called its children
+        for child_name, child in module.named_children():
+            _untraced_child(child, qualified(name, child_name), untraced, found, result)
         return
     try:
         with _in_mode(module, True):  # where stochastic parts (DropPath) show their work
-            graph = trace(module)
+            graph, tracer = traced(module)
     except Exception as error:  # noqa: BLE001 - any tracing failure: look one level down
-        if any(type(child) is nn.BatchNorm2d for child in module.children()):
-            result.skipped.append(SkippedBlock(name, f"its forward cannot be traced "
-                                               f"({type(error).__name__}: {error}), so the "
-                                               "BatchNorms it calls itself are left as they are"))
+        why = (f"the forward of {name or '<model>'} ({type(module).__name__}) that calls it "
+               f"cannot be traced exactly ({type(error).__name__}: {error})")
         for child_name, child in module.named_children():
-            _scan(child, qualified(name, child_name), found, result)
+            _untraced_child(child, qualified(name, child_name), why, found, result)
         return
     sites, refused = find_sites(graph, module)
     result.skipped.extend(SkippedBlock(qualified(name, bn), why) for bn, why in refused)
@@ -126,6 +132,19 @@ def _scan(module: nn.Module, name: str, found: dict[str, list[_Found]], result: 
         called = tuple(qualified(name, str(n.target)) for n in site.nodes if n.op == "call_module")
         owner = qualified(name, owner_of(site))
         found.setdefault(owner, []).append(_Found(qualified(name, str(site.bn.target)), called))
+    for path in tracer.hooked:  # called, not traced into: its own forward is searched
+        _scan(module.get_submodule(path), qualified(name, path), found, result)
+
+
+def _untraced_child(child: nn.Module, name: str, why: str | None,
+                    found: dict[str, list[_Found]], result: GraphResult) -> None:
+    """A child of a module whose forward could not be traced: a BatchNorm it called is named
+    with the reason; any other child is searched on its own."""
+    if type(child) is nn.BatchNorm2d:
+        if why is not None:
+            result.skipped.append(SkippedBlock(name, why))
+        return
+    _scan(child, name, found, result, why)
 
 
 def _inside(name: str, owner: str) -> bool:
@@ -173,28 +192,43 @@ def _mismatch(expected: Any, actual: Any) -> str | None:
     return f"the rewritten forward differs on the probe input (max difference {max(errors):.3g})" if errors else None
 
 
-def _inputs_on_probe(model: nn.Module, owners: list[str], example: torch.Tensor | None) -> tuple[dict[str, Any], str | None]:
-    """What each owner receives when the model runs a probe batch (eval mode, no state change)."""
+def _inputs_on_probe(model: nn.Module, owners: list[str], example: Any
+                     ) -> tuple[dict[str, Any], str | None]:
+    """What each owner receives when the model runs a probe batch (eval mode, no state change):
+    its arguments as they were before its forward ran (a forward may change them in place), and
+    its output. `example`: the model's input, or a tuple of its positional arguments."""
     if example is None:
         conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
         if conv is None:
             return {}, "no example_input was given and the model has no Conv2d to size a probe input by"
         example = probe_input(conv.weight, conv.in_channels, _PROBE_SIDE)
+    arguments = example if isinstance(example, tuple) else (example,)
     seen: dict[str, Any] = {}  # owner -> (args, kwargs, output), from its first call
+    before: dict[str, Any] = {}
     clone = functools.partial(torch.utils._pytree.tree_map,
                               lambda v: v.clone() if isinstance(v, torch.Tensor) else v)
 
-    def recorder(owner: str) -> Callable[..., None]:
-        def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            seen.setdefault(owner, (clone(args), clone(kwargs), clone(output)))
+    def pre_recorder(owner: str) -> Callable[..., None]:
+        def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if owner not in before:
+                before[owner] = (clone(args), clone(kwargs))
         return hook
 
-    handles = [model.get_submodule(o).register_forward_hook(recorder(o), with_kwargs=True) for o in owners]
+    def recorder(owner: str) -> Callable[..., None]:
+        def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            seen.setdefault(owner, (*before[owner], clone(output)))
+        return hook
+
+    handles = [handle for o in owners for handle in (
+        model.get_submodule(o).register_forward_pre_hook(pre_recorder(o), with_kwargs=True),
+        model.get_submodule(o).register_forward_hook(recorder(o), with_kwargs=True))]
     try:
         with evaluating(model):
-            model(example)
+            model(*arguments)
     except Exception as error:  # noqa: BLE001 - reported as the reason nothing was rewritten
-        return {}, f"the model's forward failed on a probe input of shape {tuple(example.shape)} " \
+        shapes = ", ".join(str(tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__
+                           for a in arguments)
+        return {}, f"the model's forward failed on a probe input ({shapes}) " \
                    f"({type(error).__name__}: {error}); pass example_input"
     finally:
         for handle in handles:
@@ -208,10 +242,12 @@ def _rewrite_owner(model: nn.Module, owner: str, through: set[str], expected_bns
     own trace does not show, or why none was."""
     module = model.get_submodule(owner)
     try:
-        graphs = []
+        graphs, guards = [], {}
         for training in (True, False):
             with _in_mode(module, training):
-                graphs.append(trace(module, through))
+                graph, tracer = traced(module, through)
+            graphs.append(graph)
+            guards.update(((path, attr), value) for path, attr, value in tracer.guards)
     except Exception as error:  # noqa: BLE001 - traced once already; a failure here refuses
         return [], [], f"its forward cannot be traced on its own ({type(error).__name__}: {error})"
     if graphs[0].python_code("self").src != graphs[1].python_code("self").src:
@@ -244,11 +280,12 @@ def _rewrite_owner(model: nn.Module, owner: str, through: set[str], expected_bns
         for target, bn in originals.items():
             module.set_submodule(target, bn)
         return [], [], reason
-    _give_forward(module, forward, tuple(originals))
+    baked = tuple((path, attr, value) for (path, attr), value in guards.items())
+    _give_forward(module, guarded(forward, baked), tuple(originals))
     return found, missed, None
 
 
-def fuse_graphs(model: nn.Module, example_input: torch.Tensor | None = None) -> GraphResult:
+def fuse_graphs(model: nn.Module, example_input: Any = None) -> GraphResult:
     """Fuse every site the traced forwards of `model` hold, in place; what was done and left."""
     result = GraphResult()
     found: dict[str, list[_Found]] = {}

@@ -22,6 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..blocks import BasicBlock, Bottleneck
 from ..kernels import FusedBatchNorm2d
 from ..models import ResNet
+from .forward_facts import Untraceable, autograd_state, check_forward, random_draws
 from .records import Pattern
 
 # Traced as single calls, never into: the fused BN (its forward is the op itself) and this
@@ -34,32 +35,87 @@ _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 class SiteTracer(fx.Tracer):
     """torch.fx's tracer, with this package's modules opaque; given `through`, every submodule
     not named in it is opaque too (called, not inlined), so that a rewritten forward inlines
-    no more of its submodules than its sites need."""
+    no more of its submodules than its sites need. A module with hooks is never traced into
+    (tracing would call its hooks with proxies, and an inlined call would skip them): it stays a
+    call, and `hooked` names it so that its own forward can be searched. Each forward traced into
+    is checked (forward_facts.py): what it cannot keep raises Untraceable, the plain values it
+    reads are `guards`."""
 
     def __init__(self, through: Collection[str] | None = None) -> None:
         super().__init__()
         self.through = through
+        self.hooked: list[str] = []
+        self.guards: list[tuple[str, str, object]] = []
+        self.state: tuple[object, ...] = ()
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, _OPAQUE):
             return True
         if self.through is not None and module_qualified_name:
             return module_qualified_name not in self.through
-        return super().is_leaf_module(m, module_qualified_name)
+        return super().is_leaf_module(m, module_qualified_name) or calls_hooks(m)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        path = self.path_of_module(m)
+        if not self.is_leaf_module(m, path):
+            self.guards.extend((path, a, v) for a, v in check_forward(m).items())
+        elif calls_hooks(m) and not super().is_leaf_module(m, path) and path not in self.hooked:
+            self.hooked.append(path)
+        return super().call_module(m, forward, args, kwargs)
+
+    def create_node(self, *args, **kwargs):
+        if autograd_state() != self.state:
+            raise Untraceable("its forward changes the autograd or autocast state for some of its "
+                              "calls (a `with` block: no_grad, autocast or activation "
+                              "checkpointing), which a traced forward drops")
+        return super().create_node(*args, **kwargs)
+
+    def trace(self, root, concrete_args=None) -> fx.Graph:
+        self.guards = [("", a, v) for a, v in check_forward(root).items()]
+        self.state = autograd_state()
+        with torch.random.fork_rng(devices=[]):  # the caller's random stream stays its own
+            draws = random_draws()
+            graph = super().trace(root, concrete_args)
+            if random_draws() != draws:
+                raise Untraceable("its forward draws random numbers while it is traced (a random "
+                                  "choice in Python, as inline stochastic depth makes), which a "
+                                  "traced forward would bake in")
+        return graph
+
+
+def calls_hooks(module: nn.Module) -> bool:
+    """Whether calling `module` runs hooks of its own (forward or backward)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether `module` has hooks of any kind, its state_dict's included: a module replaced by
+    its fused twin would lose them."""
+    return calls_hooks(module) or bool(
+        module._state_dict_hooks or module._state_dict_pre_hooks
+        or module._load_state_dict_pre_hooks or module._load_state_dict_post_hooks)
 
 
 def trace(module: nn.Module, through: Collection[str] | None = None) -> fx.Graph:
     """The graph of `module`'s forward, without calls of plain `nn.Identity` modules (timm keeps
     unused parts, drop_block or aa, as Identity between a BN and its ReLU); raises whatever
-    tracing raises where it cannot."""
-    graph = SiteTracer(through).trace(module)
+    tracing raises where it cannot, Untraceable where a traced forward would not be exact."""
+    return traced(module, through)[0]
+
+
+def traced(module: nn.Module, through: Collection[str] | None = None
+           ) -> tuple[fx.Graph, SiteTracer]:
+    """`trace`, with the tracer: what it found hooked and the values the forward baked in."""
+    tracer = SiteTracer(through)
+    graph = tracer.trace(module)
     for node in list(graph.nodes):
         if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
             identity = module.get_submodule(str(node.target))
-            if type(identity) is nn.Identity and not (identity._forward_hooks or identity._forward_pre_hooks):
+            if type(identity) is nn.Identity and not calls_hooks(identity):
                 node.replace_all_uses_with(node.args[0])  # type: ignore[arg-type]
                 graph.erase_node(node)
-    return graph
+    return graph, tracer
 
 
 @dataclass
@@ -120,16 +176,31 @@ def _match(bn: fx.Node, modules: dict[str, nn.Module]) -> tuple[Site | None, str
     return None, None
 
 
-def _unfusable(bn: nn.Module, calls: int) -> str | None:
+def _unfusable(bn: nn.Module, calls: int, site: Site, modules: dict[str, nn.Module]
+               ) -> str | None:
     if type(bn) is not nn.BatchNorm2d:
         return (f"it is {type(bn).__name__}, not nn.BatchNorm2d (the fused op reproduces "
                 "nn.BatchNorm2d's forward only)")
-    if bn._forward_hooks or bn._forward_pre_hooks:
-        return "it has forward hooks, which the fused call would skip"
+    if has_hooks(bn):
+        return "it has hooks, which its fused twin would not have"
     if calls > 1:
         return f"the forward calls it {calls} times"
+    if _bn_input(site.bn) is None:
+        return "it is called with arguments other than its input"
+    relu = modules.get(str(site.relu.target)) if site.relu.op == "call_module" else None
+    if relu is not None and calls_hooks(relu):
+        return f"its ReLU ({site.relu.target}) has hooks, which the fused call would skip"
     if any(p.is_meta for p in bn.parameters()):
         return "its parameters are on the meta device, so the rewrite cannot be checked"
+    return None
+
+
+def _bn_input(bn: fx.Node) -> fx.Node | None:
+    """The input of a BatchNorm call, positional or by keyword, where that is all it is given."""
+    if len(bn.args) == 1 and not bn.kwargs:
+        return bn.args[0]  # type: ignore[return-value]
+    if not bn.args and set(bn.kwargs) == {"input"}:
+        return bn.kwargs["input"]  # type: ignore[return-value]
     return None
 
 
@@ -149,7 +220,7 @@ def find_sites(graph: fx.Graph, root: nn.Module) -> tuple[list[Site], list[tuple
         if site is not None and site.relu in claimed:
             continue
         if site is not None:
-            reason = _unfusable(module, calls[str(node.target)])
+            reason = _unfusable(module, calls[str(node.target)], site, modules)
         if reason is not None:
             refused.append((str(node.target), reason))
         elif site is not None:
@@ -178,15 +249,33 @@ def owner_of(site: Site) -> str:
 
 def rewrite(graph: fx.Graph, sites: list[Site]) -> None:
     """Each site's calls replaced by one call of its BatchNorm module with the residual (the
-    module itself is swapped for its fused twin by the caller)."""
+    module itself is swapped for its fused twin by the caller); a residual added out of place
+    goes through `added_then_relu`, which keeps the dtype that `+` promotes to."""
     for site in sites:
-        args = (site.bn.args[0],)
-        if site.add is not None:  # read now: an earlier site's ReLU it added is replaced by then
-            first, second = site.add.args
-            args = (site.bn.args[0], second if first is site.bn else first)
+        x = _bn_input(site.bn)
         with graph.inserting_before(site.relu):
-            fused = graph.call_module(str(site.bn.target), args)
+            if site.add is None:
+                fused = graph.call_module(str(site.bn.target), (x,))
+            else:  # read now: an earlier site's ReLU it added is replaced by then
+                first, second = site.add.args
+                residual = second if first is site.bn else first
+                if site.add.target in (operator.iadd, "add_"):  # in place: out's dtype stays
+                    fused = graph.call_module(str(site.bn.target), (x, residual))
+                else:
+                    fused = graph.call_function(added_then_relu, (
+                        graph.get_attr(str(site.bn.target)), x, residual))
         site.relu.replace_all_uses_with(fused)
         for node in reversed(site.nodes):
             graph.erase_node(node)
     graph.lint()
+
+
+def added_then_relu(bn: FusedBatchNorm2d, x: torch.Tensor, residual: torch.Tensor
+                    ) -> torch.Tensor:
+    """`relu(bn(x) + residual)` as the unfused ops compute it: the fused op writes the BN
+    output's dtype (as `out += residual` does), where `+` promotes to a wider residual's, which
+    a probe in float32 does not show but autocast does (bf16 convolutions, a float32 shortcut):
+    there the unfused arithmetic runs."""
+    if residual.dtype is x.dtype or torch.result_type(x, residual) == x.dtype:
+        return bn(x, residual)
+    return torch.relu(bn(x, relu=False) + residual)

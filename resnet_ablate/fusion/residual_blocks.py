@@ -3,16 +3,20 @@ parts and convert each to this package's fused block (same tensors).
 
 A block is converted only when it is recognisably torchvision's or timm's `BasicBlock` /
 `Bottleneck`: children exactly conv1/bn1/conv2/bn2[/conv3/bn3], then torchvision's shared `relu`
-or timm's act1/act2[/act3], and an optional downsample; timm's drop_block, aa, se and drop_path
-only where they are nn.Identity (in use, each changes the block in a way the fused epilogue cannot
-reproduce: such blocks are refused with that reason); plain `nn.BatchNorm2d` and `nn.ReLU`, no
-hooks, and (the check that catches a changed forward) the converted block gives the original's
-output on a probe input. This path needs no tracing, so it works where a forward cannot be traced;
-it also keeps the stride placement that this package's blocks record.
+or timm's act1/act2[/act3], and an optional downsample (a block with other children, or missing
+some, is not one of theirs: the graph path takes it as it is); timm's drop_block, aa, se and
+drop_path only where they are nn.Identity (in use, each changes the block in a way the fused
+epilogue cannot reproduce: such blocks are refused with that reason); plain `nn.BatchNorm2d` and
+`nn.ReLU`, no parameters or buffers of the block's own, no hooks, and (the checks that catch a
+changed forward) the converted block gives the original's output on a probe input, in eval and
+in training mode, where the original draws no random numbers. This path needs no tracing, so it
+works where a forward cannot be traced; it also keeps the stride placement that this package's
+blocks record. The block becomes this package's block (its class, and what `unfuse` gives back).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +25,7 @@ from torch import nn
 from ..blocks import BasicBlock, Bottleneck, fuse_block_, fused_twin_of
 from ..kernels import FusedBatchNorm2d
 from ..models import ResNet
+from .patterns import has_hooks
 from .probe import beyond_tolerance, evaluating, probe_input
 from .records import FusedSite, SkippedBlock, qualified
 
@@ -40,9 +45,15 @@ _OPTIONAL_PARTS = {
 
 
 def _looks_like_block(module: nn.Module) -> bool:
-    """Holds torchvision's or timm's block parts; other blocks (DenseNet's, RegNet's) are left
-    to the graph path."""
-    return all(isinstance(getattr(module, part, None), nn.Module) for part in ("conv1", "bn1", "conv2"))
+    """Holds exactly torchvision's or timm's block parts, named as they name them; other blocks
+    (DenseNet's, RegNet's, a user's block with a `shortcut`) are left to the graph path, which
+    keeps them as they are."""
+    children = dict(module.named_children())
+    if not all(isinstance(children.get(part), nn.Module) for part in ("conv1", "bn1", "conv2")):
+        return False
+    parts, activations = _layout(children)
+    return all(p in children for p in (*parts, *activations)) and not (
+        set(children) - {*parts, *activations, "downsample", *_OPTIONAL_PARTS})
 
 
 def _layout(children: dict[str, nn.Module]) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -59,12 +70,10 @@ def unrecognised_because(block: nn.Module) -> str | None:
     """Why `block` is not a standard torchvision or timm block, or None when it is."""
     children = dict(block.named_children())
     parts, activations = _layout(children)
-    missing = [p for p in (*parts, *activations) if p not in children]
-    if missing:
-        return f"missing submodules {missing}"
-    extra = sorted(set(children) - {*parts, *activations, "downsample", *_OPTIONAL_PARTS})
-    if extra:
-        return f"unexpected submodules {extra}: its forward may use them"
+    own = [*block._parameters, *block._buffers]
+    if own:
+        return (f"it has parameters or buffers of its own ({', '.join(own)}), which the "
+                "converted block would drop")
     for part, why in _OPTIONAL_PARTS.items():
         if part in children and type(children[part]) is not nn.Identity:
             return f"{part} is {type(children[part]).__name__}: {why}"
@@ -76,8 +85,8 @@ def unrecognised_because(block: nn.Module) -> str | None:
     for part in activations:
         if type(children[part]) is not nn.ReLU:
             return f"{part} is {type(children[part]).__name__}, expected ReLU"
-    if any(m._forward_hooks or m._forward_pre_hooks for m in block.modules()):
-        return "it has forward hooks, which the converted block would not call"
+    if any(has_hooks(m) for m in block.modules()):
+        return "it or a part of it has hooks, which the converted block would not call"
     if any(p.is_meta for p in block.parameters()):
         return "its parameters are on the meta device, so its forward cannot be checked"
     return None
@@ -93,7 +102,9 @@ def _converted(block: nn.Module) -> BasicBlock | Bottleneck:
 
 
 def _forward_mismatch(original: nn.Module, converted: nn.Module) -> str | None:
-    """Compare both blocks in eval mode (no state changes) on a random probe input."""
+    """Compare both blocks on a random probe input: in eval mode (no state changes), then in
+    training mode on copies, where a forward that draws random numbers (stochastic depth,
+    dropout) is refused: the converted block draws none."""
     conv1 = original.get_submodule("conv1")
     assert isinstance(conv1, nn.Conv2d)
     probe = probe_input(conv1.weight, conv1.in_channels, _PROBE_SIZE)
@@ -108,7 +119,28 @@ def _forward_mismatch(original: nn.Module, converted: nn.Module) -> str | None:
     error = beyond_tolerance(expected, actual)
     if error is not None:
         return f"its forward differs from the standard block's (max difference {error:.3g} on a probe input)"
+    devices = [probe.device] if probe.is_cuda else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        draws = _random_state(probe)
+        try:
+            expected = copy.deepcopy(original).train()(probe.clone())
+        except Exception as error:  # noqa: BLE001 - as above, in training mode
+            return f"its forward failed on a probe input in training mode ({type(error).__name__}: {error})"
+        if _random_state(probe) != draws:
+            return ("its forward draws random numbers in training mode (stochastic depth, "
+                    "dropout), which the converted block would not")
+        actual = copy.deepcopy(converted).train()(probe.clone())
+    error = beyond_tolerance(expected, actual) if isinstance(expected, torch.Tensor) else None
+    if error is not None:
+        return (f"its forward differs from the standard block's in training mode (max difference "
+                f"{error:.3g} on a probe input)")
     return None
+
+
+def _random_state(like: torch.Tensor) -> tuple[bytes, ...]:
+    """The state of the random generators a forward on `like`'s device draws from."""
+    cpu = torch.get_rng_state().numpy().tobytes()
+    return (cpu, torch.cuda.get_rng_state(like.device).numpy().tobytes()) if like.is_cuda else (cpu,)
 
 
 def _block_sites(name: str, block: BasicBlock | Bottleneck) -> list[FusedSite]:

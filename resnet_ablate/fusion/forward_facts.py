@@ -1,0 +1,143 @@
+"""What a traced forward cannot keep, read from the forward's source and from the tracing itself.
+
+torch.fx records tensor operations only. A rewritten forward therefore loses:
+- the state a `with` block sets for the ops inside it (no_grad, autocast, activation
+  checkpointing): the block vanishes and its ops run in the caller's state;
+- assignments to the module (`self.last = x`): they run once, at tracing, on a proxy;
+- Python values the forward reads from the module (`self.scale`, `if self.return_features:`):
+  they are baked in as constants.
+The first two are refused (`Untraceable`: the module is searched child by child instead, as a
+forward that cannot be traced at all); the third is guarded: the values read are recorded when
+the forward is rewritten, and a call after one of them changed raises (`StaleForward`) rather
+than compute with the old value. Tracing also fails where the autograd or autocast state differs
+while a node is recorded from where tracing began (a helper function's `with` block, which the
+source check does not see), and where the random generators moved while tracing (a random
+choice made in Python, which tracing would bake in).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import inspect
+import random
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+# Values a guard compares by equality; anything else a forward reads (lists, objects) is not
+# guarded, as a forward that mutates containers is beyond what a source check can follow.
+_PLAIN = (bool, int, float, str, type(None))
+
+
+class Untraceable(Exception):
+    """A forward that a traced copy would not compute exactly; the message says why."""
+
+
+class StaleForward(RuntimeError):
+    """A value a rewritten forward baked in has changed since `fuse` rewrote it."""
+
+
+@dataclass(frozen=True)
+class ForwardSource:
+    """What a forward's own source shows: its `with` blocks' first lines, and the attributes of
+    its module (its first parameter) it assigns and reads."""
+
+    with_blocks: tuple[str, ...]
+    assigned: frozenset[str]
+    read: frozenset[str]
+
+
+@functools.lru_cache(maxsize=512)
+def source_of(forward: Callable[..., Any]) -> ForwardSource | None:
+    """The facts of `forward`'s source; None where it has none to read (generated code)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
+    except (OSError, TypeError, SyntaxError, IndentationError):
+        return None
+    function = next((n for n in ast.walk(tree)
+                     if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
+    if function is None or not function.args.args:
+        return None
+    me = function.args.args[0].arg
+    withs, assigned, read = [], set(), set()
+    for node in ast.walk(function):
+        if isinstance(node, (ast.With, ast.AsyncWith)):
+            withs.append(ast.unparse(node.items[0].context_expr))
+        elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+              and node.value.id == me):
+            (assigned if isinstance(node.ctx, (ast.Store, ast.Del)) else read).add(node.attr)
+    return ForwardSource(tuple(withs), frozenset(assigned), frozenset(read))
+
+
+def check_forward(module: nn.Module) -> dict[str, Any]:
+    """Raise Untraceable where `module`'s forward has a `with` block or assigns to the module;
+    else the plain values it reads from the module (name -> value), which a rewrite bakes in."""
+    facts = source_of(type(module).forward)
+    if facts is None:
+        return {}
+    name = type(module).__name__
+    if facts.with_blocks:
+        raise Untraceable(f"the forward of {name} runs code under `with {facts.with_blocks[0]}`, "
+                          "which a traced forward drops")
+    public = sorted(a for a in facts.assigned if not a.startswith("__"))
+    if public:
+        raise Untraceable(f"the forward of {name} sets self.{public[0]}, which a traced forward "
+                          "would not")
+    values = vars(module)
+    baked = {attr: values[attr] for attr in facts.read
+             if attr in values and attr != "training" and _plain(values[attr])}
+    # A submodule the forward tests for None (an optional downsample): its absence is baked too.
+    baked.update({attr: None for attr in facts.read if module._modules.get(attr, 0) is None})
+    return baked
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, tuple):
+        return all(_plain(v) for v in value)
+    return isinstance(value, _PLAIN)
+
+
+def autograd_state() -> tuple[Any, ...]:
+    """The state a `with` block may set for the ops inside it: a node recorded in another state
+    than tracing began in was inside one."""
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+            torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+            torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+            torch._C._autograd._top_saved_tensors_default_hooks(True))
+
+
+def random_draws() -> tuple[Any, ...]:
+    """The state of the CPU generators a forward may draw from in Python: torch's and Python's
+    `random`. (Tracing runs no tensor op, so a draw while tracing is one made in Python.)"""
+    return torch.get_rng_state().numpy().tobytes(), random.getstate()
+
+
+Guards = tuple[tuple[str, str, Any], ...]  # (submodule path from the owner, attribute, value)
+
+
+def guarded(forward: Callable[..., Any], guards: Guards) -> Callable[..., Any]:
+    """`forward`, first checking that every value it baked in is still the module's."""
+    if not guards:
+        return forward
+
+    def checked_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        for path, attr, value in guards:
+            module = self.get_submodule(path) if path else self
+            now = module.__dict__.get(attr, module._modules.get(attr, _MISSING))
+            if not (now is value or (type(now) is type(value) and now == value)):
+                where = f"{path}.{attr}" if path else attr
+                raise StaleForward(
+                    f"{type(self).__name__}.{where} is {now!r}, but resnet_ablate.fuse rewrote "
+                    f"this forward when it was {value!r} and baked that value in: call "
+                    "resnet_ablate.unfuse(model), set it, then fuse(model) again")
+        return forward(self, *args, **kwargs)
+
+    return checked_forward
+
+
+_MISSING = object()

@@ -1,0 +1,322 @@
+"""`fuse()` on what a traced forward cannot keep: `with` blocks, values read from the module,
+assignments, random choices, hooks, dtype promotion under autocast, keyword calls, several
+inputs; and lookalike blocks the block path must leave to the graph path. Each against a deep
+copy of the model left unfused (outputs, gradients, behaviour), as the other fuse tests."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from resnet_ablate import FuseWarning, fuse
+from resnet_ablate.fusion.forward_facts import StaleForward
+from resnet_ablate.kernels import FusedBatchNorm2d
+
+C = 4
+
+
+def _fused(model, **options):
+    """fuse() on `model` and on nothing else; the report, and the warnings' messages."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FuseWarning)
+        _, report = fuse(model, return_report=True, **options)
+    return report, [str(w.message) for w in caught if issubclass(w.category, FuseWarning)]
+
+
+class FrozenStem(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv, self.bn = nn.Conv2d(3, C, 3), nn.Conv2d(C, C, 1), nn.BatchNorm2d(C)
+
+    def forward(self, x):
+        with torch.no_grad():
+            x = self.stem(x)
+        return F.relu(self.bn(self.conv(x)))
+
+
+class Float32Island(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, C, 3), nn.BatchNorm2d(C)
+
+    def forward(self, x):
+        with torch.autocast("cpu", enabled=False):
+            y = self.conv(x.float())
+        return F.relu(self.bn(y))
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        self.body, self.bn = nn.Sequential(nn.Conv2d(3, C, 3), nn.Conv2d(C, C, 1)), nn.BatchNorm2d(C)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        return F.relu(self.bn(self._body(x)))
+
+    def _body(self, x):  # a helper's checkpoint: the source check does not see it, tracing does
+        return checkpoint(self.body, x, use_reentrant=self.reentrant)
+
+
+@pytest.mark.parametrize("network, reason", [
+    (FrozenStem, "runs code under `with torch.no_grad()`"),
+    (Float32Island, "runs code under `with torch.autocast('cpu', enabled=False)`"),
+    (lambda: Checkpointed(reentrant=False), "changes the autograd or autocast state"),
+    (lambda: Checkpointed(reentrant=True), "changes the autograd or autocast state"),
+], ids=["no_grad", "autocast-off", "checkpoint", "checkpoint-reentrant"])
+def test_a_forward_that_sets_state_for_some_calls_is_not_rewritten(network, reason):
+    """A traced forward drops `with` blocks: such a forward is refused, naming the BN and the
+    block, and the model keeps computing as before (gradients, dtypes, recomputation)."""
+    torch.manual_seed(0)
+    model = network()
+    reference = copy.deepcopy(model)
+    report, messages = _fused(model)
+    assert not report.sites and report.skipped[0].name == "bn"
+    assert reason in report.skipped[0].reason and "bn" in messages[0]
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = model(x), reference(x)
+    assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+    ours.float().sum().backward()
+    theirs.float().sum().backward()
+    for (name, mine), other in zip(model.named_parameters(), reference.parameters()):
+        assert (mine.grad is None) == (other.grad is None), name
+
+
+class Scaled(nn.Module):
+    """Reads a plain value (`scale`) and a flag from itself: a traced forward bakes both in."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.scale, self.features = nn.Conv2d(C, C, 3), nn.BatchNorm2d(C), 1.0, False
+
+    def forward(self, x):
+        out = F.relu(self.bn(self.conv(x)) + x[:, :, 1:-1, 1:-1] * self.scale)
+        return (out, x) if self.features else out
+
+
+def test_values_a_rewritten_forward_baked_in_are_guarded():
+    """Fused as it was; once a value it read changes, a call raises naming it (and what to do)
+    rather than compute with the old one."""
+    torch.manual_seed(0)
+    model = Scaled()
+    reference = copy.deepcopy(model)
+    report, _ = _fused(model, example_input=torch.randn(2, C, 8, 8))
+    assert [s.batch_norm for s in report.sites] == ["bn"]
+    x = torch.randn(2, C, 8, 8)
+    assert torch.equal(model.eval()(x), reference.eval()(x))
+    model.scale = 0.5
+    with pytest.raises(StaleForward, match=r"Scaled.scale is 0.5, but .* when it was 1.0 .*unfuse"):
+        model(x)
+    model.scale, model.features = 1.0, True
+    with pytest.raises(StaleForward, match="features is True"):
+        model(x)
+
+
+class Remembers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, C, 3), nn.BatchNorm2d(C)
+
+    def forward(self, x):
+        self.last_input = x
+        return F.relu(self.bn(self.conv(x)))
+
+
+def test_a_forward_that_assigns_to_its_module_is_not_rewritten_nor_traced():
+    model = Remembers()
+    report, _ = _fused(model)
+    assert not report.sites and "sets self.last_input" in report.skipped[0].reason
+    assert not hasattr(model, "last_input")  # never run on a tracer's proxy
+    x = torch.randn(2, 3, 8, 8)
+    model(x)
+    assert model.last_input is x
+
+
+class TorchvisionParts(nn.Module):
+    """A block with exactly torchvision's BasicBlock parts (its forward is the subclass's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(C, C, 3, padding=1), nn.BatchNorm2d(C)
+        self.conv2, self.bn2 = nn.Conv2d(C, C, 3, padding=1), nn.BatchNorm2d(C)
+        self.relu = nn.ReLU()
+
+
+class InlineStochasticDepth(TorchvisionParts):
+    """torchvision's block part names, and a random choice made in Python (not a tensor op)."""
+
+    def forward(self, x):
+        if self.training and torch.rand(()) < 0.5:
+            return x
+        return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + x)
+
+
+def test_a_block_with_a_random_choice_is_neither_converted_nor_rewritten():
+    """The block path checks training mode and sees the draw; the graph path sees the tracer
+    draw: each says so, and the block drops its branch as often as before."""
+    model = nn.Sequential(nn.Conv2d(3, C, 3), InlineStochasticDepth())
+    reference = copy.deepcopy(model)
+    report, _ = _fused(model)
+    assert not report.sites and not report.fused
+    reasons = {s.name: s.reason for s in report.skipped}
+    assert "draws random numbers in training mode" in reasons["1"]
+    assert "draws random numbers while it is traced" in reasons["1.bn1"]
+
+    def drops(block):
+        torch.manual_seed(3)
+        return sum(torch.equal(block(x), x) for x in torch.randn(20, 2, C, 6, 6))
+
+    assert drops(model[1]) == drops(reference[1]) > 0
+
+
+class LooksLikeABlockWithAGain(TorchvisionParts):
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.relu(out * self.gain + x)
+
+
+class ShortcutBlock(nn.Module):
+    """The common CIFAR block: a `shortcut` child, which torchvision's and timm's blocks lack."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(C, C, 3, padding=1), nn.BatchNorm2d(C)
+        self.conv2, self.bn2 = nn.Conv2d(C, C, 3, padding=1), nn.BatchNorm2d(C)
+        self.shortcut = nn.Sequential()
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def test_lookalike_blocks_keep_their_own_parts_and_class():
+    """A block with a parameter of its own is not converted (its gain kept); a block with other
+    children is no library's block: the graph path fuses it as it is, with no warning."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, C, 3), LooksLikeABlockWithAGain())
+    reference = copy.deepcopy(model)
+    report, _ = _fused(model)
+    assert not report.fused and "parameters or buffers of its own (gain)" in report.skipped[0].reason
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    with torch.no_grad():
+        model[1].gain.fill_(0.25), reference[1].gain.fill_(0.25)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(model.eval()(x), reference.eval()(x))
+
+    model = nn.Sequential(nn.Conv2d(3, C, 3), ShortcutBlock())
+    report, messages = _fused(model, strict=True)
+    assert not messages and isinstance(model[1], ShortcutBlock)
+    assert [(s.batch_norm, s.pattern) for s in report.sites] == [
+        ("1.bn1", "BN->ReLU"), ("1.bn2", "BN->add->ReLU")]
+
+
+def test_hooks_are_kept_where_a_rewrite_would_skip_them():
+    """A ReLU with a hook is not fused away (named); a module with a forward hook is called,
+    not inlined, and its own forward fused, the hook seeing tensors; a BN with a backward or
+    state_dict hook keeps it (not fused, named)."""
+    calls = []
+    model = nn.Sequential(nn.Conv2d(3, C, 3), nn.BatchNorm2d(C), nn.ReLU())
+    model[2].register_forward_hook(lambda *_: calls.append("relu"))
+    report, _ = _fused(model)
+    assert not report.sites and "its ReLU (2) has hooks" in report.skipped[0].reason
+    model(torch.randn(2, 3, 8, 8))
+    assert calls == ["relu"]
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, C, 3), nn.BatchNorm2d(C), nn.ReLU())
+            self.head = nn.Conv2d(C, 2, 1)
+
+        def forward(self, x):
+            return self.head(self.features(x))
+
+    model, seen = Outer(), []
+    model.features.register_forward_hook(lambda _, __, out: seen.append(type(out)))
+    report, _ = _fused(model)
+    assert [s.batch_norm for s in report.sites] == ["features.1"]
+    assert set(seen) <= {torch.Tensor}  # tracing never called it with its proxies
+    seen.clear()
+    model(torch.randn(2, 3, 8, 8))
+    assert seen == [torch.Tensor]
+
+    for register in (lambda bn: bn.register_full_backward_hook(lambda *_: None),
+                     lambda bn: bn.register_state_dict_post_hook(lambda *_: None)):
+        model = nn.Sequential(nn.Conv2d(3, C, 3), nn.BatchNorm2d(C), nn.ReLU())
+        register(model[1])
+        report, _ = _fused(model)
+        assert not report.sites and "it has hooks" in report.skipped[0].reason
+        assert type(model[1]) is nn.BatchNorm2d
+
+
+class AddsAWiderShortcut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(C, C, 3, padding=1), nn.BatchNorm2d(C)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)) + x)
+
+
+def test_an_add_that_promotes_under_autocast_keeps_the_unfused_dtype_and_values():
+    """Under bf16 autocast the conv gives bf16, the shortcut stays float32, and `+` promotes to
+    float32: the fused model returns what the unfused one does, gradients included."""
+    torch.manual_seed(0)
+    model = AddsAWiderShortcut()
+    reference = copy.deepcopy(model)
+    report, _ = _fused(model)
+    assert [s.pattern for s in report.sites] == ["BN->add->ReLU"]
+    x = torch.randn(2, C, 6, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = model(x), reference(x)
+    assert ours.dtype == theirs.dtype == torch.float32 and torch.equal(ours, theirs)
+    assert torch.equal(*(torch.autograd.grad(out.sum(), x)[0] for out in (ours, theirs)))
+    assert torch.equal(model.bn.running_mean, reference.bn.running_mean)
+
+
+class CallsByKeyword(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.other = nn.Conv2d(3, C, 3), nn.BatchNorm2d(C), nn.Conv2d(3, C, 3)
+
+    def forward(self, x, y):
+        x = x.mul_(1.0)  # changes its input in place: the probe keeps the input as it came
+        return F.relu(self.bn(input=self.conv(x)) + self.other(y))
+
+
+def test_keyword_calls_in_place_inputs_and_several_inputs_fuse():
+    torch.manual_seed(0)
+    model = CallsByKeyword()
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    report, messages = _fused(model, example_input=(x.clone(), y))
+    assert [s.pattern for s in report.sites] == ["BN->add->ReLU"] and not messages
+    assert isinstance(model.bn, FusedBatchNorm2d)
+    assert torch.equal(model.eval()(x.clone(), y), reference.eval()(x.clone(), y))
+
+
+class CannotBeTracedInADict(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.parts = nn.ModuleDict({"conv": nn.Conv2d(3, C, 3), "bn": nn.BatchNorm2d(C)})
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = -x
+        return F.relu(self.parts["bn"](self.parts["conv"](x)))
+
+
+def test_an_untraceable_forward_names_each_batch_norm_it_calls():
+    report, messages = _fused(CannotBeTracedInADict())
+    assert [s.name for s in report.skipped] == ["parts.bn"]
+    assert "the forward of <model> (CannotBeTracedInADict) that calls it cannot be traced" in \
+        report.skipped[0].reason and "ModuleDict" not in messages[0]

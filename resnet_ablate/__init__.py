@@ -20,7 +20,7 @@ _EXPORTS: dict[str, str] = {
     "ArchError": "arch", "ResNetArch": "arch",
     "TrainRecipe": "recipe",
     "BasicBlock": "blocks", "Bottleneck": "blocks",
-    "FuseReport": "fusion", "FuseWarning": "fusion", "fuse": "fusion",
+    "FuseReport": "fusion", "FuseWarning": "fusion", "StaleForward": "fusion", "fuse": "fusion",
     "from_torchvision": "convert", "unfuse": "fusion",
     "ModelProfile": "profile", "profile": "profile",
     "seed_state_dict": "seed_stack", "stack_models": "seed_stack",
@@ -72,7 +72,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .arch import ArchError, ResNetArch
     from .blocks import BasicBlock, Bottleneck
     from .convert import from_torchvision
-    from .fusion import FuseReport, FuseWarning, fuse, unfuse
+    from .fusion import FuseReport, FuseWarning, StaleForward, fuse, unfuse
     from .models import (
         DownsamplingWarning, ResNet, build, cifar_resnet, imagenet_resnet, resnet8, resnet18, resnet20, resnet32,
         resnet34, resnet44, resnet50, resnet56, resnet101, resnet110, resnet152, resnet1202,

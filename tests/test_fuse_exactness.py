@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from resnet_ablate import FuseWarning, fuse
-from resnet_ablate.fusion.forward_facts import StaleForward
+from resnet_ablate import FuseWarning, StaleForward, fuse
 from resnet_ablate.kernels import FusedBatchNorm2d
 
 C = 4

@@ -20,12 +20,14 @@ from typing import Any, Literal, TypeVar, overload
 from torch import nn
 
 from ..blocks import BasicBlock, Bottleneck
+from .forward_facts import StaleForward
 from .graph import fuse_graphs
 from .records import FusedSite, FuseReport, FuseWarning, SkippedBlock, describe
 from .residual_blocks import plan_blocks
 from .unfuse import unfuse
 
-__all__ = ["FuseReport", "FuseWarning", "FusedSite", "SkippedBlock", "fuse", "unfuse"]
+__all__ = ["FuseReport", "FuseWarning", "FusedSite", "SkippedBlock", "StaleForward", "fuse",
+           "unfuse"]
 
 M = TypeVar("M", bound=nn.Module)
 

@@ -38,6 +38,8 @@ class Decision:
     open: bool
     reason: str
     seeds: int
+    # Closed by the width rule before `max` seeds: its interval then covers less than stated.
+    narrowed: bool = False
 
 
 def _error_estimate(results: Sequence[SeedResult], level: float) -> stats.Estimate:
@@ -77,23 +79,30 @@ def _width_decision(rule: AdaptiveSeeds, results: Sequence[SeedResult]) -> Decis
     estimate = _error_estimate(_first_seeds(rule, results), rule.level)
     width = estimate.high - estimate.low
     n = len(results)
+    shown = f"{100 * rule.level:.4g}% interval ({estimate.method}) {_percent(width)} points wide"
     if not width <= rule.width:  # nan (no interval yet) is open too
-        return Decision(True, f"interval {_percent(width)} points wide > {_percent(rule.width)}",
-                        n)
-    return Decision(False, f"interval {_percent(width)} points wide <= {_percent(rule.width)}", n)
+        return Decision(True, f"{shown} > {_percent(rule.width)}", n)
+    return Decision(False, f"{shown} <= {_percent(rule.width)}", n, narrowed=n < rule.max)
+
+
+def _interval(estimate: stats.Estimate, level: float) -> str:
+    """An interval as a verdict shows it: in points, with its level and method, which are not
+    compare's 95% (the rule's levels share alpha over its looks)."""
+    return (f"[{_percent(estimate.low)}, {_percent(estimate.high)}] points "
+            f"({100 * level:.4g}% interval, {estimate.method})")
 
 
 def _comparison_decision(rule: AdaptiveSeeds, base: Sequence[SeedResult],
                          other: Sequence[SeedResult]) -> tuple[bool, str]:
     differs = _difference(base, other, rule.level, rule)
-    shown = f"[{_percent(differs.low)}, {_percent(differs.high)}] points"
     if differs.low > 0 or differs.high < 0:
-        return False, f"decided: differs, {shown}"
+        return False, f"decided: differs, {_interval(differs, rule.level)}"
     within = _difference(base, other, rule.equivalence_level, rule)
     if -rule.margin <= within.low and within.high <= rule.margin:
         return False, (f"decided: within +-{_percent(rule.margin)}, "
-                       f"[{_percent(within.low)}, {_percent(within.high)}] points")
-    return True, f"open: {shown} straddles 0 and exceeds +-{_percent(rule.margin)}"
+                       f"{_interval(within, rule.equivalence_level)}")
+    return True, (f"open: {_interval(differs, rule.level)} straddles 0 and exceeds "
+                  f"+-{_percent(rule.margin)}")
 
 
 def decide(rule: AdaptiveSeeds, space_levels: Mapping[str, Sequence[Any]],
@@ -129,8 +138,8 @@ def decide(rule: AdaptiveSeeds, space_levels: Mapping[str, Sequence[Any]],
             reason = "; ".join(r for _, r in verdicts) or "nothing to compare with"
             decision = Decision(is_open, reason, n)
         if decision.open and n >= rule.max:
-            decision = Decision(False, f"max seeds ({rule.max}) reached, still {decision.reason}",
-                                n)
+            decision = Decision(False, f"max seeds ({rule.max}) reached, undecided: "
+                                f"{decision.reason}", n)
         decisions[configuration] = decision
     return decisions
 

@@ -74,7 +74,7 @@ def paired_contrast(results: Results, values: pd.DataFrame, trials: pd.DataFrame
     columns = [values[c].to_numpy(float) for c in values.columns]
     errors = [1 - v for v in columns] if metric == "test_accuracy" else columns
     numbers = [number for c in trials.columns for cell in trials[c] for number in cell]
-    outcomes, images = results._outcomes(numbers)
+    outcomes, images = results.outcomes(numbers)
     tables = None
     if metric in ERROR_RATES and outcomes is not None and len(outcomes) == values.size:
         n = len(values)  # one trial a cell, each with its per-image record
@@ -96,18 +96,37 @@ def with_note(estimate: stats.Estimate, text: str) -> stats.Estimate:
     return dataclasses.replace(estimate, note=joined(estimate.note, text))
 
 
-def recorded(results: Results, metric: str, what: str) -> tuple[pd.DataFrame, str]:
-    """The completed trials that recorded `metric`, and a note naming how many did not and were
-    left out ("" where none): a statistic over seeds needs a value from each. None recording it
-    (top-5 error of a 10-class study, say) is one error."""
+def recorded(results: Results, metric: str, what: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The completed trials that recorded `metric`, and those that did not (a statistic over
+    seeds needs a value from each: each row's note names its own, `left_out`). None recording
+    it (top-5 error of a 10-class study, say) is one error."""
     done = results.require_completed(what)
     kept = done[done[metric].notna()]
     if kept.empty:
         raise ResultsError(f"no completed trial of study {results.study!r} recorded {metric}, "
                            f"so there is nothing to {what}")
-    lacking = len(done) - len(kept)
-    return kept, (f"{lacking} completed trial{'s' if lacking != 1 else ''} without {metric} "
-                  "left out" if lacking else "")
+    return kept, done[done[metric].isna()]
+
+
+def left_out(lacking: pd.DataFrame, metric: str, where: dict[str, Any]) -> str:
+    """The note of a row over the trials `where` says (see `count_where`): how many of
+    `lacking`, the completed trials without `metric`, it left out ("" where none)."""
+    count = count_where(lacking, where)
+    return (f"{count} completed trial{'s' if count != 1 else ''} without {metric} left out"
+            if count else "")
+
+
+def count_where(trials: pd.DataFrame, where: dict[str, Any]) -> int:
+    """How many of `trials` a row over `where` covers: column -> its value, or a list of
+    values; "all", or a column the trials lack, covers any."""
+    mask = pd.Series(True, index=trials.index)
+    for column, value in where.items():
+        if column not in trials.columns or (isinstance(value, str) and value == "all"):
+            continue
+        values = value if isinstance(value, list) else [value]
+        missing = any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values)
+        mask &= trials[column].isin(values) | (trials[column].isna() & missing)
+    return int(mask.sum())
 
 
 def on_common_seeds(values: pd.DataFrame, others: Sequence[str]) -> pd.DataFrame:

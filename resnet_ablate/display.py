@@ -32,11 +32,16 @@ def _number(value: Any) -> str:
 def display_frame(frame: pd.DataFrame, *, max_text: int = 60) -> pd.DataFrame:
     """A copy as text with units: errors and accuracies in %, params in M, FLOPs in G."""
     shown = pd.DataFrame(index=frame.index)
+    unit = _difference_unit(frame)
     for column in frame.columns:
         values = frame[column]
         name = column
-        if ("error" in column or "accuracy" in column or column.startswith("diff_")) \
-                and pd.api.types.is_numeric_dtype(values):
+        numeric = pd.api.types.is_numeric_dtype(values)
+        if numeric and column.startswith("diff_") and unit is not None:
+            label, show = unit
+            name, text = f"{column} ({label})", values.map(lambda v: "-" if pd.isna(v) else show(v))
+        elif numeric and ("error" in column or "accuracy" in column
+                          or column.startswith("diff_")):
             text = values.map(_percent)
         elif column in METRICS:
             metric = METRICS[column]
@@ -48,6 +53,20 @@ def display_frame(frame: pd.DataFrame, *, max_text: int = 60) -> pd.DataFrame:
                 lambda s: s if len(s) <= max_text else s[: max_text - 3] + "...")
         shown[name] = text.astype(object).to_numpy()
     return shown
+
+
+def _difference_unit(frame: pd.DataFrame) -> tuple[str, Any] | None:
+    """The label and format of compare's and effects' differences where their metric is not a
+    rate (wall seconds, FLOPs); None where they are rates, shown in %."""
+    metrics = set(frame["metric"]) if "metric" in frame.columns else set()
+    if len(metrics) != 1:
+        return None
+    metric = metrics.pop()
+    if "error" in metric or "accuracy" in metric:
+        return None
+    if metric in METRICS:
+        return METRICS[metric].label, METRICS[metric].show
+    return "value", _number
 
 
 # Columns a terminal table leaves to `footnotes`: sentences do not fit a column.
@@ -67,6 +86,7 @@ def footnotes(frame: pd.DataFrame) -> list[str]:
     """The lines that go with a table of statistics: how its intervals were made (each method
     once) and each row's note, the row named by its leading columns."""
     lines = [f"method: {m}" for m in frame.attrs.get("methods", [])]
+    lines += [f"note: {line}" for line in frame.attrs.get("unsummarised", [])]
     if "note" not in frame.columns:
         return lines
     columns = list(frame.columns)

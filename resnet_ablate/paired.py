@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .contrasts import (difference_bounds, note, paired_contrast, plain, recorded,
+from .contrasts import (difference_bounds, left_out, note, paired_contrast, plain, recorded,
                         stratified_contrast, with_holm, with_note)
 from .storage import ResultsError
 
@@ -30,13 +30,9 @@ def compare(results: Results, factor: str, baseline: Any,
     by image) over the seeds all of them have (`contrasts.stratified_contrast`); its n_pairs and
     means are over those seeds too. Several completed trials of one configuration and seed are
     averaged first (and lose their per-image record)."""
-    results.check_columns([factor])
-    factors = results.configuration_columns()
-    if factor not in factors:  # seeds, metrics and names are not levels a study sets
-        raise ResultsError(f"{factor!r} is not a factor study {results.study!r} sweeps, so it has "
-                           f"no levels to compare; factors: {', '.join(factors)}")
+    _check_factor(results, factor)
     results.check_metric(metric)
-    done, left_out = recorded(results, metric, "compare")
+    done, lacking = recorded(results, metric, "compare")
     levels = list(pd.unique(results.trials[factor].dropna()))
     baseline = _match_level(baseline, levels, factor)
     if len(levels) < 2:
@@ -61,20 +57,32 @@ def compare(results: Results, factor: str, baseline: Any,
             else [((), pairs)]
         for key, group in groups:
             key = key if isinstance(key, tuple) else (key,)
+            configuration = dict(zip(others, key))
             estimate = with_note(paired_contrast(results, group, trials.loc[group.index],
-                                                 (-1.0, 1.0), metric, bounds), left_out)
-            rows.append(_paired_row(factor, level, baseline, metric, dict(zip(others, key)),
+                                                 (-1.0, 1.0), metric, bounds),
+                                 left_out(lacking, metric,
+                                          {**configuration, factor: [baseline, level]}))
+            rows.append(_paired_row(factor, level, baseline, metric, configuration,
                                     group[baseline], group[level], estimate))
         if len(groups) > 1:
             overall, used = stratified_contrast(results, pairs, trials, others, (-1.0, 1.0),
                                                 metric, bounds)
             rows.append(_paired_row(factor, level, baseline, metric,
                                     {name: "all" for name in others}, used[baseline],
-                                    used[level], with_note(overall, left_out)))
+                                    used[level], with_note(overall, left_out(
+                                        lacking, metric, {factor: [baseline, level]}))))
     if not rows:
         raise ResultsError(f"no configuration has completed trials of both {factor}="
                            f"{plain(baseline)} and another level with the same seed yet")
     return with_holm(pd.DataFrame(rows))
+
+
+def _check_factor(results: Results, factor: str) -> None:
+    results.check_columns([factor])
+    factors = results.configuration_columns()
+    if factor not in factors:  # seeds, metrics and names are not levels a study sets
+        raise ResultsError(f"{factor!r} is not a factor study {results.study!r} sweeps, so it has "
+                           f"no levels to compare; factors: {', '.join(factors)}")
 
 
 def _match_level(value: Any, levels: list[Any], factor: str) -> Any:

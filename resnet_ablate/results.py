@@ -19,7 +19,6 @@ storage, no study, no such column or value) is one `ResultsError` whose message 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,10 +29,7 @@ import numpy as np
 import optuna
 import pandas as pd
 
-from . import stats
-from .adaptive import SeedResult, decide
-from .contrasts import (ERROR_RATES, TEST_SET_RATES, complement, joined, note, recorded,
-                        selected_note, with_methods, with_note)
+from . import summaries
 from .display import FOOTNOTE_COLUMNS, display_frame, footnotes, format_table, write_frame
 from .effects import effects as effect_table
 from .effects import importance as fanova_importance
@@ -41,31 +37,11 @@ from .filters import FilterError, filter_mask
 from .paired import compare as paired_compare
 from .pareto import pareto as pareto_front
 from .record import DIRECTIONS, METRICS, StudyKey, TrialKey, unpack_outcomes
-from .spec import adaptive_rule
 from .storage import ResultsError, default_storage, weights_folder
 # ARCH_COLUMNS, STATES, TRIAL_COLUMNS and list_studies keep their public path here.
 from .store_reading import (ARCH_COLUMNS, RUNS_FOLDER_HINT, STATES, TRIAL_COLUMNS, list_studies,
-                            only_study, open_storage, scalar_value, store_file, study_summaries,
+                            only_study, open_storage, store_file, study_summaries,
                             trial_row, trials_frame)
-
-
-# Stopping on a narrow interval favours seeds that happened to agree: the interval that stopped
-# them is narrower than one over a fixed count of seeds, and nothing here adjusts it.
-WIDTH_STOPPED = ("seeds stopped once the interval was narrow (the width rule): not adjusted "
-                 "for that, so it covers less than 95%")
-
-
-def _per_seed(group: pd.DataFrame, metric: str, keys: list[str]) -> tuple[np.ndarray, bool]:
-    """`metric`'s values, one per configuration and seed (the `keys`), and whether any seed was
-    completed more than once: its trials are then averaged into one value, as `compare` does,
-    for a seed counted twice is not two seeds' evidence."""
-    if not group.duplicated(keys).any():
-        return _floats(group[metric]), False
-    return _floats(group.groupby(keys, dropna=False, sort=True)[metric].mean()), True
-
-
-def _floats(series: pd.Series) -> np.ndarray:
-    return series.to_numpy(dtype=float, na_value=np.nan)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,29 +136,11 @@ class Results:
         record, or a conservative binomial bound where only the test set's size was recorded, as
         for every other rate over the test set: contrasts.TEST_SET_RATES); other metrics
         Student's t over seeds. Intervals are clipped to the metric's range. Trials that did not
-        record `metric` are left out, with a note. `frame.attrs["methods"]` lists the methods
-        used."""
-        by = list(by or self.configuration_columns())
-        self.check_columns(by)
-        self.check_metric(metric)
-        done, left_out = recorded(self, metric, "summarise")
-        rule = adaptive_rule(self.seed_rule, self.spec.get("space") or {})
-        stopped = WIDTH_STOPPED if rule is not None and rule.width is not None else ""
-        rows = []
-        for key, group in done.groupby(by, sort=True, dropna=False):
-            estimate = with_note(self._estimate(group, metric), joined(left_out, stopped))
-            names = group["arch_name"].unique()
-            rows.append({
-                **dict(zip(by, key if isinstance(key, tuple) else (key,))),
-                "arch_name": names[0] if len(names) == 1 else f"{len(names)} architectures",
-                "n": estimate.n, f"{metric}_mean": estimate.mean, f"{metric}_std": estimate.std,
-                f"{metric}_ci95_low": estimate.low, f"{metric}_ci95_high": estimate.high,
-                "method": estimate.method, "note": note(estimate),
-                "params": _one_or_mean(group["params"]), "flops": _one_or_mean(group["flops"]),
-            })
-        return with_methods(pd.DataFrame(rows))
+        record `metric` are left out, with a note, and so are pruned seeds (summaries.py).
+        `frame.attrs["methods"]` lists the methods used."""
+        return summaries.summary(self, by, metric)
 
-    def _outcomes(self, numbers: Sequence[int]) -> tuple[list[np.ndarray] | None, int | None]:
+    def outcomes(self, numbers: Sequence[int]) -> tuple[list[np.ndarray] | None, int | None]:
         """The per-image records of these trials' final evaluations and the test set's size:
         (None, N) where any lacks its per-image record, (None, None) where any lacks the size or
         the sizes differ (then they were not scored on one test set)."""
@@ -194,21 +152,6 @@ class Results:
         if any(not a.get(TrialKey.TEST_OUTCOMES) for a in attrs):
             return None, images
         return [unpack_outcomes(a[TrialKey.TEST_OUTCOMES], images) for a in attrs], images
-
-    def _estimate(self, group: pd.DataFrame, metric: str) -> stats.Estimate:
-        """The estimate of `metric` over one configuration's seeds (see `summary`)."""
-        values, repeated = _per_seed(group, metric, [*self.configuration_columns(), "seed"])
-        if metric in TEST_SET_RATES:
-            outcomes, images = self._outcomes(group["number"].tolist())
-            if metric not in ERROR_RATES or repeated:  # the test set's size alone bounds it
-                outcomes = None
-            errors = 1 - values if metric == "test_accuracy" else values
-            estimate = stats.error_rate(outcomes, errors, images)
-            return complement(estimate) if metric == "test_accuracy" \
-                else selected_note(estimate, metric)
-        bounds = (METRICS[metric].low, METRICS[metric].high) if metric in METRICS \
-            else (-math.inf, math.inf)
-        return stats.seed_mean(values, bounds)
 
     def compare(self, factor: str, baseline: Any, metric: str = "test_error") -> pd.DataFrame:
         """Paired differences `metric(level) - metric(baseline)` for each other level of
@@ -225,24 +168,7 @@ class Results:
         """Adaptive-seed studies (spec.AdaptiveSeeds): per configuration, the seeds it completed
         and why it stopped or is still open, as the rule decides on the trials here; empty for
         a study with fixed seeds."""
-        rule = adaptive_rule(self.seed_rule, self.spec.get("space") or {})
-        columns = [*self.configuration_columns(), "seeds", "open", "reason"]
-        if rule is None:
-            return pd.DataFrame(columns=columns)
-        done = self.require_completed("decide seeds for")
-        swept = self.configuration_columns()
-        configurations: dict[tuple, list[SeedResult]] = {}
-        for row in done.itertuples(index=False):
-            outcomes, images = self._outcomes([row.number])
-            configurations.setdefault(tuple((c, getattr(row, c)) for c in swept), []).append(
-                SeedResult(int(row.seed), float(row.test_error), images,
-                           None if outcomes is None else outcomes[0]))
-        levels = {name: [scalar_value(v) for v in values] if isinstance(values, list) else []
-                  for name, values in (self.spec.get("space") or {}).items()}
-        decisions = decide(rule, levels, configurations)
-        rows = [{**dict(c), "seeds": d.seeds, "open": d.open, "reason": d.reason}
-                for c, d in decisions.items()]
-        return pd.DataFrame(rows, columns=columns).sort_values(swept, kind="stable")
+        return summaries.seed_decisions(self)
 
     def importance(self, metric: str = "test_error") -> pd.DataFrame:
         """Each swept factor's share of `metric`'s variance over the trials by Optuna's fANOVA
@@ -315,13 +241,6 @@ class Results:
     @staticmethod
     def format_table(frame: pd.DataFrame) -> str:
         return format_table(frame)
-
-
-def _one_or_mean(series: pd.Series) -> Any:
-    values = series.dropna().unique()
-    if len(values) == 1:
-        return values[0]
-    return float(np.mean(values.astype(float))) if len(values) else None
 
 
 def _ranges(numbers: Sequence[int]) -> str:

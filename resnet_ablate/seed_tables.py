@@ -2,7 +2,7 @@
 outcomes over one test set, that test set's size, and the level asked for; and how many
 degrees of freedom the test images' part of a table's variance rests on. Inputs that cannot
 describe seeds scored on one test set raise one ValueError that names the seed and what is
-wrong, rather than an interval computed from them or an error from deep inside numpy. Torch-free.
+wrong (SeedRecordsError), rather than an interval computed from them or an error from deep inside numpy. Torch-free.
 """
 
 from __future__ import annotations
@@ -15,12 +15,17 @@ from typing import Any
 import numpy as np
 
 
+class SeedRecordsError(ValueError):
+    """Seeds' records that cannot describe seeds scored on one test set (a store edited by hand,
+    or written by an older version): the message names the seed and what is wrong."""
+
+
 def rates_per_seed(values: Sequence[float], what: str) -> np.ndarray:
     """`values` as one error rate per seed, each a number in [0, 1]."""
     rates = _numbers(values, what, "one error rate per seed")
     bad = np.flatnonzero(~((rates >= 0) & (rates <= 1)))  # NaN fails both comparisons
     if len(bad):
-        raise ValueError(f"{what}: an error rate is a number in [0, 1]; seed {bad[0]} has "
+        raise SeedRecordsError(f"{what}: an error rate is a number in [0, 1]; seed {bad[0]} has "
                          f"{float(rates[bad[0]])}")
     return rates
 
@@ -30,7 +35,7 @@ def finite_values(values: Sequence[float], what: str) -> np.ndarray:
     found = _numbers(values, what, "one value per seed")
     bad = np.flatnonzero(~np.isfinite(found))
     if len(bad):
-        raise ValueError(f"{what}: give one finite value per seed; seed {bad[0]} has "
+        raise SeedRecordsError(f"{what}: give one finite value per seed; seed {bad[0]} has "
                          f"{float(found[bad[0]])}")
     return found
 
@@ -42,7 +47,7 @@ def _numbers(values: Any, what: str, expected: str) -> np.ndarray:
         found = None
     if found is None or found.ndim != 1:
         shown = repr(values)
-        raise ValueError(f"{what}: give {expected}, a flat sequence of numbers; got "
+        raise SeedRecordsError(f"{what}: give {expected}, a flat sequence of numbers; got "
                          f"{shown if len(shown) <= 80 else shown[:77] + '...'}")
     return found
 
@@ -53,21 +58,21 @@ def outcome_table(outcomes: Sequence[np.ndarray], rates: np.ndarray, images: int
     size given with it: every seed scored on the same `images` test images, each seed's rate the
     mean of its outcomes (within half an image, for rates stored in single precision)."""
     if len(outcomes) != len(rates):
-        raise ValueError(f"{what}: {len(outcomes)} seeds' outcomes for {len(rates)} error rates: "
+        raise SeedRecordsError(f"{what}: {len(outcomes)} seeds' outcomes for {len(rates)} error rates: "
                          "give one outcome vector per seed, in the rates' order")
     vectors = []
     for seed, given in enumerate(outcomes):
         vector = None if given is None else _numbers(np.ravel(given), what, "0/1 outcomes")
         if vector is None or len(vector) != images:
             covered = "none" if vector is None else f"{len(vector)} images"
-            raise ValueError(f"{what}: seed {seed}'s outcomes cover {covered} and the test set "
+            raise SeedRecordsError(f"{what}: seed {seed}'s outcomes cover {covered} and the test set "
                              f"has {images}: every seed is scored on the same test images")
         if not np.isin(vector, (0.0, 1.0)).all():
             odd = float(vector[~np.isin(vector, (0.0, 1.0))][0])
-            raise ValueError(f"{what}: an outcome is 0 (right) or 1 (wrong); seed {seed} has "
+            raise SeedRecordsError(f"{what}: an outcome is 0 (right) or 1 (wrong); seed {seed} has "
                              f"{odd}")
         if abs(vector.mean() - rates[seed]) > 0.5 / images:
-            raise ValueError(f"{what}: seed {seed}'s error rate {rates[seed]:.6g} is not that of "
+            raise SeedRecordsError(f"{what}: seed {seed}'s error rate {rates[seed]:.6g} is not that of "
                              f"its outcomes ({int(vector.sum())} of {images} wrong, "
                              f"{vector.mean():.6g}): rates and outcomes must come from the same "
                              "evaluation")

@@ -86,8 +86,8 @@ from scipy.special import ndtr  # the normal distribution function, without scip
 
 from .pivot import (Pivot, alpha_widening, least_plausible_ratio, seed_draw_floor,
                     variance_draws)
-from .seed_tables import (checked_bounds, checked_level, finite_values, image_df, outcome_table,
-                          rates_per_seed, test_set_size)
+from .seed_tables import (SeedRecordsError, checked_bounds, checked_level, finite_values,
+                          image_df, outcome_table, rates_per_seed, test_set_size)
 
 LEVEL = 0.95
 FEW_SEEDS = 3  # below this, an interval says mostly that there are too few seeds
@@ -233,10 +233,16 @@ def error_rate(outcomes: Sequence[np.ndarray] | None, rates: Sequence[float],
     return _over_seeds_only(rates, (0.0, 1.0), level)
 
 
+_TIE_TOLERANCE = 1e-12  # rates, and their differences, that tie but for floating-point rounding
+
+
 def _over_seeds_only(values: np.ndarray, bounds: tuple[float, float], level: float) -> Estimate:
     """Student's t over seeds for an error rate whose test set's size is unknown: conditional on
     this test set, and no interval at all where the seeds tie (it would have zero width)."""
-    if len(values) >= 2 and np.ptp(values) == 0:
+    # Tied to rounding: differences of rates (2/360 - 1/360 and 3/360 - 2/360) tie as numbers
+    # yet differ in their last bits, which would give an interval of width 1e-17 and p ~ 1e-16.
+    # Rates of real test sets differ by 1/size, many orders of magnitude more.
+    if len(values) >= 2 and np.ptp(values) <= _TIE_TOLERANCE:
         return _no_interval(float(values.mean()), len(values), SEEDS_ONLY, TIED_SIZE_UNKNOWN)
     return seed_mean(values, bounds, note=SIZE_UNKNOWN, level=level)
 
@@ -351,4 +357,5 @@ def holm(p_values: Sequence[float]) -> np.ndarray:
 
 
 __all__ = ["BINOMIAL_BOUND", "CROSSED", "Estimate", "FEW_SEEDS", "LEVEL", "SEEDS_ONLY",
+           "SeedRecordsError",
            "contrast", "error_rate", "holm", "paired_difference", "seed_mean"]

@@ -32,7 +32,8 @@ PathLike = str | os.PathLike[str]
 STUDY_NAME_MAX_LENGTH = 100
 STUDY_NAME_PATTERN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{STUDY_NAME_MAX_LENGTH - 1}}}")
 STUDY_NAME_ALPHABET = (f"1 to {STUDY_NAME_MAX_LENGTH} ASCII letters, digits, '.', '_' and '-', "
-                       "starting with a letter or digit, without '..'")
+                       "starting with a letter or digit, without '..', not ending in '.db' "
+                       "(the query commands read such a name as a store file)")
 
 
 class StudyNameError(ValueError):
@@ -41,7 +42,8 @@ class StudyNameError(ValueError):
 
 def study_name_problem(name: object) -> str | None:
     """Why `name` cannot name a study (a clause quoting it), or None for a usable name."""
-    if isinstance(name, str) and STUDY_NAME_PATTERN.fullmatch(name) and ".." not in name:
+    if isinstance(name, str) and STUDY_NAME_PATTERN.fullmatch(name) and ".." not in name \
+            and not name.lower().endswith(".db"):
         return None
     shown = repr(name)
     if len(shown) > 60:

@@ -47,9 +47,12 @@ def test_spec_takes_the_adaptive_rule_and_every_seed_it_may_use():
     (_adaptive({"decided": "shortcut"}), {"space": {"shortcut": ["A"]}},
      r"'shortcut' is not .*space lists it with one level, 'A'.*swept: none"),
     (_adaptive({"decided": "shortcut", "margin": -1}), {}, r"margin: a difference"),
+    (_adaptive({"width": 0.02, "margin": 0.01}), {}, r"seeds\.until\.margin: goes with `decided`"),
     ({"min": 2, "until": {"width": 0.1}}, {}, "max is missing"),
     (_adaptive({"width": 0.02}, often=3), {}, r"seeds\.often: unknown key"),
     (_adaptive({"width": 0.02}), {"budget": {"trials": 4}}, "adaptive seeds need sampler: grid"),
+    (_adaptive({"width": 0.02}), {"pruner": "median"},
+     "pruner: adaptive seeds decide on each seed's final error"),
 ])
 def test_spec_refuses_a_rule_that_cannot_run(seeds, overrides, message):
     with pytest.raises(SpecError, match=message):
@@ -223,3 +226,28 @@ def test_the_driver_adds_seeds_only_where_the_question_is_open(local_ray, tmp_pa
     page = report.render_report(loaded, responses=False)
     assert "Adaptive seeds: why each configuration stopped" in page
     assert all(reason.split(",")[0] in page for reason in table["reason"])
+
+
+def test_a_resumed_plan_counts_the_next_look_of_a_question_left_open(local_ray, tmp_path):
+    """A study stopped between looks: its configurations are open with every started seed
+    ended, so a run adds their next look's seeds at once; the dry run counts those as to run
+    (it listed them "if open" and planned nothing)."""
+    rule = {"min": 2, "max": 4, "until": {"width": 0.0001}}  # never narrow: open until max
+    full = parse_spec(raw_spec("adaptive-resume", epochs=1, seeds=rule))
+    run_study(full, RunOptions(runs_dir=tmp_path, progress=False))
+    done = optuna.load_study(study_name=full.study,
+                             storage=full.storage_url(tmp_path)).get_trials()
+    assert sorted(t.user_attrs["seed"] for t in done) == [0, 0, 1, 1, 2, 2, 3, 3]
+    # The store as the first look left it: the seeds below `min` of each configuration.
+    cut = parse_spec(raw_spec("adaptive-cut", epochs=1, seeds=rule))
+    store = optuna.create_study(study_name=cut.study, storage=cut.storage_url(tmp_path),
+                                directions=["minimize"])
+    for trial in done:
+        if trial.user_attrs["seed"] < 2:
+            store.add_trial(trial)
+    plan = plan_study(cut, RunOptions(runs_dir=tmp_path))
+    status = {(p.params["shortcut"], p.seed): p.status for p in plan}
+    # The next look is at 3 seeds (looks 2, 3, 4): seed 2 runs; seed 3 only if still open then.
+    assert cut.adaptive_seeds.looks == (2, 3, 4)
+    assert status == {(s, seed): ["done", "done", "pending", "if open"][seed]
+                      for s in ("A", "none") for seed in range(4)}

@@ -22,6 +22,7 @@ from scipy import stats
 
 from helpers import RESULTS_DEPTHS, RESULTS_SEEDS, RESULTS_SHORTCUTS, RESULTS_STUDY
 from resnet_ablate import plots, report
+from resnet_ablate.display import footnotes
 from resnet_ablate.record import unpack_outcomes
 from resnet_ablate.results import ResultsError, display_frame, list_studies, load
 from resnet_ablate.stats import (BINOMIAL_BOUND, CROSSED, SEEDS_ONLY, contrast, error_rate,
@@ -199,19 +200,53 @@ def test_a_metric_no_trial_recorded_is_one_error_and_a_trial_without_it_is_left_
     partial = dataclasses.replace(results, trials=trials)
     summary = partial.summary(metric="train_error")
     assert summary["n"].sum() == len(results.completed()) - 1
-    assert summary["note"].str.contains("1 completed trial without train_error left out").all()
+    # The note is on the rows over that trial only (its configuration; compare's "all" row).
+    lacking = trials.iloc[0]
+    noted = summary["note"].str.contains("1 completed trial without train_error left out")
+    assert noted.tolist() == ((summary["depth"] == lacking["depth"])
+                              & (summary["shortcut"] == lacking["shortcut"])).tolist()
     compared = partial.compare("shortcut", SHORTCUTS[0], metric="train_error")
-    assert compared["note"].str.contains("1 completed trial without train_error left out").all()
+    noted = compared["note"].str.contains("1 completed trial without train_error left out")
+    over_it = [row.depth in (lacking["depth"], "all")
+               and lacking["shortcut"] in (row.baseline, row.shortcut)
+               for row in compared.itertuples()]
+    assert noted.any() and noted.tolist() == over_it
+
+
+def test_pruned_seeds_are_named_where_the_summary_leaves_them_out(results):
+    """A pruned seed has no final error: the mean over the others is biased (the pruner let the
+    better seeds finish), and its row says so; a configuration with every seed pruned has no
+    row, and the table's notes say that too."""
+    trials = results.trials.copy()
+    first = trials.iloc[0]
+    point = (trials["depth"] == first["depth"]) & (trials["shortcut"] == first["shortcut"])
+    trials.loc[trials.index[0], "state"] = "PRUNED"
+    summary = dataclasses.replace(results, trials=trials).summary()
+    noted = summary["note"].str.contains("1 pruned seed left out: the mean is over the seeds "
+                                         "the pruner let finish, so it is biased")
+    assert noted.tolist() == ((summary["depth"] == first["depth"])
+                              & (summary["shortcut"] == first["shortcut"])).tolist()
+    assert summary.loc[noted, "n"].item() == len(SEEDS) - 1
+    trials.loc[point, "state"] = "PRUNED"
+    summary = dataclasses.replace(results, trials=trials).summary()
+    assert len(summary) == len(DEPTHS) * len(SHORTCUTS) - 1
+    assert footnotes(summary)[len(summary.attrs["methods"])] == (
+        f"note: depth={first['depth']}, shortcut={first['shortcut']}: all {len(SEEDS)} trials "
+        "pruned, no completed seed to summarise")
 
 
 def test_a_width_rule_studys_summary_says_its_intervals_are_not_adjusted_for_the_stopping(
         results):
     assert not results.summary()["note"].str.contains("width rule").any()
-    adaptive = dataclasses.replace(results, seed_rule={"min": 2, "max": 10,
-                                                       "until": {"width": 0.02}})
-    assert adaptive.summary()["note"].str.contains(
-        "seeds stopped once the interval was narrow .the width rule.: not adjusted for that, so "
-        "it covers less than 95%").all()
+    # Only the configurations the rule closed on a narrow interval before max seeds say so:
+    # every one with a width no interval reaches, none with one that none reaches.
+    for width, noted in ((1.0, True), (1e-9, False)):
+        adaptive = dataclasses.replace(results, seed_rule={"min": 2, "max": 10,
+                                                           "until": {"width": width}})
+        notes = adaptive.summary()["note"].str.contains(
+            "seeds stopped once the interval was narrow .the width rule.: not adjusted for that, "
+            "so it covers less than 95%")
+        assert notes.all() if noted else not notes.any()
     decided = dataclasses.replace(results, seed_rule={
         "min": 2, "max": 10, "until": {"decided": "shortcut", "margin": 0.01}})
     assert not decided.summary()["note"].str.contains("width rule").any()
@@ -517,6 +552,19 @@ def test_report_is_one_self_contained_page_with_the_tables_and_plots(results, tm
     for cell in display_frame(results.summary(metric="train_error"))["train_error_mean"]:
         assert f"<td>{cell}</td>" in page
     assert page.count('<div class="wide">') == page.count("<table") - 1  # all but the setup table
+
+
+def test_differences_are_shown_in_their_metrics_unit(results):
+    """compare's differences of rates in %, of seconds in seconds and of FLOPs in GFLOPs (the
+    numbers themselves unchanged), never a wall-time difference as a percentage."""
+    for metric, unit, scale in (("test_error", "", 100), ("wall_seconds", " (wall (s))", 1),
+                                ("flops", " (GFLOPs)", 1e-9)):
+        frame = results.compare("shortcut", "A", metric=metric)
+        shown = display_frame(frame)[f"diff_mean{unit}"]
+        expected = frame["diff_mean"] * scale
+        assert [float(cell.rstrip("%")) for cell in shown] == pytest.approx(
+            expected.tolist(), abs={"test_error": 0.006, "wall_seconds": 0.06, "flops": 1e-4}[metric])
+        assert all(cell.endswith("%") == (metric == "test_error") for cell in shown)
 
 
 # -- reading a study that is running; what does not exist

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +20,7 @@ import pytest
 from scipy import stats
 from helpers import RESULTS_SEEDS as SEEDS
 from helpers import RESULTS_STUDY as STUDY
+from helpers import results_study_spec
 
 from resnet_ablate.cli import main
 from resnet_ablate.results import display_frame
@@ -254,7 +257,7 @@ def test_the_installed_command_exits_2_without_a_traceback(runs):
     assert "Traceback" not in done.stderr
 
 
-def test_a_reader_that_closes_the_pipe_early_ends_the_command_quietly(runs):
+def test_a_reader_that_closes_the_pipe_early_ends_the_command_quietly(runs, tmp_path):
     """`resnet-ablate export STUDY | head -1`: the reader goes away before the table is written;
     the command exits 0 without a word, as other command-line tools do."""
     command = subprocess.Popen([sys.executable, "-m", "resnet_ablate.cli", "export", STUDY,
@@ -263,6 +266,15 @@ def test_a_reader_that_closes_the_pipe_early_ends_the_command_quietly(runs):
     command.stdout.close()  # before it writes a byte
     assert command.wait(timeout=120) == 0
     assert command.stderr.read() == b""
+    # The plan of a study too (`run --dry-run | head -1`), which is printed by the run command.
+    spec = tmp_path / "study.yaml"
+    spec.write_text(json.dumps(results_study_spec()))
+    planning = subprocess.Popen([sys.executable, "-m", "resnet_ablate.cli", "run", str(spec),
+                                 "--dry-run", "--runs-dir", runs],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    planning.stdout.close()
+    assert planning.wait(timeout=120) == 0
+    assert planning.stderr.read() == b""
     # A closed stderr is no answer: a failing command still fails.
     failing = subprocess.Popen([sys.executable, "-m", "resnet_ablate.cli", "show", "nosuch",
                                 "--runs-dir", runs], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -280,3 +292,28 @@ def test_the_runs_folder_comes_from_the_environment_for_the_cli_and_python(runs,
     assert main(["show", STUDY, "--columns", "number"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 13
     assert load(STUDY).storage == f"sqlite:///{Path(runs) / STUDY}.db"
+
+
+def test_a_store_whose_records_disagree_is_a_one_line_error(runs, tmp_path, capsys):
+    """A store edited by hand: one trial's per-image record swapped for that of a trial with
+    another error. Every command that computes statistics says so in one line, naming what
+    disagrees, rather than a traceback."""
+    store = tmp_path / f"{STUDY}.db"
+    shutil.copy(Path(runs) / f"{STUDY}.db", store)
+    trials = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{store}").get_trials()
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    first = done[0]
+    other = next(t for t in done if t.values[0] != first.values[0])
+    with sqlite3.connect(store) as db:
+        db.execute("update trial_user_attributes set value_json = (select value_json from "
+                   "trial_user_attributes where key = 'test_outcomes' and trial_id = ?) "
+                   "where key = 'test_outcomes' and trial_id = ?",
+                   (other._trial_id, first._trial_id))
+    for argv in (["summary"], ["compare", "--factor", "shortcut", "--baseline", "A"]):
+        assert main([argv[0], str(store), *argv[1:]]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err.startswith(f"resnet-ablate {argv[0]}: error: the store's records of a "
+                                       "configuration's seeds disagree")
+        assert "is not that of its outcomes" in captured.err
+        assert len(captured.err.strip().splitlines()) == 1

@@ -110,6 +110,7 @@ def test_ranges_for_random_and_tpe():
     ({**MINIMAL, "study": ".."}, "study: '..' is not a usable name"),
     ({**MINIMAL, "study": "a/b"}, "study: 'a/b' is not a usable name"),
     ({**MINIMAL, "study": "x\x00y"}, "is not a usable name"),
+    ({**MINIMAL, "study": "x.db"}, "study: 'x.db' is not a usable name"),
     # Bounds: a typo far past any real study is refused, not planned (or built) for minutes.
     ({**MINIMAL, "space": {"depth": [20, 60002]}},
      "ResNetArch.depth=60002 is above the deepest network the toolkit builds, 2000 layers"),

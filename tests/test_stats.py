@@ -327,7 +327,10 @@ def test_the_mean_over_configurations_is_the_mean_of_their_differences():
 
 def test_an_unknown_test_set_size_never_gives_tied_seeds_a_zero_width_interval():
     for estimate in (stats.error_rate(None, [0.1, 0.1], None),
-                     stats.paired_difference(None, None, [0.1, 0.1], [0.08, 0.08], None)):
+                     stats.paired_difference(None, None, [0.1, 0.1], [0.08, 0.08], None),
+                     # both differences one image of 360, tied but for their last bits
+                     stats.paired_difference(None, None, [1 / 360, 2 / 360], [2 / 360, 3 / 360],
+                                             None)):
         assert math.isnan(estimate.low) and math.isnan(estimate.high)
         assert estimate.note == stats.TIED_SIZE_UNKNOWN
     spread = stats.error_rate(None, [0.1, 0.12], None)

@@ -4,8 +4,6 @@ resnet_ablate.results / plots / report. A lookup problem is one line on stderr a
 from __future__ import annotations
 
 import argparse
-import os
-import select
 import sys
 from collections.abc import Callable
 
@@ -17,27 +15,24 @@ from .registry import command
 def _query(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     def guarded(args: argparse.Namespace) -> int:
         from ..results import ResultsError
+        from ..stats import SeedRecordsError
         from ..storage import StudyNameError
 
-        code = 0
         try:
-            code = fn(args)
-            sys.stdout.flush()  # a reader gone early shows here, not at exit
-            return code
-        except BrokenPipeError:
-            if not _reader_gone(sys.stdout):
-                raise  # another stream's (stderr's): a failure, not an answer
-            # `| head`: the reader has what it asked for, and the command's code stands. Stdout
-            # goes to /dev/null, so that Python's own flush at exit finds nothing to complain of.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return code
+            return fn(args)
         except ResultsError as error:
             print(f"resnet-ablate {args.command}: error: {error}", file=sys.stderr)
+            return 2
+        except SeedRecordsError as error:  # a store edited by hand, or by another version
+            print(f"resnet-ablate {args.command}: error: the store's records of a configuration's "
+                  f"seeds disagree, so they cannot be summarised: {error}", file=sys.stderr)
             return 2
         except StudyNameError as error:  # a name that would become a path or URL syntax
             print(f"resnet-ablate {args.command}: error: {error}; a store can also be named by "
                   "the path of its .db file", file=sys.stderr)
             return 2
+        except BrokenPipeError:
+            raise  # stdout's reader went away: the command table ends it quietly
         except OSError as error:  # writing -o: no permission, no space, ...
             # A failed write (no space: /dev/full) names no file; the path is -o's.
             path = error.filename or getattr(args, "output", None)
@@ -46,16 +41,6 @@ def _query(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
             return 2
 
     return guarded
-
-
-def _reader_gone(stream) -> bool:
-    """Whether `stream` is a pipe whose reader has closed it (poll reports an error on it)."""
-    try:
-        poller = select.poll()
-        poller.register(stream.fileno(), select.POLLOUT)
-    except (AttributeError, OSError, ValueError):  # no file descriptor, or no poll here
-        return False
-    return any(events & select.POLLERR for _, events in poller.poll(0))
 
 
 def _load(args: argparse.Namespace, *, listing: bool = False):

@@ -1,8 +1,12 @@
-"""The command table every command module registers into, and how a stopped command ends."""
+"""The command table every command module registers into, how a command whose reader went away
+ends, and how a stopped command ends."""
 
 from __future__ import annotations
 
 import argparse
+import functools
+import os
+import select
 import signal
 import sys
 from collections.abc import Callable
@@ -11,11 +15,44 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
 
 def command(name: str):
+    """Registers a command under `name`, ending it quietly where its output's reader went away."""
     def register(fn: Callable[[argparse.Namespace], int]):
-        COMMANDS[name] = fn
+        COMMANDS[name] = _quiet_when_reader_gone(fn)
         return fn
 
     return register
+
+
+def _quiet_when_reader_gone(fn: Callable[[argparse.Namespace], int]
+                            ) -> Callable[[argparse.Namespace], int]:
+    """`resnet-ablate ... | head -1`: the reader has what it asked for, and the command's code
+    stands (0 where the table was cut short), without a traceback."""
+    @functools.wraps(fn)
+    def piped(args: argparse.Namespace) -> int:
+        code = 0
+        try:
+            code = fn(args)
+            sys.stdout.flush()  # a reader gone early shows here, not at exit
+            return code
+        except BrokenPipeError:
+            if not _reader_gone(sys.stdout):
+                raise  # another stream's (stderr's): a failure, not an answer
+            # Stdout goes to /dev/null, so that Python's own flush at exit finds nothing to
+            # complain of.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return code
+
+    return piped
+
+
+def _reader_gone(stream) -> bool:
+    """Whether `stream` is a pipe whose reader has closed it (poll reports an error on it)."""
+    try:
+        poller = select.poll()
+        poller.register(stream.fileno(), select.POLLOUT)
+    except (AttributeError, OSError, ValueError):  # no file descriptor, or no poll here
+        return False
+    return any(events & select.POLLERR for _, events in poller.poll(0))
 
 
 def stopped(by_sigterm: bool, message: str) -> int:

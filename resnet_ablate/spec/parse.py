@@ -56,6 +56,11 @@ def parse_spec(raw: Any, *, source: str = "<spec>") -> StudySpec:
     objectives = _objectives(check, top.get("objectives", ["test_error"]))
     pruner = _pruner(check, top.get("pruner", "none") or "none", objectives)
     seeds, adaptive = seeds_section(check, top.get("seeds", [0]), space)
+    if adaptive is not None and pruner != "none":
+        raise check.fail("pruner", "adaptive seeds decide on each seed's final error, and a "
+                                   "pruner stops seeds before it: their questions would be "
+                                   "decided on the seeds that happened to look good; use "
+                                   "pruner: none with adaptive seeds")
     recipe = _recipe(check, top.get("train"))
     budget = _budget(check, top.get("budget"))
     _check_plan(check, sampler, space, seeds, adaptive is not None, budget)

@@ -72,6 +72,10 @@ def _adaptive_seeds(check: Checker, value: dict, space: Mapping[str, Any]
     width = decided = None
     margin = 0.0
     if "width" in until:
+        if "margin" in until:
+            raise check.fail("seeds.until.margin", "goes with `decided` (the equivalence "
+                                                   "margin of a comparison); the width rule "
+                                                   "has none: give {width: W} alone")
         width = check.typed("seeds.until.width", until["width"], (int, float), "a number")
         if not 0 < width <= 1:
             raise check.fail("seeds.until.width", f"an interval width of an error rate, in "

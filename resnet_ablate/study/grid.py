@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,11 +158,22 @@ def more_seeds(spec: StudySpec, trials: Iterable[optuna.trial.FrozenTrial],
     return added
 
 
+def next_look(spec: StudySpec, trials: Sequence[optuna.trial.FrozenTrial], history: GridHistory,
+              costs: StudyCosts) -> set[str]:
+    """Adaptive seeds: the seeds (point keys) a run would add at its next look to the grid
+    points that are open now and have no seed left to run first (a resumed study whose look an
+    interruption cut short). Open points with seeds still to run are decided after them."""
+    waiting = {configuration(p.params) for p in pending_points(spec, history, costs)}
+    return {point_key(p.params, p.seed) for p in more_seeds(spec, trials, costs)
+            if configuration(p.params) not in waiting}
+
+
 def plan(spec: StudySpec, history: GridHistory, costs: StudyCosts,
-         trials_left: float = math.inf) -> list[PlannedTrial]:
+         trials_left: float = math.inf, next_seeds: Collection[str] = ()) -> list[PlannedTrial]:
     """Every grid point x seed with its cost and status (grid studies); for `--dry-run`. Of the
-    pending ones, those past the first `trials_left` (budget.trials less the trials asked, in
-    the order a run takes them) are marked so."""
+    pending ones (`next_seeds` among them: see `next_look`), those past the first
+    `trials_left` (budget.trials less the trials asked, in the order a run takes them) are
+    marked so."""
     planned = []
     pending = 0
     for params in spec.grid() if spec.sampler == "grid" else []:
@@ -178,7 +189,7 @@ def plan(spec: StudySpec, history: GridHistory, costs: StudyCosts,
                 status = "settled"
             elif costs.over_budget(arch):
                 status = "over budget"
-            elif seed not in _first_seeds(spec, history, params):
+            elif seed not in _first_seeds(spec, history, params) and key not in next_seeds:
                 status = "if open"  # adaptive seeds: run only while the question stays open
             elif pending >= trials_left:
                 status = "past budget.trials"

@@ -112,8 +112,9 @@ class StudyRunner:
         if self.options.address is None:
             cluster.check_local_gpus(self.spec)
         trials = self._existing_trials()
-        return grid.plan(self.spec, GridHistory(self.spec, trials), self.costs,
-                         self._trials_left(trials))
+        history = GridHistory(self.spec, trials)
+        return grid.plan(self.spec, history, self.costs, self._trials_left(trials),
+                         grid.next_look(self.spec, trials, history, self.costs))
 
     def run(self) -> RunSummary:
         started = time.monotonic()

@@ -21,7 +21,9 @@ their NaN to themselves and the other seeds train on; so do they past a seed its
 same distribution as alone, not the same draws. No checkpoints or resumption (train each seed
 alone for those). Each seed's `images_per_second` is its own images over the shared training
 time (the stacked run's rate divided by the seeds), its epochs' `seconds` are the stacked
-run's, and its `wall_seconds` the stacked run's until the seed's own run ended.
+run's, and its `wall_seconds` its share of the stacked run's time until its own run ended (while
+k seeds run, each is charged 1/k), so that the seeds' times add up to the run's: a trial's cost
+as a study compares costs, whether its seeds trained stacked or alone.
 """
 
 from __future__ import annotations
@@ -144,10 +146,14 @@ class _StackedRun:
         self.stopped: list[str | None] = [None for _ in seeds]  # by on_epoch
         self.results: dict[int, TrainResult] = {}  # each seed's, as its run ends
         self.train_images, self.train_seconds = 0, 0.0
-        self.started = 0.0  # as run() starts
+        # Each seed's share of the stacked run's time: while k seeds run, each is charged 1/k
+        # of it, so that the seeds' wall_seconds add up to the run's, as trials alone do.
+        self.charged = [0.0 for _ in seeds]
+        self.charging = set(range(len(seeds)))  # the seeds whose runs have not ended
+        self.charged_until = 0.0  # as run() starts
 
     def run(self) -> list[TrainResult]:
-        self.started = time.perf_counter()
+        self.charged_until = time.perf_counter()
         for epoch in range(1, self.recipe.epochs + 1):
             self._epoch(epoch)
             if not self._training():
@@ -258,14 +264,23 @@ class _StackedRun:
         """Whether any seed still trains (else the run ends, as a run alone would)."""
         return any(self._trains(index) for index in range(len(self.seeds)))
 
+    def _charge(self) -> None:
+        """Splits the time since the last charge among the seeds whose runs go on."""
+        now = time.perf_counter()
+        for index in self.charging:
+            self.charged[index] += (now - self.charged_until) / len(self.charging)
+        self.charged_until = now
+
     def _end(self, index: int) -> None:
         """Seed `index`'s run has ended: its result, as of now (its time so far, its record that
         of its last completed epoch), kept and handed to on_end."""
+        self._charge()
+        self.charging.discard(index)
         stopped, diverged = self.stopped[index], self.diverged[index]
         status = "stopped" if stopped else "diverged" if diverged else "completed"
         self.results[index] = result = result_of(
             status, stopped or diverged, self.histories[index],
-            wall_seconds=time.perf_counter() - self.started,
+            wall_seconds=self.charged[index],
             # Each seed's share of the stacked run's images over its training time.
             images_per_second=(self.train_images / len(self.seeds) / self.train_seconds
                                if self.train_seconds else 0.0),

@@ -1,0 +1,148 @@
+"""Per-configuration statistics over seeds: `Results.summary` (each configuration's mean, spread
+and interval of a metric, with what it left out) and `Results.seed_decisions` (an adaptive-seed
+study's rule, decided on the trials recorded)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from . import stats
+from .adaptive import Decision, SeedResult, decide
+from .contrasts import (ERROR_RATES, TEST_SET_RATES, complement, count_where, joined, left_out,
+                        note, recorded, selected_note, with_methods, with_note)
+from .record import METRICS
+from .spec import adaptive_rule
+from .store_reading import scalar_value
+
+if TYPE_CHECKING:
+    from .results import Results
+
+# Stopping on a narrow interval favours seeds that happened to agree: the interval that stopped
+# them is narrower than one over a fixed count of seeds, and nothing here adjusts it.
+WIDTH_STOPPED = ("seeds stopped once the interval was narrow (the width rule): not adjusted "
+                 "for that, so it covers less than 95%")
+
+
+def summary(results: Results, by: Sequence[str] | None = None,
+            metric: str = "test_error") -> pd.DataFrame:
+    """`Results.summary`: one row per group of `by` (default: per configuration)."""
+    by = list(by or results.configuration_columns())
+    results.check_columns(by)
+    results.check_metric(metric)
+    done, lacking = recorded(results, metric, "summarise")
+    narrowed = {c for c, d in decisions(results).items() if d.narrowed}
+    pruned = _pruned_seeds(results, done)
+    rows = []
+    for key, group in done.groupby(by, sort=True, dropna=False):
+        where = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+        configurations = {tuple((c, getattr(row, c)) for c in results.configuration_columns())
+                          for row in group.itertuples(index=False)}
+        estimate = with_note(configuration_estimate(results, group, metric), joined(
+            left_out(lacking, metric, where), _pruned_note(pruned, where),
+            WIDTH_STOPPED if configurations & narrowed else ""))
+        names = group["arch_name"].unique()
+        rows.append({
+            **where,
+            "arch_name": names[0] if len(names) == 1 else f"{len(names)} architectures",
+            "n": estimate.n, f"{metric}_mean": estimate.mean, f"{metric}_std": estimate.std,
+            f"{metric}_ci95_low": estimate.low, f"{metric}_ci95_high": estimate.high,
+            "method": estimate.method, "note": note(estimate),
+            "params": _one_or_mean(group["params"]), "flops": _one_or_mean(group["flops"]),
+        })
+    frame = with_methods(pd.DataFrame(rows))
+    # A group the pruner left no completed seed in has no row: said below the table.
+    summarised = set(done[by].itertuples(index=False, name=None))
+    frame.attrs["unsummarised"] = [
+        f"{', '.join(f'{c}={v}' for c, v in zip(by, key))}: all {len(group)} trials pruned, "
+        "no completed seed to summarise"
+        for key, group in pruned.groupby(by, sort=True, dropna=False)
+        if (key if isinstance(key, tuple) else (key,)) not in summarised]
+    return frame
+
+
+def configuration_estimate(results: Results, group: pd.DataFrame, metric: str) -> stats.Estimate:
+    """The estimate of `metric` over one configuration's completed seeds (see `summary`)."""
+    values, repeated = _per_seed(group, metric, [*results.configuration_columns(), "seed"])
+    if metric in TEST_SET_RATES:
+        outcomes, images = results.outcomes(group["number"].tolist())
+        if metric not in ERROR_RATES or repeated:  # the test set's size alone bounds it
+            outcomes = None
+        errors = 1 - values if metric == "test_accuracy" else values
+        estimate = stats.error_rate(outcomes, errors, images)
+        return complement(estimate) if metric == "test_accuracy" \
+            else selected_note(estimate, metric)
+    bounds = (METRICS[metric].low, METRICS[metric].high) if metric in METRICS \
+        else (-math.inf, math.inf)
+    return stats.seed_mean(values, bounds)
+
+
+def seed_decisions(results: Results) -> pd.DataFrame:
+    """`Results.seed_decisions`: one row per configuration with its seeds, open, reason."""
+    columns = [*results.configuration_columns(), "seeds", "open", "reason"]
+    rows = [{**dict(c), "seeds": d.seeds, "open": d.open, "reason": d.reason}
+            for c, d in decisions(results).items()]
+    return pd.DataFrame(rows, columns=columns).sort_values(
+        results.configuration_columns(), kind="stable")
+
+
+def decisions(results: Results) -> dict[tuple, Decision]:
+    """The adaptive rule's decision for each configuration ((column, value), ...) that has
+    completed trials; empty for a study with fixed seeds."""
+    rule = adaptive_rule(results.seed_rule, results.spec.get("space") or {})
+    if rule is None:
+        return {}
+    done = results.require_completed("decide seeds for")
+    swept = results.configuration_columns()
+    configurations: dict[tuple, list[SeedResult]] = {}
+    for row in done.itertuples(index=False):
+        outcomes, images = results.outcomes([row.number])
+        configurations.setdefault(tuple((c, getattr(row, c)) for c in swept), []).append(
+            SeedResult(int(row.seed), float(row.test_error), images,
+                       None if outcomes is None else outcomes[0]))
+    levels = {name: [scalar_value(v) for v in values] if isinstance(values, list) else []
+              for name, values in (results.spec.get("space") or {}).items()}
+    return decide(rule, levels, configurations)
+
+
+def _pruned_seeds(results: Results, done: pd.DataFrame) -> pd.DataFrame:
+    """The pruned trials of seeds that no completed trial of their configuration has."""
+    keys = [*results.configuration_columns(), "seed"]
+    pruned = results.trials[results.trials["state"] == "PRUNED"]
+    if pruned.empty:
+        return pruned
+    completed = set(done[keys].itertuples(index=False, name=None))
+    return pruned[[row not in completed
+                   for row in pruned[keys].itertuples(index=False, name=None)]]
+
+
+def _pruned_note(pruned: pd.DataFrame, where: dict[str, Any]) -> str:
+    """A row's note on its seeds the pruner stopped: left out of the mean, which is then over the
+    seeds that looked good enough to go on, so biased toward lower error."""
+    count = count_where(pruned, where)
+    return (f"{count} pruned seed{'s' if count != 1 else ''} left out: the mean is over the "
+            "seeds the pruner let finish, so it is biased toward lower error" if count else "")
+
+
+def _per_seed(group: pd.DataFrame, metric: str, keys: list[str]) -> tuple[np.ndarray, bool]:
+    """`metric`'s values, one per configuration and seed (the `keys`), and whether any seed was
+    completed more than once: its trials are then averaged into one value, as `compare` does,
+    for a seed counted twice is not two seeds' evidence."""
+    if not group.duplicated(keys).any():
+        return _floats(group[metric]), False
+    return _floats(group.groupby(keys, dropna=False, sort=True)[metric].mean()), True
+
+
+def _floats(series: pd.Series) -> np.ndarray:
+    return series.to_numpy(dtype=float, na_value=np.nan)
+
+
+def _one_or_mean(series: pd.Series) -> Any:
+    values = series.dropna().unique()
+    if len(values) == 1:
+        return values[0]
+    return float(np.mean(values.astype(float))) if len(values) else None

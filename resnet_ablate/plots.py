@@ -15,6 +15,7 @@ this module never picks or changes pyplot's global backend.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import pandas as pd
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib import ticker
 from matplotlib.ticker import MaxNLocator
 
 from .results import Results, ResultsError
@@ -217,9 +219,12 @@ def plot_responses(results: Results, responses: pd.DataFrame | None = None, *,
     if responses is None:
         responses = results.layer_responses(max_images=max_images)
     figure, (original, ordered) = _figure(2)
-    for i, (name, group) in enumerate(sorted(responses.groupby("arch_name"), key=_arch_order)):
+    # A plain net and its residual twin share a colour (their depth's), told apart by the line.
+    depths = sorted({_depth_of(name) for name in responses["arch_name"].unique()})
+    for name, group in sorted(responses.groupby("arch_name"), key=_arch_order):
         mean = group.groupby("layer")["std"].mean()
-        style = {"color": f"C{i % 10}", "linestyle": ":" if name.startswith("plain") else "-",
+        style = {"color": f"C{depths.index(_depth_of(name)) % 10}",
+                 "linestyle": ":" if name.startswith("plain") else "-",
                  "marker": ".", "label": name}
         original.plot(mean.index, mean.to_numpy(), **style)
         ordered.plot(np.arange(1, len(mean) + 1), np.sort(mean.to_numpy())[::-1], **style)
@@ -229,6 +234,7 @@ def plot_responses(results: Results, responses: pd.DataFrame | None = None, *,
         # Logarithmic: a plain deep net's responses can peak 100x above a ResNet's, which a
         # linear axis would flatten to a line at zero.
         ax.set_yscale("log")
+        _labelled_within_a_decade(ax)
         ax.set_ylabel("std of BN output (log scale)")
         ax.grid(alpha=0.3, which="both")
     original.legend(fontsize="small")
@@ -271,9 +277,24 @@ def _panel_order(value: Any) -> tuple:
     return (0,) + _natural(value) if value == "none" else (1,) + _natural(value)  # plain first
 
 
+def _depth_of(name: str) -> int:
+    found = re.search(r"\d+", name)
+    return int(found.group()) if found else 0
+
+
+def _labelled_within_a_decade(ax: Any) -> None:
+    """A log axis that spans less than a decade gets plain ticks (0.9, 1, 1.2, ...): its
+    decade ticks would label one or two points, and in powers of ten."""
+    low, high = ax.get_ylim()
+    if low > 0 and high / low < 10:
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=6))
+        ax.yaxis.set_major_formatter(ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+
+
 def _arch_order(item: tuple[str, Sequence]) -> tuple:
     name = item[0]
-    return (not name.startswith("plain"), name)
+    return (not name.startswith("plain"), _depth_of(name), name)
 
 
 __all__ = ["KINDS", "PLOTTERS", "plot", "plot_curves", "plot_depth", "plot_pareto",

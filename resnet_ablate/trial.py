@@ -197,7 +197,8 @@ def run_stacked_body(task: TrialTask, board: Any | None, device: torch.device
         if result.status == "stopped":
             return TrialOutcome(numbers[index], Status.PRUNED,
                                 f"pruned after epoch {result.epochs_completed}", None, where,
-                                library_versions(), tuple(epochs[index]))
+                                library_versions(), tuple(epochs[index]),
+                                execution=result.execution)
         # The factory built each seed's model in order; train_seeds leaves each its final weights.
         keep = task.keep_weights and result.ok
         return outcome_of(result, trial_number=numbers[index], where=where,

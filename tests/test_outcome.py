@@ -58,6 +58,10 @@ def test_a_pruned_or_failed_outcome_stores_what_was_known_and_says_its_failure_k
     pruned = TrialOutcome(1, Status.PRUNED, "pruned after epoch 1", curves=CURVES[:1])
     assert pruned.failure_kind is None
     assert set(pruned.attributes()) == {TrialKey.CURVES}
+    # A pruned stacked seed knows how it ran (stacked with others): that is stored too.
+    stacked = dataclasses.replace(pruned, execution={"stacked_seeds": 2})
+    assert stacked.attributes() == {TrialKey.CURVES: [dict(CURVES[0])],
+                                    TrialKey.EXECUTION: {"stacked_seeds": 2}}
     # A run that trained to its end stores every key, None where it measured nothing.
     unmeasured = _completed(test=FinalEvaluation(100, 35, None)).attributes()
     assert TrialKey.TEST_OUTCOMES in unmeasured and unmeasured[TrialKey.TEST_OUTCOMES] is None

@@ -487,6 +487,30 @@ def test_layer_responses_are_the_std_of_each_3x3_bn_output_before_add_and_relu(r
 # -- plots and report
 
 
+def test_the_responses_plot_pairs_each_plain_net_with_its_twin_and_labels_its_axis(results):
+    """Fig. 7 as the paper draws it: a plain net and its ResNet twin in one colour (the depth's),
+    dotted against solid; a log axis that spans less than a decade labelled in plain numbers."""
+    responses = pd.DataFrame(
+        [{"arch_name": name, "layer": layer, "std": std * (1 + 0.05 * layer)}
+         for name, std in (("plain14-cifar", 1.0), ("resnet14-cifar-A", 0.9),
+                           ("plain8-cifar", 1.1), ("resnet8-cifar-A", 0.95))
+         for layer in range(1, 8)])
+    figure = plots.plot_responses(results, responses)
+    original = figure.axes[0]
+    colors = {line.get_label(): line.get_color() for line in original.get_lines()}
+    assert colors["plain8-cifar"] == colors["resnet8-cifar-A"]
+    assert colors["plain14-cifar"] == colors["resnet14-cifar-A"] != colors["plain8-cifar"]
+    styles = {line.get_label(): line.get_linestyle() for line in original.get_lines()}
+    assert styles["plain8-cifar"] == ":" and styles["resnet8-cifar-A"] == "-"
+    assert [text.get_text() for text in original.get_legend().get_texts()] == [
+        "plain8-cifar", "plain14-cifar", "resnet8-cifar-A", "resnet14-cifar-A"]
+    figure.canvas.draw()
+    low, high = original.get_ylim()
+    labels = [t.get_text() for t in original.get_yticklabels()
+              if t.get_text() and low <= t.get_position()[1] <= high]
+    assert len(labels) >= 3 and not any("times" in label or "^" in label for label in labels)
+
+
 @pytest.mark.parametrize("kind", plots.KINDS)
 def test_each_plot_is_a_valid_png(results, tmp_path, kind):
     path = plots.save_plot(results, kind, tmp_path / f"{kind}.png")

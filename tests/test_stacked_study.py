@@ -190,3 +190,7 @@ def test_a_pruner_stops_a_stacks_seeds_as_it_stops_trials(local_ray, tmp_path):
         assert 0 < len(t.user_attrs["curves"]) < 6
         assert set(t.intermediate_values) <= set(range(1, 7))
     assert len({t.user_attrs["pid"] for t in narrow}) == 1  # one stack trained them
+    # The results say the pruned seeds were stacked, as they say it of the completed ones.
+    from resnet_ablate.results import load
+
+    assert set(load("pruned-stack", storage=summary.storage).trials["stacked_seeds"]) == {2}

@@ -140,7 +140,8 @@ class TrialOutcome:
     pickles as it is. `attributes()` is the one mapping to the trial's stored keys.
 
     A run that trained to its end (completed or diverged) has every field; a pruned or failed
-    one has what was known when it stopped (placement, versions, the epochs it finished)."""
+    one has what was known when it stopped (placement, versions, the epochs it finished, how it
+    executed where that was known: a pruned stacked seed's)."""
 
     trial_number: int
     status: str  # one of Status
@@ -198,13 +199,15 @@ class TrialOutcome:
                 TrialKey.WALL_SECONDS: timings.wall_seconds,
                 TrialKey.IMAGES_PER_SECOND: timings.images_per_second,
                 TrialKey.COMPILE_SECONDS: timings.compile_seconds,
-                TrialKey.EXECUTION: None if self.execution is None else dict(self.execution),
                 TrialKey.WARMUP_STEPS: self.warmup_steps,
                 TrialKey.EVAL_SPLIT: self.eval_split,
                 TrialKey.TEST_IMAGES: test.images,
                 TrialKey.TEST_WRONG: test.wrong,
                 TrialKey.TEST_OUTCOMES: test.outcomes,
             })
+        if self.execution is not None or self.epochs_completed is not None:
+            # How it ran, where it is known: a pruned stacked seed's says it was stacked.
+            values[TrialKey.EXECUTION] = None if self.execution is None else dict(self.execution)
         if self.data_parallel is not None:
             record = self.data_parallel
             values[TrialKey.DATA_PARALLEL] = {

@@ -146,3 +146,31 @@ def test_a_study_trains_on_the_ilsvrc_layout_and_it_converts_to_folders_and_shar
     read = torch.cat([y for _, y, _ in data.test_loader(9)])
     assert read.tolist() == truth, "val shards keep the images' order and labels"
     assert main(["convert-imagenet", str(root), str(shards)]) == 2, "not into a non-empty folder"
+
+
+def test_shards_of_folders_whose_file_names_repeat_across_classes_keep_every_sample(tmp_path):
+    """cat/0.jpg and dog/0.jpg: each sample keeps a key of its own in the shards (a reader groups
+    members by key), where both were written as 0.jpg and one of them was lost; and a folder
+    that shards cannot hold is refused before anything is written."""
+    from resnet_ablate.data.imagenet_layout import convert_imagenet
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 4), ("val", 2)):
+        for label, name in enumerate(("cat", "dog", "eel")):
+            (tmp_path / "tree" / split / name).mkdir(parents=True)
+            for i in range(count):
+                _jpeg(tmp_path / "tree" / split / name / f"{i}.jpg", label, rng)
+    convert_imagenet(tmp_path / "tree", tmp_path / "shards", to="shards", shard_size=5)
+    data = load_shards({"train": str(tmp_path / "shards" / "train-{000000..000002}.tar"),
+                        "val": str(tmp_path / "shards" / "val-{000000..000001}.tar"),
+                        "num_classes": 3}, image_size=24, loader_workers=0)
+    assert (data.train_size, data.test_size) == (12, 6)
+    labels = sorted(torch.cat([y for _, y, _ in data.test_loader(6)]).tolist())
+    assert labels == [0, 0, 1, 1, 2, 2]
+    seen = torch.cat([y for _, y, _ in data.train_loader(3, 1, torch.Generator().manual_seed(0))])
+    assert sorted(seen.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+
+    (tmp_path / "tree" / "val" / "eel" / "odd.bmp").write_bytes(b"BM")
+    with pytest.raises(ValueError, match=r"odd.bmp: a shard holds .* images, not .bmp"):
+        convert_imagenet(tmp_path / "tree", tmp_path / "refused", to="shards")
+    assert not (tmp_path / "refused").exists()

@@ -135,6 +135,27 @@ def test_a_study_trains_end_to_end_on_shards(shards, tmp_path):
     assert curves[-1]["test_error"] == pytest.approx(wrong / len(val_images))
 
 
+@pytest.mark.parametrize("label", [b"7", b"n01440764", b"-1"])
+def test_a_label_that_is_no_class_index_is_named_before_training(shards, tmp_path, label):
+    """A .cls member with a class past num_classes, a wnid or a negative number: one error
+    naming the shard, the sample, the label and the valid range, when local shards are counted
+    (before training), and as the loader reads it where the sizes were given."""
+    root, _ = shards
+    bad = tmp_path / "val-bad.tar"
+    with tarfile.open(bad, "w") as archive:
+        _add(archive, "v0.jpg", _jpeg(0, np.random.default_rng(1)))
+        _add(archive, "v0.cls", label)
+    spec = {**_spec(root), "val": str(bad)}
+    message = (rf"shard {bad}, sample v0: label '{label.decode()}' is not a class index "
+               rf"\(0 to {CLASSES - 1}\)")
+    with pytest.raises(ShardError, match=message):
+        load_shards(spec, image_size=24, loader_workers=0)
+    given = load_shards({**spec, "train_size": 25, "val_size": 1}, image_size=24,
+                        loader_workers=0)
+    with pytest.raises(ShardError, match=message):
+        list(given.test_loader(4))
+
+
 def test_replicas_read_their_own_shards_for_the_same_number_of_steps(shards):
     root, _ = shards
     data = load_shards(_spec(root), image_size=24, loader_workers=0)
@@ -148,6 +169,21 @@ def test_replicas_read_their_own_shards_for_the_same_number_of_steps(shards):
         assert len(batches) == data.train_size // 4
         seen.append({key(x) for images, _, _ in batches for x in images})
     assert not seen[0] & seen[1], "a shard is read by one replica only"
+    # A replica whose one shard holds fewer images than its batch (8 < 10) reads it twice in a
+    # pass: each replica takes the epoch's step (25 // 20), where it took none and the other
+    # replica waited at its all-reduce for ever.
+    for part in (0, 1):
+        assert len(list(data.train_loader(10, 1, torch.Generator().manual_seed(0), part=part,
+                                          parts=2))) == 1
+    # Shards with no decodable image at all end in one error rather than a replica that waits.
+    from resnet_ablate.data.errors import DataUnavailable
+    from resnet_ablate.data.shards import _repeated
+
+    passes = []
+    with pytest.raises(DataUnavailable, match="hold no 4 decodable training images even read "
+                                              "1024 times over"):
+        next(_repeated(lambda urls: passes.append(len(urls)) or [], ["a.tar"], 4))
+    assert passes == [2 ** k for k in range(11)]
     with pytest.raises(ValueError, match="3 training shard.*cannot feed 4 replicas"):
         data.train_loader(2, 1, torch.Generator(), part=0, parts=4)
     halves = [[y for _, y, _ in data.test_loader(4, part=p, parts=2)] for p in (0, 1)]

@@ -56,6 +56,11 @@ def convert_imagenet(root: str | os.PathLike[str], out: str | os.PathLike[str], 
     index = scan_image_folder(root, val_labels=val_labels)
     splits = {"train": list(index.train), "val": list(index.test)}
     random.Random(seed).shuffle(splits["train"])
+    if to == "shards":  # before anything is written: a refusal leaves no half-written folder
+        for path, _ in (sample for samples in splits.values() for sample in samples):
+            if Path(path).suffix.lower() not in _SHARD_SUFFIXES:
+                raise ValueError(f"{path}: a shard holds {', '.join(_SHARD_SUFFIXES)} images, "
+                                 f"not {Path(path).suffix.lower()}; convert to folders instead")
     out.mkdir(parents=True, exist_ok=True)
     patterns = {}
     for split, samples in splits.items():
@@ -78,18 +83,30 @@ def _link_into_classes(samples: list[tuple[str, int]], folder: Path,
             shutil.copy2(path, target)
 
 
+def _sample_keys(paths: list[str]) -> list[str]:
+    """Each sample's key in a split's shards, unique within it (a shard's reader groups members
+    by key): the file's stem, as ILSVRC's unique names give them; where stems repeat (cat/0.jpg
+    and dog/0.jpg), the class folder's name and the stem; where those still repeat (0.jpg and
+    0.png in one folder), the sample's place in the split too."""
+    stems = [Path(p).stem for p in paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    named = [f"{Path(p).parent.name}_{stem}" for p, stem in zip(paths, stems)]
+    if len(set(named)) == len(named):
+        return named
+    return [f"{index:08d}_{name}" for index, name in enumerate(named)]
+
+
 def _write_shards(samples: list[tuple[str, int]], out: Path, split: str, size: int) -> str:
     count = max(1, -(-len(samples) // size))
     digits = max(6, len(str(count - 1)))
+    keys = _sample_keys([path for path, _ in samples])
     for shard in range(count):
         with tarfile.open(out / f"{split}-{shard:0{digits}d}.tar", "w") as archive:
-            for path, label in samples[shard * size:(shard + 1) * size]:
-                stem, suffix = Path(path).stem, Path(path).suffix.lower()
-                if suffix not in _SHARD_SUFFIXES:
-                    raise ValueError(f"{path}: a shard holds {', '.join(_SHARD_SUFFIXES)} images, "
-                                     f"not {suffix}; convert to folders instead")
-                archive.add(path, arcname=f"{stem}.{_SHARD_SUFFIXES[suffix]}")
-                info = tarfile.TarInfo(f"{stem}.cls")
+            for index in range(shard * size, min((shard + 1) * size, len(samples))):
+                (path, label), key = samples[index], keys[index]
+                archive.add(path, arcname=f"{key}.{_SHARD_SUFFIXES[Path(path).suffix.lower()]}")
+                info = tarfile.TarInfo(f"{key}.cls")
                 data = str(label).encode()
                 info.size = len(data)
                 archive.addfile(info, io.BytesIO(data))

@@ -26,7 +26,7 @@ import random
 import tarfile
 import urllib.error
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -92,14 +92,20 @@ def _members(sources: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         yield {}
 
 
-def count_samples(urls: list[str]) -> int:
-    """Samples in local shards, from their member names (nothing is decoded): the keys with an
-    image."""
+def count_samples(urls: list[str], num_classes: int | None = None) -> int:
+    """Samples in local shards, from their member names (no image is decoded): the keys with an
+    image. With `num_classes`, each sample's label (its .cls member) is checked to be a class
+    index, so that a bad one is named before training rather than failing it an epoch in."""
     keys = set()
     for url in urls:
         try:
             with tarfile.open(local_path(url)) as archive:
                 names = archive.getnames()
+                if num_classes is not None:
+                    for member in archive.getmembers():
+                        if split_key(member.name)[1] == "cls" and member.isfile():
+                            label_of(archive.extractfile(member).read(), num_classes,
+                                     f"shard {url}, sample {split_key(member.name)[0]}")
         except (OSError, tarfile.TarError, EOFError) as error:
             # tarfile's message lists each compression it tried, a line each: its first says it
             first = (str(error).splitlines() or [""])[0].rstrip(":")
@@ -113,13 +119,30 @@ def count_samples(urls: list[str]) -> int:
     return len(keys)
 
 
+def label_of(text: bytes, num_classes: int | None, where: str) -> int:
+    """A sample's label from its .cls member: a class index in [0, num_classes); a ShardError
+    naming `where` (the shard and key), the label and the valid range for anything else."""
+    shown = text.decode(errors="replace").strip()
+    try:
+        label = int(shown)
+    except ValueError:
+        label = None
+    if label is None or label < 0 or (num_classes is not None and label >= num_classes):
+        valid = f"0 to {num_classes - 1}" if num_classes is not None else "0 or more"
+        raise ShardError(f"{where}: label {shown[:40]!r} is not a class index ({valid}): a "
+                         ".cls member holds the class's index, as convert-imagenet writes it")
+    return label
+
+
 def _sample(record: dict[str, Any], *, image_size: int, augmentation: CropAugmentation,
             seed: tuple[int, int], epoch: int | None, preprocess: Preprocess = PLAIN,
-            view: str | None = None, encoded: bool = False) -> tuple[Any, int]:
+            view: str | None = None, encoded: bool = False,
+            num_classes: int | None = None) -> tuple[Any, int]:
     """(image, label) of a grouped record; (None, label) for one the loader skips: no image, an
     image that cannot be decoded, or no label."""
     key = record["__key__"]
-    label = int(record["cls"].decode().strip()) if "cls" in record else -1
+    label = label_of(record["cls"], num_classes,
+                     f"shard {record.get('__url__', '?')}, sample {key}") if "cls" in record else -1
     image = next((record[e] for e in IMAGE_EXTENSIONS if e in record), None)
     if image is None or label < 0:
         return None, label
@@ -187,7 +210,7 @@ class ShardData:
             _map_stage, partial(_sample, image_size=self.image_size,
                                 augmentation=self.augmentation, seed=(self.seed, augment_seed),
                                 epoch=epoch if augment else None, preprocess=preprocess,
-                                view=view, encoded=encoded)))
+                                view=view, encoded=encoded, num_classes=self.num_classes)))
         collate_fn = collate_views if view is not None else collate_encoded if encoded else collate
         return torch.utils.data.DataLoader(
             dataset, batch_size=1 if view == "multi_scale" else batch_size,
@@ -216,11 +239,15 @@ class ShardData:
         order = torch.randperm(len(self.train_urls), generator=generator).tolist()
         seed = int(torch.randint(2**31, (1,), generator=generator))
         urls = [self.train_urls[i] for i in order][part::parts]
-        loader = self._loader(urls, batch_size, epoch, seed + part, pin_memory, augment,
-                              augment_seed, preprocess, encoded=encoded)
+
+        def loader(urls: list[str]) -> torch.utils.data.DataLoader:
+            return self._loader(urls, batch_size, epoch, seed + part, pin_memory, augment,
+                                augment_seed, preprocess, encoded=encoded)
+
         if parts == 1:
-            return loader
-        return itertools.islice(_repeated(loader), self.train_size // (batch_size * parts))
+            return loader(urls)
+        return itertools.islice(_repeated(loader, urls, batch_size),
+                                self.train_size // (batch_size * parts))
 
     def test_loader(self, batch_size: int, *, pin_memory: bool = False, part: int = 0,
                     parts: int = 1, preprocess: Preprocess = PLAIN,
@@ -268,15 +295,29 @@ def _map_stage(function: Any, samples: Iterable[dict[str, Any]]) -> Iterator[Any
     return map(function, samples)
 
 
-def _repeated(loader: torch.utils.data.DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-    """The loader's batches, over and over (a replica's shards read again when they run out)."""
+# A replica's shards read this many times over in one pass and still short of one batch hold
+# (next to) no decodable sample: an error, not a replica that waits for ever.
+_MAX_COPIES = 1024
+
+
+def _repeated(loader: Callable[[list[str]], torch.utils.data.DataLoader], urls: list[str],
+              batch_size: int) -> Iterator[tuple[Any, torch.Tensor, int]]:
+    """A replica's batches, over and over: its shards read again when they run out. Where they
+    hold less than one batch (a small last shard alone on a replica), a pass yields none, so
+    they are read twice in a pass, four times, ... until it yields one: a replica that took no
+    step would leave the others waiting at their first all-reduce for ever."""
+    copies = 1
     while True:
         yielded = False
-        for batch in loader:
+        for batch in loader(urls * copies):
             yielded = True
             yield batch
         if not yielded:
-            return
+            if copies >= _MAX_COPIES:
+                raise DataUnavailable(f"shards {', '.join(urls)} (one replica's) hold no "
+                                      f"{batch_size} decodable training images even read "
+                                      f"{copies} times over")
+            copies *= 2
 
 
 def load_shards(shards: dict[str, Any], *, image_size: int = 224,
@@ -298,6 +339,9 @@ def load_shards(shards: dict[str, Any], *, image_size: int = 224,
     for split in urls:
         for url in urls[split]:
             check_url(url, f"shards.{split}")
+    num_classes = shards["num_classes"]
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"shards.num_classes must be an int >= 2, got {num_classes!r}")
     sizes = {}
     for split, size_key in (("train", "train_size"), ("val", "val_size")):
         local = [u for u in urls[split] if is_local(u)]
@@ -308,12 +352,9 @@ def load_shards(shards: dict[str, Any], *, image_size: int = 224,
         if size_key in shards:
             sizes[split] = int(shards[size_key])
         elif len(local) == len(urls[split]):
-            sizes[split] = count_samples(local)
+            sizes[split] = count_samples(local, num_classes)
         else:
             raise ValueError(f"shards.{size_key}: needed for shards behind URLs (local shards "
                              "are counted)")
-    num_classes = shards["num_classes"]
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"shards.num_classes must be an int >= 2, got {num_classes!r}")
     return ShardData(tuple(urls["train"]), tuple(urls["val"]), num_classes, sizes["train"],
                      sizes["val"], image_size, augmentation, loader_workers, seed)

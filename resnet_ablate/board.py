@@ -57,7 +57,9 @@ def report_epoch(task: TrialTask, board: Any | None, record: EpochRecord) -> boo
         return False
     try:
         stop = ray.get(board.report.remote(task.trial_number, record))
-        if task.await_pruner:
+        # Not after the last epoch: the trial has finished, and a pruner's verdict on its final
+        # error would only select among finished results (the driver does not judge it).
+        if task.await_pruner and record.epoch < task.recipe["epochs"]:
             deadline = time.monotonic() + PRUNER_WAIT_SECONDS
             while (stop := ray.get(board.verdict.remote(task.trial_number, record.epoch))) is None \
                     and time.monotonic() < deadline:

@@ -29,6 +29,9 @@ ERROR_RATES = ("test_error", "test_accuracy")
 # account, from the per-image record where there is one (ERROR_RATES), else bounded by the test
 # set's size, as an error rate without its record is.
 TEST_SET_RATES = (*ERROR_RATES, "best_test_error", "test_top5_error", *VIEW_METRICS)
+# What a configuration fixes: equal for every seed, so seeds that tie on it tie exactly (its
+# zero-width interval is the truth; for any other metric it would claim certainty).
+CONFIGURATION_CONSTANTS = ("flops", "params")
 # What a reader must know of a rate picked on the test set itself.
 SELECTED_ON_TEST = {"best_test_error": "the lowest test error over epochs: picked on the test "
                                        "set, so optimistic"}
@@ -70,7 +73,8 @@ def paired_contrast(results: Results, values: pd.DataFrame, trials: pd.DataFrame
     clipped to `bounds`."""
     weights = np.asarray(weights, dtype=float)
     if metric not in TEST_SET_RATES:
-        return stats.seed_mean(values.to_numpy(float) @ weights, bounds)
+        return stats.seed_mean(values.to_numpy(float) @ weights, bounds,
+                               exact_ties=metric in CONFIGURATION_CONSTANTS)
     columns = [values[c].to_numpy(float) for c in values.columns]
     errors = [1 - v for v in columns] if metric == "test_accuracy" else columns
     numbers = [number for c in trials.columns for cell in trials[c] for number in cell]
@@ -127,6 +131,26 @@ def count_where(trials: pd.DataFrame, where: dict[str, Any]) -> int:
         missing = any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values)
         mask &= trials[column].isin(values) | (trials[column].isna() & missing)
     return int(mask.sum())
+
+
+def pruned_seeds(results: Results, done: pd.DataFrame) -> pd.DataFrame:
+    """The pruned trials of seeds that no completed trial of their configuration has."""
+    keys = [*results.configuration_columns(), "seed"]
+    pruned = results.trials[results.trials["state"] == "PRUNED"]
+    if pruned.empty:
+        return pruned
+    completed = set(done[keys].itertuples(index=False, name=None))
+    return pruned[[row not in completed
+                   for row in pruned[keys].itertuples(index=False, name=None)]]
+
+
+def pruned_note(pruned: pd.DataFrame, where: dict[str, Any]) -> str:
+    """A row's note on its seeds the pruner stopped (of `pruned`, over the trials `where` says:
+    see `count_where`): left out, so that what the row says is over the seeds that looked good
+    enough to go on."""
+    count = count_where(pruned, where)
+    return (f"{count} pruned seed{'s' if count != 1 else ''} left out: the pruner let the seeds "
+            "that looked better finish, so this row is biased toward them" if count else "")
 
 
 def on_common_seeds(values: pd.DataFrame, others: Sequence[str]) -> pd.DataFrame:

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .record import METRICS
+from .record.metrics import Metric
 
 
 def _percent(value: Any) -> str:
@@ -29,7 +30,7 @@ def _number(value: Any) -> str:
     return str(value)
 
 
-def display_frame(frame: pd.DataFrame, *, max_text: int = 60) -> pd.DataFrame:
+def display_frame(frame: pd.DataFrame, *, max_text: int | None = 60) -> pd.DataFrame:
     """A copy as text with units: errors and accuracies in %, params in M, FLOPs in G."""
     shown = pd.DataFrame(index=frame.index)
     unit = _difference_unit(frame)
@@ -46,13 +47,29 @@ def display_frame(frame: pd.DataFrame, *, max_text: int = 60) -> pd.DataFrame:
         elif column in METRICS:
             metric = METRICS[column]
             name, text = metric.label, values.map(lambda v: "-" if pd.isna(v) else metric.show(v))
+        elif numeric and (metric := _statistic_of(column)) is not None:
+            # flops_mean, wall_seconds_baseline, ...: in the metric's unit, named in the header.
+            name = f"{column} ({metric.label})"
+            text = values.map(lambda v, m=metric: "-" if pd.isna(v) else m.show(v))
         elif column in ("p_value", "p_holm"):
             text = values.map(lambda v: "-" if pd.isna(v) else f"{v:.3g}")
         else:
             text = values.map(_number).map(
-                lambda s: s if len(s) <= max_text else s[: max_text - 3] + "...")
+                lambda s: s if max_text is None or len(s) <= max_text else s[: max_text - 3] + "...")
         shown[name] = text.astype(object).to_numpy()
     return shown
+
+
+# The columns summary, compare and pareto make of a metric: its name and one of these.
+_STATISTICS = ("_mean", "_std", "_ci95_low", "_ci95_high", "_baseline", "_level")
+
+
+def _statistic_of(column: str) -> Metric | None:
+    """The metric a statistic's column is of (`flops_mean` is of flops), or None."""
+    for suffix in _STATISTICS:
+        if column.endswith(suffix) and column[:-len(suffix)] in METRICS:
+            return METRICS[column[:-len(suffix)]]
+    return None
 
 
 def _difference_unit(frame: pd.DataFrame) -> tuple[str, Any] | None:

@@ -31,8 +31,9 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .contrasts import (difference_bounds, note, paired_contrast, plain, recorded,
-                        stratified_contrast, with_holm)
+from .contrasts import (difference_bounds, joined, left_out, note, paired_contrast, plain,
+                        pruned_note, pruned_seeds, recorded, stratified_contrast, with_holm,
+                        with_note)
 from .storage import ResultsError
 
 if TYPE_CHECKING:
@@ -142,8 +143,10 @@ def _interaction(results: Results, f: tuple[str, Any, Any], g: tuple[str, Any, A
     """The interaction row of level f[2] (baseline f[1]) of factor f[0] with level g[2]
     (baseline g[1]) of factor g[0], stratified over the configurations of the other factors."""
     (f_name, f_base, f_level), (g_name, g_base, g_level) = f, g
-    done = results.completed()
-    done = done[done[metric].notna()]
+    done, lacking = recorded(results, metric, "estimate effects from")
+    where = {f_name: [f_base, f_level], g_name: [g_base, g_level]}
+    left = joined(left_out(lacking, metric, where),
+                  pruned_note(pruned_seeds(results, done), where))
     others = [c for c in results.configuration_columns(without=[f_name, g_name])
               if c != "arch_name"]
     keys = [*others, "seed", f_name, g_name]
@@ -166,7 +169,8 @@ def _interaction(results: Results, f: tuple[str, Any, Any], g: tuple[str, Any, A
         estimate, quads = stratified_contrast(results, quads[cells], trials, others, weights,
                                               metric, bounds)
     return _row("interaction", f"{f_name} x {g_name}", f"{_text(f_level)} x {_text(g_level)}",
-                f"{_text(f_base)} x {_text(g_base)}", len(quads), estimate, metric)
+                f"{_text(f_base)} x {_text(g_base)}", len(quads), with_note(estimate, left),
+                metric)
 
 
 def _text(value: Any) -> str:

@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .contrasts import (difference_bounds, left_out, note, paired_contrast, plain, recorded,
-                        stratified_contrast, with_holm, with_note)
+from .contrasts import (difference_bounds, joined, left_out, note, paired_contrast, plain,
+                        pruned_note, pruned_seeds, recorded, stratified_contrast, with_holm,
+                        with_note)
 from .storage import ResultsError
 
 if TYPE_CHECKING:
@@ -30,14 +31,10 @@ def compare(results: Results, factor: str, baseline: Any,
     by image) over the seeds all of them have (`contrasts.stratified_contrast`); its n_pairs and
     means are over those seeds too. Several completed trials of one configuration and seed are
     averaged first (and lose their per-image record)."""
-    _check_factor(results, factor)
+    levels, baseline = _levels(results, factor, baseline)
     results.check_metric(metric)
     done, lacking = recorded(results, metric, "compare")
-    levels = list(pd.unique(results.trials[factor].dropna()))
-    baseline = _match_level(baseline, levels, factor)
-    if len(levels) < 2:
-        raise ResultsError(f"{factor} has only one value ({plain(baseline)}) in study "
-                           f"{results.study!r}: there is nothing to compare it with")
+    pruned = pruned_seeds(results, done)
     others = results.configuration_columns(without=[factor])
     others = [c for c in others if c != "arch_name"]
     keys = [*others, "seed", factor]
@@ -58,10 +55,11 @@ def compare(results: Results, factor: str, baseline: Any,
         for key, group in groups:
             key = key if isinstance(key, tuple) else (key,)
             configuration = dict(zip(others, key))
+            where = {**configuration, factor: [baseline, level]}
             estimate = with_note(paired_contrast(results, group, trials.loc[group.index],
                                                  (-1.0, 1.0), metric, bounds),
-                                 left_out(lacking, metric,
-                                          {**configuration, factor: [baseline, level]}))
+                                 joined(left_out(lacking, metric, where),
+                                        pruned_note(pruned, where)))
             rows.append(_paired_row(factor, level, baseline, metric, configuration,
                                     group[baseline], group[level], estimate))
         if len(groups) > 1:
@@ -69,20 +67,29 @@ def compare(results: Results, factor: str, baseline: Any,
                                                 metric, bounds)
             rows.append(_paired_row(factor, level, baseline, metric,
                                     {name: "all" for name in others}, used[baseline],
-                                    used[level], with_note(overall, left_out(
-                                        lacking, metric, {factor: [baseline, level]}))))
+                                    used[level], with_note(overall, joined(
+                                        left_out(lacking, metric, {factor: [baseline, level]}),
+                                        pruned_note(pruned, {factor: [baseline, level]})))))
     if not rows:
         raise ResultsError(f"no configuration has completed trials of both {factor}="
                            f"{plain(baseline)} and another level with the same seed yet")
     return with_holm(pd.DataFrame(rows))
 
 
-def _check_factor(results: Results, factor: str) -> None:
+def _levels(results: Results, factor: str, baseline: Any) -> tuple[list[Any], Any]:
+    """The levels of `factor` in the study and the one `baseline` names; one clear error where
+    `factor` is no factor or has one level."""
     results.check_columns([factor])
     factors = results.configuration_columns()
     if factor not in factors:  # seeds, metrics and names are not levels a study sets
         raise ResultsError(f"{factor!r} is not a factor study {results.study!r} sweeps, so it has "
                            f"no levels to compare; factors: {', '.join(factors)}")
+    levels = list(pd.unique(results.trials[factor].dropna()))
+    baseline = _match_level(baseline, levels, factor)
+    if len(levels) < 2:
+        raise ResultsError(f"{factor} has only one value ({plain(baseline)}) in study "
+                           f"{results.study!r}: there is nothing to compare it with")
+    return levels, baseline
 
 
 def _match_level(value: Any, levels: list[Any], factor: str) -> Any:

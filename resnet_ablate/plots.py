@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import re
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from matplotlib.figure import Figure
 from matplotlib import ticker
 from matplotlib.ticker import MaxNLocator
 
+from .contrasts import pruned_seeds
 from .results import Results, ResultsError
 
 KINDS = ("curves", "depth", "pareto", "responses")
@@ -80,9 +82,8 @@ def plot_curves(results: Results, *, panel_by: str | None = None, color_by: str 
     palette = {value: shades[i] for i, value in enumerate(colors)}
     # One y-scale for every panel: the panels are there to be compared.
     figure, axes = _figure(len(panels), sharey=True)
-    seeds = results.require_completed("plot")["seed"].nunique()
-    figure.suptitle(f"{results.study}: mean over {seeds} seed{'s' if seeds != 1 else ''}",
-                    fontsize="medium")
+    figure.suptitle(f"{results.study}: mean over seeds (how many: each line's label)"
+                    f"{_pruned_caption(results)}", fontsize="medium")
     for ax, panel in zip(axes, panels):
         subset = curves if panel is None else curves[curves[panel_by] == panel]
         for value in colors:
@@ -93,8 +94,9 @@ def plot_curves(results: Results, *, panel_by: str | None = None, color_by: str 
             scale = 100.0 if metric == "error" else 1.0
             ax.plot(mean.index, scale * mean[f"train_{metric}"], color=palette[value], linewidth=0.9,
                     linestyle="--", alpha=0.8)
+            seeds = lines["seed"].nunique()
             ax.plot(mean.index, scale * mean[f"test_{metric}"], color=palette[value], linewidth=2.4,
-                    label=_label(color_by, value))
+                    label=f"{_label(color_by, value)} ({seeds} seed{'s' if seeds != 1 else ''})")
         ax.set_title(_label(panel_by, panel) if panel_by else results.study)
         ax.set_xlabel("epoch")
         ax.set_ylabel("error (%)" if metric == "error" else metric)
@@ -102,6 +104,14 @@ def plot_curves(results: Results, *, panel_by: str | None = None, color_by: str 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(title="bold: test, thin dashed: train", fontsize="small", title_fontsize="small")
     return figure
+
+
+def _pruned_caption(results: Results) -> str:
+    """What a figure of means over seeds says of the seeds the pruner stopped ("" for none):
+    they are left out, and the pruner let the better-looking ones finish."""
+    pruned = len(pruned_seeds(results, results.completed()))
+    return (f"\n{pruned} pruned seed{'s' if pruned != 1 else ''} left out (the pruner let the "
+            "better-looking seeds finish)" if pruned else "")
 
 
 ONE_SEED_LABEL = "open marker: one seed, no interval"
@@ -140,12 +150,17 @@ def plot_depth(results: Results, *, metric: str = "test_error", x: str = "depth"
         above = 100 * group[f"{metric}_ci95_high"].to_numpy(float) - mean
         seeds = sorted(set(group["n"]))
         n = f"n={seeds[0]}" if len(seeds) == 1 else f"n={seeds[0]}-{seeds[-1]}"
+        noun = "seed" if seeds == [1] else "seeds"
         ax.errorbar(group[x].astype(float), mean, yerr=[below, above], marker="o",
-                    capsize=4, color=palette[value], label=f"{_label(line_by, value) if line_by else metric} ({n} seeds)")
+                    capsize=4, color=palette[value],
+                    label=f"{_label(line_by, value) if line_by else metric} ({n} {noun})")
         _mark_without_interval(ax, group[x].astype(float), mean, below, "o", palette[value])
     ax.set_xlabel(x)
+    ax.set_xticks(sorted(set(summary[x].astype(float))))  # the depths run, not fractions
     ax.set_ylabel(f"{metric.replace('_', ' ')} (%), mean and 95% CI")
-    ax.set_title(results.study)
+    # One panel is narrow: the caption wraps.
+    ax.set_title("\n".join([results.study, *textwrap.wrap(_pruned_caption(results), 55)]),
+                 fontsize="medium")
     ax.grid(alpha=0.3)
     methods = summary.attrs.get("methods") or []
     # How the bars were made, in the figure itself (the legend's title keeps it off the axes).

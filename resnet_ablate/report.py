@@ -37,7 +37,10 @@ def _table(frame: pd.DataFrame) -> str:
     """A table that scrolls sideways inside the page rather than widening it; methods and notes
     go under it (`_footnotes`)."""
     frame = frame.drop(columns=[c for c in FOOTNOTE_COLUMNS if c in frame.columns])
-    return f'<div class="wide">{display_frame(frame).to_html(index=False, border=0, escape=True)}</div>'
+    # Whole text: a page wraps it (an adaptive verdict's reason is longer than a terminal's cut).
+    with pd.option_context("display.max_colwidth", None):
+        html = display_frame(frame, max_text=None).to_html(index=False, border=0, escape=True)
+    return f'<div class="wide">{html}</div>'
 
 
 def _setup(results: Results) -> str:

@@ -129,7 +129,9 @@ class Results:
         """Per configuration over seeds: n, mean, seed-to-seed std and the 95% interval of
         `metric`, with the method that made the interval and a note where it needs one (few
         seeds, no interval, what it is conditional on), and the configuration's parameters and
-        FLOPs (their mean where `by` mixes several).
+        FLOPs (their mean where `by` mixes several). A row over several configurations (`by`
+        fewer factors than the study sweeps) is the mean of their means, each seed averaged
+        over them, as compare's "all" row: their trials are not more seeds.
 
         Test error and accuracy get intervals for the error rate itself, the test set's own
         sampling included (resnet_ablate/stats.py: crossed seeds x test images from the per-image

@@ -203,6 +203,7 @@ def _seed_std(values: np.ndarray) -> float:
 
 ONE_SEED = "one seed: seed-to-seed variation unknown, no interval"
 SIZE_UNKNOWN = "conditional on this test set: its size was not recorded"
+TIED_SEEDS = "seeds tie: their spread is unknown, not zero, so no interval"
 TIED_SIZE_UNKNOWN = ("seeds tie and the test set's size was not recorded: no interval (a spread "
                      "over seeds alone would claim certainty)")
 
@@ -233,25 +234,32 @@ def error_rate(outcomes: Sequence[np.ndarray] | None, rates: Sequence[float],
     return _over_seeds_only(rates, (0.0, 1.0), level)
 
 
-_TIE_TOLERANCE = 1e-12  # rates, and their differences, that tie but for floating-point rounding
+_TIE_TOLERANCE = 1e-12  # values, relative to their size, that tie but for rounding
+
+
+def _tied(values: np.ndarray) -> bool:
+    """Whether the seeds' values tie: equal, or equal but for floating-point rounding (the
+    differences 2/360 - 1/360 and 3/360 - 2/360 differ in their last bits, which would give an
+    interval of width 1e-17 and p ~ 1e-16). Real seeds' values differ by far more: rates by
+    1/size of their set."""
+    return float(np.ptp(values)) <= _TIE_TOLERANCE * max(1.0, float(np.abs(values).max()))
 
 
 def _over_seeds_only(values: np.ndarray, bounds: tuple[float, float], level: float) -> Estimate:
     """Student's t over seeds for an error rate whose test set's size is unknown: conditional on
     this test set, and no interval at all where the seeds tie (it would have zero width)."""
-    # Tied to rounding: differences of rates (2/360 - 1/360 and 3/360 - 2/360) tie as numbers
-    # yet differ in their last bits, which would give an interval of width 1e-17 and p ~ 1e-16.
-    # Rates of real test sets differ by 1/size, many orders of magnitude more.
-    if len(values) >= 2 and np.ptp(values) <= _TIE_TOLERANCE:
+    if len(values) >= 2 and _tied(values):
         return _no_interval(float(values.mean()), len(values), SEEDS_ONLY, TIED_SIZE_UNKNOWN)
     return seed_mean(values, bounds, note=SIZE_UNKNOWN, level=level)
 
 
 def seed_mean(values: Sequence[float], bounds: tuple[float, float] = (-math.inf, math.inf),
-              note: str = "", level: float = LEVEL) -> Estimate:
+              note: str = "", level: float = LEVEL, *, exact_ties: bool = False) -> Estimate:
     """Mean over seeds with the Student t interval and the one-sample t-test's p-value (a metric
     without test-set sampling: FLOPs, time, training error), clipped to `bounds`. Values that
-    do not vary give a zero-width interval: for FLOPs and parameters that is the truth."""
+    tie give no interval (their spread is unknown, not zero: four seeds at 0% training error,
+    or differences of one image each, would claim certainty), except with `exact_ties`, for
+    what a configuration fixes (FLOPs, parameters): their zero-width interval is the truth."""
     values, level = finite_values(values, "seed_mean"), checked_level(level)
     bounds = checked_bounds(bounds)
     n = len(values)
@@ -260,6 +268,8 @@ def seed_mean(values: Sequence[float], bounds: tuple[float, float] = (-math.inf,
     mean = float(values.mean())
     if n < 2:
         return _no_interval(mean, n, SEEDS_ONLY, ONE_SEED)
+    if not exact_ties and _tied(values):
+        return _no_interval(mean, n, SEEDS_ONLY, f"{note}; {TIED_SEEDS}" if note else TIED_SEEDS)
     std = _seed_std(values)
     se = std / math.sqrt(n)
     half = float(scipy_stats.t.ppf(0.5 + level / 2, n - 1)) * se

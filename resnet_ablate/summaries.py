@@ -13,8 +13,9 @@ import pandas as pd
 
 from . import stats
 from .adaptive import Decision, SeedResult, decide
-from .contrasts import (ERROR_RATES, TEST_SET_RATES, complement, count_where, joined, left_out,
-                        note, recorded, selected_note, with_methods, with_note)
+from .contrasts import (CONFIGURATION_CONSTANTS, ERROR_RATES, TEST_SET_RATES, complement,
+                        joined, left_out, note, pruned_note, pruned_seeds, recorded,
+                        selected_note, stratified_contrast, with_methods, with_note)
 from .record import METRICS
 from .spec import adaptive_rule
 from .store_reading import scalar_value
@@ -36,14 +37,16 @@ def summary(results: Results, by: Sequence[str] | None = None,
     results.check_metric(metric)
     done, lacking = recorded(results, metric, "summarise")
     narrowed = {c for c, d in decisions(results).items() if d.narrowed}
-    pruned = _pruned_seeds(results, done)
+    pruned = pruned_seeds(results, done)
     rows = []
     for key, group in done.groupby(by, sort=True, dropna=False):
         where = dict(zip(by, key if isinstance(key, tuple) else (key,)))
         configurations = {tuple((c, getattr(row, c)) for c in results.configuration_columns())
                           for row in group.itertuples(index=False)}
-        estimate = with_note(configuration_estimate(results, group, metric), joined(
-            left_out(lacking, metric, where), _pruned_note(pruned, where),
+        estimate = configuration_estimate(results, group, metric) if len(configurations) == 1 \
+            else _pooled_estimate(results, group, metric, by)
+        estimate = with_note(estimate, joined(
+            left_out(lacking, metric, where), pruned_note(pruned, where),
             WIDTH_STOPPED if configurations & narrowed else ""))
         names = group["arch_name"].unique()
         rows.append({
@@ -78,7 +81,26 @@ def configuration_estimate(results: Results, group: pd.DataFrame, metric: str) -
             else selected_note(estimate, metric)
     bounds = (METRICS[metric].low, METRICS[metric].high) if metric in METRICS \
         else (-math.inf, math.inf)
-    return stats.seed_mean(values, bounds)
+    return stats.seed_mean(values, bounds, exact_ties=metric in CONFIGURATION_CONSTANTS)
+
+
+def _pooled_estimate(results: Results, group: pd.DataFrame, metric: str,
+                     by: Sequence[str]) -> stats.Estimate:
+    """A row over several configurations (`summary --by` fewer factors than the study sweeps):
+    the mean of their means, each seed averaged over them on the seeds all of them have, as
+    compare's "all" row is (contrasts.stratified_contrast): their trials are not more seeds."""
+    others = [c for c in results.configuration_columns() if c not in by and c != "arch_name"]
+    grouped = group.groupby([*others, "seed"], dropna=False, sort=True)
+    accuracy = metric == "test_accuracy"  # as its error, whose mean contrasts average
+    values = grouped[metric].mean().to_frame("mean")
+    if accuracy:
+        values = 1 - values
+    trials = grouped["number"].agg(list).to_frame("mean")
+    bounds = (METRICS[metric].low, METRICS[metric].high) if metric in METRICS \
+        else (-math.inf, math.inf)
+    estimate, _ = stratified_contrast(results, values, trials, others, [1.0],
+                                      "test_error" if accuracy else metric, bounds)
+    return complement(estimate) if accuracy else estimate
 
 
 def seed_decisions(results: Results) -> pd.DataFrame:
@@ -107,25 +129,6 @@ def decisions(results: Results) -> dict[tuple, Decision]:
     levels = {name: [scalar_value(v) for v in values] if isinstance(values, list) else []
               for name, values in (results.spec.get("space") or {}).items()}
     return decide(rule, levels, configurations)
-
-
-def _pruned_seeds(results: Results, done: pd.DataFrame) -> pd.DataFrame:
-    """The pruned trials of seeds that no completed trial of their configuration has."""
-    keys = [*results.configuration_columns(), "seed"]
-    pruned = results.trials[results.trials["state"] == "PRUNED"]
-    if pruned.empty:
-        return pruned
-    completed = set(done[keys].itertuples(index=False, name=None))
-    return pruned[[row not in completed
-                   for row in pruned[keys].itertuples(index=False, name=None)]]
-
-
-def _pruned_note(pruned: pd.DataFrame, where: dict[str, Any]) -> str:
-    """A row's note on its seeds the pruner stopped: left out of the mean, which is then over the
-    seeds that looked good enough to go on, so biased toward lower error."""
-    count = count_where(pruned, where)
-    return (f"{count} pruned seed{'s' if count != 1 else ''} left out: the mean is over the "
-            "seeds the pruner let finish, so it is biased toward lower error" if count else "")
 
 
 def _per_seed(group: pd.DataFrame, metric: str, keys: list[str]) -> tuple[np.ndarray, bool]:

@@ -214,6 +214,10 @@ def test_the_driver_adds_seeds_only_where_the_question_is_open(local_ray, tmp_pa
     # A second run finds nothing open and trains nothing.
     again = run_study(spec, RunOptions(runs_dir=tmp_path, progress=False))
     assert again.launched == 0
+    # The dry run says so: each seed a configuration did not use is "decided", not "if open".
+    replan = plan_study(spec, RunOptions(runs_dir=tmp_path))
+    assert {p.status for p in replan} <= {"done", "decided"}
+    assert sum(p.status == "decided" for p in replan) == 4 * 4 - sum(counts.values())
     # Results and the report say why each configuration stopped, as the driver decided.
     from resnet_ablate import report, results
 

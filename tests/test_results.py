@@ -213,6 +213,30 @@ def test_a_metric_no_trial_recorded_is_one_error_and_a_trial_without_it_is_left_
     assert noted.any() and noted.tolist() == over_it
 
 
+def test_a_summary_over_several_configurations_averages_each_seed_over_them(results):
+    """summary(by=["shortcut"]) of a study that sweeps depth too: each row is the mean of its
+    depths' means with each seed one unit (averaged over the depths), never the depths' trials
+    taken as more seeds."""
+    table = results.summary(by=["shortcut"], metric="wall_seconds")
+    done = results.completed()
+    for row in table.itertuples():
+        mine = done[done["shortcut"] == row.shortcut]
+        per_seed = mine.groupby("seed")["wall_seconds"].mean()  # each seed over the depths
+        assert row.n == len(SEEDS) == len(per_seed)
+        low, high = stats.t.interval(0.95, len(per_seed) - 1, loc=per_seed.mean(),
+                                     scale=stats.sem(per_seed))
+        assert row.wall_seconds_mean == pytest.approx(per_seed.mean())
+        assert (row.wall_seconds_ci95_low, row.wall_seconds_ci95_high) == pytest.approx(
+            (max(low, 0.0), high))
+        assert f"mean over {len(DEPTHS)} configurations" in row.note
+    errors = results.summary(by=["shortcut"])
+    for row in errors.itertuples():
+        means = [done[(done["shortcut"] == row.shortcut) & (done["depth"] == d)]["test_error"]
+                 .mean() for d in DEPTHS]
+        assert row.n == len(SEEDS) and row.test_error_mean == pytest.approx(np.mean(means))
+        assert row.method.startswith("stratified over configurations (seeds x test images")
+
+
 def test_pruned_seeds_are_named_where_the_summary_leaves_them_out(results):
     """A pruned seed has no final error: the mean over the others is biased (the pruner let the
     better seeds finish), and its row says so; a configuration with every seed pruned has no
@@ -222,11 +246,20 @@ def test_pruned_seeds_are_named_where_the_summary_leaves_them_out(results):
     point = (trials["depth"] == first["depth"]) & (trials["shortcut"] == first["shortcut"])
     trials.loc[trials.index[0], "state"] = "PRUNED"
     summary = dataclasses.replace(results, trials=trials).summary()
-    noted = summary["note"].str.contains("1 pruned seed left out: the mean is over the seeds "
-                                         "the pruner let finish, so it is biased")
+    noted = summary["note"].str.contains("1 pruned seed left out: the pruner let the seeds "
+                                         "that looked better finish, so this row is biased")
     assert noted.tolist() == ((summary["depth"] == first["depth"])
                               & (summary["shortcut"] == first["shortcut"])).tolist()
     assert summary.loc[noted, "n"].item() == len(SEEDS) - 1
+    # compare and effects leave its pair out too, and say so on the rows it is left out of.
+    pruned = dataclasses.replace(results, trials=trials)
+    other = next(s for s in SHORTCUTS if s != first["shortcut"])
+    compared = pruned.compare("shortcut", baseline=other)
+    noted = compared["note"].str.contains("1 pruned seed left out")
+    assert noted.tolist() == [row.depth in (first["depth"], "all")
+                              for row in compared.itertuples()]
+    effects = pruned.effects()
+    assert effects["note"].str.contains("1 pruned seed left out").all()  # each covers it
     trials.loc[point, "state"] = "PRUNED"
     summary = dataclasses.replace(results, trials=trials).summary()
     assert len(summary) == len(DEPTHS) * len(SHORTCUTS) - 1
@@ -277,10 +310,10 @@ def test_intervals_stay_in_the_range_of_the_metric_with_two_seeds(results):
     assert (widest <= 1).all()
 
 
-def test_summary_by_one_factor_pools_the_other(results, raw_trials):
+def test_summary_by_one_factor_averages_over_the_other(results, raw_trials):
     summary = results.summary(by=["shortcut"]).set_index("shortcut")
     errors = [_error_of(t) for t in raw_trials if t.params["shortcut"] == "none"]
-    assert summary.loc["none", "n"] == 6
+    assert summary.loc["none", "n"] == len(SEEDS)  # seeds, not the depths' trials (6)
     assert summary.loc["none", "test_error_mean"] == pytest.approx(np.mean(errors))
     assert summary.loc["none", "arch_name"] == "2 architectures"
 
@@ -485,6 +518,25 @@ def test_layer_responses_are_the_std_of_each_3x3_bn_output_before_add_and_relu(r
 
 
 # -- plots and report
+
+
+def test_the_figures_of_means_over_seeds_say_how_many_seeds_and_what_was_pruned(results):
+    """Each curve's label counts its own seeds (a configuration that lost one to the pruner has
+    fewer), and the curves and depth figures name the pruned seeds they leave out."""
+    trials = results.trials.copy()
+    first = trials.iloc[0]
+    trials.loc[trials.index[0], "state"] = "PRUNED"
+    pruned = dataclasses.replace(results, trials=trials)
+    curves = plots.plot_curves(pruned)
+    labels = [line.get_label() for ax in curves.axes for line in ax.get_lines()
+              if not line.get_label().startswith("_")]
+    counts = sorted(int(label.rsplit("(", 1)[1].split()[0]) for label in labels)
+    assert counts == [len(SEEDS) - 1] + [len(SEEDS)] * (len(labels) - 1)
+    assert "1 pruned seed left out" in curves._suptitle.get_text()
+    depth = plots.plot_depth(pruned)
+    assert "1 pruned seed left out" in depth.axes[0].get_title()
+    assert "pruned" not in plots.plot_depth(results).axes[0].get_title()
+    assert first["state"] == "COMPLETE"
 
 
 def test_the_responses_plot_pairs_each_plain_net_with_its_twin_and_labels_its_axis(results):

@@ -279,6 +279,26 @@ def test_seed_mean_is_students_t_and_clipped():
     assert estimate.p_value == pytest.approx(scipy_stats.ttest_1samp(values, 0).pvalue)
 
 
+def test_seeds_that_tie_on_a_metric_without_test_set_sampling_get_no_interval():
+    """Four seeds at 0% training error, or per-seed differences of one image each (in their
+    last bits apart): the t interval would have zero width and p ~ 1e-30, claiming certainty
+    that four seeds cannot give. FLOPs, which the configuration fixes, tie exactly."""
+    for tied in ([0.0] * 4, [1 / 1437, 2 / 1437 - 1 / 1437, 3 / 1437 - 2 / 1437]):
+        estimate = stats.seed_mean(tied, (-1.0, 1.0))
+        assert estimate.mean == pytest.approx(np.mean(tied), abs=1e-15)
+        assert math.isnan(estimate.low) and math.isnan(estimate.p_value)
+        assert "seeds tie" in estimate.note and estimate.n == len(tied)
+    noted = stats.seed_mean([0.0, 0.0], note="from the stored values")
+    assert noted.note.startswith("from the stored values; seeds tie")
+    exact = stats.seed_mean([4.1e7] * 3, (0.0, math.inf), exact_ties=True)
+    assert (exact.low, exact.high, exact.note) == (4.1e7, 4.1e7, "")
+    # Seeds one ulp of a large value apart still tie; one image of 1437 apart do not.
+    assert math.isnan(stats.seed_mean([30.0, 30.0 + 4e-15]).low)
+    spread = stats.seed_mean([0.0, 1 / 1437, 0.0])
+    assert spread.high > spread.low and spread.p_value == pytest.approx(
+        scipy_stats.ttest_1samp([0.0, 1 / 1437, 0.0], 0).pvalue)
+
+
 def _mean_over_configurations(bases, others, images) -> stats.Estimate:
     """The "all" row of a comparison over k configurations (contrasts.stratified_contrast): one
     contrast of their 2k cells, weighted -1/k and 1/k."""

@@ -253,6 +253,21 @@ def test_median_pruner_stops_trials_worse_than_the_median(local_ray, tmp_path):
         assert reported and set(reported) <= set(range(1, 7))
 
 
+def test_the_pruner_never_drops_a_trial_that_trained_every_epoch(local_ray, tmp_path):
+    """One epoch: each trial's only epoch is its last, where the narrow nets, far worse than the
+    median, would be pruned after training all they were to train: a finished result dropped
+    for its final error. They complete, as every trial that trains its epochs does."""
+    raw = _raw_spec("last-epoch", epochs=1, seeds=2, space={"widths": [[16, 32, 64], [1, 1, 1]]},
+                    pruner="median", resources={"cpus": 1, "workers": 1})
+    summary = run_study(parse_spec(raw), RunOptions(runs_dir=tmp_path, progress=False))
+    trials = _trials(summary.storage, "last-epoch")
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
+    narrow = [t for t in trials if t.params["widths"] == "[1, 1, 1]"]
+    wide = [t for t in trials if t.params["widths"] == "[16, 32, 64]"]
+    # The narrow nets are worse than the median: a verdict on their last epoch would prune.
+    assert min(t.values[0] for t in narrow) > max(t.values[0] for t in wide)
+
+
 def test_a_second_driver_on_a_running_study_is_refused(local_ray, tmp_path, capsys):
     from resnet_ablate.cli import main
 

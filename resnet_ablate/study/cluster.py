@@ -245,9 +245,10 @@ def drain_epochs(board: Any, waiting: Any = contextlib.nullcontext) -> \
 def report_to_pruner(spec: StudySpec, board: Any, trial: optuna.Trial,
                      records: list[EpochRecord], prunes: bool) -> None:
     """Tell Optuna a trial's new epochs (single accuracy-type objective), and the trial the
-    pruner's verdict on its latest one."""
+    pruner's verdict on its latest one, but for its last: a trial that trained every epoch has
+    finished, and pruning it then would drop a finished result for its final error."""
     if len(spec.objectives) == 1 and spec.objectives[0] in PRUNABLE_OBJECTIVES:
         for record in records:
             trial.report(epoch_objective(record, spec.objectives[0]), record.epoch)
-    if prunes and records:
+    if prunes and records and records[-1].epoch < spec.train.epochs:
         board.judge.remote(trial.number, records[-1].epoch, trial.should_prune())

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,8 +44,8 @@ class PlannedTrial:
     arch: ResNetArch
     params_count: int
     gflops: float
-    # "done", "pending", "given up", "settled", "over budget" (max_gflops), "if open" (adaptive
-    # seeds), "past budget.trials" (a pending one the trial budget leaves out)
+    # "done", "pending", "given up", "settled", "over budget" (max_gflops), "if open" or
+    # "decided" (adaptive seeds), "past budget.trials" (a pending one the trial budget leaves out)
     status: str
     train_tflops: float  # forward + backward (3x forward) over every training image and epoch
 
@@ -158,20 +158,32 @@ def more_seeds(spec: StudySpec, trials: Iterable[optuna.trial.FrozenTrial],
     return added
 
 
-def next_look(spec: StudySpec, trials: Sequence[optuna.trial.FrozenTrial], history: GridHistory,
-              costs: StudyCosts) -> set[str]:
-    """Adaptive seeds: the seeds (point keys) a run would add at its next look to the grid
-    points that are open now and have no seed left to run first (a resumed study whose look an
-    interruption cut short). Open points with seeds still to run are decided after them."""
+@dataclass(frozen=True)
+class Outlook:
+    """Adaptive seeds, as the store stands, for grid points with no seed left to run first:
+    the seeds (point keys) a run would add at its next look to those open now (a resumed study
+    whose look an interruption cut short), and the points the rule has closed. Points with
+    seeds still to run are decided after them."""
+
+    next_seeds: frozenset[str] = frozenset()
+    decided: frozenset[Configuration] = frozenset()
+
+
+def outlook(spec: StudySpec, trials: Sequence[optuna.trial.FrozenTrial], history: GridHistory,
+            costs: StudyCosts) -> Outlook:
+    if spec.adaptive_seeds is None:
+        return Outlook()
     waiting = {configuration(p.params) for p in pending_points(spec, history, costs)}
-    return {point_key(p.params, p.seed) for p in more_seeds(spec, trials, costs)
-            if configuration(p.params) not in waiting}
+    decided = {point for point, decision in seed_decisions(spec, trials).items()
+               if not decision.open and point not in waiting}
+    return Outlook(frozenset(point_key(p.params, p.seed) for p in more_seeds(spec, trials, costs)
+                             if configuration(p.params) not in waiting), frozenset(decided))
 
 
 def plan(spec: StudySpec, history: GridHistory, costs: StudyCosts,
-         trials_left: float = math.inf, next_seeds: Collection[str] = ()) -> list[PlannedTrial]:
+         trials_left: float = math.inf, adaptive: Outlook = Outlook()) -> list[PlannedTrial]:
     """Every grid point x seed with its cost and status (grid studies); for `--dry-run`. Of the
-    pending ones (`next_seeds` among them: see `next_look`), those past the first
+    pending ones (the next look's seeds among them: see `outlook`), those past the first
     `trials_left` (budget.trials less the trials asked, in the order a run takes them) are
     marked so."""
     planned = []
@@ -189,7 +201,10 @@ def plan(spec: StudySpec, history: GridHistory, costs: StudyCosts,
                 status = "settled"
             elif costs.over_budget(arch):
                 status = "over budget"
-            elif seed not in _first_seeds(spec, history, params) and key not in next_seeds:
+            elif configuration(params) in adaptive.decided:
+                status = "decided"  # adaptive seeds: the rule closed this point
+            elif seed not in _first_seeds(spec, history, params) \
+                    and key not in adaptive.next_seeds:
                 status = "if open"  # adaptive seeds: run only while the question stays open
             elif pending >= trials_left:
                 status = "past budget.trials"

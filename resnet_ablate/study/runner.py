@@ -114,7 +114,7 @@ class StudyRunner:
         trials = self._existing_trials()
         history = GridHistory(self.spec, trials)
         return grid.plan(self.spec, history, self.costs, self._trials_left(trials),
-                         grid.next_look(self.spec, trials, history, self.costs))
+                         grid.outlook(self.spec, trials, history, self.costs))
 
     def run(self) -> RunSummary:
         started = time.monotonic()

@@ -129,7 +129,7 @@ def measure(*, image_size: int, images: int, seconds: float, gpu_images_per_s: f
                      "gpu_images_per_s": gpu_images_per_s, "cores_per_gpu": cores,
                      "source": f"{images} generated JPEGs, "
                                f"{', '.join(f'{w}x{h}' for w, h in SIZES)}"})
-        what = "decodes" if decode_only else "crops"
+        what = "decodes" if decode_only else f"{image_size}px crops"
         feeds = "" if decode_only else f": {cores} cores feed a GPU at {gpu_images_per_s:.0f} images/s"
         print(f"{name:34s} {rates[name]:7.0f} {what}/s per core ({1000 / rates[name]:.2f} ms)"
               f"{feeds}", flush=True)

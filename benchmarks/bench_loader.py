@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth", type=int, default=18, help="ImageNet ResNet depth")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--csv", default=RESULTS / "loader.csv")
+    parser.add_argument("--decode-size", type=int, default=224,
+                        help="the crop size of the cores-per-GPU figure: the training size "
+                             "(the loader's own timing uses --image-size)")
     parser.add_argument("--decode-seconds", type=float, default=2.0,
                         help="per way of cropping, for the crops/s per core (0: skip it)")
     parser.add_argument("--gpu-images-per-s", type=float, default=3000.0,
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if args.decode_seconds > 0:
         threads = torch.get_num_threads()
-        bench_decode.measure(image_size=args.image_size, images=24, seconds=args.decode_seconds,
+        bench_decode.measure(image_size=args.decode_size, images=24, seconds=args.decode_seconds,
                              gpu_images_per_s=args.gpu_images_per_s,
                              csv=args.decode_csv or Path(args.csv).with_name("loader_decode.csv"))
         torch.set_num_threads(threads)

@@ -88,6 +88,7 @@ def test_loader_benchmark_writes_loader_and_step_rates_and_their_ratio(tmp_path,
     assert [r["case"] for r in cases] == ["two-step float", "box-first float", "box-first uint8"]
     for row in cases:  # the cores a GPU at 1,000 images/s needs, from the rate per core
         assert int(row["cores_per_gpu"]) == math.ceil(1000 / float(row["crops_per_s_per_core"]))
+        assert int(row["image_size"]) == 224  # at the training size, whatever the loader's
         assert float(row["ms_per_crop"]) == pytest.approx(1000 / float(row["crops_per_s_per_core"]),
                                                           rel=1e-2)
     written = list(csv.DictReader(out.open()))
@@ -95,7 +96,8 @@ def test_loader_benchmark_writes_loader_and_step_rates_and_their_ratio(tmp_path,
     for row in written:
         ratio = float(row["loader_images_per_s"]) / float(row["step_images_per_s"])
         assert float(row["loader_over_step"]) == pytest.approx(ratio, rel=2e-2)
-    assert "loader/step" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "loader/step" in printed and "224px crops/s per core" in printed
 
 
 @pytest.mark.slow

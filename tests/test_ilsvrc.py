@@ -64,6 +64,12 @@ def test_a_flat_val_folder_is_labelled_by_the_devkits_ground_truth_or_by_filenam
     assert [label for _, label in devkit.test] == truth == [label for _, label in kaggle.test]
     assert [p.rsplit("/", 1)[1] for p, _ in devkit.test] == [
         f"ILSVRC2012_val_{k:08d}.JPEG" for k in range(1, 10)]
+    # A class subset (ImageNet-100) with the full file: lines of images not in val/ go unread,
+    # whatever class they name.
+    full = root.parent / f"{root.name}-full-solution.csv"
+    full.write_text((root / "LOC_val_solution.csv").read_text()
+                    + "ILSVRC2012_val_00000099,n09999999 1 2 30 40\n")
+    assert [label for _, label in scan_image_folder(root, val_labels=full).test] == truth
 
 
 def test_a_label_file_that_does_not_fit_is_one_error_naming_the_line(ilsvrc, tmp_path):
@@ -85,6 +91,10 @@ def test_a_label_file_that_does_not_fit_is_one_error_naming_the_line(ilsvrc, tmp
         scan_image_folder(root, val_labels=wrong)
     with pytest.raises(FileNotFoundError, match="val_labels: .*nowhere.txt does not exist"):
         scan_image_folder(root, val_labels="nowhere.txt")
+    binary = tmp_path / "labels.bin"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(ValueError, match=r"val_labels: .*labels.bin is not a text file"):
+        scan_image_folder(root, val_labels=binary)
 
 
 def test_the_devkits_ground_truth_refuses_a_val_folder_missing_an_image_or_holding_a_stray(
@@ -146,6 +156,9 @@ def test_a_study_trains_on_the_ilsvrc_layout_and_it_converts_to_folders_and_shar
     read = torch.cat([y for _, y, _ in data.test_loader(9)])
     assert read.tolist() == truth, "val shards keep the images' order and labels"
     assert main(["convert-imagenet", str(root), str(shards)]) == 2, "not into a non-empty folder"
+    (tmp_path / "a-file").write_text("")
+    assert main(["convert-imagenet", str(root), str(tmp_path / "a-file")]) == 2
+    assert "a-file is a file: convert into a new folder" in capsys.readouterr().err
 
 
 def test_shards_of_folders_whose_file_names_repeat_across_classes_keep_every_sample(tmp_path):

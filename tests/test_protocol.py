@@ -2,6 +2,8 @@
 per-pixel mean and PCA lighting against numpy's own statistics and eigh, 10-crop and multi-scale
 fully-convolutional testing against the crops and scales cut by hand with torch ops."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -167,6 +169,20 @@ def test_ten_crop_and_multi_scale_testing_are_recorded_beside_the_centre_crop(fo
     centre = _errors_by_hand(model, data.index.test, lambda m, p: F.softmax(m(
         _ten_crops_by_hand(p)[4:5]), dim=1)[0])
     assert last.test_error == pytest.approx(centre[0]), "the centre crop is the tenth's fifth"
+
+
+def test_an_image_the_views_skip_is_counted_once(folder, tmp_path):
+    """A corrupt validation image is skipped by the centre crop and by each view: the epoch's
+    skipped_images counts it once, as in the epochs scored without the views."""
+    shutil.copytree(folder, tmp_path / "data")
+    (tmp_path / "data" / "val" / "c0" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    data = load_image_folder(tmp_path / "data", image_size=SIZE, loader_workers=0)
+    model = build(ResNetArch(family="imagenet", widths=(4, 8, 8, 8), stages=(1, 1, 1, 1),
+                             block="basic"), num_classes=CLASSES)
+    recipe = TrainRecipe(epochs=2, batch_size=8, eval_batch_size=5, lr=0.05,
+                         test_views=("ten_crop", "multi_scale"))
+    first, last = train(model, data, recipe, seed=0).history
+    assert first.skipped_images == last.skipped_images == 1
 
 
 def test_the_protocol_options_are_checked_and_refused_on_in_memory_data():

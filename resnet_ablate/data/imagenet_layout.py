@@ -51,6 +51,8 @@ def convert_imagenet(root: str | os.PathLike[str], out: str | os.PathLike[str], 
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be an int >= 1, got {shard_size!r}")
     out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file: convert into a new folder")
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty: convert into a new folder")
     index = scan_image_folder(root, val_labels=val_labels)

@@ -32,14 +32,22 @@ def read_val_labels(label_file: str | os.PathLike[str], images: list[Path],
     if not path.is_file():
         raise DataUnavailable(f"val_labels: {path} does not exist (expected a label file: "
                               "'filename label' lines, or ILSVRC2012_validation_ground_truth.txt)")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"val_labels: {path} is not a text file (expected 'filename label' "
+                         "lines, or ILSVRC2012_validation_ground_truth.txt)") from None
     rows = [(number, _SEPARATOR.split(line.strip()))
-            for number, line in enumerate(path.read_text().splitlines(), start=1)
+            for number, line in enumerate(text.splitlines(), start=1)
             if line.strip() and not line.lstrip().startswith("#")]
     index = {name: i for i, name in enumerate(classes)}
     if rows and all(len(words) == 1 for _, words in rows):
         return _labels_in_order(path, rows, images, classes, index)
     by_stem: dict[str, int] = {}
+    present = {p.stem for p in images}
     for position, (number, words) in enumerate(rows):
+        if len(words) > 1 and Path(words[0]).stem not in present:
+            continue  # an image not in val/ (a class subset with the full file): its label unread
         label = _class_of(words[1], index, len(classes)) if len(words) > 1 else None
         if label is None:
             if position == 0:

@@ -161,6 +161,8 @@ class Evaluation:
             wrong, wrong5, count, skipped = self.replicas.sums(
                 [*sums, self.feed.skipped - skipped_before])
             require_images(count, f"the {self.eval_split} split's {view} evaluation", skipped)
+            # The images a view skips are those the centre-crop pass skipped and counted.
+            self.feed.skipped = skipped_before
             suffix = VIEW_SUFFIXES[view]
             found[f"test_error_{suffix}"] = wrong / count
             found[f"test_top5_error_{suffix}"] = wrong5 / count

@@ -12,6 +12,7 @@ from . import stats
 from .contrasts import (difference_bounds, joined, left_out, note, paired_contrast, plain,
                         pruned_note, pruned_seeds, recorded, stratified_contrast, with_holm,
                         with_note)
+from .spec import adaptive_rule
 from .storage import ResultsError
 
 if TYPE_CHECKING:
@@ -73,7 +74,16 @@ def compare(results: Results, factor: str, baseline: Any,
     if not rows:
         raise ResultsError(f"no configuration has completed trials of both {factor}="
                            f"{plain(baseline)} and another level with the same seed yet")
-    return with_holm(pd.DataFrame(rows))
+    frame = with_holm(pd.DataFrame(rows))
+    rule = adaptive_rule(results.seed_rule, results.spec.get("space") or {})
+    if rule is not None and rule.decided == factor:
+        frame["note"] = [joined(text, LOOKED) for text in frame["note"]]
+    return frame
+
+
+# An adaptive study's own question: its seeds were added while this comparison was open.
+LOOKED = ("seeds were added until this comparison was decided (adaptive seeds): this interval "
+          "and p-value are not adjusted for those looks; the verdict in seed_decisions is")
 
 
 def _levels(results: Results, factor: str, baseline: Any) -> tuple[list[Any], Any]:

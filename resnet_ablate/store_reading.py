@@ -153,7 +153,9 @@ def trial_row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
         "test_images": attrs.get(TrialKey.TEST_IMAGES),
         # Undecodable images its last epoch left out (training and evaluation; streamed data).
         "skipped_images": ((attrs.get(TrialKey.CURVES) or [{}])[-1]).get("skipped_images"),
-        "epochs": attrs.get(TrialKey.EPOCHS_COMPLETED),
+        # A pruned or failed trial ran the epochs its curves hold.
+        "epochs": attrs.get(TrialKey.EPOCHS_COMPLETED,
+                            len(attrs.get(TrialKey.CURVES) or []) or None),
         "wall_seconds": metrics["wall_seconds"], "images_per_second": metrics["images_per_second"],
         # How it executed (auto choices resolved): one spec can run differently on two machines.
         **{name: execution.get(name) for name in ("precision", "memory_format", "compile",

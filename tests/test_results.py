@@ -283,6 +283,12 @@ def test_a_width_rule_studys_summary_says_its_intervals_are_not_adjusted_for_the
     decided = dataclasses.replace(results, seed_rule={
         "min": 2, "max": 10, "until": {"decided": "shortcut", "margin": 0.01}})
     assert not decided.summary()["note"].str.contains("width rule").any()
+    # The comparison the rule decided says its interval is not adjusted for the looks; others
+    # do not.
+    looked = "not adjusted for those looks"
+    assert decided.compare("shortcut", "A")["note"].str.contains(looked).all()
+    assert not decided.compare("depth", DEPTHS[0])["note"].str.contains(looked).any()
+    assert not results.compare("shortcut", "A")["note"].str.contains(looked).any()
 
 
 def test_a_seed_completed_twice_counts_once_in_the_summary_as_in_compare(results):

@@ -251,6 +251,11 @@ def test_median_pruner_stops_trials_worse_than_the_median(local_ray, tmp_path):
         assert len(t.user_attrs["curves"]) < 6 and t.user_attrs["pruned"].startswith("pruned after epoch")
         reported = t.intermediate_values
         assert reported and set(reported) <= set(range(1, 7))
+    # The results show the epochs a pruned trial ran, as its curves hold them.
+    from resnet_ablate.results import load
+
+    shown = load("pruned", storage=summary.storage).trials.set_index("number")["epochs"]
+    assert all(shown[t.number] == len(t.user_attrs["curves"]) for t in narrow)
 
 
 def test_the_pruner_never_drops_a_trial_that_trained_every_epoch(local_ray, tmp_path):

@@ -471,6 +471,11 @@ def test_pareto_front_over_configurations_is_over_their_means_with_intervals(res
         assert ("its interval overlaps that of" in row["note"]) == bool(rivals)
         for rival in rivals:
             assert f"depth={rival['depth']}, shortcut={rival['shortcut']}" in row["note"]
+    # A second objective with an interval of its own names how that interval was made.
+    timed = results.pareto(["test_error", "wall_seconds"])
+    assert all(method.endswith("; wall_seconds: " + SEEDS_ONLY)
+               for method in timed["method"])
+    assert "wall_seconds: " not in " ".join(front["method"])
     with pytest.raises(ResultsError, match="over='seeds'"):
         results.pareto(over="seeds")
 

@@ -39,6 +39,16 @@ def check_arguments(
     condition is one cheap test, and building a message waits until a test fails."""
     if input.dim() < 2:
         raise ValueError(f"expected an input of shape (N, C, ...), got size {list(input.shape)}")
+    if not input.is_floating_point():
+        raise NotImplementedError(f'"batch_norm" not implemented for {_scalar_name(input.dtype)!r}')
+    # Parameters and running statistics in the input's dtype, or float32 beside a 16-bit input
+    # (as F.batch_norm takes them); anything else would be read as another type, or rounded.
+    kept = _PARAMETER_DTYPES.get(input.dtype, (input.dtype,))
+    if ((weight is not None and weight.dtype not in kept)
+            or (bias is not None and bias.dtype not in kept)
+            or (running_mean is not None and running_mean.dtype not in kept)
+            or (running_var is not None and running_var.dtype not in kept)):
+        _refuse_dtypes(input, kept, weight, bias, running_mean, running_var)
     if training and (running_mean is None) != (running_var is None):
         raise ValueError(
             "running_mean and running_var must either both be None or neither be None"
@@ -69,6 +79,26 @@ def check_arguments(
                         ("weight", weight), ("bias", bias)):
             if t is not None and t.numel() != channels:
                 raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
+
+
+# A 16-bit input takes float32 parameters and running statistics too (mixed precision).
+_PARAMETER_DTYPES = {torch.float16: (torch.float16, torch.float32),
+                     torch.bfloat16: (torch.bfloat16, torch.float32)}
+
+
+def _scalar_name(dtype: torch.dtype) -> str:
+    """PyTorch's name of a scalar type, as its errors give it ('Long' for torch.int64)."""
+    return torch.empty(0, dtype=dtype).type().rsplit(".", 1)[-1].removesuffix("Tensor")
+
+
+def _refuse_dtypes(input: torch.Tensor, kept: tuple[torch.dtype, ...],
+                   *tensors: torch.Tensor | None) -> None:
+    names = ("weight", "bias", "running_mean", "running_var")
+    name, found = next((n, t.dtype) for n, t in zip(names, tensors)
+                       if t is not None and t.dtype not in kept)
+    valid = " or ".join(str(d) for d in kept)
+    raise RuntimeError(f"mixed dtype: {name} is {found} and the input {input.dtype}; "
+                       f"expected {valid}")
 
 
 def _check_eps(eps: float, training: bool) -> None:

@@ -355,7 +355,7 @@ def fused_batch_norm(
                                  _implementation(input)))
         return batch_norm_act(input, weight, bias, residual, running_mean, running_var, eps, relu,
                               pack_relu_mask)[0]
-    count = input.numel() // input.shape[1]
+    count = input.numel() // max(input.shape[1], 1)  # no channels: an empty output
     update = None
     if running_mean is not None and count > 0:
         update = RunningUpdate(running_mean, running_var, momentum, count / (count - 1))

@@ -23,12 +23,14 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
         momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
-        relu: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
+        relu: bool = True,
         bias: bool = True,
     ) -> None:
+        # nn.BatchNorm2d's arguments in its order, so that positional calls mean the same;
+        # `relu` is keyword-only (it took `device`'s place, where None turned the ReLU off).
         # nn.BatchNorm2d takes `bias` only from PyTorch 2.12 on: the bias is dropped here, on
         # every version, as its bias=False leaves it (a registered parameter that is None).
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)

@@ -967,6 +967,59 @@ def test_one_running_statistic_without_the_other_is_refused_as_pytorch(backend, 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_inputs_and_parameters_of_other_dtypes_are_refused_before_any_work(backend):
+    """An integer input is refused in F.batch_norm's words (it came back truncated to ints);
+    parameters and running statistics of another dtype than the input's (or float32 beside a
+    16-bit input) are refused before a running statistic is touched, as F.batch_norm refuses
+    them, where they were read as another type or left half-updated."""
+    with pytest.raises(NotImplementedError) as expected:
+        F.batch_norm(torch.arange(48).view(2, 3, 2, 4), None, None, training=True)
+    with use_backend(backend), pytest.raises(NotImplementedError) as refused:
+        fused_batch_norm(torch.arange(48).view(2, 3, 2, 4), None, None, training=True)
+    assert str(refused.value) == str(expected.value) == '"batch_norm" not implemented for \'Long\''
+    x = torch.randn(2, 3, 4, 4)
+    for name, bad in (("weight", torch.ones(3, dtype=torch.float64)),
+                      ("bias", torch.zeros(3, dtype=torch.int64)),
+                      ("running_var", torch.ones(3, dtype=torch.int64))):
+        running_mean, running_var = torch.zeros(3), torch.ones(3)
+        arguments = {"weight": None, "bias": None, "running_var": running_var, name: bad}
+        with pytest.raises(RuntimeError):  # F.batch_norm refuses it too, in its own words
+            F.batch_norm(x, running_mean.clone(), arguments["running_var"].clone(),
+                         arguments["weight"], arguments["bias"], training=True)
+        # (auto on a CPU is F.batch_norm itself, in its words)
+        words = "" if backend == "auto" else rf"mixed dtype: {name} is "
+        with use_backend(backend), pytest.raises(RuntimeError, match=words):
+            fused_batch_norm(x, running_mean, arguments["running_var"], arguments["weight"],
+                             arguments["bias"], training=True)
+        assert torch.equal(running_mean, torch.zeros(3)), "nothing was updated"
+    # A 16-bit input takes float32 parameters, as in mixed precision.
+    half = x.to(torch.bfloat16)
+    with use_backend(backend):
+        out = fused_batch_norm(half, torch.zeros(3), torch.ones(3), torch.ones(3), torch.zeros(3),
+                               training=True, relu=False)
+    assert out.dtype == torch.bfloat16
+
+
+def test_the_module_takes_nn_batchnorm2ds_arguments_in_its_order():
+    """Positional device and dtype mean what they mean to nn.BatchNorm2d (relu is keyword-only:
+    in device's place, a None turned the ReLU off)."""
+    args = (4, 1e-3, 0.2, True, True, "cpu", torch.float64)
+    fused, reference = FusedBatchNorm2d(*args), torch.nn.BatchNorm2d(*args)
+    assert fused.relu is True and fused.weight.dtype == reference.weight.dtype == torch.float64
+    assert (fused.eps, fused.momentum) == (reference.eps, reference.momentum)
+    with pytest.raises(TypeError):
+        FusedBatchNorm2d(4, 1e-5, 0.1, True, True, False)  # relu passed where device goes
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_input_without_channels_gives_an_empty_output_as_pytorch(backend):
+    x = torch.randn(2, 0, 3, 3)
+    with use_backend(backend):
+        out = fused_batch_norm(x, torch.zeros(0), torch.ones(0), training=True, relu=False)
+    assert out.shape == F.batch_norm(x, torch.zeros(0), torch.ones(0), training=True).shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_functional_momentum_none_is_refused_before_any_work(backend):
     """F.batch_norm refuses momentum=None (only the module means a cumulative average by it)."""
     x = torch.randn(2, 3, 4, 4)

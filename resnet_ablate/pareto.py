@@ -48,19 +48,7 @@ def pareto(results: Results, objectives: Sequence[str] = ("test_error", "flops")
     by = results.configuration_columns()
     means = results.summary(by=by, metric=objectives[0])
     for objective in objectives[1:]:
-        extra = results.summary(by=by, metric=objective)
-        extra = extra.rename(columns={"method": "extra_method", "note": "extra_note"})
-        means = means.merge(extra[[*by, "extra_method", "extra_note",
-                                   *(c for c in extra.columns
-                                     if c.startswith(f"{objective}_"))]], on=by)
-        # Each interval's method and note: the first objective's, then this one's where it
-        # has its own (FLOPs and parameters have no interval, and repeat the row's notes).
-        if objective not in ("flops", "params"):
-            means["method"] = [m if e in ("", m) else joined(m, f"{objective}: {e}")
-                               for m, e in zip(means["method"], means["extra_method"])]
-            means["note"] = [n if e in ("", n) else joined(n, f"{objective}: {e}")
-                             for n, e in zip(means["note"], means["extra_note"])]
-        means = means.drop(columns=["extra_method", "extra_note"])
+        means = _with_objective(means, results, by, objective)
     # An objective that is also a configuration column (params, flops): its mean is the one.
     means = means.drop(columns=[o for o in objectives if o in means.columns])
     means = means.rename(columns={f"{o}_mean": o for o in objectives})
@@ -78,6 +66,24 @@ def pareto(results: Results, objectives: Sequence[str] = ("test_error", "flops")
         front["note"] = [joined(note, flag) for note, flag in
                          zip(front["note"], _overlapping(front, objectives, by))]
     return with_methods(front)
+
+
+def _with_objective(means: pd.DataFrame, results: Results, by: list[str],
+                    objective: str) -> pd.DataFrame:
+    """`means` (summary rows per configuration) with `objective`'s statistics beside them, and
+    each interval's method and note: the first objective's, then this one's where it has its
+    own (FLOPs and parameters have no interval, and repeat the row's notes)."""
+    extra = results.summary(by=by, metric=objective)
+    extra = extra.rename(columns={"method": "extra_method", "note": "extra_note"})
+    means = means.merge(extra[[*by, "extra_method", "extra_note",
+                               *(c for c in extra.columns if c.startswith(f"{objective}_"))]],
+                        on=by)
+    if objective not in ("flops", "params"):
+        means["method"] = [m if e in ("", m) else joined(m, f"{objective}: {e}")
+                           for m, e in zip(means["method"], means["extra_method"])]
+        means["note"] = [n if e in ("", n) else joined(n, f"{objective}: {e}")
+                         for n, e in zip(means["note"], means["extra_note"])]
+    return means.drop(columns=["extra_method", "extra_note"])
 
 
 def _overlapping(front: pd.DataFrame, objectives: Sequence[str], by: Sequence[str]) -> list[str]:

@@ -140,10 +140,10 @@ def run_trial_body(task: TrialTask, board: Any | None, device: torch.device, *,
     data_parallel = None
     try:
         inputs = TrialInputs.of(task)
-        inputs.data.check_available()  # a missing shard named now, not at the epoch reading it
-        if replicas is not None:
+        if replicas is not None:  # recorded with a failure before training too
             data_parallel = DataParallelRecord(replicas.world, _backend(), inputs.recipe.sync_bn,
                                                resumed_after)
+        inputs.data.check_available()  # a missing shard named now, not at the epoch reading it
         result = train(inputs.model, inputs.data, inputs.recipe, seed=task.seed, device=device,
                        threads=task.threads, on_epoch=on_epoch, replicas=replicas,
                        on_checkpoint=on_checkpoint, resume=resume)

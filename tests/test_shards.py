@@ -449,3 +449,28 @@ def test_shards_pixel_statistics_and_views_are_the_image_folders_on_the_same_ima
                                                              view="ten_crop")[0])
     views, labels, _ = next(iter(data.test_loader(4, view="multi_scale")))
     assert len(labels) == 1 and len(views) == 5, "one image a batch, one view per scale"
+
+
+def test_a_data_parallel_trial_that_fails_before_training_records_its_replicas(http_shards,
+                                                                               monkeypatch):
+    """A replica of a 2-replica run whose shard is missing: its outcome is unavailable, and its
+    record says it was one of 2 replicas (it said 1: the record was made after the check)."""
+    from types import SimpleNamespace
+
+    from resnet_ablate import trial
+    from resnet_ablate.arch import ResNetArch
+    from resnet_ablate.record import Status, TrialTask
+
+    root, base = http_shards
+    monkeypatch.setattr(trial, "_backend", lambda: "gloo")  # no process group here
+    task = TrialTask(
+        trial_number=0, arch=ResNetArch(family="cifar", depth=8).to_dict(), seed=0,
+        dataset={"name": "webdataset", "image_size": 24, "loader_workers": 0,
+                 "shards": {**_spec(root), "val": f"{base}/val-{{000..001}}.tar",
+                            "val_size": 18}},
+        recipe=TrainRecipe(epochs=1, batch_size=8).to_dict(), threads=1, use_gpu=False,
+        keep_weights=False)
+    outcome = trial.run_trial_body(task, None, torch.device("cpu"),
+                                   replicas=SimpleNamespace(world=2, leader=True))
+    assert outcome.status == Status.UNAVAILABLE and "val-001.tar" in outcome.reason
+    assert outcome.data_parallel is not None and outcome.data_parallel.replicas == 2

@@ -39,11 +39,15 @@ def check_arguments(
     condition is one cheap test, and building a message waits until a test fails."""
     if input.dim() < 2:
         raise ValueError(f"expected an input of shape (N, C, ...), got size {list(input.shape)}")
-    if not input.is_floating_point():
-        raise NotImplementedError(f'"batch_norm" not implemented for {_scalar_name(input.dtype)!r}')
     # Parameters and running statistics in the input's dtype, or float32 beside a 16-bit input
     # (as F.batch_norm takes them); anything else would be read as another type, or rounded.
-    kept = _PARAMETER_DTYPES.get(input.dtype, (input.dtype,))
+    # One dict lookup a call: a dtype it lacks is rare (an integer input, or a float8 one).
+    kept = _PARAMETER_DTYPES.get(input.dtype)
+    if kept is None:
+        if not input.is_floating_point():
+            raise NotImplementedError(
+                f'"batch_norm" not implemented for {_scalar_name(input.dtype)!r}')
+        kept = (input.dtype,)
     if ((weight is not None and weight.dtype not in kept)
             or (bias is not None and bias.dtype not in kept)
             or (running_mean is not None and running_mean.dtype not in kept)
@@ -81,8 +85,10 @@ def check_arguments(
                 raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
 
 
-# A 16-bit input takes float32 parameters and running statistics too (mixed precision).
-_PARAMETER_DTYPES = {torch.float16: (torch.float16, torch.float32),
+# The parameters' and running statistics' dtypes an input's takes: its own, and float32 too
+# beside a 16-bit input (mixed precision).
+_PARAMETER_DTYPES = {torch.float32: (torch.float32,), torch.float64: (torch.float64,),
+                     torch.float16: (torch.float16, torch.float32),
                      torch.bfloat16: (torch.bfloat16, torch.float32)}
 
 

@@ -205,13 +205,17 @@ def negated(estimate: stats.Estimate) -> stats.Estimate:
                                high=-estimate.low)
 
 
-def difference_bounds(metric: str) -> tuple[float, float]:
-    """The range a difference of `metric` can take: [-1, 1] for a rate."""
+def metric_bounds(metric: str) -> tuple[float, float]:
+    """The range a value of `metric` can take: [0, 1] for a rate; any, for one unknown."""
     if metric in METRICS:
-        span = METRICS[metric].high - METRICS[metric].low
-        return -span, span
+        return METRICS[metric].low, METRICS[metric].high
     return -math.inf, math.inf
 
+
+def difference_bounds(metric: str) -> tuple[float, float]:
+    """The range a difference of `metric` can take: [-1, 1] for a rate."""
+    low, high = metric_bounds(metric)
+    return -(high - low), high - low
 
 
 def plain(value: Any) -> str:

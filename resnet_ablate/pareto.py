@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .contrasts import joined, with_methods
+from .contrasts import CONFIGURATION_CONSTANTS, joined, with_methods
 from .record import DIRECTIONS
 from .storage import ResultsError
 
@@ -56,7 +56,7 @@ def pareto(results: Results, objectives: Sequence[str] = ("test_error", "flops")
     columns = [*by, "arch_name", "n"]
     for objective in objectives:
         # A configuration's FLOPs and parameters are one number: no interval to show.
-        fixed = objective in ("flops", "params")
+        fixed = objective in CONFIGURATION_CONSTANTS
         columns += [objective] if fixed else \
             [objective, f"{objective}_ci95_low", f"{objective}_ci95_high"]
     columns += ["params", "flops", "method", "note"]
@@ -78,7 +78,7 @@ def _with_objective(means: pd.DataFrame, results: Results, by: list[str],
     means = means.merge(extra[[*by, "extra_method", "extra_note",
                                *(c for c in extra.columns if c.startswith(f"{objective}_"))]],
                         on=by)
-    if objective not in ("flops", "params"):
+    if objective not in CONFIGURATION_CONSTANTS:
         means["method"] = [m if e in ("", m) else joined(m, f"{objective}: {e}")
                            for m, e in zip(means["method"], means["extra_method"])]
         means["note"] = [n if e in ("", n) else joined(n, f"{objective}: {e}")

@@ -4,7 +4,6 @@ study's rule, decided on the trials recorded)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -14,9 +13,8 @@ import pandas as pd
 from . import stats
 from .adaptive import Decision, SeedResult, decide
 from .contrasts import (CONFIGURATION_CONSTANTS, ERROR_RATES, TEST_SET_RATES, complement,
-                        joined, left_out, note, pruned_note, pruned_seeds, recorded,
-                        selected_note, stratified_contrast, with_methods, with_note)
-from .record import METRICS
+                        joined, left_out, metric_bounds, note, pruned_note, pruned_seeds,
+                        recorded, selected_note, stratified_contrast, with_methods, with_note)
 from .spec import adaptive_rule
 from .store_reading import scalar_value
 
@@ -79,9 +77,8 @@ def configuration_estimate(results: Results, group: pd.DataFrame, metric: str) -
         estimate = stats.error_rate(outcomes, errors, images)
         return complement(estimate) if metric == "test_accuracy" \
             else selected_note(estimate, metric)
-    bounds = (METRICS[metric].low, METRICS[metric].high) if metric in METRICS \
-        else (-math.inf, math.inf)
-    return stats.seed_mean(values, bounds, exact_ties=metric in CONFIGURATION_CONSTANTS)
+    return stats.seed_mean(values, metric_bounds(metric),
+                           exact_ties=metric in CONFIGURATION_CONSTANTS)
 
 
 def _pooled_estimate(results: Results, group: pd.DataFrame, metric: str,
@@ -96,10 +93,9 @@ def _pooled_estimate(results: Results, group: pd.DataFrame, metric: str,
     if accuracy:
         values = 1 - values
     trials = grouped["number"].agg(list).to_frame("mean")
-    bounds = (METRICS[metric].low, METRICS[metric].high) if metric in METRICS \
-        else (-math.inf, math.inf)
     estimate, _ = stratified_contrast(results, values, trials, others, [1.0],
-                                      "test_error" if accuracy else metric, bounds)
+                                      "test_error" if accuracy else metric,
+                                      metric_bounds(metric))
     return complement(estimate) if accuracy else estimate
 
 

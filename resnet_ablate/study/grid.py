@@ -136,14 +136,17 @@ def seed_decisions(spec: StudySpec, trials: Iterable[optuna.trial.FrozenTrial]
 
 
 def more_seeds(spec: StudySpec, trials: Iterable[optuna.trial.FrozenTrial],
-               costs: StudyCosts) -> list[PendingPoint]:
+               costs: StudyCosts, decisions: dict[Configuration, Decision] | None = None
+               ) -> list[PendingPoint]:
     """With adaptive seeds, once every started seed has ended: the seeds up to the next look
     (spec.AdaptiveSeeds.looks) of each grid point whose question is still open (adaptive.py),
-    while it has seeds left."""
+    while it has seeds left. `decisions`: seed_decisions of these trials, where the caller has
+    them."""
     if spec.adaptive_seeds is None:
         return []
     trials = list(trials)
-    decisions = seed_decisions(spec, trials)
+    if decisions is None:
+        decisions = seed_decisions(spec, trials)
     # From the store as it is now: `history` knows only what the run started with.
     tried = {point_key(decode_params(t.params, spec.space), t.user_attrs[TrialKey.SEED])
              for t in trials if TrialKey.SEED in t.user_attrs}
@@ -174,9 +177,11 @@ def outlook(spec: StudySpec, trials: Sequence[optuna.trial.FrozenTrial], history
     if spec.adaptive_seeds is None:
         return Outlook()
     waiting = {configuration(p.params) for p in pending_points(spec, history, costs)}
-    decided = {point for point, decision in seed_decisions(spec, trials).items()
+    decisions = seed_decisions(spec, trials)
+    decided = {point for point, decision in decisions.items()
                if not decision.open and point not in waiting}
-    return Outlook(frozenset(point_key(p.params, p.seed) for p in more_seeds(spec, trials, costs)
+    added = more_seeds(spec, trials, costs, decisions)
+    return Outlook(frozenset(point_key(p.params, p.seed) for p in added
                              if configuration(p.params) not in waiting), frozenset(decided))
 
 

@@ -180,13 +180,18 @@ def differentiable_backward(
     eps: float,
     batch_stats: bool,
     residual_grad: bool,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """`backward` written in differentiable torch ops, for double backward (`create_graph=True`),
     whichever implementation ran the forward.
 
     With batch statistics, mean and variance are taken again from x here, so that the second
-    derivative sees how they depend on x (the saved ones are constants to autograd); the ReLU
-    mask is a constant, as in threshold_backward's own derivative.
+    derivative sees how they depend on x (the saved ones are constants to autograd). The ReLU
+    mask is a constant, as in threshold_backward's own derivative; where there is one, the
+    gradients still depend on the ReLU's input (x's normalization, `bias`, `residual`) with
+    derivative 0, as threshold_backward's do on its output argument: nn.BatchNorm2d + ReLU's
+    gradients are connected to every operand, and so are these.
     """
     acc = _compute_dtype(x)
     gz = grad_out.to(acc)
@@ -202,6 +207,8 @@ def differentiable_backward(
         mean, var = _mean_and_var(stats, x.shape[1])
     invstd = torch.rsqrt(var.to(acc) + eps)
     x_hat = (xc - mean.to(acc).view(view)) * invstd.view(view)
+    if relu_mask is not None:
+        gz = gz + _zero_through_relu_input(x_hat, view, weight, bias, residual)
     grad_bias = gz.sum(dims)
     grad_weight = (gz * x_hat).sum(dims)
     scale = invstd if weight is None else invstd * weight.to(acc)
@@ -213,3 +220,15 @@ def differentiable_backward(
         grad_in = gz * scale.view(view)
     grad_residual = gz.to(x.dtype) if residual_grad else None
     return grad_in.to(x.dtype), grad_residual, grad_weight, grad_bias
+
+
+def _zero_through_relu_input(x_hat: torch.Tensor, view: list[int], weight: torch.Tensor | None,
+                             bias: torch.Tensor | None,
+                             residual: torch.Tensor | None) -> torch.Tensor:
+    """Zeros that depend on the ReLU's input (derivative 0): threshold_backward of zeros."""
+    relu_input = x_hat if weight is None else x_hat * weight.to(x_hat.dtype).view(view)
+    if bias is not None:
+        relu_input = relu_input + bias.to(x_hat.dtype).view(view)
+    if residual is not None:
+        relu_input = relu_input + residual.to(x_hat.dtype)
+    return torch.ops.aten.threshold_backward(torch.zeros_like(relu_input), relu_input, 0)

@@ -1121,8 +1121,10 @@ def test_gradgradcheck_float64_pytorch_path(training):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_second_derivatives_match_nn_batchnorm2d(backend, training):
-    """d/d(x, weight) of |grad|^2 through the op equals the same through F.batch_norm + add +
-    relu: the gradient is itself differentiable, as nn.BatchNorm2d's is. On the Triton kernels
+    """d/d(x, residual, weight, bias) of |grad|^2 through the op equals the same through
+    F.batch_norm + add + relu: the gradient is itself differentiable, as nn.BatchNorm2d's is, and
+    connected to residual and bias (derivative 0 through the ReLU's decisions), so that
+    autograd.grad over every operand works as it does on the unfused layers. On the Triton kernels
     (which refuse float64, computing in float32) this stands in for gradgradcheck."""
     inputs, (rm, rv) = _double_backward_inputs(torch.float32)
     v = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(12))
@@ -1137,7 +1139,7 @@ def test_second_derivatives_match_nn_batchnorm2d(backend, training):
             out = F.relu(F.batch_norm(x, rm.clone(), rv.clone(), w, b, training) + r)
         grads = torch.autograd.grad(out, leaves, v, create_graph=True)
         norm = sum((grad * grad).sum() for grad in grads)
-        second.append(torch.autograd.grad(norm, (x, w)))
+        second.append(torch.autograd.grad(norm, leaves))
     for got, expected in zip(*second):
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 

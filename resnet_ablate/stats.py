@@ -45,10 +45,14 @@ difference of differences, and the mean of several configurations' differences (
 effect), whose per-image table is averaged seed by seed and image by image, so that what the
 configurations share (the test images, and anything a seed number fixes) is counted once.
 
-**Without a per-image record** (stores written before it was kept), the test-image term is bounded
-by the binomial variance of N images, ``p(1 - p)/N`` (an upper bound for it under the model;
-for a difference the two configurations' terms are added, which assumes images are not harder
-for one configuration exactly where they are easier for the other): conservative, and said so.
+**Without a per-image record** (stores written before it was kept, and metrics without one:
+best-epoch, top-5, multi-view errors), the test-image term is bounded by the binomial variance of
+N images, ``p(1 - p)/N`` (an upper bound for it under the model). A contrast's cells share the
+test set, so their terms are correlated: the cells of each sign are summed as if perfectly
+correlated, ``(sum_c |w_c| sqrt(p_c(1 - p_c)/N))^2`` (Cauchy-Schwarz, exact at correlation 1: k
+configurations pooled share their test images, and averaging them does not shrink that part),
+and the two signs' sums are added, which assumes images are not harder for one configuration
+exactly where they are easier for another (no negative correlation): conservative, and said so.
 
 The variance has a floor: what Agresti-Coull allows a test set of N images without a single
 error, ``r(1 - r)/N`` with ``r = 2/(N + 4)``, so that no table, not even one without a single
@@ -193,6 +197,13 @@ def _binomial_bound(rate: float, images: int) -> float:
     return _floor(rate * images, images)
 
 
+def _shared_test_set_bound(weights: np.ndarray, rates: Sequence[float], images: int) -> float:
+    """The test-image part of a contrast's variance without a per-image record (see the module
+    docstring): per sign, the cells' binomial bounds as if perfectly correlated; the signs added."""
+    deviations = np.array([math.sqrt(_binomial_bound(rate, images)) for rate in rates])
+    return float((weights.clip(min=0) @ deviations) ** 2 + (weights.clip(max=0) @ deviations) ** 2)
+
+
 def _no_interval(mean: float, n: int, method: str, reason: str) -> Estimate:
     return Estimate(mean, math.nan, math.nan, math.nan, math.nan, math.nan, n, method, reason)
 
@@ -304,7 +315,8 @@ def contrast(tables_by_cell: Sequence[Sequence[np.ndarray] | None] | None,
     not recorded); `images` the test set's size (None where not recorded). Methods, as for a
     difference: the crossed seeds x images analysis of the per-image contrast table
     ``sum_c w_c W_c``; without a per-image record, the per-seed contrasts with the test set
-    bounded by ``sum_c w_c^2 p_c(1 - p_c)/N``; without the size, Student t over seeds. The
+    bounded per sign of the weights, as if the cells of a sign were perfectly correlated (see
+    the module docstring); without the size, Student t over seeds. The
     interval (at `level`) is clipped to the range a contrast of rates can take (``[sum of
     negative weights, sum of positive]``)."""
     return _contrast("contrast", tables_by_cell, weights, rates_by_cell, images, level)
@@ -342,8 +354,7 @@ def _contrast(what: str, tables_by_cell: Sequence[Sequence[np.ndarray] | None] |
         grand, pivot = _crossed(sum(w * t for w, t in zip(weights, tables)), stream=3)
         return _from_pivot(grand, pivot, n, std, CROSSED, bounds, level=level)
     if images:
-        test_part = sum(w**2 * _binomial_bound(float(r.mean()), images)
-                        for w, r in zip(weights, rates))
+        test_part = _shared_test_set_bound(weights, [float(r.mean()) for r in rates], images)
         bounded = Pivot(variance_draws(std**2 / n, n - 1, test_part, stream=3))
         return _from_pivot(mean, bounded, n, std, BINOMIAL_BOUND, bounds, level=level)
     return _over_seeds_only(values, bounds, level)

@@ -166,10 +166,10 @@ def _interaction(results: Results, f: tuple[str, Any, Any], g: tuple[str, Any, A
     elif configurations == 1:
         estimate = paired_contrast(results, quads[cells], trials, weights, metric, bounds)
     else:
-        estimate, quads = stratified_contrast(results, quads[cells], trials, others, weights,
-                                              metric, bounds)
+        estimate, _ = stratified_contrast(results, quads[cells], trials, others, weights,
+                                          metric, bounds)
     return _row("interaction", f"{f_name} x {g_name}", f"{_text(f_level)} x {_text(g_level)}",
-                f"{_text(f_base)} x {_text(g_base)}", len(quads), with_note(estimate, left),
+                f"{_text(f_base)} x {_text(g_base)}", estimate.n, with_note(estimate, left),
                 metric)
 
 

@@ -118,7 +118,8 @@ def _match_level(value: Any, levels: list[Any], factor: str) -> Any:
 
 def _paired_row(factor: str, level: Any, baseline: Any, metric: str, configuration: dict,
                 base: pd.Series, other: pd.Series, estimate: stats.Estimate) -> dict[str, Any]:
-    return {factor: level, "baseline": baseline, **configuration, "n_pairs": len(base),
+    # n_pairs: the paired seeds (an "all" row's note says over how many configurations).
+    return {factor: level, "baseline": baseline, **configuration, "n_pairs": estimate.n,
             f"{metric}_baseline": float(np.mean(base.to_numpy(float))),
             f"{metric}_level": float(np.mean(other.to_numpy(float))),
             "diff_mean": estimate.mean, "diff_std": estimate.std,

@@ -105,7 +105,8 @@ def test_main_effects_are_the_means_of_the_cell_differences_and_compares_stratif
     depth = _row(table, "main", "depth")
     expected = np.mean([_error(cells, (14, s), seed) - _error(cells, (8, s), seed)
                         for s in SHORTCUTS for seed in SEEDS])
-    assert (depth["level"], depth["baseline"], depth["n_pairs"]) == (14, 8, 6)
+    # n_pairs: the seeds paired (each averaged over the two shortcut options), as summary's n.
+    assert (depth["level"], depth["baseline"], depth["n_pairs"]) == (14, 8, len(SEEDS))
     assert depth["diff_mean"] == pytest.approx(expected)
     shortcut = _row(table, "main", "shortcut")
     expected = np.mean([_error(cells, (d, "none"), seed) - _error(cells, (d, "A"), seed)
@@ -186,7 +187,7 @@ def test_with_a_third_factor_each_pair_interacts_stratified_over_the_third(tmp_p
     per_width = [np.mean([np.mean(cells[((14, "none", w), s)]) - np.mean(cells[((8, "none", w), s)])
                           - np.mean(cells[((14, "A", w), s)]) + np.mean(cells[((8, "A", w), s)])
                           for s in SEEDS]) for w in widths]
-    assert row["diff_mean"] == pytest.approx(np.mean(per_width)) and row["n_pairs"] == 6
+    assert row["diff_mean"] == pytest.approx(np.mean(per_width)) and row["n_pairs"] == len(SEEDS)
     assert row["method"].startswith("stratified over configurations")
     assert row["diff_ci95_low"] < row["diff_mean"] < row["diff_ci95_high"]
 

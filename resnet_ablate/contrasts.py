@@ -35,6 +35,11 @@ CONFIGURATION_CONSTANTS = ("flops", "params")
 # What a reader must know of a rate picked on the test set itself.
 SELECTED_ON_TEST = {"best_test_error": "the lowest test error over epochs: picked on the test "
                                        "set, so optimistic"}
+# The comparisons of an adaptive study's own question (`decided`), and interactions with its
+# factor: their seeds were added while the comparison was open.
+LOOKED = ("adaptive seeds: seeds were added while this comparison was open, and this interval "
+          "and p-value do not account for those looks (they may overstate); its verdict in "
+          "seed_decisions does")
 
 
 def note(estimate: stats.Estimate) -> str:

@@ -31,9 +31,10 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .contrasts import (difference_bounds, joined, left_out, note, paired_contrast, plain,
-                        pruned_note, pruned_seeds, recorded, stratified_contrast, with_holm,
-                        with_note)
+from .contrasts import (LOOKED, difference_bounds, joined, left_out, note, paired_contrast,
+                        plain, pruned_note, pruned_seeds, recorded, stratified_contrast,
+                        with_holm, with_note)
+from .spec import adaptive_rule
 from .storage import ResultsError
 
 if TYPE_CHECKING:
@@ -82,11 +83,15 @@ def effects(results: Results, metric: str = "test_error") -> pd.DataFrame:
     rows = []
     for factor, (baseline, *others) in levels.items():
         rows += _main_effects(results, factor, baseline, others, metric)
+    rule = adaptive_rule(results.seed_rule, results.spec.get("space") or {})
     for (f, f_levels), (g, g_levels) in combinations(levels.items(), 2):
         for level_f in f_levels[1:]:
             for level_g in g_levels[1:]:
-                rows.append(_interaction(results, (f, f_levels[0], level_f),
-                                         (g, g_levels[0], level_g), metric))
+                row = _interaction(results, (f, f_levels[0], level_f), (g, g_levels[0], level_g),
+                                   metric)
+                if rule is not None and rule.decided in (f, g):  # its seeds were added so too
+                    row["note"] = joined(row["note"], LOOKED)
+                rows.append(row)
     return with_holm(pd.DataFrame(rows, columns=list(EFFECT_COLUMNS)))
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .contrasts import (difference_bounds, joined, left_out, note, paired_contrast, plain,
-                        pruned_note, pruned_seeds, recorded, stratified_contrast, with_holm,
-                        with_note)
+from .contrasts import (LOOKED, difference_bounds, joined, left_out, note, paired_contrast,
+                        plain, pruned_note, pruned_seeds, recorded, stratified_contrast,
+                        with_holm, with_note)
 from .spec import adaptive_rule
 from .storage import ResultsError
 
@@ -80,10 +80,6 @@ def compare(results: Results, factor: str, baseline: Any,
         frame["note"] = [joined(text, LOOKED) for text in frame["note"]]
     return frame
 
-
-# An adaptive study's own question: its seeds were added while this comparison was open.
-LOOKED = ("seeds were added until this comparison was decided (adaptive seeds): this interval "
-          "and p-value are not adjusted for those looks; the verdict in seed_decisions is")
 
 
 def _levels(results: Results, factor: str, baseline: Any) -> tuple[list[Any], Any]:

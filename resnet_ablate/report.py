@@ -19,6 +19,8 @@ import pandas as pd
 
 from .display import FOOTNOTE_COLUMNS, display_frame, footnotes
 from .results import Results, ResultsError
+from .spec import adaptive_rule
+from .store_reading import scalar_value
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1em auto; padding: 0 1em; max-width: 90em; color: #222; }
@@ -188,9 +190,18 @@ def _seed_decisions(results: Results) -> list[str]:
     if not len(decisions):
         return []
     rule = results.seed_rule
+    space = results.spec.get("space") or {}
+    decided = adaptive_rule(rule, space).decided
+    # Every configuration but the baseline level's is one comparison (with the baseline's).
+    comparisons = 0 if decided is None else int(
+        (decisions[decided].astype(str) != str(scalar_value(space[decided][0]))).sum())
+    family = ("" if comparisons < 2 else
+              f" Each of its {comparisons} comparisons keeps its own chance of a wrong "
+              "\"differs\" at 5%; that some one of them is wrong is more likely, up to "
+              f"{min(comparisons * 5, 100)}% (Bonferroni).")
     return ["<h2>Adaptive seeds: why each configuration stopped</h2>",
             f"<p>The rule <code>seeds: {html.escape(json.dumps(rule))}</code>: seeds "
-            "were added to a configuration only while its question stayed open.</p>",
+            f"were added to a configuration only while its question stayed open.{family}</p>",
             _table(decisions)]
 
 

@@ -229,7 +229,17 @@ def test_the_driver_adds_seeds_only_where_the_question_is_open(local_ray, tmp_pa
         assert row["seeds"] == counts[point] and row["reason"] == final[point].reason
     page = report.render_report(loaded, responses=False)
     assert "Adaptive seeds: why each configuration stopped" in page
+    # Two comparisons (shortcut none against A at depths 8 and 14): the family's rate is named.
+    assert "Each of its 2 comparisons keeps its own chance" in page and "up to 10%" in page
     assert all(reason.split(",")[0] in page for reason in table["reason"])
+    # compare's rows of the decided comparison, and effects' rows with its factor, say that their
+    # interval and p-value do not account for the looks; the other factor's main effect does not.
+    from resnet_ablate.contrasts import LOOKED
+
+    assert all(text.endswith(LOOKED) for text in loaded.compare("shortcut", "A")["note"])
+    effects = loaded.effects().set_index("factor(s)")["note"]
+    assert effects["shortcut"].endswith(LOOKED) and effects["shortcut x depth"].endswith(LOOKED)
+    assert LOOKED not in effects["depth"]
 
 
 def test_a_resumed_plan_counts_the_next_look_of_a_question_left_open(local_ray, tmp_path):

@@ -109,7 +109,7 @@ def test_summary_by_depth_and_shortcut(cli, results):
     assert means == [f"{100 * v:.2f}%" for v in expected["test_error_mean"]]
 
 
-def test_compare_prints_the_paired_comparison_with_its_method(cli, runs, results):
+def test_compare_prints_the_paired_comparison_with_its_method(cli, runs, results, tmp_path):
     code, out, _ = cli("compare", "--factor", "shortcut", "--baseline", "A", "--format", "json")
     printed = json.loads(out)
     trials = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{runs}/{STUDY}.db").get_trials()
@@ -138,6 +138,12 @@ def test_compare_prints_the_paired_comparison_with_its_method(cli, runs, results
     assert "method" in err and "crossed random effects" in err
     # Specs accept option "a" for "A": so does the baseline, with the same table.
     assert cli("compare", "--factor", "shortcut", "--baseline", "a")[1] == out
+    # A table saved with -o keeps the methods and notes under it, as the terminal shows them.
+    saved = tmp_path / "compare.txt"
+    code, _, err = cli("compare", "--factor", "shortcut", "--baseline", "A", "-o", str(saved))
+    footer = [line for line in err.splitlines() if not line.startswith("wrote ")]
+    assert code == 0 and footer and saved.read_text().rstrip("\n").endswith("\n".join(footer))
+    assert saved.read_text().startswith(out.rstrip("\n"))
 
 
 def test_pareto_prints_the_non_dominated_trials(cli, results):

@@ -1,5 +1,5 @@
 """Where a command's table goes: stdout, or a file `-o` names (never over a study's store), with
-the table's methods and notes on stderr."""
+the table's methods and notes on stderr (and under a table written to a file)."""
 
 from __future__ import annotations
 
@@ -38,11 +38,15 @@ def check_output(output: str, force: bool) -> None:
         raise ResultsError(f"-o {output}: exists; pass --force to replace it")
 
 
-def emit(frame, args: argparse.Namespace) -> int:
+def emit(frame, args: argparse.Namespace, footer: list[str] | None = None) -> int:
+    """The table on stdout, or in the file `-o` names; `footer` (lines) follows it in the file
+    where the format is the human one, "table" (CSV and JSON carry such things as columns)."""
     from ..results import write_frame
 
     text = write_frame(frame, getattr(args, "format", "table"))
     output = getattr(args, "output", None)
+    if output and footer and getattr(args, "format", "table") == "table":
+        text = "\n".join([text.rstrip("\n"), "", *footer])
     if output:
         check_output(output, args.force)
         Path(output).parent.mkdir(parents=True, exist_ok=True)
@@ -54,8 +58,11 @@ def emit(frame, args: argparse.Namespace) -> int:
 
 
 def emit_statistics(table, args: argparse.Namespace) -> int:
-    """A table of statistics as `emit` writes it, its methods and notes under it."""
-    code = emit(table, args)
+    """A table of statistics as `emit` writes it, its methods and notes under it: on stderr, and
+    in a table written to a file, in the file too (a saved table keeps what its numbers mean)."""
+    from ..results import footnotes
+
+    code = emit(table, args, footer=footnotes(table))
     print_footnotes(table)
     return code
 

@@ -46,9 +46,14 @@ def pareto(results: Results, objectives: Sequence[str] = ("test_error", "flops")
         return front.sort_values([*objectives, "number"], kind="stable")[
             list(dict.fromkeys(columns))]
     by = results.configuration_columns()
-    means = results.summary(by=by, metric=objectives[0])
-    for objective in objectives[1:]:
-        means = _with_objective(means, results, by, objective)
+    # The summary's rows start from an objective with an interval (FLOPs and parameters have
+    # none), so that the methods and notes are those of the intervals shown, in any order.
+    uncertain = [o for o in objectives if o not in CONFIGURATION_CONSTANTS]
+    first = uncertain[0] if uncertain else objectives[0]
+    means = results.summary(by=by, metric=first)
+    for objective in objectives:
+        if objective != first:
+            means = _with_objective(means, results, by, objective)
     # An objective that is also a configuration column (params, flops): its mean is the one.
     means = means.drop(columns=[o for o in objectives if o in means.columns])
     means = means.rename(columns={f"{o}_mean": o for o in objectives})
@@ -62,9 +67,9 @@ def pareto(results: Results, objectives: Sequence[str] = ("test_error", "flops")
     columns += ["params", "flops", "method", "note"]
     front = front.sort_values(objectives, kind="stable")[list(dict.fromkeys(columns))]
     front = front.reset_index(drop=True)
-    if f"{objectives[0]}_ci95_low" in front:
+    for objective in uncertain:
         front["note"] = [joined(note, flag) for note, flag in
-                         zip(front["note"], _overlapping(front, objectives, by))]
+                         zip(front["note"], _overlapping(front, objective, objectives, by))]
     return with_methods(front)
 
 
@@ -86,21 +91,23 @@ def _with_objective(means: pd.DataFrame, results: Results, by: list[str],
     return means.drop(columns=["extra_method", "extra_note"])
 
 
-def _overlapping(front: pd.DataFrame, objectives: Sequence[str], by: Sequence[str]) -> list[str]:
-    """Per front member, where its first objective's interval overlaps that of a member at least
-    as good in every other objective: its place on the front may be the seeds' chance, which a
+def _overlapping(front: pd.DataFrame, objective: str, objectives: Sequence[str],
+                 by: Sequence[str]) -> list[str]:
+    """Per front member, where its `objective` interval overlaps that of a member at least as
+    good in every other objective: its place on the front may be the seeds' chance, which a
     front over means cannot tell (a paired `compare` of the two tests it). Descriptive: two
     overlapping 95% intervals are not a test."""
-    low, high = (front[f"{objectives[0]}_ci95_{end}"].to_numpy(float) for end in ("low", "high"))
-    signs = np.array([1.0 if DIRECTIONS[o] == "minimize" else -1.0 for o in objectives[1:]])
-    others = front[list(objectives[1:])].to_numpy(float) * signs
+    low, high = (front[f"{objective}_ci95_{end}"].to_numpy(float) for end in ("low", "high"))
+    rest = [o for o in objectives if o != objective]
+    signs = np.array([1.0 if DIRECTIONS[o] == "minimize" else -1.0 for o in rest])
+    others = front[rest].to_numpy(float) * signs
     flags = []
     for i in range(len(front)):
         rivals = [j for j in range(len(front)) if j != i and (others[j] <= others[i]).all()
                   and (others[j] < others[i]).any() and low[i] <= high[j] and low[j] <= high[i]]
         names = [", ".join(f"{c}={front.at[j, c]}" for c in by) for j in rivals]
-        flags.append(f"its interval overlaps that of {'; '.join(names)}, better in "
-                     f"{', '.join(objectives[1:])}: compare them" if rivals else "")
+        flags.append(f"its {objective} interval overlaps that of {'; '.join(names)}, better "
+                     f"in {', '.join(rest)}: compare them" if rivals else "")
     return flags
 
 

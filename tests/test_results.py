@@ -285,10 +285,11 @@ def test_a_width_rule_studys_summary_says_its_intervals_are_not_adjusted_for_the
     assert not decided.summary()["note"].str.contains("width rule").any()
     # The comparison the rule decided says its interval is not adjusted for the looks; others
     # do not.
-    looked = "not adjusted for those looks"
-    assert decided.compare("shortcut", "A")["note"].str.contains(looked).all()
-    assert not decided.compare("depth", DEPTHS[0])["note"].str.contains(looked).any()
-    assert not results.compare("shortcut", "A")["note"].str.contains(looked).any()
+    from resnet_ablate.contrasts import LOOKED
+
+    assert all(note.endswith(LOOKED) for note in decided.compare("shortcut", "A")["note"])
+    assert not any(LOOKED in note for note in decided.compare("depth", DEPTHS[0])["note"])
+    assert not any(LOOKED in note for note in results.compare("shortcut", "A")["note"])
 
 
 def test_a_seed_completed_twice_counts_once_in_the_summary_as_in_compare(results):
@@ -469,9 +470,18 @@ def test_pareto_front_over_configurations_is_over_their_means_with_intervals(res
         rivals = [r for r in front.to_dict("records") if r["flops"] < row["flops"]
                   and r["test_error_ci95_low"] <= row["test_error_ci95_high"]
                   and row["test_error_ci95_low"] <= r["test_error_ci95_high"]]
-        assert ("its interval overlaps that of" in row["note"]) == bool(rivals)
+        assert ("its test_error interval overlaps that of" in row["note"]) == bool(rivals)
         for rival in rivals:
             assert f"depth={rival['depth']}, shortcut={rival['shortcut']}" in row["note"]
+    # In either order of the objectives: the same front, flags and method (FLOPs have no
+    # interval, and no method of their own).
+    reordered = results.pareto(["flops", "test_error"])
+    assert sorted(zip(reordered["depth"], reordered["shortcut"])) == \
+        sorted(zip(front["depth"], front["shortcut"]))
+    by_point = reordered.set_index(["depth", "shortcut"])
+    for row in front.to_dict("records"):
+        again = by_point.loc[(row["depth"], row["shortcut"])]
+        assert again["note"] == row["note"] and again["method"] == row["method"]
     # A second objective with an interval of its own names how that interval was made.
     timed = results.pareto(["test_error", "wall_seconds"])
     assert all(method.endswith("; wall_seconds: " + SEEDS_ONLY)

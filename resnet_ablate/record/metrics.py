@@ -46,7 +46,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     # Streamed (ImageNet-style) data sets only: the final epoch's top-5 error.
     Metric("test_top5_error", "minimize", "test_top5_error", _percent, False, high=1.0),
     *(Metric(name, "minimize", name, _percent, False, high=1.0) for name in VIEW_METRICS),
-    Metric("flops", "minimize", "GFLOPs", lambda v: f"{v / 1e9:.4f}", True),
+    # Four significant digits: a digits-sized net's 0.0007566 GFLOPs are not all "0.0008".
+    Metric("flops", "minimize", "GFLOPs", lambda v: f"{v / 1e9:.4g}", True),
     Metric("params", "minimize", "params (M)", lambda v: f"{v / 1e6:.3f}", True),
     Metric("wall_seconds", "minimize", "wall (s)", lambda v: f"{v:.1f}", True),
     Metric("images_per_second", "maximize", "images/s", lambda v: f"{v:.0f}", False),

@@ -222,7 +222,24 @@ def importance(results: Results, metric: str = "test_error") -> pd.DataFrame:
     frame = pd.DataFrame([{"factor": f, "importance": float(v), "levels": len(levels[f]),
                            "trials": len(trials), "metric": metric} for f, v in shares.items()])
     frame.attrs["methods"] = [IMPORTANCE_METHOD.format(metric=metric)]
+    frame.attrs["notes"] = [_explained(done, list(levels), metric)]
     return frame
+
+
+def _explained(done: pd.DataFrame, factors: list[str], metric: str) -> str:
+    """How much of the trials' variance the factors explain at all (the configurations' means,
+    R^2 of a one-way ANOVA over them): shares that sum to 1 say nothing of it, and under seed
+    noise alone some factor always holds half of them."""
+    values = done[metric].astype(float)
+    total = float(((values - values.mean()) ** 2).sum())
+    if total == 0:
+        return f"{metric} is the same in every trial: nothing for the factors to explain"
+    cell_means = values.groupby([done[f].astype(str) for f in factors]).transform("mean")
+    explained = 1 - float(((values - cell_means) ** 2).sum()) / total
+    return (f"the configurations explain {100 * explained:.0f}% of {metric}'s variance over these "
+            f"{len(values)} trials (the rest is seed-to-seed); the shares divide that part, "
+            "summing to 1 whether it is large or not: whether a factor matters is the effects' "
+            "p-values' question")
 
 
 def _choice(value: Any) -> Any:

@@ -259,6 +259,14 @@ def test_importance_shares_sum_to_one_and_rank_the_larger_effect_first(study):
     assert list(table["factor"]) == ["shortcut", "depth"]
     assert table["importance"].sum() == pytest.approx(1.0)
     assert "fANOVA" in table.attrs["methods"][0]
+    # Shares sum to 1 however little the factors explain: the note says how much they do (R^2
+    # of the configurations' means, by hand).
+    done = results.completed()
+    means = done.groupby(["depth", "shortcut"])["test_error"].transform("mean")
+    explained = 1 - ((done["test_error"] - means) ** 2).sum() / \
+        ((done["test_error"] - done["test_error"].mean()) ** 2).sum()
+    (line,) = table.attrs["notes"]
+    assert line.startswith(f"the configurations explain {100 * explained:.0f}% of test_error's")
 
 
 def test_an_unknown_metric_or_a_single_factor_is_a_clear_error(study, tmp_path):

@@ -203,7 +203,7 @@ def _save_for_backward(ctx, inputs, out, stats, relu_mask, implementation, gradi
     ctx.meta = (eps, relu, batch_stats, None if residual is None else residual.dtype,
                 None if weight is None else weight.dtype, None if bias is None else bias.dtype,
                 implementation)
-    if relu:  # a double backward differentiates through the ReLU's decisions (see _gradients)
+    if relu:  # what the ReLU's decisions depend on, for a double backward (see _gradients)
         ctx.relu_operands = bias, residual if residual is not None and residual.requires_grad \
             else None
 
@@ -217,10 +217,7 @@ def _gradients(ctx, grad_out: torch.Tensor) -> tuple:
     eps, relu, batch_stats, residual_dtype, weight_dtype, bias_dtype, implementation = ctx.meta
     residual_grad = residual_dtype is not None and relu and ctx.needs_input_grad[3]
     arguments = (grad_out, x, relu_mask, weight, stats, eps, batch_stats, residual_grad)
-    if torch.is_grad_enabled():
-        # The ReLU's decisions depend on bias and residual with derivative 0, as the output
-        # argument of threshold_backward does in nn.ReLU's graph: the gradients stay connected
-        # to both, so that autograd.grad of a gradient penalty over all parameters finds them.
+    if torch.is_grad_enabled():  # connected to bias and residual too, with derivative 0
         relu_operands = ctx.relu_operands if relu else (None, None)
         gradients = _torch_impl.differentiable_backward(*arguments, *relu_operands)
     elif implementation is None:

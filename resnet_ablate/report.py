@@ -191,11 +191,14 @@ def _seed_decisions(results: Results) -> list[str]:
         return []
     rule = results.seed_rule
     space = results.spec.get("space") or {}
-    decided = adaptive_rule(rule, space).decided
+    adaptive = adaptive_rule(rule, space)
+    decided = adaptive.decided
     # Every configuration but the baseline level's is one comparison (with the baseline's).
     comparisons = 0 if decided is None else int(
         (decisions[decided].astype(str) != str(scalar_value(space[decided][0]))).sum())
     family = ("" if comparisons < 2 else
+              f" Its {comparisons} comparisons share a 5% chance of any wrong verdict "
+              "(familywise: Bonferroni over the study's comparisons)." if adaptive.family > 1 else
               f" Each of its {comparisons} comparisons keeps its own chance of a wrong "
               "\"differs\" at 5%; that some one of them is wrong is more likely, up to "
               f"{min(comparisons * 5, 100)}% (Bonferroni).")

@@ -33,6 +33,15 @@ def test_spec_takes_the_adaptive_rule_and_every_seed_it_may_use():
     assert AdaptiveSeeds(3, 3, width=0.1).looks == (3,)
     width = parse_spec(raw_spec("adaptive", seeds=_adaptive({"width": 0.02})))
     assert width.adaptive_seeds.width == 0.02
+    # familywise: each share divided by the study's comparisons too (none against A at each of
+    # three depths: 3).
+    family = parse_spec(raw_spec("adaptive", model={"family": "cifar"},
+                                 space={"shortcut": ["A", "none"], "depth": [8, 14, 20]},
+                                 seeds=_adaptive({"decided": "shortcut", "margin": 0.01,
+                                                  "familywise": True})))
+    assert family.adaptive_seeds.family == 3
+    assert family.adaptive_seeds.level == pytest.approx(1 - 0.05 / (4 * 3))
+    assert family.adaptive_seeds.equivalence_level == pytest.approx(1 - 0.1 / (4 * 3))
 
 
 @pytest.mark.parametrize(("seeds", "overrides", "message"), [
@@ -48,6 +57,10 @@ def test_spec_takes_the_adaptive_rule_and_every_seed_it_may_use():
      r"'shortcut' is not .*space lists it with one level, 'A'.*swept: none"),
     (_adaptive({"decided": "shortcut", "margin": -1}), {}, r"margin: a difference"),
     (_adaptive({"width": 0.02, "margin": 0.01}), {}, r"seeds\.until\.margin: goes with `decided`"),
+    (_adaptive({"width": 0.02, "familywise": True}), {},
+     r"seeds\.until\.familywise: goes with `decided`"),
+    (_adaptive({"decided": "shortcut", "familywise": "yes"}), {},
+     r"seeds\.until\.familywise: .*true or false"),
     ({"min": 2, "until": {"width": 0.1}}, {}, "max is missing"),
     (_adaptive({"width": 0.02}, often=3), {}, r"seeds\.often: unknown key"),
     (_adaptive({"width": 0.02}), {"budget": {"trials": 4}}, "adaptive seeds need sampler: grid"),
@@ -168,6 +181,48 @@ def test_sequential_decisions_keep_their_error_rates(truth, failing):
     answers = [_sequential_answer(rng, rule, difference, failing) for _ in range(replications)]
     # 5% nominal; the simulation's own error is 1.3 points.
     assert np.mean([a.startswith(wrong) for a in answers]) <= 0.075, truth
+
+
+@pytest.mark.parametrize("familywise", [False, True])
+def test_familywise_verdicts_keep_the_studys_error_rate(familywise):
+    """A global null over 6 comparisons (shortcut B, C, none against A at two depths), each
+    configuration adding seeds while open: each comparison's own rule calls one of them "differs"
+    in about 8% of studies (each at most 5%); familywise, at most 5% of studies have any."""
+    levels = {"depth": [20, 56], "shortcut": ["A", "B", "C", "none"]}
+    rule = AdaptiveSeeds(2, 10, decided="shortcut", margin=0.01,
+                         family=6 if familywise else 1)
+    images, offset = 1000, _offset_for(0.08)
+    configurations = [(("depth", d), ("shortcut", s)) for d in levels["depth"]
+                      for s in levels["shortcut"]]
+    rng = np.random.default_rng(17)
+    replications, any_wrong, wrong = 300, 0, 0
+    for _ in range(replications):
+        difficulty = {d: rng.normal(0, 1.5, images) for d in levels["depth"]}
+
+        def seed(configuration, number):
+            errors = (rng.random(images) < expit(offset + rng.normal(0, 0.05)
+                                                 + difficulty[configuration[0][1]])).astype(float)
+            return SeedResult(number, float(errors.mean()), images, errors)
+
+        seeds = {c: [seed(c, s) for s in range(rule.min)] for c in configurations}
+        while True:
+            decisions = decide(rule, levels, seeds)
+            open_now = [c for c, d in decisions.items() if d.open]
+            if not open_now:
+                break
+            for c in open_now:
+                seeds[c] += [seed(c, s) for s in range(len(seeds[c]),
+                                                       rule.next_look(len(seeds[c])))]
+        called = sum(decisions[c].reason.startswith("decided: differs") for c in configurations)
+        any_wrong += called > 0
+        wrong += called
+    # Each comparison within its 5% either way (simulation error 0.5 points); the study's rate
+    # within 5% familywise (simulation error 1.3 points), above it otherwise.
+    assert wrong / (6 * replications) <= 0.05
+    if familywise:
+        assert any_wrong / replications <= 0.05, any_wrong / replications
+    else:
+        assert any_wrong / replications > 0.05, any_wrong / replications
 
 
 def test_the_width_rule_stops_once_the_interval_is_narrow_enough():

@@ -128,14 +128,18 @@ class AdaptiveSeeds:
     and the added seeds train in parallel. A "differs" decision uses intervals at
     1 - 0.05/looks, a Bonferroni share per look, so that stopping at any look keeps the chance
     of a wrong "differs" at most 5%; "within the margin" is two one-sided tests at the same
-    share (the interval at 1 - 2 x 0.05/looks). Seeds between looks (failed trials leave a
-    configuration there) wait for the next look (`looked_at`)."""
+    share (the interval at 1 - 2 x 0.05/looks). That 5% is each comparison's own; with
+    `familywise` (`family`: the study's comparisons, every configuration of the other factors
+    and every level against the baseline) each share is divided by them too, so that the chance
+    of any wrong verdict in the study is at most 5% (Bonferroni). Seeds between looks (failed
+    trials leave a configuration there) wait for the next look (`looked_at`)."""
 
     min: int
     max: int
     width: float | None = None
     decided: str | None = None
     margin: float = 0.0
+    family: int = 1  # the comparisons that share the 5%: 1, or the study's with `familywise`
 
     @property
     def looks(self) -> tuple[int, ...]:
@@ -158,12 +162,12 @@ class AdaptiveSeeds:
     @property
     def level(self) -> float:
         """The two-sided level of a "differs" decision's interval."""
-        return 1 - 0.05 / len(self.looks)
+        return 1 - 0.05 / (len(self.looks) * self.family)
 
     @property
     def equivalence_level(self) -> float:
         """The level of the interval whose lying within +-margin is a "within" decision."""
-        return 1 - 2 * 0.05 / len(self.looks)
+        return 1 - 2 * 0.05 / (len(self.looks) * self.family)
 
 
 @dataclass(frozen=True)

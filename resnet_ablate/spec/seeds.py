@@ -24,7 +24,7 @@ def adaptive_rule(seeds: Any, space: Mapping[str, Any], *, source: str = "<spec>
 
 
 ADAPTIVE_KEYS = ("min", "max", "until")
-UNTIL_KEYS = ("width", "decided", "margin")
+UNTIL_KEYS = ("width", "decided", "margin", "familywise")
 MAX_SEED = 2**32 - 1  # numpy's and Optuna's generators take seeds from 0 to this
 
 
@@ -70,12 +70,13 @@ def _adaptive_seeds(check: Checker, value: dict, space: Mapping[str, Any]
                                         "interval is at most W wide) or {decided: FACTOR, "
                                         "margin: M} (stop where its comparison is decided)")
     width = decided = None
-    margin = 0.0
+    margin, family = 0.0, 1
     if "width" in until:
-        if "margin" in until:
-            raise check.fail("seeds.until.margin", "goes with `decided` (the equivalence "
-                                                   "margin of a comparison); the width rule "
-                                                   "has none: give {width: W} alone")
+        for key in ("margin", "familywise"):
+            if key in until:
+                raise check.fail(f"seeds.until.{key}", "goes with `decided` (a comparison's "
+                                                       f"{_DECIDED_KEYS[key]}); the width rule "
+                                                       "has none: give {width: W} alone")
         width = check.typed("seeds.until.width", until["width"], (int, float), "a number")
         if not 0 < width <= 1:
             raise check.fail("seeds.until.width", f"an interval width of an error rate, in "
@@ -94,6 +95,22 @@ def _adaptive_seeds(check: Checker, value: dict, space: Mapping[str, Any]
         if not 0 <= margin < 1:
             raise check.fail("seeds.until.margin", f"a difference of error rates in [0, 1) "
                                                    f"(0.005 is half a point), got {margin!r}")
+        if check.typed("seeds.until.familywise", until.get("familywise", False), bool,
+                       "true or false"):
+            family = _comparisons(space, decided)
     rule = AdaptiveSeeds(bounds["min"], bounds["max"], None if width is None else float(width),
-                         decided, float(margin))
+                         decided, float(margin), family)
     return list(range(rule.max)), rule
+
+
+_DECIDED_KEYS = {"margin": "equivalence margin", "familywise": "error rate over the study"}
+
+
+def _comparisons(space: Mapping[str, Any], decided: str) -> int:
+    """The comparisons a `decided` rule makes over a grid: each level of `decided` but its
+    baseline, in each configuration of the other factors."""
+    count = len(values_of(space[decided])) - 1
+    for name, levels in space.items():
+        if name != decided:
+            count *= max(len(values_of(levels)), 1)
+    return count

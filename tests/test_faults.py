@@ -333,7 +333,7 @@ class TestNoDecodableImage:
         # Tried once: the same files fail the same way (as a missing shard, not retried).
         (trial,) = optuna.load_study(study_name=raw["study"], storage=summary.storage).get_trials()
         assert trial.state == optuna.trial.TrialState.FAIL
-        what = "epoch 1's training" if split == "train" else "the test split's evaluation"
+        what = "epoch 1's training" if split == "train" else "the val split's evaluation"
         assert trial.user_attrs[TrialKey.FAILURE] == (
             f"NoImages: {what} had no image to score: 4 image(s) skipped as undecodable or "
             "unlabelled, none read; check the data set's files")

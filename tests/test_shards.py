@@ -335,7 +335,7 @@ def test_training_or_evaluating_on_no_image_fails_naming_the_split(shards, tmp_p
     recipe = TrainRecipe(epochs=1, batch_size=2, eval_batch_size=4, precision="fp32")
     # Training drops a last partial batch unread: the truncated shard's one sample is not seen.
     skipped = {"empty": 0, "undecodable": 4, "truncated": 1 if split == "val" else 0}[kind]
-    what = "epoch 1's training" if split == "train" else "the test split's evaluation"
+    what = "epoch 1's training" if split == "train" else "the val split's evaluation"
     with pytest.raises(NoImages, match=f"{what} had no image to score: {skipped} image"):
         train(_tiny_model, data, recipe, seed=0, threads=1)
 

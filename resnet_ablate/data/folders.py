@@ -163,7 +163,7 @@ class FolderData:
     loader_workers: int
     seed: int = 0
     in_channels: int = 3
-    eval_split: str = "test"
+    eval_split: str = "val"  # what both layouts call the split that scores (ILSVRC's val)
 
     @property
     def num_classes(self) -> int:

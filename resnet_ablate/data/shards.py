@@ -176,7 +176,7 @@ class ShardData:
     seed: int = 0
     name: str = "webdataset"
     in_channels: int = 3
-    eval_split: str = "test"
+    eval_split: str = "val"  # what both layouts call the split that scores (ILSVRC's val)
 
     @property
     def classes(self) -> tuple[str, ...]:

@@ -124,8 +124,9 @@ def _effects(results: Results) -> str:
                  "two-sided p-value of no effect.</p>")
     parts += [_table(table), _footnotes(table)]
     shares = importance(results)
-    parts.append("<p>A second view: each factor's share of the test error's variance over the "
-                 "trials (Optuna's fANOVA).</p>")
+    parts.append("<p>A second view: each factor's share of the part of the test error's "
+                 "variance over the trials that the factors explain (Optuna's fANOVA); how large "
+                 "that part is, the note below says.</p>")
     parts += [_table(shares), _footnotes(shares)]
     return "\n".join(parts)
 

@@ -220,6 +220,30 @@ def test_plan_marks_completed_points_done(local_ray, tmp_path):
     assert statuses == [(0, "done"), (1, "pending")]
 
 
+@pytest.mark.parametrize("store", ["this version's", "with a categorical seed parameter"])
+def test_seeds_added_to_a_study_train_in_it(local_ray, tmp_path, monkeypatch, store):
+    """Seeds are not part of what defines a study: a rerun with more of them trains the new ones
+    in the same study (Optuna refused a categorical seed parameter whose choices grew). A store
+    written when the seed parameter was a categorical of the spec's seeds keeps it for those
+    seeds; a seed it lacks is named by its user attribute alone."""
+    from resnet_ablate.study import recorder
+
+    if store != "this version's":
+        monkeypatch.setattr(recorder, "seed_distribution",
+                            lambda stored, seed: optuna.distributions.CategoricalDistribution([0]))
+    run_study(parse_spec(_raw_spec("more-seeds", seeds=1, space={"shortcut": ["A"]})),
+              RunOptions(runs_dir=tmp_path, progress=False))
+    monkeypatch.undo()
+    summary = run_study(parse_spec(_raw_spec("more-seeds", seeds=2, space={"shortcut": ["A"]})),
+                        RunOptions(runs_dir=tmp_path, progress=False))
+    assert (summary.launched, summary.completed) == (1, 1), summary
+    trials = _trials(f"sqlite:///{tmp_path / 'more-seeds.db'}", "more-seeds")
+    assert [(t.state, t.user_attrs["seed"]) for t in trials] == \
+        [(optuna.trial.TrialState.COMPLETE, 0), (optuna.trial.TrialState.COMPLETE, 1)]
+    added = trials[1].params.get("seed")
+    assert added == (1 if store == "this version's" else None)
+
+
 def test_a_changed_spec_does_not_reuse_a_study(local_ray, tmp_path):
     from resnet_ablate.study import StudyConflict
 

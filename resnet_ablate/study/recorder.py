@@ -13,7 +13,8 @@ import optuna
 from ..arch import ResNetArch
 from ..record import FailureKind, Status, TrialKey, TrialOutcome, metric_values
 from ..spec import StudySpec
-from .space import SEED_PARAM, distributions, encode_params, grid_distributions
+from .space import (SEED_PARAM, distributions, encode_params, grid_distributions,
+                    seed_distribution)
 from .opening import retry_while_locked
 from .optuna_tables import fail_in_store
 
@@ -37,6 +38,7 @@ class TrialRecorder:
         self.artifacts = artifacts
         self.store_folder = store_folder
         self.max_artifact_mb = max_artifact_mb
+        self._stored_seed: tuple[optuna.distributions.BaseDistribution | None] | None = None
 
     # -- asking
 
@@ -44,12 +46,23 @@ class TrialRecorder:
         """A new trial: of the grid point `params` (handed to Optuna fixed, as an enqueued
         trial), or, with None, of parameters the study's sampler chooses."""
         if params is not None:
-            self.study.enqueue_trial({**encode_params(params), SEED_PARAM: seed},
-                                     user_attrs={TrialKey.SEED: seed})
-            return self.study.ask(grid_distributions(self.spec))
+            distribution = seed_distribution(self._stored_seed_distribution(), seed)
+            fixed = encode_params(params) if distribution is None \
+                else {**encode_params(params), SEED_PARAM: seed}
+            self.study.enqueue_trial(fixed, user_attrs={TrialKey.SEED: seed})
+            return self.study.ask(grid_distributions(self.spec, distribution))
         trial = self.study.ask(distributions(self.spec))
         trial.set_user_attr(TrialKey.SEED, seed)
         return trial
+
+    def _stored_seed_distribution(self) -> optuna.distributions.BaseDistribution | None:
+        """The seed parameter's distribution in the store's trials (read once: every trial
+        this recorder asks for takes the same kind), None where none has one yet."""
+        if self._stored_seed is None:
+            self._stored_seed = (next(
+                (t.distributions[SEED_PARAM] for t in self.study.get_trials(deepcopy=False)
+                 if SEED_PARAM in t.distributions), None),)
+        return self._stored_seed[0]
 
     def record_launch(self, trial: optuna.Trial, arch: ResNetArch, prof: ModelProfile) -> None:
         for name, value in {

@@ -15,6 +15,7 @@ import optuna
 
 from ..record import PRUNABLE_OBJECTIVES
 from ..spec import IntRange, StudySpec
+from ..spec.seeds import MAX_SEED
 
 
 def encode_value(value: Any) -> Any:
@@ -53,14 +54,30 @@ def distributions(spec: StudySpec) -> dict[str, optuna.distributions.BaseDistrib
 
 # A grid trial's seed is also one of its Optuna parameters (beside the user attribute the toolkit
 # reads), so that optuna-dashboard shows two seeds of one point as two seeds, not as duplicates.
-# Sampler studies leave it out: their sampler would choose it.
+# Sampler studies leave it out: their sampler would choose it. Its distribution takes every seed a
+# spec may list: seeds are not part of what defines a study, so a rerun may add some, and Optuna
+# refuses a categorical parameter whose choices change (a categorical of the spec's seeds made
+# adding one crash the run).
 SEED_PARAM = "seed"
+SEED_DISTRIBUTION = optuna.distributions.IntDistribution(0, MAX_SEED)
 
 
-def grid_distributions(spec: StudySpec) -> dict[str, optuna.distributions.BaseDistribution]:
-    """A grid trial's distributions: the space's and the seed's."""
-    return {**distributions(spec),
-            SEED_PARAM: optuna.distributions.CategoricalDistribution(list(spec.seeds))}
+def seed_distribution(stored: optuna.distributions.BaseDistribution | None, seed: int
+                      ) -> optuna.distributions.BaseDistribution | None:
+    """The seed parameter's distribution for a new trial of `seed`, given the one the store's
+    trials have (`stored`, None for none yet): SEED_DISTRIBUTION, except in a store written with
+    a categorical of the seeds its spec listed then, whose own distribution goes on, and where
+    it lacks `seed` there is no seed parameter (the user attribute names the seed, as in
+    sampler studies)."""
+    if not isinstance(stored, optuna.distributions.CategoricalDistribution):
+        return SEED_DISTRIBUTION
+    return stored if seed in stored.choices else None
+
+
+def grid_distributions(spec: StudySpec, seed: optuna.distributions.BaseDistribution | None
+                       ) -> dict[str, optuna.distributions.BaseDistribution]:
+    """A grid trial's distributions: the space's and, where given, the seed's."""
+    return {**distributions(spec), **({} if seed is None else {SEED_PARAM: seed})}
 
 
 def sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:

@@ -21,6 +21,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ..board import TrialBoard
 from ..record import PRUNABLE_OBJECTIVES, EpochRecord, TrialTask, epoch_objective
 from ..spec import StudySpec
+from .signals import StopRequested
 
 
 class ClusterError(RuntimeError):
@@ -97,6 +98,17 @@ def connect(spec: StudySpec, address: str | None, workers: int) -> bool:
             else:
                 _start_local(spec, workers)
                 started = True
+        except SystemExit as exit_:
+            # ray.init's own SIGTERM handler ran (a SIGTERM taken by another thread than the one
+            # holding signals runs it in this one): the stop it asked for, as SIGTERM stops a
+            # study, with whatever of Ray had started stopped, not left to outlive us.
+            ray.shutdown()
+            if exit_.code != signal.SIGTERM:
+                raise
+            raise StopRequested("SIGTERM") from None
+        except BaseException:
+            ray.shutdown()  # a Ray started halfway
+            raise
         finally:
             if threading.current_thread() is threading.main_thread() and sigterm is not None:
                 signal.signal(signal.SIGTERM, sigterm)

@@ -124,7 +124,10 @@ class DriverLoop:
                 self.collect()
                 self.show_progress()
         except KeyboardInterrupt as stop:
-            interrupted = "SIGTERM" if isinstance(stop, StopRequested) else "SIGINT"
+            # The signal the handler heard: an exception raised inside ray.wait comes out of it
+            # as a plain KeyboardInterrupt, whichever signal raised it.
+            interrupted = self.stop_signals.heard or (
+                "SIGTERM" if isinstance(stop, StopRequested) else "SIGINT")
             marked = self._stop(stop_description(interrupted))
         finally:
             self.progress.close()

@@ -124,3 +124,38 @@ def test_a_trial_run_in_this_process_returns_a_completed_outcome_with_its_weight
     assert broken.status == Status.FAILED and broken.traceback
     assert broken.failure_kind == FailureKind.ERROR
 
+
+
+@pytest.mark.parametrize("blocked", ["a file where the folder goes", "a folder where they go"])
+def test_weights_that_cannot_be_written_cost_the_weights_not_the_trial(tmp_path, blocked):
+    """Kept weights are optional: a weights folder that cannot take them (a file in its place, a
+    write that fails; a full disk or no permission alike) records the trial COMPLETE with why
+    they were not kept, and leaves no half-written file; one a killed driver half-wrote is
+    removed by the next run."""
+    import optuna
+
+    from helpers import raw_spec
+    from resnet_ablate.spec import parse_spec
+    from resnet_ablate.study import open_study
+    from resnet_ablate.study.recorder import TrialRecorder
+
+    spec = parse_spec(raw_spec("weights", seeds=1))
+    storage = f"sqlite:///{tmp_path / 'weights.db'}"
+    artifacts = tmp_path / "weights.artifacts"
+    if blocked == "a file where the folder goes":
+        artifacts.write_text("")
+    else:
+        artifacts.mkdir()
+        (artifacts / "trial-00007.tmp").write_bytes(b"half")  # a killed driver's
+    recorder = TrialRecorder(open_study(spec, storage), spec, artifacts=artifacts,
+                             store_folder=tmp_path, max_artifact_mb=1.0)
+    recorder.remove_partial_weights()
+    if artifacts.is_dir():
+        assert list(artifacts.iterdir()) == []
+        (artifacts / "trial-00000.pt" / "inside").mkdir(parents=True)  # the rename fails
+    trial = recorder.ask({"shortcut": "A"}, 0)
+    assert recorder.finish(trial, _completed(trial_number=trial.number)) == Status.COMPLETED
+    (stored,) = optuna.load_study(study_name="weights", storage=storage).get_trials()
+    assert stored.state == optuna.trial.TrialState.COMPLETE
+    assert stored.user_attrs[TrialKey.WEIGHTS].startswith(f"not kept: cannot write {artifacts}")
+    assert not list(artifacts.glob("*.tmp")) if artifacts.is_dir() else artifacts.is_file()

@@ -3,6 +3,7 @@ launched, as it ends, or when its driver stopped before it ended."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -106,16 +107,30 @@ class TrialRecorder:
         return Status.COMPLETED
 
     def _keep_weights(self, number: int, weights: bytes) -> str:
-        """The weights' path relative to the store's folder, or why they were not kept."""
-        self.artifacts.mkdir(parents=True, exist_ok=True)
-        used = sum(p.stat().st_size for p in self.artifacts.glob("*.pt"))
-        if used + len(weights) > self.max_artifact_mb * 2**20:
-            return f"not kept: the artifact store is at its {self.max_artifact_mb:g} MB bound"
+        """The weights' path relative to the store's folder, or why they were not kept: weights
+        are optional, so a folder that cannot take them (a file in its place, a full disk, no
+        permission) costs them, not the trial's record."""
         path = self.artifacts / f"trial-{number:05d}.pt"
         temporary = path.with_suffix(".tmp")
-        temporary.write_bytes(weights)
-        temporary.replace(path)  # never a half-written file under the final name
+        try:
+            self.artifacts.mkdir(parents=True, exist_ok=True)
+            used = sum(p.stat().st_size for p in self.artifacts.glob("*.pt"))
+            if used + len(weights) > self.max_artifact_mb * 2**20:
+                return f"not kept: the artifact store is at its {self.max_artifact_mb:g} MB bound"
+            temporary.write_bytes(weights)
+            temporary.replace(path)  # never a half-written file under the final name
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
+            return f"not kept: cannot write {error.filename or path}: {error.strerror or error}"
         return Path(os.path.relpath(path.resolve(), self.store_folder.resolve())).as_posix()
+
+    def remove_partial_weights(self) -> None:
+        """Weights half-written by a driver killed while writing them (the lease is ours now,
+        so no live driver is writing them)."""
+        with contextlib.suppress(OSError):
+            for partial in self.artifacts.glob("trial-*.tmp"):
+                partial.unlink(missing_ok=True)
 
     # -- interruptions
 

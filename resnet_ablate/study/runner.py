@@ -152,6 +152,7 @@ class StudyRunner:
                 store_folder=folder, max_artifact_mb=self.options.max_artifact_mb)
             progress = StudyProgress(self.spec.study, enabled=self.options.progress)
             recovered = recorder.recover_interrupted()
+            recorder.remove_partial_weights()
             if recovered:
                 progress.log(f"marked {recovered} trial(s) of an interrupted run interrupted; "
                              "resuming (they run again)")

@@ -144,6 +144,24 @@ def store_faults(url: str) -> Iterator[None]:
         if cause is None:
             raise
         raise StoreError(f"study store {url}: {_reason(cause)}") from None
+    except (ValueError, AssertionError) as error:
+        # A record Optuna cannot read back (bad JSON, bytes that are not UTF-8, a value its
+        # model rejects): the store is damaged, whichever of its readers met it first.
+        if not _raised_reading_the_store(error):
+            raise
+        what = f"{type(error).__name__}: {error}".strip().rstrip(":").splitlines()[0]
+        raise StoreError(f"study store {url}: a record in it cannot be read ({what}); it is "
+                         "damaged: restore it from a copy") from None
+
+
+def _raised_reading_the_store(error: BaseException) -> bool:
+    """Whether `error` was raised inside Optuna's storage code (reading or writing records)."""
+    frame = error.__traceback__
+    while frame is not None:
+        if f"{os.sep}optuna{os.sep}storages{os.sep}" in frame.tb_frame.f_code.co_filename:
+            return True
+        frame = frame.tb_next
+    return False
 
 
 def _reason(error: Exception) -> str:

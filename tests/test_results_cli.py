@@ -227,6 +227,26 @@ def test_output_never_replaces_a_store_and_other_files_only_with_force(cli, runs
     assert code == 2 and err.count("\n") == 1 and "cannot write /proc/report.html" in err
 
 
+@pytest.mark.parametrize("damage", [
+    ("UPDATE trial_user_attributes SET value_json = '{not json' WHERE key = 'arch'",
+     "JSONDecodeError"),
+    ("UPDATE trial_values SET value = NULL WHERE trial_id = 1", "AssertionError"),
+    ("UPDATE trial_user_attributes SET value_json = CAST(X'22AC22' AS BLOB) WHERE key = 'arch'",
+     "UnicodeDecodeError"),
+], ids=["bad json", "a missing objective value", "bytes that are not utf-8"])
+def test_a_damaged_record_is_one_line_naming_the_store(runs, capsys, tmp_path, damage):
+    statement, kind = damage
+    copy = tmp_path / f"{STUDY}.db"
+    shutil.copy(Path(runs) / f"{STUDY}.db", copy)
+    with sqlite3.connect(copy) as connection:
+        connection.execute(statement)
+    for command in (["ls"], ["show", STUDY], ["summary", STUDY]):
+        assert main([*command, "--storage", f"sqlite:///{copy}"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert f"study store sqlite:///{copy}: a record in it cannot be read ({kind}" in err, err
+
+
 def test_missing_study_or_storage_names_what_exists(runs, capsys, tmp_path):
     assert main(["show", "other", "--runs-dir", runs]) == 2
     assert f"no study storage at {runs}/other.db; databases in {runs}/: {STUDY}.db" in capsys.readouterr().err

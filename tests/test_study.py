@@ -244,6 +244,19 @@ def test_seeds_added_to_a_study_train_in_it(local_ray, tmp_path, monkeypatch, st
     assert added == (1 if store == "this version's" else None)
 
 
+def test_a_local_ray_larger_than_the_machine_is_named_before_it_runs():
+    """Ray takes the CPUs it is given on trust: 2 workers x 64 threads on a few cores run many
+    times slower than fewer would, so the run says so (a spec sized for the machine does not)."""
+    from resnet_ablate.study.cluster import oversubscribed
+
+    cores = len(os.sched_getaffinity(0))
+    crowded = parse_spec(_raw_spec("crowded", resources={"cpus": 64 * cores, "workers": 2}))
+    note = oversubscribed(crowded, 2)
+    assert note is not None and f"= {128 * cores} CPUs on a machine with {cores} core(s)" in note
+    assert oversubscribed(parse_spec(_raw_spec("fits", resources={"cpus": 1, "workers": 1})),
+                          1) is None
+
+
 def test_a_changed_spec_does_not_reuse_a_study(local_ray, tmp_path):
     from resnet_ablate.study import StudyConflict
 

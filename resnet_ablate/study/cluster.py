@@ -146,6 +146,20 @@ def _join(address: str) -> None:
             "~/.ray/auth_token (or RAY_AUTH_TOKEN)") from None
 
 
+def oversubscribed(spec: StudySpec, workers: int) -> str | None:
+    """Why a local Ray sized for this spec would oversubscribe this machine's cores, or None:
+    Ray takes the CPUs it is given on trust, and each trial runs `cpus` threads, so
+    `workers x cpus` beyond the cores runs many times slower than fewer would."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    wanted = workers * spec.resources.cpus * spec.resources.replica_count
+    if not cores or wanted <= cores:
+        return None
+    return (f"warning: {workers} worker(s) x resources.cpus={spec.resources.cpus:g}"
+            f"{f' x {spec.resources.replica_count} replicas' if spec.resources.replica_count > 1 else ''}"
+            f" = {wanted:g} CPUs on a machine with {cores} core(s): trials will share cores, "
+            f"slower than with fewer (resources.cpus x workers <= {cores})")
+
+
 def _start_local(spec: StudySpec, workers: int) -> None:
     start_local_ray(max(1, math.ceil(workers * spec.resources.cpus * spec.resources.replica_count)))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -151,6 +152,10 @@ class StudyRunner:
                 self.study, self.spec, artifacts=study_file(self.spec.study, ".artifacts", folder),
                 store_folder=folder, max_artifact_mb=self.options.max_artifact_mb)
             progress = StudyProgress(self.spec.study, enabled=self.options.progress)
+            crowded = None if self.options.address else cluster.oversubscribed(self.spec,
+                                                                               self.workers)
+            if crowded:
+                print(crowded, file=sys.stderr, flush=True)
             recovered = recorder.recover_interrupted()
             recorder.remove_partial_weights()
             if recovered:

@@ -32,6 +32,7 @@ def compare(results: Results, factor: str, baseline: Any,
     by image) over the seeds all of them have (`contrasts.stratified_contrast`); its n_pairs and
     means are over those seeds too. Several completed trials of one configuration and seed are
     averaged first (and lose their per-image record)."""
+    results.require_completed("compare")  # an empty study says so, not "no such level"
     levels, baseline = _levels(results, factor, baseline)
     results.check_metric(metric)
     done, lacking = recorded(results, metric, "compare")

@@ -721,6 +721,9 @@ def test_an_empty_study_loads_and_its_statistics_say_there_is_nothing_yet(tmp_pa
         empty.summary()
     with pytest.raises(ResultsError, match="no completed trial to take a Pareto front"):
         empty.pareto()
+    # Not "no trial has shortcut='A'; shortcut values: none" ("none" is a level's name too).
+    with pytest.raises(ResultsError, match="'empty' .* has no completed trial to compare .*no tr"):
+        empty.compare("shortcut", "A")
 
 
 def test_list_studies_counts_trials_by_state(runs, live_copy):

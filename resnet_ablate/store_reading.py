@@ -5,6 +5,7 @@ from them)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -136,9 +137,18 @@ def scalar_value(value: Any) -> Any:
     return "-".join(map(str, value)) if isinstance(value, (list, tuple)) else value
 
 
+def _swept_values(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """A trial's swept parameters as its architecture record holds them (lists as lists)."""
+    params = trial.params or trial.system_attrs.get("fixed_params") or {}
+    return {name: json.loads(value) if isinstance(value, str) and value.startswith("[") else value
+            for name, value in params.items()}
+
+
 def trial_row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     attrs = trial.user_attrs
-    arch = attrs.get(TrialKey.ARCH) or {}
+    # A trial whose launch a killed driver cut short has no recorded architecture: its swept
+    # values are still its parameters (or, never asked, the ones it was enqueued with).
+    arch = attrs.get(TrialKey.ARCH) or _swept_values(trial)
     execution = attrs.get(TrialKey.EXECUTION) or {}
     parallel = attrs.get(TrialKey.DATA_PARALLEL) or {}
     metrics = metric_values(attrs)

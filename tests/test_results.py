@@ -726,6 +726,28 @@ def test_an_empty_study_loads_and_its_statistics_say_there_is_nothing_yet(tmp_pa
         empty.compare("shortcut", "A")
 
 
+def test_a_trial_cut_short_before_its_launch_was_recorded_shows_its_configuration(tmp_path):
+    """A driver killed between asking a trial and recording its launch leaves no architecture
+    record: the trial's parameters (or, never asked, those it was enqueued with) still say
+    which configuration it was."""
+    from helpers import raw_spec
+    from resnet_ablate.spec import parse_spec
+    from resnet_ablate.study import open_study
+    from resnet_ablate.study.recorder import TrialRecorder
+
+    spec = parse_spec(raw_spec("cut", seeds=1, space={"shortcut": ["A", "none"]}))
+    storage = f"sqlite:///{tmp_path / 'cut.db'}"
+    study = open_study(spec, storage)
+    recorder = TrialRecorder(study, spec, artifacts=tmp_path / "a", store_folder=tmp_path,
+                             max_artifact_mb=1.0)
+    recorder.ask({"shortcut": "A"}, 0)  # asked, launch never recorded
+    study.enqueue_trial({"shortcut": "none", "seed": 0})  # enqueued, never asked
+    assert recorder.recover_interrupted() == 2
+    shown = load("cut", storage=storage).trials
+    assert list(shown["shortcut"]) == ["A", "none"]
+    assert list(shown["state"]) == ["INTERRUPTED", "INTERRUPTED"]
+
+
 def test_list_studies_counts_trials_by_state(runs, live_copy):
     listed = list_studies(runs_dir=runs).set_index("study")
     assert listed.loc[STUDY, ["trials", "COMPLETE", "RUNNING", "FAIL"]].tolist() == [12, 12, 0, 0]

@@ -82,7 +82,6 @@ def compare(results: Results, factor: str, baseline: Any,
     return frame
 
 
-
 def _levels(results: Results, factor: str, baseline: Any) -> tuple[list[Any], Any]:
     """The levels of `factor` in the study and the one `baseline` names; one clear error where
     `factor` is no factor or has one level."""

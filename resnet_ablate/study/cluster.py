@@ -151,12 +151,13 @@ def oversubscribed(spec: StudySpec, workers: int) -> str | None:
     Ray takes the CPUs it is given on trust, and each trial runs `cpus` threads, so
     `workers x cpus` beyond the cores runs many times slower than fewer would."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    wanted = workers * spec.resources.cpus * spec.resources.replica_count
+    replicas = spec.resources.replica_count
+    wanted = workers * spec.resources.cpus * replicas
     if not cores or wanted <= cores:
         return None
-    return (f"warning: {workers} worker(s) x resources.cpus={spec.resources.cpus:g}"
-            f"{f' x {spec.resources.replica_count} replicas' if spec.resources.replica_count > 1 else ''}"
-            f" = {wanted:g} CPUs on a machine with {cores} core(s): trials will share cores, "
+    times = f" x {replicas} replicas" if replicas > 1 else ""
+    return (f"warning: {workers} worker(s) x resources.cpus={spec.resources.cpus:g}{times} = "
+            f"{wanted:g} CPUs on a machine with {cores} core(s): trials will share cores, "
             f"slower than with fewer (resources.cpus x workers <= {cores})")
 
 

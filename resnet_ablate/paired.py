@@ -37,8 +37,7 @@ def compare(results: Results, factor: str, baseline: Any,
     results.check_metric(metric)
     done, lacking = recorded(results, metric, "compare")
     pruned = pruned_seeds(results, done)
-    others = results.configuration_columns(without=[factor])
-    others = [c for c in others if c != "arch_name"]
+    others = [c for c in results.configuration_columns(without=[factor]) if c != "arch_name"]
     keys = [*others, "seed", factor]
     keyed = done.groupby(keys, dropna=False)[metric].mean().unstack(factor)
     numbers = done.groupby(keys, dropna=False)["number"].agg(list).unstack(factor)

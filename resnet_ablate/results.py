@@ -125,7 +125,8 @@ class Results:
 
     # -- statistics
 
-    def summary(self, by: Sequence[str] | None = None, metric: str = "test_error") -> pd.DataFrame:
+    def summary(self, by: str | Sequence[str] | None = None,
+                metric: str = "test_error") -> pd.DataFrame:
         """Per configuration over seeds: n, mean, seed-to-seed std and the 95% interval of
         `metric`, with the method that made the interval and a note where it needs one (few
         seeds, no interval, what it is conditional on), and the configuration's parameters and
@@ -139,8 +140,9 @@ class Results:
         for every other rate over the test set: contrasts.TEST_SET_RATES); other metrics
         Student's t over seeds. Intervals are clipped to the metric's range. Trials that did not
         record `metric` are left out, with a note, and so are pruned seeds (summaries.py).
-        `frame.attrs["methods"]` lists the methods used."""
-        return summaries.summary(self, by, metric)
+        `frame.attrs["methods"]` lists the methods used. `by`: column names, or one string of
+        them separated by commas, as the CLI takes them ("depth,shortcut")."""
+        return summaries.summary(self, None if by is None else _names(by), metric)
 
     def outcomes(self, numbers: Sequence[int]) -> tuple[list[np.ndarray] | None, int | None]:
         """The per-image records of these trials' final evaluations and the test set's size:
@@ -177,18 +179,22 @@ class Results:
         (resnet_ablate/effects.py): a description, with no interval."""
         return fanova_importance(self, metric)
 
-    def pareto(self, objectives: Sequence[str] = ("test_error", "flops"),
+    def pareto(self, objectives: str | Sequence[str] = ("test_error", "flops"),
                over: str = "configurations") -> pd.DataFrame:
         """The non-dominated configurations (means over seeds, with intervals) or trials,
-        sorted by the first objective (resnet_ablate/pareto.py). Directions: see DIRECTIONS."""
-        return pareto_front(self, objectives, over)
+        sorted by the first objective (resnet_ablate/pareto.py). Directions: see DIRECTIONS.
+        `objectives`: names, or one string of them separated by commas."""
+        return pareto_front(self, _names(objectives), over)
 
     # -- per-epoch curves and trained models
 
-    def curves(self, numbers: Sequence[int] | None = None) -> pd.DataFrame:
+    def curves(self, numbers: int | Sequence[int] | None = None) -> pd.DataFrame:
         """Per-epoch records (epoch, lr, train/test loss and error, seconds) of the given trials
-        (default: every trial here that recorded any), one row per trial and epoch."""
-        numbers = list(self.trials["number"]) if numbers is None else list(numbers)
+        (a number, several, or by default every trial here that recorded any), one row per trial
+        and epoch."""
+        if numbers is None:
+            numbers = list(self.trials["number"])
+        numbers = [numbers] if isinstance(numbers, (int, np.integer)) else list(numbers)
         self.check_numbers(numbers)
         info = self.trials.set_index("number")
         keep = ["arch_name", *self.configuration_columns(), "seed", "state"]
@@ -243,6 +249,14 @@ class Results:
     @staticmethod
     def format_table(frame: pd.DataFrame) -> str:
         return format_table(frame)
+
+
+def _names(value: str | Sequence[str]) -> list[str]:
+    """Column names from a sequence of them or one string of them separated by commas (a bare
+    string would otherwise be read as a sequence of one-letter names)."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return list(value)
 
 
 def _ranges(numbers: Sequence[int]) -> str:

@@ -499,6 +499,11 @@ def test_curves_are_the_recorded_epochs(results, raw_trials):
         assert row["test_error"] == record["test_error"] and row["train_error"] == record["train_error"]
         assert row["shortcut"] == trial.params["shortcut"] and row["seed"] == trial.user_attrs["seed"]
     assert len(results.curves()) == 2 * len(raw_trials)
+    # The Python API takes what the CLI takes: one trial's number, names as one string.
+    assert results.curves(trial.number).equals(curves)
+    assert results.summary(by="depth").equals(results.summary(by=["depth"]))
+    assert results.summary(by=" depth, shortcut").equals(results.summary(by=["depth", "shortcut"]))
+    assert results.pareto("test_error,flops").equals(results.pareto(["test_error", "flops"]))
     with pytest.raises(ResultsError, match=r"no trial 99 .*trials here: 0-11"):
         results.curves([99])
 

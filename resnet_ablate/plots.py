@@ -163,8 +163,9 @@ def plot_depth(results: Results, *, metric: str = "test_error", x: str = "depth"
     ax.grid(alpha=0.3)
     methods = summary.attrs.get("methods") or []
     # How the bars were made, in the figure itself (the legend's title keeps it off the axes).
+    # Wrapped: a stratified method's name is wider than the panel.
     ax.legend(fontsize="small", title_fontsize="x-small",
-              title="95% CI: " + "; ".join(methods) if methods else None)
+              title=textwrap.fill("95% CI: " + "; ".join(methods), 48) if methods else None)
     return figure
 
 

@@ -601,6 +601,28 @@ def test_each_plot_is_a_valid_png(results, tmp_path, kind):
     assert image[..., :3].std() > 0.05  # something is drawn, not a blank canvas
 
 
+def test_the_depth_plots_legend_names_a_long_method_inside_the_figure(results, monkeypatch):
+    """A stratified interval's method ("stratified over configurations (seeds x test images
+    (...))") is wider than the panel: the legend's title wraps and stays inside the figure."""
+    summary = type(results).summary
+    long = ("stratified over configurations (seeds x test images (crossed random effects, "
+            "generalized pivot))")
+
+    def with_long_method(self, by=None, metric="test_error"):
+        frame = summary(self, by, metric)
+        frame.attrs["methods"] = [long]
+        return frame
+
+    monkeypatch.setattr(type(results), "summary", with_long_method)
+    figure = plots.plot_depth(results)
+    figure.canvas.draw()
+    (ax,) = figure.axes
+    legend = ax.get_legend()
+    assert legend.get_title().get_text().replace("\n", " ") == f"95% CI: {long}"
+    box, frame = legend.get_window_extent(), figure.bbox
+    assert frame.x0 <= box.x0 and box.x1 <= frame.x1, (box, frame)
+
+
 def test_a_mean_without_an_interval_is_drawn_open_and_without_a_bar(results):
     """One seed gives no interval (NaN bounds): drawn as a filled marker with a bar of zero
     length, it would read as a certainty. The deeper nets keep one seed here, the shallow ones all."""

@@ -56,14 +56,29 @@ def summary(results: Results, by: Sequence[str] | None = None,
             "params": _one_or_mean(group["params"]), "flops": _one_or_mean(group["flops"]),
         })
     frame = with_methods(pd.DataFrame(rows))
-    # A group the pruner left no completed seed in has no row: said below the table.
-    summarised = set(done[by].itertuples(index=False, name=None))
-    frame.attrs["unsummarised"] = [
-        f"{', '.join(f'{c}={v}' for c, v in zip(by, key))}: all {len(group)} trials pruned, "
-        "no completed seed to summarise"
-        for key, group in pruned.groupby(by, sort=True, dropna=False)
-        if (key if isinstance(key, tuple) else (key,)) not in summarised]
+    frame.attrs["unsummarised"] = _unsummarised(results.trials, done, by)
     return frame
+
+
+def _unsummarised(trials: pd.DataFrame, done: pd.DataFrame, by: list[str]) -> list[str]:
+    """A line for each group of `by` that has trials but no row (none completed with the
+    metric: all pruned, interrupted, failed, running): said below the table, not left out in
+    silence."""
+    summarised = set(done[by].itertuples(index=False, name=None))
+    lines = []
+    for key, group in trials.groupby(by, sort=True, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        if key in summarised:
+            continue
+        where = ", ".join(f"{c}={v}" for c, v in zip(by, key))
+        states = group["state"].value_counts()
+        if set(states.index) == {"PRUNED"}:
+            lines.append(f"{where}: all {len(group)} trials pruned, no completed seed to "
+                         "summarise")
+        else:
+            counts = ", ".join(f"{n} {state}" for state, n in states.items())
+            lines.append(f"{where}: no completed trial to summarise ({counts})")
+    return lines
 
 
 def configuration_estimate(results: Results, group: pd.DataFrame, metric: str) -> stats.Estimate:

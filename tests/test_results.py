@@ -266,6 +266,12 @@ def test_pruned_seeds_are_named_where_the_summary_leaves_them_out(results):
     assert footnotes(summary)[len(summary.attrs["methods"])] == (
         f"note: depth={first['depth']}, shortcut={first['shortcut']}: all {len(SEEDS)} trials "
         "pruned, no completed seed to summarise")
+    # Interrupted and failed alike: a configuration without a completed trial is named.
+    trials.loc[point, "state"] = ["INTERRUPTED"] * (len(SEEDS) - 1) + ["FAIL"]
+    summary = dataclasses.replace(results, trials=trials).summary()
+    assert footnotes(summary)[len(summary.attrs["methods"])] == (
+        f"note: depth={first['depth']}, shortcut={first['shortcut']}: no completed trial to "
+        f"summarise ({len(SEEDS) - 1} INTERRUPTED, 1 FAIL)")
 
 
 def test_a_width_rule_studys_summary_says_its_intervals_are_not_adjusted_for_the_stopping(

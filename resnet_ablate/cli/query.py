@@ -165,7 +165,8 @@ def add_query_commands(sub) -> None:
     def query(name: str, help_text: str, *, study: bool = True, table: bool = True):
         parser = sub.add_parser(name, help=help_text)
         if study:
-            parser.add_argument("study", help="the study's name (spec key `study`)")
+            parser.add_argument("study", help="the study's name (spec key `study`), or the "
+                                              "path of its .db file")
         parser.add_argument("--storage", type=storage_url, help="an Optuna storage URL "
                             "(default: sqlite:///RUNS_DIR/STUDY.db)")
         parser.add_argument("--runs-dir", help="where `run` put the study (default: "
@@ -191,7 +192,8 @@ def add_query_commands(sub) -> None:
     show.add_argument("--columns", help="columns to show, comma-separated (default: the usual ones)")
     export = query("export", "every column of every trial (or the per-epoch curves), exactly")
     export.set_defaults(format="csv")
-    export.add_argument("--what", choices=("trials", "curves"), default="trials")
+    export.add_argument("--what", choices=("trials", "curves"), default="trials",
+                        help="one row per trial (default), or per trial and epoch")
     export.add_argument("--sort", help="columns to sort by, comma-separated")
     summary = query("summary", "mean, std and 95%% CI of the test error over seeds per configuration")
     summary.add_argument("--by", help="columns to group by, comma-separated (default: the swept ones)")

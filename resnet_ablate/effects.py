@@ -227,19 +227,48 @@ def importance(results: Results, metric: str = "test_error") -> pd.DataFrame:
 
 
 def _explained(done: pd.DataFrame, factors: list[str], metric: str) -> str:
-    """How much of the trials' variance the factors explain at all (the configurations' means,
-    R^2 of a one-way ANOVA over them): shares that sum to 1 say nothing of it, and under seed
-    noise alone some factor always holds half of them."""
+    """How much of the trials' variance the configurations explain at all: shares that sum to 1
+    say nothing of it, and under seed noise alone some factor always holds half of them."""
+    found = explained_variance(done, factors, metric)
+    if found is None:
+        return (f"how much of {metric}'s variance the configurations explain is not estimable "
+                f"here (one trial per configuration, or {metric} the same in every trial): the "
+                "shares below divide it, whatever its size")
+    omega, p_value, configurations = found
+    return (f"the configurations explain an estimated {100 * max(omega, 0):.0f}% of {metric}'s "
+            "variance "
+            f"over these {len(done)} trials (omega^2 of a one-way ANOVA over the "
+            f"{configurations} configurations; F test of no difference p = {p_value:.3g}); the "
+            "rest is seed-to-seed, and the shares below divide the explained part, summing to 1 "
+            "whatever its size")
+
+
+def explained_variance(done: pd.DataFrame, factors: list[str],
+                       metric: str) -> tuple[float, float, int] | None:
+    """(omega^2, the F test's p-value, k) of a one-way ANOVA of `metric` over the k
+    configurations of `factors`: omega^2 = (SS_between - (k - 1) MS_within) / (SS_total +
+    MS_within), which is 0 on average where the configurations do not differ (below 0 where
+    they differ less than seed noise makes them; the plain R^2 of k means over N trials is
+    about (k - 1)/(N - 1) then). None where it cannot be estimated (no trial beside one per
+    configuration, or no variance at all)."""
+    from scipy import stats as scipy_stats
+
     values = done[metric].astype(float)
+    cells = values.groupby([done[f].astype(str) for f in factors])
+    trials, configurations = len(values), cells.ngroups
     total = float(((values - values.mean()) ** 2).sum())
-    if total == 0:
-        return f"{metric} is the same in every trial: nothing for the factors to explain"
-    cell_means = values.groupby([done[f].astype(str) for f in factors]).transform("mean")
-    explained = 1 - float(((values - cell_means) ** 2).sum()) / total
-    return (f"the configurations explain {100 * explained:.0f}% of {metric}'s variance over these "
-            f"{len(values)} trials (the rest is seed-to-seed); the shares divide that part, "
-            "summing to 1 whether it is large or not: whether a factor matters is the effects' "
-            "p-values' question")
+    within = float(((values - cells.transform("mean")) ** 2).sum())
+    if trials <= configurations or total == 0:
+        return None
+    between, mean_within = total - within, within / (trials - configurations)
+    if configurations < 2:
+        return 0.0, 1.0, configurations
+    if mean_within == 0:  # seeds agree exactly within every configuration, not between them
+        return 1.0, 0.0, configurations
+    omega = (between - (configurations - 1) * mean_within) / (total + mean_within)
+    p_value = float(scipy_stats.f.sf(between / (configurations - 1) / mean_within,
+                                     configurations - 1, trials - configurations))
+    return omega, p_value, configurations
 
 
 def _choice(value: Any) -> Any:

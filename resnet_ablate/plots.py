@@ -142,18 +142,20 @@ def plot_depth(results: Results, *, metric: str = "test_error", x: str = "depth"
     # plain orange in both), whatever order the legend lists them in.
     palette = {value: f"C{i % 10}"
                for i, value in enumerate(sorted((v for v, _ in groups), key=_natural))}
-    for value, group in sorted(groups, key=lambda item: _panel_order(item[0])):
+    xs = sorted(set(summary[x].astype(float)))
+    dodge = 0.012 * ((xs[-1] - xs[0]) or 1.0)
+    ordered = sorted(groups, key=lambda item: _panel_order(item[0]))
+    for position, (value, group) in enumerate(ordered):
         group = group.sort_values(x)
         mean = 100 * group[f"{metric}_mean"].to_numpy(float)
         below = mean - 100 * group[f"{metric}_ci95_low"].to_numpy(float)
         above = 100 * group[f"{metric}_ci95_high"].to_numpy(float) - mean
-        seeds = sorted(set(group["n"]))
-        n = f"n={seeds[0]}" if len(seeds) == 1 else f"n={seeds[0]}-{seeds[-1]}"
-        noun = "seed" if seeds == [1] else "seeds"
-        ax.errorbar(group[x].astype(float), mean, yerr=[below, above], marker="o",
-                    capsize=4, color=palette[value],
-                    label=f"{_label(line_by, value) if line_by else metric} ({n} {noun})")
-        _mark_without_interval(ax, group[x].astype(float), mean, below, "o", palette[value])
+        # Lines side by side at each x, so that one's bar never hides another's.
+        at = group[x].astype(float) + dodge * (position - (len(ordered) - 1) / 2)
+        ax.errorbar(at, mean, yerr=[below, above], marker="o", capsize=4, color=palette[value],
+                    label=f"{_label(line_by, value) if line_by else metric} "
+                          f"({_seed_count(group['n'])})")
+        _mark_without_interval(ax, at, mean, below, "o", palette[value])
     ax.set_xlabel(x)
     ax.set_xticks(sorted(set(summary[x].astype(float))))  # the depths run, not fractions
     ax.set_ylabel(f"{metric.replace('_', ' ')} (%), mean and 95% CI")
@@ -167,6 +169,13 @@ def plot_depth(results: Results, *, metric: str = "test_error", x: str = "depth"
     ax.legend(fontsize="small", title_fontsize="x-small",
               title=textwrap.fill("95% CI: " + "; ".join(methods), 48) if methods else None)
     return figure
+
+
+def _seed_count(counts: pd.Series) -> str:
+    """A line's seeds for its legend: "n=3 seeds", "n=1 seed", "n=2-3 seeds"."""
+    seeds = sorted(set(counts))
+    n = f"n={seeds[0]}" if len(seeds) == 1 else f"n={seeds[0]}-{seeds[-1]}"
+    return f"{n} {'seed' if seeds == [1] else 'seeds'}"
 
 
 def plot_pareto(results: Results, *, metric: str = "test_error", cost: str = "flops") -> Figure:
@@ -194,11 +203,9 @@ def plot_pareto(results: Results, *, metric: str = "test_error", cost: str = "fl
         y = 100 * mean[f"{metric}_mean"].to_numpy(float)
         bars = [y - 100 * mean[f"{metric}_ci95_low"].to_numpy(float),
                 100 * mean[f"{metric}_ci95_high"].to_numpy(float) - y]
-        seeds = sorted(set(mean["n"]))
-        n = f"n={seeds[0]}" if len(seeds) == 1 else f"n={seeds[0]}-{seeds[-1]}"
         ax.errorbar(scale * mean[cost].astype(float), y, yerr=bars, linestyle="none",
-                    capsize=4, markersize=7, label=f"{_label(label_by, value)} ({n} seeds)",
-                    **style)
+                    capsize=4, markersize=7,
+                    label=f"{_label(label_by, value)} ({_seed_count(mean['n'])})", **style)
         _mark_without_interval(ax, scale * mean[cost].astype(float), y, bars[0],
                                style["marker"], style["color"])
     ax.step(scale * front[cost].astype(float), 100 * front[metric].astype(float), where="post",

@@ -259,14 +259,41 @@ def test_importance_shares_sum_to_one_and_rank_the_larger_effect_first(study):
     assert list(table["factor"]) == ["shortcut", "depth"]
     assert table["importance"].sum() == pytest.approx(1.0)
     assert "fANOVA" in table.attrs["methods"][0]
-    # Shares sum to 1 however little the factors explain: the note says how much they do (R^2
-    # of the configurations' means, by hand).
+    # Shares sum to 1 however little the factors explain: the note says how much they do
+    # (omega^2 of a one-way ANOVA over the configurations, and its F test: scipy's).
     done = results.completed()
-    means = done.groupby(["depth", "shortcut"])["test_error"].transform("mean")
-    explained = 1 - ((done["test_error"] - means) ** 2).sum() / \
-        ((done["test_error"] - done["test_error"].mean()) ** 2).sum()
+    groups = [g["test_error"].to_numpy() for _, g in done.groupby(["depth", "shortcut"])]
+    k, n = len(groups), len(done)
+    between = sum(len(g) * (g.mean() - done["test_error"].mean()) ** 2 for g in groups)
+    within = sum(((g - g.mean()) ** 2).sum() for g in groups)
+    mean_within = within / (n - k)
+    omega = (between - (k - 1) * mean_within) / (between + within + mean_within)
+    p_value = scipy_stats.f_oneway(*groups).pvalue
     (line,) = table.attrs["notes"]
-    assert line.startswith(f"the configurations explain {100 * explained:.0f}% of test_error's")
+    assert line.startswith(f"the configurations explain an estimated {100 * max(omega, 0):.0f}% "
+                           f"of test_error's variance over these {n} trials")
+    assert f"F test of no difference p = {p_value:.3g}" in line
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (3, 3, 2), (2, 2, 3)])
+def test_the_explained_variance_is_about_zero_where_nothing_matters(shape):
+    """Under seed noise alone the configurations' means still differ: their plain R^2 averaged
+    43% over 2 x 2 configurations of 2 seeds. omega^2 is 0 on average there (the note shows it
+    clipped at 0), and its F test rejects at its level."""
+    from resnet_ablate.effects import explained_variance
+
+    a, b, seeds = shape
+    rng = np.random.default_rng(sum(shape))
+    omegas, rejected = [], 0
+    for _ in range(400):
+        done = pd.DataFrame([{"f": i, "g": j, "test_error": 0.1 + 0.01 * rng.normal()}
+                             for i in range(a) for j in range(b) for _ in range(seeds)])
+        omega, p_value, configurations = explained_variance(done, ["f", "g"], "test_error")
+        assert configurations == a * b
+        omegas.append(omega)
+        rejected += p_value < 0.05
+    assert abs(np.mean(omegas)) < 0.03, np.mean(omegas)
+    assert rejected / 400 <= 0.075, rejected / 400
 
 
 def test_an_unknown_metric_or_a_single_factor_is_a_clear_error(study, tmp_path):

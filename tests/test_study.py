@@ -105,7 +105,7 @@ def test_diverging_trial_fails_with_its_reason_and_is_not_retried(local_ray, tmp
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds Ray workers through /proc")
-def test_killed_worker_is_recorded_and_retried(local_ray, tmp_path):
+def test_killed_worker_is_recorded_and_retried(local_ray, tmp_path, capfd):
     # Trials long enough (seconds) that the kill lands mid-trial: with short ones, a worker seen
     # running a trial had sometimes already returned it, and nothing was lost to check.
     spec = parse_spec(_raw_spec("killed-worker", epochs=100, seeds=1))
@@ -129,6 +129,8 @@ def test_killed_worker_is_recorded_and_retried(local_ray, tmp_path):
     assert len(lost) == 1 and "worker lost" in lost[0].user_attrs["failure"], states
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(t.params["shortcut"] for t in complete) == ["A", "none"]
+    # Ray's own message of the loss goes to stderr: stdout is the run's table.
+    assert "(raylet)" not in capfd.readouterr().out
 
 
 def _cli(spec_path, runs_dir, *extra) -> list[str]:

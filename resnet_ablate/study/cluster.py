@@ -112,6 +112,7 @@ def connect(spec: StudySpec, address: str | None, workers: int) -> bool:
         finally:
             if threading.current_thread() is threading.main_thread() and sigterm is not None:
                 signal.signal(signal.SIGTERM, sigterm)
+    _cluster_messages_on_stderr()
     try:
         _check_gpus(spec)
     except ClusterError:
@@ -119,6 +120,23 @@ def connect(spec: StudySpec, address: str | None, workers: int) -> bool:
             disconnect()
         raise
     return started
+
+
+def _cluster_messages_on_stderr() -> None:
+    """Ray's driver prints the cluster's error messages ("(raylet) A worker died or was killed
+    ...") on stdout, where `run` prints its table: on stderr instead (the driver records such a
+    loss itself, as worker_lost). Where this Ray prints them otherwise, nothing changes."""
+    from ray._private import worker
+
+    printing = getattr(worker, "print_to_stdstream", None)
+    if printing is None or getattr(printing, "to_stderr", False):
+        return
+
+    def on_stderr(data: dict[str, Any], ignore_prefix: bool) -> None:
+        printing({**data, "is_err": True}, ignore_prefix)
+
+    on_stderr.to_stderr = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = on_stderr
 
 
 def disconnect() -> None:

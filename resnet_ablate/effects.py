@@ -236,8 +236,7 @@ def _explained(done: pd.DataFrame, factors: list[str], metric: str) -> str:
                 "shares below divide it, whatever its size")
     omega, p_value, configurations = found
     return (f"the configurations explain an estimated {100 * max(omega, 0):.0f}% of {metric}'s "
-            "variance "
-            f"over these {len(done)} trials (omega^2 of a one-way ANOVA over the "
+            f"variance over these {len(done)} trials (omega^2 of a one-way ANOVA over the "
             f"{configurations} configurations; F test of no difference p = {p_value:.3g}); the "
             "rest is seed-to-seed, and the shares below divide the explained part, summing to 1 "
             "whatever its size")
@@ -276,4 +275,4 @@ def _choice(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
-__all__ = ["EFFECT_COLUMNS", "effects", "factor_levels", "importance"]
+__all__ = ["EFFECT_COLUMNS", "effects", "explained_variance", "factor_levels", "importance"]

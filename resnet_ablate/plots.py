@@ -157,7 +157,7 @@ def plot_depth(results: Results, *, metric: str = "test_error", x: str = "depth"
                           f"({_seed_count(group['n'])})")
         _mark_without_interval(ax, at, mean, below, "o", palette[value])
     ax.set_xlabel(x)
-    ax.set_xticks(sorted(set(summary[x].astype(float))))  # the depths run, not fractions
+    ax.set_xticks(xs)  # the depths run, not fractions
     ax.set_ylabel(f"{metric.replace('_', ' ')} (%), mean and 95% CI")
     # One panel is narrow: the caption wraps.
     ax.set_title("\n".join([results.study, *textwrap.wrap(_pruned_caption(results), 55)]),

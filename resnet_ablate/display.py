@@ -102,8 +102,7 @@ def footnotes(frame: pd.DataFrame) -> list[str]:
     """The lines that go with a table of statistics: how its intervals were made (each method
     once) and each row's note, the row named by its leading columns."""
     lines = [f"method: {m}" for m in frame.attrs.get("methods", [])]
-    lines += [f"note: {line}" for key in ("unsummarised", "notes")
-              for line in frame.attrs.get(key, [])]
+    lines += [f"note: {line}" for line in frame.attrs.get("notes", [])]
     if "note" not in frame.columns:
         return lines
     columns = list(frame.columns)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from scipy import stats as scipy_stats
 
 from . import stats
 from .contrasts import (LOOKED, difference_bounds, joined, left_out, note, paired_contrast,
@@ -250,8 +251,6 @@ def explained_variance(done: pd.DataFrame, factors: list[str],
     they differ less than seed noise makes them; the plain R^2 of k means over N trials is
     about (k - 1)/(N - 1) then). None where it cannot be estimated (no trial beside one per
     configuration, or no variance at all)."""
-    from scipy import stats as scipy_stats
-
     values = done[metric].astype(float)
     cells = values.groupby([done[f].astype(str) for f in factors])
     trials, configurations = len(values), cells.ngroups

@@ -197,12 +197,14 @@ def _seed_decisions(results: Results) -> list[str]:
     # Every configuration but the baseline level's is one comparison (with the baseline's).
     comparisons = 0 if decided is None else int(
         (decisions[decided].astype(str) != str(scalar_value(space[decided][0]))).sum())
-    family = ("" if comparisons < 2 else
-              f" Its {comparisons} comparisons share a 5% chance of any wrong verdict "
-              "(familywise: Bonferroni over the study's comparisons)." if adaptive.family > 1 else
-              f" Each of its {comparisons} comparisons keeps its own chance of a wrong "
-              "\"differs\" at 5%; that some one of them is wrong is more likely, up to "
-              f"{min(comparisons * 5, 100)}% (Bonferroni).")
+    family = ""
+    if comparisons >= 2 and adaptive.family > 1:
+        family = (f" Its {comparisons} comparisons share a 5% chance of any wrong verdict "
+                  "(familywise: Bonferroni over the study's comparisons).")
+    elif comparisons >= 2:
+        family = (f" Each of its {comparisons} comparisons keeps its own chance of a wrong "
+                  "\"differs\" at 5%; that some one of them is wrong is more likely, up to "
+                  f"{min(comparisons * 5, 100)}% (Bonferroni).")
     return ["<h2>Adaptive seeds: why each configuration stopped</h2>",
             f"<p>The rule <code>seeds: {html.escape(json.dumps(rule))}</code>: seeds "
             f"were added to a configuration only while its question stayed open.{family}</p>",

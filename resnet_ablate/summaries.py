@@ -56,7 +56,7 @@ def summary(results: Results, by: Sequence[str] | None = None,
             "params": _one_or_mean(group["params"]), "flops": _one_or_mean(group["flops"]),
         })
     frame = with_methods(pd.DataFrame(rows))
-    frame.attrs["unsummarised"] = _unsummarised(results.trials, done, by)
+    frame.attrs["notes"] = _unsummarised(results.trials, done, by)
     return frame
 
 

@@ -103,9 +103,10 @@ def count_samples(urls: list[str], num_classes: int | None = None) -> int:
                 names = archive.getnames()
                 if num_classes is not None:
                     for member in archive.getmembers():
-                        if split_key(member.name)[1] == "cls" and member.isfile():
+                        key, kind = split_key(member.name)
+                        if kind == "cls" and member.isfile():
                             label_of(archive.extractfile(member).read(), num_classes,
-                                     f"shard {url}, sample {split_key(member.name)[0]}")
+                                     f"shard {url}, sample {key}")
         except (OSError, tarfile.TarError, EOFError) as error:
             # tarfile's message lists each compression it tried, a line each: its first says it
             first = (str(error).splitlines() or [""])[0].rstrip(":")

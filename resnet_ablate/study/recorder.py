@@ -4,6 +4,7 @@ launched, as it ends, or when its driver stopped before it ended."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,7 +40,6 @@ class TrialRecorder:
         self.artifacts = artifacts
         self.store_folder = store_folder
         self.max_artifact_mb = max_artifact_mb
-        self._stored_seed: tuple[optuna.distributions.BaseDistribution | None] | None = None
 
     # -- asking
 
@@ -47,7 +47,7 @@ class TrialRecorder:
         """A new trial: of the grid point `params` (handed to Optuna fixed, as an enqueued
         trial), or, with None, of parameters the study's sampler chooses."""
         if params is not None:
-            distribution = seed_distribution(self._stored_seed_distribution(), seed)
+            distribution = seed_distribution(self._stored_seed_distribution, seed)
             fixed = encode_params(params) if distribution is None \
                 else {**encode_params(params), SEED_PARAM: seed}
             self.study.enqueue_trial(fixed, user_attrs={TrialKey.SEED: seed})
@@ -56,14 +56,12 @@ class TrialRecorder:
         trial.set_user_attr(TrialKey.SEED, seed)
         return trial
 
+    @functools.cached_property
     def _stored_seed_distribution(self) -> optuna.distributions.BaseDistribution | None:
         """The seed parameter's distribution in the store's trials (read once: every trial
         this recorder asks for takes the same kind), None where none has one yet."""
-        if self._stored_seed is None:
-            self._stored_seed = (next(
-                (t.distributions[SEED_PARAM] for t in self.study.get_trials(deepcopy=False)
-                 if SEED_PARAM in t.distributions), None),)
-        return self._stored_seed[0]
+        return next((t.distributions[SEED_PARAM] for t in self.study.get_trials(deepcopy=False)
+                     if SEED_PARAM in t.distributions), None)
 
     def record_launch(self, trial: optuna.Trial, arch: ResNetArch, prof: ModelProfile) -> None:
         for name, value in {

@@ -48,10 +48,15 @@ def check_arguments(
             raise NotImplementedError(
                 f'"batch_norm" not implemented for {_scalar_name(input.dtype)!r}')
         kept = (input.dtype,)
-    if ((weight is not None and weight.dtype not in kept)
-            or (bias is not None and bias.dtype not in kept)
-            or (running_mean is not None and running_mean.dtype not in kept)
-            or (running_var is not None and running_var.dtype not in kept)):
+    # And all of them in one dtype, as F.batch_norm takes them (not float32 weights beside
+    # bfloat16 running statistics): the first one given sets it.
+    shared = (weight if weight is not None else bias if bias is not None
+              else running_mean if running_mean is not None else running_var)
+    if shared is not None and (
+            shared.dtype not in kept
+            or (bias is not None and bias.dtype != shared.dtype)
+            or (running_mean is not None and running_mean.dtype != shared.dtype)
+            or (running_var is not None and running_var.dtype != shared.dtype)):
         _refuse_dtypes(input, kept, weight, bias, running_mean, running_var)
     if training and (running_mean is None) != (running_var is None):
         raise ValueError(
@@ -59,19 +64,13 @@ def check_arguments(
         )
     if type(momentum) is not float and (isinstance(momentum, bool)
                                         or not isinstance(momentum, (float, int))):
-        # F.batch_norm refuses None too; the module spells the cumulative average out itself.
-        raise TypeError(
-            f"momentum must be a float, got {type(momentum).__name__}; for a cumulative moving "
-            "average pass 1 / (number of batches seen), as nn.BatchNorm2d(momentum=None) does"
-        )
+        _refuse_momentum(momentum)
     if eps <= 0:
         _check_eps(eps, training)
     channels = input.shape[1]
     if training and input.numel() // max(channels, 1) == 1:
-        raise ValueError(
-            "Expected more than 1 value per channel when training, "
-            f"got input size {input.size()}"
-        )
+        raise ValueError("Expected more than 1 value per channel when training, "
+                         f"got input size {input.size()}")
     if not training and (running_mean is None or running_var is None):
         missing = "running_mean" if running_mean is None else "running_var"
         raise RuntimeError(f"{missing} must be defined in evaluation mode")
@@ -79,10 +78,7 @@ def check_arguments(
             or (running_var is not None and running_var.numel() != channels)
             or (weight is not None and weight.numel() != channels)
             or (bias is not None and bias.numel() != channels)):
-        for name, t in (("running_mean", running_mean), ("running_var", running_var),
-                        ("weight", weight), ("bias", bias)):
-            if t is not None and t.numel() != channels:
-                raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
+        _refuse_sizes(channels, running_mean, running_var, weight, bias)
 
 
 # The parameters' and running statistics' dtypes an input's takes: its own, and float32 too
@@ -99,12 +95,30 @@ def _scalar_name(dtype: torch.dtype) -> str:
 
 def _refuse_dtypes(input: torch.Tensor, kept: tuple[torch.dtype, ...],
                    *tensors: torch.Tensor | None) -> None:
-    names = ("weight", "bias", "running_mean", "running_var")
-    name, found = next((n, t.dtype) for n, t in zip(names, tensors)
-                       if t is not None and t.dtype not in kept)
+    given = [(n, t.dtype) for n, t in zip(("weight", "bias", "running_mean", "running_var"),
+                                          tensors) if t is not None]
     valid = " or ".join(str(d) for d in kept)
-    raise RuntimeError(f"mixed dtype: {name} is {found} and the input {input.dtype}; "
-                       f"expected {valid}")
+    outside = [(n, dtype) for n, dtype in given if dtype not in kept]
+    if outside:
+        name, found = outside[0]
+        raise RuntimeError(f"mixed dtype: {name} is {found} and the input {input.dtype}; "
+                           f"expected {valid}")
+    (first, shared), (name, found) = given[0], next(g for g in given if g[1] != given[0][1])
+    raise RuntimeError(f"mixed dtype: {first} is {shared} and {name} {found}; the parameters and "
+                       f"running statistics take one dtype, {valid}, as F.batch_norm takes them")
+
+
+def _refuse_momentum(momentum: object) -> None:
+    # F.batch_norm refuses None too; the module spells the cumulative average out itself.
+    raise TypeError(
+        f"momentum must be a float, got {type(momentum).__name__}; for a cumulative moving "
+        "average pass 1 / (number of batches seen), as nn.BatchNorm2d(momentum=None) does")
+
+
+def _refuse_sizes(channels: int, *tensors: torch.Tensor | None) -> None:
+    for name, t in zip(("running_mean", "running_var", "weight", "bias"), tensors):
+        if t is not None and t.numel() != channels:
+            raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
 
 
 def _check_eps(eps: float, training: bool) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import triton
 
+from ._contract import RunningUpdate
 from ._layout import Strides3d, spatial_numel, strides_3d
 from ._occupancy import cuda_limits, programs_per_wave
 from ._triton_tiles import MASK_ALONG_CHANNELS, MASK_ALONG_POSITIONS, MASK_ALONG_SPAN, MASK_NONE
@@ -293,6 +294,34 @@ def call_geometry(key: tuple, inputs: Sequence[torch.Tensor | None],
 
 def dense_inputs(geometry: Geometry, *inputs: torch.Tensor | None) -> list[torch.Tensor | None]:
     return [t.contiguous() if copy else t for t, copy in zip(inputs, geometry.copies)]
+
+
+def per_channel_dense(weight: torch.Tensor | None, bias: torch.Tensor | None = None,
+                      mean: torch.Tensor | None = None, var: torch.Tensor | None = None) -> bool:
+    """Whether these per-channel vectors (None: absent) are as the kernels index them, channel c
+    at `pointer + c`; else `per_channel_copies` (a slice, or weight and bias interleaved in one
+    buffer, or an expanded vector). Four named arguments, no loop: every layer's call pays."""
+    return ((weight is None or weight.is_contiguous()) and (bias is None or bias.is_contiguous())
+            and (mean is None or mean.is_contiguous()) and (var is None or var.is_contiguous()))
+
+
+def per_channel_copies(weight, bias, running_mean, running_var, update: RunningUpdate | None):
+    """The per-channel vectors dense (copied where not), the update's running statistics too:
+    `written_back` then copies those into the tensors the update stands for."""
+    weight, bias, running_mean, running_var = (
+        None if t is None else t.contiguous() for t in (weight, bias, running_mean, running_var))
+    if update is not None:
+        update = update._replace(running_mean=update.running_mean.contiguous(),
+                                 running_var=update.running_var.contiguous())
+    return weight, bias, running_mean, running_var, update
+
+
+def written_back(strided: RunningUpdate, dense: RunningUpdate) -> None:
+    """Running statistics updated in dense copies, copied into the strided tensors they stand for
+    (an expanded one, whose channels share memory, is refused there, as in-place ops refuse it)."""
+    for target, values in zip(strided[:2], dense[:2]):
+        if values is not target:
+            target.copy_(values)
 
 
 def output_buffer(geometry: Geometry, index: int, t: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -43,7 +43,8 @@ from . import _triton_tuning
 from ._contract import RunningUpdate
 from ._triton_geometry import (
     UPDATE_BLOCK_C, Geometry, call_geometry, dense_inputs, finalize_slots, is_packed_mask,
-    output_buffer, programs_in_one_wave, tensor_signature,
+    output_buffer, per_channel_copies, per_channel_dense, programs_in_one_wave, tensor_signature,
+    written_back,
 )
 from ._triton_geometry import relu_mask_bytes  # noqa: F401  (Implementation.relu_mask_bytes)
 from ._triton_finalize import reduction_counters
@@ -95,9 +96,13 @@ class _ForwardPlan(NamedTuple):
 _FORWARD_PLANS: dict[tuple, _ForwardPlan] = {}
 
 
-def _forward_plan(x, residual, out, batch_stats: bool, constexprs: dict[str, Any], update: bool,
-                  reduction_programs) -> _ForwardPlan:
-    """`constexprs` are the normalize pass's flags, MASK_PACKING true where a mask is wanted."""
+def _forward_plan(x, weight, bias, residual, out, batch_stats: bool, mask: bool, relu: bool,
+                  eps: float, update: bool, reduction_programs, all_aligned: bool) -> _ForwardPlan:
+    """`mask`: whether a packed ReLU mask is wanted. Where not all tensors are aligned, the plan's
+    launches go through JITFunction.run only (set before any other thread can find the plan)."""
+    constexprs = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                      HAS_RESIDUAL=residual is not None, RELU=relu, EPS_ZERO=eps == 0,
+                      MASK_PACKING=mask)
     key = (tensor_signature(x), tensor_signature(residual), batch_stats, reduction_programs)
     geometry = call_geometry(key, (x, residual), (out,),
                              statistics_reduction if batch_stats else None)
@@ -130,9 +135,12 @@ def _forward_plan(x, residual, out, batch_stats: bool, constexprs: dict[str, Any
             tuple(s for strides in tiling.strides for s in strides),
             dict(constexprs, BLOCK_R=tiling.block_r, BLOCK_C=tiling.block_c), tiling.num_warps,
             tunable=True)
-    return _ForwardPlan(geometry, statistics, normalize, {}, (2 + 4 * geometry.splits) * channels,
+    plan = _ForwardPlan(geometry, statistics, normalize, {}, (2 + 4 * geometry.splits) * channels,
                         x.numel() // 8 if packing else 0, _prototype(x, torch.float32),
                         _prototype(x, torch.uint8))
+    if not all_aligned:
+        through_jit_only(plan)
+    return plan
 
 
 def _prototype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -147,6 +155,11 @@ def _issue_forward(x, weight, bias, residual, running_mean, running_var, eps: fl
     """A forward's outputs, allocated, and its launches, issued through `launch`."""
     eps = float(eps)  # an int would be specialized on; a template's launches share one binary
     batch_stats = running_mean is None
+    strided_update = update  # the running statistics read (eval) or updated (training)
+    if not per_channel_dense(weight, bias, *((running_mean, running_var) if update is None
+                                             else update[:2])):
+        weight, bias, running_mean, running_var, update = per_channel_copies(
+            weight, bias, running_mean, running_var, update)
     running = () if update is None else update[:2]
     all_aligned = aligned(x, residual, weight, bias, running_mean, running_var, *running)
     # Every tensor's dtype and whether all are aligned: a template's launches share one binary
@@ -163,14 +176,9 @@ def _issue_forward(x, weight, bias, residual, running_mean, running_var, eps: fl
     out = torch.empty_like(x)  # the input's strides, as the fake kernel promises
     plan = _FORWARD_PLANS.get(key)
     if plan is None:
-        constexprs = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                          HAS_RESIDUAL=residual is not None, RELU=relu, EPS_ZERO=eps == 0,
-                          MASK_PACKING=relu and pack_relu_mask)
-        plan = _forward_plan(x, residual, out, batch_stats, constexprs, update is not None,
-                             reduction_programs)
-        if not all_aligned:  # before any other thread can find the plan
-            through_jit_only(plan)
-        _FORWARD_PLANS[key] = plan
+        plan = _FORWARD_PLANS[key] = _forward_plan(
+            x, weight, bias, residual, out, batch_stats, relu and pack_relu_mask, relu, eps,
+            update is not None, reduction_programs, all_aligned)
     out_buffer = out
     if plan.geometry.reshaped:
         out_buffer = output_buffer(plan.geometry, 0, out)
@@ -185,8 +193,7 @@ def _issue_forward(x, weight, bias, residual, running_mean, running_var, eps: fl
         if update is None:  # the running statistics' pointers are then unread
             launch(plan.statistics, stream, (x, stats, counters, stats, stats), 0.0, 0.0)
         else:
-            launch(plan.statistics, stream,
-                   (x, stats, counters, update.running_mean, update.running_var),
+            launch(plan.statistics, stream, (x, stats, counters, *running),
                    float(update.momentum), float(update.unbias))
     if plan.mask_bytes:
         relu_mask = plan.bytes.new_empty(plan.mask_bytes)
@@ -197,6 +204,8 @@ def _issue_forward(x, weight, bias, residual, running_mean, running_var, eps: fl
             relu_mask if relu_mask is not None else mean), eps)
     if out_buffer is not out:
         out.copy_(out_buffer)
+    if update is not strided_update:  # the running statistics' own elements, updated
+        written_back(strided_update, update)
     return out, stats, relu_mask
 
 
@@ -280,6 +289,8 @@ def _issue_backward(grad_out, x, relu_mask, weight, stats, eps: float, batch_sta
                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """A backward's gradients, allocated, and its launches, issued through `launch`."""
     eps = float(eps)
+    if not per_channel_dense(weight):
+        weight = weight.contiguous()
     # Gradients take the strides the fake kernel promises, whatever copies compute them.
     grad_input = torch.empty_like(x)
     grad_residual = torch.empty_like(grad_out, dtype=x.dtype) if residual_grad else None
@@ -373,6 +384,10 @@ def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor,
                          stats: torch.Tensor, momentum: float, unbias: float) -> None:
     """`Implementation.update_running_stats` in _contract.py: one launch for both vectors."""
     channels = running_mean.numel()
+    strided = RunningUpdate(running_mean, running_var, momentum, unbias)
+    dense = per_channel_copies(None, None, None, None, strided)[-1]
     LaunchTemplate(_update_running_stats_kernel, (-(-channels // UPDATE_BLOCK_C),),
                    (channels,), (), dict(BLOCK_C=UPDATE_BLOCK_C), 4
-                   )(None, (running_mean, running_var, stats), float(momentum), float(unbias))
+                   )(None, (dense.running_mean, dense.running_var, stats), float(momentum),
+                     float(unbias))
+    written_back(strided, dense)

@@ -48,17 +48,18 @@ from .backends import implementation as _implementation
 def _runs_inline(x: torch.Tensor, eager: bool) -> bool:
     """Whether `fused_batch_norm` skips the custom op and calls ATen's ops directly.
 
-    Only in eager mode under "auto" where the op would run its PyTorch implementation: there the
-    op's wrapper (custom-op dispatch, an autograd Function, checks) costs more than it saves on the
-    small tensors of CIFAR and digits networks. Under tracing and compilation the op stays, so that
-    `torch.compile` sees one node and fvcore counts a fused model as it counts an unfused one.
-    (`eager`, from `_is_eager`, already rules both out.)
-    """
-    return (
-        get_backend() == "auto"
-        and _implementation(x) is _torch_impl
-        and (eager or not (torch.compiler.is_compiling() or torch.jit.is_tracing()))
-    )
+    In eager mode under "auto" where the op would run its PyTorch implementation: there the op's
+    wrapper (custom-op dispatch, autograd Function, checks) costs more than it saves on CIFAR's
+    small tensors. Under functorch's transforms (torch.func's grad, jacrev, vmap) on every backend:
+    PyTorch gives an op's registered autograd no functorch support, and ATen's ops have rules
+    there. Under tracing and compilation the op stays: `torch.compile` sees one node, and fvcore
+    counts a fused model as an unfused one. (`eager`, from `_is_eager`, rules all three out.)"""
+    if eager:
+        return get_backend() == "auto" and _implementation(x) is _torch_impl
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    return torch._C._are_functorch_transforms_active() or (
+        get_backend() == "auto" and _implementation(x) is _torch_impl)
 
 
 @torch.library.custom_op("resnet_ablate::batch_norm_act", mutates_args=())
@@ -302,10 +303,9 @@ def _is_eager(x: torch.Tensor) -> bool:
 
 
 def _exporting_to_onnx(eager: bool) -> bool:
-    """Whether an ONNX exporter (either one) is tracing this call. ONNX has no fused op, but it
-    has BatchNormalization, Add and Relu: the ATen ops of the inline path export as those, so a
-    fused model exports as it stands, without `unfuse`. (Checked only off the eager path: the
-    exporters trace, and eager calls must not pay for the check.)"""
+    """Whether an ONNX exporter (either one) is tracing this call. ONNX has no fused op, but the
+    inline path's ATen ops export as BatchNormalization, Add and Relu: a fused model exports as it
+    stands. (Checked off the eager path only: exporters trace, eager calls must not pay.)"""
     return not eager and torch.onnx.is_in_onnx_export()
 
 

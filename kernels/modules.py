@@ -51,6 +51,8 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
                 relu: bool | None = None) -> torch.Tensor:
         """BatchNorm, then `+ residual` where given, then ReLU where `relu` (default: the
         module's own `relu`)."""
+        if isinstance(input, torch.fx.Proxy):
+            raise TypeError(_SYMBOLIC_TRACING)
         self._check_input_dim(input)
         # The momentum and batch-statistics choices below are nn.BatchNorm2d's, step for step.
         momentum = 0.0 if self.momentum is None else self.momentum
@@ -75,3 +77,12 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, relu={self.relu}"
+
+
+# torch.fx's symbolic tracing would trace into the forward, whose checks and running-stat update
+# need real tensors: a leaf module it can call, as it calls nn.BatchNorm2d.
+_SYMBOLIC_TRACING = (
+    "FusedBatchNorm2d cannot be traced into by torch.fx's symbolic tracing: trace it as a leaf "
+    "module (a Tracer whose is_leaf_module is true for it; torchvision's create_feature_extractor "
+    "takes tracer_kwargs={'leaf_modules': [FusedBatchNorm2d]}), or call resnet_ablate.unfuse(model) "
+    "first")

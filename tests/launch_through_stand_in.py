@@ -70,9 +70,13 @@ def main() -> None:
     _triton_launch.DIRECT_LAUNCHES = True
     report["misaligned_first"] = launches_of(misaligned, residual, weight, bias, running, grad)
     report["misaligned_again"] = launches_of(misaligned, residual, weight, bias, running, grad)
-    bf16_weight = weight.detach().bfloat16().requires_grad_()
-    report["weight_dtype_first"] = launches_of(x, residual, bf16_weight, bias, running, grad)
-    report["weight_dtype_again"] = launches_of(x, residual, bf16_weight, bias, running, grad)
+    # Parameters and running statistics in the input's dtype (F.batch_norm takes one dtype for
+    # all of them): another binary.
+    bf16_weight, bf16_bias = (t.detach().bfloat16().requires_grad_() for t in (weight, bias))
+    bf16_running = tuple(t.bfloat16() for t in running)
+    bf16 = (x, residual, bf16_weight, bf16_bias, bf16_running, grad)
+    report["weight_dtype_first"] = launches_of(*bf16)
+    report["weight_dtype_again"] = launches_of(*bf16)
     hooked = []
     knobs.runtime.launch_enter_hook.add(hooked.append)
     report["hooked"] = launches_of(*inputs)

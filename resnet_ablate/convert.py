@@ -48,6 +48,10 @@ def _unsupported_because(model: nn.Module, stages: list[nn.Module]) -> str | Non
     conv1 = model.conv1
     if not (type(conv1) is nn.Conv2d and conv1.kernel_size == (7, 7) and conv1.stride == (2, 2)):
         return f"its stem conv1 is {type(conv1).__name__}, not one 7x7 stride-2 conv (a deep stem, as resnet-d's)"
+    for name, bn in model.named_modules():
+        if isinstance(bn, nn.BatchNorm2d) and not (bn.affine and bn.track_running_stats):
+            return (f"{name} has affine={bn.affine}, track_running_stats={bn.track_running_stats}, "
+                    "where this package's ResNet has both")
     for index, stage in enumerate(stages, start=1):
         strides = {max(c.stride) for c in stage[0].modules() if isinstance(c, nn.Conv2d)}
         if max(strides) != (1 if index == 1 else 2):
@@ -88,10 +92,26 @@ def from_torchvision(model: nn.Module, *, fused: bool = True) -> ResNet:
         downsampling="v1.5" if bottleneck else "v1", fused=fused)
     converted = build(arch, num_classes=fc.out_features, in_channels=conv1.in_channels)
     converted.load_state_dict(model.state_dict())
+    _take_settings(model, converted)
     parameter = next(model.parameters())
     converted.to(device=parameter.device, dtype=parameter.dtype)
     _check_same_outputs(model, converted, conv1.in_channels)
-    return converted.train(model.training)
+    return converted
+
+
+def _take_settings(original: nn.Module, converted: ResNet) -> None:
+    """What a state_dict does not carry, from the module of the same name: each module's mode (a
+    frozen BatchNorm stays in eval mode), each BatchNorm's eps and momentum, and whether each
+    parameter takes gradients (the names are torchvision's: its state_dict loaded as it is)."""
+    modules = dict(original.named_modules())
+    for name, module in converted.named_modules():
+        source = modules.get(name, original)
+        module.training = source.training
+        if isinstance(module, nn.BatchNorm2d) and isinstance(source, nn.BatchNorm2d):
+            module.eps, module.momentum = source.eps, source.momentum
+    parameters = dict(original.named_parameters())
+    for name, parameter in converted.named_parameters():
+        parameter.requires_grad_(parameters[name].requires_grad)
 
 
 def _check_same_outputs(original: nn.Module, converted: ResNet, in_channels: int) -> None:

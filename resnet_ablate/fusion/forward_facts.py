@@ -118,13 +118,20 @@ def random_draws() -> tuple[Any, ...]:
 
 
 Guards = tuple[tuple[str, str, Any], ...]  # (submodule path from the owner, attribute, value)
+# The submodules a rewritten forward absorbed or inlined (path from the owner, the module then,
+# the names of its own submodules then, whether it was absorbed): the owner holds them as
+# `KEPT_MODULES` (an attribute of the object, which deep copies map to the copy's submodules).
+KEPT_MODULES = "_fused_forward_kept_modules"
+KeptModules = tuple[tuple[str, nn.Module, tuple[str, ...], bool], ...]
 
 
 def guarded(forward: Callable[..., Any], guards: Guards) -> Callable[..., Any]:
-    """`forward`, first checking that every value it baked in is still the module's."""
-    if not guards:
-        return forward
+    """`forward`, first checking that every value it baked in is still the module's, and that
+    the submodules it absorbed (a ReLU it no longer calls, a BatchNorm it calls with the ReLU on)
+    or inlined (their own forwards are part of it) are still the module's, each with the
+    submodules it had: a swapped activation or an appended layer would be ignored."""
 
+    @functools.wraps(forward)  # its signature, which torch.fx reads through the wrapper
     def checked_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         for path, attr, value in guards:
             module = self.get_submodule(path) if path else self
@@ -135,9 +142,42 @@ def guarded(forward: Callable[..., Any], guards: Guards) -> Callable[..., Any]:
                     f"{type(self).__name__}.{where} is {now!r}, but resnet_ablate.fuse rewrote "
                     f"this forward when it was {value!r} and baked that value in: call "
                     "resnet_ablate.unfuse(model), set it, then fuse(model) again")
+        for path, kept, names, absorbed in getattr(self, KEPT_MODULES, ()):
+            now = _submodule(self, path)
+            if now is not kept or tuple(now._modules) != names or (absorbed and _hooked(now)):
+                _refuse_changed(self, path, kept, now, names)
         return forward(self, *args, **kwargs)
 
     return checked_forward
+
+
+def _submodule(root: nn.Module, path: str) -> nn.Module | None:
+    module: nn.Module | None = root
+    for part in path.split(".") if path else ():
+        module = module._modules.get(part) if module is not None else None
+    return module
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Hooks on a module the rewritten forward absorbed (none when it was rewritten): a ReLU's
+    would never run, a fused BatchNorm's would see its output after the ReLU."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _refuse_changed(owner: nn.Module, path: str, kept: nn.Module, now: nn.Module | None,
+                    names: tuple[str, ...]) -> None:
+    where = f"{type(owner).__name__}.{path}" if path else type(owner).__name__
+    if now is not kept:
+        change = f"is {type(now).__name__ if now is not None else 'gone'}"
+    elif tuple(now._modules) != names:
+        change = f"has submodules {list(now._modules)}"
+    else:
+        change = "has hooks (its ReLU is part of the fused BatchNorm's call)"
+    raise StaleForward(
+        f"{where} {change}, but resnet_ablate.fuse rewrote this forward around the "
+        f"{type(kept).__name__} it was{f' (submodules {list(names)})' if names else ''}: "
+        "call resnet_ablate.unfuse(model), then fuse(model) again to fuse the model as it is now")
 
 
 _MISSING = object()

@@ -25,7 +25,7 @@ import torch
 from torch import fx, nn
 
 from ..blocks import fused_twin_of
-from .forward_facts import guarded
+from .forward_facts import KEPT_MODULES, KeptModules, guarded
 from .patterns import _OPAQUE, find_sites, owner_of, rewrite, traced
 from .probe import beyond_tolerance, evaluating, probe_input
 from .records import FusedSite, SkippedBlock, qualified
@@ -63,13 +63,35 @@ def _forward_of(graph: fx.Graph) -> Callable[..., Any]:
     return namespace["forward"]
 
 
-def _give_forward(module: nn.Module, forward: Callable[..., Any], batch_norms: tuple[str, ...]) -> None:
+def _plain_slices(self: Any, index: Any) -> Any:
+    """A rewritten Sequential's `__getitem__`: a slice is a new Sequential of the original class
+    (its forward calls its parts, whose fused BatchNorms apply no ReLU unless asked to)."""
+    item = self.unfused_class.__getitem__(self, index)
+    if type(item) is type(self) and item is not self:
+        item.__class__ = self.unfused_class
+    return item
+
+
+def _give_forward(module: nn.Module, forward: Callable[..., Any], batch_norms: tuple[str, ...],
+                  kept: KeptModules) -> None:
     base = type(module)
     original = getattr(base, "unfused_class", base)
-    fused_class = type(f"Fused{original.__name__}", (FusedForward, original), {
-        "forward": forward, "unfused_class": original, "__module__": __name__,
-        "fused_batch_norms": (*getattr(module, "fused_batch_norms", ()), *batch_norms)})
-    module.__class__ = fused_class
+    namespace = {"forward": forward, "unfused_class": original, "__module__": __name__,
+                 "fused_batch_norms": (*getattr(module, "fused_batch_norms", ()), *batch_norms)}
+    if issubclass(original, nn.Sequential):  # else a slice would be a copy of this class
+        namespace["__getitem__"] = _plain_slices
+    module.__class__ = type(f"Fused{original.__name__}", (FusedForward, original), namespace)
+    setattr(module, KEPT_MODULES, (*getattr(module, KEPT_MODULES, ()), *kept))
+
+
+def _kept_modules(module: nn.Module, through: set[str], calls: list[tuple[fx.Node, ...]]
+                  ) -> KeptModules:
+    """The submodules a rewritten forward depends on being unchanged: those it inlined (and the
+    owner itself), each with its submodules' names; of the sites' calls (`calls`), the fused
+    BatchNorms it calls with the ReLU on and the ReLU modules it absorbed."""
+    absorbed = {str(node.target) for site in calls for node in site if node.op == "call_module"}
+    return tuple((path, m, tuple(m._modules), path in absorbed)
+                 for path in sorted({"", *through, *absorbed}) for m in (module.get_submodule(path),))
 
 
 def _prefixes(path: str) -> set[str]:
@@ -266,10 +288,11 @@ def _rewrite_owner(model: nn.Module, owner: str, through: set[str], expected_bns
     originals = {str(s.bn.target): module.get_submodule(str(s.bn.target)) for s in sites}
     found = [FusedSite(qualified(owner, str(s.bn.target)), s.pattern) for s in sites]
     args, kwargs, expected = inputs
+    absorbed = [(site.bn, site.relu) for site in sites]  # before the rewrite erases them
     rewrite(graph, sites)
     forward = _forward_of(graph)
-    for target, bn in originals.items():
-        module.set_submodule(target, fused_twin_of(bn, relu=True))
+    for target, bn in originals.items():  # ReLU off: the rewritten forward asks for it
+        module.set_submodule(target, fused_twin_of(bn, relu=False))
     try:
         with evaluating(module):
             actual = forward(module, *args, **kwargs)
@@ -281,7 +304,8 @@ def _rewrite_owner(model: nn.Module, owner: str, through: set[str], expected_bns
             module.set_submodule(target, bn)
         return [], [], reason
     baked = tuple((path, attr, value) for (path, attr), value in guards.items())
-    _give_forward(module, guarded(forward, baked), tuple(originals))
+    _give_forward(module, guarded(forward, baked), tuple(originals),
+                  _kept_modules(module, through, absorbed))
     return found, missed, None
 
 

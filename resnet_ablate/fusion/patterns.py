@@ -39,7 +39,11 @@ class SiteTracer(fx.Tracer):
     (tracing would call its hooks with proxies, and an inlined call would skip them): it stays a
     call, and `hooked` names it so that its own forward can be searched. Each forward traced into
     is checked (forward_facts.py): what it cannot keep raises Untraceable, the plain values it
-    reads are `guards`."""
+    reads are `guards`. Every BatchNorm is a call, never traced into (a subclass's forward would
+    run its running-stat update on the real buffers while traced), and buffers a forward reads
+    are proxies (`self.steps.add_(1)` is recorded, not run on the buffer while tracing)."""
+
+    proxy_buffer_attributes = True
 
     def __init__(self, through: Collection[str] | None = None) -> None:
         super().__init__()
@@ -49,7 +53,7 @@ class SiteTracer(fx.Tracer):
         self.state: tuple[object, ...] = ()
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, _OPAQUE):
+        if isinstance(m, (*_OPAQUE, _BatchNorm)):
             return True
         if self.through is not None and module_qualified_name:
             return module_qualified_name not in self.through
@@ -73,6 +77,7 @@ class SiteTracer(fx.Tracer):
     def trace(self, root, concrete_args=None) -> fx.Graph:
         self.guards = [("", a, v) for a, v in check_forward(root).items()]
         self.state = autograd_state()
+        versions = _versions(root)
         with torch.random.fork_rng(devices=[]):  # the caller's random stream stays its own
             draws = random_draws()
             graph = super().trace(root, concrete_args)
@@ -80,7 +85,17 @@ class SiteTracer(fx.Tracer):
                 raise Untraceable("its forward draws random numbers while it is traced (a random "
                                   "choice in Python, as inline stochastic depth makes), which a "
                                   "traced forward would bake in")
+        changed = [name for name, version in _versions(root).items() if version != versions[name]]
+        if changed:
+            raise Untraceable(f"its forward changed {changed[0]} in place while it was traced, "
+                              "which a traced forward would not do again")
         return graph
+
+
+def _versions(module: nn.Module) -> dict[str, int]:
+    """Each parameter's and buffer's version counter, which every in-place change moves."""
+    return {name: t._version for name, t in (*module.named_parameters(),
+                                             *module.named_buffers())}
 
 
 def calls_hooks(module: nn.Module) -> bool:
@@ -171,16 +186,29 @@ def _match(bn: fx.Node, modules: dict[str, nn.Module]) -> tuple[Site | None, str
         if any(_is_relu(u, add, modules) for u in after):
             return None, f"the sum of its residual add is used {len(after)} times, not only by the ReLU"
         return None, None
-    if len(users) > 1 and any(_is_relu(u, bn, modules) or _added_to(u, bn) is not None for u in users):
+    if len(users) > 1 and any(_leads_to_relu(u, bn, modules) for u in users):
         return None, f"its output is used {len(users)} times, not only by a ReLU or an add"
     return None, None
+
+
+def _leads_to_relu(user: fx.Node, bn: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether `user` of a BN's output is a ReLU of it, or an add whose sum a ReLU takes: what
+    would make a site but for the BN's other users. (An add with no ReLU after it, as in an
+    inverted residual block, makes none.)"""
+    if _is_relu(user, bn, modules):
+        return True
+    return _added_to(user, bn) is not None and any(_is_relu(u, user, modules) for u in user.users)
+
+
+def _subclass_reason(bn: nn.Module) -> str:
+    return (f"it is {type(bn).__name__}, not nn.BatchNorm2d (the fused op reproduces "
+            "nn.BatchNorm2d's forward only)")
 
 
 def _unfusable(bn: nn.Module, calls: int, site: Site, modules: dict[str, nn.Module]
                ) -> str | None:
     if type(bn) is not nn.BatchNorm2d:
-        return (f"it is {type(bn).__name__}, not nn.BatchNorm2d (the fused op reproduces "
-                "nn.BatchNorm2d's forward only)")
+        return _subclass_reason(bn)
     if has_hooks(bn):
         return "it has hooks, which its fused twin would not have"
     if calls > 1:
@@ -221,6 +249,9 @@ def find_sites(graph: fx.Graph, root: nn.Module) -> tuple[list[Site], list[tuple
             continue
         if site is not None:
             reason = _unfusable(module, calls[str(node.target)], site, modules)
+        elif reason is None and type(module) is not nn.BatchNorm2d and isinstance(
+                module, nn.BatchNorm2d):  # timm's BatchNormAct2d: its activation is inside it
+            reason = _subclass_reason(module)
         if reason is not None:
             refused.append((str(node.target), reason))
         elif site is not None:
@@ -248,19 +279,20 @@ def owner_of(site: Site) -> str:
 
 
 def rewrite(graph: fx.Graph, sites: list[Site]) -> None:
-    """Each site's calls replaced by one call of its BatchNorm module with the residual (the
-    module itself is swapped for its fused twin by the caller); a residual added out of place
+    """Each site's calls replaced by one call of its BatchNorm module with the residual and
+    `relu=True` (the module itself is swapped for its fused twin by the caller, whose own flag
+    stays off: another caller of the module gets a BatchNorm, as before); a residual added out of place
     goes through `added_then_relu`, which keeps the dtype that `+` promotes to."""
     for site in sites:
         x = _bn_input(site.bn)
         with graph.inserting_before(site.relu):
             if site.add is None:
-                fused = graph.call_module(str(site.bn.target), (x,))
+                fused = graph.call_module(str(site.bn.target), (x,), {"relu": True})
             else:  # read now: an earlier site's ReLU it added is replaced by then
                 first, second = site.add.args
                 residual = second if first is site.bn else first
                 if site.add.target in (operator.iadd, "add_"):  # in place: out's dtype stays
-                    fused = graph.call_module(str(site.bn.target), (x, residual))
+                    fused = graph.call_module(str(site.bn.target), (x, residual), {"relu": True})
                 else:
                     fused = graph.call_function(added_then_relu, (
                         graph.get_attr(str(site.bn.target)), x, residual))
@@ -277,5 +309,5 @@ def added_then_relu(bn: FusedBatchNorm2d, x: torch.Tensor, residual: torch.Tenso
     a probe in float32 does not show but autocast does (bf16 convolutions, a float32 shortcut):
     there the unfused arithmetic runs."""
     if residual.dtype is x.dtype or torch.result_type(x, residual) == x.dtype:
-        return bn(x, residual)
+        return bn(x, residual, relu=True)
     return torch.relu(bn(x, relu=False) + residual)

@@ -20,9 +20,11 @@ def probe_input(like: torch.Tensor, channels: int, side: int, batch: int = 2) ->
 
 @contextlib.contextmanager
 def evaluating(*modules: nn.Module) -> Iterator[None]:
-    """Within: every module in eval mode and no gradients; each module's mode restored after,
-    so a check changes no state."""
+    """Within: every module in eval mode and no gradients; after, each module's mode restored and
+    each buffer that a forward changed in place (a call counter, which eval mode does not stop)
+    given its values back, so a check changes no state."""
     modes = {m: m.training for module in modules for m in module.modules()}
+    buffers = {id(b): (b, b._version, b.clone()) for module in modules for b in module.buffers()}
     try:
         for module in modules:
             module.eval()
@@ -31,6 +33,10 @@ def evaluating(*modules: nn.Module) -> Iterator[None]:
     finally:
         for module, training in modes.items():
             module.training = training
+        with torch.no_grad():
+            for buffer, version, values in buffers.values():
+                if buffer._version != version:
+                    buffer.copy_(values)
 
 
 def beyond_tolerance(expected: torch.Tensor, actual: torch.Tensor) -> float | None:

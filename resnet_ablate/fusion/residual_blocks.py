@@ -97,7 +97,9 @@ def _converted(block: nn.Module) -> BasicBlock | Bottleneck:
     cls = Bottleneck if "conv3" in children else BasicBlock
     parts = _BOTTLENECK_PARTS if cls is Bottleneck else _BASIC_PARTS
     new = cls.from_modules({p: children[p] for p in parts}, children.get("downsample"))
-    new.train(block.training)
+    # The block's own mode; its parts keep theirs (a frozen BatchNorm stays in eval mode), and
+    # each fused twin has its BatchNorm's.
+    new.training = block.training
     return new  # type: ignore[return-value]
 
 

@@ -10,17 +10,21 @@ from torch import nn
 from ..blocks import BasicBlock, Bottleneck, plain_twin_of
 from ..kernels import FusedBatchNorm2d
 from ..models import ResNet
+from .forward_facts import KEPT_MODULES
 
 M = TypeVar("M", bound=nn.Module)
 
 
 def _unfuse_rewritten(module: nn.Module) -> None:
-    """A module whose forward `fuse` rewrote: its class and plain BatchNorms back."""
+    """A module whose forward `fuse` rewrote: its class and plain BatchNorms back (where one was
+    swapped for another module since, that one stays)."""
     for target in module.fused_batch_norms:  # type: ignore[attr-defined]
-        bn = module.get_submodule(target)
-        assert isinstance(bn, FusedBatchNorm2d)
-        module.set_submodule(target, plain_twin_of(bn))
+        parent, _, name = target.rpartition(".")
+        bn = getattr(module.get_submodule(parent) if parent else module, name, None)
+        if isinstance(bn, FusedBatchNorm2d):
+            module.set_submodule(target, plain_twin_of(bn))
     module.__class__ = module.unfused_class  # type: ignore[attr-defined]
+    vars(module).pop(KEPT_MODULES, None)
 
 
 def unfuse(model: M) -> M:

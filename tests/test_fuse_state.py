@@ -1,0 +1,231 @@
+"""`fuse()` and `from_torchvision` leave a model's state as they found it (modes, buffers, what a
+state_dict does not carry), and a fused model stays what the unfused one computes for every caller:
+a BatchNorm called outside the rewritten forward, a Sequential sliced, a module swapped, a hook
+added (refused with StaleForward where the rewrite cannot follow), torch.fx tracing it."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from reference_models import TVBasicBlock, TVResNet, randomize, small_tv_resnet
+from resnet_ablate import FuseWarning, StaleForward, from_torchvision, fuse, unfuse
+from resnet_ablate.kernels import FusedBatchNorm2d
+
+
+def _frozen_batch_norms(model: nn.Module) -> nn.Module:
+    """The fine-tuning recipe: the model trains, its BatchNorms stay in eval mode."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.eval()
+    return model
+
+
+def _modes(model: nn.Module) -> dict[str, bool]:
+    return {name: module.training for name, module in model.named_modules()}
+
+
+def _step(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward and backward in the model's own modes: the output and the buffers after."""
+    out = model(x)
+    out.square().sum().backward()
+    return out.detach(), {name: b.clone() for name, b in model.named_buffers()}
+
+
+def test_fuse_keeps_frozen_batch_norms_in_eval_mode_and_their_statistics_unchanged():
+    """A training model with frozen BatchNorms (a shortcut's among them) fuses with each module's
+    mode kept: a training step then gives the unfused model's output and leaves the running
+    statistics alone. (Converted blocks put every part in the block's mode.)"""
+    model = _frozen_batch_norms(randomize(small_tv_resnet(TVBasicBlock, (1, 1, 1, 1))))
+    reference = copy.deepcopy(model)
+    fuse(model)
+    batch_norms = {name: m.training for name, m in model.named_modules()
+                   if isinstance(m, nn.BatchNorm2d)}
+    assert batch_norms.keys() == {name for name, m in reference.named_modules()
+                                  if isinstance(m, nn.BatchNorm2d)}
+    assert not any(batch_norms.values()) and model.training
+    x = torch.randn(2, 3, 32, 32)
+    (out, buffers), (expected, expected_buffers) = _step(model, x), _step(reference, x)
+    torch.testing.assert_close(out, expected)
+    assert buffers.keys() == expected_buffers.keys()
+    for name, value in expected_buffers.items():
+        torch.testing.assert_close(buffers[name], value, msg=name)
+
+
+def test_from_torchvision_keeps_modes_momentum_eps_and_frozen_parameters():
+    """What a state_dict does not carry comes over by module name: the frozen BatchNorms' eval
+    mode, a BatchNorm's momentum (None: a cumulative average) and eps, and parameters that take
+    no gradient. Three training steps then leave both nets with the same statistics and outputs."""
+    torch.manual_seed(0)
+    tv = _frozen_batch_norms(randomize(TVResNet(TVBasicBlock, [1, 1, 1, 1])))
+    tv.layer2[0].bn1.train()
+    tv.layer2[0].bn1.momentum, tv.layer3[0].bn2.momentum, tv.bn1.eps = None, 0.01, 1e-3
+    for parameter in (*tv.conv1.parameters(), *tv.bn1.parameters()):
+        parameter.requires_grad_(False)
+    ours = from_torchvision(tv)
+    assert _modes(ours).items() >= {k: v for k, v in _modes(tv).items() if "bn" in k}.items()
+    assert ours.layer2[0].bn1.momentum is None and ours.layer3[0].bn2.momentum == 0.01
+    assert ours.bn1.eps == 1e-3
+    assert {name: p.requires_grad for name, p in ours.named_parameters()} == {
+        name: p.requires_grad for name, p in tv.named_parameters()}
+    x = torch.randn(2, 3, 64, 64)
+    for _ in range(3):
+        (out, buffers), (expected, expected_buffers) = _step(ours, x), _step(tv, x)
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+        for name, value in expected_buffers.items():
+            torch.testing.assert_close(buffers[name], value, msg=name)
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d in small: a BatchNorm subclass whose forward applies its activation
+    (and counts its batches, as nn.BatchNorm2d's does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(super().forward(x))
+
+
+class Counting(nn.Module):
+    """A forward that keeps state of its own: a call counter, read for a warm-up scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), BatchNormAct(4)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.steps.add_(1)
+        warm_up = torch.clamp(self.steps.float() / 4, max=1.0)
+        return self.bn2(self.conv2(F.relu(self.bn(self.conv(x))))) * warm_up
+
+
+def test_fuse_changes_no_state_and_a_rewritten_forward_keeps_its_own_buffer_updates():
+    """Tracing and probing change no buffer (a BatchNorm subclass's batch count, the forward's own
+    counter: fuse ran them on the real tensors), the subclass is named, and the rewritten forward
+    still counts its calls as the original does (it recorded nothing of the update)."""
+    torch.manual_seed(0)
+    model = Counting().train()
+    reference = copy.deepcopy(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, report = fuse(model, return_report=True)
+    assert [s.batch_norm for s in report.sites] == ["bn"]
+    assert [(s.name, s.reason) for s in report.skipped] == [
+        ("bn2", "it is BatchNormAct, not nn.BatchNorm2d (the fused op reproduces nn.BatchNorm2d's "
+                "forward only)")]
+    assert any("bn2" in str(w.message) for w in caught if w.category is FuseWarning)
+    for name, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), f"fuse changed {name}"
+    x = torch.randn(2, 3, 8, 8)
+    for _ in range(3):
+        torch.testing.assert_close(model(x), reference(x))
+    assert int(model.steps) == int(reference.steps) == 3
+    torch.testing.assert_close(model.bn2.running_mean, reference.bn2.running_mean)
+
+
+class Branches(nn.Module):
+    """A network whose BatchNorm is also called by a method of its own, without the ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+def test_a_fused_batch_norm_is_still_a_batch_norm_to_every_other_caller():
+    """The rewritten forward asks the fused BatchNorm for its ReLU; anyone else calling it (a
+    method, a slice of a fused Sequential) gets the BatchNorm alone, negative values and all."""
+    torch.manual_seed(0)
+    net, features = Branches().eval(), nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    nets = {"net": (net, copy.deepcopy(net)), "features": (features, copy.deepcopy(features))}
+    for model, _ in nets.values():
+        fuse(model)
+    assert isinstance(net.bn, FusedBatchNorm2d) and isinstance(features[1], FusedBatchNorm2d)
+    x = torch.randn(2, 3, 8, 8)
+    expected = nets["net"][1].pre_activation(x)
+    assert expected.min() < 0
+    torch.testing.assert_close(net.pre_activation(x), expected)
+    torch.testing.assert_close(net(x), nets["net"][1](x))
+    torch.testing.assert_close(features[:2](x), nets["features"][1][:2](x))
+    assert type(features[:2]) is nn.Sequential
+    torch.testing.assert_close(features(x), nets["features"][1](x))
+
+
+def test_swapped_appended_or_hooked_modules_after_fuse_raise_stale_forward_then_refuse():
+    """An ablation that swaps the activation, an appended layer, a hook on a ReLU the rewritten
+    forward no longer calls: each would be ignored, so the call raises StaleForward naming it;
+    unfuse and fuse again then give the unfused model's outputs. Copies are not mistaken for
+    changed models."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    net = fuse(Branches().eval())
+    torch.testing.assert_close(copy.deepcopy(net)(x), net(x))
+    net.act = nn.GELU()
+    with pytest.raises(StaleForward, match=r"FusedBranches\.act is GELU, .* around the ReLU"):
+        net(x)
+    with pytest.warns(FuseWarning, match="nothing changed"):  # BN -> GELU is no site
+        fuse(unfuse(net))
+    torch.testing.assert_close(net(x), F.gelu(net.pre_activation(x)))
+
+    features = fuse(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()))
+    features.append(nn.Conv2d(8, 2, 1))
+    with pytest.raises(StaleForward, match=r"has submodules \['0', '1', '2', '3'\]"):
+        features(x)
+    features = fuse(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()))
+    calls = []
+    features[2].register_forward_hook(lambda *args: calls.append(args))
+    with pytest.raises(StaleForward, match=r"FusedSequential\.2 has hooks"):
+        features(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FuseWarning)  # the hooked ReLU is named, left unfused
+        fuse(unfuse(features))(x)
+    assert len(calls) == 1
+
+
+def test_an_add_with_no_relu_after_it_is_neither_fused_nor_reported():
+    """An inverted-residual block: the last BatchNorm's output feeds the residual add and
+    another op, with no ReLU after either: not a site, so nothing is reported, strict fuses."""
+
+    class Inverted(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+            self.conv2, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+            return (x + y) * torch.sigmoid(y)
+
+    _, report = fuse(Inverted(), strict=True, return_report=True)
+    assert [s.batch_norm for s in report.sites] == ["bn1"] and report.skipped == ()
+
+
+def test_torch_fx_traces_a_fused_model_with_the_fused_batch_norm_as_a_leaf():
+    """Symbolic tracing into the fused BatchNorm is refused with the way out; as a leaf module
+    (what fx-based tools take) the traced fused model computes what the unfused one does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    reference = copy.deepcopy(model)
+    fuse(model)
+    with pytest.raises(TypeError, match="leaf module .* or call resnet_ablate.unfuse"):
+        fx.symbolic_trace(model)
+
+    class LeafTracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, name: str) -> bool:
+            return isinstance(m, FusedBatchNorm2d) or super().is_leaf_module(m, name)
+
+    traced = fx.GraphModule(model, LeafTracer().trace(model))
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(traced(x), reference(x))

@@ -8,9 +8,10 @@ through the `Results` it is handed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,6 +19,7 @@ import pandas as pd
 
 from . import stats
 from .record import METRICS, VIEW_METRICS
+from .seed_tables import SeedRecordsError
 from .storage import ResultsError
 
 if TYPE_CHECKING:
@@ -88,9 +90,39 @@ def paired_contrast(results: Results, values: pd.DataFrame, trials: pd.DataFrame
     if metric in ERROR_RATES and outcomes is not None and len(outcomes) == values.size:
         n = len(values)  # one trial a cell, each with its per-image record
         tables = [outcomes[k * n:(k + 1) * n] for k in range(len(columns))]
-    estimate = stats.contrast(tables, weights, errors, images)
+    seeds = [([n for cell in row for n in cell], seed) for row, seed in
+             zip(trials.itertuples(index=False), values.index.get_level_values("seed"))]
+    with seeds_named(seeds):
+        estimate = with_note(stats.contrast(tables, weights, errors, images),
+                             sizes_note(results, numbers))
     # Accuracy is 1 - error and a contrast's weights sum to zero: the same contrast, negated.
     return negated(estimate) if metric == "test_accuracy" else selected_note(estimate, metric)
+
+
+@contextlib.contextmanager
+def seeds_named(seeds: Sequence[tuple[list[int], Any]]) -> Iterator[None]:
+    """A statistic's error about a seed's record (a damaged store), naming that seed by its
+    seed number and trials (`seeds`: each value's trial numbers and seed, in the order the
+    statistic was given them) rather than by its position among them."""
+    try:
+        yield
+    except SeedRecordsError as error:
+        if error.position is None or error.position >= len(seeds):
+            raise
+        numbers, seed = seeds[error.position]
+        trials = ", ".join(map(str, numbers))
+        raise error.named(f"seed {plain(seed)} (trial{'s' if len(numbers) != 1 else ''} "
+                          f"{trials})") from None
+
+
+def sizes_note(results: Results, numbers: Sequence[int]) -> str:
+    """A row's note where its seeds were scored on test sets of different sizes (images that
+    did not decode in every run): the test set's sampling is then bounded by the smallest."""
+    sizes = results.test_set_sizes(numbers)
+    if len(sizes) < 2 or None in sizes:
+        return ""
+    return (f"seeds scored on test sets of different sizes ({min(sizes)} to {max(sizes)} "
+            "images): the test set's sampling is bounded by the smallest")
 
 
 def selected_note(estimate: stats.Estimate, metric: str) -> stats.Estimate:
@@ -128,6 +160,10 @@ def left_out(lacking: pd.DataFrame, metric: str, where: dict[str, Any]) -> str:
 def count_where(trials: pd.DataFrame, where: dict[str, Any]) -> int:
     """How many of `trials` a row over `where` covers: column -> its value, or a list of
     values; "all", or a column the trials lack, covers any."""
+    return len(_rows_where(trials, where))
+
+
+def _rows_where(trials: pd.DataFrame, where: dict[str, Any]) -> pd.DataFrame:
     mask = pd.Series(True, index=trials.index)
     for column, value in where.items():
         if column not in trials.columns or (isinstance(value, str) and value == "all"):
@@ -135,18 +171,30 @@ def count_where(trials: pd.DataFrame, where: dict[str, Any]) -> int:
         values = value if isinstance(value, list) else [value]
         missing = any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values)
         mask &= trials[column].isin(values) | (trials[column].isna() & missing)
-    return int(mask.sum())
+    return trials[mask]
 
 
 def pruned_seeds(results: Results, done: pd.DataFrame) -> pd.DataFrame:
     """The pruned trials of seeds that no completed trial of their configuration has."""
+    return _seeds_without_a_completed_trial(results, done, "PRUNED")
+
+
+def failed_seeds(results: Results, done: pd.DataFrame) -> pd.DataFrame:
+    """The failed trials (diverged, errors, lost workers, data) of seeds that no completed trial
+    of their configuration has, one per seed (a seed retried and failed again counts once)."""
+    failed = _seeds_without_a_completed_trial(results, done, "FAIL")
+    return failed.drop_duplicates([*results.configuration_columns(), "seed"], keep="last")
+
+
+def _seeds_without_a_completed_trial(results: Results, done: pd.DataFrame,
+                                     state: str) -> pd.DataFrame:
     keys = [*results.configuration_columns(), "seed"]
-    pruned = results.trials[results.trials["state"] == "PRUNED"]
-    if pruned.empty:
-        return pruned
+    trials = results.trials[results.trials["state"] == state]
+    if trials.empty:
+        return trials
     completed = set(done[keys].itertuples(index=False, name=None))
-    return pruned[[row not in completed
-                   for row in pruned[keys].itertuples(index=False, name=None)]]
+    return trials[[row not in completed
+                   for row in trials[keys].itertuples(index=False, name=None)]]
 
 
 def pruned_note(pruned: pd.DataFrame, where: dict[str, Any]) -> str:
@@ -156,6 +204,40 @@ def pruned_note(pruned: pd.DataFrame, where: dict[str, Any]) -> str:
     count = count_where(pruned, where)
     return (f"{count} pruned seed{'s' if count != 1 else ''} left out: the pruner let the seeds "
             "that looked better finish, so this row is biased toward them" if count else "")
+
+
+def failed_note(failed: pd.DataFrame, where: dict[str, Any]) -> str:
+    """A row's note on its seeds that failed (of `failed_seeds`, over the trials `where` says):
+    left out, so that the row is over the seeds that finished; a seed that diverged is part of
+    its configuration's answer, which the row's mean and interval do not hold."""
+    count = count_where(failed, where)
+    if not count:
+        return ""
+    kinds = _rows_where(failed, where)["failure_kind"].fillna("error").value_counts()
+    how = ", ".join(f"{kind.replace('_', ' ')}: {n}" for kind, n in kinds.items())
+    return (f"{count} seed{'s' if count != 1 else ''} failed ({how}), left out: this row is "
+            "over the seeds that finished, which says nothing of how often training fails")
+
+
+@dataclasses.dataclass(frozen=True)
+class LeftOut:
+    """What rows over a study's completed trials are not over: completed trials without the
+    metric (`lacking`), seeds the pruner stopped, seeds that failed."""
+
+    lacking: pd.DataFrame
+    metric: str
+    pruned: pd.DataFrame
+    failed: pd.DataFrame
+
+    @classmethod
+    def of(cls, results: Results, done: pd.DataFrame, lacking: pd.DataFrame,
+           metric: str) -> LeftOut:
+        return cls(lacking, metric, pruned_seeds(results, done), failed_seeds(results, done))
+
+    def note(self, where: dict[str, Any]) -> str:
+        """The notes of a row over the trials `where` says (see `count_where`)."""
+        return joined(left_out(self.lacking, self.metric, where), pruned_note(self.pruned, where),
+                      failed_note(self.failed, where))
 
 
 def on_common_seeds(values: pd.DataFrame, others: Sequence[str]) -> pd.DataFrame:

@@ -9,9 +9,8 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .contrasts import (LOOKED, difference_bounds, joined, left_out, note, paired_contrast,
-                        plain, pruned_note, pruned_seeds, recorded, stratified_contrast,
-                        with_holm, with_note)
+from .contrasts import (LOOKED, LeftOut, difference_bounds, joined, note, paired_contrast,
+                        plain, recorded, stratified_contrast, with_holm, with_note)
 from .spec import adaptive_rule
 from .storage import ResultsError
 
@@ -36,7 +35,7 @@ def compare(results: Results, factor: str, baseline: Any,
     levels, baseline = _levels(results, factor, baseline)
     results.check_metric(metric)
     done, lacking = recorded(results, metric, "compare")
-    pruned = pruned_seeds(results, done)
+    left = LeftOut.of(results, done, lacking, metric)
     others = [c for c in results.configuration_columns(without=[factor]) if c != "arch_name"]
     keys = [*others, "seed", factor]
     keyed = done.groupby(keys, dropna=False)[metric].mean().unstack(factor)
@@ -58,9 +57,7 @@ def compare(results: Results, factor: str, baseline: Any,
             configuration = dict(zip(others, key))
             where = {**configuration, factor: [baseline, level]}
             estimate = with_note(paired_contrast(results, group, trials.loc[group.index],
-                                                 (-1.0, 1.0), metric, bounds),
-                                 joined(left_out(lacking, metric, where),
-                                        pruned_note(pruned, where)))
+                                                 (-1.0, 1.0), metric, bounds), left.note(where))
             rows.append(_paired_row(factor, level, baseline, metric, configuration,
                                     group[baseline], group[level], estimate))
         if len(groups) > 1:
@@ -68,9 +65,8 @@ def compare(results: Results, factor: str, baseline: Any,
                                                 metric, bounds)
             rows.append(_paired_row(factor, level, baseline, metric,
                                     {name: "all" for name in others}, used[baseline],
-                                    used[level], with_note(overall, joined(
-                                        left_out(lacking, metric, {factor: [baseline, level]}),
-                                        pruned_note(pruned, {factor: [baseline, level]})))))
+                                    used[level],
+                                    with_note(overall, left.note({factor: [baseline, level]}))))
     if not rows:
         raise ResultsError(f"no configuration has completed trials of both {factor}="
                            f"{plain(baseline)} and another level with the same seed yet")

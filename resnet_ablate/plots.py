@@ -28,7 +28,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .contrasts import pruned_seeds
+from .contrasts import failed_seeds, pruned_seeds
 from .results import Results, ResultsError
 
 KINDS = ("curves", "depth", "pareto", "responses")
@@ -106,11 +106,19 @@ def plot_curves(results: Results, *, panel_by: str | None = None, color_by: str 
 
 
 def _pruned_caption(results: Results) -> str:
-    """What a figure of means over seeds says of the seeds the pruner stopped ("" for none):
-    they are left out, and the pruner let the better-looking ones finish."""
-    pruned = len(pruned_seeds(results, results.completed()))
-    return (f"\n{pruned} pruned seed{'s' if pruned != 1 else ''} left out (the pruner let the "
-            "better-looking seeds finish)" if pruned else "")
+    """What a figure of means over seeds says of the seeds it is not over ("" for none): those
+    the pruner stopped (it let the better-looking ones finish) and those that failed."""
+    done = results.completed()
+    pruned, failed = len(pruned_seeds(results, done)), failed_seeds(results, done)
+    parts = [f"{pruned} pruned seed{'s' if pruned != 1 else ''} left out (the pruner let the "
+             "better-looking seeds finish)" if pruned else ""]
+    if len(failed):
+        kinds = failed["failure_kind"].fillna("error").value_counts()
+        parts.append(f"{len(failed)} failed seed{'s' if len(failed) != 1 else ''} left out ("
+                     + ", ".join(f"{kind.replace('_', ' ')}: {n}" for kind, n in kinds.items())
+                     + "): means over the seeds that finished")
+    text = "; ".join(part for part in parts if part)
+    return f"\n{text}" if text else ""
 
 
 ONE_SEED_LABEL = "open marker: one seed, no interval"

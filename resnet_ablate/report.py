@@ -65,9 +65,24 @@ def summary_with_training_error(results: Results) -> pd.DataFrame:
     """The summary over seeds with the mean training error beside the test error: the paper's
     degradation problem shows in training error."""
     table = results.summary()
-    table.insert(table.columns.get_loc("test_error_mean"), "train_error_mean",
-                 results.summary(metric="train_error")["train_error_mean"].to_numpy())
+    try:
+        training = results.summary(metric="train_error")
+    except ResultsError:  # no trial recorded one (an older store): the column stays empty
+        training = None
+    column = pd.Series(float("nan"), index=table.index)
+    if training is not None:  # by configuration: one may lack the training error, or the test
+        keys = [c for c in results.configuration_columns() if c in table.columns]
+        found = {_key(row[:-1]): row[-1]
+                 for row in training[[*keys, "train_error_mean"]].itertuples(index=False)}
+        column = pd.Series([found.get(_key(row), float("nan"))
+                            for row in table[keys].itertuples(index=False)], index=table.index)
+    table.insert(table.columns.get_loc("test_error_mean"), "train_error_mean", column)
     return table
+
+
+def _key(values: tuple) -> tuple:
+    """A configuration as a key: a factor a configuration lacks (NaN) matches across tables."""
+    return tuple(None if pd.isna(v) else v for v in values)
 
 
 def _plot(results: Results, kind: str, alt: str) -> str:

@@ -146,16 +146,23 @@ class Results:
 
     def outcomes(self, numbers: Sequence[int]) -> tuple[list[np.ndarray] | None, int | None]:
         """The per-image records of these trials' final evaluations and the test set's size:
-        (None, N) where any lacks its per-image record, (None, None) where any lacks the size or
-        the sizes differ (then they were not scored on one test set)."""
+        (None, N) where any lacks its per-image record, (None, the smallest N) where the sizes
+        differ (not scored on one test set: images that did not decode in every run), (None,
+        None) where any lacks the size."""
         attrs = [self.attrs.get(int(n), {}) for n in numbers]
-        sizes = {a.get(TrialKey.TEST_IMAGES) for a in attrs}
-        if len(sizes) != 1 or None in sizes:
+        sizes = self.test_set_sizes(numbers)
+        if None in sizes or not sizes:
             return None, None
+        if len(sizes) > 1:
+            return None, int(min(sizes))
         images = int(sizes.pop())
         if any(not a.get(TrialKey.TEST_OUTCOMES) for a in attrs):
             return None, images
         return [unpack_outcomes(a[TrialKey.TEST_OUTCOMES], images) for a in attrs], images
+
+    def test_set_sizes(self, numbers: Sequence[int]) -> set[int | None]:
+        """The test set sizes these trials recorded (None: one did not)."""
+        return {self.attrs.get(int(n), {}).get(TrialKey.TEST_IMAGES) for n in numbers}
 
     def compare(self, factor: str, baseline: Any, metric: str = "test_error") -> pd.DataFrame:
         """Paired differences `metric(level) - metric(baseline)` for each other level of

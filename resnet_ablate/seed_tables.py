@@ -17,7 +17,20 @@ import numpy as np
 
 class SeedRecordsError(ValueError):
     """Seeds' records that cannot describe seeds scored on one test set (a store edited by hand,
-    or written by an older version): the message names the seed and what is wrong."""
+    or written by an older version): the message names the seed and what is wrong. The seed is
+    named by its `position` among those given ("seed 1": the second), unless a caller that knows
+    more names it (`named`: the trial and the seed number a study recorded)."""
+
+    def __init__(self, template: str, position: int | None = None) -> None:
+        # `template` holds "{seed}" where the message names the seed.
+        self.template, self.position = template, position
+        super().__init__(template.replace("{seed}", f"seed {position}"))
+
+    def named(self, name: str) -> SeedRecordsError:
+        """The same error, naming the seed as `name`."""
+        error = SeedRecordsError(self.template, self.position)
+        error.args = (self.template.replace("{seed}", name),)
+        return error
 
 
 def rates_per_seed(values: Sequence[float], what: str) -> np.ndarray:
@@ -25,8 +38,8 @@ def rates_per_seed(values: Sequence[float], what: str) -> np.ndarray:
     rates = _numbers(values, what, "one error rate per seed")
     bad = np.flatnonzero(~((rates >= 0) & (rates <= 1)))  # NaN fails both comparisons
     if len(bad):
-        raise SeedRecordsError(f"{what}: an error rate is a number in [0, 1]; seed {bad[0]} has "
-                         f"{float(rates[bad[0]])}")
+        raise SeedRecordsError(f"{what}: an error rate is a number in [0, 1]; {{seed}} has "
+                               f"{float(rates[bad[0]])}", int(bad[0]))
     return rates
 
 
@@ -35,8 +48,8 @@ def finite_values(values: Sequence[float], what: str) -> np.ndarray:
     found = _numbers(values, what, "one value per seed")
     bad = np.flatnonzero(~np.isfinite(found))
     if len(bad):
-        raise SeedRecordsError(f"{what}: give one finite value per seed; seed {bad[0]} has "
-                         f"{float(found[bad[0]])}")
+        raise SeedRecordsError(f"{what}: give one finite value per seed; {{seed}} has "
+                               f"{float(found[bad[0]])}", int(bad[0]))
     return found
 
 
@@ -65,17 +78,18 @@ def outcome_table(outcomes: Sequence[np.ndarray], rates: np.ndarray, images: int
         vector = None if given is None else _numbers(np.ravel(given), what, "0/1 outcomes")
         if vector is None or len(vector) != images:
             covered = "none" if vector is None else f"{len(vector)} images"
-            raise SeedRecordsError(f"{what}: seed {seed}'s outcomes cover {covered} and the test set "
-                             f"has {images}: every seed is scored on the same test images")
+            raise SeedRecordsError(f"{what}: {{seed}}'s outcomes cover {covered} and the test "
+                                   f"set has {images}: every seed is scored on the same test "
+                                   "images", seed)
         if not np.isin(vector, (0.0, 1.0)).all():
             odd = float(vector[~np.isin(vector, (0.0, 1.0))][0])
-            raise SeedRecordsError(f"{what}: an outcome is 0 (right) or 1 (wrong); seed {seed} has "
-                             f"{odd}")
+            raise SeedRecordsError(f"{what}: an outcome is 0 (right) or 1 (wrong); {{seed}} has "
+                                   f"{odd}", seed)
         if abs(vector.mean() - rates[seed]) > 0.5 / images:
-            raise SeedRecordsError(f"{what}: seed {seed}'s error rate {rates[seed]:.6g} is not that of "
-                             f"its outcomes ({int(vector.sum())} of {images} wrong, "
-                             f"{vector.mean():.6g}): rates and outcomes must come from the same "
-                             "evaluation")
+            raise SeedRecordsError(f"{what}: {{seed}}'s error rate {rates[seed]:.6g} is not that "
+                                   f"of its outcomes ({int(vector.sum())} of {images} wrong, "
+                                   f"{vector.mean():.6g}): rates and outcomes must come from the "
+                                   "same evaluation", seed)
         vectors.append(vector)
     return np.vstack(vectors) if vectors else np.empty((0, images))
 

@@ -12,9 +12,9 @@ import pandas as pd
 
 from . import stats
 from .adaptive import Decision, SeedResult, decide
-from .contrasts import (CONFIGURATION_CONSTANTS, ERROR_RATES, TEST_SET_RATES, complement,
-                        joined, left_out, metric_bounds, note, pruned_note, pruned_seeds,
-                        recorded, selected_note, stratified_contrast, with_methods, with_note)
+from .contrasts import (CONFIGURATION_CONSTANTS, ERROR_RATES, TEST_SET_RATES, LeftOut,
+                        complement, joined, metric_bounds, note, recorded, seeds_named,
+                        selected_note, sizes_note, stratified_contrast, with_methods, with_note)
 from .spec import adaptive_rule
 from .store_reading import scalar_value
 
@@ -35,7 +35,7 @@ def summary(results: Results, by: Sequence[str] | None = None,
     results.check_metric(metric)
     done, lacking = recorded(results, metric, "summarise")
     narrowed = {c for c, d in decisions(results).items() if d.narrowed}
-    pruned = pruned_seeds(results, done)
+    left = LeftOut.of(results, done, lacking, metric)
     rows = []
     for key, group in done.groupby(by, sort=True, dropna=False):
         where = dict(zip(by, key if isinstance(key, tuple) else (key,)))
@@ -44,7 +44,7 @@ def summary(results: Results, by: Sequence[str] | None = None,
         estimate = configuration_estimate(results, group, metric) if len(configurations) == 1 \
             else _pooled_estimate(results, group, metric, by)
         estimate = with_note(estimate, joined(
-            left_out(lacking, metric, where), pruned_note(pruned, where),
+            left.note(where),
             WIDTH_STOPPED if configurations & narrowed else ""))
         names = group["arch_name"].unique()
         rows.append({
@@ -83,17 +83,23 @@ def _unsummarised(trials: pd.DataFrame, done: pd.DataFrame, by: list[str]) -> li
 
 def configuration_estimate(results: Results, group: pd.DataFrame, metric: str) -> stats.Estimate:
     """The estimate of `metric` over one configuration's completed seeds (see `summary`)."""
-    values, repeated = _per_seed(group, metric, [*results.configuration_columns(), "seed"])
-    if metric in TEST_SET_RATES:
-        outcomes, images = results.outcomes(group["number"].tolist())
+    keys = [*results.configuration_columns(), "seed"]
+    values, repeated = _per_seed(group, metric, keys)
+    seeds = [(list(trials["number"]), seed) for (*_, seed), trials
+             in group.groupby(keys, dropna=False, sort=True)] if repeated \
+        else [([number], seed) for number, seed in zip(group["number"], group["seed"])]
+    numbers = group["number"].tolist()
+    with seeds_named(seeds):
+        if metric not in TEST_SET_RATES:
+            return stats.seed_mean(values, metric_bounds(metric),
+                                   exact_ties=metric in CONFIGURATION_CONSTANTS)
+        outcomes, images = results.outcomes(numbers)
         if metric not in ERROR_RATES or repeated:  # the test set's size alone bounds it
             outcomes = None
         errors = 1 - values if metric == "test_accuracy" else values
-        estimate = stats.error_rate(outcomes, errors, images)
-        return complement(estimate) if metric == "test_accuracy" \
-            else selected_note(estimate, metric)
-    return stats.seed_mean(values, metric_bounds(metric),
-                           exact_ties=metric in CONFIGURATION_CONSTANTS)
+        estimate = with_note(stats.error_rate(outcomes, errors, images),
+                             sizes_note(results, numbers))
+    return complement(estimate) if metric == "test_accuracy" else selected_note(estimate, metric)
 
 
 def _pooled_estimate(results: Results, group: pd.DataFrame, metric: str,

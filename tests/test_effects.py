@@ -32,9 +32,12 @@ def _shift(depth: int, shortcut: str) -> float:
         (BOTH if (depth, shortcut) == (14, "none") else 0)
 
 
-def write_study(path, name: str, space: dict, cells: dict, *, outcomes: bool = True) -> str:
+def write_study(path, name: str, space: dict, cells: dict, *, outcomes: bool = True,
+                edit=None) -> str:
     """A study store at `path` whose completed trials are `cells`: {(params tuple, seed): 0/1
-    vector of test errors}, each recorded as the driver records a trial (record.py's keys)."""
+    vector of test errors}, each recorded as the driver records a trial (record.py's keys);
+    `edit(point, seed, attrs)`, where given, changes a trial's attributes as it is written (a
+    damaged or an older store)."""
     storage = f"sqlite:///{path}"
     study = optuna.create_study(study_name=name, storage=storage)
     study.set_user_attr(StudyKey.SPEC, {"study": name, "space": space})
@@ -53,6 +56,8 @@ def write_study(path, name: str, space: dict, cells: dict, *, outcomes: bool = T
                  TrialKey.PARAMS: 1000, TrialKey.FLOPS: 10**6}
         if outcomes:
             attrs[TrialKey.TEST_OUTCOMES] = pack_outcomes(wrong)
+        if edit is not None:
+            edit(point, seed, attrs)
         study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions,
                                                   value=error, user_attrs=attrs))
     return storage
@@ -272,7 +277,8 @@ def test_importance_shares_sum_to_one_and_rank_the_larger_effect_first(study):
     (line,) = table.attrs["notes"]
     assert line.startswith(f"the configurations explain an estimated {100 * max(omega, 0):.0f}% "
                            f"of test_error's variance over these {n} trials")
-    assert f"F test of no difference p = {p_value:.3g}" in line
+    assert (f"F test of no difference on these test images (conditional on them: compare and "
+            f"effects count the test set's sampling) p = {p_value:.3g}") in line
 
 
 @pytest.mark.parametrize("shape", [(2, 2, 2), (3, 3, 2), (2, 2, 3)])

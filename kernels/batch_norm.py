@@ -387,14 +387,13 @@ def _batch_norm_add_relu_inline(
     relu: bool,
 ) -> torch.Tensor:
     """The unfused module's arithmetic: F.batch_norm, then the add and ReLU in place on its output.
-
     F.batch_norm does its own checks (with PyTorch's wording) and the running-stat update; its
-    output is a fresh tensor that its backward does not read, so writing into it is safe.
-    """
+    output is a fresh tensor that its backward does not read, so writing into it is safe."""
     checked_residual(input, residual)  # broadcasting is out.add_'s own
     out = torch.nn.functional.batch_norm(
         input, running_mean, running_var, weight, bias, training, momentum, eps
     )
-    if residual is not None:
-        out.add_(residual)
+    if residual is not None:  # out of place under vmap, where the residual may be batched
+        out = (out + residual).to(out.dtype) if torch._C._are_functorch_transforms_active() \
+            else out.add_(residual)
     return out.relu_() if relu else out

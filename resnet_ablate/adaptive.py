@@ -42,11 +42,20 @@ class Decision:
     narrowed: bool = False
 
 
+def _test_set_size(results: Sequence[SeedResult]) -> tuple[int | None, bool]:
+    """The test set's size the seeds were scored on, and whether it is one for all of them: where
+    sizes differ (images that did not decode in every run), the smallest bounds the test set's
+    sampling, as `summary` bounds it (None: a seed did not record it)."""
+    sizes = {r.images for r in results}
+    if None in sizes or not sizes:
+        return None, False
+    return min(sizes), len(sizes) == 1
+
+
 def _error_estimate(results: Sequence[SeedResult], level: float) -> stats.Estimate:
-    images = {r.images for r in results}
-    size = images.pop() if len(images) == 1 else None
+    size, one_set = _test_set_size(results)
     outcomes = [r.outcomes for r in results]
-    have_outcomes = size is not None and all(o is not None for o in outcomes)
+    have_outcomes = one_set and all(o is not None for o in outcomes)
     return stats.error_rate(outcomes if have_outcomes else None, [r.error for r in results],
                             size, level=level)
 
@@ -62,9 +71,8 @@ def _difference(base: Sequence[SeedResult], other: Sequence[SeedResult],
     by_seed = {r.seed: r for r in base}
     other_side = _first_seeds(rule, [r for r in other if r.seed in by_seed])
     base_side = [by_seed[r.seed] for r in other_side]
-    sizes = {r.images for r in base_side + other_side}
-    size = sizes.pop() if len(sizes) == 1 else None
-    have_outcomes = size is not None and all(r.outcomes is not None for r in base_side + other_side)
+    size, one_set = _test_set_size(base_side + other_side)
+    have_outcomes = one_set and all(r.outcomes is not None for r in base_side + other_side)
     return stats.paired_difference(
         [r.outcomes for r in base_side] if have_outcomes else None,
         [r.outcomes for r in other_side] if have_outcomes else None,

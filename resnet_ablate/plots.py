@@ -226,7 +226,8 @@ def plot_pareto(results: Results, *, metric: str = "test_error", cost: str = "fl
     ax.margins(x=0.08, y=0.1)
     ax.set_xlabel(unit)
     ax.set_ylabel(f"{metric.replace('_', ' ')} (%): trials faint, means with 95% CI")
-    ax.set_title(results.study)
+    ax.set_title("\n".join([results.study, *textwrap.wrap(_pruned_caption(results), 55)]),
+                 fontsize="medium")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return figure

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from reference_models import TVBasicBlock, TVResNet, randomize, small_tv_resnet
-from resnet_ablate import FuseWarning, StaleForward, from_torchvision, fuse, unfuse
+from resnet_ablate import FuseWarning, from_torchvision, fuse
 from resnet_ablate.kernels import FusedBatchNorm2d
 
 
@@ -163,35 +163,63 @@ def test_a_fused_batch_norm_is_still_a_batch_norm_to_every_other_caller():
     torch.testing.assert_close(features(x), nets["features"][1](x))
 
 
-def test_swapped_appended_or_hooked_modules_after_fuse_raise_stale_forward_then_refuse():
-    """An ablation that swaps the activation, an appended layer, a hook on a ReLU the rewritten
-    forward no longer calls: each would be ignored, so the call raises StaleForward naming it;
-    unfuse and fuse again then give the unfused model's outputs. Copies are not mistaken for
-    changed models."""
+def test_swapped_appended_hooked_or_parametrized_modules_run_the_modules_own_forward():
+    """After fuse, an ablation swaps the activation or appends a layer, a profiler hooks every
+    module, a pruning parametrizes a fused BatchNorm: the rewritten forward would ignore each, so
+    the module's own forward runs instead, exactly as the unfused model (a FuseWarning names a
+    swap or an appended layer once; hooks, which profilers add and remove, pass in silence).
+    Deep copies and data-parallel replicas (a shallow copy of each module's attributes) keep the
+    fused forward."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
     net = fuse(Branches().eval())
-    torch.testing.assert_close(copy.deepcopy(net)(x), net(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FuseWarning)
+        torch.testing.assert_close(copy.deepcopy(net)(x), net(x))
+        torch.testing.assert_close(net._replicate_for_data_parallel()(x), net(x))
     net.act = nn.GELU()
-    with pytest.raises(StaleForward, match=r"FusedBranches\.act is GELU, .* around the ReLU"):
-        net(x)
-    with pytest.warns(FuseWarning, match="nothing changed"):  # BN -> GELU is no site
-        fuse(unfuse(net))
-    torch.testing.assert_close(net(x), F.gelu(net.pre_activation(x)))
+    with pytest.warns(FuseWarning, match=r"FusedBranches\.act is GELU, not the ReLU it was"):
+        torch.testing.assert_close(net(x), F.gelu(net.pre_activation(x)))
 
-    features = fuse(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()))
-    features.append(nn.Conv2d(8, 2, 1))
-    with pytest.raises(StaleForward, match=r"has submodules \['0', '1', '2', '3'\]"):
-        features(x)
-    features = fuse(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()))
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    features = fuse(copy.deepcopy(plain))
+    for model in (plain, features):
+        model.append(nn.Conv2d(8, 2, 1))
+    features[3].load_state_dict(plain[3].state_dict())
+    with pytest.warns(FuseWarning, match=r"has submodules \['0', '1', '2', '3'\], not"):
+        torch.testing.assert_close(features(x), plain(x))
+
+    features = fuse(copy.deepcopy(plain)[:3])
     calls = []
     features[2].register_forward_hook(lambda *args: calls.append(args))
-    with pytest.raises(StaleForward, match=r"FusedSequential\.2 has hooks"):
-        features(x)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FuseWarning)  # the hooked ReLU is named, left unfused
-        fuse(unfuse(features))(x)
+        warnings.simplefilter("error", FuseWarning)
+        torch.testing.assert_close(features(x), plain[:3](x))
     assert len(calls) == 1
+    torch.nn.utils.parametrize.register_parametrization(
+        features[1], "weight", _Halved())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FuseWarning)
+        reference = copy.deepcopy(plain[:3])
+        torch.nn.utils.parametrize.register_parametrization(reference[1], "weight", _Halved())
+        torch.testing.assert_close(features(x), reference(x))
+
+
+class _Halved(nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight / 2
+
+
+def test_a_fused_model_profiles_as_the_unfused_one():
+    """fvcore hooks every module while it counts: the rewritten forwards run their modules' own,
+    and the count is the unfused model's (it raised StaleForward on every rewritten forward)."""
+    from resnet_ablate import profile
+
+    torch.manual_seed(0)
+    model = Branches().eval()
+    expected = profile(model, (3, 8, 8))
+    fuse(model)
+    assert profile(model, (3, 8, 8)).flops == expected.flops
 
 
 def test_an_add_with_no_relu_after_it_is_neither_fused_nor_reported():
@@ -212,13 +240,27 @@ def test_an_add_with_no_relu_after_it_is_neither_fused_nor_reported():
     assert [s.batch_norm for s in report.sites] == ["bn1"] and report.skipped == ()
 
 
+class Residual(nn.Module):
+    """A residual add out of place, which the rewrite routes through `added_then_relu`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.conv(x)) + x)
+
+
 def test_torch_fx_traces_a_fused_model_with_the_fused_batch_norm_as_a_leaf():
     """Symbolic tracing into the fused BatchNorm is refused with the way out; as a leaf module
-    (what fx-based tools take) the traced fused model computes what the unfused one does."""
+    (what fx-based tools take) the traced fused model computes what the unfused one does, an
+    out-of-place residual add included (its dtype test is one call in the graph)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          Residual()).eval()
     reference = copy.deepcopy(model)
     fuse(model)
+    assert isinstance(model[3].bn, FusedBatchNorm2d)
     with pytest.raises(TypeError, match="leaf module .* or call resnet_ablate.unfuse"):
         fx.symbolic_trace(model)
 

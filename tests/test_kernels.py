@@ -1509,7 +1509,10 @@ def test_under_vmap_the_layer_matches_pytorchs_under_vmap(backend):
 
     with use_backend(backend):
         out = torch.func.vmap(fused)(x, residual)
+        # An input shared by every batch beside batched residuals (added out of place).
+        shared = torch.func.vmap(fused, in_dims=(None, 0))(x[0], residual)
     torch.testing.assert_close(out, torch.func.vmap(unfused)(x, residual))
+    torch.testing.assert_close(shared, torch.func.vmap(unfused, in_dims=(None, 0))(x[0], residual))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

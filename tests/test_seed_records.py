@@ -11,6 +11,7 @@ import optuna
 import pytest
 
 from resnet_ablate import plots, report, stats
+from resnet_ablate.adaptive import SeedResult, _error_estimate
 from resnet_ablate.record import TrialKey, pack_outcomes
 from resnet_ablate.results import load
 from test_effects import write_study
@@ -68,8 +69,9 @@ def test_failed_seeds_are_left_out_and_every_row_over_them_counts_them_by_kind(t
     effects = results.effects()
     main = effects[(effects["factor(s)"] == "shortcut") & (effects["level"] == "none")]
     assert "3 seeds failed (diverged: 2, error: 1)" in main["note"].iloc[0]
-    caption = plots._pruned_caption(results)
-    assert "3 failed seeds left out (diverged: 2, error: 1)" in caption
+    for kind in ("depth", "pareto"):
+        title = " ".join(plots.plot(results, kind).axes[0].get_title().split())
+        assert "3 failed seeds left out (diverged: 2, error: 1)" in title, kind
 
 
 def test_a_damaged_record_is_named_by_its_seed_and_trial(tmp_path):
@@ -130,3 +132,16 @@ def test_the_report_pairs_training_error_with_its_own_configuration(tmp_path):
         assert table.loc[key, "train_error_mean"] == pytest.approx(
             training.loc[key, "train_error_mean"])
     assert "train_error_mean" in report.render_report(results)
+
+
+def test_the_adaptive_rule_bounds_different_test_set_sizes_as_the_summary_does():
+    """The rule that closes a configuration on its interval's width sees the interval the
+    summary then shows: over seeds on test sets of 300, 299 and 300 images, the binomial bound
+    on the smallest (it took Student's t over seeds, 7 times narrower)."""
+    rng = np.random.default_rng(4)
+    seeds = [SeedResult(seed, float(rng.uniform(0.1, 0.12)), size)
+             for seed, size in enumerate((IMAGES, IMAGES - 1, IMAGES))]
+    estimate = _error_estimate(seeds, 0.95)
+    expected = stats.error_rate(None, [s.error for s in seeds], IMAGES - 1)
+    assert (estimate.method, estimate.low, estimate.high) == (
+        expected.method, pytest.approx(expected.low), pytest.approx(expected.high))

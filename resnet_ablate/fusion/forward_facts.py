@@ -22,12 +22,16 @@ import functools
 import inspect
 import random
 import textwrap
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+
+from .records import FuseWarning
 
 # Values a guard compares by equality; anything else a forward reads (lists, objects) is not
 # guarded, as a forward that mutates containers is beyond what a source check can follow.
@@ -118,18 +122,31 @@ def random_draws() -> tuple[Any, ...]:
 
 
 Guards = tuple[tuple[str, str, Any], ...]  # (submodule path from the owner, attribute, value)
-# The submodules a rewritten forward absorbed or inlined (path from the owner, the module then,
-# the names of its own submodules then, whether it was absorbed): the owner holds them as
-# `KEPT_MODULES` (an attribute of the object, which deep copies map to the copy's submodules).
+# The owner and the submodules its rewritten forward absorbed or inlined, as they were: (path
+# from the owner, in parts; class, None for the owner, whose class the rewrite sets; the names of
+# its own submodules; whether it was absorbed). The owner holds them as `KEPT_MODULES`: plain
+# values, which copies and data-parallel replicas share as they are.
 KEPT_MODULES = "_fused_forward_kept_modules"
-KeptModules = tuple[tuple[str, nn.Module, tuple[str, ...], bool], ...]
+KeptModules = tuple[tuple[tuple[str, ...], type | None, tuple[str, ...], bool], ...]
+
+
+def kept_module(module: nn.Module, path: str, absorbed: bool
+                ) -> tuple[tuple[str, ...], type | None, tuple[str, ...], bool]:
+    """What `guarded` checks of a submodule (at `path` from the owner, "" the owner itself) on
+    every call."""
+    return (tuple(path.split(".")) if path else (), type(module) if path else None,
+            _own_names(module), absorbed)
 
 
 def guarded(forward: Callable[..., Any], guards: Guards) -> Callable[..., Any]:
-    """`forward`, first checking that every value it baked in is still the module's, and that
-    the submodules it absorbed (a ReLU it no longer calls, a BatchNorm it calls with the ReLU on)
-    or inlined (their own forwards are part of it) are still the module's, each with the
-    submodules it had: a swapped activation or an appended layer would be ignored."""
+    """`forward`, first checking that every value it baked in is still the module's (else
+    StaleForward), and that the submodules it absorbed (a ReLU it no longer calls, a BatchNorm
+    it calls with the ReLU on) or inlined (their forwards are part of it) are still of their
+    class, with the submodules they had, and, where absorbed, without hooks (a ReLU's would not
+    run, a fused BatchNorm's would see its output after the ReLU). Where one is not
+    (an ablation's swapped activation, an appended layer, a hook that must run), the module's
+    own forward runs instead: exact, unfused there; a FuseWarning says so once, but for hooks
+    (profilers hook every module while they count)."""
 
     @functools.wraps(forward)  # its signature, which torch.fx reads through the wrapper
     def checked_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -142,42 +159,44 @@ def guarded(forward: Callable[..., Any], guards: Guards) -> Callable[..., Any]:
                     f"{type(self).__name__}.{where} is {now!r}, but resnet_ablate.fuse rewrote "
                     f"this forward when it was {value!r} and baked that value in: call "
                     "resnet_ablate.unfuse(model), set it, then fuse(model) again")
-        for path, kept, names, absorbed in getattr(self, KEPT_MODULES, ()):
-            now = _submodule(self, path)
-            if now is not kept or tuple(now._modules) != names or (absorbed and _hooked(now)):
-                _refuse_changed(self, path, kept, now, names)
+        for parts, kind, names, absorbed in getattr(self, KEPT_MODULES, ()):
+            now = self
+            for part in parts:
+                now = now._modules.get(part) if now is not None else None
+            if (now is None or not (kind is None or type(now) is kind or _parametrized(now, kind))
+                    or (tuple(now._modules) != names and _own_names(now) != names)
+                    or (absorbed and (now._forward_hooks or now._forward_pre_hooks
+                                      or now._backward_hooks or now._backward_pre_hooks))):
+                _say_unfused(self, ".".join(parts), kind, now, names)
+                return self.unfused_class.forward(self, *args, **kwargs)
         return forward(self, *args, **kwargs)
 
     return checked_forward
 
 
-def _submodule(root: nn.Module, path: str) -> nn.Module | None:
-    module: nn.Module | None = root
-    for part in path.split(".") if path else ():
-        module = module._modules.get(part) if module is not None else None
-    return module
+def _own_names(module: nn.Module) -> tuple[str, ...]:
+    """A module's submodules' names, but for the one a parametrization adds."""
+    return tuple(name for name in module._modules if name != "parametrizations")
 
 
-def _hooked(module: nn.Module) -> bool:
-    """Hooks on a module the rewritten forward absorbed (none when it was rewritten): a ReLU's
-    would never run, a fused BatchNorm's would see its output after the ReLU."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
+def _parametrized(module: nn.Module, kind: type | None) -> bool:
+    """Whether `module` is a `kind` given a parametrization (its class then derives from it)."""
+    return type(module).__bases__ == (kind,) and parametrize.is_parametrized(module)
 
 
-def _refuse_changed(owner: nn.Module, path: str, kept: nn.Module, now: nn.Module | None,
-                    names: tuple[str, ...]) -> None:
+def _say_unfused(owner: nn.Module, path: str, kind: type | None, now: nn.Module | None,
+                 names: tuple[str, ...]) -> None:
+    swapped = now is not None and not (kind is None or type(now) is kind
+                                       or _parametrized(now, kind))
+    if now is not None and not swapped and _own_names(now) == names:
+        return  # hooks: the module's own forward runs them, as before fusing
     where = f"{type(owner).__name__}.{path}" if path else type(owner).__name__
-    if now is not kept:
-        change = f"is {type(now).__name__ if now is not None else 'gone'}"
-    elif tuple(now._modules) != names:
-        change = f"has submodules {list(now._modules)}"
-    else:
-        change = "has hooks (its ReLU is part of the fused BatchNorm's call)"
-    raise StaleForward(
-        f"{where} {change}, but resnet_ablate.fuse rewrote this forward around the "
-        f"{type(kept).__name__} it was{f' (submodules {list(names)})' if names else ''}: "
-        "call resnet_ablate.unfuse(model), then fuse(model) again to fuse the model as it is now")
+    change = (f"is {type(now).__name__}, not the {kind.__name__} it was" if swapped
+              else "is gone" if now is None
+              else f"has submodules {list(_own_names(now))}, not {list(names)}")
+    warnings.warn(f"{where} {change} when resnet_ablate.fuse rewrote this forward: the module's "
+                  "own forward runs (exact, unfused there); resnet_ablate.unfuse(model) then "
+                  "fuse(model) fuses the model as it is now", FuseWarning, stacklevel=3)
 
 
 _MISSING = object()

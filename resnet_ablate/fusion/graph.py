@@ -25,8 +25,8 @@ import torch
 from torch import fx, nn
 
 from ..blocks import fused_twin_of
-from .forward_facts import KEPT_MODULES, KeptModules, guarded
-from .patterns import _OPAQUE, find_sites, owner_of, rewrite, traced
+from .forward_facts import KEPT_MODULES, KeptModules, guarded, kept_module
+from .patterns import _OPAQUE, added_then_relu, find_sites, owner_of, rewrite, traced
 from .probe import beyond_tolerance, evaluating, probe_input
 from .records import FusedSite, SkippedBlock, qualified
 
@@ -60,6 +60,11 @@ def _forward_of(graph: fx.Graph) -> Callable[..., Any]:
     code = graph.python_code(root_module="self")
     namespace = dict(code.globals)
     exec(compile(code.src, "<forward rewritten by resnet_ablate.fuse>", "exec"), namespace)  # noqa: S102
+    # torch.fx tracing a fused model (a user's tracer, with the fused BN a leaf) records
+    # `added_then_relu` as one call: its dtype test cannot be traced. torch.fx.wrap registers a
+    # name of the namespace it is called at the top of, which this exec is.
+    for name in [n for n, value in namespace.items() if value is added_then_relu]:
+        exec(compile(f"torch.fx.wrap({name!r})", "<resnet_ablate.fuse>", "exec"), namespace)  # noqa: S102
     return namespace["forward"]
 
 
@@ -90,8 +95,8 @@ def _kept_modules(module: nn.Module, through: set[str], calls: list[tuple[fx.Nod
     owner itself), each with its submodules' names; of the sites' calls (`calls`), the fused
     BatchNorms it calls with the ReLU on and the ReLU modules it absorbed."""
     absorbed = {str(node.target) for site in calls for node in site if node.op == "call_module"}
-    return tuple((path, m, tuple(m._modules), path in absorbed)
-                 for path in sorted({"", *through, *absorbed}) for m in (module.get_submodule(path),))
+    return tuple(kept_module(module.get_submodule(path), path, path in absorbed)
+                 for path in sorted({"", *through, *absorbed}))
 
 
 def _prefixes(path: str) -> set[str]:

@@ -1,7 +1,8 @@
 """A live one-line display of a running study: done / running / failed / remaining, best so far, ETA.
 
-On a terminal the line is redrawn in place; elsewhere (CI logs, pipes) a line is printed whenever
-the counts change, so long runs always show progress without flooding a log.
+On a terminal the line is redrawn in place; elsewhere (CI logs, pipes, a cluster's job log) a
+line is printed whenever the counts change, and otherwise at most once a minute while the running
+trials' epochs move, so long runs always show progress without flooding a log.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ def format_seconds(seconds: float | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+# Outside a terminal: how often a line may say only that the running trials' epochs moved (a
+# 120-epoch ImageNet trial's log would otherwise read "epochs 0/120" for days).
+EPOCHS_LOG_SECONDS = 60.0
+
+
 class StudyProgress:
     def __init__(self, study: str, *, stream: TextIO | None = None, enabled: bool = True) -> None:
         self.study = study
@@ -28,6 +34,7 @@ class StudyProgress:
         self.live = enabled and self.stream.isatty()
         self.started = time.monotonic()
         self._last_counts: tuple[int, ...] | None = None
+        self._last_epochs, self._last_printed = "", self.started
         self._line = ""
 
     def update(self, *, done: int, running: int, failed: int, remaining: int,
@@ -41,11 +48,14 @@ class StudyProgress:
             f"| ETA {format_seconds(eta_seconds)}"
         )
         counts = (done, running, failed, remaining)
+        now = time.monotonic()
         if self.live:
             self.stream.write("\r\033[K" + self._line)
             self.stream.flush()
-        elif counts != self._last_counts:
+        elif counts != self._last_counts or (
+                epochs != self._last_epochs and now - self._last_printed >= EPOCHS_LOG_SECONDS):
             print(self._line, file=self.stream, flush=True)
+            self._last_epochs, self._last_printed = epochs, now
         self._last_counts = counts
 
     def log(self, message: str) -> None:

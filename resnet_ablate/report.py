@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from .display import FOOTNOTE_COLUMNS, display_frame, footnotes
+from .record import VIEW_METRICS
 from .results import Results, ResultsError
 from .spec import adaptive_rule
 from .store_reading import scalar_value
@@ -154,6 +155,7 @@ def render_report(results: Results, *, responses: bool = True) -> str:
     except ResultsError as error:  # no completed trial: what there is, and why trials failed
         parts += [f'<p class="note">{html.escape(str(error))}</p>', _trials(results), "</body></html>"]
         return "\n".join(parts)
+    parts += _views(results)
     parts += _comparisons(results)
     parts.append(_effects(results))
     parts += _seed_decisions(results)
@@ -180,6 +182,21 @@ def _summary(results: Results) -> list[str]:
     """The summary table over seeds; raises ResultsError while no trial has completed."""
     summary = summary_with_training_error(results)
     return [_table(summary), _footnotes(summary)]
+
+
+def _views(results: Results) -> list[str]:
+    """The summary over seeds of each other evaluation the trials recorded (10-crop and
+    multi-scale testing, the paper's protocol for its ImageNet tables): their headline figures,
+    which the centre-crop tables above are not."""
+    done = results.completed()
+    recorded = [m for m in VIEW_METRICS if m in done.columns and done[m].notna().any()]
+    parts = []
+    for metric in recorded:
+        table = results.summary(metric=metric)
+        parts += [f"<h3>{html.escape(metric)}</h3>", _table(table), _footnotes(table)]
+    if parts:
+        parts.insert(0, "<h2>The paper's test protocol: other views of the test set</h2>")
+    return parts
 
 
 def _comparisons(results: Results) -> list[str]:

@@ -84,6 +84,12 @@ def test_a_label_file_that_does_not_fit_is_one_error_naming_the_line(ilsvrc, tmp
     with pytest.raises(ValueError, match="no label for 7 of the 9 images in val/, first "
                                          "ILSVRC2012_val_00000003.JPEG"):
         scan_image_folder(root, val_labels=short)
+    # A first line that names an image of val/ is not a header: its bad label is named too.
+    first = tmp_path / "first.txt"
+    first.write_text("ILSVRC2012_val_00000001 7\nILSVRC2012_val_00000002 n01440764\n")
+    with pytest.raises(ValueError, match=r"first.txt:1: 'ILSVRC2012_val_00000001 7' is not "
+                                         r"'filename label' .* or an index in 0..2"):
+        scan_image_folder(root, val_labels=first)
     wrong = tmp_path / "wrong.txt"
     wrong.write_text("ILSVRC2012_val_00000001 n01440764\nILSVRC2012_val_00000002 n99999999\n")
     with pytest.raises(ValueError, match=r"wrong.txt:2: 'ILSVRC2012_val_00000002 n99999999' is "
@@ -112,6 +118,14 @@ def test_the_devkits_ground_truth_refuses_a_val_folder_missing_an_image_or_holdi
                                          "ILSVRC2012_val_00000006.JPEG"):
         scan_image_folder(missing, val_labels=labels)
     (missing / "val" / "ILSVRC2012_val_00000041.JPEG").unlink()
+    # A class subset (or an extraction that lost images): val/ holds some of the numbers.
+    subset = tmp_path / "subset"
+    shutil.copytree(missing, subset)
+    (subset / "val" / "ILSVRC2012_val_00000001.JPEG").unlink()
+    with pytest.raises(ValueError, match="its 9 lines label images 1 to 9 in order, but val/ "
+                                         "holds 7 of them, numbered 2 to 9 with gaps: an "
+                                         "incomplete extraction, or a class subset"):
+        scan_image_folder(subset, val_labels=labels)
     for k in range(5, 9):  # 1..8 of the 9 that the file labels: the last one is missing
         (missing / "val" / f"ILSVRC2012_val_{k + 1:08d}.JPEG").rename(
             missing / "val" / f"ILSVRC2012_val_{k:08d}.JPEG")
@@ -147,8 +161,11 @@ def test_a_study_trains_on_the_ilsvrc_layout_and_it_converts_to_folders_and_shar
     assert [by_name[f"ILSVRC2012_val_{k:08d}.JPEG"] for k in range(1, 10)] == truth
     assert main(["convert-imagenet", str(root), str(shards), "--val-labels", labels, "--to",
                  "shards", "--shard-size", "4"]) == 0
-    printed = capsys.readouterr().out
+    printed, errors = capsys.readouterr()
     assert f'train: "{shards}/train-{{000000..000004}}.tar"' in printed
+    # Each split's end on stderr at least (every ten seconds besides).
+    assert "convert-imagenet: train 18/18 images" in errors
+    assert "convert-imagenet: val 9/9 images" in errors
     data = load_shards({"train": f"{shards}/train-{{000000..000004}}.tar",
                         "val": f"{shards}/val-{{000000..000002}}.tar", "num_classes": 3},
                        image_size=32, loader_workers=0)
@@ -173,7 +190,10 @@ def test_shards_of_folders_whose_file_names_repeat_across_classes_keep_every_sam
             (tmp_path / "tree" / split / name).mkdir(parents=True)
             for i in range(count):
                 _jpeg(tmp_path / "tree" / split / name / f"{i}.jpg", label, rng)
-    convert_imagenet(tmp_path / "tree", tmp_path / "shards", to="shards", shard_size=5)
+    told = []  # progress: every image, split by split (ImageNet's take hours to write)
+    convert_imagenet(tmp_path / "tree", tmp_path / "shards", to="shards", shard_size=5,
+                     progress=lambda *args: told.append(args))
+    assert told == [("train", k, 12) for k in range(1, 13)] + [("val", k, 6) for k in range(1, 7)]
     data = load_shards({"train": str(tmp_path / "shards" / "train-{000000..000002}.tar"),
                         "val": str(tmp_path / "shards" / "val-{000000..000001}.tar"),
                         "num_classes": 3}, image_size=24, loader_workers=0)

@@ -145,3 +145,28 @@ def test_the_adaptive_rule_bounds_different_test_set_sizes_as_the_summary_does()
     expected = stats.error_rate(None, [s.error for s in seeds], IMAGES - 1)
     assert (estimate.method, estimate.low, estimate.high) == (
         expected.method, pytest.approx(expected.low), pytest.approx(expected.high))
+
+
+def test_the_report_shows_the_papers_test_views_where_trials_recorded_them(tmp_path):
+    """A study evaluated as the paper tested (10-crop, multi-scale) has those errors in its
+    report, summarised over seeds as `summary --metric` gives them; a study without them has no
+    such section."""
+    path = tmp_path / "views.db"
+    cells = _cells()
+
+    def tested(point, seed, attrs):
+        error = float(np.mean(cells[(point, seed)]))
+        attrs[TrialKey.CURVES] = [{"epoch": 1, "test_error": error,
+                                   "test_error_10crop": max(error - 0.02, 0.0)}]
+
+    write_study(path, "views", SPACE, cells, edit=tested)
+    results = load(str(path))
+    page = report.render_report(results, responses=False)
+    assert "The paper's test protocol" in page and "<h3>test_error_10crop</h3>" in page
+    assert "test_error_multiscale" not in page  # not recorded
+    expected = results.summary(metric="test_error_10crop")
+    assert f"{100 * expected['test_error_10crop_mean'].iloc[0]:.2f}" in page
+    plain = tmp_path / "plain.db"
+    write_study(plain, "plain", SPACE, _cells())
+    assert "The paper's test protocol" not in report.render_report(load(str(plain)),
+                                                                   responses=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from .registry import command
 
@@ -14,7 +15,7 @@ def _convert_imagenet(args: argparse.Namespace) -> int:
 
     try:
         done = convert_imagenet(args.root, args.out, val_labels=args.val_labels, to=args.to,
-                                shard_size=args.shard_size)
+                                shard_size=args.shard_size, progress=_progress_lines())
     except (OSError, ValueError) as error:
         print(f"resnet-ablate: error: {error}", file=sys.stderr)
         return 2
@@ -22,6 +23,21 @@ def _convert_imagenet(args: argparse.Namespace) -> int:
           f"{done.classes} classes as {done.to} under {done.out}; a spec reads them with:")
     print("\n".join(done.spec_lines()))
     return 0
+
+
+def _progress_lines(every_seconds: float = 10.0):
+    """`convert_imagenet`'s progress as a line on stderr every `every_seconds` and at each
+    split's end: writing ImageNet as shards takes hours."""
+    last = [time.monotonic()]
+
+    def progress(split: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == total or now - last[0] >= every_seconds:
+            print(f"convert-imagenet: {split} {done}/{total} images", file=sys.stderr,
+                  flush=True)
+            last[0] = now
+
+    return progress
 
 
 def add_convert_command(sub) -> None:

@@ -50,8 +50,8 @@ def read_val_labels(label_file: str | os.PathLike[str], images: list[Path],
             continue  # an image not in val/ (a class subset with the full file): its label unread
         label = _class_of(words[1], index, len(classes)) if len(words) > 1 else None
         if label is None:
-            if position == 0:
-                continue  # a header line
+            if position == 0 and Path(words[0]).stem not in present:
+                continue  # a header line (not one naming an image of val/, whose label is wrong)
             raise ValueError(f"{path}:{number}: {' '.join(words[:2])!r} is not 'filename label' "
                              f"with a label among {len(classes)} class folders' names (e.g. "
                              f"{classes[0]}) or an index in 0..{len(classes) - 1}")
@@ -99,6 +99,15 @@ def _check_numbering(path: Path, lines: int, images: list[Path]) -> None:
     numbers = [_NUMBERED.search(p.stem) for p in images]
     if not images or None in numbers:
         return
+    found = [int(number.group(1)) for number in numbers]
+    if len(found) < lines and found == sorted(set(found)) and found[-1] <= lines \
+            and found != list(range(1, len(found) + 1)):
+        raise ValueError(
+            f"{path}: its {lines} lines label images 1 to {lines} in order, but val/ holds "
+            f"{len(found)} of them, numbered {found[0]} to {found[-1]} with gaps: an incomplete "
+            "extraction, or a class subset? One label a line cannot label a subset: write "
+            "'filename label' lines (or use LOC_val_solution.csv), whose lines for images not in "
+            "val/ are skipped")
     for position, (image, number) in enumerate(zip(images, numbers), start=1):
         if int(number.group(1)) != position:
             raise ValueError(

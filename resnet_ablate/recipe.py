@@ -155,7 +155,7 @@ class TrainRecipe:
             fail("precision", f"one of {', '.join(PRECISIONS)}")
         if self.memory_format not in MEMORY_FORMATS:
             fail("memory_format", f"one of {', '.join(MEMORY_FORMATS)}")
-        for name in ("compile", "sync_bn", "augment"):
+        for name in ("compile", "sync_bn", "augment", "nesterov", "warmup"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "true or false")
         if not (isinstance(self.cuda_graphs, bool) or self.cuda_graphs == "auto"):
@@ -182,7 +182,7 @@ class TrainRecipe:
         values = dict(values)
         preset = values.pop("preset", None)
         if preset is not None:
-            if preset not in PRESETS:
+            if not isinstance(preset, str) or preset not in PRESETS:
                 raise ValueError(f"{where}: preset {preset!r} is not a recipe; valid: "
                                  f"{', '.join(PRESETS)}")
             values = {**PRESETS[preset].to_dict(), **values}

@@ -144,9 +144,10 @@ def store_faults(url: str) -> Iterator[None]:
         if cause is None:
             raise
         raise StoreError(f"study store {url}: {_reason(cause)}") from None
-    except (ValueError, AssertionError) as error:
+    except (ValueError, AssertionError, IndexError, KeyError) as error:
         # A record Optuna cannot read back (bad JSON, bytes that are not UTF-8, a value its
-        # model rejects): the store is damaged, whichever of its readers met it first.
+        # model rejects, a parameter's index out of its choices): the store is damaged,
+        # whichever of its readers met it first.
         if not _raised_reading_the_store(error):
             raise
         what = f"{type(error).__name__}: {error}".strip().rstrip(":").splitlines()[0]

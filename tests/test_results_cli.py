@@ -154,6 +154,10 @@ def test_pareto_prints_the_non_dominated_trials(cli, results):
              if not any((e2 <= e and f2 <= f) and (e2 < e or f2 < f)
                         for e2, f2 in zip(done["test_error"], done["flops"]))]
     assert code == 0 and sorted(printed["number"]) == sorted(front)
+    # No names at all is one line (it was a TypeError from deep inside).
+    code, _, err = cli("pareto", "--objectives", "")
+    assert code == 2 and err.count("\n") == 1
+    assert "--objectives: give metric names separated by commas" in err
 
 
 @pytest.mark.parametrize("kind", ["curves", "depth", "pareto", "responses"])
@@ -233,7 +237,9 @@ def test_output_never_replaces_a_store_and_other_files_only_with_force(cli, runs
     ("UPDATE trial_values SET value = NULL WHERE trial_id = 1", "AssertionError"),
     ("UPDATE trial_user_attributes SET value_json = CAST(X'22AC22' AS BLOB) WHERE key = 'arch'",
      "UnicodeDecodeError"),
-], ids=["bad json", "a missing objective value", "bytes that are not utf-8"])
+    # A parameter's index outside its distribution's choices (an edited store).
+    ("UPDATE trial_params SET param_value = 999 WHERE trial_id = 1", "IndexError"),
+], ids=["bad json", "a missing objective value", "bytes that are not utf-8", "a parameter index"])
 def test_a_damaged_record_is_one_line_naming_the_store(runs, capsys, tmp_path, damage):
     statement, kind = damage
     copy = tmp_path / f"{STUDY}.db"

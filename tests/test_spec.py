@@ -142,6 +142,24 @@ def test_invalid_specs_name_file_field_and_what_is_valid(raw, expected):
     assert expected in _error(raw)
 
 
+@pytest.mark.parametrize("raw, expected", [
+    # A list or map where a name or a seed goes: one line, where `in` or a set raised TypeError.
+    ({**MINIMAL, "objectives": [["test_error"]]},
+     "objectives[0]: expected a metric name, got list ['test_error']"),
+    ({**MINIMAL, "seeds": [[0]]}, "seeds[0]: expected an int, got list [0]"),
+    ({**MINIMAL, "seeds": [{"a": 1}]}, "seeds[0]: expected an int, got dict {'a': 1}"),
+    ({**MINIMAL, "space": {"depth": [20], "shortcut": ["A", "B"]},
+      "seeds": {"min": 2, "max": 4, "until": {"decided": ["shortcut"]}}},
+     "seeds.until.decided: expected a swept factor's name, got list ['shortcut']"),
+    ({**MINIMAL, "train": {"preset": ["imagenet"]}},
+     "train: preset ['imagenet'] is not a recipe; valid: cifar"),
+    # A count is bounded before its seeds are listed (50M took 5 GB; 1e38 overflowed).
+    ({**MINIMAL, "seeds": 10**38}, f"seeds: a count of seeds from 1 to 10000, got {10**38}"),
+])
+def test_a_wrong_type_or_an_enormous_count_is_one_line(raw, expected):
+    assert expected in _error(raw)
+
+
 WEBDATASET = {"name": "webdataset", "shards": {"train": "t.tar", "val": "v.tar", "num_classes": 10}}
 
 
@@ -207,6 +225,9 @@ def test_yaml_numbers_are_read_as_yaml_1_2_reads_them(text, field, expected, tmp
     ("train: {epochs: 1:30}", "train.epochs must be an int >= 1, got '1:30'"),  # 1.1: 90
     ("train: {epochs: 0b100}", "train.epochs must be an int >= 1, got '0b100'"),  # 1.1: 4
     ("train: {compile: yes}", "train.compile must be true or false, got 'yes'"),
+    # Strings are truthy: 'no' and 'off' turned Nesterov momentum and warm-up on.
+    ("train: {nesterov: no}", "train.nesterov must be true or false, got 'no'"),
+    ("train: {warmup: off}", "train.warmup must be true or false, got 'off'"),
     ("max_attempts: 1_000", "max_attempts: expected an int >= 1, got str '1_000'"),
     ("question: 2020-01-01", None),  # a string, not a date
 ])

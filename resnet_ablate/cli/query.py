@@ -135,7 +135,13 @@ def _effects(args: argparse.Namespace) -> int:
 @command("pareto")
 @_query
 def _pareto(args: argparse.Namespace) -> int:
-    table = _load(args).pareto(_names(args.objectives), over=args.over)
+    from ..results import ResultsError
+
+    objectives = _names(args.objectives)
+    if args.objectives is not None and not objectives:
+        raise ResultsError("--objectives: give metric names separated by commas, such as "
+                           "test_error,flops")
+    table = _load(args).pareto(objectives, over=args.over)
     return emit_statistics(table, args)
 
 

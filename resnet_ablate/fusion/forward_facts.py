@@ -12,7 +12,9 @@ the forward is rewritten, and a call after one of them changed raises (`StaleFor
 than compute with the old value. Tracing also fails where the autograd or autocast state differs
 while a node is recorded from where tracing began (a helper function's `with` block, which the
 source check does not see), and where the random generators moved while tracing (a random
-choice made in Python, which tracing would bake in).
+choice made in Python, which tracing would bake in). The submodules a rewrite absorbs or inlines
+are checked too, on every call (`guarded`): where one was swapped, given another layer or hooks,
+the module's own forward runs.
 """
 
 from __future__ import annotations

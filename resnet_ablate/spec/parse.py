@@ -99,6 +99,7 @@ def _objectives(check: Checker, value: Any) -> list[str]:
     if not objectives:
         raise check.fail("objectives", f"empty; valid metrics: {', '.join(OBJECTIVES)}")
     for i, name in enumerate(objectives):
+        check.typed(f"objectives[{i}]", name, str, "a metric name")
         if name not in OBJECTIVES:
             raise check.fail(f"objectives[{i}]", f"{name!r} is not a metric; valid: "
                                                  f"{', '.join(OBJECTIVES)}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .catalogue import MAX_ADAPTIVE_SEEDS
+from .catalogue import MAX_ADAPTIVE_SEEDS, MAX_TRIALS
 from .checker import Checker
 from .sections import AdaptiveSeeds, values_of
 
@@ -34,14 +34,15 @@ def seeds_section(check: Checker, value: Any, space: Mapping[str, Any]
     if isinstance(value, dict):
         return _adaptive_seeds(check, value, space)
     if isinstance(value, int) and not isinstance(value, bool):
-        if value < 1:
-            raise check.fail("seeds", f"a count of seeds must be >= 1, got {value}")
+        if not 1 <= value <= MAX_TRIALS:  # before a list of them is made
+            raise check.fail("seeds", f"a count of seeds from 1 to {MAX_TRIALS}, got {value}")
         value = list(range(value))
     check.typed("seeds", value, list, "a count (int), a list of int seeds, or {min, max, until}")
+    for i, seed in enumerate(value):  # before the set below, which a list or map would break
+        check.typed(f"seeds[{i}]", seed, int, "an int")
     if not value or len(set(value)) != len(value):
         raise check.fail("seeds", f"expected distinct int seeds, got {value!r}")
     for i, seed in enumerate(value):
-        check.typed(f"seeds[{i}]", seed, int, "an int")
         if not 0 <= seed <= MAX_SEED:
             raise check.fail(f"seeds[{i}]", f"must be an int from 0 to {MAX_SEED} (2**32 - 1), "
                                             f"got {seed}")
@@ -82,7 +83,7 @@ def _adaptive_seeds(check: Checker, value: dict, space: Mapping[str, Any]
             raise check.fail("seeds.until.width", f"an interval width of an error rate, in "
                                                   f"(0, 1] (0.02 is 2 points), got {width!r}")
     else:
-        decided = until["decided"]
+        decided = check.typed("seeds.until.decided", until["decided"], str, "a swept factor's name")
         swept = [name for name, levels in space.items() if len(values_of(levels)) >= 2]
         if decided not in swept:
             listed = (f"; space lists it with one level, {values_of(space[decided])[0]!r}: a "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -90,9 +90,8 @@ def paired_contrast(results: Results, values: pd.DataFrame, trials: pd.DataFrame
     if metric in ERROR_RATES and outcomes is not None and len(outcomes) == values.size:
         n = len(values)  # one trial a cell, each with its per-image record
         tables = [outcomes[k * n:(k + 1) * n] for k in range(len(columns))]
-    seeds = [([n for cell in row for n in cell], seed) for row, seed in
-             zip(trials.itertuples(index=False), values.index.get_level_values("seed"))]
-    with seeds_named(seeds):
+    with seeds_named(lambda: [([n for cell in row for n in cell], seed) for row, seed in zip(
+            trials.itertuples(index=False), values.index.get_level_values("seed"))]):
         estimate = with_note(stats.contrast(tables, weights, errors, images),
                              sizes_note(results, numbers))
     # Accuracy is 1 - error and a contrast's weights sum to zero: the same contrast, negated.
@@ -100,13 +99,14 @@ def paired_contrast(results: Results, values: pd.DataFrame, trials: pd.DataFrame
 
 
 @contextlib.contextmanager
-def seeds_named(seeds: Sequence[tuple[list[int], Any]]) -> Iterator[None]:
+def seeds_named(listed: Callable[[], Sequence[tuple[list[int], Any]]]) -> Iterator[None]:
     """A statistic's error about a seed's record (a damaged store), naming that seed by its
-    seed number and trials (`seeds`: each value's trial numbers and seed, in the order the
-    statistic was given them) rather than by its position among them."""
+    seed number and trials (`listed()`: each value's trial numbers and seed, in the order the
+    statistic was given them, worked out only for such an error) rather than by its position."""
     try:
         yield
     except SeedRecordsError as error:
+        seeds = listed()
         if error.position is None or error.position >= len(seeds):
             raise
         numbers, seed = seeds[error.position]
@@ -213,10 +213,15 @@ def failed_note(failed: pd.DataFrame, where: dict[str, Any]) -> str:
     count = count_where(failed, where)
     if not count:
         return ""
-    kinds = _rows_where(failed, where)["failure_kind"].fillna("error").value_counts()
-    how = ", ".join(f"{kind.replace('_', ' ')}: {n}" for kind, n in kinds.items())
-    return (f"{count} seed{'s' if count != 1 else ''} failed ({how}), left out: this row is "
-            "over the seeds that finished, which says nothing of how often training fails")
+    return (f"{count} seed{'s' if count != 1 else ''} failed "
+            f"({failure_kinds(_rows_where(failed, where))}), left out: this row is over the "
+            "seeds that finished, which says nothing of how often training fails")
+
+
+def failure_kinds(failed: pd.DataFrame) -> str:
+    """How many of `failed` (failed trials) failed each way: "diverged: 2, error: 1"."""
+    kinds = failed["failure_kind"].fillna("error").value_counts()
+    return ", ".join(f"{kind.replace('_', ' ')}: {n}" for kind, n in kinds.items())
 
 
 @dataclasses.dataclass(frozen=True)

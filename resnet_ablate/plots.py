@@ -28,7 +28,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .contrasts import failed_seeds, pruned_seeds
+from .contrasts import failed_seeds, failure_kinds, pruned_seeds
 from .results import Results, ResultsError
 
 KINDS = ("curves", "depth", "pareto", "responses")
@@ -113,10 +113,8 @@ def _pruned_caption(results: Results) -> str:
     parts = [f"{pruned} pruned seed{'s' if pruned != 1 else ''} left out (the pruner let the "
              "better-looking seeds finish)" if pruned else ""]
     if len(failed):
-        kinds = failed["failure_kind"].fillna("error").value_counts()
-        parts.append(f"{len(failed)} failed seed{'s' if len(failed) != 1 else ''} left out ("
-                     + ", ".join(f"{kind.replace('_', ' ')}: {n}" for kind, n in kinds.items())
-                     + "): means over the seeds that finished")
+        parts.append(f"{len(failed)} failed seed{'s' if len(failed) != 1 else ''} left out "
+                     f"({failure_kinds(failed)}): means over the seeds that finished")
     text = "; ".join(part for part in parts if part)
     return f"\n{text}" if text else ""
 

@@ -85,11 +85,10 @@ def configuration_estimate(results: Results, group: pd.DataFrame, metric: str) -
     """The estimate of `metric` over one configuration's completed seeds (see `summary`)."""
     keys = [*results.configuration_columns(), "seed"]
     values, repeated = _per_seed(group, metric, keys)
-    seeds = [(list(trials["number"]), seed) for (*_, seed), trials
-             in group.groupby(keys, dropna=False, sort=True)] if repeated \
-        else [([number], seed) for number, seed in zip(group["number"], group["seed"])]
     numbers = group["number"].tolist()
-    with seeds_named(seeds):
+    with seeds_named(lambda: [(list(trials["number"]), seed) for (*_, seed), trials
+                              in group.groupby(keys, dropna=False, sort=True)] if repeated
+                     else [([number], seed) for number, seed in zip(numbers, group["seed"])]):
         if metric not in TEST_SET_RATES:
             return stats.seed_mean(values, metric_bounds(metric),
                                    exact_ties=metric in CONFIGURATION_CONSTANTS)

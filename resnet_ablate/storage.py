@@ -72,6 +72,19 @@ def study_file(study: str, suffix: str, folder: PathLike) -> Path:
     return path
 
 
+# The folders a study keeps beside its store: kept weights, and Ray Train's checkpoints.
+ARTIFACTS_SUFFIX = ".artifacts"
+CHECKPOINTS_SUFFIX = ".checkpoints"
+
+
+def study_folder_holding(path: PathLike) -> Path | None:
+    """The study folder (`STUDY.artifacts/`, `STUDY.checkpoints/`) that `path` lies in once links
+    and `..` are resolved, or None: nothing but the study itself writes there."""
+    real = Path(os.path.realpath(path))
+    return next((folder for folder in real.parents
+                 if folder.name.endswith((ARTIFACTS_SUFFIX, CHECKPOINTS_SUFFIX))), None)
+
+
 def runs_folder(runs_dir: PathLike | None = None) -> Path:
     """The runs folder: `runs_dir` if given, else $RESNET_ABLATE_RUNS, else ./runs."""
     if runs_dir is not None:

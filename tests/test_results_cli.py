@@ -224,6 +224,25 @@ def test_output_never_replaces_a_store_and_other_files_only_with_force(cli, runs
     assert code == 0 and existing.read_text().startswith("number,")
     code, _, err = cli("plot", "--kind", "depth", "-o", str(store), "--force")
     assert code == 2 and store.read_bytes() == before
+    # A study's own folders and saved weights: never, --force or not (a link is followed).
+    kept = sorted((Path(runs) / f"{STUDY}.artifacts").glob("trial-*.pt"))
+    assert kept, "the study keeps its trials' weights"
+    weights = kept[0]
+    saved = weights.read_bytes()
+    (tmp_path / "linked").symlink_to(weights.parent)
+    for target, said in ((weights, "a study's own folder"),
+                         (weights.parent / "new.csv", "a study's own folder"),
+                         (tmp_path / "linked" / "new.csv", "a study's own folder"),
+                         (Path(runs) / f"{STUDY}.checkpoints" / "t" / "plot.png",
+                          "a study's own folder")):
+        code, _, err = cli("export", "-o", str(target), "--force")
+        assert code == 2 and said in err and "Traceback" not in err, err
+        assert not target.exists() or target == weights
+    moved = tmp_path / "kept.pt"
+    moved.write_bytes(saved)
+    code, _, err = cli("plot", "--kind", "depth", "-o", str(moved), "--force")
+    assert code == 2 and "is a zip archive (saved weights?)" in err
+    assert weights.read_bytes() == saved and moved.read_bytes() == saved
     # Into a path through a file, or where nothing may be written: one line, exit 2.
     code, _, err = cli("export", "-o", str(existing / "inside.csv"))
     assert code == 2 and f"{existing} is a file, not a folder" in err and existing.is_file()

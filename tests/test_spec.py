@@ -365,6 +365,27 @@ def test_a_level_listed_twice_is_refused_naming_the_field_and_the_level(space, e
     assert "trains the same configuration twice" in message
 
 
+@pytest.mark.parametrize("space,model,pair", [
+    # null is the family's default: shortcut A on CIFAR, B on ImageNet
+    ({"depth": [8], "shortcut": [None, "A"]}, {}, "depth=8, shortcut=None and depth=8, shortcut='A'"),
+    ({"shortcut": ["B", None]}, {"family": "imagenet", "depth": 18},
+     "shortcut='B' and shortcut=None"),
+    # ResNet-20's defaults spelled out, and basic blocks' downsampling (one place only)
+    ({"depth": [20], "stages": [None, [3, 3, 3]]}, {}, "depth=20, stages=None and depth=20, "
+                                                       "stages=(3, 3, 3)"),
+    ({"depth": [8], "downsampling": ["v1", "v1.5"]}, {}, "depth=8, downsampling='v1' and "
+                                                         "depth=8, downsampling='v1.5'"),
+])
+def test_two_levels_that_build_the_same_network_are_refused(space, model, pair):
+    message = _error({**MINIMAL, "model": model, "space": space})
+    assert f"space: the points {pair} build the same network" in message, message
+    assert "it would train twice under two names" in message
+    # Levels that differ in the network are kept: bottlenecks do stride in one of two places.
+    spec = parse_spec({**MINIMAL, "space": {"depth": [11], "block": ["bottleneck"],
+                                            "downsampling": ["v1", "v1.5"]}})
+    assert len(list(spec.grid())) == 2
+
+
 def test_distinct_levels_that_only_look_alike_are_kept():
     spec = parse_spec({**MINIMAL, "space": {"shortcut": ["A", "B", "C", "none"],
                                             "stages": [[1, 2, 3], [3, 2, 1]]}})

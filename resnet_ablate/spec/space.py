@@ -1,6 +1,6 @@
 """The `space` section of a spec: the swept architecture fields, each with its levels (a list,
 or an int range for the random and tpe samplers), no level listed twice, every point of the grid
-a buildable architecture."""
+a buildable architecture and no two the same network."""
 
 from __future__ import annotations
 
@@ -86,9 +86,10 @@ def space_section(check: Checker, value: Any, sampler: str, model: Mapping[str, 
     # Every combination must be a buildable architecture (checked up to a large space's first 10k).
     points = list(itertools.islice(
         itertools.product(*[[(n, v) for v in values_of(c)] for n, c in space.items()]), 10_000))
+    built: dict[str, tuple[tuple[str, Any], ...]] = {}
     for point in points:
         try:
-            ResNetArch.from_dict({**model, **dict(point)})
+            digest = ResNetArch.from_dict({**model, **dict(point)}).digest
         except (ArchError, TypeError) as error:
             # A field the model section fixes (and the space does not sweep) is that section's.
             swept = {name for name, _ in point}
@@ -96,7 +97,17 @@ def space_section(check: Checker, value: Any, sampler: str, model: Mapping[str, 
                      if name in model and name not in swept]
             if fixed:
                 raise check.fail(f"model.{fixed[0]}", str(error)) from None
-            bad = ", ".join(f"{n}={v!r}" for n, v in point)
-            raise check.fail("space", f"the point {bad} is not a valid architecture: "
+            raise check.fail("space", f"the point {_point(point)} is not a valid architecture: "
                                       f"{error}") from None
+        if digest in built:
+            raise check.fail("space", f"the points {_point(built[digest])} and {_point(point)} "
+                                      "build the same network (null means the family's default; "
+                                      "basic blocks have no inner width or downsampling choice): "
+                                      "it would train twice under two names; sweep levels that "
+                                      "differ")
+        built[digest] = point
     return space
+
+
+def _point(point: tuple[tuple[str, Any], ...]) -> str:
+    return ", ".join(f"{name}={value!r}" for name, value in point)

@@ -17,8 +17,8 @@ import optuna
 from ..progress import StudyProgress
 from ..record import FailureKind, Status, TrialKey, shown_state
 from ..spec import SpecError, StudySpec
-from ..storage import (file_in_the_way, runs_folder, sqlite_path, store_faults, study_file,
-                       weights_folder)
+from ..storage import (ARTIFACTS_SUFFIX, CHECKPOINTS_SUFFIX, file_in_the_way, runs_folder,
+                       sqlite_path, store_faults, study_file, weights_folder)
 from . import cluster, grid
 from .costs import StudyCosts
 from .grid import GridHistory, PendingPoint, PlannedTrial
@@ -90,7 +90,7 @@ class StudyRunner:
         <study>.checkpoints beside the store."""
         folder = weights_folder(self.storage, self.options.runs_dir)
         return self.spec.checkpoints or str(
-            study_file(self.spec.study, ".checkpoints", folder).resolve())
+            study_file(self.spec.study, CHECKPOINTS_SUFFIX, folder).resolve())
 
     def check_checkpoints(self) -> None:
         """Refuse a checkpoint folder that cannot be one (a file, or under a file) before anything
@@ -149,7 +149,7 @@ class StudyRunner:
         try:
             folder = weights_folder(self.storage, self.options.runs_dir)
             recorder = TrialRecorder(
-                self.study, self.spec, artifacts=study_file(self.spec.study, ".artifacts", folder),
+                self.study, self.spec, artifacts=study_file(self.spec.study, ARTIFACTS_SUFFIX, folder),
                 store_folder=folder, max_artifact_mb=self.options.max_artifact_mb)
             progress = StudyProgress(self.spec.study, enabled=self.options.progress)
             crowded = None if self.options.address else cluster.oversubscribed(self.spec,
@@ -180,7 +180,7 @@ class StudyRunner:
             result = loop.run()
             if not self.spec.checkpoints:  # the default folder, left empty by finished trials
                 with contextlib.suppress(OSError):
-                    study_file(self.spec.study, ".checkpoints", folder).rmdir()
+                    study_file(self.spec.study, CHECKPOINTS_SUFFIX, folder).rmdir()
         except Exception:
             lease.check_same_file()  # the reason behind a database error, where the file went away
             raise

@@ -160,10 +160,14 @@ def left_out(lacking: pd.DataFrame, metric: str, where: dict[str, Any]) -> str:
 def count_where(trials: pd.DataFrame, where: dict[str, Any]) -> int:
     """How many of `trials` a row over `where` covers: column -> its value, or a list of
     values; "all", or a column the trials lack, covers any."""
-    return len(_rows_where(trials, where))
+    return 0 if trials.empty else int(_mask_where(trials, where).sum())
 
 
 def _rows_where(trials: pd.DataFrame, where: dict[str, Any]) -> pd.DataFrame:
+    return trials[_mask_where(trials, where)]
+
+
+def _mask_where(trials: pd.DataFrame, where: dict[str, Any]) -> pd.Series:
     mask = pd.Series(True, index=trials.index)
     for column, value in where.items():
         if column not in trials.columns or (isinstance(value, str) and value == "all"):
@@ -171,7 +175,7 @@ def _rows_where(trials: pd.DataFrame, where: dict[str, Any]) -> pd.DataFrame:
         values = value if isinstance(value, list) else [value]
         missing = any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values)
         mask &= trials[column].isin(values) | (trials[column].isna() & missing)
-    return trials[mask]
+    return mask
 
 
 def pruned_seeds(results: Results, done: pd.DataFrame) -> pd.DataFrame:

@@ -39,8 +39,9 @@ def summary(results: Results, by: Sequence[str] | None = None,
     rows = []
     for key, group in done.groupby(by, sort=True, dropna=False):
         where = dict(zip(by, key if isinstance(key, tuple) else (key,)))
-        configurations = {tuple((c, getattr(row, c)) for c in results.configuration_columns())
-                          for row in group.itertuples(index=False)}
+        swept = results.configuration_columns()
+        configurations = {tuple(zip(swept, values))
+                          for values in group[swept].itertuples(index=False, name=None)}
         estimate = configuration_estimate(results, group, metric) if len(configurations) == 1 \
             else _pooled_estimate(results, group, metric, by)
         estimate = with_note(estimate, joined(

@@ -119,6 +119,47 @@ def test_two_seeds_that_dominate_the_variance_are_covered_as_students_t_covers_t
     assert crossed >= over_seeds - 0.01 * REPLICATIONS, (crossed, over_seeds)
 
 
+def _lognormal_seeds(sd: float):
+    """Right-skewed seed effects on the logit: a lognormal, centred, of standard deviation `sd`."""
+    def draw(rng, size):
+        z = rng.lognormal(0, 1, size)
+        return sd * (z - math.exp(0.5)) / math.sqrt((math.e - 1) * math.e)
+    return draw
+
+
+def _one_in_ten_worse(rng, size):
+    """Seeds that train alike (sd 0.1) but one in ten 1.5 logits worse (about 2.4x the error)."""
+    return np.where(rng.random(size) < 0.1, 1.5, 0.0) + rng.normal(0, 0.1, size)
+
+
+@pytest.mark.parametrize("seed_effects, low, high", [
+    (_lognormal_seeds(0.4), 0.88, 0.96), (_lognormal_seeds(0.8), 0.72, 0.89),
+    (_one_in_ten_worse, 0.80, 0.91)], ids=["lognormal-0.4", "lognormal-0.8", "one-in-ten"])
+def test_right_skewed_seed_noise_is_covered_as_readme_says(seed_effects, low, high):
+    # The intervals assume roughly symmetric seed effects; README states what they cover when
+    # seeds are right-skewed (at 3 to 10 seeds: 89-93%, 75-86%, 83-88% for these three), and
+    # that it is no worse than Student's t over the seed means. The truth: the mean over a large
+    # sample of seeds and images.
+    image_sd, offset = 1.5, -3.2
+    rng = np.random.default_rng(7)
+    truth = float(expit(offset + seed_effects(rng, 400_000)
+                        + rng.normal(0, image_sd, 400_000)).mean())
+    for n in (3, 5, 10):
+        crossed = over_seeds = 0
+        for _ in range(REPLICATIONS):
+            wrong = rng.random((n, TEST_IMAGES)) < expit(
+                offset + seed_effects(rng, (n, 1)) + rng.normal(0, image_sd, TEST_IMAGES))
+            table = wrong.astype(float)
+            estimate = stats.error_rate(list(table), table.mean(axis=1), TEST_IMAGES)
+            crossed += estimate.low <= truth <= estimate.high
+            seed_means = table.mean(axis=1)
+            half = scipy_stats.t.ppf(0.975, n - 1) * scipy_stats.sem(seed_means)
+            over_seeds += abs(seed_means.mean() - truth) <= half
+        coverage, students = crossed / REPLICATIONS, over_seeds / REPLICATIONS
+        assert low <= coverage <= high, (n, coverage)
+        assert coverage >= students - 0.01, (n, coverage, students)
+
+
 def test_tied_seeds_that_differ_on_a_few_images_keep_the_type_one_error():
     # Every seed of each configuration identical (seeds that do not matter), the configurations
     # apart on about 20 images, each of which goes either way with probability 1/2 (no true

@@ -60,6 +60,19 @@ def _error_estimate(results: Sequence[SeedResult], level: float) -> stats.Estima
                             size, level=level)
 
 
+def _one_per_seed(results: Sequence[SeedResult]) -> list[SeedResult]:
+    """A seed completed more than once (a rerun) as one seed, as `summary` and `compare` count
+    it: its errors averaged, its per-image record dropped (two runs of one seed are not two
+    seeds' evidence, and would make the rule stop on pseudo-replicates)."""
+    by_seed: dict[int, list[SeedResult]] = {}
+    for result in results:
+        by_seed.setdefault(result.seed, []).append(result)
+    return [runs[0] if len(runs) == 1 else
+            SeedResult(seed, float(np.mean([r.error for r in runs])),
+                       _test_set_size(runs)[0], None)
+            for seed, runs in by_seed.items()]
+
+
 def _first_seeds(rule: AdaptiveSeeds, results: Sequence[SeedResult]) -> list[SeedResult]:
     """The seeds a question is looked at with: the first `rule.looked_at` by seed number."""
     return sorted(results, key=lambda r: r.seed)[:rule.looked_at(len(results))]
@@ -117,9 +130,11 @@ def decide(rule: AdaptiveSeeds, space_levels: Mapping[str, Sequence[Any]],
            seeds: Mapping[Configuration, Sequence[SeedResult]]) -> dict[Configuration, Decision]:
     """Every configuration's decision under `rule`. `space_levels` are the swept factors'
     levels in the spec's order (a `decided` factor's baseline is its first); `seeds` each
-    configuration's completed seeds. A configuration at `rule.max` seeds is closed whatever its
-    question, and says so; one below `rule.min` is open."""
+    configuration's completed seeds (a seed completed twice counts once). A configuration at
+    `rule.max` seeds is closed whatever its question, and says so; one below `rule.min` is
+    open."""
     decisions: dict[Configuration, Decision] = {}
+    seeds = {configuration: _one_per_seed(results) for configuration, results in seeds.items()}
     if rule.decided is not None:
         baseline = space_levels[rule.decided][0]
         comparisons: dict[Configuration, list[tuple[bool, str]]] = {c: [] for c in seeds}

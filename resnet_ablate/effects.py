@@ -232,7 +232,8 @@ def _explained(done: pd.DataFrame, factors: list[str], metric: str) -> str:
     found = explained_variance(done, factors, metric)
     if found is None:
         return (f"how much of {metric}'s variance the configurations explain is not estimable "
-                f"here (one trial per configuration, or {metric} the same in every trial): the "
+                f"here (one trial per configuration, {metric} the same in every trial, or seeds "
+                f"that tie within every configuration): the "
                 "shares below divide it, whatever its size")
     omega, p_value, configurations = found
     # Trials as independent draws: a test-set metric's ANOVA cannot see that every configuration
@@ -247,6 +248,9 @@ def _explained(done: pd.DataFrame, factors: list[str], metric: str) -> str:
             "part, summing to 1 whatever its size")
 
 
+_TIE_TOLERANCE = 1e-12  # of the total sum of squares: what rounding leaves of exact ties
+
+
 def explained_variance(done: pd.DataFrame, factors: list[str],
                        metric: str) -> tuple[float, float, int] | None:
     """(omega^2, the F test's p-value, k) of a one-way ANOVA of `metric` over the k
@@ -254,7 +258,7 @@ def explained_variance(done: pd.DataFrame, factors: list[str],
     MS_within), which is 0 on average where the configurations do not differ (below 0 where
     they differ less than seed noise makes them; the plain R^2 of k means over N trials is
     about (k - 1)/(N - 1) then). None where it cannot be estimated (no trial beside one per
-    configuration, or no variance at all)."""
+    configuration, no variance at all, or none within configurations: tied seeds)."""
     values = done[metric].astype(float)
     cells = values.groupby([done[f].astype(str) for f in factors])
     trials, configurations = len(values), cells.ngroups
@@ -265,8 +269,10 @@ def explained_variance(done: pd.DataFrame, factors: list[str],
     between, mean_within = total - within, within / (trials - configurations)
     if configurations < 2:
         return 0.0, 1.0, configurations
-    if mean_within == 0:  # seeds agree exactly within every configuration, not between them
-        return 1.0, 0.0, configurations
+    # Seeds that agree within every configuration (to rounding) leave no seed noise to test
+    # against: not "p = 0, all explained", which ties would claim as certainty from a few seeds.
+    if within <= _TIE_TOLERANCE * total:
+        return None
     omega = (between - (configurations - 1) * mean_within) / (total + mean_within)
     p_value = float(scipy_stats.f.sf(between / (configurations - 1) / mean_within,
                                      configurations - 1, trials - configurations))

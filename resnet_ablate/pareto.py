@@ -27,6 +27,9 @@ def pareto(results: Results, objectives: Sequence[str] = ("test_error", "flops")
     method): one lucky seed does not put a configuration on the front. `over="trials"`
     takes it over single completed trials."""
     objectives = list(objectives)
+    if len(set(objectives)) < len(objectives):
+        raise ResultsError(f"objectives {objectives}: each once (a front over one objective "
+                           "twice is a sort)")
     if len(objectives) < 2:
         raise ResultsError(f"a Pareto front needs two or more objectives, got {objectives}")
     if over not in ("configurations", "trials"):

@@ -1,5 +1,6 @@
-"""What several test files share: small study specs on synthetic data, and the small study that
-the results tests read (built once per session by the `runs` fixture in conftest.py)."""
+"""What several test files share: small study specs on synthetic data, the small study that
+the results tests read (built once per session by the `runs` fixture in conftest.py), and
+simulated studies held in memory."""
 
 from __future__ import annotations
 
@@ -167,3 +168,38 @@ def labelled_images(prefix: str, classes: int, per_class: int, seed: int = 0,
             members += [(f"{prefix}{label}-{i}.{image}", jpeg_bytes(label, rng)),
                         (f"{prefix}{label}-{i}.cls", str(label).encode())]
     return members
+
+
+def study_in_memory(trials, *, seed_rule=None):
+    """A study whose completed trials are `trials` ((swept values, seed, 0/1 test errors per
+    image), one per trial), recorded as the driver records them and held in memory: the frame
+    and attributes `results.load` would read from its store, without a store's cost (simulations
+    build hundreds). FLOPs and parameters rise with depth; `seed_rule` as a spec writes it."""
+    import optuna
+
+    from resnet_ablate.record import TrialKey, pack_outcomes
+    from resnet_ablate.results import Results
+    from resnet_ablate.store_reading import trial_row, trials_frame
+
+    swept = tuple(trials[0][0])
+    space = {name: sorted({values[name] for values, _, _ in trials}) for name in swept}
+    distributions = {name: optuna.distributions.CategoricalDistribution(levels)
+                     for name, levels in space.items()}
+    frozen = []
+    for values, seed, wrong in trials:
+        error, depth = float(wrong.mean()), values.get("depth", 20)
+        trial = optuna.trial.create_trial(
+            params=dict(values), distributions=distributions, value=error, user_attrs={
+                TrialKey.SEED: seed, TrialKey.ARCH: {"family": "cifar", **values},
+                TrialKey.FINAL_TEST_ACCURACY: 1 - error, TrialKey.TEST_IMAGES: len(wrong),
+                TrialKey.TEST_WRONG: int(wrong.sum()), TrialKey.PARAMS: depth * 1000,
+                TrialKey.FLOPS: depth * 10**6, TrialKey.TEST_OUTCOMES: pack_outcomes(wrong)})
+        trial.number = len(frozen)
+        frozen.append(trial)
+    spec = {"study": "simulated", "space": space}
+    if seed_rule is not None:
+        spec["seeds"] = seed_rule
+    return Results(study="simulated", storage="memory",
+                   trials=trials_frame([trial_row(t) for t in frozen]), swept=swept,
+                   objectives=("test_error", "flops"), spec=spec,
+                   attrs={t.number: dict(t.user_attrs) for t in frozen}, seed_rule=seed_rule)

@@ -302,6 +302,30 @@ def test_the_explained_variance_is_about_zero_where_nothing_matters(shape):
     assert rejected / 400 <= 0.075, rejected / 400
 
 
+def test_seeds_that_tie_within_every_configuration_are_not_p_0_all_explained():
+    """Four configurations of two seeds each, every pair identical, the configurations a single
+    image in 10,000 apart: there is no seed noise to test against, so no F test and no share
+    (it printed "100% explained, p = 0", certainty from ties)."""
+    from resnet_ablate.effects import _explained, explained_variance
+
+    done = pd.DataFrame([{"f": i, "g": j, "test_error": 0.1 + (2 * i + j) / 10_000}
+                         for i in range(2) for j in range(2) for _ in range(2)])
+    assert explained_variance(done, ["f", "g"], "test_error") is None
+    assert "not estimable here" in _explained(done, ["f", "g"], "test_error")
+    # A seed that differs by rounding alone is still a tie; one image apart is not.
+    rounded = done.assign(test_error=done["test_error"] * (1 + 1e-15 * np.arange(len(done))))
+    assert explained_variance(rounded, ["f", "g"], "test_error") is None
+    apart = done.assign(test_error=done["test_error"] + np.tile([0, 1e-4], 4))
+    _, p_value, _ = explained_variance(apart, ["f", "g"], "test_error")
+    # By hand: between SS = 2 x sum of squared deviations of the cell means; within SS = 4 x 2 x
+    # (0.5e-4)^2; F = (between / 3) / (within / 4).
+    means = 0.1 + np.arange(4) / 10_000 + 0.5e-4
+    between = 2 * ((means - means.mean()) ** 2).sum()
+    within = 8 * 0.5e-4 ** 2
+    f = (between / 3) / (within / 4)
+    assert p_value == pytest.approx(scipy_stats.f.sf(f, 3, 4))
+
+
 def test_the_importance_f_test_is_conditional_on_the_test_images():
     """Why the note says "on these test images": 2 x 2 configurations of equal true error that
     find different images hard (per-configuration logit image effects of sd 1.5, seeds that vary

@@ -274,18 +274,31 @@ def test_pruned_seeds_are_named_where_the_summary_leaves_them_out(results):
         f"summarise ({len(SEEDS) - 1} INTERRUPTED, 1 FAIL)")
 
 
-def test_a_width_rule_studys_summary_says_its_intervals_are_not_adjusted_for_the_stopping(
-        results):
-    assert not results.summary()["note"].str.contains("width rule").any()
-    # Only the configurations the rule closed on a narrow interval before max seeds say so:
-    # every one with a width no interval reaches, none with one that none reaches.
-    for width, noted in ((1.0, True), (1e-9, False)):
+def test_a_width_rule_studys_summary_shows_its_test_error_at_the_rules_level(results):
+    plain = results.summary()
+    assert not plain["note"].str.contains("width rule").any()
+    # Every configuration's test error at the rule's level (99.17% over its six looks), wider
+    # than the 95% interval; only those the rule closed before max seeds say they stopped early:
+    # every one with a width any interval reaches, none with one that none reaches.
+    for width, early in ((1.0, True), (1e-9, False)):
         adaptive = dataclasses.replace(results, seed_rule={"min": 2, "max": 10,
                                                            "until": {"width": width}})
-        notes = adaptive.summary()["note"].str.contains(
-            "seeds stopped once the interval was narrow .the width rule.: not adjusted for that, "
-            "so it covers less than 95%")
-        assert notes.all() if noted else not notes.any()
+        table = adaptive.summary()
+        assert table["note"].str.contains(
+            "the width rule's 99.17% interval .5% shared over its 6 looks.: a 95% interval "
+            "whatever look stopped the seeds").all()
+        assert (table["test_error_ci95_low"] <= plain["test_error_ci95_low"]).all()
+        assert (table["test_error_ci95_high"] >= plain["test_error_ci95_high"]).all()
+        assert (table["test_error_ci95_high"] - table["test_error_ci95_low"]
+                > plain["test_error_ci95_high"] - plain["test_error_ci95_low"]).all()
+        stopped = table["note"].str.contains("stopped early by the width rule")
+        assert stopped.all() if early else not stopped.any()
+        # Another metric is not adjusted, and says so where the rule stopped early.
+        other = adaptive.summary(metric="train_error")
+        assert np.allclose(other["train_error_ci95_low"],
+                           results.summary(metric="train_error")["train_error_ci95_low"])
+        unadjusted = other["note"].str.contains("not adjusted for that, so it covers less")
+        assert unadjusted.all() if early else not unadjusted.any()
     decided = dataclasses.replace(results, seed_rule={
         "min": 2, "max": 10, "until": {"decided": "shortcut", "margin": 0.01}})
     assert not decided.summary()["note"].str.contains("width rule").any()

@@ -157,7 +157,21 @@ def test_pareto_prints_the_non_dominated_trials(cli, results):
     # No names at all is one line (it was a TypeError from deep inside).
     code, _, err = cli("pareto", "--objectives", "")
     assert code == 2 and err.count("\n") == 1
-    assert "--objectives: give metric names separated by commas" in err
+    assert "--objectives '': give names separated by commas, such as test_error,flops" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["pareto", "--objectives", "test_error,test_error"], "--objectives: 'test_error' is listed "
+                                                          "twice; list each once"),
+    (["show", "--columns", ","], "--columns ',': give names separated by commas"),
+    (["show", "--sort", "depth, depth"], "--sort: 'depth' is listed twice"),
+    (["export", "--sort", " "], "--sort ' ': give names separated by commas"),
+    (["summary", "--by", ",,"], "--by ',,': give names separated by commas, such as depth,"),
+])
+def test_a_list_option_that_names_nothing_or_a_name_twice_is_one_line(cli, argv, message):
+    # ("show --columns ," printed "(no rows)", and a repeated objective a front over one.)
+    code, out, err = cli(*argv)
+    assert code == 2 and out == "" and err.count("\n") == 1 and message in err, err
 
 
 @pytest.mark.parametrize("kind", ["curves", "depth", "pareto", "responses"])

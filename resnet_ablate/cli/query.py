@@ -62,8 +62,22 @@ def _load(args: argparse.Namespace, *, listing: bool = False):
     return selected
 
 
-def _names(text: str | None) -> list[str] | None:
-    return [name.strip() for name in text.split(",") if name.strip()] if text else None
+def _names(args: argparse.Namespace, option: str, example: str) -> list[str] | None:
+    """The comma-separated names option `--OPTION` gives, or None where it is not given; one
+    error where it is given but names nothing, or names one twice."""
+    from ..results import ResultsError
+
+    text = getattr(args, option)
+    if text is None:
+        return None
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ResultsError(f"--{option} {text!r}: give names separated by commas, such as "
+                           f"{example}")
+    twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+    if twice is not None:
+        raise ResultsError(f"--{option}: {twice!r} is listed twice; list each once")
+    return names
 
 
 @command("ls")
@@ -89,8 +103,8 @@ SHOW_COLUMNS = ("number", "state", "seed", "params", "flops", "test_error", "tra
 @_query
 def _show(args: argparse.Namespace) -> int:
     results = _load(args, listing=True)
-    frame = results.sorted_by(_names(args.sort))
-    columns = _names(args.columns)
+    frame = results.sorted_by(_names(args, "sort", "-test_error,number"))
+    columns = _names(args, "columns", "number,depth,test_error")
     if columns is None:
         columns = ["number", "state", *results.swept, *SHOW_COLUMNS[2:]] if args.format == "table" \
             else list(frame.columns)
@@ -106,14 +120,15 @@ def _show(args: argparse.Namespace) -> int:
 @_query
 def _export(args: argparse.Namespace) -> int:
     results = _load(args, listing=True)
-    frame = results.curves() if args.what == "curves" else results.sorted_by(_names(args.sort))
+    frame = results.curves() if args.what == "curves" else results.sorted_by(
+        _names(args, "sort", "-test_error,number"))
     return emit(frame, args)
 
 
 @command("summary")
 @_query
 def _summary(args: argparse.Namespace) -> int:
-    table = _load(args).summary(by=_names(args.by), metric=args.metric)
+    table = _load(args).summary(by=_names(args, "by", "depth,shortcut"), metric=args.metric)
     return emit_statistics(table, args)
 
 
@@ -135,12 +150,7 @@ def _effects(args: argparse.Namespace) -> int:
 @command("pareto")
 @_query
 def _pareto(args: argparse.Namespace) -> int:
-    from ..results import ResultsError
-
-    objectives = _names(args.objectives)
-    if args.objectives is not None and not objectives:
-        raise ResultsError("--objectives: give metric names separated by commas, such as "
-                           "test_error,flops")
+    objectives = _names(args, "objectives", "test_error,flops")
     table = _load(args).pareto(objectives, over=args.over)
     return emit_statistics(table, args)
 

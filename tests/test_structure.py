@@ -170,6 +170,19 @@ def test_the_toolkit_is_found():
             "resnet_ablate.kernels._triton_impl"} <= set(MODULES)
 
 
+def test_a_built_wheel_holds_every_package():
+    """pyproject.toml lists the packages a wheel gets: one left out (resnet_ablate.cli was) is
+    missing from a real install though an editable one still finds it in the source tree."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {".".join(init.parent.relative_to(ROOT).parts)
+               for init in (ROOT / "resnet_ablate").rglob("__init__.py")}
+    folders |= {"resnet_ablate.kernels"} if (ROOT / "kernels" / "__init__.py").exists() else set()
+    assert set(config["packages"]) == folders
+    assert config["package-dir"]["resnet_ablate.kernels"] == "kernels"
+
+
 def test_no_import_cycle_among_the_toolkits_modules_at_any_level():
     # Imports inside functions count too: a cycle closed on first use is a cycle all the same.
     assert cycles(import_graph(late=True)) == []

@@ -142,20 +142,57 @@ def test_weights_that_cannot_be_written_cost_the_weights_not_the_trial(tmp_path,
     spec = parse_spec(raw_spec("weights", seeds=1))
     storage = f"sqlite:///{tmp_path / 'weights.db'}"
     artifacts = tmp_path / "weights.artifacts"
+    recorder = TrialRecorder(open_study(spec, storage), spec, artifacts=artifacts,
+                             store_folder=tmp_path, max_artifact_mb=1.0)
+    tag = recorder.weights_tag
     if blocked == "a file where the folder goes":
         artifacts.write_text("")
     else:
         artifacts.mkdir()
-        (artifacts / "trial-00007.tmp").write_bytes(b"half")  # a killed driver's
-    recorder = TrialRecorder(open_study(spec, storage), spec, artifacts=artifacts,
-                             store_folder=tmp_path, max_artifact_mb=1.0)
+        (artifacts / f"trial-00007.{tag}.tmp").write_bytes(b"half")  # a killed driver's
+        (artifacts / "trial-00007.0ther5t0.tmp").write_bytes(b"half")  # another store's, live
     recorder.remove_partial_weights()
     if artifacts.is_dir():
-        assert list(artifacts.iterdir()) == []
-        (artifacts / "trial-00000.pt" / "inside").mkdir(parents=True)  # the rename fails
+        assert [p.name for p in artifacts.iterdir()] == ["trial-00007.0ther5t0.tmp"]
+        (artifacts / "trial-00007.0ther5t0.tmp").unlink()
+        (artifacts / f"trial-00000.{tag}.pt" / "inside").mkdir(parents=True)  # rename fails
     trial = recorder.ask({"shortcut": "A"}, 0)
     assert recorder.finish(trial, _completed(trial_number=trial.number)) == Status.COMPLETED
     (stored,) = optuna.load_study(study_name="weights", storage=storage).get_trials()
     assert stored.state == optuna.trial.TrialState.COMPLETE
     assert stored.user_attrs[TrialKey.WEIGHTS].startswith(f"not kept: cannot write {artifacts}")
     assert not list(artifacts.glob("*.tmp")) if artifacts.is_dir() else artifacts.is_file()
+
+
+def test_two_stores_of_one_study_in_one_folder_keep_their_own_weights(tmp_path):
+    """runs/a.db and runs/b.db of the study "weights" share runs/weights.artifacts/: trial 0 of
+    each is its own file (b's trial 0 overwrote a's, which then scored with b's model), and each
+    store's record reads back its own bytes, also after a rerun of either."""
+    import optuna
+
+    from helpers import raw_spec
+    from resnet_ablate.spec import parse_spec
+    from resnet_ablate.study import open_study
+    from resnet_ablate.study.recorder import TrialRecorder
+
+    spec = parse_spec(raw_spec("weights", seeds=1))
+    artifacts = tmp_path / "weights.artifacts"
+    recorded = {}
+    for store, weights in (("a", b"weights of a"), ("b", b"weights of b")):
+        storage = f"sqlite:///{tmp_path / f'{store}.db'}"
+        recorder = TrialRecorder(open_study(spec, storage), spec, artifacts=artifacts,
+                                 store_folder=tmp_path, max_artifact_mb=1.0)
+        recorder.remove_partial_weights()
+        trial = recorder.ask({"shortcut": "A"}, 0)
+        outcome = dataclasses.replace(_completed(trial_number=trial.number), weights=weights)
+        assert recorder.finish(trial, outcome) == Status.COMPLETED
+        (stored,) = optuna.load_study(study_name="weights", storage=storage).get_trials()
+        recorded[store] = (stored.number, stored.user_attrs[TrialKey.WEIGHTS], weights)
+    assert recorded["a"][0] == recorded["b"][0] == 0
+    assert recorded["a"][1] != recorded["b"][1]
+    for number, path, weights in recorded.values():
+        assert (tmp_path / path).read_bytes() == weights
+    # The tag is the store's: a rerun of a (a new recorder) names its weights alike.
+    again = TrialRecorder(open_study(spec, f"sqlite:///{tmp_path / 'a.db'}"), spec,
+                          artifacts=artifacts, store_folder=tmp_path, max_artifact_mb=1.0)
+    assert again.weights_tag in recorded["a"][1] and again.weights_tag not in recorded["b"][1]

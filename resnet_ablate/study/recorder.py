@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 
 from ..arch import ResNetArch
-from ..record import FailureKind, Status, TrialKey, TrialOutcome, metric_values
+from ..record import FailureKind, Status, StudyKey, TrialKey, TrialOutcome, metric_values
 from ..spec import StudySpec
 from .space import (SEED_PARAM, distributions, encode_params, grid_distributions,
                     seed_distribution)
@@ -104,11 +105,22 @@ class TrialRecorder:
         self._tell(trial, [float(values[name]) for name in self.spec.objectives])
         return Status.COMPLETED
 
+    @functools.cached_property
+    def weights_tag(self) -> str:
+        """This store's tag in its weights' file names (StudyKey.WEIGHTS_TAG), made on first use:
+        only the driver holding the study's lease writes it."""
+        tag = self.study.user_attrs.get(StudyKey.WEIGHTS_TAG)
+        if not isinstance(tag, str) or not tag.isalnum():
+            tag = secrets.token_hex(4)
+            self.study.set_user_attr(StudyKey.WEIGHTS_TAG, tag)
+        return tag
+
     def _keep_weights(self, number: int, weights: bytes) -> str:
         """The weights' path relative to the store's folder, or why they were not kept: weights
         are optional, so a folder that cannot take them (a file in its place, a full disk, no
-        permission) costs them, not the trial's record."""
-        path = self.artifacts / f"trial-{number:05d}.pt"
+        permission) costs them, not the trial's record. The store's tag in the name: trial 0 of
+        another store of this study, in this folder, is another file."""
+        path = self.artifacts / f"trial-{number:05d}.{self.weights_tag}.pt"
         temporary = path.with_suffix(".tmp")
         try:
             self.artifacts.mkdir(parents=True, exist_ok=True)
@@ -124,10 +136,10 @@ class TrialRecorder:
         return Path(os.path.relpath(path.resolve(), self.store_folder.resolve())).as_posix()
 
     def remove_partial_weights(self) -> None:
-        """Weights half-written by a driver killed while writing them (the lease is ours now,
-        so no live driver is writing them)."""
+        """Weights half-written by a driver of this store killed while writing them (the lease is
+        ours now, so no live driver of it is writing them; another store's may be)."""
         with contextlib.suppress(OSError):
-            for partial in self.artifacts.glob("trial-*.tmp"):
+            for partial in self.artifacts.glob(f"trial-*.{self.weights_tag}.tmp"):
                 partial.unlink(missing_ok=True)
 
     # -- interruptions

@@ -383,6 +383,42 @@ def test_a_tpe_study_over_ranges_is_recognised_and_a_conflict_leaves_its_metric_
     assert optuna.load_study(study_name="tpe", storage=storage).metric_names == ["test_error"]
 
 
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_a_sampled_configuration_gets_its_next_seed_and_a_resumed_run_draws_on(tmp_path,
+                                                                              sampler):
+    """A configuration the sampler picks again trains its next unused seed (seeds cycled by trial
+    count repeated 14/A seed 0 while seeds 1 and 2 were free), and a resumed run does not draw
+    the first run's points again (the sampler was seeded alike on every start: every resume
+    replayed them)."""
+    from resnet_ablate.study import open_study
+    from resnet_ablate.study.recorder import TrialRecorder
+
+    raw = _raw_spec("sampled", sampler=sampler, budget={"trials": 10}, seeds=3,
+                    model={"family": "cifar"}, space={"depth": [8, 14], "shortcut": ["A", "none"]})
+    spec, storage = parse_spec(raw), f"sqlite:///{tmp_path / 'sampled.db'}"
+
+    def run(trials: int) -> list[tuple]:
+        study = open_study(spec, storage)
+        recorder = TrialRecorder(study, spec, artifacts=tmp_path / "w", store_folder=tmp_path,
+                                 max_artifact_mb=1.0)
+        asked = []
+        for _ in range(trials):
+            trial = recorder.ask(None, None)
+            asked.append((trial.params["depth"], trial.params["shortcut"],
+                          trial.user_attrs["seed"]))
+            study.tell(trial, 0.1 * len(asked))
+        return asked
+
+    first, resumed = run(5), run(5)
+    everything = first + resumed
+    for depth, shortcut, seed in everything:
+        mine = [s for d, c, s in everything if (d, c) == (depth, shortcut)]
+        # No seed twice before the configuration has had all three.
+        assert len(set(mine[:3])) == len(mine[:3]), (depth, shortcut, mine)
+        assert all(s in (0, 1, 2) for s in mine)
+    assert [p[:2] for p in resumed] != [p[:2] for p in first]
+
+
 def test_run_exits_non_zero_when_no_trial_completes(local_ray, tmp_path, capsys):
     from resnet_ablate.cli import main
 

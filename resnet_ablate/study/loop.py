@@ -149,10 +149,9 @@ class DriverLoop:
                 self.launched += len(points)
                 self._launch(points)
                 continue
-            seed = self.spec.seeds[self.launched % len(self.spec.seeds)]
             self.to_ask -= 1
             self.launched += 1
-            self._launch([None], seed)
+            self._launch([None])  # the sampler's configuration, with its next seed
 
     def collect(self) -> None:
         """Wait briefly for an ended trial; pass reported epochs on; record what ended."""
@@ -210,13 +209,13 @@ class DriverLoop:
     def _launch(self, points: list[PendingPoint | None], seed: int | None = None) -> None:
         """One task for the trials of `points` (grid points of one configuration, their seeds
         stacked where there are several), or with [None] one trial of the sampler's choice
-        trained with `seed`."""
+        trained with `seed`, or (None) with its configuration's next seed."""
         running = []
         for point in points:
             trial = self.recorder.ask(None if point is None else point.params,
                                       seed if point is None else point.seed)
             arch = self.spec.arch(decode_params(trial.params, self.spec.space))
-            running.append(RunningTrial(trial, point, arch, seed if point is None else point.seed))
+            running.append(RunningTrial(trial, point, arch, trial.user_attrs[TrialKey.SEED]))
         arch = running[0].arch  # one configuration: one architecture
         prof = self.costs.profile(arch)
         for r in running:

@@ -140,6 +140,8 @@ def open_study(spec: StudySpec, storage: str | optuna.storages.BaseStorage, *,
                 f"{spec.source} has {[current.get(s) for s in differ]}); its recorded trials are "
                 "kept: give this spec another study name, or point it at another storage"
             )
+        if sampler is None and spec.sampler != "grid":  # drawing on from the recorded trials
+            study.sampler = space.sampler(spec, len(study.get_trials(deepcopy=False)))
         if spec.adaptive_seeds is not None:
             study.set_user_attr(StudyKey.SEED_RULE, (spec.raw or {}).get("seeds"))
         if study.metric_names is None:  # optuna-dashboard and the optuna CLI then name them

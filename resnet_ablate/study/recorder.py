@@ -16,7 +16,7 @@ import optuna
 from ..arch import ResNetArch
 from ..record import FailureKind, Status, StudyKey, TrialKey, TrialOutcome, metric_values
 from ..spec import StudySpec
-from .space import (SEED_PARAM, distributions, encode_params, grid_distributions,
+from .space import (SEED_PARAM, distributions, encode_params, grid_distributions, next_seed,
                     seed_distribution)
 from .opening import retry_while_locked
 from .optuna_tables import fail_in_store
@@ -44,9 +44,10 @@ class TrialRecorder:
 
     # -- asking
 
-    def ask(self, params: Mapping[str, Any] | None, seed: int) -> optuna.Trial:
+    def ask(self, params: Mapping[str, Any] | None, seed: int | None) -> optuna.Trial:
         """A new trial: of the grid point `params` (handed to Optuna fixed, as an enqueued
-        trial), or, with None, of parameters the study's sampler chooses."""
+        trial), or, with None, of parameters the study's sampler chooses, trained with `seed` or
+        (None) the next seed of the configuration it chose."""
         if params is not None:
             distribution = seed_distribution(self._stored_seed_distribution, seed)
             fixed = encode_params(params) if distribution is None \
@@ -54,6 +55,9 @@ class TrialRecorder:
             self.study.enqueue_trial(fixed, user_attrs={TrialKey.SEED: seed})
             return self.study.ask(grid_distributions(self.spec, distribution))
         trial = self.study.ask(distributions(self.spec))
+        if seed is None:  # the configuration's next seed (space.next_seed)
+            others = [t for t in self.study.get_trials(deepcopy=False) if t.number != trial.number]
+            seed = next_seed(self.spec, trial.params, others)
         trial.set_user_attr(TrialKey.SEED, seed)
         return trial
 

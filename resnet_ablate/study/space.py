@@ -8,12 +8,12 @@ random and TPE studies let Optuna's samplers choose.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import optuna
 
-from ..record import PRUNABLE_OBJECTIVES
+from ..record import PRUNABLE_OBJECTIVES, TrialKey
 from ..spec import IntRange, StudySpec
 from ..spec.seeds import MAX_SEED
 
@@ -80,11 +80,28 @@ def grid_distributions(spec: StudySpec, seed: optuna.distributions.BaseDistribut
     return {**distributions(spec), **({} if seed is None else {SEED_PARAM: seed})}
 
 
-def sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+def sampler(spec: StudySpec, recorded: int = 0) -> optuna.samplers.BaseSampler:
+    """The spec's sampler, seeded by the spec's first seed and the `recorded` trials of its store:
+    reproducible, and a resumed run draws on from where the store stands rather than drawing
+    the first run's points again."""
+    seed = spec.seeds[0] + recorded
     if spec.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=spec.seeds[0])
+        return optuna.samplers.TPESampler(seed=seed)
     # Grid trials come enqueued with every parameter fixed: their sampler is never asked.
-    return optuna.samplers.RandomSampler(seed=spec.seeds[0])
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def next_seed(spec: StudySpec, params: Mapping[str, Any],
+              trials: Sequence[optuna.trial.FrozenTrial]) -> int:
+    """The seed a sampled trial of `params` trains with: the first of the spec's seeds that no
+    completed or running trial of that configuration has (a failed one may be tried again), so
+    that a configuration the sampler picks again gets another seed; once it has them all, they
+    come round again (a rerun, which summaries count once)."""
+    taken = [t.user_attrs.get(TrialKey.SEED) for t in trials
+             if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+             and {name: t.params.get(name) for name in params} == dict(params)]
+    free = [seed for seed in spec.seeds if seed not in taken]
+    return free[0] if free else spec.seeds[len(taken) % len(spec.seeds)]
 
 
 def pruner(spec: StudySpec) -> optuna.pruners.BasePruner:

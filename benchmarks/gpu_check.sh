@@ -151,7 +151,10 @@ if [ "$rehearse" = 1 ]; then
     loader_args=(--image-size 32 --batch-size 8 --batches 2 --workers 0 1 --depth 18)
     host_args=(--models resnet56 --layouts channels_last --launches stand-in --iterations 20
                --blocks 2)
-    limits=(120 120 120 60 120 90 90 120 60 60)
+    # A step's limit here only catches a hang (the budget bounds the whole): each about twice
+    # what it takes on two idle cores, so that a loaded machine does not fail a working step
+    # (seed_stack ran past 60 s on one).
+    limits=(120 120 120 90 120 90 90 120 120 120)
 else
     device=cuda
     trial_args=(--cases resnet20-cifar resnet56-cifar resnet110-cifar)

@@ -53,13 +53,27 @@ def _label(column: str | None, value: Any) -> str:
     return f"{column}={value}" if column else str(value)
 
 
+def _factors(results: Results) -> list[str]:
+    """The factors that vary among the completed trials: depth first, then the swept ones."""
+    return [f for f in dict.fromkeys(("depth", *results.swept)) if _varied(results, f)]
+
+
+def _averaged_over(results: Results, shown: Sequence[str | None]) -> str:
+    """A caption line naming the varied factors a figure's means pool ("" for none): a line that
+    averages two bottleneck widths must say so."""
+    rest = [f for f in _factors(results) if f not in shown]
+    return f"\nmeans over every {', '.join(rest)} too" if rest else ""
+
+
 def _default_split(results: Results) -> tuple[str | None, str]:
-    """Panels by shortcut (plain vs residual) and colours by depth where the study varies them."""
-    panel = "shortcut" if _varied(results, "shortcut") else None
-    for candidate in ("depth", *results.swept):
-        if candidate != panel and _varied(results, candidate):
-            return panel, candidate
-    return panel, "arch_name"
+    """Panels by shortcut (plain vs residual) and colours by depth where the study varies them;
+    else colours by the first varied factor and panels by the second."""
+    factors = _factors(results)
+    panel = "shortcut" if "shortcut" in factors else None
+    rest = [f for f in factors if f != panel]
+    if panel is None and len(rest) > 1:
+        panel = rest[1]
+    return panel, rest[0] if rest else "arch_name"
 
 
 def plot_curves(results: Results, *, panel_by: str | None = None, color_by: str | None = None,
@@ -82,7 +96,8 @@ def plot_curves(results: Results, *, panel_by: str | None = None, color_by: str 
     # One y-scale for every panel: the panels are there to be compared.
     figure, axes = _figure(len(panels), sharey=True)
     figure.suptitle(f"{results.study}: mean over seeds (how many: each line's label)"
-                    f"{_pruned_caption(results)}", fontsize="medium")
+                    f"{_averaged_over(results, (panel_by, color_by))}{_pruned_caption(results)}",
+                    fontsize="medium")
     for ax, panel in zip(axes, panels):
         subset = curves if panel is None else curves[curves[panel_by] == panel]
         for value in colors:
@@ -139,7 +154,8 @@ def plot_depth(results: Results, *, metric: str = "test_error", x: str = "depth"
                line_by: str | None = None) -> Figure:
     """`metric` (mean over seeds, 95% CI bars) against `x`, one line per `line_by` value."""
     if line_by is None:
-        line_by = "shortcut" if _varied(results, "shortcut") else None
+        others = [f for f in _factors(results) if f != x]
+        line_by = "shortcut" if "shortcut" in others else next(iter(others), None)
     by = [x, line_by] if line_by and line_by != x else [x]
     summary = results.summary(by=by, metric=metric)
     figure, (ax,) = _figure()
@@ -166,8 +182,9 @@ def plot_depth(results: Results, *, metric: str = "test_error", x: str = "depth"
     ax.set_xticks(xs)  # the depths run, not fractions
     ax.set_ylabel(f"{metric.replace('_', ' ')} (%), mean and 95% CI")
     # One panel is narrow: the caption wraps.
-    ax.set_title("\n".join([results.study, *textwrap.wrap(_pruned_caption(results), 55)]),
-                 fontsize="medium")
+    ax.set_title("\n".join([results.study, *textwrap.wrap(
+        _averaged_over(results, (x, line_by)) + _pruned_caption(results), 55)]),
+        fontsize="medium")
     ax.grid(alpha=0.3)
     methods = summary.attrs.get("methods") or []
     # How the bars were made, in the figure itself (the legend's title keeps it off the axes).
@@ -193,7 +210,11 @@ def plot_pareto(results: Results, *, metric: str = "test_error", cost: str = "fl
     front = results.pareto([metric, cost]).sort_values(cost)
     scale, unit = _cost_unit(cost, done[cost].astype(float).max())
     figure, (ax,) = _figure()
-    label_by = "shortcut" if _varied(results, "shortcut") else "arch_name"
+    # Colours by shortcut (plain vs residual), else by the first factor but depth (its FLOPs
+    # tell depths apart along the x axis), else by depth.
+    factors = _factors(results)
+    label_by = "shortcut" if "shortcut" in factors else next(
+        (f for f in factors if f != "depth"), factors[0] if factors else "arch_name")
     trials = done.groupby(label_by, sort=True)
     configurations = dict(list(means.groupby(label_by, sort=True))) if label_by in means \
         else {}
@@ -221,14 +242,29 @@ def plot_pareto(results: Results, *, metric: str = "test_error", cost: str = "fl
     costs = done[cost].astype(float)
     if costs.min() > 0 and costs.max() / costs.min() > 8:
         ax.set_xscale("log")  # depths 20 to 1202 span 60x: a linear axis crowds the small nets
+        # Plain numbers at 1, 2 and 5 of each decade: minor ticks' labels in powers of ten
+        # overlap where the costs span one or two decades.
+        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.margins(x=0.08, y=0.1)
     ax.set_xlabel(unit)
     ax.set_ylabel(f"{metric.replace('_', ' ')} (%): trials faint, means with 95% CI")
     ax.set_title("\n".join([results.study, *textwrap.wrap(_pruned_caption(results), 55)]),
                  fontsize="medium")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    _legend_beside_if_long(ax)
     return figure
+
+
+def _legend_beside_if_long(ax: Any) -> None:
+    """The legend inside the axes, or beside them where it has more entries than fit without
+    covering the points."""
+    if len(ax.get_legend_handles_labels()[1]) > 4:
+        ax.figure.set_figwidth(ax.figure.get_figwidth() + 2.5)  # the axes keep their width
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    else:
+        ax.legend(fontsize="small")
 
 
 def _cost_unit(cost: str, largest: float) -> tuple[float, str]:
@@ -248,15 +284,20 @@ def plot_responses(results: Results, responses: pd.DataFrame | None = None, *,
     if responses is None:
         responses = results.layer_responses(max_images=max_images)
     figure, (original, ordered) = _figure(2)
-    # A plain net and its residual twin share a colour (their depth's), told apart by the line.
-    depths = sorted({_depth_of(name) for name in responses["arch_name"].unique()})
-    for name, group in sorted(responses.groupby("arch_name"), key=_arch_order):
+    # A plain net and its residual twin share a colour (their configuration's but for the
+    # shortcut: depth, width, ...), told apart by the line.
+    twins = _twins(results, responses["arch_name"].unique())
+    keys = sorted(set(twins.values()), key=lambda key: tuple(map(_natural, key)))
+    for name, group in sorted(responses.groupby("arch_name"),
+                              key=lambda item: (keys.index(twins[item[0]]), _arch_order(item))):
         mean = group.groupby("layer")["std"].mean()
-        style = {"color": f"C{depths.index(_depth_of(name)) % 10}",
+        style = {"color": f"C{keys.index(twins[name]) % 10}",
                  "linestyle": ":" if name.startswith("plain") else "-",
                  "marker": ".", "label": name}
         original.plot(mean.index, mean.to_numpy(), **style)
         ordered.plot(np.arange(1, len(mean) + 1), np.sort(mean.to_numpy())[::-1], **style)
+    for ax in (original, ordered):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     original.set_xlabel("layer index (original)")
     ordered.set_xlabel("layer index (sorted by magnitude)")
     for ax in (original, ordered):
@@ -319,6 +360,15 @@ def _labelled_within_a_decade(ax: Any) -> None:
         ax.yaxis.set_major_locator(MaxNLocator(nbins=6))
         ax.yaxis.set_major_formatter(ticker.ScalarFormatter())
         ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+
+
+def _twins(results: Results, names: Sequence[str]) -> dict[str, tuple]:
+    """Each architecture's configuration but for its shortcut (what a plain net shares with its
+    residual twin); its depth where the study's trials do not name it."""
+    factors = [f for f in _factors(results) if f != "shortcut"]
+    rows = results.completed().drop_duplicates("arch_name").set_index("arch_name")
+    return {name: tuple(rows.loc[name, factors]) if name in rows.index and factors
+            else (_depth_of(name),) for name in names}
 
 
 def _arch_order(item: tuple[str, Sequence]) -> tuple:

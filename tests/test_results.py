@@ -601,12 +601,48 @@ def test_the_responses_plot_pairs_each_plain_net_with_its_twin_and_labels_its_ax
     styles = {line.get_label(): line.get_linestyle() for line in original.get_lines()}
     assert styles["plain8-cifar"] == ":" and styles["resnet8-cifar-A"] == "-"
     assert [text.get_text() for text in original.get_legend().get_texts()] == [
-        "plain8-cifar", "plain14-cifar", "resnet8-cifar-A", "resnet14-cifar-A"]
+        "plain8-cifar", "resnet8-cifar-A", "plain14-cifar", "resnet14-cifar-A"]  # twins paired
     figure.canvas.draw()
     low, high = original.get_ylim()
     labels = [t.get_text() for t in original.get_yticklabels()
               if t.get_text() and low <= t.get_position()[1] <= high]
     assert len(labels) >= 3 and not any("times" in label or "^" in label for label in labels)
+
+
+def test_the_figures_of_a_study_without_shortcuts_show_its_own_factor():
+    """A bottleneck-width study (depth x base_width, shortcut fixed): the depth figure draws a
+    line per width (it drew one line, "test_error", averaging the widths), the Pareto figure
+    colours by width with its long legend beside the axes and plain cost ticks, and Fig. 7 gives
+    each configuration its own colour (it coloured by depth alone)."""
+    from helpers import study_in_memory
+
+    rng = np.random.default_rng(0)
+    widths = (16, 32, 64, 128)
+    study = study_in_memory([
+        ({"depth": depth, "block": "bottleneck", "base_width": width}, seed,
+         (rng.random(200) < 0.05).astype(float))
+        for depth in (11, 20) for width in widths for seed in range(2)])
+    depth = plots.plot_depth(study).axes[0]
+    assert [t.get_text() for t in depth.get_legend().get_texts()] == [
+        f"base_width={w} (n=2 seeds)" for w in widths]
+    pareto = plots.plot_pareto(study)
+    legend = pareto.axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()][1:] == [
+        f"base_width={w} (n=2 seeds)" for w in widths]
+    pareto.canvas.draw()
+    ticks = [t.get_text() for t in pareto.axes[0].get_xticklabels() if t.get_text()]
+    assert ticks and not any("times" in t or "^" in t for t in ticks), ticks
+    assert legend.get_window_extent().x0 > pareto.axes[0].get_window_extent().x1  # beside
+    names = sorted(study.completed()["arch_name"].unique())
+    responses = pd.DataFrame([{"arch_name": name, "layer": layer, "std": 1.0 + layer}
+                              for name in names for layer in range(1, 5)])
+    lines = plots.plot_responses(study, responses).axes[0].get_lines()
+    assert len({line.get_color() for line in lines}) == len(names) == 8
+    # Where a figure's means pool a varied factor, its title says which.
+    shortcut_free = plots.plot_depth(study, line_by="depth", x="base_width").axes[0]
+    assert "means over every" not in shortcut_free.get_title()
+    pooled = plots.plot_depth(study, x="base_width", line_by="base_width").axes[0]
+    assert "means over every depth too" in pooled.get_title()
 
 
 @pytest.mark.parametrize("kind", plots.KINDS)

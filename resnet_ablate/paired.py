@@ -52,6 +52,7 @@ def compare(results: Results, factor: str, baseline: Any,
         trials = numbers.loc[pairs.index, [baseline, level]]
         groups = pairs.groupby(level=others, dropna=False, sort=True) if others \
             else [((), pairs)]
+        first = len(rows)
         for key, group in groups:
             key = key if isinstance(key, tuple) else (key,)
             configuration = dict(zip(others, key))
@@ -63,10 +64,11 @@ def compare(results: Results, factor: str, baseline: Any,
         if len(groups) > 1:
             overall, used = stratified_contrast(results, pairs, trials, others, (-1.0, 1.0),
                                                 metric, bounds)
+            overall = with_note(overall, joined(left.note({factor: [baseline, level]}),
+                                                _strata_disagree(rows[first:], others)))
             rows.append(_paired_row(factor, level, baseline, metric,
                                     {name: "all" for name in others}, used[baseline],
-                                    used[level],
-                                    with_note(overall, left.note({factor: [baseline, level]}))))
+                                    used[level], overall))
     if not rows:
         raise ResultsError(f"no configuration has completed trials of both {factor}="
                            f"{plain(baseline)} and another level with the same seed yet")
@@ -75,6 +77,22 @@ def compare(results: Results, factor: str, baseline: Any,
     if rule is not None and rule.decided == factor:
         frame["note"] = [joined(text, LOOKED) for text in frame["note"]]
     return frame
+
+
+def _strata_disagree(rows: list[dict[str, Any]], others: list[str]) -> str:
+    """The "all" row's flag where two of the configurations it averages have differences whose
+    95% intervals do not overlap: the average then depends on which levels of the other factors
+    the study swept (a large effect at one depth, none at another). A flag, not a test: `effects`
+    tests the interaction."""
+    lowest = min(rows, key=lambda row: row["diff_ci95_high"])
+    highest = max(rows, key=lambda row: row["diff_ci95_low"])
+    if not highest["diff_ci95_low"] > lowest["diff_ci95_high"]:
+        return ""
+    def name(row):
+        return ", ".join(f"{column}={plain(row[column])}" for column in others)
+    return (f"the differences at {name(lowest)} and at {name(highest)} disagree (their 95% "
+            f"intervals do not overlap): this average depends on which {', '.join(others)} the "
+            "study swept; `effects` tests the interaction")
 
 
 def _levels(results: Results, factor: str, baseline: Any) -> tuple[list[Any], Any]:

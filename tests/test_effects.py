@@ -302,6 +302,33 @@ def test_the_explained_variance_is_about_zero_where_nothing_matters(shape):
     assert rejected / 400 <= 0.075, rejected / 400
 
 
+@pytest.mark.parametrize("interaction", [True, False])
+def test_an_all_row_over_configurations_that_disagree_says_so(interaction):
+    """compare's "all" row averaged -0.14 points at depth 20 and -65.8 at 56 into -33 with p =
+    0.012 and no word: where two configurations' intervals do not overlap, its note (and the
+    main effect's, which is that row) says the average depends on the levels swept."""
+    from helpers import study_in_memory
+
+    rng = np.random.default_rng(4)
+    difficulty = rng.uniform(0.05, 0.15, IMAGES)
+
+    def shift(depth, shortcut):
+        if shortcut == "A":
+            return 0.0
+        return 0.3 if depth == 14 or not interaction else 0.0
+
+    study = study_in_memory([
+        ({"depth": depth, "shortcut": shortcut}, seed,
+         (rng.random(IMAGES) < difficulty + shift(depth, shortcut)).astype(float))
+        for depth in DEPTHS for shortcut in SHORTCUTS for seed in SEEDS])
+    table = study.compare("shortcut", "A")
+    (note,) = table.loc[table["depth"] == "all", "note"]
+    flag = "disagree (their 95% intervals do not overlap): this average depends on which depth"
+    assert (flag in note) == interaction, note
+    main = _row(study.effects(), "main", "shortcut")
+    assert (flag in main["note"]) == interaction
+
+
 def test_seeds_that_tie_within_every_configuration_are_not_p_0_all_explained():
     """Four configurations of two seeds each, every pair identical, the configurations a single
     image in 10,000 apart: there is no seed noise to test against, so no F test and no share

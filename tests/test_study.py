@@ -419,6 +419,62 @@ def test_a_sampled_configuration_gets_its_next_seed_and_a_resumed_run_draws_on(t
     assert [p[:2] for p in resumed] != [p[:2] for p in first]
 
 
+def test_a_grid_study_is_not_reopened_with_a_sampler_nor_the_reverse(tmp_path):
+    """A finished grid study run again with sampler: random re-ran seeds it had (silently): the
+    sampler is recorded and a switch to or from grid refused; random and tpe may swap. A store
+    from before the sampler was recorded is known for a grid by its enqueued trials."""
+    from resnet_ablate.study import StudyConflict, open_study
+    from resnet_ablate.study.recorder import TrialRecorder
+
+    raw = _raw_spec("switch", budget={"trials": 4})
+    storage = f"sqlite:///{tmp_path / 'switch.db'}"
+    grid = parse_spec(raw)
+    study = open_study(grid, storage)
+    recorder = TrialRecorder(study, grid, artifacts=tmp_path / "w", store_folder=tmp_path,
+                             max_artifact_mb=1.0)
+    study.tell(recorder.ask({"shortcut": "A"}, 0), 0.1)
+    with pytest.raises(StudyConflict, match="was run with sampler: grid, and .* has sampler: "
+                                            "random: a grid's trials and a sampler's do not mix"):
+        open_study(parse_spec({**raw, "sampler": "random"}), storage)
+    sampled = f"sqlite:///{tmp_path / 'sampled.db'}"
+    open_study(parse_spec({**raw, "sampler": "random"}), sampled)
+    open_study(parse_spec({**raw, "sampler": "tpe"}), sampled)  # the same study, another sampler
+    with pytest.raises(StudyConflict, match="sampler: random, and .* has sampler: grid"):
+        open_study(grid, sampled)
+    # An older store: no recorded sampler, an enqueued (grid) trial.
+    older = f"sqlite:///{tmp_path / 'older.db'}"
+    plain = optuna.create_study(study_name="switch", storage=older)
+    plain.set_user_attr("spec", dict(open_study(grid, f"sqlite:///{tmp_path / 'ref.db'}")
+                                     .user_attrs["spec"]))
+    plain.enqueue_trial({"shortcut": "A"})
+    plain.tell(plain.ask(), 0.1)
+    with pytest.raises(StudyConflict, match="was run with sampler: grid"):
+        open_study(parse_spec({**raw, "sampler": "random"}), older)
+
+
+def test_how_data_is_read_does_not_make_another_study_and_a_moved_root_is_named(tmp_path):
+    """loader_workers (decoding processes) and download change nothing of the results: a
+    resume with another count is the same study (it was refused with "give this spec another
+    study name"). A root elsewhere is refused, by name, with what to do if the data moved."""
+    from resnet_ablate.study import StudyConflict, open_study
+
+    def spec(**dataset):
+        return parse_spec(_raw_spec(
+            "folder", model={"family": "imagenet", "depth": 18}, space={"shortcut": ["A", "B"]},
+            dataset={"name": "imagefolder", "root": "data/imgs", "image_size": 16, **dataset},
+            resources={"cpus": 4, "workers": 1}))
+
+    storage = f"sqlite:///{tmp_path / 'folder.db'}"
+    open_study(spec(loader_workers=2), storage)
+    open_study(spec(loader_workers=0, download=False), storage)
+    with pytest.raises(StudyConflict, match="reads its data set from root 'data/imgs', and .* "
+                                            "from '/elsewhere/imgs': .* if it is the same data "
+                                            "moved, give the stored root"):
+        open_study(spec(root="/elsewhere/imgs"), storage)
+    with pytest.raises(StudyConflict, match="created from a different spec .dataset differ"):
+        open_study(spec(image_size=24), storage)
+
+
 def test_run_exits_non_zero_when_no_trial_completes(local_ray, tmp_path, capsys):
     from resnet_ablate.cli import main
 

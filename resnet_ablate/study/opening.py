@@ -22,7 +22,7 @@ import sqlalchemy
 from ..arch import ResNetArch
 from ..recipe import EXECUTION_ONLY
 from ..record import StudyKey
-from ..spec import IntRange, SpecError, StudySpec, parse_spec
+from ..spec import MAX_CPUS, IntRange, SpecError, StudySpec, parse_spec
 from ..storage import StoreError, file_in_the_way, sqlite_path, store_faults
 from .optuna_tables import STUDIES_TABLE, sqlite_tables
 
@@ -31,6 +31,10 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress display say
 # The spec sections whose meaning defines a study: another meaning is another study.
 SECTIONS_THAT_DEFINE_A_STUDY = ("dataset", "model", "space", "objectives", "train",
                                 "warmup_from_depth")
+
+
+# Data set fields that say how data is read, not which: decoding processes, whether to fetch it.
+DATASET_EXECUTION_ONLY = ("loader_workers", "download")
 
 
 class StudyConflict(RuntimeError):
@@ -71,16 +75,22 @@ def meaning(fingerprint: Mapping[str, Any]) -> dict[str, Any] | None:
     where the stored sections no longer parse (then they must match as written)."""
     sections = {k: v for k, v in fingerprint.items() if v is not None}
     train = {k: v for k, v in (sections.get("train") or {}).items() if k not in EXECUTION_ONLY}
+    if isinstance(sections.get("dataset"), Mapping):
+        sections["dataset"] = {k: v for k, v in sections["dataset"].items()
+                               if k not in DATASET_EXECUTION_ONLY}
     try:
-        # The random sampler takes every kind of space (lists and ranges); which sampler and
-        # budget the spec has does not define the study.
+        # The random sampler takes every kind of space (lists and ranges); which sampler,
+        # budget and resources the spec has does not define the study (the CPUs: enough for any
+        # data set's decoding workers).
         parsed = parse_spec({"study": "fingerprint", **sections, "train": train,
-                             "sampler": "random", "budget": {"trials": 1}})
+                             "sampler": "random", "budget": {"trials": 1},
+                             "resources": {"cpus": MAX_CPUS}})
     except SpecError:
         return None
     arch_defaults = {f.name: f.default for f in dataclasses.fields(ResNetArch)}
     return {
-        "dataset": dataclasses.asdict(parsed.dataset),
+        "dataset": {k: v for k, v in dataclasses.asdict(parsed.dataset).items()
+                    if k not in DATASET_EXECUTION_ONLY},
         "model": {k: v for k, v in parsed.model.items() if v != arch_defaults.get(k, object())},
         "space": {name: dataclasses.asdict(v) if isinstance(v, IntRange) else list(v)
                   for name, v in parsed.space.items()},
@@ -94,6 +104,30 @@ def same_study(stored: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
     as_written = json.dumps(stored, sort_keys=True) == json.dumps(current, sort_keys=True)
     stored_meaning = meaning(stored)
     return as_written or (stored_meaning is not None and stored_meaning == meaning(current))
+
+
+def _only_root_differs(stored: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
+    """Whether two fingerprints' data sets differ in their root alone (and how data is read)."""
+    def without_root(fingerprint):
+        dataset = fingerprint.get("dataset")
+        return {k: v for k, v in dataset.items() if k not in ("root", *DATASET_EXECUTION_ONLY)} \
+            if isinstance(dataset, Mapping) else dataset
+    return without_root(stored) == without_root(current)
+
+
+def _check_sampler(study: optuna.Study, spec: StudySpec, url: str) -> None:
+    """Refuse a grid study reopened with a sampler, or a sampler's with grid: the sampler would
+    train configurations and seeds the grid already has (and the grid would not count the
+    sampler's trials as its points). random and tpe may take each other's place."""
+    stored = study.user_attrs.get(StudyKey.SAMPLER)
+    if stored is None:  # a store from before the sampler was recorded: its trials say
+        trials = study.get_trials(deepcopy=False)
+        stored = "grid" if any("fixed_params" in t.system_attrs for t in trials) else None
+    if stored is not None and stored != spec.sampler and "grid" in (stored, spec.sampler):
+        raise StudyConflict(
+            f"study {spec.study!r} in {url} was run with sampler: {stored}, and {spec.source} has "
+            f"sampler: {spec.sampler}: a grid's trials and a sampler's do not mix; keep sampler: "
+            f"{stored}, or give this spec another study name")
 
 
 def _casefolded(section: Any) -> str:
@@ -118,6 +152,7 @@ def open_study(spec: StudySpec, storage: str | optuna.storages.BaseStorage, *,
         current = fingerprint(spec)
         stored = study.user_attrs.get(StudyKey.SPEC)
         if stored is None:
+            study.set_user_attr(StudyKey.SAMPLER, spec.sampler)
             study.set_user_attr(StudyKey.SPEC, current)
             study.set_user_attr(StudyKey.SPEC_SOURCE, spec.source)
             study.set_user_attr(StudyKey.QUESTION, spec.question)
@@ -134,12 +169,20 @@ def open_study(spec: StudySpec, storage: str | optuna.storages.BaseStorage, *,
                     f"and {spec.source} spells them {current.get('space')}: the same levels, "
                     "but the store keys its trials by their spelling; write them as the study "
                     "was created")
+            if differ == ["dataset"] and _only_root_differs(stored, current):
+                raise StudyConflict(
+                    f"study {spec.study!r} in {url} reads its data set from root "
+                    f"{stored['dataset'].get('root')!r}, and {spec.source} from "
+                    f"{current['dataset'].get('root')!r}: a study's trials are all on one data "
+                    "set; if it is the same data moved, give the stored root (a link from there "
+                    "works), else another study name")
             raise StudyConflict(
                 f"study {spec.study!r} in {url} was created from a different spec "
                 f"({', '.join(differ)} differ: stored {[stored.get(s) for s in differ]}, "
                 f"{spec.source} has {[current.get(s) for s in differ]}); its recorded trials are "
                 "kept: give this spec another study name, or point it at another storage"
             )
+        _check_sampler(study, spec, url)
         if sampler is None and spec.sampler != "grid":  # drawing on from the recorded trials
             study.sampler = space.sampler(spec, len(study.get_trials(deepcopy=False)))
         if spec.adaptive_seeds is not None:

@@ -68,6 +68,14 @@ class StudyProgress:
         else:
             print(message, file=self.stream, flush=True)
 
+    def warn(self, message: str) -> None:
+        """A message on its own line even where progress is off (--quiet): what a run could not
+        do that the user would otherwise find out only later."""
+        if self.enabled:
+            self.log(message)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
     def close(self) -> None:
         if self.enabled and self.live:
             self.stream.write("\n")

@@ -184,6 +184,9 @@ def _reason(error: Exception) -> str:
     if "file is not a database" in text or "malformed" in text or "no such table" in text:
         return (f"not a readable study store ({cause}); it is not an Optuna database or it is "
                 "damaged: point --storage at the study's .db file, or restore it from a copy")
+    if "disk is full" in text or "no space left" in text:
+        return (f"the disk is full ({cause}); free space and run the study again: its completed "
+                "trials are kept and it resumes")
     if "readonly" in text or "read-only" in text:
         return f"cannot write ({cause}); the driver needs write access to the store and its folder"
     if "unable to open database file" in text:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sqlite3
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,30 @@ def open_storage(storage: str) -> optuna.storages.BaseStorage:
             return optuna.storages.RDBStorage(url, skip_table_creation=True,
                                               engine_kwargs=engine_kwargs)
     except StoreError as error:
+        unfinished = None if path is None else _unfinished(path)
+        if unfinished:
+            raise ResultsError(f"study store {path}: unfinished ({unfinished}): a run stopped "
+                               "while creating it; run the study again to finish it, or delete "
+                               "the file") from None
         raise ResultsError(str(error)) from None
+
+
+def _unfinished(path: Path) -> str | None:
+    """How a SQLite store that a run stopped while creating it looks (an empty file, or
+    Optuna's tables without their version record), or None."""
+    if path.stat().st_size == 0:
+        return "an empty file"
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{quote(str(path))}?mode=ro",
+                                                uri=True)) as connection:
+            tables = {row[0] for row in connection.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "version_info" in tables and not connection.execute(
+                    "SELECT COUNT(*) FROM version_info").fetchone()[0]:
+                return "its tables without their version record"
+    except sqlite3.DatabaseError:
+        return None
+    return None
 
 
 RUNS_FOLDER_HINT = (f" (the runs folder is --runs-dir / runs_dir, else ${RUNS_ENVIRONMENT_VARIABLE}, "

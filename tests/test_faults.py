@@ -170,6 +170,45 @@ def test_a_sqlite_database_of_something_else_is_never_written(tmp_path, capsys):
     assert other.read_bytes() == before
 
 
+@pytest.mark.parametrize("unfinished", ["an empty file", "its tables without their version "
+                                                         "record"])
+def test_a_store_a_run_stopped_while_creating_is_named_unfinished(tmp_path, capsys, unfinished):
+    """Killed during start-up (or a full disk then), a run can leave an empty file or Optuna's
+    tables without their version record: readers said "damaged: restore it from a copy" or
+    "cannot write (attempt to write a readonly database)"."""
+    import sqlalchemy
+    from optuna.storages._rdb import models
+
+    store = tmp_path / "faults.db"
+    if unfinished == "an empty file":
+        store.write_bytes(b"")
+    else:
+        models.BaseModel.metadata.create_all(sqlalchemy.create_engine(f"sqlite:///{store}"))
+    for argv in (["show", "faults", "--runs-dir", str(tmp_path)],
+                 ["ls", "--runs-dir", str(tmp_path)]):
+        err = _one_line_error(capsys, argv)
+        assert f"study store {store}: unfinished ({unfinished}): a run stopped while creating " \
+               "it; run the study again to finish it" in err, err
+    # And running the study again finishes it.
+    assert main(["run", str(_spec_file(tmp_path)), "--runs-dir", str(tmp_path), "--dry-run"]) \
+        == 0
+
+
+def test_a_full_disk_says_the_study_resumes():
+    import sqlite3
+
+    import sqlalchemy
+
+    from resnet_ablate.storage import StoreError, store_faults
+
+    with pytest.raises(StoreError, match=r"study store sqlite:///x.db: the disk is full "
+                                         r"\(database or disk is full\); free space and run the "
+                                         "study again: its completed trials are kept"):
+        with store_faults("sqlite:///x.db"):
+            raise sqlalchemy.exc.OperationalError("INSERT", {}, sqlite3.OperationalError(
+                "database or disk is full"))
+
+
 @pytest.mark.parametrize("content, expected", [
     (bytes(range(256)) * 8, "not a text file (not UTF-8)"),
     (b"study: x\x00\x00\n", "not a text file (it holds NUL bytes)"),

@@ -142,8 +142,9 @@ def test_weights_that_cannot_be_written_cost_the_weights_not_the_trial(tmp_path,
     spec = parse_spec(raw_spec("weights", seeds=1))
     storage = f"sqlite:///{tmp_path / 'weights.db'}"
     artifacts = tmp_path / "weights.artifacts"
+    said = []
     recorder = TrialRecorder(open_study(spec, storage), spec, artifacts=artifacts,
-                             store_folder=tmp_path, max_artifact_mb=1.0)
+                             store_folder=tmp_path, max_artifact_mb=1.0, log=said.append)
     tag = recorder.weights_tag
     if blocked == "a file where the folder goes":
         artifacts.write_text("")
@@ -161,6 +162,12 @@ def test_weights_that_cannot_be_written_cost_the_weights_not_the_trial(tmp_path,
     (stored,) = optuna.load_study(study_name="weights", storage=storage).get_trials()
     assert stored.state == optuna.trial.TrialState.COMPLETE
     assert stored.user_attrs[TrialKey.WEIGHTS].startswith(f"not kept: cannot write {artifacts}")
+    # The run says so (it exited 0 and printed nothing), once: every later trial fails alike.
+    assert said == [f"trial 0's weights {stored.user_attrs[TrialKey.WEIGHTS]} (its record is "
+                    "kept; `show --columns number,weights` lists every trial's)"]
+    later = recorder.ask({"shortcut": "none"}, 0)
+    recorder.finish(later, _completed(trial_number=later.number))
+    assert len(said) == 1
     assert not list(artifacts.glob("*.tmp")) if artifacts.is_dir() else artifacts.is_file()
 
 

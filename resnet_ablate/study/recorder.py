@@ -7,7 +7,7 @@ import contextlib
 import functools
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,12 +35,15 @@ class TrialRecorder:
     """
 
     def __init__(self, study: optuna.Study, spec: StudySpec, *, artifacts: Path,
-                 store_folder: Path, max_artifact_mb: float) -> None:
+                 store_folder: Path, max_artifact_mb: float,
+                 log: Callable[[str], None] | None = None) -> None:
         self.study = study
         self.spec = spec
         self.artifacts = artifacts
         self.store_folder = store_folder
         self.max_artifact_mb = max_artifact_mb
+        self.log = log  # where a run says what it could not keep (the progress log)
+        self._weights_lost = 0
 
     # -- asking
 
@@ -104,7 +107,13 @@ class TrialRecorder:
             self.fail(trial, kind, outcome.reason or outcome.status, outcome.traceback)
             return kind
         if outcome.weights is not None:
-            trial.set_user_attr(TrialKey.WEIGHTS, self._keep_weights(trial.number, outcome.weights))
+            kept = self._keep_weights(trial.number, outcome.weights)
+            trial.set_user_attr(TrialKey.WEIGHTS, kept)
+            if kept.startswith("not kept") and self.log is not None:
+                self._weights_lost += 1
+                if self._weights_lost == 1:  # once: a full disk fails every trial alike
+                    self.log(f"trial {trial.number}'s weights {kept} (its record is kept; "
+                             "`show --columns number,weights` lists every trial's)")
         values = metric_values(trial.user_attrs)
         self._tell(trial, [float(values[name]) for name in self.spec.objectives])
         return Status.COMPLETED

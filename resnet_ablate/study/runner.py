@@ -148,10 +148,11 @@ class StudyRunner:
         lease.acquire()  # before touching trials: another live driver's are not interrupted
         try:
             folder = weights_folder(self.storage, self.options.runs_dir)
+            progress = StudyProgress(self.spec.study, enabled=self.options.progress)
             recorder = TrialRecorder(
                 self.study, self.spec, artifacts=study_file(self.spec.study, ARTIFACTS_SUFFIX, folder),
-                store_folder=folder, max_artifact_mb=self.options.max_artifact_mb)
-            progress = StudyProgress(self.spec.study, enabled=self.options.progress)
+                store_folder=folder, max_artifact_mb=self.options.max_artifact_mb,
+                log=progress.warn)
             crowded = None if self.options.address else cluster.oversubscribed(self.spec,
                                                                                self.workers)
             if crowded:

@@ -40,8 +40,8 @@ from .record import DIRECTIONS, METRICS, StudyKey, TrialKey, unpack_outcomes
 from .storage import ResultsError, default_storage, weights_folder
 # ARCH_COLUMNS, STATES, TRIAL_COLUMNS and list_studies keep their public path here.
 from .store_reading import (ARCH_COLUMNS, RUNS_FOLDER_HINT, STATES, TRIAL_COLUMNS, list_studies,
-                            only_study, open_storage, store_file, study_summaries,
-                            trial_row, trials_frame)
+                            only_study, open_storage, store_file, store_holding,
+                            study_summaries, trial_row, trials_frame)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,7 +289,8 @@ def load(study: str | os.PathLike[str], storage: str | None = None,
     """The trials of a study, finished or still running, as a Results object (read-only).
 
     `study` is a study's name (found in `storage`, by default RUNS_DIR/STUDY.db, where RUNS_DIR is
-    `runs_dir`, else $RESNET_ABLATE_RUNS, else ./runs), the path of a study's .db file (a str or
+    `runs_dir`, else $RESNET_ABLATE_RUNS, else ./runs; or the one other .db file there holding a
+    study of that name, as `ls` lists it), the path of a study's .db file (a str or
     Path; works from any folder), or a storage URL; a store that holds several studies then needs
     the name and `storage`.
     """
@@ -302,7 +303,7 @@ def load(study: str | os.PathLike[str], storage: str | None = None,
         storage = f"sqlite:///{path.resolve()}"
         study = only_study(study, storage)
     in_runs_folder = storage is None
-    storage = storage or default_storage(study, runs_dir)
+    storage = storage or store_holding(study, runs_dir)
     backend = open_storage(storage)
     names = [s.study_name for s in study_summaries(storage)]
     if study not in names:

@@ -20,8 +20,8 @@ import sqlalchemy
 from .arch import ResNetArch
 from .record import (INTERRUPTED_STATE, VIEW_METRICS, StudyKey, TrialKey, metric_values,
                      shown_state)
-from .storage import (RUNS_ENVIRONMENT_VARIABLE, ResultsError, StoreError, runs_folder, sqlite_path,
-                      store_faults)
+from .storage import (RUNS_ENVIRONMENT_VARIABLE, ResultsError, StoreError, default_storage,
+                      runs_folder, sqlite_path, store_faults)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -150,6 +150,23 @@ def list_studies(storage: str | None = None, runs_dir: str | Path | None = None)
     frame = pd.DataFrame(rows, columns=["study", "trials", *LISTED_STATES, "question", "storage"])
     frame.attrs["unreadable"] = unreadable
     return frame
+
+
+def store_holding(study: str, runs_dir: str | Path | None = None) -> str:
+    """The store of `study` in the runs folder: its own file (RUNS/STUDY.db) where there is one,
+    else the one other .db file there that holds a study of that name (one `ls` lists, such as
+    a run's --storage sqlite:///runs/mine.db), else its own file's URL (whose absence the reader
+    then reports)."""
+    own = default_storage(study, runs_dir)
+    folder = runs_folder(runs_dir)
+    if sqlite_path(own).is_file() or not folder.is_dir():
+        return own
+    holding = []
+    for path in sorted(folder.glob("*.db")):
+        with contextlib.suppress(ResultsError, OSError):
+            if any(s.study_name == study for s in study_summaries(f"sqlite:///{path}")):
+                holding.append(f"sqlite:///{path}")
+    return holding[0] if len(holding) == 1 else own
 
 
 # ----------------------------------------------------------------------------------------------

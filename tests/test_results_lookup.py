@@ -50,6 +50,24 @@ def test_a_missing_store_is_named_as_given_and_the_runs_folder_rule_is_said(stud
         results.load(f"sqlite:///{runs / 'none.db'}")
 
 
+def test_a_study_ls_lists_from_another_store_of_the_runs_folder_is_found_by_name(study_s1):
+    """`run ... --storage sqlite:///runs/mine.db` puts a study in mine.db: `ls` listed it, and
+    `show NAME` said there was no NAME.db. The one store there that holds it is read; where two
+    do, the name is ambiguous and the miss lists the databases."""
+    runs = study_s1
+    mine = optuna.create_study(study_name="deg", storage=f"sqlite:///{runs / 'mine.db'}")
+    mine.add_trial(optuna.trial.create_trial(value=0.1))
+    listed = results.list_studies(runs_dir=runs)
+    assert "deg" in set(listed["study"])
+    found = results.load("deg", runs_dir=runs)
+    assert found.storage == f"sqlite:///{runs / 'mine.db'}" and len(found.trials) == 1
+    assert main(["show", "deg", "--runs-dir", str(runs), "--columns", "number"]) == 0
+    optuna.create_study(study_name="deg", storage=f"sqlite:///{runs / 'other.db'}")
+    with pytest.raises(ResultsError, match=r"no study storage at .*deg\.db; databases in .*: "
+                                           r"mine\.db, other\.db, s1\.db"):
+        results.load("deg", runs_dir=runs)
+
+
 def test_the_commands_a_run_suggests_keep_its_runs_folder_and_work(study_s1, capsys):
     runs = study_s1
     options = _store_options(argparse.Namespace(storage=None, runs_dir=str(runs)))

@@ -178,10 +178,19 @@ def _header(results: Results) -> list[str]:
     return parts
 
 
+def _without_names(frame: pd.DataFrame, results: Results) -> pd.DataFrame:
+    """A table over configurations without their architecture names where its swept columns tell
+    them apart: a name such as resnet29-cifar-bottleneck-B-bw16-v1 pushed the cost columns out
+    of a 1280-pixel window (the trials table keeps them)."""
+    if "arch_name" in frame.columns and any(c in frame.columns for c in results.swept):
+        return frame.drop(columns=["arch_name"])
+    return frame
+
+
 def _summary(results: Results) -> list[str]:
     """The summary table over seeds; raises ResultsError while no trial has completed."""
     summary = summary_with_training_error(results)
-    return [_table(summary), _footnotes(summary)]
+    return [_table(_without_names(summary, results)), _footnotes(summary)]
 
 
 def _views(results: Results) -> list[str]:
@@ -193,7 +202,8 @@ def _views(results: Results) -> list[str]:
     parts = []
     for metric in recorded:
         table = results.summary(metric=metric)
-        parts += [f"<h3>{html.escape(metric)}</h3>", _table(table), _footnotes(table)]
+        parts += [f"<h3>{html.escape(metric)}</h3>", _table(_without_names(table, results)),
+                  _footnotes(table)]
     if parts:
         parts.insert(0, "<h2>The paper's test protocol: other views of the test set</h2>")
     return parts
@@ -250,7 +260,7 @@ def _pareto(results: Results) -> list[str]:
             "<p>Over configurations: each one's mean over its seeds, with 95% intervals; "
             "a point on the front is not shown better than one off it unless their "
             "intervals say so.</p>",
-            _table(front), _footnotes(front),
+            _table(_without_names(front, results)), _footnotes(front),
             _plot(results, "pareto", "test error against GFLOPs")]
 
 

@@ -170,11 +170,12 @@ def labelled_images(prefix: str, classes: int, per_class: int, seed: int = 0,
     return members
 
 
-def study_in_memory(trials, *, seed_rule=None):
+def study_in_memory(trials, *, model=None, seed_rule=None):
     """A study whose completed trials are `trials` ((swept values, seed, 0/1 test errors per
     image), one per trial), recorded as the driver records them and held in memory: the frame
     and attributes `results.load` would read from its store, without a store's cost (simulations
-    build hundreds). FLOPs and parameters rise with depth; `seed_rule` as a spec writes it."""
+    build hundreds). `model`: the architecture fields fixed for all (CIFAR by default). FLOPs and
+    parameters rise with depth; `seed_rule` as a spec writes it."""
     import optuna
 
     from resnet_ablate.record import TrialKey, pack_outcomes
@@ -187,16 +188,16 @@ def study_in_memory(trials, *, seed_rule=None):
                      for name, levels in space.items()}
     frozen = []
     for values, seed, wrong in trials:
-        error, depth = float(wrong.mean()), values.get("depth", 20)
+        error, depth = float(wrong.mean()), values.get("depth", (model or {}).get("depth", 20))
         trial = optuna.trial.create_trial(
             params=dict(values), distributions=distributions, value=error, user_attrs={
-                TrialKey.SEED: seed, TrialKey.ARCH: {"family": "cifar", **values},
+                TrialKey.SEED: seed, TrialKey.ARCH: {"family": "cifar", **(model or {}), **values},
                 TrialKey.FINAL_TEST_ACCURACY: 1 - error, TrialKey.TEST_IMAGES: len(wrong),
                 TrialKey.TEST_WRONG: int(wrong.sum()), TrialKey.PARAMS: depth * 1000,
                 TrialKey.FLOPS: depth * 10**6, TrialKey.TEST_OUTCOMES: pack_outcomes(wrong)})
         trial.number = len(frozen)
         frozen.append(trial)
-    spec = {"study": "simulated", "space": space}
+    spec = {"study": "simulated", "space": space, "model": dict(model or {})}
     if seed_rule is not None:
         spec["seeds"] = seed_rule
     return Results(study="simulated", storage="memory",

@@ -130,9 +130,11 @@ MEASURE_TABLES = """<script>document.body.insertAdjacentHTML("beforeend", "<pre 
 + "</pre>")</script></body></html>"""
 
 
-def test_the_reports_tables_fit_a_1280_pixel_window_in_a_real_browser(runs, tmp_path):
+@pytest.mark.parametrize("study", ["results-small", "bottleneck widths"])
+def test_the_reports_tables_fit_a_1280_pixel_window_in_a_real_browser(runs, tmp_path, study):
     """Chromium, headless, lays the page out at 1280 px; every table must be no wider than what
-    holds it (else it scrolls and cuts columns)."""
+    holds it (else it scrolls and cuts columns): also with long architecture names (a bottleneck
+    width study's summary cut off its GFLOPs)."""
     import re
     import shutil
     import subprocess
@@ -144,7 +146,19 @@ def test_the_reports_tables_fit_a_1280_pixel_window_in_a_real_browser(runs, tmp_
         pytest.skip("no Chromium on this machine to lay the page out")
     from helpers import RESULTS_STUDY
 
-    page = report.render_report(results.load(RESULTS_STUDY, runs_dir=runs), responses=False)  # conftest's study
+    if study == RESULTS_STUDY:
+        loaded = results.load(RESULTS_STUDY, runs_dir=runs)  # conftest's study
+    else:
+        import numpy as np
+
+        from helpers import study_in_memory
+
+        rng = np.random.default_rng(0)
+        loaded = study_in_memory([
+            ({"depth": depth, "base_width": width}, seed, (rng.random(300) < 0.05).astype(float))
+            for depth in (29, 56) for width in (16, 32, 64, 128) for seed in range(2)],
+            model={"block": "bottleneck", "shortcut": "B"})
+    page = report.render_report(loaded, responses=False)
     (tmp_path / "page.html").write_text(page.replace("</body></html>", MEASURE_TABLES))
     dom = subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,900",
                           "--dump-dom", (tmp_path / "page.html").as_uri()],

@@ -9,6 +9,7 @@ then the benchmark's own columns, with the peak memory (`peak_memory_mb`) beside
 from __future__ import annotations
 
 import csv
+import tempfile
 import datetime
 import os
 import platform
@@ -20,6 +21,14 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# A smoke run's rows (--small: tiny sizes that check a script works, not figures to keep).
+SMOKE_RESULTS = Path(tempfile.gettempdir()) / "resnet-ablate-benchmarks"
+
+
+def results_csv(name: str, smoke: bool) -> Path:
+    """Where a benchmark's rows go unless --csv says: benchmarks/results/NAME, or for a smoke
+    run a scratch folder, so that checking a script leaves the tracked results as they were."""
+    return (SMOKE_RESULTS if smoke else RESULTS) / name
 
 
 def append_rows(path: str | Path, rows: Sequence[Mapping[str, object]]) -> Path:

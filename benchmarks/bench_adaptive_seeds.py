@@ -30,7 +30,7 @@ import numpy as np
 from scipy.special import expit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _results import RESULTS, append_rows, source_commit, timestamp  # noqa: E402
+from _results import append_rows, results_csv, source_commit, timestamp  # noqa: E402
 
 from resnet_ablate.adaptive import SeedResult, decide  # noqa: E402
 from resnet_ablate.spec import AdaptiveSeeds  # noqa: E402
@@ -94,8 +94,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="a few replications: the script works")
     parser.add_argument("--replications", type=int, default=200)
-    parser.add_argument("--csv", default=str(RESULTS / "adaptive_seeds.csv"))
+    parser.add_argument("--csv", default=None,
+                        help="default: benchmarks/results/, a scratch folder with --small")
     args = parser.parse_args(argv)
+    args.csv = args.csv or results_csv("adaptive_seeds.csv", args.small)
     replications = 4 if args.small else args.replications
     differences = (0.0, 0.03) if args.small else (0.0, 0.005, 0.01, 0.02, 0.04)
     designs = ("adaptive", "fixed 3") if args.small else ("adaptive", "fixed 3", "fixed 5",

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 import triton
 
 from _gpu_timing import graph_times
-from _results import RESULTS, append_rows, peak_memory_mb, reset_peak_memory, run_context
+from _results import append_rows, results_csv, peak_memory_mb, reset_peak_memory, run_context
 from resnet_ablate.kernels import _triton_tuning, fused_batch_norm, use_backend
 from resnet_ablate.kernels._triton_impl import relu_mask_bytes
 
@@ -192,7 +192,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "host cost included where it exceeds the kernels' (a CPU's only)")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--peak-gbps", type=float, default=None, help="override the peak bandwidth")
-    parser.add_argument("--csv", default=RESULTS / "batch_norm_act.csv")
+    parser.add_argument("--csv", default=None, help="default: benchmarks/results/, a scratch "
+                        "folder for small shapes")
     return parser.parse_args(argv)
 
 
@@ -240,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     small = args.small or device.type != "cuda"
+    args.csv = args.csv or results_csv("batch_norm_act.csv", small)  # small shapes: a check
     shapes = SHAPE_SETS[args.shape_set or ("small" if small else "epilogue")]
     dtype_names = (args.dtypes or ("fp32" if small else "bf16,fp16,fp32")).split(",")
     reps = args.reps or (5 if small else 20)

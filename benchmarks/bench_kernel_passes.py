@@ -42,7 +42,7 @@ if not CUDA:  # the stand-in driver (see above), the interpreter off before the 
 
     triton_stand_in.install()
 
-from _results import RESULTS, append_rows, run_context  # noqa: E402
+from _results import append_rows, results_csv, run_context  # noqa: E402
 from bench_batch_norm_act import PEAK_BANDWIDTH_GBPS, SHAPE_SETS, Shape  # noqa: E402
 from resnet_ablate.kernels._triton_impl import plan_backward, plan_forward  # noqa: E402
 from resnet_ablate.kernels._triton_geometry import RowTiling, programs_in_one_wave  # noqa: E402
@@ -174,8 +174,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="one tiny shape (a CPU's default)")
     parser.add_argument("--no-sweep", action="store_true", help="each kernel as planned only")
-    parser.add_argument("--csv", default=RESULTS / "kernel_passes.csv")
-    return parser.parse_args(argv)
+    parser.add_argument("--csv", default=None,
+                        help="default: benchmarks/results/, a scratch folder with --small")
+    args = parser.parse_args(argv)
+    args.csv = args.csv or results_csv("kernel_passes.csv", args.small)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from _results import RESULTS, append_rows, peak_memory_mb, reset_peak_memory, run_context
+from _results import append_rows, results_csv, peak_memory_mb, reset_peak_memory, run_context
 
 BARRIER_TIMEOUT_S = 600  # every trial must be ready by then (import, data, warm-up)
 
@@ -203,8 +203,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seeds each packed process trains stacked into one model")
     parser.add_argument("--mps", action="store_true",
                         help="share the GPU through CUDA's MPS daemon, started for the run")
-    parser.add_argument("--csv", default=RESULTS / "packing.csv")
+    parser.add_argument("--csv", default=None,
+                        help="default: benchmarks/results/, a scratch folder with --small")
     args = parser.parse_args(argv)
+    args.csv = args.csv or results_csv("packing.csv", args.small)
     if any(n < 1 for n in args.trials):
         parser.error(f"--trials takes counts of 1 or more, not {args.trials}")
     if args.stack_seeds < 1:

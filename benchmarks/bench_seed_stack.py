@@ -40,7 +40,7 @@ import time
 import torch
 from torch import nn
 
-from _results import (RESULTS, append_rows, device_name, peak_memory_mb, reset_peak_memory,
+from _results import (append_rows, results_csv, device_name, peak_memory_mb, reset_peak_memory,
                       run_context, synchronize)
 
 from resnet_ablate.execution import Execution
@@ -68,8 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="timed steps per case")
     parser.add_argument("--small", action="store_true", help="tiny sizes: checks the script")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--csv", default=str(RESULTS / "seed_stack.csv"))
+    parser.add_argument("--csv", default=None,
+                        help="default: benchmarks/results/, a scratch folder with --small")
     args = parser.parse_args(argv)
+    args.csv = args.csv or results_csv("seed_stack.csv", args.small)
     cuda = args.device.startswith("cuda")
     if args.small:
         defaults = dict(depths=[8], batch=8, steps=3, image_size=8)

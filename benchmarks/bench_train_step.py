@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from _results import RESULTS, append_rows, device_name, synchronize, timestamp, triton_version
+from _results import append_rows, results_csv, device_name, synchronize, timestamp, triton_version
 
 import resnet_ablate
 from resnet_ablate.kernels import get_backend
@@ -141,8 +141,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile-backend", help="torch.compile backend (default inductor, --small aot_eager)")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--csv", type=Path, default=RESULTS / "train_step.csv")
+    parser.add_argument("--csv", type=Path, default=None,
+                        help="default: benchmarks/results/, a scratch folder with --small")
     args = parser.parse_args(argv)
+    args.csv = args.csv or results_csv("train_step.csv", args.small)
     args.iters = args.iters or (3 if args.small else 50)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.small else 10)
     args.compile_backend = args.compile_backend or ("aot_eager" if args.small else "inductor")

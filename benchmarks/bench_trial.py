@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from _results import (RESULTS, append_rows, device_name, peak_memory_mb, reset_peak_memory,
+from _results import (append_rows, results_csv, device_name, peak_memory_mb, reset_peak_memory,
                       run_context, synchronize)
 
 from resnet_ablate.arch import ResNetArch
@@ -191,8 +191,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads on a CPU (a trial's)")
     parser.add_argument("--repeats", type=int, default=2,
                         help="runs of each variant, interleaved; the best is kept")
-    parser.add_argument("--csv", default=RESULTS / "trial.csv")
+    parser.add_argument("--csv", default=None,
+                        help="default: benchmarks/results/, a scratch folder with --small")
     args = parser.parse_args(argv)
+    args.csv = args.csv or results_csv("trial.csv", args.small)
     device_type = torch.device(args.device).type
     if args.variants is None:
         args.variants = list(DEFAULT_VARIANTS.get(device_type, DEFAULT_VARIANTS["cpu"]))

@@ -204,8 +204,9 @@ def test_sequential_decisions_keep_their_error_rates(truth, failing):
     difference = 0.0 if truth == "none" else 0.01  # at the margin "within" is wrong
     # Failed trials leave configurations between looks, which must add no look.
     answers = [_sequential_answer(rng, rule, difference, failing) for _ in range(replications)]
-    # 5% nominal; the simulation's own error is 1.3 points.
-    assert np.mean([a.startswith(wrong) for a in answers]) <= 0.075, truth
+    # At most 5% (README: 2.5% "differs" where nothing differs); the simulation's own error is
+    # about a point where the rate is 3%.
+    assert np.mean([a.startswith(wrong) for a in answers]) <= 0.06, truth
 
 
 @pytest.mark.parametrize("familywise", [False, True])

@@ -97,26 +97,29 @@ def test_paired_test_keeps_its_type_one_error_at_2_to_10_seeds(regime):
     assert np.mean(from_three) >= 0.03 and min(from_three) >= 0.02, rejected
 
 
-def test_two_seeds_that_dominate_the_variance_are_covered_as_students_t_covers_them():
+@pytest.mark.parametrize("n", SEED_COUNTS)
+def test_seeds_that_dominate_the_variance_are_covered_as_students_t_covers_them(n):
     # Seeds that vary far more than a large test set samples: the crossed interval is then the t
     # interval over the seed means, exact under normality. A calibration that narrowed it at two
     # seeds covered 91-92%; it must cover as the t interval does, within simulation error.
     seed_sd, image_sd, images = 0.8, 0.3, 2000
     offset = _offset_for(0.08, seed_sd, image_sd)
     truth = _true_error(offset, seed_sd, image_sd)
-    rng = np.random.default_rng(5)
+    rng = np.random.default_rng(5 + n)
     crossed = over_seeds = 0
     for _ in range(REPLICATIONS):
-        table = _tables(rng, 2, offset, seed_sd, image_sd, rng.normal(0, image_sd, images))
+        table = _tables(rng, n, offset, seed_sd, image_sd, rng.normal(0, image_sd, images))
         estimate = stats.error_rate(list(table), table.mean(axis=1), images)
         crossed += estimate.low <= truth <= estimate.high
         seed_means = table.mean(axis=1)
-        half = scipy_stats.t.ppf(0.975, 1) * scipy_stats.sem(seed_means)
+        half = scipy_stats.t.ppf(0.975, n - 1) * scipy_stats.sem(seed_means)
         over_seeds += abs(seed_means.mean() - truth) <= half
-    # Both cover about 93% here, not 95%: seed effects on the logit scale make the seed means
-    # skewed, and the t interval is exact only for normal ones. The calibrated pivot this
-    # replaced covered 2.7 points less than the t interval on the same tables.
-    assert crossed >= over_seeds - 0.01 * REPLICATIONS, (crossed, over_seeds)
+    # Both cover less than 95% here: seed effects on the logit scale make the seed means skewed,
+    # and the t interval is exact only for normal ones (README: about 93% at 2 seeds, 89-91% at
+    # 3 to 10). The calibrated pivot this replaced covered 2.7 points less than the t interval on
+    # the same tables at 2 seeds.
+    assert crossed >= over_seeds - 0.01 * REPLICATIONS, (n, crossed, over_seeds)
+    assert 0.87 <= crossed / REPLICATIONS <= 0.95, (n, crossed / REPLICATIONS)
 
 
 def _lognormal_seeds(sd: float):

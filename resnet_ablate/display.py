@@ -107,7 +107,8 @@ def footnotes(frame: pd.DataFrame) -> list[str]:
         return lines
     columns = list(frame.columns)
     # The row's own columns come first: summary's `by`, compare's factor, baseline and others.
-    first_value = next(i for i, c in enumerate(columns) if c in ("arch_name", "n", "n_pairs"))
+    first_value = next(i for i, c in enumerate(columns)
+                       if c in ("arch_name", "n", "n_pairs", "seeds"))
     keys = columns[: max(first_value, 1)]
     for _, row in frame[frame["note"] != ""].iterrows():
         name = ", ".join(f"{k}={_number(row[k])}" for k in keys)

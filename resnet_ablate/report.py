@@ -250,7 +250,7 @@ def _seed_decisions(results: Results) -> list[str]:
     return ["<h2>Adaptive seeds: why each configuration stopped</h2>",
             f"<p>The rule <code>seeds: {html.escape(json.dumps(rule))}</code>: seeds "
             f"were added to a configuration only while its question stayed open.{family}</p>",
-            _table(decisions)]
+            _table(decisions), _footnotes(decisions)]
 
 
 def _pareto(results: Results) -> list[str]:

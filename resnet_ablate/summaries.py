@@ -13,8 +13,9 @@ import pandas as pd
 from . import stats
 from .adaptive import Decision, SeedResult, decide
 from .contrasts import (CONFIGURATION_CONSTANTS, ERROR_RATES, TEST_SET_RATES, LeftOut,
-                        complement, joined, metric_bounds, note, recorded, seeds_named,
-                        selected_note, sizes_note, stratified_contrast, with_methods, with_note)
+                        complement, failed_seeds, failure_kinds, joined, metric_bounds, note,
+                        recorded, seeds_named, selected_note, sizes_note, stratified_contrast,
+                        with_methods, with_note)
 from .spec import AdaptiveSeeds, adaptive_rule
 from .store_reading import scalar_value
 
@@ -145,12 +146,26 @@ def _pooled_estimate(results: Results, group: pd.DataFrame, metric: str,
 
 
 def seed_decisions(results: Results) -> pd.DataFrame:
-    """`Results.seed_decisions`: one row per configuration with its seeds, open, reason."""
-    columns = [*results.configuration_columns(), "seeds", "open", "reason"]
-    rows = [{**dict(c), "seeds": d.seeds, "open": d.open, "reason": d.reason}
-            for c, d in decisions(results).items()]
+    """`Results.seed_decisions`: one row per configuration with its seeds, open, reason, and a
+    note where seeds failed: the rule decided on those that finished."""
+    columns = [*results.configuration_columns(), "seeds", "open", "reason", "note"]
+    failed = failed_seeds(results, results.completed())
+    rows = [{**dict(c), "seeds": d.seeds, "open": d.open, "reason": d.reason,
+             "note": _failed_note(failed, dict(c))} for c, d in decisions(results).items()]
     return pd.DataFrame(rows, columns=columns).sort_values(
         results.configuration_columns(), kind="stable")
+
+
+def _failed_note(failed: pd.DataFrame, configuration: dict[str, Any]) -> str:
+    """A decision's note on its configuration's failed seeds ("" for none)."""
+    mine = failed
+    for column, value in configuration.items():
+        mine = mine[mine[column] == value]
+    if mine.empty:
+        return ""
+    return (f"{len(mine)} seed{'s' if len(mine) != 1 else ''} failed ({failure_kinds(mine)}): "
+            "decided on the seeds that finished, which flatter a configuration that fails to "
+            "train")
 
 
 def decisions(results: Results) -> dict[tuple, Decision]:

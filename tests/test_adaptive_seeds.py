@@ -153,6 +153,36 @@ def test_a_seed_completed_twice_counts_once():
     assert reruns_closed == 0
 
 
+def test_a_decision_over_seeds_of_which_some_failed_says_so():
+    """The rule decides on the seeds that finished: where the worst seeds of a configuration
+    diverge, its survivors flatter it, and seed_decisions (and the report) say how many failed
+    and how (it said nothing)."""
+    import dataclasses
+
+    import pandas as pd
+
+    from helpers import study_in_memory
+    from resnet_ablate import report
+
+    rng = np.random.default_rng(2)
+    study = study_in_memory(
+        [({"shortcut": shortcut}, seed, (rng.random(IMAGES) < 0.1).astype(float))
+         for shortcut in ("A", "none") for seed in range(3)],
+        model={"depth": 8}, seed_rule={"min": 2, "max": 10, "until": {"decided": "shortcut",
+                                                                      "margin": 0.01}})
+    diverged = study.trials.iloc[[0, 0]].assign(
+        number=[6, 7], state="FAIL", seed=[3, 4], shortcut="none", test_error=np.nan,
+        failure_kind=["diverged", "error"])
+    study = dataclasses.replace(study, trials=pd.concat([study.trials, diverged],
+                                                        ignore_index=True))
+    table = study.seed_decisions().set_index("shortcut")
+    assert table.loc["none", "note"].startswith("2 seeds failed (diverged: 1, error: 1): "
+                                                "decided on the seeds that finished")
+    assert table.loc["A", "note"] == ""
+    page = report.render_report(study, responses=False)
+    assert "note: shortcut=none: 2 seeds failed (diverged: 1, error: 1)" in page
+
+
 def _offset_for(error: float) -> float:
     """The logit offset whose error over seeds and images (logistic sd 0.05 and 1.5) is `error`,
     by Gauss-Hermite quadrature and bisection."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
 from resnet_ablate import progress
 
 
@@ -29,3 +31,34 @@ def test_a_log_shows_epochs_moving_once_a_minute_and_every_change_of_the_counts(
     assert [text.split(" | ")[1] for text in printed] == [
         "running 1 (epochs 0/120)", "running 1 (epochs 2/120)", "running 1 (epochs 0/120)"]
     assert printed[-1].startswith("[imagenet] done 1")
+
+
+def test_the_eta_counts_the_work_left_not_the_trials_left():
+    """The degradation study's ETA said six minutes after two ResNet-20 trials, with ResNet-110s
+    to come: the time per trial times the trials left. The work left (FLOPs x epochs) at the rate
+    ended trials did theirs, by hand: a 20-layer trial (41 MFLOPs x 10 epochs) took 10 s; left
+    are a pending 110-layer trial and a running one 5 of 10 epochs in (253 MFLOPs each), on 2
+    workers: (2530 + 1265) MFLOP-epochs at 41 a second, shared by 2 workers: 46 s, not 10."""
+    from helpers import raw_spec
+
+    from resnet_ablate.arch import ResNetArch
+    from resnet_ablate.spec import parse_spec
+    from resnet_ablate.study.eta import RemainingTime
+
+    spec = parse_spec(raw_spec("eta", epochs=10, space={"depth": [20, 110]}, model={}))
+    flops = {20: 41e6, 110: 253e6}
+
+    class Costs:
+        def profile(self, arch):
+            return type("Profile", (), {"flops": flops[arch.depth]})()
+
+    eta = RemainingTime(spec, Costs(), workers=2)
+    shallow, deep = ResNetArch(depth=20), ResNetArch(depth=110)
+    assert eta.seconds_left([deep], [(deep, 5)], unknown=0) is None  # nothing ended yet
+    eta.ended(shallow, seconds=10.0, epochs_trained=10)
+    rate = 41e6 * 10 / 10.0  # work per second of one worker
+    expected = (253e6 * 10 + 253e6 * 5) / rate / 2
+    assert eta.seconds_left([deep], [(deep, 5)], unknown=0) == pytest.approx(expected)
+    assert expected > 4 * 10.0  # the trials-left estimate: 10 s x 2 trials / 2 workers = 10 s
+    # A trial the sampler has yet to choose counts as the mean ended trial's work.
+    assert eta.seconds_left([], [], unknown=3) == pytest.approx(3 * 41e6 * 10 / rate / 2)

@@ -32,6 +32,7 @@ from ..record import METRICS, FailureKind, Status, TrialKey, TrialTask
 from ..spec import StudySpec
 from . import cluster
 from .costs import StudyCosts
+from .eta import RemainingTime
 from .grid import GridHistory, PendingPoint, more_seeds
 from .recorder import TrialRecorder
 from .signals import StopRequested, StopSignals, signals_held
@@ -101,7 +102,8 @@ class DriverLoop:
         # Each task's trials: one, or a stack of one grid point's seeds (resources.stack_seeds).
         self.running: dict[ray.ObjectRef, list[RunningTrial]] = {}
         self.counts: Counter[str] = Counter()
-        self.durations: list[float] = []
+        self.remaining_time = RemainingTime(spec, costs, workers)
+        self._archs: dict[str, ResNetArch] = {}  # pending grid points' architectures, by key
         self.launched = 0
         self.board: Any = None
         self.best: str | None = None
@@ -167,18 +169,25 @@ class DriverLoop:
 
     def show_progress(self) -> None:
         left = 0 if self.to_ask == math.inf else int(self.to_ask)
-        mean = sum(self.durations) / len(self.durations) if self.durations else None
         running = [r for trials in self.running.values() for r in trials]
         epochs = ", ".join(f"{r.epochs_done}/{self.spec.recipe_for(r.arch).epochs}"
                            for r in running)
         self.progress.update(
             done=self.counts[Status.COMPLETED], running=len(running),
             failed=failures(self.counts), remaining=left, best=self.best,
-            eta_seconds=None if mean is None else mean * (left + len(running)) / self.workers,
+            eta_seconds=self.remaining_time.seconds_left(
+                (self._arch_of(p) for p in self.pending),
+                ((r.arch, r.epochs_done) for r in running),
+                unknown=max(0, left - len(self.pending))),
             epochs=f" (epochs {epochs})" if self.running else "",
         )
 
     # -- their parts
+
+    def _arch_of(self, point: PendingPoint) -> ResNetArch:
+        if point.key not in self._archs:
+            self._archs[point.key] = self.spec.arch(decode_params(point.params, self.spec.space))
+        return self._archs[point.key]
 
     def _add_open_seeds(self) -> None:
         """Adaptive seeds: every started trial has ended, so the grid points whose question is
@@ -273,8 +282,11 @@ class DriverLoop:
     def _ended(self, running: RunningTrial, result: str, stacked: int) -> None:
         """What follows a trial's end: the tally, a retry of a grid point, the best, a line."""
         self.counts[result] += 1
-        # A stack's seeds share its time: each trial's share, so that the ETA counts trials.
-        self.durations.append((time.monotonic() - running.started) / stacked)
+        # A stack's seeds share its time: each trial's share of it, and of the work done.
+        epochs = self.spec.recipe_for(running.arch).epochs if result == Status.COMPLETED \
+            else running.epochs_done
+        self.remaining_time.ended(running.arch, (time.monotonic() - running.started) / stacked,
+                                  epochs)
         if result in FailureKind.RETRYABLE and running.point is not None:
             retry = self.history.retry(running.point)
             if retry is not None:

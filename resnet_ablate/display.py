@@ -110,10 +110,25 @@ def footnotes(frame: pd.DataFrame) -> list[str]:
     first_value = next(i for i, c in enumerate(columns)
                        if c in ("arch_name", "n", "n_pairs", "seeds"))
     keys = columns[: max(first_value, 1)]
+    shared = _shared_note(list(frame["note"]))
+    if shared:  # once, not on every row ("few seeds (n=2)" where all have two)
+        lines.append(f"note (every row): {shared}")
     for _, row in frame[frame["note"] != ""].iterrows():
-        name = ", ".join(f"{k}={_number(row[k])}" for k in keys)
-        lines.append(f"note: {name}: {row['note']}")
+        text = row["note"].removeprefix(shared).removeprefix("; ") if shared else row["note"]
+        if text:
+            name = ", ".join(f"{k}={_number(row[k])}" for k in keys)
+            lines.append(f"note: {name}: {text}")
     return lines
+
+
+def _shared_note(notes: list[str]) -> str:
+    """The first part of the notes (up to its "; ") where every row of two or more starts with
+    it, else ""."""
+    first = notes[0].split("; ")[0] if notes else ""
+    if len(notes) < 2 or not first:
+        return ""
+    starts = all(n == first or n.startswith(first + "; ") for n in notes)
+    return first if starts else ""
 
 
 def _json_value(value: Any) -> Any:

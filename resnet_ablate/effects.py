@@ -233,8 +233,8 @@ def _explained(done: pd.DataFrame, factors: list[str], metric: str) -> str:
     if found is None:
         return (f"how much of {metric}'s variance the configurations explain is not estimable "
                 f"here (one trial per configuration, {metric} the same in every trial, or seeds "
-                f"that tie within every configuration): the "
-                "shares below divide it, whatever its size")
+                "that tie within every configuration): the table's shares divide it, whatever "
+                "its size")
     omega, p_value, configurations = found
     # Trials as independent draws: a test-set metric's ANOVA cannot see that every configuration
     # is scored on the same images, which one finds harder than another (simulated: 7-15% of
@@ -244,7 +244,7 @@ def _explained(done: pd.DataFrame, factors: list[str], metric: str) -> str:
     return (f"the configurations explain an estimated {100 * max(omega, 0):.0f}% of {metric}'s "
             f"variance over these {len(done)} trials (omega^2 of a one-way ANOVA over the "
             f"{configurations} configurations; F test of no difference{conditional} p = "
-            f"{p_value:.3g}); the rest is seed-to-seed, and the shares below divide the explained "
+            f"{p_value:.3g}); the rest is seed-to-seed, and the table's shares divide the explained "
             "part, summing to 1 whatever its size")
 
 

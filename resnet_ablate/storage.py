@@ -13,11 +13,12 @@ path or a URL reads as syntax (`/`, `%`, `?`, `#`, spaces, `..`) can reach eithe
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 RUNS_ENVIRONMENT_VARIABLE = "RESNET_ABLATE_RUNS"
 
@@ -107,6 +108,21 @@ def sqlite_path(storage: str) -> Path | None:
     if path.startswith("file:"):
         path = unquote(path.removeprefix("file:").split("?")[0])
     return Path(path)
+
+
+def store_tag(storage: str) -> str:
+    """Eight hex digits naming one store: of a SQLite file's absolute path, else of the URL
+    without its password. A kept weights file carries it, so that two stores of one study in one
+    folder (runs/a.db, and runs/b.db copied from it) never write one file."""
+    database = sqlite_path(storage)
+    if database is not None:
+        identity = os.path.abspath(database)
+    else:
+        parts = urlsplit(storage)
+        host = parts.netloc.rsplit("@", 1)
+        user = host[0].split(":", 1)[0] + "@" if len(host) == 2 else ""
+        identity = urlunsplit(parts._replace(netloc=user + host[-1]))
+    return hashlib.sha1(identity.encode()).hexdigest()[:8]
 
 
 def file_in_the_way(path: PathLike) -> Path | None:

@@ -144,7 +144,8 @@ def test_weights_that_cannot_be_written_cost_the_weights_not_the_trial(tmp_path,
     artifacts = tmp_path / "weights.artifacts"
     said = []
     recorder = TrialRecorder(open_study(spec, storage), spec, artifacts=artifacts,
-                             store_folder=tmp_path, max_artifact_mb=1.0, log=said.append)
+                             store_folder=tmp_path, max_artifact_mb=1.0, store=storage,
+                             log=said.append)
     tag = recorder.weights_tag
     if blocked == "a file where the folder goes":
         artifacts.write_text("")
@@ -173,8 +174,11 @@ def test_weights_that_cannot_be_written_cost_the_weights_not_the_trial(tmp_path,
 
 def test_two_stores_of_one_study_in_one_folder_keep_their_own_weights(tmp_path):
     """runs/a.db and runs/b.db of the study "weights" share runs/weights.artifacts/: trial 0 of
-    each is its own file (b's trial 0 overwrote a's, which then scored with b's model), and each
-    store's record reads back its own bytes, also after a rerun of either."""
+    each is its own file (b's trial 0 overwrote a's, which then scored with b's model), also
+    where b.db began as a copy of a.db (the same records, the next trial numbers alike), and
+    each store's record reads back its own bytes; a rerun of a store names its weights alike."""
+    import shutil
+
     import optuna
 
     from helpers import raw_spec
@@ -184,22 +188,26 @@ def test_two_stores_of_one_study_in_one_folder_keep_their_own_weights(tmp_path):
 
     spec = parse_spec(raw_spec("weights", seeds=1))
     artifacts = tmp_path / "weights.artifacts"
-    recorded = {}
-    for store, weights in (("a", b"weights of a"), ("b", b"weights of b")):
+
+    def record(store: str, weights: bytes, shortcut: str) -> tuple[int, str]:
         storage = f"sqlite:///{tmp_path / f'{store}.db'}"
         recorder = TrialRecorder(open_study(spec, storage), spec, artifacts=artifacts,
-                                 store_folder=tmp_path, max_artifact_mb=1.0)
+                                 store_folder=tmp_path, max_artifact_mb=1.0, store=storage)
         recorder.remove_partial_weights()
-        trial = recorder.ask({"shortcut": "A"}, 0)
+        trial = recorder.ask({"shortcut": shortcut}, 0)
         outcome = dataclasses.replace(_completed(trial_number=trial.number), weights=weights)
         assert recorder.finish(trial, outcome) == Status.COMPLETED
-        (stored,) = optuna.load_study(study_name="weights", storage=storage).get_trials()
-        recorded[store] = (stored.number, stored.user_attrs[TrialKey.WEIGHTS], weights)
-    assert recorded["a"][0] == recorded["b"][0] == 0
-    assert recorded["a"][1] != recorded["b"][1]
-    for number, path, weights in recorded.values():
+        stored = optuna.load_study(study_name="weights", storage=storage).get_trials()[-1]
+        return stored.number, stored.user_attrs[TrialKey.WEIGHTS]
+
+    first_a = record("a", b"weights of a", "A")
+    first_b = record("b", b"weights of b", "A")
+    shutil.copy(tmp_path / "a.db", tmp_path / "c.db")
+    second_a = record("a", b"second of a", "none")
+    second_c = record("c", b"second of c", "none")
+    assert first_a[0] == first_b[0] == 0 and second_a[0] == second_c[0] == 1
+    for (_, path), weights in ((first_a, b"weights of a"), (first_b, b"weights of b"),
+                               (second_a, b"second of a"), (second_c, b"second of c")):
         assert (tmp_path / path).read_bytes() == weights
-    # The tag is the store's: a rerun of a (a new recorder) names its weights alike.
-    again = TrialRecorder(open_study(spec, f"sqlite:///{tmp_path / 'a.db'}"), spec,
-                          artifacts=artifacts, store_folder=tmp_path, max_artifact_mb=1.0)
-    assert again.weights_tag in recorded["a"][1] and again.weights_tag not in recorded["b"][1]
+    assert len({first_a[1], first_b[1], second_a[1], second_c[1]}) == 4
+    assert first_a[1].split(".")[-2] == second_a[1].split(".")[-2]  # one store, one tag

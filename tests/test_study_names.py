@@ -99,3 +99,15 @@ def test_ordinary_names_load_by_name_and_odd_old_stores_by_their_path(nested_run
     old = nested_runs / "my study.db"
     optuna.create_study(study_name="my study", storage=f"sqlite:///{old}")
     assert load(os.fspath(old)).study == "my study"
+
+
+def test_a_stores_tag_names_the_store_not_its_password(tmp_path, monkeypatch):
+    from resnet_ablate.storage import store_tag
+
+    monkeypatch.chdir(tmp_path)
+    assert store_tag("sqlite:///runs/a.db") == store_tag(f"sqlite:///{tmp_path}/runs/a.db")
+    assert store_tag("sqlite:///runs/a.db") != store_tag("sqlite:///runs/b.db")
+    assert len(store_tag("sqlite:///runs/a.db")) == 8
+    one = store_tag("postgresql+psycopg://me:secret@db.lab:5432/studies")
+    assert one == store_tag("postgresql+psycopg://me:other@db.lab:5432/studies")
+    assert one != store_tag("postgresql+psycopg://me:secret@db2.lab:5432/studies")

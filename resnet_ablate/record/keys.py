@@ -67,9 +67,6 @@ class StudyKey:
     # The sampler the study was created with: a grid study's trials and a sampler's do not mix
     # (a sampler would train seeds the grid already has).
     SAMPLER = "sampler"
-    # A random tag in the file names of the weights this store keeps: two stores of one study
-    # in one folder (runs/a.db and runs/b.db) share its weights folder, never its files.
-    WEIGHTS_TAG = "weights_tag"
 
 
 class FailureKind:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 import optuna
 
 from ..arch import ResNetArch
-from ..record import FailureKind, Status, StudyKey, TrialKey, TrialOutcome, metric_values
+from ..record import FailureKind, Status, TrialKey, TrialOutcome, metric_values
 from ..spec import StudySpec
+from ..storage import store_tag
 from .space import (SEED_PARAM, distributions, encode_params, grid_distributions, next_seed,
                     seed_distribution)
 from .opening import retry_while_locked
@@ -35,7 +35,7 @@ class TrialRecorder:
     """
 
     def __init__(self, study: optuna.Study, spec: StudySpec, *, artifacts: Path,
-                 store_folder: Path, max_artifact_mb: float,
+                 store_folder: Path, max_artifact_mb: float, store: str | None = None,
                  log: Callable[[str], None] | None = None) -> None:
         self.study = study
         self.spec = spec
@@ -43,6 +43,8 @@ class TrialRecorder:
         self.store_folder = store_folder
         self.max_artifact_mb = max_artifact_mb
         self.log = log  # where a run says what it could not keep (the progress log)
+        # In kept weights' file names: the store's (storage.store_tag), or none where not given.
+        self.weights_tag = store_tag(store) if store is not None else ""
         self._weights_lost = 0
 
     # -- asking
@@ -118,22 +120,13 @@ class TrialRecorder:
         self._tell(trial, [float(values[name]) for name in self.spec.objectives])
         return Status.COMPLETED
 
-    @functools.cached_property
-    def weights_tag(self) -> str:
-        """This store's tag in its weights' file names (StudyKey.WEIGHTS_TAG), made on first use:
-        only the driver holding the study's lease writes it."""
-        tag = self.study.user_attrs.get(StudyKey.WEIGHTS_TAG)
-        if not isinstance(tag, str) or not tag.isalnum():
-            tag = secrets.token_hex(4)
-            self.study.set_user_attr(StudyKey.WEIGHTS_TAG, tag)
-        return tag
-
     def _keep_weights(self, number: int, weights: bytes) -> str:
         """The weights' path relative to the store's folder, or why they were not kept: weights
         are optional, so a folder that cannot take them (a file in its place, a full disk, no
         permission) costs them, not the trial's record. The store's tag in the name: trial 0 of
-        another store of this study, in this folder, is another file."""
-        path = self.artifacts / f"trial-{number:05d}.{self.weights_tag}.pt"
+        another store of this study, in this folder (a copy of this one too), is another file."""
+        tag = f".{self.weights_tag}" if self.weights_tag else ""
+        path = self.artifacts / f"trial-{number:05d}{tag}.pt"
         temporary = path.with_suffix(".tmp")
         try:
             self.artifacts.mkdir(parents=True, exist_ok=True)
@@ -153,6 +146,8 @@ class TrialRecorder:
         ours now, so no live driver of it is writing them; another store's may be)."""
         with contextlib.suppress(OSError):
             for partial in self.artifacts.glob(f"trial-*.{self.weights_tag}.tmp"):
+                partial.unlink(missing_ok=True)
+            for partial in self.artifacts.glob("trial-?????.tmp"):  # untagged: an older driver's
                 partial.unlink(missing_ok=True)
 
     # -- interruptions

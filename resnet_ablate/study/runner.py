@@ -152,7 +152,7 @@ class StudyRunner:
             recorder = TrialRecorder(
                 self.study, self.spec, artifacts=study_file(self.spec.study, ARTIFACTS_SUFFIX, folder),
                 store_folder=folder, max_artifact_mb=self.options.max_artifact_mb,
-                log=progress.warn)
+                store=self.storage, log=progress.warn)
             crowded = None if self.options.address else cluster.oversubscribed(self.spec,
                                                                                self.workers)
             if crowded:

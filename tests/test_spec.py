@@ -365,22 +365,28 @@ def test_a_level_listed_twice_is_refused_naming_the_field_and_the_level(space, e
     assert "trains the same configuration twice" in message
 
 
-@pytest.mark.parametrize("space,model,pair", [
+@pytest.mark.parametrize("space,model,levels", [
     # null is the family's default: shortcut A on CIFAR, B on ImageNet
-    ({"depth": [8], "shortcut": [None, "A"]}, {}, "depth=8, shortcut=None and depth=8, shortcut='A'"),
+    ({"depth": [8, 20], "shortcut": [None, "A"]}, {}, "space.shortcut: None and 'A'"),
     ({"shortcut": ["B", None]}, {"family": "imagenet", "depth": 18},
-     "shortcut='B' and shortcut=None"),
+     "space.shortcut: 'B' and None"),
     # ResNet-20's defaults spelled out, and basic blocks' downsampling (one place only)
-    ({"depth": [20], "stages": [None, [3, 3, 3]]}, {}, "depth=20, stages=None and depth=20, "
-                                                       "stages=(3, 3, 3)"),
-    ({"depth": [8], "downsampling": ["v1", "v1.5"]}, {}, "depth=8, downsampling='v1' and "
-                                                         "depth=8, downsampling='v1.5'"),
+    ({"depth": [20], "stages": [None, [3, 3, 3]]}, {}, "space.stages: None and (3, 3, 3)"),
+    ({"depth": [8], "downsampling": ["v1", "v1.5"]}, {}, "space.downsampling: 'v1' and 'v1.5'"),
 ])
-def test_two_levels_that_build_the_same_network_are_refused(space, model, pair):
+def test_two_levels_that_build_the_same_networks_are_refused(space, model, levels):
     message = _error({**MINIMAL, "model": model, "space": space})
-    assert f"space: the points {pair} build the same network" in message, message
-    assert "it would train twice under two names" in message
-    # Levels that differ in the network are kept: bottlenecks do stride in one of two places.
+    assert f"{levels} build the same networks whatever the other factors" in message, message
+    assert "each configuration would train twice under two names" in message
+
+
+def test_a_crossed_design_whose_factor_is_inert_at_some_levels_is_kept():
+    # Downsampling moves a bottleneck's stride and does nothing to a basic block: two of the four
+    # points are one network, but the levels differ at the other, and the design is factorial.
+    spec = parse_spec({**MINIMAL, "model": {"stages": [1, 1, 1]},
+                       "space": {"block": ["basic", "bottleneck"],
+                                 "downsampling": ["v1", "v1.5"]}})
+    assert len(list(spec.grid())) == 4
     spec = parse_spec({**MINIMAL, "space": {"depth": [11], "block": ["bottleneck"],
                                             "downsampling": ["v1", "v1.5"]}})
     assert len(list(spec.grid())) == 2

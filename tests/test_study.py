@@ -417,6 +417,22 @@ def test_a_sampled_configuration_gets_its_next_seed_and_a_resumed_run_draws_on(t
         assert len(set(mine[:3])) == len(mine[:3]), (depth, shortcut, mine)
         assert all(s in (0, 1, 2) for s in mine)
     assert [p[:2] for p in resumed] != [p[:2] for p in first]
+    # A pruned seed, or one that diverged, is spent; one whose trial erred may be tried again.
+    from resnet_ablate.study.space import next_seed
+
+    def trial(state, seed, kind=None):
+        attrs = {"seed": seed, **({"failure_kind": kind} if kind else {})}
+        return optuna.trial.create_trial(
+            state=state, params={"depth": 8, "shortcut": "A"}, user_attrs=attrs,
+            distributions={"depth": optuna.distributions.CategoricalDistribution([8, 14]),
+                           "shortcut": optuna.distributions.CategoricalDistribution(["A",
+                                                                                     "none"])},
+            value=0.1 if state == optuna.trial.TrialState.COMPLETE else None)
+
+    states = optuna.trial.TrialState
+    done = [trial(states.PRUNED, 0), trial(states.FAIL, 1, "diverged"),
+            trial(states.FAIL, 2, "error")]
+    assert next_seed(spec, {"depth": 8, "shortcut": "A"}, done) == 2
 
 
 def test_a_grid_study_is_not_reopened_with_a_sampler_nor_the_reverse(tmp_path):

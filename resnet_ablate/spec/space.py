@@ -1,6 +1,6 @@
 """The `space` section of a spec: the swept architecture fields, each with its levels (a list,
 or an int range for the random and tpe samplers), no level listed twice, every point of the grid
-a buildable architecture and no two the same network."""
+a buildable architecture, no two levels of a factor the same networks."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def space_section(check: Checker, value: Any, sampler: str, model: Mapping[str, 
     # Every combination must be a buildable architecture (checked up to a large space's first 10k).
     points = list(itertools.islice(
         itertools.product(*[[(n, v) for v in values_of(c)] for n, c in space.items()]), 10_000))
-    built: dict[str, tuple[tuple[str, Any], ...]] = {}
+    built: dict[tuple[tuple[str, Any], ...], str] = {}
     for point in points:
         try:
             digest = ResNetArch.from_dict({**model, **dict(point)}).digest
@@ -99,14 +99,36 @@ def space_section(check: Checker, value: Any, sampler: str, model: Mapping[str, 
                 raise check.fail(f"model.{fixed[0]}", str(error)) from None
             raise check.fail("space", f"the point {_point(point)} is not a valid architecture: "
                                       f"{error}") from None
-        if digest in built:
-            raise check.fail("space", f"the points {_point(built[digest])} and {_point(point)} "
-                                      "build the same network (null means the family's default; "
-                                      "basic blocks have no inner width or downsampling choice): "
-                                      "it would train twice under two names; sweep levels that "
-                                      "differ")
-        built[digest] = point
+        built[point] = digest
+    _check_no_synonyms(check, space, built)
     return space
+
+
+def _check_no_synonyms(check: Checker, space: Mapping[str, Any],
+                       built: Mapping[tuple[tuple[str, Any], ...], str]) -> None:
+    """Refuse two levels of one factor that build the same network whatever the other factors
+    (null and the family's default, `stages: [3, 3, 3]` and depth 20's own): every configuration
+    would train twice under two names, and a comparison of the two would be of one network with
+    itself. A level that differs only at some levels of another factor (downsampling v1 and v1.5,
+    alike for basic blocks, not for bottlenecks) is a crossed design's, and kept."""
+    for index, name in enumerate(space):
+        networks: dict[Any, list[str]] = {}
+        for point, digest in sorted(built.items(), key=lambda item: _others_key(item[0], index)):
+            networks.setdefault(_level_key(point[index][1]), []).append(digest)
+        levels = {_level_key(point[index][1]): point[index][1] for point in built}
+        seen: dict[tuple[str, ...], Any] = {}
+        for key, digests in networks.items():
+            if tuple(digests) in seen:
+                raise check.fail(f"space.{name}", f"{shown(seen[tuple(digests)])} and "
+                                 f"{shown(levels[key])} build the same networks whatever the "
+                                 "other factors (null means the family's default): each "
+                                 "configuration would train twice under two names; list one")
+            seen[tuple(digests)] = levels[key]
+
+
+def _others_key(point: tuple[tuple[str, Any], ...], index: int) -> str:
+    """A point's values but the one at `index`, as text that sorts whatever their types."""
+    return repr([value for i, (_, value) in enumerate(point) if i != index])
 
 
 def _point(point: tuple[tuple[str, Any], ...]) -> str:

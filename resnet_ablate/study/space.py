@@ -13,7 +13,7 @@ from typing import Any
 
 import optuna
 
-from ..record import PRUNABLE_OBJECTIVES, TrialKey
+from ..record import PRUNABLE_OBJECTIVES, FailureKind, TrialKey
 from ..spec import IntRange, StudySpec
 from ..spec.seeds import MAX_SEED
 
@@ -94,14 +94,21 @@ def sampler(spec: StudySpec, recorded: int = 0) -> optuna.samplers.BaseSampler:
 def next_seed(spec: StudySpec, params: Mapping[str, Any],
               trials: Sequence[optuna.trial.FrozenTrial]) -> int:
     """The seed a sampled trial of `params` trains with: the first of the spec's seeds that no
-    completed or running trial of that configuration has (a failed one may be tried again), so
-    that a configuration the sampler picks again gets another seed; once it has them all, they
-    come round again (a rerun, which summaries count once)."""
-    taken = [t.user_attrs.get(TrialKey.SEED) for t in trials
-             if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+    trial of that configuration has had (completed, running, pruned, or failed for good: diverged
+    or over budget; an error, a lost worker or a stopped run may be tried again), so that a
+    configuration the sampler picks again gets another seed; once it has them all, they come
+    round again (a rerun, which summaries count once)."""
+    taken = [t.user_attrs.get(TrialKey.SEED) for t in trials if _seed_spent(t)
              and {name: t.params.get(name) for name in params} == dict(params)]
     free = [seed for seed in spec.seeds if seed not in taken]
     return free[0] if free else spec.seeds[len(taken) % len(spec.seeds)]
+
+
+def _seed_spent(trial: optuna.trial.FrozenTrial) -> bool:
+    state = optuna.trial.TrialState
+    if trial.state == state.FAIL:
+        return trial.user_attrs.get(TrialKey.FAILURE_KIND) in FailureKind.FINAL
+    return trial.state in (state.COMPLETE, state.RUNNING, state.PRUNED)
 
 
 def pruner(spec: StudySpec) -> optuna.pruners.BasePruner:

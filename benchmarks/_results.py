@@ -9,12 +9,12 @@ then the benchmark's own columns, with the peak memory (`peak_memory_mb`) beside
 from __future__ import annotations
 
 import csv
-import tempfile
 import datetime
 import os
 import platform
 import resource
 import subprocess
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 

@@ -38,7 +38,8 @@ class Decision:
     open: bool
     reason: str
     seeds: int
-    # Closed by the width rule before `max` seeds: its interval then covers less than stated.
+    # Closed by the width rule before `max` seeds: seeds that agreed stop sooner, so such
+    # configurations are covered less often than the rest (summaries.WIDTH_STOPPED_EARLY).
     narrowed: bool = False
 
 

@@ -23,8 +23,8 @@ def pareto(results: Results, objectives: Sequence[str] = ("test_error", "flops")
     by the first objective. Directions: see DIRECTIONS.
 
     `over="configurations"` (the default) takes the front over each configuration's mean
-    over its seeds, with `n` and each objective's 95% interval beside it (the summary's
-    method): one lucky seed does not put a configuration on the front. `over="trials"`
+    over its seeds, with `n` and each objective's interval beside it (the summary's: 95%, or
+    a width rule's own level): one lucky seed does not put a configuration on the front. `over="trials"`
     takes it over single completed trials."""
     objectives = list(objectives)
     if len(set(objectives)) < len(objectives):

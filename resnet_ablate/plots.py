@@ -61,6 +61,8 @@ def _factors(results: Results) -> list[str]:
 def _averaged_over(results: Results, shown: Sequence[str | None]) -> str:
     """A caption line naming the varied factors a figure's means pool ("" for none): a line that
     averages two bottleneck widths must say so."""
+    if "arch_name" in shown:  # an architecture's name tells every configuration apart
+        return ""
     rest = [f for f in _factors(results) if f not in shown]
     return f"\nmeans over every {', '.join(rest)} too" if rest else ""
 

@@ -85,6 +85,8 @@ def _unfinished(path: Path) -> str | None:
                                                 uri=True)) as connection:
             tables = {row[0] for row in connection.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if not tables:
+                return "a database without tables"
             if "version_info" in tables and not connection.execute(
                     "SELECT COUNT(*) FROM version_info").fetchone()[0]:
                 return "its tables without their version record"
@@ -156,7 +158,7 @@ def store_holding(study: str, runs_dir: str | Path | None = None) -> str:
     """The store of `study` in the runs folder: its own file (RUNS/STUDY.db) where there is one,
     else the one other .db file there that holds a study of that name (one `ls` lists, such as
     a run's --storage sqlite:///runs/mine.db), else its own file's URL (whose absence the reader
-    then reports)."""
+    then reports); ResultsError where several hold one."""
     own = default_storage(study, runs_dir)
     folder = runs_folder(runs_dir)
     if sqlite_path(own).is_file() or not folder.is_dir():
@@ -166,7 +168,11 @@ def store_holding(study: str, runs_dir: str | Path | None = None) -> str:
         with contextlib.suppress(ResultsError, OSError):
             if any(s.study_name == study for s in study_summaries(f"sqlite:///{path}")):
                 holding.append(f"sqlite:///{path}")
-    return holding[0] if len(holding) == 1 else own
+    if len(holding) > 1:
+        names = ", ".join(sqlite_path(url).name for url in holding)
+        raise ResultsError(f"study {study!r} is in {len(holding)} stores of {folder}/ ({names}) "
+                           f"and none is {study}.db: name one, by its path or --storage")
+    return holding[0] if holding else own
 
 
 # ----------------------------------------------------------------------------------------------

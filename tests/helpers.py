@@ -4,9 +4,12 @@ simulated studies held in memory."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
 import yaml
+from scipy.special import expit
 
 SYNTHETIC = {"num_classes": 4, "channels": 1, "image_size": 8, "train_size": 128,
              "test_size": 64, "noise": 1.5}
@@ -204,3 +207,70 @@ def study_in_memory(trials, *, model=None, seed_rule=None):
                    trials=trials_frame([trial_row(t) for t in frozen]), swept=swept,
                    objectives=("test_error", "flops"), spec=spec,
                    attrs={t.number: dict(t.user_attrs) for t in frozen}, seed_rule=seed_rule)
+
+
+# The statistics' simulated studies: a logistic model of seeds and test images.
+
+def true_error(offset: float, seed_sd: float, image_sd: float) -> float:
+    """E[expit(offset + u + v)], u ~ N(0, seed_sd), v ~ N(0, image_sd): the error rate over the
+    populations of seeds and test images, by Gauss-Hermite quadrature."""
+    x, w = np.polynomial.hermite_e.hermegauss(80)
+    return float((w * expit(offset + math.hypot(seed_sd, image_sd) * x)).sum() / w.sum())
+
+
+def offset_for(error: float, seed_sd: float, image_sd: float) -> float:
+    """The logit offset whose true error rate is `error`."""
+    low, high = -10.0, 10.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if true_error(middle, seed_sd, image_sd) < error \
+            else (low, middle)
+    return (low + high) / 2
+
+
+def error_table(rng, n: int, offset: float, seed_sd: float, image_sd: float,
+            difficulty: np.ndarray) -> np.ndarray:
+    """A seeds x images table of 0/1 errors: each seed trained anew, each image as hard as
+    `difficulty` says (logistic model, the documented model's Bernoulli form)."""
+    seeds = rng.normal(0, seed_sd, (n, 1))
+    return (rng.random((n, len(difficulty))) < expit(offset + seeds + difficulty)).astype(float)
+
+
+# Two regimes of the documented model: seeds that vary little next to the test set's sampling
+# (as converged CIFAR nets do), and seeds that vary as much as the test set samples.
+REGIMES = {"images dominate": (0.08, 0.1, 1.5), "seeds matter": (0.08, 0.4, 1.5)}
+
+
+def write_study(path, name: str, space: dict, cells: dict, *, outcomes: bool = True,
+                edit=None) -> str:
+    """A study store at `path` whose completed trials are `cells`: {(params tuple, seed): 0/1
+    vector of test errors}, each recorded as the driver records a trial (record.py's keys);
+    `edit(point, seed, attrs)`, where given, changes a trial's attributes as it is written (a
+    damaged or an older store)."""
+    import optuna
+
+    from resnet_ablate.record import StudyKey, TrialKey, pack_outcomes
+
+    storage = f"sqlite:///{path}"
+    study = optuna.create_study(study_name=name, storage=storage)
+    study.set_user_attr(StudyKey.SPEC, {"study": name, "space": space})
+    study.set_user_attr(StudyKey.OBJECTIVES, ["test_error"])
+    distributions = {f: optuna.distributions.CategoricalDistribution(levels)
+                     for f, levels in space.items()}
+    for (point, seed), wrong in cells.items():
+        params = dict(zip(space, point))
+        error = float(np.mean(wrong))
+        attrs = {TrialKey.SEED: seed, TrialKey.ARCH: {"family": "cifar", **params},
+                 TrialKey.ARCH_NAME: "-".join(map(str, point)),
+                 TrialKey.FINAL_TEST_ACCURACY: 1 - error,
+                 # Training error: the test error plus a seeded amount, for the Student t path.
+                 TrialKey.FINAL_TRAIN_ACCURACY: 1 - error / 2 - 0.01 * ((seed * 7 + len(str(point))) % 5),
+                 TrialKey.TEST_IMAGES: len(wrong), TrialKey.TEST_WRONG: int(np.sum(wrong)),
+                 TrialKey.PARAMS: 1000, TrialKey.FLOPS: 10**6}
+        if outcomes:
+            attrs[TrialKey.TEST_OUTCOMES] = pack_outcomes(wrong)
+        if edit is not None:
+            edit(point, seed, attrs)
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions,
+                                                  value=error, user_attrs=attrs))
+    return storage

@@ -161,7 +161,6 @@ def test_a_decision_over_seeds_of_which_some_failed_says_so():
 
     import pandas as pd
 
-    from helpers import study_in_memory
     from resnet_ablate import report
 
     rng = np.random.default_rng(2)
@@ -327,10 +326,14 @@ def test_the_width_rules_summary_interval_covers_whatever_look_stopped_the_seeds
         early_covered += inside and decision.narrowed
         assert "a 95% interval whatever look stopped the seeds" in row["note"]
         assert ("stopped early by the width rule" in row["note"]) == decision.narrowed
-    # At least 95% by the union bound over looks; the simulation's own error is 1.3 points.
-    assert covered / replications >= 0.93, (covered / replications, early_covered / early)
-    # Stopping early still favours seeds that agreed (README: 83-91% of those covered).
-    assert 0.75 <= early_covered / early <= 0.97, (early, early_covered / early)
+    # At least 95% by the union bound over looks were each look's interval exact; seeds that
+    # vary twice as much as the images make the seed means skewed, which costs every interval
+    # some coverage (README: 94-97% there, 96.7-97.7% at sd 0.4, over six simulation seeds; the
+    # simulation's own error is 1.2 points).
+    assert covered / replications >= 0.92, (covered / replications, early_covered / early)
+    # Stopping early still favours seeds that agreed (README: 70-83% and 88-91% of those
+    # covered; about 55 of the 300 stop early: a simulation error of 5-6 points).
+    assert 0.6 <= early_covered / early <= 0.97, (early, early_covered / early)
 
 
 def test_the_driver_adds_seeds_only_where_the_question_is_open(local_ray, tmp_path):

@@ -9,14 +9,13 @@ import io
 import json
 
 import numpy as np
-import optuna
 import pandas as pd
 import pytest
 from scipy import stats as scipy_stats
+from helpers import write_study
 
 from resnet_ablate import report, stats
 from resnet_ablate.cli import main
-from resnet_ablate.record import StudyKey, TrialKey, pack_outcomes
 from resnet_ablate.results import ResultsError, load
 
 IMAGES = 400
@@ -30,37 +29,6 @@ DEPTH_14, NO_SHORTCUT, BOTH = -0.03, 0.05, 0.10
 def _shift(depth: int, shortcut: str) -> float:
     return (DEPTH_14 if depth == 14 else 0) + (NO_SHORTCUT if shortcut == "none" else 0) + \
         (BOTH if (depth, shortcut) == (14, "none") else 0)
-
-
-def write_study(path, name: str, space: dict, cells: dict, *, outcomes: bool = True,
-                edit=None) -> str:
-    """A study store at `path` whose completed trials are `cells`: {(params tuple, seed): 0/1
-    vector of test errors}, each recorded as the driver records a trial (record.py's keys);
-    `edit(point, seed, attrs)`, where given, changes a trial's attributes as it is written (a
-    damaged or an older store)."""
-    storage = f"sqlite:///{path}"
-    study = optuna.create_study(study_name=name, storage=storage)
-    study.set_user_attr(StudyKey.SPEC, {"study": name, "space": space})
-    study.set_user_attr(StudyKey.OBJECTIVES, ["test_error"])
-    distributions = {f: optuna.distributions.CategoricalDistribution(levels)
-                     for f, levels in space.items()}
-    for (point, seed), wrong in cells.items():
-        params = dict(zip(space, point))
-        error = float(np.mean(wrong))
-        attrs = {TrialKey.SEED: seed, TrialKey.ARCH: {"family": "cifar", **params},
-                 TrialKey.ARCH_NAME: "-".join(map(str, point)),
-                 TrialKey.FINAL_TEST_ACCURACY: 1 - error,
-                 # Training error: the test error plus a seeded amount, for the Student t path.
-                 TrialKey.FINAL_TRAIN_ACCURACY: 1 - error / 2 - 0.01 * ((seed * 7 + len(str(point))) % 5),
-                 TrialKey.TEST_IMAGES: len(wrong), TrialKey.TEST_WRONG: int(np.sum(wrong)),
-                 TrialKey.PARAMS: 1000, TrialKey.FLOPS: 10**6}
-        if outcomes:
-            attrs[TrialKey.TEST_OUTCOMES] = pack_outcomes(wrong)
-        if edit is not None:
-            edit(point, seed, attrs)
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions,
-                                                  value=error, user_attrs=attrs))
-    return storage
 
 
 def _draw_cells(rng, points, shift, seeds=SEEDS, images=IMAGES) -> dict:
@@ -327,6 +295,19 @@ def test_an_all_row_over_configurations_that_disagree_says_so(interaction):
     assert (flag in note) == interaction, note
     main = _row(study.effects(), "main", "shortcut")
     assert (flag in main["note"]) == interaction
+
+
+def test_the_disagreement_flag_does_not_depend_on_row_order_or_a_row_without_interval():
+    from itertools import permutations
+
+    from resnet_ablate.paired import _strata_disagree
+
+    rows = [{"depth": 8, "diff_ci95_low": -0.01, "diff_ci95_high": 0.01},
+            {"depth": 14, "diff_ci95_low": 0.2, "diff_ci95_high": 0.4},
+            {"depth": 20, "diff_ci95_low": float("nan"), "diff_ci95_high": float("nan")}]
+    flags = {_strata_disagree(list(order), ["depth"]) for order in permutations(rows)}
+    assert len(flags) == 1 and "depth=8 and at depth=14 disagree" in flags.pop()
+    assert _strata_disagree([rows[0], rows[2]], ["depth"]) == ""
 
 
 def test_seeds_that_tie_within_every_configuration_are_not_p_0_all_explained():

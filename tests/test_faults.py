@@ -170,18 +170,24 @@ def test_a_sqlite_database_of_something_else_is_never_written(tmp_path, capsys):
     assert other.read_bytes() == before
 
 
-@pytest.mark.parametrize("unfinished", ["an empty file", "its tables without their version "
-                                                         "record"])
+@pytest.mark.parametrize("unfinished", ["an empty file", "a database without tables",
+                                        "its tables without their version record"])
 def test_a_store_a_run_stopped_while_creating_is_named_unfinished(tmp_path, capsys, unfinished):
     """Killed during start-up (or a full disk then), a run can leave an empty file or Optuna's
     tables without their version record: readers said "damaged: restore it from a copy" or
     "cannot write (attempt to write a readonly database)"."""
+    import contextlib
+    import sqlite3
+
     import sqlalchemy
     from optuna.storages._rdb import models
 
     store = tmp_path / "faults.db"
     if unfinished == "an empty file":
         store.write_bytes(b"")
+    elif unfinished == "a database without tables":
+        with contextlib.closing(sqlite3.connect(store)) as connection:
+            connection.execute("PRAGMA user_version = 1")  # a header, no table yet
     else:
         models.BaseModel.metadata.create_all(sqlalchemy.create_engine(f"sqlite:///{store}"))
     for argv in (["show", "faults", "--runs-dir", str(tmp_path)],

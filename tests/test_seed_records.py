@@ -9,12 +9,12 @@ from __future__ import annotations
 import numpy as np
 import optuna
 import pytest
+from helpers import write_study
 
 from resnet_ablate import plots, report, stats
 from resnet_ablate.adaptive import SeedResult, _error_estimate
 from resnet_ablate.record import TrialKey, pack_outcomes
 from resnet_ablate.results import load
-from test_effects import write_study
 
 IMAGES = 300
 SPACE = {"depth": [8, 14], "shortcut": ["A", "none"]}

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 from scipy.special import expit
+from helpers import REGIMES, error_table, offset_for, true_error
 
 from resnet_ablate import pivot, stats
 
@@ -18,47 +19,19 @@ TEST_IMAGES = 400
 REPLICATIONS = 1000  # simulation error of a coverage ~0.7 points, against the 2 allowed
 
 
-def _true_error(offset: float, seed_sd: float, image_sd: float) -> float:
-    """E[expit(offset + u + v)], u ~ N(0, seed_sd), v ~ N(0, image_sd): the error rate over the
-    populations of seeds and test images, by Gauss-Hermite quadrature."""
-    x, w = np.polynomial.hermite_e.hermegauss(80)
-    return float((w * expit(offset + math.hypot(seed_sd, image_sd) * x)).sum() / w.sum())
-
-
-def _offset_for(error: float, seed_sd: float, image_sd: float) -> float:
-    """The logit offset whose true error rate is `error`."""
-    low, high = -10.0, 10.0
-    for _ in range(60):
-        middle = (low + high) / 2
-        low, high = (middle, high) if _true_error(middle, seed_sd, image_sd) < error \
-            else (low, middle)
-    return (low + high) / 2
-
-
-def _tables(rng, n: int, offset: float, seed_sd: float, image_sd: float,
-            difficulty: np.ndarray) -> np.ndarray:
-    """A seeds x images table of 0/1 errors: each seed trained anew, each image as hard as
-    `difficulty` says (logistic model, the documented model's Bernoulli form)."""
-    seeds = rng.normal(0, seed_sd, (n, 1))
-    return (rng.random((n, len(difficulty))) < expit(offset + seeds + difficulty)).astype(float)
-
-
-# Two regimes of the documented model: seeds that vary little next to the test set's sampling
-# (as converged CIFAR nets do), and seeds that vary as much as the test set samples.
-REGIMES = {"images dominate": (0.08, 0.1, 1.5), "seeds matter": (0.08, 0.4, 1.5)}
 
 
 @pytest.mark.parametrize("regime", list(REGIMES))
-def test_error_rate_intervals_cover_the_true_error_at_2_to_10_seeds(regime):
+def test_error_rate_intervals_cover_thetrue_error_at_2_to_10_seeds(regime):
     error, seed_sd, image_sd = REGIMES[regime]
-    offset = _offset_for(error, seed_sd, image_sd)
-    truth = _true_error(offset, seed_sd, image_sd)
+    offset = offset_for(error, seed_sd, image_sd)
+    truth = true_error(offset, seed_sd, image_sd)
     rng = np.random.default_rng(1)
     for n in SEED_COUNTS:
         covered = 0
         for _ in range(REPLICATIONS):
             # A new test set drawn from the image population, and n new seeds.
-            table = _tables(rng, n, offset, seed_sd, image_sd, rng.normal(0, image_sd, TEST_IMAGES))
+            table = error_table(rng, n, offset, seed_sd, image_sd, rng.normal(0, image_sd, TEST_IMAGES))
             estimate = stats.error_rate(list(table), table.mean(axis=1), TEST_IMAGES)
             covered += estimate.low <= truth <= estimate.high
         coverage = covered / REPLICATIONS
@@ -73,15 +46,15 @@ def test_error_rate_intervals_cover_the_true_error_at_2_to_10_seeds(regime):
 @pytest.mark.parametrize("regime", list(REGIMES))
 def test_paired_test_keeps_its_type_one_error_at_2_to_10_seeds(regime):
     error, seed_sd, image_sd = REGIMES[regime]
-    offset = _offset_for(error, seed_sd, image_sd)
+    offset = offset_for(error, seed_sd, image_sd)
     rng = np.random.default_rng(2)
     rejected = {}
     for n in SEED_COUNTS:
         count = 0
         for _ in range(REPLICATIONS):
             difficulty = rng.normal(0, image_sd, TEST_IMAGES)  # shared: one test set for both
-            base = _tables(rng, n, offset, seed_sd, image_sd, difficulty)
-            level = _tables(rng, n, offset, seed_sd, image_sd, difficulty)  # no true difference
+            base = error_table(rng, n, offset, seed_sd, image_sd, difficulty)
+            level = error_table(rng, n, offset, seed_sd, image_sd, difficulty)  # no true difference
             estimate = stats.paired_difference(list(base), list(level), base.mean(axis=1),
                                                level.mean(axis=1), TEST_IMAGES)
             count += estimate.p_value < 0.05
@@ -103,12 +76,12 @@ def test_seeds_that_dominate_the_variance_are_covered_as_students_t_covers_them(
     # interval over the seed means, exact under normality. A calibration that narrowed it at two
     # seeds covered 91-92%; it must cover as the t interval does, within simulation error.
     seed_sd, image_sd, images = 0.8, 0.3, 2000
-    offset = _offset_for(0.08, seed_sd, image_sd)
-    truth = _true_error(offset, seed_sd, image_sd)
+    offset = offset_for(0.08, seed_sd, image_sd)
+    truth = true_error(offset, seed_sd, image_sd)
     rng = np.random.default_rng(5 + n)
     crossed = over_seeds = 0
     for _ in range(REPLICATIONS):
-        table = _tables(rng, n, offset, seed_sd, image_sd, rng.normal(0, image_sd, images))
+        table = error_table(rng, n, offset, seed_sd, image_sd, rng.normal(0, image_sd, images))
         estimate = stats.error_rate(list(table), table.mean(axis=1), images)
         crossed += estimate.low <= truth <= estimate.high
         seed_means = table.mean(axis=1)
@@ -215,12 +188,12 @@ def test_two_seeds_keep_the_paired_test_where_their_counts_tie_often():
     # variance gave 1.9% below 0.01 and 1.5% below 0.001 here; flooring only the seeds'
     # estimate still called 40% of the ties different at 0.05.
     error, seed_sd, image_sd = REGIMES["images dominate"]
-    offset = _offset_for(error, seed_sd, image_sd)
+    offset = offset_for(error, seed_sd, image_sd)
     rng = np.random.default_rng(7)
     p_values, tied = [], []
     for _ in range(3000):
         difficulty = rng.normal(0, image_sd, TEST_IMAGES)
-        base, level = (_tables(rng, 2, offset, seed_sd, image_sd, difficulty) for _ in range(2))
+        base, level = (error_table(rng, 2, offset, seed_sd, image_sd, difficulty) for _ in range(2))
         p_values.append(stats.paired_difference(list(base), list(level), base.mean(axis=1),
                                                 level.mean(axis=1), TEST_IMAGES).p_value)
         tied.append(np.ptp((level - base).sum(axis=1)) == 0)
@@ -235,13 +208,13 @@ def test_two_seeds_keep_the_paired_test_where_their_counts_tie_often():
 
 def test_binomial_bound_without_per_image_record_is_conservative():
     error, seed_sd, image_sd = REGIMES["seeds matter"]
-    offset = _offset_for(error, seed_sd, image_sd)
-    truth = _true_error(offset, seed_sd, image_sd)
+    offset = offset_for(error, seed_sd, image_sd)
+    truth = true_error(offset, seed_sd, image_sd)
     rng = np.random.default_rng(3)
     for n in (2, 5):
         covered = 0
         for _ in range(REPLICATIONS):
-            table = _tables(rng, n, offset, seed_sd, image_sd, rng.normal(0, image_sd, TEST_IMAGES))
+            table = error_table(rng, n, offset, seed_sd, image_sd, rng.normal(0, image_sd, TEST_IMAGES))
             estimate = stats.error_rate(None, table.mean(axis=1), TEST_IMAGES)
             assert estimate.method == stats.BINOMIAL_BOUND
             covered += estimate.low <= truth <= estimate.high
@@ -256,14 +229,14 @@ def test_the_binomial_bound_holds_for_configurations_that_share_the_test_set(con
     row. Bounding each cell's part as if the cells were independent covered 87% (k=5) and 72%
     (k=10) pooled, and rejected 7% and 20% of null "all" rows; the bound stays conservative."""
     seed_sd, image_sd, level_sd, n, replications = 0.1, 3.0, 2.0, 5, 300
-    offset = _offset_for(0.08, seed_sd, image_sd)
-    truth = _true_error(offset, seed_sd, image_sd)
+    offset = offset_for(0.08, seed_sd, image_sd)
+    truth = true_error(offset, seed_sd, image_sd)
     rng = np.random.default_rng(configurations)
     covered = rejected = 0
     for _ in range(replications):
         difficulty = rng.normal(0, image_sd, TEST_IMAGES)
         # Each configuration a little different image by image, around the shared difficulty.
-        tables = [_tables(rng, n, offset, seed_sd, 0, difficulty + rng.normal(0, 0.3, TEST_IMAGES))
+        tables = [error_table(rng, n, offset, seed_sd, 0, difficulty + rng.normal(0, 0.3, TEST_IMAGES))
                   for _ in range(configurations)]
         pooled = stats.contrast(None, [1 / configurations] * configurations,
                                 [t.mean(axis=1) for t in tables], TEST_IMAGES)
@@ -271,7 +244,7 @@ def test_the_binomial_bound_holds_for_configurations_that_share_the_test_set(con
         covered += pooled.low <= truth <= pooled.high
         with_base, with_level = (difficulty + rng.normal(0, level_sd, TEST_IMAGES)
                                  for _ in range(2))
-        bases, others = ([_tables(rng, n, offset, seed_sd, 0, pattern)
+        bases, others = ([error_table(rng, n, offset, seed_sd, 0, pattern)
                           for _ in range(configurations)] for pattern in (with_base, with_level))
         cells = [table.mean(axis=1) for pair in zip(bases, others) for table in pair]
         everything = stats.contrast(None, [-1 / configurations, 1 / configurations]
@@ -392,15 +365,15 @@ def test_the_mean_over_configurations_keeps_its_type_one_error_when_they_share_t
     # they share). Combining the configurations' differences as independent rejected 7.9% of
     # such studies at 5 seeds and 19.7% at 10.
     seed_sd, image_sd, level_sd, configurations = 0.05, 1.5, 1.0, 4
-    offset = _offset_for(0.08, seed_sd, math.hypot(image_sd, level_sd))
+    offset = offset_for(0.08, seed_sd, math.hypot(image_sd, level_sd))
     rng = np.random.default_rng(seeds)
     rejected, replications = 0, 600
     for _ in range(replications):
         difficulty = rng.normal(0, image_sd, TEST_IMAGES)
         with_base, with_level = (difficulty + rng.normal(0, level_sd, TEST_IMAGES)
                                  for _ in range(2))
-        bases = [_tables(rng, seeds, offset, seed_sd, 0, with_base) for _ in range(configurations)]
-        others = [_tables(rng, seeds, offset, seed_sd, 0, with_level)
+        bases = [error_table(rng, seeds, offset, seed_sd, 0, with_base) for _ in range(configurations)]
+        others = [error_table(rng, seeds, offset, seed_sd, 0, with_level)
                   for _ in range(configurations)]
         estimate = _mean_over_configurations(bases, others, TEST_IMAGES)
         rejected += estimate.p_value < 0.05
@@ -410,20 +383,20 @@ def test_the_mean_over_configurations_keeps_its_type_one_error_when_they_share_t
 
 
 @pytest.mark.parametrize("regime", list(REGIMES))
-def test_a_mean_over_configurations_covers_the_mean_of_their_true_errors(regime):
+def test_a_mean_over_configurations_covers_the_mean_of_theirtrue_errors(regime):
     """summary --by fewer factors than the study sweeps (summaries._pooled_estimate): two
     configurations of true errors 6% and 10% scored on one test set, each seed averaged over
     them (one contrast weighted 1/2, 1/2): its interval covers the mean of the true errors as a
     configuration's own interval covers its error."""
     error, seed_sd, image_sd = REGIMES[regime]
-    offsets = [_offset_for(e, seed_sd, image_sd) for e in (0.06, 0.10)]
-    truth = np.mean([_true_error(o, seed_sd, image_sd) for o in offsets])
+    offsets = [offset_for(e, seed_sd, image_sd) for e in (0.06, 0.10)]
+    truth = np.mean([true_error(o, seed_sd, image_sd) for o in offsets])
     rng = np.random.default_rng(5)
     for n in (2, 3, 10):
         covered = 0
         for _ in range(REPLICATIONS):
             difficulty = rng.normal(0, image_sd, TEST_IMAGES)
-            tables = [_tables(rng, n, o, seed_sd, image_sd, difficulty) for o in offsets]
+            tables = [error_table(rng, n, o, seed_sd, image_sd, difficulty) for o in offsets]
             estimate = stats.contrast([list(t) for t in tables], [0.5, 0.5],
                                       [t.mean(axis=1) for t in tables], TEST_IMAGES)
             covered += estimate.low <= truth <= estimate.high

@@ -177,6 +177,12 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+PLOT_KINDS = ("curves", "depth", "pareto", "responses")
+PLOT_KINDS_HELP = ("curves: training and test error by epoch (Fig. 6); depth: error against "
+                   "depth with 95%% CIs; pareto: error against FLOPs; responses: each layer's "
+                   "response std (Fig. 7, from kept weights)")
+
+
 def add_query_commands(sub) -> None:
     def query(name: str, help_text: str, *, study: bool = True, table: bool = True):
         parser = sub.add_parser(name, help=help_text)
@@ -231,10 +237,7 @@ def add_query_commands(sub) -> None:
                         help="configurations: their means over seeds, with intervals (default); "
                         "trials: single trials")
     plot = query("plot", "draw one of the paper's figures as a PNG", table=False)
-    plot.add_argument("--kind", required=True, choices=("curves", "depth", "pareto", "responses"),
-                      help="curves: training and test error by epoch (Fig. 6); depth: error "
-                           "against depth with 95%% CIs; pareto: error against FLOPs; responses: "
-                           "each layer's response std (Fig. 7, from kept weights)")
+    plot.add_argument("--kind", required=True, choices=PLOT_KINDS, help=PLOT_KINDS_HELP)
     plot.add_argument("-o", "--output", required=True, help="the PNG file to write")
     report = query("report", "one self-contained HTML page: tables, comparisons, plots", table=False)
     report.add_argument("-o", "--output", required=True, help="the HTML file to write")

@@ -18,6 +18,11 @@ from .checker import Checker, SpecFieldError, checked_fields
 STREAMED_ONLY = ("image_size", "augmentation", "loader_workers")
 
 
+# Fields that say how data is read, not which data: decoding processes, whether to fetch it.
+# They do not make another study (study/opening.py).
+DATASET_EXECUTION_ONLY = ("loader_workers", "download")
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """The data set a study trains on: a name from the catalogue (catalogue.DATASETS) and its

@@ -116,7 +116,8 @@ class AdaptiveSeeds:
 
     - `width`: its test error's interval (the summary's method, at the rule's level below) is
       wider than this (a rate: 0.02 is 2 points). Stopping on a narrow interval favours seeds
-      that happened to agree, so the summary notes that its 95% interval then covers less;
+      that happened to agree, so the summary shows such a study's test error at the rule's own
+      level (a 95% interval whatever look stopped the seeds), and notes which stopped early;
     - `decided` (a swept factor) with `margin`: its comparison with the configuration that has
       the factor's baseline level (the first listed) and the same other factors is neither a
       difference (the interval excludes zero) nor an equivalence (the interval lies within

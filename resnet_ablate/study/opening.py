@@ -23,6 +23,7 @@ from ..arch import ResNetArch
 from ..recipe import EXECUTION_ONLY
 from ..record import StudyKey
 from ..spec import MAX_CPUS, IntRange, SpecError, StudySpec, parse_spec
+from ..spec.dataset import DATASET_EXECUTION_ONLY
 from ..storage import StoreError, file_in_the_way, sqlite_path, store_faults
 from .optuna_tables import STUDIES_TABLE, sqlite_tables
 
@@ -31,10 +32,6 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress display say
 # The spec sections whose meaning defines a study: another meaning is another study.
 SECTIONS_THAT_DEFINE_A_STUDY = ("dataset", "model", "space", "objectives", "train",
                                 "warmup_from_depth")
-
-
-# Data set fields that say how data is read, not which: decoding processes, whether to fetch it.
-DATASET_EXECUTION_ONLY = ("loader_workers", "download")
 
 
 class StudyConflict(RuntimeError):

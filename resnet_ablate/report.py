@@ -15,6 +15,7 @@ import html
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .display import FOOTNOTE_COLUMNS, display_frame, footnotes
@@ -149,14 +150,17 @@ def _effects(results: Results) -> str:
 
 def render_report(results: Results, *, responses: bool = True) -> str:
     """The report page as an HTML string: one section after another, each from its own function."""
-    parts = [*_header(results), _setup(results), "<h2>Summary over seeds</h2>"]
+    parts = [*_header(results), _setup(results)]
     try:
-        parts += _summary(results)
+        summary = _summary(results)
     except ResultsError as error:  # no completed trial: what there is, and why trials failed
-        parts += [f'<p class="note">{html.escape(str(error))}</p>', _trials(results), "</body></html>"]
+        parts += ["<h2>Summary over seeds</h2>", f'<p class="note">{html.escape(str(error))}</p>',
+                  _trials(results), "</body></html>"]
         return "\n".join(parts)
+    found = comparisons(results)
+    parts += [*_answers(found), "<h2>Summary over seeds</h2>", *summary]
     parts += _views(results)
-    parts += _comparisons(results)
+    parts += _comparisons(found)
     parts.append(_effects(results))
     parts += _seed_decisions(results)
     parts += _pareto(results)
@@ -209,10 +213,41 @@ def _views(results: Results) -> list[str]:
     return parts
 
 
-def _comparisons(results: Results) -> list[str]:
+def _answers(found: list[tuple[str, object, pd.DataFrame]]) -> list[str]:
+    """The answer first: each factor's levels against its baseline in one line each, from the
+    comparisons below (their row over every configuration of the other factors where there are
+    several), with its interval, Holm's p-value and the row's flags."""
+    items = []
+    for factor, baseline, table in found:
+        others = [c for c in table.columns[table.columns.get_loc("baseline") + 1:
+                                           table.columns.get_loc("n_pairs")]]
+        rows = table[(table[others] == "all").all(axis=1)] if others and \
+            (table[others] == "all").all(axis=1).any() else table
+        for _, row in rows.iterrows():
+            low, high = 100 * row["diff_ci95_low"], 100 * row["diff_ci95_high"]
+            if np.isfinite(low) and np.isfinite(high):
+                interval = (f"95% interval {low:+.2f} to {high:+.2f}, Holm p = "
+                            f"{row['p_holm']:.3g}")
+                shown = "a difference" if low > 0 or high < 0 else "no difference shown"
+            else:
+                interval, shown = "no interval", "too few seeds to tell"
+            over = f", averaged over {', '.join(others)}" if rows is not table else ""
+            flag = "; the configurations disagree (below)" if "disagree" in row["note"] else ""
+            items.append(
+                f"<li><b>{html.escape(factor)}={html.escape(str(row[factor]))}</b> against "
+                f"{html.escape(str(baseline))}: test error {100 * row['diff_mean']:+.2f} points "
+                f"({interval}; {row['n_pairs']} paired seeds){html.escape(over)}: "
+                f"{shown}{flag}</li>")
+    if not items:
+        return []
+    return ["<h2>The answer</h2>", "<p>Each level against its factor's baseline, paired by seed "
+            "and test image (the comparisons' method, below); \"a difference\" where the 95% "
+            "interval excludes none.</p>", f"<ul>{''.join(items)}</ul>"]
+
+
+def _comparisons(found: list[tuple[str, object, pd.DataFrame]]) -> list[str]:
     """Every swept factor's levels against its baseline, paired by seed and test image."""
     parts = ["<h2>Paired comparisons</h2>"]
-    found = comparisons(results)
     if not found:
         parts.append('<p class="note">no factor has two levels with paired completed trials</p>')
     for factor, baseline, table in found:

@@ -731,6 +731,18 @@ def test_report_is_one_self_contained_page_with_the_tables_and_plots(results, tm
     for cell in compare["p_value"]:
         assert f"<td>{cell}</td>" in page
     assert "<h3>shortcut against A</h3>" in page and "<h3>depth against 8</h3>" in page
+    # The answer first: each factor's row over the other factor's configurations, in words.
+    assert page.index("<h2>The answer</h2>") < page.index("<h2>Summary over seeds</h2>")
+    for factor, baseline in (("shortcut", "A"), ("depth", DEPTHS[0])):
+        table = results.compare(factor, baseline)
+        (row,) = table[table[[c for c in ("depth", "shortcut") if c != factor][0]] == "all"] \
+            .to_dict("records")
+        low, high = 100 * row["diff_ci95_low"], 100 * row["diff_ci95_high"]
+        verdict = "a difference" if low > 0 or high < 0 else "no difference shown"
+        assert (f"against {baseline}: test error {100 * row['diff_mean']:+.2f} points (95% "
+                f"interval {low:+.2f} to {high:+.2f}, Holm p = {row['p_holm']:.3g}; "
+                f"{row['n_pairs']} paired seeds), averaged over") in page
+        assert verdict in page
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     assert len(images) == 4  # pareto, curves, depth, responses
     for encoded in images:

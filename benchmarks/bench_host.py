@@ -229,6 +229,10 @@ def _measure(case, layout: str, dtype, device: torch.device, iterations: int, bl
     } for provider, us in figures.items()]
 
 
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -277,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{case[0]:9} {by['fused']['shape']:16} {layout:14} {str(case[5]):5} "
                   f"{by['fused']['launches']!s:>8} "
                   f"{by['fused']['host_us_fwd_bwd']:9.1f} "
-                  f"{by.get('fused_jit_launches', {}).get('host_us_fwd_bwd', float('nan')):9.1f} "
+                  # counted launches: nothing timed through JITFunction.run
+                  f"{_us(by.get('fused_jit_launches', {}).get('host_us_fwd_bwd')):>9} "
                   f"{by['eager']['host_us_fwd_bwd']:9.1f} "
                   f"{by['python_function_floor']['host_us_fwd_bwd']:9.1f} "
                   f"{by['eager']['fused_over_eager']:11.2f}")

@@ -84,7 +84,8 @@ def _strata_disagree(rows: list[dict[str, Any]], others: list[str]) -> str:
     95% intervals do not overlap: the average then depends on which levels of the other factors
     the study swept (a large effect at one depth, none at another). A flag, not a test: `effects`
     tests the interaction."""
-    rows = [r for r in rows if np.isfinite(r["diff_ci95_low"]) and np.isfinite(r["diff_ci95_high"])]
+    rows = [r for r in rows
+            if np.isfinite(r["diff_ci95_low"]) and np.isfinite(r["diff_ci95_high"])]
     if len(rows) < 2:  # (one seed: no interval)
         return ""
     lowest = min(rows, key=lambda row: row["diff_ci95_high"])

@@ -24,9 +24,10 @@ if TYPE_CHECKING:
 
 # Stopping on a narrow interval favours seeds that happened to agree: the interval that stopped
 # them is narrower than one over a fixed count of seeds. A configuration's test error is
-# therefore shown at the rule's own level, its 5% shared over its looks (Bonferroni): the chance
-# that the interval at any look misses is then at most 5%, so the one at the look that stopped
-# the seeds covers at least 95% of a study's configurations (tests/test_adaptive_seeds.py).
+# therefore shown at the rule's own level, its 5% shared over its looks (Bonferroni): were each
+# look's interval exact, the chance that the one at any look misses would be at most 5%, so the
+# one at the look that stopped the seeds covers about 95% of a study's configurations (94-98%
+# simulated, tests/test_adaptive_seeds.py; skewed seed means cost every interval some).
 # Those that stopped early are covered less often than those that ran on; other metrics and
 # rows over several configurations are not adjusted.
 WIDTH_RULE_LEVEL = ("the width rule's {level:.4g}% interval (5% shared over its {looks} looks): "

@@ -26,21 +26,23 @@ class RemainingTime:
         self.done_work = 0.0  # FLOPs x epochs of ended trials, over their epochs trained
         self.done_trials = 0
         self.done_seconds = 0.0  # their time, each trial's own (a stack's share)
-        self._per_epoch: dict[str, float] = {}
+        # By architecture: its work per epoch (FLOPs per image) and its epochs, found once (the
+        # progress line asks for every pending trial's, ten times a second).
+        self._sizes: dict[ResNetArch, tuple[float, int]] = {}
 
-    def per_epoch(self, arch: ResNetArch) -> float:
-        """An architecture's work per epoch (its FLOPs per image), computed once."""
-        if arch.digest not in self._per_epoch:
-            self._per_epoch[arch.digest] = float(self.costs.profile(arch).flops)
-        return self._per_epoch[arch.digest]
+    def _size(self, arch: ResNetArch) -> tuple[float, int]:
+        if arch not in self._sizes:
+            self._sizes[arch] = (float(self.costs.profile(arch).flops),
+                                 self.spec.recipe_for(arch).epochs)
+        return self._sizes[arch]
 
     def work(self, arch: ResNetArch, epochs_done: int = 0) -> float:
         """What a trial of `arch` has left to train after `epochs_done` epochs."""
-        epochs = self.spec.recipe_for(arch).epochs
-        return self.per_epoch(arch) * max(0, epochs - epochs_done)
+        per_epoch, epochs = self._size(arch)
+        return per_epoch * max(0, epochs - epochs_done)
 
     def ended(self, arch: ResNetArch, seconds: float, epochs_trained: int) -> None:
-        self.done_work += self.per_epoch(arch) * max(1, epochs_trained)
+        self.done_work += self._size(arch)[0] * max(1, epochs_trained)
         self.done_trials += 1
         self.done_seconds += seconds
 

@@ -236,7 +236,8 @@ def _answers(found: list[tuple[str, object, pd.DataFrame]]) -> list[str]:
             items.append(
                 f"<li><b>{html.escape(factor)}={html.escape(str(row[factor]))}</b> against "
                 f"{html.escape(str(baseline))}: test error {100 * row['diff_mean']:+.2f} points "
-                f"({interval}; {row['n_pairs']} paired seeds){html.escape(over)}: "
+                f"({interval}; {row['n_pairs']} paired seed{'s' if row['n_pairs'] != 1 else ''})"
+                f"{html.escape(over)}: "
                 f"{shown}{flag}</li>")
     if not items:
         return []

@@ -163,7 +163,8 @@ def count_where(trials: pd.DataFrame, where: dict[str, Any]) -> int:
     return 0 if trials.empty else int(_mask_where(trials, where).sum())
 
 
-def _rows_where(trials: pd.DataFrame, where: dict[str, Any]) -> pd.DataFrame:
+def rows_where(trials: pd.DataFrame, where: dict[str, Any]) -> pd.DataFrame:
+    """Those of `trials` a row over `where` covers (see `count_where`)."""
     return trials[_mask_where(trials, where)]
 
 
@@ -218,7 +219,7 @@ def failed_note(failed: pd.DataFrame, where: dict[str, Any]) -> str:
     if not count:
         return ""
     return (f"{count} seed{'s' if count != 1 else ''} failed "
-            f"({failure_kinds(_rows_where(failed, where))}), left out: this row is over the "
+            f"({failure_kinds(rows_where(failed, where))}), left out: this row is over the "
             "seeds that finished, which says nothing of how often training fails")
 
 

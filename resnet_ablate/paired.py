@@ -79,6 +79,10 @@ def compare(results: Results, factor: str, baseline: Any,
     return frame
 
 
+# The "all" row's flag (_strata_disagree); the report's answer looks for it.
+DISAGREE = "disagree (their 95% intervals do not overlap)"
+
+
 def _strata_disagree(rows: list[dict[str, Any]], others: list[str]) -> str:
     """The "all" row's flag where two of the configurations it averages have differences whose
     95% intervals do not overlap: the average then depends on which levels of the other factors
@@ -94,8 +98,7 @@ def _strata_disagree(rows: list[dict[str, Any]], others: list[str]) -> str:
         return ""
     def name(row):
         return ", ".join(f"{column}={plain(row[column])}" for column in others)
-    return (f"the differences at {name(lowest)} and at {name(highest)} disagree (their 95% "
-            f"intervals do not overlap): this average depends on which {', '.join(others)} the "
+    return (f"the differences at {name(lowest)} and at {name(highest)} {DISAGREE}: this average depends on which {', '.join(others)} the "
             "study swept; `effects` tests the interaction")
 
 

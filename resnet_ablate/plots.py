@@ -41,10 +41,6 @@ def _figure(panels: int = 1, *, height: float = 4.0, sharey: bool = False) -> tu
     return figure, list(axes)
 
 
-def _varied(results: Results, column: str) -> bool:
-    return column in results.trials and results.completed()[column].nunique(dropna=True) > 1
-
-
 def _label(column: str | None, value: Any) -> str:
     if column == "shortcut":
         return "plain" if value == "none" else f"ResNet ({value})"
@@ -55,7 +51,9 @@ def _label(column: str | None, value: Any) -> str:
 
 def _factors(results: Results) -> list[str]:
     """The factors that vary among the completed trials: depth first, then the swept ones."""
-    return [f for f in dict.fromkeys(("depth", *results.swept)) if _varied(results, f)]
+    done = results.completed()
+    return [f for f in dict.fromkeys(("depth", *results.swept))
+            if f in done and done[f].nunique(dropna=True) > 1]
 
 
 def _averaged_over(results: Results, shown: Sequence[str | None]) -> str:

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .display import FOOTNOTE_COLUMNS, display_frame, footnotes
+from .paired import DISAGREE
 from .record import VIEW_METRICS
 from .results import Results, ResultsError
 from .spec import adaptive_rule
@@ -221,8 +222,8 @@ def _answers(found: list[tuple[str, object, pd.DataFrame]]) -> list[str]:
     for factor, baseline, table in found:
         others = [c for c in table.columns[table.columns.get_loc("baseline") + 1:
                                            table.columns.get_loc("n_pairs")]]
-        rows = table[(table[others] == "all").all(axis=1)] if others and \
-            (table[others] == "all").all(axis=1).any() else table
+        overall = (table[others] == "all").all(axis=1)
+        rows = table[overall] if others and overall.any() else table
         for _, row in rows.iterrows():
             low, high = 100 * row["diff_ci95_low"], 100 * row["diff_ci95_high"]
             if np.isfinite(low) and np.isfinite(high):
@@ -232,7 +233,7 @@ def _answers(found: list[tuple[str, object, pd.DataFrame]]) -> list[str]:
             else:
                 interval, shown = "no interval", "too few seeds to tell"
             over = f", averaged over {', '.join(others)}" if rows is not table else ""
-            flag = "; the configurations disagree (below)" if "disagree" in row["note"] else ""
+            flag = "; the configurations disagree (below)" if DISAGREE in row["note"] else ""
             items.append(
                 f"<li><b>{html.escape(factor)}={html.escape(str(row[factor]))}</b> against "
                 f"{html.escape(str(baseline))}: test error {100 * row['diff_mean']:+.2f} points "

@@ -14,7 +14,7 @@ from . import stats
 from .adaptive import Decision, SeedResult, decide
 from .contrasts import (CONFIGURATION_CONSTANTS, ERROR_RATES, TEST_SET_RATES, LeftOut,
                         complement, failed_seeds, failure_kinds, joined, metric_bounds, note,
-                        recorded, seeds_named, selected_note, sizes_note, stratified_contrast,
+                        recorded, rows_where, seeds_named, selected_note, sizes_note, stratified_contrast,
                         with_methods, with_note)
 from .spec import AdaptiveSeeds, adaptive_rule
 from .store_reading import scalar_value
@@ -159,9 +159,7 @@ def seed_decisions(results: Results) -> pd.DataFrame:
 
 def _failed_note(failed: pd.DataFrame, configuration: dict[str, Any]) -> str:
     """A decision's note on its configuration's failed seeds ("" for none)."""
-    mine = failed
-    for column, value in configuration.items():
-        mine = mine[mine[column] == value]
+    mine = rows_where(failed, configuration)
     if mine.empty:
         return ""
     return (f"{len(mine)} seed{'s' if len(mine) != 1 else ''} failed ({failure_kinds(mine)}): "

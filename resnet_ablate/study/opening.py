@@ -72,9 +72,6 @@ def meaning(fingerprint: Mapping[str, Any]) -> dict[str, Any] | None:
     where the stored sections no longer parse (then they must match as written)."""
     sections = {k: v for k, v in fingerprint.items() if v is not None}
     train = {k: v for k, v in (sections.get("train") or {}).items() if k not in EXECUTION_ONLY}
-    if isinstance(sections.get("dataset"), Mapping):
-        sections["dataset"] = {k: v for k, v in sections["dataset"].items()
-                               if k not in DATASET_EXECUTION_ONLY}
     try:
         # The random sampler takes every kind of space (lists and ranges); which sampler,
         # budget and resources the spec has does not define the study (the CPUs: enough for any

@@ -45,7 +45,7 @@ class TrialRecorder:
         self.log = log  # where a run says what it could not keep (the progress log)
         # In kept weights' file names: the store's (storage.store_tag), or none where not given.
         self.weights_tag = store_tag(store) if store is not None else ""
-        self._weights_lost = 0
+        self._said_weights_lost = False  # said once: a full disk fails every trial alike
 
     # -- asking
 
@@ -111,11 +111,11 @@ class TrialRecorder:
         if outcome.weights is not None:
             kept = self._keep_weights(trial.number, outcome.weights)
             trial.set_user_attr(TrialKey.WEIGHTS, kept)
-            if kept.startswith("not kept") and self.log is not None:
-                self._weights_lost += 1
-                if self._weights_lost == 1:  # once: a full disk fails every trial alike
-                    self.log(f"trial {trial.number}'s weights {kept} (its record is kept; "
-                             "`show --columns number,weights` lists every trial's)")
+            if kept.startswith("not kept") and self.log is not None \
+                    and not self._said_weights_lost:
+                self._said_weights_lost = True
+                self.log(f"trial {trial.number}'s weights {kept} (its record is kept; "
+                         "`show --columns number,weights` lists every trial's)")
         values = metric_values(trial.user_attrs)
         self._tell(trial, [float(values[name]) for name in self.spec.objectives])
         return Status.COMPLETED

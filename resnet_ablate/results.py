@@ -67,11 +67,18 @@ class Results:
     attrs: Mapping[int, Mapping[str, Any]] = field(default_factory=dict, repr=False)
     weights_folder: Path = Path("runs")  # what kept weights' recorded paths are relative to
     seed_rule: Mapping[str, Any] | None = None  # adaptive seeds: the rule as the spec wrote it
+    # Every trial of the study, whatever `where` selected: what the driver saw (its seed
+    # decisions are the study's, not a selection's). None: `trials` are all of them.
+    study_trials: pd.DataFrame | None = field(default=None, repr=False)
 
     # -- selecting
 
     def completed(self) -> pd.DataFrame:
         return self.trials[self.trials["state"] == "COMPLETE"]
+
+    def all_trials(self) -> pd.DataFrame:
+        """Every trial of the study, those a `where` left out included."""
+        return self.trials if self.study_trials is None else self.study_trials
 
     def state_counts(self) -> dict[str, int]:
         return {str(k): int(v) for k, v in self.trials["state"].value_counts().items()}
@@ -101,7 +108,7 @@ class Results:
             kept = self.trials[filter_mask(self.trials, query)]
         except FilterError as error:
             raise ResultsError(f"--where {error}") from None
-        return dataclasses.replace(self, trials=kept)
+        return dataclasses.replace(self, trials=kept, study_trials=self.all_trials())
 
     def sorted_by(self, columns: Sequence[str] | None) -> pd.DataFrame:
         """The trials sorted by columns; a leading "-" sorts that column descending."""

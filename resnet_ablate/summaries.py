@@ -169,21 +169,26 @@ def _failed_note(failed: pd.DataFrame, configuration: dict[str, Any]) -> str:
 
 def decisions(results: Results) -> dict[tuple, Decision]:
     """The adaptive rule's decision for each configuration ((column, value), ...) that has
-    completed trials; empty for a study with fixed seeds."""
+    completed trials; empty for a study with fixed seeds. Decided on every completed trial of the
+    study, as its driver decided, whatever `where` selected (a selection without a configuration's
+    baseline, or with some of its seeds, would otherwise show another decision than the one that
+    stopped its seeds); the configurations are the selection's."""
     rule = adaptive_rule(results.seed_rule, results.spec.get("space") or {})
     if rule is None:
         return {}
-    done = results.require_completed("decide seeds for")
     swept = results.configuration_columns()
+    shown = {tuple(zip(swept, values)) for values in results.require_completed(
+        "decide seeds for")[swept].itertuples(index=False, name=None)}
+    study = results.all_trials()
     configurations: dict[tuple, list[SeedResult]] = {}
-    for row in done.itertuples(index=False):
+    for row in study[study["state"] == "COMPLETE"].itertuples(index=False):
         outcomes, images = results.outcomes([row.number])
         configurations.setdefault(tuple((c, getattr(row, c)) for c in swept), []).append(
             SeedResult(int(row.seed), float(row.test_error), images,
                        None if outcomes is None else outcomes[0]))
     levels = {name: [scalar_value(v) for v in values] if isinstance(values, list) else []
               for name, values in (results.spec.get("space") or {}).items()}
-    return decide(rule, levels, configurations)
+    return {c: d for c, d in decide(rule, levels, configurations).items() if c in shown}
 
 
 def _per_seed(group: pd.DataFrame, metric: str, keys: list[str]) -> tuple[np.ndarray, bool]:

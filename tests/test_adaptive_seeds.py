@@ -182,6 +182,25 @@ def test_a_decision_over_seeds_of_which_some_failed_says_so():
     assert "note: shortcut=none: 2 seeds failed (diverged: 1, error: 1)" in page
 
 
+def test_a_selection_shows_the_decisions_the_study_made():
+    """Seed decisions are the study's: a `where` that leaves out a configuration's baseline, or
+    some of its seeds, shows the decisions the driver made on every seed (it showed "closed:
+    nothing to compare with" for a configuration the driver kept open)."""
+    rng = np.random.default_rng(5)
+    study = study_in_memory(
+        [({"shortcut": shortcut}, seed, (rng.random(IMAGES) < rate).astype(float))
+         for shortcut, rate in (("A", 0.10), ("none", 0.11)) for seed in range(2)],
+        model={"depth": 8}, seed_rule={"min": 2, "max": 10, "until": {"decided": "shortcut",
+                                                                      "margin": 0.001}})
+    whole = study.seed_decisions().set_index("shortcut")
+    assert whole.loc["none", "open"] and whole.loc["none", "reason"].startswith("open")
+    for query in ("shortcut == 'none'", "seed == 0"):
+        selected = study.where(query).seed_decisions().set_index("shortcut")
+        assert selected.loc["none"].equals(whole.loc["none"]), query
+    assert list(study.where("shortcut == 'none'").seed_decisions()["shortcut"]) == ["none"]
+    assert len(study.where("shortcut == 'none'").summary()) == 1
+
+
 def _offset_for(error: float) -> float:
     """The logit offset whose error over seeds and images (logistic sd 0.05 and 1.5) is `error`,
     by Gauss-Hermite quadrature and bisection."""

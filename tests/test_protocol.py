@@ -171,6 +171,18 @@ def test_ten_crop_and_multi_scale_testing_are_recorded_beside_the_centre_crop(fo
     assert last.test_error == pytest.approx(centre[0]), "the centre crop is the tenth's fifth"
 
 
+def test_every_view_a_recipe_takes_has_its_metrics_and_epoch_record_fields():
+    import dataclasses
+
+    from resnet_ablate.recipe import TEST_VIEWS
+    from resnet_ablate.record import METRICS, VIEW_METRIC_NAMES, EpochRecord
+
+    assert set(VIEW_METRIC_NAMES) == set(TEST_VIEWS)
+    fields = {f.name for f in dataclasses.fields(EpochRecord)}
+    for names in VIEW_METRIC_NAMES.values():
+        assert set(names) <= fields and set(names) <= set(METRICS)
+
+
 def test_an_image_the_views_skip_is_counted_once(folder, tmp_path):
     """A corrupt validation image is skipped by the centre crop and by each view: the epoch's
     skipped_images counts it once, as in the epochs scored without the views."""

@@ -35,9 +35,13 @@ class Metric:
             else self.show(value)
 
 
-# 10-crop and multi-scale testing (recipe.test_views), in the curves' last record.
-VIEW_METRICS = ("test_error_10crop", "test_top5_error_10crop", "test_error_multiscale",
-                "test_top5_error_multiscale")
+# The top-1 and top-5 errors each test-time view (recipe.test_views: 10-crop and multi-scale
+# testing) records, as fields of the last epoch's EpochRecord: one list of them for every reader.
+VIEW_METRIC_NAMES: Mapping[str, tuple[str, str]] = {
+    "ten_crop": ("test_error_10crop", "test_top5_error_10crop"),
+    "multi_scale": ("test_error_multiscale", "test_top5_error_multiscale"),
+}
+VIEW_METRICS = tuple(name for names in VIEW_METRIC_NAMES.values() for name in names)
 METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("test_error", "minimize", "test_error", _percent, True, high=1.0),
     Metric("test_accuracy", "maximize", "test_accuracy", _percent, True, high=1.0),

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..execution import Execution
-from ..record import pack_outcomes
+from ..record import VIEW_METRIC_NAMES, pack_outcomes
 from ..replicas import Replicas
 from ..data.feed import Feed
 from .result import require_images
@@ -82,10 +82,6 @@ def _for_each_seed(images: torch.Tensor, seeds: int, execution: Execution | None
     repeated = images.repeat(1, seeds, 1, 1)
     return repeated if execution is None else repeated.contiguous(
         memory_format=execution.torch_memory_format)
-
-
-# The EpochRecord fields each test-time view's errors go to: test_error_<suffix>, and top-5.
-VIEW_SUFFIXES = {"ten_crop": "10crop", "multi_scale": "multiscale"}
 
 
 @torch.no_grad()
@@ -163,9 +159,8 @@ class Evaluation:
             require_images(count, f"the {self.eval_split} split's {view} evaluation", skipped)
             # The images a view skips are those the centre-crop pass skipped and counted.
             self.feed.skipped = skipped_before
-            suffix = VIEW_SUFFIXES[view]
-            found[f"test_error_{suffix}"] = wrong / count
-            found[f"test_top5_error_{suffix}"] = wrong5 / count
+            error, top5_error = VIEW_METRIC_NAMES[view]
+            found[error], found[top5_error] = wrong / count, wrong5 / count
         return found
 
     def state_dict(self) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .contrasts import failed_seeds, failure_kinds, pruned_seeds
 from .results import Results, ResultsError
+from .storage import refuse_to_lose_results
 
 KINDS = ("curves", "depth", "pareto", "responses")
 
@@ -333,6 +334,7 @@ def png_bytes(figure: Figure, *, dpi: int = 110) -> bytes:
 def save_plot(results: Results, kind: str, path: str | Path, **options: Any) -> Path:
     """Draw plot `kind` and write it as a PNG file; returns the path."""
     path = Path(path)
+    refuse_to_lose_results(path)  # a store, saved weights, a study's own folder
     data = png_bytes(plot(results, kind, **options))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)

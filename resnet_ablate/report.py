@@ -22,6 +22,7 @@ from .display import FOOTNOTE_COLUMNS, display_frame, footnotes
 from .paired import DISAGREE
 from .record import VIEW_METRICS
 from .results import Results, ResultsError
+from .storage import refuse_to_lose_results
 from .spec import adaptive_rule
 from .store_reading import scalar_value
 
@@ -325,6 +326,7 @@ def _trials(results: Results) -> str:
 def write_report(results: Results, path: str | Path, *, responses: bool = True) -> Path:
     """Write the report page to `path`; returns the path."""
     path = Path(path)
+    refuse_to_lose_results(path)  # a store, saved weights, a study's own folder
     text = render_report(results, responses=responses)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")

@@ -86,6 +86,40 @@ def study_folder_holding(path: PathLike) -> Path | None:
                  if folder.name.endswith((ARTIFACTS_SUFFIX, CHECKPOINTS_SUFFIX))), None)
 
 
+SQLITE_MAGIC = b"SQLite format 3\x00"
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format: a trial's kept weights, a checkpoint
+
+
+def holds_results(path: PathLike) -> str | None:
+    """Why writing `path` would lose recorded results, or None: it lies in a study's own folder
+    (kept weights, checkpoints), or it is a SQLite database (a study's store, whatever path names
+    it) or a zip archive (saved weights). Every writer of tables, reports and plots asks."""
+    study_folder = study_folder_holding(path)
+    if study_folder is not None:
+        return f"lies in {study_folder}, a study's own folder (kept weights, checkpoints)"
+    if not Path(path).is_file():
+        return None  # nothing there yet, or a device such as /dev/null
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_MAGIC))
+    except OSError as error:
+        return f"cannot be read to check what it is ({error.strerror})"
+    if head == SQLITE_MAGIC:
+        return "is a SQLite database (a study's store?)"
+    if head.startswith(ZIP_MAGIC):
+        return "is a zip archive (saved weights?)"
+    return None
+
+
+def refuse_to_lose_results(path: PathLike, named: str | None = None) -> None:
+    """ResultsError where writing `path` would lose recorded results (holds_results), forced or
+    not; `named` is how the message names the path (default: the path)."""
+    reason = holds_results(path)
+    if reason is not None:
+        raise ResultsError(f"{named or path}: {reason}; refusing to write over recorded results, "
+                           "whatever the options: name a file elsewhere")
+
+
 def runs_folder(runs_dir: PathLike | None = None) -> Path:
     """The runs folder: `runs_dir` if given, else $RESNET_ABLATE_RUNS, else ./runs."""
     if runs_dir is not None:

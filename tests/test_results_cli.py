@@ -264,6 +264,26 @@ def test_output_never_replaces_a_store_and_other_files_only_with_force(cli, runs
     assert code == 2 and err.count("\n") == 1 and "cannot write /proc/report.html" in err
 
 
+def test_the_python_writers_never_write_over_recorded_results(runs, tmp_path):
+    """write_report and save_plot refuse what `-o` refuses: a store, saved weights, a study's
+    own folders (from Python they wrote over a store without a word)."""
+    from resnet_ablate.plots import save_plot
+    from resnet_ablate.report import write_report
+    from resnet_ablate.results import ResultsError, load
+
+    results = load(STUDY, runs_dir=runs)
+    store = Path(runs) / f"{STUDY}.db"
+    before = store.read_bytes()
+    inside = Path(runs) / f"{STUDY}.artifacts" / "page.html"
+    for write in (lambda path: write_report(results, path, responses=False),
+                  lambda path: save_plot(results, "depth", path)):
+        for target, said in ((store, "is a SQLite database"), (inside, "a study's own folder")):
+            with pytest.raises(ResultsError, match=said):
+                write(target)
+        assert store.read_bytes() == before and not inside.exists()
+    assert write_report(results, tmp_path / "page.html", responses=False).is_file()
+
+
 @pytest.mark.parametrize("damage", [
     ("UPDATE trial_user_attributes SET value_json = '{not json' WHERE key = 'arch'",
      "JSONDecodeError"),

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 from .arguments import store_options
 from .entry import build_parser, main
-from .output import SQLITE_MAGIC
 from .query import SHOW_COLUMNS
 from .registry import COMMANDS, command
 
 # The name it had while the command line was one module.
 _store_options = store_options
 
-__all__ = ["COMMANDS", "SHOW_COLUMNS", "SQLITE_MAGIC", "build_parser", "command", "main",
-           "store_options"]
+__all__ = ["COMMANDS", "SHOW_COLUMNS", "build_parser", "command", "main", "store_options"]

@@ -7,43 +7,23 @@ import argparse
 import sys
 from pathlib import Path
 
-SQLITE_MAGIC = b"SQLite format 3\x00"
-ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format: a trial's kept weights, a checkpoint
-
 
 def check_output(output: str, force: bool) -> None:
-    """Refuse to write over a file unless forced; and ever over a SQLite database (a study's store,
-    whatever the path that names it), saved weights, or into a study's own folders (kept weights,
-    checkpoints): results are never lost to an export."""
+    """Refuse to write over a file unless forced; and ever over recorded results (a study's store,
+    saved weights, anything in a study's own folders: storage.holds_results): results are never
+    lost to an export."""
     from ..results import ResultsError
-    from ..storage import file_in_the_way, study_folder_holding
+    from ..storage import file_in_the_way, refuse_to_lose_results
 
     path = Path(output)
     if path.is_dir():
         raise ResultsError(f"-o {output}: is a folder; name a file to write")
-    study_folder = study_folder_holding(path)
-    if study_folder is not None:
-        raise ResultsError(f"-o {output}: lies in {study_folder}, a study's own folder (kept "
-                           "weights, checkpoints); name a file outside it")
+    refuse_to_lose_results(path, named=f"-o {output}")
     blocking = file_in_the_way(path)
     if blocking is not None:
         raise ResultsError(f"-o {output}: {blocking} is a file, not a folder; name a file in a "
                            "folder")
-    if not path.is_file():
-        return  # nothing there yet, or a device such as /dev/null
-    try:
-        with path.open("rb") as f:
-            head = f.read(len(SQLITE_MAGIC))
-    except OSError as error:
-        raise ResultsError(f"-o {output}: cannot read it to check what it is ({error.strerror})") \
-            from None
-    if head == SQLITE_MAGIC:
-        raise ResultsError(f"-o {output}: is a SQLite database (a study's store?); "
-                           "refusing to write over it, --force or not")
-    if head.startswith(ZIP_MAGIC):
-        raise ResultsError(f"-o {output}: is a zip archive (saved weights?); refusing to write "
-                           "over it, --force or not")
-    if not force:
+    if path.is_file() and not force:
         raise ResultsError(f"-o {output}: exists; pass --force to replace it")
 
 

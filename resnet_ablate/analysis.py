@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .arch import ResNetArch
-from .data import DataBundle, Streamed, SyntheticSpec, load_dataset
+from .data import DataBundle, Streamed, load_dataset
 from .kernels import FusedBatchNorm2d
 from .models import build
 from .record import TrialKey
@@ -33,10 +33,7 @@ def study_dataset(results: Results) -> DataBundle | Streamed:
     section = results.spec.get("dataset", "digits")
     section = {"name": section} if isinstance(section, str) else dict(section or {})
     try:
-        kwargs = DatasetSpec(**section).load_kwargs()
-        if kwargs["synthetic"] is not None:
-            kwargs["synthetic"] = SyntheticSpec(**kwargs["synthetic"])
-        return load_dataset(**kwargs)
+        return load_dataset(**DatasetSpec(**section).load_kwargs())
     except (OSError, TypeError, ValueError) as error:
         raise ResultsError(f"cannot load the data set of study {results.study!r} "
                            f"({section}): {error}") from None

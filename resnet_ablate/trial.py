@@ -26,7 +26,7 @@ import torch
 
 from .arch import ResNetArch
 from .board import PrunedByDriver, report_epoch
-from .data import DataBundle, DataUnavailable, Streamed, SyntheticSpec, load_dataset
+from .data import DataBundle, DataUnavailable, Streamed, load_dataset
 from .models import build
 from .recipe import TrainRecipe
 from .record import (DataParallelRecord, EpochRecord, FinalEvaluation, Placement, Status,
@@ -77,10 +77,7 @@ class TrialInputs:
 
     @classmethod
     def of(cls, task: TrialTask) -> TrialInputs:
-        dataset_kwargs = dict(task.dataset)
-        if dataset_kwargs.get("synthetic") is not None:
-            dataset_kwargs["synthetic"] = SyntheticSpec(**dataset_kwargs["synthetic"])
-        return cls(load_dataset(**dataset_kwargs), ResNetArch.from_dict(task.arch),
+        return cls(load_dataset(**task.dataset), ResNetArch.from_dict(task.arch),
                    TrainRecipe.from_dict(task.recipe), [])
 
     def model(self) -> torch.nn.Module:

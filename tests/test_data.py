@@ -81,6 +81,11 @@ def test_cache_hands_out_one_bundle_per_argument_set():
     first = load_dataset("synthetic", seed=3)
     assert load_dataset("synthetic", seed=3) is first
     assert load_dataset("synthetic", seed=4) is not first
+    # A spec's fields (dataset.synthetic as written) name the same data as the SyntheticSpec.
+    assert load_dataset("synthetic", seed=3, synthetic={}) is first
+    three = load_dataset("synthetic", seed=3, synthetic={"num_classes": 3})
+    assert three is load_dataset("synthetic", seed=3, synthetic=SyntheticSpec(num_classes=3))
+    assert three.num_classes == 3
     assert load_dataset("synthetic", seed=3, cache=False) is not first
     clear_dataset_cache()
     assert load_dataset("synthetic", seed=3) is not first

@@ -32,7 +32,7 @@ def load_dataset(
     validation: bool = False,
     validation_fraction: float = 0.1,
     download: bool = False,
-    synthetic: SyntheticSpec | None = None,
+    synthetic: SyntheticSpec | Mapping[str, Any] | None = None,
     image_size: int | None = None,
     augmentation: str | None = None,
     loader_workers: int | None = None,
@@ -46,7 +46,8 @@ def load_dataset(
     synthetic data), not the training run's: keep it fixed across the trials of a study so that
     every trial sees the same split. `validation=True` evaluates on a seeded stratified
     `validation_fraction` of the training set (0.1 gives CIFAR-10's 45k/5k) instead of the test set.
-    `root` and `download` are for cifar10 and cifar100 only; `synthetic` for synthetic only.
+    `root` and `download` are for cifar10 and cifar100 only; `synthetic` (a SyntheticSpec, or
+    its fields as a spec's `dataset.synthetic` holds them) for synthetic only.
     ``imagefolder`` (streamed from disk: a `FolderData`, see folders.py) needs `root` and
     takes `image_size` (default 224), `augmentation` ("scale", the paper's, or
     "random_resized_crop") and `loader_workers` (default 2); it evaluates on its val/ split,
@@ -77,8 +78,8 @@ def load_dataset(
         raise ValueError(f"root= and download= apply to cifar10 and cifar100 only, not to {name!r}")
     if name != "synthetic" and synthetic is not None:
         raise ValueError(f"synthetic= applies to the synthetic dataset only, not to {name!r}")
-    if name == "synthetic" and synthetic is None:
-        synthetic = SyntheticSpec()
+    if name == "synthetic" and not isinstance(synthetic, SyntheticSpec):
+        synthetic = SyntheticSpec(**(synthetic or {}))
     # Resolved so that "data" and "./data" share one cache entry, and a later chdir cannot alias.
     root_key = None if root is None else str(Path(root).expanduser().resolve())
     loader = _load_cached if cache else _load
@@ -126,7 +127,7 @@ def dataset_shape(
     *,
     validation: bool = False,
     validation_fraction: float = 0.1,
-    synthetic: SyntheticSpec | None = None,
+    synthetic: SyntheticSpec | Mapping[str, Any] | None = None,
     **load_options: Any,
 ) -> DatasetShape:
     """The shape of a data set, without decoding an image folder (its index has the counts).

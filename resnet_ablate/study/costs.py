@@ -11,10 +11,10 @@ import tarfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..arch import ResNetArch
-from ..data import DatasetShape, SyntheticSpec, dataset_shape, load_dataset
+from ..data import DatasetShape, dataset_shape, load_dataset
 from ..data.shards import ShardError
 from ..execution import cuda_graphs_by_default
 from ..spec import SpecError, StudySpec
@@ -177,23 +177,17 @@ class StudyCosts:
         self._shape: DatasetShape | None = None
         self._profiles: dict[str, ModelProfile] = {}
 
-    def _load_kwargs(self) -> dict[str, Any]:
-        kwargs = self.spec.dataset.load_kwargs()
-        if kwargs["synthetic"] is not None:
-            kwargs["synthetic"] = SyntheticSpec(**kwargs["synthetic"])
-        return kwargs
-
     def check_dataset(self) -> None:
         """Read (or download) the data set once here, so that a bad one stops the run early."""
         try:
-            load_dataset(**self._load_kwargs())
+            load_dataset(**self.spec.dataset.load_kwargs())
         except DATA_ERRORS as error:
             raise SpecError(f"{self.spec.source}: dataset: {error}") from None
 
     def shape(self) -> DatasetShape:
         if self._shape is None:
             try:
-                self._shape = dataset_shape(**self._load_kwargs())
+                self._shape = dataset_shape(**self.spec.dataset.load_kwargs())
             except DATA_ERRORS as error:
                 raise SpecError(f"{self.spec.source}: dataset: {error}") from None
         return self._shape

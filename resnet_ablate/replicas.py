@@ -132,10 +132,14 @@ class _SummedOverReplicas(torch.autograd.Function):
 class SyncedBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm whose training statistics are those of the global batch across the replicas.
 
-    The per-channel sums and sums of squares are all-reduced with autograd, so each replica's
-    gradient flows through the shared statistics (what `nn.SyncBatchNorm` does on GPUs, in
-    plain operations that also run on gloo and CPUs). Alone, it is `nn.BatchNorm2d`. State and
-    state_dict keys are BatchNorm2d's, so its weights load into any twin.
+    Each replica's count, mean and sum of squared deviations per channel are gathered with
+    autograd (summed over replicas, each in its own slot) and merged as Chan et al. merge
+    partial variances, so each replica's gradient flows through the shared statistics (what
+    `nn.SyncBatchNorm` does on GPUs, in plain operations that also run on gloo and CPUs). A
+    replica with no image adds nothing. The merge keeps the two-pass variance's accuracy, where
+    a sum of squares less the squared mean loses it to cancellation once the mean is large
+    beside the spread (a last stage's few values a channel). Alone, it is `nn.BatchNorm2d`.
+    State and state_dict keys are BatchNorm2d's, so its weights load into any twin.
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -143,15 +147,9 @@ class SyncedBatchNorm2d(nn.BatchNorm2d):
                 and dist.get_world_size() > 1):
             return super().forward(input)
         x = input.float()
-        channels = x.shape[1]
-        count = torch.full((1,), x.numel() // channels, dtype=x.dtype, device=x.device)
-        local = torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count])
-        if dist.get_backend() != "nccl" and local.device.type != "cpu":
+        if dist.get_backend() != "nccl" and x.device.type != "cpu":
             raise ValueError("SyncedBatchNorm2d: gloo reduces CPU tensors; use nccl on GPUs")
-        total = _SummedOverReplicas.apply(local)
-        n = total[-1]
-        mean = total[:channels] / n
-        var = (total[channels:2 * channels] / n - mean * mean).clamp_min(0)
+        mean, var, n = self._global_statistics(x)
         if self.track_running_stats and self.running_mean is not None:
             self._update_running_stats(mean.detach(), var.detach(), n.detach())
         scale = torch.rsqrt(var + self.eps)
@@ -162,6 +160,23 @@ class SyncedBatchNorm2d(nn.BatchNorm2d):
             shift = shift + self.bias
         out = x * scale[None, :, None, None] + shift[None, :, None, None]
         return out.to(input.dtype)
+
+    @staticmethod
+    def _global_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean, biased variance, count) of each channel over every replica's batch."""
+        channels, rank, world = x.shape[1], dist.get_rank(), dist.get_world_size()
+        count = x.numel() // channels
+        local_mean = x.sum((0, 2, 3)) / max(count, 1)
+        squares = ((x - local_mean[None, :, None, None]) ** 2).sum((0, 2, 3))
+        slots = x.new_zeros(world, 2 * channels + 1)
+        slots = slots.index_put((torch.tensor([rank]),), torch.cat(
+            [local_mean, squares, x.new_full((1,), float(count))])[None])
+        gathered = _SummedOverReplicas.apply(slots)
+        means, squares, counts = gathered[:, :channels], gathered[:, channels:-1], gathered[:, -1:]
+        n = counts.sum()
+        mean = (counts * means).sum(0) / n
+        var = (squares + counts * (means - mean) ** 2).sum(0) / n
+        return mean, var, n
 
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:

@@ -218,16 +218,24 @@ class StreamFeed(_Generators):
                 images, kept, undecodable = self.device_crops(images)
                 labels, skipped = labels[kept], skipped + undecodable
             self.skipped += skipped
-            if labels.shape[0] == 0:
-                if p.parts > 1:  # the others would wait for this step forever
+            weight = 1.0
+            if p.parts > 1 and p.sum_over_replicas is not None:
+                kept, = p.sum_over_replicas([labels.shape[0]])
+                if kept == 0:
+                    continue  # no replica decoded an image of this batch: all skip it alike
+                # A replica whose share decoded nothing still steps, with an empty batch and
+                # weight 0 (the others would wait for it forever): its gradients are zero and
+                # its BatchNorm running statistics are left as they were.
+                weight = p.parts * labels.shape[0] / kept
+                if labels.shape[0] == 0:  # collate's empty batch has no image shape
+                    size = self.data.image_size
+                    images = torch.empty((0, 3, size, size))
+            elif labels.shape[0] == 0:
+                if p.parts > 1:  # no way to tell the others: they would wait for this step
                     raise ValueError(
                         f"replica {p.part}: none of the {skipped} images of a batch could be "
                         "decoded, and the replicas of a data-parallel run step together")
                 continue
-            weight = 1.0
-            if p.parts > 1 and p.sum_over_replicas is not None:
-                kept, = p.sum_over_replicas([labels.shape[0]])
-                weight = p.parts * labels.shape[0] / kept
             images = normalise(images.to(p.device, non_blocking=True))  # uint8 crops mostly
             yield p.prepare(images), labels.to(p.device, non_blocking=True), weight
 

@@ -130,7 +130,11 @@ class Step:
         with self.execution.autocast():
             logits = self.step_model(images)
             if self.seeds is None:
-                loss = per_seed = F.cross_entropy(logits, labels)
+                # A data-parallel replica whose share of a batch decoded nothing steps with
+                # the others on no image (StreamFeed.train_batches): a sum, 0, whose gradients
+                # are all 0, where a mean would be NaN.
+                loss = per_seed = F.cross_entropy(
+                    logits, labels, reduction="mean" if labels.shape[0] else "sum")
             else:  # each seed's mean loss, summed: each seed trains as it would alone
                 per_seed = F.cross_entropy(logits, labels, reduction="none").mean(dim=0)
                 loss = per_seed.sum()

@@ -207,3 +207,40 @@ def test_shards_of_folders_whose_file_names_repeat_across_classes_keep_every_sam
     with pytest.raises(ValueError, match=r"odd.bmp: a shard holds .* images, not .bmp"):
         convert_imagenet(tmp_path / "tree", tmp_path / "refused", to="shards")
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_tree_of_links_converts_to_files_and_a_dangling_link_is_refused(ilsvrc, tmp_path):
+    """A class subset made of links (absolute and relative): the shards hold the images and the
+    folders hard links to the files, so both read back whole (the shards held the links, which
+    decoded as nothing, and relative links dangled one folder deeper); a link to nothing is
+    refused before anything is written."""
+    import os
+
+    from resnet_ablate.data.imagenet_layout import convert_imagenet
+
+    root, _ = ilsvrc
+    subset = tmp_path / "subset"
+    for split in ("train", "val"):
+        for wnid in WNIDS[:2]:
+            (subset / split / wnid).mkdir(parents=True)
+            for i, image in enumerate(sorted((root / "train" / wnid).iterdir())[:3]):
+                link = subset / split / wnid / image.name
+                # Absolute links in train, relative ones in val.
+                link.symlink_to(image if split == "train" else os.path.relpath(image, link.parent))
+    convert_imagenet(subset, tmp_path / "shards", to="shards", shard_size=4)
+    convert_imagenet(subset, tmp_path / "folders")
+    shards = load_shards({"train": str(tmp_path / "shards" / "train-{000000..000001}.tar"),
+                          "val": str(tmp_path / "shards" / "val-{000000..000001}.tar"),
+                          "num_classes": 2}, image_size=24, loader_workers=0)
+    images, labels, skipped = next(iter(shards.test_loader(6)))
+    assert (len(labels), skipped) == (6, 0), "every image decodes from the shards"
+    folders = scan_image_folder(tmp_path / "folders")
+    assert len(folders.train) == len(folders.test) == 6
+    assert all(not os.path.islink(path) and os.path.isfile(path) for path, _ in folders.test)
+    (subset / "train" / WNIDS[0] / "gone.JPEG").symlink_to(tmp_path / "nowhere.JPEG")
+    # Indexed, so that training counts it as an undecodable image rather than drops it unsaid.
+    assert any(path.endswith("gone.JPEG") for path, _ in scan_image_folder(subset).train)
+    for to in ("shards", "folders"):
+        with pytest.raises(ValueError, match="gone.JPEG: a link to nothing"):
+            convert_imagenet(subset, tmp_path / f"again-{to}", to=to)
+        assert not (tmp_path / f"again-{to}").exists()

@@ -451,6 +451,74 @@ def test_shards_pixel_statistics_and_views_are_the_image_folders_on_the_same_ima
     assert len(labels) == 1 and len(views) == 5, "one image a batch, one view per scale"
 
 
+def test_shard_statistics_take_an_equal_share_of_each_shard_in_a_seeded_order(tmp_path,
+                                                                              monkeypatch):
+    """Shards written class by class: a sample of 4 images takes the first image of each of 4
+    shards (it took the first shard's 4, one class), and the shards drawn depend on the seed."""
+    from resnet_ablate.data import shards as shard_module
+    from resnet_ablate.data.decode import PixelStatistics, centre_pixels
+
+    rng = np.random.default_rng(3)
+    firsts = []
+    for label in range(CLASSES):
+        images = [_jpeg(label, rng) for _ in range(3)]
+        firsts.append(images[0])
+        with tarfile.open(tmp_path / f"train-{label:03d}.tar", "w") as archive:
+            for i, image in enumerate(images):
+                _add(archive, f"c{label}-{i}.jpg", image)
+                _add(archive, f"c{label}-{i}.cls", str(label).encode())
+    _write_val(tmp_path)
+    monkeypatch.setattr(shard_module, "STATISTICS_SAMPLE", 4)
+    spec = {"train": str(tmp_path / "train-{000..005}.tar"), "val": str(tmp_path / "val.tar"),
+            "num_classes": CLASSES}
+    means = {}
+    for seed in (0, 1):
+        order = list(range(CLASSES))
+        np.random.default_rng(seed).shuffle(order)
+        expected = PixelStatistics.of(
+            [centre_pixels(io.BytesIO(firsts[label]), 24) for label in order[:4]])
+        data = load_shards(spec, image_size=24, loader_workers=0, seed=seed)
+        np.testing.assert_allclose(data.pixel_statistics.mean_image, expected.mean_image,
+                                   rtol=1e-6)
+        means[seed] = data.pixel_statistics.mean_image
+    assert not np.allclose(means[0], means[1]), "another seed draws other shards"
+
+
+def test_statistics_of_no_decodable_image_fail_as_no_images(tmp_path):
+    """The per-pixel mean and lighting of a split whose images all fail to decode: NoImages,
+    which a trial records as data_unavailable and does not retry (np.stack failed on nothing:
+    an error, retried three times)."""
+    from resnet_ablate.data import load_image_folder
+
+    with tarfile.open(tmp_path / "train-000.tar", "w") as archive:
+        for i in range(3):
+            _add(archive, f"bad{i}.jpg", b"\xff\xd8 not a jpeg")
+            _add(archive, f"bad{i}.cls", b"0")
+    _write_val(tmp_path)
+    data = load_shards({"train": str(tmp_path / "train-000.tar"),
+                        "val": str(tmp_path / "val.tar"), "num_classes": CLASSES},
+                       image_size=24, loader_workers=0)
+    with pytest.raises(NoImages, match="none of the 3 read for them could be decoded"):
+        data.pixel_statistics
+    for name in ("a", "b"):
+        for split in ("train", "val"):
+            (tmp_path / "folder" / split / name).mkdir(parents=True)
+        (tmp_path / "folder" / "train" / name / "bad.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+        (tmp_path / "folder" / "val" / name / "0.jpg").write_bytes(
+            _jpeg(0, np.random.default_rng(0)))
+    folder = load_image_folder(tmp_path / "folder", image_size=24, loader_workers=0)
+    with pytest.raises(NoImages, match="none of the 2 read for them"):
+        folder.pixel_statistics
+
+
+def _write_val(root) -> None:
+    rng = np.random.default_rng(9)
+    with tarfile.open(root / "val.tar", "w") as archive:
+        for label in range(2):
+            _add(archive, f"v{label}.jpg", _jpeg(label, rng))
+            _add(archive, f"v{label}.cls", str(label).encode())
+
+
 def test_a_data_parallel_trial_that_fails_before_training_records_its_replicas(http_shards,
                                                                                monkeypatch):
     """A replica of a 2-replica run whose shard is missing: its outcome is unavailable, and its

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import BinaryIO, Literal
 
@@ -20,6 +21,7 @@ import torch
 from PIL import Image
 
 from ..recipe import TEST_VIEWS
+from .errors import NoImages
 from .crops import PAPER_CROP, centre_crop, eval_length, resize_shorter, training_draws
 
 # ImageNet's per-channel training mean and std (RGB, pixel values in [0, 1]).
@@ -40,9 +42,16 @@ class PixelStatistics:
     eigenvectors: np.ndarray
 
     @classmethod
-    def of(cls, crops: np.ndarray) -> PixelStatistics:
+    def of(cls, crops: Sequence[np.ndarray] | np.ndarray, tried: int | None = None
+           ) -> PixelStatistics:
         """From centre crops (N, S, S, 3) in [0, 1]: their mean image, and the eigh of the
-        population covariance of their N*S*S RGB pixels (accumulated in float64)."""
+        population covariance of their N*S*S RGB pixels (accumulated in float64). NoImages
+        where there is none (`tried`: how many images were read for them)."""
+        if len(crops) == 0:
+            raise NoImages(f"the per-pixel mean and PCA lighting need training images, and none "
+                           f"of the {tried or 0} read for them could be decoded; check the "
+                           "data set's files")
+        crops = np.stack(crops)
         pixels = crops.reshape(-1, 3).astype(np.float64)
         centred = pixels - pixels.mean(axis=0)
         covariance = centred.T @ centred / pixels.shape[0]

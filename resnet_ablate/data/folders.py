@@ -46,6 +46,12 @@ class FolderIndex:
     test: tuple[tuple[str, int], ...]
 
 
+def _is_image(path: Path) -> bool:
+    """A file with an image's suffix; a link to nothing with one too, so that it is counted as an
+    undecodable image (and refused by the converter) rather than left out without a word."""
+    return (path.is_file() or path.is_symlink()) and path.suffix.lower() in IMAGE_SUFFIXES
+
+
 def scan_image_folder(root: str | os.PathLike[str], *, train: str = "train", test: str = "val",
                       val_labels: str | os.PathLike[str] | None = None) -> FolderIndex:
     """Index an image folder, checking its layout; DataUnavailable or ValueError naming what is
@@ -98,7 +104,7 @@ def _class_folders(folder: Path, layout: str) -> dict[str, list[str]]:
                 if flat_images(folder) else "")
         raise ValueError(f"{folder} holds no class folders{hint}; {layout}")
     images = {c: sorted(str(p) for p in (folder / c).iterdir()
-                        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES) for c in classes}
+                        if _is_image(p)) for c in classes}
     empty = [c for c, found in images.items() if not found]
     if empty:
         raise ValueError(f"{folder}: class folder(s) {', '.join(empty[:5])} hold no image "
@@ -108,7 +114,7 @@ def _class_folders(folder: Path, layout: str) -> dict[str, list[str]]:
 
 def flat_images(folder: Path) -> list[Path]:
     """The images directly in `folder`, sorted by name."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.iterdir() if _is_image(p))
 
 
 class ImageFolderSplit(torch.utils.data.Dataset):
@@ -190,7 +196,7 @@ class FolderData:
         if len(paths) > STATISTICS_SAMPLE:
             paths = [paths[i] for i in sorted(rng.choice(len(paths), STATISTICS_SAMPLE, False))]
         crops = [c for c in (centre_pixels(p, self.image_size) for p in paths) if c is not None]
-        return PixelStatistics.of(np.stack(crops))
+        return PixelStatistics.of(crops, tried=len(paths))
 
     def _loader(self, split: torch.utils.data.Dataset, batch_size: int, order: list[int] | None,
                 pin_memory: bool, views: bool = False,

@@ -62,11 +62,15 @@ def convert_imagenet(root: str | os.PathLike[str], out: str | os.PathLike[str], 
     index = scan_image_folder(root, val_labels=val_labels)
     splits = {"train": list(index.train), "val": list(index.test)}
     random.Random(seed).shuffle(splits["train"])
-    if to == "shards":  # before anything is written: a refusal leaves no half-written folder
-        for path, _ in (sample for samples in splits.values() for sample in samples):
-            if Path(path).suffix.lower() not in _SHARD_SUFFIXES:
-                raise ValueError(f"{path}: a shard holds {', '.join(_SHARD_SUFFIXES)} images, "
-                                 f"not {Path(path).suffix.lower()}; convert to folders instead")
+    # Before anything is written: a refusal leaves no half-written folder. Images are read
+    # through links (a class subset is often a folder of links): the copy holds the files.
+    for path, _ in (sample for samples in splits.values() for sample in samples):
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: a link to nothing (or not a file): every image must "
+                             "resolve to a file to be converted")
+        if to == "shards" and Path(path).suffix.lower() not in _SHARD_SUFFIXES:
+            raise ValueError(f"{path}: a shard holds {', '.join(_SHARD_SUFFIXES)} images, "
+                             f"not {Path(path).suffix.lower()}; convert to folders instead")
     out.mkdir(parents=True, exist_ok=True)
     patterns = {}
     for split, samples in splits.items():
@@ -93,7 +97,7 @@ def _link_into_classes(samples: list[tuple[str, int]], folder: Path,
         target = folder / classes[label] / Path(path).name
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.link(path, target)
+            os.link(os.path.realpath(path), target)  # the file, not a link that may dangle
         except OSError:  # another file system, or no hard links there
             shutil.copy2(path, target)
         written(done)
@@ -122,7 +126,7 @@ def _write_shards(samples: list[tuple[str, int]], out: Path, split: str, size: i
         with tarfile.open(out / f"{split}-{shard:0{digits}d}.tar", "w") as archive:
             for index in range(shard * size, min((shard + 1) * size, len(samples))):
                 (path, label), key = samples[index], keys[index]
-                archive.add(path, arcname=f"{key}.{_SHARD_SUFFIXES[Path(path).suffix.lower()]}")
+                archive.add(os.path.realpath(path), arcname=f"{key}.{_SHARD_SUFFIXES[Path(path).suffix.lower()]}")
                 info = tarfile.TarInfo(f"{key}.cls")
                 data = str(label).encode()
                 info.size = len(data)

@@ -185,19 +185,28 @@ class ShardData:
 
     @functools.cached_property
     def pixel_statistics(self) -> PixelStatistics:
-        """The training images' PixelStatistics, from the centre crops of the first
-        STATISTICS_SAMPLE images of the training shards, in their listed order."""
+        """The training images' PixelStatistics, from the centre crops of STATISTICS_SAMPLE
+        training images (all of them where there are fewer): an equal share from the start of
+        each of up to STATISTICS_SAMPLE shards drawn in a seeded order, so that shards written
+        class by class still give a sample of many classes."""
+        urls = list(self.train_urls)
+        np.random.default_rng(self.seed).shuffle(urls)
+        urls = urls[:STATISTICS_SAMPLE]
+        share = -(-STATISTICS_SAMPLE // len(urls))
         crops: list[np.ndarray] = []
-        for url in self.train_urls:
+        tried = 0
+        for url in urls:
             with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as archive:
+                read = 0
                 for member in archive:
-                    if len(crops) == STATISTICS_SAMPLE:
-                        return PixelStatistics.of(np.stack(crops))
+                    if read == share or tried == STATISTICS_SAMPLE:
+                        break
                     if member.isfile() and split_key(member.name)[1] in IMAGE_EXTENSIONS:
                         crop = centre_pixels(io.BytesIO(archive.extractfile(member).read()),
                                              self.image_size)
                         crops += [] if crop is None else [crop]
-        return PixelStatistics.of(np.stack(crops))
+                        read, tried = read + 1, tried + 1
+        return PixelStatistics.of(crops, tried=tried)
 
     def _loader(self, urls: list[str], batch_size: int, epoch: int | None, order_seed: int,
                 pin_memory: bool, augment: bool = True, augment_seed: int = 0,

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ..data.errors import NoImages
 from ..recipe import TrainRecipe
 from ..record import EpochRecord
 
@@ -70,12 +71,6 @@ def result_of(status: TrainStatus, reason: str | None, history: Sequence[EpochRe
         best_test_accuracy=None if last is None else 1.0 - min(r.test_error for r in history),
         final_train_accuracy=None if last is None else 1.0 - last.train_error,
         **fields)
-
-
-class NoImages(ValueError):
-    """Training or evaluation saw no image at all (an empty split, or every image skipped as
-    undecodable): a score would be a number from nothing, so the trial fails. Deterministic: the
-    same data fails the same way."""
 
 
 def require_images(count: float, what: str, skipped: float) -> None:

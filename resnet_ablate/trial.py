@@ -26,7 +26,7 @@ import torch
 
 from .arch import ResNetArch
 from .board import PrunedByDriver, report_epoch
-from .data import DataBundle, DataUnavailable, Streamed, load_dataset
+from .data import CorruptShard, DataBundle, DataUnavailable, Streamed, load_dataset
 from .models import build
 from .recipe import TrainRecipe
 from .record import (DataParallelRecord, EpochRecord, FinalEvaluation, Placement, Status,
@@ -154,6 +154,12 @@ def run_trial_body(task: TrialTask, board: Any | None, device: torch.device, *,
         # A split with no decodable image: as deterministic (its count is every replica's
         # total), so as unavailable, and not retried either: a retry would train again first.
         return stopped(Status.UNAVAILABLE, f"NoImages: {nothing}")
+    except CorruptShard as corrupt:
+        # Wrong bytes fail again: not retried. (A replica's own shard: the others must hear of
+        # it, so Ray Train fails the group, as for any replica's error.)
+        if replicas is not None:
+            raise
+        return stopped(Status.UNAVAILABLE, str(corrupt))
     except Exception as error:
         if replicas is not None:
             raise
@@ -215,6 +221,8 @@ def run_stacked_body(task: TrialTask, board: Any | None, device: torch.device
         return outcomes(Status.UNAVAILABLE, str(missing))
     except NoImages as nothing:
         return outcomes(Status.UNAVAILABLE, f"NoImages: {nothing}")
+    except CorruptShard as corrupt:
+        return outcomes(Status.UNAVAILABLE, str(corrupt))
     except Exception as error:
         return outcomes(Status.FAILED, f"{type(error).__name__}: {error}",
                         traceback.format_exc())

@@ -331,6 +331,11 @@ def _tiny_model():
 def test_training_or_evaluating_on_no_image_fails_naming_the_split(shards, tmp_path, kind, split):
     root, _ = shards
     spec = {**_spec(root), split: _damaged(kind, tmp_path)}
+    if kind == "truncated":  # local: refused as it is counted, before training
+        with pytest.raises(ShardError, match="cut short"):
+            load_shards(spec, image_size=24, loader_workers=0)
+        # Behind a URL (given its size, nothing is counted): read as far as it goes.
+        spec[f"{split}_size"] = 1
     data = load_shards(spec, image_size=24, loader_workers=0)
     recipe = TrainRecipe(epochs=1, batch_size=2, eval_batch_size=4, precision="fp32")
     # Training drops a last partial batch unread: the truncated shard's one sample is not seen.
@@ -345,13 +350,34 @@ def test_evaluating_no_images_in_memory_fails():
         evaluate(_tiny_model(), torch.empty(0, 3, 8, 8), torch.empty(0, dtype=torch.int64))
 
 
-def test_a_shard_cut_inside_an_image_fails_naming_it(tmp_path):
-    path = write_shard(tmp_path / "cut.tar", labelled_images("x", 2, 1))
+def test_a_shard_cut_inside_an_image_fails_naming_it_and_is_not_retried(tmp_path, http_shards):
+    """Cut short, locally or behind a URL, read in the process or in a decoding worker: one line
+    naming the shard (a worker's error came out as "Caught ShardError in DataLoader worker
+    process 0."), and a trial that meets it is data_unavailable, not a failure to retry."""
+    from resnet_ablate import trial
+    from resnet_ablate.arch import ResNetArch
+    from resnet_ablate.data import CorruptShard
+    from resnet_ablate.record import Status, TrialTask
+
+    root, base = http_shards
+    path = write_shard(root / "cut.tar", labelled_images("x", 2, 1))
     path.write_bytes(path.read_bytes()[:700])  # inside the first image's data
-    data = load_shards({"train": str(path), "val": str(path), "num_classes": CLASSES,
-                        "train_size": 2, "val_size": 2}, image_size=24, loader_workers=0)
-    with pytest.raises(ShardError, match=f"shard {path} cannot be read: ReadError"):
-        list(data.test_loader(2))
+    for url in (str(path), f"{base}/cut.tar"):
+        for workers in (0, 1):
+            data = load_shards({"train": url, "val": url, "num_classes": CLASSES,
+                                "train_size": 2, "val_size": 2}, image_size=24,
+                               loader_workers=workers)
+            with pytest.raises(CorruptShard, match=f"^shard {url} cannot be read: ReadError"):
+                list(data.test_loader(2))
+    task = TrialTask(
+        trial_number=0, arch=ResNetArch(family="cifar", depth=8).to_dict(), seed=0,
+        dataset={"name": "webdataset", "image_size": 24, "loader_workers": 1,
+                 "shards": {**_spec(root), "val": f"{base}/cut.tar", "val_size": 2}},
+        recipe=TrainRecipe(epochs=1, batch_size=8).to_dict(), threads=1, use_gpu=False,
+        keep_weights=False)
+    outcome = trial.run_trial_body(task, None, torch.device("cpu"))
+    assert outcome.status == Status.UNAVAILABLE, outcome.reason
+    assert outcome.reason.startswith(f"shard {base}/cut.tar cannot be read: ReadError")
 
 
 def test_each_trials_seed_reaches_its_streamed_crops(shards, monkeypatch):
@@ -542,3 +568,20 @@ def test_a_data_parallel_trial_that_fails_before_training_records_its_replicas(h
                                    replicas=SimpleNamespace(world=2, leader=True))
     assert outcome.status == Status.UNAVAILABLE and "val-001.tar" in outcome.reason
     assert outcome.data_parallel is not None and outcome.data_parallel.replicas == 2
+
+
+def test_a_local_shard_cut_between_members_is_refused_at_load(tmp_path):
+    """Cut where a member ends: tarfile reads a whole, shorter shard (its samples counted and
+    trained on without a word); the missing end-of-archive blocks name it as cut short."""
+    from resnet_ablate.data import CorruptShard
+
+    path = write_shard(tmp_path / "train-000.tar", labelled_images("x", 3, 2))
+    whole = path.read_bytes()
+    with tarfile.open(path) as archive:
+        second = archive.getmembers()[2]  # the second sample's first member
+    spec = {"train": str(path), "val": str(path), "num_classes": 3}
+    assert load_shards(spec, image_size=24, loader_workers=0).train_size == 6
+    path.write_bytes(whole[:second.offset])
+    with pytest.raises(CorruptShard, match=f"shard {path} cannot be read: cut short "
+                                           r"\(no end-of-archive blocks after its 2 members\)"):
+        load_shards(spec, image_size=24, loader_workers=0)

@@ -198,6 +198,10 @@ WEBDATASET = {"name": "webdataset", "shards": {"train": "t.tar", "val": "v.tar",
      "dataset.shards.train: expected one pattern (str)"),
     ({**MINIMAL, "dataset": {**WEBDATASET, "shards": {**WEBDATASET["shards"], "train_size": -5}}},
      "dataset.shards.train_size: must be an int from 1 to"),
+    # Each replica reads shards of its own: refused before anything runs (it failed in the trial,
+    # after 9 replica-group starts).
+    ({**MINIMAL, "dataset": WEBDATASET, "resources": {"cpus": 3, "replicas": 2}},
+     "dataset.shards.train: 1 training shard(s) cannot feed the 2 replicas of each trial"),
     ({**MINIMAL, "dataset": {**WEBDATASET, "shards": {**WEBDATASET["shards"], "num_classes": 1}}},
      "dataset.shards.num_classes: must be an int from 2 to"),
 ])

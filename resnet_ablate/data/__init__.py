@@ -6,8 +6,9 @@
 - ``synthetic`` (synthetic.py): small, seeded, learnable random data for tests.
 - ``imagefolder`` (folders.py): the ImageNet layout on disk (ILSVRC's flat val/ with its label
   file: val_labels.py; converted by imagenet_layout.py), and ``webdataset`` (shards.py): tar
-  shards, local or behind URLs (shard_urls.py opens them); both streamed, each image cropped where
-  crops.py says and decoded by decode.py (the paper's test-time views and preprocessing too).
+  shards (shard_format.py), local or behind URLs (shard_urls.py opens them); both streamed,
+  each image cropped where crops.py says and decoded by decode.py (the paper's test-time views
+  and preprocessing too).
   A missing folder or shard is `DataUnavailable`, a split with no decodable image `NoImages`
   (errors.py): neither is worth a retry.
 
@@ -24,14 +25,14 @@ from .digits import DIGITS_TEST_FRACTION
 from .errors import DataUnavailable, NoImages
 from .folders import FolderData, load_image_folder
 from .load import DatasetShape, Streamed, clear_dataset_cache, dataset_shape, load_dataset
-from .shards import ShardData, ShardError, load_shards
+from .shards import CorruptShard, ShardData, ShardError, load_shards
 from .synthetic import SyntheticSpec
 
 __all__ = [
     "Augmentation", "CIFAR10", "CIFAR100", "CIFAR_FORMATS", "CifarArrays", "CifarFormat",
-    "CropDraws", "DIGITS_TEST_FRACTION", "DataBundle", "DataUnavailable", "DatasetShape",
-    "FolderData", "NoImages", "ShardData", "ShardError", "Streamed", "SyntheticSpec", "clear_dataset_cache",
-    "crop_and_flip", "dataset_shape", "download_cifar", "draw_crops", "gather_crops",
-    "load_dataset", "load_image_folder", "load_shards", "random_crop_flip", "read_cifar",
-    "read_cifar10", "read_cifar100",
+    "CorruptShard", "CropDraws", "DIGITS_TEST_FRACTION", "DataBundle", "DataUnavailable",
+    "DatasetShape", "FolderData", "NoImages", "ShardData", "ShardError", "Streamed",
+    "SyntheticSpec", "clear_dataset_cache", "crop_and_flip", "dataset_shape", "download_cifar",
+    "draw_crops", "gather_crops", "load_dataset", "load_image_folder", "load_shards",
+    "random_crop_flip", "read_cifar", "read_cifar10", "read_cifar100",
 ]

@@ -15,7 +15,7 @@ from pathlib import Path
 from .folders import scan_image_folder
 
 SHARD_SIZE = 1000  # images a shard (about 110 MB of ImageNet's JPEGs)
-# What a shard's image member may be called (shards.IMAGE_EXTENSIONS), by the file's suffix.
+# What a shard's image member may be called (shard_format.IMAGE_EXTENSIONS), by the file's suffix.
 _SHARD_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 
 

@@ -2,7 +2,8 @@
 so that no cluster node needs a shared filesystem.
 
 Each sample is a group of tar members sharing a key: the image (`.jpg`, `.jpeg`, `.png` or
-`.webp`) and its class index as text (`.cls`), the layout ImageNet shards conventionally have.
+`.webp`) and its class index as text (`.cls`), the layout ImageNet shards conventionally have
+(shard_format.py says what a shard is; convert-imagenet writes it).
 A member's key is its name without the extension, and without an image extension left before it
 (`split_key`), so ImageNet's `n01440764_10026.JPEG.jpg` and `.JPEG.cls` or `n01440764_10026.cls`
 are one sample; counting and decoding use that one rule. Decoding and augmentation are the image
@@ -36,42 +37,36 @@ import numpy as np
 import torch
 
 from ..spec.catalogue import DEFAULT_LOADER_WORKERS, REQUIRED_SHARD_KEYS, SHARD_KEYS
+from ..spec.dataset import shard_urls
 from .decode import (PLAIN, CropAugmentation, PixelStatistics, Preprocess, centre_pixels, collate,
                      collate_views, decode_sample, decode_views, one_thread)
 from .device_decode import collate_encoded, encoded_crop
 from .errors import DataUnavailable
+from .shard_format import (IMAGE_EXTENSIONS, CorruptShard, ShardError, count_samples, label_of,
+                           split_key)
 from .shard_urls import check_url, is_local, local_path, open_shard, probe_shard
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 STATISTICS_SAMPLE = 256  # training images whose centre crops give the per-pixel mean and PCA
 SHUFFLE_BUFFER = 1000  # samples mixed across the shards a worker reads
 PROBE_THREADS = 16  # ImageNet's train shards are ~1,000 URLs: asked side by side
 
 
-class ShardError(RuntimeError):
-    """A shard that cannot be read (missing, unreachable, not a tar file, cut short)."""
+class _NamingTheShard:
+    """A DataLoader whose ShardError, raised in a decoding worker, comes out as the worker raised
+    it: one line naming the shard. (The loader re-raises a worker's error as "Caught ShardError
+    in DataLoader worker process 0.", the shard named only in the traceback under it.)"""
 
+    def __init__(self, loader: torch.utils.data.DataLoader) -> None:
+        self.loader = loader
 
-def expand(pattern: str) -> list[str]:
-    """Brace notation, as webdataset takes it: "train-{000..009}.tar" is ten shards."""
-    import braceexpand
-
-    return list(braceexpand.braceexpand(pattern))
-
-
-def split_key(name: str) -> tuple[str | None, str | None]:
-    """(key, extension) of a tar member's name: the extension is what follows the last dot, and
-    the key the rest, less an image extension left before it (ImageNet's `x.JPEG.jpg` and
-    `x.JPEG.cls` or `x.cls` are all sample `x`); (None, None) for a name without an extension.
-    Counting and decoding both use this rule, so they agree on what a sample is."""
-    folder, slash, base = name.rpartition("/")
-    stem, dot, extension = base.rpartition(".")
-    if not dot or not stem:
-        return None, None
-    inner_stem, inner_dot, inner = stem.rpartition(".")
-    if inner_dot and inner_stem and inner.lower() in IMAGE_EXTENSIONS:
-        stem = inner_stem
-    return folder + slash + stem, extension.lower()
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            yield from self.loader
+        except ShardError as error:
+            lines = str(error).rstrip().splitlines()
+            if not lines or not lines[0].startswith("Caught "):
+                raise
+            raise type(error)(lines[-1].split(": ", 1)[-1]) from None
 
 
 def _members(sources: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -85,54 +80,14 @@ def _members(sources: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
             with open_shard(url) as stream:
                 for member in tar_file_iterator(stream):
                     yield {**member, "__url__": url}
-        except (OSError, tarfile.TarError, urllib.error.URLError, http.client.HTTPException,
-                http.client.InvalidURL, EOFError) as error:
+        except (tarfile.TarError, EOFError) as error:
+            raise CorruptShard(f"shard {url} cannot be read: {type(error).__name__}: "
+                               f"{error}") from error
+        except (OSError, urllib.error.URLError, http.client.HTTPException,
+                http.client.InvalidURL) as error:
             raise ShardError(f"shard {url} cannot be read: {type(error).__name__}: "
                              f"{error}") from error
         yield {}
-
-
-def count_samples(urls: list[str], num_classes: int | None = None) -> int:
-    """Samples in local shards, from their member names (no image is decoded): the keys with an
-    image. With `num_classes`, each sample's label (its .cls member) is checked to be a class
-    index, so that a bad one is named before training rather than failing it an epoch in."""
-    keys = set()
-    for url in urls:
-        try:
-            with tarfile.open(local_path(url)) as archive:
-                names = archive.getnames()
-                if num_classes is not None:
-                    for member in archive.getmembers():
-                        key, kind = split_key(member.name)
-                        if kind == "cls" and member.isfile():
-                            label_of(archive.extractfile(member).read(), num_classes,
-                                     f"shard {url}, sample {key}")
-        except (OSError, tarfile.TarError, EOFError) as error:
-            # tarfile's message lists each compression it tried, a line each: its first says it
-            first = (str(error).splitlines() or [""])[0].rstrip(":")
-            what = "not a tar file, or cut short" if isinstance(error, tarfile.TarError) else \
-                type(error).__name__
-            raise ShardError(f"shard {url} cannot be read: {what} ({first})") from error
-        for name in names:
-            key, extension = split_key(name)
-            if extension in IMAGE_EXTENSIONS:
-                keys.add((url, key))
-    return len(keys)
-
-
-def label_of(text: bytes, num_classes: int | None, where: str) -> int:
-    """A sample's label from its .cls member: a class index in [0, num_classes); a ShardError
-    naming `where` (the shard and key), the label and the valid range for anything else."""
-    shown = text.decode(errors="replace").strip()
-    try:
-        label = int(shown)
-    except ValueError:
-        label = None
-    if label is None or label < 0 or (num_classes is not None and label >= num_classes):
-        valid = f"0 to {num_classes - 1}" if num_classes is not None else "0 or more"
-        raise ShardError(f"{where}: label {shown[:40]!r} is not a class index ({valid}): a "
-                         ".cls member holds the class's index, as convert-imagenet writes it")
-    return label
 
 
 def _sample(record: dict[str, Any], *, image_size: int, augmentation: CropAugmentation,
@@ -211,7 +166,7 @@ class ShardData:
     def _loader(self, urls: list[str], batch_size: int, epoch: int | None, order_seed: int,
                 pin_memory: bool, augment: bool = True, augment_seed: int = 0,
                 preprocess: Preprocess = PLAIN, view: str | None = None,
-                encoded: bool = False) -> torch.utils.data.DataLoader:
+                encoded: bool = False) -> Iterable[Any]:
         """Training batches where `epoch` is given (shuffled; augmented unless `augment` is
         false), else the evaluation's, in shard order; `encoded` as in train_loader."""
         workers = min(self.loader_workers, len(urls))  # a worker without a shard would idle
@@ -222,12 +177,12 @@ class ShardData:
                                 epoch=epoch if augment else None, preprocess=preprocess,
                                 view=view, encoded=encoded, num_classes=self.num_classes)))
         collate_fn = collate_views if view is not None else collate_encoded if encoded else collate
-        return torch.utils.data.DataLoader(
+        return _NamingTheShard(torch.utils.data.DataLoader(
             dataset, batch_size=1 if view == "multi_scale" else batch_size,
             collate_fn=collate_fn, num_workers=workers,
             pin_memory=pin_memory, prefetch_factor=4 if workers else None,
             worker_init_fn=one_thread if workers else None,
-            drop_last=epoch is not None)  # as the image folder's (a batch of one cannot train BN)
+            drop_last=epoch is not None))  # as the image folder's (a batch of one cannot train BN)
 
     def train_loader(self, batch_size: int, epoch: int, generator: torch.Generator, *,
                      augment: bool = True, pin_memory: bool = False, part: int = 0,
@@ -250,7 +205,7 @@ class ShardData:
         seed = int(torch.randint(2**31, (1,), generator=generator))
         urls = [self.train_urls[i] for i in order][part::parts]
 
-        def loader(urls: list[str]) -> torch.utils.data.DataLoader:
+        def loader(urls: list[str]) -> Iterable[Any]:
             return self._loader(urls, batch_size, epoch, seed + part, pin_memory, augment,
                                 augment_seed, preprocess, encoded=encoded)
 
@@ -345,7 +300,7 @@ def load_shards(shards: dict[str, Any], *, image_size: int = 224,
                          f"{'; ' if unknown and missing else ''}"
                          f"{'missing ' + ', '.join(missing) if missing else ''}; "
                          f"valid keys: {', '.join(SHARD_KEYS)}")
-    urls = {split: expand(str(shards[split])) for split in ("train", "val")}
+    urls = {split: shard_urls(str(shards[split])) for split in ("train", "val")}
     for split in urls:
         for url in urls[split]:
             check_url(url, f"shards.{split}")

@@ -109,6 +109,14 @@ def _check(check: Checker, section: Mapping[str, Any]) -> None:
                                          f"{archive}")
 
 
+def shard_urls(pattern: str) -> list[str]:
+    """A shard pattern's URLs in brace notation, as webdataset takes it: "train-{000..009}.tar"
+    is ten shards."""
+    import braceexpand
+
+    return list(braceexpand.braceexpand(pattern))
+
+
 def _shards(check: Checker, section: Mapping[str, Any]) -> None:
     """A webdataset's `shards`: two patterns and the class count, the split sizes optional."""
     shards = check.mapping("dataset.shards", section.get("shards"), SHARD_KEYS)

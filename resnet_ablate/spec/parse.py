@@ -15,7 +15,7 @@ from ..record import OBJECTIVES
 from ..storage import study_name_problem
 from .catalogue import MAX_TRIALS, PRUNERS, SAMPLERS, STREAMED_DATASETS
 from .checker import Checker, SpecError, SpecFieldError
-from .dataset import dataset_section
+from .dataset import dataset_section, shard_urls
 from .seeds import seeds_section
 from .sections import ARCH_FIELDS, Budget, DatasetSpec, Resources, StudySpec, values_of
 from .space import space_section
@@ -67,6 +67,7 @@ def parse_spec(raw: Any, *, source: str = "<spec>") -> StudySpec:
     resources = _resources(check, top.get("resources"), dataset)
     _check_recipe_fits(check, recipe, dataset, resources)
     _check_replicas(check, resources, recipe)
+    _check_shards_feed_replicas(check, resources, dataset)
     _check_stacking(check, resources, sampler, recipe, dataset)
     return StudySpec(
         study=study, question=check.typed("question", top.get("question", ""), str,
@@ -213,6 +214,19 @@ def _check_replicas(check: Checker, resources: Resources, recipe: TrainRecipe) -
         raise check.fail("train.compile" if recipe.compile else "train.cuda_graphs",
                          f"runs one-process trials; this one has {count} replicas: set it to "
                          "false")
+
+
+def _check_shards_feed_replicas(check: Checker, resources: Resources,
+                                dataset: DatasetSpec) -> None:
+    """Each replica of a data-parallel trial reads shards of its own: at least one each."""
+    if dataset.shards is None or resources.replica_count == 1:
+        return
+    shards = len(shard_urls(str(dataset.shards["train"])))
+    if shards < resources.replica_count:
+        raise check.fail("dataset.shards.train", f"{shards} training shard(s) cannot feed the "
+                         f"{resources.replica_count} replicas of each trial: each replica "
+                         "reads shards of its own; write at least as many shards as replicas "
+                         "(convert-imagenet --shard-size), or fewer replicas")
 
 
 def _fields(cls: type) -> list[str]:

@@ -57,10 +57,16 @@ def joined(*notes: str) -> str:
 
 def with_holm(table: pd.DataFrame) -> pd.DataFrame:
     """The table (`with_methods`) with Holm's adjustment over all its rows beside each p-value
-    (`p_holm`): many rows, each at 5%, find something by chance."""
-    table.insert(table.columns.get_loc("p_value") + 1, "p_holm",
-                 stats.holm(table["p_value"].to_numpy(float)))
-    return with_methods(table)
+    (`p_holm`): many rows, each at 5%, find something by chance. Its methods say so, with the
+    family's size: this table's rows, not the answer's or another table's."""
+    p_values = table["p_value"].to_numpy(float)
+    table.insert(table.columns.get_loc("p_value") + 1, "p_holm", stats.holm(p_values))
+    table = with_methods(table)
+    tested = int(np.isfinite(p_values).sum())
+    table.attrs["methods"] = [*table.attrs["methods"], (
+        f"p_holm: Holm's step-down adjustment over the {tested} tested "
+        f"row{'s' if tested != 1 else ''} of this table (its family: this table alone)")]
+    return table
 
 
 def with_methods(frame: pd.DataFrame) -> pd.DataFrame:

@@ -13,13 +13,14 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
+from .answer import ALPHA, answer
+from .contrasts import LOOKED
 from .display import FOOTNOTE_COLUMNS, display_frame, footnotes
-from .paired import DISAGREE
 from .record import VIEW_METRICS
 from .results import Results, ResultsError
 from .storage import refuse_to_lose_results
@@ -160,7 +161,7 @@ def render_report(results: Results, *, responses: bool = True) -> str:
                   _trials(results), "</body></html>"]
         return "\n".join(parts)
     found = comparisons(results)
-    parts += [*_answers(found), "<h2>Summary over seeds</h2>", *summary]
+    parts += [*_answers(results, found), "<h2>Summary over seeds</h2>", *summary]
     parts += _views(results)
     parts += _comparisons(found)
     parts.append(_effects(results))
@@ -215,37 +216,36 @@ def _views(results: Results) -> list[str]:
     return parts
 
 
-def _answers(found: list[tuple[str, object, pd.DataFrame]]) -> list[str]:
-    """The answer first: each factor's levels against its baseline in one line each, from the
-    comparisons below (their row over every configuration of the other factors where there are
-    several), with its interval, Holm's p-value and the row's flags."""
-    items = []
-    for factor, baseline, table in found:
-        others = [c for c in table.columns[table.columns.get_loc("baseline") + 1:
-                                           table.columns.get_loc("n_pairs")]]
-        overall = (table[others] == "all").all(axis=1)
-        rows = table[overall] if others and overall.any() else table
-        for _, row in rows.iterrows():
-            low, high = 100 * row["diff_ci95_low"], 100 * row["diff_ci95_high"]
-            if np.isfinite(low) and np.isfinite(high):
-                interval = (f"95% interval {low:+.2f} to {high:+.2f}, Holm p = "
-                            f"{row['p_holm']:.3g}")
-                shown = "a difference" if low > 0 or high < 0 else "no difference shown"
-            else:
-                interval, shown = "no interval", "too few seeds to tell"
-            over = f", averaged over {', '.join(others)}" if rows is not table else ""
-            flag = "; the configurations disagree (below)" if DISAGREE in row["note"] else ""
-            items.append(
-                f"<li><b>{html.escape(factor)}={html.escape(str(row[factor]))}</b> against "
-                f"{html.escape(str(baseline))}: test error {100 * row['diff_mean']:+.2f} points "
-                f"({interval}; {row['n_pairs']} paired seed{'s' if row['n_pairs'] != 1 else ''})"
-                f"{html.escape(over)}: "
-                f"{shown}{flag}</li>")
-    if not items:
+def _answers(results: Results, found: list[tuple[str, object, pd.DataFrame]]) -> list[str]:
+    """The answer first (answer.py): each level against its factor's baseline, a line each,
+    with its interval, the answer's own Holm p-value, its word, and what its comparison notes."""
+    lines = answer(results, found)
+    if not lines:
         return []
+    items = []
+    for line in lines:
+        if math.isfinite(line.low) and math.isfinite(line.high):
+            numbers = (f"95% interval {100 * line.low:+.2f} to {100 * line.high:+.2f}"
+                       + (f", Holm p = {line.p_holm:.3g}" if math.isfinite(line.p_holm) else ""))
+        else:
+            numbers = "no interval"
+        pairs = f"{line.n_pairs} paired seed{'s' if line.n_pairs != 1 else ''}"
+        where = f", {line.where}" if line.where else ""
+        shown = line.note.replace(LOOKED, "").strip("; ")
+        note = f' <span class="note">({html.escape(shown)})</span>' if shown else ""
+        items.append(
+            f"<li><b>{html.escape(line.factor)}={html.escape(str(line.level))}</b> against "
+            f"{html.escape(str(line.baseline))}: test error {100 * line.diff:+.2f} points "
+            f"({numbers}; {pairs}){html.escape(where)}: <b>{html.escape(line.verdict)}</b>"
+            f"{note}</li>")
+    tested = sum(math.isfinite(line.p_holm) for line in lines)
     return ["<h2>The answer</h2>", "<p>Each level against its factor's baseline, paired by seed "
-            "and test image (the comparisons' method, below); \"a difference\" where the 95% "
-            "interval excludes none.</p>", f"<ul>{''.join(items)}</ul>"]
+            "and test image (the comparisons' method, below), with its own 95% interval. "
+            f"\"a difference\" where Holm's adjustment over the answer's {tested} tested "
+            f"line{'s' if tested != 1 else ''} puts the p-value below {ALPHA:.0%} (so that "
+            "an answer of many lines is not wrong somewhere by chance more often than that); "
+            "an adaptive study's own question takes its rule's verdict.</p>",
+            f"<ul>{''.join(items)}</ul>"]
 
 
 def _comparisons(found: list[tuple[str, object, pd.DataFrame]]) -> list[str]:

@@ -406,6 +406,11 @@ def test_the_driver_adds_seeds_only_where_the_question_is_open(local_ray, tmp_pa
     # Two comparisons (shortcut none against A at depths 8 and 14): the family's rate is named.
     assert "Each of its 2 comparisons keeps its own chance" in page and "up to 10%" in page
     assert all(reason.split(",")[0] in page for reason in table["reason"])
+    # The answer gives the decided question the rule's verdict, not a test blind to the looks.
+    said = page.split("<h2>The answer</h2>")[1].split("<h2>")[0]
+    line = next(item for item in said.split("<li>") if item.startswith("<b>shortcut=none"))
+    assert "the adaptive rule&#x27;s verdict: " in line and "no difference shown" not in line
+    assert "a difference" not in line and "Holm p" not in line
     # compare's rows of the decided comparison, and effects' rows with its factor, say that their
     # interval and p-value do not account for the looks; the other factor's main effect does not.
     from resnet_ablate.contrasts import LOOKED

@@ -1,0 +1,158 @@
+"""The study's answer in a few lines: each level of each swept factor against its baseline.
+
+A line is a comparison (`paired.compare`) of one level: its stratified "all" row, the mean over
+the configurations of the other factors, where that row has an interval; else each of the
+level's configurations on its own (a level seen at one configuration only, or one whose
+configurations share too few seeds for the average). Its word is decided over the answer as a
+whole, not line by line: "a difference" where Holm's adjustment over every line of the answer
+(all factors together) puts its p-value below 5%, so that an answer of many lines says "a
+difference" somewhere by chance in at most 5% of studies where nothing differs. An adaptive
+study's own question (`seeds.until.decided`) takes the rule's verdict instead: its seeds were
+added while the comparison was open, which a plain test does not account for.
+
+Each line says what it averages and what it leaves out (configurations with no paired seeds,
+failed seeds), the notes its comparison carries, and where the configurations disagree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from . import stats
+from .contrasts import LOOKED
+from .paired import DISAGREE
+from .store_reading import scalar_value
+
+if TYPE_CHECKING:
+    from .results import Results
+
+ALPHA = 0.05
+
+
+@dataclass(frozen=True)
+class AnswerLine:
+    """One level against its factor's baseline, with the word the answer gives it."""
+
+    factor: str
+    level: Any
+    baseline: Any
+    where: str  # what the line averages, or the configuration it is
+    diff: float  # level minus baseline, test error
+    low: float  # its 95% interval (this line alone)
+    high: float
+    p_value: float
+    n_pairs: int
+    note: str = ""  # the comparison's note (left-out seeds, disagreement, looks)
+    p_holm: float = math.nan  # Holm's adjustment over the answer's lines
+    verdict: str = ""
+
+
+def answer(results: Results, found: list[tuple[str, object, pd.DataFrame]]) -> list[AnswerLine]:
+    """The answer's lines from the comparisons `found` ((factor, baseline, compare table), as
+    report.comparisons gives them), each with its verdict."""
+    lines = [line for factor, baseline, table in found
+             for line in _factor_lines(results, factor, baseline, table)]
+    adjusted = stats.holm([line.p_value if _tested(line) else math.nan for line in lines])
+    decisions = _rule_verdicts(results)
+    return [replace(line, p_holm=float(p), verdict=_verdict(line, float(p), decisions))
+            for line, p in zip(lines, adjusted)]
+
+
+def _tested(line: AnswerLine) -> bool:
+    """Whether the line's own test counts in the answer's family (not a looked-at one)."""
+    return math.isfinite(line.low) and math.isfinite(line.high) and LOOKED not in line.note
+
+
+def _factor_lines(results: Results, factor: str, baseline: object,
+                  table: pd.DataFrame) -> list[AnswerLine]:
+    others = list(table.columns[table.columns.get_loc("baseline") + 1:
+                                table.columns.get_loc("n_pairs")])
+    everywhere = _configurations(results, others)
+    lines = []
+    for level, rows in table.groupby(factor, sort=False):
+        overall = (rows[others] == "all").all(axis=1) if others else pd.Series(False, rows.index)
+        each = rows[~overall]
+        if overall.any() and math.isfinite(rows[overall].iloc[0]["diff_ci95_low"]):
+            row = rows[overall].iloc[0]
+            seen = {tuple(scalar_value(v) for v in r) for r in each[others].itertuples(
+                index=False, name=None)}
+            lines.append(_line(factor, level, baseline, row,
+                               _averaged(others, everywhere, seen)))
+            continue
+        for _, row in each.iterrows():
+            at = ", ".join(f"{c}={scalar_value(row[c])}" for c in others)
+            lines.append(_line(factor, level, baseline, row, f"at {at}" if at else ""))
+    return lines
+
+
+def _configurations(results: Results, others: list[str]) -> list[tuple]:
+    """Every configuration of the other factors the study holds trials of, failed ones too."""
+    if not others:
+        return []
+    trials = results.all_trials()[others].drop_duplicates()
+    return sorted((tuple(scalar_value(v) for v in row)
+                   for row in trials.itertuples(index=False, name=None)), key=str)
+
+
+def _averaged(others: list[str], everywhere: list[tuple], seen: set[tuple]) -> str:
+    """What an "all" row averages, naming the configurations it could not include."""
+    missing = [c for c in everywhere if c not in seen]
+    text = f"averaged over {', '.join(others)} ({len(seen)} configurations"
+    if missing:
+        named = "; ".join(", ".join(f"{o}={v}" for o, v in zip(others, c)) for c in missing)
+        text += f"; without {named}: no paired seeds"
+    return text + ")"
+
+
+def _line(factor: str, level: Any, baseline: object, row: pd.Series, where: str) -> AnswerLine:
+    return AnswerLine(factor, scalar_value(level), baseline, where, float(row["diff_mean"]),
+                      float(row["diff_ci95_low"]), float(row["diff_ci95_high"]),
+                      float(row["p_value"]), int(row["n_pairs"]), str(row.get("note") or ""))
+
+
+def _verdict(line: AnswerLine, p_holm: float, decisions: dict[tuple[str, Any], str]) -> str:
+    if LOOKED in line.note:
+        rule = decisions.get((line.factor, line.level))
+        return (f"the adaptive rule's verdict: {rule}" if rule else
+                "the adaptive rule decides this question (its seed decisions, below)")
+    if not (math.isfinite(line.low) and math.isfinite(line.high)):
+        return f"too few seeds to tell ({line.n_pairs} paired seed" \
+               f"{'s' if line.n_pairs != 1 else ''})"
+    word = "a difference" if p_holm < ALPHA else "no difference shown"
+    return word + ("; the configurations disagree" if DISAGREE in line.note else "")
+
+
+def _rule_verdicts(results: Results) -> dict[tuple[str, Any], str]:
+    """(decided factor, level) -> the adaptive rule's verdicts over that level's
+    configurations, counted by kind ("decided: differs at 2 of 3, open at 1")."""
+    from .spec import adaptive_rule
+
+    rule = adaptive_rule(results.seed_rule, results.spec.get("space") or {})
+    if rule is None or rule.decided is None:
+        return {}
+    table = results.seed_decisions()
+    verdicts = {}
+    for level, rows in table.groupby(rule.decided, sort=False):
+        kinds = pd.Series([_kind(reason) for reason in rows["reason"]]).value_counts()
+        verdicts[(rule.decided, scalar_value(level))] = ", ".join(
+            f"{kind} at {count} of {len(rows)}" for kind, count in kinds.items())
+    return verdicts
+
+
+def _kind(reason: str) -> str:
+    if reason.startswith("decided: differs"):
+        return "differs"
+    if reason.startswith("decided: within"):
+        return "within " + reason.split(",", 1)[0].removeprefix("decided: within ")
+    if reason.startswith("max seeds"):
+        return "undecided at max seeds"
+    if reason.startswith("nothing to compare"):
+        return "no baseline to compare with"
+    return "open"
+
+
+__all__ = ["ALPHA", "AnswerLine", "answer"]

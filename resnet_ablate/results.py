@@ -23,7 +23,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import optuna
@@ -42,6 +42,11 @@ from .storage import ResultsError, default_storage, weights_folder
 from .store_reading import (ARCH_COLUMNS, RUNS_FOLDER_HINT, STATES, TRIAL_COLUMNS, list_studies,
                             only_study, open_storage, store_file, store_holding,
                             study_summaries, trial_row, trials_frame)
+
+if TYPE_CHECKING:  # results never train: the data sets and torch load where a model is asked for
+    import torch
+
+    from .data import DataBundle, Streamed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,13 +243,14 @@ class Results:
         path = Path(recorded)
         return path if path.is_absolute() else self.weights_folder / path
 
-    def dataset(self):
-        """The evaluation data the study's trials were trained and tested on (a DataBundle)."""
+    def dataset(self) -> DataBundle | Streamed:
+        """The evaluation data the study's trials were trained and tested on."""
         from .analysis import study_dataset
 
         return study_dataset(self)
 
-    def model(self, number: int, *, fused: bool | None = None, data=None):
+    def model(self, number: int, *, fused: bool | None = None,
+              data: DataBundle | Streamed | None = None) -> torch.nn.Module:
         """Trial `number`'s trained model from its kept weights, in eval mode. `fused=False`
         rebuilds it from plain BatchNorm2d + ReLU modules (the same state_dict keys)."""
         from .analysis import trained_model

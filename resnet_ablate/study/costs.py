@@ -3,7 +3,8 @@ runs), and each architecture's parameters and FLOPs, computed once per architect
 small trials to pack on one GPU, from the packing measured on GPUs.
 
 FLOPs are counted by tracing the built model (profile.py, fvcore), so the model layer loads here at
-the first architecture profiled, not when the driver is imported."""
+the first architecture profiled (torch itself loads with the driver: execution.py decides CUDA
+graphs' default)."""
 
 from __future__ import annotations
 
@@ -228,5 +229,6 @@ class StudyCosts:
                 *start_up_cost(resources.replica_count, len(configurations))]
 
     def train_tflops(self, arch: ResNetArch) -> float:
-        """Forward + backward (3x forward) over every training image and epoch."""
+        """Forward + backward (3x forward) over every training image and epoch, in the paper's
+        FLOPs (1 a multiply-add, as profile counts them; a GPU's peak counts 2)."""
         return 3 * self.profile(arch).flops * self.shape().train_size * self.spec.train.epochs / 1e12

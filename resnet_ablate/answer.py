@@ -90,10 +90,11 @@ def _factor_lines(results: Results, factor: str, baseline: object,
 
 
 def _configurations(results: Results, others: list[str]) -> list[tuple]:
-    """Every configuration of the other factors the study holds trials of, failed ones too."""
+    """Every configuration of the other factors the selection holds trials of, failed ones
+    too (a configuration a `where` left out is not the answer's to name)."""
     if not others:
         return []
-    trials = results.all_trials()[others].drop_duplicates()
+    trials = results.trials[others].drop_duplicates()
     return sorted((tuple(scalar_value(v) for v in row)
                    for row in trials.itertuples(index=False, name=None)), key=str)
 

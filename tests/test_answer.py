@@ -98,3 +98,12 @@ def test_a_level_whose_configurations_share_too_few_seeds_is_answered_one_by_one
     assert [line.n_pairs for line in shortcut] == [5, 5, 1]
     assert shortcut[2].verdict == "too few seeds to tell (1 paired seed)"
     assert all(np.isfinite(line.p_holm) for line in shortcut[:2])
+
+
+def test_a_selection_answers_for_what_it_selects():
+    """A `where` that leaves depth 56 out: the shortcut line averages depths 20 and 32 and names
+    nothing missing (the left-out depth is not the answer's to name)."""
+    study = _diverged_study().where("depth != 56")
+    lines = {(line.factor, line.level): line for line in answer(study, comparisons(study))}
+    assert lines[("shortcut", "none")].where == "averaged over depth (2 configurations)"
+    assert set(lines) == {("depth", 32), ("shortcut", "none")}

@@ -169,7 +169,7 @@ class SyncedBatchNorm2d(nn.BatchNorm2d):
         local_mean = x.sum((0, 2, 3)) / max(count, 1)
         squares = ((x - local_mean[None, :, None, None]) ** 2).sum((0, 2, 3))
         slots = x.new_zeros(world, 2 * channels + 1)
-        slots = slots.index_put((torch.tensor([rank]),), torch.cat(
+        slots = slots.index_put((torch.tensor([rank], device=x.device),), torch.cat(
             [local_mean, squares, x.new_full((1,), float(count))])[None])
         gathered = _SummedOverReplicas.apply(slots)
         means, squares, counts = gathered[:, :channels], gathered[:, channels:-1], gathered[:, -1:]

@@ -41,6 +41,16 @@ class Decision:
     # Closed by the width rule before `max` seeds: seeds that agreed stop sooner, so such
     # configurations are covered less often than the rest (summaries.WIDTH_STOPPED_EARLY).
     narrowed: bool = False
+    kind: str = "open"  # one of KINDS: what the reason says, for readers that count verdicts
+
+
+# What a decision says, in a word: a comparison decided either way (a baseline's against several
+# levels, differently), still open, closed at max seeds undecided, a configuration with no
+# baseline to compare with, or the width rule's.
+DIFFERS, WITHIN, MIXED, OPEN, UNDECIDED, NO_BASELINE, NARROW = (
+    "differs", "within the margin", "decided, differently by level", "open",
+    "undecided at max seeds", "no baseline to compare with", "narrow enough")
+KINDS = (DIFFERS, WITHIN, MIXED, OPEN, UNDECIDED, NO_BASELINE, NARROW)
 
 
 def _test_set_size(results: Sequence[SeedResult]) -> tuple[int | None, bool]:
@@ -104,7 +114,8 @@ def _width_decision(rule: AdaptiveSeeds, results: Sequence[SeedResult]) -> Decis
     shown = f"{100 * rule.level:.4g}% interval ({estimate.method}) {_percent(width)} points wide"
     if not width <= rule.width:  # nan (no interval yet) is open too
         return Decision(True, f"{shown} > {_percent(rule.width)}", n)
-    return Decision(False, f"{shown} <= {_percent(rule.width)}", n, narrowed=n < rule.max)
+    return Decision(False, f"{shown} <= {_percent(rule.width)}", n, narrowed=n < rule.max,
+                    kind=NARROW)
 
 
 def _interval(estimate: stats.Estimate, level: float) -> str:
@@ -115,15 +126,16 @@ def _interval(estimate: stats.Estimate, level: float) -> str:
 
 
 def _comparison_decision(rule: AdaptiveSeeds, base: Sequence[SeedResult],
-                         other: Sequence[SeedResult]) -> tuple[bool, str]:
+                         other: Sequence[SeedResult]) -> tuple[str, str]:
+    """(kind, reason) of one comparison: DIFFERS, WITHIN or OPEN."""
     differs = _difference(base, other, rule.level, rule)
     if differs.low > 0 or differs.high < 0:
-        return False, f"decided: differs, {_interval(differs, rule.level)}"
+        return DIFFERS, f"decided: differs, {_interval(differs, rule.level)}"
     within = _difference(base, other, rule.equivalence_level, rule)
     if -rule.margin <= within.low and within.high <= rule.margin:
-        return False, (f"decided: within +-{_percent(rule.margin)}, "
-                       f"{_interval(within, rule.equivalence_level)}")
-    return True, (f"open: {_interval(differs, rule.level)} straddles 0 and exceeds "
+        return WITHIN, (f"decided: within +-{_percent(rule.margin)}, "
+                        f"{_interval(within, rule.equivalence_level)}")
+    return OPEN, (f"open: {_interval(differs, rule.level)} straddles 0 and exceeds "
                   f"+-{_percent(rule.margin)}")
 
 
@@ -138,7 +150,7 @@ def decide(rule: AdaptiveSeeds, space_levels: Mapping[str, Sequence[Any]],
     seeds = {configuration: _one_per_seed(results) for configuration, results in seeds.items()}
     if rule.decided is not None:
         baseline = space_levels[rule.decided][0]
-        comparisons: dict[Configuration, list[tuple[bool, str]]] = {c: [] for c in seeds}
+        comparisons: dict[Configuration, list[tuple[str, str]]] = {c: [] for c in seeds}
         for configuration, results in seeds.items():
             levels = dict(configuration)
             if levels[rule.decided] == baseline:
@@ -157,15 +169,24 @@ def decide(rule: AdaptiveSeeds, space_levels: Mapping[str, Sequence[Any]],
         elif rule.width is not None:
             decision = _width_decision(rule, results)
         else:
-            verdicts = comparisons[configuration]
-            is_open = any(v for v, _ in verdicts)
-            reason = "; ".join(r for _, r in verdicts) or "nothing to compare with"
-            decision = Decision(is_open, reason, n)
+            decision = _compared(comparisons[configuration], n)
         if decision.open and n >= rule.max:
             decision = Decision(False, f"max seeds ({rule.max}) reached, undecided: "
-                                f"{decision.reason}", n)
+                                f"{decision.reason}", n, kind=UNDECIDED)
         decisions[configuration] = decision
     return decisions
 
 
-__all__ = ["Configuration", "Decision", "SeedResult", "decide"]
+def _compared(verdicts: list[tuple[str, str]], n: int) -> Decision:
+    """A configuration's decision from its comparisons' (kind, reason): open while any is; its
+    kind theirs where they agree (a baseline compared with several levels may hear several)."""
+    if not verdicts:
+        return Decision(False, "nothing to compare with", n, kind=NO_BASELINE)
+    kinds = {kind for kind, _ in verdicts}
+    is_open = OPEN in kinds
+    kind = OPEN if is_open else kinds.pop() if len(kinds) == 1 else MIXED
+    return Decision(is_open, "; ".join(reason for _, reason in verdicts), n, kind=kind)
+
+
+__all__ = ["DIFFERS", "KINDS", "MIXED", "NARROW", "NO_BASELINE", "OPEN", "UNDECIDED", "WITHIN",
+           "Configuration", "Decision", "SeedResult", "decide"]

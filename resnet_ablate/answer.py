@@ -23,8 +23,10 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from . import stats
+from .adaptive import WITHIN
 from .contrasts import LOOKED
 from .paired import DISAGREE
+from .spec import adaptive_rule
 from .store_reading import scalar_value
 
 if TYPE_CHECKING:
@@ -47,6 +49,8 @@ class AnswerLine:
     p_value: float
     n_pairs: int
     note: str = ""  # the comparison's note (left-out seeds, disagreement, looks)
+    # The other factors' values of the configurations the line covers (one for an "at" line).
+    configurations: tuple[tuple, ...] = ()
     p_holm: float = math.nan  # Holm's adjustment over the answer's lines
     verdict: str = ""
 
@@ -57,8 +61,8 @@ def answer(results: Results, found: list[tuple[str, object, pd.DataFrame]]) -> l
     lines = [line for factor, baseline, table in found
              for line in _factor_lines(results, factor, baseline, table)]
     adjusted = stats.holm([line.p_value if _tested(line) else math.nan for line in lines])
-    decisions = _rule_verdicts(results)
-    return [replace(line, p_holm=float(p), verdict=_verdict(line, float(p), decisions))
+    rule = _RuleVerdicts(results)
+    return [replace(line, p_holm=float(p), verdict=_verdict(line, float(p), rule))
             for line, p in zip(lines, adjusted)]
 
 
@@ -81,11 +85,12 @@ def _factor_lines(results: Results, factor: str, baseline: object,
             seen = {tuple(scalar_value(v) for v in r) for r in each[others].itertuples(
                 index=False, name=None)}
             lines.append(_line(factor, level, baseline, row,
-                               _averaged(others, everywhere, seen)))
+                               _averaged(others, everywhere, seen), tuple(sorted(seen, key=str))))
             continue
         for _, row in each.iterrows():
-            at = ", ".join(f"{c}={scalar_value(row[c])}" for c in others)
-            lines.append(_line(factor, level, baseline, row, f"at {at}" if at else ""))
+            values = tuple(scalar_value(row[c]) for c in others)
+            at = ", ".join(f"{c}={v}" for c, v in zip(others, values))
+            lines.append(_line(factor, level, baseline, row, f"at {at}" if at else "", (values,)))
     return lines
 
 
@@ -109,17 +114,17 @@ def _averaged(others: list[str], everywhere: list[tuple], seen: set[tuple]) -> s
     return text + ")"
 
 
-def _line(factor: str, level: Any, baseline: object, row: pd.Series, where: str) -> AnswerLine:
+def _line(factor: str, level: Any, baseline: object, row: pd.Series, where: str,
+          configurations: tuple[tuple, ...]) -> AnswerLine:
     return AnswerLine(factor, scalar_value(level), baseline, where, float(row["diff_mean"]),
                       float(row["diff_ci95_low"]), float(row["diff_ci95_high"]),
-                      float(row["p_value"]), int(row["n_pairs"]), str(row.get("note") or ""))
+                      float(row["p_value"]), int(row["n_pairs"]), str(row.get("note") or ""),
+                      configurations)
 
 
-def _verdict(line: AnswerLine, p_holm: float, decisions: dict[tuple[str, Any], str]) -> str:
+def _verdict(line: AnswerLine, p_holm: float, rule: _RuleVerdicts) -> str:
     if LOOKED in line.note:
-        rule = decisions.get((line.factor, line.level))
-        return (f"the adaptive rule's verdict: {rule}" if rule else
-                "the adaptive rule decides this question (its seed decisions, below)")
+        return rule.of(line)
     if not (math.isfinite(line.low) and math.isfinite(line.high)):
         return f"too few seeds to tell ({line.n_pairs} paired seed" \
                f"{'s' if line.n_pairs != 1 else ''})"
@@ -127,33 +132,38 @@ def _verdict(line: AnswerLine, p_holm: float, decisions: dict[tuple[str, Any], s
     return word + ("; the configurations disagree" if DISAGREE in line.note else "")
 
 
-def _rule_verdicts(results: Results) -> dict[tuple[str, Any], str]:
-    """(decided factor, level) -> the adaptive rule's verdicts over that level's
-    configurations, counted by kind ("decided: differs at 2 of 3, open at 1")."""
-    from .spec import adaptive_rule
+class _RuleVerdicts:
+    """The adaptive rule's verdicts (summaries.decisions) on an answer line's configurations,
+    counted by kind: "the adaptive rule's verdict: differs at 2 of 3, open at 1"."""
 
-    rule = adaptive_rule(results.seed_rule, results.spec.get("space") or {})
-    if rule is None or rule.decided is None:
-        return {}
-    table = results.seed_decisions()
-    verdicts = {}
-    for level, rows in table.groupby(rule.decided, sort=False):
-        kinds = pd.Series([_kind(reason) for reason in rows["reason"]]).value_counts()
-        verdicts[(rule.decided, scalar_value(level))] = ", ".join(
-            f"{kind} at {count} of {len(rows)}" for kind, count in kinds.items())
-    return verdicts
+    def __init__(self, results: Results) -> None:
+        from .summaries import decisions
 
+        self.decisions = decisions(results)
+        self.swept = results.configuration_columns()
+        rule = adaptive_rule(results.seed_rule, results.spec.get("space") or {})
+        self.margin = None if rule is None else rule.margin
 
-def _kind(reason: str) -> str:
-    if reason.startswith("decided: differs"):
-        return "differs"
-    if reason.startswith("decided: within"):
-        return "within " + reason.split(",", 1)[0].removeprefix("decided: within ")
-    if reason.startswith("max seeds"):
-        return "undecided at max seeds"
-    if reason.startswith("nothing to compare"):
-        return "no baseline to compare with"
-    return "open"
+    def of(self, line: AnswerLine) -> str:
+        others = [c for c in self.swept if c != line.factor]
+        kinds = []
+        for values in line.configurations:
+            where = {line.factor: line.level, **dict(zip(others, values))}
+            decision = self.decisions.get(tuple((c, where[c]) for c in self.swept))
+            if decision is not None:
+                kinds.append(self._word(decision.kind))
+        if not kinds:
+            return "the adaptive rule decides this question (its seed decisions, below)"
+        counted = pd.Series(kinds).value_counts()
+        if len(kinds) == 1:
+            return f"the adaptive rule's verdict: {kinds[0]}"
+        return "the adaptive rule's verdict: " + ", ".join(
+            f"{kind} at {count} of {len(kinds)}" for kind, count in counted.items())
+
+    def _word(self, kind: str) -> str:
+        if kind == WITHIN and self.margin is not None:
+            return f"within +-{100 * self.margin:.2f} points"
+        return kind
 
 
 __all__ = ["ALPHA", "AnswerLine", "answer"]

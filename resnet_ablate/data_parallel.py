@@ -29,6 +29,7 @@ from typing import Any
 import ray
 import torch
 
+from .data import CorruptShard, DataUnavailable, NoImages
 from .record import Status, TrialOutcome, TrialTask
 from .replicas import Replicas
 from .trial import run_trial_body
@@ -140,7 +141,11 @@ def _failed_in_code(task: TrialTask, error: Exception) -> TrialOutcome | None:
     if not raised:
         return None
     rank, failure = raised[0]
-    return TrialOutcome(task.trial_number, Status.FAILED,
+    # Input that fails again the same way (wrong bytes in a replica's shard, no image): not
+    # worth a retry of the trial, as a one-process trial's is not.
+    status = Status.UNAVAILABLE if isinstance(failure, (CorruptShard, DataUnavailable, NoImages)) \
+        else Status.FAILED
+    return TrialOutcome(task.trial_number, status,
                         reason=f"{type(failure).__name__}: {failure} (replica {rank}, after "
                                f"{task.max_restarts} restart(s) of the data-parallel run)",
                         traceback="".join(traceback.format_exception(failure)))

@@ -188,9 +188,10 @@ class Results:
         return effect_table(self, metric)
 
     def seed_decisions(self) -> pd.DataFrame:
-        """Adaptive-seed studies (spec.AdaptiveSeeds): per configuration, the seeds it completed
-        and why it stopped or is still open, as the rule decides on the trials here; empty for
-        a study with fixed seeds."""
+        """Adaptive-seed studies (spec.AdaptiveSeeds): per configuration, the seeds it completed,
+        its verdict in a word (adaptive.KINDS) and why it stopped or is still open, as the rule
+        decides on every trial of the study (a `where` selects the configurations shown), and
+        the seeds that failed in the selection; empty for a study with fixed seeds."""
         return summaries.seed_decisions(self)
 
     def importance(self, metric: str = "test_error") -> pd.DataFrame:

@@ -149,9 +149,9 @@ def _pooled_estimate(results: Results, group: pd.DataFrame, metric: str,
 def seed_decisions(results: Results) -> pd.DataFrame:
     """`Results.seed_decisions`: one row per configuration with its seeds, open, reason, and a
     note where seeds failed: the rule decided on those that finished."""
-    columns = [*results.configuration_columns(), "seeds", "open", "reason", "note"]
+    columns = [*results.configuration_columns(), "seeds", "open", "verdict", "reason", "note"]
     failed = failed_seeds(results, results.completed())
-    rows = [{**dict(c), "seeds": d.seeds, "open": d.open, "reason": d.reason,
+    rows = [{**dict(c), "seeds": d.seeds, "open": d.open, "verdict": d.kind, "reason": d.reason,
              "note": _failed_note(failed, dict(c))} for c, d in decisions(results).items()]
     return pd.DataFrame(rows, columns=columns).sort_values(
         results.configuration_columns(), kind="stable")

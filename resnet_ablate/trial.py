@@ -135,12 +135,14 @@ def run_trial_body(task: TrialTask, board: Any | None, device: torch.device, *,
                             tuple(epochs), data_parallel=data_parallel)
 
     data_parallel = None
+    training = False  # a replica's error in training must reach the others (Ray Train)
     try:
         inputs = TrialInputs.of(task)
         if replicas is not None:  # recorded with a failure before training too
             data_parallel = DataParallelRecord(replicas.world, _backend(), inputs.recipe.sync_bn,
                                                resumed_after)
         inputs.data.check_available()  # a missing shard named now, not at the epoch reading it
+        training = True
         result = train(inputs.model, inputs.data, inputs.recipe, seed=task.seed, device=device,
                        threads=task.threads, on_epoch=on_epoch, replicas=replicas,
                        on_checkpoint=on_checkpoint, resume=resume)
@@ -155,9 +157,10 @@ def run_trial_body(task: TrialTask, board: Any | None, device: torch.device, *,
         # total), so as unavailable, and not retried either: a retry would train again first.
         return stopped(Status.UNAVAILABLE, f"NoImages: {nothing}")
     except CorruptShard as corrupt:
-        # Wrong bytes fail again: not retried. (A replica's own shard: the others must hear of
-        # it, so Ray Train fails the group, as for any replica's error.)
-        if replicas is not None:
+        # Wrong bytes fail again: not retried. Found as the data set loads, every replica finds
+        # it; in training, a replica's own shard: the others must hear of it, so Ray Train fails
+        # the group, as for any replica's error (and data_parallel.py records it unavailable).
+        if replicas is not None and training:
             raise
         return stopped(Status.UNAVAILABLE, str(corrupt))
     except Exception as error:

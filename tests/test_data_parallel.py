@@ -353,6 +353,13 @@ def test_an_error_in_a_replica_fails_the_trial_and_a_lost_replica_is_a_lost_work
     assert outcome.failure_kind == FailureKind.ERROR
     assert outcome.reason == ("ValueError: shapes do not match (replica 1, after 2 restart(s) "
                               "of the data-parallel run)")
+    # A replica's shard with wrong bytes fails again the same way: unavailable, not retried.
+    from resnet_ablate.data import CorruptShard
+
+    corrupt = WorkerGroupError("rank 1 raised", {1: CorruptShard("shard s.tar cannot be read")})
+    outcome = _failed_in_code(task, corrupt)
+    assert outcome.status == Status.UNAVAILABLE
+    assert outcome.failure_kind == FailureKind.DATA_UNAVAILABLE
     # A lost process is no error of the trial's: raised, so the driver retries the trial.
     died = WorkerGroupError("rank 0 died", {0: ActorDiedError()})
     assert _failed_in_code(task, died) is None

@@ -17,7 +17,8 @@ from helpers import labelled_images, run_spec_alone, write_shard
 from resnet_ablate.data.decode import IMAGENET_MEAN, IMAGENET_STD, normalise
 from resnet_ablate.recipe import TrainRecipe
 from resnet_ablate.data.shard_urls import ALLOW_PIPE_URLS_ENV, open_shard
-from resnet_ablate.data.shards import ShardError, load_shards
+from resnet_ablate.data.shard_format import ShardError
+from resnet_ablate.data.shards import load_shards
 from resnet_ablate.train import NoImages, evaluate, train
 
 CLASSES = 6
@@ -570,7 +571,7 @@ def test_a_data_parallel_trial_that_fails_before_training_records_its_replicas(h
     assert outcome.data_parallel is not None and outcome.data_parallel.replicas == 2
 
 
-def test_a_local_shard_cut_between_members_is_refused_at_load(tmp_path):
+def test_a_local_shard_cut_between_members_is_refused_at_load(tmp_path, monkeypatch):
     """Cut where a member ends: tarfile reads a whole, shorter shard (its samples counted and
     trained on without a word); the missing end-of-archive blocks name it as cut short."""
     from resnet_ablate.data import CorruptShard
@@ -585,3 +586,44 @@ def test_a_local_shard_cut_between_members_is_refused_at_load(tmp_path):
     with pytest.raises(CorruptShard, match=f"shard {path} cannot be read: cut short "
                                            r"\(no end-of-archive blocks after its 2 members\)"):
         load_shards(spec, image_size=24, loader_workers=0)
+    # Found as the data set loads, every replica of a data-parallel trial finds it: an outcome
+    # on each, not an error for Ray Train to restart the group for.
+    from types import SimpleNamespace
+
+    from resnet_ablate import trial
+    from resnet_ablate.arch import ResNetArch
+    from resnet_ablate.record import Status, TrialTask
+
+    monkeypatch.setattr(trial, "_backend", lambda: "gloo")  # no process group here
+    task = TrialTask(
+        trial_number=0, arch=ResNetArch(family="cifar", depth=8).to_dict(), seed=0,
+        dataset={"name": "webdataset", "image_size": 24, "loader_workers": 0, "shards": spec},
+        recipe=TrainRecipe(epochs=1, batch_size=8).to_dict(), threads=1, use_gpu=False,
+        keep_weights=False)
+    outcome = trial.run_trial_body(task, None, torch.device("cpu"),
+                                   replicas=SimpleNamespace(world=2, leader=True))
+    assert outcome.status == Status.UNAVAILABLE and "cut short" in outcome.reason
+
+
+class _Failing(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        from resnet_ablate.data import CorruptShard
+
+        raise CorruptShard("shard s.tar cannot be read: ReadError: file could not be opened:\n"
+                           "- method gz: ReadError('not a gzip file')")
+
+
+def test_a_decoding_workers_shard_error_keeps_its_whole_message():
+    """Raised in a DataLoader worker, a message of several lines comes out whole (only its last
+    line came out, without the shard's name)."""
+    from resnet_ablate.data import CorruptShard
+    from resnet_ablate.data.shards import _NamingTheShard
+
+    loader = _NamingTheShard(torch.utils.data.DataLoader(_Failing(), num_workers=1))
+    with pytest.raises(CorruptShard) as raised:
+        list(loader)
+    assert str(raised.value) == ("shard s.tar cannot be read: ReadError: file could not be "
+                                 "opened:\n- method gz: ReadError('not a gzip file')")

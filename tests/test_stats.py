@@ -136,14 +136,17 @@ def test_right_skewed_seed_noise_is_covered_as_readme_says(seed_effects, low, hi
         assert coverage >= students - 0.01, (n, coverage, students)
 
 
-@pytest.mark.parametrize("spreads, seeds, at_most", [
-    ((0.1, 0.8), 3, 0.11), ((0.1, 0.8), 10, 0.10), ((0.8, 0.8), 3, 0.07)],
+@pytest.mark.parametrize("spreads, seeds, at_least, at_most", [
+    ((0.1, 0.8), 3, 0.06, 0.11), ((0.1, 0.8), 10, 0.05, 0.10), ((0.8, 0.8), 3, 0.0, 0.07)],
     ids=["unequal-3-seeds", "unequal-10-seeds", "equal-3-seeds"])
-def test_the_paired_test_where_one_configurations_seeds_vary_far_more(spreads, seeds, at_most):
+def test_the_paired_test_where_one_configurations_seeds_vary_far_more(spreads, seeds, at_least,
+                                                                      at_most):
     """Both configurations 8% over seeds and images, one's logit seed effects of sd 0.1, the
     other's 0.8 (a net that trains reliably beside one that sometimes does not): the per-seed
     differences are skewed and compare's p < 0.05 in 8.5% of null studies at 3 seeds, 7.5% at
-    10 (an audit's 1,500 each), as README states; with equal spreads it keeps its 5%."""
+    10 (an audit's 1,500 each), as README states: held within 6-11% and 5-10% here (600
+    each: 9.2% and 6.7%), so that a change in either direction is seen; with equal spreads
+    within 7% (3.3%)."""
     from helpers import study_in_memory
 
     images, replications = 1000, 600
@@ -158,7 +161,7 @@ def test_the_paired_test_where_one_configurations_seeds_vary_far_more(spreads, s
                                  for level, table in zip(("A", "none"), tables)
                                  for s in range(seeds)])
         rejected += study.compare("shortcut", "A").iloc[0]["p_value"] < 0.05
-    assert rejected / replications <= at_most, rejected / replications
+    assert at_least <= rejected / replications <= at_most, rejected / replications
 
 
 def test_tied_seeds_that_differ_on_a_few_images_keep_the_type_one_error():

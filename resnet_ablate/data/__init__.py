@@ -25,7 +25,8 @@ from .digits import DIGITS_TEST_FRACTION
 from .errors import DataUnavailable, NoImages
 from .folders import FolderData, load_image_folder
 from .load import DatasetShape, Streamed, clear_dataset_cache, dataset_shape, load_dataset
-from .shards import CorruptShard, ShardData, ShardError, load_shards
+from .shard_format import CorruptShard, ShardError
+from .shards import ShardData, load_shards
 from .synthetic import SyntheticSpec
 
 __all__ = [

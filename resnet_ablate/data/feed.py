@@ -224,8 +224,9 @@ class StreamFeed(_Generators):
                 if kept == 0:
                     continue  # no replica decoded an image of this batch: all skip it alike
                 # A replica whose share decoded nothing still steps, with an empty batch and
-                # weight 0 (the others would wait for it forever): its gradients are zero and
-                # its BatchNorm running statistics are left as they were.
+                # weight 0 (the others would wait for it forever): its gradients are zero, and
+                # its running statistics take nothing from it (per-replica BatchNorm leaves
+                # them, synchronised BatchNorm updates them from the others' images).
                 weight = p.parts * labels.shape[0] / kept
                 if labels.shape[0] == 0:  # collate's empty batch has no image shape
                     size = self.data.image_size

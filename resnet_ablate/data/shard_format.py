@@ -6,7 +6,11 @@ format and shards.py reads it."""
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import tarfile
+import urllib.error
+from collections.abc import Iterator
 
 from .shard_urls import local_path
 
@@ -21,6 +25,21 @@ class CorruptShard(ShardError):
     """A shard whose bytes are wrong (not a tar file, cut short, a label that is no class index):
     deterministic, where a connection lost while reading may not be, so a trial that meets it
     is recorded as data_unavailable and not retried."""
+
+
+@contextlib.contextmanager
+def reading_shard(url: str) -> Iterator[None]:
+    """Within: a failure to read shard `url` becomes one error naming it: CorruptShard for wrong
+    bytes (not a tar file, cut short), ShardError for the connection or the file system."""
+    try:
+        yield
+    except (tarfile.TarError, EOFError) as error:
+        raise CorruptShard(f"shard {url} cannot be read: {type(error).__name__}: "
+                           f"{error}") from error
+    except (OSError, urllib.error.URLError, http.client.HTTPException,
+            http.client.InvalidURL) as error:
+        raise ShardError(f"shard {url} cannot be read: {type(error).__name__}: "
+                         f"{error}") from error
 
 
 def split_key(name: str) -> tuple[str | None, str | None]:

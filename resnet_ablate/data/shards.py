@@ -20,12 +20,11 @@ opted in).
 from __future__ import annotations
 
 import functools
-import http.client
 import io
 import itertools
 import random
+import re
 import tarfile
-import urllib.error
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +41,7 @@ from .decode import (PLAIN, CropAugmentation, PixelStatistics, Preprocess, centr
                      collate_views, decode_sample, decode_views, one_thread)
 from .device_decode import collate_encoded, encoded_crop
 from .errors import DataUnavailable
-from .shard_format import (IMAGE_EXTENSIONS, CorruptShard, ShardError, count_samples, label_of,
+from .shard_format import (IMAGE_EXTENSIONS, ShardError, count_samples, label_of, reading_shard,
                            split_key)
 from .shard_urls import check_url, is_local, local_path, open_shard, probe_shard
 
@@ -53,8 +52,9 @@ PROBE_THREADS = 16  # ImageNet's train shards are ~1,000 URLs: asked side by sid
 
 class _NamingTheShard:
     """A DataLoader whose ShardError, raised in a decoding worker, comes out as the worker raised
-    it: one line naming the shard. (The loader re-raises a worker's error as "Caught ShardError
-    in DataLoader worker process 0.", the shard named only in the traceback under it.)"""
+    it: its message, naming the shard. (The loader re-raises a worker's error as "Caught
+    ShardError in DataLoader worker process 0.", the message only at the end of the traceback
+    under it.)"""
 
     def __init__(self, loader: torch.utils.data.DataLoader) -> None:
         self.loader = loader
@@ -63,10 +63,13 @@ class _NamingTheShard:
         try:
             yield from self.loader
         except ShardError as error:
-            lines = str(error).rstrip().splitlines()
-            if not lines or not lines[0].startswith("Caught "):
+            text = str(error)
+            # The traceback's last "<module>.<Name>: " starts the worker's own message.
+            marker = re.compile(rf"^(?:[\w.]+\.)?{type(error).__name__}: ", re.MULTILINE)
+            found = list(marker.finditer(text))
+            if not text.startswith("Caught ") or not found:
                 raise
-            raise type(error)(lines[-1].split(": ", 1)[-1]) from None
+            raise type(error)(text[found[-1].end():].rstrip()) from None
 
 
 def _members(sources: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -76,17 +79,9 @@ def _members(sources: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 
     for source in sources:
         url = source["url"]
-        try:
-            with open_shard(url) as stream:
-                for member in tar_file_iterator(stream):
-                    yield {**member, "__url__": url}
-        except (tarfile.TarError, EOFError) as error:
-            raise CorruptShard(f"shard {url} cannot be read: {type(error).__name__}: "
-                               f"{error}") from error
-        except (OSError, urllib.error.URLError, http.client.HTTPException,
-                http.client.InvalidURL) as error:
-            raise ShardError(f"shard {url} cannot be read: {type(error).__name__}: "
-                             f"{error}") from error
+        with reading_shard(url), open_shard(url) as stream:
+            for member in tar_file_iterator(stream):
+                yield {**member, "__url__": url}
         yield {}
 
 
@@ -147,14 +142,17 @@ class ShardData:
         urls = list(self.train_urls)
         np.random.default_rng(self.seed).shuffle(urls)
         urls = urls[:STATISTICS_SAMPLE]
-        share = -(-STATISTICS_SAMPLE // len(urls))
         crops: list[np.ndarray] = []
         tried = 0
-        for url in urls:
-            with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as archive:
+        for index, url in enumerate(urls):
+            # An equal share of what is left: a shard with fewer images leaves its shortfall to
+            # the shards after it.
+            share = -(-(STATISTICS_SAMPLE - tried) // (len(urls) - index))
+            with reading_shard(url), open_shard(url) as stream, \
+                    tarfile.open(fileobj=stream, mode="r|*") as archive:
                 read = 0
                 for member in archive:
-                    if read == share or tried == STATISTICS_SAMPLE:
+                    if read == share:
                         break
                     if member.isfile() and split_key(member.name)[1] in IMAGE_EXTENSIONS:
                         crop = centre_pixels(io.BytesIO(archive.extractfile(member).read()),

@@ -85,7 +85,9 @@ class Status:
     PRUNED = "pruned"  # the driver's pruner stopped it after an epoch
     DIVERGED = FailureKind.DIVERGED  # its loss blew up (train/divergence.py: how it is judged)
     FAILED = "failed"  # an exception in the trial's code
-    UNAVAILABLE = FailureKind.DATA_UNAVAILABLE  # its data could not be read when it started
+    # Its data could not be read (missing, unreachable, wrong bytes, no image): input that fails
+    # again the same way, so not retried.
+    UNAVAILABLE = FailureKind.DATA_UNAVAILABLE
 
     ALL = (COMPLETED, PRUNED, DIVERGED, FAILED, UNAVAILABLE)
     # What a run's tally counts besides these: the failure kinds (FailureKind) of the trials

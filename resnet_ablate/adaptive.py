@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import stats
+from .record import TrialKey, metric_values, unpack_outcomes
 from .spec import AdaptiveSeeds
 
 Configuration = tuple[tuple[str, Any], ...]  # ((factor, level), ...) in the space's order
@@ -29,6 +30,17 @@ class SeedResult:
     error: float
     images: int | None = None
     outcomes: np.ndarray | None = None
+
+
+def seed_result(attrs: Mapping[str, Any]) -> SeedResult | None:
+    """A completed trial's SeedResult from its stored attributes, as the driver and the results
+    both read them (None where it recorded no seed or no test error)."""
+    error = metric_values(attrs)["test_error"]
+    if error is None or TrialKey.SEED not in attrs:
+        return None
+    images, packed = attrs.get(TrialKey.TEST_IMAGES), attrs.get(TrialKey.TEST_OUTCOMES)
+    return SeedResult(int(attrs[TrialKey.SEED]), float(error), images,
+                      unpack_outcomes(packed, images) if packed and images else None)
 
 
 @dataclass(frozen=True)
@@ -189,4 +201,4 @@ def _compared(verdicts: list[tuple[str, str]], n: int) -> Decision:
 
 
 __all__ = ["DIFFERS", "KINDS", "MIXED", "NARROW", "NO_BASELINE", "OPEN", "UNDECIDED", "WITHIN",
-           "Configuration", "Decision", "SeedResult", "decide"]
+           "Configuration", "Decision", "SeedResult", "decide", "seed_result"]

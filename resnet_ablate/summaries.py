@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .adaptive import Decision, SeedResult, decide
+from .adaptive import Decision, SeedResult, decide, seed_result
 from .contrasts import (CONFIGURATION_CONSTANTS, ERROR_RATES, TEST_SET_RATES, LeftOut,
                         complement, failed_seeds, failure_kinds, joined, metric_bounds, note,
                         recorded, rows_where, seeds_named, selected_note, sizes_note, stratified_contrast,
@@ -182,10 +182,10 @@ def decisions(results: Results) -> dict[tuple, Decision]:
     study = results.all_trials()
     configurations: dict[tuple, list[SeedResult]] = {}
     for row in study[study["state"] == "COMPLETE"].itertuples(index=False):
-        outcomes, images = results.outcomes([row.number])
-        configurations.setdefault(tuple((c, getattr(row, c)) for c in swept), []).append(
-            SeedResult(int(row.seed), float(row.test_error), images,
-                       None if outcomes is None else outcomes[0]))
+        result = seed_result(results.attrs.get(int(row.number), {}))
+        if result is not None:  # as the driver reads a trial (adaptive.seed_result)
+            configurations.setdefault(tuple((c, getattr(row, c)) for c in swept), []).append(
+                result)
     levels = {name: [scalar_value(v) for v in values] if isinstance(values, list) else []
               for name, values in (results.spec.get("space") or {}).items()}
     return {c: d for c, d in decide(rule, levels, configurations).items() if c in shown}

@@ -12,9 +12,9 @@ from typing import Any
 
 import optuna
 
-from ..adaptive import Configuration, Decision, SeedResult, decide
+from ..adaptive import Configuration, Decision, SeedResult, decide, seed_result
 from ..arch import ResNetArch
-from ..record import FailureKind, TrialKey, metric_values, unpack_outcomes
+from ..record import FailureKind, TrialKey
 from ..spec import IntRange, StudySpec
 from .costs import StudyCosts
 from .space import decode_params, point_key
@@ -120,16 +120,12 @@ def seed_decisions(spec: StudySpec, trials: Iterable[optuna.trial.FrozenTrial]
     assert spec.adaptive_seeds is not None
     seeds: dict[Configuration, list[SeedResult]] = {}
     for t in trials:
-        if t.state != _State.COMPLETE or TrialKey.SEED not in t.user_attrs:
+        if t.state != _State.COMPLETE:
             continue
-        attrs = t.user_attrs
-        error = metric_values(attrs)["test_error"]
-        if error is None:
-            continue
-        images, packed = attrs.get(TrialKey.TEST_IMAGES), attrs.get(TrialKey.TEST_OUTCOMES)
-        seeds.setdefault(configuration(decode_params(t.params, spec.space)), []).append(
-            SeedResult(attrs[TrialKey.SEED], error, images,
-                       unpack_outcomes(packed, images) if packed and images else None))
+        result = seed_result(t.user_attrs)
+        if result is not None:
+            seeds.setdefault(configuration(decode_params(t.params, spec.space)), []).append(
+                result)
     levels = {name: list(values.values() if isinstance(values, IntRange) else values)
               for name, values in spec.space.items()}
     return decide(spec.adaptive_seeds, levels, seeds)

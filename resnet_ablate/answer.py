@@ -49,8 +49,9 @@ class AnswerLine:
     p_value: float
     n_pairs: int
     note: str = ""  # the comparison's note (left-out seeds, disagreement, looks)
-    # The other factors' values of the configurations the line covers (one for an "at" line).
-    configurations: tuple[tuple, ...] = ()
+    # The configurations of the other factors the line covers, each ((factor, level), ...): one
+    # for an "at" line.
+    configurations: tuple[tuple[tuple[str, Any], ...], ...] = ()
     p_holm: float = math.nan  # Holm's adjustment over the answer's lines
     verdict: str = ""
 
@@ -84,13 +85,14 @@ def _factor_lines(results: Results, factor: str, baseline: object,
             row = rows[overall].iloc[0]
             seen = {tuple(scalar_value(v) for v in r) for r in each[others].itertuples(
                 index=False, name=None)}
-            lines.append(_line(factor, level, baseline, row,
-                               _averaged(others, everywhere, seen), tuple(sorted(seen, key=str))))
+            lines.append(_line(factor, level, baseline, row, _averaged(others, everywhere, seen),
+                               tuple(tuple(zip(others, c)) for c in sorted(seen, key=str))))
             continue
         for _, row in each.iterrows():
             values = tuple(scalar_value(row[c]) for c in others)
             at = ", ".join(f"{c}={v}" for c, v in zip(others, values))
-            lines.append(_line(factor, level, baseline, row, f"at {at}" if at else "", (values,)))
+            lines.append(_line(factor, level, baseline, row, f"at {at}" if at else "",
+                               (tuple(zip(others, values)),)))
     return lines
 
 
@@ -115,7 +117,7 @@ def _averaged(others: list[str], everywhere: list[tuple], seen: set[tuple]) -> s
 
 
 def _line(factor: str, level: Any, baseline: object, row: pd.Series, where: str,
-          configurations: tuple[tuple, ...]) -> AnswerLine:
+          configurations: tuple[tuple[tuple[str, Any], ...], ...]) -> AnswerLine:
     return AnswerLine(factor, scalar_value(level), baseline, where, float(row["diff_mean"]),
                       float(row["diff_ci95_low"]), float(row["diff_ci95_high"]),
                       float(row["p_value"]), int(row["n_pairs"]), str(row.get("note") or ""),
@@ -145,10 +147,9 @@ class _RuleVerdicts:
         self.margin = None if rule is None else rule.margin
 
     def of(self, line: AnswerLine) -> str:
-        others = [c for c in self.swept if c != line.factor]
         kinds = []
-        for values in line.configurations:
-            where = {line.factor: line.level, **dict(zip(others, values))}
+        for others in line.configurations:
+            where = {line.factor: line.level, **dict(others)}
             decision = self.decisions.get(tuple((c, where[c]) for c in self.swept))
             if decision is not None:
                 kinds.append(self._word(decision.kind))

@@ -18,19 +18,13 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .record import METRICS, VIEW_METRICS
+from .record import ERROR_RATES, METRICS, TEST_SET_RATES, is_complement
 from .seed_tables import SeedRecordsError
 from .storage import ResultsError
 
 if TYPE_CHECKING:
     from .results import Results
 
-# The metrics with a per-image record of their final evaluation (accuracy is error's complement).
-ERROR_RATES = ("test_error", "test_accuracy")
-# Every rate over the test set's images: their intervals take the test set's own sampling into
-# account, from the per-image record where there is one (ERROR_RATES), else bounded by the test
-# set's size, as an error rate without its record is.
-TEST_SET_RATES = (*ERROR_RATES, "best_test_error", "test_top5_error", *VIEW_METRICS)
 # What a configuration fixes: equal for every seed, so seeds that tie on it tie exactly (its
 # zero-width interval is the truth; for any other metric it would claim certainty).
 CONFIGURATION_CONSTANTS = ("flops", "params")
@@ -89,7 +83,7 @@ def paired_contrast(results: Results, values: pd.DataFrame, trials: pd.DataFrame
         return stats.seed_mean(values.to_numpy(float) @ weights, bounds,
                                exact_ties=metric in CONFIGURATION_CONSTANTS)
     columns = [values[c].to_numpy(float) for c in values.columns]
-    errors = [1 - v for v in columns] if metric == "test_accuracy" else columns
+    errors = [1 - v for v in columns] if is_complement(metric) else columns
     numbers = [number for c in trials.columns for cell in trials[c] for number in cell]
     outcomes, images = results.outcomes(numbers)
     tables = None
@@ -101,7 +95,7 @@ def paired_contrast(results: Results, values: pd.DataFrame, trials: pd.DataFrame
         estimate = with_note(stats.contrast(tables, weights, errors, images),
                              sizes_note(results, numbers))
     # Accuracy is 1 - error and a contrast's weights sum to zero: the same contrast, negated.
-    return negated(estimate) if metric == "test_accuracy" else selected_note(estimate, metric)
+    return negated(estimate) if is_complement(metric) else selected_note(estimate, metric)
 
 
 @contextlib.contextmanager

@@ -32,9 +32,9 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from . import stats
-from .contrasts import (LOOKED, TEST_SET_RATES, LeftOut, difference_bounds, joined, note,
-                        paired_contrast, plain, recorded, stratified_contrast, with_holm,
-                        with_note)
+from .contrasts import (LOOKED, LeftOut, difference_bounds, joined, note, paired_contrast, plain,
+                        recorded, stratified_contrast, with_holm, with_note)
+from .record import TEST_SET_RATES
 from .spec import adaptive_rule
 from .storage import ResultsError
 

@@ -149,7 +149,7 @@ class Results:
         Test error and accuracy get intervals for the error rate itself, the test set's own
         sampling included (resnet_ablate/stats.py: crossed seeds x test images from the per-image
         record, or a conservative binomial bound where only the test set's size was recorded, as
-        for every other rate over the test set: contrasts.TEST_SET_RATES); other metrics
+        for every other rate over the test set: record.TEST_SET_RATES); other metrics
         Student's t over seeds. Intervals are clipped to the metric's range. Trials that did not
         record `metric` are left out, with a note, and so are pruned seeds (summaries.py).
         `frame.attrs["methods"]` lists the methods used. `by`: column names, or one string of

@@ -12,10 +12,10 @@ import pandas as pd
 
 from . import stats
 from .adaptive import Decision, SeedResult, decide, seed_result
-from .contrasts import (CONFIGURATION_CONSTANTS, ERROR_RATES, TEST_SET_RATES, LeftOut,
-                        complement, failed_seeds, failure_kinds, joined, metric_bounds, note,
-                        recorded, rows_where, seeds_named, selected_note, sizes_note, stratified_contrast,
-                        with_methods, with_note)
+from .contrasts import (CONFIGURATION_CONSTANTS, LeftOut, complement, failed_seeds, failure_kinds,
+                        joined, metric_bounds, note, recorded, rows_where, seeds_named,
+                        selected_note, sizes_note, stratified_contrast, with_methods, with_note)
+from .record import ERROR_RATES, TEST_SET_RATES, is_complement
 from .spec import AdaptiveSeeds, adaptive_rule
 from .store_reading import scalar_value
 
@@ -46,7 +46,7 @@ def summary(results: Results, by: Sequence[str] | None = None,
     results.check_metric(metric)
     done, lacking = recorded(results, metric, "summarise")
     narrowed = {c for c, d in decisions(results).items() if d.narrowed}
-    width_rule = _width_rule(results) if metric in ("test_error", "test_accuracy") else None
+    width_rule = _width_rule(results) if metric in ERROR_RATES else None
     left = LeftOut.of(results, done, lacking, metric)
     rows = []
     for key, group in done.groupby(by, sort=True, dropna=False):
@@ -122,10 +122,10 @@ def configuration_estimate(results: Results, group: pd.DataFrame, metric: str,
         outcomes, images = results.outcomes(numbers)
         if metric not in ERROR_RATES or repeated:  # the test set's size alone bounds it
             outcomes = None
-        errors = 1 - values if metric == "test_accuracy" else values
+        errors = 1 - values if is_complement(metric) else values
         estimate = with_note(stats.error_rate(outcomes, errors, images, level=level),
                              sizes_note(results, numbers))
-    return complement(estimate) if metric == "test_accuracy" else selected_note(estimate, metric)
+    return complement(estimate) if is_complement(metric) else selected_note(estimate, metric)
 
 
 def _pooled_estimate(results: Results, group: pd.DataFrame, metric: str,
@@ -135,7 +135,7 @@ def _pooled_estimate(results: Results, group: pd.DataFrame, metric: str,
     compare's "all" row is (contrasts.stratified_contrast): their trials are not more seeds."""
     others = [c for c in results.configuration_columns() if c not in by and c != "arch_name"]
     grouped = group.groupby([*others, "seed"], dropna=False, sort=True)
-    accuracy = metric == "test_accuracy"  # as its error, whose mean contrasts average
+    accuracy = is_complement(metric)  # as its error, whose mean contrasts average
     values = grouped[metric].mean().to_frame("mean")
     if accuracy:
         values = 1 - values

@@ -12,13 +12,14 @@ results, the report and the command line read them, and every metric is derived 
 from __future__ import annotations
 
 from .keys import INTERRUPTED_STATE, FailureKind, StudyKey, TrialKey, shown_state
-from .metrics import (DIRECTIONS, METRICS, OBJECTIVES, VIEW_METRIC_NAMES, VIEW_METRICS, Direction,
-                      Metric, complement, metric_values, pack_outcomes, unpack_outcomes)
+from .metrics import (DIRECTIONS, ERROR_RATES, METRICS, OBJECTIVES, TEST_SET_RATES,
+                      VIEW_METRIC_NAMES, VIEW_METRICS, Direction, Metric, complement,
+                      is_complement, metric_values, pack_outcomes, unpack_outcomes)
 from .round_trip import (PRUNABLE_OBJECTIVES, DataParallelRecord, EpochRecord, FinalEvaluation,
                          Placement, Status, Timings, TrialOutcome, TrialTask, epoch_objective)
 
-__all__ = ["DIRECTIONS", "INTERRUPTED_STATE", "METRICS", "OBJECTIVES", "PRUNABLE_OBJECTIVES",
-           "VIEW_METRIC_NAMES", "VIEW_METRICS", "DataParallelRecord", "Direction", "EpochRecord",
+__all__ = ["DIRECTIONS", "ERROR_RATES", "INTERRUPTED_STATE", "METRICS", "OBJECTIVES",
+           "PRUNABLE_OBJECTIVES", "TEST_SET_RATES", "VIEW_METRIC_NAMES", "VIEW_METRICS", "DataParallelRecord", "Direction", "EpochRecord",
            "FailureKind", "FinalEvaluation", "Metric", "Placement", "Status", "StudyKey", "Timings",
-           "TrialKey", "TrialOutcome", "TrialTask", "complement", "epoch_objective", "metric_values",
+           "TrialKey", "TrialOutcome", "TrialTask", "complement", "epoch_objective", "is_complement", "metric_values",
            "pack_outcomes", "shown_state", "unpack_outcomes"]

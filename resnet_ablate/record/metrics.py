@@ -1,6 +1,8 @@
 """The metrics a trial is judged by (name, direction, unit, format, range), each derived from a
-trial's stored attributes by `metric_values` alone; accuracy and error convert into each other by
-`complement` alone; a final evaluation's per-image outcomes packed as a trial attribute."""
+trial's stored attributes by `metric_values` alone, and what each is (a rate over the test set,
+with a per-image record, the complement of another: readers ask the metric, never its name);
+accuracy and error convert into each other by `complement` alone; a final evaluation's
+per-image outcomes packed as a trial attribute."""
 
 from __future__ import annotations
 
@@ -29,6 +31,13 @@ class Metric:
     objective: bool  # whether a spec may name it in `objectives` (the driver computes it)
     low: float = 0.0  # the range a value can take: intervals are clipped to it
     high: float = math.inf
+    # A rate over the test set's images: its intervals take the test set's own sampling into
+    # account (bounded by its size where no per-image record is kept).
+    test_set_rate: bool = False
+    # The final evaluation keeps its per-image record (the test error, and its complement).
+    per_image_record: bool = False
+    # The metric this one is 1 minus (accuracy: the test error), whose statistics it takes.
+    complement_of: str | None = None
 
     def format(self, value: float | None) -> str:
         return "-" if value is None or (isinstance(value, float) and math.isnan(value)) \
@@ -43,19 +52,35 @@ VIEW_METRIC_NAMES: Mapping[str, tuple[str, str]] = {
 }
 VIEW_METRICS = tuple(name for names in VIEW_METRIC_NAMES.values() for name in names)
 METRICS: dict[str, Metric] = {m.name: m for m in (
-    Metric("test_error", "minimize", "test_error", _percent, True, high=1.0),
-    Metric("test_accuracy", "maximize", "test_accuracy", _percent, True, high=1.0),
+    Metric("test_error", "minimize", "test_error", _percent, True, high=1.0, test_set_rate=True,
+           per_image_record=True),
+    Metric("test_accuracy", "maximize", "test_accuracy", _percent, True, high=1.0,
+           test_set_rate=True, per_image_record=True, complement_of="test_error"),
     Metric("train_error", "minimize", "train_error", _percent, True, high=1.0),
-    Metric("best_test_error", "minimize", "best_test_error", _percent, False, high=1.0),
+    Metric("best_test_error", "minimize", "best_test_error", _percent, False, high=1.0,
+           test_set_rate=True),
     # Streamed (ImageNet-style) data sets only: the final epoch's top-5 error.
-    Metric("test_top5_error", "minimize", "test_top5_error", _percent, False, high=1.0),
-    *(Metric(name, "minimize", name, _percent, False, high=1.0) for name in VIEW_METRICS),
+    Metric("test_top5_error", "minimize", "test_top5_error", _percent, False, high=1.0,
+           test_set_rate=True),
+    *(Metric(name, "minimize", name, _percent, False, high=1.0, test_set_rate=True)
+      for name in VIEW_METRICS),
     # Four significant digits: a digits-sized net's 0.0007566 GFLOPs are not all "0.0008".
     Metric("flops", "minimize", "GFLOPs", lambda v: f"{v / 1e9:.4g}", True),
     Metric("params", "minimize", "params (M)", lambda v: f"{v / 1e6:.3f}", True),
     Metric("wall_seconds", "minimize", "wall (s)", lambda v: f"{v:.1f}", True),
     Metric("images_per_second", "maximize", "images/s", lambda v: f"{v:.0f}", False),
 )}
+
+# The metrics with a per-image record of their final evaluation (accuracy: error's complement),
+# and every rate over the test set's images.
+ERROR_RATES = tuple(name for name, m in METRICS.items() if m.per_image_record)
+TEST_SET_RATES = tuple(name for name, m in METRICS.items() if m.test_set_rate)
+
+
+def is_complement(metric: str) -> bool:
+    """Whether `metric` is 1 minus another (accuracy), whose statistics it takes, complemented."""
+    return metric in METRICS and METRICS[metric].complement_of is not None
+
 
 # What a spec may name in `objectives`, each with its one sensible direction.
 OBJECTIVES: dict[str, Direction] = {n: m.direction for n, m in METRICS.items() if m.objective}

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .keys import FailureKind, TrialKey
-from .metrics import complement
+from .metrics import ERROR_RATES, complement, is_complement
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,12 @@ class EpochRecord:
 def epoch_objective(record: EpochRecord, objective: str) -> float:
     """One epoch's value of a single accuracy-type objective (what a pruner compares)."""
     error = record.test_error
-    return complement(error) if objective == "test_accuracy" else error
+    return complement(error) if is_complement(objective) else error
 
 
-# The single objectives a per-epoch record can report, so that a pruner can act on them.
-PRUNABLE_OBJECTIVES = ("test_error", "test_accuracy")
+# The single objectives a per-epoch record can report, so that a pruner can act on them: the
+# test error, and its complement.
+PRUNABLE_OBJECTIVES = ERROR_RATES
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from ..data.errors import NoImages
 from ..recipe import TrainRecipe
-from ..record import EpochRecord
+from ..record import EpochRecord, complement
 
 # "stopped": its caller stopped it after an epoch (train_seeds' on_epoch, as a pruner does).
 TrainStatus = Literal["completed", "diverged", "stopped"]
@@ -67,9 +67,10 @@ def result_of(status: TrainStatus, reason: str | None, history: Sequence[EpochRe
     last = history[-1] if history else None
     return TrainResult(
         status=status, reason=reason, history=tuple(history), epochs_completed=len(history),
-        final_test_accuracy=None if last is None else 1.0 - last.test_error,
-        best_test_accuracy=None if last is None else 1.0 - min(r.test_error for r in history),
-        final_train_accuracy=None if last is None else 1.0 - last.train_error,
+        final_test_accuracy=None if last is None else complement(last.test_error),
+        best_test_accuracy=None if last is None else complement(
+            min(r.test_error for r in history)),
+        final_train_accuracy=None if last is None else complement(last.train_error),
         **fields)
 
 

@@ -70,7 +70,18 @@ def _spec(root) -> dict:
 
 
 def test_local_shards_are_counted_and_checked(shards, tmp_path):
+    import typing
+
+    from resnet_ablate.data.decode import AUGMENTATIONS, CropAugmentation
+
     root, _ = shards
+    # The streamed options as image folders check them (shards took any augmentation name).
+    assert set(typing.get_args(CropAugmentation)) == set(AUGMENTATIONS)
+    with pytest.raises(ValueError, match="augmentation='flip' is not one of scale, "
+                                         "random_resized_crop"):
+        load_shards(_spec(root), augmentation="flip")
+    with pytest.raises(ValueError, match="image_size must be an int >= 8, got 4"):
+        load_shards(_spec(root), image_size=4)
     data = load_shards(_spec(root), image_size=24, loader_workers=0)
     assert (data.train_size, data.test_size, len(data.train_urls)) == (6 * 4 + 1, 6 * 3, 3)
     with pytest.raises(FileNotFoundError, match=r"shards.train: 1 of 4 shards not found"):

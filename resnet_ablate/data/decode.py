@@ -21,15 +21,27 @@ import torch
 from PIL import Image
 
 from ..recipe import TEST_VIEWS
+from ..spec.catalogue import STREAMED_AUGMENTATIONS
 from .errors import NoImages
 from .crops import PAPER_CROP, centre_crop, eval_length, resize_shorter, training_draws
 
 # ImageNet's per-channel training mean and std (RGB, pixel values in [0, 1]).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-AUGMENTATIONS = ("scale", "random_resized_crop")
-# How a streamed data set crops its training images (not the in-memory `augment.Augmentation`).
+# How a streamed data set crops its training images (not the in-memory `augment.Augmentation`):
+# the spec's list, and its Literal for type checkers (a test holds the two together).
+AUGMENTATIONS = STREAMED_AUGMENTATIONS
 CropAugmentation = Literal["scale", "random_resized_crop"]
+
+
+def check_streamed_options(augmentation: str, image_size: int, loader_workers: int) -> None:
+    """A streamed data set's options (image folders and shards alike), each refused by name."""
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f"augmentation={augmentation!r} is not one of {', '.join(AUGMENTATIONS)}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
+        raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
+    if isinstance(loader_workers, bool) or not isinstance(loader_workers, int) or loader_workers < 0:
+        raise ValueError(f"loader_workers must be an int >= 0, got {loader_workers!r}")
 @dataclass(frozen=True, eq=False)
 class PixelStatistics:
     """A data set's training pixels (values in [0, 1]) as the paper's preprocessing needs them:

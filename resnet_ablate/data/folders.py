@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from ..spec import DEFAULT_LOADER_WORKERS
-from .decode import (AUGMENTATIONS, PLAIN, CropAugmentation, PixelStatistics, Preprocess,
-                     centre_pixels, collate, collate_views, decode_sample, decode_views, one_thread)
+from .decode import (PLAIN, CropAugmentation, PixelStatistics, Preprocess, centre_pixels,
+                     check_streamed_options, collate, collate_views, decode_sample, decode_views,
+                     one_thread)
 from .device_decode import collate_encoded, encoded_crop
 from .errors import DataUnavailable
 from .val_labels import read_val_labels
@@ -260,11 +261,6 @@ def load_image_folder(root: str | os.PathLike[str], *, image_size: int = 224,
                       val_labels: str | os.PathLike[str] | None = None) -> FolderData:
     """An image folder as a streaming data set (checked and indexed now, decoded when trained);
     `val_labels` for ILSVRC's flat val/ folder (see scan_image_folder)."""
-    if augmentation not in AUGMENTATIONS:
-        raise ValueError(f"augmentation={augmentation!r} is not one of {', '.join(AUGMENTATIONS)}")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
-        raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
-    if isinstance(loader_workers, bool) or not isinstance(loader_workers, int) or loader_workers < 0:
-        raise ValueError(f"loader_workers must be an int >= 0, got {loader_workers!r}")
+    check_streamed_options(augmentation, image_size, loader_workers)
     return FolderData("imagefolder", scan_image_folder(root, val_labels=val_labels), image_size,
                       augmentation, loader_workers, seed)

@@ -37,8 +37,9 @@ import torch
 
 from ..spec.catalogue import DEFAULT_LOADER_WORKERS, REQUIRED_SHARD_KEYS, SHARD_KEYS
 from ..spec.dataset import shard_urls
-from .decode import (PLAIN, CropAugmentation, PixelStatistics, Preprocess, centre_pixels, collate,
-                     collate_views, decode_sample, decode_views, one_thread)
+from .decode import (PLAIN, CropAugmentation, PixelStatistics, Preprocess, centre_pixels,
+                     check_streamed_options, collate, collate_views, decode_sample, decode_views,
+                     one_thread)
 from .device_decode import collate_encoded, encoded_crop
 from .errors import DataUnavailable
 from .shard_format import (IMAGE_EXTENSIONS, ShardError, count_samples, label_of, reading_shard,
@@ -291,6 +292,7 @@ def load_shards(shards: dict[str, Any], *, image_size: int = 224,
     shards behind URLs, train_size and val_size (local shards are counted). Every URL is checked
     now (`check_url`: no `pipe:` without the opt-in), and local shards to exist; a URL is read
     when trained."""
+    check_streamed_options(augmentation, image_size, loader_workers)
     unknown = sorted(set(shards) - set(SHARD_KEYS))
     missing = [k for k in REQUIRED_SHARD_KEYS if k not in shards]
     if unknown or missing:

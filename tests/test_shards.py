@@ -148,24 +148,25 @@ def test_a_study_trains_end_to_end_on_shards(shards, tmp_path):
 
 
 @pytest.mark.parametrize("label", [b"7", b"n01440764", b"-1"])
-def test_a_label_that_is_no_class_index_is_named_before_training(shards, tmp_path, label):
+def test_a_label_that_is_no_class_index_is_named_before_training(http_shards, label):
     """A .cls member with a class past num_classes, a wnid or a negative number: one error
-    naming the shard, the sample, the label and the valid range, when local shards are counted
-    (before training), and as the loader reads it where the sizes were given."""
-    root, _ = shards
-    bad = tmp_path / "val-bad.tar"
+    naming the shard, the sample, the label and the valid range, when local shards are read
+    (before training, sizes given or not), and as the loader reads one behind a URL."""
+    root, base = http_shards
+    bad = root / f"val-bad-{label.decode()}.tar"
     with tarfile.open(bad, "w") as archive:
         _add(archive, "v0.jpg", _jpeg(0, np.random.default_rng(1)))
         _add(archive, "v0.cls", label)
-    spec = {**_spec(root), "val": str(bad)}
-    message = (rf"shard {bad}, sample v0: label '{label.decode()}' is not a class index "
+    sizes = {"train_size": 25, "val_size": 1}
+    message = (rf"shard {{url}}, sample v0: label '{label.decode()}' is not a class index "
                rf"\(0 to {CLASSES - 1}\)")
-    with pytest.raises(ShardError, match=message):
-        load_shards(spec, image_size=24, loader_workers=0)
-    given = load_shards({**spec, "train_size": 25, "val_size": 1}, image_size=24,
-                        loader_workers=0)
-    with pytest.raises(ShardError, match=message):
-        list(given.test_loader(4))
+    for spec in ({**_spec(root), "val": str(bad)}, {**_spec(root), "val": str(bad), **sizes}):
+        with pytest.raises(ShardError, match=message.format(url=bad)):
+            load_shards(spec, image_size=24, loader_workers=0)
+    url = f"{base}/{bad.name}"
+    served = load_shards({**_spec(root), "val": url, **sizes}, image_size=24, loader_workers=0)
+    with pytest.raises(ShardError, match=message.format(url=url)):
+        list(served.test_loader(4))
 
 
 def test_replicas_read_their_own_shards_for_the_same_number_of_steps(shards):
@@ -343,15 +344,14 @@ def _tiny_model():
 def test_training_or_evaluating_on_no_image_fails_naming_the_split(shards, tmp_path, kind, split):
     root, _ = shards
     spec = {**_spec(root), split: _damaged(kind, tmp_path)}
-    if kind == "truncated":  # local: refused as it is counted, before training
-        with pytest.raises(ShardError, match="cut short"):
-            load_shards(spec, image_size=24, loader_workers=0)
-        # Behind a URL (given its size, nothing is counted): read as far as it goes.
-        spec[f"{split}_size"] = 1
+    if kind == "truncated":  # local: refused as it is read, before training, sized or not
+        for sized in ({}, {f"{split}_size": 1}):
+            with pytest.raises(ShardError, match="cut short"):
+                load_shards({**spec, **sized}, image_size=24, loader_workers=0)
+        return
     data = load_shards(spec, image_size=24, loader_workers=0)
     recipe = TrainRecipe(epochs=1, batch_size=2, eval_batch_size=4, precision="fp32")
-    # Training drops a last partial batch unread: the truncated shard's one sample is not seen.
-    skipped = {"empty": 0, "undecodable": 4, "truncated": 1 if split == "val" else 0}[kind]
+    skipped = {"empty": 0, "undecodable": 4}[kind]
     what = "epoch 1's training" if split == "train" else "the val split's evaluation"
     with pytest.raises(NoImages, match=f"{what} had no image to score: {skipped} image"):
         train(_tiny_model, data, recipe, seed=0, threads=1)
@@ -374,13 +374,19 @@ def test_a_shard_cut_inside_an_image_fails_naming_it_and_is_not_retried(tmp_path
     root, base = http_shards
     path = write_shard(root / "cut.tar", labelled_images("x", 2, 1))
     path.write_bytes(path.read_bytes()[:700])  # inside the first image's data
-    for url in (str(path), f"{base}/cut.tar"):
-        for workers in (0, 1):
-            data = load_shards({"train": url, "val": url, "num_classes": CLASSES,
-                                "train_size": 2, "val_size": 2}, image_size=24,
-                               loader_workers=workers)
-            with pytest.raises(CorruptShard, match=f"^shard {url} cannot be read: ReadError"):
-                list(data.test_loader(2))
+    sized = {"num_classes": CLASSES, "train_size": 2, "val_size": 2}
+    # Local: read as it loads, sizes given or not.
+    with pytest.raises(CorruptShard, match=f"^shard {path} cannot be read: not a tar file, or "
+                                           "cut short"):
+        load_shards({"train": str(path), "val": str(path), **sized}, image_size=24)
+    # Behind a URL: read as it trains, in the process or in a decoding worker.
+    url = f"{base}/cut.tar"
+    for workers in (0, 1):
+        data = load_shards({"train": url, "val": url, **sized}, image_size=24,
+                           loader_workers=workers)
+        with pytest.raises(CorruptShard, match=f"^shard {url} cannot be read: ReadError: "
+                                               "[^@]*$"):
+            list(data.test_loader(2))
     task = TrialTask(
         trial_number=0, arch=ResNetArch(family="cifar", depth=8).to_dict(), seed=0,
         dataset={"name": "webdataset", "image_size": 24, "loader_workers": 1,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import re
 import tarfile
 import urllib.error
 from collections.abc import Iterator
@@ -34,8 +35,10 @@ def reading_shard(url: str) -> Iterator[None]:
     try:
         yield
     except (tarfile.TarError, EOFError) as error:
+        # (A streamed reader's message may end in " @ <the stream object>": not for a reader.)
+        said = re.sub(r" @ <[^>]*>$", "", str(error))
         raise CorruptShard(f"shard {url} cannot be read: {type(error).__name__}: "
-                           f"{error}") from error
+                           f"{said}") from error
     except (OSError, urllib.error.URLError, http.client.HTTPException,
             http.client.InvalidURL) as error:
         raise ShardError(f"shard {url} cannot be read: {type(error).__name__}: "

@@ -314,10 +314,13 @@ def load_shards(shards: dict[str, Any], *, image_size: int = 224,
         if absent:
             raise DataUnavailable(f"shards.{split}: {len(absent)} of {len(urls[split])} shards "
                                     f"not found, first {absent[0]}")
+        # Local shards are read now, given sizes or not: one cut short or with a bad label is
+        # named before training (a given size would have trained on what it holds).
+        counted = count_samples(local, num_classes) if local else 0
         if size_key in shards:
             sizes[split] = int(shards[size_key])
         elif len(local) == len(urls[split]):
-            sizes[split] = count_samples(local, num_classes)
+            sizes[split] = counted
         else:
             raise ValueError(f"shards.{size_key}: needed for shards behind URLs (local shards "
                              "are counted)")

@@ -644,3 +644,28 @@ def test_a_decoding_workers_shard_error_keeps_its_whole_message():
         list(loader)
     assert str(raised.value) == ("shard s.tar cannot be read: ReadError: file could not be "
                                  "opened:\n- method gz: ReadError('not a gzip file')")
+
+
+def test_a_shard_behind_a_url_cut_between_members_fails_naming_it(http_shards):
+    """Read as it trains, a shard cut where a member ends is named as cut short when its reader
+    reaches the end without the end-of-archive blocks (it read as a whole, shorter shard); the
+    same shard whole, and compressed, read through."""
+    import gzip
+
+    from resnet_ablate.data import CorruptShard
+
+    root, base = http_shards
+    whole = write_shard(root / "whole-000.tar", labelled_images("x", 3, 2))
+    with tarfile.open(whole) as archive:
+        second = archive.getmembers()[2]
+    (root / "between-000.tar").write_bytes(whole.read_bytes()[:second.offset])
+    (root / "whole-000.tar.gz").write_bytes(gzip.compress(whole.read_bytes()))
+    sizes = {"num_classes": 3, "train_size": 6, "val_size": 6}
+    for name, images in (("whole-000.tar", 6), ("whole-000.tar.gz", 6)):
+        url = f"{base}/{name}"
+        data = load_shards({"train": url, "val": url, **sizes}, image_size=24, loader_workers=0)
+        assert sum(len(labels) for _, labels, _ in data.test_loader(4)) == images, name
+    url = f"{base}/between-000.tar"
+    data = load_shards({"train": url, "val": url, **sizes}, image_size=24, loader_workers=0)
+    with pytest.raises(CorruptShard, match=f"^shard {url} cannot be read: cut short"):
+        list(data.test_loader(4))

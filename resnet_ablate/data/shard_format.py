@@ -12,6 +12,7 @@ import re
 import tarfile
 import urllib.error
 from collections.abc import Iterator
+from typing import BinaryIO
 
 from .shard_urls import local_path
 
@@ -43,6 +44,35 @@ def reading_shard(url: str) -> Iterator[None]:
             http.client.InvalidURL) as error:
         raise ShardError(f"shard {url} cannot be read: {type(error).__name__}: "
                          f"{error}") from error
+
+
+class EndWatch:
+    """A shard's stream as a tar reader reads it, remembering the last block's worth of bytes:
+    after the last member, a tar file's end-of-archive blocks are zeros, and a shard cut at a
+    member's boundary reads as a whole, shorter one without them (`check_ended`). Compressed
+    streams are not judged (their bytes are not the archive's)."""
+
+    _COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+        self.head: bytes | None = None
+        self.tail = b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        if self.head is None:
+            self.head = data[:6]
+        self.tail = (self.tail + data)[-tarfile.BLOCKSIZE:]
+        return data
+
+    def check_ended(self, url: str) -> None:
+        """CorruptShard where the stream, read to its archive's end, ended without zeros."""
+        if self.head is not None and self.head.startswith(self._COMPRESSED):
+            return
+        if self.tail != bytes(tarfile.BLOCKSIZE):
+            raise CorruptShard(f"shard {url} cannot be read: cut short (no end-of-archive blocks "
+                               "after its last member)")
 
 
 def split_key(name: str) -> tuple[str | None, str | None]:

@@ -55,6 +55,10 @@ class AnswerLine:
     p_holm: float = math.nan  # Holm's adjustment over the answer's lines
     verdict: str = ""
 
+    @property
+    def has_interval(self) -> bool:
+        return math.isfinite(self.low) and math.isfinite(self.high)
+
 
 def answer(results: Results, found: list[tuple[str, object, pd.DataFrame]]) -> list[AnswerLine]:
     """The answer's lines from the comparisons `found` ((factor, baseline, compare table), as
@@ -69,7 +73,7 @@ def answer(results: Results, found: list[tuple[str, object, pd.DataFrame]]) -> l
 
 def _tested(line: AnswerLine) -> bool:
     """Whether the line's own test counts in the answer's family (not a looked-at one)."""
-    return math.isfinite(line.low) and math.isfinite(line.high) and LOOKED not in line.note
+    return line.has_interval and LOOKED not in line.note
 
 
 def _factor_lines(results: Results, factor: str, baseline: object,
@@ -127,7 +131,7 @@ def _line(factor: str, level: Any, baseline: object, row: pd.Series, where: str,
 def _verdict(line: AnswerLine, p_holm: float, rule: _RuleVerdicts) -> str:
     if LOOKED in line.note:
         return rule.of(line)
-    if not (math.isfinite(line.low) and math.isfinite(line.high)):
+    if not line.has_interval:
         return f"too few seeds to tell ({line.n_pairs} paired seed" \
                f"{'s' if line.n_pairs != 1 else ''})"
     word = "a difference" if p_holm < ALPHA else "no difference shown"

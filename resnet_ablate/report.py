@@ -224,7 +224,7 @@ def _answers(results: Results, found: list[tuple[str, object, pd.DataFrame]]) ->
         return []
     items = []
     for line in lines:
-        if math.isfinite(line.low) and math.isfinite(line.high):
+        if line.has_interval:
             numbers = (f"95% interval {100 * line.low:+.2f} to {100 * line.high:+.2f}"
                        + (f", Holm p = {line.p_holm:.3g}" if math.isfinite(line.p_holm) else ""))
         else:

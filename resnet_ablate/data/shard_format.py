@@ -63,7 +63,8 @@ class EndWatch:
         data = self.stream.read(size)
         if self.head is None:
             self.head = data[:6]
-        self.tail = (self.tail + data)[-tarfile.BLOCKSIZE:]
+        # Only the chunk's own last block joins the tail: a shard's every read is not copied.
+        self.tail = (self.tail + data[-tarfile.BLOCKSIZE:])[-tarfile.BLOCKSIZE:]
         return data
 
     def check_ended(self, url: str) -> None:

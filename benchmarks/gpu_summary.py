@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from resnet_ablate.study.costs import fastest_packing
+from resnet_ablate.study.advice import fastest_packing
 
 TABLE6_DEPTHS = (20, 32, 44, 56, 110)
 TABLE6_SEEDS, TABLE6_EPOCHS, CIFAR10_TRAIN_IMAGES = 5, 164, 50_000
@@ -438,11 +438,11 @@ def summary_markdown(out: Path) -> str:
                            f"cuda_graphs={graphs}" + (", mps=True)" if mps else ")"))
     if entries:
         lines += ["For `--dry-run` to recommend these packings, add to MEASURED_PACKINGS in "
-                  "resnet_ablate/study/costs.py:", "", *entries, ""]
+                  "resnet_ablate/study/advice.py:", "", *entries, ""]
     stacking = stacking_gains(read_rows(out / "seed_stack.csv"))
     if stacking and "no GPU" not in machine:
         lines += ["For `--dry-run` to advise on resources.stack_seeds, add to MEASURED_STACKINGS "
-                  "in resnet_ablate/study/costs.py:", "",
+                  "in resnet_ablate/study/advice.py:", "",
                   f"    StackingMeasurement({device!r}, {TABLE6_SEEDS}, "
                   f"{statistics.median(stacking.values()):.2f})", ""]
     broken = broken_steps(steps)

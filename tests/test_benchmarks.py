@@ -333,7 +333,7 @@ def test_summary_reads_a_runs_csvs_into_ratios_verdicts_and_the_packing_to_set(t
 
 
 def test_the_dry_run_recommends_the_fastest_packing_measured_for_small_gpu_trials():
-    from resnet_ablate.study.costs import PackingMeasurement, fastest_packing, packing_advice
+    from resnet_ablate.study.advice import PackingMeasurement, fastest_packing, packing_advice
 
     assert fastest_packing({1: 100.0, 2: 180.0, 4: 250.0, 8: 240.0}) == 4
     assert fastest_packing({1: 100.0, 2: 100.0}) == 1  # no gain: the fewest
@@ -407,7 +407,7 @@ def test_the_summary_keeps_packing_through_mps_apart_and_projects_with_the_bette
 
 def test_a_spec_expects_cuda_graphs_where_its_gpu_trials_would_resolve_them():
     from resnet_ablate.spec import parse_spec
-    from resnet_ablate.study.costs import trials_use_cuda_graphs
+    from resnet_ablate.study.advice import trials_use_cuda_graphs
 
     def spec(gpus=0.5, **train):
         return parse_spec({"study": "s", "space": {"depth": [20]}, "resources": {"gpus": gpus},
@@ -499,7 +499,7 @@ def test_the_summary_projects_table6_with_each_depths_seeds_stacked(tmp_path):
 
 
 def test_the_dry_run_advises_stacking_from_the_gain_measured_on_a_gpu():
-    from resnet_ablate.study.costs import StackingMeasurement, stacking_advice
+    from resnet_ablate.study.advice import StackingMeasurement, stacking_advice
 
     h200 = StackingMeasurement("NVIDIA H200", 5, 2.4)
     lines = stacking_advice(0.5, 1, 32, 5, 1, [h200])

@@ -1,12 +1,12 @@
 """What `--dry-run` says a study costs beyond its training: the fixed start-up that Ray Train adds
-to each data-parallel trial (study/costs.py), printed under the plan."""
+to each data-parallel trial (study/advice.py), printed under the plan."""
 
 from __future__ import annotations
 
 from helpers import raw_spec, write_spec
 
 from resnet_ablate.cli import main
-from resnet_ablate.study.costs import RAY_TRAIN_START_UP_SECONDS, start_up_cost
+from resnet_ablate.study.advice import RAY_TRAIN_START_UP_SECONDS, start_up_cost
 
 
 def test_each_data_parallel_trial_is_charged_ray_trains_start_up():

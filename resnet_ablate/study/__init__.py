@@ -14,6 +14,7 @@ concern each:
     space.py     the search space as Optuna sees it: distributions, samplers, pruners
     cluster.py   Ray: connecting, launching trials, the mailbox for epochs and pruning verdicts
     costs.py     the data set's shape and each architecture's parameters and FLOPs
+    advice.py    what a dry run advises: trials packed per GPU, seeds stacked, Ray Train's start-up
     eta.py       the time left, from the training work left (FLOPs x epochs) and its rate
     signals.py   SIGTERM as a clean stop, and clean-up that a second signal cannot cut short
 """

@@ -4,7 +4,10 @@ from no images, and a study trained end to end on generated shards."""
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
+import lzma
 import tarfile
 
 import numpy as np
@@ -646,26 +649,69 @@ def test_a_decoding_workers_shard_error_keeps_its_whole_message():
                                  "opened:\n- method gz: ReadError('not a gzip file')")
 
 
+COMPRESSIONS = {"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}
+
+
 def test_a_shard_behind_a_url_cut_between_members_fails_naming_it(http_shards):
     """Read as it trains, a shard cut where a member ends is named as cut short when its reader
-    reaches the end without the end-of-archive blocks (it read as a whole, shorter shard); the
-    same shard whole, and compressed, read through."""
-    import gzip
-
+    reaches the end without the end-of-archive blocks (it read as a whole, shorter shard), also
+    compressed whole after the cut (gzip, bzip2, xz: its decompressed bytes are judged); the
+    same shard whole, plain and compressed, reads through."""
     from resnet_ablate.data import CorruptShard
 
     root, base = http_shards
     whole = write_shard(root / "whole-000.tar", labelled_images("x", 3, 2))
     with tarfile.open(whole) as archive:
         second = archive.getmembers()[2]
-    (root / "between-000.tar").write_bytes(whole.read_bytes()[:second.offset])
-    (root / "whole-000.tar.gz").write_bytes(gzip.compress(whole.read_bytes()))
+    cut = whole.read_bytes()[:second.offset]
+    (root / "between-000.tar").write_bytes(cut)
+    for suffix, compress in COMPRESSIONS.items():
+        (root / f"whole-000.tar.{suffix}").write_bytes(compress(whole.read_bytes()))
+        (root / f"between-000.tar.{suffix}").write_bytes(compress(cut))
     sizes = {"num_classes": 3, "train_size": 6, "val_size": 6}
-    for name, images in (("whole-000.tar", 6), ("whole-000.tar.gz", 6)):
+    for name in ("whole-000.tar", *(f"whole-000.tar.{suffix}" for suffix in COMPRESSIONS)):
         url = f"{base}/{name}"
         data = load_shards({"train": url, "val": url, **sizes}, image_size=24, loader_workers=0)
-        assert sum(len(labels) for _, labels, _ in data.test_loader(4)) == images, name
-    url = f"{base}/between-000.tar"
-    data = load_shards({"train": url, "val": url, **sizes}, image_size=24, loader_workers=0)
-    with pytest.raises(CorruptShard, match=f"^shard {url} cannot be read: cut short"):
-        list(data.test_loader(4))
+        assert sum(len(labels) for _, labels, _ in data.test_loader(4)) == 6, name
+    for name in ("between-000.tar", *(f"between-000.tar.{suffix}" for suffix in COMPRESSIONS)):
+        url = f"{base}/{name}"
+        data = load_shards({"train": url, "val": url, **sizes}, image_size=24, loader_workers=0)
+        with pytest.raises(CorruptShard, match=f"^shard {url} cannot be read: cut short"):
+            list(data.test_loader(4))
+
+
+@pytest.mark.parametrize("suffix", sorted(COMPRESSIONS))
+def test_a_compressed_local_shard_is_read_once_as_it_loads(tmp_path, monkeypatch, suffix):
+    """A compressed shard is counted, its labels and its end checked, in one pass over its
+    bytes (a tar reader seeking back in it decompressed it again from its start); cut between
+    members and compressed, it is refused naming it, and a bad label is named in it."""
+    from resnet_ablate.data import CorruptShard, shard_format
+
+    whole = write_shard(tmp_path / "plain.tar", labelled_images("x", 3, 2))
+    with tarfile.open(whole) as archive:
+        second = archive.getmembers()[2]
+    path = tmp_path / f"train-000.tar.{suffix}"
+    path.write_bytes(COMPRESSIONS[suffix](whole.read_bytes()))
+    read = []
+
+    class Counted(io.BufferedReader):
+        def read(self, size=-1):
+            data = super().read(size)
+            if str(self.name) == str(path):
+                read.append(len(data))
+            return data
+
+    monkeypatch.setattr(shard_format, "open", lambda name, mode: Counted(io.FileIO(name, mode)),
+                        raising=False)
+    spec = {"train": str(path), "val": str(whole), "num_classes": 3}
+    assert load_shards(spec, image_size=24, loader_workers=0).train_size == 6
+    assert 0 < sum(read) <= path.stat().st_size + 6  # the magic number, then the whole once
+    path.write_bytes(COMPRESSIONS[suffix](whole.read_bytes()[:second.offset]))
+    with pytest.raises(CorruptShard, match=rf"^shard {path} cannot be read: cut short \(no "
+                                           r"end-of-archive blocks after its 2 members\)"):
+        load_shards(spec, image_size=24, loader_workers=0)
+    members = labelled_images("x", 3, 2)
+    members[3] = (members[3][0], b"7")
+    path.write_bytes(COMPRESSIONS[suffix](write_shard(tmp_path / "bad.tar", members).read_bytes()))
+    with pytest.raises(CorruptShard, match=rf"shard {path}, sample x0-1: label '7' is not a class"):
+        load_shards(spec, image_size=24, loader_workers=0)

@@ -6,12 +6,16 @@ format and shards.py reads it."""
 
 from __future__ import annotations
 
+import bz2
 import contextlib
+import gzip
 import http.client
+import io
+import lzma
 import re
 import tarfile
 import urllib.error
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 from .shard_urls import local_path
@@ -47,33 +51,74 @@ def reading_shard(url: str) -> Iterator[None]:
 
 
 class EndWatch:
-    """A shard's stream as a tar reader reads it, remembering the last block's worth of bytes:
+    """A shard's archive bytes as a tar reader reads them, remembering the last block's worth:
     after the last member, a tar file's end-of-archive blocks are zeros, and a shard cut at a
-    member's boundary reads as a whole, shorter one without them (`check_ended`). Compressed
-    streams are not judged (their bytes are not the archive's)."""
-
-    _COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+    member's boundary reads as a whole, shorter one without them (`check_ended`). Give it the
+    archive's own bytes: a compressed shard's decompressed (`decompressed`)."""
 
     def __init__(self, stream: BinaryIO) -> None:
         self.stream = stream
-        self.head: bytes | None = None
         self.tail = b""
 
     def read(self, size: int = -1) -> bytes:
         data = self.stream.read(size)
-        if self.head is None:
-            self.head = data[:6]
         # Only the chunk's own last block joins the tail: a shard's every read is not copied.
         self.tail = (self.tail + data[-tarfile.BLOCKSIZE:])[-tarfile.BLOCKSIZE:]
         return data
 
-    def check_ended(self, url: str) -> None:
-        """CorruptShard where the stream, read to its archive's end, ended without zeros."""
-        if self.head is not None and self.head.startswith(self._COMPRESSED):
-            return
+    def check_ended(self, url: str, members: int | None = None) -> None:
+        """CorruptShard where the archive, read to its end, ended without zeros."""
         if self.tail != bytes(tarfile.BLOCKSIZE):
+            after = "its last member" if members is None else f"its {members} members"
             raise CorruptShard(f"shard {url} cannot be read: cut short (no end-of-archive blocks "
-                               "after its last member)")
+                               f"after {after})")
+
+
+# The magic numbers of the compressions tarfile reads ("r:*"), and their streaming readers.
+_COMPRESSIONS: tuple[tuple[bytes, Callable[[BinaryIO], BinaryIO]], ...] = (
+    (b"\x1f\x8b", lambda stream: gzip.GzipFile(fileobj=stream, mode="rb")),
+    (b"BZh", bz2.BZ2File), (b"\xfd7zXZ\x00", lzma.LZMAFile))
+
+
+def decompressed(stream: BinaryIO) -> BinaryIO:
+    """The archive bytes of a shard's stream, read once from its start: decompressed where the
+    stream starts with a compression's magic number, else the stream's own bytes (the first few,
+    read to tell, given back first). Reads only forward, so it serves streams from URLs."""
+    head = stream.read(6)
+    prefixed: BinaryIO = _Prefixed(head, stream)  # type: ignore[assignment]
+    reader = _reader_for(head)
+    return prefixed if reader is None else reader(prefixed)
+
+
+def _reader_for(head: bytes) -> Callable[[BinaryIO], BinaryIO] | None:
+    """The decompressing reader for a stream that starts with `head`; None for plain bytes."""
+    return next((reader for magic, reader in _COMPRESSIONS if head.startswith(magic)), None)
+
+
+class _Prefixed(io.RawIOBase):
+    """`head`, then the rest of `stream`: a stream whose first bytes were read to look at them."""
+
+    def __init__(self, head: bytes, stream: BinaryIO) -> None:
+        self.head, self.stream = head, stream
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.head:
+            return self.stream.read(size)
+        if size is None or size < 0:
+            data, self.head = self.head + self.stream.read(), b""
+            return data
+        data, self.head = self.head[:size], self.head[size:]
+        if len(data) < size:
+            data += self.stream.read(size - len(data))
+        return data
+
+    def readinto(self, buffer) -> int:  # what the decompressing readers call
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
 
 
 def split_key(name: str) -> tuple[str | None, str | None]:
@@ -94,19 +139,12 @@ def split_key(name: str) -> tuple[str | None, str | None]:
 def count_samples(urls: list[str], num_classes: int | None = None) -> int:
     """Samples in local shards, from their member names (no image is decoded): the keys with an
     image. With `num_classes`, each sample's label (its .cls member) is checked to be a class
-    index, so that a bad one is named before training rather than failing it an epoch in."""
+    index, so that a bad one is named before training rather than failing it an epoch in. A
+    shard without its end-of-archive blocks (cut between members) is refused."""
     keys = set()
     for url in urls:
         try:
-            with tarfile.open(local_path(url)) as archive:
-                names = archive.getnames()
-                _check_end_of_archive(archive, url)
-                if num_classes is not None:
-                    for member in archive.getmembers():
-                        key, kind = split_key(member.name)
-                        if kind == "cls" and member.isfile():
-                            label_of(archive.extractfile(member).read(), num_classes,
-                                     f"shard {url}, sample {key}")
+            names = _checked_names(url, num_classes)
         except (OSError, tarfile.TarError, EOFError) as error:
             # tarfile's message lists each compression it tried, a line each: its first says it
             first = (str(error).splitlines() or [""])[0].rstrip(":")
@@ -119,6 +157,40 @@ def count_samples(urls: list[str], num_classes: int | None = None) -> int:
             if extension in IMAGE_EXTENSIONS:
                 keys.add((url, key))
     return len(keys)
+
+
+def _checked_names(url: str, num_classes: int | None) -> list[str]:
+    """The member names of local shard `url`, its labels and its end checked. A plain tar is
+    read by its headers alone (a seek over each member's bytes); a compressed one, which has to
+    be decompressed to find them, in one pass from its start (seeking back in it decompresses
+    it again from its start)."""
+    path = local_path(url)
+    with open(path, "rb") as file:
+        compressed = _reader_for(file.read(6)) is not None
+        if compressed:
+            file.seek(0)
+            watched = EndWatch(decompressed(file))
+            with tarfile.open(fileobj=watched, mode="r|") as archive:
+                names = []
+                for member in archive:
+                    names.append(member.name)
+                    _check_label(archive, member, num_classes, url)
+            watched.check_ended(url, len(names))
+            return names
+    with tarfile.open(path) as archive:
+        names = archive.getnames()
+        _check_end_of_archive(archive, url)
+        for member in archive.getmembers():
+            _check_label(archive, member, num_classes, url)
+    return names
+
+
+def _check_label(archive: tarfile.TarFile, member: tarfile.TarInfo, num_classes: int | None,
+                 url: str) -> None:
+    """With `num_classes`, CorruptShard where `member` is a .cls member holding no class index."""
+    key, kind = split_key(member.name)
+    if num_classes is not None and kind == "cls" and member.isfile():
+        label_of(archive.extractfile(member).read(), num_classes, f"shard {url}, sample {key}")
 
 
 def _check_end_of_archive(archive: tarfile.TarFile, url: str) -> None:

@@ -42,8 +42,8 @@ from .decode import (PLAIN, CropAugmentation, PixelStatistics, Preprocess, centr
                      one_thread)
 from .device_decode import collate_encoded, encoded_crop
 from .errors import DataUnavailable
-from .shard_format import (IMAGE_EXTENSIONS, EndWatch, ShardError, count_samples, label_of,
-                           reading_shard, split_key)
+from .shard_format import (IMAGE_EXTENSIONS, EndWatch, ShardError, count_samples, decompressed,
+                           label_of, reading_shard, split_key)
 from .shard_urls import check_url, is_local, local_path, open_shard, probe_shard
 
 STATISTICS_SAMPLE = 256  # training images whose centre crops give the per-pixel mean and PCA
@@ -81,7 +81,7 @@ def _members(sources: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     for source in sources:
         url = source["url"]
         with reading_shard(url), open_shard(url) as stream:
-            watched = EndWatch(stream)
+            watched = EndWatch(decompressed(stream))
             for member in tar_file_iterator(watched):
                 yield {**member, "__url__": url}
             watched.check_ended(url)  # read to its end: a shard cut between members is named

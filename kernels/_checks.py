@@ -7,6 +7,9 @@ kernel ever sees an argument it would have to reject half-way through.
 
 from __future__ import annotations
 
+import numbers
+from typing import NoReturn
+
 import torch
 
 
@@ -32,8 +35,9 @@ def check_arguments(
     training: bool,
     momentum: float,
     eps: float,
-) -> None:
-    """Raise what `F.batch_norm` raises for these arguments (its wording where it has one).
+) -> float:
+    """Raise what `F.batch_norm` raises for these arguments (its wording where it has one);
+    returns `momentum` as a float (F.batch_norm takes any real number, a 0-dim tensor too).
 
     Written for the call that passes, which pays for every line of it on every layer: each
     condition is one cheap test, and building a message waits until a test fails."""
@@ -62,9 +66,8 @@ def check_arguments(
         raise ValueError(
             "running_mean and running_var must either both be None or neither be None"
         )
-    if type(momentum) is not float and (isinstance(momentum, bool)
-                                        or not isinstance(momentum, (float, int))):
-        _refuse_momentum(momentum)
+    if type(momentum) is not float:
+        momentum = _momentum_as_float(momentum)
     if eps <= 0:
         _check_eps(eps, training)
     channels = input.shape[1]
@@ -79,6 +82,7 @@ def check_arguments(
             or (weight is not None and weight.numel() != channels)
             or (bias is not None and bias.numel() != channels)):
         _refuse_sizes(channels, running_mean, running_var, weight, bias)
+    return momentum
 
 
 # The parameters' and running statistics' dtypes an input's takes: its own, and float32 too
@@ -108,7 +112,17 @@ def _refuse_dtypes(input: torch.Tensor, kept: tuple[torch.dtype, ...],
                        f"running statistics take one dtype, {valid}, as F.batch_norm takes them")
 
 
-def _refuse_momentum(momentum: object) -> None:
+def _momentum_as_float(momentum: object) -> float:
+    """A momentum that is not a Python float, as F.batch_norm reads it: any real number (an int,
+    a NumPy scalar) or a one-value tensor; bool and everything else refused."""
+    one_value = (isinstance(momentum, torch.Tensor) and momentum.numel() == 1
+                 and momentum.dtype != torch.bool and not momentum.is_complex())
+    if one_value or (isinstance(momentum, numbers.Real) and not isinstance(momentum, bool)):
+        return float(momentum)  # type: ignore[arg-type]
+    _refuse_momentum(momentum)
+
+
+def _refuse_momentum(momentum: object) -> NoReturn:
     # F.batch_norm refuses None too; the module spells the cumulative average out itself.
     raise TypeError(
         f"momentum must be a float, got {type(momentum).__name__}; for a cumulative moving "

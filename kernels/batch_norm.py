@@ -161,21 +161,24 @@ def update_running_stats_(
     running_var: torch.Tensor,
     stats: torch.Tensor,
     momentum: float,
-    unbias: float,
+    count: int,
 ) -> None:
-    """`running = (1 - momentum) * running + momentum * batch`, the variance times `unbias`
-    (count / (count - 1)), in place, from the batch's `stats` (the means, then the variances,
-    as `batch_norm_act` returns them): one kernel for both vectors where the Triton kernels run.
+    """`running = (1 - momentum) * running + momentum * batch`, the variance unbiased (times
+    count / (count - 1), `count` the values per channel the batch had), in place, from the
+    batch's `stats` (the means, then the variances, as `batch_norm_act` returns them): one
+    kernel for both vectors where the Triton kernels run.
 
     An op of its own because an op that mutates its inputs cannot carry an autograd formula,
-    which `batch_norm_act` needs; the running statistics need none.
+    which `batch_norm_act` needs; the running statistics need none. It takes the count, not the
+    factor: under torch.compile with dynamic shapes the count is symbolic, and a float computed
+    from it would be a guard on its value, one compiled graph per batch size.
     """
     _implementation(running_mean).update_running_stats(running_mean, running_var, stats, momentum,
-                                                       unbias)
+                                                       count / (count - 1))
 
 
 @update_running_stats_.register_fake
-def _(running_mean, running_var, stats, momentum, unbias):
+def _(running_mean, running_var, stats, momentum, count):
     return None
 
 
@@ -348,7 +351,8 @@ def fused_batch_norm(
         return _batch_norm_add_relu_inline(
             input, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu
         )
-    check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    momentum = check_arguments(input, running_mean, running_var, weight, bias, training,
+                               momentum, eps)
     residual = checked_residual(input, residual)
     gradient = _gradient_will_be_taken(input, weight, bias, residual, eager)
     pack_relu_mask = relu and gradient
@@ -360,17 +364,16 @@ def fused_batch_norm(
         return batch_norm_act(input, weight, bias, residual, running_mean, running_var, eps, relu,
                               pack_relu_mask)[0]
     count = input.numel() // max(input.shape[1], 1)  # no channels: an empty output
-    update = None
-    if running_mean is not None and count > 0:
-        update = RunningUpdate(running_mean, running_var, momentum, count / (count - 1))
     if eager:  # the update rides along with the forward
+        update = None
+        if running_mean is not None and count > 0:
+            update = RunningUpdate(running_mean, running_var, momentum, count / (count - 1))
         return _eager_apply(input, weight, bias, residual,
                             (None, None, eps, relu, update, gradient, _implementation(input)))
     out, stats, _ = batch_norm_act(input, weight, bias, residual, None, None, eps, relu,
                                    pack_relu_mask)
-    if update is not None:
-        update_running_stats_(update.running_mean, update.running_var, stats, update.momentum,
-                              update.unbias)
+    if running_mean is not None and count > 0:
+        update_running_stats_(running_mean, running_var, stats, momentum, count)
     return out
 
 

@@ -244,7 +244,7 @@ def test_the_running_stats_op_updates_strided_statistics_element_by_element(back
     expected[:, 2] = 0.9 * held[:, 2] + 0.1 * var * 1.25
     with use_backend(backend):
         torch.ops.resnet_ablate.update_running_stats_(held[:, 0], held[:, 2],
-                                                       torch.cat((mean, var)), 0.1, 1.25)
+                                                       torch.cat((mean, var)), 0.1, 5)
     torch.testing.assert_close(held, expected)
 
 
@@ -511,6 +511,28 @@ def test_torch_compile_fullgraph_runs_through_the_op(backend):
     torch.testing.assert_close(out_compiled, out_eager)
     torch.testing.assert_close(compiled_module.conv.weight.grad, eager.conv.weight.grad)
     torch.testing.assert_close(compiled_module.bn.running_var, eager.bn.running_var)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_with_dynamic_shapes_once_for_every_batch_size(backend):
+    """Under torch.compile with dynamic shapes, a training layer compiles once whatever the
+    batch size, as nn.BatchNorm2d + add + ReLU does (the running variance's count / (count - 1)
+    was a guard on each batch size's value: a graph per size, then the recompile limit), and its
+    running statistics follow nn.BatchNorm2d's at every size."""
+    from torch._dynamo.testing import CompileCounter
+
+    fused, reference = FusedBatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, r: fused(x, r), backend=counter, dynamic=True,
+                             fullgraph=True)
+    with use_backend(backend):
+        for batch in range(2, 7):
+            x, r = torch.randn(batch, 3, 4, 4), torch.randn(batch, 3, 4, 4)
+            torch.testing.assert_close(compiled(x, r), torch.relu(reference(x) + r))
+    torch.testing.assert_close(fused.running_var, reference.running_var)
+    torch.testing.assert_close(fused.running_mean, reference.running_mean)
+    assert counter.frame_count == 1
 
 
 @pytest.mark.gpu
@@ -908,11 +930,12 @@ def test_running_stats_update_is_one_op_that_passes_opcheck(backend):
     expected_var = 0.9 * running_var + 0.1 * var * 1.25
     with use_backend(backend):
         stats = torch.cat((mean, var))  # the means, then the variances, as the forward op's
-        torch.ops.resnet_ablate.update_running_stats_(running_mean, running_var, stats, 0.1, 1.25)
+        # 5 values per channel: the variance times 5 / 4
+        torch.ops.resnet_ablate.update_running_stats_(running_mean, running_var, stats, 0.1, 5)
         torch.testing.assert_close(running_mean, expected_mean)
         torch.testing.assert_close(running_var, expected_var)
         torch.library.opcheck(torch.ops.resnet_ablate.update_running_stats_.default,
-                              (running_mean, running_var, stats, 0.1, 1.25))
+                              (running_mean, running_var, stats, 0.1, 5))
 
 
 @pytest.mark.parametrize("backend", OP_BACKENDS)
@@ -1091,16 +1114,21 @@ def test_functional_momentum_none_is_refused_before_any_work(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_numpy_float_momentum_is_taken_as_f_batch_norm_takes_it(backend):
-    """A float subclass (numpy's float64, as a schedule computed in numpy gives) is a float."""
+@pytest.mark.parametrize("kind", ["float64", "float32", "int", "tensor"])
+def test_a_momentum_of_another_real_type_is_taken_as_f_batch_norm_takes_it(backend, kind):
+    """A float subclass (numpy's float64, as a schedule computed in numpy gives), numpy's
+    float32, an int, a one-value tensor: F.batch_norm takes each as its value (the last three
+    were refused)."""
     import numpy
 
+    momentum = {"float64": numpy.float64(0.25), "float32": numpy.float32(0.25), "int": 1,
+                "tensor": torch.tensor(0.25)}[kind]
     x = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(2))
     expected = torch.zeros(3), torch.ones(3)
-    F.batch_norm(x, *expected, training=True, momentum=numpy.float64(0.25))
+    F.batch_norm(x, *expected, training=True, momentum=momentum)
     running = torch.zeros(3), torch.ones(3)
     with use_backend(backend):
-        fused_batch_norm(x, *running, None, None, True, numpy.float64(0.25), relu=False)
+        fused_batch_norm(x, *running, None, None, True, momentum, relu=False)
     for got, want in zip(running, expected):
         torch.testing.assert_close(got, want)
 
@@ -1282,9 +1310,8 @@ def test_the_eager_path_gives_the_custom_ops_bits(backend, channels_last):
             else:
                 out, stats, _ = torch.ops.resnet_ablate.batch_norm_act(
                     xl, wl, bl, rl, None, None, 1e-5, True, True)
-                count = x.numel() // x.shape[1]
                 torch.ops.resnet_ablate.update_running_stats_(*running, stats, 0.1,
-                                                              count / (count - 1))
+                                                              x.numel() // x.shape[1])
             out.backward(grad)
         results.append([out, *running, *(leaf.grad for leaf in leaves)])
     for eager, op in zip(*results):

@@ -163,16 +163,13 @@ def update_running_stats_(
     momentum: float,
     count: int,
 ) -> None:
-    """`running = (1 - momentum) * running + momentum * batch`, the variance unbiased (times
-    count / (count - 1), `count` the values per channel the batch had), in place, from the
-    batch's `stats` (the means, then the variances, as `batch_norm_act` returns them): one
-    kernel for both vectors where the Triton kernels run.
+    """`running = (1 - momentum) * running + momentum * batch`, the variance times count /
+    (count - 1) (`count`: values per channel), in place, from the batch's `stats` (the means,
+    then the variances, as `batch_norm_act` returns them): one kernel where Triton runs.
 
-    An op of its own because an op that mutates its inputs cannot carry an autograd formula,
-    which `batch_norm_act` needs; the running statistics need none. It takes the count, not the
-    factor: under torch.compile with dynamic shapes the count is symbolic, and a float computed
-    from it would be a guard on its value, one compiled graph per batch size.
-    """
+    An op of its own: an op that mutates its inputs cannot carry the autograd formula that
+    `batch_norm_act` needs. It takes the count, which torch.compile keeps symbolic with dynamic
+    shapes, not a float made of it: a guard on its value, a graph per batch size."""
     _implementation(running_mean).update_running_stats(running_mean, running_var, stats, momentum,
                                                        count / (count - 1))
 

@@ -3,7 +3,7 @@ to each data-parallel trial (study/advice.py), printed under the plan."""
 
 from __future__ import annotations
 
-from helpers import raw_spec, write_spec
+from helpers import labelled_images, raw_spec, write_shard, write_spec
 
 from resnet_ablate.cli import main
 from resnet_ablate.study.advice import RAY_TRAIN_START_UP_SECONDS, start_up_cost
@@ -32,3 +32,81 @@ def test_the_dry_run_prints_the_start_up_for_data_parallel_studies_only(tmp_path
         in outputs[2], outputs[2]
     assert "start-up" not in outputs[1], outputs[1]
     assert not list(tmp_path.glob("*.db"))  # a dry run only reads
+
+
+def _planned(spec_path):
+    from resnet_ablate.spec import load_spec
+    from resnet_ablate.study import RunOptions, plan_study
+
+    spec = load_spec(spec_path)
+    return spec, plan_study(spec, RunOptions(runs_dir=spec_path.parent))
+
+
+def test_the_time_estimate_is_each_trials_start_and_work_at_the_probed_rate(tmp_path,
+                                                                             monkeypatch):
+    """By hand: the probed architecture (the most work pending) takes `start` plus its images x
+    epochs at the probed seconds per image; another takes its FLOPs' share of that; trials run
+    `workers` at a time, and the longest trial bounds the study from below."""
+    from resnet_ablate.study import estimate
+
+    raw = raw_spec("estimate", seeds=3, epochs=4, space={"depth": [8, 14]},
+                   model={"family": "cifar"})
+    spec, planned = _planned(write_spec(tmp_path, raw))
+    monkeypatch.setattr(estimate, "_probe", lambda spec, arch, device: (0.002, 500.0, 1.5))
+    monkeypatch.setattr(estimate.os, "cpu_count", lambda: 8)
+    images = spec.train.epochs * estimate._train_images(spec)
+    deep = next(p for p in planned if p.arch.depth == 14)
+    shallow = next(p for p in planned if p.arch.depth == 8)
+    deep_seconds = 1.5 + 0.002 * images
+    shallow_seconds = 1.5 + 0.002 * images * shallow.train_tflops / deep.train_tflops
+    for workers, expected in ((1, 3 * (deep_seconds + shallow_seconds)),
+                              (2, 1.5 * (deep_seconds + shallow_seconds)),
+                              (6, deep_seconds)):  # all at once: the longest trial
+        found = estimate.estimate_time(spec, planned, workers)
+        assert found.probed == deep.arch.name and found.parallel == workers
+        assert abs(found.seconds - expected) < 1e-9 * expected, (workers, found.seconds, expected)
+    monkeypatch.setattr(estimate.os, "cpu_count", lambda: 2)  # 1 CPU a trial: 2 at a time
+    assert estimate.estimate_time(spec, planned, 6).parallel == 2
+
+
+def test_the_dry_run_times_a_trials_training_here_and_prints_the_estimate(tmp_path, capsys):
+    raw = raw_spec("estimated", seeds=2)
+    assert main(["run", str(write_spec(tmp_path, raw)), "--runs-dir", str(tmp_path),
+                 "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert "timing resnet8-cifar-A's training here for the estimate" in err
+    (line,) = [line for line in out.splitlines() if line.startswith("time: ")]
+    assert "for the 4 trials to run, 2 at a time" in line and "training images/s" in line, line
+    assert not list(tmp_path.glob("*.db"))  # a dry run only reads
+
+
+def test_the_estimate_says_why_where_it_is_not_made(tmp_path, monkeypatch):
+    """Streamed data (the loader is not probed), data-parallel trials, GPU trials on a machine
+    without one, a probe too large for a CPU, nothing left to run: one line saying so."""
+    import torch
+
+    from resnet_ablate.study import estimate
+
+    from resnet_ablate.spec import load_spec
+
+    shard = write_shard(tmp_path / "train-000.tar", labelled_images("x", 3, 2))
+    cases = {
+        "streamed data set": raw_spec("streamed", dataset={
+            "name": "webdataset", "image_size": 24, "loader_workers": 0,
+            "shards": {"train": str(shard), "val": str(shard), "num_classes": 3}}),
+        "data-parallel": raw_spec("dp", resources={"cpus": 1, "replicas": 2, "workers": 1}),
+        "on GPUs": raw_spec("gpu", resources={"cpus": 1, "gpus": 1, "workers": 1}),
+        "would take minutes": raw_spec("big", model={"family": "cifar", "depth": 110},
+                                       train={"epochs": 2, "batch_size": 4096}),
+    }
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for reason, raw in cases.items():
+        # (A GPU study is planned only where Ray finds GPUs: its CPU twin's plan stands in.)
+        cpu_twin = {**raw, "study": f"{raw['study']}-cpu", "resources": {"cpus": 1}}
+        _, planned = _planned(write_spec(tmp_path, cpu_twin))
+        spec = load_spec(write_spec(tmp_path, raw))
+        found = estimate.estimate_time(spec, planned, 1)
+        assert isinstance(found, str) and found.startswith("time: not estimated") \
+            and reason in found, (reason, found)
+    spec, planned = _planned(write_spec(tmp_path, raw_spec("none-left")))
+    assert estimate.estimate_time(spec, [], 1) == "time: nothing to run"

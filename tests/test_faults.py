@@ -466,7 +466,9 @@ def test_an_empty_storage_url_is_refused(command, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         main([*command, "--storage", "", "--runs-dir", str(tmp_path)])
     assert stop.value.code == 2
-    assert "argument --storage: is empty: give an Optuna storage URL" in capsys.readouterr().err
+    (line,) = capsys.readouterr().err.splitlines()  # one line, not argparse's usage first
+    assert "argument --storage: is empty: give an Optuna storage URL" in line
+    assert line.endswith(f"(see `resnet-ablate {command[0]} --help`)")
     assert not list(tmp_path.iterdir())
 
 

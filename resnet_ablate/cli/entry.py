@@ -13,10 +13,18 @@ from .registry import COMMANDS, stopped
 from .run import add_run_command
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """An argument error in one line, as every other error of the command (argparse prints the
+    whole usage first); the subcommands' parsers are of this class too."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="resnet-ablate", description="Architecture ablations of residual networks.")
     parser.add_argument("--version", action="version", version=f"resnet-ablate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -27,7 +27,8 @@ def _run(args: argparse.Namespace) -> int:
                          runs_dir=runs_folder(args.runs_dir), keep_weights=not args.no_weights,
                          progress=not args.quiet)
     if args.dry_run:
-        return _print_plan(spec, plan_study(spec, options), args.format)
+        return _print_plan(spec, plan_study(spec, options), args.format,
+                           options.workers or spec.resources.workers)
     if args.format != "table":
         print("resnet-ablate run: error: --format applies to --dry-run; a run prints a table, "
               f"and `resnet-ablate export {spec.study}{store_options(args)} --format {args.format}` "
@@ -70,7 +71,7 @@ def _last_failure(results) -> str:
     return f"; the last failure (trial {row['number']}): {str(row['failure']).splitlines()[0]}"
 
 
-def _print_plan(spec, planned, fmt: str = "table") -> int:
+def _print_plan(spec, planned, fmt: str = "table", workers: int = 1) -> int:
     if spec.sampler != "grid":
         print(f"{spec.source}: the {spec.sampler} sampler chooses trials as it goes; "
               f"budget: {spec.budget.trials or 'no'} trials, {spec.budget.minutes or 'no'} minutes")
@@ -97,16 +98,21 @@ def _print_plan(spec, planned, fmt: str = "table") -> int:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
     pending = [p for p in planned if p.status == "pending"]
     replicas = spec.resources.replica_count
-    each = f"{spec.train.epochs} epochs each" + (
+    epochs = spec.train.epochs
+    each = f"{epochs} epoch{'' if epochs == 1 else 's'} each" + (
         f", each a data-parallel run of {replicas} replicas" if replicas > 1 else "")
     print(f"{len(planned)} trials: {len(pending)} to run, costing "
           f"{sum(p.train_tflops for p in pending):.2f} TFLOPs of training ({each})")
     from ..study.costs import StudyCosts
+    from ..study.estimate import estimate_time
     from ..study.space import point_key
 
     configurations = [point_key(p.params, 0) for p in pending]
     for line in StudyCosts(spec).dry_run_notes(configurations):
         print(line)
+    estimate = estimate_time(spec, planned, workers,
+                             announce=lambda line: print(line, file=sys.stderr, flush=True))
+    print(estimate if isinstance(estimate, str) else estimate.line(len(pending)))
     return 0
 
 

@@ -5,7 +5,27 @@ A spec is one question from the paper, asked as a sweep over the architecture de
     study: quickstart                    # the study's name in storage and its files' names:
                                          #   letters, digits, . _ - (storage.py)
     question: Does depth hurt plain nets but not residual ones?
-    dataset: digits                      # or {name: cifar10, root: data/, validation: true}
+    dataset: digits                      # a name, or its fields (DatasetSpec):
+                                         #   name: digits | cifar10 | cifar100 | synthetic
+                                         #     | imagefolder | webdataset
+                                         #   root: the folder holding it (cifar, imagefolder)
+                                         #   download: false (cifar: fetch a missing archive)
+                                         #   validation: false (evaluate on a seeded 10% of
+                                         #     the training set instead of the test set)
+                                         #   split_seed: 0 (that split's seed, the digits'
+                                         #     train/test split's and the synthetic data's)
+                                         #   synthetic: {num_classes: 4, channels: 1,
+                                         #     image_size: 8, train_size: 256, test_size: 128,
+                                         #     noise: 1.0} (SyntheticSpec)
+                                         #   image_size: 224, augmentation: scale |
+                                         #     random_resized_crop, loader_workers: 2
+                                         #     (streamed sets: crop side, training crops,
+                                         #     decoding processes)
+                                         #   val_labels: ILSVRC's flat val/ label file
+                                         #     (imagefolder, relative to root)
+                                         #   shards: {train: PATTERN, val: PATTERN,
+                                         #     num_classes: N, train_size, val_size}
+                                         #     (webdataset; sizes needed for URLs)
     model: {family: cifar}               # fixed ResNetArch fields
     space:                               # swept ResNetArch fields: a list of values each
       depth: [8, 20]                     #   (random/tpe also take {low, high, step} for ints)

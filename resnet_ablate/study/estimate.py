@@ -1,0 +1,157 @@
+"""A dry run's estimate of a grid study's wall time, from a trial's training timed on this machine.
+
+One architecture, the one with the most training work pending, is trained as a trial would train
+it (its recipe, threads and device) for two short epochs of `PROBE_STEPS` batches each, with an
+evaluation set in the data set's own proportion to its training set; the second epoch is timed
+(the first pays for allocations and caches). Every pending trial's time is then that epoch's time
+per training image, times its images and epochs, scaled by its FLOPs against the probed one's:
+the progress line's ETA (eta.py) counts work the same way. Trials run side by side as many at a
+time as the workers, the trials and this machine's cores (or GPUs) allow.
+
+A rough figure, to tell minutes from hours before a run: a deep, narrow net runs fewer FLOPs a
+second than a shallow one on small batches; packing trials on one GPU and stacking seeds, which
+speed a study up, are not counted; nor are the paper's test-time views scored after the last
+epoch. Not estimated (the reason is printed instead) for streamed data sets (the loader's rate is
+not probed), data-parallel trials, GPU trials on a machine without one, and a probe step too large
+to time quickly here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..arch import ResNetArch
+from ..spec import StudySpec
+from ..spec.catalogue import STREAMED_DATASETS
+from .grid import PlannedTrial
+
+PROBE_STEPS = 3  # training batches in each of the probe's two epochs
+# Above this many training FLOPs (the paper's: a multiply-add is one) in the probe's two epochs, a
+# CPU would take minutes to time them: no estimate. About 30 s on the 2-CPU development machine.
+MAX_PROBE_CPU_TFLOPS = 1.0
+
+
+@dataclass(frozen=True)
+class TimeEstimate:
+    """What the dry run prints of a study's time (see the module docstring)."""
+
+    seconds: float  # wall time of the trials to run, at `parallel` trials at a time
+    parallel: int
+    probed: str  # the architecture timed
+    images_per_second: float  # its training rate here, evaluation included
+    device: str
+
+    def line(self, trials: int) -> str:
+        return (f"time: about {_duration(self.seconds)} for the {trials} trials to run, "
+                f"{self.parallel} at a time on this machine's {self.device} ({self.probed} timed "
+                f"here at {self.images_per_second:.0f} training images/s, evaluation included; "
+                "the others scaled by their FLOPs: a rough figure)")
+
+
+def estimate_time(spec: StudySpec, planned: Sequence[PlannedTrial], workers: int,
+                  announce: Callable[[str], None] | None = None) -> TimeEstimate | str:
+    """The wall time of `planned`'s pending trials on this machine, or why it is not estimated;
+    `announce` is told what is timed before the probe trains (a few seconds)."""
+    pending = [p for p in planned if p.status == "pending"]
+    reason = _why_not(spec, pending)
+    if reason is not None:
+        return reason
+    import torch
+
+    on_gpu = spec.resources.gpus > 0
+    if on_gpu and not torch.cuda.is_available():
+        return "time: not estimated: the trials run on GPUs (resources.gpus) and this machine has none"
+    work: dict[ResNetArch, float] = {}
+    for p in pending:
+        work[p.arch] = work.get(p.arch, 0.0) + p.train_tflops
+    probed = max(work, key=lambda arch: work[arch])
+    first = next(p for p in pending if p.arch == probed)
+    recipe = spec.recipe_for(probed)
+    # The probed trial's training images over all its epochs, and what the probe trains.
+    images = _train_images(spec) * recipe.epochs
+    probe_tflops = first.train_tflops * 2 * PROBE_STEPS * recipe.batch_size / images
+    if not on_gpu and probe_tflops > MAX_PROBE_CPU_TFLOPS:
+        return (f"time: not estimated: two short epochs of {probed.name} ({probe_tflops:.1f} "
+                "TFLOPs of training) would take minutes to time on this CPU")
+    if announce is not None:
+        announce(f"timing {probed.name}'s training here for the estimate ({2 * PROBE_STEPS} "
+                 "batches)...")
+    seconds_per_image, rate, start = _probe(spec, probed, "cuda" if on_gpu else "cpu")
+    # Each trial: its start, then its images times its epochs at the probed rate, scaled by its
+    # FLOPs per image.
+    per_tflop = seconds_per_image * images / first.train_tflops
+    times = [start + p.train_tflops * per_tflop for p in pending]
+    parallel = _parallel(spec, workers, len(pending), on_gpu)
+    where = torch.cuda.get_device_name() if on_gpu else f"{os.cpu_count()} CPUs"
+    return TimeEstimate(max(sum(times) / parallel, max(times)), parallel, probed.name, rate,
+                        where)
+
+
+def _why_not(spec: StudySpec, pending: Sequence[PlannedTrial]) -> str | None:
+    if not pending:
+        return "time: nothing to run"
+    if spec.dataset.name in STREAMED_DATASETS:
+        return ("time: not estimated for a streamed data set (the loader's rate is not probed); "
+                "the progress line gives an ETA once trials end")
+    if spec.resources.replica_count > 1:
+        return ("time: not estimated for data-parallel trials; the progress line gives an ETA "
+                "once trials end")
+    return None
+
+
+def _train_images(spec: StudySpec) -> int:
+    from ..data import dataset_shape
+
+    return dataset_shape(**spec.dataset.load_kwargs()).train_size
+
+
+def _probe(spec: StudySpec, arch: ResNetArch, device: str) -> tuple[float, float, float]:
+    """Seconds per training image (its share of the evaluation included) of `arch` trained as a
+    trial trains it, the training images per second that makes, and the seconds its start took
+    (the first epoch's beyond the second's)."""
+    from ..recipe import TrainRecipe
+    from ..train import train
+    from ..trial import TrialInputs
+    from .loop import trial_task
+
+    task = trial_task(spec, 0, arch, spec.seeds[0], keep_weights=False, checkpoints=None)
+    inputs = TrialInputs.of(task)
+    data = inputs.data
+    train_images = min(len(data.train_y), PROBE_STEPS * inputs.recipe.batch_size)
+    test_images = max(1, round(train_images * len(data.test_y) / len(data.train_y)))
+    sample = dataclasses.replace(data, train_x=data.train_x[:train_images],
+                                 train_y=data.train_y[:train_images],
+                                 test_x=data.test_x[:test_images], test_y=data.test_y[:test_images])
+    recipe = TrainRecipe.from_dict({**inputs.recipe.to_dict(), "epochs": 2, "test_views": []})
+    result = train(inputs.model, sample, recipe, seed=task.seed, device=device,
+                   threads=task.threads)
+    seconds = result.history[-1].seconds if result.history else result.wall_seconds
+    # What the first epoch took beyond the second: a trial's own start (allocations, caches).
+    start = result.wall_seconds - 2 * seconds
+    return seconds / train_images, train_images / seconds, max(0.0, start)
+
+
+def _parallel(spec: StudySpec, workers: int, trials: int, on_gpu: bool) -> int:
+    """Trials at a time: the workers, the trials, and what this machine holds of each one's
+    resources (CPUs, or one GPU each: packed trials share one, not counted as faster)."""
+    if on_gpu:
+        import torch
+
+        room = torch.cuda.device_count()
+    else:
+        room = (os.cpu_count() or 1) // max(1, int(spec.resources.cpus))
+    return max(1, min(workers, trials, room))
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+__all__ = ["TimeEstimate", "estimate_time"]

@@ -190,7 +190,7 @@ def test_killed_driver_resumes_without_losing_or_repeating_trials(local_ray, tmp
     assert "test_error_mean" in rerun.out  # the result table
 
 
-def test_dry_run_lists_trials_with_cost_and_trains_nothing(tmp_path, capsys):
+def test_dry_run_lists_trials_with_cost_and_records_nothing(tmp_path, capsys):
     from resnet_ablate.cli import main
 
     spec_path = _write_spec(tmp_path, _raw_spec("dry", seeds=2))
@@ -202,7 +202,8 @@ def test_dry_run_lists_trials_with_cost_and_trains_nothing(tmp_path, capsys):
     assert lines[0].split() == ["shortcut", "seed", "arch", "params", "(M)", "GFLOPs",
                                 "train", "TFLOPs", "status"]
     assert len([line for line in lines if line.rstrip().endswith("pending")]) == 4
-    assert "4 trials: 4 to run" in lines[-1]
+    assert "4 trials: 4 to run" in lines[-2]
+    assert lines[-1].startswith("time: about ")  # two short epochs timed; the study untouched
     assert not (tmp_path / "dry.db").exists()
     # The same plan, exact and machine-readable, with the profile's own counts.
     assert main([*argv, "--format", "json"]) == 0

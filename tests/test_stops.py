@@ -1,6 +1,7 @@
 """Stops under every rhythm of signals: `resnet-ablate run` stopped by Ctrl-C once, twice or five
-times fast (to the process or its whole process group, as a terminal sends it), by SIGTERM, and
-during start-up, exits 130 (143) with one line on stderr, leaves no trial RUNNING, no lease held,
+times fast (to the process or its whole process group, as a terminal sends it), by SIGTERM, by
+SIGHUP (a closed terminal), during start-up and while Ray shuts down, exits 130 (143, 129) with
+one line on stderr, leaves no trial RUNNING, no lease held,
 and none of its Ray processes running a few seconds later; a locked store during the stop is
 waited out, and a lease left by a dead driver is taken over at once."""
 
@@ -23,7 +24,7 @@ from helpers import raw_spec, write_spec
 from resnet_ablate.results import list_studies, load
 
 RAY_GONE_SECONDS = 5.0
-INT, TERM = signal.SIGINT, signal.SIGTERM
+INT, TERM, HUP = signal.SIGINT, signal.SIGTERM, signal.SIGHUP
 
 
 def _children() -> dict[int, list[int]]:
@@ -135,6 +136,7 @@ RHYTHMS = {
     "ctrl-c-five-times-fast": ((INT,) * 5, False, 130),
     "sigterm": ((TERM,), False, 143),
     "sigterm-then-ctrl-c-to-the-group": ((TERM, INT, INT), True, 143),
+    "sighup-to-the-group": ((HUP,), True, 129),  # a closed terminal: as SIGTERM, not a kill
 }
 # As a job scheduler sends it, to a driver showing progress (which waits in ray.wait, where the
 # handler's exception came out as a plain KeyboardInterrupt: "Ctrl-C", 130).
@@ -154,7 +156,7 @@ def test_a_stop_under_any_rhythm_of_signals_leaves_no_trial_running_no_lease_and
     _assert_clean_stop(driver, code, stderr, expected)
     interrupted = [t for t in _study(driver.storage, "stopped").get_trials()
                    if t.user_attrs.get("failure_kind") == "interrupted"]
-    how = "SIGTERM" if signals[0] == TERM else "Ctrl-C"
+    how = {TERM: "SIGTERM", HUP: "SIGHUP", INT: "Ctrl-C"}[signals[0]]
     assert interrupted and all(how in t.user_attrs["failure"] for t in interrupted)
     assert f"{len(interrupted)} unfinished trial(s) marked interrupted" in stderr
     # Listed as interrupted, not as failures (Optuna stores them as FAIL).
@@ -177,6 +179,31 @@ def test_a_stop_during_start_up_stops_with_one_line_and_nothing_left(tmp_path, s
     driver.send(signals, to_group=True)
     code, stderr = driver.finish()
     _assert_clean_stop(driver, code, stderr, expected)
+
+
+def test_stopping_ray_leaves_the_stop_signals_handled():
+    """Ray's shutdown (which the driver runs as its last step) set SIGTERM's handler back to the
+    default behind Python's back: a SIGTERM then killed the driver without a word, its closing
+    line and table lost. Read from the kernel's own record of caught signals."""
+    script = """
+import signal, ray
+from resnet_ablate.study import cluster
+from resnet_ablate.study.signals import raise_on_stop
+
+def caught(signum):
+    line = next(l for l in open('/proc/self/status') if l.startswith('SigCgt'))
+    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+
+with raise_on_stop():
+    cluster.start_local_ray(cpus=1)
+    before = [caught(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)]
+    cluster.disconnect()
+    print(before, [caught(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)])
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[-2] == "[True, True, True] [True, True, True]", done.stdout
 
 
 def _hold_write_lock(database: Path, seconds: float) -> threading.Thread:

@@ -40,11 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..spec import SpecError
     from ..study import ClusterError, StoreError, StudyBusy, StudyConflict
 
-    from ..study.signals import StopRequested, raise_on_stop
+    from ..study.signals import heard_in, raise_on_stop
 
     args = build_parser().parse_args(argv)
     try:
-        # Ctrl-C and SIGTERM raise once where they land, outside the study's own run (which
+        # Ctrl-C, SIGTERM and SIGHUP raise once where they land, outside the study's own run (which
         # notes them and stops at a safe point); a second one cannot cut the first one's
         # handling short.
         with raise_on_stop():
@@ -53,6 +53,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"resnet-ablate: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:  # before or after the study's own loop: nothing running
-        by_sigterm = isinstance(stop, StopRequested)
-        return stopped(by_sigterm, f"resnet-ablate: interrupted by "
-                                   f"{'SIGTERM' if by_sigterm else 'Ctrl-C'}")
+        heard = heard_in(stop)
+        return stopped(heard, f"resnet-ablate: interrupted by "
+                              f"{'Ctrl-C' if heard == 'SIGINT' else heard}")

@@ -55,11 +55,17 @@ def _reader_gone(stream) -> bool:
     return any(events & select.POLLERR for _, events in poller.poll(0))
 
 
-def stopped(by_sigterm: bool, message: str) -> int:
-    """The exit code of a stopped command, after its one line on stderr. Further Ctrl-C or
-    SIGTERM are ignored from here on: the process is on its way out, and one arriving now would
+def stopped(signal_name: str, message: str) -> int:
+    """The exit code of a command stopped by `signal_name` (SIGINT, SIGTERM or SIGHUP), after
+    its one line on stderr (where a closed terminal, after SIGHUP, still takes it). Further stop
+    signals are ignored from here on: the process is on its way out, and one arriving now would
     only interrupt Ray's shutdown."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    print(message, file=sys.stderr, flush=True)
-    return 143 if by_sigterm else 130
+    from ..study.signals import exit_code
+
+    for ignored in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(ignored, signal.SIG_IGN)
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except OSError:  # the terminal is gone
+        pass
+    return exit_code(signal_name)

@@ -41,7 +41,7 @@ def _run(args: argparse.Namespace) -> int:
     if summary.interrupted:
         from ..study.loop import stop_description
 
-        return stopped(summary.interrupted == "SIGTERM",
+        return stopped(summary.interrupted,
                         f"resnet-ablate run: interrupted by {stop_description(summary.interrupted)}: "
                         f"{summary.marked_interrupted} unfinished trial(s) marked interrupted; "
                         "run the same command to resume (they run again)")

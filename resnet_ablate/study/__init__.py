@@ -16,7 +16,7 @@ concern each:
     costs.py     the data set's shape and each architecture's parameters and FLOPs
     advice.py    what a dry run advises: trials packed per GPU, seeds stacked, Ray Train's start-up
     eta.py       the time left, from the training work left (FLOPs x epochs) and its rate
-    signals.py   SIGTERM as a clean stop, and clean-up that a second signal cannot cut short
+    signals.py   SIGTERM and SIGHUP as clean stops, and clean-up a second signal cannot cut short
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ..board import TrialBoard
 from ..record import PRUNABLE_OBJECTIVES, EpochRecord, TrialTask, epoch_objective
 from ..spec import StudySpec
-from .signals import StopRequested
+from .signals import StopRequested, handlers_kept
 
 
 class ClusterError(RuntimeError):
@@ -144,8 +144,10 @@ def disconnect() -> None:
     (within about two seconds) rather than when the interpreter exits. A driver killed with
     SIGKILL runs nothing: then Ray's own fate-sharing stops the GCS and raylet at once, and its
     dashboard and runtime-env agents exit about 60 s later, when their last report to the gone
-    GCS times out."""
-    ray.shutdown()
+    GCS times out. Ray's shutdown sets SIGTERM's handler back to the default: the handlers are
+    put back after it."""
+    with handlers_kept():
+        ray.shutdown()
 
 
 def _join(address: str) -> None:

@@ -7,7 +7,7 @@ Faults, and what this loop makes of them:
 - an exception in a trial comes back as a failed outcome: recorded with its traceback, and the study
   goes on (the grid point is tried again, up to `max_attempts`, after a back-off);
 - a killed worker surfaces as a Ray error: recorded as failed ("worker lost") and retried;
-- Ctrl-C or SIGTERM cancel the running tasks and mark their trials interrupted (FAIL), so the
+- Ctrl-C, SIGTERM or SIGHUP cancel the running tasks and mark their trials interrupted (FAIL), so the
   store stays consistent and the same command resumes; the signal is acted on at the loop's next
   turn or, where the loop waits for Ray, at once, and further signals wait until the marking is
   done (signals.py).
@@ -35,7 +35,7 @@ from .costs import StudyCosts
 from .eta import RemainingTime
 from .grid import GridHistory, PendingPoint, more_seeds
 from .recorder import TrialRecorder
-from .signals import StopRequested, StopSignals, signals_held
+from .signals import StopSignals, heard_in, signals_held
 from .space import decode_params, point_key, prunes
 
 POLL_SECONDS = 0.1  # a short wait keeps pruning decisions and the display close to the workers
@@ -55,7 +55,7 @@ class RunningTrial:
 class LoopResult:
     counts: Counter[str]  # Status.COMPLETED, Status.PRUNED and each failure kind, this run
     launched: int
-    interrupted: str  # "" for a run that ended by itself, else "SIGINT" or "SIGTERM"
+    interrupted: str  # "" for a run that ended by itself, else "SIGINT", "SIGTERM" or "SIGHUP"
     marked: int = 0  # unfinished trials the stop marked interrupted (stored as FAIL)
 
 
@@ -128,8 +128,7 @@ class DriverLoop:
         except KeyboardInterrupt as stop:
             # The signal the handler heard: an exception raised inside ray.wait comes out of it
             # as a plain KeyboardInterrupt, whichever signal raised it.
-            interrupted = self.stop_signals.heard or (
-                "SIGTERM" if isinstance(stop, StopRequested) else "SIGINT")
+            interrupted = self.stop_signals.heard or heard_in(stop)
             marked = self._stop(stop_description(interrupted))
         finally:
             self.progress.close()
@@ -323,7 +322,7 @@ class DriverLoop:
 
 def stop_description(signal_name: str) -> str:
     """How a stop signal is named in the trials it interrupted and in the command's message."""
-    return "SIGTERM" if signal_name == "SIGTERM" else "the user (Ctrl-C)"
+    return "the user (Ctrl-C)" if signal_name == "SIGINT" else signal_name
 
 
 def failures(counts: Counter[str]) -> int:

@@ -48,7 +48,7 @@ class RunSummary:
     failed: int
     pruned: int
     launched: int
-    interrupted: str  # "" for a run that ended by itself, else "SIGINT" or "SIGTERM"
+    interrupted: str  # "" for a run that ended by itself, else "SIGINT", "SIGTERM" or "SIGHUP"
     wall_seconds: float
     counts_by_state: Mapping[str, int] = field(default_factory=dict)
     marked_interrupted: int = 0  # unfinished trials the stop marked interrupted

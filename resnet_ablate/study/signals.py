@@ -1,4 +1,5 @@
-"""How a running study hears Ctrl-C and SIGTERM, and keeps its clean-up from being cut short.
+"""How a running study hears Ctrl-C, SIGTERM and SIGHUP, and keeps its clean-up from being cut
+short. SIGHUP (a closed terminal or SSH session) stops a study as SIGTERM does.
 
 Three regions, whichever rhythm the signals come in (once, twice or five times fast, to the
 process or to its process group):
@@ -19,20 +20,36 @@ import signal
 import threading
 from collections.abc import Iterator
 
-_STOPS = (signal.SIGINT, signal.SIGTERM)
-_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
+_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_NAMES = {signum: signal.Signals(signum).name for signum in _STOPS}
 
 
 class StopRequested(KeyboardInterrupt):
-    """SIGTERM, turned into the same clean stop as Ctrl-C while a study runs."""
+    """SIGTERM or SIGHUP (its name the exception's one argument), turned into the same clean stop
+    as Ctrl-C while a study runs."""
+
+    @property
+    def signal_name(self) -> str:
+        return str(self.args[0]) if self.args else "SIGTERM"
 
 
 def _exception(heard: str) -> KeyboardInterrupt:
-    return StopRequested("SIGTERM") if heard == "SIGTERM" else KeyboardInterrupt()
+    return KeyboardInterrupt() if heard == "SIGINT" else StopRequested(heard)
+
+
+def heard_in(stop: KeyboardInterrupt) -> str:
+    """The name of the signal a stop exception stands for: SIGINT for a plain Ctrl-C."""
+    return stop.signal_name if isinstance(stop, StopRequested) else "SIGINT"
+
+
+def exit_code(signal_name: str) -> int:
+    """A command stopped by `signal_name`'s exit code, as a shell reports one: 128 + its number
+    (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP)."""
+    return 128 + signal.Signals[signal_name].value
 
 
 class StopSignals:
-    """Which stop signal a running study has heard, if any (SIGINT or SIGTERM)."""
+    """Which stop signal a running study has heard, if any (SIGINT, SIGTERM or SIGHUP)."""
 
     def __init__(self) -> None:
         self.heard: str | None = None
@@ -40,8 +57,8 @@ class StopSignals:
         self._waiting = False  # the driver waits for Ray: a signal may cut the wait short
 
     def raise_if_heard(self) -> None:
-        """Stop here, as the signal heard asks: Ctrl-C as KeyboardInterrupt, SIGTERM as
-        StopRequested."""
+        """Stop here, as the signal heard asks: Ctrl-C as KeyboardInterrupt, SIGTERM and SIGHUP
+        as StopRequested."""
         if self.heard is not None:
             self.stopping = True
             raise _exception(self.heard)
@@ -58,9 +75,9 @@ class StopSignals:
             self._waiting = False
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        # SIGTERM outranks Ctrl-C until the stop begins: when both are pending, Python runs the
-        # handlers in signal-number order (SIGINT first), not in the order they arrived.
-        if self.heard is None or (signum == signal.SIGTERM and not self.stopping):
+        # SIGTERM (or SIGHUP) outranks Ctrl-C until the stop begins: when both are pending,
+        # Python runs the handlers in signal-number order, not in the order they arrived.
+        if self.heard is None or (signum != signal.SIGINT and not self.stopping):
             self.heard = _NAMES[signum]
         if self._waiting and not self.stopping:
             self.stopping = True
@@ -85,8 +102,8 @@ _outer: _RaiseOnce | None = None
 
 @contextlib.contextmanager
 def raise_on_stop() -> Iterator[None]:
-    """Within (a whole command): Ctrl-C raises KeyboardInterrupt and SIGTERM StopRequested where
-    they land, once; a second signal cannot interrupt the handling of the first."""
+    """Within (a whole command): Ctrl-C raises KeyboardInterrupt, SIGTERM and SIGHUP
+    StopRequested, where they land, once; a second signal cannot interrupt the handling of the first."""
     global _outer
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -104,7 +121,7 @@ def raise_on_stop() -> Iterator[None]:
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[StopSignals]:
-    """Within: Ctrl-C and SIGTERM are noted, and the driver's loop stops on its next turn (trials
+    """Within: Ctrl-C, SIGTERM and SIGHUP are noted, and the driver's loop stops on its next turn (trials
     marked, storage consistent), or at once where it waits for Ray. A note, not an exception
     raised wherever the signal lands: one raised inside a library's clean-up callback is
     swallowed there, one raised in the middle of an import comes out as another error, and one
@@ -128,7 +145,7 @@ def stop_on_signals() -> Iterator[StopSignals]:
 
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
-    """Within: Ctrl-C and SIGTERM wait, so that the clean-up they would cut short (marking
+    """Within: the stop signals wait, so that the clean-up they would cut short (marking
     every unfinished trial, releasing the lease, stopping Ray) completes; they are delivered
     afterwards (dropped where the driver's run already stopped)."""
     if threading.current_thread() is not threading.main_thread():
@@ -139,6 +156,23 @@ def signals_held() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@contextlib.contextmanager
+def handlers_kept() -> Iterator[None]:
+    """Within: code that sets the stop signals' handlers back to the default at the C level
+    behind Python's back (Ray's shutdown does, for SIGTERM): they are installed again after it,
+    so a signal that arrives next is still handled (it killed the driver without a word)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handlers = {s: signal.getsignal(s) for s in _STOPS}
+    try:
+        yield
+    finally:
+        for s, handler in handlers.items():
+            if handler is not None:  # None: installed outside Python, nothing of ours to keep
+                signal.signal(s, handler)
 
 
 def _drop_pending() -> None:

@@ -88,8 +88,9 @@ def layer_responses(results: Results, numbers: Sequence[int] | None = None, *,
         done = results.require_completed("analyse")
         numbers = [int(n) for n in done["number"] if _kept(results, int(n))]
         if not numbers:
-            raise ResultsError(f"no completed trial of study {results.study!r} kept its weights "
-                               "(run without --no-weights to analyse layer responses)")
+            raise ResultsError(f"no completed trial of study {results.study!r} has its weights "
+                               "file (they are kept unless the run had --no-weights, and "
+                               "read from beside the store): no layer responses to analyse")
     data = study_dataset(results)
     if not isinstance(data, DataBundle):
         raise ResultsError(f"layer responses read the evaluation images in memory; study "

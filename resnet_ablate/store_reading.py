@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import sqlite3
 from collections.abc import Mapping
 from pathlib import Path
@@ -100,7 +101,8 @@ RUNS_FOLDER_HINT = (f" (the runs folder is --runs-dir / runs_dir, else ${RUNS_EN
 
 
 def _databases_beside(path: Path) -> str:
-    folder = path.parent.resolve()
+    """Where to look instead: the .db files in `path`'s folder (in `path` itself, a folder)."""
+    folder = (path if path.is_dir() else path.parent).resolve()
     found = sorted(p.name for p in folder.glob("*.db")) if folder.is_dir() else []
     if found:
         return f"databases in {folder}/: {', '.join(found)}" + RUNS_FOLDER_HINT
@@ -263,6 +265,9 @@ def store_file(study: str) -> Path | None:
     for candidate in (path, path.with_name(path.name + ".db")):
         if candidate.is_file():
             return candidate
+    if path.is_dir():
+        raise ResultsError(f"{path} is a folder, not a study store file; "
+                           f"{_databases_beside(path)}")
     raise ResultsError(f"no study store file {path}; {_databases_beside(path)}")
 
 
@@ -271,5 +276,6 @@ def only_study(study: str, storage: str) -> str:
     names = [s.study_name for s in study_summaries(storage)]
     if len(names) != 1:
         raise ResultsError(f"{study} holds {len(names)} studies ({', '.join(names) or 'none'}); "
-                           f"load one by name: load(NAME, storage={storage!r})")
+                           "name one: `resnet-ablate show NAME --storage "
+                           f"{shlex.quote(storage)}` (in Python, load(NAME, storage={storage!r}))")
     return names[0]

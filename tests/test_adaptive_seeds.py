@@ -449,3 +449,48 @@ def test_a_resumed_plan_counts_the_next_look_of_a_question_left_open(local_ray, 
     assert cut.adaptive_seeds.looks == (2, 3, 4)
     assert status == {(s, seed): ["done", "done", "pending", "if open"][seed]
                       for s in ("A", "none") for seed in range(4)}
+
+
+def test_a_studys_seed_rule_is_kept_and_a_dry_run_writes_nothing(local_ray, tmp_path):
+    """A dry run only reads the store (its bytes unchanged: it rewrote the stored seed rule, which
+    changed the published intervals, and needed write access); another rule, or fixed seeds, for
+    a study that has trials is refused by the dry run and the run alike; a reworded question is
+    the study's new question."""
+    import hashlib
+
+    from resnet_ablate.study import StudyConflict
+    from resnet_ablate.study.opening import read_study
+
+    rule = {"min": 2, "max": 3, "until": {"decided": "shortcut", "margin": 0.005}}
+    raw = raw_spec("kept-rule", epochs=1, seeds=rule)
+    spec = parse_spec(raw)
+    run_study(spec, RunOptions(runs_dir=tmp_path, progress=False))
+    database = tmp_path / "kept-rule.db"
+
+    def digest():
+        return hashlib.sha256(database.read_bytes()).hexdigest()
+
+    before = digest()
+    assert {p.status for p in plan_study(spec, RunOptions(runs_dir=tmp_path))} <= {
+        "done", "decided", "settled"}
+    assert digest() == before
+    others = {"another rule": {**rule, "until": {"width": 0.5}}, "fixed seeds": 3}
+    for what, seeds in others.items():
+        changed = parse_spec({**raw, "seeds": seeds})
+        with pytest.raises(StudyConflict, match="was run with seeds: .*and .* has "
+                           + ("seeds: {" if what == "another rule" else "fixed seeds")):
+            plan_study(changed, RunOptions(runs_dir=tmp_path))
+        assert digest() == before
+        with pytest.raises(StudyConflict, match="adaptive rule's decisions hold"):
+            run_study(changed, RunOptions(runs_dir=tmp_path, progress=False))
+    stored = read_study(spec, spec.storage_url(tmp_path))
+    assert stored.user_attrs["seed_rule"] == rule
+    # The other way: a study run with fixed seeds, then given a rule.
+    fixed = parse_spec(raw_spec("fixed-first", epochs=1, seeds=2))
+    run_study(fixed, RunOptions(runs_dir=tmp_path, progress=False))
+    with pytest.raises(StudyConflict, match="was run with fixed seeds"):
+        plan_study(parse_spec({**raw_spec("fixed-first", epochs=1), "seeds": rule}),
+                   RunOptions(runs_dir=tmp_path))
+    reworded = parse_spec({**raw_spec("fixed-first", epochs=1, seeds=2), "question": "Why?"})
+    run_study(reworded, RunOptions(runs_dir=tmp_path, progress=False))
+    assert read_study(reworded, reworded.storage_url(tmp_path)).user_attrs["question"] == "Why?"

@@ -48,6 +48,10 @@ def test_a_missing_store_is_named_as_given_and_the_runs_folder_rule_is_said(stud
         results.load("s1")  # ./runs does not exist here
     with pytest.raises(ResultsError, match=r"no study storage at .*none\.db"):
         results.load(f"sqlite:///{runs / 'none.db'}")
+    # A folder given for a store: said so, and the stores in it listed (not its parent's).
+    with pytest.raises(ResultsError, match=rf"^{runs} is a folder, not a study store file; "
+                                           rf"databases in {runs}/: s1\.db"):
+        results.load(f"{runs}/")
 
 
 def test_a_study_ls_lists_from_another_store_of_the_runs_folder_is_found_by_name(study_s1):
@@ -66,6 +70,11 @@ def test_a_study_ls_lists_from_another_store_of_the_runs_folder_is_found_by_name
     with pytest.raises(ResultsError, match=r"study 'deg' is in 2 stores of .* \(mine\.db, "
                                            r"other\.db\) and none is deg\.db: name one"):
         results.load("deg", runs_dir=runs)
+    # A store of two studies given by its path: the command that names one, as a command.
+    optuna.create_study(study_name="other", storage=f"sqlite:///{runs / 'mine.db'}")
+    with pytest.raises(ResultsError, match=r"mine\.db holds 2 studies \(deg, other\); name one: "
+                                           r"`resnet-ablate show NAME --storage 'sqlite:///"):
+        results.load(str(runs / "mine.db"))
 
 
 def test_the_commands_a_run_suggests_keep_its_runs_folder_and_work(study_s1, capsys):

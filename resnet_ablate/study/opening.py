@@ -132,7 +132,8 @@ def _casefolded(section: Any) -> str:
 def open_study(spec: StudySpec, storage: str | optuna.storages.BaseStorage, *,
                sampler: optuna.samplers.BaseSampler | None = None,
                pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
-    """Create the spec's study in `storage`, or reopen it after checking it was made from this spec."""
+    """Create the spec's study in `storage`, or reopen it after checking it was made from this
+    spec (`check_same_study`); a reworded `question` replaces the stored one."""
     from . import space
 
     url = storage if isinstance(storage, str) else "the study store"
@@ -143,40 +144,17 @@ def open_study(spec: StudySpec, storage: str | optuna.storages.BaseStorage, *,
             sampler=sampler or space.sampler(spec), pruner=pruner or space.pruner(spec),
             load_if_exists=True,
         )
-        current = fingerprint(spec)
-        stored = study.user_attrs.get(StudyKey.SPEC)
-        if stored is None:
+        if study.user_attrs.get(StudyKey.SPEC) is None:
             study.set_user_attr(StudyKey.SAMPLER, spec.sampler)
-            study.set_user_attr(StudyKey.SPEC, current)
+            study.set_user_attr(StudyKey.SPEC, fingerprint(spec))
             study.set_user_attr(StudyKey.SPEC_SOURCE, spec.source)
             study.set_user_attr(StudyKey.QUESTION, spec.question)
             study.set_user_attr(StudyKey.OBJECTIVES, list(spec.objectives))
             study.set_user_attr(StudyKey.SEEDS, list(spec.seeds))
-        elif not same_study(stored, current):
-            differ = [s for s in SECTIONS_THAT_DEFINE_A_STUDY if stored.get(s) != current.get(s)]
-            if differ == ["space"] and (_casefolded(stored.get("space"))
-                                        == _casefolded(current.get("space"))):
-                # The same levels (the architecture reads `a` as `A`), but the store keys its
-                # trials by the levels as written: another spelling would run them all again.
-                raise StudyConflict(
-                    f"study {spec.study!r} in {url} spells its levels {stored.get('space')}, "
-                    f"and {spec.source} spells them {current.get('space')}: the same levels, "
-                    "but the store keys its trials by their spelling; write them as the study "
-                    "was created")
-            if differ == ["dataset"] and _only_root_differs(stored, current):
-                raise StudyConflict(
-                    f"study {spec.study!r} in {url} reads its data set from root "
-                    f"{stored['dataset'].get('root')!r}, and {spec.source} from "
-                    f"{current['dataset'].get('root')!r}: a study's trials are all on one data "
-                    "set; if it is the same data moved, give the stored root (a link from there "
-                    "works), else another study name")
-            raise StudyConflict(
-                f"study {spec.study!r} in {url} was created from a different spec "
-                f"({', '.join(differ)} differ: stored {[stored.get(s) for s in differ]}, "
-                f"{spec.source} has {[current.get(s) for s in differ]}); its recorded trials are "
-                "kept: give this spec another study name, or point it at another storage"
-            )
-        _check_sampler(study, spec, url)
+        else:
+            check_same_study(study, spec, url)
+            if study.user_attrs.get(StudyKey.QUESTION) != spec.question:
+                study.set_user_attr(StudyKey.QUESTION, spec.question)  # words, not meaning
         if sampler is None and spec.sampler != "grid":  # drawing on from the recorded trials
             study.sampler = space.sampler(spec, len(study.get_trials(deepcopy=False)))
         if spec.adaptive_seeds is not None:
@@ -186,6 +164,70 @@ def open_study(spec: StudySpec, storage: str | optuna.storages.BaseStorage, *,
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 study.set_metric_names(list(spec.objectives))
     return study
+
+
+def read_study(spec: StudySpec, storage: str) -> optuna.Study:
+    """The spec's existing study, checked as `open_study` checks it, and nothing written: what a
+    dry run reads (it rewrote the stored seed rule, and a store it may not write refused it)."""
+    with store_faults(storage):
+        study = optuna.load_study(study_name=spec.study, storage=storage)
+        if study.user_attrs.get(StudyKey.SPEC) is not None:
+            check_same_study(study, spec, storage)
+    return study
+
+
+def check_same_study(study: optuna.Study, spec: StudySpec, url: str) -> None:
+    """StudyConflict unless `study` (which has a stored fingerprint) was made from this spec: the
+    sections that define a study mean the same, the sampler is of the same kind, and the seeds
+    follow the same rule."""
+    stored, current = study.user_attrs[StudyKey.SPEC], fingerprint(spec)
+    if not same_study(stored, current):
+        differ = [s for s in SECTIONS_THAT_DEFINE_A_STUDY if stored.get(s) != current.get(s)]
+        if differ == ["space"] and (_casefolded(stored.get("space"))
+                                    == _casefolded(current.get("space"))):
+            # The same levels (the architecture reads `a` as `A`), but the store keys its
+            # trials by the levels as written: another spelling would run them all again.
+            raise StudyConflict(
+                f"study {spec.study!r} in {url} spells its levels {stored.get('space')}, "
+                f"and {spec.source} spells them {current.get('space')}: the same levels, "
+                "but the store keys its trials by their spelling; write them as the study "
+                "was created")
+        if differ == ["dataset"] and _only_root_differs(stored, current):
+            raise StudyConflict(
+                f"study {spec.study!r} in {url} reads its data set from root "
+                f"{stored['dataset'].get('root')!r}, and {spec.source} from "
+                f"{current['dataset'].get('root')!r}: a study's trials are all on one data "
+                "set; if it is the same data moved, give the stored root (a link from there "
+                "works), else another study name")
+        raise StudyConflict(
+            f"study {spec.study!r} in {url} was created from a different spec "
+            f"({', '.join(differ)} differ: stored {[stored.get(s) for s in differ]}, "
+            f"{spec.source} has {[current.get(s) for s in differ]}); its recorded trials are "
+            "kept: give this spec another study name, or point it at another storage"
+        )
+    _check_sampler(study, spec, url)
+    _check_seed_rule(study, spec, url)
+
+
+def _check_seed_rule(study: optuna.Study, spec: StudySpec, url: str) -> None:
+    """Refuse another seed rule for a study that has trials: an adaptive rule's guarantee is
+    for the looks made under it, and its intervals are read with it (results.py); a study run
+    with fixed seeds has made no look to continue. Fixed seeds may grow, as ever."""
+    from ..spec import adaptive_rule
+
+    raw_seeds = (spec.raw or {}).get("seeds")
+    stored = study.user_attrs.get(StudyKey.SEED_RULE)
+    space = (spec.raw or {}).get("space") or {}
+    current_rule = adaptive_rule(raw_seeds, space) if spec.adaptive_seeds is not None else None
+    stored_rule = adaptive_rule(stored, space) if stored is not None else None
+    if stored_rule == current_rule or not study.get_trials(deepcopy=False):
+        return
+    was = f"seeds: {stored}" if stored is not None else "fixed seeds"
+    now = f"seeds: {raw_seeds}" if current_rule is not None else "fixed seeds"
+    raise StudyConflict(
+        f"study {spec.study!r} in {url} was run with {was}, and {spec.source} has {now}: an "
+        "adaptive rule's decisions hold for the looks made under that rule, and its intervals "
+        "are read with it; keep the stored seeds, or give this spec another study name")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from .loop import DriverLoop, failures
 from .recorder import TrialRecorder
 from .signals import StopSignals, signals_held, stop_on_signals
 from .lease import DriverLease
-from .opening import check_store_folder, open_study, prepare_store_folder
+from .opening import check_store_folder, open_study, prepare_store_folder, read_study
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class StudyRunner:
 
     @property
     def study(self) -> optuna.Study:
-        """The study in its store, created on first use (a dry run only reads)."""
+        """The study in its store, created on first use (a dry run reads it: read_study)."""
         if self._study is None:
             prepare_store_folder(self.storage)
             self._study = open_study(self.spec, self.storage)
@@ -82,7 +82,8 @@ class StudyRunner:
                 names = [s.study_name for s in optuna.get_all_study_summaries(self.storage)]
             if self.spec.study not in names:
                 return []
-        return self.study.get_trials(deepcopy=False)
+            return read_study(self.spec, self.storage).get_trials(deepcopy=False)
+        return self._study.get_trials(deepcopy=False)
 
     @property
     def checkpoints(self) -> str:

@@ -67,6 +67,16 @@ def test_the_time_estimate_is_each_trials_start_and_work_at_the_probed_rate(tmp_
         assert abs(found.seconds - expected) < 1e-9 * expected, (workers, found.seconds, expected)
     monkeypatch.setattr(estimate.os, "cpu_count", lambda: 2)  # 1 CPU a trial: 2 at a time
     assert estimate.estimate_time(spec, planned, 6).parallel == 2
+    # Adaptive seeds: the seeds past `min` are "if open", timed apart as the most it may take.
+    rule = {"min": 2, "max": 3, "until": {"width": 0.01}}
+    spec, planned = _planned(write_spec(tmp_path, {**raw, "study": "open", "seeds": rule}))
+    found = estimate.estimate_time(spec, planned, 2)
+    assert found.if_open == 2  # one more seed of each depth
+    assert abs(found.seconds - (deep_seconds + shallow_seconds)) < 1e-9 * found.seconds
+    assert abs(found.if_open_seconds - 1.5 * (deep_seconds + shallow_seconds)) \
+        < 1e-9 * found.if_open_seconds
+    assert f"({estimate._duration(found.if_open_seconds)} if the 2 'if open' trials run too)" \
+        in found.line(4)
 
 
 def test_the_dry_run_times_a_trials_training_here_and_prints_the_estimate(tmp_path, capsys):

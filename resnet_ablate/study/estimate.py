@@ -43,9 +43,14 @@ class TimeEstimate:
     probed: str  # the architecture timed
     images_per_second: float  # its training rate here, evaluation included
     device: str
+    # An adaptive study's seeds listed "if open": how many, and the time with them run too.
+    if_open: int = 0
+    if_open_seconds: float = 0.0
 
     def line(self, trials: int) -> str:
-        return (f"time: about {_duration(self.seconds)} for the {trials} trials to run, "
+        more = (f" ({_duration(self.if_open_seconds)} if the {self.if_open} 'if open' trials "
+                "run too)" if self.if_open else "")
+        return (f"time: about {_duration(self.seconds)} for the {trials} trials to run{more}, "
                 f"{self.parallel} at a time on this machine's {self.device} ({self.probed} timed "
                 f"here at {self.images_per_second:.0f} training images/s, evaluation included; "
                 "the others scaled by their FLOPs: a rough figure)")
@@ -79,15 +84,24 @@ def estimate_time(spec: StudySpec, planned: Sequence[PlannedTrial], workers: int
     if announce is not None:
         announce(f"timing {probed.name}'s training here for the estimate ({2 * PROBE_STEPS} "
                  "batches)...")
-    seconds_per_image, rate, start = _probe(spec, probed, "cuda" if on_gpu else "cpu")
+    probe = _probe(spec, probed, "cuda" if on_gpu else "cpu")
+    if probe is None:
+        return f"time: not estimated: {probed.name} diverged in the probe's first epoch"
+    seconds_per_image, rate, start = probe
     # Each trial: its start, then its images times its epochs at the probed rate, scaled by its
-    # FLOPs per image.
+    # FLOPs per image; the study: trials side by side, never less than its longest trial.
     per_tflop = seconds_per_image * images / first.train_tflops
-    times = [start + p.train_tflops * per_tflop for p in pending]
-    parallel = _parallel(spec, workers, len(pending), on_gpu)
+
+    def wall(trials: Sequence[PlannedTrial]) -> tuple[float, int]:
+        times = [start + p.train_tflops * per_tflop for p in trials]
+        parallel = _parallel(spec, workers, len(trials), on_gpu)
+        return max(sum(times) / parallel, max(times)), parallel
+
+    seconds, parallel = wall(pending)
+    if_open = [p for p in planned if p.status == "if open"]
     where = torch.cuda.get_device_name() if on_gpu else f"{os.cpu_count()} CPUs"
-    return TimeEstimate(max(sum(times) / parallel, max(times)), parallel, probed.name, rate,
-                        where)
+    return TimeEstimate(seconds, parallel, probed.name, rate, where, len(if_open),
+                        wall([*pending, *if_open])[0] if if_open else 0.0)
 
 
 def _why_not(spec: StudySpec, pending: Sequence[PlannedTrial]) -> str | None:
@@ -108,10 +122,10 @@ def _train_images(spec: StudySpec) -> int:
     return dataset_shape(**spec.dataset.load_kwargs()).train_size
 
 
-def _probe(spec: StudySpec, arch: ResNetArch, device: str) -> tuple[float, float, float]:
+def _probe(spec: StudySpec, arch: ResNetArch, device: str) -> tuple[float, float, float] | None:
     """Seconds per training image (its share of the evaluation included) of `arch` trained as a
     trial trains it, the training images per second that makes, and the seconds its start took
-    (the first epoch's beyond the second's)."""
+    (the first epoch's beyond the second's); None where it diverged in its first epoch."""
     from ..recipe import TrainRecipe
     from ..train import train
     from ..trial import TrialInputs
@@ -128,9 +142,11 @@ def _probe(spec: StudySpec, arch: ResNetArch, device: str) -> tuple[float, float
     recipe = TrainRecipe.from_dict({**inputs.recipe.to_dict(), "epochs": 2, "test_views": []})
     result = train(inputs.model, sample, recipe, seed=task.seed, device=device,
                    threads=task.threads)
-    seconds = result.history[-1].seconds if result.history else result.wall_seconds
+    if not result.history:
+        return None
+    seconds = result.history[-1].seconds  # the first epoch's where the second diverged
     # What the first epoch took beyond the second: a trial's own start (allocations, caches).
-    start = result.wall_seconds - 2 * seconds
+    start = result.wall_seconds - len(result.history) * seconds
     return seconds / train_images, train_images / seconds, max(0.0, start)
 
 

@@ -120,3 +120,5 @@ def test_the_estimate_says_why_where_it_is_not_made(tmp_path, monkeypatch):
             and reason in found, (reason, found)
     spec, planned = _planned(write_spec(tmp_path, raw_spec("none-left")))
     assert estimate.estimate_time(spec, [], 1) == "time: nothing to run"
+    assert estimate.estimate_time(spec, planned, 1, cluster=True).startswith(
+        "time: not estimated for a cluster (--address)")

@@ -28,7 +28,7 @@ def _run(args: argparse.Namespace) -> int:
                          progress=not args.quiet)
     if args.dry_run:
         return _print_plan(spec, plan_study(spec, options), args.format,
-                           options.workers or spec.resources.workers)
+                           options.workers or spec.resources.workers, bool(options.address))
     if args.format != "table":
         print("resnet-ablate run: error: --format applies to --dry-run; a run prints a table, "
               f"and `resnet-ablate export {spec.study}{store_options(args)} --format {args.format}` "
@@ -71,7 +71,8 @@ def _last_failure(results) -> str:
     return f"; the last failure (trial {row['number']}): {str(row['failure']).splitlines()[0]}"
 
 
-def _print_plan(spec, planned, fmt: str = "table", workers: int = 1) -> int:
+def _print_plan(spec, planned, fmt: str = "table", workers: int = 1, cluster: bool = False
+                ) -> int:
     if spec.sampler != "grid":
         print(f"{spec.source}: the {spec.sampler} sampler chooses trials as it goes; "
               f"budget: {spec.budget.trials or 'no'} trials, {spec.budget.minutes or 'no'} minutes")
@@ -110,7 +111,7 @@ def _print_plan(spec, planned, fmt: str = "table", workers: int = 1) -> int:
     configurations = [point_key(p.params, 0) for p in pending]
     for line in StudyCosts(spec).dry_run_notes(configurations):
         print(line)
-    estimate = estimate_time(spec, planned, workers,
+    estimate = estimate_time(spec, planned, workers, cluster=cluster,
                              announce=lambda line: print(line, file=sys.stderr, flush=True))
     print(estimate if isinstance(estimate, str) else estimate.line(len(pending)))
     return 0

@@ -3,17 +3,19 @@
 One architecture, the one with the most training work pending, is trained as a trial would train
 it (its recipe, threads and device) for two short epochs of `PROBE_STEPS` batches each, with an
 evaluation set in the data set's own proportion to its training set; the second epoch is timed
-(the first pays for allocations and caches). Every pending trial's time is then that epoch's time
-per training image, times its images and epochs, scaled by its FLOPs against the probed one's:
-the progress line's ETA (eta.py) counts work the same way. Trials run side by side as many at a
-time as the workers, the trials and this machine's cores (or GPUs) allow.
+(the first pays for allocations and caches: what it took beyond the second is each trial's start).
+Every pending trial's time is then that start plus the second epoch's time per training image,
+times its images and epochs, scaled by its FLOPs against the probed one's: the progress line's
+ETA (eta.py) counts work the same way. Trials run side by side as many at a time as the workers,
+the trials and this machine's cores (or GPUs) allow; the study takes no less than its longest
+trial. An adaptive study's seeds listed "if open" are timed apart, as the most it may take.
 
 A rough figure, to tell minutes from hours before a run: a deep, narrow net runs fewer FLOPs a
 second than a shallow one on small batches; packing trials on one GPU and stacking seeds, which
 speed a study up, are not counted; nor are the paper's test-time views scored after the last
-epoch. Not estimated (the reason is printed instead) for streamed data sets (the loader's rate is
-not probed), data-parallel trials, GPU trials on a machine without one, and a probe step too large
-to time quickly here.
+epoch, nor Ray's own start. Not estimated (the reason is printed instead) for streamed data sets
+(the loader's rate is not probed), data-parallel trials, trials on a cluster (--address), GPU
+trials on a machine without one, and a probe too large to time quickly on a CPU.
 """
 
 from __future__ import annotations
@@ -57,10 +59,15 @@ class TimeEstimate:
 
 
 def estimate_time(spec: StudySpec, planned: Sequence[PlannedTrial], workers: int,
-                  announce: Callable[[str], None] | None = None) -> TimeEstimate | str:
-    """The wall time of `planned`'s pending trials on this machine, or why it is not estimated;
-    `announce` is told what is timed before the probe trains (a few seconds)."""
+                  announce: Callable[[str], None] | None = None, *,
+                  cluster: bool = False) -> TimeEstimate | str:
+    """The wall time of `planned`'s pending trials on this machine, or why it is not estimated
+    (also where they run on a `cluster`, whose machines are not this one); `announce` is told
+    what is timed before the probe trains (a few seconds)."""
     pending = [p for p in planned if p.status == "pending"]
+    if cluster and pending:
+        return ("time: not estimated for a cluster (--address): its machines are not this one; "
+                "the progress line gives an ETA once trials end")
     reason = _why_not(spec, pending)
     if reason is not None:
         return reason

@@ -7,6 +7,7 @@ trials' epochs move, so long runs always show progress without flooding a log.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from typing import TextIO
@@ -50,11 +51,10 @@ class StudyProgress:
         counts = (done, running, failed, remaining)
         now = time.monotonic()
         if self.live:
-            self.stream.write("\r\033[K" + self._line)
-            self.stream.flush()
+            self._write("\r\033[K" + self._line)
         elif counts != self._last_counts or (
                 epochs != self._last_epochs and now - self._last_printed >= EPOCHS_LOG_SECONDS):
-            print(self._line, file=self.stream, flush=True)
+            self._write(self._line + "\n")
             self._last_epochs, self._last_printed = epochs, now
         self._last_counts = counts
 
@@ -63,10 +63,9 @@ class StudyProgress:
         if not self.enabled:
             return
         if self.live:
-            self.stream.write("\r\033[K" + message + "\n" + self._line)
-            self.stream.flush()
+            self._write("\r\033[K" + message + "\n" + self._line)
         else:
-            print(message, file=self.stream, flush=True)
+            self._write(message + "\n")
 
     def warn(self, message: str) -> None:
         """A message on its own line even where progress is off (--quiet): what a run could not
@@ -74,9 +73,19 @@ class StudyProgress:
         if self.enabled:
             self.log(message)
         else:
-            print(message, file=sys.stderr, flush=True)
+            with contextlib.suppress(OSError):  # no terminal left to tell
+                print(message, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.enabled and self.live:
-            self.stream.write("\n")
+            self._write("\n")
+
+    def _write(self, text: str) -> None:
+        """`text` to the stream; where the stream has gone (a terminal hung up: every write
+        fails), progress stops, and the run goes on: the hangup's signal stops it cleanly, and a
+        failed write must not skip that stop (trials left running) nor end it in a traceback."""
+        try:
+            self.stream.write(text)
             self.stream.flush()
+        except OSError:
+            self.enabled = False

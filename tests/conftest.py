@@ -114,8 +114,8 @@ def local_ray():
 @pytest.fixture(autouse=True)
 def _stop_signal_handlers_restored():
     """Each test starts with the process's Ctrl-C, SIGTERM and SIGHUP handlers as the previous
-    one found them: a command run in-process ends by ignoring them (cli/registry.py `stopped`: the process
-    is on its way out), which would otherwise leak into every later test of the session."""
+    one found them: a command run in-process ends by ignoring them (cli/registry.py `stopped`: the
+    process is on its way out), which would otherwise leak into every later test of the session."""
     import signal
 
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}

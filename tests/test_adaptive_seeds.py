@@ -494,3 +494,20 @@ def test_a_studys_seed_rule_is_kept_and_a_dry_run_writes_nothing(local_ray, tmp_
     reworded = parse_spec({**raw_spec("fixed-first", epochs=1, seeds=2), "question": "Why?"})
     run_study(reworded, RunOptions(runs_dir=tmp_path, progress=False))
     assert read_study(reworded, reworded.storage_url(tmp_path)).user_attrs["question"] == "Why?"
+
+
+def test_a_seed_rule_changed_before_any_trial_is_replaced(tmp_path):
+    """A study created adaptive and stopped before its first trial may take fixed seeds: the
+    stored rule goes with the change (it was kept, and the study then refused its own spec and
+    read its intervals with a rule that never ran)."""
+    from resnet_ablate.study.opening import open_study
+
+    storage = f"sqlite:///{tmp_path / 'switched.db'}"
+    rule = {"min": 2, "max": 3, "until": {"width": 0.5}}
+    adaptive = parse_spec(raw_spec("switched", seeds=rule))
+    assert open_study(adaptive, storage).user_attrs["seed_rule"] == rule
+    fixed = parse_spec(raw_spec("switched", seeds=2))
+    study = open_study(fixed, storage)
+    assert study.user_attrs["seed_rule"] is None
+    study.add_trial(optuna.trial.create_trial(value=0.1))
+    assert open_study(fixed, storage).user_attrs["seed_rule"] is None  # its own spec, again

@@ -77,6 +77,10 @@ def test_the_time_estimate_is_each_trials_start_and_work_at_the_probed_rate(tmp_
         < 1e-9 * found.if_open_seconds
     assert f"({estimate._duration(found.if_open_seconds)} if the 2 'if open' trials run too)" \
         in found.line(4)
+    bounded = {**raw, "study": "bounded", "budget": {"minutes": found.seconds / 120}}
+    spec, planned = _planned(write_spec(tmp_path, bounded))
+    line = estimate.estimate_time(spec, planned, 2).line(4)
+    assert f"budget.minutes stops the run at {found.seconds / 120:g} min" in line, line
 
 
 def test_the_dry_run_times_a_trials_training_here_and_prints_the_estimate(tmp_path, capsys):

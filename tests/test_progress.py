@@ -33,6 +33,27 @@ def test_a_log_shows_epochs_moving_once_a_minute_and_every_change_of_the_counts(
     assert printed[-1].startswith("[imagenet] done 1")
 
 
+class _HungUp(io.StringIO):
+    """A terminal that has hung up: every write fails with EIO, as a closed pty's does."""
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        raise OSError(5, "Input/output error")
+
+
+def test_a_terminal_that_hung_up_stops_the_display_not_the_run():
+    """After SIGHUP the study's stop must still mark its trials and exit 129: a progress write
+    that raised on the closed terminal skipped the stop or ended in a traceback."""
+    line = progress.StudyProgress("hup", stream=_HungUp())
+    assert line.live
+    line.update(done=0, running=1, failed=0, remaining=1, best=None, eta_seconds=None)
+    assert not line.enabled  # given up at the first failed write
+    line.log("a trial failed")
+    line.close()
+
+
 def test_the_eta_counts_the_work_left_not_the_trials_left():
     """The degradation study's ETA said six minutes after two ResNet-20 trials, with ResNet-110s
     to come: the time per trial times the trials left. The work left (FLOPs x epochs) at the rate

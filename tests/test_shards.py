@@ -681,6 +681,31 @@ def test_a_shard_behind_a_url_cut_between_members_fails_naming_it(http_shards):
 
 
 @pytest.mark.parametrize("suffix", sorted(COMPRESSIONS))
+def test_a_compressed_shard_with_wrong_bytes_is_a_corrupt_shard(http_shards, suffix):
+    """Bytes flipped inside a compressed shard: the decompressors' own errors (zlib.error,
+    lzma.LZMAError, a gzip CRC's OSError) came out raw, or as a connection's fault; they are
+    CorruptShard, named, local or behind a URL (data_unavailable, not retried)."""
+    from resnet_ablate.data import CorruptShard
+
+    root, base = http_shards
+    whole = write_shard(root / f"plain-{suffix}.tar", labelled_images("x", 3, 2))
+    packed = COMPRESSIONS[suffix](whole.read_bytes())
+    middle = len(packed) // 2
+    flipped = packed[:middle] + bytes(b ^ 0xFF for b in packed[middle:middle + 16]) \
+        + packed[middle + 16:]
+    path = root / f"flipped-000.tar.{suffix}"
+    path.write_bytes(flipped)
+    with pytest.raises(CorruptShard, match=f"^shard {path} cannot be read"):
+        load_shards({"train": str(path), "val": str(path), "num_classes": 3}, image_size=24,
+                    loader_workers=0)
+    url = f"{base}/{path.name}"
+    data = load_shards({"train": url, "val": url, "num_classes": 3, "train_size": 6,
+                        "val_size": 6}, image_size=24, loader_workers=0)
+    with pytest.raises(CorruptShard, match=f"^shard {url} cannot be read"):
+        list(data.test_loader(4))
+
+
+@pytest.mark.parametrize("suffix", sorted(COMPRESSIONS))
 def test_a_compressed_local_shard_is_read_once_as_it_loads(tmp_path, monkeypatch, suffix):
     """A compressed shard is counted, its labels and its end checked, in one pass over its
     bytes (a tar reader seeking back in it decompressed it again from its start); cut between

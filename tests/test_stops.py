@@ -206,6 +206,22 @@ with raise_on_stop():
     assert done.stdout.split("\n")[-2] == "[True, True, True] [True, True, True]", done.stdout
 
 
+def test_a_run_under_nohup_keeps_ignoring_sighup():
+    """`nohup resnet-ablate run ... &` ignores SIGHUP so that the run outlives its SSH session:
+    the study's handlers leave an ignored SIGHUP ignored (and handle SIGINT and SIGTERM), and
+    handle it where it was not."""
+    from resnet_ablate.study.signals import raise_on_stop, stop_on_signals
+
+    for before, during in ((signal.SIG_IGN, signal.SIG_IGN), (signal.SIG_DFL, "handled")):
+        signal.signal(HUP, before)
+        with raise_on_stop():
+            assert callable(signal.getsignal(INT)) and callable(signal.getsignal(TERM))
+            with stop_on_signals():
+                found = signal.getsignal(HUP)
+                assert found is signal.SIG_IGN if during is signal.SIG_IGN else callable(found)
+        assert signal.getsignal(HUP) is before
+
+
 def _hold_write_lock(database: Path, seconds: float) -> threading.Thread:
     """Another process's long write transaction on a SQLite store, from a thread."""
     locked = threading.Event()

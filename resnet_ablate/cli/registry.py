@@ -62,7 +62,7 @@ def stopped(signal_name: str, message: str) -> int:
     only interrupt Ray's shutdown."""
     from ..study.signals import exit_code
 
-    for ignored in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for ignored in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # (SIGHUP may already be)
         signal.signal(ignored, signal.SIG_IGN)
     try:
         print(message, file=sys.stderr, flush=True)

@@ -15,6 +15,7 @@ import lzma
 import re
 import tarfile
 import urllib.error
+import zlib
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
@@ -87,12 +88,63 @@ def decompressed(stream: BinaryIO) -> BinaryIO:
     head = stream.read(6)
     prefixed: BinaryIO = _Prefixed(head, stream)  # type: ignore[assignment]
     reader = _reader_for(head)
-    return prefixed if reader is None else reader(prefixed)
+    return prefixed if reader is None else _Decompressed(reader, prefixed)  # type: ignore
 
 
 def _reader_for(head: bytes) -> Callable[[BinaryIO], BinaryIO] | None:
     """The decompressing reader for a stream that starts with `head`; None for plain bytes."""
     return next((reader for magic, reader in _COMPRESSIONS if head.startswith(magic)), None)
+
+
+class _SourceFault(Exception):
+    """The source stream's own fault (a lost connection) on its way through a decompressor."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+class _Faults(io.RawIOBase):
+    """`stream`'s reads, its faults marked as its own (_SourceFault)."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self.stream.read(size)
+        except OSError as error:
+            raise _SourceFault(error) from error
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+
+class _Decompressed(io.RawIOBase):
+    """A compressed stream's bytes decompressed, where wrong bytes are a tarfile.ReadError (a
+    corrupt shard: the decompressors raise zlib.error, lzma.LZMAError, OSError or EOFError for
+    them) and the source's own faults stay what they were (a lost connection is no corrupt
+    shard)."""
+
+    def __init__(self, reader: Callable[[BinaryIO], BinaryIO], source: BinaryIO) -> None:
+        self.reader = reader(_Faults(source))  # type: ignore[arg-type]
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self.reader.read(size)
+        except _SourceFault as fault:
+            raise fault.error from None
+        except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError) as error:
+            raise tarfile.ReadError(f"cannot be decompressed ({type(error).__name__}: "
+                                    f"{error})") from error
 
 
 class _Prefixed(io.RawIOBase):

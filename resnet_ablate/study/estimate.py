@@ -48,10 +48,14 @@ class TimeEstimate:
     # An adaptive study's seeds listed "if open": how many, and the time with them run too.
     if_open: int = 0
     if_open_seconds: float = 0.0
+    budget_minutes: float | None = None  # budget.minutes, which stops the run there
 
     def line(self, trials: int) -> str:
         more = (f" ({_duration(self.if_open_seconds)} if the {self.if_open} 'if open' trials "
                 "run too)" if self.if_open else "")
+        longest = max(self.seconds, self.if_open_seconds)
+        if self.budget_minutes is not None and longest > 60 * self.budget_minutes:
+            more += f"; budget.minutes stops the run at {self.budget_minutes:g} min"
         return (f"time: about {_duration(self.seconds)} for the {trials} trials to run{more}, "
                 f"{self.parallel} at a time on this machine's {self.device} ({self.probed} timed "
                 f"here at {self.images_per_second:.0f} training images/s, evaluation included; "
@@ -75,7 +79,8 @@ def estimate_time(spec: StudySpec, planned: Sequence[PlannedTrial], workers: int
 
     on_gpu = spec.resources.gpus > 0
     if on_gpu and not torch.cuda.is_available():
-        return "time: not estimated: the trials run on GPUs (resources.gpus) and this machine has none"
+        return ("time: not estimated: the trials run on GPUs (resources.gpus) and this machine "
+                "has none")
     work: dict[ResNetArch, float] = {}
     for p in pending:
         work[p.arch] = work.get(p.arch, 0.0) + p.train_tflops
@@ -108,7 +113,7 @@ def estimate_time(spec: StudySpec, planned: Sequence[PlannedTrial], workers: int
     if_open = [p for p in planned if p.status == "if open"]
     where = torch.cuda.get_device_name() if on_gpu else f"{os.cpu_count()} CPUs"
     return TimeEstimate(seconds, parallel, probed.name, rate, where, len(if_open),
-                        wall([*pending, *if_open])[0] if if_open else 0.0)
+                        wall([*pending, *if_open])[0] if if_open else 0.0, spec.budget.minutes)
 
 
 def _why_not(spec: StudySpec, pending: Sequence[PlannedTrial]) -> str | None:
@@ -146,7 +151,10 @@ def _probe(spec: StudySpec, arch: ResNetArch, device: str) -> tuple[float, float
     sample = dataclasses.replace(data, train_x=data.train_x[:train_images],
                                  train_y=data.train_y[:train_images],
                                  test_x=data.test_x[:test_images], test_y=data.test_y[:test_images])
-    recipe = TrainRecipe.from_dict({**inputs.recipe.to_dict(), "epochs": 2, "test_views": []})
+    # No warm-up: a trial warms up for a few hundred of its thousands of steps, reading its
+    # error on the host at each, which would be every step the probe times.
+    recipe = TrainRecipe.from_dict({**inputs.recipe.to_dict(), "epochs": 2, "test_views": [],
+                                    "warmup": False})
     result = train(inputs.model, sample, recipe, seed=task.seed, device=device,
                    threads=task.threads)
     if not result.history:
@@ -165,7 +173,7 @@ def _parallel(spec: StudySpec, workers: int, trials: int, on_gpu: bool) -> int:
 
         room = torch.cuda.device_count()
     else:
-        room = (os.cpu_count() or 1) // max(1, int(spec.resources.cpus))
+        room = int((os.cpu_count() or 1) // max(1.0, spec.resources.cpus))
     return max(1, min(workers, trials, room))
 
 

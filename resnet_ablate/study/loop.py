@@ -7,9 +7,9 @@ Faults, and what this loop makes of them:
 - an exception in a trial comes back as a failed outcome: recorded with its traceback, and the study
   goes on (the grid point is tried again, up to `max_attempts`, after a back-off);
 - a killed worker surfaces as a Ray error: recorded as failed ("worker lost") and retried;
-- Ctrl-C, SIGTERM or SIGHUP cancel the running tasks and mark their trials interrupted (FAIL), so the
-  store stays consistent and the same command resumes; the signal is acted on at the loop's next
-  turn or, where the loop waits for Ray, at once, and further signals wait until the marking is
+- Ctrl-C, SIGTERM or SIGHUP cancel the running tasks and mark their trials interrupted (FAIL), so
+  the store stays consistent and the same command resumes; the signal is acted on at the loop's
+  next turn or, where the loop waits for Ray, at once, and further signals wait until the marking is
   done (signals.py).
 """
 

@@ -157,8 +157,11 @@ def open_study(spec: StudySpec, storage: str | optuna.storages.BaseStorage, *,
                 study.set_user_attr(StudyKey.QUESTION, spec.question)  # words, not meaning
         if sampler is None and spec.sampler != "grid":  # drawing on from the recorded trials
             study.sampler = space.sampler(spec, len(study.get_trials(deepcopy=False)))
-        if spec.adaptive_seeds is not None:
-            study.set_user_attr(StudyKey.SEED_RULE, (spec.raw or {}).get("seeds"))
+        # The rule the study's seeds follow (None: fixed seeds), replaced only where the
+        # checks let it change (before any trial): results read the intervals with it.
+        rule = (spec.raw or {}).get("seeds") if spec.adaptive_seeds is not None else None
+        if study.user_attrs.get(StudyKey.SEED_RULE) != rule:
+            study.set_user_attr(StudyKey.SEED_RULE, rule)
         if study.metric_names is None:  # optuna-dashboard and the optuna CLI then name them
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

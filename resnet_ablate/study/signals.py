@@ -24,6 +24,14 @@ _STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _NAMES = {signum: signal.Signals(signum).name for signum in _STOPS}
 
 
+def _stops() -> tuple[int, ...]:
+    """The stop signals to handle: SIGHUP only where it is not ignored (`nohup` ignores it, so
+    that a run outlives its SSH session: it still does)."""
+    if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+        return (signal.SIGINT, signal.SIGTERM)
+    return _STOPS
+
+
 class StopRequested(KeyboardInterrupt):
     """SIGTERM or SIGHUP (its name the exception's one argument), turned into the same clean stop
     as Ctrl-C while a study runs."""
@@ -103,13 +111,14 @@ _outer: _RaiseOnce | None = None
 @contextlib.contextmanager
 def raise_on_stop() -> Iterator[None]:
     """Within (a whole command): Ctrl-C raises KeyboardInterrupt, SIGTERM and SIGHUP
-    StopRequested, where they land, once; a second signal cannot interrupt the handling of the first."""
+    StopRequested, where they land, once; a second signal cannot interrupt the handling of the
+    first."""
     global _outer
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     handler, previous_outer = _RaiseOnce(), _outer
-    previous = {s: signal.signal(s, handler) for s in _STOPS}
+    previous = {s: signal.signal(s, handler) for s in _stops()}
     _outer = handler
     try:
         yield
@@ -121,8 +130,8 @@ def raise_on_stop() -> Iterator[None]:
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[StopSignals]:
-    """Within: Ctrl-C, SIGTERM and SIGHUP are noted, and the driver's loop stops on its next turn (trials
-    marked, storage consistent), or at once where it waits for Ray. A note, not an exception
+    """Within: Ctrl-C, SIGTERM and SIGHUP are noted, and the driver's loop stops on its next turn
+    (trials marked, storage consistent), or at once where it waits for Ray. A note, not an exception
     raised wherever the signal lands: one raised inside a library's clean-up callback is
     swallowed there, one raised in the middle of an import comes out as another error, and one
     raised inside a write leaves the store's connection holding its lock."""
@@ -130,7 +139,7 @@ def stop_on_signals() -> Iterator[StopSignals]:
     if threading.current_thread() is not threading.main_thread():
         yield heard
         return
-    previous = {s: signal.signal(s, heard._on_signal) for s in _STOPS}
+    previous = {s: signal.signal(s, heard._on_signal) for s in _stops()}
     try:
         yield heard
     finally:

@@ -104,20 +104,12 @@ class _SourceFault(Exception):
         self.error = error
 
 
-class _Faults(io.RawIOBase):
-    """`stream`'s reads, its faults marked as its own (_SourceFault)."""
-
-    def __init__(self, stream: BinaryIO) -> None:
-        self.stream = stream
+class _Reader(io.RawIOBase):
+    """A readable stream whose subclass gives `read`; `readinto` (what some readers call) reads
+    through it."""
 
     def readable(self) -> bool:
         return True
-
-    def read(self, size: int = -1) -> bytes:
-        try:
-            return self.stream.read(size)
-        except OSError as error:
-            raise _SourceFault(error) from error
 
     def readinto(self, buffer) -> int:
         data = self.read(len(buffer))
@@ -125,7 +117,20 @@ class _Faults(io.RawIOBase):
         return len(data)
 
 
-class _Decompressed(io.RawIOBase):
+class _Faults(_Reader):
+    """`stream`'s reads, its faults marked as its own (_SourceFault)."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self.stream.read(size)
+        except OSError as error:
+            raise _SourceFault(error) from error
+
+
+class _Decompressed(_Reader):
     """A compressed stream's bytes decompressed, where wrong bytes are a tarfile.ReadError (a
     corrupt shard: the decompressors raise zlib.error, lzma.LZMAError, OSError or EOFError for
     them) and the source's own faults stay what they were (a lost connection is no corrupt
@@ -133,9 +138,6 @@ class _Decompressed(io.RawIOBase):
 
     def __init__(self, reader: Callable[[BinaryIO], BinaryIO], source: BinaryIO) -> None:
         self.reader = reader(_Faults(source))  # type: ignore[arg-type]
-
-    def readable(self) -> bool:
-        return True
 
     def read(self, size: int = -1) -> bytes:
         try:
@@ -147,14 +149,11 @@ class _Decompressed(io.RawIOBase):
                                     f"{error})") from error
 
 
-class _Prefixed(io.RawIOBase):
+class _Prefixed(_Reader):
     """`head`, then the rest of `stream`: a stream whose first bytes were read to look at them."""
 
     def __init__(self, head: bytes, stream: BinaryIO) -> None:
         self.head, self.stream = head, stream
-
-    def readable(self) -> bool:
-        return True
 
     def read(self, size: int = -1) -> bytes:
         if not self.head:
@@ -166,11 +165,6 @@ class _Prefixed(io.RawIOBase):
         if len(data) < size:
             data += self.stream.read(size - len(data))
         return data
-
-    def readinto(self, buffer) -> int:  # what the decompressing readers call
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
 
 
 def split_key(name: str) -> tuple[str | None, str | None]:

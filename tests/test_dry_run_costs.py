@@ -42,28 +42,39 @@ def _planned(spec_path):
     return spec, plan_study(spec, RunOptions(runs_dir=spec_path.parent))
 
 
-def test_the_time_estimate_is_each_trials_start_and_work_at_the_probed_rate(tmp_path,
-                                                                             monkeypatch):
-    """By hand: the probed architecture (the most work pending) takes `start` plus its images x
-    epochs at the probed seconds per image; another takes its FLOPs' share of that; trials run
-    `workers` at a time, and the longest trial bounds the study from below."""
+def test_the_time_estimate_is_each_trials_start_and_work_at_its_probed_rate(tmp_path,
+                                                                            monkeypatch):
+    """By hand: each trial takes `start` plus its images x epochs at its seconds per image, the
+    line through the two probed architectures' (the most work pending, the lightest) over
+    their GFLOPs; trials run `workers` at a time, and the longest trial bounds the study from
+    below."""
     from resnet_ablate.study import estimate
 
-    raw = raw_spec("estimate", seeds=3, epochs=4, space={"depth": [8, 14]},
+    raw = raw_spec("estimate", seeds=3, epochs=4, space={"depth": [8, 20, 32]},
                    model={"family": "cifar"})
     spec, planned = _planned(write_spec(tmp_path, raw))
-    monkeypatch.setattr(estimate, "_probe", lambda spec, arch, device: (0.002, 500.0, 1.5))
+    by_depth = {p.arch.depth: p for p in planned}
+    deep, middle, shallow = by_depth[32], by_depth[20], by_depth[8]
+    # Timed: 2 ms an image at depth 32, 1 ms at depth 8.
+    timed = {deep.arch: 0.002, shallow.arch: 0.001}
+    monkeypatch.setattr(estimate, "_probe",
+                        lambda spec, arch, device: (timed[arch], 1 / timed[arch], 1.5))
     monkeypatch.setattr(estimate.os, "cpu_count", lambda: 8)
     images = spec.train.epochs * estimate._train_images(spec)
-    deep = next(p for p in planned if p.arch.depth == 14)
-    shallow = next(p for p in planned if p.arch.depth == 8)
-    deep_seconds = 1.5 + 0.002 * images
-    shallow_seconds = 1.5 + 0.002 * images * shallow.train_tflops / deep.train_tflops
-    for workers, expected in ((1, 3 * (deep_seconds + shallow_seconds)),
-                              (2, 1.5 * (deep_seconds + shallow_seconds)),
-                              (6, deep_seconds)):  # all at once: the longest trial
+    slope = (0.002 - 0.001) / (deep.gflops - shallow.gflops)
+    middle_per_image = 0.001 + slope * (middle.gflops - shallow.gflops)
+    deep_seconds, shallow_seconds = 1.5 + 0.002 * images, 1.5 + 0.001 * images
+    middle_seconds = 1.5 + middle_per_image * images
+    assert deep_seconds > middle_seconds > shallow_seconds
+    one_each = deep_seconds + middle_seconds + shallow_seconds
+    for workers, expected in ((1, 3 * one_each), (3, one_each),
+                              (9, max(3 * one_each / 8, deep_seconds)),  # 8 CPUs: 8 at once
+                              (99, deep_seconds)):  # nothing less than the longest trial
+        if workers == 99:
+            monkeypatch.setattr(estimate.os, "cpu_count", lambda: 99)
         found = estimate.estimate_time(spec, planned, workers)
-        assert found.probed == deep.arch.name and found.parallel == workers
+        assert found.probed == f"{deep.arch.name} and {shallow.arch.name}"
+        assert found.parallel == min(workers, 9, estimate.os.cpu_count())
         assert abs(found.seconds - expected) < 1e-9 * expected, (workers, found.seconds, expected)
     monkeypatch.setattr(estimate.os, "cpu_count", lambda: 2)  # 1 CPU a trial: 2 at a time
     assert estimate.estimate_time(spec, planned, 6).parallel == 2
@@ -71,15 +82,14 @@ def test_the_time_estimate_is_each_trials_start_and_work_at_the_probed_rate(tmp_
     rule = {"min": 2, "max": 3, "until": {"width": 0.01}}
     spec, planned = _planned(write_spec(tmp_path, {**raw, "study": "open", "seeds": rule}))
     found = estimate.estimate_time(spec, planned, 2)
-    assert found.if_open == 2  # one more seed of each depth
-    assert abs(found.seconds - (deep_seconds + shallow_seconds)) < 1e-9 * found.seconds
-    assert abs(found.if_open_seconds - 1.5 * (deep_seconds + shallow_seconds)) \
-        < 1e-9 * found.if_open_seconds
-    assert f"({estimate._duration(found.if_open_seconds)} if the 2 'if open' trials run too)" \
-        in found.line(4)
+    assert found.if_open == 3  # one more seed of each depth
+    assert abs(found.seconds - one_each) < 1e-9 * found.seconds
+    assert abs(found.if_open_seconds - 1.5 * one_each) < 1e-9 * found.if_open_seconds
+    assert f"({estimate._duration(found.if_open_seconds)} if the 3 'if open' trials run too)" \
+        in found.line(6)
     bounded = {**raw, "study": "bounded", "budget": {"minutes": found.seconds / 120}}
     spec, planned = _planned(write_spec(tmp_path, bounded))
-    line = estimate.estimate_time(spec, planned, 2).line(4)
+    line = estimate.estimate_time(spec, planned, 2).line(9)
     assert f"budget.minutes stops the run at {found.seconds / 120:g} min" in line, line
 
 
@@ -88,7 +98,7 @@ def test_the_dry_run_times_a_trials_training_here_and_prints_the_estimate(tmp_pa
     assert main(["run", str(write_spec(tmp_path, raw)), "--runs-dir", str(tmp_path),
                  "--dry-run"]) == 0
     out, err = capsys.readouterr()
-    assert "timing resnet8-cifar-A's training here for the estimate" in err
+    assert "timing the training of resnet8-cifar-A here for the estimate" in err
     (line,) = [line for line in out.splitlines() if line.startswith("time: ")]
     assert "for the 4 trials to run, 2 at a time" in line and "training images/s" in line, line
     assert not list(tmp_path.glob("*.db"))  # a dry run only reads

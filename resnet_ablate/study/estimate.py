@@ -1,23 +1,23 @@
-"""A dry run's estimate of a grid study's wall time, from a trial's training timed on this machine.
+"""A dry run's estimate of a grid study's wall time, from trials' training timed on this machine.
 
-One architecture, the one with the most training work pending, is trained as a trial would train
-it (its recipe, threads and device) for two short epochs of `PROBE_STEPS` batches each, with an
-evaluation set in the data set's own proportion to its training set; the second epoch is timed
-(the first pays for allocations and caches: what it took beyond the second is each trial's start).
-Every pending trial's time is then that start plus the second epoch's time per training image,
-times its images and epochs, scaled by its FLOPs against the probed one's: the progress line's
-ETA (eta.py) counts work the same way. Trials run side by side as many at a time as the workers,
-the trials and this machine's cores (or GPUs) allow; the study takes no less than its longest
-trial. An adaptive study's seeds listed "if open" are timed apart, as the most it may take.
+Two architectures, the one with the most training work pending and (where it has under half its
+FLOPs) the lightest, are each trained as a trial would train them (recipe, threads and device) for
+two short epochs of `PROBE_STEPS` batches, with an evaluation set in the data set's own proportion
+to its training set; the second epoch is timed (the first pays for allocations and caches: what it
+took beyond the second is each trial's start). A trial's time is then that start plus its images
+and epochs at its seconds per training image, read off the line through the two timed
+architectures' by its FLOPs (small nets run fewer FLOPs a second: a step's fixed costs weigh more;
+the progress line's ETA, eta.py, scales by FLOPs alone). Trials run side by side as many at a time
+as the workers, the trials and this machine's cores (or GPUs) allow; the study takes no less than
+its longest trial. An adaptive study's seeds listed "if open" are timed apart, as the most it may
+take.
 
-A rough figure, to tell minutes from hours before a run: a deep, narrow net runs fewer FLOPs a
-second than a shallow one on small batches; packing trials on one GPU and stacking seeds, which
-speed a study up, are not counted; nor are the paper's test-time views scored after the last
-epoch, nor Ray's own start. Not estimated (the reason is printed instead) for streamed data sets
-(the loader's rate is not probed), data-parallel trials, trials on a cluster (--address), GPU
-trials on a machine without one, and a probe too large to time quickly on a CPU.
+A rough figure, to tell minutes from hours before a run: packing trials on one GPU and stacking
+seeds, which speed a study up, are not counted, nor the paper's test-time views scored after the
+last epoch, nor Ray's own start and stop. Not estimated (the reason is printed instead) for
+streamed data sets (the loader's rate is not probed), data-parallel trials, trials on a cluster
+(--address), GPU trials on a machine without one, and a probe too large to time quickly on a CPU.
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -34,6 +34,7 @@ PROBE_STEPS = 3  # training batches in each of the probe's two epochs
 # Above this many training FLOPs (the paper's: a multiply-add is one) in the probe's two epochs, a
 # CPU would take minutes to time them: no estimate. About 30 s on the 2-CPU development machine.
 MAX_PROBE_CPU_TFLOPS = 1.0
+LIGHTER = 0.5  # the lightest architecture is timed too where it has under this share of FLOPs
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,8 @@ class TimeEstimate:
 
     seconds: float  # wall time of the trials to run, at `parallel` trials at a time
     parallel: int
-    probed: str  # the architecture timed
-    images_per_second: float  # its training rate here, evaluation included
+    probed: str  # the architectures timed
+    images_per_second: float  # the first one's training rate here, evaluation included
     device: str
     # An adaptive study's seeds listed "if open": how many, and the time with them run too.
     if_open: int = 0
@@ -57,9 +58,10 @@ class TimeEstimate:
         if self.budget_minutes is not None and longest > 60 * self.budget_minutes:
             more += f"; budget.minutes stops the run at {self.budget_minutes:g} min"
         return (f"time: about {_duration(self.seconds)} for the {trials} trials to run{more}, "
-                f"{self.parallel} at a time on this machine's {self.device} ({self.probed} timed "
-                f"here at {self.images_per_second:.0f} training images/s, evaluation included; "
-                "the others scaled by their FLOPs: a rough figure)")
+                f"{self.parallel} at a time on this machine's {self.device} ({self.probed} "
+                f"timed here, the first at {self.images_per_second:.0f} training images/s, "
+                "evaluation included; the others placed between by their FLOPs: a rough "
+                "figure, Ray's start and stop not counted)")
 
 
 def estimate_time(spec: StudySpec, planned: Sequence[PlannedTrial], workers: int,
@@ -93,27 +95,47 @@ def estimate_time(spec: StudySpec, planned: Sequence[PlannedTrial], workers: int
     if not on_gpu and probe_tflops > MAX_PROBE_CPU_TFLOPS:
         return (f"time: not estimated: two short epochs of {probed.name} ({probe_tflops:.1f} "
                 "TFLOPs of training) would take minutes to time on this CPU")
+    # The lightest architecture too, where it is much lighter: small nets run fewer FLOPs a
+    # second (a step's fixed costs weigh more), so the time per image is drawn as a line
+    # through the two, not as one rate.
+    lightest = min(pending, key=lambda p: p.gflops)
+    probes = [first] + ([lightest] if lightest.gflops < LIGHTER * first.gflops else [])
     if announce is not None:
-        announce(f"timing {probed.name}'s training here for the estimate ({2 * PROBE_STEPS} "
-                 "batches)...")
-    probe = _probe(spec, probed, "cuda" if on_gpu else "cpu")
-    if probe is None:
-        return f"time: not estimated: {probed.name} diverged in the probe's first epoch"
-    seconds_per_image, rate, start = probe
-    # Each trial: its start, then its images times its epochs at the probed rate, scaled by its
-    # FLOPs per image; the study: trials side by side, never less than its longest trial.
-    per_tflop = seconds_per_image * images / first.train_tflops
+        announce(f"timing the training of {' and '.join(p.arch.name for p in probes)} here for "
+                 f"the estimate ({2 * PROBE_STEPS} batches each)...")
+    timed = [_probe(spec, p.arch, "cuda" if on_gpu else "cpu") for p in probes]
+    if any(t is None for t in timed):
+        return "time: not estimated: an architecture diverged in the probe's first epoch"
+    per_image = _per_image([p.gflops for p in probes], [t[0] for t in timed])  # type: ignore
+    start = max(t[2] for t in timed)  # type: ignore[index]
+    train_images = _train_images(spec)
 
     def wall(trials: Sequence[PlannedTrial]) -> tuple[float, int]:
-        times = [start + p.train_tflops * per_tflop for p in trials]
+        # Each trial: its start, then its images and epochs at its FLOPs' time per image; the
+        # study: trials side by side, never less than its longest trial.
+        times = [start + train_images * spec.recipe_for(p.arch).epochs * per_image(p.gflops)
+                 for p in trials]
         parallel = _parallel(spec, workers, len(trials), on_gpu)
         return max(sum(times) / parallel, max(times)), parallel
 
     seconds, parallel = wall(pending)
     if_open = [p for p in planned if p.status == "if open"]
     where = torch.cuda.get_device_name() if on_gpu else f"{os.cpu_count()} CPUs"
-    return TimeEstimate(seconds, parallel, probed.name, rate, where, len(if_open),
-                        wall([*pending, *if_open])[0] if if_open else 0.0, spec.budget.minutes)
+    names = " and ".join(p.arch.name for p in probes)
+    return TimeEstimate(seconds, parallel, names, timed[0][1], where,  # type: ignore[index]
+                        len(if_open), wall([*pending, *if_open])[0] if if_open else 0.0,
+                        spec.budget.minutes)
+
+
+def _per_image(gflops: Sequence[float], seconds: Sequence[float]) -> Callable[[float], float]:
+    """Seconds per training image as a function of an architecture's GFLOPs: through one probe,
+    proportional to them; through two, the line through both (never below zero, nor falling
+    with more FLOPs)."""
+    if len(gflops) == 1:
+        return lambda g: seconds[0] * g / gflops[0]
+    (g0, g1), (s0, s1) = gflops, seconds
+    slope = max(0.0, (s1 - s0) / (g1 - g0))
+    return lambda g: max(0.0, s0 + slope * (g - g0))
 
 
 def _why_not(spec: StudySpec, pending: Sequence[PlannedTrial]) -> str | None:

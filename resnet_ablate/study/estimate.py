@@ -69,40 +69,18 @@ def estimate_time(spec: StudySpec, planned: Sequence[PlannedTrial], workers: int
                   cluster: bool = False) -> TimeEstimate | str:
     """The wall time of `planned`'s pending trials on this machine, or why it is not estimated
     (also where they run on a `cluster`, whose machines are not this one); `announce` is told
-    what is timed before the probe trains (a few seconds)."""
+    what is timed before the probes train (a few seconds)."""
     pending = [p for p in planned if p.status == "pending"]
-    if cluster and pending:
-        return ("time: not estimated for a cluster (--address): its machines are not this one; "
-                "the progress line gives an ETA once trials end")
-    reason = _why_not(spec, pending)
+    reason = _why_not(spec, pending, cluster)
     if reason is not None:
         return reason
-    import torch
-
-    on_gpu = spec.resources.gpus > 0
-    if on_gpu and not torch.cuda.is_available():
-        return ("time: not estimated: the trials run on GPUs (resources.gpus) and this machine "
-                "has none")
-    work: dict[ResNetArch, float] = {}
-    for p in pending:
-        work[p.arch] = work.get(p.arch, 0.0) + p.train_tflops
-    probed = max(work, key=lambda arch: work[arch])
-    first = next(p for p in pending if p.arch == probed)
-    recipe = spec.recipe_for(probed)
-    # The probed trial's training images over all its epochs, and what the probe trains.
-    images = _train_images(spec) * recipe.epochs
-    probe_tflops = first.train_tflops * 2 * PROBE_STEPS * recipe.batch_size / images
-    if not on_gpu and probe_tflops > MAX_PROBE_CPU_TFLOPS:
-        return (f"time: not estimated: two short epochs of {probed.name} ({probe_tflops:.1f} "
-                "TFLOPs of training) would take minutes to time on this CPU")
-    # The lightest architecture too, where it is much lighter: small nets run fewer FLOPs a
-    # second (a step's fixed costs weigh more), so the time per image is drawn as a line
-    # through the two, not as one rate.
-    lightest = min(pending, key=lambda p: p.gflops)
-    probes = [first] + ([lightest] if lightest.gflops < LIGHTER * first.gflops else [])
+    probes = _probes(spec, pending)
+    if isinstance(probes, str):
+        return probes
     if announce is not None:
         announce(f"timing the training of {' and '.join(p.arch.name for p in probes)} here for "
                  f"the estimate ({2 * PROBE_STEPS} batches each)...")
+    on_gpu = spec.resources.gpus > 0
     timed = [_probe(spec, p.arch, "cuda" if on_gpu else "cpu") for p in probes]
     if any(t is None for t in timed):
         return "time: not estimated: an architecture diverged in the probe's first epoch"
@@ -120,11 +98,33 @@ def estimate_time(spec: StudySpec, planned: Sequence[PlannedTrial], workers: int
 
     seconds, parallel = wall(pending)
     if_open = [p for p in planned if p.status == "if open"]
+    import torch
+
     where = torch.cuda.get_device_name() if on_gpu else f"{os.cpu_count()} CPUs"
     names = " and ".join(p.arch.name for p in probes)
     return TimeEstimate(seconds, parallel, names, timed[0][1], where,  # type: ignore[index]
                         len(if_open), wall([*pending, *if_open])[0] if if_open else 0.0,
                         spec.budget.minutes)
+
+
+def _probes(spec: StudySpec, pending: Sequence[PlannedTrial]) -> list[PlannedTrial] | str:
+    """The trials whose architectures are timed: the one with the most work pending, and the
+    lightest where it has under `LIGHTER` of its FLOPs (small nets run fewer FLOPs a second: a
+    step's fixed costs weigh more); or why none is (too large to time on a CPU)."""
+    work: dict[ResNetArch, float] = {}
+    for p in pending:
+        work[p.arch] = work.get(p.arch, 0.0) + p.train_tflops
+    heaviest = max(work, key=lambda arch: work[arch])
+    first = next(p for p in pending if p.arch == heaviest)
+    recipe = spec.recipe_for(heaviest)
+    # Its training FLOPs in the probe's two short epochs, from those of its whole trial.
+    probe_tflops = (first.train_tflops * 2 * PROBE_STEPS * recipe.batch_size
+                    / (_train_images(spec) * recipe.epochs))
+    if spec.resources.gpus <= 0 and probe_tflops > MAX_PROBE_CPU_TFLOPS:
+        return (f"time: not estimated: two short epochs of {heaviest.name} ({probe_tflops:.1f} "
+                "TFLOPs of training) would take minutes to time on this CPU")
+    lightest = min(pending, key=lambda p: p.gflops)
+    return [first] + ([lightest] if lightest.gflops < LIGHTER * first.gflops else [])
 
 
 def _per_image(gflops: Sequence[float], seconds: Sequence[float]) -> Callable[[float], float]:
@@ -138,15 +138,24 @@ def _per_image(gflops: Sequence[float], seconds: Sequence[float]) -> Callable[[f
     return lambda g: max(0.0, s0 + slope * (g - g0))
 
 
-def _why_not(spec: StudySpec, pending: Sequence[PlannedTrial]) -> str | None:
+def _why_not(spec: StudySpec, pending: Sequence[PlannedTrial], cluster: bool) -> str | None:
     if not pending:
         return "time: nothing to run"
+    if cluster:
+        return ("time: not estimated for a cluster (--address): its machines are not this one; "
+                "the progress line gives an ETA once trials end")
     if spec.dataset.name in STREAMED_DATASETS:
         return ("time: not estimated for a streamed data set (the loader's rate is not probed); "
                 "the progress line gives an ETA once trials end")
     if spec.resources.replica_count > 1:
         return ("time: not estimated for data-parallel trials; the progress line gives an ETA "
                 "once trials end")
+    if spec.resources.gpus > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            return ("time: not estimated: the trials run on GPUs (resources.gpus) and this "
+                    "machine has none")
     return None
 
 

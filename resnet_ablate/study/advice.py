@@ -143,8 +143,9 @@ def start_up_cost(replicas: int, trials: int,
         return []
     low, high = seconds
     return [f"start-up: Ray Train adds {low:g}-{high:g} s to each data-parallel trial, starting "
-            f"and stopping its replicas (measured on 2 idle CPUs): {trials} trials to run spend {trials * low / 60:.1f}-"
-            f"{trials * high / 60:.1f} trial-minutes starting, beside the training above"]
+            f"and stopping its replicas (measured on 2 idle CPUs): {trials} trials to run spend "
+            f"{trials * low / 60:.1f}-{trials * high / 60:.1f} trial-minutes starting, beside "
+            "the training above"]
 
 
 def stacked_tasks(stack_seeds: int, configurations: Sequence[str]) -> list[str]:

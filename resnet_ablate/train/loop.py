@@ -44,7 +44,7 @@ from .evaluate import Evaluation
 from ..data.device_decode import nvjpeg_decoder
 from ..data.feed import Placement, feed_for
 from ..record import EpochRecord
-from .result import TrainResult, TrainStatus, require_images, result_of
+from .result import TrainResult, TrainStatus, epoch_line, require_images, result_of
 from .schedule import Schedule
 from .step import Step
 
@@ -229,10 +229,7 @@ class _Run:
                 return self._result("diverged", str(diverged), started)
             self.history.append(record)
             self.schedule.end_epoch(record.train_loss)
-            self._log(f"epoch {record.epoch}/{self.recipe.epochs} lr {record.lr:g}"
-                      f" train loss {record.train_loss:.4f} error {record.train_error:.4f}"
-                      f" {self.eval_split} error {record.test_error:.4f}"
-                      f" ({record.seconds:.1f}s)")
+            self._log(epoch_line(record, self.recipe.epochs, self.eval_split))
             if self.hooks.on_epoch:
                 self.hooks.on_epoch(record)
             if self.hooks.on_checkpoint:

@@ -16,6 +16,13 @@ from ..record import EpochRecord, complement
 TrainStatus = Literal["completed", "diverged", "stopped"]
 
 
+def epoch_line(record: EpochRecord, epochs: int, eval_split: str) -> str:
+    """An epoch's line in a run's log, as `train` and `train_seeds` write it."""
+    return (f"epoch {record.epoch}/{epochs} lr {record.lr:g} train loss {record.train_loss:.4f} "
+            f"error {record.train_error:.4f} {eval_split} error {record.test_error:.4f} "
+            f"({record.seconds:.1f}s)")
+
+
 @dataclass(frozen=True)
 class TrainResult:
     """What a training run produced. Accuracies are None when no epoch was completed.

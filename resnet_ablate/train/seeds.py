@@ -45,7 +45,7 @@ from ..seed_stack import seed_state_dict, stack_models
 from .divergence import Diverged, DivergenceWatch
 from .evaluate import Evaluation, evaluate_stacked
 from .loop import _check_seed_and_threads, _seeded_on
-from .result import TrainResult, require_images, result_of
+from .result import TrainResult, epoch_line, require_images, result_of
 from .schedule import Schedule
 from .step import Step
 
@@ -225,10 +225,8 @@ class _StackedRun:
                 self.stopped[index] = f"stopped after epoch {epoch}"
                 self._end(index)
             if self.log:
-                self.log(f"seed {self.seeds[index]} epoch {epoch}/{self.recipe.epochs} lr "
-                         f"{record.lr:g} train loss {record.train_loss:.4f} error "
-                         f"{record.train_error:.4f} {self.eval_split} error "
-                         f"{record.test_error:.4f} ({record.seconds:.1f}s)")
+                self.log(f"seed {self.seeds[index]} "
+                         f"{epoch_line(record, self.recipe.epochs, self.eval_split)}")
 
     def _after_step(self, images: int) -> None:
         """Warm-up's count for each seed still warming up, on its own batch error (the step's

@@ -424,9 +424,11 @@ def summary_markdown(out: Path) -> str:
     lines += epoch_table(read_rows(out / "trial.csv"))
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in machine), None)
     if project_minutes and peak:
-        achieved = table6_flops() / (project_minutes * 60) / 1e12
-        lines.append(f"Table 6 ({table6_flops():.2g} FLOPs, 2 a multiply-add) in {project_minutes:.1f} min is "
-                     f"{achieved:.0f} TFLOP/s, {100 * achieved / peak:.1f}% of the bf16 peak.")
+        flops = table6_flops()
+        achieved = flops / (project_minutes * 60) / 1e12
+        lines.append(f"Table 6 ({flops:.2g} FLOPs, 2 a multiply-add) in {project_minutes:.1f} "
+                     f"min is {achieved:.0f} TFLOP/s, {100 * achieved / peak:.1f}% of the bf16 "
+                     "peak.")
         lines.append("")
     device = machine.splitlines()[0].split(",")[0].strip() if machine else "?"
     entries = []

@@ -4,6 +4,7 @@ ends, and how a stopped command ends."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import select
@@ -64,8 +65,6 @@ def stopped(signal_name: str, message: str) -> int:
 
     for ignored in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # (SIGHUP may already be)
         signal.signal(ignored, signal.SIG_IGN)
-    try:
+    with contextlib.suppress(OSError):  # the terminal is gone
         print(message, file=sys.stderr, flush=True)
-    except OSError:  # the terminal is gone
-        pass
     return exit_code(signal_name)

@@ -210,11 +210,10 @@ def _checked_names(url: str, num_classes: int | None) -> list[str]:
     read by its headers alone (a seek over each member's bytes); a compressed one, which has to
     be decompressed to find them, in one pass from its start (seeking back in it decompresses
     it again from its start)."""
-    path = local_path(url)
-    with open(path, "rb") as file:
+    with open(local_path(url), "rb") as file:
         compressed = _reader_for(file.read(6)) is not None
+        file.seek(0)
         if compressed:
-            file.seek(0)
             watched = EndWatch(decompressed(file))
             with tarfile.open(fileobj=watched, mode="r|") as archive:
                 names = []
@@ -223,12 +222,12 @@ def _checked_names(url: str, num_classes: int | None) -> list[str]:
                     _check_label(archive, member, num_classes, url)
             watched.check_ended(url, len(names))
             return names
-    with tarfile.open(path) as archive:
-        names = archive.getnames()
-        _check_end_of_archive(archive, url)
-        for member in archive.getmembers():
-            _check_label(archive, member, num_classes, url)
-    return names
+        with tarfile.open(fileobj=file) as archive:
+            names = archive.getnames()
+            _check_end_of_archive(archive, url)
+            for member in archive.getmembers():
+                _check_label(archive, member, num_classes, url)
+        return names
 
 
 def _check_label(archive: tarfile.TarFile, member: tarfile.TarInfo, num_classes: int | None,

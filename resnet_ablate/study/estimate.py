@@ -74,7 +74,8 @@ def estimate_time(spec: StudySpec, planned: Sequence[PlannedTrial], workers: int
     reason = _why_not(spec, pending, cluster)
     if reason is not None:
         return reason
-    probes = _probes(spec, pending)
+    train_images = _train_images(spec)
+    probes = _probes(spec, pending, train_images)
     if isinstance(probes, str):
         return probes
     if announce is not None:
@@ -86,7 +87,6 @@ def estimate_time(spec: StudySpec, planned: Sequence[PlannedTrial], workers: int
         return "time: not estimated: an architecture diverged in the probe's first epoch"
     per_image = _per_image([p.gflops for p in probes], [t[0] for t in timed])  # type: ignore
     start = max(t[2] for t in timed)  # type: ignore[index]
-    train_images = _train_images(spec)
 
     def wall(trials: Sequence[PlannedTrial]) -> tuple[float, int]:
         # Each trial: its start, then its images and epochs at its FLOPs' time per image; the
@@ -107,7 +107,8 @@ def estimate_time(spec: StudySpec, planned: Sequence[PlannedTrial], workers: int
                         spec.budget.minutes)
 
 
-def _probes(spec: StudySpec, pending: Sequence[PlannedTrial]) -> list[PlannedTrial] | str:
+def _probes(spec: StudySpec, pending: Sequence[PlannedTrial], train_images: int
+            ) -> list[PlannedTrial] | str:
     """The trials whose architectures are timed: the one with the most work pending, and the
     lightest where it has under `LIGHTER` of its FLOPs (small nets run fewer FLOPs a second: a
     step's fixed costs weigh more); or why none is (too large to time on a CPU)."""
@@ -119,7 +120,7 @@ def _probes(spec: StudySpec, pending: Sequence[PlannedTrial]) -> list[PlannedTri
     recipe = spec.recipe_for(heaviest)
     # Its training FLOPs in the probe's two short epochs, from those of its whole trial.
     probe_tflops = (first.train_tflops * 2 * PROBE_STEPS * recipe.batch_size
-                    / (_train_images(spec) * recipe.epochs))
+                    / (train_images * recipe.epochs))
     if spec.resources.gpus <= 0 and probe_tflops > MAX_PROBE_CPU_TFLOPS:
         return (f"time: not estimated: two short epochs of {heaviest.name} ({probe_tflops:.1f} "
                 "TFLOPs of training) would take minutes to time on this CPU")

@@ -7,7 +7,7 @@ import optuna
 import pytest
 
 from resnet_ablate.study.optuna_tables import (STUDIES_TABLE, AttributeCell, LostRace,
-                                               fail_in_store, sqlite_tables)
+                                               end_in_store, sqlite_tables)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -70,7 +70,7 @@ def test_running_and_waiting_trials_are_failed_with_their_reason(store):
     study.enqueue_trial({})
     waiting = next(t for t in study.get_trials() if t.state == optuna.trial.TrialState.WAITING)
     for trial in (study.get_trials()[running.number], waiting):
-        fail_in_store(study, trial, {"failure": "interrupted"})
+        end_in_store(study, trial, {"failure": "interrupted"})
     stored = _fresh(url).get_trials()
     assert [t.state for t in stored] == [optuna.trial.TrialState.FAIL] * 2
     assert [t.user_attrs["failure"] for t in stored] == ["interrupted"] * 2

@@ -211,3 +211,78 @@ def test_two_stores_of_one_study_in_one_folder_keep_their_own_weights(tmp_path):
         assert (tmp_path / path).read_bytes() == weights
     assert len({first_a[1], first_b[1], second_a[1], second_c[1]}) == 4
     assert first_a[1].split(".")[-2] == second_a[1].split(".")[-2]  # one store, one tag
+
+
+class _Killed(BaseException):
+    """The driver's death at one write: nothing after it runs."""
+
+
+@pytest.mark.parametrize("killed", ["before telling", "writing the weights", "mid-record",
+                                    "pruned, before telling", "diverged, before telling"])
+def test_a_trial_whose_end_was_recorded_before_its_driver_died_ends_as_recorded(tmp_path, killed):
+    """A driver killed after a trial's result was recorded and before Optuna was told left it
+    RUNNING: the next run marked it interrupted (its test error beside) and trained it again.
+    Now a complete record ends as it says: COMPLETE with its objective (its weights resolved from
+    the file, or said lost), PRUNED, or failed with its own kind; a record cut short is still
+    interrupted."""
+    import optuna
+
+    from helpers import raw_spec
+    from resnet_ablate.spec import parse_spec
+    from resnet_ablate.study import open_study
+    from resnet_ablate.study.recorder import TrialRecorder
+
+    spec = parse_spec(raw_spec("killed", seeds=1))
+    storage = f"sqlite:///{tmp_path / 'killed.db'}"
+
+    def recorder() -> TrialRecorder:  # each run opens the store anew
+        return TrialRecorder(open_study(spec, storage), spec, artifacts=tmp_path / "artifacts",
+                             store_folder=tmp_path, max_artifact_mb=1.0, store=storage)
+
+    def die(*_args, **_kwargs):
+        raise _Killed
+
+    first = recorder()
+    trial = first.ask({"shortcut": "A"}, 0)
+    outcome = _completed(trial_number=trial.number, weights=b"the weights")
+    if killed.startswith("pruned"):
+        outcome = TrialOutcome(trial.number, Status.PRUNED, "pruned after epoch 1",
+                               curves=CURVES[:1])
+    elif killed.startswith("diverged"):
+        outcome = _completed(trial_number=trial.number, status=Status.DIVERGED)
+    if killed == "writing the weights":
+        first._keep_weights = die
+    elif killed == "mid-record":
+        written = []
+        setter = trial.set_user_attr
+        trial.set_user_attr = lambda key, value: (
+            die() if len(written) == 3 else (written.append(key), setter(key, value)))
+    else:
+        first._tell = die
+    with pytest.raises(_Killed):
+        first.finish(trial, outcome)
+    (left,) = optuna.load_study(study_name="killed", storage=storage).get_trials()
+    assert left.state == optuna.trial.TrialState.RUNNING
+
+    recovered = recorder().recover_interrupted()
+    (stored,) = optuna.load_study(study_name="killed", storage=storage).get_trials()
+    if killed == "mid-record":
+        assert (recovered.ended, recovered.interrupted) == (0, 1)
+        assert stored.state == optuna.trial.TrialState.FAIL
+        assert stored.user_attrs[TrialKey.FAILURE_KIND] == FailureKind.INTERRUPTED
+        return
+    assert (recovered.ended, recovered.interrupted) == (1, 0)
+    if killed.startswith("pruned"):
+        assert stored.state == optuna.trial.TrialState.PRUNED
+        assert stored.user_attrs[TrialKey.PRUNED] == "pruned after epoch 1"
+    elif killed.startswith("diverged"):
+        assert stored.state == optuna.trial.TrialState.FAIL
+        assert stored.user_attrs[TrialKey.FAILURE_KIND] == FailureKind.DIVERGED
+    else:
+        assert stored.state == optuna.trial.TrialState.COMPLETE
+        assert stored.values == [CURVES[-1]["test_error"]]  # the last epoch's, as told
+        weights = stored.user_attrs[TrialKey.WEIGHTS]
+        if killed == "writing the weights":
+            assert weights == "not kept: the driver was stopped while writing them"
+        else:
+            assert (tmp_path / weights).read_bytes() == b"the weights"

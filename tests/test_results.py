@@ -856,7 +856,7 @@ def test_a_trial_cut_short_before_its_launch_was_recorded_shows_its_configuratio
                              max_artifact_mb=1.0)
     recorder.ask({"shortcut": "A"}, 0)  # asked, launch never recorded
     study.enqueue_trial({"shortcut": "none", "seed": 0})  # enqueued, never asked
-    assert recorder.recover_interrupted() == 2
+    assert recorder.recover_interrupted().interrupted == 2
     shown = load("cut", storage=storage).trials
     assert list(shown["shortcut"]) == ["A", "none"]
     assert list(shown["state"]) == ["INTERRUPTED", "INTERRUPTED"]

@@ -50,6 +50,10 @@ class TrialKey:
     TRACEBACK = "traceback"
     PRUNED = "pruned"  # why the pruner stopped it
     WEIGHTS = "weights"  # kept weights: a path relative to the study's runs folder, or why not
+    # The state the driver was about to tell ("completed", "pruned", "failed"), written once the
+    # rest of its record was (weights aside): a driver killed before telling leaves the trial
+    # RUNNING with it, and the next run ends the trial as recorded instead of training it again.
+    RECORDED = "recorded"
 
 
 class StudyKey:

@@ -7,8 +7,9 @@ API reads back.
 - `AttributeCell`: one user attribute of one study, read and compare-and-swapped in one
   transaction (the driver's lease). `Study.set_user_attr` overwrites whatever is there, so two
   drivers that read the same free lease would both take it.
-- `fail_in_store`: a trial failed with its reason, WAITING ones included (`Study.tell` refuses a
-  trial that was enqueued and never asked).
+- `end_in_store`: a trial ended (failed with its reason, or finished as a driver killed before
+  telling it had recorded it), WAITING ones included (`Study.tell` refuses a trial that was
+  enqueued and never asked, and one asked by another `Study` object).
 - `sqlite_tables` with `STUDIES_TABLE`: recognising a SQLite file as an Optuna store (or not)
   before Optuna opens it and adds its tables to someone else's database.
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -90,14 +91,18 @@ class AttributeCell:
         self._engine.dispose()
 
 
-def fail_in_store(study: optuna.Study, trial: optuna.trial.FrozenTrial,
-                  attributes: Mapping[str, Any]) -> None:
-    """Mark `trial` (RUNNING or WAITING) failed, with `attributes` among its user attributes."""
-    storage = study._storage  # noqa: SLF001 - the public API cannot fail a WAITING trial
+def end_in_store(study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                 attributes: Mapping[str, Any],
+                 state: optuna.trial.TrialState = optuna.trial.TrialState.FAIL,
+                 values: Sequence[float] | None = None) -> None:
+    """End `trial` (RUNNING or WAITING) in `state` (failed by default) with `values`, with
+    `attributes` among its user attributes."""
+    storage = study._storage  # noqa: SLF001 - the public API cannot end a WAITING trial
     trial_id = trial._trial_id  # noqa: SLF001
     for key, value in attributes.items():
         storage.set_trial_user_attr(trial_id, key, value)
-    storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.FAIL)
+    storage.set_trial_state_values(trial_id, state=state,
+                                   values=None if values is None else list(values))
 
 
 def sqlite_tables(database: Path) -> set[str]:

@@ -4,6 +4,7 @@ launched, as it ends, or when its driver stopped before it ended."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 from collections.abc import Callable, Mapping
@@ -19,12 +20,16 @@ from ..storage import store_tag
 from .space import (SEED_PARAM, distributions, encode_params, grid_distributions, next_seed,
                     seed_distribution)
 from .opening import retry_while_locked
-from .optuna_tables import fail_in_store
+from .optuna_tables import end_in_store
 
 if TYPE_CHECKING:
     from ..profile import ModelProfile
 
 _State = optuna.trial.TrialState
+
+# A completed trial's weights record while its weights are written (the record is replaced once
+# they are): what a driver killed meanwhile leaves, for the next run to resolve.
+_WEIGHTS_BEING_WRITTEN = "not kept yet: being written"  # read as no weights (Results)
 
 
 class TrialRecorder:
@@ -93,6 +98,7 @@ class TrialRecorder:
         trial.set_user_attr(TrialKey.FAILURE, reason)
         if traceback:
             trial.set_user_attr(TrialKey.TRACEBACK, traceback)
+        trial.set_user_attr(TrialKey.RECORDED, Status.FAILED)
         self._tell(trial, state=_State.FAIL)
 
     def finish(self, trial: optuna.Trial, outcome: TrialOutcome) -> str:
@@ -102,12 +108,18 @@ class TrialRecorder:
             trial.set_user_attr(name, value)
         if outcome.status == Status.PRUNED:
             trial.set_user_attr(TrialKey.PRUNED, outcome.reason)
+            trial.set_user_attr(TrialKey.RECORDED, Status.PRUNED)
             self._tell(trial, state=_State.PRUNED)
             return Status.PRUNED
         kind = outcome.failure_kind
         if kind is not None:
             self.fail(trial, kind, outcome.reason or outcome.status, outcome.traceback)
             return kind
+        # Recorded before the weights, which may take seconds to write: a driver killed while
+        # writing them leaves a result the next run finishes (weights_after_a_kill).
+        if outcome.weights is not None:
+            trial.set_user_attr(TrialKey.WEIGHTS, _WEIGHTS_BEING_WRITTEN)
+        trial.set_user_attr(TrialKey.RECORDED, Status.COMPLETED)
         if outcome.weights is not None:
             kept = self._keep_weights(trial.number, outcome.weights)
             trial.set_user_attr(TrialKey.WEIGHTS, kept)
@@ -125,8 +137,7 @@ class TrialRecorder:
         are optional, so a folder that cannot take them (a file in its place, a full disk, no
         permission) costs them, not the trial's record. The store's tag in the name: trial 0 of
         another store of this study, in this folder (a copy of this one too), is another file."""
-        tag = f".{self.weights_tag}" if self.weights_tag else ""
-        path = self.artifacts / f"trial-{number:05d}{tag}.pt"
+        path = self._weights_path(number)
         temporary = path.with_suffix(".tmp")
         try:
             self.artifacts.mkdir(parents=True, exist_ok=True)
@@ -139,7 +150,23 @@ class TrialRecorder:
             with contextlib.suppress(OSError):
                 temporary.unlink(missing_ok=True)
             return f"not kept: cannot write {error.filename or path}: {error.strerror or error}"
+        return self._relative(path)
+
+    def _weights_path(self, number: int) -> Path:
+        tag = f".{self.weights_tag}" if self.weights_tag else ""
+        return self.artifacts / f"trial-{number:05d}{tag}.pt"
+
+    def _relative(self, path: Path) -> str:
         return Path(os.path.relpath(path.resolve(), self.store_folder.resolve())).as_posix()
+
+    def weights_after_a_kill(self, number: int) -> str:
+        """The weights record of trial `number`, whose driver was killed after recording its
+        result and before recording its weights: the file, where its write had ended (it is
+        written under a temporary name, then renamed), else why there are none."""
+        path = self._weights_path(number)
+        if path.is_file():
+            return self._relative(path)
+        return "not kept: the driver was stopped while writing them"
 
     def remove_partial_weights(self) -> None:
         """Weights half-written by a driver of this store killed while writing them (the lease is
@@ -157,18 +184,55 @@ class TrialRecorder:
         driver holds the study's lease, so they are all its own, the one asked in the instant
         the signal came included. A locked SQLite store is retried (`retry_while_locked`): a stop
         must not leave them RUNNING."""
-        return retry_while_locked(lambda: self._fail_unfinished(f"interrupted by {how}"))
+        return retry_while_locked(lambda: self._end_unfinished(f"interrupted by {how}")).interrupted
 
-    def recover_interrupted(self) -> int:
-        """Trials a killed driver left RUNNING (or enqueued and never asked, WAITING): marked
-        failed, as interrupted, so that the grid's history sees them and no later `ask` picks an
-        orphaned grid point up."""
-        return self._fail_unfinished("interrupted: the driver stopped before the trial finished")
+    def recover_interrupted(self) -> Recovered:
+        """Trials a killed driver left RUNNING (or enqueued and never asked, WAITING). Those
+        whose end it had recorded in full before it was killed (TrialKey.RECORDED) end as
+        recorded: a result is kept, not trained again. The rest are marked failed, as
+        interrupted, so that the grid's history sees them and no later `ask` picks an orphaned
+        grid point up."""
+        return self._end_unfinished("interrupted: the driver stopped before the trial finished")
 
-    def _fail_unfinished(self, reason: str) -> int:
-        stale = [t for t in self.study.get_trials(deepcopy=False)
-                 if t.state in (_State.RUNNING, _State.WAITING)]
-        for frozen in stale:  # a WAITING trial cannot be told: failed in the store
-            fail_in_store(self.study, frozen, {TrialKey.FAILURE_KIND: FailureKind.INTERRUPTED,
-                                               TrialKey.FAILURE: reason})
-        return len(stale)
+    def _end_unfinished(self, reason: str) -> Recovered:
+        """Every RUNNING or WAITING trial ended: as recorded where it was, else failed as
+        interrupted, for `reason`."""
+        ended, interrupted = 0, 0
+        for frozen in self._unfinished():
+            if self._end_as_recorded(frozen):
+                ended += 1
+            else:  # a WAITING trial cannot be told: failed in the store
+                end_in_store(self.study, frozen, {TrialKey.FAILURE_KIND: FailureKind.INTERRUPTED,
+                                                  TrialKey.FAILURE: reason})
+                interrupted += 1
+        return Recovered(ended=ended, interrupted=interrupted)
+
+    def _end_as_recorded(self, frozen: optuna.trial.FrozenTrial) -> bool:
+        """Ends `frozen` as its record says it ended; False where it has no complete record."""
+        attrs = frozen.user_attrs
+        recorded = attrs.get(TrialKey.RECORDED) if frozen.state == _State.RUNNING else None
+        if recorded == Status.FAILED:
+            end_in_store(self.study, frozen, {})
+        elif recorded == Status.PRUNED:
+            end_in_store(self.study, frozen, {}, _State.PRUNED)
+        elif recorded == Status.COMPLETED:
+            values = metric_values(attrs)
+            weights = {TrialKey.WEIGHTS: self.weights_after_a_kill(frozen.number)} \
+                if attrs.get(TrialKey.WEIGHTS) == _WEIGHTS_BEING_WRITTEN else {}
+            end_in_store(self.study, frozen, weights, _State.COMPLETE,
+                         [float(values[name]) for name in self.spec.objectives])
+        else:
+            return False
+        return True
+
+    def _unfinished(self) -> list[optuna.trial.FrozenTrial]:
+        return [t for t in self.study.get_trials(deepcopy=False)
+                if t.state in (_State.RUNNING, _State.WAITING)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Recovered:
+    """What a run found of the trials a killed driver left unfinished."""
+
+    ended: int  # ended as they had been recorded (a result kept, a failure or prune as it was)
+    interrupted: int  # marked interrupted: they run again where their grid point needs them

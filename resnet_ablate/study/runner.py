@@ -160,9 +160,12 @@ class StudyRunner:
                 print(crowded, file=sys.stderr, flush=True)
             recovered = recorder.recover_interrupted()
             recorder.remove_partial_weights()
-            if recovered:
-                progress.log(f"marked {recovered} trial(s) of an interrupted run interrupted; "
-                             "resuming (they run again)")
+            if recovered.ended:
+                progress.log(f"ended {recovered.ended} trial(s) of an interrupted run as they "
+                             "were recorded before it stopped (not run again)")
+            if recovered.interrupted:
+                progress.log(f"marked {recovered.interrupted} trial(s) of an interrupted run "
+                             "interrupted; resuming (they run again)")
             trials = self.study.get_trials(deepcopy=False)
             kept = sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
             if kept:

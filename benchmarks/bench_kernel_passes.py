@@ -16,7 +16,9 @@ Variants, on a few shapes (`SWEPT`): the reductions at a quarter, half, 2 and 4 
 (their default is one wave, `_triton_geometry.py`: more programs give more loads in flight but
 more partial sums for the last program to merge and a second wave's tail; fewer, a shorter merge,
 which on an H200 took most of a small layer's statistics pass), the statistics pass at 8 warps rather than its planned 16
-(fewer registers a program, so more programs and loads in flight on each SM), and the elementwise
+(fewer registers a program, so more programs and loads in flight on each SM) and loading 1 or 2
+tiles a step rather than its planned 4 (fewer loads in flight: 1 is how it ran until the second
+H200 lease, at 12% of a copy's bandwidth, median over shapes), and the elementwise
 passes at 4, 8 and 16 warps (what RESNET_ABLATE_AUTOTUNE would choose among). On a CPU (the GPU check's rehearsal) each launch
 goes through Triton's own launch path for an H100, compiled for sm_90 by the installed Triton,
 to a stand-in for the CUDA driver that records it and runs nothing (triton_stand_in.py), on one
@@ -54,6 +56,8 @@ REDUCTIONS = ("statistics", "backward reduce")
 WAVES = (0.25, 0.5, 2, 4)  # besides the planned one
 WARPS = (4, 8, 16)
 STATISTICS_WARPS = 8  # against the planned 16: half the registers a program, more programs an SM
+# Tiles a step of the statistics pass loads at once, against the planned 4 (bytes in flight)
+STATISTICS_TILES = (1, 2)
 SWEPT = ["64x64x112x112", "64x256x56x56+res", "64x1024x14x14+res", "64x512x7x7",
          "128x16x32x32+res", "128x64x8x8+res"]
 
@@ -142,21 +146,32 @@ def measure_shape(shape: Shape, dtype, device, sweep: bool, context: dict, peak)
             reduction = pass_name in REDUCTIONS
             if not planned and pass_name != "statistics" and (statistics_warps or not reduction):
                 continue  # what this plan changes: the reductions' waves, the statistics' warps
-            warps = sorted({launch.num_warps, *WARPS}) if sweep and not reduction else (
-                launch.num_warps,)
-            for num_warps in warps:
-                variant = launch._replace(num_warps=num_warps)
+            for variant in _variants(launch, sweep and planned, reduction):
                 row = {**context, "shape": shape_name(shape), "dtype": str(dtype).split(".")[-1],
                        "pass": pass_name, "grid": "x".join(map(str, launch.grid)),
-                       "waves": waves if reduction else "", "num_warps": num_warps,
-                       "default": planned and num_warps == launch.num_warps,
+                       "waves": waves if reduction else "", "num_warps": variant.num_warps,
+                       "tiles_per_step": variant.constexprs.get("TILES_PER_STEP", ""),
+                       "default": planned and variant == launch,
                        **timed(variant, x, copy_gbps, peak)}
                 rows.append(row)
                 print(f"{row['shape']:>18} {pass_name:>21} {row['grid']:>9} "
-                      f"{row['waves'] or '':>5} {num_warps:>5} {row['cold_us']:>9.1f} "
+                      f"{row['waves'] or '':>5} {variant.num_warps:>5} {row['cold_us']:>9.1f} "
                       f"{row['warm_us']:>9.1f} {row['gbps']:>8.1f} {row['pct_copy']:>7.1f}"
                       + ("" if row["default"] else "  (variant)"))
     return rows
+
+
+def _variants(launch, sweep: bool, reduction: bool) -> list:
+    """The launch, and where swept: an elementwise pass at each of WARPS, the statistics pass
+    loading each of STATISTICS_TILES tiles a step (on the planned grid)."""
+    variants = [launch]
+    if sweep and not reduction:
+        variants += [launch._replace(num_warps=w) for w in WARPS if w != launch.num_warps]
+    planned_tiles = launch.constexprs.get("TILES_PER_STEP")
+    if sweep and planned_tiles is not None:
+        variants += [launch._replace(constexprs={**launch.constexprs, "TILES_PER_STEP": tiles})
+                     for tiles in STATISTICS_TILES if tiles != planned_tiles]
+    return variants
 
 
 def timed(launch, x: torch.Tensor, copy_gbps: float, peak: float | None) -> dict:

@@ -369,6 +369,8 @@ def pass_table(rows: Sequence[Mapping[str, str]]) -> list[str]:
                     name = f"{r['num_warps']} warps"
                     if r.get("waves"):  # a reduction: its waves, and its warps
                         name = f"{r['waves']} wave{'s' * (r['waves'] != '1')}, {name}"
+                    if r.get("tiles_per_step"):  # the statistics pass: the tiles a step loads
+                        name = f"{name}, {r['tiles_per_step']} tiles a step"
                     gains.setdefault(name, []).append(base / float(r["cold_us"]))
         best = max(gains, key=lambda n: statistics.median(gains[n]), default=None)
         copy = statistics.median(float(r["pct_copy"]) for r in own)

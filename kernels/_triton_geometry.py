@@ -34,6 +34,14 @@ UPDATE_BLOCK_C = 64  # channels per program of a running-stat update launched on
 FINALIZE_VALUES = 1024
 # Under the interpreter programs run one after another: few of them keep tests fast.
 INTERPRETER_PROGRAMS = 4
+# Tiles (span tiles: samples) a step of the statistics pass loads at once, a thread's 16-byte
+# loads in flight. A pass that only reads keeps only its step's loads in flight; with 4, the one
+# program of 16 warps an SM holds keeps 32 KB of reads in flight, what an H100's or H200's memory
+# needs to stream (bandwidth times latency, ~4 TB/s x ~0.8 us, over 132 SMs: ~25 KB an SM). At 1,
+# 8 KB, an H200 read at 30% of a copy's bandwidth. NCHW row tiles take 2 (see
+# RowTiling.stats_tiles_per_step). A program's range of tiles need not divide by it: the last
+# step's tiles past the range are masked.
+STATISTICS_TILES_PER_STEP = 4
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,15 @@ class RowTiling:
         """Warps of the statistics pass: 16 on full tiles, 8 values a thread, so its per-value
         state (shift, two sums) leaves registers for more warps per SM than the other passes."""
         return 16 if self.block_r * self.block_c >= 4096 else self.num_warps
+
+    @property
+    def stats_tiles_per_step(self) -> int:
+        """Tiles a step of the statistics pass loads (STATISTICS_TILES_PER_STEP): 2 where the
+        tiles run along positions (NCHW), whose binaries fit two programs of 16 warps an SM, so
+        that two tiles a step already keep 32 KB in flight; four would hold one more tile's
+        registers than the two programs leave (ptxas then spills)."""
+        channels_contiguous = self.strides[0].c == 1 and self.positions > 1
+        return STATISTICS_TILES_PER_STEP if channels_contiguous else 2
 
     def split(self, programs: int) -> tuple[int, int]:
         """(tiles per split, splits) for a reduction of at most `programs` programs in all. The

@@ -42,9 +42,9 @@ import torch
 from . import _triton_tuning
 from ._contract import RunningUpdate
 from ._triton_geometry import (
-    UPDATE_BLOCK_C, Geometry, call_geometry, dense_inputs, finalize_slots, is_packed_mask,
-    output_buffer, per_channel_copies, per_channel_dense, programs_in_one_wave, tensor_signature,
-    written_back,
+    STATISTICS_TILES_PER_STEP, UPDATE_BLOCK_C, Geometry, call_geometry, dense_inputs,
+    finalize_slots, is_packed_mask, output_buffer, per_channel_copies, per_channel_dense,
+    programs_in_one_wave, tensor_signature, written_back,
 )
 from ._triton_geometry import relu_mask_bytes  # noqa: F401  (Implementation.relu_mask_bytes)
 from ._triton_finalize import reduction_counters
@@ -113,15 +113,16 @@ def _forward_plan(x, weight, bias, residual, out, batch_stats: bool, mask: bool,
         statistics = LaunchTemplate(
             _span_batch_stats_kernel, (span.col_blocks, geometry.splits),
             (channels, span.samples, geometry.per_split), (),
-            dict(span.constexprs(), UPDATE_RUNNING=update, BLOCK_S=finalize_slots(span.block_c)),
-            span.num_warps)
+            dict(span.constexprs(), UPDATE_RUNNING=update, BLOCK_S=finalize_slots(span.block_c),
+                 TILES_PER_STEP=STATISTICS_TILES_PER_STEP), span.num_warps)
     elif batch_stats:
         statistics = LaunchTemplate(
             _batch_stats_kernel, (tiling.col_blocks, geometry.splits),
             (channels, tiling.positions, tiling.l_blocks, tiling.tiles, geometry.per_split,
              *tiling.strides[0]), (),
             dict(UPDATE_RUNNING=update, BLOCK_R=tiling.block_r, BLOCK_C=tiling.block_c,
-                 BLOCK_S=finalize_slots(tiling.block_c)), tiling.stats_warps)
+                 BLOCK_S=finalize_slots(tiling.block_c),
+                 TILES_PER_STEP=tiling.stats_tiles_per_step), tiling.stats_warps)
     packing = geometry.mask_packing if constexprs["MASK_PACKING"] else MASK_NONE
     constexprs = dict(constexprs, MASK_PACKING=packing, BATCH_STATS=batch_stats)
     if span is not None:

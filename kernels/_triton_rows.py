@@ -16,9 +16,10 @@ schedulers x 32 lanes x 1.98 GHz) while its memory moves 3.35e12 bytes, so a ker
 model only while it spends at most ~20 SASS instructions per bf16 value it moves per element.
 tests/compile_kernels_for_hopper.py counts them in the sm_90 binary of every ResNet-50 and
 ResNet-56 launch: all fit (the backward reduce takes 12-17.4 for its 2-3 values, the elementwise
-passes 19-35 for 3, the forward 20-34 for 2-3, the statistics pass 7.6-12.2 for its one: sums
-around a per-lane shift, no division, the next tile loaded before the current one is summed, 16
-warps where its tiles are full).
+passes 19-35 for 3, the forward 20-34 for 2-3, the statistics pass 7.6-11.9 for its one: sums
+around a per-lane shift, no division, four tiles a step, the next step loaded before the current
+one is summed, 16 warps where its tiles are full). The same check holds every reduction to 24 KB
+of loads an iteration on each SM, the bytes in flight the memory needs to stream.
 """
 
 from __future__ import annotations
@@ -42,10 +43,18 @@ def _batch_stats_kernel(
     C, L, l_blocks, tiles_total, tiles_per_split,
     sx_n, sx_c, sx_l, momentum, unbias,
     UPDATE_RUNNING: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    BLOCK_S: tl.constexpr, TILES_PER_STEP: tl.constexpr,
 ):
     """The batch statistics: each program summarizes its range of tiles into its slot, and the
-    last of a channel block to finish merges the block's slots (_triton_finalize.py)."""
+    last of a channel block to finish merges the block's slots (_triton_finalize.py).
+
+    A step loads TILES_PER_STEP (1, 2 or 4) tiles at once, each a tensor of its own in the tile's
+    layout, so that a thread holds its lanes' values of all of them and sums them with no
+    exchange (a [tiles, rows, channels] tensor was laid out across a warp's threads by one
+    Triton version or another, and summing along its tile axis took shuffles). A pass that only
+    reads keeps only a step's loads in flight: at one tile a step, one 16-byte load a thread, one
+    program of 16 warps an SM read at 30% of a copy's bandwidth on an H200, where the backward
+    reduce, reading two or three tensors a tile, reached 75%."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     split = tl.program_id(1)
@@ -53,20 +62,29 @@ def _batch_stats_kernel(
     last = tl.minimum(first + tiles_per_split, tiles_total)
 
     # Per-lane sums around a per-lane shift, no division in the loop, and one block reduction
-    # after it. The next tile's load is issued before the current tile's arithmetic, so that a
-    # load is always in flight while the lanes add.
-    n, positions, position_mask = _tile(first, L, l_blocks, BLOCK_R)
-    mask = (position_mask & (positions * 0 + first < last))[:, None] & col_mask[None, :]
-    x = tl.load(x_ptr + _offsets(n, positions, cols, sx_n, sx_c, sx_l), mask=mask, other=0.0)
+    # after it. A step's loads are all issued before any of its values is used, so that a
+    # warp waits on all of them at once; the other warps of the SM add meanwhile. Tiles past
+    # the range load nothing.
+    x, mask = _load_tile(x_ptr, first, last, L, l_blocks, cols, col_mask, sx_n, sx_c, sx_l,
+                         True, BLOCK_R)
     shift = _first_shift(x.to(tl.float32), mask, 0)
     sums = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     squares = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    for tile in range(first, last):
-        n, positions, position_mask = _tile(tile + 1, L, l_blocks, BLOCK_R)
-        next_mask = (position_mask & (positions * 0 + tile + 1 < last))[:, None] & col_mask[None, :]
-        x_next = tl.load(x_ptr + _offsets(n, positions, cols, sx_n, sx_c, sx_l), mask=next_mask)
-        sums, squares = _shifted_update(shift, sums, squares, x.to(tl.float32), mask)
-        x, mask = x_next, next_mask
+    for tile in range(first, last, TILES_PER_STEP):
+        x0, m0 = _load_tile(x_ptr, tile, last, L, l_blocks, cols, col_mask, sx_n, sx_c, sx_l,
+                            True, BLOCK_R)
+        x1, m1 = _load_tile(x_ptr, tile + 1, last, L, l_blocks, cols, col_mask, sx_n, sx_c,
+                            sx_l, TILES_PER_STEP >= 2, BLOCK_R)
+        x2, m2 = _load_tile(x_ptr, tile + 2, last, L, l_blocks, cols, col_mask, sx_n, sx_c,
+                            sx_l, TILES_PER_STEP >= 4, BLOCK_R)
+        x3, m3 = _load_tile(x_ptr, tile + 3, last, L, l_blocks, cols, col_mask, sx_n, sx_c,
+                            sx_l, TILES_PER_STEP >= 4, BLOCK_R)
+        sums, squares = _shifted_update(shift, sums, squares, x0.to(tl.float32), m0)
+        if TILES_PER_STEP >= 2:
+            sums, squares = _shifted_update(shift, sums, squares, x1.to(tl.float32), m1)
+        if TILES_PER_STEP >= 4:
+            sums, squares = _shifted_update(shift, sums, squares, x2.to(tl.float32), m2)
+            sums, squares = _shifted_update(shift, sums, squares, x3.to(tl.float32), m3)
     # A lane's count, worked out rather than counted: every tile of the range, less the tail
     # tiles (the last of each sample) where the lane lies past L.
     tail_length = L - (l_blocks - 1) * BLOCK_R
@@ -79,6 +97,19 @@ def _batch_stats_kernel(
     if _last_to_finish(counters_ptr):
         _finalize_statistics(stats_ptr, running_mean_ptr, running_var_ptr, cols, col_mask, C,
                              momentum, unbias, UPDATE_RUNNING, BLOCK_S, BLOCK_C)
+
+
+@triton.jit
+def _load_tile(x_ptr, tile, last, L, l_blocks, cols, col_mask, sx_n, sx_c, sx_l,
+               USED: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Tile `tile` of channels `cols` and its mask, empty past `last` (and where not USED: a
+    step of fewer tiles compiles no load for it)."""
+    n, positions, position_mask = _tile(tile, L, l_blocks, BLOCK_R)
+    mask = (position_mask & (positions * 0 + tile < last))[:, None] & col_mask[None, :]
+    if not USED:
+        mask = mask & False
+        return tl.zeros(mask.shape, dtype=x_ptr.dtype.element_ty), mask
+    return tl.load(x_ptr + _offsets(n, positions, cols, sx_n, sx_c, sx_l), mask=mask), mask
 
 
 @triton.jit

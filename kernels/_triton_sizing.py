@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_geometry import SpanTiling, finalize_slots, is_packed_mask, relu_mask_packing
+from ._triton_geometry import (STATISTICS_TILES_PER_STEP, SpanTiling, finalize_slots,
+                               is_packed_mask, relu_mask_packing)
 from ._triton_rows import _backward_reduce_kernel, _batch_stats_kernel
 from ._triton_spans import _span_backward_reduce_kernel, _span_batch_stats_kernel
 from ._triton_tiles import MASK_NONE
@@ -26,13 +27,15 @@ def statistics_reduction(shape, dense, buffers):
     finalize = dict(UPDATE_RUNNING=True, BLOCK_S=finalize_slots(shape.block_c))
     if isinstance(shape, SpanTiling):
         provisional = (*tensors, channels, shape.samples, 1, 0.1, 1.0)
-        return (_span_batch_stats_kernel, provisional, dict(shape.constexprs(), **finalize),
+        return (_span_batch_stats_kernel, provisional,
+                dict(shape.constexprs(), **finalize, TILES_PER_STEP=STATISTICS_TILES_PER_STEP),
                 shape.num_warps)
     # The split does not change the binary (unspecialized), so any split measures it.
     provisional = (*tensors, channels, shape.positions, shape.l_blocks, shape.tiles, 1,
                    *shape.strides[0], 0.1, 1.0)
     return (_batch_stats_kernel, provisional,
-            dict(finalize, BLOCK_R=shape.block_r, BLOCK_C=shape.block_c), shape.stats_warps)
+            dict(finalize, BLOCK_R=shape.block_r, BLOCK_C=shape.block_c,
+                 TILES_PER_STEP=shape.stats_tiles_per_step), shape.stats_warps)
 
 
 def backward_reduction(shape, dense, buffers, *, relu_mask: torch.Tensor | None):

@@ -17,7 +17,7 @@ import triton.language as tl
 from ._triton_finalize import _finalize_statistics, _finalize_sums, _last_to_finish
 from ._triton_tiles import (
     _channel_scale, _lane_summary, _normalize_terms, _passed_by_mask, _relu_passes,
-    _shifted_update, _store_summary, _store_sums, _welford_combine,
+    _shifted_step, _store_summary, _store_sums, _welford_combine,
 )
 
 
@@ -41,6 +41,17 @@ def _span_base(n, C, L: tl.constexpr, BLOCK_C: tl.constexpr):
     """Offset of the span of sample `n` and channel block program_id(0), in 64 bits."""
     n64 = tl.zeros([], dtype=tl.int64) + n  # a loop index may be a plain int
     return n64 * C * L + tl.program_id(0) * (BLOCK_C * L)
+
+
+@triton.jit
+def _step_spans(first, last, C, lanes, lane_mask, L: tl.constexpr, BLOCK_C: tl.constexpr,
+                STEP: tl.constexpr):
+    """Offsets and mask of the spans of samples first..first + STEP (those before `last`),
+    [SPAN, STEP] (the samples along the last axis, as _step_tiles lays its tiles)."""
+    samples = first + tl.arange(0, STEP)
+    offsets = lanes[:, None] \
+        + (samples.to(tl.int64) * C * L + tl.program_id(0) * (BLOCK_C * L))[None, :]
+    return offsets, lane_mask[:, None] & (samples < last)[None, :]
 
 
 @triton.jit
@@ -78,26 +89,30 @@ def _span_batch_stats_kernel(
     x_ptr, stats_ptr, counters_ptr, running_mean_ptr, running_var_ptr,
     C, samples, samples_per_split, momentum, unbias,
     UPDATE_RUNNING: tl.constexpr, L: tl.constexpr, BLOCK_C: tl.constexpr, SPAN: tl.constexpr,
-    EVEN_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    EVEN_C: tl.constexpr, BLOCK_S: tl.constexpr, TILES_PER_STEP: tl.constexpr,
 ):
-    """_batch_stats_kernel on span tiles: a slot per program, merged by the last to finish."""
+    """_batch_stats_kernel on span tiles: a slot per program, merged by the last to finish. A
+    step loads the span tiles of TILES_PER_STEP samples at once, for the bytes in flight that
+    _batch_stats_kernel's steps keep."""
     lanes, channels, lane_mask = _span_lanes(C, L, BLOCK_C, SPAN, EVEN_C)
     split = tl.program_id(1)
     first = split * samples_per_split
     last = tl.minimum(first + samples_per_split, samples)
     # Every lane sees every sample of the range: one count for all, and sums around each lane's
-    # first value, the next sample's load issued before this one's arithmetic.
-    x = tl.load(x_ptr + _span_base(first, C, L, BLOCK_C) + lanes,
-                mask=lane_mask & (lanes * 0 + first < last), other=0.0)
-    shift = x.to(tl.float32)
-    shift = tl.where(tl.abs(shift) < float("inf"), shift, 0.0)
+    # first value, the next step's load issued before this one's arithmetic.
+    offsets, mask = _step_spans(first, last, C, lanes, lane_mask, L, BLOCK_C, TILES_PER_STEP)
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+    leading = tl.sum(tl.where((tl.arange(0, TILES_PER_STEP) == 0)[None, :],
+                              x.to(tl.float32), 0.0), 1)
+    shift = tl.where(tl.abs(leading) < float("inf"), leading, 0.0)
     sums = tl.zeros([SPAN], dtype=tl.float32)
     squares = tl.zeros([SPAN], dtype=tl.float32)
-    for n in range(first, last):
-        x_next = tl.load(x_ptr + _span_base(n + 1, C, L, BLOCK_C) + lanes,
-                         mask=lane_mask & (lanes * 0 + n + 1 < last), other=0.0)
-        sums, squares = _shifted_update(shift, sums, squares, x.to(tl.float32), lane_mask)
-        x = x_next
+    for n in range(first, last, TILES_PER_STEP):
+        offsets, next_mask = _step_spans(n + TILES_PER_STEP, last, C, lanes, lane_mask, L,
+                                         BLOCK_C, TILES_PER_STEP)
+        x_next = tl.load(x_ptr + offsets, mask=next_mask, other=0.0)
+        sums, squares = _shifted_step(shift, sums, squares, x.to(tl.float32), mask)
+        x, mask = x_next, next_mask
     count = tl.zeros([SPAN], dtype=tl.float32) + tl.maximum(last - first, 0).to(tl.float32)
     count, mean, m2, odd = _lane_summary(count, shift, sums, squares)
     # One segmented scan merges each channel's lanes; its last lane stores the channel's summary.

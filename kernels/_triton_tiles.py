@@ -164,6 +164,14 @@ def _shifted_update(shift, sums, squares, x, mask):
 
 
 @triton.jit
+def _shifted_step(shift, sums, squares, x, mask):
+    """_shifted_update for a step of several values per lane, along the last axis of `x` and
+    `mask` ([lanes, step]), which a thread holds all of: summed with no exchange."""
+    d = tl.where(mask, x - shift[:, None], 0.0)
+    return sums + tl.sum(d, 1), squares + tl.sum(d * d, 1)
+
+
+@triton.jit
 def _lane_summary(count, shift, sums, squares):
     """Per-lane Welford summaries (count, mean, M2, odd) from sums around the lane's own first
     value `shift`: M2 = sum(d^2) - sum(d)^2 / count loses only digits in proportion to

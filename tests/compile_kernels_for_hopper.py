@@ -116,11 +116,21 @@ _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
 
 
 def main_loop_instructions(sass: str) -> tuple[int, bool]:
-    """(instructions, looped): the SASS instructions of the kernel's main loop, the largest span
-    from a backward branch's target to that branch that holds a global load, or of its whole
-    body (up to its last EXIT) where no loop loads from global memory. A reduction's loops after
-    its first atomic are its last program's merge of the slots (_triton_finalize.py), not the
-    main loop."""
+    """(instructions, looped): the SASS instructions of the kernel's main loop (`main_loop`), or
+    of its whole body (up to its last EXIT) where no loop loads from global memory."""
+    body = main_loop(sass)
+    if body is not None:
+        return len(body), True
+    code = [(int(address, 16), text.strip()) for address, text in _SASS_LINE.findall(sass)]
+    last_exit = max(a for a, t in code if t.endswith("EXIT"))
+    return sum(1 for a, t in code if a <= last_exit and t != "NOP"), False
+
+
+def main_loop(sass: str) -> list[str] | None:
+    """The instructions of the kernel's main loop: the largest span from a backward branch's
+    target to that branch that holds a global load (None where no loop loads). A reduction's
+    loops after its first atomic are its last program's merge of the slots
+    (_triton_finalize.py), not the main loop."""
     code = [(int(address, 16), text.strip()) for address, text in _SASS_LINE.findall(sass)]
     merge = min((a for a, t in code if re.search(r"\bATOMG?\b", t)), default=None)
     loops = []
@@ -133,11 +143,19 @@ def main_loop_instructions(sass: str) -> tuple[int, bool]:
             body = [t for a, t in code if start <= a <= address]
             if any(t.split()[0].lstrip("@!P0123456789 ").startswith("LDG")
                    or " LDG" in t for t in body):
-                loops.append(len(body))
-    if loops:
-        return max(loops), True
-    last_exit = max(a for a, t in code if t.endswith("EXIT"))
-    return sum(1 for a, t in code if a <= last_exit and t != "NOP"), False
+                loops.append(body)
+    return max(loops, key=len, default=None)
+
+
+def loop_load_bytes(sass: str) -> int:
+    """Bytes one thread loads from global memory in an iteration of the main loop: what it can
+    keep in flight, since a load waits only where its value is first used."""
+    total = 0
+    for text in main_loop(sass) or []:
+        opcode = next((token for token in text.split() if token.startswith("LDG")), None)
+        if opcode is not None:
+            total += 16 if ".128" in opcode else 8 if ".64" in opcode else 4
+    return total
 
 
 def merge_loop_barriers(sass: str) -> int | None:
@@ -159,11 +177,12 @@ def merge_loop_barriers(sass: str) -> int | None:
 
 
 def elements_per_thread(launch) -> int:
-    """Activation elements one thread handles per tile (per loop iteration)."""
+    """Activation elements one thread handles per loop iteration: a tile's share, times the
+    tiles a step loads where a kernel loads several at once (the statistics pass)."""
     constexprs = launch.constexprs
     lanes = constexprs["SPAN"] if "SPAN" in constexprs else \
         constexprs["BLOCK_R"] * constexprs["BLOCK_C"]
-    return max(1, lanes // (32 * launch.num_warps))
+    return max(1, lanes // (32 * launch.num_warps)) * constexprs.get("TILES_PER_STEP", 1)
 
 
 _INSTRUCTION = re.compile(r"^(?:@!?%p\d+\s+)?([a-z][\w.]*)\s+(.*);$")
@@ -241,7 +260,10 @@ def describe(shape_name: str, layout: str, step: str, launch) -> dict[str, objec
         instructions, looped = main_loop_instructions(sass)
         per_element = {"instructions": instructions, "looped": looped,
                        "elements_per_thread": elements_per_thread(launch),
-                       "per_element": instructions / elements_per_thread(launch)}
+                       "per_element": instructions / elements_per_thread(launch),
+                       # bytes an SM's programs load in one iteration of their main loops
+                       "loop_load_bytes_per_sm": loop_load_bytes(sass) * 32 * launch.num_warps
+                       * ctas}
     return {
         "shape": shape_name, "layout": layout, "step": step, "kernel": kernel.fn.__name__,
         "grid": list(launch.grid), "num_warps": launch.num_warps, "registers": used["REG"],

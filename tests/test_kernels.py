@@ -638,6 +638,11 @@ def test_inductor_compile_on_cuda():
 # statistics passes, which move one value, sum around a per-lane shift with no division and reach
 # 7-12.3: they are held to that.
 INSTRUCTIONS_PER_VALUE_MOVED = 20
+# Bytes a reduction's programs on one SM load per iteration of their main loops, at least: what
+# an H100's or H200's memory needs in flight to stream (bandwidth x latency over its SMs, ~4 TB/s
+# x ~0.8 us / 132: ~25 KB). The statistics pass at 8 KB read at 30% of a copy's bandwidth on an
+# H200, where the backward reduce at 36 KB reached 75%.
+LOOP_LOAD_BYTES_PER_SM = 24 * 1024
 STATISTICS_PASS_BUDGET = {"_batch_stats_kernel": 13, "_span_batch_stats_kernel": 13}
 ACTIVATION_KERNELS = {
     "_batch_stats_kernel", "_span_batch_stats_kernel", "_forward_kernel",
@@ -653,8 +658,9 @@ def test_resnet_launches_compile_for_hopper_with_16_byte_accesses_no_spills_one_
     without, as compiled code does) compiles for sm_90 with its real launch configuration; every
     activation load and store is a 16-byte vector, the ReLU travels as the packed mask (a byte
     per 8 values), nothing spills to local memory, every reduction grid fits in one wave at the
-    occupancy its binary allows, its merge's loops hold no barrier, and each kernel stays within
-    its instruction budget."""
+    occupancy its binary allows, its programs on an SM load enough bytes per iteration of their
+    main loop to keep the memory streaming, its merge's loops hold no barrier, and each kernel
+    stays within its instruction budget."""
     import json
     import os
     import subprocess
@@ -698,6 +704,8 @@ def test_resnet_launches_compile_for_hopper_with_16_byte_accesses_no_spills_one_
         if "reduce" in launch["kernel"] or "stats" in launch["kernel"]:
             assert launch["waves"] <= 1.0, f"{where} runs {launch['waves']:.2f} waves"
             assert launch["sass"]["looped"], f"{where}: no main loop found in its SASS"
+            in_flight = launch["sass"]["loop_load_bytes_per_sm"]
+            assert in_flight >= LOOP_LOAD_BYTES_PER_SM, f"{where}: {in_flight} bytes a step an SM"
             # The merge's loops over blocks of slots only load and add; its block reductions
             # come after them, once (merge_loop_barriers says what a barrier there cost).
             assert launch["merge_loop_barriers"] == 0, f"{where}: barriers in its merge's loops"

@@ -16,10 +16,10 @@ schedulers x 32 lanes x 1.98 GHz) while its memory moves 3.35e12 bytes, so a ker
 model only while it spends at most ~20 SASS instructions per bf16 value it moves per element.
 tests/compile_kernels_for_hopper.py counts them in the sm_90 binary of every ResNet-50 and
 ResNet-56 launch: all fit (the backward reduce takes 12-17.4 for its 2-3 values, the elementwise
-passes 19-35 for 3, the forward 20-34 for 2-3, the statistics pass 7.6-11.9 for its one: sums
-around a per-lane shift, no division, four tiles a step, the next step loaded before the current
-one is summed, 16 warps where its tiles are full). The same check holds every reduction to 24 KB
-of loads an iteration on each SM, the bytes in flight the memory needs to stream.
+passes 19-35 for 3, the forward 20-34 for 2-3, the statistics pass 7.1-10.9 for its one: sums
+around a per-lane shift, no division, four tiles (NCHW two) loaded a step before any is summed,
+16 warps where its tiles are full). The same check holds every reduction to 24 KB of loads an
+iteration on each SM, the bytes in flight the memory needs to stream.
 """
 
 from __future__ import annotations

@@ -54,6 +54,11 @@ configurations pooled share their test images, and averaging them does not shrin
 and the two signs' sums are added, which assumes images are not harder for one configuration
 exactly where they are easier for another (no negative correlation): conservative, and said so.
 
+An error rate's interval is then given the shape of a Wilson score interval of the same spread
+(`_score_shaped`): a rate's sampling near 0 is skewed, and a symmetric interval clipped at 0
+misses above far more often than below; a rate of exactly 0 takes the exact bound of 0 in N.
+Differences and contrasts, which range over [-1, 1] and are not skewed so, stay symmetric.
+
 The variance has a floor: what Agresti-Coull allows a test set of N images without a single
 error, ``r(1 - r)/N`` with ``r = 2/(N + 4)``, so that no table, not even one without a single
 error or disagreement, gives a zero-width interval; on ordinary tables it does not bind (a floor
@@ -81,7 +86,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import optimize
@@ -238,11 +243,42 @@ def error_rate(outcomes: Sequence[np.ndarray] | None, rates: Sequence[float],
         return _no_interval(mean, n, CROSSED if table is not None else BINOMIAL_BOUND, ONE_SEED)
     if table is not None and images >= 2:
         grand, pivot = _crossed(table, stream=0)
-        return _from_pivot(grand, pivot, n, std, CROSSED, (0.0, 1.0), level=level)
+        estimate = _from_pivot(grand, pivot, n, std, CROSSED, (0.0, 1.0), level=level)
+        return _score_shaped(estimate, images, level)
     if images:
         bounded = Pivot(variance_draws(std**2 / n, n - 1, _binomial_bound(mean, images)))
-        return _from_pivot(mean, bounded, n, std, BINOMIAL_BOUND, (0.0, 1.0), level=level)
+        estimate = _from_pivot(mean, bounded, n, std, BINOMIAL_BOUND, (0.0, 1.0), level=level)
+        return _score_shaped(estimate, images, level)
     return _over_seeds_only(rates, (0.0, 1.0), level)
+
+
+def _score_shaped(estimate: Estimate, images: int, level: float) -> Estimate:
+    """`estimate`'s interval given the shape of a Wilson score interval of the same spread: the
+    pivot's interval is symmetric about the mean and clipped to [0, 1], while near 0 (or 1) a
+    rate's sampling is skewed, and the symmetric interval missed the truth on the far side two
+    to eight times as often as on the near one (1% error, 1,000 images, 3 and 5 seeds: 3.5-4.2%
+    of studies above, 0.5% below). The score interval's size N' is the one whose binomial spread
+    gives the pivot's half-width on the far side, p(1 - p) z^2 / half^2, so that seeds that vary
+    widen it as they widen the pivot's; at p = 1/2 the two intervals are one. A mean of exactly
+    0 (or 1), with no spread left to match, takes the exact (Clopper-Pearson) bound of 0 wrong
+    in N images, which the Agresti-Coull floor fell short of (0.28% for 1,000 images; 0.37%)."""
+    mean, tail = estimate.mean, (1 - level) / 2
+    near_one = mean > 0.5
+    p = 1 - mean if near_one else mean  # the distance to the nearer bound
+    half = (mean - estimate.low) if near_one else (estimate.high - mean)
+    if p <= 0:
+        far, near = 1 - tail ** (1 / images), 0.0
+    elif half > 0:
+        z = float(scipy_stats.norm.ppf(1 - tail))
+        size = p * (1 - p) * z * z / half**2
+        centre = (p + z * z / (2 * size)) / (1 + z * z / size)
+        spread = z * math.sqrt(p * (1 - p) / size + z * z / (4 * size**2)) / (1 + z * z / size)
+        far, near = min(centre + spread, 1.0), max(centre - spread, 0.0)
+    else:
+        return estimate
+    if near_one:
+        return replace(estimate, low=1 - far, high=1 - near)
+    return replace(estimate, low=near, high=far)
 
 
 _TIE_TOLERANCE = 1e-12  # values, relative to their size, that tie but for rounding

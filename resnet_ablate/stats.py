@@ -54,9 +54,10 @@ configurations pooled share their test images, and averaging them does not shrin
 and the two signs' sums are added, which assumes images are not harder for one configuration
 exactly where they are easier for another (no negative correlation): conservative, and said so.
 
-An error rate's interval is then given the shape of a Wilson score interval of the same spread
-(`_score_shaped`): a rate's sampling near 0 is skewed, and a symmetric interval clipped at 0
-misses above far more often than below; a rate of exactly 0 takes the exact bound of 0 in N.
+From three seeds on, an error rate's interval is then given the shape of a Wilson score interval
+of the same spread (`_score_shaped`): a rate's sampling near 0 is skewed, and a symmetric
+interval clipped at 0 misses above far more often than below; a rate of exactly 0 takes the exact
+bound of 0 in N.
 Differences and contrasts, which range over [-1, 1] and are not skewed so, stay symmetric.
 
 The variance has a floor: what Agresti-Coull allows a test set of N images without a single
@@ -244,12 +245,17 @@ def error_rate(outcomes: Sequence[np.ndarray] | None, rates: Sequence[float],
     if table is not None and images >= 2:
         grand, pivot = _crossed(table, stream=0)
         estimate = _from_pivot(grand, pivot, n, std, CROSSED, (0.0, 1.0), level=level)
-        return _score_shaped(estimate, images, level)
+        return _score_shaped(estimate, images, level) if _shaped(estimate, n) else estimate
     if images:
         bounded = Pivot(variance_draws(std**2 / n, n - 1, _binomial_bound(mean, images)))
         estimate = _from_pivot(mean, bounded, n, std, BINOMIAL_BOUND, (0.0, 1.0), level=level)
-        return _score_shaped(estimate, images, level)
+        return _score_shaped(estimate, images, level) if _shaped(estimate, n) else estimate
     return _over_seeds_only(rates, (0.0, 1.0), level)
+
+
+def _shaped(estimate: Estimate, n: int) -> bool:
+    """Whether `_score_shaped` applies: from three seeds on, and to a rate of exactly 0 or 1."""
+    return n >= 3 or estimate.mean in (0.0, 1.0)
 
 
 def _score_shaped(estimate: Estimate, images: int, level: float) -> Estimate:
@@ -261,7 +267,10 @@ def _score_shaped(estimate: Estimate, images: int, level: float) -> Estimate:
     gives the pivot's half-width on the far side, p(1 - p) z^2 / half^2, so that seeds that vary
     widen it as they widen the pivot's; at p = 1/2 the two intervals are one. A mean of exactly
     0 (or 1), with no spread left to match, takes the exact (Clopper-Pearson) bound of 0 wrong
-    in N images, which the Agresti-Coull floor fell short of (0.28% for 1,000 images; 0.37%)."""
+    in N images, which the Agresti-Coull floor fell short of (0.28% for 1,000 images; 0.37%).
+    From three seeds on (a rate of 0 at any count): at two, the pivot's half-width is mostly the seeds' one degree of
+    freedom, whose t tails are not a rate's skew (two seeds at 1.4% and 2.2% would reach 17%),
+    and its symmetric interval already errs on the safe side (97-99.5% covered)."""
     mean, tail = estimate.mean, (1 - level) / 2
     near_one = mean > 0.5
     p = 1 - mean if near_one else mean  # the distance to the nearer bound

@@ -24,22 +24,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib import colormaps, ticker
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .contrasts import failed_seeds, failure_kinds, pruned_seeds
+from .plot_axes import (labelled_within_a_decade, legend_beside_if_long, log_percent_axis,
+                        panels_figure)
 from .results import Results, ResultsError
 from .storage import refuse_to_lose_results
 
 KINDS = ("curves", "depth", "pareto", "responses")
-
-
-def _figure(panels: int = 1, *, height: float = 4.0, sharey: bool = False) -> tuple[Figure, list[Any]]:
-    figure = Figure(figsize=(5.0 * panels, height), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(1, panels, squeeze=False, sharey=sharey)[0]
-    return figure, list(axes)
 
 
 def _label(column: str | None, value: Any) -> str:
@@ -95,8 +89,8 @@ def plot_curves(results: Results, *, panel_by: str | None = None, color_by: str 
     shades = colormaps["viridis"](np.linspace(0.0, 0.75, len(colors)))
     palette = {value: shades[i] for i, value in enumerate(colors)}
     # One y-scale for every panel: the panels are there to be compared.
-    figure, axes = _figure(len(panels), sharey=True)
-    figure.suptitle(f"{results.study}: mean over seeds (how many: each line's label)"
+    figure, axes = panels_figure(len(panels), sharey=True)
+    figure.suptitle(f"{results.title}: mean over seeds (how many: each line's label)"
                     f"{_averaged_over(results, (panel_by, color_by))}{_pruned_caption(results)}",
                     fontsize="medium")
     for ax, panel in zip(axes, panels):
@@ -112,10 +106,12 @@ def plot_curves(results: Results, *, panel_by: str | None = None, color_by: str 
             seeds = lines["seed"].nunique()
             ax.plot(mean.index, scale * mean[f"test_{metric}"], color=palette[value], linewidth=2.4,
                     label=f"{_label(color_by, value)} ({seeds} seed{'s' if seeds != 1 else ''})")
-        ax.set_title(_label(panel_by, panel) if panel_by else results.study)
+        ax.set_title(_label(panel_by, panel) if panel_by else results.title)
         ax.set_xlabel("epoch")
-        ax.set_ylabel("error (%)" if metric == "error" else metric)
-        ax.grid(alpha=0.3)
+        ax.set_ylabel("error (%, log scale)" if metric == "error" else metric)
+        if metric == "error":  # the last epochs, where configurations differ by a point or two,
+            log_percent_axis(ax)  # would lie flat at the bottom of a 0-70% linear axis
+        ax.grid(alpha=0.3, which="both")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(title="bold: test, thin dashed: train", fontsize="small", title_fontsize="small")
     return figure
@@ -159,14 +155,15 @@ def plot_depth(results: Results, *, metric: str = "test_error", x: str = "depth"
         line_by = "shortcut" if "shortcut" in others else next(iter(others), None)
     by = [x, line_by] if line_by and line_by != x else [x]
     summary = results.summary(by=by, metric=metric)
-    figure, (ax,) = _figure()
+    figure, (ax,) = panels_figure()
     groups = summary.groupby(line_by, sort=False) if len(by) == 2 else [(None, summary)]
     # Colours in the values' natural order, as the Pareto figure gives them (shortcut A blue and
     # plain orange in both), whatever order the legend lists them in.
     palette = {value: f"C{i % 10}"
                for i, value in enumerate(sorted((v for v, _ in groups), key=_natural))}
     xs = sorted(set(summary[x].astype(float)))
-    dodge = 0.012 * ((xs[-1] - xs[0]) or 1.0)
+    span = (xs[-1] - xs[0]) or 4.0  # one x: an axis 4 wide around it (else it zooms to the dodge)
+    dodge = 0.012 * span
     ordered = sorted(groups, key=lambda item: _panel_order(item[0]))
     for position, (value, group) in enumerate(ordered):
         group = group.sort_values(x)
@@ -181,9 +178,11 @@ def plot_depth(results: Results, *, metric: str = "test_error", x: str = "depth"
         _mark_without_interval(ax, at, mean, below, "o", palette[value])
     ax.set_xlabel(x)
     ax.set_xticks(xs)  # the depths run, not fractions
+    if len(xs) == 1:
+        ax.set_xlim(xs[0] - span / 2, xs[0] + span / 2)
     ax.set_ylabel(f"{metric.replace('_', ' ')} (%), mean and 95% CI")
     # One panel is narrow: the caption wraps.
-    ax.set_title("\n".join([results.study, *textwrap.wrap(
+    ax.set_title("\n".join([results.title, *textwrap.wrap(
         _averaged_over(results, (x, line_by)) + _pruned_caption(results), 55)]),
         fontsize="medium")
     ax.grid(alpha=0.3)
@@ -210,7 +209,7 @@ def plot_pareto(results: Results, *, metric: str = "test_error", cost: str = "fl
     means = results.summary(by=by, metric=metric)
     front = results.pareto([metric, cost]).sort_values(cost)
     scale, unit = _cost_unit(cost, done[cost].astype(float).max())
-    figure, (ax,) = _figure()
+    figure, (ax,) = panels_figure()
     # Colours by shortcut (plain vs residual), else by the first factor but depth (its FLOPs
     # tell depths apart along the x axis), else by depth.
     factors = _factors(results)
@@ -251,21 +250,11 @@ def plot_pareto(results: Results, *, metric: str = "test_error", cost: str = "fl
     ax.margins(x=0.08, y=0.1)
     ax.set_xlabel(unit)
     ax.set_ylabel(f"{metric.replace('_', ' ')} (%): trials faint, means with 95% CI")
-    ax.set_title("\n".join([results.study, *textwrap.wrap(_pruned_caption(results), 55)]),
+    ax.set_title("\n".join([results.title, *textwrap.wrap(_pruned_caption(results), 55)]),
                  fontsize="medium")
     ax.grid(alpha=0.3)
-    _legend_beside_if_long(ax)
+    legend_beside_if_long(ax)
     return figure
-
-
-def _legend_beside_if_long(ax: Any) -> None:
-    """The legend inside the axes, or beside them where it has more entries than fit without
-    covering the points."""
-    if len(ax.get_legend_handles_labels()[1]) > 4:
-        ax.figure.set_figwidth(ax.figure.get_figwidth() + 2.5)  # the axes keep their width
-        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    else:
-        ax.legend(fontsize="small")
 
 
 def _cost_unit(cost: str, largest: float) -> tuple[float, str]:
@@ -284,7 +273,7 @@ def plot_responses(results: Results, responses: pd.DataFrame | None = None, *,
     seeds per architecture: in layer order (left) and sorted by magnitude (right)."""
     if responses is None:
         responses = results.layer_responses(max_images=max_images)
-    figure, (original, ordered) = _figure(2)
+    figure, (original, ordered) = panels_figure(2)
     # A plain net and its residual twin share a colour (their configuration's but for the
     # shortcut: depth, width, ...), told apart by the line.
     twins = _twins(results, responses["arch_name"].unique())
@@ -305,11 +294,11 @@ def plot_responses(results: Results, responses: pd.DataFrame | None = None, *,
         # Logarithmic: a plain deep net's responses can peak 100x above a ResNet's, which a
         # linear axis would flatten to a line at zero.
         ax.set_yscale("log")
-        _labelled_within_a_decade(ax)
+        labelled_within_a_decade(ax)
         ax.set_ylabel("std of BN output (log scale)")
         ax.grid(alpha=0.3, which="both")
     original.legend(fontsize="small")
-    figure.suptitle(f"{results.study}: each 3x3 layer's response (std of its BN output), mean "
+    figure.suptitle(f"{results.title}: each 3x3 layer's response (std of its BN output), mean "
                     "over seeds (the paper's Fig. 7)")
     return figure
 
@@ -331,13 +320,24 @@ def png_bytes(figure: Figure, *, dpi: int = 110) -> bytes:
     return buffer.getvalue()
 
 
+# What a plot file's name may end in: matplotlib writes each (a file named .svg held PNG bytes).
+PLOT_FORMATS = ("png", "svg", "pdf")
+
+
 def save_plot(results: Results, kind: str, path: str | Path, **options: Any) -> Path:
-    """Draw plot `kind` and write it as a PNG file; returns the path."""
+    """Draw plot `kind` and write it in the format its file name ends in (PLOT_FORMATS);
+    returns the path."""
     path = Path(path)
     refuse_to_lose_results(path)  # a store, saved weights, a study's own folder
-    data = png_bytes(plot(results, kind, **options))
+    fmt = path.suffix.lower().lstrip(".")
+    if fmt not in PLOT_FORMATS:
+        raise ResultsError(f"cannot write a plot as {path.name!r}: the file name must end in "
+                           f"{', '.join('.' + f for f in PLOT_FORMATS)}")
+    figure = plot(results, kind, **options)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=fmt, dpi=110)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    path.write_bytes(buffer.getvalue())
     return path
 
 
@@ -354,16 +354,6 @@ def _depth_of(name: str) -> int:
     return int(found.group()) if found else 0
 
 
-def _labelled_within_a_decade(ax: Any) -> None:
-    """A log axis that spans less than a decade gets plain ticks (0.9, 1, 1.2, ...): its
-    decade ticks would label one or two points, and in powers of ten."""
-    low, high = ax.get_ylim()
-    if low > 0 and high / low < 10:
-        ax.yaxis.set_major_locator(MaxNLocator(nbins=6))
-        ax.yaxis.set_major_formatter(ticker.ScalarFormatter())
-        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
-
-
 def _twins(results: Results, names: Sequence[str]) -> dict[str, tuple]:
     """Each architecture's configuration but for its shortcut (what a plain net shares with its
     residual twin); its depth where the study's trials do not name it."""
@@ -378,5 +368,5 @@ def _arch_order(item: tuple[str, Sequence]) -> tuple:
     return (not name.startswith("plain"), _depth_of(name), name)
 
 
-__all__ = ["KINDS", "PLOTTERS", "plot", "plot_curves", "plot_depth", "plot_pareto",
+__all__ = ["KINDS", "PLOTTERS", "PLOT_FORMATS", "plot", "plot_curves", "plot_depth", "plot_pareto",
            "plot_responses", "png_bytes", "save_plot"]

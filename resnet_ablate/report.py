@@ -174,7 +174,7 @@ def render_report(results: Results, *, responses: bool = True) -> str:
 
 def _header(results: Results) -> list[str]:
     """The page's head, title, question and one line on the store and its trials."""
-    title = f"resnet-ablate: {results.study}"
+    title = f"resnet-ablate: {results.title}"
     counts = ", ".join(f"{n} {state}" for state, n in results.state_counts().items()) or "no trials"
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{_STYLE}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
@@ -182,6 +182,14 @@ def _header(results: Results) -> list[str]:
         parts.append(f"<p><b>Question:</b> {html.escape(results.question)}</p>")
     parts.append(f"<p>Storage <code>{html.escape(results.storage)}</code>; trials: "
                  f"{html.escape(counts)}; swept: {html.escape(', '.join(results.swept) or '-')}.</p>")
+    if results.selection:
+        parts.append(f'<p class="note">Only the trials selected by <code>--where '
+                     f'{html.escape(results.selection)}</code>: {len(results.trials)} of the '
+                     f"study's {len(results.all_trials())}. Every table, comparison and figure "
+                     "below is over them alone.</p>")
+    if "RUNNING" in results.state_counts():
+        parts.append('<p class="note">The study is still running: these results are partial, '
+                     "and its intervals will change as trials complete.</p>")
     return parts
 
 
@@ -328,6 +336,9 @@ def write_report(results: Results, path: str | Path, *, responses: bool = True) 
     """Write the report page to `path`; returns the path."""
     path = Path(path)
     refuse_to_lose_results(path)  # a store, saved weights, a study's own folder
+    if path.suffix.lower() not in (".html", ".htm"):
+        raise ResultsError(f"cannot write the report as {path.name!r}: it is an HTML page, so "
+                           "the file name must end in .html (or .htm)")
     text = render_report(results, responses=responses)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")

@@ -75,8 +75,15 @@ class Results:
     # Every trial of the study, whatever `where` selected: what the driver saw (its seed
     # decisions are the study's, not a selection's). None: `trials` are all of them.
     study_trials: pd.DataFrame | None = field(default=None, repr=False)
+    selection: str = ""  # the filter `where` selected the trials by ("": every trial)
 
     # -- selecting
+
+    @property
+    def title(self) -> str:
+        """The study's name, and the filter where the trials were selected by one: what a
+        figure or a report of a selection is titled, so that it is not read as the study's."""
+        return f"{self.study} [where {self.selection}]" if self.selection else self.study
 
     def completed(self) -> pd.DataFrame:
         return self.trials[self.trials["state"] == "COMPLETE"]
@@ -113,7 +120,9 @@ class Results:
             kept = self.trials[filter_mask(self.trials, query)]
         except FilterError as error:
             raise ResultsError(f"--where {error}") from None
-        return dataclasses.replace(self, trials=kept, study_trials=self.all_trials())
+        selection = f"({self.selection}) and ({query})" if self.selection else query
+        return dataclasses.replace(self, trials=kept, study_trials=self.all_trials(),
+                                   selection=selection)
 
     def sorted_by(self, columns: Sequence[str] | None) -> pd.DataFrame:
         """The trials sorted by columns; a leading "-" sorts that column descending."""

@@ -55,7 +55,7 @@ and the two signs' sums are added, which assumes images are not harder for one c
 exactly where they are easier for another (no negative correlation): conservative, and said so.
 
 From three seeds on, an error rate's interval is then given the shape of a Wilson score interval
-of the same spread (`_score_shaped`): a rate's sampling near 0 is skewed, and a symmetric
+of the same spread (`rate_shape.py`): a rate's sampling near 0 is skewed, and a symmetric
 interval clipped at 0 misses above far more often than below; a rate of exactly 0 takes the exact
 bound of 0 in N.
 Differences and contrasts, which range over [-1, 1] and are not skewed so, stay symmetric.
@@ -96,6 +96,7 @@ from scipy.special import ndtr  # the normal distribution function, without scip
 
 from .pivot import (Pivot, alpha_widening, least_plausible_ratio, seed_draw_floor,
                     variance_draws)
+from .rate_shape import score_shaped, shaped
 from .seed_tables import (SeedRecordsError, checked_bounds, checked_level, finite_values,
                           image_df, outcome_table, rates_per_seed, test_set_size)
 
@@ -210,6 +211,14 @@ def _shared_test_set_bound(weights: np.ndarray, rates: Sequence[float], images: 
     return float((weights.clip(min=0) @ deviations) ** 2 + (weights.clip(max=0) @ deviations) ** 2)
 
 
+def _score_shaped(estimate: Estimate, n: int, images: int, level: float) -> Estimate:
+    """`estimate` with the interval `rate_shape.score_shaped` gives it, where it applies."""
+    if not shaped(estimate.mean, n):
+        return estimate
+    low, high = score_shaped(estimate.mean, estimate.low, estimate.high, images, level)
+    return replace(estimate, low=low, high=high)
+
+
 def _no_interval(mean: float, n: int, method: str, reason: str) -> Estimate:
     return Estimate(mean, math.nan, math.nan, math.nan, math.nan, math.nan, n, method, reason)
 
@@ -245,49 +254,12 @@ def error_rate(outcomes: Sequence[np.ndarray] | None, rates: Sequence[float],
     if table is not None and images >= 2:
         grand, pivot = _crossed(table, stream=0)
         estimate = _from_pivot(grand, pivot, n, std, CROSSED, (0.0, 1.0), level=level)
-        return _score_shaped(estimate, images, level) if _shaped(estimate, n) else estimate
+        return _score_shaped(estimate, n, images, level)
     if images:
         bounded = Pivot(variance_draws(std**2 / n, n - 1, _binomial_bound(mean, images)))
         estimate = _from_pivot(mean, bounded, n, std, BINOMIAL_BOUND, (0.0, 1.0), level=level)
-        return _score_shaped(estimate, images, level) if _shaped(estimate, n) else estimate
+        return _score_shaped(estimate, n, images, level)
     return _over_seeds_only(rates, (0.0, 1.0), level)
-
-
-def _shaped(estimate: Estimate, n: int) -> bool:
-    """Whether `_score_shaped` applies: from three seeds on, and to a rate of exactly 0 or 1."""
-    return n >= 3 or estimate.mean in (0.0, 1.0)
-
-
-def _score_shaped(estimate: Estimate, images: int, level: float) -> Estimate:
-    """`estimate`'s interval given the shape of a Wilson score interval of the same spread: the
-    pivot's interval is symmetric about the mean and clipped to [0, 1], while near 0 (or 1) a
-    rate's sampling is skewed, and the symmetric interval missed the truth on the far side two
-    to eight times as often as on the near one (1% error, 1,000 images, 3 and 5 seeds: 3.5-4.2%
-    of studies above, 0.5% below). The score interval's size N' is the one whose binomial spread
-    gives the pivot's half-width on the far side, p(1 - p) z^2 / half^2, so that seeds that vary
-    widen it as they widen the pivot's; at p = 1/2 the two intervals are one. A mean of exactly
-    0 (or 1), with no spread left to match, takes the exact (Clopper-Pearson) bound of 0 wrong
-    in N images, which the Agresti-Coull floor fell short of (0.28% for 1,000 images; 0.37%).
-    From three seeds on (a rate of 0 at any count): at two, the pivot's half-width is mostly the seeds' one degree of
-    freedom, whose t tails are not a rate's skew (two seeds at 1.4% and 2.2% would reach 17%),
-    and its symmetric interval already errs on the safe side (97-99.5% covered)."""
-    mean, tail = estimate.mean, (1 - level) / 2
-    near_one = mean > 0.5
-    p = 1 - mean if near_one else mean  # the distance to the nearer bound
-    half = (mean - estimate.low) if near_one else (estimate.high - mean)
-    if p <= 0:
-        far, near = 1 - tail ** (1 / images), 0.0
-    elif half > 0:
-        z = float(scipy_stats.norm.ppf(1 - tail))
-        size = p * (1 - p) * z * z / half**2
-        centre = (p + z * z / (2 * size)) / (1 + z * z / size)
-        spread = z * math.sqrt(p * (1 - p) / size + z * z / (4 * size**2)) / (1 + z * z / size)
-        far, near = min(centre + spread, 1.0), max(centre - spread, 0.0)
-    else:
-        return estimate
-    if near_one:
-        return replace(estimate, low=1 - far, high=1 - near)
-    return replace(estimate, low=near, high=far)
 
 
 _TIE_TOLERANCE = 1e-12  # values, relative to their size, that tie but for rounding

@@ -687,6 +687,28 @@ def test_the_depth_plots_lines_stand_apart_so_that_no_bar_hides_another(results)
         assert max(at_depth) - min(at_depth) < 0.1 * (max(DEPTHS) - min(DEPTHS))
 
 
+def test_one_depth_is_drawn_at_its_tick_with_its_lines_close_together(results):
+    # With one depth the axis zoomed to the lines' small offset: each at an edge, far from its tick.
+    (ax,) = plots.plot_depth(results.where(f"depth == {DEPTHS[0]}")).axes
+    low, high = ax.get_xlim()
+    for container in ax.containers:
+        (at,) = container[0].get_xdata()
+        assert abs(at - DEPTHS[0]) < 0.1 * (high - low)
+    assert low < DEPTHS[0] < high and high - low >= 1
+
+
+def test_figures_of_many_panels_wrap_two_to_a_row(results):
+    """Four curve panels in a row made a figure 2,200 pixels wide, which a report page shrank
+    until its text was 5 pixels high."""
+    figure = plots.plot_curves(results, panel_by="seed")  # three panels
+    panels = [ax for ax in figure.axes if ax.get_visible()]
+    assert len(panels) == len(SEEDS) == 3
+    assert len({round(ax.get_position().x0, 3) for ax in panels}) == 2  # columns
+    assert len({round(ax.get_position().y0, 3) for ax in panels}) == 2  # rows
+    assert figure.get_size_inches()[0] <= 11.0
+    assert all(ax.get_yscale() == "log" for ax in panels)  # the last epochs not flat at 0
+
+
 def test_a_mean_without_an_interval_is_drawn_open_and_without_a_bar(results):
     """One seed gives no interval (NaN bounds): drawn as a filled marker with a bar of zero
     length, it would read as a certainty. The deeper nets keep one seed here, the shallow ones all."""

@@ -184,6 +184,51 @@ def test_plot_writes_a_png(cli, tmp_path, kind):
     assert height >= 300 and width >= 400
 
 
+@pytest.mark.parametrize("suffix, magic", [(".svg", b"<?xml"), (".pdf", b"%PDF")])
+def test_plot_writes_the_format_its_file_name_names(cli, tmp_path, suffix, magic):
+    # A file named .svg held PNG bytes.
+    target = tmp_path / f"depth{suffix}"
+    code, _, _ = cli("plot", "--kind", "depth", "-o", str(target))
+    assert code == 0 and target.read_bytes().startswith(magic)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["plot", "--kind", "depth", "-o", "depth.jpg"],
+     "cannot write a plot as 'depth.jpg': the file name must end in .png, .svg, .pdf"),
+    (["report", "-o", "report.pdf"], "cannot write the report as 'report.pdf': it is an HTML "
+                                     "page, so the file name must end in .html"),
+])
+def test_an_output_file_of_another_format_is_refused(cli, tmp_path, argv, message):
+    argv[-1] = str(tmp_path / argv[-1])
+    code, _, err = cli(*argv)
+    assert code == 2 and message in err and not list(tmp_path.iterdir())
+
+
+def test_a_selection_is_named_in_the_report_and_the_figures(cli, results, tmp_path):
+    """A report of `--where depth == 14` said "trials: 6 COMPLETE" of a study of 12, with the
+    filter nowhere on the page or in the figures' titles."""
+    target = tmp_path / "report.html"
+    code, _, _ = cli("report", "--where", "depth == 14", "-o", str(target), "--no-responses")
+    page = target.read_text()
+    selected = len(results.trials.query("depth == 14"))
+    assert code == 0 and "[where depth == 14]" in page
+    assert (f"<code>--where depth == 14</code>: {selected} of the study's "
+            f"{len(results.trials)}") in page
+    assert results.where("depth == 14").title == f"{STUDY} [where depth == 14]"
+    assert results.where("depth == 14").where("shortcut == 'A'").selection == \
+        "(depth == 14) and (shortcut == 'A')"
+    plain = tmp_path / "all.html"
+    cli("report", "-o", str(plain), "--no-responses")
+    assert "[where" not in plain.read_text() and "selected by" not in plain.read_text()
+
+
+def test_a_selection_that_matches_nothing_lists_the_values_it_could_name(cli, results):
+    code, _, err = cli("summary", "--where", "shortcut == 'B'")
+    depths = ", ".join(str(d) for d in sorted(results.trials["depth"].unique(), key=str))
+    assert code == 2 and err.count("\n") == 1
+    assert f"(its values: depth: {depths}; shortcut: 'A', 'none')" in err, err
+
+
 def test_report_writes_the_html_page(cli, results, tmp_path):
     target = tmp_path / "out" / "report.html"
     code, _, _ = cli("report", "-o", str(target), "--no-responses")

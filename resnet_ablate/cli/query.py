@@ -4,6 +4,7 @@ resnet_ablate.results / plots / report. A lookup problem is one line on stderr a
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Callable
 
@@ -43,6 +44,17 @@ def _query(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
     return guarded
 
 
+def _swept_values(results) -> str:
+    """Each swept column's values, as a filter writes them: what a selection could have named."""
+    def written(value) -> str:
+        return f"'{value}'" if isinstance(value, str) else str(value)
+    listed = []
+    for column in (c for c in results.swept if c in results.trials.columns):
+        values = sorted(results.trials[column].dropna().unique(), key=str)
+        listed.append(f"{column}: {', '.join(written(v) for v in values)}")
+    return "; ".join(listed)
+
+
 def _load(args: argparse.Namespace, *, listing: bool = False):
     """The study, restricted by --where. A selection that matches nothing is one error, except
     for a `listing` (show, export), whose empty table is an answer: it is noted on stderr. A
@@ -54,8 +66,9 @@ def _load(args: argparse.Namespace, *, listing: bool = False):
         raise ResultsError(f"study {results.study!r} in {results.storage} has no trials yet")
     selected = results.where(args.where)
     if args.where and selected.trials.empty and not results.trials.empty:
+        values = _swept_values(results)
         matched = (f"--where {args.where!r} matched none of the study's {len(results.trials)} "
-                   "trials")
+                   f"trials" + (f" (its values: {values})" if values else ""))
         if not listing:  # the command would only go on to find nothing to work on
             raise ResultsError(matched)
         print(f"resnet-ablate {args.command}: {matched}", file=sys.stderr)
@@ -172,8 +185,12 @@ def _report(args: argparse.Namespace) -> int:
     from ..report import write_report
 
     check_output(args.output, args.force)
-    path = write_report(_load(args), args.output, responses=not args.no_responses)
+    results = _load(args)
+    path = write_report(results, args.output, responses=not args.no_responses)
     print(f"wrote {path}", file=sys.stderr)
+    if results.completed().empty:  # a page of why trials failed, where other commands refuse
+        print(f"resnet-ablate report: study {results.study!r} has no completed trial: the page "
+              "lists its trials and why each ended", file=sys.stderr)
     return 0
 
 
@@ -183,37 +200,44 @@ PLOT_KINDS_HELP = ("curves: training and test error by epoch (Fig. 6); depth: er
                    "response std (Fig. 7, from kept weights)")
 
 
-def add_query_commands(sub) -> None:
-    def query(name: str, help_text: str, *, study: bool = True, table: bool = True):
-        parser = sub.add_parser(name, help=help_text)
-        if study:
-            parser.add_argument("study", help="the study's name (spec key `study`), or the "
-                                              "path of its .db file")
-        parser.add_argument("--storage", type=storage_url, help="an Optuna storage URL "
-                            "(default: sqlite:///RUNS_DIR/STUDY.db)")
-        parser.add_argument("--runs-dir", help="where `run` put the study (default: "
-                            "$RESNET_ABLATE_RUNS, else ./runs)")
-        if study:
-            parser.add_argument("--where", help="only trials matching a filter: columns compared "
-                                                "with values, in [..], and/or/not, e.g. "
-                                                "\"depth == 20 and shortcut == 'A'\"")
-        if table:
-            parser.add_argument("--format", choices=("table", "csv", "json"), default="table",
-                                help="aligned table with units (default), or exact csv / json")
-            parser.add_argument("-o", "--output",
-                                help="write to this file instead of stdout (missing folders "
-                                     "are created)")
-        parser.add_argument("--force", action="store_true",
-                            help="let -o replace an existing file (never a study's store)")
-        return parser
+def _query_parser(sub, name: str, help_text: str, *, study: bool = True, table: bool = True,
+                  default_format: str = "table"):
+    """A query command's parser with the options every query shares: the study and its store,
+    --where, and for a table its format and output file."""
+    parser = sub.add_parser(name, help=help_text)
+    if study:
+        parser.add_argument("study", help="the study's name (spec key `study`), or the "
+                                          "path of its .db file")
+    parser.add_argument("--storage", type=storage_url, help="an Optuna storage URL "
+                        "(default: sqlite:///RUNS_DIR/STUDY.db)")
+    parser.add_argument("--runs-dir", help="where `run` put the study (default: "
+                        "$RESNET_ABLATE_RUNS, else ./runs)")
+    if study:
+        parser.add_argument("--where", help="only trials matching a filter: columns compared "
+                                            "with values, in [..], and/or/not, e.g. "
+                                            "\"depth == 20 and shortcut == 'A'\"")
+    if table:
+        formats = {"table": "aligned table with units", "csv": "exact csv", "json": "exact json"}
+        parser.add_argument("--format", choices=tuple(formats), default=default_format,
+                            help=f"{formats[default_format]} (default), or "
+                            + " / ".join(v for k, v in formats.items() if k != default_format))
+        parser.add_argument("-o", "--output",
+                            help="write to this file instead of stdout (missing folders "
+                                 "are created)")
+    parser.add_argument("--force", action="store_true",
+                        help="let -o replace an existing file (never a study's store)")
+    return parser
 
+
+def add_query_commands(sub) -> None:
+    query = functools.partial(_query_parser, sub)
     query("ls", "studies in a storage (or in every RUNS_DIR/*.db) with trial counts by state",
           study=False)
     show = query("show", "the trials of a study as a table")
     show.add_argument("--sort", help="columns to sort by, comma-separated; --sort=-name for descending")
     show.add_argument("--columns", help="columns to show, comma-separated (default: the usual ones)")
-    export = query("export", "every column of every trial (or the per-epoch curves), exactly")
-    export.set_defaults(format="csv")
+    export = query("export", "every column of every trial (or the per-epoch curves), exactly",
+                   default_format="csv")
     export.add_argument("--what", choices=("trials", "curves"), default="trials",
                         help="one row per trial (default), or per trial and epoch")
     export.add_argument("--sort", help="columns to sort by, comma-separated")
@@ -236,9 +260,10 @@ def add_query_commands(sub) -> None:
     pareto.add_argument("--over", choices=("configurations", "trials"), default="configurations",
                         help="configurations: their means over seeds, with intervals (default); "
                         "trials: single trials")
-    plot = query("plot", "draw one of the paper's figures as a PNG", table=False)
+    plot = query("plot", "draw one of the paper's figures (PNG, SVG or PDF)", table=False)
     plot.add_argument("--kind", required=True, choices=PLOT_KINDS, help=PLOT_KINDS_HELP)
-    plot.add_argument("-o", "--output", required=True, help="the PNG file to write")
+    plot.add_argument("-o", "--output", required=True,
+                      help="the file to write; its name ends in .png, .svg or .pdf")
     report = query("report", "one self-contained HTML page: tables, comparisons, plots", table=False)
     report.add_argument("-o", "--output", required=True, help="the HTML file to write")
     report.add_argument("--no-responses", action="store_true",

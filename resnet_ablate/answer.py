@@ -11,7 +11,9 @@ study's own question (`seeds.until.decided`) takes the rule's verdict instead: i
 added while the comparison was open, which a plain test does not account for.
 
 Each line says what it averages and what it leaves out (configurations with no paired seeds,
-failed seeds), the notes its comparison carries, and where the configurations disagree.
+failed seeds), the notes its comparison carries, and where the configurations disagree, each
+configuration's own difference (an average over a factor the effect depends on is not the
+answer).
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ class AnswerLine:
     # The configurations of the other factors the line covers, each ((factor, level), ...): one
     # for an "at" line.
     configurations: tuple[tuple[tuple[str, Any], ...], ...] = ()
+    # An averaged line's difference at each of its configurations ((where, diff), ...), kept
+    # where they disagree: an average over a factor the effect depends on is not the answer.
+    each: tuple[tuple[str, float], ...] = ()
     p_holm: float = math.nan  # Holm's adjustment over the answer's lines
     verdict: str = ""
 
@@ -89,15 +94,24 @@ def _factor_lines(results: Results, factor: str, baseline: object,
             row = rows[overall].iloc[0]
             seen = {tuple(scalar_value(v) for v in r) for r in each[others].itertuples(
                 index=False, name=None)}
-            lines.append(_line(factor, level, baseline, row, _averaged(others, everywhere, seen),
-                               tuple(tuple(zip(others, c)) for c in sorted(seen, key=str))))
+            line = _line(factor, level, baseline, row, _averaged(others, everywhere, seen),
+                         tuple(tuple(zip(others, c)) for c in sorted(seen, key=str)))
+            if DISAGREE in line.note:
+                line = replace(line, each=tuple((_at(others, r), float(r["diff_mean"]))
+                                                for _, r in each.iterrows()))
+            lines.append(line)
             continue
         for _, row in each.iterrows():
             values = tuple(scalar_value(row[c]) for c in others)
-            at = ", ".join(f"{c}={v}" for c, v in zip(others, values))
-            lines.append(_line(factor, level, baseline, row, f"at {at}" if at else "",
+            lines.append(_line(factor, level, baseline, row, _at(others, row),
                                (tuple(zip(others, values)),)))
     return lines
+
+
+def _at(others: list[str], row: pd.Series) -> str:
+    """A configuration's place in a line ("at depth=20, width=16"; "" with no other factor)."""
+    at = ", ".join(f"{c}={scalar_value(row[c])}" for c in others)
+    return f"at {at}" if at else ""
 
 
 def _configurations(results: Results, others: list[str]) -> list[tuple]:
@@ -135,7 +149,13 @@ def _verdict(line: AnswerLine, p_holm: float, rule: _RuleVerdicts) -> str:
         return f"too few seeds to tell ({line.n_pairs} paired seed" \
                f"{'s' if line.n_pairs != 1 else ''})"
     word = "a difference" if p_holm < ALPHA else "no difference shown"
-    return word + ("; the configurations disagree" if DISAGREE in line.note else "")
+    if DISAGREE not in line.note:
+        return word
+    # The average is over a factor the effect depends on: each configuration's difference, so
+    # that +33 points averaged over +0.1 and +66 is not read as the effect (effects: the
+    # interaction's own test).
+    return (f"{word} on average, but the configurations disagree: "
+            + ", ".join(f"{100 * diff:+.2f} points {where}" for where, diff in line.each))
 
 
 class _RuleVerdicts:

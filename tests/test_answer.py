@@ -107,3 +107,27 @@ def test_a_selection_answers_for_what_it_selects():
     lines = {(line.factor, line.level): line for line in answer(study, comparisons(study))}
     assert lines[("shortcut", "none")].where == "averaged over depth (2 configurations)"
     assert set(lines) == {("depth", 32), ("shortcut", "none")}
+
+
+def test_an_average_over_a_factor_the_effect_depends_on_gives_each_configurations_difference():
+    """No shortcut costs nothing at depth 20 and a lot at depth 56: the answer's line averaged
+    the two (+33 points) and said only that the configurations disagree; it now gives each
+    depth's own difference, as the comparison's per-depth rows have them."""
+    rng = np.random.default_rng(8)
+    difficulty = rng.normal(0, 1.5, IMAGES)
+    offset = offset_for(0.08, 0.1, 1.5)
+    trials = [({"depth": depth, "shortcut": shortcut}, seed,
+               error_table(rng, 1, offset + (2.5 if (depth, shortcut) == (56, "none") else 0),
+                           0.1, 1.5, difficulty)[0])
+              for depth in (20, 56) for shortcut in ("A", "none") for seed in range(3)]
+    study = study_in_memory(trials)
+    found = comparisons(study)
+    (line,) = [line for line in answer(study, found) if line.factor == "shortcut"]
+    table = next(t for factor, _, t in found if factor == "shortcut")
+    per_depth = {row["depth"]: row["diff_mean"] for _, row in table.iterrows()
+                 if row["depth"] != "all"}
+    assert line.where.startswith("averaged over depth")
+    assert [where for where, _ in line.each] == ["at depth=20", "at depth=56"]
+    assert [diff for _, diff in line.each] == [per_depth[20], per_depth[56]]
+    assert "on average, but the configurations disagree: " in line.verdict
+    assert f"{100 * per_depth[56]:+.2f} points at depth=56" in line.verdict

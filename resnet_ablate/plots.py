@@ -278,12 +278,13 @@ def plot_responses(results: Results, responses: pd.DataFrame | None = None, *,
     # shortcut: depth, width, ...), told apart by the line.
     twins = _twins(results, responses["arch_name"].unique())
     keys = sorted(set(twins.values()), key=lambda key: tuple(map(_natural, key)))
+    labels = _configuration_labels(results)
     for name, group in sorted(responses.groupby("arch_name"),
                               key=lambda item: (keys.index(twins[item[0]]), _arch_order(item))):
         mean = group.groupby("layer")["std"].mean()
         style = {"color": f"C{keys.index(twins[name]) % 10}",
                  "linestyle": ":" if name.startswith("plain") else "-",
-                 "marker": ".", "label": name}
+                 "marker": ".", "label": labels.get(name, name)}
         original.plot(mean.index, mean.to_numpy(), **style)
         ordered.plot(np.arange(1, len(mean) + 1), np.sort(mean.to_numpy())[::-1], **style)
     for ax in (original, ordered):
@@ -297,10 +298,25 @@ def plot_responses(results: Results, responses: pd.DataFrame | None = None, *,
         labelled_within_a_decade(ax)
         ax.set_ylabel("std of BN output (log scale)")
         ax.grid(alpha=0.3, which="both")
-    original.legend(fontsize="small")
+    if len(original.get_legend_handles_labels()[1]) > 4:  # below both panels, off the lines
+        figure.legend(*original.get_legend_handles_labels(), loc="outside lower center",
+                      ncols=2, fontsize="small")
+    else:
+        original.legend(fontsize="small")
     figure.suptitle(f"{results.title}: each 3x3 layer's response (std of its BN output), mean "
                     "over seeds (the paper's Fig. 7)")
     return figure
+
+
+def _configuration_labels(results: Results) -> dict[str, str]:
+    """Each architecture by the factors that vary ("depth=20, base_width=64"), where its name
+    leaves a default out (resnet20-cifar-bottleneck-B-v1 is base width 64)."""
+    factors = _factors(results)
+    rows = results.completed().drop_duplicates("arch_name").set_index("arch_name")
+    if not factors:
+        return {}
+    return {name: ", ".join(_label(f, rows.loc[name, f]) for f in factors)
+            for name in rows.index}
 
 
 PLOTTERS: dict[str, Callable[..., Figure]] = {

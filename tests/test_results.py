@@ -595,18 +595,31 @@ def test_the_responses_plot_pairs_each_plain_net_with_its_twin_and_labels_its_ax
          for layer in range(1, 8)])
     figure = plots.plot_responses(results, responses)
     original = figure.axes[0]
+    # Lines named by the factors that vary (an architecture's name leaves defaults out).
+    plain8, resnet8, plain14, resnet14 = ("8-layer, plain", "8-layer, ResNet (A)",
+                                          "14-layer, plain", "14-layer, ResNet (A)")
     colors = {line.get_label(): line.get_color() for line in original.get_lines()}
-    assert colors["plain8-cifar"] == colors["resnet8-cifar-A"]
-    assert colors["plain14-cifar"] == colors["resnet14-cifar-A"] != colors["plain8-cifar"]
+    assert colors[plain8] == colors[resnet8]
+    assert colors[plain14] == colors[resnet14] != colors[plain8]
     styles = {line.get_label(): line.get_linestyle() for line in original.get_lines()}
-    assert styles["plain8-cifar"] == ":" and styles["resnet8-cifar-A"] == "-"
+    assert styles[plain8] == ":" and styles[resnet8] == "-"
     assert [text.get_text() for text in original.get_legend().get_texts()] == [
-        "plain8-cifar", "resnet8-cifar-A", "plain14-cifar", "resnet14-cifar-A"]  # twins paired
+        plain8, resnet8, plain14, resnet14]  # twins paired
     figure.canvas.draw()
     low, high = original.get_ylim()
     labels = [t.get_text() for t in original.get_yticklabels()
               if t.get_text() and low <= t.get_position()[1] <= high]
     assert len(labels) >= 3 and not any("times" in label or "^" in label for label in labels)
+
+
+def test_a_responses_legend_of_many_lines_goes_below_the_panels(results):
+    # Eight lines' legend inside the left panel covered its lines at layers 3-5.
+    names = [f"resnet{d}-cifar-bottleneck-B-bw{w}-v1" for d in (11, 20) for w in (16, 32, 64)]
+    responses = pd.DataFrame([{"arch_name": name, "layer": layer, "std": 1.0 + 0.01 * i * layer}
+                              for i, name in enumerate(names) for layer in range(1, 5)])
+    figure = plots.plot_responses(results, responses)
+    assert figure.axes[0].get_legend() is None and len(figure.legends) == 1
+    assert len(figure.legends[0].get_texts()) == len(names)
 
 
 def test_the_figures_of_a_study_without_shortcuts_show_its_own_factor():

@@ -64,7 +64,8 @@ def _batch_stats_kernel(
     # Per-lane sums around a per-lane shift, no division in the loop, and one block reduction
     # after it. A step's loads are all issued before any of its values is used, so that a
     # warp waits on all of them at once; the other warps of the SM add meanwhile. Tiles past
-    # the range load nothing.
+    # the range load nothing. The first tile is read once for the lanes' shifts and again by
+    # the first step, from the cache.
     x, mask = _load_tile(x_ptr, first, last, L, l_blocks, cols, col_mask, sx_n, sx_c, sx_l,
                          True, BLOCK_R)
     shift = _first_shift(x.to(tl.float32), mask, 0)

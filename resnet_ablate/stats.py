@@ -57,8 +57,7 @@ exactly where they are easier for another (no negative correlation): conservativ
 From three seeds on, an error rate's interval is then given the shape of a Wilson score interval
 of the same spread (`rate_shape.py`): a rate's sampling near 0 is skewed, and a symmetric
 interval clipped at 0 misses above far more often than below; a rate of exactly 0 takes the exact
-bound of 0 in N.
-Differences and contrasts, which range over [-1, 1] and are not skewed so, stay symmetric.
+bound of 0 in N. Differences and contrasts, which range over [-1, 1], stay symmetric.
 
 The variance has a floor: what Agresti-Coull allows a test set of N images without a single
 error, ``r(1 - r)/N`` with ``r = 2/(N + 4)``, so that no table, not even one without a single

@@ -70,6 +70,13 @@ def _study(storage: str, name: str) -> optuna.Study | None:
         return None
 
 
+def _sighup_as_a_terminal_leaves_it() -> None:
+    """SIGHUP at its default in the child, as a shell on a terminal starts a command: a test
+    run under `nohup` passes SIGHUP ignored to every child, where the driver (rightly) leaves
+    it ignored, and the SIGHUP cases would test nohup instead."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 class Driver:
     """`resnet-ablate run` in a session of its own, its Ray processes watched while it runs."""
 
@@ -80,7 +87,8 @@ class Driver:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "resnet_ablate.cli", "run", str(spec), "--runs-dir",
              str(tmp_path), *(["--quiet"] if quiet else [])], stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, start_new_session=True)
+            stderr=subprocess.PIPE, text=True, start_new_session=True,
+            preexec_fn=_sighup_as_a_terminal_leaves_it)
         self.seen: set[int] = set()
 
     def wait_for(self, ready, timeout: float = 180) -> None:
@@ -201,7 +209,7 @@ with raise_on_stop():
     print(before, [caught(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)])
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=180)
+                          timeout=180, preexec_fn=_sighup_as_a_terminal_leaves_it)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[-2] == "[True, True, True] [True, True, True]", done.stdout
 

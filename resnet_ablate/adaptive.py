@@ -152,11 +152,15 @@ def _comparison_decision(rule: AdaptiveSeeds, base: Sequence[SeedResult],
 
 
 def decide(rule: AdaptiveSeeds, space_levels: Mapping[str, Sequence[Any]],
-           seeds: Mapping[Configuration, Sequence[SeedResult]]) -> dict[Configuration, Decision]:
+           seeds: Mapping[Configuration, Sequence[SeedResult]],
+           used: Mapping[Configuration, int] | None = None) -> dict[Configuration, Decision]:
     """Every configuration's decision under `rule`. `space_levels` are the swept factors'
     levels in the spec's order (a `decided` factor's baseline is its first); `seeds` each
-    configuration's completed seeds (a seed completed twice counts once). A configuration at
-    `rule.max` seeds is closed whatever its question, and says so; one below `rule.min` is
+    configuration's completed seeds (a seed completed twice counts once); `used`, where given,
+    how many of its seed numbers (0 to max - 1) have a trial, whatever became of it. A
+    configuration at `rule.max` seeds is closed whatever its question, and says so, as is one
+    whose every seed number is used while some gave no result (diverged, out of attempts): no
+    seed is left to add, and "open" would read as if more were coming. One below `rule.min` is
     open."""
     decisions: dict[Configuration, Decision] = {}
     seeds = {configuration: _one_per_seed(results) for configuration, results in seeds.items()}
@@ -185,6 +189,10 @@ def decide(rule: AdaptiveSeeds, space_levels: Mapping[str, Sequence[Any]],
         if decision.open and n >= rule.max:
             decision = Decision(False, f"max seeds ({rule.max}) reached, undecided: "
                                 f"{decision.reason}", n, kind=UNDECIDED)
+        elif decision.open and used is not None and used.get(configuration, n) >= rule.max:
+            decision = Decision(False, f"every seed number used ({rule.max - n} of {rule.max} "
+                                f"without a result), undecided: {decision.reason}", n,
+                                kind=UNDECIDED)
         decisions[configuration] = decision
     return decisions
 

@@ -188,7 +188,13 @@ def decisions(results: Results) -> dict[tuple, Decision]:
                 result)
     levels = {name: [scalar_value(v) for v in values] if isinstance(values, list) else []
               for name, values in (results.spec.get("space") or {}).items()}
-    return {c: d for c, d in decide(rule, levels, configurations).items() if c in shown}
+    # Seed numbers with a trial, whatever its end, as the driver counts them (grid.seed_decisions)
+    used: dict[tuple, set] = {}
+    for row in study.dropna(subset=["seed"]).itertuples(index=False):
+        used.setdefault(tuple((c, getattr(row, c)) for c in swept), set()).add(int(row.seed))
+    used_counts = {c: len(numbers) for c, numbers in used.items()}
+    return {c: d for c, d in decide(rule, levels, configurations, used_counts).items()
+            if c in shown}
 
 
 def _per_seed(group: pd.DataFrame, metric: str, keys: list[str]) -> tuple[np.ndarray, bool]:

@@ -182,6 +182,46 @@ def test_a_decision_over_seeds_of_which_some_failed_says_so():
     assert "note: shortcut=none: 2 seeds failed (diverged: 1, error: 1)" in page
 
 
+def test_a_question_left_open_with_every_seed_number_used_is_closed_undecided():
+    """Max 4 seeds, two of which diverged: two results, every seed number used, nothing left to
+    add. The verdict read "open", as if more seeds were coming; now it is closed, undecided,
+    saying why, from the study's store (the report) as from the driver's trials."""
+    import dataclasses
+
+    import pandas as pd
+
+    from resnet_ablate import summaries
+    from resnet_ablate.adaptive import UNDECIDED
+
+    rng = np.random.default_rng(3)
+    study = study_in_memory(
+        [({"shortcut": shortcut}, seed, (rng.random(IMAGES) < 0.1).astype(float))
+         for shortcut in ("A", "none") for seed in range(2)],
+        model={"depth": 8}, seed_rule={"min": 2, "max": 4, "until": {"decided": "shortcut",
+                                                                     "margin": 0.001}})
+    before = summaries.decisions(study)
+    assert all(d.open for d in before.values())  # a tie within a tiny margin: open at 2 seeds
+    diverged = study.trials.iloc[[0, 0]].assign(
+        number=[4, 5], state="FAIL", seed=[2, 3], shortcut="none", test_error=np.nan,
+        failure_kind="diverged")
+    study = dataclasses.replace(study, trials=pd.concat([study.trials, diverged],
+                                                        ignore_index=True))
+    decisions = {dict(c)["shortcut"]: d for c, d in summaries.decisions(study).items()}
+    closed = decisions["none"]
+    assert not closed.open and closed.kind == UNDECIDED
+    assert closed.reason.startswith("every seed number used (2 of 4 without a result), "
+                                    "undecided: ")
+    assert decisions["A"].open  # seeds 2 and 3 of A are still to run
+    # The driver's own count, from its trials, agrees.
+    rule = AdaptiveSeeds(2, 4, decided="shortcut", margin=0.001)
+    seeds = {(("shortcut", level),): [SeedResult(int(r.seed), float(r.test_error), IMAGES,
+                                                 None) for r in rows.itertuples()]
+             for level, rows in study.completed().groupby("shortcut")}
+    driver = decide(rule, {"shortcut": ["A", "none"]}, seeds,
+                    {(("shortcut", "A"),): 2, (("shortcut", "none"),): 4})
+    assert not driver[(("shortcut", "none"),)].open and driver[(("shortcut", "A"),)].open
+
+
 def test_a_selection_shows_the_decisions_the_study_made():
     """Seed decisions are the study's: a `where` that leaves out a configuration's baseline, or
     some of its seeds, shows the decisions the driver made on every seed (it showed "closed:

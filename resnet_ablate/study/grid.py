@@ -119,16 +119,20 @@ def seed_decisions(spec: StudySpec, trials: Iterable[optuna.trial.FrozenTrial]
     """The adaptive-seed rule's decision for every grid point with a completed trial."""
     assert spec.adaptive_seeds is not None
     seeds: dict[Configuration, list[SeedResult]] = {}
+    used: dict[Configuration, set[int]] = {}  # seed numbers with a trial, whatever its end
     for t in trials:
+        point = configuration(decode_params(t.params, spec.space))
+        if TrialKey.SEED in t.user_attrs:
+            used.setdefault(point, set()).add(t.user_attrs[TrialKey.SEED])
         if t.state != _State.COMPLETE:
             continue
         result = seed_result(t.user_attrs)
         if result is not None:
-            seeds.setdefault(configuration(decode_params(t.params, spec.space)), []).append(
-                result)
+            seeds.setdefault(point, []).append(result)
     levels = {name: list(values.values() if isinstance(values, IntRange) else values)
               for name, values in spec.space.items()}
-    return decide(spec.adaptive_seeds, levels, seeds)
+    return decide(spec.adaptive_seeds, levels, seeds,
+                  {point: len(numbers) for point, numbers in used.items()})
 
 
 def more_seeds(spec: StudySpec, trials: Iterable[optuna.trial.FrozenTrial],

@@ -113,7 +113,8 @@ def test_metric_has_help_naming_the_metrics(command):
 # ---------------------------------------------------------------- the report page
 
 
-def test_a_report_without_a_completed_trial_shows_the_trials_and_why_they_failed(tmp_path):
+def test_a_report_without_a_completed_trial_shows_the_trials_and_why_they_failed(tmp_path,
+                                                                              capsys):
     from resnet_ablate import report
     from resnet_ablate.record import TrialKey
 
@@ -125,6 +126,13 @@ def test_a_report_without_a_completed_trial_shows_the_trials_and_why_they_failed
     page = report.render_report(results.load("failing", storage=storage), responses=False)
     assert "<h2>Trials</h2>" in page
     assert "CUDA out of memory at batch 512" in page and "diverged: loss is nan at epoch 3" in page
+    # From the command line the page is written (exit 0, as it has something to say) and
+    # stderr says what it is, where every other command refuses such a study.
+    target = tmp_path / "failing.html"
+    assert main(["report", "failing", "--storage", storage, "-o", str(target)]) == 0
+    err = capsys.readouterr().err
+    assert target.is_file() and "study 'failing' has no completed trial: the page lists its " \
+        "trials and why each ended" in err
 
 
 def test_the_toolkits_own_version_is_recorded_with_each_trial():

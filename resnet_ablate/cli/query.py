@@ -68,7 +68,7 @@ def _load(args: argparse.Namespace, *, listing: bool = False):
     if args.where and selected.trials.empty and not results.trials.empty:
         values = _swept_values(results)
         matched = (f"--where {args.where!r} matched none of the study's {len(results.trials)} "
-                   f"trials" + (f" (its values: {values})" if values else ""))
+                   "trials" + (f" (its values: {values})" if values else ""))
         if not listing:  # the command would only go on to find nothing to work on
             raise ResultsError(matched)
         print(f"resnet-ablate {args.command}: {matched}", file=sys.stderr)

@@ -308,7 +308,7 @@ def _pareto(results: Results) -> list[str]:
             "a point on the front is not shown better than one off it unless their "
             "intervals say so.</p>",
             _table(_without_names(front, results)), _footnotes(front),
-            _plot(results, "pareto", "test error against GFLOPs")]
+            _plot(results, "pareto", "test error against FLOPs")]
 
 
 def _figures(results: Results, *, responses: bool) -> list[str]:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import stats
-from .record import TrialKey, metric_values, unpack_outcomes
+from .record import FailureKind, TrialKey, metric_values, unpack_outcomes
 from .spec import AdaptiveSeeds
 
 Configuration = tuple[tuple[str, Any], ...]  # ((factor, level), ...) in the space's order
@@ -151,17 +151,26 @@ def _comparison_decision(rule: AdaptiveSeeds, base: Sequence[SeedResult],
                   f"+-{_percent(rule.margin)}")
 
 
+def ended_for_good(state: str, failure_kind: str | None) -> bool:
+    """Whether a trial of `state` (Optuna's state name) leaves its seed number used for good, as
+    `decide`'s `used` counts seed numbers: it completed, was pruned, or failed in a way no run
+    retries (FailureKind.FINAL). A running or interrupted trial, or one whose failure is tried
+    again, may still give its seed a result."""
+    return state in ("COMPLETE", "PRUNED") or (state == "FAIL"
+                                               and failure_kind in FailureKind.FINAL)
+
+
 def decide(rule: AdaptiveSeeds, space_levels: Mapping[str, Sequence[Any]],
            seeds: Mapping[Configuration, Sequence[SeedResult]],
            used: Mapping[Configuration, int] | None = None) -> dict[Configuration, Decision]:
     """Every configuration's decision under `rule`. `space_levels` are the swept factors'
     levels in the spec's order (a `decided` factor's baseline is its first); `seeds` each
     configuration's completed seeds (a seed completed twice counts once); `used`, where given,
-    how many of its seed numbers (0 to max - 1) have a trial, whatever became of it. A
+    how many of its seed numbers (0 to max - 1) have ended for good (`ended_for_good`). A
     configuration at `rule.max` seeds is closed whatever its question, and says so, as is one
-    whose every seed number is used while some gave no result (diverged, out of attempts): no
-    seed is left to add, and "open" would read as if more were coming. One below `rule.min` is
-    open."""
+    whose every seed number has ended for good while some gave no result (diverged, over
+    budget): no seed is left to add, and "open" would read as if more were coming. One below
+    `rule.min` is open."""
     decisions: dict[Configuration, Decision] = {}
     seeds = {configuration: _one_per_seed(results) for configuration, results in seeds.items()}
     if rule.decided is not None:

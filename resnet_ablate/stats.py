@@ -54,10 +54,8 @@ configurations pooled share their test images, and averaging them does not shrin
 and the two signs' sums are added, which assumes images are not harder for one configuration
 exactly where they are easier for another (no negative correlation): conservative, and said so.
 
-From three seeds on, an error rate's interval is then given the shape of a Wilson score interval
-of the same spread (`rate_shape.py`): a rate's sampling near 0 is skewed, and a symmetric
-interval clipped at 0 misses above far more often than below; a rate of exactly 0 takes the exact
-bound of 0 in N. Differences and contrasts, which range over [-1, 1], stay symmetric.
+A rate of exactly 0 (or 1) takes the exact (Clopper-Pearson) end of 0 wrong (right) in N images.
+Near 0 the interval, symmetric and clipped at 0, misses more often above than below (README).
 
 The variance has a floor: what Agresti-Coull allows a test set of N images without a single
 error, ``r(1 - r)/N`` with ``r = 2/(N + 4)``, so that no table, not even one without a single
@@ -95,7 +93,6 @@ from scipy.special import ndtr  # the normal distribution function, without scip
 
 from .pivot import (Pivot, alpha_widening, least_plausible_ratio, seed_draw_floor,
                     variance_draws)
-from .rate_shape import score_shaped, shaped
 from .seed_tables import (SeedRecordsError, checked_bounds, checked_level, finite_values,
                           image_df, outcome_table, rates_per_seed, test_set_size)
 
@@ -210,12 +207,15 @@ def _shared_test_set_bound(weights: np.ndarray, rates: Sequence[float], images: 
     return float((weights.clip(min=0) @ deviations) ** 2 + (weights.clip(max=0) @ deviations) ** 2)
 
 
-def _score_shaped(estimate: Estimate, n: int, images: int, level: float) -> Estimate:
-    """`estimate` with the interval `rate_shape.score_shaped` gives it, where it applies."""
-    if not shaped(estimate.mean, n):
+def _exact_at_the_ends(estimate: Estimate, images: int, level: float) -> Estimate:
+    """A rate of exactly 0 (or 1) with the exact (Clopper-Pearson) end of 0 wrong (right) in N
+    images, which the variance floor alone fell short of (0.28% for 1,000 images; 0.37%)."""
+    if estimate.mean not in (0.0, 1.0):
         return estimate
-    low, high = score_shaped(estimate.mean, estimate.low, estimate.high, images, level)
-    return replace(estimate, low=low, high=high)
+    far = 1 - ((1 - level) / 2) ** (1 / images)
+    ends = (0.0, max(far, estimate.high)) if estimate.mean == 0.0 \
+        else (min(1 - far, estimate.low), 1.0)
+    return replace(estimate, low=ends[0], high=ends[1])
 
 
 def _no_interval(mean: float, n: int, method: str, reason: str) -> Estimate:
@@ -253,11 +253,11 @@ def error_rate(outcomes: Sequence[np.ndarray] | None, rates: Sequence[float],
     if table is not None and images >= 2:
         grand, pivot = _crossed(table, stream=0)
         estimate = _from_pivot(grand, pivot, n, std, CROSSED, (0.0, 1.0), level=level)
-        return _score_shaped(estimate, n, images, level)
+        return _exact_at_the_ends(estimate, images, level)
     if images:
         bounded = Pivot(variance_draws(std**2 / n, n - 1, _binomial_bound(mean, images)))
         estimate = _from_pivot(mean, bounded, n, std, BINOMIAL_BOUND, (0.0, 1.0), level=level)
-        return _score_shaped(estimate, n, images, level)
+        return _exact_at_the_ends(estimate, images, level)
     return _over_seeds_only(rates, (0.0, 1.0), level)
 
 

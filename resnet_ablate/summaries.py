@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .adaptive import Decision, SeedResult, decide, seed_result
+from .adaptive import Decision, SeedResult, decide, ended_for_good, seed_result
 from .contrasts import (CONFIGURATION_CONSTANTS, LeftOut, complement, failed_seeds, failure_kinds,
                         joined, metric_bounds, note, recorded, rows_where, seeds_named,
                         selected_note, sizes_note, stratified_contrast, with_methods, with_note)
@@ -188,10 +188,13 @@ def decisions(results: Results) -> dict[tuple, Decision]:
                 result)
     levels = {name: [scalar_value(v) for v in values] if isinstance(values, list) else []
               for name, values in (results.spec.get("space") or {}).items()}
-    # Seed numbers with a trial, whatever its end, as the driver counts them (grid.seed_decisions)
+    # Seed numbers ended for good, as the driver counts them (grid.seed_decisions). The trials
+    # table names an interrupted trial's state INTERRUPTED, never ended for good.
     used: dict[tuple, set] = {}
-    for row in study.dropna(subset=["seed"]).itertuples(index=False):
-        used.setdefault(tuple((c, getattr(row, c)) for c in swept), set()).add(int(row.seed))
+    kinds = study["failure_kind"] if "failure_kind" in study else pd.Series(None, study.index)
+    for row, kind in zip(study.itertuples(index=False), kinds):
+        if pd.notna(row.seed) and ended_for_good(row.state, kind if pd.notna(kind) else None):
+            used.setdefault(tuple((c, getattr(row, c)) for c in swept), set()).add(int(row.seed))
     used_counts = {c: len(numbers) for c, numbers in used.items()}
     return {c: d for c, d in decide(rule, levels, configurations, used_counts).items()
             if c in shown}

@@ -212,14 +212,43 @@ def test_a_question_left_open_with_every_seed_number_used_is_closed_undecided():
     assert closed.reason.startswith("every seed number used (2 of 4 without a result), "
                                     "undecided: ")
     assert decisions["A"].open  # seeds 2 and 3 of A are still to run
-    # The driver's own count, from its trials, agrees.
-    rule = AdaptiveSeeds(2, 4, decided="shortcut", margin=0.001)
-    seeds = {(("shortcut", level),): [SeedResult(int(r.seed), float(r.test_error), IMAGES,
-                                                 None) for r in rows.itertuples()]
-             for level, rows in study.completed().groupby("shortcut")}
-    driver = decide(rule, {"shortcut": ["A", "none"]}, seeds,
-                    {(("shortcut", "A"),): 2, (("shortcut", "none"),): 4})
-    assert not driver[(("shortcut", "none"),)].open and driver[(("shortcut", "A"),)].open
+    # A seed still running, interrupted, or failed in a way that is tried again may yet give a
+    # result: the question stays open.
+    for state, kind in (("RUNNING", None), ("INTERRUPTED", "interrupted"), ("FAIL", "error")):
+        pending = study.trials.iloc[[0, 0]].assign(
+            number=[6, 7], state=state, seed=[2, 3], shortcut="A", test_error=np.nan,
+            failure_kind=kind)
+        later = dataclasses.replace(study, trials=pd.concat([study.trials, pending],
+                                                            ignore_index=True))
+        decided = {dict(c)["shortcut"]: d for c, d in summaries.decisions(later).items()}
+        assert decided["A"].open, state
+
+
+def test_the_driver_counts_a_seed_number_used_only_once_it_ended_for_good(tmp_path):
+    """grid.seed_decisions, from the store's trials as the driver reads them: seeds 2 and 3 of
+    shortcut=none diverged (closed, undecided), those of A are running or failed with an error
+    that is tried again (open)."""
+    from helpers import write_study
+
+    rule = {"min": 2, "max": 4, "until": {"decided": "shortcut", "margin": 0.001}}
+    spec = parse_spec(raw_spec("exhaust", seeds=rule, space={"shortcut": ["A", "none"]}))
+    rng = np.random.default_rng(3)
+    cells = {((shortcut,), seed): (rng.random(IMAGES) < 0.1).astype(float)
+             for shortcut in ("A", "none") for seed in range(2)}
+    storage = write_study(tmp_path / "exhaust.db", "exhaust", {"shortcut": ["A", "none"]}, cells)
+    study = optuna.load_study(study_name="exhaust", storage=storage)
+    levels = optuna.distributions.CategoricalDistribution(["A", "none"])
+    for shortcut, seed, state, kind in (("none", 2, "FAIL", "diverged"),
+                                        ("none", 3, "FAIL", "diverged"),
+                                        ("A", 2, "RUNNING", None), ("A", 3, "FAIL", "error")):
+        study.add_trial(optuna.trial.create_trial(
+            state=optuna.trial.TrialState[state], params={"shortcut": shortcut},
+            distributions={"shortcut": levels},
+            user_attrs={"seed": seed, **({"failure_kind": kind} if kind else {})}))
+    decisions = seed_decisions(spec, study.get_trials())
+    closed, still = decisions[(("shortcut", "none"),)], decisions[(("shortcut", "A"),)]
+    assert not closed.open and closed.reason.startswith("every seed number used (2 of 4")
+    assert still.open
 
 
 def test_a_selection_shows_the_decisions_the_study_made():
@@ -387,10 +416,10 @@ def test_the_width_rules_summary_interval_covers_whatever_look_stopped_the_seeds
         assert ("stopped early by the width rule" in row["note"]) == decision.narrowed
     # At least 95% by the union bound over looks were each look's interval exact; seeds that
     # vary twice as much as the images make the seed means skewed, which costs every interval
-    # some coverage (README: 96.7-98% there, 97.3-98.3% at sd 0.4, over six simulation seeds; the
+    # some coverage (README: 94-97% there, 96.7-97.7% at sd 0.4, over six simulation seeds; the
     # simulation's own error is 1.2 points).
     assert covered / replications >= 0.92, (covered / replications, early_covered / early)
-    # Stopping early still favours seeds that agreed (README: 82-89% and 92-95% of those
+    # Stopping early still favours seeds that agreed (README: 70-83% and 88-91% of those
     # covered; about 55 of the 300 stop early: a simulation error of 5-6 points).
     assert 0.6 <= early_covered / early <= 0.97, (early, early_covered / early)
 

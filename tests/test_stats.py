@@ -88,11 +88,11 @@ def test_seeds_that_dominate_the_variance_are_covered_as_students_t_covers_them(
         half = scipy_stats.t.ppf(0.975, n - 1) * scipy_stats.sem(seed_means)
         over_seeds += abs(seed_means.mean() - truth) <= half
     # Both cover less than 95% here: seed effects on the logit scale make the seed means skewed,
-    # and the t interval is exact only for normal ones (README: 93% at 2 seeds, 92-93% at 3 to
-    # 10, the interval's score shape taking some of the skew). The calibrated pivot this
-    # replaced covered 2.7 points less than the t interval on the same tables at 2 seeds.
+    # and the t interval is exact only for normal ones (README: about 93% at 2 seeds, 89-91% at
+    # 3 to 10). The calibrated pivot this replaced covered 2.7 points less than the t interval on
+    # the same tables at 2 seeds.
     assert crossed >= over_seeds - 0.01 * REPLICATIONS, (n, crossed, over_seeds)
-    assert 0.87 <= crossed / REPLICATIONS <= 0.96, (n, crossed / REPLICATIONS)
+    assert 0.87 <= crossed / REPLICATIONS <= 0.95, (n, crossed / REPLICATIONS)
 
 
 def _lognormal_seeds(sd: float):
@@ -109,11 +109,11 @@ def _one_in_ten_worse(rng, size):
 
 
 @pytest.mark.parametrize("seed_effects, low, high", [
-    (_lognormal_seeds(0.4), 0.88, 0.96), (_lognormal_seeds(0.8), 0.75, 0.92),
+    (_lognormal_seeds(0.4), 0.88, 0.96), (_lognormal_seeds(0.8), 0.72, 0.89),
     (_one_in_ten_worse, 0.80, 0.91)], ids=["lognormal-0.4", "lognormal-0.8", "one-in-ten"])
 def test_right_skewed_seed_noise_is_covered_as_readme_says(seed_effects, low, high):
     # The intervals assume roughly symmetric seed effects; README states what they cover when
-    # seeds are right-skewed (at 3 to 10 seeds: 90-94%, 79-90%, 85-90% for these three), and
+    # seeds are right-skewed (at 3 to 10 seeds: 89-93%, 75-86%, 83-88% for these three), and
     # that it is no worse than Student's t over the seed means. The truth: the mean over a large
     # sample of seeds and images.
     image_sd, offset = 1.5, -3.2
@@ -315,23 +315,23 @@ def test_no_errors_at_all_reaches_the_exact_bound_of_none_wrong_in_n_images(n):
     assert everything.high == 1.0 and everything.low == pytest.approx(1 - exact, rel=1e-9)
 
 
-def test_two_seeds_keep_the_symmetric_interval_their_t_tails_give():
-    """At two seeds the pivot's width is mostly the seeds' one degree of freedom: shaped as a
-    score interval, two seeds at 1.4% and 2.2% of 360 images reached 17%."""
-    images = 360
-    rows = [np.r_[np.ones(k), np.zeros(images - k)] for k in (5, 8)]
-    estimate = stats.error_rate(rows, [5 / images, 8 / images], images)
-    assert estimate.high - estimate.mean == pytest.approx(estimate.mean - estimate.low, rel=1e-6) \
-        or estimate.low == 0.0
-    assert estimate.high < 0.10
+def test_a_few_errors_among_seeds_keep_an_upper_end_near_their_rate():
+    """One error among three seeds of 1,000 images: an interval skewed as a score interval of
+    the pivot's spread (tried, withdrawn) reached 8%, two errors 1.9%: neither monotone nor
+    honest. The symmetric interval stays under 1%."""
+    images = 1000
+    highs = []
+    for counts in ((1, 0, 0), (2, 1, 0), (5, 0, 0)):
+        rows = [np.r_[np.ones(k), np.zeros(images - k)] for k in counts]
+        highs.append(stats.error_rate(rows, [k / images for k in counts], images).high)
+    assert max(highs[:2]) < 0.01 and highs[-1] < 0.015, highs
 
 
 @pytest.mark.parametrize("n", [3, 5])
-def test_near_zero_error_the_interval_misses_no_more_often_above_than_nominal(n):
-    """At 1% error (1,000 images, images far apart in difficulty) the symmetric interval
-    missed the truth above it in 3.5-4.2% of studies and below in 0.5%: a reader of its upper
-    end ("at worst this bad") was misled. Shaped as a score interval of the same spread, each
-    side misses at most about its 2.5%."""
+def test_near_zero_error_the_interval_misses_above_as_readme_says(n):
+    """At 1% error (1,000 images, images far apart in difficulty) the symmetric interval,
+    clipped at 0, misses the truth above it more often than below: README states it (3.5-6% of
+    studies above, 0.3-1.3% below), and this holds it there."""
     error, seed_sd, image_sd, images, replications = 0.01, 0.1, 4.0, 1000, 600
     offset = offset_for(error, seed_sd, image_sd)
     truth = true_error(offset, seed_sd, image_sd)
@@ -342,10 +342,10 @@ def test_near_zero_error_the_interval_misses_no_more_often_above_than_nominal(n)
         estimate = stats.error_rate(list(table), table.mean(axis=1), images)
         above += truth > estimate.high
         below += truth < estimate.low
-    # 2.5% nominal each side; the simulation's error is ~0.6 points.
-    assert above / replications <= 0.032, above / replications
-    assert below / replications <= 0.032, below / replications
-    assert 0.93 <= 1 - (above + below) / replications <= 0.975
+    # The simulation's error is ~0.9 points.
+    assert above / replications <= 0.075, above / replications
+    assert below / replications <= 0.025, below / replications
+    assert 1 - (above + below) / replications >= 0.915
 
 
 def test_one_seed_gives_no_interval_and_says_why():
@@ -367,18 +367,11 @@ def test_crossed_analysis_matches_hand_computed_mean_squares_when_seeds_do_not_v
     df = round(2 * images / (kurtosis - 1))
     assert estimate.se == pytest.approx(
         math.sqrt(variance * df / scipy_stats.chi2.median(df)), rel=1e-3)
-    # The t interval, at the level the calibration gives a table whose seeds have no share,
-    # shaped as the score interval of the same spread: its ends are the rates e whose score
-    # test against p sits at z, (p - e)^2 = z^2 e (1 - e) / N', for the N' whose binomial spread
-    # is the t interval's half-width, N' = p (1 - p) z^2 / half^2.
+    # The t interval, at the level the calibration gives a table whose seeds have no share.
     level = pivot.PIVOT_CALIBRATION[n - 1][0]
     half = scipy_stats.t.ppf(0.5 + level / 2, df) * math.sqrt(variance)
-    z = scipy_stats.norm.ppf(0.975)
-    size = p * (1 - p) * z**2 / half**2
-    for end in (estimate.low, estimate.high):
-        assert (p - end) ** 2 == pytest.approx(z**2 * end * (1 - end) / size, rel=1e-3)
-    assert estimate.low < p < estimate.high
-    assert estimate.high - p > p - estimate.low  # skewed away from 0
+    assert (estimate.low, estimate.high) == (pytest.approx(p - half, rel=1e-3),
+                                             pytest.approx(p + half, rel=1e-3))
 
 
 def test_a_few_discordant_images_rest_on_few_degrees_of_freedom():

@@ -12,7 +12,8 @@ from typing import Any
 
 import optuna
 
-from ..adaptive import Configuration, Decision, SeedResult, decide, seed_result
+from ..adaptive import (Configuration, Decision, SeedResult, decide, ended_for_good,
+                        seed_result)
 from ..arch import ResNetArch
 from ..record import FailureKind, TrialKey
 from ..spec import IntRange, StudySpec
@@ -119,10 +120,11 @@ def seed_decisions(spec: StudySpec, trials: Iterable[optuna.trial.FrozenTrial]
     """The adaptive-seed rule's decision for every grid point with a completed trial."""
     assert spec.adaptive_seeds is not None
     seeds: dict[Configuration, list[SeedResult]] = {}
-    used: dict[Configuration, set[int]] = {}  # seed numbers with a trial, whatever its end
+    used: dict[Configuration, set[int]] = {}  # seed numbers ended for good (adaptive.decide)
     for t in trials:
         point = configuration(decode_params(t.params, spec.space))
-        if TrialKey.SEED in t.user_attrs:
+        if TrialKey.SEED in t.user_attrs and ended_for_good(
+                t.state.name, t.user_attrs.get(TrialKey.FAILURE_KIND)):
             used.setdefault(point, set()).add(t.user_attrs[TrialKey.SEED])
         if t.state != _State.COMPLETE:
             continue

@@ -111,6 +111,7 @@ def plot_curves(results: Results, *, panel_by: str | None = None, color_by: str 
         ax.set_ylabel("error (%, log scale)" if metric == "error" else metric)
         if metric == "error":  # the last epochs, where configurations differ by a point or two,
             log_percent_axis(ax)  # would lie flat at the bottom of a 0-70% linear axis
+            labelled_within_a_decade(ax)  # 6-9%: no 1, 2 or 5 of a decade to label
         ax.grid(alpha=0.3, which="both")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(title="bold: test, thin dashed: train", fontsize="small", title_fontsize="small")

@@ -188,8 +188,9 @@ def _header(results: Results) -> list[str]:
                      f"study's {len(results.all_trials())}. Every table, comparison and figure "
                      "below is over them alone.</p>")
     if "RUNNING" in results.state_counts():
-        parts.append('<p class="note">The study is still running: these results are partial, '
-                     "and its intervals will change as trials complete.</p>")
+        parts.append('<p class="note">Trials are recorded as running: the study is still '
+                     "running, and these results are partial (or its driver was killed, and its "
+                     "next run marks them).</p>")
     return parts
 
 

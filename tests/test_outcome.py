@@ -286,3 +286,42 @@ def test_a_trial_whose_end_was_recorded_before_its_driver_died_ends_as_recorded(
             assert weights == "not kept: the driver was stopped while writing them"
         else:
             assert (tmp_path / weights).read_bytes() == b"the weights"
+
+
+def test_a_result_without_a_finite_objective_fails_with_its_reason_and_recovers_alike(tmp_path):
+    """A NaN objective was stored by a recovery as COMPLETE where `tell` fails the trial (and a
+    missing one raised TypeError in `finish` after its record was written, so that every later
+    recovery raised it again): the trial fails with the reason, killed or not."""
+    last_test_error = float("nan")
+    import optuna
+
+    from helpers import raw_spec
+    from resnet_ablate.spec import parse_spec
+    from resnet_ablate.study import open_study
+    from resnet_ablate.study.recorder import TrialRecorder
+
+    spec = parse_spec(raw_spec("no-objective", seeds=1))
+    storage = f"sqlite:///{tmp_path / 'no-objective.db'}"
+
+    def recorder() -> TrialRecorder:
+        return TrialRecorder(open_study(spec, storage), spec, artifacts=tmp_path / "artifacts",
+                             store_folder=tmp_path, max_artifact_mb=1.0, store=storage)
+
+    curves = (CURVES[0], {**CURVES[1], "test_error": last_test_error})
+    first = recorder()
+    told = first.ask({"shortcut": "A"}, 0)
+    assert first.finish(told, _completed(trial_number=told.number, curves=curves,
+                                         weights=None)) == FailureKind.ERROR
+    killed = first.ask({"shortcut": "none"}, 0)
+
+    def die(*_args, **_kwargs):
+        raise _Killed
+
+    first._tell = die
+    with pytest.raises(_Killed):
+        first.finish(killed, _completed(trial_number=killed.number, curves=curves, weights=None))
+    assert recorder().recover_interrupted().ended == 1
+    for stored in optuna.load_study(study_name="no-objective", storage=storage).get_trials():
+        assert stored.state == optuna.trial.TrialState.FAIL
+        assert stored.user_attrs[TrialKey.FAILURE_KIND] == FailureKind.ERROR
+        assert stored.user_attrs[TrialKey.FAILURE].startswith("no finite value of its objective")

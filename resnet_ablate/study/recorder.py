@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -128,9 +129,27 @@ class TrialRecorder:
                 self._said_weights_lost = True
                 self.log(f"trial {trial.number}'s weights {kept} (its record is kept; "
                          "`show --columns number,weights` lists every trial's)")
-        values = metric_values(trial.user_attrs)
-        self._tell(trial, [float(values[name]) for name in self.spec.objectives])
+        objectives = self._objectives(trial.user_attrs)
+        if objectives is None:
+            self.fail(trial, FailureKind.ERROR, self._no_objective)
+            return FailureKind.ERROR
+        self._tell(trial, objectives)
         return Status.COMPLETED
+
+    def _objectives(self, attrs: Mapping[str, Any]) -> list[float] | None:
+        """The spec's objectives from a trial's record; None where one is missing or not finite
+        (Optuna's tell would fail the trial; a missing one raised, and stuck the next run's
+        recovery of a trial recorded just before its driver died)."""
+        values = metric_values(attrs)
+        found = [values.get(name) for name in self.spec.objectives]
+        if any(v is None or not math.isfinite(float(v)) for v in found):
+            return None
+        return [float(v) for v in found]
+
+    @property
+    def _no_objective(self) -> str:
+        return (f"no finite value of its objective(s) {', '.join(self.spec.objectives)} was "
+                "recorded")
 
     def _keep_weights(self, number: int, weights: bytes) -> str:
         """The weights' path relative to the store's folder, or why they were not kept: weights
@@ -216,11 +235,15 @@ class TrialRecorder:
         elif recorded == Status.PRUNED:
             end_in_store(self.study, frozen, {}, _State.PRUNED)
         elif recorded == Status.COMPLETED:
-            values = metric_values(attrs)
             weights = {TrialKey.WEIGHTS: self.weights_after_a_kill(frozen.number)} \
                 if attrs.get(TrialKey.WEIGHTS) == _WEIGHTS_BEING_WRITTEN else {}
-            end_in_store(self.study, frozen, weights, _State.COMPLETE,
-                         [float(values[name]) for name in self.spec.objectives])
+            objectives = self._objectives(attrs)
+            if objectives is None:  # as finish would have failed it
+                end_in_store(self.study, frozen, {**weights, TrialKey.FAILURE_KIND:
+                                                  FailureKind.ERROR,
+                                                  TrialKey.FAILURE: self._no_objective})
+            else:
+                end_in_store(self.study, frozen, weights, _State.COMPLETE, objectives)
         else:
             return False
         return True

@@ -842,6 +842,14 @@ def test_a_running_study_reads_without_locking_or_changing_the_file(live_copy):
     assert sorted(p.name for p in live_copy.iterdir()) == [f"{STUDY}.db"]  # no journal left behind
 
 
+def test_the_report_of_a_running_study_says_its_results_are_partial(live_copy, runs):
+    from resnet_ablate.report import render_report
+
+    said = "Trials are recorded as running: the study is still running, and these results are"
+    assert said in render_report(load(STUDY, runs_dir=live_copy), responses=False)
+    assert said not in render_report(load(STUDY, runs_dir=runs), responses=False)
+
+
 def test_missing_storage_is_not_created_and_the_error_names_the_databases(runs, tmp_path):
     with pytest.raises(ResultsError, match=rf"no study storage at .*nope.db; databases in .*: {STUDY}.db"):
         load("nope", runs_dir=runs)

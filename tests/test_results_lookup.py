@@ -110,6 +110,15 @@ def test_metric_has_help_naming_the_metrics(command):
     assert "test_error" in action.help and "images_per_second" in action.help and "show STUDY" in action.help
 
 
+def test_each_query_names_its_own_default_format():
+    # export's help called "aligned table" its default; it prints csv.
+    choices = build_parser()._subparsers._group_actions[0].choices
+    for command, default in (("export", "exact csv (default)"),
+                             ("show", "aligned table with units (default)")):
+        action = next(a for a in choices[command]._actions if "--format" in a.option_strings)
+        assert action.help.startswith(default) and action.default in action.help
+
+
 # ---------------------------------------------------------------- the report page
 
 

@@ -313,11 +313,9 @@ def _configuration_labels(results: Results) -> dict[str, str]:
     """Each architecture by the factors that vary ("depth=20, base_width=64"), where its name
     leaves a default out (resnet20-cifar-bottleneck-B-v1 is base width 64)."""
     factors = _factors(results)
-    rows = results.completed().drop_duplicates("arch_name").set_index("arch_name")
-    if not factors:
-        return {}
+    rows = _by_architecture(results)
     return {name: ", ".join(_label(f, rows.loc[name, f]) for f in factors)
-            for name in rows.index}
+            for name in rows.index} if factors else {}
 
 
 PLOTTERS: dict[str, Callable[..., Figure]] = {
@@ -375,9 +373,14 @@ def _twins(results: Results, names: Sequence[str]) -> dict[str, tuple]:
     """Each architecture's configuration but for its shortcut (what a plain net shares with its
     residual twin); its depth where the study's trials do not name it."""
     factors = [f for f in _factors(results) if f != "shortcut"]
-    rows = results.completed().drop_duplicates("arch_name").set_index("arch_name")
+    rows = _by_architecture(results)
     return {name: tuple(rows.loc[name, factors]) if name in rows.index and factors
             else (_depth_of(name),) for name in names}
+
+
+def _by_architecture(results: Results) -> pd.DataFrame:
+    """One completed trial per architecture, indexed by its name: its configuration's columns."""
+    return results.completed().drop_duplicates("arch_name").set_index("arch_name")
 
 
 def _arch_order(item: tuple[str, Sequence]) -> tuple:

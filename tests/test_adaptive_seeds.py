@@ -153,14 +153,21 @@ def test_a_seed_completed_twice_counts_once():
     assert reruns_closed == 0
 
 
-def test_a_decision_over_seeds_of_which_some_failed_says_so():
-    """The rule decides on the seeds that finished: where the worst seeds of a configuration
-    diverge, its survivors flatter it, and seed_decisions (and the report) say how many failed
-    and how (it said nothing)."""
+def _with_trials(study, **columns):
+    """`study` with two more trials, copies of its first with `columns` (two values each, or one
+    for both) and no test error: trials that ended without a result, or have not ended yet."""
     import dataclasses
 
     import pandas as pd
 
+    more = study.trials.iloc[[0, 0]].assign(test_error=np.nan, **columns)
+    return dataclasses.replace(study, trials=pd.concat([study.trials, more], ignore_index=True))
+
+
+def test_a_decision_over_seeds_of_which_some_failed_says_so():
+    """The rule decides on the seeds that finished: where the worst seeds of a configuration
+    diverge, its survivors flatter it, and seed_decisions (and the report) say how many failed
+    and how (it said nothing)."""
     from resnet_ablate import report
 
     rng = np.random.default_rng(2)
@@ -169,11 +176,8 @@ def test_a_decision_over_seeds_of_which_some_failed_says_so():
          for shortcut in ("A", "none") for seed in range(3)],
         model={"depth": 8}, seed_rule={"min": 2, "max": 10, "until": {"decided": "shortcut",
                                                                       "margin": 0.01}})
-    diverged = study.trials.iloc[[0, 0]].assign(
-        number=[6, 7], state="FAIL", seed=[3, 4], shortcut="none", test_error=np.nan,
-        failure_kind=["diverged", "error"])
-    study = dataclasses.replace(study, trials=pd.concat([study.trials, diverged],
-                                                        ignore_index=True))
+    study = _with_trials(study, number=[6, 7], state="FAIL", seed=[3, 4], shortcut="none",
+                         failure_kind=["diverged", "error"])
     table = study.seed_decisions().set_index("shortcut")
     assert table.loc["none", "note"].startswith("2 seeds failed (diverged: 1, error: 1): "
                                                 "decided on the seeds that finished")
@@ -186,10 +190,6 @@ def test_a_question_left_open_with_every_seed_number_used_is_closed_undecided():
     """Max 4 seeds, two of which diverged: two results, every seed number used, nothing left to
     add. The verdict read "open", as if more seeds were coming; now it is closed, undecided,
     saying why, from the study's store (the report) as from the driver's trials."""
-    import dataclasses
-
-    import pandas as pd
-
     from resnet_ablate import summaries
     from resnet_ablate.adaptive import UNDECIDED
 
@@ -201,11 +201,8 @@ def test_a_question_left_open_with_every_seed_number_used_is_closed_undecided():
                                                                      "margin": 0.001}})
     before = summaries.decisions(study)
     assert all(d.open for d in before.values())  # a tie within a tiny margin: open at 2 seeds
-    diverged = study.trials.iloc[[0, 0]].assign(
-        number=[4, 5], state="FAIL", seed=[2, 3], shortcut="none", test_error=np.nan,
-        failure_kind="diverged")
-    study = dataclasses.replace(study, trials=pd.concat([study.trials, diverged],
-                                                        ignore_index=True))
+    study = _with_trials(study, number=[4, 5], state="FAIL", seed=[2, 3], shortcut="none",
+                         failure_kind="diverged")
     decisions = {dict(c)["shortcut"]: d for c, d in summaries.decisions(study).items()}
     closed = decisions["none"]
     assert not closed.open and closed.kind == UNDECIDED
@@ -215,11 +212,8 @@ def test_a_question_left_open_with_every_seed_number_used_is_closed_undecided():
     # A seed still running, interrupted, or failed in a way that is tried again may yet give a
     # result: the question stays open.
     for state, kind in (("RUNNING", None), ("INTERRUPTED", "interrupted"), ("FAIL", "error")):
-        pending = study.trials.iloc[[0, 0]].assign(
-            number=[6, 7], state=state, seed=[2, 3], shortcut="A", test_error=np.nan,
-            failure_kind=kind)
-        later = dataclasses.replace(study, trials=pd.concat([study.trials, pending],
-                                                            ignore_index=True))
+        later = _with_trials(study, number=[6, 7], state=state, seed=[2, 3], shortcut="A",
+                             failure_kind=kind)
         decided = {dict(c)["shortcut"]: d for c, d in summaries.decisions(later).items()}
         assert decided["A"].open, state
 

@@ -117,7 +117,7 @@ class TrialRecorder:
             self.fail(trial, kind, outcome.reason or outcome.status, outcome.traceback)
             return kind
         # Recorded before the weights, which may take seconds to write: a driver killed while
-        # writing them leaves a result the next run finishes (weights_after_a_kill).
+        # writing them leaves a result the next run finishes (_weights_after_a_kill).
         if outcome.weights is not None:
             trial.set_user_attr(TrialKey.WEIGHTS, _WEIGHTS_BEING_WRITTEN)
         trial.set_user_attr(TrialKey.RECORDED, Status.COMPLETED)
@@ -178,7 +178,7 @@ class TrialRecorder:
     def _relative(self, path: Path) -> str:
         return Path(os.path.relpath(path.resolve(), self.store_folder.resolve())).as_posix()
 
-    def weights_after_a_kill(self, number: int) -> str:
+    def _weights_after_a_kill(self, number: int) -> str:
         """The weights record of trial `number`, whose driver was killed after recording its
         result and before recording its weights: the file, where its write had ended (it is
         written under a temporary name, then renamed), else why there are none."""
@@ -235,7 +235,7 @@ class TrialRecorder:
         elif recorded == Status.PRUNED:
             end_in_store(self.study, frozen, {}, _State.PRUNED)
         elif recorded == Status.COMPLETED:
-            weights = {TrialKey.WEIGHTS: self.weights_after_a_kill(frozen.number)} \
+            weights = {TrialKey.WEIGHTS: self._weights_after_a_kill(frozen.number)} \
                 if attrs.get(TrialKey.WEIGHTS) == _WEIGHTS_BEING_WRITTEN else {}
             objectives = self._objectives(attrs)
             if objectives is None:  # as finish would have failed it

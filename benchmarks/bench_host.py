@@ -81,7 +81,7 @@ def _step(provider: str, x, r, params, stats, grad, forward_only: bool = False
     """One layer's forward + backward; gradients taken with autograd.grad (no accumulation).
     With `forward_only`, the forward alone (its graph recorded, then dropped unused)."""
     from resnet_ablate.kernels import _triton_launch, fused_batch_norm
-    from resnet_ablate.kernels.batch_norm import _without_python_wrapper
+    from resnet_ablate.kernels._eager import without_python_wrapper
 
     leaves = [t for t in (x, r, *params) if t is not None]
     weight, bias = params
@@ -109,7 +109,7 @@ def _step(provider: str, x, r, params, stats, grad, forward_only: bool = False
         backward(F.relu(out))
 
     # Applied as the fused op's eager path applies its own Function.
-    no_op_layer = _without_python_wrapper(_NoOpLayer)
+    no_op_layer = without_python_wrapper(_NoOpLayer)
 
     def floor() -> None:
         backward(no_op_layer(x, weight, bias, r))

@@ -1,8 +1,9 @@
 """The refusals of `F.batch_norm`, in its words, made before any work, plus the residual's rules.
 
-batch_norm.py calls `check_arguments` once per call, ahead of both the custom op and the eager
-path, so every backend refuses the same inputs with the same error (type and message), and no
-kernel ever sees an argument it would have to reject half-way through.
+`check_arguments` runs ahead of both the custom op (batch_norm.py, every call) and the eager path
+(_eager.py, a signature's first call: its key holds all the checks read but eps and momentum's
+type, which every call checks), so every backend refuses the same inputs with the same error
+(type and message), and no kernel ever sees an argument it would have to reject half-way through.
 """
 
 from __future__ import annotations

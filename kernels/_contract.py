@@ -83,6 +83,71 @@ class Implementation(Protocol):
         `residual_grad`, else None is returned; grad_input has x's strides."""
         ...
 
+    def prepare_forward(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        residual: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        eps: float,
+        relu: bool,
+        pack_relu_mask: bool = False,
+        update: RunningUpdate | None = None,
+    ) -> object | None:
+        """What `forward` works out from these arguments' signature (shapes, strides, dtypes,
+        devices, alignment, which are None, the flags; not the tensors' values or addresses, nor
+        eps's or the update's values), for `run_prepared_forward` to run later calls of that
+        signature with; None where such calls go through `forward` (the eager path keeps one per
+        signature, _eager.py). Never called for an empty batch, nor for eps <= 0."""
+        ...
+
+    def run_prepared_forward(
+        self,
+        prepared: object,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        residual: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        eps: float,
+        momentum: float,
+        unbias: float,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """`forward` of a call whose signature `prepared` was made for: in training the running
+        statistics given are updated (momentum, unbias) and may be None; in eval they normalize;
+        `pack_relu_mask` and `relu` as prepared."""
+        ...
+
+    def prepare_backward(
+        self,
+        grad_out: torch.Tensor,
+        x: torch.Tensor,
+        relu_mask: torch.Tensor | None,
+        weight: torch.Tensor | None,
+        stats: torch.Tensor,
+        batch_stats: bool,
+        residual_grad: bool,
+    ) -> object | None:
+        """As `prepare_forward`, for `backward` (eps aside)."""
+        ...
+
+    def run_prepared_backward(
+        self,
+        prepared: object,
+        grad_out: torch.Tensor,
+        x: torch.Tensor,
+        relu_mask: torch.Tensor | None,
+        weight: torch.Tensor | None,
+        stats: torch.Tensor,
+        eps: float,
+        residual_grad: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """`backward` of a call whose signature `prepared` was made for."""
+        ...
+
     def update_running_stats(
         self,
         running_mean: torch.Tensor,

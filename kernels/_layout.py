@@ -50,3 +50,12 @@ def reduce_dims(t: torch.Tensor) -> list[int]:
 def channel_view_shape(t: torch.Tensor) -> list[int]:
     """Shape that broadcasts a per-channel vector against `t`."""
     return [1, t.shape[1], *([1] * (t.dim() - 2))]
+
+
+def aligned(*tensors: torch.Tensor | None) -> bool:
+    """Whether every tensor given (None: none) starts on a 16-byte boundary, which Triton
+    specializes pointers on (so a launch's binary depends on it)."""
+    for t in tensors:
+        if t is not None and t.data_ptr() % 16:
+            return False
+    return True

@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # a type only: the launches sit above this module
     from ._triton_launch import LaunchStream
 
 
-def reduction_counters(counters: dict[int, torch.Tensor], device: torch.device,
+def reduction_counters(counters: dict[int, torch.Tensor], prototype: torch.Tensor,
                        col_blocks: int, stream: LaunchStream | None) -> torch.Tensor:
     """The counters a plan's reduction launches count their finished programs in (one per
     channel block, see above), for the stream they launch on (`stream`, or where they go through
@@ -51,11 +51,12 @@ def reduction_counters(counters: dict[int, torch.Tensor], device: torch.device,
     Except while a CUDA graph is being captured: its stream is shared by every capture, and
     counters allocated then would be zeroed only when that graph replays. A captured launch gets
     counters of its own, zeroed in the graph before it on every replay, and kept by the graph's
-    memory pool, as any tensor of the step is."""
-    if device.type != "cuda":
+    memory pool, as any tensor of the step is. `prototype`: a tensor on the launches' device
+    (`is_cuda` is read every call, a fraction of what `device.type` costs)."""
+    if not prototype.is_cuda:
         handle = 0
     elif torch.cuda.is_current_stream_capturing():
-        return torch.zeros(col_blocks, dtype=torch.int32, device=device)
+        return torch.zeros(col_blocks, dtype=torch.int32, device=prototype.device)
     elif stream is not None:
         handle = stream.handle
     else:
@@ -63,7 +64,7 @@ def reduction_counters(counters: dict[int, torch.Tensor], device: torch.device,
     found = counters.get(handle)
     if found is None:
         found = counters.setdefault(
-            handle, torch.zeros(col_blocks, dtype=torch.int32, device=device))
+            handle, torch.zeros(col_blocks, dtype=torch.int32, device=prototype.device))
     return found
 
 

@@ -1,5 +1,5 @@
-"""Triton implementation of BatchNorm + residual add + ReLU, forward and backward: the launch
-plans and the functions of the contract in _contract.py. Bottom up:
+"""Triton implementation of BatchNorm + residual add + ReLU, forward and backward: the functions
+of the contract in _contract.py. Bottom up:
 - _triton_tiles: device helpers (tile addressing, the packed ReLU mask, Welford summaries);
 - _triton_finalize: the reductions' last step, run by the last program to finish;
 - _triton_rows and _triton_spans: the kernels, on row tiles and on span tiles;
@@ -7,7 +7,9 @@ plans and the functions of the contract in _contract.py. Bottom up:
 - _triton_geometry: tilings, reduction sizes, per-signature geometry;
 - _triton_sizing: the reductions as a training step launches them, which size their splits;
 - _triton_tuning: the elementwise passes' warps, timed on a GPU (opt-in);
-- this module: per-signature launch plans; forward, backward and the running-stat update.
+- _triton_plans: per-signature launch plans, made on a signature's first call;
+- this module: forward, backward (each call: allocations and the plan's launches; the eager path
+  keeps a signature's plan and runs it as `run_prepared_*`) and the running-stat update.
 
 Bytes moved per element, in units of the activation size (the benchmark's byte model), where m is
 the packed ReLU mask's eighth of a byte (1/16 of a bf16 value):
@@ -33,7 +35,6 @@ custom op (traced and compiled code) launches the running-stat update on its own
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -41,32 +42,18 @@ import torch
 
 from . import _triton_tuning
 from ._contract import RunningUpdate
+from ._triton_finalize import reduction_counters
 from ._triton_geometry import (
-    STATISTICS_TILES_PER_STEP, UPDATE_BLOCK_C, Geometry, call_geometry, dense_inputs,
-    finalize_slots, is_packed_mask, output_buffer, per_channel_copies, per_channel_dense,
-    programs_in_one_wave, tensor_signature, written_back,
+    UPDATE_BLOCK_C, dense_inputs, output_buffer, per_channel_copies, per_channel_dense,
+    programs_in_one_wave, written_back,
 )
 from ._triton_geometry import relu_mask_bytes  # noqa: F401  (Implementation.relu_mask_bytes)
-from ._triton_finalize import reduction_counters
-from ._triton_launch import (
-    KernelLaunch, LaunchTemplate, aligned, launch_stream, through_jit_only,
-)
-from ._triton_rows import (
-    _backward_elementwise_kernel, _backward_reduce_kernel, _batch_stats_kernel, _forward_kernel,
-    _update_running_stats_kernel,
-)
-from ._triton_sizing import backward_reduction, statistics_reduction
-from ._triton_spans import (
-    _span_backward_elementwise_kernel, _span_backward_reduce_kernel, _span_batch_stats_kernel,
-    _span_forward_kernel,
-)
-from ._triton_tiles import MASK_NONE
+from ._triton_launch import KernelLaunch, LaunchTemplate, launch_stream
+from ._triton_plans import BackwardPlan, ForwardPlan, backward_plan, forward_plan
+from ._triton_rows import _update_running_stats_kernel
 
 
-# ------------------------------------------------------------------------------------------------
-# Plans: a call's launches as its signature (the geometry's, plus its optional tensors and flags)
-# fixes them, worked out on the signature's first call. Later calls allocate their outputs and one
-# buffer per reduction, and launch the templates with them and their scalars. Each call passes a
+# A call's launches come from its signature's plan (_triton_plans.py). Each call passes a
 # `launch(template, stream, tensors, *scalars)`: LaunchTemplate.__call__ runs it, `plan_forward`
 # and `plan_backward` record it instead.
 
@@ -82,120 +69,57 @@ class ForwardCall(NamedTuple):
     relu_mask: torch.Tensor | None
 
 
-class _ForwardPlan(NamedTuple):
-    geometry: Geometry
-    statistics: LaunchTemplate | None  # the statistics pass (training only)
-    normalize: LaunchTemplate
-    counters: dict[int, torch.Tensor]  # the statistics pass's, per stream
-    stats_size: int  # fp32 values: mean and var (2C), then four planes of [splits, C] slots
-    mask_bytes: int  # of the packed ReLU mask (0: none is written)
-    floats: torch.Tensor  # empty, fp32 on the call's device: `new_empty` allocates like it
-    bytes: torch.Tensor  # likewise uint8
-
-
-_FORWARD_PLANS: dict[tuple, _ForwardPlan] = {}
-
-
-def _forward_plan(x, weight, bias, residual, out, batch_stats: bool, mask: bool, relu: bool,
-                  eps: float, update: bool, reduction_programs, all_aligned: bool) -> _ForwardPlan:
-    """`mask`: whether a packed ReLU mask is wanted. Where not all tensors are aligned, the plan's
-    launches go through JITFunction.run only (set before any other thread can find the plan)."""
-    constexprs = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                      HAS_RESIDUAL=residual is not None, RELU=relu, EPS_ZERO=eps == 0,
-                      MASK_PACKING=mask)
-    key = (tensor_signature(x), tensor_signature(residual), batch_stats, reduction_programs)
-    geometry = call_geometry(key, (x, residual), (out,),
-                             statistics_reduction if batch_stats else None)
-    channels = x.shape[1]
-    span, tiling = geometry.span, geometry.tiling
-    statistics = None
-    if batch_stats and span is not None:
-        statistics = LaunchTemplate(
-            _span_batch_stats_kernel, (span.col_blocks, geometry.splits),
-            (channels, span.samples, geometry.per_split), (),
-            dict(span.constexprs(), UPDATE_RUNNING=update, BLOCK_S=finalize_slots(span.block_c),
-                 TILES_PER_STEP=STATISTICS_TILES_PER_STEP), span.num_warps)
-    elif batch_stats:
-        statistics = LaunchTemplate(
-            _batch_stats_kernel, (tiling.col_blocks, geometry.splits),
-            (channels, tiling.positions, tiling.l_blocks, tiling.tiles, geometry.per_split,
-             *tiling.strides[0]), (),
-            dict(UPDATE_RUNNING=update, BLOCK_R=tiling.block_r, BLOCK_C=tiling.block_c,
-                 BLOCK_S=finalize_slots(tiling.block_c),
-                 TILES_PER_STEP=tiling.stats_tiles_per_step), tiling.stats_warps)
-    packing = geometry.mask_packing if constexprs["MASK_PACKING"] else MASK_NONE
-    constexprs = dict(constexprs, MASK_PACKING=packing, BATCH_STATS=batch_stats)
-    if span is not None:
-        normalize = LaunchTemplate(_span_forward_kernel, (span.col_blocks, span.samples),
-                                   (channels,), (), dict(constexprs, **span.constexprs()),
-                                   span.num_warps, tunable=True)
-    else:
-        normalize = LaunchTemplate(
-            _forward_kernel, (tiling.tiles, tiling.col_blocks),
-            (channels, tiling.positions, tiling.l_blocks),
-            tuple(s for strides in tiling.strides for s in strides),
-            dict(constexprs, BLOCK_R=tiling.block_r, BLOCK_C=tiling.block_c), tiling.num_warps,
-            tunable=True)
-    plan = _ForwardPlan(geometry, statistics, normalize, {}, (2 + 4 * geometry.splits) * channels,
-                        x.numel() // 8 if packing else 0, _prototype(x, torch.float32),
-                        _prototype(x, torch.uint8))
-    if not all_aligned:
-        through_jit_only(plan)
-    return plan
-
-
-def _prototype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An empty tensor of `dtype` on x's device, whose `new_empty` allocates a call's buffers: it
-    parses fewer arguments than `torch.empty(size, dtype=..., device=...)`, every call."""
-    return torch.empty(0, dtype=dtype, device=x.device)
-
-
 def _issue_forward(x, weight, bias, residual, running_mean, running_var, eps: float, relu: bool,
                    pack_relu_mask: bool, update: RunningUpdate | None, reduction_programs,
                    launch: Launch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """A forward's outputs, allocated, and its launches, issued through `launch`."""
     eps = float(eps)  # an int would be specialized on; a template's launches share one binary
-    batch_stats = running_mean is None
     strided_update = update  # the running statistics read (eval) or updated (training)
     if not per_channel_dense(weight, bias, *((running_mean, running_var) if update is None
                                              else update[:2])):
         weight, bias, running_mean, running_var, update = per_channel_copies(
             weight, bias, running_mean, running_var, update)
-    running = () if update is None else update[:2]
-    all_aligned = aligned(x, residual, weight, bias, running_mean, running_var, *running)
-    # Every tensor's dtype and whether all are aligned: a template's launches share one binary
-    # (_triton_launch.py). All are on x's device (_checks.py), and a residual has x's shape. One
-    # flat tuple: a layer looks its plan up every call, and nested tuples hash and compare slower.
-    key = (x.shape, x.stride(), x.dtype, x.device,
-           None if residual is None else residual.stride(),
-           None if residual is None else residual.dtype,
-           None if weight is None else weight.dtype, None if bias is None else bias.dtype,
-           None if batch_stats else running_mean.dtype, None if batch_stats else running_var.dtype,
-           None if update is None else running[0].dtype,
-           None if update is None else running[1].dtype,
-           relu, pack_relu_mask, eps == 0, all_aligned, reduction_programs)
+    plan = forward_plan(x, weight, bias, residual, running_mean, running_var, eps, relu,
+                        pack_relu_mask, update, reduction_programs)
+    if update is not None:  # training: the statistics pass updates these
+        running_mean, running_var = update.running_mean, update.running_var
+    outputs = run_prepared_forward(
+        plan, x, weight, bias, residual, running_mean, running_var, eps,
+        0.0 if update is None else float(update.momentum),
+        0.0 if update is None else float(update.unbias), launch)
+    if update is not strided_update:  # the running statistics' own elements, updated
+        written_back(strided_update, update)
+    return outputs
+
+
+def run_prepared_forward(plan: ForwardPlan, x: torch.Tensor, weight: torch.Tensor | None,
+                         bias: torch.Tensor | None, residual: torch.Tensor | None,
+                         running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                         eps: float, momentum: float, unbias: float, launch: Launch | None = None,
+                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`Implementation.run_prepared_forward` in _contract.py, and every forward's last step: its
+    outputs, allocated, and the plan's launches, through `launch` (None: `_launch()`). The
+    running statistics normalize (eval), or in training the statistics pass updates them (None:
+    no update)."""
+    if launch is None:
+        launch = _launch()
     out = torch.empty_like(x)  # the input's strides, as the fake kernel promises
-    plan = _FORWARD_PLANS.get(key)
-    if plan is None:
-        plan = _FORWARD_PLANS[key] = _forward_plan(
-            x, weight, bias, residual, out, batch_stats, relu and pack_relu_mask, relu, eps,
-            update is not None, reduction_programs, all_aligned)
     out_buffer = out
     if plan.geometry.reshaped:
         out_buffer = output_buffer(plan.geometry, 0, out)
         x, residual = dense_inputs(plan.geometry, x, residual)
     stats = relu_mask = None
     stream = launch_stream(plan.normalize)
-    mean, var = running_mean, running_var  # eval: the running statistics normalize
-    if batch_stats:  # the normalize pass finds the variances after the means (BATCH_STATS)
+    mean, var = running_mean, running_var
+    if plan.statistics is not None:  # the normalize pass finds the variances after the means
         stats = mean = var = plan.floats.new_empty(plan.stats_size)
-        counters = reduction_counters(plan.counters, plan.floats.device,
+        counters = reduction_counters(plan.counters, plan.floats,
                                       plan.statistics.grid[0], stream)
-        if update is None:  # the running statistics' pointers are then unread
+        if running_mean is None:  # the running statistics' pointers are then unread
             launch(plan.statistics, stream, (x, stats, counters, stats, stats), 0.0, 0.0)
         else:
-            launch(plan.statistics, stream, (x, stats, counters, *running),
-                   float(update.momentum), float(update.unbias))
+            launch(plan.statistics, stream, (x, stats, counters, running_mean, running_var),
+                   momentum, unbias)
     if plan.mask_bytes:
         relu_mask = plan.bytes.new_empty(plan.mask_bytes)
     # Where a tensor is absent, any valid pointer stands in: the kernel does not read it.
@@ -205,8 +129,6 @@ def _issue_forward(x, weight, bias, residual, running_mean, running_var, eps: fl
             relu_mask if relu_mask is not None else mean), eps)
     if out_buffer is not out:
         out.copy_(out_buffer)
-    if update is not strided_update:  # the running statistics' own elements, updated
-        written_back(strided_update, update)
     return out, stats, relu_mask
 
 
@@ -230,88 +152,30 @@ class BackwardCall(NamedTuple):
     grad_bias: torch.Tensor
 
 
-class _BackwardPlan(NamedTuple):
-    geometry: Geometry
-    reduce: LaunchTemplate
-    elementwise: LaunchTemplate
-    counters: dict[int, torch.Tensor]  # the reduce pass's, per stream
-    sums: int  # fp32 values of the reduce pass's buffer: C, then two planes of [splits, C]
-    floats: torch.Tensor  # as _ForwardPlan's
-
-
-_BACKWARD_PLANS: dict[tuple, _BackwardPlan] = {}
-
-
-def _backward_plan(geometry_key: tuple, x, grad_out, relu_mask, grad_input, grad_residual,
-                   has_weight: bool, batch_stats: bool) -> _BackwardPlan:
-    relu, packed = relu_mask is not None, is_packed_mask(relu_mask)
-    residual_grad = grad_residual is not None
-    out = None if packed else relu_mask  # the output, a tensor of x's shape, where it is the mask
-    geometry = call_geometry(geometry_key, (x, grad_out, out), (grad_input, grad_residual),
-                             functools.partial(backward_reduction, relu_mask=relu_mask))
-    channels = x.shape[1]
-    # Where this call's tiles hold whole bytes of the packed mask, they read a byte per 8 values.
-    packing = geometry.mask_packing if packed else MASK_NONE
-    span, tiling = geometry.span, geometry.tiling
-    reduce_constexprs = dict(RELU=relu, PACKED=packed, MASK_PACKING=packing,
-                             STORE_GRAD_RESIDUAL=residual_grad,
-                             BLOCK_S=finalize_slots((span or tiling).block_c))
-    elementwise_constexprs = dict(HAS_WEIGHT=has_weight, BATCH_STATS=batch_stats,
-                                  RELU=relu and not residual_grad, PACKED=packed,
-                                  MASK_PACKING=packing)
-    count = x.numel() // channels
-    if span is not None:
-        reduce = LaunchTemplate(
-            _span_backward_reduce_kernel, (span.col_blocks, geometry.splits),
-            (channels, span.samples, geometry.per_split), (),
-            dict(reduce_constexprs, **span.constexprs()), span.num_warps)
-        elementwise = LaunchTemplate(
-            _span_backward_elementwise_kernel, (span.col_blocks, span.samples), (channels, count),
-            (), dict(elementwise_constexprs, **span.constexprs()), span.num_warps, tunable=True)
-    else:
-        sx, sg, so, sdi, sdr = tiling.strides
-        blocks = dict(BLOCK_R=tiling.block_r, BLOCK_C=tiling.block_c)
-        walk = (tiling.positions, tiling.l_blocks)
-        reduce = LaunchTemplate(
-            _backward_reduce_kernel, (tiling.col_blocks, geometry.splits),
-            (channels, *walk, tiling.tiles, geometry.per_split, *sg, *so, *sx, *sdr), (),
-            dict(reduce_constexprs, **blocks), tiling.num_warps)
-        # With a residual, the elementwise pass reads the masked gradient the reduce pass wrote.
-        elementwise = LaunchTemplate(
-            _backward_elementwise_kernel, (tiling.tiles, tiling.col_blocks),
-            (channels, *walk, count), (*(sdr if residual_grad else sg), *so, *sx, *sdi),
-            dict(elementwise_constexprs, **blocks), tiling.num_warps, tunable=True)
-    return _BackwardPlan(geometry, reduce, elementwise, {}, channels * (1 + 2 * geometry.splits),
-                         _prototype(x, torch.float32))
-
-
 def _issue_backward(grad_out, x, relu_mask, weight, stats, eps: float, batch_stats: bool,
                     residual_grad: bool, reduction_programs, launch: Launch
                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """A backward's gradients, allocated, and its launches, issued through `launch`."""
-    eps = float(eps)
     if not per_channel_dense(weight):
         weight = weight.contiguous()
-    # Gradients take the strides the fake kernel promises, whatever copies compute them.
+    plan = backward_plan(grad_out, x, relu_mask, weight, stats, batch_stats, residual_grad,
+                         reduction_programs)
+    return run_prepared_backward(plan, grad_out, x, relu_mask, weight, stats, float(eps),
+                                 residual_grad, launch)
+
+
+def run_prepared_backward(plan: BackwardPlan, grad_out: torch.Tensor, x: torch.Tensor,
+                          relu_mask: torch.Tensor | None, weight: torch.Tensor | None,
+                          stats: torch.Tensor, eps: float, residual_grad: bool,
+                          launch: Launch | None = None,
+                          ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """`Implementation.run_prepared_backward` in _contract.py, and every backward's last step:
+    its gradients, allocated, and the plan's launches, through `launch` (None: `_launch()`)."""
+    if launch is None:
+        launch = _launch()
     grad_input = torch.empty_like(x)
     grad_residual = torch.empty_like(grad_out, dtype=x.dtype) if residual_grad else None
-    all_aligned = aligned(x, grad_out, relu_mask, weight, stats)
-    # As the forward's key; the mask is packed (its shape follows from x's) or the output.
-    key = (x.shape, x.stride(), x.dtype, x.device, grad_out.shape, grad_out.stride(),
-           grad_out.dtype, None if relu_mask is None else relu_mask.dtype,
-           None if relu_mask is None else relu_mask.stride(), residual_grad,
-           None if weight is None else weight.dtype, stats.dtype, batch_stats, all_aligned,
-           reduction_programs)
-    plan = _BACKWARD_PLANS.get(key)
-    if plan is None:
-        geometry_key = (tensor_signature(x), tensor_signature(grad_out),
-                        tensor_signature(relu_mask), residual_grad, reduction_programs)
-        plan = _backward_plan(geometry_key, x, grad_out, relu_mask, grad_input, grad_residual,
-                              weight is not None, batch_stats)
-        if not all_aligned:  # before any other thread can find the plan
-            through_jit_only(plan)
-        _BACKWARD_PLANS[key] = plan
-    packed = is_packed_mask(relu_mask)
+    packed = plan.packed
     out = None if packed else relu_mask
     grad_input_buffer, grad_residual_buffer = grad_input, grad_residual
     if plan.geometry.reshaped:
@@ -319,17 +183,16 @@ def _issue_backward(grad_out, x, relu_mask, weight, stats, eps: float, batch_sta
         grad_input_buffer = output_buffer(plan.geometry, 0, grad_input)
         if residual_grad:
             grad_residual_buffer = output_buffer(plan.geometry, 1, grad_residual)
-    channels = x.shape[1]
     floats = plan.floats
     sums = floats.new_empty(plan.sums)
     # Separate tensors: autograd takes them as two gradients.
-    grad_weight, grad_bias = floats.new_empty(channels), floats.new_empty(channels)
+    grad_weight, grad_bias = floats.new_empty(plan.channels), floats.new_empty(plan.channels)
     # The ReLU mask's pointer: the packed mask, the output, or where RELU is off (and it is
     # unread) any valid pointer; likewise the residual's gradient where none is stored.
     mask_or_grad = relu_mask if packed else out if relu_mask is not None else grad_out
     masked = grad_residual_buffer if residual_grad else grad_out
     stream = launch_stream(plan.elementwise)
-    counters = reduction_counters(plan.counters, floats.device, plan.reduce.grid[0], stream)
+    counters = reduction_counters(plan.counters, floats, plan.reduce.grid[0], stream)
     launch(plan.reduce, stream, (grad_out, mask_or_grad, x, stats, sums, masked, counters,
                                  grad_weight, grad_bias), eps)
     launch(plan.elementwise, stream, (masked, mask_or_grad, x, stats,
@@ -374,6 +237,30 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, relu_mask: torch.Tensor | 
     """`Implementation.backward` in _contract.py."""
     return _issue_backward(grad_out, x, relu_mask, weight, stats, eps, batch_stats, residual_grad,
                            programs_in_one_wave, _launch())
+
+
+def prepare_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                    residual: torch.Tensor | None, running_mean: torch.Tensor | None,
+                    running_var: torch.Tensor | None, eps: float, relu: bool,
+                    pack_relu_mask: bool = False, update: RunningUpdate | None = None,
+                    ) -> ForwardPlan | None:
+    """`Implementation.prepare_forward` in _contract.py: the call's plan, where its per-channel
+    tensors are dense (else they are copied every call, which `forward` does)."""
+    if not per_channel_dense(weight, bias, *((running_mean, running_var) if update is None
+                                             else update[:2])):
+        return None
+    return forward_plan(x, weight, bias, residual, running_mean, running_var, float(eps), relu,
+                        pack_relu_mask, update, programs_in_one_wave)
+
+
+def prepare_backward(grad_out: torch.Tensor, x: torch.Tensor, relu_mask: torch.Tensor | None,
+                     weight: torch.Tensor | None, stats: torch.Tensor, batch_stats: bool,
+                     residual_grad: bool) -> BackwardPlan | None:
+    """`Implementation.prepare_backward` in _contract.py."""
+    if not per_channel_dense(weight):
+        return None
+    return backward_plan(grad_out, x, relu_mask, weight, stats, batch_stats, residual_grad,
+                         programs_in_one_wave)
 
 
 def _launch() -> Launch:

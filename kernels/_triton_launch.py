@@ -152,15 +152,6 @@ def through_jit_only(templates: Any) -> None:
             template.direct = False
 
 
-def aligned(*tensors: Any) -> bool:
-    """Whether every tensor given (None: none) starts on a 16-byte boundary, which Triton
-    specializes pointers on."""
-    for t in tensors:
-        if t is not None and t.data_ptr() % 16:
-            return False
-    return True
-
-
 def _hooks_idle() -> bool:
     """No launch hook installed: JITFunction.run would then build metadata that nobody reads."""
     runtime = knobs.runtime

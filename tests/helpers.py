@@ -274,3 +274,15 @@ def write_study(path, name: str, space: dict, cells: dict, *, outcomes: bool = T
         study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions,
                                                   value=error, user_attrs=attrs))
     return storage
+
+
+def fresh_kernel_plans(monkeypatch) -> None:
+    """Launch plans of the calling test's own, made anew under whatever it patched (and the
+    eager calls that hold plans, and the geometries they come from), dropped afterwards."""
+    from resnet_ablate.kernels import _eager, _triton_geometry, _triton_plans
+
+    monkeypatch.setattr(_triton_plans, "_FORWARD_PLANS", {})
+    monkeypatch.setattr(_triton_plans, "_BACKWARD_PLANS", {})
+    monkeypatch.setattr(_triton_geometry, "_GEOMETRIES", {})
+    monkeypatch.setattr(_eager, "_CALLS", {})
+

@@ -11,7 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resnet_ablate.kernels import _triton_impl, _triton_tuning, fused_batch_norm, use_backend
+from resnet_ablate.kernels import _triton_plans, _triton_tuning, fused_batch_norm, use_backend
+
+from helpers import fresh_kernel_plans
 
 SHAPES = [(2, 8, 4, 4), (2, 6, 7, 7)]  # row tiles, and NCHW 7x7 rows: the span kernels
 
@@ -41,17 +43,16 @@ def _reference_step(x, residual, weight, bias, grad):
 
 def _fresh_plans(monkeypatch):
     """Plans (and so templates) of this test's own, dropped afterwards."""
-    monkeypatch.setattr(_triton_impl, "_FORWARD_PLANS", {})
-    monkeypatch.setattr(_triton_impl, "_BACKWARD_PLANS", {})
+    fresh_kernel_plans(monkeypatch)
 
 
 def _templates():
     """Every template of the plans made so far, by pass."""
     found = {}
-    for plan in _triton_impl._FORWARD_PLANS.values():
+    for plan in _triton_plans._FORWARD_PLANS.values():
         found.setdefault("statistics", []).append(plan.statistics)
         found.setdefault("normalize", []).append(plan.normalize)
-    for plan in _triton_impl._BACKWARD_PLANS.values():
+    for plan in _triton_plans._BACKWARD_PLANS.values():
         found.setdefault("reduce", []).append(plan.reduce)
         found.setdefault("elementwise", []).append(plan.elementwise)
     return found

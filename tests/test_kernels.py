@@ -20,6 +20,8 @@ import triton.language as tl
 from resnet_ablate.kernels import FusedBatchNorm2d, _torch_impl, fused_batch_norm, use_backend
 from resnet_ablate.kernels._triton_finalize import _last_to_finish
 
+from helpers import fresh_kernel_plans
+
 BACKENDS = ["triton", "torch", "auto"]
 OP_BACKENDS = ["triton", "torch"]  # the custom op's two implementations
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -328,13 +330,11 @@ def test_reductions_merge_more_slots_than_they_take_at_once(monkeypatch, values)
     program merges them BLOCK_S at a time; the interpreter runs 4 programs, fewer than one block.
     Here 12 programs and 2 slots a block: the merges' loops over slot blocks, forward (its
     overflow fallback too) and backward, against float64."""
-    from resnet_ablate.kernels import _triton_geometry, _triton_impl
+    from resnet_ablate.kernels import _triton_geometry, _triton_plans
 
     monkeypatch.setattr(_triton_geometry, "INTERPRETER_PROGRAMS", 12)
     monkeypatch.setattr(_triton_geometry, "FINALIZE_VALUES", 16)  # 8 channels: 2 slots a block
-    for plans in ("_FORWARD_PLANS", "_BACKWARD_PLANS"):
-        monkeypatch.setattr(_triton_impl, plans, {})
-    monkeypatch.setattr(_triton_geometry, "_GEOMETRIES", {})
+    fresh_kernel_plans(monkeypatch)
     g = torch.Generator().manual_seed(3)
     if values == "normal":
         x = torch.randn(48, 8, 4, 4, generator=g) * 3 + 2
@@ -347,7 +347,7 @@ def test_reductions_merge_more_slots_than_they_take_at_once(monkeypatch, values)
     with use_backend("triton"):
         out = fused_batch_norm(x, rm, rv, training=True, momentum=1.0, relu=False)
         grad_x, = torch.autograd.grad(out, x, grad)
-    plans = list(_triton_impl._FORWARD_PLANS.values())
+    plans = list(_triton_plans._FORWARD_PLANS.values())
     assert plans and all(p.statistics.grid == (1, 12) for p in plans), "12 slots to merge"
     exact = x.detach().double()
     if values == "normal":
@@ -1494,7 +1494,7 @@ def test_a_training_layer_launches_two_kernels_forward_and_two_backward(monkeypa
     normalize; reduce (its last programs sum the slots into the parameters' gradients) and
     elementwise: no merge and no running-stat update has a launch of its own on the eager path,
     and every channel block's counter is back at zero after each reduction, ready for the next."""
-    from resnet_ablate.kernels import _triton_impl, _triton_launch
+    from resnet_ablate.kernels import _triton_launch, _triton_plans
 
     launched = []
     real_call = _triton_launch.LaunchTemplate.__call__
@@ -1519,7 +1519,7 @@ def test_a_training_layer_launches_two_kernels_forward_and_two_backward(monkeypa
     torch.testing.assert_close(x.grad, ref_x.grad, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(weight.grad, ref_w.grad, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(bias.grad, ref_b.grad, atol=1e-4, rtol=1e-4)
-    counters = [c for plans in (_triton_impl._FORWARD_PLANS, _triton_impl._BACKWARD_PLANS)
+    counters = [c for plans in (_triton_plans._FORWARD_PLANS, _triton_plans._BACKWARD_PLANS)
                 for plan in plans.values() for c in plan.counters.values()]
     assert counters and all(int(c.abs().sum()) == 0 for c in counters)
     assert any(c.numel() == 2 for c in counters)

@@ -1,0 +1,201 @@
+"""The eager path of `fused_batch_norm`: calls that no tracer, compiler, dispatch mode or functorch
+transform looks on, through one autograd.Function, with what each call's signature decides worked
+out on its first call.
+
+A layer's host time is measured against eager PyTorch's BatchNorm + add + ReLU, a few
+microseconds of C++ dispatch each (benchmarks/bench_host.py). Two things kept the fused layer
+above it (1.23x at the median, launches aside), and this path removes both:
+- The custom op's dispatch (schema binding, redispatch below autograd, the generated Function):
+  nothing in eager mode needs the op to be one graph node, so `_EagerBatchNormAct` calls the
+  implementation directly, with the same saved context and gradients (_autograd.py). Tracing and
+  compilation keep the custom op (batch_norm.py).
+- Work that depends only on the call's signature, redone on every call: F.batch_norm's checks,
+  the choice of implementation, the launch plans' lookups, the per-channel tensors' layout.
+  `EagerCall` holds it for one signature, made on its first call (which checks everything, as
+  every call did) and found by later ones with a single key (`signature`): everything those
+  decisions read, and nothing else (not the tensors' values or addresses but whether all are
+  16-byte aligned, which Triton specializes on). A call that the key cannot vouch for (eps <= 0,
+  a momentum that is not a float, a residual that broadcasts) takes the first-call path every
+  time. The key costs about what the checks did; the checks, the plans' two keys, their
+  alignment and density tests and the per-call Python around them are gone (1.02x).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ._autograd import (
+    SavedMeta, backward_body, dtype_of, forward_body, gradient_will_be_taken, gradients,
+    residual_grad, returned_gradients, save_for_backward,
+)
+from ._checks import check_arguments, checked_residual
+from ._contract import Implementation, RunningUpdate
+from ._layout import aligned
+from .backends import get_backend
+from .backends import implementation as _implementation
+
+
+class EagerCall:
+    """One signature's eager calls: checked, their implementation chosen and their launches
+    planned once. Immutable but for `backward`, replaced whole (threads may share a call)."""
+
+    __slots__ = ("implementation", "meta", "updates", "pack_relu_mask", "unbias", "nonempty",
+                 "prepared", "backward")
+
+    def __init__(self, implementation: Implementation, input: torch.Tensor,
+                 running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                 weight: torch.Tensor | None, bias: torch.Tensor | None, training: bool,
+                 eps: float, residual: torch.Tensor | None, relu: bool, gradient: bool) -> None:
+        """From the signature's first call, whose arguments passed the checks."""
+        self.implementation = implementation
+        self.meta = SavedMeta(relu, training, dtype_of(residual), dtype_of(weight), dtype_of(bias),
+                              functools.partial(backward_body, implementation))
+        count = input.numel() // max(input.shape[1], 1)  # no channels: an empty output
+        self.updates = training and running_mean is not None and count > 0
+        self.unbias = count / (count - 1) if self.updates else 1.0
+        # The packed ReLU mask is worth writing only where a backward will read it.
+        self.pack_relu_mask = relu and gradient
+        self.nonempty = input.numel() > 0
+        self.prepared = None
+        if self.nonempty and eps > 0:
+            update = RunningUpdate(running_mean, running_var, 0.0, self.unbias) \
+                if self.updates else None
+            self.prepared = implementation.prepare_forward(
+                input, weight, bias, residual, None if training else running_mean,
+                None if training else running_var, eps, relu, self.pack_relu_mask, update)
+        # (grad_out's strides, dtype and alignment, residual_grad) and the backward prepared for
+        # them: a call's first backward prepares it.
+        self.backward: tuple = (None, None)
+
+    def forward(self, x, weight, bias, residual, running_mean, running_var, momentum: float,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        if self.prepared is not None:
+            return self.implementation.run_prepared_forward(
+                self.prepared, x, weight, bias, residual, running_mean, running_var, eps,
+                momentum, self.unbias)
+        update = None
+        if self.meta.batch_stats:  # training: the running statistics are updated, or unused
+            if self.updates:
+                update = RunningUpdate(running_mean, running_var, momentum, self.unbias)
+            running_mean = running_var = None
+        return forward_body(self.implementation, x, weight, bias, residual, running_mean,
+                            running_var, eps, self.meta.relu, self.pack_relu_mask, update)
+
+    def gradients(self, ctx, grad_out: torch.Tensor) -> tuple:
+        """The gradients of x, weight, bias and residual (see `_autograd.gradients`)."""
+        if torch.is_grad_enabled() or not self.nonempty:  # a double backward; an empty batch
+            return gradients(ctx, grad_out)
+        meta = self.meta
+        wanted = residual_grad(ctx, meta)
+        x, relu_mask, weight, stats = ctx.saved_tensors
+        # The rest of the backward's signature is the forward's: x and the weight were its
+        # arguments, the mask and the statistics fresh (aligned) tensors of its making.
+        guard = (grad_out.stride(), grad_out.dtype, grad_out.data_ptr() % 16 == 0, wanted)
+        prepared = self.backward
+        if prepared[0] != guard:
+            prepared = self.backward = guard, self.implementation.prepare_backward(
+                grad_out, x, relu_mask, weight, stats, meta.batch_stats, wanted)
+        if prepared[1] is None:
+            computed = backward_body(self.implementation, grad_out, x, relu_mask, weight, stats,
+                                     ctx.eps, meta.batch_stats, wanted)
+        else:
+            computed = self.implementation.run_prepared_backward(
+                prepared[1], grad_out, x, relu_mask, weight, stats, ctx.eps, wanted)
+        return returned_gradients(meta, computed, wanted, grad_out)
+
+
+_CALLS: dict[tuple, EagerCall] = {}
+
+
+def signature(input: torch.Tensor, running_mean: torch.Tensor | None,
+              running_var: torch.Tensor | None, weight: torch.Tensor | None,
+              bias: torch.Tensor | None, training: bool, residual: torch.Tensor | None,
+              relu: bool, gradient: bool) -> tuple:
+    """Everything that a call's checks, implementation and plans read: the backend; each tensor's
+    shape (per-channel ones: their size), strides (per-channel ones: whether contiguous), dtype
+    and device, or None; whether all are 16-byte aligned; the flags. One flat tuple, built and
+    hashed once a call: nested tuples hash and compare slower."""
+    return (
+        get_backend(), input.shape, input.stride(), input.dtype, input.device, training, relu,
+        gradient,
+        None if residual is None else residual.shape,
+        None if residual is None else residual.stride(),
+        None if residual is None else residual.dtype,
+        None if residual is None else residual.device,
+        None if weight is None else weight.dtype, None if weight is None else weight.numel(),
+        None if weight is None else weight.is_contiguous(),
+        None if weight is None else weight.device,
+        None if bias is None else bias.dtype, None if bias is None else bias.numel(),
+        None if bias is None else bias.is_contiguous(), None if bias is None else bias.device,
+        None if running_mean is None else running_mean.dtype,
+        None if running_mean is None else running_mean.numel(),
+        None if running_mean is None else running_mean.is_contiguous(),
+        None if running_mean is None else running_mean.device,
+        None if running_var is None else running_var.dtype,
+        None if running_var is None else running_var.numel(),
+        None if running_var is None else running_var.is_contiguous(),
+        None if running_var is None else running_var.device,
+        aligned(input, residual, weight, bias, running_mean, running_var),
+    )
+
+
+def fused_batch_norm_eager(input: torch.Tensor, running_mean: torch.Tensor | None,
+                           running_var: torch.Tensor | None, weight: torch.Tensor | None,
+                           bias: torch.Tensor | None, training: bool, momentum: float,
+                           eps: float, residual: torch.Tensor | None, relu: bool
+                           ) -> torch.Tensor:
+    """`fused_batch_norm` on the eager path (its arguments, as it received them)."""
+    gradient = gradient_will_be_taken(input, weight, bias, residual)
+    key = signature(input, running_mean, running_var, weight, bias, training, residual, relu,
+                    gradient)
+    call = _CALLS.get(key)
+    if call is None or type(momentum) is not float or not eps > 0:
+        momentum = check_arguments(input, running_mean, running_var, weight, bias, training,
+                                   momentum, eps)
+        expanded = checked_residual(input, residual)
+        call = EagerCall(_implementation(input), input, running_mean, running_var, weight, bias,
+                         training, eps, expanded, relu, gradient)
+        if eps > 0 and expanded is residual:  # else the key cannot stand for the checks
+            _CALLS[key] = call
+        residual = expanded
+    return _apply(input, weight, bias, residual,
+                  (call, running_mean, running_var, momentum, float(eps), gradient))
+
+
+class _EagerBatchNormAct(torch.autograd.Function):
+    """`batch_norm_act` with its autograd, minus the custom-op dispatch around it. Autograd sees
+    only what it differentiates: the output alone (the statistics and the mask only go to the
+    backward), and as inputs the four tensors with gradients, the rest in one tuple (the call,
+    the running statistics, momentum, eps, and whether autograd records the call)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, rest):
+        # forward(ctx, ...) rather than a separate setup_context: apply() then binds no signature.
+        call, running_mean, running_var, momentum, eps, gradient = rest
+        out, stats, relu_mask = call.forward(x, weight, bias, residual, running_mean, running_var,
+                                             momentum, eps)
+        if gradient:  # else nothing will read what is saved
+            save_for_backward(ctx, call.meta, eps, x, weight, bias, residual, running_mean,
+                              running_var, out, stats, relu_mask)
+            ctx.call = call
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return (*ctx.call.gradients(ctx, grad_out), None)
+
+
+def without_python_wrapper(function: type[torch.autograd.Function]):
+    """`function.apply` minus `Function.apply`'s Python wrapper, which binds default arguments
+    (the eager Function has none) and unwraps dead functorch wrappers (there are none outside
+    functorch transforms, which the eager path rules out) before calling the C++ apply that
+    builds the graph node: that apply itself, bound to `function` (`function.apply` where a
+    PyTorch has no such method). That saves a few microseconds a layer, where eager PyTorch's
+    own ops set the budget."""
+    c_apply = vars(torch._C._FunctionBase).get("apply")
+    return function.apply if c_apply is None else c_apply.__get__(None, function)
+
+
+_apply = without_python_wrapper(_EagerBatchNormAct)

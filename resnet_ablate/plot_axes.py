@@ -1,5 +1,6 @@
 """Figures and axes that the plots share (plots.py): panels two to a row, log axes labelled in
-plain numbers, a legend moved beside the axes where it would cover them."""
+plain numbers, a legend moved beside the axes where it would cover them, groups drawn at one x
+set side by side."""
 
 from __future__ import annotations
 
@@ -37,6 +38,17 @@ def log_percent_axis(ax: Any) -> None:
     ax.yaxis.set_minor_formatter(ticker.FuncFormatter(plain))
 
 
+def plain_number_x_axis(ax: Any, *, log: bool) -> None:
+    """An x axis labelled in plain numbers (a digits net's 0.0025 GFLOPs, not "2.5" under a
+    "1e-3"); where `log`, a log scale ticked at 1, 2 and 5 of each decade (minor ticks' labels
+    in powers of ten overlap where the values span a decade or two)."""
+    if log:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+
+
 def legend_beside_if_long(ax: Any) -> None:
     """The legend inside the axes, or beside them where it has more entries than fit without
     covering the points."""
@@ -57,5 +69,35 @@ def labelled_within_a_decade(ax: Any) -> None:
         ax.yaxis.set_minor_formatter(ticker.NullFormatter())
 
 
-__all__ = ["labelled_within_a_decade", "legend_beside_if_long", "log_percent_axis",
-           "panels_figure"]
+# Between neighbours set side by side: this share of the axis' span (of its decades, on a log
+# axis), enough for a 95% interval's bar and cap to clear the next one's at a report's size.
+SIDE_STEP = 0.012
+
+
+def side_by_side(x: Any, position: int, count: int, low: float, high: float, *,
+                 log: bool = False, where: Any = None, step: float = SIDE_STEP) -> np.ndarray:
+    """`x` of the `position`-th of `count` groups drawn at the same x values, moved sideways so
+    that no group's marker or bar hides another's: `step` of the axis' span from `low` to `high`
+    per step, centred on the true x (on a log axis, a factor of (high / low) ** step per step).
+    Only where `where` is true, if given (the x values another group shares)."""
+    x = np.asarray(x, dtype=float)
+    steps = position - (count - 1) / 2
+    moved = x * (high / low) ** (step * steps) if log else x + step * (high - low) * steps
+    return moved if where is None else np.where(where, moved, x)
+
+
+def crowded(groups: list[Any], low: float, high: float, *, log: bool = False,
+            step: float = SIDE_STEP) -> np.ndarray:
+    """The x values, of every group's, that another group has one within `step` of the axis'
+    span of (`low` to `high`; in decades on a log axis): where `side_by_side` should move them."""
+    values = [np.unique(np.asarray(group, dtype=float)) for group in groups]
+    on_axis = [np.log(v) for v in values] if log else values
+    near = step * ((np.log(high / low) if log else high - low) or 1.0)
+    return np.array([value for i, (mine, placed) in enumerate(zip(values, on_axis))
+                     for value, at in zip(mine, placed)
+                     if any(np.any(np.abs(other - at) < near)
+                            for j, other in enumerate(on_axis) if j != i)], dtype=float)
+
+
+__all__ = ["SIDE_STEP", "crowded", "labelled_within_a_decade", "legend_beside_if_long",
+           "log_percent_axis", "panels_figure", "plain_number_x_axis", "side_by_side"]

@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from matplotlib import colormaps, ticker
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .contrasts import failed_seeds, failure_kinds, pruned_seeds
-from .plot_axes import (labelled_within_a_decade, legend_beside_if_long, log_percent_axis,
-                        panels_figure)
+from .plot_axes import (SIDE_STEP, crowded, labelled_within_a_decade, legend_beside_if_long,
+                        log_percent_axis, panels_figure, plain_number_x_axis, side_by_side)
 from .results import Results, ResultsError
 from .storage import refuse_to_lose_results
 
@@ -164,7 +164,6 @@ def plot_depth(results: Results, *, metric: str = "test_error", x: str = "depth"
                for i, value in enumerate(sorted((v for v, _ in groups), key=_natural))}
     xs = sorted(set(summary[x].astype(float)))
     span = (xs[-1] - xs[0]) or 4.0  # one x: an axis 4 wide around it (else it zooms to the dodge)
-    dodge = 0.012 * span
     ordered = sorted(groups, key=lambda item: _panel_order(item[0]))
     for position, (value, group) in enumerate(ordered):
         group = group.sort_values(x)
@@ -172,7 +171,7 @@ def plot_depth(results: Results, *, metric: str = "test_error", x: str = "depth"
         below = mean - 100 * group[f"{metric}_ci95_low"].to_numpy(float)
         above = 100 * group[f"{metric}_ci95_high"].to_numpy(float) - mean
         # Lines side by side at each x, so that one's bar never hides another's.
-        at = group[x].astype(float) + dodge * (position - (len(ordered) - 1) / 2)
+        at = side_by_side(group[x], position, len(ordered), xs[0], xs[0] + span)
         ax.errorbar(at, mean, yerr=[below, above], marker="o", capsize=4, color=palette[value],
                     label=f"{_label(line_by, value) if line_by else metric} "
                           f"({_seed_count(group['n'])})")
@@ -204,52 +203,58 @@ def _seed_count(counts: pd.Series) -> str:
 
 def plot_pareto(results: Results, *, metric: str = "test_error", cost: str = "flops") -> Figure:
     """Every completed trial's `metric` against its `cost` (faint), each configuration's mean
-    over seeds with its 95% interval, and the Pareto front over those means as a staircase."""
+    over seeds with its 95% interval, and the Pareto front over those means as a staircase.
+    Groups that share a cost (option A and its plain twin: the same FLOPs) are set side by side
+    there, so that none hides another, and the axis says so."""
     done = results.require_completed("plot")
-    by = results.configuration_columns()
-    means = results.summary(by=by, metric=metric)
+    means = results.summary(by=results.configuration_columns(), metric=metric)
     front = results.pareto([metric, cost]).sort_values(cost)
-    scale, unit = _cost_unit(cost, done[cost].astype(float).max())
+    scale, unit = _cost_unit(cost)
+    costs = scale * done[cost].astype(float)
+    low, high = costs.min(), costs.max()
+    log_x = low > 0 and high / low > 8  # depths 20 to 1202 span 60x: linear crowds the small
     figure, (ax,) = panels_figure()
     # Colours by shortcut (plain vs residual), else by the first factor but depth (its FLOPs
     # tell depths apart along the x axis), else by depth.
     factors = _factors(results)
     label_by = "shortcut" if "shortcut" in factors else next(
         (f for f in factors if f != "depth"), factors[0] if factors else "arch_name")
-    trials = done.groupby(label_by, sort=True)
+    trials = list(done.groupby(label_by, sort=True))
     configurations = dict(list(means.groupby(label_by, sort=True))) if label_by in means \
         else {}
-    for i, (value, group) in enumerate(trials):
-        # A marker shape per group as well as a colour: option A and the plain net have the same
-        # FLOPs, so their points share an x and would hide each other in one shape.
-        style = {"color": f"C{i % 10}", "marker": "osD^v<>"[i % 7]}
-        ax.scatter(scale * group[cost].astype(float), 100 * group[metric].astype(float),
-                   alpha=0.25, s=20, **style)
+    positions = {value: i for i, (value, _) in enumerate(trials)}
+    # (An option-A net costs 0.2% more than its plain twin: its shortcuts' additions.)
+    shared = crowded([scale * group[cost].astype(float) for _, group in trials], low, high,
+                     log=log_x, step=PARETO_SIDE_STEP)
+
+    def placed(values: Any, value: Any) -> np.ndarray:
+        values = scale * np.asarray(values, dtype=float)
+        return side_by_side(values, positions[value], len(trials), low, high or 1.0, log=log_x,
+                            where=np.isin(values, shared), step=PARETO_SIDE_STEP)
+
+    for value, group in trials:
+        # A marker shape per group as well as a colour, for print in one colour.
+        style = {"color": f"C{positions[value] % 10}", "marker": "osD^v<>"[positions[value] % 7]}
+        ax.scatter(placed(group[cost], value), 100 * group[metric].astype(float), alpha=0.25,
+                   s=20, **style)
         mean = configurations.get(value)
         if mean is None:
             continue
-        y = 100 * mean[f"{metric}_mean"].to_numpy(float)
+        x, y = placed(mean[cost], value), 100 * mean[f"{metric}_mean"].to_numpy(float)
         bars = [y - 100 * mean[f"{metric}_ci95_low"].to_numpy(float),
                 100 * mean[f"{metric}_ci95_high"].to_numpy(float) - y]
-        ax.errorbar(scale * mean[cost].astype(float), y, yerr=bars, linestyle="none",
-                    capsize=4, markersize=7,
+        ax.errorbar(x, y, yerr=bars, linestyle="none", capsize=4, markersize=7,
                     label=f"{_label(label_by, value)} ({_seed_count(mean['n'])})", **style)
-        _mark_without_interval(ax, scale * mean[cost].astype(float), y, bars[0],
-                               style["marker"], style["color"])
-    ax.step(scale * front[cost].astype(float), 100 * front[metric].astype(float), where="post",
-            color="black", linewidth=1.5, label="Pareto front (configuration means)")
-    ax.scatter(scale * front[cost].astype(float), 100 * front[metric].astype(float),
-               facecolors="none", edgecolors="black", s=110)
-    costs = done[cost].astype(float)
-    if costs.min() > 0 and costs.max() / costs.min() > 8:
-        ax.set_xscale("log")  # depths 20 to 1202 span 60x: a linear axis crowds the small nets
-        # Plain numbers at 1, 2 and 5 of each decade: minor ticks' labels in powers of ten
-        # overlap where the costs span one or two decades.
-        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
-        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        _mark_without_interval(ax, x, y, bars[0], style["marker"], style["color"])
+    front_x = np.array([placed([row[cost]], row[label_by])[0] if label_by in front else
+                        scale * float(row[cost]) for _, row in front.iterrows()])
+    ax.step(front_x, 100 * front[metric].astype(float), where="post", color="black",
+            linewidth=1.5, label="Pareto front (configuration means)")
+    ax.scatter(front_x, 100 * front[metric].astype(float), facecolors="none",
+               edgecolors="black", s=110)
+    plain_number_x_axis(ax, log=log_x)
     ax.margins(x=0.08, y=0.1)
-    ax.set_xlabel(unit)
+    ax.set_xlabel(unit + (" (groups of equal cost set side by side)" if len(shared) else ""))
     ax.set_ylabel(f"{metric.replace('_', ' ')} (%): trials faint, means with 95% CI")
     ax.set_title("\n".join([results.title, *textwrap.wrap(_pruned_caption(results), 55)]),
                  fontsize="medium")
@@ -258,14 +263,13 @@ def plot_pareto(results: Results, *, metric: str = "test_error", cost: str = "fl
     return figure
 
 
-def _cost_unit(cost: str, largest: float) -> tuple[float, str]:
-    """A scale and unit that put the largest cost in readable numbers: a digits net's 2.5
-    MFLOPs, not 0.0025 GFLOPs."""
-    if cost == "flops":
-        return (1e-9, "GFLOPs") if largest >= 1e8 else (1e-6, "MFLOPs")
-    if cost == "params":
-        return (1e-6, "M params") if largest >= 1e5 else (1e-3, "k params")
-    return 1.0, cost
+# A Pareto figure's means are larger markers than a depth figure's: a wider step clears them.
+PARETO_SIDE_STEP = 2 * SIDE_STEP
+
+
+def _cost_unit(cost: str) -> tuple[float, str]:
+    """The scale and unit of the tables (display.py, record/metrics.py): GFLOPs, M params."""
+    return {"flops": (1e-9, "GFLOPs"), "params": (1e-6, "M params")}.get(cost, (1.0, cost))
 
 
 def plot_responses(results: Results, responses: pd.DataFrame | None = None, *,

@@ -722,6 +722,37 @@ def test_figures_of_many_panels_wrap_two_to_a_row(results):
     assert all(ax.get_yscale() == "log" for ax in panels)  # the last epochs not flat at 0
 
 
+@pytest.mark.parametrize("depths", [(20, 56), (20, 200)], ids=["linear", "log"])
+def test_the_pareto_figure_sets_groups_of_equal_cost_side_by_side_in_the_tables_units(depths):
+    """Option A and its plain twin cost the same FLOPs (here exactly): their means were drawn
+    at one x, one hiding the other. They are set apart by a share of the axis (of its decades
+    on a log axis), in a fixed order, each within a few percent of its true cost, the staircase
+    through the moved points; the axis is in GFLOPs as the tables are (0.02, not 20 MFLOPs)."""
+    from helpers import study_in_memory
+
+    rng = np.random.default_rng(1)
+    study = study_in_memory([
+        ({"depth": depth, "shortcut": shortcut}, seed, (rng.random(300) < 0.1).astype(float))
+        for depth in depths for shortcut in ("A", "none") for seed in range(2)])
+    (ax,) = plots.plot_pareto(study).axes
+    means = {container.get_label().rsplit(" (", 1)[0]: container[0].get_xdata()
+             for container in ax.containers}
+    a, plain = np.asarray(means["ResNet (A)"], float), np.asarray(means["plain"], float)
+    true = np.array(depths) * 1e-3  # depth x 1e6 FLOPs, in GFLOPs
+    assert (a < true).all() and (plain > true).all()  # apart, A to the left
+    log = ax.get_xscale() == "log"
+    assert log == (depths[1] / depths[0] > 8)
+    axis = np.log if log else (lambda values: values)
+    span = axis(true[1]) - axis(true[0])
+    assert axis(plain) - axis(a) == pytest.approx(plots.PARETO_SIDE_STEP * span * np.ones(2))
+    assert np.abs(axis(a) - axis(true)).max() < 0.05 * span
+    front_x = ax.get_lines()[0].get_xdata()
+    assert set(np.round(front_x, 12)) <= set(np.round(np.concatenate([a, plain]), 12))
+    assert ax.get_xlabel() == "GFLOPs (groups of equal cost set side by side)"
+    one_shortcut = study.where("shortcut == 'A'")
+    assert plots.plot_pareto(one_shortcut).axes[0].get_xlabel() == "GFLOPs"
+
+
 def test_a_mean_without_an_interval_is_drawn_open_and_without_a_bar(results):
     """One seed gives no interval (NaN bounds): drawn as a filled marker with a bar of zero
     length, it would read as a certainty. The deeper nets keep one seed here, the shallow ones all."""

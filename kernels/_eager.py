@@ -42,7 +42,7 @@ class EagerCall:
     planned once. Immutable but for `backward`, replaced whole (threads may share a call)."""
 
     __slots__ = ("implementation", "meta", "updates", "pack_relu_mask", "unbias", "nonempty",
-                 "prepared", "backward")
+                 "prepared", "backward_prepares", "backward")
 
     def __init__(self, implementation: Implementation, input: torch.Tensor,
                  running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
@@ -65,8 +65,14 @@ class EagerCall:
             self.prepared = implementation.prepare_forward(
                 input, weight, bias, residual, None if training else running_mean,
                 None if training else running_var, eps, relu, self.pack_relu_mask, update)
-        # (grad_out's strides, dtype and alignment, residual_grad) and the backward prepared for
-        # them: a call's first backward prepares it.
+        # Where every tensor is aligned, a backward's own signature is the forward's but for
+        # grad_out (x and the weight were the forward's arguments, the mask and the statistics
+        # fresh tensors of its making): (grad_out's strides, dtype and alignment, residual_grad)
+        # and the backward prepared for them, by the call's first backward. Not where the key
+        # says only that some tensor is misaligned: which one, x or a residual, decides whether
+        # the backward's launches may go direct.
+        self.backward_prepares = self.nonempty and aligned(input, residual, weight, bias,
+                                                           running_mean, running_var)
         self.backward: tuple = (None, None)
 
     def forward(self, x, weight, bias, residual, running_mean, running_var, momentum: float,
@@ -85,13 +91,11 @@ class EagerCall:
 
     def gradients(self, ctx, grad_out: torch.Tensor) -> tuple:
         """The gradients of x, weight, bias and residual (see `_autograd.gradients`)."""
-        if torch.is_grad_enabled() or not self.nonempty:  # a double backward; an empty batch
-            return gradients(ctx, grad_out)
+        if torch.is_grad_enabled() or not self.backward_prepares:  # a double backward; else
+            return gradients(ctx, grad_out)  # an empty batch, or misaligned tensors, as they come
         meta = self.meta
         wanted = residual_grad(ctx, meta)
         x, relu_mask, weight, stats = ctx.saved_tensors
-        # The rest of the backward's signature is the forward's: x and the weight were its
-        # arguments, the mask and the statistics fresh (aligned) tensors of its making.
         guard = (grad_out.stride(), grad_out.dtype, grad_out.data_ptr() % 16 == 0, wanted)
         prepared = self.backward
         if prepared[0] != guard:

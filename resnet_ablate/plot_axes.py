@@ -99,5 +99,35 @@ def crowded(groups: list[Any], low: float, high: float, *, log: bool = False,
                             for j, other in enumerate(on_axis) if j != i)], dtype=float)
 
 
-__all__ = ["SIDE_STEP", "crowded", "labelled_within_a_decade", "legend_beside_if_long",
+class SideBySide:
+    """Groups drawn at their x values (`groups`: each one's), those within a step of another
+    group's set side by side (`crowded`, `side_by_side`). Where all values lie within a tenth of
+    their size of each other (one depth: option A and its plain twin, 0.2% apart), the axis spans
+    their size around them (`widened`, `low`, `high`), so that it does not zoom in on that
+    difference or on the moves; values of 0 span 1."""
+
+    def __init__(self, groups: list[Any], *, log: bool = False, step: float = SIDE_STEP) -> None:
+        every = np.concatenate([np.asarray(group, dtype=float) for group in groups])
+        self.low, self.high = float(every.min()), float(every.max())
+        size = max(abs(self.low), abs(self.high))
+        self.widened = self.high - self.low <= 0.1 * size
+        if self.widened:
+            middle, width = (self.low + self.high) / 2, size or 1.0
+            self.low, self.high = middle - width / 2, middle + width / 2
+        self.log, self.step, self.count = log and not self.widened, step, len(groups)
+        self.shared = crowded(groups, self.low, self.high, log=self.log, step=step)
+
+    @property
+    def moves(self) -> bool:
+        """Whether any group is moved at all (a figure then says so)."""
+        return len(self.shared) > 0
+
+    def at(self, x: Any, position: int) -> np.ndarray:
+        """Where the `position`-th group's values `x` are drawn."""
+        x = np.asarray(x, dtype=float)
+        return side_by_side(x, position, self.count, self.low, self.high, log=self.log,
+                            where=np.isin(x, self.shared), step=self.step)
+
+
+__all__ = ["SIDE_STEP", "SideBySide", "crowded", "labelled_within_a_decade", "legend_beside_if_long",
            "log_percent_axis", "panels_figure", "plain_number_x_axis", "side_by_side"]

@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .contrasts import failed_seeds, failure_kinds, pruned_seeds
-from .plot_axes import (SIDE_STEP, crowded, labelled_within_a_decade, legend_beside_if_long,
+from .plot_axes import (SIDE_STEP, SideBySide, labelled_within_a_decade, legend_beside_if_long,
                         log_percent_axis, panels_figure, plain_number_x_axis, side_by_side)
 from .results import Results, ResultsError
 from .storage import refuse_to_lose_results
@@ -210,9 +210,6 @@ def plot_pareto(results: Results, *, metric: str = "test_error", cost: str = "fl
     means = results.summary(by=results.configuration_columns(), metric=metric)
     front = results.pareto([metric, cost]).sort_values(cost)
     scale, unit = _cost_unit(cost)
-    costs = scale * done[cost].astype(float)
-    low, high = costs.min(), costs.max()
-    log_x = low > 0 and high / low > 8  # depths 20 to 1202 span 60x: linear crowds the small
     figure, (ax,) = panels_figure()
     # Colours by shortcut (plain vs residual), else by the first factor but depth (its FLOPs
     # tell depths apart along the x axis), else by depth.
@@ -223,14 +220,15 @@ def plot_pareto(results: Results, *, metric: str = "test_error", cost: str = "fl
     configurations = dict(list(means.groupby(label_by, sort=True))) if label_by in means \
         else {}
     positions = {value: i for i, (value, _) in enumerate(trials)}
-    # (An option-A net costs 0.2% more than its plain twin: its shortcuts' additions.)
-    shared = crowded([scale * group[cost].astype(float) for _, group in trials], low, high,
-                     log=log_x, step=PARETO_SIDE_STEP)
+    costs = scale * done[cost].astype(float)
+    # Depths 20 to 1202 span 60x: a linear axis crowds the small nets. (An option-A net costs
+    # 0.2% more than its plain twin: its shortcuts' additions.)
+    apart = SideBySide([scale * group[cost].astype(float) for _, group in trials],
+                       log=costs.min() > 0 and costs.max() / costs.min() > 8,
+                       step=PARETO_SIDE_STEP)
 
     def placed(values: Any, value: Any) -> np.ndarray:
-        values = scale * np.asarray(values, dtype=float)
-        return side_by_side(values, positions[value], len(trials), low, high or 1.0, log=log_x,
-                            where=np.isin(values, shared), step=PARETO_SIDE_STEP)
+        return apart.at(scale * np.asarray(values, dtype=float), positions[value])
 
     for value, group in trials:
         # A marker shape per group as well as a colour, for print in one colour.
@@ -252,9 +250,11 @@ def plot_pareto(results: Results, *, metric: str = "test_error", cost: str = "fl
             linewidth=1.5, label="Pareto front (configuration means)")
     ax.scatter(front_x, 100 * front[metric].astype(float), facecolors="none",
                edgecolors="black", s=110)
-    plain_number_x_axis(ax, log=log_x)
+    plain_number_x_axis(ax, log=apart.log)
     ax.margins(x=0.08, y=0.1)
-    ax.set_xlabel(unit + (" (groups of equal cost set side by side)" if len(shared) else ""))
+    if apart.widened:  # an axis as wide as the costs, around them (not zoomed in on 0.2%)
+        ax.set_xlim(apart.low, apart.high)
+    ax.set_xlabel(unit + (" (groups of equal cost set side by side)" if apart.moves else ""))
     ax.set_ylabel(f"{metric.replace('_', ' ')} (%): trials faint, means with 95% CI")
     ax.set_title("\n".join([results.title, *textwrap.wrap(_pruned_caption(results), 55)]),
                  fontsize="medium")

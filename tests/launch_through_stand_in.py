@@ -68,6 +68,13 @@ def main() -> None:
     _triton_launch.DIRECT_LAUNCHES = False
     report["jit_only"] = launches_of(*inputs)
     _triton_launch.DIRECT_LAUNCHES = True
+    # Only the residual misaligned, then only x: one eager signature ("not all aligned"), but
+    # x's alignment decides the backward's binary.
+    misaligned_residual = torch.randn(x.numel() + 1, generator=g).bfloat16()[1:].view(
+        2, 8, 8, 16).permute(0, 3, 1, 2).requires_grad_()
+    for _ in range(2):
+        report["residual_misaligned"] = launches_of(x, misaligned_residual, weight, bias,
+                                                    running, grad)
     report["misaligned_first"] = launches_of(misaligned, residual, weight, bias, running, grad)
     report["misaligned_again"] = launches_of(misaligned, residual, weight, bias, running, grad)
     # Parameters and running statistics in the input's dtype (F.batch_norm takes one dtype for

@@ -1447,6 +1447,10 @@ def test_template_launches_hand_tritons_launcher_what_tritons_own_launch_path_ha
     # The caller's own tensors are among what they pass, where Triton's path passes them.
     assert {arg[3] for launch in report["again"] for arg in launch["args"]
             if isinstance(arg, list)} >= {"x", "residual", "weight", "bias", "grad"}
+    # A misaligned residual: the forward's binaries are not the aligned ones, the backward's
+    # (which reads x, not the residual) may be. Then x misaligned, after it, in the same eager
+    # signature ("not all aligned"): never the aligned binaries.
+    assert through_jit("residual_misaligned") == [True, True, False, False]
     assert through_jit("misaligned_first") == through_jit("misaligned_again") == [True] * 4
     assert through_jit("weight_dtype_first") == [True] * 4
     assert through_jit("weight_dtype_again") == [False] * 4

@@ -751,6 +751,12 @@ def test_the_pareto_figure_sets_groups_of_equal_cost_side_by_side_in_the_tables_
     assert ax.get_xlabel() == "GFLOPs (groups of equal cost set side by side)"
     one_shortcut = study.where("shortcut == 'A'")
     assert plots.plot_pareto(one_shortcut).axes[0].get_xlabel() == "GFLOPs"
+    # One depth: every trial of one cost. Still apart, on an axis as wide as the cost.
+    (ax,) = plots.plot_pareto(study.where(f"depth == {depths[0]}")).axes
+    (a,), (plain,) = (container[0].get_xdata() for container in ax.containers)
+    assert plain - a == pytest.approx(plots.PARETO_SIDE_STEP * true[0])
+    assert ax.get_xlim() == pytest.approx((true[0] / 2, 1.5 * true[0]))
+    assert ax.get_xlabel() == "GFLOPs (groups of equal cost set side by side)"
 
 
 def test_a_mean_without_an_interval_is_drawn_open_and_without_a_bar(results):

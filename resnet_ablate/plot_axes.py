@@ -1,6 +1,6 @@
 """Figures and axes that the plots share (plots.py): panels two to a row, log axes labelled in
 plain numbers, a legend moved beside the axes where it would cover them, groups drawn at one x
-set side by side."""
+set side by side, means without an interval drawn open."""
 
 from __future__ import annotations
 
@@ -69,6 +69,22 @@ def labelled_within_a_decade(ax: Any) -> None:
         ax.yaxis.set_minor_formatter(ticker.NullFormatter())
 
 
+ONE_SEED_LABEL = "open marker: one seed, no interval"
+
+
+def mark_without_interval(ax: Any, x: Any, y: np.ndarray, below: np.ndarray, marker: str,
+                           color: str) -> None:
+    """Draw the means that have no interval (one seed: NaN bounds, so no bar) as open markers: a
+    filled marker without a bar would read as an interval of zero width, a certainty."""
+    missing = np.isnan(np.asarray(below, dtype=float))
+    if not missing.any():
+        return
+    ax.scatter(np.asarray(x, dtype=float)[missing], np.asarray(y)[missing], marker=marker,
+               s=60, facecolors="white", edgecolors=color, linewidths=1.5, zorder=3)
+    if not any(c.get_label() == ONE_SEED_LABEL for c in ax.collections):
+        ax.scatter([], [], marker="o", facecolors="white", edgecolors="gray", label=ONE_SEED_LABEL)
+
+
 # Between neighbours set side by side: this share of the axis' span (of its decades, on a log
 # axis), enough for a 95% interval's bar and cap to clear the next one's at a report's size.
 SIDE_STEP = 0.012
@@ -129,5 +145,6 @@ class SideBySide:
                             where=np.isin(x, self.shared), step=self.step)
 
 
-__all__ = ["SIDE_STEP", "SideBySide", "crowded", "labelled_within_a_decade", "legend_beside_if_long",
-           "log_percent_axis", "panels_figure", "plain_number_x_axis", "side_by_side"]
+__all__ = ["ONE_SEED_LABEL", "SIDE_STEP", "SideBySide", "crowded", "labelled_within_a_decade",
+           "legend_beside_if_long", "log_percent_axis", "mark_without_interval", "panels_figure",
+           "plain_number_x_axis", "side_by_side"]

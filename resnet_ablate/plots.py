@@ -29,7 +29,9 @@ from matplotlib.ticker import MaxNLocator
 
 from .contrasts import failed_seeds, failure_kinds, pruned_seeds
 from .plot_axes import (SIDE_STEP, SideBySide, labelled_within_a_decade, legend_beside_if_long,
-                        log_percent_axis, panels_figure, plain_number_x_axis, side_by_side)
+                        log_percent_axis, mark_without_interval, panels_figure,
+                        plain_number_x_axis, side_by_side)
+from .record import METRICS
 from .results import Results, ResultsError
 from .storage import refuse_to_lose_results
 
@@ -132,22 +134,6 @@ def _pruned_caption(results: Results) -> str:
     return f"\n{text}" if text else ""
 
 
-ONE_SEED_LABEL = "open marker: one seed, no interval"
-
-
-def _mark_without_interval(ax: Any, x: Any, y: np.ndarray, below: np.ndarray, marker: str,
-                           color: str) -> None:
-    """Draw the means that have no interval (one seed: NaN bounds, so no bar) as open markers: a
-    filled marker without a bar would read as an interval of zero width, a certainty."""
-    missing = np.isnan(np.asarray(below, dtype=float))
-    if not missing.any():
-        return
-    ax.scatter(np.asarray(x, dtype=float)[missing], np.asarray(y)[missing], marker=marker,
-               s=60, facecolors="white", edgecolors=color, linewidths=1.5, zorder=3)
-    if not any(c.get_label() == ONE_SEED_LABEL for c in ax.collections):
-        ax.scatter([], [], marker="o", facecolors="white", edgecolors="gray", label=ONE_SEED_LABEL)
-
-
 def plot_depth(results: Results, *, metric: str = "test_error", x: str = "depth",
                line_by: str | None = None) -> Figure:
     """`metric` (mean over seeds, 95% CI bars) against `x`, one line per `line_by` value."""
@@ -175,7 +161,7 @@ def plot_depth(results: Results, *, metric: str = "test_error", x: str = "depth"
         ax.errorbar(at, mean, yerr=[below, above], marker="o", capsize=4, color=palette[value],
                     label=f"{_label(line_by, value) if line_by else metric} "
                           f"({_seed_count(group['n'])})")
-        _mark_without_interval(ax, at, mean, below, "o", palette[value])
+        mark_without_interval(ax, at, mean, below, "o", palette[value])
     ax.set_xlabel(x)
     ax.set_xticks(xs)  # the depths run, not fractions
     if len(xs) == 1:
@@ -207,7 +193,7 @@ def plot_pareto(results: Results, *, metric: str = "test_error", cost: str = "fl
     Groups that share a cost (option A and its plain twin: the same FLOPs) are set side by side
     there, so that none hides another, and the axis says so."""
     done = results.require_completed("plot")
-    means = results.summary(by=results.configuration_columns(), metric=metric)
+    means = _configuration_means(results, metric, cost)
     front = results.pareto([metric, cost]).sort_values(cost)
     scale, unit = _cost_unit(cost)
     figure, (ax,) = panels_figure()
@@ -223,27 +209,17 @@ def plot_pareto(results: Results, *, metric: str = "test_error", cost: str = "fl
     costs = scale * done[cost].astype(float)
     # Depths 20 to 1202 span 60x: a linear axis crowds the small nets. (An option-A net costs
     # 0.2% more than its plain twin: its shortcuts' additions.)
-    apart = SideBySide([scale * group[cost].astype(float) for _, group in trials],
-                       log=costs.min() > 0 and costs.max() / costs.min() > 8,
-                       step=PARETO_SIDE_STEP)
+    apart = SideBySide([scale * np.concatenate([
+        group[cost].astype(float), configurations[value][cost].astype(float)
+        if value in configurations else []]) for value, group in trials],
+        log=costs.min() > 0 and costs.max() / costs.min() > 8, step=PARETO_SIDE_STEP)
 
     def placed(values: Any, value: Any) -> np.ndarray:
         return apart.at(scale * np.asarray(values, dtype=float), positions[value])
 
     for value, group in trials:
-        # A marker shape per group as well as a colour, for print in one colour.
-        style = {"color": f"C{positions[value] % 10}", "marker": "osD^v<>"[positions[value] % 7]}
-        ax.scatter(placed(group[cost], value), 100 * group[metric].astype(float), alpha=0.25,
-                   s=20, **style)
-        mean = configurations.get(value)
-        if mean is None:
-            continue
-        x, y = placed(mean[cost], value), 100 * mean[f"{metric}_mean"].to_numpy(float)
-        bars = [y - 100 * mean[f"{metric}_ci95_low"].to_numpy(float),
-                100 * mean[f"{metric}_ci95_high"].to_numpy(float) - y]
-        ax.errorbar(x, y, yerr=bars, linestyle="none", capsize=4, markersize=7,
-                    label=f"{_label(label_by, value)} ({_seed_count(mean['n'])})", **style)
-        _mark_without_interval(ax, x, y, bars[0], style["marker"], style["color"])
+        _draw_group(ax, group, configurations.get(value), positions[value], metric,
+                    lambda rows, value=value: placed(rows[cost], value), _label(label_by, value))
     front_x = np.array([placed([row[cost]], row[label_by])[0] if label_by in front else
                         scale * float(row[cost]) for _, row in front.iterrows()])
     ax.step(front_x, 100 * front[metric].astype(float), where="post", color="black",
@@ -263,13 +239,41 @@ def plot_pareto(results: Results, *, metric: str = "test_error", cost: str = "fl
     return figure
 
 
+def _draw_group(ax: Any, trials: pd.DataFrame, means: pd.DataFrame | None, position: int,
+                metric: str, at: Callable[[pd.DataFrame], np.ndarray], label: str) -> None:
+    """One group's trials (faint) and its configurations' means with their 95% intervals, each
+    row drawn at `at(rows)`; a colour and a marker shape per group (for print in one colour)."""
+    style = {"color": f"C{position % 10}", "marker": "osD^v<>"[position % 7]}
+    ax.scatter(at(trials), 100 * trials[metric].astype(float), alpha=0.25, s=20, **style)
+    if means is None:
+        return
+    x, y = at(means), 100 * means[f"{metric}_mean"].to_numpy(float)
+    bars = [y - 100 * means[f"{metric}_ci95_low"].to_numpy(float),
+            100 * means[f"{metric}_ci95_high"].to_numpy(float) - y]
+    ax.errorbar(x, y, yerr=bars, linestyle="none", capsize=4, markersize=7,
+                label=f"{label} ({_seed_count(means['n'])})", **style)
+    mark_without_interval(ax, x, y, bars[0], style["marker"], style["color"])
+
+
+def _configuration_means(results: Results, metric: str, cost: str) -> pd.DataFrame:
+    """Each configuration's summary of `metric`, with its `cost`: the architecture's (FLOPs,
+    parameters), or the mean over its seeds of one that varies by seed (wall seconds)."""
+    by = results.configuration_columns()
+    means = results.summary(by=by, metric=metric)
+    if cost in means:
+        return means
+    costs = results.summary(by=by, metric=cost)[[*by, f"{cost}_mean"]]
+    return means.merge(costs.rename(columns={f"{cost}_mean": cost}), on=by)
+
+
 # A Pareto figure's means are larger markers than a depth figure's: a wider step clears them.
 PARETO_SIDE_STEP = 2 * SIDE_STEP
 
 
 def _cost_unit(cost: str) -> tuple[float, str]:
-    """The scale and unit of the tables (display.py, record/metrics.py): GFLOPs, M params."""
-    return {"flops": (1e-9, "GFLOPs"), "params": (1e-6, "M params")}.get(cost, (1.0, cost))
+    """The scale and label of the tables' column (record/metrics.py): GFLOPs, params (M)."""
+    scale = {"flops": 1e-9, "params": 1e-6}.get(cost, 1.0)
+    return scale, METRICS[cost].label if cost in METRICS else cost
 
 
 def plot_responses(results: Results, responses: pd.DataFrame | None = None, *,

@@ -21,7 +21,7 @@ import torch
 from scipy import stats
 
 from helpers import RESULTS_DEPTHS, RESULTS_SEEDS, RESULTS_SHORTCUTS, RESULTS_STUDY
-from resnet_ablate import plots, report
+from resnet_ablate import plot_axes, plots, report
 from resnet_ablate.display import footnotes
 from resnet_ablate.record import unpack_outcomes
 from resnet_ablate.results import ResultsError, display_frame, list_studies, load
@@ -751,6 +751,16 @@ def test_the_pareto_figure_sets_groups_of_equal_cost_side_by_side_in_the_tables_
     assert ax.get_xlabel() == "GFLOPs (groups of equal cost set side by side)"
     one_shortcut = study.where("shortcut == 'A'")
     assert plots.plot_pareto(one_shortcut).axes[0].get_xlabel() == "GFLOPs"
+    # A cost that varies by seed (wall seconds): each configuration's mean, in the tables' unit.
+    study.trials["wall_seconds"] = rng.uniform(10, 11, len(study.trials))
+    (ax,) = plots.plot_pareto(study, cost="wall_seconds").axes
+    drawn = np.sort(np.concatenate([c[0].get_xdata() for c in ax.containers]))
+    configuration_means = np.sort(study.trials.groupby(["depth", "shortcut"])["wall_seconds"]
+                                  .mean().to_numpy())
+    assert ax.get_xlabel().startswith("wall (s)")
+    low, high = ax.get_xlim()  # moved by at most half a step of it, two groups side by side
+    assert all(np.abs(drawn - mean).min() <= plots.PARETO_SIDE_STEP * (high - low) / 2 + 1e-9
+               for mean in configuration_means)
     # One depth: every trial of one cost. Still apart, on an axis as wide as the cost.
     (ax,) = plots.plot_pareto(study.where(f"depth == {depths[0]}")).axes
     (a,), (plain,) = (container[0].get_xdata() for container in ax.containers)
@@ -772,14 +782,14 @@ def test_a_mean_without_an_interval_is_drawn_open_and_without_a_bar(results):
         (ax,) = figure.axes
         opened = sorted(tuple(point) for c in ax.collections
                         if isinstance(c, matplotlib.collections.PathCollection)
-                        and c.get_label() != plots.ONE_SEED_LABEL and len(c.get_offsets())
+                        and c.get_label() != plot_axes.ONE_SEED_LABEL and len(c.get_offsets())
                         and len(c.get_facecolor()) and (c.get_facecolor()[:, :3] == 1).all()
                         for point in c.get_offsets())
         if x == "depth":  # (each line a little to the side, so that bars never overlap)
             assert [p[0] for p in opened] == pytest.approx([p[0] for p in expected], abs=1)
         # (In the Pareto figure at the configurations' FLOPs, in the figure's unit.)
         assert sorted(p[1] for p in opened) == pytest.approx(sorted(p[1] for p in expected))
-        assert plots.ONE_SEED_LABEL in [t.get_text() for t in ax.get_legend().get_texts()]
+        assert plot_axes.ONE_SEED_LABEL in [t.get_text() for t in ax.get_legend().get_texts()]
         # Bars: one segment per mean; those of the one-seed means are not drawn (NaN), the
         # others have their interval's length.
         bars = [seg for container in ax.containers for seg in container[2][0].get_segments()]

@@ -578,9 +578,12 @@ def test_reading_results_again_and_again_holds_no_postgresql_connection(postgres
     writer.engine.dispose()  # the writer's own pool, not what is measured
 
     def connections() -> int:
+        """Clients' connections to the study's database: not the server's own workers, such as
+        an autovacuum worker that visits it while the reads run (CI once counted one)."""
         with psycopg.connect(f"host={host} port={port} user=postgres dbname=postgres") as admin:
-            (count,), = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
-                                      (database,)).fetchall()
+            (count,), = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+                "AND backend_type = 'client backend'", (database,)).fetchall()
         return count
 
     # Connections must be given back when a read ends, not when garbage is swept (and what

@@ -257,6 +257,13 @@ def _batch_norm_add_relu_inline(
     F.batch_norm does its own checks (with PyTorch's wording) and the running-stat update; its
     output is a fresh tensor that its backward does not read, so writing into it is safe."""
     checked_residual(input, residual)  # broadcasting is out.add_'s own
+    # Dense copies (the weight's differentiable): ATen's CPU backward misreads a strided weight
+    # beside a channels_last input and gradient (the input's gradient 3.5 off, PyTorch 2.13), and
+    # in eval strided running statistics (thousands off); training updates those in place.
+    if weight is not None and not weight.is_contiguous():
+        weight = weight.contiguous()
+    if not training and running_mean is not None and running_var is not None:
+        running_mean, running_var = running_mean.contiguous(), running_var.contiguous()
     out = torch.nn.functional.batch_norm(
         input, running_mean, running_var, weight, bias, training, momentum, eps
     )

@@ -214,10 +214,17 @@ def test_sliced_and_expanded_per_channel_tensors_are_read_and_updated_as_indexed
     """Weight and bias interleaved in one buffer (stride 2), running statistics likewise, and an
     expanded weight: F.batch_norm reads channel c where the tensor indexes it, and updates the
     running statistics' own elements. (The Triton kernels read `pointer + c`: such tensors were
-    read, and written, as if dense.)"""
+    read, and written, as if dense.) In both layouts: ATen's CPU backward, which the PyTorch
+    backend and "auto" on a CPU call, misreads a strided weight beside a channels_last input and
+    gradient (the input's gradient 3.5 off), so the reference takes dense copies."""
+    for layout in (torch.contiguous_format, torch.channels_last):
+        _check_strided_per_channel_tensors(backend, training, layout)
+
+
+def _check_strided_per_channel_tensors(backend, training, layout):
     g = torch.Generator().manual_seed(11)
-    x, residual = torch.randn(3, 5, 4, 3, generator=g), torch.randn(3, 5, 4, 3, generator=g)
-    grad = torch.randn(3, 5, 4, 3, generator=g)
+    x, residual, grad = (torch.randn(3, 5, 4, 3, generator=g).contiguous(memory_format=layout)
+                         for _ in range(3))
     parameters = torch.randn(5, 2, generator=g) + 1.0
     buffers = torch.stack((torch.randn(5, generator=g), torch.rand(5, generator=g) + 0.5), 1)
     for weight, bias in ((parameters[:, 0], parameters[:, 1]),

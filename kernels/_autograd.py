@@ -25,7 +25,7 @@ class SavedMeta(NamedTuple):
     weight_dtype: torch.dtype | None
     bias_dtype: torch.dtype | None
     # (grad_out, x, relu_mask, weight, stats, eps, batch_stats, residual_grad) -> the gradients of
-    # input, residual, weight and bias: the backward op, or an implementation's backward
+    # input, residual, weight and bias: the backward op, or the eager call's (_eager.py)
     backward: Callable[..., tuple]
 
 
@@ -83,30 +83,26 @@ def save_for_backward(ctx, meta: SavedMeta, eps: float, x, weight, bias, residua
             else None
 
 
-def residual_grad(ctx, meta: SavedMeta) -> bool:
-    """Whether the backward computes the residual's gradient (the masked grad_out): with a ReLU,
-    where the residual needs one (without a ReLU it is grad_out itself)."""
-    return meta.residual_dtype is not None and meta.relu and ctx.needs_input_grad[3]
-
-
 def gradients(ctx, grad_out: torch.Tensor) -> tuple:
     """The gradients of x, weight, bias and residual, from `ctx.meta.backward`. With
     `create_graph=True` (grad mode on in a backward) they are built from differentiable torch ops
     instead, so that they can be differentiated again, as nn.BatchNorm2d's can."""
     x, relu_mask, weight, stats = ctx.saved_tensors
     meta: SavedMeta = ctx.meta
-    wanted = residual_grad(ctx, meta)
+    # The residual's gradient (the masked grad_out) is computed with a ReLU, where the residual
+    # needs one; without a ReLU it is grad_out itself.
+    wanted = meta.residual_dtype is not None and meta.relu and ctx.needs_input_grad[3]
     arguments = (grad_out, x, relu_mask, weight, stats, ctx.eps, meta.batch_stats, wanted)
     if torch.is_grad_enabled():  # connected to bias and residual too, with derivative 0
         relu_operands = ctx.relu_operands if meta.relu else (None, None)
         computed = _torch_impl.differentiable_backward(*arguments, *relu_operands)
     else:
         computed = meta.backward(*arguments)
-    return returned_gradients(meta, computed, wanted, grad_out)
+    return _returned_gradients(meta, computed, wanted, grad_out)
 
 
-def returned_gradients(meta: SavedMeta, computed: tuple, residual_grad: bool,
-                       grad_out: torch.Tensor) -> tuple:
+def _returned_gradients(meta: SavedMeta, computed: tuple, residual_grad: bool,
+                        grad_out: torch.Tensor) -> tuple:
     """An implementation's (input, residual, weight, bias) gradients as autograd takes them: in
     the order of the inputs (x, weight, bias, residual), each in its input's dtype, None for an
     input that was None or needs none."""

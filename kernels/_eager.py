@@ -23,13 +23,11 @@ above it (1.23x at the median, launches aside), and this path removes both:
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ._autograd import (
     SavedMeta, backward_body, dtype_of, forward_body, gradient_will_be_taken, gradients,
-    residual_grad, returned_gradients, save_for_backward,
+    save_for_backward,
 )
 from ._checks import check_arguments, checked_residual
 from ._contract import Implementation, RunningUpdate
@@ -40,10 +38,11 @@ from .backends import implementation as _implementation
 
 class EagerCall:
     """One signature's eager calls: checked, their implementation chosen and their launches
-    planned once. Immutable but for `backward`, replaced whole (threads may share a call)."""
+    planned once. Immutable but for `prepared_backward`, replaced whole (threads may share a
+    call)."""
 
     __slots__ = ("implementation", "meta", "updates", "pack_relu_mask", "unbias", "nonempty",
-                 "prepared", "backward_prepares", "backward")
+                 "prepared", "backward_prepares", "prepared_backward")
 
     def __init__(self, implementation: Implementation, input: torch.Tensor,
                  running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
@@ -52,7 +51,7 @@ class EagerCall:
         """From the signature's first call, whose arguments passed the checks."""
         self.implementation = implementation
         self.meta = SavedMeta(relu, training, dtype_of(residual), dtype_of(weight), dtype_of(bias),
-                              functools.partial(backward_body, implementation))
+                              self.backward)
         count = input.numel() // max(input.shape[1], 1)  # no channels: an empty output
         self.updates = training and running_mean is not None and count > 0
         self.unbias = count / (count - 1) if self.updates else 1.0
@@ -74,7 +73,7 @@ class EagerCall:
         # the backward's launches may go direct.
         self.backward_prepares = self.nonempty and aligned(input, residual, weight, bias,
                                                            running_mean, running_var)
-        self.backward: tuple = (None, None)
+        self.prepared_backward: tuple = (None, None)
 
     def forward(self, x, weight, bias, residual, running_mean, running_var, momentum: float,
                 eps: float) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -90,25 +89,23 @@ class EagerCall:
         return forward_body(self.implementation, x, weight, bias, residual, running_mean,
                             running_var, eps, self.meta.relu, self.pack_relu_mask, update)
 
-    def gradients(self, ctx, grad_out: torch.Tensor) -> tuple:
-        """The gradients of x, weight, bias and residual (see `_autograd.gradients`)."""
-        if torch.is_grad_enabled() or not self.backward_prepares:  # a double backward; else
-            return gradients(ctx, grad_out)  # an empty batch, or misaligned tensors, as they come
-        meta = self.meta
-        wanted = residual_grad(ctx, meta)
-        x, relu_mask, weight, stats = ctx.saved_tensors
-        guard = (grad_out.stride(), grad_out.dtype, grad_out.data_ptr() % 16 == 0, wanted)
-        prepared = self.backward
+    def backward(self, grad_out, x, relu_mask, weight, stats, eps: float, batch_stats: bool,
+                 residual_grad: bool) -> tuple:
+        """`SavedMeta.backward` of this signature's calls: the implementation's backward, through
+        the plan prepared for grad_out's layout where the call's tensors are all aligned."""
+        if not self.backward_prepares:  # an empty batch, or misaligned tensors: as they come
+            return backward_body(self.implementation, grad_out, x, relu_mask, weight, stats, eps,
+                                 batch_stats, residual_grad)
+        guard = (grad_out.stride(), grad_out.dtype, grad_out.data_ptr() % 16 == 0, residual_grad)
+        prepared = self.prepared_backward
         if prepared[0] != guard:
-            prepared = self.backward = guard, self.implementation.prepare_backward(
-                grad_out, x, relu_mask, weight, stats, meta.batch_stats, wanted)
+            prepared = self.prepared_backward = guard, self.implementation.prepare_backward(
+                grad_out, x, relu_mask, weight, stats, batch_stats, residual_grad)
         if prepared[1] is None:
-            computed = backward_body(self.implementation, grad_out, x, relu_mask, weight, stats,
-                                     ctx.eps, meta.batch_stats, wanted)
-        else:
-            computed = self.implementation.run_prepared_backward(
-                prepared[1], grad_out, x, relu_mask, weight, stats, ctx.eps, wanted)
-        return returned_gradients(meta, computed, wanted, grad_out)
+            return backward_body(self.implementation, grad_out, x, relu_mask, weight, stats, eps,
+                                 batch_stats, residual_grad)
+        return self.implementation.run_prepared_backward(prepared[1], grad_out, x, relu_mask,
+                                                         weight, stats, eps, residual_grad)
 
 
 _CALLS: dict[tuple, EagerCall] = {}
@@ -184,12 +181,11 @@ class _EagerBatchNormAct(torch.autograd.Function):
         if gradient:  # else nothing will read what is saved
             save_for_backward(ctx, call.meta, eps, x, weight, bias, residual, running_mean,
                               running_var, out, stats, relu_mask)
-            ctx.call = call
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        return (*ctx.call.gradients(ctx, grad_out), None)
+        return (*gradients(ctx, grad_out), None)
 
 
 def without_python_wrapper(function: type[torch.autograd.Function]):

@@ -2,10 +2,8 @@
 flags) fixes them, worked out on the signature's first call and kept for the process. Later calls
 allocate their outputs and one buffer per reduction, and launch the templates with them and their
 scalars (_triton_impl.py). A plan's key holds every tensor's dtype and whether all are 16-byte
-aligned: a template's launches share one binary (_triton_launch.py).
-
-A training forward makes two launches, statistics (with the merge and the running-stat update,
-_triton_finalize.py) and normalize, a backward two, reduce (with the merge) and elementwise.
+aligned: a template's launches share one binary (_triton_launch.py). Which launches a plan holds,
+and the bytes each moves: _triton_impl.py's docstring.
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ def side_by_side(x: Any, position: int, count: int, low: float, high: float, *,
     return moved if where is None else np.where(where, moved, x)
 
 
-def crowded(groups: list[Any], low: float, high: float, *, log: bool = False,
+def _crowded(groups: list[Any], low: float, high: float, *, log: bool = False,
             step: float = SIDE_STEP) -> np.ndarray:
     """The x values, of every group's, that another group has one within `step` of the axis'
     span of (`low` to `high`; in decades on a log axis): where `side_by_side` should move them."""
@@ -117,7 +117,7 @@ def crowded(groups: list[Any], low: float, high: float, *, log: bool = False,
 
 class SideBySide:
     """Groups drawn at their x values (`groups`: each one's), those within a step of another
-    group's set side by side (`crowded`, `side_by_side`). Where all values lie within a tenth of
+    group's set side by side (`_crowded`, `side_by_side`). Where all values lie within a tenth of
     their size of each other (one depth: option A and its plain twin, 0.2% apart), the axis spans
     their size around them (`widened`, `low`, `high`), so that it does not zoom in on that
     difference or on the moves; values of 0 span 1."""
@@ -131,7 +131,7 @@ class SideBySide:
             middle, width = (self.low + self.high) / 2, size or 1.0
             self.low, self.high = middle - width / 2, middle + width / 2
         self.log, self.step, self.count = log and not self.widened, step, len(groups)
-        self.shared = crowded(groups, self.low, self.high, log=self.log, step=step)
+        self.shared = _crowded(groups, self.low, self.high, log=self.log, step=step)
 
     @property
     def moves(self) -> bool:
@@ -145,6 +145,6 @@ class SideBySide:
                             where=np.isin(x, self.shared), step=self.step)
 
 
-__all__ = ["ONE_SEED_LABEL", "SIDE_STEP", "SideBySide", "crowded", "labelled_within_a_decade",
+__all__ = ["ONE_SEED_LABEL", "SIDE_STEP", "SideBySide", "labelled_within_a_decade",
            "legend_beside_if_long", "log_percent_axis", "mark_without_interval", "panels_figure",
            "plain_number_x_axis", "side_by_side"]

@@ -173,7 +173,7 @@ def project_loop(case: Case, data: DataBundle, device: torch.device, seed: int,
     result = train(fused_model, data, recipe, seed=seed, device=device, compile_backend=compile_backend)
     if not result.ok:
         raise RuntimeError(f"{variant} did not complete: {result.reason}")
-    return result.images_per_second, result.compile_seconds, dict(result.execution)
+    return result.images_per_second, result.compile_seconds, result.execution.stored()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
 from .recipe import TrainRecipe
+from .record import ExecutionRecord
 
 _AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -71,8 +71,10 @@ class Execution:
         """A batch of images in the run's memory format (no copy when it already is)."""
         return batch.contiguous(memory_format=self.torch_memory_format) if batch.dim() == 4 else batch
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def record(self, stacked_seeds: int = 1) -> ExecutionRecord:
+        """What a run's result records of it (with the seeds it trained beside, stacked)."""
+        return ExecutionRecord(self.device, self.precision, self.memory_format, self.compile,
+                               self.cuda_graphs, self.decode, stacked_seeds)
 
 
 def cuda_graphs_by_default(on_cuda: bool, in_memory: bool, processes: int, precision: str,

@@ -11,21 +11,23 @@ import pytest
 
 from resnet_ablate.arch import ResNetArch
 from resnet_ablate.recipe import TrainRecipe
-from resnet_ablate.record import (DataParallelRecord, FailureKind, FinalEvaluation, Placement,
-                                  Status, Timings, TrialKey, TrialOutcome, TrialTask, complement,
-                                  metric_values)
+from resnet_ablate.record import (DataParallelRecord, ExecutionRecord, FailureKind,
+                                  FinalEvaluation, Placement, Status, Timings, TrialKey,
+                                  TrialOutcome, TrialTask, complement, metric_values)
 
 CURVES = ({"epoch": 1, "lr": 0.1, "train_loss": 1.2, "train_error": 0.4, "test_loss": 1.1,
            "test_error": 0.3, "seconds": 2.0},
           {"epoch": 2, "lr": 0.1, "train_loss": 0.9, "train_error": 0.3, "test_loss": 1.0,
            "test_error": 0.35, "seconds": 2.0})
 
+EXECUTION = ExecutionRecord("cpu", "fp32", "channels_last", compile=False, cuda_graphs=False)
+
 
 def _completed(**changes):
     outcome = TrialOutcome(
         trial_number=3, status=Status.COMPLETED, placement=Placement("cpu: x", "host", 42, "n1"),
         versions={"torch": "2"}, curves=CURVES, epochs_completed=2,
-        timings=Timings(4.0, 128.0, 0.0), execution={"precision": "fp32"}, warmup_steps=0,
+        timings=Timings(4.0, 128.0, 0.0), execution=EXECUTION, warmup_steps=0,
         eval_split="test", test=FinalEvaluation(100, 35, "abc"),
         data_parallel=DataParallelRecord(2, "gloo", True, (0, 1)), weights=b"w")
     return dataclasses.replace(outcome, **changes)
@@ -59,9 +61,11 @@ def test_a_pruned_or_failed_outcome_stores_what_was_known_and_says_its_failure_k
     assert pruned.failure_kind is None
     assert set(pruned.attributes()) == {TrialKey.CURVES}
     # A pruned stacked seed knows how it ran (stacked with others): that is stored too.
-    stacked = dataclasses.replace(pruned, execution={"stacked_seeds": 2})
-    assert stacked.attributes() == {TrialKey.CURVES: [dict(CURVES[0])],
-                                    TrialKey.EXECUTION: {"stacked_seeds": 2}}
+    stacked = dataclasses.replace(pruned, execution=dataclasses.replace(EXECUTION,
+                                                                        stacked_seeds=2))
+    assert stacked.attributes() == {TrialKey.CURVES: [dict(CURVES[0])], TrialKey.EXECUTION: {
+        "device": "cpu", "precision": "fp32", "memory_format": "channels_last",
+        "compile": False, "cuda_graphs": False, "decode": "none", "stacked_seeds": 2}}
     # A run that trained to its end stores every key, None where it measured nothing.
     unmeasured = _completed(test=FinalEvaluation(100, 35, None)).attributes()
     assert TrialKey.TEST_OUTCOMES in unmeasured and unmeasured[TrialKey.TEST_OUTCOMES] is None
@@ -76,6 +80,19 @@ def test_an_outcome_crosses_processes_and_json_unchanged():
     assert pickle.loads(pickle.dumps(outcome)) == outcome
     text = json.dumps(outcome.to_json())
     assert TrialOutcome.from_json(json.loads(text), weights=b"w") == outcome
+
+
+def test_an_execution_record_reads_stores_of_every_version():
+    # Written before `decode` and `stacked_seeds` existed: their defaults (in memory, alone).
+    older = {"device": "cuda", "precision": "bf16", "memory_format": "channels_last",
+             "compile": False, "cuda_graphs": True}
+    assert ExecutionRecord.from_stored(older) == ExecutionRecord(
+        "cuda", "bf16", "channels_last", compile=False, cuda_graphs=True, decode="none",
+        stacked_seeds=1)
+    # A key a later version adds is left out, not an error.
+    stacked = {**EXECUTION.stored(), "stacked_seeds": 4, "added_later": "x"}
+    assert ExecutionRecord.from_stored(stacked) == dataclasses.replace(EXECUTION,
+                                                                       stacked_seeds=4)
 
 
 def test_an_epoch_crosses_the_mailbox_as_its_record_and_the_driver_reads_it_without_torch(

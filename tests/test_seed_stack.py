@@ -317,7 +317,7 @@ def test_train_seeds_gives_each_seed_what_train_gives_it():
     for seed, result in zip([0, 1, 2], stacked):
         alone = train(model, data, recipe, seed=seed)
         assert result.ok and result.seed == seed and result.epochs_completed == recipe.epochs
-        assert result.execution["stacked_seeds"] == 3
+        assert result.execution.stacked_seeds == 3
         assert result.test_images == alone.test_images
         first, then = result.history[0], alone.history[0]
         assert first.train_loss == pytest.approx(then.train_loss, rel=1e-4)
@@ -594,7 +594,7 @@ def test_train_seeds_on_cuda_replays_the_stacked_step_and_matches_each_seed_alon
         return resnet8(num_classes=data.num_classes)
 
     results = train_seeds(model, data, recipe, seeds=[0, 1, 2], device="cuda")
-    assert all(r.ok and r.execution["cuda_graphs"] for r in results)
+    assert all(r.ok and r.execution.cuda_graphs for r in results)
     for seed, result in zip([0, 1, 2], results):
         alone = train(model, data, recipe, seed=seed, device="cuda")
         assert result.history[0].train_loss == pytest.approx(alone.history[0].train_loss,

@@ -38,7 +38,7 @@ def test_a_study_stacks_each_points_seeds_and_records_each_as_it_would_run_alone
         assert all(t.user_attrs["execution"]["stacked_seeds"] == 3 for t in seeds)
     for key, trial in mine.items():
         reference = theirs[key]
-        assert "stacked_seeds" not in reference.user_attrs["execution"]
+        assert reference.user_attrs["execution"]["stacked_seeds"] == 1
         first, then = trial.user_attrs["curves"][0], reference.user_attrs["curves"][0]
         assert first["train_loss"] == pytest.approx(then["train_loss"], rel=1e-4), key
         last, later = trial.user_attrs["curves"][-1], reference.user_attrs["curves"][-1]
@@ -107,7 +107,7 @@ def test_a_stack_in_this_process_gives_each_seed_its_outcome_and_fails_them_toge
     assert [o.trial_number for o in outcomes] == [4, 9]
     assert all(o.status == Status.COMPLETED and o.weights for o in outcomes)
     assert outcomes[0].weights != outcomes[1].weights
-    assert [o.execution["stacked_seeds"] for o in outcomes] == [2, 2]
+    assert [o.execution.stacked_seeds for o in outcomes] == [2, 2]
     broken = run_stacked_body(dataclasses.replace(task, arch={"family": "cifar", "depth": 7}),
                               None, torch.device("cpu"))
     assert [o.trial_number for o in broken] == [4, 9]

@@ -11,7 +11,7 @@ from torch import nn
 from resnet_ablate.data import Augmentation, DataBundle, SyntheticSpec, load_dataset
 from resnet_ablate.execution import resolve_execution
 from resnet_ablate.models import build as build_model
-from resnet_ablate.record import EpochRecord
+from resnet_ablate.record import EpochRecord, ExecutionRecord
 from resnet_ablate.train import WARMUP_WINDOW, TrainRecipe, train
 
 
@@ -273,8 +273,8 @@ def test_steps_never_wait_for_the_host(monkeypatch):
 
 def test_cpu_defaults_are_fp32_channels_last_and_are_recorded():
     result = train(tiny_cnn, synthetic(), quick(epochs=1), seed=0, threads=1)
-    assert result.execution == {"device": "cpu", "precision": "fp32", "memory_format": "channels_last",
-                                "compile": False, "cuda_graphs": False, "decode": "none"}
+    assert result.execution == ExecutionRecord("cpu", "fp32", "channels_last", compile=False,
+                                               cuda_graphs=False, decode="none", stacked_seeds=1)
     assert result.compile_seconds == 0.0
     json.dumps(result.to_dict())
 
@@ -284,7 +284,7 @@ def test_low_precision_trains_as_well_as_fp32(precision):
     data = synthetic()
     full = train(tiny_cnn, data, quick(), seed=0, threads=1)
     low = train(tiny_cnn, data, quick(precision=precision), seed=0, threads=1)
-    assert low.ok and low.execution["precision"] == precision
+    assert low.ok and low.execution.precision == precision
     assert low.final_test_accuracy > 0.8
     assert abs(low.history[0].train_loss - full.history[0].train_loss) < 0.05
     assert low.history[-1].train_loss < low.history[0].train_loss
@@ -294,7 +294,7 @@ def test_channels_last_trains_the_same_network():
     data = synthetic()
     nchw = train(tiny_cnn, data, quick(memory_format="nchw"), seed=0, threads=1)
     cl = train(tiny_cnn, data, quick(), seed=0, threads=1)
-    assert cl.execution["memory_format"] == "channels_last"
+    assert cl.execution.memory_format == "channels_last"
     for a, b in zip(nchw.history, cl.history):
         assert a.train_loss == pytest.approx(b.train_loss, rel=1e-4)
         assert a.test_loss == pytest.approx(b.test_loss, rel=1e-4)
@@ -306,7 +306,7 @@ def test_compiled_runs_train_the_same_and_record_compile_time_apart():
     eager = train(tiny_cnn, data, recipe, seed=0, threads=1)
     compiled = train(tiny_cnn, data, dataclasses.replace(recipe, compile=True), seed=0, threads=1,
                      compile_backend="aot_eager")
-    assert compiled.execution["compile"] is True and compiled.compile_seconds > 0
+    assert compiled.execution.compile is True and compiled.compile_seconds > 0
     for a, b in zip(eager.history, compiled.history):
         assert a.train_loss == pytest.approx(b.train_loss, rel=1e-4)
         assert a.test_error == pytest.approx(b.test_error, abs=1 / 128)
@@ -348,7 +348,7 @@ def test_cuda_graphs_auto_is_on_exactly_where_a_graph_can_capture_the_step(monke
     assert resolve_execution(recipe, "cpu").cuda_graphs is False
     # A CPU trial under the default trains (no graphs) and records what ran.
     result = train(tiny_cnn, synthetic(), quick(), seed=0, threads=1)
-    assert result.ok and result.execution["cuda_graphs"] is False
+    assert result.ok and result.execution.cuda_graphs is False
     for wrong in ("always", 1, None):
         with pytest.raises(ValueError, match="TrainRecipe.cuda_graphs must be auto, true or false"):
             TrainRecipe(cuda_graphs=wrong)
@@ -362,8 +362,8 @@ def test_cuda_graph_steps_train_like_eager_steps(precision):
     eager = train(tiny_cnn, data, dataclasses.replace(recipe, cuda_graphs=False), seed=0,
                   device="cuda")
     graphed = train(tiny_cnn, data, recipe, seed=0, device="cuda")  # cuda_graphs: auto
-    assert not eager.execution["cuda_graphs"]
-    assert graphed.execution["cuda_graphs"] and graphed.execution["memory_format"] == "channels_last"
+    assert not eager.execution.cuda_graphs
+    assert graphed.execution.cuda_graphs and graphed.execution.memory_format == "channels_last"
     for a, b in zip(eager.history, graphed.history):
         assert a.train_loss == pytest.approx(b.train_loss, rel=2e-2)
     assert graphed.final_test_accuracy > 0.8
@@ -373,8 +373,8 @@ def test_cuda_graph_steps_train_like_eager_steps(precision):
 def test_cuda_defaults_are_bf16_channels_last():
     result = train(tiny_cnn, synthetic(), quick(epochs=1), seed=0, device="cuda")
     has_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-    assert result.execution["precision"] == ("bf16" if has_bf16 else "fp32")
-    assert result.execution["memory_format"] == "channels_last"
+    assert result.execution.precision == ("bf16" if has_bf16 else "fp32")
+    assert result.execution.memory_format == "channels_last"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,7 +491,7 @@ def test_fused_resnet_steps_replayed_from_cuda_graphs_train_like_eager_ones(comp
     eager = train(build, data, recipe, seed=0, device="cuda")
     graphed = train(build, data, dataclasses.replace(recipe, cuda_graphs=True), seed=0,
                     device="cuda")
-    assert graphed.ok and graphed.execution["cuda_graphs"]
+    assert graphed.ok and graphed.execution.cuda_graphs
     for a, b in zip(eager.history, graphed.history):
         assert a.train_loss == pytest.approx(b.train_loss, rel=3e-2)
         assert a.test_loss == pytest.approx(b.test_loss, rel=5e-2)

@@ -15,11 +15,12 @@ from .keys import INTERRUPTED_STATE, FailureKind, StudyKey, TrialKey, shown_stat
 from .metrics import (DIRECTIONS, ERROR_RATES, METRICS, OBJECTIVES, TEST_SET_RATES,
                       VIEW_METRIC_NAMES, VIEW_METRICS, Direction, Metric, complement,
                       is_complement, metric_values, pack_outcomes, unpack_outcomes)
-from .round_trip import (PRUNABLE_OBJECTIVES, DataParallelRecord, EpochRecord, FinalEvaluation,
-                         Placement, Status, Timings, TrialOutcome, TrialTask, epoch_objective)
+from .round_trip import (PRUNABLE_OBJECTIVES, DataParallelRecord, EpochRecord, ExecutionRecord,
+                         FinalEvaluation, Placement, Status, Timings, TrialOutcome, TrialTask,
+                         epoch_objective)
 
 __all__ = ["DIRECTIONS", "ERROR_RATES", "INTERRUPTED_STATE", "METRICS", "OBJECTIVES",
-           "PRUNABLE_OBJECTIVES", "TEST_SET_RATES", "VIEW_METRIC_NAMES", "VIEW_METRICS", "DataParallelRecord", "Direction", "EpochRecord",
+           "PRUNABLE_OBJECTIVES", "TEST_SET_RATES", "VIEW_METRIC_NAMES", "VIEW_METRICS", "DataParallelRecord", "Direction", "EpochRecord", "ExecutionRecord",
            "FailureKind", "FinalEvaluation", "Metric", "Placement", "Status", "StudyKey", "Timings",
            "TrialKey", "TrialOutcome", "TrialTask", "complement", "epoch_objective", "is_complement", "metric_values",
            "pack_outcomes", "shown_state", "unpack_outcomes"]

@@ -127,6 +127,33 @@ class FinalEvaluation:
 
 
 @dataclass(frozen=True)
+class ExecutionRecord:
+    """How a run executed (execution.py's `Execution`, "auto" resolved): its device, precision
+    and memory format, whether it was compiled and replayed from CUDA graphs, where its training
+    crops were decoded ("none": an in-memory data set), and how many seeds trained together as
+    one stacked model (train_seeds; 1: alone). Stored as a plain mapping (`TrialKey.EXECUTION`);
+    `from_stored` reads any store's back."""
+
+    device: str
+    precision: str  # fp32 | bf16 | fp16
+    memory_format: str  # channels_last | nchw
+    compile: bool
+    cuda_graphs: bool
+    decode: str = "none"  # cpu | gpu | none
+    stacked_seeds: int = 1
+
+    def stored(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_stored(cls, values: Mapping[str, Any]) -> ExecutionRecord:
+        """A stored mapping's record: keys a store written before a field existed take its
+        default (`decode`, `stacked_seeds`), keys this version does not know are left out."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{name: value for name, value in values.items() if name in known})
+
+
+@dataclass(frozen=True)
 class DataParallelRecord:
     """A data-parallel trial's run: its replicas, their backend, whether batch norm synced, and
     the epochs each restart resumed after."""
@@ -155,7 +182,7 @@ class TrialOutcome:
     curves: tuple[Mapping[str, Any], ...] = ()  # one dict per epoch (EpochRecord's fields)
     epochs_completed: int | None = None
     timings: Timings | None = None
-    execution: Mapping[str, Any] | None = None  # Execution.to_dict(): how the run executed
+    execution: ExecutionRecord | None = None  # how the run executed
     warmup_steps: int | None = None
     eval_split: str | None = None
     test: FinalEvaluation | None = None
@@ -210,7 +237,7 @@ class TrialOutcome:
             })
         if self.execution is not None or self.epochs_completed is not None:
             # How it ran, where it is known: a pruned stacked seed's says it was stacked.
-            values[TrialKey.EXECUTION] = None if self.execution is None else dict(self.execution)
+            values[TrialKey.EXECUTION] = None if self.execution is None else self.execution.stored()
         if self.data_parallel is not None:
             record = self.data_parallel
             values[TrialKey.DATA_PARALLEL] = {
@@ -228,7 +255,7 @@ class TrialOutcome:
                 {f.name: getattr(part, f.name) for f in fields(part)}
         values["versions"] = dict(self.versions)
         values["curves"] = [dict(c) for c in self.curves]
-        values["execution"] = None if self.execution is None else dict(self.execution)
+        values["execution"] = None if self.execution is None else self.execution.stored()
         if values["data_parallel"] is not None:
             values["data_parallel"]["resumed_after_epochs"] = \
                 list(values["data_parallel"]["resumed_after_epochs"])
@@ -241,6 +268,8 @@ class TrialOutcome:
                            ("test", FinalEvaluation), ("data_parallel", DataParallelRecord)):
             if values.get(name) is not None:
                 values[name] = part(**values[name])
+        if values.get("execution") is not None:
+            values["execution"] = ExecutionRecord.from_stored(values["execution"])
         if values.get("data_parallel") is not None:
             values["data_parallel"] = dataclasses.replace(
                 values["data_parallel"],

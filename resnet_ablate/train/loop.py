@@ -290,7 +290,7 @@ class _Run:
             wall_seconds=time.perf_counter() - started,
             images_per_second=self.train_images / self.train_seconds if self.train_seconds else 0.0,
             compile_seconds=self.compile_seconds,
-            execution=self.execution.to_dict(),
+            execution=self.execution.record(),
             warmup_steps=self.schedule.warmup_steps,
             seed=self.seed,
             eval_split=self.eval_split,

@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..data.errors import NoImages
 from ..recipe import TrainRecipe
-from ..record import EpochRecord, complement
+from ..record import EpochRecord, ExecutionRecord, complement
 
 # "stopped": its caller stopped it after an epoch (train_seeds' on_epoch, as a pruner does).
 TrainStatus = Literal["completed", "diverged", "stopped"]
@@ -29,7 +29,7 @@ class TrainResult:
 
     `images_per_second` counts training alone (no evaluation, no compilation); `compile_seconds`
     is the time `torch.compile` took before training (0 without it); `execution` is how the run
-    executed (`Execution.to_dict()`: device, precision, memory format, compile, CUDA graphs).
+    executed (device, precision, memory format, compile, CUDA graphs, decode, stacked seeds).
     """
 
     status: TrainStatus
@@ -42,7 +42,7 @@ class TrainResult:
     wall_seconds: float
     images_per_second: float
     compile_seconds: float
-    execution: Mapping[str, Any]
+    execution: ExecutionRecord
     warmup_steps: int
     seed: int
     eval_split: str
@@ -63,7 +63,7 @@ class TrainResult:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         values["history"] = [dataclasses.asdict(record) for record in self.history]
         values["recipe"] = self.recipe.to_dict()
-        values["execution"] = dict(self.execution)
+        values["execution"] = self.execution.stored()
         return values
 
 

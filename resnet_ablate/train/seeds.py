@@ -283,7 +283,7 @@ class _StackedRun:
             images_per_second=(self.train_images / len(self.seeds) / self.train_seconds
                                if self.train_seconds else 0.0),
             compile_seconds=0.0,
-            execution={**self.execution.to_dict(), "stacked_seeds": len(self.seeds)},
+            execution=self.execution.record(stacked_seeds=len(self.seeds)),
             warmup_steps=self.schedules[index].warmup_steps, seed=self.seeds[index],
             eval_split=self.eval_split,
             recipe=self.recipe, **self.evaluations[index].test_record)

@@ -77,12 +77,14 @@ class TrainRecipe:
     warmup_until_error: float | None = 0.8
     warmup_max_steps: int | None = None
     augment: bool = True
-    # The paper's ImageNet protocol (Sec. 3.4), for streamed image data sets: AlexNet's PCA
-    # lighting on training crops (`lighting`: the std of its alphas, the paper's 0.1; 0 is none);
-    # `mean: pixel` subtracts the training images' per-pixel mean (the paper's) where "channel"
-    # normalises with ImageNet's channel mean and std; `test_views` are scored after the last
-    # epoch beside the centre crop: "ten_crop" (10-crop testing, Tables 2-3) and "multi_scale"
-    # (fully convolutional, scores averaged over shorter sides {224, 256, 384, 480, 640}, Table 4).
+    # The paper's preprocessing and ImageNet protocol (Sec. 3.4, 4.2). `mean: pixel` subtracts the
+    # training images' per-pixel mean (the paper's, on every data set) where "channel" normalises
+    # with the channels' mean and std alone (ImageNet's for streamed sets, the training set's for
+    # in-memory ones, whose images are held so: data/bundle.py's pixel_centred). For streamed
+    # image data sets: AlexNet's PCA lighting on training crops (`lighting`: the std of its
+    # alphas, the paper's 0.1; 0 is none); `test_views`, scored after the last epoch beside the
+    # centre crop: "ten_crop" (10-crop testing, Tables 2-3) and "multi_scale" (fully
+    # convolutional, scores averaged over shorter sides {224, 256, 384, 480, 640}, Table 4).
     lighting: float = 0.0
     mean: str = "channel"
     test_views: tuple[str, ...] = ()

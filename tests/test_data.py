@@ -268,6 +268,29 @@ def test_cifar10_bundle_follows_the_paper_recipe(cifar):
     np.testing.assert_array_equal(bundle.train_y.numpy(), cifar["train_labels"])
 
 
+def test_the_per_pixel_mean_is_subtracted_as_the_paper_does(cifar):
+    """`mean: pixel` (Sec. 4.2): each image minus the training images' mean image (computed by
+    hand in float64 from the archive's raw pixels), before any crop."""
+    from resnet_ablate.data.bundle import pixel_centred
+    from resnet_ablate.data.feed import MemoryFeed, Placement
+
+    bundle = load_dataset("cifar10", root=cifar["archive"], cache=False)
+    raw_train = cifar["train_images"].astype(np.float64)
+    std = raw_train.std(axis=(0, 2, 3))[None, :, None, None]
+    mean_image = raw_train.mean(axis=0, keepdims=True)
+    centred = pixel_centred(bundle)
+    assert centred.centring == "pixel" and pixel_centred(centred) is centred
+    np.testing.assert_allclose(centred.train_x.numpy(), (raw_train - mean_image) / std, atol=1e-5)
+    np.testing.assert_allclose(centred.test_x.numpy(),
+                               (cifar["test_images"] - mean_image) / std, atol=1e-5)
+    # A run's feed centres the images it holds, which its batches then crop and pad (with 0:
+    # the mean image's value).
+    feed = MemoryFeed(bundle, Placement(torch.device("cpu"), lambda x: x, seed=0, augment=True,
+                                        pixel_mean=True))
+    torch.testing.assert_close(feed.train_x, centred.train_x)
+    torch.testing.assert_close(feed.test_x, centred.test_x)
+
+
 def test_cifar10_validation_split_is_stratified_seeded_and_disjoint(cifar):
     bundle = load_dataset(
         "cifar10", root=cifar["folder"], validation=True, validation_fraction=0.2, cache=False

@@ -86,9 +86,9 @@ def test_pca_lighting_adds_the_drawn_mix_of_principal_components_to_every_pixel(
                  preprocess=Preprocess(lighting=0.1, statistics=stats))
     values, vectors = np.linalg.eigh(np.cov(
         _centre_crops_by_hand([p for p, _ in data.index.train]).reshape(-1, 3).T, bias=True))
-    # AlexNet's shift sum_i alpha_i sqrt(lambda_i) p_i (sign-free: alpha is drawn per vector)
+    # AlexNet's shift sum_i alpha_i lambda_i p_i (sign-free: alpha is drawn per vector)
     signs = np.sign(np.sum(stats.eigenvectors * vectors, axis=0))
-    shift = (vectors * signs) @ (alpha * np.sqrt(values))
+    shift = (vectors * signs) @ (alpha * values)
     expected = torch.tensor(shift / np.array(IMAGENET_STD), dtype=torch.float32)[:, None, None]
     torch.testing.assert_close(lit - plain, expected.expand_as(plain), atol=1e-5, rtol=0)
     evaluated = decode(path, image_size=SIZE, augmentation="scale", rng=None,
@@ -215,3 +215,8 @@ def test_the_protocol_options_are_checked_and_refused_on_in_memory_data():
     with pytest.raises(SpecError, match="train.test_views: applies to imagefolder and webdataset "
                                         r"\(the paper's ImageNet protocol\), not to digits"):
         parse_spec({"study": "s", "space": {"depth": [8]}, "train": {"test_views": ["ten_crop"]}})
+    # The per-pixel mean applies to every data set (the paper's CIFAR input, Sec. 4.2).
+    spec = parse_spec({"study": "s", "space": {"depth": [8]}, "train": {"mean": "pixel"}})
+    assert spec.train.mean == "pixel"
+    result = train(model, load_dataset("digits"), TrainRecipe(epochs=1, mean="pixel"), seed=0)
+    assert result.ok and result.final_test_accuracy > 0.5

@@ -665,6 +665,16 @@ def test_the_seeds_feeds_share_one_copy_of_the_data_set():
     for name in ("train_x", "train_y", "test_x", "test_y"):
         assert len({getattr(f, name).data_ptr() for f in shared}) == 1, name
     torch.testing.assert_close(shared[0].train_x, apart[0].train_x, rtol=0, atol=0)
+    # With the per-pixel mean subtracted (mean: pixel): once, for all seeds, as each seed's
+    # feed alone subtracts it.
+    centred = placed_once(data, device, execution.images, pixel_mean=True)
+    feeds_centred = [feed_for(centred, Placement(device, execution.images, seed, True,
+                                                 pixel_mean=True)) for seed in range(3)]
+    assert len({f.train_x.data_ptr() for f in feeds_centred}) == 1
+    alone = feed_for(data, Placement(device, execution.images, 0, True, pixel_mean=True))
+    torch.testing.assert_close(feeds_centred[0].train_x, alone.train_x, rtol=0, atol=0)
+    torch.testing.assert_close(feeds_centred[0].test_x, alone.test_x, rtol=0, atol=0)
+    assert alone.train_x.mean(dim=0).abs().max() < 1e-5
 
 
 class _ChannelRoll(nn.Module):

@@ -7,6 +7,7 @@ a study runs many short trials, so per-batch decoding would cost more than the t
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -24,7 +25,9 @@ class DataBundle:
 
     `test_x`/`test_y` hold the evaluation set: the official test set, or the validation split
     carved from the training set when `eval_split` is "validation" (the test set is then unused).
-    `mean`/`std` are the per-channel statistics of the raw training pixels used to normalise both.
+    `mean`/`std` are the per-channel statistics of the raw training pixels used to normalise both;
+    `centring` is "pixel" once the training images' per-pixel mean has also been subtracted from
+    every image (`pixel_centred`).
     """
 
     name: str
@@ -39,6 +42,7 @@ class DataBundle:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     eval_split: Literal["test", "validation"] = "test"
+    centring: Literal["channel", "pixel"] = "channel"
     augmentation: Augmentation | None = None
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -151,3 +155,18 @@ def make_bundle(
         seed=seed,
         extra=extra or {},
     )
+
+
+def pixel_centred(data: DataBundle) -> DataBundle:
+    """`data` with the per-pixel mean of its training images subtracted from its training and
+    evaluation images, where its tensors are: the paper's CIFAR input ("the per-pixel mean
+    subtracted", Sec. 4.2), before the padding and cropping, so that a crop's padding is the
+    mean image's value, 0. The images are held divided by their channel's std (make_bundle), so
+    the input is the paper's up to a constant factor per channel (CIFAR-10: 1/62 to 1/67 of a
+    0-255 pixel step, nearly one factor for all three); the paper does not give its pixels'
+    scale. The mean is summed in float64, over the training images only."""
+    if data.centring == "pixel":
+        return data
+    mean_image = data.train_x.mean(dim=0, keepdim=True, dtype=torch.float64).to(data.train_x.dtype)
+    return dataclasses.replace(data, train_x=data.train_x - mean_image,
+                               test_x=data.test_x - mean_image, centring="pixel")

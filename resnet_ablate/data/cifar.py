@@ -1,7 +1,8 @@
 """CIFAR-10 and CIFAR-100 in their official python format (``cifar-10-python.tar.gz``,
 ``cifar-100-python.tar.gz`` or the folders they extract to), read without normalising, and loaded
-with the recipe of He et al. (CVPR 2016, section 4.2): per-channel normalisation with
-training-set statistics, 4-pixel zero pad + random 32x32 crop + horizontal flip for training.
+normalised per channel with training-set statistics, with the augmentation of He et al. (CVPR
+2016, section 4.2): 4-pixel zero pad + random 32x32 crop + horizontal flip for training. The
+paper's per-pixel mean subtraction is a recipe's `mean: pixel` (data/bundle.py's pixel_centred).
 
 The batches are pickles: they are read by an unpickler that admits only the plain data they hold,
 so a crafted file cannot run code; a download checks the archive's md5.

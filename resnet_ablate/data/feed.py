@@ -8,6 +8,7 @@ or a streamed one (`StreamFeed`: the data set's loaders, decoded by their worker
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from .augment import draw_crops, gather_crops
-from .bundle import DataBundle
+from .bundle import DataBundle, pixel_centred
 from .decode import PLAIN, Preprocess, normalise
 from .device_decode import DeviceCrops
 from .load import Streamed
@@ -46,9 +47,10 @@ class Placement:
     augment: bool
     part: int = 0
     parts: int = 1
-    # The paper's preprocessing and test protocol (recipe.py), for streamed image data sets:
-    # AlexNet's PCA lighting on training crops (alpha's std), the per-pixel mean subtracted, and
-    # the test-time views (decode.VIEWS) scored after the last epoch beside the centre crop.
+    # The paper's preprocessing and test protocol (recipe.py): AlexNet's PCA lighting on training
+    # crops (alpha's std), the per-pixel mean subtracted (every data set), and the test-time views
+    # (decode.VIEWS) scored after the last epoch beside the centre crop (streamed image data
+    # sets: lighting and views).
     lighting: float = 0.0
     pixel_mean: bool = False
     test_views: tuple[str, ...] = ()
@@ -57,10 +59,6 @@ class Placement:
     sum_over_replicas: Callable[[list[float]], list[float]] | None = None
     # A streamed data set's training crops decoded on the device (device_decode.py).
     decode_on_device: bool = False
-
-    @property
-    def paper_preprocessing(self) -> bool:
-        return bool(self.lighting or self.pixel_mean or self.test_views)
 
 
 class Feed(Protocol):
@@ -114,13 +112,16 @@ class MemoryFeed(_Generators):
     test_views: tuple[str, ...] = ()
 
     def __init__(self, data: DataBundle, placement: Placement) -> None:
-        if placement.paper_preprocessing:
-            raise ValueError("lighting, mean: pixel and test_views apply to streamed image data "
-                             f"sets (imagefolder, webdataset), not to {data.name}, whose images "
-                             "are normalised and augmented in memory")
+        if placement.lighting or placement.test_views:
+            raise ValueError("lighting and test_views apply to streamed image data sets "
+                             f"(imagefolder, webdataset), not to {data.name}, whose images are "
+                             "normalised and augmented in memory")
         super().__init__(placement.seed)
         device, prepare = placement.device, placement.prepare
         self.placement = placement
+        if placement.pixel_mean:  # on the device: the data set's copy there is the only one
+            data = pixel_centred(dataclasses.replace(data, train_x=data.train_x.to(device),
+                                                     test_x=data.test_x.to(device)))
         self.train_x = prepare(data.train_x.to(device))
         self.train_y = data.train_y.to(device)
         share = slice(placement.part, data.test_x.shape[0], placement.parts)

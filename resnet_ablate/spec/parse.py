@@ -168,13 +168,12 @@ def _resources(check: Checker, value: Any, dataset: DatasetSpec) -> Resources:
 def _check_recipe_fits(check: Checker, recipe: TrainRecipe, dataset: DatasetSpec,
                        resources: Resources) -> None:
     """Compile and CUDA graphs need what they capture: an in-memory data set, a GPU, no scaler;
-    the paper's ImageNet protocol needs a streamed one."""
+    the paper's ImageNet lighting and test views need a streamed one."""
     if dataset.name in STREAMED_DATASETS and (recipe.compile or recipe.cuda_graphs is True):
         raise check.fail("train.compile" if recipe.compile else "train.cuda_graphs",
                          f"needs an in-memory data set (batches precompiled or captured); "
                          f"{dataset.name} is streamed from disk: set it to false")
     protocol = [name for name, on in (("lighting", recipe.lighting),
-                                      ("mean", recipe.mean == "pixel"),
                                       ("test_views", recipe.test_views)) if on]
     if protocol and dataset.name not in STREAMED_DATASETS:
         raise check.fail(f"train.{protocol[0]}", f"applies to {' and '.join(STREAMED_DATASETS)} "

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..data import DataBundle
+from ..data.bundle import pixel_centred
 from ..data.feed import Placement, feed_for
 from ..execution import resolve_execution
 from ..recipe import TrainRecipe
@@ -129,7 +130,7 @@ class _StackedRun:
         self.step = Step(stacked, recipe, execution, replicas, seeds=len(seeds),
                          rate_per_seed=self.rate_per_seed)
         # Each seed's feed, placed as train(seed=...) places it, all on one copy of the data.
-        data = placed_once(data, device, execution.images)
+        data = placed_once(data, device, execution.images, recipe.mean == "pixel")
         self.feeds = [feed_for(data, Placement(device, execution.images, seed, recipe.augment,
                                                replicas.rank, replicas.world, recipe.lighting,
                                                recipe.mean == "pixel", recipe.test_views,
@@ -292,13 +293,18 @@ class _StackedRun:
 
 
 def placed_once(data: DataBundle, device: torch.device,
-                prepare: Callable[[torch.Tensor], torch.Tensor]) -> DataBundle:
-    """`data` with its tensors on `device` and its images prepared (the run's memory format):
-    each seed's feed, placing it the same way, then finds them there and copies nothing, so
-    that K seeds hold one copy of the data set on the device, not K."""
-    return dataclasses.replace(
-        data, train_x=prepare(data.train_x.to(device)), train_y=data.train_y.to(device),
-        test_x=prepare(data.test_x.to(device)), test_y=data.test_y.to(device))
+                prepare: Callable[[torch.Tensor], torch.Tensor],
+                pixel_mean: bool = False) -> DataBundle:
+    """`data` with its tensors on `device`, the per-pixel mean subtracted where the recipe asks,
+    and its images prepared (the run's memory format): each seed's feed, placing it the same
+    way, then finds them there and copies nothing, so that K seeds hold one copy of the data set
+    on the device, not K."""
+    data = dataclasses.replace(data, train_x=data.train_x.to(device),
+                               train_y=data.train_y.to(device), test_x=data.test_x.to(device),
+                               test_y=data.test_y.to(device))
+    if pixel_mean:
+        data = pixel_centred(data)
+    return dataclasses.replace(data, train_x=prepare(data.train_x), test_x=prepare(data.test_x))
 
 
 def _prefixed(log: Callable[[str], None] | None, seed: int) -> Callable[[str], None] | None:

@@ -119,7 +119,7 @@ class MemoryFeed(_Generators):
         super().__init__(placement.seed)
         device, prepare = placement.device, placement.prepare
         self.placement = placement
-        if placement.pixel_mean:  # on the device: the data set's copy there is the only one
+        if placement.pixel_mean:  # computed on the device, beside the images it centres
             data = pixel_centred(dataclasses.replace(data, train_x=data.train_x.to(device),
                                                      test_x=data.test_x.to(device)))
         self.train_x = prepare(data.train_x.to(device))

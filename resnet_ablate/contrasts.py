@@ -28,6 +28,12 @@ if TYPE_CHECKING:
 # What a configuration fixes: equal for every seed, so seeds that tie on it tie exactly (its
 # zero-width interval is the truth; for any other metric it would claim certainty).
 CONFIGURATION_CONSTANTS = ("flops", "params")
+# The costs that seeds stacked into one run (resources.stack_seeds) share: the run is timed
+# once and each seed carries its share, so their values differ by timer jitter alone and a spread
+# over them would claim a precision no measurement had.
+SHARED_BY_STACKED_SEEDS = ("wall_seconds", "images_per_second")
+STACKED_TIMING = ("stacked seeds: each seed's value is its share of one timing of its stack, not "
+                  "a measurement of its own, so no interval")
 # What a reader must know of a rate picked on the test set itself.
 SELECTED_ON_TEST = {"best_test_error": "the lowest test error over epochs: picked on the test "
                                        "set, so optimistic"}
@@ -36,6 +42,14 @@ SELECTED_ON_TEST = {"best_test_error": "the lowest test error over epochs: picke
 LOOKED = ("adaptive seeds: seeds were added while this comparison was open, and this interval "
           "and p-value do not account for those looks (they may overstate); its verdict in "
           "seed_decisions does")
+
+
+def stacked_timing(trials: pd.DataFrame, metric: str) -> str:
+    """STACKED_TIMING where `metric` is a cost that some of `trials` (rows of the results'
+    trials) shared with the seeds stacked beside them, else ""."""
+    if metric not in SHARED_BY_STACKED_SEEDS or "stacked_seeds" not in trials:
+        return ""
+    return STACKED_TIMING if bool((trials["stacked_seeds"].fillna(1) > 1).any()) else ""
 
 
 def note(estimate: stats.Estimate) -> str:
@@ -80,8 +94,11 @@ def paired_contrast(results: Results, values: pd.DataFrame, trials: pd.DataFrame
     clipped to `bounds`."""
     weights = np.asarray(weights, dtype=float)
     if metric not in TEST_SET_RATES:
+        numbers = {number for c in trials.columns for cell in trials[c] for number in cell}
+        stacked = stacked_timing(results.trials[results.trials["number"].isin(numbers)], metric)
         return stats.seed_mean(values.to_numpy(float) @ weights, bounds,
-                               exact_ties=metric in CONFIGURATION_CONSTANTS)
+                               exact_ties=metric in CONFIGURATION_CONSTANTS,
+                               not_independent=stacked)
     columns = [values[c].to_numpy(float) for c in values.columns]
     errors = [1 - v for v in columns] if is_complement(metric) else columns
     numbers = [number for c in trials.columns for cell in trials[c] for number in cell]
@@ -323,4 +340,5 @@ def plain(value: Any) -> str:
 
 __all__ = ["ERROR_RATES", "SELECTED_ON_TEST", "TEST_SET_RATES", "complement", "difference_bounds",
            "joined", "negated", "note", "on_common_seeds", "paired_contrast", "plain", "recorded",
-           "selected_note", "stratified_contrast", "with_holm", "with_methods", "with_note"]
+           "selected_note", "stacked_timing", "stratified_contrast", "with_holm", "with_methods",
+           "with_note"]

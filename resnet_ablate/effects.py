@@ -33,7 +33,7 @@ from scipy import stats as scipy_stats
 
 from . import stats
 from .contrasts import (LOOKED, LeftOut, difference_bounds, joined, note, paired_contrast, plain,
-                        recorded, stratified_contrast, with_holm, with_note)
+                        recorded, stacked_timing, stratified_contrast, with_holm, with_note)
 from .record import TEST_SET_RATES
 from .spec import adaptive_rule
 from .storage import ResultsError
@@ -232,9 +232,9 @@ def _explained(done: pd.DataFrame, factors: list[str], metric: str) -> str:
     found = explained_variance(done, factors, metric)
     if found is None:
         return (f"how much of {metric}'s variance the configurations explain is not estimable "
-                f"here (one trial per configuration, {metric} the same in every trial, or seeds "
-                "that tie within every configuration): the table's shares divide it, whatever "
-                "its size")
+                f"here (one trial per configuration, {metric} the same in every trial, seeds "
+                "that tie within every configuration, or seeds stacked into one run, which share "
+                "its timing): the table's shares divide it, whatever its size")
     omega, p_value, configurations = found
     # Trials as independent draws: a test-set metric's ANOVA cannot see that every configuration
     # is scored on the same images, which one finds harder than another (simulated: 7-15% of
@@ -258,7 +258,10 @@ def explained_variance(done: pd.DataFrame, factors: list[str],
     MS_within), which is 0 on average where the configurations do not differ (below 0 where
     they differ less than seed noise makes them; the plain R^2 of k means over N trials is
     about (k - 1)/(N - 1) then). None where it cannot be estimated (no trial beside one per
-    configuration, no variance at all, or none within configurations: tied seeds)."""
+    configuration, no variance at all, or none within configurations: tied seeds, or seeds
+    stacked into one run, whose timings are shares of one)."""
+    if stacked_timing(done, metric):
+        return None
     values = done[metric].astype(float)
     cells = values.groupby([done[f].astype(str) for f in factors])
     trials, configurations = len(values), cells.ngroups

@@ -281,12 +281,16 @@ def _over_seeds_only(values: np.ndarray, bounds: tuple[float, float], level: flo
 
 
 def seed_mean(values: Sequence[float], bounds: tuple[float, float] = (-math.inf, math.inf),
-              note: str = "", level: float = LEVEL, *, exact_ties: bool = False) -> Estimate:
+              note: str = "", level: float = LEVEL, *, exact_ties: bool = False,
+              not_independent: str = "") -> Estimate:
     """Mean over seeds with the Student t interval and the one-sample t-test's p-value (a metric
     without test-set sampling: FLOPs, time, training error), clipped to `bounds`. Values that
     tie give no interval (their spread is unknown, not zero: four seeds at 0% training error,
     or differences of one image each, would claim certainty), except with `exact_ties`, for
-    what a configuration fixes (FLOPs, parameters): their zero-width interval is the truth."""
+    what a configuration fixes (FLOPs, parameters): their zero-width interval is the truth.
+    Values that are not independent draws (`not_independent` says why: seeds stacked into one
+    run each carry a share of its one timing) give the mean alone: their spread is not the
+    seeds'."""
     values, level = finite_values(values, "seed_mean"), checked_level(level)
     bounds = checked_bounds(bounds)
     n = len(values)
@@ -295,6 +299,8 @@ def seed_mean(values: Sequence[float], bounds: tuple[float, float] = (-math.inf,
     mean = float(values.mean())
     if n < 2:
         return _no_interval(mean, n, SEEDS_ONLY, ONE_SEED)
+    if not_independent:
+        return _no_interval(mean, n, SEEDS_ONLY, not_independent)
     if not exact_ties and _tied(values):
         return _no_interval(mean, n, SEEDS_ONLY, f"{note}; {TIED_SEEDS}" if note else TIED_SEEDS)
     std = _seed_std(values)

@@ -14,7 +14,8 @@ from . import stats
 from .adaptive import Decision, SeedResult, decide, ended_for_good, seed_result
 from .contrasts import (CONFIGURATION_CONSTANTS, LeftOut, complement, failed_seeds, failure_kinds,
                         joined, metric_bounds, note, recorded, rows_where, seeds_named,
-                        selected_note, sizes_note, stratified_contrast, with_methods, with_note)
+                        selected_note, sizes_note, stacked_timing, stratified_contrast,
+                        with_methods, with_note)
 from .record import ERROR_RATES, TEST_SET_RATES, is_complement
 from .spec import AdaptiveSeeds, adaptive_rule
 from .store_reading import scalar_value
@@ -118,7 +119,8 @@ def configuration_estimate(results: Results, group: pd.DataFrame, metric: str,
                      else [([number], seed) for number, seed in zip(numbers, group["seed"])]):
         if metric not in TEST_SET_RATES:
             return stats.seed_mean(values, metric_bounds(metric),
-                                   exact_ties=metric in CONFIGURATION_CONSTANTS)
+                                   exact_ties=metric in CONFIGURATION_CONSTANTS,
+                                   not_independent=stacked_timing(group, metric))
         outcomes, images = results.outcomes(numbers)
         if metric not in ERROR_RATES or repeated:  # the test set's size alone bounds it
             outcomes = None

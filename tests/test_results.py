@@ -20,7 +20,7 @@ import pytest
 import torch
 from scipy import stats
 
-from helpers import RESULTS_DEPTHS, RESULTS_SEEDS, RESULTS_SHORTCUTS, RESULTS_STUDY
+from helpers import RESULTS_DEPTHS, RESULTS_SEEDS, RESULTS_SHORTCUTS, RESULTS_STUDY, write_study
 from resnet_ablate import plot_axes, plots, report
 from resnet_ablate.display import footnotes
 from resnet_ablate.record import unpack_outcomes
@@ -986,3 +986,44 @@ def test_stores_written_under_old_names_group_by_the_architecture_they_describe(
     names = load("old", storage=storage).trials["arch_name"].tolist()
     assert names[0] == "resnet14-cifar-A" and names[1] != names[0]
     assert "1.2.3" in names[1]
+
+
+def test_stacked_seeds_timings_are_shares_of_one_measurement_and_get_no_interval(tmp_path):
+    """Seeds stacked into one run (resources.stack_seeds) each record a share of its one timing:
+    equal but for timer jitter. Summary, compare and the explained variance give their means and
+    no interval, p-value or F test (the same values unstacked get a 0.0003 s wide interval and
+    p ~ 1e-22 from jitter); test error, measured per seed, keeps its interval."""
+    from resnet_ablate.record import TrialKey
+
+    rng = np.random.default_rng(0)
+    cells = {((depth,), seed): (rng.random(200) < 0.1).astype(float)
+             for depth in (8, 14) for seed in range(4)}
+
+    def load_with(stacked: int):
+        def edit(point, seed, attrs):
+            attrs[TrialKey.WALL_SECONDS] = point[0] / 8 + 1e-4 * seed  # one timing, jittered
+            attrs[TrialKey.EXECUTION] = {"device": "cpu", "precision": "fp32",
+                                         "memory_format": "channels_last", "compile": False,
+                                         "cuda_graphs": False, "stacked_seeds": stacked}
+        storage = write_study(tmp_path / f"stacked{stacked}.db", "s", {"depth": [8, 14]}, cells,
+                              edit=edit)
+        return load("s", storage=storage)
+
+    alone, stacked = load_with(1), load_with(4)
+    assert alone.summary(metric="wall_seconds")["wall_seconds_ci95_low"].notna().all()
+    assert alone.importance(metric="wall_seconds").attrs["notes"][0].startswith(
+        "the configurations explain")
+    summary = stacked.summary(metric="wall_seconds")
+    assert summary["wall_seconds_mean"].tolist() == pytest.approx([1.00015, 1.75015])
+    assert summary["wall_seconds_ci95_low"].isna().all()
+    assert summary["note"].str.contains("share of one timing of its stack").all()
+    compared = stacked.compare("depth", 8, metric="wall_seconds").iloc[0]
+    assert compared["diff_mean"] == pytest.approx(0.75)
+    assert np.isnan(compared["diff_ci95_low"]) and np.isnan(compared["p_value"])
+    assert "share of one timing" in compared["note"]
+    assert "stacked into one run" in stacked.importance(metric="wall_seconds").attrs["notes"][0]
+    errors = stacked.summary(metric="test_error")
+    assert errors["test_error_ci95_low"].notna().all()
+    assert errors["test_error_ci95_low"].tolist() == \
+        alone.summary(metric="test_error")["test_error_ci95_low"].tolist()
+

@@ -1,6 +1,8 @@
 """The mailbox between running trials and the driver: each finished epoch's record goes in, the
-pruner's verdict on it comes out. Ray only, no torch: the driver creates the board (study/
-cluster.py) and every trial, in one process or as replicas, reports to it (`report_epoch`)."""
+pruner's verdict on it comes out; and the outcome of a stacked seed whose run ended while its
+stack trains on (`report_end`), which the driver records then, not when the stack ends. Ray only,
+no torch: the driver creates the board (study/cluster.py) and every trial, in one process or as
+replicas, reports to it (`report_epoch`)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from typing import Any
 
 import ray
 
-from .record import EpochRecord, TrialTask
+from .record import EpochRecord, TrialOutcome, TrialTask
 
 
 class PrunedByDriver(Exception):
@@ -27,6 +29,7 @@ class TrialBoard:
         self._new: dict[int, list[EpochRecord]] = {}
         self._stop: set[int] = set()
         self._judged: dict[int, int] = {}  # the last epoch of each trial the driver has seen
+        self._ended: dict[int, TrialOutcome] = {}
 
     def report(self, trial_number: int, record: EpochRecord) -> bool:
         """Store an epoch record; True when the driver asked this trial to stop."""
@@ -36,6 +39,14 @@ class TrialBoard:
     def drain(self) -> dict[int, list[EpochRecord]]:
         new, self._new = self._new, {}
         return new
+
+    def end(self, outcome: TrialOutcome) -> None:
+        """Store the outcome of a stacked seed whose run ended before its stack's."""
+        self._ended[outcome.trial_number] = outcome
+
+    def drain_ended(self) -> dict[int, TrialOutcome]:
+        ended, self._ended = self._ended, {}
+        return ended
 
     def judge(self, trial_number: int, epoch: int, stop: bool) -> None:
         """The driver's verdict on a trial after it has seen `epoch`."""
@@ -67,3 +78,17 @@ def report_epoch(task: TrialTask, board: Any | None, record: EpochRecord) -> boo
     except ray.exceptions.RayError:
         return False  # the mailbox was lost with its node: no progress or pruning, training goes on
     return bool(stop)
+
+
+def report_end(board: Any | None, outcome: TrialOutcome) -> None:
+    """Send the driver the outcome of a stacked seed whose run has ended (diverged, or stopped
+    by the pruner) while its stack trains on: recorded at once, it survives the stack's end by
+    a stop signal or a lost worker. The stack's own outcomes hold it too, should the board be
+    unreachable."""
+    if board is None:
+        return
+    try:
+        ray.get(board.end.remote(outcome))
+    except ray.exceptions.RayError:
+        pass  # the mailbox was lost with its node: the stack's outcomes still carry it
+

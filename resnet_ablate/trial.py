@@ -25,7 +25,7 @@ import ray
 import torch
 
 from .arch import ResNetArch
-from .board import PrunedByDriver, report_epoch
+from .board import PrunedByDriver, report_end, report_epoch
 from .data import CorruptShard, DataBundle, DataUnavailable, Streamed, load_dataset
 from .models import build
 from .recipe import TrainRecipe
@@ -214,12 +214,19 @@ def run_stacked_body(task: TrialTask, board: Any | None, device: torch.device
                  trace: str | None = None) -> list[TrialOutcome]:
         return [outcome(index, status, reason, trace) for index in range(len(numbers))]
 
+    def on_end(index: int, result: TrainResult) -> None:
+        """Keep a seed's result as its run ends; one that ends before the stack (diverged or
+        pruned, never with weights) is sent to the driver, which records it then."""
+        ended[index] = result
+        if not result.ok:
+            report_end(board, outcome(index, Status.FAILED, "", None))
+
     try:
         inputs = TrialInputs.of(task)
         built = inputs.built
         inputs.data.check_available()
         train_seeds(inputs.model, inputs.data, inputs.recipe, seeds=seeds, device=device,
-                    threads=task.threads, on_epoch=on_epoch, on_end=ended.__setitem__)
+                    threads=task.threads, on_epoch=on_epoch, on_end=on_end)
     except DataUnavailable as missing:  # not retried, as a trial alone's (run_trial_body)
         return outcomes(Status.UNAVAILABLE, str(missing))
     except NoImages as nothing:

@@ -4,6 +4,8 @@ and the dry run's count of tasks."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import optuna
 import pytest
 import torch
@@ -194,3 +196,73 @@ def test_a_pruner_stops_a_stacks_seeds_as_it_stops_trials(local_ray, tmp_path):
     from resnet_ablate.results import load
 
     assert set(load("pruned-stack", storage=summary.storage).trials["stacked_seeds"]) == {2}
+
+
+def test_a_stopped_stack_keeps_the_records_of_its_seeds_that_ended_before(local_ray, tmp_path,
+                                                                          monkeypatch):
+    """The pruner stops seed 9 of a stack after its first epoch: the worker sends its outcome to
+    the board as it ends (run_stacked_body); a driver stopped (Ctrl-C) while the stack trains on
+    records it, pruned, before it marks the rest interrupted, as a trial alone would have been
+    recorded. It was marked interrupted with its stack, and trained again on resume."""
+    import math
+
+    import ray
+
+    from resnet_ablate import trial
+    from resnet_ablate.arch import ResNetArch
+    from resnet_ablate.progress import StudyProgress
+    from resnet_ablate.recipe import TrainRecipe
+    from resnet_ablate.record import Status, TrialTask
+    from resnet_ablate.study import cluster
+    from resnet_ablate.study.costs import StudyCosts
+    from resnet_ablate.study.grid import GridHistory
+    from resnet_ablate.study.loop import DriverLoop, RunningTrial
+    from resnet_ablate.study.recorder import TrialRecorder
+    from resnet_ablate.study.signals import StopSignals
+
+    # The worker's half: only the seed that ended early is sent, without weights.
+    monkeypatch.setattr(trial, "report_epoch", lambda task, board, record: task.trial_number == 9)
+    board = cluster.new_board()
+    task = TrialTask(
+        trial_number=4, arch=ResNetArch(family="cifar", depth=8).to_dict(), seed=0,
+        dataset={"name": "synthetic", "synthetic": {"train_size": 64, "test_size": 32}},
+        recipe=TrainRecipe(epochs=2, batch_size=32).to_dict(), threads=1, use_gpu=False,
+        keep_weights=True, stack=((4, 0), (9, 1)))
+    completed, pruned = trial.run_stacked_body(task, board, torch.device("cpu"))
+    assert (completed.status, pruned.status) == (Status.COMPLETED, Status.PRUNED)
+    sent = ray.get(board.drain_ended.remote())
+    assert list(sent) == [9] and sent[9] == pruned and sent[9].weights is None
+
+    # The driver's half, its stack still running (a task that sleeps) when the stop comes.
+    spec = parse_spec(raw_spec("stopped-stack", resources={"cpus": 1, "workers": 1,
+                                                           "stack_seeds": 2}))
+    study = optuna.create_study(study_name="stopped-stack")
+    recorder = TrialRecorder(study, spec, artifacts=tmp_path, store_folder=tmp_path,
+                             max_artifact_mb=1)
+    arch = ResNetArch(family="cifar", depth=8, shortcut="A")
+    trains_on, ended = (RunningTrial(recorder.ask({"shortcut": "A"}, seed), None, arch, seed)
+                        for seed in (0, 1))
+    loop = DriverLoop(spec, study=study, recorder=recorder, costs=StudyCosts(spec),
+                      history=GridHistory(spec, []), pending=[], to_ask=0, workers=1,
+                      deadline=math.inf, keep_weights=False, checkpoints=str(tmp_path),
+                      progress=StudyProgress("stopped-stack", enabled=False),
+                      renew_lease=lambda: None, stop_signals=StopSignals())
+    loop.board = cluster.new_board()
+    loop.running = {ray.remote(_sleep).remote(60): [trains_on, ended]}
+    ray.get(loop.board.end.remote(dataclasses.replace(pruned, trial_number=ended.trial.number)))
+    assert loop._stop("the user (Ctrl-C)") == 1
+    by_number = {t.number: t for t in study.get_trials()}
+    kept, interrupted = by_number[ended.trial.number], by_number[trains_on.trial.number]
+    assert kept.state == optuna.trial.TrialState.PRUNED
+    assert kept.user_attrs["pruned"] == "pruned after epoch 1"
+    assert len(kept.user_attrs["curves"]) == 1
+    assert interrupted.state == optuna.trial.TrialState.FAIL
+    assert "interrupted by the user (Ctrl-C)" in interrupted.user_attrs["failure"]
+
+
+def _sleep(seconds: float) -> None:
+    """A stack's task that is still training (Ray runs functions, not builtins)."""
+    import time
+
+    time.sleep(seconds)
+

@@ -19,7 +19,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..board import TrialBoard
-from ..record import PRUNABLE_OBJECTIVES, EpochRecord, TrialTask, epoch_objective
+from ..record import PRUNABLE_OBJECTIVES, EpochRecord, TrialOutcome, TrialTask, epoch_objective
 from ..spec import StudySpec
 from .signals import StopRequested, handlers_kept
 
@@ -287,6 +287,17 @@ def drain_epochs(board: Any, waiting: Any = contextlib.nullcontext) -> \
             return ray.get(reply)
     except ray.exceptions.RayError:
         return None
+
+
+def drain_ended(board: Any, waiting: Any = contextlib.nullcontext) -> dict[int, TrialOutcome]:
+    """The outcomes of stacked seeds that ended before their stacks since the last call, by
+    trial number; none when the mailbox is unreachable (the stacks' own outcomes hold them)."""
+    try:
+        reply = board.drain_ended.remote()
+        with waiting():
+            return ray.get(reply)
+    except ray.exceptions.RayError:
+        return {}
 
 
 def report_to_pruner(spec: StudySpec, board: Any, trial: optuna.Trial,

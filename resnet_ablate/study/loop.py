@@ -15,6 +15,7 @@ Faults, and what this loop makes of them:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -49,6 +50,8 @@ class RunningTrial:
     seed: int
     started: float = field(default_factory=time.monotonic)
     epochs_done: int = 0
+    # Its outcome is recorded: a stacked seed whose run ended while its stack trains on.
+    recorded: bool = False
 
 
 @dataclass
@@ -261,6 +264,20 @@ class DriverLoop:
             running.epochs_done = records[-1].epoch
             cluster.report_to_pruner(self.spec, self.board, running.trial, records,
                                      prunes(self.spec))
+        self._record_early_ends(self.stop_signals.interruptible)
+
+    def _record_early_ends(self, waiting: Callable[[], Any] = contextlib.nullcontext) -> None:
+        """Record the stacked seeds whose runs ended (diverged, or pruned) while their stacks
+        train on, as the worker reported them: a stop or a lost worker before the stack ends
+        then keeps their records, as a trial alone's would be kept."""
+        ended = cluster.drain_ended(self.board, waiting)
+        for trials in self.running.values():
+            for running in trials:
+                outcome = ended.get(running.trial.number)
+                if outcome is not None and not running.recorded:
+                    running.recorded = True
+                    self._ended(running, self.recorder.finish(running.trial, outcome),
+                                len(trials))
 
     def _record_end(self, ref: ray.ObjectRef, trials: list[RunningTrial]) -> None:
         """Record the outcome of each of a task's trials (a stack's: one outcome each)."""
@@ -269,6 +286,8 @@ class DriverLoop:
         except ray.exceptions.RayError as error:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
             for running in trials:
+                if running.recorded:
+                    continue
                 self.recorder.fail(running.trial, FailureKind.WORKER_LOST,
                                    f"worker lost: {type(error).__name__}: {reason}")
                 self._ended(running, FailureKind.WORKER_LOST, len(trials))
@@ -276,7 +295,8 @@ class DriverLoop:
         if not isinstance(outcomes, list):
             outcomes = [outcomes]
         for running, outcome in zip(trials, outcomes, strict=True):
-            self._ended(running, self.recorder.finish(running.trial, outcome), len(trials))
+            if not running.recorded:
+                self._ended(running, self.recorder.finish(running.trial, outcome), len(trials))
 
     def _ended(self, running: RunningTrial, result: str, stacked: int) -> None:
         """What follows a trial's end: the tally, a retry of a grid point, the best, a line."""
@@ -305,6 +325,7 @@ class DriverLoop:
         with signals_held():
             for ref in self.running:
                 ray.cancel(ref, force=True)
+            self._record_early_ends()  # those that ended since the last look
             return self.recorder.mark_unfinished(how)
 
     def _best(self) -> str | None:

@@ -11,8 +11,23 @@ import pytest
 import torch
 
 from helpers import raw_spec
+from resnet_ablate.record import FailureKind, Status
 from resnet_ablate.spec import SpecError, parse_spec
 from resnet_ablate.study import RunOptions, run_study
+
+
+def _stack_task(epochs: int):
+    """The task of a stack of two seeds (trials 4 and 9) of a ResNet-8 on small synthetic data,
+    with weights kept."""
+    from resnet_ablate.arch import ResNetArch
+    from resnet_ablate.recipe import TrainRecipe
+    from resnet_ablate.record import TrialTask
+
+    return TrialTask(
+        trial_number=4, arch=ResNetArch(family="cifar", depth=8).to_dict(), seed=0,
+        dataset={"name": "synthetic", "synthetic": {"train_size": 64, "test_size": 32}},
+        recipe=TrainRecipe(epochs=epochs, batch_size=32).to_dict(), threads=1, use_gpu=False,
+        keep_weights=True, stack=((4, 0), (9, 1)))
 
 
 def _trials_by_point(summary, name):
@@ -93,18 +108,9 @@ def test_a_stack_in_this_process_gives_each_seed_its_outcome_and_fails_them_toge
     """The stacked task's body: an outcome per seed under its own trial number, with weights of
     its own; an architecture that cannot be built fails every seed of the stack, each with the
     traceback."""
-    import dataclasses
-
-    from resnet_ablate.arch import ResNetArch
-    from resnet_ablate.recipe import TrainRecipe
-    from resnet_ablate.record import FailureKind, Status, TrialTask
     from resnet_ablate.trial import run_stacked_body
 
-    task = TrialTask(
-        trial_number=4, arch=ResNetArch(family="cifar", depth=8).to_dict(), seed=0,
-        dataset={"name": "synthetic", "synthetic": {"train_size": 64, "test_size": 32}},
-        recipe=TrainRecipe(epochs=1, batch_size=32).to_dict(), threads=1, use_gpu=False,
-        keep_weights=True, stack=((4, 0), (9, 1)))
+    task = _stack_task(epochs=1)
     outcomes = run_stacked_body(task, None, torch.device("cpu"))
     assert [o.trial_number for o in outcomes] == [4, 9]
     assert all(o.status == Status.COMPLETED and o.weights for o in outcomes)
@@ -121,9 +127,6 @@ def test_a_stack_that_fails_after_a_seed_was_pruned_keeps_that_seed_pruned(monke
     """The pruner stops trial 9 after its first epoch; then reporting trial 4's second epoch
     raises: trial 4 fails (to be retried) with the error, trial 9 stays pruned (not retried)."""
     from resnet_ablate import trial
-    from resnet_ablate.arch import ResNetArch
-    from resnet_ablate.recipe import TrainRecipe
-    from resnet_ablate.record import Status, TrialTask
 
     def report(task, board, record):
         if task.trial_number == 4 and record.epoch == 2:
@@ -131,11 +134,7 @@ def test_a_stack_that_fails_after_a_seed_was_pruned_keeps_that_seed_pruned(monke
         return task.trial_number == 9
 
     monkeypatch.setattr(trial, "report_epoch", report)
-    task = TrialTask(
-        trial_number=4, arch=ResNetArch(family="cifar", depth=8).to_dict(), seed=0,
-        dataset={"name": "synthetic", "synthetic": {"train_size": 64, "test_size": 32}},
-        recipe=TrainRecipe(epochs=3, batch_size=32).to_dict(), threads=1, use_gpu=False,
-        keep_weights=True, stack=((4, 0), (9, 1)))
+    task = _stack_task(epochs=3)
     failed, pruned = trial.run_stacked_body(task, None, torch.device("cpu"))
     assert (failed.trial_number, failed.status) == (4, Status.FAILED)
     assert "ConnectionError: the driver went away" in failed.reason and failed.traceback
@@ -211,8 +210,6 @@ def test_a_stopped_stack_keeps_the_records_of_its_seeds_that_ended_before(local_
     from resnet_ablate import trial
     from resnet_ablate.arch import ResNetArch
     from resnet_ablate.progress import StudyProgress
-    from resnet_ablate.recipe import TrainRecipe
-    from resnet_ablate.record import Status, TrialTask
     from resnet_ablate.study import cluster
     from resnet_ablate.study.costs import StudyCosts
     from resnet_ablate.study.grid import GridHistory
@@ -223,11 +220,7 @@ def test_a_stopped_stack_keeps_the_records_of_its_seeds_that_ended_before(local_
     # The worker's half: only the seed that ended early is sent, without weights.
     monkeypatch.setattr(trial, "report_epoch", lambda task, board, record: task.trial_number == 9)
     board = cluster.new_board()
-    task = TrialTask(
-        trial_number=4, arch=ResNetArch(family="cifar", depth=8).to_dict(), seed=0,
-        dataset={"name": "synthetic", "synthetic": {"train_size": 64, "test_size": 32}},
-        recipe=TrainRecipe(epochs=2, batch_size=32).to_dict(), threads=1, use_gpu=False,
-        keep_weights=True, stack=((4, 0), (9, 1)))
+    task = _stack_task(epochs=2)
     completed, pruned = trial.run_stacked_body(task, board, torch.device("cpu"))
     assert (completed.status, pruned.status) == (Status.COMPLETED, Status.PRUNED)
     sent = ray.get(board.drain_ended.remote())

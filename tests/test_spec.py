@@ -73,8 +73,12 @@ def test_ranges_for_random_and_tpe():
     ({**MINIMAL, "objectives": ["speed"]}, "objectives[0]: 'speed' is not a metric; valid: test_error"),
     ({**MINIMAL, "train": {"epoch": 3}}, "train.epoch: unknown key; valid keys: epochs, batch_size"),
     ({**MINIMAL, "train": {"epochs": 0}}, "train.epochs must be an int >= 1, got 0"),
-    ({**MINIMAL, "resources": {"workers": "two"}}, "resources.workers: expected int, got str 'two'"),
-    ({**MINIMAL, "resources": {"workers": True}}, "resources.workers: expected int, got True"),
+    ({**MINIMAL, "resources": {"workers": "two"}},
+     "resources.workers: expected an int from 1 to 1024 (trials at once), got str 'two'"),
+    ({**MINIMAL, "resources": {"workers": True}},
+     "resources.workers: expected an int from 1 to 1024 (trials at once), got True"),
+    ({**MINIMAL, "resources": {"stack_seeds": 2.5}},
+     "resources.stack_seeds: expected an int from 1 (each seed alone) to 32, got float 2.5"),
     ({**MINIMAL, "dataset": "mnist"}, "dataset.name: 'mnist' is not a dataset; valid: digits, cifar10"),
     ({**MINIMAL, "dataset": {"name": "cifar10"}}, "dataset.root: cifar10 needs the folder"),
     ({**MINIMAL, "dataset": {"name": "cifar100"}},
@@ -451,11 +455,14 @@ def test_a_field_type_without_a_yaml_check_is_an_error_not_a_pass():
 
 
 @pytest.mark.parametrize("raw,expected", [
-    ({"resources": {"cpus": None}}, "resources.cpus: expected int or float, got NoneType None"),
+    ({"resources": {"cpus": None}},
+     "resources.cpus: expected a number > 0 and at most 1024 (CPUs per trial), got NoneType None"),
     ({"dataset": {"name": "digits", "validation": None}},
      "dataset.validation: expected bool, got NoneType None"),
-    ({"resources": {"workers": 2.0}}, "resources.workers: expected int, got float 2.0"),
-    ({"budget": {"trials": True}}, "budget.trials: expected int, got True"),
+    ({"resources": {"workers": 2.0}},
+     "resources.workers: expected an int from 1 to 1024 (trials at once), got float 2.0"),
+    ({"budget": {"trials": True}},
+     "budget.trials: expected an int from 1 to 10000, or null for no limit, got True"),
 ])
 def test_null_and_near_miss_values_are_refused_where_the_field_does_not_take_them(raw, expected):
     assert expected in _error({**MINIMAL, **raw})
@@ -503,7 +510,7 @@ def test_a_valid_data_set_description_built_in_python_loads_as_written():
     ("Resources", {"gpus": 2, "replicas": 2}, "resources.replicas: counts CPU replicas"),
     ("Resources", {"gpus": 1.5}, "resources.gpus: above 1 must be a whole number, got 1.5"),
     ("Resources", {"nodes": 0}, "resources.nodes: must be an int >= 1, got 0"),
-    ("Resources", {"workers": "2"}, "resources.workers: expected int, got str '2'"),
+    ("Resources", {"workers": "2"}, "resources.workers: expected an int from 1 to 1024 (trials at once), got str '2'"),
 ])
 def test_budget_and_resources_built_in_python_are_held_to_the_parsers_checks(section, fields,
                                                                                expected):

@@ -94,17 +94,26 @@ class Checker:
 
     def dataclass_section(self, where: str, value: Any, cls: type) -> dict[str, Any]:
         """A section whose keys are `cls`'s fields, each value of its field's type (null only
-        where the field allows None); what is left out takes the field's default."""
+        where the field allows None); what is left out takes the field's default. A value of
+        another type is refused saying what is valid: the field's `valid` (`valid_as`), or else
+        its type."""
         hints = typing.get_type_hints(cls)
-        fields = [f.name for f in dataclasses.fields(cls)]
-        section = dict(self.mapping(where, value, fields))
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        section = dict(self.mapping(where, value, list(fields)))
         for name, item in section.items():
             if item is None and accepts_none(hints[name]):
                 continue
             expected = accepted_types(hints[name])
-            self.typed(f"{where}.{name}", item, expected,
-                       " or ".join("a mapping" if t is Mapping else t.__name__ for t in expected))
+            valid = fields[name].metadata.get("valid") or " or ".join(
+                "a mapping" if t is Mapping else t.__name__ for t in expected)
+            self.typed(f"{where}.{name}", item, expected, valid)
         return section
+
+
+def valid_as(default: Any, valid: str) -> Any:
+    """A section's field with its `default`, and what values are `valid` (in words, as a refusal
+    says them: "an int from 1 to 32")."""
+    return dataclasses.field(default=default, metadata={"valid": valid})
 
 
 def checked_fields(where: str, section: Any) -> Checker:

@@ -17,7 +17,7 @@ from ..recipe import TrainRecipe
 from ..record import OBJECTIVES  # each objective has one sensible direction: specs name metrics
 from ..storage import default_storage, study_name_problem
 from .catalogue import MAX_CPUS, MAX_STACKED_SEEDS, MAX_TRIALS, MAX_WORKERS
-from .checker import Checker, SpecError, checked_fields
+from .checker import Checker, SpecError, checked_fields, valid_as
 from .dataset import DatasetSpec
 
 # The fields a spec's `model` fixes and its `space` sweeps.
@@ -28,9 +28,12 @@ ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(ResNetArch))
 class Budget:
     """When a study stops launching trials, and which architectures it skips."""
 
-    trials: int | None = None  # most trials to run (grid: points x seeds otherwise)
-    minutes: float | None = None  # stop launching trials after this much wall time
-    max_gflops: float | None = None  # skip architectures above this forward cost
+    # most trials to run (grid: points x seeds otherwise)
+    trials: int | None = valid_as(None, f"an int from 1 to {MAX_TRIALS}, or null for no limit")
+    # stop launching trials after this much wall time
+    minutes: float | None = valid_as(None, "a number > 0, or null for no limit")
+    # skip architectures above this forward cost
+    max_gflops: float | None = valid_as(None, "a number > 0, or null for no limit")
 
     def __post_init__(self) -> None:
         check = checked_fields("budget", self)
@@ -48,14 +51,18 @@ class Resources:
     """What each trial holds, and how many run at once. A trial of several replicas (two GPUs or
     more, or `replicas` on CPUs) is one data-parallel run (data_parallel.py)."""
 
-    cpus: float = 1  # per trial process (each replica's): its torch threads and loader workers
-    gpus: float = 0  # per trial, per node with nodes > 1; fractions pack trials on one GPU
-    workers: int = 2  # trials running at once
-    nodes: int = 1  # nodes a data-parallel trial spans, `gpus` GPUs on each
-    replicas: int | None = None  # CPU data-parallel processes of a trial (GPUs: one per GPU)
+    # per trial process (each replica's): its torch threads and loader workers
+    cpus: float = valid_as(1, f"a number > 0 and at most {MAX_CPUS} (CPUs per trial)")
+    # per trial, per node with nodes > 1; fractions pack trials on one GPU
+    gpus: float = valid_as(0, f"a number from 0 to {MAX_CPUS} (GPUs per trial; above 1 whole)")
+    workers: int = valid_as(2, f"an int from 1 to {MAX_WORKERS} (trials at once)")
+    # nodes a data-parallel trial spans, `gpus` GPUs on each
+    nodes: int = valid_as(1, "an int >= 1 (nodes of a data-parallel trial)")
+    # CPU data-parallel processes of a trial (GPUs: one per GPU)
+    replicas: int | None = valid_as(None, "an int >= 1 (CPU replicas of a trial), or null")
     # Seeds of one grid point trained at once as one stacked model (seed_stack.py), in one task
     # holding the resources above; each seed is still a trial of its own. 1: each seed alone.
-    stack_seeds: int = 1
+    stack_seeds: int = valid_as(1, f"an int from 1 (each seed alone) to {MAX_STACKED_SEEDS}")
 
     def __post_init__(self) -> None:
         # Here, so that Resources built in Python are held to what a spec's parser checks.

@@ -327,9 +327,12 @@ def _figures(results: Results, *, responses: bool) -> list[str]:
 
 
 def _trials(results: Results) -> str:
-    """Every trial with its state, and the reason for each failed or pruned one."""
+    """Every trial with its state, and the reason for each failed or pruned one; how many seeds
+    each trained beside where some were stacked (their wall_seconds are shares of one run's)."""
+    stacked = (results.trials["stacked_seeds"].fillna(1) > 1).any()
     columns = ["number", "state", *results.swept, "seed", "params", "flops", "test_error",
-               "train_error", "epochs", "wall_seconds", "failure"]
+               "train_error", "epochs", "wall_seconds", *(["stacked_seeds"] if stacked else []),
+               "failure"]
     return "<h2>Trials</h2>\n" + _table(results.trials[list(dict.fromkeys(columns))])
 
 

@@ -1026,4 +1026,11 @@ def test_stacked_seeds_timings_are_shares_of_one_measurement_and_get_no_interval
     assert errors["test_error_ci95_low"].notna().all()
     assert errors["test_error_ci95_low"].tolist() == \
         alone.summary(metric="test_error")["test_error_ci95_low"].tolist()
+    # The report's trials table says which trials were stacked, where any was.
+    from resnet_ablate.report import write_report
+
+    page = write_report(stacked, tmp_path / "stacked.html", responses=False).read_text()
+    assert "<th>stacked_seeds</th>" in page
+    page = write_report(alone, tmp_path / "alone.html", responses=False).read_text()
+    assert "<th>stacked_seeds</th>" not in page
 

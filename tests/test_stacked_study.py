@@ -93,7 +93,8 @@ def test_a_stack_of_no_seeds_or_too_many_is_refused(count):
 
 
 def test_the_dry_run_counts_the_tasks_that_stacking_makes(tmp_path, capsys):
-    """5 seeds of 2 points, at most 2 a stack: 3 tasks per point (2 + 2 + 1)."""
+    """5 seeds of 2 points, at most 2 a stack: 3 tasks per point (2 + 2 + 1); the time estimate
+    says that it counts none of it."""
     from resnet_ablate.cli import main
 
     from helpers import write_spec
@@ -101,7 +102,10 @@ def test_the_dry_run_counts_the_tasks_that_stacking_makes(tmp_path, capsys):
     path = write_spec(tmp_path, raw_spec("plan", seeds=5, resources={
         "cpus": 1, "workers": 1, "stack_seeds": 2}))
     assert main(["run", str(path), "--dry-run", "--runs-dir", str(tmp_path)]) == 0
-    assert "10 trials to run in 6 tasks" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "10 trials to run in 6 tasks" in out
+    # Its time is each seed's alone, and says so.
+    assert "each seed timed as if it trained alone (stack_seeds 2 not counted" in out
 
 
 def test_a_stack_in_this_process_gives_each_seed_its_outcome_and_fails_them_together():

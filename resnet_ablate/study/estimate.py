@@ -50,6 +50,7 @@ class TimeEstimate:
     if_open: int = 0
     if_open_seconds: float = 0.0
     budget_minutes: float | None = None  # budget.minutes, which stops the run there
+    stack_seeds: int = 1  # resources.stack_seeds: not counted (each seed timed as alone)
 
     def line(self, trials: int) -> str:
         more = (f" ({_duration(self.if_open_seconds)} if the {self.if_open} 'if open' trials "
@@ -57,6 +58,9 @@ class TimeEstimate:
         longest = max(self.seconds, self.if_open_seconds)
         if self.budget_minutes is not None and longest > 60 * self.budget_minutes:
             more += f"; budget.minutes stops the run at {self.budget_minutes:g} min"
+        if self.stack_seeds > 1:
+            more += (f"; each seed timed as if it trained alone (stack_seeds {self.stack_seeds} "
+                     "not counted: it pays on a GPU that one trial leaves idle)")
         return (f"time: about {_duration(self.seconds)} for the {trials} trials to run{more}, "
                 f"{self.parallel} at a time on this machine's {self.device} ({self.probed} "
                 f"timed here, the first at {self.images_per_second:.0f} training images/s, "
@@ -104,7 +108,7 @@ def estimate_time(spec: StudySpec, planned: Sequence[PlannedTrial], workers: int
     names = " and ".join(p.arch.name for p in probes)
     return TimeEstimate(seconds, parallel, names, timed[0][1], where,  # type: ignore[index]
                         len(if_open), wall([*pending, *if_open])[0] if if_open else 0.0,
-                        spec.budget.minutes)
+                        spec.budget.minutes, spec.resources.stack_seeds)
 
 
 def _probes(spec: StudySpec, pending: Sequence[PlannedTrial], train_images: int

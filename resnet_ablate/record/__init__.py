@@ -20,7 +20,8 @@ from .round_trip import (PRUNABLE_OBJECTIVES, DataParallelRecord, EpochRecord, E
                          epoch_objective)
 
 __all__ = ["DIRECTIONS", "ERROR_RATES", "INTERRUPTED_STATE", "METRICS", "OBJECTIVES",
-           "PRUNABLE_OBJECTIVES", "TEST_SET_RATES", "VIEW_METRIC_NAMES", "VIEW_METRICS", "DataParallelRecord", "Direction", "EpochRecord", "ExecutionRecord",
-           "FailureKind", "FinalEvaluation", "Metric", "Placement", "Status", "StudyKey", "Timings",
-           "TrialKey", "TrialOutcome", "TrialTask", "complement", "epoch_objective", "is_complement", "metric_values",
-           "pack_outcomes", "shown_state", "unpack_outcomes"]
+           "PRUNABLE_OBJECTIVES", "TEST_SET_RATES", "VIEW_METRIC_NAMES", "VIEW_METRICS",
+           "DataParallelRecord", "Direction", "EpochRecord", "ExecutionRecord", "FailureKind",
+           "FinalEvaluation", "Metric", "Placement", "Status", "StudyKey", "Timings", "TrialKey",
+           "TrialOutcome", "TrialTask", "complement", "epoch_objective", "is_complement",
+           "metric_values", "pack_outcomes", "shown_state", "unpack_outcomes"]

@@ -207,11 +207,76 @@ def test_a_stopped_stack_keeps_the_records_of_its_seeds_that_ended_before(local_
     the board as it ends (run_stacked_body); a driver stopped (Ctrl-C) while the stack trains on
     records it, pruned, before it marks the rest interrupted, as a trial alone would have been
     recorded. It was marked interrupted with its stack, and trained again on resume."""
+    import ray
+
+    from resnet_ablate import trial
+    from resnet_ablate.study import cluster
+
+    # The worker's half: only the seed that ended early is sent, without weights.
+    monkeypatch.setattr(trial, "report_epoch", lambda task, board, record: task.trial_number == 9)
+    board = cluster.new_board()
+    completed, pruned = trial.run_stacked_body(_stack_task(epochs=2), board, torch.device("cpu"))
+    assert (completed.status, pruned.status) == (Status.COMPLETED, Status.PRUNED)
+    sent = ray.get(board.drain_ended.remote())
+    assert list(sent) == [9] and sent[9] == pruned and sent[9].weights is None
+
+    # The driver's half, its stack still running when the stop comes.
+    loop, (trains_on, ended) = _driver_loop_of_one_stack(tmp_path)
+    ray.get(loop.board.end.remote(dataclasses.replace(pruned, trial_number=ended.trial.number)))
+    assert loop._stop("the user (Ctrl-C)") == 1
+    by_number = {t.number: t for t in loop.study.get_trials()}
+    kept, interrupted = by_number[ended.trial.number], by_number[trains_on.trial.number]
+    assert kept.state == optuna.trial.TrialState.PRUNED
+    assert kept.user_attrs["pruned"] == "pruned after epoch 1"
+    assert len(kept.user_attrs["curves"]) == 1
+    assert interrupted.state == optuna.trial.TrialState.FAIL
+    assert "interrupted by the user (Ctrl-C)" in interrupted.user_attrs["failure"]
+
+
+def test_a_seed_whose_end_arrives_with_its_last_epoch_is_recorded_once(local_ray, tmp_path,
+                                                                       monkeypatch):
+    """A seed's last epoch and its end (never learned) reach the board between the driver's two
+    looks at it (epochs, then ends): it is recorded failed at the second, and the epoch that
+    comes after is not reported to its finished Optuna trial (UpdateFinishedTrialError stopped
+    the driver); the progress line no longer counts it running."""
+    import ray
+
+    from resnet_ablate.record import EpochRecord, TrialOutcome
+    from resnet_ablate.study import cluster
+
+    loop, (trains_on, ended) = _driver_loop_of_one_stack(tmp_path)
+    number = ended.trial.number
+    last = EpochRecord(epoch=2, lr=0.1, train_loss=2.3, train_error=0.9, test_loss=2.3,
+                       test_error=0.9, seconds=1.0)
+    drain_epochs = cluster.drain_epochs
+
+    def the_worker_speaks_between(board, waiting):
+        drained = drain_epochs(board, waiting)
+        monkeypatch.setattr(cluster, "drain_epochs", drain_epochs)
+        ray.get(board.report.remote(number, last))
+        ray.get(board.end.remote(TrialOutcome(number, Status.DIVERGED, "never learned",
+                                              curves=(dataclasses.asdict(last),))))
+        return drained
+
+    monkeypatch.setattr(cluster, "drain_epochs", the_worker_speaks_between)
+    loop._report_epochs()
+    assert loop.study.trials[number].state == optuna.trial.TrialState.FAIL
+    loop._report_epochs()  # the epoch now drained: its trial has ended
+    assert loop.counts == {FailureKind.DIVERGED: 1}
+    seen = []
+    monkeypatch.setattr(loop.progress, "update", lambda **line: seen.append(line))
+    loop.show_progress()
+    assert seen[0]["running"] == 1 and seen[0]["epochs"] == " (epochs 0/2)"
+
+
+def _driver_loop_of_one_stack(tmp_path):
+    """A driver loop whose one running task is a stack of two seeds (trials of one grid point,
+    asked from a study in memory) that trains on (a Ray task that sleeps): (the loop, the two
+    running trials)."""
     import math
 
     import ray
 
-    from resnet_ablate import trial
     from resnet_ablate.arch import ResNetArch
     from resnet_ablate.progress import StudyProgress
     from resnet_ablate.study import cluster
@@ -221,40 +286,22 @@ def test_a_stopped_stack_keeps_the_records_of_its_seeds_that_ended_before(local_
     from resnet_ablate.study.recorder import TrialRecorder
     from resnet_ablate.study.signals import StopSignals
 
-    # The worker's half: only the seed that ended early is sent, without weights.
-    monkeypatch.setattr(trial, "report_epoch", lambda task, board, record: task.trial_number == 9)
-    board = cluster.new_board()
-    task = _stack_task(epochs=2)
-    completed, pruned = trial.run_stacked_body(task, board, torch.device("cpu"))
-    assert (completed.status, pruned.status) == (Status.COMPLETED, Status.PRUNED)
-    sent = ray.get(board.drain_ended.remote())
-    assert list(sent) == [9] and sent[9] == pruned and sent[9].weights is None
-
-    # The driver's half, its stack still running (a task that sleeps) when the stop comes.
-    spec = parse_spec(raw_spec("stopped-stack", resources={"cpus": 1, "workers": 1,
-                                                           "stack_seeds": 2}))
-    study = optuna.create_study(study_name="stopped-stack")
+    spec = parse_spec(raw_spec("one-stack", resources={"cpus": 1, "workers": 1,
+                                                       "stack_seeds": 2}))
+    study = optuna.create_study(study_name="one-stack")
     recorder = TrialRecorder(study, spec, artifacts=tmp_path, store_folder=tmp_path,
                              max_artifact_mb=1)
     arch = ResNetArch(family="cifar", depth=8, shortcut="A")
-    trains_on, ended = (RunningTrial(recorder.ask({"shortcut": "A"}, seed), None, arch, seed)
-                        for seed in (0, 1))
+    trials = [RunningTrial(recorder.ask({"shortcut": "A"}, seed), None, arch, seed)
+              for seed in (0, 1)]
     loop = DriverLoop(spec, study=study, recorder=recorder, costs=StudyCosts(spec),
                       history=GridHistory(spec, []), pending=[], to_ask=0, workers=1,
                       deadline=math.inf, keep_weights=False, checkpoints=str(tmp_path),
-                      progress=StudyProgress("stopped-stack", enabled=False),
+                      progress=StudyProgress("one-stack", enabled=False),
                       renew_lease=lambda: None, stop_signals=StopSignals())
     loop.board = cluster.new_board()
-    loop.running = {ray.remote(_sleep).remote(60): [trains_on, ended]}
-    ray.get(loop.board.end.remote(dataclasses.replace(pruned, trial_number=ended.trial.number)))
-    assert loop._stop("the user (Ctrl-C)") == 1
-    by_number = {t.number: t for t in study.get_trials()}
-    kept, interrupted = by_number[ended.trial.number], by_number[trains_on.trial.number]
-    assert kept.state == optuna.trial.TrialState.PRUNED
-    assert kept.user_attrs["pruned"] == "pruned after epoch 1"
-    assert len(kept.user_attrs["curves"]) == 1
-    assert interrupted.state == optuna.trial.TrialState.FAIL
-    assert "interrupted by the user (Ctrl-C)" in interrupted.user_attrs["failure"]
+    loop.running = {ray.remote(_sleep).remote(60): trials}
+    return loop, trials
 
 
 def _sleep(seconds: float) -> None:

@@ -171,7 +171,7 @@ class DriverLoop:
 
     def show_progress(self) -> None:
         left = 0 if self.to_ask == math.inf else int(self.to_ask)
-        running = [r for trials in self.running.values() for r in trials]
+        running = [r for trials in self.running.values() for r in trials if not r.recorded]
         epochs = ", ".join(f"{r.epochs_done}/{self.spec.recipe_for(r.arch).epochs}"
                            for r in running)
         self.progress.update(
@@ -181,7 +181,7 @@ class DriverLoop:
                 (self._arch_of(p) for p in self.pending),
                 ((r.arch, r.epochs_done) for r in running),
                 unknown=max(0, left - len(self.pending))),
-            epochs=f" (epochs {epochs})" if self.running else "",
+            epochs=f" (epochs {epochs})" if running else "",
         )
 
     # -- their parts
@@ -255,7 +255,8 @@ class DriverLoop:
         by_number = {r.trial.number: r for trials in self.running.values() for r in trials}
         for number, records in drained.items():
             running = by_number.get(number)
-            if running is None:
+            # Recorded already: a stacked seed whose end came in with (or before) its last epoch.
+            if running is None or running.recorded:
                 continue
             # A data-parallel trial that resumed from a checkpoint reports its later epochs again.
             records = [r for r in records if r.epoch > running.epochs_done]

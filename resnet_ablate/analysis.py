@@ -18,8 +18,10 @@ from torch import nn
 
 from .arch import ResNetArch
 from .data import DataBundle, Streamed, load_dataset
+from .data.bundle import pixel_centred
 from .kernels import FusedBatchNorm2d
 from .models import build
+from .recipe import TrainRecipe
 from .record import TrialKey
 from .spec import DatasetSpec
 from .storage import ResultsError
@@ -29,14 +31,20 @@ if TYPE_CHECKING:
 
 
 def study_dataset(results: Results) -> DataBundle | Streamed:
-    """The evaluation data the study's trials were trained and tested on."""
+    """The evaluation data the study's trials were trained and tested on, as they saw it: an
+    in-memory set's images with the per-pixel mean subtracted where the recipe did (a streamed
+    set's loader subtracts it as it decodes)."""
     section = results.spec.get("dataset", "digits")
     section = {"name": section} if isinstance(section, str) else dict(section or {})
     try:
-        return load_dataset(**DatasetSpec(**section).load_kwargs())
+        data = load_dataset(**DatasetSpec(**section).load_kwargs())
+        recipe = TrainRecipe.from_dict(results.spec.get("train") or {}, where="train")
     except (OSError, TypeError, ValueError) as error:
         raise ResultsError(f"cannot load the data set of study {results.study!r} "
                            f"({section}): {error}") from None
+    if isinstance(data, DataBundle) and recipe.mean == "pixel":
+        return pixel_centred(data)
+    return data
 
 
 def trained_model(results: Results, number: int, *, fused: bool | None = None,

@@ -220,3 +220,30 @@ def test_the_protocol_options_are_checked_and_refused_on_in_memory_data():
     assert spec.train.mean == "pixel"
     result = train(model, load_dataset("digits"), TrainRecipe(epochs=1, mean="pixel"), seed=0)
     assert result.ok and result.final_test_accuracy > 0.5
+
+
+def test_a_study_trained_on_the_per_pixel_mean_is_analysed_on_it_too():
+    """The data a study's analyses read (Fig. 7, a reloaded trial's model) is the data its trials
+    saw: with `mean: pixel`, centred. A model trained so scores its recorded test error there,
+    and far worse on the images uncentred."""
+    from types import SimpleNamespace
+
+    from resnet_ablate.analysis import study_dataset
+    from resnet_ablate.data import load_dataset
+
+    def study(train):
+        return SimpleNamespace(study="s", spec={"dataset": "digits", "train": train})
+
+    model = build(ResNetArch(family="cifar", depth=8), num_classes=10, in_channels=1)
+    result = train(model, load_dataset("digits"), TrainRecipe(epochs=2, mean="pixel"), seed=0)
+    centred, plain = study_dataset(study({"mean": "pixel"})), study_dataset(study({}))
+    assert centred.centring == "pixel" and plain.centring == "channel"
+
+    def error(data):
+        with torch.no_grad():
+            wrong = (model.eval()(data.test_x).argmax(1) != data.test_y).sum().item()
+        return wrong / len(data.test_y)
+
+    assert error(centred) == pytest.approx(result.history[-1].test_error, abs=1e-9)
+    assert error(plain) > error(centred) + 0.02
+

@@ -22,6 +22,7 @@ pays once at capture, and the small CIFAR networks' steps are otherwise bound by
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -115,6 +116,33 @@ def resolve_execution(recipe: TrainRecipe, device: torch.device | str, *, in_mem
         )
     return Execution(str(device), precision, memory_format, bool(compile), bool(cuda_graphs),
                      _decode(recipe.decode, device, in_memory, gpu_decoder))
+
+
+# PyTorch's CPU backward of a 1x1 convolution with a stride, in channels_last, from fewer than
+# this many input channels (ungrouped) writes outside its buffers: heap corruption, then a crash
+# or silently wrong numbers (PyTorch 2.13; tests/test_train.py shows it). A ResNet has one where a
+# projection shortcut (options B, C) or a v1 bottleneck's first conv strides from so few
+# channels: only narrow nets, but the toolkit trains those too.
+_CPU_STRIDED_1X1_MIN_CHANNELS = 8
+
+
+def with_safe_layout(execution: Execution, model: torch.nn.Module,
+                     log: Callable[[str], None] | None = None) -> Execution:
+    """`execution`, in NCHW where it would run `model` on a CPU in channels_last through a
+    strided 1x1 convolution that PyTorch's CPU kernels get wrong (the first one named in `log`;
+    the run's record says nchw). The numbers are the same in either layout."""
+    if execution.memory_format != "channels_last" or torch.device(execution.device).type != "cpu":
+        return execution
+    for name, conv in model.named_modules():
+        if isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (1, 1) \
+                and conv.stride != (1, 1) and conv.groups == 1 \
+                and conv.in_channels < _CPU_STRIDED_1X1_MIN_CHANNELS:
+            if log is not None:
+                log(f"memory format nchw, not channels_last: {name} strides a 1x1 convolution "
+                    f"from {conv.in_channels} channels, whose channels_last backward PyTorch's "
+                    "CPU kernels get wrong")
+            return dataclasses.replace(execution, memory_format="nchw")
+    return execution
 
 
 def _decode(choice: str, device: torch.device, in_memory: bool, gpu_decoder: bool) -> str:

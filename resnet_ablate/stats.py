@@ -288,19 +288,16 @@ def seed_mean(values: Sequence[float], bounds: tuple[float, float] = (-math.inf,
     tie give no interval (their spread is unknown, not zero: four seeds at 0% training error,
     or differences of one image each, would claim certainty), except with `exact_ties`, for
     what a configuration fixes (FLOPs, parameters): their zero-width interval is the truth.
-    Values that are not independent draws (`not_independent` says why: seeds stacked into one
-    run each carry a share of its one timing) give the mean alone: their spread is not the
-    seeds'."""
+    Values that are not independent draws (`not_independent` says why: stacked seeds' shares of
+    one timing) give the mean alone."""
     values, level = finite_values(values, "seed_mean"), checked_level(level)
     bounds = checked_bounds(bounds)
     n = len(values)
     if n == 0:
         return _no_interval(math.nan, 0, SEEDS_ONLY, "no completed seed")
     mean = float(values.mean())
-    if n < 2:
-        return _no_interval(mean, n, SEEDS_ONLY, ONE_SEED)
-    if not_independent:
-        return _no_interval(mean, n, SEEDS_ONLY, not_independent)
+    if n < 2 or not_independent:
+        return _no_interval(mean, n, SEEDS_ONLY, ONE_SEED if n < 2 else not_independent)
     if not exact_ties and _tied(values):
         return _no_interval(mean, n, SEEDS_ONLY, f"{note}; {TIED_SEEDS}" if note else TIED_SEEDS)
     std = _seed_std(values)
@@ -400,5 +397,4 @@ def holm(p_values: Sequence[float]) -> np.ndarray:
 
 
 __all__ = ["BINOMIAL_BOUND", "CROSSED", "Estimate", "FEW_SEEDS", "LEVEL", "SEEDS_ONLY",
-           "SeedRecordsError",
-           "contrast", "error_rate", "holm", "paired_difference", "seed_mean"]
+           "SeedRecordsError", "contrast", "error_rate", "holm", "paired_difference", "seed_mean"]

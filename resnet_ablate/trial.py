@@ -181,62 +181,69 @@ def run_stacked_body(task: TrialTask, board: Any | None, device: torch.device
     number. An exception fails every seed of the stack still training with it (data sets that
     cannot be read as unavailable); a seed that had diverged or been pruned keeps that outcome,
     so it is not retried."""
-    where = placement(device)
-    numbers = [number for number, _ in task.stack]
-    seeds = [seed for _, seed in task.stack]
-    epochs: list[list[dict[str, Any]]] = [[] for _ in task.stack]
-    ended: dict[int, TrainResult] = {}  # each seed's result, as its run ends (train_seeds)
-    built: list[torch.nn.Module] = []
-
-    def on_epoch(index: int, record: EpochRecord) -> bool:
-        """Report the epoch; True where the driver's pruner stops this seed there."""
-        epochs[index].append(asdict(record))
-        return report_epoch(dataclasses.replace(task, trial_number=numbers[index]), board,
-                            record)
-
-    def outcome(index: int, status: str, reason: str, trace: str | None) -> TrialOutcome:
-        """Seed `index`'s outcome: its result where its run ended, else `status`."""
-        result = ended.get(index)
-        if result is None:
-            return TrialOutcome(numbers[index], status, reason, trace, where, library_versions(),
-                                tuple(epochs[index]))
-        if result.status == "stopped":
-            return TrialOutcome(numbers[index], Status.PRUNED,
-                                f"pruned after epoch {result.epochs_completed}", None, where,
-                                library_versions(), tuple(epochs[index]),
-                                execution=result.execution)
-        # The factory built each seed's model in order; train_seeds leaves each its final weights.
-        keep = task.keep_weights and result.ok
-        return outcome_of(result, trial_number=numbers[index], where=where,
-                          weights=weights_of(built[index]) if keep else None)
-
-    def outcomes(status: str = Status.FAILED, reason: str = "",
-                 trace: str | None = None) -> list[TrialOutcome]:
-        return [outcome(index, status, reason, trace) for index in range(len(numbers))]
-
-    def on_end(index: int, result: TrainResult) -> None:
-        """Keep a seed's result as its run ends; one that ends before the stack (diverged or
-        pruned, never with weights) is sent to the driver, which records it then."""
-        ended[index] = result
-        if not result.ok:
-            report_end(board, outcome(index, Status.FAILED, "", None))
-
+    stack = _Stack(task, board, placement(device))
     try:
         inputs = TrialInputs.of(task)
-        built = inputs.built
+        stack.built = inputs.built
         inputs.data.check_available()
-        train_seeds(inputs.model, inputs.data, inputs.recipe, seeds=seeds, device=device,
-                    threads=task.threads, on_epoch=on_epoch, on_end=on_end)
+        train_seeds(inputs.model, inputs.data, inputs.recipe,
+                    seeds=[seed for _, seed in task.stack], device=device, threads=task.threads,
+                    on_epoch=stack.on_epoch, on_end=stack.on_end)
     except DataUnavailable as missing:  # not retried, as a trial alone's (run_trial_body)
-        return outcomes(Status.UNAVAILABLE, str(missing))
+        return stack.outcomes(Status.UNAVAILABLE, str(missing))
     except NoImages as nothing:
-        return outcomes(Status.UNAVAILABLE, f"NoImages: {nothing}")
+        return stack.outcomes(Status.UNAVAILABLE, f"NoImages: {nothing}")
     except CorruptShard as corrupt:
-        return outcomes(Status.UNAVAILABLE, str(corrupt))
+        return stack.outcomes(Status.UNAVAILABLE, str(corrupt))
     except Exception as error:
-        return outcomes(Status.FAILED, f"{type(error).__name__}: {error}",
-                        traceback.format_exc())
-    return outcomes()
+        return stack.outcomes(Status.FAILED, f"{type(error).__name__}: {error}",
+                              traceback.format_exc())
+    return stack.outcomes()
+
+
+class _Stack:
+    """What a stack's task knows of its seeds as they train: each one's epochs, its result once
+    its run has ended, its built model; and each one's outcome from them."""
+
+    def __init__(self, task: TrialTask, board: Any | None, where: Placement) -> None:
+        self.task, self.board, self.where = task, board, where
+        self.numbers = [number for number, _ in task.stack]
+        self.epochs: list[list[dict[str, Any]]] = [[] for _ in task.stack]
+        self.ended: dict[int, TrainResult] = {}  # each seed's result, as its run ends
+        self.built: list[torch.nn.Module] = []  # each seed's model, as the factory built it
+
+    def on_epoch(self, index: int, record: EpochRecord) -> bool:
+        """Report the epoch; True where the driver's pruner stops this seed there."""
+        self.epochs[index].append(asdict(record))
+        return report_epoch(dataclasses.replace(self.task, trial_number=self.numbers[index]),
+                            self.board, record)
+
+    def on_end(self, index: int, result: TrainResult) -> None:
+        """Keep a seed's result as its run ends; one that ends before the stack (diverged or
+        pruned, never with weights) is sent to the driver, which records it then."""
+        self.ended[index] = result
+        if not result.ok:
+            report_end(self.board, self.outcome(index, Status.FAILED, "", None))
+
+    def outcome(self, index: int, status: str, reason: str, trace: str | None) -> TrialOutcome:
+        """Seed `index`'s outcome: its result where its run ended, else `status`."""
+        number, result = self.numbers[index], self.ended.get(index)
+        if result is None:
+            return TrialOutcome(number, status, reason, trace, self.where, library_versions(),
+                                tuple(self.epochs[index]))
+        if result.status == "stopped":
+            return TrialOutcome(number, Status.PRUNED,
+                                f"pruned after epoch {result.epochs_completed}", None, self.where,
+                                library_versions(), tuple(self.epochs[index]),
+                                execution=result.execution)
+        # The factory built each seed's model in order; train_seeds leaves each its final weights.
+        keep = self.task.keep_weights and result.ok
+        return outcome_of(result, trial_number=number, where=self.where,
+                          weights=weights_of(self.built[index]) if keep else None)
+
+    def outcomes(self, status: str = Status.FAILED, reason: str = "",
+                 trace: str | None = None) -> list[TrialOutcome]:
+        return [self.outcome(index, status, reason, trace) for index in range(len(self.numbers))]
 
 
 def _backend() -> str:

@@ -642,3 +642,27 @@ def test_a_stop_signal_is_noted_where_it_lands_and_acted_on_by_the_loop(python_s
         with pytest.raises(StopRequested):
             heard.raise_if_heard()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+def test_sigterm_then_ctrl_c_arriving_together_name_the_stop_sigterm(python_sigint_handler):
+    """SIGTERM, then Ctrl-C, both pending when the driver next runs Python (a loaded machine):
+    Python runs their handlers in signal-number order, Ctrl-C's first, which raises out of the
+    wait; SIGTERM's, after, still names the stop until it is settled (exit 143, not 130)."""
+    import signal
+
+    from resnet_ablate.study.signals import stop_on_signals
+
+    stops = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    with stop_on_signals() as heard:
+        with pytest.raises(KeyboardInterrupt):  # Ctrl-C's handler ran first
+            with heard.interruptible():
+                signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGINT)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)  # both delivered at once
+                time.sleep(5)
+        time.sleep(0.05)
+        assert heard.settle() == "SIGTERM"
+        os.kill(os.getpid(), signal.SIGHUP)  # once settled, the name stays
+        time.sleep(0.05)
+        assert heard.heard == "SIGTERM"

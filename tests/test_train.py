@@ -300,6 +300,39 @@ def test_channels_last_trains_the_same_network():
         assert a.test_loss == pytest.approx(b.test_loss, rel=1e-4)
 
 
+def test_a_net_striding_a_1x1_conv_from_few_channels_trains_in_nchw_on_a_cpu():
+    """PyTorch's CPU backward of a strided 1x1 conv in channels_last from fewer than 8 input
+    channels corrupts the heap (tests/test_imagefolder.py's replica test, whose net strides its
+    projection from 4 channels, crashed 4 runs in 5). Such a net trains in NCHW on a CPU, says so
+    and records it, and gives what a run asked for NCHW gives; 8 channels keep channels_last, and
+    so do stacked seeds, whose grouped convolutions PyTorch computes right."""
+    from resnet_ablate.arch import ResNetArch
+    from resnet_ablate.train.seeds import train_seeds
+
+    data = load_dataset("synthetic", synthetic=SyntheticSpec(channels=3, image_size=16,
+                                                             train_size=128, test_size=64))
+
+    def net(width: int):
+        arch = ResNetArch(family="imagenet", widths=(width, 8, 8, 8), stages=(1, 1, 1, 1),
+                          block="basic", shortcut="B")
+        return lambda: build_model(arch, num_classes=4, in_channels=3)
+
+    lines: list[str] = []
+    narrow = train(net(4), data, quick(epochs=2), seed=0, threads=1, log=lines.append)
+    assert narrow.ok and narrow.execution.memory_format == "nchw"
+    assert lines[0] == ("memory format nchw, not channels_last: layer2.0.downsample.0 strides a "
+                        "1x1 convolution from 4 channels, whose channels_last backward "
+                        "PyTorch's CPU kernels get wrong")
+    asked = train(net(4), data, quick(epochs=2, memory_format="nchw"), seed=0, threads=1)
+    assert curves(narrow) == curves(asked)
+    wide = train(net(8), data, quick(epochs=1), seed=0, threads=1)
+    assert wide.execution.memory_format == "channels_last"
+    alone, = train_seeds(net(4), data, quick(epochs=1), seeds=[0], threads=1)
+    assert alone.execution.memory_format == "nchw"
+    stacked = train_seeds(net(4), data, quick(epochs=1), seeds=[0, 1], threads=1)
+    assert all(r.ok and r.execution.memory_format == "channels_last" for r in stacked)
+
+
 def test_compiled_runs_train_the_same_and_record_compile_time_apart():
     data = synthetic()  # 256 images in batches of 48: 5 full batches and one of 16
     recipe = quick(epochs=2, batch_size=48, eval_batch_size=100)

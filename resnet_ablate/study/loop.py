@@ -113,7 +113,7 @@ class DriverLoop:
 
     def run(self) -> LoopResult:
         self.board = cluster.new_board()
-        self.best = self._best()
+        self.best = best_so_far(self.spec, self.study)
         interrupted, marked = "", 0
         try:
             while True:
@@ -131,7 +131,7 @@ class DriverLoop:
         except KeyboardInterrupt as stop:
             # The signal the handler heard: an exception raised inside ray.wait comes out of it
             # as a plain KeyboardInterrupt, whichever signal raised it.
-            interrupted = self.stop_signals.heard or heard_in(stop)
+            interrupted = self.stop_signals.settle() or heard_in(stop)
             marked = self._stop(stop_description(interrupted))
         finally:
             self.progress.close()
@@ -313,7 +313,7 @@ class DriverLoop:
                 self.pending.append(retry)
                 self.to_ask += 1
         if result == Status.COMPLETED:
-            self.best = self._best()
+            self.best = best_so_far(self.spec, self.study)
         else:
             attrs = running.trial.user_attrs
             why = attrs.get(TrialKey.FAILURE) or attrs.get(TrialKey.PRUNED)
@@ -329,17 +329,19 @@ class DriverLoop:
             self._record_early_ends()  # those that ended since the last look
             return self.recorder.mark_unfinished(how)
 
-    def _best(self) -> str | None:
-        if len(self.spec.objectives) != 1:
-            front = self.study.best_trials
-            return f"{len(front)} on the Pareto front" if front else None
-        try:
-            best = self.study.best_trial
-        except ValueError:
-            return None
-        name = self.spec.objectives[0]
-        return (f"{name} {METRICS[name].format(best.value)} ({best.user_attrs.get(TrialKey.ARCH_NAME)} "
-                f"seed {best.user_attrs.get(TrialKey.SEED)})")
+
+def best_so_far(spec: StudySpec, study: optuna.Study) -> str | None:
+    """The progress line's best trial (or the Pareto front's size), None before any."""
+    if len(spec.objectives) != 1:
+        front = study.best_trials
+        return f"{len(front)} on the Pareto front" if front else None
+    try:
+        best = study.best_trial
+    except ValueError:
+        return None
+    name = spec.objectives[0]
+    return (f"{name} {METRICS[name].format(best.value)} ({best.user_attrs.get(TrialKey.ARCH_NAME)} "
+            f"seed {best.user_attrs.get(TrialKey.SEED)})")
 
 
 def stop_description(signal_name: str) -> str:

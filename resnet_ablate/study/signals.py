@@ -62,6 +62,7 @@ class StopSignals:
     def __init__(self) -> None:
         self.heard: str | None = None
         self.stopping = False  # a stop is under way: signals are only noted from now on
+        self.settled = False  # the stop is named after `heard`, which no signal changes now
         self._waiting = False  # the driver waits for Ray: a signal may cut the wait short
 
     def raise_if_heard(self) -> None:
@@ -82,10 +83,16 @@ class StopSignals:
         finally:
             self._waiting = False
 
+    def settle(self) -> str | None:
+        """The signal the stop is named after (None: none heard), fixed from now on."""
+        self.settled = True
+        return self.heard
+
     def _on_signal(self, signum: int, frame: object) -> None:
-        # SIGTERM (or SIGHUP) outranks Ctrl-C until the stop begins: when both are pending,
-        # Python runs the handlers in signal-number order, not in the order they arrived.
-        if self.heard is None or (signum != signal.SIGINT and not self.stopping):
+        # SIGTERM (or SIGHUP) outranks Ctrl-C until the stop is named (`settle`): when both are
+        # pending, Python runs the handlers in signal-number order, not in the order they
+        # arrived, and SIGTERM's runs only after Ctrl-C's has raised, the stop begun.
+        if self.heard is None or (signum != signal.SIGINT and not self.settled):
             self.heard = _NAMES[signum]
         if self._waiting and not self.stopping:
             self.stopping = True

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..data import DataBundle, Streamed
-from ..execution import Execution, resolve_execution
+from ..execution import Execution, resolve_execution, with_safe_layout
 from ..recipe import TrainRecipe
 from ..replicas import Replicas, synchronise_batch_norms
 from .divergence import Diverged, DivergenceWatch
@@ -97,6 +97,7 @@ def train(
                 raise TypeError(
                     f"the model factory returned {type(model).__name__}, not an nn.Module"
                 )
+        execution = with_safe_layout(execution, model, log)
         if replicas.parallel and recipe.sync_bn:
             synchronise_batch_norms(model)
         run = _Run(model, data, recipe, execution, seed, replicas,

@@ -38,7 +38,7 @@ from torch import nn
 from ..data import DataBundle
 from ..data.bundle import pixel_centred
 from ..data.feed import Placement, feed_for
-from ..execution import resolve_execution
+from ..execution import resolve_execution, with_safe_layout
 from ..recipe import TrainRecipe
 from ..record import EpochRecord
 from ..replicas import Replicas
@@ -89,12 +89,14 @@ def train_seeds(model: Callable[[], nn.Module], data: DataBundle, recipe: TrainR
             if not isinstance(built, nn.Module):
                 raise TypeError(f"the model factory returned {type(built).__name__}, "
                                 "not an nn.Module")
-            models.append(built.to(device, memory_format=execution.torch_memory_format))
+            models.append(built.to(device))
     with _seeded_on(device, seeds[0], threads):
         # Checked on a few training images: a forward that mixes the seeds is refused, not
         # trained.
-        example = execution.images(data.train_x[:EXAMPLE_IMAGES].to(device))
-        stacked = stack_models(models, example=example)
+        stacked = stack_models(models, example=data.train_x[:EXAMPLE_IMAGES].to(device))
+        execution = with_safe_layout(execution, stacked, log)
+        for module in (stacked, *models):
+            module.to(memory_format=execution.torch_memory_format)
         run = _StackedRun(stacked, models, data, recipe, execution, seeds, log, on_epoch, on_end)
         return run.run()
 

@@ -661,8 +661,12 @@ def test_sigterm_then_ctrl_c_arriving_together_name_the_stop_sigterm(python_sigi
                 os.kill(os.getpid(), signal.SIGINT)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)  # both delivered at once
                 time.sleep(5)
-        time.sleep(0.05)
         assert heard.settle() == "SIGTERM"
         os.kill(os.getpid(), signal.SIGHUP)  # once settled, the name stays
         time.sleep(0.05)
         assert heard.heard == "SIGTERM"
+    with stop_on_signals() as heard:  # the first of SIGTERM and SIGHUP names it
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(0.05)
+        assert heard.settle() == "SIGTERM"

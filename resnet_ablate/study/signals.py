@@ -84,15 +84,21 @@ class StopSignals:
             self._waiting = False
 
     def settle(self) -> str | None:
-        """The signal the stop is named after (None: none heard), fixed from now on."""
+        """The signal the stop is named after (None: none heard), fixed from now on. Handlers
+        of signals that came with the one that began the stop run first: Python runs a handler
+        left pending after another's exception only at its next explicit check (3.11), which
+        pthread_sigmask makes (they only note, the stop being under way)."""
+        if threading.current_thread() is threading.main_thread():
+            signal.pthread_sigmask(signal.SIG_BLOCK, ())
         self.settled = True
         return self.heard
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        # SIGTERM (or SIGHUP) outranks Ctrl-C until the stop is named (`settle`): when both are
-        # pending, Python runs the handlers in signal-number order, not in the order they
-        # arrived, and SIGTERM's runs only after Ctrl-C's has raised, the stop begun.
-        if self.heard is None or (signum != signal.SIGINT and not self.settled):
+        # The first SIGTERM (or SIGHUP) outranks Ctrl-C until the stop is named (`settle`): when
+        # both are pending, Python runs the handlers in signal-number order, not in the order
+        # they arrived, and SIGTERM's runs only after Ctrl-C's has raised, the stop begun.
+        if self.heard is None or (self.heard == "SIGINT" and signum != signal.SIGINT
+                                  and not self.settled):
             self.heard = _NAMES[signum]
         if self._waiting and not self.stopping:
             self.stopping = True

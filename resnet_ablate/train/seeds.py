@@ -42,7 +42,7 @@ from ..execution import resolve_execution, with_safe_layout
 from ..recipe import TrainRecipe
 from ..record import EpochRecord
 from ..replicas import Replicas
-from ..seed_stack import seed_state_dict, stack_models
+from ..seed_stack import check_stacked, seed_state_dict, stack_models
 from .divergence import Diverged, DivergenceWatch
 from .evaluate import Evaluation, evaluate_stacked
 from .loop import _check_seed_and_threads, _seeded_on
@@ -93,10 +93,11 @@ def train_seeds(model: Callable[[], nn.Module], data: DataBundle, recipe: TrainR
     with _seeded_on(device, seeds[0], threads):
         # Checked on a few training images: a forward that mixes the seeds is refused, not
         # trained.
-        stacked = stack_models(models, example=data.train_x[:EXAMPLE_IMAGES].to(device))
+        stacked = stack_models(models)
         execution = with_safe_layout(execution, stacked, log)
         for module in (stacked, *models):
             module.to(memory_format=execution.torch_memory_format)
+        check_stacked(stacked, models, execution.images(data.train_x[:EXAMPLE_IMAGES].to(device)))
         run = _StackedRun(stacked, models, data, recipe, execution, seeds, log, on_epoch, on_end)
         return run.run()
 

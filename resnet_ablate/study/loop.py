@@ -268,11 +268,11 @@ class DriverLoop:
         self._record_early_ends(self.stop_signals.interruptible)
 
     def _record_early_ends(self, waiting: Callable[[], Any] = contextlib.nullcontext) -> None:
-        """Record the stacked seeds whose runs ended (diverged, or pruned) while their stacks
-        train on, as the worker reported them: a stop or a lost worker before the stack ends
-        then keeps their records, as a trial alone's would be kept."""
-        ended = cluster.drain_ended(self.board, waiting)
-        for trials in self.running.values():
+        """Record stacked seeds that ended (diverged, pruned) while their stacks train on, so a
+        stop or lost worker keeps them; the board is asked only while a stack runs."""
+        stacks = [trials for trials in self.running.values() if len(trials) > 1]
+        ended = cluster.drain_ended(self.board, waiting) if stacks else {}
+        for trials in stacks:
             for running in trials:
                 outcome = ended.get(running.trial.number)
                 if outcome is not None and not running.recorded:

@@ -291,6 +291,14 @@ def seed_state_dict_of_grads(stacked, seed):
     return grads
 
 
+# How far a seed's first-epoch mean training loss on digits (23 SGD steps of a ResNet-8) may move
+# between a stacked and an alone run: float32 rounding (grouped convolutions sum in another
+# order), amplified by the steps, measured at 2.5e-4 with one thread and 0.6e-4 with two; the same
+# initial weights with another data order move it by 0.9-5%. The test pins one thread, the case
+# that rounds furthest apart.
+FIRST_EPOCH_ROUNDING = 2e-3
+
+
 def _digits_recipe(**changes):
     from resnet_ablate.recipe import TrainRecipe
 
@@ -298,11 +306,11 @@ def _digits_recipe(**changes):
 
 
 def test_train_seeds_gives_each_seed_what_train_gives_it():
-    """train_seeds (3 seeds of a fused ResNet-8 on digits, augmented) against train() of each
-    seed alone: the same initial weights, data order and crops, schedule and evaluation, so the
-    same first epoch up to rounding (float32: grouped convolutions sum in another order; a
-    different batch or crop would move its loss by percents), and later epochs within the drift
-    training amplifies such rounding into (about 1% of the loss by the third epoch here)."""
+    """train_seeds (3 seeds of a fused ResNet-8 on digits) against train() of each seed alone:
+    the same initial weights, data order, schedule and evaluation, so the same first epoch up to
+    rounding (FIRST_EPOCH_ROUNDING; another data order moves it by percents), and later epochs
+    within the drift training amplifies such rounding into (about 1% of the loss by the third
+    epoch here)."""
     from resnet_ablate.data import load_dataset
     from resnet_ablate.train import train
     from resnet_ablate.train.seeds import train_seeds
@@ -313,14 +321,14 @@ def test_train_seeds_gives_each_seed_what_train_gives_it():
     def model():
         return resnet8(in_channels=1, num_classes=10)
 
-    stacked = train_seeds(model, data, recipe, seeds=[0, 1, 2])
+    stacked = train_seeds(model, data, recipe, seeds=[0, 1, 2], threads=1)
     for seed, result in zip([0, 1, 2], stacked):
-        alone = train(model, data, recipe, seed=seed)
+        alone = train(model, data, recipe, seed=seed, threads=1)
         assert result.ok and result.seed == seed and result.epochs_completed == recipe.epochs
         assert result.execution.stacked_seeds == 3
         assert result.test_images == alone.test_images
         first, then = result.history[0], alone.history[0]
-        assert first.train_loss == pytest.approx(then.train_loss, rel=1e-4)
+        assert first.train_loss == pytest.approx(then.train_loss, rel=FIRST_EPOCH_ROUNDING)
         assert first.train_error == pytest.approx(then.train_error, abs=1.5 / 1437)  # 1 image
         for mine, theirs in zip(result.history, alone.history):
             assert mine.lr == theirs.lr
@@ -364,16 +372,16 @@ def test_train_seeds_records_a_diverged_seed_and_trains_the_others_on():
 
     data = load_dataset("digits")
     recipe = _digits_recipe(epochs=1)
-    results = train_seeds(_nan_for_seed_1, data, recipe, seeds=[0, 1, 2])
+    results = train_seeds(_nan_for_seed_1, data, recipe, seeds=[0, 1, 2], threads=1)
     assert [r.status for r in results] == ["completed", "diverged", "completed"]
     assert "loss" in results[1].reason and results[1].epochs_completed == 0
     # No epoch completed: no test record, as train() gives none.
     assert (results[1].test_images, results[1].test_wrong, results[1].test_outcomes) == (
         None, None, None)
     for seed in (0, 2):
-        alone = train(_nan_for_seed_1, data, recipe, seed=seed)
+        alone = train(_nan_for_seed_1, data, recipe, seed=seed, threads=1)
         assert results[seed].history[0].train_loss == pytest.approx(
-            alone.history[0].train_loss, rel=1e-4)
+            alone.history[0].train_loss, rel=FIRST_EPOCH_ROUNDING)
 
 
 def test_on_end_tells_a_seeds_end_as_it_happens_so_a_later_error_loses_nothing():
@@ -442,7 +450,7 @@ def test_a_seed_its_caller_stops_ends_there_while_the_others_train_on():
         return resnet8(in_channels=1, num_classes=10)
 
     began = time.perf_counter()
-    results = train_seeds(model, data, recipe, seeds=[0, 1],
+    results = train_seeds(model, data, recipe, seeds=[0, 1], threads=1,
                           on_epoch=lambda index, record: index == 1 and record.epoch == 1)
     elapsed = time.perf_counter() - began
     assert [(r.status, r.epochs_completed) for r in results] == [("completed", 3), ("stopped", 1)]
@@ -455,9 +463,9 @@ def test_a_seed_its_caller_stops_ends_there_while_the_others_train_on():
     assert results[1].wall_seconds >= results[1].history[0].seconds / 2
     assert results[1].reason == "stopped after epoch 1"
     assert results[1].test_wrong == round(results[1].history[0].test_error * results[1].test_images)
-    alone = train(model, data, recipe, seed=0)
+    alone = train(model, data, recipe, seed=0, threads=1)
     assert results[0].history[0].train_loss == pytest.approx(alone.history[0].train_loss,
-                                                             rel=1e-4)
+                                                             rel=FIRST_EPOCH_ROUNDING)
     epochs_run = []
     stopped = train_seeds(model, data, recipe, seeds=[0, 1],
                           on_epoch=lambda index, record: epochs_run.append(record.epoch) or True)

@@ -32,6 +32,7 @@ from ._autograd import (
 from ._checks import check_arguments, checked_residual
 from ._contract import Implementation, RunningUpdate
 from ._layout import aligned
+from ._signature_cache import SignatureCache
 from .backends import get_backend
 from .backends import implementation as _implementation
 
@@ -108,7 +109,7 @@ class EagerCall:
                                                          weight, stats, eps, residual_grad)
 
 
-_CALLS: dict[tuple, EagerCall] = {}
+_CALLS: SignatureCache[tuple, EagerCall] = SignatureCache()
 
 
 def signature(input: torch.Tensor, running_mean: torch.Tensor | None,

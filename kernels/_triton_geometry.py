@@ -24,6 +24,7 @@ import triton
 
 from ._contract import RunningUpdate
 from ._layout import Strides3d, spatial_numel, strides_3d
+from ._signature_cache import SignatureCache
 from ._occupancy import cuda_limits, programs_per_wave
 from ._triton_tiles import MASK_ALONG_CHANNELS, MASK_ALONG_POSITIONS, MASK_ALONG_SPAN, MASK_NONE
 
@@ -220,7 +221,7 @@ class Geometry:
     reshaped: bool  # any copy or stand-in at all (most calls have none, and skip both)
 
 
-_GEOMETRIES: dict[tuple, Geometry] = {}
+_GEOMETRIES: SignatureCache[tuple, Geometry] = SignatureCache()
 
 
 def tensor_signature(t: torch.Tensor | None) -> tuple | None:

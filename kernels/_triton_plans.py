@@ -15,6 +15,7 @@ import torch
 
 from ._contract import RunningUpdate
 from ._layout import aligned
+from ._signature_cache import SignatureCache
 from ._triton_geometry import (
     STATISTICS_TILES_PER_STEP, Geometry, call_geometry, finalize_slots, is_packed_mask,
     tensor_signature,
@@ -42,7 +43,7 @@ class ForwardPlan(NamedTuple):
     bytes: torch.Tensor  # likewise uint8
 
 
-_FORWARD_PLANS: dict[tuple, ForwardPlan] = {}
+_FORWARD_PLANS: SignatureCache[tuple, ForwardPlan] = SignatureCache()
 
 
 def _make_forward_plan(x, weight, bias, residual, out, batch_stats: bool, mask: bool,
@@ -137,7 +138,7 @@ class BackwardPlan(NamedTuple):
     floats: torch.Tensor  # as ForwardPlan's
 
 
-_BACKWARD_PLANS: dict[tuple, BackwardPlan] = {}
+_BACKWARD_PLANS: SignatureCache[tuple, BackwardPlan] = SignatureCache()
 
 
 def _make_backward_plan(geometry_key: tuple, x, grad_out, relu_mask, grad_input,

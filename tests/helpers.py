@@ -281,8 +281,10 @@ def fresh_kernel_plans(monkeypatch) -> None:
     eager calls that hold plans, and the geometries they come from), dropped afterwards."""
     from resnet_ablate.kernels import _eager, _triton_geometry, _triton_plans
 
-    monkeypatch.setattr(_triton_plans, "_FORWARD_PLANS", {})
-    monkeypatch.setattr(_triton_plans, "_BACKWARD_PLANS", {})
-    monkeypatch.setattr(_triton_geometry, "_GEOMETRIES", {})
-    monkeypatch.setattr(_eager, "_CALLS", {})
+    from resnet_ablate.kernels._signature_cache import SignatureCache
+
+    monkeypatch.setattr(_triton_plans, "_FORWARD_PLANS", SignatureCache())
+    monkeypatch.setattr(_triton_plans, "_BACKWARD_PLANS", SignatureCache())
+    monkeypatch.setattr(_triton_geometry, "_GEOMETRIES", SignatureCache())
+    monkeypatch.setattr(_eager, "_CALLS", SignatureCache())
 

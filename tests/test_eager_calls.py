@@ -194,3 +194,31 @@ def test_a_parameter_given_another_dtype_in_place_is_checked_again(backend):
     reference = torch.nn.BatchNorm2d(SHAPE[1])
     reference.load_state_dict(bn.state_dict())
     torch.testing.assert_close(bn(x), F.relu(reference(x)), atol=2e-5, rtol=2e-5)
+
+
+def test_shapes_that_never_repeat_keep_a_bounded_number_of_signatures(backend, monkeypatch):
+    """Evaluation on images of their own sizes (the paper's multi-scale testing) makes a new
+    signature per size: the calls, plans and geometries kept stay within their limit (here 4),
+    each call still matches PyTorch, and a signature made again after the caches emptied is right
+    again."""
+    from resnet_ablate.kernels import _triton_geometry, _triton_plans
+
+    caches = (_eager._CALLS, _triton_plans._FORWARD_PLANS, _triton_plans._BACKWARD_PLANS,
+              _triton_geometry._GEOMETRIES)
+    for cache in caches:
+        monkeypatch.setattr(cache, "limit", 4)
+    reference = torch.nn.BatchNorm2d(3).eval()
+    with torch.no_grad():
+        reference.running_mean.uniform_(-1, 1)
+        reference.running_var.uniform_(0.5, 2)
+    bn = FusedBatchNorm2d(3).eval()
+    bn.load_state_dict(reference.state_dict())
+    generator = torch.Generator().manual_seed(0)
+    for width in (*range(2, 12), 2):
+        x = torch.randn(1, 3, 4, width, generator=generator)
+        torch.testing.assert_close(bn(x), F.relu(reference(x)), atol=2e-5, rtol=2e-5)
+        assert all(len(cache) <= 4 for cache in caches)
+    assert len(_eager._CALLS) >= 1
+    for _ in range(2):  # a training signature, made anew and then found
+        _assert_as_pytorch(_layer(4))
+    assert all(len(cache) <= 4 for cache in caches)

@@ -8,6 +8,7 @@ type, which every call checks), so every backend refuses the same inputs with th
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import NoReturn
 
@@ -46,13 +47,12 @@ def check_arguments(
         raise ValueError(f"expected an input of shape (N, C, ...), got size {list(input.shape)}")
     # Parameters and running statistics in the input's dtype, or float32 beside a 16-bit input
     # (as F.batch_norm takes them); anything else would be read as another type, or rounded.
-    # One dict lookup a call: a dtype it lacks is rare (an integer input, or a float8 one).
+    # One dict lookup a call: a dtype it lacks is rare (an integer input, or a float8 one, which
+    # F.batch_norm refuses too).
     kept = _PARAMETER_DTYPES.get(input.dtype)
     if kept is None:
-        if not input.is_floating_point():
-            raise NotImplementedError(
-                f'"batch_norm" not implemented for {_scalar_name(input.dtype)!r}')
-        kept = (input.dtype,)
+        raise NotImplementedError(
+            f'"batch_norm" not implemented for {_scalar_name(input.dtype)!r}')
     # And all of them in one dtype, as F.batch_norm takes them (not float32 weights beside
     # bfloat16 running statistics): the first one given sets it.
     shared = (weight if weight is not None else bias if bias is not None
@@ -63,6 +63,16 @@ def check_arguments(
             or (running_mean is not None and running_mean.dtype != shared.dtype)
             or (running_var is not None and running_var.dtype != shared.dtype)):
         _refuse_dtypes(input, kept, weight, bias, running_mean, running_var)
+    if any(t is not None and t.device != input.device
+           for t in (weight, bias, running_mean, running_var)):
+        _refuse_devices(input, weight, bias, running_mean, running_var)
+    if ((running_mean is not None and running_mean.requires_grad)
+            or (running_var is not None and running_var.requires_grad)) \
+            and torch.is_grad_enabled():
+        name = "running_mean" if running_mean is not None and running_mean.requires_grad \
+            else "running_var"
+        raise RuntimeError(f"The function 'native_batch_norm' is not differentiable with respect "
+                           f"to argument '{name}'. This input cannot have requires_grad True.")
     if training and (running_mean is None) != (running_var is None):
         raise ValueError(
             "running_mean and running_var must either both be None or neither be None"
@@ -72,7 +82,11 @@ def check_arguments(
     if eps <= 0:
         _check_eps(eps, training)
     channels = input.shape[1]
-    if training and input.numel() // max(channels, 1) == 1:
+    # Values per channel, as F.batch_norm counts them: N times the spatial sizes (numel / C,
+    # but for C == 0).
+    per_channel = input.numel() // channels if channels else (
+        input.shape[0] * math.prod(input.shape[2:]))
+    if training and per_channel == 1:
         raise ValueError("Expected more than 1 value per channel when training, "
                          f"got input size {input.size()}")
     if not training and (running_mean is None or running_var is None):
@@ -111,6 +125,14 @@ def _refuse_dtypes(input: torch.Tensor, kept: tuple[torch.dtype, ...],
     (first, shared), (name, found) = given[0], next(g for g in given if g[1] != given[0][1])
     raise RuntimeError(f"mixed dtype: {first} is {shared} and {name} {found}; the parameters and "
                        f"running statistics take one dtype, {valid}, as F.batch_norm takes them")
+
+
+def _refuse_devices(input: torch.Tensor, *tensors: torch.Tensor | None) -> NoReturn:
+    for t in tensors:
+        if t is not None and t.device != input.device:
+            raise RuntimeError(f"Tensor on device {t.device} is not on the expected device "
+                               f"{input.device}!")
+    raise AssertionError("no tensor on another device")
 
 
 def _momentum_as_float(momentum: object) -> float:

@@ -15,10 +15,10 @@ above it (1.23x at the median, launches aside), and this path removes both:
   every call did) and found by later ones with a single key (`signature`): everything those
   decisions read, and nothing else (not the tensors' values or addresses but whether all are
   16-byte aligned, which Triton specializes on). A call that the key cannot vouch for (eps <= 0,
-  a momentum that is not a float, a residual that broadcasts) takes the first-call path every
-  time. The key costs about what the checks did; the checks, the plans' two keys, their
-  alignment and density tests and the per-call Python around them are gone: about eager's host
-  time (1.03x at the median, README's "Host cost per layer").
+  a momentum that is not a float, a residual that broadcasts, a running statistic that requires
+  grad) takes the first-call path every time. The key costs about what the checks did; the
+  checks, the plans' two keys, their alignment and density tests and the per-call Python around
+  them are gone: about eager's host time (1.03x at the median, README's "Host cost per layer").
 """
 
 from __future__ import annotations
@@ -136,10 +136,12 @@ def signature(input: torch.Tensor, running_mean: torch.Tensor | None,
         None if running_mean is None else running_mean.numel(),
         None if running_mean is None else running_mean.is_contiguous(),
         None if running_mean is None else running_mean.device,
+        None if running_mean is None else running_mean.requires_grad,
         None if running_var is None else running_var.dtype,
         None if running_var is None else running_var.numel(),
         None if running_var is None else running_var.is_contiguous(),
         None if running_var is None else running_var.device,
+        None if running_var is None else running_var.requires_grad,
         aligned(input, residual, weight, bias, running_mean, running_var),
     )
 
@@ -160,7 +162,11 @@ def fused_batch_norm_eager(input: torch.Tensor, running_mean: torch.Tensor | Non
         expanded = checked_residual(input, residual)
         call = EagerCall(_implementation(input), input, running_mean, running_var, weight, bias,
                          training, eps, expanded, relu, gradient)
-        if eps > 0 and expanded is residual:  # else the key cannot stand for the checks
+        # Else the key cannot stand for the checks (a running statistic that requires grad is
+        # refused or not by the grad mode, which the key leaves out).
+        if eps > 0 and expanded is residual and not (
+                (running_mean is not None and running_mean.requires_grad)
+                or (running_var is not None and running_var.requires_grad)):
             _CALLS[key] = call
         residual = expanded
     return _apply(input, weight, bias, residual,

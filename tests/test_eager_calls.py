@@ -222,3 +222,20 @@ def test_shapes_that_never_repeat_keep_a_bounded_number_of_signatures(backend, m
     for _ in range(2):  # a training signature, made anew and then found
         _assert_as_pytorch(_layer(4))
     assert all(len(cache) <= 4 for cache in caches)
+
+
+def test_running_statistics_that_require_grad_are_refused_whatever_call_came_before(backend):
+    """The key holds whether a running statistic requires grad, and a call whose does is checked
+    every time (grad mode decides, which the key leaves out): refused after the same signature
+    without it was kept, and after a no_grad call with it, as F.batch_norm refuses it."""
+    layer = _layer(0)
+    _assert_as_pytorch(layer)  # kept
+    x, weight, bias = (layer[name] for name in ("x", "weight", "bias"))
+    running_mean, running_var = layer["running_mean"].clone().requires_grad_(), \
+        layer["running_var"].clone()
+    with torch.no_grad():
+        fused_batch_norm(x, running_mean, running_var, weight, bias, True, residual=x)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="not differentiable with respect to argument "
+                                               "'running_mean'"):
+            fused_batch_norm(x, running_mean, running_var, weight, bias, True, residual=x)

@@ -1047,6 +1047,48 @@ def test_one_running_statistic_without_the_other_is_refused_as_pytorch(backend, 
         assert str(refused.value) == f"{missing} must be defined in evaluation mode"
 
 
+def _refusal(call) -> tuple[type, str]:
+    with pytest.raises(Exception) as raised:
+        call()
+    return type(raised.value), str(raised.value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_what_pytorch_refuses_at_the_edges_is_refused_in_its_words(backend):
+    """A float8 input, one value per channel with no channels, per-channel tensors on another
+    device, running statistics that require grad while grad mode is on: each refused with
+    F.batch_norm's error (type and message), before a running statistic is touched; the same
+    running statistics under no_grad are taken, as F.batch_norm takes them."""
+    x = torch.randn(2, 3, 4, 5)
+    cases = {
+        "float8": lambda f: f(x.to(torch.float8_e4m3fn), None, None, None, None, True),
+        "no channels, one value": lambda f: f(torch.randn(1, 0, 1, 1), None, None, None, None,
+                                               True),
+        "a weight on meta": lambda f: f(x, None, None, torch.ones(3, device="meta"), None, True),
+        "running statistics on meta": lambda f: f(x, torch.zeros(3, device="meta"),
+                                                  torch.ones(3, device="meta"), None, None, False),
+    }
+    for training in (True, False):
+        for grad in ("running_mean", "running_var"):
+            def call(f, training=training, grad=grad):
+                running = {"running_mean": torch.zeros(3), "running_var": torch.ones(3)}
+                running[grad].requires_grad_()
+                return f(x, running["running_mean"], running["running_var"], None, None,
+                         training)
+            cases[f"{grad} requiring grad, training={training}"] = call
+    for name, case in cases.items():
+        expected = _refusal(lambda: case(F.batch_norm))
+        with use_backend(backend):
+            assert _refusal(lambda: case(fused_batch_norm)) == expected, name
+    running_mean, running_var = torch.zeros(3, requires_grad=True), torch.ones(3)
+    with torch.no_grad(), use_backend(backend):
+        out = fused_batch_norm(x, running_mean, running_var, training=True, relu=False)
+    reference_mean = torch.zeros(3)
+    reference = F.batch_norm(x, reference_mean, torch.ones(3), training=True)
+    torch.testing.assert_close(out, reference)
+    torch.testing.assert_close(running_mean.detach(), reference_mean)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inputs_and_parameters_of_other_dtypes_are_refused_before_any_work(backend):
     """An integer input is refused in F.batch_norm's words (it came back truncated to ints);

@@ -79,6 +79,18 @@ def test_a_label_file_that_does_not_fit_is_one_error_naming_the_line(ilsvrc, tmp
     with pytest.raises(ValueError, match="its labels are ILSVRC2012_IDs, which the devkit's "
                                          "meta.mat maps"):
         scan_image_folder(root, val_labels=ids)
+    # A meta.mat beside them that is not the devkit's: damaged, or another .mat.
+    for content, reason in ((b"garbage", "MatReadError"), (None, "it holds no 'synsets'")):
+        if content is None:
+            scipy.io.savemat(tmp_path / "meta.mat", {"classes": np.arange(3)})
+        else:
+            (tmp_path / "meta.mat").write_bytes(content)
+        with pytest.raises(ValueError, match=rf"meta.mat: not the devkit's meta.mat, whose "
+                                             rf"'synsets' map the ILSVRC2012_IDs of "
+                                             rf"ground_truth.txt to wnids \({reason}"):
+            scan_image_folder(root, val_labels=ids)
+    with pytest.raises(ValueError, match=r"val_labels: .*val is a folder, not a label file"):
+        scan_image_folder(root, val_labels="val")
     short = tmp_path / "short.txt"
     short.write_text("ILSVRC2012_val_00000001 n01440764\nILSVRC2012_val_00000002 2\n")
     with pytest.raises(ValueError, match="no label for 7 of the 9 images in val/, first "

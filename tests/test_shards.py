@@ -93,6 +93,18 @@ def test_local_shards_are_counted_and_checked(shards, tmp_path):
         load_shards({**_spec(root), "train": "https://example.invalid/train-{000..001}.tar"})
     with pytest.raises(ValueError, match="missing num_classes"):
         load_shards({"train": _spec(root)["train"], "val": _spec(root)["val"]})
+    # A size given for local shards is the count, or refused naming both (an epoch reads its
+    # size's worth of batches: 250 would go round the 25 images ten times).
+    assert load_shards({**_spec(root), "train_size": 25}, image_size=24).train_size == 25
+    with pytest.raises(ValueError, match="shards.train_size: 250 given, but the train shards hold "
+                                         "25 images .* leave train_size out, or give 25"):
+        load_shards({**_spec(root), "train_size": 250}, image_size=24)
+    with pytest.raises(ValueError, match="shards.val_size must be an int >= 1 .*, got '18'"):
+        load_shards({**_spec(root), "val_size": "18"}, image_size=24)
+    mixed = f"{{{_spec(root)['val']},https://example.invalid/val-001.tar}}"
+    with pytest.raises(ValueError, match="shards.val_size: 10 given, but the local val shards "
+                                         "alone hold 18 images"):
+        load_shards({**_spec(root), "val": mixed, "val_size": 10}, image_size=24)
 
 
 def _epoch(data, epoch):

@@ -286,6 +286,24 @@ def _repeated(loader: Callable[[list[str]], torch.utils.data.DataLoader], urls: 
             copies *= 2
 
 
+def _given_size(given: Any, size_key: str, split: str, counted: int, all_local: bool) -> int:
+    """A spec's train_size or val_size, checked against what the local shards were counted to
+    hold (`counted`): equal where every shard is local, at least that where some are behind URLs.
+    An epoch reads its size's worth of batches, so a wrong one would train on the real images
+    round and round (or stop short) without a word."""
+    if isinstance(given, bool) or not isinstance(given, int) or given < 1:
+        raise ValueError(f"shards.{size_key} must be an int >= 1 (the images the {split} "
+                         f"shards hold), got {given!r}")
+    if all_local and given != counted:
+        raise ValueError(f"shards.{size_key}: {given:,} given, but the {split} shards hold "
+                         f"{counted:,} images (local shards are counted as the data set loads: "
+                         f"leave {size_key} out, or give {counted:,})")
+    if given < counted:
+        raise ValueError(f"shards.{size_key}: {given:,} given, but the local {split} shards "
+                         f"alone hold {counted:,} images")
+    return given
+
+
 def load_shards(shards: dict[str, Any], *, image_size: int = 224,
                 augmentation: CropAugmentation = "scale",
                 loader_workers: int = DEFAULT_LOADER_WORKERS,
@@ -320,7 +338,8 @@ def load_shards(shards: dict[str, Any], *, image_size: int = 224,
         # named before training (a given size would have trained on what it holds).
         counted = count_samples(local, num_classes) if local else 0
         if size_key in shards:
-            sizes[split] = int(shards[size_key])
+            sizes[split] = _given_size(shards[size_key], size_key, split, counted,
+                                       all_local=len(local) == len(urls[split]))
         elif len(local) == len(urls[split]):
             sizes[split] = counted
         else:

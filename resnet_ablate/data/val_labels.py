@@ -29,6 +29,9 @@ def read_val_labels(label_file: str | os.PathLike[str], images: list[Path],
     """The class index (in `classes`' order) of each of `images`, from `label_file` (see the
     module docstring); one ValueError naming the file, the line and what is valid otherwise."""
     path = Path(label_file).expanduser()
+    if path.is_dir():
+        raise ValueError(f"val_labels: {path} is a folder, not a label file (expected 'filename "
+                         "label' lines, or ILSVRC2012_validation_ground_truth.txt)")
     if not path.is_file():
         raise DataUnavailable(f"val_labels: {path} does not exist (expected a label file: "
                               "'filename label' lines, or ILSVRC2012_validation_ground_truth.txt)")
@@ -128,5 +131,18 @@ def _devkit_wnids(meta: Path, label_file: Path) -> dict[int, str]:
                          "'filename wnid' lines instead")
     from scipy.io import loadmat
 
-    synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
-    return {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets}
+    try:
+        synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
+        return {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets}
+    except Exception as error:  # scipy's read errors have no common base but Exception
+        raise ValueError(f"{meta}: not the devkit's meta.mat, whose 'synsets' map the "
+                         f"ILSVRC2012_IDs of {label_file.name} to wnids ({_reason(error)}); "
+                         "put the devkit's meta.mat there, or write 'filename wnid' lines "
+                         "instead") from None
+
+
+def _reason(error: Exception) -> str:
+    """What a meta.mat that could not be read as the devkit's lacks, in a few words."""
+    if isinstance(error, KeyError):  # loadmat's dict, or a synset's missing field
+        return f"it holds no {error}"
+    return f"{type(error).__name__}: {error}"

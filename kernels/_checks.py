@@ -63,16 +63,7 @@ def check_arguments(
             or (running_mean is not None and running_mean.dtype != shared.dtype)
             or (running_var is not None and running_var.dtype != shared.dtype)):
         _refuse_dtypes(input, kept, weight, bias, running_mean, running_var)
-    if any(t is not None and t.device != input.device
-           for t in (weight, bias, running_mean, running_var)):
-        _refuse_devices(input, weight, bias, running_mean, running_var)
-    if ((running_mean is not None and running_mean.requires_grad)
-            or (running_var is not None and running_var.requires_grad)) \
-            and torch.is_grad_enabled():
-        name = "running_mean" if running_mean is not None and running_mean.requires_grad \
-            else "running_var"
-        raise RuntimeError(f"The function 'native_batch_norm' is not differentiable with respect "
-                           f"to argument '{name}'. This input cannot have requires_grad True.")
+    _check_per_channel_tensors(input, weight, bias, running_mean, running_var)
     if training and (running_mean is None) != (running_var is None):
         raise ValueError(
             "running_mean and running_var must either both be None or neither be None"
@@ -82,8 +73,7 @@ def check_arguments(
     if eps <= 0:
         _check_eps(eps, training)
     channels = input.shape[1]
-    # Values per channel, as F.batch_norm counts them: N times the spatial sizes (numel / C,
-    # but for C == 0).
+    # Values per channel as F.batch_norm counts them, N times the spatial sizes (even for C = 0)
     per_channel = input.numel() // channels if channels else (
         input.shape[0] * math.prod(input.shape[2:]))
     if training and per_channel == 1:
@@ -127,12 +117,20 @@ def _refuse_dtypes(input: torch.Tensor, kept: tuple[torch.dtype, ...],
                        f"running statistics take one dtype, {valid}, as F.batch_norm takes them")
 
 
-def _refuse_devices(input: torch.Tensor, *tensors: torch.Tensor | None) -> NoReturn:
-    for t in tensors:
+def _check_per_channel_tensors(input: torch.Tensor, weight: torch.Tensor | None,
+                               bias: torch.Tensor | None, running_mean: torch.Tensor | None,
+                               running_var: torch.Tensor | None) -> None:
+    """F.batch_norm's refusals of per-channel tensors on another device than the input's, and of
+    running statistics that require grad while grad mode is on (it cannot differentiate them)."""
+    for t in (weight, bias, running_mean, running_var):
         if t is not None and t.device != input.device:
             raise RuntimeError(f"Tensor on device {t.device} is not on the expected device "
                                f"{input.device}!")
-    raise AssertionError("no tensor on another device")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(f"The function 'native_batch_norm' is not differentiable with "
+                               f"respect to argument '{name}'. This input cannot have "
+                               "requires_grad True.")
 
 
 def _momentum_as_float(momentum: object) -> float:

@@ -308,6 +308,115 @@ def test_fuse_refuses_by_name_what_it_cannot_fuse_exactly_and_changes_nothing_th
     torch.testing.assert_close(model.eval()(x), reference.eval()(x))
 
 
+class _AddsIntoItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+
+    def forward(self, x):
+        x += self.bn(self.conv(x))  # changes the caller's tensor
+        return self.relu(x)
+
+
+class ReadsWhatItsBlockChangedInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.block = nn.Conv2d(4, 4, 1), _AddsIntoItsInput()
+
+    def forward(self, x):
+        a = self.stem(x)
+        return self.block(a) + a  # a, as the block left it
+
+
+def test_a_forward_that_adds_into_its_input_in_place_is_left_as_it_is():
+    """A traced forward records `x += y` as `x + y`: rewritten, the block would leave its
+    caller's tensor unchanged (1.1 off in the output). Its arguments after the probe tell."""
+    torch.manual_seed(0)
+    model = randomize(ReadsWhatItsBlockChangedInPlace()).eval()
+    reference = copy.deepcopy(model)
+    with pytest.warns(FuseWarning, match="unfused"):
+        _, report = fuse(model, return_report=True, example_input=torch.randn(2, 4, 6, 6))
+    assert report.sites == ()
+    assert any(s.name == "block.bn" and "changes a tensor it was given in place" in s.reason
+               for s in report.skipped), report.skipped
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x))
+
+
+class _TakesAShortcut(nn.Module):
+    """torchvision's block parts, but its forward takes the shortcut too (as timm's DlaBasic)."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU()
+
+    def forward(self, x, shortcut=None):
+        shortcut = x if shortcut is None else shortcut
+        return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + shortcut)
+
+
+class PassesItsBlockAShortcut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.block = nn.Conv2d(3, 4, 1), _TakesAShortcut()
+
+    def forward(self, x):
+        y = self.stem(x)
+        return self.block(y, y * 2)
+
+
+def test_a_block_whose_forward_takes_more_than_x_is_not_converted_to_the_standard_block():
+    """Recognised by its parts, it was converted to a block that takes x alone, and every
+    forward of the fused model failed; the graph path fuses its sites where they are exact."""
+    torch.manual_seed(0)
+    model = randomize(PassesItsBlockAShortcut())
+    reference = copy.deepcopy(model)
+    with pytest.warns(FuseWarning, match="its forward takes shortcut=None beside x"):
+        _, report = fuse(model, return_report=True)
+    assert not isinstance(model.block, OurBasicBlock) and report.fused == ()
+    assert {s.batch_norm for s in report.sites} == {"block.bn1", "block.bn2"}
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(model.eval()(x), reference.eval()(x))
+
+
+class _ConvBatchNormReLU(nn.Module):
+    def __init__(self, channels_in=3):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(channels_in, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class HoldsAScriptedModule(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.jit.script(randomize(_ConvBatchNormReLU()))
+        self.conv, self.bn = nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(self.inner(x))))
+
+
+def test_a_scripted_or_traced_module_is_called_as_it_is_and_its_batch_norms_named():
+    """TorchScript modules made every fuse fail (AttributeError from the scripted forward); their
+    forwards are compiled, so they stay calls, and the BatchNorms inside are named."""
+    torch.manual_seed(0)
+    model = randomize(HoldsAScriptedModule())
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 10, 10)
+    with pytest.warns(FuseWarning, match="inner.bn: inside inner, a TorchScript module"):
+        _, report = fuse(model, return_report=True, example_input=x)
+    assert [s.batch_norm for s in report.sites] == ["bn"]
+    torch.testing.assert_close(model.eval()(x), reference.eval()(x))
+    scripted = torch.jit.trace(randomize(_ConvBatchNormReLU()).eval(), x)
+    with pytest.warns(FuseWarning, match="bn: inside <model>, a TorchScript module"):
+        fuse(scripted)
+
+
 def test_a_rewritten_model_deep_copies_but_refuses_whole_module_pickling_with_the_way_out():
     model = fuse(randomize(OwnNetwork()))
     duplicate = copy.deepcopy(model)

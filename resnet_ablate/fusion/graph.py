@@ -140,6 +140,9 @@ def _scan(module: nn.Module, name: str, found: dict[str, list[_Found]], result: 
     (a ModuleList or ModuleDict, whose children that forward called)."""
     if isinstance(module, _OPAQUE):
         return
+    if isinstance(module, torch.jit.ScriptModule):
+        result.skipped.extend(_scripted_batch_norms(module, name))
+        return
     if type(module).forward is nn.Module.forward:  # a container: its caller called its children
         for child_name, child in module.named_children():
             _untraced_child(child, qualified(name, child_name), untraced, found, result)
@@ -161,6 +164,15 @@ def _scan(module: nn.Module, name: str, found: dict[str, list[_Found]], result: 
         found.setdefault(owner, []).append(_Found(qualified(name, str(site.bn.target)), called))
     for path in tracer.hooked:  # called, not traced into: its own forward is searched
         _scan(module.get_submodule(path), qualified(name, path), found, result)
+
+
+def _scripted_batch_norms(module: torch.jit.ScriptModule, name: str) -> list[SkippedBlock]:
+    """The BatchNorms inside a TorchScript module (scripted or traced), named: its forward is
+    compiled, not Python that a rewrite could replace."""
+    why = (f"inside {name or '<model>'}, a TorchScript module (torch.jit.script or trace), whose "
+           "compiled forward fuse cannot rewrite; fuse the module before scripting it")
+    return [SkippedBlock(qualified(name, path), why) for path, m in module.named_modules()
+            if getattr(m, "original_name", None) == "BatchNorm2d"]
 
 
 def _untraced_child(child: nn.Module, name: str, why: str | None,
@@ -219,11 +231,22 @@ def _mismatch(expected: Any, actual: Any) -> str | None:
     return f"the rewritten forward differs on the probe input (max difference {max(errors):.3g})" if errors else None
 
 
+def _changed_inputs(left: Any, actual: Any) -> str | None:
+    """Why the rewritten forward leaves its arguments otherwise than the model's did, if it does:
+    a traced forward records `x += y` as `x + y`, so a block that adds into its input in place
+    (which its caller may read afterwards) would change it no longer."""
+    pairs = list(zip(_tensors(left), _tensors(actual)))
+    if any(e.shape != a.shape or beyond_tolerance(e, a) is not None for e, a in pairs):
+        return ("its forward changes a tensor it was given in place (as `x += y` does), which the "
+                "traced rewrite would not: its caller may read that tensor afterwards")
+    return None
+
+
 def _inputs_on_probe(model: nn.Module, owners: list[str], example: Any
                      ) -> tuple[dict[str, Any], str | None]:
     """What each owner receives when the model runs a probe batch (eval mode, no state change):
-    its arguments as they were before its forward ran (a forward may change them in place), and
-    its output. `example`: the model's input, or a tuple of its positional arguments."""
+    its arguments as they were before its forward ran (a forward may change them in place), its
+    output, and its arguments as its forward left them. `example`: the model's input, or a tuple of its positional arguments."""
     if example is None:
         conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
         if conv is None:
@@ -243,7 +266,7 @@ def _inputs_on_probe(model: nn.Module, owners: list[str], example: Any
 
     def recorder(owner: str) -> Callable[..., None]:
         def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            seen.setdefault(owner, (*before[owner], clone(output)))
+            seen.setdefault(owner, (*before[owner], clone(output), clone((args, kwargs))))
         return hook
 
     handles = [handle for o in owners for handle in (
@@ -292,7 +315,7 @@ def _rewrite_owner(model: nn.Module, owner: str, through: set[str], expected_bns
         return [], missed, None
     originals = {str(s.bn.target): module.get_submodule(str(s.bn.target)) for s in sites}
     found = [FusedSite(qualified(owner, str(s.bn.target)), s.pattern) for s in sites]
-    args, kwargs, expected = inputs
+    args, kwargs, expected, left = inputs
     absorbed = [(site.bn, site.relu) for site in sites]  # before the rewrite erases them
     rewrite(graph, sites)
     forward = _forward_of(graph)
@@ -301,7 +324,7 @@ def _rewrite_owner(model: nn.Module, owner: str, through: set[str], expected_bns
     try:
         with evaluating(module):
             actual = forward(module, *args, **kwargs)
-        reason = _mismatch(expected, actual)
+        reason = _mismatch(expected, actual) or _changed_inputs(left, (args, kwargs))
     except Exception as error:  # noqa: BLE001 - e.g. a residual that broadcasts
         reason = f"the rewritten forward failed on the probe input ({type(error).__name__}: {error})"
     if reason is not None:

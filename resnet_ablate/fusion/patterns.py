@@ -53,7 +53,7 @@ class SiteTracer(fx.Tracer):
         self.state: tuple[object, ...] = ()
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, (*_OPAQUE, _BatchNorm)):
+        if isinstance(m, (*_OPAQUE, _BatchNorm, torch.jit.ScriptModule)):  # compiled: a call
             return True
         if self.through is not None and module_qualified_name:
             return module_qualified_name not in self.through
@@ -63,8 +63,9 @@ class SiteTracer(fx.Tracer):
         path = self.path_of_module(m)
         if not self.is_leaf_module(m, path):
             self.guards.extend((path, a, v) for a, v in check_forward(m).items())
-        elif calls_hooks(m) and not super().is_leaf_module(m, path) and path not in self.hooked:
-            self.hooked.append(path)
+        elif (isinstance(m, torch.jit.ScriptModule) or calls_hooks(m) and not
+              super().is_leaf_module(m, path)) and path not in self.hooked:
+            self.hooked.append(path)  # searched on its own (a TorchScript module: named)
         return super().call_module(m, forward, args, kwargs)
 
     def create_node(self, *args, **kwargs):

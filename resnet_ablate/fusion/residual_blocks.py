@@ -17,6 +17,7 @@ blocks record. The block becomes this package's block (its class, and what `unfu
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -70,6 +71,10 @@ def unrecognised_because(block: nn.Module) -> str | None:
     """Why `block` is not a standard torchvision or timm block, or None when it is."""
     children = dict(block.named_children())
     parts, activations = _layout(children)
+    extra = _extra_forward_inputs(block)
+    if extra:
+        return (f"its forward takes {extra} beside x, where the standard block's takes x alone: "
+                "its callers may pass what the converted block would not take")
     own = [*block._parameters, *block._buffers]
     if own:
         return (f"it has parameters or buffers of its own ({', '.join(own)}), which the "
@@ -90,6 +95,19 @@ def unrecognised_because(block: nn.Module) -> str | None:
     if any(p.is_meta for p in block.parameters()):
         return "its parameters are on the meta device, so its forward cannot be checked"
     return None
+
+
+def _extra_forward_inputs(block: nn.Module) -> str | None:
+    """What `block`'s forward takes beyond one input (timm's DlaBasic takes a shortcut and
+    children too), or None where it takes x alone."""
+    try:
+        parameters = list(inspect.signature(block.forward).parameters.values())
+    except (TypeError, ValueError):
+        return "arguments that cannot be read from its signature"
+    single = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if len(parameters) == 1 and parameters[0].kind in single:
+        return None
+    return ", ".join(str(p) for p in parameters[1:] or parameters) or "no input"
 
 
 def _converted(block: nn.Module) -> BasicBlock | Bottleneck:
@@ -205,6 +223,9 @@ def plan_blocks(model: nn.Module) -> BlockPlan:
                 plan.own_blocks.append(module)
                 plan.fused.append(name)
                 plan.sites.extend(_block_sites(name, module))
+            continue
+        if isinstance(module, torch.jit.ScriptModule):
+            inside_block.append(name)  # compiled: the graph path names its BatchNorms
             continue
         if module is model or isinstance(module, FusedBatchNorm2d) or not _looks_like_block(module):
             continue

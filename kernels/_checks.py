@@ -1,8 +1,8 @@
 """The refusals of `F.batch_norm`, in its words, made before any work, plus the residual's rules.
 
 `check_arguments` runs ahead of both the custom op (batch_norm.py, every call) and the eager path
-(_eager.py, a signature's first call: its key holds all the checks read but eps and momentum's
-type, which every call checks), so every backend refuses the same inputs with the same error
+(_eager.py, a signature's first call: its key holds all the checks read but eps, momentum's
+type and the grad mode, which every call that needs them checks), so every backend refuses the same inputs with the same error
 (type and message), and no kernel ever sees an argument it would have to reject half-way through.
 """
 
@@ -122,10 +122,11 @@ def _check_per_channel_tensors(input: torch.Tensor, weight: torch.Tensor | None,
                                running_var: torch.Tensor | None) -> None:
     """F.batch_norm's refusals of per-channel tensors on another device than the input's, and of
     running statistics that require grad while grad mode is on (it cannot differentiate them)."""
+    device = input.device
     for t in (weight, bias, running_mean, running_var):
-        if t is not None and t.device != input.device:
+        if t is not None and t.device != device:
             raise RuntimeError(f"Tensor on device {t.device} is not on the expected device "
-                               f"{input.device}!")
+                               f"{device}!")
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         if t is not None and t.requires_grad and torch.is_grad_enabled():
             raise RuntimeError(f"The function 'native_batch_norm' is not differentiable with "

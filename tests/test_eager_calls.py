@@ -229,13 +229,17 @@ def test_running_statistics_that_require_grad_are_refused_whatever_call_came_bef
     every time (grad mode decides, which the key leaves out): refused after the same signature
     without it was kept, and after a no_grad call with it, as F.batch_norm refuses it."""
     layer = _layer(0)
-    _assert_as_pytorch(layer)  # kept
-    x, weight, bias = (layer[name] for name in ("x", "weight", "bias"))
-    running_mean, running_var = layer["running_mean"].clone().requires_grad_(), \
-        layer["running_var"].clone()
-    with torch.no_grad():
-        fused_batch_norm(x, running_mean, running_var, weight, bias, True, residual=x)
+    x, residual, weight, bias = (layer[name].detach().clone().requires_grad_()
+                                 for name in ("x", "residual", "weight", "bias"))
+    running_mean, running_var = layer["running_mean"].clone(), layer["running_var"].clone()
+    fused_batch_norm(x, running_mean, running_var, weight, bias, True, residual=residual)  # kept
+    running_mean.requires_grad_()  # the one difference from the kept call's signature
+    with torch.no_grad():  # taken, as F.batch_norm takes it
+        fused_batch_norm(x, running_mean, running_var, weight, bias, True, residual=residual)
+    before = running_mean.detach().clone(), running_var.clone()
     for _ in range(2):
         with pytest.raises(RuntimeError, match="not differentiable with respect to argument "
                                                "'running_mean'"):
-            fused_batch_norm(x, running_mean, running_var, weight, bias, True, residual=x)
+            fused_batch_norm(x, running_mean, running_var, weight, bias, True, residual=residual)
+        assert torch.equal(running_mean.detach(), before[0]) and torch.equal(running_var,
+                                                                             before[1])

@@ -344,6 +344,74 @@ def test_a_forward_that_adds_into_its_input_in_place_is_left_as_it_is():
         torch.testing.assert_close(model(x), reference(x))
 
 
+class _StandardPartsAddingIntoItsInput(nn.Module):
+    """torchvision's BasicBlock parts and output, but the add goes into its input in place."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        x += self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.relu(x)
+
+
+class ReadsWhatItsStandardBlockChanged(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.block = nn.Conv2d(4, 4, 1), _StandardPartsAddingIntoItsInput()
+
+    def forward(self, x):
+        a = self.stem(x)
+        return self.block(a) + a
+
+
+def test_a_standard_block_that_adds_into_its_input_is_not_converted():
+    """Converted to this package's block (which leaves its input alone), its caller read another
+    tensor; the probe's input after the call tells, on the block path as on the traced one."""
+    torch.manual_seed(0)
+    model = randomize(ReadsWhatItsStandardBlockChanged()).eval()
+    reference = copy.deepcopy(model)
+    with pytest.warns(FuseWarning, match="block: its forward changes its input in place"):
+        _, report = fuse(model, return_report=True, example_input=torch.randn(2, 4, 6, 6))
+    assert report.fused == () and {s.batch_norm for s in report.sites} <= {"block.bn1"}
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x))
+
+
+class _MasksItsOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x, mask, empty):
+        return F.relu(self.bn(self.conv(x))) * mask + empty.sum()
+
+
+class PassesABoolMaskAndAnEmptyTensor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = _MasksItsOutput()
+
+    def forward(self, x, mask):
+        return self.inner(x, mask, x.new_empty(0))
+
+
+def test_arguments_that_are_not_floats_or_hold_nothing_do_not_stop_a_rewrite():
+    """The in-place check compares a bool mask and an empty tensor exactly (its float
+    comparison raised on them, refusing the rewrite as if it had failed)."""
+    torch.manual_seed(0)
+    model = randomize(PassesABoolMaskAndAnEmptyTensor())
+    reference = copy.deepcopy(model)
+    inputs = (torch.randn(2, 3, 6, 6), torch.rand(2, 4, 6, 6) > 0.5)
+    _, report = fuse(model, return_report=True, example_input=inputs)
+    assert [s.batch_norm for s in report.sites] == ["inner.bn"] and report.skipped == ()
+    torch.testing.assert_close(model.eval()(*inputs), reference.eval()(*inputs))
+
+
 class _TakesAShortcut(nn.Module):
     """torchvision's block parts, but its forward takes the shortcut too (as timm's DlaBasic)."""
 

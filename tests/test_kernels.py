@@ -1057,8 +1057,8 @@ def _refusal(call) -> tuple[type, str]:
 def test_what_pytorch_refuses_at_the_edges_is_refused_in_its_words(backend):
     """A float8 input, one value per channel with no channels, per-channel tensors on another
     device, running statistics that require grad while grad mode is on: each refused with
-    F.batch_norm's error (type and message), before a running statistic is touched; the same
-    running statistics under no_grad are taken, as F.batch_norm takes them."""
+    F.batch_norm's error (type and message), the last before a running statistic is updated; the
+    same running statistics under no_grad are taken, as F.batch_norm takes them."""
     x = torch.randn(2, 3, 4, 5)
     cases = {
         "float8": lambda f: f(x.to(torch.float8_e4m3fn), None, None, None, None, True),
@@ -1081,6 +1081,9 @@ def test_what_pytorch_refuses_at_the_edges_is_refused_in_its_words(backend):
         with use_backend(backend):
             assert _refusal(lambda: case(fused_batch_norm)) == expected, name
     running_mean, running_var = torch.zeros(3, requires_grad=True), torch.ones(3)
+    with use_backend(backend), pytest.raises(RuntimeError, match="not differentiable"):
+        fused_batch_norm(x, running_mean, running_var, training=True)
+    assert torch.equal(running_mean.detach(), torch.zeros(3)), "refused before any update"
     with torch.no_grad(), use_backend(backend):
         out = fused_batch_norm(x, running_mean, running_var, training=True, relu=False)
     reference_mean = torch.zeros(3)

@@ -96,6 +96,7 @@ def test_local_shards_are_counted_and_checked(shards, tmp_path):
     # A size given for local shards is the count, or refused naming both (an epoch reads its
     # size's worth of batches: 250 would go round the 25 images ten times).
     assert load_shards({**_spec(root), "train_size": 25}, image_size=24).train_size == 25
+    assert load_shards({**_spec(root), "train_size": None}, image_size=24).train_size == 25
     with pytest.raises(ValueError, match="shards.train_size: 250 given, but the train shards hold "
                                          "25 images .* leave train_size out, or give 25"):
         load_shards({**_spec(root), "train_size": 250}, image_size=24)

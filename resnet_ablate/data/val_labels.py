@@ -143,6 +143,6 @@ def _devkit_wnids(meta: Path, label_file: Path) -> dict[int, str]:
 
 def _reason(error: Exception) -> str:
     """What a meta.mat that could not be read as the devkit's lacks, in a few words."""
-    if isinstance(error, KeyError):  # loadmat's dict, or a synset's missing field
+    if isinstance(error, KeyError):  # loadmat's dict (a synset's missing field: ValueError)
         return f"it holds no {error}"
     return f"{type(error).__name__}: {error}"

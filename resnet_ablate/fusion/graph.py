@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +26,7 @@ from torch import fx, nn
 from ..blocks import fused_twin_of
 from .forward_facts import KEPT_MODULES, KeptModules, guarded, kept_module
 from .patterns import _OPAQUE, added_then_relu, find_sites, owner_of, rewrite, traced
-from .probe import beyond_tolerance, evaluating, probe_input
+from .probe import beyond_tolerance, changed_in_place, evaluating, probe_input
 from .records import FusedSite, SkippedBlock, qualified
 
 _PROBE_SIDE = 32
@@ -231,15 +230,22 @@ def _mismatch(expected: Any, actual: Any) -> str | None:
     return f"the rewritten forward differs on the probe input (max difference {max(errors):.3g})" if errors else None
 
 
-def _changed_inputs(left: Any, actual: Any) -> str | None:
-    """Why the rewritten forward leaves its arguments otherwise than the model's did, if it does:
-    a traced forward records `x += y` as `x + y`, so a block that adds into its input in place
-    (which its caller may read afterwards) would change it no longer."""
-    pairs = list(zip(_tensors(left), _tensors(actual)))
-    if any(e.shape != a.shape or beyond_tolerance(e, a) is not None for e, a in pairs):
+def _changed_inputs(given: Any, left: Any, actual: Any) -> str | None:
+    """Why the rewritten forward leaves its arguments otherwise than the model's did, if it does
+    (`given`: the arguments before either ran; `left`, `actual`: after the model's forward and
+    after the rewritten one): a traced forward records `x += y` as `x + y`, so a block that adds
+    into its input in place (which its caller may read afterwards) would change it no longer."""
+    if any(changed_in_place(g, l, a) for g, l, a in zip(_tensors(given), _tensors(left),
+                                                        _tensors(actual))):
         return ("its forward changes a tensor it was given in place (as `x += y` does), which the "
                 "traced rewrite would not: its caller may read that tensor afterwards")
     return None
+
+
+def _cloned(value: Any) -> Any:
+    """`value` with each tensor in it cloned."""
+    return torch.utils._pytree.tree_map(
+        lambda v: v.clone() if isinstance(v, torch.Tensor) else v, value)
 
 
 def _inputs_on_probe(model: nn.Module, owners: list[str], example: Any
@@ -255,18 +261,15 @@ def _inputs_on_probe(model: nn.Module, owners: list[str], example: Any
     arguments = example if isinstance(example, tuple) else (example,)
     seen: dict[str, Any] = {}  # owner -> (args, kwargs, output), from its first call
     before: dict[str, Any] = {}
-    clone = functools.partial(torch.utils._pytree.tree_map,
-                              lambda v: v.clone() if isinstance(v, torch.Tensor) else v)
-
     def pre_recorder(owner: str) -> Callable[..., None]:
         def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if owner not in before:
-                before[owner] = (clone(args), clone(kwargs))
+                before[owner] = (_cloned(args), _cloned(kwargs))
         return hook
 
     def recorder(owner: str) -> Callable[..., None]:
         def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            seen.setdefault(owner, (*before[owner], clone(output), clone((args, kwargs))))
+            seen.setdefault(owner, (*before[owner], _cloned(output), _cloned((args, kwargs))))
         return hook
 
     handles = [handle for o in owners for handle in (
@@ -323,8 +326,9 @@ def _rewrite_owner(model: nn.Module, owner: str, through: set[str], expected_bns
         module.set_submodule(target, fused_twin_of(bn, relu=False))
     try:
         with evaluating(module):
+            given = _cloned((args, kwargs))
             actual = forward(module, *args, **kwargs)
-        reason = _mismatch(expected, actual) or _changed_inputs(left, (args, kwargs))
+        reason = _mismatch(expected, actual) or _changed_inputs(given, left, (args, kwargs))
     except Exception as error:  # noqa: BLE001 - e.g. a residual that broadcasts
         reason = f"the rewritten forward failed on the probe input ({type(error).__name__}: {error})"
     if reason is not None:

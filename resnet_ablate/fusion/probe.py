@@ -39,6 +39,19 @@ def evaluating(*modules: nn.Module) -> Iterator[None]:
                     buffer.copy_(values)
 
 
+def changed_in_place(given: torch.Tensor, left: torch.Tensor, other: torch.Tensor) -> bool:
+    """Whether a forward changed an argument in place (`given` before it, `left` after it) and
+    another forward, given the same, left it otherwise (`other`): a caller reading it
+    afterwards would see another tensor. Exact where the values are not floats, or none."""
+    if torch.equal(given, left):
+        return False  # unchanged (a NaN counts as changed, and is then compared below)
+    if other.shape != left.shape or other.dtype != left.dtype:
+        return True
+    if not left.is_floating_point() or left.numel() == 0:
+        return not torch.equal(left, other)
+    return beyond_tolerance(left, other) is not None
+
+
 def beyond_tolerance(expected: torch.Tensor, actual: torch.Tensor) -> float | None:
     """The largest difference of two outputs where it exceeds what their dtype's rounding
     explains (relative to the outputs' scale), else None."""

@@ -27,7 +27,7 @@ from ..blocks import BasicBlock, Bottleneck, fuse_block_, fused_twin_of
 from ..kernels import FusedBatchNorm2d
 from ..models import ResNet
 from .patterns import has_hooks
-from .probe import beyond_tolerance, evaluating, probe_input
+from .probe import beyond_tolerance, changed_in_place, evaluating, probe_input
 from .records import FusedSite, SkippedBlock, qualified
 
 _BASIC_PARTS = ("conv1", "bn1", "conv2", "bn2")
@@ -128,14 +128,18 @@ def _forward_mismatch(original: nn.Module, converted: nn.Module) -> str | None:
     conv1 = original.get_submodule("conv1")
     assert isinstance(conv1, nn.Conv2d)
     probe = probe_input(conv1.weight, conv1.in_channels, _PROBE_SIZE)
+    given, given_converted = probe.clone(), probe.clone()
     with evaluating(original, converted):
         try:
-            expected = original(probe.clone())
+            expected = original(given)
         except Exception as error:  # noqa: BLE001 - any failure means "not the standard block"
             return f"its forward failed on a probe input ({type(error).__name__}: {error})"
-        actual = converted(probe.clone())
+        actual = converted(given_converted)
     if not isinstance(expected, torch.Tensor) or expected.shape != actual.shape:
         return "its forward returns something other than the standard block's output"
+    if changed_in_place(probe, given, given_converted):
+        return ("its forward changes its input in place (as `x += y` does), which the converted "
+                "block would not: its caller may read that tensor afterwards")
     error = beyond_tolerance(expected, actual)
     if error is not None:
         return f"its forward differs from the standard block's (max difference {error:.3g} on a probe input)"

@@ -2,8 +2,9 @@
 
 `check_arguments` runs ahead of both the custom op (batch_norm.py, every call) and the eager path
 (_eager.py, a signature's first call: its key holds all the checks read but eps, momentum's
-type and the grad mode, which every call that needs them checks), so every backend refuses the same inputs with the same error
-(type and message), and no kernel ever sees an argument it would have to reject half-way through.
+type and the grad mode, which every call that needs them checks), so every backend refuses the
+same inputs with the same error (type and message), and no kernel ever sees an argument it would
+have to reject half-way through.
 """
 
 from __future__ import annotations

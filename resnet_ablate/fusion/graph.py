@@ -252,15 +252,17 @@ def _inputs_on_probe(model: nn.Module, owners: list[str], example: Any
                      ) -> tuple[dict[str, Any], str | None]:
     """What each owner receives when the model runs a probe batch (eval mode, no state change):
     its arguments as they were before its forward ran (a forward may change them in place), its
-    output, and its arguments as its forward left them. `example`: the model's input, or a tuple of its positional arguments."""
+    output, and its arguments as its forward left them. `example`: the model's input, or a tuple
+    of its positional arguments."""
     if example is None:
         conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
         if conv is None:
             return {}, "no example_input was given and the model has no Conv2d to size a probe input by"
         example = probe_input(conv.weight, conv.in_channels, _PROBE_SIDE)
     arguments = example if isinstance(example, tuple) else (example,)
-    seen: dict[str, Any] = {}  # owner -> (args, kwargs, output), from its first call
+    seen: dict[str, Any] = {}  # owner -> (args, kwargs, output, (args, kwargs) left), first call
     before: dict[str, Any] = {}
+
     def pre_recorder(owner: str) -> Callable[..., None]:
         def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if owner not in before:

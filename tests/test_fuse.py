@@ -318,10 +318,12 @@ class _AddsIntoItsInput(nn.Module):
         return self.relu(x)
 
 
-class ReadsWhatItsBlockChangedInPlace(nn.Module):
-    def __init__(self):
+class ReadsWhatItsBlockChanged(nn.Module):
+    """Calls `block` on its stem's output, then reads that tensor as the block left it."""
+
+    def __init__(self, block: nn.Module):
         super().__init__()
-        self.stem, self.block = nn.Conv2d(4, 4, 1), _AddsIntoItsInput()
+        self.stem, self.block = nn.Conv2d(4, 4, 1), block
 
     def forward(self, x):
         a = self.stem(x)
@@ -332,7 +334,7 @@ def test_a_forward_that_adds_into_its_input_in_place_is_left_as_it_is():
     """A traced forward records `x += y` as `x + y`: rewritten, the block would leave its
     caller's tensor unchanged (1.1 off in the output). Its arguments after the probe tell."""
     torch.manual_seed(0)
-    model = randomize(ReadsWhatItsBlockChangedInPlace()).eval()
+    model = randomize(ReadsWhatItsBlockChanged(_AddsIntoItsInput())).eval()
     reference = copy.deepcopy(model)
     with pytest.warns(FuseWarning, match="unfused"):
         _, report = fuse(model, return_report=True, example_input=torch.randn(2, 4, 6, 6))
@@ -344,35 +346,22 @@ def test_a_forward_that_adds_into_its_input_in_place_is_left_as_it_is():
         torch.testing.assert_close(model(x), reference(x))
 
 
-class _StandardPartsAddingIntoItsInput(nn.Module):
-    """torchvision's BasicBlock parts and output, but the add goes into its input in place."""
+class _StandardPartsAddingIntoItsInput(TVBasicBlock):
+    """torchvision's BasicBlock (its parts and output), but the add goes into its input in place."""
 
-    def __init__(self, c=4):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
-        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
-        self.relu = nn.ReLU()
+    def __init__(self):
+        super().__init__(4, 4)
 
     def forward(self, x):
         x += self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
         return self.relu(x)
 
 
-class ReadsWhatItsStandardBlockChanged(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem, self.block = nn.Conv2d(4, 4, 1), _StandardPartsAddingIntoItsInput()
-
-    def forward(self, x):
-        a = self.stem(x)
-        return self.block(a) + a
-
-
 def test_a_standard_block_that_adds_into_its_input_is_not_converted():
     """Converted to this package's block (which leaves its input alone), its caller read another
     tensor; the probe's input after the call tells, on the block path as on the traced one."""
     torch.manual_seed(0)
-    model = randomize(ReadsWhatItsStandardBlockChanged()).eval()
+    model = randomize(ReadsWhatItsBlockChanged(_StandardPartsAddingIntoItsInput())).eval()
     reference = copy.deepcopy(model)
     with pytest.warns(FuseWarning, match="block: its forward changes its input in place"):
         _, report = fuse(model, return_report=True, example_input=torch.randn(2, 4, 6, 6))
@@ -412,14 +401,11 @@ def test_arguments_that_are_not_floats_or_hold_nothing_do_not_stop_a_rewrite():
     torch.testing.assert_close(model.eval()(*inputs), reference.eval()(*inputs))
 
 
-class _TakesAShortcut(nn.Module):
-    """torchvision's block parts, but its forward takes the shortcut too (as timm's DlaBasic)."""
+class _TakesAShortcut(TVBasicBlock):
+    """torchvision's BasicBlock, but its forward takes the shortcut too (as timm's DlaBasic)."""
 
-    def __init__(self, c=4):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
-        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
-        self.relu = nn.ReLU()
+    def __init__(self):
+        super().__init__(4, 4)
 
     def forward(self, x, shortcut=None):
         shortcut = x if shortcut is None else shortcut

@@ -136,9 +136,13 @@ def _paired_row(factor: str, level: Any, baseline: Any, metric: str, configurati
                 base: pd.Series, other: pd.Series, estimate: stats.Estimate) -> dict[str, Any]:
     # n_pairs: the paired seeds (an "all" row's note says over how many configurations).
     return {factor: level, "baseline": baseline, **configuration, "n_pairs": estimate.n,
-            f"{metric}_baseline": float(np.mean(base.to_numpy(float))),
-            f"{metric}_level": float(np.mean(other.to_numpy(float))),
+            f"{metric}_baseline": _mean(base), f"{metric}_level": _mean(other),
             "diff_mean": estimate.mean, "diff_std": estimate.std,
             "diff_ci95_low": estimate.low, "diff_ci95_high": estimate.high,
             "p_value": estimate.p_value, "method": estimate.method, "note": note(estimate),
             "metric": metric}
+
+
+def _mean(values: pd.Series) -> float:
+    """The values' mean; NaN, without numpy's warning, where no seed is paired."""
+    return float(values.to_numpy(float).mean()) if len(values) else float("nan")

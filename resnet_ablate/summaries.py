@@ -4,7 +4,7 @@ study's rule, decided on the trials recorded)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -12,8 +12,11 @@ import pandas as pd
 
 from . import stats
 from .adaptive import Decision, SeedResult, decide, ended_for_good, seed_result
+from .apart import ALPHA as APART_ALPHA
+from .apart import METHOD as APART_METHOD
+from .apart import seed_apart
 from .contrasts import (CONFIGURATION_CONSTANTS, LeftOut, complement, failed_seeds, failure_kinds,
-                        joined, metric_bounds, note, recorded, rows_where, seeds_named,
+                        joined, metric_bounds, note, plain, recorded, rows_where, seeds_named,
                         selected_note, sizes_note, stacked_timing, stratified_contrast,
                         with_methods, with_note)
 from .record import ERROR_RATES, TEST_SET_RATES, is_complement
@@ -37,6 +40,7 @@ WIDTH_STOPPED_EARLY = ("stopped early by the width rule, as seeds that agree do:
                        "configurations are covered less often than the rest")
 WIDTH_STOPPED = ("seeds stopped once the interval was narrow (the width rule): not adjusted "
                  "for that, so it covers less than 95%")
+APART_TEST = "outlier test"  # names the method in a row's note, and under the table
 
 
 def summary(results: Results, by: Sequence[str] | None = None,
@@ -76,6 +80,8 @@ def summary(results: Results, by: Sequence[str] | None = None,
             "params": _one_or_mean(group["params"]), "flops": _one_or_mean(group["flops"]),
         })
     frame = with_methods(pd.DataFrame(rows))
+    if "note" in frame and frame["note"].str.contains(APART_TEST, regex=False).any():
+        frame.attrs["methods"].append(f"{APART_TEST}: {APART_METHOD}, at p < {APART_ALPHA:g}")
     frame.attrs["notes"] = _unsummarised(results.trials, done, by)
     return frame
 
@@ -114,9 +120,14 @@ def configuration_estimate(results: Results, group: pd.DataFrame, metric: str,
     keys = [*results.configuration_columns(), "seed"]
     values, repeated = _per_seed(group, metric, keys)
     numbers = group["number"].tolist()
-    with seeds_named(lambda: [(list(trials["number"]), seed) for (*_, seed), trials
-                              in group.groupby(keys, dropna=False, sort=True)] if repeated
-                     else [([number], seed) for number, seed in zip(numbers, group["seed"])]):
+
+    def seeds() -> list[tuple[list[int], Any]]:  # each value's trials and seed, in order
+        if repeated:
+            return [(list(trials["number"]), seed) for (*_, seed), trials
+                    in group.groupby(keys, dropna=False, sort=True)]
+        return [([number], seed) for number, seed in zip(numbers, group["seed"])]
+
+    with seeds_named(seeds):
         if metric not in TEST_SET_RATES:
             return stats.seed_mean(values, metric_bounds(metric),
                                    exact_ties=metric in CONFIGURATION_CONSTANTS,
@@ -126,7 +137,8 @@ def configuration_estimate(results: Results, group: pd.DataFrame, metric: str,
             outcomes = None
         errors = 1 - values if is_complement(metric) else values
         estimate = with_note(stats.error_rate(outcomes, errors, images, level=level),
-                             sizes_note(results, numbers))
+                             joined(sizes_note(results, numbers),
+                                    _apart_note(values, seeds, images)))
     return complement(estimate) if is_complement(metric) else selected_note(estimate, metric)
 
 
@@ -200,6 +212,22 @@ def decisions(results: Results) -> dict[tuple, Decision]:
     used_counts = {c: len(numbers) for c, numbers in used.items()}
     return {c: d for c, d in decide(rule, levels, configurations, used_counts).items()
             if c in shown}
+
+
+def _apart_note(values: np.ndarray, seeds: Callable[[], list[tuple[list[int], Any]]],
+                images: int | None) -> str:
+    """A row's note where one of its seeds stands apart from the rest (apart.py): its interval
+    assumes seeds that vary alike and covers far less than it says."""
+    found = seed_apart(values, images)
+    if found is None:
+        return ""
+    numbers, seed = seeds()[found.position]
+    trials = ", ".join(map(str, numbers))
+    return (f"seed {plain(seed)} (trial{'s' if len(numbers) != 1 else ''} {trials}) stands apart: "
+            f"{100 * found.value:.1f}% against {100 * found.others_low:.1f}-"
+            f"{100 * found.others_high:.1f}% for the other {found.n - 1} ({APART_TEST} p = "
+            f"{found.p_value:.1g}); the interval assumes seeds that vary alike and covers less "
+            "than 95% here")
 
 
 def _per_seed(group: pd.DataFrame, metric: str, keys: list[str]) -> tuple[np.ndarray, bool]:

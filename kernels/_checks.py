@@ -83,10 +83,8 @@ def check_arguments(
     if not training and (running_mean is None or running_var is None):
         missing = "running_mean" if running_mean is None else "running_var"
         raise RuntimeError(f"{missing} must be defined in evaluation mode")
-    if ((running_mean is not None and running_mean.numel() != channels)
-            or (running_var is not None and running_var.numel() != channels)
-            or (weight is not None and weight.numel() != channels)
-            or (bias is not None and bias.numel() != channels)):
+    if any(t is not None and (t.numel() != channels or t.dim() != 1)
+           for t in (running_mean, running_var, weight, bias)):
         _refuse_sizes(channels, running_mean, running_var, weight, bias)
     return momentum
 
@@ -156,6 +154,11 @@ def _refuse_sizes(channels: int, *tensors: torch.Tensor | None) -> None:
     for name, t in zip(("running_mean", "running_var", "weight", "bias"), tensors):
         if t is not None and t.numel() != channels:
             raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
+        # F.batch_norm takes some other shapes of C elements in some modes and fails in others
+        # with an ATen message (CPU training: "TensorAccessor expected 1 dims"): one rule here.
+        if t is not None and t.dim() != 1:
+            raise RuntimeError(f"{name} should be 1-D, of {channels} elements, not of shape "
+                               f"{tuple(t.shape)} (pass {name}.view(-1))")
 
 
 def _check_eps(eps: float, training: bool) -> None:

@@ -117,9 +117,9 @@ def signature(input: torch.Tensor, running_mean: torch.Tensor | None,
               bias: torch.Tensor | None, training: bool, residual: torch.Tensor | None,
               relu: bool, gradient: bool) -> tuple:
     """Everything that a call's checks, implementation and plans read: the backend; each tensor's
-    shape (per-channel ones: their size), strides (per-channel ones: whether contiguous), dtype
-    and device, or None; whether all are 16-byte aligned; the flags. One flat tuple, built and
-    hashed once a call: nested tuples hash and compare slower."""
+    shape, strides (per-channel ones: whether contiguous), dtype and device, or None; whether
+    all are 16-byte aligned; the flags. One flat tuple, built and hashed once a call: nested
+    tuples hash and compare slower."""
     return (
         get_backend(), input.shape, input.stride(), input.dtype, input.device, training, relu,
         gradient,
@@ -127,18 +127,18 @@ def signature(input: torch.Tensor, running_mean: torch.Tensor | None,
         None if residual is None else residual.stride(),
         None if residual is None else residual.dtype,
         None if residual is None else residual.device,
-        None if weight is None else weight.dtype, None if weight is None else weight.numel(),
+        None if weight is None else weight.dtype, None if weight is None else weight.shape,
         None if weight is None else weight.is_contiguous(),
         None if weight is None else weight.device,
-        None if bias is None else bias.dtype, None if bias is None else bias.numel(),
+        None if bias is None else bias.dtype, None if bias is None else bias.shape,
         None if bias is None else bias.is_contiguous(), None if bias is None else bias.device,
         None if running_mean is None else running_mean.dtype,
-        None if running_mean is None else running_mean.numel(),
+        None if running_mean is None else running_mean.shape,
         None if running_mean is None else running_mean.is_contiguous(),
         None if running_mean is None else running_mean.device,
         None if running_mean is None else running_mean.requires_grad,
         None if running_var is None else running_var.dtype,
-        None if running_var is None else running_var.numel(),
+        None if running_var is None else running_var.shape,
         None if running_var is None else running_var.is_contiguous(),
         None if running_var is None else running_var.device,
         None if running_var is None else running_var.requires_grad,

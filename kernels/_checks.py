@@ -41,6 +41,7 @@ def check_arguments(
 ) -> float:
     """Raise what `F.batch_norm` raises for these arguments (its wording where it has one);
     returns `momentum` as a float (F.batch_norm takes any real number, a 0-dim tensor too).
+    Stricter in one respect: per-channel tensors must be 1-D (`_refuse_sizes`).
 
     Written for the call that passes, which pays for every line of it on every layer: each
     condition is one cheap test, and building a message waits until a test fails."""
@@ -154,11 +155,14 @@ def _refuse_sizes(channels: int, *tensors: torch.Tensor | None) -> None:
     for name, t in zip(("running_mean", "running_var", "weight", "bias"), tensors):
         if t is not None and t.numel() != channels:
             raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
-        # F.batch_norm takes some other shapes of C elements in some modes and fails in others
-        # with an ATen message (CPU training: "TensorAccessor expected 1 dims"): one rule here.
+        # F.batch_norm takes other shapes of C elements in its forward and fails on them
+        # elsewhere (running statistics in CPU training: "TensorAccessor expected 1 dims"; a
+        # weight's gradient: autograd's shape check): one rule here, from the first call. A view,
+        # not a reshape, in the hint: a copy of the running statistics would lose their updates.
         if t is not None and t.dim() != 1:
-            raise RuntimeError(f"{name} should be 1-D, of {channels} elements, not of shape "
-                               f"{tuple(t.shape)} (pass {name}.view(-1))")
+            raise RuntimeError(f"{name} should be 1-D, with {channels} element"
+                               f"{'s' if channels != 1 else ''}, not of shape {tuple(t.shape)} "
+                               f"(pass a 1-D view: {name}.view(-1))")
 
 
 def _check_eps(eps: float, training: bool) -> None:

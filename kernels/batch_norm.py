@@ -213,7 +213,9 @@ def fused_batch_norm(
     Same positional signature, semantics and errors as `torch.nn.functional.batch_norm`: in
     training the batch statistics normalize and, when running statistics are given, update them in
     place (momentum, unbiased variance); in eval the running statistics normalize. The residual
-    has the input's shape or broadcasts to it, as in `out += residual`.
+    has the input's shape or broadcasts to it, as in `out += residual`. Per-channel tensors must
+    be 1-D (F.batch_norm takes other shapes of C elements in its forward, and fails on them in
+    training or backward).
     """
     eager = _is_eager(input)
     if _runs_inline(input, eager) or _exporting_to_onnx(eager):

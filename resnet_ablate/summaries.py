@@ -14,7 +14,7 @@ from . import stats
 from .adaptive import Decision, SeedResult, decide, ended_for_good, seed_result
 from .apart import ALPHA as APART_ALPHA
 from .apart import METHOD as APART_METHOD
-from .apart import seed_apart
+from .apart import seeds_apart
 from .contrasts import (CONFIGURATION_CONSTANTS, LeftOut, complement, failed_seeds, failure_kinds,
                         joined, metric_bounds, note, plain, recorded, rows_where, seeds_named,
                         selected_note, sizes_note, stacked_timing, stratified_contrast,
@@ -216,18 +216,27 @@ def decisions(results: Results) -> dict[tuple, Decision]:
 
 def _apart_note(values: np.ndarray, seeds: Callable[[], list[tuple[list[int], Any]]],
                 images: int | None) -> str:
-    """A row's note where one of its seeds stands apart from the rest (apart.py): its interval
+    """A row's note where some of its seeds stand apart from the rest (apart.py): its interval
     assumes seeds that vary alike and covers far less than it says."""
-    found = seed_apart(values, images)
+    found = seeds_apart(values, images)
     if found is None:
         return ""
-    numbers, seed = seeds()[found.position]
-    trials = ", ".join(map(str, numbers))
-    return (f"seed {plain(seed)} (trial{'s' if len(numbers) != 1 else ''} {trials}) stands apart: "
-            f"{100 * found.value:.1f}% against {100 * found.others_low:.1f}-"
-            f"{100 * found.others_high:.1f}% for the other {found.n - 1} ({APART_TEST} p = "
-            f"{found.p_value:.1g}); the interval assumes seeds that vary alike and covers less "
-            "than 95% here")
+    listed = seeds()
+    names = _in_words([plain(listed[i][1]) for i in found.positions])
+    numbers = [number for i in found.positions for number in listed[i][0]]
+    one = len(found.positions) == 1
+    p_text = f"p = {found.p_value:.2g}" if found.p_value > 0 else "p < 1e-300"
+    return (f"seed{'' if one else 's'} {names} (trial{'' if len(numbers) == 1 else 's'} "
+            f"{', '.join(map(str, numbers))}) stand{'s' if one else ''} apart: "
+            f"{_in_words([f'{100 * v:.1f}%' for v in found.values])} against "
+            f"{100 * found.others_low:.1f}-{100 * found.others_high:.1f}% for the other "
+            f"{found.n - len(found.positions)} ({APART_TEST} {p_text}); the interval assumes "
+            "seeds that vary alike and covers less than 95% here")
+
+
+def _in_words(items: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
 
 
 def _per_seed(group: pd.DataFrame, metric: str, keys: list[str]) -> tuple[np.ndarray, bool]:

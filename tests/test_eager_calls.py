@@ -145,7 +145,7 @@ REFUSED = {
     # (F.batch_norm takes such a weight in some modes and fails in others, an ATen message.)
     "a weight of shape (C, 1)": (lambda layer: dict(layer, weight=layer["weight"].view(-1, 1)),
                                  RuntimeError,
-                                 r"weight should be 1-D, of 6 elements, not of shape \(6, 1\)"),
+                                 r"weight should be 1-D, with 6 elements, not of shape \(6, 1\)"),
     "a float64 weight": (lambda layer: dict(layer, weight=layer["weight"].double()),
                          RuntimeError, "mixed dtype"),
     "eps 0 in training": (lambda layer: dict(layer, eps=0.0), ValueError,

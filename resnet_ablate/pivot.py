@@ -10,10 +10,12 @@ the draws and the constants. Torch-free.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats as scipy_stats
+from scipy.special import ndtr, ndtri
 
 # Chi-square draws per seed term: a stratified (Latin hypercube) sample, fixed so that the same
 # table always gives the same interval.
@@ -21,7 +23,9 @@ PIVOT_DRAWS = 1024
 _PIVOT_SEED = 20161207
 
 
-@functools.lru_cache(maxsize=64)
+# The images' degrees of freedom take hundreds of values over a study's tables, each draw's
+# quantiles a millisecond to compute: kept for 1,024 of them (8 MiB).
+@functools.lru_cache(maxsize=1024)
 def _chi2_draws(seed_df: int, stream: int) -> np.ndarray:
     rng = np.random.default_rng([_PIVOT_SEED, stream])
     cells = (rng.permutation(PIVOT_DRAWS) + rng.random(PIVOT_DRAWS)) / PIVOT_DRAWS
@@ -51,6 +55,10 @@ def variance_draws(seed_scale: float, seed_df: int, fixed: float, stream: int = 
     return variances
 
 
+_ROOT_TWO_PI = math.sqrt(2 * math.pi)
+_HALF_WIDTH_TOLERANCE = 1e-10  # relative: far below any digit an interval is shown with
+
+
 @dataclass(frozen=True)
 class Pivot:
     """What an interval is drawn from: the variance draws, and for the calibration the seeds'
@@ -60,6 +68,33 @@ class Pivot:
     variances: np.ndarray
     seed_df: int = 0
     seed_share: float | None = None
+
+    def half_width(self, alpha: float) -> float:
+        """h with P(|Z| sqrt(V) > h) = alpha: the interval is the mean +- h, the pivot being a
+        scale mixture of normals about the mean, symmetric. Newton's method on the log of the
+        mixture's exact tail, from the median draw's quantile, kept inside the bracket that the
+        least and largest draws' quantiles give (the mixture's lies between them): 3-9
+        evaluations to 1e-10, where bisecting both ends took some thirty."""
+        sd = np.sqrt(self.variances)
+        z = float(ndtri(1 - alpha / 2))
+        low, high = z * float(sd.min()), z * float(sd.max())
+        h, target = z * float(np.median(sd)), alpha / 2
+        for _ in range(100):
+            scaled = h / sd
+            tail = float(np.mean(ndtr(-scaled)))  # P(Z sqrt(V) > h), decreasing in h
+            if tail > target:
+                low = h
+            else:
+                high = h
+            density = float(np.mean(np.exp(-0.5 * scaled**2) / sd)) / _ROOT_TWO_PI
+            step = (h + math.log(tail / target) * tail / density if tail > 0 and density > 0
+                    else math.nan)
+            if abs(step - h) <= _HALF_WIDTH_TOLERANCE * h:
+                return step
+            # (Converged steps are taken before this: the last one may land on the bracket.)
+            h = step if low < step < high else (
+                math.sqrt(low * high) if low > 0 else (low + high) / 2)
+        return h
 
 
 # The pivot's calibration (stats' module docstring): at df seed degrees of freedom the 95% pivot is

@@ -18,6 +18,10 @@ import numpy as np
 import pandas as pd
 
 from . import stats
+from .apart import ALPHA as APART_ALPHA
+from .apart import METHOD as APART_METHOD
+from .apart import NAME as APART_NAME
+from .apart import seeds_apart
 from .record import ERROR_RATES, METRICS, TEST_SET_RATES, is_complement
 from .seed_tables import SeedRecordsError
 from .storage import ResultsError
@@ -78,8 +82,44 @@ def with_holm(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def with_methods(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame with its rows' methods in `attrs["methods"]`, and the outlier test's where a
+    row's note names seeds apart."""
     frame.attrs["methods"] = sorted(set(frame["method"]) - {""}) if "method" in frame else []
+    if "note" in frame and frame["note"].str.contains(APART_NAME, regex=False).any():
+        frame.attrs["methods"].append(f"{APART_NAME}: {APART_METHOD}, at p < {APART_ALPHA:g}")
     return frame
+
+
+def seeds_apart_note(values: np.ndarray, listed: Callable[[], Sequence[tuple[list[int], Any]]],
+                     images: int | None, *, weights: np.ndarray | None = None) -> str:
+    """A row's note where some of its seeds stand apart from the rest (apart.py): its interval
+    assumes seeds that vary alike and covers far less than it says. `values`: one rate per seed,
+    or with `weights` each seed's contrast of rates (shown in points); `listed()`: each value's
+    trial numbers and seed, worked out only for such a note."""
+    squared = 1.0 if weights is None else float(weights @ weights)
+    found = seeds_apart(values, images, squared_weights=squared)
+    if found is None:
+        return ""
+    seeds = listed()
+    numbers = [number for i in found.positions for number in seeds[i][0]]
+    low, high = 100 * found.others_low, 100 * found.others_high
+    if weights is None:
+        shown, others = [f"{100 * v:.1f}%" for v in found.values], f"{low:.1f}-{high:.1f}%"
+    else:
+        shown = [f"{100 * v:+.1f} points" for v in found.values]
+        others = f"{low:+.1f} to {high:+.1f} points"
+    one = len(found.positions) == 1
+    p_text = f"p = {found.p_value:.2g}" if found.p_value > 0 else "p < 1e-300"
+    return (f"seed{'' if one else 's'} {_in_words([plain(seeds[i][1]) for i in found.positions])} "
+            f"(trial{'' if len(numbers) == 1 else 's'} {', '.join(map(str, numbers))}) "
+            f"stand{'s' if one else ''} apart: {_in_words(shown)} against {others} for the other "
+            f"{found.n - len(found.positions)} ({APART_NAME} {p_text}); the interval assumes "
+            "seeds that vary alike and covers less than 95% here")
+
+
+def _in_words(items: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
 
 
 def paired_contrast(results: Results, values: pd.DataFrame, trials: pd.DataFrame,
@@ -107,10 +147,14 @@ def paired_contrast(results: Results, values: pd.DataFrame, trials: pd.DataFrame
     if metric in ERROR_RATES and outcomes is not None and len(outcomes) == values.size:
         n = len(values)  # one trial a cell, each with its per-image record
         tables = [outcomes[k * n:(k + 1) * n] for k in range(len(columns))]
-    with seeds_named(lambda: [([n for cell in row for n in cell], seed) for row, seed in zip(
-            trials.itertuples(index=False), values.index.get_level_values("seed"))]):
-        estimate = with_note(stats.contrast(tables, weights, errors, images),
-                             sizes_note(results, numbers))
+    def listed() -> list[tuple[list[int], Any]]:  # each seed's trials and seed, in order
+        return [([n for cell in row for n in cell], seed) for row, seed in zip(
+            trials.itertuples(index=False), values.index.get_level_values("seed"))]
+
+    with seeds_named(listed):
+        estimate = with_note(stats.contrast(tables, weights, errors, images), joined(
+            sizes_note(results, numbers),
+            seeds_apart_note(values.to_numpy(float) @ weights, listed, images, weights=weights)))
     # Accuracy is 1 - error and a contrast's weights sum to zero: the same contrast, negated.
     return negated(estimate) if is_complement(metric) else selected_note(estimate, metric)
 

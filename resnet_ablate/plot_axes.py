@@ -1,6 +1,7 @@
 """Figures and axes that the plots share (plots.py): panels two to a row, log axes labelled in
 plain numbers, a legend moved beside the axes where it would cover them, groups drawn at one x
-set side by side, means without an interval drawn open."""
+set side by side, means without an interval drawn open, means over seeds that stand apart
+ringed."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from .apart import NAME as APART_NAME
 
 
 def panels_figure(panels: int = 1, *, height: float = 4.0,
@@ -83,6 +86,27 @@ def mark_without_interval(ax: Any, x: Any, y: np.ndarray, below: np.ndarray, mar
                s=60, facecolors="white", edgecolors=color, linewidths=1.5, zorder=3)
     if not any(c.get_label() == ONE_SEED_LABEL for c in ax.collections):
         ax.scatter([], [], marker="o", facecolors="white", edgecolors="gray", label=ONE_SEED_LABEL)
+
+
+SEEDS_APART_LABEL = "ringed: seeds stand apart, the bar covers less"
+
+
+def mark_seeds_apart(ax: Any, x: Any, y: np.ndarray, notes: Any, color: str) -> None:
+    """Ring the means whose rows say that some of their seeds stand apart (the summary's note,
+    apart.py): their bars assume seeds that vary alike and cover less than 95%."""
+    apart = np.array([APART_NAME in str(note) for note in notes], dtype=bool)
+    if not apart.any():
+        return
+    ax.scatter(np.asarray(x, dtype=float)[apart], np.asarray(y)[apart], marker="o", s=260,
+               facecolors="none", edgecolors=color, linewidths=1.2, linestyle="--", zorder=3)
+    if not any(c.get_label() == SEEDS_APART_LABEL for c in ax.collections):
+        ax.scatter([], [], marker="o", s=100, facecolors="none", edgecolors="gray",
+                   linestyle="--", label=SEEDS_APART_LABEL)
+
+
+def interval_methods(table: Any) -> list[str]:
+    """The methods of a table's intervals (its `methods`, less the outlier test's)."""
+    return [m for m in table.attrs.get("methods") or [] if not m.startswith(APART_NAME)]
 
 
 # Between neighbours set side by side: this share of the axis' span (of its decades, on a log

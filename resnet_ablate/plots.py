@@ -2,15 +2,15 @@
 
 - `plot_curves`: Fig. 6, training curves by depth, plain vs residual: thin lines training error,
   bold lines test error, the mean over seeds per configuration.
-- `plot_depth`: error against depth, one line per shortcut option, with 95% CI error bars.
+- `plot_depth`: error against depth, one line per shortcut option, with 95% CI error bars
+  (ringed where seeds stand apart).
 - `plot_pareto`: test error against FLOPs (G or M, log-scaled where they span a wide range) for
   every completed trial, the Pareto front joined.
 - `plot_responses`: Fig. 7, the std of each 3x3 layer's BN output, in layer order and sorted, on
   a log scale.
 
-Figures are built with `matplotlib.figure.Figure` and saved through the Agg canvas, so importing
-this module never picks or changes pyplot's global backend.
-"""
+Built as `matplotlib.figure.Figure`s, saved through the Agg canvas: importing this module never
+picks or changes pyplot's global backend."""
 
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .contrasts import failed_seeds, failure_kinds, pruned_seeds
-from .plot_axes import (SIDE_STEP, SideBySide, labelled_within_a_decade, legend_beside_if_long,
-                        log_percent_axis, mark_without_interval, panels_figure,
-                        plain_number_x_axis, side_by_side)
+from .plot_axes import (SIDE_STEP, SideBySide, interval_methods, labelled_within_a_decade,
+                        legend_beside_if_long, log_percent_axis, mark_seeds_apart,
+                        mark_without_interval, panels_figure, plain_number_x_axis, side_by_side)
 from .record import METRICS
 from .results import Results, ResultsError
 from .storage import refuse_to_lose_results
@@ -146,8 +146,7 @@ def plot_depth(results: Results, *, metric: str = "test_error", x: str = "depth"
     groups = summary.groupby(line_by, sort=False) if len(by) == 2 else [(None, summary)]
     # Colours in the values' natural order, as the Pareto figure gives them (shortcut A blue and
     # plain orange in both), whatever order the legend lists them in.
-    palette = {value: f"C{i % 10}"
-               for i, value in enumerate(sorted((v for v, _ in groups), key=_natural))}
+    palette = {v: f"C{i % 10}" for i, v in enumerate(sorted((v for v, _ in groups), key=_natural))}
     xs = sorted(set(summary[x].astype(float)))
     span = (xs[-1] - xs[0]) or 4.0  # one x: an axis 4 wide around it (else it zooms to the dodge)
     ordered = sorted(groups, key=lambda item: _panel_order(item[0]))
@@ -162,6 +161,7 @@ def plot_depth(results: Results, *, metric: str = "test_error", x: str = "depth"
                     label=f"{_label(line_by, value) if line_by else metric} "
                           f"({_seed_count(group['n'])})")
         mark_without_interval(ax, at, mean, below, "o", palette[value])
+        mark_seeds_apart(ax, at, mean, group["note"], palette[value])
     ax.set_xlabel(x)
     ax.set_xticks(xs)  # the depths run, not fractions
     if len(xs) == 1:
@@ -172,7 +172,7 @@ def plot_depth(results: Results, *, metric: str = "test_error", x: str = "depth"
         _averaged_over(results, (x, line_by)) + _pruned_caption(results), 55)]),
         fontsize="medium")
     ax.grid(alpha=0.3)
-    methods = summary.attrs.get("methods") or []
+    methods = interval_methods(summary)
     # How the bars were made, in the figure itself (the legend's title keeps it off the axes).
     # Wrapped: a stratified method's name is wider than the panel.
     ax.legend(fontsize="small", title_fontsize="x-small",

@@ -4,7 +4,7 @@ study's rule, decided on the trials recorded)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -12,13 +12,10 @@ import pandas as pd
 
 from . import stats
 from .adaptive import Decision, SeedResult, decide, ended_for_good, seed_result
-from .apart import ALPHA as APART_ALPHA
-from .apart import METHOD as APART_METHOD
-from .apart import seeds_apart
 from .contrasts import (CONFIGURATION_CONSTANTS, LeftOut, complement, failed_seeds, failure_kinds,
-                        joined, metric_bounds, note, plain, recorded, rows_where, seeds_named,
-                        selected_note, sizes_note, stacked_timing, stratified_contrast,
-                        with_methods, with_note)
+                        joined, metric_bounds, note, recorded, rows_where, seeds_apart_note,
+                        seeds_named, selected_note, sizes_note, stacked_timing,
+                        stratified_contrast, with_methods, with_note)
 from .record import ERROR_RATES, TEST_SET_RATES, is_complement
 from .spec import AdaptiveSeeds, adaptive_rule
 from .store_reading import scalar_value
@@ -40,7 +37,6 @@ WIDTH_STOPPED_EARLY = ("stopped early by the width rule, as seeds that agree do:
                        "configurations are covered less often than the rest")
 WIDTH_STOPPED = ("seeds stopped once the interval was narrow (the width rule): not adjusted "
                  "for that, so it covers less than 95%")
-APART_TEST = "outlier test"  # names the method in a row's note, and under the table
 
 
 def summary(results: Results, by: Sequence[str] | None = None,
@@ -80,8 +76,6 @@ def summary(results: Results, by: Sequence[str] | None = None,
             "params": _one_or_mean(group["params"]), "flops": _one_or_mean(group["flops"]),
         })
     frame = with_methods(pd.DataFrame(rows))
-    if "note" in frame and frame["note"].str.contains(APART_TEST, regex=False).any():
-        frame.attrs["methods"].append(f"{APART_TEST}: {APART_METHOD}, at p < {APART_ALPHA:g}")
     frame.attrs["notes"] = _unsummarised(results.trials, done, by)
     return frame
 
@@ -138,7 +132,7 @@ def configuration_estimate(results: Results, group: pd.DataFrame, metric: str,
         errors = 1 - values if is_complement(metric) else values
         estimate = with_note(stats.error_rate(outcomes, errors, images, level=level),
                              joined(sizes_note(results, numbers),
-                                    _apart_note(values, seeds, images)))
+                                    seeds_apart_note(values, seeds, images)))
     return complement(estimate) if is_complement(metric) else selected_note(estimate, metric)
 
 
@@ -212,31 +206,6 @@ def decisions(results: Results) -> dict[tuple, Decision]:
     used_counts = {c: len(numbers) for c, numbers in used.items()}
     return {c: d for c, d in decide(rule, levels, configurations, used_counts).items()
             if c in shown}
-
-
-def _apart_note(values: np.ndarray, seeds: Callable[[], list[tuple[list[int], Any]]],
-                images: int | None) -> str:
-    """A row's note where some of its seeds stand apart from the rest (apart.py): its interval
-    assumes seeds that vary alike and covers far less than it says."""
-    found = seeds_apart(values, images)
-    if found is None:
-        return ""
-    listed = seeds()
-    names = _in_words([plain(listed[i][1]) for i in found.positions])
-    numbers = [number for i in found.positions for number in listed[i][0]]
-    one = len(found.positions) == 1
-    p_text = f"p = {found.p_value:.2g}" if found.p_value > 0 else "p < 1e-300"
-    return (f"seed{'' if one else 's'} {names} (trial{'' if len(numbers) == 1 else 's'} "
-            f"{', '.join(map(str, numbers))}) stand{'s' if one else ''} apart: "
-            f"{_in_words([f'{100 * v:.1f}%' for v in found.values])} against "
-            f"{100 * found.others_low:.1f}-{100 * found.others_high:.1f}% for the other "
-            f"{found.n - len(found.positions)} ({APART_TEST} {p_text}); the interval assumes "
-            "seeds that vary alike and covers less than 95% here")
-
-
-def _in_words(items: list[str]) -> str:
-    """'a', 'a and b', 'a, b and c'."""
-    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
 
 
 def _per_seed(group: pd.DataFrame, metric: str, keys: list[str]) -> tuple[np.ndarray, bool]:

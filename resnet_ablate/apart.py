@@ -4,7 +4,8 @@ Torch-free.
 The intervals (stats.py) assume seed effects that vary roughly alike; a seed far from the rest
 breaks that, and the interval then covers far less than 95% (one seed in ten 3 logits worse:
 40-80%, README), almost always below the truth. Such a row is not to be read as it stands, so
-the summary says so in its note rather than leaving the reader to find the seed in `trials`.
+its note says so (summaries, comparisons, effects: contrasts.seeds_apart_note) rather than
+leaving the reader to find the seed in `trials`.
 
 **Method** (Rosner's generalized extreme Studentized deviate procedure, each step's deviate the
 externally studentized residual, Bonferroni over the seeds left): a seed's distance from the
@@ -39,10 +40,11 @@ sd 0.1 (one that barely trained) is named in 77% of studies at 4 seeds and all a
 with chance one in ten (README's coverage case), the note is on 92% of the studies that have
 such a seed at 5 seeds (64% of those with two or more) and 99.6% at 10, and on 0.2% and 1.2% of
 those that have none. Paired differences (`compare`: each seed's difference of two
-configurations on one test set, the floor doubled): null pairs are flagged in at most 1.4% and
-2.6% of studies in the two regimes (held at 4%), 5.2% at 10 seeds of sd 0.8; one seed 3 logits
-worse in 51%, 96% and all at 4, 5 and 10 seeds (held at 95% at 10), two such in 49% at 5 and
-all at 10.
+configurations on one test set, the floor doubled as for independent rates, which the shared
+test set makes conservative): null pairs are flagged in at most 1.4% and 2.6% of studies in the
+two regimes (the test holds 4% where seeds vary as much), 5.2% at 10 seeds of sd 0.8; one seed
+3 logits worse in 51%, 96% and all at 4, 5 and 10 seeds (held at 95% at 10), two such in 49% at
+5 and all at 10.
 """
 
 from __future__ import annotations

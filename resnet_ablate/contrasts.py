@@ -91,19 +91,20 @@ def with_methods(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def seeds_apart_note(values: np.ndarray, listed: Callable[[], Sequence[tuple[list[int], Any]]],
-                     images: int | None, *, weights: np.ndarray | None = None) -> str:
+                     images: int | None, *, squared_weights: float = 1.0,
+                     difference: bool = False) -> str:
     """A row's note where some of its seeds stand apart from the rest (apart.py): its interval
-    assumes seeds that vary alike and covers far less than it says. `values`: one rate per seed,
-    or with `weights` each seed's contrast of rates (shown in points); `listed()`: each value's
-    trial numbers and seed, worked out only for such a note."""
-    squared = 1.0 if weights is None else float(weights @ weights)
-    found = seeds_apart(values, images, squared_weights=squared)
+    assumes seeds that vary alike and covers far less than it says. `values`: one rate per seed
+    (a configuration's, or a mean of several configurations' with those weights' squares summed
+    in `squared_weights`), or with `difference` each seed's contrast of rates, shown in points;
+    `listed()`: each value's trial numbers and seed, worked out only for such a note."""
+    found = seeds_apart(values, images, squared_weights=squared_weights)
     if found is None:
         return ""
     seeds = listed()
-    numbers = [number for i in found.positions for number in seeds[i][0]]
+    numbers = sorted(number for i in found.positions for number in seeds[i][0])
     low, high = 100 * found.others_low, 100 * found.others_high
-    if weights is None:
+    if not difference:
         shown, others = [f"{100 * v:.1f}%" for v in found.values], f"{low:.1f}-{high:.1f}%"
     else:
         shown = [f"{100 * v:+.1f} points" for v in found.values]
@@ -147,14 +148,18 @@ def paired_contrast(results: Results, values: pd.DataFrame, trials: pd.DataFrame
     if metric in ERROR_RATES and outcomes is not None and len(outcomes) == values.size:
         n = len(values)  # one trial a cell, each with its per-image record
         tables = [outcomes[k * n:(k + 1) * n] for k in range(len(columns))]
+
     def listed() -> list[tuple[list[int], Any]]:  # each seed's trials and seed, in order
         return [([n for cell in row for n in cell], seed) for row, seed in zip(
             trials.itertuples(index=False), values.index.get_level_values("seed"))]
 
+    # A mean of configurations (weights summing to 1) is noted by its caller, in its metric.
+    apart = "" if abs(weights.sum()) > 1e-9 else seeds_apart_note(
+        values.to_numpy(float) @ weights, listed, images,
+        squared_weights=float(weights @ weights), difference=True)
     with seeds_named(listed):
-        estimate = with_note(stats.contrast(tables, weights, errors, images), joined(
-            sizes_note(results, numbers),
-            seeds_apart_note(values.to_numpy(float) @ weights, listed, images, weights=weights)))
+        estimate = with_note(stats.contrast(tables, weights, errors, images),
+                             joined(sizes_note(results, numbers), apart))
     # Accuracy is 1 - error and a contrast's weights sum to zero: the same contrast, negated.
     return negated(estimate) if is_complement(metric) else selected_note(estimate, metric)
 

@@ -148,10 +148,23 @@ def _pooled_estimate(results: Results, group: pd.DataFrame, metric: str,
     if accuracy:
         values = 1 - values
     trials = grouped["number"].agg(list).to_frame("mean")
-    estimate, _ = stratified_contrast(results, values, trials, others, [1.0],
-                                      "test_error" if accuracy else metric,
-                                      metric_bounds(metric))
-    return complement(estimate) if accuracy else estimate
+    estimate, used = stratified_contrast(results, values, trials, others, [1.0],
+                                         "test_error" if accuracy else metric,
+                                         metric_bounds(metric))
+    estimate = complement(estimate) if accuracy else estimate
+    if metric not in TEST_SET_RATES or used.empty:
+        return estimate
+    # Each seed's mean over the configurations, in the metric's own terms, as the row shows it.
+    per_seed = used["mean"].groupby(level="seed", sort=True)
+    means = per_seed.mean().to_numpy(float)
+    held = trials.loc[used.index, "mean"].groupby(level="seed", sort=True)
+    numbers = [number for cell in trials.loc[used.index, "mean"] for number in cell]
+    sizes = [size for size in results.test_set_sizes(numbers) if size is not None]
+    configurations = int(per_seed.size().iloc[0])
+    return with_note(estimate, seeds_apart_note(
+        1 - means if accuracy else means,
+        lambda: [([n for cell in cells for n in cell], seed) for seed, cells in held],
+        min(sizes) if sizes else None, squared_weights=1 / configurations))
 
 
 def seed_decisions(results: Results) -> pd.DataFrame:

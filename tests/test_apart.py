@@ -172,3 +172,33 @@ def test_a_summary_row_names_the_seeds_apart_and_the_table_its_method(tmp_path):
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert plot_axes.SEEDS_APART_LABEL in legend
     assert "outlier test" not in ax.get_legend().get_title().get_text()
+
+
+def test_rows_over_several_configurations_and_differences_name_the_seed_in_their_own_terms(
+        tmp_path):
+    # depth x shortcut, six seeds; seed 3 of depth 14, shortcut B barely trained.
+    rng = np.random.default_rng(4)
+    difficulty = rng.uniform(0.05, 0.12, TEST_IMAGES)
+    points = [(d, s) for d in (8, 14) for s in ("A", "B")]
+    cells = {(point, seed): (rng.random(TEST_IMAGES) < difficulty
+                             + (0.45 if (point, seed) == ((14, "B"), 3) else 0)).astype(float)
+             for point in points for seed in range(6)}
+    results = load(write_study(tmp_path / "two.db", "two", {"depth": [8, 14],
+                                                           "shortcut": ["A", "B"]}, cells))
+    number = {key: i for i, key in enumerate(cells)}  # trials are numbered as written
+    trials = f"trials {number[((14, 'A'), 3)]}, {number[((14, 'B'), 3)]}"
+    # A row over both shortcuts: seed 3's mean over them, as accuracy where accuracy is shown.
+    pooled = results.summary(by=["depth"], metric="test_accuracy").set_index("depth")
+    accuracy = 100 * (1 - (cells[((14, "A"), 3)].mean() + cells[((14, "B"), 3)].mean()) / 2)
+    assert f"seed 3 ({trials}) stands apart: {accuracy:.1f}% against" in pooled.loc[14, "note"]
+    assert "outlier test" not in pooled.loc[8, "note"]
+    # Shortcut B against A: seed 3's difference at depth 14, in points, and in the "all" row.
+    table = results.compare("shortcut", "A")
+    rows = {row["depth"]: row["note"] for row in table.to_dict("records")}
+    difference = 100 * (cells[((14, "B"), 3)].mean() - cells[((14, "A"), 3)].mean())
+    assert f"seed 3 ({trials}) stands apart: {difference:+.1f} points against" in rows[14]
+    assert "outlier test" not in rows[8]
+    assert "seed 3 (trials " in rows["all"] and "stands apart" in rows["all"]
+    methods = table.attrs["methods"]
+    assert any(m.startswith("outlier test: ") for m in methods)
+    assert any(m.startswith("p_holm: ") for m in methods)

@@ -593,8 +593,13 @@ def test_the_pivots_half_width_is_the_mixtures_quantile_scipy_finds():
         variances = pivot.variance_draws(
             10 ** rng.uniform(-8, -2), seed_df, 10 ** rng.uniform(-8, -2) * (rng.random() < 0.9),
             int(rng.integers(0, 4)), int(rng.integers(1, 2000)) if rng.random() < 0.7 else None)
-        alpha = float(rng.choice([1e-4, 0.01, 0.05, 0.0643, 0.1, 0.5, 0.99]))
+        alpha = float(rng.choice([1e-12, 1e-4, 0.01, 0.05, 0.0643, 0.1, 0.5, 0.99]))
         sd = np.sqrt(variances)
         reference = optimize.brentq(lambda h: 2 * np.mean(ndtr(-h / sd)) - alpha, 0,
                                     50 * sd.max(), xtol=1e-15, rtol=1e-13)
         assert pivot.Pivot(variances).half_width(alpha) == pytest.approx(reference, rel=1e-9)
+    # Draws of no variance (a pivot built by hand) weigh nothing beyond any h > 0.
+    variances = np.r_[np.zeros(600), np.full(424, 1e-4)]
+    reference = optimize.brentq(lambda h: 424 / 1024 * 2 * ndtr(-h / 1e-2) - 0.05, 0, 1,
+                                xtol=1e-15, rtol=1e-13)
+    assert pivot.Pivot(variances).half_width(0.05) == pytest.approx(reference, rel=1e-9)

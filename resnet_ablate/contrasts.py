@@ -85,7 +85,7 @@ def with_methods(frame: pd.DataFrame) -> pd.DataFrame:
     """The frame with its rows' methods in `attrs["methods"]`, and the outlier test's where a
     row's note names seeds apart."""
     frame.attrs["methods"] = sorted(set(frame["method"]) - {""}) if "method" in frame else []
-    if "note" in frame and frame["note"].str.contains(APART_NAME, regex=False).any():
+    if "note" in frame and frame["note"].astype(str).str.contains(APART_NAME, regex=False).any():
         frame.attrs["methods"].append(f"{APART_NAME}: {APART_METHOD}, at p < {APART_ALPHA:g}")
     return frame
 

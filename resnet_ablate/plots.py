@@ -5,7 +5,7 @@
 - `plot_depth`: error against depth, one line per shortcut option, with 95% CI error bars
   (ringed where seeds stand apart).
 - `plot_pareto`: test error against FLOPs (G or M, log-scaled where they span a wide range) for
-  every completed trial, the Pareto front joined.
+  every completed trial, the Pareto front joined (means ringed where seeds stand apart).
 - `plot_responses`: Fig. 7, the std of each 3x3 layer's BN output, in layer order and sorted, on
   a log scale.
 
@@ -253,6 +253,7 @@ def _draw_group(ax: Any, trials: pd.DataFrame, means: pd.DataFrame | None, posit
     ax.errorbar(x, y, yerr=bars, linestyle="none", capsize=4, markersize=7,
                 label=f"{label} ({_seed_count(means['n'])})", **style)
     mark_without_interval(ax, x, y, bars[0], style["marker"], style["color"])
+    mark_seeds_apart(ax, x, y, means["note"], style["color"])
 
 
 def _configuration_means(results: Results, metric: str, cost: str) -> pd.DataFrame:
@@ -266,8 +267,7 @@ def _configuration_means(results: Results, metric: str, cost: str) -> pd.DataFra
     return means.merge(costs.rename(columns={f"{cost}_mean": cost}), on=by)
 
 
-# A Pareto figure's means are larger markers than a depth figure's: a wider step clears them.
-PARETO_SIDE_STEP = 2 * SIDE_STEP
+PARETO_SIDE_STEP = 2 * SIDE_STEP  # its means are larger markers than a depth figure's
 
 
 def _cost_unit(cost: str) -> tuple[float, str]:

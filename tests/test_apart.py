@@ -161,16 +161,18 @@ def test_a_summary_row_names_the_seeds_apart_and_the_table_its_method(tmp_path):
     # Accuracy is the same seeds seen the other way up: the same seed stands apart.
     accuracy = results.summary(metric="test_accuracy")
     assert "seed 3 (trial 8) stands apart" in accuracy[accuracy["depth"] == 14].iloc[0]["note"]
-    # The depth figure rings those two means, and no other, and keeps the outlier test out of
-    # the bars' methods.
-    (ax,) = plots.plot_depth(results).axes
-    dashed = [c for c in ax.collections if c.get_linestyle()[0][1] is not None]
-    ringed = np.concatenate([c.get_offsets() for c in dashed if len(c.get_offsets())])
-    ringed = ringed[np.argsort(ringed[:, 0])]
+    # The depth and Pareto figures ring those two means, and no other (the depth figure at their
+    # depths); the depth figure keeps the outlier test out of the bars' methods.
     means = table.set_index("depth")["test_error_mean"]
-    np.testing.assert_allclose(ringed, [[14, 100 * means[14]], [20, 100 * means[20]]])
-    legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert plot_axes.SEEDS_APART_LABEL in legend
+    for figure, depths in ((plots.plot_pareto(results), None), (plots.plot_depth(results), True)):
+        (ax,) = figure.axes
+        dashed = [c for c in ax.collections if c.get_linestyle()[0][1] is not None]
+        ringed = np.concatenate([c.get_offsets() for c in dashed if len(c.get_offsets())])
+        ringed = ringed[np.argsort(ringed[:, 1])]
+        np.testing.assert_allclose(ringed[:, 1], [100 * means[14], 100 * means[20]])
+        if depths:
+            np.testing.assert_allclose(ringed[:, 0], [14, 20])
+        assert plot_axes.SEEDS_APART_LABEL in [t.get_text() for t in ax.get_legend().get_texts()]
     assert "outlier test" not in ax.get_legend().get_title().get_text()
 
 

@@ -77,6 +77,11 @@ class SeedsApart:
     p_value: float
 
 
+# Values that tie but for floating-point rounding (differences 2/360 - 1/360 and 3/360 - 2/360
+# differ in their last bits): as stats' ties, relative to their size.
+_TIE_TOLERANCE = 1e-12
+
+
 def _floor(images: int | None) -> float:
     """The least variance the other seeds' values may claim (see the module docstring); 0
     where the test set's size is unknown."""
@@ -93,7 +98,7 @@ def _most_apart(values: np.ndarray, floor: float) -> tuple[int, float]:
     best, best_t = -1, -1.0
     for i in range(m):
         others = np.delete(values, i)
-        if floor == 0.0 and others.max() == others.min():
+        if floor == 0.0 and np.ptp(others) <= _TIE_TOLERANCE * max(1.0, np.abs(others).max()):
             continue  # tied others without a test set's size: a spread unknown, not zero
         variance = max(float(others.var(ddof=1)), floor)
         t = abs(values[i] - others.mean()) / math.sqrt(variance * (1 + 1 / (m - 1)))

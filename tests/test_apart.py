@@ -62,6 +62,7 @@ def test_others_that_tie_are_not_seeds_without_variance():
     # in floating point (3 of 60 wrong: a variance of 1e-35 rather than 0).
     assert seeds_apart([0.1, 0.1, 0.1, 0.1, 0.115]) is None
     assert seeds_apart([3 / 60, 3 / 60, 3 / 60, 4 / 60]) is None
+    assert seeds_apart([2 / 360 - 1 / 360, 3 / 360 - 2 / 360, 4 / 360 - 3 / 360, 0.2]) is None
     # Far beyond that floor: one seed that barely trained.
     assert seeds_apart([0.1, 0.1, 0.1, 0.1, 0.6], images=400).positions == (4,)
     # Three seeds: one degree of freedom, not tested.

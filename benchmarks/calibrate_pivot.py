@@ -51,10 +51,9 @@ DEGREES_OF_FREEDOM = tuple(range(1, 10))
 def _half_width(seed_estimate: float, seed_df: int, alpha: float, chi2: np.ndarray,
                 draw_floor: float = 0.0) -> float:
     """The pivot's half-width with the test-image part 1, the seeds' estimate given and their
-    draws floored at `draw_floor` (pivot.seed_draw_floor)."""
-    sd = np.sqrt(np.maximum(seed_estimate * seed_df / chi2, draw_floor) + 1.0)
-    return optimize.brentq(lambda h: np.mean(2 * scipy_stats.norm.sf(h / sd)) - alpha,
-                           0.0, 60 * float(sd.max()), xtol=1e-5)
+    draws floored at `draw_floor` (pivot.seed_draw_floor): stats' own solver on these draws."""
+    variances = np.maximum(seed_estimate * seed_df / chi2, draw_floor) + 1.0
+    return pivot.Pivot(variances).half_width(alpha)
 
 
 def coverage(share: float, seed_df: int, levels: tuple[float, ...] | None,

@@ -157,13 +157,14 @@ def _pooled_estimate(results: Results, group: pd.DataFrame, metric: str,
     # Each seed's mean over the configurations, in the metric's own terms, as the row shows it.
     per_seed = used["mean"].groupby(level="seed", sort=True)
     means = per_seed.mean().to_numpy(float)
-    held = trials.loc[used.index, "mean"].groupby(level="seed", sort=True)
-    numbers = [number for cell in trials.loc[used.index, "mean"] for number in cell]
+    cells = trials.loc[used.index, "mean"]
+    held = cells.groupby(level="seed", sort=True)
+    numbers = [number for cell in cells for number in cell]
     sizes = [size for size in results.test_set_sizes(numbers) if size is not None]
     configurations = int(per_seed.size().iloc[0])
     return with_note(estimate, seeds_apart_note(
         1 - means if accuracy else means,
-        lambda: [([n for cell in cells for n in cell], seed) for seed, cells in held],
+        lambda: [([n for cell in listed for n in cell], seed) for seed, listed in held],
         min(sizes) if sizes else None, squared_weights=1 / configurations))
 
 

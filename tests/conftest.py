@@ -1,6 +1,7 @@
 """Test session setup, and the fixtures several test files share.
 
-The Triton kernels run through Triton's interpreter when there is no GPU.
+The Triton kernels run through Triton's interpreter when there is no GPU, its scans and reductions
+of the kernels' own combine functions as trees (tests/interpreter_combines.py).
 
 TRITON_INTERPRET is read when `@triton.jit` decorates, so it is set here, before any test module
 imports resnet_ablate. The default backend ("auto") never runs the interpreter, so model-level tests
@@ -16,6 +17,11 @@ HAS_CUDA = torch.cuda.is_available()
 
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # The interpreter's scans and reductions with the kernels' own combines, as trees over whole
+    # arrays (held to the interpreter's own by tests/test_interpreter_combines.py).
+    import interpreter_combines
+
+    interpreter_combines.install()
 
 
 def pytest_collection_modifyitems(config, items):

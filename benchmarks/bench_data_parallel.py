@@ -26,6 +26,7 @@ from resnet_ablate import ResNetArch
 from resnet_ablate.recipe import TrainRecipe
 from resnet_ablate.data_parallel import run_data_parallel_trial
 from resnet_ablate.record import Status, TrialTask
+from resnet_ablate.study.cluster import start_local_ray
 from resnet_ablate.worker import run_trial
 
 
@@ -65,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                      keep_weights=False)
     parallel = dataclasses.replace(base, trial_number=1, threads=threads, replicas=args.replicas,
                                    cpus_per_replica=threads, max_restarts=0)
-    ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    # The Ray a study's driver starts: how it starts decides what Ray Train adds to each trial
+    # (data_parallel._trainer_class).
+    start_local_ray(cpus)
     rows = []
     try:
         for name, task in (("one process", base), (f"{args.replicas} replicas", parallel)):

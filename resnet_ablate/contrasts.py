@@ -44,7 +44,7 @@ SELECTED_ON_TEST = {"best_test_error": "the lowest test error over epochs: picke
 # The comparisons of an adaptive study's own question (`decided`), and interactions with its
 # factor: their seeds were added while the comparison was open.
 LOOKED = ("adaptive seeds: seeds were added while this comparison was open, and this interval "
-          "and p-value do not account for those looks (they may overstate); its verdict in "
+          "and p-value do not account for those looks (they may overstate), where its verdict in "
           "seed_decisions does")
 
 
@@ -63,7 +63,8 @@ def note(estimate: stats.Estimate) -> str:
 
 
 def joined(*notes: str) -> str:
-    """Notes as one, in order, the empty ones left out."""
+    """Notes as one, in order, the empty ones left out. A note's own text holds no "; ": tables
+    show the parts that every row shares once (display.footnotes)."""
     return "; ".join(n for n in notes if n)
 
 
@@ -114,8 +115,8 @@ def seeds_apart_note(values: np.ndarray, listed: Callable[[], Sequence[tuple[lis
     return (f"seed{'' if one else 's'} {_in_words([plain(seeds[i][1]) for i in found.positions])} "
             f"(trial{'' if len(numbers) == 1 else 's'} {', '.join(map(str, numbers))}) "
             f"stand{'s' if one else ''} apart: {_in_words(shown)} against {others} for the other "
-            f"{found.n - len(found.positions)} ({APART_NAME} {p_text}); the interval assumes "
-            "seeds that vary alike and covers less than 95% here")
+            f"{found.n - len(found.positions)} ({APART_NAME} {p_text}), so the interval, which "
+            "assumes seeds that vary alike, covers less than 95% here")
 
 
 def _in_words(items: list[str]) -> str:

@@ -103,7 +103,7 @@ def _too_few_factors(results: Results, levels: Mapping[str, list[Any]]) -> str:
                 "yet: effects need two or more factors with two or more completed levels")
     (factor, (baseline, *_)), = levels.items()
     return (f"study {results.study!r} has one factor with two or more completed levels "
-            f"({factor}: {', '.join(map(str, levels[factor]))}; swept: {swept}); effects need two "
+            f"({factor}: {', '.join(map(plain, levels[factor]))}; swept: {swept}); effects need two "
             f"or more; for one factor, `resnet-ablate compare {results.study} --factor {factor} "
             f"--baseline {baseline}` gives its paired differences")
 

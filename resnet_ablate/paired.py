@@ -42,7 +42,7 @@ def compare(results: Results, factor: str, baseline: Any,
     numbers = done.groupby(keys, dropna=False)["number"].agg(list).unstack(factor)
     if baseline not in keyed.columns:
         raise ResultsError(f"no completed trial with {factor}={plain(baseline)} yet; completed "
-                           f"levels: {', '.join(map(str, keyed.columns))}")
+                           f"levels: {', '.join(map(plain, keyed.columns)) or '(none yet)'}")
     bounds = difference_bounds(metric)
     rows = []
     for level in [lv for lv in levels if lv != baseline and lv in keyed.columns]:
@@ -121,6 +121,9 @@ def _levels(results: Results, factor: str, baseline: Any) -> tuple[list[Any], An
 def _match_level(value: Any, levels: list[Any], factor: str) -> Any:
     """The level equal to `value`, accepting its text ("20" for depth 20, as typed on a CLI) in
     either case where that is unambiguous."""
+    if value is None:  # not the level 'none' (the plain net's shortcut)
+        raise ResultsError(f"compare needs a baseline: one of {factor}'s levels, "
+                           f"{', '.join(map(plain, levels)) or '(none yet)'}")
     for level in levels:
         if level == value or str(level) == str(value):
             return level
@@ -129,7 +132,7 @@ def _match_level(value: Any, levels: list[Any], factor: str) -> Any:
     if len(folded) == 1:
         return folded[0]
     raise ResultsError(f"no trial has {factor}={value!r}; {factor} values: "
-                       f"{', '.join(map(str, levels)) or 'none'}")
+                       f"{', '.join(map(plain, levels)) or '(none yet)'}")
 
 
 def _paired_row(factor: str, level: Any, baseline: Any, metric: str, configuration: dict,

@@ -248,13 +248,16 @@ def _answers(results: Results, found: list[tuple[str, object, pd.DataFrame]]) ->
             f"({numbers}; {pairs}){html.escape(where)}: <b>{html.escape(line.verdict)}</b>"
             f"{note}</li>")
     tested = sum(math.isfinite(line.p_holm) for line in lines)
-    word = (f" \"a difference\" where Holm's adjustment over the answer's {tested} tested "
-            f"line{'s' if tested != 1 else ''} puts the p-value below {ALPHA:.0%} (so that an "
-            "answer of many lines is not wrong somewhere by chance more often than that);"
-            if tested else "")
-    return ["<h2>The answer</h2>", "<p>Each level against its factor's baseline, paired by seed "
-            "and test image (the comparisons' method, below), with its own 95% interval."
-            f"{word} an adaptive study's own question takes its rule's verdict.</p>",
+    intro = ("Each level against its factor's baseline, paired by seed and test image (the "
+             "comparisons' method, below), with its own 95% interval.")
+    if tested:
+        intro += (f" The word is \"a difference\" where Holm's adjustment over the answer's "
+                  f"{tested} tested line{'s' if tested != 1 else ''} puts the p-value below "
+                  f"{ALPHA:.0%}, so that an answer of many lines is not wrong somewhere by chance "
+                  "more often than that.")
+    if any(line.verdict.startswith("the adaptive rule") for line in lines):
+        intro += " The question the study's seed rule decided takes that rule's verdict."
+    return ["<h2>The answer</h2>", f"<p>{intro}</p>",
             f"<ul>{''.join(items)}</ul>"]
 
 

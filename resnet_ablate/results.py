@@ -105,8 +105,10 @@ class Results:
         """A metric must be a numeric column: statistics over `arch_name` mean nothing."""
         self.check_columns([metric])
         if metric not in METRICS and not pd.api.types.is_numeric_dtype(self.trials[metric]):
-            numeric = [c for c in self.trials.columns
-                       if c in METRICS or pd.api.types.is_numeric_dtype(self.trials[c])]
+            # Numbers that name a trial or its configuration are not measurements.
+            named = {"number", "seed", *ARCH_COLUMNS, *self.swept}
+            numeric = [c for c in self.trials.columns if c in METRICS or (
+                c not in named and pd.api.types.is_numeric_dtype(self.trials[c]))]
             raise ResultsError(f"{metric!r} is not a numeric column, so it has no mean; "
                                f"metrics: {', '.join(numeric)}")
 
@@ -136,9 +138,14 @@ class Results:
     def require_completed(self, what: str) -> pd.DataFrame:
         done = self.completed()
         if done.empty:
+            if self.selection and self.trials.empty and not self.all_trials().empty:
+                raise ResultsError(f"where {self.selection!r} matched none of the "
+                                   f"{len(self.all_trials())} trials of study {self.study!r}: "
+                                   f"nothing to {what}")
             counts = ", ".join(f"{n} {s}" for s, n in self.state_counts().items()) or "no trials"
+            whose = f"of its trials where {self.selection!r}:" if self.selection else "it has"
             raise ResultsError(f"study {self.study!r} in {self.storage} has no completed trial "
-                               f"to {what} (it has {counts})")
+                               f"to {what} ({whose} {counts})")
         return done
 
     def configuration_columns(self, without: Sequence[str] = ()) -> list[str]:

@@ -18,6 +18,7 @@ from .contrasts import (CONFIGURATION_CONSTANTS, LeftOut, complement, failed_see
                         stratified_contrast, with_methods, with_note)
 from .record import ERROR_RATES, TEST_SET_RATES, is_complement
 from .spec import AdaptiveSeeds, adaptive_rule
+from .storage import ResultsError
 from .store_reading import scalar_value
 
 if TYPE_CHECKING:
@@ -44,6 +45,12 @@ def summary(results: Results, by: Sequence[str] | None = None,
     """`Results.summary`: one row per group of `by` (default: per configuration)."""
     by = list(by or results.configuration_columns())
     results.check_columns(by)
+    replicates = [c for c in by if c in ("seed", "number")]
+    if replicates:
+        raise ResultsError(
+            f"summary by {', '.join(map(repr, replicates))}: a row's interval is over seeds, so "
+            f"its groups are configurations; by takes the study's configuration columns "
+            f"({', '.join(results.configuration_columns())}) or its architectures' (e.g. depth)")
     results.check_metric(metric)
     done, lacking = recorded(results, metric, "summarise")
     narrowed = {c for c, d in decisions(results).items() if d.narrowed}

@@ -54,7 +54,7 @@ def test_spec_takes_the_adaptive_rule_and_every_seed_it_may_use():
     (_adaptive({"width": float("nan")}), {}, r"seeds\.until\.width: (an interval|expected a finite)"),
     (_adaptive({"decided": "depth"}), {}, r"'depth' is not a swept factor.*swept: shortcut"),
     (_adaptive({"decided": "shortcut"}), {"space": {"shortcut": ["A"]}},
-     r"'shortcut' is not .*space lists it with one level, 'A'.*swept: none"),
+     r"'shortcut' is not .*space lists it with one level, 'A'.*swept: \(no factor\)"),
     (_adaptive({"decided": "shortcut", "margin": -1}), {}, r"margin: a difference"),
     (_adaptive({"width": 0.02, "margin": 0.01}), {}, r"seeds\.until\.margin: goes with `decided`"),
     (_adaptive({"width": 0.02, "familywise": True}), {},
@@ -471,6 +471,7 @@ def test_the_driver_adds_seeds_only_where_the_question_is_open(local_ray, tmp_pa
     assert all(reason.split(",")[0] in page for reason in table["reason"])
     # The answer gives the decided question the rule's verdict, not a test blind to the looks.
     said = page.split("<h2>The answer</h2>")[1].split("<h2>")[0]
+    assert "The question the study's seed rule decided takes that rule's verdict." in said
     line = next(item for item in said.split("<li>") if item.startswith("<b>shortcut=none"))
     assert "no difference shown" not in line and "a difference" not in line
     assert "Holm p" not in line

@@ -368,7 +368,7 @@ def test_an_unknown_metric_or_a_single_factor_is_a_clear_error(study, tmp_path):
     with pytest.raises(ResultsError, match=r"'arch_name' is not a numeric column"):
         results.effects("arch_name")
     with pytest.raises(ResultsError, match=r"one factor with two or more completed levels "
-                                           r"\(shortcut: A, none; swept: depth, shortcut\).*"
+                                           r"\(shortcut: 'A', 'none'; swept: depth, shortcut\).*"
                                            r"compare effects-small --factor shortcut"):
         results.where("depth == 8").effects()
     one = {((s,), seed): cells[((8, s), seed)] for s in SHORTCUTS for seed in SEEDS}

@@ -309,6 +309,10 @@ def test_a_width_rule_studys_summary_shows_its_test_error_at_the_rules_level(res
     assert all(note.endswith(LOOKED) for note in decided.compare("shortcut", "A")["note"])
     assert not any(LOOKED in note for note in decided.compare("depth", DEPTHS[0])["note"])
     assert not any(LOOKED in note for note in results.compare("shortcut", "A")["note"])
+    # The table's notes show it whole, once for every row or on each (a "; " within a note's
+    # part would split it there).
+    shown = footnotes(decided.compare("shortcut", "A"))
+    assert any(LOOKED in line for line in shown) and "; " not in LOOKED
 
 
 def test_a_seed_completed_twice_counts_once_in_the_summary_as_in_compare(results):
@@ -425,10 +429,14 @@ def test_compare_of_a_metric_without_test_sampling_is_the_paired_t_test(results,
 def test_compare_accepts_the_level_as_typed_and_names_the_valid_ones(results):
     by_depth = results.compare("depth", "8")  # text, as from a command line
     assert list(by_depth["shortcut"]) == ["A", "none", "all"] and set(by_depth["depth"]) == {14}
-    with pytest.raises(ResultsError, match=r"no trial has shortcut='B'; shortcut values: A, none"):
+    with pytest.raises(ResultsError, match=r"no trial has shortcut='B'; shortcut values: 'A', 'none'"):
         results.compare("shortcut", "B")
     with pytest.raises(ResultsError, match="no column 'width'"):
         results.compare("width", "16")
+    # None is no baseline, not the plain net's level 'none'.
+    with pytest.raises(ResultsError, match=r"compare needs a baseline: one of shortcut's levels, "
+                                           r"'A', 'none'"):
+        results.compare("shortcut", None)
     # Columns that are not swept factors: one error naming the factors, not pandas' own.
     for column, level in (("seed", 0), ("arch_name", "plain8"), ("flops", 1), ("number", 0)):
         with pytest.raises(ResultsError, match=rf"'{column}' is not a factor study .* sweeps, so "
@@ -834,6 +842,7 @@ def test_report_is_one_self_contained_page_with_the_tables_and_plots(results, tm
                 f"{row['n_pairs']} paired seeds), averaged over {other} (2 configurations): "
                 f"<b>{verdict}") in page
     assert "Holm's adjustment over the answer's 2 tested lines" in page
+    assert "seed rule" not in page  # fixed seeds: no rule's verdict to speak of
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     assert len(images) == 4  # pareto, curves, depth, responses
     for encoded in images:
@@ -928,6 +937,43 @@ def test_an_empty_study_loads_and_its_statistics_say_there_is_nothing_yet(tmp_pa
     # Not "no trial has shortcut='A'; shortcut values: none" ("none" is a level's name too).
     with pytest.raises(ResultsError, match="'empty' .* has no completed trial to compare .*no tr"):
         empty.compare("shortcut", "A")
+
+
+def test_a_selection_that_matched_nothing_says_so_not_that_the_study_is_empty(results):
+    nothing = results.where("depth == 99")
+    total = len(results.trials)
+    for statistic in (nothing.summary, lambda: nothing.compare("shortcut", "A"), nothing.pareto):
+        with pytest.raises(ResultsError, match=rf"where 'depth == 99' matched none of the {total} "
+                                               rf"trials of study '{RESULTS_STUDY}': nothing to"):
+            statistic()
+    failed = dataclasses.replace(results, trials=results.trials.assign(state="FAIL"))
+    with pytest.raises(ResultsError, match=r"no completed trial to summarise \(of its trials "
+                                           r"where 'depth == \d+': \d+ FAIL\)"):
+        failed.where(f"depth == {RESULTS_DEPTHS[0]}").summary()
+
+
+def test_a_summary_by_seed_or_a_non_metric_is_one_error_naming_what_is_valid(results):
+    for by in (["seed"], ["depth", "number"]):
+        with pytest.raises(ResultsError, match=r"a row's interval is over seeds, so its groups "
+                                               r"are configurations; by takes the study's "
+                                               r"configuration columns \(depth, shortcut\)"):
+            results.summary(by=by)
+    with pytest.raises(ResultsError) as refused:
+        results.summary(metric="arch_name")
+    metrics = str(refused.value).split("metrics: ")[1].split(", ")
+    assert "test_error" in metrics and "flops" in metrics
+    assert not {"number", "seed", "depth", "base_width", "fused"} & set(metrics)
+
+
+def test_a_baseline_without_completed_trials_is_named_beside_the_levels_that_have_them(results):
+    """Levels are quoted as they are written in a filter: the plain net's level 'none' is not
+    "no level"."""
+    trials = results.trials
+    only_plain = dataclasses.replace(results, trials=trials.assign(
+        state=np.where(trials["shortcut"] == "none", "COMPLETE", "FAIL")))
+    with pytest.raises(ResultsError, match=r"no completed trial with shortcut='A' yet; "
+                                           r"completed levels: 'none'$"):
+        only_plain.compare("shortcut", "A")
 
 
 def test_a_trial_cut_short_before_its_launch_was_recorded_shows_its_configuration(tmp_path):

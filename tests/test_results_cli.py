@@ -250,7 +250,7 @@ def test_report_writes_the_html_page(cli, results, tmp_path):
     (["show", "--where", "@pd.io.common.os.system('echo PWNED') == 0"], "is not a filter"),
     (["show", "--sort", "speed"], "no column 'speed' in study 'results-small'; columns:"),
     (["summary", "--by", "width"], "no column 'width'"),
-    (["compare", "--factor", "shortcut", "--baseline", "C"], "shortcut values: A, none"),
+    (["compare", "--factor", "shortcut", "--baseline", "C"], "shortcut values: 'A', 'none'"),
     (["pareto", "--objectives", "test_error,seed"], "no direction known for 'seed'"),
     (["summary", "--metric", "arch_name"], "'arch_name' is not a numeric column, so it has no mean"),
     (["compare", "--factor", "depth", "--baseline", "8", "--metric", "shortcut"],

@@ -90,7 +90,7 @@ def _adaptive_seeds(check: Checker, value: dict, space: Mapping[str, Any]
                       "choice is decided between two levels or more" if decided in space else "")
             raise check.fail("seeds.until.decided", f"{decided!r} is not a swept factor with two "
                                                     f"levels or more{listed}; swept: "
-                                                    f"{', '.join(swept) or 'none'}")
+                                                    f"{', '.join(swept) or '(no factor)'}")
         margin = check.typed("seeds.until.margin", until.get("margin", 0.0), (int, float),
                              "a number")
         if not 0 <= margin < 1:

@@ -658,7 +658,7 @@ ACTIVATION_KERNELS = {
 }
 
 
-def test_resnet_launches_compile_for_hopper_with_16_byte_accesses_no_spills_one_wave():
+def test_resnet_launches_compile_for_hopper_with_16_byte_accesses_no_spills_one_wave(tmp_path):
     """The compiled path, checked without a GPU: every launch of a ResNet-50 and a ResNet-56
     training step, and of 5 ResNet-56 seeds stacked into one model (each epilogue, with a residual and BN + ReLU without, NCHW and channels_last,
     bf16; the statistics pass with the running-stat update, as eager mode launches it, and
@@ -675,7 +675,8 @@ def test_resnet_launches_compile_for_hopper_with_16_byte_accesses_no_spills_one_
     from pathlib import Path
 
     script = Path(__file__).with_name("compile_kernels_for_hopper.py")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+           "HOPPER_REPORTS_FOLDER": str(tmp_path)}  # each binary's report, made once for all
     shards = max(1, min(4, os.cpu_count() or 1))  # compilation is most of the time: spread it
     running = [subprocess.Popen([sys.executable, str(script), str(shard), str(shards)], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -14,6 +14,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from resnet_ablate import DownsamplingWarning, FuseWarning, fuse, resnet8, resnet18, resnet50, unfuse
+from resnet_ablate.fusion import StaleForward
 from resnet_ablate.blocks import BasicBlock as OurBasicBlock
 from resnet_ablate.blocks import Bottleneck as OurBottleneck
 from resnet_ablate.kernels import FusedBatchNorm2d, use_backend
@@ -169,6 +170,48 @@ def test_fuse_refuses_timm_blocks_it_cannot_fuse_exactly_and_says_why(options, r
     assert all(type(block.bn3) is nn.BatchNorm2d for block in (model.layer1[0], model.layer4[0]))
     with pytest.raises(ValueError, match=reason):
         fuse(model, strict=True)
+
+
+class ScaledBlock(TVBasicBlock):
+    """A user's block with torchvision's parts and a value of its own, which its forward reads
+    (1.0 while fuse probes it)."""
+
+    def __init__(self, planes):
+        super().__init__(planes, planes)
+        self.res_scale = 1.0
+
+    def forward(self, x):
+        return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) * self.res_scale
+                         + x)
+
+
+class ClassScaledBlock(ScaledBlock):
+    """The value held by its class."""
+
+    res_scale = 1.0
+
+    def __init__(self, planes):
+        super().__init__(planes)
+        del self.res_scale
+
+
+@pytest.mark.parametrize("block", [ScaledBlock, ClassScaledBlock])
+def test_a_block_with_torchvisions_parts_and_values_of_its_own_is_not_replaced(block):
+    """Replaced by this package's block, it would lose the value and what the forward does with
+    it: it is left to the graph path, which computes as the block does, or refuses once the value
+    changed."""
+    original = nn.Sequential(block(8)).eval()
+    with pytest.warns(FuseWarning, match="it holds res_scale beside its parts"):
+        fused = fuse(copy.deepcopy(original))
+    assert isinstance(fused[0], block) and not isinstance(fused[0], OurBasicBlock)
+    x = torch.randn(2, 8, 6, 6)
+    torch.testing.assert_close(fused(x), original(x))
+    original[0].res_scale = fused[0].res_scale = 0.1
+    try:
+        out = fused(x)
+    except StaleForward:
+        return
+    torch.testing.assert_close(out, original(x))
 
 
 def test_fuse_says_so_when_a_model_has_nothing_to_fuse():

@@ -4,6 +4,7 @@ inputs; and lookalike blocks the block path must leave to the graph path. Each a
 copy of the model left unfused (outputs, gradients, behaviour), as the other fuse tests."""
 
 import copy
+import types
 import warnings
 
 import pytest
@@ -114,6 +115,77 @@ def test_values_a_rewritten_forward_baked_in_are_guarded():
     model.scale, model.features = 1.0, True
     with pytest.raises(StaleForward, match="features is True"):
         model(x)
+
+
+class ReadsElsewhere(nn.Module):
+    """Reads its scale through code that is not its forward's own source (`how`): a helper
+    method, a base class's forward, a dict, a namespace, a child's attribute, a class attribute.
+    Tracing bakes each in all the same."""
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = 1.0
+
+    class_scale = 1.0
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.conv, self.bn, self.how = nn.Conv2d(C, C, 3, padding=1), nn.BatchNorm2d(C), how
+        self.scale, self.config = 1.0, {"scale": 1.0}
+        self.namespace, self.holder = types.SimpleNamespace(scale=1.0), self.Holder()
+
+    def scaled(self, x):
+        return x * self.scale
+
+    def forward(self, x):
+        shortcut = {"helper": self.scaled, "dict": lambda x: x * self.config["scale"],
+                    "namespace": lambda x: x * self.namespace.scale,
+                    "child": lambda x: x * self.holder.scale,
+                    "class": lambda x: x * self.class_scale}[self.how](x)
+        return F.relu(self.bn(self.conv(x)) + shortcut)
+
+    def change(self) -> None:
+        {"helper": lambda: setattr(self, "scale", 0.5),
+         "dict": lambda: self.config.update(scale=0.5),
+         "namespace": lambda: setattr(self.namespace, "scale", 0.5),
+         "child": lambda: setattr(self.holder, "scale", 0.5),
+         "class": lambda: setattr(self, "class_scale", 0.5)}[self.how]()
+
+
+class ThroughBase(ReadsElsewhere):
+    def forward(self, x):
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("how", ["helper", "dict", "namespace", "child", "class", "base"])
+def test_values_read_outside_the_forwards_own_source_are_guarded_too(how):
+    """Each was baked in unguarded: changed, the fused model computed with the old value."""
+    torch.manual_seed(0)
+    model = ThroughBase("helper") if how == "base" else ReadsElsewhere(how)
+    reference = copy.deepcopy(model)
+    report, _ = _fused(model, example_input=torch.randn(2, C, 8, 8))
+    assert [s.batch_norm for s in report.sites] == ["bn"]
+    x = torch.randn(2, C, 8, 8)
+    assert torch.equal(model.eval()(x), reference.eval()(x))
+    model.change()
+    with pytest.raises(StaleForward, match=r"(scale|config|namespace)\b.* is .*0\.5.*, but .* when "
+                                           r"it was .*1\.0"):
+        model(x)
+
+
+def test_values_the_forward_never_read_change_freely():
+    """A value no traced code read (a training loop's note on the model), and a BatchNorm's own
+    settings (its forward runs as it is, reading them then), are not guarded."""
+    torch.manual_seed(0)
+    model = ReadsElsewhere("dict")
+    reference = copy.deepcopy(model)
+    _fused(model, example_input=torch.randn(2, C, 8, 8))
+    for network in (model, reference):
+        network.epoch, network.scale, network.namespace.scale = 3, 0.5, 0.5
+        network.bn.eps = 1e-3
+    x = torch.randn(2, C, 8, 8)
+    torch.testing.assert_close(model.eval()(x), reference.eval()(x))
 
 
 class Remembers(nn.Module):

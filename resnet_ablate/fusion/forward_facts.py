@@ -8,8 +8,9 @@ torch.fx records tensor operations only. A rewritten forward therefore loses:
   they are baked in as constants.
 The first two are refused (`Untraceable`: the module is searched child by child instead, as a
 forward that cannot be traced at all); the third is guarded: the values read are recorded when
-the forward is rewritten, and a call after one of them changed raises (`StaleForward`) rather
-than compute with the old value. Tracing also fails where the autograd or autocast state differs
+the forward is rewritten (those its source names, here, and every one read while it is traced,
+wherever the code that reads it is: reads.py), and a call after one of them changed raises
+(`StaleForward`) rather than compute with the old value. Tracing also fails where the autograd or autocast state differs
 while a node is recorded from where tracing began (a helper function's `with` block, which the
 source check does not see), and where the random generators moved while tracing (a random
 choice made in Python, which tracing would bake in). The submodules a rewrite absorbs or inlines
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .reads import Baked, held_value
 from .records import FuseWarning
 
 # Values a guard compares by equality; anything else a forward reads (lists, objects) is not
@@ -123,7 +125,7 @@ def random_draws() -> tuple[Any, ...]:
     return torch.get_rng_state().numpy().tobytes(), random.getstate()
 
 
-Guards = tuple[tuple[str, str, Any], ...]  # (submodule path from the owner, attribute, value)
+Guards = tuple[tuple[str, str, Baked], ...]  # (submodule path from the owner, attribute, value)
 # The owner and the submodules its rewritten forward absorbed or inlined, as they were: (path
 # from the owner, in parts; class, None for the owner, whose class the rewrite sets; the names of
 # its own submodules; whether it was absorbed). The owner holds them as `KEPT_MODULES`: plain
@@ -152,14 +154,15 @@ def guarded(forward: Callable[..., Any], guards: Guards) -> Callable[..., Any]:
 
     @functools.wraps(forward)  # its signature, which torch.fx reads through the wrapper
     def checked_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        for path, attr, value in guards:
+        for path, attr, expected in guards:
             module = self.get_submodule(path) if path else self
-            now = module.__dict__.get(attr, module._modules.get(attr, _MISSING))
-            if not (now is value or (type(now) is type(value) and now == value)):
+            now = held_value(module, attr, _MISSING)
+            if not expected.holds(now):
                 where = f"{path}.{attr}" if path else attr
+                shown = "gone" if now is _MISSING else f"{now!r}"
                 raise StaleForward(
-                    f"{type(self).__name__}.{where} is {now!r}, but resnet_ablate.fuse rewrote "
-                    f"this forward when it was {value!r} and baked that value in: call "
+                    f"{type(self).__name__}.{where} is {shown}, but resnet_ablate.fuse rewrote "
+                    f"this forward when it was {expected.shown} and baked that value in: call "
                     "resnet_ablate.unfuse(model), set it, then fuse(model) again")
         for parts, kind, names, absorbed in getattr(self, KEPT_MODULES, ()):
             now = self

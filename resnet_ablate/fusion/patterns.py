@@ -23,6 +23,7 @@ from ..blocks import BasicBlock, Bottleneck
 from ..kernels import FusedBatchNorm2d
 from ..models import ResNet
 from .forward_facts import Untraceable, autograd_state, check_forward, random_draws
+from .reads import Baked, baked, baked_values, recorded_reads
 from .records import Pattern
 
 # Traced as single calls, never into: the fused BN (its forward is the op itself) and this
@@ -49,7 +50,7 @@ class SiteTracer(fx.Tracer):
         super().__init__()
         self.through = through
         self.hooked: list[str] = []
-        self.guards: list[tuple[str, str, object]] = []
+        self.guards: list[tuple[str, str, Baked]] = []
         self.state: tuple[object, ...] = ()
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -62,7 +63,7 @@ class SiteTracer(fx.Tracer):
     def call_module(self, m: nn.Module, forward, args, kwargs):
         path = self.path_of_module(m)
         if not self.is_leaf_module(m, path):
-            self.guards.extend((path, a, v) for a, v in check_forward(m).items())
+            self.guards.extend((path, a, baked(v)) for a, v in check_forward(m).items())
         elif (isinstance(m, torch.jit.ScriptModule) or calls_hooks(m) and not
               super().is_leaf_module(m, path)) and path not in self.hooked:
             self.hooked.append(path)  # searched on its own (a TorchScript module: named)
@@ -76,12 +77,14 @@ class SiteTracer(fx.Tracer):
         return super().create_node(*args, **kwargs)
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
-        self.guards = [("", a, v) for a, v in check_forward(root).items()]
+        self.guards = [("", a, baked(v)) for a, v in check_forward(root).items()]
         self.state = autograd_state()
         versions = _versions(root)
         with torch.random.fork_rng(devices=[]):  # the caller's random stream stays its own
             draws = random_draws()
-            graph = super().trace(root, concrete_args)
+            with recorded_reads(root) as reads:
+                graph = super().trace(root, concrete_args)
+            self.guards += baked_values(root, reads)
             if random_draws() != draws:
                 raise Untraceable("its forward draws random numbers while it is traced (a random "
                                   "choice in Python, as inline stochastic depth makes), which a "

@@ -26,6 +26,7 @@ from torch import nn
 from ..blocks import BasicBlock, Bottleneck, fuse_block_, fused_twin_of
 from ..kernels import FusedBatchNorm2d
 from ..models import ResNet
+from .forward_facts import KEPT_MODULES
 from .patterns import has_hooks
 from .probe import beyond_tolerance, changed_in_place, evaluating, probe_input
 from .records import FusedSite, SkippedBlock, qualified
@@ -92,9 +93,37 @@ def unrecognised_because(block: nn.Module) -> str | None:
             return f"{part} is {type(children[part]).__name__}, expected ReLU"
     if any(has_hooks(m) for m in block.modules()):
         return "it or a part of it has hooks, which the converted block would not call"
+    state = _state_beside_parts(block)
+    if state:
+        return (f"it holds {', '.join(state)} beside its parts, which its forward may read and "
+                "the converted block would not (the graph path guards what a forward reads)")
     if any(p.is_meta for p in block.parameters()):
         return "its parameters are on the meta device, so its forward cannot be checked"
     return None
+
+
+# The values torchvision's and timm's blocks hold beside their parts, which their forwards do
+# not read (the convolutions hold the strides they use; `expansion` is a class attribute of
+# both), and the parts they hold as None where unused.
+_BLOCK_VALUES = frozenset({"stride", "dilation", "expansion", "downsample", *_OPTIONAL_PARTS,
+                           # what the graph path records on a block whose forward it rewrote
+                           KEPT_MODULES, "fused_batch_norms"})
+_MODULE_OWN = frozenset(vars(nn.Module()))  # what every module holds: hooks, flags, its dicts
+
+
+def _state_beside_parts(block: nn.Module) -> list[str]:
+    """The values `block` (or its class, below nn.Module) holds beside its parts that the
+    standard blocks do not: a user's `res_scale`, a flag, a config, which the converted block
+    would lose while the probe, run with today's values, sees nothing amiss."""
+    names = [n for n in vars(block) if n not in _MODULE_OWN and n not in _BLOCK_VALUES]
+    for cls in type(block).__mro__:
+        if cls is nn.Module or not issubclass(cls, nn.Module):
+            continue
+        names += [n for n, v in vars(cls).items()
+                  if not n.startswith("__") and n not in _BLOCK_VALUES and n not in names
+                  and not callable(v) and not isinstance(v, (property, classmethod,
+                                                              staticmethod))]
+    return names
 
 
 def _extra_forward_inputs(block: nn.Module) -> str | None:

@@ -170,6 +170,9 @@ class TrainRecipe:
                              "paper's, 0 none)")
         if self.mean not in MEANS:
             fail("mean", f"one of {', '.join(MEANS)}")
+        if isinstance(self.test_views, str):  # a view's name alone: not its letters
+            fail("test_views", f"a list of distinct views out of {', '.join(TEST_VIEWS)} (a "
+                               f"list even for one: [{self.test_views}])")
         object.__setattr__(self, "test_views", tuple(self.test_views))
         if not set(self.test_views) <= set(TEST_VIEWS) or len(set(self.test_views)) != len(
                 self.test_views):

@@ -144,6 +144,17 @@ def test_the_devkits_ground_truth_refuses_a_val_folder_missing_an_image_or_holdi
     with pytest.raises(ValueError, match="its 9 lines label images 1 to 9, but val/ holds only "
                                          "1 to 8"):
         scan_image_folder(missing, val_labels=labels)
+    # A stray copy without a number, with one image missing (as many images as lines): the
+    # check must not stop at the name it cannot read.
+    stray = tmp_path / "stray"
+    shutil.copytree(root, stray)
+    shutil.copy(stray / "val" / "ILSVRC2012_val_00000003.JPEG",
+                stray / "val" / "ILSVRC2012_val_00000003 - Copy.JPEG")
+    (stray / "val" / "ILSVRC2012_val_00000009.JPEG").unlink()
+    with pytest.raises(ValueError, match=r"val/ holds numbered images .* beside 1 without a number "
+                                         r"\(ILSVRC2012_val_00000003 - Copy.JPEG\), which would "
+                                         r"shift every later label"):
+        scan_image_folder(stray, val_labels=labels)
 
 
 def test_a_study_trains_on_the_ilsvrc_layout_and_it_converts_to_folders_and_shards(
@@ -219,6 +230,41 @@ def test_shards_of_folders_whose_file_names_repeat_across_classes_keep_every_sam
     with pytest.raises(ValueError, match=r"odd.bmp: a shard holds .* images, not .bmp"):
         convert_imagenet(tmp_path / "tree", tmp_path / "refused", to="shards")
     assert not (tmp_path / "refused").exists()
+
+
+def test_names_that_differ_in_an_image_extension_before_the_last_keep_samples_of_their_own(
+        tmp_path):
+    """photo.jpg and photo.png.jpg: the reader takes both as sample `photo` (an image extension
+    before the last is no part of a key), so the converter gives them keys that stay apart; and
+    a shard made elsewhere with two such members is refused by the check a trial starts with,
+    naming both, where webdataset failed every epoch on a duplicate."""
+    import tarfile
+
+    from resnet_ablate.data import CorruptShard
+    from resnet_ablate.data.imagenet_layout import convert_imagenet
+    from resnet_ablate.data.shard_format import count_samples
+
+    rng = np.random.default_rng(1)
+    for split in ("train", "val"):
+        for label, name in enumerate(("cat", "dog")):
+            folder = tmp_path / "tree" / split / name
+            folder.mkdir(parents=True)
+            for file in ("photo.jpg", "photo.png.jpg", "photo.JPEG.jpg"):
+                _jpeg(folder / file, label, rng)
+    convert_imagenet(tmp_path / "tree", tmp_path / "shards", to="shards", shard_size=4)
+    data = load_shards({"train": str(tmp_path / "shards" / "train-{000000..000001}.tar"),
+                        "val": str(tmp_path / "shards" / "val-{000000..000001}.tar"),
+                        "num_classes": 2}, image_size=24, loader_workers=0)
+    assert (data.train_size, data.test_size) == (6, 6)
+    assert sorted(torch.cat([y for _, y, _ in data.test_loader(6)]).tolist()) == [0] * 3 + [1] * 3
+
+    made_elsewhere = tmp_path / "elsewhere.tar"
+    with tarfile.open(made_elsewhere, "w") as archive:
+        for member in ("photo.jpg", "photo.png.jpg"):
+            archive.add(tmp_path / "tree" / "val" / "cat" / member, arcname=member)
+    with pytest.raises(CorruptShard, match=r"elsewhere.tar: members photo.jpg and photo.png.jpg "
+                                           r"are both sample photo's jpg"):
+        count_samples([str(made_elsewhere)])
 
 
 def test_a_tree_of_links_converts_to_files_and_a_dangling_link_is_refused(ilsvrc, tmp_path):

@@ -203,6 +203,9 @@ def test_the_protocol_options_are_checked_and_refused_on_in_memory_data():
     with pytest.raises(ValueError, match="test_views must be a list of distinct views out of "
                                          "ten_crop, multi_scale"):
         TrainRecipe(test_views=("ten_crops",))
+    with pytest.raises(ValueError, match=r"test_views must be a list of distinct views out of "
+                                         r".*\(a list even for one: \[ten_crop\]\), got 'ten_crop'"):
+        TrainRecipe(test_views="ten_crop")
     with pytest.raises(ValueError, match=r"lighting must be a number in \[0, 1\]"):
         TrainRecipe(lighting=-0.1)
     with pytest.raises(ValueError, match="mean must be one of channel, pixel"):

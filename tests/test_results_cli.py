@@ -95,6 +95,13 @@ def test_export_curves_to_a_file(cli, results, tmp_path):
     assert len(curves) == 24 and curves["test_error"].tolist() == results.curves()["test_error"].tolist()
 
 
+def test_an_output_of_a_dash_is_stdout(cli, results, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = cli("export", "--what", "curves", "--format", "csv", "-o", "-")
+    assert code == 0 and not (tmp_path / "-").exists()
+    assert len(pd.read_csv(io.StringIO(out))) == len(results.curves())
+
+
 def test_summary_by_depth_and_shortcut(cli, results):
     code, out, _ = cli("summary", "--by", "depth,shortcut", "--format", "json")
     printed = pd.DataFrame(json.loads(out))

@@ -102,6 +102,11 @@ def test_local_shards_are_counted_and_checked(shards, tmp_path):
         load_shards({**_spec(root), "train_size": 250}, image_size=24)
     with pytest.raises(ValueError, match="shards.val_size must be an int >= 1 .*, got '18'"):
         load_shards({**_spec(root), "val_size": "18"}, image_size=24)
+    empty = tmp_path / "empty.tar"
+    tarfile.open(empty, "w").close()
+    with pytest.raises(ValueError, match=r"shards.val: its 1 shard\(s\) hold no image \(first "
+                                         r".*empty.tar\): nothing to score on"):
+        load_shards({**_spec(root), "val": str(empty)}, image_size=24)
     mixed = f"{{{_spec(root)['val']},https://example.invalid/val-001.tar}}"
     with pytest.raises(ValueError, match="shards.val_size: 10 given, but the local val shards "
                                          "alone hold 18 images"):
@@ -365,9 +370,13 @@ def test_training_or_evaluating_on_no_image_fails_naming_the_split(shards, tmp_p
             with pytest.raises(ShardError, match="cut short"):
                 load_shards({**spec, **sized}, image_size=24, loader_workers=0)
         return
+    if kind == "empty":  # local: refused as it is counted, before training
+        with pytest.raises(ValueError, match=rf"shards.{split}: its 1 shard\(s\) hold no image"):
+            load_shards(spec, image_size=24, loader_workers=0)
+        return
     data = load_shards(spec, image_size=24, loader_workers=0)
     recipe = TrainRecipe(epochs=1, batch_size=2, eval_batch_size=4, precision="fp32")
-    skipped = {"empty": 0, "undecodable": 4}[kind]
+    skipped = {"undecodable": 4}[kind]
     what = "epoch 1's training" if split == "train" else "the val split's evaluation"
     with pytest.raises(NoImages, match=f"{what} had no image to score: {skipped} image"):
         train(_tiny_model, data, recipe, seed=0, threads=1)

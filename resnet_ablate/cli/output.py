@@ -34,6 +34,8 @@ def emit(frame, args: argparse.Namespace, footer: list[str] | None = None) -> in
 
     text = write_frame(frame, getattr(args, "format", "table"))
     output = getattr(args, "output", None)
+    if output == "-":  # the usual name for stdout, not a file called "-"
+        output = None
     if output and footer and getattr(args, "format", "table") == "table":
         text = "\n".join([text.rstrip("\n"), "", *footer])
     if output:

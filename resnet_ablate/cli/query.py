@@ -223,7 +223,7 @@ def _query_parser(sub, name: str, help_text: str, *, study: bool = True, table: 
                             + " / ".join(v for k, v in formats.items() if k != default_format))
         parser.add_argument("-o", "--output",
                             help="write to this file instead of stdout (missing folders "
-                                 "are created)")
+                                 "are created; - is stdout)")
     parser.add_argument("--force", action="store_true",
                         help="let -o replace an existing file (never a study's store)")
     return parser

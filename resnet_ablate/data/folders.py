@@ -99,7 +99,18 @@ def scan_image_folder(root: str | os.PathLike[str], *, train: str = "train", tes
 def _class_folders(folder: Path, layout: str) -> dict[str, list[str]]:
     """Each class folder's images, sorted; ValueError where there is no class folder or one
     holds no image."""
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    entries = list(folder.iterdir())
+    dangling = [p for p in entries if p.is_symlink() and not p.exists()]
+    if dangling:  # a class folder behind a broken link would drop the class, shifting labels
+        raise ValueError(f"{dangling[0]} links to {os.readlink(dangling[0])}, which does not "
+                         "exist: fix or remove the link (a class folder, left out, would change "
+                         "every later class's label)")
+    classes = sorted(p.name for p in entries if p.is_dir())
+    loose = sorted(p.name for p in entries if _is_image(p))
+    if classes and loose:
+        raise ValueError(f"{folder} holds {len(loose)} image(s) beside its class folders "
+                         f"({', '.join(loose[:3])}{', ...' if len(loose) > 3 else ''}), which "
+                         "belong to no class: move them into their class folders, or out")
     if not classes:
         hint = (" (a flat folder of images: give its label file as val_labels)"
                 if flat_images(folder) else "")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .folders import scan_image_folder
+from .shard_format import split_key
 
 SHARD_SIZE = 1000  # images a shard (about 110 MB of ImageNet's JPEGs)
 # What a shard's image member may be called (shard_format.IMAGE_EXTENSIONS), by the file's suffix.
@@ -108,7 +109,9 @@ def _sample_keys(paths: list[str]) -> list[str]:
     by key): the file's stem, as ILSVRC's unique names give them; where stems repeat (cat/0.jpg
     and dog/0.jpg), the class folder's name and the stem; where those still repeat (0.jpg and
     0.png in one folder), the sample's place in the split too."""
-    stems = [Path(p).stem for p in paths]
+    # The key the reader will find: the name less its extension and an image extension before
+    # it (shard_format.split_key: photo.png.jpg is sample photo, as photo.jpg is).
+    stems = [split_key(Path(p).name)[0] or Path(p).stem for p in paths]
     if len(set(stems)) == len(stems):
         return stems
     named = [f"{Path(p).parent.name}_{stem}" for p, stem in zip(paths, stems)]

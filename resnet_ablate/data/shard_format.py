@@ -198,8 +198,15 @@ def count_samples(urls: list[str], num_classes: int | None = None) -> int:
                 type(error).__name__
             kind = CorruptShard if isinstance(error, (tarfile.TarError, EOFError)) else ShardError
             raise kind(f"shard {url} cannot be read: {what} ({first})") from error
+        members: dict[tuple[str | None, str | None], str] = {}
         for name in names:
             key, extension = split_key(name)
+            if key is not None and (key, extension) in members:
+                raise CorruptShard(
+                    f"shard {url}: members {members[key, extension]} and {name} are both sample "
+                    f"{key}'s {extension} (the reader groups members by their name less its "
+                    "extensions): give each sample a key of its own")
+            members[key, extension] = name
             if extension in IMAGE_EXTENSIONS:
                 keys.add((url, key))
     return len(keys)

@@ -337,6 +337,10 @@ def load_shards(shards: dict[str, Any], *, image_size: int = 224,
         # Local shards are read now, given sizes or not: one cut short or with a bad label is
         # named before training (a given size would have trained on what it holds).
         counted = count_samples(local, num_classes) if local else 0
+        if local and len(local) == len(urls[split]) and counted == 0:
+            raise ValueError(f"shards.{split}: its {len(local)} shard(s) hold no image (first "
+                             f"{local[0]}): nothing to {'train' if split == 'train' else 'score'} "
+                             "on")
         if shards.get(size_key) is not None:  # (a spec's `train_size: null` is no size)
             sizes[split] = _given_size(shards[size_key], size_key, split, counted,
                                        all_local=len(local) == len(urls[split]))

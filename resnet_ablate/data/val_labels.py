@@ -100,8 +100,16 @@ def _check_numbering(path: Path, lines: int, images: list[Path]) -> None:
     """Where the images' names carry their numbers (ILSVRC's do), that line k labels image k: a
     missing or a stray image would otherwise shift every later label onto the wrong image."""
     numbers = [_NUMBERED.search(p.stem) for p in images]
-    if not images or None in numbers:
-        return
+    if not images or all(number is None for number in numbers):
+        return  # names of the user's own: labelled by their place, as the file says
+    if None in numbers:  # one stray file among numbered images shifts every later label
+        stray = [p.name for p, number in zip(images, numbers) if number is None]
+        raise ValueError(
+            f"{path}: its lines label val/'s images by their place, and val/ holds numbered "
+            f"images (as {images[numbers.index(next(n for n in numbers if n))].name}) beside "
+            f"{len(stray)} without a number ({', '.join(stray[:3])}"
+            f"{', ...' if len(stray) > 3 else ''}), which would shift every later label: remove "
+            "them, or write 'filename label' lines")
     found = [int(number.group(1)) for number in numbers]
     if len(found) < lines and found == sorted(set(found)) and found[-1] <= lines \
             and found != list(range(1, len(found) + 1)):

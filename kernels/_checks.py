@@ -151,6 +151,16 @@ def _refuse_momentum(momentum: object) -> NoReturn:
         "average pass 1 / (number of batches seen), as nn.BatchNorm2d(momentum=None) does")
 
 
+def check_one_dimensional(channels: int, running_mean: torch.Tensor | None,
+                          running_var: torch.Tensor | None, weight: torch.Tensor | None,
+                          bias: torch.Tensor | None) -> None:
+    """The rule that check_arguments holds every backend to, for the inline path (where
+    F.batch_norm makes the other checks): per-channel tensors are 1-D, so that a (C, 1) weight
+    that runs on the CPU does not fail once the same code runs on a GPU."""
+    if any(t is not None and t.dim() != 1 for t in (running_mean, running_var, weight, bias)):
+        _refuse_sizes(channels, running_mean, running_var, weight, bias)
+
+
 def _refuse_sizes(channels: int, *tensors: torch.Tensor | None) -> None:
     for name, t in zip(("running_mean", "running_var", "weight", "bias"), tensors):
         if t is not None and t.numel() != channels:
@@ -173,6 +183,27 @@ def _check_eps(eps: float, training: bool) -> None:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
+_TENSOR_ARGUMENTS = (("input", 1), ("running_mean", 2), ("running_var", 3), ("weight", 4),
+                     ("bias", 5))
+
+
+def check_types(input, running_mean, running_var, weight, bias, training, residual) -> None:
+    """TypeError naming an argument of a type F.batch_norm refuses, in its words (a list as a
+    weight, "yes" as `training`), and a residual that is no tensor: the first call of a
+    signature, or one whose signature could not be read, asks."""
+    for (name, position), value in zip(_TENSOR_ARGUMENTS,
+                                       (input, running_mean, running_var, weight, bias)):
+        if not isinstance(value, torch.Tensor) and (value is not None or name == "input"):
+            raise TypeError(f"batch_norm(): argument '{name}' (position {position}) must be "
+                            f"Tensor, not {type(value).__name__}")
+    if not isinstance(training, bool):
+        raise TypeError("batch_norm(): argument 'training' (position 6) must be bool, not "
+                        f"{type(training).__name__}")
+    if residual is not None and not isinstance(residual, torch.Tensor):
+        raise TypeError(f"fused_batch_norm(): argument 'residual' must be Tensor or None, not "
+                        f"{type(residual).__name__}")
 
 
 def checked_residual(input: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor | None:

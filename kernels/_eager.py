@@ -29,7 +29,7 @@ from ._autograd import (
     SavedMeta, backward_body, dtype_of, forward_body, gradient_will_be_taken, gradients,
     save_for_backward,
 )
-from ._checks import check_arguments, checked_residual
+from ._checks import check_arguments, check_types, checked_residual
 from ._contract import Implementation, RunningUpdate
 from ._layout import aligned
 from ._signature_cache import SignatureCache
@@ -152,11 +152,16 @@ def fused_batch_norm_eager(input: torch.Tensor, running_mean: torch.Tensor | Non
                            eps: float, residual: torch.Tensor | None, relu: bool
                            ) -> torch.Tensor:
     """`fused_batch_norm` on the eager path (its arguments, as it received them)."""
-    gradient = gradient_will_be_taken(input, weight, bias, residual)
-    key = signature(input, running_mean, running_var, weight, bias, training, residual, relu,
-                    gradient)
+    try:
+        gradient = gradient_will_be_taken(input, weight, bias, residual)
+        key = signature(input, running_mean, running_var, weight, bias, training, residual,
+                        relu, gradient)
+    except AttributeError:  # an argument that is no tensor: named, in F.batch_norm's words
+        check_types(input, running_mean, running_var, weight, bias, training, residual)
+        raise
     call = _CALLS.get(key)
     if call is None or type(momentum) is not float or not eps > 0:
+        check_types(input, running_mean, running_var, weight, bias, training, residual)
         momentum = check_arguments(input, running_mean, running_var, weight, bias, training,
                                    momentum, eps)
         expanded = checked_residual(input, residual)

@@ -45,7 +45,7 @@ from ._autograd import (
     SavedMeta, backward_body, dtype_of, forward_body, gradient_will_be_taken, gradients,
     save_for_backward, stats_dtype,
 )
-from ._checks import check_arguments, checked_residual
+from ._checks import check_arguments, check_one_dimensional, check_types, checked_residual
 from ._eager import fused_batch_norm_eager
 from .backends import get_backend
 from .backends import implementation as _implementation
@@ -218,6 +218,8 @@ def fused_batch_norm(
     training or backward).
     """
     eager = _is_eager(input)
+    if not eager:  # (the eager path asks on a signature's first call)
+        check_types(input, running_mean, running_var, weight, bias, training, residual)
     if _runs_inline(input, eager) or _exporting_to_onnx(eager):
         return _batch_norm_add_relu_inline(
             input, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu
@@ -258,14 +260,21 @@ def _batch_norm_add_relu_inline(
     """The unfused module's arithmetic: F.batch_norm, then the add and ReLU in place on its output.
     F.batch_norm does its own checks (with PyTorch's wording) and the running-stat update; its
     output is a fresh tensor that its backward does not read, so writing into it is safe."""
-    checked_residual(input, residual)  # broadcasting is out.add_'s own
-    # Dense copies (the weight's differentiable): ATen's CPU backward misreads a strided weight
-    # beside a channels_last input and gradient (the input's gradient 3.5 off, PyTorch 2.13), and
-    # in eval strided running statistics (thousands off); training updates those in place.
-    if weight is not None and not weight.is_contiguous():
-        weight = weight.contiguous()
-    if not training and running_mean is not None and running_var is not None:
-        running_mean, running_var = running_mean.contiguous(), running_var.contiguous()
+    try:
+        checked_residual(input, residual)  # broadcasting is out.add_'s own
+        check_one_dimensional(input.shape[1] if input.dim() > 1 else 0, running_mean,
+                              running_var, weight, bias)
+        # Dense copies (the weight's differentiable): ATen's CPU backward misreads a strided
+        # weight beside a channels_last input and gradient (the input's gradient 3.5 off,
+        # PyTorch 2.13), and in eval strided running statistics (thousands off); training
+        # updates those in place.
+        if weight is not None and not weight.is_contiguous():
+            weight = weight.contiguous()
+        if not training and running_mean is not None and running_var is not None:
+            running_mean, running_var = running_mean.contiguous(), running_var.contiguous()
+    except AttributeError:  # an argument that is no tensor: named, in F.batch_norm's words
+        check_types(input, running_mean, running_var, weight, bias, training, residual)
+        raise
     out = torch.nn.functional.batch_norm(
         input, running_mean, running_var, weight, bias, training, momentum, eps
     )

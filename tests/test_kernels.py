@@ -414,6 +414,30 @@ def test_pytorch_refusals_are_kept():
             pass
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_every_backend_refuses_the_same_argument_types_and_shapes(backend):
+    """One error on every backend, in F.batch_norm's words where it has them: a string for
+    `training` (accepted as true before on the kernels' backends), a list for a tensor
+    (AttributeError before), a (C, 1) weight (accepted by the CPU's inline path before, refused
+    by the kernels' backends: code that ran on a CPU failed on a GPU)."""
+    x, w, b = torch.randn(2, 3, 4, 4), torch.ones(3), torch.zeros(3)
+    stats = torch.zeros(3), torch.ones(3)
+    with use_backend(backend):
+        with pytest.raises(TypeError, match=r"argument 'training' \(position 6\) must be bool, "
+                                            r"not str"):
+            fused_batch_norm(x, *stats, w, b, "yes")
+        with pytest.raises(TypeError, match=r"argument 'weight' \(position 4\) must be Tensor, "
+                                            r"not list"):
+            fused_batch_norm(x, *stats, [1.0] * 3, b, True)
+        with pytest.raises(TypeError, match=r"argument 'residual' must be Tensor or None, not list"):
+            fused_batch_norm(x, *stats, w, b, True, residual=[1.0])
+        with pytest.raises(RuntimeError, match=r"weight should be 1-D, with 3 elements, not of "
+                                               r"shape \(3, 1\)"):
+            fused_batch_norm(x, *stats, w.view(-1, 1), b, False)
+    with pytest.raises(TypeError, match="'training' .* must be bool, not str"):
+        F.batch_norm(x, *stats, w, b, "yes")  # the words are PyTorch's
+
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_module_loads_batchnorm2d_state_and_matches_it(backend, momentum):

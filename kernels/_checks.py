@@ -157,7 +157,9 @@ def check_one_dimensional(channels: int, running_mean: torch.Tensor | None,
     """The rule that check_arguments holds every backend to, for the inline path (where
     F.batch_norm makes the other checks): per-channel tensors are 1-D, so that a (C, 1) weight
     that runs on the CPU does not fail once the same code runs on a GPU."""
-    if any(t is not None and t.dim() != 1 for t in (running_mean, running_var, weight, bias)):
+    if ((weight is not None and weight.dim() != 1) or (bias is not None and bias.dim() != 1)
+            or (running_mean is not None and running_mean.dim() != 1)
+            or (running_var is not None and running_var.dim() != 1)):
         _refuse_sizes(channels, running_mean, running_var, weight, bias)
 
 

@@ -121,8 +121,10 @@ def signature(input: torch.Tensor, running_mean: torch.Tensor | None,
     all are 16-byte aligned; the flags. One flat tuple, built and hashed once a call: nested
     tuples hash and compare slower."""
     return (
-        get_backend(), input.shape, input.stride(), input.dtype, input.device, training, relu,
-        gradient,
+        # training as given where it is a bool, else None: 1 hashes as True does, and must not
+        # find True's call (the first call of its own refuses it, as F.batch_norm does)
+        get_backend(), input.shape, input.stride(), input.dtype, input.device,
+        training if type(training) is bool else None, relu, gradient,
         None if residual is None else residual.shape,
         None if residual is None else residual.stride(),
         None if residual is None else residual.dtype,

@@ -107,12 +107,20 @@ def _cuobjdump_binary(cubin: bytes, option: str) -> str:
         os.close(os.open(report.with_suffix(".claim"), os.O_CREAT | os.O_EXCL))
     except FileExistsError:
         deadline = time.monotonic() + 300
+        failed = report.with_suffix(".failed")
         while not report.exists():
+            if failed.exists():
+                raise RuntimeError(f"the shard that claimed {report} failed: "
+                                   f"{failed.read_text()}") from None
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no shard wrote {report}") from None
             time.sleep(0.02)
         return report.read_text()
-    text = _run_cuobjdump(cubin, option)
+    try:
+        text = _run_cuobjdump(cubin, option)
+    except Exception as error:  # noqa: BLE001 - told to the shards waiting for it, then raised
+        report.with_suffix(".failed").write_text(repr(error))
+        raise
     written = report.with_suffix(".partial")
     written.write_text(text)
     written.rename(report)  # whole or not at all: a reader never sees half a report

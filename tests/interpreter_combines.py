@@ -46,7 +46,8 @@ def tree_scan(self, input) -> list:
         return _ELEMENTWISE["scan"](self, input)
     dtypes = [arg.dtype for arg in input]
     arrays = [np.array(arg.handle.data) for arg in input]
-    axis, n = self.axis, arrays[0].shape[self.axis]
+    axis = self.axis % arrays[0].ndim
+    n = arrays[0].shape[axis]
     position = np.arange(n).reshape([n if d == axis else 1 for d in range(arrays[0].ndim)])
     offset = 1
     while offset < n:
@@ -63,7 +64,8 @@ def tree_reduce(self, input) -> list:
     """ReduceOps.generic_reduce, as a reduction of adjacent pairs."""
     if input[0].handle.data.size == 0:
         return _ELEMENTWISE["reduce"](self, input)
-    original_axis, axis = self.axis, 0 if self.axis is None else self.axis
+    original_axis = self.axis
+    axis = 0 if self.axis is None else self.axis % input[0].handle.data.ndim
     dtypes = [arg.dtype for arg in input]
     input_ndim = input[0].handle.data.ndim
     # axis None: over all elements, of every input (the interpreter's `unravel` flattens the
@@ -102,7 +104,8 @@ def install() -> bool:
     scans, reductions = getattr(interpreter, "ScanOps", None), getattr(interpreter, "ReduceOps", None)
     if not (hasattr(scans, "generic_scan") and hasattr(reductions, "generic_reduce")):
         return False
-    _ELEMENTWISE.update(scan=scans.generic_scan, reduce=reductions.generic_reduce)
+    if scans.generic_scan is not tree_scan:  # installed once: the originals kept are Triton's
+        _ELEMENTWISE.update(scan=scans.generic_scan, reduce=reductions.generic_reduce)
     scans.generic_scan = tree_scan
     reductions.generic_reduce = tree_reduce
     return True

@@ -188,6 +188,48 @@ def test_values_the_forward_never_read_change_freely():
     torch.testing.assert_close(model.eval()(x), reference.eval()(x))
 
 
+class Settings:
+    """A user's settings object: a device and a callback beside the value the forward reads."""
+
+    def __init__(self):
+        self.scale, self.device, self.callback = 1.0, torch.device("cpu"), print
+
+
+class Masked(nn.Module):
+    """Reads a tensor attribute (torch.fx reads it live), a settings object and a dict holding a
+    NaN."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(C, C, 3, padding=1), nn.BatchNorm2d(C)
+        self.mask, self.settings = torch.ones(1, C, 1, 1), Settings()
+        self.extra = {"unset": float("nan"), "shift": 0.0}
+
+    def forward(self, x):
+        shift = x * self.mask * self.settings.scale + self.extra["shift"]
+        return F.relu(self.bn(self.conv(x)) + shift)
+
+
+def test_guards_follow_copies_live_tensors_and_objects_fields():
+    """A deep copy (an EMA model) runs; a tensor attribute replaced is read as it is now, as
+    the unfused forward reads it; a settings object's field is compared though another field
+    has no snapshot; a NaN setting equals itself."""
+    torch.manual_seed(0)
+    model = Masked()
+    reference = copy.deepcopy(model)
+    _fused(model, example_input=torch.randn(2, C, 8, 8))
+    x = torch.randn(2, C, 8, 8)
+    copied = copy.deepcopy(model)
+    assert torch.equal(copied.eval()(x), reference.eval()(x))
+    for network in (model, reference):
+        network.mask = torch.full((1, C, 1, 1), 2.0)
+        network.extra["unset"] = float("nan")
+    torch.testing.assert_close(model.eval()(x), reference.eval()(x))
+    model.settings.scale = 0.5
+    with pytest.raises(StaleForward, match=r"settings is .*, but .* when it was"):
+        model(x)
+
+
 class Remembers(nn.Module):
     def __init__(self):
         super().__init__()

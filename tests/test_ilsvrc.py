@@ -151,6 +151,19 @@ def test_the_devkits_ground_truth_refuses_a_val_folder_missing_an_image_or_holdi
     shutil.copy(stray / "val" / "ILSVRC2012_val_00000003.JPEG",
                 stray / "val" / "ILSVRC2012_val_00000003 - Copy.JPEG")
     (stray / "val" / "ILSVRC2012_val_00000009.JPEG").unlink()
+    # Names of the user's own, one of them ending in a number: labelled by their place, as
+    # before (only a numbered set with strays among it is refused).
+    own = tmp_path / "own"
+    shutil.copytree(root, own, ignore=shutil.ignore_patterns("ILSVRC2012_val_*"))
+    rng = np.random.default_rng(3)
+    for name in ("beach.JPEG", "holiday_2019.JPEG", "kitchen.JPEG"):
+        _jpeg(own / "val" / name, 0, rng)
+    one_a_line = tmp_path / "own-labels.txt"
+    one_a_line.write_text("n01440764\nn01443537\nn01484850\n")
+    labelled = scan_image_folder(own, val_labels=one_a_line)
+    assert [(p.rsplit("/", 1)[1], WNIDS[y]) for p, y in labelled.test] == [
+        ("beach.JPEG", "n01440764"), ("holiday_2019.JPEG", "n01443537"),
+        ("kitchen.JPEG", "n01484850")]
     with pytest.raises(ValueError, match=r"val/ holds numbered images .* beside 1 without a number "
                                          r"\(ILSVRC2012_val_00000003 - Copy.JPEG\), which would "
                                          r"shift every later label"):

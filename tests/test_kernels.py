@@ -423,9 +423,11 @@ def test_every_backend_refuses_the_same_argument_types_and_shapes(backend):
     x, w, b = torch.randn(2, 3, 4, 4), torch.ones(3), torch.zeros(3)
     stats = torch.zeros(3), torch.ones(3)
     with use_backend(backend):
-        with pytest.raises(TypeError, match=r"argument 'training' \(position 6\) must be bool, "
-                                            r"not str"):
-            fused_batch_norm(x, *stats, w, b, "yes")
+        fused_batch_norm(x, *stats, w, b, True)  # a signature's call kept: 1 must not find it
+        for training, kind in (("yes", "str"), (1, "int")):
+            with pytest.raises(TypeError, match=rf"argument 'training' \(position 6\) must be "
+                                                rf"bool, not {kind}"):
+                fused_batch_norm(x, *stats, w, b, training)
         with pytest.raises(TypeError, match=r"argument 'weight' \(position 4\) must be Tensor, "
                                             r"not list"):
             fused_batch_norm(x, *stats, [1.0] * 3, b, True)

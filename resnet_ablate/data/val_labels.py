@@ -100,8 +100,9 @@ def _check_numbering(path: Path, lines: int, images: list[Path]) -> None:
     """Where the images' names carry their numbers (ILSVRC's do), that line k labels image k: a
     missing or a stray image would otherwise shift every later label onto the wrong image."""
     numbers = [_NUMBERED.search(p.stem) for p in images]
-    if not images or all(number is None for number in numbers):
-        return  # names of the user's own: labelled by their place, as the file says
+    numbered = [p.stem[:n.start()] for p, n in zip(images, numbers) if n is not None]
+    if not images or len(numbered) * 2 <= len(images) or len(set(numbered)) > 1:
+        return  # names of the user's own (holiday_2019 among them): labelled by their place
     if None in numbers:  # one stray file among numbered images shifts every later label
         stray = [p.name for p, number in zip(images, numbers) if number is None]
         raise ValueError(

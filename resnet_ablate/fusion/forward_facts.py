@@ -34,11 +34,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .reads import Baked, held_value
+from .reads import Baked, held_value, shown
 from .records import FuseWarning
 
-# Values a guard compares by equality; anything else a forward reads (lists, objects) is not
-# guarded, as a forward that mutates containers is beyond what a source check can follow.
+# The values the source check takes from a forward's own `self.<name>` reads; what tracing
+# records (reads.py) adds containers and plain objects.
 _PLAIN = (bool, int, float, str, type(None))
 
 
@@ -159,9 +159,9 @@ def guarded(forward: Callable[..., Any], guards: Guards) -> Callable[..., Any]:
             now = held_value(module, attr, _MISSING)
             if not expected.holds(now):
                 where = f"{path}.{attr}" if path else attr
-                shown = "gone" if now is _MISSING else f"{now!r}"
                 raise StaleForward(
-                    f"{type(self).__name__}.{where} is {shown}, but resnet_ablate.fuse rewrote "
+                    f"{type(self).__name__}.{where} is "
+                    f"{'gone' if now is _MISSING else shown(now)}, but resnet_ablate.fuse rewrote "
                     f"this forward when it was {expected.shown} and baked that value in: call "
                     "resnet_ablate.unfuse(model), set it, then fuse(model) again")
         for parts, kind, names, absorbed in getattr(self, KEPT_MODULES, ()):

@@ -63,7 +63,8 @@ class SiteTracer(fx.Tracer):
     def call_module(self, m: nn.Module, forward, args, kwargs):
         path = self.path_of_module(m)
         if not self.is_leaf_module(m, path):
-            self.guards.extend((path, a, baked(v)) for a, v in check_forward(m).items())
+            self.guards.extend((path, a, g) for a, v in check_forward(m).items()
+                               if (g := baked(v)) is not None)
         elif (isinstance(m, torch.jit.ScriptModule) or calls_hooks(m) and not
               super().is_leaf_module(m, path)) and path not in self.hooked:
             self.hooked.append(path)  # searched on its own (a TorchScript module: named)
@@ -77,7 +78,8 @@ class SiteTracer(fx.Tracer):
         return super().create_node(*args, **kwargs)
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
-        self.guards = [("", a, baked(v)) for a, v in check_forward(root).items()]
+        self.guards = [("", a, g) for a, v in check_forward(root).items()
+                       if (g := baked(v)) is not None]
         self.state = autograd_state()
         versions = _versions(root)
         with torch.random.fork_rng(devices=[]):  # the caller's random stream stays its own

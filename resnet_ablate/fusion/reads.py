@@ -7,17 +7,21 @@ A forward's source shows only the reads it writes itself (`self.scale`); the val
 through other code were baked in unguarded, so that changing one changed nothing but the answer.
 Here every module of the traced tree is, while tracing, an instance of a subclass of its own class
 that notes each attribute read (`recorded_reads`); what was read is then looked up as it is held
-(`baked_values`): plain values and containers of them are compared by value on each call (a
-snapshot taken now, so that a mutated dict is seen), other objects by identity (a tensor or an
-object replaced is seen; one changed inside is not, as a forward that mutates such objects is
-beyond a guard). Modules, parameters, buffers, methods and nn.Module's own bookkeeping are not
-values a trace bakes in: calls and tensors become nodes of the graph.
+(`baked_values`) and snapshotted: plain values, containers of them (a dict is compared whole: a
+change to any entry raises, read or not) and plain objects (their fields without a snapshot left
+out) are compared by value on each call. A tensor held as an attribute is read live by the traced
+forward (torch.fx's get_attr), so it is not baked; functions, modules and other objects are not
+guarded, nor are containers of more than 64 entries (compared on every call, they would cost
+more than the layer). Modules, parameters, buffers, methods and nn.Module's own bookkeeping are
+not values a trace bakes in: calls and tensors become nodes of the graph.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
+import math
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,24 +30,28 @@ from typing import Any
 import torch
 from torch import nn
 
-_PLAIN = (bool, int, float, complex, str, bytes, type(None))
-_MODULE_OWN = frozenset(vars(nn.Module()))  # hooks, flags and the dicts every module holds
-_SNAPSHOT_DEPTH = 6  # deeper (or cyclic) containers are compared by identity
+_PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, enum.Enum)
+# What every module holds (hooks, flags, its dicts) and nn.Module's own class attributes
+# (`_compiled_call_impl`, which `Module.compile` sets).
+_MODULE_OWN = frozenset(vars(nn.Module())) | frozenset(vars(nn.Module))
+_SNAPSHOT_DEPTH = 6  # deeper (or cyclic) containers are not guarded
+# A container is compared whole on every call: one larger than this is not guarded (a per-call
+# cost that grows with it, for a forward that reads one entry).
+_SNAPSHOT_ENTRIES = 64
+_NAN = ("nan",)  # a NaN, as snapshots compare it: equal to itself
+_OPAQUE = ("opaque",)  # a field of an object that has no snapshot: left out of the comparison
 
 
 @dataclass(frozen=True)
 class Baked:
-    """A value a rewritten forward baked in: its snapshot (compared by equality) or, where it
-    has none, the object itself (compared by identity)."""
+    """A value a rewritten forward baked in, and its snapshot, compared with a snapshot of what
+    the module holds on each call."""
 
     value: Any
     snapshot: Any
-    by_identity: bool
     shown: str  # as it was when baked in (a dict's items may change since)
 
     def holds(self, now: Any) -> bool:
-        if self.by_identity:
-            return now is self.value
         if now is self.value and isinstance(now, _PLAIN):  # (a dict may have changed inside)
             return True
         try:
@@ -56,24 +64,41 @@ class _NoSnapshot(Exception):
     pass
 
 
-def snapshot(value: Any, depth: int = 0) -> Any:
+def snapshot(value: Any, depth: int = 0, budget: list[int] | None = None) -> Any:
     """A copy of `value` that compares equal to a later snapshot exactly where every plain
-    value inside is the same (types included: 1 and 1.0 and True differ); _NoSnapshot for
-    anything else (tensors, modules, functions, deep or cyclic structures)."""
-    if depth > _SNAPSHOT_DEPTH:
+    value inside is the same (types included: 1 and 1.0 and True differ; a NaN equals a NaN);
+    an object's fields that have none are left out; _NoSnapshot for a value that has none
+    (a tensor, a module, a function, a deep or large structure)."""
+    budget = [_SNAPSHOT_ENTRIES] if budget is None else budget
+    budget[0] -= 1
+    if depth > _SNAPSHOT_DEPTH or budget[0] < 0:
         raise _NoSnapshot
     if isinstance(value, _PLAIN):
+        if isinstance(value, float) and math.isnan(value):
+            return (float, _NAN)
         return (type(value), value)
     if isinstance(value, (tuple, list)):
-        return (type(value), tuple(snapshot(v, depth + 1) for v in value))
+        return (type(value), tuple(snapshot(v, depth + 1, budget) for v in value))
     if isinstance(value, dict):
-        return (type(value), tuple((snapshot(k, depth + 1), snapshot(v, depth + 1))
-                                   for k, v in value.items()))
+        return (type(value), tuple((snapshot(k, depth + 1, budget),
+                                    snapshot(v, depth + 1, budget)) for k, v in value.items()))
     if isinstance(value, (set, frozenset)):
-        return (type(value), frozenset(snapshot(v, depth + 1) for v in value))
+        return (type(value), frozenset(snapshot(v, depth + 1, budget) for v in value))
     if isinstance(value, types.SimpleNamespace) or _plain_object(value):
-        return (type(value), snapshot(vars(value), depth + 1))
+        return (type(value), tuple((name, _field(field, depth + 1, budget))
+                                   for name, field in vars(value).items()))
     raise _NoSnapshot
+
+
+def _field(value: Any, depth: int, budget: list[int]) -> Any:
+    """An object's field as its snapshot holds it: _OPAQUE where it has none (a config's
+    device or callback), so that the object's other fields are still compared."""
+    try:
+        return snapshot(value, depth, budget)
+    except _NoSnapshot:
+        if budget[0] < 0:
+            raise
+        return _OPAQUE
 
 
 def _plain_object(value: Any) -> bool:
@@ -84,26 +109,30 @@ def _plain_object(value: Any) -> bool:
                 types.ModuleType, functools.partial)) and not callable(value))
 
 
-def baked(value: Any) -> Baked:
-    shown = _shown(value)
+def baked(value: Any) -> Baked | None:
+    """`value` as a guard holds it; None where it has no snapshot (not guarded)."""
     try:
-        return Baked(value, snapshot(value), False, shown)
+        return Baked(value, snapshot(value), shown(value))
     except _NoSnapshot:
-        return Baked(value, None, True, shown)
+        return None
 
 
-def _shown(value: Any) -> str:
-    text = repr(value)
+def shown(value: Any) -> str:
+    """A value as a message shows it: on one line, at most 80 characters."""
+    text = " ".join(repr(value).split())
     return text if len(text) <= 80 else text[:77] + "..."
 
 
 _RECORDS: dict[int, set[str]] = {}  # id(module) -> the names read, while recording
 
 
-@functools.lru_cache(maxsize=None)
-def _recording_class(cls: type) -> type:
+def _recording_class(cls: type) -> type | None:
     """A subclass of `cls` that notes each attribute read of an instance being recorded, and is
-    otherwise `cls` (its name and module too: torch.fx decides what it traces into by them)."""
+    otherwise `cls` (its name and module too: torch.fx decides what it traces into by them);
+    made for one trace and dropped after it. None where a class of `cls`'s defines
+    `__init_subclass__`, which making one would run (a registry of subclasses would keep it)."""
+    if any("__init_subclass__" in vars(c) for c in cls.__mro__ if c is not object):
+        return None
 
     class Recording(cls):  # type: ignore[misc, valid-type]
         def __getattribute__(self, name: str) -> Any:
@@ -120,17 +149,25 @@ def _recording_class(cls: type) -> type:
 @contextlib.contextmanager
 def recorded_reads(root: nn.Module) -> Iterator[dict[str, set[str]]]:
     """Within: the names read from `root` and each of its submodules, by module path. A module
-    whose class cannot take a subclass (a TorchScript module) is not recorded: the source
-    check (forward_facts.check_forward) still guards what its own forward reads."""
+    whose class cannot take a subclass (a TorchScript module, a class with __init_subclass__)
+    is not recorded: the source check (forward_facts.check_forward) still guards what its own
+    forward reads. (While recording, `type(module)` is the subclass: a forward that tests
+    `type(self) is X` takes its other branch, which the probe then refuses.)"""
     swapped: list[tuple[nn.Module, type]] = []
     reads: dict[str, set[str]] = {}
+    recording_classes: dict[type, type | None] = {}
     try:
         for path, module in root.named_modules(remove_duplicate=True):
             cls = type(module)
             if isinstance(module, torch.jit.ScriptModule):
                 continue
+            recording = recording_classes.get(cls, 0)
+            if recording == 0:
+                recording = recording_classes[cls] = _recording_class(cls)
+            if recording is None:
+                continue
             try:
-                object.__setattr__(module, "__class__", _recording_class(cls))
+                object.__setattr__(module, "__class__", recording)
             except TypeError:
                 continue
             swapped.append((module, cls))
@@ -165,9 +202,10 @@ def baked_values(root: nn.Module, reads: dict[str, set[str]]) -> list[tuple[str,
                 value = _class_value(type(module), name)
                 if value is _NOT_A_VALUE:
                     continue
-            if isinstance(value, nn.Module):
-                continue
-            found.append((path, name, baked(value)))  # a function held: by identity
+            # torch.fx reads a tensor held as an attribute live (get_attr): nothing is baked
+            guard = None if isinstance(value, (nn.Module, torch.Tensor)) else baked(value)
+            if guard is not None:
+                found.append((path, name, guard))
     return found
 
 

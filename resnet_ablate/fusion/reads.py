@@ -161,9 +161,9 @@ def recorded_reads(root: nn.Module) -> Iterator[dict[str, set[str]]]:
             cls = type(module)
             if isinstance(module, torch.jit.ScriptModule):
                 continue
-            recording = recording_classes.get(cls, 0)
-            if recording == 0:
-                recording = recording_classes[cls] = _recording_class(cls)
+            if cls not in recording_classes:
+                recording_classes[cls] = _recording_class(cls)
+            recording = recording_classes[cls]
             if recording is None:
                 continue
             try:

@@ -33,7 +33,7 @@ from torch import nn
 _PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, enum.Enum)
 # What every module holds (hooks, flags, its dicts) and nn.Module's own class attributes
 # (`_compiled_call_impl`, which `Module.compile` sets).
-_MODULE_OWN = frozenset(vars(nn.Module())) | frozenset(vars(nn.Module))
+MODULE_OWN = frozenset(vars(nn.Module())) | frozenset(vars(nn.Module))
 _SNAPSHOT_DEPTH = 6  # deeper (or cyclic) containers are not guarded
 # A container is compared whole on every call: one larger than this is not guarded (a per-call
 # cost that grows with it, for a forward that reads one entry).
@@ -188,7 +188,7 @@ def baked_values(root: nn.Module, reads: dict[str, set[str]]) -> list[tuple[str,
     for path, names in reads.items():
         module = root.get_submodule(path) if path else root
         for name in sorted(names):
-            if name.startswith("__") or name in _MODULE_OWN:
+            if name.startswith("__") or name in MODULE_OWN:
                 continue
             if name in module.__dict__:
                 value = module.__dict__[name]

@@ -29,6 +29,7 @@ from ..models import ResNet
 from .forward_facts import KEPT_MODULES
 from .patterns import has_hooks
 from .probe import beyond_tolerance, changed_in_place, evaluating, probe_input
+from .reads import MODULE_OWN
 from .records import FusedSite, SkippedBlock, qualified
 
 _BASIC_PARTS = ("conv1", "bn1", "conv2", "bn2")
@@ -108,14 +109,13 @@ def unrecognised_because(block: nn.Module) -> str | None:
 _BLOCK_VALUES = frozenset({"stride", "dilation", "expansion", "downsample", *_OPTIONAL_PARTS,
                            # what the graph path records on a block whose forward it rewrote
                            KEPT_MODULES, "fused_batch_norms"})
-_MODULE_OWN = frozenset(vars(nn.Module()))  # what every module holds: hooks, flags, its dicts
 
 
 def _state_beside_parts(block: nn.Module) -> list[str]:
     """The values `block` (or its class, below nn.Module) holds beside its parts that the
     standard blocks do not: a user's `res_scale`, a flag, a config, which the converted block
     would lose while the probe, run with today's values, sees nothing amiss."""
-    names = [n for n in vars(block) if n not in _MODULE_OWN and n not in _BLOCK_VALUES]
+    names = [n for n in vars(block) if n not in MODULE_OWN and n not in _BLOCK_VALUES]
     for cls in type(block).__mro__:
         if cls is nn.Module or not issubclass(cls, nn.Module):
             continue

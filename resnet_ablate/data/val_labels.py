@@ -107,7 +107,7 @@ def _check_numbering(path: Path, lines: int, images: list[Path]) -> None:
         stray = [p.name for p, number in zip(images, numbers) if number is None]
         raise ValueError(
             f"{path}: its lines label val/'s images by their place, and val/ holds numbered "
-            f"images (as {images[numbers.index(next(n for n in numbers if n))].name}) beside "
+            f"images (as {next(p for p, n in zip(images, numbers) if n).name}) beside "
             f"{len(stray)} without a number ({', '.join(stray[:3])}"
             f"{', ...' if len(stray) > 3 else ''}), which would shift every later label: remove "
             "them, or write 'filename label' lines")

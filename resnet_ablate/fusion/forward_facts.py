@@ -37,8 +37,9 @@ from torch.nn.utils import parametrize
 from .reads import Baked, held_value, shown
 from .records import FuseWarning
 
-# The values the source check takes from a forward's own `self.<name>` reads; what tracing
-# records (reads.py) adds containers and plain objects.
+# The values the source check takes from a forward's own `self.<name>` reads: scalars only, as a
+# read in the source may sit on a path the trace never took; what tracing records (reads.py),
+# read for certain, adds containers and plain objects.
 _PLAIN = (bool, int, float, str, type(None))
 
 

@@ -61,7 +61,7 @@ class Baked:
 
 
 class _NoSnapshot(Exception):
-    pass
+    """A value a guard cannot compare by value: left unguarded."""
 
 
 def snapshot(value: Any, depth: int = 0, budget: list[int] | None = None) -> Any:
@@ -202,8 +202,8 @@ def baked_values(root: nn.Module, reads: dict[str, set[str]]) -> list[tuple[str,
                 value = _class_value(type(module), name)
                 if value is _NOT_A_VALUE:
                     continue
-            # torch.fx reads a tensor held as an attribute live (get_attr): nothing is baked
-            guard = None if isinstance(value, (nn.Module, torch.Tensor)) else baked(value)
+            # (A tensor held as an attribute has no snapshot: torch.fx reads it live, get_attr.)
+            guard = baked(value)
             if guard is not None:
                 found.append((path, name, guard))
     return found

@@ -5,10 +5,10 @@
 
 One comparison (a level against its baseline, e.g. shortcut none vs A at one depth) is simulated
 many times for several true differences of test error, from the documented model of
-resnet_ablate/stats.py: each test image has a difficulty shared by both configurations (logistic,
-sd 1.5), each seed a training effect (logistic sd 0.05: seeds about 0.35 points of error apart),
-a baseline error of 8% on 2,000 test images. Each design decides with the toolkit's own code
-(`resnet_ablate.adaptive.decide`, margin 1 point):
+resnet_ablate/stats/intervals.py: each test image has a difficulty shared by both configurations
+(logistic, sd 1.5), each seed a training effect (logistic sd 0.05: seeds about 0.35 points of error
+apart), a baseline error of 8% on 2,000 test images. Each design decides with the toolkit's own code
+(`resnet_ablate.stats.adaptive.decide`, margin 1 point):
 
 - adaptive: seeds {min: 2, max: 10, until: {decided, margin: 0.01}}: seeds added up to the next
   look (2, 3, 4, 6, 9, 10) while the comparison is open, intervals at the rule's per-look level;
@@ -32,7 +32,7 @@ from scipy.special import expit
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _results import append_rows, results_csv, source_commit, timestamp  # noqa: E402
 
-from resnet_ablate.adaptive import SeedResult, decide  # noqa: E402
+from resnet_ablate.stats.adaptive import SeedResult, decide  # noqa: E402
 from resnet_ablate.spec import AdaptiveSeeds  # noqa: E402
 
 IMAGES = 2000

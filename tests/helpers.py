@@ -183,7 +183,7 @@ def study_in_memory(trials, *, model=None, seed_rule=None):
 
     from resnet_ablate.record import TrialKey, pack_outcomes
     from resnet_ablate.results import Results
-    from resnet_ablate.store_reading import trial_row, trials_frame
+    from resnet_ablate.results.store_reading import trial_row, trials_frame
 
     swept = tuple(trials[0][0])
     space = {name: sorted({values[name] for values, _, _ in trials}) for name in swept}

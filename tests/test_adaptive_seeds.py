@@ -9,7 +9,7 @@ import pytest
 from scipy.special import expit
 
 from helpers import raw_spec, study_in_memory
-from resnet_ablate.adaptive import SeedResult, decide
+from resnet_ablate.stats.adaptive import SeedResult, decide
 from resnet_ablate.spec import AdaptiveSeeds, SpecError, parse_spec
 from resnet_ablate.study import RunOptions, plan_study, run_study
 from resnet_ablate.study.grid import configuration, seed_decisions
@@ -168,7 +168,7 @@ def test_a_decision_over_seeds_of_which_some_failed_says_so():
     """The rule decides on the seeds that finished: where the worst seeds of a configuration
     diverge, its survivors flatter it, and seed_decisions (and the report) say how many failed
     and how (it said nothing)."""
-    from resnet_ablate import report
+    from resnet_ablate.results import report
 
     rng = np.random.default_rng(2)
     study = study_in_memory(
@@ -190,8 +190,8 @@ def test_a_question_left_open_with_every_seed_number_used_is_closed_undecided():
     """Max 4 seeds, two of which diverged: two results, every seed number used, nothing left to
     add. The verdict read "open", as if more seeds were coming; now it is closed, undecided,
     saying why, from the study's store (the report) as from the driver's trials."""
-    from resnet_ablate import summaries
-    from resnet_ablate.adaptive import UNDECIDED
+    from resnet_ablate.results import summaries
+    from resnet_ablate.stats.adaptive import UNDECIDED
 
     rng = np.random.default_rng(3)
     study = study_in_memory(
@@ -456,7 +456,8 @@ def test_the_driver_adds_seeds_only_where_the_question_is_open(local_ray, tmp_pa
     assert {p.status for p in replan} <= {"done", "decided"}
     assert sum(p.status == "decided" for p in replan) == 4 * 4 - sum(counts.values())
     # Results and the report say why each configuration stopped, as the driver decided.
-    from resnet_ablate import report, results
+    from resnet_ablate import results
+    from resnet_ablate.results import report
 
     loaded = results.load(spec.study, runs_dir=tmp_path)
     table = loaded.seed_decisions()
@@ -482,7 +483,7 @@ def test_the_driver_adds_seeds_only_where_the_question_is_open(local_ray, tmp_pa
     assert f"the adaptive rule&#x27;s verdict: {counted}" in line, (line, counted)
     # compare's rows of the decided comparison, and effects' rows with its factor, say that their
     # interval and p-value do not account for the looks; the other factor's main effect does not.
-    from resnet_ablate.contrasts import LOOKED
+    from resnet_ablate.results.contrasts import LOOKED
 
     assert all(text.endswith(LOOKED) for text in loaded.compare("shortcut", "A")["note"])
     effects = loaded.effects().set_index("factor(s)")["note"]

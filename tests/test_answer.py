@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 
 from helpers import error_table, offset_for, study_in_memory
-from resnet_ablate.answer import answer
-from resnet_ablate.report import comparisons
+from resnet_ablate.results.answer import answer
+from resnet_ablate.results.report import comparisons
 
 IMAGES = 1000
 

@@ -1,7 +1,7 @@
-"""Seeds that stand apart from their configuration's others (resnet_ablate/apart.py, the note of
-`Results.summary`): the statistic against the textbook's other formula for it, its false alarms
-and its power by simulation with known truth (two seeds apart included, which a single test
-misses), and the note a summary row carries."""
+"""Seeds that stand apart from their configuration's others (resnet_ablate/stats/apart.py, the note
+of `Results.summary`): the statistic against the textbook's other formula for it, its false alarms
+and its power by simulation with known truth (two seeds apart included, which a single test misses),
+and the note a summary row carries."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from scipy import stats as scipy_stats
 from scipy.special import expit
 from helpers import REGIMES, offset_for, write_study
 
-from resnet_ablate import plot_axes, plots
-from resnet_ablate.apart import ALPHA, seeds_apart
+from resnet_ablate.results import plot_axes
+from resnet_ablate.results import plots
+from resnet_ablate.stats.apart import ALPHA, seeds_apart
 from resnet_ablate.results import load
 
 REPLICATIONS = 1000

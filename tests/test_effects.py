@@ -1,7 +1,7 @@
-"""Effects of every factor (resnet_ablate/effects.py, `Results.effects`, `resnet-ablate effects`)
-on studies written straight into a store, without training, with known additive truth: main
-effects are compare's stratified rows and the means of the cell differences, an interaction is the
-difference of differences; the interaction test keeps its type I error and finds a large one."""
+"""Effects of every factor (resnet_ablate/results/effects.py, `Results.effects`, `resnet-ablate
+effects`) on studies written straight into a store, without training, with known additive truth:
+main effects are compare's stratified rows and the means of the cell differences, an interaction is
+the difference of differences; the interaction test keeps its type I error and finds a large one."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pytest
 from scipy import stats as scipy_stats
 from helpers import write_study
 
-from resnet_ablate import report, stats
+from resnet_ablate.results import report
+from resnet_ablate import stats
 from resnet_ablate.cli import main
 from resnet_ablate.results import ResultsError, load
 
@@ -254,7 +255,7 @@ def test_the_explained_variance_is_about_zero_where_nothing_matters(shape):
     """Under seed noise alone the configurations' means still differ: their plain R^2 averaged
     43% over 2 x 2 configurations of 2 seeds. omega^2 is 0 on average there (the note shows it
     clipped at 0), and its F test rejects at its level."""
-    from resnet_ablate.effects import explained_variance
+    from resnet_ablate.results.effects import explained_variance
 
     a, b, seeds = shape
     rng = np.random.default_rng(sum(shape))
@@ -300,7 +301,7 @@ def test_an_all_row_over_configurations_that_disagree_says_so(interaction):
 def test_the_disagreement_flag_does_not_depend_on_row_order_or_a_row_without_interval():
     from itertools import permutations
 
-    from resnet_ablate.paired import _strata_disagree
+    from resnet_ablate.results.paired import _strata_disagree
 
     rows = [{"depth": 8, "diff_ci95_low": -0.01, "diff_ci95_high": 0.01},
             {"depth": 14, "diff_ci95_low": 0.2, "diff_ci95_high": 0.4},
@@ -314,7 +315,7 @@ def test_seeds_that_tie_within_every_configuration_are_not_p_0_all_explained():
     """Four configurations of two seeds each, every pair identical, the configurations a single
     image in 10,000 apart: there is no seed noise to test against, so no F test and no share
     (it printed "100% explained, p = 0", certainty from ties)."""
-    from resnet_ablate.effects import _explained, explained_variance
+    from resnet_ablate.results.effects import _explained, explained_variance
 
     done = pd.DataFrame([{"f": i, "g": j, "test_error": 0.1 + (2 * i + j) / 10_000}
                          for i in range(2) for j in range(2) for _ in range(2)])
@@ -342,7 +343,7 @@ def test_the_importance_f_test_is_conditional_on_the_test_images():
     share the images' difficulty it rejects at its level (the test above)."""
     from scipy.special import expit
 
-    from resnet_ablate.effects import explained_variance
+    from resnet_ablate.results.effects import explained_variance
 
     rng = np.random.default_rng(15)
     rejected, studies = 0, 300

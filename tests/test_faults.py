@@ -428,7 +428,7 @@ class _RunsACommand:
 def test_a_damaged_weights_file_is_one_results_error_naming_it(damage, runs, tmp_path):
     import torch
 
-    from resnet_ablate.analysis import trained_model
+    from resnet_ablate.results.analysis import trained_model
     from resnet_ablate.results import ResultsError, load
 
     shutil.copytree(runs, tmp_path / "runs")

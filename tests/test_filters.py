@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from resnet_ablate.filters import FilterError, filter_mask
+from resnet_ablate.results.filters import FilterError, filter_mask
 
 
 @pytest.fixture

@@ -231,7 +231,7 @@ def test_a_study_trained_on_the_per_pixel_mean_is_analysed_on_it_too():
     and far worse on the images uncentred."""
     from types import SimpleNamespace
 
-    from resnet_ablate.analysis import study_dataset
+    from resnet_ablate.results.analysis import study_dataset
     from resnet_ablate.data import load_dataset
 
     def study(train):

@@ -21,8 +21,10 @@ import torch
 from scipy import stats
 
 from helpers import RESULTS_DEPTHS, RESULTS_SEEDS, RESULTS_SHORTCUTS, RESULTS_STUDY, write_study
-from resnet_ablate import plot_axes, plots, report
-from resnet_ablate.display import footnotes
+from resnet_ablate.results import plot_axes
+from resnet_ablate.results import plots
+from resnet_ablate.results import report
+from resnet_ablate.results.display import footnotes
 from resnet_ablate.record import unpack_outcomes
 from resnet_ablate.results import ResultsError, display_frame, list_studies, load
 from resnet_ablate.stats import (BINOMIAL_BOUND, CROSSED, SEEDS_ONLY, contrast, error_rate,
@@ -52,7 +54,7 @@ def _by_point(raw_trials) -> dict[tuple, float]:
 
 def test_a_stored_value_past_64_bits_is_shown_as_stored_not_a_traceback():
     # Stores written before seeds were range-checked can hold one; the other columns stay whole.
-    from resnet_ablate.store_reading import trials_frame
+    from resnet_ablate.results.store_reading import trials_frame
 
     frame = trials_frame([{"number": 0, "seed": 10**20, "depth": 20},
                           {"number": 1, "seed": 1, "depth": None}])
@@ -304,7 +306,7 @@ def test_a_width_rule_studys_summary_shows_its_test_error_at_the_rules_level(res
     assert not decided.summary()["note"].str.contains("width rule").any()
     # The comparison the rule decided says its interval is not adjusted for the looks; others
     # do not.
-    from resnet_ablate.contrasts import LOOKED
+    from resnet_ablate.results.contrasts import LOOKED
 
     assert all(note.endswith(LOOKED) for note in decided.compare("shortcut", "A")["note"])
     assert not any(LOOKED in note for note in decided.compare("depth", DEPTHS[0])["note"])
@@ -899,7 +901,7 @@ def test_a_running_study_reads_without_locking_or_changing_the_file(live_copy):
 
 
 def test_the_report_of_a_running_study_says_its_results_are_partial(live_copy, runs):
-    from resnet_ablate.report import render_report
+    from resnet_ablate.results.report import render_report
 
     said = "Trials are recorded as running: the study is still running, and these results are"
     assert said in render_report(load(STUDY, runs_dir=live_copy), responses=False)
@@ -1073,7 +1075,7 @@ def test_stacked_seeds_timings_are_shares_of_one_measurement_and_get_no_interval
     assert errors["test_error_ci95_low"].tolist() == \
         alone.summary(metric="test_error")["test_error_ci95_low"].tolist()
     # The report's trials table says which trials were stacked, where any was.
-    from resnet_ablate.report import write_report
+    from resnet_ablate.results.report import write_report
 
     page = write_report(stacked, tmp_path / "stacked.html", responses=False).read_text()
     assert "<th>stacked_seeds</th>" in page

@@ -319,8 +319,8 @@ def test_output_never_replaces_a_store_and_other_files_only_with_force(cli, runs
 def test_the_python_writers_never_write_over_recorded_results(runs, tmp_path):
     """write_report and save_plot refuse what `-o` refuses: a store, saved weights, a study's
     own folders (from Python they wrote over a store without a word)."""
-    from resnet_ablate.plots import save_plot
-    from resnet_ablate.report import write_report
+    from resnet_ablate.results.plots import save_plot
+    from resnet_ablate.results.report import write_report
     from resnet_ablate.results import ResultsError, load
 
     results = load(STUDY, runs_dir=runs)

@@ -124,7 +124,7 @@ def test_each_query_names_its_own_default_format():
 
 def test_a_report_without_a_completed_trial_shows_the_trials_and_why_they_failed(tmp_path,
                                                                               capsys):
-    from resnet_ablate import report
+    from resnet_ablate.results import report
     from resnet_ablate.record import TrialKey
 
     storage = f"sqlite:///{tmp_path / 'failing.db'}"
@@ -165,7 +165,7 @@ def test_the_reports_tables_fit_a_1280_pixel_window_in_a_real_browser(runs, tmp_
     import shutil
     import subprocess
 
-    from resnet_ablate import report
+    from resnet_ablate.results import report
 
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
@@ -196,7 +196,7 @@ def test_the_reports_tables_fit_a_1280_pixel_window_in_a_real_browser(runs, tmp_
 def test_where_tells_text_levels_apart_without_case_as_specs_do():
     import pandas as pd
 
-    from resnet_ablate.filters import filter_mask
+    from resnet_ablate.results.filters import filter_mask
 
     trials = pd.DataFrame({"shortcut": ["A", "B", None, "none"], "depth": [20, 56, 20, 8]})
     assert filter_mask(trials, "shortcut == 'a'").tolist() == [True, False, False, False]

@@ -11,8 +11,10 @@ import optuna
 import pytest
 from helpers import write_study
 
-from resnet_ablate import plots, report, stats
-from resnet_ablate.adaptive import SeedResult, _error_estimate
+from resnet_ablate.results import plots
+from resnet_ablate.results import report
+from resnet_ablate import stats
+from resnet_ablate.stats.adaptive import SeedResult, _error_estimate
 from resnet_ablate.record import TrialKey, pack_outcomes
 from resnet_ablate.results import load
 

@@ -1,6 +1,6 @@
-"""The statistics of resnet_ablate/stats.py held to simulated studies with known truth (coverage of
-the 95% interval, type I error of the paired test, at n = 2, 3, 5, 10 seeds), to hand-computed
-values, and to the cases that used to overstate the answer (tied seeds, no errors)."""
+"""The statistics of resnet_ablate/stats/intervals.py held to simulated studies with known truth
+(coverage of the 95% interval, type I error of the paired test, at n = 2, 3, 5, 10 seeds), to
+hand-computed values, and to the cases that used to overstate the answer (tied seeds, no errors)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from scipy import stats as scipy_stats
 from scipy.special import expit
 from helpers import REGIMES, error_table, offset_for, true_error
 
-from resnet_ablate import pivot, stats
+from resnet_ablate.stats import pivot
+from resnet_ablate import stats
 
 SEED_COUNTS = (2, 3, 5, 10)
 TEST_IMAGES = 400

@@ -274,6 +274,49 @@ def test_the_description_layer_imports_neither_the_model_layer_nor_the_driver():
         assert [m for m in graph[module] if not _is_description(m)] == [], module
 
 
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(f"{package}.")
+
+
+def test_the_statistics_import_nothing_but_descriptions():
+    # The driver (adaptive seeds) and results both ask them: they know neither a store (storage.py
+    # included), nor a model, nor how a trial ran.
+    graph = import_graph(late=True)
+    layer = [m for m in MODULES if _within(m, "resnet_ablate.stats")]
+    assert "resnet_ablate.stats.adaptive" in layer
+    for module in layer:
+        assert [m for m in graph[module]
+                if not _within(m, "resnet_ablate.stats")
+                and (not _is_description(m) or m == "resnet_ablate.storage")] == [], module
+
+
+# What runs a study or trains a trial: results read the store and never reach them.
+TRAINING = tuple(f"resnet_ablate.{m}" for m in (
+    "train", "trial", "execution", "replicas", "worker", "data_parallel", "board", "study", "cli"))
+
+
+def test_results_read_the_store_and_never_train():
+    graph = import_graph(late=True)
+    layer = [m for m in MODULES if _within(m, "resnet_ablate.results")]
+    assert "resnet_ablate.results.report" in layer
+    for module in layer:
+        assert [m for m in graph[module] if any(_within(m, t) for t in TRAINING)] == [], module
+    # Only the analyses that reload a trained model (Fig. 7) know the model layer at all.
+    model_layer = ("resnet_ablate.models", "resnet_ablate.kernels", "resnet_ablate.data")
+    assert {module for module in layer if any(_within(m, t) for m in graph[module]
+                                               for t in model_layer)} == {
+        "resnet_ablate.results.analysis"}
+
+
+def test_only_the_command_line_reads_results():
+    graph = import_graph(late=True)
+    readers = {module for module, imported in graph.items()
+               if not _within(module, "resnet_ablate.results")
+               and any(_within(m, "resnet_ablate.results") for m in imported)}
+    assert readers == {"resnet_ablate.cli.output", "resnet_ablate.cli.query",
+                       "resnet_ablate.cli.run"}
+
+
 def _long_modules() -> set[str]:
     return {name for name, path in MODULES.items()
             if len(path.read_text().splitlines()) > MAX_MODULE_LINES}

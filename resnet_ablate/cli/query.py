@@ -171,7 +171,7 @@ def _pareto(args: argparse.Namespace) -> int:
 @command("plot")
 @_query
 def _plot(args: argparse.Namespace) -> int:
-    from ..plots import save_plot
+    from ..results.plots import save_plot
 
     check_output(args.output, args.force)
     path = save_plot(_load(args), args.kind, args.output)
@@ -182,7 +182,7 @@ def _plot(args: argparse.Namespace) -> int:
 @command("report")
 @_query
 def _report(args: argparse.Namespace) -> int:
-    from ..report import write_report
+    from ..results.report import write_report
 
     check_output(args.output, args.force)
     results = _load(args)

@@ -45,7 +45,7 @@ def _run(args: argparse.Namespace) -> int:
                         f"resnet-ablate run: interrupted by {stop_description(summary.interrupted)}: "
                         f"{summary.marked_interrupted} unfinished trial(s) marked interrupted; "
                         "run the same command to resume (they run again)")
-    from ..report import summary_with_training_error
+    from ..results.report import summary_with_training_error
     from ..results import load
 
     results = load(spec.study, storage=summary.storage)

@@ -36,8 +36,8 @@ class TrialKey:
     FINAL_TRAIN_ACCURACY = "final_train_accuracy"
     WARMUP_STEPS = "warmup_steps"
     EVAL_SPLIT = "eval_split"
-    # The final evaluation, for honest statistics (resnet_ablate/stats.py): the test set's size,
-    # the images it got wrong, and which ones (`pack_outcomes`; in-memory data sets in one
+    # The final evaluation, for honest statistics (resnet_ablate/stats/intervals.py): the test set's
+    # size, the images it got wrong, and which ones (`pack_outcomes`; in-memory data sets in one
     # process only). Stores written before these were kept lack them; analyses say so.
     TEST_IMAGES = "test_images"
     TEST_WRONG = "test_wrong"

@@ -118,8 +118,9 @@ class Resources:
 @dataclass(frozen=True)
 class AdaptiveSeeds:
     """Seeds spent only where the answer is still open (grid studies): every configuration gets
-    seeds 0..min-1; then, each time all of a configuration's seeds have ended, it gets one more
-    seed (up to max) while its question is open (adaptive.py decides):
+    seeds 0..min-1; then, each time all of a configuration's seeds have ended, it gets the seeds
+    up to its next look (below; never past max) while its question is open (stats/adaptive.py
+    decides):
 
     - `width`: its test error's interval (the summary's method, at the rule's level below) is
       wider than this (a rate: 0.02 is 2 points). Stopping on a narrow interval favours seeds

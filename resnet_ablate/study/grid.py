@@ -12,11 +12,11 @@ from typing import Any
 
 import optuna
 
-from ..adaptive import (Configuration, Decision, SeedResult, decide, ended_for_good,
-                        seed_result)
 from ..arch import ResNetArch
 from ..record import FailureKind, TrialKey
 from ..spec import IntRange, StudySpec
+from ..stats.adaptive import (Configuration, Decision, SeedResult, decide, ended_for_good,
+                              seed_result)
 from .costs import StudyCosts
 from .space import decode_params, point_key
 
@@ -141,7 +141,7 @@ def more_seeds(spec: StudySpec, trials: Iterable[optuna.trial.FrozenTrial],
                costs: StudyCosts, decisions: dict[Configuration, Decision] | None = None
                ) -> list[PendingPoint]:
     """With adaptive seeds, once every started seed has ended: the seeds up to the next look
-    (spec.AdaptiveSeeds.looks) of each grid point whose question is still open (adaptive.py),
+    (spec.AdaptiveSeeds.looks) of each grid point whose question is still open (stats/adaptive.py),
     while it has seeds left. `decisions`: seed_decisions of these trials, where the caller has
     them."""
     if spec.adaptive_seeds is None:

@@ -214,8 +214,8 @@ def check_same_study(study: optuna.Study, spec: StudySpec, url: str) -> None:
 
 def _check_seed_rule(study: optuna.Study, spec: StudySpec, url: str) -> None:
     """Refuse another seed rule for a study that has trials: an adaptive rule's guarantee is
-    for the looks made under it, and its intervals are read with it (results.py); a study run
-    with fixed seeds has made no look to continue. Fixed seeds may grow, as ever."""
+    for the looks made under it, and its intervals are read with it (resnet_ablate.results); a study
+    run with fixed seeds has made no look to continue. Fixed seeds may grow, as ever."""
     from ..spec import adaptive_rule
 
     raw_seeds = (spec.raw or {}).get("seeds")

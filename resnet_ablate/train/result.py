@@ -49,7 +49,8 @@ class TrainResult:
     recipe: TrainRecipe
     # The final evaluation's test-set size and errors, and which images it got wrong (packed by
     # record.pack_outcomes, in the evaluation's order; in-memory data sets in one process only):
-    # what honest intervals and per-image paired comparisons need (resnet_ablate/stats.py).
+    # what honest intervals and per-image paired comparisons need
+    # (resnet_ablate/stats/intervals.py).
     test_images: int | None = None
     test_wrong: int | None = None
     test_outcomes: str | None = None

@@ -13,7 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .apart import NAME as APART_NAME
+from ..stats.apart import NAME as APART_NAME
 
 
 def panels_figure(panels: int = 1, *, height: float = 4.0,

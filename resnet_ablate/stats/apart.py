@@ -1,7 +1,7 @@
 """Seeds that stand apart from their configuration's other seeds (one that barely trained, say).
 Torch-free.
 
-The intervals (stats.py) assume seed effects that vary roughly alike; a seed far from the rest
+The intervals (intervals.py) assume seed effects that vary roughly alike; a seed far from the rest
 breaks that, and the interval then covers far less than 95% (one seed in ten 3 logits worse:
 40-80%, README), almost always below the truth. Such a row is not to be read as it stands, so
 its note says so (summaries, comparisons, effects: contrasts.seeds_apart_note) rather than
@@ -22,7 +22,7 @@ last step whose p < `ALPHA`. Stepping on past a step that failed is what finds t
 that each widen the other's leave-one-out spread (masking: a single test names neither).
 
 The others' variance is taken no lower than what the test set's size allows a rate that is never
-wrong (stats.py's floor, ``r(1 - r)/N`` at ``r = 2/(N + 4)``): others whose error counts tie are
+wrong (intervals.py's floor, ``r(1 - r)/N`` at ``r = 2/(N + 4)``): others whose error counts tie are
 not seeds without variance, and a seed a handful of images away from them is not apart. Where
 the size is unknown, a seed beside others that tie cannot be judged. Fewer than `MIN_SEEDS`
 seeds are not tested: at three, one degree of freedom, no seed is apart short of ~90% error

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .record import METRICS, Metric
+from ..record import METRICS, Metric
 
 
 def _percent(value: Any) -> str:

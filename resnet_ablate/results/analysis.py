@@ -1,6 +1,6 @@
 """Analyses that reload what a study trained: its data set, a trial's model from its kept weights,
-and the paper's Fig. 7 (layer responses). They need torch and the model layer; results.py, which
-reads tables and statistics only, calls them on demand.
+and the paper's Fig. 7 (layer responses). They need torch and the model layer; study_results.py,
+which reads tables and statistics only, calls them on demand.
 """
 
 from __future__ import annotations
@@ -16,18 +16,18 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .arch import ResNetArch
-from .data import DataBundle, Streamed, load_dataset
-from .data.bundle import pixel_centred
-from .kernels import FusedBatchNorm2d
-from .models import build
-from .recipe import TrainRecipe
-from .record import TrialKey
-from .spec import DatasetSpec
-from .storage import ResultsError
+from ..arch import ResNetArch
+from ..data import DataBundle, Streamed, load_dataset
+from ..data.bundle import pixel_centred
+from ..kernels import FusedBatchNorm2d
+from ..models import build
+from ..recipe import TrainRecipe
+from ..record import TrialKey
+from ..spec import DatasetSpec
+from ..storage import ResultsError
 
 if TYPE_CHECKING:
-    from .results import Results
+    from .study_results import Results
 
 
 def study_dataset(results: Results) -> DataBundle | Streamed:

@@ -10,19 +10,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from . import stats
-from .adaptive import Decision, SeedResult, decide, ended_for_good, seed_result
+from .. import stats
+from ..record import ERROR_RATES, TEST_SET_RATES, is_complement
+from ..spec import AdaptiveSeeds, adaptive_rule
+from ..stats.adaptive import Decision, SeedResult, decide, ended_for_good, seed_result
+from ..storage import ResultsError
 from .contrasts import (CONFIGURATION_CONSTANTS, LeftOut, complement, failed_seeds, failure_kinds,
                         joined, metric_bounds, note, recorded, rows_where, seeds_apart_note,
                         seeds_named, selected_note, sizes_note, stacked_timing,
                         stratified_contrast, with_methods, with_note)
-from .record import ERROR_RATES, TEST_SET_RATES, is_complement
-from .spec import AdaptiveSeeds, adaptive_rule
-from .storage import ResultsError
 from .store_reading import scalar_value
 
 if TYPE_CHECKING:
-    from .results import Results
+    from .study_results import Results
 
 # Stopping on a narrow interval favours seeds that happened to agree: the interval that stopped
 # them is narrower than one over a fixed count of seeds. A configuration's test error is

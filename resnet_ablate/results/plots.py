@@ -27,13 +27,13 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ..record import METRICS
+from ..storage import refuse_to_lose_results
 from .contrasts import failed_seeds, failure_kinds, pruned_seeds
 from .plot_axes import (SIDE_STEP, SideBySide, interval_methods, labelled_within_a_decade,
                         legend_beside_if_long, log_percent_axis, mark_seeds_apart,
                         mark_without_interval, panels_figure, plain_number_x_axis, side_by_side)
-from .record import METRICS
-from .results import Results, ResultsError
-from .storage import refuse_to_lose_results
+from .study_results import Results, ResultsError
 
 KINDS = ("curves", "depth", "pareto", "responses")
 

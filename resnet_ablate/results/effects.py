@@ -31,15 +31,15 @@ import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
-from . import stats
+from .. import stats
+from ..record import TEST_SET_RATES
+from ..spec import adaptive_rule
+from ..storage import ResultsError
 from .contrasts import (LOOKED, LeftOut, difference_bounds, joined, note, paired_contrast, plain,
                         recorded, stacked_timing, stratified_contrast, with_holm, with_note)
-from .record import TEST_SET_RATES
-from .spec import adaptive_rule
-from .storage import ResultsError
 
 if TYPE_CHECKING:
-    from .results import Results
+    from .study_results import Results
 
 EFFECT_COLUMNS = ("effect", "factor(s)", "level", "baseline", "n_pairs", "diff_mean",
                   "diff_ci95_low", "diff_ci95_high", "p_value", "method", "note", "metric")

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from ..record import DIRECTIONS
+from ..storage import ResultsError
 from .contrasts import CONFIGURATION_CONSTANTS, joined, with_methods
-from .record import DIRECTIONS
-from .storage import ResultsError
 
 if TYPE_CHECKING:
-    from .results import Results
+    from .study_results import Results
 
 
 def pareto(results: Results, objectives: Sequence[str] = ("test_error", "flops"),

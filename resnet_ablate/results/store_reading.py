@@ -1,5 +1,5 @@
 """Reading a study's store: opened read-only (SQLite's `mode=ro`), the studies it holds with their
-counts by state, and each trial as one row of plain values (results.py builds its `Results`
+counts by state, and each trial as one row of plain values (study_results.py builds its `Results`
 from them)."""
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import optuna
 import pandas as pd
 import sqlalchemy
 
-from .arch import ResNetArch
-from .record import (INTERRUPTED_STATE, VIEW_METRICS, StudyKey, TrialKey, metric_values,
-                     shown_state)
-from .storage import (RUNS_ENVIRONMENT_VARIABLE, ResultsError, StoreError, default_storage,
-                      runs_folder, sqlite_path, store_faults)
+from ..arch import ResNetArch
+from ..record import (INTERRUPTED_STATE, VIEW_METRICS, StudyKey, TrialKey, metric_values,
+                      shown_state)
+from ..storage import (RUNS_ENVIRONMENT_VARIABLE, ResultsError, StoreError, default_storage,
+                       runs_folder, sqlite_path, store_faults)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

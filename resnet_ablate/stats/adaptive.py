@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from . import stats
-from .record import FailureKind, TrialKey, metric_values, unpack_outcomes
-from .spec import AdaptiveSeeds
+from ..record import FailureKind, TrialKey, metric_values, unpack_outcomes
+from ..spec import AdaptiveSeeds
+from . import intervals
 
 Configuration = tuple[tuple[str, Any], ...]  # ((factor, level), ...) in the space's order
 
@@ -75,11 +75,11 @@ def _test_set_size(results: Sequence[SeedResult]) -> tuple[int | None, bool]:
     return min(sizes), len(sizes) == 1
 
 
-def _error_estimate(results: Sequence[SeedResult], level: float) -> stats.Estimate:
+def _error_estimate(results: Sequence[SeedResult], level: float) -> intervals.Estimate:
     size, one_set = _test_set_size(results)
     outcomes = [r.outcomes for r in results]
     have_outcomes = one_set and all(o is not None for o in outcomes)
-    return stats.error_rate(outcomes if have_outcomes else None, [r.error for r in results],
+    return intervals.error_rate(outcomes if have_outcomes else None, [r.error for r in results],
                             size, level=level)
 
 
@@ -102,14 +102,14 @@ def _first_seeds(rule: AdaptiveSeeds, results: Sequence[SeedResult]) -> list[See
 
 
 def _difference(base: Sequence[SeedResult], other: Sequence[SeedResult],
-                level: float, rule: AdaptiveSeeds) -> stats.Estimate:
+                level: float, rule: AdaptiveSeeds) -> intervals.Estimate:
     """other - base over the seeds both completed, paired by seed, at the pairs' last look."""
     by_seed = {r.seed: r for r in base}
     other_side = _first_seeds(rule, [r for r in other if r.seed in by_seed])
     base_side = [by_seed[r.seed] for r in other_side]
     size, one_set = _test_set_size(base_side + other_side)
     have_outcomes = one_set and all(r.outcomes is not None for r in base_side + other_side)
-    return stats.paired_difference(
+    return intervals.paired_difference(
         [r.outcomes for r in base_side] if have_outcomes else None,
         [r.outcomes for r in other_side] if have_outcomes else None,
         [r.error for r in base_side], [r.error for r in other_side], size, level=level)
@@ -130,7 +130,7 @@ def _width_decision(rule: AdaptiveSeeds, results: Sequence[SeedResult]) -> Decis
                     kind=NARROW)
 
 
-def _interval(estimate: stats.Estimate, level: float) -> str:
+def _interval(estimate: intervals.Estimate, level: float) -> str:
     """An interval as a verdict shows it: in points, with its level and method, which are not
     compare's 95% (the rule's levels share alpha over its looks)."""
     return (f"[{_percent(estimate.low)}, {_percent(estimate.high)}] points "

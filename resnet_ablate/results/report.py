@@ -1,6 +1,7 @@
 """A study's report: one static, self-contained HTML page (tables, comparisons, plots as base64 PNG).
 
-    from resnet_ablate import results, report
+    from resnet_ablate import results
+    from resnet_ablate.results import report
     report.write_report(results.load("quickstart"), "report.html")
 
 Nothing is fetched when the page is opened: styles are inline and the plots are data: URIs.
@@ -18,14 +19,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..record import VIEW_METRICS
+from ..spec import adaptive_rule
+from ..storage import refuse_to_lose_results
 from .answer import ALPHA, answer
 from .contrasts import LOOKED
 from .display import FOOTNOTE_COLUMNS, display_frame, footnotes
-from .record import VIEW_METRICS
-from .results import Results, ResultsError
-from .storage import refuse_to_lose_results
-from .spec import adaptive_rule
 from .store_reading import scalar_value
+from .study_results import Results, ResultsError
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1em auto; padding: 0 1em; max-width: 90em; color: #222; }

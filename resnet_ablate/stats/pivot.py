@@ -3,7 +3,7 @@
 A mean's variance is a seeds' part, estimated from n - 1 degrees of freedom, plus a test-image
 part; the pivot draws each from what its estimate allows (`variance_draws`, Weerahandi), and the
 interval is taken at a level calibrated under the model (`alpha_widening`; made by
-benchmarks/calibrate_pivot.py). stats.py documents the model and the methods; this module holds
+benchmarks/calibrate_pivot.py). intervals.py documents the model and the methods; this module holds
 the draws and the constants. Torch-free.
 """
 

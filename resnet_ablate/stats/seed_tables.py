@@ -1,4 +1,4 @@
-"""What the statistics (stats.py) take, checked: one error rate per seed, each seed's 0/1
+"""What the statistics (intervals.py) take, checked: one error rate per seed, each seed's 0/1
 outcomes over one test set, that test set's size, and the level asked for; and how many
 degrees of freedom the test images' part of a table's variance rests on. Inputs that cannot
 describe seeds scored on one test set raise one ValueError that names the seed and what is

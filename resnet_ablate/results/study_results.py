@@ -29,24 +29,22 @@ import numpy as np
 import optuna
 import pandas as pd
 
+from ..record import METRICS, StudyKey, TrialKey, unpack_outcomes
+from ..storage import ResultsError, weights_folder
 from . import summaries
-from .display import FOOTNOTE_COLUMNS, display_frame, footnotes, format_table, write_frame
+from .display import format_table
 from .effects import effects as effect_table
 from .effects import importance as fanova_importance
 from .filters import FilterError, filter_mask
 from .paired import compare as paired_compare
 from .pareto import pareto as pareto_front
-from .record import DIRECTIONS, METRICS, StudyKey, TrialKey, unpack_outcomes
-from .storage import ResultsError, default_storage, weights_folder
-# ARCH_COLUMNS, STATES, TRIAL_COLUMNS and list_studies keep their public path here.
-from .store_reading import (ARCH_COLUMNS, RUNS_FOLDER_HINT, STATES, TRIAL_COLUMNS, list_studies,
-                            only_study, open_storage, store_file, store_holding,
-                            study_summaries, trial_row, trials_frame)
+from .store_reading import (ARCH_COLUMNS, RUNS_FOLDER_HINT, only_study, open_storage, store_file,
+                            store_holding, study_summaries, trial_row, trials_frame)
 
 if TYPE_CHECKING:  # results never train: the data sets and torch load where a model is asked for
     import torch
 
-    from .data import DataBundle, Streamed
+    from ..data import DataBundle, Streamed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,8 +112,8 @@ class Results:
 
     def where(self, query: str | None) -> Results:
         """The same results restricted to the trials a filter selects, e.g.
-        "depth == 20 and shortcut == 'A'" (the language: resnet_ablate/filters.py; never run as
-        code)."""
+        "depth == 20 and shortcut == 'A'" (the language: resnet_ablate/results/filters.py; never run
+        as code)."""
         if not query:
             return self
         try:
@@ -163,13 +161,13 @@ class Results:
         over them, as compare's "all" row: their trials are not more seeds.
 
         Test error and accuracy get intervals for the error rate itself, the test set's own
-        sampling included (resnet_ablate/stats.py: crossed seeds x test images from the per-image
-        record, or a conservative binomial bound where only the test set's size was recorded, as
-        for every other rate over the test set: record.TEST_SET_RATES); other metrics
+        sampling included (resnet_ablate/stats/intervals.py: crossed seeds x test images from the
+        per-image record, or a conservative binomial bound where only the test set's size was
+        recorded, as for every other rate over the test set: record.TEST_SET_RATES); other metrics
         Student's t over seeds. Intervals are clipped to the metric's range. Trials that did not
         record `metric` are left out, with a note, and so are pruned seeds (summaries.py).
-        `frame.attrs["methods"]` lists the methods used. `by`: column names, or one string of
-        them separated by commas, as the CLI takes them ("depth,shortcut")."""
+        `frame.attrs["methods"]` lists the methods used. `by`: column names, or one string of them
+        separated by commas, as the CLI takes them ("depth,shortcut")."""
         return summaries.summary(self, None if by is None else _names(by), metric)
 
     def outcomes(self, numbers: Sequence[int]) -> tuple[list[np.ndarray] | None, int | None]:
@@ -195,12 +193,12 @@ class Results:
     def compare(self, factor: str, baseline: Any, metric: str = "test_error") -> pd.DataFrame:
         """Paired differences `metric(level) - metric(baseline)` for each other level of
         `factor`, per configuration of the other swept factors and stratified over them
-        (resnet_ablate/paired.py)."""
+        (resnet_ablate/results/paired.py)."""
         return paired_compare(self, factor, baseline, metric)
 
     def effects(self, metric: str = "test_error") -> pd.DataFrame:
         """Main effects and two-factor interactions of every swept factor, each with its 95%
-        interval and p-value (resnet_ablate/effects.py)."""
+        interval and p-value (resnet_ablate/results/effects.py)."""
         return effect_table(self, metric)
 
     def seed_decisions(self) -> pd.DataFrame:
@@ -212,13 +210,13 @@ class Results:
 
     def importance(self, metric: str = "test_error") -> pd.DataFrame:
         """Each swept factor's share of `metric`'s variance over the trials by Optuna's fANOVA
-        (resnet_ablate/effects.py): a description, with no interval."""
+        (resnet_ablate/results/effects.py): a description, with no interval."""
         return fanova_importance(self, metric)
 
     def pareto(self, objectives: str | Sequence[str] = ("test_error", "flops"),
                over: str = "configurations") -> pd.DataFrame:
         """The non-dominated configurations (means over seeds, with intervals) or trials,
-        sorted by the first objective (resnet_ablate/pareto.py). Directions: see DIRECTIONS.
+        sorted by the first objective (resnet_ablate/results/pareto.py). Directions: see DIRECTIONS.
         `objectives`: names, or one string of them separated by commas."""
         return pareto_front(self, _names(objectives), over)
 
@@ -353,6 +351,4 @@ def load(study: str | os.PathLike[str], storage: str | None = None,
     )
 
 
-__all__ = ["ARCH_COLUMNS", "DIRECTIONS", "FOOTNOTE_COLUMNS", "Results", "ResultsError",
-           "default_storage", "display_frame", "footnotes", "format_table", "list_studies", "load",
-           "write_frame"]
+__all__ = ["Results", "load"]

@@ -24,15 +24,15 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from . import stats
-from .adaptive import WITHIN
+from .. import stats
+from ..spec import adaptive_rule
+from ..stats.adaptive import WITHIN
 from .contrasts import LOOKED
 from .paired import DISAGREE
-from .spec import adaptive_rule
 from .store_reading import scalar_value
 
 if TYPE_CHECKING:
-    from .results import Results
+    from .study_results import Results
 
 ALPHA = 0.05
 

@@ -8,14 +8,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from . import stats
+from .. import stats
+from ..spec import adaptive_rule
+from ..storage import ResultsError
 from .contrasts import (LOOKED, LeftOut, difference_bounds, joined, note, paired_contrast,
                         plain, recorded, stratified_contrast, with_holm, with_note)
-from .spec import adaptive_rule
-from .storage import ResultsError
 
 if TYPE_CHECKING:
-    from .results import Results
+    from .study_results import Results
 
 
 def compare(results: Results, factor: str, baseline: Any,
@@ -24,13 +24,13 @@ def compare(results: Results, factor: str, baseline: Any,
     each other level of `factor`: one row per configuration of the other swept factors, with
     the mean difference, its 95% interval and the two-sided p-value of "no difference", the
     method that made them and a note. Test error and accuracy are compared image by image on
-    the shared test set where the per-image record was kept (resnet_ablate/stats.py), other
-    metrics by Student's t over the paired seeds. Where the other factors take several
-    configurations, an "all" row gives the stratified estimate: the mean of the
-    configurations' differences, never a pool of unlike pairs, averaged seed by seed (and image
-    by image) over the seeds all of them have (`contrasts.stratified_contrast`); its n_pairs and
-    means are over those seeds too. Several completed trials of one configuration and seed are
-    averaged first (and lose their per-image record)."""
+    the shared test set where the per-image record was kept (resnet_ablate/stats/intervals.py),
+    other metrics by Student's t over the paired seeds. Where the other factors take several
+    configurations, an "all" row gives the stratified estimate: the mean of the configurations'
+    differences, never a pool of unlike pairs, averaged seed by seed (and image by image) over the
+    seeds all of them have (`contrasts.stratified_contrast`); its n_pairs and means are over those
+    seeds too. Several completed trials of one configuration and seed are averaged first (and lose
+    their per-image record)."""
     results.require_completed("compare")  # an empty study says so, not "no such level"
     levels, baseline = _levels(results, factor, baseline)
     results.check_metric(metric)

@@ -1,8 +1,8 @@
-"""What every comparison of a study's trials shares (results.py's tables, paired.py's differences
-and effects.py's interactions): which metrics are error rates, the range a difference can take,
-an estimate turned into that of its complement or negation, the note printed beside a number,
-and the one estimate all of them make: a contrast of cells over seeds paired by seed number, in
-one configuration of the other factors or averaged over several. Torch-free; reads a store only
+"""What every comparison of a study's trials shares (study_results.py's tables, paired.py's
+differences and effects.py's interactions): which metrics are error rates, the range a difference
+can take, an estimate turned into that of its complement or negation, the note printed beside a
+number, and the one estimate all of them make: a contrast of cells over seeds paired by seed number,
+in one configuration of the other factors or averaged over several. Torch-free; reads a store only
 through the `Results` it is handed.
 """
 
@@ -17,17 +17,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from . import stats
-from .apart import ALPHA as APART_ALPHA
-from .apart import METHOD as APART_METHOD
-from .apart import NAME as APART_NAME
-from .apart import seeds_apart
-from .record import ERROR_RATES, METRICS, TEST_SET_RATES, is_complement
-from .seed_tables import SeedRecordsError
-from .storage import ResultsError
+from .. import stats
+from ..record import ERROR_RATES, METRICS, TEST_SET_RATES, is_complement
+from ..stats.apart import ALPHA as APART_ALPHA
+from ..stats.apart import METHOD as APART_METHOD
+from ..stats.apart import NAME as APART_NAME
+from ..stats.apart import seeds_apart
+from ..stats.seed_tables import SeedRecordsError
+from ..storage import ResultsError
 
 if TYPE_CHECKING:
-    from .results import Results
+    from .study_results import Results
 
 # What a configuration fixes: equal for every seed, so seeds that tie on it tie exactly (its
 # zero-width interval is the truth; for any other metric it would claim certainty).

@@ -13,10 +13,8 @@ from scipy import stats as scipy_stats
 from scipy.special import expit
 from helpers import REGIMES, offset_for, write_study
 
-from resnet_ablate.results import plot_axes
-from resnet_ablate.results import plots
+from resnet_ablate.results import load, plot_axes, plots
 from resnet_ablate.stats.apart import ALPHA, seeds_apart
-from resnet_ablate.results import load
 
 REPLICATIONS = 1000
 TEST_IMAGES = 400

@@ -14,10 +14,9 @@ import pytest
 from scipy import stats as scipy_stats
 from helpers import write_study
 
-from resnet_ablate.results import report
 from resnet_ablate import stats
 from resnet_ablate.cli import main
-from resnet_ablate.results import ResultsError, load
+from resnet_ablate.results import ResultsError, load, report
 
 IMAGES = 400
 SEEDS = (0, 1, 2)

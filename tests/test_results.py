@@ -21,12 +21,10 @@ import torch
 from scipy import stats
 
 from helpers import RESULTS_DEPTHS, RESULTS_SEEDS, RESULTS_SHORTCUTS, RESULTS_STUDY, write_study
-from resnet_ablate.results import plot_axes
-from resnet_ablate.results import plots
-from resnet_ablate.results import report
-from resnet_ablate.results.display import footnotes
 from resnet_ablate.record import unpack_outcomes
-from resnet_ablate.results import ResultsError, display_frame, list_studies, load
+from resnet_ablate.results import (ResultsError, display_frame, list_studies, load, plot_axes,
+                                   plots, report)
+from resnet_ablate.results.display import footnotes
 from resnet_ablate.stats import (BINOMIAL_BOUND, CROSSED, SEEDS_ONLY, contrast, error_rate,
                                  paired_difference)
 
@@ -331,6 +329,14 @@ def test_a_seed_completed_twice_counts_once_in_the_summary_as_in_compare(results
     # The seed's two trials averaged into one value: the mean moves by 0.1 / 2 / seeds.
     assert row["test_error_mean"] == pytest.approx(was["test_error_mean"] + 0.05 / len(SEEDS))
     assert row["method"] == BINOMIAL_BOUND  # an average of two trials has no per-image record
+    # ... and the row says why, naming the seed; no other row does.
+    why = f"seed {first['seed']} completed more than once: averaged into one value a seed"
+    assert why in row["note"] and not after.drop(index=tuple(point.values()))["note"].str.contains(
+        "more than once").any()
+    compared = twice.compare("depth", DEPTHS[0]) if first["depth"] != DEPTHS[0] else \
+        twice.compare("depth", DEPTHS[1])
+    at = compared[compared["shortcut"] == first["shortcut"]]
+    assert at["note"].str.contains(why).all() and at["method"].eq(BINOMIAL_BOUND).all()
 
 
 def test_intervals_stay_in_the_range_of_the_metric_with_two_seeds(results):
@@ -718,6 +724,44 @@ def test_one_depth_is_drawn_at_its_tick_with_its_lines_close_together(results):
         (at,) = container[0].get_xdata()
         assert abs(at - DEPTHS[0]) < 0.1 * (high - low)
     assert low < DEPTHS[0] < high and high - low >= 1
+
+
+def test_the_depth_plot_draws_any_metric_in_the_tables_unit(results):
+    """Every metric was drawn as a rate: the axis read "wall seconds (%)", a 3 s trial at 300."""
+    for metric, scale, unit in (("wall_seconds", 1.0, "wall (s)"), ("flops", 1e-9, "GFLOPs"),
+                                ("test_error", 100.0, "test error (%)")):
+        summary = results.summary(by=["depth", "shortcut"], metric=metric)
+        (ax,) = plots.plot_depth(results, metric=metric).axes
+        assert ax.get_ylabel() == f"{unit}, mean and 95% CI"
+        drawn = sorted(y for container in ax.containers for y in container[0].get_ydata())
+        np.testing.assert_allclose(drawn, sorted(scale * summary[f"{metric}_mean"]))
+
+
+def test_the_depth_plot_refuses_a_factor_without_numbers_in_one_line(results):
+    with pytest.raises(ResultsError, match="^plot depth: x='shortcut' takes levels that are not "
+                                           "numbers; give a numeric factor: depth$"):
+        plots.plot_depth(results, x="shortcut")
+
+
+def test_a_mean_error_of_zero_is_drawn_at_the_axis_floor_and_marked(results, monkeypatch):
+    """On the log axis a mean training error of 0 was left out: the line broke there, and a
+    nonzero epoch between two zeros vanished (no marker): training looked as if it had stopped."""
+    curves = results.curves()
+    last = curves["epoch"] == curves["epoch"].max()
+    zeroed = curves.assign(train_error=curves["train_error"].where(~last, 0.0))
+    monkeypatch.setattr(type(results), "curves", lambda self, numbers=None: zeroed)
+    figure = plots.plot_curves(results)
+    means = zeroed.groupby(["shortcut", "depth", "epoch"])[["train_error", "test_error"]].mean()
+    floor = 0.5 * 100 * means[means > 0].min().min()
+    for ax in figure.axes:
+        assert "0%, drawn at" in ax.get_ylabel()
+        lines = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+        assert lines and all(np.isfinite(line.get_ydata()).all() for line in lines)
+        assert all(line.get_ydata()[-1] == pytest.approx(floor) for line in lines)
+        marks = [line for line in ax.get_lines() if line.get_marker() == "v"
+                 and len(line.get_xdata())]
+        assert {float(x) for line in marks for x in line.get_xdata()} == {
+            float(curves["epoch"].max())}
 
 
 def test_figures_of_many_panels_wrap_two_to_a_row(results):

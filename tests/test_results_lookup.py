@@ -156,11 +156,12 @@ MEASURE_TABLES = """<script>document.body.insertAdjacentHTML("beforeend", "<pre 
 + "</pre>")</script></body></html>"""
 
 
-@pytest.mark.parametrize("study", ["results-small", "bottleneck widths"])
+@pytest.mark.parametrize("study", ["results-small", "bottleneck widths", "adaptive seeds"])
 def test_the_reports_tables_fit_a_1280_pixel_window_in_a_real_browser(runs, tmp_path, study):
     """Chromium, headless, lays the page out at 1280 px; every table must be no wider than what
     holds it (else it scrolls and cuts columns): also with long architecture names (a bottleneck
-    width study's summary cut off its GFLOPs)."""
+    width study's summary cut off its GFLOPs) and an adaptive study's reasons (its decisions
+    table needed a scroll bar, the reasons cut off)."""
     import re
     import shutil
     import subprocess
@@ -172,18 +173,24 @@ def test_the_reports_tables_fit_a_1280_pixel_window_in_a_real_browser(runs, tmp_
         pytest.skip("no Chromium on this machine to lay the page out")
     from helpers import RESULTS_STUDY
 
+    import numpy as np
+
+    from helpers import study_in_memory
+
+    rng = np.random.default_rng(0)
     if study == RESULTS_STUDY:
         loaded = results.load(RESULTS_STUDY, runs_dir=runs)  # conftest's study
-    else:
-        import numpy as np
-
-        from helpers import study_in_memory
-
-        rng = np.random.default_rng(0)
+    elif study == "bottleneck widths":
         loaded = study_in_memory([
             ({"depth": depth, "base_width": width}, seed, (rng.random(300) < 0.05).astype(float))
             for depth in (29, 56) for width in (16, 32, 64, 128) for seed in range(2)],
             model={"block": "bottleneck", "shortcut": "B"})
+    else:
+        loaded = study_in_memory([
+            ({"depth": depth, "shortcut": shortcut}, seed, (rng.random(300) < 0.08).astype(float))
+            for depth in (20, 56) for shortcut in ("A", "none") for seed in range(2)],
+            seed_rule={"min": 2, "max": 4, "until": {"decided": "shortcut", "margin": 0.01}})
+        assert len(loaded.seed_decisions())
     page = report.render_report(loaded, responses=False)
     (tmp_path / "page.html").write_text(page.replace("</body></html>", MEASURE_TABLES))
     dom = subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,900",

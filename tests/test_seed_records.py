@@ -11,12 +11,10 @@ import optuna
 import pytest
 from helpers import write_study
 
-from resnet_ablate.results import plots
-from resnet_ablate.results import report
 from resnet_ablate import stats
-from resnet_ablate.stats.adaptive import SeedResult, _error_estimate
 from resnet_ablate.record import TrialKey, pack_outcomes
-from resnet_ablate.results import load
+from resnet_ablate.results import load, plots, report
+from resnet_ablate.stats.adaptive import SeedResult, _error_estimate
 
 IMAGES = 300
 SPACE = {"depth": [8, 14], "shortcut": ["A", "none"]}

@@ -12,8 +12,8 @@ from scipy import stats as scipy_stats
 from scipy.special import expit
 from helpers import REGIMES, error_table, offset_for, true_error
 
-from resnet_ablate.stats import pivot
 from resnet_ablate import stats
+from resnet_ablate.stats import pivot
 
 SEED_COUNTS = (2, 3, 5, 10)
 TEST_IMAGES = 400

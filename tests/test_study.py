@@ -368,6 +368,11 @@ def test_a_study_spelled_another_way_or_run_faster_is_the_same_study(tmp_path):
         open_study(parse_spec(other), storage)
     defaults = {**first, "model": {**first["model"], "fused": True}}  # the default, written out
     open_study(parse_spec(defaults), storage)
+    # What the family builds anyway, written out (a CIFAR net's blocks are basic): the same.
+    open_study(parse_spec({**first, "model": {**first["model"], "block": "basic"}}), storage)
+    deeper = {**first, "model": {**first["model"], "depth": 14}}  # another network
+    with pytest.raises(StudyConflict, match=r"\(model differ"):
+        open_study(parse_spec(deeper), storage)
     # The same level spelled in lower case: refused (the store keys trials by spelling), saying so.
     lower = {**first, "space": {"shortcut": ["a"]}}
     with pytest.raises(StudyConflict, match=r"spells its levels \{'shortcut': \['A'\]\}, and "

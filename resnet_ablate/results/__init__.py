@@ -11,9 +11,10 @@ filters.py        the --where language
 summaries.py paired.py pareto.py effects.py
                   summaries over seeds (and adaptive seeds' decisions), paired comparisons, Pareto
                   fronts, main effects and interactions; contrasts.py what they share (the
-                  statistics themselves: resnet_ablate.stats)
+                  statistics themselves: resnet_ablate.stats), left_out.py what their rows are
+                  not over (failed and pruned seeds, trials without the metric)
 analysis.py       analyses that reload trained models (Fig. 7)
-plots.py plot_axes.py display.py answer.py report.py
+plots.py plot_responses.py plot_axes.py display.py answer.py report.py
                   figures, tables as text with units or exact CSV/JSON, the answer in a few
                   lines, the HTML report
 """

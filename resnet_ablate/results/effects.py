@@ -35,8 +35,9 @@ from .. import stats
 from ..record import TEST_SET_RATES
 from ..spec import adaptive_rule
 from ..storage import ResultsError
-from .contrasts import (LOOKED, LeftOut, difference_bounds, joined, note, paired_contrast, plain,
+from .contrasts import (LOOKED, difference_bounds, joined, note, paired_contrast, plain,
                         recorded, stacked_timing, stratified_contrast, with_holm, with_note)
+from .left_out import LeftOut
 
 if TYPE_CHECKING:
     from .study_results import Results

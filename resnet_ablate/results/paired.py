@@ -11,8 +11,9 @@ import pandas as pd
 from .. import stats
 from ..spec import adaptive_rule
 from ..storage import ResultsError
-from .contrasts import (LOOKED, LeftOut, difference_bounds, joined, note, paired_contrast,
-                        plain, recorded, stratified_contrast, with_holm, with_note)
+from .contrasts import (LOOKED, difference_bounds, joined, note, paired_contrast, plain,
+                        recorded, stratified_contrast, with_holm, with_note)
+from .left_out import LeftOut
 
 if TYPE_CHECKING:
     from .study_results import Results

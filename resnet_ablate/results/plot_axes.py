@@ -1,11 +1,12 @@
-"""Figures and axes that the plots share (plots.py): panels two to a row, log axes labelled in
+"""Figures and axes that the plots share (plots.py, plot_responses.py): the factors a study varies,
+their levels named and ordered, each metric's unit; panels two to a row, log axes labelled in
 plain numbers, a legend moved beside the axes where it would cover them, groups drawn at one x
 set side by side, means without an interval drawn open, means over seeds that stand apart
 ringed."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib import ticker
@@ -13,7 +14,38 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ..record import METRICS
 from ..stats.apart import NAME as APART_NAME
+
+if TYPE_CHECKING:
+    from .study_results import Results
+
+
+def level_label(column: str | None, value: Any) -> str:
+    """A level as a figure's legend names it: "plain", "ResNet (A)", "20-layer", "width=64"."""
+    if column == "shortcut":
+        return "plain" if value == "none" else f"ResNet ({value})"
+    if column == "depth":
+        return f"{value}-layer"
+    return f"{column}={value}" if column else str(value)
+
+
+def varied_factors(results: Results) -> list[str]:
+    """The factors that vary among the completed trials: depth first, then the swept ones."""
+    done = results.completed()
+    return [f for f in dict.fromkeys(("depth", *results.swept))
+            if f in done and done[f].nunique(dropna=True) > 1]
+
+
+def natural_order(value: Any) -> tuple:
+    """A sort key: numbers by value, before names."""
+    return (0, float(value), "") if isinstance(value, (int, float, np.number)) \
+        else (1, 0.0, str(value))
+
+
+def panel_order(value: Any) -> tuple:
+    """A sort key for panels and lines: the plain nets (shortcut "none") first."""
+    return ((0,) if value == "none" else (1,)) + natural_order(value)
 
 
 def panels_figure(panels: int = 1, *, height: float = 4.0,
@@ -30,9 +62,26 @@ def panels_figure(panels: int = 1, *, height: float = 4.0,
     return figure, axes[:panels]
 
 
+def metric_unit(metric: str) -> tuple[float, str]:
+    """The scale and label a figure's axis shows `metric` in, as the tables do
+    (record/metrics.py): rates in %, FLOPs in G, parameters in M, seconds as they are."""
+    known = METRICS.get(metric)
+    if known is not None and known.high == 1.0:  # a rate: an error or an accuracy
+        return 100.0, f"{metric.replace('_', ' ')} (%)"
+    scale = {"flops": 1e-9, "params": 1e-6}.get(metric, 1.0)
+    return scale, known.label if known is not None else metric
+
+
+def at_the_floor(values: np.ndarray, floor: float) -> np.ndarray:
+    """`values` for a log axis with zeros drawn at `floor` (an error of exactly 0: a training
+    error at the end), not left out: a line through them would otherwise break, and a single
+    point between two zeros vanish."""
+    return np.where(values > 0, values, floor)
+
+
 def log_percent_axis(ax: Any) -> None:
-    """A log y-axis of percentages labelled in plain numbers at 1, 2 and 5 of each decade; an
-    error of exactly 0 (a training error at the end) is left out rather than drawn at -inf."""
+    """A log y-axis of percentages labelled in plain numbers at 1, 2 and 5 of each decade (an
+    error of exactly 0 has no place on it: at_the_floor)."""
     ax.set_yscale("log", nonpositive="mask")
     def plain(value: float, _position: Any) -> str:
         leading = round(value / 10 ** np.floor(np.log10(value))) if value > 0 else 0

@@ -2,12 +2,12 @@
 
 - `plot_curves`: Fig. 6, training curves by depth, plain vs residual: thin lines training error,
   bold lines test error, the mean over seeds per configuration.
-- `plot_depth`: error against depth, one line per shortcut option, with 95% CI error bars
-  (ringed where seeds stand apart).
+- `plot_depth`: error (or any metric, in the tables' units) against depth or another numeric
+  factor, one line per shortcut option, with 95% CI error bars (ringed where seeds stand apart).
 - `plot_pareto`: test error against FLOPs (G or M, log-scaled where they span a wide range) for
   every completed trial, the Pareto front joined (means ringed where seeds stand apart).
-- `plot_responses`: Fig. 7, the std of each 3x3 layer's BN output, in layer order and sorted, on
-  a log scale.
+- `plot_responses` (plot_responses.py): Fig. 7, the std of each 3x3 layer's BN output, in layer
+  order and sorted, on a log scale.
 
 Built as `matplotlib.figure.Figure`s, saved through the Agg canvas: importing this module never
 picks or changes pyplot's global backend."""
@@ -15,7 +15,6 @@ picks or changes pyplot's global backend."""
 from __future__ import annotations
 
 import io
-import re
 import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,30 +26,17 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ..record import METRICS
 from ..storage import refuse_to_lose_results
-from .contrasts import failed_seeds, failure_kinds, pruned_seeds
-from .plot_axes import (SIDE_STEP, SideBySide, interval_methods, labelled_within_a_decade,
-                        legend_beside_if_long, log_percent_axis, mark_seeds_apart,
-                        mark_without_interval, panels_figure, plain_number_x_axis, side_by_side)
+from .left_out import failed_seeds, failure_kinds, pruned_seeds
+from .plot_axes import (SIDE_STEP, SideBySide, at_the_floor, interval_methods,
+                        labelled_within_a_decade, legend_beside_if_long, level_label,
+                        log_percent_axis, mark_seeds_apart, mark_without_interval, metric_unit,
+                        natural_order, panel_order, panels_figure, plain_number_x_axis,
+                        side_by_side, varied_factors)
+from .plot_responses import plot_responses
 from .study_results import Results, ResultsError
 
 KINDS = ("curves", "depth", "pareto", "responses")
-
-
-def _label(column: str | None, value: Any) -> str:
-    if column == "shortcut":
-        return "plain" if value == "none" else f"ResNet ({value})"
-    if column == "depth":
-        return f"{value}-layer"
-    return f"{column}={value}" if column else str(value)
-
-
-def _factors(results: Results) -> list[str]:
-    """The factors that vary among the completed trials: depth first, then the swept ones."""
-    done = results.completed()
-    return [f for f in dict.fromkeys(("depth", *results.swept))
-            if f in done and done[f].nunique(dropna=True) > 1]
 
 
 def _averaged_over(results: Results, shown: Sequence[str | None]) -> str:
@@ -58,14 +44,14 @@ def _averaged_over(results: Results, shown: Sequence[str | None]) -> str:
     averages two bottleneck widths must say so."""
     if "arch_name" in shown:  # an architecture's name tells every configuration apart
         return ""
-    rest = [f for f in _factors(results) if f not in shown]
+    rest = [f for f in varied_factors(results) if f not in shown]
     return f"\nmeans over every {', '.join(rest)} too" if rest else ""
 
 
 def _default_split(results: Results) -> tuple[str | None, str]:
     """Panels by shortcut (plain vs residual) and colours by depth where the study varies them;
     else colours by the first varied factor and panels by the second."""
-    factors = _factors(results)
+    factors = varied_factors(results)
     panel = "shortcut" if "shortcut" in factors else None
     rest = [f for f in factors if f != panel]
     if panel is None and len(rest) > 1:
@@ -84,8 +70,8 @@ def plot_curves(results: Results, *, panel_by: str | None = None, color_by: str 
     if curves.empty:
         raise ResultsError(f"study {results.study!r}: no per-epoch curves recorded")
     results.check_columns([c for c in (panel_by, color_by) if c])
-    panels = sorted(curves[panel_by].unique(), key=_panel_order) if panel_by else [None]
-    colors = sorted(curves[color_by].unique(), key=_natural)
+    panels = sorted(curves[panel_by].unique(), key=panel_order) if panel_by else [None]
+    colors = sorted(curves[color_by].unique(), key=natural_order)
     # Shades of one sequential map, in the colour factor's order (shallow to deep): the depth and
     # Pareto figures' blue and orange mean ResNet and plain, and must not mean a depth here.
     shades = colormaps["viridis"](np.linspace(0.0, 0.75, len(colors)))
@@ -95,22 +81,35 @@ def plot_curves(results: Results, *, panel_by: str | None = None, color_by: str 
     figure.suptitle(f"{results.title}: mean over seeds (how many: each line's label)"
                     f"{_averaged_over(results, (panel_by, color_by))}{_pruned_caption(results)}",
                     fontsize="medium")
+    columns = [f"train_{metric}", f"test_{metric}"]
+    scale = 100.0 if metric == "error" else 1.0
+    # Mean errors of 0 drawn at half the smallest mean shown (a log axis has no 0), marked.
+    shown = curves.groupby([c for c in (panel_by, color_by) if c] + ["epoch"])[columns].mean()
+    shown = shown.to_numpy(float) * scale
+    floor = 0.5 * shown[shown > 0].min() if metric == "error" and (shown > 0).any() else 0.0
     for ax, panel in zip(axes, panels):
         subset = curves if panel is None else curves[curves[panel_by] == panel]
         for value in colors:
             lines = subset[subset[color_by] == value]
             if lines.empty:
                 continue
-            mean = lines.groupby("epoch")[[f"train_{metric}", f"test_{metric}"]].mean()
-            scale = 100.0 if metric == "error" else 1.0
-            ax.plot(mean.index, scale * mean[f"train_{metric}"], color=palette[value], linewidth=0.9,
-                    linestyle="--", alpha=0.8)
+            mean = lines.groupby("epoch")[columns].mean() * scale
             seeds = lines["seed"].nunique()
-            ax.plot(mean.index, scale * mean[f"test_{metric}"], color=palette[value], linewidth=2.4,
-                    label=f"{_label(color_by, value)} ({seeds} seed{'s' if seeds != 1 else ''})")
-        ax.set_title(_label(panel_by, panel) if panel_by else results.title)
+            for column, width, style, label in (
+                    (columns[0], 0.9, "--", None),
+                    (columns[1], 2.4, "-", f"{level_label(color_by, value)} "
+                                           f"({seeds} seed{'s' if seeds != 1 else ''})")):
+                y = at_the_floor(mean[column].to_numpy(), floor) if floor else mean[column]
+                ax.plot(mean.index, y, color=palette[value], linewidth=width, linestyle=style,
+                        alpha=0.8 if style == "--" else 1.0, label=label)
+                zero = (mean[column] <= 0).to_numpy() & (floor > 0)
+                ax.plot(mean.index[zero], np.full(zero.sum(), floor), "v", markersize=5,
+                        color=palette[value])
+        ax.set_title(level_label(panel_by, panel) if panel_by else results.title)
         ax.set_xlabel("epoch")
-        ax.set_ylabel("error (%, log scale)" if metric == "error" else metric)
+        ax.set_ylabel((f"error (%, log scale; \u25bc 0%, drawn at {floor:.2g})"
+                       if (shown <= 0).any() else "error (%, log scale)")
+                      if metric == "error" else metric)
         if metric == "error":  # the last epochs, where configurations differ by a point or two,
             log_percent_axis(ax)  # would lie flat at the bottom of a 0-70% linear axis
             labelled_within_a_decade(ax)  # 6-9%: no 1, 2 or 5 of a decade to label
@@ -138,27 +137,35 @@ def plot_depth(results: Results, *, metric: str = "test_error", x: str = "depth"
                line_by: str | None = None) -> Figure:
     """`metric` (mean over seeds, 95% CI bars) against `x`, one line per `line_by` value."""
     if line_by is None:
-        others = [f for f in _factors(results) if f != x]
+        others = [f for f in varied_factors(results) if f != x]
         line_by = "shortcut" if "shortcut" in others else next(iter(others), None)
     by = [x, line_by] if line_by and line_by != x else [x]
+    results.check_columns([x])
+    if not pd.api.types.is_numeric_dtype(results.completed()[x]):
+        numeric = [f for f in varied_factors(results)
+                   if pd.api.types.is_numeric_dtype(results.completed()[f])]
+        raise ResultsError(f"plot depth: x={x!r} takes levels that are not numbers; give a "
+                           f"numeric factor: {', '.join(numeric) or 'the study sweeps none'}")
     summary = results.summary(by=by, metric=metric)
+    scale, unit = metric_unit(metric)
     figure, (ax,) = panels_figure()
     groups = summary.groupby(line_by, sort=False) if len(by) == 2 else [(None, summary)]
     # Colours in the values' natural order, as the Pareto figure gives them (shortcut A blue and
     # plain orange in both), whatever order the legend lists them in.
-    palette = {v: f"C{i % 10}" for i, v in enumerate(sorted((v for v, _ in groups), key=_natural))}
+    palette = {v: f"C{i % 10}"
+               for i, v in enumerate(sorted((v for v, _ in groups), key=natural_order))}
     xs = sorted(set(summary[x].astype(float)))
     span = (xs[-1] - xs[0]) or 4.0  # one x: an axis 4 wide around it (else it zooms to the dodge)
-    ordered = sorted(groups, key=lambda item: _panel_order(item[0]))
+    ordered = sorted(groups, key=lambda item: panel_order(item[0]))
     for position, (value, group) in enumerate(ordered):
         group = group.sort_values(x)
-        mean = 100 * group[f"{metric}_mean"].to_numpy(float)
-        below = mean - 100 * group[f"{metric}_ci95_low"].to_numpy(float)
-        above = 100 * group[f"{metric}_ci95_high"].to_numpy(float) - mean
+        mean = scale * group[f"{metric}_mean"].to_numpy(float)
+        below = mean - scale * group[f"{metric}_ci95_low"].to_numpy(float)
+        above = scale * group[f"{metric}_ci95_high"].to_numpy(float) - mean
         # Lines side by side at each x, so that one's bar never hides another's.
         at = side_by_side(group[x], position, len(ordered), xs[0], xs[0] + span)
         ax.errorbar(at, mean, yerr=[below, above], marker="o", capsize=4, color=palette[value],
-                    label=f"{_label(line_by, value) if line_by else metric} "
+                    label=f"{level_label(line_by, value) if line_by else metric} "
                           f"({_seed_count(group['n'])})")
         mark_without_interval(ax, at, mean, below, "o", palette[value])
         mark_seeds_apart(ax, at, mean, group["note"], palette[value])
@@ -166,7 +173,7 @@ def plot_depth(results: Results, *, metric: str = "test_error", x: str = "depth"
     ax.set_xticks(xs)  # the depths run, not fractions
     if len(xs) == 1:
         ax.set_xlim(xs[0] - span / 2, xs[0] + span / 2)
-    ax.set_ylabel(f"{metric.replace('_', ' ')} (%), mean and 95% CI")
+    ax.set_ylabel(f"{unit}, mean and 95% CI")
     # One panel is narrow: the caption wraps.
     ax.set_title("\n".join([results.title, *textwrap.wrap(
         _averaged_over(results, (x, line_by)) + _pruned_caption(results), 55)]),
@@ -195,11 +202,12 @@ def plot_pareto(results: Results, *, metric: str = "test_error", cost: str = "fl
     done = results.require_completed("plot")
     means = _configuration_means(results, metric, cost)
     front = results.pareto([metric, cost]).sort_values(cost)
-    scale, unit = _cost_unit(cost)
+    scale, unit = metric_unit(cost)
+    y_scale, y_unit = metric_unit(metric)
     figure, (ax,) = panels_figure()
     # Colours by shortcut (plain vs residual), else by the first factor but depth (its FLOPs
     # tell depths apart along the x axis), else by depth.
-    factors = _factors(results)
+    factors = varied_factors(results)
     label_by = "shortcut" if "shortcut" in factors else next(
         (f for f in factors if f != "depth"), factors[0] if factors else "arch_name")
     trials = list(done.groupby(label_by, sort=True))
@@ -218,20 +226,21 @@ def plot_pareto(results: Results, *, metric: str = "test_error", cost: str = "fl
         return apart.at(scale * np.asarray(values, dtype=float), positions[value])
 
     for value, group in trials:
-        _draw_group(ax, group, configurations.get(value), positions[value], metric,
-                    lambda rows, value=value: placed(rows[cost], value), _label(label_by, value))
+        _draw_group(ax, group, configurations.get(value), positions[value], metric, y_scale,
+                    lambda rows, value=value: placed(rows[cost], value),
+                    level_label(label_by, value))
     front_x = np.array([placed([row[cost]], row[label_by])[0] if label_by in front else
                         scale * float(row[cost]) for _, row in front.iterrows()])
-    ax.step(front_x, 100 * front[metric].astype(float), where="post", color="black",
+    ax.step(front_x, y_scale * front[metric].astype(float), where="post", color="black",
             linewidth=1.5, label="Pareto front (configuration means)")
-    ax.scatter(front_x, 100 * front[metric].astype(float), facecolors="none",
+    ax.scatter(front_x, y_scale * front[metric].astype(float), facecolors="none",
                edgecolors="black", s=110)
     plain_number_x_axis(ax, log=apart.log)
     ax.margins(x=0.08, y=0.1)
     if apart.widened:  # an axis as wide as the costs, around them (not zoomed in on 0.2%)
         ax.set_xlim(apart.low, apart.high)
     ax.set_xlabel(unit + (" (groups of equal cost set side by side)" if apart.moves else ""))
-    ax.set_ylabel(f"{metric.replace('_', ' ')} (%): trials faint, means with 95% CI")
+    ax.set_ylabel(f"{y_unit}: trials faint, means with 95% CI")
     ax.set_title("\n".join([results.title, *textwrap.wrap(_pruned_caption(results), 55)]),
                  fontsize="medium")
     ax.grid(alpha=0.3)
@@ -240,16 +249,18 @@ def plot_pareto(results: Results, *, metric: str = "test_error", cost: str = "fl
 
 
 def _draw_group(ax: Any, trials: pd.DataFrame, means: pd.DataFrame | None, position: int,
-                metric: str, at: Callable[[pd.DataFrame], np.ndarray], label: str) -> None:
-    """One group's trials (faint) and its configurations' means with their 95% intervals, each
-    row drawn at `at(rows)`; a colour and a marker shape per group (for print in one colour)."""
+                metric: str, scale: float, at: Callable[[pd.DataFrame], np.ndarray],
+                label: str) -> None:
+    """One group's trials (faint) and its configurations' means with their 95% intervals (in
+    `metric` x `scale`), each row drawn at `at(rows)`; a colour and a marker shape per group
+    (for print in one colour)."""
     style = {"color": f"C{position % 10}", "marker": "osD^v<>"[position % 7]}
-    ax.scatter(at(trials), 100 * trials[metric].astype(float), alpha=0.25, s=20, **style)
+    ax.scatter(at(trials), scale * trials[metric].astype(float), alpha=0.25, s=20, **style)
     if means is None:
         return
-    x, y = at(means), 100 * means[f"{metric}_mean"].to_numpy(float)
-    bars = [y - 100 * means[f"{metric}_ci95_low"].to_numpy(float),
-            100 * means[f"{metric}_ci95_high"].to_numpy(float) - y]
+    x, y = at(means), scale * means[f"{metric}_mean"].to_numpy(float)
+    bars = [y - scale * means[f"{metric}_ci95_low"].to_numpy(float),
+            scale * means[f"{metric}_ci95_high"].to_numpy(float) - y]
     ax.errorbar(x, y, yerr=bars, linestyle="none", capsize=4, markersize=7,
                 label=f"{label} ({_seed_count(means['n'])})", **style)
     mark_without_interval(ax, x, y, bars[0], style["marker"], style["color"])
@@ -268,62 +279,6 @@ def _configuration_means(results: Results, metric: str, cost: str) -> pd.DataFra
 
 
 PARETO_SIDE_STEP = 2 * SIDE_STEP  # its means are larger markers than a depth figure's
-
-
-def _cost_unit(cost: str) -> tuple[float, str]:
-    """The scale and label of the tables' column (record/metrics.py): GFLOPs, params (M)."""
-    scale = {"flops": 1e-9, "params": 1e-6}.get(cost, 1.0)
-    return scale, METRICS[cost].label if cost in METRICS else cost
-
-
-def plot_responses(results: Results, responses: pd.DataFrame | None = None, *,
-                   max_images: int | None = 1000) -> Figure:
-    """Fig. 7: std of each 3x3 layer's response (BN output, before add and ReLU), mean over
-    seeds per architecture: in layer order (left) and sorted by magnitude (right)."""
-    if responses is None:
-        responses = results.layer_responses(max_images=max_images)
-    figure, (original, ordered) = panels_figure(2)
-    # A plain net and its residual twin share a colour (their configuration's but for the
-    # shortcut: depth, width, ...), told apart by the line.
-    twins = _twins(results, responses["arch_name"].unique())
-    keys = sorted(set(twins.values()), key=lambda key: tuple(map(_natural, key)))
-    labels = _configuration_labels(results)
-    for name, group in sorted(responses.groupby("arch_name"),
-                              key=lambda item: (keys.index(twins[item[0]]), _arch_order(item))):
-        mean = group.groupby("layer")["std"].mean()
-        style = {"color": f"C{keys.index(twins[name]) % 10}",
-                 "linestyle": ":" if name.startswith("plain") else "-",
-                 "marker": ".", "label": labels.get(name, name)}
-        original.plot(mean.index, mean.to_numpy(), **style)
-        ordered.plot(np.arange(1, len(mean) + 1), np.sort(mean.to_numpy())[::-1], **style)
-    for ax in (original, ordered):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    original.set_xlabel("layer index (original)")
-    ordered.set_xlabel("layer index (sorted by magnitude)")
-    for ax in (original, ordered):
-        # Logarithmic: a plain deep net's responses can peak 100x above a ResNet's, which a
-        # linear axis would flatten to a line at zero.
-        ax.set_yscale("log")
-        labelled_within_a_decade(ax)
-        ax.set_ylabel("std of BN output (log scale)")
-        ax.grid(alpha=0.3, which="both")
-    if len(original.get_legend_handles_labels()[1]) > 4:  # below both panels, off the lines
-        figure.legend(*original.get_legend_handles_labels(), loc="outside lower center",
-                      ncols=2, fontsize="small")
-    else:
-        original.legend(fontsize="small")
-    figure.suptitle(f"{results.title}: each 3x3 layer's response (std of its BN output), mean "
-                    "over seeds (the paper's Fig. 7)")
-    return figure
-
-
-def _configuration_labels(results: Results) -> dict[str, str]:
-    """Each architecture by the factors that vary ("depth=20, base_width=64"), where its name
-    leaves a default out (resnet20-cifar-bottleneck-B-v1 is base width 64)."""
-    factors = _factors(results)
-    rows = _by_architecture(results)
-    return {name: ", ".join(_label(f, rows.loc[name, f]) for f in factors)
-            for name in rows.index} if factors else {}
 
 
 PLOTTERS: dict[str, Callable[..., Figure]] = {
@@ -362,38 +317,6 @@ def save_plot(results: Results, kind: str, path: str | Path, **options: Any) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(buffer.getvalue())
     return path
-
-
-def _natural(value: Any) -> tuple:
-    return (0, float(value), "") if isinstance(value, (int, float, np.number)) else (1, 0.0, str(value))
-
-
-def _panel_order(value: Any) -> tuple:
-    return (0,) + _natural(value) if value == "none" else (1,) + _natural(value)  # plain first
-
-
-def _depth_of(name: str) -> int:
-    found = re.search(r"\d+", name)
-    return int(found.group()) if found else 0
-
-
-def _twins(results: Results, names: Sequence[str]) -> dict[str, tuple]:
-    """Each architecture's configuration but for its shortcut (what a plain net shares with its
-    residual twin); its depth where the study's trials do not name it."""
-    factors = [f for f in _factors(results) if f != "shortcut"]
-    rows = _by_architecture(results)
-    return {name: tuple(rows.loc[name, factors]) if name in rows.index and factors
-            else (_depth_of(name),) for name in names}
-
-
-def _by_architecture(results: Results) -> pd.DataFrame:
-    """One completed trial per architecture, indexed by its name: its configuration's columns."""
-    return results.completed().drop_duplicates("arch_name").set_index("arch_name")
-
-
-def _arch_order(item: tuple[str, Sequence]) -> tuple:
-    name = item[0]
-    return (not name.startswith("plain"), _depth_of(name), name)
 
 
 __all__ = ["KINDS", "PLOTTERS", "PLOT_FORMATS", "plot", "plot_curves", "plot_depth", "plot_pareto",

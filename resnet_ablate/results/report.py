@@ -35,20 +35,23 @@ p, ul, h1, h2, h3 { max-width: 70em; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.8em; }
 th, td { border: 1px solid #ccc; padding: 0.2em 0.45em; text-align: right; }
 .wide td { white-space: nowrap; }  /* a number is never cut across lines */
+.wide.prose td:last-child, .wide.prose th:last-child {
+  white-space: normal; min-width: 24em; text-align: left;
+}
 th { background: #f3f3f3; }
 img { max-width: 100%; border: 1px solid #eee; }
 .note { color: #777; font-style: italic; }
 """
 
 
-def _table(frame: pd.DataFrame) -> str:
+def _table(frame: pd.DataFrame, *, prose_last: bool = False) -> str:
     """A table that scrolls sideways inside the page rather than widening it; methods and notes
-    go under it (`_footnotes`)."""
+    go under it (`_footnotes`). `prose_last`: its last column is sentences, wrapped within the
+    page (an adaptive verdict's reason, longer than a terminal's cut) where numbers never are."""
     frame = frame.drop(columns=[c for c in FOOTNOTE_COLUMNS if c in frame.columns])
-    # Whole text: a page wraps it (an adaptive verdict's reason is longer than a terminal's cut).
     with pd.option_context("display.max_colwidth", None):
         html = display_frame(frame, max_text=None).to_html(index=False, border=0, escape=True)
-    return f'<div class="wide">{html}</div>'
+    return f'<div class="wide{" prose" if prose_last else ""}">{html}</div>'
 
 
 def _setup(results: Results) -> str:
@@ -302,7 +305,7 @@ def _seed_decisions(results: Results) -> list[str]:
     return ["<h2>Adaptive seeds: why each configuration stopped</h2>",
             f"<p>The rule <code>seeds: {html.escape(json.dumps(rule))}</code>: seeds "
             f"were added to a configuration only while its question stayed open.{family}</p>",
-            _table(decisions), _footnotes(decisions)]
+            _table(decisions, prose_last=True), _footnotes(decisions)]
 
 
 def _pareto(results: Results) -> list[str]:

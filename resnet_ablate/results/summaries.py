@@ -15,10 +15,10 @@ from ..record import ERROR_RATES, TEST_SET_RATES, is_complement
 from ..spec import AdaptiveSeeds, adaptive_rule
 from ..stats.adaptive import Decision, SeedResult, decide, ended_for_good, seed_result
 from ..storage import ResultsError
-from .contrasts import (CONFIGURATION_CONSTANTS, LeftOut, complement, failed_seeds, failure_kinds,
-                        joined, metric_bounds, note, recorded, rows_where, seeds_apart_note,
-                        seeds_named, selected_note, sizes_note, stacked_timing,
-                        stratified_contrast, with_methods, with_note)
+from .contrasts import (CONFIGURATION_CONSTANTS, complement, joined, metric_bounds, note,
+                        recorded, repeats_note, seeds_apart_note, seeds_named, selected_note,
+                        sizes_note, stacked_timing, stratified_contrast, with_methods, with_note)
+from .left_out import LeftOut, failed_seeds, failure_kinds, rows_where
 from .store_reading import scalar_value
 
 if TYPE_CHECKING:
@@ -134,11 +134,13 @@ def configuration_estimate(results: Results, group: pd.DataFrame, metric: str,
                                    exact_ties=metric in CONFIGURATION_CONSTANTS,
                                    not_independent=stacked_timing(group, metric))
         outcomes, images = results.outcomes(numbers)
+        averaged = [seed for trials, seed in seeds() if len(trials) > 1] \
+            if metric in ERROR_RATES and outcomes is not None else []
         if metric not in ERROR_RATES or repeated:  # the test set's size alone bounds it
             outcomes = None
         errors = 1 - values if is_complement(metric) else values
         estimate = with_note(stats.error_rate(outcomes, errors, images, level=level),
-                             joined(sizes_note(results, numbers),
+                             joined(sizes_note(results, numbers), repeats_note(averaged),
                                     seeds_apart_note(values, seeds, images)))
     return complement(estimate) if is_complement(metric) else selected_note(estimate, metric)
 

@@ -14,6 +14,9 @@ from .catalogue import MAX_TRIALS
 from .checker import Checker, shown
 from .sections import ARCH_FIELDS, IntRange, values_of
 
+# The points of a space built when a spec is checked: all but a huge random space's.
+CHECKED_POINTS = 10_000
+
 
 def _level_key(value: Any) -> Any:
     """A level as duplicates compare: strings case-folded (the architecture reads `a` as `A`),
@@ -83,9 +86,11 @@ def space_section(check: Checker, value: Any, sampler: str, model: Mapping[str, 
             space[name] = tuple(tuple(c) if isinstance(c, list) else c for c in choices)
             _check_distinct_levels(check, where, space[name])
 
-    # Every combination must be a buildable architecture (checked up to a large space's first 10k).
+    # Every combination must be a buildable architecture (checked up to a large space's first
+    # CHECKED_POINTS).
     points = list(itertools.islice(
-        itertools.product(*[[(n, v) for v in values_of(c)] for n, c in space.items()]), 10_000))
+        itertools.product(*[[(n, v) for v in values_of(c)] for n, c in space.items()]),
+        CHECKED_POINTS))
     built: dict[tuple[tuple[str, Any], ...], str] = {}
     for point in points:
         try:

@@ -99,7 +99,8 @@ LEVEL = 0.95
 FEW_SEEDS = 3  # below this, an interval says mostly that there are too few seeds
 
 CROSSED = "seeds x test images (crossed random effects, generalized pivot)"
-BINOMIAL_BOUND = "seeds + binomial bound on the test set (conservative: no per-image record)"
+BINOMIAL_BOUND = ("seeds + binomial bound on the test set (conservative: no per-image record "
+                  "used)")
 SEEDS_ONLY = "Student t over seeds"
 
 

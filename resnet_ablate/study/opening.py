@@ -10,6 +10,7 @@ one `StoreError` line (storage.py). Where Optuna's public API does not reach: op
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import time
 import warnings
@@ -19,11 +20,11 @@ from typing import Any, TypeVar
 import optuna
 import sqlalchemy
 
-from ..arch import ResNetArch
 from ..recipe import EXECUTION_ONLY
 from ..record import StudyKey
 from ..spec import MAX_CPUS, IntRange, SpecError, StudySpec, parse_spec
 from ..spec.dataset import DATASET_EXECUTION_ONLY
+from ..spec.space import CHECKED_POINTS
 from ..storage import StoreError, file_in_the_way, sqlite_path, store_faults
 from .optuna_tables import STUDIES_TABLE, sqlite_tables
 
@@ -81,11 +82,14 @@ def meaning(fingerprint: Mapping[str, Any]) -> dict[str, Any] | None:
                              "resources": {"cpus": MAX_CPUS}})
     except SpecError:
         return None
-    arch_defaults = {f.name: f.default for f in dataclasses.fields(ResNetArch)}
     return {
         "dataset": {k: v for k, v in dataclasses.asdict(parsed.dataset).items()
                     if k not in DATASET_EXECUTION_ONLY},
-        "model": {k: v for k, v in parsed.model.items() if v != arch_defaults.get(k, object())},
+        # The networks the space builds, each resolved (`block: basic` written out on CIFAR is
+        # what the family builds anyway; on ImageNet at depth 50 it is another network), as
+        # many as the spec's own check builds.
+        "model": [dataclasses.asdict(parsed.arch(point))
+                  for point in itertools.islice(parsed.grid(), CHECKED_POINTS)],
         "space": {name: dataclasses.asdict(v) if isinstance(v, IntRange) else list(v)
                   for name, v in parsed.space.items()},
         "objectives": list(parsed.objectives),

@@ -4,6 +4,7 @@ simulated studies held in memory."""
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -211,13 +212,19 @@ def study_in_memory(trials, *, model=None, seed_rule=None):
 
 # The statistics' simulated studies: a logistic model of seeds and test images.
 
+# Gauss-Hermite nodes and weights, made once: an eigenvalue problem each time was most of a
+# simulated study's cost (their offsets were found anew for every replication).
+HERMITE_NODES, HERMITE_WEIGHTS = np.polynomial.hermite_e.hermegauss(80)
+
+
 def true_error(offset: float, seed_sd: float, image_sd: float) -> float:
     """E[expit(offset + u + v)], u ~ N(0, seed_sd), v ~ N(0, image_sd): the error rate over the
     populations of seeds and test images, by Gauss-Hermite quadrature."""
-    x, w = np.polynomial.hermite_e.hermegauss(80)
+    x, w = HERMITE_NODES, HERMITE_WEIGHTS
     return float((w * expit(offset + math.hypot(seed_sd, image_sd) * x)).sum() / w.sum())
 
 
+@functools.lru_cache(maxsize=None)
 def offset_for(error: float, seed_sd: float, image_sd: float) -> float:
     """The logit offset whose true error rate is `error`."""
     low, high = -10.0, 10.0

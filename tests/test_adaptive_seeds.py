@@ -8,7 +8,7 @@ import optuna
 import pytest
 from scipy.special import expit
 
-from helpers import raw_spec, study_in_memory
+from helpers import offset_for, raw_spec, study_in_memory, true_error
 from resnet_ablate.stats.adaptive import SeedResult, decide
 from resnet_ablate.spec import AdaptiveSeeds, SpecError, parse_spec
 from resnet_ablate.study import RunOptions, plan_study, run_study
@@ -265,15 +265,8 @@ def test_a_selection_shows_the_decisions_the_study_made():
 
 
 def _offset_for(error: float) -> float:
-    """The logit offset whose error over seeds and images (logistic sd 0.05 and 1.5) is `error`,
-    by Gauss-Hermite quadrature and bisection."""
-    x, w = np.polynomial.hermite_e.hermegauss(80)
-    low, high = -10.0, 10.0
-    for _ in range(60):
-        middle = (low + high) / 2
-        rate = float((w * expit(middle + np.hypot(0.05, 1.5) * x)).sum() / w.sum())
-        low, high = (middle, high) if rate < error else (low, middle)
-    return (low + high) / 2
+    """The logit offset whose error over seeds and images (logistic sd 0.05 and 1.5) is `error`."""
+    return offset_for(error, 0.05, 1.5)
 
 
 def _sequential_answer(rng, rule: AdaptiveSeeds, difference: float, failing: float = 0.0) -> str:
@@ -382,9 +375,8 @@ def test_the_width_rules_summary_interval_covers_whatever_look_stopped_the_seeds
     (1,000 images, difficulty sd 1.5, 8% error), seeds varying as much as the images or more."""
     seed_rule = {"min": 2, "max": 10, "until": {"width": width}}
     rule = AdaptiveSeeds(2, 10, width=width)
-    x, w = np.polynomial.hermite_e.hermegauss(80)
     offset = _offset_for(0.08)  # the logit offset for sd 0.05; the truth below is for seed_sd
-    truth = float((w * expit(offset + np.hypot(seed_sd, 1.5) * x)).sum() / w.sum())
+    truth = true_error(offset, seed_sd, 1.5)
     rng = np.random.default_rng(int(seed_sd * 10))
     key = (("depth", 20),)
     covered = early = early_covered = 0

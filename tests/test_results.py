@@ -737,10 +737,16 @@ def test_the_depth_plot_draws_any_metric_in_the_tables_unit(results):
         np.testing.assert_allclose(drawn, sorted(scale * summary[f"{metric}_mean"]))
 
 
-def test_the_depth_plot_refuses_a_factor_without_numbers_in_one_line(results):
+def test_the_figures_refuse_what_they_cannot_draw_in_one_line(results):
     with pytest.raises(ResultsError, match="^plot depth: x='shortcut' takes levels that are not "
                                            "numbers; give a numeric factor: depth$"):
         plots.plot_depth(results, x="shortcut")
+    with pytest.raises(ResultsError, match="^plot depth: x='params' is not a factor; give a "
+                                           "numeric factor: depth$"):
+        plots.plot_depth(results, x="params")
+    with pytest.raises(ResultsError, match="^plot curves: no per-epoch 'test_error'; curves are "
+                                           "of 'error' or 'loss'"):
+        plots.plot_curves(results, metric="test_error")
 
 
 def test_a_mean_error_of_zero_is_drawn_at_the_axis_floor_and_marked(results, monkeypatch):

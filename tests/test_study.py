@@ -368,8 +368,15 @@ def test_a_study_spelled_another_way_or_run_faster_is_the_same_study(tmp_path):
         open_study(parse_spec(other), storage)
     defaults = {**first, "model": {**first["model"], "fused": True}}  # the default, written out
     open_study(parse_spec(defaults), storage)
-    # What the family builds anyway, written out (a CIFAR net's blocks are basic): the same.
+    # What the family builds anyway, written out (a CIFAR net's blocks are basic): the same,
+    # whatever order the space lists its factors in.
     open_study(parse_spec({**first, "model": {**first["model"], "block": "basic"}}), storage)
+    two = {**first, "model": {"family": "cifar"},
+           "space": {"depth": [8, 14], "shortcut": ["A", "none"]}}
+    open_study(parse_spec({**two, "study": "two"}), storage)
+    reordered = {**two, "study": "two", "model": {"family": "cifar", "block": "basic"},
+                 "space": {"shortcut": ["A", "none"], "depth": [8, 14]}}
+    open_study(parse_spec(reordered), storage)
     deeper = {**first, "model": {**first["model"], "depth": 14}}  # another network
     with pytest.raises(StudyConflict, match=r"\(model differ"):
         open_study(parse_spec(deeper), storage)

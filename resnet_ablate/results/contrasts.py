@@ -149,7 +149,7 @@ def paired_contrast(results: Results, values: pd.DataFrame, trials: pd.DataFrame
     if metric in ERROR_RATES and outcomes is not None and len(outcomes) == values.size:
         n = len(values)  # one trial a cell, each with its per-image record
         tables = [outcomes[k * n:(k + 1) * n] for k in range(len(columns))]
-    elif metric in ERROR_RATES and outcomes is not None:
+    elif metric in ERROR_RATES and outcomes is not None and len(values) > 1:
         repeated = [seed for row, seed in zip(trials.itertuples(index=False),
                                               values.index.get_level_values("seed"))
                     if any(len(cell) > 1 for cell in row)]
@@ -202,7 +202,7 @@ def repeats_note(seeds: Sequence[Any]) -> str:
     averaged, one value a seed, so the test set's part is bounded by its size alone."""
     if not seeds:
         return ""
-    named = ", ".join(plain(seed) for seed in seeds)
+    named = _in_words([plain(seed) for seed in seeds])
     return (f"seed{'s' if len(seeds) > 1 else ''} {named} completed more than once: averaged "
             "into one value a seed, so the test set's part is bounded by its size (the per-image "
             "records are not used)")
@@ -305,5 +305,5 @@ def plain(value: Any) -> str:
 
 __all__ = ["ERROR_RATES", "SELECTED_ON_TEST", "TEST_SET_RATES", "complement", "difference_bounds",
            "joined", "negated", "note", "on_common_seeds", "paired_contrast", "plain", "recorded",
-           "selected_note", "stacked_timing", "stratified_contrast", "with_holm", "with_methods",
-           "with_note"]
+           "repeats_note", "seeds_apart_note", "seeds_named", "selected_note", "sizes_note",
+           "stacked_timing", "stratified_contrast", "with_holm", "with_methods", "with_note"]

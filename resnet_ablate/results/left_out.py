@@ -115,3 +115,7 @@ class LeftOut:
         """The notes of a row over the trials `where` says (see `count_where`)."""
         return joined(left_out(self.lacking, self.metric, where), pruned_note(self.pruned, where),
                       failed_note(self.failed, where))
+
+
+__all__ = ["LeftOut", "count_where", "failed_note", "failed_seeds", "failure_kinds", "left_out",
+           "pruned_note", "pruned_seeds", "rows_where"]

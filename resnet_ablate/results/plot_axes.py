@@ -218,6 +218,7 @@ class SideBySide:
                             where=np.isin(x, self.shared), step=self.step)
 
 
-__all__ = ["ONE_SEED_LABEL", "SIDE_STEP", "SideBySide", "labelled_within_a_decade",
-           "legend_beside_if_long", "log_percent_axis", "mark_without_interval", "panels_figure",
-           "plain_number_x_axis", "side_by_side"]
+__all__ = ["ONE_SEED_LABEL", "SIDE_STEP", "SideBySide", "at_the_floor", "interval_methods",
+           "labelled_within_a_decade", "legend_beside_if_long", "level_label", "log_percent_axis",
+           "mark_seeds_apart", "mark_without_interval", "metric_unit", "natural_order",
+           "panel_order", "panels_figure", "plain_number_x_axis", "side_by_side", "varied_factors"]

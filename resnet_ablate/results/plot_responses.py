@@ -89,3 +89,6 @@ def _by_architecture(results: Results) -> pd.DataFrame:
 def _arch_order(item: tuple[str, Sequence]) -> tuple:
     name = item[0]
     return (not name.startswith("plain"), _depth_of(name), name)
+
+
+__all__ = ["plot_responses"]

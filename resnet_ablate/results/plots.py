@@ -66,6 +66,9 @@ def plot_curves(results: Results, *, panel_by: str | None = None, color_by: str 
     default_panel, default_color = _default_split(results)
     panel_by = panel_by or default_panel
     color_by = color_by or default_color
+    if metric not in ("error", "loss"):
+        raise ResultsError(f"plot curves: no per-epoch {metric!r}; curves are of 'error' or "
+                           "'loss' (each epoch's train_ and test_ values)")
     curves = results.curves(list(results.require_completed("plot")["number"]))
     if curves.empty:
         raise ResultsError(f"study {results.study!r}: no per-epoch curves recorded")
@@ -86,25 +89,18 @@ def plot_curves(results: Results, *, panel_by: str | None = None, color_by: str 
     # Mean errors of 0 drawn at half the smallest mean shown (a log axis has no 0), marked.
     shown = curves.groupby([c for c in (panel_by, color_by) if c] + ["epoch"])[columns].mean()
     shown = shown.to_numpy(float) * scale
-    floor = 0.5 * shown[shown > 0].min() if metric == "error" and (shown > 0).any() else 0.0
+    floor = (0.5 * shown[shown > 0].min() if (shown > 0).any() else 0.01) \
+        if metric == "error" else 0.0
     for ax, panel in zip(axes, panels):
         subset = curves if panel is None else curves[curves[panel_by] == panel]
         for value in colors:
             lines = subset[subset[color_by] == value]
             if lines.empty:
                 continue
-            mean = lines.groupby("epoch")[columns].mean() * scale
             seeds = lines["seed"].nunique()
-            for column, width, style, label in (
-                    (columns[0], 0.9, "--", None),
-                    (columns[1], 2.4, "-", f"{level_label(color_by, value)} "
-                                           f"({seeds} seed{'s' if seeds != 1 else ''})")):
-                y = at_the_floor(mean[column].to_numpy(), floor) if floor else mean[column]
-                ax.plot(mean.index, y, color=palette[value], linewidth=width, linestyle=style,
-                        alpha=0.8 if style == "--" else 1.0, label=label)
-                zero = (mean[column] <= 0).to_numpy() & (floor > 0)
-                ax.plot(mean.index[zero], np.full(zero.sum(), floor), "v", markersize=5,
-                        color=palette[value])
+            _draw_curves(ax, lines.groupby("epoch")[columns].mean() * scale, floor,
+                         palette[value], f"{level_label(color_by, value)} "
+                                         f"({seeds} seed{'s' if seeds != 1 else ''})")
         ax.set_title(level_label(panel_by, panel) if panel_by else results.title)
         ax.set_xlabel("epoch")
         ax.set_ylabel((f"error (%, log scale; \u25bc 0%, drawn at {floor:.2g})"
@@ -117,6 +113,18 @@ def plot_curves(results: Results, *, panel_by: str | None = None, color_by: str 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(title="bold: test, thin dashed: train", fontsize="small", title_fontsize="small")
     return figure
+
+
+def _draw_curves(ax: Any, mean: pd.DataFrame, floor: float, color: Any, label: str) -> None:
+    """One configuration's mean curves, `mean`'s columns training (thin, dashed) and test
+    (bold, labelled); with a `floor`, values of 0 drawn there and marked."""
+    train, test = mean.columns
+    for column, width, style in ((train, 0.9, "--"), (test, 2.4, "-")):
+        y = at_the_floor(mean[column].to_numpy(), floor) if floor else mean[column]
+        ax.plot(mean.index, y, color=color, linewidth=width, linestyle=style,
+                alpha=0.8 if style == "--" else 1.0, label=label if column == test else None)
+        zero = (mean[column] <= 0).to_numpy() & (floor > 0)
+        ax.plot(mean.index[zero], np.full(zero.sum(), floor), "v", markersize=5, color=color)
 
 
 def _pruned_caption(results: Results) -> str:
@@ -141,11 +149,13 @@ def plot_depth(results: Results, *, metric: str = "test_error", x: str = "depth"
         line_by = "shortcut" if "shortcut" in others else next(iter(others), None)
     by = [x, line_by] if line_by and line_by != x else [x]
     results.check_columns([x])
-    if not pd.api.types.is_numeric_dtype(results.completed()[x]):
-        numeric = [f for f in varied_factors(results)
-                   if pd.api.types.is_numeric_dtype(results.completed()[f])]
-        raise ResultsError(f"plot depth: x={x!r} takes levels that are not numbers; give a "
-                           f"numeric factor: {', '.join(numeric) or 'the study sweeps none'}")
+    done = results.completed()
+    numeric = [f for f in dict.fromkeys(("depth", *results.swept))
+               if f in done and pd.api.types.is_numeric_dtype(done[f])]
+    if x not in numeric:  # (a metric is the Pareto figure's x; a level that is a name has none)
+        what = "takes levels that are not numbers" if x in results.swept else "is not a factor"
+        raise ResultsError(f"plot depth: x={x!r} {what}; give a numeric factor: "
+                           f"{', '.join(numeric) or 'the study sweeps none'}")
     summary = results.summary(by=by, metric=metric)
     scale, unit = metric_unit(metric)
     figure, (ax,) = panels_figure()

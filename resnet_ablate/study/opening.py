@@ -85,11 +85,13 @@ def meaning(fingerprint: Mapping[str, Any]) -> dict[str, Any] | None:
     return {
         "dataset": {k: v for k, v in dataclasses.asdict(parsed.dataset).items()
                     if k not in DATASET_EXECUTION_ONLY},
-        # The networks the space builds, each resolved (`block: basic` written out on CIFAR is
-        # what the family builds anyway; on ImageNet at depth 50 it is another network), as
-        # many as the spec's own check builds.
-        "model": [dataclasses.asdict(parsed.arch(point))
-                  for point in itertools.islice(parsed.grid(), CHECKED_POINTS)],
+        # The network each point of the space builds, resolved (`block: basic` written out on
+        # CIFAR is what the family builds anyway; on ImageNet at depth 50 it is another network),
+        # as many points as the spec's own check builds, in no order (the space's keys may be
+        # listed in any).
+        "model": sorted(json.dumps([sorted(point.items()), dataclasses.asdict(parsed.arch(point))],
+                                   sort_keys=True, default=str)
+                        for point in itertools.islice(parsed.grid(), CHECKED_POINTS)),
         "space": {name: dataclasses.asdict(v) if isinstance(v, IntRange) else list(v)
                   for name, v in parsed.space.items()},
         "objectives": list(parsed.objectives),

@@ -15,6 +15,12 @@ import torch
 
 HAS_CUDA = torch.cuda.is_available()
 
+# Each test process one torch thread where the processes fill the machine: two processes of two
+# threads each on two cores spent the threads' time waiting on each other.
+_PROCESSES = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _PROCESSES >= (os.cpu_count() or 1):
+    torch.set_num_threads(1)
+
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     # The interpreter's scans and reductions with the kernels' own combines, as trees over whole

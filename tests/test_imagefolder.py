@@ -53,6 +53,29 @@ def test_scan_indexes_each_split_by_class(folder):
     assert all(f"/train/{CLASSES[label]}/" in path for path, label in index.train)
 
 
+def test_pgm_images_are_read_and_other_files_left_out_with_a_warning(tmp_path):
+    """The suffixes torchvision's ImageFolder reads (.pgm was left out), and the files it does not
+    (a .gif, a notes file, a sub-folder) named in one warning rather than dropped in silence."""
+    rng = np.random.default_rng(1)
+    for split in ("train", "val"):
+        for label, name in enumerate(CLASSES[:2]):
+            (tmp_path / split / name).mkdir(parents=True)
+            _write_image(tmp_path / split / name / "0.jpg", label, rng)
+    gray = np.full((30, 40), 128, dtype=np.uint8)
+    Image.fromarray(gray).save(tmp_path / "train" / "ant" / "1.pgm")
+    Image.fromarray(gray).save(tmp_path / "train" / "ant" / "2.gif")
+    (tmp_path / "train" / "bee" / "notes.txt").write_text("not an image")
+    (tmp_path / "train" / "bee" / "more").mkdir()
+    (tmp_path / "train" / "bee" / ".DS_Store").write_bytes(b"")  # hidden: no word
+    with pytest.warns(UserWarning, match=r"train: 3 entries in its class folders are left out, "
+                                         r"not being images \(.gif: 1, .txt: 1, a folder: 1\)"):
+        index = scan_image_folder(tmp_path)
+    assert sorted(path.rsplit("/", 1)[1] for path, _ in index.train) == ["0.jpg", "0.jpg", "1.pgm"]
+    assert decode(str(tmp_path / "train" / "ant" / "1.pgm"), image_size=16, augmentation="scale",
+                  rng=None).shape \
+        == (3, 16, 16)
+
+
 @pytest.mark.parametrize("damage, message", [
     ("no root", "image folder {root}/nowhere does not exist"),
     ("no val", "has no val/ split"),

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,8 @@ from .val_labels import read_val_labels
 
 # Training images whose centre crops give the per-pixel mean and the RGB covariance.
 STATISTICS_SAMPLE = 256
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+# The suffixes torchvision's ImageFolder reads, so that a data set is the same images in both.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 
 
 @dataclass(frozen=True)
@@ -115,13 +118,28 @@ def _class_folders(folder: Path, layout: str) -> dict[str, list[str]]:
         hint = (" (a flat folder of images: give its label file as val_labels)"
                 if flat_images(folder) else "")
         raise ValueError(f"{folder} holds no class folders{hint}; {layout}")
-    images = {c: sorted(str(p) for p in (folder / c).iterdir()
-                        if _is_image(p)) for c in classes}
+    listed = {c: list((folder / c).iterdir()) for c in classes}
+    images = {c: sorted(str(p) for p in paths if _is_image(p)) for c, paths in listed.items()}
+    _warn_of_other_files(folder, [p for paths in listed.values() for p in paths
+                                  if not _is_image(p) and not p.name.startswith(".")])
     empty = [c for c, found in images.items() if not found]
     if empty:
         raise ValueError(f"{folder}: class folder(s) {', '.join(empty[:5])} hold no image "
                          f"({', '.join(IMAGE_SUFFIXES)})")
     return images
+
+
+def _warn_of_other_files(folder: Path, others: list[Path]) -> None:
+    """Say what in the class folders is left out, by suffix (a .gif, a .heic) or as a folder: as
+    torchvision's ImageFolder, such files are not read, but here not in silence."""
+    if not others:
+        return
+    kinds = Counter("a folder" if p.is_dir() else p.suffix.lower() or p.name for p in others)
+    shown = ", ".join(f"{kind}: {n}" for kind, n in
+                      sorted(kinds.items(), key=lambda item: (-item[1], item[0]))[:5])
+    warnings.warn(f"{folder}: {len(others)} entries in its class folders are left out, not being "
+                  f"images ({shown}); images are {', '.join(IMAGE_SUFFIXES)} directly in a class "
+                  "folder", stacklevel=3)
 
 
 def flat_images(folder: Path) -> list[Path]:

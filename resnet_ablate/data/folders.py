@@ -118,10 +118,17 @@ def _class_folders(folder: Path, layout: str) -> dict[str, list[str]]:
         hint = (" (a flat folder of images: give its label file as val_labels)"
                 if flat_images(folder) else "")
         raise ValueError(f"{folder} holds no class folders{hint}; {layout}")
-    listed = {c: list((folder / c).iterdir()) for c in classes}
-    images = {c: sorted(str(p) for p in paths if _is_image(p)) for c, paths in listed.items()}
-    _warn_of_other_files(folder, [p for paths in listed.values() for p in paths
-                                  if not _is_image(p) and not p.name.startswith(".")])
+    images: dict[str, list[str]] = {}
+    others: list[Path] = []  # one pass: an ImageNet's 1.28M files are each looked at once
+    for c in classes:
+        found = []
+        for path in (folder / c).iterdir():
+            if _is_image(path):
+                found.append(str(path))
+            elif not path.name.startswith("."):  # hidden files (.DS_Store) go without a word
+                others.append(path)
+        images[c] = sorted(found)
+    _warn_of_other_files(folder, others)
     empty = [c for c, found in images.items() if not found]
     if empty:
         raise ValueError(f"{folder}: class folder(s) {', '.join(empty[:5])} hold no image "

@@ -135,7 +135,8 @@ def configuration_estimate(results: Results, group: pd.DataFrame, metric: str,
                                    not_independent=stacked_timing(group, metric))
         outcomes, images = results.outcomes(numbers)
         averaged = [seed for trials, seed in seeds() if len(trials) > 1] \
-            if metric in ERROR_RATES and outcomes is not None and len(values) > 1 else []
+            if repeated and metric in ERROR_RATES and outcomes is not None and len(values) > 1 \
+            else []
         if metric not in ERROR_RATES or repeated:  # the test set's size alone bounds it
             outcomes = None
         errors = 1 - values if is_complement(metric) else values

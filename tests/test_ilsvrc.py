@@ -245,6 +245,28 @@ def test_shards_of_folders_whose_file_names_repeat_across_classes_keep_every_sam
     assert not (tmp_path / "refused").exists()
 
 
+def test_images_in_sub_folders_convert_to_folders_keeping_their_paths(tmp_path):
+    """bee/a/0.jpg and bee/b/0.jpg: converted to class folders, each keeps its sub-folder (by name
+    alone the second link failed and its copy replaced the first image)."""
+    from resnet_ablate.data.imagenet_layout import convert_imagenet
+
+    rng = np.random.default_rng(3)
+    files = {"ant": ["0.jpg"], "bee": ["a/0.jpg", "b/0.jpg"]}
+    for split in ("train", "val"):
+        for label, (name, found) in enumerate(files.items()):
+            for file in found:
+                (tmp_path / "tree" / split / name / file).parent.mkdir(parents=True,
+                                                                        exist_ok=True)
+                _jpeg(tmp_path / "tree" / split / name / file, label, rng)
+    convert_imagenet(tmp_path / "tree", tmp_path / "out")
+    for split in ("train", "val"):
+        for name, found in files.items():
+            for file in found:
+                assert (tmp_path / "out" / split / name / file).read_bytes() \
+                    == (tmp_path / "tree" / split / name / file).read_bytes()
+    assert len(scan_image_folder(tmp_path / "out").train) == 3
+
+
 def test_names_that_differ_in_an_image_extension_before_the_last_keep_samples_of_their_own(
         tmp_path):
     """photo.jpg and photo.png.jpg: the reader takes both as sample `photo` (an image extension

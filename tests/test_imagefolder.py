@@ -55,7 +55,7 @@ def test_scan_indexes_each_split_by_class(folder):
 
 def test_pgm_images_are_read_and_other_files_left_out_with_a_warning(tmp_path):
     """The suffixes torchvision's ImageFolder reads (.pgm was left out), and the files it does not
-    (a .gif, a notes file, a sub-folder) named in one warning rather than dropped in silence."""
+    (a .gif, a notes file) named in one warning rather than dropped in silence."""
     rng = np.random.default_rng(1)
     for split in ("train", "val"):
         for label, name in enumerate(CLASSES[:2]):
@@ -66,14 +66,37 @@ def test_pgm_images_are_read_and_other_files_left_out_with_a_warning(tmp_path):
     Image.fromarray(gray).save(tmp_path / "train" / "ant" / "2.gif")
     (tmp_path / "train" / "bee" / "notes.txt").write_text("not an image")
     (tmp_path / "train" / "bee" / "more").mkdir()
+    (tmp_path / "train" / "bee" / "more" / "list.csv").write_text("a sub-folder's file too")
     (tmp_path / "train" / "bee" / ".DS_Store").write_bytes(b"")  # hidden: no word
-    with pytest.warns(UserWarning, match=r"train: 3 entries in its class folders are left out, "
-                                         r"not being images \(.gif: 1, .txt: 1, a folder: 1\)"):
+    with pytest.warns(UserWarning, match=r"train: 3 files in its class folders are left out, "
+                                         r"not being images \(.csv: 1, .gif: 1, .txt: 1\)"):
         index = scan_image_folder(tmp_path)
     assert sorted(path.rsplit("/", 1)[1] for path, _ in index.train) == ["0.jpg", "0.jpg", "1.pgm"]
     assert decode(str(tmp_path / "train" / "ant" / "1.pgm"), image_size=16, augmentation="scale",
                   rng=None).shape \
         == (3, 16, 16)
+
+
+def test_images_in_sub_folders_are_read_in_torchvisions_order(tmp_path):
+    """torchvision's ImageFolder walks each class folder (os.walk, links followed) and lists the
+    folders sorted by path, each one's files sorted: 'bee/a b' comes before 'bee/a/x', which a
+    depth-first walk would not give. A link back up the tree is not walked again."""
+    rng = np.random.default_rng(2)
+    layout = {"ant": ["0.jpg"],
+              "bee": ["b.jpg", "a.jpg", "a/x.jpg", "a/w.png", "a b/y.jpg", "z/deeper/q.jpg"]}
+    for split in ("train", "val"):
+        for label, (name, files) in enumerate(layout.items()):
+            for file in files:
+                (tmp_path / split / name / file).parent.mkdir(parents=True, exist_ok=True)
+                _write_image(tmp_path / split / name / file, label, rng)
+    (tmp_path / "train" / "bee" / "z" / "deeper" / "up").symlink_to(tmp_path / "train" / "bee")
+    index = scan_image_folder(tmp_path)
+    # By hand, in torchvision's order: folders bee, bee/a, bee/a b, bee/z/deeper.
+    expected = ["ant/0.jpg", "bee/a.jpg", "bee/b.jpg", "bee/a/w.png", "bee/a/x.jpg",
+                "bee/a b/y.jpg", "bee/z/deeper/q.jpg"]
+    for split, samples in (("train", index.train), ("val", index.test)):
+        assert [path for path, _ in samples] == [str(tmp_path / split / f) for f in expected]
+        assert [label for _, label in samples] == [0] + [1] * 6
 
 
 @pytest.mark.parametrize("damage, message", [

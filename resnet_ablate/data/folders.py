@@ -100,8 +100,8 @@ def scan_image_folder(root: str | os.PathLike[str], *, train: str = "train", tes
 
 
 def _class_folders(folder: Path, layout: str) -> dict[str, list[str]]:
-    """Each class folder's images, sorted; ValueError where there is no class folder or one
-    holds no image."""
+    """Each class folder's images (_images_under); ValueError where there is no class folder or
+    one holds no image."""
     entries = list(folder.iterdir())
     dangling = [p for p in entries if p.is_symlink() and not p.exists()]
     if dangling:  # a class folder behind a broken link would drop the class, shifting labels
@@ -119,15 +119,9 @@ def _class_folders(folder: Path, layout: str) -> dict[str, list[str]]:
                 if flat_images(folder) else "")
         raise ValueError(f"{folder} holds no class folders{hint}; {layout}")
     images: dict[str, list[str]] = {}
-    others: list[Path] = []  # one pass: an ImageNet's 1.28M files are each looked at once
+    others: list[str] = []  # one pass: an ImageNet's 1.28M files are each looked at once
     for c in classes:
-        found = []
-        for path in (folder / c).iterdir():
-            if _is_image(path):
-                found.append(str(path))
-            elif not path.name.startswith("."):  # hidden files (.DS_Store) go without a word
-                others.append(path)
-        images[c] = sorted(found)
+        images[c] = _images_under(folder / c, others)
     _warn_of_other_files(folder, others)
     empty = [c for c, found in images.items() if not found]
     if empty:
@@ -136,17 +130,44 @@ def _class_folders(folder: Path, layout: str) -> dict[str, list[str]]:
     return images
 
 
-def _warn_of_other_files(folder: Path, others: list[Path]) -> None:
-    """Say what in the class folders is left out, by suffix (a .gif, a .heic) or as a folder: as
-    torchvision's ImageFolder, such files are not read, but here not in silence."""
+def _images_under(folder: Path, others: list[str]) -> list[str]:
+    """The images anywhere under a class folder, in the order torchvision's ImageFolder lists
+    them (folders sorted by path, each one's files sorted, links followed), so that both read the
+    same samples at the same indices (an index seeds its crops); what else a class folder holds
+    is appended to `others`. A link back up its own tree is not followed (a cycle)."""
+    walked: list[tuple[str, list[str]]] = []
+    real: dict[str, str] = {}
+    for at, dirs, files in os.walk(folder, followlinks=True):
+        real[at] = os.path.realpath(at)
+        up = os.path.dirname(at)
+        while up in real:
+            if real[up] == real[at]:
+                dirs.clear()
+                break
+            up = os.path.dirname(up)
+        else:
+            walked.append((at, files))
+    found: list[str] = []
+    for at, files in sorted(walked):
+        for name in sorted(files):
+            if name.lower().endswith(IMAGE_SUFFIXES):
+                found.append(os.path.join(at, name))
+            elif not name.startswith("."):  # hidden files (.DS_Store) go without a word
+                others.append(name)
+    return found
+
+
+def _warn_of_other_files(folder: Path, others: list[str]) -> None:
+    """Say what in the class folders is left out, by suffix (a .gif, a .heic): as torchvision's
+    ImageFolder, such files are not read, but here not in silence."""
     if not others:
         return
-    kinds = Counter("a folder" if p.is_dir() else p.suffix.lower() or p.name for p in others)
+    kinds = Counter(Path(name).suffix.lower() or name for name in others)
     shown = ", ".join(f"{kind}: {n}" for kind, n in
                       sorted(kinds.items(), key=lambda item: (-item[1], item[0]))[:5])
-    warnings.warn(f"{folder}: {len(others)} entries in its class folders are left out, not being "
-                  f"images ({shown}); images are {', '.join(IMAGE_SUFFIXES)} directly in a class "
-                  "folder", stacklevel=3)
+    warnings.warn(f"{folder}: {len(others)} files in its class folders are left out, not being "
+                  f"images ({shown}); images are {', '.join(IMAGE_SUFFIXES)} anywhere in a "
+                  "class folder", stacklevel=3)
 
 
 def flat_images(folder: Path) -> list[Path]:

@@ -77,7 +77,8 @@ def convert_imagenet(root: str | os.PathLike[str], out: str | os.PathLike[str], 
     for split, samples in splits.items():
         written = _report_to(progress, split, len(samples))
         if to == "folders":
-            _link_into_classes(samples, out / split, index.classes, written)
+            _link_into_classes(samples, out / split, index.root / split, index.classes,
+                               written)
         else:
             patterns[split] = _write_shards(samples, out, split, shard_size, written)
     return Converted(out, to, len(index.train), len(index.test), len(index.classes),
@@ -92,10 +93,16 @@ def _report_to(progress: Callable[[str, int, int], None] | None, split: str,
     return lambda done: progress(split, done, total)
 
 
-def _link_into_classes(samples: list[tuple[str, int]], folder: Path,
+def _link_into_classes(samples: list[tuple[str, int]], folder: Path, source: Path,
                        classes: tuple[str, ...], written: Callable[[int], None]) -> None:
+    """Each sample at its path under its class folder in `source` (an image in a sub-folder
+    keeps it: two sub-folders' 0.jpg stay two images), or by name where `source` is flat."""
     for done, (path, label) in enumerate(samples, start=1):
-        target = folder / classes[label] / Path(path).name
+        try:
+            within = Path(path).relative_to(source / classes[label])
+        except ValueError:  # a flat val/ folder, labelled by its file
+            within = Path(Path(path).name)
+        target = folder / classes[label] / within
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.link(os.path.realpath(path), target)  # the file, not a link that may dangle

@@ -56,7 +56,7 @@ def ilsvrc(tmp_path_factory):
 def test_a_flat_val_folder_is_labelled_by_the_devkits_ground_truth_or_by_filename_lines(ilsvrc):
     root, truth = ilsvrc
     with pytest.raises(ValueError, match="holds no class folders .a flat folder of images: give "
-                                         "its label file as val_labels"):
+                                         r"its label file as val_labels \(--val-labels\)"):
         scan_image_folder(root)
     devkit = scan_image_folder(root, val_labels="devkit/ILSVRC2012_validation_ground_truth.txt")
     kaggle = scan_image_folder(root, val_labels=root / "LOC_val_solution.csv")
@@ -99,20 +99,55 @@ def test_a_label_file_that_does_not_fit_is_one_error_naming_the_line(ilsvrc, tmp
     # A first line that names an image of val/ is not a header: its bad label is named too.
     first = tmp_path / "first.txt"
     first.write_text("ILSVRC2012_val_00000001 7\nILSVRC2012_val_00000002 n01440764\n")
-    with pytest.raises(ValueError, match=r"first.txt:1: 'ILSVRC2012_val_00000001 7' is not "
-                                         r"'filename label' .* or an index in 0..2"):
+    with pytest.raises(ValueError, match=r"first.txt:1: label '7' is none of train/'s 3 class "
+                                         r"folders .* and no index in 0..2"):
         scan_image_folder(root, val_labels=first)
     wrong = tmp_path / "wrong.txt"
     wrong.write_text("ILSVRC2012_val_00000001 n01440764\nILSVRC2012_val_00000002 n99999999\n")
-    with pytest.raises(ValueError, match=r"wrong.txt:2: 'ILSVRC2012_val_00000002 n99999999' is "
-                                         r"not 'filename label'"):
+    with pytest.raises(ValueError, match=r"wrong.txt:2: label 'n99999999' is none of train/'s 3 "
+                                         r"class folders .*: is its class folder missing from "
+                                         r"train/ \(still a .tar, say\)\?"):
         scan_image_folder(root, val_labels=wrong)
+    # A spreadsheet's byte-order mark before the first line is no part of its label.
+    marked = tmp_path / "marked.csv"
+    marked.write_bytes((root / "LOC_val_solution.csv").read_text().encode("utf-8-sig"))
+    assert [label for _, label in scan_image_folder(root, val_labels=marked).test] == truth
+    wnids = tmp_path / "wnids.txt"
+    wnids.write_bytes("".join(f"{WNIDS[y]}\n" for y in truth).encode("utf-8-sig"))
+    assert [label for _, label in scan_image_folder(root, val_labels=wnids).test] == truth
     with pytest.raises(FileNotFoundError, match="val_labels: .*nowhere.txt does not exist"):
         scan_image_folder(root, val_labels="nowhere.txt")
     binary = tmp_path / "labels.bin"
     binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
     with pytest.raises(ValueError, match=r"val_labels: .*labels.bin is not a text file"):
         scan_image_folder(root, val_labels=binary)
+
+
+def test_a_half_sorted_val_folder_is_refused_rather_than_scored_on_its_flat_half(ilsvrc,
+                                                                                 tmp_path):
+    """An interrupted valprep.sh leaves val/ with some images in class folders and the rest flat:
+    a label file would label the flat ones and leave the others out without a word (a study
+    scored on part of its test set). Class folders alone with a label file: leave it out."""
+    root, truth = ilsvrc
+    half = tmp_path / "half"
+    shutil.copytree(root, half)
+    labels = half / "LOC_val_solution.csv"
+
+    def sort_into_class_folders(numbers):
+        for k in numbers:
+            image = half / "val" / f"ILSVRC2012_val_{k:08d}.JPEG"
+            (half / "val" / WNIDS[truth[k - 1]]).mkdir(exist_ok=True)
+            image.rename(half / "val" / WNIDS[truth[k - 1]] / image.name)
+
+    sort_into_class_folders((1, 2))
+    with pytest.raises(ValueError, match=r"val holds 7 image\(s\) directly and 2 in sub-folders "
+                                         r"\(.*\), which a label file of a flat val/ leaves out"):
+        scan_image_folder(half, val_labels=labels)
+    sort_into_class_folders(range(3, 10))
+    with pytest.raises(ValueError, match=r"val holds class folders \(n0.*\), not a flat folder of "
+                                         r"images: leave out val_labels"):
+        scan_image_folder(half, val_labels=labels)
+    assert sorted(label for _, label in scan_image_folder(half).test) == sorted(truth)
 
 
 def test_the_devkits_ground_truth_refuses_a_val_folder_missing_an_image_or_holding_a_stray(

@@ -4,6 +4,9 @@ skipped and counted, and a study trained end to end on a generated folder."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import optuna
 import pytest
@@ -13,7 +16,7 @@ from PIL import Image
 
 from helpers import write_spec
 from resnet_ablate.data.decode import IMAGENET_MEAN, IMAGENET_STD, decode, normalise
-from resnet_ablate.data.folders import load_image_folder, scan_image_folder
+from resnet_ablate.data.folders import IMAGE_SUFFIXES, load_image_folder, scan_image_folder
 
 CLASSES = ("ant", "bee", "cat", "dog", "eel", "fox")  # six: top-5 error means something
 
@@ -68,7 +71,7 @@ def test_pgm_images_are_read_and_other_files_left_out_with_a_warning(tmp_path):
     (tmp_path / "train" / "bee" / "more").mkdir()
     (tmp_path / "train" / "bee" / "more" / "list.csv").write_text("a sub-folder's file too")
     (tmp_path / "train" / "bee" / ".DS_Store").write_bytes(b"")  # hidden: no word
-    with pytest.warns(UserWarning, match=r"train: 3 files in its class folders are left out, "
+    with pytest.warns(UserWarning, match=r"train: 3 files in its class folders left out, "
                                          r"not being images \(.csv: 1, .gif: 1, .txt: 1\)"):
         index = scan_image_folder(tmp_path)
     assert sorted(path.rsplit("/", 1)[1] for path, _ in index.train) == ["0.jpg", "0.jpg", "1.pgm"]
@@ -365,3 +368,29 @@ def test_a_replica_whose_share_decoded_nothing_steps_with_the_others_as_one_proc
         for name, value in single_state.items():
             torch.testing.assert_close(state[name].float(), value.float(), atol=1e-5, rtol=1e-4,
                                        msg=name)
+
+
+def test_the_command_line_says_a_left_out_file_in_one_line(tmp_path):
+    """The warning as the command's errors are said (`resnet-ablate: ...`), not with the file,
+    line and source line of Python's form."""
+    rng = np.random.default_rng(4)
+    for split in ("train", "val"):
+        for label, name in enumerate(CLASSES[:2]):
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            _write_image(tmp_path / "data" / split / name / "0.jpg", label, rng)
+    (tmp_path / "data" / "train" / "ant" / "notes.txt").write_text("not an image")
+    raw = {"study": "noted", "model": {"family": "imagenet", "widths": [8, 8, 8, 8],
+                                       "stages": [1, 1, 1, 1], "block": "basic"},
+           "dataset": {"name": "imagefolder", "root": str(tmp_path / "data"), "image_size": 16,
+                       "loader_workers": 0},
+           "space": {"shortcut": ["A"]}, "seeds": 1, "train": {"epochs": 1},
+           "resources": {"cpus": 1, "workers": 1}}
+    # A process of its own: pytest records warnings where the command would print them.
+    done = subprocess.run([sys.executable, "-m", "resnet_ablate.cli", "run",
+                           str(write_spec(tmp_path, raw)), "--dry-run", "--runs-dir",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    warned = [line for line in done.stderr.splitlines() if "warn" in line or "class folder" in line]
+    assert warned == [f"resnet-ablate: warning: {tmp_path / 'data' / 'train'}: 1 file in its "
+                      "class folders left out, not being images (.txt: 1); images are "
+                      + ", ".join(IMAGE_SUFFIXES) + " anywhere in a class folder"]

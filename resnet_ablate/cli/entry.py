@@ -4,8 +4,11 @@ turns the errors a user can fix into one line on stderr and an exit code."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 from .convert import add_convert_command
 from .query import add_query_commands
@@ -19,6 +22,28 @@ class _OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+# The toolkit's own warnings are said in a line, as its errors are; others keep Python's form.
+_PACKAGE = str(Path(__file__).resolve().parent.parent)
+
+
+@contextlib.contextmanager
+def _warnings_in_one_line() -> Iterator[None]:
+    """The toolkit's warnings (what an image folder leaves out, say) as `resnet-ablate: warning:
+    ...`, without the file, line and source line that Python's form adds."""
+    python_form = warnings.formatwarning
+
+    def one_line(message, category, filename, lineno, line=None):
+        if str(filename).startswith(_PACKAGE) and issubclass(category, UserWarning):
+            return f"resnet-ablate: warning: {message}\n"
+        return python_form(message, category, filename, lineno, line)
+
+    warnings.formatwarning = one_line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = python_form
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Ctrl-C, SIGTERM and SIGHUP raise once where they land, outside the study's own run (which
         # notes them and stops at a safe point); a second one cannot cut the first one's
         # handling short.
-        with raise_on_stop():
+        with raise_on_stop(), _warnings_in_one_line():
             return COMMANDS[args.command](args)
     except (SpecError, ArchError, StudyConflict, StudyBusy, ClusterError, StoreError) as error:
         print(f"resnet-ablate: error: {error}", file=sys.stderr)

@@ -81,17 +81,14 @@ def scan_image_folder(root: str | os.PathLike[str], *, train: str = "train", tes
     label = {c: i for i, c in enumerate(classes)}
     train_samples = tuple((path, label[c]) for c, paths in images.items() for path in paths)
     if val_labels is not None:
-        flat = flat_images(root / test)
-        if not flat:
-            raise ValueError(f"{root / test} holds no image ({', '.join(IMAGE_SUFFIXES)}); "
-                             f"{layout}")
+        flat = _flat_split(root / test, layout)
         labels = read_val_labels(root / Path(val_labels).expanduser(), flat, classes)
         return FolderIndex(root, classes, train_samples,
                            tuple((str(path), y) for path, y in zip(flat, labels)))
     test_images = _class_folders(root / test, layout)
     unknown = sorted(set(test_images) - set(classes))
     if unknown:
-        hint = (" (a flat val/ folder of images? give its label file as val_labels)"
+        hint = (" (a flat val/ folder of images? give its label file as val_labels (--val-labels))"
                 if flat_images(root / test) else "")
         raise ValueError(f"{root / test}: class folder(s) {', '.join(unknown[:5])} are not "
                          f"classes of {root / train}{hint}")
@@ -115,7 +112,7 @@ def _class_folders(folder: Path, layout: str) -> dict[str, list[str]]:
                          f"({', '.join(loose[:3])}{', ...' if len(loose) > 3 else ''}), which "
                          "belong to no class: move them into their class folders, or out")
     if not classes:
-        hint = (" (a flat folder of images: give its label file as val_labels)"
+        hint = (" (a flat folder of images: give its label file as val_labels (--val-labels))"
                 if flat_images(folder) else "")
         raise ValueError(f"{folder} holds no class folders{hint}; {layout}")
     images: dict[str, list[str]] = {}
@@ -165,9 +162,36 @@ def _warn_of_other_files(folder: Path, others: list[str]) -> None:
     kinds = Counter(Path(name).suffix.lower() or name for name in others)
     shown = ", ".join(f"{kind}: {n}" for kind, n in
                       sorted(kinds.items(), key=lambda item: (-item[1], item[0]))[:5])
-    warnings.warn(f"{folder}: {len(others)} files in its class folders are left out, not being "
+    files = "1 file" if len(others) == 1 else f"{len(others)} files"
+    warnings.warn(f"{folder}: {files} in its class folders left out, not being "
                   f"images ({shown}); images are {', '.join(IMAGE_SUFFIXES)} anywhere in a "
                   "class folder", stacklevel=3)
+
+
+def _flat_split(folder: Path, layout: str) -> list[Path]:
+    """The images of a flat split (ILSVRC's val/, labelled by a file); ValueError where it holds
+    none, or holds images in sub-folders too (val/ half sorted into class folders, as an
+    interrupted valprep.sh leaves it), which the label file would leave out without a word."""
+    flat = flat_images(folder)
+    nested: dict[str, int] = {}
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        count = len(_images_under(sub, []))
+        if count:
+            nested[sub.name] = count
+    if nested and not flat:
+        raise ValueError(f"{folder} holds class folders ({', '.join(list(nested)[:3])}"
+                         f"{', ...' if len(nested) > 3 else ''}), not a flat folder of images: "
+                         "leave out val_labels (it labels a flat val/)")
+    if nested:
+        raise ValueError(f"{folder} holds {len(flat)} image(s) directly and "
+                         f"{sum(nested.values())} in sub-folders ({', '.join(list(nested)[:3])}"
+                         f"{', ...' if len(nested) > 3 else ''}), which a label file of a flat "
+                         "val/ leaves out: move them all back into val/ (a half-sorted val/, "
+                         "as an interrupted valprep.sh leaves it), or all into class folders "
+                         "and leave out val_labels")
+    if not flat:
+        raise ValueError(f"{folder} holds no image ({', '.join(IMAGE_SUFFIXES)}); {layout}")
+    return flat
 
 
 def flat_images(folder: Path) -> list[Path]:

@@ -36,7 +36,7 @@ def read_val_labels(label_file: str | os.PathLike[str], images: list[Path],
         raise DataUnavailable(f"val_labels: {path} does not exist (expected a label file: "
                               "'filename label' lines, or ILSVRC2012_validation_ground_truth.txt)")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # a spreadsheet's byte-order mark: not a label
     except UnicodeDecodeError:
         raise ValueError(f"val_labels: {path} is not a text file (expected 'filename label' "
                          "lines, or ILSVRC2012_validation_ground_truth.txt)") from None
@@ -55,9 +55,14 @@ def read_val_labels(label_file: str | os.PathLike[str], images: list[Path],
         if label is None:
             if position == 0 and Path(words[0]).stem not in present:
                 continue  # a header line (not one naming an image of val/, whose label is wrong)
-            raise ValueError(f"{path}:{number}: {' '.join(words[:2])!r} is not 'filename label' "
-                             f"with a label among {len(classes)} class folders' names (e.g. "
-                             f"{classes[0]}) or an index in 0..{len(classes) - 1}")
+            if len(words) > 1:
+                raise ValueError(f"{path}:{number}: label {words[1]!r} is none of train/'s "
+                                 f"{len(classes)} class folders (e.g. {classes[0]}) and no index "
+                                 f"in 0..{len(classes) - 1}: is its class folder missing from "
+                                 "train/ (still a .tar, say)?")
+            raise ValueError(f"{path}:{number}: {words[0]!r} is not 'filename label' with a label "
+                             f"among {len(classes)} class folders' names (e.g. {classes[0]}) or "
+                             f"an index in 0..{len(classes) - 1}")
         by_stem[Path(words[0]).stem] = label
     unlabelled = [p.name for p in images if p.stem not in by_stem]
     if unlabelled:
@@ -89,7 +94,8 @@ def _labels_in_order(path: Path, rows: list[tuple[int, list[str]]], images: list
     if unknown:
         number, word = unknown[0]
         raise ValueError(f"{path}:{number}: {word!r} is not a class of train/ ({len(classes)} "
-                         f"class folders, e.g. {classes[0]})")
+                         f"class folders, e.g. {classes[0]}): is its class folder missing from "
+                         "train/ (still a .tar, say)?")
     return [index[word] for word in words]
 
 

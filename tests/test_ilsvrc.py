@@ -222,6 +222,8 @@ def test_a_study_trains_on_the_ilsvrc_layout_and_it_converts_to_folders_and_shar
     summary, (trial,) = run_spec_alone(tmp_path, raw)
     assert summary.completed == 1, summary
     assert trial.user_attrs["test_images"] == 9
+    # Three classes: every label is among the top five, so no top-5 error is recorded (not 0%).
+    assert [c["test_top5_error"] for c in trial.user_attrs["curves"]] == [None]
 
     folders, shards = tmp_path / "folders", tmp_path / "shards"
     labels = "devkit/ILSVRC2012_validation_ground_truth.txt"

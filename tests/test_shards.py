@@ -89,6 +89,9 @@ def test_local_shards_are_counted_and_checked(shards, tmp_path):
     assert (data.train_size, data.test_size, len(data.train_urls)) == (6 * 4 + 1, 6 * 3, 3)
     with pytest.raises(FileNotFoundError, match=r"shards.train: 1 of 4 shards not found"):
         load_shards({**_spec(root), "train": str(root / "train-{000..003}.tar")})
+    with pytest.raises(FileNotFoundError, match=r"train-\*.tar \(a pattern names shards by brace "
+                                                r"ranges, .*; \* and \? are not expanded\)"):
+        load_shards({**_spec(root), "train": str(root / "train-*.tar")})
     with pytest.raises(ValueError, match="shards.train_size: needed for shards behind URLs"):
         load_shards({**_spec(root), "train": "https://example.invalid/train-{000..001}.tar"})
     with pytest.raises(ValueError, match="missing num_classes"):

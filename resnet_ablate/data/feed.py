@@ -189,6 +189,9 @@ class StreamFeed(_Generators):
         super().__init__(placement.seed)
         self.data = data
         self.placement = placement
+        # Five classes or fewer: every label is among the top five, a top-5 error of 0 that says
+        # nothing; it is left unmeasured rather than shown as 0.00%.
+        self.measures_top5 = len(data.classes) > 5
         self.pin_memory = placement.device.type == "cuda"
         self.skipped = 0
         self.test_views = placement.test_views

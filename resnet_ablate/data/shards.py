@@ -332,8 +332,12 @@ def load_shards(shards: dict[str, Any], *, image_size: int = 224,
         local = [u for u in urls[split] if is_local(u)]
         absent = [u for u in local if not local_path(u).is_file()]
         if absent:
+            glob = any(c in str(shards[split]) for c in "*?[")
             raise DataUnavailable(f"shards.{split}: {len(absent)} of {len(urls[split])} shards "
-                                    f"not found, first {absent[0]}")
+                                  f"not found, first {absent[0]}" + (
+                                      " (a pattern names shards by brace ranges, as "
+                                      "train-{000000..000146}.tar; * and ? are not expanded)"
+                                      if glob else ""))
         # Local shards are read now, given sizes or not: one cut short or with a bad label is
         # named before training (a given size would have trained on what it holds).
         counted = count_samples(local, num_classes) if local else 0

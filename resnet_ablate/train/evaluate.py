@@ -160,7 +160,8 @@ class Evaluation:
             # The images a view skips are those the centre-crop pass skipped and counted.
             self.feed.skipped = skipped_before
             error, top5_error = VIEW_METRIC_NAMES[view]
-            found[error], found[top5_error] = wrong / count, wrong5 / count
+            found[error] = wrong / count
+            found[top5_error] = wrong5 / count if self.feed.measures_top5 else None
         return found
 
     def state_dict(self) -> dict[str, Any]:

@@ -182,7 +182,6 @@ class StreamFeed(_Generators):
     copies to the device overlap the step before them (pinned memory, non-blocking)."""
 
     fixed_shapes = False
-    measures_top5 = True
     ordered_evaluation = False
 
     def __init__(self, data: Streamed, placement: Placement) -> None:

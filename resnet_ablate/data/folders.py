@@ -50,10 +50,15 @@ class FolderIndex:
     test: tuple[tuple[str, int], ...]
 
 
+def _image_name(name: str) -> bool:
+    """A name with an image's suffix, in any case, as torchvision's ImageFolder tests it."""
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
 def _is_image(path: Path) -> bool:
     """A file with an image's suffix; a link to nothing with one too, so that it is counted as an
     undecodable image (and refused by the converter) rather than left out without a word."""
-    return (path.is_file() or path.is_symlink()) and path.suffix.lower() in IMAGE_SUFFIXES
+    return (path.is_file() or path.is_symlink()) and _image_name(path.name)
 
 
 def scan_image_folder(root: str | os.PathLike[str], *, train: str = "train", test: str = "val",
@@ -147,7 +152,7 @@ def _images_under(folder: Path, others: list[str]) -> list[str]:
     found: list[str] = []
     for at, files in sorted(walked):
         for name in sorted(files):
-            if name.lower().endswith(IMAGE_SUFFIXES):
+            if _image_name(name):
                 found.append(os.path.join(at, name))
             elif not name.startswith("."):  # hidden files (.DS_Store) go without a word
                 others.append(name)

@@ -542,3 +542,14 @@ def test_the_dense_block_diagonal_variant_computes_the_stacked_model_and_keeps_i
     for seed in range(3):
         off_diagonal[seed * 32:(seed + 1) * 32, seed * 16:(seed + 1) * 16] = False
     assert weight[off_diagonal].abs().max() == 0 and weight[~off_diagonal].abs().max() > 0
+
+
+def test_results_benchmark_times_both_frames_and_finds_them_equal(tmp_path):
+    bench = _load("bench_results")
+    out = tmp_path / "results_frame.csv"
+    rows = bench.main(["--small", "--csv", str(out)])
+    (written,) = list(csv.DictReader(out.open()))
+    assert int(written["trials"]) == 8 == rows[0]["trials"]
+    assert float(written["typed_columns_ms"]) > 0 and float(written["cast_after_ms"]) > 0
+    assert float(written["speedup"]) == pytest.approx(
+        float(written["cast_after_ms"]) / float(written["typed_columns_ms"]), rel=0.01)

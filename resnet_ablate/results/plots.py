@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ..storage import refuse_to_lose_results
+from .contrasts import joined
 from .left_out import failed_seeds, failure_kinds, pruned_seeds
 from .plot_axes import (SIDE_STEP, SideBySide, at_the_floor, interval_methods,
                         labelled_within_a_decade, legend_beside_if_long, level_label,
@@ -137,7 +138,7 @@ def _pruned_caption(results: Results) -> str:
     if len(failed):
         parts.append(f"{len(failed)} failed seed{'s' if len(failed) != 1 else ''} left out "
                      f"({failure_kinds(failed)}): means over the seeds that finished")
-    text = "; ".join(part for part in parts if part)
+    text = joined(*parts)
     return f"\n{text}" if text else ""
 
 

@@ -29,8 +29,8 @@ from .board import PrunedByDriver, report_end, report_epoch
 from .data import CorruptShard, DataBundle, DataUnavailable, Streamed, load_dataset
 from .models import build
 from .recipe import TrainRecipe
-from .record import (DataParallelRecord, EpochRecord, FinalEvaluation, Placement, Status,
-                     Timings, TrialOutcome, TrialTask)
+from .record import (TOOLKIT, DataParallelRecord, EpochRecord, FinalEvaluation, Placement,
+                     Status, Timings, TrialOutcome, TrialTask)
 from .replicas import Replicas
 from .train import NoImages, TrainResult, train, train_seeds
 
@@ -42,7 +42,7 @@ def library_versions() -> dict[str, str]:
     from . import __version__
 
     return {
-        "resnet-ablate": __version__,
+        TOOLKIT: __version__,
         "python": platform.python_version(), "torch": torch.__version__,
         "triton": triton.__version__, "ray": ray.__version__, "optuna": optuna.__version__,
     }

@@ -85,6 +85,7 @@ def test_trials_frame_has_one_row_per_trial_with_what_the_runner_recorded(result
             execution["precision"], False, False) == ("fp32", execution["compile"],
                                                       execution["cuda_graphs"])
         assert row["compile_seconds"] == t.user_attrs["compile_seconds"]
+        assert row["version"] == t.user_attrs["versions"]["resnet-ablate"] is not None
     # Whole numbers stay whole (no 8.0 from a nullable column).
     assert str(frame["depth"].dtype) == "Int64" and str(frame["flops"].dtype) == "Int64"
 
@@ -768,6 +769,29 @@ def test_a_mean_error_of_zero_is_drawn_at_the_axis_floor_and_marked(results, mon
                  and len(line.get_xdata())]
         assert {float(x) for line in marks for x in line.get_xdata()} == {
             float(curves["epoch"].max())}
+
+
+def test_curves_of_one_epoch_are_drawn_as_points_on_an_axis_of_whole_epochs(results, monkeypatch):
+    """A study of one epoch drew each curve as a line of one point, which a line does not show:
+    its figure was empty, on an axis from epoch 0.945 to 1.05."""
+    curves = results.curves()
+    first = curves[curves["epoch"] == 1]
+    monkeypatch.setattr(type(results), "curves", lambda self, numbers=None: first)
+    figure = plots.plot_curves(results)
+    means = first.groupby(["shortcut", "depth"])[["train_error", "test_error"]].mean() * 100
+    for ax in figure.axes:
+        drawn = [line for line in ax.get_lines() if len(line.get_xdata())]
+        assert drawn and all(line.get_marker() == "o" for line in drawn)
+        assert {line.get_fillstyle() for line in drawn} == {"full", "none"}  # test, train
+        assert ax.get_xlim() == (0, 2) and 1 in ax.get_xticks()
+        assert ax.get_legend().get_title().get_text() == "filled: test, hollow: train"
+    drawn = sorted(float(line.get_ydata()[0]) for ax in figure.axes for line in ax.get_lines()
+                   if len(line.get_xdata()))
+    assert drawn == pytest.approx(sorted(means.to_numpy().ravel()))
+    monkeypatch.undo()
+    several = plots.plot_curves(results)  # more epochs: lines, no markers
+    assert all(line.get_marker() in ("None", "v") for ax in several.axes
+               for line in ax.get_lines())
 
 
 def test_figures_of_many_panels_wrap_two_to_a_row(results):

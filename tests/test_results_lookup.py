@@ -144,11 +144,47 @@ def test_a_report_without_a_completed_trial_shows_the_trials_and_why_they_failed
         "trials and why each ended" in err
 
 
-def test_the_toolkits_own_version_is_recorded_with_each_trial():
+def test_the_toolkits_own_version_is_recorded_with_each_trial(tmp_path, capsys):
+    """Each trial's toolkit version, as the trials table's `version` and, where a study was
+    resumed across versions, as the report's count of each version's completed trials."""
+    import numpy as np
+
     import resnet_ablate
+    from helpers import write_study
+    from resnet_ablate.record import TrialKey
     from resnet_ablate.trial import library_versions
 
     assert library_versions()["resnet-ablate"] == resnet_ablate.__version__
+    # Seeds 0-1 trained before an upgrade, seeds 2-4 after it (0.10.0 sorts before 0.9.1 as
+    # text: the report lists versions in the order their trials ran).
+    cells = {((depth,), seed): np.arange(40) % (seed + 3) == 0
+             for depth in (8, 14) for seed in range(5)}
+
+    def edit(point, seed, attrs):
+        attrs[TrialKey.VERSIONS] = {"resnet-ablate": "0.9.1" if seed < 2 else "0.10.0",
+                                    "torch": "2.13.0"}
+
+    storage = write_study(tmp_path / "upgraded.db", "upgraded", {"depth": [8, 14]}, cells,
+                          edit=edit)
+    study = results.load("upgraded", storage=storage)
+    trials = study.trials.set_index("number")
+    assert [(row.seed, row.version) for row in trials.itertuples()] == [
+        (seed, "0.9.1" if seed < 2 else "0.10.0") for _ in (8, 14) for seed in range(5)]
+    assert main(["show", "upgraded", "--storage", storage, "--columns", "seed,version"]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert [line.split()[-1] for line in shown[1:]] == [
+        "0.9.1" if seed < 2 else "0.10.0" for _ in (8, 14) for seed in range(5)]
+    from resnet_ablate.results.report import write_report
+
+    page = write_report(study, tmp_path / "upgraded.html", responses=False).read_text()
+    assert "resnet-ablate 0.9.1, torch 2.13.0; completed trials by toolkit version: 0.9.1 4, " \
+        "0.10.0 6" in page
+    # One version: the row names it once, without counts.
+    same = results.load("upgraded-once", storage=write_study(
+        tmp_path / "once.db", "upgraded-once", {"depth": [8]}, {((8,), 0): cells[((8,), 0)]},
+        edit=edit))
+    page = write_report(same, tmp_path / "once.html", responses=False).read_text()
+    assert "resnet-ablate 0.9.1, torch 2.13.0</td>" in page and "by toolkit version" not in page
 
 
 MEASURE_TABLES = """<script>document.body.insertAdjacentHTML("beforeend", "<pre id=widths>" +

@@ -7,6 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 
+# The toolkit's name among a trial's library versions (TrialKey.VERSIONS).
+TOOLKIT = "resnet-ablate"
+
+
 class TrialKey:
     """A trial's user attributes."""
 
@@ -24,7 +28,7 @@ class TrialKey:
     HOST = "host"
     PID = "pid"
     NODE_ID = "node_id"
-    VERSIONS = "versions"
+    VERSIONS = "versions"  # {library: version}, the toolkit's own under TOOLKIT
     CURVES = "curves"  # one dict per epoch (EpochRecord's fields)
     WALL_SECONDS = "wall_seconds"
     IMAGES_PER_SECOND = "images_per_second"

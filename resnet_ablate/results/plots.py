@@ -112,7 +112,11 @@ def plot_curves(results: Results, *, panel_by: str | None = None, color_by: str 
             labelled_within_a_decade(ax)  # 6-9%: no 1, 2 or 5 of a decade to label
         ax.grid(alpha=0.3, which="both")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(title="bold: test, thin dashed: train", fontsize="small", title_fontsize="small")
+        if curves["epoch"].nunique() == 1:  # else the axis spans a tenth of an epoch, unlabelled
+            epoch = int(curves["epoch"].iloc[0])
+            ax.set_xlim(epoch - 1, epoch + 1)
+        ax.legend(title="filled: test, hollow: train" if curves["epoch"].nunique() == 1
+                  else "bold: test, thin dashed: train", fontsize="small", title_fontsize="small")
     return figure
 
 
@@ -120,10 +124,14 @@ def _draw_curves(ax: Any, mean: pd.DataFrame, floor: float, color: Any, label: s
     """One configuration's mean curves, `mean`'s columns training (thin, dashed) and test
     (bold, labelled); with a `floor`, values of 0 drawn there and marked."""
     train, test = mean.columns
-    for column, width, style in ((train, 0.9, "--"), (test, 2.4, "-")):
+    # A line of one epoch is a point, which a line alone would not draw: marked (filled: test).
+    alone = len(mean) == 1
+    for column, width, style, fill in ((train, 0.9, "--", "none"), (test, 2.4, "-", "full")):
         y = at_the_floor(mean[column].to_numpy(), floor) if floor else mean[column]
         ax.plot(mean.index, y, color=color, linewidth=width, linestyle=style,
-                alpha=0.8 if style == "--" else 1.0, label=label if column == test else None)
+                alpha=0.8 if style == "--" else 1.0, label=label if column == test else None,
+                marker="o" if alone else None, markersize=8 if fill == "full" else 6,
+                fillstyle=fill)
         zero = (mean[column] <= 0).to_numpy() & (floor > 0)
         ax.plot(mean.index[zero], np.full(zero.sum(), floor), "v", markersize=5, color=color)
 

@@ -15,6 +15,7 @@ import base64
 import html
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -62,6 +63,11 @@ def _setup(results: Results) -> str:
     first = results.attrs.get(int(done["number"].iloc[0]), {}) if len(done) else {}
     recipe_text = ", ".join(f"{k}: {v}" for k, v in (first.get("recipe") or recipe).items())
     versions = ", ".join(f"{k} {v}" for k, v in (first.get("versions") or {}).items())
+    # Resumed across toolkit versions: how many trials each trained, in the order they ran.
+    trained_by = Counter(done.sort_values("number")["version"].dropna())
+    if len(trained_by) > 1:
+        versions += "; completed trials by toolkit version: " + ", ".join(
+            f"{version} {count}" for version, count in trained_by.items())
     devices = ", ".join(sorted(str(d) for d in done["device"].dropna().unique())) or "-"
     rows = [("Data set", dataset), ("Training recipe", recipe_text or "the defaults"),
             ("Devices", devices), ("Libraries", versions or "-")]

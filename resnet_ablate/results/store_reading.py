@@ -20,8 +20,8 @@ import pandas as pd
 import sqlalchemy
 
 from ..arch import ResNetArch
-from ..record import (INTERRUPTED_STATE, VIEW_METRICS, StudyKey, TrialKey, metric_values,
-                      shown_state)
+from ..record import (INTERRUPTED_STATE, TOOLKIT, VIEW_METRICS, StudyKey, TrialKey,
+                      metric_values, shown_state)
 from ..storage import (RUNS_ENVIRONMENT_VARIABLE, ResultsError, StoreError, default_storage,
                        runs_folder, sqlite_path, store_faults)
 
@@ -34,7 +34,7 @@ TRIAL_COLUMNS = ("number", "state", "arch_name", *ARCH_COLUMNS, "seed", "params"
                  *VIEW_METRICS, "train_error", "test_images", "skipped_images", "epochs",
                  "wall_seconds", "images_per_second", "precision", "memory_format", "compile",
                  "cuda_graphs", "decode", "stacked_seeds", "compile_seconds", "device",
-                 "replicas", "restarts", "failure_kind", "failure",
+                 "version", "replicas", "restarts", "failure_kind", "failure",
                  "arch_digest", "weights")
 _INT_COLUMNS = ("number", "depth", "base_width", "seed", "params", "flops", "test_images",
                 "skipped_images", "epochs", "stacked_seeds", "replicas", "restarts")
@@ -224,6 +224,9 @@ def trial_row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
         "stacked_seeds": execution.get("stacked_seeds", 1) if execution else None,
         "compile_seconds": attrs.get(TrialKey.COMPILE_SECONDS),
         "device": attrs.get(TrialKey.DEVICE),
+        # The toolkit's version that trained it: a study resumed across a change that moves
+        # results (README's list) says which of its trials trained before it.
+        "version": (attrs.get(TrialKey.VERSIONS) or {}).get(TOOLKIT),
         # Data-parallel trials: how many processes trained it, how often it resumed after a loss.
         "replicas": parallel.get("replicas", 1),
         "restarts": len(parallel.get("resumed_after_epochs", [])),

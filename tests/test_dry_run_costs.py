@@ -73,7 +73,10 @@ def test_the_time_estimate_is_each_trials_start_and_work_at_its_probed_rate(tmp_
         if workers == 99:
             monkeypatch.setattr(estimate.os, "cpu_count", lambda: 99)
         found = estimate.estimate_time(spec, planned, workers)
-        assert found.probed == f"{deep.arch.name} and {shallow.arch.name}"
+        assert found.probed == (deep.arch.name, shallow.arch.name)
+        assert f"({deep.arch.name} and {shallow.arch.name} timed here, the first at 500 " \
+            "training images/s, evaluation included; the others placed between by their " \
+            "FLOPs: a rough figure" in found.line(3)
         assert found.parallel == min(workers, 9, estimate.os.cpu_count())
         assert abs(found.seconds - expected) < 1e-9 * expected, (workers, found.seconds, expected)
     monkeypatch.setattr(estimate.os, "cpu_count", lambda: 2)  # 1 CPU a trial: 2 at a time
@@ -101,6 +104,9 @@ def test_the_dry_run_times_a_trials_training_here_and_prints_the_estimate(tmp_pa
     assert "timing the training of resnet8-cifar-A here for the estimate" in err
     (line,) = [line for line in out.splitlines() if line.startswith("time: ")]
     assert "for the 4 trials to run, 2 at a time" in line and "training images/s" in line, line
+    # One architecture timed: no "first" of one, nothing "between".
+    assert "(resnet8-cifar-A timed here at " in line and "; the others scaled by their FLOPs: " \
+        "a rough figure" in line and "first" not in line, line
     assert not list(tmp_path.glob("*.db"))  # a dry run only reads
 
 

@@ -110,6 +110,27 @@ def test_metric_has_help_naming_the_metrics(command):
     assert "test_error" in action.help and "images_per_second" in action.help and "show STUDY" in action.help
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["show", "s", "--sortt", "test_error"], "resnet-ablate show: error: unrecognized arguments: "
+     "--sortt test_error; did you mean --sort? (see `resnet-ablate show --help`)"),
+    (["run", "s.yaml", "--dryrun"], "resnet-ablate run: error: unrecognized argument: --dryrun; "
+     "did you mean --dry-run? (see `resnet-ablate run --help`)"),
+    (["summary", "s", "--by=depth", "--metricc=x"], "resnet-ablate summary: error: unrecognized "
+     "argument: --metricc=x; did you mean --metric? (see `resnet-ablate summary --help`)"),
+    # Nothing close: no guess; a stray word: named as it is.
+    (["show", "s", "--bogus"], "resnet-ablate show: error: unrecognized argument: --bogus (see "
+     "`resnet-ablate show --help`)"),
+    (["export", "s", "extra"], "resnet-ablate export: error: unrecognized argument: extra (see "
+     "`resnet-ablate export --help`)"),
+])
+def test_an_argument_a_command_does_not_take_is_that_commands_error(argv, message, capsys):
+    """argparse hands a subcommand's unknown arguments up to `resnet-ablate`, whose error named
+    neither the command nor what it takes."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2 and capsys.readouterr().err == message + "\n"
+
+
 def test_each_query_names_its_own_default_format():
     # export's help called "aligned table" its default; it prints csv.
     choices = build_parser()._subparsers._group_actions[0].choices

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -22,6 +23,28 @@ class _OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """As argparse's, but an argument the command does not know is the command's error,
+        naming its nearest option (argparse hands it up to `resnet-ablate`, which names
+        neither the command nor what it takes)."""
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            subcommands = getattr(self, "subcommands", {})
+            command = subcommands.get(getattr(parsed, "command", None), self)
+            command.error(f"unrecognized argument{'s' if len(unknown) > 1 else ''}: "
+                          f"{' '.join(unknown)}{_nearest_option(unknown, command)}")
+        return parsed
+
+
+def _nearest_option(unknown: list[str], parser: argparse.ArgumentParser) -> str:
+    """"; did you mean --sort?" for the first unknown option close to one `parser` takes."""
+    options = [o for action in parser._actions for o in action.option_strings]
+    for argument in (a.split("=", 1)[0] for a in unknown if a.startswith("-")):
+        close = difflib.get_close_matches(argument, options, n=1, cutoff=0.8)
+        if close:
+            return f"; did you mean {close[0]}?"
+    return ""
 
 
 # The toolkit's own warnings are said in a line, as its errors are; others keep Python's form.
@@ -57,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_command(sub)
     add_query_commands(sub)
     add_convert_command(sub)
+    parser.subcommands = sub.choices  # where an unknown argument is reported (parse_args)
     return parser
 
 

@@ -43,7 +43,7 @@ class TimeEstimate:
 
     seconds: float  # wall time of the trials to run, at `parallel` trials at a time
     parallel: int
-    probed: str  # the architectures timed
+    probed: tuple[str, ...]  # the architectures timed: the heaviest, and a light one or none
     images_per_second: float  # the first one's training rate here, evaluation included
     device: str
     # An adaptive study's seeds listed "if open": how many, and the time with them run too.
@@ -61,10 +61,13 @@ class TimeEstimate:
         if self.stack_seeds > 1:
             more += (f"; each seed timed as if it trained alone (stack_seeds {self.stack_seeds} "
                      "not counted: it pays on a GPU that one trial leaves idle)")
+        rate = f"{self.images_per_second:.0f} training images/s, evaluation included"
+        timed = (f"{self.probed[0]} timed here at {rate}; the others scaled by their FLOPs"
+                 if len(self.probed) == 1 else
+                 f"{' and '.join(self.probed)} timed here, the first at {rate}; the others "
+                 "placed between by their FLOPs")
         return (f"time: about {_duration(self.seconds)} for the {trials} trials to run{more}, "
-                f"{self.parallel} at a time on this machine's {self.device} ({self.probed} "
-                f"timed here, the first at {self.images_per_second:.0f} training images/s, "
-                "evaluation included; the others placed between by their FLOPs: a rough "
+                f"{self.parallel} at a time on this machine's {self.device} ({timed}: a rough "
                 "figure, Ray's start and stop not counted)")
 
 
@@ -105,7 +108,7 @@ def estimate_time(spec: StudySpec, planned: Sequence[PlannedTrial], workers: int
     import torch
 
     where = torch.cuda.get_device_name() if on_gpu else f"{os.cpu_count()} CPUs"
-    names = " and ".join(p.arch.name for p in probes)
+    names = tuple(p.arch.name for p in probes)
     return TimeEstimate(seconds, parallel, names, timed[0][1], where,  # type: ignore[index]
                         len(if_open), wall([*pending, *if_open])[0] if if_open else 0.0,
                         spec.budget.minutes, spec.resources.stack_seeds)

@@ -725,6 +725,15 @@ def test_one_depth_is_drawn_at_its_tick_with_its_lines_close_together(results):
         (at,) = container[0].get_xdata()
         assert abs(at - DEPTHS[0]) < 0.1 * (high - low)
     assert low < DEPTHS[0] < high and high - low >= 1
+    # Every bar stands at the centre, as tall as the axes: the legend beside them, not on them.
+    figure = ax.figure
+    figure.canvas.draw()
+    legend = ax.get_legend().get_window_extent()
+    assert legend.x0 > ax.get_window_extent().x1
+    assert legend.x1 <= figure.bbox.x1  # within the figure, which widened for it
+    (several,) = plots.plot_depth(results).axes  # depths spread: the legend stays inside
+    several.figure.canvas.draw()
+    assert several.get_legend().get_window_extent().x1 <= several.get_window_extent().x1
 
 
 def test_the_depth_plot_draws_any_metric_in_the_tables_unit(results):
@@ -804,6 +813,33 @@ def test_figures_of_many_panels_wrap_two_to_a_row(results):
     assert len({round(ax.get_position().y0, 3) for ax in panels}) == 2  # rows
     assert figure.get_size_inches()[0] <= 11.0
     assert all(ax.get_yscale() == "log" for ax in panels)  # the last epochs not flat at 0
+
+
+def test_the_pareto_figure_tags_each_mean_with_the_levels_its_colour_leaves_out():
+    """Widths and depths swept: the means were coloured by width alone, a width's two depths
+    told apart by nothing. Each mean is tagged with its depth, in its colour; an option-A net
+    and its plain twin (one depth, one cost) share one grey tag rather than two drawn over
+    each other."""
+    from helpers import study_in_memory
+
+    rng = np.random.default_rng(3)
+    widths = study_in_memory([
+        ({"depth": depth, "base_width": width}, seed, (rng.random(200) < 0.1).astype(float))
+        for depth in (11, 20) for width in (16, 64) for seed in range(2)],
+        model={"family": "bottleneck"})
+    trials = widths.trials.assign(flops=widths.trials["flops"] * widths.trials["base_width"] // 16)
+    (ax,) = plots.plot_pareto(dataclasses.replace(widths, trials=trials)).axes
+    tags = sorted((t.get_text(), t.get_color()) for t in ax.texts)
+    colours = {c.get_label().split(" (")[0]: c[0].get_color() for c in ax.containers}
+    assert len(set(colours.values())) == 2
+    assert tags == sorted((f"{depth}-layer", colours[f"base_width={width}"])
+                          for depth in (11, 20) for width in (16, 64))
+    twins = study_in_memory([
+        ({"depth": depth, "shortcut": shortcut}, seed, (rng.random(200) < 0.1).astype(float))
+        for depth in (20, 56) for shortcut in ("A", "none") for seed in range(2)])
+    (ax,) = plots.plot_pareto(twins).axes
+    assert sorted((t.get_text(), t.get_color()) for t in ax.texts) == [
+        ("20-layer", "0.35"), ("56-layer", "0.35")]
 
 
 @pytest.mark.parametrize("depths", [(20, 56), (20, 200)], ids=["linear", "log"])

@@ -201,8 +201,13 @@ def plot_depth(results: Results, *, metric: str = "test_error", x: str = "depth"
     methods = interval_methods(summary)
     # How the bars were made, in the figure itself (the legend's title keeps it off the axes).
     # Wrapped: a stratified method's name is wider than the panel.
-    ax.legend(fontsize="small", title_fontsize="x-small",
-              title=textwrap.fill("95% CI: " + "; ".join(methods), 48) if methods else None)
+    title = textwrap.fill("95% CI: " + "; ".join(methods), 48) if methods else None
+    if len(xs) == 1:  # every bar at the centre, as tall as the axes: no room inside for it
+        figure.set_figwidth(figure.get_figwidth() + 3.0)  # the axes keep their width
+        ax.legend(fontsize="small", title_fontsize="x-small", title=title, loc="upper left",
+                  bbox_to_anchor=(1.02, 1.0))
+    else:
+        ax.legend(fontsize="small", title_fontsize="x-small", title=title)
     return figure
 
 
@@ -244,10 +249,19 @@ def plot_pareto(results: Results, *, metric: str = "test_error", cost: str = "fl
     def placed(values: Any, value: Any) -> np.ndarray:
         return apart.at(scale * np.asarray(values, dtype=float), positions[value])
 
+    # The other factors' levels beside each mean where they vary (width and depth swept: two
+    # means of one colour, which FLOPs alone do not tell apart), unless there are too many.
     for value, group in trials:
         _draw_group(ax, group, configurations.get(value), positions[value], metric, y_scale,
                     lambda rows, value=value: placed(rows[cost], value),
                     level_label(label_by, value))
+    tagged = [f for f in factors if f != label_by and f in means]
+    if tagged and len(means) <= MAX_TAGGED_MEANS:
+        _tag_means(ax, [(placed([row[cost]], value)[0], y_scale * row[f"{metric}_mean"],
+                         row[cost], ", ".join(level_label(f, row[f]) for f in tagged),
+                         f"C{positions[value] % 10}")
+                        for value, group in configurations.items()
+                        for _, row in group.iterrows()])
     front_x = np.array([placed([row[cost]], row[label_by])[0] if label_by in front else
                         scale * float(row[cost]) for _, row in front.iterrows()])
     ax.step(front_x, y_scale * front[metric].astype(float), where="post", color="black",
@@ -286,6 +300,22 @@ def _draw_group(ax: Any, trials: pd.DataFrame, means: pd.DataFrame | None, posit
     mark_seeds_apart(ax, x, y, means["note"], style["color"])
 
 
+def _tag_means(ax: Any, means: list[tuple[float, float, Any, str, str]]) -> None:
+    """Each mean's (x, y, cost, tag, colour) tag beside it, in its colour; means of one tag
+    whose costs are within 1% (option A and its plain twin, both 20-layer, set side by side)
+    share one, in grey, below and right of them (two would be drawn over each other)."""
+    shared: list[tuple[str, float, list[tuple[float, float, str]]]] = []
+    for x, y, cost, tag, colour in sorted(means, key=lambda m: (m[3], float(m[2]))):
+        if shared and shared[-1][0] == tag and float(cost) <= 1.01 * shared[-1][1]:
+            shared[-1][2].append((x, y, colour))
+        else:
+            shared.append((tag, float(cost), [(x, y, colour)]))
+    for tag, _, members in shared:
+        x, y = max(m[0] for m in members), min(m[1] for m in members)
+        ax.annotate(tag, (x, y), xytext=(7, -3), textcoords="offset points", fontsize="x-small",
+                    va="top", color=members[0][2] if len(members) == 1 else "0.35")
+
+
 def _configuration_means(results: Results, metric: str, cost: str) -> pd.DataFrame:
     """Each configuration's summary of `metric`, with its `cost`: the architecture's (FLOPs,
     parameters), or the mean over its seeds of one that varies by seed (wall seconds)."""
@@ -298,6 +328,8 @@ def _configuration_means(results: Results, metric: str, cost: str) -> pd.DataFra
 
 
 PARETO_SIDE_STEP = 2 * SIDE_STEP  # its means are larger markers than a depth figure's
+# Past this many configuration means, their levels beside each would cover the figure.
+MAX_TAGGED_MEANS = 24
 
 
 PLOTTERS: dict[str, Callable[..., Figure]] = {

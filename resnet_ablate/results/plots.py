@@ -262,12 +262,9 @@ def plot_pareto(results: Results, *, metric: str = "test_error", cost: str = "fl
                          f"C{positions[value] % 10}")
                         for value, group in configurations.items()
                         for _, row in group.iterrows()])
-    front_x = np.array([placed([row[cost]], row[label_by])[0] if label_by in front else
-                        scale * float(row[cost]) for _, row in front.iterrows()])
-    ax.step(front_x, y_scale * front[metric].astype(float), where="post", color="black",
-            linewidth=1.5, label="Pareto front (configuration means)")
-    ax.scatter(front_x, y_scale * front[metric].astype(float), facecolors="none",
-               edgecolors="black", s=110)
+    _draw_front(ax, np.array([placed([row[cost]], row[label_by])[0] if label_by in front else
+                              scale * float(row[cost]) for _, row in front.iterrows()]),
+                y_scale * front[metric].astype(float))
     plain_number_x_axis(ax, log=apart.log)
     ax.margins(x=0.08, y=0.1)
     if apart.widened:  # an axis as wide as the costs, around them (not zoomed in on 0.2%)
@@ -298,6 +295,14 @@ def _draw_group(ax: Any, trials: pd.DataFrame, means: pd.DataFrame | None, posit
                 label=f"{label} ({_seed_count(means['n'])})", **style)
     mark_without_interval(ax, x, y, bars[0], style["marker"], style["color"])
     mark_seeds_apart(ax, x, y, means["note"], style["color"])
+
+
+def _draw_front(ax: Any, x: np.ndarray, y: Any) -> None:
+    """The Pareto front through the configuration means at (x, y): a staircase, each member
+    ringed."""
+    ax.step(x, y, where="post", color="black", linewidth=1.5,
+            label="Pareto front (configuration means)")
+    ax.scatter(x, y, facecolors="none", edgecolors="black", s=110)
 
 
 def _tag_means(ax: Any, means: list[tuple[float, float, Any, str, str]]) -> None:

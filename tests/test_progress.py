@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 
 from resnet_ablate import progress
@@ -83,3 +84,52 @@ def test_the_eta_counts_the_work_left_not_the_trials_left():
     assert expected > 4 * 10.0  # the trials-left estimate: 10 s x 2 trials / 2 workers = 10 s
     # A trial the sampler has yet to choose counts as the mean ended trial's work.
     assert eta.seconds_left([], [], unknown=3) == pytest.approx(3 * 41e6 * 10 / rate / 2)
+
+
+def test_the_eta_fits_the_time_a_trial_takes_whatever_its_work_once_ended_trials_differ():
+    """Small trials spend most of their time where FLOPs do not count (the process's start, the
+    data, per-step costs): a study's trials took 21-94 s for 11x the work, and an ETA from the
+    work alone said twice the time left. Trials here take 30 s plus 1 s per 1e8 FLOP-epochs
+    (noise of sd 2 s, seeded); the ETA of the ones left, once a ResNet-20 and a ResNet-110 have
+    ended, is within 5% of the truth, where the work alone would be 1.5x it or more."""
+    from helpers import raw_spec
+
+    from resnet_ablate.arch import ResNetArch
+    from resnet_ablate.spec import parse_spec
+    from resnet_ablate.study.eta import RemainingTime
+
+    spec = parse_spec(raw_spec("eta", epochs=10, space={"depth": [20, 110]}, model={}))
+    flops = {20: 41e6, 110: 253e6}
+
+    class Costs:
+        def profile(self, arch):
+            return type("Profile", (), {"flops": flops[arch.depth]})()
+
+    def seconds(arch, epochs=10):
+        return 30.0 + flops[arch.depth] * epochs / 1e8
+
+    rng = np.random.default_rng(0)
+    shallow, deep = ResNetArch(depth=20), ResNetArch(depth=110)
+    eta = RemainingTime(spec, Costs(), workers=2)
+    for arch in (shallow, shallow, shallow, deep, deep):
+        eta.ended(arch, seconds=seconds(arch) + rng.normal(0, 2), epochs_trained=10)
+    fixed, per_work = eta.time_model()
+    assert fixed == pytest.approx(30.0, abs=4) and per_work == pytest.approx(1e-8, rel=0.1)
+    # Left: three ResNet-20s and a ResNet-110 pending, a ResNet-110 running 6 of 10 epochs in
+    # (its start is behind it), two the sampler has yet to choose (the mean ended trial each).
+    pending, running = [shallow, shallow, shallow, deep], [(deep, 6)]
+    mean_trial = np.mean([seconds(a) for a in (shallow, shallow, shallow, deep, deep)])
+    truth = (sum(seconds(a) for a in pending) + flops[110] * 4 / 1e8 + 2 * mean_trial) / 2
+    found = eta.seconds_left(pending, running, unknown=2)
+    assert found == pytest.approx(truth, rel=0.05)
+    work_alone = RemainingTime(spec, Costs(), workers=2)
+    work_alone.ended(shallow, seconds=seconds(shallow), epochs_trained=10)  # one size: the work
+    assert work_alone.time_model() == (0.0, seconds(shallow) / (41e6 * 10))
+    assert work_alone.seconds_left(pending, running, unknown=2) > 1.5 * truth
+    # Ended trials of nearly one size whose times fall with their work (noise): their mean time
+    # each, not a negative rate.
+    noisy = RemainingTime(spec, Costs(), workers=1)
+    for arch, took in ((ResNetArch(depth=20), 40.0), (ResNetArch(depth=110), 35.0)):
+        noisy.ended(arch, seconds=took, epochs_trained=10)
+    assert noisy.time_model() == (37.5, 0.0)
+    assert noisy.seconds_left([shallow, deep], [], unknown=0) == pytest.approx(75.0)

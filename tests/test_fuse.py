@@ -374,15 +374,16 @@ class ReadsWhatItsBlockChanged(nn.Module):
 
 
 def test_a_forward_that_adds_into_its_input_in_place_is_left_as_it_is():
-    """A traced forward records `x += y` as `x + y`: rewritten, the block would leave its
-    caller's tensor unchanged (1.1 off in the output). Its arguments after the probe tell."""
+    """`x += bn(...)` adds into the block's input, which its caller reads after: a fused add
+    would leave the caller's tensor unchanged (1.1 off in the output). Left as it is, saying
+    why."""
     torch.manual_seed(0)
     model = randomize(ReadsWhatItsBlockChanged(_AddsIntoItsInput())).eval()
     reference = copy.deepcopy(model)
     with pytest.warns(FuseWarning, match="unfused"):
         _, report = fuse(model, return_report=True, example_input=torch.randn(2, 4, 6, 6))
     assert report.sites == ()
-    assert any(s.name == "block.bn" and "changes a tensor it was given in place" in s.reason
+    assert any(s.name == "block.bn" and "added into its residual's tensor in place" in s.reason
                for s in report.skipped), report.skipped
     x = torch.randn(2, 4, 6, 6)
     with torch.no_grad():

@@ -396,6 +396,61 @@ def test_an_add_that_promotes_under_autocast_keeps_the_unfused_dtype_and_values(
     assert torch.equal(model.bn.running_mean, reference.bn.running_mean)
 
 
+class AddsInPlace(nn.Module):
+    """`out += x` keeps `out`'s dtype (bf16 under autocast beside an fp32 input), and `kept`,
+    another name of the same tensor, sees the change."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.other = nn.Conv2d(C, C, 3, padding=1), nn.BatchNorm2d(C), \
+            nn.Conv2d(C, C, 1)
+
+    def forward(self, x):
+        out = self.bn(self.conv(x))
+        out += x
+        out = F.relu(out)
+        scaled = self.other(out)
+        kept = scaled
+        scaled *= 2.0
+        return out + kept
+
+
+class AddsIntoAConvolution(nn.Module):
+    """The BN output added into another tensor in place (as timm's `x += shortcut` after its
+    drop_path): the sum keeps that tensor's dtype, bf16 under autocast, where the BN of the
+    float32 input gives float32."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(C, C, 3, padding=1), nn.BatchNorm2d(C)
+
+    def forward(self, x):
+        out = self.conv(x)
+        out += self.bn(x)
+        return F.relu(out)
+
+
+@pytest.mark.parametrize("network", [AddsInPlace, AddsIntoAConvolution])
+def test_augmented_assignments_stay_in_place_as_python_runs_them(network):
+    """torch.fx records `out += x` as `out + x` (its proxy has no `__iadd__`): the rewritten
+    forward returned float32 where the model returns bf16 under autocast, and a name kept before
+    `scaled *= 2` missed the change. Both as the unfused model, in training and eval, whichever
+    operand the BN output is."""
+    torch.manual_seed(0)
+    model = network()
+    reference = copy.deepcopy(model)
+    report, messages = _fused(model)
+    assert [s.pattern for s in report.sites] == ["BN->add->ReLU"] and not messages
+    x = torch.randn(2, C, 6, 6)
+    for training in (True, False):
+        model.train(training), reference.train(training)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours, theirs = model(x), reference(x)
+        assert ours.dtype == theirs.dtype == torch.bfloat16 and torch.equal(ours, theirs)
+        assert torch.equal(model(x), reference(x))  # and without autocast
+    assert torch.equal(model.bn.running_mean, reference.bn.running_mean)
+
+
 class CallsByKeyword(nn.Module):
     def __init__(self):
         super().__init__()

@@ -25,7 +25,8 @@ from torch import fx, nn
 
 from ..blocks import fused_twin_of
 from .forward_facts import KEPT_MODULES, KeptModules, guarded, kept_module
-from .patterns import _OPAQUE, added_then_relu, find_sites, owner_of, rewrite, traced
+from .patterns import (_OPAQUE, added_into_then_relu, added_then_relu, find_sites, owner_of,
+                       rewrite, traced)
 from .probe import beyond_tolerance, changed_in_place, evaluating, probe_input
 from .records import FusedSite, SkippedBlock, qualified
 
@@ -60,9 +61,11 @@ def _forward_of(graph: fx.Graph) -> Callable[..., Any]:
     namespace = dict(code.globals)
     exec(compile(code.src, "<forward rewritten by resnet_ablate.fuse>", "exec"), namespace)  # noqa: S102
     # torch.fx tracing a fused model (a user's tracer, with the fused BN a leaf) records
-    # `added_then_relu` as one call: its dtype test cannot be traced. torch.fx.wrap registers a
-    # name of the namespace it is called at the top of, which this exec is.
-    for name in [n for n, value in namespace.items() if value is added_then_relu]:
+    # `added_then_relu` (and `added_into_then_relu`) as one call: its dtype test cannot be
+    # traced. torch.fx.wrap registers a name of the namespace it is called at the top of, which
+    # this exec is.
+    for name in [n for n, value in namespace.items()
+                 if value is added_then_relu or value is added_into_then_relu]:
         exec(compile(f"torch.fx.wrap({name!r})", "<resnet_ablate.fuse>", "exec"), namespace)  # noqa: S102
     return namespace["forward"]
 

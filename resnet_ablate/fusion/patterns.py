@@ -33,6 +33,26 @@ _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 
 
+# Augmented assignments, which torch.fx records as the out-of-place operator (Proxy has no
+# `__iadd__`, so Python falls back to `__add__`): `out += identity` would become `out + identity`,
+# which promotes a bf16 `out` beside an fp32 identity under autocast and leaves other names of
+# `out` unchanged. The tracer's proxies record them as themselves (SiteTracer.proxy).
+_AUGMENTED = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or",
+              "xor", "lshift", "rshift")
+
+
+class _AugmentingProxy(fx.Proxy):
+    """A proxy whose `a += b` (and the other augmented assignments) is recorded as
+    `operator.iadd(a, b)`, in place as Python runs it."""
+
+
+for _name in _AUGMENTED:
+    def _augmented(self, other, target=getattr(operator, f"i{_name}")):
+        return self.tracer.create_proxy("call_function", target, (self, other), {})
+
+    setattr(_AugmentingProxy, f"__i{_name}__", _augmented)
+
+
 class SiteTracer(fx.Tracer):
     """torch.fx's tracer, with this package's modules opaque; given `through`, every submodule
     not named in it is opaque too (called, not inlined), so that a rewritten forward inlines
@@ -59,6 +79,9 @@ class SiteTracer(fx.Tracer):
         if self.through is not None and module_qualified_name:
             return module_qualified_name not in self.through
         return super().is_leaf_module(m, module_qualified_name) or calls_hooks(m)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _AugmentingProxy(node, self)
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
         path = self.path_of_module(m)
@@ -174,9 +197,24 @@ def _added_to(node: fx.Node, of: fx.Node) -> fx.Node | None:
     other = second if first is of else first if second is of else None
     if not isinstance(other, fx.Node) or other is of:
         return None
-    if node.target in (operator.iadd, "add_") and first is not of:
+    if node.target in (operator.iadd, "add_") and first is not of and _read_elsewhere(first):
         return None  # adds into the shortcut's tensor in place, which later readers may see
     return other
+
+
+def _read_elsewhere(into: fx.Node) -> bool:
+    """Whether a tensor added into in place is read by more than that add (or is an input of
+    the forward, which its caller may read afterwards): those readers would see the change."""
+    return into.op == "placeholder" or len(into.users) > 1
+
+
+def _adds_into_the_residual(node: fx.Node, of: fx.Node) -> bool:
+    """Whether `node` adds `of` in place into a tensor that something else reads too (`x += of`
+    where `x` is an input or used again)."""
+    if not (node.target in (operator.iadd, "add_") and node.op in ("call_function", "call_method")
+            and len(node.args) == 2 and node.args[1] is of and node.args[0] is not of):
+        return False
+    return isinstance(node.args[0], fx.Node) and _read_elsewhere(node.args[0])
 
 
 def _match(bn: fx.Node, modules: dict[str, nn.Module]) -> tuple[Site | None, str | None]:
@@ -192,6 +230,10 @@ def _match(bn: fx.Node, modules: dict[str, nn.Module]) -> tuple[Site | None, str
         if any(_is_relu(u, add, modules) for u in after):
             return None, f"the sum of its residual add is used {len(after)} times, not only by the ReLU"
         return None, None
+    if len(users) == 1 and _adds_into_the_residual(users[0], bn) and any(
+            _is_relu(u, users[0], modules) for u in users[0].users):
+        return None, ("it is added into its residual's tensor in place (`x += bn(...)`), which "
+                      "every other reader of that tensor sees: a fused add would leave it as it was")
     if len(users) > 1 and any(_leads_to_relu(u, bn, modules) for u in users):
         return None, f"its output is used {len(users)} times, not only by a ReLU or an add"
     return None, None
@@ -288,7 +330,8 @@ def rewrite(graph: fx.Graph, sites: list[Site]) -> None:
     """Each site's calls replaced by one call of its BatchNorm module with the residual and
     `relu=True` (the module itself is swapped for its fused twin by the caller, whose own flag
     stays off: another caller of the module gets a BatchNorm, as before); a residual added out of place
-    goes through `added_then_relu`, which keeps the dtype that `+` promotes to."""
+    goes through `added_then_relu`, which keeps the dtype that `+` promotes to, and a BN output
+    added into its residual in place through `added_into_then_relu`, the residual's dtype."""
     for site in sites:
         x = _bn_input(site.bn)
         with graph.inserting_before(site.relu):
@@ -297,8 +340,12 @@ def rewrite(graph: fx.Graph, sites: list[Site]) -> None:
             else:  # read now: an earlier site's ReLU it added is replaced by then
                 first, second = site.add.args
                 residual = second if first is site.bn else first
-                if site.add.target in (operator.iadd, "add_"):  # in place: out's dtype stays
+                if site.add.target in (operator.iadd, "add_") and first is site.bn:
+                    # in place into the BN output: its dtype stays
                     fused = graph.call_module(str(site.bn.target), (x, residual), {"relu": True})
+                elif site.add.target in (operator.iadd, "add_"):  # into the residual's tensor
+                    fused = graph.call_function(added_into_then_relu, (
+                        graph.get_attr(str(site.bn.target)), x, residual))
                 else:
                     fused = graph.call_function(added_then_relu, (
                         graph.get_attr(str(site.bn.target)), x, residual))
@@ -317,3 +364,13 @@ def added_then_relu(bn: FusedBatchNorm2d, x: torch.Tensor, residual: torch.Tenso
     if residual.dtype is x.dtype or torch.result_type(x, residual) == x.dtype:
         return bn(x, residual, relu=True)
     return torch.relu(bn(x, relu=False) + residual)
+
+
+def added_into_then_relu(bn: FusedBatchNorm2d, x: torch.Tensor, residual: torch.Tensor
+                         ) -> torch.Tensor:
+    """`residual += bn(x)` then `relu(residual)` (a residual that nothing else reads, as timm's
+    `x += shortcut` after drop_path) as the unfused ops compute it: in the residual's dtype,
+    where it is not the BN output's (which the fused op writes), by the unfused ops in place."""
+    if residual.dtype is x.dtype:
+        return bn(x, residual, relu=True)
+    return torch.relu(residual.add_(bn(x, relu=False)))

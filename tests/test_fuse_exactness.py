@@ -4,9 +4,11 @@ inputs; and lookalike blocks the block path must leave to the graph path. Each a
 copy of the model left unfused (outputs, gradients, behaviour), as the other fuse tests."""
 
 import copy
+import random
 import types
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -260,28 +262,58 @@ class TorchvisionParts(nn.Module):
         self.relu = nn.ReLU()
 
 
+# A draw in Python from each generator a forward may use: torch's, numpy's global one (a NAS
+# supernet's path choice), Python's `random`.
+DRAWS = {"torch": lambda: float(torch.rand(())), "numpy": lambda: np.random.rand(),
+         "random": lambda: random.random()}
+
+
+def _dropped_or_block(block, x, draw):
+    if block.training and draw() < 0.5:
+        return x
+    return block.relu(block.bn2(block.conv2(block.relu(block.bn1(block.conv1(x))))) + x)
+
+
 class InlineStochasticDepth(TorchvisionParts):
     """torchvision's block part names, and a random choice made in Python (not a tensor op)."""
 
     def forward(self, x):
-        if self.training and torch.rand(()) < 0.5:
-            return x
-        return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + x)
+        return _dropped_or_block(self, x, DRAWS["torch"])
 
 
-def test_a_block_with_a_random_choice_is_neither_converted_nor_rewritten():
+class NumpyStochasticDepth(TorchvisionParts):
+    def forward(self, x):
+        return _dropped_or_block(self, x, DRAWS["numpy"])
+
+
+class RandomStochasticDepth(TorchvisionParts):
+    def forward(self, x):
+        return _dropped_or_block(self, x, DRAWS["random"])
+
+
+STOCHASTIC_DEPTH = {"torch": InlineStochasticDepth, "numpy": NumpyStochasticDepth,
+                    "random": RandomStochasticDepth}
+
+
+@pytest.mark.parametrize("draw", list(DRAWS))
+def test_a_block_with_a_random_choice_is_neither_converted_nor_rewritten(draw):
     """The block path checks training mode and sees the draw; the graph path sees the tracer
-    draw: each says so, and the block drops its branch as often as before."""
-    model = nn.Sequential(nn.Conv2d(3, C, 3), InlineStochasticDepth())
+    draw: each says so, and the block drops its branch as often as before. numpy's draws went
+    unseen: the rewritten forward took the branch traced every time. The caller's own streams
+    are as fusing found them."""
+    model = nn.Sequential(nn.Conv2d(3, C, 3), STOCHASTIC_DEPTH[draw]())
+    states = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
     reference = copy.deepcopy(model)
     report, _ = _fused(model)
+    assert torch.equal(torch.get_rng_state(), states[0])
+    assert (np.random.get_state()[1] == states[1]).all() and random.getstate() == states[2]
     assert not report.sites and not report.fused
     reasons = {s.name: s.reason for s in report.skipped}
     assert "draws random numbers in training mode" in reasons["1"]
     assert "draws random numbers while it is traced" in reasons["1.bn1"]
 
     def drops(block):
-        torch.manual_seed(3)
+        torch.manual_seed(3), np.random.seed(3), random.seed(3)
         return sum(torch.equal(block(x), x) for x in torch.randn(20, 2, C, 6, 6))
 
     assert drops(model[1]) == drops(reference[1]) > 0

@@ -21,15 +21,17 @@ the module's own forward runs.
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import inspect
 import random
 import textwrap
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -121,9 +123,26 @@ def autograd_state() -> tuple[Any, ...]:
 
 
 def random_draws() -> tuple[Any, ...]:
-    """The state of the CPU generators a forward may draw from in Python: torch's and Python's
-    `random`. (Tracing runs no tensor op, so a draw while tracing is one made in Python.)"""
-    return torch.get_rng_state().numpy().tobytes(), random.getstate()
+    """The state of the CPU generators a forward may draw from in Python: torch's, Python's
+    `random` and numpy's global one (`np.random.rand()`, as a supernet's path choice makes).
+    (Tracing runs no tensor op, so a draw while tracing is one made in Python.) A numpy
+    `Generator` the module holds is not seen: its draws are the module's own state."""
+    numpy_state = np.random.get_state()
+    return (torch.get_rng_state().numpy().tobytes(), random.getstate(),
+            (numpy_state[0], numpy_state[1].tobytes(), *numpy_state[2:]))
+
+
+@contextlib.contextmanager
+def random_streams_kept() -> Iterator[None]:
+    """Python's and numpy's global random streams as they were before the block (torch's:
+    `torch.random.fork_rng`): a forward traced draws from them, which the caller's own draws
+    must not feel."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 Guards = tuple[tuple[str, str, Baked], ...]  # (submodule path from the owner, attribute, value)

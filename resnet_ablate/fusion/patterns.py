@@ -22,7 +22,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..blocks import BasicBlock, Bottleneck
 from ..kernels import FusedBatchNorm2d
 from ..models import ResNet
-from .forward_facts import Untraceable, autograd_state, check_forward, random_draws
+from .forward_facts import (Untraceable, autograd_state, check_forward, random_draws,
+                            random_streams_kept)
 from .reads import Baked, baked, baked_values, recorded_reads
 from .records import Pattern
 
@@ -105,7 +106,8 @@ class SiteTracer(fx.Tracer):
                        if (g := baked(v)) is not None]
         self.state = autograd_state()
         versions = _versions(root)
-        with torch.random.fork_rng(devices=[]):  # the caller's random stream stays its own
+        # The caller's random streams stay its own.
+        with torch.random.fork_rng(devices=[]), random_streams_kept():
             draws = random_draws()
             with recorded_reads(root) as reads:
                 graph = super().trace(root, concrete_args)

@@ -26,7 +26,7 @@ from torch import nn
 from ..blocks import BasicBlock, Bottleneck, fuse_block_, fused_twin_of
 from ..kernels import FusedBatchNorm2d
 from ..models import ResNet
-from .forward_facts import KEPT_MODULES
+from .forward_facts import KEPT_MODULES, random_draws, random_streams_kept
 from .patterns import has_hooks
 from .probe import beyond_tolerance, changed_in_place, evaluating, probe_input
 from .reads import MODULE_OWN
@@ -173,7 +173,7 @@ def _forward_mismatch(original: nn.Module, converted: nn.Module) -> str | None:
     if error is not None:
         return f"its forward differs from the standard block's (max difference {error:.3g} on a probe input)"
     devices = [probe.device] if probe.is_cuda else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
+    with torch.random.fork_rng(devices=devices), random_streams_kept(), torch.no_grad():
         draws = _random_state(probe)
         try:
             expected = copy.deepcopy(original).train()(probe.clone())
@@ -190,10 +190,11 @@ def _forward_mismatch(original: nn.Module, converted: nn.Module) -> str | None:
     return None
 
 
-def _random_state(like: torch.Tensor) -> tuple[bytes, ...]:
-    """The state of the random generators a forward on `like`'s device draws from."""
-    cpu = torch.get_rng_state().numpy().tobytes()
-    return (cpu, torch.cuda.get_rng_state(like.device).numpy().tobytes()) if like.is_cuda else (cpu,)
+def _random_state(like: torch.Tensor) -> tuple[object, ...]:
+    """The state of the random generators a forward on `like`'s device draws from: torch's on
+    the CPU and that device, Python's and numpy's."""
+    cpu = random_draws()
+    return (*cpu, torch.cuda.get_rng_state(like.device).numpy().tobytes()) if like.is_cuda else cpu
 
 
 def _block_sites(name: str, block: BasicBlock | Bottleneck) -> list[FusedSite]:

@@ -140,7 +140,7 @@ def _scan(module: nn.Module, name: str, found: dict[str, list[_Found]], result: 
     each site under its owner (absolute names throughout). `untraced`: why the forward calling
     this module's children could not be traced, where this module has no forward of its own
     (a ModuleList or ModuleDict, whose children that forward called)."""
-    if isinstance(module, _OPAQUE):
+    if isinstance(module, _OPAQUE) or hasattr(module, KEPT_MODULES):  # fused by an earlier fuse
         return
     if isinstance(module, torch.jit.ScriptModule):
         result.skipped.extend(_scripted_batch_norms(module, name))

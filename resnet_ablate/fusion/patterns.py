@@ -22,8 +22,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..blocks import BasicBlock, Bottleneck
 from ..kernels import FusedBatchNorm2d
 from ..models import ResNet
-from .forward_facts import (Untraceable, autograd_state, check_forward, random_draws,
-                            random_streams_kept)
+from .forward_facts import (KEPT_MODULES, Untraceable, autograd_state, check_forward,
+                            random_draws, random_streams_kept)
 from .reads import Baked, baked, baked_values, recorded_reads
 from .records import Pattern
 
@@ -76,6 +76,8 @@ class SiteTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, (*_OPAQUE, _BatchNorm, torch.jit.ScriptModule)):  # compiled: a call
+            return True
+        if hasattr(m, KEPT_MODULES):  # its forward rewritten by an earlier fuse: a call
             return True
         if self.through is not None and module_qualified_name:
             return module_qualified_name not in self.through
@@ -250,6 +252,14 @@ def _leads_to_relu(user: fx.Node, bn: fx.Node, modules: dict[str, nn.Module]) ->
     return _added_to(user, bn) is not None and any(_is_relu(u, user, modules) for u in user.users)
 
 
+def _holds_another_activation(bn: nn.Module) -> bool:
+    """Whether a BatchNorm subclass's own activation is known not to be a ReLU: timm's
+    BatchNormAct2d keeps it as `act` (SiLU in EfficientNets, Identity without one), and then
+    nothing of it is a site left unfused."""
+    act = getattr(bn, "act", None)
+    return isinstance(act, nn.Module) and type(act) is not nn.ReLU
+
+
 def _subclass_reason(bn: nn.Module) -> str:
     return (f"it is {type(bn).__name__}, not nn.BatchNorm2d (the fused op reproduces "
             "nn.BatchNorm2d's forward only)")
@@ -300,8 +310,8 @@ def find_sites(graph: fx.Graph, root: nn.Module) -> tuple[list[Site], list[tuple
         if site is not None:
             reason = _unfusable(module, calls[str(node.target)], site, modules)
         elif reason is None and type(module) is not nn.BatchNorm2d and isinstance(
-                module, nn.BatchNorm2d):  # timm's BatchNormAct2d: its activation is inside it
-            reason = _subclass_reason(module)
+                module, nn.BatchNorm2d) and not _holds_another_activation(module):
+            reason = _subclass_reason(module)  # timm's BatchNormAct2d: a ReLU may be inside
         if reason is not None:
             refused.append((str(node.target), reason))
         elif site is not None:

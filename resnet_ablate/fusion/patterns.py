@@ -52,6 +52,7 @@ for _name in _AUGMENTED:
         return self.tracer.create_proxy("call_function", target, (self, other), {})
 
     setattr(_AugmentingProxy, f"__i{_name}__", _augmented)
+del _name, _augmented
 
 
 class SiteTracer(fx.Tracer):
@@ -207,9 +208,10 @@ def _added_to(node: fx.Node, of: fx.Node) -> fx.Node | None:
 
 
 def _read_elsewhere(into: fx.Node) -> bool:
-    """Whether a tensor added into in place is read by more than that add (or is an input of
-    the forward, which its caller may read afterwards): those readers would see the change."""
-    return into.op == "placeholder" or len(into.users) > 1
+    """Whether a tensor added into in place is read by more than that add, or is an input of
+    the forward (which its caller may read afterwards) or the module's own (a buffer): those
+    readers would see the change."""
+    return into.op in ("placeholder", "get_attr") or len(into.users) > 1
 
 
 def _adds_into_the_residual(node: fx.Node, of: fx.Node) -> bool:
@@ -236,8 +238,9 @@ def _match(bn: fx.Node, modules: dict[str, nn.Module]) -> tuple[Site | None, str
         return None, None
     if len(users) == 1 and _adds_into_the_residual(users[0], bn) and any(
             _is_relu(u, users[0], modules) for u in users[0].users):
-        return None, ("it is added into its residual's tensor in place (`x += bn(...)`), which "
-                      "every other reader of that tensor sees: a fused add would leave it as it was")
+        return None, ("it is added into its residual's tensor in place (`x += bn(...)`), "
+                      "which every other reader of that tensor sees: a fused add would leave it "
+                      "as it was")
     if len(users) > 1 and any(_leads_to_relu(u, bn, modules) for u in users):
         return None, f"its output is used {len(users)} times, not only by a ReLU or an add"
     return None, None

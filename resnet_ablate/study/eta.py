@@ -11,8 +11,9 @@ steps, and on small nets a per-step cost that FLOPs do not count. Once ended tri
 `SPREAD` in work, their seconds are fitted as `fixed + work / rate` (least squares): the
 bottleneck-width study's trials took 21-94 s for 11x the work on a 2-CPU machine; replaying
 their times, the work alone put the ETA at 1.3-2.6x the time left until its last few trials,
-the fit within 11% of it from the tenth of its 24 trials to the twentieth. A fit whose rate comes out negative (ended trials of nearly one
-size, noise) counts each trial as their mean time; before any spread, the work alone.
+the fit within 11% of it from the tenth of its 24 trials to the twentieth. A fit whose rate
+comes out negative (ended trials of nearly one size, noise) counts each trial as their mean
+time; before any spread, the work alone.
 """
 
 from __future__ import annotations

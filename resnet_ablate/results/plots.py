@@ -92,6 +92,7 @@ def plot_curves(results: Results, *, panel_by: str | None = None, color_by: str 
     shown = shown.to_numpy(float) * scale
     floor = (0.5 * shown[shown > 0].min() if (shown > 0).any() else 0.01) \
         if metric == "error" else 0.0
+    one_epoch = curves["epoch"].nunique() == 1
     for ax, panel in zip(axes, panels):
         subset = curves if panel is None else curves[curves[panel_by] == panel]
         for value in colors:
@@ -112,10 +113,10 @@ def plot_curves(results: Results, *, panel_by: str | None = None, color_by: str 
             labelled_within_a_decade(ax)  # 6-9%: no 1, 2 or 5 of a decade to label
         ax.grid(alpha=0.3, which="both")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if curves["epoch"].nunique() == 1:  # else the axis spans a tenth of an epoch, unlabelled
+        if one_epoch:  # else the axis spans a tenth of an epoch, unlabelled
             epoch = int(curves["epoch"].iloc[0])
             ax.set_xlim(epoch - 1, epoch + 1)
-        ax.legend(title="filled: test, hollow: train" if curves["epoch"].nunique() == 1
+        ax.legend(title="filled: test, hollow: train" if one_epoch
                   else "bold: test, thin dashed: train", fontsize="small", title_fontsize="small")
     return figure
 

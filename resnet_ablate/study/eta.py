@@ -87,7 +87,6 @@ class RemainingTime:
         if model is None:
             return None
         fixed, per_work = model
-        pending = list(pending)
         mean_work = sum(self.ended_work) / len(self.ended_work)
         seconds = sum(fixed + per_work * self.work(arch) for arch in pending)
         seconds += sum(per_work * self.work(arch, done) for arch, done in running)

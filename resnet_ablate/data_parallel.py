@@ -29,7 +29,7 @@ from typing import Any
 import ray
 import torch
 
-from .data import CorruptShard, DataUnavailable, NoImages
+from .data import CorruptShard, DataUnavailable, NoImages, SizeMisstated
 from .record import Status, TrialOutcome, TrialTask
 from .replicas import Replicas
 from .trial import run_trial_body
@@ -141,10 +141,10 @@ def _failed_in_code(task: TrialTask, error: Exception) -> TrialOutcome | None:
     if not raised:
         return None
     rank, failure = raised[0]
-    # Input that fails again the same way (wrong bytes in a replica's shard, no image): not
-    # worth a retry of the trial, as a one-process trial's is not.
-    status = Status.UNAVAILABLE if isinstance(failure, (CorruptShard, DataUnavailable, NoImages)) \
-        else Status.FAILED
+    # Input that fails again the same way (wrong bytes in a replica's shard, no image, a wrong
+    # size): not worth a retry of the trial, as a one-process trial's is not.
+    deterministic = (CorruptShard, DataUnavailable, NoImages, SizeMisstated)
+    status = Status.UNAVAILABLE if isinstance(failure, deterministic) else Status.FAILED
     return TrialOutcome(task.trial_number, status,
                         reason=f"{type(failure).__name__}: {failure} (replica {rank}, after "
                                f"{task.max_restarts} restart(s) of the data-parallel run)",

@@ -26,7 +26,8 @@ import torch
 
 from .arch import ResNetArch
 from .board import PrunedByDriver, report_end, report_epoch
-from .data import CorruptShard, DataBundle, DataUnavailable, Streamed, load_dataset
+from .data import (CorruptShard, DataBundle, DataUnavailable, SizeMisstated, Streamed,
+                   load_dataset)
 from .models import build
 from .recipe import TrainRecipe
 from .record import (TOOLKIT, DataParallelRecord, EpochRecord, FinalEvaluation, Placement,
@@ -152,10 +153,11 @@ def run_trial_body(task: TrialTask, board: Any | None, device: torch.device, *,
         # Before training, and the same on every replica: an outcome, not an exception that Ray
         # Train would restart the run for. Not retried: the same input fails again.
         return stopped(Status.UNAVAILABLE, str(missing))
-    except NoImages as nothing:
-        # A split with no decodable image: as deterministic (its count is every replica's
-        # total), so as unavailable, and not retried either: a retry would train again first.
-        return stopped(Status.UNAVAILABLE, f"NoImages: {nothing}")
+    except (NoImages, SizeMisstated) as counted:
+        # A split with no decodable image, or not the size stated: as deterministic (its count
+        # is every replica's total), so as unavailable, and not retried either: a retry would
+        # train again first.
+        return stopped(Status.UNAVAILABLE, f"{type(counted).__name__}: {counted}")
     except CorruptShard as corrupt:
         # Wrong bytes fail again: not retried. Found as the data set loads, every replica finds
         # it; in training, a replica's own shard: the others must hear of it, so Ray Train fails

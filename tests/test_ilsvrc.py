@@ -374,3 +374,40 @@ def test_a_tree_of_links_converts_to_files_and_a_dangling_link_is_refused(ilsvrc
         with pytest.raises(ValueError, match="gone.JPEG: a link to nothing"):
             convert_imagenet(subset, tmp_path / f"again-{to}", to=to)
         assert not (tmp_path / f"again-{to}").exists()
+
+
+@pytest.mark.parametrize("to", ["folders", "shards"])
+def test_an_image_that_does_not_decode_is_left_out_of_the_conversion_and_named(tmp_path, capsys,
+                                                                             to):
+    """A truncated JPEG and a text file named .jpg were copied into the converted data set,
+    where every trial skipped them again in every epoch: they are left out and named, unless
+    --keep-undecodable."""
+    rng = np.random.default_rng(1)
+    for split, count in (("train", 3), ("val", 2)):
+        for label, name in enumerate(("cat", "dog")):
+            (tmp_path / "tree" / split / name).mkdir(parents=True)
+            for i in range(count):
+                _jpeg(tmp_path / "tree" / split / name / f"{i}.jpg", label, rng)
+    whole = (tmp_path / "tree" / "train" / "cat" / "0.jpg").read_bytes()
+    truncated = tmp_path / "tree" / "train" / "dog" / "cut.jpg"
+    truncated.write_bytes(whole[:len(whole) // 2])
+    text = tmp_path / "tree" / "val" / "cat" / "notes.jpg"
+    text.write_text("not an image")
+    out = tmp_path / "out"
+    assert main(["convert-imagenet", str(tmp_path / "tree"), str(out), "--to", to]) == 0
+    assert "wrote 6 training and 4 validation images of 2 classes" in capsys.readouterr().out
+    assert sorted((out / "undecodable.txt").read_text().splitlines()) == [
+        f"train\t{truncated}", f"val\t{text}"]
+    if to == "folders":
+        index = scan_image_folder(out)
+        assert (len(index.train), len(index.test)) == (6, 4)
+    else:
+        data = load_shards({"train": str(out / "train-000000.tar"),
+                            "val": str(out / "val-000000.tar"), "num_classes": 2},
+                           image_size=24, loader_workers=0)
+        assert (data.train_size, data.test_size) == (6, 4)
+    kept = tmp_path / "kept"
+    assert main(["convert-imagenet", str(tmp_path / "tree"), str(kept), "--to", to,
+                 "--keep-undecodable"]) == 0
+    assert "wrote 7 training and 5 validation images" in capsys.readouterr().out
+    assert not (kept / "undecodable.txt").exists()

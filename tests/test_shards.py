@@ -765,3 +765,52 @@ def test_a_compressed_local_shard_is_read_once_as_it_loads(tmp_path, monkeypatch
     path.write_bytes(COMPRESSIONS[suffix](write_shard(tmp_path / "bad.tar", members).read_bytes()))
     with pytest.raises(CorruptShard, match=rf"shard {path}, sample x0-1: label '7' is not a class"):
         load_shards(spec, image_size=24, loader_workers=0)
+
+
+def test_a_size_stated_for_shards_behind_urls_is_checked_by_a_pass_over_them(http_shards,
+                                                                             tmp_path):
+    """Shards behind URLs are not counted before training, so their sizes are the spec's word:
+    a wrong train_size set a data-parallel epoch's length (its shards read round and round)
+    and the study's costs, and val_size was read by nothing. An epoch in one process reads
+    every training shard once, and an evaluation every val shard: each checks its size, and a
+    trial whose size is wrong fails naming it, not retried."""
+    from resnet_ablate.data import SizeMisstated
+    from resnet_ablate.data.feed import Placement, StreamFeed
+    from resnet_ablate.record import FailureKind
+
+    root, base = http_shards
+    urls = {"train": f"{base}/train-{{000..002}}.tar", "val": f"{base}/val-000.tar",
+            "num_classes": CLASSES}
+
+    def epoch(train_size: int) -> int:
+        data = load_shards({**urls, "train_size": train_size, "val_size": 18}, image_size=24,
+                           loader_workers=0)
+        feed = StreamFeed(data, Placement(torch.device("cpu"), lambda x: x, seed=0,
+                                          augment=True))
+        return sum(len(labels) for _, labels, _ in feed.train_batches(1, 8))
+
+    # 25 samples (one undecodable): three batches of 8 read 24, the last one left unread.
+    assert epoch(25) == 24 - 1
+    for wrong in (250, 20):
+        with pytest.raises(SizeMisstated, match=rf"^shards.train_size: {wrong} stated, but a pass "
+                                                r"over the train shards read 24 images \(give or "
+                                                r"take 7 in partial batches\): give their count"):
+            epoch(wrong)
+    local = load_shards(_spec(root), image_size=24, loader_workers=0)
+    assert local.sizes_stated == (), "local shards are counted: nothing to check"
+
+    raw = {
+        "study": "misstated-val", "model": {"family": "imagenet", "widths": [4, 8, 8, 8],
+                                            "stages": [1, 1, 1, 1], "block": "basic"},
+        "dataset": {"name": "webdataset", "image_size": 32, "loader_workers": 0,
+                    "shards": {**_spec(root), "val": urls["val"], "val_size": 12}},
+        "space": {"shortcut": ["A"]}, "seeds": 1, "max_attempts": 3,
+        "train": {"preset": "imagenet", "epochs": 1, "batch_size": 8},
+        "resources": {"cpus": 1, "workers": 1},
+    }
+    _, trials = run_spec_alone(tmp_path, raw)
+    assert len(trials) == 1, "a deterministic failure is not tried again"
+    assert trials[0].user_attrs["failure_kind"] == FailureKind.DATA_UNAVAILABLE
+    assert trials[0].user_attrs["failure"].startswith(
+        "SizeMisstated: shards.val_size: 12 stated, but a pass over the val shards read 18 images: give their "
+        "count")

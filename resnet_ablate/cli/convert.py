@@ -11,16 +11,20 @@ from .registry import command
 
 @command("convert-imagenet")
 def _convert_imagenet(args: argparse.Namespace) -> int:
-    from ..data.imagenet_layout import convert_imagenet
+    from ..data.imagenet_layout import UNDECODABLE, convert_imagenet
 
     try:
         done = convert_imagenet(args.root, args.out, val_labels=args.val_labels, to=args.to,
-                                shard_size=args.shard_size, progress=_progress_lines())
+                                shard_size=args.shard_size, check=not args.keep_undecodable,
+                                progress=_progress_lines())
     except (OSError, ValueError) as error:
         print(f"resnet-ablate: error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {done.train_images} training and {done.val_images} validation images of "
           f"{done.classes} classes as {done.to} under {done.out}; a spec reads them with:")
+    if done.undecodable:
+        print(f"left out {done.undecodable} image(s) that do not decode, named in "
+              f"{done.out / UNDECODABLE}", file=sys.stderr)
     print("\n".join(done.spec_lines()))
     return 0
 
@@ -51,3 +55,6 @@ def add_convert_command(sub) -> None:
     convert.add_argument("--to", choices=("folders", "shards"), default="folders",
                          help="class folders of hard links (default), or webdataset tar shards")
     convert.add_argument("--shard-size", type=int, default=1000, help="images a shard")
+    convert.add_argument("--keep-undecodable", action="store_true",
+                         help="write every image without decoding it first (by default one "
+                         "that does not decode is left out and named in OUT/undecodable.txt)")

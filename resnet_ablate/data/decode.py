@@ -127,6 +127,18 @@ def _open(source: str | os.PathLike[str] | BinaryIO) -> Image.Image | None:
         return None
 
 
+def decodable(source: str | os.PathLike[str] | BinaryIO) -> bool:
+    """Whether the image decodes: read to its end at the lowest scale Pillow's draft allows (a
+    JPEG at 1/8, which still reads every byte), as a training crop may read it."""
+    try:
+        with Image.open(source) as opened:
+            opened.draft("RGB", (1, 1))
+            opened.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False
+    return True
+
+
 def train_crop(source: str | os.PathLike[str] | BinaryIO, *, image_size: int,
                augmentation: CropAugmentation, rng: np.random.Generator) -> Image.Image | None:
     """One training crop, flipped or not, drawn from `rng`: its box drawn from the image's size

@@ -14,3 +14,9 @@ class NoImages(ValueError):
     undecodable), or no training image could be decoded for the per-pixel statistics: a score
     would be a number from nothing, so the trial fails. Deterministic: the same data fails the
     same way, so it is not retried."""
+
+
+class SizeMisstated(ValueError):
+    """A pass over a split read another number of images than the spec stated for it (a shard
+    URL's train_size or val_size, which nothing counts before training): its epochs, costs and
+    data-parallel steps would rest on a wrong size. Deterministic, so not retried."""

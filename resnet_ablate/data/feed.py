@@ -21,6 +21,7 @@ from .bundle import DataBundle, pixel_centred
 from .decode import PLAIN, Preprocess, normalise
 from .device_decode import DeviceCrops
 from .load import Streamed
+from .shards import ShardData
 
 # A training batch: images and labels on the device, and the factor its mean loss is scaled by
 # before backward (a replica's share of a global batch that did not split evenly).
@@ -85,6 +86,9 @@ class Feed(Protocol):
         list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    # Raises data.SizeMisstated where one evaluation, summed over the replicas, read (decoded or
+    # skipped) another number of images than the data set was said to hold.
+    def check_evaluation_read(self, read: int) -> None: ...
 
 
 class _Generators:
@@ -176,6 +180,9 @@ class MemoryFeed(_Generators):
                       for size in _batch_sizes(self.test_x.shape[0], eval_batch_size)]
         return train, evaluation
 
+    def check_evaluation_read(self, read: int) -> None:
+        pass  # its tensors are what it holds
+
 
 class StreamFeed(_Generators):
     """A streamed data set (image folders, shards): batches decoded by its loaders' workers; the
@@ -208,7 +215,9 @@ class StreamFeed(_Generators):
         """This replica's share of each of the epoch's batches of `batch_size`. Its loss is
         weighted by its share of the images the replicas kept (`parts` x kept here / kept by all),
         so that where an image could not be decoded the averaged gradient is still the mean over
-        the global batch's images, as in one process; full batches weigh 1."""
+        the global batch's images, as in one process; full batches weigh 1. An epoch in one
+        process reads every training shard once, and so checks a size the spec stated for them
+        (a data-parallel epoch is that size's worth of steps: its evaluation checks val_size)."""
         p = self.placement
         loader = self.data.train_loader(batch_size // p.parts, epoch, self.order_generator,
                                         augment=p.augment, pin_memory=self.pin_memory,
@@ -216,11 +225,13 @@ class StreamFeed(_Generators):
                                         augment_seed=derived_seed(p.seed, _AUGMENT_STREAM),
                                         preprocess=self.preprocess,
                                         encoded=self.device_crops is not None)
+        read = 0
         for images, labels, skipped in loader:
             if self.device_crops is not None:  # files and boxes: decoded and cropped here
                 images, kept, undecodable = self.device_crops(images)
                 labels, skipped = labels[kept], skipped + undecodable
             self.skipped += skipped
+            read += labels.shape[0] + skipped
             weight = 1.0
             if p.parts > 1 and p.sum_over_replicas is not None:
                 kept, = p.sum_over_replicas([labels.shape[0]])
@@ -242,6 +253,12 @@ class StreamFeed(_Generators):
                 continue
             images = normalise(images.to(p.device, non_blocking=True))  # uint8 crops mostly
             yield p.prepare(images), labels.to(p.device, non_blocking=True), weight
+        if p.parts == 1 and isinstance(self.data, ShardData):
+            self.data.check_read("train", read, self.data.training_slack(batch_size))
+
+    def check_evaluation_read(self, read: int) -> None:
+        if isinstance(self.data, ShardData):
+            self.data.check_read("val", read)
 
     def eval_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This replica's share of the evaluation split, single centre crops."""

@@ -4,20 +4,26 @@ converted to class folders or tar shards: `resnet-ablate convert-imagenet`."""
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import random
 import shutil
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from .decode import decodable
 from .folders import scan_image_folder
 from .shard_format import split_key
 
 SHARD_SIZE = 1000  # images a shard (about 110 MB of ImageNet's JPEGs)
 # What a shard's image member may be called (shard_format.IMAGE_EXTENSIONS), by the file's suffix.
 _SHARD_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+UNDECODABLE = "undecodable.txt"  # the images left out, a `split<TAB>path` line each
+CHECK_CHUNK = 256  # images decoded at once by the check, on threads
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,7 @@ class Converted:
     classes: int
     train_pattern: str | None = None  # shards: the brace patterns a spec's `shards` takes
     val_pattern: str | None = None
+    undecodable: int = 0  # images left out, named in UNDECODABLE under `out`
 
     def spec_lines(self) -> list[str]:
         """The `dataset` section of a spec that reads the converted data set."""
@@ -43,14 +50,16 @@ class Converted:
 
 def convert_imagenet(root: str | os.PathLike[str], out: str | os.PathLike[str], *,
                      val_labels: str | os.PathLike[str] | None = None, to: str = "folders",
-                     shard_size: int = SHARD_SIZE, seed: int = 0,
+                     shard_size: int = SHARD_SIZE, seed: int = 0, check: bool = True,
                      progress: Callable[[str, int, int], None] | None = None) -> Converted:
     """ILSVRC's layout under `root` (a flat val/ with `val_labels`, or val/<class>/) as class
     folders (`to="folders"`: hard links where the file system allows, else copies) or as tar
     shards of `shard_size` samples (`to="shards"`: `KEY.jpg` + `KEY.cls`, the class index; the
-    training samples in a seeded random order, so each shard mixes the classes). `progress`,
-    where given, is called with (split, images written, the split's images) after each image:
-    ImageNet's 1.33M take hours to write as shards."""
+    training samples in a seeded random order, so each shard mixes the classes). With `check`,
+    each image is decoded first (`decode.decodable`) and one that does not decode is left out,
+    named in `UNDECODABLE` under `out` (a trial would skip it in every epoch). `progress`, where
+    given, is called with (split, images done, the split's images) after each image: ImageNet's
+    1.33M take hours to write as shards."""
     if to not in ("folders", "shards"):
         raise ValueError(f"to={to!r}: valid: folders, shards")
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
@@ -73,16 +82,22 @@ def convert_imagenet(root: str | os.PathLike[str], out: str | os.PathLike[str], 
             raise ValueError(f"{path}: a shard holds {', '.join(_SHARD_SUFFIXES)} images, "
                              f"not {Path(path).suffix.lower()}; convert to folders instead")
     out.mkdir(parents=True, exist_ok=True)
-    patterns = {}
+    patterns, left_out = {}, {split: [] for split in splits}
     for split, samples in splits.items():
-        written = _report_to(progress, split, len(samples))
+        kept = _screened(samples, check, _report_to(progress, split, len(samples)),
+                         left_out[split])
         if to == "folders":
-            _link_into_classes(samples, out / split, index.root / split, index.classes,
-                               written)
+            _link_into_classes(kept, out / split, index.root / split, index.classes)
         else:
-            patterns[split] = _write_shards(samples, out, split, shard_size, written)
-    return Converted(out, to, len(index.train), len(index.test), len(index.classes),
-                     patterns.get("train"), patterns.get("val"))
+            patterns[split] = _write_shards(kept, _sample_keys([p for p, _ in samples]), out,
+                                            split, shard_size, len(samples))
+    if left_out["train"] or left_out["val"]:
+        (out / UNDECODABLE).write_text("".join(
+            f"{split}\t{path}\n" for split, paths in left_out.items() for path in paths))
+    return Converted(out, to, len(index.train) - len(left_out["train"]),
+                     len(index.test) - len(left_out["val"]), len(index.classes),
+                     patterns.get("train"), patterns.get("val"),
+                     undecodable=len(left_out["train"]) + len(left_out["val"]))
 
 
 def _report_to(progress: Callable[[str, int, int], None] | None, split: str,
@@ -93,11 +108,29 @@ def _report_to(progress: Callable[[str, int, int], None] | None, split: str,
     return lambda done: progress(split, done, total)
 
 
-def _link_into_classes(samples: list[tuple[str, int]], folder: Path, source: Path,
-                       classes: tuple[str, ...], written: Callable[[int], None]) -> None:
+def _screened(samples: list[tuple[str, int]], check: bool, written: Callable[[int], None],
+              left_out: list[str]) -> Iterator[tuple[int, str, int]]:
+    """(position, path, label) of each of `samples` to write, in order, `written` told after
+    each; with `check`, only those whose image decodes, the others' paths added to `left_out`.
+    Decoded CHECK_CHUNK at a time on threads (Pillow decodes without holding the GIL)."""
+    with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
+        for start in range(0, len(samples), CHECK_CHUNK):
+            chunk = samples[start:start + CHECK_CHUNK]
+            fine = pool.map(decodable, [path for path, _ in chunk]) if check \
+                else itertools.repeat(True)
+            for position, ((path, label), ok) in enumerate(zip(chunk, fine), start=start):
+                if ok:
+                    yield position, path, label
+                else:
+                    left_out.append(path)
+                written(position + 1)
+
+
+def _link_into_classes(samples: Iterable[tuple[int, str, int]], folder: Path, source: Path,
+                       classes: tuple[str, ...]) -> None:
     """Each sample at its path under its class folder in `source` (an image in a sub-folder
     keeps it: two sub-folders' 0.jpg stay two images), or by name where `source` is flat."""
-    for done, (path, label) in enumerate(samples, start=1):
+    for _, path, label in samples:
         try:
             within = Path(path).relative_to(source / classes[label])
         except ValueError:  # a flat val/ folder, labelled by its file
@@ -108,7 +141,6 @@ def _link_into_classes(samples: list[tuple[str, int]], folder: Path, source: Pat
             os.link(os.path.realpath(path), target)  # the file, not a link that may dangle
         except OSError:  # another file system, or no hard links there
             shutil.copy2(path, target)
-        written(done)
 
 
 def _sample_keys(paths: list[str]) -> list[str]:
@@ -127,19 +159,34 @@ def _sample_keys(paths: list[str]) -> list[str]:
     return [f"{index:08d}_{name}" for index, name in enumerate(named)]
 
 
-def _write_shards(samples: list[tuple[str, int]], out: Path, split: str, size: int,
-                  written: Callable[[int], None]) -> str:
-    count = max(1, -(-len(samples) // size))
-    digits = max(6, len(str(count - 1)))
-    keys = _sample_keys([path for path, _ in samples])
-    for shard in range(count):
+def _write_shards(samples: Iterable[tuple[int, str, int]], keys: list[str], out: Path,
+                  split: str, size: int, total: int) -> str:
+    """`samples` (position in the split, path, label) as shards of `size` under `out`, each
+    sample's key `keys[position]`; the brace pattern that names them. A split of no sample is one
+    empty shard (which the loader refuses, naming it)."""
+    digits = max(6, len(str(max(1, -(-total // size)) - 1)))
+    shard = -1
+    for shard, group in enumerate(_in_groups(samples, size)):
         with tarfile.open(out / f"{split}-{shard:0{digits}d}.tar", "w") as archive:
-            for index in range(shard * size, min((shard + 1) * size, len(samples))):
-                (path, label), key = samples[index], keys[index]
-                archive.add(os.path.realpath(path), arcname=f"{key}.{_SHARD_SUFFIXES[Path(path).suffix.lower()]}")
-                info = tarfile.TarInfo(f"{key}.cls")
+            for position, path, label in group:
+                suffix = _SHARD_SUFFIXES[Path(path).suffix.lower()]
+                archive.add(os.path.realpath(path), arcname=f"{keys[position]}.{suffix}")
+                info = tarfile.TarInfo(f"{keys[position]}.cls")
                 data = str(label).encode()
                 info.size = len(data)
                 archive.addfile(info, io.BytesIO(data))
-                written(index + 1)
-    return str(out / f"{split}-{{{0:0{digits}d}..{count - 1:0{digits}d}}}.tar")
+    if shard < 0:
+        shard = 0
+        tarfile.open(out / f"{split}-{shard:0{digits}d}.tar", "w").close()
+    return str(out / f"{split}-{{{0:0{digits}d}..{shard:0{digits}d}}}.tar")
+
+
+def _in_groups(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    group: list[Any] = []
+    for item in items:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group

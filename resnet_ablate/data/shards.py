@@ -41,7 +41,7 @@ from .decode import (PLAIN, CropAugmentation, PixelStatistics, Preprocess, centr
                      check_streamed_options, collate, collate_views, decode_sample, decode_views,
                      one_thread)
 from .device_decode import collate_encoded, encoded_crop
-from .errors import DataUnavailable
+from .errors import DataUnavailable, SizeMisstated
 from .shard_format import (IMAGE_EXTENSIONS, EndWatch, ShardError, count_samples, decompressed,
                            label_of, reading_shard, split_key)
 from .shard_urls import check_url, is_local, local_path, open_shard, probe_shard
@@ -131,6 +131,9 @@ class ShardData:
     name: str = "webdataset"
     in_channels: int = 3
     eval_split: str = "val"  # what both layouts call the split that scores (ILSVRC's val)
+    # The splits ("train", "val") whose sizes the spec stated, for shards behind URLs, where the
+    # others' were counted: a pass over such a split checks its size (check_read).
+    sizes_stated: tuple[str, ...] = ()
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -223,6 +226,25 @@ class ShardData:
         urls = list(self.test_urls)[part::parts]
         return self._loader(urls, batch_size, None, 0, pin_memory, preprocess=preprocess,
                             view=view) if urls else []
+
+    def check_read(self, split: str, read: int, slack: int = 0) -> None:
+        """SizeMisstated where a whole pass over `split` ("train" or "val") read `read` samples
+        (decoded or skipped) and the size stated for it is not in [read, read + slack] (`slack`:
+        the samples a pass may leave out unread, as a training epoch's last partial batches).
+        Nothing to check where the size was counted."""
+        size, key = (self.train_size, "train_size") if split == "train" else \
+            (self.test_size, "val_size")
+        if split in self.sizes_stated and not read <= size <= read + slack:
+            raise SizeMisstated(
+                f"shards.{key}: {size:,} stated, but a pass over the {split} shards read "
+                f"{read:,} images{f' (give or take {slack:,} in partial batches)' if slack else ''}"
+                f": give their count ({key} sets each epoch's length, costs and data-parallel "
+                "steps)")
+
+    def training_slack(self, batch_size: int) -> int:
+        """The samples one training epoch in one process may leave unread: each loader worker
+        drops its last partial batch."""
+        return max(1, min(self.loader_workers, len(self.train_urls))) * (batch_size - 1)
 
     def check_available(self) -> None:
         """DataUnavailable naming the first shard (of the training ones, then the evaluation's)
@@ -353,5 +375,7 @@ def load_shards(shards: dict[str, Any], *, image_size: int = 224,
         else:
             raise ValueError(f"shards.{size_key}: needed for shards behind URLs (local shards "
                              "are counted)")
+    stated = tuple(split for split in urls if not all(map(is_local, urls[split])))
     return ShardData(tuple(urls["train"]), tuple(urls["val"]), num_classes, sizes["train"],
-                     sizes["val"], image_size, augmentation, loader_workers, seed)
+                     sizes["val"], image_size, augmentation, loader_workers, seed,
+                     sizes_stated=stated)

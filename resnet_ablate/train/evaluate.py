@@ -135,6 +135,7 @@ class Evaluation:
         loss_sum, wrong, wrong5, count, skipped = self.replicas.sums(
             [*sums, feed.skipped - skipped_before])
         require_images(count, f"the {self.eval_split} split's evaluation", skipped)
+        feed.check_evaluation_read(int(count + skipped))
         outcomes = torch.cat(per_image).cpu().numpy() if per_image else None
         return self._scores(loss_sum, wrong, wrong5, count, outcomes)
 

@@ -319,6 +319,59 @@ def test_a_block_with_a_random_choice_is_neither_converted_nor_rewritten(draw):
     assert drops(model[1]) == drops(reference[1]) > 0
 
 
+# Generators a module may hold as its own (a supernet's path sampler): numpy's new and legacy,
+# Python's, torch's.
+HELD_GENERATORS = {"numpy Generator": lambda: np.random.default_rng(5),
+                   "numpy RandomState": lambda: np.random.RandomState(5),
+                   "random.Random": lambda: random.Random(5),
+                   "torch.Generator": lambda: torch.Generator().manual_seed(5)}
+
+
+class HeldGeneratorStochasticDepth(TorchvisionParts):
+    def __init__(self, generator):
+        super().__init__()
+        self.rng = generator
+
+    def forward(self, x):
+        if isinstance(self.rng, torch.Generator):
+            return _dropped_or_block(self, x, lambda: float(torch.rand((), generator=self.rng)))
+        return _dropped_or_block(self, x, self.rng.random if hasattr(self.rng, "random")
+                                 else self.rng.rand)
+
+
+def _generator_state(generator):
+    if isinstance(generator, torch.Generator):
+        return generator.get_state().tolist()
+    if isinstance(generator, np.random.Generator):
+        return repr(generator.bit_generator.state)
+    if isinstance(generator, np.random.RandomState):
+        return repr(generator.get_state(legacy=False))
+    return generator.getstate()
+
+
+@pytest.mark.parametrize("held", list(HELD_GENERATORS))
+def test_a_block_drawing_from_a_generator_it_holds_is_neither_converted_nor_rewritten(held):
+    """A generator the module holds (`self.rng = np.random.default_rng()`) went unseen by the
+    graph path: the draw made while tracing was baked in, the other path never taken, and fusing
+    moved the module's own stream. It is seen now, and left as fusing found it."""
+    model = nn.Sequential(nn.Conv2d(3, C, 3),
+                          HeldGeneratorStochasticDepth(HELD_GENERATORS[held]()))
+    before = _generator_state(model[1].rng)
+    reference = copy.deepcopy(model)
+    report, _ = _fused(model)
+    assert _generator_state(model[1].rng) == before
+    assert not report.sites and not report.fused
+    reasons = {s.name: s.reason for s in report.skipped}
+    assert "it holds rng beside its parts" in reasons["1"]  # the block path reads no further
+    assert "draws random numbers while it is traced" in reasons["1.bn1"]
+
+    def drops(block):
+        block.rng = HELD_GENERATORS[held]()
+        return sum(torch.equal(block(x), x) for x in torch.randn(20, 2, C, 6, 6))
+
+    assert drops(model[1]) == drops(reference[1]) > 0
+
+
 class LooksLikeABlockWithAGain(TorchvisionParts):
     def __init__(self):
         super().__init__()

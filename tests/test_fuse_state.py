@@ -316,12 +316,49 @@ class TimmStyleBatchNormAct(nn.BatchNorm2d):
         return self.act(super().forward(x))
 
 
-@pytest.mark.parametrize("act, named", [(nn.ReLU(), True), (nn.SiLU(), False),
-                                        (nn.Identity(), False)], ids=["relu", "silu", "none"])
-def test_a_batch_norm_with_its_own_activation_is_named_only_where_that_may_be_a_relu(act, named):
+class InitOnlyBatchNorm(nn.BatchNorm2d):
+    """A subclass for its initialisation alone (zero gamma): nn.BatchNorm2d's forward."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        nn.init.zeros_(self.weight)
+
+
+class SiluBatchNorm(nn.BatchNorm2d):
+    """Its activation inline in its forward, no child."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(super().forward(x))
+
+
+class HeldFunctionBatchNorm(nn.BatchNorm2d):
+    """Its activation a function it holds, not a module: it may be a ReLU."""
+
+    def __init__(self, channels: int, act_fn) -> None:
+        super().__init__(channels)
+        self.act_fn = act_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act_fn(super().forward(x))
+
+
+SUBCLASSES = {"relu": (lambda: TimmStyleBatchNormAct(4, nn.ReLU()), True),
+              "silu": (lambda: TimmStyleBatchNormAct(4, nn.SiLU()), False),
+              "none": (lambda: TimmStyleBatchNormAct(4, nn.Identity()), False),
+              "init only": (lambda: InitOnlyBatchNorm(4), False),
+              "inline silu": (lambda: SiluBatchNorm(4), False),
+              "inline relu": (lambda: BatchNormAct(4), True),
+              "held function": (lambda: HeldFunctionBatchNorm(4, F.silu), True)}
+
+
+@pytest.mark.parametrize("subclass", list(SUBCLASSES))
+def test_a_batch_norm_with_its_own_activation_is_named_only_where_that_may_be_a_relu(subclass):
     """timm's EfficientNet (SiLU) was reported as 49 sites left unfused, though it has no
-    BN -> ReLU; only a BatchNormAct2d whose activation is a ReLU is one."""
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), TimmStyleBatchNormAct(4, act))
+    BN -> ReLU, and so was any BatchNorm subclass (one for its initialisation alone, one with a
+    SiLU inline): only one whose forward may apply a ReLU (a ReLU child, a ReLU in its source, a
+    function it holds) is a site left unfused."""
+    build, named = SUBCLASSES[subclass]
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), build())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _, report = fuse(model, return_report=True)
@@ -330,3 +367,16 @@ def test_a_batch_norm_with_its_own_activation_is_named_only_where_that_may_be_a_
     assert said == ([f"fuse left 1 site(s) unfused: 1: {report.skipped[0].reason}"] if named
                     else ["fuse found no BatchNorm2d -> [add] -> ReLU in Sequential: nothing "
                           "changed"])
+
+
+def test_a_subclass_for_its_initialisation_followed_by_a_relu_is_refused_saying_why():
+    """Its forward is nn.BatchNorm2d's, so 'the fused op reproduces nn.BatchNorm2d's forward
+    only' was no reason: its fused twin would not be an instance of its class."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), InitOnlyBatchNorm(4), nn.ReLU())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FuseWarning)
+        _, report = fuse(model, return_report=True)
+    assert [(s.name, s.reason) for s in report.skipped] == [
+        ("1", "it is InitOnlyBatchNorm, a subclass of nn.BatchNorm2d, which its fused twin would "
+              "not be (code that looks for its class would miss it)")]
+    assert type(model[1]) is InitOnlyBatchNorm

@@ -24,6 +24,7 @@ import ast
 import contextlib
 import functools
 import inspect
+import pickle
 import random
 import textwrap
 import warnings
@@ -55,12 +56,13 @@ class StaleForward(RuntimeError):
 
 @dataclass(frozen=True)
 class ForwardSource:
-    """What a forward's own source shows: its `with` blocks' first lines, and the attributes of
-    its module (its first parameter) it assigns and reads."""
+    """What a forward's own source shows: its `with` blocks' first lines, the attributes of its
+    module (its first parameter) it assigns and reads, and every name and attribute it names."""
 
     with_blocks: tuple[str, ...]
     assigned: frozenset[str]
     read: frozenset[str]
+    names: frozenset[str] = frozenset()
 
 
 @functools.lru_cache(maxsize=512)
@@ -75,14 +77,37 @@ def source_of(forward: Callable[..., Any]) -> ForwardSource | None:
     if function is None or not function.args.args:
         return None
     me = function.args.args[0].arg
-    withs, assigned, read = [], set(), set()
+    withs, assigned, read, names = [], set(), set(), set()
     for node in ast.walk(function):
         if isinstance(node, (ast.With, ast.AsyncWith)):
             withs.append(ast.unparse(node.items[0].context_expr))
         elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
               and node.value.id == me):
             (assigned if isinstance(node.ctx, (ast.Store, ast.Del)) else read).add(node.attr)
-    return ForwardSource(tuple(withs), frozenset(assigned), frozenset(read))
+        if isinstance(node, (ast.Name, ast.Attribute)):
+            names.add(node.id if isinstance(node, ast.Name) else node.attr)
+    return ForwardSource(tuple(withs), frozenset(assigned), frozenset(read), frozenset(names))
+
+
+def may_apply_relu(bn: nn.BatchNorm2d) -> bool:
+    """Whether a BatchNorm subclass's forward may apply a ReLU after normalising (timm's
+    BatchNormAct2d with a ReLU as its `act`), and so be a site of its own: not where the forward
+    is nn.BatchNorm2d's, nor where its source names no ReLU and calls nothing of the module but
+    its children that are not one (a SiLU `act`, an inherited method, as detectron2's
+    synchronised BatchNorm); where its source cannot be read, or it calls a function the module
+    holds (`self.act_fn = F.relu`), it may."""
+    forward = type(bn).forward
+    if forward is nn.BatchNorm2d.forward:
+        return False
+    children = dict(bn.named_children())
+    facts = source_of(forward)
+    if facts is None or any(type(c) is nn.ReLU for c in children.values()) \
+            or any("relu" in name.lower() for name in facts.names):
+        return True
+    inherited = set(dir(nn.BatchNorm2d))
+    return any(name not in children and name not in inherited and callable(value)
+               and not isinstance(value, (nn.Module, torch.Tensor))
+               for name in facts.read if (value := getattr(bn, name, None)) is not None)
 
 
 def check_forward(module: nn.Module) -> dict[str, Any]:
@@ -122,27 +147,65 @@ def autograd_state() -> tuple[Any, ...]:
             torch._C._autograd._top_saved_tensors_default_hooks(True))
 
 
-def random_draws() -> tuple[Any, ...]:
+def random_draws(module: nn.Module | None = None) -> tuple[Any, ...]:
     """The state of the CPU generators a forward may draw from in Python: torch's, Python's
-    `random` and numpy's global one (`np.random.rand()`, as a supernet's path choice makes).
-    (Tracing runs no tensor op, so a draw while tracing is one made in Python.) A numpy
-    `Generator` the module holds is not seen: its draws are the module's own state."""
+    `random` and numpy's global one (`np.random.rand()`, as a supernet's path choice makes), and
+    those `module` holds (`held_generators`: `self.rng = np.random.default_rng()`). (Tracing runs
+    no tensor op, so a draw while tracing is one made in Python.)"""
     numpy_state = np.random.get_state()
     return (torch.get_rng_state().numpy().tobytes(), random.getstate(),
-            (numpy_state[0], numpy_state[1].tobytes(), *numpy_state[2:]))
+            (numpy_state[0], numpy_state[1].tobytes(), *numpy_state[2:]),
+            *(pickle.dumps(_state_of(g)) for g in held_generators(module)))
+
+
+# The random generators a module may hold as an attribute: numpy's (new and legacy), Python's,
+# torch's.
+_GENERATORS = (np.random.Generator, np.random.RandomState, random.Random, torch.Generator)
+
+
+def held_generators(module: nn.Module | None) -> list[Any]:
+    """The random generators `module` and its submodules hold as attributes, each once."""
+    found: dict[int, Any] = {}
+    for sub in () if module is None else module.modules():
+        found.update({id(v): v for v in vars(sub).values() if isinstance(v, _GENERATORS)})
+    return list(found.values())
+
+
+def _state_of(generator: Any) -> Any:
+    if isinstance(generator, np.random.Generator):
+        return generator.bit_generator.state
+    if isinstance(generator, np.random.RandomState):
+        return generator.get_state(legacy=False)
+    if isinstance(generator, torch.Generator):
+        return generator.get_state()
+    return generator.getstate()
+
+
+def _set_state(generator: Any, state: Any) -> None:
+    if isinstance(generator, np.random.Generator):
+        generator.bit_generator.state = state
+    elif isinstance(generator, np.random.RandomState):
+        generator.set_state(state)
+    elif isinstance(generator, torch.Generator):
+        generator.set_state(state)
+    else:
+        generator.setstate(state)
 
 
 @contextlib.contextmanager
-def random_streams_kept() -> Iterator[None]:
-    """Python's and numpy's global random streams as they were before the block (torch's:
-    `torch.random.fork_rng`): a forward traced draws from them, which the caller's own draws
-    must not feel."""
+def random_streams_kept(module: nn.Module | None = None) -> Iterator[None]:
+    """Python's and numpy's global random streams, and the generators `module` holds, as they
+    were before the block (torch's global one: `torch.random.fork_rng`): a forward traced draws
+    from them, which the caller's own draws must not feel."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
+    held = [(g, _state_of(g)) for g in held_generators(module)]
     try:
         yield
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)
+        for generator, state in held:
+            _set_state(generator, state)
 
 
 Guards = tuple[tuple[str, str, Baked], ...]  # (submodule path from the owner, attribute, value)

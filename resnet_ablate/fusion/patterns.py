@@ -23,7 +23,7 @@ from ..blocks import BasicBlock, Bottleneck
 from ..kernels import FusedBatchNorm2d
 from ..models import ResNet
 from .forward_facts import (KEPT_MODULES, Untraceable, autograd_state, check_forward,
-                            random_draws, random_streams_kept)
+                            may_apply_relu, random_draws, random_streams_kept)
 from .reads import Baked, baked, baked_values, recorded_reads
 from .records import Pattern
 
@@ -110,12 +110,12 @@ class SiteTracer(fx.Tracer):
         self.state = autograd_state()
         versions = _versions(root)
         # The caller's random streams stay its own.
-        with torch.random.fork_rng(devices=[]), random_streams_kept():
-            draws = random_draws()
+        with torch.random.fork_rng(devices=[]), random_streams_kept(root):
+            draws = random_draws(root)
             with recorded_reads(root) as reads:
                 graph = super().trace(root, concrete_args)
             self.guards += baked_values(root, reads)
-            if random_draws() != draws:
+            if random_draws(root) != draws:
                 raise Untraceable("its forward draws random numbers while it is traced (a random "
                                   "choice in Python, as inline stochastic depth makes), which a "
                                   "traced forward would bake in")
@@ -255,15 +255,10 @@ def _leads_to_relu(user: fx.Node, bn: fx.Node, modules: dict[str, nn.Module]) ->
     return _added_to(user, bn) is not None and any(_is_relu(u, user, modules) for u in user.users)
 
 
-def _holds_another_activation(bn: nn.Module) -> bool:
-    """Whether a BatchNorm subclass's own activation is known not to be a ReLU: timm's
-    BatchNormAct2d keeps it as `act` (SiLU in EfficientNets, Identity without one), and then
-    nothing of it is a site left unfused."""
-    act = getattr(bn, "act", None)
-    return isinstance(act, nn.Module) and type(act) is not nn.ReLU
-
-
 def _subclass_reason(bn: nn.Module) -> str:
+    if type(bn).forward is nn.BatchNorm2d.forward:  # a subclass for its initialisation, say
+        return (f"it is {type(bn).__name__}, a subclass of nn.BatchNorm2d, which its fused twin "
+                "would not be (code that looks for its class would miss it)")
     return (f"it is {type(bn).__name__}, not nn.BatchNorm2d (the fused op reproduces "
             "nn.BatchNorm2d's forward only)")
 
@@ -313,7 +308,7 @@ def find_sites(graph: fx.Graph, root: nn.Module) -> tuple[list[Site], list[tuple
         if site is not None:
             reason = _unfusable(module, calls[str(node.target)], site, modules)
         elif reason is None and type(module) is not nn.BatchNorm2d and isinstance(
-                module, nn.BatchNorm2d) and not _holds_another_activation(module):
+                module, nn.BatchNorm2d) and may_apply_relu(module):
             reason = _subclass_reason(module)  # timm's BatchNormAct2d: a ReLU may be inside
         if reason is not None:
             refused.append((str(node.target), reason))

@@ -174,12 +174,13 @@ def _forward_mismatch(original: nn.Module, converted: nn.Module) -> str | None:
         return f"its forward differs from the standard block's (max difference {error:.3g} on a probe input)"
     devices = [probe.device] if probe.is_cuda else []
     with torch.random.fork_rng(devices=devices), random_streams_kept(), torch.no_grad():
-        draws = _random_state(probe)
+        training = copy.deepcopy(original).train()  # its generators are the copy's own
+        draws = _random_state(probe, training)
         try:
-            expected = copy.deepcopy(original).train()(probe.clone())
+            expected = training(probe.clone())
         except Exception as error:  # noqa: BLE001 - as above, in training mode
             return f"its forward failed on a probe input in training mode ({type(error).__name__}: {error})"
-        if _random_state(probe) != draws:
+        if _random_state(probe, training) != draws:
             return ("its forward draws random numbers in training mode (stochastic depth, "
                     "dropout), which the converted block would not")
         actual = copy.deepcopy(converted).train()(probe.clone())
@@ -190,10 +191,10 @@ def _forward_mismatch(original: nn.Module, converted: nn.Module) -> str | None:
     return None
 
 
-def _random_state(like: torch.Tensor) -> tuple[object, ...]:
-    """The state of the random generators a forward on `like`'s device draws from: torch's on
-    the CPU and that device, Python's and numpy's."""
-    cpu = random_draws()
+def _random_state(like: torch.Tensor, module: nn.Module) -> tuple[object, ...]:
+    """The state of the random generators `module`'s forward on `like`'s device draws from:
+    torch's on the CPU and that device, Python's and numpy's, and those the module holds."""
+    cpu = random_draws(module)
     return (*cpu, torch.cuda.get_rng_state(like.device).numpy().tobytes()) if like.is_cuda else cpu
 
 

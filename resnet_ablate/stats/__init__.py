@@ -5,6 +5,7 @@ beside every number they show.
 intervals.py  intervals and tests over seeds and test images (the model and methods documented
               there); its names are this package's
 pivot.py      the generalized pivot's draws and calibration behind those intervals
+floors.py     the least variance a table of test-image outcomes can claim
 seed_tables.py what the intervals take, checked
 apart.py      seeds that stand apart from their configuration's others
 adaptive.py   which configurations have an open question, and so get another seed

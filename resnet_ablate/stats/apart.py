@@ -56,6 +56,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats as scipy_stats
 
+from .floors import agresti_coull_floor
+
 ALPHA = 0.01  # each step's level: the nominal chance of setting a seed apart by luck
 NAME = "outlier test"  # how a row's note and its table's methods name the test
 MIN_SEEDS = 4
@@ -85,10 +87,7 @@ _TIE_TOLERANCE = 1e-12
 def _floor(images: int | None) -> float:
     """The least variance the other seeds' values may claim (see the module docstring); 0
     where the test set's size is unknown."""
-    if not images:
-        return 0.0
-    rate = 2 / (images + 4)
-    return rate * (1 - rate) / images
+    return agresti_coull_floor(0.0, images) if images else 0.0
 
 
 def _most_apart(values: np.ndarray, floor: float) -> tuple[int, float]:

@@ -130,17 +130,29 @@ def runs_folder(runs_dir: PathLike | None = None) -> Path:
 def default_storage(study: str, runs_dir: PathLike | None = None) -> str:
     """Where a study is stored unless its spec or the command line says otherwise:
     RUNS/STUDY.db; StudyNameError for a name outside the alphabet."""
-    return f"sqlite:///{study_file(study, '.db', runs_folder(runs_dir))}"
+    return sqlite_url(study_file(study, '.db', runs_folder(runs_dir)))
+
+
+# What a database URL would read otherwise in a file's path: SQLAlchemy decodes %XX in it and
+# ends it at a `?` (a folder `runs?x=1` put the store in a file `runs`), and a SQLite URI
+# filename ends at a `#`.
+_URL_SPECIAL = {"%": "%25", "?": "%3F", "#": "%23"}
+
+
+def sqlite_url(path: PathLike) -> str:
+    """The `sqlite:///` storage URL of the database file at `path`, whatever its characters."""
+    return "sqlite:///" + "".join(_URL_SPECIAL.get(c, c) for c in os.fspath(path))
 
 
 def sqlite_path(storage: str) -> Path | None:
     """The database file of a `sqlite:///` storage URL (also in SQLite's `file:...?mode=ro&uri=true`
-    form); None for other storages."""
+    form, percent-encoded once more for SQLite itself); None for other storages. As SQLAlchemy
+    reads it: up to its query, percent-decoded."""
     if not storage.startswith("sqlite:///"):
         return None
-    path = storage.removeprefix("sqlite:///")
+    path = unquote(storage.removeprefix("sqlite:///").split("?")[0])
     if path.startswith("file:"):
-        path = unquote(path.removeprefix("file:").split("?")[0])
+        path = unquote(path.removeprefix("file:"))
     return Path(path)
 
 

@@ -257,8 +257,9 @@ def write_study(path, name: str, space: dict, cells: dict, *, outcomes: bool = T
     import optuna
 
     from resnet_ablate.record import StudyKey, TrialKey, pack_outcomes
+    from resnet_ablate.storage import sqlite_url
 
-    storage = f"sqlite:///{path}"
+    storage = sqlite_url(path)
     study = optuna.create_study(study_name=name, storage=storage)
     study.set_user_attr(StudyKey.SPEC, {"study": name, "space": space})
     study.set_user_attr(StudyKey.OBJECTIVES, ["test_error"])

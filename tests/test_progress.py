@@ -76,11 +76,12 @@ def test_the_eta_counts_the_work_left_not_the_trials_left():
 
     eta = RemainingTime(spec, Costs(), workers=2)
     shallow, deep = ResNetArch(depth=20), ResNetArch(depth=110)
-    assert eta.seconds_left([deep], [(deep, 5)], unknown=0) is None  # nothing ended yet
+    half_done = (deep, 5, 253e6 * 5 / (41e6 * 10 / 10.0))  # as long as half its work takes
+    assert eta.seconds_left([deep], [half_done], unknown=0) is None  # nothing ended yet
     eta.ended(shallow, seconds=10.0, epochs_trained=10)
     rate = 41e6 * 10 / 10.0  # work per second of one worker
     expected = (253e6 * 10 + 253e6 * 5) / rate / 2
-    assert eta.seconds_left([deep], [(deep, 5)], unknown=0) == pytest.approx(expected)
+    assert eta.seconds_left([deep], [half_done], unknown=0) == pytest.approx(expected)
     assert expected > 4 * 10.0  # the trials-left estimate: 10 s x 2 trials / 2 workers = 10 s
     # A trial the sampler has yet to choose counts as the mean ended trial's work.
     assert eta.seconds_left([], [], unknown=3) == pytest.approx(3 * 41e6 * 10 / rate / 2)
@@ -117,7 +118,7 @@ def test_the_eta_fits_the_time_a_trial_takes_whatever_its_work_once_ended_trials
     assert fixed == pytest.approx(30.0, abs=4) and per_work == pytest.approx(1e-8, rel=0.1)
     # Left: three ResNet-20s and a ResNet-110 pending, a ResNet-110 running 6 of 10 epochs in
     # (its start is behind it), two the sampler has yet to choose (the mean ended trial each).
-    pending, running = [shallow, shallow, shallow, deep], [(deep, 6)]
+    pending, running = [shallow, shallow, shallow, deep], [(deep, 6, seconds(deep, 6))]
     mean_trial = np.mean([seconds(a) for a in (shallow, shallow, shallow, deep, deep)])
     truth = (sum(seconds(a) for a in pending) + flops[110] * 4 / 1e8 + 2 * mean_trial) / 2
     found = eta.seconds_left(pending, running, unknown=2)
@@ -133,3 +134,11 @@ def test_the_eta_fits_the_time_a_trial_takes_whatever_its_work_once_ended_trials
         noisy.ended(arch, seconds=took, epochs_trained=10)
     assert noisy.time_model() == (37.5, 0.0)
     assert noisy.seconds_left([shallow, deep], [], unknown=0) == pytest.approx(75.0)
+    # Running trials at their first epochs have their time ahead, not none of it (an audit's
+    # last trials, 0 and 1 of 3 epochs done, 4 s in: ETA 0:00), however the time is modelled.
+    for model, ran in ((noisy, 4.0), (eta, 4.0)):
+        first = [(deep, 0, ran), (shallow, 1, ran)]
+        expected = sum(model.time_model()[0] + model.time_model()[1] * model.work(arch) - ran
+                       for arch, _, _ in first) / model.workers
+        assert model.seconds_left([], first, unknown=0) == pytest.approx(expected)
+        assert expected > 20

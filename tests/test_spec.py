@@ -347,6 +347,17 @@ def test_study_names_outside_the_alphabet_are_refused_naming_the_value_and_the_a
     assert STUDY_NAME_ALPHABET in message
 
 
+def test_a_study_named_by_a_bare_number_is_told_to_quote_it(tmp_path):
+    """`study: 123` reads as a number in YAML: the alphabet allows the name, and the error now
+    says how to write it."""
+    (tmp_path / "n.yaml").write_text("study: 123\nspace: {depth: [8]}\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(tmp_path / "n.yaml")
+    assert str(info.value).endswith('n.yaml: study: expected a study name (str), got the number '
+                                    '123: quote it (study: "123") to name a study so')
+    assert parse_spec({**MINIMAL, "study": "123"}).study == "123"
+
+
 @pytest.mark.parametrize("name", ["s", "quickstart", "cifar10_depth", "Run-2.v3", "x" * 100])
 def test_ordinary_study_names_are_accepted(name):
     assert parse_spec({**MINIMAL, "study": name}).study == name

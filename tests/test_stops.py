@@ -298,3 +298,25 @@ def test_a_lease_left_by_a_dead_driver_on_this_host_is_taken_over_at_once(tmp_pa
     held = optuna.load_study(study_name="orphaned", storage=storage).user_attrs["driver"]
     assert held["pid"] == os.getpid()
     lease.release()
+
+
+def test_a_ctrl_c_while_the_modules_load_stops_with_one_line():
+    """A Ctrl-C in the first half second of `resnet-ablate run` (while optuna and sqlalchemy
+    load, before the toolkit's handlers are in place) came out as a traceback, with exit 1 or
+    130. Sent here as sqlalchemy starts to load."""
+    script = """
+import os, signal, sys
+
+class CtrlCOnLoad:
+    def find_spec(self, name, path=None, target=None):
+        if name == "sqlalchemy":
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, CtrlCOnLoad())
+from resnet_ablate.cli import main
+sys.exit(main(["ls", "--runs-dir", sys.argv[1]]))
+"""
+    done = subprocess.run([sys.executable, "-c", script, "/nonexistent-runs"],
+                          capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (130, "resnet-ablate: interrupted by Ctrl-C\n")

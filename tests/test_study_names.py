@@ -111,3 +111,28 @@ def test_a_stores_tag_names_the_store_not_its_password(tmp_path, monkeypatch):
     one = store_tag("postgresql+psycopg://me:secret@db.lab:5432/studies")
     assert one == store_tag("postgresql+psycopg://me:other@db.lab:5432/studies")
     assert one != store_tag("postgresql+psycopg://me:secret@db2.lab:5432/studies")
+
+
+@pytest.mark.parametrize("folder", ["runs#1", "runs%41b", "runs?x=1", "ru ns é"])
+def test_a_runs_folder_with_url_characters_in_its_path_holds_its_stores_and_reads_back(
+        folder, tmp_path, capsys):
+    """A store's path went into a database URL as it was: in `runs?x=1` the study was written to
+    a file `runs` beside it, in `runs%41b` refused as unopenable (%41 read as `A`), and in
+    `runs#1` trained and recorded, then unreadable by every query (a `#` ends SQLite's URI
+    filename). Written where the path says, and read back by name and by path."""
+    from helpers import write_study
+
+    runs = tmp_path / folder
+    runs.mkdir()
+    optuna.create_study(study_name="written", storage=default_storage("written", runs))
+    write_study(runs / "study.db", "study", {"shortcut": ["A"]},
+                {(("A",), 0): [0, 1, 0, 0], (("A",), 1): [0, 0, 1, 1]})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder]
+    assert sorted(p.name for p in runs.iterdir()) == ["study.db", "written.db"]
+    assert load("study", runs_dir=runs).trials["seed"].tolist() == [0, 1]
+    assert main(["show", "study", "--runs-dir", str(runs), "--columns", "seed"]) == 0
+    assert main(["show", str(runs / "study.db"), "--columns", "seed"]) == 0
+    assert main(["ls", "--runs-dir", str(runs)]) == 0
+    listed = capsys.readouterr().out
+    assert "written" in listed and "study" in listed
+    assert storage.sqlite_path(default_storage("study", runs)) == runs / "study.db"

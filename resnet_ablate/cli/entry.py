@@ -85,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # A Ctrl-C while the toolkit's modules load (half a second, before its own handlers are
+        # in place) came out as a traceback: nothing has started yet.
+        print("resnet-ablate: interrupted by Ctrl-C", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from ..arch import ArchError
     from ..spec import SpecError
     from ..study import ClusterError, StoreError, StudyBusy, StudyConflict

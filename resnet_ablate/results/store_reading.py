@@ -23,7 +23,7 @@ from ..arch import ResNetArch
 from ..record import (INTERRUPTED_STATE, TOOLKIT, VIEW_METRICS, StudyKey, TrialKey,
                       metric_values, shown_state)
 from ..storage import (RUNS_ENVIRONMENT_VARIABLE, ResultsError, StoreError, default_storage,
-                       runs_folder, sqlite_path, store_faults)
+                       runs_folder, sqlite_path, sqlite_url, store_faults)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -60,7 +60,9 @@ def open_storage(storage: str) -> optuna.storages.BaseStorage:
         if not path.is_file():
             raise ResultsError(f"no study storage at {path}; {_databases_beside(path)}")
         # mode=ro: no write lock, no file creation, no schema upgrade; a busy writer is waited on.
-        url = f"sqlite:///file:{quote(str(path))}?mode=ro&uri=true"
+        # Encoded twice: SQLAlchemy decodes the URL, then SQLite the URI filename (a `#` in it
+        # ends it).
+        url = f"sqlite:///file:{quote(quote(str(path)))}?mode=ro&uri=true"
     try:
         with store_faults(storage):
             engine_kwargs: dict[str, Any] = {"poolclass": sqlalchemy.pool.NullPool}
@@ -132,7 +134,7 @@ def list_studies(storage: str | None = None, runs_dir: str | Path | None = None)
         if runs_dir.exists() and not runs_dir.is_dir():
             raise ResultsError(f"the runs folder {runs_dir} is a file, not a folder; pass "
                                "--runs-dir (or set RESNET_ABLATE_RUNS) naming a folder")
-        storages = [f"sqlite:///{p}" for p in sorted(runs_dir.glob("*.db"))]
+        storages = [sqlite_url(p) for p in sorted(runs_dir.glob("*.db"))]
         if not storages:
             raise ResultsError(f"no study storage in {runs_dir}/ (no .db file); run a study "
                                "first, or pass --storage URL or --runs-dir")
@@ -169,8 +171,8 @@ def store_holding(study: str, runs_dir: str | Path | None = None) -> str:
     holding = []
     for path in sorted(folder.glob("*.db")):
         with contextlib.suppress(ResultsError, OSError):
-            if any(s.study_name == study for s in study_summaries(f"sqlite:///{path}")):
-                holding.append(f"sqlite:///{path}")
+            if any(s.study_name == study for s in study_summaries(sqlite_url(path))):
+                holding.append(sqlite_url(path))
     if len(holding) > 1:
         names = ", ".join(sqlite_path(url).name for url in holding)
         raise ResultsError(f"study {study!r} is in {len(holding)} stores of {folder}/ ({names}) "

@@ -30,7 +30,7 @@ import optuna
 import pandas as pd
 
 from ..record import METRICS, StudyKey, TrialKey, unpack_outcomes
-from ..storage import ResultsError, weights_folder
+from ..storage import ResultsError, sqlite_url, weights_folder
 from . import summaries
 from .display import format_table
 from .effects import effects as effect_table
@@ -328,7 +328,7 @@ def load(study: str | os.PathLike[str], storage: str | None = None,
         study = only_study(study, storage)
     path = store_file(study) if storage is None else None
     if path is not None:
-        storage = f"sqlite:///{path.resolve()}"
+        storage = sqlite_url(path.resolve())
         study = only_study(study, storage)
     in_runs_folder = storage is None
     storage = storage or store_holding(study, runs_dir)

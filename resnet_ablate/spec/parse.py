@@ -44,7 +44,11 @@ def parse_spec(raw: Any, *, source: str = "<spec>") -> StudySpec:
     for key in REQUIRED_KEYS:
         if key not in top:
             raise check.fail(key, "required key is missing")
-    study = check.typed("study", top["study"], str, "a study name (str)")
+    study = top["study"]
+    if isinstance(study, (int, float)) and not isinstance(study, bool):  # YAML read `study: 123`
+        raise check.fail("study", f"expected a study name (str), got the number {study!r}: "
+                                  f"quote it (study: \"{study}\") to name a study so")
+    study = check.typed("study", study, str, "a study name (str)")
     problem = study_name_problem(study)
     if problem is not None:
         raise check.fail("study", problem)

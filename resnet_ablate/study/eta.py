@@ -4,7 +4,8 @@ A trial's work is its FLOPs per image times its epochs (the images per epoch are
 same for every trial). Trials of one study differ in it by up to 50x (ResNet-20 against 1202
 layers), and the shallow ones finish first: a mean time per trial times the trials left said six
 minutes for a study with half an hour to go. Here the work left (pending trials, and what running
-ones have still to train) is divided by the rate at which ended trials did theirs.
+ones have still to train) is divided by the rate at which ended trials did theirs; a running
+trial has left its expected time less the time it has run.
 
 A trial also takes time its work does not scale: its process's start, its data, its first
 steps, and on small nets a per-step cost that FLOPs do not count. Once ended trials span
@@ -79,17 +80,23 @@ class RemainingTime:
         return float(fixed), float(per_work)
 
     def seconds_left(self, pending: Iterable[ResNetArch],
-                     running: Iterable[tuple[ResNetArch, int]], unknown: int) -> float | None:
-        """The ETA of `pending` trials, `running` ones (with the epochs they have done: their
-        fixed time is spent) and `unknown` more whose architecture the sampler has yet to choose
-        (each the mean ended trial's work); None before any trial has ended."""
+                     running: Iterable[tuple[ResNetArch, int, float]],
+                     unknown: int) -> float | None:
+        """The ETA of `pending` trials, `running` ones (each with the epochs it has done and
+        the seconds it has run) and `unknown` more whose architecture the sampler has yet to
+        choose (each the mean ended trial's work); None before any trial has ended. A running
+        trial has left its expected time less the seconds it has run, and no less than its work
+        left at the rate: counted by its work left alone, its fixed time taken as spent, a trial
+        at its first epoch had next to nothing left (the ETA read 0:00 while the last trials had
+        all their epochs to go)."""
         model = self.time_model()
         if model is None:
             return None
         fixed, per_work = model
         mean_work = sum(self.ended_work) / len(self.ended_work)
         seconds = sum(fixed + per_work * self.work(arch) for arch in pending)
-        seconds += sum(per_work * self.work(arch, done) for arch, done in running)
+        seconds += sum(max(fixed + per_work * self.work(arch) - ran,
+                           per_work * self.work(arch, done)) for arch, done, ran in running)
         seconds += unknown * (fixed + per_work * mean_work)
         return seconds / self.workers
 

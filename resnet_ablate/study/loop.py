@@ -20,7 +20,7 @@ import dataclasses
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,15 +171,14 @@ class DriverLoop:
 
     def show_progress(self) -> None:
         left = 0 if self.to_ask == math.inf else int(self.to_ask)
-        running = [r for trials in self.running.values() for r in trials if not r.recorded]
+        running = _unrecorded(self.running.values())
         epochs = ", ".join(f"{r.epochs_done}/{self.spec.recipe_for(r.arch).epochs}"
-                           for r in running)
+                           for r, _ in running)
         self.progress.update(
             done=self.counts[Status.COMPLETED], running=len(running),
             failed=failures(self.counts), remaining=left, best=self.best,
             eta_seconds=self.remaining_time.seconds_left(
-                (self._arch_of(p) for p in self.pending),
-                ((r.arch, r.epochs_done) for r in running),
+                (self._arch_of(p) for p in self.pending), _progress_of(running),
                 unknown=max(0, left - len(self.pending))),
             epochs=f" (epochs {epochs})" if running else "",
         )
@@ -328,6 +327,20 @@ class DriverLoop:
                 ray.cancel(ref, force=True)
             self._record_early_ends()  # those that ended since the last look
             return self.recorder.mark_unfinished(how)
+
+
+def _unrecorded(stacks: Iterable[list[RunningTrial]]) -> list[tuple[RunningTrial, int]]:
+    """The running trials not yet recorded, each with its stack's size (its seeds share its
+    time)."""
+    return [(r, len(trials)) for trials in stacks for r in trials if not r.recorded]
+
+
+def _progress_of(running: list[tuple[RunningTrial, int]]
+                 ) -> list[tuple[ResNetArch, int, float]]:
+    """What the ETA takes of each running trial: its architecture, its epochs done and the
+    seconds it has run (its share of its stack's)."""
+    now = time.monotonic()
+    return [(r.arch, r.epochs_done, (now - r.started) / stacked) for r, stacked in running]
 
 
 def best_so_far(spec: StudySpec, study: optuna.Study) -> str | None:

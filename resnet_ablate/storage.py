@@ -37,8 +37,9 @@ STUDY_NAME_ALPHABET = (f"1 to {STUDY_NAME_MAX_LENGTH} ASCII letters, digits, '.'
                        "(the query commands read such a name as a store file)")
 
 
-class StudyNameError(ValueError):
-    """A study name outside STUDY_NAME_ALPHABET; the message names the value and the alphabet."""
+class StudyNameError(ValueError, ResultsError):
+    """A study name outside STUDY_NAME_ALPHABET; the message names the value and the alphabet.
+    A ResultsError too: looking a study up by such a name is a lookup problem like the rest."""
 
 
 def study_name_problem(name: object) -> str | None:

@@ -874,13 +874,17 @@ def test_the_pareto_figure_sets_groups_of_equal_cost_side_by_side_in_the_tables_
     # A cost that varies by seed (wall seconds): each configuration's mean, in the tables' unit.
     study.trials["wall_seconds"] = rng.uniform(10, 11, len(study.trials))
     (ax,) = plots.plot_pareto(study, cost="wall_seconds").axes
-    drawn = np.sort(np.concatenate([c[0].get_xdata() for c in ax.containers]))
-    configuration_means = np.sort(study.trials.groupby(["depth", "shortcut"])["wall_seconds"]
-                                  .mean().to_numpy())
+    drawn = {c.get_label(): c[0].get_xdata() for c in ax.containers}
+    means = study.trials.groupby(["shortcut", "depth"])["wall_seconds"].mean()
     assert ax.get_xlabel().startswith("wall (s)")
-    low, high = ax.get_xlim()  # moved by at most half a step of it, two groups side by side
-    assert all(np.abs(drawn - mean).min() <= plots.PARETO_SIDE_STEP * (high - low) / 2 + 1e-9
-               for mean in configuration_means)
+    # Four means within 0.6 s, a step 0.26 s: set a step apart in their true order, each moved
+    # by less than two steps.
+    order = np.argsort(means.to_numpy())
+    placed = np.concatenate([drawn[label] for label in sorted(drawn)])[order]
+    low, high = ax.get_xlim()
+    step = plots.PARETO_SIDE_STEP * (high - low)
+    assert (np.diff(placed) >= step - 1e-9).all()
+    assert (np.abs(placed - means.to_numpy()[order]) < 2 * step).all()
     # One depth: every trial of one cost. Still apart, on an axis as wide as the cost.
     (ax,) = plots.plot_pareto(study.where(f"depth == {depths[0]}")).axes
     (a,), (plain,) = (container[0].get_xdata() for container in ax.containers)

@@ -21,16 +21,16 @@ def _query(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
 
         try:
             return fn(args)
+        except StudyNameError as error:  # a name that would become a path or URL syntax
+            print(f"resnet-ablate {args.command}: error: {error}; a store can also be named by "
+                  "the path of its .db file", file=sys.stderr)
+            return 2
         except ResultsError as error:
             print(f"resnet-ablate {args.command}: error: {error}", file=sys.stderr)
             return 2
         except SeedRecordsError as error:  # a store edited by hand, or by another version
             print(f"resnet-ablate {args.command}: error: the store's records of a configuration's "
                   f"seeds disagree, so they cannot be summarised: {error}", file=sys.stderr)
-            return 2
-        except StudyNameError as error:  # a name that would become a path or URL syntax
-            print(f"resnet-ablate {args.command}: error: {error}; a store can also be named by "
-                  "the path of its .db file", file=sys.stderr)
             return 2
         except BrokenPipeError:
             raise  # stdout's reader went away: the command table ends it quietly

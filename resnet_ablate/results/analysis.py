@@ -85,14 +85,16 @@ def _load_weights(model: nn.Module, path: Path, whose: str) -> None:
                            f"{first[:200]}") from None
 
 
-def layer_responses(results: Results, numbers: Sequence[int] | None = None, *,
+def layer_responses(results: Results, numbers: int | Sequence[int] | None = None, *,
                     max_images: int | None = None, batch_size: int = 256) -> pd.DataFrame:
     """The paper's Fig. 7: for each trained model (default: every completed trial with kept
     weights) and each 3x3 conv layer, the standard deviation of its BatchNorm output, before
     the residual add and the ReLU, over the evaluation images (all elements: images, channels
     and positions). Models are rebuilt unfused, since a fused BN's output is after add + ReLU.
     Rows: number, configuration, seed, layer (1-based, forward order), module, std."""
-    if numbers is None:
+    if numbers is not None:
+        numbers = results.trial_numbers(numbers)
+    else:
         done = results.require_completed("analyse")
         numbers = [int(n) for n in done["number"] if _kept(results, int(n))]
         if not numbers:

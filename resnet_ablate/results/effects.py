@@ -136,8 +136,18 @@ def _main_effects(results: Results, factor: str, baseline: Any, levels: Sequence
         if len(mine) != 1:
             continue
         row = mine.iloc[0]
+        fields = {c: row[c] for c in EFFECT_COLUMNS[4:]}
+        # One configuration's difference, where the study sweeps others (the rest have no
+        # completed pair): said, not passed off as the average over them.
+        at = {c: row[c] for c in others
+              if str(row[c]) != "all" and results.trials[c].nunique(dropna=True) > 1}
+        if at:
+            fields["note"] = joined(fields["note"], (
+                f"at {', '.join(f'{c}={v}' for c, v in at.items())} only: no other "
+                f"configuration of {', '.join(at)} has a completed pair, so this is not the "
+                "average over them"))
         rows.append({"effect": "main", "factor(s)": factor, "level": level, "baseline": baseline,
-                     **{c: row[c] for c in EFFECT_COLUMNS[4:]}})
+                     **fields})
     return rows
 
 

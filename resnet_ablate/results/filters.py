@@ -18,7 +18,8 @@ reach a module. The grammar:
 
 A bare column is true where it is true (e.g. `fused`). Missing values follow pandas: a comparison
 with one is unknown, `and`/`or`/`not` carry unknowns through (Kleene logic), and rows still unknown
-at the end are left out, so a filter selects exactly what `DataFrame.query` would.
+at the end are left out, so a filter selects what `DataFrame.query` would, but that text
+compares without case, as specs read levels (`shortcut == 'a'` selects option A).
 """
 
 from __future__ import annotations

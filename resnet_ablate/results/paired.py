@@ -106,8 +106,8 @@ def _strata_disagree(rows: list[dict[str, Any]], others: list[str]) -> str:
 def _levels(results: Results, factor: str, baseline: Any) -> tuple[list[Any], Any]:
     """The levels of `factor` in the study and the one `baseline` names; one clear error where
     `factor` is no factor or has one level."""
-    results.check_columns([factor])
     factors = results.configuration_columns()
+    results.check_columns([factor], factors, "factors")
     if factor not in factors:  # seeds, metrics and names are not levels a study sets
         raise ResultsError(f"{factor!r} is not a factor study {results.study!r} sweeps, so it has "
                            f"no levels to compare; factors: {', '.join(factors)}")

@@ -35,7 +35,7 @@ def pareto(results: Results, objectives: Sequence[str] = ("test_error", "flops")
     if over not in ("configurations", "trials"):
         raise ResultsError(f"over={over!r}: a Pareto front is over 'configurations' (their "
                            "means over seeds) or 'trials'")
-    results.check_columns(objectives)
+    results.check_columns(objectives, list(DIRECTIONS), "Pareto objectives")
     unknown = [o for o in objectives if o not in DIRECTIONS]
     if unknown:
         raise ResultsError(f"no direction known for {unknown[0]!r}; Pareto objectives: "

@@ -175,25 +175,40 @@ def side_by_side(x: Any, position: int, count: int, low: float, high: float, *,
     return moved if where is None else np.where(where, moved, x)
 
 
-def _crowded(groups: list[Any], low: float, high: float, *, log: bool = False,
-            step: float = SIDE_STEP) -> np.ndarray:
-    """The x values, of every group's, that another group has one within `step` of the axis'
-    span of (`low` to `high`; in decades on a log axis): where `side_by_side` should move them."""
-    values = [np.unique(np.asarray(group, dtype=float)) for group in groups]
-    on_axis = [np.log(v) for v in values] if log else values
+def _placements(groups: list[Any], low: float, high: float, *, log: bool = False,
+                step: float = SIDE_STEP) -> dict[tuple[int, float], float]:
+    """Where each group's x values are drawn ((group's position, value) -> x), where they differ
+    from the values: every value, of any group, at least `step` of the axis' span (`low` to
+    `high`; in decades on a log axis) from the next, in their true order (ties in the groups'
+    order), each moved as little as that allows (least squares: pool-adjacent-violators on the
+    values less their rank's steps). Moved by the groups' order alone, a cheaper point could be
+    drawn right of a dearer one it was not even tied with (a plain net's 0.2% fewer FLOPs drawn
+    2.6% above option B's)."""
+    transform, back = (np.log, np.exp) if log else ((lambda v: v), (lambda v: v))
     near = step * ((np.log(high / low) if log else high - low) or 1.0)
-    return np.array([value for i, (mine, placed) in enumerate(zip(values, on_axis))
-                     for value, at in zip(mine, placed)
-                     if any(np.any(np.abs(other - at) < near)
-                            for j, other in enumerate(on_axis) if j != i)], dtype=float)
+    points = sorted((float(transform(value)), position, float(value))
+                    for position, group in enumerate(groups)
+                    for value in np.unique(np.asarray(group, dtype=float)))
+    # x_i >= x_(i-1) + near, least moved: an isotonic fit of y_i = a_i - i near, then back.
+    blocks: list[list[float]] = []  # [sum, count] of pooled y's
+    for rank, (at, _, _) in enumerate(points):
+        blocks.append([at - rank * near, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    fitted = [total / count for total, count in blocks for _ in range(int(count))]
+    return {(position, value): float(back(fit + rank * near))
+            for rank, (fit, (at, position, value)) in enumerate(zip(fitted, points))
+            if abs(fit + rank * near - at) > 1e-12 * max(1.0, abs(at))}
 
 
 class SideBySide:
     """Groups drawn at their x values (`groups`: each one's), those within a step of another
-    group's set side by side (`_crowded`, `side_by_side`). Where all values lie within a tenth of
-    their size of each other (one depth: option A and its plain twin, 0.2% apart), the axis spans
-    their size around them (`widened`, `low`, `high`), so that it does not zoom in on that
-    difference or on the moves; values of 0 span 1."""
+    value set a step apart in their true order (`_placements`). Where all values lie within a
+    tenth of their size of each other (one depth: option A and its plain twin, 0.2% apart), the
+    axis spans their size around them (`widened`, `low`, `high`), so that it does not zoom in on
+    that difference or on the moves; values of 0 span 1."""
 
     def __init__(self, groups: list[Any], *, log: bool = False, step: float = SIDE_STEP) -> None:
         every = np.concatenate([np.asarray(group, dtype=float) for group in groups])
@@ -204,18 +219,17 @@ class SideBySide:
             middle, width = (self.low + self.high) / 2, size or 1.0
             self.low, self.high = middle - width / 2, middle + width / 2
         self.log, self.step, self.count = log and not self.widened, step, len(groups)
-        self.shared = _crowded(groups, self.low, self.high, log=self.log, step=step)
+        self.placed = _placements(groups, self.low, self.high, log=self.log, step=step)
 
     @property
     def moves(self) -> bool:
         """Whether any group is moved at all (a figure then says so)."""
-        return len(self.shared) > 0
+        return bool(self.placed)
 
     def at(self, x: Any, position: int) -> np.ndarray:
         """Where the `position`-th group's values `x` are drawn."""
-        x = np.asarray(x, dtype=float)
-        return side_by_side(x, position, self.count, self.low, self.high, log=self.log,
-                            where=np.isin(x, self.shared), step=self.step)
+        return np.array([self.placed.get((position, float(v)), float(v))
+                         for v in np.asarray(x, dtype=float).ravel()])
 
 
 __all__ = ["ONE_SEED_LABEL", "SIDE_STEP", "SideBySide", "at_the_floor", "interval_methods",

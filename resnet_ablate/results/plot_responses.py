@@ -1,6 +1,7 @@
 """The paper's Fig. 7 drawn from a study's trained models: the std of each 3x3 layer's response
 (its BN output, before the add and ReLU), mean over seeds per architecture, in layer order and
-sorted by magnitude, on a log scale; a plain net and its residual twin in one colour."""
+sorted by magnitude, on a log scale; a plain net and its residual twins in one colour, told apart
+by their lines (plain dotted; shortcut A solid, B dashed, C dash-dot)."""
 
 from __future__ import annotations
 
@@ -29,11 +30,12 @@ def plot_responses(results: Results, responses: pd.DataFrame | None = None, *,
     twins = _twins(results, responses["arch_name"].unique())
     keys = sorted(set(twins.values()), key=lambda key: tuple(map(natural_order, key)))
     labels = _configuration_labels(results)
+    lines = _line_styles(results, responses["arch_name"].unique())
     for name, group in sorted(responses.groupby("arch_name"),
                               key=lambda item: (keys.index(twins[item[0]]), _arch_order(item))):
         mean = group.groupby("layer")["std"].mean()
         style = {"color": f"C{keys.index(twins[name]) % 10}",
-                 "linestyle": ":" if name.startswith("plain") else "-",
+                 "linestyle": lines[name],
                  "marker": ".", "label": labels.get(name, name)}
         original.plot(mean.index, mean.to_numpy(), **style)
         ordered.plot(np.arange(1, len(mean) + 1), np.sort(mean.to_numpy())[::-1], **style)
@@ -79,6 +81,24 @@ def _twins(results: Results, names: Sequence[str]) -> dict[str, tuple]:
     rows = _by_architecture(results)
     return {name: tuple(rows.loc[name, factors]) if name in rows.index and factors
             else (_depth_of(name),) for name in names}
+
+
+# A residual net's line by its shortcut option, in the options' order (A, B, C); a plain net's
+# is dotted.
+_RESIDUAL_LINES = ("-", "--", "-.")
+
+
+def _line_styles(results: Results, names: Sequence[str]) -> dict[str, str]:
+    """Each architecture's line: dotted where plain, else its shortcut option's, so that the
+    twins of one colour (one configuration but for the shortcut: A, B and plain) are told
+    apart; they were all solid but the plain one."""
+    rows = _by_architecture(results)
+    option = {name: str(rows.loc[name, "shortcut"]) if name in rows.index
+              and "shortcut" in rows.columns else "" for name in names}
+    residual = sorted({option[n] for n in names if not n.startswith("plain")}, key=natural_order)
+    return {name: ":" if name.startswith("plain") else
+            _RESIDUAL_LINES[residual.index(option[name]) % len(_RESIDUAL_LINES)]
+            for name in names}
 
 
 def _by_architecture(results: Results) -> pd.DataFrame:

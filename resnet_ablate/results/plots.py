@@ -4,8 +4,9 @@
   bold lines test error, the mean over seeds per configuration.
 - `plot_depth`: error (or any metric, in the tables' units) against depth or another numeric
   factor, one line per shortcut option, with 95% CI error bars (ringed where seeds stand apart).
-- `plot_pareto`: test error against FLOPs (G or M, log-scaled where they span a wide range) for
-  every completed trial, the Pareto front joined (means ringed where seeds stand apart).
+- `plot_pareto`: test error against FLOPs (in GFLOPs, as the tables; log-scaled where they
+  span a wide range) for every completed trial, the Pareto front joined (means ringed where
+  seeds stand apart).
 - `plot_responses` (plot_responses.py): Fig. 7, the std of each 3x3 layer's BN output, in layer
   order and sorted, on a log scale.
 
@@ -70,10 +71,11 @@ def plot_curves(results: Results, *, panel_by: str | None = None, color_by: str 
     if metric not in ("error", "loss"):
         raise ResultsError(f"plot curves: no per-epoch {metric!r}; curves are of 'error' or "
                            "'loss' (each epoch's train_ and test_ values)")
+    results.check_columns([c for c in (panel_by, color_by) if c],
+                          results.configuration_columns(), "factors")
     curves = results.curves(list(results.require_completed("plot")["number"]))
     if curves.empty:
         raise ResultsError(f"study {results.study!r}: no per-epoch curves recorded")
-    results.check_columns([c for c in (panel_by, color_by) if c])
     panels = sorted(curves[panel_by].unique(), key=panel_order) if panel_by else [None]
     colors = sorted(curves[color_by].unique(), key=natural_order)
     # Shades of one sequential map, in the colour factor's order (shallow to deep): the depth and
@@ -93,6 +95,7 @@ def plot_curves(results: Results, *, panel_by: str | None = None, color_by: str 
     floor = (0.5 * shown[shown > 0].min() if (shown > 0).any() else 0.01) \
         if metric == "error" else 0.0
     one_epoch = curves["epoch"].nunique() == 1
+    log_loss = metric == "loss" and bool((shown[np.isfinite(shown)] > 0).all())
     for ax, panel in zip(axes, panels):
         subset = curves if panel is None else curves[curves[panel_by] == panel]
         for value in colors:
@@ -105,12 +108,7 @@ def plot_curves(results: Results, *, panel_by: str | None = None, color_by: str 
                                          f"({seeds} seed{'s' if seeds != 1 else ''})")
         ax.set_title(level_label(panel_by, panel) if panel_by else results.title)
         ax.set_xlabel("epoch")
-        ax.set_ylabel((f"error (%, log scale; \u25bc 0%, drawn at {floor:.2g})"
-                       if (shown <= 0).any() else "error (%, log scale)")
-                      if metric == "error" else metric)
-        if metric == "error":  # the last epochs, where configurations differ by a point or two,
-            log_percent_axis(ax)  # would lie flat at the bottom of a 0-70% linear axis
-            labelled_within_a_decade(ax)  # 6-9%: no 1, 2 or 5 of a decade to label
+        _curves_y_axis(ax, metric, floor if (shown <= 0).any() else None, log_loss)
         ax.grid(alpha=0.3, which="both")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if one_epoch:  # else the axis spans a tenth of an epoch, unlabelled
@@ -119,6 +117,22 @@ def plot_curves(results: Results, *, panel_by: str | None = None, color_by: str 
         ax.legend(title="filled: test, hollow: train" if one_epoch
                   else "bold: test, thin dashed: train", fontsize="small", title_fontsize="small")
     return figure
+
+
+def _curves_y_axis(ax: Any, metric: str, floor: float | None, log_loss: bool) -> None:
+    """The curves' y axis: error on a log percent axis (a mean of 0 drawn at `floor`, where
+    given), loss on a log axis where every loss is above 0."""
+    if metric == "error":  # the last epochs, where configurations differ by a point or two,
+        ax.set_ylabel(f"error (%, log scale; \u25bc 0%, drawn at {floor:.2g})" if floor
+                      else "error (%, log scale)")
+        log_percent_axis(ax)  # would lie flat at the bottom of a 0-70% linear axis
+        labelled_within_a_decade(ax)  # 6-9%: no 1, 2 or 5 of a decade to label
+    elif log_loss:  # one plain net's first-epoch loss of 210 flattened the rest to zero
+        ax.set_ylabel(f"{metric} (log scale)")
+        ax.set_yscale("log")
+        labelled_within_a_decade(ax)
+    else:
+        ax.set_ylabel(metric)
 
 
 def _draw_curves(ax: Any, mean: pd.DataFrame, floor: float, color: Any, label: str) -> None:
@@ -242,10 +256,12 @@ def plot_pareto(results: Results, *, metric: str = "test_error", cost: str = "fl
     costs = scale * done[cost].astype(float)
     # Depths 20 to 1202 span 60x: a linear axis crowds the small nets. (An option-A net costs
     # 0.2% more than its plain twin: its shortcuts' additions.)
-    apart = SideBySide([scale * np.concatenate([
-        group[cost].astype(float), configurations[value][cost].astype(float)
-        if value in configurations else []]) for value, group in trials],
-        log=costs.min() > 0 and costs.max() / costs.min() > 8, step=PARETO_SIDE_STEP)
+    # Set apart by their means (a trial whose cost is its configuration's moves with it; one
+    # whose cost varies by seed, as wall time, is drawn where it is).
+    apart = SideBySide([scale * (configurations[value][cost] if value in configurations
+                                 else group[cost]).astype(float) for value, group in trials],
+                       log=costs.min() > 0 and costs.max() / costs.min() > 8,
+                       step=PARETO_SIDE_STEP)
 
     def placed(values: Any, value: Any) -> np.ndarray:
         return apart.at(scale * np.asarray(values, dtype=float), positions[value])

@@ -6,7 +6,7 @@
     r.summary(by=["depth", "shortcut"])           # over seeds: count, mean, std, 95% CI
     r.compare("shortcut", baseline="A")           # paired over seeds: difference, CI, p-value
     r.effects()                                   # main effects and interactions of every factor
-    r.pareto(["test_error", "flops"])             # the non-dominated trials
+    r.pareto(["test_error", "flops"])             # the non-dominated configurations (means)
     r.curves()                                    # per-epoch train/test error, one row per epoch
     r.layer_responses()                           # Fig. 7: std of each 3x3 layer's BN output
     r.where("depth == 20").summary()              # any of them on a subset (filters.py)
@@ -93,22 +93,33 @@ class Results:
     def state_counts(self) -> dict[str, int]:
         return {str(k): int(v) for k, v in self.trials["state"].value_counts().items()}
 
-    def check_columns(self, columns: Sequence[str]) -> None:
-        missing = [c for c in columns if c not in self.trials.columns]
-        if missing:
-            raise ResultsError(f"no column {missing[0]!r} in study {self.study!r}; "
-                               f"columns: {', '.join(self.trials.columns)}")
+    def check_columns(self, columns: Sequence[str], valid: Sequence[str] | None = None,
+                      what: str = "columns") -> None:
+        """One ResultsError for the first of `columns` that is no column name here, naming
+        what is `valid` (`what`: "factors", ...; every column by default)."""
+        shown = f"{what}: {', '.join(self.trials.columns if valid is None else valid)}"
+        for column in columns:
+            if not isinstance(column, str):
+                raise ResultsError(f"expected a column name (str), got {column!r}; {shown}")
+            if column not in self.trials.columns:
+                raise ResultsError(f"no column {column!r} in study {self.study!r}; {shown}")
+
+    def metrics(self) -> list[str]:
+        """The columns a mean can be taken of: the recorded measurements (numbers that name a
+        trial or its configuration, as seed, number or depth, are not)."""
+        named = {"number", "seed", *ARCH_COLUMNS, *self.swept}
+        return [c for c in self.trials.columns if c in METRICS or (
+            c not in named and pd.api.types.is_numeric_dtype(self.trials[c]))]
 
     def check_metric(self, metric: str) -> None:
-        """A metric must be a numeric column: statistics over `arch_name` mean nothing."""
-        self.check_columns([metric])
-        if metric not in METRICS and not pd.api.types.is_numeric_dtype(self.trials[metric]):
-            # Numbers that name a trial or its configuration are not measurements.
-            named = {"number", "seed", *ARCH_COLUMNS, *self.swept}
-            numeric = [c for c in self.trials.columns if c in METRICS or (
-                c not in named and pd.api.types.is_numeric_dtype(self.trials[c]))]
-            raise ResultsError(f"{metric!r} is not a numeric column, so it has no mean; "
-                               f"metrics: {', '.join(numeric)}")
+        """A metric must be a measurement: statistics over `arch_name` or `seed` mean nothing."""
+        valid = self.metrics()
+        self.check_columns([metric], valid, "metrics")
+        if metric not in valid:
+            kind = "names a trial or its configuration, not a measurement" if \
+                pd.api.types.is_numeric_dtype(self.trials[metric]) else "is not a numeric column"
+            raise ResultsError(f"{metric!r} {kind}, so it has no mean; metrics: "
+                               f"{', '.join(valid)}")
 
     def where(self, query: str | None) -> Results:
         """The same results restricted to the trials a filter selects, e.g.
@@ -116,6 +127,9 @@ class Results:
         as code)."""
         if not query:
             return self
+        if not isinstance(query, str):
+            raise ResultsError(f"where takes a filter (str), as \"depth == 20 and shortcut == "
+                               f"'A'\", got {query!r}")
         try:
             kept = self.trials[filter_mask(self.trials, query)]
         except FilterError as error:
@@ -128,6 +142,7 @@ class Results:
         """The trials sorted by columns; a leading "-" sorts that column descending."""
         if not columns:
             return self.trials
+        columns = _names(columns)  # "test_error" is one column, not ten letters
         names = [c.lstrip("-") for c in columns]
         self.check_columns(names)
         return self.trials.sort_values(names, ascending=[not c.startswith("-") for c in columns],
@@ -226,28 +241,27 @@ class Results:
         """Per-epoch records (epoch, lr, train/test loss and error, seconds) of the given trials
         (a number, several, or by default every trial here that recorded any), one row per trial
         and epoch."""
+        return _curves(self, self.trial_numbers(numbers))
+
+    def trial_numbers(self, numbers: int | Sequence[int] | None) -> list[int]:
+        """`numbers` (one trial's, several, or None for every trial here) as a checked list."""
         if numbers is None:
-            numbers = list(self.trials["number"])
-        numbers = [numbers] if isinstance(numbers, (int, np.integer)) else list(numbers)
-        self.check_numbers(numbers)
-        info = self.trials.set_index("number")
-        keep = ["arch_name", *self.configuration_columns(), "seed", "state"]
-        keep = list(dict.fromkeys(keep))
-        rows = []
-        for number in numbers:
-            for record in self.attrs.get(int(number), {}).get("curves") or []:
-                rows.append({"number": int(number), **info.loc[number, keep].to_dict(), **record})
-        columns = ["number", *keep, "epoch", "lr", "train_loss", "train_error", "test_loss",
-                   "test_error", "seconds"]
-        return pd.DataFrame(rows, columns=columns)
+            return [int(n) for n in self.trials["number"]]
+        numbers = [numbers] if isinstance(numbers, (int, np.integer)) else numbers
+        if isinstance(numbers, str) or not isinstance(numbers, (Sequence, np.ndarray)):
+            raise ResultsError(f"expected trial numbers (an int or a list of them), got "
+                               f"{numbers!r}")
+        self.check_numbers(list(numbers))
+        return [int(n) for n in numbers]
 
     def check_numbers(self, numbers: Sequence[int]) -> None:
         known = set(int(n) for n in self.trials["number"])
-        unknown = [n for n in numbers if int(n) not in known]
-        if unknown:
-            raise ResultsError(f"no trial {unknown[0]} in these results of study {self.study!r}; "
-                               "trials here: "
-                               f"{_ranges(sorted(known)) or 'none'}")
+        here = f"trials here: {_ranges(sorted(known)) or 'none'}"
+        for n in numbers:
+            if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+                raise ResultsError(f"trial numbers are ints, got {n!r}; {here}")
+            if int(n) not in known:
+                raise ResultsError(f"no trial {n} in these results of study {self.study!r}; {here}")
 
     def weights_path(self, number: int) -> Path | None:
         """Where trial `number`'s kept weights are (None where none were kept). Recorded
@@ -272,7 +286,8 @@ class Results:
 
         return trained_model(self, number, fused=fused, data=data)
 
-    def layer_responses(self, numbers: Sequence[int] | None = None, *, max_images: int | None = None,
+    def layer_responses(self, numbers: int | Sequence[int] | None = None, *,
+                        max_images: int | None = None,
                         batch_size: int = 256) -> pd.DataFrame:
         """The paper's Fig. 7 (see analysis.layer_responses)."""
         from .analysis import layer_responses
@@ -286,11 +301,25 @@ class Results:
         return format_table(frame)
 
 
+def _curves(results: Results, numbers: list[int]) -> pd.DataFrame:
+    info = results.trials.set_index("number")
+    keep = list(dict.fromkeys(["arch_name", *results.configuration_columns(), "seed", "state"]))
+    rows = []
+    for number in numbers:
+        for record in results.attrs.get(int(number), {}).get("curves") or []:
+            rows.append({"number": int(number), **info.loc[number, keep].to_dict(), **record})
+    columns = ["number", *keep, "epoch", "lr", "train_loss", "train_error", "test_loss",
+               "test_error", "seconds"]
+    return pd.DataFrame(rows, columns=columns)
+
+
 def _names(value: str | Sequence[str]) -> list[str]:
     """Column names from a sequence of them or one string of them separated by commas (a bare
     string would otherwise be read as a sequence of one-letter names)."""
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, Sequence):
+        raise ResultsError(f"expected column names (a str or a list of them), got {value!r}")
     return list(value)
 
 
@@ -346,7 +375,8 @@ def load(study: str | os.PathLike[str], storage: str | None = None,
         objectives=tuple(loaded.user_attrs.get(StudyKey.OBJECTIVES, ["test_error"])),
         question=loaded.user_attrs.get(StudyKey.QUESTION, ""), spec=spec,
         attrs={t.number: dict(t.user_attrs) for t in trials},
-        weights_folder=weights_folder(storage, runs_dir),
+        # Absolute now: a later change of working folder must not lose the weights.
+        weights_folder=weights_folder(storage, runs_dir).absolute(),
         seed_rule=loaded.user_attrs.get(StudyKey.SEED_RULE),
     )
 

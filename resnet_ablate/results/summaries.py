@@ -56,10 +56,11 @@ def summary(results: Results, by: Sequence[str] | None = None,
     narrowed = {c for c, d in decisions(results).items() if d.narrowed}
     width_rule = _width_rule(results) if metric in ERROR_RATES else None
     left = LeftOut.of(results, done, lacking, metric)
+    swept = results.configuration_columns()
+    partial = _partial_pools(done, by, swept)
     rows = []
     for key, group in done.groupby(by, sort=True, dropna=False):
         where = dict(zip(by, key if isinstance(key, tuple) else (key,)))
-        swept = results.configuration_columns()
         configurations = {tuple(zip(swept, values))
                           for values in group[swept].itertuples(index=False, name=None)}
         if len(configurations) > 1:
@@ -72,7 +73,8 @@ def summary(results: Results, by: Sequence[str] | None = None,
         else:
             estimate, stopping = configuration_estimate(results, group, metric), WIDTH_STOPPED
         estimate = with_note(estimate, joined(
-            left.note(where), stopping if configurations & narrowed else ""))
+            left.note(where), stopping if configurations & narrowed else "",
+            partial.get(tuple(where.values()), "")))
         names = group["arch_name"].unique()
         rows.append({
             **where,
@@ -80,7 +82,8 @@ def summary(results: Results, by: Sequence[str] | None = None,
             "n": estimate.n, f"{metric}_mean": estimate.mean, f"{metric}_std": estimate.std,
             f"{metric}_ci95_low": estimate.low, f"{metric}_ci95_high": estimate.high,
             "method": estimate.method, "note": note(estimate),
-            "params": _one_or_mean(group["params"]), "flops": _one_or_mean(group["flops"]),
+            "params": _configurations_mean(group, "params", swept),
+            "flops": _configurations_mean(group, "flops", swept),
         })
     frame = with_methods(pd.DataFrame(rows))
     frame.attrs["notes"] = _unsummarised(results.trials, done, by)
@@ -245,8 +248,34 @@ def _floats(series: pd.Series) -> np.ndarray:
     return series.to_numpy(dtype=float, na_value=np.nan)
 
 
-def _one_or_mean(series: pd.Series) -> Any:
-    values = series.dropna().unique()
-    if len(values) == 1:
-        return values[0]
-    return float(np.mean(values.astype(float))) if len(values) else None
+def _configurations_mean(group: pd.DataFrame, column: str, swept: list[str]) -> Any:
+    """A value each configuration fixes (parameters, FLOPs): the one value, or the mean over
+    the group's configurations (the mean of its distinct values weighed two configurations
+    of one size as one)."""
+    per_configuration = group.groupby(swept, sort=False, dropna=False)[column].first().dropna()
+    if per_configuration.nunique() == 1:
+        return per_configuration.iloc[0]
+    return float(per_configuration.astype(float).mean()) if len(per_configuration) else None
+
+
+def _partial_pools(done: pd.DataFrame, by: list[str], swept: list[str]) -> dict[tuple, str]:
+    """A note for each row of `by` that pools fewer of the other factors' configurations than
+    another row does (one with no completed seed at some of them): rows over different sets of
+    configurations would otherwise sit side by side as if alike."""
+    others = [c for c in swept if c not in by]
+    if not others:
+        return {}
+    pools = {(key if isinstance(key, tuple) else (key,)):
+             set(group[others].astype(str).itertuples(index=False, name=None))
+             for key, group in done.groupby(by, sort=True, dropna=False)}
+    every = set().union(*pools.values())
+    notes = {}
+    for key, pool in pools.items():
+        missing = sorted(every - pool)
+        if missing:
+            shown = "; ".join(", ".join(f"{c}={v}" for c, v in zip(others, m))
+                              for m in missing[:3])
+            notes[key] = (f"over {len(pool)} of the {len(every)} configurations of "
+                          f"{', '.join(others)} the other rows pool: none completed at {shown}"
+                          f"{' and more' if len(missing) > 3 else ''}")
+    return notes

@@ -105,6 +105,32 @@ def test_a_clear_difference_is_decided_and_a_tie_stays_open():
     assert not closed.open and closed.reason.startswith("max seeds (5) reached")
 
 
+def test_the_reasons_say_which_way_a_difference_goes_and_what_is_missing():
+    """The baseline's row read "vs shortcut=none: decided: differs, [1.97, 10.34]": plain minus
+    A, though on A's row it reads as A the worse. Without a margin "exceeds +-0.00" hid that
+    nothing can be decided alike; a baseline whose other level never ran (over budget) was
+    "no baseline to compare with"."""
+    rng = np.random.default_rng(0)
+    difficulty = rng.normal(0, 0.05, IMAGES)
+    levels = {"shortcut": ["A", "none"]}
+    seeds = {(("shortcut", "A"),): _seeds(rng, 0.10, 2, difficulty),
+             (("shortcut", "none"),): _seeds(rng, 0.40, 2, difficulty)}
+    decisions = decide(AdaptiveSeeds(2, 5, decided="shortcut", margin=0.005), levels, seeds)
+    assert decisions[(("shortcut", "A"),)].reason.startswith(
+        "vs shortcut=none (none - A): decided: differs, [")
+    tie = {(("shortcut", s),): _seeds(rng, 0.10, 2, difficulty) for s in ("A", "none")}
+    open_reason = decide(AdaptiveSeeds(2, 5, decided="shortcut", margin=0.0), levels,
+                         tie)[(("shortcut", "none"),)].reason
+    assert open_reason.startswith("open: [") and open_reason.endswith(
+        "straddles 0 (no margin: levels are never decided alike, so seeds go on to max unless "
+        "they differ)")
+    alone = decide(AdaptiveSeeds(2, 5, decided="shortcut", margin=0.005), levels,
+                   {(("shortcut", "A"),): seeds[(("shortcut", "A"),)]})[(("shortcut", "A"),)]
+    assert (alone.kind, alone.reason) == (
+        "nothing to compare with", "nothing to compare with: no seed of its partner in the "
+        "decided factor completed (over budget, failed or not run)")
+
+
 def test_seeds_between_looks_wait_for_the_next_look():
     """A failed trial leaves a configuration between looks (5 seeds where the looks are 2, 3,
     4, 6, 9, 10): its question is looked at with the first seeds of the last look it reached,
@@ -410,7 +436,7 @@ def test_the_width_rules_summary_interval_covers_whatever_look_stopped_the_seeds
     assert 0.6 <= early_covered / early <= 0.97, (early, early_covered / early)
 
 
-def test_the_driver_adds_seeds_only_where_the_question_is_open(local_ray, tmp_path):
+def test_the_driver_adds_seeds_only_where_the_question_is_open(local_ray, tmp_path, capsys):
     # Depth 8 with and without shortcuts on an easy synthetic task: whatever the nets learn, the
     # driver must stop each configuration exactly where the rule says.
     rule = {"min": 2, "max": 4, "until": {"decided": "shortcut", "margin": 0.0}}
@@ -440,6 +466,24 @@ def test_the_driver_adds_seeds_only_where_the_question_is_open(local_ray, tmp_pa
         seeds = sorted(t.user_attrs["seed"] for t in trials
                        if configuration({k: t.params[k] for k in params}) == configuration(params))
         assert seeds == list(range(counts[configuration(params)]))
+    # What a run says at each look: every open configuration with why and its new seeds, every
+    # one the rule closed since, once (it said only how many were open).
+    from resnet_ablate.study.costs import StudyCosts
+    from resnet_ablate.study.grid import look
+
+    said: set = set()
+    first = [t for t in trials if t.user_attrs["seed"] < 2]
+    added, lines = look(spec, first, StudyCosts(spec), said)
+    at_first = seed_decisions(spec, first)
+    for point, decision in at_first.items():
+        where = ", ".join(f"{factor}={level}" for factor, level in point)
+        expected = (f"adaptive seeds: {where}: {decision.reason}; 1 more seed(s)" if decision.open
+                    else f"adaptive seeds: {where}: closed at 2 seed(s), {decision.reason}")
+        assert expected in lines, (expected, lines)
+    assert len(added) == sum(d.open for d in at_first.values())
+    assert said == {p for p, d in at_first.items() if not d.open}
+    again_lines = look(spec, first, StudyCosts(spec), said)[1]
+    assert not any("closed at" in line for line in again_lines)
     # A second run finds nothing open and trains nothing.
     again = run_study(spec, RunOptions(runs_dir=tmp_path, progress=False))
     assert again.launched == 0
@@ -457,6 +501,14 @@ def test_the_driver_adds_seeds_only_where_the_question_is_open(local_ray, tmp_pa
     for row in table.to_dict("records"):
         point = configuration({"shortcut": row["shortcut"], "depth": row["depth"]})
         assert row["seeds"] == counts[point] and row["reason"] == final[point].reason
+    # The command line shows them too (only the Python API did, though notes pointed there).
+    from resnet_ablate.cli import main
+
+    capsys.readouterr()
+    assert main(["decisions", spec.study, "--runs-dir", str(tmp_path), "--format", "json"]) == 0
+    import json
+    shown = json.loads(capsys.readouterr().out)
+    assert [row["reason"] for row in shown] == list(table["reason"])
     page = report.render_report(loaded, responses=False)
     assert "Adaptive seeds: why each configuration stopped" in page
     # Two comparisons (shortcut none against A at depths 8 and 14): the family's rate is named.
@@ -506,6 +558,22 @@ def test_a_resumed_plan_counts_the_next_look_of_a_question_left_open(local_ray, 
     assert cut.adaptive_seeds.looks == (2, 3, 4)
     assert status == {(s, seed): ["done", "done", "pending", "if open"][seed]
                       for s in ("A", "none") for seed in range(4)}
+    # Stopped within that look: A's seed 2 done, none's interrupted. The run redoes none's seed
+    # 2 and only then looks: A's seed 3 is "if open" (the dry run counted it as to run).
+    from resnet_ablate.record import FailureKind
+
+    (a_two,) = [t for t in done if (t.params["shortcut"], t.user_attrs["seed"]) == ("A", 2)]
+    (none_two,) = [t for t in done if (t.params["shortcut"], t.user_attrs["seed"]) == ("none", 2)]
+    store.add_trial(a_two)
+    store.add_trial(optuna.trial.create_trial(
+        params=none_two.params, distributions=none_two.distributions,
+        state=optuna.trial.TrialState.FAIL,
+        user_attrs={**none_two.user_attrs, "failure_kind": FailureKind.INTERRUPTED}))
+    status = {(p.params["shortcut"], p.seed): p.status
+              for p in plan_study(cut, RunOptions(runs_dir=tmp_path))}
+    assert status == {("A", 0): "done", ("A", 1): "done", ("A", 2): "done", ("A", 3): "if open",
+                      ("none", 0): "done", ("none", 1): "done", ("none", 2): "pending",
+                      ("none", 3): "if open"}
 
 
 def test_a_studys_seed_rule_is_kept_and_a_dry_run_writes_nothing(local_ray, tmp_path):

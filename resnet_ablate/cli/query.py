@@ -160,6 +160,19 @@ def _effects(args: argparse.Namespace) -> int:
     return emit_statistics(table, args)
 
 
+@command("decisions")
+@_query
+def _decisions(args: argparse.Namespace) -> int:
+    from ..results import ResultsError
+
+    results = _load(args)
+    table = results.seed_decisions()
+    if table.empty:
+        raise ResultsError(f"study {results.study!r} has fixed seeds ({results.spec.get('seeds')}"
+                           "): no adaptive seed rule to decide with")
+    return emit(table, args)
+
+
 @command("pareto")
 @_query
 def _pareto(args: argparse.Namespace) -> int:
@@ -254,6 +267,8 @@ def add_query_commands(sub) -> None:
     effects.add_argument("--importance", action="store_true",
                          help="instead: each factor's share of the metric's variance over the "
                          "trials (Optuna's fANOVA; no interval)")
+    query("decisions", "adaptive seeds: each configuration's verdict, its seeds and why they "
+                       "stopped or go on")
     pareto = query("pareto", "the non-dominated configurations (means over seeds) or trials")
     pareto.add_argument("--objectives", default="test_error,flops",
                         help="comma-separated (default: test_error,flops)")

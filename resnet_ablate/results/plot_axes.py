@@ -98,6 +98,8 @@ def plain_number_x_axis(ax: Any, *, log: bool) -> None:
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    else:  # plain numbers are long (0.00125): eight of them ran together on a report's figure
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]))
     ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
 
 

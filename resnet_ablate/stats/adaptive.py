@@ -57,11 +57,12 @@ class Decision:
 
 
 # What a decision says, in a word: a comparison decided either way (a baseline's against several
-# levels, differently), still open, closed at max seeds undecided, a configuration with no
-# baseline to compare with, or the width rule's.
+# levels, differently), still open, closed at max seeds undecided, a configuration with nothing
+# to compare with (a level without its baseline's seeds, or a baseline without any other
+# level's: one over budget, say), or the width rule's.
 DIFFERS, WITHIN, MIXED, OPEN, UNDECIDED, NO_BASELINE, NARROW = (
     "differs", "within the margin", "decided, differently by level", "open",
-    "undecided at max seeds", "no baseline to compare with", "narrow enough")
+    "undecided at max seeds", "nothing to compare with", "narrow enough")
 KINDS = (DIFFERS, WITHIN, MIXED, OPEN, UNDECIDED, NO_BASELINE, NARROW)
 
 
@@ -147,6 +148,9 @@ def _comparison_decision(rule: AdaptiveSeeds, base: Sequence[SeedResult],
     if -rule.margin <= within.low and within.high <= rule.margin:
         return WITHIN, (f"decided: within +-{_percent(rule.margin)}, "
                         f"{_interval(within, rule.equivalence_level)}")
+    if rule.margin == 0:  # (until: {decided: ...} without a margin)
+        return OPEN, (f"open: {_interval(differs, rule.level)} straddles 0 (no margin: levels "
+                      "are never decided alike, so seeds go on to max unless they differ)")
     return OPEN, (f"open: {_interval(differs, rule.level)} straddles 0 and exceeds "
                   f"+-{_percent(rule.margin)}")
 
@@ -185,8 +189,11 @@ def decide(rule: AdaptiveSeeds, space_levels: Mapping[str, Sequence[Any]],
                 continue
             verdict = _comparison_decision(rule, seeds[partner], results)
             comparisons[configuration].append(verdict)
-            comparisons[partner].append((verdict[0], f"vs {rule.decided}="
-                                         f"{levels[rule.decided]}: {verdict[1]}"))
+            # The interval is the level's error less this baseline's: said, since on the
+            # baseline's row it reads the other way round.
+            level = levels[rule.decided]
+            comparisons[partner].append((verdict[0], f"vs {rule.decided}={level} ({level} - "
+                                         f"{baseline}): {verdict[1]}"))
     for configuration, results in seeds.items():
         n = len(results)
         if n < rule.min:
@@ -210,7 +217,8 @@ def _compared(verdicts: list[tuple[str, str]], n: int) -> Decision:
     """A configuration's decision from its comparisons' (kind, reason): open while any is; its
     kind theirs where they agree (a baseline compared with several levels may hear several)."""
     if not verdicts:
-        return Decision(False, "nothing to compare with", n, kind=NO_BASELINE)
+        return Decision(False, "nothing to compare with: no seed of its partner in the decided "
+                        "factor completed (over budget, failed or not run)", n, kind=NO_BASELINE)
     kinds = {kind for kind, _ in verdicts}
     is_open = OPEN in kinds
     kind = OPEN if is_open else kinds.pop() if len(kinds) == 1 else MIXED

@@ -163,6 +163,44 @@ def more_seeds(spec: StudySpec, trials: Iterable[optuna.trial.FrozenTrial],
     return added
 
 
+def look(spec: StudySpec, trials: Sequence[optuna.trial.FrozenTrial], costs: StudyCosts,
+         said: set[Configuration]) -> tuple[list[PendingPoint], list[str]]:
+    """A run's look of adaptive seeds, every started seed having ended: the seeds it adds
+    (`more_seeds`) and what it says of them (`decision_lines`); nothing with fixed seeds."""
+    if spec.adaptive_seeds is None:
+        return [], []
+    decisions = seed_decisions(spec, trials)
+    added = more_seeds(spec, trials, costs, decisions)
+    lines = decision_lines(decisions, added, said)
+    if added:
+        points = len({point_key(p.params, 0) for p in added})
+        lines.append(f"adaptive seeds: {points} configuration(s) still open, {len(added)} more "
+                     "trial(s)")
+    return added, lines
+
+
+def decision_lines(decisions: dict[Configuration, Decision], added: Sequence[PendingPoint],
+                   said: set[Configuration]) -> list[str]:
+    """What a run says at a look of adaptive seeds: each open configuration, why it is open and
+    the seeds it gets (`added`), and each configuration the rule closed since the last look
+    (`said`: those already told of, updated), why: a run that said only "2 configuration(s)
+    still open" left its decisions to the report."""
+    more: dict[Configuration, int] = {}
+    for point in added:
+        more[configuration(point.params)] = more.get(configuration(point.params), 0) + 1
+    lines = []
+    for key, decision in decisions.items():
+        where = ", ".join(f"{factor}={level}" for factor, level in key)
+        if decision.open and key in more:
+            lines.append(f"adaptive seeds: {where}: {decision.reason}; {more[key]} more "
+                         f"seed(s)")
+        elif not decision.open and key not in said:
+            said.add(key)
+            lines.append(f"adaptive seeds: {where}: closed at {decision.seeds} seed(s), "
+                         f"{decision.reason}")
+    return lines
+
+
 @dataclass(frozen=True)
 class Outlook:
     """Adaptive seeds, as the store stands, for grid points with no seed left to run first:
@@ -182,9 +220,11 @@ def outlook(spec: StudySpec, trials: Sequence[optuna.trial.FrozenTrial], history
     decisions = seed_decisions(spec, trials)
     decided = {point for point, decision in decisions.items()
                if not decision.open and point not in waiting}
-    added = more_seeds(spec, trials, costs, decisions)
-    return Outlook(frozenset(point_key(p.params, p.seed) for p in added
-                             if configuration(p.params) not in waiting), frozenset(decided))
+    # A run looks once every started seed has ended: while any waits to run (a resumed look an
+    # interruption cut short), no next seeds are added yet, a configuration's whose own seeds
+    # ended included (its question is paired with the waiting one's).
+    added = [] if waiting else more_seeds(spec, trials, costs, decisions)
+    return Outlook(frozenset(point_key(p.params, p.seed) for p in added), frozenset(decided))
 
 
 def plan(spec: StudySpec, history: GridHistory, costs: StudyCosts,

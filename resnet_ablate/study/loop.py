@@ -34,7 +34,7 @@ from ..spec import StudySpec
 from . import cluster
 from .costs import StudyCosts
 from .eta import RemainingTime
-from .grid import GridHistory, PendingPoint, more_seeds
+from .grid import GridHistory, PendingPoint, look
 from .recorder import TrialRecorder
 from .signals import StopSignals, heard_in, signals_held
 from .space import decode_params, point_key, prunes
@@ -107,6 +107,7 @@ class DriverLoop:
         self.counts: Counter[str] = Counter()
         self.remaining_time = RemainingTime(spec, costs, workers)
         self._archs: dict[str, ResNetArch] = {}  # pending grid points' architectures, by key
+        self._closed_said: set[Any] = set()  # configurations the adaptive rule closed, told of
         self.launched = 0
         self.board: Any = None
         self.best: str | None = None
@@ -192,14 +193,13 @@ class DriverLoop:
 
     def _add_open_seeds(self) -> None:
         """Adaptive seeds: every started trial has ended, so the grid points whose question is
-        still open get their next seed (grid.more_seeds)."""
-        added = more_seeds(self.spec, self.study.get_trials(deepcopy=False), self.costs)
-        if added:
-            self.pending.extend(added)
-            self.to_ask += len(added)  # adaptive seeds have no budget.trials (spec/parse.py)
-            points = len({point_key(p.params, 0) for p in added})
-            self.progress.log(f"adaptive seeds: {points} configuration(s) still open, "
-                              f"{len(added)} more trial(s)")
+        still open get their next seed, each open or newly closed one said (grid.look)."""
+        added, lines = look(self.spec, self.study.get_trials(deepcopy=False), self.costs,
+                            self._closed_said)
+        for line in lines:
+            self.progress.log(line)
+        self.pending.extend(added)
+        self.to_ask += len(added)  # adaptive seeds have no budget.trials (spec/parse.py)
 
     def _next_ready_points(self) -> list[PendingPoint]:
         """The next ready grid point, with (resources.stack_seeds) up to that many ready seeds

@@ -152,3 +152,15 @@ def test_loss_curves_are_on_a_log_axis_that_one_large_loss_does_not_flatten():
                            for e in (1, 2, 3)]
     ax = plots.plot_curves(study, metric="loss").axes[0]
     assert ax.get_yscale() == "log" and ax.get_ylabel() == "loss (log scale)"
+
+
+def test_decisions_of_a_study_with_fixed_seeds_is_one_line(tmp_path, capsys):
+    from helpers import write_study
+    from resnet_ablate.cli import main
+
+    write_study(tmp_path / "s.db", "s", {"shortcut": ["A"]},
+                {(("A",), 0): [0, 1, 0, 0], (("A",), 1): [0, 0, 1, 1]})
+    assert main(["decisions", str(tmp_path / "s.db")]) == 2
+    assert capsys.readouterr().err == (
+        "resnet-ablate decisions: error: study 's' has fixed seeds, no adaptive seed rule whose "
+        "decisions to show (`summary` and `compare` answer it)\n")

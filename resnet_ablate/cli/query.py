@@ -168,8 +168,8 @@ def _decisions(args: argparse.Namespace) -> int:
     results = _load(args)
     table = results.seed_decisions()
     if table.empty:
-        raise ResultsError(f"study {results.study!r} has fixed seeds ({results.spec.get('seeds')}"
-                           "): no adaptive seed rule to decide with")
+        raise ResultsError(f"study {results.study!r} has fixed seeds, no adaptive seed rule "
+                           "whose decisions to show (`summary` and `compare` answer it)")
     return emit(table, args)
 
 

@@ -117,7 +117,7 @@ def test_the_reasons_say_which_way_a_difference_goes_and_what_is_missing():
              (("shortcut", "none"),): _seeds(rng, 0.40, 2, difficulty)}
     decisions = decide(AdaptiveSeeds(2, 5, decided="shortcut", margin=0.005), levels, seeds)
     assert decisions[(("shortcut", "A"),)].reason.startswith(
-        "vs shortcut=none (none - A): decided: differs, [")
+        "vs shortcut=none (its error minus this one's): decided: differs, [")
     tie = {(("shortcut", s),): _seeds(rng, 0.10, 2, difficulty) for s in ("A", "none")}
     open_reason = decide(AdaptiveSeeds(2, 5, decided="shortcut", margin=0.0), levels,
                          tie)[(("shortcut", "none"),)].reason

@@ -34,7 +34,7 @@ __all__ = [
     "Augmentation", "CIFAR10", "CIFAR100", "CIFAR_FORMATS", "CifarArrays", "CifarFormat",
     "CorruptShard", "CropDraws", "DIGITS_TEST_FRACTION", "DataBundle", "DataUnavailable",
     "DatasetShape", "FolderData", "NoImages", "ShardData", "ShardError", "SizeMisstated",
-    "Streamed", "SyntheticSpec", "clear_dataset_cache", "crop_and_flip", "dataset_shape", "download_cifar",
-    "draw_crops", "gather_crops", "load_dataset", "load_image_folder", "load_shards",
+    "Streamed", "SyntheticSpec", "clear_dataset_cache", "crop_and_flip", "dataset_shape",
+    "download_cifar", "draw_crops", "gather_crops", "load_dataset", "load_image_folder", "load_shards",
     "random_crop_flip", "read_cifar", "read_cifar10", "read_cifar100",
 ]

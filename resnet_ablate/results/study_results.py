@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -248,7 +248,7 @@ class Results:
         if numbers is None:
             return [int(n) for n in self.trials["number"]]
         numbers = [numbers] if isinstance(numbers, (int, np.integer)) else numbers
-        if isinstance(numbers, str) or not isinstance(numbers, (Sequence, np.ndarray)):
+        if isinstance(numbers, (str, bytes, Mapping)) or not isinstance(numbers, Iterable):
             raise ResultsError(f"expected trial numbers (an int or a list of them), got "
                                f"{numbers!r}")
         self.check_numbers(list(numbers))

@@ -192,8 +192,8 @@ def decide(rule: AdaptiveSeeds, space_levels: Mapping[str, Sequence[Any]],
             # The interval is the level's error less this baseline's: said, since on the
             # baseline's row it reads the other way round.
             level = levels[rule.decided]
-            comparisons[partner].append((verdict[0], f"vs {rule.decided}={level} ({level} - "
-                                         f"{baseline}): {verdict[1]}"))
+            comparisons[partner].append((verdict[0], f"vs {rule.decided}={level} (its error "
+                                         f"minus this one's): {verdict[1]}"))
     for configuration, results in seeds.items():
         n = len(results)
         if n < rule.min:

@@ -112,8 +112,11 @@ def test_the_eta_fits_the_time_a_trial_takes_whatever_its_work_once_ended_trials
     rng = np.random.default_rng(0)
     shallow, deep = ResNetArch(depth=20), ResNetArch(depth=110)
     eta = RemainingTime(spec, Costs(), workers=2)
-    for arch in (shallow, shallow, shallow, deep, deep):
-        eta.ended(arch, seconds=seconds(arch) + rng.normal(0, 2), epochs_trained=10)
+    # The first trial of each of the 2 workers also started it (15 s more): left out of the fit
+    # once 4 have ended.
+    for number, arch in enumerate((shallow, shallow, shallow, shallow, deep, deep)):
+        eta.ended(arch, seconds=seconds(arch) + rng.normal(0, 2) + 15.0 * (number < 2),
+                  epochs_trained=10)
     fixed, per_work = eta.time_model()
     assert fixed == pytest.approx(30.0, abs=4) and per_work == pytest.approx(1e-8, rel=0.1)
     # Left: three ResNet-20s and a ResNet-110 pending, a ResNet-110 running 6 of 10 epochs in
@@ -130,7 +133,9 @@ def test_the_eta_fits_the_time_a_trial_takes_whatever_its_work_once_ended_trials
     # Ended trials of nearly one size whose times fall with their work (noise): their mean time
     # each, not a negative rate.
     noisy = RemainingTime(spec, Costs(), workers=1)
-    for arch, took in ((ResNetArch(depth=20), 40.0), (ResNetArch(depth=110), 35.0)):
+    # (The first, which started the worker too, is left out once another has ended.)
+    for arch, took in ((ResNetArch(depth=20), 90.0), (ResNetArch(depth=20), 40.0),
+                       (ResNetArch(depth=110), 35.0)):
         noisy.ended(arch, seconds=took, epochs_trained=10)
     assert noisy.time_model() == (37.5, 0.0)
     assert noisy.seconds_left([shallow, deep], [], unknown=0) == pytest.approx(75.0)

@@ -220,7 +220,7 @@ class SideBySide:
         if self.widened:
             middle, width = (self.low + self.high) / 2, size or 1.0
             self.low, self.high = middle - width / 2, middle + width / 2
-        self.log, self.step, self.count = log and not self.widened, step, len(groups)
+        self.log = log and not self.widened
         self.placed = _placements(groups, self.low, self.high, log=self.log, step=step)
 
     @property

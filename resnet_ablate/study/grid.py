@@ -185,9 +185,7 @@ def decision_lines(decisions: dict[Configuration, Decision], added: Sequence[Pen
     the seeds it gets (`added`), and each configuration the rule closed since the last look
     (`said`: those already told of, updated), why: a run that said only "2 configuration(s)
     still open" left its decisions to the report."""
-    more: dict[Configuration, int] = {}
-    for point in added:
-        more[configuration(point.params)] = more.get(configuration(point.params), 0) + 1
+    more = Counter(configuration(point.params) for point in added)
     lines = []
     for key, decision in decisions.items():
         where = ", ".join(f"{factor}={level}" for factor, level in key)

@@ -244,6 +244,32 @@ def test_a_question_left_open_with_every_seed_number_used_is_closed_undecided():
         assert decided["A"].open, state
 
 
+def test_seed_numbers_that_cannot_reach_the_next_look_are_not_spent():
+    """Looks at 2, 3, 4, 6, 9, 10 seeds of 10: seven results where two seed numbers gave none
+    leave one seed number, and eight seeds are looked at as six were, so that seed would train
+    without changing the answer (an audit's case): closed, undecided, saying why. With two
+    seed numbers left the next look is reachable and the question stays open."""
+    rule = AdaptiveSeeds(2, 10, width=0.0001)  # never narrow enough: open on every look
+    rng = np.random.default_rng(6)
+    results = {(("depth", 8),): _seeds(rng, 0.1, 7, rng.normal(0, 0.05, IMAGES))}
+
+    def decided(used: int):
+        return decide(rule, {"depth": [8]}, results, {(("depth", 8),): used})[(("depth", 8),)]
+
+    assert decided(7).open and decided(8).open  # 2 and 3 numbers left: 9 seeds reachable
+    closed = decided(9)
+    assert not closed.open and closed.seeds == 7
+    assert closed.reason.startswith("2 of 10 seed numbers without a result, the 1 left cannot "
+                                    "bring its 7 seeds to the next look (9 seeds), undecided: ")
+    assert decided(10).reason.startswith("every seed number used (3 of 10 without a result)")
+    # Below the first look: one result and every number but one used cannot reach two seeds.
+    one = {(("depth", 8),): results[(("depth", 8),)][:1]}
+    assert decide(AdaptiveSeeds(2, 3, width=0.0001), {"depth": [8]}, one,
+                  {(("depth", 8),): 2})[(("depth", 8),)].open
+    assert not decide(AdaptiveSeeds(2, 3, width=0.0001), {"depth": [8]}, one,
+                      {(("depth", 8),): 3})[(("depth", 8),)].open
+
+
 def test_the_driver_counts_a_seed_number_used_only_once_it_ended_for_good(tmp_path):
     """grid.seed_decisions, from the store's trials as the driver reads them: seeds 2 and 3 of
     shortcut=none diverged (closed, undecided), those of A are running or failed with an error

@@ -172,9 +172,9 @@ def decide(rule: AdaptiveSeeds, space_levels: Mapping[str, Sequence[Any]],
     configuration's completed seeds (a seed completed twice counts once); `used`, where given,
     how many of its seed numbers (0 to max - 1) have ended for good (`ended_for_good`). A
     configuration at `rule.max` seeds is closed whatever its question, and says so, as is one
-    whose every seed number has ended for good while some gave no result (diverged, over
-    budget): no seed is left to add, and "open" would read as if more were coming. One below
-    `rule.min` is open."""
+    whose seed numbers not yet used cannot reach another look after some gave no result
+    (diverged, over budget): seeds added to it would never be looked at, and "open" would read
+    as if more were coming. One below `rule.min` is open while it can reach it."""
     decisions: dict[Configuration, Decision] = {}
     seeds = {configuration: _one_per_seed(results) for configuration, results in seeds.items()}
     if rule.decided is not None:
@@ -205,12 +205,26 @@ def decide(rule: AdaptiveSeeds, space_levels: Mapping[str, Sequence[Any]],
         if decision.open and n >= rule.max:
             decision = Decision(False, f"max seeds ({rule.max}) reached, undecided: "
                                 f"{decision.reason}", n, kind=UNDECIDED)
-        elif decision.open and used is not None and used.get(configuration, n) >= rule.max:
-            decision = Decision(False, f"every seed number used ({rule.max - n} of {rule.max} "
-                                f"without a result), undecided: {decision.reason}", n,
-                                kind=UNDECIDED)
+        elif decision.open and used is not None:
+            decision = _out_of_seed_numbers(rule, decision, used.get(configuration, n))
         decisions[configuration] = decision
     return decisions
+
+
+def _out_of_seed_numbers(rule: AdaptiveSeeds, decision: Decision, used: int) -> Decision:
+    """An open decision closed, undecided, where the seed numbers not yet used cannot bring its
+    seeds to another look: none is left, or fewer than the next look needs after seeds that gave
+    no result (diverged, over budget). Seeds between looks wait for the next one, so such seeds
+    would train without ever being looked at."""
+    n, left = decision.seeds, rule.max - used
+    if rule.looked_at(n + left) > rule.looked_at(n):
+        return decision
+    if left <= 0:
+        why = f"every seed number used ({rule.max - n} of {rule.max} without a result)"
+    else:
+        why = (f"{used - n} of {rule.max} seed numbers without a result, the {left} left "
+               f"cannot bring its {n} seeds to the next look ({rule.next_look(n)} seeds)")
+    return Decision(False, f"{why}, undecided: {decision.reason}", n, kind=UNDECIDED)
 
 
 def _compared(verdicts: list[tuple[str, str]], n: int) -> Decision:

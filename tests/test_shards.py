@@ -214,12 +214,12 @@ def test_replicas_read_their_own_shards_for_the_same_number_of_steps(shards):
                                           parts=2))) == 1
     # Shards with no decodable image at all end in one error rather than a replica that waits.
     from resnet_ablate.data.errors import DataUnavailable
-    from resnet_ablate.data.shards import _repeated
+    from resnet_ablate.data.replica_epoch import repeated
 
     passes = []
     with pytest.raises(DataUnavailable, match="hold no 4 decodable training images even read "
                                               "1024 times over"):
-        next(_repeated(lambda urls: passes.append(len(urls)) or [], ["a.tar"], 4))
+        next(repeated(lambda urls: passes.append(len(urls)) or [], ["a.tar"], 4))
     assert passes == [2 ** k for k in range(11)]
     with pytest.raises(ValueError, match="3 training shard.*cannot feed 4 replicas"):
         data.train_loader(2, 1, torch.Generator(), part=0, parts=4)
@@ -767,6 +767,42 @@ def test_a_compressed_local_shard_is_read_once_as_it_loads(tmp_path, monkeypatch
         load_shards(spec, image_size=24, loader_workers=0)
 
 
+def _replicated_epoch(urls: dict, train_size: int) -> list:
+    """One training epoch of batch 8 on 2 replicas, each in a thread, their collective sums met
+    at a barrier: each replica's steps, or the error it raised."""
+    import threading
+
+    from resnet_ablate.data.feed import Placement, StreamFeed
+
+    data = load_shards({**urls, "train_size": train_size, "val_size": 18}, image_size=24,
+                       loader_workers=0)
+    given, barrier, outcomes = [None, None], threading.Barrier(2, timeout=20), [None, None]
+
+    def summed(part: int):
+        def sums(values: list) -> list:
+            given[part] = values
+            barrier.wait()
+            total = [float(a) + float(b) for a, b in zip(*given)]
+            barrier.wait()
+            return total
+        return sums
+
+    def replica(part: int) -> None:
+        feed = StreamFeed(data, Placement(torch.device("cpu"), lambda x: x, seed=0, augment=True,
+                                          part=part, parts=2, sum_over_replicas=summed(part)))
+        try:
+            outcomes[part] = sum(1 for _ in feed.train_batches(1, 8))
+        except Exception as error:  # noqa: BLE001 (each replica's outcome is compared)
+            outcomes[part] = error  # (the other, waiting at the barrier, breaks on its timeout)
+
+    threads = [threading.Thread(target=replica, args=(part,)) for part in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcomes
+
+
 def test_a_size_stated_for_shards_behind_urls_is_checked_by_a_pass_over_them(http_shards,
                                                                              tmp_path):
     """Shards behind URLs are not counted before training, so their sizes are the spec's word:
@@ -796,6 +832,17 @@ def test_a_size_stated_for_shards_behind_urls_is_checked_by_a_pass_over_them(htt
                                                 r"over the train shards read 24 images \(give or "
                                                 r"take 7 in partial batches\): give their count"):
             epoch(wrong)
+    # Two replicas (threads here, their sums a barrier's): with 3 steps an epoch, one reads two
+    # shards (17 samples) without ending its pass and the other its one shard again, so only
+    # "no more than stated" is checked; a size overstated twofold has each read its shards round
+    # and round (6 steps), both passes end, and their sum (24 of 25, 1 in a partial batch) is
+    # checked as one process's would be.
+    assert _replicated_epoch(urls, 25) == [3, 3]
+    outcomes = _replicated_epoch(urls, 50)
+    for outcome in outcomes:
+        assert isinstance(outcome, SizeMisstated) and str(outcome).startswith(
+            "shards.train_size: 50 stated, but a pass over the train shards read 24 images "
+            "(give or take 6 in partial batches)")
     local = load_shards(_spec(root), image_size=24, loader_workers=0)
     assert local.sizes_stated == (), "local shards are counted: nothing to check"
 

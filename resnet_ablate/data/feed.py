@@ -9,7 +9,7 @@ or a streamed one (`StreamFeed`: the data set's loaders, decoded by their worker
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -21,6 +21,7 @@ from .bundle import DataBundle, pixel_centred
 from .decode import PLAIN, Preprocess, normalise
 from .device_decode import DeviceCrops
 from .load import Streamed
+from .replica_epoch import ReplicaBatches
 from .shards import ShardData
 
 # A training batch: images and labels on the device, and the factor its mean loss is scaled by
@@ -215,9 +216,11 @@ class StreamFeed(_Generators):
         """This replica's share of each of the epoch's batches of `batch_size`. Its loss is
         weighted by its share of the images the replicas kept (`parts` x kept here / kept by all),
         so that where an image could not be decoded the averaged gradient is still the mean over
-        the global batch's images, as in one process; full batches weigh 1. An epoch in one
-        process reads every training shard once, and so checks a size the spec stated for them
-        (a data-parallel epoch is that size's worth of steps: its evaluation checks val_size)."""
+        the global batch's images, as in one process; full batches weigh 1. An epoch checks a
+        size the spec stated for the training shards: in one process it reads each once; a
+        data-parallel epoch is that size's worth of steps, its replicas' first passes over their
+        shards reading each once (where every replica's ends within the epoch; else it checks
+        that they read no more than stated)."""
         p = self.placement
         loader = self.data.train_loader(batch_size // p.parts, epoch, self.order_generator,
                                         augment=p.augment, pin_memory=self.pin_memory,
@@ -253,8 +256,22 @@ class StreamFeed(_Generators):
                 continue
             images = normalise(images.to(p.device, non_blocking=True))  # uint8 crops mostly
             yield p.prepare(images), labels.to(p.device, non_blocking=True), weight
-        if p.parts == 1 and isinstance(self.data, ShardData):
-            self.data.check_read("train", read, self.data.training_slack(batch_size))
+        if isinstance(self.data, ShardData) and "train" in self.data.sizes_stated:
+            self._check_training_read(loader, read, batch_size)
+
+    def _check_training_read(self, epoch: Iterable[Any], read: int, batch_size: int) -> None:
+        """A size stated for training shards behind URLs against what the epoch read: in one
+        process every shard once; with replicas, their first passes over their own shards summed
+        (one collective, which every replica makes at its epoch's end)."""
+        p, data = self.placement, self.data
+        assert isinstance(data, ShardData)
+        if p.parts == 1:
+            data.check_read("train", read, data.training_slack(batch_size))
+        elif p.sum_over_replicas is not None and isinstance(epoch, ReplicaBatches):
+            first = epoch.first_pass
+            total, unended = p.sum_over_replicas([first.read, not first.ended])
+            slack = p.parts * data.training_slack(batch_size // p.parts)
+            data.check_read("train", int(total), slack, whole=unended == 0)
 
     def check_evaluation_read(self, read: int) -> None:
         if isinstance(self.data, ShardData):

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import functools
 import io
-import itertools
 import random
 import re
 import tarfile
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -42,6 +41,7 @@ from .decode import (PLAIN, CropAugmentation, PixelStatistics, Preprocess, centr
                      one_thread)
 from .device_decode import collate_encoded, encoded_crop
 from .errors import DataUnavailable, SizeMisstated
+from .replica_epoch import ReplicaBatches
 from .shard_format import (IMAGE_EXTENSIONS, EndWatch, ShardError, count_samples, decompressed,
                            label_of, reading_shard, split_key)
 from .shard_urls import check_url, is_local, local_path, open_shard, probe_shard
@@ -215,8 +215,7 @@ class ShardData:
 
         if parts == 1:
             return loader(urls)
-        return itertools.islice(_repeated(loader, urls, batch_size),
-                                self.train_size // (batch_size * parts))
+        return ReplicaBatches(loader, urls, batch_size, self.train_size // (batch_size * parts))
 
     def test_loader(self, batch_size: int, *, pin_memory: bool = False, part: int = 0,
                     parts: int = 1, preprocess: Preprocess = PLAIN,
@@ -227,19 +226,23 @@ class ShardData:
         return self._loader(urls, batch_size, None, 0, pin_memory, preprocess=preprocess,
                             view=view) if urls else []
 
-    def check_read(self, split: str, read: int, slack: int = 0) -> None:
+    def check_read(self, split: str, read: int, slack: int = 0, whole: bool = True) -> None:
         """SizeMisstated where a whole pass over `split` ("train" or "val") read `read` samples
         (decoded or skipped) and the size stated for it is not in [read, read + slack] (`slack`:
-        the samples a pass may leave out unread, as a training epoch's last partial batches).
-        Nothing to check where the size was counted."""
+        the samples a pass may leave out unread, as a training epoch's last partial batches), or,
+        where the pass did not end (`whole` False: replicas whose epoch ended before their first
+        pass did), read more than that size. Nothing to check where the size was counted."""
         size, key = (self.train_size, "train_size") if split == "train" else \
             (self.test_size, "val_size")
-        if split in self.sizes_stated and not read <= size <= read + slack:
-            raise SizeMisstated(
-                f"shards.{key}: {size:,} stated, but a pass over the {split} shards read "
-                f"{read:,} images{f' (give or take {slack:,} in partial batches)' if slack else ''}"
-                f": give their count ({key} sets each epoch's length, costs and data-parallel "
-                "steps)")
+        if split not in self.sizes_stated or read <= size <= (read + slack if whole else size):
+            return
+        if whole:
+            told = f"a pass over the {split} shards read {read:,} images" + (
+                f" (give or take {slack:,} in partial batches)" if slack else "")
+        else:
+            told = f"the replicas read {read:,} distinct {split} images within part of a pass"
+        raise SizeMisstated(f"shards.{key}: {size:,} stated, but {told}: give their count ({key} "
+                            "sets each epoch's length, costs and data-parallel steps)")
 
     def training_slack(self, batch_size: int) -> int:
         """The samples one training epoch in one process may leave unread: each loader worker
@@ -281,31 +284,6 @@ def _shuffle_stage(seed: int) -> Any:
 
 def _map_stage(function: Any, samples: Iterable[dict[str, Any]]) -> Iterator[Any]:
     return map(function, samples)
-
-
-# A replica's shards read this many times over in one pass and still short of one batch hold
-# (next to) no decodable sample: an error, not a replica that waits for ever.
-_MAX_COPIES = 1024
-
-
-def _repeated(loader: Callable[[list[str]], torch.utils.data.DataLoader], urls: list[str],
-              batch_size: int) -> Iterator[tuple[Any, torch.Tensor, int]]:
-    """A replica's batches, over and over: its shards read again when they run out. Where they
-    hold less than one batch (a small last shard alone on a replica), a pass yields none, so
-    they are read twice in a pass, four times, ... until it yields one: a replica that took no
-    step would leave the others waiting at their first all-reduce for ever."""
-    copies = 1
-    while True:
-        yielded = False
-        for batch in loader(urls * copies):
-            yielded = True
-            yield batch
-        if not yielded:
-            if copies >= _MAX_COPIES:
-                raise DataUnavailable(f"shards {', '.join(urls)} (one replica's) hold no "
-                                      f"{batch_size} decodable training images even read "
-                                      f"{copies} times over")
-            copies *= 2
 
 
 def _given_size(given: Any, size_key: str, split: str, counted: int, all_local: bool) -> int:

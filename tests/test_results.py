@@ -837,9 +837,16 @@ def test_the_pareto_figure_tags_each_mean_with_the_levels_its_colour_leaves_out(
     twins = study_in_memory([
         ({"depth": depth, "shortcut": shortcut}, seed, (rng.random(200) < 0.1).astype(float))
         for depth in (20, 56) for shortcut in ("A", "none") for seed in range(2)])
-    (ax,) = plots.plot_pareto(twins).axes
+    figure = plots.plot_pareto(twins)
+    (ax,) = figure.axes
     assert sorted((t.get_text(), t.get_color()) for t in ax.texts) == [
         ("20-layer", "0.35"), ("56-layer", "0.35")]
+    # The right-most tag ran past the axis (and, longer, off the figure): it is drawn within.
+    renderer = figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    for tag in ax.texts:
+        box = tag.get_window_extent(renderer)
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1, tag.get_text()
 
 
 @pytest.mark.parametrize("depths", [(20, 56), (20, 200)], ids=["linear", "log"])

@@ -273,12 +273,10 @@ def plot_pareto(results: Results, *, metric: str = "test_error", cost: str = "fl
                     lambda rows, value=value: placed(rows[cost], value),
                     level_label(label_by, value))
     tagged = [f for f in factors if f != label_by and f in means]
-    if tagged and len(means) <= MAX_TAGGED_MEANS:
-        _tag_means(ax, [(placed([row[cost]], value)[0], y_scale * row[f"{metric}_mean"],
-                         row[cost], ", ".join(level_label(f, row[f]) for f in tagged),
-                         f"C{positions[value] % 10}")
-                        for value, group in configurations.items()
-                        for _, row in group.iterrows()])
+    tags = [(placed([row[cost]], value)[0], y_scale * row[f"{metric}_mean"], row[cost],
+             ", ".join(level_label(f, row[f]) for f in tagged), f"C{positions[value] % 10}")
+            for value, group in configurations.items() for _, row in group.iterrows()] \
+        if tagged and len(means) <= MAX_TAGGED_MEANS else []
     _draw_front(ax, np.array([placed([row[cost]], row[label_by])[0] if label_by in front else
                               scale * float(row[cost]) for _, row in front.iterrows()]),
                 y_scale * front[metric].astype(float))
@@ -286,6 +284,7 @@ def plot_pareto(results: Results, *, metric: str = "test_error", cost: str = "fl
     ax.margins(x=0.08, y=0.1)
     if apart.widened:  # an axis as wide as the costs, around them (not zoomed in on 0.2%)
         ax.set_xlim(apart.low, apart.high)
+    _tag_means(ax, tags)  # once the axis is final: where a tag would run past it
     ax.set_xlabel(unit + (" (groups of equal cost set side by side)" if apart.moves else ""))
     ax.set_ylabel(f"{y_unit}: trials faint, means with 95% CI")
     ax.set_title("\n".join([results.title, *textwrap.wrap(_pruned_caption(results), 55)]),
@@ -325,7 +324,8 @@ def _draw_front(ax: Any, x: np.ndarray, y: Any) -> None:
 def _tag_means(ax: Any, means: list[tuple[float, float, Any, str, str]]) -> None:
     """Each mean's (x, y, cost, tag, colour) tag beside it, in its colour; means of one tag
     whose costs are within 1% (option A and its plain twin, both 20-layer, set side by side)
-    share one, in grey, below and right of them (two would be drawn over each other)."""
+    share one, in grey, below and right of them (two would be drawn over each other); in the
+    axis' right fifth, below and left, so that no tag runs past the axis (or off the figure)."""
     shared: list[tuple[str, float, list[tuple[float, float, str]]]] = []
     for x, y, cost, tag, colour in sorted(means, key=lambda m: (m[3], float(m[2]))):
         if shared and shared[-1][0] == tag and float(cost) <= 1.01 * shared[-1][1]:
@@ -334,8 +334,12 @@ def _tag_means(ax: Any, means: list[tuple[float, float, Any, str, str]]) -> None
             shared.append((tag, float(cost), [(x, y, colour)]))
     for tag, _, members in shared:
         x, y = max(m[0] for m in members), min(m[1] for m in members)
-        ax.annotate(tag, (x, y), xytext=(7, -3), textcoords="offset points", fontsize="x-small",
-                    va="top", color=members[0][2] if len(members) == 1 else "0.35")
+        right = ax.transAxes.inverted().transform(ax.transData.transform((x, y)))[0] > 0.8
+        if right:
+            x = min(m[0] for m in members)
+        ax.annotate(tag, (x, y), xytext=(-7 if right else 7, -3), textcoords="offset points",
+                    fontsize="x-small", va="top", ha="right" if right else "left",
+                    color=members[0][2] if len(members) == 1 else "0.35")
 
 
 def _configuration_means(results: Results, metric: str, cost: str) -> pd.DataFrame:

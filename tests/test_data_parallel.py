@@ -161,7 +161,10 @@ def replica_runs(tmp_path_factory) -> dict[str, list]:
     calls = {"synced-bn": (_synced_batch_norm, _batch_norm_inputs()),
              "synced-32": (_train_small, (32, SYNCED)), "synced-37": (_train_small, (37, SYNCED)),
              "own-statistics": (_train_small, (128, OWN_STATISTICS)),
-             "shards": (_train_on_shards, (shards,))}
+             "shards": (_train_on_shards, (shards,)),
+             # The runs outside Ray that the trials on Ray Train below are checked against.
+             **{f"digits-{epochs}": (_train_digits, _digits_trial(epochs))
+                for epochs in (RECORDED_EPOCHS, KILLED_EPOCHS)}}
     by_rank = run_replicas(_one_after_another, 2, list(calls.values()))
     return {name: [results[i] for results in by_rank] for i, name in enumerate(calls)}
 
@@ -222,6 +225,18 @@ def _only_trial(tmp_path, name):
     return trial
 
 
+# The epochs of the recorded trial (one: the killed trial's six cover an epoch's hand-over) and
+# of the killed one, which must checkpoint before it is killed and resume after.
+RECORDED_EPOCHS, KILLED_EPOCHS = 1, 6
+
+
+def _digits_trial(epochs: int) -> tuple[dict, dict]:
+    """The architecture and recipe a trial of `_study_spec` records."""
+    spec = parse_spec(_study_spec("reference", epochs))
+    arch = spec.arch({"shortcut": "A"})
+    return arch.to_dict(), spec.recipe_for(arch).to_dict()
+
+
 def _train_digits(replicas, arch, recipe):
     data = load_dataset("digits")
     return train(lambda: build(ResNetArch.from_dict(arch), num_classes=10, in_channels=1), data,
@@ -236,8 +251,8 @@ def _same_curves(recorded, reference):
 
 
 @pytest.mark.slow
-def test_a_data_parallel_trial_is_recorded_like_any_trial(local_ray, tmp_path):
-    spec = parse_spec(_study_spec("dp-record", epochs=3))
+def test_a_data_parallel_trial_is_recorded_like_any_trial(local_ray, tmp_path, replica_runs):
+    spec = parse_spec(_study_spec("dp-record", epochs=RECORDED_EPOCHS))
     summary = run_study(spec, RunOptions(runs_dir=tmp_path, progress=False))
     assert (summary.completed, summary.failed) == (1, 0)
     trial = _only_trial(tmp_path, "dp-record")
@@ -257,8 +272,8 @@ def test_a_data_parallel_trial_is_recorded_like_any_trial(local_ray, tmp_path):
     assert not (tmp_path / "dp-record.checkpoints").exists()  # the emptied folder too
 
     # The trial is the run its replicas make outside Ray, and close to one process's run.
-    reference, _ = run_replicas(_train_digits, 2, attrs["arch"], attrs["recipe"])
-    _same_curves(attrs["curves"], reference)
+    assert (attrs["arch"], attrs["recipe"]) == _digits_trial(RECORDED_EPOCHS)
+    _same_curves(attrs["curves"], replica_runs[f"digits-{RECORDED_EPOCHS}"][0])
     single = _train_digits(None, attrs["arch"], attrs["recipe"])
     assert attrs["curves"][0]["train_loss"] == pytest.approx(single.history[0].train_loss,
                                                              rel=1e-3)
@@ -281,8 +296,9 @@ def _registered_checkpoints(storage):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds replicas through /proc")
-def test_a_killed_replica_resumes_the_trial_from_its_last_checkpoint(local_ray, tmp_path):
-    spec = parse_spec(_study_spec("dp-killed", epochs=6))
+def test_a_killed_replica_resumes_the_trial_from_its_last_checkpoint(local_ray, tmp_path,
+                                                                      replica_runs):
+    spec = parse_spec(_study_spec("dp-killed", epochs=KILLED_EPOCHS))
     result = {}
     driver = threading.Thread(target=lambda: result.update(
         summary=run_study(spec, RunOptions(runs_dir=tmp_path, progress=False))))
@@ -301,14 +317,14 @@ def test_a_killed_replica_resumes_the_trial_from_its_last_checkpoint(local_ray, 
     assert (result["summary"].completed, result["summary"].failed) == (1, 0)
     attrs = _only_trial(tmp_path, "dp-killed").user_attrs
     (resumed_after,) = attrs["data_parallel"]["resumed_after_epochs"]
-    assert 1 <= resumed_after < 6
+    assert 1 <= resumed_after < KILLED_EPOCHS
     from resnet_ablate.results import load
 
     assert load("dp-killed", runs_dir=tmp_path).trials["restarts"].tolist() == [1]
     # Resumed, not restarted: the trial's six epochs are those of a run that was never
     # interrupted (on CPUs, to the last bit).
-    reference, _ = run_replicas(_train_digits, 2, attrs["arch"], attrs["recipe"])
-    _same_curves(attrs["curves"], reference)
+    assert (attrs["arch"], attrs["recipe"]) == _digits_trial(KILLED_EPOCHS)
+    _same_curves(attrs["curves"], replica_runs[f"digits-{KILLED_EPOCHS}"][0])
 
 
 def test_without_a_dashboard_the_trainer_drops_the_placement_group_cleaner(local_ray, tmp_path):

@@ -129,6 +129,24 @@ class Driver:
         return study.user_attrs.get("driver") if study else None
 
 
+def _threads_open_to_stops(pid: int) -> list[str]:
+    """The threads of process `pid` but its main one that do not block SIGINT, SIGTERM and
+    SIGHUP (the kernel's record of each thread's mask), by name."""
+    stops = (1 << (INT - 1)) | (1 << (TERM - 1)) | (1 << (HUP - 1))
+    open_ones = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            status = (task / "status").read_text()
+            name = (task / "comm").read_text().strip()
+        except OSError:  # the thread ended
+            continue
+        blocked = int(next(line.split()[1] for line in status.splitlines()
+                           if line.startswith("SigBlk:")), 16)
+        if task.name != str(pid) and blocked & stops != stops:
+            open_ones.append(f"{name} ({task.name})")
+    return open_ones
+
+
 def _assert_clean_stop(driver: Driver, code: int, stderr: str, expected: int) -> None:
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert code == expected, stderr
@@ -160,6 +178,9 @@ def test_a_stop_under_any_rhythm_of_signals_leaves_no_trial_running_no_lease_and
     signals, to_group, expected = {**RHYTHMS, **RHYTHMS_WITH_PROGRESS}[rhythm]
     driver = Driver(tmp_path, "stopped", quiet=rhythm not in RHYTHMS_WITH_PROGRESS)
     driver.wait_for(lambda: "RUNNING" in driver.states())
+    # Only the main thread takes the stop signals, so that holding them there holds them (an
+    # OpenMP thread that took a SIGTERM during Ray's shutdown killed the driver).
+    assert _threads_open_to_stops(driver.process.pid) == []
     if rhythm in RHYTHMS_WITH_PROGRESS:
         time.sleep(3)  # trials training, the driver waiting on them
     driver.send(signals, to_group)

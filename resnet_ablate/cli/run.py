@@ -41,10 +41,11 @@ def _run(args: argparse.Namespace) -> int:
     if summary.interrupted:
         from ..study.loop import stop_description
 
-        return stopped(summary.interrupted,
-                        f"resnet-ablate run: interrupted by {stop_description(summary.interrupted)}: "
-                        f"{summary.marked_interrupted} unfinished trial(s) marked interrupted; "
-                        "run the same command to resume (they run again)")
+        marked = (f"{summary.marked_interrupted} unfinished trial(s) marked interrupted; run "
+                  "the same command to resume (they run again)") if summary.marked_interrupted \
+            else "no trial was running; run the same command to go on with any left to run"
+        return stopped(summary.interrupted, "resnet-ablate run: interrupted by "
+                       f"{stop_description(summary.interrupted)}: {marked}")
     from ..results.report import summary_with_training_error
     from ..results import load
 

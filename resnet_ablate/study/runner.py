@@ -4,11 +4,12 @@ history, the loop), for `resnet-ablate run` and for Python."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import sys
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,6 +120,14 @@ class StudyRunner:
                          grid.outlook(self.spec, trials, history, self.costs))
 
     def run(self) -> RunSummary:
+        # The driver's own torch work (FLOPs, estimates) in one thread: OpenMP threads made here
+        # hold the stop signals open (signals_held blocks them in the main thread alone), and
+        # one took a SIGTERM while Ray's shutdown had set its handler back to the default: the
+        # driver was killed without a word.
+        with _one_torch_thread():
+            return self._run_checked()
+
+    def _run_checked(self) -> RunSummary:
         started = time.monotonic()
         # A bad store, a missing data set or a cluster without the GPUs asked for stops the run
         # here, before Ray starts or the store is written.
@@ -138,11 +147,15 @@ class StudyRunner:
                 own_ray = cluster.connect(self.spec, self.options.address, self.workers)
             try:
                 with store_faults(self.storage):
-                    return self._run(started, stop_signals)
+                    summary = self._run(started, stop_signals)
             finally:
                 if own_ray:
                     with signals_held():
                         cluster.disconnect()
+        # A signal heard while Ray stopped stops the command as well (no table).
+        if summary.interrupted or stop_signals.heard is None:
+            return summary
+        return dataclasses.replace(summary, interrupted=stop_signals.heard)
 
     def _run(self, started: float, stop_signals: StopSignals) -> RunSummary:
         lease = DriverLease(self.study, self.storage)
@@ -223,6 +236,18 @@ class StudyRunner:
             return math.inf
         return budget - sum(1 for t in trials if t.user_attrs.get(TrialKey.FAILURE_KIND)
                             != FailureKind.INTERRUPTED)
+
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_study(spec: StudySpec, options: RunOptions = RunOptions()) -> RunSummary:

@@ -5,6 +5,7 @@ import csv
 import importlib.util
 import math
 import os
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -37,7 +38,8 @@ def test_batch_norm_benchmark_small_mode_writes_ratios(tmp_path, capsys):
     for row in rows:
         ratio = float(row["eager_ms"]) / float(row["fused_ms"])
         assert float(row["speedup_vs_eager"]) == pytest.approx(ratio, rel=1e-2)
-        assert row["device"] and row["torch"] and row["triton"] and row["commit"] is not None
+        assert row["device"] and row["torch"] and row["triton"]
+        assert re.fullmatch(r"[0-9a-f]{7,40}(\+changes)?", row["commit"]), row["commit"]
         assert float(row["peak_memory_mb"]) > 0
     assert "vs eager" in capsys.readouterr().out
 

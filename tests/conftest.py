@@ -9,6 +9,7 @@ stay fast; tests of the op itself choose "triton" or "torch" explicitly with `us
 """
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -39,7 +40,25 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory) -> str:
-    """The runs folder of the small study the results tests read, run once per session."""
+    """The runs folder of the small study the results tests read, run once per session: by the
+    first test process that asks for it where several share the session (pytest-xdist's), the
+    others waiting for it and reading the same folder (the tests only read it)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # one process
+        return _results_runs(tmp_path_factory.mktemp("results-runs"))
+    from filelock import FileLock  # (torch's own dependency)
+
+    shared = tmp_path_factory.getbasetemp().parent  # the session's, above each worker's
+    runs, built = shared / "results-runs", shared / "results-runs.built"
+    with FileLock(str(shared / "results-runs.lock")):
+        if not built.exists():
+            shutil.rmtree(runs, ignore_errors=True)  # a process that failed to build it
+            runs.mkdir()
+            _results_runs(runs)
+            built.touch()
+    return str(runs)
+
+
+def _results_runs(runs) -> str:
     import optuna
     import ray
 
@@ -49,7 +68,6 @@ def runs(tmp_path_factory) -> str:
 
     from resnet_ablate.study.cluster import start_local_ray
 
-    runs = tmp_path_factory.mktemp("results-runs")
     start_local_ray(cpus=2)  # the Ray a driver starts: of its own, loopback, no dashboard
     try:
         summary = run_study(parse_spec(results_study_spec()),

@@ -43,19 +43,22 @@ def write_spec(folder: Path, raw: dict) -> Path:
 
 
 def run_spec_alone(folder: Path, raw: dict):
-    """Run the study `raw` describes on a local Ray of its own, shut down afterwards, with its
-    store under `folder`: (the run's summary, the study's trials)."""
+    """Run the study `raw` describes, written as a spec file, with its store under `folder`, on
+    the test module's Ray (`local_ray`) or else on a local Ray of its own, shut down afterwards:
+    (the run's summary, the study's trials)."""
     import optuna
     import ray
 
     from resnet_ablate.spec import load_spec
     from resnet_ablate.study import RunOptions, run_study
 
+    own_ray = not ray.is_initialized()
     try:
         summary = run_study(load_spec(write_spec(folder, raw)),
                             RunOptions(runs_dir=folder, progress=False))
     finally:
-        ray.shutdown()
+        if own_ray:
+            ray.shutdown()
     study = optuna.load_study(study_name=raw["study"], storage=summary.storage)
     return summary, study.get_trials()
 

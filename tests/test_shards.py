@@ -140,7 +140,7 @@ def test_each_images_crops_are_seeded_and_a_corrupt_one_is_skipped_and_counted(s
     assert not torch.equal(_epoch(serial, 2)[0], a), "each epoch draws new crops and a new order"
 
 
-def test_a_study_trains_end_to_end_on_shards(shards, tmp_path):
+def test_a_study_trains_end_to_end_on_shards(shards, tmp_path, local_ray):
     from resnet_ablate.results import load
 
     root, val_images = shards
@@ -470,7 +470,8 @@ def test_a_missing_or_unreachable_shard_is_named_by_the_check_a_trial_starts_wit
 
 
 def test_a_trial_whose_shard_is_missing_fails_before_training_and_is_not_retried(http_shards,
-                                                                                 tmp_path):
+                                                                                 tmp_path,
+                                                                                 local_ray):
     from resnet_ablate.record import FailureKind
 
     root, base = http_shards
@@ -804,7 +805,7 @@ def _replicated_epoch(urls: dict, train_size: int) -> list:
 
 
 def test_a_size_stated_for_shards_behind_urls_is_checked_by_a_pass_over_them(http_shards,
-                                                                             tmp_path):
+                                                                             tmp_path, local_ray):
     """Shards behind URLs are not counted before training, so their sizes are the spec's word:
     a wrong train_size set a data-parallel epoch's length (its shards read round and round)
     and the study's costs, and val_size was read by nothing. An epoch in one process reads

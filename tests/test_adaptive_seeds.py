@@ -3,6 +3,8 @@ driver adds seeds only to the configurations whose question is open (and resumes
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import optuna
 import pytest
@@ -268,6 +270,21 @@ def test_seed_numbers_that_cannot_reach_the_next_look_are_not_spent():
                   {(("depth", 8),): 2})[(("depth", 8),)].open
     assert not decide(AdaptiveSeeds(2, 3, width=0.0001), {"depth": [8]}, one,
                       {(("depth", 8),): 3})[(("depth", 8),)].open
+    # A `decided` question is looked at with the seeds both sides completed: here 4 pairs (seeds
+    # 1, 5, 6 and 7 of 8 numbers used on A's side, 7 on none's), which A's two numbers left may
+    # still take to 6. A stays open (a review's case: closed by its own six seeds, it left its
+    # partner training seeds that could never pair).
+    rule = AdaptiveSeeds(2, 10, decided="shortcut", margin=0.0001)
+    difficulty = rng.normal(0, 0.05, IMAGES)
+    base, other = (("shortcut", "A"),), (("shortcut", "none"),)
+    tied = {base: [dataclasses.replace(r, seed=s) for r, s in
+                   zip(_seeds(rng, 0.1, 6, difficulty), (1, 2, 4, 5, 6, 7))],
+            other: [dataclasses.replace(r, seed=s) for r, s in
+                    zip(_seeds(rng, 0.1, 5, difficulty), (0, 1, 5, 6, 7))]}
+    decisions = decide(rule, {"shortcut": ["A", "none"]}, tied, {base: 8, other: 7})
+    assert decisions[base].open and decisions[other].open, decisions
+    assert not decide(rule, {"shortcut": ["A", "none"]}, tied,
+                      {base: 10, other: 7})[base].open  # no number left: closed
 
 
 def test_the_driver_counts_a_seed_number_used_only_once_it_ended_for_good(tmp_path):

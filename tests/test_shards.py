@@ -221,6 +221,18 @@ def test_replicas_read_their_own_shards_for_the_same_number_of_steps(shards):
                                               "1024 times over"):
         next(repeated(lambda urls: passes.append(len(urls)) or [], ["a.tar"], 4))
     assert passes == [2 ** k for k in range(11)]
+    # What a replica's first pass read, and whether it ended, for the epoch's size check: an
+    # epoch whose last step is the pass's last batch ended it (it read as unended, and so only
+    # "no more than stated" was checked: a review's case).
+    from resnet_ablate.data.replica_epoch import FirstPass, ReplicaBatches
+
+    def five_batches(urls):  # 5 batches of 4 samples, the third with one skipped
+        return [(None, torch.zeros(4 - (i == 2)), int(i == 2)) for i in range(5)]
+
+    for steps, seen in ((3, FirstPass(12, False)), (5, FirstPass(20, True)),
+                        (7, FirstPass(20, True))):
+        epoch = ReplicaBatches(five_batches, ["a.tar"], 4, steps)
+        assert len(list(epoch)) == steps and epoch.first_pass == seen, steps
     with pytest.raises(ValueError, match="3 training shard.*cannot feed 4 replicas"):
         data.train_loader(2, 1, torch.Generator(), part=0, parts=4)
     halves = [[y for _, y, _ in data.test_loader(4, part=p, parts=2)] for p in (0, 1)]

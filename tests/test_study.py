@@ -94,29 +94,19 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(local_ray, tmp_path):
         assert "Traceback" in t.user_attrs["traceback"]
 
 
-def test_a_signal_while_ray_stops_stops_the_command_and_the_driver_uses_one_torch_thread(
-        local_ray, tmp_path, monkeypatch):
+def test_a_signal_while_ray_stops_stops_the_command(local_ray, tmp_path, monkeypatch):
     """A SIGTERM while the driver's own Ray shut down, after its last trial, was lost to the
-    command (exit 0 with the table) or, taken by one of the driver's OpenMP threads once Ray's
-    shutdown had set its handler back to the default, killed it without a word. The driver's torch
-    work runs in one thread (no OpenMP thread to take it, signals_held holding it in the main
-    thread), and the signal stops the command as one heard in the run does. Here the Ray shut
-    down is this module's, left running: the signal is sent where the shutdown would be."""
+    command (exit 0 with the table): it stops the command as one heard in the run does. (That it
+    could also kill the driver, taken by an OpenMP thread: test_stops.py checks that the
+    command's threads leave the stop signals to the main one.) Here the Ray shut down is this
+    module's, left running: the signal is sent where the shutdown would be."""
     from resnet_ablate.study import cluster
 
-    threads = torch.get_num_threads()
-    seen = []
-
-    def connect(*args):
-        seen.append(torch.get_num_threads())
-        return True  # as if this run had started its own Ray
-
-    monkeypatch.setattr(cluster, "connect", connect)
+    monkeypatch.setattr(cluster, "connect", lambda *args: True)  # as if a Ray of its own
     monkeypatch.setattr(cluster, "disconnect", lambda: os.kill(os.getpid(), signal.SIGTERM))
     raw = _raw_spec("shutdown", seeds=1, space={"shortcut": ["A"]}, epochs=1)
     summary = run_study(parse_spec(raw), RunOptions(runs_dir=tmp_path, progress=False))
     assert (summary.completed, summary.interrupted, summary.marked_interrupted) == (1, "SIGTERM", 0)
-    assert seen == [1] and torch.get_num_threads() == threads  # one thread, given back after
 
 
 def test_diverging_trial_fails_with_its_reason_and_is_not_retried(local_ray, tmp_path):

@@ -34,6 +34,13 @@ def _run(args: argparse.Namespace) -> int:
               f"and `resnet-ablate export {spec.study}{store_options(args)} --format {args.format}` "
               "writes its trials", file=sys.stderr)
         return 2
+    # The driver's own torch work (FLOPs, costs) in one thread: OpenMP threads would hold the
+    # stop signals open, which signals_held blocks in the main thread alone, and one took a
+    # SIGTERM while Ray's shutdown had set its handler back to the default: the driver was killed
+    # without a word. (This process is the command's: nothing else here wants more threads.)
+    import torch
+
+    torch.set_num_threads(1)
     summary = run_study(spec, options)
     print(f"study {summary.study}: {summary.completed} completed, {summary.failed} failed, "
           f"{summary.pruned} pruned this run in {summary.wall_seconds:.1f} s; "

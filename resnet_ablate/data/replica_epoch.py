@@ -59,10 +59,11 @@ def repeated(loader: Batches, urls: list[str], batch_size: int,
     copies = 1
     while True:
         yielded = False
-        for batch in loader(urls * copies):
+        for batch, last in _with_last(loader(urls * copies), not first_pass.ended):
             yielded = True
             if not first_pass.ended:
                 first_pass.read += len(batch[1]) + batch[2]
+                first_pass.ended = last  # before the epoch's last step, which may be this one
             yield batch
         first_pass.ended = True
         if not yielded:
@@ -71,3 +72,21 @@ def repeated(loader: Batches, urls: list[str], batch_size: int,
                                       f"{batch_size} decodable training images even read "
                                       f"{copies} times over")
             copies *= 2
+
+
+def _with_last(batches: Iterable[Any], look_ahead: bool) -> Iterator[tuple[Any, bool]]:
+    """Each batch, and whether it is the pass's last: known by reading the next one first where
+    `look_ahead` (the first pass: an epoch whose last step is its last batch ends there without
+    asking for more), else False until the pass has ended."""
+    if not look_ahead:
+        yield from ((batch, False) for batch in batches)
+        return
+    batches = iter(batches)
+    batch = next(batches, _END)
+    while batch is not _END:
+        following = next(batches, _END)
+        yield batch, following is _END
+        batch = following
+
+
+_END = object()

@@ -332,6 +332,7 @@ def _tag_means(ax: Any, means: list[tuple[float, float, Any, str, str]]) -> None
             shared[-1][2].append((x, y, colour))
         else:
             shared.append((tag, float(cost), [(x, y, colour)]))
+    ax.get_xlim()  # (brings a pending autoscale up to date: transData reads the limits)
     for tag, _, members in shared:
         x, y = max(m[0] for m in members), min(m[1] for m in members)
         right = ax.transAxes.inverted().transform(ax.transData.transform((x, y)))[0] > 0.8

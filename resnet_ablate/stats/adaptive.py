@@ -172,9 +172,9 @@ def decide(rule: AdaptiveSeeds, space_levels: Mapping[str, Sequence[Any]],
     configuration's completed seeds (a seed completed twice counts once); `used`, where given,
     how many of its seed numbers (0 to max - 1) have ended for good (`ended_for_good`). A
     configuration at `rule.max` seeds is closed whatever its question, and says so, as is one
-    whose seed numbers not yet used cannot reach another look after some gave no result
-    (diverged, over budget): seeds added to it would never be looked at, and "open" would read
-    as if more were coming. One below `rule.min` is open while it can reach it."""
+    that no seed number left can bring to another look after some gave no result (diverged,
+    over budget; `_out_of_seed_numbers`): seeds added to it would never be looked at, and "open"
+    would read as if more were coming. One below `rule.min` is open while it can reach it."""
     decisions: dict[Configuration, Decision] = {}
     seeds = {configuration: _one_per_seed(results) for configuration, results in seeds.items()}
     if rule.decided is not None:
@@ -213,11 +213,15 @@ def decide(rule: AdaptiveSeeds, space_levels: Mapping[str, Sequence[Any]],
 
 def _out_of_seed_numbers(rule: AdaptiveSeeds, decision: Decision, used: int) -> Decision:
     """An open decision closed, undecided, where the seed numbers not yet used cannot bring its
-    seeds to another look: none is left, or fewer than the next look needs after seeds that gave
-    no result (diverged, over budget). Seeds between looks wait for the next one, so such seeds
-    would train without ever being looked at."""
+    seeds to another look: none is left, or, under the width rule, fewer than its next look
+    needs after seeds that gave no result (diverged, over budget): seeds between looks wait for
+    the next one, so such seeds would train without ever being looked at. A `decided` question
+    is looked at with the seeds both configurations completed, which seed numbers left on either
+    side may still add to, so there only the last seed number closes it."""
     n, left = decision.seeds, rule.max - used
-    if rule.looked_at(n + left) > rule.looked_at(n):
+    reaches = left > 0 if rule.decided is not None else \
+        rule.looked_at(n + left) > rule.looked_at(n)
+    if reaches:
         return decision
     if left <= 0:
         why = f"every seed number used ({rule.max - n} of {rule.max} without a result)"

@@ -9,7 +9,7 @@ import math
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,14 +120,6 @@ class StudyRunner:
                          grid.outlook(self.spec, trials, history, self.costs))
 
     def run(self) -> RunSummary:
-        # The driver's own torch work (FLOPs, estimates) in one thread: OpenMP threads made here
-        # hold the stop signals open (signals_held blocks them in the main thread alone), and
-        # one took a SIGTERM while Ray's shutdown had set its handler back to the default: the
-        # driver was killed without a word.
-        with _one_torch_thread():
-            return self._run_checked()
-
-    def _run_checked(self) -> RunSummary:
         started = time.monotonic()
         # A bad store, a missing data set or a cluster without the GPUs asked for stops the run
         # here, before Ray starts or the store is written.
@@ -236,18 +228,6 @@ class StudyRunner:
             return math.inf
         return budget - sum(1 for t in trials if t.user_attrs.get(TrialKey.FAILURE_KIND)
                             != FailureKind.INTERRUPTED)
-
-
-@contextlib.contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run_study(spec: StudySpec, options: RunOptions = RunOptions()) -> RunSummary:

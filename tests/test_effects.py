@@ -91,6 +91,21 @@ def test_main_effects_are_the_means_of_the_cell_differences_and_compares_stratif
         assert shortcut[column] == overall[column]
 
 
+def test_a_factor_swept_as_a_range_has_the_levels_its_trials_drew(study):
+    """Random and TPE samplers sweep ranges (`depth: {low: 8, high: 14, step: 6}`): such a
+    factor was left out of effects and the report's answer and comparisons, with an error saying
+    the study had one factor. Its levels are those its trials drew, the lowest the baseline: the
+    same effects as the study that lists them."""
+    import dataclasses
+
+    listed, _ = study
+    ranged = dataclasses.replace(listed, spec={**listed.spec, "space": {
+        **listed.spec["space"], "depth": {"low": 8, "high": 14, "step": 6}}})
+    pd.testing.assert_frame_equal(ranged.effects(), listed.effects())
+    assert [(factor, baseline) for factor, baseline, _ in report.comparisons(ranged)] == \
+        [("depth", 8), ("shortcut", "A")]
+
+
 def test_interaction_is_the_difference_of_differences_on_the_per_image_table(study):
     results, cells = study
     row = _row(results.effects(), "interaction", "depth x shortcut")

@@ -51,17 +51,18 @@ _CELLS = ((True, True, 1.0), (False, True, -1.0), (True, False, -1.0), (False, F
 def factor_levels(results: Results) -> dict[str, list[Any]]:
     """Each swept factor with two or more completed levels: those levels as the trials hold them,
     in the order the spec lists them, the baseline first (the first listed; shortcut: "A" where
-    present). Factors the spec gives as a range rather than a list of levels are left out."""
+    present); a factor the spec gives as a range (random and TPE samplers), the levels its
+    trials drew, lowest first."""
     space = results.spec.get("space") or {}
     done = results.completed()
     found = {}
     for factor in results.swept:
         listed = space.get(factor)
-        if not isinstance(listed, list) or factor not in done:
+        if factor not in done or not isinstance(listed, (list, dict)):
             continue
         held = list(pd.unique(done[factor].dropna()))
-        levels = []
-        for value in listed:
+        levels = [] if isinstance(listed, list) else sorted(held)
+        for value in listed if isinstance(listed, list) else ():
             text = "-".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
             levels += [h for h in held if str(h) == text and h not in levels]
         if len(levels) < 2:

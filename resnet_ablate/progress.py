@@ -38,14 +38,16 @@ class StudyProgress:
         self._last_epochs, self._last_printed = "", self.started
         self._line = ""
 
-    def update(self, *, done: int, running: int, failed: int, remaining: int,
+    def update(self, *, done: int, running: int, failed: int, remaining: int | None,
                best: str | None, eta_seconds: float | None, epochs: str = "") -> None:
+        """The line; `remaining` None where no count of trials bounds the run (a time budget
+        alone), shown as "?"."""
         if not self.enabled:
             return
         elapsed = time.monotonic() - self.started
         self._line = (
             f"[{self.study}] done {done} | running {running}{epochs} | failed {failed} | "
-            f"remaining {remaining} | best {best or '-'} | elapsed {format_seconds(elapsed)} "
+            f"remaining {'?' if remaining is None else remaining} | best {best or '-'} | elapsed {format_seconds(elapsed)} "
             f"| ETA {format_seconds(eta_seconds)}"
         )
         counts = (done, running, failed, remaining)

@@ -148,3 +148,26 @@ def test_the_eta_fits_the_time_a_trial_takes_whatever_its_work_once_ended_trials
                        for arch, _, _ in first) / model.workers
         assert model.seconds_left([], first, unknown=0) == pytest.approx(expected)
         assert expected > 20
+
+
+def test_a_run_bounded_by_time_alone_shows_the_time_left_not_zero_trials_left(monkeypatch):
+    """`budget: {minutes: ...}` and no count of trials: the line read "remaining 0" and "ETA
+    0:00" for the whole run. It shows remaining ? and the time to the budget's end; with a
+    count, the count."""
+    import math
+    from collections import Counter
+
+    from resnet_ablate.study import loop
+
+    monkeypatch.setattr(loop.time, "monotonic", lambda: 1000.0)
+    log = io.StringIO()
+    driver = loop.DriverLoop.__new__(loop.DriverLoop)  # the line's inputs alone
+    driver.running, driver.pending, driver.counts, driver.best = {}, [], Counter(), None
+    driver.progress = progress.StudyProgress("timed", stream=log)
+    driver.to_ask, driver.deadline = math.inf, 1000.0 + 95
+    driver.show_progress()
+    assert "remaining ? |" in log.getvalue() and log.getvalue().rstrip().endswith("ETA 1:35")
+    driver.to_ask, driver.deadline = 4, math.inf
+    driver.remaining_time = type("NoneEnded", (), {"seconds_left": lambda *a, **k: None})()
+    driver.show_progress()
+    assert log.getvalue().splitlines()[-1].split(" | ")[3] == "remaining 4"

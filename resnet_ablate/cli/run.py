@@ -48,8 +48,10 @@ def _run(args: argparse.Namespace) -> int:
     if summary.interrupted:
         from ..study.loop import stop_description
 
+        again = "they run again" if spec.sampler == "grid" else \
+            f"the {spec.sampler} sampler draws as many anew"
         marked = (f"{summary.marked_interrupted} unfinished trial(s) marked interrupted; run "
-                  "the same command to resume (they run again)") if summary.marked_interrupted \
+                  f"the same command to resume ({again})") if summary.marked_interrupted \
             else "no trial was running; run the same command to go on with any left to run"
         return stopped(summary.interrupted, "resnet-ablate run: interrupted by "
                        f"{stop_description(summary.interrupted)}: {marked}")
@@ -82,8 +84,9 @@ def _last_failure(results) -> str:
 def _print_plan(spec, planned, fmt: str = "table", workers: int = 1, cluster: bool = False
                 ) -> int:
     if spec.sampler != "grid":
-        print(f"{spec.source}: the {spec.sampler} sampler chooses trials as it goes; "
-              f"budget: {spec.budget.trials or 'no'} trials, {spec.budget.minutes or 'no'} minutes")
+        print(f"{spec.source}: the {spec.sampler} sampler chooses trials as it goes, so a dry "
+              "run lists none and estimates no time (a grid's lists each trial); budget: "
+              f"{spec.budget.trials or 'no'} trials, {spec.budget.minutes or 'no'} minutes")
         return 0
     swept = list(spec.space)
     if fmt != "table":  # exact values for scripts: one record per trial

@@ -171,16 +171,21 @@ class DriverLoop:
             self._record_end(ref, self.running.pop(ref))
 
     def show_progress(self) -> None:
-        left = 0 if self.to_ask == math.inf else int(self.to_ask)
         running = _unrecorded(self.running.values())
         epochs = ", ".join(f"{r.epochs_done}/{self.spec.recipe_for(r.arch).epochs}"
                            for r, _ in running)
+        if self.to_ask == math.inf:  # a time budget alone (it read "remaining 0", "ETA 0:00")
+            left, eta = None, (self.deadline - time.monotonic()
+                               if self.deadline != math.inf else None)
+        else:
+            left = int(self.to_ask)
+            eta = self.remaining_time.seconds_left(
+                (self._arch_of(p) for p in self.pending), _progress_of(running),
+                unknown=max(0, left - len(self.pending)))
         self.progress.update(
             done=self.counts[Status.COMPLETED], running=len(running),
             failed=failures(self.counts), remaining=left, best=self.best,
-            eta_seconds=self.remaining_time.seconds_left(
-                (self._arch_of(p) for p in self.pending), _progress_of(running),
-                unknown=max(0, left - len(self.pending))),
+            eta_seconds=None if eta is None else max(0.0, eta),
             epochs=f" (epochs {epochs})" if running else "",
         )
 

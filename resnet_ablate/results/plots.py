@@ -336,8 +336,7 @@ def _tag_means(ax: Any, means: list[tuple[float, float, Any, str, str]]) -> None
     for tag, _, members in shared:
         x, y = max(m[0] for m in members), min(m[1] for m in members)
         right = ax.transAxes.inverted().transform(ax.transData.transform((x, y)))[0] > 0.8
-        if right:
-            x = min(m[0] for m in members)
+        x = min(m[0] for m in members) if right else x
         ax.annotate(tag, (x, y), xytext=(-7 if right else 7, -3), textcoords="offset points",
                     fontsize="x-small", va="top", ha="right" if right else "left",
                     color=members[0][2] if len(members) == 1 else "0.35")

@@ -174,18 +174,14 @@ class DriverLoop:
         running = _unrecorded(self.running.values())
         epochs = ", ".join(f"{r.epochs_done}/{self.spec.recipe_for(r.arch).epochs}"
                            for r, _ in running)
-        if self.to_ask == math.inf:  # a time budget alone (it read "remaining 0", "ETA 0:00")
-            left, eta = None, (self.deadline - time.monotonic()
-                               if self.deadline != math.inf else None)
-        else:
-            left = int(self.to_ask)
-            eta = self.remaining_time.seconds_left(
-                (self._arch_of(p) for p in self.pending), _progress_of(running),
-                unknown=max(0, left - len(self.pending)))
+        left = None if self.to_ask == math.inf else int(self.to_ask)  # None: time alone bounds
         self.progress.update(
             done=self.counts[Status.COMPLETED], running=len(running),
             failed=failures(self.counts), remaining=left, best=self.best,
-            eta_seconds=None if eta is None else max(0.0, eta),
+            eta_seconds=_time_to(self.deadline) if left is None else
+            self.remaining_time.seconds_left((self._arch_of(p) for p in self.pending),
+                                             _progress_of(running),
+                                             unknown=max(0, left - len(self.pending))),
             epochs=f" (epochs {epochs})" if running else "",
         )
 
@@ -332,6 +328,12 @@ class DriverLoop:
                 ray.cancel(ref, force=True)
             self._record_early_ends()  # those that ended since the last look
             return self.recorder.mark_unfinished(how)
+
+
+def _time_to(deadline: float) -> float | None:
+    """A run bounded by time alone: its ETA is the time to its deadline (the line read "ETA
+    0:00" all along); None without one."""
+    return None if deadline == math.inf else max(0.0, deadline - time.monotonic())
 
 
 def _unrecorded(stacks: Iterable[list[RunningTrial]]) -> list[tuple[RunningTrial, int]]:

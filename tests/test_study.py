@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import optuna
@@ -107,6 +108,41 @@ def test_a_signal_while_ray_stops_stops_the_command(local_ray, tmp_path, monkeyp
     raw = _raw_spec("shutdown", seeds=1, space={"shortcut": ["A"]}, epochs=1)
     summary = run_study(parse_spec(raw), RunOptions(runs_dir=tmp_path, progress=False))
     assert (summary.completed, summary.interrupted, summary.marked_interrupted) == (1, "SIGTERM", 0)
+
+
+def test_a_sampler_study_tries_a_failed_trial_again_and_reruns_an_interrupted_one(local_ray,
+                                                                                 tmp_path):
+    """A random study's trial that failed in a way tried again was not (it spent the budget),
+    and one a stop interrupted was not run again on resume, where the stop line said it would
+    be: both run again, with their configuration and seed, before the sampler draws anew."""
+    from resnet_ablate.study.space import distributions
+
+    raw = _raw_spec("sampled-failing", seeds=1, model={"family": "imagenet", "depth": 18},
+                    space={"shortcut": ["A", "B"]}, sampler="random", budget={"trials": 2})
+    raw["dataset"]["synthetic"] = {**SYNTHETIC, "train_size": 33}  # fails: BatchNorm of one
+    run_study(parse_spec(raw), RunOptions(runs_dir=tmp_path, progress=False))
+    trials = _trials(f"sqlite:///{tmp_path}/sampled-failing.db", "sampled-failing")
+    attempts = Counter((t.params["shortcut"], t.user_attrs["seed"]) for t in trials)
+    assert all(t.user_attrs["failure_kind"] == "error" for t in trials)
+    assert set(attempts.values()) == {2} and len(trials) == 2 * len(attempts)  # max_attempts
+
+    raw = _raw_spec("sampled-stopped", seeds=1, space={"shortcut": ["A", "none"]}, epochs=1,
+                    sampler="random", budget={"trials": 1})
+    spec = parse_spec(raw)
+    storage = run_study(spec, RunOptions(runs_dir=tmp_path, progress=False)).storage
+    study = optuna.load_study(study_name="sampled-stopped", storage=storage)
+    (first,) = study.get_trials()
+    other = "none" if first.params["shortcut"] == "A" else "A"
+    study.add_trial(optuna.trial.create_trial(  # as a stop leaves a trial it interrupted
+        state=optuna.trial.TrialState.FAIL, params={"shortcut": other},
+        distributions=distributions(spec),
+        user_attrs={"seed": 0, "failure_kind": "interrupted", "failure": "stopped: Ctrl-C"}))
+    summary = run_study(parse_spec({**raw, "budget": {"trials": 2}}),
+                        RunOptions(runs_dir=tmp_path, progress=False))
+    assert summary.completed == 1  # the budget's second trial: the interrupted one
+    rerun = study.get_trials()[-1]
+    assert (rerun.state.name, rerun.params, rerun.user_attrs["seed"]) == (
+        "COMPLETE", {"shortcut": other}, 0)
 
 
 def test_diverging_trial_fails_with_its_reason_and_is_not_retried(local_ray, tmp_path):

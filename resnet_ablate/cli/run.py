@@ -48,10 +48,8 @@ def _run(args: argparse.Namespace) -> int:
     if summary.interrupted:
         from ..study.loop import stop_description
 
-        again = "they run again" if spec.sampler == "grid" else \
-            f"the {spec.sampler} sampler draws as many anew"
         marked = (f"{summary.marked_interrupted} unfinished trial(s) marked interrupted; run "
-                  f"the same command to resume ({again})") if summary.marked_interrupted \
+                  "the same command to resume (they run again)") if summary.marked_interrupted \
             else "no trial was running; run the same command to go on with any left to run"
         return stopped(summary.interrupted, "resnet-ablate run: interrupted by "
                        f"{stop_description(summary.interrupted)}: {marked}")

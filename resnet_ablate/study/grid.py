@@ -111,6 +111,20 @@ def pending_points(spec: StudySpec, history: GridHistory, costs: StudyCosts) -> 
             and not costs.over_budget(spec.arch(params))]
 
 
+def unfinished_points(spec: StudySpec, history: GridHistory,
+                      trials: Iterable[optuna.trial.FrozenTrial]) -> list[PendingPoint]:
+    """A sampler's study's trials to run again, as a grid's points are: each configuration and
+    seed whose trial a stop interrupted or that failed in a way tried again, with no trial that
+    settled it since and attempts left, in the order first tried."""
+    points: dict[str, PendingPoint] = {}
+    for t in trials:
+        if TrialKey.SEED in t.user_attrs:
+            point = PendingPoint(decode_params(t.params, spec.space), t.user_attrs[TrialKey.SEED])
+            if history.needs_run(point.key):
+                points.setdefault(point.key, point)
+    return list(points.values())
+
+
 def configuration(params: dict[str, Any]) -> Configuration:
     return tuple(params.items())
 

@@ -143,20 +143,17 @@ class DriverLoop:
 
     def fill(self) -> None:
         """Launch trials (or stacks of a grid point's seeds) while a worker is free, trials may
-        be asked and time is left."""
+        be asked and time is left. A sampler's study runs its trials to run again (a failure
+        tried again, a trial a stop interrupted) before it asks for new ones."""
         while len(self.running) < self.workers and self.to_ask > 0 \
                 and time.monotonic() < self.deadline:
-            if self.spec.sampler == "grid":
-                points = self._next_ready_points()
-                if not points:
-                    return
-                self.to_ask -= len(points)
-                self.launched += len(points)
-                self._launch(points)
-                continue
-            self.to_ask -= 1
-            self.launched += 1
-            self._launch([None])  # the sampler's configuration, with its next seed
+            points = self._next_ready_points() if self.spec.sampler == "grid" or self.pending \
+                else [None]  # [None]: the sampler's configuration, with its next seed
+            if not points:
+                return
+            self.to_ask -= len(points)
+            self.launched += len(points)
+            self._launch(points)
 
     def collect(self) -> None:
         """Wait briefly for an ended trial; pass reported epochs on; record what ended."""
@@ -300,15 +297,16 @@ class DriverLoop:
                 self._ended(running, self.recorder.finish(running.trial, outcome), len(trials))
 
     def _ended(self, running: RunningTrial, result: str, stacked: int) -> None:
-        """What follows a trial's end: the tally, a retry of a grid point, the best, a line."""
+        """What follows a trial's end: the tally, a retry, the best, a line."""
         self.counts[result] += 1
         # A stack's seeds share its time: each trial's share of it, and of the work done.
         epochs = self.spec.recipe_for(running.arch).epochs if result == Status.COMPLETED \
             else running.epochs_done
         self.remaining_time.ended(running.arch, (time.monotonic() - running.started) / stacked,
                                   epochs)
-        if result in FailureKind.RETRYABLE and running.point is not None:
-            retry = self.history.retry(running.point)
+        if result in FailureKind.RETRYABLE:
+            retry = self.history.retry(running.point or PendingPoint(
+                decode_params(running.trial.params, self.spec.space), running.seed))
             if retry is not None:
                 self.pending.append(retry)
                 self.to_ask += 1

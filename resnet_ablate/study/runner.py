@@ -210,11 +210,13 @@ class StudyRunner:
 
     def _work_left(self, trials: list[optuna.trial.FrozenTrial],
                    history: GridHistory) -> tuple[list[PendingPoint], float]:
-        """The grid points still to run (grid studies), and how many trials may still be asked
-        (inf: no bound). Trials an interrupted run left do not count against budget.trials."""
+        """The grid points still to run (grid studies; a sampler's: its trials to run again),
+        and how many trials may still be asked (inf: no bound). Trials an interrupted run left
+        do not count against budget.trials."""
         left = self._trials_left(trials)
         if self.spec.sampler != "grid":
-            return [], left
+            pending = grid.unfinished_points(self.spec, history, trials)
+            return pending[: max(0, int(min(left, len(pending))))], left
         pending = grid.pending_points(self.spec, history, self.costs)
         if left != math.inf:
             pending = pending[: max(0, int(left))]

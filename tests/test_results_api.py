@@ -164,3 +164,17 @@ def test_decisions_of_a_study_with_fixed_seeds_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err == (
         "resnet-ablate decisions: error: study 's' has fixed seeds, no adaptive seed rule whose "
         "decisions to show (`summary` and `compare` answer it)\n")
+
+
+def test_a_level_without_a_paired_configuration_is_named_not_dropped_in_silence():
+    """A sampler's study drew base_width 64 only at depth 11 and the baseline 16 only at depth
+    20: compare (and the report's comparisons) showed the 32 row and nothing of 64."""
+    from resnet_ablate.results import footnotes
+
+    rng = np.random.default_rng(2)
+    cells = [({"depth": depth, "base_width": width}, seed, (rng.random(100) < 0.1).astype(float))
+             for depth, width in ((20, 16), (20, 32), (11, 64)) for seed in range(2)]
+    table = study_in_memory(cells, model={"family": "bottleneck"}).compare("base_width", 16)
+    assert table["base_width"].tolist() == [32]
+    assert "note: base_width=64 has no row: no configuration of the other factors has " \
+        "completed trials of it and of base_width=16 with the same seed" in footnotes(table)

@@ -45,10 +45,11 @@ def compare(results: Results, factor: str, baseline: Any,
         raise ResultsError(f"no completed trial with {factor}={plain(baseline)} yet; completed "
                            f"levels: {', '.join(map(plain, keyed.columns)) or '(none yet)'}")
     bounds = difference_bounds(metric)
-    rows = []
+    rows, unpaired = [], []
     for level in [lv for lv in levels if lv != baseline and lv in keyed.columns]:
         pairs = keyed[[baseline, level]].dropna()
         if pairs.empty:
+            unpaired.append(level)
             continue
         trials = numbers.loc[pairs.index, [baseline, level]]
         groups = pairs.groupby(level=others, dropna=False, sort=True) if others \
@@ -74,6 +75,11 @@ def compare(results: Results, factor: str, baseline: Any,
         raise ResultsError(f"no configuration has completed trials of both {factor}="
                            f"{plain(baseline)} and another level with the same seed yet")
     frame = with_holm(pd.DataFrame(rows))
+    if unpaired:  # (a sampler's study: a level drawn only beside other levels of the others)
+        frame.attrs["notes"] = [
+            f"{factor}={plain(level)} has no row: no configuration of the other factors has "
+            f"completed trials of it and of {factor}={plain(baseline)} with the same seed"
+            for level in unpaired]
     rule = adaptive_rule(results.seed_rule, results.spec.get("space") or {})
     if rule is not None and rule.decided == factor:
         frame["note"] = [joined(text, LOOKED) for text in frame["note"]]

@@ -28,10 +28,9 @@ def compare(results: Results, factor: str, baseline: Any,
     the shared test set where the per-image record was kept (resnet_ablate/stats/intervals.py),
     other metrics by Student's t over the paired seeds. Where the other factors take several
     configurations, an "all" row gives the stratified estimate: the mean of the configurations'
-    differences, never a pool of unlike pairs, averaged seed by seed (and image by image) over the
-    seeds all of them have (`contrasts.stratified_contrast`); its n_pairs and means are over those
-    seeds too. Several completed trials of one configuration and seed are averaged first (and lose
-    their per-image record)."""
+    differences (never a pool of unlike pairs) seed by seed and image by image over the seeds all
+    of them have (`contrasts.stratified_contrast`), as its n_pairs and means are. Trials of one
+    configuration and seed are averaged first (and lose their per-image record)."""
     results.require_completed("compare")  # an empty study says so, not "no such level"
     levels, baseline = _levels(results, factor, baseline)
     results.check_metric(metric)
@@ -75,15 +74,19 @@ def compare(results: Results, factor: str, baseline: Any,
         raise ResultsError(f"no configuration has completed trials of both {factor}="
                            f"{plain(baseline)} and another level with the same seed yet")
     frame = with_holm(pd.DataFrame(rows))
-    if unpaired:  # (a sampler's study: a level drawn only beside other levels of the others)
-        frame.attrs["notes"] = [
-            f"{factor}={plain(level)} has no row: no configuration of the other factors has "
-            f"completed trials of it and of {factor}={plain(baseline)} with the same seed"
-            for level in unpaired]
+    frame.attrs["notes"] = _unpaired_notes(factor, baseline, unpaired)
     rule = adaptive_rule(results.seed_rule, results.spec.get("space") or {})
     if rule is not None and rule.decided == factor:
         frame["note"] = [joined(text, LOOKED) for text in frame["note"]]
     return frame
+
+
+def _unpaired_notes(factor: str, baseline: Any, levels: list[Any]) -> list[str]:
+    """The table's notes of `levels` that have no row (a sampler's study that drew them only
+    beside other levels of the other factors than the baseline's)."""
+    return [f"{factor}={plain(level)} has no row: no configuration of the other factors has "
+            f"completed trials of it and of {factor}={plain(baseline)} with the same seed"
+            for level in levels]
 
 
 # The "all" row's flag (_strata_disagree); the report's answer looks for it.

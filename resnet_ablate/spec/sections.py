@@ -30,7 +30,7 @@ class Budget:
 
     # most trials to run (grid: points x seeds otherwise)
     trials: int | None = valid_as(None, f"an int from 1 to {MAX_TRIALS}, or null for no limit")
-    # stop launching trials after this much wall time
+    # stop launching trials after this much wall time of a run (each run, a resumed one too)
     minutes: float | None = valid_as(None, "a number > 0, or null for no limit")
     # skip architectures above this forward cost
     max_gflops: float | None = valid_as(None, "a number > 0, or null for no limit")

@@ -47,8 +47,8 @@ class StudyProgress:
         elapsed = time.monotonic() - self.started
         self._line = (
             f"[{self.study}] done {done} | running {running}{epochs} | failed {failed} | "
-            f"remaining {'?' if remaining is None else remaining} | best {best or '-'} | elapsed {format_seconds(elapsed)} "
-            f"| ETA {format_seconds(eta_seconds)}"
+            f"remaining {'?' if remaining is None else remaining} | best {best or '-'} | "
+            f"elapsed {format_seconds(elapsed)} | ETA {format_seconds(eta_seconds)}"
         )
         counts = (done, running, failed, remaining)
         now = time.monotonic()

@@ -57,8 +57,9 @@ class TrialRecorder:
 
     def ask(self, params: Mapping[str, Any] | None, seed: int | None) -> optuna.Trial:
         """A new trial: of the grid point `params` (handed to Optuna fixed, as an enqueued
-        trial; in a sampler's study, a trial of it run again), or, with None, of parameters the study's sampler chooses, trained with `seed` or
-        (None) the next seed of the configuration it chose."""
+        trial; in a sampler's study, a trial of it run again), or, with None, of parameters the
+        study's sampler chooses, trained with `seed` or (None) the next seed of the
+        configuration it chose."""
         if params is not None and self.spec.sampler != "grid":  # a sampler's trial run again
             self.study.enqueue_trial(encode_params(params), user_attrs={TrialKey.SEED: seed})
             return self.study.ask(distributions(self.spec))

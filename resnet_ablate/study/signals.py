@@ -125,18 +125,22 @@ _outer: _RaiseOnce | None = None
 def raise_on_stop() -> Iterator[None]:
     """Within (a whole command): Ctrl-C raises KeyboardInterrupt, SIGTERM and SIGHUP
     StopRequested, where they land, once; a second signal cannot interrupt the handling of the
-    first."""
+    first. They are unblocked in the main thread for the while."""
     global _outer
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     handler, previous_outer = _RaiseOnce(), _outer
     previous = {s: signal.signal(s, handler) for s in _stops()}
+    # Blocked by the parent, they would never come: a driver started so (a test harness's thread
+    # that held them) ran its study to the end through a SIGHUP.
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, previous)
     _outer = handler
     try:
         yield
     finally:
         _outer = previous_outer
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for s, h in previous.items():
             signal.signal(s, h)
 

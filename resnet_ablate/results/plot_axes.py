@@ -166,15 +166,11 @@ SIDE_STEP = 0.012
 
 
 def side_by_side(x: Any, position: int, count: int, low: float, high: float, *,
-                 log: bool = False, where: Any = None, step: float = SIDE_STEP) -> np.ndarray:
+                 step: float = SIDE_STEP) -> np.ndarray:
     """`x` of the `position`-th of `count` groups drawn at the same x values, moved sideways so
     that no group's marker or bar hides another's: `step` of the axis' span from `low` to `high`
-    per step, centred on the true x (on a log axis, a factor of (high / low) ** step per step).
-    Only where `where` is true, if given (the x values another group shares)."""
-    x = np.asarray(x, dtype=float)
-    steps = position - (count - 1) / 2
-    moved = x * (high / low) ** (step * steps) if log else x + step * (high - low) * steps
-    return moved if where is None else np.where(where, moved, x)
+    per step, centred on the true x."""
+    return np.asarray(x, dtype=float) + step * (high - low) * (position - (count - 1) / 2)
 
 
 def _placements(groups: list[Any], low: float, high: float, *, log: bool = False,

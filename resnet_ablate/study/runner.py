@@ -214,13 +214,12 @@ class StudyRunner:
         and how many trials may still be asked (inf: no bound). Trials an interrupted run left
         do not count against budget.trials."""
         left = self._trials_left(trials)
-        if self.spec.sampler != "grid":
-            pending = grid.unfinished_points(self.spec, history, trials)
-            return pending[: max(0, int(min(left, len(pending))))], left
-        pending = grid.pending_points(self.spec, history, self.costs)
+        sampled = self.spec.sampler != "grid"
+        pending = grid.unfinished_points(self.spec, history, trials) if sampled \
+            else grid.pending_points(self.spec, history, self.costs)
         if left != math.inf:
             pending = pending[: max(0, int(left))]
-        return pending, len(pending)
+        return pending, left if sampled else len(pending)
 
     def _trials_left(self, trials: list[optuna.trial.FrozenTrial]) -> float:
         """How many trials budget.trials still allows (inf: no bound). Trials an interrupted run

@@ -134,7 +134,7 @@ def raise_on_stop() -> Iterator[None]:
     previous = {s: signal.signal(s, handler) for s in _stops()}
     # Blocked by the parent, they would never come: a driver started so (a test harness's thread
     # that held them) ran its study to the end through a SIGHUP.
-    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, previous)
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, set(previous))
     _outer = handler
     try:
         yield

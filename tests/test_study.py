@@ -145,6 +145,47 @@ def test_a_sampler_study_tries_a_failed_trial_again_and_reruns_an_interrupted_on
         "COMPLETE", {"shortcut": other}, 0)
 
 
+def test_a_sampler_trains_no_seed_twice_and_draws_it_cannot_train_spend_no_budget(local_ray,
+                                                                                   tmp_path):
+    """A sampler's draw of a configuration with every seed spent trained one of them again, bit
+    for bit, and spent a trial of the budget; a draw over budget.max_gflops spent one too. Both
+    are recorded, not trained and not counted: a configuration with a seed left trains in their
+    place, and once none is left the run ends, the space covered."""
+    from resnet_ablate import results
+
+    raw = _raw_spec("covered", seeds=2, epochs=1, sampler="tpe", budget={"trials": 7})
+    summary = run_study(parse_spec(raw), RunOptions(runs_dir=tmp_path, progress=False))
+    trials = _trials(summary.storage, "covered")
+    trained = sorted((t.params["shortcut"], t.user_attrs["seed"]) for t in trials
+                     if t.state.name == "COMPLETE")
+    assert trained == [("A", 0), ("A", 1), ("none", 0), ("none", 1)] and summary.completed == 4
+    repeats = [t for t in trials if t.user_attrs.get("failure_kind") == "repeat"]
+    assert repeats and all(t.state.name == "FAIL" and "seed" not in t.user_attrs
+                           for t in repeats)
+    assert len(trials) == 4 + len(repeats)
+    assert summary.counts_by_state["REPEAT"] == len(repeats)
+    assert len(results.load("covered", runs_dir=tmp_path).trials) == 4  # draws are not trials
+    listed = results.list_studies(runs_dir=tmp_path).set_index("study").loc["covered"]
+    assert listed["trials"] == listed["COMPLETE"] == 4
+    # Resumed with a larger budget: nothing is left to train.
+    again = run_study(parse_spec({**raw, "budget": {"trials": 9}}),
+                      RunOptions(runs_dir=tmp_path, progress=False))
+    assert (again.completed, again.failed) == (0, 0)
+
+    # A ceiling between depth 8's FLOPs and depth 14's: the budget's two trials are depth 8's.
+    gflops = {depth: profile(build(ResNetArch(family="cifar", depth=depth, shortcut="A"),
+                                   num_classes=4, in_channels=1), (1, 8, 8)).flops / 1e9
+              for depth in (8, 14)}
+    raw = _raw_spec("ceiling", seeds=2, epochs=1, sampler="random", model={"family": "cifar"},
+                    space={"depth": [14, 8], "shortcut": ["A"]},
+                    budget={"trials": 2, "max_gflops": (gflops[8] + gflops[14]) / 2})
+    summary = run_study(parse_spec(raw), RunOptions(runs_dir=tmp_path, progress=False))
+    trials = _trials(summary.storage, "ceiling")
+    assert sorted((t.params["depth"], t.user_attrs["seed"]) for t in trials
+                  if t.state.name == "COMPLETE") == [(8, 0), (8, 1)]
+    assert all(t.params["depth"] == 14 for t in trials if t.state.name == "FAIL")
+
+
 def test_diverging_trial_fails_with_its_reason_and_is_not_retried(local_ray, tmp_path):
     raw = _raw_spec("diverging", seeds=1, space={"shortcut": ["A"]})
     raw["train"] = {"epochs": 2, "batch_size": 32, "lr": 1e12}
@@ -477,7 +518,7 @@ def test_a_sampled_configuration_gets_its_next_seed_and_a_resumed_run_draws_on(t
         for _ in range(trials):
             trial = recorder.ask(None, None)
             asked.append((trial.params["depth"], trial.params["shortcut"],
-                          trial.user_attrs["seed"]))
+                          trial.user_attrs.get("seed")))
             study.tell(trial, 0.1 * len(asked))
         return asked
 
@@ -487,10 +528,11 @@ def test_a_sampled_configuration_gets_its_next_seed_and_a_resumed_run_draws_on(t
         mine = [s for d, c, s in everything if (d, c) == (depth, shortcut)]
         # No seed twice before the configuration has had all three.
         assert len(set(mine[:3])) == len(mine[:3]), (depth, shortcut, mine)
-        assert all(s in (0, 1, 2) for s in mine)
+        # Past its three, a draw of it has none (a repeat, not trained: draws.py).
+        assert mine[:3] == [0, 1, 2][:len(mine[:3])] and set(mine[3:]) <= {None}
     assert [p[:2] for p in resumed] != [p[:2] for p in first]
     # A pruned seed, or one that diverged, is spent; one whose trial erred may be tried again.
-    from resnet_ablate.study.space import next_seed
+    from resnet_ablate.study.draws import free_seed, spent_points
 
     def trial(state, seed, kind=None):
         attrs = {"seed": seed, **({"failure_kind": kind} if kind else {})}
@@ -504,7 +546,50 @@ def test_a_sampled_configuration_gets_its_next_seed_and_a_resumed_run_draws_on(t
     states = optuna.trial.TrialState
     done = [trial(states.PRUNED, 0), trial(states.FAIL, 1, "diverged"),
             trial(states.FAIL, 2, "error")]
-    assert next_seed(spec, {"depth": 8, "shortcut": "A"}, done) == 2
+    assert free_seed(spec, {"depth": 8, "shortcut": "A"}, spent_points(spec, done)) == 2
+    assert free_seed(spec, {"depth": 8, "shortcut": "A"},
+                     spent_points(spec, [*done[:2], trial(states.COMPLETE, 2)])) is None
+
+
+def test_a_stand_in_has_a_seed_left_within_the_ceiling_and_there_is_none_once_all_are_spent():
+    """What trains in place of a sampler's draw that cannot be trained (draws.py): a
+    configuration with a seed left (its first), within the FLOPs ceiling, reproducibly by the
+    draw's number; none once the space is covered; in a space too large to list, a point with
+    a seed left all the same."""
+    from resnet_ablate.study.draws import ENUMERATED_CONFIGURATIONS, stand_in
+    from resnet_ablate.study.grid import PendingPoint
+    from resnet_ablate.study.space import distributions
+
+    class Costs:  # shortcut A over the ceiling
+        def over_budget(self, arch):
+            return arch.shortcut == "A"
+
+    spec = parse_spec(_raw_spec("stand-in", sampler="random", budget={"trials": 9},
+                                space={"shortcut": ["A", "B", "none"]}))
+
+    def done(level, seed, state=optuna.trial.TrialState.COMPLETE):
+        return optuna.trial.create_trial(
+            state=state, params={"shortcut": level}, distributions=distributions(spec),
+            user_attrs={"seed": seed}, value=0.1 if state.name == "COMPLETE" else None)
+
+    trials = [done("B", 0), done("B", 1), done("none", 0, optuna.trial.TrialState.RUNNING)]
+    for draw in range(5):
+        assert stand_in(spec, trials, draw, Costs()) == PendingPoint({"shortcut": "none"}, 1)
+    assert stand_in(spec, [*trials, done("none", 1)], 5, Costs()) is None
+    open_seeds = [done("B", 0)]  # B's seed 1 and none's two are left: both are drawn
+    picks = {stand_in(spec, open_seeds, draw, Costs()).key for draw in range(20)}
+    assert picks == {PendingPoint({"shortcut": "B"}, 1).key,
+                     PendingPoint({"shortcut": "none"}, 0).key}
+    assert stand_in(spec, open_seeds, 3, Costs()) == stand_in(spec, open_seeds, 3, Costs())
+
+    big = parse_spec(_raw_spec(
+        "stand-in-big", sampler="random", budget={"trials": 9},
+        model={"family": "cifar", "block": "bottleneck", "shortcut": "B"},
+        space={"depth": {"low": 11, "high": 200, "step": 9}, "base_width": {"low": 4,
+                                                                            "high": 10_000}}))
+    point = stand_in(big, [], 0, Costs())  # its shortcut is B: within the ceiling
+    assert len(big.space["depth"].values()) * 9_997 > ENUMERATED_CONFIGURATIONS
+    assert point.seed == 0 and point.params["depth"] in big.space["depth"].values()
 
 
 def test_a_grid_study_is_not_reopened_with_a_sampler_nor_the_reverse(tmp_path):

@@ -93,6 +93,21 @@ class GridHistory:
         return PendingPoint(point.params, point.seed, time.monotonic() + backoff)
 
 
+def take_ready(pending: list[PendingPoint], most: int) -> list[PendingPoint]:
+    """The first ready point of `pending` with up to `most` ready seeds of its configuration in
+    all (resources.stack_seeds trains them as one), taken off `pending`; none where none is
+    ready (retries wait out their back-off)."""
+    now = time.monotonic()
+    first = next((p for p in pending if p.not_before <= now), None)
+    if first is None:
+        return []
+    configuration = point_key(first.params, 0)
+    points = [p for p in pending
+              if p.not_before <= now and point_key(p.params, 0) == configuration][:most]
+    pending[:] = [p for p in pending if all(p is not q for q in points)]
+    return points
+
+
 def _first_seeds(spec: StudySpec, history: GridHistory, params: dict[str, Any]) -> list[int]:
     """The seeds a grid point starts with: all of them, or with adaptive seeds the first `min`
     and any that an earlier run added (the store holds a trial of it)."""

@@ -29,15 +29,17 @@ import ray
 
 from ..arch import ResNetArch
 from ..progress import StudyProgress
-from ..record import METRICS, FailureKind, Status, TrialKey, TrialTask
+from ..record import FailureKind, Status, TrialKey, TrialTask
 from ..spec import StudySpec
 from . import cluster
 from .costs import StudyCosts
 from .eta import RemainingTime
-from .grid import GridHistory, PendingPoint, look
+from .draws import REPEAT_REASON, SPACE_COVERED, stand_in
+from .grid import GridHistory, PendingPoint, look, take_ready
 from .recorder import TrialRecorder
 from .signals import StopSignals, heard_in, signals_held
-from .space import decode_params, point_key, prunes
+from .space import decode_params, prunes
+from .standing import best_so_far
 
 POLL_SECONDS = 0.1  # a short wait keeps pruning decisions and the display close to the workers
 
@@ -52,6 +54,16 @@ class RunningTrial:
     epochs_done: int = 0
     # Its outcome is recorded: a stacked seed whose run ended while its stack trains on.
     recorded: bool = False
+
+    def point_in(self, spec: StudySpec) -> PendingPoint:
+        """Its grid point, or the configuration the sampler chose, with its seed."""
+        return self.point or PendingPoint(decode_params(self.trial.params, spec.space), self.seed)
+
+    def end_line(self, result: str) -> str:
+        """The progress line of its end other than completed (`result`), with the reason."""
+        attrs = self.trial.user_attrs
+        why = attrs.get(TrialKey.FAILURE) or attrs.get(TrialKey.PRUNED)
+        return f"trial {self.trial.number} ({self.arch.name}, seed {self.seed}) {result}: {why}"
 
 
 @dataclass
@@ -200,28 +212,22 @@ class DriverLoop:
         self.to_ask += len(added)  # adaptive seeds have no budget.trials (spec/parse.py)
 
     def _next_ready_points(self) -> list[PendingPoint]:
-        """The next ready grid point, with (resources.stack_seeds) up to that many ready seeds
-        of the same configuration in all, and no more than the trials that may still be asked,
-        taken off `pending`."""
-        now = time.monotonic()
-        first = next((p for p in self.pending if p.not_before <= now), None)
-        if first is None:
-            return []
-        configuration = point_key(first.params, 0)
-        most = int(min(self.spec.resources.stack_seeds, self.to_ask))
-        points = [p for p in self.pending if p.not_before <= now
-                  and point_key(p.params, 0) == configuration][:most]
-        self.pending[:] = [p for p in self.pending if all(p is not q for q in points)]
-        return points
+        """The next ready grid point, with (resources.stack_seeds) ready seeds of it, taken off
+        `pending` (grid.take_ready)."""
+        return take_ready(self.pending, int(min(self.spec.resources.stack_seeds, self.to_ask)))
 
-    def _launch(self, points: list[PendingPoint | None], seed: int | None = None) -> None:
+    def _launch(self, points: list[PendingPoint | None]) -> None:
         """One task for the trials of `points` (grid points of one configuration, their seeds
-        stacked where there are several), or with [None] one trial of the sampler's choice
-        trained with `seed`, or (None) with its configuration's next seed."""
+        stacked where there are several), or with [None] one trial of the sampler's choice with
+        its configuration's first free seed. A draw that cannot be trained (its seeds all spent,
+        or over budget.max_gflops) is recorded, and another configuration stands in (draws.py)."""
         running = []
         for point in points:
             trial = self.recorder.ask(None if point is None else point.params,
-                                      seed if point is None else point.seed)
+                                      None if point is None else point.seed)
+            if TrialKey.SEED not in trial.user_attrs:  # a repeat
+                self.recorder.fail(trial, FailureKind.REPEAT, REPEAT_REASON)
+                return self._stand_in(trial)
             arch = self.spec.arch(decode_params(trial.params, self.spec.space))
             running.append(RunningTrial(trial, point, arch, trial.user_attrs[TrialKey.SEED]))
         arch = running[0].arch  # one configuration: one architecture
@@ -230,11 +236,11 @@ class DriverLoop:
             self.recorder.record_launch(r.trial, arch, prof)
         if self.costs.over_budget(arch):
             for r in running:
-                self.recorder.fail(r.trial, FailureKind.OVER_BUDGET,
-                                   f"over budget.max_gflops={self.spec.budget.max_gflops}: "
-                                   f"{prof.flops / 1e9:.3f} GFLOPs")
+                self.recorder.fail_over_budget(r.trial, prof)
                 self.counts[FailureKind.OVER_BUDGET] += 1
-            return
+            if points == [None]:
+                self._stand_in(running[0].trial)
+            return None
         first = running[0]
         task = trial_task(self.spec, first.trial.number, arch, first.seed,
                           keep_weights=self.keep_weights, checkpoints=self.checkpoints)
@@ -242,6 +248,17 @@ class DriverLoop:
             task = dataclasses.replace(task, stack=tuple((r.trial.number, r.seed)
                                                          for r in running))
         self.running[cluster.launch(self.spec, task, self.board)] = running
+
+    def _stand_in(self, drawn: optuna.Trial) -> None:
+        """A sampler's draw not trained does not count against budget.trials: a configuration
+        with a seed left trains in its place, or, where none is left, the run ends."""
+        self.launched -= 1
+        point = stand_in(self.spec, self.study.get_trials(deepcopy=False), drawn.number,
+                         self.costs)
+        self.to_ask = 0 if point is None else self.to_ask + 1
+        self.pending.extend([point] if point else [])
+        if point is None:
+            self.progress.log(SPACE_COVERED)
 
     def _report_epochs(self) -> None:
         drained = cluster.drain_epochs(self.board, self.stop_signals.interruptible)
@@ -304,19 +321,15 @@ class DriverLoop:
             else running.epochs_done
         self.remaining_time.ended(running.arch, (time.monotonic() - running.started) / stacked,
                                   epochs)
-        if result in FailureKind.RETRYABLE:
-            retry = self.history.retry(running.point or PendingPoint(
-                decode_params(running.trial.params, self.spec.space), running.seed))
-            if retry is not None:
-                self.pending.append(retry)
-                self.to_ask += 1
+        retry = self.history.retry(running.point_in(self.spec)) \
+            if result in FailureKind.RETRYABLE else None
+        if retry is not None:
+            self.pending.append(retry)
+            self.to_ask += 1
         if result == Status.COMPLETED:
             self.best = best_so_far(self.spec, self.study)
         else:
-            attrs = running.trial.user_attrs
-            why = attrs.get(TrialKey.FAILURE) or attrs.get(TrialKey.PRUNED)
-            self.progress.log(f"trial {running.trial.number} ({running.arch.name}, seed "
-                              f"{running.seed}) {result}: {why}")
+            self.progress.log(running.end_line(result))
 
     def _stop(self, how: str) -> int:
         """Cancel what runs and mark its trials, holding further signals until that is done; how
@@ -346,20 +359,6 @@ def _progress_of(running: list[tuple[RunningTrial, int]]
     seconds it has run (its share of its stack's)."""
     now = time.monotonic()
     return [(r.arch, r.epochs_done, (now - r.started) / stacked) for r, stacked in running]
-
-
-def best_so_far(spec: StudySpec, study: optuna.Study) -> str | None:
-    """The progress line's best trial (or the Pareto front's size), None before any."""
-    if len(spec.objectives) != 1:
-        front = study.best_trials
-        return f"{len(front)} on the Pareto front" if front else None
-    try:
-        best = study.best_trial
-    except ValueError:
-        return None
-    name = spec.objectives[0]
-    return (f"{name} {METRICS[name].format(best.value)} ({best.user_attrs.get(TrialKey.ARCH_NAME)} "
-            f"seed {best.user_attrs.get(TrialKey.SEED)})")
 
 
 def stop_description(signal_name: str) -> str:

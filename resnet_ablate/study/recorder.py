@@ -18,7 +18,8 @@ from ..arch import ResNetArch
 from ..record import FailureKind, Status, TrialKey, TrialOutcome, metric_values
 from ..spec import StudySpec
 from ..storage import store_tag
-from .space import (SEED_PARAM, distributions, encode_params, grid_distributions, next_seed,
+from .draws import free_seed, spent_points
+from .space import (SEED_PARAM, decode_params, distributions, encode_params, grid_distributions,
                     seed_distribution)
 from .opening import retry_while_locked
 from .optuna_tables import end_in_store
@@ -57,9 +58,10 @@ class TrialRecorder:
 
     def ask(self, params: Mapping[str, Any] | None, seed: int | None) -> optuna.Trial:
         """A new trial: of the grid point `params` (handed to Optuna fixed, as an enqueued
-        trial; in a sampler's study, a trial of it run again), or, with None, of parameters the
-        study's sampler chooses, trained with `seed` or (None) the next seed of the
-        configuration it chose."""
+        trial; in a sampler's study, a trial of it run again or in place of a draw not
+        trained), or, with None, of parameters the study's sampler chooses, trained with `seed`
+        or (None) the first seed of the configuration it chose that it has not spent: where it
+        has spent them all, the trial has no seed (a repeat, not to be trained: draws.py)."""
         if params is not None and self.spec.sampler != "grid":  # a sampler's trial run again
             self.study.enqueue_trial(encode_params(params), user_attrs={TrialKey.SEED: seed})
             return self.study.ask(distributions(self.spec))
@@ -70,10 +72,12 @@ class TrialRecorder:
             self.study.enqueue_trial(fixed, user_attrs={TrialKey.SEED: seed})
             return self.study.ask(grid_distributions(self.spec, distribution))
         trial = self.study.ask(distributions(self.spec))
-        if seed is None:  # the configuration's next seed (space.next_seed)
+        if seed is None:  # the configuration's first free seed; none: a repeat (draws.py)
             others = [t for t in self.study.get_trials(deepcopy=False) if t.number != trial.number]
-            seed = next_seed(self.spec, trial.params, others)
-        trial.set_user_attr(TrialKey.SEED, seed)
+            seed = free_seed(self.spec, decode_params(trial.params, self.spec.space),
+                             spent_points(self.spec, others))
+        if seed is not None:
+            trial.set_user_attr(TrialKey.SEED, seed)
         return trial
 
     @functools.cached_property
@@ -105,6 +109,11 @@ class TrialRecorder:
             trial.set_user_attr(TrialKey.TRACEBACK, traceback)
         trial.set_user_attr(TrialKey.RECORDED, Status.FAILED)
         self._tell(trial, state=_State.FAIL)
+
+    def fail_over_budget(self, trial: optuna.Trial, prof: ModelProfile) -> None:
+        """A trial whose FLOPs exceed budget.max_gflops: failed for good, not trained."""
+        self.fail(trial, FailureKind.OVER_BUDGET, f"over budget.max_gflops="
+                  f"{self.spec.budget.max_gflops}: {prof.flops / 1e9:.3f} GFLOPs")
 
     def finish(self, trial: optuna.Trial, outcome: TrialOutcome) -> str:
         """Record a worker's outcome through its one mapping to stored keys; returns

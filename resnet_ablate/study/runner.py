@@ -29,6 +29,10 @@ from .signals import StopSignals, signals_held, stop_on_signals
 from .lease import DriverLease
 from .opening import check_store_folder, open_study, prepare_store_folder, read_study
 
+# Recorded trials that budget.trials does not count: a stop's (they run again) and a sampler's
+# draws not trained (study/draws.py).
+_NOT_COUNTED = (FailureKind.INTERRUPTED, FailureKind.REPEAT, FailureKind.OVER_BUDGET)
+
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -223,12 +227,12 @@ class StudyRunner:
 
     def _trials_left(self, trials: list[optuna.trial.FrozenTrial]) -> float:
         """How many trials budget.trials still allows (inf: no bound). Trials an interrupted run
-        left do not count against it."""
+        left do not count against it, nor a sampler's draws that were not trained (draws.py)."""
         budget = self.spec.budget.trials
         if budget is None:
             return math.inf
         return budget - sum(1 for t in trials if t.user_attrs.get(TrialKey.FAILURE_KIND)
-                            != FailureKind.INTERRUPTED)
+                            not in _NOT_COUNTED)
 
 
 def run_study(spec: StudySpec, options: RunOptions = RunOptions()) -> RunSummary:

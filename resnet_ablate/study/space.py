@@ -8,7 +8,7 @@ random and TPE studies let Optuna's samplers choose.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import optuna
@@ -91,20 +91,9 @@ def sampler(spec: StudySpec, recorded: int = 0) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def next_seed(spec: StudySpec, params: Mapping[str, Any],
-              trials: Sequence[optuna.trial.FrozenTrial]) -> int:
-    """The seed a sampled trial of `params` trains with: the first of the spec's seeds that no
-    trial of that configuration has had (completed, running, pruned, or failed for good: diverged
-    or over budget; an error, a lost worker or a stopped run may be tried again), so that a
-    configuration the sampler picks again gets another seed; once it has them all, they come
-    round again (a rerun, which summaries count once)."""
-    taken = [t.user_attrs.get(TrialKey.SEED) for t in trials if _seed_spent(t)
-             and {name: t.params.get(name) for name in params} == dict(params)]
-    free = [seed for seed in spec.seeds if seed not in taken]
-    return free[0] if free else spec.seeds[len(taken) % len(spec.seeds)]
-
-
-def _seed_spent(trial: optuna.trial.FrozenTrial) -> bool:
+def seed_spent(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether a sampled trial spent its seed: completed, running, pruned, or failed for good
+    (diverged or over budget); an error, a lost worker or a stopped run may be tried again."""
     state = optuna.trial.TrialState
     if trial.state == state.FAIL:
         return trial.user_attrs.get(TrialKey.FAILURE_KIND) in FailureKind.FINAL

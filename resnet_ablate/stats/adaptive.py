@@ -102,18 +102,19 @@ def _first_seeds(rule: AdaptiveSeeds, results: Sequence[SeedResult]) -> list[See
     return sorted(results, key=lambda r: r.seed)[:rule.looked_at(len(results))]
 
 
-def _difference(base: Sequence[SeedResult], other: Sequence[SeedResult],
-                level: float, rule: AdaptiveSeeds) -> intervals.Estimate:
-    """other - base over the seeds both completed, paired by seed, at the pairs' last look."""
+def _differences(base: Sequence[SeedResult], other: Sequence[SeedResult],
+                 levels: tuple[float, ...], rule: AdaptiveSeeds) -> list[intervals.Estimate]:
+    """other - base over the seeds both completed, paired by seed, at the pairs' last look, at
+    each of `levels`."""
     by_seed = {r.seed: r for r in base}
     other_side = _first_seeds(rule, [r for r in other if r.seed in by_seed])
     base_side = [by_seed[r.seed] for r in other_side]
     size, one_set = _test_set_size(base_side + other_side)
     have_outcomes = one_set and all(r.outcomes is not None for r in base_side + other_side)
-    return intervals.paired_difference(
+    return intervals.paired_differences(
         [r.outcomes for r in base_side] if have_outcomes else None,
         [r.outcomes for r in other_side] if have_outcomes else None,
-        [r.error for r in base_side], [r.error for r in other_side], size, level=level)
+        [r.error for r in base_side], [r.error for r in other_side], size, levels)
 
 
 def _percent(value: float) -> str:
@@ -141,10 +142,9 @@ def _interval(estimate: intervals.Estimate, level: float) -> str:
 def _comparison_decision(rule: AdaptiveSeeds, base: Sequence[SeedResult],
                          other: Sequence[SeedResult]) -> tuple[str, str]:
     """(kind, reason) of one comparison: DIFFERS, WITHIN or OPEN."""
-    differs = _difference(base, other, rule.level, rule)
+    differs, within = _differences(base, other, (rule.level, rule.equivalence_level), rule)
     if differs.low > 0 or differs.high < 0:
         return DIFFERS, f"decided: differs, {_interval(differs, rule.level)}"
-    within = _difference(base, other, rule.equivalence_level, rule)
     if -rule.margin <= within.low and within.high <= rule.margin:
         return WITHIN, (f"decided: within +-{_percent(rule.margin)}, "
                         f"{_interval(within, rule.equivalence_level)}")

@@ -135,20 +135,23 @@ class Estimate:
 
 
 def _from_pivot(mean: float, pivot: Pivot, n: int, std: float, method: str,
-                bounds: tuple[float, float], note: str = "", level: float = LEVEL) -> Estimate:
-    """Interval and p-value from the pivot ``mean - Z sqrt(V)``, Z standard normal and V the
-    variance draws: its distribution function is a mixture of normals, evaluated exactly in Z,
-    so that small p-values are accurate rather than a count of draws. Calibrated where the pivot
-    carries a seed share (`pivot.alpha_widening`)."""
+                bounds: tuple[float, float], levels: tuple[float, ...]) -> list[Estimate]:
+    """Interval (at each of `levels`) and p-value from the pivot ``mean - Z sqrt(V)``, Z
+    standard normal and V the variance draws: its distribution function is a mixture of
+    normals, evaluated exactly in Z, so that small p-values are accurate rather than a count of
+    draws. Calibrated where the pivot carries a seed share (`pivot.alpha_widening`)."""
     widening = alpha_widening(pivot.seed_df, pivot.seed_share)
-    alpha = min((1 - level) * widening, 0.99)  # below a 1% interval, widening has no room
-    half = pivot.half_width(alpha)
-    low, high = mean - half, mean + half
     # Rescaled so that p < 0.05 exactly where the calibrated 95% interval excludes zero.
     zero = 2 * float(np.mean(ndtr(-abs(mean) / np.sqrt(pivot.variances))))
-    return Estimate(mean, std, float(math.sqrt(np.median(pivot.variances))),
-                    max(low, bounds[0]), min(high, bounds[1]), min(zero / widening, 1.0), n,
-                    method, note)
+    se = float(math.sqrt(np.median(pivot.variances)))
+    estimates = []
+    for level in levels:
+        alpha = min((1 - level) * widening, 0.99)  # below a 1% interval, widening has no room
+        half = pivot.half_width(alpha)
+        estimates.append(Estimate(mean, std, se, max(mean - half, bounds[0]),
+                                  min(mean + half, bounds[1]), min(zero / widening, 1.0), n,
+                                  method))
+    return estimates
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,11 +232,11 @@ def error_rate(outcomes: Sequence[np.ndarray] | None, rates: Sequence[float],
         return _no_interval(mean, n, CROSSED if table is not None else BINOMIAL_BOUND, ONE_SEED)
     if table is not None and images >= 2:
         grand, pivot = _crossed(table, stream=0)
-        estimate = _from_pivot(grand, pivot, n, std, CROSSED, (0.0, 1.0), level=level)
+        (estimate,) = _from_pivot(grand, pivot, n, std, CROSSED, (0.0, 1.0), (level,))
         return _exact_at_the_ends(estimate, images, level)
     if images:
         bounded = Pivot(variance_draws(std**2 / n, n - 1, binomial_bound(mean, images)))
-        estimate = _from_pivot(mean, bounded, n, std, BINOMIAL_BOUND, (0.0, 1.0), level=level)
+        (estimate,) = _from_pivot(mean, bounded, n, std, BINOMIAL_BOUND, (0.0, 1.0), (level,))
         return _exact_at_the_ends(estimate, images, level)
     return _over_seeds_only(rates, (0.0, 1.0), level)
 
@@ -292,8 +295,17 @@ def paired_difference(base: Sequence[np.ndarray] | None, other: Sequence[np.ndar
     with weights (-1, 1) (see `contrast`). With per-image outcomes for both, the crossed
     analysis of the table of per-image differences; else the per-seed differences with the
     binomial bound on the test set. The interval (at `level`) is clipped to [-1, 1]."""
+    return paired_differences(base, other, base_rates, other_rates, images, (level,))[0]
+
+
+def paired_differences(base: Sequence[np.ndarray] | None, other: Sequence[np.ndarray] | None,
+                       base_rates: Sequence[float], other_rates: Sequence[float],
+                       images: int | None, levels: Sequence[float]) -> list[Estimate]:
+    """`paired_difference` at each of `levels`, from one analysis of the table (an adaptive
+    rule asks for two levels of every comparison at every look: the analysis, not the
+    intervals, is most of the time)."""
     return _contrast("paired_difference", [base, other], (-1.0, 1.0), [base_rates, other_rates],
-                     images, level)
+                     images, tuple(levels))
 
 
 def contrast(tables_by_cell: Sequence[Sequence[np.ndarray] | None] | None,
@@ -315,14 +327,15 @@ def contrast(tables_by_cell: Sequence[Sequence[np.ndarray] | None] | None,
     the module docstring); without the size, Student t over seeds. The
     interval (at `level`) is clipped to the range a contrast of rates can take (``[sum of
     negative weights, sum of positive]``)."""
-    return _contrast("contrast", tables_by_cell, weights, rates_by_cell, images, level)
+    return _contrast("contrast", tables_by_cell, weights, rates_by_cell, images, (level,))[0]
 
 
 def _contrast(what: str, tables_by_cell: Sequence[Sequence[np.ndarray] | None] | None,
               weights: Sequence[float], rates_by_cell: Sequence[Sequence[float]],
-              images: int | None, level: float) -> Estimate:
+              images: int | None, levels: tuple[float, ...]) -> list[Estimate]:
+    """A contrast's estimate at each of `levels` (see `contrast`)."""
     weights = finite_values(weights, f"{what}'s weights")
-    level = checked_level(level)
+    levels = tuple(checked_level(level) for level in levels)
     if len(rates_by_cell) != len(weights) or \
             len({np.size(r) for r in rates_by_cell}) > 1:
         raise ValueError(f"{what}: {len(weights)} weights and {len(rates_by_cell)} cells of seeds "
@@ -341,19 +354,20 @@ def _contrast(what: str, tables_by_cell: Sequence[Sequence[np.ndarray] | None] |
     bounds = (float(weights[weights < 0].sum()), float(weights[weights > 0].sum()))
     n = len(rates[0]) if rates else 0
     if n == 0:
-        return _no_interval(math.nan, 0, "", "no seed with every cell")
+        return [_no_interval(math.nan, 0, "", "no seed with every cell")] * len(levels)
     values = sum(w * r for w, r in zip(weights, rates))
     mean, std = float(values.mean()), _seed_std(values)
     if n < 2:
-        return _no_interval(mean, n, CROSSED if per_image else BINOMIAL_BOUND, ONE_SEED)
+        return [_no_interval(mean, n, CROSSED if per_image else BINOMIAL_BOUND, ONE_SEED)] \
+            * len(levels)
     if tables is not None:
         grand, pivot = _crossed(sum(w * t for w, t in zip(weights, tables)), stream=3)
-        return _from_pivot(grand, pivot, n, std, CROSSED, bounds, level=level)
+        return _from_pivot(grand, pivot, n, std, CROSSED, bounds, levels)
     if images:
         test_part = shared_test_set_bound(weights, [float(r.mean()) for r in rates], images)
         bounded = Pivot(variance_draws(std**2 / n, n - 1, test_part, stream=3))
-        return _from_pivot(mean, bounded, n, std, BINOMIAL_BOUND, bounds, level=level)
-    return _over_seeds_only(values, bounds, level)
+        return _from_pivot(mean, bounded, n, std, BINOMIAL_BOUND, bounds, levels)
+    return [_over_seeds_only(values, bounds, level) for level in levels]
 
 
 def holm(p_values: Sequence[float]) -> np.ndarray:
@@ -374,4 +388,5 @@ def holm(p_values: Sequence[float]) -> np.ndarray:
 
 
 __all__ = ["BINOMIAL_BOUND", "CROSSED", "Estimate", "FEW_SEEDS", "LEVEL", "SEEDS_ONLY",
-           "SeedRecordsError", "contrast", "error_rate", "holm", "paired_difference", "seed_mean"]
+           "SeedRecordsError", "contrast", "error_rate", "holm", "paired_difference",
+           "paired_differences", "seed_mean"]

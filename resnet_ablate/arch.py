@@ -133,8 +133,8 @@ class ResNetArch:
 
         block, stages, depth = _resolve_layout(family, block, stages, depth, widths)
         widths = _check_widths(family, depth, stages, widths)
+        _check_base_width(block, base_width, widths)
         if block == "basic":
-            _check_basic_base_width(base_width)
             downsampling = "v1"  # one place to stride: both spellings are the same network
         _check_padded_widths(shortcut, block, widths)
 
@@ -354,12 +354,16 @@ def _check_widths(family: str, depth: int, stages: tuple[int, ...],
     return widths
 
 
-def _check_basic_base_width(base_width: int) -> None:
-    if base_width != 64:
-        raise ArchError(
-            f"ResNetArch.base_width={base_width} applies to bottleneck blocks only; "
-            "basic blocks need 64 (change widths instead)"
-        )
+def _check_base_width(block: str, base_width: int, widths: tuple[int, ...]) -> None:
+    """Basic blocks take no base_width; a bottleneck's inner width, width * base_width // 64,
+    must be a channel at least in every stage (it built, then failed in the model)."""
+    if block == "basic" and base_width != 64:
+        raise ArchError(f"ResNetArch.base_width={base_width} applies to bottleneck blocks only; "
+                        "basic blocks need 64 (change widths instead)")
+    if block == "bottleneck" and min(widths) * base_width // 64 < 1:
+        raise ArchError(f"ResNetArch.base_width={base_width} leaves the stage of {min(widths)} "
+                        f"filters no inner channel ({min(widths)} x {base_width} // 64 = 0): "
+                        f"base_width >= {-(-64 // min(widths))} with these widths")
 
 
 def _check_padded_widths(shortcut: str, block: str, widths: tuple[int, ...]) -> None:

@@ -82,3 +82,15 @@ def test_spellings_of_one_network_share_its_name(fields):
 ])
 def test_standard_names_are_unchanged(fields, name):
     assert ResNetArch(**fields).name == name
+
+
+def test_a_base_width_that_leaves_a_stage_no_inner_channel_is_refused_where_the_least_builds():
+    """The description passed, the spec check with it, and the model raised in the driver
+    (bottleneck width 16 x 1 // 64 = 0), leaving a trial running."""
+    from resnet_ablate.models import build
+
+    with pytest.raises(ArchError, match=r"base_width=3 leaves the stage of 16 filters no inner "
+                                        r"channel \(16 x 3 // 64 = 0\): base_width >= 4"):
+        ResNetArch(family="cifar", block="bottleneck", depth=11, base_width=3)
+    least = build(ResNetArch(family="cifar", block="bottleneck", depth=11, base_width=4))
+    assert least.layer1[0].conv1.out_channels == 1

@@ -118,13 +118,21 @@ def test_a_sampler_study_tries_a_failed_trial_again_and_reruns_an_interrupted_on
     from resnet_ablate.study.space import distributions
 
     raw = _raw_spec("sampled-failing", seeds=1, model={"family": "imagenet", "depth": 18},
-                    space={"shortcut": ["A", "B"]}, sampler="random", budget={"trials": 2})
+                    space={"shortcut": ["A", "B", "C"]}, sampler="random", budget={"trials": 2})
     raw["dataset"]["synthetic"] = {**SYNTHETIC, "train_size": 33}  # fails: BatchNorm of one
     run_study(parse_spec(raw), RunOptions(runs_dir=tmp_path, progress=False))
     trials = _trials(f"sqlite:///{tmp_path}/sampled-failing.db", "sampled-failing")
     attempts = Counter((t.params["shortcut"], t.user_attrs["seed"]) for t in trials)
     assert all(t.user_attrs["failure_kind"] == "error" for t in trials)
-    assert set(attempts.values()) == {2} and len(trials) == 2 * len(attempts)  # max_attempts
+    assert set(attempts.values()) == {2} and len(trials) == 2 * 2  # max_attempts
+    # Resumed with a budget of 3, as one run of 3 would: the third configuration, twice (the
+    # resumed run counted every failed attempt, 4, and ran nothing).
+    run_study(parse_spec({**raw, "budget": {"trials": 3}}),
+              RunOptions(runs_dir=tmp_path, progress=False))
+    trials = [t for t in _trials(f"sqlite:///{tmp_path}/sampled-failing.db", "sampled-failing")
+              if "seed" in t.user_attrs]  # (not the draws of given-up seeds, not trained)
+    attempts = Counter((t.params["shortcut"], t.user_attrs["seed"]) for t in trials)
+    assert len(attempts) == 3 and set(attempts.values()) == {2} and len(trials) == 6
 
     raw = _raw_spec("sampled-stopped", seeds=1, space={"shortcut": ["A", "none"]}, epochs=1,
                     sampler="random", budget={"trials": 1})
@@ -172,7 +180,8 @@ def test_a_sampler_trains_no_seed_twice_and_draws_it_cannot_train_spend_no_budge
                       RunOptions(runs_dir=tmp_path, progress=False))
     assert (again.completed, again.failed) == (0, 0)
 
-    # A ceiling between depth 8's FLOPs and depth 14's: the budget's two trials are depth 8's.
+    # A ceiling between depth 8's FLOPs and depth 14's: the budget's two trials are depth 8's,
+    # and depth 14's draws spend none of its seeds (it trains them once the ceiling is raised).
     gflops = {depth: profile(build(ResNetArch(family="cifar", depth=depth, shortcut="A"),
                                    num_classes=4, in_channels=1), (1, 8, 8)).flops / 1e9
               for depth in (8, 14)}
@@ -183,7 +192,16 @@ def test_a_sampler_trains_no_seed_twice_and_draws_it_cannot_train_spend_no_budge
     trials = _trials(summary.storage, "ceiling")
     assert sorted((t.params["depth"], t.user_attrs["seed"]) for t in trials
                   if t.state.name == "COMPLETE") == [(8, 0), (8, 1)]
-    assert all(t.params["depth"] == 14 for t in trials if t.state.name == "FAIL")
+    over = [t for t in trials if t.state.name == "FAIL"]
+    assert all(t.params["depth"] == 14 and t.user_attrs["failure_kind"] == "over_budget"
+               and "seed" not in t.user_attrs for t in over)
+    assert summary.failed == 0 and summary.counts_by_state.get("OVER_BUDGET") == len(over)
+    assert len(results.load("ceiling", runs_dir=tmp_path).trials) == 2  # draws are not trials
+    raised = run_study(parse_spec({**raw, "budget": {"trials": 4}}),
+                       RunOptions(runs_dir=tmp_path, progress=False))
+    assert raised.completed == 2 and sorted(
+        (t.params["depth"], t.user_attrs["seed"]) for t in _trials(summary.storage, "ceiling")
+        if t.state.name == "COMPLETE") == [(8, 0), (8, 1), (14, 0), (14, 1)]
 
 
 def test_diverging_trial_fails_with_its_reason_and_is_not_retried(local_ray, tmp_path):
@@ -517,9 +535,11 @@ def test_a_sampled_configuration_gets_its_next_seed_and_a_resumed_run_draws_on(t
         asked = []
         for _ in range(trials):
             trial = recorder.ask(None, None)
+            seeded = recorder.seed_draw(trial)
             asked.append((trial.params["depth"], trial.params["shortcut"],
                           trial.user_attrs.get("seed")))
-            study.tell(trial, 0.1 * len(asked))
+            if seeded:  # (a repeat is recorded as such)
+                study.tell(trial, 0.1 * len(asked))
         return asked
 
     first, resumed = run(5), run(5)
@@ -564,18 +584,26 @@ def test_a_stand_in_has_a_seed_left_within_the_ceiling_and_there_is_none_once_al
         def over_budget(self, arch):
             return arch.shortcut == "A"
 
-    spec = parse_spec(_raw_spec("stand-in", sampler="random", budget={"trials": 9},
+    spec = parse_spec(_raw_spec("stand-in", sampler="random", budget={"trials": 9, "max_gflops": 1},
                                 space={"shortcut": ["A", "B", "none"]}))
 
-    def done(level, seed, state=optuna.trial.TrialState.COMPLETE):
+    def done(level, seed, state=optuna.trial.TrialState.COMPLETE, kind=None):
         return optuna.trial.create_trial(
             state=state, params={"shortcut": level}, distributions=distributions(spec),
-            user_attrs={"seed": seed}, value=0.1 if state.name == "COMPLETE" else None)
+            user_attrs={"seed": seed, **({"failure_kind": kind} if kind else {})},
+            value=0.1 if state.name == "COMPLETE" else None)
 
     trials = [done("B", 0), done("B", 1), done("none", 0, optuna.trial.TrialState.RUNNING)]
     for draw in range(5):
         assert stand_in(spec, trials, draw, Costs()) == PendingPoint({"shortcut": "none"}, 1)
-    assert stand_in(spec, [*trials, done("none", 1)], 5, Costs()) is None
+    covered = stand_in(spec, [*trials, done("none", 1)], 5, Costs())
+    assert covered == ("every configuration with a seed left is over budget.max_gflops=1: "
+                       "the run ends")
+    # A seed given up after max_attempts (2) errors is spent: it was trained again and again.
+    error = optuna.trial.TrialState.FAIL
+    assert stand_in(spec, [*trials, done("none", 1, error, "error")], 5, Costs()).seed == 1
+    assert isinstance(stand_in(spec, [*trials, *[done("none", 1, error, "error")] * 2], 5,
+                               Costs()), str)
     open_seeds = [done("B", 0)]  # B's seed 1 and none's two are left: both are drawn
     picks = {stand_in(spec, open_seeds, draw, Costs()).key for draw in range(20)}
     assert picks == {PendingPoint({"shortcut": "B"}, 1).key,
@@ -661,3 +689,11 @@ def test_run_exits_non_zero_when_no_trial_completes(local_ray, tmp_path, capsys)
                                  storage=f"sqlite:///{tmp_path}/all-diverge.db").get_trials()
     failure = trial.user_attrs["failure"].splitlines()[0]
     assert f"; the last failure (trial 0): {failure}; see `resnet-ablate show" in err
+    # A sampler's study whose every configuration is over budget.max_gflops launches nothing:
+    # it ended with exit 0 and "the space is covered".
+    raw = _raw_spec("all-over", epochs=1, seeds=1, sampler="random",
+                    budget={"trials": 3, "max_gflops": 1e-9})
+    code = main(["run", str(_write_spec(tmp_path, raw)), "--runs-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "every configuration with a seed left is over budget.max_gflops=1e-09" in err
+    assert code == 1 and "error: nothing was trained, and study all-over has no" in err

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from .arguments import positive_int, storage_url, store_options
 from .output import print_footnotes
 from .registry import command, stopped
+
+if TYPE_CHECKING:
+    from ..study import RunSummary
 
 
 @command("run")
@@ -53,14 +57,24 @@ def _run(args: argparse.Namespace) -> int:
             else "no trial was running; run the same command to go on with any left to run"
         return stopped(summary.interrupted, "resnet-ablate run: interrupted by "
                        f"{stop_description(summary.interrupted)}: {marked}")
+    return _ended(args, summary)
+
+
+def _ended(args: argparse.Namespace, summary: RunSummary) -> int:
+    """A run that ended by itself: its table, or the error where nothing completed."""
     from ..results.report import summary_with_training_error
     from ..results import load
 
-    results = load(spec.study, storage=summary.storage)
+    results = load(summary.study, storage=summary.storage)
     if summary.launched and not summary.completed and not summary.pruned:
         print(f"resnet-ablate run: error: none of the {summary.launched} trials launched completed"
               f"{_last_failure(results)}; see `resnet-ablate show {summary.study}"
               f"{store_options(args)} --columns number,state,failure`", file=sys.stderr)
+        return 1
+    if not summary.launched and not len(results.completed()):
+        print(f"resnet-ablate run: error: nothing was trained, and study {summary.study} has "
+              "no completed trial: every configuration may be over budget.max_gflops or given "
+              "up after max_attempts (`resnet-ablate run SPEC --dry-run` says)", file=sys.stderr)
         return 1
     if len(results.completed()):
         table = summary_with_training_error(results)

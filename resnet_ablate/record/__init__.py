@@ -11,7 +11,8 @@ results, the report and the command line read them, and every metric is derived 
 
 from __future__ import annotations
 
-from .keys import INTERRUPTED_STATE, REPEAT_STATE, TOOLKIT, FailureKind, StudyKey, TrialKey, shown_state
+from .keys import (INTERRUPTED_STATE, TOOLKIT, FailureKind, StudyKey, TrialKey, shown_state,
+                   untrained_draw)
 from .metrics import (DIRECTIONS, ERROR_RATES, METRICS, OBJECTIVES, TEST_SET_RATES,
                       VIEW_METRIC_NAMES, VIEW_METRICS, Direction, Metric, complement,
                       is_complement, metric_values, pack_outcomes, unpack_outcomes)
@@ -20,8 +21,8 @@ from .round_trip import (PRUNABLE_OBJECTIVES, DataParallelRecord, EpochRecord, E
                          epoch_objective)
 
 __all__ = ["DIRECTIONS", "ERROR_RATES", "INTERRUPTED_STATE", "METRICS", "OBJECTIVES",
-           "PRUNABLE_OBJECTIVES", "REPEAT_STATE", "TEST_SET_RATES", "TOOLKIT", "VIEW_METRIC_NAMES", "VIEW_METRICS",
+           "PRUNABLE_OBJECTIVES", "TEST_SET_RATES", "TOOLKIT", "VIEW_METRIC_NAMES", "VIEW_METRICS",
            "DataParallelRecord", "Direction", "EpochRecord", "ExecutionRecord", "FailureKind",
            "FinalEvaluation", "Metric", "Placement", "Status", "StudyKey", "Timings", "TrialKey",
            "TrialOutcome", "TrialTask", "complement", "epoch_objective", "is_complement",
-           "metric_values", "pack_outcomes", "shown_state", "unpack_outcomes"]
+           "metric_values", "pack_outcomes", "shown_state", "unpack_outcomes", "untrained_draw"]

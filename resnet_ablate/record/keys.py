@@ -89,10 +89,8 @@ class FailureKind:
     # or a split had no decodable image (found by the epoch reading it): the same input fails
     # again, so it is not retried, nor settled (a rerun after the fix runs it).
     DATA_UNAVAILABLE = "data_unavailable"
-    # Not a trial: a random or TPE sampler's draw of a configuration whose seeds are all spent,
-    # recorded so that the store says what the sampler drew, and neither trained (it would
-    # repeat a seed bit for bit) nor counted in the results or against budget.trials
-    # (study/draws.py).
+    # A random or TPE sampler's draw of a configuration whose seeds are all spent: a draw not
+    # trained (`untrained_draw`), as is a draw over budget.max_gflops.
     REPEAT = "repeat"
 
     RETRYABLE = (ERROR, WORKER_LOST)  # count as an attempt of the grid point
@@ -102,18 +100,26 @@ class FailureKind:
 # The state shown for a trial a stop left unfinished: stored as Optuna's FAIL (Optuna has no
 # state of its own for it), run again when the study resumes, and not a failure of the trial.
 INTERRUPTED_STATE = "INTERRUPTED"
-# The state shown for a sampler's draw that repeated a configuration with every seed spent
-# (FailureKind.REPEAT): stored as FAIL, and left out wherever trials are counted or read.
-REPEAT_STATE = "REPEAT"
+# The states shown for a random or TPE sampler's draws not trained (study/draws.py): of a
+# configuration with every seed spent, or over budget.max_gflops. Stored as FAIL with that
+# failure kind and no seed, recorded so that the store says what the sampler drew; no trial of
+# the results (left out wherever trials are read or counted) nor of budget.trials.
+UNTRAINED_DRAW_STATES = {FailureKind.REPEAT: "REPEAT", FailureKind.OVER_BUDGET: "OVER_BUDGET"}
+
+
+def untrained_draw(trial: Any) -> bool:
+    """Whether `trial` (an Optuna FrozenTrial) is a sampler's draw that was not trained."""
+    return trial.state.name == "FAIL" and TrialKey.SEED not in trial.user_attrs \
+        and trial.user_attrs.get(TrialKey.FAILURE_KIND) in UNTRAINED_DRAW_STATES
 
 
 def shown_state(trial: Any) -> str:
     """A trial's state as listings show it (an Optuna FrozenTrial): Optuna's, but INTERRUPTED
-    for a trial a stop left unfinished and REPEAT for a sampler's draw not trained."""
-    if trial.state.name == "FAIL":
-        kind = trial.user_attrs.get(TrialKey.FAILURE_KIND)
-        if kind == FailureKind.INTERRUPTED:
-            return INTERRUPTED_STATE
-        if kind == FailureKind.REPEAT:
-            return REPEAT_STATE
+    for a trial a stop left unfinished, and REPEAT or OVER_BUDGET for a sampler's draw not
+    trained."""
+    if untrained_draw(trial):
+        return UNTRAINED_DRAW_STATES[trial.user_attrs[TrialKey.FAILURE_KIND]]
+    if (trial.state.name == "FAIL"
+            and trial.user_attrs.get(TrialKey.FAILURE_KIND) == FailureKind.INTERRUPTED):
+        return INTERRUPTED_STATE
     return trial.state.name

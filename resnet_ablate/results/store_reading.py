@@ -20,8 +20,8 @@ import pandas as pd
 import sqlalchemy
 
 from ..arch import ResNetArch
-from ..record import (INTERRUPTED_STATE, REPEAT_STATE, TOOLKIT, VIEW_METRICS, StudyKey,
-                      TrialKey, metric_values, shown_state)
+from ..record import (INTERRUPTED_STATE, TOOLKIT, VIEW_METRICS, StudyKey, TrialKey,
+                      metric_values, shown_state, untrained_draw)
 from ..storage import (RUNS_ENVIRONMENT_VARIABLE, ResultsError, StoreError, default_storage,
                        runs_folder, sqlite_path, sqlite_url, store_faults)
 
@@ -149,9 +149,8 @@ def list_studies(storage: str | None = None, runs_dir: str | Path | None = None)
             continue
         for summary in summaries:
             study = optuna.load_study(study_name=summary.study_name, storage=backend)
-            states = [shown_state(t) for t in study.get_trials(deepcopy=False)]
-            counts = pd.Series([s for s in states if s != REPEAT_STATE],  # draws, not trials
-                               dtype=object).value_counts()
+            counts = pd.Series([shown_state(t) for t in study.get_trials(deepcopy=False)
+                                if not untrained_draw(t)], dtype=object).value_counts()
             rows.append({"study": summary.study_name, "trials": int(counts.sum()),
                          **{state: int(counts.get(state, 0)) for state in LISTED_STATES},
                          "question": study.user_attrs.get(StudyKey.QUESTION, ""), "storage": url})

@@ -29,7 +29,7 @@ import numpy as np
 import optuna
 import pandas as pd
 
-from ..record import METRICS, REPEAT_STATE, StudyKey, TrialKey, shown_state, unpack_outcomes
+from ..record import METRICS, StudyKey, TrialKey, unpack_outcomes, untrained_draw
 from ..storage import ResultsError, sqlite_url, weights_folder
 from . import summaries
 from .display import format_table
@@ -367,8 +367,8 @@ def load(study: str | os.PathLike[str], storage: str | None = None,
         raise ResultsError(f"no study {study!r} in {storage}; studies there: "
                            f"{', '.join(names) or 'none'}" + (RUNS_FOLDER_HINT if in_runs_folder else ""))
     loaded = optuna.load_study(study_name=study, storage=backend)
-    # A sampler's draw of a configuration with every seed spent was not trained: not a trial.
-    trials = [t for t in loaded.get_trials(deepcopy=False) if shown_state(t) != REPEAT_STATE]
+    # A sampler's draw that was not trained is no trial (study/draws.py).
+    trials = [t for t in loaded.get_trials(deepcopy=False) if not untrained_draw(t)]
     spec = loaded.user_attrs.get(StudyKey.SPEC) or {}
     return Results(
         study=study, storage=storage, trials=trials_frame([trial_row(t) for t in trials]),

@@ -2,26 +2,26 @@
 
 A sampler may draw a configuration whose seeds have all been spent (TPE does so more and more as
 it settles on the best configurations), or one over budget.max_gflops. Training the first again
-would repeat one of its seeds bit for bit, and the second is not trained at all; so neither
-counts against budget.trials. The draw is recorded, the first as a repeat, the second as over
-budget, so that the store says what the sampler drew, and the trial trained in its place is a
-configuration drawn at random (by a generator seeded from the spec's first seed and the draw's
-number: a rerun draws alike) among those with a seed left within the FLOPs ceiling. Asking the
-sampler again instead could go on for ever once it has settled. When no configuration is left,
-the space is covered and the run ends.
+would repeat one of its seeds bit for bit, and the second is not to be trained at all. Either is
+recorded as a draw not trained, a repeat or over budget, with no seed: the store says what the
+sampler drew, but the draw is no trial of the results (`record.untrained_draw`), spends no seed
+and does not count against budget.trials. The trial trained in its place is a configuration
+drawn at random (by a generator seeded from the spec's first seed and the draw's number: a rerun
+draws alike) among those with a seed left within the ceiling: asking the sampler again instead
+could go on for ever once it has settled. When none is left, the run ends, saying why.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import optuna
 
-from ..arch import ArchError
-from ..record import TrialKey
+from ..record import FailureKind, TrialKey
 from ..spec import StudySpec
 from ..spec.sections import values_of
 from .costs import StudyCosts
@@ -29,18 +29,27 @@ from .grid import PendingPoint
 from .space import decode_params, point_key, seed_spent
 
 # Up to this many configurations the stand-in is chosen among all of them, and a covered space
-# is known; a larger space (its trials cannot cover it) is sampled, point by point, this often.
+# is known; from a larger space (its trials cannot cover it) this many are drawn at random and
+# the first with a seed left and within the ceiling taken (each is profiled: a second or so).
 ENUMERATED_CONFIGURATIONS = 100_000
-_SAMPLED_TRIES = 1_000
+_SAMPLED = 25
 REPEAT_REASON = "its configuration has had each of its seeds: not trained again"
-SPACE_COVERED = ("every configuration within the budget has had each of its seeds: the space is "
-                 "covered, and the run ends")
 
 
 def spent_points(spec: StudySpec, trials: Iterable[optuna.trial.FrozenTrial]) -> set[str]:
-    """The (configuration, seed) points whose seed is spent (space.seed_spent), as point keys."""
-    return {point_key(decode_params(t.params, spec.space), t.user_attrs[TrialKey.SEED])
-            for t in trials if TrialKey.SEED in t.user_attrs and seed_spent(t)}
+    """The (configuration, seed) points whose seed is spent, as point keys: by a trial that
+    spent it (space.seed_spent), or by `spec.max_attempts` failures that are tried again (an
+    error, a lost worker), as a grid point is given up."""
+    spent, attempts = set(), Counter()
+    for t in trials:
+        if TrialKey.SEED not in t.user_attrs:  # a draw not trained
+            continue
+        key = point_key(decode_params(t.params, spec.space), t.user_attrs[TrialKey.SEED])
+        if seed_spent(t):
+            spent.add(key)
+        elif t.user_attrs.get(TrialKey.FAILURE_KIND) in FailureKind.RETRYABLE:
+            attempts[key] += 1
+    return spent | {key for key, count in attempts.items() if count >= spec.max_attempts}
 
 
 def free_seed(spec: StudySpec, params: Mapping[str, Any], spent: set[str]) -> int | None:
@@ -49,15 +58,16 @@ def free_seed(spec: StudySpec, params: Mapping[str, Any], spent: set[str]) -> in
 
 
 def stand_in(spec: StudySpec, trials: Sequence[optuna.trial.FrozenTrial], draw: int,
-             costs: StudyCosts) -> PendingPoint | None:
+             costs: StudyCosts) -> PendingPoint | str:
     """The configuration, with its first free seed, trained in place of draw number `draw`:
-    chosen at random among those with a seed left and within budget.max_gflops; None where
-    there is none (the space is covered)."""
+    chosen at random among those with a seed left and within budget.max_gflops; where there is
+    none, why the run ends."""
     spent = spent_points(spec, trials)
     rng = random.Random(f"{spec.seeds[0]}:{draw}")
-    if _size(spec) > ENUMERATED_CONFIGURATIONS:
-        candidates: list[dict[str, Any]] = [_random_point(spec, rng)
-                                            for _ in range(_SAMPLED_TRIES)]
+    size = math.prod(len(values_of(choice)) for choice in spec.space.values())
+    if size > ENUMERATED_CONFIGURATIONS:
+        candidates = [{name: rng.choice(values_of(choice)) for name, choice in spec.space.items()}
+                      for _ in range(_SAMPLED)]
     else:
         candidates = [params for params in spec.grid() if free_seed(spec, params, spent) is not None]
         rng.shuffle(candidates)
@@ -65,21 +75,22 @@ def stand_in(spec: StudySpec, trials: Sequence[optuna.trial.FrozenTrial], draw: 
         seed = free_seed(spec, params, spent)
         if seed is not None and _trainable(spec, params, costs):
             return PendingPoint(params, seed)
-    return None
+    ceiling = f"budget.max_gflops={spec.budget.max_gflops:g}" \
+        if spec.budget.max_gflops is not None else ""
+    if size > ENUMERATED_CONFIGURATIONS:
+        return (f"none of {_SAMPLED} configurations drawn at random from the space's {size:,} "
+                f"has a seed left {'and fits ' + ceiling if ceiling else ''}: the run ends"
+                f"{' (raise the ceiling, or narrow the space)' if ceiling else ''}")
+    if candidates:
+        return (f"every configuration with a seed left is over {ceiling}: the run ends"
+                if ceiling else "no configuration with a seed left builds: the run ends")
+    return "every configuration has had each of its seeds: the space is covered, and the run ends"
 
 
 def _trainable(spec: StudySpec, params: dict[str, Any], costs: StudyCosts) -> bool:
-    """Within budget.max_gflops, and buildable: the spec checks a huge space's first points
-    only (spec.space.CHECKED_POINTS)."""
+    """Within budget.max_gflops, and one that builds: the spec checks a huge space's first
+    points only (spec.space.CHECKED_POINTS)."""
     try:
         return not costs.over_budget(spec.arch(params))
-    except ArchError:
+    except ValueError:  # ArchError, or a model that does not build
         return False
-
-
-def _size(spec: StudySpec) -> int:
-    return math.prod(len(values_of(choice)) for choice in spec.space.values())
-
-
-def _random_point(spec: StudySpec, rng: random.Random) -> dict[str, Any]:
-    return {name: rng.choice(values_of(choice)) for name, choice in spec.space.items()}

@@ -34,7 +34,7 @@ from ..spec import StudySpec
 from . import cluster
 from .costs import StudyCosts
 from .eta import RemainingTime
-from .draws import REPEAT_REASON, SPACE_COVERED, stand_in
+from .draws import stand_in
 from .grid import GridHistory, PendingPoint, look, take_ready
 from .recorder import TrialRecorder
 from .signals import StopSignals, heard_in, signals_held
@@ -225,21 +225,19 @@ class DriverLoop:
         for point in points:
             trial = self.recorder.ask(None if point is None else point.params,
                                       None if point is None else point.seed)
-            if TrialKey.SEED not in trial.user_attrs:  # a repeat
-                self.recorder.fail(trial, FailureKind.REPEAT, REPEAT_REASON)
-                return self._stand_in(trial)
             arch = self.spec.arch(decode_params(trial.params, self.spec.space))
+            if point is None and not self.recorder.seed_draw(
+                    trial, self.costs.profile(arch) if self.costs.over_budget(arch) else None):
+                return self._stand_in(trial)
             running.append(RunningTrial(trial, point, arch, trial.user_attrs[TrialKey.SEED]))
         arch = running[0].arch  # one configuration: one architecture
         prof = self.costs.profile(arch)
         for r in running:
             self.recorder.record_launch(r.trial, arch, prof)
-        if self.costs.over_budget(arch):
+        if self.costs.over_budget(arch):  # a trial to run again, since the ceiling came down
             for r in running:
                 self.recorder.fail_over_budget(r.trial, prof)
                 self.counts[FailureKind.OVER_BUDGET] += 1
-            if points == [None]:
-                self._stand_in(running[0].trial)
             return None
         first = running[0]
         task = trial_task(self.spec, first.trial.number, arch, first.seed,
@@ -255,10 +253,11 @@ class DriverLoop:
         self.launched -= 1
         point = stand_in(self.spec, self.study.get_trials(deepcopy=False), drawn.number,
                          self.costs)
-        self.to_ask = 0 if point is None else self.to_ask + 1
-        self.pending.extend([point] if point else [])
-        if point is None:
-            self.progress.log(SPACE_COVERED)
+        self.to_ask = 0 if isinstance(point, str) else self.to_ask + 1
+        if isinstance(point, str):
+            self.progress.log(point)
+        else:
+            self.pending.append(point)
 
     def _report_epochs(self) -> None:
         drained = cluster.drain_epochs(self.board, self.stop_signals.interruptible)

@@ -18,7 +18,7 @@ from ..arch import ResNetArch
 from ..record import FailureKind, Status, TrialKey, TrialOutcome, metric_values
 from ..spec import StudySpec
 from ..storage import store_tag
-from .draws import free_seed, spent_points
+from .draws import REPEAT_REASON, free_seed, spent_points
 from .space import (SEED_PARAM, decode_params, distributions, encode_params, grid_distributions,
                     seed_distribution)
 from .opening import retry_while_locked
@@ -57,11 +57,9 @@ class TrialRecorder:
     # -- asking
 
     def ask(self, params: Mapping[str, Any] | None, seed: int | None) -> optuna.Trial:
-        """A new trial: of the grid point `params` (handed to Optuna fixed, as an enqueued
-        trial; in a sampler's study, a trial of it run again or in place of a draw not
-        trained), or, with None, of parameters the study's sampler chooses, trained with `seed`
-        or (None) the first seed of the configuration it chose that it has not spent: where it
-        has spent them all, the trial has no seed (a repeat, not to be trained: draws.py)."""
+        """A new trial: of the grid point `params` with `seed` (handed to Optuna fixed, as an
+        enqueued trial; in a sampler's study, a trial of it run again or in place of a draw not
+        trained), or, with None, a draw of the study's sampler, seeded by `seed_draw`."""
         if params is not None and self.spec.sampler != "grid":  # a sampler's trial run again
             self.study.enqueue_trial(encode_params(params), user_attrs={TrialKey.SEED: seed})
             return self.study.ask(distributions(self.spec))
@@ -71,14 +69,24 @@ class TrialRecorder:
                 else {**encode_params(params), SEED_PARAM: seed}
             self.study.enqueue_trial(fixed, user_attrs={TrialKey.SEED: seed})
             return self.study.ask(grid_distributions(self.spec, distribution))
-        trial = self.study.ask(distributions(self.spec))
-        if seed is None:  # the configuration's first free seed; none: a repeat (draws.py)
-            others = [t for t in self.study.get_trials(deepcopy=False) if t.number != trial.number]
-            seed = free_seed(self.spec, decode_params(trial.params, self.spec.space),
-                             spent_points(self.spec, others))
-        if seed is not None:
-            trial.set_user_attr(TrialKey.SEED, seed)
-        return trial
+        return self.study.ask(distributions(self.spec))
+
+    def seed_draw(self, trial: optuna.Trial, over_budget: ModelProfile | None = None) -> bool:
+        """Gives a sampler's draw its seed, the first its configuration has not spent
+        (draws.free_seed), and True; or, for a draw over budget.max_gflops (`over_budget`, its
+        profile) or of a configuration with every seed spent, records it as a draw not trained
+        (failed, of kind OVER_BUDGET or REPEAT, with no seed: draws.py) and returns False."""
+        if over_budget is not None:
+            self.fail_over_budget(trial, over_budget)
+            return False
+        others = [t for t in self.study.get_trials(deepcopy=False) if t.number != trial.number]
+        seed = free_seed(self.spec, decode_params(trial.params, self.spec.space),
+                         spent_points(self.spec, others))
+        if seed is None:
+            self.fail(trial, FailureKind.REPEAT, REPEAT_REASON)
+            return False
+        trial.set_user_attr(TrialKey.SEED, seed)
+        return True
 
     @functools.cached_property
     def _stored_seed_distribution(self) -> optuna.distributions.BaseDistribution | None:

@@ -29,9 +29,11 @@ from .signals import StopSignals, signals_held, stop_on_signals
 from .lease import DriverLease
 from .opening import check_store_folder, open_study, prepare_store_folder, read_study
 
-# Recorded trials that budget.trials does not count: a stop's (they run again) and a sampler's
-# draws not trained (study/draws.py).
-_NOT_COUNTED = (FailureKind.INTERRUPTED, FailureKind.REPEAT, FailureKind.OVER_BUDGET)
+# Recorded trials that budget.trials does not count, as a run counts them: a stop's (they run
+# again), a failure that is tried again (the point counts once if it is given up), and a
+# sampler's draws not trained (study/draws.py).
+_NOT_COUNTED = (FailureKind.INTERRUPTED, *FailureKind.RETRYABLE, FailureKind.REPEAT,
+                FailureKind.OVER_BUDGET)
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,7 @@ class StudyRunner:
             cluster.check_local_gpus(self.spec)
         trials = self._existing_trials()
         history = GridHistory(self.spec, trials)
-        return grid.plan(self.spec, history, self.costs, self._trials_left(trials),
+        return grid.plan(self.spec, history, self.costs, self._trials_left(trials, history),
                          grid.outlook(self.spec, trials, history, self.costs))
 
     def run(self) -> RunSummary:
@@ -217,7 +219,7 @@ class StudyRunner:
         """The grid points still to run (grid studies; a sampler's: its trials to run again),
         and how many trials may still be asked (inf: no bound). Trials an interrupted run left
         do not count against budget.trials."""
-        left = self._trials_left(trials)
+        left = self._trials_left(trials, history)
         sampled = self.spec.sampler != "grid"
         pending = grid.unfinished_points(self.spec, history, trials) if sampled \
             else grid.pending_points(self.spec, history, self.costs)
@@ -225,14 +227,16 @@ class StudyRunner:
             pending = pending[: max(0, int(left))]
         return pending, left if sampled else len(pending)
 
-    def _trials_left(self, trials: list[optuna.trial.FrozenTrial]) -> float:
-        """How many trials budget.trials still allows (inf: no bound). Trials an interrupted run
-        left do not count against it, nor a sampler's draws that were not trained (draws.py)."""
+    def _trials_left(self, trials: list[optuna.trial.FrozenTrial],
+                     history: GridHistory) -> float:
+        """How many trials budget.trials still allows (inf: no bound), counted as a run counts
+        them (_NOT_COUNTED): a resumed run trains as many as one run would have."""
         budget = self.spec.budget.trials
         if budget is None:
             return math.inf
-        return budget - sum(1 for t in trials if t.user_attrs.get(TrialKey.FAILURE_KIND)
-                            not in _NOT_COUNTED)
+        given_up = sum(1 for key in history.attempts if history.given_up(key))
+        return budget - given_up - sum(1 for t in trials if t.user_attrs.get(
+            TrialKey.FAILURE_KIND) not in _NOT_COUNTED)
 
 
 def run_study(spec: StudySpec, options: RunOptions = RunOptions()) -> RunSummary:

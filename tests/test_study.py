@@ -577,7 +577,7 @@ def test_a_stand_in_has_a_seed_left_within_the_ceiling_and_there_is_none_once_al
     draw's number; none once the space is covered; in a space too large to list, a point with
     a seed left all the same."""
     from resnet_ablate.study.draws import ENUMERATED_CONFIGURATIONS, stand_in
-    from resnet_ablate.study.grid import PendingPoint
+    from resnet_ablate.study.grid import GridHistory, PendingPoint, unfinished_points
     from resnet_ablate.study.space import distributions
 
     class Costs:  # shortcut A over the ceiling
@@ -604,6 +604,13 @@ def test_a_stand_in_has_a_seed_left_within_the_ceiling_and_there_is_none_once_al
     assert stand_in(spec, [*trials, done("none", 1, error, "error")], 5, Costs()).seed == 1
     assert isinstance(stand_in(spec, [*trials, *[done("none", 1, error, "error")] * 2], 5,
                                Costs()), str)
+    # A trial over the ceiling trained nothing: its seed is free once the ceiling allows (0.3.0
+    # gave such draws a seed, which kept it spent for good), and a trial to run again that the
+    # ceiling, lowered since, leaves out is not run.
+    assert stand_in(spec, [*trials, done("none", 1, error, "over_budget")], 5, Costs()).seed == 1
+    stopped = [done("A", 0, error, "interrupted"), done("B", 1, error, "interrupted")]
+    assert [p.key for p in unfinished_points(spec, GridHistory(spec, stopped), stopped,
+                                             Costs())] == [PendingPoint({"shortcut": "B"}, 1).key]
     open_seeds = [done("B", 0)]  # B's seed 1 and none's two are left: both are drawn
     picks = {stand_in(spec, open_seeds, draw, Costs()).key for draw in range(20)}
     assert picks == {PendingPoint({"shortcut": "B"}, 1).key,

@@ -57,10 +57,10 @@ def _run(args: argparse.Namespace) -> int:
             else "no trial was running; run the same command to go on with any left to run"
         return stopped(summary.interrupted, "resnet-ablate run: interrupted by "
                        f"{stop_description(summary.interrupted)}: {marked}")
-    return _ended(args, summary)
+    return _ended(args, summary, grid=spec.sampler == "grid")
 
 
-def _ended(args: argparse.Namespace, summary: RunSummary) -> int:
+def _ended(args: argparse.Namespace, summary: RunSummary, grid: bool) -> int:
     """A run that ended by itself: its table, or the error where nothing completed."""
     from ..results.report import summary_with_training_error
     from ..results import load
@@ -72,9 +72,11 @@ def _ended(args: argparse.Namespace, summary: RunSummary) -> int:
               f"{store_options(args)} --columns number,state,failure`", file=sys.stderr)
         return 1
     if not summary.launched and not len(results.completed()):
+        where = "`resnet-ablate run SPEC --dry-run` lists each point's status" if grid \
+            else "the line above says which"
         print(f"resnet-ablate run: error: nothing was trained, and study {summary.study} has "
               "no completed trial: every configuration may be over budget.max_gflops or given "
-              "up after max_attempts (`resnet-ablate run SPEC --dry-run` says)", file=sys.stderr)
+              f"up after max_attempts ({where})", file=sys.stderr)
         return 1
     if len(results.completed()):
         table = summary_with_training_error(results)

@@ -32,7 +32,7 @@ from .space import decode_params, point_key, seed_spent
 # is known; from a larger space (its trials cannot cover it) this many are drawn at random and
 # the first with a seed left and within the ceiling taken (each is profiled: a second or so).
 ENUMERATED_CONFIGURATIONS = 100_000
-_SAMPLED = 25
+_STAND_IN_CANDIDATES = 25
 REPEAT_REASON = "its configuration has had each of its seeds: not trained again"
 
 
@@ -67,9 +67,10 @@ def stand_in(spec: StudySpec, trials: Sequence[optuna.trial.FrozenTrial], draw: 
     size = math.prod(len(values_of(choice)) for choice in spec.space.values())
     if size > ENUMERATED_CONFIGURATIONS:
         candidates = [{name: rng.choice(values_of(choice)) for name, choice in spec.space.items()}
-                      for _ in range(_SAMPLED)]
+                      for _ in range(_STAND_IN_CANDIDATES)]
     else:
-        candidates = [params for params in spec.grid() if free_seed(spec, params, spent) is not None]
+        candidates = [params for params in spec.grid()
+                      if free_seed(spec, params, spent) is not None]
         rng.shuffle(candidates)
     for params in candidates:
         seed = free_seed(spec, params, spent)
@@ -78,9 +79,9 @@ def stand_in(spec: StudySpec, trials: Sequence[optuna.trial.FrozenTrial], draw: 
     ceiling = f"budget.max_gflops={spec.budget.max_gflops:g}" \
         if spec.budget.max_gflops is not None else ""
     if size > ENUMERATED_CONFIGURATIONS:
-        return (f"none of {_SAMPLED} configurations drawn at random from the space's {size:,} "
-                f"has a seed left {'and fits ' + ceiling if ceiling else ''}: the run ends"
-                f"{' (raise the ceiling, or narrow the space)' if ceiling else ''}")
+        return (f"none of {_STAND_IN_CANDIDATES} configurations drawn at random from the "
+                f"space's {size:,} has a seed left{' and fits ' + ceiling if ceiling else ''}: "
+                f"the run ends{' (raise the ceiling, or narrow the space)' if ceiling else ''}")
     if candidates:
         return (f"every configuration with a seed left is over {ceiling}: the run ends"
                 if ceiling else "no configuration with a seed left builds: the run ends")

@@ -127,15 +127,17 @@ def pending_points(spec: StudySpec, history: GridHistory, costs: StudyCosts) -> 
 
 
 def unfinished_points(spec: StudySpec, history: GridHistory,
-                      trials: Iterable[optuna.trial.FrozenTrial]) -> list[PendingPoint]:
+                      trials: Iterable[optuna.trial.FrozenTrial],
+                      costs: StudyCosts) -> list[PendingPoint]:
     """A sampler's study's trials to run again, as a grid's points are: each configuration and
     seed whose trial a stop interrupted or that failed in a way tried again, with no trial that
-    settled it since and attempts left, in the order first tried."""
+    settled it since and attempts left, in the order first tried; none over budget.max_gflops
+    (lowered since), as a grid leaves its points over it."""
     points: dict[str, PendingPoint] = {}
     for t in trials:
         if TrialKey.SEED in t.user_attrs:
             point = PendingPoint(decode_params(t.params, spec.space), t.user_attrs[TrialKey.SEED])
-            if history.needs_run(point.key):
+            if history.needs_run(point.key) and not costs.over_budget(spec.arch(point.params)):
                 points.setdefault(point.key, point)
     return list(points.values())
 

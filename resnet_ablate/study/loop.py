@@ -234,10 +234,11 @@ class DriverLoop:
         prof = self.costs.profile(arch)
         for r in running:
             self.recorder.record_launch(r.trial, arch, prof)
-        if self.costs.over_budget(arch):  # a trial to run again, since the ceiling came down
+        if self.costs.over_budget(arch):  # (pending points are within it: a safety net)
             for r in running:
                 self.recorder.fail_over_budget(r.trial, prof)
-                self.counts[FailureKind.OVER_BUDGET] += 1
+            self.to_ask += len(running)  # as budget.trials counts it: nothing was trained
+            self.launched -= len(running)
             return None
         first = running[0]
         task = trial_task(self.spec, first.trial.number, arch, first.seed,

@@ -221,7 +221,7 @@ class StudyRunner:
         do not count against budget.trials."""
         left = self._trials_left(trials, history)
         sampled = self.spec.sampler != "grid"
-        pending = grid.unfinished_points(self.spec, history, trials) if sampled \
+        pending = grid.unfinished_points(self.spec, history, trials, self.costs) if sampled \
             else grid.pending_points(self.spec, history, self.costs)
         if left != math.inf:
             pending = pending[: max(0, int(left))]

@@ -92,11 +92,13 @@ def sampler(spec: StudySpec, recorded: int = 0) -> optuna.samplers.BaseSampler:
 
 
 def seed_spent(trial: optuna.trial.FrozenTrial) -> bool:
-    """Whether a sampled trial spent its seed: completed, running, pruned, or failed for good
-    (diverged or over budget); an error, a lost worker or a stopped run may be tried again."""
+    """Whether a sampled trial spent its seed: completed, running, pruned, or diverged; an
+    error, a lost worker or a stopped run may be tried again, and a trial over budget.max_gflops
+    trained nothing (stores before 0.3.1 gave a draw over it a seed: it trains once the ceiling
+    allows)."""
     state = optuna.trial.TrialState
     if trial.state == state.FAIL:
-        return trial.user_attrs.get(TrialKey.FAILURE_KIND) in FailureKind.FINAL
+        return trial.user_attrs.get(TrialKey.FAILURE_KIND) == FailureKind.DIVERGED
     return trial.state in (state.COMPLETE, state.RUNNING, state.PRUNED)
 
 

@@ -20,8 +20,8 @@ def best_so_far(spec: StudySpec, study: optuna.Study) -> str | None:
     """The live line's best configuration by its mean over completed seeds (or, with several
     objectives, how many configuration means are on the Pareto front); None before any
     trial completed."""
-    trials = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-              if t.values is not None]
+    complete = (optuna.trial.TrialState.COMPLETE,)
+    trials = [t for t in study.get_trials(deepcopy=False, states=complete) if t.values is not None]
     if not trials:
         return None
     signs = np.array([1.0 if d == optuna.study.StudyDirection.MINIMIZE else -1.0

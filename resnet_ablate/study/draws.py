@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import math
 import random
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import optuna
 
-from ..record import FailureKind, TrialKey
+from ..record import TrialKey
 from ..spec import StudySpec
 from ..spec.sections import values_of
 from .costs import StudyCosts
-from .grid import PendingPoint
+from .grid import GridHistory, PendingPoint
 from .space import decode_params, point_key, seed_spent
 
 # Up to this many configurations the stand-in is chosen among all of them, and a covered space
@@ -38,18 +37,12 @@ REPEAT_REASON = "its configuration has had each of its seeds: not trained again"
 
 def spent_points(spec: StudySpec, trials: Iterable[optuna.trial.FrozenTrial]) -> set[str]:
     """The (configuration, seed) points whose seed is spent, as point keys: by a trial that
-    spent it (space.seed_spent), or by `spec.max_attempts` failures that are tried again (an
-    error, a lost worker), as a grid point is given up."""
-    spent, attempts = set(), Counter()
-    for t in trials:
-        if TrialKey.SEED not in t.user_attrs:  # a draw not trained
-            continue
-        key = point_key(decode_params(t.params, spec.space), t.user_attrs[TrialKey.SEED])
-        if seed_spent(t):
-            spent.add(key)
-        elif t.user_attrs.get(TrialKey.FAILURE_KIND) in FailureKind.RETRYABLE:
-            attempts[key] += 1
-    return spent | {key for key, count in attempts.items() if count >= spec.max_attempts}
+    spent it (space.seed_spent), or given up after `spec.max_attempts` failures that are tried
+    again, as a grid point is (GridHistory)."""
+    trials = list(trials)
+    spent = {point_key(decode_params(t.params, spec.space), t.user_attrs[TrialKey.SEED])
+             for t in trials if TrialKey.SEED in t.user_attrs and seed_spent(t)}
+    return spent | GridHistory(spec, trials).given_up_points()
 
 
 def free_seed(spec: StudySpec, params: Mapping[str, Any], spent: set[str]) -> int | None:
@@ -66,14 +59,14 @@ def stand_in(spec: StudySpec, trials: Sequence[optuna.trial.FrozenTrial], draw: 
     rng = random.Random(f"{spec.seeds[0]}:{draw}")
     size = math.prod(len(values_of(choice)) for choice in spec.space.values())
     if size > ENUMERATED_CONFIGURATIONS:
-        candidates = [{name: rng.choice(values_of(choice)) for name, choice in spec.space.items()}
-                      for _ in range(_STAND_IN_CANDIDATES)]
+        drawn = [{name: rng.choice(values_of(choice)) for name, choice in spec.space.items()}
+                 for _ in range(_STAND_IN_CANDIDATES)]
+        candidates = [(params, free_seed(spec, params, spent)) for params in drawn]
     else:
-        candidates = [params for params in spec.grid()
-                      if free_seed(spec, params, spent) is not None]
+        candidates = [(params, seed) for params in spec.grid()
+                      if (seed := free_seed(spec, params, spent)) is not None]
         rng.shuffle(candidates)
-    for params in candidates:
-        seed = free_seed(spec, params, spent)
+    for params, seed in candidates:
         if seed is not None and _trainable(spec, params, costs):
             return PendingPoint(params, seed)
     ceiling = f"budget.max_gflops={spec.budget.max_gflops:g}" \

@@ -79,6 +79,10 @@ class GridHistory:
     def given_up(self, key: str) -> bool:
         return self.attempts[key] >= self.spec.max_attempts
 
+    def given_up_points(self) -> set[str]:
+        """The points given up: as many failed attempts as max_attempts allows."""
+        return {key for key in self.attempts if self.given_up(key)}
+
     def needs_run(self, key: str) -> bool:
         return key not in self.settled and not self.given_up(key)
 

@@ -230,16 +230,12 @@ class DriverLoop:
                     trial, self.costs.profile(arch) if self.costs.over_budget(arch) else None):
                 return self._stand_in(trial)
             running.append(RunningTrial(trial, point, arch, trial.user_attrs[TrialKey.SEED]))
+        # (Pending points are within budget.max_gflops: grid.pending_points, unfinished_points
+        # and more_seeds leave out those over it.)
         arch = running[0].arch  # one configuration: one architecture
         prof = self.costs.profile(arch)
         for r in running:
             self.recorder.record_launch(r.trial, arch, prof)
-        if self.costs.over_budget(arch):  # (pending points are within it: a safety net)
-            for r in running:
-                self.recorder.fail_over_budget(r.trial, prof)
-            self.to_ask += len(running)  # as budget.trials counts it: nothing was trained
-            self.launched -= len(running)
-            return None
         first = running[0]
         task = trial_task(self.spec, first.trial.number, arch, first.seed,
                           keep_weights=self.keep_weights, checkpoints=self.checkpoints)

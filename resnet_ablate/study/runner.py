@@ -234,8 +234,7 @@ class StudyRunner:
         budget = self.spec.budget.trials
         if budget is None:
             return math.inf
-        given_up = sum(1 for key in history.attempts if history.given_up(key))
-        return budget - given_up - sum(1 for t in trials if t.user_attrs.get(
+        return budget - len(history.given_up_points()) - sum(1 for t in trials if t.user_attrs.get(
             TrialKey.FAILURE_KIND) not in _NOT_COUNTED)
 
 

@@ -154,12 +154,15 @@ def test_a_sampler_study_tries_a_failed_trial_again_and_reruns_an_interrupted_on
 
 
 def test_a_sampler_trains_no_seed_twice_and_draws_it_cannot_train_spend_no_budget(local_ray,
-                                                                                   tmp_path):
+                                                                                   tmp_path,
+                                                                                   capsys):
     """A sampler's draw of a configuration with every seed spent trained one of them again, bit
     for bit, and spent a trial of the budget; a draw over budget.max_gflops spent one too. Both
     are recorded, not trained and not counted: a configuration with a seed left trains in their
-    place, and once none is left the run ends, the space covered."""
+    place, and once none is left the run ends, the space covered. A dry run says what the budget
+    still allows, as a resumed run counts it (it printed the whole budget)."""
     from resnet_ablate import results
+    from resnet_ablate.cli import main
 
     raw = _raw_spec("covered", seeds=2, epochs=1, sampler="tpe", budget={"trials": 7})
     summary = run_study(parse_spec(raw), RunOptions(runs_dir=tmp_path, progress=False))
@@ -175,6 +178,11 @@ def test_a_sampler_trains_no_seed_twice_and_draws_it_cannot_train_spend_no_budge
     assert len(results.load("covered", runs_dir=tmp_path).trials) == 4  # draws are not trials
     listed = results.list_studies(runs_dir=tmp_path).set_index("study").loc["covered"]
     assert listed["trials"] == listed["COMPLETE"] == 4
+    capsys.readouterr()
+    larger = _write_spec(tmp_path, {**raw, "budget": {"trials": 9, "minutes": 30}})
+    assert main(["run", str(larger), "--runs-dir", str(tmp_path), "--dry-run"]) == 0
+    assert ("budget: 9 trials, 4 counted in study covered, 5 left, 30 minutes a run"
+            in capsys.readouterr().out)
     # Resumed with a larger budget: nothing is left to train.
     again = run_study(parse_spec({**raw, "budget": {"trials": 9}}),
                       RunOptions(runs_dir=tmp_path, progress=False))

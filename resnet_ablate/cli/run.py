@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 def _run(args: argparse.Namespace) -> int:
     from ..spec import load_spec
     from ..storage import runs_folder
-    from ..study import RunOptions, plan_study, run_study
+    from ..study import RunOptions, plan_study, run_study, trials_left
 
     if args.allow_pipe_urls:  # before Ray starts: its local workers inherit the environment
         import os
@@ -30,6 +30,8 @@ def _run(args: argparse.Namespace) -> int:
     options = RunOptions(address=args.address, storage=args.storage, workers=args.workers,
                          runs_dir=runs_folder(args.runs_dir), keep_weights=not args.no_weights,
                          progress=not args.quiet)
+    if args.dry_run and spec.sampler != "grid":
+        return _print_sampler_budget(spec, trials_left(spec, options))
     if args.dry_run:
         return _print_plan(spec, plan_study(spec, options), args.format,
                            options.workers or spec.resources.workers, bool(options.address))
@@ -95,13 +97,25 @@ def _last_failure(results) -> str:
     return f"; the last failure (trial {row['number']}): {str(row['failure']).splitlines()[0]}"
 
 
+def _print_sampler_budget(spec, left: float) -> int:
+    """A sampler's dry run: what its budget still allows, where it can list no trials."""
+    trials = spec.budget.trials
+    if trials is None:
+        allowed = "no trial limit"
+    elif left >= trials:
+        allowed = f"{trials} trials"
+    else:  # a resumed study: what the next run may still train
+        allowed = (f"{trials} trials, {trials - int(left)} counted in study {spec.study}, "
+                   f"{max(0, int(left))} left")
+    minutes = f"{spec.budget.minutes:g} minutes a run" if spec.budget.minutes else "no time limit"
+    print(f"{spec.source}: the {spec.sampler} sampler chooses trials as it goes, so a dry run "
+          f"lists none and estimates no time (a grid's lists each trial); budget: {allowed}, "
+          f"{minutes}")
+    return 0
+
+
 def _print_plan(spec, planned, fmt: str = "table", workers: int = 1, cluster: bool = False
                 ) -> int:
-    if spec.sampler != "grid":
-        print(f"{spec.source}: the {spec.sampler} sampler chooses trials as it goes, so a dry "
-              "run lists none and estimates no time (a grid's lists each trial); budget: "
-              f"{spec.budget.trials or 'no'} trials, {spec.budget.minutes or 'no'} minutes")
-        return 0
     swept = list(spec.space)
     if fmt != "table":  # exact values for scripts: one record per trial
         import pandas as pd

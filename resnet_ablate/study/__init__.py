@@ -3,7 +3,7 @@
 The driver alone writes the study's store; Ray workers only compute (worker.py). Its parts, one
 concern each:
 
-    runner.py    StudyRunner, run_study, plan_study: the public face, wiring the parts below
+    runner.py    StudyRunner, run_study, plan_study, trials_left: the public face, wiring the parts below
     loop.py      one run: fill free workers, collect ended trials, show progress; stopping cleanly
     grid.py      a grid's points: settled, pending, retried; the dry run's plan
     recorder.py  every write of a trial's record (ask, launch, finish, fail, interrupted)
@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS: dict[str, str] = {
     "ClusterError": ".cluster", "PlannedTrial": ".grid",
     "RunOptions": ".runner", "RunSummary": ".runner", "StudyRunner": ".runner",
-    "plan_study": ".runner", "run_study": ".runner", "StopRequested": ".signals",
+    "plan_study": ".runner", "run_study": ".runner", "trials_left": ".runner",
+    "StopRequested": ".signals",
     "StoreError": "..storage", "DriverLease": ".lease", "StudyBusy": ".lease",
     "StudyConflict": ".opening", "open_study": ".opening",
 }
@@ -54,7 +55,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from ..storage import StoreError
     from .cluster import ClusterError
     from .grid import PlannedTrial
-    from .runner import RunOptions, RunSummary, StudyRunner, plan_study, run_study
+    from .runner import RunOptions, RunSummary, StudyRunner, plan_study, run_study, trials_left
     from .signals import StopRequested
     from .lease import DriverLease, StudyBusy
     from .opening import StudyConflict, open_study

@@ -125,6 +125,13 @@ class StudyRunner:
         return grid.plan(self.spec, history, self.costs, self._trials_left(trials, history),
                          grid.outlook(self.spec, trials, history, self.costs))
 
+    def trials_left(self) -> float:
+        """How many trials budget.trials still allows this study (inf: no bound), counted as a
+        run counts them; nothing is written."""
+        check_store_folder(self.storage)
+        trials = self._existing_trials()
+        return self._trials_left(trials, GridHistory(self.spec, trials))
+
     def run(self) -> RunSummary:
         started = time.monotonic()
         # A bad store, a missing data set or a cluster without the GPUs asked for stops the run
@@ -246,3 +253,9 @@ def run_study(spec: StudySpec, options: RunOptions = RunOptions()) -> RunSummary
 def plan_study(spec: StudySpec, options: RunOptions = RunOptions()) -> list[PlannedTrial]:
     """The trials a grid study would run, with parameters, FLOPs and cost; nothing is trained."""
     return StudyRunner(spec, options).plan()
+
+
+def trials_left(spec: StudySpec, options: RunOptions = RunOptions()) -> float:
+    """How many more trials budget.trials allows the spec's study, as a resumed run counts them
+    (inf: no bound): what a sampler's dry run says, where it can list no trials."""
+    return StudyRunner(spec, options).trials_left()

@@ -141,9 +141,9 @@ def paired_contrast(results: Results, values: pd.DataFrame, trials: pd.DataFrame
         return stats.seed_mean(values.to_numpy(float) @ weights, bounds,
                                exact_ties=metric in CONFIGURATION_CONSTANTS,
                                not_independent=stacked)
-    columns = [values[c].to_numpy(float) for c in values.columns]
+    columns = list(values.to_numpy(float).T)  # (one array, not a frame lookup a column)
     errors = [1 - v for v in columns] if is_complement(metric) else columns
-    numbers = [number for c in trials.columns for cell in trials[c] for number in cell]
+    numbers = [number for cells in trials.to_numpy().T for cell in cells for number in cell]
     outcomes, images = results.outcomes(numbers)
     tables, repeated = None, []
     if metric in ERROR_RATES and outcomes is not None and len(outcomes) == values.size:

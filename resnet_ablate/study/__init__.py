@@ -3,7 +3,8 @@
 The driver alone writes the study's store; Ray workers only compute (worker.py). Its parts, one
 concern each:
 
-    runner.py    StudyRunner, run_study, plan_study, trials_left: the public face, wiring the parts below
+    runner.py    StudyRunner, run_study, plan_study, trials_left: the public face, wiring the
+                 parts below
     loop.py      one run: fill free workers, collect ended trials, show progress; stopping cleanly
     grid.py      a grid's points: settled, pending, retried; the dry run's plan
     recorder.py  every write of a trial's record (ask, launch, finish, fail, interrupted)

@@ -108,6 +108,19 @@ def test_a_label_file_that_does_not_fit_is_one_error_naming_the_line(ilsvrc, tmp
                                          r"class folders .*: is its class folder missing from "
                                          r"train/ \(still a .tar, say\)\?"):
         scan_image_folder(root, val_labels=wrong)
+    # An image labelled twice, differently: the later line won, and the image was scored
+    # against whichever class it named. A repeated line is only a repeat.
+    lines = [f"ILSVRC2012_val_{k:08d} {WNIDS[y]}\n" for k, y in enumerate(truth, start=1)]
+    other = WNIDS[(truth[0] + 1) % 3]
+    conflicting = tmp_path / "conflicting.txt"
+    conflicting.write_text("".join([lines[0], *lines[1:], f"ILSVRC2012_val_00000001 {other}\n"]))
+    with pytest.raises(ValueError, match=rf"conflicting.txt:10: 'ILSVRC2012_val_00000001' is "
+                                         rf"labelled '{other}' here and '{WNIDS[truth[0]]}' on "
+                                         r"line 1: one label an image"):
+        scan_image_folder(root, val_labels=conflicting)
+    repeated = tmp_path / "repeated.txt"
+    repeated.write_text("".join([*lines, lines[0]]))
+    assert [label for _, label in scan_image_folder(root, val_labels=repeated).test] == truth
     # A spreadsheet's byte-order mark before the first line is no part of its label.
     marked = tmp_path / "marked.csv"
     marked.write_bytes((root / "LOC_val_solution.csv").read_text().encode("utf-8-sig"))
@@ -411,3 +424,44 @@ def test_an_image_that_does_not_decode_is_left_out_of_the_conversion_and_named(t
                  "--keep-undecodable"]) == 0
     assert "wrote 7 training and 5 validation images" in capsys.readouterr().out
     assert not (kept / "undecodable.txt").exists()
+    # A class none of whose training images decodes: the conversion wrote a data set that
+    # trained on one class fewer (shards) or did not read (folders), and said it had written it.
+    for path in (tmp_path / "tree" / "train" / "dog").iterdir():
+        path.write_text("not an image")
+    lost = tmp_path / "lost"
+    assert main(["convert-imagenet", str(tmp_path / "tree"), str(lost), "--to", to]) == 2
+    assert ("train/dog: none of its images decodes (e.g. " in capsys.readouterr().err
+            and not lost.exists())
+
+
+def test_a_conversion_cut_short_removes_what_it_wrote_and_shard_size_needs_shards(tmp_path,
+                                                                                capsys):
+    """Ctrl-C during a conversion left half a shard, and the rerun refused the folder as not
+    empty; --shard-size was ignored without --to shards."""
+    from resnet_ablate.data import imagenet_layout
+
+    rng = np.random.default_rng(2)
+    for split in ("train", "val"):
+        for label, name in enumerate(("cat", "dog")):
+            (tmp_path / "tree" / split / name).mkdir(parents=True)
+            for i in range(3):
+                _jpeg(tmp_path / "tree" / split / name / f"{i}.jpg", label, rng)
+    out = tmp_path / "out"
+    out.mkdir()  # an empty folder of the user's: kept, emptied again
+
+    def interrupted(split: str, done: int, total: int) -> None:
+        if split == "val":  # the training shards written, the validation ones begun
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        imagenet_layout.convert_imagenet(tmp_path / "tree", out, to="shards", shard_size=2,
+                                         progress=interrupted)
+    assert out.is_dir() and not any(out.iterdir())
+    assert main(["convert-imagenet", str(tmp_path / "tree"), str(out), "--to", "shards",
+                 "--shard-size", "2"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        *(f"train-00000{k}.tar" for k in range(3)), *(f"val-00000{k}.tar" for k in range(3))]
+    assert main(["convert-imagenet", str(tmp_path / "tree"), str(tmp_path / "folders"),
+                 "--shard-size", "2"]) == 2
+    assert "--shard-size applies to --to shards" in capsys.readouterr().err
+    assert not (tmp_path / "folders").exists()

@@ -11,11 +11,16 @@ from .registry import command
 
 @command("convert-imagenet")
 def _convert_imagenet(args: argparse.Namespace) -> int:
-    from ..data.imagenet_layout import UNDECODABLE, convert_imagenet
+    from ..data.imagenet_layout import SHARD_SIZE, UNDECODABLE, convert_imagenet
 
+    if args.shard_size is not None and args.to != "shards":
+        print("resnet-ablate: error: --shard-size applies to --to shards (folders hold a file "
+              "an image)", file=sys.stderr)
+        return 2
     try:
         done = convert_imagenet(args.root, args.out, val_labels=args.val_labels, to=args.to,
-                                shard_size=args.shard_size, check=not args.keep_undecodable,
+                                shard_size=SHARD_SIZE if args.shard_size is None
+                                else args.shard_size, check=not args.keep_undecodable,
                                 progress=_progress_lines())
     except (OSError, ValueError) as error:
         print(f"resnet-ablate: error: {error}", file=sys.stderr)
@@ -54,7 +59,8 @@ def add_convert_command(sub) -> None:
                          "ILSVRC2012_validation_ground_truth.txt (with meta.mat beside it)")
     convert.add_argument("--to", choices=("folders", "shards"), default="folders",
                          help="class folders of hard links (default), or webdataset tar shards")
-    convert.add_argument("--shard-size", type=int, default=1000, help="images a shard")
+    convert.add_argument("--shard-size", type=int,
+                         help="images a shard, with --to shards (default 1000)")
     convert.add_argument("--keep-undecodable", action="store_true",
                          help="write every image without decoding it first (by default one "
                          "that does not decode is left out and named in OUT/undecodable.txt)")

@@ -57,9 +57,10 @@ def convert_imagenet(root: str | os.PathLike[str], out: str | os.PathLike[str], 
     shards of `shard_size` samples (`to="shards"`: `KEY.jpg` + `KEY.cls`, the class index; the
     training samples in a seeded random order, so each shard mixes the classes). With `check`,
     each image is decoded first (`decode.decodable`) and one that does not decode is left out,
-    named in `UNDECODABLE` under `out` (a trial would skip it in every epoch). `progress`, where
-    given, is called with (split, images done, the split's images) after each image: ImageNet's
-    1.33M take hours to write as shards."""
+    named in `UNDECODABLE` under `out` (a trial would skip it in every epoch); a class left with
+    no training image is refused. A conversion that fails or is interrupted removes what it
+    wrote. `progress`, where given, is called with (split, images done, the split's images)
+    after each image: ImageNet's 1.33M take hours to write as shards."""
     if to not in ("folders", "shards"):
         raise ValueError(f"to={to!r}: valid: folders, shards")
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
@@ -81,16 +82,22 @@ def convert_imagenet(root: str | os.PathLike[str], out: str | os.PathLike[str], 
         if to == "shards" and Path(path).suffix.lower() not in _SHARD_SUFFIXES:
             raise ValueError(f"{path}: a shard holds {', '.join(_SHARD_SUFFIXES)} images, "
                              f"not {Path(path).suffix.lower()}; convert to folders instead")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     patterns, left_out = {}, {split: [] for split in splits}
-    for split, samples in splits.items():
-        kept = _screened(samples, check, _report_to(progress, split, len(samples)),
-                         left_out[split])
-        if to == "folders":
-            _link_into_classes(kept, out / split, index.root / split, index.classes)
-        else:
-            patterns[split] = _write_shards(kept, _sample_keys([p for p, _ in samples]), out,
-                                            split, shard_size, len(samples))
+    try:
+        for split, samples in splits.items():
+            kept = _screened(samples, check, _report_to(progress, split, len(samples)),
+                             left_out[split])
+            if to == "folders":
+                _link_into_classes(kept, out / split, index.root / split, index.classes)
+            else:
+                patterns[split] = _write_shards(kept, _sample_keys([p for p, _ in samples]),
+                                                out, split, shard_size, len(samples))
+        _check_every_class_kept(splits["train"], left_out["train"], index.classes)
+    except BaseException:  # a failure, or Ctrl-C: no half-written data set, which a rerun refuses
+        _remove(out, created)
+        raise
     if left_out["train"] or left_out["val"]:
         (out / UNDECODABLE).write_text("".join(
             f"{split}\t{path}\n" for split, paths in left_out.items() for path in paths))
@@ -98,6 +105,34 @@ def convert_imagenet(root: str | os.PathLike[str], out: str | os.PathLike[str], 
                      len(index.test) - len(left_out["val"]), len(index.classes),
                      patterns.get("train"), patterns.get("val"),
                      undecodable=len(left_out["train"]) + len(left_out["val"]))
+
+
+def _check_every_class_kept(samples: list[tuple[str, int]], left_out: list[str],
+                            classes: tuple[str, ...]) -> None:
+    """Refuse a conversion that left a class no training image (every one failed to decode): a
+    trial would score that class without ever training on it, and its folders would not read."""
+    lost = set(left_out)
+    kept = {label for path, label in samples if path not in lost}
+    empty = [(label, name) for label, name in enumerate(classes) if label not in kept]
+    if empty:
+        label, name = empty[0]
+        example = next(path for path, of in samples if of == label)
+        raise ValueError(f"train/{name}: none of its images decodes (e.g. {example}), so the "
+                         f"converted data set would have no training image of "
+                         f"{len(empty)} class(es), {name} first; nothing was written: repair or "
+                         "remove those images and convert again")
+
+
+def _remove(out: Path, created: bool) -> None:
+    """What a conversion wrote under `out`, which was new or empty: all of it."""
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for entry in out.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def _report_to(progress: Callable[[str, int, int], None] | None, split: str,

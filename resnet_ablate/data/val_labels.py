@@ -47,6 +47,7 @@ def read_val_labels(label_file: str | os.PathLike[str], images: list[Path],
     if rows and all(len(words) == 1 for _, words in rows):
         return _labels_in_order(path, rows, images, classes, index)
     by_stem: dict[str, int] = {}
+    first_line: dict[str, int] = {}  # where each image was labelled first
     present = {p.stem for p in images}
     for position, (number, words) in enumerate(rows):
         if len(words) > 1 and Path(words[0]).stem not in present:
@@ -63,7 +64,13 @@ def read_val_labels(label_file: str | os.PathLike[str], images: list[Path],
             raise ValueError(f"{path}:{number}: {words[0]!r} is not 'filename label' with a label "
                              f"among {len(classes)} class folders' names (e.g. {classes[0]}) or "
                              f"an index in 0..{len(classes) - 1}")
-        by_stem[Path(words[0]).stem] = label
+        stem = Path(words[0]).stem
+        if by_stem.get(stem, label) != label:  # (the same label twice is only a repeated line)
+            raise ValueError(f"{path}:{number}: {words[0]!r} is labelled {words[1]!r} here and "
+                             f"{classes[by_stem[stem]]!r} on line {first_line[stem]}: one label "
+                             "an image")
+        by_stem[stem] = label
+        first_line.setdefault(stem, number)
     unlabelled = [p.name for p in images if p.stem not in by_stem]
     if unlabelled:
         raise ValueError(f"{path}: no label for {len(unlabelled)} of the {len(images)} images "

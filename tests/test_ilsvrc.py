@@ -2,6 +2,7 @@
 truth (with meta.mat) or by 'filename label' lines, a study trained on it end to end, and
 `resnet-ablate convert-imagenet` to class folders and to shards."""
 
+import io
 import shutil
 
 import numpy as np
@@ -350,6 +351,21 @@ def test_names_that_differ_in_an_image_extension_before_the_last_keep_samples_of
     with pytest.raises(CorruptShard, match=r"elsewhere.tar: members photo.jpg and photo.png.jpg "
                                            r"are both sample photo's jpg"):
         count_samples([str(made_elsewhere)])
+    # Its images first, then its labels (`tar cf x.tar *.jpg *.cls`): the reader made each
+    # member a sample of its own, an image without a label, and the trial trained an epoch
+    # before failing on "12 images skipped" of 6.
+    apart = tmp_path / "apart.tar"
+    with tarfile.open(apart, "w") as archive:
+        for member in ("a.jpg", "b.jpg"):
+            archive.add(tmp_path / "tree" / "val" / "cat" / "photo.jpg", arcname=member)
+        for member in ("a.cls", "b.cls"):
+            info = tarfile.TarInfo(member)
+            info.size = 1
+            archive.addfile(info, io.BytesIO(b"0"))
+    with pytest.raises(CorruptShard, match=r"apart.tar: members a.jpg and a.cls of sample a are "
+                                           r"not next to each other"):
+        load_shards({"train": str(apart), "val": str(apart), "num_classes": 2}, image_size=24,
+                    loader_workers=0)
 
 
 def test_a_tree_of_links_converts_to_files_and_a_dangling_link_is_refused(ilsvrc, tmp_path):

@@ -199,6 +199,8 @@ def count_samples(urls: list[str], num_classes: int | None = None) -> int:
             kind = CorruptShard if isinstance(error, (tarfile.TarError, EOFError)) else ShardError
             raise kind(f"shard {url} cannot be read: {what} ({first})") from error
         members: dict[tuple[str | None, str | None], str] = {}
+        last: dict[str | None, str] = {}  # each key's latest member
+        previous = None
         for name in names:
             key, extension = split_key(name)
             if key is not None and (key, extension) in members:
@@ -206,7 +208,15 @@ def count_samples(urls: list[str], num_classes: int | None = None) -> int:
                     f"shard {url}: members {members[key, extension]} and {name} are both sample "
                     f"{key}'s {extension} (the reader groups members by their name less its "
                     "extensions): give each sample a key of its own")
+            if key is not None and key != previous and key in last:
+                # The reader groups a sample's members as they follow one another: apart, they
+                # are two samples, an image without its label and a label without its image.
+                raise CorruptShard(
+                    f"shard {url}: members {last[key]} and {name} of sample {key} are not next "
+                    f"to each other (the reader takes a sample's members as they follow one "
+                    "another): write each sample's members together, as convert-imagenet does")
             members[key, extension] = name
+            last[key], previous = name, key
             if extension in IMAGE_EXTENSIONS:
                 keys.add((url, key))
     return len(keys)

@@ -498,6 +498,19 @@ def test_a_study_spelled_another_way_or_run_faster_is_the_same_study(tmp_path):
     deeper = {**first, "model": {**first["model"], "depth": 14}}  # another network
     with pytest.raises(StudyConflict, match=r"\(model differ"):
         open_study(parse_spec(deeper), storage)
+    # The paper's test views listed in another order: scored and recorded alike, the same study
+    # (it was refused as "train differ").
+    views = {**_raw_spec("views", space={"shortcut": ["A"]}),
+             "dataset": {"name": "imagefolder", "root": str(tmp_path / "images"),
+                         "loader_workers": 0}}
+    views["train"] = {**views["train"], "test_views": ["ten_crop", "multi_scale"]}
+    open_study(parse_spec(views), storage)
+    open_study(parse_spec({**views, "train": {**views["train"],
+                                              "test_views": ["multi_scale", "ten_crop"]}}),
+               storage)
+    with pytest.raises(StudyConflict, match="train"):  # one view fewer: another study
+        open_study(parse_spec({**views, "train": {**views["train"], "test_views": ["ten_crop"]}}),
+                   storage)
     # The same level spelled in lower case: refused (the store keys trials by spelling), saying so.
     lower = {**first, "space": {"shortcut": ["a"]}}
     with pytest.raises(StudyConflict, match=r"spells its levels \{'shortcut': \['A'\]\}, and "

@@ -366,6 +366,15 @@ def test_names_that_differ_in_an_image_extension_before_the_last_keep_samples_of
                                            r"not next to each other"):
         load_shards({"train": str(apart), "val": str(apart), "num_classes": 2}, image_size=24,
                     loader_workers=0)
+    # A member without a key (a folder's entry) between a sample's members parts nothing.
+    together = tmp_path / "together.tar"
+    with tarfile.open(together, "w") as archive:
+        archive.add(tmp_path / "tree" / "val" / "cat" / "photo.jpg", arcname="a.jpg")
+        archive.addfile(tarfile.TarInfo("notes"), io.BytesIO(b""))
+        info = tarfile.TarInfo("a.cls")
+        info.size = 1
+        archive.addfile(info, io.BytesIO(b"0"))
+    assert count_samples([str(together)], num_classes=2) == 1
 
 
 def test_a_tree_of_links_converts_to_files_and_a_dangling_link_is_refused(ilsvrc, tmp_path):

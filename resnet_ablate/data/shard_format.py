@@ -216,7 +216,8 @@ def count_samples(urls: list[str], num_classes: int | None = None) -> int:
                     f"to each other (the reader takes a sample's members as they follow one "
                     "another): write each sample's members together, as convert-imagenet does")
             members[key, extension] = name
-            last[key], previous = name, key
+            if key is not None:  # (a member without a key, a folder say, the reader passes over)
+                last[key], previous = name, key
             if extension in IMAGE_EXTENSIONS:
                 keys.add((url, key))
     return len(keys)

@@ -144,11 +144,7 @@ def signature(input: torch.Tensor, running_mean: torch.Tensor | None,
         None if running_var is None else running_var.is_contiguous(),
         None if running_var is None else running_var.device,
         None if running_var is None else running_var.requires_grad,
-        # aligned(...) inline: any pointer off a 16-byte boundary sets a low bit of their OR
-        (input.data_ptr() | (0 if residual is None else residual.data_ptr())
-         | (0 if weight is None else weight.data_ptr()) | (0 if bias is None else bias.data_ptr())
-         | (0 if running_mean is None else running_mean.data_ptr())
-         | (0 if running_var is None else running_var.data_ptr())) % 16 == 0,
+        aligned(input, residual, weight, bias, running_mean, running_var),
     )
 
 

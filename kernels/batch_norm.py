@@ -178,14 +178,11 @@ batch_norm_act.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _is_eager(x: torch.Tensor) -> bool:
-    """A plain tensor with no tracer, compiler, dispatch mode or functorch transform looking on.
-    (The JIT tracer's flag read directly: `torch.jit.is_tracing` first asks whether TorchScript
-    is compiling this code, which it never is, the op being Python; Dynamo, which must see
-    `is_compiling` itself, stops at it before the flag is read.)"""
+    """A plain tensor with no tracer, compiler, dispatch mode or functorch transform looking on."""
     return (
         type(x) is torch.Tensor
         and not torch.compiler.is_compiling()
-        and not torch._C._is_tracing()
+        and not torch.jit.is_tracing()
         and torch._C._len_torch_dispatch_stack() == 0
         and not torch._C._are_functorch_transforms_active()
     )

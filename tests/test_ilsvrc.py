@@ -114,7 +114,7 @@ def test_a_label_file_that_does_not_fit_is_one_error_naming_the_line(ilsvrc, tmp
     lines = [f"ILSVRC2012_val_{k:08d} {WNIDS[y]}\n" for k, y in enumerate(truth, start=1)]
     other = WNIDS[(truth[0] + 1) % 3]
     conflicting = tmp_path / "conflicting.txt"
-    conflicting.write_text("".join([lines[0], *lines[1:], f"ILSVRC2012_val_00000001 {other}\n"]))
+    conflicting.write_text("".join([*lines, f"ILSVRC2012_val_00000001 {other}\n"]))
     with pytest.raises(ValueError, match=rf"conflicting.txt:10: 'ILSVRC2012_val_00000001' is "
                                          rf"labelled '{other}' here and '{WNIDS[truth[0]]}' on "
                                          r"line 1: one label an image"):

@@ -120,8 +120,7 @@ class StudyRunner:
         self.costs.check_dataset()
         if self.options.address is None:
             cluster.check_local_gpus(self.spec)
-        trials = self._existing_trials()
-        history = GridHistory(self.spec, trials)
+        trials, history = self._recorded()
         return grid.plan(self.spec, history, self.costs, self._trials_left(trials, history),
                          grid.outlook(self.spec, trials, history, self.costs))
 
@@ -129,8 +128,12 @@ class StudyRunner:
         """How many trials budget.trials still allows this study (inf: no bound), counted as a
         run counts them; nothing is written."""
         check_store_folder(self.storage)
+        return self._trials_left(*self._recorded())
+
+    def _recorded(self) -> tuple[list[optuna.trial.FrozenTrial], GridHistory]:
+        """The study's recorded trials and their history, read without writing the store."""
         trials = self._existing_trials()
-        return self._trials_left(trials, GridHistory(self.spec, trials))
+        return trials, GridHistory(self.spec, trials)
 
     def run(self) -> RunSummary:
         started = time.monotonic()

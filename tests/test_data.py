@@ -473,7 +473,7 @@ def test_cifar100_reads_its_official_format_with_the_fine_labels(tmp_path):
     bundle = load_dataset("cifar100", root=archive, cache=False)
     assert (bundle.num_classes, bundle.train_size, bundle.test_size) == (100, 30, 20)
     # The archive's own counts, not the official 50,000 (a dry run's cost of a subset).
-    assert dataset_shape("cifar100", root=archive) == DatasetShape(100, 3, 32, 30)
+    assert dataset_shape("cifar100", root=archive) == DatasetShape(100, 3, 32, 30, 20, "test")
     with pytest.raises(FileNotFoundError, match=r"CIFAR-100 not found: .*cifar-100-python\.tar\.gz"):
         load_dataset("cifar100", root=tmp_path / "nowhere", cache=False)
 

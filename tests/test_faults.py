@@ -392,10 +392,14 @@ class TestNoDecodableImage:
 ])
 def test_gpus_are_refused_on_a_machine_without_one(resources, needs, tmp_path, capsys):
     raw = {**raw_spec("gpu-less", seeds=1), "resources": {**resources, "workers": 1}}
-    for extra in (["--dry-run"], ["--quiet"]):
-        err = _one_line_error(capsys, ["run", str(write_spec(tmp_path, raw)), "--runs-dir",
-                                       str(tmp_path), *extra])
-        assert f"a trial needs {needs} but this machine has 0" in err
+    spec = str(write_spec(tmp_path, raw))
+    err = _one_line_error(capsys, ["run", spec, "--runs-dir", str(tmp_path), "--quiet"])
+    assert f"a trial needs {needs} but this machine has 0; set gpus: 0" in err
+    # A dry run plans for the machine the run is meant for: its plan, and a note of the refusal.
+    assert main(["run", spec, "--runs-dir", str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"note: a trial needs {needs} but this machine has 0: `run` is refused here" in out
+    assert " pending" in out and "time: not estimated" in out
     assert not list(tmp_path.glob("*.db")), "no study was made"
 
 

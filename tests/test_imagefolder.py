@@ -390,6 +390,9 @@ def test_the_command_line_says_a_left_out_file_in_one_line(tmp_path):
                            str(write_spec(tmp_path, raw)), "--dry-run", "--runs-dir",
                            str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+    # The dry run says what it found (the text file left out), before any training.
+    assert (f"data: imagefolder at {tmp_path / 'data'}: 2 training images in 2 classes, 2 val "
+            "images scored, 16x16 pixels a model sees") in done.stdout.splitlines()
     warned = [line for line in done.stderr.splitlines() if "warn" in line or "class folder" in line]
     assert warned == [f"resnet-ablate: warning: {tmp_path / 'data' / 'train'}: 1 file in its "
                       "class folders left out, not being images (.txt: 1); images are "

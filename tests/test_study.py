@@ -181,8 +181,11 @@ def test_a_sampler_trains_no_seed_twice_and_draws_it_cannot_train_spend_no_budge
     capsys.readouterr()
     larger = _write_spec(tmp_path, {**raw, "budget": {"trials": 9, "minutes": 30}})
     assert main(["run", str(larger), "--runs-dir", str(tmp_path), "--dry-run"]) == 0
-    assert ("budget: 9 trials, 4 counted in study covered, 5 left, 30 minutes a run"
-            in capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert "budget: 9 trials, 4 counted in study covered, 5 left, 30 minutes a run" in out
+    # What the data set holds, from helpers.SYNTHETIC's sizes.
+    assert ("data: synthetic: 128 training images in 4 classes, 64 test images scored, 8x8 "
+            "pixels a model sees") in out.splitlines()
     # Resumed with a larger budget: nothing is left to train.
     again = run_study(parse_spec({**raw, "budget": {"trials": 9}}),
                       RunOptions(runs_dir=tmp_path, progress=False))

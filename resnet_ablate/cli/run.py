@@ -11,14 +11,14 @@ from .output import print_footnotes
 from .registry import command, stopped
 
 if TYPE_CHECKING:
-    from ..study import RunSummary
+    from ..study import RunSummary, StudyRunner
 
 
 @command("run")
 def _run(args: argparse.Namespace) -> int:
     from ..spec import load_spec
     from ..storage import runs_folder
-    from ..study import RunOptions, plan_study, run_study, trials_left
+    from ..study import RunOptions, StudyRunner, run_study
 
     if args.allow_pipe_urls:  # before Ray starts: its local workers inherit the environment
         import os
@@ -30,11 +30,8 @@ def _run(args: argparse.Namespace) -> int:
     options = RunOptions(address=args.address, storage=args.storage, workers=args.workers,
                          runs_dir=runs_folder(args.runs_dir), keep_weights=not args.no_weights,
                          progress=not args.quiet)
-    if args.dry_run and spec.sampler != "grid":
-        return _print_sampler_budget(spec, trials_left(spec, options))
     if args.dry_run:
-        return _print_plan(spec, plan_study(spec, options), args.format,
-                           options.workers or spec.resources.workers, bool(options.address))
+        return _dry_run(StudyRunner(spec, options), args.format)
     if args.format != "table":
         print("resnet-ablate run: error: --format applies to --dry-run; a run prints a table, "
               f"and `resnet-ablate export {spec.study}{store_options(args)} --format {args.format}` "
@@ -97,7 +94,30 @@ def _last_failure(results) -> str:
     return f"; the last failure (trial {row['number']}): {str(row['failure']).splitlines()[0]}"
 
 
-def _print_sampler_budget(spec, left: float) -> int:
+def _dry_run(runner: StudyRunner, fmt: str) -> int:
+    """The plan (a grid's trials, or what a sampler's budget allows), then what a user checks
+    before training: the data set found, and GPUs this machine lacks (noted: the plan may be
+    for another machine; a run here is refused)."""
+    spec = runner.spec
+    if spec.sampler == "grid":
+        planned = runner.plan()
+        if fmt != "table":
+            return _print_plan_records(spec, planned, fmt)
+        _print_plan(spec, planned)
+    else:
+        runner.costs.check_dataset()
+        _print_sampler_budget(spec, runner.trials_left())
+    print(runner.costs.data_note())
+    shortfall = runner.gpu_shortfall()
+    if shortfall is not None:
+        print(f"note: {shortfall}: `run` is refused here; run it on a machine that has them, or "
+              "with --address of a Ray cluster that has them")
+    if spec.sampler == "grid":
+        _print_estimate(runner, planned)
+    return 0
+
+
+def _print_sampler_budget(spec, left: float) -> None:
     """A sampler's dry run: what its budget still allows, where it can list no trials."""
     trials = spec.budget.trials
     if trials is None:
@@ -111,23 +131,24 @@ def _print_sampler_budget(spec, left: float) -> int:
     print(f"{spec.source}: the {spec.sampler} sampler chooses trials as it goes, so a dry run "
           f"lists none and estimates no time (a grid's lists each trial); budget: {allowed}, "
           f"{minutes}")
+
+
+def _print_plan_records(spec, planned, fmt: str) -> int:
+    """A grid's plan as exact values for scripts: one record per trial, nothing else."""
+    import pandas as pd
+
+    from ..results import write_frame
+
+    swept = list(spec.space)
+    frame = pd.DataFrame([{**{n: p.params[n] for n in swept}, "seed": p.seed,
+                           "arch": p.arch.name, "params": p.params_count, "gflops": p.gflops,
+                           "train_tflops": p.train_tflops, "status": p.status} for p in planned])
+    print(write_frame(frame, fmt))
     return 0
 
 
-def _print_plan(spec, planned, fmt: str = "table", workers: int = 1, cluster: bool = False
-                ) -> int:
+def _print_plan(spec, planned) -> None:
     swept = list(spec.space)
-    if fmt != "table":  # exact values for scripts: one record per trial
-        import pandas as pd
-
-        from ..results import write_frame
-
-        frame = pd.DataFrame([{**{n: p.params[n] for n in swept}, "seed": p.seed,
-                               "arch": p.arch.name, "params": p.params_count,
-                               "gflops": p.gflops, "train_tflops": p.train_tflops,
-                               "status": p.status} for p in planned])
-        print(write_frame(frame, fmt))
-        return 0
     header = [*swept, "seed", "arch", "params (M)", "GFLOPs", "train TFLOPs", "status"]
     rows = [[*(str(p.params[n]) for n in swept), str(p.seed), p.arch.name,
              f"{p.params_count / 1e6:.3f}", f"{p.gflops:.4f}", f"{p.train_tflops:.2f}", p.status]
@@ -143,17 +164,20 @@ def _print_plan(spec, planned, fmt: str = "table", workers: int = 1, cluster: bo
         f", each a data-parallel run of {replicas} replicas" if replicas > 1 else "")
     print(f"{len(planned)} trials: {len(pending)} to run, costing "
           f"{sum(p.train_tflops for p in pending):.2f} TFLOPs of training ({each})")
-    from ..study.costs import StudyCosts
+
+
+def _print_estimate(runner: StudyRunner, planned) -> None:
+    """A grid's advice on packing and stacking, then its time on this machine."""
     from ..study.estimate import estimate_time
     from ..study.space import point_key
 
-    configurations = [point_key(p.params, 0) for p in pending]
-    for line in StudyCosts(spec).dry_run_notes(configurations):
+    pending = [p for p in planned if p.status == "pending"]
+    for line in runner.costs.dry_run_notes([point_key(p.params, 0) for p in pending]):
         print(line)
-    estimate = estimate_time(spec, planned, workers, cluster=cluster,
+    estimate = estimate_time(runner.spec, planned, runner.workers,
+                             cluster=bool(runner.options.address),
                              announce=lambda line: print(line, file=sys.stderr, flush=True))
     print(estimate if isinstance(estimate, str) else estimate.line(len(pending)))
-    return 0
 
 
 def add_run_command(sub) -> None:

@@ -114,12 +114,15 @@ def _load_streamed(name: str, *, root: str | os.PathLike[str] | None, seed: int,
 
 @dataclass(frozen=True)
 class DatasetShape:
-    """What building and costing a model needs to know of a data set."""
+    """What building and costing a model needs to know of a data set, and what a dry run says
+    of it: how many images each split holds and what the scored split is called."""
 
     num_classes: int
     in_channels: int
     image_size: int
     train_size: int
+    test_size: int
+    eval_split: str  # "test", "validation" (carved from train) or "val" (ILSVRC's)
 
 
 def dataset_shape(
@@ -135,7 +138,8 @@ def dataset_shape(
     the official format may hold a subset, which a cost taken at 50,000 images overstates."""
     bundle = load_dataset(name, validation=validation, validation_fraction=validation_fraction,
                           synthetic=synthetic, **load_options)
-    return DatasetShape(bundle.num_classes, bundle.in_channels, bundle.image_size, bundle.train_size)
+    return DatasetShape(bundle.num_classes, bundle.in_channels, bundle.image_size,
+                        bundle.train_size, bundle.test_size, bundle.eval_split)
 
 
 def clear_dataset_cache() -> None:

@@ -241,14 +241,22 @@ def _asked(spec: StudySpec) -> str:
     return f"resources.gpus={spec.resources.gpus:g}" + (f" x nodes={nodes}" if nodes > 1 else "")
 
 
-def check_local_gpus(spec: StudySpec) -> None:
-    """What `connect` would find of a local Ray's GPUs, without starting one (for a dry run)."""
+def local_gpu_shortfall(spec: StudySpec) -> str | None:
+    """Why a local Ray could not run the spec's trials for want of GPUs (None: it could), found
+    as `connect` would find it, without starting one."""
     import torch
 
     needed, present = _gpus_per_trial(spec), torch.cuda.device_count()
-    if needed > present:
-        raise ClusterError(f"{spec.source}: a trial needs {needed:g} GPU(s) ({_asked(spec)}) but "
-                           f"this machine has {present}; set gpus: 0 to train on CPUs, or pass "
+    if needed <= present:
+        return None
+    return f"a trial needs {needed:g} GPU(s) ({_asked(spec)}) but this machine has {present}"
+
+
+def check_local_gpus(spec: StudySpec) -> None:
+    """Refuse a run on a local Ray that could not hold one trial, before anything starts."""
+    shortfall = local_gpu_shortfall(spec)
+    if shortfall is not None:
+        raise ClusterError(f"{spec.source}: {shortfall}; set gpus: 0 to train on CPUs, or pass "
                            "--address of a Ray cluster that has them")
 
 

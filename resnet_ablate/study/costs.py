@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tarfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..arch import ResNetArch
@@ -62,6 +63,16 @@ class StudyCosts:
     def over_budget(self, arch: ResNetArch) -> bool:
         ceiling = self.spec.budget.max_gflops
         return ceiling is not None and self.profile(arch).flops / 1e9 > ceiling
+
+    def data_note(self) -> str:
+        """The dry run's line on the data set a trial will read: its images and classes as found
+        (a folder's index, a shard's count, or the sizes the spec states for shards behind URLs),
+        so that a user sees before training that the data set is the one meant."""
+        shape, dataset = self.shape(), self.spec.dataset
+        where = f" at {Path(dataset.root).expanduser().resolve()}" if dataset.root else ""
+        return (f"data: {dataset.name}{where}: {shape.train_size:,} training images in "
+                f"{shape.num_classes:,} classes, {shape.test_size:,} {shape.eval_split} images "
+                f"scored, {shape.image_size}x{shape.image_size} pixels a model sees")
 
     def packing_advice(self) -> list[str]:
         """The dry run's packing recommendation for this study (see `packing_advice`)."""

@@ -114,15 +114,19 @@ class StudyRunner:
 
     def plan(self) -> list[PlannedTrial]:
         """Every grid point x seed with its cost and status; nothing is trained or written. The
-        data set and (on this machine) the GPUs are checked as a run would check them."""
+        data set is checked as a run would check it; the GPUs are not: a plan is made on a
+        machine other than the one it is for (`gpu_shortfall` says whether this one would do)."""
         check_store_folder(self.storage)
         self.check_checkpoints()
         self.costs.check_dataset()
-        if self.options.address is None:
-            cluster.check_local_gpus(self.spec)
         trials, history = self._recorded()
         return grid.plan(self.spec, history, self.costs, self._trials_left(trials, history),
                          grid.outlook(self.spec, trials, history, self.costs))
+
+    def gpu_shortfall(self) -> str | None:
+        """Why a run of this study here would be refused for want of GPUs (None: it would not,
+        or it runs on a cluster, whose GPUs are checked once connected)."""
+        return None if self.options.address else cluster.local_gpu_shortfall(self.spec)
 
     def trials_left(self) -> float:
         """How many trials budget.trials still allows this study (inf: no bound), counted as a

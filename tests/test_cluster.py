@@ -62,19 +62,45 @@ class _Cluster:
         os.killpg(self.worker_node.pid, signal.SIGKILL)  # its raylet and its workers, like a lost host
         self.worker_node.wait()
 
-    def worker_node_trial_pids(self) -> list[int]:
-        """Trial processes of the worker node: they live in its session."""
+    def freeze_a_running_trial(self) -> bool:
+        """Stop (SIGSTOP) the worker node's processes while one of them runs a trial; False, and
+        nothing left stopped, where none does. A trial seen running may end before a kill that
+        follows lands (the node-loss test then had nothing lost to check); a stopped one cannot,
+        and its title, still the trial's, says it has not returned (Ray titles a worker IDLE once
+        its task has)."""
+        pids = self._worker_node_pids()
+        for pid in pids:
+            _signal(pid, signal.SIGSTOP)
+        if any(_runs_a_trial(pid) for pid in pids):
+            return True
+        for pid in pids:
+            _signal(pid, signal.SIGCONT)
+        return False
+
+    def _worker_node_pids(self) -> list[int]:
+        """The worker node's processes (its raylet, its workers): they live in its session."""
         pids = []
         for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
             try:
-                if (entry / "cmdline").read_bytes().startswith(b"ray::run_trial") and \
-                        os.getsid(int(entry.name)) == self.worker_node.pid:
+                if entry.name.isdigit() and os.getsid(int(entry.name)) == self.worker_node.pid:
                     pids.append(int(entry.name))
-            except OSError:
+            except OSError:  # ended meanwhile
                 continue
         return pids
+
+
+def _runs_a_trial(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::run_trial")
+    except OSError:
+        return False
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +186,8 @@ def test_trials_use_both_nodes_and_survive_losing_one(ray_cluster, postgres_url,
         assert driver.poll() is None and time.monotonic() < deadline, "no trial completed in time"
         done_on = {t.user_attrs.get("node_id") for t in _trials(postgres_url, study)
                    if t.state == optuna.trial.TrialState.COMPLETE}
-        if len(done_on) == 2 and ray_cluster.worker_node_trial_pids():
+        # (Frozen mid-trial: a trial merely seen running could end before the kill lands.)
+        if len(done_on) == 2 and ray_cluster.freeze_a_running_trial():
             break
         time.sleep(0.2)
     assert done_on == head_and_worker
@@ -171,12 +198,12 @@ def test_trials_use_both_nodes_and_survive_losing_one(ray_cluster, postgres_url,
     assert driver.returncode == 0, stderr
 
     trials = _trials(postgres_url, study)
-    lost = [t for t in trials if t.user_attrs.get("failure_kind") == "worker_lost"]
-    assert lost and all("worker lost" in t.user_attrs["failure"] for t in lost)
-    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    keys = sorted((t.params["shortcut"], t.user_attrs["seed"]) for t in complete)
     history = [(t.number, t.state.name, t.params.get("shortcut"), t.user_attrs.get("seed"),
                 t.user_attrs.get("failure")) for t in trials]
+    lost = [t for t in trials if t.user_attrs.get("failure_kind") == "worker_lost"]
+    assert lost and all("worker lost" in t.user_attrs["failure"] for t in lost), (history, stderr)
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    keys = sorted((t.params["shortcut"], t.user_attrs["seed"]) for t in complete)
     assert keys == sorted((s, seed) for s in ("A", "none") for seed in range(3)), (history, stderr)
     assert completed_before <= {t.number for t in complete}
     # Curves and weights came back to the driver's side, not left on the lost node.

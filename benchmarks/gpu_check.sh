@@ -56,9 +56,18 @@ out=$(cd "$out" && pwd)
 if [ -n "$pack" ] && [ "$(mkdir -p "$pack" && cd "$pack" && pwd)" = "$out" ]; then
     echo "gpu_check: --pack-into $pack is \$OUT itself; name another folder" >&2; exit 2
 fi
+# A rehearsal that shares its CPUs (CI runs it beside the tests, at the lowest priority) may run
+# several times slower without hanging: GPU_CHECK_SLOWDOWN=N gives the budget and every step's
+# limit N times their seconds (only a rehearsal: a lease's limits are the device's).
+slowdown=${GPU_CHECK_SLOWDOWN:-1}
+if ! [[ "$slowdown" =~ ^[1-9][0-9]?$ ]] || { [ "$rehearse" = 0 ] && [ "$slowdown" != 1 ]; }; then
+    echo "gpu_check: GPU_CHECK_SLOWDOWN=$slowdown: a whole number from 1 to 99, and only with" \
+        "--rehearse" >&2; exit 2
+fi
 if [ "$rehearse" = 1 ]; then
     python="${PYTHON:-$( [ -x .venv/bin/python ] && echo "$repo/.venv/bin/python" || echo python3)}"
-    budget=540  # seconds for all steps: the rehearsal stays under 10 minutes on two cores
+    # seconds for all steps: the rehearsal stays under 10 minutes on two idle cores
+    budget=$((540 * slowdown))
 else
     python="${PYTHON:-python3}"
     budget=530  # steps' seconds: with the copy, the summary and the machine check, 9.3 minutes,
@@ -116,6 +125,7 @@ step() {  # step NAME LIMIT FILE COMMAND...: time-limited, logged to $out/NAME.l
         return
     fi
     local left=$((budget - (SECONDS - started_all)))
+    limit=$((limit * slowdown))
     [ "$limit" -le "$left" ] || limit=$left
     if [ "$limit" -lt 10 ]; then
         echo "== $name: no time left in the ${budget}s budget"

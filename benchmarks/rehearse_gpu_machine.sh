@@ -10,8 +10,8 @@
 # and a lease is too short to find out. This builds a virtual environment with exactly those
 # versions and packages in VENV (default .cache/gpu-machine-venv; later runs reuse it), on Python
 # 3.12 where this machine has one (else on python3, saying so), then runs `gpu_check.sh
-# --rehearse` in it; $OUT is passed through. Exits as the rehearsal does. (CI builds the
-# environment with --setup-only while its tests run: mostly a download, while they mostly wait.)
+# --rehearse` in it; $OUT (and GPU_CHECK_SLOWDOWN) passed through. Exits as the rehearsal
+# does. (CI runs it beside its tests, at the lowest priority: they mostly wait.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 setup_only=false

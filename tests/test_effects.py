@@ -426,3 +426,24 @@ def test_report_has_a_section_with_the_effects_and_the_importance(study):
     section = page.split("<h2>Effects of each factor</h2>")[1].split("<h2>")[0]
     assert "depth x shortcut" in section and "14 x none" in section
     assert "fANOVA" in section and f"method: {stats.CROSSED}" in section
+
+
+def test_trials_that_all_score_alike_give_a_note_not_a_traceback(tmp_path, capsys):
+    """Every net at 0% error (an easy data set): fANOVA's forest has no variance to share and
+    raised from inside Optuna, so `report` wrote no page and `effects --importance` ended in a
+    traceback. Both now say why there is no importance; the effects themselves stand."""
+    cells = {(point, seed): np.zeros(IMAGES) for point in POINTS for seed in SEEDS}
+    path = tmp_path / "alike.db"
+    write_study(path, "alike", SPACE, cells)
+    results = load(str(path))
+    said = ("study 'alike': every completed trial has the same test_error (0): the factors "
+            "explain no variance, so fANOVA has none to share")
+    with pytest.raises(ResultsError) as raised:
+        results.importance()
+    assert str(raised.value) == said
+    assert main(["effects", str(path), "--importance"]) == 2
+    assert capsys.readouterr().err == f"resnet-ablate effects: error: {said}\n"
+    section = report.render_report(results, responses=False).split(
+        "<h2>Effects of each factor</h2>")[1].split("<h2>")[0]
+    assert f'<p class="note">{said}</p>' in section.replace("&#x27;", "'")
+    assert results.effects()["diff_mean"].tolist() == [0.0, 0.0, 0.0]

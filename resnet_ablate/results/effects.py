@@ -227,10 +227,20 @@ def importance(results: Results, metric: str = "test_error") -> pd.DataFrame:
     if len(trials) < 2:
         raise ResultsError(f"study {results.study!r} has {len(trials)} completed trial with "
                            f"{metric}: importance needs two or more")
+    no_variance = ResultsError(
+        f"study {results.study!r}: every completed trial has the same {metric} "
+        f"({trials[0].value:.6g}): the factors explain no variance, so fANOVA has none to share")
+    if len({t.value for t in trials}) == 1:
+        raise no_variance
     study = optuna.create_study()  # in memory: the trials as the evaluator reads them
     study.add_trials(trials)
-    shares = get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0),
-                                   normalize=True)
+    try:
+        shares = get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0),
+                                       normalize=True)
+    except RuntimeError as error:  # every tree of the forest drew trials of one value alike
+        if "zero total variance" not in str(error):
+            raise
+        raise no_variance from None
     frame = pd.DataFrame([{"factor": f, "importance": float(v), "levels": len(levels[f]),
                            "trials": len(trials), "metric": metric} for f, v in shares.items()])
     frame.attrs["methods"] = [IMPORTANCE_METHOD.format(metric=metric)]

@@ -153,7 +153,10 @@ def _effects(results: Results) -> str:
                  "factors; zero when the two effects add. Test error; 95% intervals and the "
                  "two-sided p-value of no effect.</p>")
     parts += [_table(table), _footnotes(table)]
-    shares = importance(results)
+    try:
+        shares = importance(results)
+    except ResultsError as error:  # e.g. every trial scored alike: no variance to share
+        return "\n".join([*parts, f'<p class="note">{html.escape(str(error))}</p>'])
     parts.append("<p>A second view: each factor's share of the part of the test error's "
                  "variance over the trials that the factors explain (Optuna's fANOVA); how large "
                  "that part is, the note below says.</p>")

@@ -73,11 +73,35 @@ def test_every_level_is_answered_and_what_a_line_leaves_out_is_named():
     lines = {(line.factor, line.level): line for line in answer(study, comparisons(study))}
     assert set(lines) == {("depth", 32), ("depth", 56), ("shortcut", "none")}
     plain = lines[("shortcut", "none")]
-    assert plain.where == ("averaged over depth (2 configurations; without depth=56: no paired "
-                           "seeds)")
+    assert plain.where == "averaged over depth (2 configurations)"
     assert "3 seeds failed (diverged: 3)" in plain.note
+    assert ("no row at depth=56: no seed completed both (shortcut='none': none completed and 3 "
+            "failed (diverged: 3) / shortcut='A': 3 completed)") in plain.note.split("; ")
     assert lines[("depth", 56)].where == "at shortcut=A"
     assert lines[("depth", 32)].where == "averaged over shortcut (2 configurations)"
+
+
+def test_a_level_paired_at_one_configuration_names_the_others_and_the_seeds_it_left_out():
+    """Depths 20 and 56: the plain net diverged at every seed of depth 56, so shortcut none is
+    compared at depth 20 alone, and that line read as the whole answer, with nothing said of
+    depth 56 (from an audit); a seed of A that none lacks was left out of its mean unsaid. The
+    comparison's row and the answer's line now name both."""
+    study = _diverged_study().where("depth != 32")
+    extra = study_in_memory([({"depth": 20, "shortcut": "A"}, 3, np.ones(IMAGES))]).trials
+    study = dataclasses.replace(study, trials=pd.concat(
+        [study.trials, extra.assign(number=200)], ignore_index=True))
+    found = comparisons(study)
+    table = next(t for factor, _, t in found if factor == "shortcut")
+    (row,) = table.to_dict("records")
+    notes = row["note"].split("; ")
+    assert "no partner, left out: seed 3 of shortcut='A' (seeds pair by number)" in notes
+    assert ("no row at depth=56: no seed completed both (shortcut='none': none completed and 3 "
+            "failed (diverged: 3) / shortcut='A': 3 completed)") in notes
+    done = study.trials[(study.trials["state"] == "COMPLETE") & (study.trials["depth"] == 20)]
+    paired_a = done[(done["shortcut"] == "A") & (done["seed"] < 3)]["test_error"].mean()
+    assert row["n_pairs"] == 3 and row["test_error_baseline"] == paired_a  # (seed 3: all wrong)
+    (line,) = [line for line in answer(study, found) if line.factor == "shortcut"]
+    assert line.where == "at depth=20" and line.note == row["note"]
 
 
 def test_a_level_whose_configurations_share_too_few_seeds_is_answered_one_by_one():

@@ -331,7 +331,9 @@ def test_dry_run_lists_trials_with_cost_and_records_nothing(tmp_path, capsys):
     assert lines[0].split() == ["shortcut", "seed", "arch", "params", "(M)", "GFLOPs",
                                 "train", "TFLOPs", "status"]
     assert len([line for line in lines if line.rstrip().endswith("pending")]) == 4
-    assert "4 trials: 4 to run" in lines[-2]
+    assert "4 trials: 4 to run" in lines[-3]
+    assert lines[-2] == ("data: synthetic: 128 training images in 4 classes, 64 test images "
+                         "scored, 8x8 pixels a model sees")  # helpers.SYNTHETIC's sizes
     assert lines[-1].startswith("time: about ")  # two short epochs timed; the study untouched
     assert not (tmp_path / "dry.db").exists()
     # The same plan, exact and machine-readable, with the profile's own counts.

@@ -10,10 +10,10 @@ difference" somewhere by chance in at most 5% of studies where nothing differs. 
 study's own question (`seeds.until.decided`) takes the rule's verdict instead: its seeds were
 added while the comparison was open, which a plain test does not account for.
 
-Each line says what it averages and what it leaves out (configurations with no paired seeds,
-failed seeds), the notes its comparison carries, and where the configurations disagree, each
-configuration's own difference (an average over a factor the effect depends on is not the
-answer).
+Each line says what it averages, and its comparison's notes what it leaves out (configurations
+with no paired seed, with each side's completed and failed seeds; failed seeds; seeds without a
+partner), and where the configurations disagree, each configuration's own difference (an
+average over a factor the effect depends on is not the answer).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def answer(results: Results, found: list[tuple[str, object, pd.DataFrame]]) -> l
     """The answer's lines from the comparisons `found` ((factor, baseline, compare table), as
     report.comparisons gives them), each with its verdict."""
     lines = [line for factor, baseline, table in found
-             for line in _factor_lines(results, factor, baseline, table)]
+             for line in _factor_lines(factor, baseline, table)]
     adjusted = stats.holm([line.p_value if _tested(line) else math.nan for line in lines])
     rule = _RuleVerdicts(results)
     return [replace(line, p_holm=float(p), verdict=_verdict(line, float(p), rule))
@@ -81,11 +81,9 @@ def _tested(line: AnswerLine) -> bool:
     return line.has_interval and LOOKED not in line.note
 
 
-def _factor_lines(results: Results, factor: str, baseline: object,
-                  table: pd.DataFrame) -> list[AnswerLine]:
+def _factor_lines(factor: str, baseline: object, table: pd.DataFrame) -> list[AnswerLine]:
     others = list(table.columns[table.columns.get_loc("baseline") + 1:
                                 table.columns.get_loc("n_pairs")])
-    everywhere = _configurations(results, others)
     lines = []
     for level, rows in table.groupby(factor, sort=False):
         overall = (rows[others] == "all").all(axis=1) if others else pd.Series(False, rows.index)
@@ -94,7 +92,8 @@ def _factor_lines(results: Results, factor: str, baseline: object,
             row = rows[overall].iloc[0]
             seen = {tuple(scalar_value(v) for v in r) for r in each[others].itertuples(
                 index=False, name=None)}
-            line = _line(factor, level, baseline, row, _averaged(others, everywhere, seen),
+            line = _line(factor, level, baseline, row,
+                         f"averaged over {', '.join(others)} ({len(seen)} configurations)",
                          tuple(tuple(zip(others, c)) for c in sorted(seen, key=str)))
             if DISAGREE in line.note:
                 line = replace(line, each=tuple((_at(others, r), float(r["diff_mean"]))
@@ -112,26 +111,6 @@ def _at(others: list[str], row: pd.Series) -> str:
     """A configuration's place in a line ("at depth=20, width=16"; "" with no other factor)."""
     at = ", ".join(f"{c}={scalar_value(row[c])}" for c in others)
     return f"at {at}" if at else ""
-
-
-def _configurations(results: Results, others: list[str]) -> list[tuple]:
-    """Every configuration of the other factors the selection holds trials of, failed ones
-    too (a configuration a `where` left out is not the answer's to name)."""
-    if not others:
-        return []
-    trials = results.trials[others].drop_duplicates()
-    return sorted((tuple(scalar_value(v) for v in row)
-                   for row in trials.itertuples(index=False, name=None)), key=str)
-
-
-def _averaged(others: list[str], everywhere: list[tuple], seen: set[tuple]) -> str:
-    """What an "all" row averages, naming the configurations it could not include."""
-    missing = [c for c in everywhere if c not in seen]
-    text = f"averaged over {', '.join(others)} ({len(seen)} configurations"
-    if missing:
-        named = "; ".join(", ".join(f"{o}={v}" for o, v in zip(others, c)) for c in missing)
-        text += f"; without {named}: no paired seeds"
-    return text + ")"
 
 
 def _line(factor: str, level: Any, baseline: object, row: pd.Series, where: str,

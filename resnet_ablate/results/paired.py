@@ -3,6 +3,7 @@ level, seeds paired by seed number (and test images by image where the record wa
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -13,7 +14,7 @@ from ..spec import adaptive_rule
 from ..storage import ResultsError
 from .contrasts import (LOOKED, difference_bounds, joined, note, paired_contrast, plain,
                         recorded, stratified_contrast, with_holm, with_note)
-from .left_out import LeftOut
+from .left_out import LeftOut, failure_kinds, rows_where
 
 if TYPE_CHECKING:
     from .study_results import Results
@@ -43,42 +44,123 @@ def compare(results: Results, factor: str, baseline: Any,
     if baseline not in keyed.columns:
         raise ResultsError(f"no completed trial with {factor}={plain(baseline)} yet; completed "
                            f"levels: {', '.join(map(plain, keyed.columns)) or '(none yet)'}")
-    bounds = difference_bounds(metric)
+    comparing = _Comparing(results, factor, baseline, metric, others, left,
+                           difference_bounds(metric))
     rows, unpaired = [], []
     for level in [lv for lv in levels if lv != baseline and lv in keyed.columns]:
-        pairs = keyed[[baseline, level]].dropna()
-        if pairs.empty:
+        level_rows = comparing.rows(level, keyed[[baseline, level]], numbers)
+        if not level_rows:
             unpaired.append(level)
-            continue
-        trials = numbers.loc[pairs.index, [baseline, level]]
-        groups = pairs.groupby(level=others, dropna=False, sort=True) if others \
-            else [((), pairs)]
-        first = len(rows)
-        for key, group in groups:
-            key = key if isinstance(key, tuple) else (key,)
-            configuration = dict(zip(others, key))
-            where = {**configuration, factor: [baseline, level]}
-            estimate = with_note(paired_contrast(results, group, trials.loc[group.index],
-                                                 (-1.0, 1.0), metric, bounds), left.note(where))
-            rows.append(_paired_row(factor, level, baseline, metric, configuration,
-                                    group[baseline], group[level], estimate))
-        if len(groups) > 1:
-            overall, used = stratified_contrast(results, pairs, trials, others, (-1.0, 1.0),
-                                                metric, bounds)
-            overall = with_note(overall, joined(left.note({factor: [baseline, level]}),
-                                                _strata_disagree(rows[first:], others)))
-            rows.append(_paired_row(factor, level, baseline, metric,
-                                    {name: "all" for name in others}, used[baseline],
-                                    used[level], overall))
+        rows += level_rows
     if not rows:
         raise ResultsError(f"no configuration has completed trials of both {factor}="
-                           f"{plain(baseline)} and another level with the same seed yet")
+                           f"{plain(baseline)} and another level with the same seed (compare "
+                           "pairs a configuration's seeds by seed number)")
     frame = with_holm(pd.DataFrame(rows))
     frame.attrs["notes"] = _unpaired_notes(factor, baseline, unpaired)
     rule = adaptive_rule(results.seed_rule, results.spec.get("space") or {})
     if rule is not None and rule.decided == factor:
         frame["note"] = [joined(text, LOOKED) for text in frame["note"]]
     return frame
+
+
+@dataclasses.dataclass(frozen=True)
+class _Comparing:
+    """What the rows of every level of one comparison share."""
+
+    results: Results
+    factor: str
+    baseline: Any
+    metric: str
+    others: list[str]
+    left: LeftOut
+    bounds: tuple[float, float]
+
+    def rows(self, level: Any, sides: pd.DataFrame, numbers: pd.DataFrame) -> list[dict]:
+        """The level's rows: one per configuration of the other factors with paired seeds, and
+        an "all" row over them where there are several; none where no seed is paired. `sides`:
+        the baseline's and the level's values, indexed by the other factors and the seed."""
+        factor, baseline, others = self.factor, self.baseline, self.others
+        pairs = sides.dropna()
+        if pairs.empty:
+            return []
+        lone = sides[sides.notna().sum(axis=1) == 1]  # a seed that completed one side only
+        trials = numbers.loc[pairs.index, [baseline, level]]
+        groups = pairs.groupby(level=others, dropna=False, sort=True) if others \
+            else [((), pairs)]
+        rows = []
+        for key, group in groups:
+            key = key if isinstance(key, tuple) else (key,)
+            configuration = dict(zip(others, key))
+            where = {**configuration, factor: [baseline, level]}
+            estimate = with_note(paired_contrast(self.results, group, trials.loc[group.index],
+                                                 (-1.0, 1.0), self.metric, self.bounds),
+                                 joined(self.left.note(where),
+                                        _partnerless(lone, others, key, factor)))
+            rows.append(_paired_row(factor, level, baseline, self.metric, configuration,
+                                    group[baseline], group[level], estimate))
+        # Configurations tried with no seed paired (one side failed throughout, say) have no
+        # row: the level's rows say so, or a level seen at one configuration reads as the answer.
+        missing = _rowless(self.results, self.left, others, factor, (baseline, level),
+                           {_plain_key(key) for key, _ in groups})
+        if len(rows) == 1:
+            rows[0]["note"] = joined(rows[0]["note"], missing)
+            return rows
+        overall, used = stratified_contrast(self.results, pairs, trials, others, (-1.0, 1.0),
+                                            self.metric, self.bounds)
+        overall = with_note(overall, joined(self.left.note({factor: [baseline, level]}),
+                                            _strata_disagree(rows, others), missing))
+        return [*rows, _paired_row(factor, level, baseline, self.metric,
+                                   {name: "all" for name in others}, used[baseline],
+                                   used[level], overall)]
+
+
+def _partnerless(lone: pd.DataFrame, others: list[str], key: tuple, factor: str) -> str:
+    """A row's note on its configuration's seeds that completed one side only (of `lone`, the
+    rows of one side's value alone, indexed by the `others` and "seed"): left out, so that its
+    means are over the paired seeds, not each side's own."""
+    if others:
+        at = [k if isinstance(k, tuple) else (k,) for k in lone.index.droplevel("seed")]
+        lone = lone[[k == key for k in at]]
+    named = []
+    for side in lone.columns:
+        seeds = sorted(lone.index.get_level_values("seed")[lone[side].notna()])
+        if seeds:
+            named.append(f"seed{'s' if len(seeds) != 1 else ''} {', '.join(map(plain, seeds))} "
+                         f"of {factor}={plain(side)}")
+    return (f"no partner, left out: {' and '.join(named)} (seeds pair by number)"
+            if named else "")
+
+
+def _plain_key(key: Any) -> tuple[str, ...]:
+    """A configuration of the other factors as text, to match however pandas typed it."""
+    return tuple(map(plain, key if isinstance(key, tuple) else (key,)))
+
+
+def _rowless(results: Results, left: LeftOut, others: list[str], factor: str,
+             sides: tuple[Any, Any], paired: set[tuple[str, ...]]) -> str:
+    """The note on the configurations of the `others` factors that trials of either side tried
+    (in any state) but no seed completed on both, so that they have no row: each with its sides'
+    completed and failed seeds (a side that diverged at every seed is an answer in itself)."""
+    if not others:
+        return ""
+    done = results.completed()
+    tried = results.trials[results.trials[factor].isin(sides)]
+    notes = []
+    for values in tried[others].drop_duplicates().itertuples(index=False, name=None):
+        if _plain_key(values) in paired:
+            continue
+        where = dict(zip(others, values))
+        told = []
+        for side in reversed(sides):  # the level, then its baseline
+            at = {**where, factor: side}
+            completed = rows_where(done, at)["seed"].nunique()
+            failed = rows_where(left.failed, at)
+            told.append(f"{factor}={plain(side)}: {completed or 'none'} completed" + (
+                f" and {len(failed)} failed ({failure_kinds(failed)})" if len(failed) else ""))
+        at = ", ".join(f"{o}={plain(v)}" for o, v in where.items())
+        notes.append(f"no row at {at}: no seed completed both ({' / '.join(told)})")
+    return joined(*sorted(notes))
 
 
 def _unpaired_notes(factor: str, baseline: Any, levels: list[Any]) -> list[str]:

@@ -54,8 +54,10 @@ configurations pooled share their test images, and averaging them does not shrin
 and the two signs' sums are added, which assumes images are not harder for one configuration
 exactly where they are easier for another (no negative correlation): conservative, and said so.
 
-A rate of exactly 0 (or 1) takes the exact (Clopper-Pearson) end of 0 wrong (right) in N images.
-Near 0 the interval, symmetric and clipped at 0, misses more often above than below (README).
+A rate of exactly 0 (or 1) takes the exact (Clopper-Pearson) end of 0 wrong (right) in N images,
+and no rate's interval reaches less far (a configuration with errors is never bounded more tightly
+than one without). Near 0 the interval, symmetric and clipped at 0, misses more often above than
+below (README).
 
 The variance has a floor: what Agresti-Coull allows a test set of N images without a single
 error, ``r(1 - r)/N`` with ``r = 2/(N + 4)``, where the seeds agree image by image, and less as
@@ -189,13 +191,16 @@ def _crossed(table: np.ndarray, stream: int) -> tuple[float, Pivot]:
 
 def _exact_at_the_ends(estimate: Estimate, images: int, level: float) -> Estimate:
     """A rate of exactly 0 (or 1) with the exact (Clopper-Pearson) end of 0 wrong (right) in N
-    images, which the variance floor alone fell short of (0.28% for 1,000 images; 0.37%)."""
-    if estimate.mean not in (0.0, 1.0):
+    images, which the variance floor alone fell short of (0.28% for 1,000 images; 0.37%), and
+    every other rate's interval reaching at least as far: a configuration with an error is never
+    quoted a tighter upper end than one without (one error among three seeds of 1,000 images
+    gave 0.29%, two 0.26%, none 0.37%: an audit's finding)."""
+    if math.isnan(estimate.high):
         return estimate
     far = 1 - ((1 - level) / 2) ** (1 / images)
-    ends = (0.0, max(far, estimate.high)) if estimate.mean == 0.0 \
-        else (min(1 - far, estimate.low), 1.0)
-    return replace(estimate, low=ends[0], high=ends[1])
+    low = 0.0 if estimate.mean == 0.0 else min(estimate.low, 1 - far)
+    high = 1.0 if estimate.mean == 1.0 else max(estimate.high, far)
+    return replace(estimate, low=low, high=high)
 
 
 def _no_interval(mean: float, n: int, method: str, reason: str) -> Estimate:

@@ -45,7 +45,7 @@ def compare(results: Results, factor: str, baseline: Any,
         raise ResultsError(f"no completed trial with {factor}={plain(baseline)} yet; completed "
                            f"levels: {', '.join(map(plain, keyed.columns)) or '(none yet)'}")
     comparing = _Comparing(results, factor, baseline, metric, others, left,
-                           difference_bounds(metric))
+                           difference_bounds(metric), _tried(results, factor, others))
     rows, unpaired = [], []
     for level in [lv for lv in levels if lv != baseline and lv in keyed.columns]:
         level_rows = comparing.rows(level, keyed[[baseline, level]], numbers)
@@ -75,6 +75,7 @@ class _Comparing:
     others: list[str]
     left: LeftOut
     bounds: tuple[float, float]
+    tried: dict[str, dict[tuple[str, ...], tuple]]  # see `_tried`
 
     def rows(self, level: Any, sides: pd.DataFrame, numbers: pd.DataFrame) -> list[dict]:
         """The level's rows: one per configuration of the other factors with paired seeds, and
@@ -84,7 +85,8 @@ class _Comparing:
         pairs = sides.dropna()
         if pairs.empty:
             return []
-        lone = sides[sides.notna().sum(axis=1) == 1]  # a seed that completed one side only
+        # Seeds that completed one side only.
+        lone = sides[(~np.isnan(sides.to_numpy(float))).sum(axis=1) == 1]
         trials = numbers.loc[pairs.index, [baseline, level]]
         groups = pairs.groupby(level=others, dropna=False, sort=True) if others \
             else [((), pairs)]
@@ -101,8 +103,10 @@ class _Comparing:
                                     group[baseline], group[level], estimate))
         # Configurations tried with no seed paired (one side failed throughout, say) have no
         # row: the level's rows say so, or a level seen at one configuration reads as the answer.
+        paired = {_plain_key(key) for key, _ in groups}
+        tried = {**self.tried.get(plain(baseline), {}), **self.tried.get(plain(level), {})}
         missing = _rowless(self.results, self.left, others, factor, (baseline, level),
-                           {_plain_key(key) for key, _ in groups})
+                           [values for key, values in tried.items() if key not in paired])
         if len(rows) == 1:
             rows[0]["note"] = joined(rows[0]["note"], missing)
             return rows
@@ -119,6 +123,8 @@ def _partnerless(lone: pd.DataFrame, others: list[str], key: tuple, factor: str)
     """A row's note on its configuration's seeds that completed one side only (of `lone`, the
     rows of one side's value alone, indexed by the `others` and "seed"): left out, so that its
     means are over the paired seeds, not each side's own."""
+    if lone.empty:  # (most comparisons: every seed paired)
+        return ""
     if others:
         at = [k if isinstance(k, tuple) else (k,) for k in lone.index.droplevel("seed")]
         lone = lone[[k == key for k in at]]
@@ -137,19 +143,30 @@ def _plain_key(key: Any) -> tuple[str, ...]:
     return tuple(map(plain, key if isinstance(key, tuple) else (key,)))
 
 
+def _tried(results: Results, factor: str, others: list[str]
+           ) -> dict[str, dict[tuple[str, ...], tuple]]:
+    """For each level of `factor` (as text), the configurations of the `others` factors its
+    trials tried, in any state: each as text (`_plain_key`, to match pandas' types), to its
+    values. Read once a comparison, as every level asks."""
+    tried: dict[str, dict[tuple[str, ...], tuple]] = {}
+    if others:
+        configurations = results.trials[[factor, *others]].drop_duplicates()
+        for level, *values in configurations.itertuples(index=False, name=None):
+            tried.setdefault(plain(level), {})[_plain_key(tuple(values))] = tuple(values)
+    return tried
+
+
 def _rowless(results: Results, left: LeftOut, others: list[str], factor: str,
-             sides: tuple[Any, Any], paired: set[tuple[str, ...]]) -> str:
-    """The note on the configurations of the `others` factors that trials of either side tried
-    (in any state) but no seed completed on both, so that they have no row: each with its sides'
-    completed and failed seeds (a side that diverged at every seed is an answer in itself)."""
-    if not others:
+             sides: tuple[Any, Any], missing: list[tuple]) -> str:
+    """The note on the configurations of the `others` factors (`missing`: their values) that
+    trials of either side tried (in any state) but no seed completed on both, so that they have
+    no row: each with its sides' completed and failed seeds (a side that diverged at every seed
+    is an answer in itself)."""
+    if not missing:
         return ""
     done = results.completed()
-    tried = results.trials[results.trials[factor].isin(sides)]
     notes = []
-    for values in tried[others].drop_duplicates().itertuples(index=False, name=None):
-        if _plain_key(values) in paired:
-            continue
+    for values in missing:
         where = dict(zip(others, values))
         told = []
         for side in reversed(sides):  # the level, then its baseline

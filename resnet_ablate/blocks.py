@@ -87,12 +87,41 @@ def he_init_(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def calls_hooks(module: nn.Module) -> bool:
+    """Whether calling `module` runs hooks of its own (forward or backward)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def fused_epilogue(bn: nn.Module, x: torch.Tensor, identity: torch.Tensor | None = None,
+                   activation: nn.Module | None = None) -> torch.Tensor:
+    """relu(bn(x) [+ identity]) through a fused BN, in one op, as the unfused block computes it;
+    and where the model was changed after fusing, still as the unfused block would compute it:
+    an `activation` set in the ReLU's place (an ablation) is applied after the fused BN + add; a
+    BN with hooks, or another module set in its place, runs alone (its hooks see its own output),
+    then the add and the activation."""
+    fused, hooked = isinstance(bn, FusedBatchNorm2d), calls_hooks(bn)
+    if fused and not hooked:
+        if activation is None:
+            return bn(x, identity)
+        out = bn(x, identity, relu=False)
+    else:
+        out = bn(x, relu=False) if fused else bn(x)
+        if identity is not None:
+            out = out + identity
+    return torch.relu(out) if activation is None else activation(out)
+
+
 class _ResidualBlock(nn.Module):
     """What both blocks share: the shortcut and the two BN epilogues, fused or unfused."""
 
     expansion: ClassVar[int]
     last_bn: ClassVar[str]  # the BN that ends the residual branch (zero_init_residual zeroes it)
     downsample: nn.Module | None
+    # Where each BN's activation is held (bn1, bn2, bn3), for a fused block a module set there
+    # after fusing (None: the fused ReLU): this package's and torchvision's one shared `relu`; a
+    # converted timm block's act1, act2, act3.
+    activations: tuple[str, ...] = ("relu", "relu", "relu")
 
     def _init_epilogue(self, shortcut: Shortcut, in_channels: int, out_channels: int, stride: int,
                        fused: bool) -> None:
@@ -108,16 +137,24 @@ class _ResidualBlock(nn.Module):
             return None
         return x if self.downsample is None else self.downsample(x)
 
-    def _bn_relu(self, bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return bn(x) if self.fused else self.relu(bn(x))
+    def _bn_relu(self, position: int, x: torch.Tensor) -> torch.Tensor:
+        """relu(bn_position(x))."""
+        bn, activation = getattr(self, f"bn{position}"), self._activation(position)
+        return fused_epilogue(bn, x, None, activation) if self.fused else activation(bn(x))
 
-    def _bn_add_relu(self, bn: nn.Module, x: torch.Tensor, identity: torch.Tensor | None) -> torch.Tensor:
+    def _bn_add_relu(self, position: int, x: torch.Tensor, identity: torch.Tensor | None
+                     ) -> torch.Tensor:
+        """relu(bn_position(x) + identity), the block's last epilogue."""
+        bn, activation = getattr(self, f"bn{position}"), self._activation(position)
         if self.fused:
-            return bn(x, identity)
+            return fused_epilogue(bn, x, identity, activation)
         out = bn(x)
         if identity is not None:
             out += identity
-        return self.relu(out)
+        return activation(out)
+
+    def _activation(self, position: int) -> nn.Module | None:
+        return getattr(self, self.activations[position - 1])
 
     @classmethod
     def from_modules(
@@ -126,12 +163,15 @@ class _ResidualBlock(nn.Module):
         downsample: nn.Module | None,
         *,
         shortcut: Shortcut = "B",
+        activations: tuple[str, ...] = ("relu", "relu", "relu"),
     ) -> _ResidualBlock:
         """A fused block around existing modules (conv1, bn1, ...), sharing their tensors.
 
         This is how `resnet_ablate.fuse` converts a torchvision-style block: its convs and
         shortcut module are reused as they are, and each BN becomes a `FusedBatchNorm2d` twin.
-        `shortcut` only labels the block ("B" for torchvision's projection-where-needed).
+        `shortcut` only labels the block ("B" for torchvision's projection-where-needed);
+        `activations` names where each BN's activation was held (timm's act1, act2, act3), so
+        that one set there after fusing runs.
         """
         block = cls.__new__(cls)
         nn.Module.__init__(block)
@@ -142,7 +182,9 @@ class _ResidualBlock(nn.Module):
         block.shortcut = shortcut
         block.has_shortcut = shortcut != "none"
         block.downsample = downsample
-        block.relu = None
+        block.activations = activations
+        for name in activations:
+            setattr(block, name, None)
         if isinstance(block, Bottleneck):
             conv2 = modules["conv2"]
             assert isinstance(conv2, nn.Conv2d)
@@ -187,8 +229,8 @@ class BasicBlock(_ResidualBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = self._identity(x)
-        out = self._bn_relu(self.bn1, self.conv1(x))
-        return self._bn_add_relu(self.bn2, self.conv2(out), identity)
+        out = self._bn_relu(1, self.conv1(x))
+        return self._bn_add_relu(2, self.conv2(out), identity)
 
 
 class Bottleneck(_ResidualBlock):
@@ -243,9 +285,9 @@ class Bottleneck(_ResidualBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = self._identity(x)
-        out = self._bn_relu(self.bn1, self.conv1(x))
-        out = self._bn_relu(self.bn2, self.conv2(out))
-        return self._bn_add_relu(self.bn3, self.conv3(out), identity)
+        out = self._bn_relu(1, self.conv1(x))
+        out = self._bn_relu(2, self.conv2(out))
+        return self._bn_add_relu(3, self.conv3(out), identity)
 
 
 def fused_twin_of(bn: nn.BatchNorm2d, *, relu: bool) -> FusedBatchNorm2d:
@@ -286,5 +328,6 @@ def fuse_block_(block: BasicBlock | Bottleneck) -> BasicBlock | Bottleneck:
         if bn is not None:
             setattr(block, name, fused_twin_of(bn, relu=True))
     block.fused = True
-    block.relu = None
+    for name in block.activations:  # (the fused ReLU takes their place)
+        setattr(block, name, None)
     return block

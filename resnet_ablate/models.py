@@ -21,7 +21,7 @@ from torch import nn
 from typing import TypedDict, Unpack
 
 from .arch import BlockKind, Downsampling, ResNetArch, Shortcut
-from .blocks import BasicBlock, Bottleneck, batch_norm, conv3x3, he_init_
+from .blocks import BasicBlock, Bottleneck, batch_norm, conv3x3, fused_epilogue, he_init_
 
 # The block class of each `ResNetArch.block`.
 BLOCK_CLASSES: dict[str, type[BasicBlock] | type[Bottleneck]] = {
@@ -106,7 +106,8 @@ class ResNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled features that feed `fc`, shape (N, channels)."""
-        x = self.bn1(self.conv1(x)) if self.fused else self.relu(self.bn1(self.conv1(x)))
+        x = fused_epilogue(self.bn1, self.conv1(x), None, self.relu) if self.fused \
+            else self.relu(self.bn1(self.conv1(x)))
         x = self.maxpool(x)
         for name in self.stage_names:
             x = getattr(self, name)(x)

@@ -157,6 +157,74 @@ def test_fuse_converts_timm_blocks_with_the_same_outputs_and_gradients(block, va
         torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-4, rtol=1e-4, msg=name)
 
 
+def _blocks_activations(model: nn.Module, block_types: tuple[type, ...]) -> list[tuple[nn.Module, str]]:
+    """(block, attribute) of each activation a residual block holds: torchvision's one shared
+    `relu`, timm's act1, act2 (act3)."""
+    found = []
+    for block in model.modules():
+        if isinstance(block, block_types):
+            found += [(block, name) for name in ("relu", "act1", "act2", "act3")
+                      if isinstance(getattr(block, name, None), nn.Module)]
+    return found
+
+
+@pytest.mark.parametrize("make", [lambda: small_tv_resnet(TVBasicBlock, (2, 1, 1, 1)),
+                                  lambda: small_tv_resnet(TVBottleneck),
+                                  lambda: small_timm_resnet(TimmBasicBlock),
+                                  lambda: small_timm_resnet(TimmBottleneck)],
+                         ids=["torchvision basic", "torchvision bottleneck", "timm basic",
+                              "timm bottleneck"])
+def test_an_activation_swapped_or_a_batch_norm_hooked_after_fuse_acts_as_in_the_original(make):
+    """An ablation on a fused model: each block's activations set to GELU on the original and
+    on the fused copy alike. A converted block never called them, so the fused model kept its
+    ReLUs, 0.27 apart, unsaid (an audit); a hook on a converted block's BN saw relu(BN + the
+    shortcut). Both now compute as the original: the fused BN (and add) then the activation
+    set; a hooked BN alone, its hook seeing its own output."""
+    torch.manual_seed(0)
+    reference = randomize(make())
+    model = fuse(copy.deepcopy(reference))
+    block_types = (TVBasicBlock, TVBottleneck, TimmBasicBlock, TimmBottleneck)
+    swapped = _blocks_activations(reference, block_types)
+    assert swapped and all(type(getattr(block, name)) is nn.ReLU for block, name in swapped)
+    for block, name in swapped:
+        setattr(block, name, nn.GELU())
+    # The converted blocks hold no activation module until one is set, as here.
+    fused_blocks = [m for m in model.modules() if isinstance(m, (OurBasicBlock, OurBottleneck))]
+    names = {name for _, name in swapped}
+    for block in fused_blocks:
+        for name in names:
+            setattr(block, name, nn.GELU())
+    assert_same_training_step(reference, model, torch.randn(2, 3, 32, 32))
+    seen = {}
+    last = "bn3" if isinstance(fused_blocks[0], OurBottleneck) else "bn2"
+    for tag, net in (("original", reference), ("fused", model)):
+        getattr(net.layer1[0], last).register_forward_hook(
+            lambda module, args, out, tag=tag: seen.__setitem__(tag, out.detach().clone()))
+        net.eval()(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)))
+    assert seen["original"].min() < 0  # a BN's own output, before the add and the activation
+    torch.testing.assert_close(seen["fused"], seen["original"], atol=1e-5, rtol=1e-5)
+    # Unfused again, the blocks keep the activations set (it put ReLUs back in their place).
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(unfuse(model).eval()(x), reference(x), atol=1e-5, rtol=1e-5)
+
+
+def test_this_packages_fused_model_follows_an_activation_or_batch_norm_set_after_fusing():
+    """The same ablations on this package's own fused ResNet, against its unfused twin: every
+    ReLU (the stem's and the blocks') set to GELU, and one block's BN set to nn.Identity."""
+    torch.manual_seed(0)
+    reference = randomize(resnet8(num_classes=10, fused=False))
+    model = resnet8(num_classes=10, fused=True)
+    model.load_state_dict(reference.state_dict())
+    for net in (reference, model):
+        for module in [net, *(m for m in net.modules() if isinstance(m, (OurBasicBlock, OurBottleneck)))]:
+            module.relu = nn.GELU()
+        net.layer2[0].bn1 = nn.Identity()
+    assert_same_training_step(reference, model, torch.randn(2, 3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(unfuse(model).eval()(x), reference(x), atol=1e-5, rtol=1e-5)
+    assert type(model.relu) is nn.GELU and type(model.layer1[0].relu) is nn.GELU
+
+
 @pytest.mark.parametrize("options, reason", [
     ({"attn_layer": TimmSEModule}, "se is TimmSEModule: it rescales the last BN's output before "
                                    "the residual add"),
@@ -600,3 +668,18 @@ def test_the_stride_placement_survives_the_usual_manipulations_of_a_state_dict(m
     with pytest.warns(DownsamplingWarning, match="a v1.5 net"):
         resnet50(downsampling="v1").load_state_dict(v15_state)
     assert set(v15_state) == set(TVResNet(TVBottleneck, [3, 4, 6, 3]).state_dict())  # torchvision's keys
+
+
+@pytest.mark.parametrize("given, hint", [
+    (None, ""), (lambda x: x, ""),
+    (resnet8(num_classes=10, fused=False).state_dict(),
+     ": a state_dict holds only tensors; load it into its model and pass that"),
+], ids=["None", "a function", "a state_dict"])
+def test_fuse_and_unfuse_of_what_is_no_model_is_one_clear_error(given, hint):
+    """fuse(None), fuse(model.state_dict()) raised AttributeError from deep inside the package
+    ('... has no attribute named_modules'; an audit)."""
+    for function in (fuse, unfuse):
+        with pytest.raises(TypeError) as raised:
+            function(given)
+        assert str(raised.value) == (f"{function.__name__} takes a model (an nn.Module), not "
+                                     f"{type(given).__name__}{hint}")

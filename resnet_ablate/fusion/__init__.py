@@ -24,7 +24,7 @@ from .forward_facts import StaleForward
 from .graph import fuse_graphs
 from .records import FusedSite, FuseReport, FuseWarning, SkippedBlock, describe
 from .residual_blocks import plan_blocks
-from .unfuse import unfuse
+from .unfuse import check_is_module, unfuse
 
 __all__ = ["FuseReport", "FuseWarning", "FusedSite", "SkippedBlock", "StaleForward", "fuse",
            "unfuse"]
@@ -59,6 +59,7 @@ def fuse(model: M, *, strict: bool = False, return_report: bool = False,
     random 32x32 images with the first conv's channels). With `return_report=True` returns
     `(model, FuseReport)`.
     """
+    check_is_module(model, "fuse")
     if strict:
         trial = _fuse(copy.deepcopy(model), example_input)  # a copy: refuse before any change
         if trial.skipped:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..blocks import BasicBlock, Bottleneck
+from ..blocks import BasicBlock, Bottleneck, calls_hooks
 from ..kernels import FusedBatchNorm2d
 from ..models import ResNet
 from .forward_facts import (KEPT_MODULES, Untraceable, autograd_state, check_forward,
@@ -130,12 +130,6 @@ def _versions(module: nn.Module) -> dict[str, int]:
     """Each parameter's and buffer's version counter, which every in-place change moves."""
     return {name: t._version for name, t in (*module.named_parameters(),
                                              *module.named_buffers())}
-
-
-def calls_hooks(module: nn.Module) -> bool:
-    """Whether calling `module` runs hooks of its own (forward or backward)."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
 
 
 def has_hooks(module: nn.Module) -> bool:

@@ -143,7 +143,10 @@ def _converted(block: nn.Module) -> BasicBlock | Bottleneck:
     children = dict(block.named_children())
     cls = Bottleneck if "conv3" in children else BasicBlock
     parts = _BOTTLENECK_PARTS if cls is Bottleneck else _BASIC_PARTS
-    new = cls.from_modules({p: children[p] for p in parts}, children.get("downsample"))
+    _, activations = _layout(children)
+    new = cls.from_modules({p: children[p] for p in parts}, children.get("downsample"),
+                           activations=activations * 3 if activations == ("relu",)
+                           else activations)
     # The block's own mode; its parts keep theirs (a frozen BatchNorm stays in eval mode), and
     # each fused twin has its BatchNorm's.
     new.training = block.training

@@ -3,6 +3,7 @@ exporters (ONNX, `torch.export` artifacts that load without this package) and ot
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TypeVar
 
 from torch import nn
@@ -27,12 +28,23 @@ def _unfuse_rewritten(module: nn.Module) -> None:
     vars(module).pop(KEPT_MODULES, None)
 
 
+def check_is_module(model: object, what: str) -> None:
+    """One clear error where `model` is no nn.Module (None, a state_dict, a function): `fuse`
+    and `unfuse` change a model's modules in place."""
+    if isinstance(model, nn.Module):
+        return
+    hint = ": a state_dict holds only tensors; load it into its model and pass that" \
+        if isinstance(model, Mapping) else ""
+    raise TypeError(f"{what} takes a model (an nn.Module), not {type(model).__name__}{hint}")
+
+
 def unfuse(model: M) -> M:
     """Turn every fused epilogue of `model` back into plain `BatchNorm2d` + `ReLU` modules, in
     place (the same parameter and buffer tensors), and return the model. Outputs, gradients and
     state_dict keys are unchanged; what remains is plain PyTorch, which every exporter and
     library understands. The inverse of `fuse`: modules whose forward it rewrote get their own
     class and forward back."""
+    check_is_module(model, "unfuse")
     for module in list(model.modules()):
         if hasattr(type(module), "unfused_class"):
             _unfuse_rewritten(module)
@@ -42,11 +54,14 @@ def unfuse(model: M) -> M:
                 if isinstance(bn, FusedBatchNorm2d):
                     setattr(module, name, plain_twin_of(bn))
             module.fused = False
-            module.relu = nn.ReLU(inplace=True)
+            for name in module.activations:  # (one set after fusing stays)
+                if getattr(module, name) is None:
+                    setattr(module, name, nn.ReLU(inplace=True))
         elif isinstance(module, ResNet) and module.fused:
             assert isinstance(module.bn1, FusedBatchNorm2d)
             module.bn1 = plain_twin_of(module.bn1)
-            module.relu = nn.ReLU(inplace=True)
+            if module.relu is None:  # (one set after fusing stays)
+                module.relu = nn.ReLU(inplace=True)
             module.fused = False
             module.arch = module.arch.replace(fused=False)
     left = [name for name, m in model.named_modules() if isinstance(m, FusedBatchNorm2d)]

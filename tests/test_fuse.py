@@ -683,3 +683,40 @@ def test_fuse_and_unfuse_of_what_is_no_model_is_one_clear_error(given, hint):
             function(given)
         assert str(raised.value) == (f"{function.__name__} takes a model (an nn.Module), not "
                                      f"{type(given).__name__}{hint}")
+
+
+class _OptionalSkip(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU()
+
+    def forward(self, x, skip=None):
+        out = self.bn(self.conv(x))
+        if skip is not None:
+            out = out + skip
+        return self.relu(out)
+
+
+class _CallsItWithoutSkip(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = _OptionalSkip()
+
+    def forward(self, x):
+        return self.block(x)
+
+
+def test_a_forward_whose_optional_argument_was_left_at_its_default_is_named_as_the_likely_cause():
+    """A trace takes `skip` as given, so `skip is not None` holds in it and the rewrite failed
+    on the probe, which left skip=None; the reason named only the AttributeError (an audit).
+    It now names the argument left at its default."""
+    model = _CallsItWithoutSkip()
+    reference = copy.deepcopy(model)
+    with pytest.warns(FuseWarning):
+        _, report = fuse(model, return_report=True)
+    (skipped,) = report.skipped
+    assert skipped.name == "block.bn" and skipped.reason.endswith(
+        ", likely as its forward's skip=None took the default on the probe, where a trace takes "
+        "every argument as given (a branch on one being None is traced as not None)")
+    x = torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(model(x), reference(x))  # left as it was

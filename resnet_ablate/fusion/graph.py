@@ -339,11 +339,31 @@ def _rewrite_owner(model: nn.Module, owner: str, through: set[str], expected_bns
     if reason is not None:
         for target, bn in originals.items():
             module.set_submodule(target, bn)
-        return [], [], reason
+        return [], [], reason + _defaults_note(module, args, kwargs)
     baked = tuple((path, attr, value) for (path, attr), value in guards.items())
     _give_forward(module, guarded(forward, baked), tuple(originals),
                   _kept_modules(module, through, absorbed))
     return found, missed, None
+
+
+def _defaults_note(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """Where the probe's call left arguments of `module`'s forward at their defaults (`skip=None`),
+    a likely cause of a trace that does not compute as the forward: the trace takes every
+    argument as given, so a branch on `skip is not None` is taken as true."""
+    import inspect
+
+    try:
+        signature = inspect.signature(module.forward)
+        given = signature.bind_partial(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        return ""
+    defaults = [f"{p.name}={p.default!r}" for p in signature.parameters.values()
+                if p.name not in given and p.default is not inspect.Parameter.empty]
+    if not defaults:
+        return ""
+    return (f", likely as its forward's {', '.join(defaults)} took the default on the probe, "
+            "where a trace takes every argument as given (a branch on one being None is traced "
+            "as not None)")
 
 
 def fuse_graphs(model: nn.Module, example_input: Any = None) -> GraphResult:

@@ -154,6 +154,8 @@ class _ResidualBlock(nn.Module):
         return activation(out)
 
     def _activation(self, position: int) -> nn.Module | None:
+        """The module set in the ReLU's place after bn_position (None in a fused block: the
+        fused ReLU)."""
         return getattr(self, self.activations[position - 1])
 
     @classmethod

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -350,8 +351,6 @@ def _defaults_note(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, A
     """Where the probe's call left arguments of `module`'s forward at their defaults (`skip=None`),
     a likely cause of a trace that does not compute as the forward: the trace takes every
     argument as given, so a branch on `skip is not None` is taken as true."""
-    import inspect
-
     try:
         signature = inspect.signature(module.forward)
         given = signature.bind_partial(*args, **kwargs).arguments

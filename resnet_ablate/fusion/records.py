@@ -51,4 +51,3 @@ def describe(skipped: tuple[SkippedBlock, ...] | list[SkippedBlock]) -> str:
 
 def qualified(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else prefix or name
-

@@ -102,7 +102,7 @@ def fused_epilogue(bn: nn.Module, x: torch.Tensor, identity: torch.Tensor | None
     then the add and the activation."""
     fused, hooked = isinstance(bn, FusedBatchNorm2d), calls_hooks(bn)
     if fused and not hooked:
-        if activation is None:
+        if activation is None:  # (the common case: nothing set since fusing)
             return bn(x, identity)
         out = bn(x, identity, relu=False)
     else:
@@ -137,26 +137,22 @@ class _ResidualBlock(nn.Module):
             return None
         return x if self.downsample is None else self.downsample(x)
 
-    def _bn_relu(self, position: int, x: torch.Tensor) -> torch.Tensor:
-        """relu(bn_position(x))."""
-        bn, activation = getattr(self, f"bn{position}"), self._activation(position)
+    def _bn_relu(self, bn: nn.Module, x: torch.Tensor, position: int) -> torch.Tensor:
+        """relu(bn(x)), `bn` the block's BN at `position` (0 for bn1): its activation is
+        `activations[position]` (in a fused block None, the fused ReLU, unless one was set)."""
+        activation = getattr(self, self.activations[position])
         return fused_epilogue(bn, x, None, activation) if self.fused else activation(bn(x))
 
-    def _bn_add_relu(self, position: int, x: torch.Tensor, identity: torch.Tensor | None
-                     ) -> torch.Tensor:
-        """relu(bn_position(x) + identity), the block's last epilogue."""
-        bn, activation = getattr(self, f"bn{position}"), self._activation(position)
+    def _bn_add_relu(self, bn: nn.Module, x: torch.Tensor, identity: torch.Tensor | None,
+                     position: int) -> torch.Tensor:
+        """relu(bn(x) + identity), the block's last epilogue (see `_bn_relu`)."""
+        activation = getattr(self, self.activations[position])
         if self.fused:
             return fused_epilogue(bn, x, identity, activation)
         out = bn(x)
         if identity is not None:
             out += identity
         return activation(out)
-
-    def _activation(self, position: int) -> nn.Module | None:
-        """The module set in the ReLU's place after bn_position (None in a fused block: the
-        fused ReLU)."""
-        return getattr(self, self.activations[position - 1])
 
     @classmethod
     def from_modules(
@@ -231,8 +227,8 @@ class BasicBlock(_ResidualBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = self._identity(x)
-        out = self._bn_relu(1, self.conv1(x))
-        return self._bn_add_relu(2, self.conv2(out), identity)
+        out = self._bn_relu(self.bn1, self.conv1(x), 0)
+        return self._bn_add_relu(self.bn2, self.conv2(out), identity, 1)
 
 
 class Bottleneck(_ResidualBlock):
@@ -287,9 +283,9 @@ class Bottleneck(_ResidualBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = self._identity(x)
-        out = self._bn_relu(1, self.conv1(x))
-        out = self._bn_relu(2, self.conv2(out))
-        return self._bn_add_relu(3, self.conv3(out), identity)
+        out = self._bn_relu(self.bn1, self.conv1(x), 0)
+        out = self._bn_relu(self.bn2, self.conv2(out), 1)
+        return self._bn_add_relu(self.bn3, self.conv3(out), identity, 2)
 
 
 def fused_twin_of(bn: nn.BatchNorm2d, *, relu: bool) -> FusedBatchNorm2d:

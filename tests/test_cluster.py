@@ -6,6 +6,7 @@ started. Each node has one CPU, so two trials at once means one on each node.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -97,10 +98,8 @@ def _runs_a_trial(pid: int) -> bool:
 
 
 def _signal(pid: int, signum: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):  # ended meanwhile
         os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
 
 
 @pytest.fixture(scope="module")

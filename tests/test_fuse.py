@@ -14,7 +14,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from resnet_ablate import DownsamplingWarning, FuseWarning, fuse, resnet8, resnet18, resnet50, unfuse
-from resnet_ablate.fusion import StaleForward
+from resnet_ablate.fusion import FuseReport, StaleForward
 from resnet_ablate.blocks import BasicBlock as OurBasicBlock
 from resnet_ablate.blocks import Bottleneck as OurBottleneck
 from resnet_ablate.kernels import FusedBatchNorm2d, use_backend
@@ -22,6 +22,15 @@ from reference_models import (TimmBasicBlock, assert_same_training_step, TimmBot
                               TVBottleneck, TVResNet, randomize, small_timm_resnet, small_tv_resnet)
 
 # ---------------------------------------------------------------- fuse()
+
+
+def _fused_in_silence(model: nn.Module) -> tuple[nn.Module, FuseReport]:
+    """An untouched copy of `model` and the report of fusing it, which must warn of nothing."""
+    reference = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FuseWarning)
+        _, report = fuse(model, return_report=True)
+    return reference, report
 
 
 @pytest.mark.parametrize("block, layers", [(TVBasicBlock, (2, 1, 1, 1)), (TVBottleneck, (1, 2, 1, 1))])
@@ -535,16 +544,18 @@ class PassesItsBlockAShortcut(nn.Module):
 
 def test_a_block_whose_forward_takes_more_than_x_is_not_converted_to_the_standard_block():
     """Recognised by its parts, it was converted to a block that takes x alone, and every
-    forward of the fused model failed; the graph path fuses its sites where they are exact."""
+    forward of the fused model failed; the graph path fuses its sites where they are exact, and
+    then the block is not reported left (it was, with its two BatchNorms fused)."""
     torch.manual_seed(0)
     model = randomize(PassesItsBlockAShortcut())
-    reference = copy.deepcopy(model)
-    with pytest.warns(FuseWarning, match="its forward takes shortcut=None beside x"):
-        _, report = fuse(model, return_report=True)
+    reference, report = _fused_in_silence(model)
     assert not isinstance(model.block, OurBasicBlock) and report.fused == ()
     assert {s.batch_norm for s in report.sites} == {"block.bn1", "block.bn2"}
-    x = torch.randn(2, 3, 8, 8)
+    assert report.skipped == ()
+    x, y = torch.randn(2, 3, 8, 8), torch.randn(2, 4, 8, 8)
     torch.testing.assert_close(model.eval()(x), reference.eval()(x))
+    # traced with the shortcut given: a call without it runs the block's own forward
+    torch.testing.assert_close(model.block(y), reference.block(y))
 
 
 class _ConvBatchNormReLU(nn.Module):
@@ -697,26 +708,62 @@ class _OptionalSkip(nn.Module):
         return self.relu(out)
 
 
-class _CallsItWithoutSkip(nn.Module):
-    def __init__(self):
+class _CallsItsBlockPlainly(nn.Module):
+    def __init__(self, block: nn.Module):
         super().__init__()
-        self.block = _OptionalSkip()
+        self.block = block
 
     def forward(self, x):
         return self.block(x)
 
 
-def test_a_forward_whose_optional_argument_was_left_at_its_default_is_named_as_the_likely_cause():
-    """A trace takes `skip` as given, so `skip is not None` holds in it and the rewrite failed
-    on the probe, which left skip=None; the reason named only the AttributeError (an audit).
-    It now names the argument left at its default."""
-    model = _CallsItWithoutSkip()
-    reference = copy.deepcopy(model)
-    with pytest.warns(FuseWarning):
-        _, report = fuse(model, return_report=True)
-    (skipped,) = report.skipped
-    assert skipped.name == "block.bn" and skipped.reason.endswith(
-        ", likely as its forward's skip=None took the default on the probe, where a trace takes "
-        "every argument as given (a branch on one being None is traced as not None)")
+def test_a_forward_whose_optional_argument_was_left_at_its_default_is_fused_as_called(monkeypatch):
+    """A trace took `skip` as given, so `skip is not None` held in it and the site was left (an
+    audit: timm's dla34 left 20 so). The forward is now traced with skip=None, as the probe
+    called it; a call that passes a skip runs the module's own forward."""
+    torch.manual_seed(0)
+    model = randomize(_CallsItsBlockPlainly(_OptionalSkip()))
+    reference, report = _fused_in_silence(model)
+    assert [(s.batch_norm, s.pattern) for s in report.sites] == [("block.bn", "BN->ReLU")]
+    assert report.skipped == ()
+    own_forward_calls = []  # of the fused block (the reference's are its own too)
+    original = _OptionalSkip.forward
+    monkeypatch.setattr(_OptionalSkip, "forward", lambda self, *a, **k: (
+        self is model.block and own_forward_calls.append(k), original(self, *a, **k))[1])
+    x, skip = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    for training in (True, False):
+        model.train(training), reference.train(training)
+        torch.testing.assert_close(model(x), reference(x))
+        torch.testing.assert_close(model.block(x, skip=None), reference.block(x, skip=None))
+        assert own_forward_calls == []  # the rewritten forward ran, by position and by keyword
+        torch.testing.assert_close(model.block(x, skip), reference.block(x, skip))
+        torch.testing.assert_close(model.block(x, skip=skip), reference.block(x, skip=skip))
+        assert len(own_forward_calls) == 2 and model.block.bn.running_mean.equal(
+            reference.block.bn.running_mean)
+        own_forward_calls.clear()
+
+
+class _ReturnsItsPreActivation(_OptionalSkip):
+    def forward(self, x, return_pre: bool = False, scale=1.0):
+        pre = self.bn(self.conv(x)) * scale if scale != 1.0 else self.bn(self.conv(x))
+        if return_pre:
+            return self.relu(pre), pre
+        return self.relu(pre)
+
+
+def test_a_forward_that_branches_on_a_flag_is_fused_as_its_caller_sets_it():
+    """A branch on a flag fails to trace with the flag as a tensor stand-in (the site was left,
+    `cannot be traced exactly`): such a forward is searched with its plain defaults fixed and
+    rewritten as the probe called it; a call with another value of either runs its own forward."""
+    torch.manual_seed(0)
+    model = randomize(_CallsItsBlockPlainly(_ReturnsItsPreActivation()))
+    reference, report = _fused_in_silence(model)
+    assert [s.batch_norm for s in report.sites] == ["block.bn"] and report.skipped == ()
     x = torch.randn(2, 4, 8, 8)
-    torch.testing.assert_close(model(x), reference(x))  # left as it was
+    for training in (True, False):
+        model.train(training), reference.train(training)
+        torch.testing.assert_close(model(x), reference(x))
+        for options in ({"return_pre": True}, {"scale": 2.0}, {"scale": 1}, {"return_pre": 0}):
+            torch.testing.assert_close(model.block(x, **options), reference.block(x, **options))
+        torch.testing.assert_close(model.block(x, False, 1.0), reference.block(x, False, 1.0))
+        torch.testing.assert_close(model.block(x, True), reference.block(x, True))

@@ -145,6 +145,27 @@ def test_timm_drop_path_blocks_fuse_exactly_around_the_dropped_branch(libs):
     assert_same_training_step(reference, model, torch.randn(2, 3, 32, 32))
 
 
+def test_timm_dla_trees_fuse_every_site_their_blocks_are_called_with(libs):
+    """timm's DlaBasic takes `shortcut=None` beside x, and its trees call it with the shortcut
+    and without: traced with it given, dla34 left 20 sites (an audit). Each block is now traced
+    as its caller calls it. Where a block's add takes a projection's BN output, that BN takes the
+    add and ReLU, and the block's bn2 stays as it was (the report names it, not as left)."""
+    torch.manual_seed(0)
+    dla = libs.timm.models.dla
+    model = dla.DLA(levels=(1, 1, 1, 2, 2, 1), channels=(8, 8, 16, 16, 32, 32), block=dla.DlaBasic,
+                    num_classes=10)
+    reference = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FuseWarning)
+        _, report = fuse(model, return_report=True)
+    assert report.skipped == ()
+    joined = {s.residual_batch_norm for s in report.sites} - {None}
+    plain = {name for name, m in model.named_modules() if type(m) is nn.BatchNorm2d}
+    assert plain == joined and all(name.endswith(".bn2") for name in joined)
+    assert report.count() == _batch_norms(reference) - len(plain)
+    assert_same_training_step(reference, model, torch.randn(2, 3, 32, 32))
+
+
 # ---------------------------------------------------------------- from_torchvision on the real code
 
 

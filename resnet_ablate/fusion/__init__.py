@@ -18,11 +18,13 @@ import warnings
 from typing import Any, Literal, TypeVar, overload
 
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..blocks import BasicBlock, Bottleneck
+from ..kernels import FusedBatchNorm2d
 from .forward_facts import StaleForward
 from .graph import fuse_graphs
-from .records import FusedSite, FuseReport, FuseWarning, SkippedBlock, describe
+from .records import FusedSite, FuseReport, FuseWarning, SkippedBlock, describe, qualified
 from .residual_blocks import plan_blocks
 from .unfuse import check_is_module, unfuse
 
@@ -36,9 +38,22 @@ def _fuse(model: nn.Module, example_input: Any) -> FuseReport:
     plan = plan_blocks(model)
     plan.apply(model)
     graphs = fuse_graphs(model, example_input)
-    skipped = dict.fromkeys((*plan.skipped, *graphs.skipped))  # one BN met at two calls: once
+    left = [s for s in plan.skipped if not _fused_by_its_forward(model, s.name, graphs.sites)]
+    skipped = dict.fromkeys((*left, *graphs.skipped))  # one BN met at two calls: once
     return FuseReport(tuple(plan.fused), tuple(skipped), (*plan.sites, *graphs.sites),
                       tuple(graphs.rewritten))
+
+
+def _fused_by_its_forward(model: nn.Module, block: str, sites: list[FusedSite]) -> bool:
+    """Whether the graph path fused each BatchNorm of a block that the block path left (a
+    forward with an optional argument), or fused its add and ReLU with the BatchNorm of the
+    residual it adds (a projection's): then the block is not left unfused. A BatchNorm left
+    for another reason (a squeeze-excitation between it and the add) keeps the block's."""
+    joined = {site.residual_batch_norm for site in sites}
+    norms = [(qualified(block, name), m) for name, m in model.get_submodule(block).named_children()
+             if isinstance(m, _BatchNorm)]
+    return bool(norms) and all(isinstance(m, FusedBatchNorm2d) or name in joined
+                               for name, m in norms)
 
 
 @overload

@@ -28,7 +28,7 @@ import pickle
 import random
 import textwrap
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .arguments import Fixed, holds
 from .reads import Baked, held_value, shown
 from .records import FuseWarning
 
@@ -225,8 +226,11 @@ def kept_module(module: nn.Module, path: str, absorbed: bool
             _own_names(module), absorbed)
 
 
-def guarded(forward: Callable[..., Any], guards: Guards) -> Callable[..., Any]:
-    """`forward`, first checking that every value it baked in is still the module's (else
+def guarded(forward: Callable[..., Any], guards: Guards, fixed: Sequence[Fixed] = ()
+            ) -> Callable[..., Any]:
+    """`forward`, first checking that the call passes the arguments it was traced with as
+    constants as they were (`fixed`; else the module's own forward runs, exact and unfused in
+    that call: arguments.py), that every value it baked in is still the module's (else
     StaleForward), and that the submodules it absorbed (a ReLU it no longer calls, a BatchNorm
     it calls with the ReLU on) or inlined (their forwards are part of it) are still of their
     class, with the submodules they had, and, where absorbed, without hooks (a ReLU's would not
@@ -237,6 +241,8 @@ def guarded(forward: Callable[..., Any], guards: Guards) -> Callable[..., Any]:
 
     @functools.wraps(forward)  # its signature, which torch.fx reads through the wrapper
     def checked_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if fixed and not holds(fixed, args, kwargs):
+            return self.unfused_class.forward(self, *args, **kwargs)
         for path, attr, expected in guards:
             module = self.get_submodule(path) if path else self
             now = held_value(module, attr, _MISSING)

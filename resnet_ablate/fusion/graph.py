@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,9 +24,10 @@ import torch
 from torch import fx, nn
 
 from ..blocks import fused_twin_of
-from .forward_facts import KEPT_MODULES, KeptModules, guarded, kept_module
+from .arguments import Fixed, fixed_on_probe, plain_defaults
+from .forward_facts import KEPT_MODULES, Guards, KeptModules, guarded, kept_module
 from .patterns import (_OPAQUE, added_into_then_relu, added_then_relu, find_sites, owner_of,
-                       rewrite, traced)
+                       residual_batch_norm, rewrite, traced)
 from .probe import beyond_tolerance, changed_in_place, evaluating, probe_input
 from .records import FusedSite, SkippedBlock, qualified
 
@@ -151,8 +151,7 @@ def _scan(module: nn.Module, name: str, found: dict[str, list[_Found]], result: 
             _untraced_child(child, qualified(name, child_name), untraced, found, result)
         return
     try:
-        with _in_mode(module, True):  # where stochastic parts (DropPath) show their work
-            graph, tracer = traced(module)
+        graph, tracer = _traced_to_search(module)
     except Exception as error:  # noqa: BLE001 - any tracing failure: look one level down
         why = (f"the forward of {name or '<model>'} ({type(module).__name__}) that calls it "
                f"cannot be traced exactly ({type(error).__name__}: {error})")
@@ -167,6 +166,21 @@ def _scan(module: nn.Module, name: str, found: dict[str, list[_Found]], result: 
         found.setdefault(owner, []).append(_Found(qualified(name, str(site.bn.target)), called))
     for path in tracer.hooked:  # called, not traced into: its own forward is searched
         _scan(module.get_submodule(path), qualified(name, path), found, result)
+
+
+def _traced_to_search(module: nn.Module) -> tuple[fx.Graph, Any]:
+    """`module`'s forward traced in training mode (where stochastic parts, DropPath, show their
+    work) to find its sites: its arguments as given (proxies), or where that fails (a branch on
+    a flag), those with plain defaults fixed at them; raises the first failure."""
+    with _in_mode(module, True):
+        try:
+            return traced(module)
+        except Exception as first:
+            defaults = plain_defaults(module)
+            if defaults:
+                with contextlib.suppress(Exception):  # the first failure is the one to name
+                    return traced(module, fixed=defaults)
+            raise first
 
 
 def _scripted_batch_norms(module: torch.jit.ScriptModule, name: str) -> list[SkippedBlock]:
@@ -295,26 +309,38 @@ def _inputs_on_probe(model: nn.Module, owners: list[str], example: Any
     return seen, None
 
 
-def _rewrite_owner(model: nn.Module, owner: str, through: set[str], expected_bns: set[str],
-                   inputs: Any) -> tuple[list[FusedSite], list[SkippedBlock], str | None]:
-    """Rewrite one owner's forward, proved on its probe inputs: the sites fused and those its
-    own trace does not show, or why none was."""
-    module = model.get_submodule(owner)
+def _traced_in_both_modes(module: nn.Module, through: set[str], fixed: tuple[Fixed, ...]
+                          ) -> tuple[fx.Graph, Guards] | str:
+    """The owner's forward traced (with `through` inlined and `fixed` as constants), and the
+    values it baked in; or why there is no one rewritten forward exact in both modes."""
     try:
         graphs, guards = [], {}
         for training in (True, False):
             with _in_mode(module, training):
-                graph, tracer = traced(module, through)
+                graph, tracer = traced(module, through, fixed)
             graphs.append(graph)
             guards.update(((path, attr), value) for path, attr, value in tracer.guards)
     except Exception as error:  # noqa: BLE001 - traced once already; a failure here refuses
-        return [], [], f"its forward cannot be traced on its own ({type(error).__name__}: {error})"
+        return f"its forward cannot be traced on its own ({type(error).__name__}: {error})"
     if graphs[0].python_code("self").src != graphs[1].python_code("self").src:
-        return [], [], ("its forward traces to different graphs in training and eval mode (it branches "
-                    "on self.training), so no one rewritten forward is exact in both")
+        return ("its forward traces to different graphs in training and eval mode (it branches "
+                "on self.training), so no one rewritten forward is exact in both")
+    return graphs[0], tuple((path, attr, value) for (path, attr), value in guards.items())
+
+
+def _rewrite_owner(model: nn.Module, owner: str, through: set[str], expected_bns: set[str],
+                   inputs: Any) -> tuple[list[FusedSite], list[SkippedBlock], str | None]:
+    """Rewrite one owner's forward, proved on its probe inputs: the sites fused and those its
+    own trace does not show, or why none was. Arguments the probe's call left at a plain value
+    are traced as that value (arguments.py)."""
+    module = model.get_submodule(owner)
+    fixed = fixed_on_probe(module, *inputs[:2]) if inputs is not None else ()
+    traced_forward = _traced_in_both_modes(module, through, fixed)
+    if isinstance(traced_forward, str):
+        return [], [], traced_forward
     if inputs is None:
         return [], [], "the probe input never reached it, so a rewrite could not be checked"
-    graph = graphs[0]
+    graph, baked = traced_forward
     sites = [s for s in find_sites(graph, module)[0] if qualified(owner, str(s.bn.target)) in expected_bns]
     unseen = expected_bns - {qualified(owner, str(s.bn.target)) for s in sites}
     missed = [SkippedBlock(bn, f"in the forward of {owner or '<model>'} it is not followed by a ReLU "
@@ -323,7 +349,10 @@ def _rewrite_owner(model: nn.Module, owner: str, through: set[str], expected_bns
     if not sites:
         return [], missed, None
     originals = {str(s.bn.target): module.get_submodule(str(s.bn.target)) for s in sites}
-    found = [FusedSite(qualified(owner, str(s.bn.target)), s.pattern) for s in sites]
+    modules = dict(module.named_modules())
+    found = [FusedSite(qualified(owner, str(s.bn.target)), s.pattern,
+                       qualified(owner, residual) if (residual := residual_batch_norm(s, modules))
+                       else None) for s in sites]
     args, kwargs, expected, left = inputs
     absorbed = [(site.bn, site.relu) for site in sites]  # before the rewrite erases them
     rewrite(graph, sites)
@@ -340,29 +369,10 @@ def _rewrite_owner(model: nn.Module, owner: str, through: set[str], expected_bns
     if reason is not None:
         for target, bn in originals.items():
             module.set_submodule(target, bn)
-        return [], [], reason + _defaults_note(module, args, kwargs)
-    baked = tuple((path, attr, value) for (path, attr), value in guards.items())
-    _give_forward(module, guarded(forward, baked), tuple(originals),
+        return [], [], reason
+    _give_forward(module, guarded(forward, baked, fixed), tuple(originals),
                   _kept_modules(module, through, absorbed))
     return found, missed, None
-
-
-def _defaults_note(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    """Where the probe's call left arguments of `module`'s forward at their defaults (`skip=None`),
-    a likely cause of a trace that does not compute as the forward: the trace takes every
-    argument as given, so a branch on `skip is not None` is taken as true."""
-    try:
-        signature = inspect.signature(module.forward)
-        given = signature.bind_partial(*args, **kwargs).arguments
-    except (TypeError, ValueError):
-        return ""
-    defaults = [f"{p.name}={p.default!r}" for p in signature.parameters.values()
-                if p.name not in given and p.default is not inspect.Parameter.empty]
-    if not defaults:
-        return ""
-    return (f", likely as its forward's {', '.join(defaults)} took the default on the probe, "
-            "where a trace takes every argument as given (a branch on one being None is traced "
-            "as not None)")
 
 
 def fuse_graphs(model: nn.Module, example_input: Any = None) -> GraphResult:

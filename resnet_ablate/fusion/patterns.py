@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..blocks import BasicBlock, Bottleneck, calls_hooks
 from ..kernels import FusedBatchNorm2d
 from ..models import ResNet
+from .arguments import Fixed, as_declared, concrete_args
 from .forward_facts import (KEPT_MODULES, Untraceable, autograd_state, check_forward,
                             may_apply_relu, random_draws, random_streams_kept)
 from .reads import Baked, baked, baked_values, recorded_reads
@@ -147,11 +148,13 @@ def trace(module: nn.Module, through: Collection[str] | None = None) -> fx.Graph
     return traced(module, through)[0]
 
 
-def traced(module: nn.Module, through: Collection[str] | None = None
-           ) -> tuple[fx.Graph, SiteTracer]:
-    """`trace`, with the tracer: what it found hooked and the values the forward baked in."""
+def traced(module: nn.Module, through: Collection[str] | None = None,
+           fixed: Sequence[Fixed] = ()) -> tuple[fx.Graph, SiteTracer]:
+    """`trace`, with the tracer: what it found hooked and the values the forward baked in;
+    `fixed`: arguments traced as constants (arguments.py)."""
     tracer = SiteTracer(through)
-    graph = tracer.trace(module)
+    graph = tracer.trace(module, concrete_args(fixed))
+    as_declared(graph, fixed)
     for node in list(graph.nodes):
         if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
             identity = module.get_submodule(str(node.target))
@@ -199,6 +202,15 @@ def _added_to(node: fx.Node, of: fx.Node) -> fx.Node | None:
     if node.target in (operator.iadd, "add_") and first is not of and _read_elsewhere(first):
         return None  # adds into the shortcut's tensor in place, which later readers may see
     return other
+
+
+def residual_batch_norm(site: Site, modules: dict[str, nn.Module]) -> str | None:
+    """The name of the BatchNorm whose output a BN -> add -> ReLU site adds, where it is one."""
+    other = _added_to(site.add, site.bn) if site.add is not None else None
+    if other is not None and other.op == "call_module" and \
+            isinstance(modules.get(str(other.target)), _BatchNorm):
+        return str(other.target)
+    return None
 
 
 def _read_elsewhere(into: fx.Node) -> bool:

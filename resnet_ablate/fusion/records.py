@@ -23,10 +23,14 @@ class SkippedBlock:
 
 @dataclass(frozen=True)
 class FusedSite:
-    """A BatchNorm (`batch_norm`, its module name) that now also applies the add and ReLU."""
+    """A BatchNorm (`batch_norm`, its module name) that now also applies the add and ReLU.
+    `residual_batch_norm`: where a site found in a traced forward adds another BatchNorm's
+    output (a projection shortcut's), that one, which stays as it was (its sum's ReLU is this
+    one's); None elsewhere (a converted block's shortcut is part of the block)."""
 
     batch_norm: str
     pattern: Pattern
+    residual_batch_norm: str | None = None
 
 
 @dataclass(frozen=True)

@@ -604,6 +604,35 @@ def test_a_rewritten_model_deep_copies_but_refuses_whole_module_pickling_with_th
     pickle.dumps(unfuse(model))
 
 
+def _randomized_statistics(model: nn.Module) -> nn.Module:
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1), module.running_var.uniform_(0.5, 2)
+    return model
+
+
+@pytest.mark.parametrize("build", ["the package's resnet8", "fused torchvision resnet",
+                                   "a rewritten forward"])
+def test_a_batch_norm_rebuilt_by_convert_sync_batchnorm_keeps_its_add_and_relu(build):
+    """PyTorch's convert_sync_batchnorm rebuilds every BatchNorm from its class, the fused one
+    too, keeping the normalisation alone (an audit): the package's blocks and stem, and a
+    forward `fuse` rewrote, apply the add and ReLU themselves once their BN is replaced."""
+    torch.manual_seed(0)
+    model = {"the package's resnet8": lambda: resnet8(),
+             "fused torchvision resnet": lambda: fuse(small_tv_resnet()),
+             "a rewritten forward": lambda: fuse(randomize(OwnNetwork()))}[build]()
+    model = _randomized_statistics(model).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+        assert any(isinstance(m, FusedBatchNorm2d) for m in model.modules())
+        converted = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model)).eval()
+        assert not any(isinstance(m, FusedBatchNorm2d) for m in converted.modules())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FuseWarning)  # a rewritten forward says it runs unfused
+            torch.testing.assert_close(converted(x), expected)
+
+
 # ---------------------------------------------------------------- torchvision checkpoints
 
 

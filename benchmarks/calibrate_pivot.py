@@ -6,7 +6,7 @@ pivot for such a sum over-covers at few degrees of freedom (up to ~99% for a 95%
 n = 2) wherever both parts count. Coverage under the model depends only on the degrees of freedom
 and the seeds' true share of the variance, and on the seed x image residual's share of the
 seeds' part (stats takes the seeds' mean square no lower than the residual allows, and at two
-seeds no draw of it); this script computes it exactly enough (quadrature over the seeds'
+seeds, or where that floor binds, no draw of it); this script computes it exactly enough (quadrature over the seeds'
 chi-square, the pivot's own mixture-of-normals quantiles) for
 
     python benchmarks/calibrate_pivot.py            # coverage, uncalibrated and as calibrated
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks._results import RESULTS, append_rows, run_context  # noqa: E402
-from resnet_ablate import pivot  # noqa: E402
+from resnet_ablate.stats import pivot  # noqa: E402
 
 DRAWS = 128  # chi-square cells of the pivot (stats uses 1024; 128 is within 0.1 point here)
 QUADRATURE = 48  # cells of the seeds' observed mean square
@@ -67,14 +67,15 @@ def coverage(share: float, seed_df: int, levels: tuple[float, ...] | None,
     observed = seeds * scipy_stats.chi2.ppf((np.arange(QUADRATURE) + 0.5) / QUADRATURE,
                                             seed_df) / seed_df
     residual = residual_share * seeds
-    observed = np.maximum(observed, residual * pivot.least_plausible_ratio(seed_df))
+    least = residual * pivot.least_plausible_ratio(seed_df)
     covered = []
-    for estimate in observed:
+    for seen in observed:
+        estimate = max(seen, least)
         shown = estimate / (estimate + 1)
         level = 0.95 if levels is None else float(np.interp(shown, pivot.CALIBRATION_KNOTS,
                                                             levels))
         half = _half_width(estimate, seed_df, 1 - level, chi2,
-                           pivot.seed_draw_floor(residual, seed_df))
+                           pivot.seed_draw_floor(residual, seed_df, seen < least))
         covered.append(2 * scipy_stats.norm.cdf(half / np.sqrt(seeds + 1)) - 1)
     return float(np.mean(covered))
 

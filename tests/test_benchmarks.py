@@ -27,6 +27,38 @@ def _load(name):
     return module
 
 
+_HELP_OF_EVERY_SCRIPT = """
+import contextlib, io, pathlib, runpy, sys
+sys.path.insert(0, "benchmarks")  # as when a script runs: its folder is importable
+failed = []
+for path in sorted(pathlib.Path("benchmarks").glob("[!_]*.py")):
+    if 'if __name__ == "__main__":' not in path.read_text():
+        continue  # a helper the scripts import
+    sys.argv = [str(path), "--help"]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            runpy.run_path(str(path), run_name="__main__")
+        failed.append(f"{path}: ran without stopping at --help")
+    except SystemExit as stop:
+        if stop.code not in (0, None):
+            failed.append(f"{path}: exit {stop.code}")
+    except Exception as error:
+        failed.append(f"{path}: {type(error).__name__}: {error}")
+print("\\n".join(failed))
+sys.exit(1 if failed else 0)
+"""
+
+
+def test_every_benchmark_script_imports_and_answers_help():
+    """calibrate_pivot.py imported `resnet_ablate.pivot`, which 0.3.0 moved into
+    `resnet_ablate.stats`, and nothing ran it: every script's --help runs here, in one process."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-c", _HELP_OF_EVERY_SCRIPT], cwd=BENCHMARKS.parent,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+
+
 def test_batch_norm_benchmark_small_mode_writes_ratios(tmp_path, capsys):
     bench = _load("bench_batch_norm_act")
     out = tmp_path / "bn.csv"

@@ -21,9 +21,10 @@ from a generalized pivotal quantity (Weerahandi) that draws each part from what 
 allows: where seeds dominate it is Student's t with n - 1 df (exact for normal seed means), and
 where the test images dominate it is the normal interval. The seeds' mean square is taken no
 lower than the seed x image residual allows (``E[MS_seed] >= E[MS_resid]``; see
-`pivot.LEAST_PLAUSIBLE_QUANTILE`), and at n = 2, where seeds tie often, no draw of the seeds'
-part falls below the residual's (`pivot.seed_draw_floor`): two seeds whose error counts tie
-while they disagree image by image are not seeds without variance. Between the two extremes,
+`pivot.LEAST_PLAUSIBLE_QUANTILE`), and at n = 2, where seeds tie often, and from n = 3 on where
+it was taken so (ties and near-ties), no draw of the seeds' part falls below the residual's
+(`pivot.seed_draw_floor`): seeds whose error counts tie while they disagree image by image are
+not seeds without variance. Between the two extremes,
 with so few degrees of freedom, a pivot of this kind over-covers (up to 98.8% at n = 2, 99.6% where
 the residual makes up the seeds' part). **Calibration** (from n = 3 on): the pivot is taken at a
 level that depends on the seed share the table shows and on n (`pivot.alpha_widening`), chosen so
@@ -168,8 +169,8 @@ def _crossed(table: np.ndarray, stream: int) -> tuple[float, Pivot]:
     ``MS_seed/(n N)``, uncertain (n - 1 df, see `pivot.variance_draws`), and the test images'
     ``(MS_image - MS_resid)/(n N)``, precise where many images carry it and less so where few do
     (`seed_tables.image_df`). The seeds' mean square is taken no lower than the residual allows
-    (`pivot.least_plausible_ratio`), and at two seeds no draw of the seeds' part below the
-    residual's (`pivot.seed_draw_floor`). A floor (`floors.table_floor`) keeps a table without a
+    (`pivot.least_plausible_ratio`), and at two seeds, or where it was taken so, no draw of the
+    seeds' part below the residual's (`pivot.seed_draw_floor`). A floor (`floors.table_floor`) keeps a table without a
     single error (or disagreement) from a zero width."""
     n, images = table.shape
     grand = float(table.mean())
@@ -182,10 +183,11 @@ def _crossed(table: np.ndarray, stream: int) -> tuple[float, Pivot]:
     ms_resid = ss_resid / ((n - 1) * (images - 1))
     seeds, test_images = ms_seed / cells, max(ms_image - ms_resid, 0.0) / cells
     residual = ms_resid / cells
+    implausible = seeds < residual * least_plausible_ratio(n - 1)
     seeds = max(seeds, residual * least_plausible_ratio(n - 1))
     test_images = max(test_images, table_floor(ms_image, ms_resid, n, images) - seeds)
     variances = variance_draws(seeds, n - 1, test_images, stream, image_df(image_means),
-                               seed_draw_floor(residual, n - 1))
+                               seed_draw_floor(residual, n - 1, implausible))
     return grand, Pivot(variances, n - 1, seeds / (seeds + test_images))
 
 

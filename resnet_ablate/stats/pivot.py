@@ -172,16 +172,22 @@ def least_plausible_ratio(seed_df: int) -> float:
     return float(scipy_stats.chi2.ppf(LEAST_PLAUSIBLE_QUANTILE, seed_df)) / seed_df
 
 
-def seed_draw_floor(residual: float, seed_df: int) -> float:
-    """The least seeds' part a draw may take: at two seeds (one degree of freedom) the
-    residual's part ``MS_resid/(n N)``, which the seeds' part holds whatever the seeds' own
-    variance; from three seeds on none (0). Two seeds tie often (2-4% of null studies where seeds
-    vary little), and a tie's small mean square, even floored (above), still drew small seed
-    parts: such null studies were called different at p < 0.05 40-66% of the time (5% with
-    every draw floored). Flooring every draw makes two seeds conservative where the residual
-    makes up the seeds' part (coverage up to 99.6% under the model, a paired test's type I
-    error 0.4% where seeds vary little); from three seeds on, where ties are rare, it would also
-    make the calibrated pivot conservative on ordinary tables (type I error 1.3-2%), so there
-    it is not done."""
-    return residual if seed_df == 1 else 0.0
+def seed_draw_floor(residual: float, seed_df: int, implausible: bool = False) -> float:
+    """The least seeds' part a draw may take: the residual's part ``MS_resid/(n N)``, which the
+    seeds' part holds whatever the seeds' own variance, at two seeds (one degree of freedom) and
+    from three seeds on where the seeds' mean square was `implausible` (below what seeds without
+    an effect of their own show 95% of the time: `least_plausible_ratio`, which it was raised
+    to); else none (0).
 
+    Two seeds tie often (2-4% of null studies where seeds vary little), and a tie's small mean
+    square, even floored (above), still drew small seed parts: such null studies were called
+    different at p < 0.05 40-66% of the time (5% with every draw floored). From three seeds on
+    ties are rarer, but not rare where a test set is small or the configurations err on few
+    images: three seeds whose differences tie at 2 images each, on different images (3 improved,
+    9 worse in all: a sign test's p = 0.15), gave p = 0.03, and 33-50% of such tied null studies
+    were called different (an audit; 43% of those within one image of a tie). Floored where the
+    seeds' mean square is implausible, ties and near-ties among null studies are called different
+    0-9% of the time (tests/test_stats.py). Flooring every draw from three seeds on would make
+    the calibrated pivot conservative on ordinary tables (type I error 0.8-1.7% where seeds vary
+    little), so it is done only where the seeds' estimate cannot be taken as it is."""
+    return residual if seed_df == 1 or implausible else 0.0

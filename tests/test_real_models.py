@@ -166,6 +166,106 @@ def test_timm_dla_trees_fuse_every_site_their_blocks_are_called_with(libs):
     assert_same_training_step(reference, model, torch.randn(2, 3, 32, 32))
 
 
+def _timm_norm_act_models(libs):
+    timm = libs.timm.models
+    norm_act = libs.timm.layers.BatchNormAct2d
+    return {
+        # BN-ReLU-conv layers, every one a BatchNormAct2d with a ReLU
+        "timm densenet": timm.densenet.DenseNet(growth_rate=8, block_config=(2, 2), bn_size=2,
+                                               num_classes=10),
+        # pre-activation bottlenecks with BatchNorm (the BiT models take GroupNorm)
+        "timm resnetv2": timm.resnetv2.ResNetV2(layers=[1, 1], channels=(16, 32), stem_chs=8,
+                                               norm_layer=norm_act,
+                                               num_classes=10),
+        # the residual branch's last BN (act an Identity) takes the add and the block's ReLU
+        "timm regnet": timm.regnet.RegNet(timm.regnet.RegNetCfg(depth=6, w0=8, wa=8.0, wm=1.5,
+                                                                group_size=8, stem_width=8),
+                                          num_classes=10, zero_init_last=False),
+    }
+
+
+@pytest.mark.parametrize("name", ["timm densenet", "timm resnetv2", "timm regnet"])
+def test_timm_norm_activation_layers_fuse_in_place_and_keep_a_training_step_exact(libs, name):
+    """timm's BatchNormAct2d (a BatchNorm2d whose forward applies its own `act`) was refused as
+    a subclass: its DenseNet, RegNet, ResNetV2, VoVNet and DPN fused none of them. Each with a
+    ReLU is now fused in place, and one without (an Identity act) followed by an add and a ReLU
+    takes them as an nn.BatchNorm2d would (RegNet's: the shortcut's BN stays, its add taken by
+    the branch's): still a BatchNormAct2d, its state_dict as it was."""
+    torch.manual_seed(0)
+    model = _timm_norm_act_models(libs)[name]
+    norm_act = libs.timm.layers.BatchNormAct2d
+    norm_acts = {n for n, m in model.named_modules() if type(m) is norm_act}
+    with_relu = {n for n in norm_acts if type(model.get_submodule(n).act) is nn.ReLU}
+    reference = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FuseWarning)
+        _, report = fuse(model, return_report=True)
+    fused = {s.batch_norm for s in report.sites}
+    assert with_relu and with_relu <= fused and report.skipped == ()
+    shortcuts = {n for n in norm_acts if ".downsample." in n}  # (RegNet's)
+    assert norm_acts - fused == shortcuts
+    blocks = [n for n in norm_acts if n.endswith(".conv3.bn")]  # (RegNet's, each with its add)
+    assert report.count("BN->add->ReLU") == len(blocks) == (6 if name == "timm regnet" else 0)
+    assert all(isinstance(model.get_submodule(n), norm_act) for n in norm_acts)
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    assert_same_training_step(reference, model, torch.randn(2, 3, 32, 32))
+    unfuse(model)
+    assert all(type(model.get_submodule(n)) is norm_act for n in norm_acts)
+
+
+def test_a_fused_norm_activation_runs_its_own_forward_where_its_activation_changed(libs):
+    """An activation swapped or hooked after `fuse`, and a torch.fx trace: the module's own
+    forward runs (exact); a DropBlock between the BN and its ReLU is left, with the reason."""
+    torch.manual_seed(0)
+    layers = libs.timm.layers
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), layers.BatchNormAct2d(8), nn.Conv2d(8, 8, 3),
+                        layers.BatchNormAct2d(8, drop_layer=lambda: layers.DropBlock2d(0.5, 3)))
+    reference = copy.deepcopy(net).eval()
+    with pytest.warns(FuseWarning, match="3: its drop is DropBlock2d, between the BN and its ReLU"):
+        fuse(net)
+    assert type(net[1]).__name__ == "FusedBatchNormAct2d" and type(net[3]) is layers.BatchNormAct2d
+    net.eval()
+    x = torch.randn(2, 3, 12, 12)
+    torch.testing.assert_close(net(x), reference(x))
+    traced = torch.fx.symbolic_trace(net)  # records the module's own ops
+    assert "batch_norm" in traced.code
+    torch.testing.assert_close(traced(x), reference(x))
+    seen = []
+    net[1].act.register_forward_hook(lambda *_: seen.append(1))
+    torch.testing.assert_close(net(x), reference(x))
+    assert seen == [1]
+    net[1].act = nn.GELU()
+    reference[1].act = nn.GELU()
+    torch.testing.assert_close(net(x), reference(x))
+
+
+class _AddsToANormAct(nn.Module):
+    def __init__(self, norm_act: type[nn.Module]):
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(8, 8, 3, padding=1), norm_act(8, apply_act=False), nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.bn(self.conv(x)) + x)
+
+
+def test_a_norm_activation_fused_with_its_add_follows_what_is_set_on_it_later(libs):
+    """A norm-activation without an activation, fused with the add and ReLU after it: given an
+    activation after `fuse`, it applies it before the add, as its own forward does."""
+    torch.manual_seed(0)
+    net = _AddsToANormAct(libs.timm.layers.BatchNormAct2d)
+    reference = copy.deepcopy(net).eval()
+    _, report = fuse(net, return_report=True)
+    assert [(s.batch_norm, s.pattern) for s in report.sites] == [("bn", "BN->add->ReLU")]
+    net.eval()
+    x = torch.randn(2, 8, 6, 6)
+    torch.testing.assert_close(net(x), reference(x))
+    for module in (net, reference):
+        module.bn.act = nn.Hardtanh(-0.5, 0.5)
+    torch.testing.assert_close(net(x), reference(x))
+    unfuse(net)
+    assert type(net.bn) is libs.timm.layers.BatchNormAct2d and type(net) is _AddsToANormAct
+
+
 # ---------------------------------------------------------------- from_torchvision on the real code
 
 

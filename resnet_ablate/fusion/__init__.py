@@ -24,6 +24,7 @@ from ..blocks import BasicBlock, Bottleneck
 from ..kernels import FusedBatchNorm2d
 from .forward_facts import StaleForward
 from .graph import fuse_graphs
+from .norm_act import FusedNormAct, fuse_norm_acts
 from .records import FusedSite, FuseReport, FuseWarning, SkippedBlock, describe, qualified
 from .residual_blocks import plan_blocks
 from .unfuse import check_is_module, unfuse
@@ -37,11 +38,14 @@ M = TypeVar("M", bound=nn.Module)
 def _fuse(model: nn.Module, example_input: Any) -> FuseReport:
     plan = plan_blocks(model)
     plan.apply(model)
+    norm_acts, norm_acts_left = fuse_norm_acts(model)
     graphs = fuse_graphs(model, example_input)
     left = [s for s in plan.skipped if not _fused_by_its_forward(model, s.name, graphs.sites)]
-    skipped = dict.fromkeys((*left, *graphs.skipped))  # one BN met at two calls: once
-    return FuseReport(tuple(plan.fused), tuple(skipped), (*plan.sites, *graphs.sites),
-                      tuple(graphs.rewritten))
+    named = {s.name for s in norm_acts_left}  # (the graph path names them with a vaguer reason)
+    skipped = dict.fromkeys((*left, *norm_acts_left,  # one BN met at two calls: once
+                             *(s for s in graphs.skipped if s.name not in named)))
+    return FuseReport(tuple(plan.fused), tuple(skipped),
+                      (*plan.sites, *norm_acts, *graphs.sites), tuple(graphs.rewritten))
 
 
 def _fused_by_its_forward(model: nn.Module, block: str, sites: list[FusedSite]) -> bool:
@@ -52,7 +56,7 @@ def _fused_by_its_forward(model: nn.Module, block: str, sites: list[FusedSite]) 
     joined = {site.residual_batch_norm for site in sites}
     norms = [(qualified(block, name), m) for name, m in model.get_submodule(block).named_children()
              if isinstance(m, _BatchNorm)]
-    return bool(norms) and all(isinstance(m, FusedBatchNorm2d) or name in joined
+    return bool(norms) and all(isinstance(m, (FusedBatchNorm2d, FusedNormAct)) or name in joined
                                for name, m in norms)
 
 

@@ -15,7 +15,6 @@ probe batch, the rewritten forward returns what the original does.
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,33 +27,12 @@ from .arguments import Fixed, fixed_on_probe, plain_defaults
 from .forward_facts import KEPT_MODULES, Guards, KeptModules, guarded, kept_module
 from .patterns import (_OPAQUE, added_into_then_relu, added_then_relu, find_sites, owner_of,
                        residual_batch_norm, rewrite, traced)
+from .fused_class import FusedForward
+from .norm_act import acts_as_batch_norm, give_fused_class, take_fused_class
 from .probe import beyond_tolerance, changed_in_place, evaluating, probe_input
 from .records import FusedSite, SkippedBlock, qualified
 
 _PROBE_SIDE = 32
-
-
-class FusedForward:
-    """Mixed into the class made for each rewritten module: how to go back, and a refusal to be
-    pickled as a whole (its forward is generated code; its state_dict saves as before)."""
-
-    unfused_class: type[nn.Module]
-    fused_batch_norms: tuple[str, ...]
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
-        fused_class = type(self)
-        self.__class__ = self.unfused_class  # type: ignore[assignment]
-        try:
-            duplicate = copy.deepcopy(self, memo)
-        finally:
-            self.__class__ = fused_class
-        duplicate.__class__ = fused_class
-        return duplicate
-
-    def __reduce_ex__(self, protocol: Any) -> Any:
-        raise TypeError(f"{type(self).__name__} has a forward rewritten by resnet_ablate.fuse and "
-                        "cannot be pickled as a whole module: save its state_dict(), or call "
-                        "resnet_ablate.unfuse(model) first")
 
 
 def _forward_of(graph: fx.Graph) -> Callable[..., Any]:
@@ -358,7 +336,10 @@ def _rewrite_owner(model: nn.Module, owner: str, through: set[str], expected_bns
     rewrite(graph, sites)
     forward = _forward_of(graph)
     for target, bn in originals.items():  # ReLU off: the rewritten forward asks for it
-        module.set_submodule(target, fused_twin_of(bn, relu=False))
+        if acts_as_batch_norm(bn):  # a norm-activation without one: fused in place
+            give_fused_class(bn)
+        else:
+            module.set_submodule(target, fused_twin_of(bn, relu=False))
     try:
         with evaluating(module):
             given = _cloned((args, kwargs))
@@ -368,6 +349,7 @@ def _rewrite_owner(model: nn.Module, owner: str, through: set[str], expected_bns
         reason = f"the rewritten forward failed on the probe input ({type(error).__name__}: {error})"
     if reason is not None:
         for target, bn in originals.items():
+            take_fused_class(bn)
             module.set_submodule(target, bn)
         return [], [], reason
     _give_forward(module, guarded(forward, baked, fixed), tuple(originals),

@@ -23,6 +23,7 @@ from ..blocks import BasicBlock, Bottleneck, calls_hooks
 from ..kernels import FusedBatchNorm2d
 from ..models import ResNet
 from .arguments import Fixed, as_declared, concrete_args
+from .norm_act import acts_as_batch_norm
 from .forward_facts import (KEPT_MODULES, Untraceable, autograd_state, check_forward,
                             may_apply_relu, random_draws, random_streams_kept)
 from .reads import Baked, baked, baked_values, recorded_reads
@@ -271,7 +272,7 @@ def _subclass_reason(bn: nn.Module) -> str:
 
 def _unfusable(bn: nn.Module, calls: int, site: Site, modules: dict[str, nn.Module]
                ) -> str | None:
-    if type(bn) is not nn.BatchNorm2d:
+    if type(bn) is not nn.BatchNorm2d and not acts_as_batch_norm(bn):
         return _subclass_reason(bn)
     if has_hooks(bn):
         return "it has hooks, which its fused twin would not have"
@@ -306,7 +307,8 @@ def find_sites(graph: fx.Graph, root: nn.Module) -> tuple[list[Site], list[tuple
     claimed: set[fx.Node] = set()  # an add of two BN outputs is fused with one of them
     for node in graph.nodes:
         module = modules.get(str(node.target)) if node.op == "call_module" else None
-        if not isinstance(module, _BatchNorm) or isinstance(module, FusedBatchNorm2d):
+        if not isinstance(module, _BatchNorm) or isinstance(module, FusedBatchNorm2d) \
+                or hasattr(module, "unfused_class"):  # (a norm-activation fused: norm_act.py)
             continue  # any BatchNorm is looked at, so that one it cannot fuse is named
         site, reason = _match(node, modules)
         if site is not None and site.relu in claimed:

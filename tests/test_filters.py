@@ -51,6 +51,10 @@ def test_a_bare_boolean_column_selects_where_it_is_true_and_unknowns_are_left_ou
     ("shortcut < 5", "shortcut holds text and 5 is a number"),
     ("depth > 'x'", "depth holds numbers and 'x' is text"),
     ("'20' <= depth", "depth holds numbers and '20' is text"),
+    # == and `in` too, where they matched nothing and the error listed depth: 20 (an audit)
+    ("depth == '20'", "depth holds numbers and '20' is text"),
+    ("depth in [20, '56']", "depth holds numbers and '56' is text"),
+    ("shortcut != 1", "shortcut holds text and 1 is a number; compare it with text in quotes"),
     ("not " * 3000 + "fused", "nested too deeply"),
     ("colour == 'red'", "no column 'colour'"),
     ("shortcut in 'AB'", "`in` takes a list of values"),

@@ -13,6 +13,7 @@ import sqlite3
 
 import matplotlib.collections
 import matplotlib.image
+import matplotlib.lines
 import numpy as np
 import optuna
 import pandas as pd
@@ -118,6 +119,15 @@ def test_each_trial_records_its_test_set_and_which_images_it_got_wrong(raw_trial
         assert len(outcomes) == t.user_attrs["test_images"] > 0
         assert outcomes.sum() == t.user_attrs["test_wrong"]
         assert outcomes.mean() == pytest.approx(_error_of(t))
+
+
+def test_rows_of_one_seed_name_no_method_for_the_intervals_they_do_not_have(results):
+    """One seed a configuration: every interval and p-value is blank, and the tables named the
+    crossed analysis as their method and Holm's over "0 tested rows" (an audit)."""
+    one_seed = results.where("seed == 0")
+    for frame in (one_seed.summary(), one_seed.compare("shortcut", SHORTCUTS[0])):
+        assert frame.attrs["methods"] == [], frame.attrs["methods"]
+    assert results.compare("shortcut", SHORTCUTS[0]).attrs["methods"][0] == CROSSED
 
 
 def test_summary_intervals_include_the_test_sets_sampling(results, raw_trials):
@@ -849,6 +859,45 @@ def test_the_pareto_figure_tags_each_mean_with_the_levels_its_colour_leaves_out(
         assert frame.x0 <= box.x0 and box.x1 <= frame.x1, tag.get_text()
 
 
+def test_the_pareto_figures_tags_sit_above_the_bars_they_name():
+    """A tag was set beside its mean, over the next group's bar and the front's staircase (an
+    audit). It sits above the highest bar of its means, within the axes; option B's projection
+    (a few percent more FLOPs) shares its depth's tag with A and the plain net."""
+    from helpers import study_in_memory
+
+    rng = np.random.default_rng(4)
+    study = study_in_memory([
+        ({"depth": depth, "shortcut": shortcut}, seed, (rng.random(200) < 0.1).astype(float))
+        for depth in (20, 56) for shortcut in ("A", "B", "none") for seed in range(3)])
+    figure = plots.plot_pareto(study)
+    (ax,) = figure.axes
+    assert sorted(t.get_text() for t in ax.texts) == ["20-layer", "56-layer"]
+    tops = [(segment[:, 0].mean(), segment[:, 1].max()) for container in ax.containers
+            for segment in container[2][0].get_segments()]
+    middle = np.mean(ax.get_xlim()) if not ax.get_xscale() == "log" else None
+    renderer = figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    for tag in ax.texts:
+        left = (tag.xy[0] < middle) if middle is not None else tag.get_text() == "20-layer"
+        mine = [top for x, top in tops if (x < middle) == left]
+        assert len(mine) == 3 and tag.xy[1] == pytest.approx(max(mine))
+        box = tag.get_window_extent(renderer)
+        assert tag.get_va() == "bottom" and frame.y0 <= box.y0 and box.y1 <= frame.y1
+
+
+def test_figures_of_one_seed_each_promise_no_intervals(results):
+    """One seed a configuration: the axes read "mean and 95% CI" and each legend entry showed a
+    bar (an audit); they now say there is no interval, and the legend's markers are open."""
+    one_seed = results.where("seed == 0")
+    for figure in (plots.plot_depth(one_seed), plots.plot_pareto(one_seed)):
+        (ax,) = figure.axes
+        assert ax.get_ylabel().endswith("one seed each, no interval") and not ax.containers
+        handles = ax.get_legend().legend_handles
+        assert all(h.get_markerfacecolor() == "white" for h in handles
+                   if isinstance(h, matplotlib.lines.Line2D) and h.get_marker() not in (None, "None", ""))
+    assert plots.plot_depth(results).axes[0].get_ylabel().endswith("mean and 95% CI")
+
+
 @pytest.mark.parametrize("depths", [(20, 56), (20, 200)], ids=["linear", "log"])
 def test_the_pareto_figure_sets_groups_of_equal_cost_side_by_side_in_the_tables_units(depths):
     """Option A and its plain twin cost the same FLOPs (here exactly): their means were drawn
@@ -1081,6 +1130,13 @@ def test_a_summary_by_seed_or_a_non_metric_is_one_error_naming_what_is_valid(res
                                                r"are configurations; by takes the study's "
                                                r"configuration columns \(depth, shortcut\)"):
             results.summary(by=by)
+    # A measurement as a group splits a configuration's seeds by their outcome (an audit:
+    # `--by test_error` put unrelated trials in a row); what one configuration fixes does not.
+    for by in (["test_error"], ["depth", "wall_seconds"]):
+        with pytest.raises(ResultsError, match=rf"summary by '{by[-1]}': it differs between "
+                                               r"trials of one configuration \(a measurement"):
+            results.summary(by=by)
+    assert len(results.summary(by=["depth", "params"])) == len(results.summary(by=["depth"]))
     with pytest.raises(ResultsError) as refused:
         results.summary(metric="arch_name")
     metrics = str(refused.value).split("metrics: ")[1].split(", ")

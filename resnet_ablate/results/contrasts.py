@@ -76,19 +76,30 @@ def with_holm(table: pd.DataFrame) -> pd.DataFrame:
     table.insert(table.columns.get_loc("p_value") + 1, "p_holm", stats.holm(p_values))
     table = with_methods(table)
     tested = int(np.isfinite(p_values).sum())
-    table.attrs["methods"] = [*table.attrs["methods"], (
-        f"p_holm: Holm's step-down adjustment over the {tested} tested "
-        f"row{'s' if tested != 1 else ''} of this table (its family: this table alone)")]
+    if tested:  # (none where no row has a test: one seed each)
+        table.attrs["methods"] = [*table.attrs["methods"], (
+            f"p_holm: Holm's step-down adjustment over the {tested} tested "
+            f"row{'s' if tested != 1 else ''} of this table (its family: this table alone)")]
     return table
 
 
 def with_methods(frame: pd.DataFrame) -> pd.DataFrame:
-    """The frame with its rows' methods in `attrs["methods"]`, and the outlier test's where a
-    row's note names seeds apart."""
-    frame.attrs["methods"] = sorted(set(frame["method"]) - {""}) if "method" in frame else []
+    """The frame with the methods of its rows that have an interval or a p-value in
+    `attrs["methods"]` (a row of one seed has neither: its method made nothing shown), and the
+    outlier test's where a row's note names seeds apart."""
+    methods = frame["method"][_with_an_interval(frame)] if "method" in frame else []
+    frame.attrs["methods"] = sorted(set(methods) - {""})
     if "note" in frame and frame["note"].astype(str).str.contains(APART_NAME, regex=False).any():
         frame.attrs["methods"].append(f"{APART_NAME}: {APART_METHOD}, at p < {APART_ALPHA:g}")
     return frame
+
+
+def _with_an_interval(frame: pd.DataFrame) -> pd.Series:
+    """Which rows show an interval or a p-value (every row where the frame has neither column)."""
+    shown = [c for c in frame.columns if str(c).endswith("ci95_low") or c == "p_value"]
+    if not shown:
+        return pd.Series(True, index=frame.index)
+    return frame[shown].apply(pd.to_numeric, errors="coerce").notna().any(axis=1)
 
 
 def seeds_apart_note(values: np.ndarray, listed: Callable[[], Sequence[tuple[list[int], Any]]],

@@ -106,6 +106,8 @@ class _Interpreter:
             if isinstance(op, (ast.In, ast.NotIn)):
                 values = self.values(right)
                 column = self.column(left)
+                for value in values:
+                    self._check_comparable(left, column, right, value)
                 if any(isinstance(v, str) for v in values):
                     column, values = _folded(column), [_folded(v) for v in values]
                 selected = column.isin(values)
@@ -114,8 +116,7 @@ class _Interpreter:
                 a, b = self.operand(left), self.operand(right)
                 if not isinstance(a, pd.Series) and not isinstance(b, pd.Series):
                     raise self.fail(node, "a comparison needs a column on one side")
-                if not isinstance(op, (ast.Eq, ast.NotEq)):
-                    self._check_ordered(node, left, a, right, b)
+                self._check_comparable(left, a, right, b)
                 if isinstance(op, (ast.Eq, ast.NotEq)) and (isinstance(a, str) or isinstance(b, str)):
                     a, b = _folded(a), _folded(b)
                 result &= _COMPARISONS[type(op)](a, b).astype("boolean")
@@ -124,10 +125,10 @@ class _Interpreter:
             left = right
         return result
 
-    def _check_ordered(self, node: ast.Compare, left: ast.AST, a: Any, right: ast.AST,
-                       b: Any) -> None:
-        """<, <=, >, >= between a column of numbers and text (or text and a number): said in
-        the filter's own words, not numpy's."""
+    def _check_comparable(self, left: ast.AST, a: Any, right: ast.AST, b: Any) -> None:
+        """A column of numbers compared with text, or one of text with a number: said in the
+        filter's own words, not numpy's, for == and `in` too, where it would match nothing
+        (an audit: `depth == '20'` matched none and the error listed depth: 20)."""
         for side, value, other in ((left, a, b), (right, b, a)):
             if isinstance(value, pd.Series) and isinstance(other, (str, bool, int, float)):
                 numeric = pd.api.types.is_numeric_dtype(value.dtype) and \
@@ -138,7 +139,7 @@ class _Interpreter:
                 if not numeric and not isinstance(other, str) and value.notna().any() and \
                         isinstance(value.dropna().iloc[0], str):
                     raise FilterError(f"{self.text!r}: {side.id} holds text and {other!r} is a "
-                                      f"number; compare it with text in quotes, or with == / in")
+                                      f"number; compare it with text in quotes")
 
     def column(self, node: ast.AST) -> pd.Series:
         if not isinstance(node, ast.Name):

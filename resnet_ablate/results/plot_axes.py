@@ -2,13 +2,14 @@
 their levels named and ordered, each metric's unit; panels two to a row, log axes labelled in
 plain numbers, a legend moved beside the axes where it would cover them, groups drawn at one x
 set side by side, means without an interval drawn open, means over seeds that stand apart
-ringed."""
+ringed, means tagged above their bars."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -234,3 +235,41 @@ __all__ = ["ONE_SEED_LABEL", "SIDE_STEP", "SideBySide", "at_the_floor", "interva
            "labelled_within_a_decade", "legend_beside_if_long", "level_label", "log_percent_axis",
            "mark_seeds_apart", "mark_without_interval", "metric_unit", "natural_order",
            "panel_order", "panels_figure", "plain_number_x_axis", "side_by_side", "varied_factors"]
+
+
+def bar_top(row: pd.Series, metric: str) -> float:
+    """The upper end of a mean's bar, or the mean where it has none (one seed)."""
+    high = float(row[f"{metric}_ci95_high"])
+    return high if np.isfinite(high) else float(row[f"{metric}_mean"])
+
+
+def tag_means(ax: Any, means: list[tuple[float, float, Any, str, str]]) -> None:
+    """Each mean's (x, top of its bar, cost, tag, colour) tag just above its bar, in its colour:
+    there it crosses neither the bars beside it nor the front's staircase, which runs through
+    the means (set beside the mean, a tag ran over both: an audit). Means of one tag whose
+    costs are within 5% (option A, its plain twin and option B's projections: one depth, set
+    side by side) share one, in grey, above the highest of their bars (two would be drawn over
+    each other). The axis grows to hold the tags; near its left or right end a tag is aligned
+    there, so that none runs past it (or off the figure)."""
+    shared: list[tuple[str, float, list[tuple[float, float, str]]]] = []
+    for x, top, cost, tag, colour in sorted(means, key=lambda m: (m[3], float(m[2]))):
+        if shared and shared[-1][0] == tag and float(cost) <= 1.05 * shared[-1][1]:
+            shared[-1][2].append((x, top, colour))
+        else:
+            shared.append((tag, float(cost), [(x, top, colour)]))
+    if not shared:
+        return
+    low, high = ax.get_ylim()
+    highest = max(top for _, _, members in shared for _, top, _ in members)
+    ax.set_ylim(low, max(high, highest + 0.1 * (high - low)))  # room above the highest bar
+    to_axes = ax.transAxes.inverted()
+    for tag, _, members in shared:
+        ends = [ax.transData.transform((m[0], 0.0))[0] for m in members]
+        x_display = (min(ends) + max(ends)) / 2
+        where = to_axes.transform((x_display, 0.0))[0]
+        align = "right" if where > 0.85 else "left" if where < 0.15 else "center"
+        x_display = {"right": max(ends), "left": min(ends)}.get(align, x_display)
+        x = ax.transData.inverted().transform((x_display, 0.0))[0]
+        ax.annotate(tag, (x, max(m[1] for m in members)), xytext=(0, 3),
+                    textcoords="offset points", fontsize="x-small", va="bottom", ha=align,
+                    color=members[0][2] if len(members) == 1 else "0.35")

@@ -30,11 +30,11 @@ from matplotlib.ticker import MaxNLocator
 from ..storage import refuse_to_lose_results
 from .contrasts import joined
 from .left_out import failed_seeds, failure_kinds, pruned_seeds
-from .plot_axes import (SIDE_STEP, SideBySide, at_the_floor, interval_methods,
+from .plot_axes import (SIDE_STEP, SideBySide, at_the_floor, bar_top, interval_methods,
                         labelled_within_a_decade, legend_beside_if_long, level_label,
                         log_percent_axis, mark_seeds_apart, mark_without_interval, metric_unit,
                         natural_order, panel_order, panels_figure, plain_number_x_axis,
-                        side_by_side, varied_factors)
+                        side_by_side, tag_means, varied_factors)
 from .plot_responses import plot_responses
 from .study_results import Results, ResultsError
 
@@ -198,32 +198,47 @@ def plot_depth(results: Results, *, metric: str = "test_error", x: str = "depth"
         above = scale * group[f"{metric}_ci95_high"].to_numpy(float) - mean
         # Lines side by side at each x, so that one's bar never hides another's.
         at = side_by_side(group[x], position, len(ordered), xs[0], xs[0] + span)
-        ax.errorbar(at, mean, yerr=[below, above], marker="o", capsize=4, color=palette[value],
-                    label=f"{level_label(line_by, value) if line_by else metric} "
-                          f"({_seed_count(group['n'])})")
+        label = f"{level_label(line_by, value) if line_by else metric} ({_seed_count(group['n'])})"
+        if np.isnan(below).all():  # one seed throughout: open markers, in the legend too
+            ax.plot(at, mean, marker="o", markerfacecolor="white", color=palette[value],
+                    label=label)
+        else:
+            ax.errorbar(at, mean, yerr=[below, above], marker="o", capsize=4,
+                        color=palette[value], label=label)
         mark_without_interval(ax, at, mean, below, "o", palette[value])
         mark_seeds_apart(ax, at, mean, group["note"], palette[value])
     ax.set_xlabel(x)
     ax.set_xticks(xs)  # the depths run, not fractions
     if len(xs) == 1:
         ax.set_xlim(xs[0] - span / 2, xs[0] + span / 2)
-    ax.set_ylabel(f"{unit}, mean and 95% CI")
+    ax.set_ylabel(f"{unit}, mean and 95% CI" if _has_intervals(summary, metric)
+                  else f"{unit}, one seed each, no interval")
     # One panel is narrow: the caption wraps.
     ax.set_title("\n".join([results.title, *textwrap.wrap(
         _averaged_over(results, (x, line_by)) + _pruned_caption(results), 55)]),
         fontsize="medium")
     ax.grid(alpha=0.3)
-    methods = interval_methods(summary)
-    # How the bars were made, in the figure itself (the legend's title keeps it off the axes).
-    # Wrapped: a stratified method's name is wider than the panel.
+    _depth_legend(figure, ax, interval_methods(summary), beside=len(xs) == 1)
+    return figure
+
+
+def _depth_legend(figure: Figure, ax: Any, methods: list[str], *, beside: bool) -> None:
+    """The legend, titled with how the bars were made (in the figure itself, off the axes;
+    wrapped: a stratified method's name is wider than the panel); `beside` the axes where every
+    bar stands at the centre, as tall as the axes (one x), with no room inside."""
     title = textwrap.fill("95% CI: " + "; ".join(methods), 48) if methods else None
-    if len(xs) == 1:  # every bar at the centre, as tall as the axes: no room inside for it
+    if beside:
         figure.set_figwidth(figure.get_figwidth() + 3.0)  # the axes keep their width
         ax.legend(fontsize="small", title_fontsize="x-small", title=title, loc="upper left",
                   bbox_to_anchor=(1.02, 1.0))
     else:
         ax.legend(fontsize="small", title_fontsize="x-small", title=title)
-    return figure
+
+
+def _has_intervals(table: pd.DataFrame, metric: str) -> bool:
+    """Whether any row of a summary has an interval (none where every one has one seed: a
+    figure then says so, rather than promise bars it cannot draw)."""
+    return bool(table[f"{metric}_ci95_low"].notna().any())
 
 
 def _seed_count(counts: pd.Series) -> str:
@@ -273,7 +288,7 @@ def plot_pareto(results: Results, *, metric: str = "test_error", cost: str = "fl
                     lambda rows, value=value: placed(rows[cost], value),
                     level_label(label_by, value))
     tagged = [f for f in factors if f != label_by and f in means]
-    tags = [(placed([row[cost]], value)[0], y_scale * row[f"{metric}_mean"], row[cost],
+    tags = [(placed([row[cost]], value)[0], y_scale * bar_top(row, metric), row[cost],
              ", ".join(level_label(f, row[f]) for f in tagged), f"C{positions[value] % 10}")
             for value, group in configurations.items() for _, row in group.iterrows()] \
         if tagged and len(means) <= MAX_TAGGED_MEANS else []
@@ -284,9 +299,10 @@ def plot_pareto(results: Results, *, metric: str = "test_error", cost: str = "fl
     ax.margins(x=0.08, y=0.1)
     if apart.widened:  # an axis as wide as the costs, around them (not zoomed in on 0.2%)
         ax.set_xlim(apart.low, apart.high)
-    _tag_means(ax, tags)  # once the axis is final: where a tag would run past it
+    tag_means(ax, tags)  # once the axis is final: where a tag would run past it
     ax.set_xlabel(unit + (" (groups of equal cost set side by side)" if apart.moves else ""))
-    ax.set_ylabel(f"{y_unit}: trials faint, means with 95% CI")
+    ax.set_ylabel(f"{y_unit}: trials faint, means with 95% CI" if _has_intervals(means, metric)
+                  else f"{y_unit}: one seed each, no interval")
     ax.set_title("\n".join([results.title, *textwrap.wrap(_pruned_caption(results), 55)]),
                  fontsize="medium")
     ax.grid(alpha=0.3)
@@ -307,8 +323,13 @@ def _draw_group(ax: Any, trials: pd.DataFrame, means: pd.DataFrame | None, posit
     x, y = at(means), scale * means[f"{metric}_mean"].to_numpy(float)
     bars = [y - scale * means[f"{metric}_ci95_low"].to_numpy(float),
             scale * means[f"{metric}_ci95_high"].to_numpy(float) - y]
-    ax.errorbar(x, y, yerr=bars, linestyle="none", capsize=4, markersize=7,
-                label=f"{label} ({_seed_count(means['n'])})", **style)
+    label = f"{label} ({_seed_count(means['n'])})"
+    if np.isnan(bars[0]).all():  # one seed throughout: open markers, in the legend too
+        ax.plot(x, y, linestyle="none", markersize=7, markerfacecolor="white", label=label,
+                **style)
+    else:
+        ax.errorbar(x, y, yerr=bars, linestyle="none", capsize=4, markersize=7, label=label,
+                    **style)
     mark_without_interval(ax, x, y, bars[0], style["marker"], style["color"])
     mark_seeds_apart(ax, x, y, means["note"], style["color"])
 
@@ -319,27 +340,6 @@ def _draw_front(ax: Any, x: np.ndarray, y: Any) -> None:
     ax.step(x, y, where="post", color="black", linewidth=1.5,
             label="Pareto front (configuration means)")
     ax.scatter(x, y, facecolors="none", edgecolors="black", s=110)
-
-
-def _tag_means(ax: Any, means: list[tuple[float, float, Any, str, str]]) -> None:
-    """Each mean's (x, y, cost, tag, colour) tag beside it, in its colour; means of one tag
-    whose costs are within 1% (option A and its plain twin, both 20-layer, set side by side)
-    share one, in grey, below and right of them (two would be drawn over each other); in the
-    axis' right fifth, below and left, so that no tag runs past the axis (or off the figure)."""
-    shared: list[tuple[str, float, list[tuple[float, float, str]]]] = []
-    for x, y, cost, tag, colour in sorted(means, key=lambda m: (m[3], float(m[2]))):
-        if shared and shared[-1][0] == tag and float(cost) <= 1.01 * shared[-1][1]:
-            shared[-1][2].append((x, y, colour))
-        else:
-            shared.append((tag, float(cost), [(x, y, colour)]))
-    ax.get_xlim()  # (brings a pending autoscale up to date: transData reads the limits)
-    for tag, _, members in shared:
-        x, y = max(m[0] for m in members), min(m[1] for m in members)
-        right = ax.transAxes.inverted().transform(ax.transData.transform((x, y)))[0] > 0.8
-        x = min(m[0] for m in members) if right else x
-        ax.annotate(tag, (x, y), xytext=(-7 if right else 7, -3), textcoords="offset points",
-                    fontsize="x-small", va="top", ha="right" if right else "left",
-                    color=members[0][2] if len(members) == 1 else "0.35")
 
 
 def _configuration_means(results: Results, metric: str, cost: str) -> pd.DataFrame:

@@ -40,6 +40,21 @@ WIDTH_STOPPED = ("seeds stopped once the interval was narrow (the width rule): n
                  "for that, so it covers less than 95%")
 
 
+def _check_groups_keep_seeds_together(results: Results, by: list[str]) -> None:
+    """One ResultsError where a column of `by` takes several values among one configuration's
+    trials (a measurement, as test_error): its groups would split a configuration's seeds by
+    their outcome (an audit: `--by test_error` gave rows of unrelated trials)."""
+    swept = results.configuration_columns()
+    for column in (c for c in by if c not in swept):
+        values = results.trials.groupby(swept, dropna=False)[column].nunique(dropna=False)
+        if len(values) and values.max() > 1:
+            raise ResultsError(
+                f"summary by {column!r}: it differs between trials of one configuration (a "
+                "measurement, not a setting), so its groups would split a configuration's seeds "
+                f"by their outcome; by takes the study's configuration columns "
+                f"({', '.join(swept)}) or its architectures' (e.g. depth)")
+
+
 def summary(results: Results, by: Sequence[str] | None = None,
             metric: str = "test_error") -> pd.DataFrame:
     """`Results.summary`: one row per group of `by` (default: per configuration)."""
@@ -51,6 +66,7 @@ def summary(results: Results, by: Sequence[str] | None = None,
             f"summary by {', '.join(map(repr, replicates))}: a row's interval is over seeds, so "
             f"its groups are configurations; by takes the study's configuration columns "
             f"({', '.join(results.configuration_columns())}) or its architectures' (e.g. depth)")
+    _check_groups_keep_seeds_together(results, by)
     results.check_metric(metric)
     done, lacking = recorded(results, metric, "summarise")
     narrowed = {c for c, d in decisions(results).items() if d.narrowed}

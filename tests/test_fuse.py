@@ -4,6 +4,7 @@ code), BatchNorm -> [add] -> ReLU anywhere in a user's own network, what it refu
 torchvision checkpoints loading into this package's models."""
 
 import copy
+import enum
 import pickle
 import warnings
 
@@ -778,6 +779,50 @@ class _ReturnsItsPreActivation(_OptionalSkip):
         if return_pre:
             return self.relu(pre), pre
         return self.relu(pre)
+
+
+class _Mode(enum.Enum):
+    PLAIN = 1
+    RESIDUAL = 2
+
+
+class _TakesAModeOrAList(_OptionalSkip):
+    def forward(self, x, mode=_Mode.PLAIN, skip=None, size=(8, 8)):
+        if isinstance(skip, (list, tuple)):
+            skip = skip[0] * 0.5
+        out = self.bn(self.conv(x))
+        if mode is _Mode.RESIDUAL:
+            out = out + x
+        return F.adaptive_avg_pool2d(self.relu(out if skip is None else out + skip), size)
+
+
+class _CallsItWithASkip(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = _TakesAModeOrAList()
+
+    def forward(self, x):
+        return self.block(x, skip=x)
+
+
+def test_an_enum_or_a_container_where_the_probe_saw_another_runs_the_modules_own_forward():
+    """An Enum argument was traced as a tensor stand-in, its `is` test decided while tracing:
+    the other member gave the probe's branch, 3.45 off, silently; a list where the probe passed
+    a tensor failed inside the rewritten forward (an audit). Every argument the probe passed as
+    anything but a tensor or a container is now fixed and checked, and a tensor's or a
+    container's type too (a tuple of another size runs the rewritten forward)."""
+    torch.manual_seed(0)
+    model = randomize(_CallsItWithASkip())
+    reference, report = _fused_in_silence(model)
+    assert [s.batch_norm for s in report.sites] == ["block.bn"]
+    x = torch.randn(2, 4, 8, 8)
+    for training in (True, False):
+        model.train(training), reference.train(training)
+        for args, kwargs in [((x,), {}), ((x, _Mode.RESIDUAL), {"skip": x}),
+                             ((x,), {"mode": _Mode.RESIDUAL}), ((x,), {"skip": [x]}),
+                             ((x, _Mode.PLAIN, (x, x)), {}), ((x,), {"size": (4, 4)})]:
+            torch.testing.assert_close(model.block(*args, **kwargs),
+                                       reference.block(*args, **kwargs))
 
 
 def test_a_forward_that_branches_on_a_flag_is_fused_as_its_caller_sets_it():

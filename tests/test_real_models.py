@@ -164,6 +164,10 @@ def test_timm_dla_trees_fuse_every_site_their_blocks_are_called_with(libs):
     assert plain == joined and all(name.endswith(".bn2") for name in joined)
     assert report.count() == _batch_norms(reference) - len(plain)
     assert_same_training_step(reference, model, torch.randn(2, 3, 32, 32))
+    with warnings.catch_warnings():  # fused again: nothing left, nothing to say (an audit: the
+        warnings.simplefilter("error", FuseWarning)  # four trees' blocks were reported left)
+        _, again = fuse(model, return_report=True)
+    assert again.skipped == () and again.sites == ()
 
 
 def _timm_norm_act_models(libs):
@@ -264,6 +268,55 @@ def test_a_norm_activation_fused_with_its_add_follows_what_is_set_on_it_later(li
     torch.testing.assert_close(net(x), reference(x))
     unfuse(net)
     assert type(net.bn) is libs.timm.layers.BatchNormAct2d and type(net) is _AddsToANormAct
+
+
+def test_a_fused_regnet_traced_by_torch_fx_keeps_its_norm_activations_mode_as_unfused(libs):
+    """A user's torch.fx trace bakes a norm-activation's mode in, as it traces into it; the
+    fused one whose add was fused ran inside one opaque call, in the mode the graph ran in:
+    traced in eval, run in training, it updated running statistics the unfused trace keeps
+    (an audit). It is traced into as the unfused module is."""
+    torch.manual_seed(0)
+    model = _timm_norm_act_models(libs)["timm regnet"]
+    for module in model.modules():  # (timm zeroes the last BN's weight: differences would hide)
+        if isinstance(module, nn.BatchNorm2d):
+            nn.init.uniform_(module.weight, 0.5, 1.5)
+    reference = copy.deepcopy(model)
+    fuse(model)
+    x = torch.randn(2, 3, 32, 32)
+    for traced_in, run_in in ((False, True), (True, False)):
+        graphs = [torch.fx.symbolic_trace(copy.deepcopy(m).train(traced_in)).train(run_in)
+                  for m in (reference, model)]
+        outputs = [graph(x) for graph in graphs]
+        torch.testing.assert_close(outputs[1], outputs[0])
+        for output in outputs:
+            output.square().mean().backward()
+        for (name, a), b in zip(graphs[0].named_parameters(), graphs[1].parameters()):
+            torch.testing.assert_close(b.grad, a.grad, msg=name)
+        for (name, a), b in zip(graphs[0].named_buffers(), graphs[1].buffers()):
+            torch.testing.assert_close(b, a, msg=name)
+
+
+def test_unfuse_keeps_a_parametrization_registered_on_a_fused_norm_activation(libs):
+    """Parametrized after `fuse`, a norm-activation's class is torch's subclass of the fused
+    one; `unfuse` set the bare BatchNormAct2d and its `weight` was gone (an audit)."""
+    torch.manual_seed(0)
+    layers = libs.timm.layers
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), layers.BatchNormAct2d(8))
+    reference = copy.deepcopy(net).eval()
+    fuse(net)
+
+    class Doubled(nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    for module in (net, reference):
+        torch.nn.utils.parametrize.register_parametrization(module[1], "weight", Doubled())
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(net.eval()(x), reference(x))
+    unfuse(net)
+    assert type(net[1]).__name__ == "ParametrizedBatchNormAct2d"
+    assert isinstance(net[1], layers.BatchNormAct2d)
+    torch.testing.assert_close(net(x), reference(x))
 
 
 # ---------------------------------------------------------------- from_torchvision on the real code

@@ -53,7 +53,9 @@ def _fused_by_its_forward(model: nn.Module, block: str, sites: list[FusedSite]) 
     forward with an optional argument), or fused its add and ReLU with the BatchNorm of the
     residual it adds (a projection's): then the block is not left unfused. A BatchNorm left
     for another reason (a squeeze-excitation between it and the add) keeps the block's."""
-    joined = {site.residual_batch_norm for site in sites}
+    joined = {site.residual_batch_norm for site in sites} | {  # and by an earlier fuse
+        qualified(owner, name) for owner, module in model.named_modules()
+        for name in getattr(module, "joined_batch_norms", ())}
     norms = [(qualified(block, name), m) for name, m in model.get_submodule(block).named_children()
              if isinstance(m, _BatchNorm)]
     return bool(norms) and all(isinstance(m, (FusedBatchNorm2d, FusedNormAct)) or name in joined

@@ -2,13 +2,15 @@
 rewritten forward makes that it passes them so.
 
 torch.fx traces every argument of a forward as a tensor stand-in (a proxy): a branch on an
-optional one (`if shortcut is None: shortcut = x`) is traced as not None, and a branch on a flag
-(`if return_features:`) fails to trace. Where the probe's call leaves an argument at a plain
-value (None, a bool, a number, a string: its default or one given), the owner's forward is
-traced with that value fixed (fx's `concrete_args`), and each call of the rewritten forward
-checks that it passes the same value (`holds`); one that passes another, or leaves out an
-optional argument that the probe gave a tensor, runs the module's own forward: exact, unfused in
-that call. A forward whose flags a caller never sets is fused as the probe called it.
+optional one (`if shortcut is None: shortcut = x`) is traced as not None, one on a flag
+(`if return_features:`) fails to trace, and an identity or type test (`if mode is Mode.A:`,
+`isinstance(shortcut, list)`) is decided while tracing, silently. So every argument the probe's
+call passes as anything but a tensor or a container (None, a flag, a number, a string, an Enum
+member, any other object: its default or one given) is traced with that value fixed (fx's
+`concrete_args`), and each call of the rewritten forward checks that it passes the same value
+(`holds`), and a tensor or a container of the type the probe passed where it passed one; a call
+that passes anything else runs the module's own forward: exact, unfused in that call. A forward
+whose flags a caller never sets is fused as the probe called it.
 """
 
 from __future__ import annotations
@@ -23,13 +25,20 @@ import torch
 from torch import fx, nn
 
 _PLAIN = (bool, int, float, str, type(None))
-_TRACED = object()  # a Fixed's value: traced as a tensor stand-in, so not a plain value
+
+
+@dataclass(frozen=True)
+class _Traced:
+    """A Fixed's value where the argument was traced as a stand-in: a tensor, or a container (as
+    fx records it: indexed, not iterated); a call must pass one of that type."""
+
+    kind: type
 
 
 @dataclass(frozen=True)
 class Fixed:
-    """An argument with a default that a rewritten forward was traced with: `value` fixed, or
-    `_TRACED` (given a tensor on the probe, where its default is plain)."""
+    """An argument of a rewritten forward as it was traced: its `value` fixed, or `_Traced`
+    (given a tensor or a container on the probe)."""
 
     name: str
     position: int | None  # among the call's positional arguments (self left out); None: keyword-only
@@ -44,22 +53,30 @@ class Fixed:
         return self.default
 
     def holds_for(self, value: Any) -> bool:
-        if self.value is _TRACED:
-            return not isinstance(value, _PLAIN)
-        # (Same type: True == 1 and 1 == 1.0, but a forward may branch on either.)
-        return type(value) is type(self.value) and value == self.value
+        if isinstance(self.value, _Traced):
+            return isinstance(value, self.value.kind)
+        if value is self.value:
+            return True
+        # (Same type: True == 1 and 1 == 1.0, but a forward may branch on either; an object
+        # whose == is not a truth value, as an array's, does not hold.)
+        try:
+            return type(value) is type(self.value) and bool(value == self.value)
+        except Exception:  # noqa: BLE001 - any failure to compare: the module's own forward
+            return False
 
 
 def holds(fixed: Sequence[Fixed], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Whether a call with `args` and `kwargs` passes every fixed argument as it was traced."""
+    """Whether a call with `args` and `kwargs` passes every argument as it was traced."""
     return all(f.holds_for(f.given(args, kwargs)) for f in fixed)
 
 
 def fixed_on_probe(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
                    ) -> tuple[Fixed, ...]:
-    """The arguments with a default of `module`'s forward as the probe's call (`args`,
-    `kwargs`) passed them: those at a plain value, fixed; those at a tensor where the default is
-    plain, traced. None of them where the call does not bind to the forward's signature."""
+    """The arguments of `module`'s forward as the probe's call (`args`, `kwargs`) passed them:
+    a tensor or a container traced as a stand-in (`_traced_as`), anything else fixed. None of
+    them where the call does not bind
+    to the forward's signature, or where the forward takes *args or **kwargs (the tracer gives
+    them no stand-ins)."""
     try:
         signature = inspect.signature(module.forward)
         bound = signature.bind(*args, **kwargs).arguments
@@ -67,16 +84,27 @@ def fixed_on_probe(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, A
         return ()
     fixed = []
     for position, parameter in enumerate(signature.parameters.values()):
-        if parameter.default is inspect.Parameter.empty or parameter.kind in (
-                inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
-            continue
+        if parameter.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            return ()
         value = bound.get(parameter.name, parameter.default)
         at = None if parameter.kind is inspect.Parameter.KEYWORD_ONLY else position
-        if isinstance(value, _PLAIN):
-            fixed.append(Fixed(parameter.name, at, parameter.default, value))
-        elif isinstance(parameter.default, _PLAIN):
-            fixed.append(Fixed(parameter.name, at, parameter.default, _TRACED))
+        fixed.append(Fixed(parameter.name, at, parameter.default, _traced_as(value)))
     return tuple(fixed)
+
+
+_CONTAINERS = (list, tuple, dict, set, frozenset)
+
+
+def _traced_as(value: Any) -> Any:
+    """What a Fixed holds for an argument the probe passed `value` to: a container is traced
+    as a stand-in too (fixed, its tensors would be baked into the graph, and fx would trace the
+    forward over its flattened items), checked for its type; so the probe's check is what
+    proves a forward that tests one by identity."""
+    if isinstance(value, torch.Tensor):
+        return _Traced(torch.Tensor)
+    if isinstance(value, _CONTAINERS):
+        return _Traced(type(value))
+    return value
 
 
 def plain_defaults(module: nn.Module) -> tuple[Fixed, ...]:
@@ -94,7 +122,7 @@ def plain_defaults(module: nn.Module) -> tuple[Fixed, ...]:
 
 def concrete_args(fixed: Sequence[Fixed]) -> dict[str, Any] | None:
     """What torch.fx's tracer takes as `concrete_args` for `fixed`; None where nothing is fixed."""
-    values = {f.name: f.value for f in fixed if f.value is not _TRACED}
+    values = {f.name: f.value for f in fixed if not isinstance(f.value, _Traced)}
     return values or None
 
 
@@ -107,7 +135,7 @@ def as_declared(graph: fx.Graph, fixed: Sequence[Fixed]) -> None:
     so that a caller passing `shortcut=None` by keyword would be refused) and drop fx's checks
     of their values (`holds` makes them before the forward runs, and falls back instead of
     raising)."""
-    names = {f"{f.name}_1": f.name for f in fixed if f.value is not _TRACED}
+    names = {f"{f.name}_1": f.name for f in fixed if not isinstance(f.value, _Traced)}
     for node in [n for n in graph.nodes if n.op == "placeholder" and n.target in names]:
         checks: list[fx.Node] = []
         frontier = list(node.users)

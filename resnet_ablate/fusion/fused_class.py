@@ -7,6 +7,7 @@ import copy
 from typing import Any
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 
 class FusedForward:
@@ -30,3 +31,17 @@ class FusedForward:
         raise TypeError(f"{type(self).__name__} has a forward rewritten by resnet_ablate.fuse and "
                         "cannot be pickled as a whole module: save its state_dict(), or call "
                         "resnet_ablate.unfuse(model) first")
+
+
+def give_back_class(module: nn.Module) -> None:
+    """`module`'s own class back (its `unfused_class`), keeping a parametrization registered
+    on it since it was fused: torch gave it a subclass of the fused class (`Parametrized<Name>`)
+    whose properties compute the parametrized tensors, and the bare class would lose them (an
+    audit: `weight` gone after `unfuse`). Such a module gets that subclass over its own class."""
+    original = module.unfused_class  # type: ignore[attr-defined]
+    names = list(module.parametrizations) if parametrize.is_parametrized(module) else []
+    module.__class__ = original
+    if any(not isinstance(getattr(original, name, None), property) for name in names):
+        parametrize._inject_new_class(module)  # as register_parametrization does
+        for name in names:
+            parametrize._inject_property(module, name)

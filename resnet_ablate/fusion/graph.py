@@ -25,8 +25,8 @@ from torch import fx, nn
 from ..blocks import fused_twin_of
 from .arguments import Fixed, fixed_on_probe, plain_defaults
 from .forward_facts import KEPT_MODULES, Guards, KeptModules, guarded, kept_module
-from .patterns import (_OPAQUE, added_into_then_relu, added_then_relu, find_sites, owner_of,
-                       residual_batch_norm, rewrite, traced)
+from .patterns import _OPAQUE, find_sites, owner_of, residual_batch_norm, traced
+from .rewrite import added_into_then_relu, added_then_relu, rewrite
 from .fused_class import FusedForward
 from .norm_act import acts_as_batch_norm, give_fused_class, take_fused_class
 from .probe import beyond_tolerance, changed_in_place, evaluating, probe_input
@@ -59,11 +59,14 @@ def _plain_slices(self: Any, index: Any) -> Any:
 
 
 def _give_forward(module: nn.Module, forward: Callable[..., Any], batch_norms: tuple[str, ...],
-                  kept: KeptModules) -> None:
+                  joined: tuple[str, ...], kept: KeptModules) -> None:
+    """`module` with its class made for `forward`, which calls the fused `batch_norms` and adds
+    the output of the `joined` ones (their names from the module: `fuse` reads them again)."""
     base = type(module)
     original = getattr(base, "unfused_class", base)
     namespace = {"forward": forward, "unfused_class": original, "__module__": __name__,
-                 "fused_batch_norms": (*getattr(module, "fused_batch_norms", ()), *batch_norms)}
+                 "fused_batch_norms": (*getattr(module, "fused_batch_norms", ()), *batch_norms),
+                 "joined_batch_norms": (*getattr(module, "joined_batch_norms", ()), *joined)}
     if issubclass(original, nn.Sequential):  # else a slice would be a copy of this class
         namespace["__getitem__"] = _plain_slices
     module.__class__ = type(f"Fused{original.__name__}", (FusedForward, original), namespace)
@@ -333,7 +336,7 @@ def _rewrite_owner(model: nn.Module, owner: str, through: set[str], expected_bns
                        else None) for s in sites]
     args, kwargs, expected, left = inputs
     absorbed = [(site.bn, site.relu) for site in sites]  # before the rewrite erases them
-    rewrite(graph, sites)
+    rewrite(graph, sites, module)
     forward = _forward_of(graph)
     for target, bn in originals.items():  # ReLU off: the rewritten forward asks for it
         if acts_as_batch_norm(bn):  # a norm-activation without one: fused in place
@@ -352,7 +355,8 @@ def _rewrite_owner(model: nn.Module, owner: str, through: set[str], expected_bns
             take_fused_class(bn)
             module.set_submodule(target, bn)
         return [], [], reason
-    _give_forward(module, guarded(forward, baked, fixed), tuple(originals),
+    joined = tuple(_relative(f.residual_batch_norm, owner) for f in found if f.residual_batch_norm)
+    _give_forward(module, guarded(forward, baked, fixed), tuple(originals), joined,
                   _kept_modules(module, through, absorbed))
     return found, missed, None
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..blocks import calls_hooks
 from ..kernels import FusedBatchNorm2d
-from .fused_class import FusedForward
+from .fused_class import FusedForward, give_back_class
 from .probe import beyond_tolerance, evaluating, probe_input
 from .records import FusedSite, SkippedBlock
 
@@ -129,7 +129,7 @@ def give_fused_class(module: nn.Module) -> None:
 def take_fused_class(module: nn.Module) -> None:
     """`module` with its own class back, where it has a fused one."""
     if isinstance(module, FusedNormAct):
-        module.__class__ = module.unfused_class  # type: ignore[assignment]
+        give_back_class(module)
 
 
 def _probe_mismatch(module: nn.Module) -> str | None:

@@ -10,6 +10,7 @@ op reproduces `nn.BatchNorm2d` only), a BatchNorm called twice, an output also u
 from __future__ import annotations
 
 import operator
+import warnings
 from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -154,7 +155,10 @@ def traced(module: nn.Module, through: Collection[str] | None = None,
     """`trace`, with the tracer: what it found hooked and the values the forward baked in;
     `fixed`: arguments traced as constants (arguments.py)."""
     tracer = SiteTracer(through)
-    graph = tracer.trace(module, concrete_args(fixed))
+    with warnings.catch_warnings():
+        # fx cannot check an object it fixes (an Enum member) and says so: `guarded` does.
+        warnings.filterwarnings("ignore", "Was not able to add assertion")
+        graph = tracer.trace(module, concrete_args(fixed))
     as_declared(graph, fixed)
     for node in list(graph.nodes):
         if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
@@ -278,7 +282,7 @@ def _unfusable(bn: nn.Module, calls: int, site: Site, modules: dict[str, nn.Modu
         return "it has hooks, which its fused twin would not have"
     if calls > 1:
         return f"the forward calls it {calls} times"
-    if _bn_input(site.bn) is None:
+    if bn_input(site.bn) is None:
         return "it is called with arguments other than its input"
     relu = modules.get(str(site.relu.target)) if site.relu.op == "call_module" else None
     if relu is not None and calls_hooks(relu):
@@ -288,7 +292,7 @@ def _unfusable(bn: nn.Module, calls: int, site: Site, modules: dict[str, nn.Modu
     return None
 
 
-def _bn_input(bn: fx.Node) -> fx.Node | None:
+def bn_input(bn: fx.Node) -> fx.Node | None:
     """The input of a BatchNorm call, positional or by keyword, where that is all it is given."""
     if len(bn.args) == 1 and not bn.kwargs:
         return bn.args[0]  # type: ignore[return-value]
@@ -342,53 +346,3 @@ def owner_of(site: Site) -> str:
             break
         common.append(names[0])
     return common[-1] if common else ""
-
-
-def rewrite(graph: fx.Graph, sites: list[Site]) -> None:
-    """Each site's calls replaced by one call of its BatchNorm module with the residual and
-    `relu=True` (the module itself is swapped for its fused twin by the caller, whose own flag
-    stays off: another caller of the module gets a BatchNorm, as before); a residual added out of place
-    goes through `added_then_relu`, which keeps the dtype that `+` promotes to, and a BN output
-    added into its residual in place through `added_into_then_relu`, the residual's dtype."""
-    for site in sites:
-        x = _bn_input(site.bn)
-        with graph.inserting_before(site.relu):
-            if site.add is None:
-                fused = graph.call_module(str(site.bn.target), (x,), {"relu": True})
-            else:  # read now: an earlier site's ReLU it added is replaced by then
-                first, second = site.add.args
-                residual = second if first is site.bn else first
-                if site.add.target in (operator.iadd, "add_") and first is site.bn:
-                    # in place into the BN output: its dtype stays
-                    fused = graph.call_module(str(site.bn.target), (x, residual), {"relu": True})
-                elif site.add.target in (operator.iadd, "add_"):  # into the residual's tensor
-                    fused = graph.call_function(added_into_then_relu, (
-                        graph.get_attr(str(site.bn.target)), x, residual))
-                else:
-                    fused = graph.call_function(added_then_relu, (
-                        graph.get_attr(str(site.bn.target)), x, residual))
-        site.relu.replace_all_uses_with(fused)
-        for node in reversed(site.nodes):
-            graph.erase_node(node)
-    graph.lint()
-
-
-def added_then_relu(bn: FusedBatchNorm2d, x: torch.Tensor, residual: torch.Tensor
-                    ) -> torch.Tensor:
-    """`relu(bn(x) + residual)` as the unfused ops compute it: the fused op writes the BN
-    output's dtype (as `out += residual` does), where `+` promotes to a wider residual's, which
-    a probe in float32 does not show but autocast does (bf16 convolutions, a float32 shortcut):
-    there the unfused arithmetic runs."""
-    if residual.dtype is x.dtype or torch.result_type(x, residual) == x.dtype:
-        return bn(x, residual, relu=True)
-    return torch.relu(bn(x, relu=False) + residual)
-
-
-def added_into_then_relu(bn: FusedBatchNorm2d, x: torch.Tensor, residual: torch.Tensor
-                         ) -> torch.Tensor:
-    """`residual += bn(x)` then `relu(residual)` (a residual that nothing else reads, as timm's
-    `x += shortcut` after drop_path) as the unfused ops compute it: in the residual's dtype,
-    where it is not the BN output's (which the fused op writes), by the unfused ops in place."""
-    if residual.dtype is x.dtype:
-        return bn(x, residual, relu=True)
-    return torch.relu(residual.add_(bn(x, relu=False)))

@@ -12,6 +12,7 @@ from ..blocks import BasicBlock, Bottleneck, plain_twin_of
 from ..kernels import FusedBatchNorm2d
 from ..models import ResNet
 from .forward_facts import KEPT_MODULES
+from .fused_class import give_back_class
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -24,7 +25,7 @@ def _unfuse_rewritten(module: nn.Module) -> None:
         bn = getattr(module.get_submodule(parent) if parent else module, name, None)
         if isinstance(bn, FusedBatchNorm2d):
             module.set_submodule(target, plain_twin_of(bn))
-    module.__class__ = module.unfused_class  # type: ignore[attr-defined]
+    give_back_class(module)
     vars(module).pop(KEPT_MODULES, None)
 
 

@@ -235,6 +235,26 @@ def test_this_packages_fused_model_follows_an_activation_or_batch_norm_set_after
     assert type(model.relu) is nn.GELU and type(model.layer1[0].relu) is nn.GELU
 
 
+def test_a_converted_block_answers_the_library_blocks_attributes_and_unfuse_gives_its_class_back():
+    """A converted block lacked torchvision's `stride`, and `unfuse` gave this package's plain
+    block back, not the library's class (code that looks for it missed every block)."""
+    torch.manual_seed(0)
+    model = small_tv_resnet()
+    reference = copy.deepcopy(model).eval()
+    fuse(model)
+    assert isinstance(model.layer2[0], OurBasicBlock) and model.layer2[0].stride == 2
+    model.layer1[0].note = "set while fused"
+    for net in (model, reference):
+        net.layer1[0].relu = nn.GELU()
+    unfuse(model)
+    assert [type(m) for m in model.modules()] == [type(m) for m in reference.modules()]
+    assert type(model.layer2[0]) is TVBasicBlock and model.layer2[0].stride == 2
+    assert model.layer1[0].note == "set while fused" and not hasattr(model.layer1[0], "fused")
+    assert list(model.layer1[0]._modules) == list(reference.layer1[0]._modules)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model.eval()(x), reference(x))
+
+
 @pytest.mark.parametrize("options, reason", [
     ({"attn_layer": TimmSEModule}, "se is TimmSEModule: it rescales the last BN's output before "
                                    "the residual add"),

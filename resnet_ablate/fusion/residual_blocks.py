@@ -28,6 +28,7 @@ from ..kernels import FusedBatchNorm2d
 from ..models import ResNet
 from .forward_facts import KEPT_MODULES, random_draws, random_streams_kept
 from .patterns import has_hooks
+from .library_blocks import remember
 from .probe import beyond_tolerance, changed_in_place, evaluating, probe_input
 from .reads import MODULE_OWN
 from .records import FusedSite, SkippedBlock, qualified
@@ -150,6 +151,7 @@ def _converted(block: nn.Module) -> BasicBlock | Bottleneck:
     # The block's own mode; its parts keep theirs (a frozen BatchNorm stays in eval mode), and
     # each fused twin has its BatchNorm's.
     new.training = block.training
+    remember(new, block)  # unfuse gives the library's class back
     return new  # type: ignore[return-value]
 
 

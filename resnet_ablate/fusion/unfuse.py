@@ -13,6 +13,7 @@ from ..kernels import FusedBatchNorm2d
 from ..models import ResNet
 from .forward_facts import KEPT_MODULES
 from .fused_class import give_back_class
+from .library_blocks import give_library_class, kept_child
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -44,7 +45,8 @@ def unfuse(model: M) -> M:
     place (the same parameter and buffer tensors), and return the model. Outputs, gradients and
     state_dict keys are unchanged; what remains is plain PyTorch, which every exporter and
     library understands. The inverse of `fuse`: modules whose forward it rewrote get their own
-    class and forward back."""
+    class and forward back, and blocks it converted the library's class they were
+    (library_blocks.py)."""
     check_is_module(model, "unfuse")
     for module in list(model.modules()):
         if hasattr(type(module), "unfused_class"):
@@ -57,7 +59,9 @@ def unfuse(model: M) -> M:
             module.fused = False
             for name in module.activations:  # (one set after fusing stays)
                 if getattr(module, name) is None:
-                    setattr(module, name, nn.ReLU(inplace=True))
+                    held, activation = kept_child(module, name)  # (the library block's own)
+                    setattr(module, name, activation if held else nn.ReLU(inplace=True))
+            give_library_class(module)
         elif isinstance(module, ResNet) and module.fused:
             assert isinstance(module.bn1, FusedBatchNorm2d)
             module.bn1 = plain_twin_of(module.bn1)

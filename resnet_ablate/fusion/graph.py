@@ -25,12 +25,12 @@ from torch import fx, nn
 from ..blocks import fused_twin_of
 from .arguments import Fixed, fixed_on_probe, plain_defaults
 from .forward_facts import KEPT_MODULES, Guards, KeptModules, guarded, kept_module
-from .patterns import _OPAQUE, find_sites, owner_of, residual_batch_norm, traced
-from .rewrite import added_into_then_relu, added_then_relu, rewrite
 from .fused_class import FusedForward
 from .norm_act import acts_as_batch_norm, give_fused_class, take_fused_class
+from .patterns import _OPAQUE, find_sites, owner_of, residual_batch_norm, traced
 from .probe import beyond_tolerance, changed_in_place, evaluating, probe_input
 from .records import FusedSite, SkippedBlock, qualified
+from .rewrite import added_into_then_relu, added_then_relu, rewrite
 
 _PROBE_SIDE = 32
 
@@ -312,8 +312,8 @@ def _traced_in_both_modes(module: nn.Module, through: set[str], fixed: tuple[Fix
 def _rewrite_owner(model: nn.Module, owner: str, through: set[str], expected_bns: set[str],
                    inputs: Any) -> tuple[list[FusedSite], list[SkippedBlock], str | None]:
     """Rewrite one owner's forward, proved on its probe inputs: the sites fused and those its
-    own trace does not show, or why none was. Arguments the probe's call left at a plain value
-    are traced as that value (arguments.py)."""
+    own trace does not show, or why none was. Arguments the probe's call passed as anything but
+    a tensor or a container are traced as that value (arguments.py)."""
     module = model.get_submodule(owner)
     fixed = fixed_on_probe(module, *inputs[:2]) if inputs is not None else ()
     traced_forward = _traced_in_both_modes(module, through, fixed)

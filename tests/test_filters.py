@@ -76,3 +76,14 @@ def test_the_languages_own_errors_are_not_reworded_as_values_that_do_not_compare
     with pytest.raises(FilterError) as error:
         filter_mask(frame, text)
     assert "do not compare" not in str(error.value), str(error.value)
+
+
+def test_a_column_of_text_and_numbers_compares_for_equality_with_either():
+    """The text-or-number check that == and `in` gained refused `sched == 0.1` on a column that
+    holds both (a review): where the column holds both, equality selects as pandas' query does;
+    an ordering stays refused, as it was."""
+    mixed = pd.DataFrame({"sched": ["none", 0.1, 0.2, None]})
+    for text in ("sched == 0.1", "sched in [0.1, 'none']", "sched != 'none'"):
+        assert list(mixed[filter_mask(mixed, text)].index) == list(mixed.query(text).index)
+    with pytest.raises(FilterError, match="sched holds text and 0.1 is a number"):
+        filter_mask(mixed, "sched < 0.1")

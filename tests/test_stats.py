@@ -312,7 +312,7 @@ def test_three_seeds_whose_differences_tie_on_different_images_are_not_read_as_c
     assert scipy_stats.binomtest(3, 12).pvalue == pytest.approx(0.146, abs=1e-3)
     assert estimates[0].low < 0 < estimates[0].high
     assert estimates[0].p_value == pytest.approx(estimates[1].p_value, abs=0.03)
-    assert estimates[0].p_value > 0.05
+    assert estimates[0].p_value == pytest.approx(0.10, abs=0.01)  # README's figure
 
 
 def test_three_seeds_whose_differences_tie_or_nearly_tie_keep_the_paired_test():
@@ -320,8 +320,8 @@ def test_three_seeds_whose_differences_tie_or_nearly_tie_keep_the_paired_test():
     # or always wrong: a few discordant images per seed), where the seeds' differences tie or
     # come within an image of a tie often (5% of these at 3 seeds): 33-50% of such studies were
     # called different at p < 0.05 (an audit), the seeds' spread read as none. Overall the test
-    # keeps its level; among the ties and near-ties at most 15% (nominal 5%; about 50 of them,
-    # so the simulation's own error is about 3 points there).
+    # keeps its level; among the ties and near-ties at most 10% (README: 6-9%; nominal 5%; about
+    # 50 of them, so the simulation's own error is about 3 points there).
     n, images, replications = 3, 360, 2000
     rng = np.random.default_rng(12)
     p_values, close = [], []
@@ -335,7 +335,7 @@ def test_three_seeds_whose_differences_tie_or_nearly_tie_keep_the_paired_test():
     p_values, close = np.array(p_values), np.array(close)
     assert np.mean(p_values < 0.05) <= 0.06 and close.sum() >= 30, \
         (np.mean(p_values < 0.05), close.sum())
-    assert np.mean(p_values[close] < 0.05) <= 0.15, (close.sum(), np.mean(p_values[close] < 0.05))
+    assert np.mean(p_values[close] < 0.05) <= 0.10, (close.sum(), np.mean(p_values[close] < 0.05))
 
 
 def test_binomial_bound_without_per_image_record_is_conservative():

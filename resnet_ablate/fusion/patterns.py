@@ -24,9 +24,9 @@ from ..blocks import BasicBlock, Bottleneck, calls_hooks
 from ..kernels import FusedBatchNorm2d
 from ..models import ResNet
 from .arguments import Fixed, as_declared, concrete_args
-from .norm_act import acts_as_batch_norm
 from .forward_facts import (KEPT_MODULES, Untraceable, autograd_state, check_forward,
                             may_apply_relu, random_draws, random_streams_kept)
+from .norm_act import acts_as_batch_norm
 from .reads import Baked, baked, baked_values, recorded_reads
 from .records import Pattern
 

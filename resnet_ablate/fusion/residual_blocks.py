@@ -27,8 +27,8 @@ from ..blocks import BasicBlock, Bottleneck, fuse_block_, fused_twin_of
 from ..kernels import FusedBatchNorm2d
 from ..models import ResNet
 from .forward_facts import KEPT_MODULES, random_draws, random_streams_kept
-from .patterns import has_hooks
 from .library_blocks import remember
+from .patterns import has_hooks
 from .probe import beyond_tolerance, changed_in_place, evaluating, probe_input
 from .reads import MODULE_OWN
 from .records import FusedSite, SkippedBlock, qualified

@@ -107,7 +107,7 @@ class _Interpreter:
                 values = self.values(right)
                 column = self.column(left)
                 for value in values:
-                    self._check_comparable(left, column, right, value)
+                    self._check_comparable(left, column, right, value, ordered=False)
                 if any(isinstance(v, str) for v in values):
                     column, values = _folded(column), [_folded(v) for v in values]
                 selected = column.isin(values)
@@ -116,7 +116,8 @@ class _Interpreter:
                 a, b = self.operand(left), self.operand(right)
                 if not isinstance(a, pd.Series) and not isinstance(b, pd.Series):
                     raise self.fail(node, "a comparison needs a column on one side")
-                self._check_comparable(left, a, right, b)
+                self._check_comparable(left, a, right, b,
+                                       ordered=not isinstance(op, (ast.Eq, ast.NotEq)))
                 if isinstance(op, (ast.Eq, ast.NotEq)) and (isinstance(a, str) or isinstance(b, str)):
                     a, b = _folded(a), _folded(b)
                 result &= _COMPARISONS[type(op)](a, b).astype("boolean")
@@ -125,10 +126,13 @@ class _Interpreter:
             left = right
         return result
 
-    def _check_comparable(self, left: ast.AST, a: Any, right: ast.AST, b: Any) -> None:
+    def _check_comparable(self, left: ast.AST, a: Any, right: ast.AST, b: Any, *,
+                          ordered: bool) -> None:
         """A column of numbers compared with text, or one of text with a number: said in the
-        filter's own words, not numpy's, for == and `in` too, where it would match nothing
-        (an audit: `depth == '20'` matched none and the error listed depth: 20)."""
+        filter's own words, not numpy's; for == and `in` too, where it would match nothing (an
+        audit: `depth == '20'` matched none and the error listed depth: 20), there only where
+        the column holds nothing else (one of text and numbers, as `['none', 0.1]`, compares
+        with either)."""
         for side, value, other in ((left, a, b), (right, b, a)):
             if isinstance(value, pd.Series) and isinstance(other, (str, bool, int, float)):
                 numeric = pd.api.types.is_numeric_dtype(value.dtype) and \
@@ -136,8 +140,10 @@ class _Interpreter:
                 if numeric and isinstance(other, str):
                     raise FilterError(f"{self.text!r}: {side.id} holds numbers and {other!r} is "
                                       "text; compare it with a number (no quotes)")
-                if not numeric and not isinstance(other, str) and value.notna().any() and \
-                        isinstance(value.dropna().iloc[0], str):
+                present = value.dropna()
+                text = (present.map(lambda v: isinstance(v, str)).all() if not ordered
+                        else isinstance(present.iloc[0], str)) if len(present) else False
+                if not numeric and not isinstance(other, str) and text:
                     raise FilterError(f"{self.text!r}: {side.id} holds text and {other!r} is a "
                                       f"number; compare it with text in quotes")
 

@@ -231,12 +231,6 @@ class SideBySide:
                          for v in np.asarray(x, dtype=float).ravel()])
 
 
-__all__ = ["ONE_SEED_LABEL", "SIDE_STEP", "SideBySide", "at_the_floor", "interval_methods",
-           "labelled_within_a_decade", "legend_beside_if_long", "level_label", "log_percent_axis",
-           "mark_seeds_apart", "mark_without_interval", "metric_unit", "natural_order",
-           "panel_order", "panels_figure", "plain_number_x_axis", "side_by_side", "varied_factors"]
-
-
 def bar_top(row: pd.Series, metric: str) -> float:
     """The upper end of a mean's bar, or the mean where it has none (one seed)."""
     high = float(row[f"{metric}_ci95_high"])
@@ -273,3 +267,10 @@ def tag_means(ax: Any, means: list[tuple[float, float, Any, str, str]]) -> None:
         ax.annotate(tag, (x, max(m[1] for m in members)), xytext=(0, 3),
                     textcoords="offset points", fontsize="x-small", va="bottom", ha=align,
                     color=members[0][2] if len(members) == 1 else "0.35")
+
+
+__all__ = ["ONE_SEED_LABEL", "SIDE_STEP", "SideBySide", "at_the_floor", "bar_top",
+           "interval_methods", "labelled_within_a_decade", "legend_beside_if_long", "level_label",
+           "log_percent_axis", "mark_seeds_apart", "mark_without_interval", "metric_unit",
+           "natural_order", "panel_order", "panels_figure", "plain_number_x_axis", "side_by_side",
+           "tag_means", "varied_factors"]

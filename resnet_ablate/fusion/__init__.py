@@ -40,7 +40,8 @@ def _fuse(model: nn.Module, example_input: Any) -> FuseReport:
     plan.apply(model)
     norm_acts, norm_acts_left = fuse_norm_acts(model)
     graphs = fuse_graphs(model, example_input)
-    left = [s for s in plan.skipped if not _fused_by_its_forward(model, s.name, graphs.sites)]
+    joined = _joined_batch_norms(model)
+    left = [s for s in plan.skipped if not _fused_by_its_forward(model, s.name, joined)]
     named = {s.name for s in norm_acts_left}  # (the graph path names them with a vaguer reason)
     skipped = dict.fromkeys((*left, *norm_acts_left,  # one BN met at two calls: once
                              *(s for s in graphs.skipped if s.name not in named)))
@@ -48,14 +49,19 @@ def _fuse(model: nn.Module, example_input: Any) -> FuseReport:
                       (*plan.sites, *norm_acts, *graphs.sites), tuple(graphs.rewritten))
 
 
-def _fused_by_its_forward(model: nn.Module, block: str, sites: list[FusedSite]) -> bool:
+def _joined_batch_norms(model: nn.Module) -> set[str]:
+    """The BatchNorms whose output a fused BatchNorm adds (a projection's), by this fuse or an
+    earlier one: each rewritten forward names those it joined."""
+    return {qualified(owner, name) for owner, module in model.named_modules()
+            for name in getattr(module, "joined_batch_norms", ())}
+
+
+def _fused_by_its_forward(model: nn.Module, block: str, joined: set[str]) -> bool:
     """Whether the graph path fused each BatchNorm of a block that the block path left (a
     forward with an optional argument), or fused its add and ReLU with the BatchNorm of the
-    residual it adds (a projection's): then the block is not left unfused. A BatchNorm left
-    for another reason (a squeeze-excitation between it and the add) keeps the block's."""
-    joined = {site.residual_batch_norm for site in sites} | {  # and by an earlier fuse
-        qualified(owner, name) for owner, module in model.named_modules()
-        for name in getattr(module, "joined_batch_norms", ())}
+    residual it adds (a projection's, among `joined`): then the block is not left unfused. A
+    BatchNorm left for another reason (a squeeze-excitation between it and the add) keeps the
+    block's."""
     norms = [(qualified(block, name), m) for name, m in model.get_submodule(block).named_children()
              if isinstance(m, _BatchNorm)]
     return bool(norms) and all(isinstance(m, (FusedBatchNorm2d, FusedNormAct)) or name in joined

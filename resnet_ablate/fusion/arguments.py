@@ -25,6 +25,7 @@ import torch
 from torch import fx, nn
 
 _PLAIN = (bool, int, float, str, type(None))
+_VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 
 
 @dataclass(frozen=True)
@@ -74,9 +75,8 @@ def fixed_on_probe(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, A
                    ) -> tuple[Fixed, ...]:
     """The arguments of `module`'s forward as the probe's call (`args`, `kwargs`) passed them:
     a tensor or a container traced as a stand-in (`_traced_as`), anything else fixed. None of
-    them where the call does not bind
-    to the forward's signature, or where the forward takes *args or **kwargs (the tracer gives
-    them no stand-ins)."""
+    them where the call does not bind to the forward's signature, or where the forward takes
+    *args or **kwargs (the tracer gives them no stand-ins)."""
     try:
         signature = inspect.signature(module.forward)
         bound = signature.bind(*args, **kwargs).arguments
@@ -84,7 +84,7 @@ def fixed_on_probe(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, A
         return ()
     fixed = []
     for position, parameter in enumerate(signature.parameters.values()):
-        if parameter.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+        if parameter.kind in _VARIADIC:
             return ()
         value = bound.get(parameter.name, parameter.default)
         at = None if parameter.kind is inspect.Parameter.KEYWORD_ONLY else position
@@ -116,8 +116,7 @@ def plain_defaults(module: nn.Module) -> tuple[Fixed, ...]:
         return ()
     return tuple(Fixed(p.name, None, p.default, p.default) for p in parameters
                  if p.default is not inspect.Parameter.empty and isinstance(p.default, _PLAIN)
-                 and p.kind not in (inspect.Parameter.VAR_POSITIONAL,
-                                    inspect.Parameter.VAR_KEYWORD))
+                 and p.kind not in _VARIADIC)
 
 
 def concrete_args(fixed: Sequence[Fixed]) -> dict[str, Any] | None:

@@ -43,11 +43,10 @@ class FusedNormAct(FusedForward):
                 relu: bool | None = None) -> torch.Tensor:
         """The module's own forward (BN, drop, act), then `+ residual` where given, then ReLU
         where `relu`: by the fused op wherever drop and act allow it."""
-        act = self._modules.get("act")
-        plain = not isinstance(input, torch.fx.Proxy) and _plain_drop(self) and not calls_hooks(act)
-        if plain and type(act) is nn.Identity:
+        act = None if isinstance(input, torch.fx.Proxy) else _plain_act(self)
+        if act is nn.Identity:
             return FusedBatchNorm2d.forward(self, input, residual, relu=bool(relu))
-        if plain and type(act) is nn.ReLU and residual is None and relu is None:
+        if act is nn.ReLU and residual is None and relu is None:
             return FusedBatchNorm2d.forward(self, input, relu=True)
         output = self.unfused_class.forward(self, input)  # nn.BatchNorm2d's steps, drop, act
         if residual is not None:
@@ -55,9 +54,13 @@ class FusedNormAct(FusedForward):
         return torch.relu(output) if relu else output
 
 
-def _plain_drop(module: nn.Module) -> bool:
-    drop = module._modules.get("drop")
-    return type(drop) is nn.Identity and not calls_hooks(drop)
+def _plain_act(module: nn.Module) -> type | None:
+    """The class of `module`'s act where its drop is a plain Identity and neither has hooks
+    (what the fused op can compute), else None."""
+    drop, act = module._modules.get("drop"), module._modules.get("act")
+    if type(drop) is not nn.Identity or calls_hooks(drop) or calls_hooks(act):
+        return None
+    return type(act)
 
 
 def is_norm_act(module: nn.Module) -> bool:
@@ -73,9 +76,7 @@ def is_norm_act(module: nn.Module) -> bool:
 def acts_as_batch_norm(module: nn.Module) -> bool:
     """Whether `module` is a norm-activation that computes nn.BatchNorm2d's output alone: its
     drop and act plain Identities, without hooks (the graph path fuses it as one)."""
-    act = module._modules.get("act")
-    return (is_norm_act(module) and _plain_drop(module) and type(act) is nn.Identity
-            and not calls_hooks(act))
+    return is_norm_act(module) and _plain_act(module) is nn.Identity
 
 
 def fuse_norm_acts(model: nn.Module) -> tuple[list[FusedSite], list[SkippedBlock]]:

@@ -60,6 +60,15 @@ def filter_mask(frame: pd.DataFrame, text: str) -> pd.Series:
         raise FilterError(f"{text!r}: the columns and values do not compare ({error})") from None
 
 
+def _holds_text(column: pd.Series, *, alone: bool) -> bool:
+    """Whether `column` holds text: every value it has (`alone`), or its first."""
+    present = column.dropna()
+    if present.empty:
+        return False
+    return bool(present.map(lambda v: isinstance(v, str)).all()) if alone \
+        else isinstance(present.iloc[0], str)
+
+
 def _folded(operand: Any) -> Any:
     """Text as levels are told apart (a spec refuses `[A, a]` as one level listed twice): without
     case, so that `shortcut == 'a'` selects the trials of level A."""
@@ -140,10 +149,8 @@ class _Interpreter:
                 if numeric and isinstance(other, str):
                     raise FilterError(f"{self.text!r}: {side.id} holds numbers and {other!r} is "
                                       "text; compare it with a number (no quotes)")
-                present = value.dropna()
-                text = (present.map(lambda v: isinstance(v, str)).all() if not ordered
-                        else isinstance(present.iloc[0], str)) if len(present) else False
-                if not numeric and not isinstance(other, str) and text:
+                if not numeric and not isinstance(other, str) and \
+                        _holds_text(value, alone=not ordered):
                     raise FilterError(f"{self.text!r}: {side.id} holds text and {other!r} is a "
                                       f"number; compare it with text in quotes")
 

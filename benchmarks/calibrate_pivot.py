@@ -13,11 +13,11 @@ chi-square, the pivot's own mixture-of-normals quantiles) for
     python benchmarks/calibrate_pivot.py --fit      # refit pivot.PIVOT_CALIBRATION (minutes per df)
 
 and writes the curves to benchmarks/results/pivot_calibration.csv and .png. The calibration is
-the pivot's level as a piecewise-linear function of the share the table shows, at fixed knots,
-fitted (Nelder-Mead) to minimise the largest |coverage - 95.5%| over a grid of true shares
-without a residual, from three seeds on (two seeds keep the pivot as it is: the comment on
-pivot.PIVOT_CALIBRATION says why); the figure shows as a band how the coverage moves with the
-residual's share.
+the pivot's level as a piecewise-linear function of the seeds' share the table shows and of the
+residual's share of theirs it shows, at fixed knots, fitted (Nelder-Mead) to minimise the largest
+|coverage - 95.5%| over a grid of true shares, from three seeds on (two seeds keep the pivot as it
+is: the comment on pivot.PIVOT_CALIBRATION says why); the figure shows as a band how the coverage
+moves with the residual's true share.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ QUADRATURE = 48  # cells of the seeds' observed mean square
 # theory the curves assume by about a point either way; the margin keeps it on the safe side.
 TARGET = 0.955
 SHARES = (0.02, 0.1, 0.2, 0.3, 0.45, 0.6, 0.75, 0.87, 0.95, 0.99)
-# The residual's share of the seeds' part, for the coverage the figure shows as a band (the fit
-# is at 0, where the least plausible seeds' mean square (stats) does not bind).
+# The residual's true share of the seeds' part: the calibration's second step is fitted over
+# them, and the figure shows the coverage over them as a band.
 RESIDUAL_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEGREES_OF_FREEDOM = tuple(range(1, 10))
 
@@ -56,12 +56,15 @@ def _half_width(seed_estimate: float, seed_df: int, alpha: float, chi2: np.ndarr
     return pivot.Pivot(variances).half_width(alpha)
 
 
-def coverage(share: float, seed_df: int, levels: tuple[float, ...] | None,
+Levels = tuple[tuple[float, ...], ...]  # pivot.PIVOT_CALIBRATION's: a row per residual knot
+
+
+def coverage(share: float, seed_df: int, levels: Levels | None,
              residual_share: float = 0.0) -> float:
     """Coverage of the 95% interval when the seeds' true share of the variance is `share` and
     the residual's true share of the seeds' part `residual_share` (what stats takes the seeds'
     mean square no lower than, in proportion): `levels` the calibration at
-    pivot.CALIBRATION_KNOTS (None: uncalibrated)."""
+    pivot.RESIDUAL_KNOTS x pivot.CALIBRATION_KNOTS (None: uncalibrated)."""
     chi2 = scipy_stats.chi2.ppf((np.arange(DRAWS) + 0.5) / DRAWS, seed_df)
     seeds = share / (1 - share)  # the test-image part is 1
     observed = seeds * scipy_stats.chi2.ppf((np.arange(QUADRATURE) + 0.5) / QUADRATURE,
@@ -71,40 +74,76 @@ def coverage(share: float, seed_df: int, levels: tuple[float, ...] | None,
     covered = []
     for seen in observed:
         estimate = max(seen, least)
-        shown = estimate / (estimate + 1)
-        level = 0.95 if levels is None else float(np.interp(shown, pivot.CALIBRATION_KNOTS,
-                                                            levels))
-        half = _half_width(estimate, seed_df, 1 - level, chi2,
-                           pivot.seed_draw_floor(residual, seed_df, seen < least))
+        floor = pivot.seed_draw_floor(residual, seed_df, seen < least)
+        level = 0.95 if levels is None else _level(
+            levels, estimate / (estimate + 1),
+            pivot.residual_share_shown(residual, estimate, floor > 0))
+        half = _half_width(estimate, seed_df, 1 - level, chi2, floor)
         covered.append(2 * scipy_stats.norm.cdf(half / np.sqrt(seeds + 1)) - 1)
     return float(np.mean(covered))
 
 
-def fit(seed_df: int) -> tuple[float, ...] | None:
-    """Levels at the knots minimising the largest |coverage - TARGET| over SHARES, from a start
-    narrowed in the middle (as few seeds need); where that fit does no better than the pivot as
-    it is (a flat 95%), the fit from the flat start (at 9 and 10 seeds the first one strayed below
-    95%); None where neither does. (Fits of equal worst case can differ in power: from the flat
-    start, 3 seeds' interaction test found a large interaction in 71% of studies, not 81%; so
-    the first start is kept wherever it does its job.)"""
-    def worst(levels: np.ndarray) -> float:
-        if np.any(levels < 0.6) or np.any(levels > 0.97):
-            return 1.0
-        return max(abs(coverage(s, seed_df, tuple(levels)) - TARGET) for s in SHARES)
+def _level(levels: Levels, shown: float, residual_shown: float) -> float:
+    """pivot.alpha_widening's level, for levels that are not (yet) pivot.PIVOT_CALIBRATION's."""
+    by_residual = [float(np.interp(shown, pivot.CALIBRATION_KNOTS, row)) for row in levels]
+    return float(np.interp(residual_shown, pivot.RESIDUAL_KNOTS, by_residual))
 
-    uncalibrated = np.full(len(pivot.CALIBRATION_KNOTS), 0.95)
-    bound = worst(uncalibrated)
+
+def _minimax(worst, start: np.ndarray) -> np.ndarray:
+    """Nelder-Mead from `start`, its simplex a step of 0.02 down each level."""
+    simplex = np.vstack([start] + [start - 0.02 * np.eye(len(start))[i]
+                                   for i in range(len(start))])
+    result = optimize.minimize(worst, start, method="Nelder-Mead",
+                               options={"maxfev": 170 * len(start) // 6, "xatol": 1e-4,
+                                        "fatol": 1e-5, "initial_simplex": simplex})
+    return np.round(result.x, 4)
+
+
+def _out_of_range(levels: np.ndarray) -> bool:
+    return bool(np.any(levels < 0.6) or np.any(levels > 0.97))
+
+
+def fit(seed_df: int) -> Levels | None:
+    """The levels, in two steps (pivot.PIVOT_CALIBRATION's comment); None where neither beats
+    the pivot as it is.
+
+    Without a residual: the levels at the share knots minimising the largest |coverage -
+    TARGET| over SHARES, from a start narrowed in the middle (as few seeds need); where that fit
+    does no better than the pivot as it is (a flat 95%), the fit from the flat start (at 9 and
+    10 seeds the first one strayed below 95%). (Fits of equal worst case can differ in power:
+    from the flat start, 3 seeds' interaction test found a large interaction in 71% of studies,
+    not 81%; so the first start is kept wherever it does its job.) With one: the rows at the
+    other residual knots, from the first row repeated, over SHARES and RESIDUAL_SHARES."""
+    knots = len(pivot.CALIBRATION_KNOTS)
+
+    def worst_alone(row: np.ndarray) -> float:
+        if _out_of_range(row):
+            return 1.0
+        levels = (tuple(row),) * len(pivot.RESIDUAL_KNOTS)  # a table without a residual reads one
+        return max(abs(coverage(s, seed_df, levels) - TARGET) for s in SHARES)
+
+    uncalibrated = np.full(knots, 0.95)
+    bound, first = worst_alone(uncalibrated), None
     for start in (np.array([0.95, 0.92, 0.92, 0.93, 0.94, 0.95] if seed_df < 3
                            else [0.95, 0.93, 0.93, 0.94, 0.945, 0.95]), uncalibrated):
-        simplex = np.vstack([start] + [start - 0.02 * np.eye(len(start))[i]
-                                       for i in range(len(start))])
-        result = optimize.minimize(worst, start, method="Nelder-Mead",
-                                   options={"maxfev": 170, "xatol": 1e-4, "fatol": 1e-5,
-                                            "initial_simplex": simplex})
-        levels = np.round(result.x, 4)
-        if worst(levels) < bound:
-            return tuple(float(v) for v in levels)
-    return None
+        row = _minimax(worst_alone, start)
+        if worst_alone(row) < bound:
+            first = row
+            break
+    if first is None:
+        return None
+
+    def worst(rows: np.ndarray) -> float:
+        levels = np.vstack([first, rows.reshape(-1, knots)])
+        if _out_of_range(levels):
+            return 1.0
+        table = tuple(tuple(r) for r in levels)
+        return max(abs(coverage(s, seed_df, table, r) - TARGET)
+                   for s in SHARES for r in RESIDUAL_SHARES if r > 0)
+
+    others = _minimax(worst, np.tile(first, len(pivot.RESIDUAL_KNOTS) - 1))
+    return tuple(tuple(float(v) for v in row)
+                 for row in np.vstack([first, others.reshape(-1, knots)]))
 
 
 def plot(rows: list[dict[str, object]], path: Path) -> None:
@@ -146,8 +185,9 @@ def main() -> None:
         levels = pivot.PIVOT_CALIBRATION.get(seed_df)
         if args.fit and seed_df > 1:  # two seeds stay uncalibrated: see pivot.PIVOT_CALIBRATION
             levels = fit(seed_df)
-            print(f"    {seed_df}: {levels},  # None: the pivot as it is" if levels is None
-                  else f"    {seed_df}: {levels},", flush=True)
+            print(f"    {seed_df}: None,  # the pivot as it is" if levels is None else
+                  f"    {seed_df}: (" + "".join(f"\n        {row}," for row in levels) + "\n    ),",
+                  flush=True)
         for share in SHARES:
             for residual_share in RESIDUAL_SHARES:
                 before = coverage(share, seed_df, None, residual_share)

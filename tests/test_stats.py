@@ -71,6 +71,48 @@ def test_paired_test_keeps_its_type_one_error_at_2_to_10_seeds(regime):
     assert np.mean(from_three) >= 0.03 and min(from_three) >= 0.02, rejected
 
 
+def test_where_seeds_vary_little_the_paired_test_is_not_needlessly_conservative():
+    """Configurations whose seeds have little effect of their own, compared on one test set (as
+    converged networks mostly are): the seeds' part of a paired table is then mostly the seed x
+    image residual, where the calibration without it over-covered (97.7% at 3 seeds under the
+    model) and called 2.8-3.0% of null comparisons different at 3 and 5 seeds on 400 images.
+    Calibrated over the residual's share too (0.4.0), at least 3.3% and at most 6%."""
+    error, seed_sd, image_sd = REGIMES["images dominate"]
+    offset = offset_for(error, seed_sd, image_sd)
+    rng = np.random.default_rng(21)
+    rejected = []
+    for n in (3, 5):
+        for _ in range(2000):
+            difficulty = rng.normal(0, image_sd, TEST_IMAGES)
+            base, level = (error_table(rng, n, offset, seed_sd, image_sd, difficulty)
+                           for _ in range(2))
+            rejected.append(stats.paired_difference(list(base), list(level), base.mean(axis=1),
+                                                    level.mean(axis=1), TEST_IMAGES).p_value
+                            < 0.05)
+    # 4,000 null comparisons: the simulation's own error about 0.3 points.
+    assert 0.033 <= np.mean(rejected) <= 0.06, np.mean(rejected)
+
+
+def test_the_calibration_holds_under_its_model_at_every_residual_share():
+    """pivot.PIVOT_CALIBRATION against the coverage it was fitted to, computed afresh
+    (benchmarks/calibrate_pivot.py: quadrature over the seeds' chi-square, the pivot's own
+    quantiles): within a point of 95% at the true shares and residual shares sampled, which the
+    levels without a residual's share missed (97.7% at 3 seeds). A change to the pivot's rule
+    without a refit of its constants fails here."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "calibrate_pivot.py"
+    spec = importlib.util.spec_from_file_location("calibrate_pivot", path)
+    calibrate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(calibrate)
+    covered = {(df, share, residual): calibrate.coverage(share, df, pivot.PIVOT_CALIBRATION[df],
+                                                         residual)
+               for df in (2, 4, 9) for share in (0.1, 0.45, 0.87, 0.99)
+               for residual in (0.0, 0.5, 1.0)}
+    assert all(0.945 <= c <= 0.965 for c in covered.values()), covered
+
+
 def _correlated_pair(rng, n: int, images: int, error: float, difference: float,
                      shared: float) -> tuple[np.ndarray, np.ndarray]:
     """Two configurations that err alike (as a small architectural change does): the same
@@ -160,11 +202,11 @@ def _one_in_ten_worse(rng, size):
 
 
 @pytest.mark.parametrize("seed_effects, low, high", [
-    (_lognormal_seeds(0.4), 0.88, 0.96), (_lognormal_seeds(0.8), 0.72, 0.89),
+    (_lognormal_seeds(0.4), 0.87, 0.96), (_lognormal_seeds(0.8), 0.72, 0.89),
     (_one_in_ten_worse, 0.80, 0.91)], ids=["lognormal-0.4", "lognormal-0.8", "one-in-ten"])
 def test_right_skewed_seed_noise_is_covered_as_readme_says(seed_effects, low, high):
     # The intervals assume roughly symmetric seed effects; README states what they cover when
-    # seeds are right-skewed (at 3 to 10 seeds: 89-93%, 75-86%, 83-88% for these three), and
+    # seeds are right-skewed (at 3 to 10 seeds: 88-92%, 75-85%, 83-87% for these three), and
     # that it is no worse than Student's t over the seed means. The truth: the mean over a large
     # sample of seeds and images.
     image_sd, offset = 1.5, -3.2
@@ -489,7 +531,7 @@ def test_crossed_analysis_matches_hand_computed_mean_squares_when_seeds_do_not_v
     assert estimate.se == pytest.approx(
         math.sqrt(variance * df / scipy_stats.chi2.median(df)), rel=1e-3)
     # The t interval, at the level the calibration gives a table whose seeds have no share.
-    level = pivot.PIVOT_CALIBRATION[n - 1][0]
+    level = pivot.PIVOT_CALIBRATION[n - 1][0][0]
     half = scipy_stats.t.ppf(0.5 + level / 2, df) * math.sqrt(variance)
     assert (estimate.low, estimate.high) == (pytest.approx(p - half, rel=1e-3),
                                              pytest.approx(p + half, rel=1e-3))

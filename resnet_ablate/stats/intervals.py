@@ -19,20 +19,22 @@ n = 2; the rest, the test images' ``s2_image/N``, on as many as the images that 
 count where a few do, as in a paired table that differs on a handful of images). The interval comes
 from a generalized pivotal quantity (Weerahandi) that draws each part from what its mean square
 allows: where seeds dominate it is Student's t with n - 1 df (exact for normal seed means), and
-where the test images dominate it is the normal interval. The seeds' mean square is taken no
-lower than the seed x image residual allows (``E[MS_seed] >= E[MS_resid]``; see
-`pivot.LEAST_PLAUSIBLE_QUANTILE`), and at n = 2, where seeds tie often, and from n = 3 on where
-it was taken so (ties and near-ties), no draw of the seeds' part falls below the residual's
-(`pivot.seed_draw_floor`): seeds whose error counts tie while they disagree image by image are
-not seeds without variance. Between the two extremes,
-with so few degrees of freedom, a pivot of this kind over-covers (up to 98.8% at n = 2, 99.6% where
-the residual makes up the seeds' part). **Calibration** (from n = 3 on): the pivot is taken at a
-level that depends on the seed share the table shows and on n (`pivot.alpha_widening`), chosen so
-that under the model the coverage of the 95% interval stays at 95.5% +- 1 point at every true seed
-share (minimax over the share, half a point to the safe side; `benchmarks/calibrate_pivot.py` made
-the constants and plots the coverage before and after). At n = 2 the pivot is taken as it is:
-conservative (see `pivot.PIVOT_CALIBRATION`). At other levels alpha is changed in the same
-proportion; the p-value is rescaled so that p < 0.05 exactly when the 95% interval excludes zero.
+where the test images dominate it is the normal interval. The seeds' mean square is taken no lower
+than the seed x image residual allows (``E[MS_seed] >= E[MS_resid]``; see
+`pivot.LEAST_PLAUSIBLE_QUANTILE`), and at n = 2, where seeds tie often, and from n = 3 on where it
+was taken so (ties and near-ties), no draw of the seeds' part falls below the residual's
+(`pivot.seed_draw_floor`): seeds whose error counts tie while they disagree image by image are not
+seeds without variance. Between the two extremes, with so few degrees of freedom, a pivot of this
+kind over-covers (up to 98.8% at n = 2, 99.6% where the residual makes up the seeds' part).
+**Calibration** (from n = 3 on): the pivot is taken at a level that depends on n, on the seed share
+the table shows and on the residual's share of the seeds' part it shows (`pivot.alpha_widening`),
+chosen so that under the model the coverage of the 95% interval stays at 95.5% +- 1 point at every
+true seed share and residual share (minimax, half a point to the safe side;
+`benchmarks/calibrate_pivot.py` made the constants and plots the coverage; before 0.4.0 the level
+ignored the residual and, where it makes up the seeds' part, over-covered to 97.7%). At n = 2 the
+pivot is taken as it is: conservative (see `pivot.PIVOT_CALIBRATION`). At other levels alpha is
+changed in the same proportion; the p-value is rescaled so that p < 0.05 exactly when the 95%
+interval excludes zero.
 The coverage is over studies: a table whose seeds happen to nearly tie shows a small seed share and
 covers less (in the tests' regimes, the tenth of tables with the smallest share 72-96% at n = 2 and
 66-84% at n = 3: an audit of 0.3.3, 3,000 studies a regime), one that shows a large share more, as
@@ -99,8 +101,8 @@ from scipy import stats as scipy_stats
 from scipy.special import ndtr  # the normal distribution function, without scipy.stats' overhead
 
 from .floors import binomial_bound, shared_test_set_bound, table_floor
-from .pivot import (Pivot, alpha_widening, least_plausible_ratio, seed_draw_floor,
-                    variance_draws)
+from .pivot import (Pivot, alpha_widening, least_plausible_ratio, residual_share_shown,
+                    seed_draw_floor, variance_draws)
 from .seed_tables import (SeedRecordsError, checked_bounds, checked_level, finite_values,
                           image_df, outcome_table, rates_per_seed, test_set_size)
 
@@ -143,7 +145,7 @@ def _from_pivot(mean: float, pivot: Pivot, n: int, std: float, method: str,
     standard normal and V the variance draws: its distribution function is a mixture of
     normals, evaluated exactly in Z, so that small p-values are accurate rather than a count of
     draws. Calibrated where the pivot carries a seed share (`pivot.alpha_widening`)."""
-    widening = alpha_widening(pivot.seed_df, pivot.seed_share)
+    widening = alpha_widening(pivot.seed_df, pivot.seed_share, pivot.residual_share)
     # Rescaled so that p < 0.05 exactly where the calibrated 95% interval excludes zero.
     zero = 2 * float(np.mean(ndtr(-abs(mean) / np.sqrt(pivot.variances))))
     se = float(math.sqrt(np.median(pivot.variances)))
@@ -169,9 +171,10 @@ def _crossed(table: np.ndarray, stream: int) -> tuple[float, Pivot]:
     ``MS_seed/(n N)``, uncertain (n - 1 df, see `pivot.variance_draws`), and the test images'
     ``(MS_image - MS_resid)/(n N)``, precise where many images carry it and less so where few do
     (`seed_tables.image_df`). The seeds' mean square is taken no lower than the residual allows
-    (`pivot.least_plausible_ratio`), and at two seeds, or where it was taken so, no draw of the
-    seeds' part below the residual's (`pivot.seed_draw_floor`). A floor (`floors.table_floor`) keeps a table without a
-    single error (or disagreement) from a zero width."""
+    (`pivot.least_plausible_ratio`), at two seeds or where it was taken so no draw of the seeds'
+    part below the residual's (`pivot.seed_draw_floor`), and a table without a single error (or
+    disagreement) not at zero width (`floors.table_floor`). The pivot carries the residual's
+    share for the calibration (`pivot.residual_share_shown`)."""
     n, images = table.shape
     grand = float(table.mean())
     seed_means, image_means = table.mean(axis=1), table.mean(axis=0)
@@ -186,9 +189,10 @@ def _crossed(table: np.ndarray, stream: int) -> tuple[float, Pivot]:
     implausible = seeds < residual * least_plausible_ratio(n - 1)
     seeds = max(seeds, residual * least_plausible_ratio(n - 1))
     test_images = max(test_images, table_floor(ms_image, ms_resid, n, images) - seeds)
-    variances = variance_draws(seeds, n - 1, test_images, stream, image_df(image_means),
-                               seed_draw_floor(residual, n - 1, implausible))
-    return grand, Pivot(variances, n - 1, seeds / (seeds + test_images))
+    floor = seed_draw_floor(residual, n - 1, implausible)
+    variances = variance_draws(seeds, n - 1, test_images, stream, image_df(image_means), floor)
+    return grand, Pivot(variances, n - 1, seeds / (seeds + test_images),
+                        residual_share_shown(residual, seeds, floor > 0))
 
 
 def _exact_at_the_ends(estimate: Estimate, images: int, level: float) -> Estimate:
@@ -377,23 +381,6 @@ def _contrast(what: str, tables_by_cell: Sequence[Sequence[np.ndarray] | None] |
     return [_over_seeds_only(values, bounds, level) for level in levels]
 
 
-def holm(p_values: Sequence[float]) -> np.ndarray:
-    """Holm's step-down adjustment of a table's p-values (Holm 1979): the k-th smallest of m
-    times (m - k + 1), made non-decreasing in that order and capped at 1. Rejecting where the
-    adjusted value is below alpha keeps the chance of any false rejection in the table at most
-    alpha, however the tests depend on each other (they share seeds and the test set). A NaN
-    (a row with no test) stays NaN and is not counted in m."""
-    p = np.asarray(p_values, dtype=float)
-    adjusted = np.full(p.shape, np.nan)
-    tested = np.flatnonzero(~np.isnan(p))
-    order = tested[np.argsort(p[tested], kind="stable")]
-    largest = 0.0
-    for rank, i in enumerate(order):
-        largest = max(largest, min(1.0, (len(order) - rank) * p[i]))
-        adjusted[i] = largest
-    return adjusted
-
-
 __all__ = ["BINOMIAL_BOUND", "CROSSED", "Estimate", "FEW_SEEDS", "LEVEL", "SEEDS_ONLY",
-           "SeedRecordsError", "contrast", "error_rate", "holm", "paired_difference",
+           "SeedRecordsError", "contrast", "error_rate", "paired_difference",
            "paired_differences", "seed_mean"]

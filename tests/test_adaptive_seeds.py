@@ -11,7 +11,7 @@ import pytest
 from scipy.special import expit
 
 from helpers import offset_for, raw_spec, study_in_memory, true_error
-from resnet_ablate.stats.adaptive import SeedResult, decide
+from resnet_ablate.stats.adaptive import DIFFERS, SeedResult, decide
 from resnet_ablate.spec import AdaptiveSeeds, SpecError, parse_spec
 from resnet_ablate.study import RunOptions, plan_study, run_study
 from resnet_ablate.study.grid import configuration, seed_decisions
@@ -123,7 +123,9 @@ def test_the_reasons_say_which_way_a_difference_goes_and_what_is_missing():
     tie = {(("shortcut", s),): _seeds(rng, 0.10, 2, difficulty) for s in ("A", "none")}
     open_reason = decide(AdaptiveSeeds(2, 5, decided="shortcut", margin=0.0), levels,
                          tie)[(("shortcut", "none"),)].reason
-    assert open_reason.startswith("open: [") and open_reason.endswith(
+    # The level's reason names its partner and the sign, as the baseline's does (it did not).
+    assert open_reason.startswith("vs shortcut=A (this one's error minus its): open: [") and \
+        open_reason.endswith(
         "straddles 0 (no margin: levels are never decided alike, so seeds go on to max unless "
         "they differ)")
     alone = decide(AdaptiveSeeds(2, 5, decided="shortcut", margin=0.005), levels,
@@ -325,7 +327,8 @@ def test_a_selection_shows_the_decisions_the_study_made():
         model={"depth": 8}, seed_rule={"min": 2, "max": 10, "until": {"decided": "shortcut",
                                                                       "margin": 0.001}})
     whole = study.seed_decisions().set_index("shortcut")
-    assert whole.loc["none", "open"] and whole.loc["none", "reason"].startswith("open")
+    assert whole.loc["none", "open"] and whole.loc["none", "reason"].startswith(
+        "vs shortcut=A (this one's error minus its): open")
     for query in ("shortcut == 'none'", "seed == 0"):
         selected = study.where(query).seed_decisions().set_index("shortcut")
         assert selected.loc["none"].equals(whole.loc["none"]), query
@@ -379,7 +382,7 @@ def test_sequential_decisions_keep_their_error_rates(truth, failing):
     answers = [_sequential_answer(rng, rule, difference, failing) for _ in range(replications)]
     # At most 5% (README: 2.5% "differs" where nothing differs); the simulation's own error is
     # about a point where the rate is 3%.
-    assert np.mean([a.startswith(wrong) for a in answers]) <= 0.06, truth
+    assert np.mean([wrong in a for a in answers]) <= 0.06, truth
 
 
 @pytest.mark.parametrize("familywise", [False, True])
@@ -412,7 +415,7 @@ def test_familywise_verdicts_keep_the_studys_error_rate(familywise):
             for c in open_now:
                 seeds[c] += [seed(c, s) for s in range(len(seeds[c]),
                                                        rule.next_look(len(seeds[c])))]
-        called = sum(decisions[c].reason.startswith("decided: differs") for c in configurations)
+        called = sum(decisions[c].kind == DIFFERS for c in configurations if c[1][1] != "A")
         any_wrong += called > 0
         wrong += called
     # Each comparison within its 5% either way (simulation error 0.5 points); the study's rate
@@ -552,6 +555,12 @@ def test_the_driver_adds_seeds_only_where_the_question_is_open(local_ray, tmp_pa
     import json
     shown = json.loads(capsys.readouterr().out)
     assert [row["reason"] for row in shown] == list(table["reason"])
+    # In the terminal's table each reason follows in full (the table cut them at 60 characters).
+    assert main(["decisions", spec.study, "--runs-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    for row in table.to_dict("records"):
+        where = ", ".join(f"{c}={row[c]!r}" for c in loaded.configuration_columns())
+        assert f"{where}: {row['reason']}" in printed, (where, printed)
     page = report.render_report(loaded, responses=False)
     assert "Adaptive seeds: why each configuration stopped" in page
     # Two comparisons (shortcut none against A at depths 8 and 14): the family's rate is named.

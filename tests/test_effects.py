@@ -382,8 +382,11 @@ def test_an_unknown_metric_or_a_single_factor_is_a_clear_error(study, tmp_path):
         results.effects("nosuch")
     with pytest.raises(ResultsError, match=r"'arch_name' is not a numeric column"):
         results.effects("arch_name")
-    with pytest.raises(ResultsError, match=r"one factor with two or more completed levels "
-                                           r"\(shortcut: 'A', 'none'; swept: depth, shortcut\).*"
+    # Under a filter the selection, not the study, has one factor: the message says so (it
+    # blamed the study, which sweeps two).
+    with pytest.raises(ResultsError, match=r"study 'effects-small' \(sweeping depth, shortcut\) "
+                                           r"where depth == 8: one factor has two or more "
+                                           r"completed levels \(shortcut: 'A', 'none'\).*"
                                            r"compare effects-small --factor shortcut"):
         results.where("depth == 8").effects()
     one = {((s,), seed): cells[((8, s), seed)] for s in SHORTCUTS for seed in SEEDS}

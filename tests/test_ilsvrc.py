@@ -457,6 +457,15 @@ def test_an_image_that_does_not_decode_is_left_out_of_the_conversion_and_named(t
     assert main(["convert-imagenet", str(tmp_path / "tree"), str(lost), "--to", to]) == 2
     assert ("train/dog: none of its images decodes (e.g. " in capsys.readouterr().err
             and not lost.exists())
+    # A validation split none of whose images decodes: it said it had written the data set (0
+    # validation images), whose spec was then refused (no val/ folder; an empty shard).
+    for label, name in enumerate(("cat", "dog")):
+        _jpeg(tmp_path / "tree" / "train" / name / "whole.jpg", label, rng)
+        for path in (tmp_path / "tree" / "val" / name).iterdir():
+            path.write_text("not an image")
+    assert main(["convert-imagenet", str(tmp_path / "tree"), str(lost), "--to", to]) == 2
+    assert ("val: none of its 5 images decodes (e.g. " in capsys.readouterr().err
+            and not lost.exists())
 
 
 def test_a_conversion_cut_short_removes_what_it_wrote_and_shard_size_needs_shards(tmp_path,

@@ -154,6 +154,21 @@ def test_loss_curves_are_on_a_log_axis_that_one_large_loss_does_not_flatten():
     assert ax.get_yscale() == "log" and ax.get_ylabel() == "loss (log scale)"
 
 
+def test_curves_keep_every_field_an_epoch_recorded():
+    """Skipped images, top-5 and the last epoch's multi-view errors are recorded per epoch, and
+    `curves` (what `export --what curves` writes) left them out."""
+    study = _study(depths=(8,), shortcuts=("A",))
+    for attrs in study.attrs.values():
+        attrs["curves"] = [{"epoch": e, "lr": 0.1, "train_loss": 1.0, "train_error": 0.5,
+                            "test_loss": 1.0, "test_error": 0.5, "seconds": 1.0,
+                            "skipped_images": e, **({"test_ten_crop_error": 0.25} if e == 2
+                                                    else {})} for e in (1, 2)]
+    curves = study.curves()
+    assert curves["skipped_images"].tolist() == [1, 2] * len(study.attrs)
+    assert curves["test_ten_crop_error"].isna().tolist() == [True, False] * len(study.attrs)
+    assert curves["test_ten_crop_error"].dropna().tolist() == [0.25] * len(study.attrs)
+
+
 def test_decisions_of_a_study_with_fixed_seeds_is_one_line(tmp_path, capsys):
     from helpers import write_study
     from resnet_ablate.cli import main

@@ -229,9 +229,36 @@ def test_a_selection_is_named_in_the_report_and_the_figures(cli, results, tmp_pa
     assert "[where" not in plain.read_text() and "selected by" not in plain.read_text()
 
 
+def test_where_given_twice_selects_the_trials_matching_both(cli, results, tmp_path):
+    """A second --where replaced the first, without a word: the answers were over trials the
+    first had left out (an audit: `--where "depth == 56" --where "shortcut == 'A'"` listed
+    depth 20)."""
+    code, out, _ = cli("show", "--where", "depth == 14", "--where", "shortcut == 'A'",
+                       "--format", "csv")
+    expected = results.trials.query("depth == 14 and shortcut == 'A'")
+    assert code == 0 and sorted(pd.read_csv(io.StringIO(out))["number"]) == \
+        sorted(expected["number"])
+    code, out, _ = cli("summary", "--where", "depth == 14", "--where", "shortcut == 'A'",
+                       "--format", "csv")
+    assert code == 0 and len(pd.read_csv(io.StringIO(out))) == 1
+    target = tmp_path / "report.html"
+    cli("report", "--where", "depth == 14", "--where", "shortcut == 'A'", "-o", str(target),
+        "--no-responses")
+    assert "[where (depth == 14) and (shortcut == &#x27;A&#x27;)]" in target.read_text()
+
+
+def test_storage_and_runs_dir_together_are_refused(cli, capsys):
+    """A query reads the runs folder only to find the store: beside --storage it was ignored
+    without a word."""
+    with pytest.raises(SystemExit) as stop:  # argparse's own refusal
+        cli("summary", "--storage", "sqlite:///elsewhere.db")
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "--runs-dir: not allowed with argument --storage" in err, err
+
+
 def test_a_selection_that_matches_nothing_lists_the_values_it_could_name(cli, results):
     code, _, err = cli("summary", "--where", "shortcut == 'B'")
-    depths = ", ".join(str(d) for d in sorted(results.trials["depth"].unique(), key=str))
+    depths = ", ".join(str(d) for d in sorted(results.trials["depth"].unique()))  # 8 before 14
     assert code == 2 and err.count("\n") == 1
     assert f"(its values: depth: {depths}; shortcut: 'A', 'none')" in err, err
 

@@ -8,6 +8,7 @@ import bz2
 import gzip
 import io
 import lzma
+import re
 import tarfile
 
 import numpy as np
@@ -191,6 +192,20 @@ def test_a_label_that_is_no_class_index_is_named_before_training(http_shards, la
     served = load_shards({**_spec(root), "val": url, **sizes}, image_size=24, loader_workers=0)
     with pytest.raises(ShardError, match=message.format(url=url)):
         list(served.test_loader(4))
+
+
+def test_images_without_a_label_are_named_before_training(shards, tmp_path):
+    """A shard of images without their .cls members passed the dry run ("24 training images in 3
+    classes"), and its trial failed an epoch in: every sample skipped as unlabelled."""
+    root, _ = shards
+    bare = tmp_path / "train-bare.tar"
+    with tarfile.open(root / "train-000.tar") as source, tarfile.open(bare, "w") as archive:
+        for member in source.getmembers():
+            if not member.name.endswith(".cls") or member.name == "s0-0.cls":
+                archive.addfile(member, source.extractfile(member))
+    with pytest.raises(ShardError, match=rf"shard {bare}: [0-9]+ of its [0-9]+ images have no "
+                                         r"\.cls member \(e\.g\. s[0-9]-[0-9]\.jpg\)"):
+        load_shards({**_spec(root), "train": str(bare)}, image_size=24, loader_workers=0)
 
 
 def test_replicas_read_their_own_shards_for_the_same_number_of_steps(shards):
@@ -583,8 +598,20 @@ def test_statistics_of_no_decodable_image_fail_as_no_images(tmp_path):
     data = load_shards({"train": str(tmp_path / "train-000.tar"),
                         "val": str(tmp_path / "val.tar"), "num_classes": CLASSES},
                        image_size=24, loader_workers=0)
-    with pytest.raises(NoImages, match="none of the 3 read for them could be decoded"):
+    with pytest.raises(NoImages, match="none of the 3 training images read for the data set's "
+                                       "pixel statistics could be decoded"):
         data.pixel_statistics
+    # A trial's message names what in its recipe needs them (it named the per-pixel mean and
+    # lighting both, whichever was used).
+    from types import SimpleNamespace
+
+    from resnet_ablate.data.feed import _pixel_statistics
+    for lighting, pixel_mean, named in ((0.1, False, "PCA lighting (lighting) needs"),
+                                        (0.0, True, "the per-pixel mean (mean: pixel) needs"),
+                                        (0.1, True, "(mean: pixel) and PCA lighting (lighting) "
+                                                    "need")):
+        with pytest.raises(NoImages, match=re.escape(named) + " training images: none of the 3"):
+            _pixel_statistics(data, SimpleNamespace(lighting=lighting, pixel_mean=pixel_mean))
     for name in ("a", "b"):
         for split in ("train", "val"):
             (tmp_path / "folder" / split / name).mkdir(parents=True)
@@ -592,7 +619,7 @@ def test_statistics_of_no_decodable_image_fail_as_no_images(tmp_path):
         (tmp_path / "folder" / "val" / name / "0.jpg").write_bytes(
             _jpeg(0, np.random.default_rng(0)))
     folder = load_image_folder(tmp_path / "folder", image_size=24, loader_workers=0)
-    with pytest.raises(NoImages, match="none of the 2 read for them"):
+    with pytest.raises(NoImages, match="none of the 2 training images read"):
         folder.pixel_statistics
 
 

@@ -27,16 +27,18 @@ def check_output(output: str, force: bool) -> None:
         raise ResultsError(f"-o {output}: exists; pass --force to replace it")
 
 
-def emit(frame, args: argparse.Namespace, footer: list[str] | None = None) -> int:
+def emit(frame, args: argparse.Namespace, footer: list[str] | None = None, *,
+         footer_on_stdout: bool = False) -> int:
     """The table on stdout, or in the file `-o` names; `footer` (lines) follows it in the file
-    where the format is the human one, "table" (CSV and JSON carry such things as columns)."""
+    where the format is the human one, "table" (CSV and JSON carry such things as columns), and
+    on stdout too with `footer_on_stdout` (what the table cannot hold, not notes on it)."""
     from ..results import write_frame
 
     text = write_frame(frame, getattr(args, "format", "table"))
     output = getattr(args, "output", None)
     if output == "-":  # the usual name for stdout, not a file called "-"
         output = None
-    if output and footer and getattr(args, "format", "table") == "table":
+    if (output or footer_on_stdout) and footer and getattr(args, "format", "table") == "table":
         text = "\n".join([text.rstrip("\n"), "", *footer])
     if output:
         check_output(output, args.force)

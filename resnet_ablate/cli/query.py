@@ -7,6 +7,7 @@ import argparse
 import functools
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from .arguments import metric_help, storage_url
 from .output import check_output, emit, emit_statistics
@@ -44,15 +45,28 @@ def _query(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
     return guarded
 
 
+def _in_order(value: Any) -> tuple:
+    """Numbers by value (8 before 14: as text 14 came first), then text."""
+    return (1, str(value), 0.0) if isinstance(value, str) else (0, "", float(value))
+
+
 def _swept_values(results) -> str:
     """Each swept column's values, as a filter writes them: what a selection could have named."""
     def written(value) -> str:
         return f"'{value}'" if isinstance(value, str) else str(value)
     listed = []
     for column in (c for c in results.swept if c in results.trials.columns):
-        values = sorted(results.trials[column].dropna().unique(), key=str)
+        values = sorted(results.trials[column].dropna().unique(), key=_in_order)
         listed.append(f"{column}: {', '.join(written(v) for v in values)}")
     return "; ".join(listed)
+
+
+def _filter(filters: list[str] | None) -> str | None:
+    """The one filter that --where given once or more stands for: all of them (an option given
+    twice kept only the last, and the answers were over trials the first had left out)."""
+    if not filters:
+        return None
+    return filters[0] if len(filters) == 1 else " and ".join(f"({f})" for f in filters)
 
 
 def _load(args: argparse.Namespace, *, listing: bool = False):
@@ -64,10 +78,11 @@ def _load(args: argparse.Namespace, *, listing: bool = False):
     results = load(args.study, storage=args.storage, runs_dir=args.runs_dir)
     if listing and results.trials.empty:
         raise ResultsError(f"study {results.study!r} in {results.storage} has no trials yet")
-    selected = results.where(args.where)
-    if args.where and selected.trials.empty and not results.trials.empty:
+    query = _filter(args.where)
+    selected = results.where(query)
+    if query and selected.trials.empty and not results.trials.empty:
         values = _swept_values(results)
-        matched = (f"--where {args.where!r} matched none of the study's {len(results.trials)} "
+        matched = (f"--where {query!r} matched none of the study's {len(results.trials)} "
                    "trials" + (f" (its values: {values})" if values else ""))
         if not listing:  # the command would only go on to find nothing to work on
             raise ResultsError(matched)
@@ -170,7 +185,16 @@ def _decisions(args: argparse.Namespace) -> int:
     if table.empty:
         raise ResultsError(f"study {results.study!r} has fixed seeds, no adaptive seed rule "
                            "whose decisions to show (`summary` and `compare` answer it)")
-    return emit(table, args)
+    if args.format != "table":
+        return emit(table, args)
+    # A reason is the answer, and longer than a table's column keeps (it was cut at 60
+    # characters): each configuration's reason and note in full, a line each, under the table.
+    from ..results.contrasts import plain
+
+    configuration = results.configuration_columns()
+    why = [", ".join(f"{c}={plain(row[c])}" for c in configuration) + f": {row['reason']}"
+           + (f" ({row['note']})" if row["note"] else "") for _, row in table.iterrows()]
+    return emit(table.drop(columns=["reason", "note"]), args, footer=why, footer_on_stdout=True)
 
 
 @command("pareto")
@@ -221,14 +245,18 @@ def _query_parser(sub, name: str, help_text: str, *, study: bool = True, table: 
     if study:
         parser.add_argument("study", help="the study's name (spec key `study`), or the "
                                           "path of its .db file")
-    parser.add_argument("--storage", type=storage_url, help="an Optuna storage URL "
-                        "(default: sqlite:///RUNS_DIR/STUDY.db)")
-    parser.add_argument("--runs-dir", help="where `run` put the study (default: "
-                        "$RESNET_ABLATE_RUNS, else ./runs)")
+    # One or the other: a query reads the runs folder only to find the store (`run` also puts
+    # weights there), so beside --storage it was ignored without a word.
+    store = parser.add_mutually_exclusive_group()
+    store.add_argument("--storage", type=storage_url, help="an Optuna storage URL "
+                       "(default: sqlite:///RUNS_DIR/STUDY.db)")
+    store.add_argument("--runs-dir", help="where `run` put the study (default: "
+                       "$RESNET_ABLATE_RUNS, else ./runs)")
     if study:
-        parser.add_argument("--where", help="only trials matching a filter: columns compared "
-                                            "with values, in [..], and/or/not, e.g. "
-                                            "\"depth == 20 and shortcut == 'A'\"")
+        parser.add_argument("--where", action="append",
+                            help="only trials matching a filter: columns compared with values, "
+                                 "in [..], and/or/not, e.g. \"depth == 20 and shortcut == 'A'\" "
+                                 "(given more than once: trials matching every one)")
     if table:
         formats = {"table": "aligned table with units", "csv": "exact csv", "json": "exact json"}
         parser.add_argument("--format", choices=tuple(formats), default=default_format,

@@ -60,9 +60,8 @@ class PixelStatistics:
         population covariance of their N*S*S RGB pixels (accumulated in float64). NoImages
         where there is none (`tried`: how many images were read for them)."""
         if len(crops) == 0:
-            raise NoImages(f"the per-pixel mean and PCA lighting need training images, and none "
-                           f"of the {tried or 0} read for them could be decoded; check the "
-                           "data set's files")
+            raise NoImages(f"none of the {tried or 0} training images read for the data set's "
+                           "pixel statistics could be decoded; check the data set's files")
         crops = np.stack(crops)
         pixels = crops.reshape(-1, 3).astype(np.float64)
         centred = pixels - pixels.mean(axis=0)

@@ -18,8 +18,9 @@ import torch
 
 from .augment import draw_crops, gather_crops
 from .bundle import DataBundle, pixel_centred
-from .decode import PLAIN, Preprocess, normalise
+from .decode import PLAIN, PixelStatistics, Preprocess, normalise
 from .device_decode import DeviceCrops
+from .errors import NoImages
 from .load import Streamed
 from .replica_epoch import ReplicaBatches
 from .shards import ShardData
@@ -185,6 +186,18 @@ class MemoryFeed(_Generators):
         pass  # its tensors are what it holds
 
 
+def _pixel_statistics(data: Streamed, placement: Placement) -> PixelStatistics:
+    """The data set's pixel statistics; where no image decodes, NoImages naming what in the
+    recipe needs them (it named both, whichever was used)."""
+    try:
+        return data.pixel_statistics
+    except NoImages as error:
+        needs = [what for what, used in (("the per-pixel mean (mean: pixel)", placement.pixel_mean),
+                                         ("PCA lighting (lighting)", placement.lighting)) if used]
+        raise NoImages(f"{' and '.join(needs)} need{'s' if len(needs) == 1 else ''} training "
+                       f"images: {error}") from None
+
+
 class StreamFeed(_Generators):
     """A streamed data set (image folders, shards): batches decoded by its loaders' workers; the
     copies to the device overlap the step before them (pinned memory, non-blocking)."""
@@ -205,7 +218,7 @@ class StreamFeed(_Generators):
         self.preprocess = PLAIN
         if placement.lighting or placement.pixel_mean:  # the statistics cost a pass over a sample
             self.preprocess = Preprocess(placement.lighting, placement.pixel_mean,
-                                         data.pixel_statistics)
+                                         _pixel_statistics(data, placement))
         # Lighting is drawn for training crops only (decode passes no draws to evaluation).
         self.device_crops = None
         if placement.decode_on_device:

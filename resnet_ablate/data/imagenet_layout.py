@@ -95,6 +95,7 @@ def convert_imagenet(root: str | os.PathLike[str], out: str | os.PathLike[str], 
                 patterns[split] = _write_shards(kept, _sample_keys([p for p, _ in samples]),
                                                 out, split, shard_size, len(samples))
         _check_every_class_kept(splits["train"], left_out["train"], index.classes)
+        _check_val_kept(splits["val"], left_out["val"])
     except BaseException:  # a failure, or Ctrl-C: no half-written data set, which a rerun refuses
         _remove(out, created)
         raise
@@ -121,6 +122,15 @@ def _check_every_class_kept(samples: list[tuple[str, int]], left_out: list[str],
                          f"converted data set would have no training image of "
                          f"{len(empty)} class(es), {name} first; nothing was written: repair or "
                          "remove those images and convert again")
+
+
+def _check_val_kept(samples: list[tuple[str, int]], left_out: list[str]) -> None:
+    """Refuse a conversion whose validation split kept no image: it printed a spec whose data
+    set was then refused (no val/ folder; an empty shard), and said it had written it."""
+    if samples and len(left_out) == len(samples):
+        raise ValueError(f"val: none of its {len(samples)} images decodes (e.g. {samples[0][0]}), "
+                         "so the converted data set would have no test image; nothing was "
+                         "written: repair or remove those images and convert again")
 
 
 def _remove(out: Path, created: bool) -> None:

@@ -220,7 +220,23 @@ def count_samples(urls: list[str], num_classes: int | None = None) -> int:
                 last[key], previous = name, key
             if extension in IMAGE_EXTENSIONS:
                 keys.add((url, key))
+        if num_classes is not None:
+            _check_every_image_labelled(url, members)
     return len(keys)
+
+
+def _check_every_image_labelled(url: str, members: dict[tuple[str | None, str | None], str]
+                                ) -> None:
+    """CorruptShard where a sample has an image and no .cls member: the reader skips it in every
+    epoch (a shard of such samples was accepted, and its trial failed an epoch in)."""
+    images = [(key, name) for (key, extension), name in members.items()
+              if extension in IMAGE_EXTENSIONS]
+    unlabelled = [name for key, name in images if (key, "cls") not in members]
+    if unlabelled:
+        raise CorruptShard(f"shard {url}: {len(unlabelled)} of its {len(images)} images have no "
+                           f".cls member (e.g. {unlabelled[0]}): each sample holds its class "
+                           "index as a .cls member beside its image, as convert-imagenet writes "
+                           "it")
 
 
 def _checked_names(url: str, num_classes: int | None) -> list[str]:

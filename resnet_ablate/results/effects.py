@@ -99,15 +99,21 @@ def effects(results: Results, metric: str = "test_error") -> pd.DataFrame:
 
 
 def _too_few_factors(results: Results, levels: Mapping[str, list[Any]]) -> str:
+    """Why there are no effects: in the study, or in the trials a filter selected from it (the
+    study itself may have several such factors: the message blamed the study)."""
     swept = ", ".join(results.swept) or "nothing"
+    among = f"study {results.study!r}" if not results.selection else \
+        f"study {results.study!r} (sweeping {swept}) where {results.selection}"
     if not levels:
-        return (f"study {results.study!r} sweeps {swept}, and no factor has two completed levels "
-                "yet: effects need two or more factors with two or more completed levels")
+        return (f"{among}: no factor has two completed levels yet: effects need two or more "
+                "factors with two or more completed levels")
     (factor, (baseline, *_)), = levels.items()
-    return (f"study {results.study!r} has one factor with two or more completed levels "
-            f"({factor}: {', '.join(map(plain, levels[factor]))}; swept: {swept}); effects need two "
-            f"or more; for one factor, `resnet-ablate compare {results.study} --factor {factor} "
-            f"--baseline {baseline}` gives its paired differences")
+    return (f"{among}: one factor has two or more completed levels ({factor}: "
+            f"{', '.join(map(plain, levels[factor]))}" + ("" if results.selection else
+                                                           f"; swept: {swept}")
+            + "); effects need two or more; for one factor, `resnet-ablate compare "
+            f"{results.study} --factor {factor} --baseline {baseline}` gives its paired "
+            "differences")
 
 
 def _row(effect: str, factors: str, level: Any, baseline: Any, n_pairs: int,

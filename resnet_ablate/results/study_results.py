@@ -310,7 +310,10 @@ def _curves(results: Results, numbers: list[int]) -> pd.DataFrame:
             rows.append({"number": int(number), **info.loc[number, keep].to_dict(), **record})
     columns = ["number", *keep, "epoch", "lr", "train_loss", "train_error", "test_loss",
                "test_error", "seconds"]
-    return pd.DataFrame(rows, columns=columns)
+    # Then whatever else an epoch recorded (skipped images, top-5, the last epoch's multi-view
+    # errors), in the order the records hold it: they were left out of an export "exactly".
+    recorded = dict.fromkeys(key for row in rows for key in row if key not in columns)
+    return pd.DataFrame(rows, columns=[*columns, *recorded])
 
 
 def _names(value: str | Sequence[str]) -> list[str]:

@@ -188,9 +188,10 @@ def decide(rule: AdaptiveSeeds, space_levels: Mapping[str, Sequence[Any]],
             if partner not in seeds:
                 continue
             verdict = _comparison_decision(rule, seeds[partner], results)
-            comparisons[configuration].append(verdict)
-            # The interval is the level's error less this baseline's: said, since on the
-            # baseline's row it reads the other way round.
+            # The interval is the level's error less the baseline's: said on both rows, the
+            # baseline's reading it the other way round (the level's named no partner or sign).
+            comparisons[configuration].append((verdict[0], f"vs {rule.decided}={baseline} (this "
+                                               f"one's error minus its): {verdict[1]}"))
             level = levels[rule.decided]
             comparisons[partner].append((verdict[0], f"vs {rule.decided}={level} (its error "
                                          f"minus this one's): {verdict[1]}"))

@@ -75,8 +75,9 @@ def test_where_seeds_vary_little_the_paired_test_is_not_needlessly_conservative(
     """Configurations whose seeds have little effect of their own, compared on one test set (as
     converged networks mostly are): the seeds' part of a paired table is then mostly the seed x
     image residual, where the calibration without it over-covered (97.7% at 3 seeds under the
-    model) and called 2.8-3.0% of null comparisons different at 3 and 5 seeds on 400 images.
-    Calibrated over the residual's share too (0.4.0), at least 3.3% and at most 6%."""
+    model) and called 2.95% of these null comparisons different at 3 and 5 seeds on 400 images
+    (README: 2.8% and 3.4% over 12,000 and 10,000). Calibrated over the residual's share too
+    (0.4.0): 3.65% here; held to at least 3.3% and at most 6%."""
     error, seed_sd, image_sd = REGIMES["images dominate"]
     offset = offset_for(error, seed_sd, image_sd)
     rng = np.random.default_rng(21)
@@ -96,9 +97,10 @@ def test_where_seeds_vary_little_the_paired_test_is_not_needlessly_conservative(
 def test_the_calibration_holds_under_its_model_at_every_residual_share():
     """pivot.PIVOT_CALIBRATION against the coverage it was fitted to, computed afresh
     (benchmarks/calibrate_pivot.py: quadrature over the seeds' chi-square, the pivot's own
-    quantiles): within a point of 95% at the true shares and residual shares sampled, which the
-    levels without a residual's share missed (97.7% at 3 seeds). A change to the pivot's rule
-    without a refit of its constants fails here."""
+    quantiles): within a point of 95.5% at the true shares and residual shares sampled (the
+    fit's worst case is a point, at 3 seeds), which the levels without a residual's share missed
+    by 2.2 (97.7% at 3 seeds). A change to the pivot's rule without a refit of its constants
+    fails here."""
     import importlib.util
     from pathlib import Path
 
@@ -110,7 +112,7 @@ def test_the_calibration_holds_under_its_model_at_every_residual_share():
                                                          residual)
                for df in (2, 4, 9) for share in (0.1, 0.45, 0.87, 0.99)
                for residual in (0.0, 0.5, 1.0)}
-    assert all(0.945 <= c <= 0.965 for c in covered.values()), covered
+    assert all(0.9445 <= c <= 0.9655 for c in covered.values()), covered  # (quadrature's 0.05)
 
 
 def _correlated_pair(rng, n: int, images: int, error: float, difference: float,
@@ -206,7 +208,7 @@ def _one_in_ten_worse(rng, size):
     (_one_in_ten_worse, 0.80, 0.91)], ids=["lognormal-0.4", "lognormal-0.8", "one-in-ten"])
 def test_right_skewed_seed_noise_is_covered_as_readme_says(seed_effects, low, high):
     # The intervals assume roughly symmetric seed effects; README states what they cover when
-    # seeds are right-skewed (at 3 to 10 seeds: 88-92%, 75-85%, 83-87% for these three), and
+    # seeds are right-skewed (at 3 to 10 seeds: 88-93%, 75-84%, 83-88% for these three), and
     # that it is no worse than Student's t over the seed means. The truth: the mean over a large
     # sample of seeds and images.
     image_sd, offset = 1.5, -3.2

@@ -83,18 +83,12 @@ def coverage(share: float, seed_df: int, levels: Levels | None,
     for seen in observed:
         estimate = max(seen, least)
         floor = pivot.seed_draw_floor(residual, seed_df, seen < least)
-        level = 0.95 if levels is None else _level(
+        level = 0.95 if levels is None else pivot.calibrated_level(
             levels, estimate / (estimate + 1),
             pivot.residual_share_shown(residual, estimate, floor > 0))
         half = _half_width(estimate, seed_df, 1 - level, chi2, floor)
         covered.append(2 * scipy_stats.norm.cdf(half / np.sqrt(seeds + 1)) - 1)
     return float(np.mean(covered))
-
-
-def _level(levels: Levels, shown: float, residual_shown: float) -> float:
-    """pivot.alpha_widening's level, for levels that are not (yet) pivot.PIVOT_CALIBRATION's."""
-    by_residual = [float(np.interp(shown, pivot.CALIBRATION_KNOTS, row)) for row in levels]
-    return float(np.interp(residual_shown, pivot.RESIDUAL_KNOTS, by_residual))
 
 
 def _minimax(worst, start: np.ndarray) -> np.ndarray:
@@ -136,13 +130,14 @@ def fit(seed_df: int) -> Levels | None:
     committed = pivot.PIVOT_CALIBRATION.get(seed_df)
     if committed is not None and worst_alone(np.array(committed[0])) <= KEEP_WITHIN:
         first = np.array(committed[0])  # it holds: kept (see KEEP_WITHIN)
-    for start in (np.array([0.95, 0.92, 0.92, 0.93, 0.94, 0.95] if seed_df < 3
-                           else [0.95, 0.93, 0.93, 0.94, 0.945, 0.95]), uncalibrated):
-        if first is not None:
-            break
+    starts = () if first is not None else (
+        np.array([0.95, 0.92, 0.92, 0.93, 0.94, 0.95] if seed_df < 3
+                 else [0.95, 0.93, 0.93, 0.94, 0.945, 0.95]), uncalibrated)
+    for start in starts:
         row = _minimax(worst_alone, start)
         if worst_alone(row) < bound:
             first = row
+            break
     if first is None:
         return None
 

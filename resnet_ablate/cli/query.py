@@ -7,7 +7,6 @@ import argparse
 import functools
 import sys
 from collections.abc import Callable
-from typing import Any
 
 from .arguments import metric_help, storage_url
 from .output import check_output, emit, emit_statistics
@@ -45,18 +44,15 @@ def _query(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
     return guarded
 
 
-def _in_order(value: Any) -> tuple:
-    """Numbers by value (8 before 14: as text 14 came first), then text."""
-    return (1, str(value), 0.0) if isinstance(value, str) else (0, "", float(value))
-
-
 def _swept_values(results) -> str:
     """Each swept column's values, as a filter writes them: what a selection could have named."""
+    from ..results.display import natural_order
+
     def written(value) -> str:
         return f"'{value}'" if isinstance(value, str) else str(value)
     listed = []
     for column in (c for c in results.swept if c in results.trials.columns):
-        values = sorted(results.trials[column].dropna().unique(), key=_in_order)
+        values = sorted(results.trials[column].dropna().unique(), key=natural_order)
         listed.append(f"{column}: {', '.join(written(v) for v in values)}")
     return "; ".join(listed)
 

@@ -13,6 +13,13 @@ import pandas as pd
 from ..record import METRICS, Metric
 
 
+def natural_order(value: Any) -> tuple:
+    """A sort key: numbers by value, before names (8 before 14, which as text come the other
+    way)."""
+    return (0, float(value), "") if isinstance(value, (int, float, np.number)) \
+        else (1, 0.0, str(value))
+
+
 def _percent(value: Any) -> str:
     return "-" if pd.isna(value) else f"{100 * value:.2f}%"
 
@@ -149,4 +156,5 @@ def write_frame(frame: pd.DataFrame, fmt: str = "table") -> str:
     raise ValueError(f"unknown format {fmt!r}; valid: table, csv, json")
 
 
-__all__ = ["FOOTNOTE_COLUMNS", "display_frame", "footnotes", "format_table", "write_frame"]
+__all__ = ["FOOTNOTE_COLUMNS", "display_frame", "footnotes", "format_table", "natural_order",
+           "write_frame"]

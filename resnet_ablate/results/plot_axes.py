@@ -17,6 +17,7 @@ from matplotlib.ticker import MaxNLocator
 
 from ..record import METRICS
 from ..stats.apart import NAME as APART_NAME
+from .display import natural_order
 
 if TYPE_CHECKING:
     from .study_results import Results
@@ -36,12 +37,6 @@ def varied_factors(results: Results) -> list[str]:
     done = results.completed()
     return [f for f in dict.fromkeys(("depth", *results.swept))
             if f in done and done[f].nunique(dropna=True) > 1]
-
-
-def natural_order(value: Any) -> tuple:
-    """A sort key: numbers by value, before names."""
-    return (0, float(value), "") if isinstance(value, (int, float, np.number)) \
-        else (1, 0.0, str(value))
 
 
 def panel_order(value: Any) -> tuple:

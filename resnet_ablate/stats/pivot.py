@@ -205,10 +205,17 @@ def alpha_widening(seed_df: int, share: float | None, residual_share: float = 0.
     level's, at other levels in the same proportion (1 where there is nothing to calibrate)."""
     if share is None or seed_df not in PIVOT_CALIBRATION:
         return 1.0
-    by_residual = [float(np.interp(share, CALIBRATION_KNOTS, row))
-                   for row in PIVOT_CALIBRATION[seed_df]]
-    level = float(np.interp(residual_share, RESIDUAL_KNOTS, by_residual))
+    level = calibrated_level(PIVOT_CALIBRATION[seed_df], share, residual_share)
     return (1 - level) / (1 - CALIBRATED_LEVEL)
+
+
+def calibrated_level(levels: tuple[tuple[float, ...], ...], share: float,
+                     residual_share: float) -> float:
+    """The 95% pivot's level from `levels` (a row per RESIDUAL_KNOTS, a level per
+    CALIBRATION_KNOTS: one seed count's PIVOT_CALIBRATION, or a fit's), interpolated bilinearly
+    at the seed share and residual share a table shows."""
+    by_residual = [float(np.interp(share, CALIBRATION_KNOTS, row)) for row in levels]
+    return float(np.interp(residual_share, RESIDUAL_KNOTS, by_residual))
 
 
 # The least seeds' mean square taken as observed (stats._crossed). E[MS_seed] = N s2_seed +

@@ -15,7 +15,9 @@ kernel's GB/s is reported as a share of it and of the vendor's peak.
 Variants, on a few shapes (`SWEPT`): the reductions at a quarter, half, 2 and 4 waves of programs
 (their default is one wave, `_triton_geometry.py`: more programs give more loads in flight but
 more partial sums for the last program to merge and a second wave's tail; fewer, a shorter merge,
-which on an H200 took most of a small layer's statistics pass), the statistics pass at 8 warps rather than its planned 16
+which on an H200 took most of a small layer's statistics pass), each whatever the layer's size;
+the statistics pass at one wave whatever the size (SMALL_LAYER_STEPS = 1: how it ran until the
+third lease, where a small layer's now runs fewer programs), at 8 warps rather than its planned 16
 (fewer registers a program, so more programs and loads in flight on each SM) and loading 1 or 2
 tiles a step rather than its planned 4 (fewer loads in flight: 1 is how it ran until the second
 H200 lease, at 12% of a copy's bandwidth, median over shapes), and the elementwise
@@ -47,6 +49,7 @@ if not CUDA:  # the stand-in driver (see above), the interpreter off before the 
 from _results import append_rows, results_csv, run_context  # noqa: E402
 from bench_batch_norm_act import PEAK_BANDWIDTH_GBPS, SHAPE_SETS, Shape  # noqa: E402
 from resnet_ablate.kernels._triton_impl import plan_backward, plan_forward  # noqa: E402
+from resnet_ablate.kernels import _triton_geometry  # noqa: E402
 from resnet_ablate.kernels._triton_geometry import RowTiling, programs_in_one_wave  # noqa: E402
 
 PASS_NAMES = {"_batch_stats_kernel": "statistics", "_forward_kernel": "normalize",
@@ -68,10 +71,11 @@ def shape_name(shape: Shape) -> str:
 
 
 def layer_launches(shape: Shape, dtype: torch.dtype, device: torch.device, waves: float,
-                   statistics_warps: int | None = None):
+                   statistics_warps: int | None = None, small_layer_steps: int | None = None):
     """A training layer's launches (kernel, pass name, launch) and its input, the statistics and
     reductions sized to `waves` waves of programs, the statistics pass at `statistics_warps`
-    warps where given (its wave then sized for them) instead of its planned 16 on full tiles."""
+    warps where given (its wave then sized for them) instead of its planned 16 on full tiles, and
+    with `small_layer_steps` in place of SMALL_LAYER_STEPS where given."""
     dims, residual = shape
     x = torch.randn(dims, device=device, dtype=dtype).to(memory_format=torch.channels_last)
     r = torch.randn_like(x) if residual else None
@@ -81,14 +85,16 @@ def layer_launches(shape: Shape, dtype: torch.dtype, device: torch.device, waves
     def programs(*args, **kwargs) -> int:
         return max(1, round(waves * programs_in_one_wave(*args, **kwargs)))
 
-    planned = RowTiling.stats_warps
+    planned, planned_steps = RowTiling.stats_warps, _triton_geometry.SMALL_LAYER_STEPS
     if statistics_warps is not None:  # a fresh `programs` keeps these plans apart from others
         RowTiling.stats_warps = property(lambda tiling: statistics_warps)
+    if small_layer_steps is not None:
+        _triton_geometry.SMALL_LAYER_STEPS = small_layer_steps
     try:
         forward = plan_forward(x, weight, bias, r, None, None, 1e-5, True, pack_relu_mask=True,
                                reduction_programs=programs)
     finally:
-        RowTiling.stats_warps = planned
+        RowTiling.stats_warps, _triton_geometry.SMALL_LAYER_STEPS = planned, planned_steps
     mask = forward.relu_mask if forward.relu_mask is not None else forward.out
     backward = plan_backward(grad, x, mask, weight, forward.stats, 1e-5, True, residual,
                              reduction_programs=programs)
@@ -129,28 +135,38 @@ def milliseconds(fn: Callable[[], None]) -> tuple[float, float]:
 
 
 def measure_shape(shape: Shape, dtype, device, sweep: bool, context: dict, peak) -> list[dict]:
-    """Every launch of the layer as planned; where `sweep`, also the reductions at more waves,
-    the statistics pass at fewer warps and the elementwise passes at each of WARPS."""
+    """Every launch of the layer as planned; where `sweep`, also the reductions at more waves and
+    the statistics pass at one wave however small the layer and at fewer warps (each plan's
+    passes: VARIED), and the elementwise passes at each of WARPS."""
     rows = []
     copy_gbps = None
-    plans = [(1, None)] + ([(w, None) for w in WAVES] + [(1, STATISTICS_WARPS)]
-                           if sweep else [])
-    for waves, statistics_warps in plans:
-        launches, x = layer_launches(shape, dtype, device, waves, statistics_warps)
+    planned_grids = {}
+    plans = [(1, None, None)] + ([(w, None, 1) for w in WAVES] + [(1, None, 1),
+                                                                  (1, STATISTICS_WARPS, None)]
+                                 if sweep else [])
+    for waves, statistics_warps, small_layer_steps in plans:
+        launches, x = layer_launches(shape, dtype, device, waves, statistics_warps,
+                                     small_layer_steps)
         if copy_gbps is None:
             target = torch.empty_like(x)
             cold, _ = milliseconds(lambda: target.copy_(x))
             copy_gbps = 2 * x.numel() * x.element_size() / (cold * 1e-3) / 1e9
-        planned = waves == 1 and statistics_warps is None
+        planned = (waves, statistics_warps, small_layer_steps) == (1, None, None)
+        varied = REDUCTIONS if waves != 1 else ("statistics",)
         for pass_name, launch in launches:
             reduction = pass_name in REDUCTIONS
-            if not planned and pass_name != "statistics" and (statistics_warps or not reduction):
-                continue  # what this plan changes: the reductions' waves, the statistics' warps
+            if planned:
+                planned_grids[pass_name] = launch.grid
+            elif pass_name not in varied or (statistics_warps is None
+                                             and launch.grid == planned_grids[pass_name]):
+                continue  # not what this plan changes, or (a large layer) nothing changed
+            steps = small_layer_steps or _triton_geometry.SMALL_LAYER_STEPS
             for variant in _variants(launch, sweep and planned, reduction):
                 row = {**context, "shape": shape_name(shape), "dtype": str(dtype).split(".")[-1],
                        "pass": pass_name, "grid": "x".join(map(str, launch.grid)),
                        "waves": waves if reduction else "", "num_warps": variant.num_warps,
                        "tiles_per_step": variant.constexprs.get("TILES_PER_STEP", ""),
+                       "small_layer_steps": steps if pass_name == "statistics" else "",
                        "default": planned and variant == launch,
                        **timed(variant, x, copy_gbps, peak)}
                 rows.append(row)

@@ -371,6 +371,8 @@ def pass_table(rows: Sequence[Mapping[str, str]]) -> list[str]:
                         name = f"{r['waves']} wave{'s' * (r['waves'] != '1')}, {name}"
                     if r.get("tiles_per_step"):  # the statistics pass: the tiles a step loads
                         name = f"{name}, {r['tiles_per_step']} tiles a step"
+                    if r.get("small_layer_steps") == "1":  # its waves however small the layer
+                        name = f"{name}, whatever the layer's size"
                     gains.setdefault(name, []).append(base / float(r["cold_us"]))
         best = max(gains, key=lambda n: statistics.median(gains[n]), default=None)
         copy = statistics.median(float(r["pct_copy"]) for r in own)

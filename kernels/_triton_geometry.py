@@ -2,15 +2,16 @@
 a call's shapes, strides, dtypes and device decide, worked out once per signature.
 
 Reductions are deterministic, with no atomics on their results, and sized to one wave: the launch
-runs exactly as many programs as the GPU holds at once (from the compiled kernel's registers, see
+runs as many programs as the GPU holds at once (from the compiled kernel's registers, see
 _occupancy.py), each walking a fixed range of tiles and accumulating per lane, with one block
 reduction at the end into its own slot of a [splits, C] buffer; the last program of each channel
 block to finish merges the block's slots in a fixed order, many slots at once
-(_triton_finalize.py). So a shape's results are the same bits run after run on one GPU model and
-Triton version; on another GPU (another SM count or occupancy) the split, and so the last bits, may
-differ. That is deliberate: a split of fixed size would leave part of a wave idle or add a tail
-wave on every GPU but one, and a training run's bits were never portable across GPU models anyway
-(cuDNN picks convolution algorithms per GPU).
+(_triton_finalize.py); a small layer's statistics pass runs fewer (SMALL_LAYER_STEPS). So a
+shape's results are the same bits run after run on one GPU model and Triton version; on another
+GPU (another SM count or occupancy) the split, and so the last bits, may differ. That is
+deliberate: a split of fixed size would leave part of a wave idle or add a tail wave on every GPU
+but one, and a training run's bits were never portable across GPU models anyway (cuDNN picks
+convolution algorithms per GPU).
 """
 
 from __future__ import annotations
@@ -43,6 +44,16 @@ INTERPRETER_PROGRAMS = 4
 # RowTiling.stats_tiles_per_step). A program's range of tiles need not divide by it: the last
 # step's tiles past the range are masked.
 STATISTICS_TILES_PER_STEP = 4
+# A statistics pass whose programs would each read fewer than this many steps at one wave (a small
+# layer: all of it in flight at once) runs fewer programs, down to the slots its merge loads at
+# once (finalize_slots): a program reading one step more costs a round trip to memory, while every
+# block of slots past the first costs the merge one in each of its three passes, and the merge
+# runs alone. An H200 timed ResNet-56's 128x16x32x32 statistics pass at 17, 27 and 46 us with
+# 128, 256 and 512 slots to merge (0.08 us a slot, the five-pass merge of 75e05b0); at one wave
+# its 8x8 layer ran 128 programs of one tile each in 25 us, 8 blocks of slots a pass. With 2,
+# ResNet-56's layers run 64, 32 and 16 programs (at 132 SMs), each two steps, one block of slots
+# to merge. 1: one wave whatever the size (bench_kernel_passes.py times both).
+SMALL_LAYER_STEPS = 2
 
 
 @dataclass(frozen=True)
@@ -77,12 +88,25 @@ class RowTiling:
         channels_contiguous = self.strides[0].c == 1 and self.positions > 1
         return STATISTICS_TILES_PER_STEP if channels_contiguous else 2
 
-    def split(self, programs: int) -> tuple[int, int]:
-        """(tiles per split, splits) for a reduction of at most `programs` programs in all. The
-        split depends on shapes and device only, so the reduction order is fixed run to run."""
-        splits = max(1, min(self.tiles, programs // self.col_blocks))
-        tiles_per_split = triton.cdiv(self.tiles, splits)
-        return tiles_per_split, triton.cdiv(self.tiles, tiles_per_split)
+    def split(self, programs: int, least_per_split: int = 1,
+              merged_at_once: int = 1) -> tuple[int, int]:
+        """(tiles per split, splits) for a reduction of at most `programs` programs in all (see
+        split_sizes). The split depends on shapes and device only, so the reduction order is
+        fixed run to run."""
+        return split_sizes(self.tiles, programs // self.col_blocks, least_per_split,
+                           merged_at_once)
+
+
+def split_sizes(items: int, splits: int, least_per_split: int = 1,
+                merged_at_once: int = 1) -> tuple[int, int]:
+    """(items per split, splits) for `items` tiles (span tiles: samples) over at most `splits`
+    programs a channel block, none of them empty: each reads at least `least_per_split` items
+    where that leaves more programs than `merged_at_once` (the merge's block of slots)."""
+    splits = max(1, min(items, splits))
+    if least_per_split > 1:
+        splits = min(splits, max(merged_at_once, triton.cdiv(items, least_per_split)))
+    per_split = triton.cdiv(items, splits)
+    return per_split, triton.cdiv(items, per_split)
 
 
 def _tiling(x: torch.Tensor, strides: Sequence[Strides3d | None]) -> RowTiling:
@@ -119,11 +143,11 @@ class SpanTiling:
     num_warps: int
     col_blocks: int
 
-    def split(self, programs: int) -> tuple[int, int]:
+    def split(self, programs: int, least_per_split: int = 1,
+              merged_at_once: int = 1) -> tuple[int, int]:
         """(samples per split, splits) for a reduction of at most `programs` programs in all."""
-        splits = max(1, min(self.samples, programs // self.col_blocks))
-        per_split = triton.cdiv(self.samples, splits)
-        return per_split, triton.cdiv(self.samples, per_split)
+        return split_sizes(self.samples, programs // self.col_blocks, least_per_split,
+                           merged_at_once)
 
     def constexprs(self) -> dict[str, int | bool]:
         return dict(L=self.positions, BLOCK_C=self.block_c, SPAN=self.span,
@@ -298,7 +322,11 @@ def call_geometry(key: tuple, inputs: Sequence[torch.Tensor | None],
         shape = span if span is not None else tiling
         kernel, provisional, constexprs, num_warps = reduction(shape, dense, buffers)
         programs = key[-1](kernel, provisional, constexprs, num_warps, x.device)
-        per_split, splits = shape.split(programs)
+        # A pass loading its tiles in steps (the statistics pass) reads at least SMALL_LAYER_STEPS
+        # of them a program where that leaves its merge more than one block of slots.
+        steps = constexprs.get("TILES_PER_STEP")
+        least = SMALL_LAYER_STEPS * steps if steps else 1
+        per_split, splits = shape.split(programs, least, constexprs["BLOCK_S"])
     copies = tuple(d is not None and d is not t for d, t in zip(dense, inputs))
     stand_ins = tuple(b is not None and b is not t for b, t in zip(buffers, outputs))
     found = Geometry(

@@ -332,10 +332,10 @@ def test_broken_steps_are_failed_empty_or_missing_ones_but_not_a_skipped_optiona
 def test_the_pass_table_gives_each_kernels_median_share_and_its_best_variants_gain():
     summary = _load("gpu_summary")
 
-    def row(shape, kernel, us, pct, default=True, waves="", warps="8"):
+    def row(shape, kernel, us, pct, default=True, waves="", warps="8", small_layer_steps=""):
         return {"shape": shape, "pass": kernel, "cold_us": str(us), "pct_copy": str(pct),
                 "pct_peak": str(pct / 2), "copy_gbps": "4000", "default": str(default),
-                "waves": waves, "num_warps": warps}
+                "waves": waves, "num_warps": warps, "small_layer_steps": small_layer_steps}
 
     rows = [row("a", "statistics", 10, 40, waves="1"), row("b", "statistics", 20, 60, waves="1"),
             row("c", "statistics", 30, 90, waves="1"),
@@ -346,6 +346,11 @@ def test_the_pass_table_gives_each_kernels_median_share_and_its_best_variants_ga
     assert "| normalize | 70 | 35 | 8 warps | 1 |" in lines  # the planned launch was the best
     assert "4,000 GB/s" in lines[0]
     assert summary.pass_table([]) == []
+    # The statistics pass of a small layer at one wave, as before SMALL_LAYER_STEPS, is named so
+    one_wave = [row("a", "statistics", 10, 40, waves="1", small_layer_steps="2"),
+                row("a", "statistics", 8, 50, default=False, waves="1", small_layer_steps="1")]
+    assert ("| statistics | 40 | 20 | 1 wave, 8 warps, whatever the layer's size | 1.25 |"
+            in summary.pass_table(one_wave))
 
 
 def test_summary_reads_a_runs_csvs_into_ratios_verdicts_and_the_packing_to_set(tmp_path):

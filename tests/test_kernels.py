@@ -371,6 +371,55 @@ def test_reductions_merge_more_slots_than_they_take_at_once(monkeypatch, values)
         torch.testing.assert_close(rv, exact.var(dim=(0, 2, 3)).float(), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "NCHW"])
+def test_a_small_layers_statistics_pass_runs_programs_of_two_steps_to_one_merge_block(
+        monkeypatch, layout):
+    """At one wave of 132 programs (an H200's 132 SMs), ResNet-56's 1-4 MB layers in bf16 would
+    give each statistics program a tile or two and its merge 2-8 blocks of slots a pass (25 us
+    for 8x8 on an H200, most of it the merge). Planned as a training step plans them: each program
+    reads SMALL_LAYER_STEPS steps or the merge takes its slots in one block, every tile read
+    once; ResNet-50's large layers and every backward reduce keep one wave."""
+    from resnet_ablate.kernels._triton_geometry import SMALL_LAYER_STEPS
+    from resnet_ablate.kernels._triton_plans import backward_plan, forward_plan
+
+    fresh_kernel_plans(monkeypatch)
+    wave = 132
+
+    def one_wave(*args) -> int:
+        return wave
+
+    for dims, small in [((128, 16, 32, 32), True), ((128, 32, 16, 16), True),
+                        ((128, 64, 8, 8), True), ((64, 64, 112, 112), False),
+                        ((64, 256, 56, 56), False)]:
+        x = torch.empty(dims, dtype=torch.bfloat16)
+        if layout == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+        weight = torch.ones(dims[1])
+        forward = forward_plan(x, weight, weight, None, None, None, 1e-5, True, True, None,
+                               one_wave)
+        geometry, statistics = forward.geometry, forward.statistics
+        shape = geometry.span or geometry.tiling
+        items = shape.samples if geometry.span else shape.tiles
+        steps = statistics.constexprs["TILES_PER_STEP"]
+        block_s, (col_blocks, splits) = statistics.constexprs["BLOCK_S"], statistics.grid
+        where = f"{dims} {layout}: {geometry.per_split} tiles x {splits} programs"
+        assert splits == geometry.splits and col_blocks == shape.col_blocks
+        assert (splits - 1) * geometry.per_split < items <= splits * geometry.per_split, where
+        one_wave_splits = triton.cdiv(items, triton.cdiv(items, min(items, wave // col_blocks)))
+        least = SMALL_LAYER_STEPS * steps
+        assert min(one_wave_splits, block_s) <= splits <= one_wave_splits, where
+        assert splits <= max(block_s, triton.cdiv(items, least)), where
+        if small and layout == "channels_last":  # 1-4 tiles a program at one wave
+            assert splits < one_wave_splits and geometry.per_split >= least, where
+        if not small:
+            assert splits == one_wave_splits, where
+        relu_mask = x.new_empty(x.numel() // 8, dtype=torch.uint8)
+        backward = backward_plan(x, x, relu_mask, weight, torch.empty(0), True, False, one_wave)
+        reduce_blocks, reduce_splits = backward.reduce.grid
+        assert reduce_splits == triton.cdiv(
+            items, triton.cdiv(items, min(items, wave // reduce_blocks))), f"{where}: backward"
+
+
 def test_gradcheck_float64_pytorch_path():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 3, 2, dtype=torch.float64, generator=g, requires_grad=True)

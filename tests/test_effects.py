@@ -320,9 +320,17 @@ def test_the_disagreement_flag_does_not_depend_on_row_order_or_a_row_without_int
     rows = [{"depth": 8, "diff_ci95_low": -0.01, "diff_ci95_high": 0.01},
             {"depth": 14, "diff_ci95_low": 0.2, "diff_ci95_high": 0.4},
             {"depth": 20, "diff_ci95_low": float("nan"), "diff_ci95_high": float("nan")}]
-    flags = {_strata_disagree(list(order), ["depth"]) for order in permutations(rows)}
-    assert len(flags) == 1 and "depth=8 and at depth=14 disagree" in flags.pop()
-    assert _strata_disagree([rows[0], rows[2]], ["depth"]) == ""
+    flags = {_strata_disagree(list(order), ["depth"], "test_error")
+             for order in permutations(rows)}
+    # each difference named with its interval as the table shows it
+    assert len(flags) == 1 and ("depth=8 (-1.00% to 1.00%) and at depth=14 (20.00% to 40.00%) "
+                                "disagree") in flags.pop()
+    assert _strata_disagree([rows[0], rows[2]], ["depth"], "test_error") == ""
+    # An exact metric's differences (FLOPs: zero-width intervals) by their one value, in GFLOPs
+    exact = [{"depth": 8, "diff_ci95_low": -4480.0, "diff_ci95_high": -4480.0},
+             {"depth": 14, "diff_ci95_low": -2690.0, "diff_ci95_high": -2690.0}]
+    assert "depth=8 (-4.48e-06) and at depth=14 (-2.69e-06) disagree" in \
+        _strata_disagree(exact, ["depth"], "flops")
 
 
 def test_seeds_that_tie_within_every_configuration_are_not_p_0_all_explained():

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .. import stats
+from ..record import METRICS
 from ..spec import adaptive_rule
 from ..storage import ResultsError
 from .contrasts import (LOOKED, difference_bounds, joined, note, paired_contrast, plain,
@@ -113,7 +114,8 @@ class _Comparing:
         overall, used = stratified_contrast(self.results, pairs, trials, others, (-1.0, 1.0),
                                             self.metric, self.bounds)
         overall = with_note(overall, joined(self.left.note({factor: [baseline, level]}),
-                                            _strata_disagree(rows, others), missing))
+                                            _strata_disagree(rows, others, self.metric),
+                                            missing))
         return [*rows, _paired_row(factor, level, baseline, self.metric,
                                    {name: "all" for name in others}, used[baseline],
                                    used[level], overall)]
@@ -192,7 +194,7 @@ def _unpaired_notes(factor: str, baseline: Any, levels: list[Any]) -> list[str]:
 DISAGREE = "disagree (their 95% intervals do not overlap)"
 
 
-def _strata_disagree(rows: list[dict[str, Any]], others: list[str]) -> str:
+def _strata_disagree(rows: list[dict[str, Any]], others: list[str], metric: str) -> str:
     """The "all" row's flag where two of the configurations it averages have differences whose
     95% intervals do not overlap: the average then depends on which levels of the other factors
     the study swept (a large effect at one depth, none at another). A flag, not a test: `effects`
@@ -205,10 +207,15 @@ def _strata_disagree(rows: list[dict[str, Any]], others: list[str]) -> str:
     highest = max(rows, key=lambda row: row["diff_ci95_low"])
     if not highest["diff_ci95_low"] > lowest["diff_ci95_high"]:
         return ""
-    def name(row):
-        return ", ".join(f"{column}={plain(row[column])}" for column in others)
-    return (f"the differences at {name(lowest)} and at {name(highest)} {DISAGREE}: this average depends on which {', '.join(others)} the "
-            "study swept; `effects` tests the interaction")
+    show = METRICS[metric].show if metric in METRICS else (lambda value: f"{value:.3g}")
+
+    def name(row):  # with its interval, as the table shows it (an exact metric's: one value)
+        where = ", ".join(f"{column}={plain(row[column])}" for column in others)
+        low, high = show(row["diff_ci95_low"]), show(row["diff_ci95_high"])
+        return f"{where} ({low})" if low == high else f"{where} ({low} to {high})"
+    return (f"the differences at {name(lowest)} and at {name(highest)} {DISAGREE}: this average "
+            f"depends on which {', '.join(others)} the study swept; `effects` tests the "
+            "interaction")
 
 
 def _levels(results: Results, factor: str, baseline: Any) -> tuple[list[Any], Any]:

@@ -381,7 +381,29 @@ def pass_table(rows: Sequence[Mapping[str, str]]) -> list[str]:
                      f"| {best or '-'} | {fmt(statistics.median(gains[best])) if best else '-'} |")
     copy_gbps = statistics.median(float(r["copy_gbps"]) for r in planned)
     return ["Each kernel alone (bench_kernel_passes.py; CUDA graph replays, cold L2; a copy of "
-            f"the activation reached {copy_gbps:,.0f} GB/s, median over shapes):", "", *lines, ""]
+            f"the activation reached {copy_gbps:,.0f} GB/s, median over shapes):", "", *lines, "",
+            *small_layer_lines(rows)]
+
+
+def small_layer_lines(rows: Sequence[Mapping[str, str]]) -> list[str]:
+    """What the small-layer split (SMALL_LAYER_STEPS) buys the statistics pass: its planned
+    time against one wave whatever the size, on the swept shapes where the two differ."""
+    def one_wave(r):
+        return (r["pass"] == "statistics" and r.get("small_layer_steps") == "1"
+                and r.get("waves") == "1" and r["default"] != "True")
+    gains = {}
+    for r in rows:
+        planned = next((p for p in rows if p["default"] == "True" and p["shape"] == r["shape"]
+                        and p["pass"] == "statistics"), None)
+        if one_wave(r) and planned and float(planned["cold_us"]) > 0:
+            gains[r["shape"]] = float(r["cold_us"]) / float(planned["cold_us"])
+    if not gains:
+        return []
+    each = ", ".join(f"{shape} {fmt(gain)}x" for shape, gain in gains.items())
+    return ["The statistics pass of a small layer at one wave whatever its size takes "
+            f"{fmt(statistics.median(gains.values()))}x the time of its planned fewer programs "
+            f"(SMALL_LAYER_STEPS; median over {len(gains)} shape{'s' * (len(gains) > 1)}: "
+            f"{each}).", ""]
 
 
 def epoch_table(trial_rows: Sequence[Mapping[str, str]]) -> list[str]:

@@ -62,7 +62,7 @@ STATISTICS_WARPS = 8  # against the planned 16: half the registers a program, mo
 # Tiles a step of the statistics pass loads at once, against the planned 4 (bytes in flight)
 STATISTICS_TILES = (1, 2)
 SWEPT = ["64x64x112x112", "64x256x56x56+res", "64x1024x14x14+res", "64x512x7x7",
-         "128x16x32x32+res", "128x64x8x8+res"]
+         "128x16x32x32+res", "128x32x16x16+res", "128x64x8x8+res"]
 
 
 def shape_name(shape: Shape) -> str:

@@ -16,8 +16,8 @@ Variants, on a few shapes (`SWEPT`): the reductions at a quarter, half, 2 and 4 
 (their default is one wave, `_triton_geometry.py`: more programs give more loads in flight but
 more partial sums for the last program to merge and a second wave's tail; fewer, a shorter merge,
 which on an H200 took most of a small layer's statistics pass), each whatever the layer's size;
-the statistics pass at one wave whatever the size (SMALL_LAYER_STEPS = 1: how it ran until the
-third lease, where a small layer's now runs fewer programs), at 8 warps rather than its planned 16
+the statistics pass at one wave whatever the size (SMALL_LAYER_STEPS = 1: how it ran before
+0.4.1, where a small layer's now runs fewer programs), at 8 warps rather than its planned 16
 (fewer registers a program, so more programs and loads in flight on each SM) and loading 1 or 2
 tiles a step rather than its planned 4 (fewer loads in flight: 1 is how it ran until the second
 H200 lease, at 12% of a copy's bandwidth, median over shapes), and the elementwise
@@ -48,9 +48,9 @@ if not CUDA:  # the stand-in driver (see above), the interpreter off before the 
 
 from _results import append_rows, results_csv, run_context  # noqa: E402
 from bench_batch_norm_act import PEAK_BANDWIDTH_GBPS, SHAPE_SETS, Shape  # noqa: E402
-from resnet_ablate.kernels._triton_impl import plan_backward, plan_forward  # noqa: E402
 from resnet_ablate.kernels import _triton_geometry  # noqa: E402
 from resnet_ablate.kernels._triton_geometry import RowTiling, programs_in_one_wave  # noqa: E402
+from resnet_ablate.kernels._triton_impl import plan_backward, plan_forward  # noqa: E402
 
 PASS_NAMES = {"_batch_stats_kernel": "statistics", "_forward_kernel": "normalize",
               "_backward_reduce_kernel": "backward reduce",

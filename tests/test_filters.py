@@ -87,3 +87,18 @@ def test_a_column_of_text_and_numbers_compares_for_equality_with_either():
         assert list(mixed[filter_mask(mixed, text)].index) == list(mixed.query(text).index)
     with pytest.raises(FilterError, match="sched holds text and 0.1 is a number"):
         filter_mask(mixed, "sched < 0.1")
+
+
+@pytest.mark.parametrize("text, meant", [("test_error < 5", "0.05"), ("test_error >= 50", "0.5"),
+                                         ("test_error in [10, 20]", "0.1")])
+def test_a_rate_compared_with_a_percentage_is_refused_naming_the_fraction(frame, text, meant):
+    """Tables show rates in % ("2.22%") while a filter compares the fractions: `test_error < 5`
+    selected every trial, `test_error > 50` none, without a word (an audit)."""
+    with pytest.raises(FilterError, match=rf"test_error is a fraction from 0 to 1 .* write {meant}$"):
+        filter_mask(frame, text, rates=("test_error",))
+    # a rate within 0 to 1 selects as pandas does; other columns are not rates
+    assert list(frame[filter_mask(frame, "test_error < 0.075 or depth > 5",
+                                  rates=("test_error",))].index) == \
+        list(frame.query("test_error < 0.075 or depth > 5").index)
+    assert list(frame[filter_mask(frame, "test_error < 5")].index) == \
+        list(frame.query("test_error < 5").index)  # no rates named: compared as given

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 from .keys import (INTERRUPTED_STATE, TOOLKIT, FailureKind, StudyKey, TrialKey, shown_state,
                    untrained_draw)
-from .metrics import (DIRECTIONS, ERROR_RATES, METRICS, OBJECTIVES, TEST_SET_RATES,
-                      VIEW_METRIC_NAMES, VIEW_METRICS, Direction, Metric, complement,
+from .metrics import (DIRECTIONS, ERROR_RATES, METRICS, OBJECTIVES, PERCENT_RATES,
+                      TEST_SET_RATES, VIEW_METRIC_NAMES, VIEW_METRICS, Direction, Metric, complement,
                       is_complement, metric_values, pack_outcomes, unpack_outcomes)
 from .round_trip import (PRUNABLE_OBJECTIVES, DataParallelRecord, EpochRecord, ExecutionRecord,
                          FinalEvaluation, Placement, Status, Timings, TrialOutcome, TrialTask,
                          epoch_objective)
 
 __all__ = ["DIRECTIONS", "ERROR_RATES", "INTERRUPTED_STATE", "METRICS", "OBJECTIVES",
-           "PRUNABLE_OBJECTIVES", "TEST_SET_RATES", "TOOLKIT", "VIEW_METRIC_NAMES", "VIEW_METRICS",
+           "PERCENT_RATES", "PRUNABLE_OBJECTIVES", "TEST_SET_RATES", "TOOLKIT", "VIEW_METRIC_NAMES", "VIEW_METRICS",
            "DataParallelRecord", "Direction", "EpochRecord", "ExecutionRecord", "FailureKind",
            "FinalEvaluation", "Metric", "Placement", "Status", "StudyKey", "Timings", "TrialKey",
            "TrialOutcome", "TrialTask", "complement", "epoch_objective", "is_complement",

@@ -75,6 +75,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
 # and every rate over the test set's images.
 ERROR_RATES = tuple(name for name, m in METRICS.items() if m.per_image_record)
 TEST_SET_RATES = tuple(name for name, m in METRICS.items() if m.test_set_rate)
+# The rates: fractions from 0 to 1, which tables show in % (a filter compares the fractions).
+PERCENT_RATES = tuple(name for name, m in METRICS.items() if m.show is _percent)
 
 
 def is_complement(metric: str) -> bool:

@@ -16,6 +16,10 @@ reach a module. The grammar:
     value       := number | 'string' | "string" | True | False | None
     list        := "[" value ("," value)* "]"   (or parentheses)
 
+Rates (errors, accuracies) are fractions from 0 to 1, which tables show in %: `test_error < 0.05`
+selects errors under 5%, and a rate compared with a number outside 0 to 1 (`test_error < 5`,
+which matched every trial) is refused, naming the fraction meant.
+
 A bare column is true where it is true (e.g. `fused`). Missing values follow pandas: a comparison
 with one is unknown, `and`/`or`/`not` carry unknowns through (Kleene logic), and rows still unknown
 at the end are left out, so a filter selects what `DataFrame.query` would, but that text
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import ast
 import operator
+from collections.abc import Collection
 from typing import Any
 
 import pandas as pd
@@ -41,15 +46,16 @@ class FilterError(ValueError):
     """A filter that is not in the language, or names a column the table does not have."""
 
 
-def filter_mask(frame: pd.DataFrame, text: str) -> pd.Series:
-    """The rows of `frame` that `text` selects, as a boolean Series aligned with it."""
+def filter_mask(frame: pd.DataFrame, text: str, rates: Collection[str] = ()) -> pd.Series:
+    """The rows of `frame` that `text` selects, as a boolean Series aligned with it; `rates`:
+    its columns of fractions from 0 to 1 (see above)."""
     try:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as error:
         raise FilterError(f"{text!r} is not a filter ({error.msg}); use {_ALLOWED}") from None
     except (RecursionError, MemoryError):
         raise FilterError(f"{text[:80]!r}...: nested too deeply") from None
-    interpreter = _Interpreter(frame, text)
+    interpreter = _Interpreter(frame, text, rates)
     try:
         return interpreter.mask(tree.body).fillna(False).astype(bool)
     except RecursionError:
@@ -80,9 +86,10 @@ def _folded(operand: Any) -> Any:
 
 
 class _Interpreter:
-    def __init__(self, frame: pd.DataFrame, text: str) -> None:
+    def __init__(self, frame: pd.DataFrame, text: str, rates: Collection[str] = ()) -> None:
         self.frame = frame
         self.text = text
+        self.rates = rates
 
     def fail(self, node: ast.AST, what: str) -> FilterError:
         piece = ast.get_source_segment(self.text.strip(), node) or type(node).__name__
@@ -143,6 +150,12 @@ class _Interpreter:
         the column holds nothing else (one of text and numbers, as `['none', 0.1]`, compares
         with either)."""
         for side, value, other in ((left, a, b), (right, b, a)):
+            if isinstance(value, pd.Series) and side.id in self.rates and \
+                    isinstance(other, (int, float)) and not isinstance(other, bool) and \
+                    not 0 <= other <= 1:
+                raise FilterError(
+                    f"{self.text!r}: {side.id} is a fraction from 0 to 1 (tables show it in %), "
+                    f"and {other!r} is outside it; for {other:g}% write {other / 100:g}")
             if isinstance(value, pd.Series) and isinstance(other, (str, bool, int, float)):
                 numeric = pd.api.types.is_numeric_dtype(value.dtype) and \
                     not pd.api.types.is_bool_dtype(value.dtype)

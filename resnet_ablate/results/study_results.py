@@ -29,7 +29,8 @@ import numpy as np
 import optuna
 import pandas as pd
 
-from ..record import METRICS, StudyKey, TrialKey, unpack_outcomes, untrained_draw
+from ..record import (METRICS, PERCENT_RATES, StudyKey, TrialKey, unpack_outcomes,
+                      untrained_draw)
 from ..storage import ResultsError, sqlite_url, weights_folder
 from . import summaries
 from .display import format_table
@@ -131,7 +132,7 @@ class Results:
             raise ResultsError(f"where takes a filter (str), as \"depth == 20 and shortcut == "
                                f"'A'\", got {query!r}")
         try:
-            kept = self.trials[filter_mask(self.trials, query)]
+            kept = self.trials[filter_mask(self.trials, query, PERCENT_RATES)]
         except FilterError as error:
             raise ResultsError(f"--where {error}") from None
         selection = f"({self.selection}) and ({query})" if self.selection else query

@@ -98,6 +98,13 @@ def holds_results(path: PathLike) -> str | None:
     study_folder = study_folder_holding(path)
     if study_folder is not None:
         return f"lies in {study_folder}, a study's own folder (kept weights, checkpoints)"
+    database = _companion_of(Path(path))
+    if database is not None:
+        # SQLite takes such a file, present or not, for the database's own: a table written
+        # there made every later query on the store fail (an audit), and over a live one could
+        # lose its last transactions.
+        return (f"is where SQLite keeps the rollback journal or write-ahead log of "
+                f"{database.name}, a SQLite database (a study's store?)")
     if not Path(path).is_file():
         return None  # nothing there yet, or a device such as /dev/null
     try:
@@ -110,6 +117,27 @@ def holds_results(path: PathLike) -> str | None:
     if head.startswith(ZIP_MAGIC):
         return "is a zip archive (saved weights?)"
     return None
+
+
+SQLITE_COMPANIONS = ("-journal", "-wal", "-shm")
+
+
+def _companion_of(path: Path) -> Path | None:
+    """The SQLite database `path` would be the journal, log or shared memory of, or None."""
+    for suffix in SQLITE_COMPANIONS:
+        if path.name.endswith(suffix) and len(path.name) > len(suffix):
+            database = path.with_name(path.name[: -len(suffix)])
+            if _starts_with(database, SQLITE_MAGIC):
+                return database
+    return None
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False
 
 
 def refuse_to_lose_results(path: PathLike, named: str | None = None) -> None:
@@ -251,7 +279,11 @@ def _reason(error: Exception) -> str:
         return (f"the disk is full ({cause}); free space and run the study again: its completed "
                 "trials are kept and it resumes")
     if "readonly" in text or "read-only" in text:
-        return f"cannot write ({cause}); the driver needs write access to the store and its folder"
+        # (also a query's, where SQLite finds a journal beside the store to roll back: one
+        # written there by hand made every query fail with this, naming the driver: an audit)
+        return (f"cannot write ({cause}); opening a study store may write to it, a query's too "
+                "(SQLite rolls back a journal it finds beside the store), so the store and its "
+                "folder need write access")
     if "unable to open database file" in text:
         return f"cannot open the file ({cause}); does its folder exist, and may it be written?"
     if "authentication" in text or "password" in text:

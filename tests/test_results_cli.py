@@ -308,6 +308,13 @@ def test_output_never_replaces_a_store_and_other_files_only_with_force(cli, runs
             code, out, err = cli("export", "--format", "csv", "-o", spelling, *force)
             assert code == 2 and "is a SQLite database" in err and "refusing" in err
     assert store.read_bytes() == before
+    # Nor where SQLite would take the file for the store's journal or log: a table written to
+    # STORE.db-journal made every later query on the store fail (an audit)
+    for companion in ("-journal", "-wal", "-shm"):
+        code, _, err = cli("export", "-o", f"{store}{companion}", "--force")
+        assert code == 2 and f"rollback journal or write-ahead log of {STUDY}.db" in err
+        assert not Path(f"{store}{companion}").exists()
+    assert cli("summary")[0] == 0
     existing = tmp_path / "table.csv"
     existing.write_text("keep me\n")
     code, _, err = cli("export", "-o", str(existing))

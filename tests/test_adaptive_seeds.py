@@ -649,7 +649,7 @@ def test_a_studys_seed_rule_is_kept_and_a_dry_run_writes_nothing(local_ray, tmp_
 
     before = digest()
     assert {p.status for p in plan_study(spec, RunOptions(runs_dir=tmp_path))} <= {
-        "done", "decided", "settled"}
+        "done", "decided", "pruned", "diverged"}
     assert digest() == before
     others = {"another rule": {**rule, "until": {"width": 0.5}}, "fixed seeds": 3}
     for what, seeds in others.items():

@@ -722,6 +722,14 @@ def test_run_exits_non_zero_when_no_trial_completes(local_ray, tmp_path, capsys)
                                  storage=f"sqlite:///{tmp_path}/all-diverge.db").get_trials()
     failure = trial.user_attrs["failure"].splitlines()[0]
     assert f"; the last failure (trial 0): {failure}; see `resnet-ablate show" in err
+    # Run again, it trains nothing and says why: the trial diverged, for good (it said every
+    # configuration "may be over budget.max_gflops or given up"), as the dry run's status does
+    code = main(["run", str(_write_spec(tmp_path, raw)), "--runs-dir", str(tmp_path), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "its trials ended for good (1 failed (diverged: 1))" in err, err
+    assert "may be over budget" not in err
+    main(["run", str(_write_spec(tmp_path, raw)), "--runs-dir", str(tmp_path), "--dry-run"])
+    assert capsys.readouterr().out.splitlines()[1].split()[-1] == "diverged"
     # A sampler's study whose every configuration is over budget.max_gflops launches nothing:
     # it ended with exit 0 and "the space is covered".
     raw = _raw_spec("all-over", epochs=1, seeds=1, sampler="random",

@@ -74,14 +74,32 @@ def _ended(args: argparse.Namespace, summary: RunSummary, grid: bool) -> int:
         where = "`resnet-ablate run SPEC --dry-run` lists each point's status" if grid \
             else "the line above says which"
         print(f"resnet-ablate run: error: nothing was trained, and study {summary.study} has "
-              "no completed trial: every configuration may be over budget.max_gflops or given "
-              f"up after max_attempts ({where})", file=sys.stderr)
+              f"no completed trial: {_ended_for_good(results)} ({where}; `resnet-ablate show "
+              f"{summary.study}{store_options(args)} --columns number,state,failure` says why "
+              "each ended)", file=sys.stderr)
         return 1
     if len(results.completed()):
         table = summary_with_training_error(results)
         print(results.format_table(table))
         print_footnotes(table)
     return 0
+
+
+def _ended_for_good(results) -> str:
+    """How a study's trials ended where a run found nothing left to train: the trials that
+    failed for good, by kind (a diverged trial is not retried: the second run of a study whose
+    every trial diverged said every configuration "may be over budget or given up"; an audit)."""
+    from ..results.left_out import failure_kinds
+
+    trials = results.trials
+    failed = trials[trials["state"] == "FAIL"]
+    ended = [f"{len(failed)} failed ({failure_kinds(failed)})"] if len(failed) else []
+    ended += [f"{n} {state.lower().replace('_', ' ')}" for state, n in
+              trials.loc[trials["state"] != "FAIL", "state"].value_counts().items()]
+    if not ended:
+        return "every configuration may be over budget.max_gflops or given up after max_attempts"
+    return (f"its trials ended for good ({', '.join(ended)}): diverged and over-budget trials "
+            "are not run again, nor one given up after max_attempts")
 
 
 def _last_failure(results) -> str:

@@ -45,8 +45,9 @@ class PlannedTrial:
     arch: ResNetArch
     params_count: int
     gflops: float
-    # "done", "pending", "given up", "settled", "over budget" (max_gflops), "if open" or
-    # "decided" (adaptive seeds), "past budget.trials" (a pending one the trial budget leaves out)
+    # "done", "pending", "given up", "pruned", "diverged", "over budget" (max_gflops), "if open"
+    # or "decided" (adaptive seeds), "past budget.trials" (a pending one the trial budget leaves
+    # out)
     status: str
     train_tflops: float  # forward + backward (3x forward) over every training image and epoch
 
@@ -59,6 +60,7 @@ class GridHistory:
         self.spec = spec
         self.completed: set[str] = set()
         self.settled: set[str] = set()
+        self.endings: dict[str, str] = {}  # how a settled point ended: "pruned", "diverged"...
         self.tried: set[str] = set()  # any trial at all, however it ended
         self.attempts: Counter[str] = Counter()
         for t in trials:
@@ -71,8 +73,11 @@ class GridHistory:
                 self.completed.add(key)
             if t.state in (_State.COMPLETE, _State.PRUNED):
                 self.settled.add(key)
+                if t.state == _State.PRUNED:
+                    self.endings[key] = "pruned"
             elif t.state == _State.FAIL and kind in FailureKind.FINAL:
                 self.settled.add(key)
+                self.endings[key] = kind.replace("_", " ")
             elif t.state == _State.FAIL and kind in FailureKind.RETRYABLE:
                 self.attempts[key] += 1
 
@@ -277,8 +282,8 @@ def plan(spec: StudySpec, history: GridHistory, costs: StudyCosts,
                 status = "done"
             elif history.given_up(key):
                 status = "given up"
-            elif key in history.settled:
-                status = "settled"
+            elif key in history.settled:  # pruned, diverged or over budget: for good
+                status = history.endings.get(key, "settled")
             elif costs.over_budget(arch):
                 status = "over budget"
             elif configuration(params) in adaptive.decided:

@@ -81,8 +81,9 @@ def load_cifar(
     fmt = CIFAR_FORMATS[name]
     if root is None:
         raise ValueError(
-            f"{name} needs root=: a folder holding {fmt.folder}/ or {fmt.archive}, "
-            "or the archive itself (add download=True to fetch it into that folder)"
+            f"{name} needs a root: a folder holding {fmt.folder}/ or {fmt.archive}, or the "
+            "archive itself (a spec's dataset `root:`, Python's root=; with download, `download: "
+            "true` or download=True, it is fetched into that folder)"
         )
     arrays = read_cifar(fmt, root, download=download)
     return make_bundle(
@@ -116,8 +117,9 @@ def read_cifar(fmt: CifarFormat, root: str | os.PathLike[str], *,
     if source is None:
         raise FileNotFoundError(
             f"{fmt.title} not found: looked for {root / fmt.folder}/ and {root / fmt.archive}"
-            f" (and whether {root} is one of them). Fix: pass root= a folder holding either, or "
-            f"the archive itself, or add download=True to fetch {fmt.url} into {root}."
+            f" (and whether {root} is one of them). Fix: set the data set's root (a spec's "
+            f"`root:`, Python's root=) to a folder holding either, or to the archive itself, or "
+            f"set download (`download: true`, download=True) to fetch {fmt.url} into {root}."
         )
     if source.is_dir():
         return _assemble_cifar(fmt, functools.partial(_read_from_folder, fmt, source), source)

@@ -395,8 +395,9 @@ def test_an_unknown_metric_or_a_single_factor_is_a_clear_error(study, tmp_path):
     with pytest.raises(ResultsError, match=r"study 'effects-small' \(sweeping depth, shortcut\) "
                                            r"where depth == 8: one factor has two or more "
                                            r"completed levels \(shortcut: 'A', 'none'\).*"
-                                           r"compare effects-small --factor shortcut"):
-        results.where("depth == 8").effects()
+                                           r"compare effects-small --factor shortcut "
+                                           r"--baseline A --where 'depth == 8'` gives"):
+        results.where("depth == 8").effects()  # the command for the same trials, filter kept
     one = {((s,), seed): cells[((8, s), seed)] for s in SHORTCUTS for seed in SEEDS}
     write_study(tmp_path / "one.db", "one", {"shortcut": list(SHORTCUTS)}, one)
     with pytest.raises(ResultsError, match="effects need two or more"):

@@ -23,6 +23,7 @@ Student's t over the per-seed contrasts.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Mapping, Sequence
 from itertools import combinations
 from typing import TYPE_CHECKING, Any
@@ -108,11 +109,13 @@ def _too_few_factors(results: Results, levels: Mapping[str, list[Any]]) -> str:
         return (f"{among}: no factor has two completed levels yet: effects need two or more "
                 "factors with two or more completed levels")
     (factor, (baseline, *_)), = levels.items()
+    # the command for the same trials (without the filter it compared over the whole study)
+    where = f" --where {shlex.quote(results.selection)}" if results.selection else ""
     return (f"{among}: one factor has two or more completed levels ({factor}: "
             f"{', '.join(map(plain, levels[factor]))}" + ("" if results.selection else
                                                            f"; swept: {swept}")
             + "); effects need two or more; for one factor, `resnet-ablate compare "
-            f"{results.study} --factor {factor} --baseline {baseline}` gives its paired "
+            f"{results.study} --factor {factor} --baseline {baseline}{where}` gives its paired "
             "differences")
 
 

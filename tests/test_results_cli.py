@@ -24,6 +24,7 @@ from helpers import results_study_spec
 
 from resnet_ablate.cli import main
 from resnet_ablate.results import display_frame
+from resnet_ablate.storage import ResultsError
 
 
 @pytest.fixture
@@ -298,6 +299,21 @@ def test_bad_columns_and_values_are_one_line_errors(cli, argv, message):
     code, out, err = cli(*argv)
     assert code == 2 and out == ""
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_pareto_figures_cost_is_named_as_a_metric_and_settings_are_no_metrics(runs):
+    """plot_pareto(cost='wall') (the tables' label) is refused naming the metrics, which do not
+    include the true/false settings a trial records (compile, cuda_graphs: listed as if they could
+    be a cost; an audit)."""
+    from resnet_ablate.results import load, plots
+
+    results = load(STUDY, runs_dir=runs)
+    assert {"compile", "cuda_graphs"} <= set(results.trials.columns)
+    assert not {"compile", "cuda_graphs"} & set(results.metrics())
+    with pytest.raises(ResultsError, match=r"no column 'wall' .*; metrics: .*wall_seconds"):
+        plots.plot_pareto(results, cost="wall")
+    with pytest.raises(ResultsError, match=r"'compile' names a trial or its configuration"):
+        results.summary(metric="compile")
 
 
 def test_output_never_replaces_a_store_and_other_files_only_with_force(cli, runs, tmp_path):

@@ -107,10 +107,12 @@ class Results:
 
     def metrics(self) -> list[str]:
         """The columns a mean can be taken of: the recorded measurements (numbers that name a
-        trial or its configuration, as seed, number or depth, are not)."""
+        trial or its configuration, as seed, number or depth, are not, nor the true/false
+        settings a trial records, as compile)."""
         named = {"number", "seed", *ARCH_COLUMNS, *self.swept}
         return [c for c in self.trials.columns if c in METRICS or (
-            c not in named and pd.api.types.is_numeric_dtype(self.trials[c]))]
+            c not in named and pd.api.types.is_numeric_dtype(self.trials[c])
+            and not pd.api.types.is_bool_dtype(self.trials[c]))]
 
     def check_metric(self, metric: str) -> None:
         """A metric must be a measurement: statistics over `arch_name` or `seed` mean nothing."""

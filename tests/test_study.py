@@ -183,6 +183,9 @@ def test_a_sampler_trains_no_seed_twice_and_draws_it_cannot_train_spend_no_budge
     assert main(["run", str(larger), "--runs-dir", str(tmp_path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "budget: 9 trials, 4 counted in study covered, 5 left, 30 minutes a run" in out
+    # and that none of them can be trained: the space is covered (it said only what was left)
+    assert ("nothing left to train: every configuration has had each of its seeds: the space is "
+            "covered, and the run ends") in out
     # What the data set holds, from helpers.SYNTHETIC's sizes.
     assert ("data: synthetic: 128 training images in 4 classes, 64 test images scored, 8x8 "
             "pixels a model sees") in out.splitlines()

@@ -124,7 +124,7 @@ def _dry_run(runner: StudyRunner, fmt: str) -> int:
         _print_plan(spec, planned)
     else:
         runner.costs.check_dataset()
-        _print_sampler_budget(spec, runner.trials_left())
+        _print_sampler_budget(spec, runner.trials_left(), runner.nothing_to_draw())
     print(runner.costs.data_note())
     shortfall = runner.gpu_shortfall()
     if shortfall is not None:
@@ -135,8 +135,10 @@ def _dry_run(runner: StudyRunner, fmt: str) -> int:
     return 0
 
 
-def _print_sampler_budget(spec, left: float) -> None:
-    """A sampler's dry run: what its budget still allows, where it can list no trials."""
+def _print_sampler_budget(spec, left: float, nothing_to_draw: str | None) -> None:
+    """A sampler's dry run: what its budget still allows, where it can list no trials, and
+    where its space has nothing left to train, why (it said what the budget allowed, and the
+    run then ended at once: an audit)."""
     trials = spec.budget.trials
     if trials is None:
         allowed = "no trial limit"
@@ -149,6 +151,8 @@ def _print_sampler_budget(spec, left: float) -> None:
     print(f"{spec.source}: the {spec.sampler} sampler chooses trials as it goes, so a dry run "
           f"lists none and estimates no time (a grid's lists each trial); budget: {allowed}, "
           f"{minutes}")
+    if nothing_to_draw is not None:
+        print(f"{spec.source}: nothing left to train: {nothing_to_draw}")
 
 
 def _print_plan_records(spec, planned, fmt: str) -> int:

@@ -22,6 +22,7 @@ from ..storage import (ARTIFACTS_SUFFIX, CHECKPOINTS_SUFFIX, file_in_the_way, ru
                        sqlite_path, store_faults, study_file, weights_folder)
 from . import cluster, grid
 from .costs import StudyCosts
+from .draws import stand_in
 from .grid import GridHistory, PendingPoint, PlannedTrial
 from .loop import DriverLoop, failures
 from .recorder import TrialRecorder
@@ -133,6 +134,13 @@ class StudyRunner:
         run counts them; nothing is written."""
         check_store_folder(self.storage)
         return self._trials_left(*self._recorded())
+
+    def nothing_to_draw(self) -> str | None:
+        """Why a sampler's run would end before training anything, its space covered or over
+        budget.max_gflops (draws.stand_in's reason), or None; nothing is written."""
+        check_store_folder(self.storage)
+        found = stand_in(self.spec, self._existing_trials(), 0, self.costs)
+        return found if isinstance(found, str) else None
 
     def _recorded(self) -> tuple[list[optuna.trial.FrozenTrial], GridHistory]:
         """The study's recorded trials and their history, read without writing the store."""

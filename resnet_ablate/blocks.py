@@ -166,7 +166,8 @@ class _ResidualBlock(nn.Module):
         """A fused block around existing modules (conv1, bn1, ...), sharing their tensors.
 
         This is how `resnet_ablate.fuse` converts a torchvision-style block: its convs and
-        shortcut module are reused as they are, and each BN becomes a `FusedBatchNorm2d` twin.
+        shortcut module are reused as they are, and each BN becomes a `FusedBatchNorm2d` twin
+        (fuse, once the block is checked, swaps in each BN itself, fused in place).
         `shortcut` only labels the block ("B" for torchvision's projection-where-needed);
         `activations` names where each BN's activation was held (timm's act1, act2, act3), so
         that one set there after fusing runs.
@@ -299,6 +300,29 @@ def fused_twin_of(bn: nn.BatchNorm2d, *, relu: bool) -> FusedBatchNorm2d:
     return with_state_of(twin, bn)
 
 
+def fused_in_place(bn: nn.BatchNorm2d, *, relu: bool) -> FusedBatchNorm2d:
+    """`bn` itself made a `FusedBatchNorm2d`: its class changed, the same object, tensors and
+    mode, so that a reference to it taken before fusing (a list of BatchNorms to freeze, its
+    momentum to set) still reaches the module the model calls (with a twin it changed a module
+    the model no longer called, without a word: an audit). A twin (`fused_twin_of`) where `bn`
+    is not exactly an `nn.BatchNorm2d`. `unfused_in_place` undoes it."""
+    if type(bn) is not nn.BatchNorm2d:
+        return fused_twin_of(bn, relu=relu)
+    bn.__class__ = FusedBatchNorm2d
+    bn.relu = relu
+    return bn  # type: ignore[return-value]
+
+
+def unfused_in_place(bn: FusedBatchNorm2d) -> nn.BatchNorm2d:
+    """`fused_in_place` the other way: `bn` itself back to an `nn.BatchNorm2d` (a twin,
+    `plain_twin_of`, where it is a subclass of `FusedBatchNorm2d`)."""
+    if type(bn) is not FusedBatchNorm2d:
+        return plain_twin_of(bn)
+    del bn.relu
+    bn.__class__ = nn.BatchNorm2d
+    return bn
+
+
 def plain_twin_of(bn: FusedBatchNorm2d) -> nn.BatchNorm2d:
     """A `BatchNorm2d` sharing a fused BN's parameters and buffers (same tensors, not copies):
     `fused_twin_of` the other way (`resnet_ablate.unfuse` uses it)."""
@@ -324,7 +348,7 @@ def fuse_block_(block: BasicBlock | Bottleneck) -> BasicBlock | Bottleneck:
     for name in ("bn1", "bn2", "bn3"):
         bn = getattr(block, name, None)
         if bn is not None:
-            setattr(block, name, fused_twin_of(bn, relu=True))
+            setattr(block, name, fused_in_place(bn, relu=True))
     block.fused = True
     for name in block.activations:  # (the fused ReLU takes their place)
         setattr(block, name, None)

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..blocks import fused_twin_of
+from ..blocks import fused_in_place, unfused_in_place
+from ..kernels import FusedBatchNorm2d
 from .arguments import Fixed, fixed_on_probe, plain_defaults
 from .forward_facts import KEPT_MODULES, Guards, KeptModules, guarded, kept_module
 from .fused_class import FusedForward
@@ -342,7 +343,7 @@ def _rewrite_owner(model: nn.Module, owner: str, through: set[str], expected_bns
         if acts_as_batch_norm(bn):  # a norm-activation without one: fused in place
             give_fused_class(bn)
         else:
-            module.set_submodule(target, fused_twin_of(bn, relu=False))
+            module.set_submodule(target, fused_in_place(bn, relu=False))
     try:
         with evaluating(module):
             given = _cloned((args, kwargs))
@@ -353,7 +354,9 @@ def _rewrite_owner(model: nn.Module, owner: str, through: set[str], expected_bns
     if reason is not None:
         for target, bn in originals.items():
             take_fused_class(bn)
-            module.set_submodule(target, bn)
+            # (fused in place, `bn` itself goes back; a twin's original was left as it was)
+            module.set_submodule(target, unfused_in_place(bn) if type(bn) is FusedBatchNorm2d
+                                 else bn)
         return [], [], reason
     joined = tuple(_relative(f.residual_batch_norm, owner) for f in found if f.residual_batch_norm)
     _give_forward(module, guarded(forward, baked, fixed), tuple(originals), joined,

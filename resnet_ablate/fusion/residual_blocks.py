@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..blocks import BasicBlock, Bottleneck, fuse_block_, fused_twin_of
+from ..blocks import BasicBlock, Bottleneck, fuse_block_, fused_in_place
 from ..kernels import FusedBatchNorm2d
 from ..models import ResNet
 from .forward_facts import KEPT_MODULES, random_draws, random_streams_kept
@@ -211,7 +211,7 @@ def _block_sites(name: str, block: BasicBlock | Bottleneck) -> list[FusedSite]:
 
 
 def _fuse_own_resnet_stem(model: ResNet) -> None:
-    model.bn1 = fused_twin_of(model.bn1, relu=True)
+    model.bn1 = fused_in_place(model.bn1, relu=True)
     model.relu = None
     model.fused = True
     model.arch = model.arch.replace(fused=True)
@@ -230,7 +230,7 @@ class BlockPlan:
     fused: list[str] = field(default_factory=list)
     sites: list[FusedSite] = field(default_factory=list)
     skipped: list[SkippedBlock] = field(default_factory=list)
-    replacements: list[tuple[str, nn.Module]] = field(default_factory=list)
+    replacements: list[tuple[str, nn.Module, nn.Module]] = field(default_factory=list)
     own_blocks: list[BasicBlock | Bottleneck] = field(default_factory=list)
     own_models: list[ResNet] = field(default_factory=list)
 
@@ -239,9 +239,14 @@ class BlockPlan:
             _fuse_own_resnet_stem(own_model)
         for block in self.own_blocks:
             fuse_block_(block)
-        for name, converted in self.replacements:
+        for name, converted, original in self.replacements:
             parent, attr = _parent_and_attr(model, name)
             setattr(parent, attr, converted)
+            # The library block's own BatchNorms in place of the twins it was checked with,
+            # fused in place: references to them taken before fusing stay the model's.
+            for bn in ("bn1", "bn2", "bn3"):
+                if hasattr(converted, bn):
+                    setattr(converted, bn, fused_in_place(getattr(original, bn), relu=True))
 
 
 def plan_blocks(model: nn.Module) -> BlockPlan:
@@ -277,7 +282,7 @@ def plan_blocks(model: nn.Module) -> BlockPlan:
         if reason is not None:
             plan.skipped.append(SkippedBlock(name, reason))
             continue
-        plan.replacements.append((name, converted))
+        plan.replacements.append((name, converted, module))
         plan.fused.append(name)
         plan.sites.extend(_block_sites(name, converted))
     return plan

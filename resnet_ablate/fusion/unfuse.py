@@ -8,7 +8,7 @@ from typing import TypeVar
 
 from torch import nn
 
-from ..blocks import BasicBlock, Bottleneck, plain_twin_of
+from ..blocks import BasicBlock, Bottleneck, unfused_in_place
 from ..kernels import FusedBatchNorm2d
 from ..models import ResNet
 from .forward_facts import KEPT_MODULES
@@ -25,7 +25,7 @@ def _unfuse_rewritten(module: nn.Module) -> None:
         parent, _, name = target.rpartition(".")
         bn = getattr(module.get_submodule(parent) if parent else module, name, None)
         if isinstance(bn, FusedBatchNorm2d):
-            module.set_submodule(target, plain_twin_of(bn))
+            module.set_submodule(target, unfused_in_place(bn))
     give_back_class(module)
     vars(module).pop(KEPT_MODULES, None)
 
@@ -55,7 +55,7 @@ def unfuse(model: M) -> M:
             for name in ("bn1", "bn2", "bn3"):
                 bn = getattr(module, name, None)
                 if isinstance(bn, FusedBatchNorm2d):
-                    setattr(module, name, plain_twin_of(bn))
+                    setattr(module, name, unfused_in_place(bn))
             module.fused = False
             for name in module.activations:  # (one set after fusing stays)
                 if getattr(module, name) is None:
@@ -64,7 +64,7 @@ def unfuse(model: M) -> M:
             give_library_class(module)
         elif isinstance(module, ResNet) and module.fused:
             assert isinstance(module.bn1, FusedBatchNorm2d)
-            module.bn1 = plain_twin_of(module.bn1)
+            module.bn1 = unfused_in_place(module.bn1)
             if module.relu is None:  # (one set after fusing stays)
                 module.relu = nn.ReLU(inplace=True)
             module.fused = False

@@ -191,10 +191,12 @@ _TENSOR_ARGUMENTS = (("input", 1), ("running_mean", 2), ("running_var", 3), ("we
                      ("bias", 5))
 
 
-def check_types(input, running_mean, running_var, weight, bias, training, residual) -> None:
+def check_types(input, running_mean, running_var, weight, bias, training, residual,
+                relu=True) -> None:
     """TypeError naming an argument of a type F.batch_norm refuses, in its words (a list as a
-    weight, "yes" as `training`), and a residual that is no tensor: the first call of a
-    signature, or one whose signature could not be read, asks."""
+    weight, "yes" as `training`), and a residual that is no tensor or a `relu` that is no bool
+    ("no" applied the ReLU: an audit): the first call of a signature, or one whose signature
+    could not be read, asks."""
     for (name, position), value in zip(_TENSOR_ARGUMENTS,
                                        (input, running_mean, running_var, weight, bias)):
         if not isinstance(value, torch.Tensor) and (value is not None or name == "input"):
@@ -206,6 +208,9 @@ def check_types(input, running_mean, running_var, weight, bias, training, residu
     if residual is not None and not isinstance(residual, torch.Tensor):
         raise TypeError(f"fused_batch_norm(): argument 'residual' must be Tensor or None, not "
                         f"{type(residual).__name__}")
+    if not isinstance(relu, bool):
+        raise TypeError(f"fused_batch_norm(): argument 'relu' must be bool, not "
+                        f"{type(relu).__name__}")
 
 
 def checked_residual(input: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor | None:

@@ -159,11 +159,13 @@ def fused_batch_norm_eager(input: torch.Tensor, running_mean: torch.Tensor | Non
         key = signature(input, running_mean, running_var, weight, bias, training, residual,
                         relu, gradient)
     except AttributeError:  # an argument that is no tensor: named, in F.batch_norm's words
-        check_types(input, running_mean, running_var, weight, bias, training, residual)
+        check_types(input, running_mean, running_var, weight, bias, training, residual,
+                    relu)
         raise
     call = _CALLS.get(key)
     if call is None or type(momentum) is not float or not eps > 0:
-        check_types(input, running_mean, running_var, weight, bias, training, residual)
+        check_types(input, running_mean, running_var, weight, bias, training, residual,
+                    relu)
         momentum = check_arguments(input, running_mean, running_var, weight, bias, training,
                                    momentum, eps)
         expanded = checked_residual(input, residual)

@@ -219,7 +219,8 @@ def fused_batch_norm(
     """
     eager = _is_eager(input)
     if not eager:  # (the eager path asks on a signature's first call)
-        check_types(input, running_mean, running_var, weight, bias, training, residual)
+        check_types(input, running_mean, running_var, weight, bias, training, residual,
+                    relu)
     if _runs_inline(input, eager) or _exporting_to_onnx(eager):
         return _batch_norm_add_relu_inline(
             input, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu
@@ -260,6 +261,8 @@ def _batch_norm_add_relu_inline(
     """The unfused module's arithmetic: F.batch_norm, then the add and ReLU in place on its output.
     F.batch_norm does its own checks (with PyTorch's wording) and the running-stat update; its
     output is a fresh tensor that its backward does not read, so writing into it is safe."""
+    if type(relu) is not bool:  # (F.batch_norm checks the rest; it has no relu)
+        check_types(input, running_mean, running_var, weight, bias, training, residual, relu)
     try:
         checked_residual(input, residual)  # broadcasting is out.add_'s own
         check_one_dimensional(input.shape[1] if input.dim() > 1 else 0, running_mean,
@@ -273,7 +276,8 @@ def _batch_norm_add_relu_inline(
         if not training and running_mean is not None and running_var is not None:
             running_mean, running_var = running_mean.contiguous(), running_var.contiguous()
     except AttributeError:  # an argument that is no tensor: named, in F.batch_norm's words
-        check_types(input, running_mean, running_var, weight, bias, training, residual)
+        check_types(input, running_mean, running_var, weight, bias, training, residual,
+                    relu)
         raise
     out = torch.nn.functional.batch_norm(
         input, running_mean, running_var, weight, bias, training, momentum, eps

@@ -33,6 +33,9 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
         # `relu` is keyword-only (it took `device`'s place, where None turned the ReLU off).
         # nn.BatchNorm2d takes `bias` only from PyTorch 2.12 on: the bias is dropped here, on
         # every version, as its bias=False leaves it (a registered parameter that is None).
+        if not isinstance(relu, bool):  # ("no" was taken as true: an audit)
+            raise TypeError(f"FusedBatchNorm2d(): argument 'relu' must be bool, not "
+                            f"{type(relu).__name__}")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         if not bias:
             self.bias = None

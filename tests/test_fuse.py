@@ -6,6 +6,7 @@ torchvision checkpoints loading into this package's models."""
 import copy
 import enum
 import pickle
+import re
 import warnings
 
 import pytest
@@ -861,3 +862,38 @@ def test_a_forward_that_branches_on_a_flag_is_fused_as_its_caller_sets_it():
             torch.testing.assert_close(model.block(x, **options), reference.block(x, **options))
         torch.testing.assert_close(model.block(x, False, 1.0), reference.block(x, False, 1.0))
         torch.testing.assert_close(model.block(x, True), reference.block(x, True))
+
+
+def test_lazy_modules_not_yet_run_and_flags_that_are_no_bools_are_refused_before_any_change():
+    """fuse()'s probe batch made a LazyConv2d of 0 input channels (1 site reported fused, and
+    the model then failed on every real batch), and strict="no" was taken as strict (an
+    audit): each is one error, the model unchanged; run once, a lazy model fuses."""
+    model = nn.Sequential(nn.LazyConv2d(4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    with pytest.raises(ValueError, match=r"fuse: 0 are lazy modules whose shapes are not known "
+                                         r"yet: run one real batch through the model first"):
+        fuse(model)
+    assert type(model[0]) is nn.LazyConv2d and type(model[1]) is nn.BatchNorm2d
+    for flag in ("strict", "return_report"):
+        with pytest.raises(TypeError, match=rf"fuse\(\): argument '{flag}' must be bool, not str"):
+            fuse(model, **{flag: "no"})
+    x = torch.randn(2, 1, 8, 8)
+    model(x)  # its shapes known
+    reference = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FuseWarning)
+        fuse(model, example_input=x)
+    torch.testing.assert_close(model.eval()(x), reference.eval()(x))
+
+
+
+def test_a_probe_that_fails_says_to_pass_an_example_input_or_to_check_the_one_given():
+    """The message ended "pass example_input" where one was given, and wrong (an audit)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 2))  # 8x8 inputs only: the default probe fails
+    for example, fix in ((None, "; pass example_input"),
+                         (torch.randn(2, 5, 8, 8), "; check example_input (the batch, or a tuple")):
+        with pytest.warns(FuseWarning, match=r"failed on a probe input .*" + re.escape(fix)):
+            fuse(copy.deepcopy(model), example_input=example)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FuseWarning)
+        fuse(model, example_input=torch.randn(2, 3, 8, 8))

@@ -482,6 +482,12 @@ def test_every_backend_refuses_the_same_argument_types_and_shapes(backend):
             fused_batch_norm(x, *stats, [1.0] * 3, b, True)
         with pytest.raises(TypeError, match=r"argument 'residual' must be Tensor or None, not list"):
             fused_batch_norm(x, *stats, w, b, True, residual=[1.0])
+        # relu="no" applied the ReLU (a truthy string; an audit), on the function and the module
+        for call in (lambda: fused_batch_norm(x, *stats, w, b, True, relu="no"),
+                     lambda: FusedBatchNorm2d(3)(x, relu="no"),
+                     lambda: FusedBatchNorm2d(3, relu="no")):
+            with pytest.raises(TypeError, match=r"argument 'relu' must be bool, not str"):
+                call()
         with pytest.raises(RuntimeError, match=r"weight should be 1-D, with 3 elements, not of "
                                                r"shape \(3, 1\)"):
             fused_batch_norm(x, *stats, w.view(-1, 1), b, False)

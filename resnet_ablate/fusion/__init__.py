@@ -27,7 +27,7 @@ from .graph import fuse_graphs
 from .norm_act import FusedNormAct, fuse_norm_acts
 from .records import FusedSite, FuseReport, FuseWarning, SkippedBlock, describe, qualified
 from .residual_blocks import plan_blocks
-from .unfuse import check_is_module, unfuse
+from .unfuse import check_is_module, check_no_lazy_modules, unfuse
 
 __all__ = ["FuseReport", "FuseWarning", "FusedSite", "SkippedBlock", "StaleForward", "fuse",
            "unfuse"]
@@ -87,6 +87,10 @@ def fuse(model: M, *, strict: bool = False, return_report: bool = False,
     `(model, FuseReport)`.
     """
     check_is_module(model, "fuse")
+    for name, flag in (("strict", strict), ("return_report", return_report)):
+        if not isinstance(flag, bool):  # (strict="no" was taken as strict: an audit)
+            raise TypeError(f"fuse(): argument {name!r} must be bool, not {type(flag).__name__}")
+    check_no_lazy_modules(model)
     if strict:
         trial = _fuse(copy.deepcopy(model), example_input)  # a copy: refuse before any change
         if trial.skipped:

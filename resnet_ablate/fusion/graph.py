@@ -254,6 +254,7 @@ def _inputs_on_probe(model: nn.Module, owners: list[str], example: Any
     its arguments as they were before its forward ran (a forward may change them in place), its
     output, and its arguments as its forward left them. `example`: the model's input, or a tuple
     of its positional arguments."""
+    given = example is not None
     if example is None:
         conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
         if conv is None:
@@ -283,8 +284,10 @@ def _inputs_on_probe(model: nn.Module, owners: list[str], example: Any
     except Exception as error:  # noqa: BLE001 - reported as the reason nothing was rewritten
         shapes = ", ".join(str(tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__
                            for a in arguments)
+        fix = "check example_input (the batch, or a tuple of the model's positional " \
+            "arguments)" if given else "pass example_input"
         return {}, f"the model's forward failed on a probe input ({shapes}) " \
-                   f"({type(error).__name__}: {error}); pass example_input"
+                   f"({type(error).__name__}: {error}); {fix}"
     finally:
         for handle in handles:
             handle.remove()

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import TypeVar
 
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..blocks import BasicBlock, Bottleneck, unfused_in_place
 from ..kernels import FusedBatchNorm2d
@@ -38,6 +39,18 @@ def check_is_module(model: object, what: str) -> None:
     hint = ": a state_dict holds only tensors; load it into its model and pass that" \
         if isinstance(model, Mapping) else ""
     raise TypeError(f"{what} takes a model (an nn.Module), not {type(model).__name__}{hint}")
+
+
+def check_no_lazy_modules(model: nn.Module) -> None:
+    """One clear error where `model` holds lazy modules not yet run (LazyConv2d, LazyLinear):
+    fuse's probe batch would make their shapes its own (a LazyConv2d of 0 input channels, and
+    the model then failed on every real batch: an audit), and what it made cannot be undone."""
+    lazy = [name or "<model>" for name, module in model.named_modules()
+            if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()]
+    if lazy:
+        raise ValueError(f"fuse: {', '.join(lazy[:3])}{' and others' if len(lazy) > 3 else ''} "
+                         "are lazy modules whose shapes are not known yet: run one real batch "
+                         "through the model first, then fuse it")
 
 
 def unfuse(model: M) -> M:

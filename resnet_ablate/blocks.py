@@ -167,7 +167,8 @@ class _ResidualBlock(nn.Module):
 
         This is how `resnet_ablate.fuse` converts a torchvision-style block: its convs and
         shortcut module are reused as they are, and each BN becomes a `FusedBatchNorm2d` twin
-        (fuse, once the block is checked, swaps in each BN itself, fused in place).
+        (fuse, once the block is checked, swaps in each BN itself, fused in place, and makes the
+        library's block this one in place).
         `shortcut` only labels the block ("B" for torchvision's projection-where-needed);
         `activations` names where each BN's activation was held (timm's act1, act2, act3), so
         that one set there after fusing runs.

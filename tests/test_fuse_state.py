@@ -106,6 +106,37 @@ def test_batch_norms_held_from_before_fuse_are_the_ones_the_model_calls(kind):
                                              if isinstance(m, nn.BatchNorm2d)]))
 
 
+def test_a_library_block_held_from_before_fuse_is_the_block_the_model_calls():
+    """fuse() put this package's block in a torchvision block's place: a block held from before
+    (a Grad-CAM target, a list of layers to hook) was one the model no longer called, and a hook
+    registered on it after fusing never fired. Now the block itself is converted in place (the
+    same object), and unfuse gives it back as torchvision's, still the same object."""
+    from resnet_ablate.blocks import BasicBlock
+
+    model = small_tv_resnet(TVBasicBlock, (1, 1, 1, 1)).eval()
+    reference = copy.deepcopy(model)
+    held = [m for m in model.modules() if isinstance(m, TVBasicBlock)]
+    x = torch.randn(2, 3, 16, 16)
+    fuse(model)
+    assert [m for m in model.modules() if isinstance(m, BasicBlock)] == held  # (the same objects)
+    assert all(type(m) is BasicBlock and m.fused for m in held)
+    seen = []
+    handle = held[-1].register_forward_hook(lambda _, args, out: seen.append(out.detach()))
+    out = model(x)
+    handle.remove()
+    # The hook saw the last block's output as the unfused model computes it
+    features = reference.layer4(reference.layer3(reference.layer2(reference.layer1(
+        reference.maxpool(reference.relu(reference.bn1(reference.conv1(x))))))))
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], features, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, reference(x), rtol=1e-5, atol=1e-5)
+    unfuse(model)
+    assert [m for m in model.modules() if isinstance(m, TVBasicBlock)] == held
+    assert all(type(m) is TVBasicBlock for m in held)
+    assert list(model.state_dict()) == list(reference.state_dict())
+    torch.testing.assert_close(model(x), reference(x))
+
+
 def test_from_torchvision_keeps_modes_momentum_eps_and_frozen_parameters():
     """What a state_dict does not carry comes over by module name: the frozen BatchNorms' eval
     mode, a BatchNorm's momentum (None: a cumulative average) and eps, and parameters that take

@@ -37,7 +37,7 @@ M = TypeVar("M", bound=nn.Module)
 
 def _fuse(model: nn.Module, example_input: Any) -> FuseReport:
     plan = plan_blocks(model)
-    plan.apply(model)
+    plan.apply()
     norm_acts, norm_acts_left = fuse_norm_acts(model)
     graphs = fuse_graphs(model, example_input)
     joined = _joined_batch_norms(model)

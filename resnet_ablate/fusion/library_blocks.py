@@ -1,7 +1,9 @@
 """What a block converted by `fuse` remembers of the library's block it was (torchvision's or
-timm's BasicBlock / Bottleneck): while fused it answers the library block's own plain attributes
-(torchvision's `block.stride`), and `unfuse` gives it the library's class back, in place, with
-its children in their order (its ReLU, timm's unused parts) and its attributes."""
+timm's BasicBlock / Bottleneck): `fuse` makes the library's block this package's in place (the
+same object, so that a reference held from before fusing, a hook's target, is the block the
+model calls); while fused it answers the library block's own plain attributes (torchvision's
+`block.stride`), and `unfuse` gives it the library's class back, in place, with its children in
+their order (its ReLU, timm's unused parts) and its attributes."""
 
 from __future__ import annotations
 
@@ -12,6 +14,9 @@ from torch import nn
 
 LIBRARY_BLOCK = "_fused_from_library_block"
 _MODULE_STATE = frozenset(vars(nn.Module()))  # what every nn.Module holds: hooks, mode, children
+# Of that, what a converted block holds as its own: its children and tensors (the same tensors);
+# the rest (hooks of every kind, the mode) stays the library block's.
+_CONVERTED_STATE = frozenset({"_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"})
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,17 @@ def remember(converted: nn.Module, block: nn.Module) -> None:
     for name, value in attributes.items():
         if not hasattr(converted, name):
             vars(converted)[name] = value
+
+
+def become(block: nn.Module, converted: nn.Module) -> None:
+    """`block` (the library's, checked against `converted`, which `remember`ed it) made
+    `converted` in place: its class, children and attributes, its hooks and mode kept. `block`'s
+    references held from before fusing (a list of layers to hook, a Grad-CAM target) stay the
+    model's; `give_library_class` undoes it."""
+    kept = {k: v for k, v in vars(block).items() if k in _MODULE_STATE - _CONVERTED_STATE}
+    block.__class__ = type(converted)
+    vars(block).clear()
+    vars(block).update({**vars(converted), **kept})
 
 
 def kept_child(module: nn.Module, name: str) -> tuple[bool, nn.Module | None]:

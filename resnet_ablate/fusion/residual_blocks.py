@@ -11,7 +11,8 @@ epilogue cannot reproduce: such blocks are refused with that reason); plain `nn.
 changed forward) the converted block gives the original's output on a probe input, in eval and
 in training mode, where the original draws no random numbers. This path needs no tracing, so it
 works where a forward cannot be traced; it also keeps the stride placement that this package's
-blocks record. The block becomes this package's block (its class, and what `unfuse` gives back).
+blocks record. The block becomes this package's block in place (the same object: its class and
+children; `unfuse` gives the library's back).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ..blocks import BasicBlock, Bottleneck, fuse_block_, fused_in_place
 from ..kernels import FusedBatchNorm2d
 from ..models import ResNet
 from .forward_facts import KEPT_MODULES, random_draws, random_streams_kept
-from .library_blocks import remember
+from .library_blocks import become, remember
 from .patterns import has_hooks
 from .probe import beyond_tolerance, changed_in_place, evaluating, probe_input
 from .reads import MODULE_OWN
@@ -217,11 +218,6 @@ def _fuse_own_resnet_stem(model: ResNet) -> None:
     model.arch = model.arch.replace(fused=True)
 
 
-def _parent_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, attr = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), attr
-
-
 @dataclass
 class BlockPlan:
     """What the module-level path would change; planning changes nothing, so strict mode can
@@ -230,23 +226,23 @@ class BlockPlan:
     fused: list[str] = field(default_factory=list)
     sites: list[FusedSite] = field(default_factory=list)
     skipped: list[SkippedBlock] = field(default_factory=list)
-    replacements: list[tuple[str, nn.Module, nn.Module]] = field(default_factory=list)
+    conversions: list[tuple[nn.Module, nn.Module]] = field(default_factory=list)  # (new, library's)
     own_blocks: list[BasicBlock | Bottleneck] = field(default_factory=list)
     own_models: list[ResNet] = field(default_factory=list)
 
-    def apply(self, model: nn.Module) -> None:
+    def apply(self) -> None:
         for own_model in self.own_models:
             _fuse_own_resnet_stem(own_model)
         for block in self.own_blocks:
             fuse_block_(block)
-        for name, converted, original in self.replacements:
-            parent, attr = _parent_and_attr(model, name)
-            setattr(parent, attr, converted)
-            # The library block's own BatchNorms in place of the twins it was checked with,
-            # fused in place: references to them taken before fusing stay the model's.
+        for converted, original in self.conversions:
+            # The library block's own BatchNorms in place of the twins it was checked with, and
+            # the block itself made the converted one, each in place: references to them taken
+            # before fusing stay the model's.
             for bn in ("bn1", "bn2", "bn3"):
                 if hasattr(converted, bn):
                     setattr(converted, bn, fused_in_place(getattr(original, bn), relu=True))
+            become(original, converted)
 
 
 def plan_blocks(model: nn.Module) -> BlockPlan:
@@ -282,7 +278,7 @@ def plan_blocks(model: nn.Module) -> BlockPlan:
         if reason is not None:
             plan.skipped.append(SkippedBlock(name, reason))
             continue
-        plan.replacements.append((name, converted, module))
+        plan.conversions.append((converted, module))
         plan.fused.append(name)
         plan.sites.extend(_block_sites(name, converted))
     return plan

@@ -193,6 +193,42 @@ def _set_state(generator: Any, state: Any) -> None:
         generator.setstate(state)
 
 
+@dataclass(frozen=True)
+class RandomStreams:
+    """The random streams a forward may draw from in Python, as they were when taken (torch's
+    CPU generator, Python's and numpy's global ones, those `module` holds): `replayed` runs a
+    block from them, so that a rewritten forward checked on a probe call takes the choices the
+    original took there (a child's inline stochastic depth)."""
+
+    torch_state: torch.Tensor
+    python_state: Any
+    numpy_state: Any
+    held: tuple[tuple[Any, Any], ...]
+
+    @classmethod
+    def of(cls, module: nn.Module) -> RandomStreams:
+        return cls(torch.get_rng_state(), random.getstate(), np.random.get_state(),
+                   tuple((g, _state_of(g)) for g in held_generators(module)))
+
+    def _restore(self) -> None:
+        torch.set_rng_state(self.torch_state)
+        random.setstate(self.python_state)
+        np.random.set_state(self.numpy_state)
+        for generator, state in self.held:
+            _set_state(generator, state)
+
+    @contextlib.contextmanager
+    def replayed(self) -> Iterator[None]:
+        """The block run from these streams; the caller's as they were after it."""
+        now = RandomStreams(torch.get_rng_state(), random.getstate(), np.random.get_state(),
+                            tuple((g, _state_of(g)) for g, _ in self.held))
+        self._restore()
+        try:
+            yield
+        finally:
+            now._restore()
+
+
 @contextlib.contextmanager
 def random_streams_kept(module: nn.Module | None = None) -> Iterator[None]:
     """Python's and numpy's global random streams, and the generators `module` holds, as they

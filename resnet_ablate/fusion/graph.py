@@ -25,7 +25,8 @@ from torch import fx, nn
 from ..blocks import fused_in_place, unfused_in_place
 from ..kernels import FusedBatchNorm2d
 from .arguments import Fixed, fixed_on_probe, plain_defaults
-from .forward_facts import KEPT_MODULES, Guards, KeptModules, guarded, kept_module
+from .forward_facts import (KEPT_MODULES, Guards, KeptModules, RandomStreams, guarded,
+                            kept_module)
 from .fused_class import FusedForward
 from .norm_act import acts_as_batch_norm, give_fused_class, take_fused_class
 from .patterns import _OPAQUE, find_sites, owner_of, residual_batch_norm, traced
@@ -146,7 +147,7 @@ def _scan(module: nn.Module, name: str, found: dict[str, list[_Found]], result: 
         called = tuple(qualified(name, str(n.target)) for n in site.nodes if n.op == "call_module")
         owner = qualified(name, owner_of(site))
         found.setdefault(owner, []).append(_Found(qualified(name, str(site.bn.target)), called))
-    for path in tracer.hooked:  # called, not traced into: its own forward is searched
+    for path in tracer.searched_alone:  # called, not traced into: its own forward is searched
         _scan(module.get_submodule(path), qualified(name, path), found, result)
 
 
@@ -261,13 +262,14 @@ def _inputs_on_probe(model: nn.Module, owners: list[str], example: Any
             return {}, "no example_input was given and the model has no Conv2d to size a probe input by"
         example = probe_input(conv.weight, conv.in_channels, _PROBE_SIDE)
     arguments = example if isinstance(example, tuple) else (example,)
-    seen: dict[str, Any] = {}  # owner -> (args, kwargs, output, (args, kwargs) left), first call
+    # owner -> (args, kwargs, random streams, output, (args, kwargs) left), of its first call
+    seen: dict[str, Any] = {}
     before: dict[str, Any] = {}
 
     def pre_recorder(owner: str) -> Callable[..., None]:
-        def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if owner not in before:
-                before[owner] = (_cloned(args), _cloned(kwargs))
+                before[owner] = (_cloned(args), _cloned(kwargs), RandomStreams.of(module))
         return hook
 
     def recorder(owner: str) -> Callable[..., None]:
@@ -338,7 +340,7 @@ def _rewrite_owner(model: nn.Module, owner: str, through: set[str], expected_bns
     found = [FusedSite(qualified(owner, str(s.bn.target)), s.pattern,
                        qualified(owner, residual) if (residual := residual_batch_norm(s, modules))
                        else None) for s in sites]
-    args, kwargs, expected, left = inputs
+    args, kwargs, streams, expected, left = inputs
     absorbed = [(site.bn, site.relu) for site in sites]  # before the rewrite erases them
     rewrite(graph, sites, module)
     forward = _forward_of(graph)
@@ -348,7 +350,7 @@ def _rewrite_owner(model: nn.Module, owner: str, through: set[str], expected_bns
         else:
             module.set_submodule(target, fused_in_place(bn, relu=False))
     try:
-        with evaluating(module):
+        with evaluating(module), streams.replayed():  # (the draws the probe's call made)
             given = _cloned((args, kwargs))
             actual = forward(module, *args, **kwargs)
         reason = _mismatch(expected, actual) or _changed_inputs(given, left, (args, kwargs))

@@ -58,23 +58,31 @@ for _name in _AUGMENTED:
 del _name, _augmented
 
 
+_RANDOM_DRAWS = ("its forward draws random numbers while it is traced (a random choice in "
+                 "Python, as inline stochastic depth makes), which a traced forward would bake in")
+
+
 class SiteTracer(fx.Tracer):
     """torch.fx's tracer, with this package's modules opaque; given `through`, every submodule
     not named in it is opaque too (called, not inlined), so that a rewritten forward inlines
     no more of its submodules than its sites need. A module with hooks is never traced into
-    (tracing would call its hooks with proxies, and an inlined call would skip them): it stays a
-    call, and `hooked` names it so that its own forward can be searched. Each forward traced into
-    is checked (forward_facts.py): what it cannot keep raises Untraceable, the plain values it
-    reads are `guards`. Every BatchNorm is a call, never traced into (a subclass's forward would
+    (tracing would call its hooks with proxies, and an inlined call would skip them), nor one
+    named in `opaque` (its forward failed to trace): each stays a call, and `searched_alone`
+    names it so that its own forward can be searched. Each forward traced into is checked
+    (forward_facts.py): what it cannot keep raises Untraceable, the plain values it reads are
+    `guards`; `failed_inside` names the innermost submodule traced into where tracing failed. Every BatchNorm is a call, never traced into (a subclass's forward would
     run its running-stat update on the real buffers while traced), and buffers a forward reads
     are proxies (`self.steps.add_(1)` is recorded, not run on the buffer while tracing)."""
 
     proxy_buffer_attributes = True
 
-    def __init__(self, through: Collection[str] | None = None) -> None:
+    def __init__(self, through: Collection[str] | None = None,
+                 opaque: Collection[str] = ()) -> None:
         super().__init__()
         self.through = through
-        self.hooked: list[str] = []
+        self.opaque = opaque
+        self.searched_alone: list[str] = []
+        self.failed_inside: str | None = None
         self.guards: list[tuple[str, str, Baked]] = []
         self.state: tuple[object, ...] = ()
 
@@ -82,6 +90,8 @@ class SiteTracer(fx.Tracer):
         if isinstance(m, (*_OPAQUE, _BatchNorm, torch.jit.ScriptModule)):  # compiled: a call
             return True
         if hasattr(m, KEPT_MODULES):  # its forward rewritten by an earlier fuse: a call
+            return True
+        if module_qualified_name in self.opaque:
             return True
         if self.through is not None and module_qualified_name:
             return module_qualified_name not in self.through
@@ -92,13 +102,22 @@ class SiteTracer(fx.Tracer):
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
         path = self.path_of_module(m)
-        if not self.is_leaf_module(m, path):
+        if self.is_leaf_module(m, path):
+            if (isinstance(m, torch.jit.ScriptModule) or path in self.opaque or calls_hooks(m)
+                    and not super().is_leaf_module(m, path)) and path not in self.searched_alone:
+                self.searched_alone.append(path)  # (a TorchScript module: its BNs named)
+            return super().call_module(m, forward, args, kwargs)
+        try:
             self.guards.extend((path, a, g) for a, v in check_forward(m).items()
                                if (g := baked(v)) is not None)
-        elif (isinstance(m, torch.jit.ScriptModule) or calls_hooks(m) and not
-              super().is_leaf_module(m, path)) and path not in self.hooked:
-            self.hooked.append(path)  # searched on its own (a TorchScript module: named)
-        return super().call_module(m, forward, args, kwargs)
+            draws = random_draws(m)
+            result = super().call_module(m, forward, args, kwargs)
+            if random_draws(m) != draws:
+                raise Untraceable(_RANDOM_DRAWS)
+            return result
+        except Exception:
+            self.failed_inside = self.failed_inside or path  # (the innermost sets it first)
+            raise
 
     def create_node(self, *args, **kwargs):
         if autograd_state() != self.state:
@@ -119,9 +138,7 @@ class SiteTracer(fx.Tracer):
                 graph = super().trace(root, concrete_args)
             self.guards += baked_values(root, reads)
             if random_draws(root) != draws:
-                raise Untraceable("its forward draws random numbers while it is traced (a random "
-                                  "choice in Python, as inline stochastic depth makes), which a "
-                                  "traced forward would bake in")
+                raise Untraceable(_RANDOM_DRAWS)
         changed = [name for name, version in _versions(root).items() if version != versions[name]]
         if changed:
             raise Untraceable(f"its forward changed {changed[0]} in place while it was traced, "
@@ -152,13 +169,25 @@ def trace(module: nn.Module, through: Collection[str] | None = None) -> fx.Graph
 
 def traced(module: nn.Module, through: Collection[str] | None = None,
            fixed: Sequence[Fixed] = ()) -> tuple[fx.Graph, SiteTracer]:
-    """`trace`, with the tracer: what it found hooked and the values the forward baked in;
-    `fixed`: arguments traced as constants (arguments.py)."""
-    tracer = SiteTracer(through)
-    with warnings.catch_warnings():
-        # fx cannot check an object it fixes (an Enum member) and says so: `guarded` does.
-        warnings.filterwarnings("ignore", "Was not able to add assertion")
-        graph = tracer.trace(module, concrete_args(fixed))
+    """`trace`, with the tracer: the submodules it called to be searched alone and the values
+    the forward baked in; `fixed`: arguments traced as constants (arguments.py)."""
+    opaque: set[str] = set()
+    while True:
+        tracer = SiteTracer(through, opaque)
+        try:
+            with warnings.catch_warnings():
+                # fx cannot check an object it fixes (an Enum member) and says so: `guarded` does.
+                warnings.filterwarnings("ignore", "Was not able to add assertion")
+                graph = tracer.trace(module, concrete_args(fixed))
+            break
+        except Exception:
+            # A submodule whose forward cannot be traced (activation checkpointing in a child's
+            # forward, a branch on a tensor) is called as it is, and searched on its own, so
+            # that the sites of the forward calling it are still found: it blamed that forward,
+            # and left them unfused. Each try makes one more submodule a call.
+            if tracer.failed_inside is None or tracer.failed_inside in opaque:
+                raise
+            opaque.add(tracer.failed_inside)
     as_declared(graph, fixed)
     for node in list(graph.nodes):
         if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:

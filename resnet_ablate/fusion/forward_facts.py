@@ -7,7 +7,8 @@ torch.fx records tensor operations only. A rewritten forward therefore loses:
 - Python values the forward reads from the module (`self.scale`, `if self.return_features:`):
   they are baked in as constants.
 The first two are refused (`Untraceable`: the module is searched child by child instead, as a
-forward that cannot be traced at all); the third is guarded: the values read are recorded when
+forward that cannot be traced at all; where it is a child traced into from its caller's
+forward, the caller calls it as it is and is traced on); the third is guarded: the values read are recorded when
 the forward is rewritten (those its source names, here, and every one read while it is traced,
 wherever the code that reads it is: reads.py), and a call after one of them changed raises
 (`StaleForward`) rather than compute with the old value. Tracing also fails where the autograd or autocast state differs

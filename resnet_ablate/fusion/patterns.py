@@ -70,9 +70,10 @@ class SiteTracer(fx.Tracer):
     named in `opaque` (its forward failed to trace): each stays a call, and `searched_alone`
     names it so that its own forward can be searched. Each forward traced into is checked
     (forward_facts.py): what it cannot keep raises Untraceable, the plain values it reads are
-    `guards`; `failed_inside` names the innermost submodule traced into where tracing failed. Every BatchNorm is a call, never traced into (a subclass's forward would
-    run its running-stat update on the real buffers while traced), and buffers a forward reads
-    are proxies (`self.steps.add_(1)` is recorded, not run on the buffer while tracing)."""
+    `guards`; `failed_inside` names the innermost submodule traced into where tracing failed.
+    Every BatchNorm is a call, never traced into (a subclass's forward would run its running-stat
+    update on the real buffers while traced), and buffers a forward reads are proxies
+    (`self.steps.add_(1)` is recorded, not run on the buffer while tracing)."""
 
     proxy_buffer_attributes = True
 

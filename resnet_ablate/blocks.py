@@ -200,6 +200,11 @@ class _ResidualBlock(nn.Module):
             )
         nn.init.zeros_(getattr(self, self.last_bn).weight)
 
+    def zero_init_last(self) -> None:
+        """The last BN's weight zeroed (timm's name for it: a timm block converted by `fuse`
+        answers it as it did, and timm's own initialisation finds it)."""
+        self._zero_init_residual()
+
 
 class BasicBlock(_ResidualBlock):
     """Two 3x3 convs; the first strides. `forward(x)` = relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))."""

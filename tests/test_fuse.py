@@ -127,6 +127,55 @@ def test_fuse_strict_refuses_before_changing_anything():
     assert {name: m for name, m in model.named_modules()} == before
 
 
+def test_fuse_strict_on_a_model_that_cannot_be_copied_says_so_and_changes_nothing():
+    """strict mode tries the fusion on a copy first: a model holding a lock (a client, a file)
+    failed with deepcopy's TypeError, which named nothing of fuse's (an audit)."""
+    import threading
+
+    model = small_tv_resnet()
+    model.lock = threading.Lock()
+    before = {name: (m, type(m)) for name, m in model.named_modules()}
+    with pytest.raises(TypeError, match=r"strict=True\) tries the fusion on a copy .* cannot be "
+                                        r"copied \(TypeError: .*lock.*return_report=True"):
+        fuse(model, strict=True)
+    assert {name: (m, type(m)) for name, m in model.named_modules()} == before
+
+
+class _DescribedBlock(TVBasicBlock):
+    """torchvision's block with members of its own, which the model and its users call."""
+
+    def describe(self) -> str:
+        return f"stride {self.stride}"
+
+    @property
+    def out_channels(self) -> int:
+        return self.conv2.out_channels
+
+
+class _DescribedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.block = nn.Conv2d(3, 8, 3, padding=1), _DescribedBlock(8, 8)
+
+    def forward(self, x):
+        return self.block(self.stem(x)) / self.block.out_channels
+
+
+def test_a_library_block_subclass_with_members_of_its_own_keeps_its_class_fused_in_its_forward():
+    """Converted by its parts, such a block became this package's and lost its methods and
+    properties: the model's forward failed after fusing (an audit). It is not converted; its
+    own forward is rewritten in place, and it keeps its class and its members."""
+    model = randomize(_DescribedNet())
+    reference = copy.deepcopy(model)
+    block = model.block
+    _, report = fuse(model, return_report=True)
+    assert report.fused == () and report.rewritten == ("block",)
+    assert {s.batch_norm for s in report.sites} == {"block.bn1", "block.bn2"}
+    assert model.block is block and isinstance(block, _DescribedBlock)
+    assert block.describe() == "stride 1" and block.out_channels == 8
+    assert_same_training_step(reference, model, torch.randn(2, 3, 8, 8))
+
+
 def test_fuse_converts_this_packages_unfused_models_completely():
     torch.manual_seed(0)
     model = randomize(resnet8(fused=False))

@@ -151,6 +151,20 @@ def test_a_child_that_cannot_be_traced_is_called_as_it_is_and_its_callers_sites_
         torch.testing.assert_close(mine, other, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_fusing_again_names_a_site_left_below_a_rewritten_forward_and_strict_still_refuses():
+    """fuse of a fused model passed over every module below a forward it had rewritten: the
+    checkpointed child's BN, left by the first fuse, was no longer named, and strict=True passed
+    on a model not fully fused (an audit). Each fuse names it, and strict refuses each time."""
+    model = _ParentOfUntraceable("checkpoint")
+    first, _ = _fused(model, example_input=torch.randn(2, 3, 8, 8))
+    again, messages = _fused(model, example_input=torch.randn(2, 3, 8, 8))
+    assert [s.name for s in first.skipped] == [s.name for s in again.skipped] == ["child.bn"]
+    assert again.skipped[0].reason == first.skipped[0].reason and "child.bn" in messages[0]
+    assert again.sites == ()  # (the parent's, fused the first time, stays as it is)
+    with pytest.raises(ValueError, match="child.bn: the forward of child"):
+        fuse(model, strict=True)
+
+
 class Scaled(nn.Module):
     """Reads a plain value (`scale`) and a flag from itself: a traced forward bakes both in."""
 

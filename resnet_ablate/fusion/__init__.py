@@ -92,7 +92,15 @@ def fuse(model: M, *, strict: bool = False, return_report: bool = False,
             raise TypeError(f"fuse(): argument {name!r} must be bool, not {type(flag).__name__}")
     check_no_lazy_modules(model)
     if strict:
-        trial = _fuse(copy.deepcopy(model), example_input)  # a copy: refuse before any change
+        try:
+            copied = copy.deepcopy(model)  # tried on a copy: refuse before any change
+        except Exception as error:  # noqa: BLE001 - a lock, a client, a file: any copy failure
+            raise TypeError(
+                f"fuse(strict=True) tries the fusion on a copy of the model first, and this "
+                f"{type(model).__name__} cannot be copied ({type(error).__name__}: {error}); "
+                "nothing changed: call fuse(model, return_report=True) and check "
+                "report.skipped instead") from error
+        trial = _fuse(copied, example_input)
         if trial.skipped:
             raise ValueError("fuse(strict=True): sites not fused, nothing changed: " + describe(trial.skipped))
     report = _fuse(model, example_input)

@@ -25,16 +25,15 @@ from torch import fx, nn
 from ..blocks import fused_in_place, unfused_in_place
 from ..kernels import FusedBatchNorm2d
 from .arguments import Fixed, fixed_on_probe, plain_defaults
-from .forward_facts import (KEPT_MODULES, Guards, KeptModules, RandomStreams, guarded,
-                            kept_module)
+from .forward_facts import KEPT_MODULES, Guards, KeptModules, guarded, kept_module
 from .fused_class import FusedForward
 from .norm_act import acts_as_batch_norm, give_fused_class, take_fused_class
 from .patterns import _OPAQUE, find_sites, owner_of, residual_batch_norm, traced
-from .probe import beyond_tolerance, changed_in_place, evaluating, probe_input
+from .probe import changed_inputs, cloned, evaluating, inputs_on_probe, mismatch
 from .records import FusedSite, SkippedBlock, qualified
 from .rewrite import added_into_then_relu, added_then_relu, rewrite
 
-_PROBE_SIDE = 32
+_TORCH_LAYERS = fx.Tracer()  # its is_leaf_module: torch.nn's own layers, which hold no sites
 
 
 def _forward_of(graph: fx.Graph) -> Callable[..., Any]:
@@ -124,7 +123,10 @@ def _scan(module: nn.Module, name: str, found: dict[str, list[_Found]], result: 
     each site under its owner (absolute names throughout). `untraced`: why the forward calling
     this module's children could not be traced, where this module has no forward of its own
     (a ModuleList or ModuleDict, whose children that forward called)."""
-    if isinstance(module, _OPAQUE) or hasattr(module, KEPT_MODULES):  # fused by an earlier fuse
+    if isinstance(module, _OPAQUE):  # this package's fused modules
+        return
+    if hasattr(module, KEPT_MODULES):  # its forward rewritten by an earlier fuse: a call
+        _scan_called_as_they_are(module, name, found, result)
         return
     if isinstance(module, torch.jit.ScriptModule):
         result.skipped.extend(_scripted_batch_norms(module, name))
@@ -149,6 +151,24 @@ def _scan(module: nn.Module, name: str, found: dict[str, list[_Found]], result: 
         found.setdefault(owner, []).append(_Found(qualified(name, str(site.bn.target)), called))
     for path in tracer.searched_alone:  # called, not traced into: its own forward is searched
         _scan(module.get_submodule(path), qualified(name, path), found, result)
+
+
+def _scan_called_as_they_are(module: nn.Module, name: str, found: dict[str, list[_Found]],
+                             result: GraphResult) -> None:
+    """Below a forward an earlier fuse rewrote: the submodules it calls as they are (neither
+    inlined nor absorbed, nor torch's own layers) searched as that fuse searched them, so that
+    a site it left there (a checkpointed child's) is named again, not passed over in silence."""
+    inlined = {".".join(parts) for parts, *_ in getattr(module, KEPT_MODULES)}
+
+    def below(parent: nn.Module, path: str) -> None:
+        for child_name, child in parent.named_children():
+            child_path = qualified(path, child_name)
+            if child_path in inlined:
+                below(child, child_path)
+            elif not _TORCH_LAYERS.is_leaf_module(child, child_path):
+                _scan(child, qualified(name, child_path), found, result)
+
+    below(module, "")
 
 
 def _traced_to_search(module: nn.Module) -> tuple[fx.Graph, Any]:
@@ -214,88 +234,6 @@ def _merged_owners(found: dict[str, list[_Found]]) -> dict[str, set[str]]:
     return merged
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
-    return [v for v in torch.utils._pytree.tree_leaves(value) if isinstance(v, torch.Tensor)]
-
-
-def _mismatch(expected: Any, actual: Any) -> str | None:
-    pairs = list(zip(_tensors(expected), _tensors(actual)))
-    if len(pairs) != len(_tensors(expected)) or any(e.shape != a.shape for e, a in pairs):
-        return "the rewritten forward returns outputs of other shapes on the probe input"
-    # The fused op keeps the BN output's dtype (out += residual), where `bn(x) + r` promotes.
-    promoted = [(e.dtype, a.dtype) for e, a in pairs if e.dtype != a.dtype]
-    if promoted:
-        return (f"the rewritten forward returns {promoted[0][1]} where the model returns "
-                f"{promoted[0][0]} on the probe input (a residual add that promotes the dtype)")
-    errors = [error for e, a in pairs if (error := beyond_tolerance(e, a)) is not None]
-    return f"the rewritten forward differs on the probe input (max difference {max(errors):.3g})" if errors else None
-
-
-def _changed_inputs(given: Any, left: Any, actual: Any) -> str | None:
-    """Why the rewritten forward leaves its arguments otherwise than the model's did, if it does
-    (`given`: the arguments before either ran; `left`, `actual`: after the model's forward and
-    after the rewritten one): a traced forward records `x += y` as `x + y`, so a block that adds
-    into its input in place (which its caller may read afterwards) would change it no longer."""
-    if any(changed_in_place(g, l, a) for g, l, a in zip(_tensors(given), _tensors(left),
-                                                        _tensors(actual))):
-        return ("its forward changes a tensor it was given in place (as `x += y` does), which the "
-                "traced rewrite would not: its caller may read that tensor afterwards")
-    return None
-
-
-def _cloned(value: Any) -> Any:
-    """`value` with each tensor in it cloned."""
-    return torch.utils._pytree.tree_map(
-        lambda v: v.clone() if isinstance(v, torch.Tensor) else v, value)
-
-
-def _inputs_on_probe(model: nn.Module, owners: list[str], example: Any
-                     ) -> tuple[dict[str, Any], str | None]:
-    """What each owner receives when the model runs a probe batch (eval mode, no state change):
-    its arguments as they were before its forward ran (a forward may change them in place), its
-    output, and its arguments as its forward left them. `example`: the model's input, or a tuple
-    of its positional arguments."""
-    given = example is not None
-    if example is None:
-        conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-        if conv is None:
-            return {}, "no example_input was given and the model has no Conv2d to size a probe input by"
-        example = probe_input(conv.weight, conv.in_channels, _PROBE_SIDE)
-    arguments = example if isinstance(example, tuple) else (example,)
-    # owner -> (args, kwargs, random streams, output, (args, kwargs) left), of its first call
-    seen: dict[str, Any] = {}
-    before: dict[str, Any] = {}
-
-    def pre_recorder(owner: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if owner not in before:
-                before[owner] = (_cloned(args), _cloned(kwargs), RandomStreams.of(module))
-        return hook
-
-    def recorder(owner: str) -> Callable[..., None]:
-        def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            seen.setdefault(owner, (*before[owner], _cloned(output), _cloned((args, kwargs))))
-        return hook
-
-    handles = [handle for o in owners for handle in (
-        model.get_submodule(o).register_forward_pre_hook(pre_recorder(o), with_kwargs=True),
-        model.get_submodule(o).register_forward_hook(recorder(o), with_kwargs=True))]
-    try:
-        with evaluating(model):
-            model(*arguments)
-    except Exception as error:  # noqa: BLE001 - reported as the reason nothing was rewritten
-        shapes = ", ".join(str(tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__
-                           for a in arguments)
-        fix = "check example_input (the batch, or a tuple of the model's positional " \
-            "arguments)" if given else "pass example_input"
-        return {}, f"the model's forward failed on a probe input ({shapes}) " \
-                   f"({type(error).__name__}: {error}); {fix}"
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen, None
-
-
 def _traced_in_both_modes(module: nn.Module, through: set[str], fixed: tuple[Fixed, ...]
                           ) -> tuple[fx.Graph, Guards] | str:
     """The owner's forward traced (with `through` inlined and `fixed` as constants), and the
@@ -351,9 +289,9 @@ def _rewrite_owner(model: nn.Module, owner: str, through: set[str], expected_bns
             module.set_submodule(target, fused_in_place(bn, relu=False))
     try:
         with evaluating(module), streams.replayed():  # (the draws the probe's call made)
-            given = _cloned((args, kwargs))
+            given = cloned((args, kwargs))
             actual = forward(module, *args, **kwargs)
-        reason = _mismatch(expected, actual) or _changed_inputs(given, left, (args, kwargs))
+        reason = mismatch(expected, actual) or changed_inputs(given, left, (args, kwargs))
     except Exception as error:  # noqa: BLE001 - e.g. a residual that broadcasts
         reason = f"the rewritten forward failed on the probe input ({type(error).__name__}: {error})"
     if reason is not None:
@@ -375,7 +313,7 @@ def fuse_graphs(model: nn.Module, example_input: Any = None) -> GraphResult:
     found: dict[str, list[_Found]] = {}
     _scan(model, "", found, result)
     owners = _merged_owners(found)
-    inputs, failure = _inputs_on_probe(model, list(owners), example_input) if owners else ({}, None)
+    inputs, failure = inputs_on_probe(model, list(owners), example_input) if owners else ({}, None)
     for owner, through in owners.items():
         expected = {f.batch_norm for o, fs in found.items() if o == owner or (
             _inside(o, owner) and _relative(o, owner) in through) for f in fs}

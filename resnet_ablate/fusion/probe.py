@@ -1,13 +1,20 @@
 """The checks every conversion is proved with: a seeded probe input, a context that evaluates
-modules without changing their state, and the tolerance two outputs must agree within."""
+modules without changing their state, the tolerance two outputs must agree within, and, for a
+rewritten forward, what its module's call received, returned and drew when the whole model ran
+the probe batch (`inputs_on_probe`), which the rewrite must reproduce."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
+
+from .forward_facts import RandomStreams
+
+PROBE_SIDE = 32
 
 
 def probe_input(like: torch.Tensor, channels: int, side: int, batch: int = 2) -> torch.Tensor:
@@ -58,3 +65,85 @@ def beyond_tolerance(expected: torch.Tensor, actual: torch.Tensor) -> float | No
     tolerance = 1e-4 if expected.dtype in (torch.float32, torch.float64) else 2e-2
     error = (expected.float() - actual.float()).abs().max().item()
     return error if error > tolerance * (expected.abs().max().item() + 1.0) else None
+
+
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    return [v for v in torch.utils._pytree.tree_leaves(value) if isinstance(v, torch.Tensor)]
+
+
+def mismatch(expected: Any, actual: Any) -> str | None:
+    pairs = list(zip(tensors_in(expected), tensors_in(actual)))
+    if len(pairs) != len(tensors_in(expected)) or any(e.shape != a.shape for e, a in pairs):
+        return "the rewritten forward returns outputs of other shapes on the probe input"
+    # The fused op keeps the BN output's dtype (out += residual), where `bn(x) + r` promotes.
+    promoted = [(e.dtype, a.dtype) for e, a in pairs if e.dtype != a.dtype]
+    if promoted:
+        return (f"the rewritten forward returns {promoted[0][1]} where the model returns "
+                f"{promoted[0][0]} on the probe input (a residual add that promotes the dtype)")
+    errors = [error for e, a in pairs if (error := beyond_tolerance(e, a)) is not None]
+    return f"the rewritten forward differs on the probe input (max difference {max(errors):.3g})" if errors else None
+
+
+def changed_inputs(given: Any, left: Any, actual: Any) -> str | None:
+    """Why the rewritten forward leaves its arguments otherwise than the model's did, if it does
+    (`given`: the arguments before either ran; `left`, `actual`: after the model's forward and
+    after the rewritten one): a traced forward records `x += y` as `x + y`, so a block that adds
+    into its input in place (which its caller may read afterwards) would change it no longer."""
+    if any(changed_in_place(g, l, a) for g, l, a in zip(tensors_in(given), tensors_in(left),
+                                                        tensors_in(actual))):
+        return ("its forward changes a tensor it was given in place (as `x += y` does), which the "
+                "traced rewrite would not: its caller may read that tensor afterwards")
+    return None
+
+
+def cloned(value: Any) -> Any:
+    """`value` with each tensor in it cloned."""
+    return torch.utils._pytree.tree_map(
+        lambda v: v.clone() if isinstance(v, torch.Tensor) else v, value)
+
+
+def inputs_on_probe(model: nn.Module, owners: list[str], example: Any
+                     ) -> tuple[dict[str, Any], str | None]:
+    """What each owner receives when the model runs a probe batch (eval mode, no state change):
+    its arguments as they were before its forward ran (a forward may change them in place), its
+    output, and its arguments as its forward left them. `example`: the model's input, or a tuple
+    of its positional arguments."""
+    given = example is not None
+    if example is None:
+        conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        if conv is None:
+            return {}, "no example_input was given and the model has no Conv2d to size a probe input by"
+        example = probe_input(conv.weight, conv.in_channels, PROBE_SIDE)
+    arguments = example if isinstance(example, tuple) else (example,)
+    # owner -> (args, kwargs, random streams, output, (args, kwargs) left), of its first call
+    seen: dict[str, Any] = {}
+    before: dict[str, Any] = {}
+
+    def pre_recorder(owner: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if owner not in before:
+                before[owner] = (cloned(args), cloned(kwargs), RandomStreams.of(module))
+        return hook
+
+    def recorder(owner: str) -> Callable[..., None]:
+        def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            seen.setdefault(owner, (*before[owner], cloned(output), cloned((args, kwargs))))
+        return hook
+
+    handles = [handle for o in owners for handle in (
+        model.get_submodule(o).register_forward_pre_hook(pre_recorder(o), with_kwargs=True),
+        model.get_submodule(o).register_forward_hook(recorder(o), with_kwargs=True))]
+    try:
+        with evaluating(model):
+            model(*arguments)
+    except Exception as error:  # noqa: BLE001 - reported as the reason nothing was rewritten
+        shapes = ", ".join(str(tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__
+                           for a in arguments)
+        fix = "check example_input (the batch, or a tuple of the model's positional " \
+            "arguments)" if given else "pass example_input"
+        return {}, f"the model's forward failed on a probe input ({shapes}) " \
+                   f"({type(error).__name__}: {error}); {fix}"
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen, None

@@ -96,6 +96,10 @@ def unrecognised_because(block: nn.Module) -> str | None:
             return f"{part} is {type(children[part]).__name__}, expected ReLU"
     if any(has_hooks(m) for m in block.modules()):
         return "it or a part of it has hooks, which the converted block would not call"
+    members = _members_converted_lacks(block)
+    if members:
+        return (f"its class defines {', '.join(members)}, which the converted block (this "
+                "package's) would not have: its callers may use them")
     state = _state_beside_parts(block)
     if state:
         return (f"it holds {', '.join(state)} beside its parts, which its forward may read and "
@@ -111,6 +115,18 @@ def unrecognised_because(block: nn.Module) -> str | None:
 _BLOCK_VALUES = frozenset({"stride", "dilation", "expansion", "downsample", *_OPTIONAL_PARTS,
                            # what the graph path records on a block whose forward it rewrote
                            KEPT_MODULES, "fused_batch_norms"})
+
+
+def _members_converted_lacks(block: nn.Module) -> list[str]:
+    """The methods and properties `block`'s class (below nn.Module) defines that this package's
+    block does not: a subclass's `describe()` or `out_channels`, which the model or its user
+    calls (converted, the block lost them, and the model failed after fusing: an audit)."""
+    converted = Bottleneck if "conv3" in block._modules else BasicBlock
+    names = [name for cls in type(block).__mro__ if issubclass(cls, nn.Module)
+             and cls is not nn.Module for name, value in vars(cls).items()
+             if not (name.startswith("__") and name.endswith("__"))
+             and (callable(value) or isinstance(value, (property, classmethod, staticmethod)))]
+    return sorted({name for name in names if not hasattr(converted, name)})
 
 
 def _state_beside_parts(block: nn.Module) -> list[str]:

@@ -432,14 +432,16 @@ def test_fuse_keeps_the_same_tensors_so_an_existing_optimizer_still_trains_the_m
 
 
 class BranchesOnTraining(nn.Module):
+    """Its BN is followed by a ReLU in training mode only: no one rewrite is exact in both (a
+    forward whose branches keep the same sites is rewritten per mode: test_fuse_exactness)."""
+
     def __init__(self):
         super().__init__()
         self.bn = nn.BatchNorm2d(4)
 
     def forward(self, x):
-        if self.training:
-            x = x * 2
-        return F.relu(self.bn(x))
+        y = self.bn(x)
+        return F.relu(y) if self.training else y * 2
 
 
 class UsesTheBatchNormOutputTwice(nn.Module):

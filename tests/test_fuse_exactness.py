@@ -165,6 +165,61 @@ def test_fusing_again_names_a_site_left_below_a_rewritten_forward_and_strict_sti
         fuse(model, strict=True)
 
 
+class _DropoutHead(nn.Module):
+    """timm's head with drop_rate > 0: the forward branches on self.training (F.dropout's flag,
+    and a scale in training only), around a stem BN + ReLU and a block's BN + add + ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, C, 3, padding=1), nn.BatchNorm2d(C)
+        self.inner = nn.Sequential(nn.Conv2d(C, C, 3, padding=1), nn.BatchNorm2d(C))
+        self.fc = nn.Linear(C, 3)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.conv(x)))
+        y = F.relu(self.inner(y) + y)
+        if self.training:
+            y = y * 0.5
+        return self.fc(F.dropout(y.mean((2, 3)), p=0.5, training=self.training))
+
+
+def test_a_forward_that_branches_on_self_training_is_rewritten_for_each_mode(monkeypatch):
+    """A forward tracing to other graphs in training and eval mode (timm's ResNet-50 with
+    drop_rate=0.2, GhostNet's head) was refused, leaving its stem's BN + ReLU unfused. Each mode
+    gets its own rewrite, both checked on the probe call (training mode on copies, dropout's
+    masks alike); training steps and eval match the unfused model, and where the owner and a
+    submodule it inlined are in different modes, its own forward runs (exact)."""
+    torch.manual_seed(0)
+    model = _DropoutHead()
+    reference = copy.deepcopy(model)
+    report, messages = _fused(model, example_input=torch.randn(2, 3, 8, 8))
+    assert messages == [] and report.rewritten == ("",)
+    assert [(s.batch_norm, s.pattern) for s in report.sites] == [("bn", "BN->ReLU"),
+                                                                  ("inner.1", "BN->add->ReLU")]
+    own_forward_calls = []
+    own_forward = _DropoutHead.forward
+    monkeypatch.setattr(_DropoutHead, "forward",
+                        lambda self, x: own_forward_calls.append(self) or own_forward(self, x))
+    for modes in ("train", "eval", "inner frozen"):
+        for net in (model, reference):
+            net.train(modes != "eval")
+            net.inner.train(modes == "train")
+        x = torch.randn(4, 3, 8, 8, requires_grad=True)
+        outputs = []
+        for net in (model, reference):
+            torch.manual_seed(1)  # (the same dropout masks)
+            out = net(x)
+            out.square().sum().backward()
+            outputs.append(out)
+        torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5, msg=modes)
+        # the fused model ran its rewritten forward, but where the modes differ
+        assert own_forward_calls.count(model) == (modes == "inner frozen"), modes
+    for (name, mine), other in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(mine.grad, other.grad, rtol=1e-4, atol=1e-5, msg=name)
+    for (name, mine), other in zip(model.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(mine, other, rtol=1e-5, atol=1e-6, msg=name)
+
+
 class Scaled(nn.Module):
     """Reads a plain value (`scale`) and a flag from itself: a traced forward bakes both in."""
 

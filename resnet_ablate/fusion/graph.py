@@ -6,15 +6,18 @@ Each site belongs to the innermost module whose forward makes all its calls (its
 module's forward is traced again with only the submodules the sites need inlined, the site's calls
 become one call of the BatchNorm's fused twin (same tensors), and the module gets the rewritten
 forward: its class becomes a subclass made for it (`Fused<Name>`), so the object, its submodules,
-state_dict keys and any optimizer stay as they were, and `unfuse` sets the class back. An owner is
-rewritten only when its forward traces to the same graph in training and eval mode (no branch on
-`self.training` is baked in), and, checked on the inputs it receives when the whole model runs a
-probe batch, the rewritten forward returns what the original does.
+state_dict keys and any optimizer stay as they were, and `unfuse` sets the class back. A forward
+that traces to other graphs in training and eval mode (it branches on `self.training`) gets one
+rewrite per mode where both hold the same sites (`_by_mode`). Checked on the inputs the owner
+receives when the whole model runs a probe batch (and in training mode, where it has a rewrite
+of its own, on copies), the rewritten forward returns what the original does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +31,7 @@ from .arguments import Fixed, fixed_on_probe, plain_defaults
 from .forward_facts import KEPT_MODULES, Guards, KeptModules, guarded, kept_module
 from .fused_class import FusedForward
 from .norm_act import acts_as_batch_norm, give_fused_class, take_fused_class
-from .patterns import _OPAQUE, find_sites, owner_of, residual_batch_norm, traced
+from .patterns import _OPAQUE, Site, find_sites, owner_of, residual_batch_norm, traced
 from .probe import changed_inputs, cloned, evaluating, inputs_on_probe, mismatch
 from .records import FusedSite, SkippedBlock, qualified
 from .rewrite import added_into_then_relu, added_then_relu, rewrite
@@ -235,9 +238,10 @@ def _merged_owners(found: dict[str, list[_Found]]) -> dict[str, set[str]]:
 
 
 def _traced_in_both_modes(module: nn.Module, through: set[str], fixed: tuple[Fixed, ...]
-                          ) -> tuple[fx.Graph, Guards] | str:
-    """The owner's forward traced (with `through` inlined and `fixed` as constants), and the
-    values it baked in; or why there is no one rewritten forward exact in both modes."""
+                          ) -> tuple[tuple[fx.Graph, ...], Guards] | str:
+    """The owner's forward traced (with `through` inlined and `fixed` as constants) and the
+    values it baked in: one graph where both modes trace to it, else the training and the eval
+    mode's (a forward that branches on self.training: timm's head dropout, `drop_rate`)."""
     try:
         graphs, guards = [], {}
         for training in (True, False):
@@ -247,10 +251,63 @@ def _traced_in_both_modes(module: nn.Module, through: set[str], fixed: tuple[Fix
             guards.update(((path, attr), value) for path, attr, value in tracer.guards)
     except Exception as error:  # noqa: BLE001 - traced once already; a failure here refuses
         return f"its forward cannot be traced on its own ({type(error).__name__}: {error})"
-    if graphs[0].python_code("self").src != graphs[1].python_code("self").src:
+    same = graphs[0].python_code("self").src == graphs[1].python_code("self").src
+    return tuple(graphs[:1] if same else graphs), tuple(
+        (path, attr, value) for (path, attr), value in guards.items())
+
+
+def _sites_of(graphs: tuple[fx.Graph, ...], module: nn.Module, owner: str,
+              expected_bns: set[str]) -> list[list[Site]] | str:
+    """Each graph's sites among `expected_bns`; why not where the two modes' graphs hold
+    different ones (a BN followed by its ReLU in one mode only: no rewrite is exact in both)."""
+    sites = [[s for s in find_sites(graph, module)[0] if qualified(owner, str(s.bn.target))
+              in expected_bns] for graph in graphs]
+    keys = [sorted((str(s.bn.target), s.pattern) for s in found) for found in sites]
+    if keys[0] != keys[-1]:
         return ("its forward traces to different graphs in training and eval mode (it branches "
-                "on self.training), so no one rewritten forward is exact in both")
-    return graphs[0], tuple((path, attr, value) for (path, attr), value in guards.items())
+                "on self.training), and they fuse different sites")
+    return sites
+
+
+def _by_mode(training: Callable[..., Any], evaluation: Callable[..., Any],
+             inlined: tuple[str, ...]) -> Callable[..., Any]:
+    """One forward of the two rewritten from a forward that branches on self.training: each
+    mode's own where the owner and the submodules it inlined share that mode; where they do not
+    (neither graph was traced so), the module's own forward, exact and unfused there."""
+
+    @functools.wraps(training)  # its signature, which torch.fx reads through the wrapper
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        mode = self.training
+        if any(self.get_submodule(path).training != mode for path in inlined):
+            return self.unfused_class.forward(self, *args, **kwargs)  # type: ignore[attr-defined]
+        return (training if mode else evaluation)(self, *args, **kwargs)
+
+    return forward
+
+
+def _checked(module: nn.Module, forwards: list[Callable[..., Any]], inputs: Any,
+             unfused: nn.Module | None) -> str | None:
+    """Why the rewritten forward is not the module's own on the probe call, if it is not: in eval
+    mode against what the model's call returned; where it has a training mode's forward too, in
+    training mode on copies, against `unfused` (a copy taken before its BNs were fused), both
+    from the probe call's random streams (a dropout's masks alike)."""
+    args, kwargs, streams, expected, left = inputs
+    try:
+        with evaluating(module), streams.replayed():  # (the draws the probe's call made)
+            given = cloned((args, kwargs))
+            actual = forwards[-1](module, *args, **kwargs)
+        reason = mismatch(expected, actual) or changed_inputs(given, left, (args, kwargs))
+        if reason is None and unfused is not None:
+            fused = copy.deepcopy(module).train()
+            with torch.no_grad(), streams.replayed():
+                expected = unfused.train().forward(*cloned(args), **cloned(kwargs))
+            with torch.no_grad(), streams.replayed():
+                actual = forwards[0](fused, *cloned(args), **cloned(kwargs))
+            reason = mismatch(expected, actual)
+            return None if reason is None else f"in training mode, {reason}"
+        return reason
+    except Exception as error:  # noqa: BLE001 - e.g. a residual that broadcasts
+        return f"the rewritten forward failed on the probe input ({type(error).__name__}: {error})"
 
 
 def _rewrite_owner(model: nn.Module, owner: str, through: set[str], expected_bns: set[str],
@@ -265,8 +322,11 @@ def _rewrite_owner(model: nn.Module, owner: str, through: set[str], expected_bns
         return [], [], traced_forward
     if inputs is None:
         return [], [], "the probe input never reached it, so a rewrite could not be checked"
-    graph, baked = traced_forward
-    sites = [s for s in find_sites(graph, module)[0] if qualified(owner, str(s.bn.target)) in expected_bns]
+    graphs, baked = traced_forward
+    each = _sites_of(graphs, module, owner, expected_bns)
+    if isinstance(each, str):
+        return [], [], each
+    sites = each[0]
     unseen = expected_bns - {qualified(owner, str(s.bn.target)) for s in sites}
     missed = [SkippedBlock(bn, f"in the forward of {owner or '<model>'} it is not followed by a ReLU "
                            "once the submodules between them are called rather than inlined (one "
@@ -278,22 +338,17 @@ def _rewrite_owner(model: nn.Module, owner: str, through: set[str], expected_bns
     found = [FusedSite(qualified(owner, str(s.bn.target)), s.pattern,
                        qualified(owner, residual) if (residual := residual_batch_norm(s, modules))
                        else None) for s in sites]
-    args, kwargs, streams, expected, left = inputs
     absorbed = [(site.bn, site.relu) for site in sites]  # before the rewrite erases them
-    rewrite(graph, sites, module)
-    forward = _forward_of(graph)
+    unfused = copy.deepcopy(module) if len(graphs) > 1 else None  # (training mode's check)
+    for graph, graph_sites in zip(graphs, each):
+        rewrite(graph, graph_sites, module)
+    forwards = [_forward_of(graph) for graph in graphs]
     for target, bn in originals.items():  # ReLU off: the rewritten forward asks for it
         if acts_as_batch_norm(bn):  # a norm-activation without one: fused in place
             give_fused_class(bn)
         else:
             module.set_submodule(target, fused_in_place(bn, relu=False))
-    try:
-        with evaluating(module), streams.replayed():  # (the draws the probe's call made)
-            given = cloned((args, kwargs))
-            actual = forward(module, *args, **kwargs)
-        reason = mismatch(expected, actual) or changed_inputs(given, left, (args, kwargs))
-    except Exception as error:  # noqa: BLE001 - e.g. a residual that broadcasts
-        reason = f"the rewritten forward failed on the probe input ({type(error).__name__}: {error})"
+    reason = _checked(module, forwards, inputs, unfused)
     if reason is not None:
         for target, bn in originals.items():
             take_fused_class(bn)
@@ -301,6 +356,7 @@ def _rewrite_owner(model: nn.Module, owner: str, through: set[str], expected_bns
             module.set_submodule(target, unfused_in_place(bn) if type(bn) is FusedBatchNorm2d
                                  else bn)
         return [], [], reason
+    forward = forwards[0] if len(forwards) == 1 else _by_mode(*forwards, tuple(sorted(through)))
     joined = tuple(_relative(f.residual_batch_norm, owner) for f in found if f.residual_batch_norm)
     _give_forward(module, guarded(forward, baked, fixed), tuple(originals), joined,
                   _kept_modules(module, through, absorbed))

@@ -220,6 +220,19 @@ def test_a_forward_that_branches_on_self_training_is_rewritten_for_each_mode(mon
         torch.testing.assert_close(mine, other, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_a_forward_branching_on_self_training_that_cannot_be_copied_is_left_saying_why():
+    """Its training mode's rewrite is checked on copies: a model that cannot be copied (a lock)
+    is left unfused there, named, not failed."""
+    import threading
+
+    model = _DropoutHead()
+    model.lock = threading.Lock()
+    report, messages = _fused(model, example_input=torch.randn(2, 3, 8, 8))
+    assert report.sites == () and [s.name for s in report.skipped] == ["bn", "inner.1"]
+    assert all("checked on a copy, which failed (TypeError" in s.reason for s in report.skipped)
+    assert type(model.bn) is nn.BatchNorm2d and type(model) is _DropoutHead
+
+
 class Scaled(nn.Module):
     """Reads a plain value (`scale`) and a flag from itself: a traced forward bakes both in."""
 

@@ -298,7 +298,7 @@ def _checked(module: nn.Module, forwards: list[Callable[..., Any]], inputs: Any,
             actual = forwards[-1](module, *args, **kwargs)
         reason = mismatch(expected, actual) or changed_inputs(given, left, (args, kwargs))
         if reason is None and unfused is not None:
-            fused = copy.deepcopy(module).train()
+            fused = copy.deepcopy(module).train()  # (as `unfused` was copied, it copies)
             with torch.no_grad(), streams.replayed():
                 expected = unfused.train().forward(*cloned(args), **cloned(kwargs))
             with torch.no_grad(), streams.replayed():
@@ -339,7 +339,11 @@ def _rewrite_owner(model: nn.Module, owner: str, through: set[str], expected_bns
                        qualified(owner, residual) if (residual := residual_batch_norm(s, modules))
                        else None) for s in sites]
     absorbed = [(site.bn, site.relu) for site in sites]  # before the rewrite erases them
-    unfused = copy.deepcopy(module) if len(graphs) > 1 else None  # (training mode's check)
+    try:
+        unfused = copy.deepcopy(module) if len(graphs) > 1 else None  # (training mode's check)
+    except Exception as error:  # noqa: BLE001 - a lock, a client: whatever cannot be copied
+        return [], [], ("it branches on self.training, and its training mode's rewrite is checked "
+                        f"on a copy, which failed ({type(error).__name__}: {error})")
     for graph, graph_sites in zip(graphs, each):
         rewrite(graph, graph_sites, module)
     forwards = [_forward_of(graph) for graph in graphs]

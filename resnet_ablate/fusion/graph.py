@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..blocks import fused_in_place, unfused_in_place
 from ..kernels import FusedBatchNorm2d
@@ -168,7 +169,8 @@ def _scan_called_as_they_are(module: nn.Module, name: str, found: dict[str, list
             child_path = qualified(path, child_name)
             if child_path in inlined:
                 below(child, child_path)
-            elif not _TORCH_LAYERS.is_leaf_module(child, child_path):
+            elif not (_TORCH_LAYERS.is_leaf_module(child, child_path)
+                      or isinstance(child, _BatchNorm)):  # (a norm-activation: called, fused)
                 _scan(child, qualified(name, child_path), found, result)
 
     below(module, "")

@@ -305,6 +305,23 @@ def guarded(forward: Callable[..., Any], guards: Guards, fixed: Sequence[Fixed] 
     return checked_forward
 
 
+def by_mode(training: Callable[..., Any], evaluation: Callable[..., Any],
+             modes_read: tuple[str, ...]) -> Callable[..., Any]:
+    """One forward of the two rewritten from a forward that branches on self.training: each
+    mode's own where the modules whose mode it read (the owner, a BN it tests: `modes_read`)
+    share that mode; where they do not (a frozen BN it tests while the model trains: neither
+    graph was traced so), the module's own forward, exact and unfused there."""
+
+    @functools.wraps(training)  # its signature, which torch.fx reads through the wrapper
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        mode = self.training
+        if any(self.get_submodule(path).training != mode for path in modes_read):
+            return self.unfused_class.forward(self, *args, **kwargs)  # type: ignore[attr-defined]
+        return (training if mode else evaluation)(self, *args, **kwargs)
+
+    return forward
+
+
 def _own_names(module: nn.Module) -> tuple[str, ...]:
     """A module's submodules' names, but for the one a parametrization adds."""
     return tuple(name for name in module._modules if name != "parametrizations")

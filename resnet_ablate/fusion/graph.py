@@ -8,7 +8,7 @@ become one call of the BatchNorm's fused twin (same tensors), and the module get
 forward: its class becomes a subclass made for it (`Fused<Name>`), so the object, its submodules,
 state_dict keys and any optimizer stay as they were, and `unfuse` sets the class back. A forward
 that traces to other graphs in training and eval mode (it branches on `self.training`) gets one
-rewrite per mode where both hold the same sites (`_by_mode`). Checked on the inputs the owner
+rewrite per mode where both hold the same sites (`forward_facts.by_mode`). Checked on the inputs the owner
 receives when the whole model runs a probe batch (and in training mode, where it has a rewrite
 of its own, on copies), the rewritten forward returns what the original does.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..blocks import fused_in_place, unfused_in_place
 from ..kernels import FusedBatchNorm2d
 from .arguments import Fixed, fixed_on_probe, plain_defaults
-from .forward_facts import KEPT_MODULES, Guards, KeptModules, guarded, kept_module
+from .forward_facts import KEPT_MODULES, Guards, KeptModules, by_mode, guarded, kept_module
 from .fused_class import FusedForward
 from .norm_act import acts_as_batch_norm, give_fused_class, take_fused_class
 from .patterns import _OPAQUE, Site, find_sites, owner_of, residual_batch_norm, traced
@@ -240,22 +239,30 @@ def _merged_owners(found: dict[str, list[_Found]]) -> dict[str, set[str]]:
 
 
 def _traced_in_both_modes(module: nn.Module, through: set[str], fixed: tuple[Fixed, ...]
-                          ) -> tuple[tuple[fx.Graph, ...], Guards] | str:
-    """The owner's forward traced (with `through` inlined and `fixed` as constants) and the
-    values it baked in: one graph where both modes trace to it, else the training and the eval
-    mode's (a forward that branches on self.training: timm's head dropout, `drop_rate`)."""
+                          ) -> tuple[tuple[fx.Graph, ...], Guards, tuple[str, ...]] | str:
+    """The owner's forward traced (with `through` inlined and `fixed` as constants), the values
+    it baked in, and the modules whose mode it read: one graph where both modes trace to it, else
+    the training and the eval mode's (a forward that branches on self.training: timm's head
+    dropout, `drop_rate`), where every module's reads were watched."""
     try:
-        graphs, guards = [], {}
+        graphs, guards, modes_read, unrecorded = [], {}, set(), set()
         for training in (True, False):
             with _in_mode(module, training):
                 graph, tracer = traced(module, through, fixed)
             graphs.append(graph)
             guards.update(((path, attr), value) for path, attr, value in tracer.guards)
+            modes_read |= tracer.modes_read
+            unrecorded |= tracer.unrecorded
     except Exception as error:  # noqa: BLE001 - traced once already; a failure here refuses
         return f"its forward cannot be traced on its own ({type(error).__name__}: {error})"
     same = graphs[0].python_code("self").src == graphs[1].python_code("self").src
-    return tuple(graphs[:1] if same else graphs), tuple(
-        (path, attr, value) for (path, attr), value in guards.items())
+    if not same and unrecorded:
+        return ("its forward traces to different graphs in training and eval mode (it branches "
+                f"on self.training), and whether it reads the mode of {sorted(unrecorded)[0]} "
+                "cannot be watched (a TorchScript module)")
+    return (tuple(graphs[:1] if same else graphs),
+            tuple((path, attr, value) for (path, attr), value in guards.items()),
+            tuple(sorted(modes_read)))
 
 
 def _sites_of(graphs: tuple[fx.Graph, ...], module: nn.Module, owner: str,
@@ -269,22 +276,6 @@ def _sites_of(graphs: tuple[fx.Graph, ...], module: nn.Module, owner: str,
         return ("its forward traces to different graphs in training and eval mode (it branches "
                 "on self.training), and they fuse different sites")
     return sites
-
-
-def _by_mode(training: Callable[..., Any], evaluation: Callable[..., Any],
-             inlined: tuple[str, ...]) -> Callable[..., Any]:
-    """One forward of the two rewritten from a forward that branches on self.training: each
-    mode's own where the owner and the submodules it inlined share that mode; where they do not
-    (neither graph was traced so), the module's own forward, exact and unfused there."""
-
-    @functools.wraps(training)  # its signature, which torch.fx reads through the wrapper
-    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        mode = self.training
-        if any(self.get_submodule(path).training != mode for path in inlined):
-            return self.unfused_class.forward(self, *args, **kwargs)  # type: ignore[attr-defined]
-        return (training if mode else evaluation)(self, *args, **kwargs)
-
-    return forward
 
 
 def _checked(module: nn.Module, forwards: list[Callable[..., Any]], inputs: Any,
@@ -324,7 +315,7 @@ def _rewrite_owner(model: nn.Module, owner: str, through: set[str], expected_bns
         return [], [], traced_forward
     if inputs is None:
         return [], [], "the probe input never reached it, so a rewrite could not be checked"
-    graphs, baked = traced_forward
+    graphs, baked, modes_read = traced_forward
     each = _sites_of(graphs, module, owner, expected_bns)
     if isinstance(each, str):
         return [], [], each
@@ -362,7 +353,7 @@ def _rewrite_owner(model: nn.Module, owner: str, through: set[str], expected_bns
             module.set_submodule(target, unfused_in_place(bn) if type(bn) is FusedBatchNorm2d
                                  else bn)
         return [], [], reason
-    forward = forwards[0] if len(forwards) == 1 else _by_mode(*forwards, tuple(sorted(through)))
+    forward = forwards[0] if len(forwards) == 1 else by_mode(*forwards, modes_read)
     joined = tuple(_relative(f.residual_batch_norm, owner) for f in found if f.residual_batch_norm)
     _give_forward(module, guarded(forward, baked, fixed), tuple(originals), joined,
                   _kept_modules(module, through, absorbed))

@@ -84,6 +84,8 @@ class SiteTracer(fx.Tracer):
         self.opaque = opaque
         self.searched_alone: list[str] = []
         self.failed_inside: str | None = None
+        self.modes_read: set[str] = set()  # the modules whose `training` the forward read
+        self.unrecorded: set[str] = set()
         self.guards: list[tuple[str, str, Baked]] = []
         self.state: tuple[object, ...] = ()
 
@@ -138,6 +140,9 @@ class SiteTracer(fx.Tracer):
             with recorded_reads(root) as reads:
                 graph = super().trace(root, concrete_args)
             self.guards += baked_values(root, reads)
+            # Whose mode the graph took, and whose reads are not known (a TorchScript module)
+            self.modes_read = {path for path, names in reads.items() if "training" in names}
+            self.unrecorded = {path for path, _ in root.named_modules() if path not in reads}
             if random_draws(root) != draws:
                 raise Untraceable(_RANDOM_DRAWS)
         changed = [name for name, version in _versions(root).items() if version != versions[name]]

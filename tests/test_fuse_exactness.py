@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from resnet_ablate import FuseWarning, StaleForward, fuse
+from resnet_ablate import FuseWarning, StaleForward, fuse, unfuse
 from resnet_ablate.kernels import FusedBatchNorm2d
 
 C = 4
@@ -95,6 +95,7 @@ class _UntraceableChild(nn.Module):
     def __init__(self, how: str):
         super().__init__()
         self.conv, self.bn, self.how = nn.Conv2d(C, C, 3, padding=1), nn.BatchNorm2d(C), how
+        self.seen: list[torch.Tensor] = []
 
     def body(self, x):
         return F.relu(self.bn(self.conv(x)))
@@ -106,6 +107,8 @@ class _UntraceableChild(nn.Module):
             return self.body(-x)
         if self.how == "random" and random.random() < 0.5:  # inline stochastic depth
             return x
+        if self.how == "appends":  # (features kept for a loss: a list the module holds)
+            self.seen.append(x.detach())
         return self.body(x)
 
 
@@ -122,6 +125,7 @@ class _ParentOfUntraceable(nn.Module):
     ("checkpoint", "changes the autograd or autocast state"),
     ("branch", "TraceError"),
     ("random", "draws random numbers"),
+    ("appends", "changes seen, a container held by a module"),
 ])
 def test_a_child_that_cannot_be_traced_is_called_as_it_is_and_its_callers_sites_fused(how, reason):
     """A child whose forward a trace cannot keep made its caller's trace fail: the caller's own
@@ -136,6 +140,9 @@ def test_a_child_that_cannot_be_traced_is_called_as_it_is_and_its_callers_sites_
     assert [s.name for s in report.skipped] == ["child.bn"]
     assert "the forward of child (_UntraceableChild)" in report.skipped[0].reason
     assert reason in report.skipped[0].reason and "child.bn" in messages[0]
+    # (tracing left no proxy in the list; the probe batch's calls appended real tensors)
+    assert all(type(t) is torch.Tensor for t in model.child.seen)
+    model.child.seen.clear()
     for _ in range(3):  # (a random child takes each path in some step)
         x = torch.randn(2, 3, 8, 8, requires_grad=True)
         random.seed(1)
@@ -149,6 +156,7 @@ def test_a_child_that_cannot_be_traced_is_called_as_it_is_and_its_callers_sites_
         torch.testing.assert_close(mine.grad, other.grad, rtol=1e-4, atol=1e-5, msg=name)
     for (name, mine), other in zip(model.named_buffers(), reference.buffers()):
         torch.testing.assert_close(mine, other, rtol=1e-5, atol=1e-6, msg=name)
+    assert len(model.child.seen) == len(reference.child.seen)
 
 
 def test_fusing_again_names_a_site_left_below_a_rewritten_forward_and_strict_still_refuses():
@@ -163,6 +171,42 @@ def test_fusing_again_names_a_site_left_below_a_rewritten_forward_and_strict_sti
     assert again.sites == ()  # (the parent's, fused the first time, stays as it is)
     with pytest.raises(ValueError, match="child.bn: the forward of child"):
         fuse(model, strict=True)
+
+
+class _LeavesItsSecondBatchNorm(nn.Module):
+    """Its second BN cannot be fused (`how`: it has a hook, it is a subclass, its output is used
+    twice), in its own forward, which is rewritten for the first."""
+
+    class Subclass(nn.BatchNorm2d):
+        pass
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.conv, self.bn, self.conv2 = nn.Conv2d(3, C, 3), nn.BatchNorm2d(C), nn.Conv2d(C, C, 1)
+        self.bn2, self.how = self.Subclass(C) if how == "subclass" else nn.BatchNorm2d(C), how
+        if how == "hook":
+            self.bn2.register_forward_hook(lambda *_: None)
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(F.relu(self.bn(self.conv(x)))))
+        return F.relu(y) + y if self.how == "used twice" else F.relu(y)
+
+
+@pytest.mark.parametrize("how", ["hook", "subclass", "used twice"])
+def test_fusing_again_names_a_batch_norm_left_in_a_rewritten_forward(how):
+    """A later fuse calls a rewritten forward, never traces it: a BN the first fuse left there
+    was named no more, and strict=True passed (an audit). The reason is kept with the forward,
+    and named while the BN stays unfused."""
+    model = _LeavesItsSecondBatchNorm(how)
+    first, _ = _fused(model, example_input=torch.randn(2, 3, 8, 8))
+    again, messages = _fused(model, example_input=torch.randn(2, 3, 8, 8))
+    assert [s.batch_norm for s in first.sites] == ["bn"] and first.rewritten == ("",)
+    assert first.skipped == again.skipped and [s.name for s in again.skipped] == ["bn2"]
+    assert "bn2" in messages[0]
+    with pytest.raises(ValueError, match="bn2"):
+        fuse(model, strict=True)
+    unfuse(model)  # (what it kept goes with the rewrite)
+    assert not any(k.startswith("_fused_forward") for k in vars(model))
 
 
 class _DropoutHead(nn.Module):

@@ -8,36 +8,32 @@ become one call of the BatchNorm's fused twin (same tensors), and the module get
 forward: its class becomes a subclass made for it (`Fused<Name>`), so the object, its submodules,
 state_dict keys and any optimizer stay as they were, and `unfuse` sets the class back. A forward
 that traces to other graphs in training and eval mode (it branches on `self.training`) gets one
-rewrite per mode where both hold the same sites (`forward_facts.by_mode`). Checked on the inputs the owner
-receives when the whole model runs a probe batch (and in training mode, where it has a rewrite
-of its own, on copies), the rewritten forward returns what the original does.
+rewrite per mode where both hold the same sites (`forward_facts.by_mode`). Checked on the inputs
+the owner receives when the whole model runs a probe batch (and in training mode, where it has a
+rewrite of its own, on copies), the rewritten forward returns what the original does. The
+search for the sites and their owners is search.py's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..blocks import fused_in_place, unfused_in_place
 from ..kernels import FusedBatchNorm2d
-from .arguments import Fixed, fixed_on_probe, plain_defaults
+from .arguments import Fixed, fixed_on_probe
 from .forward_facts import KEPT_MODULES, Guards, KeptModules, by_mode, guarded, kept_module
 from .fused_class import FusedForward
 from .norm_act import acts_as_batch_norm, give_fused_class, take_fused_class
-from .patterns import _OPAQUE, Site, find_sites, owner_of, residual_batch_norm, traced
+from .patterns import Site, find_sites, residual_batch_norm, traced
 from .probe import changed_inputs, cloned, evaluating, inputs_on_probe, mismatch
 from .records import FusedSite, SkippedBlock, qualified
 from .rewrite import added_into_then_relu, added_then_relu, rewrite
-
-_TORCH_LAYERS = fx.Tracer()  # its is_leaf_module: torch.nn's own layers, which hold no sites
-
+from .search import Found, GraphResult, in_mode, inside, merged_owners, relative, remember_left, scan
 
 def _forward_of(graph: fx.Graph) -> Callable[..., Any]:
     code = graph.python_code(root_module="self")
@@ -87,157 +83,6 @@ def _kept_modules(module: nn.Module, through: set[str], calls: list[tuple[fx.Nod
                  for path in sorted({"", *through, *absorbed}))
 
 
-def _prefixes(path: str) -> set[str]:
-    parts = path.split(".")
-    return {".".join(parts[:i]) for i in range(1, len(parts))}
-
-
-def _relative(path: str, owner: str) -> str:
-    return path[len(owner) + 1:] if owner else path
-
-
-@dataclass
-class GraphResult:
-    sites: list[FusedSite] = field(default_factory=list)
-    skipped: list[SkippedBlock] = field(default_factory=list)
-    rewritten: list[str] = field(default_factory=list)
-
-
-@contextlib.contextmanager
-def _in_mode(module: nn.Module, training: bool) -> Iterator[None]:
-    modes = {m: m.training for m in module.modules()}
-    module.train(training)
-    try:
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-
-
-@dataclass(frozen=True)
-class _Found:
-    batch_norm: str  # absolute module names
-    called: tuple[str, ...]
-
-
-def _scan(module: nn.Module, name: str, found: dict[str, list[_Found]], result: GraphResult,
-          untraced: str | None = None) -> None:
-    """Trace `module` (or, where its forward cannot be traced, each child on its own) and record
-    each site under its owner (absolute names throughout). `untraced`: why the forward calling
-    this module's children could not be traced, where this module has no forward of its own
-    (a ModuleList or ModuleDict, whose children that forward called)."""
-    if isinstance(module, _OPAQUE):  # this package's fused modules
-        return
-    if hasattr(module, KEPT_MODULES):  # its forward rewritten by an earlier fuse: a call
-        _scan_called_as_they_are(module, name, found, result)
-        return
-    if isinstance(module, torch.jit.ScriptModule):
-        result.skipped.extend(_scripted_batch_norms(module, name))
-        return
-    if type(module).forward is nn.Module.forward:  # a container: its caller called its children
-        for child_name, child in module.named_children():
-            _untraced_child(child, qualified(name, child_name), untraced, found, result)
-        return
-    try:
-        graph, tracer = _traced_to_search(module)
-    except Exception as error:  # noqa: BLE001 - any tracing failure: look one level down
-        why = (f"the forward of {name or '<model>'} ({type(module).__name__}) that calls it "
-               f"cannot be traced exactly ({type(error).__name__}: {error})")
-        for child_name, child in module.named_children():
-            _untraced_child(child, qualified(name, child_name), why, found, result)
-        return
-    sites, refused = find_sites(graph, module)
-    result.skipped.extend(SkippedBlock(qualified(name, bn), why) for bn, why in refused)
-    for site in sites:
-        called = tuple(qualified(name, str(n.target)) for n in site.nodes if n.op == "call_module")
-        owner = qualified(name, owner_of(site))
-        found.setdefault(owner, []).append(_Found(qualified(name, str(site.bn.target)), called))
-    for path in tracer.searched_alone:  # called, not traced into: its own forward is searched
-        _scan(module.get_submodule(path), qualified(name, path), found, result)
-
-
-def _scan_called_as_they_are(module: nn.Module, name: str, found: dict[str, list[_Found]],
-                             result: GraphResult) -> None:
-    """Below a forward an earlier fuse rewrote: the submodules it calls as they are (neither
-    inlined nor absorbed, nor torch's own layers) searched as that fuse searched them, so that
-    a site it left there (a checkpointed child's) is named again, not passed over in silence."""
-    inlined = {".".join(parts) for parts, *_ in getattr(module, KEPT_MODULES)}
-
-    def below(parent: nn.Module, path: str) -> None:
-        for child_name, child in parent.named_children():
-            child_path = qualified(path, child_name)
-            if child_path in inlined:
-                below(child, child_path)
-            elif not (_TORCH_LAYERS.is_leaf_module(child, child_path)
-                      or isinstance(child, _BatchNorm)):  # (a norm-activation: called, fused)
-                _scan(child, qualified(name, child_path), found, result)
-
-    below(module, "")
-
-
-def _traced_to_search(module: nn.Module) -> tuple[fx.Graph, Any]:
-    """`module`'s forward traced in training mode (where stochastic parts, DropPath, show their
-    work) to find its sites: its arguments as given (proxies), or where that fails (a branch on
-    a flag), those with plain defaults fixed at them; raises the first failure."""
-    with _in_mode(module, True):
-        try:
-            return traced(module)
-        except Exception as first:
-            defaults = plain_defaults(module)
-            if defaults:
-                with contextlib.suppress(Exception):  # the first failure is the one to name
-                    return traced(module, fixed=defaults)
-            raise first
-
-
-def _scripted_batch_norms(module: torch.jit.ScriptModule, name: str) -> list[SkippedBlock]:
-    """The BatchNorms inside a TorchScript module (scripted or traced), named: its forward is
-    compiled, not Python that a rewrite could replace."""
-    why = (f"inside {name or '<model>'}, a TorchScript module (torch.jit.script or trace), whose "
-           "compiled forward fuse cannot rewrite; fuse the module before scripting it")
-    return [SkippedBlock(qualified(name, path), why) for path, m in module.named_modules()
-            if getattr(m, "original_name", None) == "BatchNorm2d"]
-
-
-def _untraced_child(child: nn.Module, name: str, why: str | None,
-                    found: dict[str, list[_Found]], result: GraphResult) -> None:
-    """A child of a module whose forward could not be traced: a BatchNorm it called is named
-    with the reason; any other child is searched on its own."""
-    if type(child) is nn.BatchNorm2d:
-        if why is not None:
-            result.skipped.append(SkippedBlock(name, why))
-        return
-    _scan(child, name, found, result, why)
-
-
-def _inside(name: str, owner: str) -> bool:
-    return name != owner and (not owner or name.startswith(owner + "."))
-
-
-def _merged_owners(found: dict[str, list[_Found]]) -> dict[str, set[str]]:
-    """Owner -> the submodules (relative names) its rewritten forward must inline. An owner whose
-    sites reach into another owner takes that one's sites over: one forward rewritten, not two."""
-    def needs(owner: str, of: str) -> set[str]:
-        return set().union(*(_prefixes(_relative(c, owner)) for f in found[of] for c in f.called))
-
-    merged: dict[str, set[str]] = {}
-    absorbed: set[str] = set()
-    for owner in sorted(found, key=lambda o: (o.count(".") if o else -1, o)):
-        if owner in absorbed:
-            continue
-        through = needs(owner, owner)
-        grew = True
-        while grew:
-            grew = False
-            for other in found:
-                if other not in absorbed and _inside(other, owner) and _relative(other, owner) in through:
-                    absorbed.add(other)
-                    through |= needs(owner, other)
-                    grew = True
-        merged[owner] = through
-    return merged
-
-
 def _traced_in_both_modes(module: nn.Module, through: set[str], fixed: tuple[Fixed, ...]
                           ) -> tuple[tuple[fx.Graph, ...], Guards, tuple[str, ...]] | str:
     """The owner's forward traced (with `through` inlined and `fixed` as constants), the values
@@ -247,7 +92,7 @@ def _traced_in_both_modes(module: nn.Module, through: set[str], fixed: tuple[Fix
     try:
         graphs, guards, modes_read, unrecorded = [], {}, set(), set()
         for training in (True, False):
-            with _in_mode(module, training):
+            with in_mode(module, training):
                 graph, tracer = traced(module, through, fixed)
             graphs.append(graph)
             guards.update(((path, attr), value) for path, attr, value in tracer.guards)
@@ -354,7 +199,7 @@ def _rewrite_owner(model: nn.Module, owner: str, through: set[str], expected_bns
                                  else bn)
         return [], [], reason
     forward = forwards[0] if len(forwards) == 1 else by_mode(*forwards, modes_read)
-    joined = tuple(_relative(f.residual_batch_norm, owner) for f in found if f.residual_batch_norm)
+    joined = tuple(relative(f.residual_batch_norm, owner) for f in found if f.residual_batch_norm)
     _give_forward(module, guarded(forward, baked, fixed), tuple(originals), joined,
                   _kept_modules(module, through, absorbed))
     return found, missed, None
@@ -363,13 +208,13 @@ def _rewrite_owner(model: nn.Module, owner: str, through: set[str], expected_bns
 def fuse_graphs(model: nn.Module, example_input: Any = None) -> GraphResult:
     """Fuse every site the traced forwards of `model` hold, in place; what was done and left."""
     result = GraphResult()
-    found: dict[str, list[_Found]] = {}
-    _scan(model, "", found, result)
-    owners = _merged_owners(found)
+    found: dict[str, list[Found]] = {}
+    scan(model, "", found, result)
+    owners = merged_owners(found)
     inputs, failure = inputs_on_probe(model, list(owners), example_input) if owners else ({}, None)
     for owner, through in owners.items():
         expected = {f.batch_norm for o, fs in found.items() if o == owner or (
-            _inside(o, owner) and _relative(o, owner) in through) for f in fs}
+            inside(o, owner) and relative(o, owner) in through) for f in fs}
         sites, missed, reason = _rewrite_owner(model, owner, through, expected, inputs.get(owner)) \
             if failure is None else ([], [], failure)
         if reason is not None:
@@ -379,4 +224,5 @@ def fuse_graphs(model: nn.Module, example_input: Any = None) -> GraphResult:
         if sites:
             result.sites.extend(sites)
             result.rewritten.append(owner)
+    remember_left(model, result.skipped)
     return result

@@ -24,8 +24,8 @@ from ..blocks import BasicBlock, Bottleneck, calls_hooks
 from ..kernels import FusedBatchNorm2d
 from ..models import ResNet
 from .arguments import Fixed, as_declared, concrete_args
-from .forward_facts import (KEPT_MODULES, Untraceable, autograd_state, check_forward,
-                            may_apply_relu, random_draws, random_streams_kept)
+from .forward_facts import (KEPT_MODULES, HeldContainers, Untraceable, autograd_state,
+                            check_forward, may_apply_relu, random_draws, random_streams_kept)
 from .norm_act import acts_as_batch_norm
 from .reads import Baked, baked, baked_values, recorded_reads
 from .records import Pattern
@@ -60,6 +60,11 @@ del _name, _augmented
 
 _RANDOM_DRAWS = ("its forward draws random numbers while it is traced (a random choice in "
                  "Python, as inline stochastic depth makes), which a traced forward would bake in")
+
+
+def _changes(container: str) -> str:
+    return (f"its forward changes {container}, a container held by a module, while it is traced "
+            "(`self.feats.append(x)`), which a traced forward would not do again")
 
 
 class SiteTracer(fx.Tracer):
@@ -113,10 +118,12 @@ class SiteTracer(fx.Tracer):
         try:
             self.guards.extend((path, a, g) for a, v in check_forward(m).items()
                                if (g := baked(v)) is not None)
-            draws = random_draws(m)
+            draws, containers = random_draws(m), HeldContainers.of(m)
             result = super().call_module(m, forward, args, kwargs)
             if random_draws(m) != draws:
                 raise Untraceable(_RANDOM_DRAWS)
+            if containers.changed():  # (the trace's own restores every one)
+                raise Untraceable(_changes(f"{path}.{containers.changed()[0]}"))
             return result
         except Exception:
             self.failed_inside = self.failed_inside or path  # (the innermost sets it first)
@@ -134,11 +141,18 @@ class SiteTracer(fx.Tracer):
                        if (g := baked(v)) is not None]
         self.state = autograd_state()
         versions = _versions(root)
+        containers = HeldContainers.of(root)
         # The caller's random streams stay its own.
         with torch.random.fork_rng(devices=[]), random_streams_kept(root):
             draws = random_draws(root)
             with recorded_reads(root) as reads:
-                graph = super().trace(root, concrete_args)
+                try:
+                    graph = super().trace(root, concrete_args)
+                finally:
+                    changed_containers = containers.changed()
+                    containers.restore()  # (tracing put proxies in them)
+            if changed_containers:
+                raise Untraceable(_changes(changed_containers[0]))
             self.guards += baked_values(root, reads)
             # Whose mode the graph took, and whose reads are not known (a TorchScript module)
             self.modes_read = {path for path, names in reads.items() if "training" in names}

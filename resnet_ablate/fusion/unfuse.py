@@ -12,7 +12,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from ..blocks import BasicBlock, Bottleneck, unfused_in_place
 from ..kernels import FusedBatchNorm2d
 from ..models import ResNet
-from .forward_facts import KEPT_MODULES
+from .forward_facts import KEPT_MODULES, LEFT_BELOW
 from .fused_class import give_back_class
 from .library_blocks import give_library_class, kept_child
 
@@ -29,6 +29,7 @@ def _unfuse_rewritten(module: nn.Module) -> None:
             module.set_submodule(target, unfused_in_place(bn))
     give_back_class(module)
     vars(module).pop(KEPT_MODULES, None)
+    vars(module).pop(LEFT_BELOW, None)
 
 
 def check_is_module(model: object, what: str) -> None:

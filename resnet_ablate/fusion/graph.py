@@ -33,7 +33,8 @@ from .patterns import Site, find_sites, residual_batch_norm, traced
 from .probe import changed_inputs, cloned, evaluating, inputs_on_probe, mismatch
 from .records import FusedSite, SkippedBlock, qualified
 from .rewrite import added_into_then_relu, added_then_relu, rewrite
-from .search import Found, GraphResult, in_mode, inside, merged_owners, relative, remember_left, scan
+from .search import (Found, GraphResult, in_mode, inside, merged_owners, relative, remember_left,
+                     scan)
 
 def _forward_of(graph: fx.Graph) -> Callable[..., Any]:
     code = graph.python_code(root_module="self")

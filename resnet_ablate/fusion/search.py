@@ -59,7 +59,7 @@ class Found:
 
 
 def scan(module: nn.Module, name: str, found: dict[str, list[Found]], result: GraphResult,
-          untraced: str | None = None) -> None:
+         untraced: str | None = None) -> None:
     """Trace `module` (or, where its forward cannot be traced, each child on its own) and record
     each site under its owner (absolute names throughout). `untraced`: why the forward calling
     this module's children could not be traced, where this module has no forward of its own

@@ -247,7 +247,7 @@ class HeldContainers:
         return cls(tuple((f"{path}.{name}" if path else name, value, copy.copy(value))
                          for path, module in root.named_modules()
                          for name, value in vars(module).items()
-                         if name not in MODULE_OWN and type(value) in (list, dict, set)))
+                         if name not in MODULE_OWN and isinstance(value, (list, dict, set))))
 
     def changed(self) -> list[str]:
         return [where for where, now, then in self.held if not _same_items(now, then)]

@@ -3,6 +3,7 @@ assignments, random choices, hooks, dtype promotion under autocast, keyword call
 inputs; and lookalike blocks the block path must leave to the graph path. Each against a deep
 copy of the model left unfused (outputs, gradients, behaviour), as the other fuse tests."""
 
+import collections
 import copy
 import random
 import types
@@ -125,7 +126,7 @@ class _ParentOfUntraceable(nn.Module):
     ("checkpoint", "changes the autograd or autocast state"),
     ("branch", "TraceError"),
     ("random", "draws random numbers"),
-    ("appends", "changes seen, a container held by a module"),
+    ("appends", "changes seen, held by a module"),
 ])
 def test_a_child_that_cannot_be_traced_is_called_as_it_is_and_its_callers_sites_fused(how, reason):
     """A child whose forward a trace cannot keep made its caller's trace fail: the caller's own
@@ -140,9 +141,7 @@ def test_a_child_that_cannot_be_traced_is_called_as_it_is_and_its_callers_sites_
     assert [s.name for s in report.skipped] == ["child.bn"]
     assert "the forward of child (_UntraceableChild)" in report.skipped[0].reason
     assert reason in report.skipped[0].reason and "child.bn" in messages[0]
-    # (tracing left no proxy in the list; the probe batch's calls appended real tensors)
-    assert all(type(t) is torch.Tensor for t in model.child.seen)
-    model.child.seen.clear()
+    assert len(model.child.seen) == 0  # (no proxy left by tracing, no probe batch's append)
     for _ in range(3):  # (a random child takes each path in some step)
         x = torch.randn(2, 3, 8, 8, requires_grad=True)
         random.seed(1)
@@ -196,17 +195,76 @@ class _LeavesItsSecondBatchNorm(nn.Module):
 def test_fusing_again_names_a_batch_norm_left_in_a_rewritten_forward(how):
     """A later fuse calls a rewritten forward, never traces it: a BN the first fuse left there
     was named no more, and strict=True passed (an audit). The reason is kept with the forward,
-    and named while the BN stays unfused."""
+    and named while the BN stays unfused, as the earlier fuse's (a hook may be gone since)."""
     model = _LeavesItsSecondBatchNorm(how)
     first, _ = _fused(model, example_input=torch.randn(2, 3, 8, 8))
     again, messages = _fused(model, example_input=torch.randn(2, 3, 8, 8))
     assert [s.batch_norm for s in first.sites] == ["bn"] and first.rewritten == ("",)
-    assert first.skipped == again.skipped and [s.name for s in again.skipped] == ["bn2"]
+    assert [s.name for s in first.skipped] == [s.name for s in again.skipped] == ["bn2"]
+    assert again.skipped[0].reason == (f"left unfused by an earlier fuse ({first.skipped[0].reason})"
+                                       "; unfuse(model), then fuse(model) fuses it as it is now")
     assert "bn2" in messages[0]
+    assert _fused(model, example_input=torch.randn(2, 3, 8, 8))[0].skipped == again.skipped
     with pytest.raises(ValueError, match="bn2"):
         fuse(model, strict=True)
     unfuse(model)  # (what it kept goes with the rewrite)
     assert not any(k.startswith("_fused_forward") for k in vars(model))
+    # Fused on its own first, then inside a model that calls it: named there too
+    outer = nn.Sequential(_LeavesItsSecondBatchNorm(how), nn.Conv2d(C, 2, 1))
+    _fused(outer[0], example_input=torch.randn(2, 3, 8, 8))
+    inside, _ = _fused(outer, example_input=torch.randn(2, 3, 8, 8))
+    assert [s.name for s in inside.skipped] == ["0.bn2"]
+
+
+class _Holds(nn.Module):
+    """A BN + ReLU whose forward also changes what the module holds (`how`)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.conv, self.bn, self.how = nn.Conv2d(3, C, 3), nn.BatchNorm2d(C), how
+        self.held = {"deque": collections.deque(), "OrderedDict": collections.OrderedDict(),
+                     "list in a dict": {"feats": []}, "namespace": types.SimpleNamespace(n=0),
+                     "tensor": torch.zeros(())}[how]
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.conv(x)))
+        if self.how == "deque":
+            self.held.append(y.mean())
+        elif self.how == "OrderedDict":
+            self.held[len(self.held)] = y.mean()
+        elif self.how == "list in a dict":
+            self.held["feats"].append(y.mean())
+        elif self.how == "namespace":
+            self.held.last = y.mean()
+        else:
+            self.held.add_(1)
+        return y
+
+
+def _contents(held):
+    if isinstance(held, torch.Tensor):
+        return [held.item()]
+    items = vars(held).values() if isinstance(held, types.SimpleNamespace) else \
+        held["feats"] if isinstance(held, dict) and "feats" in held else \
+        held.values() if isinstance(held, dict) else held
+    return [type(v).__name__ for v in items]
+
+
+@pytest.mark.parametrize("how", ["deque", "OrderedDict", "list in a dict", "namespace", "tensor"])
+def test_a_forward_changing_what_its_module_holds_is_not_rewritten_and_fuse_leaves_it_so(how):
+    """Only a list, dict or set held as an attribute was watched: a forward appending to a deque,
+    an OrderedDict, a list in a dict or a namespace, or counting in a tensor, was rewritten,
+    proxies were left in the user's container (the counter bumped by the trace), and the fused
+    model appended nothing (an audit). Such a forward is refused, and fuse (its trace and its
+    probe batch) leaves what the module holds as it found it."""
+    model = _Holds(how)
+    reference = copy.deepcopy(model)
+    report, _ = _fused(model, example_input=torch.randn(2, 3, 8, 8))
+    assert report.sites == () and "held by a module" in report.skipped[0].reason
+    assert _contents(model.held) == _contents(reference.held)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(model(x), reference(x))
+    assert _contents(model.held) == _contents(reference.held)
 
 
 class _DropoutHead(nn.Module):

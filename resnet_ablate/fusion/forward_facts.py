@@ -3,8 +3,8 @@
 torch.fx records tensor operations only. A rewritten forward therefore loses:
 - the state a `with` block sets for the ops inside it (no_grad, autocast, activation
   checkpointing): the block vanishes and its ops run in the caller's state;
-- assignments to the module (`self.last = x`) and changes to a container it holds
-  (`self.feats.append(x)`, `HeldContainers`): they run once, at tracing, on a proxy;
+- assignments to the module (`self.last = x`) and changes to a container or tensor it holds
+  (`self.feats.append(x)`: held_state.py): they run once, at tracing, on a proxy;
 - Python values the forward reads from the module (`self.scale`, `if self.return_features:`):
   they are baked in as constants.
 The first two are refused (`Untraceable`: the module is searched child by child instead, as a
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import copy
 import functools
 import inspect
 import pickle
@@ -41,7 +40,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .arguments import Fixed, holds
-from .reads import MODULE_OWN, Baked, held_value, shown
+from .reads import Baked, held_value, shown
 from .records import FuseWarning
 
 # The values the source check takes from a forward's own `self.<name>` reads: scalars only, as a
@@ -230,44 +229,6 @@ class RandomStreams:
             yield
         finally:
             now._restore()
-
-
-@dataclass(frozen=True)
-class HeldContainers:
-    """The lists, dicts and sets a module's subtree holds as attributes (`self.feats = []`),
-    each with its items as they were when taken. A forward that changes one
-    (`self.feats.append(x)`) changes it once, while traced, with proxies, and a rewrite would
-    never again (an audit: proxies left in a user's list, and no feature appended after
-    fusing): `changed` names them, `restore` gives each its items back."""
-
-    held: tuple[tuple[str, Any, Any], ...]  # (module path.attribute, the container, a copy)
-
-    @classmethod
-    def of(cls, root: nn.Module) -> HeldContainers:
-        return cls(tuple((f"{path}.{name}" if path else name, value, copy.copy(value))
-                         for path, module in root.named_modules()
-                         for name, value in vars(module).items()
-                         if name not in MODULE_OWN and isinstance(value, (list, dict, set))))
-
-    def changed(self) -> list[str]:
-        return [where for where, now, then in self.held if not _same_items(now, then)]
-
-    def restore(self) -> None:
-        for _, now, then in self.held:
-            if not _same_items(now, then):
-                now.clear()
-                now.extend(then) if isinstance(now, list) else now.update(then)
-
-
-def _same_items(now: Any, then: Any) -> bool:
-    """Whether a container holds the very items it held (by identity: a proxy's `==` would be
-    traced)."""
-    if isinstance(now, dict):
-        return [id(k) for k in now] == [id(k) for k in then] and all(
-            now[k] is then[k] for k in then)
-    if isinstance(now, set):
-        return {id(x) for x in now} == {id(x) for x in then}
-    return len(now) == len(then) and all(a is b for a, b in zip(now, then))
 
 
 @contextlib.contextmanager

@@ -24,8 +24,9 @@ from ..blocks import BasicBlock, Bottleneck, calls_hooks
 from ..kernels import FusedBatchNorm2d
 from ..models import ResNet
 from .arguments import Fixed, as_declared, concrete_args
-from .forward_facts import (KEPT_MODULES, HeldContainers, Untraceable, autograd_state,
-                            check_forward, may_apply_relu, random_draws, random_streams_kept)
+from .forward_facts import (KEPT_MODULES, Untraceable, autograd_state, check_forward,
+                            may_apply_relu, random_draws, random_streams_kept)
+from .held_state import HeldState
 from .norm_act import acts_as_batch_norm
 from .reads import Baked, baked, baked_values, recorded_reads
 from .records import Pattern
@@ -62,8 +63,8 @@ _RANDOM_DRAWS = ("its forward draws random numbers while it is traced (a random 
                  "Python, as inline stochastic depth makes), which a traced forward would bake in")
 
 
-def _changes(container: str) -> str:
-    return (f"its forward changes {container}, a container held by a module, while it is traced "
+def _changes(held: str) -> str:
+    return (f"its forward changes {held}, held by a module, while it is traced "
             "(`self.feats.append(x)`), which a traced forward would not do again")
 
 
@@ -111,19 +112,21 @@ class SiteTracer(fx.Tracer):
     def call_module(self, m: nn.Module, forward, args, kwargs):
         path = self.path_of_module(m)
         if self.is_leaf_module(m, path):
-            if (isinstance(m, torch.jit.ScriptModule) or path in self.opaque or calls_hooks(m)
-                    and not super().is_leaf_module(m, path)) and path not in self.searched_alone:
+            if (isinstance(m, torch.jit.ScriptModule) or path in self.opaque
+                    or hasattr(m, KEPT_MODULES)  # (rewritten before: what it left is named)
+                    or calls_hooks(m) and not super().is_leaf_module(m, path)) \
+                    and path not in self.searched_alone:
                 self.searched_alone.append(path)  # (a TorchScript module: its BNs named)
             return super().call_module(m, forward, args, kwargs)
         try:
             self.guards.extend((path, a, g) for a, v in check_forward(m).items()
                                if (g := baked(v)) is not None)
-            draws, containers = random_draws(m), HeldContainers.of(m)
+            draws, held = random_draws(m), HeldState.of(m)
             result = super().call_module(m, forward, args, kwargs)
             if random_draws(m) != draws:
                 raise Untraceable(_RANDOM_DRAWS)
-            if containers.changed():  # (the trace's own restores every one)
-                raise Untraceable(_changes(f"{path}.{containers.changed()[0]}"))
+            if held.changed():  # (the trace's own gives every one back)
+                raise Untraceable(_changes(f"{path}.{held.changed()[0]}"))
             return result
         except Exception:
             self.failed_inside = self.failed_inside or path  # (the innermost sets it first)
@@ -141,7 +144,7 @@ class SiteTracer(fx.Tracer):
                        if (g := baked(v)) is not None]
         self.state = autograd_state()
         versions = _versions(root)
-        containers = HeldContainers.of(root)
+        held = HeldState.of(root)
         # The caller's random streams stay its own.
         with torch.random.fork_rng(devices=[]), random_streams_kept(root):
             draws = random_draws(root)
@@ -149,10 +152,10 @@ class SiteTracer(fx.Tracer):
                 try:
                     graph = super().trace(root, concrete_args)
                 finally:
-                    changed_containers = containers.changed()
-                    containers.restore()  # (tracing put proxies in them)
-            if changed_containers:
-                raise Untraceable(_changes(changed_containers[0]))
+                    held_changed = held.changed()
+                    held.restore()  # (tracing put proxies in them)
+            if held_changed:
+                raise Untraceable(_changes(held_changed[0]))
             self.guards += baked_values(root, reads)
             # Whose mode the graph took, and whose reads are not known (a TorchScript module)
             self.modes_read = {path for path, names in reads.items() if "training" in names}

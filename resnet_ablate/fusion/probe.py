@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .forward_facts import RandomStreams
+from .held_state import HeldState
 
 PROBE_SIDE = 32
 
@@ -29,9 +30,11 @@ def probe_input(like: torch.Tensor, channels: int, side: int, batch: int = 2) ->
 def evaluating(*modules: nn.Module) -> Iterator[None]:
     """Within: every module in eval mode and no gradients; after, each module's mode restored and
     each buffer that a forward changed in place (a call counter, which eval mode does not stop)
-    given its values back, so a check changes no state."""
+    given its values back, and what the modules hold beside (a list a forward appends to, a
+    tensor it counts in: held_state.py) as it was, so a check changes no state."""
     modes = {m: m.training for module in modules for m in module.modules()}
     buffers = {id(b): (b, b._version, b.clone()) for module in modules for b in module.buffers()}
+    held = [HeldState.of(module) for module in modules]
     try:
         for module in modules:
             module.eval()
@@ -44,6 +47,8 @@ def evaluating(*modules: nn.Module) -> Iterator[None]:
             for buffer, version, values in buffers.values():
                 if buffer._version != version:
                     buffer.copy_(values)
+        for state in held:
+            state.restore()
 
 
 def changed_in_place(given: torch.Tensor, left: torch.Tensor, other: torch.Tensor) -> bool:

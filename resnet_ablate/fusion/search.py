@@ -116,7 +116,10 @@ def _scan_called_as_they_are(module: nn.Module, name: str, found: dict[str, list
         bn = module.get_submodule(path) if _holds(module, path) else None
         if isinstance(bn, _BatchNorm) and not isinstance(bn, (FusedBatchNorm2d, FusedForward)) \
                 and qualified(name, path) not in named:
-            result.skipped.append(SkippedBlock(qualified(name, path), why))
+            # (what made it so may have changed since: a hook removed)
+            result.skipped.append(SkippedBlock(qualified(name, path), (
+                f"left unfused by an earlier fuse ({why}); unfuse(model), then fuse(model) fuses "
+                "it as it is now")))
 
 
 def _holds(module: nn.Module, path: str) -> bool:
@@ -136,7 +139,7 @@ def remember_left(model: nn.Module, skipped: list[SkippedBlock]) -> None:
         owner = next((o for o in owners if inside(site.name, o)), None)
         if owner is not None:
             left = vars(model.get_submodule(owner)).setdefault(LEFT_BELOW, {})
-            left[relative(site.name, owner)] = site.reason
+            left.setdefault(relative(site.name, owner), site.reason)  # (the first fuse's why)
 
 
 def _traced_to_search(module: nn.Module) -> tuple[fx.Graph, Any]:

@@ -93,6 +93,14 @@ def calls_hooks(module: nn.Module) -> bool:
                 or module._backward_pre_hooks)
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """Whether `module` has hooks of any kind, its state_dict's included: a module replaced by
+    its fused twin would lose them."""
+    return calls_hooks(module) or bool(
+        module._state_dict_hooks or module._state_dict_pre_hooks
+        or module._load_state_dict_pre_hooks or module._load_state_dict_post_hooks)
+
+
 def fused_epilogue(bn: nn.Module, x: torch.Tensor, identity: torch.Tensor | None = None,
                    activation: nn.Module | None = None) -> torch.Tensor:
     """relu(bn(x) [+ identity]) through a fused BN, in one op, as the unfused block computes it;

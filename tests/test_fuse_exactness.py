@@ -267,6 +267,45 @@ def test_a_forward_changing_what_its_module_holds_is_not_rewritten_and_fuse_leav
     assert _contents(model.held) == _contents(reference.held)
 
 
+class _RefusesClear(list):
+    def clear(self):
+        raise RuntimeError("clear refused")
+
+
+class _LogsSets(dict):
+    def __setitem__(self, key, value):
+        self.log.append(key)
+        super().__setitem__(key, value)
+
+
+class _HoldsUnusualThings(nn.Module):
+    """Holds an inference-mode tensor (no version counter), a list whose clear() refuses and a
+    dict that logs each item set, and appends to the list in its forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, C, 3), nn.BatchNorm2d(C)
+        with torch.inference_mode():
+            self.table = torch.ones(C)
+        self.seen, self.settings = _RefusesClear(), _LogsSets(a=1)
+        self.settings.log = []
+
+    def forward(self, x):
+        self.seen.append(x.shape[0])
+        return F.relu(self.bn(self.conv(x))) * self.table.view(1, -1, 1, 1).clone()
+
+
+def test_what_a_module_holds_is_watched_without_its_own_methods_and_without_version_counters():
+    """Watching what a module holds read an inference tensor's version counter (the probe then
+    failed, naming the model's forward), gave a list back through a clear() that raised (a proxy
+    left in it), and copied a dict through its __setitem__ (an audit). The forward that appends
+    is refused, the list is given back, and nothing of the dict's is called."""
+    model = _HoldsUnusualThings()
+    report, _ = _fused(model, example_input=torch.randn(2, 3, 8, 8))
+    assert report.sites == () and "changes seen, held by a module" in report.skipped[0].reason
+    assert list(model.seen) == [] and model.settings.log == []
+
+
 class _DropoutHead(nn.Module):
     """timm's head with drop_rate > 0: the forward branches on self.training (F.dropout's flag,
     and a scale in training only), around a stem BN + ReLU and a block's BN + add + ReLU."""

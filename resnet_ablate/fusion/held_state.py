@@ -12,9 +12,10 @@ trace and never after fusing).
 
 from __future__ import annotations
 
-import copy
+import collections
+import itertools
 import types
-from collections.abc import MutableMapping, MutableSequence, MutableSet
+from collections.abc import Iterator, MutableMapping, MutableSequence, MutableSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,8 @@ class HeldState:
             if id(value) in seen or depth > _DEEPEST or budget[0] <= 0:
                 return
             if isinstance(value, torch.Tensor):
+                if value.is_inference():  # (no version counter: made to stay as it is)
+                    return
                 seen.add(id(value))
                 values = value.detach().clone() if value.numel() <= _SMALL else None
                 tensors.append((where, value, value._version, values))
@@ -56,8 +59,8 @@ class HeldState:
                 return  # (a module's own state is watched where it is a submodule)
             seen.add(id(value))
             if isinstance(value, _MUTABLE):
-                containers.append((where, value, copy.copy(value)))
-            for key, item in _items(value):
+                containers.append((where, value, _plain_copy(value)))
+            for key, item in itertools.islice(_items(value), max(budget[0], 0)):
                 budget[0] -= 1
                 visit(f"{where}[{key!r}]", item, depth + 1)
 
@@ -73,49 +76,67 @@ class HeldState:
                 + [where for where, tensor, version, _ in self.tensors
                    if tensor._version != version])
 
-    def restore(self) -> None:
+    def restore(self) -> list[str]:
         """Each container its items back, and each changed tensor its values where they were
-        kept (a larger one stays as it was left)."""
-        for _, now, then in self.containers:
+        kept (a larger one stays as it was left); where a container would not take them back (a
+        class of the user's refusing it), where and why."""
+        failed = []
+        for where, now, then in self.containers:
             if not _same_items(now, then):
-                _refill(now, then)
+                try:
+                    _refill(now, then)
+                except Exception as error:  # noqa: BLE001 - the user's class: any failure
+                    failed.append(f"{where} ({type(error).__name__}: {error})")
         with torch.no_grad():
             for _, tensor, version, values in self.tensors:
                 if tensor._version != version and values is not None:
                     tensor.copy_(values)
+        return failed
 
 
-def _items(value: Any) -> list[tuple[Any, Any]]:
+def _plain_copy(value: Any) -> Any:
+    """The items of `value` in a builtin container of its kind, its keys' order kept (read, not
+    rebuilt: `copy.copy` of a dict subclass calls its __setitem__ for each item)."""
     if isinstance(value, types.SimpleNamespace):
-        return list(vars(value).items())
+        return dict(vars(value))
     if isinstance(value, MutableMapping):
-        return list(value.items())
-    return list(enumerate(value))
+        return dict(value.items())
+    return set(value) if isinstance(value, MutableSet) else list(value)
+
+
+def _items(value: Any) -> Iterator[tuple[Any, Any]]:
+    if isinstance(value, types.SimpleNamespace):
+        return iter(vars(value).items())
+    return iter(value.items()) if isinstance(value, MutableMapping) else enumerate(value)
 
 
 def _same_items(now: Any, then: Any) -> bool:
     """Whether a container holds the very items it held (by identity: a proxy's `==` would be
-    traced)."""
+    traced); `then` is its `_plain_copy`."""
     if isinstance(now, types.SimpleNamespace):
-        now, then = vars(now), vars(then)
+        now = vars(now)
     if isinstance(now, MutableMapping):
-        return [id(k) for k in now] == [id(k) for k in then] and all(
-            now[k] is then[k] for k in then)
+        items = list(now.items())
+        return [id(k) for k, _ in items] == [id(k) for k in then] and all(
+            v is then[k] for k, v in items)
     if isinstance(now, MutableSet):
         return {id(x) for x in now} == {id(x) for x in then}
     return len(now) == len(then) and all(a is b for a, b in zip(now, then))
 
 
 def _refill(now: Any, then: Any) -> None:
+    """`now` given the items of `then` (its `_plain_copy`): by its own methods, or where they
+    refuse (a subclass's clear() that raises), by its builtin type's."""
     if isinstance(now, types.SimpleNamespace):
         vars(now).clear()
-        vars(now).update(vars(then))
-    elif isinstance(now, MutableMapping):
+        vars(now).update(then)
+        return
+    try:
         now.clear()
-        now.update(then)
-    elif isinstance(now, MutableSet):
-        now.clear()
-        now |= then
-    else:
-        now.clear()
-        now.extend(then)
+        now.update(then) if isinstance(now, (MutableMapping, MutableSet)) else now.extend(then)
+    except Exception:
+        base = next((b for b in (list, collections.deque, dict, set) if isinstance(now, b)), None)
+        if base is None:
+            raise
+        base.clear(now)
+        base.update(now, then) if base in (dict, set) else base.extend(now, then)

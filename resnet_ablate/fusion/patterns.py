@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..blocks import BasicBlock, Bottleneck, calls_hooks
+from ..blocks import BasicBlock, Bottleneck, calls_hooks, has_hooks
 from ..kernels import FusedBatchNorm2d
 from ..models import ResNet
 from .arguments import Fixed, as_declared, concrete_args
@@ -153,7 +153,10 @@ class SiteTracer(fx.Tracer):
                     graph = super().trace(root, concrete_args)
                 finally:
                     held_changed = held.changed()
-                    held.restore()  # (tracing put proxies in them)
+                    kept = held.restore()  # (tracing put proxies in them)
+            if kept:
+                raise Untraceable(f"{_changes(held_changed[0])}, and fuse could not give "
+                                  f"{kept[0]} its items back: check it for proxies")
             if held_changed:
                 raise Untraceable(_changes(held_changed[0]))
             self.guards += baked_values(root, reads)
@@ -173,14 +176,6 @@ def _versions(module: nn.Module) -> dict[str, int]:
     """Each parameter's and buffer's version counter, which every in-place change moves."""
     return {name: t._version for name, t in (*module.named_parameters(),
                                              *module.named_buffers())}
-
-
-def has_hooks(module: nn.Module) -> bool:
-    """Whether `module` has hooks of any kind, its state_dict's included: a module replaced by
-    its fused twin would lose them."""
-    return calls_hooks(module) or bool(
-        module._state_dict_hooks or module._state_dict_pre_hooks
-        or module._load_state_dict_pre_hooks or module._load_state_dict_post_hooks)
 
 
 def trace(module: nn.Module, through: Collection[str] | None = None) -> fx.Graph:

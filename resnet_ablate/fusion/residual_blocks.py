@@ -24,12 +24,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..blocks import BasicBlock, Bottleneck, fuse_block_, fused_in_place
+from ..blocks import BasicBlock, Bottleneck, fuse_block_, fused_in_place, has_hooks
 from ..kernels import FusedBatchNorm2d
 from ..models import ResNet
 from .forward_facts import KEPT_MODULES, random_draws, random_streams_kept
 from .library_blocks import become, remember
-from .patterns import has_hooks
 from .probe import beyond_tolerance, changed_in_place, evaluating, probe_input
 from .reads import MODULE_OWN
 from .records import FusedSite, SkippedBlock, qualified

@@ -30,7 +30,7 @@ import pickle
 import random
 import textwrap
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,9 +208,13 @@ class RandomStreams:
     held: tuple[tuple[Any, Any], ...]
 
     @classmethod
-    def of(cls, module: nn.Module) -> RandomStreams:
+    def of(cls, module: nn.Module | None) -> RandomStreams:
+        return cls._taken(held_generators(module))
+
+    @classmethod
+    def _taken(cls, generators: Iterable[Any]) -> RandomStreams:
         return cls(torch.get_rng_state(), random.getstate(), np.random.get_state(),
-                   tuple((g, _state_of(g)) for g in held_generators(module)))
+                   tuple((g, _state_of(g)) for g in generators))
 
     def _restore(self) -> None:
         torch.set_rng_state(self.torch_state)
@@ -222,8 +226,7 @@ class RandomStreams:
     @contextlib.contextmanager
     def replayed(self) -> Iterator[None]:
         """The block run from these streams; the caller's as they were after it."""
-        now = RandomStreams(torch.get_rng_state(), random.getstate(), np.random.get_state(),
-                            tuple((g, _state_of(g)) for g, _ in self.held))
+        now = RandomStreams._taken(g for g, _ in self.held)
         self._restore()
         try:
             yield
@@ -234,17 +237,13 @@ class RandomStreams:
 @contextlib.contextmanager
 def random_streams_kept(module: nn.Module | None = None) -> Iterator[None]:
     """Python's and numpy's global random streams, and the generators `module` holds, as they
-    were before the block (torch's global one: `torch.random.fork_rng`): a forward traced draws
-    from them, which the caller's own draws must not feel."""
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    held = [(g, _state_of(g)) for g in held_generators(module)]
+    were before the block (and torch's CPU one; its others: `torch.random.fork_rng`): a forward
+    traced draws from them, which the caller's own draws must not feel."""
+    taken = RandomStreams.of(module)
     try:
         yield
     finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-        for generator, state in held:
-            _set_state(generator, state)
+        taken._restore()
 
 
 Guards = tuple[tuple[str, str, Baked], ...]  # (submodule path from the owner, attribute, value)

@@ -125,8 +125,9 @@ class SiteTracer(fx.Tracer):
             result = super().call_module(m, forward, args, kwargs)
             if random_draws(m) != draws:
                 raise Untraceable(_RANDOM_DRAWS)
-            if held.changed():  # (the trace's own gives every one back)
-                raise Untraceable(_changes(f"{path}.{held.changed()[0]}"))
+            changed = held.changed()
+            if changed:  # (the trace's own gives every one back)
+                raise Untraceable(_changes(f"{path}.{changed[0]}"))
             return result
         except Exception:
             self.failed_inside = self.failed_inside or path  # (the innermost sets it first)

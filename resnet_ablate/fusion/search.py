@@ -113,7 +113,7 @@ def _scan_called_as_they_are(module: nn.Module, name: str, found: dict[str, list
     below(module, "")
     named = {s.name for s in result.skipped}
     for path, why in getattr(module, LEFT_BELOW, {}).items():  # (its own trace's refusals)
-        bn = module.get_submodule(path) if _holds(module, path) else None
+        bn = _submodule_or_none(module, path)
         if isinstance(bn, _BatchNorm) and not isinstance(bn, (FusedBatchNorm2d, FusedForward)) \
                 and qualified(name, path) not in named:
             # (what made it so may have changed since: a hook removed)
@@ -122,12 +122,11 @@ def _scan_called_as_they_are(module: nn.Module, name: str, found: dict[str, list
                 "it as it is now")))
 
 
-def _holds(module: nn.Module, path: str) -> bool:
+def _submodule_or_none(module: nn.Module, path: str) -> nn.Module | None:
     try:
-        module.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
+        return module.get_submodule(path)
+    except AttributeError:  # (gone since)
+        return None
 
 
 def remember_left(model: nn.Module, skipped: list[SkippedBlock]) -> None:

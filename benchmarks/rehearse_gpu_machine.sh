@@ -27,7 +27,9 @@ python_3_12() {  # a Python 3.12 that runs: on the PATH, or one that pyenv keeps
     echo python3
 }
 [ -x "$venv/bin/python" ] || "$(python_3_12)" -m venv "$venv"
-# The file pins torch and Triton: an unpinned torch would pull the newest build.
-"$venv/bin/python" -m pip install --quiet -r benchmarks/gpu_machine.txt
+# The file pins torch and Triton: an unpinned torch would pull the newest build. --no-compile:
+# pip byte-compiles every file it installs (5 GB, CUDA libraries included), 105 s of CPU where the
+# install takes 52 s without; the rehearsal imports a small part of it, compiled as imported.
+"$venv/bin/python" -m pip install --quiet --no-compile -r benchmarks/gpu_machine.txt
 "$venv/bin/python" -c "import sys, torch, triton; print('gpu-machine rehearsal: python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__)"
 $setup_only || PYTHON="$venv/bin/python" exec bash benchmarks/gpu_check.sh --rehearse

@@ -305,7 +305,8 @@ def test_a_killed_replica_resumes_the_trial_from_its_last_checkpoint(local_ray, 
     driver.start()
     storage = tmp_path / "dp-killed.checkpoints"
     killed = None
-    # (Ray Train's start alone takes about a minute on a loaded machine: 120 s fell short once.)
+    # (Ray Train's start takes minutes on a loaded machine: with three test processes the wait
+    # once ended without a kill at 120 s. The message says what ended it.)
     deadline = time.monotonic() + 300
     while killed is None and time.monotonic() < deadline and driver.is_alive():
         pids = own_ray_processes(b"ray::RayTrainWorker")

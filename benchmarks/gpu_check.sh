@@ -56,7 +56,7 @@ out=$(cd "$out" && pwd)
 if [ -n "$pack" ] && [ "$(mkdir -p "$pack" && cd "$pack" && pwd)" = "$out" ]; then
     echo "gpu_check: --pack-into $pack is \$OUT itself; name another folder" >&2; exit 2
 fi
-# A rehearsal that shares its CPUs (CI runs it beside the tests, at the lowest priority) may run
+# A rehearsal that shares its CPUs (CI runs it beside the tests) may run
 # several times slower without hanging: GPU_CHECK_SLOWDOWN=N gives the budget and every step's
 # limit N times their seconds (only a rehearsal: a lease's limits are the device's).
 slowdown=${GPU_CHECK_SLOWDOWN:-1}

@@ -4,6 +4,7 @@ inputs; and lookalike blocks the block path must leave to the graph path. Each a
 copy of the model left unfused (outputs, gradients, behaviour), as the other fuse tests."""
 
 import collections
+import collections.abc
 import copy
 import random
 import types
@@ -304,6 +305,70 @@ def test_what_a_module_holds_is_watched_without_its_own_methods_and_without_vers
     report, _ = _fused(model, example_input=torch.randn(2, 3, 8, 8))
     assert report.sites == () and "changes seen, held by a module" in report.skipped[0].reason
     assert list(model.seen) == [] and model.settings.log == []
+
+
+class _Log(collections.abc.MutableSequence):
+    """A sequence of the user's with no builtin type beneath: nothing but its own methods gives
+    its items back, and its clear() refuses."""
+
+    def __init__(self):
+        self.items = []
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+    def __setitem__(self, i, value):
+        self.items[i] = value
+
+    def __delitem__(self, i):
+        raise RuntimeError("the log only grows")
+
+    def __len__(self):
+        return len(self.items)
+
+    def insert(self, i, value):
+        self.items.insert(i, value)
+
+
+class _Logged(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.log = _Log()
+        self.register_forward_hook(lambda module, args, output: None)  # (a call, not traced)
+
+    def forward(self, x):
+        self.log.append(x.shape[0])
+        return x
+
+
+class _Logs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, C, 3), nn.BatchNorm2d(C), _Logged()
+
+    def forward(self, x):
+        return self.head(F.relu(self.bn(self.conv(x))))
+
+
+def test_a_container_that_refuses_its_items_back_after_a_check_is_named_in_a_warning():
+    """fuse traces a forward and runs checks on real tensors, giving back what they appended;
+    where a container refused (its own methods only, and they raise), the trace of the hooked
+    module on its own (searched for BatchNorms below it) left a proxy in it, and the checks their
+    items, both in silence. The site still fuses, and warnings name the container and what it
+    keeps."""
+    model = _Logs()
+    reference = copy.deepcopy(model)
+    report, messages = _fused(model, example_input=torch.randn(2, 3, 8, 8))
+    assert [s.batch_norm for s in report.sites] == ["bn"]
+    kept = list(model.head.log)  # (a proxy's == would be traced: read by type)
+    assert [type(i).__name__ for i in kept if isinstance(i, torch.fx.Proxy)] == ["_AugmentingProxy"]
+    assert [i for i in kept if not isinstance(i, torch.fx.Proxy)] == [2, 2]
+    traced = [m for m in messages if "tracing proxy" in m]
+    assert len(traced) == 1 and "_Logged" in traced[0] and "log (RuntimeError" in traced[0]
+    checked = [m for m in messages if "a check of fuse" in m]
+    assert checked and all("head.log" in m for m in checked), messages
+    x = torch.randn(3, 3, 8, 8)
+    torch.testing.assert_close(model(x), reference(x))
 
 
 class _DropoutHead(nn.Module):

@@ -29,7 +29,7 @@ from .forward_facts import (KEPT_MODULES, Untraceable, autograd_state, check_for
 from .held_state import HeldState
 from .norm_act import acts_as_batch_norm
 from .reads import Baked, baked, baked_values, recorded_reads
-from .records import Pattern
+from .records import FuseWarning, Pattern
 
 # Traced as single calls, never into: the fused BN (its forward is the op itself) and this
 # package's blocks and models, which the module-level path fuses.
@@ -155,7 +155,11 @@ class SiteTracer(fx.Tracer):
                 finally:
                     held_changed = held.changed()
                     kept = held.restore()  # (tracing put proxies in them)
-            if kept:
+            if kept:  # (said here too: a module with no BatchNorm below reports no refusal)
+                warnings.warn(f"fuse traced the forward of {type(root).__name__}, and could not "
+                              f"give {kept[0]} its items back: it holds a tracing proxy, which "
+                              "the model's next forward may trip on; take it out", FuseWarning,
+                              stacklevel=2)
                 raise Untraceable(f"{_changes(held_changed[0])}, and fuse could not give "
                                   f"{kept[0]} its items back: check it for proxies")
             if held_changed:

@@ -6,6 +6,7 @@ the probe batch (`inputs_on_probe`), which the rewrite must reproduce."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from .forward_facts import RandomStreams
 from .held_state import HeldState
+from .records import FuseWarning
 
 PROBE_SIDE = 32
 
@@ -31,7 +33,9 @@ def evaluating(*modules: nn.Module) -> Iterator[None]:
     """Within: every module in eval mode and no gradients; after, each module's mode restored and
     each buffer that a forward changed in place (a call counter, which eval mode does not stop)
     given its values back, and what the modules hold beside (a list a forward appends to, a
-    tensor it counts in: held_state.py) as it was, so a check changes no state."""
+    tensor it counts in: held_state.py) as it was, so a check changes no state. Where a container
+    of the user's refuses its items back (its own clear() raising, no builtin type beneath), it
+    keeps what the check's forward added, and a FuseWarning says where."""
     modes = {m: m.training for module in modules for m in module.modules()}
     buffers = {id(b): (b, b._version, b.clone()) for module in modules for b in module.buffers()}
     held = [HeldState.of(module) for module in modules]
@@ -47,8 +51,11 @@ def evaluating(*modules: nn.Module) -> Iterator[None]:
             for buffer, version, values in buffers.values():
                 if buffer._version != version:
                     buffer.copy_(values)
-        for state in held:
-            state.restore()
+        refused = [where for state in held for where in state.restore()]
+        if refused:
+            warnings.warn(f"a check of fuse ran the model's forward and could not give "
+                          f"{refused[0]} its items back: it keeps what that forward added "
+                          f"({len(refused)} container(s) in all)", FuseWarning, stacklevel=3)
 
 
 def changed_in_place(given: torch.Tensor, left: torch.Tensor, other: torch.Tensor) -> bool:

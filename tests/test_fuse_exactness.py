@@ -202,8 +202,9 @@ def test_fusing_again_names_a_batch_norm_left_in_a_rewritten_forward(how):
     again, messages = _fused(model, example_input=torch.randn(2, 3, 8, 8))
     assert [s.batch_norm for s in first.sites] == ["bn"] and first.rewritten == ("",)
     assert [s.name for s in first.skipped] == [s.name for s in again.skipped] == ["bn2"]
-    assert again.skipped[0].reason == (f"left unfused by an earlier fuse ({first.skipped[0].reason})"
-                                       "; unfuse(model), then fuse(model) fuses it as it is now")
+    assert again.skipped[0].reason == (
+        f"left unfused by an earlier fuse ({first.skipped[0].reason}); if that has changed, "
+        "unfuse(model), then fuse(model) decides anew")
     assert "bn2" in messages[0]
     assert _fused(model, example_input=torch.randn(2, 3, 8, 8))[0].skipped == again.skipped
     with pytest.raises(ValueError, match="bn2"):
@@ -217,6 +218,57 @@ def test_fusing_again_names_a_batch_norm_left_in_a_rewritten_forward(how):
     assert [s.name for s in inside.skipped] == ["0.bn2"]
 
 
+class _XceptionModule(nn.Module):
+    """timm's XceptionModule as it starts with a ReLU: its sum goes on to the next module, whose
+    stack's first layer is a ReLU, and, as the next one's shortcut, to another add."""
+
+    def __init__(self, projects: bool):
+        super().__init__()
+        self.shortcut = nn.Sequential(nn.Conv2d(C, C, 1), nn.BatchNorm2d(C)) if projects else None
+        self.stack = nn.Sequential(nn.ReLU(), nn.Conv2d(C, C, 3, padding=1), nn.BatchNorm2d(C),
+                                   nn.ReLU(), nn.Conv2d(C, C, 3, padding=1), nn.BatchNorm2d(C))
+
+    def forward(self, x):
+        return self.stack(x) + (self.shortcut(x) if self.shortcut is not None else x)
+
+
+def test_fusing_again_names_a_site_whose_relu_a_rewritten_forward_now_hides():
+    """The first fuse leaves both BNs of a sum used twice (xception's), and rewrites the stacks'
+    forwards. A second fuse calls the next stack rather than reading it, so no ReLU follows the
+    sum any more: the shortcut's BN, below no rewritten forward, went unnamed (an audit: timm's
+    xception41 named 14 BNs, then 11), and strict=True let it pass. Each is named again, with
+    the first reason; unfuse forgets it, and fuse then decides anew."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(_XceptionModule(True), _XceptionModule(False)),
+                          nn.Conv2d(C, 3, 1))
+    x = torch.randn(2, C, 8, 8)
+    first, _ = _fused(model, example_input=x)
+    left = {"0.0.stack.5", "0.0.shortcut.1"}
+    assert {s.name for s in first.skipped} == left and first.rewritten == ("0.0.stack", "0.1.stack")
+    again, _ = _fused(model, example_input=x)
+    assert {s.name: s.reason for s in again.skipped} == {
+        s.name: f"left unfused by an earlier fuse ({s.reason}); if that has changed, "
+                "unfuse(model), then fuse(model) decides anew" for s in first.skipped}
+    with pytest.raises(ValueError, match=r"0\.0\.shortcut\.1"):
+        fuse(model, strict=True, example_input=x)
+    unfuse(model)
+    assert all(not any(name.startswith("_fused") for name in vars(m)) for m in model.modules())
+    assert _fused(model, example_input=x)[0].skipped == first.skipped
+
+
+class _FeatureHooks:
+    """timm's FeatureHooks as its features_only models call it: outputs kept by device, handed
+    over and emptied by the forward."""
+
+    def __init__(self):
+        self.outputs = collections.defaultdict(collections.OrderedDict)
+
+    def get_output(self, device):
+        output = self.outputs[device]
+        self.outputs[device] = collections.OrderedDict()
+        return output
+
+
 class _Holds(nn.Module):
     """A BN + ReLU whose forward also changes what the module holds (`how`)."""
 
@@ -225,7 +277,8 @@ class _Holds(nn.Module):
         self.conv, self.bn, self.how = nn.Conv2d(3, C, 3), nn.BatchNorm2d(C), how
         self.held = {"deque": collections.deque(), "OrderedDict": collections.OrderedDict(),
                      "list in a dict": {"feats": []}, "namespace": types.SimpleNamespace(n=0),
-                     "tensor": torch.zeros(())}[how]
+                     "tensor": torch.zeros(()), "a helper's dict": _FeatureHooks(),
+                     "a helper's attribute": _FeatureHooks()}[how]
 
     def forward(self, x):
         y = F.relu(self.bn(self.conv(x)))
@@ -237,6 +290,10 @@ class _Holds(nn.Module):
             self.held["feats"].append(y.mean())
         elif self.how == "namespace":
             self.held.last = y.mean()
+        elif self.how == "a helper's dict":
+            self.held.get_output(y.device)
+        elif self.how == "a helper's attribute":
+            self.held.last = y.mean()
         else:
             self.held.add_(1)
         return y
@@ -245,24 +302,33 @@ class _Holds(nn.Module):
 def _contents(held):
     if isinstance(held, torch.Tensor):
         return [held.item()]
+    if isinstance(held, _FeatureHooks):
+        return [[type(k).__name__ for k in held.outputs], _contents(vars(held))]
     items = vars(held).values() if isinstance(held, types.SimpleNamespace) else \
         held["feats"] if isinstance(held, dict) and "feats" in held else \
         held.values() if isinstance(held, dict) else held
     return [type(v).__name__ for v in items]
 
 
-@pytest.mark.parametrize("how", ["deque", "OrderedDict", "list in a dict", "namespace", "tensor"])
+@pytest.mark.parametrize("how", ["deque", "OrderedDict", "list in a dict", "namespace", "tensor",
+                                 "a helper's dict", "a helper's attribute"])
 def test_a_forward_changing_what_its_module_holds_is_not_rewritten_and_fuse_leaves_it_so(how):
     """Only a list, dict or set held as an attribute was watched: a forward appending to a deque,
     an OrderedDict, a list in a dict or a namespace, or counting in a tensor, was rewritten,
     proxies were left in the user's container (the counter bumped by the trace), and the fused
-    model appended nothing (an audit). Such a forward is refused, and fuse (its trace and its
-    probe batch) leaves what the module holds as it found it."""
+    model appended nothing (an audit); so was one calling a helper object of its own that
+    changes its dict (timm's feature hooks: a proxy key left, which broke deep copies) or sets
+    an attribute on it. Such a forward is refused, naming what it changes, and fuse (its trace
+    and its probe batch) leaves what the module holds as it found it."""
     model = _Holds(how)
     reference = copy.deepcopy(model)
     report, _ = _fused(model, example_input=torch.randn(2, 3, 8, 8))
     assert report.sites == () and "held by a module" in report.skipped[0].reason
+    if how.startswith("a helper"):
+        changed = "held.outputs" if how.endswith("dict") else "held"  # (given an attribute)
+        assert f"changes {changed}, held by a module" in report.skipped[0].reason
     assert _contents(model.held) == _contents(reference.held)
+    copy.deepcopy(model)  # (no proxy left to refuse it)
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(model(x), reference(x))
     assert _contents(model.held) == _contents(reference.held)
@@ -597,7 +663,8 @@ class Masked(nn.Module):
 def test_guards_follow_copies_live_tensors_and_objects_fields():
     """A deep copy (an EMA model) runs; a tensor attribute replaced is read as it is now, as
     the unfused forward reads it; a settings object's field is compared though another field
-    has no snapshot; a NaN setting equals itself."""
+    has no snapshot, and named where it changed (an audit saw the object's repr twice, the same,
+    and no field); a NaN setting equals itself."""
     torch.manual_seed(0)
     model = Masked()
     reference = copy.deepcopy(model)
@@ -610,7 +677,9 @@ def test_guards_follow_copies_live_tensors_and_objects_fields():
         network.extra["unset"] = float("nan")
     torch.testing.assert_close(model.eval()(x), reference.eval()(x))
     model.settings.scale = 0.5
-    with pytest.raises(StaleForward, match=r"settings is .*, but .* when it was"):
+    # (the object is the one baked in, its repr the same: the field that changed is named)
+    with pytest.raises(StaleForward, match=r"settings is <.*Settings object .*> \(its scale "
+                                           r"changed\), but .* when it was"):
         model(x)
 
 

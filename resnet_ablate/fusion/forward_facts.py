@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .arguments import Fixed, holds
-from .reads import Baked, held_value, shown
+from .reads import Baked, changed_field, held_value, shown
 from .records import FuseWarning
 
 # The values the source check takes from a forward's own `self.<name>` reads: scalars only, as a
@@ -288,9 +288,11 @@ def guarded(forward: Callable[..., Any], guards: Guards, fixed: Sequence[Fixed] 
             now = held_value(module, attr, _MISSING)
             if not expected.holds(now):
                 where = f"{path}.{attr}" if path else attr
+                field = changed_field(expected, now)
                 raise StaleForward(
                     f"{type(self).__name__}.{where} is "
-                    f"{'gone' if now is _MISSING else shown(now)}, but resnet_ablate.fuse rewrote "
+                    f"{'gone' if now is _MISSING else shown(now)}"
+                    f"{f' (its {field} changed)' if field else ''}, but resnet_ablate.fuse rewrote "
                     f"this forward when it was {expected.shown} and baked that value in: call "
                     "resnet_ablate.unfuse(model), set it, then fuse(model) again")
         for parts, kind, names, absorbed in getattr(self, KEPT_MODULES, ()):

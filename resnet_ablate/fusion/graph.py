@@ -33,8 +33,8 @@ from .patterns import Site, find_sites, residual_batch_norm, traced
 from .probe import changed_inputs, cloned, evaluating, inputs_on_probe, mismatch
 from .records import FusedSite, SkippedBlock, qualified
 from .rewrite import added_into_then_relu, added_then_relu, rewrite
-from .search import (Found, GraphResult, in_mode, inside, merged_owners, relative, remember_left,
-                     scan)
+from .search import (Found, GraphResult, in_mode, inside, merged_owners, name_left_again, relative,
+                     remember_left, scan)
 
 def _forward_of(graph: fx.Graph) -> Callable[..., Any]:
     code = graph.python_code(root_module="self")
@@ -211,6 +211,8 @@ def fuse_graphs(model: nn.Module, example_input: Any = None) -> GraphResult:
     result = GraphResult()
     found: dict[str, list[Found]] = {}
     scan(model, "", found, result)
+    if not hasattr(model, KEPT_MODULES):  # (a rewritten model's own are named by its scan)
+        name_left_again(model, "", result)
     owners = merged_owners(found)
     inputs, failure = inputs_on_probe(model, list(owners), example_input) if owners else ({}, None)
     for owner, through in owners.items():

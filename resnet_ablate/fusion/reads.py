@@ -101,12 +101,35 @@ def _field(value: Any, depth: int, budget: list[int]) -> Any:
         return _OPAQUE
 
 
+# What has a __dict__ that is not its state: modules (their own state is what they hold), tensors,
+# classes, functions and Python modules.
+NOT_PLAIN = (nn.Module, torch.Tensor, type, types.FunctionType, types.MethodType, types.ModuleType,
+             functools.partial)
+
+
 def _plain_object(value: Any) -> bool:
     """An instance of a plain Python class (a config object, a dataclass): its attributes are
     its state."""
-    return (hasattr(value, "__dict__") and not isinstance(
-        value, (nn.Module, torch.Tensor, type, types.FunctionType, types.MethodType,
-                types.ModuleType, functools.partial)) and not callable(value))
+    return hasattr(value, "__dict__") and not isinstance(value, NOT_PLAIN) and not callable(value)
+
+
+def changed_field(baked: Baked, now: Any) -> str | None:
+    """Where `now` is a dict, namespace or plain object of the baked value's type, the first key
+    or field whose value is not the baked one's (a message would otherwise show an object's
+    repr twice, unchanged); None elsewhere."""
+    if not isinstance(now, (dict, types.SimpleNamespace)) and not _plain_object(now):
+        return None
+    try:
+        kind, items = snapshot(now)
+    except _NoSnapshot:
+        return None
+    if kind is not baked.snapshot[0]:
+        return None
+    before, after = dict(baked.snapshot[1]), dict(items)
+    for key in [*before, *(k for k in after if k not in before)]:
+        if before.get(key, _OPAQUE) != after.get(key, _OPAQUE) or key not in after:
+            return repr(key[1]) if isinstance(now, dict) else key
+    return None
 
 
 def baked(value: Any) -> Baked | None:

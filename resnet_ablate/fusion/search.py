@@ -111,15 +111,21 @@ def _scan_called_as_they_are(module: nn.Module, name: str, found: dict[str, list
                 scan(child, qualified(name, child_path), found, result)
 
     below(module, "")
+    name_left_again(module, name, result)  # (its own trace's refusals)
+
+
+def name_left_again(module: nn.Module, name: str, result: GraphResult) -> None:
+    """The sites an earlier fuse left and remembered on `module` (`remember_left`), named again
+    where each is still an unfused BatchNorm that this fuse has not named."""
     named = {s.name for s in result.skipped}
-    for path, why in getattr(module, LEFT_BELOW, {}).items():  # (its own trace's refusals)
+    for path, why in getattr(module, LEFT_BELOW, {}).items():
         bn = _submodule_or_none(module, path)
         if isinstance(bn, _BatchNorm) and not isinstance(bn, (FusedBatchNorm2d, FusedForward)) \
                 and qualified(name, path) not in named:
             # (what made it so may have changed since: a hook removed)
             result.skipped.append(SkippedBlock(qualified(name, path), (
-                f"left unfused by an earlier fuse ({why}); unfuse(model), then fuse(model) fuses "
-                "it as it is now")))
+                f"left unfused by an earlier fuse ({why}); if that has changed, unfuse(model), "
+                "then fuse(model) decides anew")))
 
 
 def _submodule_or_none(module: nn.Module, path: str) -> nn.Module | None:
@@ -130,15 +136,20 @@ def _submodule_or_none(module: nn.Module, path: str) -> nn.Module | None:
 
 
 def remember_left(model: nn.Module, skipped: list[SkippedBlock]) -> None:
-    """Each site left unfused below a rewritten forward (rewritten now or before), kept on the
-    innermost such forward's module (`LEFT_BELOW`), for a later fuse to name again."""
+    """Each site left unfused, kept for a later fuse to name again (`LEFT_BELOW`): below a
+    rewritten forward (rewritten now or before), on the innermost such forward's module, which a
+    later fuse calls rather than traces; elsewhere, where some forward was rewritten, on the
+    model, since a later trace calls that forward and may no longer see what made the site (an
+    audit: xception's sum, used twice and then by a ReLU that begins a rewritten forward)."""
     owners = sorted((n for n, m in model.named_modules() if hasattr(m, KEPT_MODULES)),
                     key=lambda n: -len(n))
     for site in skipped:
         owner = next((o for o in owners if inside(site.name, o)), None)
-        if owner is not None:
-            left = vars(model.get_submodule(owner)).setdefault(LEFT_BELOW, {})
-            left.setdefault(relative(site.name, owner), site.reason)  # (the first fuse's why)
+        if owner is None and not owners:
+            continue  # (nothing rewritten: a later trace reads the same forwards)
+        holder, path = (model, site.name) if owner is None else \
+            (model.get_submodule(owner), relative(site.name, owner))
+        vars(holder).setdefault(LEFT_BELOW, {}).setdefault(path, site.reason)  # (the first why)
 
 
 def _traced_to_search(module: nn.Module) -> tuple[fx.Graph, Any]:

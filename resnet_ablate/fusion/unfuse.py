@@ -83,6 +83,7 @@ def unfuse(model: M) -> M:
                 module.relu = nn.ReLU(inplace=True)
             module.fused = False
             module.arch = module.arch.replace(fused=False)
+    vars(model).pop(LEFT_BELOW, None)  # (what a fuse left beside its rewritten forwards)
     left = [name for name, m in model.named_modules() if isinstance(m, FusedBatchNorm2d)]
     if left:
         raise ValueError(f"unfuse: {len(left)} FusedBatchNorm2d module(s) were not made by fuse nor "

@@ -26,7 +26,7 @@ from pathlib import Path
 
 INTEROP_WHEELS = Path(os.environ.get("RESNET_ABLATE_INTEROP_WHEELS",
                                      Path(__file__).resolve().parents[1] / ".cache" / "interop-wheels"))
-TORCHVISION_MODEL_FILES = ("vgg", "densenet", "regnet", "resnet")
+TORCHVISION_MODEL_FILES = ("vgg", "densenet", "regnet", "resnet", "googlenet")
 _loaded: dict[str, types.ModuleType] = {}  # what importing the real code added to sys.modules
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from reference_models import assert_same_training_step
 from resnet_ablate import FuseWarning, StaleForward, fuse, unfuse
 from resnet_ablate.kernels import FusedBatchNorm2d
 
@@ -435,6 +436,46 @@ def test_a_container_that_refuses_its_items_back_after_a_check_is_named_in_a_war
     assert checked and all("head.log" in m for m in checked), messages
     x = torch.randn(3, 3, 8, 8)
     torch.testing.assert_close(model(x), reference(x))
+
+
+class _AuxiliaryHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(C, C, 1), nn.BatchNorm2d(C), nn.Linear(C, 3)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+class _TrainsAnAuxiliaryHead(nn.Module):
+    """GoogLeNet's shape: a head called in training mode only, its loss added to the main one."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, C, 3), nn.BatchNorm2d(C)
+        self.aux, self.fc = _AuxiliaryHead(), nn.Linear(C, 3)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.conv(x)))
+        out = self.fc(y.mean((2, 3)))
+        return out + 0.3 * self.aux(y) if self.training else out
+
+
+def test_a_head_called_in_training_mode_only_is_probed_on_a_copy_in_that_mode():
+    """The eval-mode probe never reaches it ("the probe input never reached it", an audit of
+    GoogLeNet): it is probed on a copy in training mode, checked on what it receives there in
+    eval mode, and fused; the model's state and the caller's random stream are as they were."""
+    torch.manual_seed(0)
+    model = _TrainsAnAuxiliaryHead()
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 8, 8)
+    stream = torch.get_rng_state()
+    report, messages = _fused(model, example_input=x)
+    assert torch.equal(torch.get_rng_state(), stream) and messages == []
+    assert sorted(s.batch_norm for s in report.sites) == ["aux.bn", "bn"]
+    for name, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    assert_same_training_step(reference, model, x)
 
 
 class _DropoutHead(nn.Module):

@@ -126,6 +126,38 @@ def test_fuse_on_the_libraries_own_models_keeps_one_training_step_exact(libs, na
     torch.testing.assert_close(model.eval()(x), reference.eval()(x))
 
 
+class _AuxiliaryLossesSummed(nn.Module):
+    """GoogLeNet as a training loop uses it: in training mode its auxiliary heads' logits are
+    weighted into the main ones (the paper's 0.3), in eval mode the logits alone."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        out = self.net(x)
+        return out.logits + 0.3 * (out.aux_logits1 + out.aux_logits2) if self.training else out
+
+
+def test_googlenets_auxiliary_heads_that_run_in_training_only_are_fused(libs):
+    """The probe runs the model in eval mode, where GoogLeNet never calls its auxiliary heads:
+    their BN -> ReLU sites were left as "never reached" (an audit). Each head is probed on a
+    copy in training mode and checked as any site: every BN fuses, a training step exact."""
+    torch.manual_seed(0)
+    net = libs.torchvision["googlenet"].GoogLeNet(num_classes=10, aux_logits=True,
+                                                  init_weights=True)
+    model = _AuxiliaryLossesSummed(net)
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FuseWarning)
+        _, report = fuse(model, return_report=True, example_input=x)
+    heads = {s.batch_norm for s in report.sites if s.batch_norm.startswith(("net.aux1.", "net.aux2."))}
+    assert heads == {"net.aux1.conv.bn", "net.aux2.conv.bn"}
+    assert len(report.sites) == _batch_norms(reference) and report.skipped == ()
+    assert_same_training_step(reference, model, x)
+
+
 def test_seresnet_refuses_its_se_add_by_name_and_fuses_the_rest(libs):
     model, _ = _timm(libs, "bottleneck", block_args={"attn_layer": "se"})
     with pytest.warns(FuseWarning, match=r"layer1\.0: se is SEModule: it rescales the last BN's output"):
@@ -258,6 +290,44 @@ class _AddsToANormAct(nn.Module):
 
     def forward(self, x):
         return self.relu(self.bn(self.conv(x)) + x)
+
+
+class _StemUsedTwice(nn.Module):
+    """TResNet's stem: a norm-activation's output taken by a block's add and ReLU, and by its
+    shortcut."""
+
+    def __init__(self, norm_act: nn.Module):
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(8, 8, 3, padding=1), norm_act, nn.ReLU()
+        self.branch = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return self.relu(self.branch(y) + y) + y
+
+
+@pytest.mark.parametrize("shape", ["added", "used twice"])
+@pytest.mark.parametrize("act", [nn.LeakyReLU, nn.SiLU, nn.ReLU6])
+def test_a_norm_activation_with_its_own_activation_before_an_add_is_no_site(libs, act, shape):
+    """Its output is activated before the add and the ReLU see it: no BN -> add -> ReLU site.
+    It was named as a site left unfused ("it is BatchNormAct2d, not nn.BatchNorm2d", or in
+    TResNet's stem "its output is used 2 times"), where one without an activation fuses (an
+    audit)."""
+    torch.manual_seed(0)
+    norm_act = libs.timm.layers.BatchNormAct2d(8, act_layer=act)
+    if shape == "added":
+        net = _AddsToANormAct(libs.timm.layers.BatchNormAct2d)
+        net.bn = norm_act
+    else:
+        net = _StemUsedTwice(norm_act)
+    reference = copy.deepcopy(net)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FuseWarning)
+        _, report = fuse(net, return_report=True)
+    assert report.sites == () and report.skipped == ()
+    assert [str(w.message) for w in caught] == [
+        f"fuse found no BatchNorm2d -> [add] -> ReLU in {type(net).__name__}: nothing changed"]
+    assert_same_training_step(reference, net, torch.randn(2, 8, 6, 6))
 
 
 def test_a_norm_activation_fused_with_its_add_follows_what_is_set_on_it_later(libs):

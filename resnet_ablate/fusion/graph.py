@@ -160,7 +160,8 @@ def _rewrite_owner(model: nn.Module, owner: str, through: set[str], expected_bns
     if isinstance(traced_forward, str):
         return [], [], traced_forward
     if inputs is None:
-        return [], [], "the probe input never reached it, so a rewrite could not be checked"
+        return [], [], ("the probe input never reached it (in eval mode, nor in training mode on "
+                        "a copy), so a rewrite could not be checked")
     graphs, baked, modes_read = traced_forward
     each = _sites_of(graphs, module, owner, expected_bns)
     if isinstance(each, str):

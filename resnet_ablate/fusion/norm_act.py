@@ -73,6 +73,13 @@ def is_norm_act(module: nn.Module) -> bool:
             and getattr(forward, "__module__", "").startswith("timm."))
 
 
+def activates_first(module: nn.Module) -> bool:
+    """Whether `module` is a norm-activation with an activation of its own (LeakyReLU, SiLU,
+    ReLU6; a ReLU is fused or named by `fuse_norm_acts`): what follows it (an add, a ReLU) sees
+    its output activated, so it begins no BN -> [add] -> ReLU site."""
+    return is_norm_act(module) and type(module._modules.get("act")) is not nn.Identity
+
+
 def acts_as_batch_norm(module: nn.Module) -> bool:
     """Whether `module` is a norm-activation that computes nn.BatchNorm2d's output alone: its
     drop and act plain Identities, without hooks (the graph path fuses it as one)."""

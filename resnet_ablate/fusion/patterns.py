@@ -27,7 +27,7 @@ from .arguments import Fixed, as_declared, concrete_args
 from .forward_facts import (KEPT_MODULES, Untraceable, autograd_state, check_forward,
                             may_apply_relu, random_draws, random_streams_kept)
 from .held_state import HeldState
-from .norm_act import acts_as_batch_norm
+from .norm_act import activates_first, acts_as_batch_norm
 from .reads import Baked, baked, baked_values, recorded_reads
 from .records import FuseWarning, Pattern
 
@@ -364,8 +364,8 @@ def find_sites(graph: fx.Graph, root: nn.Module) -> tuple[list[Site], list[tuple
     for node in graph.nodes:
         module = modules.get(str(node.target)) if node.op == "call_module" else None
         if not isinstance(module, _BatchNorm) or isinstance(module, FusedBatchNorm2d) \
-                or hasattr(module, "unfused_class"):  # (a norm-activation fused: norm_act.py)
-            continue  # any BatchNorm is looked at, so that one it cannot fuse is named
+                or hasattr(module, "unfused_class") or activates_first(module):
+            continue  # any other BatchNorm is looked at, so that one it cannot fuse is named
         site, reason = _match(node, modules)
         if site is not None and site.relu in claimed:
             continue

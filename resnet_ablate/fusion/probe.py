@@ -6,6 +6,7 @@ the probe batch (`inputs_on_probe`), which the rewrite must reproduce."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .forward_facts import RandomStreams
+from .forward_facts import RandomStreams, random_streams_kept
 from .held_state import HeldState
 from .records import FuseWarning
 
@@ -118,8 +119,9 @@ def inputs_on_probe(model: nn.Module, owners: list[str], example: Any
                      ) -> tuple[dict[str, Any], str | None]:
     """What each owner receives when the model runs a probe batch (eval mode, no state change):
     its arguments as they were before its forward ran (a forward may change them in place), its
-    output, and its arguments as its forward left them. `example`: the model's input, or a tuple
-    of its positional arguments."""
+    output, and its arguments as its forward left them. An owner the model calls in training
+    mode only (GoogLeNet's and Inception's auxiliary heads) is probed on a copy of the model in
+    training mode. `example`: the model's input, or a tuple of its positional arguments."""
     given = example is not None
     if example is None:
         conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
@@ -127,7 +129,54 @@ def inputs_on_probe(model: nn.Module, owners: list[str], example: Any
             return {}, "no example_input was given and the model has no Conv2d to size a probe input by"
         example = probe_input(conv.weight, conv.in_channels, PROBE_SIDE)
     arguments = example if isinstance(example, tuple) else (example,)
-    # owner -> (args, kwargs, random streams, output, (args, kwargs) left), of its first call
+    try:
+        with evaluating(model):
+            seen = _calls_recorded(model, owners, arguments)
+    except Exception as error:  # noqa: BLE001 - reported as the reason nothing was rewritten
+        shapes = ", ".join(str(tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__
+                           for a in arguments)
+        fix = "check example_input (the batch, or a tuple of the model's positional " \
+            "arguments)" if given else "pass example_input"
+        return {}, f"the model's forward failed on a probe input ({shapes}) " \
+                   f"({type(error).__name__}: {error}); {fix}"
+    unreached = [owner for owner in owners if owner not in seen]
+    if unreached:
+        seen.update(_reached_in_training(model, unreached, arguments))
+    return seen, None
+
+
+def _reached_in_training(model: nn.Module, owners: list[str], arguments: tuple[Any, ...]
+                         ) -> dict[str, Any]:
+    """What `owners` receive when a copy of the model runs the probe batch in training mode, and
+    what each returns, given that in eval mode, as the check runs it; the model and the caller's
+    random streams left as they were. None where the model cannot be copied or a forward fails
+    (each is then named as never reached)."""
+    try:
+        copied = copy.deepcopy(model).train()
+    except Exception:  # noqa: BLE001 - a lock, a client: any copy failure
+        return {}
+    devices = sorted({t.device.index or 0 for t in (*arguments, *model.parameters())
+                      if isinstance(t, torch.Tensor) and t.is_cuda})
+    seen: dict[str, Any] = {}
+    try:
+        with torch.random.fork_rng(devices=devices), random_streams_kept(copied), \
+                torch.no_grad():
+            reached = _calls_recorded(copied, owners, arguments)
+        for owner, (args, kwargs, streams, _, _) in reached.items():
+            given = cloned((args, kwargs))
+            with evaluating(model), streams.replayed():
+                output = model.get_submodule(owner)(*given[0], **given[1])
+            seen[owner] = (args, kwargs, streams, cloned(output), cloned(given))
+    except Exception:  # noqa: BLE001 - the eval-mode probe passed: these stay unreached
+        return {}
+    return seen
+
+
+def _calls_recorded(model: nn.Module, owners: list[str], arguments: tuple[Any, ...]
+                    ) -> dict[str, Any]:
+    """The model called on `arguments`; for each owner it called, of its first call: (args,
+    kwargs, random streams, as they were before its forward ran; its output; (args, kwargs) as
+    its forward left them)."""
     seen: dict[str, Any] = {}
     before: dict[str, Any] = {}
 
@@ -146,16 +195,8 @@ def inputs_on_probe(model: nn.Module, owners: list[str], example: Any
         model.get_submodule(o).register_forward_pre_hook(pre_recorder(o), with_kwargs=True),
         model.get_submodule(o).register_forward_hook(recorder(o), with_kwargs=True))]
     try:
-        with evaluating(model):
-            model(*arguments)
-    except Exception as error:  # noqa: BLE001 - reported as the reason nothing was rewritten
-        shapes = ", ".join(str(tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__
-                           for a in arguments)
-        fix = "check example_input (the batch, or a tuple of the model's positional " \
-            "arguments)" if given else "pass example_input"
-        return {}, f"the model's forward failed on a probe input ({shapes}) " \
-                   f"({type(error).__name__}: {error}); {fix}"
+        model(*arguments)
     finally:
         for handle in handles:
             handle.remove()
-    return seen, None
+    return seen

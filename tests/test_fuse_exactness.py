@@ -478,6 +478,43 @@ def test_a_head_called_in_training_mode_only_is_probed_on_a_copy_in_that_mode():
     assert_same_training_step(reference, model, x)
 
 
+class _ReturnsAList(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_forward_hook(lambda module, args, output: None)  # (a call, not traced)
+
+    def forward(self, x):
+        return [x, 2 * x]
+
+
+class _TakesTheFirst(nn.Module):
+    """timm's FeatureListNet over SelecSLS: `x[0] if isinstance(x, (tuple, list)) else x`."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.stage = nn.Conv2d(3, C, 3), nn.BatchNorm2d(C), _ReturnsAList()
+
+    def forward(self, x):
+        y = self.stage(F.relu(self.bn(self.conv(x))))
+        return y[0] if isinstance(y, (tuple, list)) else y
+
+
+def test_a_trace_that_takes_another_branch_and_returns_more_is_refused():
+    """The traced value is a Proxy, so the isinstance test took the other branch and the rewrite
+    returned the whole list where the model returns its first tensor: the check compared the
+    tensors the model returns with as many of the rewrite's, found them alike, and the fused
+    model returned a list (found while checking an audit's case, SelecSLS's features, whose
+    reason spoke of other shapes only). It is refused, saying what made the trace differ."""
+    model = _TakesTheFirst()
+    reference = copy.deepcopy(model)
+    report, _ = _fused(model, example_input=torch.randn(2, 3, 8, 8))
+    assert report.sites == () and [s.name for s in report.skipped] == ["bn"]
+    assert "returns another structure than the model's call" in report.skipped[0].reason
+    assert "isinstance(x, tuple) on a traced value" in report.skipped[0].reason
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(model(x), reference(x))
+
+
 class _DropoutHead(nn.Module):
     """timm's head with drop_rate > 0: the forward branches on self.training (F.dropout's flag,
     and a scale in training only), around a stem BN + ReLU and a block's BN + add + ReLU."""

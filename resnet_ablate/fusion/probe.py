@@ -85,9 +85,20 @@ def tensors_in(value: Any) -> list[torch.Tensor]:
 
 
 def mismatch(expected: Any, actual: Any) -> str | None:
-    pairs = list(zip(tensors_in(expected), tensors_in(actual)))
-    if len(pairs) != len(tensors_in(expected)) or any(e.shape != a.shape for e, a in pairs):
-        return "the rewritten forward returns outputs of other shapes on the probe input"
+    """Why the rewritten forward's output (`actual`) is not the module's own (`expected`) on the
+    probe call, if it is not: another structure (a list where a tensor was: tensors beyond the
+    expected ones went unseen before), other shapes or dtypes, or values beyond rounding."""
+    (expected_leaves, expected_spec), (actual_leaves, actual_spec) = (
+        torch.utils._pytree.tree_flatten(expected), torch.utils._pytree.tree_flatten(actual))
+    if expected_spec != actual_spec or any(type(e) is not type(a) for e, a in zip(
+            expected_leaves, actual_leaves) if not isinstance(e, torch.Tensor)):
+        return ("the rewritten forward returns another structure than the model's call on the "
+                "probe input (its trace took another branch than the call: a test such as "
+                "isinstance(x, tuple) on a traced value, which is a Proxy)")
+    pairs = [(e, a) for e, a in zip(expected_leaves, actual_leaves) if isinstance(e, torch.Tensor)]
+    if any(not isinstance(a, torch.Tensor) or e.shape != a.shape for e, a in pairs):
+        return ("the rewritten forward returns outputs of other shapes on the probe input (its "
+                "trace took another branch than the call: a test of a traced value's shape?)")
     # The fused op keeps the BN output's dtype (out += residual), where `bn(x) + r` promotes.
     promoted = [(e.dtype, a.dtype) for e, a in pairs if e.dtype != a.dtype]
     if promoted:

@@ -188,8 +188,13 @@ def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor,
                          stats: torch.Tensor, momentum: float, unbias: float) -> None:
     """`Implementation.update_running_stats` in _contract.py."""
     mean, var = _mean_and_var(stats, running_mean.numel())
-    running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-    running_var.mul_(1 - momentum).add_((var * unbias).to(running_var.dtype), alpha=momentum)
+    # Blended in the wider of the statistics' dtypes and rounded once into the running one's, as
+    # ATen and the Triton kernels do: 16-bit running statistics blended in their own dtype
+    # overflowed (a batch variance above 65504 in float16) and were rounded twice (an audit).
+    # (In float32 the same ops, the same bits.)
+    for running, batch in ((running_mean, mean), (running_var, var * unbias)):
+        wide = torch.promote_types(running.dtype, batch.dtype)
+        running.copy_(running.to(wide).mul(1 - momentum).add_(batch.to(wide), alpha=momentum))
 
 
 def differentiable_backward(

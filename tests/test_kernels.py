@@ -257,6 +257,33 @@ def test_the_running_stats_op_updates_strided_statistics_element_by_element(back
     torch.testing.assert_close(held, expected)
 
 
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_running_statistics_are_blended_wide_and_rounded_once(backend, dtype):
+    """A module in half precision keeps 16-bit running statistics, blended from float32 batch
+    statistics. The PyTorch path blended them in their own dtype: a batch variance above
+    float16's largest value made the running variance inf where nn.BatchNorm2d keeps it finite,
+    and a third of the elements were rounded twice (an audit). Against ATen's formula by hand
+    (momentum * batch + (1 - momentum) * running in float32, rounded once): exact but for
+    float32's own rounding at a tie (within one unit of the last place)."""
+    g = torch.Generator().manual_seed(13)
+    running = torch.stack((torch.randn(256, generator=g) * 3,
+                           torch.rand(256, generator=g) * 3 + 0.5)).to(dtype)
+    mean, var = torch.randn(256, generator=g) * 3, torch.rand(256, generator=g) * 4 + 0.1
+    var[0] = 8e4  # unbiased 1e5: beyond float16's 65504; blended, 1e4 fits
+    expected = (0.1 * torch.stack((mean, var * 1.25)) + 0.9 * running.float()).to(dtype)
+    with use_backend(backend):
+        torch.ops.resnet_ablate.update_running_stats_(running[0], running[1],
+                                                       torch.cat((mean, var)), 0.1, 5)
+    assert torch.isfinite(running).all()
+    torch.testing.assert_close(running.float(), expected.float(), rtol=torch.finfo(dtype).eps,
+                               atol=0)
+    # (Triton's interpreter stores float32 as bfloat16 by truncating, a GPU to nearest: there,
+    # within one unit only.)
+    if not (backend == "triton" and dtype == torch.bfloat16 and not torch.cuda.is_available()):
+        assert (running == expected).float().mean() >= 0.98
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("relu", [False, True])
 def test_a_channels_last_input_of_width_one_with_a_plain_gradient(backend, relu):

@@ -6,6 +6,7 @@ copy of the model left unfused (outputs, gradients, behaviour), as the other fus
 import collections
 import collections.abc
 import copy
+import logging
 import random
 import types
 import warnings
@@ -344,6 +345,26 @@ class _LogsSets(dict):
     def __setitem__(self, key, value):
         self.log.append(key)
         super().__setitem__(key, value)
+
+
+class _LogsEachBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, C, 3), nn.BatchNorm2d(C)
+        self.log = logging.getLogger("tests.fuse.a-model-that-logs")
+
+    def forward(self, x):
+        self.log.debug("a batch of %d", x.shape[0])
+        return F.relu(self.bn(self.conv(x)))
+
+
+def test_a_forward_that_logs_through_a_logger_it_holds_is_fused():
+    """Helper objects a module holds are watched (above); a logger is not: `debug` fills its
+    level cache, and watching it refused every forward that logs, for nothing the model
+    computes."""
+    model = _LogsEachBatch()
+    report, messages = _fused(model, example_input=torch.randn(2, 3, 8, 8))
+    assert [s.batch_norm for s in report.sites] == ["bn"] and messages == []
 
 
 class _HoldsUnusualThings(nn.Module):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 from collections.abc import Iterator, MutableMapping, MutableSequence, MutableSet
 from dataclasses import dataclass
 from typing import Any
@@ -101,8 +102,9 @@ class HeldState:
 def _attributes(value: Any) -> dict[str, Any] | None:
     """The attribute dict of a namespace or a plain object, callable ones too (read as stored:
     no __getattr__ of the user's is called), else None. (Not of a Python module: a forward's
-    `self.F = F` would have torch's globals walked.)"""
-    if isinstance(value, (*NOT_PLAIN, *_CONTAINERS, tuple)):
+    `self.F = F` would have torch's globals walked; nor of a logger, whose level cache a
+    forward's `self.log.debug(...)` fills: a refusal for what the model does not compute.)"""
+    if isinstance(value, (*NOT_PLAIN, *_CONTAINERS, tuple, logging.Logger, logging.LoggerAdapter)):
         return None
     try:
         attributes = object.__getattribute__(value, "__dict__")

@@ -7,7 +7,7 @@ torch ("operator torchvision::nms does not exist": its C extension is built for 
 (default .cache/interop-wheels); `real_libraries()` reads the model files straight from them:
 `torchvision` and `torchvision.models` are stand-in packages whose `__init__.py` (which loads the
 extension and every model family) is skipped, so that torchvision/models/{vgg,densenet,regnet,
-resnet}.py import on their own; timm is pure Python and imports as it is. They sit in
+resnet,googlenet}.py import on their own; timm is pure Python and imports as it is. They sit in
 `sys.modules` only inside the context, so other tests see no torchvision. Without the wheels
 `LibrariesAbsent` says where they should be, and the tests skip with that reason.
 """
@@ -74,8 +74,8 @@ def _load() -> None:
 
 @contextlib.contextmanager
 def real_libraries() -> Iterator[types.SimpleNamespace]:
-    """Within: `.torchvision` (the model files by name: vgg, densenet, regnet, resnet) and `.timm`,
-    the libraries' own code. Raises LibrariesAbsent where the wheels are not in the cache."""
+    """Within: `.torchvision` (the model files by name: vgg, densenet, regnet, resnet, googlenet)
+    and `.timm`, the libraries' own code. Raises LibrariesAbsent where the wheels are not in the cache."""
     if not _loaded:
         _load()
     shadowed = {name: sys.modules.get(name) for name in _loaded}

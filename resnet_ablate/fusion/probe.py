@@ -173,11 +173,12 @@ def _reached_in_training(model: nn.Module, owners: list[str], arguments: tuple[A
         with torch.random.fork_rng(devices=devices), random_streams_kept(copied), \
                 torch.no_grad():
             reached = _calls_recorded(copied, owners, arguments)
-        for owner, (args, kwargs, streams, _, _) in reached.items():
-            given = cloned((args, kwargs))
-            with evaluating(model), streams.replayed():
-                output = model.get_submodule(owner)(*given[0], **given[1])
-            seen[owner] = (args, kwargs, streams, cloned(output), cloned(given))
+        with evaluating(model):  # (once for all: it takes and gives back the model's state)
+            for owner, (args, kwargs, streams, _, _) in reached.items():
+                given = cloned((args, kwargs))
+                with streams.replayed():
+                    output = model.get_submodule(owner)(*given[0], **given[1])
+                seen[owner] = (args, kwargs, streams, cloned(output), cloned(given))
     except Exception:  # noqa: BLE001 - the eval-mode probe passed: these stay unreached
         return {}
     return seen

@@ -235,6 +235,11 @@ def differentiable_backward(
     x_hat = (xc - mean.to(acc).view(view)) * invstd.view(view)
     if relu_mask is not None:
         gz = gz + _zero_through_relu_input(x_hat, view, weight, bias, residual)
+    elif not batch_stats:
+        # In eval without a ReLU the input gradient (gz * scale) does not depend on x at all, but
+        # nn.BatchNorm2d's is still connected to x: differentiating it again gives None or zeros
+        # there, where an unconnected one raises (an audit: affine=False in eval).
+        gz = gz + torch.ops.aten.threshold_backward(torch.zeros_like(x_hat), x_hat, 0)
     grad_bias = gz.sum(dims)
     grad_weight = (gz * x_hat).sum(dims)
     scale = invstd if weight is None else invstd * weight.to(acc)

@@ -1398,6 +1398,41 @@ def test_second_derivatives_match_nn_batchnorm2d(backend, training):
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_a_gradient_differentiated_again_is_connected_as_nn_batchnorm2ds_is(backend, training):
+    """With or without affine parameters, ReLU and residual, the first gradients taken with
+    create_graph=True can be differentiated again with respect to every operand, giving what
+    F.batch_norm (+ add + relu) gives, None counted as zeros: an input gradient that does not
+    depend on the input (eval without a ReLU) is still connected to it, as nn.BatchNorm2d's is."""
+    (x0, r0, w0, b0), (rm, rv) = _double_backward_inputs(torch.float32)
+    v = torch.randn(x0.shape, generator=torch.Generator().manual_seed(13))
+    for affine, relu, with_residual in itertools.product((True, False), repeat=3):
+        second = []
+        for which in ("fused", "reference"):
+            x = x0.detach().clone().requires_grad_()
+            w, b = (w0.detach().clone().requires_grad_(), b0.detach().clone().requires_grad_()) \
+                if affine else (None, None)
+            r = r0.detach().clone().requires_grad_() if with_residual else None
+            if which == "fused":
+                with use_backend(backend):
+                    out = fused_batch_norm(x, rm.clone(), rv.clone(), w, b, training,
+                                           residual=r, relu=relu)
+            else:
+                out = F.batch_norm(x, rm.clone(), rv.clone(), w, b, training)
+                out = out if r is None else out + r
+                out = F.relu(out) if relu else out
+            leaves = [t for t in (x, w, b, r) if t is not None]
+            grads = torch.autograd.grad(out, leaves, v, create_graph=True)
+            norm = sum((grad * grad).sum() for grad in grads if grad.requires_grad)
+            taken = torch.autograd.grad(norm, leaves, allow_unused=True)
+            second.append([torch.zeros_like(leaf) if grad is None else grad
+                           for leaf, grad in zip(leaves, taken)])
+        for got, expected in zip(*second):
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4,
+                                       msg=lambda m: f"{affine=} {relu=} {with_residual=}: {m}")
+
+
 _MODULE_INPUTS = '''
 import sys, types, unittest
 import torch

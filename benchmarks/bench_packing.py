@@ -22,7 +22,9 @@ each a stack of 5 seeds).
 
 With `--mps` the trials share the GPU through CUDA's Multi-Process Service, started for the run
 and stopped after it (`nvidia-cuda-mps-control -d`, then `quit`; the node's operator would run it
-for a study's Ray workers). Without it, processes time-slice the GPU: on an H200, 8 ResNet-56
+for a study's Ray workers), also where a timeout's SIGTERM ends the run; a daemon that a killed
+run left is stopped first. Where a process cannot start CUDA through it, the trials run without
+it, and the rows' `mps` column says so. Without it, processes time-slice the GPU: on an H200, 8 ResNet-56
 trials replayed from CUDA graphs trained only 1.10x one trial's images/s (3.61x without graphs,
 whose host gaps the others fill). MPS lets their kernels run side by side.
 """
@@ -36,11 +38,12 @@ import multiprocessing
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -161,31 +164,72 @@ def packing_row(config: TrialConfig, trials: int, timings: list[TrialTiming],
 
 
 MPS_CONTROL = "nvidia-cuda-mps-control"
+# One folder for the daemon's pipe and log, the same in every run: a daemon that a killed run
+# left behind (it runs in a session of its own, so a step's timeout does not reach it) is found
+# there and stopped before another starts on the same GPU.
+MPS_FOLDER = os.path.join(tempfile.gettempdir(), "resnet-ablate-mps")
+MPS_VARIABLES = ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY")
+PROBE_TIMEOUT_S = 120
+
+
+def cuda_starts() -> bool:
+    """Whether a new process starts CUDA (through the MPS server, once the daemon runs)."""
+    probe = "import torch; torch.zeros(1, device='cuda'); torch.cuda.synchronize()"
+    try:
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                              timeout=PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return False
+    return done.returncode == 0
 
 
 @contextlib.contextmanager
-def mps_daemon(control: str = MPS_CONTROL) -> Iterator[None]:
+def mps_daemon(control: str = MPS_CONTROL, folder: str = MPS_FOLDER,
+               probe: Callable[[], bool] = cuda_starts) -> Iterator[bool]:
     """CUDA's Multi-Process Service for the trials started inside (they find its pipe through
-    CUDA_MPS_PIPE_DIRECTORY, which their spawned processes inherit), stopped after them."""
+    CUDA_MPS_PIPE_DIRECTORY, which their spawned processes inherit), stopped after them, also
+    when the run is ended by SIGTERM (a step's timeout). Yields whether MPS runs: where a
+    process cannot start CUDA through it, the daemon is stopped again and the trials share the
+    GPU without it (said, and recorded in the rows' `mps` column)."""
     binary = shutil.which(control)
     if binary is None:
         raise SystemExit(f"--mps: {control} is not on the PATH (it comes with the NVIDIA driver); "
                          "measure without --mps")
-    folder = tempfile.mkdtemp(prefix="mps-")
-    names = ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY")
-    saved = {name: os.environ.get(name) for name in names}
-    os.environ.update({name: folder for name in names})
+    saved = {name: os.environ.get(name) for name in MPS_VARIABLES}
+    os.environ.update({name: folder for name in MPS_VARIABLES})
+    # SIGTERM ends Python without running `finally`; as SystemExit it runs it.
+    terminated = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+    def quit_daemon() -> None:
+        subprocess.run([binary], input="quit\n", text=True, timeout=30, check=False,
+                       capture_output=True)
+
     try:
+        if os.path.exists(os.path.join(folder, "control")):
+            quit_daemon()  # left by an earlier run
+        os.makedirs(folder, exist_ok=True)
         subprocess.run([binary, "-d"], check=True, timeout=30)
-        yield
+        running = probe()
+        if not running:
+            quit_daemon()
+            print("--mps: a process could not start CUDA through the MPS server; the trials "
+                  "share the GPU without it", file=sys.stderr, flush=True)
+            for name, value in saved.items():
+                _restore(name, value)
+        yield running
     finally:
-        subprocess.run([binary], input="quit\n", text=True, timeout=30, check=False)
+        quit_daemon()
+        signal.signal(signal.SIGTERM, terminated)
         for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+            _restore(name, value)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _restore(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -227,8 +271,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     stacked = f", {config.stack_seeds} seeds stacked" if config.stack_seeds > 1 else ""
     print(f"device: {context['device']}; resnet{config.depth}, {config.train_images} images x "
           f"{config.epochs} epochs per trial{stacked}", file=sys.stderr, flush=True)
-    with mps_daemon() if args.mps else contextlib.nullcontext():
-        return measure_packings(config, args.trials, {**context, "mps": args.mps}, args.csv)
+    with mps_daemon() if args.mps else contextlib.nullcontext(False) as through_mps:
+        return measure_packings(config, args.trials, {**context, "mps": through_mps}, args.csv)
 
 
 def measure_packings(config: TrialConfig, counts: list[int], context: dict, csv) -> list[dict]:

@@ -29,13 +29,15 @@ ResNet-110 trains as Table 6's spec trains it, with the paper's warm-up (`warmup
 steps them; the `rates` column says which optimizer a case ran.
 
 Each row (depth, seeds, convolutions, rates, images/s of all seeds together, the ratio to one
-seed, peak memory) is appended to benchmarks/results/seed_stack.csv as each case finishes.
+seed, peak memory) is appended to benchmarks/results/seed_stack.csv as each case finishes; a case
+that fails is named at the end (exit status 1) after the others have run.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+import traceback
 
 import torch
 from torch import nn
@@ -96,7 +98,10 @@ def execution_for(device: torch.device) -> Execution:
 
 def block_diagonal_(model: nn.Module) -> nn.Module:
     """Each grouped convolution of a stacked model made dense, its weight block-diagonal: the
-    groups' blocks on the diagonal, zeros elsewhere, whose gradients a hook masks to zero."""
+    groups' blocks on the diagonal, zeros elsewhere, whose gradients a hook masks to zero. The
+    mask is the convolution's buffer (`block_mask`), read by the hook when it runs, so that it
+    moves with the model: bound to the hook, it stayed on the CPU when the model moved to the
+    GPU, where the first backward then failed (a CUDA gradient times a CPU mask)."""
     for name, conv in list(model.named_modules()):
         if not isinstance(conv, nn.Conv2d) or conv.groups == 1:
             continue
@@ -115,7 +120,8 @@ def block_diagonal_(model: nn.Module) -> nn.Module:
                 dense.weight[rows, g * in_per:(g + 1) * in_per] = conv.weight[rows]
             if conv.bias is not None:
                 dense.bias.copy_(conv.bias)
-        dense.weight.register_hook(lambda grad, mask=mask: grad * mask)
+        dense.register_buffer("block_mask", mask, persistent=False)
+        dense.weight.register_hook(lambda grad, dense=dense: grad * dense.block_mask)
         parent, _, attribute = name.rpartition(".")
         setattr(model.get_submodule(parent), attribute, dense)
     return model
@@ -179,24 +185,32 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"device: {device_name(device)}; seeds {args.seeds} of ResNet-{args.depths}, batch "
           f"{args.batch} per seed, {args.steps} timed steps", flush=True)
     rows: list[dict] = []
+    failed: list[str] = []
     for depth in args.depths:
-        measured = []
+        one = None  # one seed's images/s at this depth, the ratios' base
         for seeds in args.seeds:
             for convolutions in args.convolutions if seeds > 1 else ["grouped"]:
-                print(f"[resnet{depth}, {seeds} seed(s), {convolutions}]", flush=True)
-                measured.append(measure(depth, seeds, convolutions, args, device))
-        one = next((m["images_per_second"] for m in measured if m["seeds"] == 1), None)
-        written = []
-        for m in measured:
-            ratio = round(m["images_per_second"] / one, 3) if one else ""
-            how = f" ({m['convolutions']} convolutions)" if m["convolutions"] else ""
-            print(f"  resnet{depth}: {m['seeds']} seed(s) at once{how}: "
-                  f"{m['images_per_second']:.0f} images/s together"
-                  + (f", x{ratio:.2f} vs one seed" if one else ""),
-                  flush=True)
-            written.append({**run_context(device), **m, "ratio_vs_one_seed": ratio})
-        append_rows(args.csv, written)  # as each depth ends: a run cut short keeps these
-        rows.extend(written)
+                case = f"resnet{depth}, {seeds} seed(s), {convolutions}"
+                print(f"[{case}]", flush=True)
+                try:
+                    m = measure(depth, seeds, convolutions, args, device)
+                except Exception as error:  # one case's failure costs only its own row
+                    traceback.print_exc()
+                    failed.append(f"{case}: {type(error).__name__}: {error}")
+                    continue
+                if seeds == 1:
+                    one = m["images_per_second"]
+                ratio = round(m["images_per_second"] / one, 3) if one else ""
+                how = f" ({m['convolutions']} convolutions)" if m["convolutions"] else ""
+                print(f"  resnet{depth}: {m['seeds']} seed(s) at once{how}: "
+                      f"{m['images_per_second']:.0f} images/s together"
+                      + (f", x{ratio:.2f} vs one seed" if one else ""), flush=True)
+                row = {**run_context(device), **m, "ratio_vs_one_seed": ratio}
+                append_rows(args.csv, [row])  # as each case ends: a run cut short keeps these
+                rows.append(row)
+    if failed:
+        raise SystemExit(f"{len(failed)} case(s) failed (the others' rows are written):\n  "
+                         + "\n  ".join(failed))
     return rows
 
 

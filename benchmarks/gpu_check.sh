@@ -135,7 +135,9 @@ step() {  # step NAME LIMIT FILE COMMAND...: time-limited, logged to $out/NAME.l
     echo "== $name (limit ${limit}s)"
     local before started=$SECONDS
     before=$(rows_in "$file")
-    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    # (-k: a step stuck in a driver call or ignoring SIGTERM is killed 10 s later, not left to
+    # hold the whole check until the device's own limit)
+    timeout -k 10 "$limit" "$@" >"$out/$name.log" 2>&1
     local rc=$?
     tail -n 25 "$out/$name.log"
     local rows=$(( $(rows_in "$file") - before ))

@@ -420,27 +420,69 @@ def test_the_dry_run_recommends_the_fastest_packing_measured_for_small_gpu_trial
     assert packing_advice(1.0, 1, 224, False, [h200]) == []
 
 
-def test_packing_through_mps_starts_the_daemon_for_the_trials_and_stops_it(tmp_path, monkeypatch):
-    bench = _load("bench_packing")
+def _mps_control_stand_in(tmp_path, monkeypatch):
+    """A stand-in for the driver's control program on the PATH: logs its arguments, stdin and
+    pipe folder; `-d` (start) makes the pipe the daemon would make."""
     log = tmp_path / "calls"
     control = tmp_path / "bin" / "nvidia-cuda-mps-control"
     control.parent.mkdir()
-    # A stand-in for the driver's control program: logs its arguments, stdin and pipe folder.
     control.write_text(f'#!/bin/sh\necho "args=$* pipe=$CUDA_MPS_PIPE_DIRECTORY" >> {log}\n'
-                       f'[ "$1" = -d ] || cat >> {log}\n')
+                       f'if [ "$1" = -d ]; then touch "$CUDA_MPS_PIPE_DIRECTORY/control"; '
+                       f'else cat >> {log}; fi\n')
     control.chmod(0o755)
     monkeypatch.setenv("PATH", f"{control.parent}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
-    with bench.mps_daemon():
-        pipe = os.environ["CUDA_MPS_PIPE_DIRECTORY"]  # what the spawned trials inherit
-        assert os.path.isdir(pipe)
-        assert log.read_text() == f"args=-d pipe={pipe}\n"
-    assert log.read_text() == f"args=-d pipe={pipe}\nargs= pipe={pipe}\nquit\n"
-    assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ and not os.path.exists(pipe)
+    return log
+
+
+def test_packing_through_mps_starts_the_daemon_for_the_trials_and_stops_it(tmp_path, monkeypatch):
+    bench = _load("bench_packing")
+    log = _mps_control_stand_in(tmp_path, monkeypatch)
+    folder = str(tmp_path / "mps")
+    with bench.mps_daemon(folder=folder, probe=lambda: True) as running:
+        assert running
+        assert os.environ["CUDA_MPS_PIPE_DIRECTORY"] == folder  # what the spawned trials inherit
+        assert log.read_text() == f"args=-d pipe={folder}\n"
+    assert log.read_text() == f"args=-d pipe={folder}\nargs= pipe={folder}\nquit\n"
+    assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ and not os.path.exists(folder)
     monkeypatch.setenv("PATH", str(tmp_path))  # no control program: one clear error
     with pytest.raises(SystemExit, match="nvidia-cuda-mps-control is not on the PATH"):
-        with bench.mps_daemon():
+        with bench.mps_daemon(folder=folder):
             pass
+
+
+def test_a_daemon_left_behind_is_stopped_first_and_one_that_fails_its_probe_is_not_used(
+        tmp_path, monkeypatch, capsys):
+    bench = _load("bench_packing")
+    log = _mps_control_stand_in(tmp_path, monkeypatch)
+    folder = tmp_path / "mps"
+    folder.mkdir()
+    (folder / "control").touch()  # the pipe of a daemon that a killed run left
+    with bench.mps_daemon(folder=str(folder), probe=lambda: False) as running:
+        assert not running and "CUDA_MPS_PIPE_DIRECTORY" not in os.environ
+        calls = log.read_text().splitlines()
+        assert calls == [f"args= pipe={folder}", "quit", f"args=-d pipe={folder}",
+                         f"args= pipe={folder}", "quit"]
+    assert "could not start CUDA through the MPS server" in capsys.readouterr().err
+
+
+def test_a_run_ended_by_sigterm_still_stops_the_daemon(tmp_path, monkeypatch):
+    """gpu_check.sh ends a step past its limit with SIGTERM: the daemon, in a session of its own,
+    would outlive the run unless `quit` is sent then too."""
+    import signal
+    import subprocess
+
+    log = _mps_control_stand_in(tmp_path, monkeypatch)
+    folder = tmp_path / "mps"
+    script = (f"import sys, time; sys.path.insert(0, {str(BENCHMARKS)!r}); import bench_packing\n"
+              f"with bench_packing.mps_daemon(folder={str(folder)!r}, probe=lambda: True):\n"
+              f"    print('running', flush=True); time.sleep(60)\n")
+    run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert run.stdout.readline() == "running\n"
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=60) == 128 + signal.SIGTERM
+    assert log.read_text().splitlines()[-2:] == [f"args= pipe={folder}", "quit"]
+    assert not folder.exists()
 
 
 def test_the_summary_keeps_packing_through_mps_apart_and_projects_with_the_better(tmp_path):
@@ -577,7 +619,9 @@ def test_the_dry_run_advises_stacking_from_the_gain_measured_on_a_gpu():
 
 def test_the_dense_block_diagonal_variant_computes_the_stacked_model_and_keeps_its_zeros():
     """bench_seed_stack.py --convolutions dense: the same outputs as the grouped stacked model,
-    and after SGD steps with momentum and weight decay its off-diagonal blocks are still zero."""
+    and after SGD steps with momentum and weight decay its off-diagonal blocks are still zero.
+    Made dense before the model moves, as the benchmark does (to the GPU there): the gradients'
+    masks move with it."""
     bench = _load("bench_seed_stack")
     from resnet_ablate.models import cifar_resnet
     from resnet_ablate.seed_stack import stack_models
@@ -585,9 +629,14 @@ def test_the_dense_block_diagonal_variant_computes_the_stacked_model_and_keeps_i
     models = []
     for seed in range(3):
         torch.manual_seed(seed)
-        models.append(cifar_resnet(8, num_classes=4).double())
-    grouped = stack_models(models)
-    dense = bench.block_diagonal_(stack_models(models))
+        models.append(cifar_resnet(8, num_classes=4))
+    grouped = stack_models(models).double()
+    dense = bench.block_diagonal_(stack_models(models)).double()
+    masked = [m for m in dense.modules() if hasattr(m, "block_mask")]
+    assert len(masked) == sum(isinstance(m, nn.Conv2d) and m.groups > 1
+                              for m in grouped.modules()) > 0
+    assert all(m.block_mask.dtype == m.weight.dtype == torch.float64
+               and m.block_mask.device == m.weight.device for m in masked)
     x = torch.randn(5, 9, 8, 8, dtype=torch.float64)
     y = torch.randint(0, 4, (5, 3))
     for model in (grouped, dense):

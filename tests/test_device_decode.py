@@ -282,3 +282,26 @@ def test_nvjpeg_crops_are_pillows_crops_on_the_gpu():
     for crop, cpu in zip(out.cpu(), expected):
         assert np.abs(crop.permute(1, 2, 0).numpy() - cpu).mean() < 2.0
     assert normalise(out).dtype == torch.float32
+
+
+@pytest.mark.gpu
+def test_nvjpeg_never_writes_memory_that_work_queued_on_the_stream_still_reads():
+    """torchvision's decoder writes its outputs from a stream of its own that does not wait for
+    the caller's: a block freed while a queued kernel still reads it must not become a decoded
+    image. Here a copy queued behind a long sleep reads a freed block of the decoded image's
+    size, and must read what was there."""
+    device = torch.device("cuda")
+    decoder = device_decode.nvjpeg_decoder(device)
+    if decoder is None:
+        pytest.skip("torchvision's nvJPEG decoder is not installed beside this torch")
+    data = torch.frombuffer(bytearray(_jpeg(_smooth_image(64, 48, 0))), dtype=torch.uint8)
+    for _ in range(5):
+        freed = torch.full((3, 48, 64), 7, dtype=torch.uint8, device=device)
+        torch.cuda._sleep(100_000_000)  # tens of milliseconds queued before the copy
+        copied = freed.clone()  # reads `freed` once the sleep ends
+        del freed  # free on this stream while the copy still waits to read it
+        image, = decoder([data])
+        torch.cuda.synchronize()
+        assert image.shape == (3, 48, 64)
+        assert bool((copied == 7).all()), "the decoder wrote a block a queued kernel still read"
+

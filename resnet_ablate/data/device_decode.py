@@ -104,8 +104,20 @@ def nvjpeg_decoder(device: torch.device) -> BatchDecoder | None:
     except Exception:  # not installed, or built for another torch: the CPU path stays
         return None
 
+    # torchvision allocates the decoded images on the caller's current stream, then writes them
+    # from a stream of its own that does not wait for the caller's: a block the training step
+    # freed while its queued kernels still read it could be written before they run. Allocated
+    # on a stream that runs no other work, and marked as used by the caller's stream (so not
+    # reused before what it queues on them has run), the images can take no such block.
+    decoding = torch.cuda.Stream(device)
+
     def decoder(datas: list[torch.Tensor]) -> list[torch.Tensor]:
-        return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+        consumer = torch.cuda.current_stream(device)
+        with torch.cuda.stream(decoding):
+            images = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+        for image in images:
+            image.record_stream(consumer)
+        return images
 
     if device not in _PROBED:
         _PROBED[device] = _decodes_a_probe(decoder)

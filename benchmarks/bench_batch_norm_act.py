@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
           + " ".join(f"{p + ' ms':>11}" for p in providers)
           + f" {'fused GB/s':>10} {'% peak':>6} {'vs eager':>8}"
           + (f" {'vs compile':>10}" if "compile" in providers else ""))
+    failed: list[str] = []
     with use_backend(backend):
         for index, (shape, dtype_name, layout) in enumerate(configs, 1):
             inputs, grad = make_inputs(*shape, DTYPES[dtype_name], layout == "channels_last", device)
@@ -280,10 +281,17 @@ def main(argv: list[str] | None = None) -> int:
                     raise
                 print(f"graph capture failed ({str(error).splitlines()[0]}): this shape is "
                       "timed launch by launch", file=sys.stderr)
-                torch.cuda.synchronize()
                 row_timing = "launch (graph capture failed)"
-                timings = measure_providers(providers, inputs, grad, device, reps, "launch",
-                                            args.compile_backend)
+                try:  # (a failed capture can leave CUDA unusable: then this fails too)
+                    torch.cuda.synchronize()
+                    timings = measure_providers(providers, inputs, grad, device, reps, "launch",
+                                                args.compile_backend)
+                except Exception as again:  # this configuration's rows only are lost
+                    print(f"{shape} {dtype_name} {layout}: failed launch by launch too "
+                          f"({type(again).__name__}: {str(again).splitlines()[0]})",
+                          file=sys.stderr, flush=True)
+                    failed.append(f"{shape} {dtype_name} {layout}")
+                    continue
             element_bytes = inputs[0].numel() * inputs[0].element_size()
             packed_mask = backend == "triton" and relu_mask_bytes(inputs[0], inputs[5]) > 0
             # As it goes: a run cut short keeps what it measured.
@@ -291,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
                                               peak, peak_memory_mb(device), context,
                                               packed_mask, row_timing))
             print(f"[{index}/{len(configs)} configurations done]", file=sys.stderr, flush=True)
+    if failed:
+        print(f"{len(failed)} configuration(s) not measured: {'; '.join(failed)}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

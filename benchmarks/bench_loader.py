@@ -2,9 +2,13 @@
 core and the cores that feed a GPU at `--gpu-images-per-s` (bench_decode.py: the old two-step
 crop against the box-first uint8 one the loaders make now); then images/s of the data pipeline
 alone (decode, augment, collate, in loader workers) against images/s of the train step alone
-(forward, backward, SGD on batches already decoded), per number of loader workers, measured side
-by side in one run; on a GPU with torchvision's nvJPEG, the same with `decode: gpu` (workers
-read files and draw boxes, the GPU decodes and crops: the `decode` column).
+(forward, backward, SGD on batches already decoded, as a trial steps: the device's precision,
+channels_last, fused SGD), per number of loader workers, measured side by side in one run; then
+the two together, training on each batch as the loader hands it on (`fed_over_step`: 1 when
+training never waits for data); on a GPU with torchvision's nvJPEG, the same with `decode: gpu`
+(workers read files and draw boxes, the GPU decodes and crops between the steps: the `decode`
+column). A pass is timed from the end of its workers' first round (their start-up, and the
+batches they hand on at once then), so --batches must exceed the most workers measured.
 
     python benchmarks/bench_loader.py                         # a generated folder, 0/1/2 workers
     python benchmarks/bench_loader.py --root data/imagenette2-320 --image-size 224 --device cuda
@@ -23,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import bench_decode
@@ -32,6 +35,10 @@ from resnet_ablate import ResNetArch, build
 from resnet_ablate.data.decode import normalise
 from resnet_ablate.data.device_decode import DeviceCrops, nvjpeg_decoder
 from resnet_ablate.data.folders import load_image_folder
+from resnet_ablate.execution import Execution
+from resnet_ablate.recipe import TrainRecipe
+from resnet_ablate.replicas import Replicas
+from resnet_ablate.train.step import Step
 
 
 def generate_folder(root: Path, classes: int, per_class: int, size: tuple[int, int]) -> Path:
@@ -46,43 +53,79 @@ def generate_folder(root: Path, classes: int, per_class: int, size: tuple[int, i
     return root
 
 
-def loader_rate(data, batch_size: int, batches: int, device_crops=None) -> float:
-    """Images/s of one pass of the training loader (at most `batches` batches); with
-    `device_crops` (decode: gpu), its workers read files and draw boxes, and the device decodes
-    and crops each batch, the time until the device is done included."""
+def timed_from(workers: int) -> int:
+    """Batches a pass takes before its clock starts: the workers' first round, which holds their
+    start-up (a process each) and ends with several batches at once, not the rate they keep."""
+    return max(workers, 1)
+
+
+def loader_rate(data, batch_size: int, batches: int, workers: int, device_crops=None,
+                train_step=None) -> float:
+    """Images/s of one pass of the training loader (at most `batches` batches), timed from the
+    end of its workers' first round; with `device_crops` (decode: gpu), its workers read files
+    and draw boxes, and the device decodes and crops each batch, the time until the device is
+    done included. With `train_step`, each batch is also trained on as it arrives (on the
+    device, normalised there, as a trial's feed does): the rate of training fed by the loader."""
     loader = data.train_loader(batch_size, 1, torch.Generator().manual_seed(0),
                                encoded=device_crops is not None)
-    started, images = time.perf_counter(), 0
-    for index, (x, _, _) in enumerate(loader):
+    device = device_crops.device if device_crops is not None else \
+        (train_step.device if train_step is not None else torch.device("cpu"))
+    started, images = None, 0
+    for index, (x, y, _) in enumerate(loader, start=1):
         if device_crops is not None:
             x = device_crops(x)[0]
-        images += x.shape[0]
-        if index + 1 == batches:
+        if train_step is not None:
+            train_step(x, y)
+        if index == timed_from(workers):
+            synchronize(device)
+            started = time.perf_counter()
+        elif started is not None:
+            images += x.shape[0]
+        if index == batches:
             break
-    if device_crops is not None and device_crops.device.type == "cuda":
-        torch.cuda.synchronize(device_crops.device)
+    if started is None or images == 0:
+        raise SystemExit(f"bench_loader: --batches {batches} leaves no batch to time after the "
+                         f"{timed_from(workers)} of {workers} workers' first round")
+    synchronize(device)
     return images / (time.perf_counter() - started)
 
 
-def step_rate(model, images: torch.Tensor, labels: torch.Tensor, steps: int, device) -> float:
+class TrialStep:
+    """The train step as a trial runs it on streamed data (resnet_ablate.train.step.Step: the
+    device's precision, channels_last, fused SGD, no host syncs; no CUDA graphs, which streamed
+    trials do not use), on uint8 crops normalised on the device as the trial's feed does."""
+
+    def __init__(self, model, batch_size: int, device: torch.device) -> None:
+        execution = Execution(str(device), "bf16" if device.type == "cuda" else "fp32",
+                              "channels_last", compile=False, cuda_graphs=False)
+        self.step = Step(model, TrainRecipe(batch_size=batch_size), execution, Replicas())
+        self.device, self.memory_format = device, execution.torch_memory_format
+        self.step.start_epoch()
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x = x.to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = normalise(x)
+        self.step(x.contiguous(memory_format=self.memory_format),
+                  y.to(self.device, non_blocking=True), 1.0)
+
+
+def step_rate(train_step: TrialStep, images: torch.Tensor, labels: torch.Tensor,
+              steps: int) -> float:
     """Images/s of the train step alone, on one batch already on the device."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    model.train()
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(images), labels).backward()
-        optimizer.step()
-
-    step()  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    for _ in range(3):  # warm-up: Triton's JIT, cuDNN's autotuning
+        train_step(images, labels)
+    synchronize(train_step.device)
     started = time.perf_counter()
     for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+        train_step(images, labels)
+    synchronize(train_step.device)
     return steps * images.shape[0] / (time.perf_counter() - started)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="a GPU's training rate to feed (3,000: ResNet-50 in bf16 on an H100)")
     parser.add_argument("--decode-csv", help="default: loader_decode.csv beside --csv")
     args = parser.parse_args(argv)
+    most = max(args.workers)
+    if args.batches <= timed_from(most):
+        raise SystemExit(f"bench_loader: --batches {args.batches} leaves no batch to time after "
+                         f"the {timed_from(most)} of {most} workers' first round")
     device = torch.device(args.device)
     if args.decode_seconds > 0:
         threads = torch.get_num_threads()
@@ -119,32 +166,36 @@ def main(argv: list[str] | None = None) -> int:
         first = load_image_folder(root, image_size=args.image_size, loader_workers=0)
         model = build(ResNetArch(family="imagenet", depth=args.depth),
                       num_classes=first.num_classes).to(device, memory_format=torch.channels_last)
-        x, y, _ = next(iter(first.train_loader(args.batch_size, 1, torch.Generator().manual_seed(0))))
-        # Loaders hand uint8 crops on; the device normalises them, as a trial's feed does.
-        x = normalise(x.to(device)).contiguous(memory_format=torch.channels_last)
-        y = y.to(device)
-        step = step_rate(model, x, y, max(2, args.batches // 3), device)
-        rows = []
+        train_step = TrialStep(model, args.batch_size, device)
+        generator = torch.Generator().manual_seed(0)
+        x, y, _ = next(iter(first.train_loader(args.batch_size, 1, generator)))
+        step = step_rate(train_step, x.to(device), y.to(device), max(10, args.batches // 2))
         # decode: gpu where the device has a GPU JPEG decoder (torchvision's nvJPEG), beside cpu.
         decodes = {"cpu": None}
         if nvjpeg_decoder(device) is not None:
             decodes["gpu"] = DeviceCrops(device, args.image_size)
+            encoded, _, _ = next(iter(first.train_loader(args.batch_size, 1, generator,
+                                                         encoded=True)))
+            decodes["gpu"](encoded)  # nvJPEG's start-up outside every timed pass
         for (decode, device_crops), workers in itertools.product(decodes.items(), args.workers):
             data = load_image_folder(root, image_size=args.image_size, loader_workers=workers)
-            if device_crops is not None:  # nvJPEG's and CUDA's start-up outside the timed pass
-                loader_rate(data, args.batch_size, 1, device_crops)
-            rate = loader_rate(data, args.batch_size, args.batches, device_crops)
-            rows.append({
+            rate = loader_rate(data, args.batch_size, args.batches, workers, device_crops)
+            fed = loader_rate(data, args.batch_size, args.batches, workers, device_crops,
+                              train_step)
+            row = {
                 "timestamp": timestamp(), "commit": source_commit(), "device": device_name(device),
                 "model": f"resnet{args.depth}", "image_size": args.image_size,
                 "batch_size": args.batch_size, "loader_workers": workers,
                 "loader_images_per_s": round(rate, 1), "step_images_per_s": round(step, 1),
                 "loader_over_step": round(rate / step, 3),
                 "source": args.root or "generated 426x320 JPEGs", "decode": decode,
-            })
+                "fed_images_per_s": round(fed, 1), "fed_over_step": round(fed / step, 3),
+                "step_precision": train_step.step.execution.precision,
+            }
             print(f"decode {decode}, loader workers {workers}: loader {rate:.0f} images/s, train "
-                  f"step {step:.0f} images/s: loader/step {rate / step:.2f}x", flush=True)
-    append_rows(args.csv, rows)
+                  f"step {step:.0f} images/s: loader/step {rate / step:.2f}x; training fed by "
+                  f"the loader {fed:.0f} images/s ({fed / step:.2f}x the step alone)", flush=True)
+            append_rows(args.csv, [row])  # as it goes: a run cut short keeps what it measured
     return 0
 
 

@@ -99,16 +99,26 @@ def test_trial_benchmark_small_mode_writes_ratios_against_the_plain_loop(tmp_pat
     variants = ["plain", "tuned", "tuned+kernels", "project", "project+compile"]
     assert [r["variant"] for r in written] == variants == [r["variant"] for r in rows]
     plain, tuned = (float(written[i]["images_per_second"]) for i in (0, 1))
+    # Each row written as its variant ends: plain's, the first, has no tuned rate to compare with
+    assert written[0]["ratio_vs_tuned"] == ""
     for row in written:
         rate = float(row["images_per_second"])
         assert float(row["ratio_vs_plain"]) == pytest.approx(rate / plain, rel=1e-2)
-        assert float(row["ratio_vs_tuned"]) == pytest.approx(rate / tuned, rel=1e-2)
+        if row is not written[0]:
+            assert float(row["ratio_vs_tuned"]) == pytest.approx(rate / tuned, rel=1e-2)
         assert row["device"].startswith("cpu") and row["precision"] == "fp32"
-        assert float(row["peak_memory_mb"]) > 0
+        assert float(row["peak_memory_mb"]) > 0 and row["timed_epochs"] == "1"
     # Only the plain loop is NCHW; the hand-tuned loops are channels_last like the project's.
     assert [r["memory_format"] for r in written] == ["nchw"] + ["channels_last"] * 4
     assert float(written[4]["compile_seconds"]) > 0
     assert "vs plain" in capsys.readouterr().out
+
+
+def test_a_trials_rate_leaves_out_its_first_epoch_where_there_are_more():
+    """The first epoch holds a trial's one-off costs (a CUDA graph's warm-up and capture)."""
+    bench = _load("bench_trial")
+    assert bench.steady_rate(100, [5.0, 1.0, 1.0]) == pytest.approx(100.0)
+    assert bench.steady_rate(100, [4.0]) == pytest.approx(25.0)  # the only one
 
 
 def test_loader_benchmark_writes_loader_and_step_rates_and_their_ratio(tmp_path, capsys):
@@ -130,8 +140,16 @@ def test_loader_benchmark_writes_loader_and_step_rates_and_their_ratio(tmp_path,
     for row in written:
         ratio = float(row["loader_images_per_s"]) / float(row["step_images_per_s"])
         assert float(row["loader_over_step"]) == pytest.approx(ratio, rel=2e-2)
+        fed = float(row["fed_images_per_s"]) / float(row["step_images_per_s"])
+        assert float(row["fed_over_step"]) == pytest.approx(fed, rel=2e-2)
+        assert row["step_precision"] == "fp32"  # the trial's on a CPU
     printed = capsys.readouterr().out
     assert "loader/step" in printed and "224px crops/s per core" in printed
+    assert "training fed by the loader" in printed
+    # A pass is timed after its workers' first round: batches must outnumber the workers
+    with pytest.raises(SystemExit, match="--batches 2 leaves no batch to time after the 2 of 2"):
+        bench.main(["--image-size", "32", "--batch-size", "8", "--batches", "2", "--workers",
+                    "2", "--csv", str(out), "--decode-seconds", "0"])
 
 
 @pytest.mark.slow
@@ -506,6 +524,25 @@ def test_the_summary_keeps_packing_through_mps_apart_and_projects_with_the_bette
     text = summary.summary_markdown(tmp_path)
     assert "PackingMeasurement('NVIDIA H200', 8, 1.10, cuda_graphs=True)" in text
     assert "PackingMeasurement('NVIDIA H200', 4, 3.00, cuda_graphs=True, mps=True)" in text
+
+
+def test_the_summary_takes_each_loader_ratio_at_its_best_workers_for_each_decode(tmp_path):
+    """loader / step and training fed by the loader / step alone, each the best over workers,
+    for decode cpu (rows from before the decode column count as cpu) and gpu apart; rows from
+    before the fed column leave it out."""
+    summary = _load("gpu_summary")
+    (tmp_path / "machine.txt").write_text("NVIDIA H100 80GB HBM3, 81559 MiB, 580.159.04\n")
+    _write_csv(tmp_path / "loader.csv", [
+        {"decode": "", "loader_over_step": "1.4", "fed_over_step": ""},  # an older row
+        {"decode": "cpu", "loader_over_step": "0.8", "fed_over_step": "0.7"},
+        {"decode": "cpu", "loader_over_step": "1.2", "fed_over_step": "0.9"},
+        {"decode": "gpu", "loader_over_step": "2.0", "fed_over_step": "0.97"},
+        {"decode": "gpu", "loader_over_step": "1.5", "fed_over_step": "0.99"}])
+    figures = {r.name: r.value for r in summary.ratios(tmp_path)}
+    assert figures["loader / step (best workers)"] == 1.4
+    assert figures["training fed by the loader / step alone (best workers)"] == 0.9
+    assert figures["loader / step, decode: gpu (best workers)"] == 2.0
+    assert figures["training fed by the loader / step alone, decode: gpu (best workers)"] == 0.99
 
 
 def test_a_spec_expects_cuda_graphs_where_its_gpu_trials_would_resolve_them():

@@ -114,8 +114,8 @@ def test_synchronised_replicas_take_the_steps_of_one_process(train_size, replica
         assert parallel.test_loss == pytest.approx(one.test_loss, rel=1e-5)
         assert parallel.test_error == one.test_error
         # Every replica records the same run (each its own seconds).
-        assert [replace(r, seconds=0) for r in result.history] == \
-            [replace(r, seconds=0) for r in replicas[0][0].history]
+        assert [replace(r, seconds=0, train_seconds=0) for r in result.history] == \
+            [replace(r, seconds=0, train_seconds=0) for r in replicas[0][0].history]
 
 
 def test_replicas_with_their_own_batch_statistics_train_like_one_process(replica_runs):
@@ -172,7 +172,8 @@ def replica_runs(tmp_path_factory) -> dict[str, list]:
 def test_replicas_train_and_evaluate_on_their_own_shards(replica_runs):
     # A process group of two: webdataset's default node splitter refuses to read under it.
     first, second = replica_runs["shards"]
-    assert [replace(r, seconds=0) for r in first] == [replace(r, seconds=0) for r in second]
+    assert [replace(r, seconds=0, train_seconds=0) for r in first] == \
+        [replace(r, seconds=0, train_seconds=0) for r in second]
     assert len(first) == 2 and all(r.skipped_images == 0 for r in first)
     assert all(0 <= r.test_error <= 1 and r.train_loss > 0 for r in first)
 

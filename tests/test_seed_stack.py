@@ -459,6 +459,9 @@ def test_a_seed_its_caller_stops_ends_there_while_the_others_train_on():
     stacked_epochs = sum(record.seconds for record in results[0].history)
     assert stacked_epochs <= sum(r.wall_seconds for r in results) <= elapsed
     assert results[0].wall_seconds < stacked_epochs  # shared its first epoch
+    # Training alone, the stacked run's, the same for every seed of an epoch
+    assert all(0 < r.train_seconds < r.seconds for r in results[0].history)
+    assert results[1].history[0].train_seconds == results[0].history[0].train_seconds
     assert results[1].wall_seconds <= results[1].history[0].seconds
     assert results[1].wall_seconds >= results[1].history[0].seconds / 2
     assert results[1].reason == "stopped after epoch 1"

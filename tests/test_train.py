@@ -36,7 +36,8 @@ def quick(**changes) -> TrainRecipe:
 
 def curves(result):
     """Everything in the history except wall-clock seconds."""
-    return [dataclasses.replace(record, seconds=0.0) for record in result.history]
+    return [dataclasses.replace(record, seconds=0.0, train_seconds=0.0)
+            for record in result.history]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,6 +55,17 @@ def test_learns_synthetic_data_far_above_chance():
     assert result.final_train_accuracy == 1 - result.history[-1].train_error
     assert result.images_per_second > 0 and result.wall_seconds > 0
     assert result.eval_split == "test"
+
+
+def test_each_epoch_records_its_training_time_apart_from_its_evaluation():
+    """An epoch's train_seconds is its training alone: within its seconds (which add the
+    evaluation), and summed over the epochs, what the run's images/s is taken over."""
+    result = train(tiny_cnn, synthetic(), quick(epochs=3), seed=0, threads=1)
+    for record in result.history:
+        assert 0 < record.train_seconds < record.seconds
+    images = 3 * 256  # three epochs of the 256 training images
+    assert sum(r.train_seconds for r in result.history) == pytest.approx(
+        images / result.images_per_second, rel=1e-9)
 
 
 def test_learns_real_digits():

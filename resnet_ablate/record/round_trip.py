@@ -18,8 +18,9 @@ from .metrics import ERROR_RATES, complement, is_complement
 class EpochRecord:
     """One finished epoch. Train loss/error run over the epoch (train mode, augmented batches);
     test loss/error are on the whole evaluation set in eval mode after the epoch. `lr` is the
-    rate of the epoch's last step; `seconds` covers training and evaluation. Its field names are
-    the stored keys of each epoch in a trial's curves (`TrialKey.CURVES`)."""
+    rate of the epoch's last step; `seconds` covers training and evaluation, `train_seconds`
+    training alone (None in records before 0.4.3). Its field names are the stored keys of each
+    epoch in a trial's curves (`TrialKey.CURVES`)."""
 
     epoch: int
     lr: float
@@ -38,6 +39,9 @@ class EpochRecord:
     test_top5_error_10crop: float | None = None
     test_error_multiscale: float | None = None
     test_top5_error_multiscale: float | None = None
+    # Training alone: a run's rate once its first epoch's one-off costs (warm-up steps, a CUDA
+    # graph's capture) are behind it is the images of later epochs over their train_seconds.
+    train_seconds: float | None = None
 
 
 def epoch_objective(record: EpochRecord, objective: str) -> float:

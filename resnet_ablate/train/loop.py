@@ -276,7 +276,8 @@ class _Run:
             epoch=epoch, lr=lr, train_loss=loss_sum / seen, train_error=wrong / seen,
             test_loss=test_loss, test_error=test_error,
             seconds=time.perf_counter() - started, test_top5_error=top5,
-            skipped_images=int(sums([self.feed.skipped])[0]), **views,
+            skipped_images=int(sums([self.feed.skipped])[0]), train_seconds=trained - started,
+            **views,
         )
 
     def _log(self, line: str) -> None:

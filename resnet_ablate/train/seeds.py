@@ -200,9 +200,9 @@ class _StackedRun:
         require_images(seen, f"epoch {epoch}'s training", 0)
         self.train_images += seen * len(self.seeds)
         self.train_seconds += trained - started
-        self._record_epoch(epoch, started, seen)
+        self._record_epoch(epoch, started, trained, seen)
 
-    def _record_epoch(self, epoch: int, started: float, seen: int) -> None:
+    def _record_epoch(self, epoch: int, started: float, trained: float, seen: int) -> None:
         """Each seed's record of the epoch, from the step's sums and one evaluation of all."""
         losses, wrong = self.step.loss_sum.tolist(), self.step.wrong.tolist()
         lrs = self.step.current_lr
@@ -223,7 +223,8 @@ class _StackedRun:
                 epoch=epoch, lr=lrs[index] if isinstance(lrs, list) else lrs,
                 train_loss=losses[index] / seen, train_error=wrong[index] / seen,
                 test_loss=test_loss, test_error=test_error,
-                seconds=time.perf_counter() - started, test_top5_error=top5, **views)
+                seconds=time.perf_counter() - started, test_top5_error=top5,
+                train_seconds=trained - started, **views)
             self.histories[index].append(record)
             if self.on_epoch and self.on_epoch(index, record):
                 self.stopped[index] = f"stopped after epoch {epoch}"

@@ -6,7 +6,10 @@ graph's replay issues every captured launch at once, so the time between two eve
 kernels' own. Two figures per function:
 - cold: each call preceded by a write of FLUSH_BYTES (over twice an H100/H200's L2), so that its
   inputs come from memory as in a training step, where a layer's tensors are evicted by the
-  layers between; measured as the graph of (flush, call) pairs less the graph of flushes alone;
+  layers between; measured as the graph of (flush, call) pairs less the graph of flushes alone,
+  the two replayed in turn and the median of the rounds' differences kept (a microsecond kernel
+  is the difference of two figures each mostly the flush: in separate medians, their drift
+  between rounds was a large part of it);
 - warm: calls back to back, a small tensor's data then staying in the L2.
 """
 
@@ -18,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-FLUSH_BYTES = 256 * 2**20
+FLUSH_BYTES = 128 * 2**20  # 2.5x an H100's L2 (50 MB), 2.1x an H200's (60 MB)
 CALLS = 10  # captured per graph
 REPLAYS = 5  # per measurement; the median of ROUNDS measurements is kept
 ROUNDS = 3
@@ -53,21 +56,26 @@ def graph_times(fn: Callable[[], object], *, warmups: int = 2) -> GraphTimes:
     flushed = capture(lambda: (flush.zero_(), fn()))
     flushes = capture(flush.zero_)
     back_to_back = capture(fn)
-    per_call = {name: _per_call_ms(graph) for name, graph in
-                (("flushed", flushed), ("flushes", flushes), ("warm", back_to_back))}
-    return GraphTimes(cold_ms=max(per_call["flushed"] - per_call["flushes"], 0.0),
-                      warm_ms=per_call["warm"])
+    cold = statistics.median(with_flush - alone for with_flush, alone in
+                             zip(*_rounds_ms((flushed, flushes))))
+    warm = statistics.median(*_rounds_ms((back_to_back,)))
+    return GraphTimes(cold_ms=max(cold, 0.0), warm_ms=warm)
 
 
-def _per_call_ms(graph: torch.cuda.CUDAGraph) -> float:
-    graph.replay()  # uploads the graph: its first replay costs more
-    samples = []
+def _rounds_ms(graphs: tuple[torch.cuda.CUDAGraph, ...]) -> list[list[float]]:
+    """Each graph's milliseconds per captured call in each of ROUNDS rounds, the graphs replayed
+    in turn within a round."""
+    for graph in graphs:
+        graph.replay()  # uploads the graph: its first replay costs more
+    samples: list[list[float]] = [[] for _ in graphs]
     for _ in range(ROUNDS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(REPLAYS):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / (REPLAYS * CALLS))
-    return statistics.median(samples)
+        for graph, taken in zip(graphs, samples):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(REPLAYS):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            taken.append(start.elapsed_time(end) / (REPLAYS * CALLS))
+    return samples

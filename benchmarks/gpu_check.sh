@@ -208,8 +208,9 @@ eager_variants=(plain tuned tuned+kernels project)
 [ "$device" = cuda ] && eager_variants+=(project+graphs)
 
 # From another folder, so that the fresh copy, not the source tree, is imported. Every test runs
-# (no -x): one lease should name every failure, not the first.
-step tests "${limits[0]}" "$out/tests.xml" bash -c "cd /tmp && '$python' -m pytest -q \
+# (no -x): one lease should name every failure, not the first. Each test's verdict is logged as
+# it ends (-v): the JUnit file is written only at the end, which a cut step never reaches.
+step tests "${limits[0]}" "$out/tests.xml" bash -c "cd /tmp && '$python' -m pytest -v \
     -p no:cacheprovider -m gpu --junitxml='$out/tests.xml' --rootdir '$repo' \
     -c '$repo/pyproject.toml' '$repo/tests/test_kernels.py' '$repo/tests/test_train.py' \
     '$repo/tests/test_models.py' '$repo/tests/test_device_decode.py' \

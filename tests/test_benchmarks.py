@@ -121,6 +121,44 @@ def test_a_trials_rate_leaves_out_its_first_epoch_where_there_are_more():
     assert bench.steady_rate(100, [4.0]) == pytest.approx(25.0)  # the only one
 
 
+def test_graph_rounds_replay_the_graphs_in_turn_and_give_milliseconds_per_call(monkeypatch):
+    """_gpu_timing's rounds on stand-ins for CUDA events and graphs (a clock each replay
+    advances by its graph's milliseconds): each graph's time per captured call, round by round,
+    the graphs replayed in turn (so that a cold time's two graphs see the same drift)."""
+    timing = _load("_gpu_timing")
+    clock, order = [0.0], []
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            self.at = clock[0]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return end.at - self.at
+
+    class Graph:
+        def __init__(self, name, ms):
+            self.name, self.ms = name, ms
+
+        def replay(self):
+            order.append(self.name)
+            clock[0] += self.ms
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    flushed, flushes = Graph("flushed", 12.0), Graph("flushes", 10.0)
+    rounds = timing._rounds_ms((flushed, flushes))
+    assert rounds == [[12.0 / timing.CALLS] * timing.ROUNDS, [10.0 / timing.CALLS] * timing.ROUNDS]
+    # One upload each, then each round replays one graph REPLAYS times, then the other
+    assert order[:2] == ["flushed", "flushes"]
+    round_order = ["flushed"] * timing.REPLAYS + ["flushes"] * timing.REPLAYS
+    assert order[2:] == round_order * timing.ROUNDS
+
+
 def test_loader_benchmark_writes_loader_and_step_rates_and_their_ratio(tmp_path, capsys):
     bench = _load("bench_loader")
     out, decode = tmp_path / "loader.csv", tmp_path / "loader_decode.csv"

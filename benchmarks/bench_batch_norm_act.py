@@ -282,9 +282,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"graph capture failed ({str(error).splitlines()[0]}): this shape is "
                       "timed launch by launch", file=sys.stderr)
                 row_timing = "launch (graph capture failed)"
+                # A failed capture can leave the process on its side stream (back to the default
+                # one here) and the CUDA generator bound to it, which torch.compile then trips
+                # on: the compiled provider is left out of the launch-by-launch timing.
+                torch.cuda.set_stream(torch.cuda.default_stream(device))
+                launched = {name: fn for name, fn in providers.items() if name != "compile"}
                 try:  # (a failed capture can leave CUDA unusable: then this fails too)
                     torch.cuda.synchronize()
-                    timings = measure_providers(providers, inputs, grad, device, reps, "launch",
+                    timings = measure_providers(launched, inputs, grad, device, reps, "launch",
                                                 args.compile_backend)
                 except Exception as again:  # this configuration's rows only are lost
                     print(f"{shape} {dtype_name} {layout}: failed launch by launch too "

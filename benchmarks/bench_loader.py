@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 import bench_decode
-from _results import RESULTS, append_rows, device_name, source_commit, timestamp
+from _results import RESULTS, append_rows, device_name, source_commit, synchronize, timestamp
 from resnet_ablate import ResNetArch, build
 from resnet_ablate.data.decode import normalise
 from resnet_ablate.data.device_decode import DeviceCrops, nvjpeg_decoder
@@ -59,21 +59,22 @@ def timed_from(workers: int) -> int:
     return max(workers, 1)
 
 
-def loader_rate(data, batch_size: int, batches: int, workers: int, device_crops=None,
-                train_step=None) -> float:
+def loader_rate(data, batch_size: int, batches: int, workers: int, device: torch.device,
+                device_crops=None, train_step=None) -> float:
     """Images/s of one pass of the training loader (at most `batches` batches), timed from the
     end of its workers' first round; with `device_crops` (decode: gpu), its workers read files
     and draw boxes, and the device decodes and crops each batch, the time until the device is
     done included. With `train_step`, each batch is also trained on as it arrives (on the
     device, normalised there, as a trial's feed does): the rate of training fed by the loader."""
+    # Pinned batches for a GPU, as a trial's feed asks for them (its copies then overlap)
     loader = data.train_loader(batch_size, 1, torch.Generator().manual_seed(0),
-                               encoded=device_crops is not None)
-    device = device_crops.device if device_crops is not None else \
-        (train_step.device if train_step is not None else torch.device("cpu"))
+                               encoded=device_crops is not None,
+                               pin_memory=device.type == "cuda")
     started, images = None, 0
     for index, (x, y, _) in enumerate(loader, start=1):
         if device_crops is not None:
-            x = device_crops(x)[0]
+            x, kept, _ = device_crops(x)
+            y = y[kept]  # the images it decoded
         if train_step is not None:
             train_step(x, y)
         if index == timed_from(workers):
@@ -123,11 +124,6 @@ def step_rate(train_step: TrialStep, images: torch.Tensor, labels: torch.Tensor,
     return steps * images.shape[0] / (time.perf_counter() - started)
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", help="an image folder (default: a generated one)")
@@ -152,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"bench_loader: --batches {args.batches} leaves no batch to time after "
                          f"the {timed_from(most)} of {most} workers' first round")
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as a trial sets it
     if args.decode_seconds > 0:
         threads = torch.get_num_threads()
         bench_decode.measure(image_size=args.decode_size, images=24, seconds=args.decode_seconds,
@@ -179,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             decodes["gpu"](encoded)  # nvJPEG's start-up outside every timed pass
         for (decode, device_crops), workers in itertools.product(decodes.items(), args.workers):
             data = load_image_folder(root, image_size=args.image_size, loader_workers=workers)
-            rate = loader_rate(data, args.batch_size, args.batches, workers, device_crops)
-            fed = loader_rate(data, args.batch_size, args.batches, workers, device_crops,
+            rate = loader_rate(data, args.batch_size, args.batches, workers, device, device_crops)
+            fed = loader_rate(data, args.batch_size, args.batches, workers, device, device_crops,
                               train_step)
             row = {
                 "timestamp": timestamp(), "commit": source_commit(), "device": device_name(device),

@@ -8,8 +8,9 @@ the host), so several trials sharing the GPU, as a study does with `resources.gp
 0.125, can train more images per second together than one alone. Each trial here is its own
 process (as a study's Ray workers are), runs the project's training loop (`resnet_ablate.train`)
 on in-memory synthetic CIFAR-sized data, first trains a few untimed batches (Triton's JIT, cuDNN's
-first calls), then waits at a barrier so that all the trials' runs start together. Each run is
-timed from the end of its first epoch (where it trains more than one): the first holds what a
+first calls), then waits at a barrier so that all the trials' runs start together, and again at
+the end of their first epochs. Each run is timed from there (where it trains more than one
+epoch): the first holds what a
 trial pays once (building the model, the data's copy to the device, a CUDA graph's warm-up and
 capture), mostly host work that packed trials overlap with each other's GPU work, so that timed
 from the start a packing's gain would be overstated where a trial's 164 epochs amortize it.
@@ -28,10 +29,11 @@ each a stack of 5 seeds).
 With `--mps` the trials share the GPU through CUDA's Multi-Process Service, started for the run
 and stopped after it (`nvidia-cuda-mps-control -d`, then `quit`; the node's operator would run it
 for a study's Ray workers), also where a timeout's SIGTERM ends the run; a daemon that a killed
-run left is stopped first. Where a process cannot start CUDA through it, the trials run without
-it, and the rows' `mps` column says so. Without it, processes time-slice the GPU: on an H200, 8 ResNet-56
-trials replayed from CUDA graphs trained only 1.10x one trial's images/s (3.61x without graphs,
-whose host gaps the others fill). MPS lets their kernels run side by side.
+run left is stopped first. Where the daemon does not start or a process cannot start CUDA
+through it, its log is printed, the trials run without it, and the rows' `mps` column says so.
+Without it, processes time-slice the GPU: on an H200, 8 ResNet-56 trials replayed from CUDA
+graphs trained only 1.10x one trial's images/s (3.61x without graphs, whose host gaps the others
+fill). MPS lets their kernels run side by side.
 """
 
 from __future__ import annotations
@@ -101,9 +103,13 @@ def _train_one(config: TrialConfig, barrier, results) -> None:
         return build(arch, num_classes=data.num_classes, in_channels=data.in_channels)
 
     ended: dict[int, float] = {}  # each epoch's end (its first seed's record, when stacked)
+    timing = False
 
     def on_epoch(*arguments) -> None:  # train's (record) or train_seeds' (index, record)
-        ended.setdefault(arguments[-1].epoch, time.time())
+        epoch = arguments[-1].epoch
+        if timing and epoch == 1 and epoch not in ended and config.epochs > 1:
+            barrier.wait(timeout=BARRIER_TIMEOUT_S)  # every trial's timed epochs start together
+        ended.setdefault(epoch, time.time())
 
     def run(data, recipe) -> list:
         if config.stack_seeds == 1:
@@ -115,6 +121,7 @@ def _train_one(config: TrialConfig, barrier, results) -> None:
                                  train_y=data.train_y[: 4 * config.batch])
     run(warmup, dataclasses.replace(recipe, epochs=1))
     ended.clear()
+    timing = True
     reset_peak_memory(device)
     barrier.wait(timeout=BARRIER_TIMEOUT_S)
     started = time.time()
@@ -123,16 +130,22 @@ def _train_one(config: TrialConfig, barrier, results) -> None:
     if not all(result.ok for result in trained):
         raise RuntimeError("a packed trial did not complete: "
                            f"{next(r.reason for r in trained if not r.ok)}")
-    # Timed from the first epoch's end where there are more (see measured_epochs); a stack's
-    # epochs are one run's, the same train_seconds in every seed's history.
+    results.put(timed_run(trained, ended.get(1, started), started, finished,
+                          peak_memory_mb(device)))
+
+
+def timed_run(trained: list, first_epoch_end: float, started: float, finished: float,
+              peak_memory: float) -> TrialTiming:
+    """A trial's timing (each of its seeds' results, one where not stacked) from the end of its
+    first epoch, where it trained more than one (see the description), else from `started`: the
+    images of the epochs after the first over their train_seconds (a stack's epochs are one
+    run's, the same train_seconds in every seed's history; a seed's images/s is its own)."""
     history = trained[0].history
     timed = history[1:] or history
-    if len(history) > 1:
-        started = ended[1]
-    images = config.stack_seeds * config.train_images * len(timed)
-    results.put(TrialTiming(started, finished, images,
-                            images / sum(record.train_seconds for record in timed),
-                            peak_memory_mb(device)))
+    per_epoch = trained[0].images_per_second * sum(r.train_seconds for r in history) / len(history)
+    images = round(len(trained) * per_epoch * len(timed))
+    return TrialTiming(first_epoch_end if len(history) > 1 else started, finished, images,
+                       images / sum(record.train_seconds for record in timed), peak_memory)
 
 
 def run_packing(config: TrialConfig, trials: int) -> list[TrialTiming]:
@@ -187,15 +200,19 @@ MPS_CONTROL = "nvidia-cuda-mps-control"
 # there and stopped before another starts on the same GPU.
 MPS_FOLDER = os.path.join(tempfile.gettempdir(), "resnet-ablate-mps")
 MPS_VARIABLES = ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY")
-PROBE_TIMEOUT_S = 120
+# Within the GPU check's step limits (a minute and more), with the 10 s its timeout gives a step
+# after SIGTERM: a probe that hangs falls back in time, a quit that hangs is left before the kill.
+PROBE_TIMEOUT_S = 20
+CONTROL_TIMEOUT_S = 8
 
 
-def cuda_starts() -> bool:
-    """Whether a new process starts CUDA (through the MPS server, once the daemon runs)."""
+def cuda_starts(environment: dict[str, str]) -> bool:
+    """Whether a new process with `environment` starts CUDA (through the MPS server, where the
+    environment names the daemon's pipe)."""
     probe = "import torch; torch.zeros(1, device='cuda'); torch.cuda.synchronize()"
     try:
         done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                              timeout=PROBE_TIMEOUT_S)
+                              env=environment, timeout=PROBE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return False
     return done.returncode == 0
@@ -203,51 +220,79 @@ def cuda_starts() -> bool:
 
 @contextlib.contextmanager
 def mps_daemon(control: str = MPS_CONTROL, folder: str = MPS_FOLDER,
-               probe: Callable[[], bool] = cuda_starts) -> Iterator[bool]:
+               probe: Callable[[dict[str, str]], bool] = cuda_starts) -> Iterator[bool]:
     """CUDA's Multi-Process Service for the trials started inside (they find its pipe through
     CUDA_MPS_PIPE_DIRECTORY, which their spawned processes inherit), stopped after them, also
-    when the run is ended by SIGTERM (a step's timeout). Yields whether MPS runs: where a
-    process cannot start CUDA through it, the daemon is stopped again and the trials share the
-    GPU without it (said, and recorded in the rows' `mps` column)."""
+    when the run is ended by SIGTERM (a step's timeout). Yields whether MPS runs: where the
+    daemon does not start or a process cannot start CUDA through it, the daemon's log is printed
+    and the trials share the GPU without it (said, and recorded in the rows' `mps` column).
+    Every command to the daemon names `folder`: never the system's own daemon."""
     binary = shutil.which(control)
     if binary is None:
         raise SystemExit(f"--mps: {control} is not on the PATH (it comes with the NVIDIA driver); "
                          "measure without --mps")
-    saved = {name: os.environ.get(name) for name in MPS_VARIABLES}
-    os.environ.update({name: folder for name in MPS_VARIABLES})
+    ours = {**os.environ, **{name: folder for name in MPS_VARIABLES}}
+    pipe = os.path.join(folder, "control")
     # SIGTERM ends Python without running `finally`; as SystemExit it runs it.
     terminated = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-
-    def quit_daemon() -> None:
-        subprocess.run([binary], input="quit\n", text=True, timeout=30, check=False,
-                       capture_output=True)
-
+    saved = {name: os.environ.get(name) for name in MPS_VARIABLES}
+    started = False
     try:
-        if os.path.exists(os.path.join(folder, "control")):
-            quit_daemon()  # left by an earlier run
+        if os.path.exists(pipe):  # left by an earlier run: stopped, and its pipe gone, first
+            _control(binary, "quit", ours)
+            _wait_gone(pipe)
         os.makedirs(folder, exist_ok=True)
-        subprocess.run([binary, "-d"], check=True, timeout=30)
-        running = probe()
-        if not running:
-            quit_daemon()
-            print("--mps: a process could not start CUDA through the MPS server; the trials "
-                  "share the GPU without it", file=sys.stderr, flush=True)
-            for name, value in saved.items():
-                _restore(name, value)
+        started = _control(binary, "-d", ours)
+        running = started and probe(ours)
+        if running:
+            os.environ.update({name: folder for name in MPS_VARIABLES})
+        else:
+            if started:
+                started = not _control(binary, "quit", ours)
+            print("--mps: the MPS daemon did not start, or a process could not start CUDA "
+                  "through it; the trials share the GPU without it. Its log:\n"
+                  + _logs(folder), file=sys.stderr, flush=True)
         yield running
     finally:
-        quit_daemon()
+        if started:
+            _control(binary, "quit", ours)
         signal.signal(signal.SIGTERM, terminated)
         for name, value in saved.items():
-            _restore(name, value)
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _restore(name: str, value: str | None) -> None:
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
+def _control(binary: str, command: str, environment: dict[str, str]) -> bool:
+    """`-d` (start the daemon) or a command on its stdin (`quit`); whether it succeeded in time."""
+    arguments, stdin = ([binary, "-d"], None) if command == "-d" else ([binary], command + "\n")
+    try:
+        done = subprocess.run(arguments, input=stdin, text=True, capture_output=True,
+                              env=environment, timeout=CONTROL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        print(f"--mps: {os.path.basename(binary)} {command} took over {CONTROL_TIMEOUT_S} s",
+              file=sys.stderr, flush=True)
+        return False
+    return done.returncode == 0
+
+
+def _wait_gone(path: str, seconds: float = CONTROL_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + seconds
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _logs(folder: str) -> str:
+    """The daemon's own logs in `folder` (control.log, server.log), for a failure's reason."""
+    texts = []
+    for name in ("control.log", "server.log"):
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            with open(path, errors="replace") as log:
+                texts.append(f"{name}:\n{log.read()[-4000:]}")
+    return "\n".join(texts) or "(no log written)"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

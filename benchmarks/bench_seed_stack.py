@@ -86,6 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.image_size = defaults["image_size"]
     if any(s < 1 for s in args.seeds) or args.batch < 1 or args.steps < 1:
         parser.error("--seeds, --batch and --steps take positive counts")
+    args.seeds = sorted(set(args.seeds))  # one seed first: the ratios are taken against it
     return args
 
 

@@ -9,17 +9,19 @@ Every loop trains the same architecture from the same initial weights on the sam
 (already on the device, no augmentation) with the same batch, optimizer settings and number of
 epochs, in one process, measured side by side. Only training is timed (evaluation excluded), and
 where a case trains several epochs only those after the first: the first holds one-off costs
-that later epochs do not pay (a CUDA graph's eager warm-up steps and its capture: 10-15% of two
-epochs of ResNet-20 on a GPU), which a trial's 164 epochs amortize. Each variant but
+that later epochs do not pay (a CUDA graph's eager warm-up steps and its capture: an estimated
+10-15% of two epochs of ResNet-20 on a GPU), which a trial's 164 epochs amortize. Each variant but
 project+compile first trains a few untimed batches, so that Triton's JIT compilation and cuDNN's
 first calls fall outside the timed run (project+compile reports compilation apart).
 
 Variants, each adding one thing to the one before it, so that each ratio isolates one effect:
 - plain:   the loop a user would write: the unfused model (nn.BatchNorm2d + ReLU + add), fp32,
-           NCHW, torch.optim.SGD with its defaults, `loss.item()` and the error count read every step.
+           NCHW, torch.optim.SGD and cuDNN with their defaults, `loss.item()` and the error count
+           read every step.
 - tuned:   the loop a good engineer writes by hand: the unfused model with the device's precision
-           (bf16 autocast on CUDA, fp32 on a CPU), channels_last, fused SGD, running sums kept on
-           the device (no host sync per step). tuned / plain: what hand-tuning gives.
+           (bf16 autocast on CUDA, fp32 on a CPU), channels_last, fused SGD, cuDNN's autotuning
+           (as a trial has it), running sums kept on the device (no host sync per step).
+           tuned / plain: what hand-tuning gives.
 - tuned+kernels: the same hand-tuned loop on the fused model. tuned+kernels / tuned: what the
            fused BatchNorm + add + ReLU kernels add.
 - project: `resnet_ablate.train.train` on the fused model with the device's defaults but eager
@@ -84,7 +86,8 @@ def cases(device: torch.device, small: bool) -> list[Case]:
     if device.type != "cuda":
         return [Case(f"resnet{d}-digits", cifar(d), 32, 3, "digits") for d in (20, 56)]
     # 50 steps an epoch: the second, the one timed, long enough for a GPU's clock (ResNet-20
-    # replayed from a graph: a third of a second) and the whole step within the GPU check's limit
+    # replayed from a graph: about 0.13 s on an H200, 50 replays) and the whole step within the
+    # GPU check's limit
     cifar_sized = SyntheticSpec(num_classes=10, channels=3, image_size=32, train_size=6_400,
                                 test_size=256)
     imagenet_sized = SyntheticSpec(num_classes=1000, channels=3, image_size=224,
@@ -113,6 +116,9 @@ def hand_loop(case: Case, data: DataBundle, device: torch.device, seed: int,
     """(images/s, 0 compile seconds, execution) of a hand-written loop: plain, tuned or
     tuned+kernels (see the module's description)."""
     tuned = variant != "plain"
+    # cuDNN autotuning, as a trial sets it (train()) and a good engineer does; the plain loop
+    # keeps PyTorch's default (set each time: the flag is the process's, and train() sets it)
+    torch.backends.cudnn.benchmark = tuned and device.type == "cuda"
     torch.manual_seed(seed)
     model = build(case.arch.replace(fused=variant == "tuned+kernels"),
                   num_classes=data.num_classes, in_channels=data.in_channels)
@@ -200,6 +206,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="default: plain, tuned, tuned+kernels, project, and project+nchw on a "
                              "CPU, project+compile and project+graphs on CUDA")
     parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--tuned-cases", nargs="+",
+                        help="the cases tuned and tuned+kernels run on (default: every case)")
     parser.add_argument("--compile-cases", nargs="+",
                         help="the cases project+compile runs on (default: every case)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on a CPU (a trial's)")
@@ -214,8 +222,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.variants = list(DEFAULT_VARIANTS.get(device_type, DEFAULT_VARIANTS["cpu"]))
     if "project+graphs" in args.variants and device_type != "cuda":
         parser.error(f"--variants project+graphs needs --device cuda, not {args.device}")
-    if "plain" not in args.variants:
-        args.variants = ["plain", *args.variants]  # every ratio is taken against it
+    # First: every ratio is taken against it, and each row is written as its variant ends
+    args.variants = ["plain", *(v for v in args.variants if v != "plain")]
     return args
 
 
@@ -283,8 +291,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows: list[dict] = []
     for case in selected:
         data = load(case)
-        variants = [v for v in args.variants if v != "project+compile" or
-                    args.compile_cases is None or case.name in args.compile_cases]
+        only_on = {"project+compile": args.compile_cases, "tuned": args.tuned_cases,
+                   "tuned+kernels": args.tuned_cases}
+        variants = [v for v in args.variants
+                    if only_on.get(v) is None or case.name in only_on[v]]
         print(f"\n{case.name}, batch {case.batch}, {case.epochs} epochs of "
               f"{data.train_x.shape[0]} images, {device_name(device)}", flush=True)
         best: dict[str, Measured] = {}

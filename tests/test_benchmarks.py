@@ -476,15 +476,19 @@ def test_the_dry_run_recommends_the_fastest_packing_measured_for_small_gpu_trial
     assert packing_advice(1.0, 1, 224, False, [h200]) == []
 
 
-def _mps_control_stand_in(tmp_path, monkeypatch):
+def _mps_control_stand_in(tmp_path, monkeypatch, starts=True):
     """A stand-in for the driver's control program on the PATH: logs its arguments, stdin and
-    pipe folder; `-d` (start) makes the pipe the daemon would make."""
+    pipe folder; `-d` (start) makes the pipe and a server log the daemon would make (or fails,
+    with `starts=False`), `quit` removes the pipe."""
     log = tmp_path / "calls"
     control = tmp_path / "bin" / "nvidia-cuda-mps-control"
     control.parent.mkdir()
+    start = ('touch "$CUDA_MPS_PIPE_DIRECTORY/control"; '
+             'echo "server: no GPU here" > "$CUDA_MPS_LOG_DIRECTORY/server.log"'
+             if starts else "exit 1")
     control.write_text(f'#!/bin/sh\necho "args=$* pipe=$CUDA_MPS_PIPE_DIRECTORY" >> {log}\n'
-                       f'if [ "$1" = -d ]; then touch "$CUDA_MPS_PIPE_DIRECTORY/control"; '
-                       f'else cat >> {log}; fi\n')
+                       f'if [ "$1" = -d ]; then {start}; '
+                       f'else cat >> {log}; rm -f "$CUDA_MPS_PIPE_DIRECTORY/control"; fi\n')
     control.chmod(0o755)
     monkeypatch.setenv("PATH", f"{control.parent}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
@@ -495,8 +499,10 @@ def test_packing_through_mps_starts_the_daemon_for_the_trials_and_stops_it(tmp_p
     bench = _load("bench_packing")
     log = _mps_control_stand_in(tmp_path, monkeypatch)
     folder = str(tmp_path / "mps")
-    with bench.mps_daemon(folder=folder, probe=lambda: True) as running:
+    probed = []
+    with bench.mps_daemon(folder=folder, probe=lambda env: probed.append(env) or True) as running:
         assert running
+        assert probed[0]["CUDA_MPS_PIPE_DIRECTORY"] == folder  # the probe goes through it
         assert os.environ["CUDA_MPS_PIPE_DIRECTORY"] == folder  # what the spawned trials inherit
         assert log.read_text() == f"args=-d pipe={folder}\n"
     assert log.read_text() == f"args=-d pipe={folder}\nargs= pipe={folder}\nquit\n"
@@ -507,19 +513,26 @@ def test_packing_through_mps_starts_the_daemon_for_the_trials_and_stops_it(tmp_p
             pass
 
 
-def test_a_daemon_left_behind_is_stopped_first_and_one_that_fails_its_probe_is_not_used(
-        tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("starts", [True, False], ids=["probe-fails", "daemon-fails"])
+def test_a_daemon_left_behind_is_stopped_first_and_one_that_fails_is_not_used(
+        tmp_path, monkeypatch, capsys, starts):
+    """Every command names the run's own pipe folder (never the system's daemon, whose pipe is
+    the default), a daemon a killed run left is stopped first, and a daemon that does not start,
+    or through which no process starts CUDA, is stopped (once) and its log printed; the trials
+    then run without MPS."""
     bench = _load("bench_packing")
-    log = _mps_control_stand_in(tmp_path, monkeypatch)
+    log = _mps_control_stand_in(tmp_path, monkeypatch, starts=starts)
     folder = tmp_path / "mps"
     folder.mkdir()
     (folder / "control").touch()  # the pipe of a daemon that a killed run left
-    with bench.mps_daemon(folder=str(folder), probe=lambda: False) as running:
+    with bench.mps_daemon(folder=str(folder), probe=lambda env: False) as running:
         assert not running and "CUDA_MPS_PIPE_DIRECTORY" not in os.environ
-        calls = log.read_text().splitlines()
-        assert calls == [f"args= pipe={folder}", "quit", f"args=-d pipe={folder}",
-                         f"args= pipe={folder}", "quit"]
-    assert "could not start CUDA through the MPS server" in capsys.readouterr().err
+    stopped_then_started = [f"args= pipe={folder}", "quit", f"args=-d pipe={folder}"]
+    stopped_again = [f"args= pipe={folder}", "quit"] if starts else []
+    assert log.read_text().splitlines() == stopped_then_started + stopped_again
+    err = capsys.readouterr().err
+    assert "the trials share the GPU without it" in err
+    assert ("server: no GPU here" if starts else "(no log written)") in err
 
 
 def test_a_run_ended_by_sigterm_still_stops_the_daemon(tmp_path, monkeypatch):
@@ -531,7 +544,7 @@ def test_a_run_ended_by_sigterm_still_stops_the_daemon(tmp_path, monkeypatch):
     log = _mps_control_stand_in(tmp_path, monkeypatch)
     folder = tmp_path / "mps"
     script = (f"import sys, time; sys.path.insert(0, {str(BENCHMARKS)!r}); import bench_packing\n"
-              f"with bench_packing.mps_daemon(folder={str(folder)!r}, probe=lambda: True):\n"
+              f"with bench_packing.mps_daemon(folder={str(folder)!r}, probe=lambda env: True):\n"
               f"    print('running', flush=True); time.sleep(60)\n")
     run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert run.stdout.readline() == "running\n"
@@ -576,7 +589,11 @@ def test_the_summary_takes_each_loader_ratio_at_its_best_workers_for_each_decode
         {"decode": "cpu", "loader_over_step": "1.2", "fed_over_step": "0.9"},
         {"decode": "gpu", "loader_over_step": "2.0", "fed_over_step": "0.97"},
         {"decode": "gpu", "loader_over_step": "1.5", "fed_over_step": "0.99"}])
-    figures = {r.name: r.value for r in summary.ratios(tmp_path)}
+    ratios = summary.ratios(tmp_path)
+    figures = {r.name: r.value for r in ratios}
+    # (With no single trials packed, the project's Table 6 row says it assumes none.)
+    table6 = next(r for r in ratios if r.name == "Table 6, project (minutes)")
+    assert table6.meaning == "projected, one trial at a time (no packing of single trials measured)"
     assert figures["loader / step (best workers)"] == 1.4
     assert figures["training fed by the loader / step alone (best workers)"] == 0.9
     assert figures["loader / step, decode: gpu (best workers)"] == 2.0
@@ -609,6 +626,33 @@ def test_a_packing_row_counts_every_trials_images_over_the_span_they_trained_tog
     assert row["speedup_vs_one_trial"] == pytest.approx(2.0)
     assert row["per_trial_images_per_s"] == pytest.approx(30.0)
     assert (row["gpus_per_trial"], row["peak_memory_mb"]) == (0.5, 120.0)
+
+
+def test_a_packed_trial_is_timed_from_its_first_epochs_end_over_the_later_epochs():
+    """timed_run: a stack of 2 seeds, 3 epochs of 64 images a seed; the first epoch (12 s of
+    training, a graph's capture in it) left out: 2 seeds x 2 epochs x 64 images over the later
+    epochs' 2 + 2 s of training, from the first epoch's end."""
+    import types
+
+    from resnet_ablate.record import EpochRecord
+
+    bench = _load("bench_packing")
+    history = tuple(EpochRecord(epoch=e, lr=0.1, train_loss=1.0, train_error=0.5, test_loss=1.0,
+                                test_error=0.5, seconds=s + 1, train_seconds=s)
+                    for e, s in ((1, 12.0), (2, 2.0), (3, 2.0)))
+    seed_rate = 3 * 64 / 16.0  # each seed's images/s over the whole run, as train_seeds gives
+    trained = [types.SimpleNamespace(history=history, images_per_second=seed_rate)] * 2
+    timing = bench.timed_run(trained, first_epoch_end=113.0, started=100.0, finished=120.0,
+                             peak_memory=5.0)
+    assert (timing.started, timing.finished, timing.images) == (113.0, 120.0, 2 * 2 * 64)
+    assert timing.images_per_second == pytest.approx(256 / 4.0)
+    one_seed = bench.timed_run(trained[:1], first_epoch_end=113.0, started=100.0,
+                               finished=120.0, peak_memory=5.0)
+    assert (one_seed.images, one_seed.images_per_second) == (2 * 64, 32.0)
+    # One epoch only: all of it, from the start
+    alone = bench.timed_run([types.SimpleNamespace(history=history[:1], images_per_second=4.0)],
+                            first_epoch_end=0.0, started=100.0, finished=120.0, peak_memory=5.0)
+    assert (alone.started, alone.images, alone.images_per_second) == (100.0, 48, 4.0)
 
 
 def test_host_figures_pair_each_layers_fused_and_eager_rows():
@@ -712,6 +756,15 @@ def test_the_dense_block_diagonal_variant_computes_the_stacked_model_and_keeps_i
                               for m in grouped.modules()) > 0
     assert all(m.block_mask.dtype == m.weight.dtype == torch.float64
                and m.block_mask.device == m.weight.device for m in masked)
+    # The hooks read the masks the model holds: with a mask of ones, gradients pass off the
+    # diagonal too (a third of the weight is on it)
+    probe, kept = masked[0], masked[0].block_mask
+    probe.block_mask = torch.ones_like(kept)
+    nn.functional.cross_entropy(dense(torch.randn(5, 9, 8, 8, dtype=torch.float64)),
+                                torch.randint(0, 4, (5, 3))).backward()
+    assert probe.weight.grad.count_nonzero() > probe.weight.numel() // 3
+    probe.block_mask = kept
+    dense.zero_grad(set_to_none=True)
     x = torch.randn(5, 9, 8, 8, dtype=torch.float64)
     y = torch.randint(0, 4, (5, 3))
     for model in (grouped, dense):

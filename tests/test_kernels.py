@@ -1424,6 +1424,8 @@ def test_a_gradient_differentiated_again_is_connected_as_nn_batchnorm2ds_is(back
                 out = F.relu(out) if relu else out
             leaves = [t for t in (x, w, b, r) if t is not None]
             grads = torch.autograd.grad(out, leaves, v, create_graph=True)
+            assert grads[0].requires_grad, f"{which}: {affine=} {relu=} {with_residual=}: " \
+                "the input's gradient cannot be differentiated again"
             norm = sum((grad * grad).sum() for grad in grads if grad.requires_grad)
             taken = torch.autograd.grad(norm, leaves, allow_unused=True)
             second.append([torch.zeros_like(leaf) if grad is None else grad

@@ -59,7 +59,8 @@ def test_loader_workers_change_neither_the_threads_nor_the_results(folder):
     assert serial.status == parallel.status == "completed", (serial.reason, parallel.reason)
 
     def measured(outcome):  # every number of each epoch but its duration
-        return [{k: v for k, v in epoch.items() if k not in ("seconds", "train_seconds")} for epoch in outcome.curves]
+        return [{k: v for k, v in epoch.items() if k not in ("seconds", "train_seconds")}
+                for epoch in outcome.curves]
 
     assert measured(serial) == measured(parallel)
     weights = [torch.load(io.BytesIO(o.weights), weights_only=True) for o in outcomes]

@@ -108,13 +108,17 @@ def nvjpeg_decoder(device: torch.device) -> BatchDecoder | None:
     # from a stream of its own that does not wait for the caller's: a block the training step
     # freed while its queued kernels still read it could be written before they run. Allocated
     # on a stream that runs no other work, and marked as used by the caller's stream (so not
-    # reused before what it queues on them has run), the images can take no such block.
+    # reused before what it queues on them has run), the images can take no such block. The
+    # caller's stream waits for that stream's work (torchvision's own event): the images are
+    # written when it reads them, whether or not the decoder also waits on the host, as
+    # torchvision's does now.
     decoding = torch.cuda.Stream(device)
 
     def decoder(datas: list[torch.Tensor]) -> list[torch.Tensor]:
         consumer = torch.cuda.current_stream(device)
         with torch.cuda.stream(decoding):
             images = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+        consumer.wait_stream(decoding)
         for image in images:
             image.record_stream(consumer)
         return images

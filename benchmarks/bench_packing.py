@@ -10,12 +10,11 @@ process (as a study's Ray workers are), runs the project's training loop (`resne
 on in-memory synthetic CIFAR-sized data, first trains a few untimed batches (Triton's JIT, cuDNN's
 first calls), then waits at a barrier so that all the trials' runs start together, and again at
 the end of their first epochs. Each run is timed from there (where it trains more than one
-epoch): the first holds what a
-trial pays once (building the model, the data's copy to the device, a CUDA graph's warm-up and
-capture), mostly host work that packed trials overlap with each other's GPU work, so that timed
-from the start a packing's gain would be overstated where a trial's 164 epochs amortize it.
-The aggregate rate is every trial's timed images over the span from the first timed start to the
-last finish.
+epoch): the first holds what a trial pays once (building the model, the data's copy to the
+device, a CUDA graph's warm-up and capture), mostly host work that packed trials overlap with
+each other's GPU work, so that timed from the start a packing's gain would be overstated where a
+trial's 164 epochs amortize it. The aggregate rate is every trial's timed images over the span
+from the first timed start to the last finish.
 
 Each row (trials per device, the matching `resources.gpus`, aggregate and per-trial images/s, the
 speed-up over one trial, the largest trial's peak memory) is appended to

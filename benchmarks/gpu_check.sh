@@ -215,12 +215,20 @@ eager_variants=(plain tuned tuned+kernels project)
 
 # From another folder, so that the fresh copy, not the source tree, is imported. Every test runs
 # (no -x): one lease should name every failure, not the first. Each test's verdict is logged as
-# it ends (-v): the JUnit file is written only at the end, which a cut step never reaches.
+# it ends (-v): the JUnit file is written only at the end, which a cut step never reaches; and
+# each test's time (--durations). Four test processes where pytest-xdist is installed (the GPU
+# machine has it): most of the step is Triton compiling the kernels of a cold cache (an audit
+# counted ~150 binaries, a second or so each), which a process at a time did in series (the
+# first lease's step ran past 90 s, and the tests are more now). The files never run on a GPU
+# first.
+xdist=()
+$python -c "import xdist" 2>/dev/null && xdist=(-n 4 --dist load)
 step tests "${limits[0]}" "$out/tests.xml" bash -c "cd /tmp && '$python' -m pytest -v \
-    -p no:cacheprovider -m gpu --junitxml='$out/tests.xml' --rootdir '$repo' \
-    -c '$repo/pyproject.toml' '$repo/tests/test_kernels.py' '$repo/tests/test_train.py' \
-    '$repo/tests/test_models.py' '$repo/tests/test_device_decode.py' \
-    '$repo/tests/test_seed_stack.py'"
+    ${xdist[*]-} --durations=0 -p no:cacheprovider -m gpu --junitxml='$out/tests.xml' \
+    --rootdir '$repo' -c '$repo/pyproject.toml' '$repo/tests/test_seed_stack.py' \
+    '$repo/tests/test_device_decode.py' '$repo/tests/test_train.py' \
+    '$repo/tests/test_kernels.py' '$repo/tests/test_kernel_tuning.py' \
+    '$repo/tests/test_models.py'"
 step trial "${limits[1]}" "$out/trial.csv" $python bench_trial.py --device $device --repeats 1 \
     "${trial_args[@]}" --variants "${eager_variants[@]}" --csv "$out/trial.csv"
 step kernels "${limits[2]}" "$out/batch_norm_act.csv" $python bench_batch_norm_act.py \

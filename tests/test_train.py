@@ -399,9 +399,17 @@ def test_cuda_graphs_auto_is_on_exactly_where_a_graph_can_capture_the_step(monke
             TrainRecipe(cuda_graphs=wrong)
 
 
+@pytest.fixture
+def deterministic_cudnn(monkeypatch):
+    """cuDNN's deterministic algorithms only (train() turns its autotuning on, which may pick
+    ones that sum with atomics): two runs of the same steps then differ only where they run
+    other kernels, not by the order of a sum, which bf16 would carry into every later step."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
-def test_cuda_graph_steps_train_like_eager_steps(precision):
+def test_cuda_graph_steps_train_like_eager_steps(precision, deterministic_cudnn):
     data = load_dataset("synthetic", synthetic=SyntheticSpec(train_size=300, test_size=128))
     recipe = quick(precision=precision, batch_size=32)  # 9 full batches and one of 12
     eager = train(tiny_cnn, data, dataclasses.replace(recipe, cuda_graphs=False), seed=0,
@@ -521,7 +529,8 @@ def test_recipe_rejects_bad_values_naming_the_field(values, field):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
-def test_fused_resnet_steps_replayed_from_cuda_graphs_train_like_eager_ones(compile):
+def test_fused_resnet_steps_replayed_from_cuda_graphs_train_like_eager_ones(
+        compile, deterministic_cudnn):
     """The fused op (Triton kernels, in-place running statistics) inside a captured step."""
     from resnet_ablate.arch import ResNetArch
 

@@ -17,9 +17,11 @@ import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
+_T = TypeVar("_T")
 RESULTS = Path(__file__).resolve().parent / "results"
 # A smoke run's rows (--small: tiny sizes that check a script works, not figures to keep).
 SMOKE_RESULTS = Path(tempfile.gettempdir()) / "resnet-ablate-benchmarks"
@@ -101,6 +103,12 @@ def triton_version() -> str:
 
 def timestamp() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def timed_epochs(epochs: Sequence[_T]) -> Sequence[_T]:
+    """The epochs a run's rate is timed over: those after the first, which holds what a run pays
+    once (a CUDA graph's warm-up steps and capture, a trial's set-up), or the only one."""
+    return epochs[1:] or epochs
 
 
 def synchronize(device: torch.device) -> None:

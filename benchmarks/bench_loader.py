@@ -35,7 +35,7 @@ from resnet_ablate import ResNetArch, build
 from resnet_ablate.data.decode import normalise
 from resnet_ablate.data.device_decode import DeviceCrops, nvjpeg_decoder
 from resnet_ablate.data.folders import load_image_folder
-from resnet_ablate.execution import Execution
+from resnet_ablate.execution import resolve_execution
 from resnet_ablate.recipe import TrainRecipe
 from resnet_ablate.replicas import Replicas
 from resnet_ablate.train.step import Step
@@ -92,14 +92,15 @@ def loader_rate(data, batch_size: int, batches: int, workers: int, device: torch
 
 
 class TrialStep:
-    """The train step as a trial runs it on streamed data (resnet_ablate.train.step.Step: the
-    device's precision, channels_last, fused SGD, no host syncs; no CUDA graphs, which streamed
-    trials do not use), on uint8 crops normalised on the device as the trial's feed does."""
+    """The train step as a trial runs it on streamed data (resnet_ablate.train.step.Step, with
+    the recipe's defaults resolved as a trial's are: the device's precision, channels_last, no
+    CUDA graphs for streamed data; fused SGD, no host syncs), on uint8 crops normalised on the
+    device as the trial's feed does."""
 
     def __init__(self, model, batch_size: int, device: torch.device) -> None:
-        execution = Execution(str(device), "bf16" if device.type == "cuda" else "fp32",
-                              "channels_last", compile=False, cuda_graphs=False)
-        self.step = Step(model, TrainRecipe(batch_size=batch_size), execution, Replicas())
+        recipe = TrainRecipe(batch_size=batch_size)
+        execution = resolve_execution(recipe, device, in_memory=False)
+        self.step = Step(model, recipe, execution, Replicas())
         self.device, self.memory_format = device, execution.torch_memory_format
         self.step.start_epoch()
 

@@ -54,7 +54,8 @@ from dataclasses import dataclass
 
 import torch
 
-from _results import append_rows, results_csv, peak_memory_mb, reset_peak_memory, run_context
+from _results import (append_rows, results_csv, peak_memory_mb, reset_peak_memory, run_context,
+                      timed_epochs)
 
 BARRIER_TIMEOUT_S = 600  # every trial must be ready by then (import, data, warm-up)
 
@@ -140,7 +141,7 @@ def timed_run(trained: list, first_epoch_end: float, started: float, finished: f
     images of the epochs after the first over their train_seconds (a stack's epochs are one
     run's, the same train_seconds in every seed's history; a seed's images/s is its own)."""
     history = trained[0].history
-    timed = history[1:] or history
+    timed = timed_epochs(history)
     per_epoch = trained[0].images_per_second * sum(r.train_seconds for r in history) / len(history)
     images = round(len(trained) * per_epoch * len(timed))
     return TrialTiming(first_epoch_end if len(history) > 1 else started, finished, images,
@@ -182,7 +183,7 @@ def packing_row(config: TrialConfig, trials: int, timings: list[TrialTiming],
     return {
         "model": f"resnet{config.depth}", "image_size": config.image_size, "batch": config.batch,
         "train_images": config.train_images, "epochs": config.epochs,
-        "timed_epochs": max(config.epochs - 1, 1),  # after the first (see the description)
+        "timed_epochs": len(timed_epochs(range(config.epochs))),
         "cuda_graphs": config.cuda_graphs, "stack_seeds": config.stack_seeds,
         "trials_per_device": trials,
         "gpus_per_trial": round(1 / trials, 4), "wall_seconds": round(span, 3),

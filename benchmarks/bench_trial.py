@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from _results import (append_rows, results_csv, device_name, peak_memory_mb, reset_peak_memory,
-                      run_context, synchronize)
+                      run_context, synchronize, timed_epochs)
 
 from resnet_ablate.arch import ResNetArch
 from resnet_ablate.data import DataBundle, SyntheticSpec, load_dataset
@@ -166,7 +166,7 @@ def hand_loop(case: Case, data: DataBundle, device: torch.device, seed: int,
 
 def steady_rate(images_per_epoch: float, epoch_seconds: list[float]) -> float:
     """Images/s of the epochs after the first (of the only one, where there is one)."""
-    timed = epoch_seconds[1:] or epoch_seconds
+    timed = timed_epochs(epoch_seconds)
     return images_per_epoch * len(timed) / sum(timed)
 
 
@@ -264,7 +264,7 @@ def variant_row(case: Case, data: DataBundle, variant: str, best: dict[str, Meas
     return {
         **run_context(device), "case": case.name, "batch": case.batch,
         "epochs": case.epochs, "train_images": data.train_x.shape[0], "variant": variant,
-        "timed_epochs": max(case.epochs - 1, 1),  # the epochs after the first (see above)
+        "timed_epochs": len(timed_epochs(range(case.epochs))),
         "precision": m.execution.get("precision"),
         "memory_format": m.execution.get("memory_format"),
         "images_per_second": round(m.images_per_second, 1),

@@ -9,7 +9,8 @@ kernels' own. Two figures per function:
   layers between; measured as the graph of (flush, call) pairs less the graph of flushes alone,
   the two replayed in turn and the median of the rounds' differences kept (a microsecond kernel
   is the difference of two figures each mostly the flush: in separate medians, their drift
-  between rounds was a large part of it);
+  between rounds was a large part of it); the lowest and highest round beside it, so that a
+  reader sees where the flush's noise is as large as the kernel (a low below zero says so);
 - warm: calls back to back, a small tensor's data then staying in the L2.
 """
 
@@ -24,12 +25,14 @@ import torch
 FLUSH_BYTES = 128 * 2**20  # 2.5x an H100's L2 (50 MB), 2.1x an H200's (60 MB)
 CALLS = 10  # captured per graph
 REPLAYS = 5  # per measurement; the median of ROUNDS measurements is kept
-ROUNDS = 3
+ROUNDS = 5
 
 
 class GraphTimes(NamedTuple):
-    cold_ms: float
+    cold_ms: float  # the median round's, floored at 0
     warm_ms: float
+    cold_low_ms: float  # the lowest and highest rounds', not floored
+    cold_high_ms: float
 
 
 def graph_times(fn: Callable[[], object], *, warmups: int = 2) -> GraphTimes:
@@ -56,10 +59,10 @@ def graph_times(fn: Callable[[], object], *, warmups: int = 2) -> GraphTimes:
     flushed = capture(lambda: (flush.zero_(), fn()))
     flushes = capture(flush.zero_)
     back_to_back = capture(fn)
-    cold = statistics.median(with_flush - alone for with_flush, alone in
-                             zip(*_rounds_ms((flushed, flushes))))
+    cold = [with_flush - alone for with_flush, alone in zip(*_rounds_ms((flushed, flushes)))]
     warm = statistics.median(*_rounds_ms((back_to_back,)))
-    return GraphTimes(cold_ms=max(cold, 0.0), warm_ms=warm)
+    return GraphTimes(cold_ms=max(statistics.median(cold), 0.0), warm_ms=warm,
+                      cold_low_ms=min(cold), cold_high_ms=max(cold))
 
 
 def _rounds_ms(graphs: tuple[torch.cuda.CUDAGraph, ...]) -> list[list[float]]:

@@ -6,7 +6,8 @@ reductions' split and the elementwise passes' warps change.
 
 A training layer (bf16, channels_last) launches four kernels: statistics and normalize forward,
 reduce and elementwise backward. `plan_forward` and `plan_backward` describe them as data; each
-is launched on its own, timed from CUDA graph replays with a cold L2 (_gpu_timing.py), and scored
+is launched on its own, timed from CUDA graph replays with a cold L2 (_gpu_timing.py; the
+median round, with the lowest and highest beside it: cold_us_low, cold_us_high), and scored
 by the bytes it must move: every activation-sized tensor it takes is read or written once (the
 packed ReLU mask at its eighth of a byte an element). Beside them, in the same run, a copy of the
 activation (read once, written once) gives the bandwidth this device reaches in practice: each
@@ -46,6 +47,7 @@ if not CUDA:  # the stand-in driver (see above), the interpreter off before the 
 
     triton_stand_in.install()
 
+from _gpu_timing import GraphTimes, graph_times  # noqa: E402
 from _results import append_rows, results_csv, run_context  # noqa: E402
 from bench_batch_norm_act import PEAK_BANDWIDTH_GBPS, SHAPE_SETS, Shape  # noqa: E402
 from resnet_ablate.kernels import _triton_geometry  # noqa: E402
@@ -121,17 +123,15 @@ def bytes_moved(launch, x: torch.Tensor) -> int:
     return total
 
 
-def milliseconds(fn: Callable[[], None]) -> tuple[float, float]:
-    """(cold, warm) ms of one call: graph replays on CUDA, the clock on a CPU (both the same)."""
+def milliseconds(fn: Callable[[], None]) -> GraphTimes:
+    """Cold and warm ms of one call: graph replays on CUDA, the clock on a CPU (all the same)."""
     if CUDA:
-        from _gpu_timing import graph_times
-
-        return tuple(graph_times(fn))
+        return graph_times(fn)
     fn()
     start = time.perf_counter()
     fn()
     ms = (time.perf_counter() - start) * 1e3
-    return ms, ms
+    return GraphTimes(cold_ms=ms, warm_ms=ms, cold_low_ms=ms, cold_high_ms=ms)
 
 
 def measure_shape(shape: Shape, dtype, device, sweep: bool, context: dict, peak) -> list[dict]:
@@ -149,7 +149,7 @@ def measure_shape(shape: Shape, dtype, device, sweep: bool, context: dict, peak)
                                      small_layer_steps)
         if copy_gbps is None:
             target = torch.empty_like(x)
-            cold, _ = milliseconds(lambda: target.copy_(x))
+            cold = milliseconds(lambda: target.copy_(x)).cold_ms
             copy_gbps = 2 * x.numel() * x.element_size() / (cold * 1e-3) / 1e9
         planned = (waves, statistics_warps, small_layer_steps) == (1, None, None)
         varied = REDUCTIONS if waves != 1 else ("statistics",)
@@ -192,10 +192,13 @@ def _variants(launch, sweep: bool, reduction: bool) -> list:
 
 def timed(launch, x: torch.Tensor, copy_gbps: float, peak: float | None) -> dict:
     """A launch's columns: its times, the bytes it moves, and its GB/s against the copy's."""
-    cold, warm = milliseconds(run_launch(launch))
+    times = milliseconds(run_launch(launch))
+    cold = times.cold_ms
     moved = bytes_moved(launch, x)
     gbps = moved / (cold * 1e-3) / 1e9 if cold > 0 else float("nan")
-    return {"cold_us": round(cold * 1e3, 2), "warm_us": round(warm * 1e3, 2),
+    return {"cold_us": round(cold * 1e3, 2), "warm_us": round(times.warm_ms * 1e3, 2),
+            "cold_us_low": round(times.cold_low_ms * 1e3, 2),
+            "cold_us_high": round(times.cold_high_ms * 1e3, 2),
             "mb_moved": round(moved / 2**20, 2), "gbps": round(gbps, 1),
             "copy_gbps": round(copy_gbps, 1), "pct_copy": round(100 * gbps / copy_gbps, 1),
             "pct_peak": round(100 * gbps / peak, 1) if peak else ""}

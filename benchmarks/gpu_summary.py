@@ -373,12 +373,15 @@ def broken_steps(steps: Sequence[Mapping[str, str]]) -> list[str]:
 def pass_table(rows: Sequence[Mapping[str, str]]) -> list[str]:
     """bench_kernel_passes.py's kernels, each as planned: the median share, over shapes, of the
     copy bandwidth measured in the same run and of the vendor's peak; and on the swept shapes
-    the best variant's gain over the planned launch (median over shapes)."""
+    the best variant's gain over the planned launch (median over shapes); and how far apart the
+    timing's rounds were, as a share of the time (median over shapes: where it nears 100%, the
+    cold L2's flush varied as much as the kernel took)."""
     planned = [r for r in rows if r.get("default") == "True"]
     if not planned:
         return []
     lines = ["| kernel | % of copy (median) | % of peak (median) | best variant on swept shapes "
-             "| its gain (median) |", "| --- | --- | --- | --- | --- |"]
+             "| its gain (median) | rounds' spread, % of the time (median) |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for kernel in dict.fromkeys(r["pass"] for r in planned):
         own = [r for r in planned if r["pass"] == kernel]
         gains: dict[str, list[float]] = {}
@@ -399,8 +402,11 @@ def pass_table(rows: Sequence[Mapping[str, str]]) -> list[str]:
         best = max(gains, key=lambda n: statistics.median(gains[n]), default=None)
         copy = statistics.median(float(r["pct_copy"]) for r in own)
         peak = [float(r["pct_peak"]) for r in own if r.get("pct_peak")]
+        spread = [100 * (float(r["cold_us_high"]) - float(r["cold_us_low"])) / float(r["cold_us"])
+                  for r in own if r.get("cold_us_low") and float(r["cold_us"]) > 0]
         lines.append(f"| {kernel} | {copy:.0f} | {fmt(statistics.median(peak)) if peak else '-'} "
-                     f"| {best or '-'} | {fmt(statistics.median(gains[best])) if best else '-'} |")
+                     f"| {best or '-'} | {fmt(statistics.median(gains[best])) if best else '-'} "
+                     f"| {fmt(statistics.median(spread)) if spread else '-'} |")
     copy_gbps = statistics.median(float(r["copy_gbps"]) for r in planned)
     return ["Each kernel alone (bench_kernel_passes.py; CUDA graph replays, cold L2; a copy of "
             f"the activation reached {copy_gbps:,.0f} GB/s, median over shapes):", "", *lines, "",

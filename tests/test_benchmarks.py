@@ -388,25 +388,31 @@ def test_broken_steps_are_failed_empty_or_missing_ones_but_not_a_skipped_optiona
 def test_the_pass_table_gives_each_kernels_median_share_and_its_best_variants_gain():
     summary = _load("gpu_summary")
 
-    def row(shape, kernel, us, pct, default=True, waves="", warps="8", small_layer_steps=""):
+    def row(shape, kernel, us, pct, default=True, waves="", warps="8", small_layer_steps="",
+            rounds=("", "")):
         return {"shape": shape, "pass": kernel, "cold_us": str(us), "pct_copy": str(pct),
                 "pct_peak": str(pct / 2), "copy_gbps": "4000", "default": str(default),
-                "waves": waves, "num_warps": warps, "small_layer_steps": small_layer_steps}
+                "waves": waves, "num_warps": warps, "small_layer_steps": small_layer_steps,
+                "cold_us_low": str(rounds[0]), "cold_us_high": str(rounds[1])}
 
-    rows = [row("a", "statistics", 10, 40, waves="1"), row("b", "statistics", 20, 60, waves="1"),
-            row("c", "statistics", 30, 90, waves="1"),
+    # The rounds' spreads 20%, 40% and 10% of the time (a low round below zero counts as it is)
+    rows = [row("a", "statistics", 10, 40, waves="1", rounds=(9, 11)),
+            row("b", "statistics", 20, 60, waves="1", rounds=(-2, 6)),
+            row("c", "statistics", 30, 90, waves="1", rounds=(27, 30)),
             row("a", "statistics", 5, 80, default=False, waves="2"),  # 2x on the swept shape
             row("a", "normalize", 8, 70), row("a", "normalize", 10, 56, default=False, warps="4")]
     lines = summary.pass_table(rows)
-    assert "| statistics | 60 | 30 | 2 waves, 8 warps | 2 |" in lines
-    assert "| normalize | 70 | 35 | 8 warps | 1 |" in lines  # the planned launch was the best
+    assert "| statistics | 60 | 30 | 2 waves, 8 warps | 2 | 20 |" in lines
+    # the planned launch was the best; rows from before the rounds were recorded show no spread
+    assert "| normalize | 70 | 35 | 8 warps | 1 | - |" in lines
     assert "4,000 GB/s" in lines[0]
     assert summary.pass_table([]) == []
     # The statistics pass of a small layer at one wave, as before SMALL_LAYER_STEPS, is named so
     one_wave = [row("a", "statistics", 10, 40, waves="1", small_layer_steps="2"),
                 row("a", "statistics", 8, 50, default=False, waves="1", small_layer_steps="1")]
     lines = summary.pass_table(one_wave)
-    assert "| statistics | 40 | 20 | 1 wave, 8 warps, whatever the layer's size | 1.25 |" in lines
+    assert ("| statistics | 40 | 20 | 1 wave, 8 warps, whatever the layer's size | 1.25 | - |"
+            in lines)
     assert ("The statistics pass of a small layer at one wave whatever its size takes 0.8x the "
             "time of its planned fewer programs (SMALL_LAYER_STEPS; median over 1 shape: a "
             "0.8x).") in lines

@@ -188,6 +188,23 @@ def best_packing(rows: Sequence[Mapping[str, str]]) -> tuple[int, float] | None:
     return trials, float(by_trials[trials]["speedup_vs_one_trial"])
 
 
+def packing_entry(device: str, rows: Sequence[Mapping[str, str]], packed: tuple[int, float],
+                  graphs: bool, mps: bool) -> str:
+    """The MEASURED_PACKINGS entry (resnet_ablate/study/advice.py) of the best packing among
+    `rows`, with the CPU threads and the model its trials ran where they are not the entry's
+    defaults (1, ResNet-56; rows from before the threads column ran 1)."""
+    row = next(r for r in rows if int(r["trials_per_device"]) == packed[0])
+    extras = ", mps=True" if mps else ""
+    threads = int(row.get("threads_per_trial") or 1)
+    if threads != 1:
+        extras += f", cpus={threads}"
+    model = row.get("model", "resnet56").replace("resnet", "ResNet-")
+    if model != "ResNet-56":
+        extras += f", model={model!r}"
+    return (f"    PackingMeasurement({device!r}, {packed[0]}, {packed[1]:.2f}, "
+            f"cuda_graphs={graphs}{extras})")
+
+
 def kernel_figures(rows: Sequence[Mapping[str, str]]) -> dict[str, float | None]:
     """Forward+backward speed-ups (geometric means over shapes, and the worst shape against
     torch.compile) and the forward pass's median share of the peak bandwidth."""
@@ -490,8 +507,7 @@ def summary_markdown(out: Path) -> str:
         packing, graphs = packing_rows(read_rows(out / "packing.csv"), mps=mps)
         packed = best_packing(packing)
         if packed and "no GPU" not in machine:
-            entries.append(f"    PackingMeasurement({device!r}, {packed[0]}, {packed[1]:.2f}, "
-                           f"cuda_graphs={graphs}" + (", mps=True)" if mps else ")"))
+            entries.append(packing_entry(device, packing, packed, graphs, mps))
     if entries:
         lines += ["For `--dry-run` to recommend these packings, add to MEASURED_PACKINGS in "
                   "resnet_ablate/study/advice.py:", "", *entries, ""]

@@ -13,7 +13,7 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.4.3"
+__version__ = "0.4.4"
 
 # Public name -> the module that defines it.
 _EXPORTS: dict[str, str] = {

@@ -95,7 +95,9 @@ class TrainRecipe:
     # GPU with that decoder installed, else cpu. Evaluation always decodes on the CPU.
     decode: str = "cpu"
     # Data-parallel trials only: BatchNorm normalises with the statistics of the global batch
-    # (all replicas) instead of each replica's own, as the paper's multi-GPU training did.
+    # (all replicas), so that the replicas compute what one process does, instead of each
+    # replica's own (the default, as the multi-GPU training of the paper's time normalised each
+    # GPU's share; the paper does not say).
     sync_bn: bool = False
     eval_batch_size: int = 1000
     precision: str = "auto"

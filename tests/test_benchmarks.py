@@ -464,22 +464,35 @@ def test_the_dry_run_recommends_the_fastest_packing_measured_for_small_gpu_trial
         fastest_packing({})
     h200 = PackingMeasurement("NVIDIA H200", 4, 2.5, cuda_graphs=False)
     h200_graphs = PackingMeasurement("NVIDIA H200", 2, 1.2, cuda_graphs=True)
-    (line,) = packing_advice(1.0, 1, 32, False, [h200, h200_graphs])
-    assert "4 trials per GPU (without CUDA graphs" in line and "resources.gpus: 0.25" in line
-    assert "this spec has 1" in line
-    (line,) = packing_advice(1.0, 1, 32, True, [h200, h200_graphs])  # the trials' own kind
-    assert "2 trials per GPU (with CUDA graphs" in line and "resources.gpus: 0.5" in line
+    (line,) = packing_advice(1.0, 1, 1, 32, False, [h200, h200_graphs])
+    assert "4 ResNet-56 trials per GPU of 1 CPU thread each (without CUDA graphs" in line
+    assert "resources.gpus: 0.25 and workers: 4 per GPU (this spec has 1)" in line
+    assert line.endswith("(this spec has 1)")  # its CPUs as measured: nothing said of them
+    (line,) = packing_advice(1.0, 1, 1, 32, True, [h200, h200_graphs])  # the trials' own kind
+    assert "2 ResNet-56 trials per GPU of 1 CPU thread each (with CUDA graphs" in line
+    assert "resources.gpus: 0.5" in line
+    # Through MPS or not, each line says which, and the MPS one how to start its daemon
     through_mps = PackingMeasurement("NVIDIA H200", 4, 3.0, cuda_graphs=True, mps=True)
-    lines = packing_advice(1.0, 1, 32, True, [h200_graphs, through_mps])
-    assert len(lines) == 2 and "MPS" not in lines[0]
-    assert "through CUDA's MPS (nvidia-cuda-mps-control -d" in lines[1] and "3.00x" in lines[1]
-    assert "as this spec has" in packing_advice(0.25, 1, 32, False, [h200])[0]
+    lines = packing_advice(1.0, 1, 1, 32, True, [h200_graphs, through_mps])
+    assert len(lines) == 2 and "; without MPS)" in lines[0]
+    assert ("; through CUDA's MPS, whose daemon must run on the node: nvidia-cuda-mps-control -d)"
+            in lines[1] and "3.00x" in lines[1])
+    assert "as this spec has" in packing_advice(0.25, 1, 1, 32, False, [h200])[0]
+    # A spec whose trials take more CPUs than the measured ones is told what they add up to (a
+    # node packs 4 trials of 4 threads only by sharing its cores, slower than measured)
+    (line,) = packing_advice(0.25, 4, 1, 32, False, [h200])
+    assert line.endswith("workers: 4 per GPU (as this spec has); at this spec's cpus: 4, 4 "
+                         "trials take 16 CPUs a GPU: a node with fewer cores a GPU slows them, "
+                         "and cpus: 1 is what was measured")
+    wider = PackingMeasurement("NVIDIA H100", 8, 2.0, cuda_graphs=False, cpus=2, model="ResNet-20")
+    (line,) = packing_advice(1.0, 2, 1, 32, False, [wider])
+    assert "8 ResNet-20 trials per GPU of 2 CPU threads each" in line and "CPUs a GPU" not in line
     assert "no packing of trials with CUDA graphs is measured yet" in packing_advice(
-        1.0, 1, 32, True, [h200])[0]
+        1.0, 1, 1, 32, True, [h200])[0]
     # CPU trials, data-parallel trials and large images get no packing advice
-    assert packing_advice(0.0, 1, 32, False, [h200]) == []
-    assert packing_advice(2.0, 2, 32, False, [h200]) == []
-    assert packing_advice(1.0, 1, 224, False, [h200]) == []
+    assert packing_advice(0.0, 1, 1, 32, False, [h200]) == []
+    assert packing_advice(2.0, 1, 2, 32, False, [h200]) == []
+    assert packing_advice(1.0, 1, 1, 224, False, [h200]) == []
 
 
 def _mps_control_stand_in(tmp_path, monkeypatch, starts=True):
@@ -558,6 +571,19 @@ def test_a_run_ended_by_sigterm_still_stops_the_daemon(tmp_path, monkeypatch):
     assert run.wait(timeout=60) == 128 + signal.SIGTERM
     assert log.read_text().splitlines()[-2:] == [f"args= pipe={folder}", "quit"]
     assert not folder.exists()
+
+
+def test_the_summarys_packing_entry_names_the_threads_and_model_its_trials_ran():
+    summary = _load("gpu_summary")
+    rows = [{"trials_per_device": "1", "model": "resnet20", "threads_per_trial": "2"},
+            {"trials_per_device": "4", "model": "resnet20", "threads_per_trial": "2"}]
+    assert summary.packing_entry("NVIDIA H100 80GB HBM3", rows, (4, 2.5), True, True) == (
+        "    PackingMeasurement('NVIDIA H100 80GB HBM3', 4, 2.50, cuda_graphs=True, mps=True, "
+        "cpus=2, model='ResNet-20')")
+    # Rows from before the threads column, of ResNet-56: the entry's defaults, left unsaid
+    older = [{"trials_per_device": "8", "model": "resnet56"}]
+    assert summary.packing_entry("NVIDIA H200", older, (8, 1.1), False, False) == (
+        "    PackingMeasurement('NVIDIA H200', 8, 1.10, cuda_graphs=False)")
 
 
 def test_the_summary_keeps_packing_through_mps_apart_and_projects_with_the_better(tmp_path):

@@ -3,6 +3,8 @@ to each data-parallel trial (study/advice.py), printed under the plan."""
 
 from __future__ import annotations
 
+import os
+
 from helpers import labelled_images, raw_spec, write_shard, write_spec
 
 from resnet_ablate.cli import main
@@ -108,6 +110,45 @@ def test_the_dry_run_times_a_trials_training_here_and_prints_the_estimate(tmp_pa
     assert "(resnet8-cifar-A timed here at " in line and "; the others scaled by their FLOPs: " \
         "a rough figure" in line and "first" not in line, line
     assert not list(tmp_path.glob("*.db"))  # a dry run only reads
+
+
+def test_a_crowded_dry_run_warns_as_run_would_and_says_the_trials_share_the_cores(
+        tmp_path, capsys, monkeypatch):
+    """4 workers of 4 CPUs on 2 cores: `run` starts all 4 (its Ray holds workers x cpus CPUs)
+    and warns; the dry run printed "1 at a time" and no warning (an audit)."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    raw = raw_spec("crowded", seeds=2, resources={"cpus": 4, "workers": 4})
+    assert main(["run", str(write_spec(tmp_path, raw)), "--runs-dir", str(tmp_path),
+                 "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert ("warning: 4 worker(s) x resources.cpus=4 = 16 CPUs on a machine with 2 core(s): "
+            "trials will share cores") in out
+    (line,) = [line for line in out.splitlines() if line.startswith("time: ")]
+    assert "for the 4 trials to run, 4 at once, as fast as 1 at a time, on this machine's 2 " \
+        "CPUs (" in line, line
+    # Within the cores: no warning, and as many at a time as start
+    raw = raw_spec("roomy", seeds=2, resources={"cpus": 1, "workers": 2})
+    assert main(["run", str(write_spec(tmp_path, raw)), "--runs-dir", str(tmp_path),
+                 "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "warning" not in out and "2 at a time on this machine's 2 CPUs" in out, out
+
+
+def test_trials_packed_on_gpus_start_as_many_at_once_as_their_shares_hold(tmp_path,
+                                                                          monkeypatch):
+    import torch
+
+    from resnet_ablate.spec import load_spec
+    from resnet_ablate.study import estimate
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for gpus, workers, trials, at_once in ((0.25, 16, 20, 8), (0.25, 3, 20, 3), (0.5, 8, 3, 3),
+                                           (1, 8, 20, 2), (2, 8, 20, 1)):
+        raw = raw_spec(f"packed-{workers}-{trials}-{str(gpus).replace('.', '-')}",
+                       resources={"cpus": 1, "gpus": gpus, "workers": workers})
+        spec = load_spec(write_spec(tmp_path, raw))
+        assert estimate._at_once(spec, workers, trials, on_gpu=True) == at_once, (gpus, workers)
 
 
 def test_the_estimate_says_why_where_it_is_not_made(tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
-"""The shipped ImageNet specs ask the paper's Tables 2 and 3 as it measured them: every row's
-architecture, with seeds and the paper's protocol; the architectures' parameter counts checked
-against the published figures and against counts made by hand."""
+"""The shipped specs ask the paper's Tables 2, 3 (ImageNet) and 6 (CIFAR-10) as it measured them:
+every row's architecture, with seeds and the paper's protocol; the architectures' parameter
+counts checked against the published figures and against counts made by hand."""
 
 from pathlib import Path
 
@@ -71,3 +71,35 @@ def test_the_paper_specs_train_at_the_papers_crop(name):
     assert (spec.dataset.name, spec.dataset.image_size, spec.dataset.augmentation) == (
         "imagefolder", 224, "scale")
     assert all(spec.arch(p).downsampling == "v1" for p in spec.grid())
+
+
+def test_table_6_cifar10_depths_with_the_papers_recipe():
+    """Sec. 4.2: 6n+2 layers, option A, SGD (momentum 0.9, weight decay 1e-4, batch 128) from lr
+    0.1, divided by 10 at 32k and 48k iterations and ended at 64k (164 epochs of 50k images),
+    the per-pixel mean subtracted, padding-and-crop and flip augmentation; ResNet-110 warmed up
+    at lr 0.01 until the training error is below 80%. Table 6's parameter counts."""
+    spec = load_spec(STUDIES / "cifar10_depth.yaml")
+    assert spec.dataset.name == "cifar10" and spec.seeds == (0, 1, 2, 3, 4)
+    archs = [spec.arch(point) for point in spec.grid()]
+    assert [a.depth for a in archs] == [20, 32, 44, 56, 110]
+    assert {a.shortcut for a in archs} == {"A"}
+    params = [count_parameters(build(a, num_classes=10)) / 1e6 for a in archs]
+    assert [round(p, 2) for p in params[:4]] == [0.27, 0.46, 0.66, 0.85]
+    assert round(params[4], 1) == 1.7
+    recipe = spec.train
+    assert (recipe.epochs, recipe.batch_size, recipe.lr, recipe.momentum, recipe.nesterov,
+            recipe.weight_decay, recipe.gamma, recipe.schedule) == (164, 128, 0.1, 0.9, False,
+                                                                    1e-4, 0.1, "step")
+    assert (recipe.mean, recipe.augment) == ("pixel", True)
+    # The iterations at which the schedule's learning rate falls, and the last
+    steps_per_epoch = -(-50_000 // 128)  # the last, short batch kept
+    rates = [recipe.lr_at(epoch) for epoch in range(1, recipe.epochs + 1)]
+    falls = [epoch * steps_per_epoch for epoch, (a, b) in enumerate(zip(rates, rates[1:]), 1)
+             if b < a]
+    assert [round(step, -3) for step in falls] == [32_000, 48_000]
+    assert rates[0] == 0.1 and rates[-1] == pytest.approx(0.001)
+    assert round(recipe.epochs * steps_per_epoch, -3) == 64_000
+    warmed = [a.depth for a in archs if spec.recipe_for(a).warmup]
+    assert warmed == [110]
+    assert (spec.recipe_for(archs[-1]).warmup_lr, spec.recipe_for(archs[-1]).warmup_until_error) \
+        == (0.01, 0.8)

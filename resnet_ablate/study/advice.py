@@ -30,6 +30,11 @@ class PackingMeasurement:
     speedup: float
     cuda_graphs: bool  # whether each trial replayed its steps from a CUDA graph
     mps: bool = False  # whether the trials shared the GPU through CUDA's Multi-Process Service
+    # The CPU threads each trial ran (bench_packing.py --threads, 1 unless given): the host's
+    # share that the gain holds for (a 16-core node packs 8 trials of 4 threads only by
+    # sharing its cores, slower than measured).
+    cpus: float = 1
+    model: str = "ResNet-56"  # the trials measured (bench_packing.py --depth)
 
 
 # One entry per GPU model, CUDA graphs on or off, and MPS or not; the GPU check's summary.md gives
@@ -78,11 +83,13 @@ def fastest_packing(aggregate_by_trials: Mapping[int, float]) -> int:
     return max(sorted(aggregate_by_trials), key=lambda trials: aggregate_by_trials[trials])
 
 
-def packing_advice(gpus: float, replicas: int, image_size: int, cuda_graphs: bool,
+def packing_advice(gpus: float, cpus: float, replicas: int, image_size: int, cuda_graphs: bool,
                    measured: Sequence[PackingMeasurement] = MEASURED_PACKINGS) -> list[str]:
-    """What a dry run recommends for a study whose trials each hold `gpus` GPUs, with CUDA graphs
-    or without: for small one-process trials on GPUs, the fastest packing measured on each GPU
-    model for trials like these (nothing for CPU trials, data-parallel ones or large images)."""
+    """What a dry run recommends for a study whose trials each hold `gpus` GPUs and `cpus` CPUs,
+    with CUDA graphs or without: for small one-process trials on GPUs, the fastest packing
+    measured on each GPU model for trials like these, with the CPUs each trial had there and
+    whether the GPU was shared through CUDA's MPS (nothing for CPU trials, data-parallel ones
+    or large images)."""
     if gpus <= 0 or replicas > 1 or image_size > SMALL_IMAGE_SIZE:
         return []
     graphs = "with CUDA graphs" if cuda_graphs else "without CUDA graphs"
@@ -95,11 +102,18 @@ def packing_advice(gpus: float, replicas: int, image_size: int, cuda_graphs: boo
     for m in measured:
         share = 1 / m.trials_per_gpu
         held = "as this spec has" if abs(gpus - share) < 1e-9 else f"this spec has {gpus:g}"
-        through = ", through CUDA's MPS (nvidia-cuda-mps-control -d on the node)" if m.mps else ""
-        lines.append(f"packing: on {m.device}, {m.trials_per_gpu} trials per GPU ({graphs}, "
-                     f"as this spec's trials run{through}) trained "
+        sharing = ("through CUDA's MPS, whose daemon must run on the node: "
+                   "nvidia-cuda-mps-control -d" if m.mps else "without MPS")
+        threads = f"{m.cpus:g} CPU thread{'s' * (m.cpus != 1)}"
+        # More CPUs a trial than measured: the node must hold them all, or the trials share
+        # its cores and train slower than measured.
+        cores = (f"; at this spec's cpus: {cpus:g}, {m.trials_per_gpu} trials take "
+                 f"{m.trials_per_gpu * cpus:g} CPUs a GPU: a node with fewer cores a GPU "
+                 f"slows them, and cpus: {m.cpus:g} is what was measured" if cpus > m.cpus else "")
+        lines.append(f"packing: on {m.device}, {m.trials_per_gpu} {m.model} trials per GPU of "
+                     f"{threads} each ({graphs}, as this spec's trials run; {sharing}) trained "
                      f"{m.speedup:.2f}x the images/s of one: recommended resources.gpus: "
-                     f"{share:g} and workers: {m.trials_per_gpu} per GPU ({held})")
+                     f"{share:g} and workers: {m.trials_per_gpu} per GPU ({held}){cores}")
     return lines
 
 

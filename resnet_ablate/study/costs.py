@@ -77,8 +77,8 @@ class StudyCosts:
     def packing_advice(self) -> list[str]:
         """The dry run's packing recommendation for this study (see `packing_advice`)."""
         resources = self.spec.resources
-        return packing_advice(resources.gpus, resources.replica_count, self.shape().image_size,
-                              trials_use_cuda_graphs(self.spec))
+        return packing_advice(resources.gpus, resources.cpus, resources.replica_count,
+                              self.shape().image_size, trials_use_cuda_graphs(self.spec))
 
     def dry_run_notes(self, configurations: Sequence[str]) -> list[str]:
         """What a dry run prints under its plan, given the configuration of each trial to run (a

@@ -14,9 +14,11 @@ take.
 
 A rough figure, to tell minutes from hours before a run: packing trials on one GPU and stacking
 seeds, which speed a study up, are not counted, nor the paper's test-time views scored after the
-last epoch, nor Ray's own start and stop. Not estimated (the reason is printed instead) for
-streamed data sets (the loader's rate is not probed), data-parallel trials, trials on a cluster
-(--address), GPU trials on a machine without one, and a probe too large to time quickly on a CPU.
+last epoch, nor Ray's own start and stop; more trials started at once than the cores (or GPUs) hold
+side by side share them, no faster, and the estimate says so. Not estimated (the reason is printed
+instead) for streamed data sets (the loader's rate is not probed), data-parallel trials, trials on
+a cluster (--address), GPU trials on a machine without one, and a probe too large to time quickly
+on a CPU.
 """
 from __future__ import annotations
 
@@ -51,6 +53,10 @@ class TimeEstimate:
     if_open_seconds: float = 0.0
     budget_minutes: float | None = None  # budget.minutes, which stops the run there
     stack_seeds: int = 1  # resources.stack_seeds: not counted (each seed timed as alone)
+    # The trials the run starts at once where that is more than `parallel`: a local Ray holds
+    # workers x cpus CPUs whatever the cores (trials then share them), and trials packed on a
+    # GPU share it (neither counted as faster).
+    at_once: int = 0
 
     def line(self, trials: int) -> str:
         more = (f" ({_duration(self.if_open_seconds)} if the {self.if_open} 'if open' trials "
@@ -66,9 +72,11 @@ class TimeEstimate:
                  if len(self.probed) == 1 else
                  f"{' and '.join(self.probed)} timed here, the first at {rate}; the others "
                  "placed between by their FLOPs")
+        pace = (f"{self.at_once} at once, as fast as {self.parallel} at a time,"
+                if self.at_once > self.parallel else f"{self.parallel} at a time")
         return (f"time: about {_duration(self.seconds)} for the {trials} trials to run{more}, "
-                f"{self.parallel} at a time on this machine's {self.device} ({timed}: a rough "
-                "figure, Ray's start and stop not counted)")
+                f"{pace} on this machine's {self.device} ({timed}: a rough figure, Ray's start "
+                "and stop not counted)")
 
 
 def estimate_time(spec: StudySpec, planned: Sequence[PlannedTrial], workers: int,
@@ -111,7 +119,8 @@ def estimate_time(spec: StudySpec, planned: Sequence[PlannedTrial], workers: int
     names = tuple(p.arch.name for p in probes)
     return TimeEstimate(seconds, parallel, names, timed[0][1], where,  # type: ignore[index]
                         len(if_open), wall([*pending, *if_open])[0] if if_open else 0.0,
-                        spec.budget.minutes, spec.resources.stack_seeds)
+                        spec.budget.minutes, spec.resources.stack_seeds,
+                        _at_once(spec, workers, len(pending), on_gpu))
 
 
 def _probes(spec: StudySpec, pending: Sequence[PlannedTrial], train_images: int
@@ -214,6 +223,17 @@ def _parallel(spec: StudySpec, workers: int, trials: int, on_gpu: bool) -> int:
     else:
         room = int((os.cpu_count() or 1) // max(1.0, spec.resources.cpus))
     return max(1, min(workers, trials, room))
+
+
+def _at_once(spec: StudySpec, workers: int, trials: int, on_gpu: bool) -> int:
+    """Trials a local run starts at once: its Ray holds workers x cpus CPUs (cluster.py), so
+    every worker runs on a CPU; on GPUs, as many as their shares of this machine's GPUs hold."""
+    if on_gpu:
+        import torch
+
+        held = torch.cuda.device_count() / spec.resources.gpus  # as Ray reserves them
+        return max(1, min(workers, trials, int(held + 1e-9)))
+    return max(1, min(workers, trials))
 
 
 def _duration(seconds: float) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import statistics
 import sys
 from collections.abc import Mapping, Sequence
@@ -193,7 +194,7 @@ def packing_entry(device: str, rows: Sequence[Mapping[str, str]], packed: tuple[
     """The MEASURED_PACKINGS entry (resnet_ablate/study/advice.py) of the best packing among
     `rows`, with the CPU threads and the model its trials ran where they are not the entry's
     defaults (1, ResNet-56; rows from before the threads column ran 1)."""
-    row = next(r for r in rows if int(r["trials_per_device"]) == packed[0])
+    row = {int(r["trials_per_device"]): r for r in rows}[packed[0]]  # best_packing's: the last
     extras = ", mps=True" if mps else ""
     threads = int(row.get("threads_per_trial") or 1)
     if threads != 1:
@@ -392,7 +393,8 @@ def pass_table(rows: Sequence[Mapping[str, str]]) -> list[str]:
     copy bandwidth measured in the same run and of the vendor's peak; and on the swept shapes
     the best variant's gain over the planned launch (median over shapes); and how far apart the
     timing's rounds were, as a share of the time (median over shapes: where it nears 100%, the
-    cold L2's flush varied as much as the kernel took)."""
+    cold L2's flush varied as much as the kernel took; inf, the median shape's round was at or
+    below zero)."""
     planned = [r for r in rows if r.get("default") == "True"]
     if not planned:
         return []
@@ -419,8 +421,10 @@ def pass_table(rows: Sequence[Mapping[str, str]]) -> list[str]:
         best = max(gains, key=lambda n: statistics.median(gains[n]), default=None)
         copy = statistics.median(float(r["pct_copy"]) for r in own)
         peak = [float(r["pct_peak"]) for r in own if r.get("pct_peak")]
+        # (A median round at or below zero, floored: the noise is all there is, counted as
+        # an infinite share.)
         spread = [100 * (float(r["cold_us_high"]) - float(r["cold_us_low"])) / float(r["cold_us"])
-                  for r in own if r.get("cold_us_low") and float(r["cold_us"]) > 0]
+                  if float(r["cold_us"]) > 0 else math.inf for r in own if r.get("cold_us_low")]
         lines.append(f"| {kernel} | {copy:.0f} | {fmt(statistics.median(peak)) if peak else '-'} "
                      f"| {best or '-'} | {fmt(statistics.median(gains[best])) if best else '-'} "
                      f"| {fmt(statistics.median(spread)) if spread else '-'} |")

@@ -96,8 +96,7 @@ class TrainRecipe:
     decode: str = "cpu"
     # Data-parallel trials only: BatchNorm normalises with the statistics of the global batch
     # (all replicas), so that the replicas compute what one process does, instead of each
-    # replica's own (the default, as the multi-GPU training of the paper's time normalised each
-    # GPU's share; the paper does not say).
+    # replica's own (the default; the paper does not say which its multi-GPU training used).
     sync_bn: bool = False
     eval_batch_size: int = 1000
     precision: str = "auto"

@@ -395,14 +395,18 @@ def test_the_pass_table_gives_each_kernels_median_share_and_its_best_variants_ga
                 "waves": waves, "num_warps": warps, "small_layer_steps": small_layer_steps,
                 "cold_us_low": str(rounds[0]), "cold_us_high": str(rounds[1])}
 
-    # The rounds' spreads 20%, 40% and 10% of the time (a low round below zero counts as it is)
+    # The rounds' spreads 20%, 40% and 10% of the time (a low round below zero counts as it is),
+    # and a shape whose median round was floored at zero: noise alone, an infinite share
     rows = [row("a", "statistics", 10, 40, waves="1", rounds=(9, 11)),
             row("b", "statistics", 20, 60, waves="1", rounds=(-2, 6)),
             row("c", "statistics", 30, 90, waves="1", rounds=(27, 30)),
+            row("d", "statistics", 0, 50, waves="1", rounds=(-3, 3)),
             row("a", "statistics", 5, 80, default=False, waves="2"),  # 2x on the swept shape
             row("a", "normalize", 8, 70), row("a", "normalize", 10, 56, default=False, warps="4")]
     lines = summary.pass_table(rows)
-    assert "| statistics | 60 | 30 | 2 waves, 8 warps | 2 | 20 |" in lines
+    assert "| statistics | 55 | 27.5 | 2 waves, 8 warps | 2 | 30 |" in lines
+    floored = [row("d", "normalize", 0, 50, rounds=(-3, 3))]
+    assert summary.pass_table(floored)[4] == "| normalize | 50 | 25 | - | - | inf |"
     # the planned launch was the best; rows from before the rounds were recorded show no spread
     assert "| normalize | 70 | 35 | 8 warps | 1 | - |" in lines
     assert "4,000 GB/s" in lines[0]
@@ -478,12 +482,12 @@ def test_the_dry_run_recommends_the_fastest_packing_measured_for_small_gpu_trial
     assert ("; through CUDA's MPS, whose daemon must run on the node: nvidia-cuda-mps-control -d)"
             in lines[1] and "3.00x" in lines[1])
     assert "as this spec has" in packing_advice(0.25, 1, 1, 32, False, [h200])[0]
-    # A spec whose trials take more CPUs than the measured ones is told what they add up to (a
-    # node packs 4 trials of 4 threads only by sharing its cores, slower than measured)
+    # A spec whose trials run more threads than the measured ones is told what their CPUs add
+    # up to on a GPU; 1.5 CPUs run one thread, as measured: nothing said
     (line,) = packing_advice(0.25, 4, 1, 32, False, [h200])
-    assert line.endswith("workers: 4 per GPU (as this spec has); at this spec's cpus: 4, 4 "
-                         "trials take 16 CPUs a GPU: a node with fewer cores a GPU slows them, "
-                         "and cpus: 1 is what was measured")
+    assert line.endswith("workers: 4 per GPU (as this spec has); this spec's cpus: 4 make 16 "
+                         "CPUs a GPU for 4 trials, where they were measured at 1 each")
+    assert packing_advice(0.25, 1.5, 1, 32, False, [h200])[0].endswith("(as this spec has)")
     wider = PackingMeasurement("NVIDIA H100", 8, 2.0, cuda_graphs=False, cpus=2, model="ResNet-20")
     (line,) = packing_advice(1.0, 2, 1, 32, False, [wider])
     assert "8 ResNet-20 trials per GPU of 2 CPU threads each" in line and "CPUs a GPU" not in line

@@ -44,6 +44,12 @@ def _planned(spec_path):
     return spec, plan_study(spec, RunOptions(runs_dir=spec_path.parent))
 
 
+def _cores(monkeypatch, count: int) -> None:
+    """This process may run on `count` cores, as both the machine and its affinity say."""
+    monkeypatch.setattr(os, "cpu_count", lambda: count)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(count)), raising=False)
+
+
 def test_the_time_estimate_is_each_trials_start_and_work_at_its_probed_rate(tmp_path,
                                                                             monkeypatch):
     """By hand: each trial takes `start` plus its images x epochs at its seconds per image, the
@@ -61,7 +67,7 @@ def test_the_time_estimate_is_each_trials_start_and_work_at_its_probed_rate(tmp_
     timed = {deep.arch: 0.002, shallow.arch: 0.001}
     monkeypatch.setattr(estimate, "_probe",
                         lambda spec, arch, device: (timed[arch], 1 / timed[arch], 1.5))
-    monkeypatch.setattr(estimate.os, "cpu_count", lambda: 8)
+    _cores(monkeypatch, 8)
     images = spec.train.epochs * estimate._train_images(spec)
     slope = (0.002 - 0.001) / (deep.gflops - shallow.gflops)
     middle_per_image = 0.001 + slope * (middle.gflops - shallow.gflops)
@@ -73,15 +79,15 @@ def test_the_time_estimate_is_each_trials_start_and_work_at_its_probed_rate(tmp_
                               (9, max(3 * one_each / 8, deep_seconds)),  # 8 CPUs: 8 at once
                               (99, deep_seconds)):  # nothing less than the longest trial
         if workers == 99:
-            monkeypatch.setattr(estimate.os, "cpu_count", lambda: 99)
+            _cores(monkeypatch, 99)
         found = estimate.estimate_time(spec, planned, workers)
         assert found.probed == (deep.arch.name, shallow.arch.name)
         assert f"({deep.arch.name} and {shallow.arch.name} timed here, the first at 500 " \
             "training images/s, evaluation included; the others placed between by their " \
             "FLOPs: a rough figure" in found.line(3)
-        assert found.parallel == min(workers, 9, estimate.os.cpu_count())
+        assert found.parallel == min(workers, 9, 99 if workers == 99 else 8)
         assert abs(found.seconds - expected) < 1e-9 * expected, (workers, found.seconds, expected)
-    monkeypatch.setattr(estimate.os, "cpu_count", lambda: 2)  # 1 CPU a trial: 2 at a time
+    _cores(monkeypatch, 2)  # 1 CPU a trial: 2 at a time
     assert estimate.estimate_time(spec, planned, 6).parallel == 2
     # Adaptive seeds: the seeds past `min` are "if open", timed apart as the most it may take.
     rule = {"min": 2, "max": 3, "until": {"width": 0.01}}
@@ -116,8 +122,7 @@ def test_a_crowded_dry_run_warns_as_run_would_and_says_the_trials_share_the_core
         tmp_path, capsys, monkeypatch):
     """4 workers of 4 CPUs on 2 cores: `run` starts all 4 (its Ray holds workers x cpus CPUs)
     and warns; the dry run printed "1 at a time" and no warning (an audit)."""
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    _cores(monkeypatch, 2)
     raw = raw_spec("crowded", seeds=2, resources={"cpus": 4, "workers": 4})
     assert main(["run", str(write_spec(tmp_path, raw)), "--runs-dir", str(tmp_path),
                  "--dry-run"]) == 0
@@ -125,14 +130,28 @@ def test_a_crowded_dry_run_warns_as_run_would_and_says_the_trials_share_the_core
     assert ("warning: 4 worker(s) x resources.cpus=4 = 16 CPUs on a machine with 2 core(s): "
             "trials will share cores") in out
     (line,) = [line for line in out.splitlines() if line.startswith("time: ")]
-    assert "for the 4 trials to run, 4 at once, as fast as 1 at a time, on this machine's 2 " \
-        "CPUs (" in line, line
+    assert "for the 4 trials to run, 4 at once, timed as if 1 at a time (trials sharing cores " \
+        "or a GPU not counted faster), on this machine's 2 CPUs (" in line, line
     # Within the cores: no warning, and as many at a time as start
     raw = raw_spec("roomy", seeds=2, resources={"cpus": 1, "workers": 2})
     assert main(["run", str(write_spec(tmp_path, raw)), "--runs-dir", str(tmp_path),
                  "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "warning" not in out and "2 at a time on this machine's 2 CPUs" in out, out
+
+
+def test_the_estimate_and_the_warning_count_the_cores_this_process_may_use(tmp_path, capsys,
+                                                                        monkeypatch):
+    """A machine of 16 cores of which this process may use 2 (taskset, a container's cpuset):
+    both the estimate and the warning count 2 (the estimate counted 16)."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    raw = raw_spec("pinned", seeds=2, resources={"cpus": 2, "workers": 4})
+    assert main(["run", str(write_spec(tmp_path, raw)), "--runs-dir", str(tmp_path),
+                 "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "= 8 CPUs on a machine with 2 core(s)" in out
+    assert "timed as if 1 at a time" in out and "on this machine's 2 CPUs" in out, out
 
 
 def test_trials_packed_on_gpus_start_as_many_at_once_as_their_shares_hold(tmp_path,
@@ -143,8 +162,9 @@ def test_trials_packed_on_gpus_start_as_many_at_once_as_their_shares_hold(tmp_pa
     from resnet_ablate.study import estimate
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    # (A fraction of a GPU shares one GPU: 0.4 holds 2 on each, 4 on two GPUs, not 5.)
     for gpus, workers, trials, at_once in ((0.25, 16, 20, 8), (0.25, 3, 20, 3), (0.5, 8, 3, 3),
-                                           (1, 8, 20, 2), (2, 8, 20, 1)):
+                                           (1, 8, 20, 2), (0.4, 8, 20, 4), (0.3, 16, 20, 6)):
         raw = raw_spec(f"packed-{workers}-{trials}-{str(gpus).replace('.', '-')}",
                        resources={"cpus": 1, "gpus": gpus, "workers": workers})
         spec = load_spec(write_spec(tmp_path, raw))

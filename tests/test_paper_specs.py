@@ -76,10 +76,11 @@ def test_the_paper_specs_train_at_the_papers_crop(name):
 def test_table_6_cifar10_depths_with_the_papers_recipe():
     """Sec. 4.2: 6n+2 layers, option A, SGD (momentum 0.9, weight decay 1e-4, batch 128) from lr
     0.1, divided by 10 at 32k and 48k iterations and ended at 64k (164 epochs of 50k images),
-    the per-pixel mean subtracted, padding-and-crop and flip augmentation; ResNet-110 warmed up
+    the per-pixel mean subtracted, augmentation on (padding and crop, flip); ResNet-110 warmed up
     at lr 0.01 until the training error is below 80%. Table 6's parameter counts."""
     spec = load_spec(STUDIES / "cifar10_depth.yaml")
     assert spec.dataset.name == "cifar10" and spec.seeds == (0, 1, 2, 3, 4)
+    assert not spec.dataset.validation  # all 50k training images, as the table's runs
     archs = [spec.arch(point) for point in spec.grid()]
     assert [a.depth for a in archs] == [20, 32, 44, 56, 110]
     assert {a.shortcut for a in archs} == {"A"}

@@ -130,12 +130,8 @@ def _dry_run(runner: StudyRunner, fmt: str) -> int:
     if shortfall is not None:
         print(f"note: {shortfall}: `run` is refused here; run it on a machine that has them, or "
               "with --address of a Ray cluster that has them")
-    # The warning `run` prints on this machine, where it would run here, so that the plan's
-    # user sees it first.
-    from ..study.cluster import oversubscribed
-
-    here = shortfall is None and not runner.options.address
-    crowded = oversubscribed(spec, runner.workers) if here else None
+    # The warning `run` prints here, where it would run here: seen with the plan.
+    crowded = runner.oversubscription() if shortfall is None else None
     if crowded:
         print(crowded)
     if spec.sampler == "grid":

@@ -105,11 +105,12 @@ def packing_advice(gpus: float, cpus: float, replicas: int, image_size: int, cud
         sharing = ("through CUDA's MPS, whose daemon must run on the node: "
                    "nvidia-cuda-mps-control -d" if m.mps else "without MPS")
         threads = f"{m.cpus:g} CPU thread{'s' * (m.cpus != 1)}"
-        # More CPUs a trial than measured: the node must hold them all, or the trials share
-        # its cores and train slower than measured.
-        cores = (f"; at this spec's cpus: {cpus:g}, {m.trials_per_gpu} trials take "
-                 f"{m.trials_per_gpu * cpus:g} CPUs a GPU: a node with fewer cores a GPU "
-                 f"slows them, and cpus: {m.cpus:g} is what was measured" if cpus > m.cpus else "")
+        # More threads a trial than measured (a trial runs int(cpus) of them, at least one):
+        # a node needs the CPUs they add up to, or Ray runs fewer trials at once on a cluster
+        # and a local one shares its cores, slower than measured.
+        cores = (f"; this spec's cpus: {cpus:g} make {m.trials_per_gpu * cpus:g} CPUs a GPU "
+                 f"for {m.trials_per_gpu} trials, where they were measured at {m.cpus:g} each"
+                 if max(1, int(cpus)) > m.cpus else "")
         lines.append(f"packing: on {m.device}, {m.trials_per_gpu} {m.model} trials per GPU of "
                      f"{threads} each ({graphs}, as this spec's trials run; {sharing}) trained "
                      f"{m.speedup:.2f}x the images/s of one: recommended resources.gpus: "

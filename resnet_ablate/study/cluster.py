@@ -21,6 +21,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ..board import TrialBoard
 from ..record import PRUNABLE_OBJECTIVES, EpochRecord, TrialOutcome, TrialTask, epoch_objective
 from ..spec import StudySpec
+from .cores import usable_cores
 from .signals import StopRequested, handlers_kept
 
 
@@ -170,7 +171,7 @@ def oversubscribed(spec: StudySpec, workers: int) -> str | None:
     """Why a local Ray sized for this spec would oversubscribe this machine's cores, or None:
     Ray takes the CPUs it is given on trust, and each trial runs `cpus` threads, so
     `workers x cpus` beyond the cores runs many times slower than fewer would."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     replicas = spec.resources.replica_count
     wanted = workers * spec.resources.cpus * replicas
     if not cores or wanted <= cores:

@@ -23,13 +23,13 @@ on a CPU.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..arch import ResNetArch
 from ..spec import StudySpec
 from ..spec.catalogue import STREAMED_DATASETS
+from .cores import usable_cores
 from .grid import PlannedTrial
 
 PROBE_STEPS = 3  # training batches in each of the probe's two epochs
@@ -72,7 +72,8 @@ class TimeEstimate:
                  if len(self.probed) == 1 else
                  f"{' and '.join(self.probed)} timed here, the first at {rate}; the others "
                  "placed between by their FLOPs")
-        pace = (f"{self.at_once} at once, as fast as {self.parallel} at a time,"
+        pace = (f"{self.at_once} at once, timed as if {self.parallel} at a time (trials "
+                "sharing cores or a GPU not counted faster),"
                 if self.at_once > self.parallel else f"{self.parallel} at a time")
         return (f"time: about {_duration(self.seconds)} for the {trials} trials to run{more}, "
                 f"{pace} on this machine's {self.device} ({timed}: a rough figure, Ray's start "
@@ -115,7 +116,7 @@ def estimate_time(spec: StudySpec, planned: Sequence[PlannedTrial], workers: int
     if_open = [p for p in planned if p.status == "if open"]
     import torch
 
-    where = torch.cuda.get_device_name() if on_gpu else f"{os.cpu_count()} CPUs"
+    where = torch.cuda.get_device_name() if on_gpu else f"{usable_cores()} CPUs"
     names = tuple(p.arch.name for p in probes)
     return TimeEstimate(seconds, parallel, names, timed[0][1], where,  # type: ignore[index]
                         len(if_open), wall([*pending, *if_open])[0] if if_open else 0.0,
@@ -221,7 +222,7 @@ def _parallel(spec: StudySpec, workers: int, trials: int, on_gpu: bool) -> int:
 
         room = torch.cuda.device_count()
     else:
-        room = int((os.cpu_count() or 1) // max(1.0, spec.resources.cpus))
+        room = int(usable_cores() // max(1.0, spec.resources.cpus))
     return max(1, min(workers, trials, room))
 
 
@@ -231,8 +232,11 @@ def _at_once(spec: StudySpec, workers: int, trials: int, on_gpu: bool) -> int:
     if on_gpu:
         import torch
 
-        held = torch.cuda.device_count() / spec.resources.gpus  # as Ray reserves them
-        return max(1, min(workers, trials, int(held + 1e-9)))
+        # As Ray places them: a fraction of a GPU shares one GPU (0.4 of 2 GPUs: 2 a GPU, 4 in
+        # all, not 5); whole GPUs are taken whole.
+        gpus, devices = spec.resources.gpus, torch.cuda.device_count()
+        held = devices * int(1 / gpus + 1e-9) if gpus < 1 else int(devices / gpus + 1e-9)
+        return max(1, min(workers, trials, held))
     return max(1, min(workers, trials))
 
 

@@ -129,6 +129,11 @@ class StudyRunner:
         or it runs on a cluster, whose GPUs are checked once connected)."""
         return None if self.options.address else cluster.local_gpu_shortfall(self.spec)
 
+    def oversubscription(self) -> str | None:
+        """The warning a run here prints where its local Ray would give the trials more CPUs
+        than this machine's cores (None: it would not, or it runs on a cluster)."""
+        return None if self.options.address else cluster.oversubscribed(self.spec, self.workers)
+
     def trials_left(self) -> float:
         """How many trials budget.trials still allows this study (inf: no bound), counted as a
         run counts them; nothing is written."""
@@ -187,8 +192,7 @@ class StudyRunner:
                 self.study, self.spec, artifacts=study_file(self.spec.study, ARTIFACTS_SUFFIX, folder),
                 store_folder=folder, max_artifact_mb=self.options.max_artifact_mb,
                 store=self.storage, log=progress.warn)
-            crowded = None if self.options.address else cluster.oversubscribed(self.spec,
-                                                                               self.workers)
+            crowded = self.oversubscription()
             if crowded:
                 print(crowded, file=sys.stderr, flush=True)
             recovered = recorder.recover_interrupted()

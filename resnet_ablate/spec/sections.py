@@ -115,6 +115,13 @@ class Resources:
         return self.replicas or 1
 
 
+def trial_threads(cpus: float) -> int:
+    """The torch threads a trial (each replica of one) of `cpus` CPUs runs: its CPUs, whole, at
+    least one. From its CPUs alone, not the image-decoding processes: thread counts change the
+    sums' order, and so the results' bits."""
+    return max(1, int(cpus))
+
+
 @dataclass(frozen=True)
 class AdaptiveSeeds:
     """Seeds spent only where the answer is still open (grid studies): every configuration gets

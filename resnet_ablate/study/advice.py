@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from ..execution import cuda_graphs_by_default
 from ..spec import StudySpec
 from ..spec.catalogue import STREAMED_DATASETS
+from ..spec.sections import trial_threads
 
 # Images up to this side make trials small enough that one leaves a large GPU mostly idle.
 SMALL_IMAGE_SIZE = 64
@@ -105,12 +106,12 @@ def packing_advice(gpus: float, cpus: float, replicas: int, image_size: int, cud
         sharing = ("through CUDA's MPS, whose daemon must run on the node: "
                    "nvidia-cuda-mps-control -d" if m.mps else "without MPS")
         threads = f"{m.cpus:g} CPU thread{'s' * (m.cpus != 1)}"
-        # More threads a trial than measured (a trial runs int(cpus) of them, at least one):
-        # a node needs the CPUs they add up to, or Ray runs fewer trials at once on a cluster
-        # and a local one shares its cores, slower than measured.
+        # More threads a trial than measured: a node needs the CPUs they add up to, or Ray
+        # runs fewer trials at once on a cluster and a local one shares its cores, slower than
+        # measured.
         cores = (f"; this spec's cpus: {cpus:g} make {m.trials_per_gpu * cpus:g} CPUs a GPU "
                  f"for {m.trials_per_gpu} trials, where they were measured at {m.cpus:g} each"
-                 if max(1, int(cpus)) > m.cpus else "")
+                 if trial_threads(cpus) > m.cpus else "")
         lines.append(f"packing: on {m.device}, {m.trials_per_gpu} {m.model} trials per GPU of "
                      f"{threads} each ({graphs}, as this spec's trials run; {sharing}) trained "
                      f"{m.speedup:.2f}x the images/s of one: recommended resources.gpus: "

@@ -215,15 +215,16 @@ def _probe(spec: StudySpec, arch: ResNetArch, device: str) -> tuple[float, float
 
 
 def _parallel(spec: StudySpec, workers: int, trials: int, on_gpu: bool) -> int:
-    """Trials at a time: the workers, the trials, and what this machine holds of each one's
-    resources (CPUs, or one GPU each: packed trials share one, not counted as faster)."""
+    """Trials at a time, as the time counts them: those started at once (`_at_once`), as many
+    as this machine holds side by side (the CPUs each takes; packed trials share one GPU, not
+    counted as faster)."""
     if on_gpu:
         import torch
 
         room = torch.cuda.device_count()
     else:
         room = int(usable_cores() // max(1.0, spec.resources.cpus))
-    return max(1, min(workers, trials, room))
+    return max(1, min(_at_once(spec, workers, trials, on_gpu), room))
 
 
 def _at_once(spec: StudySpec, workers: int, trials: int, on_gpu: bool) -> int:

@@ -31,6 +31,7 @@ from ..arch import ResNetArch
 from ..progress import StudyProgress
 from ..record import FailureKind, Status, TrialKey, TrialTask
 from ..spec import StudySpec
+from ..spec.sections import trial_threads
 from . import cluster
 from .costs import StudyCosts
 from .eta import RemainingTime
@@ -80,9 +81,7 @@ def trial_task(spec: StudySpec, number: int, arch: ResNetArch, seed: int, *,
     return TrialTask(
         trial_number=number, arch=arch.to_dict(), seed=seed,
         dataset=spec.dataset.load_kwargs(), recipe=spec.recipe_for(arch).to_dict(),
-        # Torch threads from the trial's CPUs alone: thread counts change the sums' order, and so
-        # the results' bits, which the number of image-decoding processes must not.
-        threads=max(1, int(spec.resources.cpus)),
+        threads=trial_threads(spec.resources.cpus),
         use_gpu=spec.resources.gpus > 0,
         keep_weights=keep_weights, await_pruner=prunes(spec),
         replicas=spec.resources.replica_count, cpus_per_replica=spec.resources.cpus,
